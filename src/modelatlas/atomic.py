@@ -1,0 +1,69 @@
+"""Atomic file output: write to a temporary file in the same folder, then rename.
+
+A crash or Ctrl-C mid-write leaves either the old file or the new one, never a truncated mix, so a user's
+results and resumable checkpoints are never lost. ``os.replace`` is atomic on POSIX and Windows when source
+and destination are on the same file system, which writing the temporary file beside the target ensures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; returns ``path``.
+
+    ``write`` receives a fresh temporary path in the target's folder. On any exception the temporary file
+    is removed and the target is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
+    """Serialise ``obj`` as JSON and write it atomically (serialisation errors leave no file behind)."""
+    text = json.dumps(obj, indent=indent, sort_keys=False, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Path:
+    """Save a dict of torch tensors as safetensors, atomically. Tensors are made contiguous on the CPU."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays, paths and tensors."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")

@@ -1,0 +1,1 @@
+"""The ``atlas`` command line: the only code in modelatlas that prints or parses arguments."""

@@ -1,0 +1,21 @@
+"""``atlas data list``: the registered datasets."""
+
+from __future__ import annotations
+
+import argparse
+
+from modelatlas.cli.output import echo
+from modelatlas.data import available_datasets
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="list offline datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    lst = dsub.add_parser("list", help="list registered datasets")
+    lst.set_defaults(func=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    for name, desc in sorted(available_datasets().items()):
+        echo(f"{name:16s} {desc}")
+    return 0

@@ -1,0 +1,76 @@
+"""``atlas``: entry point, subcommand registry and the one error mapper.
+
+Each command module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds its parser and
+sets ``func`` (a thin function that calls one library function and prints the result). Known errors
+(:class:`~modelatlas.errors.AtlasError`, missing files, Ctrl-C) become one line on stderr and exit code 1
+(130 for Ctrl-C); ``ATLAS_DEBUG=1`` re-raises them with the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from modelatlas import __version__
+from modelatlas.errors import AtlasError
+
+COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "distill", "attribute", "data"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlas",
+        description="modelatlas: recover model lineage, learn on weights, distill datasets.",
+        epilog="Set ATLAS_DEBUG=1 to see full tracebacks.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelatlas {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"modelatlas.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"modelatlas.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return run_mapped(args.func, args)
+
+
+def run_mapped(func, args: argparse.Namespace) -> int:
+    """Run a command, mapping known errors to one line on stderr and exit code 1."""
+    debug = os.environ.get("ATLAS_DEBUG", "") not in ("", "0")
+    try:
+        code = func(args)
+        return int(code or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted (partial results are kept; rerun with --resume where offered)", file=sys.stderr)
+        return 130
+    except (AtlasError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The dataset registry.
+
+A dataset is an :class:`ArrayDataset`: images as a float32 tensor (N, C, H, W) scaled to [0, 1] (1-D
+signals as (N, C, L)), integer labels (N,), and class names. Loaders are registered by name and take the
+split (``"train"`` or ``"test"``) plus loader-specific keyword arguments (``root=`` for a folder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from modelatlas.errors import ConfigError
+
+
+@dataclass
+class ArrayDataset:
+    """An in-memory labelled dataset."""
+
+    name: str
+    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1], or (N, C, L) for 1-D signals
+    y: torch.Tensor  # (N,) int64 in [0, num_classes)
+    classes: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ConfigError(f"dataset {self.name!r}: {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        if self.y.numel() and int(self.y.max()) >= len(self.classes):
+            raise ConfigError(f"dataset {self.name!r}: label {int(self.y.max())} but only {len(self.classes)} classes")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def subset(self, index: torch.Tensor | list[int]) -> ArrayDataset:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return ArrayDataset(self.name, self.x[idx], self.y[idx], list(self.classes), dict(self.meta))
+
+
+Loader = Callable[..., ArrayDataset]
+_LOADERS: dict[str, Loader] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_dataset(name: str, loader: Loader, description: str = "") -> None:
+    """Register ``loader(split, **kwargs) -> ArrayDataset`` under ``name``."""
+    _LOADERS[name] = loader
+    _DESCRIPTIONS[name] = description
+
+
+def available_datasets() -> dict[str, str]:
+    """Registered dataset names with a one-line description each."""
+    _load_plugins()
+    return dict(_DESCRIPTIONS)
+
+
+def load_dataset(name: str, split: str = "train", **kwargs) -> ArrayDataset:
+    """Load dataset ``name`` (see :func:`available_datasets`) for ``split`` ("train" or "test")."""
+    _load_plugins()
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if name not in _LOADERS:
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[name](split, **kwargs)
+
+
+def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> ArrayDataset:
+    """scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), split by a seeded permutation."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(y) * test_fraction))
+    idx = perm[:n_test] if split == "test" else perm[n_test:]
+    return ArrayDataset("digits", x[idx], y[idx], [str(i) for i in range(10)], {"source": "sklearn.load_digits"})
+
+
+register_dataset("digits", _load_digits, "scikit-learn 8x8 digits, 10 classes, 1,797 images (always available)")
+
+_PLUGINS_LOADED = False
+# Loader modules in this package; each calls register_dataset on import.
+_PLUGIN_MODULES = ["idx", "mnist5k", "mnist1d_data", "cifar", "image_folder"]
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    import importlib
+
+    for mod in _PLUGIN_MODULES:
+        try:
+            importlib.import_module(f"modelatlas.data.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"modelatlas.data.{mod}":
+                raise

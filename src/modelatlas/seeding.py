@@ -1,0 +1,38 @@
+"""Seeds and random generators: every random process in modelatlas takes a seed."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (for code we do not control)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def torch_generator(seed: int) -> torch.Generator:
+    """A CPU torch generator seeded with ``seed`` (pass it explicitly instead of touching global state)."""
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A child seed from a parent seed and keys, stable across runs and processes (no ``hash()``)."""
+    rng = np.random.default_rng([int(seed)] + [_key_int(k) for k in keys])
+    return int(rng.integers(0, 2**31 - 1))
+
+
+def _key_int(key: object) -> int:
+    if isinstance(key, int):
+        return key & 0xFFFFFFFF
+    data = str(key).encode("utf-8")
+    value = 0
+    for byte in data:  # FNV-1a, stable unlike hash() under PYTHONHASHSEED
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return value

@@ -1,0 +1,11 @@
+"""Reading checkpoints: the only code in modelatlas that opens weight files.
+
+One interface for every format: :func:`open_checkpoint` returns a :class:`Checkpoint` that lists tensors
+(name, shape, dtype) without loading them and reads one tensor at a time, so a caller that needs one layer
+never holds the whole model. :func:`discover_models` expands folders into the models they hold.
+"""
+
+from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.registry import discover_models, model_name, open_checkpoint, register_format
+
+__all__ = ["Checkpoint", "TensorInfo", "discover_models", "model_name", "open_checkpoint", "register_format"]

@@ -1,0 +1,98 @@
+"""The checkpoint interface every format reader implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import TensorNotFoundError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's name, shape and dtype (as a torch dtype name such as ``"float32"``), read from a header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Checkpoint(ABC):
+    """A model's weights on disk, read lazily.
+
+    Subclasses implement :meth:`_infos` (the tensor list, from headers only) and :meth:`_read` (one tensor).
+    ``name`` is the model's display name: its file or folder name without extension.
+    Use as a context manager, or call :meth:`close`, to release file handles.
+    """
+
+    format: str = "?"
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        self.name = name if name is not None else _stem(self.path)
+        self._info_cache: dict[str, TensorInfo] | None = None
+
+    @abstractmethod
+    def _infos(self) -> list[TensorInfo]:
+        """Every tensor's info, without reading tensor data."""
+
+    @abstractmethod
+    def _read(self, name: str) -> torch.Tensor:
+        """Read one tensor (its name is known to exist)."""
+
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor's name, shape and dtype, in file order, without reading data."""
+        return list(self._index().values())
+
+    def keys(self) -> list[str]:
+        return list(self._index())
+
+    def info(self, name: str) -> TensorInfo:
+        index = self._index()
+        if name not in index:
+            raise TensorNotFoundError(self.path, f"no tensor named {name!r} ({len(index)} tensors in file)")
+        return index[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` as a CPU torch tensor in its stored dtype (dequantized for quantized formats)."""
+        self.info(name)  # raises a clear error for unknown names
+        return self._read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index()
+
+    def close(self) -> None:
+        """Release file handles (the default reader holds none)."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, name={self.name!r})"
+
+    def _index(self) -> dict[str, TensorInfo]:
+        if self._info_cache is None:
+            self._info_cache = {t.name: t for t in self._infos()}
+        return self._info_cache
+
+
+def _stem(path: Path) -> str:
+    """Model name from a path: the file or folder name without its extension(s)."""
+    name = path.name
+    for ext in (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".gguf", ".ckpt"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name

@@ -1,0 +1,110 @@
+"""Format dispatch: which reader opens a path, and which paths inside a folder are models.
+
+Readers register a ``detect(path) -> bool`` and an ``open(path, **kw) -> Checkpoint``; the first that
+detects the path wins, in registration order (most specific first). Other modules in this package add
+their formats with :func:`register_format` at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelatlas.errors import CheckpointError, UnknownFormatError
+from modelatlas.weights.base import Checkpoint, _stem
+from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    detect: Callable[[Path], bool]
+    open: Callable[..., Checkpoint]
+
+
+_FORMATS: list[Format] = []
+
+
+def register_format(name: str, detect: Callable[[Path], bool], open: Callable[..., Checkpoint],
+                    *, first: bool = False) -> None:
+    """Add a reader. ``first=True`` puts it before the existing ones (for more specific layouts)."""
+    fmt = Format(name, detect, open)
+    _FORMATS[:] = [f for f in _FORMATS if f.name != name]
+    _FORMATS.insert(0, fmt) if first else _FORMATS.append(fmt)
+
+
+def formats() -> list[str]:
+    """Names of the registered formats, in dispatch order."""
+    _load_plugins()
+    return [f.name for f in _FORMATS]
+
+
+def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
+    """Open a model file or folder with the first reader that recognises it.
+
+    Raises :class:`~modelatlas.errors.CheckpointError` (naming the path) when it does not exist or no
+    reader recognises it. ``kwargs`` go to the reader (e.g. ``base=`` for a LoRA adapter).
+    """
+    _load_plugins()
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    for fmt in _FORMATS:
+        if fmt.detect(path):
+            return fmt.open(path, **kwargs)
+    known = ", ".join(f.name for f in _FORMATS)
+    raise UnknownFormatError(path, f"unknown checkpoint format (known: {known})")
+
+
+def is_model(path: Path) -> bool:
+    """Whether some reader recognises ``path`` as one model."""
+    _load_plugins()
+    return any(fmt.detect(path) for fmt in _FORMATS)
+
+
+def discover_models(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand ``paths`` into model paths: a model file or model folder stays itself; any other folder is
+    expanded to the models directly inside it (sorted by name). A missing path raises CheckpointError."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CheckpointError(p, "no such file or folder")
+        if is_model(p):
+            found.append(p)
+        elif p.is_dir():
+            found.extend(c for c in sorted(p.iterdir()) if not c.name.startswith(".") and is_model(c))
+        else:
+            raise UnknownFormatError(p, "unknown checkpoint format")
+    return found
+
+
+def model_name(path: str | Path) -> str:
+    """A model's display name: its file or folder name without extension."""
+    return _stem(Path(path))
+
+
+register_format("safetensors", is_safetensors, SafetensorsCheckpoint)
+
+_PLUGINS_LOADED = False
+
+
+def _load_plugins() -> None:
+    """Import the optional format modules (they call register_format); a missing one is skipped."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    import importlib
+
+    for mod in _PLUGIN_MODULES:
+        try:
+            importlib.import_module(f"modelatlas.weights.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"modelatlas.weights.{mod}":
+                raise
+
+
+# Format modules, most specific first; each registers itself on import. Optional dependencies
+# (onnx, gguf) are imported lazily inside their readers, so listing them here costs nothing.
+_PLUGIN_MODULES = ["hf_folder", "peft_lora", "torch_pickle", "onnx_format", "gguf_format", "hub_cache"]

@@ -1,0 +1,108 @@
+"""The ``.safetensors`` format: a JSON header of names, dtypes, shapes and byte offsets, then raw data.
+
+The header is read and checked against the file size before any tensor is touched, so a truncated file or
+a header that lies about sizes is reported as such (naming the file) instead of failing somewhere later.
+Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights.base import Checkpoint, TensorInfo
+
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate the header; returns (header without ``__metadata__``, data start offset).
+
+    Checks: the 8-byte length fits the file, the header is a JSON object, every tensor's byte range lies
+    inside the data section and matches its dtype and shape.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(path, "truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(path, f"corrupt safetensors header: length {n} exceeds the file size {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
+    header.pop("__metadata__", None)
+    _check_offsets(path, header, size - 8 - n)
+    return header, 8 + n
+
+
+def _check_offsets(path: Path, header: dict, data_size: int) -> None:
+    for name, meta in header.items():
+        try:
+            dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(path, f"corrupt safetensors header entry {name!r}") from e
+        if dtype not in _DTYPE_BYTES:
+            raise CheckpointError(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        if end - start != numel * _DTYPE_BYTES[dtype] or start < 0:
+            raise CheckpointError(path, f"header lies about tensor {name!r}: offsets {start}..{end} "
+                                        f"do not hold shape {shape} of {dtype}")
+        if end > data_size:
+            raise CheckpointError(path, f"truncated file: tensor {name!r} ends at byte {end} "
+                                        f"but the data section has {data_size} bytes")
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A single ``.safetensors`` file."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        super().__init__(path, name)
+        self._header, _ = read_safetensors_header(self.path)
+        self._handle = None
+
+    def _infos(self) -> list[TensorInfo]:
+        items = sorted(self._header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        return [TensorInfo(k, tuple(int(s) for s in v["shape"]), _DTYPE_NAMES[v["dtype"]]) for k, v in items]
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._handle.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {e}") from e
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def is_safetensors(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".safetensors"

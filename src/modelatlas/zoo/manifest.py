@@ -1,0 +1,119 @@
+"""The zoo manifest: one JSON file listing every model of a zoo with its true parent.
+
+Format (``manifest.json`` at the zoo's root)::
+
+    {"format": "modelatlas-zoo/1",
+     "config": {...the ZooConfig that built it...},
+     "models": [{"name": "t0", "path": "t0", "parent": null, "tree": "t0", "arch": "mlp",
+                 "dataset": "digits", "method": "root", "storage": "full",
+                 "task": {"classes": [0, 1, ...], "transform": "identity", "label": "..."},
+                 "train": {"lr": 0.01, "steps": 300, "seed": 7, ...}}, ...]}
+
+``path`` is relative to the manifest's folder. ``method`` is ``root``, ``full`` (full fine-tuning) or
+``lora``; ``storage`` is ``full`` (a full state dict, LoRA merged) or ``adapter`` (a PEFT-style adapter
+folder whose base is the parent).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from modelatlas.atomic import atomic_write_json
+from modelatlas.errors import ManifestError
+
+FORMAT = "modelatlas-zoo/1"
+_REQUIRED = ("name", "path", "parent", "tree")
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    path: str
+    parent: str | None
+    tree: str
+    arch: str = ""
+    dataset: str = ""
+    method: str = "root"
+    storage: str = "full"
+    task: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """A zoo's models; ``root`` is the folder that model paths are relative to."""
+
+    models: list[ModelRecord]
+    config: dict = field(default_factory=dict)
+    root: Path = field(default_factory=Path)
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ManifestError(f"duplicate model names in manifest: {sorted(dup)}")
+        known = set(names)
+        for m in self.models:
+            if m.parent is not None and m.parent not in known:
+                raise ManifestError(f"model {m.name!r} names parent {m.parent!r}, which is not in the manifest")
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, name: str) -> ModelRecord:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def parents(self) -> dict[str, str | None]:
+        """Child name -> parent name (None for roots)."""
+        return {m.name: m.parent for m in self.models}
+
+    def edges(self) -> list[tuple[str, str]]:
+        """True directed edges (parent, child)."""
+        return [(m.parent, m.name) for m in self.models if m.parent is not None]
+
+    def trees(self) -> dict[str, str]:
+        """Model name -> tree id."""
+        return {m.name: m.tree for m in self.models}
+
+    def path_of(self, name: str) -> Path:
+        return self.root / self[name].path
+
+    def save(self, path: str | Path) -> Path:
+        """Write the manifest atomically to ``path`` (model paths stay relative)."""
+        data = {"format": FORMAT, "config": self.config, "models": [asdict(m) for m in self.models]}
+        return atomic_write_json(path, data)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read a manifest file, or ``manifest.json`` inside a zoo folder; errors name the file and key."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if not path.exists():
+        raise ManifestError(f"{path}: no such manifest (a zoo folder holds manifest.json; build one with `atlas zoo make`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not a valid JSON manifest ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise ManifestError(f"{path}: missing key 'models' (a list of model records)")
+    records = []
+    for i, rec in enumerate(data["models"]):
+        missing = [k for k in _REQUIRED if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ManifestError(f"{path}: model #{i} lacks key(s) {missing}")
+        known = {k: v for k, v in rec.items() if k in ModelRecord.__dataclass_fields__}
+        records.append(ModelRecord(**known))
+    try:
+        return Manifest(records, data.get("config", {}), path.parent)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from e

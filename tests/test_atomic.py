@@ -1,0 +1,32 @@
+import json
+
+import pytest
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write, atomic_write_json
+
+
+def test_atomic_write_json_roundtrip(tmp_path):
+    p = atomic_write_json(tmp_path / "a" / "b.json", {"x": 1, "t": torch.tensor([1, 2])})
+    assert json.loads(p.read_text()) == {"x": 1, "t": [1, 2]}
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+
+    def boom(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_atomic_save_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    p = atomic_save_tensors(tmp_path / "w.safetensors", {"a": torch.arange(6).view(2, 3).t()})
+    assert torch.equal(load_file(p)["a"], torch.arange(6).view(2, 3).t())

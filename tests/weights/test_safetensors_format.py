@@ -1,0 +1,60 @@
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError, TensorNotFoundError, UnknownFormatError
+from modelatlas.weights import discover_models, open_checkpoint
+
+
+def make_file(path, **tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_lists_without_reading_and_reads_one(tmp_path):
+    p = make_file(tmp_path / "m.safetensors", a=torch.ones(2, 3), b=torch.zeros(4, dtype=torch.float16))
+    with open_checkpoint(p) as ck:
+        assert ck.name == "m"
+        assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("a", (2, 3), "float32"), ("b", (4,), "float16")]
+        assert torch.equal(ck.read("a"), torch.ones(2, 3))
+        with pytest.raises(TensorNotFoundError, match="no tensor named 'c'"):
+            ck.read("c")
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    p = make_file(tmp_path / "t.safetensors", a=torch.ones(100))
+    p.write_bytes(p.read_bytes()[:-50])
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: truncated"):
+        open_checkpoint(p)
+
+
+def test_header_that_lies_about_sizes(tmp_path):
+    p = make_file(tmp_path / "lie.safetensors", a=torch.ones(4))
+    raw = p.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + n].replace(b"[4]", b"[5]")
+    p.write_bytes(raw[:8] + header + raw[8 + n :])
+    with pytest.raises(CheckpointError, match="header lies about tensor 'a'"):
+        open_checkpoint(p)
+
+
+def test_garbage_and_missing(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        open_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no such file"):
+        open_checkpoint(tmp_path / "nope.safetensors")
+    other = tmp_path / "notes.txt"
+    other.write_text("hi")
+    with pytest.raises(UnknownFormatError, match="notes.txt: unknown checkpoint format"):
+        open_checkpoint(other)
+
+
+def test_discover_expands_folders(tmp_path):
+    make_file(tmp_path / "b.safetensors", a=torch.ones(1))
+    make_file(tmp_path / "a.safetensors", a=torch.ones(1))
+    (tmp_path / "readme.txt").write_text("x")
+    assert [p.name for p in discover_models([tmp_path])] == ["a.safetensors", "b.safetensors"]
