@@ -71,7 +71,7 @@ class Checkpoint(ABC):
     def __contains__(self, name: object) -> bool:
         return name in self._index()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most readers hold no handle
         """Release file handles (the default reader holds none)."""
 
     def __enter__(self) -> Checkpoint:
