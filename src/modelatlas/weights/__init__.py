@@ -6,6 +6,13 @@ never holds the whole model. :func:`discover_models` expands folders into the mo
 """
 
 from modelatlas.weights.base import Checkpoint, TensorInfo
-from modelatlas.weights.registry import discover_models, model_name, open_checkpoint, register_format
+from modelatlas.weights.registry import (
+    discover_models,
+    model_name,
+    open_checkpoint,
+    open_many,
+    register_format,
+)
 
-__all__ = ["Checkpoint", "TensorInfo", "discover_models", "model_name", "open_checkpoint", "register_format"]
+__all__ = ["Checkpoint", "TensorInfo", "discover_models", "model_name", "open_checkpoint", "open_many",
+           "register_format"]

@@ -36,6 +36,8 @@ class Checkpoint(ABC):
     """
 
     format: str = "?"
+    #: ``"full"`` for plain weights; ``"lora_delta"`` when tensors are LoRA updates ``dW`` (see peft_lora).
+    kind: str = "full"
 
     def __init__(self, path: str | Path, name: str | None = None):
         self.path = Path(path)

@@ -7,7 +7,7 @@ their formats with :func:`register_format` at import time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +49,38 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
     _load_plugins()
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "no such file or folder")
+        return _resolve_missing(path, **kwargs)
     for fmt in _FORMATS:
         if fmt.detect(path):
             return fmt.open(path, **kwargs)
     known = ", ".join(f.name for f in _FORMATS)
     raise UnknownFormatError(path, f"unknown checkpoint format (known: {known})")
+
+
+# Resolvers open a name that is not a local path (a hub id): each returns a Checkpoint, None when the name is
+# not theirs, or raises CheckpointError when it is theirs but unavailable.
+_RESOLVERS: list[Callable[..., Checkpoint | None]] = []
+
+
+def register_resolver(resolve: Callable[..., Checkpoint | None]) -> None:
+    """Add a resolver for names that do not exist as local paths (see hub_cache)."""
+    if resolve not in _RESOLVERS:
+        _RESOLVERS.append(resolve)
+
+
+def _resolve_missing(path: Path, **kwargs) -> Checkpoint:
+    for resolve in _RESOLVERS:
+        ck = resolve(path.as_posix(), **kwargs)
+        if ck is not None:
+            return ck
+    raise CheckpointError(path, "no such file or folder")
+
+
+def _is_resolvable(path: Path) -> bool:
+    """Whether a missing ``path`` is a name some resolver claims (e.g. an ``org/name`` hub id)."""
+    from modelatlas.weights.hub_cache import parse_hub_id
+
+    return not path.is_absolute() and parse_hub_id(path.as_posix()) is not None
 
 
 def is_model(path: Path) -> bool:
@@ -65,9 +91,14 @@ def is_model(path: Path) -> bool:
 
 def discover_models(paths: Iterable[str | Path]) -> list[Path]:
     """Expand ``paths`` into model paths: a model file or model folder stays itself; any other folder is
-    expanded to the models directly inside it (sorted by name). A missing path raises CheckpointError."""
+    expanded to the models directly inside it (sorted by name). A missing path raises CheckpointError, except
+    a hub id (``org/name[@rev]``), which is kept for :func:`open_checkpoint` to resolve from the local cache."""
+    _load_plugins()
     found: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists() and _is_resolvable(p):
+            found.append(p)
+            continue
         if not p.exists():
             raise CheckpointError(p, "no such file or folder")
         if is_model(p):
@@ -77,6 +108,44 @@ def discover_models(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise UnknownFormatError(p, "unknown checkpoint format")
     return found
+
+
+class OpenMany:
+    """Iterate opened checkpoints, reporting and skipping the ones that cannot be opened.
+
+    ``for ck in (models := open_many(paths)): ...`` yields each model that opens and lists its tensors;
+    a bad one (missing, corrupt, unsafe, unknown format) is appended to ``models.skipped`` as
+    ``(path, one-line message)`` and passed to ``on_error(path, message)`` if given, and the run goes on.
+    The caller closes each checkpoint (``with ck:``). Time O(models * header size).
+    """
+
+    def __init__(self, paths: Iterable[str | Path], on_error: Callable[[Path, str], None] | None = None,
+                 **kwargs):
+        self.paths = [Path(p) for p in paths]
+        self.on_error = on_error
+        self.kwargs = kwargs
+        self.skipped: list[tuple[Path, str]] = []
+
+    def __iter__(self) -> Iterator[Checkpoint]:
+        for path in self.paths:
+            ck = None
+            try:
+                ck = open_checkpoint(path, **self.kwargs)
+                ck.tensors()  # headers of every shard: fail here, not halfway through the caller's loop
+            except CheckpointError as e:
+                if ck is not None:
+                    ck.close()
+                self.skipped.append((path, str(e)))
+                if self.on_error is not None:
+                    self.on_error(path, str(e))
+                continue
+            yield ck
+
+
+def open_many(paths: Iterable[str | Path], on_error: Callable[[Path, str], None] | None = None,
+              **kwargs) -> OpenMany:
+    """Open many models, skipping bad ones; see :class:`OpenMany` (``.skipped`` lists what was skipped)."""
+    return OpenMany(paths, on_error, **kwargs)
 
 
 def model_name(path: str | Path) -> str:

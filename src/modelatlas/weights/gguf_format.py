@@ -1,0 +1,75 @@
+"""GGUF files (llama.cpp, ``.gguf``): tensors dequantized to float32 (extra ``gguf``).
+
+``gguf.GGUFReader`` memory-maps the file and parses the tensor table; a tensor's bytes are only touched when
+it is read, then dequantized with ``gguf.quants.dequantize`` (F16, BF16 and every block-quantized type the
+package knows: Q8_0, Q4_K, ...). GGUF lists dimensions fastest-varying first (ggml order), the reverse of
+numpy/torch; this reader exposes the numpy/torch shape, so a ``(out, in)`` linear weight is ``(out, in)``.
+Integer tensors keep their dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.registry import register_format
+
+_INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+
+
+def import_gguf(path: Path):
+    """The ``gguf`` module, or a CheckpointError naming the file and the install command."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise CheckpointError(path, "reading GGUF files needs the gguf package: pip install modelatlas[gguf]") from e
+    return gguf
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A ``.gguf`` file; every float tensor is exposed as float32 (dequantized on read)."""
+
+    format = "gguf"
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        super().__init__(path, name)
+        gguf = import_gguf(self.path)
+        try:
+            reader = gguf.GGUFReader(str(self.path))
+        except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a corrupt file
+            raise CheckpointError(self.path, f"corrupt or truncated GGUF file: {e or type(e).__name__}") from e
+        self._reader = reader
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def _infos(self) -> list[TensorInfo]:
+        return [TensorInfo(n, self._shape(t), _INT_TYPES.get(t.tensor_type.name, "float32"))
+                for n, t in self._tensors.items()]
+
+    @staticmethod
+    def _shape(t) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml order -> numpy order
+
+    def _read(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        shape = self._shape(t)
+        try:
+            if t.tensor_type.name in _INT_TYPES:
+                arr = np.asarray(t.data).reshape(shape)
+            else:
+                arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        except (ValueError, NotImplementedError, TypeError) as e:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({t.tensor_type.name}): {e}") from e
+        return torch.from_numpy(np.array(arr, copy=True))
+
+
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".gguf"
+
+
+register_format("gguf", is_gguf, GGUFCheckpoint)

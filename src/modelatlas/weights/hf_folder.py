@@ -1,0 +1,118 @@
+"""Hugging Face model folders: ``model.safetensors``, sharded ``model.safetensors.index.json``,
+``pytorch_model.bin`` and sharded ``pytorch_model.bin.index.json``.
+
+A sharded folder's index maps every tensor name to the shard file that holds it (``weight_map``). Opening the
+folder checks that every listed shard exists (naming the missing one); reading a tensor opens only its shard.
+Shards are read by the single-file readers (safetensors, or the safe ``weights_only`` torch loader), so their
+header checks and the pickle security policy apply unchanged. The model's name is the folder's name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.registry import register_format
+from modelatlas.weights.safetensors_format import SafetensorsCheckpoint
+from modelatlas.weights.torch_pickle import TorchPickleCheckpoint
+
+# (file name, is an index), in order of preference.
+LAYOUTS = (
+    ("model.safetensors", False),
+    ("model.safetensors.index.json", True),
+    ("pytorch_model.bin", False),
+    ("pytorch_model.bin.index.json", True),
+)
+
+
+def open_weight_file(path: Path) -> Checkpoint:
+    """Open one shard or single weight file with the reader its extension calls for."""
+    if path.name.endswith(".safetensors"):
+        return SafetensorsCheckpoint(path)
+    return TorchPickleCheckpoint(path)
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """Parse and validate ``*.index.json``; returns tensor name -> shard file name.
+
+    Every shard must be a plain file name inside the index's folder (no ``..``) and must exist.
+    """
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(index, f"corrupt shard index: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(index, "corrupt shard index: no 'weight_map' object of tensor name -> shard file")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(index, f"bad shard file {shard!r} for tensor {tensor!r}: must be a file name "
+                                         "in the same folder")
+    for shard in dict.fromkeys(weight_map.values()):
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(index, f"shard {shard!r} listed in the index is missing from {index.parent}")
+    return weight_map
+
+
+class HFFolderCheckpoint(Checkpoint):
+    """A Hugging Face model folder (single file or sharded), read one shard at a time."""
+
+    format = "hf-folder"
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        super().__init__(path, name if name is not None else Path(path).name)
+        layout = find_layout(self.path)
+        if layout is None:
+            raise CheckpointError(self.path, "not a Hugging Face model folder (no model.safetensors, "
+                                             "pytorch_model.bin or their .index.json)")
+        self.weight_file = self.path / layout[0]
+        self._shards: dict[str, Checkpoint] = {}
+        self._weight_map: dict[str, str] | None = read_weight_map(self.weight_file) if layout[1] else None
+        if self._weight_map is None:
+            self._shard(self.weight_file.name).tensors()  # validate the header now, not at the first read
+
+    def _shard(self, file_name: str) -> Checkpoint:
+        if file_name not in self._shards:
+            self._shards[file_name] = open_weight_file(self.path / file_name)
+        return self._shards[file_name]
+
+    def _infos(self) -> list[TensorInfo]:
+        if self._weight_map is None:
+            return self._shard(self.weight_file.name).tensors()
+        infos: list[TensorInfo] = []
+        for shard in dict.fromkeys(self._weight_map.values()):  # shards in index order, each opened once
+            ck = self._shard(shard)
+            wanted = {k for k, v in self._weight_map.items() if v == shard}
+            missing = sorted(wanted - set(ck.keys()))
+            if missing:
+                raise CheckpointError(self.weight_file, f"the index puts tensor {missing[0]!r} in shard "
+                                                        f"{shard!r}, which has no such tensor")
+            infos.extend(t for t in ck.tensors() if t.name in wanted)
+        return infos
+
+    def _read(self, name: str) -> torch.Tensor:
+        shard = self.weight_file.name if self._weight_map is None else self._weight_map[name]
+        return self._shard(shard).read(name)
+
+    def close(self) -> None:
+        for ck in self._shards.values():
+            ck.close()
+        self._shards.clear()
+
+
+def find_layout(path: Path) -> tuple[str, bool] | None:
+    """The first HF weight layout present in folder ``path`` (file name, is an index), or None."""
+    if not path.is_dir():
+        return None
+    return next((lay for lay in LAYOUTS if (path / lay[0]).is_file()), None)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return find_layout(path) is not None
+
+
+register_format("hf-folder", is_hf_folder, HFFolderCheckpoint)

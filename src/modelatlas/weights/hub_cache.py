@@ -1,0 +1,79 @@
+"""Hugging Face hub ids (``org/name`` or ``org/name@revision``) resolved from the LOCAL hub cache only.
+
+modelatlas never downloads. The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub``, in the layout ``huggingface_hub`` writes:
+``models--org--name/refs/<branch>`` holds a commit hash and ``models--org--name/snapshots/<hash>/`` holds the
+files (usually links into ``blobs/``). The snapshot folder is then opened like any model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights.base import Checkpoint
+from modelatlas.weights.registry import open_checkpoint, register_resolver
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+_MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx", ".gguf", ".json")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_cache_dir() -> Path:
+    """The local hub cache folder, from the same environment variables huggingface_hub reads."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def parse_hub_id(text: str) -> tuple[str, str] | None:
+    """``(repo_id, revision)`` if ``text`` looks like ``org/name[@rev]`` (not a model file path), else None."""
+    m = _HUB_ID.match(text)
+    if not m or m["repo"].endswith(_MODEL_SUFFIXES) or ".." in text:
+        return None
+    return m["repo"], m["rev"] or "main"
+
+
+def resolve_hub_id(text: str) -> Path:
+    """The snapshot folder of hub id ``text`` in the local cache; CheckpointError when it is not cached."""
+    parsed = parse_hub_id(text)
+    if parsed is None:
+        raise CheckpointError(text, "not a Hugging Face hub id (expected org/name or org/name@revision)")
+    repo_id, rev = parsed
+    cache = hub_cache_dir()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    hint = (f"modelatlas does not download; fetch it first (`huggingface-cli download {repo_id}`) "
+            "or set HF_HUB_CACHE")
+    if not repo.is_dir():
+        raise CheckpointError(text, f"no such file or folder, and hub id {repo_id!r} is not in the local "
+                                    f"Hugging Face cache at {cache} ({hint})")
+    commit = rev if _COMMIT.match(rev) else _read_ref(repo / "refs" / rev)
+    snapshot = repo / "snapshots" / (commit or "")
+    if not commit or not snapshot.is_dir():
+        raise CheckpointError(text, f"revision {rev!r} of {repo_id!r} is not in the local Hugging Face cache at "
+                                    f"{cache} ({hint})")
+    return snapshot
+
+
+def _read_ref(ref: Path) -> str | None:
+    try:
+        return ref.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def open_hub_id(text: str, **kwargs) -> Checkpoint | None:
+    """Open a cached hub model by id, named ``org/name``; None when ``text`` is not a hub id at all."""
+    if parse_hub_id(text) is None:
+        return None
+    snapshot = resolve_hub_id(text)
+    ck = open_checkpoint(snapshot, **kwargs)
+    ck.name = parse_hub_id(text)[0]
+    return ck
+
+
+register_resolver(open_hub_id)

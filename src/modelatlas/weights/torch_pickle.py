@@ -1,0 +1,134 @@
+"""PyTorch state dicts saved with ``torch.save`` (``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
+
+Security: a pickle can run any code when loaded, so these files are only ever read with
+``torch.load(path, map_location="cpu", weights_only=True, mmap=...)``: PyTorch's restricted unpickler, which
+accepts tensors, containers and a short allowlist of globals. A file that needs anything else (a
+``__reduce__`` calling ``os.system``, a pickled ``nn.Module`` or optimizer class) is refused with
+:class:`~modelatlas.errors.UnsafeCheckpointError` before any of its code runs.
+
+Memory: files in the zip format (the default since PyTorch 1.6) are memory-mapped (``mmap=True``), so the
+tensors stay on disk until :meth:`read` touches one. Legacy (non-zip) pickles cannot be memory-mapped and are
+loaded into RAM once, when opened.
+
+A dict that nests the state dict under ``"state_dict"`` (PyTorch Lightning) or ``"model"`` is accepted;
+nested dicts of tensors are flattened with ``.``-joined keys and non-tensor entries (an epoch counter) are
+skipped.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import CheckpointError, UnsafeCheckpointError
+from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.registry import register_format
+
+SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_NESTING_KEYS = ("state_dict", "model")
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (``weights_only=True``); mmap'd when the file is in the zip format.
+
+    Raises UnsafeCheckpointError for a pickle that would execute code, CheckpointError for anything else
+    unreadable. Time O(number of tensors); memory O(1) tensor data for zip files, O(file) for legacy ones.
+    """
+    path = Path(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        raise _unpickling_error(path, e) from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(path, f"corrupt or truncated PyTorch file: {first}") from e
+    return _state_dict_from(path, obj)
+
+
+def _unpickling_error(path: Path, e: pickle.UnpicklingError) -> CheckpointError:
+    """Refused globals mean the file would run code (unsafe); anything else is a corrupt pickle."""
+    msg = str(e)
+    found = re.search(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)", msg)
+    if found:
+        reason = found.group(1).rstrip(".")
+        return UnsafeCheckpointError(path, f"refused to unpickle: the file would execute code ({reason}); "
+                                           "only plain tensor state dicts are loaded (weights_only=True). "
+                                           "Convert a trusted file to safetensors to read it")
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)
+    reason = detail.group(1) if detail else (msg.strip().splitlines() or ["unreadable pickle"])[0]
+    return CheckpointError(path, f"corrupt or unsupported PyTorch pickle: {reason}")
+
+
+def _state_dict_from(path: Path, obj: object) -> dict[str, torch.Tensor]:
+    """Pick the state dict out of what torch.load returned, flattened to name -> tensor."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"not a state dict: the file holds a {type(obj).__name__}, not a dict of tensors")
+    for key in _NESTING_KEYS:
+        if isinstance(obj.get(key), Mapping) and _has_tensor(obj[key]):
+            obj = obj[key]
+            break
+    flat: dict[str, torch.Tensor] = {}
+    _flatten(obj, "", flat)
+    if not flat:
+        raise CheckpointError(path, "no tensors in this PyTorch file (not a state dict)")
+    return flat
+
+
+def _has_tensor(obj: Mapping) -> bool:
+    return any(isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _has_tensor(v)) for v in obj.values())
+
+
+def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out[name] = v
+        elif isinstance(v, Mapping):
+            _flatten(v, name + ".", out)
+
+
+def tensor_info(name: str, t: torch.Tensor) -> TensorInfo:
+    return TensorInfo(name, tuple(int(s) for s in t.shape), str(t.dtype).removeprefix("torch."))
+
+
+class TorchPickleCheckpoint(Checkpoint):
+    """A ``torch.save``'d state dict, loaded with ``weights_only=True`` (mmap'd for zip-format files)."""
+
+    format = "torch"
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        super().__init__(path, name)
+        self._tensors: dict[str, torch.Tensor] | None = load_state_dict(self.path)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:  # reopened after close()
+            self._tensors = load_state_dict(self.path)
+        return self._tensors
+
+    def _infos(self) -> list[TensorInfo]:
+        return [tensor_info(k, v) for k, v in self._state().items()]
+
+    def _read(self, name: str) -> torch.Tensor:
+        try:
+            return self._state()[name]  # mmap'd copy-on-write: pages are read from disk here, on first use
+        except RuntimeError as e:  # a page of a truncated mmap'd file
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {e}") from e
+
+    def close(self) -> None:
+        self._tensors = None
+
+
+def is_torch_pickle(path: Path) -> bool:
+    return path.is_file() and path.suffix in SUFFIXES
+
+
+register_format("torch", is_torch_pickle, TorchPickleCheckpoint)

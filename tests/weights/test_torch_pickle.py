@@ -1,0 +1,107 @@
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from modelatlas.errors import CheckpointError, UnsafeCheckpointError
+from modelatlas.weights import open_checkpoint
+
+
+class make_evil:  # noqa: N801 - a pickle payload, named like the helpers it stands with
+    """Unpickling this runs ``touch <marker>`` (if the loader lets it)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def make_state_dict():
+    return {"layer.weight": torch.arange(6.0).reshape(2, 3), "layer.bias": torch.ones(2, dtype=torch.float16)}
+
+
+def check_reads_state_dict(ck):
+    assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [
+        ("layer.weight", (2, 3), "float32"), ("layer.bias", (2,), "float16")]
+    assert torch.equal(ck.read("layer.weight"), torch.arange(6.0).reshape(2, 3))
+    assert ck.kind == "full"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt"])
+def test_zip_state_dict(tmp_path, suffix):
+    p = tmp_path / f"m{suffix}"
+    torch.save(make_state_dict(), p)
+    assert zipfile.is_zipfile(p)
+    with open_checkpoint(p) as ck:
+        assert ck.name == "m" and ck.format == "torch"
+        check_reads_state_dict(ck)
+
+
+def test_legacy_pickle(tmp_path):
+    p = tmp_path / "old.pt"
+    torch.save(make_state_dict(), p, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(p)
+    with open_checkpoint(p) as ck:
+        check_reads_state_dict(ck)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_nested_state_dict(tmp_path, key):
+    p = tmp_path / "lightning.ckpt"
+    torch.save({"epoch": 3, key: make_state_dict(), "optimizer_states": [{"lr": 0.1}]}, p)
+    with open_checkpoint(p) as ck:
+        check_reads_state_dict(ck)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, legacy):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": make_evil(marker)}, p, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt: refused to unpickle.*(system|GLOBAL)"):
+        open_checkpoint(p)
+    assert not marker.exists()
+
+
+def test_raw_pickle_with_reduce_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "raw.bin"
+    p.write_bytes(pickle.dumps({"x": make_evil(marker)}, protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match=r"raw\.bin: refused"):
+        open_checkpoint(p)
+    assert not marker.exists()
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(make_evil(control), protocol=2))  # the payload is live: plain pickle runs it
+    assert control.exists()
+
+
+def test_pickled_module_is_refused(tmp_path):
+    p = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), p)
+    with pytest.raises(UnsafeCheckpointError, match=r"module\.pt: refused to unpickle"):
+        open_checkpoint(p)
+
+
+def test_truncated_garbage_empty(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(make_state_dict(), good)
+    cases = {"trunc.pt": good.read_bytes()[:-100], "garbage.pth": b"\x00garbage" * 10, "empty.bin": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{name}: corrupt") as info:
+            open_checkpoint(tmp_path / name)
+        assert not isinstance(info.value, UnsafeCheckpointError)
+        assert "\n" not in str(info.value)
+
+
+def test_not_a_state_dict(tmp_path):
+    p = tmp_path / "t.pt"
+    torch.save(torch.ones(3), p)
+    with pytest.raises(CheckpointError, match=r"t\.pt: not a state dict"):
+        open_checkpoint(p)
+    torch.save({"epoch": 1}, p)
+    with pytest.raises(CheckpointError, match=r"t\.pt: no tensors"):
+        open_checkpoint(p)
