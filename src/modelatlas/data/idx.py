@@ -1,0 +1,93 @@
+"""IDX files (the MNIST / Fashion-MNIST format) and the ``fashion-mnist`` dataset.
+
+IDX layout (big-endian): two zero bytes, a type code (0x08 = uint8, ...), the number of dimensions ``d``,
+``d`` uint32 sizes, then the data in C order. Files may be gzip-compressed (``.gz``). The header is
+validated against the file size so a truncated or foreign file fails with a one-line error naming it.
+Reading is O(file size) time and memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelatlas.data.registry import ArrayDataset, register_dataset
+from modelatlas.errors import CheckpointError, DatasetNotFoundError
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+DEFAULT_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class IDXError(CheckpointError):
+    """An IDX file is malformed (bad magic, dtype code or size); the message names the file."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (gzip or raw, chosen by the magic bytes) into a NumPy array of its native shape."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise IDXError(path, f"corrupt gzip stream ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise IDXError(path, "not an IDX file (magic bytes must start with two zero bytes)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise IDXError(path, f"unknown IDX data type code 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise IDXError(path, f"truncated header ({len(raw)} bytes for {ndim} dimensions)")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise IDXError(path, f"header says shape {shape} ({expected} data bytes) but file has {len(raw) - header}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_idx_pair(images: str | Path, labels: str | Path, name: str, classes: list[str]) -> ArrayDataset:
+    """An :class:`ArrayDataset` from an IDX image file (N, H, W) uint8 and a label file (N,)."""
+    x = read_idx(images)
+    y = read_idx(labels)
+    if x.ndim != 3:
+        raise IDXError(images, f"expected images of shape (N, H, W), got {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise IDXError(labels, f"expected {x.shape[0]} labels, got shape {y.shape}")
+    xt = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, H, W)
+    return ArrayDataset(name, xt, torch.from_numpy(y.astype(np.int64)), list(classes), {"source": str(images)})
+
+
+def _load_fashion(split: str, root: str | Path | None = None) -> ArrayDataset:
+    """Fashion-MNIST (60k train / 10k test, 28x28) from ``root``, $ATLAS_FASHION_MNIST or the Debian package."""
+    folder = Path(root or os.environ.get("ATLAS_FASHION_MNIST") or DEFAULT_FASHION_ROOT)
+    img_stem, lab_stem = _FILES[split]
+    img, lab = _find(folder, img_stem), _find(folder, lab_stem)
+    if img is None or lab is None:
+        missing = img_stem if img is None else lab_stem
+        raise DatasetNotFoundError(
+            f"fashion-mnist: {folder / missing}[.gz] not found; install it with "
+            f"`sudo apt-get install dataset-fashion-mnist` or pass root= (or set ATLAS_FASHION_MNIST) "
+            f"to a folder with the standard IDX files")
+    return load_idx_pair(img, lab, "fashion-mnist", FASHION_CLASSES)
+
+
+register_dataset("fashion-mnist", _load_fashion,
+                 "Fashion-MNIST 28x28 grayscale, 10 classes, 60k/10k (IDX files; apt-get install dataset-fashion-mnist)")

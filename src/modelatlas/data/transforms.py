@@ -1,0 +1,127 @@
+"""Fitted data transforms saved beside a result: per-channel standardisation and ZCA whitening.
+
+Each transform follows the scikit-learn habit (``fit`` returns self, fitted attributes end in ``_``) and
+adds ``inverse`` (to show images) and ``state_dict``/``from_state_dict`` (tensors, saved as safetensors) so
+that a released synthetic set is used with exactly the transform it was distilled under, and the test set
+gets the same one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modelatlas.errors import ConfigError
+
+
+class _Loadable:
+    kind = "identity"
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]):
+        """Rebuild a fitted transform of this class from its :meth:`state_dict`."""
+        return from_state_dict(cls.kind, state)
+
+
+class Identity(_Loadable):
+    """No transform (the default)."""
+
+    kind = "identity"
+
+    def fit(self, x: torch.Tensor) -> Identity:
+        return self
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class Standardize(_Loadable):
+    """Per-channel (x - mean) / std. Fit is O(N * D) time, O(C) memory."""
+
+    kind = "standardize"
+
+    def __init__(self, eps: float = 1e-8):
+        self.eps = eps
+
+    def fit(self, x: torch.Tensor) -> Standardize:
+        dims = [0] + list(range(2, x.dim()))  # every axis but the channel
+        self.mean_ = x.float().mean(dim=dims)  # (C,)
+        self.std_ = x.float().std(dim=dims).clamp_min(self.eps)  # (C,)
+        return self
+
+    def _shape(self, x: torch.Tensor) -> list[int]:
+        return [1, -1] + [1] * (x.dim() - 2)  # broadcast (C,) over (N, C, ...)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._shape(x)
+        return (x - self.mean_.to(x).view(s)) / self.std_.to(x).view(s)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._shape(x)
+        return x * self.std_.to(x).view(s) + self.mean_.to(x).view(s)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean_, "std": self.std_}
+
+
+class ZCA(_Loadable):
+    """ZCA whitening W = U diag(1/sqrt(lambda + reg)) U^T on flattened inputs, reg = ``regularization`` x
+    mean eigenvalue (0.1 as in the KIP/MTT code). Fit is O(N D^2 + D^3) time, O(D^2) memory (D = C*H*W)."""
+
+    kind = "zca"
+
+    def __init__(self, regularization: float = 0.1):
+        if regularization <= 0:
+            raise ConfigError(f"ZCA regularization must be > 0, got {regularization}")
+        self.regularization = regularization
+
+    def fit(self, x: torch.Tensor) -> ZCA:
+        flat = x.reshape(x.shape[0], -1).double()  # (N, D)
+        self.mean_ = flat.mean(0)  # (D,)
+        cov = (flat - self.mean_).T @ (flat - self.mean_) / max(flat.shape[0] - 1, 1)  # (D, D)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals = evals.clamp_min(0)
+        reg = self.regularization * evals.mean()
+        self.whiten_ = (evecs * (evals + reg).rsqrt()) @ evecs.T  # (D, D)
+        self.unwhiten_ = (evecs * (evals + reg).sqrt()) @ evecs.T  # (D, D)
+        self.mean_, self.whiten_, self.unwhiten_ = self.mean_.float(), self.whiten_.float(), self.unwhiten_.float()
+        return self
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)  # (N, D)
+        return ((flat - self.mean_.to(x)) @ self.whiten_.to(x)).reshape(x.shape)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)  # (N, D)
+        return (flat @ self.unwhiten_.to(x) + self.mean_.to(x)).reshape(x.shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean_, "whiten": self.whiten_, "unwhiten": self.unwhiten_,
+                "regularization": torch.tensor(self.regularization)}
+
+
+_KINDS = {"identity": Identity, "standardize": Standardize, "zca": ZCA}
+
+
+def make_transform(kind: str | None):
+    """A fresh unfitted transform by name: None/"identity", "standardize" or "zca"."""
+    kind = kind or "identity"
+    if kind not in _KINDS:
+        raise ConfigError(f"transform must be one of {', '.join(_KINDS)}, got {kind!r}")
+    return _KINDS[kind]()
+
+
+def from_state_dict(kind: str, state: dict[str, torch.Tensor]):
+    """Rebuild a fitted transform from :meth:`state_dict` output and its ``kind``."""
+    t = make_transform(kind)
+    if kind == "standardize":
+        t.mean_, t.std_ = state["mean"], state["std"]
+    elif kind == "zca":
+        t.regularization = float(state["regularization"])
+        t.mean_, t.whiten_, t.unwhiten_ = state["mean"], state["whiten"], state["unwhiten"]
+    return t

@@ -1,0 +1,61 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from modelatlas.data import load_dataset
+from modelatlas.data.idx import IDXError, read_idx
+from modelatlas.errors import DatasetNotFoundError
+
+
+def make_idx(path, arr, code=0x08, gz=False):
+    raw = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(">u1").tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def make_fashion_folder(root, n=6, gz=True):
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        suffix = ".gz" if gz else ""
+        make_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz=gz)
+        make_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n) % 10, gz=gz)
+    return root
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_roundtrip(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
+    out = read_idx(make_idx(tmp_path / "a.idx", arr, gz=gz))
+    assert out.shape == (2, 3, 4) and (out == arr).all()
+
+
+def test_read_idx_rejects_bad_header(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(IDXError, match="bad: not an IDX file"):
+        read_idx(bad)
+    trunc = tmp_path / "trunc"
+    trunc.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 3)
+    with pytest.raises(IDXError, match=r"trunc: header says shape \(10,\)"):
+        read_idx(trunc)
+    code = tmp_path / "code"
+    code.write_bytes(bytes([0, 0, 0x42, 1]) + struct.pack(">I", 1) + b"\x00")
+    with pytest.raises(IDXError, match="unknown IDX data type code 0x42"):
+        read_idx(code)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_from_root(tmp_path, gz):
+    ds = load_dataset("fashion-mnist", "test", root=make_fashion_folder(tmp_path, gz=gz))
+    assert ds.x.shape == (6, 1, 28, 28) and ds.classes[9] == "Ankle boot"
+    assert 0 <= float(ds.x.min()) and float(ds.x.max()) <= 1 and ds.y.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_fashion_env_and_missing(tmp_path, monkeypatch):
+    (tmp_path / "f").mkdir()
+    monkeypatch.setenv("ATLAS_FASHION_MNIST", str(make_fashion_folder(tmp_path / "f")))
+    assert len(load_dataset("fashion-mnist", "train")) == 6
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*root="):
+        load_dataset("fashion-mnist", "train", root=tmp_path / "empty")

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.data.transforms import ZCA, Standardize, from_state_dict, make_transform
+from modelatlas.errors import ConfigError, DatasetNotFoundError
+
+
+def make_image_tree(root):
+    from PIL import Image
+
+    for c, value in (("cat", 30), ("dog", 220)):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            arr = np.full((10, 12, 3), value + i, np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+        Image.fromarray(arr[..., 0]).save(root / c / "g.pgm")
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder(tmp_path, channels):
+    root = make_image_tree(tmp_path)
+    tr = load_dataset("image-folder", "train", root=root, size=8, channels=channels)
+    te = load_dataset("image-folder", "test", root=root, size=8, channels=channels)
+    assert tr.x.shape[1:] == (channels, 8, 8) and len(tr) + len(te) == 12 and tr.classes == ["cat", "dog"]
+    dog = tr.x[tr.y == 1]
+    assert float(dog.min()) > 0.8
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="no images"):
+        load_dataset("image-folder", root=tmp_path)
+    with pytest.raises(ConfigError, match="channels must be 1"):
+        load_dataset("image-folder", root=tmp_path, channels=2)
+
+
+def test_standardize_roundtrip_and_state():
+    x = torch.rand(50, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    t = Standardize().fit(x)
+    z = t.transform(x)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(t.inverse(z), x, atol=1e-5)
+    t2 = Standardize.from_state_dict(t.state_dict())
+    assert torch.allclose(t2.transform(x), z)
+
+
+def test_zca_whitens_and_inverts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, 3, 3, generator=g) @ torch.randn(3, 3, generator=g)
+    t = ZCA(regularization=1e-6).fit(x)
+    flat = t.transform(x).reshape(400, -1)
+    cov = flat.T @ flat / 399
+    assert torch.allclose(cov, torch.eye(18), atol=1e-2)
+    t01 = ZCA().fit(x)
+    assert torch.allclose(t01.inverse(t01.transform(x)), x, atol=1e-4)
+    again = from_state_dict("zca", t01.state_dict())
+    assert torch.allclose(again.transform(x), t01.transform(x)) and again.regularization == pytest.approx(0.1)
+
+
+def test_transform_errors():
+    with pytest.raises(ConfigError, match="transform must be one of"):
+        make_transform("pca")
+    with pytest.raises(ConfigError, match="regularization must be > 0"):
+        ZCA(regularization=0)

