@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, TensorNotFoundError
 from modelatlas.weights.base import Checkpoint, TensorInfo
 from modelatlas.weights.registry import register_format
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint
@@ -93,6 +93,15 @@ class HFFolderCheckpoint(Checkpoint):
                                                         f"{shard!r}, which has no such tensor")
             infos.extend(t for t in ck.tensors() if t.name in wanted)
         return infos
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor, opening only the shard the index puts it in."""
+        if self._weight_map is not None and self._info_cache is None:
+            if name not in self._weight_map:
+                raise TensorNotFoundError(self.path, f"no tensor named {name!r} ({len(self._weight_map)} "
+                                                     "tensors in the index)")
+            return self._read(name)
+        return super().read(name)
 
     def _read(self, name: str) -> torch.Tensor:
         shard = self.weight_file.name if self._weight_map is None else self._weight_map[name]

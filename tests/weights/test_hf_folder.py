@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import discover_models, open_checkpoint
+
+TENSORS = {"embed.weight": torch.arange(12.0).reshape(4, 3), "head.weight": torch.ones(2, 3),
+           "head.bias": torch.zeros(2)}
+
+
+def make_sharded(folder, kind="safetensors"):
+    """Two shards + index; shard 2 holds the head."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = "safetensors" if kind == "safetensors" else "bin"
+    prefix = "model" if kind == "safetensors" else "pytorch_model"
+    shards = {f"{prefix}-00001-of-00002.{ext}": ["embed.weight"],
+              f"{prefix}-00002-of-00002.{ext}": ["head.weight", "head.bias"]}
+    for shard, names in shards.items():
+        part = {n: TENSORS[n] for n in names}
+        save_file(part, str(folder / shard)) if ext == "safetensors" else torch.save(part, folder / shard)
+    weight_map = {n: shard for shard, names in shards.items() for n in names}
+    (folder / f"{prefix}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def check_model(ck, name):
+    assert ck.name == name
+    assert {t.name: t.shape for t in ck.tensors()} == {k: tuple(v.shape) for k, v in TENSORS.items()}
+    for k, v in TENSORS.items():
+        assert torch.equal(ck.read(k), v)
+
+
+def test_single_safetensors_and_bin(tmp_path):
+    (tmp_path / "st").mkdir()
+    save_file(TENSORS, str(tmp_path / "st" / "model.safetensors"))
+    (tmp_path / "st" / "config.json").write_text("{}")
+    (tmp_path / "pt").mkdir()
+    torch.save(TENSORS, tmp_path / "pt" / "pytorch_model.bin")
+    for name in ("st", "pt"):
+        with open_checkpoint(tmp_path / name) as ck:
+            assert ck.format == "hf-folder"
+            check_model(ck, name)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_sharded_reads_from_one_shard(tmp_path, kind):
+    folder = make_sharded(tmp_path / "big-model", kind)
+    with open_checkpoint(folder) as ck:
+        assert torch.equal(ck.read("head.bias"), torch.zeros(2))
+        assert len(ck._shards) == 1  # only the head's shard was opened
+        check_model(ck, "big-model")
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder = make_sharded(tmp_path / "m")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: shard "
+                                              r"'model-00002-of-00002\.safetensors' listed in the index is missing"):
+        open_checkpoint(folder)
+
+
+def test_index_lies_about_a_tensor(tmp_path):
+    folder = make_sharded(tmp_path / "m")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="index puts tensor 'ghost.weight' in shard"):
+        open_checkpoint(folder).tensors()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "corrupt shard index"),
+    ('{"metadata": {}}', "no 'weight_map'"),
+    ('{"weight_map": {"a": "../outside.safetensors"}}', "must be a file name in the same folder"),
+])
+def test_corrupt_index(tmp_path, content, message):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_corrupt_single_file_fails_at_open(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x05" * 20)
+    with pytest.raises(CheckpointError, match=r"m/model\.safetensors: corrupt"):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_discover_model_folders(tmp_path):
+    make_sharded(tmp_path / "zoo" / "b")
+    (tmp_path / "zoo" / "a").mkdir()
+    save_file(TENSORS, str(tmp_path / "zoo" / "a" / "model.safetensors"))
+    (tmp_path / "zoo" / "notes").mkdir()
+    assert [p.name for p in discover_models([tmp_path / "zoo"])] == ["a", "b"]
+    assert discover_models([tmp_path / "zoo" / "b"]) == [tmp_path / "zoo" / "b"]

@@ -1,0 +1,152 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import discover_models, open_checkpoint
+
+A = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # (r=2, in=3)
+B = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])  # (out=4, r=2)
+# Hand-checked B @ A: rows are B's mixes of A's rows.
+BA = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [1.0, 1.0, 1.0], [2.0, 0.0, 4.0]])
+
+
+def make_adapter(folder, tensors, fmt="safetensors", **config):
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]} | config
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    full = {f"base_model.model.{k}": v.clone().contiguous() for k, v in tensors.items()}
+    if fmt == "safetensors":
+        save_file(full, str(folder / "adapter_model.safetensors"))
+    else:
+        torch.save(full, folder / "adapter_model.bin")
+    return folder
+
+
+def make_linear_adapter(folder, fmt="safetensors", **config):
+    return make_adapter(folder, {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B},
+                        fmt, **config)
+
+
+def make_base(path, q_shape=(4, 3)):
+    base = {"layers.0.q_proj.weight": torch.ones(q_shape), "layers.0.q_proj.bias": torch.zeros(q_shape[0]),
+            "head.weight": torch.full((2, 4), 3.0)}
+    save_file(base, str(path))
+    return path, base
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_delta_is_scaled_b_at_a(tmp_path, fmt):
+    with open_checkpoint(make_linear_adapter(tmp_path / "ad", fmt)) as ck:
+        assert ck.kind == "lora_delta" and ck.name == "ad"
+        assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("layers.0.q_proj.weight", (4, 3), "float32")]
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), 2.0 * BA)  # alpha / r = 4 / 2
+
+
+def test_rank_and_alpha_patterns_and_rslora(tmp_path):
+    a1, b1 = A[:1], B[:, :1]  # rank 1 for one module
+    tensors = {"blocks.0.mlp.lora_A.weight": A, "blocks.0.mlp.lora_B.weight": B,
+               "blocks.1.attn.lora_A.weight": a1, "blocks.1.attn.lora_B.weight": b1,
+               "blocks.2.attn.lora_A.weight": A, "blocks.2.attn.lora_B.weight": B}
+    folder = make_adapter(tmp_path / "ad", tensors, r=2, lora_alpha=4,
+                          rank_pattern={"blocks.1.attn": 1}, alpha_pattern={"mlp": 8, "blocks.1.attn": 3})
+    with open_checkpoint(folder) as ck:
+        assert torch.allclose(ck.read("blocks.0.mlp.weight"), 4.0 * BA)  # 8 / 2
+        assert torch.allclose(ck.read("blocks.1.attn.weight"), 3.0 * (b1 @ a1))  # 3 / 1
+        assert torch.allclose(ck.read("blocks.2.attn.weight"), 2.0 * BA)  # global 4 / 2
+    rs = make_linear_adapter(tmp_path / "rs", use_rslora=True, lora_alpha=4)
+    with open_checkpoint(rs) as ck:
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), (4 / math.sqrt(2)) * BA)
+
+
+def test_conv_lora_reshaped_to_conv_weight(tmp_path):
+    a = torch.randn(2, 3, 3, 3)  # (r, in, k, k)
+    b = torch.randn(5, 2, 1, 1)  # (out, r, 1, 1)
+    folder = make_adapter(tmp_path / "conv", {"conv1.lora_A.weight": a, "conv1.lora_B.weight": b})
+    with open_checkpoint(folder) as ck:
+        assert ck.info("conv1.weight").shape == (5, 3, 3, 3)
+        expected = 2.0 * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        assert torch.allclose(ck.read("conv1.weight"), expected, atol=1e-6)
+
+
+def test_fan_in_fan_out_and_embedding_are_transposed(tmp_path):
+    folder = make_adapter(tmp_path / "gpt2", {"h.0.c_attn.lora_A.weight": A, "h.0.c_attn.lora_B.weight": B,
+                                              "wte.lora_embedding_A": A, "wte.lora_embedding_B": B},
+                          fan_in_fan_out=True)
+    with open_checkpoint(folder) as ck:
+        assert ck.info("h.0.c_attn.weight").shape == (3, 4)
+        assert torch.allclose(ck.read("h.0.c_attn.weight"), 2.0 * BA.T)
+        assert torch.allclose(ck.read("wte.weight"), 2.0 * BA.T)
+
+
+@pytest.mark.parametrize("as_checkpoint", [False, True])
+def test_merged_with_base(tmp_path, as_checkpoint):
+    base_path, base = make_base(tmp_path / "base.safetensors")
+    adapter = make_linear_adapter(tmp_path / "ad")
+    base_arg = open_checkpoint(base_path) if as_checkpoint else base_path
+    with open_checkpoint(adapter, base=base_arg) as ck:
+        assert ck.kind == "full" and ck.name == "ad"
+        assert sorted(ck.keys()) == sorted(base)
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), torch.ones(4, 3) + 2.0 * BA)
+        assert torch.equal(ck.read("head.weight"), base["head.weight"])
+
+
+def test_merged_modules_to_save_replace_base(tmp_path):
+    base_path, _ = make_base(tmp_path / "base.safetensors")
+    adapter = make_adapter(tmp_path / "ad", {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B,
+                                             "head.weight": torch.zeros(2, 4)})
+    with open_checkpoint(adapter) as ck:
+        assert ck.keys() == ["layers.0.q_proj.weight"]  # a full weight is not a delta
+    with open_checkpoint(adapter, base=base_path) as ck:
+        assert torch.equal(ck.read("head.weight"), torch.zeros(2, 4))
+
+
+def test_merge_shape_mismatch_names_module_and_shapes(tmp_path):
+    base_path, _ = make_base(tmp_path / "base.safetensors", q_shape=(5, 3))
+    with pytest.raises(CheckpointError, match=r"LoRA module 'layers.0.q_proj': update shape \(4, 3\) does not "
+                                              r"match the base weight shape \(5, 3\)"):
+        open_checkpoint(make_linear_adapter(tmp_path / "ad"), base=base_path)
+
+
+def test_merge_module_missing_from_base(tmp_path):
+    save_file({"other.weight": torch.ones(1)}, str(tmp_path / "base.safetensors"))
+    with pytest.raises(CheckpointError, match="LoRA module 'layers.0.q_proj' has no weight"):
+        open_checkpoint(make_linear_adapter(tmp_path / "ad"), base=tmp_path / "base.safetensors")
+
+
+def test_base_model_name_is_not_followed(tmp_path):
+    base_path, _ = make_base(tmp_path / "base.safetensors")
+    folder = make_linear_adapter(tmp_path / "ad", base_model_name_or_path=str(base_path))
+    with open_checkpoint(folder) as ck:
+        assert ck.kind == "lora_delta" and ck.keys() == ["layers.0.q_proj.weight"]
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    ({"peft_type": "PREFIX_TUNING"}, None, "unsupported peft_type 'PREFIX_TUNING'"),
+    ({"r": None}, None, "key 'r' must be a positive number"),
+    ({"r": 3}, None, r"module 'layers.0.q_proj': rank 3 from adapter_config.json does not match"),
+    ({}, {"layers.0.q_proj.lora_A.weight": A}, "module 'layers.0.q_proj' has no lora_B tensor"),
+    ({}, {"x.weight": A}, "no LoRA tensors"),
+])
+def test_bad_adapters(tmp_path, config, tensors, message):
+    folder = make_adapter(tmp_path / "ad", tensors or {"layers.0.q_proj.lora_A.weight": A,
+                                                      "layers.0.q_proj.lora_B.weight": B}, **config)
+    with pytest.raises(CheckpointError, match=message) as info:
+        open_checkpoint(folder)
+    assert "ad" in str(info.value)
+
+
+def test_corrupt_config(tmp_path):
+    folder = make_linear_adapter(tmp_path / "ad")
+    (folder / "adapter_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: corrupt adapter config"):
+        open_checkpoint(folder)
+
+
+def test_adapter_folders_are_discovered_as_models(tmp_path):
+    make_linear_adapter(tmp_path / "zoo" / "child-a")
+    make_linear_adapter(tmp_path / "zoo" / "child-b", fmt="bin")
+    assert [p.name for p in discover_models([tmp_path / "zoo"])] == ["child-a", "child-b"]
