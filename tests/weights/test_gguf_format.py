@@ -1,0 +1,58 @@
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import open_checkpoint
+
+gguf = pytest.importorskip("gguf")
+
+F32 = np.arange(6, dtype=np.float32).reshape(2, 3)
+F16 = np.linspace(-1, 1, 20, dtype=np.float16).reshape(4, 5)
+Q = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+
+
+def make_gguf(path):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("f32", F32)
+    w.add_tensor("f16", F16)
+    q8 = gguf.quants.quantize(Q, gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("q8", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_round_trip_with_numpy_shapes(tmp_path):
+    with open_checkpoint(make_gguf(tmp_path / "llm.gguf")) as ck:
+        assert ck.name == "llm" and ck.format == "gguf"
+        assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [
+            ("f32", (2, 3), "float32"), ("f16", (4, 5), "float32"), ("q8", (3, 64), "float32")]
+        assert torch.equal(ck.read("f32"), torch.from_numpy(F32))
+        assert torch.equal(ck.read("f16"), torch.from_numpy(F16.astype(np.float32)))
+        q8 = ck.read("q8")
+        assert q8.dtype == torch.float32 and q8.shape == (3, 64)
+        # Q8_0: per block of 32, scale = max|x| / 127, so the error is at most half a step.
+        step = np.abs(Q).reshape(3, 2, 32).max(axis=2, keepdims=True) / 127
+        assert np.all(np.abs(q8.numpy() - Q).reshape(3, 2, 32) <= step * 0.5 + 1e-3)
+
+
+def test_truncated_and_garbage(tmp_path):
+    good = make_gguf(tmp_path / "good.gguf").read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 60)
+    for name in ("trunc.gguf", "junk.gguf"):
+        with pytest.raises(CheckpointError, match=rf"{name}: corrupt or truncated GGUF file") as info:
+            open_checkpoint(tmp_path / name)
+        assert "\n" not in str(info.value)
+
+
+def test_missing_gguf_package_says_how_to_install(tmp_path, monkeypatch):
+    p = make_gguf(tmp_path / "llm.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(CheckpointError, match=r"llm\.gguf: .*pip install modelatlas\[gguf\]"):
+        open_checkpoint(p)

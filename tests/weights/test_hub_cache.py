@@ -1,0 +1,83 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import discover_models, open_checkpoint
+from modelatlas.weights.hub_cache import hub_cache_dir, parse_hub_id
+
+COMMIT = "a" * 40
+OLD = "b" * 40
+
+
+def make_cached_model(cache, repo_id="org/tiny", commit=COMMIT, ref="main", value=1.0):
+    """The huggingface_hub layout: blobs/, refs/<ref> holding the commit, snapshots/<commit>/ linking to blobs."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    blob = repo / "blobs" / f"blob-{commit}"
+    save_file({"w": torch.full((2, 2), value)}, str(blob))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # "org/tiny" must not exist as a local path
+    return tmp_path / "hub"
+
+
+def test_open_by_hub_id(cache):
+    snap = make_cached_model(cache)
+    with open_checkpoint("org/tiny") as ck:
+        assert ck.name == "org/tiny" and ck.path == snap
+        assert torch.equal(ck.read("w"), torch.ones(2, 2))
+
+
+def test_revisions(cache):
+    make_cached_model(cache)
+    make_cached_model(cache, commit=OLD, ref="v1", value=2.0)
+    with open_checkpoint("org/tiny@v1") as ck:
+        assert torch.equal(ck.read("w"), torch.full((2, 2), 2.0))
+    with open_checkpoint(f"org/tiny@{COMMIT}") as ck:
+        assert torch.equal(ck.read("w"), torch.ones(2, 2))
+    with pytest.raises(CheckpointError, match=r"revision 'v9' of 'org/tiny' is not in the local Hugging Face cache"):
+        open_checkpoint("org/tiny@v9")
+
+
+def test_missing_id_says_no_download(cache):
+    cache.mkdir()
+    with pytest.raises(CheckpointError, match=rf"hub id 'org/absent' is not in the local Hugging Face cache at "
+                                              rf"{cache}.*modelatlas does not download"):
+        open_checkpoint("org/absent")
+
+
+def test_local_path_wins_and_file_paths_are_not_ids(cache, tmp_path):
+    make_cached_model(cache)
+    (tmp_path / "org" / "tiny").mkdir(parents=True)
+    save_file({"local": torch.zeros(1)}, str(tmp_path / "org" / "tiny" / "model.safetensors"))
+    with open_checkpoint("org/tiny") as ck:
+        assert ck.keys() == ["local"]
+    assert parse_hub_id("runs/model.pt") is None
+    with pytest.raises(CheckpointError, match="runs/model.pt: no such file or folder$"):
+        open_checkpoint("runs/model.pt")
+
+
+def test_cache_dir_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert hub_cache_dir() == tmp_path / "hf" / "hub"
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
+
+
+def test_discover_keeps_hub_ids(cache):
+    make_cached_model(cache)
+    [path] = discover_models(["org/tiny"])
+    with open_checkpoint(path) as ck:
+        assert ck.name == "org/tiny"

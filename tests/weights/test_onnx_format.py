@@ -1,0 +1,73 @@
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import open_checkpoint
+
+onnx = pytest.importorskip("onnx")
+from onnx import helper, numpy_helper  # noqa: E402
+
+W = np.arange(6, dtype=np.float32).reshape(2, 3)
+SHAPE = np.array([3, 2], dtype=np.int64)
+
+
+def make_onnx(path, external=False):
+    """y = reshape(x @ W^T): one float and one int64 initializer."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Reshape", ["h", "shape"], ["y"])],
+        "tiny", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 2])],
+        initializer=[numpy_helper.from_array(W, "W"), numpy_helper.from_array(SHAPE, "shape")])
+    model = helper.make_model(graph)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="weights.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_initializers_are_tensors(tmp_path, external):
+    with open_checkpoint(make_onnx(tmp_path / "net.onnx", external)) as ck:
+        assert ck.name == "net" and ck.format == "onnx"
+        assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("W", (2, 3), "float32"), ("shape", (2,), "int64")]
+        assert torch.equal(ck.read("W"), torch.from_numpy(W))
+        assert torch.equal(ck.read("shape"), torch.tensor([3, 2]))
+
+
+def test_missing_external_data(tmp_path):
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    (tmp_path / "weights.data").unlink()
+    with pytest.raises(CheckpointError, match=r"net\.onnx: initializer 'W': external data file 'weights.data' is missing"):
+        open_checkpoint(p).read("W")
+
+
+def test_external_data_outside_folder_is_refused(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = make_onnx(tmp_path / "sub" / "net.onnx", external=True)
+    model = onnx.load(str(p), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../secret.data"
+    (tmp_path / "secret.data").write_bytes(b"\x00" * 64)
+    onnx.save_model(model, str(p))
+    with pytest.raises(CheckpointError, match="lies outside the model's folder"):
+        open_checkpoint(p).read("W")
+
+
+def test_corrupt_onnx(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"\xff\xfe not a protobuf" * 3)
+    with pytest.raises(CheckpointError, match=r"bad\.onnx: corrupt ONNX file"):
+        open_checkpoint(p)
+
+
+def test_missing_onnx_package_says_how_to_install(tmp_path, monkeypatch):
+    p = make_onnx(tmp_path / "net.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(CheckpointError, match=r"net\.onnx: .*pip install modelatlas\[onnx\]"):
+        open_checkpoint(p)

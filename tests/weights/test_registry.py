@@ -1,0 +1,47 @@
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.weights import discover_models, open_many
+from modelatlas.weights.registry import formats
+
+
+def make_zoo(folder, n_good=4):
+    """n_good models in four formats, plus one corrupt file and one unsafe pickle."""
+    folder.mkdir()
+    for i in range(n_good):
+        sd = {"w": torch.full((2,), float(i))}
+        if i % 2:
+            torch.save(sd, folder / f"m{i}.pt")
+        else:
+            (folder / f"m{i}").mkdir()
+            save_file(sd, str(folder / f"m{i}" / "model.safetensors"))
+    (folder / "m9-corrupt.safetensors").write_bytes(b"\x10" + b"\x00" * 20)
+    torch.save({"net": torch.nn.Linear(1, 1)}, folder / "m8-unsafe.pth")
+    return folder
+
+
+def test_open_many_reports_and_skips_bad_models(tmp_path):
+    paths = discover_models([make_zoo(tmp_path / "zoo")])
+    assert len(paths) == 6
+    reported = []
+    models = open_many(paths, on_error=lambda p, msg: reported.append(p.name))
+    names = []
+    for ck in models:
+        with ck:
+            names.append(ck.name)
+            assert ck.read("w").shape == (2,)
+    assert names == ["m0", "m1", "m2", "m3"]
+    assert reported == ["m8-unsafe.pth", "m9-corrupt.safetensors"]
+    assert [p.name for p, _ in models.skipped] == reported
+    assert "refused to unpickle" in models.skipped[0][1]
+    assert all("\n" not in msg and str(p) in msg for p, msg in models.skipped)
+
+
+def test_open_many_skips_missing_paths(tmp_path):
+    models = open_many([tmp_path / "gone.pt"])
+    assert list(models) == []
+    assert models.skipped == [(tmp_path / "gone.pt", f"{tmp_path / 'gone.pt'}: no such file or folder")]
+
+
+def test_all_formats_registered():
+    assert set(formats()) >= {"safetensors", "torch", "hf-folder", "peft-lora", "onnx", "gguf"}
