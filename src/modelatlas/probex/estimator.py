@@ -1,0 +1,183 @@
+"""scikit-learn style experts on one layer's weights: ProbeX and the dense linear expert.
+
+``ProbeXClassifier(config).fit(X, Y)`` with X of shape (B, d_H, d_W) (one layer per model, see
+:func:`modelatlas.probex.load_layer`) and Y the (B, d_Y) multi-hot training-class sets. Saved as a folder
+holding ``expert.json`` (config, shapes, names) and ``expert.safetensors`` (weights); loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.probex.config import ProbeXConfig
+from modelatlas.probex.model import build_network, count_parameters
+from modelatlas.probex.train import train_loop
+from modelatlas.seeding import torch_generator
+
+FORMAT = "modelatlas-probex/1"
+
+
+class WeightExpert:
+    """Shared plumbing: input normalisation, validation split, save/load. Subclasses define the task."""
+
+    kind = "base"
+
+    def __init__(self, config: ProbeXConfig | None = None, layer: str = ""):
+        self.config = config if config is not None else ProbeXConfig()
+        self.layer = layer
+
+    # -- input normalisation -------------------------------------------------------------------------------
+    def _fit_normaliser(self, x: torch.Tensor) -> None:
+        # Centering removes the tree root that every model shares; one global scale keeps inputs O(1) so
+        # the paper's learning rate works for layers of any initialisation scale.
+        self.mean_ = x.mean(0) if self.config.center else torch.zeros_like(x[0])  # (d_H, d_W)
+        self.scale_ = float((x - self.mean_).std().clamp_min(1e-12))
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.ndim == 2:
+            x = x.unsqueeze(0)  # one model: (1, d_H, d_W)
+        if tuple(x.shape[1:]) != tuple(self.mean_.shape):
+            raise ConfigError(f"expert for layer {self.layer!r} expects matrices of shape "
+                              f"{tuple(self.mean_.shape)}; got {tuple(x.shape[1:])}")
+        return (x - self.mean_) / self.scale_
+
+    def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        perm = torch.randperm(n, generator=torch_generator(self.config.seed))
+        n_val = int(round(n * self.config.val_fraction)) if n > 1 else 0
+        return perm[n_val:], perm[:n_val] if n_val else perm[n_val:]
+
+    def _build(self, d_h: int, d_w: int, d_y: int) -> nn.Module:
+        torch.manual_seed(self.config.seed)
+        self.shape_ = (d_h, d_w)
+        return build_network(self.config.model, d_h, d_w, d_y, self.config)
+
+    @property
+    def n_parameters_(self) -> int:
+        return count_parameters(self.module_)
+
+    def transform(self, x) -> np.ndarray:
+        """The r_T representation e(X) of every model, shape (B, r_T)."""
+        with torch.no_grad():
+            return self._embed(self._normalise(x)).numpy()
+
+    def _embed(self, xn: torch.Tensor) -> torch.Tensor:
+        return self.module_.embed(xn)
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def _extra_meta(self) -> dict:
+        return {}
+
+    def _extra_tensors(self) -> dict:
+        return {}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``expert.json`` and ``expert.safetensors`` into ``folder`` atomically."""
+        folder = Path(folder)
+        tensors = {f"module.{k}": v for k, v in self.module_.state_dict().items()}
+        tensors["mean"] = self.mean_
+        tensors.update(self._extra_tensors())
+        atomic_save_tensors(folder / "expert.safetensors", tensors)
+        meta = {"format": FORMAT, "kind": self.kind, "config": self.config.to_dict(), "layer": self.layer,
+                "shape": list(self.shape_), "scale": self.scale_, "history": getattr(self, "history_", {}),
+                **self._extra_meta()}
+        atomic_write_json(folder / "expert.json", meta)
+        return folder
+
+    def _restore(self, meta: dict, tensors: dict) -> None:
+        raise NotImplementedError
+
+
+class ProbeXClassifier(WeightExpert):
+    """Predict a model's multi-hot training-class set from one layer (BCE with logits, sigmoid > 0.5).
+
+    Time O(epochs * B * (d_H d_W r_U + d_H r_U r_V + r_U r_V r_T)); memory O(batch * d_H r_U + params).
+    Fitted attributes: ``module_``, ``mean_``, ``scale_``, ``classes_``, ``history_``.
+    """
+
+    kind = "classifier"
+
+    def fit(self, x, y, classes: list[str] | None = None, progress=None, checkpoint_dir=None,
+            resume: bool = False) -> ProbeXClassifier:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
+        if y.ndim != 2 or y.shape[0] != x.shape[0]:
+            raise ConfigError(f"labels must be (B, d_Y) multi-hot with B={x.shape[0]}; got {tuple(y.shape)}")
+        train, val = self._split(x.shape[0])
+        self._fit_normaliser(x[train])
+        xn = self._normalise(x)
+        self.classes_ = list(classes) if classes is not None else [str(i) for i in range(y.shape[1])]
+        self.module_ = self._build(x.shape[1], x.shape[2], y.shape[1])
+        bce = nn.BCEWithLogitsLoss()
+
+        def score() -> float:  # mean per-label accuracy on the validation models
+            return float(((self.module_(xn[val]) > 0).float() == y[val]).float().mean())
+
+        self.history_ = train_loop(self.module_, lambda xb, yb: bce(self.module_(xb), yb), xn[train], y[train],
+                                   score, self.config, progress, checkpoint_dir, resume)
+        return self
+
+    def predict_proba(self, x) -> np.ndarray:
+        """Probability that each class was in the model's training set, shape (B, d_Y)."""
+        with torch.no_grad():
+            return torch.sigmoid(self.module_(self._normalise(x))).numpy()
+
+    def predict(self, x) -> np.ndarray:
+        """Multi-hot predictions (probability > 0.5), shape (B, d_Y), int."""
+        return (self.predict_proba(x) > 0.5).astype(int)
+
+    def _extra_meta(self) -> dict:
+        return {"classes": self.classes_}
+
+    def _restore(self, meta: dict, tensors: dict) -> None:
+        self.classes_ = list(meta["classes"])
+        self.module_ = self._build(*meta["shape"], len(self.classes_))
+        self.module_.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")})
+
+
+class DenseExpert(ProbeXClassifier):
+    """The dense linear expert baseline: ``ProbeXClassifier`` with ``config.model = "dense"``."""
+
+    def __init__(self, config: ProbeXConfig | None = None, layer: str = ""):
+        cfg = config if config is not None else ProbeXConfig()
+        super().__init__(ProbeXConfig.from_dict({**cfg.to_dict(), "model": "dense"}), layer)
+
+
+def fit_probex(x, y, config: ProbeXConfig | None = None, **kwargs) -> ProbeXClassifier:
+    """Plain-function twin of ``ProbeXClassifier(config).fit(x, y, **kwargs)``."""
+    return ProbeXClassifier(config).fit(x, y, **kwargs)
+
+
+def load_expert(folder: str | Path) -> WeightExpert:
+    """Load an expert saved with ``save``; errors name the file. Never unpickles."""
+    from safetensors.torch import load_file
+
+    from modelatlas.probex.text_aligner import ProbeXTextAligner
+
+    folder = Path(folder)
+    meta_path = folder / "expert.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "expert.safetensors"))
+    except FileNotFoundError as e:
+        raise CheckpointError(folder, f"not a ProbeX expert folder (missing {Path(e.filename).name})") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(meta_path, f"cannot read expert: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(meta_path, f"unknown expert format {meta.get('format')!r} (expected {FORMAT})")
+    cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta["kind"])
+    if cls is None:
+        raise CheckpointError(meta_path, f"unknown expert kind {meta['kind']!r}")
+    expert = cls(ProbeXConfig.from_dict(meta["config"]), meta.get("layer", ""))
+    expert.mean_, expert.scale_ = tensors["mean"], float(meta["scale"])
+    expert.history_ = meta.get("history", {})
+    expert._restore(meta, tensors)
+    expert.module_.eval()
+    return expert

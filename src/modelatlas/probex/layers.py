@@ -1,0 +1,61 @@
+"""One layer per model, as a matrix: the only place ProbeX reads checkpoints (through modelatlas.weights).
+
+A linear weight (out, in) stays as is (d_H = out, d_W = in); a conv kernel (out, in, k, k) becomes
+(out, in*k*k); a LoRA adapter's update is read as dW = B A through the adapter reader. Every model is opened
+once and only the requested tensor is read, never the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.progress import Progress, resolve
+from modelatlas.weights import open_checkpoint
+
+
+def as_matrix(tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """A weight tensor as a float32 matrix (d_H, d_W). 1-D tensors (biases, norms) are refused."""
+    if tensor.ndim < 2:
+        raise ConfigError(f"layer {name!r} has shape {tuple(tensor.shape)}; ProbeX needs a matrix or conv "
+                          "kernel (pick a weight with --layer)")
+    return tensor.float().reshape(tensor.shape[0], -1)  # (out, in) or (out, in*k*k)
+
+
+def load_layer(paths: Sequence[str | Path], layer: str, progress: Progress | None = None) -> torch.Tensor:
+    """Read tensor ``layer`` of every model into X of shape (B, d_H, d_W); each model is opened once.
+
+    Raises CheckpointError naming the model whose layer is missing or has a different shape.
+    Time O(B d_H d_W) reads; memory O(B d_H d_W).
+    """
+    mats: list[torch.Tensor] = []
+    for path in resolve(progress)(list(paths), total=len(paths), desc=f"read {layer}"):
+        with open_checkpoint(path) as ckpt:
+            mat = as_matrix(ckpt.read(layer), layer)
+        if mats and mat.shape != mats[0].shape:
+            raise CheckpointError(path, f"layer {layer!r} has shape {tuple(mat.shape)}, other models have "
+                                        f"{tuple(mats[0].shape)} (ProbeX needs one architecture per expert)")
+        mats.append(mat)
+    if not mats:
+        raise ConfigError("no models given")
+    return torch.stack(mats)  # (B, d_H, d_W)
+
+
+def candidate_layers(path: str | Path, min_size: int = 2) -> list[str]:
+    """Names of the weight matrices/kernels of one model (read from its header only), in file order."""
+    with open_checkpoint(path) as ckpt:
+        return [t.name for t in ckpt.tensors() if len(t.shape) >= 2 and min(t.shape[:2]) >= min_size]
+
+
+def load_layers(paths: Sequence[str | Path], layers: Sequence[str],
+                progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Several layers at once, each model opened once: name -> (B, d_H, d_W)."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    for path in resolve(progress)(list(paths), total=len(paths), desc="read layers"):
+        with open_checkpoint(path) as ckpt:
+            for name in layers:
+                out[name].append(as_matrix(ckpt.read(name), name))
+    return {name: torch.stack(mats) for name, mats in out.items()}  # each (B, d_H, d_W)

@@ -1,0 +1,64 @@
+"""StatNN baseline (Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights"):
+per-layer weight statistics of every layer + a standard classifier (gradient boosting, one per label).
+
+Not saved with safetensors: it is a benchmark baseline, and scikit-learn models only serialise by pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from modelatlas.errors import ConfigError
+
+STATS = ("mean", "var", "q0", "q25", "q50", "q75", "q100", "skew", "kurtosis")
+
+
+def layer_statistics(layers: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Features (B, 9 * n_layers): mean, variance, 0/25/50/75/100% quantiles, skewness and kurtosis of every
+    layer ``name -> (B, ...)``, in the mapping's order. Time O(B * P log P) for P weights per layer."""
+    feats = []
+    for name, t in layers.items():
+        flat = torch.as_tensor(t, dtype=torch.float64).reshape(t.shape[0], -1)  # (B, P)
+        if flat.shape[1] < 1:
+            raise ConfigError(f"layer {name!r} is empty")
+        mean = flat.mean(1, keepdim=True)
+        centred = flat - mean
+        var = centred.pow(2).mean(1, keepdim=True)
+        std = var.sqrt().clamp_min(1e-12)
+        q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64), dim=1).T  # (B, 5)
+        skew = (centred / std).pow(3).mean(1, keepdim=True)
+        kurt = (centred / std).pow(4).mean(1, keepdim=True)
+        feats.append(torch.cat([mean, var, q, skew, kurt], 1))  # (B, 9)
+    return torch.cat(feats, 1).numpy()
+
+
+class StatNNClassifier:
+    """Multi-label StatNN: ``fit(layers, Y)`` with ``layers`` a mapping name -> (B, ...) of every layer.
+
+    Time O(n_labels * boosting cost on (B, 9 L) features). Fitted attributes: ``model_``, ``n_features_``.
+    """
+
+    def __init__(self, max_iter: int = 100, seed: int = 0):
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def fit(self, layers: Mapping[str, torch.Tensor], y) -> StatNNClassifier:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.multioutput import MultiOutputClassifier
+
+        feats = layer_statistics(layers)
+        base = HistGradientBoostingClassifier(max_iter=self.max_iter, random_state=self.seed)
+        self.model_ = MultiOutputClassifier(base).fit(feats, np.asarray(y))
+        self.n_features_ = feats.shape[1]
+        return self
+
+    def predict_proba(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """(B, d_Y) probability of each label."""
+        probs = self.model_.predict_proba(layer_statistics(layers))
+        return np.stack([p[:, -1] if p.shape[1] > 1 else np.zeros(len(p)) for p in probs], 1)
+
+    def predict(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
+        return np.asarray(self.model_.predict(layer_statistics(layers))).astype(int)

@@ -1,0 +1,104 @@
+"""Weights and language: map a layer into a frozen text encoder's space (ProbeX Task B).
+
+Paper step labels: a text embedding t_c of each class's prompt, a learned linear G maps it to r_T; the logit
+of model X for class c is cos(e(X), G t_c) / temperature; cross-entropy over the seen classes' prompts. At
+test time the same cosine ranks unseen classes' prompts (zero-shot) or models for a free-text query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelatlas.errors import ConfigError
+from modelatlas.probex.estimator import WeightExpert
+from modelatlas.probex.train import train_loop
+
+
+class _Aligner(nn.Module):
+    """The weight encoder (ProbeX or dense, no head) and G: text space -> r_T."""
+
+    def __init__(self, encoder: nn.Module, d_text: int, rank_t: int):
+        super().__init__()
+        self.encoder = encoder
+        self.text_map = nn.Linear(d_text, rank_t, bias=False)  # G
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embed(x)
+
+
+class ProbeXTextAligner(WeightExpert):
+    """Contrastive weight-text alignment. ``fit(X, labels, text_embeddings)``: ``labels[b]`` indexes the row
+    of ``text_embeddings`` (C, d_text) that describes model b's class.
+
+    Time per epoch O(B (ProbeX cost + C r_T)); memory O(params + C d_text).
+    Fitted attributes: ``module_``, ``mean_``, ``scale_``, ``classes_``, ``text_`` (seen prompts' embeddings).
+    """
+
+    kind = "text"
+
+    def fit(self, x, labels, text_embeddings, classes: list[str] | None = None, progress=None,
+            checkpoint_dir=None, resume: bool = False) -> ProbeXTextAligner:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        text = torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
+        if labels.ndim != 1 or labels.shape[0] != x.shape[0] or int(labels.max()) >= text.shape[0]:
+            raise ConfigError(f"labels must be (B,) indices into {text.shape[0]} text embeddings; "
+                              f"got shape {tuple(labels.shape)}, max {int(labels.max())}")
+        train, val = self._split(x.shape[0])
+        self._fit_normaliser(x[train])
+        xn = self._normalise(x)
+        self.text_ = text
+        self.classes_ = list(classes) if classes is not None else [str(i) for i in range(text.shape[0])]
+        encoder = self._build(x.shape[1], x.shape[2], 0)
+        self.module_ = _Aligner(encoder, text.shape[1], self.config.rank_t)
+
+        def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self._logits(xb, text), yb)
+
+        def score() -> float:  # top-1 over the seen classes on validation models
+            return float((self._logits(xn[val], text).argmax(1) == labels[val]).float().mean())
+
+        self.history_ = train_loop(self.module_, loss, xn[train], labels[train], score, self.config,
+                                   progress, checkpoint_dir, resume)
+        return self
+
+    def _logits(self, xn: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(self.module_.embed(xn), dim=1)  # (B, r_T)
+        t = F.normalize(self.module_.text_map(text), dim=1)  # (C, r_T)
+        return e @ t.T / self.config.temperature  # (B, C)
+
+    def similarity(self, x, text_embeddings=None) -> np.ndarray:
+        """Cosine between every model and every prompt, shape (B, C); default prompts: the seen classes."""
+        text = self.text_ if text_embeddings is None else torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
+        if text.ndim == 1:
+            text = text.unsqueeze(0)  # one query: (1, d_text)
+        with torch.no_grad():
+            return (self._logits(self._normalise(x), text) * self.config.temperature).numpy()
+
+    def predict(self, x, text_embeddings=None) -> np.ndarray:
+        """Index of the best-matching prompt per model (zero-shot when given unseen classes' embeddings)."""
+        return self.similarity(x, text_embeddings).argmax(1)
+
+    def predict_proba(self, x, text_embeddings=None) -> np.ndarray:
+        """Softmax over the prompts of the temperature-scaled cosines, shape (B, C)."""
+        return torch.softmax(torch.as_tensor(self.similarity(x, text_embeddings)) / self.config.temperature, 1).numpy()
+
+    def search(self, x, query_embedding) -> np.ndarray:
+        """Model indices ranked by cosine to one text query (best first)."""
+        return np.argsort(-self.similarity(x, query_embedding)[:, 0], kind="stable")
+
+    def _extra_tensors(self) -> dict:
+        return {"text": self.text_}
+
+    def _extra_meta(self) -> dict:
+        return {"classes": self.classes_, "d_text": int(self.text_.shape[1])}
+
+    def _restore(self, meta: dict, tensors: dict) -> None:
+        self.classes_ = list(meta["classes"])
+        encoder = self._build(*meta["shape"], 0)
+        self.module_ = _Aligner(encoder, int(meta["d_text"]), self.config.rank_t)
+        self.module_.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")})
+        self.text_ = tensors["text"]
