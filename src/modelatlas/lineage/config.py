@@ -1,0 +1,76 @@
+"""Configuration of lineage recovery: one dataclass, checked on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from modelatlas.errors import ConfigError
+
+STAGES = ("auto", "specialize", "generalize")
+DISTANCES = ("auto", "l2", "rank")
+METHODS = ("atlas", "mother-paper")
+
+
+@dataclass
+class LineageConfig:
+    """Settings of :class:`~modelatlas.lineage.LineageRecovery`.
+
+    method: ``"atlas"`` (this library's recovery: K, stage and distance found from the data) or
+        ``"mother-paper"`` (the published recipe: mean|dW| Ward clustering with ``n_trees`` given, RMS or
+        rank distances, ``stage`` given; for comparison).
+    stage: ``"specialize"`` (fine-tuning: kurtosis falls from parent to child), ``"generalize"``
+        (pretraining-like training: kurtosis rises) or ``"auto"`` (decided from the weights).
+    n_trees: number of trees, or None to find it from the data.
+    lam: weight of the direction penalty, in units of the mean distance (paper: 0.3).
+    layers: regular expression selecting tensors by name (``re.search``); None = square 2-D matrices
+        (all matrices when a model has no square one).
+    distance: ``"l2"`` (full fine-tuning: mean per-layer RMS of the difference), ``"rank"`` (LoRA: summed
+        rank of the difference) or ``"auto"`` (RMS, multiplied by the rank fraction when low-rank
+        differences are found).
+    sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
+    rank_rtol: singular values below ``rank_rtol`` x the largest one do not count towards the rank.
+    tree_gap: a ratio of consecutive single-linkage merge heights at least this large separates trees.
+    seed: seed of the random sketches.
+    """
+
+    method: str = "atlas"
+    stage: str = "auto"
+    n_trees: int | None = None
+    lam: float = 0.3
+    layers: str | None = None
+    distance: str = "auto"
+    sketch: int = 64
+    rank_rtol: float = 1e-3
+    tree_gap: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("stage", self.stage, STAGES)
+        _choice("distance", self.distance, DISTANCES)
+        if self.n_trees is not None and (not isinstance(self.n_trees, int) or self.n_trees < 1):
+            raise ConfigError(f"n_trees must be a positive integer or None (find it from the data); got {self.n_trees!r}")
+        if not self.lam >= 0:
+            raise ConfigError(f"lam (lambda) must be >= 0 (paper: 0.3); got {self.lam!r}")
+        if self.sketch < 2:
+            raise ConfigError(f"sketch must be >= 2 columns; got {self.sketch!r}")
+        if not 0 < self.rank_rtol < 1:
+            raise ConfigError(f"rank_rtol must be in (0, 1), e.g. 1e-3; got {self.rank_rtol!r}")
+        if not self.tree_gap > 1:
+            raise ConfigError(f"tree_gap must be > 1 (a ratio of merge heights), e.g. 3; got {self.tree_gap!r}")
+        if self.layers is not None:
+            try:
+                re.compile(self.layers)
+            except re.error as e:
+                raise ConfigError(f"layers: invalid regular expression {self.layers!r} ({e}); "
+                                  "e.g. 'attn|value'") from e
+        if self.method == "mother-paper" and self.stage == "auto":
+            raise ConfigError("stage: the mother-paper recipe must be told the stage ('specialize' or 'generalize')")
+        if self.method == "mother-paper" and self.n_trees is None:
+            raise ConfigError("n_trees: the mother-paper recipe must be told the number of trees K")
+
+
+def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")

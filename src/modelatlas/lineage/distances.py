@@ -1,0 +1,144 @@
+"""Pairwise weight distances and per-model kurtosis in one streaming pass over the layers.
+
+**Reading.** The pass is layer-major: for each selected layer name, that tensor is read from every model
+(``Checkpoint.read``), so every tensor of every checkpoint is read exactly once and every file is opened
+once (safetensors readers keep one memory map per file; only the bytes of the selected layers are
+touched). Peak memory is one layer of all N models, O(N P_l) floats, plus O(N^2) accumulators; the
+alternative (model-major, one model fully in memory at a time) would need per-model sketches instead of
+exact distances.
+
+**Full fine-tuning distance.** ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b``: all pairwise distances of a
+layer come from one Gram matrix ``X X^T`` of the (N, P_l) stacked weights -- no loop over pairs. The rows
+are centred on the layer's mean first (distances are translation invariant), so the Gram entries are of
+the size of the *differences* and float64 keeps them exact even for tiny fine-tuning steps.
+
+**LoRA distance.** A random sketch ``W Omega`` (Omega: seeded Gaussian, m x s) is kept per model and layer;
+since the sketch is linear, ``(W_u - W_v) Omega = W_u Omega - W_v Omega`` and rank(W_u - W_v) is estimated
+from the singular values of an (n, s) matrix instead of an SVD of the full (n, m) difference
+(:func:`rank_distances`).
+
+Time O(L N^2 P) for the Grams (L layers of P weights), O(N P s) for sketches; memory O(N P_l + N^2 + N L n s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from modelatlas.errors import AtlasError
+from modelatlas.progress import Progress, resolve
+from modelatlas.seeding import derive_seed, torch_generator
+from modelatlas.weights import Checkpoint, TensorInfo
+
+_CHUNK = 1 << 20  # columns per Gram block: bounds the float64 copy to N x 8 MiB
+
+
+@dataclass
+class PairStats:
+    """What one pass over a group of same-architecture models yields (N models, L layers)."""
+
+    rms: np.ndarray  # (N, N) mean over layers of RMS(W_u - W_v) = ||dW||_F / sqrt(P)  (MoTHer's D)
+    rel: np.ndarray  # (N, N) mean over layers of ||dW||_F / sqrt((||W_u||^2 + ||W_v||^2) / 2)
+    kurtosis: np.ndarray  # (N,) sum over layers of the Fisher (excess) kurtosis
+    l1: np.ndarray | None = None  # (N, N) mean over layers of mean|dW| (the paper's clustering distance)
+    sketches: list[np.ndarray] = field(default_factory=list)  # per 2-D layer: (N, n, s)
+    failed: dict[int, str] = field(default_factory=dict)  # model index -> why a read failed
+
+
+def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
+                      l1: bool = False, seed: int = 0, progress: Progress | None = None) -> PairStats:
+    """One pass: Gram-matrix distances, kurtosis, optional rank sketches (``sketch`` columns) and
+    optional pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). Time/memory: see the module."""
+    n = len(ckpts)
+    st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
+    bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
+    for info in bar:
+        x = _read_layer(ckpts, info, st.failed)  # (N, P) float32
+        _accumulate(st, x, l1)
+        if sketch and len(info.shape) >= 2:
+            rows = info.shape[0]
+            mat = x.view(n, rows, -1)  # (N, n, m)
+            s = min(sketch, rows, mat.shape[2])
+            gen = torch_generator(derive_seed(seed, info.name))
+            omega = torch.randn(mat.shape[2], s, generator=gen)  # (m, s), shared by all models
+            st.sketches.append((mat @ omega).numpy())  # (N, n, s)
+    st.rms /= max(len(layers), 1)
+    st.rel /= max(len(layers), 1)
+    if st.l1 is not None:
+        st.l1 /= max(len(layers), 1)
+    return st
+
+
+def _read_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str]) -> torch.Tensor:
+    """Layer ``info`` of every model as rows of an (N, P) float32 matrix; a failed read leaves zeros."""
+    x = torch.zeros(len(ckpts), info.numel, dtype=torch.float32)
+    for i, ck in enumerate(ckpts):
+        if i in failed:
+            continue
+        try:
+            t = ck.read(info.name)
+            if tuple(t.shape) != info.shape:
+                raise AtlasError(f"{ck.path}: tensor {info.name!r} has shape {tuple(t.shape)}, header says {info.shape}")
+            x[i] = t.detach().reshape(-1).to(torch.float32)
+        except (AtlasError, OSError, RuntimeError) as e:
+            failed[i] = str(e)
+    return x
+
+
+def _accumulate(st: PairStats, x: torch.Tensor, l1: bool) -> None:
+    """Add one layer's distances and kurtosis. Time O(N^2 P), extra memory O(N * _CHUNK)."""
+    n, p = x.shape
+    ok = torch.ones(n, dtype=torch.bool)
+    ok[list(st.failed)] = False
+    mean = x[ok].double().mean(0) if ok.any() else torch.zeros(p, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    raw = torch.zeros(n, dtype=torch.float64)  # per model: sum of x^2 (uncentred squared norm)
+    mom = torch.zeros(n, 4, dtype=torch.float64)  # per model: sums of c, c^2, c^3, c^4 (c = x - layer mean)
+    for a in range(0, p, _CHUNK):
+        xa = x[:, a:a + _CHUNK].double()  # (N, B)
+        c = xa - mean[a:a + _CHUNK]  # (N, B) centred on the layer mean: Gram entries stay small
+        gram += c @ c.T
+        raw += (xa * xa).sum(1)
+        c2 = c * c
+        mom += torch.stack([c.sum(1), c2.sum(1), (c2 * c).sum(1), (c2 * c2).sum(1)], 1)
+        if l1:
+            st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
+    sq = torch.diagonal(gram)
+    d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)  # (N, N) ||W_u - W_v||^2
+    scale = ((raw[:, None] + raw[None, :]) / 2).clamp_min(1e-30)
+    st.rms += (d2 / p).sqrt().numpy()
+    st.rel += (d2 / scale).sqrt().numpy()
+    st.kurtosis += _kurtosis_from_moments(mom, p, mean).numpy()
+
+
+def _kurtosis_from_moments(mom: torch.Tensor, p: int, mean: torch.Tensor) -> torch.Tensor:
+    """Fisher (excess) kurtosis of each row from sums of powers of (x - layer mean). Time O(N)."""
+    m1, m2, m3, m4 = (mom / p).unbind(1)  # raw moments of c; the row's own mean is m1
+    var = (m2 - m1**2).clamp_min(1e-300)
+    c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4  # fourth central moment of the row
+    return c4 / var**2 - 3.0
+
+
+def rank_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Estimated ranks of W_u - W_v for ``pairs`` (K, 2), summed over layers, and the summed caps.
+
+    For each layer the (n, s) sketch difference's singular values are computed batched over pairs; values
+    below ``rtol`` x the largest, or below 1e-6 x the weights' own sketch norm (float noise), do not
+    count. Returns (ranks (K,), cap) where ``cap`` = sum of s over layers (the saturation value).
+    Time O(K L n s^2), memory O(B n s) per batch of B pairs.
+    """
+    total = np.zeros(len(pairs))
+    cap = 0
+    for sk in sketches:
+        y = torch.from_numpy(sk)  # (N, n, s)
+        cap += y.shape[2]
+        norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
+        for a in range(0, len(pairs), 256):
+            pr = torch.from_numpy(pairs[a:a + 256])
+            diff = (y[pr[:, 0]] - y[pr[:, 1]]).double()  # (B, n, s)
+            sv = torch.linalg.svdvals(diff)  # (B, min(n, s))
+            floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
+            total[a:a + 256] += (sv > floor).sum(1).numpy()
+    return total, cap

@@ -1,0 +1,93 @@
+"""The recovered lineage: a :class:`Forest` of directed edges, and its JSON form.
+
+JSON (``atlas lineage recover --out``)::
+
+    {"nodes": ["t0", "t0_c0", ...],
+     "edges": [{"parent": "t0", "child": "t0_c0", "score": 0.71, "distance": 0.013}, ...],
+     "decisions": {"stage": "specialize", "stage_confidence": 0.99, "n_trees": 3, ...},
+     "trees": [["t0", "t0_c0", ...], ...],
+     "kurtosis": {"t0": 4.2, ...},
+     "skipped": {"broken": "broken.safetensors: truncated file ..."}}
+
+Names are model names (:func:`modelatlas.weights.model_name`: file or folder name without extension).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelatlas.atomic import atomic_write_json
+from modelatlas.errors import AtlasError
+
+
+@dataclass(frozen=True)
+class Edge:
+    """``parent`` -> ``child`` (child was trained from parent); ``score`` in [0, 1] is the confidence."""
+
+    parent: str
+    child: str
+    score: float
+    distance: float = float("nan")
+
+
+@dataclass
+class Forest:
+    """Nodes, directed edges, the decisions taken (stage, K, distance...), trees, kurtosis, skipped models."""
+
+    nodes: list[str]
+    edges: list[Edge]
+    decisions: dict = field(default_factory=dict)
+    trees: list[list[str]] = field(default_factory=list)
+    kurtosis: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def parents(self) -> dict[str, str | None]:
+        """Node -> its parent (None for roots)."""
+        out: dict[str, str | None] = {n: None for n in self.nodes}
+        out.update({e.child: e.parent for e in self.edges})
+        return out
+
+    def roots(self) -> list[str]:
+        return [n for n, p in self.parents().items() if p is None]
+
+    def children(self) -> dict[str, list[Edge]]:
+        """Node -> its outgoing edges, in node order."""
+        order = {n: i for i, n in enumerate(self.nodes)}
+        out: dict[str, list[Edge]] = {n: [] for n in self.nodes}
+        for e in sorted(self.edges, key=lambda e: order.get(e.child, 0)):
+            out[e.parent].append(e)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": list(self.nodes),
+            "edges": [{"parent": e.parent, "child": e.child, "score": round(e.score, 6),
+                       "distance": e.distance} for e in self.edges],
+            "decisions": self.decisions,
+            "trees": self.trees,
+            "kurtosis": self.kurtosis,
+            "skipped": self.skipped,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON form atomically."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Forest:
+        try:
+            edges = [Edge(e["parent"], e["child"], float(e.get("score", float("nan"))),
+                          float(e.get("distance", float("nan")))) for e in data["edges"]]
+            return cls(list(data["nodes"]), edges, dict(data.get("decisions", {})), list(data.get("trees", [])),
+                       dict(data.get("kurtosis", {})), dict(data.get("skipped", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise AtlasError(f"not a lineage forest (needs 'nodes' and 'edges' with 'parent'/'child'): {e}") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> Forest:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise AtlasError(f"{path}: cannot read forest JSON ({e})") from e

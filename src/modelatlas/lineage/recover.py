@@ -1,0 +1,193 @@
+"""Lineage recovery end to end: :class:`LineageRecovery` (estimator) and :func:`recover_lineage` (twin).
+
+Pipeline (MoTHer, Horwitz et al. 2024, with the additions described in ``docs/lineage.md``):
+  1. open the models and split them by architecture (:mod:`.sources`);
+  2. one streaming pass per architecture: Gram-matrix distances, kurtosis, rank sketches (:mod:`.distances`);
+  3. trees: K found from the relative-distance gap, or Ward with K given (:mod:`.clustering`);
+  4. per tree, the edge distance: RMS (full fine-tuning), summed rank (LoRA), or RMS x rank fraction
+     when low-rank differences are found (``distance="auto"``);
+  5. the stage from the evidence, or given; edge costs and Chu-Liu/Edmonds per tree; edge confidence
+     (:mod:`.orient`).
+``method="mother-paper"`` runs the published recipe instead (mean|dW| + Ward with the true K, RMS or rank
+distances, the stage given, lambda = 0.3) as a baseline.
+
+Time: O(L N^2 P) for the distance pass (L layers of P weights, N models) + O(sum over trees n^3) for
+Edmonds + rank estimates O(pairs L n s^2) within trees when ranks are used. Memory O(N P_l + N^2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelatlas.errors import ConfigError
+from modelatlas.lineage.clustering import detect_trees, ward_clusters
+from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.distances import PairStats, rank_distances, stream_pair_stats
+from modelatlas.lineage.forest import Edge, Forest
+from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, solve_tree
+from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
+from modelatlas.progress import Progress
+
+
+class LineageRecovery:
+    """Recover the directed lineage forest of a set of models from their weights.
+
+    ``LineageRecovery(config).fit(weights)``; ``weights`` is a list of paths or open
+    :class:`~modelatlas.weights.Checkpoint`, or a dict ``name -> {tensor name: tensor}``.
+    Fitted attributes: ``names_``, ``forest_``, ``edges_``, ``roots_``, ``clusters_`` (tree label per
+    model, aligned with ``names_``), ``n_trees_``, ``stage_``, ``stage_confidence_``, ``distances_``
+    ((N, N) edge distances, NaN between architectures), ``kurtosis_`` ((N,)), ``decisions_``, ``skipped_``.
+    Complexity: see the module docstring.
+    """
+
+    def __init__(self, config: LineageConfig | None = None, **params):
+        self.config = config
+        self.params = params
+
+    def fit(self, weights, progress: Progress | None = None) -> LineageRecovery:
+        cfg = self.config if self.config is not None else LineageConfig(**self.params)
+        ckpts, skipped = as_checkpoints(weights)
+        groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
+        skipped.update(bad)
+        names, stats = [], []
+        for idx, layers in groups:
+            members = [ckpts[i] for i in idx]
+            st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
+                                   l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress)
+            keep = [i for i in range(len(members)) if i not in st.failed]
+            skipped.update({members[i].name: r for i, r in st.failed.items()})
+            names.append([members[i].name for i in keep])
+            stats.append(_subset(st, keep))
+        if not any(names):
+            raise ConfigError("no model could be compared (every model was skipped); see the reasons above")
+        self._fit_groups(cfg, names, stats, rules, skipped)
+        return self
+
+    def _fit_groups(self, cfg, names, stats, rules, skipped) -> None:
+        labels, k_info = _cluster(cfg, stats)
+        flat = [n for g in names for n in g]
+        trees = _tree_members(labels, stats)
+        dists, dist_info = zip(*[_tree_distance(cfg, stats[g], idx) for g, idx in trees]) if trees else ((), ())
+        kurt = [stats[g].kurtosis[idx] for g, idx in trees]
+        if cfg.stage == "auto":
+            stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam)
+        else:
+            stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
+        edges, tree_names = [], []
+        for (g, idx), d, k in zip(trees, dists, kurt):
+            members = [names[g][i] for i in idx]
+            tree_names.append(members)
+            parent, _, _ = solve_tree(d, k, stage, cfg.lam)
+            scores = edge_scores(edge_costs(d, k, stage, cfg.lam), parent)
+            edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]
+        decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
+                     "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
+                     "lambda": cfg.lam, "distance": _summarise(dist_info), "layers": rules,
+                     "architectures": len(names)}
+        kurt_all = np.concatenate([s.kurtosis for s in stats])
+        self.forest_ = Forest(flat, edges, decisions, tree_names, dict(zip(flat, kurt_all.tolist())), skipped)
+        self._set_attributes(flat, labels, stats, trees, dists, kurt_all)
+
+    def _set_attributes(self, flat, labels, stats, trees, dists, kurt_all) -> None:
+        f = self.forest_
+        offsets = np.cumsum([0] + [len(s.kurtosis) for s in stats])
+        d = np.full((len(flat), len(flat)), np.nan)
+        for g, s in enumerate(stats):
+            d[offsets[g]:offsets[g + 1], offsets[g]:offsets[g + 1]] = s.rms
+        for (g, idx), dt in zip(trees, dists):
+            glob = offsets[g] + idx
+            d[np.ix_(glob, glob)] = dt
+        self.names_, self.edges_, self.roots_ = flat, f.edges, f.roots()
+        self.clusters_, self.n_trees_ = labels, len(trees)
+        self.stage_, self.stage_confidence_ = f.decisions["stage"], f.decisions["stage_confidence"]
+        self.distances_, self.kurtosis_ = d, kurt_all
+        self.decisions_, self.skipped_ = f.decisions, f.skipped
+
+
+def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,
+                    **params) -> Forest:
+    """Plain-function twin of :class:`LineageRecovery`: returns the recovered :class:`Forest`."""
+    return LineageRecovery(config, **params).fit(weights, progress=progress).forest_
+
+
+def _subset(st: PairStats, keep: list[int]) -> PairStats:
+    ix = np.ix_(keep, keep)
+    return PairStats(st.rms[ix], st.rel[ix], st.kurtosis[keep], None if st.l1 is None else st.l1[ix],
+                     [s[keep] for s in st.sketches], {})
+
+
+def _cluster(cfg: LineageConfig, stats: list[PairStats]) -> tuple[np.ndarray, dict]:
+    """Global tree labels (aligned with the concatenated names) and how K was decided."""
+    sizes = [len(s.kurtosis) for s in stats]
+    if cfg.n_trees is None:
+        labels, infos, base = [], [], 0
+        for s in stats:
+            if len(s.kurtosis) == 0:
+                continue
+            lab, info = detect_trees(s.rel, cfg.tree_gap)
+            labels.append(lab + base)
+            base += int(lab.max()) + 1
+            infos.append(info)
+        info = {"n_trees_given": False, "tree_rule": [i["rule"] for i in infos],
+                "tree_gap_ratio": [i["gap_ratio"] for i in infos]}
+        return np.concatenate(labels), info
+    n_groups = sum(1 for n in sizes if n)
+    if cfg.n_trees < n_groups or cfg.n_trees > sum(sizes):
+        raise ConfigError(f"n_trees (--trees) = {cfg.n_trees} is impossible: the models form {n_groups} "
+                          f"architecture group(s) of {sum(sizes)} models; give a value in [{n_groups}, {sum(sizes)}]")
+    dist = _block_diagonal([s.l1 if cfg.method == "mother-paper" else s.rel for s in stats])
+    return ward_clusters(dist, cfg.n_trees), {"n_trees_given": True}
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    """One distance matrix; pairs across architectures get 10x the largest distance (never merged first)."""
+    n = sum(b.shape[0] for b in blocks)
+    big = 10 * max([float(b.max()) for b in blocks if b.size] + [1.0])
+    d = np.full((n, n), big)
+    o = 0
+    for b in blocks:
+        d[o:o + len(b), o:o + len(b)] = b
+        o += len(b)
+    np.fill_diagonal(d, 0)
+    return d
+
+
+def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int, np.ndarray]]:
+    """(architecture group, indices inside the group) of each tree; a tree never spans groups."""
+    out, o = [], 0
+    for g, s in enumerate(stats):
+        n = len(s.kurtosis)
+        lab = labels[o:o + n]
+        out += [(g, np.flatnonzero(lab == t)) for t in dict.fromkeys(lab.tolist())]
+        o += n
+    return out
+
+
+def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[np.ndarray, str]:
+    """The edge distance matrix of one tree and which distance it is ("l2", "rank", "l2*rank")."""
+    rms = st.rms[np.ix_(idx, idx)]
+    if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
+        return rms, "l2"
+    sk = [s[idx] for s in st.sketches]
+    if cfg.distance == "auto":
+        near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
+        pairs = np.stack([np.arange(len(idx)), near], 1)
+        ranks, cap = rank_distances(sk, pairs, cfg.rank_rtol)
+        if np.mean(ranks / cap < 0.5) < 0.25:
+            return rms, "l2"
+    iu = np.triu_indices(len(idx), 1)
+    ranks, cap = rank_distances(sk, np.stack(iu, 1), cfg.rank_rtol)
+    frac = np.zeros_like(rms)
+    frac[iu] = ranks / cap
+    frac = frac + frac.T
+    if cfg.distance == "rank":
+        if cfg.method == "mother-paper":
+            return frac * cap, "rank"
+        return frac * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
+    return rms * frac, "l2*rank"
+
+
+def _summarise(kinds) -> str:
+    """One label for the distances used by the trees ("l2", "rank", "l2*rank" or "mixed: ...")."""
+    kinds = sorted(set(kinds))
+    return kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds) if kinds else "none"

@@ -1,0 +1,108 @@
+"""Turning what a user passes (paths, open checkpoints, in-memory state dicts) into checkpoints, choosing
+the layers to compare, and separating models of different architectures.
+
+This is the only lineage code that touches the :mod:`modelatlas.weights` interface; it opens nothing
+itself. A model that cannot be opened or lists no usable layer is *skipped* with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import AtlasError, ConfigError
+from modelatlas.weights import Checkpoint, TensorInfo, open_checkpoint
+from modelatlas.weights.base import _stem
+
+_FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+
+
+class MemoryCheckpoint(Checkpoint):
+    """A checkpoint held in memory (``{tensor name: tensor}``), for tests and callers with live models."""
+
+    format = "memory"
+
+    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor]):
+        super().__init__(Path(name), name=name)
+        self._tensors = {k: torch.as_tensor(v) for k, v in tensors.items()}
+
+    def _infos(self) -> list[TensorInfo]:
+        return [TensorInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self._tensors.items()]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def as_checkpoints(source, progress=None) -> tuple[list[Checkpoint], dict[str, str]]:
+    """Checkpoints from a list of paths / Checkpoints or a dict ``name -> {tensor name: tensor}``.
+
+    Returns (checkpoints, skipped) where skipped maps a model name to why it could not be opened.
+    Opening reads headers only. Time O(N) file opens.
+    """
+    skipped: dict[str, str] = {}
+    if isinstance(source, Mapping):
+        ckpts = [MemoryCheckpoint(str(k), v) for k, v in source.items()]
+    else:
+        ckpts = []
+        items = list(source) if isinstance(source, Iterable) and not isinstance(source, (str, Path)) else [source]
+        for item in items:
+            if isinstance(item, Checkpoint):
+                ckpts.append(item)
+                continue
+            try:
+                ckpts.append(open_checkpoint(item))
+            except AtlasError as e:
+                skipped[_stem(Path(item))] = str(e)
+    names = [c.name for c in ckpts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"model names must be unique; {dup} appear more than once (rename the files)")
+    return ckpts, skipped
+
+
+def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInfo], str]:
+    """The tensors compared for one model and the rule that chose them.
+
+    With ``pattern``: float tensors of 2 or more dimensions whose name matches (``re.search``). Without:
+    square 2-D float matrices (MoTHer's choice); a model with none uses every float matrix instead.
+    """
+    mats = [t for t in ckpt.tensors() if t.dtype in _FLOAT and len(t.shape) >= 2 and t.numel > 1]
+    if pattern is not None:
+        rx = re.compile(pattern)
+        return [t for t in mats if rx.search(t.name)], f"regex {pattern!r}"
+    square = [t for t in mats if len(t.shape) == 2 and t.shape[0] == t.shape[1]]
+    if square:
+        return square, "square matrices"
+    return mats, "all matrices (no square ones)"
+
+
+def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
+    """Split models by the (name, shape) set of their selected layers; each group can be compared.
+
+    Returns (groups, rules, skipped): ``groups`` is a list of (indices, layer infos), ``rules`` the
+    layer-selection rule of each group, ``skipped`` names models with no selected layer.
+    Time O(N T) for T tensors per model (headers only).
+    """
+    by_sig: dict[tuple, list[int]] = {}
+    infos: dict[tuple, list[TensorInfo]] = {}
+    rules: dict[tuple, str] = {}
+    skipped: dict[str, str] = {}
+    for i, ck in enumerate(ckpts):
+        try:
+            layers, rule = select_layers(ck, pattern)
+        except AtlasError as e:
+            skipped[ck.name] = str(e)
+            continue
+        if not layers:
+            why = f"no tensor matches --layers {pattern!r}" if pattern else "no float matrix to compare"
+            skipped[ck.name] = f"{ck.path}: {why}"
+            continue
+        sig = tuple(sorted((t.name, t.shape) for t in layers))
+        by_sig.setdefault(sig, []).append(i)
+        infos[sig] = sorted(layers, key=lambda t: t.name)
+        rules[sig] = rule
+    sigs = list(by_sig)
+    return [(by_sig[s], infos[s]) for s in sigs], [rules[s] for s in sigs], skipped
