@@ -105,3 +105,31 @@ def test_not_a_state_dict(tmp_path):
     torch.save({"epoch": 1}, p)
     with pytest.raises(CheckpointError, match=r"t\.pt: no tensors"):
         open_checkpoint(p)
+
+
+def make_lying_zip(src, dst, keep_bytes):
+    """Copy a torch zip, cutting the first storage record to ``keep_bytes`` while the pickle still claims all."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:keep_bytes] if info.filename.endswith("/data/0") else data)
+    return dst
+
+
+def test_header_that_lies_about_sizes(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.ones(100), "b": torch.arange(3), "e": torch.empty(0)}, good)
+    with open_checkpoint(good) as ck:  # the check accepts honest files, empty tensors included
+        assert torch.equal(ck.read("b"), torch.arange(3))
+    lie = make_lying_zip(good, tmp_path / "lie.pt", keep_bytes=40)
+    with pytest.raises(CheckpointError, match=r"lie\.pt: header lies about sizes: a tensor storage needs 400 "
+                                              r"bytes but record '.*data/0' holds 40 bytes"):
+        open_checkpoint(lie)
+
+
+def test_shared_storage_views(tmp_path):
+    base = torch.arange(12.0)
+    p = tmp_path / "tied.pt"
+    torch.save({"full": base, "view": base[4:8], "tied": base}, p)
+    with open_checkpoint(p) as ck:
+        assert torch.equal(ck.read("view"), torch.arange(4.0, 8.0))

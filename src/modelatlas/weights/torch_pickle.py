@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,7 +52,60 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"corrupt or truncated PyTorch file: {first}") from e
+    if is_zip:
+        check_storage_records(path, obj)
     return _state_dict_from(path, obj)
+
+
+def _data_records(path: Path) -> dict[int, tuple[str, int]]:
+    """Data offset -> (name, size) of every tensor-storage record (``<archive>/data/<key>``) in the zip."""
+    records: dict[int, tuple[str, int]] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if "/data/" not in info.filename or info.filename.endswith("/"):
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)  # zip local file header: the data follows its name and extra field
+            n_name, n_extra = struct.unpack("<HH", local[26:30])
+            records[info.header_offset + 30 + n_name + n_extra] = (info.filename, info.file_size)
+    return records
+
+
+def check_storage_records(path: Path, obj: object) -> None:
+    """Refuse a zip whose pickle claims more bytes for a storage than its record holds.
+
+    With ``mmap=True`` torch does not check this itself: a lying header would read the bytes that follow the
+    record (other records, the zip directory) as tensor data. Every mmap'd storage is a slice of one mapping
+    of the file, so ``data_ptr - base`` is the record's data offset. Time O(tensors + records).
+    """
+    try:
+        records = _data_records(path)
+    except (OSError, zipfile.BadZipFile, struct.error) as e:
+        raise CheckpointError(path, f"corrupt PyTorch zip file: {e}") from e
+    storages: dict[int, int] = {}
+    for t in _all_tensors(obj):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+    if not storages:
+        return
+    base = min(storages) - min(records, default=0)
+    for ptr, nbytes in storages.items():
+        name, size = records.get(ptr - base, ("?", -1))
+        if nbytes > size and nbytes > 0:
+            where = f"record {name!r} holds {size} bytes" if size >= 0 else "no record starts there"
+            raise CheckpointError(path, f"header lies about sizes: a tensor storage needs {nbytes} bytes but {where}")
+
+
+def _all_tensors(obj: object, depth: int = 0):
+    """Every tensor in a loaded object (dicts, lists, tuples), to a bounded depth."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 32 and isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _all_tensors(v, depth + 1)
+    elif depth < 32 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _all_tensors(v, depth + 1)
 
 
 def _unpickling_error(path: Path, e: pickle.UnpicklingError) -> CheckpointError:
