@@ -91,6 +91,12 @@ class Checkpoint(ABC):
         return self._info_cache
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as one line for a CheckpointError reason: its first non-empty line, else its type."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _stem(path: Path) -> str:
     """Model name from a path: the file or folder name without its extension(s)."""
     name = path.name

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.registry import register_format
 
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
@@ -41,7 +41,7 @@ class GGUFCheckpoint(Checkpoint):
         try:
             reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a corrupt file
-            raise CheckpointError(self.path, f"corrupt or truncated GGUF file: {e or type(e).__name__}") from e
+            raise CheckpointError(self.path, f"corrupt or truncated GGUF file: {error_line(e)}") from e
         self._reader = reader
         self._tensors = {t.name: t for t in reader.tensors}
 
@@ -64,7 +64,7 @@ class GGUFCheckpoint(Checkpoint):
             else:
                 arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({t.tensor_type.name}): {e}") from e
+            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({t.tensor_type.name}): {error_line(e)}") from e
         return torch.from_numpy(np.array(arr, copy=True))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.registry import register_format
 
 
@@ -46,7 +46,7 @@ class OnnxCheckpoint(Checkpoint):
         try:
             model = self._onnx.load(str(self.path), load_external_data=False)
         except Exception as e:  # protobuf raises DecodeError, RuntimeError or ValueError on corrupt input
-            raise CheckpointError(self.path, f"corrupt ONNX file: {str(e).splitlines()[0] if str(e) else e!r}") from e
+            raise CheckpointError(self.path, f"corrupt ONNX file: {error_line(e)}") from e
         self._init = {t.name: t for t in model.graph.initializer}
 
     def _infos(self) -> list[TensorInfo]:
@@ -61,7 +61,7 @@ class OnnxCheckpoint(Checkpoint):
         try:
             arr = numpy_helper.to_array(tensor, base_dir=str(self.path.parent))
         except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(self.path, f"cannot read initializer {name!r}: {e}") from e
+            raise CheckpointError(self.path, f"cannot read initializer {name!r}: {error_line(e)}") from e
         return torch.from_numpy(np.array(arr, copy=True))
 
     def _check_external(self, tensor) -> None:

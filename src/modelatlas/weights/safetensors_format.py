@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -98,7 +98,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             return self._handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {e}") from e
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {error_line(e)}") from e
 
     def close(self) -> None:
         self._handle = None

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError, UnsafeCheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.registry import register_format
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -49,9 +49,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e) from e
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, f"corrupt or truncated PyTorch file: {first}") from e
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
+    except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(path, f"corrupt or truncated PyTorch file: {error_line(e)}") from e
     if is_zip:
         check_storage_records(path, obj)
     return _state_dict_from(path, obj)
@@ -81,7 +82,7 @@ def check_storage_records(path: Path, obj: object) -> None:
     try:
         records = _data_records(path)
     except (OSError, zipfile.BadZipFile, struct.error) as e:
-        raise CheckpointError(path, f"corrupt PyTorch zip file: {e}") from e
+        raise CheckpointError(path, f"corrupt PyTorch zip file: {error_line(e)}") from e
     storages: dict[int, int] = {}
     for t in _all_tensors(obj):
         st = t.untyped_storage()
@@ -175,7 +176,7 @@ class TorchPickleCheckpoint(Checkpoint):
         try:
             return self._state()[name]  # mmap'd copy-on-write: pages are read from disk here, on first use
         except RuntimeError as e:  # a page of a truncated mmap'd file
-            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {e}") from e
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {error_line(e)}") from e
 
     def close(self) -> None:
         self._tensors = None
