@@ -1,7 +1,9 @@
+import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelatlas.weights import discover_models, open_many
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import discover_models, open_checkpoint, open_many
 from modelatlas.weights.registry import formats
 
 
@@ -45,3 +47,12 @@ def test_open_many_skips_missing_paths(tmp_path):
 
 def test_all_formats_registered():
     assert set(formats()) >= {"safetensors", "torch", "hf-folder", "peft-lora", "onnx", "gguf"}
+
+
+def test_base_option_only_for_adapters(tmp_path):
+    p = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(1)}, str(p))
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: option\(s\) base do not apply to a safetensors"):
+        open_checkpoint(p, base=p)
+    with open_checkpoint(p, base=None) as ck:  # None means "not given"
+        assert ck.keys() == ["w"]

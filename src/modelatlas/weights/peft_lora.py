@@ -195,7 +195,8 @@ class MergedLoraCheckpoint(Checkpoint):
         self._check_shapes()
 
     def _check_shapes(self) -> None:
-        for name, info in self.adapter._index().items():
+        for info in self.adapter.tensors():
+            name = info.name
             module = name.removesuffix(".weight")
             if name not in self.base:
                 raise CheckpointError(self.path, f"LoRA module {module!r} has no weight {name!r} in the base "

@@ -7,6 +7,7 @@ their formats with :func:`register_format` at import time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,20 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
         return _resolve_missing(path, **kwargs)
     for fmt in _FORMATS:
         if fmt.detect(path):
-            return fmt.open(path, **kwargs)
+            return fmt.open(path, **_options_for(fmt, path, kwargs))
     known = ", ".join(f.name for f in _FORMATS)
     raise UnknownFormatError(path, f"unknown checkpoint format (known: {known})")
+
+
+def _options_for(fmt: Format, path: Path, kwargs: dict) -> dict:
+    """The reader options given (None means not given); an option this reader does not take is an error."""
+    options = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        inspect.signature(fmt.open).bind(path, **options)
+    except TypeError as e:
+        raise CheckpointError(path, f"option(s) {', '.join(sorted(options))} do not apply to a {fmt.name} "
+                                    "checkpoint (base= is for LoRA adapter folders)") from e
+    return options
 
 
 # Resolvers open a name that is not a local path (a hub id): each returns a Checkpoint, None when the name is
