@@ -38,6 +38,13 @@ def test_open_by_hub_id(cache):
         assert torch.equal(ck.read("w"), torch.ones(2, 2))
 
 
+def test_layout_matches_huggingface_hub(cache):
+    hub = pytest.importorskip("huggingface_hub")
+    snap = make_cached_model(cache)
+    found = hub.try_to_load_from_cache("org/tiny", "model.safetensors", cache_dir=cache)
+    assert found is not None and open_checkpoint("org/tiny").path / "model.safetensors" == snap / "model.safetensors"
+
+
 def test_revisions(cache):
     make_cached_model(cache)
     make_cached_model(cache, commit=OLD, ref="v1", value=2.0)

@@ -51,6 +51,7 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path):
     tensors = {"blocks.0.mlp.lora_A.weight": A, "blocks.0.mlp.lora_B.weight": B,
                "blocks.1.attn.lora_A.weight": a1, "blocks.1.attn.lora_B.weight": b1,
                "blocks.2.attn.lora_A.weight": A, "blocks.2.attn.lora_B.weight": B}
+    tensors = {k.replace("blocks.2.attn.lora_A", "blocks.2.attn.lora_A.default"): v for k, v in tensors.items()}
     folder = make_adapter(tmp_path / "ad", tensors, r=2, lora_alpha=4,
                           rank_pattern={"blocks.1.attn": 1}, alpha_pattern={"mlp": 8, "blocks.1.attn": 3})
     with open_checkpoint(folder) as ck:

@@ -1,7 +1,8 @@
 """ONNX models (``.onnx``): the graph's initializers are the tensors (extra ``onnx``).
 
 The protobuf is parsed once without external data; a tensor stored in an external data file is read from
-that file when asked for. External files must lie in the model's folder (a location that leaves it, such as
+that file when asked for. Initializers stored inline live in the protobuf, so an inline model is held in
+memory while open (ONNX cannot parse lazily); large models use external data, which is read per tensor. External files must lie in the model's folder (a location that leaves it, such as
 ``../../etc/passwd``, is refused). ``onnx`` is imported inside the reader, so modelatlas works without it
 until an ``.onnx`` file is opened.
 """
