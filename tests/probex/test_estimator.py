@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+
+from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.probex import DenseExpert, ProbeXClassifier, ProbeXConfig, fit_probex, load_expert
+
+
+def check_accuracy(pred, y) -> float:
+    return float((np.asarray(pred) == np.asarray(y)).mean())
+
+
+def test_probex_learns_planted_signal(planted, small_config):
+    x, y = planted
+    est = ProbeXClassifier(small_config).fit(x[:200], y[:200])
+    assert est is not None and est.history_["best_epoch"] >= 0
+    assert check_accuracy(est.predict(x[200:]), y[200:]) > 0.9
+    assert est.predict_proba(x[200:]).shape == (40, 4)
+    assert est.transform(x[200:]).shape == (40, small_config.rank_t)
+
+
+def test_dense_learns_planted_signal(planted, small_config):
+    x, y = planted
+    est = DenseExpert(small_config).fit(x[:200], y[:200])
+    assert est.config.model == "dense"
+    assert check_accuracy(est.predict(x[200:]), y[200:]) > 0.85
+
+
+def test_same_seed_same_result(planted, small_config):
+    x, y = planted
+    a = fit_probex(x[:100], y[:100], small_config).predict_proba(x[200:])
+    b = fit_probex(x[:100], y[:100], small_config).predict_proba(x[200:])
+    assert np.array_equal(a, b)
+
+
+def test_save_load_round_trip(tmp_path, planted, small_config):
+    x, y = planted
+    est = ProbeXClassifier(small_config, layer="fc.weight").fit(x[:100], y[:100], classes=list("abcd"))
+    est.save(tmp_path / "e")
+    again = load_expert(tmp_path / "e")
+    assert again.classes_ == list("abcd") and again.layer == "fc.weight"
+    assert np.allclose(again.predict_proba(x[200:]), est.predict_proba(x[200:]))
+    assert not list((tmp_path / "e").glob("*.pt")) and not list((tmp_path / "e").glob("*.tmp"))
+
+
+def test_resume_matches_uninterrupted(tmp_path, planted):
+    x, y = planted
+    full = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=6, checkpoint_every=3, batch_size=32)
+    ref = ProbeXClassifier(full).fit(x[:100], y[:100]).predict_proba(x[200:])
+    half = ProbeXConfig(**{**full.to_dict(), "epochs": 3})
+    ProbeXClassifier(half).fit(x[:100], y[:100], checkpoint_dir=tmp_path)
+    resumed = ProbeXClassifier(full).fit(x[:100], y[:100], checkpoint_dir=tmp_path, resume=True)
+    assert resumed.history_["epoch"] == 6 and len(resumed.history_["loss"]) == 6
+    assert np.allclose(resumed.predict_proba(x[200:]), ref, atol=1e-5)
+
+
+def test_resume_with_other_shape_is_refused(tmp_path, planted, small_config):
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
+    ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        ProbeXClassifier(small_config).fit(x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)
+
+
+def test_wrong_shape_and_labels_named(planted, small_config):
+    x, y = planted
+    est = ProbeXClassifier(small_config).fit(x[:60], y[:60])
+    with pytest.raises(ConfigError, match=r"expects matrices of shape \(12, 10\)"):
+        est.predict(np.zeros((2, 5, 5)))
+    with pytest.raises(ConfigError, match="multi-hot"):
+        ProbeXClassifier(small_config).fit(x[:60], y[:59])
+
+
+def test_load_missing_folder_names_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not a ProbeX expert folder"):
+        load_expert(tmp_path)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from modelatlas.errors import ConfigError
+from modelatlas.probex import DenseNet, ProbeXConfig, ProbeXNet, as_matrix, count_parameters
+
+
+def test_probex_parameter_count_by_hand():
+    net = ProbeXNet(d_h=12, d_w=10, d_y=4, rank_u=3, rank_v=5, rank_t=7)
+    # U 10*3 + V 12*5 + encoders 3*5*7 + bias 7 + head 7*4 + bias 4
+    assert count_parameters(net) == 30 + 60 + 105 + 7 + 28 + 4 == 234
+
+
+def test_paper_count_768_layer():
+    net = ProbeXNet(d_h=768, d_w=768, d_y=100, rank_u=128, rank_v=128, rank_t=128)
+    paper = 768 * 128 + 768 * 128 + 128**3 + 128 * (100 + 1)  # the paper's formula (no head bias)
+    assert count_parameters(net) == paper + 100
+    assert abs(paper - 2.3e6) < 0.1e6
+
+
+def test_dense_parameter_count_by_hand():
+    assert count_parameters(DenseNet(12, 10, 4)) == 12 * 10 * 4 + 4
+
+
+def test_forward_shapes_batched():
+    x = torch.randn(5, 12, 10)
+    net = ProbeXNet(12, 10, 4, 3, 5, 7)
+    assert net(x).shape == (5, 4)
+    assert net.embed(x).shape == (5, 7)
+    assert DenseNet(12, 10, 4)(x).shape == (5, 4)
+
+
+def test_probex_matches_formula():
+    net = ProbeXNet(4, 3, 2, 2, 2, 2)
+    x = torch.randn(1, 4, 3)
+    z = torch.relu(net.projection.T @ x[0] @ net.probes)  # (r_V, r_U): column l is ReLU(V^T X u_l)
+    e = net.encoder.weight @ z.T.reshape(-1) + net.encoder.bias
+    assert torch.allclose(net.embed(x)[0], e, atol=1e-6)
+
+
+def test_as_matrix_conv_and_refuses_vector():
+    assert as_matrix(torch.zeros(8, 3, 3, 3)).shape == (8, 27)
+    with pytest.raises(ConfigError, match="'bias'.*pick a weight"):
+        as_matrix(torch.zeros(8), "bias")
+
+
+@pytest.mark.parametrize("field,value", [("rank_u", 0), ("model", "mlp"), ("lr", 0.0), ("val_fraction", 1.0)])
+def test_config_validation_names_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        ProbeXConfig(**{field: value})

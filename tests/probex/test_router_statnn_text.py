@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.errors import ConfigError
+from modelatlas.probex import (
+    NotInAnyTreeError,
+    ProbeXConfig,
+    ProbeXTextAligner,
+    StatNNClassifier,
+    TreeRouter,
+    layer_statistics,
+    load_expert,
+)
+
+
+def make_trees(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    roots = torch.randn(3, 6, 5, generator=g) * 3
+    x = torch.cat([roots[k] + 0.1 * torch.randn(n, 6, 5, generator=g) for k in range(3)])
+    return x, [f"tree{k}" for k in range(3) for _ in range(n)], roots
+
+
+def test_router_sends_to_nearest_tree(tmp_path):
+    x, trees, roots = make_trees()
+    router = TreeRouter().fit(x, trees)
+    new = roots + 0.1 * torch.randn(3, 6, 5)
+    assert router.route_strict(new, ["a", "b", "c"]) == ["tree0", "tree1", "tree2"]
+    again = TreeRouter.load(router.save(tmp_path))
+    assert [r.tree for r in again.route(new)] == ["tree0", "tree1", "tree2"]
+
+
+def test_router_rejects_out_of_tree_model():
+    x, trees, _ = make_trees()
+    router = TreeRouter().fit(x, trees)
+    stranger = torch.randn(1, 6, 5) * 3
+    (res,) = router.route(stranger, ["stranger"])
+    assert not res.known and res.distance > res.radius
+    with pytest.raises(NotInAnyTreeError, match=r"stranger belongs to no known tree: nearest tree 'tree\d' is at distance"):
+        router.route_strict(stranger, ["stranger"])
+    with pytest.raises(ConfigError, match="slack"):
+        TreeRouter(slack=0.5)
+
+
+def test_statnn_features_and_fit():
+    t = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    f = layer_statistics({"w": t})
+    assert f.shape == (1, 9)
+    assert np.allclose(f[0, :7], [2.5, 1.25, 1, 1.75, 2.5, 3.25, 4])
+    x = torch.randn(80, 4, 4)
+    y = np.stack([(x.std((1, 2)) > 1).numpy(), np.zeros(80)], 1).astype(int)  # label 0: a statistic
+    y[::2, 1] = 1
+    est = StatNNClassifier(max_iter=20).fit({"w": x}, y)
+    assert est.predict({"w": x}).shape == (80, 2)
+    assert est.predict_proba({"w": x}).shape == (80, 2)
+
+
+def test_text_zero_shot_on_synthetic_problem(tmp_path, text_problem):
+    x, labels, text = text_problem
+    seen = labels < 16
+    cfg = ProbeXConfig(rank_u=8, rank_v=8, rank_t=8, epochs=60, lr=2e-3, batch_size=32)
+    est = ProbeXTextAligner(cfg).fit(x[seen], labels[seen], text[:16])
+    unseen_pred = est.predict(x[~seen], text[16:]) + 16
+    zero_shot = (unseen_pred == labels[~seen]).mean()
+    assert zero_shot > 3 * (1 / 8), zero_shot
+    first = [labels[~seen][est.search(x[~seen], text[c])[0]] for c in range(16, 24)]
+    assert np.mean(np.array(first) == np.arange(16, 24)) > 0.5  # most unseen queries find their class first
+    again = load_expert(est.save(tmp_path / "t"))
+    assert np.allclose(again.similarity(x[:5]), est.similarity(x[:5]), atol=1e-6)
