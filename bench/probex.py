@@ -1,0 +1,249 @@
+"""ProbeX benchmark: Task A (training-class sets, within / pooled / routed trees) and Task B (weights <->
+language, zero-shot and text search) on zoos built by :mod:`modelatlas.probex.families`.
+
+    python bench/probex.py --zoo /tmp/probex_zoo [--epochs 100] [--rank 16] [--write]
+
+Builds the zoos once (cached under --zoo), trains every expert on 1 thread, prints the tables and with
+--write replaces the "## ProbeX" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelatlas.probex import (
+    DenseExpert,
+    ProbeXClassifier,
+    ProbeXConfig,
+    ProbeXTextAligner,
+    StatNNClassifier,
+    TreeRouter,
+    load_layers,
+)
+from modelatlas.probex.families import (
+    LAYERS,
+    make_class_subset_zoo,
+    make_named_class_zoo,
+    named_classes,
+    prompt,
+)
+
+WEIGHTS = [f"{name}.weight" for name in LAYERS]
+ALL = [f"{name}.{kind}" for name in LAYERS for kind in ("weight", "bias")]
+
+
+def split(n: int, seed: int, test: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(n * test)
+    return perm[k:], perm[:k]
+
+
+def metrics(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean per-label accuracy, exact-set accuracy)."""
+    return float((pred == y).mean()), float((pred == y).all(1).mean())
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def load_task_a(zoo: Path, seed: int):
+    manifest = make_class_subset_zoo(zoo / "classes", seed=seed)
+    trees: dict[str, dict] = {}
+    for tree in sorted({m.tree for m in manifest.models}):
+        recs = [m for m in manifest.models if m.tree == tree and m.parent is not None]
+        layers = load_layers([manifest.root / m.path for m in recs], ALL)
+        y = np.zeros((len(recs), 10), dtype=np.float32)
+        for i, m in enumerate(recs):
+            y[i, m.task["classes"]] = 1
+        train, test = split(len(recs), seed)
+        trees[tree] = {"layers": layers, "y": y, "train": train, "test": test}
+    return trees
+
+
+def fit_eval(kind: str, cfg: ProbeXConfig, layer: str, train_sets, test_set):
+    """Fit ``kind`` on the concatenated ``train_sets`` [(layers, y, idx)], evaluate on ``test_set``."""
+    x = torch.cat([ls[layer][i] for ls, _, i in train_sets])
+    y = np.concatenate([yy[i] for _, yy, i in train_sets])
+    ls, yt, it = test_set
+    if kind == "statnn":
+        feats = {k: torch.cat([s[k][i] for s, _, i in train_sets]) for k in ALL}
+        est, sec = timed(lambda: StatNNClassifier(seed=cfg.seed).fit(feats, y))
+        return metrics(est.predict({k: ls[k][it] for k in ALL}), yt[it]), est.n_features_ * 0, sec
+    cls = DenseExpert if kind == "dense" else ProbeXClassifier
+    est, sec = timed(lambda: cls(cfg, layer).fit(x, y))
+    return metrics(est.predict(ls[layer][it]), yt[it]), est.n_parameters_, sec
+
+
+def task_a(trees: dict, cfg: ProbeXConfig, out: list[str]) -> None:
+    main = sorted(trees, key=lambda t: -len(trees[t]["y"]))[0]
+    sets = {t: (d["layers"], d["y"], d["train"]) for t, d in trees.items()}
+    tests = {t: (d["layers"], d["y"], d["test"]) for t, d in trees.items()}
+    # Layer selection: one ProbeX per candidate layer on the main tree, scored on a validation split.
+    tr, val = split(len(trees[main]["train"]), cfg.seed + 1)
+    d = trees[main]
+    scores = {layer: fit_eval("probex", cfg, layer, [(d["layers"], d["y"], d["train"][tr])],
+                              (d["layers"], d["y"], d["train"][val]))[0][0] for layer in WEIGHTS}
+    best = max(scores, key=scores.get)
+    out += ["### Layer selection (ProbeX, validation per-label accuracy, tree " + main + ")", "",
+            "| layer | shape | val acc |", "|---|---|---|"]
+    out += [f"| {k}{' (chosen)' if k == best else ''} | {tuple(d['layers'][k].shape[1:])} | {v:.3f} |"
+            for k, v in scores.items()]
+    out += ["", f"### Task A within tree {main} ({len(d['train'])} train / {len(d['test'])} test models, "
+            f"layer {best})", "", "| method | per-label acc | exact-set acc | parameters | train time (s) |",
+            "|---|---|---|---|---|"]
+    for kind in ("probex", "dense", "statnn"):
+        (acc, exact), params, sec = fit_eval(kind, cfg, best, [sets[main]], tests[main])
+        label = {"probex": f"ProbeX (r={cfg.rank_u})", "dense": "dense linear expert",
+                 "statnn": "StatNN (9 stats x 8 tensors, boosting)"}[kind]
+        out.append(f"| {label} | {acc:.3f} | {exact:.3f} | {params:,} | {sec:.1f} |")
+    out += ["", "chance: per-label 0.5, exact set 1/C(10,5) = 0.004", ""]
+    across(trees, sets, tests, cfg, best, out)
+
+
+def across(trees, sets, tests, cfg, layer, out) -> None:
+    """Pooled expert (all trees, no routing) vs per-tree experts behind a nearest-centroid router."""
+    names = sorted(trees)
+    pooled = ProbeXClassifier(cfg, layer).fit(torch.cat([s[0][layer][s[2]] for s in sets.values()]),
+                                              np.concatenate([s[1][s[2]] for s in sets.values()]))
+    experts = {t: ProbeXClassifier(cfg, layer).fit(sets[t][0][layer][sets[t][2]], sets[t][1][sets[t][2]]) for t in names}
+    router = TreeRouter().fit(torch.cat([sets[t][0][layer][sets[t][2]] for t in names]),
+                              [t for t in names for _ in sets[t][2]])
+    out += ["### Task A across trees (per-label acc / exact-set acc on each tree's test models)", "",
+            "| expert | " + " | ".join(names) + " | all |", "|---|" + "---|" * (len(names) + 1)]
+    rows = {"pooled (one expert, all trees)": {}, "tree experts + router": {}, "own-tree expert (oracle)": {}}
+    routed_ok = total = 0
+    for t in names:
+        ls, y, it = tests[t]
+        x = ls[layer][it]
+        routes = router.route(x)
+        routed_ok += sum(r.tree == t for r in routes)
+        total += len(routes)
+        routed = np.stack([experts[r.tree].predict(x[i:i + 1])[0] if r.known else np.zeros(10)
+                           for i, r in enumerate(routes)])
+        rows["pooled (one expert, all trees)"][t] = (pooled.predict(x), y[it])
+        rows["tree experts + router"][t] = (routed, y[it])
+        rows["own-tree expert (oracle)"][t] = (experts[t].predict(x), y[it])
+    for label, per in rows.items():
+        cells = [metrics(*per[t]) for t in names]
+        allm = metrics(np.concatenate([per[t][0] for t in names]), np.concatenate([per[t][1] for t in names]))
+        out.append(f"| {label} | " + " | ".join(f"{a:.3f} / {e:.3f}" for a, e in cells + [allm]) + " |")
+    out += ["", f"routing accuracy: {routed_ok}/{total} test models sent to their own tree", ""]
+    return router
+
+
+def load_task_b(zoo: Path, seed: int):
+    from modelatlas.probex.text_encoder import encode_texts
+
+    manifest = make_named_class_zoo(zoo / "text", seed=seed)
+    recs = [m for m in manifest.models if m.parent is not None]
+    layers = load_layers([manifest.root / m.path for m in recs], WEIGHTS)
+    labels = np.array([m.task["class_index"] for m in recs])
+    classes = named_classes()
+    prompts = [prompt(d, t) for d, t in classes]
+    t_names = list(dict.fromkeys(t for _, t in classes))
+    held = np.array([(d + t_names.index(t)) % 5 == 0 for d, t in classes])  # 12 unseen (digit, transform) pairs
+    return layers, labels, prompts, encode_texts(prompts), held
+
+
+def task_b(data, cfg: ProbeXConfig, out: list[str]) -> None:
+    layers, labels, prompts, text, held = data
+    seen_cls, unseen_cls = np.flatnonzero(~held), np.flatnonzero(held)
+    is_seen = ~held[labels]
+    train, test = split(int(is_seen.sum()), cfg.seed)
+    seen_idx, unseen_idx = np.flatnonzero(is_seen), np.flatnonzero(~is_seen)
+    tr, te = seen_idx[train], seen_idx[test]
+    remap = {c: i for i, c in enumerate(seen_cls)}
+    y_tr = np.array([remap[c] for c in labels[tr]])
+    tcfg = ProbeXConfig(**{**cfg.to_dict(), "lr": 2e-3})
+    scores = {}
+    for layer in WEIGHTS:
+        est = ProbeXTextAligner(tcfg, layer).fit(layers[layer][tr], y_tr, text[seen_cls])
+        scores[layer] = est.history_["best_score"]
+    best = max(scores, key=scores.get)
+    out += ["### Task B layer selection (ProbeX, validation top-1 over seen prompts)", "",
+            "| layer | val top-1 |", "|---|---|"] + [f"| {k}{' (chosen)' if k == best else ''} | {v:.3f} |"
+                                                  for k, v in scores.items()]
+    out += ["", f"### Task B: weights <-> MiniLM text ({len(seen_cls)} seen / {len(unseen_cls)} held-out named "
+            f"classes, {len(tr)} train models, layer {best})", "",
+            "| method | in-dist top-1 | zero-shot top-1 | search: matching model first | parameters | train (s) |",
+            "|---|---|---|---|---|---|"]
+    pool = np.concatenate([te, unseen_idx])  # search ranks every test model
+    for label, over in (("ProbeX", {}), ("ProbeX without ReLU", {"relu": False}), ("dense expert", {"model": "dense"})):
+        c = ProbeXConfig(**{**tcfg.to_dict(), **over})
+        est, sec = timed(lambda c=c: ProbeXTextAligner(c, best).fit(layers[best][tr], y_tr, text[seen_cls]))
+        ind = (seen_cls[est.predict(layers[best][te], text[seen_cls])] == labels[te]).mean()
+        zs = (unseen_cls[est.predict(layers[best][unseen_idx], text[unseen_cls])] == labels[unseen_idx]).mean()
+        sim = est.similarity(layers[best][pool], text[unseen_cls])  # (models, unseen queries)
+        first = (labels[pool][sim.argmax(0)] == unseen_cls).mean()
+        out.append(f"| {label} | {ind:.3f} | {zs:.3f} | {first:.2f} | {est.n_parameters_:,} | {sec:.1f} |")
+        if label == "ProbeX":
+            examples = [(prompts[c], [prompts[labels[pool][i]] for i in np.argsort(-sim[:, j])[:3]])
+                        for j, c in enumerate(unseen_cls[:3])]
+    out += ["", f"chance: in-dist 1/{len(seen_cls)} = {1 / len(seen_cls):.3f}, zero-shot 1/{len(unseen_cls)} = "
+            f"{1 / len(unseen_cls):.3f}; search: {len(unseen_cls)} held-out prompts over {len(pool)} test models "
+            f"(chance of a match first ~{np.mean([(labels[pool] == c).mean() for c in unseen_cls]):.3f})", "",
+            "Example searches (held-out prompts, top 3 models' true classes):", ""]
+    out += [f"- \"{q}\" -> " + "; ".join(f'"{p}"' for p in top) for q, top in examples]
+    out.append("")
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    """Replace the "## ProbeX" section of docs/benchmarks.md (up to the next "## " heading)."""
+    from modelatlas.atomic import atomic_write_text
+
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    section = "\n".join(["## ProbeX", ""] + lines).rstrip() + "\n"
+    start = text.find("\n## ProbeX\n")
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+    atomic_write_text(path, text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zoo", default="/tmp/probex_zoo", help="cache folder for the zoos")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="zoo seed (and split/expert seed)")
+    p.add_argument("--skip", choices=["a", "b"], default=None)
+    p.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed)
+    zoo = Path(args.zoo)
+    out = [f"Command: `python bench/probex.py --zoo {args.zoo} --epochs {args.epochs} --rank {args.rank} "
+           f"--seed {args.seed}{' --write' if args.write else ''}` (1 thread, {time.strftime('%Y-%m-%d')}).", "",
+           "Zoos (modelatlas.probex.families, MLP 64-128-128-128-10 on sklearn digits, cached): Task A: 3 trees "
+           "(1,000 / 300 / 300 fine-tunes of roots with different seeds), each child fine-tuned 40-100 Adam steps "
+           "on a random 5 of the 10 classes; Task B: 1 root, 60 named classes (10 digits x 6 transforms named in "
+           "words) x 10 fine-tunes with the class's digit weighted 8x on transformed inputs.", ""]
+    t0 = time.perf_counter()
+    if args.skip != "a":
+        trees, sec = timed(lambda: load_task_a(zoo, args.seed))
+        n = sum(len(d["y"]) for d in trees.values())
+        out += [f"Reading {n} models' tensors through modelatlas.weights: {sec:.1f} s.", ""]
+        task_a(trees, cfg, out)
+        print("\n".join(out), flush=True)
+    if args.skip != "b":
+        task_b(load_task_b(zoo, args.seed), cfg, out)
+    out.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s.")
+    print("\n".join(out))
+    if args.write:
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

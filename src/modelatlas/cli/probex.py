@@ -1,0 +1,109 @@
+"""``atlas probex train | predict | search``: ProbeX tree experts on model weights."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modelatlas.cli.output import echo, tqdm_progress, warn
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probex", help="learn on weights: what was a model trained on, text search over models")
+    psub = p.add_subparsers(dest="probex_command", metavar="SUBCOMMAND")
+    t = psub.add_parser("train", help="train one ProbeX expert per model tree of a zoo, and a tree router")
+    t.add_argument("manifest", metavar="ZOO_MANIFEST", help="zoo folder or its manifest.json")
+    t.add_argument("--task", choices=["classes", "text"], default="classes",
+                   help="classes: predict the training-class set; text: align weights with the class prompts")
+    t.add_argument("--layer", default="auto", help="weight tensor name, or 'auto' (best on validation)")
+    t.add_argument("--out", default="probex_experts", help="experts folder (default: probex_experts)")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--rank", type=int, default=32, help="r_U = r_V = r_T (the paper used 128)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    t.set_defaults(func=_train)
+    pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
+    pr.add_argument("models", nargs="+", metavar="MODEL", help="model files or folders of models")
+    pr.add_argument("--experts", required=True, help="folder written by `atlas probex train`")
+    pr.add_argument("--top", type=int, default=10, help="classes to show per model")
+    pr.set_defaults(func=_predict)
+    s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)")
+    s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
+    s.add_argument("models", nargs="+", metavar="MODELS_OR_INDEX", help="model files, folders or a zoo manifest")
+    s.add_argument("--experts", required=True)
+    s.add_argument("--top", type=int, default=10)
+    s.set_defaults(func=_search)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from modelatlas.probex import ProbeXConfig
+    from modelatlas.probex.experts import train_tree_experts
+
+    cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed,
+                       lr=1e-3 if args.task == "classes" else 2e-3)
+    report = train_tree_experts(args.manifest, args.out, args.task, args.layer, cfg, tqdm_progress, args.resume)
+    for name, score in report.layer_scores.items():
+        echo(f"layer {name}: validation {score:.3f}")
+    echo(f"layer: {report.layer}")
+    for tree, info in report.trees.items():
+        echo(f"tree {tree}: {info['models']} models, validation {info['val_score']:.3f}, "
+             f"{info['parameters']:,} parameters")
+    echo(f"experts saved to {args.out}")
+    return 0
+
+
+def _model_paths(items: list[str]) -> list[Path]:
+    from modelatlas.weights import discover_models
+
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.name == "manifest.json" or (p.is_dir() and (p / "manifest.json").exists()):
+            from modelatlas.zoo.manifest import load_manifest
+
+            m = load_manifest(p)
+            paths.extend(m.root / r.path for r in m.models)
+        else:
+            paths.extend(discover_models([p]))
+    return paths
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from modelatlas.probex.experts import TreeExperts
+
+    experts = TreeExperts.load(args.experts)
+    if experts.task != "classes":
+        warn(f"{args.experts} holds text experts; showing the best-matching seen class prompts")
+    x, routes = experts.read(_model_paths(args.models), tqdm_progress)
+    unknown = 0
+    for i, r in enumerate(routes):
+        if not r.known:
+            echo(f"{r.message()}; no prediction")
+            unknown += 1
+            continue
+        expert = experts.experts[r.tree]
+        probs = expert.predict_proba(x[i:i + 1])[0]
+        order = probs.argsort()[::-1][: args.top]
+        shown = ", ".join(f"{expert.classes_[k]} ({probs[k]:.2f})" for k in order
+                          if experts.task != "classes" or probs[k] > 0.5)
+        echo(f"{r.name} [tree {r.tree}]: {shown or 'no class above 0.5'}")
+    return 1 if unknown == len(routes) else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from modelatlas.errors import ConfigError
+    from modelatlas.probex.experts import TreeExperts
+    from modelatlas.probex.text_encoder import encode_texts
+
+    experts = TreeExperts.load(args.experts)
+    if experts.task != "text":
+        raise ConfigError(f"{args.experts}: experts were trained with --task {experts.task}; search needs --task text")
+    x, routes = experts.read(_model_paths(args.models), tqdm_progress)
+    scores = experts.similarity(x, routes, encode_texts([args.query]))
+    for r in routes:
+        if not r.known:
+            warn(f"{r.message()}; skipped")
+    order = [i for i in scores.argsort()[::-1] if routes[i].known][: args.top]
+    for rank, i in enumerate(order, 1):
+        echo(f"{rank:3d}. {routes[i].name}  cosine {scores[i]:.3f}")
+    return 0

@@ -1,0 +1,177 @@
+"""Tree experts end to end: from a zoo manifest to a folder of per-tree experts and a router, and back.
+
+Layout of an experts folder::
+
+    index.json              {"format", "task", "layer", "layer_scores", "trees": {tree: "experts/<tree>"}}
+    router/                 router.json + router.safetensors (tree centroids and radii on ``layer``)
+    experts/<tree>/         expert.json + expert.safetensors
+    checkpoints/<tree>/     resumable training state (kept for --resume)
+
+Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once per model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from modelatlas.atomic import atomic_write_json
+from modelatlas.errors import CheckpointError, ConfigError, ManifestError
+from modelatlas.probex.config import ProbeXConfig
+from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
+from modelatlas.probex.layers import candidate_layers, load_layer, load_layers
+from modelatlas.probex.router import RouteResult, TreeRouter
+from modelatlas.progress import Progress
+from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
+
+INDEX_FORMAT = "modelatlas-probex-experts/1"
+TASKS = ("classes", "text")
+
+
+@dataclass
+class TrainReport:
+    layer: str
+    layer_scores: dict[str, float] = field(default_factory=dict)
+    trees: dict[str, dict] = field(default_factory=dict)  # tree -> {"models", "val_score", "parameters"}
+
+
+def _task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
+    key = "classes" if task == "classes" else "label"
+    recs = [m for m in manifest.models if m.parent is not None and key in m.task]
+    if not recs:
+        raise ManifestError(f"{manifest.root / 'manifest.json'}: no fine-tuned model has task key {key!r} "
+                            f"(needed by --task {task})")
+    return recs
+
+
+def _class_names(records: list[ModelRecord]) -> list[str]:
+    n = 1 + max(c for m in records for c in m.task["classes"])
+    try:
+        from modelatlas.data.registry import load_dataset
+
+        names = load_dataset(records[0].dataset, "test").classes if records[0].dataset else []
+    except Exception:  # noqa: BLE001 - names are cosmetic; fall back to indices
+        names = []
+    return list(names) if len(names) == n else [str(i) for i in range(n)]
+
+
+def _targets(records: list[ModelRecord], task: str, n_classes: int):
+    if task == "classes":
+        y = np.zeros((len(records), n_classes), dtype=np.float32)
+        for i, m in enumerate(records):
+            y[i, m.task["classes"]] = 1
+        return y
+    return np.array([m.task["label"] for m in records])
+
+
+def _fit_one(task: str, x, target, cfg: ProbeXConfig, layer: str, classes, progress, ckpt, resume) -> WeightExpert:
+    if task == "classes":
+        return ProbeXClassifier(cfg, layer).fit(x, target, classes, progress, ckpt, resume)
+    from modelatlas.probex.text_aligner import ProbeXTextAligner
+    from modelatlas.probex.text_encoder import encode_texts
+
+    prompts = sorted(set(target.tolist()))
+    labels = np.array([prompts.index(t) for t in target])
+    return ProbeXTextAligner(cfg, layer).fit(x, labels, encode_texts(prompts), prompts, progress, ckpt, resume)
+
+
+def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig, classes=None,
+                 progress: Progress | None = None) -> dict[str, float]:
+    """Train one expert per candidate layer; returns layer -> best validation score (pick the max)."""
+    xs = load_layers(paths, layers, progress)
+    return {name: float(_fit_one(task, xs[name], target, cfg, name, classes, progress, None, False)
+                        .history_["best_score"]) for name in layers}
+
+
+def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
+                       config: ProbeXConfig | None = None, progress: Progress | None = None,
+                       resume: bool = False, min_models: int = 10) -> TrainReport:
+    """Train one expert per tree of the zoo (trees with >= ``min_models`` labelled models) and a router.
+
+    ``layer="auto"`` trains an expert per candidate layer on the largest tree and keeps the best on
+    validation for every tree. Time O(trees * training cost); reads one layer per model.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {TASKS}; got {task!r}")
+    cfg = config if config is not None else ProbeXConfig()
+    manifest = load_manifest(manifest_path)
+    records = _task_records(manifest, task)
+    classes = _class_names(records) if task == "classes" else None
+    by_tree: dict[str, list[ModelRecord]] = {}
+    for m in records:
+        by_tree.setdefault(m.tree, []).append(m)
+    by_tree = {t: ms for t, ms in sorted(by_tree.items()) if len(ms) >= min_models}
+    if not by_tree:
+        raise ManifestError(f"{manifest_path}: no tree has >= {min_models} labelled models to train an expert on")
+    largest = max(by_tree.values(), key=len)
+    paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
+    report = TrainReport(layer)
+    if layer == "auto":
+        target = _targets(largest, task, len(classes or []))
+        report.layer_scores = select_layer(paths_of[largest[0].tree], target, task,
+                                           candidate_layers(paths_of[largest[0].tree][0]), cfg, classes, progress)
+        report.layer = max(report.layer_scores, key=report.layer_scores.get)
+    out = Path(out)
+    xs: dict[str, object] = {}
+    for tree, ms in by_tree.items():
+        xs[tree] = x = load_layer(paths_of[tree], report.layer, progress)
+        expert = _fit_one(task, x, _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
+                          out / "checkpoints" / tree, resume)
+        expert.save(out / "experts" / tree)
+        report.trees[tree] = {"models": len(ms), "val_score": float(expert.history_["best_score"]),
+                              "parameters": expert.n_parameters_}
+    import torch
+
+    TreeRouter().fit(torch.cat(list(xs.values())), [t for t, x in xs.items() for _ in range(len(x))]).save(out / "router")
+    atomic_write_json(out / "index.json", {"format": INDEX_FORMAT, "task": task, "layer": report.layer,
+                                           "layer_scores": report.layer_scores, "report": report.trees,
+                                           "trees": {t: f"experts/{t}" for t in by_tree}})
+    return report
+
+
+@dataclass
+class TreeExperts:
+    """A loaded experts folder: ``route`` then ``predict_proba`` / ``similarity`` per model."""
+
+    folder: Path
+    task: str
+    layer: str
+    router: TreeRouter
+    experts: dict[str, WeightExpert]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TreeExperts:
+        folder = Path(folder)
+        index_path = folder / "index.json"
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise CheckpointError(folder, "not an experts folder (no index.json; train one with `atlas probex train`)") from e
+        except (OSError, ValueError) as e:
+            raise CheckpointError(index_path, f"cannot read: {e}") from e
+        if index.get("format") != INDEX_FORMAT:
+            raise CheckpointError(index_path, f"unknown format {index.get('format')!r} (expected {INDEX_FORMAT})")
+        experts = {t: load_expert(folder / rel) for t, rel in index["trees"].items()}
+        return cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts)
+
+    def read(self, paths, progress: Progress | None = None):
+        """(X, route results) for model paths: their ``layer``, and the tree each belongs to."""
+        x = load_layer(paths, self.layer, progress)
+        from modelatlas.weights import model_name
+
+        return x, self.router.route(x, [model_name(p) for p in paths])
+
+    def predict_proba(self, x, routes: list[RouteResult]) -> list[np.ndarray | None]:
+        """Per model, its tree expert's class probabilities (None for a model in no known tree)."""
+        return [self.experts[r.tree].predict_proba(x[i:i + 1])[0] if r.known else None for i, r in enumerate(routes)]
+
+    def similarity(self, x, routes: list[RouteResult], query_embedding) -> np.ndarray:
+        """Cosine of every model to one query through its tree's text expert (-inf outside known trees)."""
+        scores = np.full(len(routes), -np.inf)
+        for i, r in enumerate(routes):
+            if r.known:
+                scores[i] = self.experts[r.tree].similarity(x[i:i + 1], query_embedding)[0, 0]
+        return scores

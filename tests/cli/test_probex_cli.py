@@ -1,0 +1,74 @@
+"""``atlas probex`` on tiny zoos (hidden width 16): train, resume, predict, out-of-tree, search."""
+
+import pytest
+import torch
+
+from modelatlas.atomic import atomic_save_tensors
+from modelatlas.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def make_tiny_zoo(tmp_path_factory):
+    from modelatlas.probex.families import make_class_subset_zoo
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("zoo")
+    make_class_subset_zoo(folder, children=(24, 12), hidden=16, ft_steps=(10, 20), batch_models=24)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def make_trained(make_tiny_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts")
+    assert main(["probex", "train", str(make_tiny_zoo), "--layer", "layers.1.weight", "--epochs", "3",
+                 "--rank", "4", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_experts_and_router(make_trained, capsys):
+    assert (make_trained / "index.json").exists()
+    assert {p.name for p in (make_trained / "experts").iterdir()} == {"t0", "t1"}
+    assert (make_trained / "router" / "router.safetensors").exists()
+
+
+def test_train_resume_and_auto_layer(make_tiny_zoo, make_trained, tmp_path, capsys):
+    assert main(["probex", "train", str(make_tiny_zoo), "--layer", "layers.1.weight", "--epochs", "4",
+                 "--rank", "4", "--out", str(make_trained), "--resume"]) == 0
+    assert main(["probex", "train", str(make_tiny_zoo), "--epochs", "1", "--rank", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer embed.weight: validation" in out and "layer: " in out
+
+
+def test_predict_routes_and_rejects_stranger(make_tiny_zoo, make_trained, tmp_path, capsys):
+    child = make_tiny_zoo / "t1-c0003.safetensors"
+    from safetensors.torch import load_file
+
+    stranger = {k: torch.randn_like(v) * 3 for k, v in load_file(str(child)).items()}
+    atomic_save_tensors(tmp_path / "stranger.safetensors", stranger)
+    assert main(["probex", "predict", str(child), str(tmp_path / "stranger.safetensors"),
+                 "--experts", str(make_trained)]) == 0
+    out = capsys.readouterr().out
+    assert "t1-c0003 [tree t1]:" in out
+    assert "stranger belongs to no known tree: nearest tree" in out and "beyond its radius" in out
+
+
+def test_predict_errors_are_one_line(tmp_path, capsys, make_tiny_zoo):
+    assert main(["probex", "predict", str(make_tiny_zoo / "t0.safetensors"), "--experts", str(tmp_path)]) == 1
+    assert "not an experts folder" in capsys.readouterr().err
+    assert main(["probex", "train", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "no such manifest" in capsys.readouterr().err
+
+
+def test_text_train_and_search(tmp_path, capsys):
+    from modelatlas.probex.families import make_named_class_zoo
+
+    zoo = tmp_path / "named"
+    make_named_class_zoo(zoo, models_per_class=2, hidden=16, ft_steps=(5, 10), batch_models=120)
+    out = tmp_path / "tx"
+    assert main(["probex", "train", str(zoo), "--task", "text", "--layer", "classifier.weight", "--epochs", "2",
+                 "--rank", "4", "--out", str(out)]) == 0
+    assert main(["probex", "search", "a handwritten seven, upside down", str(zoo), "--experts", str(out),
+                 "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3].strip().startswith("1. ") and "cosine" in lines[-1]
+    assert main(["probex", "search", "seven", str(zoo), "--experts", str(tmp_path / "missing")]) == 1
