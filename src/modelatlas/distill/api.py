@@ -1,0 +1,120 @@
+"""Public entry points: :func:`distill` (learn a synthetic set) and :func:`run_distillation` (learn,
+evaluate against the random-subset baseline, write the result folder), :func:`evaluate_result`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.data import transforms as T
+from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill import methods
+from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, evaluate_synthetic
+from modelatlas.distill.methods.base import DistillContext
+from modelatlas.distill.nets import pick_device
+from modelatlas.distill.result import load_result, update_result, write_result
+from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import ConfigError
+from modelatlas.progress import Progress
+
+
+def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
+         checkpoint_dir: str | Path | None, resume: bool, device) -> tuple[SyntheticSet, list[float], object]:
+    if ipc < 1:
+        raise ConfigError(f"ipc must be >= 1, got {ipc}")
+    spec = methods.get(method)
+    cfg = spec.make_config(config)
+    ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
+                         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    if resume and ctx.checkpoint_dir is None:
+        raise ConfigError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoint)")
+    syn = spec.run(train, ipc, cfg, ctx)
+    syn.meta.update({"method": method, "seed": seed})
+    return syn, ctx.losses, cfg
+
+
+def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, seed: int = 0,
+            progress: Progress | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
+            device: str | None = None) -> SyntheticSet:
+    """Distil ``dataset_train`` into ``ipc`` synthetic examples per class with ``method``.
+
+    ``config``: None (defaults), a dict of config fields, or the method's config dataclass. With
+    ``checkpoint_dir`` the run checkpoints every ``config.checkpoint_every`` iterations; ``resume=True``
+    continues from the last checkpoint (same seed -> identical result to an uninterrupted run).
+    Time and memory: see the method's module docstring.
+    """
+    return _run(method, dataset_train, ipc, config, seed, progress, checkpoint_dir, resume, device)[0]
+
+
+def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, ArrayDataset]:
+    if isinstance(dataset, str):
+        kw = dataset_kwargs or {}
+        return load_dataset(dataset, "train", **kw), dataset_test or load_dataset(dataset, "test", **kw)
+    if dataset_test is None:
+        raise ConfigError("dataset_test is required when dataset is an ArrayDataset")
+    return dataset, dataset_test
+
+
+def _apply(transform, data: ArrayDataset) -> ArrayDataset:
+    return ArrayDataset(data.name, transform.transform(data.x), data.y, data.classes, dict(data.meta))
+
+
+def default_protocol(method: str, config, in_shape, eval_nets: int = 5, eval_epochs: int | None = None) -> EvalProtocol:
+    """The evaluation protocol a method's papers use, with its distillation network."""
+    spec = methods.get(method)
+    cfg = spec.make_config(config)
+    net = cfg.net_spec(tuple(in_shape))
+    return EvalProtocol(kind=spec.eval_kind, num_nets=eval_nets, epochs=eval_epochs, dsa=bool(spec.eval_dsa(cfg))
+                        and len(in_shape) == 3, net=net["net"], width=net["width"], depth=net["depth"])
+
+
+def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: str | Path, config=None,
+                     seed: int = 0, eval_nets: int = 5, eval_epochs: int | None = None,
+                     protocol: EvalProtocol | None = None, transform: str | None = None,
+                     dataset_test: ArrayDataset | None = None, dataset_kwargs: dict | None = None,
+                     baseline: bool = True, progress: Progress | None = None, resume: bool = False,
+                     device: str | None = None) -> dict:
+    """Distil, evaluate (and the random baseline under the same protocol), and write the result folder
+    ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. Returns the
+    ``result.json`` dict."""
+    train, test = _datasets(dataset, dataset_test, dataset_kwargs)
+    tf = T.make_transform(transform).fit(train.x)
+    train_t, test_t = _apply(tf, train), _apply(tf, test)
+    start = time.perf_counter()
+    syn, losses, cfg = _run(method, train_t, ipc, config, seed, progress, Path(out) / "checkpoint", resume, device)
+    wall = time.perf_counter() - start
+    proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
+    ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
+    info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),
+            "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": resume,
+            "device": str(pick_device(device)), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs or {}}
+    if baseline and method != "random":
+        info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
+    write_result(out, syn, tf, info, losses)
+    return info
+
+
+def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epochs: int | None = None,
+                    seed: int | None = None, dataset_test: ArrayDataset | None = None,
+                    progress: Progress | None = None, device: str | None = None, save: bool = True) -> dict:
+    """Re-evaluate a saved result folder on its dataset's test split (with its saved transform); stores the
+    new evaluation under ``reevaluation`` in ``result.json`` when ``save``. Returns the evaluation dict."""
+    syn, tf, info = load_result(folder)
+    test = dataset_test or load_dataset(info["dataset"], "test", **info.get("dataset_kwargs", {}))
+    old = dict(info.get("evaluation", {}).get("protocol", {}))
+    fields = set(EvalProtocol.__dataclass_fields__)
+    proto = EvalProtocol(**{k: v for k, v in old.items() if k in fields})
+    if eval_nets is not None:
+        proto.num_nets = eval_nets
+    if eval_epochs is not None:
+        proto.epochs = eval_epochs
+    EvalProtocol.__post_init__(proto)
+    ev = evaluate_synthetic(syn, _apply(tf, test), proto, seed=info.get("seed", 0) if seed is None else seed,
+                            progress=progress, device=device).to_dict()
+    if save:
+        update_result(folder, reevaluation=ev)
+    return ev

@@ -1,0 +1,159 @@
+"""The outer loop shared by every distillation method: seeding, progress, resumable checkpoints.
+
+A method supplies ``step(iteration, generator) -> loss`` that performs one outer iteration (sample a network,
+compute the matching loss, step S) and the objects whose state must survive a crash (the synthetic set,
+its optimisers, any method state), each with ``state_dict()``/``load_state_dict()``. :class:`OuterLoop`
+
+- re-seeds torch's global RNG and hands a fresh generator to every iteration from ``derive_seed(seed, it)``,
+  so iteration ``it`` draws the same numbers whether the run was interrupted or not;
+- shows a progress bar with the current loss (``bar.set_postfix(loss=...)``);
+- every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
+  (every tensor of every state: synthetic set, optimiser, RNG states) and then ``checkpoint.json``
+  (iteration, loss history, non-tensor state), both atomically; ``checkpoint.json`` is written last and is
+  the commit point, so a crash at any moment leaves the previous complete checkpoint;
+- with ``resume=True`` loads the checkpoint and continues at the next iteration: a run interrupted and
+  resumed yields exactly the tensors of an uninterrupted run.
+
+Checkpoint cost: O(size of the states) per save.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.errors import CheckpointError
+from modelatlas.progress import Progress, resolve
+from modelatlas.seeding import derive_seed, torch_generator
+
+CHECKPOINT_JSON = "checkpoint.json"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by ``{"__tensor__": key}`` and collect it in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, Mapping):
+        return {"__keys__": [[_key_json(k), flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    return obj
+
+
+def unflatten_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__keys__" in obj:
+        return {_key_back(k): unflatten_state(v, tensors) for k, v in obj["__keys__"]}
+    if isinstance(obj, dict) and "__list__" in obj:
+        items = [unflatten_state(v, tensors) for v in obj["__list__"]]
+        return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+def _key_json(k: Any) -> Any:
+    return {"int": k} if isinstance(k, int) else k
+
+
+def _key_back(k: Any) -> Any:
+    return k["int"] if isinstance(k, dict) else k
+
+
+class RNGState:
+    """Python, NumPy, torch CPU (and CUDA) global RNG states as a :class:`Stateful`."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                 "python_pos": random.getstate()[2], "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
+                 "numpy_pos": int(np.random.get_state()[2])}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate((3, tuple(state["python"]), state["python_pos"]))
+        np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+class OuterLoop:
+    """Runs ``iterations`` outer steps with seeding, progress and resumable checkpoints (module docstring)."""
+
+    def __init__(self, iterations: int, seed: int = 0, progress: Progress | None = None,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False,
+                 desc: str = "distill"):
+        self.iterations, self.seed, self.progress, self.desc = int(iterations), int(seed), progress, desc
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = max(int(checkpoint_every), 1)
+        self.resume = resume
+        self.losses: list[float] = []
+        self.start = 0
+
+    def run(self, step: Callable[[int, torch.Generator], float], states: Mapping[str, Stateful]) -> list[float]:
+        """Call ``step`` for every remaining iteration; returns the loss history (all iterations)."""
+        states = {**states, "rng": RNGState()}
+        if self.resume:
+            self._load(states)
+        bar = resolve(self.progress)(range(self.start, self.iterations), total=self.iterations - self.start,
+                                     desc=self.desc)
+        for it in bar:
+            torch.manual_seed(derive_seed(self.seed, "iteration", it))
+            loss = float(step(it, torch_generator(derive_seed(self.seed, "generator", it))))
+            self.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            done = it + 1
+            if self.checkpoint_dir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
+                self.save(states, done)
+        return self.losses
+
+    def save(self, states: Mapping[str, Stateful], done: int) -> None:
+        """Write the checkpoint after ``done`` completed iterations (tensors first, then the JSON)."""
+        assert self.checkpoint_dir is not None
+        tensors: dict[str, torch.Tensor] = {}
+        flat = {name: flatten_state(s.state_dict(), name, tensors) for name, s in states.items()}
+        tensor_file = f"ckpt-{done}.safetensors"
+        atomic_save_tensors(self.checkpoint_dir / tensor_file, tensors)
+        atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
+            "iteration": done, "iterations": self.iterations, "seed": self.seed, "tensors": tensor_file,
+            "losses": self.losses, "states": flat})
+        for old in self.checkpoint_dir.glob("ckpt-*.safetensors"):
+            if old.name != tensor_file:
+                old.unlink(missing_ok=True)
+
+    def _load(self, states: Mapping[str, Stateful]) -> None:
+        from safetensors.torch import load_file
+
+        if self.checkpoint_dir is None:
+            raise CheckpointError(".", "resume=True needs a checkpoint_dir")
+        meta_path = self.checkpoint_dir / CHECKPOINT_JSON
+        if not meta_path.is_file():
+            return  # nothing saved yet: start from scratch
+        meta = json.loads(meta_path.read_text())
+        if meta.get("seed") != self.seed:
+            raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
+                                             "use the same --seed or a new output folder")
+        tensors = load_file(str(self.checkpoint_dir / meta["tensors"]))
+        for name, s in states.items():
+            if name not in meta["states"]:
+                raise CheckpointError(meta_path, f"has no state {name!r}; it was written by another method")
+            s.load_state_dict(unflatten_state(meta["states"][name], tensors))
+        self.start = int(meta["iteration"])
+        self.losses = list(meta["losses"])

@@ -1,0 +1,14 @@
+"""Config of the random-subset baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modelatlas.distill.methods.base import MethodConfig
+
+
+@dataclass
+class RandomConfig(MethodConfig):
+    """No optimisation: ``iterations`` is ignored."""
+
+    iterations: int = 0

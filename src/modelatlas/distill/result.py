@@ -1,0 +1,133 @@
+"""The result folder of a distillation run.
+
+``DIR/``
+- ``synthetic.safetensors`` + ``synthetic.json``: the synthetic set (images, class layout, soft labels,
+  learned lr, extras) -- see :class:`~modelatlas.distill.synthetic.SyntheticSet`;
+- ``transform.safetensors``: the fitted data transform S lives in (standardisation, ZCA, or none); its
+  kind is in ``result.json``. Apply it to the test set before evaluating;
+- ``result.json``: method, dataset, ipc, seed, config, evaluation (mean/std test accuracy, per-network
+  accuracies, protocol), optional baseline, distillation wall time, loss history;
+- ``images.png``: a grid of the synthetic images (one row per class, inverse-transformed for display);
+- ``loss.png``: the learning curve (loss per outer iteration).
+Every file is written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from modelatlas.data import transforms as T
+from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import CheckpointError
+
+RESULT_JSON, TRANSFORM_FILE, IMAGES_PNG, LOSS_PNG = "result.json", "transform.safetensors", "images.png", "loss.png"
+
+
+def write_result(folder: str | Path, syn: SyntheticSet, transform, info: dict, losses: list[float]) -> Path:
+    """Write the whole result folder; ``info`` becomes ``result.json`` (plus the transform kind)."""
+    folder = Path(folder)
+    syn.save(folder)
+    state = transform.state_dict() if transform is not None else {}
+    atomic_save_tensors(folder / TRANSFORM_FILE, state or {"none": torch.zeros(1)})
+    kind = getattr(transform, "kind", "identity")
+    atomic_write_json(folder / RESULT_JSON, {**info, "transform": kind, "losses": losses})
+    atomic_write_bytes(folder / IMAGES_PNG, render_grid(syn, transform))
+    atomic_write_bytes(folder / LOSS_PNG, render_losses(losses, info.get("method", "")))
+    return folder
+
+
+def update_result(folder: str | Path, **fields) -> dict:
+    """Merge ``fields`` into an existing ``result.json`` (e.g. a re-evaluation); returns the new dict."""
+    info = read_info(folder)
+    info.update(fields)
+    atomic_write_json(Path(folder) / RESULT_JSON, info)
+    return info
+
+
+def read_info(folder: str | Path) -> dict:
+    path = Path(folder) / RESULT_JSON
+    if not path.is_file():
+        raise CheckpointError(path, "missing; not a distillation result folder (run `atlas distill run` first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"is not valid JSON ({e.msg})") from None
+
+
+def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
+    """(synthetic set, fitted transform, result.json dict) of a result folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = read_info(folder)
+    syn = SyntheticSet.load(folder)
+    kind = info.get("transform", "identity")
+    tpath = folder / TRANSFORM_FILE
+    state = load_file(str(tpath)) if tpath.is_file() else {}
+    return syn, T.from_state_dict(kind, state), info
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> bytes:
+    """PNG bytes: one row per class, up to ``max_per_class`` images; 1-D signals are drawn as curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = syn.images.detach().cpu()
+    if transform is not None:
+        x = transform.inverse(x)
+    k, cols = syn.num_classes, max(1, min(syn.ipc or 1, max_per_class))
+    fig, axes = plt.subplots(k, cols, figsize=(cols * 1.0 + 0.6, k * 1.0), squeeze=False)
+    for c in range(k):
+        imgs = x[syn.classes.cpu() == c][:cols]
+        for j in range(cols):
+            ax = axes[c][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                _draw(ax, imgs[j])
+        axes[c][0].set_ylabel(syn.class_names[c][:10], fontsize=7)
+    return _png(fig)
+
+
+def _draw(ax, img: torch.Tensor) -> None:
+    if img.dim() == 2:  # (C, L) signal
+        for ch in img:
+            ax.plot(ch.numpy(), lw=0.8)
+        return
+    img = img.clamp(0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img[:3].permute(1, 2, 0).numpy())
+
+
+def render_losses(losses: list[float], title: str = "") -> bytes:
+    """PNG bytes of the loss per outer iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    if losses:
+        ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax.set_xlabel("outer iteration")
+    ax.set_ylabel("matching loss")
+    ax.set_title(title or "learning curve")
+    return _png(fig)

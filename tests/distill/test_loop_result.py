@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.data.transforms import Standardize
+from modelatlas.distill import distill
+from modelatlas.distill.loop import OuterLoop, flatten_state, unflatten_state
+from modelatlas.distill.result import load_result, write_result
+from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import CheckpointError
+
+
+def make_problem():
+    syn = SyntheticSet.from_noise((1, 4, 4), 2, 2, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([syn.images], lr=0.1)
+
+    def step(it, gen):
+        noise = torch.randn(syn.images.shape, generator=gen) + torch.rand(())  # generator and global RNG
+        loss = ((syn.images - noise) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return syn, opt, step
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_gives_identical_tensors(tmp_path):
+    k = 3
+    syn_a, opt_a, step_a = make_problem()
+    losses_a = OuterLoop(2 * k, seed=7).run(step_a, {"synthetic": syn_a, "optimizer": opt_a})
+
+    syn_b, opt_b, step_b = make_problem()
+
+    def crashing(it, gen):
+        if it == k + 1:
+            raise Crash()
+        return step_b(it, gen)
+    with pytest.raises(Crash):
+        OuterLoop(2 * k, seed=7, checkpoint_dir=tmp_path, checkpoint_every=k).run(crashing, {"synthetic": syn_b, "optimizer": opt_b})
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == k
+
+    syn_c, opt_c, step_c = make_problem()  # a fresh process: nothing in memory
+    losses_c = OuterLoop(2 * k, seed=7, checkpoint_dir=tmp_path, checkpoint_every=k, resume=True).run(
+        step_c, {"synthetic": syn_c, "optimizer": opt_c})
+    assert torch.equal(syn_a.images, syn_c.images) and losses_a == losses_c
+    assert torch.equal(opt_a.state_dict()["state"][0]["exp_avg"], opt_c.state_dict()["state"][0]["exp_avg"])
+
+
+def test_resume_with_other_seed_is_refused(tmp_path):
+    syn, opt, step = make_problem()
+    OuterLoop(2, seed=1, checkpoint_dir=tmp_path, checkpoint_every=1).run(step, {"synthetic": syn, "optimizer": opt})
+    with pytest.raises(CheckpointError, match="checkpoint.json: was written with seed 1, not 2"):
+        OuterLoop(4, seed=2, checkpoint_dir=tmp_path, resume=True).run(step, {"synthetic": syn, "optimizer": opt})
+
+
+def test_flatten_roundtrip():
+    state = {"a": torch.ones(2), "b": [1, (2.0, torch.zeros(1))], 3: {"c": None}}
+    tensors = {}
+    back = unflatten_state(json.loads(json.dumps(flatten_state(state, "s", tensors))), tensors)
+    assert torch.equal(back["a"], torch.ones(2)) and back["b"][1][0] == 2.0 and back[3] == {"c": None}
+
+
+def test_method_resume_equals_straight_run(tmp_path):
+    tr = load_dataset("digits", "train")
+    cfg = {"iterations": 4, "checkpoint_every": 2, "width": 8, "batch_real": 16}
+    straight = distill("dm", tr, 1, cfg, seed=3)
+    distill("dm", tr, 1, {**cfg, "iterations": 2}, seed=3, checkpoint_dir=tmp_path)  # "killed" after 2
+    resumed = distill("dm", tr, 1, cfg, seed=3, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(straight.images, resumed.images)
+
+
+def test_result_folder_roundtrip(tmp_path):
+    syn = SyntheticSet.from_noise((1, 8, 8), 3, 2, torch.Generator().manual_seed(0))
+    tf = Standardize().fit(torch.rand(10, 1, 8, 8))
+    write_result(tmp_path, syn, tf, {"method": "x", "evaluation": {"mean": 1.0}}, [3.0, 2.0, 1.0])
+    for f in ("synthetic.safetensors", "synthetic.json", "transform.safetensors", "result.json", "images.png", "loss.png"):
+        assert (tmp_path / f).is_file()
+    assert (tmp_path / "images.png").read_bytes()[:4] == b"\x89PNG"
+    syn2, tf2, info = load_result(tmp_path)
+    assert torch.equal(syn2.images, syn.images.detach()) and torch.equal(tf2.mean_, tf.mean_)
+    assert info["losses"] == [3.0, 2.0, 1.0] and info["transform"] == "standardize"
+    with pytest.raises(CheckpointError, match="result.json: missing; not a distillation result folder"):
+        load_result(tmp_path / "empty")

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.distill import distill, methods
+from modelatlas.distill.matching import gradient_match_distance, layer_distance
+from modelatlas.distill.methods.herding.method import herd
+from modelatlas.errors import ConfigError
+
+TINY = {"random": {}, "herding": {"train_steps": 5, "width": 8},
+        "dc": {"iterations": 2, "width": 8, "batch_real": 16},
+        "dsa": {"iterations": 2, "width": 8, "batch_real": 16},
+        "dm": {"iterations": 2, "width": 8, "batch_real": 16}}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_method_tiny_shapes_and_determinism(digits, name):
+    a = distill(name, digits, 1, TINY[name], seed=0)
+    b = distill(name, digits, 1, TINY[name], seed=0)
+    assert a.images.shape == (10, 1, 8, 8) and a.classes.tolist() == list(range(10))
+    assert torch.equal(a.images, b.images) and a.meta["method"] == name
+
+
+def test_dc_ipc10_uses_10_50_loops_and_changes_images(digits):
+    from modelatlas.distill.methods.dc.config import DCConfig
+
+    assert DCConfig().loops(1) == (1, 1) and DCConfig().loops(10) == (10, 50) and DCConfig().loops(50) == (50, 10)
+    from modelatlas.distill.methods.dc.method import init_synthetic
+
+    init = init_synthetic(digits, 2, "real", 0)
+    out = distill("dc", digits, 2, {"iterations": 1, "outer_loop": 2, "inner_loop": 1, "width": 8, "batch_real": 8})
+    assert out.images.shape == init.images.shape and not torch.equal(out.images, init.images)
+
+
+def test_registry_and_config_errors():
+    assert {"random", "herding", "dc", "dsa", "dm"} <= set(methods.available())
+    with pytest.raises(ConfigError, match="unknown distillation method 'nope'; available: .*dm"):
+        methods.get("nope")
+    with pytest.raises(ConfigError, match="has no config field 'lr'"):
+        methods.get("dm").make_config({"lr": 1})
+    with pytest.raises(ConfigError, match="lr_img must be > 0, got -1"):
+        methods.get("dc").make_config({"lr_img": -1})
+    with pytest.raises(ConfigError, match="embed must be 'trained', 'random' or 'pixels'"):
+        methods.get("herding").make_config({"embed": "clip"})
+    with pytest.raises(ConfigError, match="iterations must be >= 0"):
+        methods.get("dm").make_config({"iterations": -1})
+
+
+def test_distill_errors(digits):
+    with pytest.raises(ConfigError, match="ipc must be >= 1"):
+        distill("dm", digits, 0)
+    with pytest.raises(ConfigError, match="resume=True needs checkpoint_dir"):
+        distill("dm", digits, 1, resume=True)
+
+
+def test_gradient_distance_hand_values():
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert float(layer_distance(g, g)) == pytest.approx(0.0, abs=1e-5)
+    assert float(layer_distance(g, -g)) == pytest.approx(4.0, abs=1e-5)  # two neurons, cos -1 each
+    assert float(gradient_match_distance([g, torch.ones(3)], [g.flip(0), -torch.ones(3)])) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_herding_oracle():
+    feats = torch.tensor([[0.0], [10.0], [4.0], [6.0]])  # mean 5: first pick closest (4 or 6), then balance
+    picks = herd(feats, 2)
+    assert picks[0] in (2, 3) and set(picks) == {2, 3}
