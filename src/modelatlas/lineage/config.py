@@ -26,8 +26,8 @@ class LineageConfig:
     layers: regular expression selecting tensors by name (``re.search``); None = square 2-D matrices
         (all matrices when a model has no square one).
     distance: ``"l2"`` (full fine-tuning: mean per-layer RMS of the difference), ``"rank"`` (LoRA: summed
-        rank of the difference) or ``"auto"`` (RMS, multiplied by the rank fraction when low-rank
-        differences are found).
+        rank of the difference) or ``"auto"`` (per tree: rank when the nearest-neighbour differences are
+        low-rank, else RMS x rank fraction).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
     rank_rtol: singular values below ``rank_rtol`` x the largest one do not count towards the rank.
     tree_gap: a ratio of consecutive single-linkage merge heights at least this large separates trees.
@@ -41,7 +41,7 @@ class LineageConfig:
     layers: str | None = None
     distance: str = "auto"
     sketch: int = 64
-    rank_rtol: float = 1e-3
+    rank_rtol: float = 1e-2
     tree_gap: float = 3.0
     seed: int = 0
 
@@ -56,7 +56,7 @@ class LineageConfig:
         if self.sketch < 2:
             raise ConfigError(f"sketch must be >= 2 columns; got {self.sketch!r}")
         if not 0 < self.rank_rtol < 1:
-            raise ConfigError(f"rank_rtol must be in (0, 1), e.g. 1e-3; got {self.rank_rtol!r}")
+            raise ConfigError(f"rank_rtol must be in (0, 1), e.g. 1e-2; got {self.rank_rtol!r}")
         if not self.tree_gap > 1:
             raise ConfigError(f"tree_gap must be > 1 (a ratio of merge heights), e.g. 3; got {self.tree_gap!r}")
         if self.layers is not None:

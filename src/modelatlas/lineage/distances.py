@@ -62,7 +62,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
             mat = x.view(n, rows, -1)  # (N, n, m)
             s = min(sketch, rows, mat.shape[2])
             gen = torch_generator(derive_seed(seed, info.name))
-            omega = torch.randn(mat.shape[2], s, generator=gen)  # (m, s), shared by all models
+            omega = _sketch_matrix(mat.shape[2], s, gen)  # (m, s), shared by all models
             st.sketches.append((mat @ omega).numpy())  # (N, n, s)
     st.rms /= max(len(layers), 1)
     st.rel /= max(len(layers), 1)
@@ -121,24 +121,36 @@ def _kurtosis_from_moments(mom: torch.Tensor, p: int, mean: torch.Tensor) -> tor
     return c4 / var**2 - 3.0
 
 
-def rank_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Estimated ranks of W_u - W_v for ``pairs`` (K, 2), summed over layers, and the summed caps.
+def _sketch_matrix(m: int, s: int, gen: torch.Generator) -> torch.Tensor:
+    """(m, s) random matrix with orthonormal columns scaled by sqrt(m / s): ``A Omega`` keeps A's
+    singular values exactly when s = m and approximately (top of the spectrum) when s < m."""
+    q, _ = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))  # (m, s)
+    return (q * (m / s) ** 0.5).to(torch.float32)
 
-    For each layer the (n, s) sketch difference's singular values are computed batched over pairs; values
-    below ``rtol`` x the largest, or below 1e-6 x the weights' own sketch norm (float noise), do not
-    count. Returns (ranks (K,), cap) where ``cap`` = sum of s over layers (the saturation value).
+
+def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rank and nuclear norm of W_u - W_v for ``pairs`` (K, 2), from the sketches, summed over layers.
+
+    For each layer the (n, s) sketch difference's singular values are computed batched over pairs.
+    Rank: values below ``rtol`` x the largest, or below 1e-6 x the weights' own sketch norm (float
+    noise), do not count. Nuclear norm: the sum of the singular values divided by sqrt(n m), so a rank-1
+    difference scores its RMS; unlike the Frobenius norm it *adds* the sizes of updates that live in
+    different subspaces (a grandparent is then clearly farther than a parent). Returns (ranks (K,),
+    nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value).
     Time O(K L n s^2), memory O(B n s) per batch of B pairs.
     """
-    total = np.zeros(len(pairs))
+    ranks, nuc = np.zeros(len(pairs)), np.zeros(len(pairs))
     cap = 0
     for sk in sketches:
         y = torch.from_numpy(sk)  # (N, n, s)
         cap += y.shape[2]
         norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
+        numel = y.shape[1] * y.shape[2]  # (n s) stands for (n m): the sketch keeps norms
         for a in range(0, len(pairs), 256):
             pr = torch.from_numpy(pairs[a:a + 256])
             diff = (y[pr[:, 0]] - y[pr[:, 1]]).double()  # (B, n, s)
             sv = torch.linalg.svdvals(diff)  # (B, min(n, s))
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
-            total[a:a + 256] += (sv > floor).sum(1).numpy()
-    return total, cap
+            ranks[a:a + 256] += (sv > floor).sum(1).numpy()
+            nuc[a:a + 256] += (sv.sum(1) / numel**0.5).numpy()
+    return ranks, nuc, cap

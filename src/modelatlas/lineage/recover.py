@@ -22,7 +22,7 @@ import numpy as np
 from modelatlas.errors import ConfigError
 from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.distances import PairStats, rank_distances, stream_pair_stats
+from modelatlas.lineage.distances import PairStats, spectral_distances, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, solve_tree
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
@@ -164,23 +164,27 @@ def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int,
 
 
 def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[np.ndarray, str]:
-    """The edge distance matrix of one tree and which distance it is ("l2", "rank", "l2*rank")."""
+    """The edge distance matrix of one tree and its kind ("l2", "rank" or "l2*rank").
+
+    ``auto``: when most nearest-neighbour differences have rank below a quarter of the sketch (LoRA-like
+    edges) the summed rank is used (RMS breaks ties); otherwise RMS x rank fraction, because a fine-tuning
+    update is low-rank-ish too and a grandparent differs by the *sum* of two updates (higher rank) even
+    where it is not farther in RMS. Time O(n^2 L n_l s^2) for the pairwise spectra.
+    """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
         return rms, "l2"
     sk = [s[idx] for s in st.sketches]
-    if cfg.distance == "auto":
-        near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
-        pairs = np.stack([np.arange(len(idx)), near], 1)
-        ranks, cap = rank_distances(sk, pairs, cfg.rank_rtol)
-        if np.mean(ranks / cap < 0.5) < 0.25:
-            return rms, "l2"
     iu = np.triu_indices(len(idx), 1)
-    ranks, cap = rank_distances(sk, np.stack(iu, 1), cfg.rank_rtol)
+    ranks, _, cap = spectral_distances(sk, np.stack(iu, 1), cfg.rank_rtol)
     frac = np.zeros_like(rms)
     frac[iu] = ranks / cap
-    frac = frac + frac.T
-    if cfg.distance == "rank":
+    frac = frac + frac.T  # (n, n) rank(W_u - W_v) / saturation, summed over layers
+    kind = cfg.distance
+    if kind == "auto":
+        near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
+        kind = "rank" if np.median(frac[np.arange(len(idx)), near]) < 0.25 else "l2*rank"
+    if kind == "rank":
         if cfg.method == "mother-paper":
             return frac * cap, "rank"
         return frac * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
