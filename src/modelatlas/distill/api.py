@@ -81,6 +81,9 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     """Distil, evaluate (and the random baseline under the same protocol), and write the result folder
     ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. Returns the
     ``result.json`` dict."""
+    ckpt = Path(out) / "checkpoint" / "checkpoint.json"
+    if ckpt.is_file() and not resume:
+        raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     tf = T.make_transform(transform).fit(train.x)
     train_t, test_t = _apply(tf, train), _apply(tf, test)

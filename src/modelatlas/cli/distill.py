@@ -1,0 +1,105 @@
+"""``atlas distill run|eval`` (and ``poster``, added by :mod:`modelatlas.cli.distill_poster` when present).
+
+Thin wrappers: parse arguments, call :func:`modelatlas.distill.run_distillation` /
+:func:`modelatlas.distill.evaluate_result`, print the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+from modelatlas.cli.output import echo, tqdm_progress
+from modelatlas.errors import ConfigError
+
+# Further ``atlas distill`` subcommands: modules under modelatlas.cli exposing ``register(distill_subparsers)``.
+EXTRA_SUBCOMMAND_MODULES = ["distill_poster"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil a dataset into a few synthetic images",
+                       description="Dataset distillation: learn a small synthetic training set.")
+    dsub = p.add_subparsers(dest="distill_command", metavar="SUBCOMMAND")
+    _register_run(dsub)
+    ev = dsub.add_parser("eval", help="re-evaluate a saved result folder (fresh nets on the real test set)")
+    ev.add_argument("dir", help="result folder written by `atlas distill run`")
+    ev.add_argument("--eval-nets", type=int, default=None, help="networks to train (default: as saved)")
+    ev.add_argument("--eval-epochs", type=int, default=None, help="epochs per network (default: as saved)")
+    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
+    ev.set_defaults(func=_eval)
+    for name in EXTRA_SUBCOMMAND_MODULES:
+        try:
+            importlib.import_module(f"modelatlas.cli.{name}").register(dsub)
+        except ModuleNotFoundError as e:
+            if e.name != f"modelatlas.cli.{name}":
+                raise
+
+
+def _register_run(dsub) -> None:
+    r = dsub.add_parser("run", help="distil a dataset, evaluate it and write a result folder")
+    r.add_argument("--method", required=True, help="random, herding, dc, dsa, dm, ... (see docs/distill.md)")
+    r.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
+    r.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    r.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
+    r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
+    r.add_argument("--eval-nets", type=int, default=5, help="fresh networks trained for the evaluation")
+    r.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation net (default 300, 1000 with DSA)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a method config field (repeatable), e.g. --set lr_img=0.5")
+    r.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None)
+    r.add_argument("--data-root", default=None, help="dataset folder (root= of the loader)")
+    r.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
+    r.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
+    r.set_defaults(func=_run)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["lr_img=0.5", "init=noise"]`` -> ``{"lr_img": 0.5, "init": "noise"}`` (values parsed as JSON when possible)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _summary(label: str, ev: dict) -> str:
+    accs = ", ".join(f"{a:.1f}" for a in ev["accuracies"])
+    return f"{label}: {ev['mean']:.2f} +- {ev['std']:.2f} % test accuracy ({len(ev['accuracies'])} nets: {accs})"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from modelatlas.distill import run_distillation
+
+    config = parse_overrides(args.overrides)
+    if args.iterations is not None:
+        config["iterations"] = args.iterations
+    info = run_distillation(args.method, args.dataset, args.ipc, args.out, config=config, seed=args.seed,
+                            eval_nets=args.eval_nets, eval_epochs=args.eval_epochs, transform=args.transform,
+                            dataset_kwargs={"root": args.data_root} if args.data_root else None,
+                            baseline=not args.no_baseline, progress=tqdm_progress, resume=args.resume,
+                            device=args.device)
+    echo(_summary(f"{args.method} ipc {args.ipc} on {info['dataset']}", info["evaluation"]))
+    if "baseline_random" in info:
+        echo(_summary("random real subset, same protocol", info["baseline_random"]))
+    echo(f"protocol: {info['evaluation']['protocol']['description']}")
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s; wrote {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from modelatlas.distill import evaluate_result
+
+    ev = evaluate_result(args.dir, eval_nets=args.eval_nets, eval_epochs=args.eval_epochs, seed=args.seed,
+                         progress=tqdm_progress, device=args.device)
+    echo(_summary(args.dir, ev))
+    echo(f"protocol: {ev['protocol']['description']}")
+    return 0

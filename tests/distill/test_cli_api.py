@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from modelatlas.cli.main import main
+from modelatlas.distill import run_distillation
+from modelatlas.distill.synthetic import SyntheticSet
+
+TINY = ["--dataset", "digits", "--ipc", "1", "--eval-nets", "1", "--eval-epochs", "2", "--set", "width=8",
+        "--set", "batch_real=16"]
+
+
+def test_cli_run_and_eval(tmp_path, capsys):
+    out = tmp_path / "dm"
+    assert main(["distill", "run", "--method", "dm", "--out", str(out), "--iterations", "2", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "dm ipc 1 on digits:" in text and "random real subset, same protocol" in text and "protocol: 1 x convnet-2 w8" in text
+    info = json.loads((out / "result.json").read_text())
+    assert info["config"]["iterations"] == 2 and len(info["losses"]) == 2 and info["evaluation"]["protocol"]["epochs"] == 2
+    assert main(["distill", "eval", str(out), "--eval-epochs", "1"]) == 0
+    assert "protocol:" in capsys.readouterr().out
+    assert json.loads((out / "result.json").read_text())["reevaluation"]["protocol"]["epochs"] == 1
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main(["distill", "run", "--method", "nope", "--out", str(tmp_path), *TINY]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown distillation method 'nope'")
+    assert main(["distill", "run", "--method", "dm", "--out", str(tmp_path), "--set", "lr_img", *TINY]) == 1
+    assert "--set expects FIELD=VALUE" in capsys.readouterr().err
+    assert main(["distill", "eval", str(tmp_path / "missing")]) == 1
+    assert "result.json: missing" in capsys.readouterr().err
+
+
+def interrupting_progress(after):
+    """A progress wrapper that raises KeyboardInterrupt (a user's Ctrl-C) after ``after`` items."""
+    class Bar:
+        def __init__(self, it):
+            self.it = it
+
+        def __iter__(self):
+            for i, x in enumerate(self.it):
+                if i == after:
+                    raise KeyboardInterrupt
+                yield x
+
+        def set_postfix(self, **kw):
+            pass
+    return lambda iterable, total=None, desc="": Bar(iterable)
+
+
+def test_interrupted_run_resumes_and_loses_nothing(tmp_path, capsys, monkeypatch):
+    kw = dict(config={"iterations": 4, "checkpoint_every": 2, "width": 8, "batch_real": 16}, seed=1,
+              eval_nets=1, eval_epochs=1, baseline=False)
+    run_distillation("dc", "digits", 1, tmp_path / "straight", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run_distillation("dc", "digits", 1, tmp_path / "killed", progress=interrupting_progress(3), **kw)
+    assert not (tmp_path / "killed" / "result.json").exists()
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main(["distill", "run", "--method", "dc", "--out", str(tmp_path / "killed"), *TINY]) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    info = run_distillation("dc", "digits", 1, tmp_path / "killed", resume=True, **kw)
+    a, b = SyntheticSet.load(tmp_path / "straight"), SyntheticSet.load(tmp_path / "killed")
+    assert torch.equal(a.images, b.images) and info["resumed"]
+    assert json.loads((tmp_path / "killed" / "result.json").read_text())["losses"] == \
+        json.loads((tmp_path / "straight" / "result.json").read_text())["losses"]
