@@ -1,0 +1,125 @@
+"""``atlas lineage recover``: recover the lineage forest of a set of models and print it as a tree."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from modelatlas.atomic import atomic_write_text
+from modelatlas.cli.output import echo, tqdm_progress
+from modelatlas.errors import AtlasError, ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lineage", help="recover which model was fine-tuned from which (MoTHer)")
+    lsub = p.add_subparsers(dest="lineage_command", metavar="SUBCOMMAND")
+    r = lsub.add_parser("recover", help="recover the lineage forest from model weights",
+                        description="Recover the directed lineage forest (who was trained from whom) from the "
+                                    "weights alone. PATH: model files, model folders, or folders holding many.")
+    r.add_argument("paths", nargs="+", metavar="PATH")
+    r.add_argument("--out", type=Path, help="write the forest as JSON (atomically)")
+    r.add_argument("--dot", type=Path, help="write a Graphviz DOT file")
+    r.add_argument("--mermaid", type=Path, help="write a Mermaid graph")
+    r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder): mark and score edges")
+    add_recovery_options(r)
+    r.set_defaults(func=_recover)
+
+
+def add_recovery_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``lineage recover`` and ``demo``."""
+    p.add_argument("--stage", choices=("auto", "specialize", "generalize"), default="auto",
+                   help="kurtosis direction: fine-tuning (specialize) or pretraining-like (generalize); "
+                        "default: decided from the weights")
+    p.add_argument("--trees", type=int, metavar="K", help="number of trees (default: found from the data)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.3, metavar="X",
+                   help="direction penalty in units of the mean distance (default 0.3)")
+    p.add_argument("--layers", metavar="REGEX", help="compare only tensors whose name matches (default: square matrices)")
+    p.add_argument("--distance", choices=("auto", "l2", "rank"), default="auto",
+                   help="l2 (full fine-tuning), rank (LoRA) or auto (default)")
+    p.add_argument("--method", choices=("atlas", "mother-paper"), default="atlas",
+                   help="atlas (default) or the published recipe (needs --trees and --stage)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from modelatlas.lineage import LineageConfig
+
+    return LineageConfig(method=args.method, stage=args.stage, n_trees=args.trees, lam=args.lam,
+                         layers=args.layers, distance=args.distance)
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Model paths from the arguments; a path that is neither a model nor a folder of models is reported
+    on stderr and skipped."""
+    from modelatlas.weights import discover_models
+
+    found: list[Path] = []
+    for p in paths:
+        try:
+            found.extend(discover_models([p]))
+        except AtlasError as e:
+            print(f"skipped: {' '.join(str(e).split())}", file=sys.stderr)
+    return found
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from modelatlas.lineage import LineageRecovery
+
+    config = config_from_args(args)
+    truth = _load_truth(args.truth)
+    models = expand_paths(args.paths)
+    if not models:
+        raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
+    forest = LineageRecovery(config).fit(models, progress=tqdm_progress).forest_
+    show_forest(forest, truth)
+    _write_outputs(args, forest, truth)
+    return 0
+
+
+def _load_truth(path: Path | None):
+    if path is None:
+        return None
+    from modelatlas.zoo.manifest import load_manifest
+
+    return load_manifest(path)
+
+
+def show_forest(forest, truth=None) -> None:
+    """Skipped models (stderr), the tree drawing, the decisions and, with ``truth``, the scores."""
+    from modelatlas.lineage.export import to_text
+    from modelatlas.lineage.scoring import edge_marks, score_forest
+
+    for name, why in forest.skipped.items():
+        print(f"skipped {name}: {' '.join(why.split())}", file=sys.stderr)
+    marks = edge_marks(forest, truth) if truth is not None else None
+    echo(to_text(forest, marks).rstrip("\n"))
+    d = forest.decisions
+    how = "given" if d.get("stage_given") else f"from the weights, confidence {d['stage_confidence']:.2f}"
+    k_how = "given" if d.get("n_trees_given") else "found from the data"
+    echo(f"\n{len(forest.nodes)} models, {d['n_trees']} trees ({k_how}); stage: {d['stage']} ({how}); "
+         f"distance: {d['distance']}")
+    if truth is not None:
+        s = score_forest(forest, truth)
+        echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
+             f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}")
+
+
+def _write_outputs(args: argparse.Namespace, forest, truth) -> None:
+    from modelatlas.lineage.export import to_dot, to_mermaid
+    from modelatlas.lineage.scoring import edge_marks, score_forest
+
+    marks = edge_marks(forest, truth) if truth is not None else None
+    if args.out:
+        data = forest.to_dict()
+        if truth is not None:
+            data["scores"] = score_forest(forest, truth).as_dict()
+        from modelatlas.atomic import atomic_write_json
+
+        atomic_write_json(args.out, data)
+        echo(f"wrote {args.out}")
+    if args.dot:
+        atomic_write_text(args.dot, to_dot(forest, marks))
+        echo(f"wrote {args.dot}")
+    if args.mermaid:
+        atomic_write_text(args.mermaid, to_mermaid(forest, marks))
+        echo(f"wrote {args.mermaid}")

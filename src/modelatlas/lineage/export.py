@@ -1,0 +1,70 @@
+"""Forest export: Graphviz DOT and Mermaid text, and the terminal tree drawing (unicode tree lines).
+
+Pure functions returning strings; the CLI writes them (atomically) or prints them. With ``marks``
+(from :func:`modelatlas.lineage.scoring.edge_marks`) each edge is marked right (green / ✓) or wrong
+(red / ✗). Time O(N + E).
+"""
+
+from __future__ import annotations
+
+from modelatlas.lineage.forest import Forest
+
+_COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red"}
+_SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗"}
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(forest: Forest, marks: dict | None = None) -> str:
+    """Graphviz ``digraph``: one node per model, edges labelled with their confidence score."""
+    lines = ["digraph lineage {", "  rankdir=TB;", "  node [shape=box, fontname=Helvetica];"]
+    for n in forest.nodes:
+        lines.append(f"  {_q(n)};")
+    for e in forest.edges:
+        attrs = [f'label="{e.score:.2f}"']
+        mark = (marks or {}).get((e.parent, e.child))
+        if mark:
+            attrs.append(f"color={_COLORS[mark]}")
+        lines.append(f"  {_q(e.parent)} -> {_q(e.child)} [{', '.join(attrs)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_mermaid(forest: Forest, marks: dict | None = None) -> str:
+    """Mermaid ``graph TD`` (renders in GitHub Markdown); node ids are n0, n1, ... labelled by name."""
+    ids = {n: f"n{i}" for i, n in enumerate(forest.nodes)}
+    lines = ["graph TD"]
+    for n in forest.nodes:
+        label = n.replace('"', "'")
+        lines.append(f'  {ids[n]}["{label}"]')
+    styles = []
+    for i, e in enumerate(forest.edges):
+        mark = (marks or {}).get((e.parent, e.child))
+        tag = f" {_SYMBOLS[mark]}" if mark else ""
+        lines.append(f"  {ids[e.parent]} -->|{e.score:.2f}{tag}| {ids[e.child]}")
+        if mark:
+            styles.append(f"  linkStyle {i} stroke:{_COLORS[mark]}")
+    return "\n".join(lines + styles) + "\n"
+
+
+def to_text(forest: Forest, marks: dict | None = None) -> str:
+    """The forest drawn with unicode tree lines, each edge with its score (and ✓/✗ with ``marks``)."""
+    kids = forest.children()
+    out = []
+    for t, root in enumerate(forest.roots()):
+        size = next((len(tr) for tr in forest.trees if root in tr), None)
+        out.append(f"{root}" + (f"  [tree {t + 1}, {size} models]" if size else ""))
+        _draw(root, "", kids, marks, out)
+    return "\n".join(out) + "\n"
+
+
+def _draw(node: str, prefix: str, kids: dict, marks: dict | None, out: list[str]) -> None:
+    edges = kids.get(node, [])
+    for i, e in enumerate(edges):
+        last = i == len(edges) - 1
+        mark = (marks or {}).get((e.parent, e.child))
+        tag = f"  {_SYMBOLS[mark]}" if mark else ""
+        out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  ({e.score:.2f}){tag}")
+        _draw(e.child, prefix + ("    " if last else "│   "), kids, marks, out)

@@ -1,0 +1,86 @@
+"""Scoring a recovered forest against the truth (a zoo manifest or a child -> parent dict).
+
+* directed-edge accuracy: |predicted edges that are true edges, same direction| / |true edges|
+  (MoTHer's metric; with n - 1 predicted edges per tree it equals precision and recall);
+* undirected-edge accuracy: the same, ignoring direction;
+* clustering ARI: adjusted Rand index between predicted trees (connected components) and true trees.
+
+True edges whose models were skipped (unreadable) count as misses: a skipped model is a failure to recover.
+Time O(N + E).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sklearn.metrics import adjusted_rand_score
+
+from modelatlas.lineage.forest import Forest
+from modelatlas.zoo.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class LineageScore:
+    directed: float
+    undirected: float
+    ari: float
+    n_true_edges: int
+    n_correct: int
+
+    def as_dict(self) -> dict:
+        return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
+                "true_edges": self.n_true_edges, "correct_edges": self.n_correct}
+
+
+def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
+    """Child -> parent (None for roots) from a manifest or a dict."""
+    return truth.parents() if isinstance(truth, Manifest) else dict(truth)
+
+
+def edge_accuracy(pred: set[tuple[str, str]], true: set[tuple[str, str]], directed: bool = True) -> float:
+    """Fraction of true (parent, child) edges found; 1.0 when there are no true edges and none predicted."""
+    if not true:
+        return 1.0 if not pred else 0.0
+    if directed:
+        return len(pred & true) / len(true)
+    und = {frozenset(e) for e in pred}
+    return sum(frozenset(e) in und for e in true) / len(true)
+
+
+def tree_labels(parents: Mapping[str, str | None]) -> dict[str, str]:
+    """Each node's root (its tree's label), following parent links. Time O(N depth)."""
+    out = {}
+    for node in parents:
+        seen, v = set(), node
+        while parents.get(v) is not None and v not in seen:
+            seen.add(v)
+            v = parents[v]
+        out[node] = v
+    return out
+
+
+def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> LineageScore:
+    """Directed and undirected edge accuracy and tree ARI of ``forest`` against ``truth``."""
+    parents = truth_parents(truth)
+    true = {(p, c) for c, p in parents.items() if p is not None}
+    pred = {(e.parent, e.child) for e in forest.edges}
+    common = [n for n in forest.nodes if n in parents]
+    t_lab, p_lab = tree_labels(parents), tree_labels(forest.parents())
+    ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
+    return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
+                        len(true), len(pred & true))
+
+
+def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
+    """(parent, child) -> "right", "reversed" (true edge, wrong direction) or "wrong"."""
+    parents = truth_parents(truth)
+    out = {}
+    for e in forest.edges:
+        if parents.get(e.child) == e.parent:
+            out[(e.parent, e.child)] = "right"
+        elif parents.get(e.parent) == e.child:
+            out[(e.parent, e.child)] = "reversed"
+        else:
+            out[(e.parent, e.child)] = "wrong"
+    return out
