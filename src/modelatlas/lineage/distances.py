@@ -95,14 +95,16 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool) -> None:
     mean = x[ok].double().mean(0) if ok.any() else torch.zeros(p, dtype=torch.float64)
     gram = torch.zeros(n, n, dtype=torch.float64)
     raw = torch.zeros(n, dtype=torch.float64)  # per model: sum of x^2 (uncentred squared norm)
-    mom = torch.zeros(n, 4, dtype=torch.float64)  # per model: sums of c, c^2, c^3, c^4 (c = x - layer mean)
+    mom = torch.zeros(n, 4, dtype=torch.float64)  # per model: sums of e, e^2, e^3, e^4 (e = x - a scalar shift)
+    shift = float(mean.mean())  # a scalar: kurtosis is about each model's own entries, not across models
     for a in range(0, p, _CHUNK):
         xa = x[:, a:a + _CHUNK].double()  # (N, B)
         c = xa - mean[a:a + _CHUNK]  # (N, B) centred on the layer mean: Gram entries stay small
         gram += c @ c.T
         raw += (xa * xa).sum(1)
-        c2 = c * c
-        mom += torch.stack([c.sum(1), c2.sum(1), (c2 * c).sum(1), (c2 * c2).sum(1)], 1)
+        e = xa - shift  # (N, B)
+        e2 = e * e
+        mom += torch.stack([e.sum(1), e2.sum(1), (e2 * e).sum(1), (e2 * e2).sum(1)], 1)
         if l1:
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
     sq = torch.diagonal(gram)
@@ -110,12 +112,12 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool) -> None:
     scale = ((raw[:, None] + raw[None, :]) / 2).clamp_min(1e-30)
     st.rms += (d2 / p).sqrt().numpy()
     st.rel += (d2 / scale).sqrt().numpy()
-    st.kurtosis += _kurtosis_from_moments(mom, p, mean).numpy()
+    st.kurtosis += _kurtosis_from_moments(mom, p).numpy()
 
 
-def _kurtosis_from_moments(mom: torch.Tensor, p: int, mean: torch.Tensor) -> torch.Tensor:
-    """Fisher (excess) kurtosis of each row from sums of powers of (x - layer mean). Time O(N)."""
-    m1, m2, m3, m4 = (mom / p).unbind(1)  # raw moments of c; the row's own mean is m1
+def _kurtosis_from_moments(mom: torch.Tensor, p: int) -> torch.Tensor:
+    """Fisher (excess) kurtosis of each row from sums of powers of its shifted entries. Time O(N)."""
+    m1, m2, m3, m4 = (mom / p).unbind(1)  # raw moments of the shifted entries; the row's own mean is m1
     var = (m2 - m1**2).clamp_min(1e-300)
     c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4  # fourth central moment of the row
     return c4 / var**2 - 3.0
