@@ -69,3 +69,9 @@ def test_herding_oracle():
     feats = torch.tensor([[0.0], [10.0], [4.0], [6.0]])  # mean 5: first pick closest (4 or 6), then balance
     picks = herd(feats, 2)
     assert picks[0] in (2, 3) and set(picks) == {2, 3}
+
+
+def test_one_d_signals_turn_dsa_off():
+    tr = load_dataset("mnist1d", "train").subset(list(range(200)))
+    syn = distill("dsa", tr, 1, {"iterations": 1, "width": 8, "batch_real": 8})
+    assert syn.images.shape == (10, 1, 40)

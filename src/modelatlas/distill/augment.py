@@ -111,7 +111,7 @@ class DSAParams:
             x = torch.where(flip, x.flip(3), x)
         if "crop_x" in v:
             x = _crop(x, v, self.cfg)
-        if "cutout" in self.cfg.families and "cut_x" in v:
+        if "cut_x" in v:
             x = _cutout(x, v, self.cfg)
         return x
 

@@ -70,7 +70,7 @@ def run(train: ArrayDataset, ipc: int, config: DCConfig, ctx: DistillContext) ->
     syn = init_synthetic(train, ipc, config.init, ctx.seed).to(ctx.device)
     img_opt = torch.optim.SGD([syn.images], lr=config.lr_img, momentum=config.momentum_img)
     sampler = ClassSampler(train, ctx.device)
-    dsa = DSA.for_dataset(train.input_shape) if config.dsa else None
+    dsa = DSA.for_dataset(train.input_shape) if config.dsa and len(train.input_shape) == 3 else None  # images only
     spec, (outer, inner) = config.net_spec(train.input_shape), config.loops(ipc)
 
     def step(it: int, gen: torch.Generator) -> float:
