@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, solve_tree, violations
+
+
+def make_chain():
+    """a - b - c with distances 1 (neighbours) and 2 (a-c); kurtosis falls a > b > c."""
+    d = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float)
+    return d, np.array([3.0, 2.0, 1.0])
+
+
+def test_chain_orientation_specialize_points_down_the_kurtosis():
+    d, k = make_chain()
+    parent, cost, bad = solve_tree(d, k, "specialize", 0.3)
+    assert parent == [-1, 0, 1]  # a -> b -> c: fine-tuning lowers kurtosis
+    assert bad == 0 and cost == 2.0
+
+
+def test_chain_orientation_generalize_points_up_the_kurtosis():
+    d, k = make_chain()
+    parent, _, bad = solve_tree(d, k, "generalize", 0.3)
+    assert parent == [1, 2, -1]  # c -> b -> a
+    assert bad == 0
+
+
+def test_chain_gives_no_stage_evidence():
+    d, k = make_chain()
+    stage, conf, info = decide_stage([(d, k)], 0.3)
+    assert stage == "specialize" and conf == pytest.approx(0.5)
+    assert info["stage_evidence"] == pytest.approx(0.0)
+
+
+def make_star(k_root, k_leaves):
+    """Root 0 with 3 children at distance 1; children 1.5 apart (siblings)."""
+    d = np.full((4, 4), 1.5)
+    d[0, 1:] = d[1:, 0] = 1.0
+    np.fill_diagonal(d, 0)
+    return d, np.array([k_root, *k_leaves])
+
+
+@pytest.mark.parametrize("stage,k_root", [("specialize", 5.0), ("generalize", -1.0)])
+def test_star_reveals_the_stage(stage, k_root):
+    d, k = make_star(k_root, [1.0, 2.0, 3.0])
+    got, conf, _ = decide_stage([(d, k)], 0.3)
+    assert got == stage and conf > 0.6
+    parent, _, _ = solve_tree(d, k, got, 0.3)
+    assert parent == [-1, 0, 0, 0]
+
+
+def test_violations_and_costs():
+    k = np.array([2.0, 1.0])
+    assert violations(k, "specialize").tolist() == [[False, False], [True, False]]
+    m = edge_costs(np.array([[0, 1.0], [1.0, 0]]), k, "specialize", 0.3)
+    assert m[0, 1] == 1.0 and m[1, 0] == pytest.approx(1.3) and np.isinf(m[0, 0])
+
+
+def test_scores_in_unit_interval_and_ordered():
+    d, k = make_star(5.0, [1.0, 2.0, 3.0])
+    m = edge_costs(d, k, "specialize", 0.3)
+    scores = edge_scores(m, [-1, 0, 0, 0])
+    assert all(0 <= s <= 1 for s in scores) and scores[0] == 1.0
+    # child 1: another parent (a sibling) costs 1.5; reversing the edge costs 1 + 0.3 * mean(D) =
+    # 1 + 0.3 * 1.25 = 1.375, the cheaper alternative: score = 1 - 1 / 1.375.
+    assert scores[1] == pytest.approx(1 - 1 / 1.375)
+    tie = edge_scores(np.array([[np.inf, 1.0, 1.0], [1.0, np.inf, 1.0], [1.0, 1.0, np.inf]]), [-1, 0, 0])
+    assert tie[1] == 0.0
