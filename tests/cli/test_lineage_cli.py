@@ -1,0 +1,72 @@
+import json
+
+import pytest
+from safetensors.torch import save_file
+
+from modelatlas.cli.main import main
+from modelatlas.lineage.synthetic import make_synthetic_forest
+from modelatlas.zoo.manifest import Manifest, ModelRecord
+
+
+def make_tiny_zoo(folder, broken=False):
+    """A synthetic zoo on disk: 2 trees x 2 children x depth 1, safetensors files and a manifest."""
+    weights, parents = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
+    records = []
+    for name, tensors in weights.items():
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+        root = name.split("_")[0]
+        records.append(ModelRecord(name, f"{name}.safetensors", parents[name], root))
+    Manifest(records).save(folder / "manifest.json")
+    if broken:
+        (folder / "broken.safetensors").write_bytes(b"\xff" * 4)
+    return parents
+
+
+def test_recover_with_truth_and_outputs(tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    make_tiny_zoo(zoo, broken=True)
+    out = tmp_path / "forest.json"
+    code = main(["lineage", "recover", str(zoo), "--truth", str(zoo), "--out", str(out),
+                 "--dot", str(tmp_path / "f.dot"), "--mermaid", str(tmp_path / "f.mmd"), "--stage", "specialize"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("skipped broken:") == 1 and "broken.safetensors" in captured.err
+    assert "directed-edge accuracy 100.0% (4/4)" in captured.out
+    assert "├── t0_0  (" in captured.out and "✓" in captured.out and "✗" not in captured.out
+    data = json.loads(out.read_text())
+    assert {"parent": "t0", "child": "t0_0"} == {k: v for k, v in data["edges"][0].items() if k in ("parent", "child")}
+    assert data["decisions"]["stage"] == "specialize" and data["decisions"]["n_trees"] == 2
+    assert data["scores"]["directed_accuracy"] == 1.0
+    assert all(0 <= e["score"] <= 1 for e in data["edges"])
+    assert (tmp_path / "f.dot").read_text().startswith("digraph")
+    assert (tmp_path / "f.mmd").read_text().startswith("graph TD")
+
+
+def test_files_as_paths_and_options(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    files = sorted(str(p) for p in tmp_path.glob("*.safetensors"))
+    code = main(["lineage", "recover", *files, "--trees", "2", "--lambda", "0.5", "--layers", "attn",
+                 "--distance", "l2", "--stage", "generalize"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 trees (given); stage: generalize (given); distance: l2" in out
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["lineage", "recover", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "skipped:" in err and "no such file or folder" in err and "error: no models found" in err
+    make_tiny_zoo(tmp_path)
+    assert main(["lineage", "recover", str(tmp_path), "--trees", "0"]) == 1
+    assert capsys.readouterr().err == "error: n_trees must be a positive integer or None (find it from the data); got 0\n"
+    assert main(["lineage", "recover", str(tmp_path), "--method", "mother-paper", "--trees", "2"]) == 1
+    assert "must be told the stage" in capsys.readouterr().err
+    assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path / "missing.json")]) == 1
+    assert "no such manifest" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "directed-edge accuracy" in out and "tree ARI" in out
