@@ -56,11 +56,11 @@ def timed(fn):
 
 
 def load_task_a(zoo: Path, seed: int):
-    manifest = make_class_subset_zoo(zoo / "classes", seed=seed)
+    manifest = make_class_subset_zoo(zoo / "classes_deep", intermediates=20, seed=seed)
     trees: dict[str, dict] = {}
     for tree in sorted({m.tree for m in manifest.models}):
-        recs = [m for m in manifest.models if m.tree == tree and m.parent is not None]
-        layers = load_layers([manifest.root / m.path for m in recs], ALL)
+        recs = [m for m in manifest.models if m.tree == tree and m.parent is not None and "classes" in m.task]
+        layers = load_layers([manifest.root / m.path for m in recs], ALL, matrices=False)
         y = np.zeros((len(recs), 10), dtype=np.float32)
         for i, m in enumerate(recs):
             y[i, m.task["classes"]] = 1
@@ -97,16 +97,35 @@ def task_a(trees: dict, cfg: ProbeXConfig, out: list[str]) -> None:
             "| layer | shape | val acc |", "|---|---|---|"]
     out += [f"| {k}{' (chosen)' if k == best else ''} | {tuple(d['layers'][k].shape[1:])} | {v:.3f} |"
             for k, v in scores.items()]
-    out += ["", f"### Task A within tree {main} ({len(d['train'])} train / {len(d['test'])} test models, "
-            f"layer {best})", "", "| method | per-label acc | exact-set acc | parameters | train time (s) |",
-            "|---|---|---|---|---|"]
+    for layer in dict.fromkeys([best, "layers.1.weight"]):
+        within(d, main, layer, cfg, sets, tests, out)
+    sweep(d, cfg, "layers.1.weight", out)
+    for layer in dict.fromkeys([best, "layers.1.weight"]):
+        across(trees, sets, tests, cfg, layer, out)
+
+
+def within(d, main, layer, cfg, sets, tests, out) -> None:
+    out += [f"### Task A within tree {main} ({len(d['train'])} train / {len(d['test'])} test models, layer "
+            f"{layer} {tuple(d['layers'][layer].shape[1:])})", "",
+            "| method | per-label acc | exact-set acc | parameters | train time (s) |", "|---|---|---|---|---|"]
     for kind in ("probex", "dense", "statnn"):
-        (acc, exact), params, sec = fit_eval(kind, cfg, best, [sets[main]], tests[main])
+        (acc, exact), params, sec = fit_eval(kind, cfg, layer, [sets[main]], tests[main])
         label = {"probex": f"ProbeX (r={cfg.rank_u})", "dense": "dense linear expert",
-                 "statnn": "StatNN (9 stats x 8 tensors, boosting)"}[kind]
-        out.append(f"| {label} | {acc:.3f} | {exact:.3f} | {params:,} | {sec:.1f} |")
+                 "statnn": "StatNN (9 stats x 8 tensors, boosting; all layers)"}[kind]
+        out.append(f"| {label} | {acc:.3f} | {exact:.3f} | {params if params else '-'} | {sec:.1f} |")
     out += ["", "chance: per-label 0.5, exact set 1/C(10,5) = 0.004", ""]
-    across(trees, sets, tests, cfg, best, out)
+
+
+def sweep(d, cfg, layer, out) -> None:
+    """Per-label test accuracy against the number of training models (the dense expert's weak spot)."""
+    sizes = [n for n in (50, 100, 200, 400) if n < len(d["train"])] + [len(d["train"])]
+    out += [f"### Task A: training models vs per-label test accuracy (layer {layer})", "",
+            "| train models | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes)]
+    for kind in ("probex", "dense"):
+        accs = [fit_eval(kind, cfg, layer, [(d["layers"], d["y"], d["train"][:n])],
+                         (d["layers"], d["y"], d["test"]))[0][0] for n in sizes]
+        out.append(f"| {'ProbeX' if kind == 'probex' else 'dense'} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
+    out.append("")
 
 
 def across(trees, sets, tests, cfg, layer, out) -> None:
@@ -117,7 +136,7 @@ def across(trees, sets, tests, cfg, layer, out) -> None:
     experts = {t: ProbeXClassifier(cfg, layer).fit(sets[t][0][layer][sets[t][2]], sets[t][1][sets[t][2]]) for t in names}
     router = TreeRouter().fit(torch.cat([sets[t][0][layer][sets[t][2]] for t in names]),
                               [t for t in names for _ in sets[t][2]])
-    out += ["### Task A across trees (per-label acc / exact-set acc on each tree's test models)", "",
+    out += [f"### Task A across trees, layer {layer} (per-label acc / exact-set acc on each tree's test models)", "",
             "| expert | " + " | ".join(names) + " | all |", "|---|" + "---|" * (len(names) + 1)]
     rows = {"pooled (one expert, all trees)": {}, "tree experts + router": {}, "own-tree expert (oracle)": {}}
     routed_ok = total = 0
@@ -174,8 +193,8 @@ def task_b(data, cfg: ProbeXConfig, out: list[str]) -> None:
                                                   for k, v in scores.items()]
     out += ["", f"### Task B: weights <-> MiniLM text ({len(seen_cls)} seen / {len(unseen_cls)} held-out named "
             f"classes, {len(tr)} train models, layer {best})", "",
-            "| method | in-dist top-1 | zero-shot top-1 | search: matching model first | parameters | train (s) |",
-            "|---|---|---|---|---|---|"]
+            "| method | in-dist top-1 | zero-shot top-1 | search top-1 match (cosine) | search top-1 match "
+            "(normalised) | parameters | train (s) |", "|---|---|---|---|---|---|---|"]
     pool = np.concatenate([te, unseen_idx])  # search ranks every test model
     for label, over in (("ProbeX", {}), ("ProbeX without ReLU", {"relu": False}), ("dense expert", {"model": "dense"})):
         c = ProbeXConfig(**{**tcfg.to_dict(), **over})
@@ -184,14 +203,18 @@ def task_b(data, cfg: ProbeXConfig, out: list[str]) -> None:
         zs = (unseen_cls[est.predict(layers[best][unseen_idx], text[unseen_cls])] == labels[unseen_idx]).mean()
         sim = est.similarity(layers[best][pool], text[unseen_cls])  # (models, unseen queries)
         first = (labels[pool][sim.argmax(0)] == unseen_cls).mean()
-        out.append(f"| {label} | {ind:.3f} | {zs:.3f} | {first:.2f} | {est.n_parameters_:,} | {sec:.1f} |")
+        norm = np.stack([est.search_scores(layers[best][pool], text[c], text[seen_cls]) for c in unseen_cls], 1)
+        first_n = (labels[pool][norm.argmax(0)] == unseen_cls).mean()
+        out.append(f"| {label} | {ind:.3f} | {zs:.3f} | {first:.2f} | {first_n:.2f} | {est.n_parameters_:,} | {sec:.1f} |")
         if label == "ProbeX":
-            examples = [(prompts[c], [prompts[labels[pool][i]] for i in np.argsort(-sim[:, j])[:3]])
+            examples = [(prompts[c], [prompts[labels[pool][i]] for i in np.argsort(-norm[:, j])[:3]])
                         for j, c in enumerate(unseen_cls[:3])]
     out += ["", f"chance: in-dist 1/{len(seen_cls)} = {1 / len(seen_cls):.3f}, zero-shot 1/{len(unseen_cls)} = "
             f"{1 / len(unseen_cls):.3f}; search: {len(unseen_cls)} held-out prompts over {len(pool)} test models "
             f"(chance of a match first ~{np.mean([(labels[pool] == c).mean() for c in unseen_cls]):.3f})", "",
-            "Example searches (held-out prompts, top 3 models' true classes):", ""]
+            "Search top-1 match: for each held-out prompt, is the top-ranked test model one of that class? "
+            "Normalised = log-probability of the query against the 48 seen prompts (what `atlas probex search` "
+            "uses).", "", "Example searches (held-out prompts, normalised, top 3 models' true classes):", ""]
     out += [f"- \"{q}\" -> " + "; ".join(f'"{p}"' for p in top) for q, top in examples]
     out.append("")
 
@@ -226,8 +249,9 @@ def main(argv=None) -> int:
     out = [f"Command: `python bench/probex.py --zoo {args.zoo} --epochs {args.epochs} --rank {args.rank} "
            f"--seed {args.seed}{' --write' if args.write else ''}` (1 thread, {time.strftime('%Y-%m-%d')}).", "",
            "Zoos (modelatlas.probex.families, MLP 64-128-128-128-10 on sklearn digits, cached): Task A: 3 trees "
-           "(1,000 / 300 / 300 fine-tunes of roots with different seeds), each child fine-tuned 40-100 Adam steps "
-           "on a random 5 of the 10 classes; Task B: 1 root, 60 named classes (10 digits x 6 transforms named in "
+           "(roots with different seeds; 20 all-class intermediate fine-tunes of 150-300 steps each, then 1,000 / "
+           "300 / 300 children below them), each child fine-tuned 40-100 Adam steps (lr 5e-4-2e-3) on a random 5 "
+           "of the 10 classes; 80/20 train/test split per tree. Task B: 1 root, 60 named classes (10 digits x 6 transforms named in "
            "words) x 10 fine-tunes with the class's digit weighted 8x on transformed inputs.", ""]
     t0 = time.perf_counter()
     if args.skip != "a":

@@ -70,5 +70,5 @@ def test_text_train_and_search(tmp_path, capsys):
     assert main(["probex", "search", "a handwritten seven, upside down", str(zoo), "--experts", str(out),
                  "--top", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-3].strip().startswith("1. ") and "cosine" in lines[-1]
+    assert lines[-3].strip().startswith("1. ") and "log p(query)" in lines[-1]
     assert main(["probex", "search", "seven", str(zoo), "--experts", str(tmp_path / "missing")]) == 1

@@ -99,11 +99,11 @@ def _search(args: argparse.Namespace) -> int:
     if experts.task != "text":
         raise ConfigError(f"{args.experts}: experts were trained with --task {experts.task}; search needs --task text")
     x, routes = experts.read(_model_paths(args.models), tqdm_progress)
-    scores = experts.similarity(x, routes, encode_texts([args.query]))
+    scores = experts.search_scores(x, routes, encode_texts([args.query]))
     for r in routes:
         if not r.known:
             warn(f"{r.message()}; skipped")
     order = [i for i in scores.argsort()[::-1] if routes[i].known][: args.top]
     for rank, i in enumerate(order, 1):
-        echo(f"{rank:3d}. {routes[i].name}  cosine {scores[i]:.3f}")
+        echo(f"{rank:3d}. {routes[i].name}  log p(query) {scores[i]:.3f}")
     return 0

@@ -168,10 +168,12 @@ class TreeExperts:
         """Per model, its tree expert's class probabilities (None for a model in no known tree)."""
         return [self.experts[r.tree].predict_proba(x[i:i + 1])[0] if r.known else None for i, r in enumerate(routes)]
 
-    def similarity(self, x, routes: list[RouteResult], query_embedding) -> np.ndarray:
-        """Cosine of every model to one query through its tree's text expert (-inf outside known trees)."""
+    def search_scores(self, x, routes: list[RouteResult], query_embedding) -> np.ndarray:
+        """Every model's score for one query through its tree's text expert, normalised against that expert's
+        seen prompts (see ProbeXTextAligner.search_scores); -inf outside known trees."""
         scores = np.full(len(routes), -np.inf)
         for i, r in enumerate(routes):
             if r.known:
-                scores[i] = self.experts[r.tree].similarity(x[i:i + 1], query_embedding)[0, 0]
+                expert = self.experts[r.tree]
+                scores[i] = expert.search_scores(x[i:i + 1], query_embedding, expert.text_)[0]
         return scores

@@ -135,7 +135,8 @@ def _fine_tune_batches(root, inputs, y, weights, config: dict, seed: int, progre
     chunk = config["batch_models"]
     for start in resolve(progress)(range(0, n, chunk), total=-(-n // chunk), desc="fine-tune"):
         end = min(n, start + chunk)
-        stacked = {k: v.expand(end - start, *v.shape[1:]) for k, v in root.items()}
+        # ``root`` is one model (1, ...) shared by all children, or one start point per child (n, ...).
+        stacked = {k: v.expand(end - start, *v.shape[1:]) if v.shape[0] == 1 else v[start:end] for k, v in root.items()}
         ins = inputs if inputs.shape[0] == 1 else inputs[start:end]
         yield start, train_stacked(stacked, ins, y, weights[start:end], lrs[start:end], steps[start:end], 128,
                                    derive_seed(seed, "batch", start))
@@ -143,12 +144,16 @@ def _fine_tune_batches(root, inputs, y, weights, config: dict, seed: int, progre
 
 def make_class_subset_zoo(folder: str | Path, children: tuple[int, ...] = (1000, 300, 300), hidden: int = 128,
                           subset_size: int = 5, ft_steps=(40, 100), ft_lr=(5e-4, 2e-3), batch_models: int = 200,
-                          seed: int = 0, progress: Progress | None = None) -> Manifest:
+                          intermediates: int = 0, seed: int = 0, progress: Progress | None = None) -> Manifest:
     """Trees of fine-tunes on random class subsets (Task A). Tree k has a root seeded from (seed, k) and
-    ``children[k]`` children. Cached: an existing manifest with the same config is returned as is."""
+    ``children[k]`` children. ``intermediates > 0`` first fine-tunes that many all-class models from the root
+    (150-300 steps, lr 1e-3-3e-3: the nuisance of a deeper tree) and hangs the children below them in turn.
+    Cached: an existing manifest with the same config is returned as is."""
     folder = Path(folder)
     config = {"family": "class_subset_star", "children": list(children), "hidden": hidden, "subset_size": subset_size,
               "ft_steps": list(ft_steps), "ft_lr": list(ft_lr), "batch_models": batch_models, "seed": seed}
+    if intermediates:
+        config["intermediates"] = intermediates
     if (cached := _cached(folder, config)) is not None:
         return cached
     x, y = _digits()
@@ -159,6 +164,8 @@ def make_class_subset_zoo(folder: str | Path, children: tuple[int, ...] = (1000,
         root = _train_root(x, y, hidden, derive_seed(seed, "root", k))
         records.append(ModelRecord(tree, _save_model(folder, tree, _unstack(root, 0)), None, tree, "mlp", "digits",
                                    "root", task={"kind": "class_subset", "classes": list(range(10))}))
+        parents, root = _intermediates(folder, tree, root, intermediates, n_children, flat, y, records,
+                                       derive_seed(seed, "mid", k))
         rng = np.random.default_rng(derive_seed(seed, "subsets", k))
         subsets = [sorted(rng.choice(10, subset_size, replace=False).tolist()) for _ in range(n_children)]
         weights = torch.stack([torch.isin(y, torch.tensor(s)).float() for s in subsets])  # (n, N)
@@ -167,11 +174,26 @@ def make_class_subset_zoo(folder: str | Path, children: tuple[int, ...] = (1000,
                 name = f"{tree}-c{start + i:04d}"
                 task = {"kind": "class_subset", "dataset": "digits", "classes": subsets[start + i],
                         "label": "digits classes " + ",".join(map(str, subsets[start + i]))}
-                records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), tree, tree, "mlp",
-                                           "digits", "full", task=task))
+                records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), parents[start + i],
+                                           tree, "mlp", "digits", "full", task=task))
     manifest = Manifest(records, config, folder)
     manifest.save(folder / "manifest.json")
     return manifest
+
+
+def _intermediates(folder, tree, root, count, n_children, flat, y, records, seed):
+    """(parent name per child, start weights): the root itself, or ``count`` all-class fine-tunes of it."""
+    if not count:
+        return [tree] * n_children, root
+    stacked = {k: v.expand(count, *v.shape[1:]) for k, v in root.items()}
+    steps, lrs = _ranges(count, seed, (150, 300), (1e-3, 3e-3))
+    mids = train_stacked(stacked, flat, y, torch.ones(count, len(y)), lrs, steps, 128, derive_seed(seed, "train"))
+    for j in range(count):
+        name = f"{tree}-m{j:02d}"
+        records.append(ModelRecord(name, _save_model(folder, name, _unstack(mids, j)), tree, tree, "mlp", "digits",
+                                   "full", task={"kind": "all_classes", "label": "digits, all classes"}))
+    pick = torch.arange(n_children) % count  # child i hangs below intermediate i mod count
+    return [f"{tree}-m{j:02d}" for j in pick.tolist()], {k: v[pick] for k, v in mids.items()}
 
 
 def named_classes() -> list[tuple[int, str]]:

@@ -50,12 +50,14 @@ def candidate_layers(path: str | Path, min_size: int = 2) -> list[str]:
         return [t.name for t in ckpt.tensors() if len(t.shape) >= 2 and min(t.shape[:2]) >= min_size]
 
 
-def load_layers(paths: Sequence[str | Path], layers: Sequence[str],
-                progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """Several layers at once, each model opened once: name -> (B, d_H, d_W)."""
+def load_layers(paths: Sequence[str | Path], layers: Sequence[str], progress: Progress | None = None,
+                matrices: bool = True) -> dict[str, torch.Tensor]:
+    """Several layers at once, each model opened once: name -> (B, d_H, d_W) (``matrices=False``: the
+    tensors as stored, in float32, e.g. biases for StatNN)."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     for path in resolve(progress)(list(paths), total=len(paths), desc="read layers"):
         with open_checkpoint(path) as ckpt:
             for name in layers:
-                out[name].append(as_matrix(ckpt.read(name), name))
+                t = ckpt.read(name)
+                out[name].append(as_matrix(t, name) if matrices else t.float())
     return {name: torch.stack(mats) for name, mats in out.items()}  # each (B, d_H, d_W)

@@ -86,9 +86,24 @@ class ProbeXTextAligner(WeightExpert):
         """Softmax over the prompts of the temperature-scaled cosines, shape (B, C)."""
         return torch.softmax(torch.as_tensor(self.similarity(x, text_embeddings)) / self.config.temperature, 1).numpy()
 
-    def search(self, x, query_embedding) -> np.ndarray:
-        """Model indices ranked by cosine to one text query (best first)."""
-        return np.argsort(-self.similarity(x, query_embedding)[:, 0], kind="stable")
+    def search_scores(self, x, query_embedding, reference=None) -> np.ndarray:
+        """Score of every model for one text query, shape (B,).
+
+        Without ``reference``: the cosine to the query. With ``reference`` (C, d_text) prompts, e.g. the seen
+        classes': the log-probability of the query against query + references, log softmax_q(cos / T). This
+        normalises away models whose embedding is close to every prompt ("hubs"), so the top model is one
+        that matches the query better than any other description. Time O(B (C + 1) r_T).
+        """
+        query = torch.as_tensor(np.asarray(query_embedding), dtype=torch.float32).reshape(1, -1)  # (1, d_text)
+        if reference is None:
+            return self.similarity(x, query)[:, 0]
+        ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32)
+        logits = torch.as_tensor(self.similarity(x, torch.cat([query, ref]))) / self.config.temperature
+        return torch.log_softmax(logits, 1)[:, 0].numpy()  # (B,)
+
+    def search(self, x, query_embedding, reference=None) -> np.ndarray:
+        """Model indices ranked for one text query (best first); see :meth:`search_scores`."""
+        return np.argsort(-self.search_scores(x, query_embedding, reference), kind="stable")
 
     def _extra_tensors(self) -> dict:
         return {"text": self.text_}
