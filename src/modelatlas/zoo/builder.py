@@ -1,0 +1,154 @@
+"""``make_zoo``: train a planned zoo level by level in worker processes and write its manifest.
+
+A child needs its parent's weights, so level k starts when level k-1 is saved; within a level models train
+in parallel (multiprocessing ``spawn``, one torch thread per worker, which also keeps results independent
+of the worker count). Each finished model is a folder written atomically with ``zoo_record.json`` last;
+rerunning with ``resume=True`` skips finished folders. ``manifest.json`` is rewritten after every level.
+Time O(models x steps x batch cost) / workers; memory O(one dataset + one model) per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from modelatlas.errors import ConfigError
+from modelatlas.progress import Progress, resolve
+from modelatlas.zoo.architectures import build_model, head_name, lora_targets
+from modelatlas.zoo.config import ZooConfig
+from modelatlas.zoo.lora import adapter_config, adapter_tensors, add_lora, merge_lora
+from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo.plan import plan_zoo, zoo_arch_config
+from modelatlas.zoo.store import clear_folder, load_state, read_record, save_adapter, save_full, write_record
+from modelatlas.zoo.tasks import task_data
+from modelatlas.zoo.train import accuracy, fit
+
+
+def fingerprint(config: ZooConfig) -> str:
+    """A short hash of the config: resuming refuses folders built from another config."""
+    text = json.dumps(config.to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress: Progress | None = None,
+             resume: bool = True) -> Manifest:
+    """Train every model of ``config`` into ``out_dir`` (one folder per model) and return the manifest.
+
+    ``workers`` > 1 trains a level's models in that many spawned processes; ``resume`` skips models whose
+    folder is finished (and raises :class:`ConfigError` if it was built from a different config).
+    """
+    if not isinstance(config, ZooConfig):
+        raise ConfigError(f"config: expected a ZooConfig, got {type(config).__name__}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers: must be a positive integer, got {workers!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = zoo_arch_config(config)
+    nodes = plan_zoo(config)
+    meta = {**config.to_dict(), "arch_config": arch}
+    job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config)}
+    bar = resolve(progress)(_build(nodes, job, meta, workers, resume), total=len(nodes), desc="training zoo")
+    for rec in bar:
+        bar.set_postfix(model=rec["name"], acc=f"{rec['train'].get('test_acc', float('nan')):.2f}")
+    return load_manifest(out)
+
+
+def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool) -> Iterator[dict]:
+    """Yield each model's record as it finishes (or is found finished), level by level."""
+    out = Path(job["out"])
+    records: dict[str, dict] = {}
+    pool = None
+    try:
+        for level in sorted({n["level"] for n in nodes}):
+            todo = []
+            for node in (n for n in nodes if n["level"] == level):
+                done = _finished(out / node["name"], job["fingerprint"]) if resume else None
+                if done is not None:
+                    records[node["name"]] = done
+                    yield done
+                else:
+                    todo.append({**job, "node": node})
+            if workers > 1 and len(todo) > 1 and pool is None:
+                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+            results = pool.imap_unordered(build_one, todo) if pool is not None and len(todo) > 1 else map(_inline, todo)
+            for rec in results:
+                records[rec["name"]] = rec
+                yield rec
+            _write_manifest(out, nodes, records, meta)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _finished(folder: Path, fp: str) -> dict | None:
+    data = read_record(folder)
+    if data is None:
+        return None
+    if data.get("fingerprint") != fp:
+        raise ConfigError(f"{folder}: built from a different zoo config; choose another out_dir or pass "
+                          "resume=False (--no-resume) to rebuild it")
+    return data["record"]
+
+
+def _write_manifest(out: Path, nodes: list[dict], records: dict[str, dict], meta: dict) -> None:
+    models = [ModelRecord(**records[n["name"]]) for n in nodes if n["name"] in records]
+    Manifest(models, meta, out).save(out / "manifest.json")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _inline(job: dict) -> dict:
+    """Build in this process with one thread (the same arithmetic as a worker, so the same weights)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_one(job)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_one(job: dict) -> dict:
+    """Train, evaluate and save one planned model; returns its manifest record (a dict)."""
+    start = time.perf_counter()
+    node, arch, out = job["node"], job["arch"], Path(job["out"])
+    spec, task = node["train"], node["task"]
+    torch.manual_seed(spec["init_seed"])  # root init; a child's new head also draws from here
+    model = build_model(arch)
+    if node["parent"] is not None:
+        fresh_head = {k: v.clone() for k, v in model.get_submodule(head_name(arch)).state_dict().items()}
+        model.load_state_dict(load_state(out, node["parent"]))
+        if task.get("head") == "new":
+            model.get_submodule(head_name(arch)).load_state_dict(fresh_head)
+    x, y = task_data(task, "train", arch["input_shape"])
+    xt, yt = task_data(task, "test", arch["input_shape"], limit=job["eval_samples"])
+    wrappers = None
+    if node["method"] == "lora":
+        wrappers = add_lora(model, lora_targets(model), spec["lora_r"], spec["lora_alpha"], spec["seed"])
+    loss = fit(model, x, y, lr=spec["lr"], steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"])
+    acc = accuracy(model, xt, yt)
+    folder = out / node["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_folder(folder)
+    if node["storage"] == "adapter":
+        cfg = adapter_config(list(wrappers), spec["lora_r"], spec["lora_alpha"], node["parent"])
+        save_adapter(folder, adapter_tensors(wrappers), cfg)
+    else:
+        if wrappers is not None:
+            merge_lora(model, wrappers)
+        save_full(folder, model.state_dict(), arch)
+    train = {**spec, "train_loss": loss, "test_acc": acc, "n_train": len(y), "n_test": len(yt),
+             "seconds": round(time.perf_counter() - start, 3)}
+    record = {"name": node["name"], "path": node["name"], "parent": node["parent"], "tree": node["tree"],
+              "arch": arch["arch"], "dataset": task["dataset"], "method": node["method"],
+              "storage": node["storage"], "task": task, "train": train}
+    write_record(folder, record, job["fingerprint"])
+    return record

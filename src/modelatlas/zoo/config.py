@@ -1,0 +1,151 @@
+"""``ZooConfig``: everything that decides a zoo (same config and seed, bit-identical weights), and presets.
+
+Shapes: ``"tree"`` builds ``trees`` roots, each non-leaf node with ``children`` children, down to ``depth``
+levels below the root (``trees * (children**(depth+1) - 1) / (children - 1)`` models); ``"star"`` builds
+``trees`` roots with ``children`` direct children each (depth 1), e.g. 1 root x 1,000 fine-tunes for ProbeX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from modelatlas.errors import ConfigError
+
+ARCHS = ("mlp", "cnn", "vit")
+SHAPES = ("tree", "star")
+METHODS = ("full", "lora", "mixed")
+STORAGES = ("merged", "adapter")
+TASK_KINDS = ("class_subset", "transform", "dataset", "new_head")
+_RANGES = ("root_steps", "root_lr", "ft_steps", "ft_lr", "lora_lr")
+
+
+@dataclass
+class ZooConfig:
+    """A zoo: architecture, data, family shape, fine-tuning method and per-model hyperparameter ranges.
+
+    ``*_steps`` / ``*_lr`` are (low, high) ranges; each model draws its own value (steps uniform, lr
+    log-uniform) from a seed derived from ``seed`` and its name. ``lora_ranks`` lists the ranks LoRA
+    children draw from (several = mixed ranks); ``lora_alpha`` None means alpha = 2 r.
+    ``task_sampler`` names a registered sampler (:mod:`modelatlas.zoo.samplers`); the ``"mixed"`` sampler
+    draws child tasks of the kinds in ``task_kinds``.
+    """
+
+    arch: str = "mlp"
+    dataset: str = "digits"
+    arch_kwargs: dict = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None  # None: the dataset's own (C, H, W)
+    shape: str = "tree"
+    trees: int = 3
+    children: int = 2
+    depth: int = 2
+    method: str = "full"
+    storage: str = "merged"
+    lora_ranks: tuple[int, ...] = (4,)
+    lora_alpha: float | None = None
+    task_sampler: str = "mixed"
+    task_kinds: tuple[str, ...] = ("class_subset", "transform", "new_head")
+    transforms: tuple[str, ...] = ("rot90", "hflip", "vflip", "noise", "blur", "shift")
+    other_datasets: tuple[str, ...] = ()
+    subset_size: int | None = None  # classes per model for "random_class_subset" (None: half)
+    root_steps: tuple[int, int] = (250, 350)
+    root_lr: tuple[float, float] = (2e-3, 5e-3)
+    ft_steps: tuple[int, int] = (60, 120)
+    ft_lr: tuple[float, float] = (5e-4, 2e-3)
+    lora_lr: tuple[float, float] = (3e-3, 1e-2)
+    batch_size: int = 128
+    eval_samples: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input_shape", "lora_ranks", "task_kinds", "transforms", "other_datasets", *_RANGES):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), tuple):
+                setattr(self, name, tuple(getattr(self, name)))
+        _choice("arch", self.arch, ARCHS)
+        _choice("shape", self.shape, SHAPES)
+        _choice("method", self.method, METHODS)
+        _choice("storage", self.storage, STORAGES)
+        if self.shape == "star":
+            self.depth = 1
+        for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        for name in _RANGES:
+            _check_range(name, getattr(self, name))
+        if not self.lora_ranks or any(not isinstance(r, int) or r < 1 for r in self.lora_ranks):
+            raise ConfigError(f"lora_ranks: must be positive integers, got {self.lora_ranks!r}")
+        if self.storage == "adapter" and self.method == "full":
+            raise ConfigError("storage: 'adapter' needs method 'lora' or 'mixed' (full fine-tunes have no adapter)")
+        self._check_tasks()
+        if self.input_shape is not None and (len(self.input_shape) != 3 or min(self.input_shape) < 1):
+            raise ConfigError(f"input_shape: must be (C, H, W) with positive sizes, got {self.input_shape!r}")
+
+    def _check_tasks(self) -> None:
+        from modelatlas.zoo.samplers import available_samplers
+        from modelatlas.zoo.tasks import TRANSFORMS
+
+        if self.task_sampler not in available_samplers():
+            raise ConfigError(f"task_sampler: unknown sampler {self.task_sampler!r}; choose one of {sorted(available_samplers())}")
+        for kind in self.task_kinds:
+            _choice("task_kinds", kind, TASK_KINDS)
+        for t in self.transforms:
+            _choice("transforms", t, tuple(TRANSFORMS))
+        if not self.task_kinds:
+            raise ConfigError(f"task_kinds: must not be empty; choose from {TASK_KINDS}")
+        if "dataset" in self.task_kinds and not self.other_datasets:
+            raise ConfigError("other_datasets: task kind 'dataset' needs at least one other dataset (e.g. ('mnist5k',))")
+        if "transform" in self.task_kinds and not self.transforms:
+            raise ConfigError("transforms: task kind 'transform' needs at least one transform")
+
+    @property
+    def n_models(self) -> int:
+        """Number of models this config builds."""
+        per_tree = sum(self.children**k for k in range(self.depth + 1))
+        return self.trees * per_tree
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (tuples as lists); :meth:`from_dict` inverts it."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ZooConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys (e.g. ``arch_config``) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}: unknown value {value!r}; choose one of {list(options)}")
+
+
+def _check_range(name: str, value) -> None:
+    if len(value) != 2 or not all(isinstance(v, (int, float)) for v in value) or not 0 < value[0] <= value[1]:
+        raise ConfigError(f"{name}: must be a (low, high) pair with 0 < low <= high, got {value!r}")
+
+
+_PRESETS: dict[str, dict] = {
+    "tiny": dict(arch_kwargs={"hidden": 16, "n_hidden": 2}, trees=2, children=2, depth=1, method="mixed",
+                 root_steps=(30, 40), ft_steps=(10, 15), eval_samples=100),
+    "demo": dict(trees=3, children=2, depth=2, method="mixed"),
+    "lineage-full": dict(trees=3, children=3, depth=2, method="full"),
+    "lineage-lora": dict(trees=3, children=3, depth=2, method="lora", lora_ranks=(4,)),
+    "lineage-lora-mixed": dict(trees=3, children=3, depth=2, method="lora", lora_ranks=(2, 4, 8)),
+    "lineage-adapter": dict(trees=3, children=3, depth=2, method="lora", storage="adapter", lora_ranks=(4,)),
+    "cnn-small": dict(arch="cnn", trees=2, children=2, depth=2, method="mixed"),
+    "vit-small": dict(arch="vit", trees=2, children=2, depth=2, method="mixed", root_steps=(300, 400),
+                      root_lr=(1e-3, 3e-3), lora_ranks=(4,)),
+    "probex-digits": dict(shape="star", trees=1, children=1000, task_sampler="random_class_subset",
+                          method="full", ft_steps=(40, 60), eval_samples=200),
+}
+
+
+def presets() -> list[str]:
+    """Names of the preset zoos."""
+    return sorted(_PRESETS)
+
+
+def preset(name: str, **overrides) -> ZooConfig:
+    """The preset config ``name`` with ``overrides`` applied (e.g. ``preset("demo", seed=3)``)."""
+    if name not in _PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {presets()}")
+    return replace(ZooConfig(**_PRESETS[name]), **overrides)

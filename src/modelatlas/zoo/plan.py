@@ -1,0 +1,94 @@
+"""Planning a zoo: every model's name, parent, task, method and hyperparameters, before any training.
+
+The plan depends only on the config (and the datasets' class counts), and every random choice draws from
+a seed derived from ``config.seed`` and the model's name (:func:`modelatlas.seeding.derive_seed`), so
+plans and weights are reproducible and do not depend on the number of workers or the build order.
+Names: roots ``t0``, ``t1``...; the j-th child of ``t0.1`` is ``t0.1.j``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from modelatlas.errors import ConfigError
+from modelatlas.seeding import derive_seed
+from modelatlas.zoo.architectures import arch_config
+from modelatlas.zoo.config import ZooConfig
+from modelatlas.zoo.samplers import SamplerContext, get_sampler, root_task
+from modelatlas.zoo.tasks import dataset_info
+
+
+def zoo_arch_config(config: ZooConfig) -> dict:
+    """The architecture config dict every model of the zoo shares."""
+    num_classes, _, shape = dataset_info(config.dataset)
+    if len(shape) != 3:
+        raise ConfigError(f"dataset: {config.dataset!r} has inputs of shape {shape}; zoos need images (C, H, W)")
+    input_shape = config.input_shape or shape
+    return arch_config(config.arch, input_shape, num_classes, **config.arch_kwargs)
+
+
+def _rng(config: ZooConfig, name: str, what: str) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(config.seed, name, what))
+
+
+def _method(config: ZooConfig, name: str) -> str:
+    if config.method != "mixed":
+        return config.method
+    return "lora" if _rng(config, name, "method").random() < 0.5 else "full"
+
+
+def _train_spec(config: ZooConfig, name: str, method: str) -> dict:
+    rng = _rng(config, name, "hparams")
+    steps, lr = {"root": (config.root_steps, config.root_lr), "full": (config.ft_steps, config.ft_lr),
+                 "lora": (config.ft_steps, config.lora_lr)}[method]
+    spec = {"lr": float(math.exp(rng.uniform(math.log(lr[0]), math.log(lr[1])))),
+            "steps": int(rng.integers(int(steps[0]), int(steps[1]) + 1)),
+            "batch_size": config.batch_size,
+            "seed": derive_seed(config.seed, name, "train"),
+            "init_seed": derive_seed(config.seed, name, "init")}
+    if method == "lora":
+        r = int(rng.choice(list(config.lora_ranks)))
+        spec.update(lora_r=r, lora_alpha=float(config.lora_alpha if config.lora_alpha is not None else 2 * r))
+    return spec
+
+
+def _node(config: ZooConfig, name: str, parent: str | None, tree: str, level: int, method: str, task: dict) -> dict:
+    storage = "adapter" if method == "lora" and config.storage == "adapter" else "full"
+    return {"name": name, "parent": parent, "tree": tree, "level": level, "method": method,
+            "storage": storage, "task": task, "train": _train_spec(config, name, method)}
+
+
+def _other_datasets(config: ZooConfig, num_classes: int) -> dict:
+    out = {}
+    for name in config.other_datasets:
+        k = dataset_info(name)[0]
+        if k > num_classes:
+            raise ConfigError(f"other_datasets: {name!r} has {k} classes, more than {config.dataset!r}'s {num_classes} (the head size)")
+        out[name] = k
+    return out
+
+
+def plan_zoo(config: ZooConfig) -> list[dict]:
+    """All nodes of the zoo, parents before children (level by level). Each node: ``name, parent, tree,
+    level, method ("root"|"full"|"lora"), storage ("full"|"adapter"), task, train`` (hyperparameters).
+    O(number of models)."""
+    num_classes, class_names, _ = dataset_info(config.dataset)
+    others = _other_datasets(config, num_classes) if "dataset" in config.task_kinds else {}
+    sampler = get_sampler(config.task_sampler)
+    levels: list[list[dict]] = [[] for _ in range(config.depth + 1)]
+    for t in range(config.trees):
+        levels[0].append(_node(config, f"t{t}", None, f"t{t}", 0, "root", root_task(config.dataset, num_classes)))
+    for level in range(1, config.depth + 1):
+        for parent in levels[level - 1]:
+            names = [f"{parent['name']}.{j}" for j in range(config.children)]
+            methods = [_method(config, n) for n in names]
+            ctx = SamplerContext(config, parent["task"], methods, num_classes, class_names,
+                                 _rng(config, parent["name"], "tasks"), others)
+            tasks = sampler(ctx)
+            if len(tasks) != len(names):
+                raise ConfigError(f"task_sampler: {config.task_sampler!r} returned {len(tasks)} tasks for {len(names)} children")
+            for n, m, task in zip(names, methods, tasks):
+                levels[level].append(_node(config, n, parent["name"], parent["tree"], level, m, task))
+    return [node for lv in levels for node in lv]

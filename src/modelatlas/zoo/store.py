@@ -1,0 +1,97 @@
+"""Zoo model folders on disk: writing them (atomically, ``zoo_record.json`` last) and reading weights back.
+
+A model folder is either a Hugging Face-style folder (``model.safetensors`` + ``config.json``) or a
+PEFT-style LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, base = the
+parent's folder beside it). ``zoo_record.json`` (the manifest record plus the config fingerprint) is
+written last: its presence marks a finished model, which is what resuming checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.errors import ManifestError
+
+RECORD = "zoo_record.json"
+_FILES = ("model.safetensors", "config.json", "adapter_model.safetensors", "adapter_config.json", RECORD)
+_CLASS_NAMES = {"mlp": "AtlasMLP", "cnn": "AtlasCNN", "vit": "ViTForImageClassification"}
+
+
+def hf_config(arch: dict) -> dict:
+    """``config.json`` for an architecture config: HF-style keys plus the atlas config itself."""
+    cfg = {"architectures": [_CLASS_NAMES[arch["arch"]]], "model_type": f"atlas-{arch['arch']}",
+           "num_labels": arch["num_classes"], "torch_dtype": "float32", "atlas_arch": arch}
+    if arch["arch"] == "vit":
+        cfg.update(model_type="vit", hidden_size=arch["hidden"], num_hidden_layers=arch["n_layers"],
+                   num_attention_heads=arch["n_heads"], intermediate_size=arch["intermediate"],
+                   image_size=arch["input_shape"][1], patch_size=arch["patch_size"],
+                   num_channels=arch["input_shape"][0], hidden_act="gelu", qkv_bias=True)
+    return cfg
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove a model folder's known files (a rebuild must not leave a stale format behind)."""
+    for name in _FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict) -> None:
+    atomic_save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
+    atomic_write_json(folder / "config.json", hf_config(arch))
+
+
+def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    atomic_save_tensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / "adapter_config.json", config)
+
+
+def write_record(folder: Path, record: dict, fingerprint: str) -> None:
+    atomic_write_json(folder / RECORD, {"fingerprint": fingerprint, "record": record})
+
+
+def read_record(folder: Path) -> dict | None:
+    """The finished model's ``{"fingerprint", "record"}``, or None when the folder is not finished."""
+    path = folder / RECORD
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # an unreadable record counts as unfinished: the model is rebuilt
+    rec = data.get("record", {})
+    weights = "adapter_model.safetensors" if rec.get("storage") == "adapter" else "model.safetensors"
+    return data if (folder / weights).exists() else None
+
+
+def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The full (merged) state dict of zoo model ``name``; adapter models are merged onto their parent's
+    weights, recursively. O(parameters x adapter depth)."""
+    from safetensors.torch import load_file
+
+    from modelatlas.zoo.lora import apply_adapter
+
+    folder = Path(zoo_dir) / name
+    data = read_record(folder)
+    if data is None:
+        raise ManifestError(f"{folder}: not a finished zoo model (no {RECORD}); rebuild with `atlas zoo make`")
+    rec = data["record"]
+    if rec.get("storage") != "adapter":
+        return load_file(str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    base = load_state(zoo_dir, rec["parent"])
+    return apply_adapter(base, load_file(str(folder / "adapter_model.safetensors")), cfg["r"], cfg["lora_alpha"])
+
+
+def load_model(zoo_dir: str | Path, name: str) -> torch.nn.Module:
+    """Zoo model ``name`` as an ``nn.Module`` in eval mode (architecture from the zoo manifest)."""
+    from modelatlas.zoo.architectures import build_model
+    from modelatlas.zoo.manifest import load_manifest
+
+    arch = load_manifest(zoo_dir).config["arch_config"]
+    model = build_model(arch)
+    model.load_state_dict(load_state(zoo_dir, name))
+    return model.eval()
