@@ -12,6 +12,7 @@ from modelatlas.probex import (
     layer_statistics,
     load_expert,
 )
+from modelatlas.probex.router import cluster_trees
 
 
 def make_trees(n=30, seed=0):
@@ -28,6 +29,15 @@ def test_router_sends_to_nearest_tree(tmp_path):
     assert router.route_strict(new, ["a", "b", "c"]) == ["tree0", "tree1", "tree2"]
     again = TreeRouter.load(router.save(tmp_path))
     assert [r.tree for r in again.route(new)] == ["tree0", "tree1", "tree2"]
+
+
+def test_router_trees_from_lineage_clustering():
+    x, trees, roots = make_trees(n=10)
+    labels = cluster_trees(x)
+    assert len(set(labels.tolist())) == 3
+    assert all(len(set(labels[i * 10:(i + 1) * 10].tolist())) == 1 for i in range(3))
+    router = TreeRouter().fit(x)  # no labels: clustered
+    assert len({r.tree for r in router.route(roots)}) == 3
 
 
 def test_router_rejects_out_of_tree_model():

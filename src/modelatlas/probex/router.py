@@ -43,6 +43,19 @@ class RouteResult:
                 f"{self.distance:.4g}, beyond its radius {self.radius:.4g}")
 
 
+def cluster_trees(x) -> np.ndarray:
+    """Tree labels (0..K-1) of B models from one layer, K found from the data by lineage clustering
+    (:func:`modelatlas.lineage.clustering.detect_trees` on relative distances). Time and memory O(B^2 + B D)."""
+    from modelatlas.lineage.clustering import detect_trees
+
+    flat = torch.as_tensor(x, dtype=torch.float64)
+    flat = flat.reshape(flat.shape[0], -1)  # (B, D)
+    sq = flat.pow(2).sum(1)
+    rel = torch.cdist(flat, flat) / ((sq[:, None] + sq[None, :]) / 2).sqrt().clamp_min(1e-12)  # (B, B)
+    labels, _ = detect_trees(rel.numpy())
+    return np.asarray(labels)
+
+
 class TreeRouter:
     """Nearest-tree-centroid router with an out-of-tree check.
 
@@ -55,7 +68,10 @@ class TreeRouter:
             raise ConfigError(f"TreeRouter slack must be >= 1 (a multiple of the largest member distance); got {slack!r}")
         self.slack = slack
 
-    def fit(self, x, trees) -> TreeRouter:
+    def fit(self, x, trees=None) -> TreeRouter:
+        """``trees`` None: find the trees with lineage clustering (:func:`cluster_trees`)."""
+        if trees is None:
+            trees = [f"tree{k}" for k in cluster_trees(x)]
         flat = torch.as_tensor(x, dtype=torch.float32).reshape(len(trees), -1)  # (B, D)
         self.trees_ = sorted({str(t) for t in trees})
         labels = np.array([self.trees_.index(str(t)) for t in trees])
