@@ -1,0 +1,131 @@
+"""Teddy's pre-cached pool of weak models, generated from one base model (Yu et al., ECCV 2024, sec. 3.3).
+
+- "prior": early checkpoints of the base model's training on real data (SGD, ``lr_net``), evenly spaced over
+  its first ``prior_fraction`` of ``base_steps`` (weak, still-learning models);
+- "post": the trained base model, magnitude-pruned (the ``prune_ratio`` smallest |w| of every weight
+  matrix/kernel set to 0) and fine-tuned ``finetune_steps`` SGD steps with the mask kept and its own data order.
+
+The pool is built once and stored as ``model-<i>.safetensors`` + ``pool.json`` in a folder of the cache named
+by a hash of (dataset fingerprint, pool fields, seed); a later run with the same key loads it instead of
+training (``pool.json`` is written last: a crash mid-build leaves no half pool).
+Build cost O((base_steps + pool_size x finetune_steps) x batch x net cost); storage O(pool_size x #params).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill.evaluate import soft_cross_entropy
+from modelatlas.distill.nets import make_net
+from modelatlas.seeding import derive_seed, torch_generator
+
+POOL_JSON = "pool.json"
+
+
+def default_cache_dir() -> Path:
+    """$ATLAS_CACHE_DIR/teddy, else ~/.cache/modelatlas/teddy."""
+    root = os.environ.get("ATLAS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "modelatlas")
+    return Path(root) / "teddy"
+
+
+def pool_key(train: ArrayDataset, fields: dict, seed: int) -> str:
+    """A stable hash of the data (name, shape, label and pixel checksums), the pool fields and the seed."""
+    finger = {"name": train.name, "shape": list(train.x.shape), "x_sum": round(float(train.x.double().sum()), 6),
+              "y": hashlib.sha1(train.y.numpy().tobytes()).hexdigest(), "fields": fields, "seed": seed}
+    return hashlib.sha1(json.dumps(finger, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sgd_steps(net, train: ArrayDataset, steps: int, lr: float, batch: int, gen, masks=None, on_step=None):
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    dev = next(net.parameters()).device
+    for s in range(steps):
+        idx = torch.randint(len(train), (min(batch, len(train)),), generator=gen)
+        loss = soft_cross_entropy(net(train.x[idx].to(dev)), train.y[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if masks is not None:
+            with torch.no_grad():
+                for p, m in zip(net.parameters(), masks):
+                    if m is not None:
+                        p.mul_(m)
+        if on_step is not None:
+            on_step(s + 1, net)
+
+
+def magnitude_masks(net: torch.nn.Module, ratio: float) -> list[torch.Tensor | None]:
+    """Per weight tensor (dim > 1) a 0/1 mask keeping the ``1 - ratio`` largest |w|; None for 1-D tensors."""
+    masks = []
+    for p in net.parameters():
+        if p.dim() < 2 or ratio <= 0:
+            masks.append(None)
+            continue
+        k = int(p.numel() * ratio)
+        thresh = p.detach().abs().flatten().kthvalue(max(k, 1)).values
+        masks.append((p.detach().abs() > thresh).to(p.dtype))
+    return masks
+
+
+def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device) -> list[dict[str, torch.Tensor]]:
+    """Train the base model and derive ``pool_size`` weak models (state dicts on the CPU)."""
+    kind, size = fields["pool_kind"], fields["pool_size"]
+    n_prior = size if kind == "prior" else (0 if kind == "post" else size // 2)
+    n_post = size - n_prior
+    base = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"],
+                    seed=derive_seed(seed, "teddy-base"), device=device)
+    last = max(1, int(fields["base_steps"] * fields["prior_fraction"]))
+    marks = [max(1, round(last * (i + 1) / n_prior)) for i in range(n_prior)]  # may repeat when last < n_prior
+    pool: list[dict[str, torch.Tensor]] = []
+
+    def keep(step: int, net) -> None:
+        for _ in range(marks.count(step)):
+            pool.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+
+    _sgd_steps(base, train, fields["base_steps"], fields["lr_net"], fields["batch_real"],
+               torch_generator(derive_seed(seed, "teddy-base-data")), on_step=keep)
+    trained = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    for i in range(n_post):
+        base.load_state_dict(trained)
+        masks = magnitude_masks(base, fields["prune_ratio"])
+        with torch.no_grad():
+            for p, m in zip(base.parameters(), masks):
+                if m is not None:
+                    p.mul_(m)
+        _sgd_steps(base, train, fields["finetune_steps"], fields["lr_net"], fields["batch_real"],
+                   torch_generator(derive_seed(seed, "teddy-post", i)), masks=masks)
+        pool.append({k: v.detach().cpu().clone() for k, v in base.state_dict().items()})
+    return pool
+
+
+def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device,
+                       cache_dir: str | Path | None = None) -> tuple[list[dict[str, torch.Tensor]], Path, bool]:
+    """(pool, its folder, built_now). Loads the cached pool when its ``pool.json`` exists."""
+    from safetensors.torch import load_file
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = folder / f"pool-{pool_key(train, {**fields, **spec}, seed)}"
+    meta_path = folder / POOL_JSON
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return [load_file(str(folder / f)) for f in meta["files"]], folder, False
+    pool = build_pool(train, fields, spec, seed, device)
+    files = []
+    for i, state in enumerate(pool):
+        files.append(f"model-{i}.safetensors")
+        atomic_save_tensors(folder / files[-1], state)
+    atomic_write_json(meta_path, {"files": files, "fields": fields, "net": spec, "seed": seed,
+                                  "dataset": train.name, "kinds": _kinds(fields)})
+    return pool, folder, True
+
+
+def _kinds(fields: dict) -> list[str]:
+    size, kind = fields["pool_size"], fields["pool_kind"]
+    n_prior = size if kind == "prior" else (0 if kind == "post" else size // 2)
+    return ["prior"] * n_prior + ["post"] * (size - n_prior)
