@@ -1,0 +1,44 @@
+"""Config of RaT-BPTT (random truncated backpropagation through time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modelatlas.distill.methods.base import MethodConfig, check_positive
+from modelatlas.errors import ConfigError
+
+
+@dataclass
+class RaTBPTTConfig(MethodConfig):
+    """Defaults are scaled for a CPU; the paper's values in brackets are reachable by config.
+
+    ``total`` inner Adam steps per unroll (the evaluation trains as many, 300 at batch 256 on a small set);
+    the last ``window`` of them, starting at a random offset, are differentiated [window 60-100, total
+    ~ 2-3 x window]; ``batch_real`` real images score the unrolled net [2000-5000]; ``batch_syn`` synthetic
+    images per inner step [256]. ``learn_labels``: learnable soft labels (softmax of logits)."""
+
+    iterations: int = 200
+    window: int = 10
+    total: int = 300
+    batch_real: int = 256
+    batch_syn: int = 256
+    inner_lr: float = 1e-3
+    lr_img: float = 1e-3
+    lr_label: float = 1e-3
+    learn_labels: bool = True
+    label_scale: float = 3.0
+    clip_factor: float = 2.0
+    clip_ema: float = 0.9
+    dsa: bool = True
+    init: str = "real"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "window", "total", "batch_real", "batch_syn", "inner_lr", "lr_img", "lr_label",
+                       "label_scale", "clip_factor")
+        if self.window > self.total:
+            raise ConfigError(f"window ({self.window}) must be <= total ({self.total}); raise total or lower window")
+        if not 0 <= self.clip_ema < 1:
+            raise ConfigError(f"clip_ema must be in [0, 1), got {self.clip_ema}")
+        if self.init not in ("real", "noise"):
+            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
