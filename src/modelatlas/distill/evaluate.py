@@ -15,20 +15,25 @@ Cost: ``num_nets`` x (steps x forward/backward on ``batch_size`` + one pass over
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from modelatlas.data.registry import ArrayDataset
-from modelatlas.distill.augment import DSA
+from modelatlas.distill.augment import DSA, DSAParams
 from modelatlas.distill.nets import make_net, pick_device
 from modelatlas.distill.synthetic import SyntheticSet, sample_per_class
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
+
+# (augmented batch, its indices into the set, epoch) -> targets (hard (B,) or soft (B, K)).
+LabelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -101,8 +106,13 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def train_network(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, p: EvalProtocol,
-                  generator: torch.Generator, dsa: DSA | None = None) -> torch.nn.Module:
-    """Train ``net`` on (x, targets) under resolved protocol ``p``; returns it. O(steps x batch) time."""
+                  generator: torch.Generator, dsa: DSA | None = None, label_fn: LabelFn | None = None,
+                  crop_seed: int | None = None) -> torch.nn.Module:
+    """Train ``net`` on (x, targets) under resolved protocol ``p``; returns it. O(steps x batch) time.
+
+    ``label_fn(x_batch_augmented, idx, epoch) -> targets`` replaces ``targets[idx]`` (labels generated on the
+    fly, e.g. HeLlO's projector, or a lookup in stored per-crop labels). ``crop_seed``: the DSA draw of image
+    i in epoch e depends only on (crop_seed, e, i), identical for every network (stored per-crop labels)."""
     opt = (torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
            if p.kind == "sgd" else torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay))
     n, per_epoch = len(x), math.ceil(len(x) / p.batch_size)
@@ -112,12 +122,18 @@ def train_network(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, 
             for g in opt.param_groups:
                 g["lr"] = p.lr * 0.1
         order = torch.randperm(n, generator=generator)
+        crops = None if crop_seed is None or dsa is None else \
+            dsa.sample(torch_generator(derive_seed(crop_seed, "crop", epoch)), batch=n)
         for b in range(per_epoch):
             idx = (order[b * p.batch_size:(b + 1) * p.batch_size] if p.kind == "sgd"
                    else torch.randint(n, (min(p.batch_size, n),), generator=generator))
             xb, tb = x[idx.to(x.device)], targets[idx.to(x.device)]
-            if dsa is not None:
+            if crops is not None:
+                xb = DSAParams(dsa, {k: v[idx] for k, v in crops.values.items()}).apply(xb)
+            elif dsa is not None:
                 xb = dsa.sample(generator, batch=len(xb)).apply(xb)
+            if label_fn is not None:
+                tb = label_fn(xb, idx, epoch)
             loss = soft_cross_entropy(net(xb), tb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,8 +154,10 @@ def accuracy(net: torch.nn.Module, test: ArrayDataset, device: torch.device, bat
 
 def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset, protocol: EvalProtocol,
                      seed: int = 0, progress: Progress | None = None, device: str | None = None,
-                     learned_lr: float | None = None) -> EvalResult:
-    """Train ``protocol.num_nets`` fresh nets on (x, targets) and test each on ``test``."""
+                     learned_lr: float | None = None, label_fn: LabelFn | None = None,
+                     crop_seed: int | None = None) -> EvalResult:
+    """Train ``protocol.num_nets`` fresh nets on (x, targets) and test each on ``test`` (``label_fn``,
+    ``crop_seed``: see :func:`train_network`)."""
     dev = pick_device(device)
     p = protocol.resolved(learned_lr)
     x, targets = x.detach().to(dev), targets.detach().to(dev)
@@ -149,7 +167,8 @@ def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset,
     for i in bar:
         net = make_net(p.net, tuple(x.shape[1:]), test.num_classes, p.width, p.depth,
                        seed=derive_seed(seed, "eval-net", i), device=dev)
-        train_network(net, x, targets, p, torch_generator(derive_seed(seed, "eval-batches", i)), dsa)
+        train_network(net, x, targets, p, torch_generator(derive_seed(seed, "eval-batches", i)), dsa, label_fn,
+                      crop_seed)
         accs.append(accuracy(net, test, dev))
         bar.set_postfix(acc=f"{accs[-1]:.1f}")
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -158,9 +177,23 @@ def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset,
 
 def evaluate_synthetic(syn: SyntheticSet, test: ArrayDataset, protocol: EvalProtocol, seed: int = 0,
                        progress: Progress | None = None, device: str | None = None) -> EvalResult:
-    """Score a :class:`SyntheticSet` (its soft labels and learned lr are used when present)."""
+    """Score a :class:`SyntheticSet` (its soft labels and learned lr are used when present; a set whose
+    ``meta["label_generator"]`` names ``"modelatlas.<module>:<function>"`` gets its labels generated on the fly
+    by ``function(syn, device) -> label_fn``, e.g. HeLlO's projector)."""
     lr = float(syn.lr.detach()) if syn.lr is not None else None
-    return evaluate_tensors(syn.images, syn.targets().detach(), test, protocol, seed, progress, device, lr)
+    return evaluate_tensors(syn.images, syn.targets().detach(), test, protocol, seed, progress, device, lr,
+                            label_fn=label_generator(syn, pick_device(device)))
+
+
+def label_generator(syn: SyntheticSet, device: torch.device) -> LabelFn | None:
+    """The on-the-fly label function a set names in ``meta["label_generator"]`` (modelatlas code only)."""
+    name = syn.meta.get("label_generator")
+    if not name:
+        return None
+    module, _, func = str(name).partition(":")
+    if not module.startswith("modelatlas.") or not func:
+        raise ConfigError(f"synthetic set meta label_generator {name!r} must be 'modelatlas.<module>:<function>'")
+    return getattr(importlib.import_module(module), func)(syn, device)
 
 
 def evaluate_random_baseline(train: ArrayDataset, test: ArrayDataset, ipc: int, protocol: EvalProtocol,
