@@ -33,6 +33,7 @@ from modelatlas.probex.families import (
     named_classes,
     prompt,
 )
+from modelatlas.probex.router import cluster_trees
 
 WEIGHTS = [f"{name}.weight" for name in LAYERS]
 ALL = [f"{name}.{kind}" for name in LAYERS for kind in ("weight", "bias")]
@@ -155,7 +156,14 @@ def across(trees, sets, tests, cfg, layer, out) -> None:
         cells = [metrics(*per[t]) for t in names]
         allm = metrics(np.concatenate([per[t][0] for t in names]), np.concatenate([per[t][1] for t in names]))
         out.append(f"| {label} | " + " | ".join(f"{a:.3f} / {e:.3f}" for a, e in cells + [allm]) + " |")
-    out += ["", f"routing accuracy: {routed_ok}/{total} test models sent to their own tree", ""]
+    out += ["", f"routing accuracy (centroids of the manifest's trees): {routed_ok}/{total} test models sent to "
+            "their own tree"]
+    x_train = torch.cat([sets[t][0][layer][sets[t][2]] for t in names])
+    found = cluster_trees(x_train)
+    truth = np.array([t for t in names for _ in sets[t][2]])
+    pure = sum(np.unique(truth[found == k], return_counts=True)[1].max() for k in np.unique(found))
+    out += [f"lineage clustering (modelatlas.lineage.detect_trees on this layer, no labels): {len(np.unique(found))} "
+            f"trees found, purity {pure / len(truth):.3f}", ""]
     return router
 
 
@@ -186,11 +194,11 @@ def task_b(data, cfg: ProbeXConfig, out: list[str]) -> None:
     scores = {}
     for layer in WEIGHTS:
         est = ProbeXTextAligner(tcfg, layer).fit(layers[layer][tr], y_tr, text[seen_cls])
-        scores[layer] = est.history_["best_score"]
+        scores[layer] = (est.history_["best_score"], -est.history_["best_loss"])
     best = max(scores, key=scores.get)
     out += ["### Task B layer selection (ProbeX, validation top-1 over seen prompts)", "",
-            "| layer | val top-1 |", "|---|---|"] + [f"| {k}{' (chosen)' if k == best else ''} | {v:.3f} |"
-                                                  for k, v in scores.items()]
+            "| layer | val top-1 | val CE |", "|---|---|---|"] + [
+                f"| {k}{' (chosen)' if k == best else ''} | {v[0]:.3f} | {-v[1]:.3f} |" for k, v in scores.items()]
     out += ["", f"### Task B: weights <-> MiniLM text ({len(seen_cls)} seen / {len(unseen_cls)} held-out named "
             f"classes, {len(tr)} train models, layer {best})", "",
             "| method | in-dist top-1 | zero-shot top-1 | search top-1 match (cosine) | search top-1 match "

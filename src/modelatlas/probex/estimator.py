@@ -117,8 +117,9 @@ class ProbeXClassifier(WeightExpert):
         self.module_ = self._build(x.shape[1], x.shape[2], y.shape[1])
         bce = nn.BCEWithLogitsLoss()
 
-        def score() -> float:  # mean per-label accuracy on the validation models
-            return float(((self.module_(xn[val]) > 0).float() == y[val]).float().mean())
+        def score() -> tuple[float, float]:  # (mean per-label accuracy, BCE) on the validation models
+            logits = self.module_(xn[val])
+            return float(((logits > 0).float() == y[val]).float().mean()), float(bce(logits, y[val]))
 
         self.history_ = train_loop(self.module_, lambda xb, yb: bce(self.module_(xb), yb), xn[train], y[train],
                                    score, self.config, progress, checkpoint_dir, resume)

@@ -80,10 +80,14 @@ def _fit_one(task: str, x, target, cfg: ProbeXConfig, layer: str, classes, progr
 
 def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig, classes=None,
                  progress: Progress | None = None) -> dict[str, float]:
-    """Train one expert per candidate layer; returns layer -> best validation score (pick the max)."""
+    """Train one expert per candidate layer; returns layer -> (best validation score, its validation loss).
+    Pick the best with ``max(result, key=lambda k: (result[k][0], -result[k][1]))``."""
     xs = load_layers(paths, layers, progress)
-    return {name: float(_fit_one(task, xs[name], target, cfg, name, classes, progress, None, False)
-                        .history_["best_score"]) for name in layers}
+    out = {}
+    for name in layers:
+        hist = _fit_one(task, xs[name], target, cfg, name, classes, progress, None, False).history_
+        out[name] = (float(hist["best_score"]), float(hist["best_loss"]))
+    return out
 
 
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
@@ -111,9 +115,10 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     report = TrainReport(layer)
     if layer == "auto":
         target = _targets(largest, task, len(classes or []))
-        report.layer_scores = select_layer(paths_of[largest[0].tree], target, task,
-                                           candidate_layers(paths_of[largest[0].tree][0]), cfg, classes, progress)
-        report.layer = max(report.layer_scores, key=report.layer_scores.get)
+        scores = select_layer(paths_of[largest[0].tree], target, task,
+                              candidate_layers(paths_of[largest[0].tree][0]), cfg, classes, progress)
+        report.layer = max(scores, key=lambda k: (scores[k][0], -scores[k][1]))
+        report.layer_scores = {k: v[0] for k, v in scores.items()}
     out = Path(out)
     xs: dict[str, object] = {}
     for tree, ms in by_tree.items():

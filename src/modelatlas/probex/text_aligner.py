@@ -58,8 +58,9 @@ class ProbeXTextAligner(WeightExpert):
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self._logits(xb, text), yb)
 
-        def score() -> float:  # top-1 over the seen classes on validation models
-            return float((self._logits(xn[val], text).argmax(1) == labels[val]).float().mean())
+        def score() -> tuple[float, float]:  # (top-1 over the seen classes, CE) on validation models
+            logits = self._logits(xn[val], text)
+            return float((logits.argmax(1) == labels[val]).float().mean()), float(F.cross_entropy(logits, labels[val]))
 
         self.history_ = train_loop(self.module_, loss, xn[train], labels[train], score, self.config,
                                    progress, checkpoint_dir, resume)

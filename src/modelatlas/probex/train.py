@@ -22,25 +22,28 @@ from modelatlas.seeding import torch_generator
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, score_fn: Callable[[], float],
+def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, score_fn: Callable[[], tuple[float, float]],
                cfg, progress: Progress | None = None, checkpoint_dir: str | Path | None = None,
                resume: bool = False) -> dict:
     """Train ``module`` on (x, y) for ``cfg.epochs`` epochs; load the best-``score_fn`` state at the end.
 
-    ``score_fn`` (higher is better) is evaluated after every epoch in eval mode. Returns the history
-    ``{"epoch", "best_epoch", "best_score", "loss": [...], "score": [...]}``. Time O(epochs * N * cost of one
+    ``score_fn`` returns (score, validation loss) and is evaluated after every epoch in eval mode; the best
+    state has the highest score, ties broken by the lower loss (a saturated accuracy would otherwise keep an
+    early, barely trained state). Returns the history
+    ``{"epoch", "best_epoch", "best_score", "best_loss", "loss": [...], "score": [...]}``. Time O(epochs * N * cost of one
     forward/backward); memory O(batch_size * activation size + 3 * parameters).
     """
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "best_epoch": -1, "best_score": -float("inf"), "loss": [], "score": []}
+    state = {"epoch": 0, "best_epoch": -1, "best_score": -float("inf"), "best_loss": float("inf"), "loss": [],
+             "score": []}
     best = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "train_state.json").exists():
         state, best = _load_state(Path(checkpoint_dir), module, opt)
-    gen = torch_generator(cfg.seed + 7919 * state["epoch"])  # resuming replays the same epoch order
     bar = resolve(progress)(range(state["epoch"], cfg.epochs), total=cfg.epochs - state["epoch"], desc="train")
     for epoch in bar:
         module.train()
         losses = []
+        gen = torch_generator(cfg.seed + 7919 * epoch)  # one generator per epoch: a resumed run sees the same order
         for idx in torch.randperm(x.shape[0], generator=gen).split(cfg.batch_size):
             loss = loss_fn(x[idx], y[idx])
             opt.zero_grad()
@@ -49,12 +52,12 @@ def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Ten
             losses.append(float(loss.detach()))
         module.eval()
         with torch.no_grad():
-            score = float(score_fn())
+            score, val_loss = (float(v) for v in score_fn())
         state["loss"].append(sum(losses) / len(losses))
         state["score"].append(score)
         state["epoch"] = epoch + 1
-        if score > state["best_score"]:
-            state["best_score"], state["best_epoch"] = score, epoch
+        if (score, -val_loss) > (state["best_score"], -state["best_loss"]):
+            state["best_score"], state["best_loss"], state["best_epoch"] = score, val_loss, epoch
             best = {k: v.detach().clone() for k, v in module.state_dict().items()}
         bar.set_postfix(loss=f"{state['loss'][-1]:.4f}", val=f"{score:.3f}")
         if checkpoint_dir is not None and (state["epoch"] % cfg.checkpoint_every == 0 or state["epoch"] == cfg.epochs):
