@@ -67,8 +67,10 @@ class ZooConfig:
         if self.shape == "star":
             self.depth = 1
         for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+            low = 0 if name == "depth" else 1  # depth 0: roots only
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                what = "a non-negative" if low == 0 else "a positive"
+                raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
         for name in _RANGES:
             _check_range(name, getattr(self, name))
         if not self.lora_ranks or any(not isinstance(r, int) or r < 1 for r in self.lora_ranks):

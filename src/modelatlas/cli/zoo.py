@@ -1,0 +1,111 @@
+"""``atlas zoo make`` (train a zoo with known lineage) and ``atlas zoo show`` (print its trees)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from modelatlas.cli.output import echo, tqdm_progress
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="build and inspect model zoos with known lineage")
+    zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
+    mk = zsub.add_parser("make", help="train a zoo of models with known parents",
+                         description="Train a zoo: a preset and/or explicit options (options override the preset).")
+    mk.add_argument("--preset", help="named config (see `atlas zoo presets`)")
+    mk.add_argument("--arch", choices=["mlp", "cnn", "vit"])
+    mk.add_argument("--dataset", help="root dataset (see `atlas data list`)")
+    mk.add_argument("--shape", choices=["tree", "star"], help="tree: trees x children x depth; star: root + children")
+    mk.add_argument("--trees", type=int)
+    mk.add_argument("--children", type=int)
+    mk.add_argument("--depth", type=int, help="levels below each root")
+    mk.add_argument("--method", choices=["full", "lora", "mixed"])
+    mk.add_argument("--storage", choices=["merged", "adapter"], help="LoRA children: merged weights or adapter folder")
+    mk.add_argument("--lora-ranks", type=lambda s: tuple(int(r) for r in s.split(",")), help="e.g. 4 or 2,4,8")
+    mk.add_argument("--task-sampler", help="mixed, class_subset, transform, new_head, random_class_subset, named_class")
+    mk.add_argument("--other-datasets", type=lambda s: tuple(s.split(",")), help="for 'dataset' child tasks")
+    mk.add_argument("--seed", type=int)
+    mk.add_argument("--workers", type=int, default=2, help="training processes (default 2)")
+    mk.add_argument("--out", required=True, help="output folder (one sub-folder per model + manifest.json)")
+    mk.add_argument("--no-resume", action="store_true", help="retrain models already saved in --out")
+    mk.set_defaults(func=_make)
+    show = zsub.add_parser("show", help="print a zoo's trees with each model's task")
+    show.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
+    show.set_defaults(func=_show)
+    pre = zsub.add_parser("presets", help="list preset zoos")
+    pre.set_defaults(func=_presets)
+
+
+_OPTIONS = ("arch", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",
+            "task_sampler", "other_datasets", "seed")
+
+
+def _config(args: argparse.Namespace):
+    from modelatlas.zoo import ZooConfig, preset
+
+    config = preset(args.preset) if args.preset else ZooConfig()
+    overrides = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
+    if "other_datasets" in overrides and "dataset" not in config.task_kinds:
+        overrides["task_kinds"] = (*config.task_kinds, "dataset")
+    return replace(config, **overrides)
+
+
+def _make(args: argparse.Namespace) -> int:
+    import time
+
+    from modelatlas.zoo import make_zoo
+
+    config = _config(args)
+    start = time.perf_counter()
+    manifest = make_zoo(config, args.out, workers=args.workers, progress=tqdm_progress, resume=not args.no_resume)
+    secs = time.perf_counter() - start
+    accs = [m.train.get("test_acc", float("nan")) for m in manifest.models]
+    methods = {k: sum(m.method == k for m in manifest.models) for k in ("root", "full", "lora")}
+    echo(f"zoo: {len(manifest)} models ({methods['root']} roots, {methods['full']} full fine-tunes, "
+         f"{methods['lora']} LoRA) in {args.out}")
+    echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s")
+    echo(f"manifest: {manifest.root / 'manifest.json'}")
+    return 0
+
+
+def tree_lines(manifest) -> list[str]:
+    """One line per model, indented under its parent: name, method, storage, accuracy, task label."""
+    kids: dict[str | None, list] = {}
+    for m in manifest.models:
+        kids.setdefault(m.parent, []).append(m)
+    lines: list[str] = []
+
+    def walk(m, indent: str) -> None:
+        acc = m.train.get("test_acc")
+        acc_s = f"acc {acc:.2f}" if isinstance(acc, float) else ""
+        how = m.method if m.method != "lora" else f"lora r={m.train.get('lora_r')}" + (" adapter" if m.storage == "adapter" else "")
+        lines.append(f"{indent}{m.name}  [{how}] {acc_s}  {m.task.get('label', '')}")
+        for c in kids.get(m.name, []):
+            walk(c, indent + "  ")
+
+    for root in kids.get(None, []):
+        walk(root, "")
+    return lines
+
+
+def _show(args: argparse.Namespace) -> int:
+    from modelatlas.zoo import load_manifest
+
+    manifest = load_manifest(args.dir)
+    cfg = manifest.config
+    echo(f"{manifest.root}: {len(manifest)} models, arch {cfg.get('arch', '?')}, dataset {cfg.get('dataset', '?')}, "
+         f"seed {cfg.get('seed', '?')}")
+    for line in tree_lines(manifest):
+        echo(line)
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from modelatlas.zoo import preset, presets
+
+    for name in presets():
+        c = preset(name)
+        echo(f"{name:20s} {c.arch} on {c.dataset}, {c.shape} {c.trees}x{c.children}x{c.depth} "
+             f"({c.n_models} models), method {c.method}, storage {c.storage}, sampler {c.task_sampler}")
+    return 0

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelatlas.errors import ConfigError
+from modelatlas.zoo import load_manifest, load_model, make_zoo
+from modelatlas.zoo.builder import build_one  # noqa: F401  (worker entry point must stay importable)
+
+
+def check_same_weights(a, b, names):
+    for name in names:
+        x, y = load_file(str(a / name / "model.safetensors")), load_file(str(b / name / "model.safetensors"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_tree_shape_and_manifest(tiny_zoo):
+    manifest, out = tiny_zoo
+    assert len(manifest) == 2 * (1 + 2 + 4)
+    assert manifest.parents()["t1.0.1"] == "t1.0" and manifest.parents()["t0"] is None
+    assert manifest.trees()["t1.0.1"] == "t1"
+    assert load_manifest(out).names == manifest.names
+    for m in manifest.models:
+        folder = manifest.path_of(m.name)
+        assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+        assert m.method == ("root" if m.parent is None else m.method) and 0.0 <= m.train["test_acc"] <= 1.0
+        assert m.task["label"] and m.task["dataset"] == "digits"
+    cfg = json.loads((out / "t0" / "config.json").read_text())
+    assert cfg["atlas_arch"]["arch"] == "mlp" and manifest.config["arch_config"]["hidden"] == 8
+    assert {m.method for m in manifest.models} == {"root", "full", "lora"}
+
+
+def test_children_start_from_their_parent(tiny_zoo):
+    manifest, out = tiny_zoo
+    full = next(m for m in manifest.models if m.method == "full" and m.task["head"] == "keep")
+    p = load_file(str(out / full.parent / "model.safetensors"))
+    c = load_file(str(out / full.name / "model.safetensors"))
+    other_root = load_file(str(out / ("t1" if full.tree == "t0" else "t0") / "model.safetensors"))
+    near = (c["layers.0.weight"] - p["layers.0.weight"]).norm()
+    assert near < (c["layers.0.weight"] - other_root["layers.0.weight"]).norm()
+    model = load_model(out, full.name)
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_same_seed_same_zoo_across_worker_counts(tiny_zoo, tmp_path, make_config):
+    manifest, out = tiny_zoo
+    again = make_zoo(make_config(), tmp_path, workers=2)
+    assert [m.task for m in again.models] == [m.task for m in manifest.models]
+    check_same_weights(out, tmp_path, manifest.names)
+    other = make_zoo(make_config(seed=12, depth=0), tmp_path / "other", workers=1)
+    x = load_file(str(tmp_path / "other" / "t0" / "model.safetensors"))
+    assert not torch.equal(x["embed.weight"], load_file(str(out / "t0" / "model.safetensors"))["embed.weight"])
+    assert len(other) == 2
+
+
+def test_resume_skips_finished_models(tmp_path, make_config):
+    cfg = make_config(depth=1, trees=1)
+    make_zoo(cfg, tmp_path, workers=1)
+    stamp = {n: (tmp_path / n / "model.safetensors").stat().st_mtime_ns for n in ("t0", "t0.0", "t0.1")}
+    (tmp_path / "t0.1" / "zoo_record.json").unlink()  # as if interrupted before t0.1 finished
+    manifest = make_zoo(cfg, tmp_path, workers=1)
+    assert len(manifest) == 3
+    assert (tmp_path / "t0" / "model.safetensors").stat().st_mtime_ns == stamp["t0"]
+    assert (tmp_path / "t0.0" / "model.safetensors").stat().st_mtime_ns == stamp["t0.0"]
+    assert (tmp_path / "t0.1" / "zoo_record.json").exists()
+    with pytest.raises(ConfigError, match="t0: built from a different zoo config"):
+        make_zoo(make_config(depth=1, trees=1, seed=99), tmp_path, workers=1)
+    make_zoo(make_config(depth=1, trees=1, seed=99), tmp_path, workers=1, resume=False)
+
+
+def test_make_zoo_argument_errors(tmp_path, make_config):
+    with pytest.raises(ConfigError, match="workers: must be a positive integer"):
+        make_zoo(make_config(), tmp_path, workers=0)
+    with pytest.raises(ConfigError, match="config: expected a ZooConfig"):
+        make_zoo({"arch": "mlp"}, tmp_path)

@@ -1,0 +1,24 @@
+from modelatlas.cli.main import main
+from modelatlas.zoo import load_manifest
+
+
+def test_zoo_make_and_show(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    code = main(["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "2", "--depth", "1",
+                 "--method", "lora", "--storage", "adapter", "--seed", "4", "--workers", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "zoo: 3 models (1 roots, 0 full fine-tunes, 2 LoRA)" in text
+    manifest = load_manifest(out)
+    assert manifest.config["seed"] == 4 and manifest["t0.1"].storage == "adapter"
+    assert main(["zoo", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "t0  [root]" in shown and "  t0.1  [lora r=4 adapter]" in shown
+
+
+def test_zoo_errors_are_one_line(tmp_path, capsys):
+    assert main(["zoo", "make", "--trees", "0", "--out", str(tmp_path)]) == 1
+    assert "error: trees: must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["zoo", "show", str(tmp_path / "none")]) == 1
+    assert "no such manifest" in capsys.readouterr().err
+    assert main(["zoo", "presets"]) == 0
+    assert "lineage-lora" in capsys.readouterr().out

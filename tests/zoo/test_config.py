@@ -1,0 +1,43 @@
+import pytest
+
+from modelatlas.errors import ConfigError
+from modelatlas.zoo import ZooConfig, arch_config, preset, presets
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"trees": 0}, "trees: must be a positive integer"),
+    ({"arch": "resnet"}, "arch: unknown value 'resnet'"),
+    ({"method": "qlora"}, "method: unknown value"),
+    ({"storage": "adapter", "method": "full"}, "storage: 'adapter' needs method 'lora' or 'mixed'"),
+    ({"lora_ranks": (0,)}, "lora_ranks: must be positive integers"),
+    ({"ft_lr": (1e-2, 1e-3)}, r"ft_lr: must be a \(low, high\) pair"),
+    ({"task_sampler": "nope"}, "task_sampler: unknown sampler 'nope'"),
+    ({"task_kinds": ("dataset",)}, "other_datasets: task kind 'dataset' needs"),
+    ({"transforms": ("spin",)}, "transforms: unknown value 'spin'"),
+    ({"input_shape": (8, 8)}, r"input_shape: must be \(C, H, W\)"),
+])
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ZooConfig(**kwargs)
+
+
+def test_arch_and_preset_errors():
+    with pytest.raises(ConfigError, match="arch_kwargs: unknown key"):
+        arch_config("mlp", (1, 8, 8), 10, width=3)
+    with pytest.raises(ConfigError, match="arch_kwargs.patch_size: 3 does not divide"):
+        arch_config("vit", (1, 8, 8), 10, patch_size=3)
+    with pytest.raises(ConfigError, match="preset: unknown preset 'huge'"):
+        preset("huge")
+
+
+def test_presets_and_sizes():
+    assert {"demo", "lineage-full", "lineage-lora", "vit-small", "probex-digits"} <= set(presets())
+    assert preset("demo").n_models == 21
+    assert preset("lineage-lora").n_models == 3 * (1 + 3 + 9)
+    star = preset("probex-digits")
+    assert star.depth == 1 and star.n_models == 1001
+
+
+def test_roundtrip_dict():
+    c = preset("lineage-lora-mixed", seed=5)
+    assert ZooConfig.from_dict({**c.to_dict(), "arch_config": {}}) == c
