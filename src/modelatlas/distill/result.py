@@ -8,7 +8,9 @@
 - ``result.json``: method, dataset, ipc, seed, config, evaluation (mean/std test accuracy, per-network
   accuracies, protocol), optional baseline, distillation wall time, loss history;
 - ``images.png``: a grid of the synthetic images (one row per class, inverse-transformed for display);
-- ``loss.png``: the learning curve (loss per outer iteration).
+- ``loss.png``: the learning curve (loss per outer iteration);
+- PoDD sets (``"poster"`` in ``extras``) are stored as the poster + label grid + layout, not as their crops
+  (rebuilt on load), and get ``poster.png`` (poster with crop grid and class layout).
 Every file is written atomically (temporary file + rename).
 """
 
@@ -31,7 +33,14 @@ RESULT_JSON, TRANSFORM_FILE, IMAGES_PNG, LOSS_PNG = "result.json", "transform.sa
 def write_result(folder: str | Path, syn: SyntheticSet, transform, info: dict, losses: list[float]) -> Path:
     """Write the whole result folder; ``info`` becomes ``result.json`` (plus the transform kind)."""
     folder = Path(folder)
-    syn.save(folder)
+    if "poster" in syn.extras:  # PoDD: store the poster, not its crops; draw it
+        from modelatlas.distill.methods.podd.method import compact
+        from modelatlas.distill.methods.podd.render import POSTER_PNG, render_poster
+
+        compact(syn).save(folder)
+        atomic_write_bytes(folder / POSTER_PNG, render_poster(syn, transform))
+    else:
+        syn.save(folder)
     state = transform.state_dict() if transform is not None else {}
     atomic_save_tensors(folder / TRANSFORM_FILE, state or {"none": torch.zeros(1)})
     kind = getattr(transform, "kind", "identity")
@@ -66,6 +75,10 @@ def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
     folder = Path(folder)
     info = read_info(folder)
     syn = SyntheticSet.load(folder)
+    if syn.meta.get("stored") == "poster":
+        from modelatlas.distill.methods.podd.method import expand
+
+        syn = expand(syn)
     kind = info.get("transform", "identity")
     tpath = folder / TRANSFORM_FILE
     state = load_file(str(tpath)) if tpath.is_file() else {}

@@ -1,0 +1,56 @@
+"""``atlas distill poster``: distil a dataset into one PoDD poster (IPC may be below 1), evaluate, save.
+
+Registered through the hook in :mod:`modelatlas.cli.distill`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from modelatlas.cli.output import echo, tqdm_progress
+
+
+def register(dsub) -> None:
+    p = dsub.add_parser("poster", help="distil a dataset into one poster of overlapping crops (PoDD)")
+    p.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
+    p.add_argument("--ipc", type=float, required=True, help="images per class of the poster, e.g. 0.3, 0.5, 1")
+    p.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
+    p.add_argument("--eval-nets", type=int, default=5)
+    p.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--no-learn-labels", action="store_true", help="pixel-count labels instead of PoDDL")
+    p.add_argument("--class-order", choices=["poco", "natural"], default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a podd config field (repeatable), e.g. --set window=20")
+    p.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
+    p.set_defaults(func=_poster)
+
+
+def _poster(args: argparse.Namespace) -> int:
+    from modelatlas.cli.distill import _summary, parse_overrides
+    from modelatlas.distill.methods.podd.api import run_poster
+
+    config = parse_overrides(args.overrides)
+    if args.iterations is not None:
+        config["iterations"] = args.iterations
+    if args.no_learn_labels:
+        config["learn_labels"] = False
+    if args.class_order:
+        config["class_order"] = args.class_order
+    info = run_poster(args.dataset, args.ipc, args.out, config, seed=args.seed, eval_nets=args.eval_nets,
+                      eval_epochs=args.eval_epochs, transform=args.transform,
+                      dataset_kwargs={"root": args.data_root} if args.data_root else None,
+                      baseline=not args.no_baseline, progress=tqdm_progress, resume=args.resume, device=args.device)
+    lay = info["poster"]
+    echo(_summary(f"podd poster {lay['height']}x{lay['width']} ({info['ipc']:.3g} IPC, {lay['n_x']}x{lay['n_y']} "
+                  f"crops) on {info['dataset']}", info["evaluation"]))
+    if "baseline_random" in info:
+        echo(_summary(f"random real subset, {info['baseline_ipc']} per class, same protocol", info["baseline_random"]))
+    echo(f"protocol: {info['evaluation']['protocol']['description']}")
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s; wrote {args.out} (poster.png)")
+    return 0

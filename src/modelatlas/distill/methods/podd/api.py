@@ -1,0 +1,37 @@
+"""``run_poster``: distil a dataset into a PoDD poster of a fractional IPC, evaluate, write the result folder.
+
+A thin layer over :func:`modelatlas.distill.run_distillation` (method ``podd`` with ``poster_ipc``): the
+random-real-subset baseline is scored at ceil(ipc) images per class (the smallest real subset with at least
+as many pixels), under the same Adam protocol. Time: see :mod:`.method`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from modelatlas.distill.result import update_result
+from modelatlas.errors import ConfigError
+from modelatlas.progress import Progress
+
+
+def run_poster(dataset, ipc: float, out: str | Path, config: dict | None = None, seed: int = 0,
+               eval_nets: int = 5, eval_epochs: int | None = None, transform: str | None = None,
+               dataset_kwargs: dict | None = None, baseline: bool = True, progress: Progress | None = None,
+               resume: bool = False, device: str | None = None, dataset_test=None) -> dict:
+    """Returns the ``result.json`` dict (``ipc`` is the poster's actual IPC, ``poster_ipc_target`` the asked one)."""
+    from modelatlas.distill import run_distillation
+
+    if not ipc > 0:
+        raise ConfigError(f"--ipc must be > 0 for a poster, got {ipc}")
+    cfg = {**(config or {}), "poster_ipc": float(ipc)}
+    run_distillation("podd", dataset, max(1, math.ceil(ipc)), out, config=cfg, seed=seed,
+                     eval_nets=eval_nets, eval_epochs=eval_epochs, transform=transform,
+                     dataset_test=dataset_test, dataset_kwargs=dataset_kwargs, baseline=baseline,
+                     progress=progress, resume=resume, device=device)
+    from modelatlas.distill.result import load_result
+
+    syn, _, _ = load_result(out)
+    fields = {"ipc": round(syn.meta["poster_ipc"], 4), "poster_ipc_target": float(ipc),
+              "poster": syn.meta.get("poster"), "baseline_ipc": max(1, math.ceil(ipc))}
+    return update_result(out, **fields)
