@@ -10,16 +10,18 @@ def make_chain():
     return d, np.array([3.0, 2.0, 1.0])
 
 
-def test_chain_orientation_specialize_points_down_the_kurtosis():
+@pytest.mark.parametrize("placement", ["mst", "joint"])
+def test_chain_orientation_specialize_points_down_the_kurtosis(placement):
     d, k = make_chain()
-    parent, cost, bad = solve_tree(d, k, "specialize", 0.3)
+    parent, cost, bad = solve_tree(d, k, "specialize", 0.3, placement)
     assert parent == [-1, 0, 1]  # a -> b -> c: fine-tuning lowers kurtosis
     assert bad == 0 and cost == 2.0
 
 
-def test_chain_orientation_generalize_points_up_the_kurtosis():
+@pytest.mark.parametrize("placement", ["mst", "joint"])
+def test_chain_orientation_generalize_points_up_the_kurtosis(placement):
     d, k = make_chain()
-    parent, _, bad = solve_tree(d, k, "generalize", 0.3)
+    parent, _, bad = solve_tree(d, k, "generalize", 0.3, placement)
     assert parent == [1, 2, -1]  # c -> b -> a
     assert bad == 0
 
@@ -65,3 +67,20 @@ def test_scores_in_unit_interval_and_ordered():
     assert scores[1] == pytest.approx(1 - 1 / 1.375)
     tie = edge_scores(np.array([[np.inf, 1.0, 1.0], [1.0, np.inf, 1.0], [1.0, 1.0, np.inf]]), [-1, 0, 0])
     assert tie[1] == 0.0
+
+
+def test_mst_placement_keeps_distance_edges_where_joint_moves_them():
+    # chain a - b - c (1, 1; a-c 1.2) with kurtosis a > c > b: specialize wants b -> c reversed.
+    d = np.array([[0, 1, 1.2], [1, 0, 1], [1.2, 1, 0]])
+    k = np.array([3.0, 1.0, 2.0])
+    joint, _, _ = solve_tree(d, k, "specialize", 0.3, "joint")
+    mst, _, bad = solve_tree(d, k, "specialize", 0.3, "mst")
+    assert joint == [-1, 0, 0]  # the penalty (0.3 * mean 1.07) outweighs 0.2 extra distance: c moves to a
+    assert mst == [-1, 0, 1] and bad == 1  # distance decides placement; one violation is reported
+
+
+def test_orient_mst_handles_duplicates_and_single_model():
+    d = np.zeros((3, 3))
+    parent, _, _ = solve_tree(d, np.array([3.0, 2.0, 1.0]), "specialize", 0.3)
+    assert sorted(parent).count(-1) == 1
+    assert solve_tree(np.zeros((1, 1)), np.array([1.0]), "specialize", 0.3)[0] == [-1]

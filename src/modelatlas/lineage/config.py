@@ -10,6 +10,7 @@ from modelatlas.errors import ConfigError
 STAGES = ("auto", "specialize", "generalize")
 DISTANCES = ("auto", "l2", "rank")
 METHODS = ("atlas", "mother-paper")
+PLACEMENTS = ("mst", "joint")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class LineageConfig:
     distance: ``"l2"`` (full fine-tuning: mean per-layer RMS of the difference), ``"rank"`` (LoRA: summed
         rank of the difference) or ``"auto"`` (per tree: rank when the nearest-neighbour differences are
         low-rank, else RMS x rank fraction).
+    placement: ``"mst"`` (edges from the undirected minimum spanning tree of the distances, kurtosis only
+        picks the root) or ``"joint"`` (MoTHer: the arborescence of distance + direction penalty; the
+        mother-paper recipe always uses it).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
     rank_rtol: singular values below ``rank_rtol`` x the largest one do not count towards the rank.
     tree_gap: a ratio of consecutive single-linkage merge heights at least this large separates trees.
@@ -40,6 +44,7 @@ class LineageConfig:
     lam: float = 0.3
     layers: str | None = None
     distance: str = "auto"
+    placement: str = "mst"
     sketch: int = 64
     rank_rtol: float = 1e-2
     tree_gap: float = 3.0
@@ -49,6 +54,7 @@ class LineageConfig:
         _choice("method", self.method, METHODS)
         _choice("stage", self.stage, STAGES)
         _choice("distance", self.distance, DISTANCES)
+        _choice("placement", self.placement, PLACEMENTS)
         if self.n_trees is not None and (not isinstance(self.n_trees, int) or self.n_trees < 1):
             raise ConfigError(f"n_trees must be a positive integer or None (find it from the data); got {self.n_trees!r}")
         if not self.lam >= 0:

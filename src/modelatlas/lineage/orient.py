@@ -6,6 +6,10 @@ MoTHer (Horwitz, Shul, Hoshen, "On the Origin of Llamas: Model Tree Heritage Rec
   step 4 (edge cost): M_uv = D_uv + lambda * mean(D) * 1[direction violated], M_uu = +inf;
   step 5 (tree): minimum spanning arborescence of M; the root is the node left without a parent.
 
+By default (``placement="mst"``) the edges are placed by distance alone (undirected minimum spanning tree)
+and kurtosis only orients them: on trained zoos the joint arborescence lets a noisy kurtosis difference
+move a child to its grandparent or sibling (see docs/lineage.md for the measured difference).
+
 Beyond the paper:
   * **stage from the evidence** (:func:`decide_stage`): both orientations are solved; the right one should
     need fewer violations and less distance. The evidence is the cost difference in units of one
@@ -52,16 +56,80 @@ def penalty_unit(dist: np.ndarray, lam: float) -> float:
     return float(lam * off.mean()) if off.size else 0.0
 
 
-def solve_tree(dist: np.ndarray, kurtosis: np.ndarray, stage: str, lam: float) -> tuple[list[int], float, int]:
-    """(parent, total cost, number of violated edges) of the minimum arborescence for ``stage``."""
+def solve_tree(dist: np.ndarray, kurtosis: np.ndarray, stage: str, lam: float,
+               placement: str = "mst") -> tuple[list[int], float, int]:
+    """(parent, total cost under M, number of violated edges) of one tree for ``stage``.
+
+    ``placement="joint"`` (MoTHer step 5): the minimum spanning arborescence of M, where the direction
+    penalty may also move edges. ``"mst"``: the edges are the undirected minimum spanning tree of D (where
+    a model sits is a question of distance only) and kurtosis only picks the root, the one whose
+    orientation violates the fewest edges (ties: the smallest summed kurtosis violation). Time O(n^3)
+    (joint) or O(n^2) (mst).
+    """
     m = edge_costs(dist, kurtosis, stage, lam)
-    parent = minimum_spanning_arborescence(m)
+    parent = minimum_spanning_arborescence(m) if placement == "joint" else orient_mst(dist, kurtosis, stage)
     v = violations(kurtosis, stage)
     n_bad = sum(int(v[p, c]) for c, p in enumerate(parent) if p >= 0)
     return parent, arborescence_cost(m, parent), n_bad
 
 
-def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float) -> tuple[str, float, dict]:
+def orient_mst(dist: np.ndarray, kurtosis: np.ndarray, stage: str) -> list[int]:
+    """Parents of the undirected MST of ``dist`` rooted where the kurtosis direction is best kept.
+
+    Every node is tried as the root (an orientation of a tree is fixed by its root). Time O(n^2).
+    """
+    n = dist.shape[0]
+    adj = _prim(dist)
+    sign = 1.0 if stage == "specialize" else -1.0  # specialize: k(parent) > k(child)
+    best, best_parent = None, [-1] * n
+    for root in range(n):
+        parent = _root_at(adj, root)
+        child = np.array([v for v in range(n) if parent[v] >= 0], dtype=int)
+        par = np.array([parent[v] for v in child], dtype=int)
+        drop = sign * (kurtosis[par] - kurtosis[child]) if len(child) else np.zeros(0)
+        key = (int((drop < 0).sum()), float(-drop[drop < 0].sum()), root)
+        if best is None or key < best:
+            best, best_parent = key, parent
+    return best_parent
+
+
+def _prim(dist: np.ndarray) -> list[list[int]]:
+    """Adjacency lists of a minimum spanning tree of the complete graph ``dist`` (Prim). Time O(n^2)."""
+    n = dist.shape[0]
+    adj: list[list[int]] = [[] for _ in range(n)]
+    if n == 0:
+        return adj
+    inside = np.zeros(n, dtype=bool)
+    inside[0] = True
+    best = np.asarray(dist[0], dtype=np.float64).copy()  # cheapest link of each outside node to the tree
+    link = np.zeros(n, dtype=int)
+    for _ in range(n - 1):
+        v = int(np.argmin(np.where(inside, np.inf, best)))
+        adj[v].append(int(link[v]))
+        adj[int(link[v])].append(v)
+        inside[v] = True
+        closer = dist[v] < best
+        best = np.where(closer, dist[v], best)
+        link = np.where(closer, v, link)
+    return adj
+
+
+def _root_at(adj: list[list[int]], root: int) -> list[int]:
+    """Parent of every node when the tree ``adj`` hangs from ``root`` (-1 for the root). Time O(n)."""
+    parent = [-1] * len(adj)
+    seen, stack = {root}, [root]
+    while stack:
+        u = stack.pop()
+        for v in adj[u]:
+            if v not in seen:
+                seen.add(v)
+                parent[v] = u
+                stack.append(v)
+    return parent
+
+
+def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
+                 placement: str = "mst") -> tuple[str, float, dict]:
     """Choose the stage that explains the trees better; returns (stage, confidence in [0.5, 1], details).
 
     For each tree (D, kurtosis) both orientations are solved; evidence = sum over trees of
@@ -77,7 +145,7 @@ def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float) -> tupl
         unit = penalty_unit(dist, lam)
         cost = {}
         for stage in viol:
-            _, cost[stage], bad = solve_tree(dist, kurt, stage, lam)
+            _, cost[stage], bad = solve_tree(dist, kurt, stage, lam, placement)
             viol[stage] += bad
         if unit > 0:
             evidence += (cost["generalize"] - cost["specialize"]) / unit

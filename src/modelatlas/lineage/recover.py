@@ -6,8 +6,9 @@ Pipeline (MoTHer, Horwitz et al. 2024, with the additions described in ``docs/li
   3. trees: K found from the relative-distance gap, or Ward with K given (:mod:`.clustering`);
   4. per tree, the edge distance: RMS (full fine-tuning), summed rank (LoRA), or RMS x rank fraction
      when low-rank differences are found (``distance="auto"``);
-  5. the stage from the evidence, or given; edge costs and Chu-Liu/Edmonds per tree; edge confidence
-     (:mod:`.orient`).
+  5. the stage from the evidence, or given; per tree, the edges of the undirected minimum spanning tree
+     of the distances oriented from the root that best keeps the kurtosis direction (or, ``placement=
+     "joint"``, MoTHer's Chu-Liu/Edmonds arborescence of distance + penalty); edge confidence (:mod:`.orient`).
 ``method="mother-paper"`` runs the published recipe instead (mean|dW| + Ward with the true K, RMS or rank
 distances, the stage given, lambda = 0.3) as a baseline.
 
@@ -69,20 +70,21 @@ class LineageRecovery:
         trees = _tree_members(labels, stats)
         dists, dist_info = zip(*[_tree_distance(cfg, stats[g], idx) for g, idx in trees]) if trees else ((), ())
         kurt = [stats[g].kurtosis[idx] for g, idx in trees]
+        placement = "joint" if cfg.method == "mother-paper" else cfg.placement
         if cfg.stage == "auto":
-            stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam)
+            stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam, placement)
         else:
             stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
         edges, tree_names = [], []
         for (g, idx), d, k in zip(trees, dists, kurt):
             members = [names[g][i] for i in idx]
             tree_names.append(members)
-            parent, _, _ = solve_tree(d, k, stage, cfg.lam)
+            parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
             scores = edge_scores(edge_costs(d, k, stage, cfg.lam), parent)
             edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
-                     "lambda": cfg.lam, "distance": _summarise(dist_info), "layers": rules,
+                     "lambda": cfg.lam, "placement": placement, "distance": _summarise(dist_info), "layers": rules,
                      "architectures": len(names)}
         kurt_all = np.concatenate([s.kurtosis for s in stats])
         self.forest_ = Forest(flat, edges, decisions, tree_names, dict(zip(flat, kurt_all.tolist())), skipped)
