@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.scoring import edge_marks, score_forest
 from modelatlas.weights import open_checkpoint
@@ -34,7 +35,8 @@ ACCURACY = {
     "full mlp-wide seed3": ("lineage-full", dict(seed=3, arch_kwargs={"hidden": 128, "n_hidden": 2})),
     "full cnn seed1": ("lineage-full", dict(seed=1, arch="cnn")),
     "full vit seed1": ("lineage-full", dict(seed=1, arch="vit", root_steps=(300, 400), root_lr=(1e-3, 3e-3))),
-    "full mlp mnist1d seed1": ("lineage-full", dict(seed=1, dataset="mnist1d")),
+    "full mlp mnist5k seed1": ("lineage-full", dict(seed=1, dataset="mnist5k")),
+    "full mlp fashion-mnist seed1": ("lineage-full", dict(seed=1, dataset="fashion-mnist")),
     "lora r4 mlp seed1": ("lineage-lora", dict(seed=1)),
     "lora r4 mlp seed2": ("lineage-lora", dict(seed=2)),
     "lora r2/4/8 mlp seed1": ("lineage-lora-mixed", dict(seed=1)),
@@ -48,7 +50,10 @@ SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
 def build(work: Path, key: str, name: str, overrides: dict):
     folder = work / key.replace(" ", "_").replace("/", "-")
     t = time.perf_counter()
-    manifest = make_zoo(preset(name, **overrides), folder, workers=2)
+    try:
+        manifest = make_zoo(preset(name, **overrides), folder, workers=2)
+    except ConfigError:  # built by another version of the zoo code: rebuild
+        manifest = make_zoo(preset(name, **overrides), folder, workers=2, resume=False)
     return manifest, time.perf_counter() - t
 
 
