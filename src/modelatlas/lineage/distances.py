@@ -151,7 +151,9 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
         for a in range(0, len(pairs), 256):
             pr = torch.from_numpy(pairs[a:a + 256])
             diff = (y[pr[:, 0]] - y[pr[:, 1]]).double()  # (B, n, s)
-            sv = torch.linalg.svdvals(diff)  # (B, min(n, s))
+            # singular values from the (s, s) Gram's eigenvalues: several times faster than svdvals
+            eig = torch.linalg.eigvalsh(diff.transpose(1, 2) @ diff)  # (B, s), ascending
+            sv = eig.clamp_min(0).sqrt().flip(1)  # (B, s), descending
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
             ranks[a:a + 256] += (sv > floor).sum(1).numpy()
             nuc[a:a + 256] += (sv.sum(1) / numel**0.5).numpy()

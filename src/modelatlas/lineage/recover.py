@@ -29,6 +29,8 @@ from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, sol
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.progress import Progress
 
+_NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
+
 
 class LineageRecovery:
     """Recover the directed lineage forest of a set of models from their weights.
@@ -171,17 +173,18 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     ``auto``: when most nearest-neighbour differences have rank below a quarter of the sketch (LoRA-like
     edges) the summed rank is used (RMS breaks ties); otherwise RMS x rank fraction, because a fine-tuning
     update is low-rank-ish too and a grandparent differs by the *sum* of two updates (higher rank) even
-    where it is not farther in RMS. Time O(n^2 L n_l s^2) for the pairwise spectra.
+    where it is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's
+    ``_NEIGHBOURS`` nearest by RMS); other pairs count as full rank. Time O(n k L n_l s^2).
     """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
         return rms, "l2"
     sk = [s[idx] for s in st.sketches]
-    iu = np.triu_indices(len(idx), 1)
-    ranks, _, cap = spectral_distances(sk, np.stack(iu, 1), cfg.rank_rtol)
-    frac = np.zeros_like(rms)
-    frac[iu] = ranks / cap
-    frac = frac + frac.T  # (n, n) rank(W_u - W_v) / saturation, summed over layers
+    pairs = _candidate_pairs(rms, _NEIGHBOURS)
+    ranks, _, cap = spectral_distances(sk, pairs, cfg.rank_rtol)
+    frac = np.ones_like(rms)  # pairs that are no one's near neighbour count as saturated (full rank)
+    frac[pairs[:, 0], pairs[:, 1]] = frac[pairs[:, 1], pairs[:, 0]] = ranks / cap
+    np.fill_diagonal(frac, 0)  # (n, n) rank(W_u - W_v) / saturation, summed over layers
     kind = cfg.distance
     if kind == "auto":
         near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
@@ -191,6 +194,15 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
             return frac * cap, "rank"
         return frac * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
     return rms * frac, "l2*rank"
+
+
+def _candidate_pairs(dist: np.ndarray, k: int) -> np.ndarray:
+    """(P, 2) pairs u < v where v is among u's k nearest by ``dist`` or the reverse. Time O(n^2 log n)."""
+    n = dist.shape[0]
+    order = np.argsort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :min(k, n - 1)]  # (n, k)
+    rows = np.repeat(np.arange(n), order.shape[1])
+    a, b = np.minimum(rows, order.ravel()), np.maximum(rows, order.ravel())
+    return np.unique(np.stack([a, b], 1), axis=0)
 
 
 def _summarise(kinds) -> str:
