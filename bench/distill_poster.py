@@ -1,0 +1,102 @@
+"""Trajectory, unrolled and poster distillation benchmark: MTT and RaT-BPTT at IPC 1/10, PoDD posters at
+0.3 / 0.5 / 1 IPC, each beside the random real subset under the same protocol.
+
+Every run distils the training split, then ``--eval-nets`` fresh networks are trained on the synthetic set
+(PoDD: all crops with their labels) and tested on the real test split under the method's protocol: MTT the
+SGD protocol with DSA (1000 epochs unless ``--eval-epochs``), RaT-BPTT and PoDD the Adam protocol (lr 1e-3,
+batch 256, DSA, 300 epochs). The random baseline uses ceil(ipc) real images per class under each protocol.
+
+    python bench/distill_poster.py --dataset digits --runs mtt:1 mtt:10 ratbptt:1 ratbptt:10 podd:0.3 podd:0.5 podd:1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.distill import default_protocol, distill, evaluate_random_baseline, evaluate_synthetic
+
+# Outer iterations per (method, dataset) sized for ~2 shared CPU cores (papers: thousands).
+ITERATIONS = {"digits": {"mtt": 200, "ratbptt": 150, "podd": 150},
+              "fashion-mnist": {"mtt": 50, "ratbptt": 40, "podd": 40}}
+
+
+def _row(name, ipc, ev, wall, iterations, extra=None) -> dict:
+    return {"method": name, "ipc": ipc, "mean": round(ev.mean, 2), "std": round(ev.std, 2),
+            "accuracies": [round(a, 2) for a in ev.accuracies], "protocol": ev.protocol["description"],
+            "wall_time_s": None if wall is None else round(wall, 1), "iterations": iterations, **(extra or {})}
+
+
+def one_run(method: str, ipc: float, tr, te, args, baselines: dict) -> list[dict]:
+    cfg = dict(json.loads(args.config)) if args.config else {}
+    cfg["iterations"] = args.iterations or ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"])[method]
+    int_ipc = max(1, math.ceil(ipc))
+    if method == "podd":
+        cfg["poster_ipc"] = float(ipc)
+    start = time.perf_counter()
+    syn = distill(method, tr, int_ipc, cfg, seed=args.seed)
+    wall = time.perf_counter() - start
+    proto = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
+    ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
+    extra = {}
+    if method == "podd":
+        lay = syn.meta["poster"]
+        extra = {"actual_ipc": round(syn.meta["poster_ipc"], 3),
+                 "poster": f"{lay['height']}x{lay['width']}, {lay['n_x']}x{lay['n_y']} crops"}
+    rows = [_row(method, ipc, ev, wall, cfg["iterations"], extra)]
+    key = (proto.kind, proto.dsa, int_ipc)
+    if key not in baselines:
+        bev = evaluate_random_baseline(tr, te, int_ipc, proto, args.seed)
+        baselines[key] = _row("random", int_ipc, bev, None, None)
+        rows.append(baselines[key])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | IPC | test acc % (mean +- std) | distill time s | iterations | notes | protocol |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        wall = "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}"
+        note = f"{r['poster']} ({r['actual_ipc']} IPC)" if "poster" in r else ""
+        lines.append(f"| {r['method']} | {r['ipc']} | {r['mean']:.1f} +- {r['std']:.1f} | {wall} | "
+                     f"{r['iterations'] or ''} | {note} | {r['protocol']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--runs", nargs="+", default=["mtt:1", "mtt:10", "ratbptt:1", "ratbptt:10", "podd:0.3",
+                                                  "podd:0.5", "podd:1"], help="METHOD:IPC entries")
+    ap.add_argument("--iterations", type=int, default=None, help="override every method's outer iterations")
+    ap.add_argument("--config", default=None, help="JSON of config fields applied to every run")
+    ap.add_argument("--eval-nets", type=int, default=5)
+    ap.add_argument("--eval-epochs", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    start, rows, baselines = time.perf_counter(), [], {}
+    for entry in args.runs:
+        method, _, ipc = entry.partition(":")
+        for r in one_run(method, float(ipc), tr, te, args, baselines):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(table(rows))
+    print(f"total {time.perf_counter() - start:.0f} s on {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {args.threads} thread(s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.distill import distill
+from modelatlas.distill.methods import get
+from modelatlas.distill.methods.mtt import buffer as B
+from modelatlas.distill.methods.mtt.method import trajectory_loss
+from modelatlas.distill.nets import make_net
+from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import ConfigError
+
+
+def make_cfg(tmp_path, **kw):
+    return {"iterations": 3, "num_experts": 2, "expert_epochs": 3, "max_start_epoch": 1, "syn_steps": 2,
+            "width": 8, "checkpoint_every": 1, "cache_dir": str(tmp_path / "cache"), **kw}
+
+
+def test_buffer_is_cached_and_reused(tmp_path, monkeypatch):
+    tr = load_dataset("digits", "train")
+    cfg = get("mtt").make_config(make_cfg(tmp_path))
+    buf, path = B.load_or_train(tr, cfg, 0, torch.device("cpu"), None)
+    assert path.is_file() and buf.shape[:2] == (2, 4)  # (experts, epochs + 1, P)
+    assert not torch.equal(buf[0, 0], buf[0, -1]) and not torch.equal(buf[0, 0], buf[1, 0])
+
+    def boom(*a, **k):
+        raise AssertionError("retrained")
+    monkeypatch.setattr(B, "train_expert", boom)
+    again, path2 = B.load_or_train(tr, cfg, 0, torch.device("cpu"), None)
+    assert path2 == path and torch.equal(again, buf)
+    other = get("mtt").make_config(make_cfg(tmp_path, lr_teacher=0.02))
+    assert B.buffer_key(tr, other, 0) != B.buffer_key(tr, cfg, 0)
+
+
+def test_trajectory_loss_is_one_at_zero_lr_and_reaches_images():
+    net = make_net("convnet", (1, 8, 8), 2, width=4, depth=1, seed=0)
+    shapes = {k: v.shape for k, v in net.named_parameters()}
+    start = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    target = start + 0.1
+    syn = SyntheticSet(torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]), 2, lr=0.0)
+    gen = torch.Generator().manual_seed(0)
+    loss = trajectory_loss(net, shapes, start, target, syn, 2, 4, gen, None)
+    assert float(loss.detach()) == pytest.approx(1.0)
+    syn.lr.data.fill_(0.05)
+    loss = trajectory_loss(net, shapes, start, target, syn, 2, 4, gen, None)
+    loss.backward()
+    assert syn.images.grad.abs().sum() > 0 and syn.lr.grad is not None
+
+
+def test_resume_equals_straight_run(tmp_path):
+    tr = load_dataset("digits", "train")
+    straight = distill("mtt", tr, 1, make_cfg(tmp_path), seed=1)
+    assert straight.lr is not None and float(straight.lr) >= 1e-4
+    distill("mtt", tr, 1, make_cfg(tmp_path, iterations=2), seed=1, checkpoint_dir=tmp_path / "ck")
+    resumed = distill("mtt", tr, 1, make_cfg(tmp_path), seed=1, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert torch.equal(straight.images, resumed.images) and torch.equal(straight.lr, resumed.lr)
+
+
+def test_config_errors_name_the_field():
+    spec = get("mtt")
+    with pytest.raises(ConfigError, match=r"max_start_epoch \+ expert_step \(10 \+ 5\) must be <= expert_epochs"):
+        spec.make_config({"expert_step": 5})
+    with pytest.raises(ConfigError, match="syn_steps must be > 0"):
+        spec.make_config({"syn_steps": 0})
