@@ -44,3 +44,15 @@ def test_registered_sampler_is_used_by_plans():
     nodes = plan_zoo(ZooConfig(shape="star", trees=1, children=3, task_sampler="test-only-ones"))
     assert [n["task"]["label"] for n in nodes] == ["digits, all 10 classes", "ones", "ones", "ones"]
     assert [n["name"] for n in nodes] == ["t0", "t0.0", "t0.1", "t0.2"]
+
+
+def test_balanced_minibatches_draw_rare_labels():
+    import torch
+
+    from modelatlas.zoo.train import fit
+
+    x = torch.rand(100, 1, 2, 2)
+    y = torch.tensor([1] * 5 + [0] * 95)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    fit(model, x, y, lr=0.1, steps=50, batch_size=32, seed=0, balance=True)
+    assert (model(x).argmax(1) == 1).any()  # unbalanced training would predict only the majority

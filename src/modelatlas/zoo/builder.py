@@ -133,7 +133,8 @@ def build_one(job: dict) -> dict:
     wrappers = None
     if node["method"] == "lora":
         wrappers = add_lora(model, lora_targets(model), spec["lora_r"], spec["lora_alpha"], spec["seed"])
-    loss = fit(model, x, y, lr=spec["lr"], steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"])
+    loss = fit(model, x, y, lr=spec["lr"], steps=spec["steps"], batch_size=spec["batch_size"], seed=spec["seed"],
+               balance=bool(task.get("balance")))
     acc = accuracy(model, xt, yt)
     folder = out / node["name"]
     folder.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,12 @@ _PRESETS: dict[str, dict] = {
     "cnn-small": dict(arch="cnn", trees=2, children=2, depth=2, method="mixed"),
     "vit-small": dict(arch="vit", trees=2, children=2, depth=2, method="mixed", root_steps=(300, 400),
                       root_lr=(1e-3, 3e-3), lora_ranks=(4,)),
+    "vit-mnist": dict(arch="vit", dataset="mnist5k", arch_kwargs={"patch_size": 7}, trees=2, children=2, depth=2,
+                      method="mixed", root_lr=(1e-3, 3e-3), lora_ranks=(4,)),
+    "cross-dataset": dict(dataset="mnist5k", other_datasets=("digits", "fashion-mnist"), trees=2, children=3,
+                          depth=2, method="mixed", task_kinds=("class_subset", "transform", "dataset", "new_head")),
+    "probex-named": dict(shape="star", trees=1, children=500, task_sampler="named_class", method="lora",
+                         lora_ranks=(4,), ft_steps=(40, 60), eval_samples=200),
     "probex-digits": dict(shape="star", trees=1, children=1000, task_sampler="random_class_subset",
                           method="full", ft_steps=(40, 60), eval_samples=200),
 }

@@ -10,7 +10,8 @@ Built in:
 - ``class_subset`` / ``transform`` / ``new_head``: one kind only.
 - ``random_class_subset``: each child sees a random ``subset_size`` of the classes (multi-hot targets for
   ProbeX live in ``task["classes"]``); repeats allowed (1,000 children of a 10-class root).
-- ``named_class``: each child learns one class versus the rest (labels 1 / 0), cycling over the classes.
+- ``named_class``: each child learns one class versus the rest (labels 1 / 0, label-balanced minibatches),
+  cycling over the classes.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def transform_task(ctx: SamplerContext, transform: str) -> dict:
 def dataset_task(ctx: SamplerContext, name: str) -> dict:
     k = ctx.datasets[name]
     return {"kind": "dataset", "dataset": name, "classes": list(range(k)), "transform": "identity",
-            "label_map": None, "head": "keep", "label": f"{name}, all {k} classes (resized)"}
+            "label_map": None, "head": "keep", "label": f"{name}, all {k} classes"}
 
 
 def new_head_task(ctx: SamplerContext, groups: int) -> dict:
@@ -160,7 +161,7 @@ def _named_class(ctx: SamplerContext) -> list[dict]:
         c = int(order[i % ctx.num_classes])
         lmap = [int(j == c) for j in range(ctx.num_classes)]
         tasks.append({"kind": "named_class", "dataset": ctx.config.dataset, "classes": [c],
-                      "transform": "identity", "label_map": lmap, "head": "keep",
+                      "transform": "identity", "label_map": lmap, "head": "keep", "balance": True,
                       "label": f"{ctx.config.dataset}: {ctx.class_names[c]} vs rest"})
     return tasks
 

@@ -11,6 +11,7 @@ A task dict (stored as ``task`` in the manifest)::
 - ``transform``: an input transform name from :data:`TRANSFORMS` (applied after resizing to the zoo's
   input shape).
 - ``head``: ``"keep"`` (fine-tune the parent's head) or ``"new"`` (re-initialise it first).
+- ``balance`` (optional): draw every training label equally often (one-vs-rest tasks).
 
 Child tasks come from task samplers (:mod:`modelatlas.zoo.samplers`).
 """
