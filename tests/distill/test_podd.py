@@ -1,0 +1,132 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.cli.main import main
+from modelatlas.data import load_dataset
+from modelatlas.distill import distill
+from modelatlas.distill.methods import get
+from modelatlas.distill.methods.podd import poster as P
+from modelatlas.distill.methods.podd.method import compact, expand
+from modelatlas.distill.methods.podd.poco import antidiagonal_cells, greedy_order, grid_cost, informative
+from modelatlas.distill.result import load_result
+from modelatlas.errors import ConfigError
+
+TINY = {"iterations": 2, "total": 4, "window": 2, "batch_real": 32, "width": 8, "checkpoint_every": 1}
+
+
+def test_paper_cifar10_layout_and_ipc_arithmetic():
+    lay = P.make_layout(0.9, 10, 32, 32)
+    assert (lay.height, lay.width, lay.n_x, lay.n_y, lay.num_crops) == (60, 153, 16, 6, 96)
+    assert lay.ipc(10) == pytest.approx(60 * 153 / (10 * 32 * 32))
+    for ipc, shape in ((0.3, (8, 24)), (0.5, (11, 29)), (1.0, (16, 40))):  # 8x8 digits, 2 x 5 class grid
+        lay = P.make_layout(ipc, 10, 8, 8)
+        assert (lay.height, lay.width) == shape and lay.ipc(10) == pytest.approx(ipc, abs=0.01)
+
+
+def test_crop_grid_counts_positions_and_overlap():
+    lay = P.make_layout(0.5, 10, 8, 8)  # 11 x 29 poster, 11 x 4 crops
+    pos = P.crop_positions(lay)
+    assert pos.shape == (44, 2) and pos[0].tolist() == [0, 0] and pos[-1].tolist() == [11 - 8, 29 - 8]
+    xs = sorted(set(pos[:, 1].tolist()))
+    assert xs == [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21]  # round(linspace(0, 21, 11))
+    assert min(8 - (b - a) for a, b in zip(xs, xs[1:])) == 5  # neighbours share >= 5 of 8 columns
+    poster = torch.arange(11 * 29, dtype=torch.float32).view(1, 11, 29)
+    crops = P.extract_crops(poster, lay)
+    assert crops.shape == (44, 1, 8, 8) and torch.equal(crops[1], poster[:, 0:8, 2:10])
+
+
+def make_two_class_layout():
+    # a 8 x 16 poster, class grid 1 x 2 (class 0 left, class 1 right), crops at x = 0, 4, 8; label grid 2 x 4
+    return P.Layout(height=8, width=16, crop_h=8, crop_w=8, n_x=3, n_y=1, rows=1, cols=2, refine=2, shrink=0.25)
+
+
+def test_poddl_label_of_a_crop_by_hand():
+    lay, classes = make_two_class_layout(), torch.tensor([[0, 1]])
+    grid = P.init_label_grid(lay, classes, 2)  # (2, 4, 2): columns 0-1 class 0, columns 2-3 class 1
+    assert grid[:, :2, 0].eq(1).all() and grid[:, 2:, 1].eq(1).all()
+    w = P.label_weights(lay)
+    # middle crop x in [4, 12), shrunk by 1 px per side -> [5, 11]: cell centres x = 6, 10 (columns 1, 2), both rows
+    assert w[1].view(2, 4).tolist() == [[0, 1, 1, 0], [0, 1, 1, 0]]
+    grid[0, 1] = torch.tensor([0.5, -3.0])  # negative cells are clipped to 0
+    labels = P.grid_labels(grid, w)
+    # middle crop: sum = [0.5, 0] + [1, 0] + [0, 1] + [0, 1] = [1.5, 2] -> [3/7, 4/7]
+    assert torch.allclose(labels[1], torch.tensor([1.5, 2.0]) / 3.5)
+    assert torch.allclose(labels[0], torch.tensor([1.0, 0.0]))  # first crop: cells (., 0) and (., 1) -> class 0 only
+
+
+def test_pixel_count_labels_by_hand():
+    lay = make_two_class_layout()
+    labels = P.count_labels(lay, torch.tensor([[0, 1]]), 2)
+    assert torch.allclose(labels[1], torch.tensor([0.5, 0.5]))  # 32 pixels of each class
+    assert torch.allclose(labels[0], torch.softmax(torch.tensor([64.0, 0.0]), 0))
+
+
+def brute_force_min(dist, rows, cols):
+    k = rows * cols
+    return min(grid_cost(np.array(p).reshape(rows, cols), dist) for p in itertools.permutations(range(k)))
+
+
+@pytest.mark.parametrize("points,rows,cols", [
+    ([[3.0], [0.0], [4.0], [1.0], [2.0]], 1, 5),  # a permuted chain: greedy must start at an end
+    ([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]], 2, 2),  # square corners: diagonals apart
+    ([[0.0, 0.0], [2.0, 1.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0]], 2, 3),  # a shuffled 2 x 3 lattice
+])
+def test_poco_greedy_order_matches_brute_force(points, rows, cols):
+    pts = np.array(points)
+    dist = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    grid = greedy_order(dist, rows, cols)
+    assert sorted(grid.reshape(-1).tolist()) == list(range(rows * cols))
+    assert grid_cost(grid, dist) == pytest.approx(brute_force_min(dist, rows, cols))
+
+
+def test_poco_fill_order_and_informative_names():
+    assert antidiagonal_cells(2, 3) == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (1, 2)]
+    assert not informative(["0", "1", "class_2"]) and informative(["T-shirt/top", "Trouser"])
+
+
+def test_poster_run_labels_storage_and_resume(tmp_path):
+    tr = load_dataset("digits", "train")
+    cfg = {**TINY, "poster_ipc": 0.5}
+    syn = distill("podd", tr, 1, cfg, seed=4)
+    assert syn.images.shape == (44, 1, 8, 8) and syn.extras["poster"].shape == (1, 11, 29)
+    assert torch.allclose(syn.targets().sum(1), torch.ones(44)) and syn.extras["label_grid"].min() >= 0
+    assert sorted(syn.extras["class_grid"].reshape(-1).tolist()) == list(range(10))
+    back = expand(compact(syn))
+    assert torch.equal(back.images, syn.images) and torch.allclose(back.targets(), syn.targets(), atol=1e-6)
+    distill("podd", tr, 1, {**cfg, "iterations": 1}, seed=4, checkpoint_dir=tmp_path)
+    resumed = distill("podd", tr, 1, cfg, seed=4, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(resumed.extras["poster"], syn.extras["poster"])
+
+
+def test_cli_poster_writes_poster_not_crops(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "p"
+    args = ["distill", "poster", "--dataset", "digits", "--ipc", "0.3", "--out", str(out), "--iterations", "1",
+            "--eval-nets", "1", "--eval-epochs", "1", "--no-learn-labels", "--set", "total=2", "--set", "window=1",
+            "--set", "batch_real=16", "--set", "width=8"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "podd poster 8x24 (0.3 IPC, 9x1 crops) on digits" in text and "random real subset, 1 per class" in text
+    stored = load_file(str(out / "synthetic.safetensors"))
+    assert stored["images"].shape[0] == 0 and stored["extra.poster"].shape == (1, 8, 24)
+    assert (out / "poster.png").stat().st_size > 0
+    assert json.loads((out / "result.json").read_text())["ipc"] == 0.3
+    syn, _, _ = load_result(out)
+    assert syn.images.shape == (9, 1, 8, 8)
+    assert main(["distill", "eval", str(out)]) == 0
+
+
+def test_config_errors_name_the_field():
+    spec = get("podd")
+    for field, value, msg in (("fade", 2.0, "fade must be in"), ("class_order", "x", "class_order must be"),
+                              ("init", "noise", "init must be 'real' or 'gaussian'"),
+                              ("poster_ipc", 0.0, "poster_ipc must be > 0"), ("window", 500, "window (500)")):
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            spec.make_config({field: value})
+    with pytest.raises(ConfigError, match="crops_x/crops_y"):
+        P.make_layout(0.3, 10, 8, 8, crops=(None, 3))  # the 0.3-IPC poster is one image high
