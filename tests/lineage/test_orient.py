@@ -84,3 +84,17 @@ def test_orient_mst_handles_duplicates_and_single_model():
     parent, _, _ = solve_tree(d, np.array([3.0, 2.0, 1.0]), "specialize", 0.3)
     assert sorted(parent).count(-1) == 1
     assert solve_tree(np.zeros((1, 1)), np.array([1.0]), "specialize", 0.3)[0] == [-1]
+
+
+def test_mst_scores_by_hand():
+    from modelatlas.lineage.orient import mst_edge_scores
+
+    d, k = make_star(5.0, [1.0, 2.0, 3.0])
+    scores = mst_edge_scores(d, k, "specialize", [-1, 0, 0, 0])
+    # child 1: the best replacement joins {1} through a sibling at 1.5 -> placement 1 - 1/1.5 = 1/3;
+    # kurtosis drops 4 (median drop 3) -> direction 1 - exp(-4/3) = 0.74; score = min = 1/3.
+    assert scores[0] == 1.0 and scores[1] == pytest.approx(1 / 3)
+    # child 3: drop 2 -> direction 1 - exp(-2/3) = 0.49 > 1/3 -> still 1/3
+    assert scores[3] == pytest.approx(1 / 3)
+    # against the direction (generalize reading of the same tree): every edge scores 0
+    assert mst_edge_scores(d, k, "generalize", [-1, 0, 0, 0])[1:] == [0.0, 0.0, 0.0]

@@ -180,3 +180,42 @@ def edge_scores(cost: np.ndarray, parent: list[int]) -> list[float]:
         else:
             out.append(float(np.clip(1.0 - chosen / alt, 0.0, 1.0)))
     return out
+
+
+def mst_edge_scores(dist: np.ndarray, kurtosis: np.ndarray, stage: str, parent: list[int]) -> list[float]:
+    """Confidence in [0, 1] of each edge parent[v] -> v of a tree placed by the MST; roots get 1.0.
+
+    placement = 1 - D(edge) / D(best replacement edge): cutting the edge splits the tree in two, and the
+    replacement is the cheapest other pair joining the two parts (the MST sensitivity margin; 0 when another
+    edge is as good). direction = 1 - exp(-|dk| / median |dk|) when the kurtosis change keeps the stage's
+    direction, 0 when it goes against it. score = min(placement, direction). Time O(n^3).
+    """
+    sign = 1.0 if stage == "specialize" else -1.0
+    dks = [sign * (kurtosis[p] - kurtosis[v]) for v, p in enumerate(parent) if p >= 0]
+    scale = float(np.median(np.abs(dks))) if dks else 1.0
+    out = []
+    for v, p in enumerate(parent):
+        if p < 0:
+            out.append(1.0)
+            continue
+        below = _subtree(parent, v)  # (n,) bool: v and its descendants
+        cross = dist[np.ix_(~below, below)].copy()  # (n - |B|, |B|)
+        cross[np.flatnonzero(~below).tolist().index(p), np.flatnonzero(below).tolist().index(v)] = np.inf
+        alt = float(cross.min()) if cross.size > 1 else np.inf
+        place = 1.0 if not np.isfinite(alt) else (float(np.clip(1 - dist[p, v] / alt, 0, 1)) if alt > 0 else 0.0)
+        dk = sign * (kurtosis[p] - kurtosis[v])
+        direction = float(1 - np.exp(-dk / scale)) if dk > 0 and scale > 0 else 0.0
+        out.append(min(place, direction))
+    return out
+
+
+def _subtree(parent: list[int], v: int) -> np.ndarray:
+    """Mask of ``v`` and its descendants. Time O(n depth)."""
+    n = len(parent)
+    mask = np.zeros(n, dtype=bool)
+    for u in range(n):
+        w = u
+        while w >= 0 and w != v:
+            w = parent[w]
+        mask[u] = w == v
+    return mask

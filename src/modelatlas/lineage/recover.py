@@ -25,7 +25,7 @@ from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.distances import PairStats, spectral_distances, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, solve_tree
+from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, mst_edge_scores, solve_tree
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.progress import Progress
 
@@ -82,7 +82,10 @@ class LineageRecovery:
             members = [names[g][i] for i in idx]
             tree_names.append(members)
             parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
-            scores = edge_scores(edge_costs(d, k, stage, cfg.lam), parent)
+            if placement == "mst":
+                scores = mst_edge_scores(d, k, stage, parent)
+            else:
+                scores = edge_scores(edge_costs(d, k, stage, cfg.lam), parent)
             edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
