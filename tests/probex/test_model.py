@@ -48,3 +48,22 @@ def test_as_matrix_conv_and_refuses_vector():
 def test_config_validation_names_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ProbeXConfig(**{field: value})
+
+
+def test_load_layer_reads_lora_update_and_conv(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from modelatlas.probex import load_layer
+
+    a, b = torch.randn(2, 5), torch.randn(6, 2)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file({"base_model.model.fc.lora_A.weight": a, "base_model.model.fc.lora_B.weight": b},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    x = load_layer([folder], "fc.weight")
+    assert x.shape == (1, 6, 5) and torch.allclose(x[0], 2.0 * b @ a, atol=1e-6)  # dW = (alpha / r) B A
+    save_file({"conv.weight": torch.randn(8, 3, 3, 3)}, str(tmp_path / "c.safetensors"))
+    assert load_layer([tmp_path / "c.safetensors"], "conv.weight").shape == (1, 8, 27)
