@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +76,7 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
                 else:
                     todo.append({**job, "node": node})
             if workers > 1 and len(todo) > 1 and pool is None:
-                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+                pool = _spawn_pool(workers)
             results = pool.imap_unordered(build_one, todo) if pool is not None and len(todo) > 1 else map(_inline, todo)
             for rec in results:
                 records[rec["name"]] = rec
@@ -100,6 +101,22 @@ def _finished(folder: Path, fp: str) -> dict | None:
 def _write_manifest(out: Path, nodes: list[dict], records: dict[str, dict], meta: dict) -> None:
     models = [ModelRecord(**records[n["name"]]) for n in nodes if n["name"] in records]
     Manifest(models, meta, out).save(out / "manifest.json")
+
+
+def _spawn_pool(workers: int):
+    """A spawn pool whose workers do not re-import the caller's ``__main__`` (they only need modelatlas), so
+    a script without an ``if __name__ == "__main__"`` guard does not spawn workers recursively."""
+    main = sys.modules.get("__main__")
+    hidden = {k: main.__dict__.pop(k) for k in ("__file__",) if main is not None and k in main.__dict__}
+    spec = getattr(main, "__spec__", None)
+    if main is not None:
+        main.__spec__ = None
+    try:
+        return mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+    finally:
+        if main is not None:
+            main.__dict__.update(hidden)
+            main.__spec__ = spec
 
 
 def _init_worker() -> None:
