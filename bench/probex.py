@@ -163,8 +163,27 @@ def across(trees, sets, tests, cfg, layer, out) -> None:
     truth = np.array([t for t in names for _ in sets[t][2]])
     pure = sum(np.unique(truth[found == k], return_counts=True)[1].max() for k in np.unique(found))
     out += [f"lineage clustering (modelatlas.lineage.detect_trees on this layer, no labels): {len(np.unique(found))} "
-            f"trees found, purity {pure / len(truth):.3f}", ""]
+            f"trees found, purity {pure / len(truth):.3f}"]
+    known = TreeRouter().fit(torch.cat([sets[t][0][layer][sets[t][2]] for t in names[:-1]]),
+                             [t for t in names[:-1] for _ in sets[t][2]])
+    stranger = known.route(tests[names[-1]][0][layer][tests[names[-1]][2]])
+    out += [f"out-of-tree check (router fitted on {', '.join(names[:-1])} only): {sum(not r.known for r in stranger)}"
+            f"/{len(stranger)} test models of {names[-1]} reported as belonging to no known tree", ""]
     return router
+
+
+def cli_timing(zoo: Path, cfg: ProbeXConfig, out: list[str]) -> None:
+    """Wall time of what `atlas probex train ZOO --layer layers.1.weight` does: read, 3 experts, router, save."""
+    import tempfile
+
+    from modelatlas.probex.experts import train_tree_experts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report, sec = timed(lambda: train_tree_experts(zoo / "classes_deep", tmp, "classes", "layers.1.weight", cfg))
+    sizes = ", ".join(f"{t}: {v['models']}" for t, v in report.trees.items())
+    out += [f"`atlas probex train {zoo / 'classes_deep'} --layer layers.1.weight --epochs {cfg.epochs} --rank "
+            f"{cfg.rank_u}` equivalent (train_tree_experts; trees {sizes} models; read + train + router + save): "
+            f"{sec:.1f} s on 1 thread.", ""]
 
 
 def load_task_b(zoo: Path, seed: int):
@@ -267,6 +286,7 @@ def main(argv=None) -> int:
         n = sum(len(d["y"]) for d in trees.values())
         out += [f"Reading {n} models' tensors through modelatlas.weights: {sec:.1f} s.", ""]
         task_a(trees, cfg, out)
+        cli_timing(zoo, cfg, out)
         print("\n".join(out), flush=True)
     if args.skip != "b":
         task_b(load_task_b(zoo, args.seed), cfg, out)
