@@ -74,3 +74,31 @@ def test_make_zoo_argument_errors(tmp_path, make_config):
         make_zoo(make_config(), tmp_path, workers=0)
     with pytest.raises(ConfigError, match="config: expected a ZooConfig"):
         make_zoo({"arch": "mlp"}, tmp_path)
+
+
+@pytest.mark.parametrize("arch, sizes", [("cnn", {"channels": [2], "hidden": 8}),
+                                         ("vit", {"hidden": 8, "n_heads": 2, "intermediate": 8, "n_layers": 1})])
+def test_cnn_and_vit_zoos(tmp_path, make_config, arch, sizes):
+    manifest = make_zoo(make_config(arch=arch, arch_kwargs=sizes, trees=1, depth=1, method="lora"), tmp_path, workers=1)
+    root = load_file(str(tmp_path / "t0" / "model.safetensors"))
+    child = load_file(str(tmp_path / "t0.1" / "model.safetensors"))
+    frozen = "conv.0.weight" if arch == "cnn" else "vit.embeddings.patch_embeddings.projection.weight"
+    adapted = "layers.0.weight" if arch == "cnn" else "vit.encoder.layer.0.attention.attention.value.weight"
+    assert torch.equal(root[frozen], child[frozen])  # LoRA leaves non-linear layers untouched
+    r = manifest["t0.1"].train["lora_r"]
+    assert torch.linalg.matrix_rank(child[adapted] - root[adapted]) == r
+
+
+@pytest.mark.slow  # loading mnist5k takes ~10 s
+def test_dataset_tasks_resize_other_datasets(tmp_path, make_config):
+    from modelatlas.data import load_dataset
+    from modelatlas.errors import AtlasError
+
+    try:
+        load_dataset("mnist5k", "test")
+    except AtlasError:
+        pytest.skip("mnist5k not installed")
+    cfg = make_config(trees=1, depth=1, input_shape=(1, 28, 28), task_kinds=("dataset",), other_datasets=("mnist5k",))
+    manifest = make_zoo(cfg, tmp_path, workers=1)
+    assert manifest["t0.0"].dataset == "mnist5k" and manifest["t0.0"].task["kind"] == "dataset"
+    assert manifest.config["arch_config"]["input_shape"] == [1, 28, 28]

@@ -1,3 +1,5 @@
+import pytest
+
 from modelatlas.cli.main import main
 from modelatlas.zoo import load_manifest
 
@@ -22,3 +24,17 @@ def test_zoo_errors_are_one_line(tmp_path, capsys):
     assert "no such manifest" in capsys.readouterr().err
     assert main(["zoo", "presets"]) == 0
     assert "lineage-lora" in capsys.readouterr().out
+
+
+def test_zoo_make_options_reach_the_config(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    code = main(["zoo", "make", "--preset", "tiny", "--arch", "vit", "--arch-kwargs", '{"hidden": 8, "n_heads": 2, "intermediate": 8}',
+                 "--input-shape", "1,4,4", "--trees", "1", "--children", "1", "--depth", "1",
+                 "--task-kinds", "transform", "--workers", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    m = load_manifest(out)
+    assert m.config["arch_config"]["input_shape"] == [1, 4, 4] and m.config["arch_config"]["hidden"] == 8
+    assert m["t0.0"].task["kind"] == "transform"
+    with pytest.raises(SystemExit):
+        main(["zoo", "make", "--arch-kwargs", "[1]", "--out", str(out)])
+    assert "--arch-kwargs: must be a JSON object" in capsys.readouterr().err

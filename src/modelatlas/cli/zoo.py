@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--preset", help="named config (see `atlas zoo presets`)")
     mk.add_argument("--arch", choices=["mlp", "cnn", "vit"])
     mk.add_argument("--dataset", help="root dataset (see `atlas data list`)")
+    mk.add_argument("--arch-kwargs", type=_json_dict, help='sizes as JSON, e.g. \'{"hidden": 32, "n_hidden": 2}\'')
+    mk.add_argument("--input-shape", type=lambda s: tuple(int(v) for v in s.split(",")),
+                    help="C,H,W every input is resized to, e.g. 1,28,28")
     mk.add_argument("--shape", choices=["tree", "star"], help="tree: trees x children x depth; star: root + children")
     mk.add_argument("--trees", type=int)
     mk.add_argument("--children", type=int)
@@ -24,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--storage", choices=["merged", "adapter"], help="LoRA children: merged weights or adapter folder")
     mk.add_argument("--lora-ranks", type=lambda s: tuple(int(r) for r in s.split(",")), help="e.g. 4 or 2,4,8")
     mk.add_argument("--task-sampler", help="mixed, class_subset, transform, new_head, random_class_subset, named_class")
+    mk.add_argument("--task-kinds", type=lambda s: tuple(s.split(",")),
+                    help="kinds the mixed sampler draws: class_subset,transform,dataset,new_head")
     mk.add_argument("--other-datasets", type=lambda s: tuple(s.split(",")), help="for 'dataset' child tasks")
     mk.add_argument("--seed", type=int)
     mk.add_argument("--workers", type=int, default=2, help="training processes (default 2)")
@@ -37,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.set_defaults(func=_presets)
 
 
-_OPTIONS = ("arch", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",
+_OPTIONS = ("arch", "arch_kwargs", "input_shape", "task_kinds", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",
             "task_sampler", "other_datasets", "seed")
 
 
@@ -46,8 +51,9 @@ def _config(args: argparse.Namespace):
 
     config = preset(args.preset) if args.preset else ZooConfig()
     overrides = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
-    if "other_datasets" in overrides and "dataset" not in config.task_kinds:
-        overrides["task_kinds"] = (*config.task_kinds, "dataset")
+    kinds = overrides.get("task_kinds", config.task_kinds)
+    if "other_datasets" in overrides and "dataset" not in kinds:
+        overrides["task_kinds"] = (*kinds, "dataset")
     return replace(config, **overrides)
 
 
@@ -64,9 +70,23 @@ def _make(args: argparse.Namespace) -> int:
     methods = {k: sum(m.method == k for m in manifest.models) for k in ("root", "full", "lora")}
     echo(f"zoo: {len(manifest)} models ({methods['root']} roots, {methods['full']} full fine-tunes, "
          f"{methods['lora']} LoRA) in {args.out}")
-    echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s")
+    per = sum(m.train.get("seconds", 0.0) for m in manifest.models) / max(1, len(manifest))
+    echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall, "
+         f"{per:.2f} s of training per model")
     echo(f"manifest: {manifest.root / 'manifest.json'}")
     return 0
+
+
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def tree_lines(manifest) -> list[str]:
