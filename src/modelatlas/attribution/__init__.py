@@ -1,0 +1,11 @@
+"""Data attribution: which groups of training data matter for which test predictions.
+
+:func:`ddm_attribution` (DDM, Ye et al. CVPR 2024: reverse gradient matching + unlearning) and
+:func:`loo_attribution` (ground truth by leave-one-cluster-out retraining), :func:`spearman_scores`.
+"""
+
+from modelatlas.attribution.config import DDMConfig
+from modelatlas.attribution.ddm import Attribution, ddm_attribution
+from modelatlas.attribution.validate import loo_attribution, spearman_scores
+
+__all__ = ["Attribution", "DDMConfig", "ddm_attribution", "loo_attribution", "spearman_scores"]

@@ -1,0 +1,29 @@
+"""Per-class k-means clustering of the training data (the groups DDM attributes to).
+
+Cost O(N x K x D x iterations) (scikit-learn KMeans, seeded, ``n_init=4``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from modelatlas.errors import ConfigError
+from modelatlas.seeding import derive_seed
+
+
+def cluster_per_class(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(assign (N,) int64 cluster ids, cluster_class (num_classes * per_class,)); cluster c*per_class + j is the
+    j-th cluster of class c."""
+    from sklearn.cluster import KMeans
+
+    flat = x.reshape(len(x), -1).numpy().astype(np.float64)  # (N, D)
+    assign = torch.full((len(x),), -1, dtype=torch.long)
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < per_class:
+            raise ConfigError(f"class {c} has {len(idx)} examples, fewer than clusters_per_class={per_class}")
+        km = KMeans(per_class, n_init=4, random_state=derive_seed(seed, "kmeans", c)).fit(flat[idx.numpy()])
+        assign[idx] = torch.as_tensor(km.labels_, dtype=torch.long) + c * per_class
+    return assign, torch.arange(num_classes).repeat_interleave(per_class)

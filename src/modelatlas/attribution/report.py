@@ -1,0 +1,76 @@
+"""Writing an attribution: ``attribution.safetensors`` + ``attribution.json`` and a PNG of the most helpful and
+most harmful clusters of chosen test samples (cluster representatives = mean real image of the cluster).
+Everything is written atomically. Cost O(K_total x n_test) to save; the plot O(#samples x top).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from modelatlas.attribution.ddm import Attribution
+
+TENSORS, META, PLOT = "attribution.safetensors", "attribution.json", "attribution.png"
+
+
+def cluster_means(x: torch.Tensor, assign: torch.Tensor, k_total: int) -> torch.Tensor:
+    """(K_total, C, H, W) mean real image of each cluster."""
+    counts = torch.bincount(assign, minlength=k_total).clamp(min=1).float()
+    sums = torch.zeros(k_total, *x.shape[1:]).index_add_(0, assign, x)
+    return sums / counts.view(-1, *[1] * (x.dim() - 1))
+
+
+def top_clusters(matrix: torch.Tensor, j: int, top: int) -> tuple[list[int], list[int]]:
+    """(most helpful: largest loss increase when removed, most harmful: largest decrease) for test sample j."""
+    order = torch.argsort(matrix[:, j], descending=True)
+    return order[:top].tolist(), order.flip(0)[:top].tolist()
+
+
+def save_attribution(folder: str | Path, attr: Attribution, info: dict, true_matrix: torch.Tensor | None = None) -> Path:
+    folder = Path(folder)
+    tensors = {"matrix": attr.matrix, "assign": attr.assign, "cluster_class": attr.cluster_class,
+               "synthetic": attr.synthetic, "synthetic_labels": attr.synthetic_labels, "base_losses": attr.base_losses}
+    if true_matrix is not None:
+        tensors["loo_matrix"] = true_matrix
+    atomic_save_tensors(folder / TENSORS, tensors)
+    atomic_write_json(folder / META, {**info, "shape": list(attr.matrix.shape), "timings": attr.timings,
+                                      "match_loss_first_last": attr.match_losses[:1] + attr.match_losses[-1:],
+                                      "sign": "A[k, j] = test loss of j after removing cluster k - before; "
+                                              "positive = cluster k helped j"})
+    return folder
+
+
+def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                        test_index: list[int], top: int = 3) -> bytes:
+    """PNG bytes: one row per test sample: the sample, its ``top`` most helpful and most harmful clusters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reps = cluster_means(x_train, attr.assign, len(attr.cluster_class))
+    cols = 1 + 2 * top
+    fig, axes = plt.subplots(len(test_index), cols, figsize=(cols * 1.2, len(test_index) * 1.4), squeeze=False)
+    for r, j in enumerate(test_index):
+        helpful, harmful = top_clusters(attr.matrix, j, top)
+        panels = [(x_test[j], f"test {j} (y={int(y_test[j])})")]
+        panels += [(reps[k], f"+ c{k} ({int(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}") for k in helpful]
+        panels += [(reps[k], f"- c{k} ({int(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}") for k in harmful]
+        for c, (img, title) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(img[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("most helpful (+) and most harmful (-) clusters: change in test loss when removed", fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_plot(folder: str | Path, png: bytes) -> Path:
+    return atomic_write_bytes(Path(folder) / PLOT, png)
