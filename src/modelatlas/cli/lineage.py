@@ -37,6 +37,9 @@ def add_recovery_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", metavar="REGEX", help="compare only tensors whose name matches (default: square matrices)")
     p.add_argument("--distance", choices=("auto", "l2", "rank"), default="auto",
                    help="l2 (full fine-tuning), rank (LoRA) or auto (default)")
+    p.add_argument("--placement", choices=("mst", "joint"), default="mst",
+                   help="mst: edges by distance, kurtosis orients them (default); joint: MoTHer's arborescence "
+                        "of distance + direction penalty")
     p.add_argument("--method", choices=("atlas", "mother-paper"), default="atlas",
                    help="atlas (default) or the published recipe (needs --trees and --stage)")
 
@@ -45,7 +48,7 @@ def config_from_args(args: argparse.Namespace):
     from modelatlas.lineage import LineageConfig
 
     return LineageConfig(method=args.method, stage=args.stage, n_trees=args.trees, lam=args.lam,
-                         layers=args.layers, distance=args.distance)
+                         layers=args.layers, distance=args.distance, placement=args.placement)
 
 
 def expand_paths(paths: list[str]) -> list[Path]:

@@ -44,6 +44,7 @@ class PairStats:
     kurtosis: np.ndarray  # (N,) sum over layers of the Fisher (excess) kurtosis
     l1: np.ndarray | None = None  # (N, N) mean over layers of mean|dW| (the paper's clustering distance)
     sketches: list[np.ndarray] = field(default_factory=list)  # per 2-D layer: (N, n, s)
+    layer_kurtosis: np.ndarray | None = None  # (N, L) kurtosis of each layer (the sum is ``kurtosis``)
     failed: dict[int, str] = field(default_factory=dict)  # model index -> why a read failed
 
 
@@ -54,9 +55,12 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
+    per_layer = []
     for info in bar:
         x = _read_layer(ckpts, info, st.failed)  # (N, P) float32
+        before = st.kurtosis.copy()
         _accumulate(st, x, l1)
+        per_layer.append(st.kurtosis - before)
         if sketch and len(info.shape) >= 2:
             rows = info.shape[0]
             mat = x.view(n, rows, -1)  # (N, n, m)
@@ -64,6 +68,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
             gen = torch_generator(derive_seed(seed, info.name))
             omega = _sketch_matrix(mat.shape[2], s, gen)  # (m, s), shared by all models
             st.sketches.append((mat @ omega).numpy())  # (N, n, s)
+    st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
     st.rms /= max(len(layers), 1)
     st.rel /= max(len(layers), 1)
     if st.l1 is not None:

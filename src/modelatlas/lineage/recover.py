@@ -120,7 +120,7 @@ def recover_lineage(weights, *, config: LineageConfig | None = None, progress: P
 def _subset(st: PairStats, keep: list[int]) -> PairStats:
     ix = np.ix_(keep, keep)
     return PairStats(st.rms[ix], st.rel[ix], st.kurtosis[keep], None if st.l1 is None else st.l1[ix],
-                     [s[keep] for s in st.sketches], {})
+                     [s[keep] for s in st.sketches], {}, st.layer_kurtosis[keep])
 
 
 def _cluster(cfg: LineageConfig, stats: list[PairStats]) -> tuple[np.ndarray, dict]:
