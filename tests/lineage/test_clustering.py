@@ -50,3 +50,10 @@ def test_ward_with_given_k():
     d, labels = make_forest_distances([3, 4, 5], within=(0.01, 0.05))
     assert adjusted_rand_score(labels, ward_clusters(d, 3)) == 1.0
     assert ward_clusters(d, 20).tolist() == list(range(12))
+
+
+def test_long_lora_edges_do_not_split_a_tree():
+    # high-learning-rate LoRA children move up to 0.75 (relative); unrelated roots sit at ~1.4
+    d, labels = make_forest_distances([13, 13, 13], within=(0.05, 0.75))
+    found, info = detect_trees(d)
+    assert info["n_trees"] == 3 and adjusted_rand_score(labels, found) == 1.0
