@@ -154,15 +154,7 @@ def build_one(job: dict) -> dict:
                balance=bool(task.get("balance")))
     acc = accuracy(model, xt, yt)
     folder = out / node["name"]
-    folder.mkdir(parents=True, exist_ok=True)
-    clear_folder(folder)
-    if node["storage"] == "adapter":
-        cfg = adapter_config(list(wrappers), spec["lora_r"], spec["lora_alpha"], node["parent"])
-        save_adapter(folder, adapter_tensors(wrappers), cfg)
-    else:
-        if wrappers is not None:
-            merge_lora(model, wrappers)
-        save_full(folder, model.state_dict(), arch)
+    _save(folder, node, model, wrappers, arch)
     train = {**spec, "train_loss": loss, "test_acc": acc, "n_train": len(y), "n_test": len(yt),
              "seconds": round(time.perf_counter() - start, 3)}
     record = {"name": node["name"], "path": node["name"], "parent": node["parent"], "tree": node["tree"],
@@ -170,3 +162,17 @@ def build_one(job: dict) -> dict:
               "storage": node["storage"], "task": task, "train": train}
     write_record(folder, record, job["fingerprint"])
     return record
+
+
+def _save(folder: Path, node: dict, model: torch.nn.Module, wrappers: dict | None, arch: dict) -> None:
+    """Write the weights: an adapter folder, or the full state dict (LoRA merged first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_folder(folder)
+    spec = node["train"]
+    if node["storage"] == "adapter":
+        cfg = adapter_config(list(wrappers), spec["lora_r"], spec["lora_alpha"], node["parent"])
+        save_adapter(folder, adapter_tensors(wrappers), cfg)
+        return
+    if wrappers is not None:
+        merge_lora(model, wrappers)
+    save_full(folder, model.state_dict(), arch)
