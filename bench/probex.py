@@ -34,6 +34,7 @@ from modelatlas.probex.families import (
     prompt,
 )
 from modelatlas.probex.router import cluster_trees
+from modelatlas.weights import open_checkpoint
 
 WEIGHTS = [f"{name}.weight" for name in LAYERS]
 ALL = [f"{name}.{kind}" for name in LAYERS for kind in ("weight", "bias")]
@@ -57,12 +58,22 @@ def timed(fn):
 
 
 def load_task_a(zoo: Path, seed: int):
-    manifest = make_class_subset_zoo(zoo / "classes_deep", intermediates=20, seed=seed)
+    return trees_of(make_class_subset_zoo(zoo / "classes_deep", intermediates=20, seed=seed), seed)
+
+
+def trees_of(manifest, seed: int, names: list[str] | None = None) -> dict:
+    """Per tree: every tensor of its class-subset children (read once), multi-hot targets, a train/test split."""
     trees: dict[str, dict] = {}
     for tree in sorted({m.tree for m in manifest.models}):
         recs = [m for m in manifest.models if m.tree == tree and m.parent is not None and "classes" in m.task]
-        layers = load_layers([manifest.root / m.path for m in recs], ALL, matrices=False)
-        y = np.zeros((len(recs), 10), dtype=np.float32)
+        if not recs:
+            continue
+        paths = [manifest.root / m.path for m in recs]
+        if names is None:
+            with open_checkpoint(paths[0]) as ckpt:
+                names = [t.name for t in ckpt.tensors()]
+        layers = load_layers(paths, names, matrices=False)
+        y = np.zeros((len(recs), 1 + max(c for m in recs for c in m.task["classes"])), dtype=np.float32)
         for i, m in enumerate(recs):
             y[i, m.task["classes"]] = 1
         train, test = split(len(recs), seed)
@@ -70,15 +81,40 @@ def load_task_a(zoo: Path, seed: int):
     return trees
 
 
-def fit_eval(kind: str, cfg: ProbeXConfig, layer: str, train_sets, test_set):
+def external(manifest_path: str, cfg: ProbeXConfig, out: list[str]) -> None:
+    """Task A within the largest tree of a zoo built elsewhere (e.g. `atlas zoo make --preset probex-digits`)."""
+    from modelatlas.zoo.manifest import load_manifest
+
+    trees, sec = timed(lambda: trees_of(load_manifest(manifest_path), cfg.seed))
+    main = max(trees, key=lambda t: len(trees[t]["y"]))
+    d = trees[main]
+    weights = [k for k, v in d["layers"].items() if v.ndim == 3]
+    out += [f"### Task A on a zoo ProbeX was not tuned on: `{manifest_path}`", "",
+            f"Built by the zoo module (`atlas zoo make --preset probex-digits`: MLP 64-64x3-10, 1 root x 1,000 "
+            f"full fine-tunes on random half class subsets); read in {sec:.1f} s.", ""]
+    tr, val = split(len(d["train"]), cfg.seed + 1)
+    scores = {k: fit_eval("probex", cfg, k, [(d["layers"], d["y"], d["train"][tr])],
+                          (d["layers"], d["y"], d["train"][val]))[0][0] for k in weights}
+    best = max(scores, key=scores.get)
+    out += ["| layer | val acc (ProbeX) |", "|---|---|"] + [
+        f"| {k}{' (chosen)' if k == best else ''} {tuple(d['layers'][k].shape[1:])} | {v:.3f} |" for k, v in scores.items()]
+    out.append("")
+    square = [k for k in weights if d["layers"][k].shape[1] == d["layers"][k].shape[2]]
+    sets, tests = {main: (d["layers"], d["y"], d["train"])}, {main: (d["layers"], d["y"], d["test"])}
+    for layer in dict.fromkeys([best] + square[-1:]):
+        within(d, main, layer, cfg, sets, tests, out, stats=list(d["layers"]))
+
+
+def fit_eval(kind: str, cfg: ProbeXConfig, layer: str, train_sets, test_set, stats=None):
     """Fit ``kind`` on the concatenated ``train_sets`` [(layers, y, idx)], evaluate on ``test_set``."""
     x = torch.cat([ls[layer][i] for ls, _, i in train_sets])
     y = np.concatenate([yy[i] for _, yy, i in train_sets])
     ls, yt, it = test_set
     if kind == "statnn":
-        feats = {k: torch.cat([s[k][i] for s, _, i in train_sets]) for k in ALL}
+        names = stats or ALL
+        feats = {k: torch.cat([s[k][i] for s, _, i in train_sets]) for k in names}
         est, sec = timed(lambda: StatNNClassifier(seed=cfg.seed).fit(feats, y))
-        return metrics(est.predict({k: ls[k][it] for k in ALL}), yt[it]), est.n_features_ * 0, sec
+        return metrics(est.predict({k: ls[k][it] for k in names}), yt[it]), 0, sec
     cls = DenseExpert if kind == "dense" else ProbeXClassifier
     est, sec = timed(lambda: cls(cfg, layer).fit(x, y))
     return metrics(est.predict(ls[layer][it]), yt[it]), est.n_parameters_, sec
@@ -105,14 +141,14 @@ def task_a(trees: dict, cfg: ProbeXConfig, out: list[str]) -> None:
         across(trees, sets, tests, cfg, layer, out)
 
 
-def within(d, main, layer, cfg, sets, tests, out) -> None:
+def within(d, main, layer, cfg, sets, tests, out, stats=None) -> None:
     out += [f"### Task A within tree {main} ({len(d['train'])} train / {len(d['test'])} test models, layer "
             f"{layer} {tuple(d['layers'][layer].shape[1:])})", "",
             "| method | per-label acc | exact-set acc | parameters | train time (s) |", "|---|---|---|---|---|"]
     for kind in ("probex", "dense", "statnn"):
-        (acc, exact), params, sec = fit_eval(kind, cfg, layer, [sets[main]], tests[main])
+        (acc, exact), params, sec = fit_eval(kind, cfg, layer, [sets[main]], tests[main], stats)
         label = {"probex": f"ProbeX (r={cfg.rank_u})", "dense": "dense linear expert",
-                 "statnn": "StatNN (9 stats x 8 tensors, boosting; all layers)"}[kind]
+                 "statnn": "StatNN (9 stats of every tensor, boosting)"}[kind]
         out.append(f"| {label} | {acc:.3f} | {exact:.3f} | {params if params else '-'} | {sec:.1f} |")
     out += ["", "chance: per-label 0.5, exact set 1/C(10,5) = 0.004", ""]
 
@@ -268,13 +304,15 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="zoo seed (and split/expert seed)")
     p.add_argument("--skip", choices=["a", "b"], default=None)
+    p.add_argument("--external", default=None, help="also run Task A within the largest tree of this zoo manifest")
     p.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed)
     zoo = Path(args.zoo)
     out = [f"Command: `python bench/probex.py --zoo {args.zoo} --epochs {args.epochs} --rank {args.rank} "
-           f"--seed {args.seed}{' --write' if args.write else ''}` (1 thread, {time.strftime('%Y-%m-%d')}).", "",
+           f"--seed {args.seed}{f' --external {args.external}' if args.external else ''}"
+           f"{' --write' if args.write else ''}` (1 thread, {time.strftime('%Y-%m-%d')}).", "",
            "Zoos (modelatlas.probex.families, MLP 64-128-128-128-10 on sklearn digits, cached): Task A: 3 trees "
            "(roots with different seeds; 20 all-class intermediate fine-tunes of 150-300 steps each, then 1,000 / "
            "300 / 300 children below them), each child fine-tuned 40-100 Adam steps (lr 5e-4-2e-3) on a random 5 "
@@ -288,6 +326,8 @@ def main(argv=None) -> int:
         task_a(trees, cfg, out)
         cli_timing(zoo, cfg, out)
         print("\n".join(out), flush=True)
+    if args.external:
+        external(args.external, cfg, out)
     if args.skip != "b":
         task_b(load_task_b(zoo, args.seed), cfg, out)
     out.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s.")
