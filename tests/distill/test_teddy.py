@@ -1,0 +1,101 @@
+import gc
+import json
+
+import pytest
+import torch
+
+from modelatlas.cli.main import main
+from modelatlas.data import load_dataset
+from modelatlas.distill import distill, methods
+from modelatlas.distill.matching import ClassSampler
+from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
+from modelatlas.distill.methods.teddy.method import agreement_loss
+from modelatlas.distill.methods.teddy.pool import load_or_build_pool, magnitude_masks
+from modelatlas.distill.nets import make_net
+from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import ConfigError
+from modelatlas.seeding import torch_generator
+
+
+def make_tiny(tmp_path, **kw):
+    return {"iterations": 2, "width": 8, "batch_real": 16, "base_steps": 6, "pool_size": 4, "finetune_steps": 2,
+            "traj_steps": 2, "cache_dir": str(tmp_path / "cache"), **kw}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train")
+
+
+def test_objective_gradient_reaches_images(digits):
+    net = make_net("convnet", (1, 8, 8), 10, 8, 2, seed=0)
+    syn = SyntheticSet.from_real(digits, 1, torch_generator(0))
+    loss, g = agreement_loss(net, syn, ClassSampler(digits, torch.device("cpu")), 16, None, torch_generator(1))
+    assert loss > 0 and g.shape == syn.images.shape and g.abs().sum() > 0 and syn.images.grad is None
+
+
+def test_pool_built_once_and_reused(tmp_path, digits):
+    cfg = methods.get("teddy").make_config(make_tiny(tmp_path))
+    spec = cfg.net_spec(digits.input_shape)
+    pool, folder, built = load_or_build_pool(digits, cfg.pool_fields(), spec, 0, "cpu", cfg.cache_dir)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again, folder2, built2 = load_or_build_pool(digits, cfg.pool_fields(), spec, 0, "cpu", cfg.cache_dir)
+    assert built and not built2 and folder == folder2 and len(pool) == 4
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+    assert json.loads((folder / "pool.json").read_text())["kinds"] == ["prior", "prior", "post", "post"]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(pool, again) for k in a)
+    syn = distill("teddy", digits, 1, make_tiny(tmp_path), seed=0)  # same key: distill reuses the pool
+    assert syn.meta["pool_built_now"] is False and syn.meta["pool"] == str(folder)
+
+
+def test_post_models_are_pruned(tmp_path, digits):
+    cfg = methods.get("teddy").make_config(make_tiny(tmp_path, pool_kind="post", pool_size=1, prune_ratio=0.5))
+    pool, _, _ = load_or_build_pool(digits, cfg.pool_fields(), cfg.net_spec(digits.input_shape), 0, "cpu", cfg.cache_dir)
+    w = pool[0]["features.0.weight"]
+    assert 0.4 <= float((w == 0).float().mean()) <= 0.6  # half the kernel weights stay zero after fine-tuning
+    net = make_net("mlp", (4,), 2, 4, 1, seed=0)
+    masks = magnitude_masks(net, 0.25)
+    assert masks[1] is None and int(masks[0].sum()) == 12  # 16 weights, the 4 smallest removed
+
+
+def test_memory_does_not_grow_with_trajectory_steps(tmp_path, digits):
+    peaks = []
+    for steps in (1, 4):
+        with SavedTensorMeter() as meter:
+            distill("teddy", digits, 1, make_tiny(tmp_path, traj_steps=steps, iterations=1), seed=0)
+        peaks.append(meter.peak)
+        gc.collect()
+        assert meter.live < 0.05 * meter.peak  # no step graph survives the run (a few KB of stray buffers)
+    assert peaks[0] > 0 and peaks[1] <= peaks[0] * 1.05
+
+
+def test_meter_sees_an_unrolled_graph_grow():
+    w = torch.randn(8, 8, requires_grad=True)
+    peaks = []
+    for steps in (1, 4):
+        with SavedTensorMeter() as m:
+            x = torch.randn(4, 8)
+            for _ in range(steps):
+                x = torch.tanh(x @ w)
+            x.sum().backward()
+        peaks.append(m.peak)
+    assert peaks[1] > 3 * peaks[0]
+
+
+def test_teddy_deterministic_and_config_errors(tmp_path, digits):
+    a = distill("teddy", digits, 1, make_tiny(tmp_path), seed=3)
+    b = distill("teddy", digits, 1, make_tiny(tmp_path), seed=3)
+    assert torch.equal(a.images, b.images)
+    with pytest.raises(ConfigError, match="pool_kind must be one of"):
+        methods.get("teddy").make_config({"pool_kind": "mid"})
+    with pytest.raises(ConfigError, match="prune_ratio"):
+        methods.get("teddy").make_config({"prune_ratio": 1.0})
+
+
+def test_cli_teddy_tiny(tmp_path, capsys):
+    out = tmp_path / "teddy"
+    sets = [x for k, v in make_tiny(tmp_path).items() if k != "iterations" for x in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["distill", "run", "--method", "teddy", "--dataset", "digits", "--ipc", "1", "--out", str(out),
+                 "--iterations", "2", "--eval-nets", "1", "--eval-epochs", "2", "--no-baseline", *sets]) == 0
+    assert "teddy ipc 1 on digits:" in capsys.readouterr().out
+    assert json.loads((out / "result.json").read_text())["method"] == "teddy"
