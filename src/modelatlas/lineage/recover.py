@@ -173,8 +173,8 @@ def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int,
 def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[np.ndarray, str]:
     """The edge distance matrix of one tree and its kind ("l2", "rank" or "l2*rank").
 
-    ``auto``: when most nearest-neighbour differences have rank below a quarter of the sketch (LoRA-like
-    edges) the summed rank is used (RMS breaks ties); otherwise RMS x rank fraction, because a fine-tuning
+    ``auto``: when nearly all (90%) nearest-neighbour differences have rank below a quarter of the sketch
+    (a LoRA tree) the summed rank is used (RMS breaks ties); otherwise RMS x rank fraction, because a fine-tuning
     update is low-rank-ish too and a grandparent differs by the *sum* of two updates (higher rank) even
     where it is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's
     ``_NEIGHBOURS`` nearest by RMS); other pairs count as full rank. Time O(n k L n_l s^2).
@@ -191,7 +191,8 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     kind = cfg.distance
     if kind == "auto":
         near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
-        kind = "rank" if np.median(frac[np.arange(len(idx)), near]) < 0.25 else "l2*rank"
+        # pure LoRA trees only: one full fine-tuning edge in a tree would be misplaced by rank alone
+        kind = "rank" if np.quantile(frac[np.arange(len(idx)), near], 0.9) < 0.25 else "l2*rank"
     if kind == "rank":
         if cfg.method == "mother-paper":
             return frac * cap, "rank"
