@@ -23,7 +23,7 @@ from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_random_baseline, evaluate_synthetic
 
 # Outer iterations per (method, dataset) sized for ~2 shared CPU cores (papers: thousands).
-ITERATIONS = {"digits": {"mtt": 200, "ratbptt": 100, "podd": 100},
+ITERATIONS = {"digits": {"mtt": 200, "ratbptt": 100, "podd": 200},
               "fashion-mnist": {"mtt": 50, "ratbptt": 40, "podd": 40}}
 
 

@@ -16,7 +16,7 @@ class PoDDConfig(RaTBPTTConfig):
     ``learn_labels``: PoDDL label grid (``label_refine`` cells per class cell and axis, None: automatic;
     ``label_shrink``: window shrink); otherwise softmax(class pixel counts / ``label_temperature``);
     ``class_order``: "poco" or "natural"; ``init``: "real" or "gaussian" areas cross-faded over
-    ``fade`` x the cell size."""
+    ``fade`` x the cell size. Outer Adam lr 3e-2 on poster and label grid (CPU scale; paper 1e-3)."""
 
     poster_ipc: float | None = None
     crops_x: int | None = None
@@ -24,7 +24,8 @@ class PoDDConfig(RaTBPTTConfig):
     label_refine: int | None = None
     label_shrink: float = 0.25
     label_temperature: float = 1.0
-    lr_label: float = 1e-2
+    lr_img: float = 3e-2
+    lr_label: float = 3e-2
     class_order: str = "poco"
     init: str = "real"
     fade: float = 0.25
