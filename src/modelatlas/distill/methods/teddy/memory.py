@@ -4,6 +4,8 @@
 is wrapped in a small holder that adds its bytes to ``live`` and subtracts them when the graph that owns it is
 freed, so ``peak`` is the largest graph memory alive at once (device independent, unlike ru_maxrss). An
 unrolled method's peak grows with the number of unrolled steps; Teddy's does not. O(1) per saved tensor.
+Caveat: in double backward a few tiny saved views of parameters are pinned by the hook itself (a reference
+cycle through the pack hook), so ``live`` may stay a few hundred bytes above zero after the graph is gone.
 """
 
 from __future__ import annotations
