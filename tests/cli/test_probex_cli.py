@@ -72,3 +72,8 @@ def test_text_train_and_search(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].strip().startswith("1. ") and "log p(query)" in lines[-1]
     assert main(["probex", "search", "seven", str(zoo), "--experts", str(tmp_path / "missing")]) == 1
+
+
+def test_search_needs_text_experts(make_tiny_zoo, make_trained, capsys):
+    assert main(["probex", "search", "seven", str(make_tiny_zoo), "--experts", str(make_trained)]) == 1
+    assert "search needs --task text" in capsys.readouterr().err

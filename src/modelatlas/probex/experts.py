@@ -90,6 +90,16 @@ def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig,
     return out
 
 
+def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[str, list[ModelRecord]]:
+    by_tree: dict[str, list[ModelRecord]] = {}
+    for m in records:
+        by_tree.setdefault(m.tree, []).append(m)
+    by_tree = {t: ms for t, ms in sorted(by_tree.items()) if len(ms) >= min_models}
+    if not by_tree:
+        raise ManifestError(f"{source}: no tree has >= {min_models} labelled models to train an expert on")
+    return by_tree
+
+
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
                        config: ProbeXConfig | None = None, progress: Progress | None = None,
                        resume: bool = False, min_models: int = 10) -> TrainReport:
@@ -104,12 +114,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     manifest = load_manifest(manifest_path)
     records = _task_records(manifest, task)
     classes = _class_names(records) if task == "classes" else None
-    by_tree: dict[str, list[ModelRecord]] = {}
-    for m in records:
-        by_tree.setdefault(m.tree, []).append(m)
-    by_tree = {t: ms for t, ms in sorted(by_tree.items()) if len(ms) >= min_models}
-    if not by_tree:
-        raise ManifestError(f"{manifest_path}: no tree has >= {min_models} labelled models to train an expert on")
+    by_tree = _group_by_tree(records, min_models, manifest_path)
     largest = max(by_tree.values(), key=len)
     paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
     report = TrainReport(layer)

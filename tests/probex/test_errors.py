@@ -1,0 +1,54 @@
+"""Failure paths: each error names the file, key or value."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError, ConfigError, ManifestError
+from modelatlas.probex import ProbeXConfig, ProbeXTextAligner, TreeRouter, load_expert, load_layer
+from modelatlas.probex.experts import train_tree_experts
+from modelatlas.zoo.manifest import Manifest, ModelRecord
+
+
+def test_load_layer_shape_mismatch_names_model(tmp_path):
+    save_file({"w": torch.zeros(3, 4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.zeros(3, 5)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: layer 'w' has shape \(3, 5\)"):
+        load_layer([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], "w")
+
+
+def test_router_wrong_size():
+    router = TreeRouter().fit(torch.randn(4, 2, 2), ["a", "a", "b", "b"])
+    with pytest.raises(ConfigError, match="router expects 4 weights per model; got 6"):
+        router.route(torch.randn(1, 2, 3))
+
+
+def test_manifest_without_task_key(tmp_path):
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "r.safetensors"))
+    Manifest([ModelRecord("r", "r.safetensors", None, "r"), ModelRecord("c", "r.safetensors", "r", "r")],
+             {}, tmp_path).save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match="no fine-tuned model has task key 'classes'"):
+        train_tree_experts(tmp_path, tmp_path / "out")
+    with pytest.raises(ConfigError, match="--task must be one of"):
+        train_tree_experts(tmp_path, tmp_path / "out", task="colour")
+
+
+def test_too_few_models_per_tree(tmp_path):
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "r.safetensors"))
+    recs = [ModelRecord("r", "r.safetensors", None, "r")]
+    recs += [ModelRecord(f"c{i}", "r.safetensors", "r", "r", task={"classes": [0]}) for i in range(3)]
+    Manifest(recs, {}, tmp_path).save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match="no tree has >= 10 labelled models"):
+        train_tree_experts(tmp_path, tmp_path / "out")
+
+
+def test_text_labels_out_of_range():
+    with pytest.raises(ConfigError, match="indices into 2 text embeddings"):
+        ProbeXTextAligner(ProbeXConfig(epochs=1)).fit(torch.randn(3, 2, 2), [0, 1, 2], torch.randn(2, 4))
+
+
+def test_unknown_expert_format(tmp_path):
+    (tmp_path / "expert.json").write_text('{"format": "other"}')
+    save_file({"mean": torch.zeros(1)}, str(tmp_path / "expert.safetensors"))
+    with pytest.raises(CheckpointError, match="unknown expert format 'other'"):
+        load_expert(tmp_path)
