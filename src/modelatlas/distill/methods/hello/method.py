@@ -117,7 +117,7 @@ def run(train: ArrayDataset, ipc: int, config: HelloConfig, ctx: DistillContext)
         img_opt.zero_grad(set_to_none=True)
         loss.backward()
         img_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     ctx.run_loop(config.iterations, config.checkpoint_every, step,
                  {"synthetic": syn, "optimizer": img_opt, "projector": projector}, "hello")

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from modelatlas.attribution import DDMConfig, ddm_attribution, spearman_scores
+from modelatlas.attribution.clusters import cluster_per_class
+from modelatlas.attribution.report import cluster_means, top_clusters
+from modelatlas.cli.main import main
+from modelatlas.errors import ConfigError
+
+
+def make_planted(n=30, seed=0):
+    """Two classes, each two well-separated blobs (clusters) in 4 pixels; test points from every blob."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[2., 0, 0, 0], [0, 2., 0, 0], [0, 0, 2., 0], [0, 0, 0, 2.]])  # blobs 0,1 -> class 0
+    def draw(m):
+        xs = torch.cat([c + 0.2 * torch.randn(m, 4, generator=g) for c in centres])
+        return xs.reshape(-1, 1, 2, 2), torch.tensor([0, 0, 1, 1]).repeat_interleave(m)
+    (x, y), (xt, yt) = draw(n), draw(5)
+    return x, y, xt, yt
+
+
+def test_clustering_shapes():
+    x, y, _, _ = make_planted()
+    assign, cc = cluster_per_class(x, y, 2, 2, seed=0)
+    assert assign.shape == (120,) and cc.tolist() == [0, 0, 1, 1]
+    assert torch.equal(cc[assign], y)  # every example's cluster belongs to its class
+    assert sorted(torch.bincount(assign).tolist()) == [30, 30, 30, 30]  # the planted blobs are found
+    with pytest.raises(ConfigError, match="fewer than clusters_per_class"):
+        cluster_per_class(x[:3], y[:3], 2, 2)
+
+
+def test_unlearning_raises_loss_of_the_clusters_own_test_points():
+    x, y, xt, yt = make_planted()
+    cfg = DDMConfig(clusters_per_class=2, width=8, lr=0.5, train_steps=40, checkpoints=4, match_steps=20,
+                    unlearn_lr=5.0)
+    attr = ddm_attribution(x, y, xt, yt, 2, cfg, seed=0)
+    assert attr.matrix.shape == (4, 20) and attr.synthetic.shape == (4, 1, 2, 2)
+    assign_test = torch.arange(4).repeat_interleave(5)  # test blob b was drawn from centre b
+    blob_of_cluster = [int(torch.mode(torch.argmax(x.reshape(-1, 4)[attr.assign == k], 1)).values) for k in range(4)]
+    for k in range(4):
+        own = attr.matrix[k, assign_test == blob_of_cluster[k]].mean()
+        assert own > 0  # removing a cluster hurts its own test points
+        assert own > attr.matrix[k, assign_test != blob_of_cluster[k]].mean()
+    assert attr.match_losses[-1] < attr.match_losses[0]
+
+
+def test_spearman_and_report_helpers():
+    a = torch.randn(5, 7)
+    s = spearman_scores(a, 2 * a + 1)
+    assert s["flattened"] == pytest.approx(1.0) and s["per_test_mean"] == pytest.approx(1.0)
+    helpful, harmful = top_clusters(torch.tensor([[0.1], [-0.5], [0.9]]), 0, 1)
+    assert helpful == [2] and harmful == [1]
+    m = cluster_means(torch.arange(4.).view(4, 1, 1, 1), torch.tensor([0, 0, 1, 1]), 2)
+    assert m.flatten().tolist() == [0.5, 2.5]
+
+
+def test_cli_attribute_tiny(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "att"
+    argv = ["attribute", "--dataset", "digits", "--clusters-per-class", "2", "--out", str(out), "--test-index", "0",
+            "3", "--max-train", "200", "--max-test", "20", "--train-steps", "10", "--match-steps", "2"]
+    assert main(argv) == 0
+    assert "attribution matrix 20 clusters x 20 test samples" in capsys.readouterr().out
+    info = json.loads((out / "attribution.json").read_text())
+    assert info["shape"] == [20, 20] and (out / "attribution.png").stat().st_size > 1000
+    from safetensors.torch import load_file
+    assert load_file(str(out / "attribution.safetensors"))["matrix"].shape == (20, 20)
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main([*argv[:-8], "--test-index", "99", "--max-test", "20"]) == 1
+    assert "--test-index 99 is out of range" in capsys.readouterr().err
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="clusters_per_class must be >= 1"):
+        DDMConfig(clusters_per_class=0)
+    with pytest.raises(ConfigError, match="unlearn_lr must be > 0"):
+        DDMConfig(unlearn_lr=0)

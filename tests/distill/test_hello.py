@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modelatlas.cli.main import main
+from modelatlas.data import load_dataset
+from modelatlas.distill import EvalProtocol, distill, evaluate_synthetic, methods
+from modelatlas.distill.evaluate import evaluate_tensors
+from modelatlas.distill.methods.hello.method import make_label_fn, sized_text_head
+from modelatlas.distill.methods.hello.projector import (
+    LabelProjector,
+    class_prompts,
+    lora_param_count,
+    stored_label_bytes,
+)
+from modelatlas.distill.nets import make_net
+from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import ConfigError
+
+TINY = {"iterations": 2, "width": 8, "batch_real": 16, "teacher_steps": 5, "projector_steps": 3,
+        "head_init": "class_mean"}
+
+
+def make_fake_encoder(dim=384):
+    def encode(texts):
+        gen = torch.Generator().manual_seed(len(texts))
+        return torch.randn(len(texts), dim, generator=gen) * 3.0
+    return encode
+
+
+def test_lora_param_count_hand_checked():
+    backbone = make_net("convnet", (1, 8, 8), 10, 8, 2, seed=0)  # feature_dim 8 * 2 * 2 = 32
+    head = F.normalize(torch.randn(10, 384), dim=1)
+    proj = LabelProjector(backbone, backbone.feature_dim, head, rank=4, proj_seed=0)
+    n = sum(p.numel() for p in proj.trainable())
+    assert n == 4 * 384 + 10 * 4 + 1 + 10 == lora_param_count(10, 384, 4) == 1587
+    stored = LabelProjector(backbone, 32, head, 4, 0, store_head=True)
+    assert sum(p.numel() for p in stored.trainable()) == 1587 + 3840 == lora_param_count(10, 384, 4, True)
+    x = torch.rand(3, 1, 8, 8)
+    base = proj.log_scale.exp() * proj.features(x) @ head.T  # B = 0: the projector starts at the text head
+    assert torch.allclose(proj(x), base, atol=1e-6)
+
+
+def test_head_init_equals_normalised_text_embeddings():
+    enc = make_fake_encoder()
+    names = [str(i) for i in range(10)]
+    head = sized_text_head(names, 384, enc)
+    assert torch.allclose(head, F.normalize(torch.as_tensor(enc(class_prompts(names))), dim=1))
+    assert torch.allclose(head.norm(dim=1), torch.ones(10))
+    assert class_prompts(["0", "7", "Coat"]) == ["the digit zero", "the digit seven", "a photo of a Coat"]
+
+
+def test_label_storage_byte_arithmetic():
+    assert stored_label_bytes(100, 10, 300) == 300 * 100 * 10 * 4 == 1_200_000
+    assert stored_label_bytes(10, 10, 300, bytes_per_value=2) == 60_000
+    assert stored_label_bytes(100, 10, 300) // (lora_param_count(10, 384, 4) * 4) >= 100  # 189x at IPC 10
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def test_hello_end_to_end_labels_on_the_fly(digits, tmp_path):
+    train, test = digits
+    syn = distill("hello", train, 1, TINY, seed=0)
+    assert syn.meta["label_generator"].endswith(":make_label_fn")
+    assert {"projector.A", "projector.B", "projector.W0", "backbone.features.0.weight"} <= set(syn.extras)
+    syn.save(tmp_path / "s")
+    again = SyntheticSet.load(tmp_path / "s")
+    fn = make_label_fn(again, torch.device("cpu"))
+    labels = fn(again.images[:4], torch.arange(4), 0)
+    assert labels.shape == (4, 10) and torch.allclose(labels.sum(1), torch.ones(4))
+    p = EvalProtocol(num_nets=1, epochs=2, width=8, depth=2, dsa=True)
+    assert 0 <= evaluate_synthetic(again, test, p).mean <= 100
+
+
+def test_label_fn_hook_and_fixed_crops(digits):
+    train, test = digits
+    x, y = train.x[:20], train.y[:20]
+    seen = []
+
+    def label_fn(xb, idx, epoch):
+        seen.append((xb.clone(), idx.clone(), epoch))
+        return y[idx]
+    p = EvalProtocol(num_nets=2, epochs=2, width=8, depth=2, dsa=True, batch_size=20)
+    evaluate_tensors(x, y, test, p, label_fn=label_fn, crop_seed=5)
+    (a, ia, ea), (b, ib, eb) = seen[0], seen[2]  # epoch 0 of net 0 and of net 1
+    assert ea == eb == 0 and torch.equal(a[torch.argsort(ia)], b[torch.argsort(ib)])  # same crops per image
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="head_init must be one of"):
+        methods.get("hello").make_config({"head_init": "random"})
+    with pytest.raises(ConfigError, match="rank must be > 0"):
+        methods.get("hello").make_config({"rank": 0})
+
+
+def test_cli_hello_tiny(tmp_path, capsys):
+    out = tmp_path / "hello"
+    sets = [x for k, v in TINY.items() if k != "iterations" for x in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["distill", "run", "--method", "hello", "--dataset", "digits", "--ipc", "1", "--out", str(out),
+                 "--iterations", "2", "--eval-nets", "1", "--eval-epochs", "2", "--no-baseline", *sets]) == 0
+    assert "hello ipc 1 on digits:" in capsys.readouterr().out
+    assert json.loads((out / "synthetic.json").read_text())["meta"]["hello"]["rank"] == 4
