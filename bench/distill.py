@@ -3,7 +3,7 @@
 Each method distils the training split (its default config, iterations set below to fit a CPU budget), then
 ``--eval-nets`` fresh networks are trained on the synthetic set and tested on the real test split under the
 method's protocol (DC/DM SGD protocol; DSA on during evaluation for DSA and DM, 1000 epochs then; 300
-otherwise). The random-real-subset baseline is reported under both protocols. Prints a markdown table and
+otherwise). The random-real-subset baseline is reported under every protocol the other methods use. Prints a markdown table and
 writes JSON (``--json``).
 
     python bench/distill.py --dataset digits --ipc 1 10
@@ -19,7 +19,7 @@ import time
 import torch
 
 from modelatlas.data import load_dataset
-from modelatlas.distill import default_protocol, distill, evaluate_synthetic
+from modelatlas.distill import default_protocol, distill, evaluate_synthetic, methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_full_data
 
 # Outer iterations per (method, ipc) sized for ~2 CPU cores (papers: DC/DSA 1000, DM 20000).
@@ -33,6 +33,18 @@ def _row(name: str, ipc, ev, wall: float | None, iterations) -> dict:
             "wall_time_s": None if wall is None else round(wall, 1), "iterations": iterations}
 
 
+def _known(method: str, fields: dict) -> dict:
+    """The entries of ``fields`` that ``method``'s config has."""
+    return {k: v for k, v in fields.items() if k in methods.get(method).config_cls.__dataclass_fields__}
+
+
+def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
+    """The random subset is scored under every protocol the other methods of the run use."""
+    extra = json.loads(args.config) if args.config else {}
+    flags = sorted({default_protocol(m, _known(m, extra), in_shape).dsa for m in args.methods if m != "random"})
+    return [EvalProtocol(**{**proto.__dict__, "dsa": f}) for f in flags] or [proto]
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     rows = []
@@ -40,20 +52,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     extra = json.loads(args.config) if args.config else {}
     for ipc in args.ipc:
         for method in args.methods:
-            cfg = dict(extra)
+            cfg = _known(method, extra)
             if method in iters:
                 cfg["iterations"] = iters[method][ipc] if args.iterations is None else args.iterations
             start = time.perf_counter()
             syn = distill(method, tr, ipc, cfg, seed=args.seed)
             wall = time.perf_counter() - start
             proto = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
-            protos = [proto, EvalProtocol(**{**proto.__dict__, "dsa": True})] if method == "random" else [proto]
+            protos = _baseline_protocols(proto, args, cfg, tr.input_shape) if method == "random" else [proto]
             for p in protos:
                 ev = evaluate_synthetic(syn, te, p, seed=args.seed)
                 rows.append(_row(method, ipc, ev, wall, cfg.get("iterations")))
                 print(json.dumps(rows[-1]), flush=True)
     if args.full:
-        proto = default_protocol("random", extra, tr.input_shape, args.eval_nets, args.full_epochs)
+        proto = default_protocol("random", _known("random", extra), tr.input_shape, args.eval_nets, args.full_epochs)
         start = time.perf_counter()
         ev = evaluate_full_data(tr, te, proto, seed=args.seed)
         rows.append(_row("full data", "all", ev, None, None))
