@@ -1,0 +1,191 @@
+"""Efficient distillation and attribution benchmark: Teddy vs RaT-BPTT vs DC (accuracy, wall time, memory),
+HeLlO label storage vs accuracy, DDM attribution vs leave-one-cluster-out retraining.
+
+Parts (each prints JSON lines and writes ``--json``):
+- ``distill``: each method distils in its own subprocess (so ``ru_maxrss`` is the method's own peak) and is
+  evaluated under ONE protocol for all (SGD, ConvNet of the dataset, no DSA); memory = process peak RSS
+  growth and the peak bytes of live autograd-saved tensors (:class:`SavedTensorMeter`, device independent).
+- ``memory``: saved-tensor peak of one outer iteration vs the number of steps (Teddy ``traj_steps`` vs
+  RaT-BPTT ``window``): constant for Teddy, linear for unrolled BPTT.
+- ``hello``: hard labels / stored teacher labels (one per crop per epoch, replayed crops) / HeLlO projector
+  (text head, class-mean head), accuracy and bytes.
+- ``ddm``: DDM attribution vs LOO retraining: Spearman and speed-up.
+
+    python bench/efficient.py --part distill --dataset digits --ipc 10
+    python bench/efficient.py --part memory
+    python bench/efficient.py --part hello --ipc 10
+    python bench/efficient.py --part ddm --clusters-per-class 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.distill import EvalProtocol, distill, evaluate_synthetic
+from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
+
+CONFIGS = {"teddy": {"iterations": 40, "traj_steps": 5, "pool_size": 8, "base_steps": 300},
+           "ratbptt": {"iterations": 40},
+           "dc": {"iterations": 10}}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def single(args) -> dict:
+    """One method in this process: distil, measure, evaluate."""
+    tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    cfg = {**CONFIGS[args.single], **json.loads(args.config or "{}")}
+    rss0 = _rss_mb()
+    start = time.perf_counter()
+    with SavedTensorMeter() as meter:
+        syn = distill(args.single, tr, args.ipc, cfg, seed=args.seed)
+    wall = time.perf_counter() - start
+    rss1 = _rss_mb()
+    net = {"width": 64, "depth": 2} if tr.input_shape[-1] <= 16 else {"width": 128, "depth": 3}
+    p = EvalProtocol(kind="sgd", num_nets=args.eval_nets, epochs=args.eval_epochs, **net)
+    ev = evaluate_synthetic(syn, te, p, seed=args.seed)
+    return {"method": args.single, "ipc": args.ipc, "dataset": tr.name, "config": cfg, "mean": round(ev.mean, 2),
+            "std": round(ev.std, 2), "wall_s": round(wall, 1), "peak_rss_growth_mb": round(rss1 - rss0, 1),
+            "peak_graph_mb": round(meter.peak / 2**20, 2), "pool_built_now": syn.meta.get("pool_built_now"),
+            "protocol": ev.protocol["description"]}
+
+
+def part_distill(args) -> list[dict]:
+    rows = []
+    for m in args.methods:
+        cmd = [sys.executable, __file__, "--single", m, "--dataset", args.dataset, "--ipc", str(args.ipc),
+               "--eval-nets", str(args.eval_nets), "--eval-epochs", str(args.eval_epochs), "--seed", str(args.seed)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+        print(out, flush=True)
+    return rows
+
+
+def part_memory(args) -> list[dict]:
+    tr = load_dataset(args.dataset, "train")
+    rows = []
+    for method, field, values, base in [("teddy", "traj_steps", (1, 5, 20), {"pool_size": 2, "base_steps": 50}),
+                                        ("ratbptt", "window", (5, 20, 50), {"total": 60})]:
+        for v in values:
+            with SavedTensorMeter() as meter:
+                start = time.perf_counter()
+                distill(method, tr, args.ipc, {**base, "iterations": 1, field: v}, seed=args.seed)
+            rows.append({"method": method, field: v, "peak_graph_mb": round(meter.peak / 2**20, 2),
+                         "wall_s": round(time.perf_counter() - start, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def part_hello(args) -> list[dict]:
+    from modelatlas.distill.evaluate import evaluate_tensors
+    from modelatlas.distill.methods import get
+    from modelatlas.distill.methods.hello.method import make_label_fn, train_teacher
+    from modelatlas.distill.methods.hello.projector import param_bytes, stored_label_bytes
+
+    tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    p = EvalProtocol(kind="sgd", num_nets=args.eval_nets, epochs=args.eval_epochs, dsa=True, width=64, depth=2)
+    rows, crop_seed = [], 1234
+    for head in ("text", "class_mean"):
+        cfg = {"head_init": head, "iterations": args.hello_iterations}
+        syn = distill("hello", tr, args.ipc, cfg, seed=args.seed)
+        x, n, k = syn.images.detach(), len(syn), syn.num_classes
+        proj_bytes = sum(v.numel() * 4 for key, v in syn.extras.items() if key.startswith("projector."))
+        backbone_bytes = sum(v.numel() * 4 for key, v in syn.extras.items() if key.startswith("backbone."))
+        ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, label_fn=make_label_fn(syn, "cpu"),
+                              crop_seed=crop_seed)
+        rows.append({"labels": f"HeLlO projector ({head} head)", "acc": round(ev.mean, 2), "std": round(ev.std, 2),
+                     "image_bytes": x.numel() * 4, "label_bytes": proj_bytes,
+                     "label_bytes_with_backbone": proj_bytes + backbone_bytes})
+        print(json.dumps(rows[-1]), flush=True)
+    teacher = train_teacher(tr, get("hello").make_config(cfg), args.seed, "cpu")
+    epochs = p.resolved().epochs
+    table = _stored_labels(teacher, x, epochs, crop_seed)  # (E, N, K)
+    ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, label_fn=lambda xb, idx, e: table[e, idx],
+                          crop_seed=crop_seed)
+    rows.append({"labels": "stored teacher soft labels (per crop per epoch)", "acc": round(ev.mean, 2),
+                 "std": round(ev.std, 2), "image_bytes": x.numel() * 4,
+                 "label_bytes": stored_label_bytes(n, k, epochs), "label_bytes_with_backbone": None})
+    print(json.dumps(rows[-1]), flush=True)
+    ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, crop_seed=crop_seed)
+    rows.append({"labels": "hard labels", "acc": round(ev.mean, 2), "std": round(ev.std, 2),
+                 "image_bytes": x.numel() * 4, "label_bytes": n * 8, "label_bytes_with_backbone": None})
+    print(json.dumps(rows[-1]), flush=True)
+    rows.append({"teacher_test_acc": _acc(teacher, te), "backbone_params": param_bytes(teacher.features) // 4,
+                 "protocol": p.to_dict()["description"] if hasattr(p, "to_dict") else str(p)})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _stored_labels(teacher, x, epochs: int, crop_seed: int) -> torch.Tensor:
+    from modelatlas.distill.augment import DSA
+    from modelatlas.seeding import derive_seed, torch_generator
+
+    dsa, out = DSA.for_dataset(tuple(x.shape[1:])), []
+    with torch.no_grad():
+        for e in range(epochs):  # the crops evaluate_tensors replays with the same crop_seed
+            crops = dsa.sample(torch_generator(derive_seed(crop_seed, "crop", e)), batch=len(x))
+            out.append(torch.softmax(teacher(crops.apply(x)), dim=1))
+    return torch.stack(out)  # (E, N, K)
+
+
+def _acc(net, te) -> float:
+    with torch.no_grad():
+        return round(100.0 * float((net(te.x).argmax(1) == te.y).float().mean()), 2)
+
+
+def part_ddm(args) -> list[dict]:
+    from modelatlas.attribution import DDMConfig, ddm_attribution, loo_attribution, spearman_scores
+
+    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
+    rows = []
+    for kpc in args.clusters_per_class:
+        cfg = DDMConfig(clusters_per_class=kpc)
+        attr = ddm_attribution(tr.x, tr.y, te.x, te.y, 10, cfg, args.seed)
+        true, loo_s = loo_attribution(tr.x, tr.y, te.x, te.y, 10, attr.assign, cfg, args.seed)
+        same = (attr.cluster_class.unsqueeze(1) == te.y.unsqueeze(0)).float() * \
+            torch.bincount(attr.assign).float().unsqueeze(1)  # trivial baseline: same class x cluster size
+        rows.append({"clusters": len(attr.cluster_class), **spearman_scores(attr.matrix, true),
+                     "same_class_baseline": spearman_scores(same, true), "ddm_timings": attr.timings,
+                     "loo_s": round(loo_s, 2), "speedup_total": round(loo_s / attr.timings["total_s"], 1),
+                     "speedup_online": round(loo_s / attr.timings["online_s"], 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["distill", "memory", "hello", "ddm"], default="distill")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", default=["teddy", "ratbptt", "dc"])
+    ap.add_argument("--eval-nets", type=int, default=3)
+    ap.add_argument("--eval-epochs", type=int, default=300)
+    ap.add_argument("--hello-iterations", type=int, default=100)
+    ap.add_argument("--clusters-per-class", type=int, nargs="+", default=[5])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.single:
+        print(json.dumps(single(args)), flush=True)
+        return
+    rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "ddm": part_ddm}[args.part](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
