@@ -133,7 +133,7 @@ def task_a(trees: dict, cfg: ProbeXConfig, out: list[str]) -> None:
     out += ["### Layer selection (ProbeX, validation per-label accuracy, tree " + main + ")", "",
             "| layer | shape | val acc |", "|---|---|---|"]
     out += [f"| {k}{' (chosen)' if k == best else ''} | {tuple(d['layers'][k].shape[1:])} | {v:.3f} |"
-            for k, v in scores.items()]
+            for k, v in scores.items()] + [""]
     for layer in dict.fromkeys([best, "layers.1.weight"]):
         within(d, main, layer, cfg, sets, tests, out)
     sweep(d, cfg, "layers.1.weight", out)
