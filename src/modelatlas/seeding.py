@@ -24,7 +24,11 @@ def torch_generator(seed: int) -> torch.Generator:
 
 def derive_seed(seed: int, *keys: object) -> int:
     """A child seed from a parent seed and keys, stable across runs and processes (no ``hash()``)."""
-    rng = np.random.default_rng([int(seed)] + [_key_int(k) for k in keys])
+    # SeedSequence ignores trailing zero words, so (seed, "a") and (seed, "a", 0) would collide: the key
+    # count and a non-zero end marker make every (seed, *keys) tuple a distinct entropy array.
+    seed = int(seed)
+    words = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, len(keys)] + [_key_int(k) for k in keys]
+    rng = np.random.default_rng(words + [0x9E3779B9])
     return int(rng.integers(0, 2**31 - 1))
 
 
