@@ -34,7 +34,7 @@ from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
 
 CONFIGS = {"teddy": {"iterations": 40, "traj_steps": 5, "pool_size": 8, "base_steps": 300},
            "ratbptt": {"iterations": 40},
-           "dc": {"iterations": 10}}
+           "dc": {"iterations": 10}, "random": {}}
 
 
 def _rss_mb() -> float:
@@ -95,33 +95,27 @@ def part_hello(args) -> list[dict]:
     tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     p = EvalProtocol(kind="sgd", num_nets=args.eval_nets, epochs=args.eval_epochs, dsa=True, width=64, depth=2)
     rows, crop_seed = [], 1234
+    teacher = train_teacher(tr, get("hello").make_config({}), args.seed, "cpu")  # the run's teacher (same seed)
+    epochs = p.resolved().epochs
     for head in ("text", "class_mean"):
         cfg = {"head_init": head, "iterations": args.hello_iterations}
         syn = distill("hello", tr, args.ipc, cfg, seed=args.seed)
         x, n, k = syn.images.detach(), len(syn), syn.num_classes
         proj_bytes = sum(v.numel() * 4 for key, v in syn.extras.items() if key.startswith("projector."))
         backbone_bytes = sum(v.numel() * 4 for key, v in syn.extras.items() if key.startswith("backbone."))
-        ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, label_fn=make_label_fn(syn, "cpu"),
-                              crop_seed=crop_seed)
-        rows.append({"labels": f"HeLlO projector ({head} head)", "acc": round(ev.mean, 2), "std": round(ev.std, 2),
-                     "image_bytes": x.numel() * 4, "label_bytes": proj_bytes,
-                     "label_bytes_with_backbone": proj_bytes + backbone_bytes})
-        print(json.dumps(rows[-1]), flush=True)
-    teacher = train_teacher(tr, get("hello").make_config(cfg), args.seed, "cpu")
-    epochs = p.resolved().epochs
-    table = _stored_labels(teacher, x, epochs, crop_seed)  # (E, N, K)
-    ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, label_fn=lambda xb, idx, e: table[e, idx],
-                          crop_seed=crop_seed)
-    rows.append({"labels": "stored teacher soft labels (per crop per epoch)", "acc": round(ev.mean, 2),
-                 "std": round(ev.std, 2), "image_bytes": x.numel() * 4,
-                 "label_bytes": stored_label_bytes(n, k, epochs), "label_bytes_with_backbone": None})
-    print(json.dumps(rows[-1]), flush=True)
-    ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, crop_seed=crop_seed)
-    rows.append({"labels": "hard labels", "acc": round(ev.mean, 2), "std": round(ev.std, 2),
-                 "image_bytes": x.numel() * 4, "label_bytes": n * 8, "label_bytes_with_backbone": None})
-    print(json.dumps(rows[-1]), flush=True)
+        table = _stored_labels(teacher, x, epochs, crop_seed)  # (E, N, K)
+        for name, fn, nbytes, with_bb in [
+                (f"HeLlO projector ({head} head)", make_label_fn(syn, "cpu"), proj_bytes, proj_bytes + backbone_bytes),
+                ("stored teacher soft labels (per crop per epoch)", lambda xb, idx, e, table=table: table[e, idx],
+                 stored_label_bytes(n, k, epochs), None),
+                ("hard labels", None, n * 8, None)]:
+            ev = evaluate_tensors(x, syn.classes, te, p, seed=args.seed, label_fn=fn, crop_seed=crop_seed)
+            rows.append({"images": f"hello {head} run", "labels": name, "acc": round(ev.mean, 2),
+                         "std": round(ev.std, 2), "image_bytes": x.numel() * 4, "label_bytes": nbytes,
+                         "label_bytes_with_backbone": with_bb})
+            print(json.dumps(rows[-1]), flush=True)
     rows.append({"teacher_test_acc": _acc(teacher, te), "backbone_params": param_bytes(teacher.features) // 4,
-                 "protocol": p.to_dict()["description"] if hasattr(p, "to_dict") else str(p)})
+                 "protocol": p.resolved().to_dict()["description"]})
     print(json.dumps(rows[-1]), flush=True)
     return rows
 

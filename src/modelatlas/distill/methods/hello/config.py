@@ -20,7 +20,8 @@ class HelloConfig(MethodConfig):
     synthetic images; its (K, 384) matrix is then stored). ``rank``: LoRA rank of the head update B A.
     ``projector_steps`` Adam steps (``lr_projector``) fit the projector to the teacher's soft labels
     (temperature ``temperature``) on augmented synthetic and real images; then ``iterations`` Adam steps
-    (``lr_img``) nudge the images to shrink the teacher-projector KL.
+    (``lr_img``) nudge the images to shrink the teacher-projector KL (keep it small: at 0.01 the nudged
+    digits lost ~10 points even with hard labels).
     """
 
     iterations: int = 100
@@ -32,7 +33,7 @@ class HelloConfig(MethodConfig):
     text_dim: int = 384
     projector_steps: int = 300
     lr_projector: float = 0.01
-    lr_img: float = 0.01
+    lr_img: float = 0.001
     temperature: float = 1.0
     init: str = "real"
 
