@@ -92,3 +92,14 @@ def test_mother_paper_baseline_runs():
     f = recover_lineage(weights, method="mother-paper", n_trees=3, stage="specialize", distance="l2")
     assert f.decisions["method"] == "mother-paper" and f.decisions["distance"] == "l2"
     assert score_forest(f, parents).ari == 1.0
+
+
+def test_weight_updates_without_base_are_skipped():
+    weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, seed=2)
+    from modelatlas.lineage.sources import MemoryCheckpoint
+
+    delta = MemoryCheckpoint("adapter", weights["t0_0"])
+    delta.kind = "lora_delta"
+    ckpts = [MemoryCheckpoint(k, v) for k, v in weights.items()] + [delta]
+    f = recover_lineage(ckpts)
+    assert "adapter" not in f.nodes and "holds a weight update (lora_delta), not a model" in f.skipped["adapter"]

@@ -91,6 +91,10 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     rules: dict[tuple, str] = {}
     skipped: dict[str, str] = {}
     for i, ck in enumerate(ckpts):
+        if getattr(ck, "kind", "full") != "full":  # e.g. a PEFT adapter opened alone: only the update dW
+            skipped[ck.name] = (f"{ck.path}: holds a weight update ({ck.kind}), not a model; open it with its "
+                                "base (open_checkpoint(path, base=...)) or store merged weights")
+            continue
         try:
             layers, rule = select_layers(ck, pattern)
         except AtlasError as e:
