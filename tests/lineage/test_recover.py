@@ -103,3 +103,17 @@ def test_weight_updates_without_base_are_skipped():
     ckpts = [MemoryCheckpoint(k, v) for k, v in weights.items()] + [delta]
     f = recover_lineage(ckpts)
     assert "adapter" not in f.nodes and "holds a weight update (lora_delta), not a model" in f.skipped["adapter"]
+
+
+def test_model_failing_mid_read_is_skipped():
+    from modelatlas.lineage.sources import MemoryCheckpoint
+
+    class Broken(MemoryCheckpoint):
+        def _read(self, name):
+            raise OSError("read error on disk")
+
+    weights, parents = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=8)
+    ckpts = [MemoryCheckpoint(k, v) for k, v in weights.items()] + [Broken("bad", weights["t0"])]
+    est = LineageRecovery(stage="specialize").fit(ckpts)
+    assert "bad" not in est.names_ and "read error on disk" in est.skipped_["bad"]
+    assert score_forest(est.forest_, parents).undirected == 1.0
