@@ -65,3 +65,14 @@ def test_interrupted_run_resumes_and_loses_nothing(tmp_path, capsys, monkeypatch
     assert torch.equal(a.images, b.images) and info["resumed"]
     assert json.loads((tmp_path / "killed" / "result.json").read_text())["losses"] == \
         json.loads((tmp_path / "straight" / "result.json").read_text())["losses"]
+
+
+@pytest.mark.parametrize("transform", ["standardize", "zca"])
+def test_saved_transform_is_reapplied_on_eval(tmp_path, transform):
+    from modelatlas.distill import evaluate_result
+
+    info = run_distillation("random", "digits", 2, tmp_path, config={"width": 8}, eval_nets=1, eval_epochs=3,
+                            transform=transform)
+    again = evaluate_result(tmp_path, save=False)
+    assert again["accuracies"] == info["evaluation"]["accuracies"]
+    assert json.loads((tmp_path / "result.json").read_text())["transform"] == transform
