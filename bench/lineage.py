@@ -42,6 +42,12 @@ ACCURACY = {
     "lora r2/4/8 mlp seed1": ("lineage-lora-mixed", dict(seed=1)),
     "lora r4 cnn seed1": ("lineage-lora", dict(seed=1, arch="cnn")),
     "mixed mlp seed1": ("demo", dict(seed=1, children=3)),
+    # fresh zoos, first run after the last design change (nuclear x rank distance)
+    "fresh: full mlp seed4": ("lineage-full", dict(seed=4)),
+    "fresh: full cnn seed5": ("lineage-full", dict(seed=5, arch="cnn")),
+    "fresh: full vit seed6": ("lineage-full", dict(seed=6, arch="vit", root_steps=(300, 400), root_lr=(1e-3, 3e-3))),
+    "fresh: lora r8 vit seed4": ("lineage-lora", dict(seed=4, arch="vit", lora_ranks=(8,))),
+    "fresh: mixed cnn seed4": ("demo", dict(seed=4, children=3, arch="cnn")),
 }
 SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
            for n, (t, c, d) in {21: (3, 2, 2), 39: (3, 3, 2), 78: (6, 3, 2), 120: (3, 3, 3), 200: (5, 3, 3)}.items()}

@@ -20,7 +20,7 @@ def test_recovers_synthetic_forest(method, stage):
     assert s.directed >= (0.95 if method == "full" else 0.8)
     if method == "full":
         assert est.stage_ == stage and est.stage_confidence_ > 0.9
-    assert est.decisions_["distance"] == ("rank" if method == "lora" else "l2*rank")
+    assert est.decisions_["distance"] == ("rank" if method == "lora" else "nuclear*rank")
 
 
 def test_fitted_attributes_and_twin():

@@ -171,33 +171,44 @@ def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int,
 
 
 def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[np.ndarray, str]:
-    """The edge distance matrix of one tree and its kind ("l2", "rank" or "l2*rank").
+    """The edge distance matrix of one tree and its kind ("l2", "rank" or "nuclear*rank").
 
     ``auto``: when nearly all (90%) nearest-neighbour differences have rank below a quarter of the sketch
-    (a LoRA tree) the summed rank is used (RMS breaks ties); otherwise RMS x rank fraction, because a fine-tuning
-    update is low-rank-ish too and a grandparent differs by the *sum* of two updates (higher rank) even
-    where it is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's
-    ``_NEIGHBOURS`` nearest by RMS); other pairs count as full rank. Time O(n k L n_l s^2).
+    (a LoRA tree) the summed rank is used (RMS breaks ties). Otherwise nuclear norm x rank fraction: a
+    fine-tuning update is low-rank-ish too, and a grandparent differs by the *sum* of two updates in
+    different subspaces, whose nuclear norms (unlike Frobenius norms) add and whose ranks add, even where it
+    is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's ``_NEIGHBOURS``
+    nearest by RMS; all pairs for the paper's recipe); other pairs count as far (10 x the largest computed
+    distance, full rank). Time O(n k L n_l s^2).
     """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
         return rms, "l2"
     sk = [s[idx] for s in st.sketches]
-    pairs = _candidate_pairs(rms, _NEIGHBOURS)
-    ranks, _, cap = spectral_distances(sk, pairs, cfg.rank_rtol)
-    frac = np.ones_like(rms)  # pairs that are no one's near neighbour count as saturated (full rank)
-    frac[pairs[:, 0], pairs[:, 1]] = frac[pairs[:, 1], pairs[:, 0]] = ranks / cap
-    np.fill_diagonal(frac, 0)  # (n, n) rank(W_u - W_v) / saturation, summed over layers
+    paper = cfg.method == "mother-paper"
+    pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, _NEIGHBOURS)
+    ranks, nuc, cap = spectral_distances(sk, pairs, cfg.rank_rtol)
+    frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
     kind = cfg.distance
     if kind == "auto":
         near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
         # pure LoRA trees only: one full fine-tuning edge in a tree would be misplaced by rank alone
-        kind = "rank" if np.quantile(frac[np.arange(len(idx)), near], 0.9) < 0.25 else "l2*rank"
+        kind = "rank" if np.quantile(frac[np.arange(len(idx)), near], 0.9) < 0.25 else "nuclear*rank"
     if kind == "rank":
-        if cfg.method == "mother-paper":
+        if paper:
             return frac * cap, "rank"
         return frac * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
-    return rms * frac, "l2*rank"
+    return nuclear * frac, "nuclear*rank"
+
+
+def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
+    """(n, n) symmetric matrix with ``values`` at ``pairs``, 0 on the diagonal, ``fill`` elsewhere
+    (None: 10 x the largest value, i.e. "far")."""
+    far = 10 * float(values.max()) if fill is None and len(values) else (fill or 0.0)
+    out = np.full((n, n), far)
+    out[pairs[:, 0], pairs[:, 1]] = out[pairs[:, 1], pairs[:, 0]] = values
+    np.fill_diagonal(out, 0)
+    return out
 
 
 def _candidate_pairs(dist: np.ndarray, k: int) -> np.ndarray:
