@@ -4,7 +4,7 @@ Pipeline (MoTHer, Horwitz et al. 2024, with the additions described in ``docs/li
   1. open the models and split them by architecture (:mod:`.sources`);
   2. one streaming pass per architecture: Gram-matrix distances, kurtosis, rank sketches (:mod:`.distances`);
   3. trees: K found from the relative-distance gap, or Ward with K given (:mod:`.clustering`);
-  4. per tree, the edge distance: RMS (full fine-tuning), summed rank (LoRA), or RMS x rank fraction
+  4. per tree, the edge distance: RMS (full fine-tuning), summed rank (LoRA), or nuclear norm x rank fraction
      when low-rank differences are found (``distance="auto"``);
   5. the stage from the evidence, or given; per tree, the edges of the undirected minimum spanning tree
      of the distances oriented from the root that best keeps the kurtosis direction (or, ``placement=
@@ -221,6 +221,6 @@ def _candidate_pairs(dist: np.ndarray, k: int) -> np.ndarray:
 
 
 def _summarise(kinds) -> str:
-    """One label for the distances used by the trees ("l2", "rank", "l2*rank" or "mixed: ...")."""
+    """One label for the distances used by the trees ("l2", "rank", "nuclear*rank" or "mixed: ...")."""
     kinds = sorted(set(kinds))
     return kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds) if kinds else "none"
