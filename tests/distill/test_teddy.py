@@ -35,7 +35,7 @@ def test_objective_gradient_reaches_images(digits):
 
 
 def test_pool_built_once_and_reused(tmp_path, digits):
-    cfg = methods.get("teddy").make_config(make_tiny(tmp_path))
+    cfg = methods.get("teddy").make_config(make_tiny(tmp_path, pool_kind="both"))
     spec = cfg.net_spec(digits.input_shape)
     pool, folder, built = load_or_build_pool(digits, cfg.pool_fields(), spec, 0, "cpu", cfg.cache_dir)
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -44,7 +44,7 @@ def test_pool_built_once_and_reused(tmp_path, digits):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
     assert json.loads((folder / "pool.json").read_text())["kinds"] == ["prior", "prior", "post", "post"]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(pool, again) for k in a)
-    syn = distill("teddy", digits, 1, make_tiny(tmp_path), seed=0)  # same key: distill reuses the pool
+    syn = distill("teddy", digits, 1, make_tiny(tmp_path, pool_kind="both"), seed=0)  # same key: reused
     assert syn.meta["pool_built_now"] is False and syn.meta["pool"] == str(folder)
 
 
