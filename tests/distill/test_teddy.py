@@ -101,3 +101,18 @@ def test_cli_teddy_tiny(tmp_path, capsys):
                  "--iterations", "2", "--eval-nets", "1", "--eval-epochs", "2", "--no-baseline", *sets]) == 0
     assert "teddy ipc 1 on digits:" in capsys.readouterr().out
     assert json.loads((out / "result.json").read_text())["method"] == "teddy"
+
+
+def test_teddy_resume_is_identical(tmp_path):
+    from modelatlas.distill import run_distillation
+
+    from .test_cli_api import interrupting_progress
+
+    kw = dict(config=make_tiny(tmp_path, iterations=4, checkpoint_every=2), seed=1, eval_nets=1, eval_epochs=1,
+              baseline=False)
+    run_distillation("teddy", "digits", 1, tmp_path / "straight", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run_distillation("teddy", "digits", 1, tmp_path / "killed", progress=interrupting_progress(3), **kw)
+    run_distillation("teddy", "digits", 1, tmp_path / "killed", resume=True, **kw)
+    a, b = SyntheticSet.load(tmp_path / "straight"), SyntheticSet.load(tmp_path / "killed")
+    assert torch.equal(a.images, b.images)
