@@ -282,8 +282,12 @@ def task_b(data, cfg: ProbeXConfig, out: list[str]) -> None:
     out.append("")
 
 
+KEEP = "### Larger label space"
+
+
 def write_section(path: Path, lines: list[str]) -> None:
-    """Replace the "## ProbeX" section of docs/benchmarks.md (up to the next "## " heading)."""
+    """Replace the "## ProbeX" section of docs/benchmarks.md (up to the next "## " heading), keeping its
+    "### Larger label space" subsection (bench/probex_wide.py) if present."""
     from modelatlas.atomic import atomic_write_text
 
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
@@ -293,6 +297,10 @@ def write_section(path: Path, lines: list[str]) -> None:
         text = text.rstrip() + "\n\n" + section
     else:
         end = text.find("\n## ", start + 1)
+        old = text[start + 1: end + 1 if end >= 0 else len(text)]
+        kept = old.find(KEEP)  # the subsection written by bench/probex_wide.py survives a rewrite
+        if kept >= 0:
+            section += "\n" + old[kept:].rstrip() + "\n"
         text = text[: start + 1] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     atomic_write_text(path, text)
 

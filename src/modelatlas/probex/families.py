@@ -228,3 +228,71 @@ def make_named_class_zoo(folder: str | Path, models_per_class: int = 10, hidden:
     manifest = Manifest(records, config, folder)
     manifest.save(folder / "manifest.json")
     return manifest
+
+
+def mnist_fashion20(per_source: int = 2000, pool: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 20-class image set: ``per_source`` MNIST digits (classes 0-9) + ``per_source`` Fashion-MNIST items
+    (classes 10-19), both 28x28 average-pooled by ``pool`` (14x14 by default). Returns x (N, 1, H, W) in [0, 1]
+    and y (N,). The same seed gives the same images."""
+    from modelatlas.data.registry import load_dataset
+
+    rng = np.random.default_rng(derive_seed(seed, "mnist-fashion20"))
+    xs, ys = [], []
+    for offset, name in ((0, "mnist5k"), (10, "fashion-mnist")):
+        ds = load_dataset(name, "train")
+        idx = torch.as_tensor(np.sort(rng.choice(len(ds.y), min(per_source, len(ds.y)), replace=False)))
+        xs.append(F.avg_pool2d(ds.x[idx].float(), pool) if pool > 1 else ds.x[idx].float())
+        ys.append(ds.y[idx].long() + offset)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def make_wide_subset_zoo(folder: str | Path, children: int = 500, hidden: int = 256, subset_size: int = 10,
+                         per_source: int = 2000, root_steps: int = 1500, root_lr: float = 1e-3,
+                         ft_steps=(30, 60), ft_lr=(1e-4, 3e-4), batch: int = 128, batch_models: int = 50,
+                         seed: int = 0, progress: Progress | None = None) -> Manifest:
+    """One tree closer to the ProbeX paper's regime (Task A): a 20-class label space (MNIST + Fashion-MNIST,
+    :func:`mnist_fashion20`), a wide MLP ``D-hidden-hidden-hidden-20`` root trained well on every class, then
+    ``children`` brief, small-lr fine-tunes (weights move little), each on a random ``subset_size`` of the 20
+    classes. Same layer names as :data:`LAYERS`; the square ``layers.0`` / ``layers.1`` are (hidden, hidden).
+    Time O((root_steps + children * max(ft_steps)) * batch * params). Cached like the other families."""
+    folder = Path(folder)
+    config = {"family": "wide_subset_star", "children": children, "hidden": hidden, "subset_size": subset_size,
+              "per_source": per_source, "root_steps": root_steps, "root_lr": root_lr, "ft_steps": list(ft_steps),
+              "ft_lr": list(ft_lr), "batch": batch, "batch_models": batch_models, "seed": seed}
+    if (cached := _cached(folder, config)) is not None:
+        return cached
+    x, y = mnist_fashion20(per_source, seed=0)  # one fixed image set; the zoo seed varies the models
+    n_classes = int(y.max()) + 1
+    flat = x.reshape(1, x.shape[0], -1)
+    sizes = [flat.shape[-1], hidden, hidden, hidden, n_classes]
+    root = _init(1, sizes, torch_generator(derive_seed(seed, "root")))
+    root = train_stacked(root, flat, y, torch.ones(1, len(y)), torch.tensor([root_lr]), torch.tensor([root_steps]),
+                         batch, derive_seed(seed, "root", "train"))
+    tree = "t0"
+    records = [ModelRecord(tree, _save_model(folder, tree, _unstack(root, 0)), None, tree, "mlp", "mnist-fashion20",
+                           "root", task={"kind": "class_subset", "classes": list(range(n_classes)),
+                                         "root_train_acc": _accuracy(root, flat, y)})]
+    rng = np.random.default_rng(derive_seed(seed, "subsets"))
+    subsets = [sorted(rng.choice(n_classes, subset_size, replace=False).tolist()) for _ in range(children)]
+    weights = torch.stack([torch.isin(y, torch.tensor(s)).float() for s in subsets])  # (n, N)
+    steps, lrs = _ranges(children, derive_seed(seed, "ranges"), ft_steps, ft_lr)
+    for start in resolve(progress)(range(0, children, batch_models), total=-(-children // batch_models),
+                                   desc="fine-tune"):
+        end = min(children, start + batch_models)
+        stacked = {k: v.expand(end - start, *v.shape[1:]) for k, v in root.items()}
+        params = train_stacked(stacked, flat, y, weights[start:end], lrs[start:end], steps[start:end], batch,
+                               derive_seed(seed, "batch", start))
+        for i in range(end - start):
+            name = f"{tree}-c{start + i:04d}"
+            task = {"kind": "class_subset", "dataset": "mnist-fashion20", "classes": subsets[start + i],
+                    "label": "classes " + ",".join(map(str, subsets[start + i]))}
+            records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), tree, tree, "mlp",
+                                       "mnist-fashion20", "full", task=task))
+    manifest = Manifest(records, config, folder)
+    manifest.save(folder / "manifest.json")
+    return manifest
+
+
+def _accuracy(params: dict[str, torch.Tensor], flat: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((forward(params, flat).argmax(-1)[0] == y).float().mean())
