@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-wd", default="1e-5,1e-3,1e-1", help="dense weight decays to choose from on validation")
     p.add_argument("--dev-seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=1)
+    p.add_argument("--fixed", type=float, default=None, metavar="WD",
+                   help="no selection: evaluate ProbeX at every --ranks and dense at this weight decay on the "
+                        "--test-seed zoo only (hyperparameters chosen beforehand on another zoo)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     out = [f"Command: `python bench/probex_wide.py --zoo {args.zoo} --children {args.children} --hidden {args.hidden} "
            f"--epochs {args.epochs} --ranks {args.ranks} --dense-wd {args.dense_wd} --dev-seed {args.dev_seed} "
            f"--test-seed {args.test_seed}` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
+    if args.fixed is not None:
+        return fixed(args, zoo, names, out, t0)
     dev, b0, r0, acc0 = load(zoo, args.dev_seed, args.children, args.hidden, names)
     shape = tuple(dev["layers"][LAYER].shape[1:])
     base = ProbeXConfig(epochs=args.epochs, seed=0)
@@ -115,6 +120,33 @@ def main(argv=None) -> int:
     for kind in ("probex", "dense"):
         accs = [fit(kind, cfgs[kind], test, test["train"][:n], test["test"])[0][0] for n in sizes]
         out.append(f"| {labels[kind]} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
+        print(out[-1], flush=True)
+    out += ["", f"Total benchmark time: {time.perf_counter() - t0:.0f} s.", ""]
+    print("\n".join(out))
+    return 0
+
+
+def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
+    """Evaluate preset hyperparameters on one zoo (no selection, no sweep)."""
+    out[0] = out[0].replace(f" --dev-seed {args.dev_seed}", "").replace("--dense-wd " + args.dense_wd,
+                                                                       f"--fixed {args.fixed:g}")
+    test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names)
+    shape = tuple(test["layers"][LAYER].shape[1:])
+    out += [f"Zoo build (root + {args.children} fine-tunes, 1 thread): {b1:.0f} s (0 s when cached); reading "
+            f"{r1:.1f} s. Root train accuracy (20 classes): {acc1:.3f}. Median relative change of {LAYER}: "
+            f"{test['moved']:.3f}.", "",
+            f"### Task A, zoo seed {args.test_seed}: {len(test['train'])} train / {len(test['test'])} test models, "
+            f"layer {LAYER} {shape}", "",
+            "| method | per-label acc | exact-set acc | parameters | train time (s) |", "|---|---|---|---|---|"]
+    base = ProbeXConfig(epochs=args.epochs, seed=0)
+    runs = [(f"ProbeX (r={r})", "probex", ProbeXConfig(**{**base.to_dict(), "rank_u": r, "rank_v": r, "rank_t": r}))
+            for r in map(int, args.ranks.split(","))]
+    runs += [(f"dense linear expert (wd {args.fixed:g})", "dense",
+              ProbeXConfig(**{**base.to_dict(), "weight_decay": args.fixed})),
+             ("StatNN (9 stats x 8 tensors, boosting)", "statnn", base)]
+    for label, kind, cfg in runs:
+        (acc, ex), n_par, sec = fit(kind, cfg, test, test["train"], test["test"])
+        out.append(f"| {label} | {acc:.3f} | {ex:.3f} | {f'{n_par:,}' if n_par else '-'} | {sec:.1f} |")
         print(out[-1], flush=True)
     out += ["", f"Total benchmark time: {time.perf_counter() - t0:.0f} s.", ""]
     print("\n".join(out))
