@@ -51,6 +51,10 @@ ACCURACY = {
 }
 SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
            for n, (t, c, d) in {21: (3, 2, 2), 39: (3, 3, 2), 78: (6, 3, 2), 120: (3, 3, 3), 200: (5, 3, 3)}.items()}
+# wider models (3 square 512 x 512 layers, 3.3 MB files) so that reading is not free next to fixed compute
+WIDE = {f"wide512 {n}": ("lineage-full", dict(seed=11, trees=t, children=c, depth=d,
+                                              arch_kwargs={"hidden": 512, "n_hidden": 3}))
+        for n, (t, c, d) in {39: (3, 3, 2), 78: (6, 3, 2), 200: (5, 3, 3)}.items()}
 
 
 def build(work: Path, key: str, name: str, overrides: dict):
@@ -119,13 +123,13 @@ HEADER = ("| zoo | models | ours: directed / undirected / ARI | MoTHer recipe (t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=("accuracy", "scaling"), default="accuracy")
+    ap.add_argument("--suite", choices=("accuracy", "scaling", "wide"), default="accuracy")
     ap.add_argument("--work", type=Path, default=Path("/tmp/atlas-bench-lineage"))
     ap.add_argument("--only", help="comma-separated zoo keys")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    zoos = ACCURACY if args.suite == "accuracy" else SCALING
+    zoos = {"accuracy": ACCURACY, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
     rows = {}
     print(HEADER, flush=True)

@@ -33,6 +33,9 @@ class LineageConfig:
         picks the root) or ``"joint"`` (MoTHer: the arborescence of distance + direction penalty; the
         mother-paper recipe always uses it).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
+    distance_sketch: layers of more than 4x this many weights get their full-FT distances from a seeded
+        sign-bucket sketch of this size (O(N P + N^2 k) instead of O(N^2 P); unbiased, ~sqrt(2/k) relative
+        spread per squared distance); None: exact Gram for every layer.
     rank_rtol: singular values below ``rank_rtol`` x the largest one do not count towards the rank.
     tree_gap: a ratio of consecutive single-linkage merge heights at least this large separates trees.
     seed: seed of the random sketches.
@@ -46,6 +49,7 @@ class LineageConfig:
     distance: str = "auto"
     placement: str = "mst"
     sketch: int = 64
+    distance_sketch: int | None = 4096
     rank_rtol: float = 1e-2
     tree_gap: float = 3.0
     seed: int = 0
@@ -61,6 +65,8 @@ class LineageConfig:
             raise ConfigError(f"lam (lambda) must be >= 0 (paper: 0.3); got {self.lam!r}")
         if self.sketch < 2:
             raise ConfigError(f"sketch must be >= 2 columns; got {self.sketch!r}")
+        if self.distance_sketch is not None and (not isinstance(self.distance_sketch, int) or self.distance_sketch < 16):
+            raise ConfigError(f"distance_sketch must be an integer >= 16 or None (exact); got {self.distance_sketch!r}")
         if not 0 < self.rank_rtol < 1:
             raise ConfigError(f"rank_rtol must be in (0, 1), e.g. 1e-2; got {self.rank_rtol!r}")
         if not self.tree_gap > 1:

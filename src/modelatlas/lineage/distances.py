@@ -17,7 +17,16 @@ since the sketch is linear, ``(W_u - W_v) Omega = W_u Omega - W_v Omega`` and ra
 from the singular values of an (n, s) matrix instead of an SVD of the full (n, m) difference
 (:func:`rank_distances`).
 
-Time O(L N^2 P) for the Grams (L layers of P weights), O(N P s) for sketches; memory O(N P_l + N^2 + N L n s).
+**Sketched full fine-tuning distance (large layers).** The exact Gram is O(N^2 P_l) per layer against O(N P_l)
+for reading it, so for layers of more than ``4 k`` weights (``gram_sketch=k``, default 4096) each model's
+layer is first reduced to ``k`` numbers by a seeded sign-bucket sketch (count-sketch with balanced buckets:
+entry j gets a random sign and is added to bucket ``j mod k``), O(N P_l), and the Gram is taken of the
+sketches, O(N^2 k). The sketch is linear and ``E ||S d||^2 = ||d||^2`` (unbiased); the relative standard
+deviation of one squared distance is at most sqrt(2 / k) (2% for k = 4096) when the difference is spread over
+many weights, less after averaging over layers. ``gram_sketch=None`` keeps the exact Gram for every layer.
+
+Time O(L N P) reading + kurtosis + O(L N^2 min(P, k)) for the Grams (L layers of P weights; exact:
+O(L N^2 P) when P <= 4k), O(N P s) for the rank sketches; memory O(N P_l + N^2 + N L n s).
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights import Checkpoint, TensorInfo
 
 _CHUNK = 1 << 20  # columns per Gram block: bounds the float64 copy to N x 8 MiB
+_PAIRS = 1024  # pairs per batched eigvalsh call
+GRAM_SKETCH = 4096  # default sketch size of the full-FT distances; layers of <= 4x this many weights stay exact
 
 
 @dataclass
@@ -49,9 +60,12 @@ class PairStats:
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
-                      l1: bool = False, seed: int = 0, progress: Progress | None = None) -> PairStats:
+                      l1: bool = False, seed: int = 0, progress: Progress | None = None,
+                      gram_sketch: int | None = GRAM_SKETCH) -> PairStats:
     """One pass: Gram-matrix distances, kurtosis, optional rank sketches (``sketch`` columns) and
-    optional pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). Time/memory: see the module."""
+    optional pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). ``gram_sketch``: sketch size of the
+    distances of layers with more than 4x as many weights (None: exact everywhere). Time/memory: see the
+    module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
@@ -59,7 +73,8 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     for info in bar:
         x = _read_layer(ckpts, info, st.failed)  # (N, P) float32
         before = st.kurtosis.copy()
-        _accumulate(st, x, l1)
+        sk_k = gram_sketch if gram_sketch and x.shape[1] > 4 * gram_sketch else None
+        _accumulate(st, x, l1, sk_k, derive_seed(seed, "gram", info.name))
         per_layer.append(st.kurtosis - before)
         if sketch and len(info.shape) >= 2:
             rows = info.shape[0]
@@ -92,26 +107,53 @@ def _read_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str
     return x
 
 
-def _accumulate(st: PairStats, x: torch.Tensor, l1: bool) -> None:
-    """Add one layer's distances and kurtosis. Time O(N^2 P), extra memory O(N * _CHUNK)."""
+def sign_bucket_sketch(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """(N, k) linear sketch of the rows of ``x`` (N, P): entry j times a seeded random sign, added to bucket
+    ``j mod k``; every row gets the same signs, so sketch(a) - sketch(b) = sketch(a - b) and
+    E ||sketch(d)||^2 = ||d||^2. Time O(N P), memory O(N P) (one float32 copy)."""
+    n, p = x.shape
+    gen = torch_generator(seed)
+    signs = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).to(x.dtype) * 2 - 1  # (P,)
+    pad = (-p) % k
+    y = torch.nn.functional.pad(x * signs, (0, pad))  # (N, P + pad)
+    return y.view(n, -1, k).sum(1, dtype=torch.float64)  # (N, P / k, k) -> (N, k)
+
+
+def _gram(x: torch.Tensor, mean: torch.Tensor, k: int | None, seed: int) -> torch.Tensor:
+    """(N, N) float64 Gram of the rows of ``x`` centred on ``mean``: exact (O(N^2 P)) or of their
+    ``k``-bucket sketches (O(N P + N^2 k))."""
+    if k is None:
+        p = x.shape[1]
+        gram = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
+        for a in range(0, p, _CHUNK):
+            c = x[:, a:a + _CHUNK].double() - mean[a:a + _CHUNK]  # (N, B) centred: Gram entries stay small
+            gram += c @ c.T
+        return gram
+    y = sign_bucket_sketch(x, k, seed)  # (N, k) float64
+    c = y - y.mean(0)  # centring is exact on the sketch (it is linear)
+    return c @ c.T
+
+
+def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, seed: int = 0) -> None:
+    """Add one layer's distances and kurtosis. Time O(N^2 P) exact or O(N P + N^2 k) with a ``k``
+    sketch; extra memory O(N * _CHUNK)."""
     n, p = x.shape
     ok = torch.ones(n, dtype=torch.bool)
     ok[list(st.failed)] = False
-    mean = x[ok].double().mean(0) if ok.any() else torch.zeros(p, dtype=torch.float64)
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    exact = k is None
+    mean = x[ok].double().mean(0) if ok.any() and exact else torch.zeros(p if exact else 1, dtype=torch.float64)
     raw = torch.zeros(n, dtype=torch.float64)  # per model: sum of x^2 (uncentred squared norm)
     mom = torch.zeros(n, 4, dtype=torch.float64)  # per model: sums of e, e^2, e^3, e^4 (e = x - a scalar shift)
-    shift = float(mean.mean())  # a scalar: kurtosis is about each model's own entries, not across models
+    shift = float(mean.mean()) if exact else (float(x[ok].mean(dtype=torch.float64)) if ok.any() else 0.0)  # a scalar: kurtosis is about each model's own entries, not across models
     for a in range(0, p, _CHUNK):
         xa = x[:, a:a + _CHUNK].double()  # (N, B)
-        c = xa - mean[a:a + _CHUNK]  # (N, B) centred on the layer mean: Gram entries stay small
-        gram += c @ c.T
         raw += (xa * xa).sum(1)
         e = xa - shift  # (N, B)
         e2 = e * e
         mom += torch.stack([e.sum(1), e2.sum(1), (e2 * e).sum(1), (e2 * e2).sum(1)], 1)
         if l1:
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
+    gram = _gram(x, mean, k, seed)
     sq = torch.diagonal(gram)
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)  # (N, N) ||W_u - W_v||^2
     scale = ((raw[:, None] + raw[None, :]) / 2).clamp_min(1e-30)
@@ -153,14 +195,14 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
         cap += y.shape[2]
         norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
         numel = y.shape[1] * y.shape[2]  # (n s) stands for (n m): the sketch keeps norms
-        for a in range(0, len(pairs), 256):
-            pr = torch.from_numpy(pairs[a:a + 256])
+        for a in range(0, len(pairs), _PAIRS):
+            pr = torch.from_numpy(pairs[a:a + _PAIRS])
             diff = y[pr[:, 0]] - y[pr[:, 1]]  # (B, n, s) float32
             # singular values from the (s, s) Gram's eigenvalues: several times faster than svdvals; float32
             # is enough (a 1e-2 relative tolerance on singular values is 1e-4 on eigenvalues, eps is 1e-7)
             eig = torch.linalg.eigvalsh(diff.transpose(1, 2) @ diff).double()  # (B, s), ascending
             sv = eig.clamp_min(0).sqrt().flip(1)  # (B, s), descending
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
-            ranks[a:a + 256] += (sv > floor).sum(1).numpy()
-            nuc[a:a + 256] += (sv.sum(1) / numel**0.5).numpy()
+            ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
+            nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
     return ranks, nuc, cap

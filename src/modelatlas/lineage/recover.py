@@ -12,7 +12,8 @@ Pipeline (MoTHer, Horwitz et al. 2024, with the additions described in ``docs/li
 ``method="mother-paper"`` runs the published recipe instead (mean|dW| + Ward with the true K, RMS or rank
 distances, the stage given, lambda = 0.3) as a baseline.
 
-Time: O(L N^2 P) for the distance pass (L layers of P weights, N models) + O(sum over trees n^3) for
+Time: O(L N P + L N^2 min(P, k)) for the distance pass (L layers of P weights, N models, distance sketch k;
+exact O(L N^2 P) for layers of <= 4k weights or ``distance_sketch=None``) + O(sum over trees n^3) for
 Edmonds + rank estimates O(pairs L n s^2) within trees when ranks are used. Memory O(N P_l + N^2).
 """
 
@@ -56,7 +57,8 @@ class LineageRecovery:
         for idx, layers in groups:
             members = [ckpts[i] for i in idx]
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
-                                   l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress)
+                                   l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
+                                   gram_sketch=cfg.distance_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             names.append([members[i].name for i in keep])
