@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelatlas.errors import ConfigError
+from modelatlas.plugins import import_plugins
 
 
 @dataclass
@@ -99,11 +100,4 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    import importlib
-
-    for mod in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(f"modelatlas.data.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"modelatlas.data.{mod}":
-                raise
+    import_plugins("modelatlas.data", _PLUGIN_MODULES)

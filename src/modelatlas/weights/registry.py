@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelatlas.errors import CheckpointError, UnknownFormatError
+from modelatlas.plugins import import_plugins
 from modelatlas.weights.base import Checkpoint, _stem
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
@@ -176,14 +177,7 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    import importlib
-
-    for mod in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(f"modelatlas.weights.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"modelatlas.weights.{mod}":
-                raise
+    import_plugins("modelatlas.weights", _PLUGIN_MODULES)
 
 
 # Format modules, most specific first; each registers itself on import. Optional dependencies

@@ -1,0 +1,23 @@
+"""Self-registering modules: a registry lists its plugin modules and imports them on first use.
+
+Both the checkpoint-format registry (:mod:`modelatlas.weights.registry`) and the dataset registry
+(:mod:`modelatlas.data.registry`) keep built-in readers in modules that register themselves on import;
+importing them lazily keeps ``import modelatlas`` cheap and lets a module be absent (a trimmed install).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+
+def import_plugins(package: str, modules: Iterable[str]) -> None:
+    """Import ``package.<module>`` for each module; a module that does not exist is skipped, but an
+    import error inside an existing module (a missing dependency, a bug) propagates."""
+    for mod in modules:
+        name = f"{package}.{mod}"
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
