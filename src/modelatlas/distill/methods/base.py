@@ -59,6 +59,22 @@ def check_positive(cfg: Any, *names: str) -> None:
             raise ConfigError(f"{name} must be > 0, got {v}")
 
 
+def check_fraction(cfg: Any, *names: str) -> None:
+    """Raise ConfigError naming the first field of ``names`` not in [0, 1) (momenta, EMA factors)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not 0 <= v < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {v}")
+
+
+def check_choice(cfg: Any, name: str, choices: tuple[str, ...] = ("real", "noise")) -> None:
+    """Raise ConfigError naming field ``name`` when its value is not one of ``choices``."""
+    v = getattr(cfg, name)
+    if v not in choices:
+        allowed = " or ".join(repr(c) for c in choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+        raise ConfigError(f"{name} must be {allowed}, got {v!r}")
+
+
 @dataclass
 class DistillContext:
     """Run-time settings passed to a method: seed, progress, checkpointing, device; collects the losses."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelatlas.distill.methods.base import MethodConfig, check_positive
+from modelatlas.distill.methods.base import MethodConfig, check_choice, check_fraction, check_positive
 from modelatlas.errors import ConfigError
 
 # ipc -> (outer_loop, inner_loop), from the DC reference code.
@@ -32,10 +32,8 @@ class DCConfig(MethodConfig):
         check_positive(self, "lr_img", "lr_net", "batch_real", "batch_train", "outer_loop")
         if self.inner_loop is not None and self.inner_loop < 0:
             raise ConfigError(f"inner_loop must be >= 0, got {self.inner_loop}")
-        if not 0 <= self.momentum_img < 1:
-            raise ConfigError(f"momentum_img must be in [0, 1), got {self.momentum_img}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_fraction(self, "momentum_img")
+        check_choice(self, "init")
 
     def loops(self, ipc: int) -> tuple[int, int]:
         """(outer_loop, inner_loop) for ``ipc``."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelatlas.distill.methods.base import MethodConfig, check_positive
-from modelatlas.errors import ConfigError
+from modelatlas.distill.methods.base import MethodConfig, check_choice, check_fraction, check_positive
 
 
 @dataclass
@@ -22,7 +21,5 @@ class DMConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "lr_img", "batch_real")
-        if not 0 <= self.momentum_img < 1:
-            raise ConfigError(f"momentum_img must be in [0, 1), got {self.momentum_img}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_fraction(self, "momentum_img")
+        check_choice(self, "init")

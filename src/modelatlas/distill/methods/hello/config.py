@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelatlas.distill.methods.base import MethodConfig, check_positive
+from modelatlas.distill.methods.base import MethodConfig, check_choice, check_positive
 from modelatlas.errors import ConfigError
 
 HEAD_INITS = ("text", "class_mean")
@@ -45,5 +45,4 @@ class HelloConfig(MethodConfig):
             raise ConfigError(f"projector_steps must be >= 0, got {self.projector_steps}")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_choice(self, "init")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelatlas.distill.methods.base import MethodConfig, check_positive
+from modelatlas.distill.methods.base import MethodConfig, check_choice, check_fraction, check_positive
 from modelatlas.errors import ConfigError
 
 
@@ -42,7 +42,5 @@ class MTTConfig(MethodConfig):
         if self.max_start_epoch + self.expert_step > self.expert_epochs:
             raise ConfigError(f"max_start_epoch + expert_step ({self.max_start_epoch} + {self.expert_step}) must be "
                               f"<= expert_epochs ({self.expert_epochs}); raise expert_epochs or lower max_start_epoch")
-        if not 0 <= self.momentum_img < 1:
-            raise ConfigError(f"momentum_img must be in [0, 1), got {self.momentum_img}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_fraction(self, "momentum_img")
+        check_choice(self, "init")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelatlas.distill.methods.base import MethodConfig, check_positive
+from modelatlas.distill.methods.base import MethodConfig, check_choice, check_positive
 from modelatlas.errors import ConfigError
 
 
@@ -41,5 +41,4 @@ class RaTBPTTConfig(MethodConfig):
             raise ConfigError(f"window ({self.window}) must be <= total ({self.total}); raise total or lower window")
         if not 0 <= self.clip_ema < 1:
             raise ConfigError(f"clip_ema must be in [0, 1), got {self.clip_ema}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_choice(self, "init")

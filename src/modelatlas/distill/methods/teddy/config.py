@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelatlas.distill.methods.base import MethodConfig, check_positive
+from modelatlas.distill.methods.base import MethodConfig, check_choice, check_fraction, check_positive
 from modelatlas.errors import ConfigError
 
 POOL_KINDS = ("prior", "post", "both")
@@ -52,10 +52,8 @@ class TeddyConfig(MethodConfig):
             raise ConfigError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
         if self.finetune_steps < 0:
             raise ConfigError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
-        if not 0 <= self.momentum_img < 1:
-            raise ConfigError(f"momentum_img must be in [0, 1), got {self.momentum_img}")
-        if self.init not in ("real", "noise"):
-            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_fraction(self, "momentum_img")
+        check_choice(self, "init")
 
     def pool_fields(self) -> dict:
         """The fields that decide the pool's content (its cache key)."""
