@@ -35,7 +35,7 @@ def test_kurtosis_matches_scipy_sum_over_layers():
     st = stream_pair_stats(ckpts, ckpts[0].tensors())
     for i, ck in enumerate(ckpts):
         want = sum(kurtosis(ck.read(t.name).double().flatten().numpy(), fisher=True) for t in ck.tensors())
-        assert st.kurtosis[i] == pytest.approx(want, rel=1e-9)
+        assert st.kurtosis[i] == pytest.approx(want, rel=1e-5)  # float32 powers, float64 sums
 
 
 def test_tiny_differences_survive_float_cancellation():
@@ -83,7 +83,7 @@ def test_sketched_distances_approximate_exact_within_5_percent():
     off = ~np.eye(6, dtype=bool)
     np.testing.assert_allclose(sk.rms[off], exact.rms[off], rtol=0.05)
     np.testing.assert_allclose(sk.rel[off], exact.rel[off], rtol=0.05)
-    np.testing.assert_allclose(sk.kurtosis, exact.kurtosis, rtol=1e-9)  # kurtosis is always exact
+    np.testing.assert_allclose(sk.kurtosis, exact.kurtosis, atol=1e-5)  # never sketched; float32 powers
     assert np.array_equal(sk.rms, stream_pair_stats(ckpts, layers, gram_sketch=1024, seed=1).rms)  # seeded
     small = stream_pair_stats(ckpts, layers, gram_sketch=8192)  # layer <= 4k weights: exact path
     np.testing.assert_allclose(small.rms, exact.rms, rtol=1e-12)
