@@ -2,6 +2,8 @@
 
     python bench/lineage.py --suite accuracy --work /tmp/atlas-bench-lineage
     python bench/lineage.py --suite scaling --work /tmp/atlas-bench-lineage
+    python bench/lineage.py --suite wide --work /tmp/atlas-bench-lineage --only "wide512 39"
+    python bench/lineage.py --synthetic-wide 512 --work /tmp/atlas-bench-lineage
 
 accuracy: 3 trees x 3 children x depth 2 (39 models) zoos the method was not tuned on (seed 0 MLP/digits
 zoos were used during development): other seeds, a CNN, a ViT, a wider MLP, another dataset, full fine-tuning
@@ -106,6 +108,35 @@ def evaluate(manifest, paper_distance: str) -> dict:
             "score_wrong": float(np.mean(wrong)) if wrong else None}
 
 
+def synthetic_wide(work: Path, n_models: int, dim: int) -> dict:
+    """Timing at width ``dim`` without training: a synthetic forest (5 trees x 3 children, depth 3 = 200
+    models; 3 heavy-tailed dim x dim layers each) written as safetensors, read floor vs recovery with exact
+    (``distance_sketch=None``) and sketched (default) distances; accuracy from the known parents."""
+    from safetensors.torch import save_file
+
+    from modelatlas.lineage.synthetic import make_synthetic_forest
+    depth = {39: 2, 200: 3}[n_models]
+    trees = {39: 3, 200: 5}[n_models]
+    folder = work / f"synthetic-wide{dim}-{n_models}"
+    weights, parents = make_synthetic_forest(trees, 3, depth, dim, step=0.02, seed=12, layers=("l0", "l1", "l2"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, tensors in weights.items():
+        if not (folder / f"{name}.safetensors").exists():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"))
+    paths = [folder / f"{n}.safetensors" for n in weights]
+    read_floor(paths)  # warm the page cache
+    out = {"models": len(paths), "t_read": read_floor(paths)}
+    for key, kw in (("sketched", {}), ("exact", {"distance_sketch": None})):
+        t = time.perf_counter()
+        f = recover_lineage(paths, **kw)
+        out[f"t_{key}"] = time.perf_counter() - t
+        got = {(e.parent, e.child) for e in f.edges}
+        true = {(p, c) for c, p in parents.items() if p is not None}
+        out[f"directed_{key}"] = len(got & true) / len(true)
+        out[f"undirected_{key}"] = len({frozenset(e) for e in got} & {frozenset(e) for e in true}) / len(true)
+    return out
+
+
 def row(key: str, r: dict) -> str:
     o, p = r["ours"], r["paper"]
     sw = "-" if r["score_wrong"] is None else f"{r['score_wrong']:.2f}"
@@ -127,8 +158,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/atlas-bench-lineage"))
     ap.add_argument("--only", help="comma-separated zoo keys")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--synthetic-wide", type=int, metavar="DIM", help="synthetic timing rows at this width")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.synthetic_wide:
+        for n in (39, 200):
+            print(n, json.dumps(synthetic_wide(args.work, n, args.synthetic_wide)), flush=True)
+        return
     zoos = {"accuracy": ACCURACY, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
     rows = {}

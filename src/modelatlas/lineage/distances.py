@@ -15,7 +15,9 @@ the size of the *differences* and float64 keeps them exact even for tiny fine-tu
 **LoRA distance.** A random sketch ``W Omega`` (Omega: seeded Gaussian, m x s) is kept per model and layer;
 since the sketch is linear, ``(W_u - W_v) Omega = W_u Omega - W_v Omega`` and rank(W_u - W_v) is estimated
 from the singular values of an (n, s) matrix instead of an SVD of the full (n, m) difference
-(:func:`rank_distances`).
+(:func:`spectral_distances`). Layers with n > 2s rows are also sketched on the left, ``Psi^T W Omega``
+(Psi: n x 2s, orthonormal columns scaled by sqrt(n / 2s)), so a pair costs O(s^3) whatever the width; the
+rank of a difference of rank < s is kept, its singular values approximately.
 
 **Sketched full fine-tuning distance (large layers).** The exact Gram is O(N^2 P_l) per layer against O(N P_l)
 for reading it, so for layers of more than ``4 k`` weights (``gram_sketch=k``, default 4096) each model's
@@ -54,7 +56,7 @@ class PairStats:
     rel: np.ndarray  # (N, N) mean over layers of ||dW||_F / sqrt((||W_u||^2 + ||W_v||^2) / 2)
     kurtosis: np.ndarray  # (N,) sum over layers of the Fisher (excess) kurtosis
     l1: np.ndarray | None = None  # (N, N) mean over layers of mean|dW| (the paper's clustering distance)
-    sketches: list[np.ndarray] = field(default_factory=list)  # per 2-D layer: (N, n, s)
+    sketches: list[np.ndarray] = field(default_factory=list)  # per 2-D layer: (N, min(n, 2s), s)
     layer_kurtosis: np.ndarray | None = None  # (N, L) kurtosis of each layer (the sum is ``kurtosis``)
     failed: dict[int, str] = field(default_factory=dict)  # model index -> why a read failed
 
@@ -82,7 +84,11 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
             s = min(sketch, rows, mat.shape[2])
             gen = torch_generator(derive_seed(seed, info.name))
             omega = _sketch_matrix(mat.shape[2], s, gen)  # (m, s), shared by all models
-            st.sketches.append((mat @ omega).numpy())  # (N, n, s)
+            y = mat @ omega  # (N, n, s)
+            if rows > 2 * s:  # two-sided: (2s, s) per model, so each pair's spectrum costs O(s^3), not O(n s^2)
+                psi = _sketch_matrix(rows, 2 * s, torch_generator(derive_seed(seed, "rows", info.name)))  # (n, 2s)
+                y = psi.T @ y  # (N, 2s, s); still linear: psi^T (W_u - W_v) Omega = Y_u - Y_v
+            st.sketches.append(y.numpy())  # (N, min(n, 2s), s)
     st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
     st.rms /= max(len(layers), 1)
     st.rel /= max(len(layers), 1)
