@@ -121,8 +121,13 @@ def sign_bucket_sketch(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     gen = torch_generator(seed)
     signs = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).to(x.dtype) * 2 - 1  # (P,)
     pad = (-p) % k
-    y = x * signs if pad == 0 else torch.nn.functional.pad(x * signs, (0, pad))  # (N, P + pad)
-    return y.view(n, -1, k).sum(1).double()  # (N, P / k, k) -> (N, k); float32 cascade sums of P / k terms
+    out = torch.empty(n, k, dtype=torch.float64)
+    rows = max(1, (1 << 20) // p)  # blocks of ~1M entries: the signed copy stays in cache
+    for r in range(0, n, rows):
+        y = x[r:r + rows] * signs  # (R, P)
+        y = y if pad == 0 else torch.nn.functional.pad(y, (0, pad))  # (R, P + pad)
+        out[r:r + rows] = y.view(len(y), -1, k).sum(1).double()  # (R, P / k, k) -> (R, k); float32 cascade sums
+    return out
 
 
 def _gram(x: torch.Tensor, mean: torch.Tensor, k: int | None, seed: int) -> torch.Tensor:
@@ -156,9 +161,7 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
     for a in range(0, p, _CHUNK):
         # powers and row sums in float32 (relative error ~1e-7 per entry, cascade summation), accumulated in
         # float64 across chunks: no float64 copy of the layer; the kurtosis agrees with float64 to ~1e-6
-        e = x[:, a:a + _CHUNK] - shift  # (N, B) float32
-        e2 = e * e
-        mom += torch.stack([e.sum(1), e2.sum(1), (e2 * e).sum(1), e2.square_().sum(1)], 1).double()
+        mom += _power_sums(x[:, a:a + _CHUNK], shift)
         if l1:
             xa = x[:, a:a + _CHUNK].double()  # (N, B)
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
@@ -171,6 +174,19 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
     st.rms += (d2 / p).sqrt().numpy()
     st.rel += (d2 / scale).sqrt().numpy()
     st.kurtosis += _kurtosis_from_moments(mom, p).numpy()
+
+
+def _power_sums(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """(N, 4) float64 sums of e, e^2, e^3, e^4 per row (e = x - shift), in blocks of rows of ~1M entries so
+    the float32 temporaries stay in cache. Time O(N B)."""
+    n, b = x.shape
+    rows = max(1, (1 << 20) // max(b, 1))
+    out = torch.empty(n, 4, dtype=torch.float64)
+    for r in range(0, n, rows):
+        e = x[r:r + rows] - shift  # (R, B) float32
+        e2 = e * e
+        out[r:r + rows] = torch.stack([e.sum(1), e2.sum(1), (e2 * e).sum(1), e2.square_().sum(1)], 1).double()
+    return out
 
 
 def _kurtosis_from_moments(mom: torch.Tensor, p: int) -> torch.Tensor:
