@@ -192,7 +192,7 @@ def _power_sums(x: torch.Tensor, shift: float) -> torch.Tensor:
 def _kurtosis_from_moments(mom: torch.Tensor, p: int) -> torch.Tensor:
     """Fisher (excess) kurtosis of each row from sums of powers of its shifted entries. Time O(N)."""
     m1, m2, m3, m4 = (mom / p).unbind(1)  # raw moments of the shifted entries; the row's own mean is m1
-    var = (m2 - m1**2).clamp_min(1e-300)
+    var = (m2 - m1**2).clamp_min(1e-150)  # var**2 stays a normal float64 (a failed, all-zero row: no 0/0)
     c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4  # fourth central moment of the row
     return c4 / var**2 - 3.0
 
