@@ -11,6 +11,7 @@ STAGES = ("auto", "specialize", "generalize")
 DISTANCES = ("auto", "l2", "rank")
 METHODS = ("atlas", "mother-paper")
 PLACEMENTS = ("mst", "joint")
+ORIENTS = ("votes", "kurtosis")
 
 
 @dataclass
@@ -32,6 +33,10 @@ class LineageConfig:
     placement: ``"mst"`` (edges from the undirected minimum spanning tree of the distances, kurtosis only
         picks the root) or ``"joint"`` (MoTHer: the arborescence of distance + direction penalty; the
         mother-paper recipe always uses it).
+    orient: how the root of an MST-placed tree is chosen: ``"votes"`` (each layer's kurtosis ordering votes
+        on each edge, plus a weak prior that the root is central in the tree; :mod:`.root`) or
+        ``"kurtosis"`` (the summed kurtosis: fewest violated edges).
+    root_prior: weight of the centrality prior of ``orient="votes"`` (0: kurtosis votes only).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
     distance_sketch: layers of more than 4x this many weights get their full-FT distances from a seeded
         sign-bucket sketch of this size (O(N P + N^2 k) instead of O(N^2 P); unbiased, ~sqrt(2/k) relative
@@ -48,6 +53,8 @@ class LineageConfig:
     layers: str | None = None
     distance: str = "auto"
     placement: str = "mst"
+    orient: str = "votes"
+    root_prior: float = 2.0
     sketch: int = 64
     distance_sketch: int | None = 4096
     rank_rtol: float = 1e-2
@@ -59,6 +66,9 @@ class LineageConfig:
         _choice("stage", self.stage, STAGES)
         _choice("distance", self.distance, DISTANCES)
         _choice("placement", self.placement, PLACEMENTS)
+        _choice("orient", self.orient, ORIENTS)
+        if not self.root_prior >= 0:
+            raise ConfigError(f"root_prior must be >= 0 (0: kurtosis votes only; default 2); got {self.root_prior!r}")
         if self.n_trees is not None and (not isinstance(self.n_trees, int) or self.n_trees < 1):
             raise ConfigError(f"n_trees must be a positive integer or None (find it from the data); got {self.n_trees!r}")
         if not self.lam >= 0:

@@ -7,7 +7,8 @@ MoTHer (Horwitz, Shul, Hoshen, "On the Origin of Llamas: Model Tree Heritage Rec
   step 5 (tree): minimum spanning arborescence of M; the root is the node left without a parent.
 
 By default (``placement="mst"``) the edges are placed by distance alone (undirected minimum spanning tree)
-and kurtosis only orients them: on trained zoos the joint arborescence lets a noisy kurtosis difference
+and kurtosis only orients them (the root: per-layer kurtosis votes + a centrality prior, :mod:`.root`;
+``orient="kurtosis"``: the summed kurtosis, :func:`orient_mst`): on trained zoos the joint arborescence lets a noisy kurtosis difference
 move a child to its grandparent or sibling (see docs/lineage.md for the measured difference).
 
 Beyond the paper:
@@ -29,6 +30,7 @@ import math
 import numpy as np
 
 from modelatlas.lineage.edmonds import arborescence_cost, minimum_spanning_arborescence
+from modelatlas.lineage.root import PRIOR, choose_root
 
 
 def violations(kurtosis: np.ndarray, stage: str) -> np.ndarray:
@@ -91,6 +93,17 @@ def orient_mst(dist: np.ndarray, kurtosis: np.ndarray, stage: str) -> list[int]:
         if best is None or key < best:
             best, best_parent = key, parent
     return best_parent
+
+
+def orient_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
+                 prior: float = PRIOR) -> tuple[list[int], float]:
+    """(parents, root confidence in [0.5, 1]) of the undirected MST of ``dist`` hung from the root chosen by
+    per-layer kurtosis votes and a centrality prior (:func:`modelatlas.lineage.root.choose_root`).
+    Time O(n^2 + n L).
+    """
+    adj = _prim(dist)
+    root, conf, _ = choose_root(adj, kurtosis, layer_kurtosis, stage, prior)
+    return _root_at(adj, root), conf
 
 
 def _prim(dist: np.ndarray) -> list[list[int]]:

@@ -26,7 +26,14 @@ from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.distances import PairStats, spectral_distances, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.orient import decide_stage, edge_costs, edge_scores, mst_edge_scores, solve_tree
+from modelatlas.lineage.orient import (
+    decide_stage,
+    edge_costs,
+    edge_scores,
+    mst_edge_scores,
+    orient_votes,
+    solve_tree,
+)
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.progress import Progress
 
@@ -79,11 +86,16 @@ class LineageRecovery:
             stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam, placement)
         else:
             stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
-        edges, tree_names = [], []
+        edges, tree_names, root_conf = [], [], []
         for (g, idx), d, k in zip(trees, dists, kurt):
             members = [names[g][i] for i in idx]
             tree_names.append(members)
-            parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
+            if placement == "mst" and cfg.orient == "votes":
+                lk = stats[g].layer_kurtosis
+                parent, conf_r = orient_votes(d, k, None if lk is None else lk[idx], stage, cfg.root_prior)
+                root_conf.append(conf_r)
+            else:
+                parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
             if placement == "mst":
                 scores = mst_edge_scores(d, k, stage, parent)
             else:
@@ -91,7 +103,8 @@ class LineageRecovery:
             edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
-                     "lambda": cfg.lam, "placement": placement, "distance": _summarise(dist_info), "layers": rules,
+                     "lambda": cfg.lam, "placement": placement,
+                     "orient": cfg.orient if placement == "mst" else "joint", "root_confidence": root_conf, "distance": _summarise(dist_info), "layers": rules,
                      "architectures": len(names)}
         kurt_all = np.concatenate([s.kurtosis for s in stats])
         self.forest_ = Forest(flat, edges, decisions, tree_names, dict(zip(flat, kurt_all.tolist())), skipped)
@@ -122,7 +135,7 @@ def recover_lineage(weights, *, config: LineageConfig | None = None, progress: P
 def _subset(st: PairStats, keep: list[int]) -> PairStats:
     ix = np.ix_(keep, keep)
     return PairStats(st.rms[ix], st.rel[ix], st.kurtosis[keep], None if st.l1 is None else st.l1[ix],
-                     [s[keep] for s in st.sketches], {}, st.layer_kurtosis[keep])
+                     [s[keep] for s in st.sketches], layer_kurtosis=st.layer_kurtosis[keep], failed={})
 
 
 def _cluster(cfg: LineageConfig, stats: list[PairStats]) -> tuple[np.ndarray, dict]:

@@ -1,0 +1,127 @@
+"""The root of a tree placed by the distance MST: per-layer kurtosis votes plus a centrality prior.
+
+MoTHer (Horwitz, Shul, Hoshen, arXiv 2405.18432) step 3 orients edges by kurtosis; once the edges are
+placed (undirected minimum spanning tree, :func:`modelatlas.lineage.orient.orient_mst`), an orientation is
+fixed by the choice of the root. The paper's signal, the *summed* kurtosis of all layers, is decided by
+differences of ~0.01 near the root on small trained zoos, where one layer with a large swing outvotes the
+others. This module scores every candidate root r by
+
+  votes(r) = sum over tree edges p -> c (hung from r) of mean over layers l of sign(s * (k_l(p) - k_l(c)))
+
+(s = +1 "specialize", -1 "generalize"; each edge's vote is in [-1, 1], each layer counts once, a sign test
+rather than a raw difference), plus a prior that the root is central:
+
+  score(r) = votes(r) - prior * b * mean number of hops from r to the other nodes,
+
+where b in [0, 1] is the fraction of inner nodes (degree >= 2) that branch (degree >= 3).
+
+Why the prior: a fine-tuning tree branches (one base model, several fine-tunes of it, each fine-tuned again),
+so its root is near the centre of the tree in hops, while a leaf is at the rim. It is a prior on shape, not
+a measurement: a chain carries no shape evidence about its root (either end could be it), hence the factor b
+(0 on a chain: kurtosis votes alone). Moving the root from a node to its neighbour flips one edge (a change
+of 2 x that edge's vote, at most 2) and changes the mean hop count by (size of the side left - size of the
+side entered) / (n - 1), at most ~1 (leaving a leaf), ~0.4 between the root and a child of a 3 x 3 x depth-2
+tree. With prior = 2 (chosen on development zoos, docs/lineage.md "Orientation") centrality therefore
+overrides a root -> child edge only when its layers' vote is weak (|vote| < ~0.4, i.e. about 70/30 or more
+split) and never a leaf root unless the leaf's own edge vote is below ~0.9.
+
+Confidence of the root: logistic(best score - runner-up score) in [0.5, 1] (0.5: two roots tie; a margin of
+one fully agreeing edge is 0.73); if the runner-up were the root, exactly the edges on the path between the
+two would flip.
+
+Time O(n^2 + n L) per tree of n models and L layers (every root tried; hop sums by one BFS per node).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PRIOR = 2.0
+
+
+def edge_votes(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None,
+               stage: str) -> dict[tuple[int, int], float]:
+    """vote[(u, v)] in [-1, 1]: the mean over layers of sign(s * (k_l(u) - k_l(v))), evidence for u -> v.
+
+    Stored for both directions of every tree edge (vote[(v, u)] = -vote[(u, v)]). Without per-layer values
+    (None or no columns) the summed kurtosis is the single layer. Time O(n L).
+    """
+    lk = np.asarray(kurtosis, dtype=np.float64)[:, None] if layer_kurtosis is None or np.ndim(layer_kurtosis) != 2 \
+        or np.shape(layer_kurtosis)[1] == 0 else np.asarray(layer_kurtosis, dtype=np.float64)  # (n, L)
+    s = 1.0 if stage == "specialize" else -1.0  # specialize: a parent has more outliers than its child
+    out: dict[tuple[int, int], float] = {}
+    for u, nbrs in enumerate(adj):
+        for v in nbrs:
+            out[(u, v)] = float(np.mean(np.sign(s * (lk[u] - lk[v]))))
+    return out
+
+
+def hop_sums(adj: list[list[int]]) -> np.ndarray:
+    """(n,) sum of tree hop distances from each node to all others (one BFS per node). Time O(n^2)."""
+    n = len(adj)
+    out = np.zeros(n)
+    for r in range(n):
+        depth = np.full(n, -1)
+        depth[r] = 0
+        queue = [r]
+        for u in queue:
+            for v in adj[u]:
+                if depth[v] < 0:
+                    depth[v] = depth[u] + 1
+                    queue.append(v)
+        out[r] = depth.sum()
+    return out
+
+
+def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
+                prior: float = PRIOR) -> np.ndarray:
+    """(n,) score of each node as the root: kurtosis votes of the edges hung from it - prior * mean hops.
+
+    votes(r) is computed for every r at once by rerooting: moving the root across edge (u, v) flips that
+    edge only, so votes(v) = votes(u) - vote(u -> v) + vote(v -> u). Time O(n^2 + n L).
+    """
+    n = len(adj)
+    if n == 0:
+        return np.zeros(0)
+    vote = edge_votes(adj, kurtosis, layer_kurtosis, stage)
+    votes = np.zeros(n)
+    parent, order = [-1] * n, [0]  # BFS from node 0
+    seen = {0}
+    for u in order:
+        for v in adj[u]:
+            if v not in seen:
+                seen.add(v)
+                parent[v] = u
+                order.append(v)
+    votes[0] = sum(vote[(parent[c], c)] for c in order[1:])
+    for v in order[1:]:
+        u = parent[v]
+        votes[v] = votes[u] - vote[(u, v)] + vote[(v, u)]
+    mean_hops = hop_sums(adj) / max(n - 1, 1)
+    return votes - prior * branching(adj) * mean_hops
+
+
+def branching(adj: list[list[int]]) -> float:
+    """Fraction of the inner nodes (degree >= 2) that branch (degree >= 3); 0 for a chain. Time O(n)."""
+    deg = np.array([len(a) for a in adj])
+    inner = int((deg >= 2).sum())
+    return float((deg >= 3).sum()) / inner if inner else 0.0
+
+
+def choose_root(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
+                prior: float = PRIOR) -> tuple[int, float, int]:
+    """(root, confidence in [0.5, 1], runner-up root) of one tree. Ties go to the smaller summed kurtosis
+    violation, then the lower index. Time O(n^2 + n L)."""
+    n = len(adj)
+    if n < 2:
+        return 0, 1.0, 0
+    score = root_scores(adj, kurtosis, layer_kurtosis, stage, prior)
+    k = np.asarray(kurtosis, dtype=np.float64)
+    s = 1.0 if stage == "specialize" else -1.0
+    tie = -s * k  # among tied roots, prefer the one the stage expects at the top (largest s * k)
+    order = sorted(range(n), key=lambda r: (-round(float(score[r]), 9), float(tie[r]), r))
+    best, second = order[0], order[1]
+    margin = float(score[best] - score[second])
+    return best, 1.0 / (1.0 + math.exp(-margin)), second

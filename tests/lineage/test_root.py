@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+
+from modelatlas.errors import ConfigError
+from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.orient import _prim, _root_at, orient_mst, orient_votes
+from modelatlas.lineage.root import branching, choose_root, edge_votes, hop_sums, root_scores
+
+
+def make_chain_adj(n):
+    return [[v for v in (u - 1, u + 1) if 0 <= v < n] for u in range(n)]
+
+
+def make_branching_adj():
+    """root 0 with children 1, 2, 3; each child has two children (4..9): a 3 x 2 x depth-2 tree."""
+    edges = [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (2, 6), (2, 7), (3, 8), (3, 9)]
+    adj = [[] for _ in range(10)]
+    for u, v in edges:
+        adj[u].append(v)
+        adj[v].append(u)
+    return adj
+
+
+def check_brute_force_scores(adj, k, lk, stage, prior):
+    vote = edge_votes(adj, k, lk, stage)
+    hops = hop_sums(adj)
+    n = len(adj)
+    brute = []
+    for r in range(n):
+        parent = _root_at(adj, r)
+        b = branching(adj)
+        brute.append(sum(vote[(p, c)] for c, p in enumerate(parent) if p >= 0) - prior * b * hops[r] / (n - 1))
+    np.testing.assert_allclose(root_scores(adj, k, lk, stage, prior), brute, atol=1e-12)
+
+
+@pytest.mark.parametrize("stage", ["generalize", "specialize"])
+def test_chain_with_consistent_kurtosis_is_read_from_its_end_despite_the_prior(stage):
+    n = 7
+    rising = np.arange(n, dtype=float)[:, None] * np.array([0.01, 0.02, 0.005])  # (n, 3): every layer rises
+    lk = rising if stage == "generalize" else -rising
+    root, conf, _ = choose_root(make_chain_adj(n), lk.sum(1), lk, stage, prior=2.0)
+    assert root == 0  # a chain does not branch: no centrality prior, the votes decide
+    assert conf > 0.85
+
+
+def test_flat_kurtosis_lets_structure_pick_the_branching_root():
+    adj = make_branching_adj()
+    lk = np.zeros((10, 3))
+    root, conf, second = choose_root(adj, lk.sum(1), lk, "generalize")
+    assert root == 0 and second in (1, 2, 3)
+    assert 0.5 < conf < 0.8  # structure alone is weak evidence
+
+
+def test_flat_kurtosis_chain_is_a_coin_flip():
+    _, conf, _ = choose_root(make_chain_adj(6), np.zeros(6), np.zeros((6, 2)), "generalize")
+    assert conf == pytest.approx(0.5)  # no votes, no shape evidence
+
+
+def test_branching_fraction():
+    assert branching(make_chain_adj(5)) == 0.0
+    assert branching(make_branching_adj()) == 1.0
+    assert branching([[1], [0, 2], [1, 3, 4], [2], [2]]) == 0.5  # inner nodes 1 (deg 2) and 2 (deg 3)
+
+
+def test_star_hub_is_the_root():
+    adj = [[1, 2, 3, 4], [0], [0], [0], [0]]
+    lk = np.array([[0.0, 0.0, 0.0], [0.1, 0.1, -0.1], [0.1, 0.2, 0.1], [0.2, 0.1, 0.1], [0.1, -0.1, 0.1]])
+    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0)[0] == 0
+    assert choose_root(adj, lk.sum(1), lk, "generalize")[0] == 0
+
+
+def test_layer_votes_outvote_one_layer_with_a_large_swing():
+    """a - b - c: layers 1 and 2 rise a < b < c a little; layer 0 falls a lot. Summed kurtosis reads the
+    chain backwards (generalize: root = lowest sum = c); the layers' majority reads it from a."""
+    d = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float)
+    lk = np.array([[1.0, 0.00, 0.00], [0.5, 0.01, 0.01], [0.0, 0.02, 0.02]])  # (3 models, 3 layers)
+    assert orient_mst(d, lk.sum(1), "generalize") == [1, 2, -1]
+    parent, conf = orient_votes(d, lk.sum(1), lk, "generalize", prior=0.0)
+    assert parent == [-1, 0, 1] and conf > 0.6
+
+
+def test_root_scores_match_brute_force_on_random_trees():
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 12):
+        x = rng.normal(size=(n, 4))
+        dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        adj = _prim(dist)
+        lk = rng.normal(size=(n, 3))
+        for stage in ("generalize", "specialize"):
+            check_brute_force_scores(adj, lk.sum(1), lk, stage, prior=2.0)
+            check_brute_force_scores(adj, lk.sum(1), None, stage, prior=0.5)
+
+
+def test_single_model_and_missing_layers():
+    assert choose_root([[]], np.zeros(1), None, "generalize") == (0, 1.0, 0)
+    root, conf, _ = choose_root(make_chain_adj(3), np.array([0.0, 1.0, 2.0]), np.zeros((3, 0)), "generalize", 0.0)
+    assert root == 0 and 0.5 <= conf <= 1.0
+
+
+def test_config_rejects_bad_orient_and_prior():
+    with pytest.raises(ConfigError, match="orient must be one of votes, kurtosis"):
+        LineageConfig(orient="centre")
+    with pytest.raises(ConfigError, match="root_prior must be >= 0"):
+        LineageConfig(root_prior=-1.0)
