@@ -70,3 +70,23 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "directed-edge accuracy" in out and "tree ARI" in out
+
+
+
+def make_chain_forest(stage_confidence: float, given: bool = False):
+    from modelatlas.lineage.forest import Edge, Forest
+
+    decisions = {"stage": "specialize", "stage_confidence": stage_confidence, "stage_given": given,
+                 "n_trees": 1, "n_trees_given": False, "distance": "l2"}
+    return Forest(["a", "b", "c"], [Edge("a", "b", 0.5), Edge("b", "c", 0.5)], decisions, [["a", "b", "c"]])
+
+
+def test_show_forest_warns_when_stage_is_a_guess(capsys):
+    from modelatlas.cli.lineage import show_forest
+
+    show_forest(make_chain_forest(0.5))
+    err = capsys.readouterr().err
+    assert "no evidence of the training stage" in err and "--stage" in err
+    for forest in (make_chain_forest(0.9), make_chain_forest(0.5, given=True)):
+        show_forest(forest)
+        assert "no evidence" not in capsys.readouterr().err

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_text
-from modelatlas.cli.output import echo, tqdm_progress
+from modelatlas.cli.output import echo, tqdm_progress, warn
 from modelatlas.errors import AtlasError, ConfigError
 
 
@@ -101,6 +101,9 @@ def show_forest(forest, truth=None) -> None:
     k_how = "given" if d.get("n_trees_given") else "found from the data"
     echo(f"\n{len(forest.nodes)} models, {d['n_trees']} trees ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
+    if not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
+        warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
+             "directions are a guess; pass --stage specialize|generalize if you know it")
     if truth is not None:
         s = score_forest(forest, truth)
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
