@@ -7,6 +7,12 @@ SGD protocol with DSA (1000 epochs unless ``--eval-epochs``), RaT-BPTT and PoDD 
 batch 256, DSA, 300 epochs). The random baseline uses ceil(ipc) real images per class under each protocol.
 
     python bench/distill_poster.py --dataset digits --runs mtt:1 mtt:10 ratbptt:1 ratbptt:10 podd:0.3 podd:0.5 podd:1
+
+Tuning: ``--val 0.2`` holds out a seeded 20% of the TRAINING split, distils on the rest and scores on the held-out
+part (the test split is never read), e.g.
+
+    python bench/distill_poster.py --runs podd:0.5 --val 0.2 --iterations 100 --eval-nets 2 --eval-epochs 100 \
+        --config '{"lr_img": 0.1}'
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ def one_run(method: str, ipc: float, tr, te, args, baselines: dict) -> list[dict
     return rows
 
 
+def split_val(tr, frac: float, seed: int):
+    """(train part, validation part): a seeded random ``frac`` of the training split held out for tuning."""
+    gen = torch.Generator().manual_seed(seed + 12345)
+    perm = torch.randperm(len(tr), generator=gen)
+    n_val = int(round(frac * len(tr)))
+    return tr.subset(perm[n_val:]), tr.subset(perm[:n_val])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| method | IPC | test acc % (mean +- std) | distill time s | iterations | notes | protocol |",
              "|---|---|---|---|---|---|---|"]
@@ -80,10 +94,12 @@ def main() -> None:
     ap.add_argument("--eval-epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--val", type=float, default=None, help="tune: hold out this fraction of train, score on it")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    tr = load_dataset(args.dataset, "train")
+    tr, te = split_val(tr, args.val, args.seed) if args.val else (tr, load_dataset(args.dataset, "test"))
     start, rows, baselines = time.perf_counter(), [], {}
     for entry in args.runs:
         method, _, ipc = entry.partition(":")
