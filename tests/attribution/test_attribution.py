@@ -10,19 +10,8 @@ from modelatlas.cli.main import main
 from modelatlas.errors import ConfigError
 
 
-def make_planted(n=30, seed=0):
-    """Two classes, each two well-separated blobs (clusters) in 4 pixels; test points from every blob."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.tensor([[2., 0, 0, 0], [0, 2., 0, 0], [0, 0, 2., 0], [0, 0, 0, 2.]])  # blobs 0,1 -> class 0
-    def draw(m):
-        xs = torch.cat([c + 0.2 * torch.randn(m, 4, generator=g) for c in centres])
-        return xs.reshape(-1, 1, 2, 2), torch.tensor([0, 0, 1, 1]).repeat_interleave(m)
-    (x, y), (xt, yt) = draw(n), draw(5)
-    return x, y, xt, yt
-
-
-def test_clustering_shapes():
-    x, y, _, _ = make_planted()
+def test_clustering_shapes(planted):
+    x, y, _, _ = planted
     assign, cc = cluster_per_class(x, y, 2, 2, seed=0)
     assert assign.shape == (120,) and cc.tolist() == [0, 0, 1, 1]
     assert torch.equal(cc[assign], y)  # every example's cluster belongs to its class
@@ -31,10 +20,11 @@ def test_clustering_shapes():
         cluster_per_class(x[:3], y[:3], 2, 2)
 
 
-def test_unlearning_raises_loss_of_the_clusters_own_test_points():
-    x, y, xt, yt = make_planted()
+@pytest.mark.parametrize("unlearn", ["newton", "ascent"])
+def test_unlearning_raises_loss_of_the_clusters_own_test_points(planted, unlearn):
+    x, y, xt, yt = planted
     cfg = DDMConfig(clusters_per_class=2, width=8, lr=0.5, train_steps=40, checkpoints=4, match_steps=20,
-                    unlearn_lr=5.0)
+                    unlearn_lr=5.0, unlearn=unlearn)
     attr = ddm_attribution(x, y, xt, yt, 2, cfg, seed=0)
     assert attr.matrix.shape == (4, 20) and attr.synthetic.shape == (4, 1, 2, 2)
     assign_test = torch.arange(4).repeat_interleave(5)  # test blob b was drawn from centre b

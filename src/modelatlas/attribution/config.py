@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 from modelatlas.errors import ConfigError
 
+UNLEARN = ("newton", "ascent")
+
 
 @dataclass
 class DDMConfig:
@@ -15,9 +17,12 @@ class DDMConfig:
     (lr ``lr``, ``train_steps`` steps, fixed seeded init) with ``checkpoints`` evenly spaced checkpoints kept.
     Offline: ``clusters_per_class`` k-means clusters per class; one synthetic sample per cluster (image and
     soft-label logits) learned by ``match_steps`` Adam steps (lr ``match_lr``) of reverse gradient matching.
-    Online: ``unlearn_steps`` gradient-ascent steps on the cluster's synthetic sample from the final weights,
-    step ``unlearn_lr`` x (cluster size / N). Small steps (the linear regime) rank best on digits: with
-    lr x train_steps (the cluster's whole training budget) the ascent overshoots and the ranking degrades.
+    ``match_final`` also matches at the final weights (where the online step acts).
+    Online, ``unlearn``: ``"newton"`` (default) removes cluster k with one Newton step on the distilled set,
+    theta + n_k / (N - n_k) x (H + d I)^{-1} grad CE(s_k), H the Hessian of the size-weighted distilled set at
+    the final weights, d from ``damping`` (doubled until H + d I is positive definite), see
+    :mod:`~modelatlas.attribution.newton`; ``"ascent"`` (the plain unlearning of the paper) takes
+    ``unlearn_steps`` gradient-ascent steps on the synthetic sample, step ``unlearn_lr`` x (cluster size / N).
     """
 
     clusters_per_class: int = 5
@@ -30,12 +35,17 @@ class DDMConfig:
     match_lr: float = 0.05
     unlearn_steps: int = 1
     unlearn_lr: float = 0.5
+    match_final: bool = True
+    unlearn: str = "newton"
+    damping: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "match_lr", "unlearn_lr"):
+        if self.unlearn not in UNLEARN:
+            raise ConfigError(f"unlearn must be one of {', '.join(UNLEARN)}, got {self.unlearn!r}")
+        for name in ("lr", "match_lr", "unlearn_lr", "damping"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.match_steps < 0:

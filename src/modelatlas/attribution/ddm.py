@@ -3,17 +3,21 @@ Gradient Matching").
 
 Offline (once per target model):
   (1) cluster each class's training data (:func:`~.clusters.cluster_per_class`);
-  (2) train the target model on all data, keeping checkpoints theta_1..theta_T (:func:`~.target.train`);
+  (2) train the target model on all data, keeping checkpoints theta_1..theta_T (:func:`~.target.train`) and
+      the final weights theta_F (``match_final``);
   (3) reverse gradient matching: one synthetic sample (image s_k, soft-label logits l_k) per cluster k,
       learned so that its gradient matches the cluster's mean gradient g_k at every checkpoint:
       min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters at once,
-      per-sample gradients with ``torch.func.vmap``).
-Online (per query, no retraining):
-  (4) remove cluster k: ``unlearn_steps`` gradient-ascent steps on (s_k, l_k) from the final weights, step
-      ``unlearn_lr`` x n_k / N (the cluster's share of the full-batch gradient);
+      per-sample gradients with ``torch.func.vmap``);
+  (3b) ``unlearn="newton"``: Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
+      damped and Cholesky-factorised (:mod:`~.newton`).
+Online (per query, no retraining, no training data):
+  (4) remove cluster k: ``"newton"``: theta_F + n_k / (N - n_k) (H + d I)^{-1} grad CE(s_k, l_k; theta_F)
+      (the influence-function / Newton-removal step, an improvement over the paper's plain unlearning);
+      ``"ascent"``: ``unlearn_steps`` gradient-ascent steps on (s_k, l_k), step ``unlearn_lr`` x n_k / N;
   (5) A[k, j] = loss_j(unlearned_k) - loss_j(final): positive = cluster k helped test sample j.
-Time: offline O(match_steps x T x K x #params + T x N x #params); online O(K x (unlearn_steps + n_test) x
-#params). Memory O(K x #params + N x #params) (per-sample gradients at one checkpoint).
+Time: offline O(match_steps x T x K x P + T x N x P) (+ O(K x P^2 + P^3) for Newton), P = #params;
+online O(K x P^2 + K x n_test x P) (ascent: O(K x (unlearn_steps + n_test) x P)). Memory O(P^2 + N x P).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad, vmap
 
+from modelatlas.attribution import newton as N
 from modelatlas.attribution import target as T
 from modelatlas.attribution.clusters import cluster_per_class
 from modelatlas.attribution.config import DDMConfig
@@ -111,33 +116,65 @@ def test_losses_of(model, stacked: T.Params, x_test, y_test) -> torch.Tensor:
     return vmap(lambda p: T.losses(model, p, x_test, y_test))(stacked)
 
 
+def synthetic_gradients(model, params: T.Params, xs: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """(K_total, P) loss gradient of every synthetic sample at ``params``."""
+    return _flat(vmap(_sample_grad_fn(model), in_dims=(None, 0, 0))(params, xs, soft), len(xs))
+
+
+def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, progress):
+    """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
+    clock = [time.perf_counter()]
+    final, ckpts = T.train(model, T.init_params(model), x, y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints)
+    match_at = ckpts + [final] if cfg.match_final else ckpts
+    clock.append(time.perf_counter())
+    targets = [cluster_gradients(model, p, x, y, assign, k_total) for p in match_at]
+    counts = torch.bincount(assign, minlength=k_total).float()
+    init_x = torch.zeros(k_total, *x.shape[1:]).index_add_(0, assign, x) / counts.view(-1, *[1] * (x.dim() - 1))
+    init_logits = torch.nn.functional.one_hot(cluster_class, num_classes).float() * 5.0  # (K_total, K)
+    xs, logits, hist = reverse_gradient_match(model, match_at, targets, init_x, init_logits, cfg.match_steps,
+                                              cfg.match_lr, progress)
+    soft = torch.softmax(logits, dim=1)
+    clock.append(time.perf_counter())
+    factor, damping = None, None
+    if cfg.unlearn == "newton":
+        factor, damping = N.damped_cholesky(N.distilled_hessian(model, final, xs, soft, counts), cfg.damping)
+    clock.append(time.perf_counter())
+    times = {"train_target_s": clock[1] - clock[0], "offline_match_s": clock[2] - clock[1],
+             "offline_hessian_s": clock[3] - clock[2]}
+    return {"final": final, "xs": xs, "soft": soft, "hist": hist, "counts": counts, "factor": factor,
+            "damping": damping, "times": times}
+
+
+def _online(model, off: dict, n_train: int, x_test, y_test, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps (4)-(5): (A (K_total, n_test), base test losses (n_test,))."""
+    final, xs, soft, counts = off["final"], off["xs"], off["soft"], off["counts"]
+    with torch.no_grad():
+        if cfg.unlearn == "newton":
+            grads = synthetic_gradients(model, final, xs, soft)  # (K_total, P)
+            stacked = N.stacked_params(final, N.newton_steps(off["factor"], grads, counts / (n_train - counts)))
+        else:
+            stacked = unlearn(model, final, xs, soft, counts / n_train, cfg.unlearn_steps, cfg.unlearn_lr)
+        base = T.losses(model, final, x_test, y_test)
+        return test_losses_of(model, stacked, x_test, y_test) - base, base  # (K_total, n_test)
+
+
 def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                     num_classes: int, config: DDMConfig | None = None, seed: int = 0,
                     progress: Progress | None = None) -> Attribution:
     """Steps (1)-(5): the cluster x test-sample attribution matrix of the target model trained on (x, y)."""
     cfg = config or DDMConfig()
-    clock = {}
     t0 = time.perf_counter()
     assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
     k_total = len(cluster_class)
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
     t1 = time.perf_counter()
-    final, ckpts = T.train(model, T.init_params(model), x, y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints)
+    off = _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, progress)
     t2 = time.perf_counter()
-    targets = [cluster_gradients(model, p, x, y, assign, k_total) for p in ckpts]
-    counts = torch.bincount(assign, minlength=k_total).float()
-    init_x = torch.zeros(k_total, *x.shape[1:]).index_add_(0, assign, x) / counts.view(-1, *[1] * (x.dim() - 1))
-    init_logits = torch.nn.functional.one_hot(cluster_class, num_classes).float() * 5.0  # (K_total, K)
-    xs, logits, hist = reverse_gradient_match(model, ckpts, targets, init_x, init_logits, cfg.match_steps,
-                                              cfg.match_lr, progress)
+    matrix, base = _online(model, off, len(x), x_test, y_test, cfg)
     t3 = time.perf_counter()
-    soft = torch.softmax(logits, dim=1)
-    with torch.no_grad():
-        stacked = unlearn(model, final, xs, soft, counts / len(x), cfg.unlearn_steps, cfg.unlearn_lr)
-        base = T.losses(model, final, x_test, y_test)
-        matrix = test_losses_of(model, stacked, x_test, y_test) - base  # (K_total, n_test)
-    t4 = time.perf_counter()
-    clock = {"cluster_s": t1 - t0, "train_target_s": t2 - t1, "offline_match_s": t3 - t2, "online_s": t4 - t3,
-             "total_s": t4 - t0}
-    return Attribution(matrix, assign, cluster_class, xs, soft, base, {k: round(v, 4) for k, v in clock.items()},
-                       hist)
+    clock = {"cluster_s": t1 - t0, **off["times"], "online_s": t3 - t2, "total_s": t3 - t0,
+             "total_after_clustering_s": t3 - t1}
+    timings = {k: round(v, 4) for k, v in clock.items()}
+    if off["damping"] is not None:
+        timings["damping_used"] = off["damping"]
+    return Attribution(matrix, assign, cluster_class, off["xs"], off["soft"], base, timings, off["hist"])

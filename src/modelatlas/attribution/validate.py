@@ -15,16 +15,23 @@ import torch
 from modelatlas.attribution import target as T
 from modelatlas.attribution.config import DDMConfig
 from modelatlas.progress import Progress, resolve
-from modelatlas.seeding import derive_seed
+from modelatlas.seeding import derive_seed, torch_generator
 
 
 def loo_attribution(x, y, x_test, y_test, num_classes: int, assign: torch.Tensor, config: DDMConfig | None = None,
-                    seed: int = 0, progress: Progress | None = None) -> tuple[torch.Tensor, float]:
-    """(A_true (K_total, n_test) = loss_j(retrained without k) - loss_j(full), wall seconds)."""
+                    seed: int = 0, progress: Progress | None = None,
+                    init_noise: float = 0.0) -> tuple[torch.Tensor, float]:
+    """(A_true (K_total, n_test) = loss_j(retrained without k) - loss_j(full), wall seconds).
+
+    ``init_noise`` > 0 adds seeded Gaussian noise of that std to the initial weights (to measure how sensitive
+    the ground truth is to tiny perturbations of training)."""
     cfg = config or DDMConfig()
     k_total = int(assign.max()) + 1
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
     init = T.init_params(model)
+    if init_noise > 0:
+        gen = torch_generator(derive_seed(seed, "loo-init-noise"))
+        init = {k: v + init_noise * torch.randn(v.shape, generator=gen) for k, v in init.items()}
     start = time.perf_counter()
     full, _ = T.train(model, init, x, y, cfg.train_steps, cfg.lr)
     with torch.no_grad():

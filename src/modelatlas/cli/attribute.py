@@ -15,7 +15,8 @@ from modelatlas.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attribute", help="which training-data clusters matter for which test samples (DDM)",
                        description="DDM data attribution: per-class k-means clusters, one synthetic sample per "
-                                   "cluster by reverse gradient matching, removal by unlearning.")
+                                   "cluster by reverse gradient matching, removal by a Newton unlearning step on "
+                                   "the distilled set.")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
     p.add_argument("--clusters-per-class", type=int, default=5, help="k-means clusters per class")
     p.add_argument("--out", required=True, help="output folder (attribution.safetensors/.json/.png)")
@@ -25,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-test", type=int, default=None, help="use only the first N test examples")
     p.add_argument("--train-steps", type=int, default=None, help="target-model GD steps (default 100)")
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
+    p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
+                   help="online removal step: Newton step on the distilled set (default) or gradient ascent")
+    p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -43,8 +47,9 @@ def _run(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--test-index {bad[0]} is out of range: the test split has {len(xte)} samples")
     fields = {"clusters_per_class": args.clusters_per_class}
-    fields.update({k: v for k, v in (("train_steps", args.train_steps), ("match_steps", args.match_steps))
-                   if v is not None})
+    given = (("train_steps", args.train_steps), ("match_steps", args.match_steps), ("unlearn", args.unlearn),
+             ("damping", args.damping))
+    fields.update({k: v for k, v in given if v is not None})
     cfg = DDMConfig(**fields)
     attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
     info = {"dataset": train.name, "n_train": len(xtr), "n_test": len(xte), "seed": args.seed, "config": cfg.to_dict()}
