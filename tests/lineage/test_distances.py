@@ -117,3 +117,58 @@ def test_spectra_of_sketched_differences_equal_differences_of_sketches():
     np.testing.assert_allclose(n2, nuc, rtol=1e-4)
     np.testing.assert_array_equal(r2, ranks)
     assert cap == 8
+
+
+def test_streamed_large_layers_equal_the_stacked_path():
+    # layers of 96 x 96 = 9216 > 4 x 1024 weights are reduced one model at a time (no (N, P) block); the result
+    # must be the stacked (N, P) computation's, bit for bit, rank sketches included; one failed read
+    class Broken(MemoryCheckpoint):
+        def _read(self, name):
+            raise OSError("gone")
+
+    ckpts = make_models(n=5, seed=4, shapes=((96, 96), (8, 8), (96, 96)))
+    ckpts.insert(2, Broken("bad", {t.name: torch.zeros(t.shape) for t in ckpts[0].tensors()}))
+    layers = ckpts[0].tensors()
+    a = stream_pair_stats(ckpts, layers, sketch=16, gram_sketch=1024, seed=3)
+    b = stream_pair_stats(ckpts, layers, sketch=16, gram_sketch=1024, seed=3, stream=False)
+    assert list(a.failed) == list(b.failed) == [2]
+    ok = [0, 1, 3, 4, 5]
+    for f in ("rms", "rel"):
+        np.testing.assert_array_equal(getattr(a, f)[np.ix_(ok, ok)], getattr(b, f)[np.ix_(ok, ok)])
+    np.testing.assert_array_equal(a.kurtosis[ok], b.kurtosis[ok])
+    np.testing.assert_array_equal(a.layer_kurtosis[ok], b.layer_kurtosis[ok])
+    assert len(a.sketches) == len(b.sketches) == 3
+    for x, y in zip(a.sketches, b.sketches):
+        np.testing.assert_allclose(x[ok], y[ok], rtol=1e-5, atol=1e-6)  # per-model vs batched matmul
+
+
+def test_power_sums_with_workspace_equal_fresh_powers():
+    from modelatlas.lineage.distances import _power_sums
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 3000, generator=g) * 0.1 + 0.3
+    e = x - 0.25
+    want = torch.stack([e.sum(1), (e * e).sum(1), (e * e * e).sum(1), (e * e).square().sum(1)], 1).double()
+    torch.testing.assert_close(_power_sums(x, 0.25), want, rtol=0, atol=0)  # the same float32 reductions
+    work = torch.empty(4, 7, 3000)
+    torch.testing.assert_close(_power_sums(x, 0.25, work), want, rtol=0, atol=0)
+    torch.testing.assert_close(_power_sums(x[:3], 0.25, work), want[:3], rtol=0, atol=0)  # reused, partly
+
+
+def test_spectra_with_reused_buffers_equal_one_fresh_batch():
+    from modelatlas.lineage import distances
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(9, 12, 6, generator=g)  # (N, n, s)
+    pairs = np.stack(np.triu_indices(9, 1), 1)  # 36 pairs, 5 batches of 8
+    old = distances._PAIRS
+    try:
+        distances._PAIRS = 8
+        ranks, nuc, cap = spectral_distances([y.numpy()], pairs, 1e-2)
+    finally:
+        distances._PAIRS = old
+    diff = y[pairs[:, 0]] - y[pairs[:, 1]]  # (36, 12, 6), all at once, fresh tensors
+    sv = torch.linalg.eigvalsh(diff.transpose(1, 2) @ diff).double().clamp_min(0).sqrt().flip(1)
+    norms = torch.linalg.matrix_norm(y, ord="fro")
+    floor = torch.maximum(1e-2 * sv[:, :1], 1e-6 * torch.maximum(norms[pairs[:, 0]], norms[pairs[:, 1]])[:, None])
+    np.testing.assert_array_equal(ranks, (sv > floor).sum(1).numpy())
+    np.testing.assert_allclose(nuc, (sv.sum(1) / (12 * 6) ** 0.5).numpy(), rtol=1e-6)
+    assert cap == 6

@@ -44,7 +44,7 @@ from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights import Checkpoint, TensorInfo
 
 _CHUNK = 1 << 20  # columns per Gram block: bounds the float64 copy to N x 8 MiB
-_PAIRS = 1024  # pairs per batched eigvalsh call
+_PAIRS = 256  # pairs per batched eigvalsh call (buffers of 4 MB at s = 64: in cache)
 GRAM_SKETCH = 4096  # default sketch size of the full-FT distances; layers of <= 4x this many weights stay exact
 
 
@@ -63,31 +63,30 @@ class PairStats:
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
                       l1: bool = False, seed: int = 0, progress: Progress | None = None,
-                      gram_sketch: int | None = GRAM_SKETCH) -> PairStats:
+                      gram_sketch: int | None = GRAM_SKETCH, stream: bool = True) -> PairStats:
     """One pass: Gram-matrix distances, kurtosis, optional rank sketches (``sketch`` columns) and
     optional pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). ``gram_sketch``: sketch size of the
-    distances of layers with more than 4x as many weights (None: exact everywhere). Time/memory: see the
-    module."""
+    distances of layers with more than 4x as many weights (None: exact everywhere). ``stream``: sketched
+    layers are reduced one model at a time (O(P_l + N k) memory, no (N, P_l) block); False stacks every layer
+    (the reference path; ``l1`` always stacks). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
     for info in bar:
-        x = _read_layer(ckpts, info, st.failed)  # (N, P) float32
         before = st.kurtosis.copy()
-        sk_k = gram_sketch if gram_sketch and x.shape[1] > 4 * gram_sketch else None
-        _accumulate(st, x, l1, sk_k, derive_seed(seed, "gram", info.name))
+        sk_k = gram_sketch if gram_sketch and info.numel > 4 * gram_sketch else None
+        rank = _RankSketch(info, sketch, seed) if sketch and len(info.shape) >= 2 else None
+        gseed = derive_seed(seed, "gram", info.name)
+        if sk_k is not None and stream and not l1:
+            mom, gram, shift, y = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank)
+            _add_layer(st, mom, gram, shift, info.numel)
+        else:
+            x = _read_layer(ckpts, info, st.failed)  # (N, P) float32
+            _accumulate(st, x, l1, sk_k, gseed)
+            y = None if rank is None else rank(x)
         per_layer.append(st.kurtosis - before)
-        if sketch and len(info.shape) >= 2:
-            rows = info.shape[0]
-            mat = x.view(n, rows, -1)  # (N, n, m)
-            s = min(sketch, rows, mat.shape[2])
-            gen = torch_generator(derive_seed(seed, info.name))
-            omega = _sketch_matrix(mat.shape[2], s, gen)  # (m, s), shared by all models
-            y = mat @ omega  # (N, n, s)
-            if rows > 2 * s:  # two-sided: (2s, s) per model, so each pair's spectrum costs O(s^3), not O(n s^2)
-                psi = _sketch_matrix(rows, 2 * s, torch_generator(derive_seed(seed, "rows", info.name)))  # (n, 2s)
-                y = psi.T @ y  # (N, 2s, s); still linear: psi^T (W_u - W_v) Omega = Y_u - Y_v
+        if y is not None:
             st.sketches.append(y.numpy())  # (N, min(n, 2s), s)
     st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
     st.rms /= max(len(layers), 1)
@@ -97,35 +96,112 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     return st
 
 
+class _RankSketch:
+    """The seeded rank sketch of one layer: ``W -> W Omega`` (Omega: m x s), two-sided ``Psi^T W Omega``
+    (Psi: n x 2s) when n > 2s, so each pair's spectrum costs O(s^3) whatever the width. Linear, shared by
+    all models. Time O(R n m s) for R models."""
+
+    def __init__(self, info: TensorInfo, sketch: int, seed: int):
+        self.rows = info.shape[0]
+        self.cols = info.numel // self.rows
+        s = min(sketch, self.rows, self.cols)
+        self.omega = _sketch_matrix(self.cols, s, torch_generator(derive_seed(seed, info.name)))  # (m, s)
+        self.psi = None
+        if self.rows > 2 * s:  # psi^T (W_u - W_v) Omega = Y_u - Y_v: still linear
+            self.psi = _sketch_matrix(self.rows, 2 * s, torch_generator(derive_seed(seed, "rows", info.name)))  # (n, 2s)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.view(len(x), self.rows, self.cols) @ self.omega  # (R, n, m) @ (m, s) -> (R, n, s)
+        return y if self.psi is None else self.psi.T @ y  # (R, 2s, s)
+
+
+def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], k: int, seed: int,
+                  rank: _RankSketch | None):
+    """Power sums (N, 4), sketched Gram (N, N), kurtosis shift and rank sketches of one large layer, one
+    model at a time: each model's weights are read, reduced to O(k + s^2) numbers and dropped. A failed
+    read leaves a zero row (the model is dropped later). Time O(N P + N^2 k) (+ O(N P s) rank sketches),
+    memory O(P + N k + N s^2): no (N, P) block and no copy of float32 weights."""
+    n = len(ckpts)
+    signs = _signs(info.numel, seed)  # (P,) shared by all models: the sketch stays linear
+    mom = torch.zeros(n, 4, dtype=torch.float64)
+    sk = torch.zeros(n, k, dtype=torch.float64)
+    y = None
+    shift = None
+    pw = torch.empty(4, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
+    bw = torch.zeros(1, info.numel + (-info.numel) % k, dtype=torch.float32)
+    for i, x in _rows(ckpts, info, failed):  # x: (1, P) float32
+        if shift is None:  # the first readable model's mean: any value near the entries conditions the powers
+            shift = float(x.mean())
+        mom[i] = _power_sums(x, shift, pw)[0]
+        sk[i] = _bucket_sums(x, signs, k, bw)[0]
+        if rank is not None:
+            yi = rank(x)[0]  # (n', s)
+            y = torch.zeros(n, *yi.shape, dtype=yi.dtype) if y is None else y
+            y[i] = yi
+    if y is None and rank is not None:  # nothing readable
+        y = rank(torch.zeros(1, info.numel)).expand(n, -1, -1).clone()
+    c = sk - sk.mean(0)  # centring is exact on the sketch (it is linear)
+    return mom, c @ c.T, 0.0 if shift is None else shift, y
+
+
+def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str]):
+    """Yield (i, layer ``info`` of model i as a (1, P) float32 row) for every readable model, in order.
+    (A background thread reading the next model ahead was measured slower on 2 shared cores, warm and cold.)"""
+    for i in range(len(ckpts)):
+        x = None if i in failed else _read_one(ckpts[i], info, failed, i)
+        if x is not None:
+            yield i, x
+
+
+def _read_one(ck: Checkpoint, info: TensorInfo, failed: dict[int, str], i: int) -> torch.Tensor | None:
+    """Layer ``info`` of one model as a (1, P) float32 row (no copy when it is stored as float32), or None
+    with the reason in ``failed``."""
+    try:
+        t = ck.read(info.name)
+        if tuple(t.shape) != info.shape:
+            raise AtlasError(f"{ck.path}: tensor {info.name!r} has shape {tuple(t.shape)}, header says {info.shape}")
+        return t.detach().reshape(1, -1).to(torch.float32)
+    except (AtlasError, OSError, RuntimeError) as e:
+        failed[i] = str(e)
+        return None
+
+
 def _read_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str]) -> torch.Tensor:
     """Layer ``info`` of every model as rows of an (N, P) float32 matrix; a failed read leaves zeros."""
     x = torch.zeros(len(ckpts), info.numel, dtype=torch.float32)
     for i, ck in enumerate(ckpts):
-        if i in failed:
-            continue
-        try:
-            t = ck.read(info.name)
-            if tuple(t.shape) != info.shape:
-                raise AtlasError(f"{ck.path}: tensor {info.name!r} has shape {tuple(t.shape)}, header says {info.shape}")
-            x[i] = t.detach().reshape(-1).to(torch.float32)
-        except (AtlasError, OSError, RuntimeError) as e:
-            failed[i] = str(e)
+        row = None if i in failed else _read_one(ck, info, failed, i)
+        if row is not None:
+            x[i] = row[0]
     return x
+
+
+def _signs(p: int, seed: int) -> torch.Tensor:
+    """(P,) seeded random +-1 (float32) of the sign-bucket sketch."""
+    gen = torch_generator(seed)
+    return torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).to(torch.float32) * 2 - 1
 
 
 def sign_bucket_sketch(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """(N, k) linear sketch of the rows of ``x`` (N, P): entry j times a seeded random sign, added to bucket
     ``j mod k``; every row gets the same signs, so sketch(a) - sketch(b) = sketch(a - b) and
     E ||sketch(d)||^2 = ||d||^2. Time O(N P), memory O(N P) (one float32 copy)."""
+    return _bucket_sums(x, _signs(x.shape[1], seed).to(x.dtype), k)
+
+
+def _bucket_sums(x: torch.Tensor, signs: torch.Tensor, k: int, work: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, k) float64 sums of ``x * signs`` per bucket ``j mod k``, in blocks of ~1M entries written into a
+    zero-padded workspace (``work``: (R, P + pad), reused when given). Time O(N P)."""
     n, p = x.shape
-    gen = torch_generator(seed)
-    signs = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).to(x.dtype) * 2 - 1  # (P,)
     pad = (-p) % k
-    out = torch.empty(n, k, dtype=torch.float64)
     rows = max(1, (1 << 20) // p)  # blocks of ~1M entries: the signed copy stays in cache
+    if work is None or work.shape[0] < min(rows, n) or work.shape[1] != p + pad:
+        work = torch.zeros(min(rows, n), p + pad, dtype=x.dtype)  # (R, P + pad); the pad stays 0
+    out = torch.empty(n, k, dtype=torch.float64)
     for r in range(0, n, rows):
-        y = x[r:r + rows] * signs  # (R, P)
-        y = y if pad == 0 else torch.nn.functional.pad(y, (0, pad))  # (R, P + pad)
+        xr = x[r:r + rows]  # (R, P)
+        y = work[:len(xr)]
+        torch.mul(xr, signs, out=y[:, :p])
         out[r:r + rows] = y.view(len(y), -1, k).sum(1).double()  # (R, P / k, k) -> (R, k); float32 cascade sums
     return out
 
@@ -165,9 +241,14 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
         if l1:
             xa = x[:, a:a + _CHUNK].double()  # (N, B)
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
+    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p)
+
+
+def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: float, p: int) -> None:
+    """Add one layer's RMS / relative distances (from its (N, N) centred Gram) and kurtosis (from the (N, 4)
+    power sums of the entries shifted by ``shift``). Time O(N^2)."""
     # sum of x^2 (uncentred squared norm) from the shifted sums: sum (e + c)^2 = S2 + 2 c S1 + P c^2
     raw = mom[:, 1] + 2 * shift * mom[:, 0] + p * shift**2
-    gram = _gram(x, mean, k, seed)
     sq = torch.diagonal(gram)
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)  # (N, N) ||W_u - W_v||^2
     scale = ((raw[:, None] + raw[None, :]) / 2).clamp_min(1e-30)
@@ -176,16 +257,24 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
     st.kurtosis += _kurtosis_from_moments(mom, p).numpy()
 
 
-def _power_sums(x: torch.Tensor, shift: float) -> torch.Tensor:
+def _power_sums(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 4) float64 sums of e, e^2, e^3, e^4 per row (e = x - shift), in blocks of rows of ~1M entries so
-    the float32 temporaries stay in cache. Time O(N B)."""
+    the float32 powers stay in cache. The powers are written into one (4, R, B) workspace (``work``, reused
+    across calls when given) and summed in one reduction: no fresh allocation per power (fresh pages cost a
+    page fault each; this was ~8x slower on a 1 MB row). Time O(N B), memory O(min(N B, 4M))."""
     n, b = x.shape
     rows = max(1, (1 << 20) // max(b, 1))
+    if work is None or work.shape[1] < min(rows, n) or work.shape[2] != b:
+        work = torch.empty(4, min(rows, n), b, dtype=torch.float32)  # (4, R, B)
     out = torch.empty(n, 4, dtype=torch.float64)
     for r in range(0, n, rows):
-        e = x[r:r + rows] - shift  # (R, B) float32
-        e2 = e * e
-        out[r:r + rows] = torch.stack([e.sum(1), e2.sum(1), (e2 * e).sum(1), e2.square_().sum(1)], 1).double()
+        xr = x[r:r + rows]  # (R, B)
+        e, e2, e3, e4 = work[:, :len(xr)].unbind(0)  # each (R, B)
+        torch.sub(xr, shift, out=e)
+        torch.mul(e, e, out=e2)
+        torch.mul(e2, e, out=e3)
+        torch.mul(e2, e2, out=e4)
+        out[r:r + rows] = work[:, :len(xr)].sum(2).T.double()  # (4, R) -> (R, 4); float32 cascade sums
     return out
 
 
@@ -222,14 +311,35 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
         cap += y.shape[2]
         norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
         numel = y.shape[1] * y.shape[2]  # (n s) stands for (n m): the sketch keeps norms
+        work = _SpectraWork(min(_PAIRS, len(pairs)), y.shape[1], y.shape[2])
         for a in range(0, len(pairs), _PAIRS):
             pr = torch.from_numpy(pairs[a:a + _PAIRS])
-            diff = y[pr[:, 0]] - y[pr[:, 1]]  # (B, n, s) float32
-            # singular values from the (s, s) Gram's eigenvalues: several times faster than svdvals; float32
-            # is enough (a 1e-2 relative tolerance on singular values is 1e-4 on eigenvalues, eps is 1e-7)
-            eig = torch.linalg.eigvalsh(diff.transpose(1, 2) @ diff).double()  # (B, s), ascending
-            sv = eig.clamp_min(0).sqrt().flip(1)  # (B, s), descending
+            sv = work.singular_values(y, pr)  # (B, s), descending
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
             ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
             nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
     return ranks, nuc, cap
+
+
+class _SpectraWork:
+    """Reused buffers of one layer's batched spectra: difference (B, n, s), Gram (B, s, s), eigenvalues (B, s);
+    allocated once (fresh pages cost a page fault each, as much as the products on small batches)."""
+
+    def __init__(self, b: int, n: int, s: int):
+        self.diff = torch.empty(b, n, s, dtype=torch.float32)
+        self.other = torch.empty(b, n, s, dtype=torch.float32)
+        self.gram = torch.empty(b, s, s, dtype=torch.float32)
+        self.eig = torch.empty(b, s, dtype=torch.float32)
+
+    def singular_values(self, y: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
+        """(B, s) float64 singular values of y[u] - y[v] for the pairs ``pr`` (B, 2), descending, from the
+        eigenvalues of the (s, s) Gram in float32: several times faster than svdvals, and float32 is enough (a
+        1e-2 relative tolerance on singular values is 1e-4 on eigenvalues, eps is 1e-7). Time O(B (n s^2 + s^3))."""
+        b = len(pr)
+        diff, other, gram, eig = self.diff[:b], self.other[:b], self.gram[:b], self.eig[:b]
+        torch.index_select(y, 0, pr[:, 0], out=diff)  # (B, n, s)
+        torch.index_select(y, 0, pr[:, 1], out=other)
+        diff.sub_(other)
+        torch.bmm(diff.transpose(1, 2), diff, out=gram)  # (B, s, s)
+        torch.linalg.eigvalsh(gram, out=eig)  # (B, s), ascending
+        return eig.double().clamp_min(0).sqrt().flip(1)
