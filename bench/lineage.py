@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -69,14 +71,82 @@ def build(work: Path, key: str, name: str, overrides: dict):
     return manifest, time.perf_counter() - t
 
 
-def read_floor(paths: list[Path]) -> float:
-    """Seconds to open every checkpoint and read every tensor once."""
+def files_of(paths: list[Path]) -> list[Path]:
+    """Every file of the checkpoints (a folder checkpoint: all files under it)."""
+    return [f for p in paths for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (posix_fadvise DONTNEED; no root needed). Dirty pages are
+    not dropped, hence the fsync first."""
+    for f in files_of(paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_bytes() -> int | None:
+    """Bytes this process has had read from storage (``read_bytes`` of /proc/self/io; None elsewhere)."""
+    try:
+        return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["read_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def read_floor(paths: list[Path], touch: bool = True) -> float:
+    """Seconds to open every checkpoint and read every tensor once. ``touch``: every byte is copied into
+    process memory (``.clone()``); without it safetensors' memory map returns views whose bytes are never
+    touched on a warm page cache (the figure reported before, a floor on opening files, not on reading)."""
     t = time.perf_counter()
     for p in paths:
         with open_checkpoint(p) as ck:
             for name in ck.keys():
-                ck.read(name)
+                x = ck.read(name)
+                if touch:
+                    x.clone()
     return time.perf_counter() - t
+
+
+def timed(fn, cold: bool, paths: list[Path]) -> tuple[float, float | None]:
+    """(seconds, fraction of the files' bytes read from storage) of ``fn()``; ``cold``: pages evicted first,
+    otherwise warmed first."""
+    if cold:
+        evict(paths)
+    else:
+        read_floor(paths)
+    before = disk_bytes()
+    t = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in files_of(paths))
+    return dt, None if before is None else (disk_bytes() - before) / size
+
+
+def timing(paths: list[Path], reps: int = 3, **kw) -> dict:
+    """Warm and cold read floors and recovery times (``reps`` of each, interleaved), bytes read from disk.
+    Cold figures are dropped (None) when eviction does not work here (less than 90% of the bytes came
+    from storage on a cold read)."""
+    rows = {k: [] for k in ("read_lazy", "read_warm", "read_cold", "ours_warm", "ours_cold")}
+    from_disk = {"read_cold": [], "ours_cold": [], "read_warm": []}
+    for _ in range(reps):
+        for key, fn, cold in (("read_lazy", lambda: read_floor(paths, touch=False), False),
+                              ("read_warm", lambda: read_floor(paths), False),
+                              ("read_cold", lambda: read_floor(paths), True),
+                              ("ours_warm", lambda: recover_lineage(paths, **kw), False),
+                              ("ours_cold", lambda: recover_lineage(paths, **kw), True)):
+            dt, frac = timed(fn, cold, paths)
+            rows[key].append(dt)
+            if key in from_disk:
+                from_disk[key].append(frac)
+    evicts = all(f is not None and f > 0.9 for f in from_disk["read_cold"])
+    out = {f"t_{k}": (v if evicts or "cold" not in k else None) for k, v in rows.items()}
+    out["disk_fraction"] = from_disk
+    out["evicts"] = evicts
+    out["megabytes"] = sum(f.stat().st_size for f in files_of(paths)) / 1e6
+    return out
 
 
 def right_stage(forest, manifest) -> str:
@@ -87,6 +157,7 @@ def right_stage(forest, manifest) -> str:
 
 def evaluate(manifest, paper_distance: str) -> dict:
     paths = [manifest.path_of(n) for n in manifest.names]
+    floor = read_floor(paths)  # warms the page cache, too
     floor = read_floor(paths)
     t = time.perf_counter()
     ours = recover_lineage(paths)
@@ -108,25 +179,29 @@ def evaluate(manifest, paper_distance: str) -> dict:
             "score_wrong": float(np.mean(wrong)) if wrong else None}
 
 
-def synthetic_wide(work: Path, n_models: int, dim: int) -> dict:
-    """Timing at width ``dim`` without training: a synthetic forest (5 trees x 3 children, depth 3 = 200
-    models; 3 heavy-tailed dim x dim layers each) written as safetensors, read floor vs recovery with exact
-    (``distance_sketch=None``) and sketched (default) distances; accuracy from the known parents."""
+SYNTH_SHAPES = {39: (3, 2), 78: (6, 2), 200: (5, 3)}  # models -> (trees, depth), 3 children each
+
+
+def synthetic_wide(work: Path, n_models: int, dim: int, exact: bool = True, reps: int = 3) -> dict:
+    """Timing at width ``dim`` without training: a synthetic forest (e.g. 5 trees x 3 children, depth 3 = 200
+    models; 3 heavy-tailed dim x dim layers each) written as safetensors; read floors and recovery, warm and
+    cold (:func:`timing`), and one warm run with exact (``distance_sketch=None``) distances; accuracy from the
+    known parents."""
     from safetensors.torch import save_file
 
     from modelatlas.lineage.synthetic import make_synthetic_forest
-    depth = {39: 2, 200: 3}[n_models]
-    trees = {39: 3, 200: 5}[n_models]
+    trees, depth = SYNTH_SHAPES[n_models]
     folder = work / f"synthetic-wide{dim}-{n_models}"
     weights, parents = make_synthetic_forest(trees, 3, depth, dim, step=0.02, seed=12, layers=("l0", "l1", "l2"))
     folder.mkdir(parents=True, exist_ok=True)
     for name, tensors in weights.items():
         if not (folder / f"{name}.safetensors").exists():
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"))
-    paths = [folder / f"{n}.safetensors" for n in weights]
-    read_floor(paths)  # warm the page cache
-    out = {"models": len(paths), "t_read": read_floor(paths)}
-    for key, kw in (("sketched", {}), ("exact", {"distance_sketch": None})):
+    del weights  # recovery streams from the files
+    paths = [folder / f"{c}.safetensors" for c in parents]
+    out = {"key": f"synthetic {dim}-wide", "models": len(paths), **timing(paths, reps)}
+    for key, kw in (("sketched", {}), ("exact", {"distance_sketch": None}))[:2 if exact else 1]:
+        read_floor(paths)
         t = time.perf_counter()
         f = recover_lineage(paths, **kw)
         out[f"t_{key}"] = time.perf_counter() - t
@@ -135,6 +210,27 @@ def synthetic_wide(work: Path, n_models: int, dim: int) -> dict:
         out[f"directed_{key}"] = len(got & true) / len(true)
         out[f"undirected_{key}"] = len({frozenset(e) for e in got} & {frozenset(e) for e in true}) / len(true)
     return out
+
+
+def _med(v: list[float] | None) -> str:
+    if not v:
+        return "n/a"
+    return f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def timing_row(key: str, r: dict) -> str:
+    """One Markdown row: medians (min-max) over the repetitions; ratios of medians."""
+    med = {k: statistics.median(r[k]) if r.get(k) else None for k in ("t_read_warm", "t_read_cold", "t_ours_warm",
+                                                                       "t_ours_cold")}
+    warm = f"{med['t_ours_warm'] / med['t_read_warm']:.1f}x"
+    cold = "n/a" if med["t_read_cold"] is None else f"{med['t_ours_cold'] / med['t_read_cold']:.1f}x"
+    return (f"| {key} | {r['models']} | {r['megabytes']:.0f} | {_med(r['t_read_lazy'])} | {_med(r['t_read_warm'])} | "
+            f"{_med(r['t_read_cold'])} | {_med(r['t_ours_warm'])} | {_med(r['t_ours_cold'])} | {warm} | {cold} |")
+
+
+TIMING_HEADER = ("| zoo | models | MB | open + lazy read s (warm) | read s, warm | read s, cold | ours s, warm "
+                 "| ours s, cold (end to end) | ours/read warm | ours/read cold |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(key: str, r: dict) -> str:
@@ -159,11 +255,23 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated zoo keys")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--synthetic-wide", type=int, metavar="DIM", help="synthetic timing rows at this width")
+    ap.add_argument("--models", default="39,200", help="model counts of the synthetic rows (39, 78, 200)")
+    ap.add_argument("--no-exact", action="store_true", help="synthetic rows: skip the exact-distance run")
+    ap.add_argument("--cold", type=int, default=0, metavar="REPS",
+                    help="also time reading and recovery warm and cold (pages evicted), REPS times each")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.synthetic_wide:
-        for n in (39, 200):
-            print(n, json.dumps(synthetic_wide(args.work, n, args.synthetic_wide)), flush=True)
+        rows = {}
+        for n in map(int, args.models.split(",")):
+            r = synthetic_wide(args.work, n, args.synthetic_wide, not args.no_exact, max(args.cold, 1))
+            rows[f"synthetic {args.synthetic_wide} {n}"] = r
+            print(json.dumps(r), flush=True)
+        print(TIMING_HEADER)
+        for k, r in rows.items():
+            print(timing_row(k, r))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
         return
     zoos = {"accuracy": ACCURACY, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
@@ -175,8 +283,14 @@ def main() -> None:
         method = manifest.config.get("method", "full")
         r = evaluate(manifest, "rank" if method == "lora" else "l2")
         r["t_build"] = t_build
+        if args.cold:
+            r.update(timing([manifest.path_of(n) for n in manifest.names], args.cold))
         rows[str(key)] = r
         print(row(str(key), r), flush=True)
+    if args.cold:
+        print(TIMING_HEADER)
+        for k, r in rows.items():
+            print(timing_row(str(k), r))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
