@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from modelatlas.attribution import DDMConfig, ddm_attribution, spearman_scores
+from modelatlas.attribution import DDMConfig, ddm_attribution, spearman_scores, within_class_spearman
 from modelatlas.attribution.clusters import cluster_per_class
 from modelatlas.attribution.report import cluster_means, top_clusters
 from modelatlas.cli.main import main
@@ -40,6 +40,11 @@ def test_spearman_and_report_helpers():
     a = torch.randn(5, 7)
     s = spearman_scores(a, 2 * a + 1)
     assert s["flattened"] == pytest.approx(1.0) and s["per_test_mean"] == pytest.approx(1.0)
+    cc, yt = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1])
+    true = torch.tensor([[1., 5.], [2., 4.], [3., 6.], [9., 1.], [8., 2.], [7., 3.]])
+    pred = true.clone()
+    pred[:3, 0] = torch.tensor([3., 2., 1.])  # reversed inside class 0 for test sample 0
+    assert within_class_spearman(pred, true, cc, yt) == pytest.approx(0.0)  # (-1 + 1) / 2
     helpful, harmful = top_clusters(torch.tensor([[0.1], [-0.5], [0.9]]), 0, 1)
     assert helpful == [2] and harmful == [1]
     m = cluster_means(torch.arange(4.).view(4, 1, 1, 1), torch.tensor([0, 0, 1, 1]), 2)

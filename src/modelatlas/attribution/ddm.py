@@ -73,15 +73,14 @@ def reverse_gradient_match(model, ckpts: list[T.Params], targets: list[torch.Ten
                            progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Step (3): learn (s_k, l_k) for all clusters at once; returns (images, label logits, loss per step)."""
     one = _sample_grad_fn(model)
-    norms = [(g ** 2).sum(1).clamp(min=1e-12) for g in targets]  # (K_total,) per checkpoint
+    stacked = {k: torch.stack([p[k] for p in ckpts]) for k in ckpts[0]}  # each (T, *shape)
+    target = torch.stack(targets)  # (T, K_total, P)
+    norms = (target ** 2).sum(2).clamp(min=1e-12)  # (T, K_total)
 
     def objective(xs, logits):
         soft = torch.softmax(logits, dim=1)
-        total = xs.new_zeros(())
-        for p, g, n in zip(ckpts, targets, norms):
-            gs = _flat(vmap(one, in_dims=(None, 0, 0))(p, xs, soft), len(xs))  # (K_total, P)
-            total = total + (((gs - g) ** 2).sum(1) / n).sum()
-        return total / (len(ckpts) * len(xs))
+        per_ckpt = vmap(lambda p: _flat(vmap(one, in_dims=(None, 0, 0))(p, xs, soft), len(xs)))  # (T, K_total, P)
+        return (((per_ckpt(stacked) - target) ** 2).sum(2) / norms).mean()
 
     xs, logits = init_x.clone().requires_grad_(True), init_logits.clone().requires_grad_(True)
     opt = torch.optim.Adam([xs, logits], lr=lr)

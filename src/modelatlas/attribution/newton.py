@@ -21,7 +21,7 @@ has 2,410); larger models would need a low-rank or Kronecker-factored H (not imp
 from __future__ import annotations
 
 import torch
-from torch.func import hessian
+from torch.func import jacrev
 
 from modelatlas.attribution import target as T
 
@@ -49,7 +49,7 @@ def distilled_hessian(model, params: T.Params, xs: torch.Tensor, soft: torch.Ten
 
     def loss(u):
         return (T.losses(model, unflat(u), xs, soft) * w).sum()
-    return hessian(loss)(flatten(params)).detach()
+    return jacrev(jacrev(loss))(flatten(params)).detach()  # reverse-over-reverse: fastest here
 
 
 def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tuple[torch.Tensor, float]:

@@ -53,3 +53,20 @@ def spearman_scores(pred: torch.Tensor, true: torch.Tensor) -> dict:
     per = [spearmanr(p[:, j], t[:, j]).statistic for j in range(p.shape[1])]
     per = [float(r) for r in per if np.isfinite(r)]
     return {"flattened": flat, "per_test_mean": float(np.mean(per)) if per else float("nan")}
+
+
+def within_class_spearman(pred: torch.Tensor, true: torch.Tensor, cluster_class: torch.Tensor,
+                          y_test: torch.Tensor) -> float:
+    """Mean over test samples j of the Spearman rho over the clusters of j's own class only: the ranking left
+    once the trivial "a same-class cluster matters" signal is removed. O(n_test x K log K)."""
+    from scipy.stats import spearmanr
+
+    p, t = pred.numpy().astype(np.float64), true.numpy().astype(np.float64)
+    rhos = []
+    for j in range(p.shape[1]):
+        rows = (cluster_class == y_test[j]).numpy()
+        if rows.sum() >= 3:
+            r = spearmanr(p[rows, j], t[rows, j]).statistic
+            if np.isfinite(r):
+                rhos.append(float(r))
+    return float(np.mean(rhos)) if rhos else float("nan")

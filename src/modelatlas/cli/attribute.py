@@ -34,7 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from modelatlas.attribution import DDMConfig, ddm_attribution, loo_attribution, spearman_scores
+    from modelatlas.attribution import (
+        DDMConfig,
+        ddm_attribution,
+        loo_attribution,
+        spearman_scores,
+        within_class_spearman,
+    )
     from modelatlas.attribution.report import render_top_clusters, save_attribution, write_plot
     from modelatlas.data import load_dataset
 
@@ -56,7 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     true = None
     if args.validate:
         true, loo_s = loo_attribution(xtr, ytr, xte, yte, train.num_classes, attr.assign, cfg, args.seed, tqdm_progress)
-        info["validation"] = {**spearman_scores(attr.matrix, true), "loo_wall_s": round(loo_s, 3),
+        info["validation"] = {**spearman_scores(attr.matrix, true),
+                              "within_class": within_class_spearman(attr.matrix, true, attr.cluster_class, yte),
+                              "loo_wall_s": round(loo_s, 3),
                               "speedup_total": round(loo_s / attr.timings["total_s"], 2),
                               "speedup_online": round(loo_s / max(attr.timings["online_s"], 1e-9), 1)}
     save_attribution(args.out, attr, info, true)
@@ -67,6 +75,6 @@ def _run(args: argparse.Namespace) -> int:
     if true is not None:
         v = info["validation"]
         echo(f"vs leave-one-cluster-out retraining ({v['loo_wall_s']:.1f} s): Spearman flattened "
-             f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}; speed-up {v['speedup_total']}x total, "
-             f"{v['speedup_online']}x online")
+             f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}, within class {v['within_class']:.3f}; "
+             f"speed-up {v['speedup_total']}x total, {v['speedup_online']}x online")
     return 0
