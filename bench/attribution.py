@@ -10,6 +10,7 @@ another init seed, and scores those against the truth (how well-posed the target
 
     python bench/attribution.py --split val --clusters-per-class 5 --damping 0.01 0.03 0.1 --unlearn newton ascent
     python bench/attribution.py --split test --clusters-per-class 5 10 20 --truth-check
+    python bench/attribution.py --split test --weight-decay 1e-3 --lr 0.5 --train-steps 1000   # converged target
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def variants(args, kpc: int):
         for damping in (args.damping if unlearn == "newton" else [None]):
             for steps in args.match_steps:
                 extra = {"damping": damping} if damping is not None else {}
-                yield DDMConfig(clusters_per_class=kpc, unlearn=unlearn, match_steps=steps, **extra)
+                yield DDMConfig(clusters_per_class=kpc, unlearn=unlearn, match_steps=steps, lr=args.lr,
+                                train_steps=args.train_steps, weight_decay=args.weight_decay, **extra)
 
 
 def warm_up(data) -> None:
@@ -114,6 +116,9 @@ def main() -> None:
     ap.add_argument("--unlearn", nargs="+", default=["newton", "ascent"])
     ap.add_argument("--damping", type=float, nargs="+", default=[0.03])
     ap.add_argument("--match-steps", type=int, nargs="+", default=[30])
+    ap.add_argument("--lr", type=float, default=0.2, help="target GD learning rate")
+    ap.add_argument("--train-steps", type=int, default=100, help="target GD steps")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="target L2 penalty")
     ap.add_argument("--truth-check", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="DDM runs per variant; timings are medians")
     ap.add_argument("--seed", type=int, default=0)

@@ -69,8 +69,23 @@ def test_newton_ddm_ranks_planted_clusters_like_retraining(planted):
     assert spearman_scores(noisy, true)["flattened"] > 0.99  # the truth is stable under tiny perturbations
 
 
+def test_newton_with_weight_decay_matches_retraining_of_a_regularised_target(planted):
+    x, y, xt, yt = planted
+    cfg = DDMConfig(clusters_per_class=2, width=8, lr=0.5, train_steps=60, checkpoints=4, match_steps=20,
+                    weight_decay=1e-2)
+    model = T.make_model((1, 2, 2), 2, 8, 1, seed=0)
+    plain, _ = T.train(model, T.init_params(model), x, y, 60, 0.5)
+    decayed, _ = T.train(model, T.init_params(model), x, y, 60, 0.5, weight_decay=1e-2)
+    assert N.flatten(decayed).norm() < N.flatten(plain).norm()
+    attr = ddm_attribution(x, y, xt, yt, 2, cfg, seed=0)
+    true, _ = loo_attribution(x, y, xt, yt, 2, attr.assign, cfg, seed=0)
+    assert spearman_scores(attr.matrix, true)["flattened"] > 0.8
+
+
 def test_unlearn_config_errors():
     with pytest.raises(ConfigError, match="unlearn must be one of newton, ascent"):
         DDMConfig(unlearn="retrain")
     with pytest.raises(ConfigError, match="damping must be > 0"):
         DDMConfig(damping=0)
+    with pytest.raises(ConfigError, match="weight_decay must be >= 0"):
+        DDMConfig(weight_decay=-1.0)

@@ -14,7 +14,8 @@ class DDMConfig:
     """DDM fields.
 
     Target model: an MLP (``width`` hidden units, ``depth`` layers) trained by full-batch gradient descent
-    (lr ``lr``, ``train_steps`` steps, fixed seeded init) with ``checkpoints`` evenly spaced checkpoints kept.
+    (lr ``lr``, ``train_steps`` steps, fixed seeded init, L2 penalty ``weight_decay`` / 2 x ||theta||^2) with
+    ``checkpoints`` evenly spaced checkpoints kept.
     Offline: ``clusters_per_class`` k-means clusters per class; one synthetic sample per cluster (image and
     soft-label logits) learned by ``match_steps`` Adam steps (lr ``match_lr``) of reverse gradient matching.
     ``match_final`` also matches at the final weights (where the online step acts).
@@ -38,6 +39,7 @@ class DDMConfig:
     match_final: bool = True
     unlearn: str = "newton"
     damping: float = 0.1
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps"):
@@ -48,6 +50,8 @@ class DDMConfig:
         for name in ("lr", "match_lr", "unlearn_lr", "damping"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.match_steps < 0:
             raise ConfigError(f"match_steps must be >= 0, got {self.match_steps}")
 

@@ -123,7 +123,8 @@ def synthetic_gradients(model, params: T.Params, xs: torch.Tensor, soft: torch.T
 def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, progress):
     """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
     clock = [time.perf_counter()]
-    final, ckpts = T.train(model, T.init_params(model), x, y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints)
+    final, ckpts = T.train(model, T.init_params(model), x, y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints,
+                           weight_decay=cfg.weight_decay)
     match_at = ckpts + [final] if cfg.match_final else ckpts
     clock.append(time.perf_counter())
     targets = [cluster_gradients(model, p, x, y, assign, k_total) for p in match_at]
@@ -136,7 +137,9 @@ def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, prog
     clock.append(time.perf_counter())
     factor, damping = None, None
     if cfg.unlearn == "newton":
-        factor, damping = N.damped_cholesky(N.distilled_hessian(model, final, xs, soft, counts), cfg.damping)
+        hess = N.distilled_hessian(model, final, xs, soft, counts)  # (P, P)
+        hess += cfg.weight_decay * torch.eye(len(hess))
+        factor, damping = N.damped_cholesky(hess, cfg.damping)
     clock.append(time.perf_counter())
     times = {"train_target_s": clock[1] - clock[0], "offline_match_s": clock[2] - clock[1],
              "offline_hessian_s": clock[3] - clock[2]}
@@ -149,7 +152,7 @@ def _online(model, off: dict, n_train: int, x_test, y_test, cfg) -> tuple[torch.
     final, xs, soft, counts = off["final"], off["xs"], off["soft"], off["counts"]
     with torch.no_grad():
         if cfg.unlearn == "newton":
-            grads = synthetic_gradients(model, final, xs, soft)  # (K_total, P)
+            grads = synthetic_gradients(model, final, xs, soft) + cfg.weight_decay * N.flatten(final)  # (K_total, P)
             stacked = N.stacked_params(final, N.newton_steps(off["factor"], grads, counts / (n_train - counts)))
         else:
             stacked = unlearn(model, final, xs, soft, counts / n_train, cfg.unlearn_steps, cfg.unlearn_lr)

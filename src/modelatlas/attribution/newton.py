@@ -66,7 +66,9 @@ def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tup
 
 
 def newton_steps(factor: torch.Tensor, grads: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
-    """(K, P) removal steps shares_k x (H + d I)^{-1} grads_k, from the Cholesky factor of the damped H."""
+    """(K, P) removal steps shares_k x (H + d I)^{-1} grads_k, from the Cholesky factor of the damped H.
+    With an L2 penalty w/2 ||theta||^2 pass H + w I and grads_k + w theta (the penalty's weight grows relative
+    to the data term when n_k examples leave the mean)."""
     return torch.cholesky_solve(grads.T * shares, factor).T  # (P, K) -> (K, P)
 
 

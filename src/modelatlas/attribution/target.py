@@ -33,9 +33,10 @@ def losses(model, params: Params, x: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 def train(model, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-          weights: torch.Tensor | None = None, checkpoints: int = 0) -> tuple[Params, list[Params]]:
-    """Full-batch GD on the weighted mean loss; returns (final params, ``checkpoints`` evenly spaced
-    checkpoints starting at the init). ``weights`` (N,) 0/1 removes examples."""
+          weights: torch.Tensor | None = None, checkpoints: int = 0,
+          weight_decay: float = 0.0) -> tuple[Params, list[Params]]:
+    """Full-batch GD on the weighted mean loss + weight_decay / 2 x ||params||^2; returns (final params,
+    ``checkpoints`` evenly spaced checkpoints starting at the init). ``weights`` (N,) 0/1 removes examples."""
     w = torch.ones(len(x)) if weights is None else weights.float()
     p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     every = max(steps // max(checkpoints, 1), 1)
@@ -44,6 +45,8 @@ def train(model, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, l
         if checkpoints and s % every == 0 and len(saved) < checkpoints:
             saved.append({k: v.detach().clone() for k, v in p.items()})
         loss = (losses(model, p, x, y) * w).sum() / w.sum()
+        if weight_decay:
+            loss = loss + 0.5 * weight_decay * sum((v ** 2).sum() for v in p.values())
         grads = torch.autograd.grad(loss, list(p.values()))
         with torch.no_grad():
             for v, g in zip(p.values(), grads):

@@ -33,12 +33,13 @@ def loo_attribution(x, y, x_test, y_test, num_classes: int, assign: torch.Tensor
         gen = torch_generator(derive_seed(seed, "loo-init-noise"))
         init = {k: v + init_noise * torch.randn(v.shape, generator=gen) for k, v in init.items()}
     start = time.perf_counter()
-    full, _ = T.train(model, init, x, y, cfg.train_steps, cfg.lr)
+    full, _ = T.train(model, init, x, y, cfg.train_steps, cfg.lr, weight_decay=cfg.weight_decay)
     with torch.no_grad():
         base = T.losses(model, full, x_test, y_test)
     rows = []
     for k in resolve(progress)(range(k_total), total=k_total, desc="leave-one-cluster-out"):
-        params, _ = T.train(model, init, x, y, cfg.train_steps, cfg.lr, weights=(assign != k))
+        params, _ = T.train(model, init, x, y, cfg.train_steps, cfg.lr, weights=(assign != k),
+                            weight_decay=cfg.weight_decay)
         with torch.no_grad():
             rows.append(T.losses(model, params, x_test, y_test) - base)
     return torch.stack(rows), time.perf_counter() - start
