@@ -14,7 +14,8 @@ distances, the stage given, lambda = 0.3) as a baseline.
 
 Time: O(L N P + L N^2 min(P, k)) for the distance pass (L layers of P weights, N models, distance sketch k;
 exact O(L N^2 P) for layers of <= 4k weights or ``distance_sketch=None``) + O(sum over trees n^3) for
-Edmonds + rank estimates O(pairs L n s^2) within trees when ranks are used. Memory O(N P_l + N^2).
+Edmonds + rank estimates O(pairs L n s^2) within trees when ranks are used. Memory O(N min(P_l, 4k) + P_l +
+N k + N^2): large layers are streamed one model at a time (:mod:`.distances`).
 """
 
 from __future__ import annotations
