@@ -29,9 +29,10 @@ _spec.loader.exec_module(pb)
 LAYER = "layers.1.weight"  # the square hidden layer the dense-vs-ProbeX claim is about (fixed in advance)
 
 
-def load(zoo: Path, seed: int, children: int, hidden: int, names: list[str]) -> tuple[dict, float, float]:
+def load(zoo: Path, seed: int, children: int, hidden: int, names: list[str], ft: dict | None = None
+         ) -> tuple[dict, float, float]:
     (manifest, build) = pb.timed(lambda: make_wide_subset_zoo(zoo / f"seed{seed}", children=children, hidden=hidden,
-                                                              seed=seed))
+                                                              seed=seed, **(ft or {})))
     trees, read = pb.timed(lambda: pb.trees_of(manifest, seed, names))
     from safetensors.torch import load_file
 
@@ -59,17 +60,20 @@ def main(argv=None) -> int:
     p.add_argument("--fixed", type=float, default=None, metavar="WD",
                    help="no selection: evaluate ProbeX at every --ranks and dense at this weight decay on the "
                         "--test-seed zoo only (hyperparameters chosen beforehand on another zoo)")
+    p.add_argument("--ft-steps", default="30,60", help="fine-tuning steps per child: min,max (Adam)")
+    p.add_argument("--ft-lr", default="1e-4,3e-4", help="fine-tuning learning rate per child: min,max (log-uniform)")
     args = p.parse_args(argv)
+    args.ft = {"ft_steps": tuple(map(int, args.ft_steps.split(","))), "ft_lr": tuple(map(float, args.ft_lr.split(",")))}
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     zoo = Path(args.zoo)
     names = [f"{n}.{k}" for n in LAYERS for k in ("weight", "bias")]
     out = [f"Command: `python bench/probex_wide.py --zoo {args.zoo} --children {args.children} --hidden {args.hidden} "
            f"--epochs {args.epochs} --ranks {args.ranks} --dense-wd {args.dense_wd} --dev-seed {args.dev_seed} "
-           f"--test-seed {args.test_seed}` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
+           f"--test-seed {args.test_seed} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr}` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
     if args.fixed is not None:
         return fixed(args, zoo, names, out, t0)
-    dev, b0, r0, acc0 = load(zoo, args.dev_seed, args.children, args.hidden, names)
+    dev, b0, r0, acc0 = load(zoo, args.dev_seed, args.children, args.hidden, names, args.ft)
     shape = tuple(dev["layers"][LAYER].shape[1:])
     base = ProbeXConfig(epochs=args.epochs, seed=0)
     # -- selection on the dev zoo's validation split -------------------------------------------------------
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     wd = max(dense_scores, key=dense_scores.get)
     out += sel + ["", f"Chosen: ProbeX r_U = r_V = r_T = {r}; dense weight decay {wd:g}.", ""]
     # The held-out zoo is built / read only after the selection is final.
-    test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names)
+    test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names, args.ft)
     out[2:2] = [f"Zoo build (root + {args.children} fine-tunes, 1 thread): seed {args.dev_seed} {b0:.0f} s, seed "
                 f"{args.test_seed} {b1:.0f} s (0 s when cached); reading every tensor {r0:.1f} s / {r1:.1f} s. Root "
                 f"train accuracy (20 classes): {acc0:.3f} / {acc1:.3f}. Median relative change of {LAYER} by fine-tuning, "
@@ -130,7 +134,7 @@ def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
     """Evaluate preset hyperparameters on one zoo (no selection, no sweep)."""
     out[0] = out[0].replace(f" --dev-seed {args.dev_seed}", "").replace("--dense-wd " + args.dense_wd,
                                                                        f"--fixed {args.fixed:g}")
-    test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names)
+    test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names, args.ft)
     shape = tuple(test["layers"][LAYER].shape[1:])
     out += [f"Zoo build (root + {args.children} fine-tunes, 1 thread): {b1:.0f} s (0 s when cached); reading "
             f"{r1:.1f} s. Root train accuracy (20 classes): {acc1:.3f}. Median relative change of {LAYER}: "
