@@ -56,9 +56,11 @@ def variants(args, kpc: int):
     for unlearn in args.unlearn:
         for damping in (args.damping if unlearn == "newton" else [None]):
             for steps in args.match_steps:
-                extra = {"damping": damping} if damping is not None else {}
-                yield DDMConfig(clusters_per_class=kpc, unlearn=unlearn, match_steps=steps, lr=args.lr,
-                                train_steps=args.train_steps, weight_decay=args.weight_decay, **extra)
+                for m in args.samples_per_cluster:
+                    extra = {"damping": damping} if damping is not None else {}
+                    yield DDMConfig(clusters_per_class=kpc, unlearn=unlearn, match_steps=steps, lr=args.lr,
+                                    train_steps=args.train_steps, weight_decay=args.weight_decay,
+                                    samples_per_cluster=m, match_lr=args.match_lr, **extra)
 
 
 def warm_up(data) -> None:
@@ -100,7 +102,7 @@ def run_k(args, data, kpc: int) -> list[dict]:
                 head.update(truth_check(data, attr.assign, cfg, args.seed, true))
         t = attr.timings
         rows.append({**head, "unlearn": cfg.unlearn, "damping": cfg.damping if cfg.unlearn == "newton" else None,
-                     "match_steps": cfg.match_steps,
+                     "match_steps": cfg.match_steps, "samples_per_cluster": cfg.samples_per_cluster,
                      **score(attr.matrix, true, attr.cluster_class, yq), "ddm_timings": t,
                      "speedup_total": round(loo_s / t["total_after_clustering_s"], 1),
                      "speedup_total_with_clustering": round(loo_s / t["total_s"], 1),
@@ -119,6 +121,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.2, help="target GD learning rate")
     ap.add_argument("--train-steps", type=int, default=100, help="target GD steps")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="target L2 penalty")
+    ap.add_argument("--samples-per-cluster", type=int, nargs="+", default=[1])
+    ap.add_argument("--match-lr", type=float, default=0.05)
     ap.add_argument("--truth-check", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="DDM runs per variant; timings are medians")
     ap.add_argument("--seed", type=int, default=0)

@@ -82,10 +82,28 @@ def test_newton_with_weight_decay_matches_retraining_of_a_regularised_target(pla
     assert spearman_scores(attr.matrix, true)["flattened"] > 0.8
 
 
+def test_several_samples_per_cluster(planted):
+    from modelatlas.attribution.ddm import initial_samples
+    x, y, xt, yt = planted
+    assign = torch.arange(4).repeat_interleave(30)
+    init = initial_samples(x, assign, 4, 3, seed=0)
+    assert init.shape == (4, 3, 1, 2, 2)
+    assert torch.allclose(init[1, 0], x[30:60].mean(0))  # first sample: the cluster mean
+    assert all((x[assign == 2] == init[2, j]).all((1, 2, 3)).any() for j in (1, 2))  # then real members
+    cfg = DDMConfig(clusters_per_class=2, width=8, lr=0.5, train_steps=40, checkpoints=4, match_steps=20,
+                    samples_per_cluster=3)
+    attr = ddm_attribution(x, y, xt, yt, 2, cfg, seed=0)
+    assert attr.synthetic.shape == (12, 1, 2, 2) and attr.synthetic_labels.shape == (12, 2)
+    true, _ = loo_attribution(x, y, xt, yt, 2, attr.assign, cfg, seed=0)
+    assert spearman_scores(attr.matrix, true)["flattened"] > 0.8
+
+
 def test_unlearn_config_errors():
     with pytest.raises(ConfigError, match="unlearn must be one of newton, ascent"):
         DDMConfig(unlearn="retrain")
     with pytest.raises(ConfigError, match="damping must be > 0"):
         DDMConfig(damping=0)
+    with pytest.raises(ConfigError, match="samples_per_cluster must be >= 1"):
+        DDMConfig(samples_per_cluster=0)
     with pytest.raises(ConfigError, match="weight_decay must be >= 0"):
         DDMConfig(weight_decay=-1.0)

@@ -18,7 +18,9 @@ class DDMConfig:
     ``checkpoints`` evenly spaced checkpoints kept.
     Offline: ``clusters_per_class`` k-means clusters per class; one synthetic sample per cluster (image and
     soft-label logits) learned by ``match_steps`` Adam steps (lr ``match_lr``) of reverse gradient matching.
-    ``match_final`` also matches at the final weights (where the online step acts).
+    ``match_final`` also matches at the final weights (where the online step acts). ``samples_per_cluster`` m
+    synthetic samples per cluster (their mean gradient is matched; init: the cluster mean and m - 1 random
+    members): one sample's gradient is rank-1 per layer, so m > 1 helps where cluster gradients are not.
     Online, ``unlearn``: ``"newton"`` (default) removes cluster k with one Newton step on the distilled set,
     theta + n_k / (N - n_k) x (H + d I)^{-1} grad CE(s_k), H the Hessian of the size-weighted distilled set at
     the final weights, d from ``damping`` (doubled until H + d I is positive definite), see
@@ -40,9 +42,11 @@ class DDMConfig:
     unlearn: str = "newton"
     damping: float = 0.1
     weight_decay: float = 0.0
+    samples_per_cluster: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps"):
+        for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps",
+                     "samples_per_cluster"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.unlearn not in UNLEARN:

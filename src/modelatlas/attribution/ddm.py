@@ -33,7 +33,7 @@ from modelatlas.attribution import target as T
 from modelatlas.attribution.clusters import cluster_per_class
 from modelatlas.attribution.config import DDMConfig
 from modelatlas.progress import Progress, resolve
-from modelatlas.seeding import derive_seed
+from modelatlas.seeding import derive_seed, torch_generator
 
 
 @dataclass
@@ -43,8 +43,8 @@ class Attribution:
     matrix: torch.Tensor  # (K_total, n_test)
     assign: torch.Tensor  # (N,) cluster of each training example
     cluster_class: torch.Tensor  # (K_total,)
-    synthetic: torch.Tensor  # (K_total, C, H, W) learned samples
-    synthetic_labels: torch.Tensor  # (K_total, num_classes) soft labels
+    synthetic: torch.Tensor  # (K_total * m, C, H, W) learned samples, m = samples_per_cluster, cluster-major
+    synthetic_labels: torch.Tensor  # (K_total * m, num_classes) soft labels
     base_losses: torch.Tensor  # (n_test,) test losses of the final model
     timings: dict = field(default_factory=dict)
     match_losses: list[float] = field(default_factory=list)
@@ -60,6 +60,12 @@ def _sample_grad_fn(model):
     return one
 
 
+def _group_grad_fn(model):
+    def group(params, x, t):  # x (m, C, H, W), t (m, K) -> gradient of the group's mean loss
+        return grad(lambda p: T.losses(model, p, x, t).mean())(params)
+    return group
+
+
 def cluster_gradients(model, params: T.Params, x, y, assign, num_clusters: int) -> torch.Tensor:
     """(K_total, P): each cluster's mean loss gradient at ``params`` (per-sample grads, scatter-mean)."""
     per = _flat(vmap(_sample_grad_fn(model), in_dims=(None, 0, 0))(params, x, y), len(x))  # (N, P)
@@ -71,15 +77,17 @@ def cluster_gradients(model, params: T.Params, x, y, assign, num_clusters: int) 
 def reverse_gradient_match(model, ckpts: list[T.Params], targets: list[torch.Tensor], init_x: torch.Tensor,
                            init_logits: torch.Tensor, steps: int, lr: float,
                            progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Step (3): learn (s_k, l_k) for all clusters at once; returns (images, label logits, loss per step)."""
-    one = _sample_grad_fn(model)
+    """Step (3): learn the m synthetic samples of every cluster at once (init_x (K_total, m, C, H, W),
+    init_logits (K_total, m, K)): their mean gradient matches the cluster's; returns (images, label logits, loss
+    per step)."""
+    group = _group_grad_fn(model)
     stacked = {k: torch.stack([p[k] for p in ckpts]) for k in ckpts[0]}  # each (T, *shape)
     target = torch.stack(targets)  # (T, K_total, P)
     norms = (target ** 2).sum(2).clamp(min=1e-12)  # (T, K_total)
 
     def objective(xs, logits):
-        soft = torch.softmax(logits, dim=1)
-        per_ckpt = vmap(lambda p: _flat(vmap(one, in_dims=(None, 0, 0))(p, xs, soft), len(xs)))  # (T, K_total, P)
+        soft = torch.softmax(logits, dim=-1)
+        per_ckpt = vmap(lambda p: _flat(vmap(group, in_dims=(None, 0, 0))(p, xs, soft), len(xs)))  # (T, K_total, P)
         return (((per_ckpt(stacked) - target) ** 2).sum(2) / norms).mean()
 
     xs, logits = init_x.clone().requires_grad_(True), init_logits.clone().requires_grad_(True)
@@ -98,8 +106,9 @@ def reverse_gradient_match(model, ckpts: list[T.Params], targets: list[torch.Ten
 
 def unlearn(model, final: T.Params, xs: torch.Tensor, soft: torch.Tensor, scales: torch.Tensor,
             steps: int, lr: float) -> T.Params:
-    """Step (4) for every cluster at once: stacked parameters (K_total, ...) after gradient ascent."""
-    one = _sample_grad_fn(model)
+    """Step (4) for every cluster at once (xs (K_total, m, C, H, W)): stacked parameters (K_total, ...) after
+    gradient ascent on the mean loss of the cluster's synthetic samples."""
+    one = _group_grad_fn(model)
 
     def ascend(x, t, scale):
         p = final
@@ -116,11 +125,23 @@ def test_losses_of(model, stacked: T.Params, x_test, y_test) -> torch.Tensor:
 
 
 def synthetic_gradients(model, params: T.Params, xs: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """(K_total, P) loss gradient of every synthetic sample at ``params``."""
-    return _flat(vmap(_sample_grad_fn(model), in_dims=(None, 0, 0))(params, xs, soft), len(xs))
+    """(K_total, P) mean loss gradient of every cluster's synthetic samples (xs (K_total, m, C, H, W))."""
+    return _flat(vmap(_group_grad_fn(model), in_dims=(None, 0, 0))(params, xs, soft), len(xs))
 
 
-def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, progress):
+def initial_samples(x: torch.Tensor, assign: torch.Tensor, k_total: int, m: int, seed: int) -> torch.Tensor:
+    """(K_total, m, C, H, W): the cluster's mean image, then m - 1 seeded random members of the cluster."""
+    counts = torch.bincount(assign, minlength=k_total).float()
+    means = torch.zeros(k_total, *x.shape[1:]).index_add_(0, assign, x) / counts.view(-1, *[1] * (x.dim() - 1))
+    if m == 1:
+        return means.unsqueeze(1)
+    gen = torch_generator(derive_seed(seed, "ddm-synthetic-init"))
+    members = [torch.nonzero(assign == k).flatten() for k in range(k_total)]
+    picks = [mem[torch.randint(len(mem), (m - 1,), generator=gen)] for mem in members]
+    return torch.cat([means.unsqueeze(1), x[torch.stack(picks)]], dim=1)  # x[(K_total, m-1)] -> (K_total, m-1, ...)
+
+
+def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed, progress):
     """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
     clock = [time.perf_counter()]
     final, ckpts = T.train(model, T.init_params(model), x, y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints,
@@ -129,15 +150,17 @@ def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, prog
     clock.append(time.perf_counter())
     targets = [cluster_gradients(model, p, x, y, assign, k_total) for p in match_at]
     counts = torch.bincount(assign, minlength=k_total).float()
-    init_x = torch.zeros(k_total, *x.shape[1:]).index_add_(0, assign, x) / counts.view(-1, *[1] * (x.dim() - 1))
+    init_x = initial_samples(x, assign, k_total, cfg.samples_per_cluster, seed)  # (K_total, m, C, H, W)
     init_logits = torch.nn.functional.one_hot(cluster_class, num_classes).float() * 5.0  # (K_total, K)
+    init_logits = init_logits.unsqueeze(1).expand(-1, cfg.samples_per_cluster, -1)  # (K_total, m, K)
     xs, logits, hist = reverse_gradient_match(model, match_at, targets, init_x, init_logits, cfg.match_steps,
                                               cfg.match_lr, progress)
-    soft = torch.softmax(logits, dim=1)
+    soft = torch.softmax(logits, dim=-1)
     clock.append(time.perf_counter())
     factor, damping = None, None
     if cfg.unlearn == "newton":
-        hess = N.distilled_hessian(model, final, xs, soft, counts)  # (P, P)
+        m = cfg.samples_per_cluster
+        hess = N.distilled_hessian(model, final, xs.flatten(0, 1), soft.flatten(0, 1), counts.repeat_interleave(m))
         hess += cfg.weight_decay * torch.eye(len(hess))
         factor, damping = N.damped_cholesky(hess, cfg.damping)
     clock.append(time.perf_counter())
@@ -170,7 +193,7 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
     k_total = len(cluster_class)
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
     t1 = time.perf_counter()
-    off = _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, progress)
+    off = _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed, progress)
     t2 = time.perf_counter()
     matrix, base = _online(model, off, len(x), x_test, y_test, cfg)
     t3 = time.perf_counter()
@@ -179,4 +202,5 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
     timings = {k: round(v, 4) for k, v in clock.items()}
     if off["damping"] is not None:
         timings["damping_used"] = off["damping"]
-    return Attribution(matrix, assign, cluster_class, off["xs"], off["soft"], base, timings, off["hist"])
+    return Attribution(matrix, assign, cluster_class, off["xs"].flatten(0, 1), off["soft"].flatten(0, 1), base,
+                       timings, off["hist"])
