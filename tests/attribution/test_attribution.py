@@ -54,7 +54,8 @@ def test_spearman_and_report_helpers():
 def test_cli_attribute_tiny(tmp_path, capsys, monkeypatch):
     out = tmp_path / "att"
     argv = ["attribute", "--dataset", "digits", "--clusters-per-class", "2", "--out", str(out), "--test-index", "0",
-            "3", "--max-train", "200", "--max-test", "20", "--train-steps", "10", "--match-steps", "2"]
+            "3", "--max-train", "200", "--max-test", "20", "--train-steps", "10", "--match-steps", "2",
+            "--samples-per-cluster", "2"]
     assert main(argv) == 0
     assert "attribution matrix 20 clusters x 20 test samples" in capsys.readouterr().out
     info = json.loads((out / "attribution.json").read_text())

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
                    help="online removal step: Newton step on the distilled set (default) or gradient ascent")
     p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1)")
+    p.add_argument("--samples-per-cluster", type=int, default=None,
+                   help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -54,7 +57,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--test-index {bad[0]} is out of range: the test split has {len(xte)} samples")
     fields = {"clusters_per_class": args.clusters_per_class}
     given = (("train_steps", args.train_steps), ("match_steps", args.match_steps), ("unlearn", args.unlearn),
-             ("damping", args.damping))
+             ("damping", args.damping), ("samples_per_cluster", args.samples_per_cluster),
+             ("weight_decay", args.weight_decay))
     fields.update({k: v for k, v in given if v is not None})
     cfg = DDMConfig(**fields)
     attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
