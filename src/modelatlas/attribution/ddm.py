@@ -8,7 +8,8 @@ Offline (once per target model):
   (3) reverse gradient matching: one synthetic sample (image s_k, soft-label logits l_k) per cluster k,
       learned so that its gradient matches the cluster's mean gradient g_k at every checkpoint:
       min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters at once,
-      per-sample gradients with ``torch.func.vmap``);
+      per-sample gradients with ``torch.func.vmap``); with ``samples_per_cluster`` m > 1, the mean gradient
+      of the cluster's m samples is matched;
   (3b) ``unlearn="newton"``: Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
       damped and Cholesky-factorised (:mod:`~.newton`).
 Online (per query, no retraining, no training data):
