@@ -13,6 +13,12 @@ part (the test split is never read), e.g.
 
     python bench/distill_poster.py --runs podd:0.5 --val 0.2 --iterations 100 --eval-nets 2 --eval-epochs 100 \
         --config '{"lr_img": 0.1}'
+
+One protocol for everything: ``--protocols adam sgd`` scores every distilled set (and the random subset) under
+each listed protocol (``native`` = the method's own; ``adam`` / ``sgd`` = that protocol with DSA) instead of
+the method's own. ``--baseline-draws 5`` pools the random subset over 5 draws (seeds seed..seed+4: different
+subsets and networks), since one draw moves by 6-8 points at IPC 1. ``METHOD:IPC:ITERATIONS`` sets one
+entry's outer iterations (e.g. ``dm:1:1000``; methods without a bench default get 200).
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_random_baseline, evaluate_synthetic
+from modelatlas.distill.evaluate import EvalResult
 
 # Outer iterations per (method, dataset) sized for ~2 shared CPU cores (papers: thousands).
 ITERATIONS = {"digits": {"mtt": 200, "ratbptt": 100, "podd": 200},
@@ -36,32 +45,58 @@ ITERATIONS = {"digits": {"mtt": 200, "ratbptt": 100, "podd": 200},
 def _row(name, ipc, ev, wall, iterations, extra=None) -> dict:
     return {"method": name, "ipc": ipc, "mean": round(ev.mean, 2), "std": round(ev.std, 2),
             "accuracies": [round(a, 2) for a in ev.accuracies], "protocol": ev.protocol["description"],
-            "wall_time_s": None if wall is None else round(wall, 1), "iterations": iterations, **(extra or {})}
+            "wall_time_s": None if wall is None else round(wall, 1), "iterations": iterations, **(extra or {}),
+            **({"draw_means": ev.protocol["draw_means"]} if "draw_means" in ev.protocol else {})}
 
 
-def one_run(method: str, ipc: float, tr, te, args, baselines: dict) -> list[dict]:
-    cfg = dict(json.loads(args.config)) if args.config else {}
-    cfg["iterations"] = args.iterations or ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"])[method]
+def protocols(method: str, cfg: dict, tr, args) -> list:
+    """The evaluation protocols of one run: the method's own, or each of ``--protocols`` (with DSA)."""
+    native = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
+    return [native if k == "native" else replace(native, kind=k, dsa=True) for k in args.protocols]
+
+
+def random_baseline(tr, te, ipc: int, proto, args) -> EvalResult:
+    """The random real subset pooled over ``--baseline-draws`` draws (seeds seed, seed+1, ...)."""
+    runs = [evaluate_random_baseline(tr, te, ipc, proto, args.seed + d) for d in range(args.baseline_draws)]
+    accs = [a for r in runs for a in r.accuracies]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    draws = [round(r.mean, 2) for r in runs]
+    return EvalResult(statistics.fmean(accs), std, accs, {**runs[0].protocol, "draw_means": draws})
+
+
+def one_run(entry: str, tr, te, args, baselines: dict) -> list[dict]:
+    method, ipc, iters = parse_entry(entry)
+    cfg = dict(json.loads(args.config)) if args.config and method in ("podd", "ratbptt") else {}
+    default_iters = ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"]).get(method, 200)
+    cfg["iterations"] = iters or args.iterations or default_iters
     int_ipc = max(1, math.ceil(ipc))
     if method == "podd":
         cfg["poster_ipc"] = float(ipc)
     start = time.perf_counter()
     syn = distill(method, tr, int_ipc, cfg, seed=args.seed)
     wall = time.perf_counter() - start
-    proto = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
-    ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
     extra = {}
     if method == "podd":
         lay = syn.meta["poster"]
         extra = {"actual_ipc": round(syn.meta["poster_ipc"], 3),
                  "poster": f"{lay['height']}x{lay['width']}, {lay['n_x']}x{lay['n_y']} crops"}
-    rows = [_row(method, ipc, ev, wall, cfg["iterations"], extra)]
-    key = (proto.kind, proto.dsa, int_ipc)
-    if key not in baselines:
-        bev = evaluate_random_baseline(tr, te, int_ipc, proto, args.seed)
-        baselines[key] = _row("random", int_ipc, bev, None, None)
-        rows.append(baselines[key])
+    rows = []
+    for proto in protocols(method, cfg, tr, args):
+        ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
+        rows.append(_row(method, ipc, ev, wall, cfg["iterations"], extra))
+        key = (proto.kind, proto.dsa, proto.epochs, int_ipc)
+        if key not in baselines and args.baseline_draws > 0:
+            baselines[key] = _row("random", int_ipc, random_baseline(tr, te, int_ipc, proto, args), None, None)
+            rows.append(baselines[key])
     return rows
+
+
+def parse_entry(entry: str) -> tuple[str, float, int | None]:
+    """``METHOD:IPC[:ITERATIONS]`` -> (method, ipc, iterations or None)."""
+    parts = entry.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--runs entry {entry!r}: expected METHOD:IPC or METHOD:IPC:ITERATIONS")
+    return parts[0], float(parts[1]), int(parts[2]) if len(parts) == 3 else None
 
 
 def split_val(tr, frac: float, seed: int):
@@ -78,6 +113,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         wall = "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}"
         note = f"{r['poster']} ({r['actual_ipc']} IPC)" if "poster" in r else ""
+        note = f"draws {r['draw_means']}" if "draw_means" in r else note
         lines.append(f"| {r['method']} | {r['ipc']} | {r['mean']:.1f} +- {r['std']:.1f} | {wall} | "
                      f"{r['iterations'] or ''} | {note} | {r['protocol']} |")
     return "\n".join(lines)
@@ -94,6 +130,9 @@ def main() -> None:
     ap.add_argument("--eval-epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--protocols", nargs="+", default=["native"], choices=["native", "adam", "sgd"],
+                    help="score every set under each of these (native: the method's own; adam/sgd: with DSA)")
+    ap.add_argument("--baseline-draws", type=int, default=1, help="random subsets pooled (0: no baseline)")
     ap.add_argument("--val", type=float, default=None, help="tune: hold out this fraction of train, score on it")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
@@ -102,8 +141,7 @@ def main() -> None:
     tr, te = split_val(tr, args.val, args.seed) if args.val else (tr, load_dataset(args.dataset, "test"))
     start, rows, baselines = time.perf_counter(), [], {}
     for entry in args.runs:
-        method, _, ipc = entry.partition(":")
-        for r in one_run(method, float(ipc), tr, te, args, baselines):
+        for r in one_run(entry, tr, te, args, baselines):
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(table(rows))
