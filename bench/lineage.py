@@ -11,7 +11,9 @@ and LoRA (rank 4, and mixed ranks 2/4/8). Each zoo: ours (K, stage, distance all
 the published MoTHer recipe told the true K and the right stage (the majority kurtosis direction of the true
 edges), with its own distance for the split (RMS for full fine-tuning, rank for LoRA).
 scaling: full fine-tuning MLP zoos of 21 to 200 models; wall time of recovery next to the time to read every
-tensor of every checkpoint once (the floor), warm page cache for both.
+tensor of every checkpoint once (the floor: every byte copied into memory), warm page cache for both; with
+--cold N also cold (pages evicted with posix_fadvise DONTNEED, checked against /proc/self/io), recovery from
+cold files end to end, N repetitions each.
 Zoos are built once under --work (resumable) and reused. Prints a Markdown table; --json saves the rows.
 """
 
