@@ -121,6 +121,14 @@ def test_cli_poster_writes_poster_not_crops(tmp_path, capsys):
     assert main(["distill", "eval", str(out)]) == 0
 
 
+def test_engine_defaults_differ_from_ratbptt():
+    cfg, rat = get("podd").make_config({}), get("ratbptt").make_config({})
+    assert (cfg.window, cfg.batch_real, cfg.total) == (60, 1024, 150)  # tuned on a validation split
+    assert (rat.window, rat.batch_real) == (10, 256)
+    with pytest.raises(ConfigError, match=r"window \(60\) must be <= total \(40\)"):
+        get("podd").make_config({"total": 40})
+
+
 def test_config_errors_name_the_field():
     spec = get("podd")
     for field, value, msg in (("fade", 2.0, "fade must be in"), ("class_order", "x", "class_order must be"),
