@@ -15,6 +15,8 @@ Parts (each prints JSON lines and writes ``--json``):
     python bench/efficient.py --part memory
     python bench/efficient.py --part hello --ipc 10
     python bench/efficient.py --part ddm --clusters-per-class 5
+    python bench/efficient.py --part budget --dataset fashion-mnist --marks 0 80 --eval-epochs 600 \
+        --config '{"width": 128, "dsa": true, "traj_steps": 1, "batch_real": 64}'
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 from modelatlas.data import load_dataset
-from modelatlas.distill import EvalProtocol, distill, evaluate_synthetic
+from modelatlas.distill import EvalProtocol, default_protocol, distill, evaluate_synthetic
 from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
 
 CONFIGS = {"teddy": {"iterations": 40, "traj_steps": 5, "pool_size": 8, "base_steps": 300},
@@ -84,6 +87,50 @@ def part_memory(args) -> list[dict]:
                          "wall_s": round(time.perf_counter() - start, 1)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def split_val(tr, frac: float, seed: int):
+    """(train part, validation part): a seeded random ``frac`` of the training split held out for tuning."""
+    perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed + 12345))
+    n_val = int(round(frac * len(tr)))
+    return tr.subset(perm[n_val:]), tr.subset(perm[:n_val])
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def part_budget(args) -> list[dict]:
+    """Teddy at each of ``--marks`` (cumulative outer iterations of ONE resumed run), scored under its
+    DSA protocol; times are cumulative and include the pool build."""
+    tr = load_dataset(args.dataset, "train")
+    tr, te = split_val(tr, args.val, args.seed) if args.val else (tr, load_dataset(args.dataset, "test"))
+    rows, wall, cpu = [], 0.0, 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {"cache_dir": f"{tmp}/pool", "checkpoint_every": 10**9, **json.loads(args.config or "{}")}
+        proto = default_protocol("teddy", cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
+        for mark in sorted(set(args.marks)):
+            (w0, c0), rss0 = _clock(), _rss_mb()
+            with SavedTensorMeter() as meter:
+                syn = distill("teddy", tr, args.ipc, {**cfg, "iterations": mark}, seed=args.seed,
+                              checkpoint_dir=f"{tmp}/ckpt", resume=True)
+            w1, c1 = _clock()
+            wall, cpu = wall + w1 - w0, cpu + c1 - c0
+            ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
+            rows.append({"method": "teddy", "dataset": tr.name, "ipc": args.ipc, "iterations": mark,
+                         "split": "val" if args.val else "test", "config": cfg, "mean": round(ev.mean, 2),
+                         "std": round(ev.std, 2), "accuracies": [round(a, 2) for a in ev.accuracies],
+                         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(_rss_mb(), 1),
+                         "rss_growth_mb": round(_rss_mb() - rss0, 1), "peak_graph_mb": round(meter.peak / 2**20, 2),
+                         "eval_s": round(time.perf_counter() - w1, 1), "load": _load(),
+                         "protocol": ev.protocol["description"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def part_hello(args) -> list[dict]:
@@ -158,9 +205,9 @@ def part_ddm(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["distill", "memory", "hello", "ddm"], default="distill")
+    ap.add_argument("--part", choices=["distill", "memory", "hello", "ddm", "budget"], default="distill")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config", default=None, help="JSON of Teddy config fields (--part budget)")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--methods", nargs="+", default=["teddy", "ratbptt", "dc"])
@@ -168,6 +215,8 @@ def main() -> None:
     ap.add_argument("--eval-epochs", type=int, default=300)
     ap.add_argument("--hello-iterations", type=int, default=100)
     ap.add_argument("--clusters-per-class", type=int, nargs="+", default=[5])
+    ap.add_argument("--marks", type=int, nargs="+", default=[0, 40, 80], help="budget: iteration marks")
+    ap.add_argument("--val", type=float, default=None, help="budget: tune on this held-out fraction of train")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -175,7 +224,8 @@ def main() -> None:
     if args.single:
         print(json.dumps(single(args)), flush=True)
         return
-    rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "ddm": part_ddm}[args.part](args)
+    rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "ddm": part_ddm,
+            "budget": part_budget}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
