@@ -1,5 +1,5 @@
-"""Efficient distillation and attribution benchmark: Teddy vs RaT-BPTT vs DC (accuracy, wall time, memory),
-HeLlO label storage vs accuracy, DDM attribution vs leave-one-cluster-out retraining.
+"""Efficient distillation benchmark: Teddy vs RaT-BPTT vs DC (accuracy, wall time, memory), Teddy under a
+wall-time budget, HeLlO label storage vs accuracy. (DDM attribution: ``bench/attribution.py``.)
 
 Parts (each prints JSON lines and writes ``--json``):
 - ``distill``: each method distils in its own subprocess (so ``ru_maxrss`` is the method's own peak) and is
@@ -9,12 +9,11 @@ Parts (each prints JSON lines and writes ``--json``):
   RaT-BPTT ``window``): constant for Teddy, linear for unrolled BPTT.
 - ``hello``: hard labels / stored teacher labels (one per crop per epoch, replayed crops) / HeLlO projector
   (text head, class-mean head), accuracy and bytes.
-- ``ddm``: DDM attribution vs LOO retraining: Spearman and speed-up.
+- ``budget``: Teddy as one resumed run through iteration ``--marks``, evaluated at each (accuracy vs time).
 
     python bench/efficient.py --part distill --dataset digits --ipc 10
     python bench/efficient.py --part memory
     python bench/efficient.py --part hello --ipc 10
-    python bench/efficient.py --part ddm --clusters-per-class 5
     python bench/efficient.py --part budget --dataset fashion-mnist --marks 0 80 --eval-epochs 600 \
         --config '{"width": 128, "dsa": true, "traj_steps": 1, "batch_real": 64}'
 """
@@ -184,28 +183,9 @@ def _acc(net, te) -> float:
         return round(100.0 * float((net(te.x).argmax(1) == te.y).float().mean()), 2)
 
 
-def part_ddm(args) -> list[dict]:
-    from modelatlas.attribution import DDMConfig, ddm_attribution, loo_attribution, spearman_scores
-
-    tr, te = load_dataset("digits", "train"), load_dataset("digits", "test")
-    rows = []
-    for kpc in args.clusters_per_class:
-        cfg = DDMConfig(clusters_per_class=kpc)
-        attr = ddm_attribution(tr.x, tr.y, te.x, te.y, 10, cfg, args.seed)
-        true, loo_s = loo_attribution(tr.x, tr.y, te.x, te.y, 10, attr.assign, cfg, args.seed)
-        same = (attr.cluster_class.unsqueeze(1) == te.y.unsqueeze(0)).float() * \
-            torch.bincount(attr.assign).float().unsqueeze(1)  # trivial baseline: same class x cluster size
-        rows.append({"clusters": len(attr.cluster_class), **spearman_scores(attr.matrix, true),
-                     "same_class_baseline": spearman_scores(same, true), "ddm_timings": attr.timings,
-                     "loo_s": round(loo_s, 2), "speedup_total": round(loo_s / attr.timings["total_s"], 1),
-                     "speedup_online": round(loo_s / attr.timings["online_s"], 1)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["distill", "memory", "hello", "ddm", "budget"], default="distill")
+    ap.add_argument("--part", choices=["distill", "memory", "hello", "budget"], default="distill")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help="JSON of Teddy config fields (--part budget)")
     ap.add_argument("--dataset", default="digits")
@@ -214,7 +194,6 @@ def main() -> None:
     ap.add_argument("--eval-nets", type=int, default=3)
     ap.add_argument("--eval-epochs", type=int, default=300)
     ap.add_argument("--hello-iterations", type=int, default=100)
-    ap.add_argument("--clusters-per-class", type=int, nargs="+", default=[5])
     ap.add_argument("--marks", type=int, nargs="+", default=[0, 40, 80], help="budget: iteration marks")
     ap.add_argument("--val", type=float, default=None, help="budget: tune on this held-out fraction of train")
     ap.add_argument("--seed", type=int, default=0)
@@ -224,8 +203,7 @@ def main() -> None:
     if args.single:
         print(json.dumps(single(args)), flush=True)
         return
-    rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "ddm": part_ddm,
-            "budget": part_budget}[args.part](args)
+    rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "budget": part_budget}[args.part](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
