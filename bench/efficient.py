@@ -88,13 +88,6 @@ def part_memory(args) -> list[dict]:
     return rows
 
 
-def split_val(tr, frac: float, seed: int):
-    """(train part, validation part): a seeded random ``frac`` of the training split held out for tuning."""
-    perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed + 12345))
-    n_val = int(round(frac * len(tr)))
-    return tr.subset(perm[n_val:]), tr.subset(perm[:n_val])
-
-
 def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -103,7 +96,8 @@ def part_budget(args) -> list[dict]:
     """Teddy at each of ``--marks`` (cumulative outer iterations of ONE resumed run), scored under its
     DSA protocol; times are cumulative and include the pool build."""
     tr = load_dataset(args.dataset, "train")
-    tr, te = split_val(tr, args.val, args.seed) if args.val else (tr, load_dataset(args.dataset, "test"))
+    # seed + 12345: the validation split of the documented tuning runs
+    tr, te = tr.holdout(args.val, args.seed + 12345) if args.val else (tr, load_dataset(args.dataset, "test"))
     rows, wall, cpu = [], 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"cache_dir": f"{tmp}/pool", "checkpoint_every": 10**9, **json.loads(args.config or "{}")}

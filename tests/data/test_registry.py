@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from modelatlas.data import load_dataset
 from modelatlas.errors import ConfigError
@@ -14,3 +15,20 @@ def test_digits_split_is_disjoint_and_seeded():
 def test_unknown_dataset_lists_available():
     with pytest.raises(ConfigError, match="unknown dataset 'nope'; available: .*digits"):
         load_dataset("nope")
+
+
+def test_holdout_is_a_seeded_disjoint_partition():
+    tr = load_dataset("digits", "train")
+    rest, held = tr.holdout(0.2, seed=3)
+    assert len(held) == round(0.2 * len(tr)) and len(rest) + len(held) == len(tr)
+    again = tr.holdout(0.2, seed=3)[1]
+    assert torch.equal(held.x, again.x) and torch.equal(held.y, again.y)
+    assert not torch.equal(held.x, tr.holdout(0.2, seed=4)[1].x)
+    flat = lambda d: {tuple(r.tolist()) for r in d.x.flatten(1)}  # noqa: E731
+    assert len(flat(rest) | flat(held)) == len(flat(tr))  # every example lands in exactly one part
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_holdout_rejects_a_fraction_outside_0_1(fraction):
+    with pytest.raises(ConfigError, match=f"dataset 'digits': holdout fraction must be in \\(0, 1\\), got {fraction}"):
+        load_dataset("digits", "train").holdout(fraction, seed=0)

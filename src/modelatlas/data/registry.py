@@ -14,6 +14,7 @@ import torch
 
 from modelatlas.errors import ConfigError
 from modelatlas.plugins import import_plugins
+from modelatlas.seeding import torch_generator
 
 
 @dataclass
@@ -46,6 +47,15 @@ class ArrayDataset:
     def subset(self, index: torch.Tensor | list[int]) -> ArrayDataset:
         idx = torch.as_tensor(index, dtype=torch.long)
         return ArrayDataset(self.name, self.x[idx], self.y[idx], list(self.classes), dict(self.meta))
+
+    def holdout(self, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+        """(rest, held out): a seeded random ``fraction`` of the examples set aside, e.g. a validation split
+        carved from a training split so settings are tuned without reading the test split. O(N)."""
+        if not 0 < fraction < 1:
+            raise ConfigError(f"dataset {self.name!r}: holdout fraction must be in (0, 1), got {fraction}")
+        perm = torch.randperm(len(self), generator=torch_generator(seed))
+        n_held = int(round(fraction * len(self)))
+        return self.subset(perm[n_held:]), self.subset(perm[:n_held])
 
 
 Loader = Callable[..., ArrayDataset]
