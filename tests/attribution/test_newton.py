@@ -19,6 +19,18 @@ def test_damped_cholesky_doubles_until_positive_definite():
     assert torch.allclose(factor @ factor.T, h + d * torch.eye(3), atol=1e-6)
 
 
+def test_damped_cholesky_refuses_a_non_finite_hessian():
+    h = torch.eye(3)
+    h[1, 1] = float("nan")
+    with pytest.raises(ConfigError, match="Hessian has NaN/inf entries .*lower DDMConfig.lr"):
+        N.damped_cholesky(h, 0.1)
+
+
+def test_damped_cholesky_gives_up_naming_the_damping():
+    with pytest.raises(ConfigError, match="not positive definite even with damping .*raise DDMConfig.damping"):
+        N.damped_cholesky(-1e6 * torch.eye(2), 0.1, max_tries=3)
+
+
 def test_newton_steps_solve_the_damped_system():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 5, generator=g)

@@ -24,6 +24,7 @@ import torch
 from torch.func import jacrev
 
 from modelatlas.attribution import target as T
+from modelatlas.errors import ConfigError
 
 
 def flatten(params: T.Params) -> torch.Tensor:
@@ -54,7 +55,10 @@ def distilled_hessian(model, params: T.Params, xs: torch.Tensor, soft: torch.Ten
 
 def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tuple[torch.Tensor, float]:
     """(lower Cholesky factor of h + d I, d): d starts at ``damping`` and doubles until h + d I is positive
-    definite. O(P^3) per try."""
+    definite. O(P^3) per try. A non-finite Hessian (a diverged target model) is refused at once."""
+    if not bool(torch.isfinite(h).all()):
+        raise ConfigError("DDM: the distilled-set Hessian has NaN/inf entries (the target model diverged?); "
+                          "lower DDMConfig.lr or train_steps")
     eye = torch.eye(len(h), dtype=h.dtype)
     d = float(damping)
     for _ in range(max_tries):
@@ -62,7 +66,7 @@ def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tup
         if int(info) == 0:
             return factor, d
         d *= 2.0
-    raise ValueError(f"Hessian not positive definite even with damping {d:g}")
+    raise ConfigError(f"DDM: the distilled-set Hessian is not positive definite even with damping {d:g}; raise DDMConfig.damping")
 
 
 def newton_steps(factor: torch.Tensor, grads: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
