@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
     paths = [manifest.path_of(n) for n in manifest.names]  # folder names are the manifest's model names
     forest = LineageRecovery(config).fit(paths, progress=tqdm_progress).forest_
     t2 = time.perf_counter()
-    echo(f"trained in {t1 - t0:.0f} s; recovered from the weights alone in {t2 - t1:.1f} s "
+    echo(f"trained in {t1 - t0:.0f} s; recovered from the weights alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")
     show_forest(forest, manifest)
     return 0
