@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.attribution import (
     DDMConfig,
     ddm_attribution,
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     start = time.perf_counter()
     data = splits(args.split, args.seed)

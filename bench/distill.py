@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_synthetic, methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_full_data
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = run(args)

@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_random_baseline, evaluate_synthetic
 from modelatlas.distill.evaluate import EvalResult
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--val", type=float, default=None, help="tune: hold out this fraction of train, score on it")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(args.threads)
     tr = load_dataset(args.dataset, "train")
     # seed + 12345: the validation split of the documented tuning runs

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.data import load_dataset
 from modelatlas.distill import EvalProtocol, default_protocol, distill, evaluate_synthetic
 from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     if args.single:
         print(json.dumps(single(args)), flush=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.scoring import edge_marks, score_forest
@@ -262,6 +263,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=0, metavar="REPS",
                     help="also time reading and recovery warm and cold (pages evicted), REPS times each")
     args = ap.parse_args()
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     if args.synthetic_wide:
         rows = {}

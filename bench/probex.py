@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.probex import (
     DenseExpert,
     ProbeXClassifier,
@@ -315,6 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--external", default=None, help="also run Task A within the largest tree of this zoo manifest")
     p.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = p.parse_args(argv)
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed)
     zoo = Path(args.zoo)

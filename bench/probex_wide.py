@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.probex import ProbeXConfig
 from modelatlas.probex.families import LAYERS, make_wide_subset_zoo
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--ft-lr", default="1e-4,3e-4", help="fine-tuning learning rate per child: min,max (log-uniform)")
     args = p.parse_args(argv)
     args.ft = {"ft_steps": tuple(map(int, args.ft_steps.split(","))), "ft_lr": tuple(map(float, args.ft_lr.split(",")))}
+    keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     zoo = Path(args.zoo)

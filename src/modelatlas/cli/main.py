@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from modelatlas import __version__
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.errors import AtlasError
 
 COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "distill", "attribute", "data"]
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
     return run_mapped(args.func, args)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from modelatlas.allocator import keep_freed_memory
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.architectures import build_model, head_name, lora_targets
@@ -121,6 +122,7 @@ def _spawn_pool(workers: int):
 
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()  # a worker only trains: keep activation blocks mapped between steps
 
 
 def _inline(job: dict) -> dict:
