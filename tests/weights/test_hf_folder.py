@@ -98,3 +98,15 @@ def test_discover_model_folders(tmp_path):
     (tmp_path / "zoo" / "notes").mkdir()
     assert [p.name for p in discover_models([tmp_path / "zoo"])] == ["a", "b"]
     assert discover_models([tmp_path / "zoo" / "b"]) == [tmp_path / "zoo" / "b"]
+
+
+def test_prefetch_goes_to_the_shard_and_never_fails(tmp_path):
+    folder = make_sharded(tmp_path / "model")
+    ck = open_checkpoint(folder)
+    ck.prefetch("head.weight")
+    ck.prefetch("missing")
+    assert torch.equal(ck.read("head.weight"), TENSORS["head.weight"])
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"junk")  # a bad shard not opened yet
+    ck.prefetch("embed.weight")  # reported by the read, not by the hint
+    with pytest.raises(CheckpointError):
+        ck.read("embed.weight")

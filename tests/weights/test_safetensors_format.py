@@ -58,3 +58,13 @@ def test_discover_expands_folders(tmp_path):
     make_file(tmp_path / "a.safetensors", a=torch.ones(1))
     (tmp_path / "readme.txt").write_text("x")
     assert [p.name for p in discover_models([tmp_path])] == ["a.safetensors", "b.safetensors"]
+
+
+def test_prefetch_is_a_hint_that_never_fails(tmp_path):
+    path = make_file(tmp_path / "m.safetensors", a=torch.ones(64, 64), b=torch.zeros(3))
+    ck = open_checkpoint(path)
+    assert ck.prefetch("a") is None  # WILLNEED on the tensor's byte range
+    ck.prefetch("no such tensor")  # unknown names: nothing to do
+    assert torch.equal(ck.read("a"), torch.ones(64, 64))
+    path.unlink()
+    ck.prefetch("b")  # the file is gone: the read that follows reports it, not the hint

@@ -70,6 +70,10 @@ class Checkpoint(ABC):
         self.info(name)  # raises a clear error for unknown names
         return self._read(name)
 
+    def prefetch(self, name: str) -> None:  # noqa: B027 - optional hook, a no-op for most formats
+        """Hint that tensor ``name`` will be read soon, so its bytes can be fetched from storage while the
+        caller computes (overlapping a cold read with work). Never reads, never raises; a no-op by default."""
+
     def __contains__(self, name: object) -> bool:
         return name in self._index()
 

@@ -107,6 +107,15 @@ class HFFolderCheckpoint(Checkpoint):
         shard = self.weight_file.name if self._weight_map is None else self._weight_map[name]
         return self._shard(shard).read(name)
 
+    def prefetch(self, name: str) -> None:
+        """Prefetch ``name`` from the shard that holds it (a no-op for unknown names)."""
+        shard = self.weight_file.name if self._weight_map is None else self._weight_map.get(name)
+        if shard is not None:
+            try:
+                self._shard(shard).prefetch(name)
+            except CheckpointError:
+                pass  # a bad shard is reported by the read that follows, not by a hint
+
     def close(self) -> None:
         for ck in self._shards.values():
             ck.close()

@@ -8,6 +8,7 @@ Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped)
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def __init__(self, path: str | Path, name: str | None = None):
         super().__init__(path, name)
-        self._header, _ = read_safetensors_header(self.path)
+        self._header, self._data_start = read_safetensors_header(self.path)
         self._handle = None
 
     def _infos(self) -> list[TensorInfo]:
@@ -99,6 +100,24 @@ class SafetensorsCheckpoint(Checkpoint):
             return self._handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(self.path, f"cannot read tensor {name!r}: {error_line(e)}") from e
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read tensor ``name``'s byte range into the page cache in the background
+        (``posix_fadvise(WILLNEED)``, asynchronous; a no-op where unsupported or when the file is gone)."""
+        meta = self._header.get(name)
+        if meta is None or not hasattr(os, "posix_fadvise"):
+            return
+        start, end = meta["data_offsets"]
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, self._data_start + start, end - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._handle = None
