@@ -172,3 +172,49 @@ def test_spectra_with_reused_buffers_equal_one_fresh_batch():
     np.testing.assert_array_equal(ranks, (sv > floor).sum(1).numpy())
     np.testing.assert_allclose(nuc, (sv.sum(1) / (12 * 6) ** 0.5).numpy(), rtol=1e-6)
     assert cap == 6
+
+
+def make_explicit_count(rs, n):
+    """The (n, 2s) count-sketch matrix Psi of a ``_RankSketch``: row perm[t] -> bucket t mod 2s."""
+    psi = torch.zeros(n, rs.buckets)
+    for t, i in enumerate(rs.perm.tolist()):
+        psi[i, t % rs.buckets] = rs.slot_signs[t, 0]
+    return psi
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (256, 24)])  # 300 rows: a partial last block of buckets
+def test_count_rank_sketch_is_psi_t_w_omega(shape):
+    from modelatlas.lineage.distances import _RankSketch
+    from modelatlas.weights import TensorInfo
+    rs = _RankSketch(TensorInfo("w", shape, "float32"), 16, seed=5, kind="count")
+    assert rs.perm is not None and rs.buckets == 32
+    x = torch.randn(3, shape[0] * shape[1], generator=torch.Generator().manual_seed(0))
+    psi = make_explicit_count(rs, shape[0])
+    want = psi.T @ x.view(3, *shape) @ rs.omega  # (3, 32, 16)
+    torch.testing.assert_close(rs(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rs(x[:1] - x[1:2]), rs(x[:1]) - rs(x[1:2]), rtol=1e-5, atol=1e-5)  # linear
+    assert sorted(rs.perm.tolist()) == list(range(shape[0]))  # every row lands in exactly one bucket
+
+
+def test_count_sketch_keeps_low_ranks_and_agrees_with_gaussian():
+    # differences of rank 1, 3 and 6 in a 300 x 40 layer (rows > 2s: two-sided sketch); both sketch kinds
+    # count the same ranks, and a full-rank difference saturates at s
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300, 40, generator=g)
+    ckpts = [MemoryCheckpoint("base", {"w": base})]
+    for r in (1, 3, 6):
+        ckpts.append(MemoryCheckpoint(f"r{r}", {"w": base + torch.randn(300, r, generator=g) @ torch.randn(r, 40, generator=g)}))
+    ckpts.append(MemoryCheckpoint("full", {"w": base + 0.1 * torch.randn(300, 40, generator=g)}))
+    pairs = np.array([[0, 1], [0, 2], [0, 3], [0, 4]])
+    got = {}
+    for kind in ("count", "gaussian"):
+        st = stream_pair_stats(ckpts, ckpts[0].tensors(), sketch=16, rank_sketch=kind)
+        got[kind] = spectral_distances(st.sketches, pairs, rtol=1e-3)[0].tolist()
+    assert got["count"] == got["gaussian"] == [1, 3, 6, 16]
+
+
+def test_rank_sketch_must_be_known():
+    from modelatlas.errors import ConfigError
+    from modelatlas.lineage.config import LineageConfig
+    with pytest.raises(ConfigError, match="rank_sketch"):
+        LineageConfig(rank_sketch="sparse")

@@ -12,6 +12,7 @@ DISTANCES = ("auto", "l2", "rank")
 METHODS = ("atlas", "mother-paper")
 PLACEMENTS = ("mst", "joint")
 ORIENTS = ("votes", "kurtosis")
+RANK_SKETCHES = ("count", "gaussian")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class LineageConfig:
         ``"kurtosis"`` (the summed kurtosis: fewest violated edges).
     root_prior: weight of the centrality prior of ``orient="votes"`` (0: kurtosis votes only).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
+    rank_sketch: how wide layers (more than 4 x ``sketch`` columns) are sketched on the right: ``"count"``
+        (each column, with a random sign, added to one of ``sketch`` buckets: O(n m), one pass) or
+        ``"gaussian"`` (a dense random projection, O(n m s) per model). Narrower layers
+        always use the Gaussian one, which is exact when ``sketch`` >= their columns.
     distance_sketch: layers of more than 4x this many weights get their full-FT distances from a seeded
         sign-bucket sketch of this size (O(N P + N^2 k) instead of O(N^2 P); unbiased, ~sqrt(2/k) relative
         spread per squared distance); None: exact Gram for every layer.
@@ -56,6 +61,7 @@ class LineageConfig:
     orient: str = "votes"
     root_prior: float = 2.0
     sketch: int = 64
+    rank_sketch: str = "count"
     distance_sketch: int | None = 4096
     rank_rtol: float = 1e-2
     tree_gap: float = 3.0
@@ -67,6 +73,7 @@ class LineageConfig:
         _choice("distance", self.distance, DISTANCES)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("orient", self.orient, ORIENTS)
+        _choice("rank_sketch", self.rank_sketch, RANK_SKETCHES)
         if not self.root_prior >= 0:
             raise ConfigError(f"root_prior must be >= 0 (0: kurtosis votes only; default 2); got {self.root_prior!r}")
         if self.n_trees is not None and (not isinstance(self.n_trees, int) or self.n_trees < 1):

@@ -66,7 +66,7 @@ class LineageRecovery:
             members = [ckpts[i] for i in idx]
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
-                                   gram_sketch=cfg.distance_sketch)
+                                   gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             names.append([members[i].name for i in keep])
