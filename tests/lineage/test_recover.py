@@ -117,3 +117,41 @@ def test_model_failing_mid_read_is_skipped():
     est = LineageRecovery(stage="specialize").fit(ckpts)
     assert "bad" not in est.names_ and "read error on disk" in est.skipped_["bad"]
     assert score_forest(est.forest_, parents).undirected == 1.0
+
+
+def test_identical_models_are_marked_duplicates_and_change_nothing_else():
+    weights, parents = make_synthetic_forest(seed=3)
+    plain = recover_lineage(weights)
+    dup = dict(weights)
+    dup["t0_1-copy"] = {k: v.clone() for k, v in weights["t0_1"].items()}  # a second save of a child
+    dup["t2-again"] = {k: v.clone() for k, v in weights["t2"].items()}  # and of a root
+    est = LineageRecovery().fit(dup)
+    f = est.forest_
+    kinds = {(e.parent, e.child): e.kind for e in f.edges}
+    assert kinds[("t0_1", "t0_1-copy")] == kinds[("t2", "t2-again")] == "duplicate"
+    assert f.decisions["duplicates"] == {"t0_1-copy": "t0_1", "t2-again": "t2"}
+    trained = {(e.parent, e.child, round(e.score, 9)) for e in f.edges if e.kind == "trained"}
+    assert trained == {(e.parent, e.child, round(e.score, 9)) for e in plain.edges}  # the rest is untouched
+    assert f.nodes.index("t0_1-copy") == f.nodes.index("t0_1") + 1 and sorted(f.roots()) == sorted(plain.roots())
+    i, j = est.names_.index("t2"), est.names_.index("t2-again")
+    assert est.distances_[i, j] == 0 and est.clusters_[i] == est.clusters_[j] and est.kurtosis_[i] == est.kurtosis_[j]
+    assert est.distances_.shape == (len(dup), len(dup)) and len(est.names_) == len(dup)
+    assert score_forest(f, parents).directed == score_forest(plain, parents).directed  # copies not in the truth
+
+
+def test_duplicate_edges_survive_json_and_are_drawn_as_identical():
+    from modelatlas.lineage.export import to_dot, to_mermaid, to_text
+    from modelatlas.lineage.forest import Edge, Forest
+    f = Forest(["a", "b", "a2"], [Edge("a", "b", 0.7, 0.1), Edge("a", "a2", 1.0, 0.0, "duplicate")], trees=[["a", "b", "a2"]])
+    back = Forest.from_dict(f.to_dict())
+    assert [e.kind for e in back.edges] == ["trained", "duplicate"]
+    assert "a2  (identical weights to a)" in to_text(f) and "b  (0.70)" in to_text(f)
+    assert 'style=dashed' in to_dot(f) and "-.->|identical|" in to_mermaid(f)
+    assert Forest.from_dict({"nodes": ["a", "b"], "edges": [{"parent": "a", "child": "b"}]}).edges[0].kind == "trained"
+
+
+def test_split_duplicates_keeps_the_first_of_each_group():
+    from modelatlas.lineage.recover import split_duplicates
+    rel = np.array([[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 1e-9], [0, 0.5, 0, 0.5], [0.5, 1e-9, 0.5, 0]])
+    assert split_duplicates(rel, [0, 1, 2, 3]) == ([0, 1], [(2, 0), (3, 1)])
+    assert split_duplicates(rel, [1, 2]) == ([1, 2], [])  # a failed model (0) is no one's representative

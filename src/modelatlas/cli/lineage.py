@@ -99,7 +99,9 @@ def show_forest(forest, truth=None) -> None:
     d = forest.decisions
     how = "given" if d.get("stage_given") else f"from the weights, confidence {d['stage_confidence']:.2f}"
     k_how = "given" if d.get("n_trees_given") else "found from the data"
-    echo(f"\n{len(forest.nodes)} models, {d['n_trees']} trees ({k_how}); stage: {d['stage']} ({how}); "
+    dups = d.get("duplicates") or {}
+    same = f", {len(dups)} of them identical to another (marked 'identical weights')" if dups else ""
+    echo(f"\n{len(forest.nodes)} models{same}, {d['n_trees']} trees ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
     if not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
         warn("the weights hold no evidence of the training stage (chains or single models only), so edge "

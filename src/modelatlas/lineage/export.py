@@ -23,7 +23,7 @@ def to_dot(forest: Forest, marks: dict | None = None) -> str:
     for n in forest.nodes:
         lines.append(f"  {_q(n)};")
     for e in forest.edges:
-        attrs = [f'label="{e.score:.2f}"']
+        attrs = ['label="identical", style=dashed'] if e.kind == "duplicate" else [f'label="{e.score:.2f}"']
         mark = (marks or {}).get((e.parent, e.child))
         if mark:
             attrs.append(f"color={_COLORS[mark]}")
@@ -43,7 +43,8 @@ def to_mermaid(forest: Forest, marks: dict | None = None) -> str:
     for i, e in enumerate(forest.edges):
         mark = (marks or {}).get((e.parent, e.child))
         tag = f" {_SYMBOLS[mark]}" if mark else ""
-        lines.append(f"  {ids[e.parent]} -->|{e.score:.2f}{tag}| {ids[e.child]}")
+        arrow = f"-.->|identical{tag}|" if e.kind == "duplicate" else f"-->|{e.score:.2f}{tag}|"
+        lines.append(f"  {ids[e.parent]} {arrow} {ids[e.child]}")
         if mark:
             styles.append(f"  linkStyle {i} stroke:{_COLORS[mark]}")
     return "\n".join(lines + styles) + "\n"
@@ -66,5 +67,6 @@ def _draw(node: str, prefix: str, kids: dict, marks: dict | None, out: list[str]
         last = i == len(edges) - 1
         mark = (marks or {}).get((e.parent, e.child))
         tag = f"  {_SYMBOLS[mark]}" if mark else ""
-        out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  ({e.score:.2f}){tag}")
+        what = f"(identical weights to {e.parent})" if e.kind == "duplicate" else f"({e.score:.2f})"
+        out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  {what}{tag}")
         _draw(e.child, prefix + ("    " if last else "│   "), kids, marks, out)

@@ -3,13 +3,14 @@
 JSON (``atlas lineage recover --out``)::
 
     {"nodes": ["t0", "t0_c0", ...],
-     "edges": [{"parent": "t0", "child": "t0_c0", "score": 0.71, "distance": 0.013}, ...],
+     "edges": [{"parent": "t0", "child": "t0_c0", "score": 0.71, "distance": 0.013, "kind": "trained"}, ...],
      "decisions": {"stage": "specialize", "stage_confidence": 0.99, "n_trees": 3, ...},
      "trees": [["t0", "t0_c0", ...], ...],
      "kurtosis": {"t0": 4.2, ...},
      "skipped": {"broken": "broken.safetensors: truncated file ..."}}
 
-Names are model names (:func:`modelatlas.weights.model_name`: file or folder name without extension).
+Names are model names (:func:`modelatlas.weights.model_name`: file or folder name without extension). An
+edge of kind ``"duplicate"`` joins two models with identical weights (score 1, distance 0).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from modelatlas.errors import AtlasError
 
 @dataclass(frozen=True)
 class Edge:
-    """``parent`` -> ``child`` (child was trained from parent); ``score`` in [0, 1] is the confidence."""
+    """``parent`` -> ``child``; ``score`` in [0, 1] is the confidence. ``kind``: ``"trained"`` (child was trained
+    from parent) or ``"duplicate"`` (identical weights: child is a copy of parent, or parent of child -- which
+    one came first cannot be told from the weights; the first one given is the parent)."""
 
     parent: str
     child: str
     score: float
     distance: float = float("nan")
+    kind: str = "trained"
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Forest:
         return {
             "nodes": list(self.nodes),
             "edges": [{"parent": e.parent, "child": e.child, "score": round(e.score, 6),
-                       "distance": e.distance} for e in self.edges],
+                       "distance": e.distance, "kind": e.kind} for e in self.edges],
             "decisions": self.decisions,
             "trees": self.trees,
             "kurtosis": self.kurtosis,
@@ -79,7 +83,7 @@ class Forest:
     def from_dict(cls, data: dict) -> Forest:
         try:
             edges = [Edge(e["parent"], e["child"], float(e.get("score", float("nan"))),
-                          float(e.get("distance", float("nan")))) for e in data["edges"]]
+                          float(e.get("distance", float("nan"))), str(e.get("kind", "trained"))) for e in data["edges"]]
             return cls(list(data["nodes"]), edges, dict(data.get("decisions", {})), list(data.get("trees", [])),
                        dict(data.get("kurtosis", {})), dict(data.get("skipped", {})))
         except (KeyError, TypeError, ValueError) as e:

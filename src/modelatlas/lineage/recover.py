@@ -38,6 +38,7 @@ from modelatlas.lineage.orient import (
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.progress import Progress
 
+DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
 _NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
 
 
@@ -61,7 +62,7 @@ class LineageRecovery:
         ckpts, skipped = as_checkpoints(weights)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats = [], []
+        names, stats, duplicates = [], [], {}
         for idx, layers in groups:
             members = [ckpts[i] for i in idx]
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
@@ -69,11 +70,15 @@ class LineageRecovery:
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
+            keep, dups = split_duplicates(st.rel, keep)
+            duplicates.update({members[d].name: members[r].name for d, r in dups})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError("no model could be compared (every model was skipped); see the reasons above")
         self._fit_groups(cfg, names, stats, rules, skipped)
+        if duplicates:
+            self._add_duplicates(duplicates)
         return self
 
     def _fit_groups(self, cfg, names, stats, rules, skipped) -> None:
@@ -125,6 +130,40 @@ class LineageRecovery:
         self.stage_, self.stage_confidence_ = f.decisions["stage"], f.decisions["stage_confidence"]
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
+
+
+    def _add_duplicates(self, duplicates: dict[str, str]) -> None:
+        """Put each duplicate back beside the model it equals: a node right after it, in its tree, joined by a
+        ``"duplicate"`` edge (score 1, distance 0); fitted arrays are extended by copying its row. Time O(N^2)."""
+        f, pos = self.forest_, {n: i for i, n in enumerate(self.names_)}
+        after: dict[str, list[str]] = {}
+        for dup, rep in duplicates.items():
+            after.setdefault(rep, []).append(dup)
+        nodes = [m for n in f.nodes for m in [n, *after.get(n, [])]]
+        src = np.array([pos[duplicates.get(n, n)] for n in nodes])  # row of the model each node equals
+        f.nodes = nodes
+        f.edges = f.edges + [Edge(rep, dup, 1.0, 0.0, "duplicate") for dup, rep in duplicates.items()]
+        f.trees = [[m for n in tree for m in [n, *after.get(n, [])]] for tree in f.trees]
+        f.kurtosis.update({dup: f.kurtosis[rep] for dup, rep in duplicates.items()})
+        f.decisions["duplicates"] = dict(duplicates)
+        self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
+        self.clusters_, self.kurtosis_ = self.clusters_[src], self.kurtosis_[src]
+        self.distances_ = self.distances_[np.ix_(src, src)]  # a duplicate is at distance 0 from its model
+
+
+def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TOL) -> tuple[list[int], list[tuple[int, int]]]:
+    """(representatives, [(duplicate, representative)]) among ``keep``: a model whose relative distance to an
+    earlier kept one is below ``tol`` (identical weights up to float32 rounding) is that model's duplicate.
+    Time O(N^2)."""
+    reps: list[int] = []
+    dups: list[tuple[int, int]] = []
+    for i in keep:
+        same = np.flatnonzero(rel[i, reps] < tol) if reps else np.zeros(0, dtype=int)
+        if len(same):
+            dups.append((i, reps[int(same[0])]))
+        else:
+            reps.append(i)
+    return reps, dups
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,

@@ -73,10 +73,13 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
 
 
 def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
-    """(parent, child) -> "right", "reversed" (true edge, wrong direction) or "wrong"."""
+    """(parent, child) -> "right", "reversed" (true edge, wrong direction) or "wrong". A duplicate edge whose
+    copy is not in the truth is left unmarked (the truth says nothing about it)."""
     parents = truth_parents(truth)
     out = {}
     for e in forest.edges:
+        if e.kind == "duplicate" and e.child not in parents:
+            continue
         if parents.get(e.child) == e.parent:
             out[(e.parent, e.child)] = "right"
         elif parents.get(e.parent) == e.child:
