@@ -77,3 +77,35 @@ def test_text_zero_shot_on_synthetic_problem(tmp_path, text_problem):
     assert np.mean(np.array(first) == np.arange(16, 24)) > 0.5  # most unseen queries find their class first
     again = load_expert(est.save(tmp_path / "t"))
     assert np.allclose(again.similarity(x[:5]), est.similarity(x[:5]), atol=1e-6)
+
+
+def make_statnn(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(60, 4, 4, generator=g) * (1 + torch.rand(60, 1, 1, generator=g))
+    y = np.stack([(x.std((1, 2)) > 1.5).numpy(), (x.mean((1, 2)) > 0).numpy()], 1).astype(int)
+    return StatNNClassifier(max_iter=15, seed=seed).fit({"w": x}, y), x
+
+
+def test_statnn_saves_and_loads_without_pickle(tmp_path):
+    pytest.importorskip("skops")
+    est, x = make_statnn()
+    est.save(tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["statnn.json", "statnn.skops"]
+    back = StatNNClassifier.load(tmp_path / "s")
+    assert np.array_equal(back.predict_proba({"w": x}), est.predict_proba({"w": x}))
+    assert back.max_iter == 15 and back.n_features_ == est.n_features_
+
+
+def test_statnn_refuses_a_model_file_with_other_types(tmp_path):
+    sio = pytest.importorskip("skops.io")
+    from fractions import Fraction
+
+    from modelatlas.errors import CheckpointError
+    est, _ = make_statnn()
+    est.save(tmp_path / "s")
+    sio.dump({"model": Fraction(1, 3)}, str(tmp_path / "s" / "statnn.skops"))  # a file naming an unlisted type
+    with pytest.raises(CheckpointError, match="fractions.Fraction"):
+        StatNNClassifier.load(tmp_path / "s")
+    (tmp_path / "s" / "statnn.skops").unlink()
+    with pytest.raises(CheckpointError, match="missing statnn.skops"):
+        StatNNClassifier.load(tmp_path / "s")

@@ -1,18 +1,26 @@
 """StatNN baseline (Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights"):
 per-layer weight statistics of every layer + a standard classifier (gradient boosting, one per label).
 
-Not saved with safetensors: it is a benchmark baseline, and scikit-learn models only serialise by pickle.
+Saved without pickle: scikit-learn models have no safetensors form, so :meth:`StatNNClassifier.save` writes
+skops' format (extra ``statnn``), whose loader builds only allow-listed types and refuses a file that names
+any other (:data:`TRUSTED`), plus a JSON config.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from modelatlas.errors import ConfigError
+from modelatlas.atomic import atomic_write, atomic_write_json
+from modelatlas.errors import CheckpointError, ConfigError
 
+FORMAT = "modelatlas-statnn/1"
+# the one type a fitted model holds beyond skops' default-trusted scikit-learn/numpy types
+TRUSTED = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
 STATS = ("mean", "var", "q0", "q25", "q50", "q75", "q100", "skew", "kurtosis")
 
 
@@ -62,3 +70,44 @@ class StatNNClassifier:
 
     def predict(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
         return np.asarray(self.model_.predict(layer_statistics(layers))).astype(int)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``statnn.json`` and ``statnn.skops`` into ``folder`` atomically (needs the ``statnn`` extra)."""
+        sio = _skops()
+        folder = Path(folder)
+        atomic_write(folder / "statnn.skops", lambda tmp: sio.dump(self.model_, str(tmp)))
+        atomic_write_json(folder / "statnn.json", {"format": FORMAT, "max_iter": self.max_iter, "seed": self.seed,
+                                                   "n_features": self.n_features_})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> StatNNClassifier:
+        """Load a folder written by :meth:`save`. Never unpickles: a model file naming any type outside skops'
+        defaults and :data:`TRUSTED` is refused with an error naming the file and the types."""
+        sio = _skops()
+        folder = Path(folder)
+        meta_path, model_path = folder / "statnn.json", folder / "statnn.skops"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            untrusted = sio.get_untrusted_types(file=str(model_path))
+        except FileNotFoundError as e:
+            raise CheckpointError(folder, f"not a StatNN folder (missing {Path(e.filename).name})") from e
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(model_path, f"cannot read StatNN model: {e}") from e
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(meta_path, f"format {meta.get('format')!r} is not {FORMAT!r}")
+        refused = sorted(set(untrusted) - set(TRUSTED))
+        if refused:
+            raise CheckpointError(model_path, f"refused: the file would build types outside the allow-list: {refused}")
+        out = cls(max_iter=int(meta["max_iter"]), seed=int(meta["seed"]))
+        out.model_ = sio.load(str(model_path), trusted=list(untrusted))
+        out.n_features_ = int(meta["n_features"])
+        return out
+
+
+def _skops():
+    try:
+        import skops.io as sio
+    except ImportError as e:
+        raise ConfigError("saving or loading StatNN needs skops: pip install 'modelatlas[statnn]'") from e
+    return sio
