@@ -273,9 +273,10 @@ def main() -> None:
     ap.add_argument("--no-exact", action="store_true", help="synthetic rows: skip the exact-distance run")
     ap.add_argument("--cold", type=int, default=0, metavar="REPS",
                     help="also time reading and recovery warm and cold (pages evicted), REPS times each")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (recovery splits its spectra over them)")
     args = ap.parse_args()
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.synthetic_wide:
         rows = {}
         for n in map(int, args.models.split(",")):

@@ -218,3 +218,19 @@ def test_rank_sketch_must_be_known():
     from modelatlas.lineage.config import LineageConfig
     with pytest.raises(ConfigError, match="rank_sketch"):
         LineageConfig(rank_sketch="sparse")
+
+
+def test_spectra_split_over_threads_equal_one_call():
+    from modelatlas.lineage.distances import _eigvalsh_split
+    g = torch.randn(100, 20, 12, generator=torch.Generator().manual_seed(0))
+    gram = g.transpose(1, 2) @ g  # (100, 12, 12)
+    want = torch.linalg.eigvalsh(gram)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            got = torch.empty(100, 12)
+            _eigvalsh_split(gram, got)
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
