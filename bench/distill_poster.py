@@ -34,6 +34,7 @@ from dataclasses import replace
 import torch
 
 from modelatlas.allocator import keep_freed_memory
+from modelatlas.atomic import atomic_write_json
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_random_baseline, evaluate_synthetic
 from modelatlas.distill.evaluate import EvalResult
@@ -65,7 +66,7 @@ def random_baseline(tr, te, ipc: int, proto, args) -> EvalResult:
     return EvalResult(statistics.fmean(accs), std, accs, {**runs[0].protocol, "draw_means": draws})
 
 
-def one_run(entry: str, tr, te, args, baselines: dict) -> list[dict]:
+def one_run(entry: str, tr, te, args, baselines: dict):
     method, ipc, iters = parse_entry(entry)
     cfg = dict(json.loads(args.config)) if args.config and method in ("podd", "ratbptt") else {}
     default_iters = ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"]).get(method, 200)
@@ -81,15 +82,13 @@ def one_run(entry: str, tr, te, args, baselines: dict) -> list[dict]:
         lay = syn.meta["poster"]
         extra = {"actual_ipc": round(syn.meta["poster_ipc"], 3),
                  "poster": f"{lay['height']}x{lay['width']}, {lay['n_x']}x{lay['n_y']} crops"}
-    rows = []
-    for proto in protocols(method, cfg, tr, args):
+    for proto in protocols(method, cfg, tr, args):  # rows are yielded as soon as each is scored
         ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
-        rows.append(_row(method, ipc, ev, wall, cfg["iterations"], extra))
+        yield _row(method, ipc, ev, wall, cfg["iterations"], extra)
         key = (proto.kind, proto.dsa, proto.epochs, int_ipc)
         if key not in baselines and args.baseline_draws > 0:
             baselines[key] = _row("random", int_ipc, random_baseline(tr, te, int_ipc, proto, args), None, None)
-            rows.append(baselines[key])
-    return rows
+            yield baselines[key]
 
 
 def parse_entry(entry: str) -> tuple[str, float, int | None]:
@@ -139,12 +138,11 @@ def main() -> None:
         for r in one_run(entry, tr, te, args, baselines):
             rows.append(r)
             print(json.dumps(r), flush=True)
+            if args.json:  # after every row: a stopped run keeps what it finished
+                atomic_write_json(args.json, {"args": vars(args), "rows": rows}, indent=1)
     print(table(rows))
     print(f"total {time.perf_counter() - start:.0f} s on {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
