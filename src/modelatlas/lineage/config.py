@@ -39,10 +39,10 @@ class LineageConfig:
         ``"kurtosis"`` (the summed kurtosis: fewest violated edges).
     root_prior: weight of the centrality prior of ``orient="votes"`` (0: kurtosis votes only).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
-    rank_sketch: how wide layers (more than 4 x ``sketch`` columns) are sketched on the right: ``"count"``
-        (each column, with a random sign, added to one of ``sketch`` buckets: O(n m), one pass) or
-        ``"gaussian"`` (a dense random projection, O(n m s) per model). Narrower layers
-        always use the Gaussian one, which is exact when ``sketch`` >= their columns.
+    rank_sketch: how layers with more than 2 x ``sketch`` rows are reduced on the left before the Gaussian
+        column sketch: ``"count"`` (each row, with a random sign, added to one of 2 x ``sketch`` buckets:
+        O(n m), one pass) or ``"gaussian"`` (a dense random projection, O(n m s) per model). Layers with
+        fewer rows are not reduced on the left.
     distance_sketch: layers of more than 4x this many weights get their full-FT distances from a seeded
         sign-bucket sketch of this size (O(N P + N^2 k) instead of O(N^2 P); unbiased, ~sqrt(2/k) relative
         spread per squared distance); None: exact Gram for every layer.

@@ -76,8 +76,8 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     optional pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). ``gram_sketch``: sketch size of the
     distances of layers with more than 4x as many weights (None: exact everywhere). ``stream``: sketched
     layers are reduced one model at a time (O(P_l + N k) memory, no (N, P_l) block); False stacks every layer
-    (the reference path; ``l1`` always stacks). ``rank_sketch``: ``"count"`` or ``"gaussian"`` right sketch of
-    wide layers (:class:`_RankSketch`). Time/memory: see the module."""
+    (the reference path; ``l1`` always stacks). ``rank_sketch``: ``"count"`` or ``"gaussian"`` left (row) sketch
+    of layers with more than 2 s rows (:class:`_RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")

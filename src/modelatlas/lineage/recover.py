@@ -131,7 +131,6 @@ class LineageRecovery:
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
 
-
     def _add_duplicates(self, duplicates: dict[str, str]) -> None:
         """Put each duplicate back beside the model it equals: a node right after it, in its tree, joined by a
         ``"duplicate"`` edge (score 1, distance 0); fitted arrays are extended by copying its row. Time O(N^2)."""
