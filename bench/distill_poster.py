@@ -19,6 +19,8 @@ each listed protocol (``native`` = the method's own; ``adam`` / ``sgd`` = that p
 the method's own. ``--baseline-draws 5`` pools the random subset over 5 draws (seeds seed..seed+4: different
 subsets and networks), since one draw moves by 6-8 points at IPC 1. ``METHOD:IPC:ITERATIONS`` sets one
 entry's outer iterations (e.g. ``dm:1:1000``; methods without a bench default get 200).
+``--checkpoint-dir DIR`` makes runs of hours survive a stop: rerun the same command and each run continues
+from its last checkpoint (identical result to an uninterrupted run; its distill time is then this process's).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import platform
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -74,13 +77,15 @@ def one_run(entry: str, tr, te, args, baselines: dict):
     int_ipc = max(1, math.ceil(ipc))
     if method == "podd":
         cfg["poster_ipc"] = float(ipc)
+    ckpt = Path(args.checkpoint_dir) / entry.replace(":", "_") if args.checkpoint_dir else None
+    resume = ckpt is not None and (ckpt / "checkpoint.json").is_file()
     start = time.perf_counter()
-    syn = distill(method, tr, int_ipc, cfg, seed=args.seed)
-    wall = time.perf_counter() - start
-    extra = {}
+    syn = distill(method, tr, int_ipc, cfg, seed=args.seed, checkpoint_dir=ckpt, resume=resume)
+    wall = time.perf_counter() - start  # of this process only when resumed (see the row's "resumed")
+    extra = {"resumed": True} if resume else {}
     if method == "podd":
         lay = syn.meta["poster"]
-        extra = {"actual_ipc": round(syn.meta["poster_ipc"], 3),
+        extra |= {"actual_ipc": round(syn.meta["poster_ipc"], 3),
                  "poster": f"{lay['height']}x{lay['width']}, {lay['n_x']}x{lay['n_y']} crops"}
     for proto in protocols(method, cfg, tr, args):  # rows are yielded as soon as each is scored
         ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
@@ -127,6 +132,9 @@ def main() -> None:
     ap.add_argument("--baseline-draws", type=int, default=1, help="random subsets pooled (0: no baseline)")
     ap.add_argument("--val", type=float, default=None, help="tune: hold out this fraction of train, score on it")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="checkpoint each run under DIR/METHOD_IPC[_ITERS] (every config checkpoint_every "
+                         "iterations); a run whose checkpoint exists there is resumed")
     args = ap.parse_args()
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(args.threads)
