@@ -33,7 +33,7 @@ import torch
 from modelatlas.allocator import keep_freed_memory
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
-from modelatlas.lineage.scoring import edge_marks, score_forest
+from modelatlas.lineage.scoring import edge_errors, edge_marks, score_forest
 from modelatlas.weights import open_checkpoint
 from modelatlas.zoo import make_zoo, preset
 
@@ -190,7 +190,33 @@ def evaluate(manifest, paper_distance: str) -> dict:
             "t_ours": t_ours, "t_paper": t_paper, "right_stage": stage, "stage": d["stage"],
             "stage_conf": d["stage_confidence"], "k_found": d["n_trees"], "k_true": k, "distance": d["distance"],
             "score_right": float(np.mean(right)) if right else None,
-            "score_wrong": float(np.mean(wrong)) if wrong else None}
+            "score_wrong": float(np.mean(wrong)) if wrong else None, **same_task(ours, manifest)}
+
+
+def task_similarity(a: dict, b: dict) -> float:
+    """How alike two zoo fine-tuning tasks are: 1 / 0 for the same / another input transform or label
+    regrouping, else the Jaccard overlap of the class sets."""
+    if a.get("transform", "identity") != "identity" or b.get("transform", "identity") != "identity":
+        return float(a.get("transform") == b.get("transform"))
+    if a.get("label_map") or b.get("label_map"):
+        return float(a.get("label_map") == b.get("label_map"))
+    x, y = set(a.get("classes", [])), set(b.get("classes", []))
+    return len(x & y) / max(len(x | y), 1)
+
+
+def same_task(forest, manifest) -> dict:
+    """Of the misplaced edges (wrong, not reversed), how many hang the child from a model trained on the same
+    or a like task (similarity >= 0.6), against its true parent's task; and, for scale, the mean similarity
+    of a fine-tuned model to the other fine-tuned models of its tree."""
+    rec = {m.name: m for m in manifest.models}
+    placed = [(p, c) for (p, c), kind in edge_errors(forest, manifest).items() if kind != "reversed"]
+    got = [task_similarity(rec[c].task, rec[p].task) for p, c in placed if p in rec and c in rec]
+    true = [task_similarity(rec[c].task, rec[rec[c].parent].task) for p, c in placed if rec.get(c) and rec[c].parent]
+    tuned = [m for m in manifest.models if m.parent is not None]
+    base = [task_similarity(a.task, b.task) for a in tuned for b in tuned if a.tree == b.tree and a is not b]
+    return {"misplaced": len(placed), "misplaced_same_task": sum(g >= 0.6 for g in got),
+            "misplaced_true_parent_same_task": sum(t >= 0.6 for t in true),
+            "task_similarity_baseline": float(np.mean(base)) if base else None}
 
 
 SYNTH_SHAPES = {39: (3, 2), 78: (6, 2), 200: (5, 3)}  # models -> (trees, depth), 3 children each
@@ -254,12 +280,33 @@ def row(key: str, r: dict) -> str:
             f"{o['ari']:.2f} | {p['directed_accuracy']:.1%} / {p['undirected_accuracy']:.1%} / {p['ari']:.2f} | "
             f"{r['k_found']}/{r['k_true']} | {r['stage']} ({r['stage_conf']:.2f}; right: {r['right_stage']}) | "
             f"{r['distance']} | {r['score_right']:.2f} / {sw} | {r['t_read']:.2f} | {r['t_ours']:.2f} | "
-            f"{r['t_ours'] / max(r['t_read'], 1e-9):.1f}x |")
+            f"{r['t_ours'] / max(r['t_read'], 1e-9):.1f}x | {_kinds(o)} | {_same(r)} |")
+
+
+def summary(rows: dict) -> str:
+    """Mean directed accuracy, zoos at >= 95%, and where the misplaced edges went."""
+    acc = [r["ours"]["directed_accuracy"] for r in rows.values()]
+    mis = sum(r.get("misplaced", 0) for r in rows.values())
+    base = [r["task_similarity_baseline"] for r in rows.values() if r.get("task_similarity_baseline") is not None]
+    return (f"\n{len(acc)} zoos: mean directed {np.mean(acc):.1%}, {sum(a >= 0.95 - 1e-9 for a in acc)} at >= 95%; "
+            f"{mis} misplaced edges, {sum(r.get('misplaced_same_task', 0) for r in rows.values())} of them onto a "
+            f"model trained on a like task (task similarity >= 0.6; the true parent's task is like the child's "
+            f"for {sum(r.get('misplaced_true_parent_same_task', 0) for r in rows.values())}; mean similarity of two "
+            f"fine-tunes of one tree: {np.mean(base) if base else float('nan'):.2f})")
+
+
+def _kinds(scores: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in scores.get("wrong_edges", {}).items()) or "--"
+
+
+def _same(r: dict) -> str:
+    return f"{r['misplaced_same_task']} of {r['misplaced']}" if r.get("misplaced") else "--"
 
 
 HEADER = ("| zoo | models | ours: directed / undirected / ARI | MoTHer recipe (true K, right stage) | K found/true "
-          "| stage found (confidence) | distance | mean score right / wrong edges | read s | ours s | ours/read |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "| stage found (confidence) | distance | mean score right / wrong edges | read s | ours s | ours/read "
+          "| wrong edges (kind) | misplaced onto a like task |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -303,6 +350,7 @@ def main() -> None:
             r.update(timing([manifest.path_of(n) for n in manifest.names], args.cold))
         rows[str(key)] = r
         print(row(str(key), r), flush=True)
+    print(summary(rows))
     if args.cold:
         print(TIMING_HEADER)
         for k, r in rows.items():

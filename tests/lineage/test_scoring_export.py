@@ -2,7 +2,14 @@ import pytest
 
 from modelatlas.lineage.export import to_dot, to_mermaid, to_text
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.scoring import edge_accuracy, edge_marks, score_forest, tree_labels
+from modelatlas.lineage.scoring import (
+    edge_accuracy,
+    edge_errors,
+    edge_marks,
+    error_notes,
+    score_forest,
+    tree_labels,
+)
 from modelatlas.zoo.manifest import Manifest, ModelRecord
 
 TRUTH = {"a": None, "b": "a", "c": "a", "d": "b", "x": None, "y": "x"}
@@ -66,3 +73,46 @@ def test_forest_json_roundtrip(tmp_path):
     g = Forest.load(tmp_path / "f.json")
     assert g.nodes == f.nodes and [(e.parent, e.child) for e in g.edges] == [(e.parent, e.child) for e in f.edges]
     assert g.roots() == ["b", "x"]
+
+
+# a -> b -> {d -> g, e}, a -> c -> f; x -> y (two trees) for the error kinds
+DEEP = {"a": None, "b": "a", "c": "a", "d": "b", "e": "b", "f": "c", "g": "d", "x": None, "y": "x"}
+
+
+def check_kind(parent: str, child: str, expected: str) -> None:
+    f = Forest(list(DEEP), [Edge(parent, child, 0.5)], {})
+    assert edge_errors(f, DEEP) == {(parent, child): expected}
+
+
+@pytest.mark.parametrize("parent,child,expected", [
+    ("d", "e", "sibling"),  # e's true parent b; d is b's child
+    ("c", "d", "uncle"),  # c is a sibling of d's parent b
+    ("a", "d", "grandparent"),
+    ("b", "a", "reversed"),
+    ("g", "b", "descendant"),  # g sits two levels below b
+    ("f", "d", "other"),  # a cousin
+    ("y", "a", "other tree"),
+    ("b", "x", "other tree"),
+])
+def test_edge_error_kinds_by_hand(parent, child, expected):
+    check_kind(parent, child, expected)
+
+
+def test_true_root_given_a_parent_in_its_own_tree():
+    truth = {"a": None, "b": "a", "c": "b"}
+    f = Forest(list(truth), [Edge("c", "a", 0.5)], {})
+    assert edge_errors(f, truth) == {("c", "a"): "true root"}
+
+
+def test_score_counts_kinds_and_notes_in_drawing():
+    f = Forest(list(DEEP), [Edge("a", "b", 1), Edge("a", "c", 1), Edge("b", "d", 1), Edge("d", "e", 1),
+                            Edge("b", "f", 1), Edge("y", "x", 1)], {})
+    s = score_forest(f, DEEP)
+    assert s.errors == {"reversed": 1, "sibling": 1, "uncle": 1}
+    assert s.as_dict()["wrong_edges"] == s.errors
+    notes = error_notes(f, DEEP)
+    assert notes == {("d", "e"): "sibling; true parent b", ("b", "f"): "uncle; true parent c"}
+    text = to_text(f, edge_marks(f, DEEP), notes)
+    assert "e  (1.00)  ✗ (sibling; true parent b)" in text
+    assert "x  (1.00)  ✗ (reversed)" in text
+    assert "✗ (uncle; true parent c)" in to_mermaid(f, edge_marks(f, DEEP), notes)

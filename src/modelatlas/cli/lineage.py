@@ -90,12 +90,12 @@ def _load_truth(path: Path | None):
 def show_forest(forest, truth=None) -> None:
     """Skipped models (stderr), the tree drawing, the decisions and, with ``truth``, the scores."""
     from modelatlas.lineage.export import to_text
-    from modelatlas.lineage.scoring import edge_marks, score_forest
+    from modelatlas.lineage.scoring import edge_marks, error_notes, score_forest
 
     for name, why in forest.skipped.items():
         print(f"skipped {name}: {' '.join(why.split())}", file=sys.stderr)
-    marks = edge_marks(forest, truth) if truth is not None else None
-    echo(to_text(forest, marks).rstrip("\n"))
+    marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
+    echo(to_text(forest, marks, notes).rstrip("\n"))
     d = forest.decisions
     how = "given" if d.get("stage_given") else f"from the weights, confidence {d['stage_confidence']:.2f}"
     k_how = "given" if d.get("n_trees_given") else "found from the data"
@@ -108,15 +108,16 @@ def show_forest(forest, truth=None) -> None:
              "directions are a guess; pass --stage specialize|generalize if you know it")
     if truth is not None:
         s = score_forest(forest, truth)
+        wrong = ", ".join(f"{n} {k}" for k, n in s.errors.items())
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
-             f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}")
+             f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else ""))
 
 
 def _write_outputs(args: argparse.Namespace, forest, truth) -> None:
     from modelatlas.lineage.export import to_dot, to_mermaid
-    from modelatlas.lineage.scoring import edge_marks, score_forest
+    from modelatlas.lineage.scoring import edge_marks, error_notes, score_forest
 
-    marks = edge_marks(forest, truth) if truth is not None else None
+    marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
     if args.out:
         data = forest.to_dict()
         if truth is not None:
@@ -129,5 +130,5 @@ def _write_outputs(args: argparse.Namespace, forest, truth) -> None:
         atomic_write_text(args.dot, to_dot(forest, marks))
         echo(f"wrote {args.dot}")
     if args.mermaid:
-        atomic_write_text(args.mermaid, to_mermaid(forest, marks))
+        atomic_write_text(args.mermaid, to_mermaid(forest, marks, notes))
         echo(f"wrote {args.mermaid}")

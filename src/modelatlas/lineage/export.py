@@ -2,7 +2,8 @@
 
 Pure functions returning strings; the CLI writes them (atomically) or prints them. With ``marks``
 (from :func:`modelatlas.lineage.scoring.edge_marks`) each edge is marked right (green / ✓) or wrong
-(red / ✗). Time O(N + E).
+(red / ✗); ``notes`` (edge -> text, e.g. the error kind from
+:func:`modelatlas.lineage.scoring.edge_errors`) is shown beside the mark. Time O(N + E).
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ def to_dot(forest: Forest, marks: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_mermaid(forest: Forest, marks: dict | None = None) -> str:
+def _tag(edge: tuple[str, str], marks: dict | None, notes: dict | None, sep: str = " ") -> str:
+    mark = (marks or {}).get(edge)
+    note = (notes or {}).get(edge)
+    if not mark:
+        return ""
+    return f"{sep}{_SYMBOLS[mark]}" + (f" ({note})" if note and mark == "wrong" else "")
+
+
+def to_mermaid(forest: Forest, marks: dict | None = None, notes: dict | None = None) -> str:
     """Mermaid ``graph TD`` (renders in GitHub Markdown); node ids are n0, n1, ... labelled by name."""
     ids = {n: f"n{i}" for i, n in enumerate(forest.nodes)}
     lines = ["graph TD"]
@@ -42,7 +51,7 @@ def to_mermaid(forest: Forest, marks: dict | None = None) -> str:
     styles = []
     for i, e in enumerate(forest.edges):
         mark = (marks or {}).get((e.parent, e.child))
-        tag = f" {_SYMBOLS[mark]}" if mark else ""
+        tag = _tag((e.parent, e.child), marks, notes).replace('"', "'")
         arrow = f"-.->|identical{tag}|" if e.kind == "duplicate" else f"-->|{e.score:.2f}{tag}|"
         lines.append(f"  {ids[e.parent]} {arrow} {ids[e.child]}")
         if mark:
@@ -50,23 +59,23 @@ def to_mermaid(forest: Forest, marks: dict | None = None) -> str:
     return "\n".join(lines + styles) + "\n"
 
 
-def to_text(forest: Forest, marks: dict | None = None) -> str:
-    """The forest drawn with unicode tree lines, each edge with its score (and ✓/✗ with ``marks``)."""
+def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None) -> str:
+    """The forest drawn with unicode tree lines, each edge with its score (and ✓/✗ with ``marks``, plus its
+    ``notes`` on wrong edges)."""
     kids = forest.children()
     out = []
     for t, root in enumerate(forest.roots()):
         size = next((len(tr) for tr in forest.trees if root in tr), None)
         out.append(f"{root}" + (f"  [tree {t + 1}, {size} models]" if size else ""))
-        _draw(root, "", kids, marks, out)
+        _draw(root, "", kids, (marks, notes), out)
     return "\n".join(out) + "\n"
 
 
-def _draw(node: str, prefix: str, kids: dict, marks: dict | None, out: list[str]) -> None:
+def _draw(node: str, prefix: str, kids: dict, marks: tuple, out: list[str]) -> None:
     edges = kids.get(node, [])
     for i, e in enumerate(edges):
         last = i == len(edges) - 1
-        mark = (marks or {}).get((e.parent, e.child))
-        tag = f"  {_SYMBOLS[mark]}" if mark else ""
+        tag = _tag((e.parent, e.child), *marks, sep="  ")
         what = f"(identical weights to {e.parent})" if e.kind == "duplicate" else f"({e.score:.2f})"
         out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  {what}{tag}")
         _draw(e.child, prefix + ("    " if last else "│   "), kids, marks, out)

@@ -3,7 +3,9 @@
 * directed-edge accuracy: |predicted edges that are true edges, same direction| / |true edges|
   (MoTHer's metric; with n - 1 predicted edges per tree it equals precision and recall);
 * undirected-edge accuracy: the same, ignoring direction;
-* clustering ARI: adjusted Rand index between predicted trees (connected components) and true trees.
+* clustering ARI: adjusted Rand index between predicted trees (connected components) and true trees;
+* the kind of each wrong edge (:func:`edge_errors`): where the recovered parent sits relative to the true one
+  (a sibling, an uncle, the grandparent, a descendant, another tree), so a user sees *how* a recovery erred.
 
 True edges whose models were skipped (unreadable) count as misses: a skipped model is a failure to recover.
 Time O(N + E).
@@ -11,8 +13,9 @@ Time O(N + E).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sklearn.metrics import adjusted_rand_score
 
@@ -27,10 +30,11 @@ class LineageScore:
     ari: float
     n_true_edges: int
     n_correct: int
+    errors: dict[str, int] = field(default_factory=dict)  # wrong-edge kind -> count (see ``edge_errors``)
 
     def as_dict(self) -> dict:
         return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
-                "true_edges": self.n_true_edges, "correct_edges": self.n_correct}
+                "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors}
 
 
 def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
@@ -68,8 +72,9 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     common = [n for n in forest.nodes if n in parents]
     t_lab, p_lab = tree_labels(parents), tree_labels(forest.parents())
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
+    errors = dict(sorted(Counter(edge_errors(forest, parents).values()).items()))
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
-                        len(true), len(pred & true))
+                        len(true), len(pred & true), errors)
 
 
 def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
@@ -86,4 +91,65 @@ def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> di
             out[(e.parent, e.child)] = "reversed"
         else:
             out[(e.parent, e.child)] = "wrong"
+    return out
+
+
+ERROR_KINDS = ("reversed", "sibling", "uncle", "grandparent", "descendant", "true root", "other tree", "other")
+
+
+def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
+    """(parent, child) -> the kind of error, for each recovered edge that is not a true edge:
+    ``reversed`` (the true edge, pointing the wrong way); else where the recovered parent sits relative to the
+    child's true parent: ``sibling`` (a child of the true parent), ``uncle`` (a sibling of the true parent),
+    ``grandparent`` (a level skipped), ``descendant`` (below the child); ``true root`` (the child is a true
+    root); ``other tree``; ``other``. Duplicate edges whose copy the truth does not name are left out.
+    Time O(E depth)."""
+    parents = truth_parents(truth)
+    labels = tree_labels(parents)
+    out = {}
+    for e in forest.edges:
+        if (e.kind == "duplicate" and e.child not in parents) or parents.get(e.child) == e.parent:
+            continue
+        out[(e.parent, e.child)] = _error_kind(parents, labels, e.parent, e.child)
+    return out
+
+
+def _error_kind(parents: Mapping[str, str | None], labels: Mapping[str, str], parent: str, child: str) -> str:
+    true, up = parents.get(child), parents.get(parent)
+    if up == child:
+        return "reversed"
+    if labels.get(parent, parent) != labels.get(child, child):
+        return "other tree"
+    if true is None:
+        return "true root"
+    if up == true:
+        return "sibling"
+    if parents.get(true) == parent:
+        return "grandparent"
+    if up is not None and up == parents.get(true):
+        return "uncle"
+    return "descendant" if _is_ancestor(child, parent, parents) else "other"
+
+
+def _is_ancestor(a: str, b: str, parents: Mapping[str, str | None]) -> bool:
+    """Whether ``a`` is a proper ancestor of ``b`` in ``parents``. Time O(depth)."""
+    seen, v = set(), parents.get(b)
+    while v is not None and v not in seen:
+        if v == a:
+            return True
+        seen.add(v)
+        v = parents.get(v)
+    return False
+
+
+def error_notes(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
+    """(parent, child) -> a short reading of each wrong edge, e.g. ``"sibling; true parent t0.1"``, for the
+    terminal drawing and Mermaid labels (reversed edges are marked as such already)."""
+    parents = truth_parents(truth)
+    out = {}
+    for edge, kind in edge_errors(forest, parents).items():
+        if kind == "reversed":
+            continue
+        true = parents.get(edge[1])
+        out[edge] = kind if true is None or kind == "other tree" else f"{kind}; true parent {true}"
     return out
