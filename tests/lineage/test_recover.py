@@ -155,3 +155,42 @@ def test_split_duplicates_keeps_the_first_of_each_group():
     rel = np.array([[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 1e-9], [0, 0.5, 0, 0.5], [0.5, 1e-9, 0.5, 0]])
     assert split_duplicates(rel, [0, 1, 2, 3]) == ([0, 1], [(2, 0), (3, 1)])
     assert split_duplicates(rel, [1, 2]) == ([1, 2], [])  # a failed model (0) is no one's representative
+
+
+def test_lower_precision_saves_are_copies_not_fine_tunes():
+    weights, parents = make_synthetic_forest(seed=3)
+    plain = recover_lineage(weights)
+    more = dict(weights)
+    more["t0_1-fp16"] = {k: v.half() for k, v in weights["t0_1"].items()}  # the same model saved in float16
+    more["t1-bf16"] = {k: v.bfloat16() for k, v in weights["t1"].items()}  # a root saved in bfloat16
+    # a float16 model that is NOT a copy: a small fine-tune of t2 (0.5 %, far above float16 rounding)
+    more["t2-tuned-fp16"] = {k: (v + 0.005 * v.std() * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))).half()
+                             for k, v in weights["t2"].items()}
+    f = recover_lineage(more)
+    kinds = {(e.parent, e.child): e.kind for e in f.edges}
+    assert kinds[("t0_1", "t0_1-fp16")] == kinds[("t1", "t1-bf16")] == "precision"
+    assert f.decisions["precision_copies"] == {"t0_1-fp16": "float16", "t1-bf16": "bfloat16"}
+    assert f.decisions["duplicates"] == {"t0_1-fp16": "t0_1", "t1-bf16": "t1"}
+    assert {k for (p, c), k in kinds.items() if "t2-tuned-fp16" in (p, c)} == {"trained"}  # a model of its own
+    outside = {(e.parent, e.child) for e in plain.edges if not e.parent.startswith("t2")}
+    assert outside <= {pc for pc, k in kinds.items() if k == "trained"}  # the copies change nothing else
+
+
+def test_split_duplicates_prefers_the_higher_precision_original():
+    from modelatlas.lineage.recover import ROUNDOFF, split_duplicates
+    rel = np.array([[0, 3e-4, 0.5], [3e-4, 0, 0.5], [0.5, 0.5, 0]])
+    # model 0 is the float16 save (given first), model 1 its float32 original: 1 represents, 0 is the copy
+    assert split_duplicates(rel, [0, 1, 2], roundoff=[ROUNDOFF["float16"], 0, 0]) == ([1, 2], [(0, 1)])
+    # the same distance between two float32 models is a fine-tune, not a copy
+    assert split_duplicates(rel, [0, 1, 2], roundoff=[0, 0, 0]) == ([0, 1, 2], [])
+    # nor between two float16 models (both rounded: a nonzero difference is a real change)
+    assert split_duplicates(rel, [0, 1, 2], roundoff=[ROUNDOFF["float16"]] * 3) == ([0, 1, 2], [])
+
+
+def test_precision_edges_are_drawn_as_copies():
+    from modelatlas.lineage.export import to_dot, to_mermaid, to_text
+    from modelatlas.lineage.forest import Edge, Forest
+    f = Forest(["a", "a16"], [Edge("a", "a16", 1.0, 0.0, "precision")], trees=[["a", "a16"]])
+    assert "a16  (lower-precision copy of a)" in to_text(f)
+    assert 'label="lower precision", style=dashed' in to_dot(f) and "-.->|lower precision|" in to_mermaid(f)
+    assert Forest.from_dict(f.to_dict()).edges[0].kind == "precision"

@@ -99,8 +99,9 @@ def show_forest(forest, truth=None) -> None:
     d = forest.decisions
     how = "given" if d.get("stage_given") else f"from the weights, confidence {d['stage_confidence']:.2f}"
     k_how = "given" if d.get("n_trees_given") else "found from the data"
-    dups = d.get("duplicates") or {}
-    same = f", {len(dups)} of them identical to another (marked 'identical weights')" if dups else ""
+    dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
+    same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""
+    same += f", {len(lowp)} a lower-precision copy of another" if lowp else ""
     echo(f"\n{len(forest.nodes)} models{same}, {d['n_trees']} trees ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
     if not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:

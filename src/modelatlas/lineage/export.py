@@ -12,6 +12,8 @@ from modelatlas.lineage.forest import Forest
 
 _COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red"}
 _SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗"}
+_COPY = {"duplicate": "identical", "precision": "lower precision"}  # edges that join copies of one model
+_COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 
 
 def _q(name: str) -> str:
@@ -24,7 +26,7 @@ def to_dot(forest: Forest, marks: dict | None = None) -> str:
     for n in forest.nodes:
         lines.append(f"  {_q(n)};")
     for e in forest.edges:
-        attrs = ['label="identical", style=dashed'] if e.kind == "duplicate" else [f'label="{e.score:.2f}"']
+        attrs = [f'label="{_COPY[e.kind]}", style=dashed'] if e.kind in _COPY else [f'label="{e.score:.2f}"']
         mark = (marks or {}).get((e.parent, e.child))
         if mark:
             attrs.append(f"color={_COLORS[mark]}")
@@ -52,7 +54,7 @@ def to_mermaid(forest: Forest, marks: dict | None = None, notes: dict | None = N
     for i, e in enumerate(forest.edges):
         mark = (marks or {}).get((e.parent, e.child))
         tag = _tag((e.parent, e.child), marks, notes).replace('"', "'")
-        arrow = f"-.->|identical{tag}|" if e.kind == "duplicate" else f"-->|{e.score:.2f}{tag}|"
+        arrow = f"-.->|{_COPY[e.kind]}{tag}|" if e.kind in _COPY else f"-->|{e.score:.2f}{tag}|"
         lines.append(f"  {ids[e.parent]} {arrow} {ids[e.child]}")
         if mark:
             styles.append(f"  linkStyle {i} stroke:{_COLORS[mark]}")
@@ -76,6 +78,6 @@ def _draw(node: str, prefix: str, kids: dict, marks: tuple, out: list[str]) -> N
     for i, e in enumerate(edges):
         last = i == len(edges) - 1
         tag = _tag((e.parent, e.child), *marks, sep="  ")
-        what = f"(identical weights to {e.parent})" if e.kind == "duplicate" else f"({e.score:.2f})"
+        what = f"({_COPY_TEXT[e.kind]} {e.parent})" if e.kind in _COPY else f"({e.score:.2f})"
         out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  {what}{tag}")
         _draw(e.child, prefix + ("    " if last else "│   "), kids, marks, out)

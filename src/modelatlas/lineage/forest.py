@@ -10,7 +10,8 @@ JSON (``atlas lineage recover --out``)::
      "skipped": {"broken": "broken.safetensors: truncated file ..."}}
 
 Names are model names (:func:`modelatlas.weights.model_name`: file or folder name without extension). An
-edge of kind ``"duplicate"`` joins two models with identical weights (score 1, distance 0).
+edge of kind ``"duplicate"`` joins two models with identical weights, one of kind ``"precision"`` a model and its
+copy rounded to float16 / bfloat16 (score 1, distance 0).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from modelatlas.errors import AtlasError
 @dataclass(frozen=True)
 class Edge:
     """``parent`` -> ``child``; ``score`` in [0, 1] is the confidence. ``kind``: ``"trained"`` (child was trained
-    from parent) or ``"duplicate"`` (identical weights: child is a copy of parent, or parent of child -- which
-    one came first cannot be told from the weights; the first one given is the parent)."""
+    from parent), ``"duplicate"`` (identical weights: child is a copy of parent, or parent of child -- which
+    one came first cannot be told from the weights; the first one given is the parent) or ``"precision"``
+    (child holds parent's weights rounded to a lower-precision float format, e.g. a float16 save of a float32
+    model)."""
 
     parent: str
     child: str

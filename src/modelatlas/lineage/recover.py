@@ -37,8 +37,12 @@ from modelatlas.lineage.orient import (
 )
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.progress import Progress
+from modelatlas.weights import Checkpoint, TensorInfo
 
 DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
+# unit roundoff of the low-precision float formats: rounding a model to one of them moves it by at most this
+# relative amount, so a model within it of a higher-precision one is that model stored at lower precision
+ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 _NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
 
 
@@ -62,7 +66,7 @@ class LineageRecovery:
         ckpts, skipped = as_checkpoints(weights)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates = [], [], {}
+        names, stats, duplicates, lowp = [], [], {}, {}
         for idx, layers in groups:
             members = [ckpts[i] for i in idx]
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
@@ -70,15 +74,16 @@ class LineageRecovery:
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            keep, dups = split_duplicates(st.rel, keep)
+            keep, dups = split_duplicates(st.rel, keep, roundoff=[storage_roundoff(c, layers) for c in members])
             duplicates.update({members[d].name: members[r].name for d, r in dups})
+            lowp.update({members[d].name: _dtype(members[d], layers) for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError("no model could be compared (every model was skipped); see the reasons above")
         self._fit_groups(cfg, names, stats, rules, skipped)
         if duplicates:
-            self._add_duplicates(duplicates)
+            self._add_duplicates(duplicates, lowp)
         return self
 
     def _fit_groups(self, cfg, names, stats, rules, skipped) -> None:
@@ -131,9 +136,10 @@ class LineageRecovery:
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
 
-    def _add_duplicates(self, duplicates: dict[str, str]) -> None:
+    def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str]) -> None:
         """Put each duplicate back beside the model it equals: a node right after it, in its tree, joined by a
-        ``"duplicate"`` edge (score 1, distance 0); fitted arrays are extended by copying its row. Time O(N^2)."""
+        ``"duplicate"`` edge (``"precision"`` for a copy stored at the lower precision ``lowp[name]``; score 1,
+        distance 0); fitted arrays are extended by copying its row. Time O(N^2)."""
         f, pos = self.forest_, {n: i for i, n in enumerate(self.names_)}
         after: dict[str, list[str]] = {}
         for dup, rep in duplicates.items():
@@ -141,28 +147,51 @@ class LineageRecovery:
         nodes = [m for n in f.nodes for m in [n, *after.get(n, [])]]
         src = np.array([pos[duplicates.get(n, n)] for n in nodes])  # row of the model each node equals
         f.nodes = nodes
-        f.edges = f.edges + [Edge(rep, dup, 1.0, 0.0, "duplicate") for dup, rep in duplicates.items()]
+        f.edges = f.edges + [Edge(rep, dup, 1.0, 0.0, "precision" if dup in lowp else "duplicate")
+                             for dup, rep in duplicates.items()]
         f.trees = [[m for n in tree for m in [n, *after.get(n, [])]] for tree in f.trees]
         f.kurtosis.update({dup: f.kurtosis[rep] for dup, rep in duplicates.items()})
         f.decisions["duplicates"] = dict(duplicates)
+        f.decisions["precision_copies"] = dict(lowp)
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
         self.clusters_, self.kurtosis_ = self.clusters_[src], self.kurtosis_[src]
         self.distances_ = self.distances_[np.ix_(src, src)]  # a duplicate is at distance 0 from its model
 
 
-def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TOL) -> tuple[list[int], list[tuple[int, int]]]:
-    """(representatives, [(duplicate, representative)]) among ``keep``: a model whose relative distance to an
-    earlier kept one is below ``tol`` (identical weights up to float32 rounding) is that model's duplicate.
-    Time O(N^2)."""
+def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TOL,
+                     roundoff: list[float] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """(representatives, [(duplicate, representative)]) among ``keep``: a model whose relative distance to a
+    kept one is below ``tol`` (identical weights up to float32 rounding) is that model's duplicate. With
+    ``roundoff`` (each model's :func:`storage_roundoff`), a model stored at a lower precision than a kept one
+    and within that precision's unit roundoff of it is its copy at lower precision (rounding alone explains the
+    difference). Models are taken highest precision first, then in order, so a representative is the
+    original, not its rounded copy; representatives keep their order. Time O(N^2)."""
+    u = np.zeros(len(rel)) if roundoff is None else np.asarray(roundoff, dtype=float)
     reps: list[int] = []
     dups: list[tuple[int, int]] = []
-    for i in keep:
-        same = np.flatnonzero(rel[i, reps] < tol) if reps else np.zeros(0, dtype=int)
+    for i in sorted(keep, key=lambda j: u[j]):  # stable: the given order within one precision
+        r = np.array(reps, dtype=int)
+        limit = np.where(u[r] != u[i], np.maximum(np.maximum(u[r], u[i]), tol), tol)  # (R,)
+        same = np.flatnonzero(rel[i, r] < limit)
         if len(same):
             dups.append((i, reps[int(same[0])]))
         else:
             reps.append(i)
-    return reps, dups
+    pos = {k: n for n, k in enumerate(keep)}
+    return sorted(reps, key=pos.__getitem__), dups
+
+
+def storage_roundoff(ck: Checkpoint, layers: list[TensorInfo]) -> float:
+    """The largest unit roundoff among the stored dtypes of ``layers`` in ``ck`` (0 for float32 and wider):
+    header only."""
+    stored = {t.name: t.dtype for t in ck.tensors()}
+    return max((ROUNDOFF.get(stored.get(t.name, ""), 0.0) for t in layers), default=0.0)
+
+
+def _dtype(ck: Checkpoint, layers: list[TensorInfo]) -> str:
+    """The lowest-precision float dtype ``ck`` stores ``layers`` in (for the drawing)."""
+    stored = {t.name: t.dtype for t in ck.tensors()}
+    return max((stored.get(t.name, "") for t in layers), key=lambda d: ROUNDOFF.get(d, 0.0), default="")
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,

@@ -83,7 +83,7 @@ def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> di
     parents = truth_parents(truth)
     out = {}
     for e in forest.edges:
-        if e.kind == "duplicate" and e.child not in parents:
+        if e.kind in ("duplicate", "precision") and e.child not in parents:
             continue
         if parents.get(e.child) == e.parent:
             out[(e.parent, e.child)] = "right"
@@ -108,7 +108,7 @@ def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     labels = tree_labels(parents)
     out = {}
     for e in forest.edges:
-        if (e.kind == "duplicate" and e.child not in parents) or parents.get(e.child) == e.parent:
+        if (e.kind in ("duplicate", "precision") and e.child not in parents) or parents.get(e.child) == e.parent:
             continue
         out[(e.parent, e.child)] = _error_kind(parents, labels, e.parent, e.child)
     return out
