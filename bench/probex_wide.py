@@ -63,8 +63,15 @@ def main(argv=None) -> int:
                         "--test-seed zoo only (hyperparameters chosen beforehand on another zoo)")
     p.add_argument("--ft-steps", default="30,60", help="fine-tuning steps per child: min,max (Adam)")
     p.add_argument("--ft-lr", default="1e-4,3e-4", help="fine-tuning learning rate per child: min,max (log-uniform)")
+    p.add_argument("--transforms", default="", help="comma-separated input transforms, each a copy of the 20 "
+                   "classes (e.g. identity,invert,rot90,vflip,invert+rot90: 100 classes)")
+    p.add_argument("--subset-size", type=int, default=10, help="classes each child is fine-tuned on")
+    p.add_argument("--root-steps", type=int, default=1500)
     args = p.parse_args(argv)
     args.ft = {"ft_steps": tuple(map(int, args.ft_steps.split(","))), "ft_lr": tuple(map(float, args.ft_lr.split(",")))}
+    if args.transforms or args.subset_size != 10 or args.root_steps != 1500:  # only then: older caches stay valid
+        args.ft |= {"transforms": tuple(t for t in args.transforms.split(",") if t), "subset_size": args.subset_size,
+                    "root_steps": args.root_steps}
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -72,7 +79,9 @@ def main(argv=None) -> int:
     names = [f"{n}.{k}" for n in LAYERS for k in ("weight", "bias")]
     out = [f"Command: `python bench/probex_wide.py --zoo {args.zoo} --children {args.children} --hidden {args.hidden} "
            f"--epochs {args.epochs} --ranks {args.ranks} --dense-wd {args.dense_wd} --dev-seed {args.dev_seed} "
-           f"--test-seed {args.test_seed} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr}` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
+           f"--test-seed {args.test_seed} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr}"
+           + (f" --transforms {args.transforms} --subset-size {args.subset_size} --root-steps {args.root_steps}"
+              if "transforms" in args.ft else "") + f"` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
     if args.fixed is not None:
         return fixed(args, zoo, names, out, t0)
     dev, b0, r0, acc0 = load(zoo, args.dev_seed, args.children, args.hidden, names, args.ft)
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names, args.ft)
     out[2:2] = [f"Zoo build (root + {args.children} fine-tunes, 1 thread): seed {args.dev_seed} {b0:.0f} s, seed "
                 f"{args.test_seed} {b1:.0f} s (0 s when cached); reading every tensor {r0:.1f} s / {r1:.1f} s. Root "
-                f"train accuracy (20 classes): {acc0:.3f} / {acc1:.3f}. Median relative change of {LAYER} by fine-tuning, "
+                f"train accuracy: {acc0:.3f} / {acc1:.3f}. Median relative change of {LAYER} by fine-tuning, "
                 f"||W_child - W_root|| / ||W_root||: {dev['moved']:.3f} / {test['moved']:.3f}.", ""]
     cfgs = {"probex": ProbeXConfig(**{**base.to_dict(), "rank_u": r, "rank_v": r, "rank_t": r}),
             "dense": ProbeXConfig(**{**base.to_dict(), "weight_decay": wd}), "statnn": base}
@@ -119,7 +128,7 @@ def main(argv=None) -> int:
             (acc, ex), n_par, sec = fit(kind, cfgs[kind], d, d["train"], d["test"])
             out.append(f"| {labels[kind]} | {acc:.3f} | {ex:.3f} | {f'{n_par:,}' if n_par else '-'} | {sec:.1f} |")
             print(out[-1], flush=True)
-        out += ["", "chance: per-label 0.5, exact set 1/C(20,10) = 5e-6", ""]
+        out += ["", f"chance: per-label 0.5, exact set {_chance(d):.1e}", ""]
     sizes = [n for n in (50, 100, 200) if n < len(test["train"])] + [len(test["train"])]
     out += [f"### Held-out zoo seed {args.test_seed}: training models vs per-label test accuracy ({LAYER})", "",
             "| train models | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes)]
@@ -132,6 +141,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _chance(d: dict) -> float:
+    """1 / C(labels, subset size): the chance of guessing a child's exact class set."""
+    import math
+
+    y = d["y"]
+    return 1 / math.comb(y.shape[1], int(y[0].sum()))
+
+
 def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
     """Evaluate preset hyperparameters on one zoo (no selection, no sweep)."""
     out[0] = out[0].replace(f" --dev-seed {args.dev_seed}", "").replace("--dense-wd " + args.dense_wd,
@@ -139,7 +156,7 @@ def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
     test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names, args.ft)
     shape = tuple(test["layers"][LAYER].shape[1:])
     out += [f"Zoo build (root + {args.children} fine-tunes, 1 thread): {b1:.0f} s (0 s when cached); reading "
-            f"{r1:.1f} s. Root train accuracy (20 classes): {acc1:.3f}. Median relative change of {LAYER}: "
+            f"{r1:.1f} s. Root train accuracy: {acc1:.3f}. Median relative change of {LAYER}: "
             f"{test['moved']:.3f}.", "",
             f"### Task A, zoo seed {args.test_seed}: {len(test['train'])} train / {len(test['test'])} test models, "
             f"layer {LAYER} {shape}", "",
@@ -154,7 +171,8 @@ def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
         (acc, ex), n_par, sec = fit(kind, cfg, test, test["train"], test["test"])
         out.append(f"| {label} | {acc:.3f} | {ex:.3f} | {f'{n_par:,}' if n_par else '-'} | {sec:.1f} |")
         print(out[-1], flush=True)
-    out += ["", f"Total benchmark time: {time.perf_counter() - t0:.0f} s.", ""]
+    out += ["", f"chance: per-label 0.5, exact set {_chance(test):.1e}; {test['y'].shape[1]} labels",
+            "", f"Total benchmark time: {time.perf_counter() - t0:.0f} s.", ""]
     print("\n".join(out))
     return 0
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from modelatlas.atomic import atomic_save_tensors
+from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.zoo.manifest import Manifest, ModelRecord
@@ -230,10 +231,22 @@ def make_named_class_zoo(folder: str | Path, models_per_class: int = 10, hidden:
     return manifest
 
 
-def mnist_fashion20(per_source: int = 2000, pool: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_transform(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, 1, H, W) under a :data:`TRANSFORMS` name, or several joined by "+" (applied left to right)."""
+    for part in name.split("+"):
+        if part not in TRANSFORMS:
+            raise ConfigError(f"unknown transform {part!r} in {name!r}; known: {', '.join(TRANSFORMS)}")
+        x = TRANSFORMS[part][1](x)
+    return x
+
+
+def mnist_fashion20(per_source: int = 2000, pool: int = 2, seed: int = 0,
+                    transforms: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """A 20-class image set: ``per_source`` MNIST digits (classes 0-9) + ``per_source`` Fashion-MNIST items
-    (classes 10-19), both 28x28 average-pooled by ``pool`` (14x14 by default). Returns x (N, 1, H, W) in [0, 1]
-    and y (N,). The same seed gives the same images."""
+    (classes 10-19), both 28x28 average-pooled by ``pool`` (14x14 by default). With ``transforms`` (T names,
+    see :func:`apply_transform`) every image appears once per transform and (class c, transform k) is class
+    c + 20 k: a 20 T-class label space. Returns x (N, 1, H, W) in [0, 1] and y (N,). The same seed gives the
+    same images."""
     from modelatlas.data.registry import load_dataset
 
     rng = np.random.default_rng(derive_seed(seed, "mnist-fashion20"))
@@ -243,25 +256,32 @@ def mnist_fashion20(per_source: int = 2000, pool: int = 2, seed: int = 0) -> tup
         idx = torch.as_tensor(np.sort(rng.choice(len(ds.y), min(per_source, len(ds.y)), replace=False)))
         xs.append(F.avg_pool2d(ds.x[idx].float(), pool) if pool > 1 else ds.x[idx].float())
         ys.append(ds.y[idx].long() + offset)
-    return torch.cat(xs), torch.cat(ys)
+    x, y = torch.cat(xs), torch.cat(ys)
+    if not transforms:
+        return x, y
+    return (torch.cat([apply_transform(t, x) for t in transforms]),  # (T N, 1, H, W)
+            torch.cat([y + 20 * k for k in range(len(transforms))]))
 
 
 def make_wide_subset_zoo(folder: str | Path, children: int = 500, hidden: int = 256, subset_size: int = 10,
                          per_source: int = 2000, root_steps: int = 1500, root_lr: float = 1e-3,
                          ft_steps=(30, 60), ft_lr=(1e-4, 3e-4), batch: int = 128, batch_models: int = 50,
-                         seed: int = 0, progress: Progress | None = None) -> Manifest:
+                         seed: int = 0, transforms: tuple[str, ...] = (), progress: Progress | None = None) -> Manifest:
     """One tree closer to the ProbeX paper's regime (Task A): a 20-class label space (MNIST + Fashion-MNIST,
     :func:`mnist_fashion20`), a wide MLP ``D-hidden-hidden-hidden-20`` root trained well on every class, then
     ``children`` brief, small-lr fine-tunes (weights move little), each on a random ``subset_size`` of the 20
-    classes. Same layer names as :data:`LAYERS`; the square ``layers.0`` / ``layers.1`` are (hidden, hidden).
+    classes. ``transforms`` (e.g. 5 names: a 100-class space, as the paper's CIFAR-100) multiplies the label
+    space (:func:`mnist_fashion20`). Same layer names as :data:`LAYERS`; the square ``layers.0`` / ``layers.1``
+    are (hidden, hidden).
     Time O((root_steps + children * max(ft_steps)) * batch * params). Cached like the other families."""
     folder = Path(folder)
     config = {"family": "wide_subset_star", "children": children, "hidden": hidden, "subset_size": subset_size,
               "per_source": per_source, "root_steps": root_steps, "root_lr": root_lr, "ft_steps": list(ft_steps),
-              "ft_lr": list(ft_lr), "batch": batch, "batch_models": batch_models, "seed": seed}
+              "ft_lr": list(ft_lr), "batch": batch, "batch_models": batch_models, "seed": seed,
+              **({"transforms": list(transforms)} if transforms else {})}  # older caches stay valid
     if (cached := _cached(folder, config)) is not None:
         return cached
-    x, y = mnist_fashion20(per_source, seed=0)  # one fixed image set; the zoo seed varies the models
+    x, y = mnist_fashion20(per_source, seed=0, transforms=tuple(transforms))  # fixed images; the seed varies models
     n_classes = int(y.max()) + 1
     flat = x.reshape(1, x.shape[0], -1)
     sizes = [flat.shape[-1], hidden, hidden, hidden, n_classes]
