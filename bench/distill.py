@@ -4,7 +4,8 @@ Each method distils the training split (its default config, iterations set below
 ``--eval-nets`` fresh networks are trained on the synthetic set and tested on the real test split under the
 method's protocol (DC/DM SGD protocol; DSA on during evaluation for DSA and DM, 1000 epochs then; 300
 otherwise). The random-real-subset baseline is reported under every protocol the other methods use. Prints a markdown table and
-writes JSON (``--json``).
+writes JSON (``--json``). ``--val 0.1`` holds out a seeded 10% of the training split and scores on it instead
+of the test split (for choosing settings).
 
     python bench/distill.py --dataset digits --ipc 1 10
 """
@@ -19,6 +20,7 @@ import time
 import torch
 
 from modelatlas.allocator import keep_freed_memory
+from modelatlas.atomic import atomic_write_json
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_synthetic, methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_full_data
@@ -47,7 +49,9 @@ def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    tr = load_dataset(args.dataset, "train")
+    # --val: tune on a seeded fraction of the training split (seed + 12345, as bench/distill_poster.py)
+    tr, te = tr.holdout(args.val, args.seed + 12345) if args.val else (tr, load_dataset(args.dataset, "test"))
     rows = []
     iters = ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"])
     extra = json.loads(args.config) if args.config else {}
@@ -99,6 +103,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--val", type=float, default=None,
+                    help="tune: hold out this fraction of the training split and score on it (test never read)")
     args = ap.parse_args()
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(args.threads)
@@ -108,8 +114,7 @@ def main() -> None:
     print(f"total {time.perf_counter() - start:.0f} s on {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        atomic_write_json(args.json, {"args": vars(args), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
