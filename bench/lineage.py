@@ -286,13 +286,15 @@ def row(key: str, r: dict) -> str:
 def summary(rows: dict) -> str:
     """Mean directed accuracy, zoos at >= 95%, and where the misplaced edges went."""
     acc = [r["ours"]["directed_accuracy"] for r in rows.values()]
-    mis = sum(r.get("misplaced", 0) for r in rows.values())
+    n = {k: sum(r.get(k, 0) for r in rows.values())
+         for k in ("misplaced", "misplaced_same_task", "misplaced_true_parent_same_task")}
     base = [r["task_similarity_baseline"] for r in rows.values() if r.get("task_similarity_baseline") is not None]
-    return (f"\n{len(acc)} zoos: mean directed {np.mean(acc):.1%}, {sum(a >= 0.95 - 1e-9 for a in acc)} at >= 95%; "
-            f"{mis} misplaced edges, {sum(r.get('misplaced_same_task', 0) for r in rows.values())} of them onto a "
-            f"model trained on a like task (task similarity >= 0.6; the true parent's task is like the child's "
-            f"for {sum(r.get('misplaced_true_parent_same_task', 0) for r in rows.values())}; mean similarity of two "
-            f"fine-tunes of one tree: {np.mean(base) if base else float('nan'):.2f})")
+    lines = [f"{len(acc)} zoos: mean directed {np.mean(acc):.1%}, {sum(a >= 0.95 - 1e-9 for a in acc)} at >= 95%;",
+             f"{n['misplaced']} misplaced edges, {n['misplaced_same_task']} of them onto a model trained on a like",
+             "task (task similarity >= 0.6; the true parent's task is like the child's for",
+             f"{n['misplaced_true_parent_same_task']}; mean similarity of two fine-tunes of one tree:",
+             f"{np.mean(base) if base else float('nan'):.2f})"]
+    return "\n" + " ".join(lines)
 
 
 def _kinds(scores: dict) -> str:
