@@ -31,6 +31,7 @@ import time
 import torch
 
 from modelatlas.allocator import keep_freed_memory
+from modelatlas.atomic import atomic_write_json
 from modelatlas.data import load_dataset
 from modelatlas.distill import EvalProtocol, default_protocol, distill, evaluate_synthetic
 from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
@@ -201,8 +202,7 @@ def main() -> None:
         return
     rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "budget": part_budget}[args.part](args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

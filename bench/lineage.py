@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from modelatlas.allocator import keep_freed_memory
+from modelatlas.atomic import atomic_write_json
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.scoring import edge_errors, edge_marks, score_forest
@@ -336,7 +337,7 @@ def main() -> None:
         for k, r in rows.items():
             print(timing_row(k, r))
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+            atomic_write_json(args.json, rows, indent=2)
         return
     zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
@@ -358,7 +359,7 @@ def main() -> None:
         for k, r in rows.items():
             print(timing_row(str(k), r))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write_json(args.json, rows, indent=2)
 
 
 if __name__ == "__main__":
