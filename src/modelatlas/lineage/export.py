@@ -12,7 +12,7 @@ from modelatlas.lineage.forest import Forest
 
 _COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red"}
 _SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗"}
-_COPY = {"duplicate": "identical", "precision": "lower precision"}  # edges that join copies of one model
+_COPY = {"duplicate": "identical", "precision": "lower precision"}  # labels of the COPY_KINDS edges
 _COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 
 
@@ -73,11 +73,12 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
     return "\n".join(out) + "\n"
 
 
-def _draw(node: str, prefix: str, kids: dict, marks: tuple, out: list[str]) -> None:
+def _draw(node: str, prefix: str, kids: dict, tags: tuple, out: list[str]) -> None:
+    """Draw ``node``'s subtree; ``tags`` = (marks, notes) of :func:`to_text`."""
     edges = kids.get(node, [])
     for i, e in enumerate(edges):
         last = i == len(edges) - 1
-        tag = _tag((e.parent, e.child), *marks, sep="  ")
+        tag = _tag((e.parent, e.child), *tags, sep="  ")
         what = f"({_COPY_TEXT[e.kind]} {e.parent})" if e.kind in _COPY else f"({e.score:.2f})"
         out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  {what}{tag}")
-        _draw(e.child, prefix + ("    " if last else "│   "), kids, marks, out)
+        _draw(e.child, prefix + ("    " if last else "│   "), kids, tags, out)

@@ -23,6 +23,8 @@ from pathlib import Path
 from modelatlas.atomic import atomic_write_json
 from modelatlas.errors import AtlasError
 
+COPY_KINDS = ("duplicate", "precision")  # edge kinds that join two copies of one model, not a training step
+
 
 @dataclass(frozen=True)
 class Edge:

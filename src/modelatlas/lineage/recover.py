@@ -74,9 +74,10 @@ class LineageRecovery:
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            keep, dups = split_duplicates(st.rel, keep, roundoff=[storage_roundoff(c, layers) for c in members])
+            dtypes = [storage_dtype(c, layers) for c in members]  # headers only
+            keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
             duplicates.update({members[d].name: members[r].name for d, r in dups})
-            lowp.update({members[d].name: _dtype(members[d], layers) for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
+            lowp.update({members[d].name: dtypes[d] for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
@@ -162,7 +163,7 @@ def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TO
                      roundoff: list[float] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """(representatives, [(duplicate, representative)]) among ``keep``: a model whose relative distance to a
     kept one is below ``tol`` (identical weights up to float32 rounding) is that model's duplicate. With
-    ``roundoff`` (each model's :func:`storage_roundoff`), a model stored at a lower precision than a kept one
+    ``roundoff`` (each model's :data:`ROUNDOFF` of its :func:`storage_dtype`), a model stored at a lower precision than a kept one
     and within that precision's unit roundoff of it is its copy at lower precision (rounding alone explains the
     difference). Models are taken highest precision first, then in order, so a representative is the
     original, not its rounded copy; representatives keep their order. Time O(N^2)."""
@@ -171,7 +172,7 @@ def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TO
     dups: list[tuple[int, int]] = []
     for i in sorted(keep, key=lambda j: u[j]):  # stable: the given order within one precision
         r = np.array(reps, dtype=int)
-        limit = np.where(u[r] != u[i], np.maximum(np.maximum(u[r], u[i]), tol), tol)  # (R,)
+        limit = np.where(u[r] != u[i], np.maximum(u[r], u[i]).clip(min=tol), tol)  # (R,)
         same = np.flatnonzero(rel[i, r] < limit)
         if len(same):
             dups.append((i, reps[int(same[0])]))
@@ -181,15 +182,9 @@ def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TO
     return sorted(reps, key=pos.__getitem__), dups
 
 
-def storage_roundoff(ck: Checkpoint, layers: list[TensorInfo]) -> float:
-    """The largest unit roundoff among the stored dtypes of ``layers`` in ``ck`` (0 for float32 and wider):
-    header only."""
-    stored = {t.name: t.dtype for t in ck.tensors()}
-    return max((ROUNDOFF.get(stored.get(t.name, ""), 0.0) for t in layers), default=0.0)
-
-
-def _dtype(ck: Checkpoint, layers: list[TensorInfo]) -> str:
-    """The lowest-precision float dtype ``ck`` stores ``layers`` in (for the drawing)."""
+def storage_dtype(ck: Checkpoint, layers: list[TensorInfo]) -> str:
+    """The lowest-precision dtype ``ck`` stores ``layers`` in (by :data:`ROUNDOFF`; any of them when all are
+    float32 or wider): header only."""
     stored = {t.name: t.dtype for t in ck.tensors()}
     return max((stored.get(t.name, "") for t in layers), key=lambda d: ROUNDOFF.get(d, 0.0), default="")
 

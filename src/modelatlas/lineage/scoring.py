@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from sklearn.metrics import adjusted_rand_score
 
-from modelatlas.lineage.forest import Forest
+from modelatlas.lineage.forest import COPY_KINDS, Forest
 from modelatlas.zoo.manifest import Manifest
 
 
@@ -83,7 +83,7 @@ def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> di
     parents = truth_parents(truth)
     out = {}
     for e in forest.edges:
-        if e.kind in ("duplicate", "precision") and e.child not in parents:
+        if e.kind in COPY_KINDS and e.child not in parents:
             continue
         if parents.get(e.child) == e.parent:
             out[(e.parent, e.child)] = "right"
@@ -92,9 +92,6 @@ def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> di
         else:
             out[(e.parent, e.child)] = "wrong"
     return out
-
-
-ERROR_KINDS = ("reversed", "sibling", "uncle", "grandparent", "descendant", "true root", "other tree", "other")
 
 
 def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
@@ -108,7 +105,7 @@ def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     labels = tree_labels(parents)
     out = {}
     for e in forest.edges:
-        if (e.kind in ("duplicate", "precision") and e.child not in parents) or parents.get(e.child) == e.parent:
+        if (e.kind in COPY_KINDS and e.child not in parents) or parents.get(e.child) == e.parent:
             continue
         out[(e.parent, e.child)] = _error_kind(parents, labels, e.parent, e.child)
     return out
