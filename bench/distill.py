@@ -5,7 +5,8 @@ Each method distils the training split (its default config, iterations set below
 method's protocol (DC/DM SGD protocol; DSA on during evaluation for DSA and DM, 1000 epochs then; 300
 otherwise). The random-real-subset baseline is reported under every protocol the other methods use. Prints a markdown table and
 writes JSON (``--json``). ``--val 0.1`` holds out a seeded 10% of the training split and scores on it instead
-of the test split (for choosing settings).
+of the test split (for choosing settings). ``--save DIR`` keeps each synthetic set; ``--init-from DIR/dm-ipc10``
+starts the methods from a saved set (e.g. HeLlO's labels on DM's images).
 
     python bench/distill.py --dataset digits --ipc 1 10
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from modelatlas.atomic import atomic_write_json
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_synthetic, methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_full_data
+from modelatlas.distill.synthetic import SyntheticSet
 
 # Outer iterations per (method, ipc) sized for ~2 CPU cores (papers: DC/DSA 1000, DM 20000).
 ITERATIONS = {"digits": {"dc": {1: 200, 10: 40}, "dsa": {1: 200, 10: 40}, "dm": {1: 1000, 10: 1000}},
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     # --val: tune on a seeded fraction of the training split (seed + 12345, as bench/distill_poster.py)
     tr, te = tr.holdout(args.val, args.seed + 12345) if args.val else (tr, load_dataset(args.dataset, "test"))
     rows = []
+    init = SyntheticSet.load(args.init_from) if args.init_from else None
     iters = ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"])
     extra = json.loads(args.config) if args.config else {}
     for ipc in args.ipc:
@@ -61,8 +65,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             if method in iters:
                 cfg["iterations"] = iters[method][ipc] if args.iterations is None else args.iterations
             start = time.perf_counter()
-            syn = distill(method, tr, ipc, cfg, seed=args.seed)
+            syn = distill(method, tr, ipc, cfg, seed=args.seed, init=init)
             wall = time.perf_counter() - start
+            if args.save:
+                syn.save(Path(args.save) / f"{method}-ipc{ipc}")
             proto = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
             protos = _baseline_protocols(proto, args, cfg, tr.input_shape) if method == "random" else [proto]
             for p in protos:
@@ -105,6 +111,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--val", type=float, default=None,
                     help="tune: hold out this fraction of the training split and score on it (test never read)")
+    ap.add_argument("--save", default=None, help="save each synthetic set to SAVE/METHOD-ipcK")
+    ap.add_argument("--init-from", default=None,
+                    help="start every method from this saved synthetic set (a --save folder) instead of real images")
     args = ap.parse_args()
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(args.threads)

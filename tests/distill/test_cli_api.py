@@ -76,3 +76,20 @@ def test_saved_transform_is_reapplied_on_eval(tmp_path, transform):
     again = evaluate_result(tmp_path, save=False)
     assert again["accuracies"] == info["evaluation"]["accuracies"]
     assert json.loads((tmp_path / "result.json").read_text())["transform"] == transform
+
+
+def test_cli_init_from_starts_where_the_folder_ended(tmp_path, capsys, monkeypatch):
+    first = tmp_path / "dm"
+    assert main(["distill", "run", "--method", "dm", "--out", str(first), "--iterations", "2", "--no-baseline",
+                 "--transform", "standardize", *TINY]) == 0
+    then = tmp_path / "dm0"
+    assert main(["distill", "run", "--method", "dm", "--out", str(then), "--iterations", "0", "--no-baseline",
+                 "--transform", "standardize", "--init-from", str(first), *TINY]) == 0
+    assert torch.equal(SyntheticSet.load(then).images, SyntheticSet.load(first).images)
+    assert json.loads((then / "result.json").read_text())["init_from"] == str(first)
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    capsys.readouterr()
+    assert main(["distill", "run", "--method", "dm", "--out", str(tmp_path / "x"), "--iterations", "0",
+                 "--init-from", str(first), *TINY]) == 1
+    assert capsys.readouterr().err.strip().endswith("in transform 'standardize' space, this run uses 'identity'; "
+                                                    "pass --transform standardize")

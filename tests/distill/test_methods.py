@@ -30,11 +30,31 @@ def test_dc_ipc10_uses_10_50_loops_and_changes_images(digits):
     from modelatlas.distill.methods.dc.config import DCConfig
 
     assert DCConfig().loops(1) == (1, 1) and DCConfig().loops(10) == (10, 50) and DCConfig().loops(50) == (50, 10)
-    from modelatlas.distill.methods.dc.method import init_synthetic
+    from modelatlas.distill.methods.base import DistillContext, init_synthetic
 
-    init = init_synthetic(digits, 2, "real", 0)
+    init = init_synthetic(digits, 2, "real", DistillContext(seed=0))
     out = distill("dc", digits, 2, {"iterations": 1, "outer_loop": 2, "inner_loop": 1, "width": 8, "batch_real": 8})
     assert out.images.shape == init.images.shape and not torch.equal(out.images, init.images)
+
+
+@pytest.mark.parametrize("name", ["dm", "hello"])
+def test_init_from_a_given_set_starts_there(digits, name):
+    start = distill("random", digits, 2, seed=5)
+    cfg = {"iterations": 0, "width": 8} if name == "dm" else {
+        "iterations": 0, "width": 8, "teacher_steps": 1, "projector_steps": 1, "head_init": "class_mean"}
+    out = distill(name, digits, 2, cfg, init=start)
+    # zero iterations: the given images come back unchanged, not a fresh real draw (seed 0 picks others)
+    assert torch.equal(out.images, start.images) and out.meta["init"] == "random"
+    fresh = distill(name, digits, 2, cfg)
+    assert not torch.equal(fresh.images, start.images)
+
+
+def test_init_set_errors_name_the_mismatch(digits):
+    start = distill("random", digits, 2)
+    with pytest.raises(ConfigError, match="2 per class.*wants 3 per class"):
+        distill("dm", digits, 3, {"iterations": 0}, init=start)
+    with pytest.raises(ConfigError, match="'herding' cannot start from a given set.*dm"):
+        distill("herding", digits, 2, init=start)
 
 
 def test_registry_and_config_errors():

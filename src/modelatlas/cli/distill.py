@@ -52,6 +52,8 @@ def _register_run(dsub) -> None:
                    help="set a method config field (repeatable), e.g. --set lr_img=0.5")
     r.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None)
     r.add_argument("--data-root", default=None, help="dataset folder (root= of the loader)")
+    r.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the set of this result folder (same dataset and ipc), e.g. DM's for hello")
     r.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     r.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     r.set_defaults(func=_run)
@@ -86,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
                             eval_nets=args.eval_nets, eval_epochs=args.eval_epochs, transform=args.transform,
                             dataset_kwargs={"root": args.data_root} if args.data_root else None,
                             baseline=not args.no_baseline, progress=tqdm_progress, resume=args.resume,
-                            device=args.device)
+                            device=args.device, init_from=args.init_from)
     echo(_summary(f"{args.method} ipc {args.ipc} on {info['dataset']}", info["evaluation"]))
     if "baseline_random" in info:
         echo(_summary("random real subset, same protocol", info["baseline_random"]))

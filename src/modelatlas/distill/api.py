@@ -23,13 +23,17 @@ from modelatlas.progress import Progress
 
 
 def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
-         checkpoint_dir: str | Path | None, resume: bool, device) -> tuple[SyntheticSet, list[float], object]:
+         checkpoint_dir: str | Path | None, resume: bool, device,
+         init: SyntheticSet | None = None) -> tuple[SyntheticSet, list[float], object]:
     if ipc < 1:
         raise ConfigError(f"ipc must be >= 1, got {ipc}")
     spec = methods.get(method)
+    if init is not None and not spec.accepts_init:
+        takers = ", ".join(n for n in methods.available() if methods.get(n).accepts_init)
+        raise ConfigError(f"method {method!r} cannot start from a given set (init); methods that can: {takers}")
     cfg = spec.make_config(config)
     ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
-                         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None)
+                         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)
     if resume and ctx.checkpoint_dir is None:
         raise ConfigError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoint)")
     syn = spec.run(train, ipc, cfg, ctx)
@@ -39,15 +43,18 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
 
 def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, seed: int = 0,
             progress: Progress | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-            device: str | None = None) -> SyntheticSet:
+            device: str | None = None, init: SyntheticSet | None = None) -> SyntheticSet:
     """Distil ``dataset_train`` into ``ipc`` synthetic examples per class with ``method``.
+
+    ``init``: start from this synthetic set (another method's result, same data and ``ipc``) instead of
+    real images, e.g. HeLlO's label projector on DM's images; only methods with ``accepts_init``.
 
     ``config``: None (defaults), a dict of config fields, or the method's config dataclass. With
     ``checkpoint_dir`` the run checkpoints every ``config.checkpoint_every`` iterations; ``resume=True``
     continues from the last checkpoint (same seed -> identical result to an uninterrupted run).
     Time and memory: see the method's module docstring.
     """
-    return _run(method, dataset_train, ipc, config, seed, progress, checkpoint_dir, resume, device)[0]
+    return _run(method, dataset_train, ipc, config, seed, progress, checkpoint_dir, resume, device, init)[0]
 
 
 def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, ArrayDataset]:
@@ -77,28 +84,45 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
                      protocol: EvalProtocol | None = None, transform: str | None = None,
                      dataset_test: ArrayDataset | None = None, dataset_kwargs: dict | None = None,
                      baseline: bool = True, progress: Progress | None = None, resume: bool = False,
-                     device: str | None = None) -> dict:
+                     device: str | None = None, init_from: str | Path | None = None) -> dict:
     """Distil, evaluate (and the random baseline under the same protocol), and write the result folder
-    ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. Returns the
-    ``result.json`` dict."""
+    ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. ``init_from``: a
+    result folder of the same dataset, ``ipc`` and transform whose set this run starts from (e.g. HeLlO's
+    labels on DM's images). Returns the ``result.json`` dict."""
     ckpt = Path(out) / "checkpoint" / "checkpoint.json"
     if ckpt.is_file() and not resume:
         raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     tf = T.make_transform(transform).fit(train.x)
     train_t, test_t = _apply(tf, train), _apply(tf, test)
+    init = None if init_from is None else _init_set(init_from, train.name, tf)
     start = time.perf_counter()
-    syn, losses, cfg = _run(method, train_t, ipc, config, seed, progress, Path(out) / "checkpoint", resume, device)
+    syn, losses, cfg = _run(method, train_t, ipc, config, seed, progress, Path(out) / "checkpoint", resume, device,
+                            init)
     wall = time.perf_counter() - start
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
     info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),
             "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": resume,
-            "device": str(pick_device(device)), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs or {}}
+            "device": str(pick_device(device)), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs or {},
+            "init_from": None if init_from is None else str(init_from)}
     if baseline and method != "random":
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
     write_result(out, syn, tf, info, losses)
     return info
+
+
+def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
+    """The set of result folder ``folder``, checked to live in this run's data space (dataset, transform)."""
+    syn, saved_tf, info = load_result(folder)
+    if info.get("dataset") != dataset:
+        raise ConfigError(f"{folder}: its set distils {info.get('dataset')!r}, but this run distils {dataset!r}")
+    same = saved_tf.kind == tf.kind and all(
+        torch.equal(v, tf.state_dict()[k]) for k, v in saved_tf.state_dict().items())
+    if not same:
+        raise ConfigError(f"{folder}: its images are in transform {saved_tf.kind!r} space, this run uses "
+                          f"{tf.kind!r}; pass --transform {saved_tf.kind}")
+    return syn
 
 
 def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epochs: int | None = None,

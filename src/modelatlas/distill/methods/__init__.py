@@ -25,7 +25,8 @@ class MethodSpec:
     """A registered method.
 
     ``run(train, ipc, config, ctx) -> SyntheticSet``; ``eval_kind`` ("sgd" or "adam") and
-    ``eval_dsa(config) -> bool`` give the evaluation protocol the method's papers use.
+    ``eval_dsa(config) -> bool`` give the evaluation protocol the method's papers use. ``accepts_init``: the
+    method can start from a given synthetic set (``distill(..., init=...)``) instead of real images.
     """
 
     name: str
@@ -34,6 +35,7 @@ class MethodSpec:
     description: str = ""
     eval_kind: str = "sgd"
     eval_dsa: Callable = lambda config: False
+    accepts_init: bool = False
 
     def make_config(self, config=None, **overrides):
         """A config instance from None (defaults), a dict of fields, or an instance (+ overrides)."""

@@ -85,6 +85,7 @@ class DistillContext:
     resume: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     losses: list[float] = field(default_factory=list)
+    init: Any = None  # a SyntheticSet to start from instead of ``config.init`` (see init_synthetic)
 
     def run_loop(self, iterations: int, checkpoint_every: int, step, states: dict, desc: str) -> list[float]:
         """Run an :class:`~modelatlas.distill.loop.OuterLoop` and keep its loss history in ``self.losses``."""
@@ -92,3 +93,32 @@ class DistillContext:
                          self.resume, desc)
         self.losses = loop.run(step, states)
         return self.losses
+
+
+def init_synthetic(train, ipc: int, init: str, ctx: DistillContext):
+    """The starting set: a copy of ``ctx.init`` when one is given (e.g. DM's images for HeLlO), else ``ipc``
+    seeded real images per class (``init="real"``) or Gaussian noise (``"noise"``).
+
+    A given set must match the data: same input shape, classes and ``ipc`` (the error names the mismatch)."""
+    from modelatlas.distill.synthetic import SyntheticSet
+    from modelatlas.seeding import derive_seed, torch_generator
+
+    if ctx.init is not None:
+        return _checked_copy(ctx.init, train, ipc)
+    gen = torch_generator(derive_seed(ctx.seed, "init"))
+    if init == "real":
+        return SyntheticSet.from_real(train, ipc, gen)
+    return SyntheticSet.from_noise(train.input_shape, train.num_classes, ipc, gen, class_names=train.classes)
+
+
+def _checked_copy(given, train, ipc: int):
+    from modelatlas.distill.synthetic import SyntheticSet
+
+    shape = tuple(given.images.shape[1:])
+    if shape != tuple(train.input_shape):
+        raise ConfigError(f"init set: images of shape {shape}, but the dataset's are {tuple(train.input_shape)}")
+    if given.num_classes != train.num_classes or given.ipc != ipc or len(given) != ipc * train.num_classes:
+        raise ConfigError(f"init set: {len(given)} images of {given.num_classes} classes ({given.ipc} per class), "
+                          f"but this run wants {ipc} per class of {train.num_classes}")
+    return SyntheticSet(given.images, given.classes, given.num_classes, class_names=train.classes,
+                        meta={"init": given.meta.get("method", "given set")})

@@ -19,19 +19,10 @@ from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.matching import ClassSampler, gradient_match_distance
-from modelatlas.distill.methods.base import DistillContext
+from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.dc.config import DCConfig
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
-from modelatlas.seeding import derive_seed, torch_generator
-
-
-def init_synthetic(train: ArrayDataset, ipc: int, init: str, seed: int) -> SyntheticSet:
-    """Real-image (default) or noise initialisation, seeded."""
-    gen = torch_generator(derive_seed(seed, "init"))
-    if init == "real":
-        return SyntheticSet.from_real(train, ipc, gen)
-    return SyntheticSet.from_noise(train.input_shape, train.num_classes, ipc, gen, class_names=train.classes)
 
 
 def _match_loss(net, syn: SyntheticSet, sampler: ClassSampler, cfg: DCConfig, dsa: DSA | None, gen) -> torch.Tensor:
@@ -67,7 +58,7 @@ def _train_net(net, opt, syn: SyntheticSet, cfg: DCConfig, dsa: DSA | None, epoc
 
 
 def run(train: ArrayDataset, ipc: int, config: DCConfig, ctx: DistillContext) -> SyntheticSet:
-    syn = init_synthetic(train, ipc, config.init, ctx.seed).to(ctx.device)
+    syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     img_opt = torch.optim.SGD([syn.images], lr=config.lr_img, momentum=config.momentum_img)
     sampler = ClassSampler(train, ctx.device)
     dsa = DSA.for_dataset(train.input_shape) if config.dsa and len(train.input_shape) == 3 else None  # images only

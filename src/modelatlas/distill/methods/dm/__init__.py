@@ -5,4 +5,4 @@ from modelatlas.distill.methods.dm.config import DMConfig
 from modelatlas.distill.methods.dm.method import run
 
 register(MethodSpec("dm", DMConfig, run, "distribution matching with random networks (DM)",
-                    eval_dsa=lambda cfg: cfg.dsa))
+                    eval_dsa=lambda cfg: cfg.dsa, accepts_init=True))

@@ -13,15 +13,14 @@ import torch
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
 from modelatlas.distill.matching import ClassSampler, mean_embedding_distance
-from modelatlas.distill.methods.base import DistillContext
-from modelatlas.distill.methods.dc.method import init_synthetic
+from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.dm.config import DMConfig
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
 
 
 def run(train: ArrayDataset, ipc: int, config: DMConfig, ctx: DistillContext) -> SyntheticSet:
-    syn = init_synthetic(train, ipc, config.init, ctx.seed).to(ctx.device)
+    syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     opt = torch.optim.SGD([syn.images], lr=config.lr_img, momentum=config.momentum_img)
     sampler = ClassSampler(train, ctx.device)
     dsa = DSA.for_dataset(train.input_shape) if config.dsa and len(train.input_shape) == 3 else None  # images only

@@ -5,4 +5,4 @@ from modelatlas.distill.methods.hello.config import HelloConfig
 from modelatlas.distill.methods.hello.method import run
 
 register(MethodSpec("hello", HelloConfig, run, "images + LoRA label projector on a frozen backbone (HeLlO)",
-                    eval_dsa=lambda cfg: True))
+                    eval_dsa=lambda cfg: True, accepts_init=True))

@@ -1,7 +1,7 @@
 """HeLlO: distil the labels into a projector, not a table (Yu et al., "Heavy Labels Out", 2024/2025).
 
   (1) train a teacher on real data (``teacher_steps`` SGD steps); its feature extractor is the frozen backbone;
-  (2) initialise the synthetic images (real, ``ipc`` per class) and the projector head (text embeddings of
+  (2) initialise the synthetic images (real, ``ipc`` per class, or a given set such as DM's) and the projector head (text embeddings of
       the class names, or class-mean features), :class:`~.projector.LabelProjector`;
   (3) fit the LoRA matrices (and scale, bias) to the teacher's soft labels: Adam on KL(teacher || projector)
       over DSA-augmented synthetic images and real batches (``projector_steps``);
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
 from modelatlas.distill.evaluate import soft_cross_entropy
-from modelatlas.distill.methods.base import DistillContext
+from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.hello.config import HelloConfig
 from modelatlas.distill.methods.hello.projector import LabelProjector, text_head
 from modelatlas.distill.nets import make_net
@@ -102,10 +102,7 @@ def fit_projector(projector, teacher, syn: SyntheticSet, train: ArrayDataset, co
 
 def run(train: ArrayDataset, ipc: int, config: HelloConfig, ctx: DistillContext) -> SyntheticSet:
     teacher = train_teacher(train, config, ctx.seed, ctx.device)
-    gen = torch_generator(derive_seed(ctx.seed, "init"))
-    syn = (SyntheticSet.from_real(train, ipc, gen) if config.init == "real" else
-           SyntheticSet.from_noise(train.input_shape, train.num_classes, ipc, gen, class_names=train.classes))
-    syn.to(ctx.device)
+    syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     projector = make_projector(teacher, syn, config, ctx.seed)
     fit_losses = fit_projector(projector, teacher, syn, train, config, ctx.seed)
     img_opt = torch.optim.Adam([syn.images], lr=config.lr_img)

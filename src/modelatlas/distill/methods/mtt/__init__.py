@@ -5,4 +5,4 @@ from modelatlas.distill.methods.mtt.config import MTTConfig
 from modelatlas.distill.methods.mtt.method import run
 
 register(MethodSpec("mtt", MTTConfig, run, "matching training trajectories of expert networks (MTT)",
-                    eval_dsa=lambda cfg: cfg.dsa))
+                    eval_dsa=lambda cfg: cfg.dsa, accepts_init=True))

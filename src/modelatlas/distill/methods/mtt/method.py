@@ -19,8 +19,7 @@ from torch.func import functional_call
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
 from modelatlas.distill.evaluate import soft_cross_entropy
-from modelatlas.distill.methods.base import DistillContext
-from modelatlas.distill.methods.dc.method import init_synthetic
+from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.mtt.buffer import load_or_train
 from modelatlas.distill.methods.mtt.config import MTTConfig
 from modelatlas.distill.nets import make_net
@@ -55,7 +54,7 @@ def run(train: ArrayDataset, ipc: int, config: MTTConfig, ctx: DistillContext) -
     dsa = DSA.for_dataset(train.input_shape) if config.dsa and len(train.input_shape) == 3 else None
     buffer, path = load_or_train(train, config, ctx.seed, ctx.device, dsa)
     buffer = buffer.to(ctx.device)  # (E, epochs + 1, P)
-    syn = init_synthetic(train, ipc, config.init, ctx.seed)
+    syn = init_synthetic(train, ipc, config.init, ctx)
     syn.lr = torch.tensor(float(config.lr_init or config.lr_teacher)).requires_grad_(True)
     syn = syn.to(ctx.device)
     spec = config.net_spec(train.input_shape)

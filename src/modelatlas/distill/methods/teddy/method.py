@@ -23,19 +23,11 @@ from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.matching import ClassSampler, gradient_match_distance
-from modelatlas.distill.methods.base import DistillContext
+from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.teddy.config import TeddyConfig
 from modelatlas.distill.methods.teddy.pool import load_or_build_pool
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
-from modelatlas.seeding import derive_seed, torch_generator
-
-
-def init_synthetic(train: ArrayDataset, ipc: int, init: str, seed: int) -> SyntheticSet:
-    gen = torch_generator(derive_seed(seed, "init"))
-    if init == "real":
-        return SyntheticSet.from_real(train, ipc, gen)
-    return SyntheticSet.from_noise(train.input_shape, train.num_classes, ipc, gen, class_names=train.classes)
 
 
 def agreement_loss(net, syn: SyntheticSet, sampler: ClassSampler, batch_real: int, dsa: DSA | None,
@@ -76,7 +68,7 @@ def run(train: ArrayDataset, ipc: int, config: TeddyConfig, ctx: DistillContext)
     spec = config.net_spec(train.input_shape)
     pool, folder, built = load_or_build_pool(train, config.pool_fields(), spec, ctx.seed, ctx.device,
                                              config.cache_dir)
-    syn = init_synthetic(train, ipc, config.init, ctx.seed).to(ctx.device)
+    syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     syn.meta.update({"pool": str(folder), "pool_built_now": built, "pool_size": len(pool)})
     img_opt = torch.optim.SGD([syn.images], lr=config.lr_img, momentum=config.momentum_img)
     sampler = ClassSampler(train, ctx.device)
