@@ -30,3 +30,18 @@ def test_atomic_save_tensors(tmp_path):
 
     p = atomic_save_tensors(tmp_path / "w.safetensors", {"a": torch.arange(6).view(2, 3).t()})
     assert torch.equal(load_file(p)["a"], torch.arange(6).view(2, 3).t())
+
+
+def test_read_tensors_round_trip_and_errors_name_the_file(tmp_path):
+    import torch
+
+    from modelatlas.atomic import atomic_save_tensors, read_tensors
+    from modelatlas.errors import CheckpointError
+
+    path = atomic_save_tensors(tmp_path / "t.safetensors", {"a": torch.arange(3)})
+    assert torch.equal(read_tensors(path)["a"], torch.arange(3))
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors: missing; rerun it"):
+        read_tensors(tmp_path / "gone.safetensors", "rerun it")
+    path.write_bytes(path.read_bytes()[:20])  # truncated
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: unreadable \("):
+        read_tensors(path)

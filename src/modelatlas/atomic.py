@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename.
+"""Atomic file output: write to a temporary file in the same folder, then rename (and
+:func:`read_tensors`, the checked reader of what :func:`atomic_save_tensors` writes).
 
 A crash or Ctrl-C mid-write leaves either the old file or the new one, never a truncated mix, so a user's
 results and resumable checkpoints are never lost. ``os.replace`` is atomic on POSIX and Windows when source
@@ -58,6 +59,26 @@ def atomic_save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: 
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+
+
+def read_tensors(path: str | Path, hint: str = "") -> dict:
+    """The tensors of a safetensors file the project wrote (a cache, a checkpoint of a run, a saved set).
+
+    A missing or unreadable file raises :class:`~modelatlas.errors.CheckpointError` naming it, with ``hint``
+    (what to do about it) appended."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from modelatlas.errors import CheckpointError
+
+    tail = f"; {hint}" if hint else ""
+    if not Path(path).is_file():
+        raise CheckpointError(path, f"missing{tail}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CheckpointError(path, f"unreadable ({first}){tail}") from None
 
 
 def _json_default(obj: Any) -> Any:

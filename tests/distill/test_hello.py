@@ -77,6 +77,32 @@ def test_hello_end_to_end_labels_on_the_fly(digits, tmp_path):
     assert 0 <= evaluate_synthetic(again, test, p).mean <= 100
 
 
+def test_teacher_is_trained_once_then_loaded(digits, tmp_path):
+    train, _ = digits
+    cfg = {**TINY, "cache_dir": str(tmp_path / "cache")}
+    first = distill("hello", train, 1, cfg, seed=3)
+    second = distill("hello", train, 1, cfg, seed=3)
+    assert first.meta["teacher_trained_now"] and not second.meta["teacher_trained_now"]
+    assert first.meta["teacher"] == second.meta["teacher"] and len(list((tmp_path / "cache").iterdir())) == 1
+    # the loaded teacher gives the same projector, labels and images as the freshly trained one
+    assert torch.equal(first.images, second.images)
+    assert all(torch.equal(first.extras[k], second.extras[k]) for k in first.extras)
+    distill("hello", train, 1, {**cfg, "teacher_steps": 6}, seed=3)  # other settings: another teacher
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_corrupt_cached_teacher_is_named(digits, tmp_path):
+    from modelatlas.errors import CheckpointError
+
+    train, _ = digits
+    cfg = {**TINY, "cache_dir": str(tmp_path)}
+    path = distill("hello", train, 1, cfg).meta["teacher"]
+    with open(path, "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"teacher-\w+\.safetensors: unreadable .*; delete it to retrain the teacher"):
+        distill("hello", train, 1, cfg)
+
+
 def test_label_fn_hook_and_fixed_crops(digits):
     train, test = digits
     x, y = train.x[:20], train.y[:20]

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import CheckpointError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
@@ -139,8 +139,6 @@ class OuterLoop:
                 old.unlink(missing_ok=True)
 
     def _load(self, states: Mapping[str, Stateful]) -> None:
-        from safetensors.torch import load_file
-
         if self.checkpoint_dir is None:
             raise CheckpointError(".", "resume=True needs a checkpoint_dir")
         meta_path = self.checkpoint_dir / CHECKPOINT_JSON
@@ -150,7 +148,7 @@ class OuterLoop:
         if meta.get("seed") != self.seed:
             raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
                                              "use the same --seed or a new output folder")
-        tensors = load_file(str(self.checkpoint_dir / meta["tensors"]))
+        tensors = read_tensors(self.checkpoint_dir / meta["tensors"], "delete the checkpoint folder to restart")
         for name, s in states.items():
             if name not in meta["states"]:
                 raise CheckpointError(meta_path, f"has no state {name!r}; it was written by another method")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json, read_tensors
 from modelatlas.data import transforms as T
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError
@@ -70,8 +70,6 @@ def read_info(folder: str | Path) -> dict:
 
 def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
     """(synthetic set, fitted transform, result.json dict) of a result folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     info = read_info(folder)
     syn = SyntheticSet.load(folder)
@@ -81,7 +79,7 @@ def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
         syn = expand(syn)
     kind = info.get("transform", "identity")
     tpath = folder / TRANSFORM_FILE
-    state = load_file(str(tpath)) if tpath.is_file() else {}
+    state = read_tensors(tpath) if tpath.is_file() else {}
     return syn, T.from_state_dict(kind, state), info
 
 

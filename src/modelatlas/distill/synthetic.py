@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.errors import CheckpointError, ConfigError
 
@@ -133,13 +133,11 @@ class SyntheticSet:
     @classmethod
     def load(cls, folder: str | Path) -> SyntheticSet:
         """Read a set written by :meth:`save`."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         for f in (TENSORS_FILE, META_FILE):
             if not (folder / f).is_file():
                 raise CheckpointError(folder / f, "missing; not a saved synthetic set")
-        state = load_file(str(folder / TENSORS_FILE))
+        state = read_tensors(folder / TENSORS_FILE)
         info = json.loads((folder / META_FILE).read_text())
         lr = state["lr"].reshape(()) if "lr" in state else None
         extras = {k[6:]: v for k, v in state.items() if k.startswith("extra.")}

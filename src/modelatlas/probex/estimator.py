@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.model import build_network, count_parameters
@@ -158,15 +158,13 @@ def fit_probex(x, y, config: ProbeXConfig | None = None, **kwargs) -> ProbeXClas
 
 def load_expert(folder: str | Path) -> WeightExpert:
     """Load an expert saved with ``save``; errors name the file. Never unpickles."""
-    from safetensors.torch import load_file
-
     from modelatlas.probex.text_aligner import ProbeXTextAligner
 
     folder = Path(folder)
     meta_path = folder / "expert.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / "expert.safetensors"))
+        tensors = read_tensors(folder / "expert.safetensors")
     except FileNotFoundError as e:
         raise CheckpointError(folder, f"not a ProbeX expert folder (missing {Path(e.filename).name})") from e
     except (OSError, ValueError) as e:

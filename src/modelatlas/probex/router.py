@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError
 
 
@@ -111,14 +111,12 @@ class TreeRouter:
 
     @classmethod
     def load(cls, folder: str | Path) -> TreeRouter:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
-            tensors = load_file(str(folder / "router.safetensors"))
         except (OSError, ValueError) as e:
             raise CheckpointError(folder, f"cannot read the tree router: {e}") from e
+        tensors = read_tensors(folder / "router.safetensors")
         router = cls(meta["slack"])
         router.trees_, router.centroids_, router.radii_ = meta["trees"], tensors["centroids"], tensors["radii"]
         return router

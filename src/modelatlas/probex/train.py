@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import CheckpointError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import torch_generator
@@ -79,13 +79,11 @@ def _save_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, bes
 
 
 def _load_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / "train_state.safetensors"))
     except (OSError, ValueError) as e:
         raise CheckpointError(folder / "train_state.json", f"cannot resume: {e} (delete the folder to restart)") from e
+    tensors = read_tensors(folder / "train_state.safetensors", "cannot resume; delete the folder to restart")
     try:
         module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     except RuntimeError as e:

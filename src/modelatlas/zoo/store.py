@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import ManifestError
 
 RECORD = "zoo_record.json"
@@ -70,8 +70,6 @@ def read_record(folder: Path) -> dict | None:
 def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
     """The full (merged) state dict of zoo model ``name``; adapter models are merged onto their parent's
     weights, recursively. O(parameters x adapter depth)."""
-    from safetensors.torch import load_file
-
     from modelatlas.zoo.lora import apply_adapter
 
     folder = Path(zoo_dir) / name
@@ -80,10 +78,11 @@ def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
         raise ManifestError(f"{folder}: not a finished zoo model (no {RECORD}); rebuild with `atlas zoo make`")
     rec = data["record"]
     if rec.get("storage") != "adapter":
-        return load_file(str(folder / "model.safetensors"))
+        return read_tensors(folder / "model.safetensors", "rebuild the zoo model")
     cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     base = load_state(zoo_dir, rec["parent"])
-    return apply_adapter(base, load_file(str(folder / "adapter_model.safetensors")), cfg["r"], cfg["lora_alpha"])
+    return apply_adapter(base, read_tensors(folder / "adapter_model.safetensors", "rebuild the zoo model"), cfg["r"],
+                         cfg["lora_alpha"])
 
 
 def load_model(zoo_dir: str | Path, name: str) -> torch.nn.Module:

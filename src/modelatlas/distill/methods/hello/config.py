@@ -15,7 +15,9 @@ class HelloConfig(MethodConfig):
     """HeLlO fields.
 
     ``teacher_steps``: SGD steps (lr ``lr_teacher``, batch ``batch_real``) of the teacher on real data; its
-    feature extractor is the frozen backbone of the projector. ``head_init``: "text" (MiniLM embeddings of one
+    feature extractor is the frozen backbone of the projector. The teacher is cached in ``cache_dir`` (default
+    ``$ATLAS_CACHE_DIR/hello`` or ``~/.cache/modelatlas/hello``) and reused by runs with the same data,
+    network, teacher settings and seed. ``head_init``: "text" (MiniLM embeddings of one
     prompt per class, "the digit zero" for digit names) or "class_mean" (mean projected feature of each class's
     synthetic images; its (K, 384) matrix is then stored). ``rank``: LoRA rank of the head update B A.
     ``projector_steps`` Adam steps (``lr_projector``) fit the projector to the teacher's soft labels
@@ -36,6 +38,7 @@ class HelloConfig(MethodConfig):
     lr_img: float = 0.001
     temperature: float = 1.0
     init: str = "real"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,6 +1,7 @@
 """HeLlO: distil the labels into a projector, not a table (Yu et al., "Heavy Labels Out", 2024/2025).
 
-  (1) train a teacher on real data (``teacher_steps`` SGD steps); its feature extractor is the frozen backbone;
+  (1) train a teacher on real data (``teacher_steps`` SGD steps; cached, so trained once per data and
+      settings); its feature extractor is the frozen backbone;
   (2) initialise the synthetic images (real, ``ipc`` per class, or a given set such as DM's) and the projector head (text embeddings of
       the class names, or class-mean features), :class:`~.projector.LabelProjector`;
   (3) fit the LoRA matrices (and scale, bias) to the teacher's soft labels: Adam on KL(teacher || projector)
@@ -14,20 +15,47 @@ Time O(teacher_steps + projector_steps + iterations) x batch x net cost; memory 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from modelatlas.atomic import atomic_save_tensors, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
+from modelatlas.distill.cache import cache_key, cache_root
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.hello.config import HelloConfig
 from modelatlas.distill.methods.hello.projector import LabelProjector, text_head
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import CheckpointError
 from modelatlas.seeding import derive_seed, torch_generator
 
 LABEL_GENERATOR = "modelatlas.distill.methods.hello.method:make_label_fn"
+
+
+def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device) -> tuple[torch.nn.Module, Path, bool]:
+    """Step (1) once per (data, teacher settings, seed): (teacher, its cache file, whether trained now).
+
+    The teacher is cached like MTT's experts (:mod:`modelatlas.distill.cache`, kind "hello"), so a second
+    run (another ``init``, projector or image setting) skips the ``teacher_steps`` of training."""
+    spec = config.net_spec(train.input_shape)
+    fields = {**spec, "steps": config.teacher_steps, "lr": config.lr_teacher, "batch": config.batch_real}
+    path = cache_root("hello", config.cache_dir) / f"teacher-{cache_key(train, fields, seed)}.safetensors"
+    if not path.is_file():
+        net = train_teacher(train, config, seed, device)
+        atomic_save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                            {"key": path.stem})
+        return net, path, True
+    net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"], seed=0,
+                   device=device)
+    try:
+        net.load_state_dict(read_tensors(path, "delete it to retrain the teacher"))
+    except RuntimeError as err:
+        raise CheckpointError(path, f"not a teacher of this network ({err}); delete it to retrain") from None
+    return net.to(device).eval().requires_grad_(False), path, False
 
 
 def train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device) -> torch.nn.Module:
@@ -101,7 +129,7 @@ def fit_projector(projector, teacher, syn: SyntheticSet, train: ArrayDataset, co
 
 
 def run(train: ArrayDataset, ipc: int, config: HelloConfig, ctx: DistillContext) -> SyntheticSet:
-    teacher = train_teacher(train, config, ctx.seed, ctx.device)
+    teacher, teacher_path, trained = load_or_train_teacher(train, config, ctx.seed, ctx.device)
     syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     projector = make_projector(teacher, syn, config, ctx.seed)
     fit_losses = fit_projector(projector, teacher, syn, train, config, ctx.seed)
@@ -123,6 +151,7 @@ def run(train: ArrayDataset, ipc: int, config: HelloConfig, ctx: DistillContext)
                        if k.startswith("features.")})
     spec = config.net_spec(train.input_shape)
     syn.meta.update({"label_generator": LABEL_GENERATOR, "projector_fit_losses": fit_losses[-1:],
+                     "teacher": str(teacher_path), "teacher_trained_now": trained,
                      "hello": {**spec, "rank": config.rank, "head_init": config.head_init,
                                "text_dim": config.text_dim, "proj_seed": derive_seed(ctx.seed, "hello-proj"),
                                "temperature": config.temperature, "input_shape": list(train.input_shape)}})

@@ -1,24 +1,22 @@
 """The expert-trajectory buffer of MTT: per-epoch parameter snapshots of networks trained on real data.
 
-Trained once and cached as safetensors (one (epochs + 1, P) tensor per expert, written atomically) under a
-key hashing everything that determines the trajectories: a fingerprint of the training tensors, the network,
+Trained once and cached as safetensors (one (epochs + 1, P) tensor per expert, written atomically) in the
+cache (:mod:`modelatlas.distill.cache`) under a key hashing everything that determines the trajectories: a fingerprint of the training tensors, the network,
 the expert settings and the seed. A second run with the same key loads the file instead of training.
 Training costs ``num_experts x expert_epochs`` epochs over the real data; memory O(num_experts x epochs x P).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors
+from modelatlas.atomic import atomic_save_tensors, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
+from modelatlas.distill.cache import cache_key, cache_root
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.mtt.config import MTTConfig
 from modelatlas.distill.nets import make_net
@@ -26,22 +24,11 @@ from modelatlas.errors import CheckpointError
 from modelatlas.seeding import derive_seed, torch_generator
 
 
-def cache_root(cfg: MTTConfig) -> Path:
-    """``cfg.cache_dir``, else ``$MODELATLAS_CACHE/mtt``, else ``~/.cache/modelatlas/mtt``."""
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir)
-    base = os.environ.get("MODELATLAS_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "modelatlas") / "mtt"
-
-
 def buffer_key(train: ArrayDataset, cfg: MTTConfig, seed: int) -> str:
     """A stable hash of the data fingerprint, net and expert settings (same key -> same trajectories)."""
-    x = train.x.double()
-    desc = {"dataset": train.name, "shape": list(train.x.shape), "x_sum": round(float(x.sum()), 6),
-            "x_sq": round(float((x * x).sum()), 6), "y_sum": int(train.y.sum()), "net": cfg.net_spec(train.input_shape),
-            "experts": cfg.num_experts, "epochs": cfg.expert_epochs, "lr": cfg.lr_teacher, "batch": cfg.batch_expert,
-            "dsa": cfg.dsa, "seed": seed}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+    fields = {"net": cfg.net_spec(train.input_shape), "experts": cfg.num_experts, "epochs": cfg.expert_epochs,
+              "lr": cfg.lr_teacher, "batch": cfg.batch_expert, "dsa": cfg.dsa}
+    return cache_key(train, fields, seed, length=20)
 
 
 def flatten(params) -> torch.Tensor:
@@ -72,15 +59,13 @@ def train_expert(train: ArrayDataset, cfg: MTTConfig, seed: int, e: int, device,
 
 def load_or_train(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: DSA | None) -> tuple[torch.Tensor, Path]:
     """The buffer (num_experts, epochs + 1, P) and its file; trains and caches it when absent."""
-    from safetensors.torch import load_file
-
-    path = cache_root(cfg) / f"buffer-{buffer_key(train, cfg, seed)}.safetensors"
+    path = cache_root("mtt", cfg.cache_dir) / f"buffer-{buffer_key(train, cfg, seed)}.safetensors"
     if path.is_file():
+        tensors = read_tensors(path, "delete it to retrain the experts")
         try:
-            tensors = load_file(str(path))
             return torch.stack([tensors[f"expert{e}"] for e in range(cfg.num_experts)]), path
-        except (KeyError, OSError, RuntimeError, ValueError) as err:
-            raise CheckpointError(path, f"unreadable expert buffer ({err}); delete it to retrain") from None
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(path, f"not an expert buffer of this config ({err}); delete it to retrain") from None
     experts = [train_expert(train, cfg, seed, e, device, dsa) for e in range(cfg.num_experts)]
     atomic_save_tensors(path, {f"expert{e}": t for e, t in enumerate(experts)}, {"key": path.stem})
     return torch.stack(experts), path

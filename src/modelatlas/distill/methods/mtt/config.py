@@ -12,7 +12,7 @@ from modelatlas.errors import ConfigError
 class MTTConfig(MethodConfig):
     """Expert buffer: ``num_experts`` networks trained ``expert_epochs`` epochs (SGD ``lr_teacher``, batch
     ``batch_expert``, DSA when ``dsa``) [paper: 100 experts x 50 epochs]; cached in ``cache_dir`` (default
-    ``$MODELATLAS_CACHE/mtt`` or ``~/.cache/modelatlas/mtt``) and reused by every run with the same data, net,
+    ``$ATLAS_CACHE_DIR/mtt`` or ``~/.cache/modelatlas/mtt``) and reused by every run with the same data, net,
     expert settings and seed. Each outer step: ``syn_steps`` differentiable SGD steps (N) from a random
     expert epoch t <= ``max_start_epoch``, matched to epoch t + ``expert_step`` (M) [N 10-80, M 2]."""
 

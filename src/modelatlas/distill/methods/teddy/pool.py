@@ -5,41 +5,27 @@
 - "post": the trained base model, magnitude-pruned (the ``prune_ratio`` smallest |w| of every weight
   matrix/kernel set to 0) and fine-tuned ``finetune_steps`` SGD steps with the mask kept and its own data order.
 
-The pool is built once and stored as ``model-<i>.safetensors`` + ``pool.json`` in a folder of the cache named
-by a hash of (dataset fingerprint, pool fields, seed); a later run with the same key loads it instead of
+The pool is built once and stored as ``model-<i>.safetensors`` + ``pool.json`` in a folder of the cache
+(:mod:`modelatlas.distill.cache`) named by a hash of (dataset fingerprint, pool fields, seed); a later run with the same key loads it instead of
 training (``pool.json`` is written last: a crash mid-build leaves no half pool).
 Build cost O((base_steps + pool_size x finetune_steps) x batch x net cost); storage O(pool_size x #params).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill.cache import cache_key, cache_root
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.nets import make_net
 from modelatlas.seeding import derive_seed, torch_generator
 
 POOL_JSON = "pool.json"
-
-
-def default_cache_dir() -> Path:
-    """$ATLAS_CACHE_DIR/teddy, else ~/.cache/modelatlas/teddy."""
-    root = os.environ.get("ATLAS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "modelatlas")
-    return Path(root) / "teddy"
-
-
-def pool_key(train: ArrayDataset, fields: dict, seed: int) -> str:
-    """A stable hash of the data (name, shape, label and pixel checksums), the pool fields and the seed."""
-    finger = {"name": train.name, "shape": list(train.x.shape), "x_sum": round(float(train.x.double().sum()), 6),
-              "y": hashlib.sha1(train.y.numpy().tobytes()).hexdigest(), "fields": fields, "seed": seed}
-    return hashlib.sha1(json.dumps(finger, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _sgd_steps(net, train: ArrayDataset, steps: int, lr: float, batch: int, gen, masks=None, on_step=None):
@@ -107,14 +93,11 @@ def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device)
 def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device,
                        cache_dir: str | Path | None = None) -> tuple[list[dict[str, torch.Tensor]], Path, bool]:
     """(pool, its folder, built_now). Loads the cached pool when its ``pool.json`` exists."""
-    from safetensors.torch import load_file
-
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = folder / f"pool-{pool_key(train, {**fields, **spec}, seed)}"
+    folder = cache_root("teddy", cache_dir) / f"pool-{cache_key(train, {**fields, **spec}, seed)}"
     meta_path = folder / POOL_JSON
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return [load_file(str(folder / f)) for f in meta["files"]], folder, False
+        return [read_tensors(folder / f, "delete the pool folder to rebuild") for f in meta["files"]], folder, False
     pool = build_pool(train, fields, spec, seed, device)
     files = []
     for i, state in enumerate(pool):

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+import torch
+
+from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill.cache import cache_key, cache_root
+
+
+def make_data(shift=0.0, name="d"):
+    x = torch.arange(24, dtype=torch.float32).reshape(6, 1, 2, 2) / 24 + shift
+    return ArrayDataset(name, x, torch.tensor([0, 1, 0, 1, 0, 1]), ["a", "b"], {})
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "atlas"))
+    monkeypatch.setenv("MODELATLAS_CACHE", str(tmp_path / "old"))
+    assert cache_root("mtt") == tmp_path / "atlas" / "mtt"
+    assert cache_root("mtt", tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.delenv("ATLAS_CACHE_DIR")
+    assert cache_root("hello") == tmp_path / "old" / "hello"
+    monkeypatch.delenv("MODELATLAS_CACHE")
+    assert cache_root("teddy") == Path.home() / ".cache" / "modelatlas" / "teddy"
+
+
+def test_cache_key_changes_with_data_fields_and_seed():
+    base = cache_key(make_data(), {"steps": 5}, 0)
+    assert base == cache_key(make_data(), {"steps": 5}, 0) and len(base) == 16
+    assert len({base, cache_key(make_data(0.5), {"steps": 5}, 0), cache_key(make_data(name="e"), {"steps": 5}, 0),
+                cache_key(make_data(), {"steps": 6}, 0), cache_key(make_data(), {"steps": 5}, 1)}) == 5
