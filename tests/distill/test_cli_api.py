@@ -93,3 +93,7 @@ def test_cli_init_from_starts_where_the_folder_ended(tmp_path, capsys, monkeypat
                  "--init-from", str(first), *TINY]) == 1
     assert capsys.readouterr().err.strip().endswith("in transform 'standardize' space, this run uses 'identity'; "
                                                     "pass --transform standardize")
+    assert main(["distill", "run", "--method", "dm", "--out", str(tmp_path / "y"), "--iterations", "0",
+                 "--ipc", "2", "--transform", "standardize", "--init-from", str(first), *TINY[:2], *TINY[4:]]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {first}: 10 images of 10 classes (1 per class), but this run "
+                                              "wants 2 per class")

@@ -51,7 +51,7 @@ def test_init_from_a_given_set_starts_there(digits, name):
 
 def test_init_set_errors_name_the_mismatch(digits):
     start = distill("random", digits, 2)
-    with pytest.raises(ConfigError, match="2 per class.*wants 3 per class"):
+    with pytest.raises(ConfigError, match="init set: 20 images of 10 classes \\(2 per class\\), but this run wants 3 per class"):
         distill("dm", digits, 3, {"iterations": 0}, init=start)
     with pytest.raises(ConfigError, match="'herding' cannot start from a given set.*dm"):
         distill("herding", digits, 2, init=start)

@@ -122,6 +122,7 @@ def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
     if not same:
         raise ConfigError(f"{folder}: its images are in transform {saved_tf.kind!r} space, this run uses "
                           f"{tf.kind!r}; pass --transform {saved_tf.kind}")
+    syn.meta["source"] = str(folder)  # named by init_synthetic's errors
     return syn
 
 

@@ -114,11 +114,11 @@ def init_synthetic(train, ipc: int, init: str, ctx: DistillContext):
 def _checked_copy(given, train, ipc: int):
     from modelatlas.distill.synthetic import SyntheticSet
 
-    shape = tuple(given.images.shape[1:])
+    shape, where = tuple(given.images.shape[1:]), given.meta.get("source", "init set")
     if shape != tuple(train.input_shape):
-        raise ConfigError(f"init set: images of shape {shape}, but the dataset's are {tuple(train.input_shape)}")
+        raise ConfigError(f"{where}: images of shape {shape}, but the dataset's are {tuple(train.input_shape)}")
     if given.num_classes != train.num_classes or given.ipc != ipc or len(given) != ipc * train.num_classes:
-        raise ConfigError(f"init set: {len(given)} images of {given.num_classes} classes ({given.ipc} per class), "
+        raise ConfigError(f"{where}: {len(given)} images of {given.num_classes} classes ({given.ipc} per class), "
                           f"but this run wants {ipc} per class of {train.num_classes}")
     return SyntheticSet(given.images, given.classes, given.num_classes, class_names=train.classes,
                         meta={"init": given.meta.get("method", "given set")})
