@@ -15,8 +15,10 @@ import torch
 
 from modelatlas.distill.loop import OuterLoop
 from modelatlas.distill.nets import NET_NAMES, default_net
+from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
+from modelatlas.seeding import derive_seed, torch_generator
 
 
 @dataclass
@@ -85,7 +87,7 @@ class DistillContext:
     resume: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     losses: list[float] = field(default_factory=list)
-    init: Any = None  # a SyntheticSet to start from instead of ``config.init`` (see init_synthetic)
+    init: SyntheticSet | None = None  # start from this set instead of ``config.init`` (see init_synthetic)
 
     def run_loop(self, iterations: int, checkpoint_every: int, step, states: dict, desc: str) -> list[float]:
         """Run an :class:`~modelatlas.distill.loop.OuterLoop` and keep its loss history in ``self.losses``."""
@@ -95,14 +97,12 @@ class DistillContext:
         return self.losses
 
 
-def init_synthetic(train, ipc: int, init: str, ctx: DistillContext):
+def init_synthetic(train, ipc: int, init: str, ctx: DistillContext) -> SyntheticSet:
     """The starting set: a copy of ``ctx.init`` when one is given (e.g. DM's images for HeLlO), else ``ipc``
     seeded real images per class (``init="real"``) or Gaussian noise (``"noise"``).
 
-    A given set must match the data: same input shape, classes and ``ipc`` (the error names the mismatch)."""
-    from modelatlas.distill.synthetic import SyntheticSet
-    from modelatlas.seeding import derive_seed, torch_generator
-
+    A given set must match the data: same input shape, classes and ``ipc`` (the error names the mismatch).
+    Only its images and class layout are taken; learned labels or a learned lr are the method's own to make."""
     if ctx.init is not None:
         return _checked_copy(ctx.init, train, ipc)
     gen = torch_generator(derive_seed(ctx.seed, "init"))
@@ -111,9 +111,7 @@ def init_synthetic(train, ipc: int, init: str, ctx: DistillContext):
     return SyntheticSet.from_noise(train.input_shape, train.num_classes, ipc, gen, class_names=train.classes)
 
 
-def _checked_copy(given, train, ipc: int):
-    from modelatlas.distill.synthetic import SyntheticSet
-
+def _checked_copy(given: SyntheticSet, train, ipc: int) -> SyntheticSet:
     shape, where = tuple(given.images.shape[1:]), given.meta.get("source", "init set")
     if shape != tuple(train.input_shape):
         raise ConfigError(f"{where}: images of shape {shape}, but the dataset's are {tuple(train.input_shape)}")
