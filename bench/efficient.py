@@ -131,13 +131,14 @@ def _load() -> str:
 def part_hello(args) -> list[dict]:
     from modelatlas.distill.evaluate import evaluate_tensors
     from modelatlas.distill.methods import get
-    from modelatlas.distill.methods.hello.method import make_label_fn, train_teacher
+    from modelatlas.distill.methods.hello.method import load_or_train_teacher, make_label_fn
     from modelatlas.distill.methods.hello.projector import param_bytes, stored_label_bytes
 
     tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     p = EvalProtocol(kind="sgd", num_nets=args.eval_nets, epochs=args.eval_epochs, dsa=True, width=64, depth=2)
     rows, crop_seed = [], 1234
-    teacher = train_teacher(tr, get("hello").make_config({}), args.seed, "cpu")  # the run's teacher (same seed)
+    # the runs' teacher (same data, settings, seed): trained here once, then loaded from the cache by each run
+    teacher = load_or_train_teacher(tr, get("hello").make_config({}), args.seed, "cpu")[0]
     epochs = p.resolved().epochs
     for head in ("text", "class_mean"):
         cfg = {"head_init": head, "iterations": args.hello_iterations}
