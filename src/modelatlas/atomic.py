@@ -70,6 +70,7 @@ def read_tensors(path: str | Path, hint: str = "") -> dict:
     from safetensors.torch import load_file
 
     from modelatlas.errors import CheckpointError
+    from modelatlas.weights.base import error_line
 
     tail = f"; {hint}" if hint else ""
     if not Path(path).is_file():
@@ -77,8 +78,7 @@ def read_tensors(path: str | Path, hint: str = "") -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CheckpointError(path, f"unreadable ({first}){tail}") from None
+        raise CheckpointError(path, f"unreadable ({error_line(e)}){tail}") from None
 
 
 def _json_default(obj: Any) -> Any:

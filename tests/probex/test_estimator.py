@@ -73,3 +73,17 @@ def test_wrong_shape_and_labels_named(planted, small_config):
 def test_load_missing_folder_names_file(tmp_path):
     with pytest.raises(CheckpointError, match="not a ProbeX expert folder"):
         load_expert(tmp_path)
+
+
+def test_missing_or_truncated_weights_are_named(tmp_path, planted, small_config):
+    from modelatlas.errors import CheckpointError
+
+    x, y = planted
+    ProbeXClassifier(small_config).fit(x[:100], y[:100]).save(tmp_path / "e")
+    weights = tmp_path / "e" / "expert.safetensors"
+    weights.write_bytes(weights.read_bytes()[:30])
+    with pytest.raises(CheckpointError, match=r"expert\.safetensors: unreadable \("):
+        load_expert(tmp_path / "e")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"expert\.safetensors: missing; not a complete ProbeX expert folder"):
+        load_expert(tmp_path / "e")

@@ -164,7 +164,6 @@ def load_expert(folder: str | Path) -> WeightExpert:
     meta_path = folder / "expert.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = read_tensors(folder / "expert.safetensors")
     except FileNotFoundError as e:
         raise CheckpointError(folder, f"not a ProbeX expert folder (missing {Path(e.filename).name})") from e
     except (OSError, ValueError) as e:
@@ -174,6 +173,7 @@ def load_expert(folder: str | Path) -> WeightExpert:
     cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta["kind"])
     if cls is None:
         raise CheckpointError(meta_path, f"unknown expert kind {meta['kind']!r}")
+    tensors = read_tensors(folder / "expert.safetensors", "not a complete ProbeX expert folder")
     expert = cls(ProbeXConfig.from_dict(meta["config"]), meta.get("layer", ""))
     expert.mean_, expert.scale_ = tensors["mean"], float(meta["scale"])
     expert.history_ = meta.get("history", {})

@@ -2,8 +2,8 @@
 
   (1) train a teacher on real data (``teacher_steps`` SGD steps; cached, so trained once per data and
       settings); its feature extractor is the frozen backbone;
-  (2) initialise the synthetic images (real, ``ipc`` per class, or a given set such as DM's) and the projector head (text embeddings of
-      the class names, or class-mean features), :class:`~.projector.LabelProjector`;
+  (2) initialise the synthetic images (real, ``ipc`` per class, or a given set such as DM's) and the projector
+      head (text embeddings of the class names, or class-mean features), :class:`~.projector.LabelProjector`;
   (3) fit the LoRA matrices (and scale, bias) to the teacher's soft labels: Adam on KL(teacher || projector)
       over DSA-augmented synthetic images and real batches (``projector_steps``);
   (4) nudge the images: ``iterations`` Adam steps on S minimising the same KL on augmented S (outer loop,
@@ -46,8 +46,7 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
     path = cache_root("hello", config.cache_dir) / f"teacher-{cache_key(train, fields, seed)}.safetensors"
     if not path.is_file():
         net = train_teacher(train, config, seed, device)
-        atomic_save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-                            {"key": path.stem})
+        atomic_save_tensors(path, net.state_dict(), {"key": path.stem})  # made contiguous on the CPU there
         return net, path, True
     net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"], seed=0,
                    device=device)
