@@ -97,3 +97,15 @@ def test_cli_init_from_starts_where_the_folder_ended(tmp_path, capsys, monkeypat
                  "--ipc", "2", "--transform", "standardize", "--init-from", str(first), *TINY[:2], *TINY[4:]]) == 1
     assert capsys.readouterr().err.startswith(f"error: {first}: 10 images of 10 classes (1 per class), but this run "
                                               "wants 2 per class")
+
+
+def test_init_from_another_dataset_is_refused(tmp_path):
+    from modelatlas.errors import ConfigError
+
+    run_distillation("random", "digits", 1, tmp_path / "r", config={"width": 8}, eval_nets=1, eval_epochs=1)
+    info = json.loads((tmp_path / "r" / "result.json").read_text())
+    (tmp_path / "r" / "result.json").write_text(json.dumps({**info, "dataset": "fashion-mnist"}))
+    with pytest.raises(ConfigError, match=r"r: its set distils 'fashion-mnist', but this run distils 'digits'"):
+        run_distillation("dm", "digits", 1, tmp_path / "x", config={"iterations": 0, "width": 8},
+                         init_from=tmp_path / "r", eval_nets=1, eval_epochs=1)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
