@@ -70,3 +70,25 @@ def test_empty_and_non_square():
     assert minimum_spanning_arborescence(np.zeros((0, 0))) == []
     with pytest.raises(ValueError, match="square"):
         minimum_spanning_arborescence(np.zeros((2, 3)))
+
+
+def test_many_contractions_do_not_hit_the_recursion_limit():
+    """Pairs of mutual nearest neighbours on a line: every pair is a 2-cycle, contracted one at a time, so
+    the recursive form needed one Python frame per contraction (a RecursionError past ~1000 models)."""
+    import inspect
+    import sys
+
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    pos = np.repeat(np.arange(150) * 10.0, 2) + np.tile([0.0, 0.1], 150)  # 300 points, 150 tight pairs
+    sym = np.abs(pos[:, None] - pos[None, :])
+    bias = np.linspace(0, 1e-3, 300)  # cost[u, v] = |u - v| + bias[v]: every non-root node pays its bias once
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 100)  # fewer frames than the 150+ contractions
+    try:
+        parent = minimum_spanning_arborescence(sym + bias[None, :])
+    finally:
+        sys.setrecursionlimit(limit)
+    # oracle: the undirected MST oriented from the node with the largest bias (the one that pays none)
+    expected = minimum_spanning_tree(sym).sum() + bias.sum() - bias.max()
+    assert arborescence_cost(sym + bias[None, :], parent) == pytest.approx(expected)

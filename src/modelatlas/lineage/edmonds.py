@@ -13,7 +13,8 @@ Steps, as labelled in the comments below (Edmonds 1967, Sec. 2):
   4. solve the contracted graph recursively;
   5. expand: the cycle node entered from outside takes that edge, the others keep their cycle edge.
 
-Time O(n^3) for n nodes (at most n contractions, each O(n^2) on the dense matrix); memory O(n^2).
+Time O(n^3) for n nodes (at most n contractions, each O(n^2) on the dense matrix); memory O(n^2) (each
+contraction keeps O(n |C|) for the expansion).
 """
 
 from __future__ import annotations
@@ -47,19 +48,38 @@ def minimum_spanning_arborescence(cost: np.ndarray) -> list[int]:
 
 
 def _edmonds(cost: np.ndarray, root: int) -> np.ndarray:
-    """Edmonds on a dense matrix with a fixed root; returns ``parent`` (``parent[root] = -1``)."""
-    n = cost.shape[0]
+    """Edmonds on a dense matrix with a fixed root; returns ``parent`` (``parent[root] = -1``).
+
+    The recursion of step 4 is unrolled into a loop over a stack of contractions: mutual nearest
+    neighbours make 2-cycles common, so a tree of thousands of models can need thousands of contractions,
+    deeper than Python's recursion limit."""
+    stack = []
+    while True:
+        c, pick = _cheapest_incoming(cost, root)  # Step 1
+        cycle = _find_cycle(pick, root)
+        if cycle is None:  # Step 2: no cycle -> done at this level
+            break
+        level = _contract(c, pick, cycle, root)  # Step 3
+        stack.append(level)
+        cost, root = level["small"], level["root"]  # Step 4: solve the contracted graph next
+    parent = pick
+    while stack:  # Step 5, innermost contraction first
+        parent = _expand(stack.pop(), parent)
+    return parent
+
+
+def _cheapest_incoming(cost: np.ndarray, root: int) -> tuple[np.ndarray, np.ndarray]:
     c = cost.copy()
     np.fill_diagonal(c, np.inf)
     c[:, root] = np.inf
-    # Step 1: cheapest incoming edge of every non-root node.
     pick = np.argmin(c, axis=0)
     pick[root] = -1
-    # Step 2: no cycle -> done.
-    cycle = _find_cycle(pick, root)
-    if cycle is None:
-        return pick
-    # Step 3: contract the cycle into super-node `s` (the last index of the contracted graph).
+    return c, pick
+
+
+def _contract(c: np.ndarray, pick: np.ndarray, cycle: list[int], root: int) -> dict:
+    """Contract ``cycle`` into super-node s (the last index of the contracted graph). Time O(n |C|)."""
+    n = c.shape[0]
     in_cycle = np.zeros(n, dtype=bool)
     in_cycle[cycle] = True
     rest = np.flatnonzero(~in_cycle)  # old indices of the nodes kept as they are
@@ -72,16 +92,21 @@ def _edmonds(cost: np.ndarray, root: int) -> np.ndarray:
     small[:s, :s] = c[np.ix_(rest, rest)]
     small[:s, s] = enter[rest].min(axis=1)
     small[s, :s] = c[np.ix_(cyc, rest)].min(axis=0)
-    # Step 4: solve the contracted graph.
-    sub = _edmonds(small, root=int(index[root]))
-    # Step 5: expand the super-node.
-    parent = np.full(n, -1)
+    # keep only what step 5 needs (O(n |C|), not the O(n^2) matrix: a stack of thousands of levels must fit)
+    return {"n": n, "from_cyc": c[cyc], "pick_cyc": pick[cyc], "rest": rest, "cyc": cyc, "enter": enter,
+            "small": small, "root": int(index[root])}
+
+
+def _expand(level: dict, sub: np.ndarray) -> np.ndarray:
+    """Parents in the graph before ``level``'s contraction, from the contracted graph's parents ``sub``."""
+    rest, cyc, enter, s = level["rest"], level["cyc"], level["enter"], len(level["rest"])
+    parent = np.full(level["n"], -1)
     for k, v in enumerate(rest):
         p = sub[k]
-        parent[v] = -1 if p < 0 else (rest[p] if p < s else cyc[np.argmin(c[cyc, v])])
+        parent[v] = -1 if p < 0 else (rest[p] if p < s else cyc[np.argmin(level["from_cyc"][:, v])])
     u = rest[sub[s]]  # the outside node whose edge enters the cycle
     entry = cyc[np.argmin(enter[u])]
-    parent[cyc] = pick[cyc]
+    parent[cyc] = level["pick_cyc"]
     parent[entry] = u
     return parent
 
