@@ -116,3 +116,19 @@ def test_score_counts_kinds_and_notes_in_drawing():
     assert "e  (1.00)  ✗ (sibling; true parent b)" in text
     assert "x  (1.00)  ✗ (reversed)" in text
     assert "✗ (uncle; true parent c)" in to_mermaid(f, edge_marks(f, DEEP), notes)
+
+
+def make_chain(n):
+    names = [f"m{i}" for i in range(n)]
+    return Forest(names, [Edge(names[i], names[i + 1], 0.5) for i in range(n - 1)], trees=[names])
+
+
+def test_text_of_a_long_chain_stays_narrow():
+    """1,200 checkpoints of one run form a chain: drawn without recursion, indentation capped."""
+    from modelatlas.lineage.export import MAX_INDENT
+
+    lines = to_text(make_chain(1200)).splitlines()
+    assert len(lines) == 1200 and lines[-1].endswith("└── [depth 1199] m1199  (0.50)")
+    assert max(map(len, lines)) == len(lines[-1]) < 4 * MAX_INDENT + 40
+    assert lines[MAX_INDENT].strip() == f"└── m{MAX_INDENT}  (0.50)"
+    assert lines[MAX_INDENT + 1].strip() == f"└── [depth {MAX_INDENT + 1}] m{MAX_INDENT + 1}  (0.50)"

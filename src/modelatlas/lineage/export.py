@@ -61,24 +61,44 @@ def to_mermaid(forest: Forest, marks: dict | None = None, notes: dict | None = N
     return "\n".join(lines + styles) + "\n"
 
 
-def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None) -> str:
+def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None,
+            labels: dict[str, str] | None = None) -> str:
     """The forest drawn with unicode tree lines, each edge with its score (and ✓/✗ with ``marks``, plus its
-    ``notes`` on wrong edges)."""
+    ``notes`` on wrong edges); ``labels`` (model -> text, e.g. predicted classes) is shown after a model.
+    Levels deeper than :data:`MAX_INDENT` (a long chain of checkpoints) keep that indentation and show
+    their depth, so that lines stay short and no recursion limit is reached."""
     kids = forest.children()
     out = []
     for t, root in enumerate(forest.roots()):
         size = next((len(tr) for tr in forest.trees if root in tr), None)
-        out.append(f"{root}" + (f"  [tree {t + 1}, {size} models]" if size else ""))
-        _draw(root, "", kids, (marks, notes), out)
+        out.append(f"{root}" + (f"  [tree {t + 1}, {size} models]" if size else "") + _label(root, labels))
+        _draw(root, kids, (marks, notes, labels), out)
     return "\n".join(out) + "\n"
 
 
-def _draw(node: str, prefix: str, kids: dict, tags: tuple, out: list[str]) -> None:
-    """Draw ``node``'s subtree; ``tags`` = (marks, notes) of :func:`to_text`."""
-    edges = kids.get(node, [])
-    for i, e in enumerate(edges):
-        last = i == len(edges) - 1
-        tag = _tag((e.parent, e.child), *tags, sep="  ")
+MAX_INDENT = 24
+
+
+def _label(node: str, labels: dict | None) -> str:
+    text = (labels or {}).get(node)
+    return f"  {text}" if text else ""
+
+
+def _draw(root: str, kids: dict, tags: tuple, out: list[str]) -> None:
+    """Draw ``root``'s subtree depth-first with an explicit stack; ``tags`` = (marks, notes, labels)."""
+    stack = _pushed([], kids.get(root, []), "", 1)
+    while stack:
+        e, prefix, last, depth = stack.pop()
+        tag = _tag((e.parent, e.child), *tags[:2], sep="  ")
         what = f"({_COPY_TEXT[e.kind]} {e.parent})" if e.kind in _COPY else f"({e.score:.2f})"
-        out.append(f"{prefix}{'└── ' if last else '├── '}{e.child}  {what}{tag}")
-        _draw(e.child, prefix + ("    " if last else "│   "), kids, tags, out)
+        deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
+        out.append(f"{prefix}{'└── ' if last else '├── '}{deep}{e.child}  {what}{tag}{_label(e.child, tags[2])}")
+        inner = prefix + ("    " if last else "│   ") if depth < MAX_INDENT else prefix
+        _pushed(stack, kids.get(e.child, []), inner, depth + 1)
+
+
+def _pushed(stack: list, edges: list, prefix: str, depth: int) -> list:
+    """Push ``edges`` so that the first is popped first; returns ``stack``."""
+    for i in range(len(edges) - 1, -1, -1):
+        stack.append((edges[i], prefix, i == len(edges) - 1, depth))
+    return stack
