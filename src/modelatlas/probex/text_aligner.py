@@ -71,6 +71,24 @@ class ProbeXTextAligner(WeightExpert):
         t = F.normalize(self.module_.text_map(text), dim=1)  # (C, r_T)
         return e @ t.T / self.config.temperature  # (B, C)
 
+    def embed_models(self, x) -> np.ndarray:
+        """Unit-norm embeddings of models in the shared space, shape (B, r_T): what an index stores so that
+        later queries need no weights (:meth:`scores_from_embeddings`)."""
+        with torch.no_grad():
+            return F.normalize(self.module_.embed(self._normalise(x)), dim=1).numpy()
+
+    def scores_from_embeddings(self, embeddings, query_embedding, reference=None) -> np.ndarray:
+        """:meth:`search_scores` for models already embedded by :meth:`embed_models`, shape (B,)."""
+        e = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)  # (B, r_T)
+        query = torch.as_tensor(np.asarray(query_embedding), dtype=torch.float32).reshape(1, -1)  # (1, d_text)
+        text = query if reference is None else torch.cat([query, torch.as_tensor(np.asarray(reference),
+                                                                                 dtype=torch.float32)])
+        with torch.no_grad():
+            cos = e @ F.normalize(self.module_.text_map(text), dim=1).T  # (B, 1 + C)
+        if reference is None:
+            return cos[:, 0].numpy()
+        return torch.log_softmax(cos / self.config.temperature, 1)[:, 0].numpy()  # (B,)
+
     def similarity(self, x, text_embeddings=None) -> np.ndarray:
         """Cosine between every model and every prompt, shape (B, C); default prompts: the seen classes."""
         text = self.text_ if text_embeddings is None else torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
@@ -95,12 +113,7 @@ class ProbeXTextAligner(WeightExpert):
         normalises away models whose embedding is close to every prompt ("hubs"), so the top model is one
         that matches the query better than any other description. Time O(B (C + 1) r_T).
         """
-        query = torch.as_tensor(np.asarray(query_embedding), dtype=torch.float32).reshape(1, -1)  # (1, d_text)
-        if reference is None:
-            return self.similarity(x, query)[:, 0]
-        ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32)
-        logits = torch.as_tensor(self.similarity(x, torch.cat([query, ref]))) / self.config.temperature
-        return torch.log_softmax(logits, 1)[:, 0].numpy()  # (B,)
+        return self.scores_from_embeddings(self.embed_models(x), query_embedding, reference)
 
     def search(self, x, query_embedding, reference=None) -> np.ndarray:
         """Model indices ranked for one text query (best first); see :meth:`search_scores`."""
