@@ -18,7 +18,7 @@ from modelatlas import __version__
 from modelatlas.allocator import keep_freed_memory
 from modelatlas.errors import AtlasError
 
-COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "distill", "attribute", "data"]
+COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "index", "distill", "attribute", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

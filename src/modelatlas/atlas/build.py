@@ -1,0 +1,173 @@
+"""Build an atlas from a collection of checkpoints: describe, recover the lineage, predict, embed.
+
+Steps (each model's header is read once; the lineage pass streams its weights layer by layer, see
+:mod:`modelatlas.lineage.distances`; each expert reads its one layer per model):
+  1. describe every model from its header: parameters, bytes, dtype, an architecture signature;
+  2. recover the lineage forest of the readable models (:func:`modelatlas.lineage.recover_lineage`);
+  3. with ProbeX class experts: route each model with the expert layer to its tree and predict its
+     training classes (a model in no known tree gets a note, not a guess);
+  4. with ProbeX text experts: store each routed model's embedding in the text space, so that queries
+     later need the experts but not the weights.
+Time: the lineage recovery's (O(N P) reading plus O(N^2) distances) plus O(N d_H d_W) per expert layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.errors import AtlasError, CheckpointError
+from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.forest import Forest
+from modelatlas.lineage.recover import recover_lineage
+from modelatlas.progress import Progress, resolve
+from modelatlas.weights import discover_models, model_name, open_checkpoint
+from modelatlas.weights.base import error_line
+
+
+def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
+                text_experts: str | Path | None = None, lineage: LineageConfig | None = None,
+                progress: Progress | None = None) -> Atlas:
+    """An :class:`Atlas` of the models in ``inputs`` (model files, model folders, or folders of models);
+    ``experts`` / ``text_experts``: folders written by ``atlas probex train`` (``--task classes`` / ``text``)."""
+    paths = discover_models(inputs)
+    if not paths:
+        raise AtlasError(f"no models found in {', '.join(map(str, inputs))}")
+    _check_unique_names(paths)
+    entries, shapes = zip(*[_describe(p) for p in resolve(progress)(paths, total=len(paths), desc="headers")])
+    entries = list(entries)
+    readable = [p for p, e in zip(paths, entries) if not e.notes]
+    if len(readable) < 2:
+        raise AtlasError(f"{len(readable)} readable model(s) of {len(paths)}: an atlas needs at least 2")
+    forest = recover_lineage(readable, config=lineage, progress=progress)
+    _place(entries, forest)
+    atlas = Atlas(entries, forest)
+    if experts is not None:
+        _predict(atlas, paths, dict(zip(paths, shapes)), experts, progress)
+    if text_experts is not None:
+        _embed(atlas, paths, dict(zip(paths, shapes)), text_experts, progress)
+    return atlas
+
+
+def _check_unique_names(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for p in paths:
+        name = model_name(p)
+        if name in seen:
+            raise AtlasError(f"two models are named {name!r}: {seen[name]} and {p}; models are named by file or "
+                             "folder name, so rename one")
+        seen[name] = p
+
+
+def _describe(path: Path) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
+    """The entry of one model from its header, and its tensor shapes; an unreadable model gets a note."""
+    entry = ModelEntry(model_name(path), str(Path(path).resolve()))
+    try:
+        with open_checkpoint(path) as ckpt:
+            infos = ckpt.tensors()
+    except CheckpointError as e:
+        entry.notes.append(f"unreadable: {error_line(e)}")
+        return entry, {}
+    by_dtype: Counter = Counter()
+    for t in infos:
+        by_dtype[t.dtype] += t.numel
+        entry.size_bytes += t.numel * _itemsize(t.dtype)
+    entry.parameters, entry.tensors = sum(by_dtype.values()), len(infos)
+    entry.dtype = by_dtype.most_common(1)[0][0] if by_dtype else ""
+    signature = ";".join(f"{t.name}:{'x'.join(map(str, t.shape))}" for t in sorted(infos, key=lambda t: t.name))
+    entry.architecture = hashlib.sha1(signature.encode()).hexdigest()[:10]
+    return entry, {t.name: tuple(t.shape) for t in infos}
+
+
+def _itemsize(dtype: str) -> int:
+    dt = getattr(torch, dtype, None)
+    return torch.empty((), dtype=dt).element_size() if isinstance(dt, torch.dtype) else 4
+
+
+def _place(entries: list[ModelEntry], forest: Forest) -> None:
+    """Copy each model's tree, parent and edge score from the forest; note models the lineage skipped."""
+    tree_of = {n: t + 1 for t, members in enumerate(forest.trees) for n in members}
+    edge_of = {e.child: e for e in forest.edges}
+    for entry in entries:
+        if entry.name in forest.skipped:
+            entry.notes.append(f"lineage skipped it: {forest.skipped[entry.name]}")
+        if entry.name not in forest.nodes:
+            continue
+        entry.tree = tree_of.get(entry.name)
+        edge = edge_of.get(entry.name)
+        if edge is not None:
+            entry.parent, entry.score = edge.parent, round(float(edge.score), 4)
+            if edge.kind != "trained":
+                entry.notes.append(f"{edge.kind} of {edge.parent}")
+
+
+def _routed(atlas: Atlas, paths: list[Path], shapes: dict, folder, task: str, progress):
+    """(experts, X, routes, entries) of the models that hold the experts' layer at their shape, routed to trees.
+    Entries without the layer, or in no known tree, get a note."""
+    from modelatlas.probex.experts import TreeExperts
+    from modelatlas.probex.layers import load_layer
+
+    experts = TreeExperts.load(folder)
+    if experts.task != task:
+        flag = "--experts" if experts.task == "classes" else "--text-experts"
+        raise AtlasError(f"{folder}: experts trained with --task {experts.task}; pass them as {flag}")
+    want = tuple(next(iter(experts.experts.values())).mean_.shape)  # (d_H, d_W)
+    chosen, missing = [], []
+    for path, entry in zip(paths, atlas.models):
+        shape = shapes[path].get(experts.layer)
+        if shape is not None and len(shape) >= 2 and (shape[0], _prod(shape[1:])) == want:
+            chosen.append((path, entry))
+        elif not any(n.startswith("unreadable") for n in entry.notes):
+            missing.append(entry)
+    for entry in missing:
+        entry.notes.append(f"{task} experts: no tensor {experts.layer!r} of shape {want}")
+    if not chosen:
+        return experts, None, [], []
+    x = load_layer([p for p, _ in chosen], experts.layer, progress)
+    routes = experts.router.route(x, [e.name for _, e in chosen])
+    for r, (_, entry) in zip(routes, chosen):
+        if not r.known:
+            entry.notes.append(f"{task} experts: in no known tree (nearest {r.nearest!r} at {r.distance:.3g}, "
+                               f"radius {r.radius:.3g})")
+    return experts, x, routes, [e for _, e in chosen]
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _predict(atlas: Atlas, paths, shapes, folder, progress) -> None:
+    """Each routed model's predicted training classes (probability > 0.5, best first)."""
+    experts, x, routes, chosen = _routed(atlas, paths, shapes, folder, "classes", progress)
+    for i, (r, entry) in enumerate(zip(routes, chosen)):
+        if r.known:
+            expert = experts.experts[r.tree]
+            probs = expert.predict_proba(x[i:i + 1])[0]
+            order = probs.argsort()[::-1]
+            entry.expert_tree = r.tree
+            entry.predicted = [[str(expert.classes_[k]), round(float(probs[k]), 3)] for k in order if probs[k] > 0.5]
+    atlas.experts["classes"] = {"folder": str(Path(folder).resolve()), "layer": experts.layer}
+
+
+def _embed(atlas: Atlas, paths, shapes, folder, progress) -> None:
+    """Each routed model's unit-norm embedding in its text expert's space, grouped by expert tree."""
+    experts, x, routes, chosen = _routed(atlas, paths, shapes, folder, "text", progress)
+    for tree, expert in experts.experts.items():
+        idx = [i for i, r in enumerate(routes) if r.tree == tree]
+        if idx:
+            emb = torch.as_tensor(expert.embed_models(x[idx]))  # (n, r_T)
+            atlas.embeddings[tree] = ([chosen[i].name for i in idx], emb)
+            probs = expert.predict_proba(x[idx])  # (n, C) over the seen prompts
+            for row, i in enumerate(idx):
+                chosen[i].text_tree = tree
+                top = probs[row].argsort()[::-1][:3]
+                chosen[i].described = [[expert.classes_[k], round(float(probs[row, k]), 3)] for k in top]
+    atlas.experts["text"] = {"folder": str(Path(folder).resolve()), "layer": experts.layer}

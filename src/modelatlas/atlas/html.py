@@ -1,0 +1,124 @@
+"""The atlas viewer: one self-contained HTML page (inline CSS and a few lines of JavaScript, no network).
+
+It draws each recovered tree as an indented list (edge confidence beside each model, predicted classes
+under it), a table of every model (size, dtype, tree, parent, predictions, notes), and a filter box that
+hides the table rows whose text does not contain what is typed
+(and dims those models in the trees, keeping the trees' shape). Pure function of an :class:`Atlas`; every
+string from the atlas is HTML-escaped. Time O(N + E).
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.lineage.export import MAX_INDENT
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
+h1{font-size:1.4em} .meta{color:#555} input{font-size:1em;padding:.3em;width:24em;margin:1em 0}
+ul.tree,ul.tree ul{list-style:none;margin:0;padding-left:1.4em;border-left:1px solid #bbb}
+ul.tree{border:none;padding-left:0} li{margin:.15em 0}
+.score{color:#777;font-size:.85em} .pred{color:#2a6;font-size:.85em} .note{color:#b60;font-size:.85em}
+table{border-collapse:collapse;margin-top:1em} td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
+th{background:#f4f4f4} .hidden{display:none} .dim>b{opacity:.3} .tree-box{margin:1em 0}
+"""
+
+_JS = """
+function has(el,q){return el.getAttribute('data-s').indexOf(q)>=0;}
+function filt(q){q=q.toLowerCase();
+ document.querySelectorAll('tr[data-s]').forEach(function(tr){tr.classList.toggle('hidden',!!q&&!has(tr,q));});
+ document.querySelectorAll('li[data-s]').forEach(function(li){
+  var hit=!q||has(li,q)||Array.prototype.some.call(li.querySelectorAll('li[data-s]'),function(d){return has(d,q);});
+  li.classList.toggle('dim',!hit);});}
+"""
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _pred_text(entry: ModelEntry, k: int = 6) -> str:
+    if entry.described and not entry.predicted:
+        c, p = entry.described[0]
+        return f"{c} {p:.2f}"
+    if not entry.predicted:
+        return ""
+    shown = ", ".join(f"{c} {p:.2f}" for c, p in entry.predicted[:k])
+    return shown + (f" (+{len(entry.predicted) - k})" if len(entry.predicted) > k else "")
+
+
+def _search_text(entry: ModelEntry) -> str:
+    return escape(" ".join([entry.name, entry.path, _pred_text(entry, 100), " ".join(entry.notes)]).lower())
+
+
+def _li(name: str, entries: dict, depth: int) -> str:
+    """A model's list item, left open: its name, edge score, predictions (and its depth past MAX_INDENT)."""
+    e = entries.get(name)
+    score = f' <span class="score">({e.score:.2f})</span>' if e is not None and e.score is not None else ""
+    pred = f'<br><span class="pred">{escape(_pred_text(e))}</span>' if e is not None and _pred_text(e) else ""
+    deep = f'<span class="score">[depth {depth}]</span> ' if depth > MAX_INDENT else ""
+    s = _search_text(e) if e is not None else escape(name.lower())
+    return f'<li data-s="{s}">{deep}<b>{escape(name)}</b>{score}{pred}'
+
+
+def _subtree(root: str, kids: dict, entries: dict, out: list[str]) -> None:
+    """Nested lists from ``root``, depth-first with an explicit stack (a chain of thousands of checkpoints
+    reaches no recursion limit); below MAX_INDENT levels the children follow as siblings, tagged by depth."""
+    stack: list = [(root, 0)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):  # a closing tag scheduled after a node's children
+            out.append(item)
+            continue
+        name, depth = item
+        out.append(_li(name, entries, depth))
+        children = [e.child for e in kids.get(name, [])]
+        if children and depth < MAX_INDENT:
+            out.append("<ul>")
+            stack.append("</ul></li>")
+        else:
+            out.append("</li>")
+        stack.extend((c, depth + 1) for c in reversed(children))
+
+
+def _trees(atlas: Atlas) -> list[str]:
+    kids, entries = atlas.forest.children(), {m.name: m for m in atlas.models}
+    out = []
+    for t, root in enumerate(atlas.forest.roots()):
+        size = next((len(tr) for tr in atlas.forest.trees if root in tr), 1)
+        out.append(f'<div class="tree-box"><h3>tree {t + 1} ({size} models)</h3><ul class="tree">')
+        _subtree(root, kids, entries, out)
+        out.append("</ul></div>")
+    return out
+
+
+def _table(atlas: Atlas) -> list[str]:
+    head = ["model", "tree", "parent", "score", "predicted classes / description", "parameters", "size", "dtype", "notes"]
+    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for m in atlas.models:
+        cells = [f"<b>{escape(m.name)}</b>", "" if m.tree is None else str(m.tree), escape(m.parent or ""),
+                 "" if m.score is None else f"{m.score:.2f}", escape(_pred_text(m)), f"{m.parameters:,}",
+                 _human(m.size_bytes), escape(m.dtype), f'<span class="note">{escape("; ".join(m.notes))}</span>']
+        out.append(f'<tr data-s="{_search_text(m)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return out
+
+
+def render_html(atlas: Atlas) -> str:
+    """The viewer page for ``atlas`` as one HTML string."""
+    d = atlas.forest.decisions
+    meta = (f"{len(atlas.models)} models, {len(atlas.forest.roots())} trees; stage: {d.get('stage', '?')}; "
+            f"distance: {d.get('distance', '?')}")
+    experts = "; ".join(f"{k} experts: {escape(v.get('folder', ''))} (layer {escape(v.get('layer', ''))})"
+                        for k, v in atlas.experts.items())
+    body = [f"<h1>modelatlas</h1><p class=meta>{escape(meta)}</p>",
+            f"<p class=meta>{experts}</p>" if experts else "",
+            '<input placeholder="filter models (name, class, note)" oninput="filt(this.value)">',
+            *_trees(atlas), "<h2>all models</h2>", *_table(atlas)]
+    return ("<!doctype html><html><head><meta charset=utf-8><title>modelatlas</title>"
+            f"<style>{_CSS}</style><script>{_JS}</script></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

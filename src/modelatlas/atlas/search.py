@@ -1,0 +1,92 @@
+"""Search an atlas: by free text through the stored ProbeX text embeddings, or by keywords.
+
+Text search (the atlas was built with text experts): the query is embedded by the offline MiniLM encoder,
+mapped by each tree's text expert, and every embedded model is scored by the log-probability of the query
+against the query plus that expert's seen prompts (:meth:`ProbeXTextAligner.scores_from_embeddings`): a model
+ranks first when the query describes it better than any known description does. No weights are read.
+Time O(N r_T + C d_text r_T) per query for N embedded models and C seen prompts.
+
+Keyword search (no text embeddings, or ``mode="keywords"``): each query word is looked up in a model's name,
+path, predicted classes (and best-matching description), dtype and tree (whole words); the score counts matched
+words, a word found in a predicted class or description adds its probability, and a query that is a model's
+whole name adds 2. Time O(N W) for W words per model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.errors import AtlasError
+
+MODES = ("auto", "text", "keywords")
+EXACT_NAME = 2.0  # bonus when the whole query is a model's name
+
+
+@dataclass(frozen=True)
+class Hit:
+    name: str
+    score: float
+    how: str  # "text" or "keywords"
+
+
+def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
+                 text_experts: str | Path | None = None) -> list[Hit]:
+    """The ``top`` models best matching ``query``, best first. ``mode="auto"``: text search when the atlas
+    holds text embeddings, keywords otherwise. ``text_experts`` overrides the experts folder the atlas
+    recorded (e.g. after moving it)."""
+    if mode not in MODES:
+        raise AtlasError(f"search mode must be one of {MODES}; got {mode!r}")
+    if not query.strip():
+        raise AtlasError("empty search query")
+    if mode == "text" and not atlas.embeddings:
+        raise AtlasError("this atlas has no text embeddings: rebuild it with --text-experts, or search keywords")
+    if atlas.embeddings and mode != "keywords":
+        return _text_hits(atlas, query, text_experts)[:top]
+    return _keyword_hits(atlas, query)[:top]
+
+
+def _text_hits(atlas: Atlas, query: str, folder) -> list[Hit]:
+    from modelatlas.probex.experts import TreeExperts
+    from modelatlas.probex.text_encoder import encode_texts
+
+    folder = folder or atlas.experts.get("text", {}).get("folder")
+    if not folder:
+        raise AtlasError("the atlas does not say which text experts embedded it; pass --text-experts DIR")
+    experts = TreeExperts.load(folder)
+    q = encode_texts([query])
+    hits = []
+    for tree, (names, emb) in atlas.embeddings.items():
+        expert = experts.experts.get(tree)
+        if expert is None:
+            raise AtlasError(f"{folder}: no expert for tree {tree!r}, which embedded this atlas; pass the text "
+                             "experts the atlas was built with")
+        scores = expert.scores_from_embeddings(emb, q, expert.text_)
+        hits += [Hit(n, float(s), "text") for n, s in zip(names, np.asarray(scores))]
+    return sorted(hits, key=lambda h: (-h.score, h.name))
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[^0-9a-z]+", text.lower()) if w]
+
+
+def _keyword_score(entry: ModelEntry, query: str, words: list[str]) -> float:
+    fields = set(_words(" ".join([entry.name, entry.path, entry.dtype]))) | {"tree", str(entry.tree)}
+    classes = [(set(_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
+    score = EXACT_NAME if query.strip().lower() == entry.name.lower() else 0.0
+    for w in words:
+        matched = [p for ws, p in classes if w in ws]
+        score += (1.0 + max(matched)) if matched else (1.0 if w in fields else 0.0)
+    return score
+
+
+def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:
+    words = _words(query)
+    if not words:
+        raise AtlasError(f"search query {query!r} has no words to look up")
+    hits = [Hit(m.name, s, "keywords") for m in atlas.models if (s := _keyword_score(m, query, words)) > 0]
+    return sorted(hits, key=lambda h: (-h.score, h.name))

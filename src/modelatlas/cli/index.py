@@ -1,0 +1,96 @@
+"""``atlas index build | show | search``: an atlas of models (lineage + predicted properties), searchable."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modelatlas.cli.output import echo, tqdm_progress, warn
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build, show and search an atlas of models (lineage + predictions)")
+    isub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+    b = isub.add_parser("build", help="index models: recover their lineage, predict their training classes",
+                        description="Index models into an atlas folder: atlas.json, atlas.html (a viewer) and, "
+                                    "with --text-experts, the models' text embeddings for `atlas index search`.")
+    b.add_argument("paths", nargs="+", metavar="PATH", help="model files, model folders, or folders holding many")
+    b.add_argument("--out", required=True, type=Path, help="atlas folder to write")
+    b.add_argument("--experts", help="ProbeX class experts (`atlas probex train`): predict training classes")
+    b.add_argument("--text-experts", help="ProbeX text experts (`atlas probex train --task text`): text search")
+    from modelatlas.cli.lineage import add_recovery_options
+
+    add_recovery_options(b)
+    b.set_defaults(func=_build)
+    s = isub.add_parser("show", help="print an atlas's trees with each model's predicted classes")
+    s.add_argument("atlas", type=Path, metavar="ATLAS", help="atlas folder (or its atlas.json)")
+    s.set_defaults(func=_show)
+    q = isub.add_parser("search", help="rank an atlas's models by a free-text query or keywords")
+    q.add_argument("query")
+    q.add_argument("atlas", type=Path, metavar="ATLAS")
+    q.add_argument("--top", type=int, default=10)
+    q.add_argument("--mode", choices=("auto", "text", "keywords"), default="auto",
+                   help="text: through the stored text embeddings; keywords: names, classes, notes; "
+                        "auto (default): text when the atlas has embeddings")
+    q.add_argument("--text-experts", help="text experts folder, if moved since the atlas was built")
+    q.set_defaults(func=_search)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from modelatlas.atlas import build_atlas
+    from modelatlas.cli.lineage import config_from_args, expand_paths
+    from modelatlas.errors import ConfigError
+
+    models = expand_paths(args.paths)
+    if not models:
+        raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
+    atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress)
+    atlas.save(args.out)
+    for m in atlas.models:
+        for note in m.notes:
+            warn(f"{m.name}: {note}")
+    _show_atlas(atlas)
+    echo(f"atlas written to {args.out} (open {args.out / 'atlas.html'} in a browser)")
+    return 0
+
+
+def _show_atlas(atlas) -> None:
+    from modelatlas.lineage.export import to_text
+
+    labels = {m.name: _what(m) for m in atlas.models if m.predicted or m.described}
+    echo(to_text(atlas.forest, labels=labels).rstrip("\n"))
+    d = atlas.forest.decisions
+    echo(f"{len(atlas.models)} models, {len(atlas.forest.roots())} trees; stage: {d.get('stage')}; "
+         f"distance: {d.get('distance')}" + (f"; {len(labels)} described by experts" if atlas.experts else ""))
+
+
+def _what(m) -> str:
+    """What the experts say a model was trained on: its predicted classes, or its best description."""
+    if m.predicted:
+        return "[" + ", ".join(c for c, _ in m.predicted) + "]"
+    c, p = m.described[0]
+    return f'"{c}" ({p:.2f})'
+
+
+def _show(args: argparse.Namespace) -> int:
+    from modelatlas.atlas import Atlas
+
+    _show_atlas(Atlas.load(args.atlas))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from modelatlas.atlas import Atlas, search_atlas
+
+    atlas = Atlas.load(args.atlas)
+    hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
+    if not hits:
+        echo(f"no model matches {args.query!r}")
+        return 1
+    for rank, h in enumerate(hits, 1):
+        m = atlas.entry(h.name)
+        where = f"tree {m.tree}" + (f", parent {m.parent}" if m.parent else ", root")
+        what = "log p(query)" if h.how == "text" else "keyword score"
+        said = f"  {_what(m)}" if m.predicted or m.described else ""
+        echo(f"{rank:3d}. {h.name}  {what} {h.score:.3f}  ({where}){said}")
+    return 0

@@ -1,0 +1,178 @@
+"""The atlas: build (lineage + metadata + expert predictions + text embeddings), save/load, search, viewer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelatlas.atlas import Atlas, ModelEntry, build_atlas, search_atlas
+from modelatlas.atlas.html import render_html
+from modelatlas.errors import AtlasError
+from modelatlas.lineage import LineageConfig
+from modelatlas.lineage.forest import Edge, Forest
+from modelatlas.lineage.synthetic import make_synthetic_forest
+
+SPECIALIZE = LineageConfig(stage="specialize")
+
+
+def make_forest_folder(folder, broken=False):
+    """2 synthetic trees x 2 children (known parents) as safetensors files; optionally one broken file."""
+    weights, parents = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
+    folder.mkdir(exist_ok=True)
+    for name, tensors in weights.items():
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    if broken:
+        (folder / "broken.safetensors").write_bytes(b"\xff" * 4)
+    return weights, parents
+
+
+@pytest.fixture(scope="module")
+def make_class_zoo(tmp_path_factory):
+    """A tiny Task-A zoo (2 trees, hidden 16) and class experts trained on it for 3 epochs."""
+    from modelatlas.probex import ProbeXConfig
+    from modelatlas.probex.experts import train_tree_experts
+    from modelatlas.probex.families import make_class_subset_zoo
+
+    torch.set_num_threads(1)
+    zoo = tmp_path_factory.mktemp("zoo")
+    make_class_subset_zoo(zoo, children=(24, 12), hidden=16, ft_steps=(10, 20), batch_models=24)
+    experts = tmp_path_factory.mktemp("experts")
+    train_tree_experts(zoo, experts, "classes", "layers.1.weight", ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=3))
+    return zoo, experts
+
+
+def test_build_places_every_model_and_describes_it(tmp_path):
+    weights, parents = make_forest_folder(tmp_path / "m", broken=True)
+    atlas = build_atlas([tmp_path / "m"], lineage=SPECIALIZE)
+    by = {m.name: m for m in atlas.models}
+    assert set(by) == set(parents) | {"broken"}
+    assert by["broken"].tree is None and by["broken"].notes[0].startswith("unreadable: ")
+    for name, parent in parents.items():  # this forest is recovered exactly (tests/lineage)
+        assert by[name].parent == parent and by[name].notes == []
+    assert by["t0"].tree != by["t1"].tree and by["t0_1"].tree == by["t0"].tree
+    n = sum(t.numel() for t in weights["t0"].values())
+    assert by["t0"].parameters == n and by["t0"].size_bytes == 4 * n and by["t0"].dtype == "float32"
+    assert by["t0"].tensors == len(weights["t0"]) and by["t0"].architecture == by["t1_0"].architecture
+    assert by["t0"].path == str((tmp_path / "m" / "t0.safetensors").resolve())
+
+
+def test_build_refuses_duplicate_names_and_too_few_models(tmp_path):
+    make_forest_folder(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "t0.safetensors").write_bytes((tmp_path / "a" / "t0.safetensors").read_bytes())
+    with pytest.raises(AtlasError, match="two models are named 't0'"):
+        build_atlas([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(AtlasError, match="1 readable model"):
+        build_atlas([tmp_path / "b"])
+
+
+def test_save_load_roundtrip_and_viewer(tmp_path):
+    make_forest_folder(tmp_path / "m")
+    atlas = build_atlas([tmp_path / "m"], lineage=SPECIALIZE)
+    atlas.save(tmp_path / "atl")
+    again = Atlas.load(tmp_path / "atl")
+    assert again.to_dict() == atlas.to_dict()
+    assert Atlas.load(tmp_path / "atl" / "atlas.json").models == atlas.models
+    page = (tmp_path / "atl" / "atlas.html").read_text()
+    assert page.startswith("<!doctype html>") and "tree 1 (3 models)" in page and page.count("<tr data-s=") == 6
+
+
+def test_viewer_escapes_names():
+    entry = ModelEntry("<script>x</script>", "/p/<script>", predicted=[["a&b", 0.9]])
+    page = render_html(Atlas([entry], Forest([entry.name], [])))
+    assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page and "a&amp;b 0.90" in page
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(AtlasError, match="no atlas here"):
+        Atlas.load(tmp_path)
+    (tmp_path / "atlas.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(AtlasError, match="unknown atlas format 'other'"):
+        Atlas.load(tmp_path)
+    (tmp_path / "atlas.json").write_text("{trunc")
+    with pytest.raises(AtlasError, match="atlas.json: cannot read the atlas"):
+        Atlas.load(tmp_path)
+    good = Atlas([ModelEntry("a", "a")], Forest(["a"], []), embeddings={"t": (["a"], torch.ones(1, 3))})
+    good.save(tmp_path / "e")
+    (tmp_path / "e" / "embeddings.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(AtlasError, match="embeddings.safetensors"):
+        Atlas.load(tmp_path / "e")
+
+
+def test_class_experts_predict_and_flag_strangers(make_class_zoo, tmp_path):
+    zoo, experts = make_class_zoo
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("t0", "t0-c0001", "t0-c0002", "t1-c0003"):
+        (models / f"{name}.safetensors").write_bytes((zoo / f"{name}.safetensors").read_bytes())
+    tensors = load_file(str(zoo / "t1-c0003.safetensors"))
+    save_file({k: torch.randn_like(v) * 3 for k, v in tensors.items()}, str(models / "stranger.safetensors"))
+    save_file({"w": torch.randn(4, 4)}, str(models / "other-arch.safetensors"))
+    atlas = build_atlas([models], experts=experts)
+    by = {m.name: m for m in atlas.models}
+    assert by["t0-c0001"].expert_tree == "t0" and by["t1-c0003"].expert_tree == "t1"
+    probs = [p for _, p in by["t0-c0001"].predicted]
+    assert probs == sorted(probs, reverse=True) and all(p > 0.5 for p in probs)
+    assert by["stranger"].predicted is None and "in no known tree" in by["stranger"].notes[0]
+    assert "no tensor 'layers.1.weight' of shape (16, 16)" in by["other-arch"].notes[0]
+    assert atlas.experts["classes"]["layer"] == "layers.1.weight"
+    with pytest.raises(AtlasError, match="pass them as --experts"):
+        build_atlas([models], text_experts=experts)
+
+
+def test_text_search_uses_stored_embeddings(tmp_path):
+    from modelatlas.probex import ProbeXConfig
+    from modelatlas.probex.experts import TreeExperts, train_tree_experts
+    from modelatlas.probex.families import make_named_class_zoo
+    from modelatlas.probex.text_encoder import encode_texts
+
+    zoo = tmp_path / "named"
+    make_named_class_zoo(zoo, models_per_class=1, hidden=16, ft_steps=(5, 10), batch_models=120)
+    tx = tmp_path / "tx"
+    train_tree_experts(zoo, tx, "text", "classifier.weight", ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2))
+    atlas = build_atlas([zoo], text_experts=tx)
+    atlas.save(tmp_path / "atl")
+    loaded = Atlas.load(tmp_path / "atl")
+    query = "a handwritten seven, upside down"
+    hits = search_atlas(loaded, query, top=200)
+    assert {h.how for h in hits} == {"text"} and len(hits) == len(atlas.embeddings["root"][0])
+    # oracle: the scores from stored embeddings equal the scores computed from the weights themselves
+    experts = TreeExperts.load(tx)
+    paths = [zoo / f"{h.name}.safetensors" for h in hits]
+    x, routes = experts.read(paths)
+    direct = experts.search_scores(x, routes, encode_texts([query]))
+    np.testing.assert_allclose([h.score for h in hits], direct, rtol=1e-5, atol=1e-6)
+    assert all(len(m.described) == 3 for m in atlas.models if m.text_tree)
+    assert search_atlas(loaded, "seven", mode="keywords")[0].how == "keywords"
+
+
+def make_keyword_atlas():
+    models = [ModelEntry("alpha", "/z/alpha", predicted=[["Shirt", 0.6], ["Bag", 0.55]]),
+              ModelEntry("beta", "/z/beta", predicted=[["Shirt", 0.9]]),
+              ModelEntry("shirt-model", "/z/shirt-model"), ModelEntry("gamma", "/z/gamma")]
+    return Atlas(models, Forest([m.name for m in models], [Edge("alpha", "beta", 0.5)]))
+
+
+def test_keyword_search_ranks_by_matches_and_probability():
+    atlas = make_keyword_atlas()
+    hits = search_atlas(atlas, "shirt")
+    assert [h.name for h in hits] == ["beta", "alpha", "shirt-model"]
+    assert [round(h.score, 2) for h in hits] == [1.9, 1.6, 1.0]
+    assert [h.name for h in search_atlas(atlas, "shirt bag", top=1)] == ["alpha"]  # 1.6 + 1.55
+    assert search_atlas(atlas, "nothing-like-it") == []
+    with pytest.raises(AtlasError, match="empty search query"):
+        search_atlas(atlas, "  ")
+    with pytest.raises(AtlasError, match="no text embeddings"):
+        search_atlas(atlas, "shirt", mode="text")
+    with pytest.raises(AtlasError, match="search mode must be one of"):
+        search_atlas(atlas, "shirt", mode="fuzzy")
+
+
+def test_viewer_of_a_long_chain_is_balanced():
+    names = [f"m{i}" for i in range(1200)]
+    forest = Forest(names, [Edge(names[i], names[i + 1], 0.5) for i in range(1199)], trees=[names])
+    page = render_html(Atlas([ModelEntry(n, n) for n in names], forest))
+    assert page.count("<li ") == 1200 and page.count("</li>") == 1200 and page.count("<ul") == page.count("</ul>")
+    assert "[depth 1199]</span> <b>m1199</b>" in page

@@ -1,0 +1,51 @@
+"""``atlas index build | show | search`` on a synthetic forest (known parents)."""
+
+import json
+
+from safetensors.torch import save_file
+
+from modelatlas.cli.main import main
+from modelatlas.lineage.synthetic import make_synthetic_forest
+
+
+def make_models(folder):
+    weights, parents = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
+    folder.mkdir()
+    for name, tensors in weights.items():
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / "broken.safetensors").write_bytes(b"\xff" * 4)
+    return parents
+
+
+def test_build_show_search(tmp_path, capsys):
+    parents = make_models(tmp_path / "m")
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: broken: unreadable: " in captured.err
+    assert "├── t0_0  (" in captured.out and f"atlas written to {out}" in captured.out
+    assert "7 models, 2 trees; stage: specialize" in captured.out
+    data = json.loads((out / "atlas.json").read_text())
+    assert {m["name"]: m["parent"] for m in data["models"] if m["tree"]} == parents
+    assert (out / "atlas.html").exists() and not (out / "embeddings.safetensors").exists()
+    assert main(["index", "show", str(out)]) == 0
+    assert "t1  [tree 2, 3 models]" in capsys.readouterr().out
+    assert main(["index", "search", "t1_0", str(out), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("1. t1_0  keyword score 4.000  (tree 2, parent t1)")  # t1, 0 and the whole name
+    assert "keyword score 1.000" in lines[1] and len(lines) == 2  # one word of two: t1, t1_1, t0_0 tie
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["index", "show", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'atlas.json'}: no atlas here")
+    make_models(tmp_path / "m")
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a"), "--experts",
+                 str(tmp_path / "none")]) == 1
+    assert "not an experts folder" in capsys.readouterr().err
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["index", "search", "zzz", str(tmp_path / "a")]) == 1
+    assert "no model matches 'zzz'" in capsys.readouterr().out
+    assert main(["index", "search", "x", str(tmp_path / "a"), "--mode", "text"]) == 1
+    assert "no text embeddings" in capsys.readouterr().err
