@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--fixed", type=float, default=None, metavar="WD",
                    help="no selection: evaluate ProbeX at every --ranks and dense at this weight decay on the "
                         "--test-seed zoo only (hyperparameters chosen beforehand on another zoo)")
+    p.add_argument("--curve", action="store_true", help="with --fixed: also train on growing numbers of models")
     p.add_argument("--ft-steps", default="30,60", help="fine-tuning steps per child: min,max (Adam)")
     p.add_argument("--ft-lr", default="1e-4,3e-4", help="fine-tuning learning rate per child: min,max (log-uniform)")
     p.add_argument("--transforms", default="", help="comma-separated input transforms, each a copy of the 20 "
@@ -171,10 +172,24 @@ def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
         (acc, ex), n_par, sec = fit(kind, cfg, test, test["train"], test["test"])
         out.append(f"| {label} | {acc:.3f} | {ex:.3f} | {f'{n_par:,}' if n_par else '-'} | {sec:.1f} |")
         print(out[-1], flush=True)
-    out += ["", f"chance: per-label 0.5, exact set {_chance(test):.1e}; {test['y'].shape[1]} labels",
-            "", f"Total benchmark time: {time.perf_counter() - t0:.0f} s.", ""]
+    out += ["", f"chance: per-label 0.5, exact set {_chance(test):.1e}; {test['y'].shape[1]} labels", ""]
+    if args.curve:
+        out += _curve(test, runs[:-1], args.test_seed)
+    out += [f"Total benchmark time: {time.perf_counter() - t0:.0f} s.", ""]
     print("\n".join(out))
     return 0
+
+
+def _curve(test: dict, runs: list, seed: int) -> list[str]:
+    """Per-label test accuracy of each run trained on the first n training models, n up to all of them."""
+    sizes = [n for n in (60, 120, 240, 480) if n < len(test["train"])] + [len(test["train"])]
+    out = [f"### Zoo seed {seed}: training models vs per-label test accuracy ({LAYER})", "",
+           "| train models | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes)]
+    for label, kind, cfg in runs:
+        accs = [fit(kind, cfg, test, test["train"][:n], test["test"])[0][0] for n in sizes]
+        out.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
+        print(out[-1], flush=True)
+    return out + [""]
 
 
 if __name__ == "__main__":
