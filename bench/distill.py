@@ -6,7 +6,8 @@ method's protocol (DC/DM SGD protocol; DSA on during evaluation for DSA and DM, 
 otherwise). The random-real-subset baseline is reported under every protocol the other methods use. Prints a markdown table and
 writes JSON (``--json``). ``--val 0.1`` holds out a seeded 10% of the training split and scores on it instead
 of the test split (for choosing settings). ``--save DIR`` keeps each synthetic set; ``--init-from DIR/dm-ipc10``
-starts the methods from a saved set (e.g. HeLlO's labels on DM's images).
+starts the methods from a saved set (e.g. HeLlO's labels on DM's images); ``--eval-saved DIR...`` scores saved
+sets again (e.g. with more evaluation nets) under their methods' protocols, with ``--methods random`` beside them.
 
     python bench/distill.py --dataset digits --ipc 1 10
 """
@@ -45,9 +46,11 @@ def _known(method: str, fields: dict) -> dict:
 
 
 def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
-    """The random subset is scored under every protocol the other methods of the run use."""
+    """The random subset is scored under every protocol the other methods of the run (and the saved sets
+    of ``--eval-saved``) use."""
     extra = json.loads(args.config) if args.config else {}
-    flags = sorted({default_protocol(m, _known(m, extra), in_shape).dsa for m in args.methods if m != "random"})
+    others = [m for m in args.methods if m != "random"] + [s.meta["method"] for s in args.saved_sets]
+    flags = sorted({default_protocol(m, _known(m, extra), in_shape).dsa for m in others})
     return [EvalProtocol(**{**proto.__dict__, "dsa": f}) for f in flags] or [proto]
 
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     tr = load_dataset(args.dataset, "train")
     # --val: tune on a seeded fraction of the training split (seed + 12345, as bench/distill_poster.py)
     tr, te = tr.holdout(args.val, args.seed + 12345) if args.val else (tr, load_dataset(args.dataset, "test"))
-    rows = []
+    rows = _eval_saved(args, tr, te)
     init = SyntheticSet.load(args.init_from) if args.init_from else None
     iters = ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"])
     extra = json.loads(args.config) if args.config else {}
@@ -85,6 +88,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _eval_saved(args: argparse.Namespace, tr, te) -> list[dict]:
+    """Rows for the sets of ``--eval-saved`` (``--save`` folders), each under its method's protocol."""
+    extra = json.loads(args.config) if args.config else {}
+    rows = []
+    for folder, syn in zip(args.eval_saved, args.saved_sets):
+        method = syn.meta["method"]
+        proto = default_protocol(method, _known(method, extra), tr.input_shape, args.eval_nets, args.eval_epochs)
+        ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
+        rows.append(_row(method, syn.ipc, ev, None, None) | {"set": folder})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| method | IPC | test acc % (mean +- std) | distill time s | iterations | protocol |",
              "|---|---|---|---|---|---|"]
@@ -99,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
-    ap.add_argument("--methods", nargs="+", default=["random", "herding", "dc", "dsa", "dm"])
+    ap.add_argument("--methods", nargs="+", default=None, help="default: random herding dc dsa dm (none with --eval-saved)")
     ap.add_argument("--iterations", type=int, default=None, help="override every method's outer iterations")
     ap.add_argument("--config", default=None, help="JSON of config fields applied to every method")
     ap.add_argument("--eval-nets", type=int, default=5)
@@ -114,7 +130,12 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="save each synthetic set to SAVE/METHOD-ipcK")
     ap.add_argument("--init-from", default=None,
                     help="start every method from this saved synthetic set (a --save folder) instead of real images")
+    ap.add_argument("--eval-saved", nargs="+", default=[], metavar="DIR",
+                    help="also evaluate these saved sets (--save folders) under their methods' protocols")
     args = ap.parse_args()
+    args.saved_sets = [SyntheticSet.load(d) for d in args.eval_saved]
+    if args.methods is None:
+        args.methods = [] if args.eval_saved else ["random", "herding", "dc", "dsa", "dm"]
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -123,7 +144,8 @@ def main() -> None:
     print(f"total {time.perf_counter() - start:.0f} s on {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     if args.json:
-        atomic_write_json(args.json, {"args": vars(args), "rows": rows}, indent=1)
+        atomic_write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "saved_sets"},
+                                      "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
