@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from modelatlas.lineage.edmonds import arborescence_cost, minimum_spanning_arborescence
-from modelatlas.lineage.root import PRIOR, choose_root
+from modelatlas.lineage.root import PRIOR, bfs, choose_root
 
 
 def violations(kurtosis: np.ndarray, stage: str) -> np.ndarray:
@@ -89,7 +89,7 @@ def orient_mst(dist: np.ndarray, kurtosis: np.ndarray, stage: str) -> list[int]:
         return [-1] * n
     k = np.asarray(kurtosis, dtype=np.float64)
     sign = 1.0 if stage == "specialize" else -1.0  # specialize: k(parent) > k(child)
-    parent0, order = _bfs(adj, 0)
+    parent0, order = bfs(adj, 0)
     u, v = parent0[order[1:]], order[1:]  # every tree edge, oriented from node 0
     drop = sign * (k[u] - k[v])  # (n - 1,) > 0: the edge u -> v keeps the direction
     count, excess = np.zeros(n), np.zeros(n)
@@ -103,19 +103,6 @@ def orient_mst(dist: np.ndarray, kurtosis: np.ndarray, stage: str) -> list[int]:
     near = cands[excess[cands] <= excess[cands].min() + 1e-9 * (1.0 + np.abs(excess[cands]).max())]
     root = min(near[:32], key=lambda r: (_excess(adj, int(r), k, sign), int(r)))
     return _root_at(adj, int(root))
-
-
-def _bfs(adj: list[list[int]], root: int) -> tuple[np.ndarray, np.ndarray]:
-    """(parent, visiting order) of the tree ``adj`` hung from ``root``, breadth first. Time O(n)."""
-    parent = np.full(len(adj), -1)
-    order, seen = [root], {root}
-    for x in order:
-        for y in adj[x]:
-            if y not in seen:
-                seen.add(y)
-                parent[y] = x
-                order.append(y)
-    return parent, np.array(order)
 
 
 def _excess(adj: list[list[int]], root: int, k: np.ndarray, sign: float) -> float:

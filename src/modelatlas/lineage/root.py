@@ -58,6 +58,20 @@ def edge_votes(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.nd
     return out
 
 
+def bfs(adj: list[list[int]], root: int) -> tuple[np.ndarray, np.ndarray]:
+    """(parent, visiting order) of the tree ``adj`` hung from ``root``, breadth first (parents before their
+    children). Time O(n)."""
+    parent = np.full(len(adj), -1)
+    order, seen = [root], {root}
+    for x in order:
+        for y in adj[x]:
+            if y not in seen:
+                seen.add(y)
+                parent[y] = x
+                order.append(y)
+    return parent, np.array(order)
+
+
 def hop_sums(adj: list[list[int]]) -> np.ndarray:
     """(n,) sum of tree hop distances from each node to all others (one BFS per node). Time O(n^2)."""
     n = len(adj)
@@ -87,14 +101,7 @@ def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.n
         return np.zeros(0)
     vote = edge_votes(adj, kurtosis, layer_kurtosis, stage)
     votes = np.zeros(n)
-    parent, order = [-1] * n, [0]  # BFS from node 0
-    seen = {0}
-    for u in order:
-        for v in adj[u]:
-            if v not in seen:
-                seen.add(v)
-                parent[v] = u
-                order.append(v)
+    parent, order = bfs(adj, 0)
     votes[0] = sum(vote[(parent[c], c)] for c in order[1:])
     for v in order[1:]:
         u = parent[v]
