@@ -82,7 +82,8 @@ def main(argv=None) -> int:
            f"--epochs {args.epochs} --ranks {args.ranks} --dense-wd {args.dense_wd} --dev-seed {args.dev_seed} "
            f"--test-seed {args.test_seed} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr}"
            + (f" --transforms {args.transforms} --subset-size {args.subset_size} --root-steps {args.root_steps}"
-              if "transforms" in args.ft else "") + f"` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
+              if "transforms" in args.ft else "") + (" --curve" if args.curve else "")
+           + f"` (1 thread, {time.strftime('%Y-%m-%d')}).", ""]
     if args.fixed is not None:
         return fixed(args, zoo, names, out, t0)
     dev, b0, r0, acc0 = load(zoo, args.dev_seed, args.children, args.hidden, names, args.ft)
