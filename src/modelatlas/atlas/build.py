@@ -46,11 +46,11 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
         raise AtlasError(f"{len(readable)} readable model(s) of {len(paths)}: an atlas needs at least 2")
     forest = recover_lineage(readable, config=lineage, progress=progress)
     _place(entries, forest)
-    atlas = Atlas(entries, forest)
+    atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))
     if experts is not None:
-        _predict(atlas, paths, dict(zip(paths, shapes)), experts, progress)
+        _predict(atlas, paths, shape_of, experts, progress)
     if text_experts is not None:
-        _embed(atlas, paths, dict(zip(paths, shapes)), text_experts, progress)
+        _embed(atlas, paths, shape_of, text_experts, progress)
     return atlas
 
 

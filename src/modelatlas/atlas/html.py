@@ -60,7 +60,8 @@ def _li(name: str, entries: dict, depth: int) -> str:
     """A model's list item, left open: its name, edge score, predictions (and its depth past MAX_INDENT)."""
     e = entries.get(name)
     score = f' <span class="score">({e.score:.2f})</span>' if e is not None and e.score is not None else ""
-    pred = f'<br><span class="pred">{escape(_pred_text(e))}</span>' if e is not None and _pred_text(e) else ""
+    said = _pred_text(e) if e is not None else ""
+    pred = f'<br><span class="pred">{escape(said)}</span>' if said else ""
     deep = f'<span class="score">[depth {depth}]</span> ' if depth > MAX_INDENT else ""
     s = _search_text(e) if e is not None else escape(name.lower())
     return f'<li data-s="{s}">{deep}<b>{escape(name)}</b>{score}{pred}'

@@ -107,9 +107,9 @@ def orient_mst(dist: np.ndarray, kurtosis: np.ndarray, stage: str) -> list[int]:
 
 def _excess(adj: list[list[int]], root: int, k: np.ndarray, sign: float) -> float:
     """Summed kurtosis violation of the orientation from ``root``, summed in child order. Time O(n)."""
-    parent = _root_at(adj, root)
-    child = np.array([v for v in range(len(adj)) if parent[v] >= 0], dtype=int)
-    drop = sign * (k[np.array([parent[c] for c in child], dtype=int)] - k[child]) if len(child) else np.zeros(0)
+    parent = bfs(adj, root)[0]
+    child = np.flatnonzero(parent >= 0)
+    drop = sign * (k[parent[child]] - k[child])
     return float(-drop[drop < 0].sum())
 
 
@@ -147,16 +147,7 @@ def _prim(dist: np.ndarray) -> list[list[int]]:
 
 def _root_at(adj: list[list[int]], root: int) -> list[int]:
     """Parent of every node when the tree ``adj`` hangs from ``root`` (-1 for the root). Time O(n)."""
-    parent = [-1] * len(adj)
-    seen, stack = {root}, [root]
-    while stack:
-        u = stack.pop()
-        for v in adj[u]:
-            if v not in seen:
-                seen.add(v)
-                parent[v] = u
-                stack.append(v)
-    return parent
+    return bfs(adj, root)[0].tolist()
 
 
 def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
