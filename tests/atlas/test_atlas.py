@@ -195,3 +195,9 @@ def test_a_model_the_lineage_skips_is_listed_with_the_reason(tmp_path):
     assert entry.notes and entry.notes[0].startswith("lineage skipped it: ")
     with pytest.raises(AtlasError, match="no model named 'nope'"):
         atlas.entry("nope")
+
+
+def test_text_search_needs_to_know_the_experts():
+    atlas = Atlas([ModelEntry("a", "a")], Forest(["a"], []), embeddings={"t": (["a"], torch.ones(1, 3))})
+    with pytest.raises(AtlasError, match="pass --text-experts DIR"):
+        search_atlas(atlas, "a seven")
