@@ -45,6 +45,13 @@ def _known(method: str, fields: dict) -> dict:
     return {k: v for k, v in fields.items() if k in methods.get(method).config_cls.__dataclass_fields__}
 
 
+def _iterations(method: str, cfg: dict) -> int | None:
+    """The outer iterations the run used: the config's, else the method's default; None for a method
+    without any (random subset, herding: their ``iterations`` field is ignored)."""
+    field = methods.get(method).config_cls.__dataclass_fields__["iterations"]
+    return cfg.get("iterations", field.default) if field.default else None
+
+
 def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
     """The random subset is scored under every protocol the other methods of the run (and the saved sets
     of ``--eval-saved``) use."""
@@ -65,8 +72,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     for ipc in args.ipc:
         for method in args.methods:
             cfg = _known(method, extra)
-            if method in iters:
-                cfg["iterations"] = iters[method][ipc] if args.iterations is None else args.iterations
+            if args.iterations is not None and _iterations(method, {}):
+                cfg["iterations"] = args.iterations  # every iterative method, not only those in ITERATIONS
+            elif method in iters:
+                cfg["iterations"] = iters[method][ipc]
             start = time.perf_counter()
             syn = distill(method, tr, ipc, cfg, seed=args.seed, init=init)
             wall = time.perf_counter() - start
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             protos = _baseline_protocols(proto, args, cfg, tr.input_shape) if method == "random" else [proto]
             for p in protos:
                 ev = evaluate_synthetic(syn, te, p, seed=args.seed)
-                rows.append(_row(method, ipc, ev, wall, cfg.get("iterations")))
+                rows.append(_row(method, ipc, ev, wall, _iterations(method, cfg)))
                 print(json.dumps(rows[-1]), flush=True)
     if args.full:
         proto = default_protocol("random", _known("random", extra), tr.input_shape, args.eval_nets, args.full_epochs)
