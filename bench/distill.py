@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,6 +53,11 @@ def _iterations(method: str, cfg: dict) -> int | None:
     return cfg.get("iterations", field.default) if field.default else None
 
 
+def _chosen(native: EvalProtocol, args) -> list[EvalProtocol]:
+    """``--protocols``: the method's own protocol ("native") and/or the SGD or Adam protocol with DSA."""
+    return [native if k == "native" else replace(native, kind=k, dsa=True) for k in args.protocols]
+
+
 def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
     """The random subset is scored under every protocol the other methods of the run (and the saved sets
     of ``--eval-saved``) use."""
@@ -82,7 +88,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.save:
                 syn.save(Path(args.save) / f"{method}-ipc{ipc}")
             proto = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
-            protos = _baseline_protocols(proto, args, cfg, tr.input_shape) if method == "random" else [proto]
+            if args.protocols != ["native"]:
+                protos = _chosen(proto, args)
+            elif method == "random":
+                protos = _baseline_protocols(proto, args, cfg, tr.input_shape)
+            else:
+                protos = [proto]
             for p in protos:
                 ev = evaluate_synthetic(syn, te, p, seed=args.seed)
                 rows.append(_row(method, ipc, ev, wall, _iterations(method, cfg)))
@@ -104,9 +115,10 @@ def _eval_saved(args: argparse.Namespace, tr, te) -> list[dict]:
     for folder, syn in zip(args.eval_saved, args.saved_sets):
         method = syn.meta["method"]
         proto = default_protocol(method, _known(method, extra), tr.input_shape, args.eval_nets, args.eval_epochs)
-        ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
-        rows.append(_row(method, syn.ipc, ev, None, None) | {"set": folder})
-        print(json.dumps(rows[-1]), flush=True)
+        for p in _chosen(proto, args):
+            ev = evaluate_synthetic(syn, te, p, seed=args.seed)
+            rows.append(_row(method, syn.ipc, ev, None, None) | {"set": folder})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -139,6 +151,8 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="save each synthetic set to SAVE/METHOD-ipcK")
     ap.add_argument("--init-from", default=None,
                     help="start every method from this saved synthetic set (a --save folder) instead of real images")
+    ap.add_argument("--protocols", nargs="+", default=["native"], choices=["native", "adam", "sgd"],
+                    help="score every set under its method's protocol (native) and/or SGD+DSA / Adam+DSA")
     ap.add_argument("--eval-saved", nargs="+", default=[], metavar="DIR",
                     help="also evaluate these saved sets (--save folders) under their methods' protocols")
     args = ap.parse_args()
