@@ -37,7 +37,7 @@ from modelatlas.distill import EvalProtocol, default_protocol, distill, evaluate
 from modelatlas.distill.methods.teddy.memory import SavedTensorMeter
 
 CONFIGS = {"teddy": {"iterations": 40, "traj_steps": 5, "pool_size": 8, "base_steps": 300},
-           "ratbptt": {"iterations": 40},
+           "ratbptt": {"iterations": 40, "window": 10, "batch_real": 256},  # the engine of the documented rows
            "dc": {"iterations": 10}, "random": {}}
 
 

@@ -121,10 +121,10 @@ def test_cli_poster_writes_poster_not_crops(tmp_path, capsys):
     assert main(["distill", "eval", str(out)]) == 0
 
 
-def test_engine_defaults_differ_from_ratbptt():
+def test_engine_defaults_are_ratbptts():
     cfg, rat = get("podd").make_config({}), get("ratbptt").make_config({})
     assert (cfg.window, cfg.batch_real, cfg.total) == (60, 1024, 150)  # tuned on a validation split
-    assert (rat.window, rat.batch_real) == (10, 256)
+    assert (rat.window, rat.batch_real, rat.total) == (60, 1024, 150)
     with pytest.raises(ConfigError, match=r"window \(60\) must be <= total \(40\)"):
         get("podd").make_config({"total": 40})
 

@@ -73,7 +73,7 @@ def test_run_learns_labels_and_resume_equals_straight_run(tmp_path):
 
 def test_config_errors_name_the_field():
     spec = get("ratbptt")
-    with pytest.raises(ConfigError, match=r"window \(10\) must be <= total \(5\)"):
+    with pytest.raises(ConfigError, match=r"window \(60\) must be <= total \(5\)"):
         spec.make_config({"total": 5})
     with pytest.raises(ConfigError, match="clip_ema must be in"):
         spec.make_config({"clip_ema": 1.0})

@@ -17,12 +17,10 @@ class PoDDConfig(RaTBPTTConfig):
     ``label_shrink``: window shrink); otherwise softmax(class pixel counts / ``label_temperature``);
     ``class_order``: "poco" or "natural"; ``init``: "real" or "gaussian" areas cross-faded over
     ``fade`` x the cell size. Outer Adam lr 3e-2 on poster and label grid (CPU scale; paper 1e-3).
-    Engine defaults differ from RaT-BPTT's: ``window`` 60 differentiable steps (of ``total`` 150) and a real
-    batch of 1024 (tuned on a held-out 20% of the digits training split: +20 points at 0.5 IPC over window 10
-    and batch 256, see docs/benchmarks.md)."""
+    Engine defaults are RaT-BPTT's: ``window`` 60 differentiable steps (of ``total`` 150) and a real batch of
+    1024, first tuned for posters on a held-out 20% of the digits training split (+20 points at 0.5 IPC over
+    window 10 and batch 256, see docs/benchmarks.md)."""
 
-    window: int = 60
-    batch_real: int = 1024
     poster_ipc: float | None = None
     crops_x: int | None = None
     crops_y: int | None = None
