@@ -136,7 +136,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
-    ap.add_argument("--methods", nargs="+", default=None, help="default: random herding dc dsa dm (none with --eval-saved)")
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help="default: random herding dc dsa dm (none with --eval-saved; bare --methods: none, e.g. with --full)")
     ap.add_argument("--iterations", type=int, default=None, help="override every method's outer iterations")
     ap.add_argument("--config", default=None, help="JSON of config fields applied to every method")
     ap.add_argument("--eval-nets", type=int, default=5)
