@@ -58,6 +58,13 @@ def _chosen(native: EvalProtocol, args) -> list[EvalProtocol]:
     return [native if k == "native" else replace(native, kind=k, dsa=True) for k in args.protocols]
 
 
+def _run_protocols(method: str, proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
+    """``--protocols`` when given; else the method's own, or every protocol of the run for the random subset."""
+    if args.protocols != ["native"]:
+        return _chosen(proto, args)
+    return _baseline_protocols(proto, args, cfg, in_shape) if method == "random" else [proto]
+
+
 def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
     """The random subset is scored under every protocol the other methods of the run (and the saved sets
     of ``--eval-saved``) use."""
@@ -88,13 +95,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.save:
                 syn.save(Path(args.save) / f"{method}-ipc{ipc}")
             proto = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
-            if args.protocols != ["native"]:
-                protos = _chosen(proto, args)
-            elif method == "random":
-                protos = _baseline_protocols(proto, args, cfg, tr.input_shape)
-            else:
-                protos = [proto]
-            for p in protos:
+            for p in _run_protocols(method, proto, args, cfg, tr.input_shape):
                 ev = evaluate_synthetic(syn, te, p, seed=args.seed)
                 rows.append(_row(method, ipc, ev, wall, _iterations(method, cfg)))
                 print(json.dumps(rows[-1]), flush=True)
