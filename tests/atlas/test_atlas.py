@@ -180,12 +180,10 @@ def test_viewer_of_a_long_chain_is_balanced():
 
 def test_a_model_the_lineage_skips_is_listed_with_the_reason(tmp_path):
     """A PEFT adapter folder opened alone holds an update, not a model: the lineage skips it with that reason."""
-    import json as _json
-
     make_forest_folder(tmp_path / "m")
     adapter = tmp_path / "m" / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
                                                               "target_modules": ["q_proj"]}))
     save_file({"base_model.model.q_proj.lora_A.weight": torch.ones(2, 3),
                "base_model.model.q_proj.lora_B.weight": torch.ones(4, 2)}, str(adapter / "adapter_model.safetensors"))
