@@ -170,6 +170,17 @@ def test_keyword_search_ranks_by_matches_and_probability():
         search_atlas(atlas, "shirt", mode="fuzzy")
 
 
+def test_keyword_search_ignores_the_folder_every_model_shares():
+    # Models under /runs/0/ must not all match "0": only the part of each path below the shared folder counts.
+    models = [ModelEntry(n, f"/runs/0/{sub}/{n}.safetensors") for n, sub in
+              [("a", "cnn"), ("b", "cnn"), ("c", "mlp")]]
+    atlas = Atlas(models, Forest([m.name for m in models], [Edge("a", "b", 0.5)]))
+    assert search_atlas(atlas, "0") == [] and search_atlas(atlas, "runs") == []
+    assert [h.name for h in search_atlas(atlas, "cnn")] == ["a", "b"]
+    alone = Atlas(models[:1], Forest(["a"], []))
+    assert [h.name for h in search_atlas(alone, "a")] == ["a"] and search_atlas(alone, "cnn") == []
+
+
 def test_viewer_of_a_long_chain_is_balanced():
     names = [f"m{i}" for i in range(1200)]
     forest = Forest(names, [Edge(names[i], names[i + 1], 0.5) for i in range(1199)], trees=[names])

@@ -7,13 +7,15 @@ ranks first when the query describes it better than any known description does. 
 Time O(N r_T + C d_text r_T) per query for N embedded models and C seen prompts.
 
 Keyword search (no text embeddings, or ``mode="keywords"``): each query word is looked up in a model's name,
-path, predicted classes (and best-matching description), dtype and tree (whole words); the score counts matched
+path below the folder all the atlas's models share (a word every path holds would match every model),
+predicted classes (and best-matching description), dtype and tree (whole words); the score counts matched
 words, a word found in a predicted class or description adds its probability, and a query that is a model's
 whole name adds 2. Time O(N W) for W words per model.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +76,9 @@ def _words(text: str) -> list[str]:
     return [w for w in re.split(r"[^0-9a-z]+", text.lower()) if w]
 
 
-def _keyword_score(entry: ModelEntry, query: str, words: list[str]) -> float:
-    fields = set(_words(" ".join([entry.name, entry.path, entry.dtype]))) | {"tree", str(entry.tree)}
+def _keyword_score(entry: ModelEntry, query: str, words: list[str], root: str) -> float:
+    where = os.path.relpath(entry.path, root) if root else entry.path
+    fields = set(_words(" ".join([entry.name, where, entry.dtype]))) | {"tree", str(entry.tree)}
     classes = [(set(_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
     score = EXACT_NAME if query.strip().lower() == entry.name.lower() else 0.0
     for w in words:
@@ -84,9 +87,18 @@ def _keyword_score(entry: ModelEntry, query: str, words: list[str]) -> float:
     return score
 
 
+def _shared_folder(paths: list[str]) -> str:
+    """The folder every path lies under ("" when there is none), so that its words match no model."""
+    try:
+        return os.path.dirname(os.path.commonpath(paths)) if len(paths) == 1 else os.path.commonpath(paths)
+    except ValueError:  # mixed absolute / relative paths, or different drives
+        return ""
+
+
 def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:
     words = _words(query)
     if not words:
         raise AtlasError(f"search query {query!r} has no words to look up")
-    hits = [Hit(m.name, s, "keywords") for m in atlas.models if (s := _keyword_score(m, query, words)) > 0]
+    root = _shared_folder([m.path for m in atlas.models])
+    hits = [Hit(m.name, s, "keywords") for m in atlas.models if (s := _keyword_score(m, query, words, root)) > 0]
     return sorted(hits, key=lambda h: (-h.score, h.name))
