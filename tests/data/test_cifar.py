@@ -5,7 +5,7 @@ import pytest
 
 from modelatlas.data import load_dataset
 from modelatlas.data.cifar import safe_unpickle
-from modelatlas.errors import DatasetNotFoundError, UnsafeCheckpointError
+from modelatlas.errors import CheckpointError, DatasetNotFoundError, UnsafeCheckpointError
 
 
 def make_cifar10(root, n=4):
@@ -66,3 +66,54 @@ def test_cifar_missing_root_says_pass_root(tmp_path, monkeypatch):
         load_dataset("cifar10")
     with pytest.raises(DatasetNotFoundError, match="data_batch_1 not found"):
         load_dataset("cifar10", root=tmp_path)
+
+
+def make_array_pickle(obj, dtype_state=None):
+    """Pickle ``obj`` with every array and dtype written as Python 2 numpy did (bytes type codes, as the
+    official CIFAR batches read with encoding="bytes"); ``dtype_state`` replaces each dtype's state."""
+    import io
+
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy.core or numpy._core .multiarray._reconstruct
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, o):
+            if isinstance(o, np.ndarray):
+                fortran = o.flags.f_contiguous and not o.flags.c_contiguous
+                return reconstruct, (np.ndarray, (0,), b"b"), (1, o.shape, o.dtype, fortran, o.tobytes(order="A"))
+            if isinstance(o, np.dtype):
+                state = dtype_state or (3, o.str[:1].encode(), None, None, None, -1, -1, 0)
+                return np.dtype, (o.str[1:].encode(), False, True), state
+            return NotImplemented
+
+    f = io.BytesIO()
+    Pickler(f, protocol=3).dump(obj)
+    return f.getvalue()
+
+
+def test_python2_style_arrays_round_trip(tmp_path):
+    arrays = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"be": np.arange(3, dtype=">i4"),
+              b"f": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)), b"labels": [1, 2]}
+    (tmp_path / "batch").write_bytes(make_array_pickle(arrays))
+    out = safe_unpickle(tmp_path / "batch")
+    for k in (b"data", b"be", b"f"):
+        assert out[k].dtype == arrays[k].dtype and np.array_equal(out[k], arrays[k])
+    assert out[b"labels"] == [1, 2]
+
+
+@pytest.mark.parametrize("state", [
+    (3, b"|", (np.dtype("u1"), (100000,)), None, None, -1, -1, 0),  # subarray: itemsize 1 but 100000 elements
+    (3, b"|", ("x",), {"x": (np.dtype("u1"), 0)}, None, 8, 1, 0),  # fields forced onto a plain type
+])
+def test_crafted_dtype_state_is_refused(tmp_path, state):
+    """numpy's dtype __setstate__ trusts its input: a crafted state builds an inconsistent dtype, or crashes
+    the interpreter (state (3, '|', (None, None), -1, -1, 0) segfaults numpy 2.4), so it must never run."""
+    (tmp_path / "batch").write_bytes(make_array_pickle({b"data": np.zeros(4, np.uint8)}, dtype_state=state))
+    with pytest.raises(UnsafeCheckpointError, match=r"batch: refused"):
+        safe_unpickle(tmp_path / "batch")
+
+
+def test_absurd_frame_length_names_the_file(tmp_path):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x04\x95" + b"\xff" * 8 + b"}.")  # FRAME of 2**64 - 1 bytes
+    with pytest.raises(CheckpointError, match=r"data_batch_1: not a readable CIFAR batch"):
+        safe_unpickle(path)

@@ -5,7 +5,10 @@ The official batches are pickles. An ordinary ``pickle.load`` would run any code
 (dtype, shape, bytes): the allowlisted globals are exactly ``numpy.core.multiarray._reconstruct`` (and its
 NumPy 2 name ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray`` and ``numpy.dtype``. Any other
 global (``os.system``, ``builtins.eval``, ...) raises :class:`UnsafeCheckpointError` naming the file and the
-refused global before anything is called; object arrays are refused too. O(file size) time and memory.
+refused global before anything is called; object arrays are refused too. The three NumPy names resolve to
+stand-ins, never to NumPy's own ``__setstate__`` (which trusts its input: a crafted dtype state crashes the
+interpreter); the stand-ins' (dtype, shape, bytes) are checked, then made arrays with ``np.frombuffer``.
+O(file size) time and memory.
 
 Folders: CIFAR-10 ``cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``, ``batches.meta``);
 CIFAR-100 ``cifar-100-python/`` (``train``, ``test``, ``meta``). Pass ``root=`` (the folder itself or its
@@ -15,6 +18,7 @@ parent) or set ``$ATLAS_CIFAR10`` / ``$ATLAS_CIFAR100``.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -25,16 +29,44 @@ import torch
 from modelatlas.data.registry import ArrayDataset, register_dataset
 from modelatlas.errors import CheckpointError, DatasetNotFoundError, UnsafeCheckpointError
 
+
+class _Dtype:
+    """Stands in for ``numpy.dtype`` while unpickling: keeps the type code and the state for :func:`_dtype`."""
+
+    code: object = None
+    state: object = None
+
+    def __init__(self, code: object = None, *args: object):
+        self.code = code
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _Array:
+    """Stands in for ``_reconstruct(numpy.ndarray, ...)``: keeps the state for :func:`_array`."""
+
+    state: object = None
+
+    def __init__(self, subtype: object = None, *args: object):
+        if subtype is not _NDARRAY:
+            raise TypeError("_reconstruct is only allowed for numpy.ndarray")
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+_NDARRAY = object()  # what the global numpy.ndarray resolves to: only a marker for _reconstruct
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"): _Array,
+    ("numpy._core.multiarray", "_reconstruct"): _Array,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Dtype,
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler whose ``find_class`` admits only the NumPy array globals in ``_ALLOWED``."""
+    """An unpickler whose ``find_class`` admits only the NumPy array globals in ``_ALLOWED`` (as stand-ins)."""
 
     def __init__(self, file, path: Path):
         super().__init__(file, encoding="bytes")
@@ -44,7 +76,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise UnsafeCheckpointError(self._path, f"refused global {module}.{name} (only NumPy arrays and "
                                                     "plain containers are allowed in a CIFAR batch)")
-        return super().find_class(module, name)
+        return _ALLOWED[(module, name)]
 
     def persistent_load(self, pid):
         raise UnsafeCheckpointError(self._path, "refused persistent id in a CIFAR batch")
@@ -54,28 +86,59 @@ def safe_unpickle(path: str | Path) -> object:
     """Load a pickle admitting only plain data and NumPy arrays; raises on anything else."""
     path = Path(path)
     try:
-        obj = RestrictedUnpickler(io.BytesIO(path.read_bytes()), path).load()
+        return _plain(RestrictedUnpickler(io.BytesIO(path.read_bytes()), path).load(), path)
     except UnsafeCheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OverflowError,
+            RecursionError) as e:  # OverflowError: an absurd length in a corrupt file
         raise CheckpointError(path, f"not a readable CIFAR batch ({type(e).__name__}: {e})") from None
-    _check_plain(obj, path)
+
+
+def _plain(obj: object, path: Path) -> object:
+    """``obj`` with array stand-ins made arrays; anything but plain data and numeric arrays is refused."""
+    if isinstance(obj, dict):
+        return {_plain(k, path): _plain(v, path) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v, path) for v in obj)
+    if isinstance(obj, _Array):
+        return _array(obj, path)
+    if not isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        raise UnsafeCheckpointError(path, f"refused value of type {type(obj).__name__}")
     return obj
 
 
-def _check_plain(obj: object, path: Path) -> None:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(k, path)
-            _check_plain(v, path)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_plain(v, path)
-    elif isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise UnsafeCheckpointError(path, "refused object-dtype array in a CIFAR batch")
-    elif not isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        raise UnsafeCheckpointError(path, f"refused value of type {type(obj).__name__}")
+def _text(v: object) -> object:
+    return v.decode("latin-1") if isinstance(v, bytes) else v  # encoding="bytes" leaves Python 2 str as bytes
+
+
+def _dtype(d: _Dtype, path: Path) -> np.dtype:
+    """The plain bool/int/float dtype a stand-in names; structured, subarray and object dtypes are refused."""
+    state = d.state if d.state is not None else (3, "|")
+    order = _text(state[1]) if isinstance(state, tuple) and len(state) > 1 else None
+    try:
+        dt = np.dtype(_text(d.code))
+    except (TypeError, ValueError):
+        dt = None
+    rest = state[2:] if isinstance(state, tuple) else [state]
+    if (dt is None or dt.kind not in "biuf" or dt.shape != () or order not in ("|", "<", ">", "=")
+            or not all(v is None or isinstance(v, int) for v in rest)):
+        raise UnsafeCheckpointError(path, f"refused dtype {d.code!r} with state {state!r} in a CIFAR batch "
+                                          "(only plain numeric arrays are allowed)")
+    return dt.newbyteorder(order) if order in ("<", ">") else dt
+
+
+def _array(a: _Array, path: Path) -> np.ndarray:
+    """The array a stand-in describes, once its shape and byte count agree with its dtype."""
+    state = a.state[1:] if isinstance(a.state, tuple) and len(a.state) == 5 else a.state  # (version, ...)
+    if not isinstance(state, tuple) or len(state) != 4 or not isinstance(state[1], _Dtype):
+        raise UnsafeCheckpointError(path, "refused array state in a CIFAR batch")
+    shape, dtype, fortran, raw = state
+    dt = _dtype(dtype, path)
+    if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(raw, bytes) or len(raw) != math.prod(shape) * dt.itemsize):
+        raise CheckpointError(path, f"corrupt array in a CIFAR batch: shape {shape!r} of {dt} does not match "
+                                    f"its data")
+    return np.frombuffer(raw, dt).reshape(shape, order="F" if fortran else "C").copy(order="K")
 
 
 def _get(d: dict, key: str):
