@@ -59,3 +59,11 @@ def test_fashion_env_and_missing(tmp_path, monkeypatch):
     assert len(load_dataset("fashion-mnist", "train")) == 6
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*root="):
         load_dataset("fashion-mnist", "train", root=tmp_path / "empty")
+
+
+def test_read_idx_corrupt_deflate_names_the_file(tmp_path):
+    good = gzip.compress(make_idx(tmp_path / "raw", np.arange(256)).read_bytes())
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(good[:10] + b"\xff" * 8 + good[18:])  # gzip header intact, deflate stream garbage
+    with pytest.raises(IDXError, match=r"bad\.gz: corrupt gzip stream"):
+        read_idx(bad)

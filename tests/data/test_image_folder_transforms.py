@@ -64,3 +64,29 @@ def test_transform_errors():
         make_transform("pca")
     with pytest.raises(ConfigError, match="regularization must be > 0"):
         ZCA(regularization=0)
+
+
+def make_split_tree(root, splits):
+    """root/<split>/<class>/0.png, one image per class, grey level = 40 * class index in ``splits[split]``."""
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4), 40 * ["cat", "dog", "fish"].index(c), np.uint8)).save(root / split / c / "0.png")
+    return root
+
+
+def test_image_folder_splits_share_class_numbering(tmp_path):
+    root = make_split_tree(tmp_path, {"train": ["cat", "dog", "fish"], "test": ["cat", "fish"]})  # no test dog
+    tr = load_dataset("image-folder", "train", root=root, size=4, channels=1)
+    te = load_dataset("image-folder", "test", root=root, size=4, channels=1)
+    assert tr.classes == te.classes == ["cat", "dog", "fish"]
+    assert te.y.tolist() == [0, 2]  # fish is class 2 in both splits
+
+
+def test_image_folder_hidden_folders_are_not_classes(tmp_path):
+    root = make_image_tree(tmp_path)
+    (root / ".ipynb_checkpoints").mkdir()
+    ds = load_dataset("image-folder", "train", root=root, size=4, channels=1)
+    assert ds.classes == ["cat", "dog"] and float(ds.x[ds.y == 1].min()) > 0.8

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
             raise IDXError(path, f"corrupt gzip stream ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise IDXError(path, "not an IDX file (magic bytes must start with two zero bytes)")

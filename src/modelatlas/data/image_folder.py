@@ -31,10 +31,17 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
 
 
-def _scan(folder: Path) -> tuple[list[Path], list[int], list[str]]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+def _classes(*folders: Path) -> list[str]:
+    """Sorted class subfolder names across ``folders``: train and test share one label numbering even when a
+    split lacks a class. Hidden folders (``.ipynb_checkpoints``) are not classes."""
+    return sorted({d.name for f in folders for d in f.iterdir() if d.is_dir() and not d.name.startswith(".")})
+
+
+def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
     files, labels = [], []
     for i, c in enumerate(classes):
+        if not (folder / c).is_dir():
+            continue
         for f in sorted((folder / c).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(f)
@@ -53,7 +60,8 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
     if not root.is_dir():
         raise DatasetNotFoundError(f"image-folder: {root} is not a folder")
     split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
-    files, labels, classes = _scan(root / split if split_dirs else root)
+    folders = [root / "train", root / "test"] if split_dirs else [root]
+    files, labels, classes = _scan(root / split if split_dirs else root, _classes(*folders))
     if not files:
         raise DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}/<class>/")
     if not split_dirs:
