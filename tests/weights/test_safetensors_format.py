@@ -1,3 +1,5 @@
+import json
+import os
 import struct
 
 import pytest
@@ -68,3 +70,27 @@ def test_prefetch_is_a_hint_that_never_fails(tmp_path):
     assert torch.equal(ck.read("a"), torch.ones(64, 64))
     path.unlink()
     ck.prefetch("b")  # the file is gone: the read that follows reports it, not the hint
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": "ab", "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]},
+    {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]},
+])
+def test_malformed_header_entry_names_file_and_tensor(tmp_path, entry):
+    header = json.dumps({"a": entry}).encode()
+    p = tmp_path / "odd.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 4)
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: corrupt safetensors header entry 'a'"):
+        open_checkpoint(p)
+
+
+def test_prefetch_of_an_empty_tensor_asks_for_nothing(tmp_path, monkeypatch):
+    """posix_fadvise length 0 means 'to the end of the file': an empty tensor must not prefetch the rest."""
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append(n), raising=False)
+    ck = open_checkpoint(make_file(tmp_path / "m.safetensors", e=torch.empty(0), a=torch.ones(64)))
+    ck.prefetch("e")
+    ck.prefetch("a")
+    assert calls == [256]

@@ -64,6 +64,11 @@ def _check_offsets(path: Path, header: dict, data_size: int) -> None:
             dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(path, f"corrupt safetensors header entry {name!r}") from e
+        # Sizes and offsets are non-negative integers (usize in the spec); anything else would fail in the
+        # arithmetic below or in safetensors' own parser, without naming the file.
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_count, [*shape, start, end])):
+            raise CheckpointError(path, f"corrupt safetensors header entry {name!r}: dtype {dtype!r}, shape {shape!r}, "
+                                        f"offsets {[start, end]!r}")
         if dtype not in _DTYPE_BYTES:
             raise CheckpointError(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
         numel = 1
@@ -75,6 +80,10 @@ def _check_offsets(path: Path, header: dict, data_size: int) -> None:
         if end > data_size:
             raise CheckpointError(path, f"truncated file: tensor {name!r} ends at byte {end} "
                                         f"but the data section has {data_size} bytes")
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -108,6 +117,8 @@ class SafetensorsCheckpoint(Checkpoint):
         if meta is None or not hasattr(os, "posix_fadvise"):
             return
         start, end = meta["data_offsets"]
+        if end == start:  # an empty tensor: length 0 would advise the whole rest of the file
+            return
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
