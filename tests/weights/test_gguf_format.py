@@ -56,3 +56,15 @@ def test_missing_gguf_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(CheckpointError, match=r"llm\.gguf: .*pip install modelatlas\[gguf\]"):
         open_checkpoint(p)
+
+
+def test_float64_tensor_reads_as_float32(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "f64.gguf"), "llama")
+    w.add_tensor("f64", np.arange(6, dtype=np.float64).reshape(2, 3))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open_checkpoint(tmp_path / "f64.gguf") as ck:
+        assert ck.info("f64").dtype == "float32"
+        assert torch.equal(ck.read("f64"), torch.arange(6.0).reshape(2, 3))

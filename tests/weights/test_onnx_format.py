@@ -71,3 +71,19 @@ def test_missing_onnx_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(CheckpointError, match=r"net\.onnx: .*pip install modelatlas\[onnx\]"):
         open_checkpoint(p)
+
+
+def make_low_precision_onnx(path):
+    """bfloat16 and float8 initializers: numpy has no such dtypes (onnx returns ml_dtypes arrays)."""
+    inits = [helper.make_tensor("bf", onnx.TensorProto.BFLOAT16, [2], [1.5, -2.0]),
+             helper.make_tensor("f8", onnx.TensorProto.FLOAT8E4M3FN, [2], [0.5, 4.0])]
+    onnx.save_model(helper.make_model(helper.make_graph([], "lp", [], [], initializer=inits)), str(path))
+    return path
+
+
+def test_bfloat16_and_float8_initializers(tmp_path):
+    with open_checkpoint(make_low_precision_onnx(tmp_path / "lp.onnx")) as ck:
+        assert [(t.name, t.dtype) for t in ck.tensors()] == [("bf", "bfloat16"), ("f8", "float8_e4m3fn")]
+        bf, f8 = ck.read("bf"), ck.read("f8")
+        assert bf.dtype == torch.bfloat16 and torch.equal(bf.float(), torch.tensor([1.5, -2.0]))
+        assert f8.dtype == torch.float8_e4m3fn and torch.equal(f8.float(), torch.tensor([0.5, 4.0]))

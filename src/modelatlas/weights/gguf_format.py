@@ -61,6 +61,8 @@ class GGUFCheckpoint(Checkpoint):
         try:
             if t.tensor_type.name in _INT_TYPES:
                 arr = np.asarray(t.data).reshape(shape)
+            elif t.tensor_type.name == "F64":  # plain doubles, which gguf.quants.dequantize does not take
+                arr = np.asarray(t.data).astype(np.float32).reshape(shape)
             else:
                 arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:

@@ -28,10 +28,21 @@ def import_onnx(path: Path):
     return onnx
 
 
+# Float types numpy lacks: onnx returns them as ml_dtypes arrays, which torch.from_numpy refuses; the
+# ml_dtypes name is the torch dtype's name, so they are passed through their raw bits.
+_BITS_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+
+
+def _to_torch(arr: np.ndarray) -> torch.Tensor:
+    if arr.dtype.name in _BITS_DTYPES:
+        return torch.from_numpy(arr.view(f"uint{8 * arr.dtype.itemsize}")).view(getattr(torch, arr.dtype.name))
+    return torch.from_numpy(arr)
+
+
 def _torch_dtype_name(onnx, elem_type: int) -> str:
     try:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-        return str(torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch.")
+        return str(_to_torch(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch.")
     except (KeyError, TypeError, ValueError):
         return onnx.TensorProto.DataType.Name(elem_type).lower()
 
@@ -63,7 +74,7 @@ class OnnxCheckpoint(Checkpoint):
             arr = numpy_helper.to_array(tensor, base_dir=str(self.path.parent))
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read initializer {name!r}: {error_line(e)}") from e
-        return torch.from_numpy(np.array(arr, copy=True))
+        return _to_torch(np.array(arr, copy=True))
 
     def _check_external(self, tensor) -> None:
         """External data must be a readable file in the model's folder, large enough for the tensor."""
