@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights import discover_models, open_checkpoint
+from modelatlas.weights import discover_models, model_name, open_checkpoint
 
 TENSORS = {"embed.weight": torch.arange(12.0).reshape(4, 3), "head.weight": torch.ones(2, 3),
            "head.bias": torch.zeros(2)}
@@ -110,3 +110,14 @@ def test_prefetch_goes_to_the_shard_and_never_fails(tmp_path):
     ck.prefetch("embed.weight")  # reported by the read, not by the hint
     with pytest.raises(CheckpointError):
         ck.read("embed.weight")
+
+
+def test_current_folder_is_named_after_itself(tmp_path, monkeypatch):
+    folder = make_sharded(tmp_path / "big-model")
+    (folder / "sub").mkdir()
+    monkeypatch.chdir(folder / "sub")
+    with open_checkpoint("..") as ck:
+        assert ck.name == "big-model"
+    monkeypatch.chdir(folder)
+    with open_checkpoint(".") as ck:
+        assert ck.name == "big-model" and model_name(".") == "big-model"

@@ -151,3 +151,11 @@ def test_adapter_folders_are_discovered_as_models(tmp_path):
     make_linear_adapter(tmp_path / "zoo" / "child-a")
     make_linear_adapter(tmp_path / "zoo" / "child-b", fmt="bin")
     assert [p.name for p in discover_models([tmp_path / "zoo"])] == ["child-a", "child-b"]
+
+
+def test_dora_adapter_is_refused_not_misread(tmp_path):
+    """DoRA rescales W + s * B @ A by a learned magnitude: reading only B @ A would be a wrong delta."""
+    folder = make_adapter(tmp_path / "dora", {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B,
+                                              "layers.0.q_proj.lora_magnitude_vector": torch.ones(4)}, use_dora=True)
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: key 'use_dora' is true"):
+        open_checkpoint(folder)

@@ -1,5 +1,6 @@
 import os
 import pickle
+import shlex
 import zipfile
 
 import pytest
@@ -16,7 +17,7 @@ class make_evil:  # noqa: N801 - a pickle payload, named like the helpers it sta
         self.marker = str(marker)
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))  # quoted: temp paths may hold spaces
 
 
 def make_state_dict():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,14 @@ def error_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def folder_name(path: Path) -> str:
+    """The last name in ``path``; for ``.`` and ``..`` (no name of their own) that of the folder they stand for."""
+    return Path(os.path.abspath(path)).name if path.name in ("", "..") else path.name
+
+
 def _stem(path: Path) -> str:
     """Model name from a path: the file or folder name without its extension(s)."""
-    name = path.name
+    name = folder_name(path)
     for ext in (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".gguf", ".ckpt"):
         if name.endswith(ext):
             return name[: -len(ext)]

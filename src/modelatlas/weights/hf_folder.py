@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError, TensorNotFoundError
-from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.base import Checkpoint, TensorInfo, folder_name
 from modelatlas.weights.registry import register_format
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint
 from modelatlas.weights.torch_pickle import TorchPickleCheckpoint
@@ -64,7 +64,7 @@ class HFFolderCheckpoint(Checkpoint):
     format = "hf-folder"
 
     def __init__(self, path: str | Path, name: str | None = None):
-        super().__init__(path, name if name is not None else Path(path).name)
+        super().__init__(path, name if name is not None else folder_name(Path(path)))
         layout = find_layout(self.path)
         if layout is None:
             raise CheckpointError(self.path, "not a Hugging Face model folder (no model.safetensors, "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo
+from modelatlas.weights.base import Checkpoint, TensorInfo, folder_name
 from modelatlas.weights.hf_folder import open_weight_file
 from modelatlas.weights.registry import open_checkpoint, register_format
 
@@ -79,6 +79,9 @@ def read_adapter_config(path: Path) -> LoraConfig:
     peft_type = str(raw.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise CheckpointError(path, f"unsupported peft_type {raw.get('peft_type')!r}: only LORA adapters are read")
+    if raw.get("use_dora"):  # dW = m * (W + sBA) / ||W + sBA|| - W needs the base and the magnitudes
+        raise CheckpointError(path, "key 'use_dora' is true: DoRA adapters are not supported (their update "
+                                    "is not s * B @ A)")
     for key in ("r", "lora_alpha"):
         if not isinstance(raw.get(key), (int, float)) or isinstance(raw.get(key), bool) or raw[key] <= 0:
             raise CheckpointError(path, f"key {key!r} must be a positive number, got {raw.get(key)!r}")
@@ -125,7 +128,7 @@ class LoraAdapterCheckpoint(Checkpoint):
     kind = "lora_delta"
 
     def __init__(self, path: str | Path, name: str | None = None):
-        super().__init__(path, name if name is not None else Path(path).name)
+        super().__init__(path, name if name is not None else folder_name(Path(path)))
         self.config = read_adapter_config(self.path / CONFIG)
         weight_file = next((self.path / f for f in WEIGHT_FILES if (self.path / f).is_file()), None)
         if weight_file is None:
