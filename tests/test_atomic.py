@@ -45,3 +45,15 @@ def test_read_tensors_round_trip_and_errors_name_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:20])  # truncated
     with pytest.raises(CheckpointError, match=r"t\.safetensors: unreadable \("):
         read_tensors(path)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Like open(): mode 0666 less the umask (mkstemp's 0600 would make a shared atlas.html unreadable)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert (atomic_write_json(tmp_path / "r.json", {}).stat().st_mode & 0o777) == 0o644
+        assert (atomic_save_tensors(tmp_path / "w.safetensors", {"a": torch.ones(1)}).stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never reuse a file
+    # the mode open() gives, 0666 less the umask (mkstemp's 0600 would survive the rename: an atlas.html or
+    # result folder others cannot read)
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, mode)  # a writer may replace the file with its own (safetensors' is 0600)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
