@@ -49,3 +49,12 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "no model matches 'zzz'" in capsys.readouterr().out
     assert main(["index", "search", "x", str(tmp_path / "a"), "--mode", "text"]) == 1
     assert "no text embeddings" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    make_models(tmp_path / "m")
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "atl"):
+        assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err

@@ -3,7 +3,8 @@
 Each command module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds its parser and
 sets ``func`` (a thin function that calls one library function and prints the result). Known errors
 (:class:`~modelatlas.errors.AtlasError`, missing files, Ctrl-C) become one line on stderr and exit code 1
-(130 for Ctrl-C); ``ATLAS_DEBUG=1`` re-raises them with the traceback.
+(130 for Ctrl-C; output piped to a reader that left early, e.g. ``| head``, ends quietly with 141);
+``ATLAS_DEBUG=1`` re-raises them with the traceback.
 """
 
 from __future__ import annotations
@@ -55,17 +56,32 @@ def run_mapped(func, args: argparse.Namespace) -> int:
     debug = os.environ.get("ATLAS_DEBUG", "") not in ("", "0")
     try:
         code = func(args)
+        sys.stdout.flush()  # a reader that left early (`| head`) breaks the pipe here, not at interpreter exit
         return int(code or 0)
+    except BrokenPipeError:
+        if debug:
+            raise
+        _drop_stdout()
+        return 141  # 128 + SIGPIPE, as a shell tool stopped by the closed pipe
     except KeyboardInterrupt:
         if debug:
             raise
         print("error: interrupted (partial results are kept; rerun with --resume where offered)", file=sys.stderr)
         return 130
-    except (AtlasError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (AtlasError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:  # FileExists / NotADirectory: an --out at or below an existing file
         if debug:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that flushing what is still buffered at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (captured by a test or a notebook)
+        pass
 
 
 def _one_line(e: BaseException) -> str:
