@@ -168,6 +168,9 @@ def test_keyword_search_ranks_by_matches_and_probability():
         search_atlas(atlas, "shirt", mode="text")
     with pytest.raises(AtlasError, match="search mode must be one of"):
         search_atlas(atlas, "shirt", mode="fuzzy")
+    for top in (0, -1):
+        with pytest.raises(AtlasError, match=f"top must be a positive number of models; got {top}"):
+            search_atlas(atlas, "shirt", top=top)
 
 
 def test_keyword_search_ignores_the_folder_every_model_shares():
@@ -210,3 +213,19 @@ def test_text_search_needs_to_know_the_experts():
     atlas = Atlas([ModelEntry("a", "a")], Forest(["a"], []), embeddings={"t": (["a"], torch.ones(1, 3))})
     with pytest.raises(AtlasError, match="pass --text-experts DIR"):
         search_atlas(atlas, "a seven")
+
+
+def check_filter_texts(page):
+    """The text the viewer's filter box matches, one per tree item and table row."""
+    import re
+
+    return re.findall(r'data-s="([^"]*)"', page)
+
+
+def test_viewer_filter_ignores_the_folder_every_model_shares():
+    # Typing "mnist" must not keep every row because the models lie under /data/mnist-runs/ (a folder the
+    # page never shows); the part of each path below it still counts, as in keyword search.
+    models = [ModelEntry(n, f"/data/mnist-runs/{sub}/{n}.safetensors") for n, sub in [("a", "cnn"), ("b", "mlp")]]
+    texts = check_filter_texts(render_html(Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)]))))
+    assert len(texts) == 4 and not any("mnist" in t or "data" in t for t in texts)
+    assert sum("cnn" in t for t in texts) == 2

@@ -9,9 +9,11 @@ string from the atlas is HTML-escaped. Time O(N + E).
 
 from __future__ import annotations
 
+import os
 from html import escape
 
 from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.atlas.search import shared_folder
 from modelatlas.lineage.export import MAX_INDENT
 
 _CSS = """
@@ -52,22 +54,25 @@ def _pred_text(entry: ModelEntry, k: int = 6) -> str:
     return shown + (f" (+{len(entry.predicted) - k})" if len(entry.predicted) > k else "")
 
 
-def _search_text(entry: ModelEntry) -> str:
-    return escape(" ".join([entry.name, entry.path, _pred_text(entry, 100), " ".join(entry.notes)]).lower())
+def _search_text(entry: ModelEntry, folder: str) -> str:
+    """What the filter box matches; the path only below ``folder``, the one all models share (else typing a
+    word of it, which the page never shows, would keep every row)."""
+    where = os.path.relpath(entry.path, folder) if folder else entry.path
+    return escape(" ".join([entry.name, where, _pred_text(entry, 100), " ".join(entry.notes)]).lower())
 
 
-def _li(name: str, entries: dict, depth: int) -> str:
+def _li(name: str, entries: dict, depth: int, folder: str) -> str:
     """A model's list item, left open: its name, edge score, predictions (and its depth past MAX_INDENT)."""
     e = entries.get(name)
     score = f' <span class="score">({e.score:.2f})</span>' if e is not None and e.score is not None else ""
     said = _pred_text(e) if e is not None else ""
     pred = f'<br><span class="pred">{escape(said)}</span>' if said else ""
     deep = f'<span class="score">[depth {depth}]</span> ' if depth > MAX_INDENT else ""
-    s = _search_text(e) if e is not None else escape(name.lower())
+    s = _search_text(e, folder) if e is not None else escape(name.lower())
     return f'<li data-s="{s}">{deep}<b>{escape(name)}</b>{score}{pred}'
 
 
-def _subtree(root: str, kids: dict, entries: dict, out: list[str]) -> None:
+def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str) -> None:
     """Nested lists from ``root``, depth-first with an explicit stack (a chain of thousands of checkpoints
     reaches no recursion limit); below MAX_INDENT levels the children follow as siblings, tagged by depth."""
     stack: list = [(root, 0)]
@@ -77,7 +82,7 @@ def _subtree(root: str, kids: dict, entries: dict, out: list[str]) -> None:
             out.append(item)
             continue
         name, depth = item
-        out.append(_li(name, entries, depth))
+        out.append(_li(name, entries, depth, folder))
         children = [e.child for e in kids.get(name, [])]
         if children and depth < MAX_INDENT:
             out.append("<ul>")
@@ -87,32 +92,32 @@ def _subtree(root: str, kids: dict, entries: dict, out: list[str]) -> None:
         stack.extend((c, depth + 1) for c in reversed(children))
 
 
-def _trees(atlas: Atlas) -> list[str]:
+def _trees(atlas: Atlas, folder: str) -> list[str]:
     kids, entries = atlas.forest.children(), {m.name: m for m in atlas.models}
     out = []
     for t, root in enumerate(atlas.forest.roots()):
         size = next((len(tr) for tr in atlas.forest.trees if root in tr), 1)
         out.append(f'<div class="tree-box"><h3>tree {t + 1} ({size} models)</h3><ul class="tree">')
-        _subtree(root, kids, entries, out)
+        _subtree(root, kids, entries, out, folder)
         out.append("</ul></div>")
     return out
 
 
-def _table(atlas: Atlas) -> list[str]:
+def _table(atlas: Atlas, folder: str) -> list[str]:
     head = ["model", "tree", "parent", "score", "predicted classes / description", "parameters", "size", "dtype", "notes"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for m in atlas.models:
         cells = [f"<b>{escape(m.name)}</b>", "" if m.tree is None else str(m.tree), escape(m.parent or ""),
                  "" if m.score is None else f"{m.score:.2f}", escape(_pred_text(m)), f"{m.parameters:,}",
                  _human(m.size_bytes), escape(m.dtype), f'<span class="note">{escape("; ".join(m.notes))}</span>']
-        out.append(f'<tr data-s="{_search_text(m)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append(f'<tr data-s="{_search_text(m, folder)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")
     return out
 
 
 def render_html(atlas: Atlas) -> str:
     """The viewer page for ``atlas`` as one HTML string."""
-    d = atlas.forest.decisions
+    d, folder = atlas.forest.decisions, shared_folder([m.path for m in atlas.models])
     meta = (f"{len(atlas.models)} models, {len(atlas.forest.roots())} trees; stage: {d.get('stage', '?')}; "
             f"distance: {d.get('distance', '?')}")
     experts = "; ".join(f"{k} experts: {escape(v.get('folder', ''))} (layer {escape(v.get('layer', ''))})"
@@ -120,6 +125,6 @@ def render_html(atlas: Atlas) -> str:
     body = [f"<h1>modelatlas</h1><p class=meta>{escape(meta)}</p>",
             f"<p class=meta>{experts}</p>" if experts else "",
             '<input placeholder="filter models (name, class, note)" oninput="filt(this.value)">',
-            *_trees(atlas), "<h2>all models</h2>", *_table(atlas)]
+            *_trees(atlas, folder), "<h2>all models</h2>", *_table(atlas, folder)]
     return ("<!doctype html><html><head><meta charset=utf-8><title>modelatlas</title>"
             f"<style>{_CSS}</style><script>{_JS}</script></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -45,6 +45,8 @@ def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
         raise AtlasError(f"search mode must be one of {MODES}; got {mode!r}")
     if not query.strip():
         raise AtlasError("empty search query")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:  # [:0] or [:-1] would drop hits silently
+        raise AtlasError(f"top must be a positive number of models; got {top!r}")
     if mode == "text" and not atlas.embeddings:
         raise AtlasError("this atlas has no text embeddings: rebuild it with --text-experts, or search keywords")
     if atlas.embeddings and mode != "keywords":
@@ -87,7 +89,7 @@ def _keyword_score(entry: ModelEntry, query: str, words: list[str], root: str) -
     return score
 
 
-def _shared_folder(paths: list[str]) -> str:
+def shared_folder(paths: list[str]) -> str:
     """The folder every path lies under ("" when there is none), so that its words match no model."""
     try:
         return os.path.dirname(os.path.commonpath(paths)) if len(paths) == 1 else os.path.commonpath(paths)
@@ -99,6 +101,6 @@ def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:
     words = _words(query)
     if not words:
         raise AtlasError(f"search query {query!r} has no words to look up")
-    root = _shared_folder([m.path for m in atlas.models])
+    root = shared_folder([m.path for m in atlas.models])
     hits = [Hit(m.name, s, "keywords") for m in atlas.models if (s := _keyword_score(m, query, words, root)) > 0]
     return sorted(hits, key=lambda h: (-h.score, h.name))
