@@ -159,3 +159,42 @@ def test_dora_adapter_is_refused_not_misread(tmp_path):
                                               "layers.0.q_proj.lora_magnitude_vector": torch.ones(4)}, use_dora=True)
     with pytest.raises(CheckpointError, match=r"adapter_config\.json: key 'use_dora' is true"):
         open_checkpoint(folder)
+
+
+def make_bias_adapter(folder, fmt="safetensors"):
+    """PEFT ``lora_bias=True``: lora_B is a Linear with a bias, saved as ``<module>.lora_B.bias``."""
+    return make_adapter(folder, {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B,
+                                 "layers.0.q_proj.lora_B.bias": torch.tensor([1.0, -1.0, 0.5, 0.0])},
+                        fmt, lora_bias=True)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_lora_bias_is_a_scaled_bias_delta(tmp_path, fmt):
+    """PEFT merges ``bias += s * lora_B.bias``; the B weight must not be replaced by the bias (or vice versa)."""
+    with open_checkpoint(make_bias_adapter(tmp_path / "ad", fmt)) as ck:
+        assert [(t.name, t.shape) for t in ck.tensors()] == [("layers.0.q_proj.weight", (4, 3)),
+                                                              ("layers.0.q_proj.bias", (4,))]
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), 2.0 * BA)
+        assert torch.equal(ck.read("layers.0.q_proj.bias"), torch.tensor([2.0, -2.0, 1.0, 0.0]))  # s = 4 / 2
+
+
+def test_lora_bias_merged_into_base_bias(tmp_path):
+    base_path, base = make_base(tmp_path / "base.safetensors")  # q_proj.bias is zeros
+    with open_checkpoint(make_bias_adapter(tmp_path / "ad"), base=base_path) as ck:
+        assert torch.equal(ck.read("layers.0.q_proj.bias"), torch.tensor([2.0, -2.0, 1.0, 0.0]))
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), torch.ones(4, 3) + 2.0 * BA)
+
+
+def test_lora_bias_without_base_bias_is_refused(tmp_path):
+    save_file({"layers.0.q_proj.weight": torch.ones(4, 3)}, str(tmp_path / "base.safetensors"))
+    with pytest.raises(CheckpointError, match=r"LoRA module 'layers.0.q_proj' has no bias 'layers.0.q_proj.bias' "
+                                              r"in the base"):
+        open_checkpoint(make_bias_adapter(tmp_path / "ad"), base=tmp_path / "base.safetensors")
+
+
+def test_bias_on_lora_a_is_refused_naming_the_key(tmp_path):
+    folder = make_adapter(tmp_path / "ad", {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B,
+                                            "layers.0.q_proj.lora_A.bias": torch.ones(2)})
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: .*'base_model\.model\.layers\.0\.q_proj"
+                                              r"\.lora_A\.bias'"):
+        open_checkpoint(folder)

@@ -6,10 +6,13 @@ PEFT stores, per adapted module, ``base_model.model.<module>.lora_A.weight`` of 
 from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches the module (Hu et al. 2021, "LoRA";
 Kalajdzievski 2023, "rsLoRA").
 
-Opened alone, an adapter exposes every ``dW`` as ``<module>.weight`` in float32 (``kind = "lora_delta"``).
-Opened with ``base=`` (a path or an open Checkpoint), it exposes the merged model: every base tensor, with
-each adapted one replaced by ``W + dW`` (``kind = "full"``). The base is never looked up from
-``base_model_name_or_path``: a lineage method must not read its answer from metadata.
+With ``lora_bias: true`` in the config, lora_B also has a bias, saved as ``<module>.lora_B.bias``; PEFT merges
+it as ``bias += s * lora_B.bias``, so the adapter's update to the module's bias is ``db = s * lora_B.bias``.
+
+Opened alone, an adapter exposes every ``dW`` as ``<module>.weight`` (and every ``db`` as ``<module>.bias``) in
+float32 (``kind = "lora_delta"``). Opened with ``base=`` (a path or an open Checkpoint), it exposes the merged
+model: every base tensor, with each adapted one replaced by ``W + dW`` / ``b + db`` (``kind = "full"``). The
+base is never looked up from ``base_model_name_or_path``: a lineage method must not read its answer from metadata.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from modelatlas.weights.registry import open_checkpoint, register_format
 
 CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# <module>.lora_A[.<adapter name>][.weight|.bias]; "bias" is a parameter, never an adapter name (it used to be
+# taken for one, so a lora_B.bias silently replaced or was replaced by the lora_B weight).
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])"
-                  r"(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
+                  r"(?:\.(?!(?:weight|bias)$)[^.]+)?(?:\.(?P<param>weight|bias))?$")
 
 
 @dataclass(frozen=True)
@@ -119,10 +124,12 @@ class _Module:
     a: str
     b: str
     embedding: bool
+    bias: str | None = None  # lora_B's bias (``lora_bias: true``)
 
 
 class LoraAdapterCheckpoint(Checkpoint):
-    """A LoRA adapter exposing each module's update ``dW`` as ``<module>.weight`` (float32)."""
+    """A LoRA adapter exposing each module's update ``dW`` as ``<module>.weight`` (float32), and ``db`` as
+    ``<module>.bias`` for modules whose lora_B has a bias."""
 
     format = "peft-lora"
     kind = "lora_delta"
@@ -143,18 +150,22 @@ class LoraAdapterCheckpoint(Checkpoint):
         for t in self.adapter.tensors():
             m = _KEY.match(t.name)
             if m:
-                found.setdefault(m["module"], {})[m["ab"]] = t
+                found.setdefault(m["module"], {})[m["ab"] + (".bias" if m["param"] == "bias" else "")] = t
                 emb[m["module"]] = bool(m["emb"])
         if not found:
             raise CheckpointError(self.adapter.path, "no LoRA tensors (no '<module>.lora_A.weight' keys)")
         modules = {}
         for module, ab in found.items():
             self._check_pair(module, ab)
-            modules[f"{module}.weight"] = _Module(ab["A"].name, ab["B"].name, emb[module])
+            bias = ab["B.bias"].name if "B.bias" in ab else None
+            modules[f"{module}.weight"] = _Module(ab["A"].name, ab["B"].name, emb[module], bias)
         return modules
 
     def _check_pair(self, module: str, ab: dict[str, TensorInfo]) -> None:
-        if set(ab) != {"A", "B"}:
+        if "A.bias" in ab:  # PEFT's lora_bias only ever gives lora_B a bias: anything else is not s * B @ A + ...
+            raise CheckpointError(self.adapter.path, f"module {module!r}: unexpected tensor {ab['A.bias'].name!r} "
+                                                     "(only lora_B can have a bias)")
+        if not {"A", "B"} <= set(ab):
             missing = "lora_B" if "A" in ab else "lora_A"
             raise CheckpointError(self.adapter.path, f"module {module!r} has no {missing} tensor")
         a, b = ab["A"], ab["B"]
@@ -162,16 +173,28 @@ class LoraAdapterCheckpoint(Checkpoint):
         if ab["A"].shape[0] != r or (b.shape[1] if len(b.shape) > 1 else -1) != r:
             raise CheckpointError(self.adapter.path, f"module {module!r}: rank {r} from {CONFIG} does not match "
                                                      f"lora_A {a.shape} / lora_B {b.shape}")
+        bias = ab.get("B.bias")
+        if bias is not None and bias.shape != (b.shape[0],):
+            raise CheckpointError(self.adapter.path, f"module {module!r}: lora_B bias {bias.name!r} has shape "
+                                                     f"{bias.shape}, expected ({b.shape[0]},)")
 
     def _transposed(self, mod: _Module) -> bool:
         return mod.embedding or self.config.fan_in_fan_out
 
     def _infos(self) -> list[TensorInfo]:
-        return [TensorInfo(name, delta_shape(self.adapter.info(m.a), self.adapter.info(m.b),
-                                             transpose=self._transposed(m)), "float32")
-                for name, m in self.modules.items()]
+        infos = []
+        for name, m in self.modules.items():
+            a, b = self.adapter.info(m.a), self.adapter.info(m.b)
+            infos.append(TensorInfo(name, delta_shape(a, b, transpose=self._transposed(m)), "float32"))
+            if m.bias is not None:
+                infos.append(TensorInfo(_bias_name(name), (b.shape[0],), "float32"))
+        return infos
 
     def _read(self, name: str) -> torch.Tensor:
+        if name.endswith(".bias"):  # only listed for modules with a lora_B bias
+            mod = self.modules[name.removesuffix(".bias") + ".weight"]
+            _, scale = self.config.scale(name.removesuffix(".bias"))
+            return scale * self.adapter.read(mod.bias).float()
         mod = self.modules[name]
         _, scale = self.config.scale(name.removesuffix(".weight"))
         return lora_delta(self.adapter.read(mod.a), self.adapter.read(mod.b), scale,
@@ -200,9 +223,9 @@ class MergedLoraCheckpoint(Checkpoint):
     def _check_shapes(self) -> None:
         for info in self.adapter.tensors():
             name = info.name
-            module = name.removesuffix(".weight")
+            module, _, what = name.rpartition(".")  # what: "weight", or "bias" (which PEFT cannot merge without)
             if name not in self.base:
-                raise CheckpointError(self.path, f"LoRA module {module!r} has no weight {name!r} in the base "
+                raise CheckpointError(self.path, f"LoRA module {module!r} has no {what} {name!r} in the base "
                                                  f"{self.base.path}")
             if self.base.info(name).shape != info.shape:
                 raise CheckpointError(self.path, f"LoRA module {module!r}: update shape {info.shape} does not "
@@ -223,6 +246,10 @@ class MergedLoraCheckpoint(Checkpoint):
         self.adapter.close()
         if self._owns_base:
             self.base.close()
+
+
+def _bias_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight") + ".bias"
 
 
 def _strip(key: str) -> str:
