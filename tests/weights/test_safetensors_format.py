@@ -94,3 +94,28 @@ def test_prefetch_of_an_empty_tensor_asks_for_nothing(tmp_path, monkeypatch):
     ck.prefetch("e")
     ck.prefetch("a")
     assert calls == [256]
+
+
+def make_file_with_metadata(path, metadata):
+    """One float32 tensor ``a`` = [0, 1] with a hand-written ``__metadata__`` (save_file only writes strings)."""
+    header = json.dumps({"__metadata__": metadata, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + struct.pack("<2f", 0.0, 1.0))
+    return path
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"format": "pt", "epoch": 3}, r"__metadata__ key 'epoch' has a non-string value 3"),
+    ({"nested": {"a": "b"}}, r"__metadata__ key 'nested' has a non-string value \{'a': 'b'\}"),
+    (["pt"], r"__metadata__ is a list, not an object of strings"),
+])
+def test_non_string_metadata_is_refused_when_opened(tmp_path, metadata, message):
+    """The spec's metadata is string -> string, and safetensors itself cannot read such a file: say so at open."""
+    p = make_file_with_metadata(tmp_path / "meta.safetensors", metadata)
+    with pytest.raises(CheckpointError, match=rf"meta\.safetensors: corrupt safetensors header: {message}"):
+        open_checkpoint(p)
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}])
+def test_string_or_null_metadata_is_read(tmp_path, metadata):
+    with open_checkpoint(make_file_with_metadata(tmp_path / "meta.safetensors", metadata)) as ck:
+        assert torch.equal(ck.read("a"), torch.tensor([0.0, 1.0]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import struct
 from pathlib import Path
 
@@ -32,8 +33,8 @@ _MAX_HEADER = 100 * 1024 * 1024
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse and validate the header; returns (header without ``__metadata__``, data start offset).
 
-    Checks: the 8-byte length fits the file, the header is a JSON object, every tensor's byte range lies
-    inside the data section and matches its dtype and shape.
+    Checks: the 8-byte length fits the file, the header is a JSON object, ``__metadata__`` maps strings to
+    strings, every tensor's byte range lies inside the data section and matches its dtype and shape.
     """
     try:
         size = path.stat().st_size
@@ -53,9 +54,23 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         raise CheckpointError(path, f"corrupt safetensors header: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
-    header.pop("__metadata__", None)
+    _check_metadata(path, header.pop("__metadata__", None))
     _check_offsets(path, header, size - 8 - n)
     return header, 8 + n
+
+
+def _check_metadata(path: Path, meta: object) -> None:
+    """``__metadata__`` is string -> string (or absent/null). safetensors itself refuses anything else, but only
+    when a tensor is first read and without naming the key; checking here reports it when the file is opened."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, f"corrupt safetensors header: __metadata__ is a {type(meta).__name__}, not an "
+                                    "object of strings")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise CheckpointError(path, f"corrupt safetensors header: __metadata__ key {key!r} has a non-string "
+                                        f"value {reprlib.repr(value)} (the format allows only strings)")
 
 
 def _check_offsets(path: Path, header: dict, data_size: int) -> None:
