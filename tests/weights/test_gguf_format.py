@@ -1,3 +1,5 @@
+import gc
+import os
 import sys
 
 import numpy as np
@@ -68,3 +70,24 @@ def test_float64_tensor_reads_as_float32(tmp_path):
     with open_checkpoint(tmp_path / "f64.gguf") as ck:
         assert ck.info("f64").dtype == "float32"
         assert torch.equal(ck.read("f64"), torch.arange(6.0).reshape(2, 3))
+
+
+def check_is_mapped(path) -> bool:
+    """Whether this process has ``path`` memory-mapped (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip("\n").endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_close_unmaps_the_file_and_reads_reopen(tmp_path):
+    p = make_gguf(tmp_path / "llm.gguf").resolve()
+    ck = open_checkpoint(p)
+    assert torch.equal(ck.read("f32"), torch.from_numpy(F32))
+    assert check_is_mapped(p)
+    kept = ck.read("f16")  # a tensor the caller keeps must not pin the mapping
+    ck.close()
+    gc.collect()
+    assert not check_is_mapped(p)
+    assert torch.equal(kept, torch.from_numpy(F16.astype(np.float32)))
+    assert torch.equal(ck.read("f32"), torch.from_numpy(F32))  # reopened on demand, like the other readers
+    ck.close()

@@ -37,17 +37,24 @@ class GGUFCheckpoint(Checkpoint):
 
     def __init__(self, path: str | Path, name: str | None = None):
         super().__init__(path, name)
-        gguf = import_gguf(self.path)
-        try:
-            reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a corrupt file
-            raise CheckpointError(self.path, f"corrupt or truncated GGUF file: {error_line(e)}") from e
-        self._reader = reader
-        self._tensors = {t.name: t for t in reader.tensors}
+        self._tensors: dict | None = None
+        self._state()  # parse now, so a corrupt file is reported when opened
+
+    def _state(self) -> dict:
+        """Name -> gguf ReaderTensor, parsing the file (again, after close()) when needed."""
+        if self._tensors is None:
+            gguf = import_gguf(self.path)
+            try:
+                reader = gguf.GGUFReader(str(self.path))
+            except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a corrupt file
+                raise CheckpointError(self.path, f"corrupt or truncated GGUF file: {error_line(e)}") from e
+            # Every ReaderTensor's data is a view of the reader's np.memmap: holding them holds the mapping.
+            self._tensors = {t.name: t for t in reader.tensors}
+        return self._tensors
 
     def _infos(self) -> list[TensorInfo]:
         return [TensorInfo(n, self._shape(t), _INT_TYPES.get(t.tensor_type.name, "float32"))
-                for n, t in self._tensors.items()]
+                for n, t in self._state().items()]
 
     @staticmethod
     def _shape(t) -> tuple[int, ...]:
@@ -56,7 +63,7 @@ class GGUFCheckpoint(Checkpoint):
     def _read(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        t = self._state()[name]
         shape = self._shape(t)
         try:
             if t.tensor_type.name in _INT_TYPES:
@@ -67,7 +74,12 @@ class GGUFCheckpoint(Checkpoint):
                 arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read tensor {name!r} ({t.tensor_type.name}): {error_line(e)}") from e
-        return torch.from_numpy(np.array(arr, copy=True))
+        return torch.from_numpy(np.array(arr, copy=True))  # a copy: returned tensors never pin the mapping
+
+    def close(self) -> None:
+        """Drop the reader's tensor views, the only references to its memory map, so the file is unmapped
+        (np.memmap has no close of its own; the mapping goes with its last view). Reads after this reopen."""
+        self._tensors = None
 
 
 def is_gguf(path: Path) -> bool:
