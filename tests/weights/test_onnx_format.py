@@ -87,3 +87,58 @@ def test_bfloat16_and_float8_initializers(tmp_path):
         bf, f8 = ck.read("bf"), ck.read("f8")
         assert bf.dtype == torch.bfloat16 and torch.equal(bf.float(), torch.tensor([1.5, -2.0]))
         assert f8.dtype == torch.float8_e4m3fn and torch.equal(f8.float(), torch.tensor([0.5, 4.0]))
+
+
+def make_hub_snapshot(cache):
+    """A Hugging Face cache layout: snapshots/<rev>/ holds symlinks into ../../blobs/ (hashes as names)."""
+    blobs, snap = cache / "blobs", cache / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    make_onnx(blobs / "model.onnx", external=True)  # location "weights.data", renamed below like a blob
+    (blobs / "model.onnx").rename(blobs / "1111")
+    (blobs / "weights.data").rename(blobs / "2222")
+    (snap / "net.onnx").symlink_to("../../blobs/1111")
+    (snap / "weights.data").symlink_to("../../blobs/2222")
+    return snap / "net.onnx"
+
+
+def test_external_data_through_hub_cache_symlinks(tmp_path):
+    with open_checkpoint(make_hub_snapshot(tmp_path / "models--org--net")) as ck:
+        assert torch.equal(ck.read("W"), torch.from_numpy(W))
+        assert torch.equal(ck.read("shape"), torch.tensor([3, 2]))
+
+
+def set_location(path, location):
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save_model(model, str(path))
+
+
+@pytest.mark.parametrize("location", ["sub/../../secret.data", "ABS"])
+def test_external_data_escaping_by_name_is_refused(tmp_path, location):
+    (tmp_path / "sub").mkdir()
+    p = make_onnx(tmp_path / "sub" / "net.onnx", external=True)
+    (tmp_path / "secret.data").write_bytes(b"\x00" * 64)
+    location = str(tmp_path / "secret.data") if location == "ABS" else location
+    set_location(p, location)
+    with pytest.raises(CheckpointError, match=r"initializer 'W': external data .* lies outside the model's folder"):
+        open_checkpoint(p).read("W")
+
+
+def test_external_data_in_a_subfolder_is_read(tmp_path):
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "weights.data").rename(tmp_path / "w" / "weights.data")
+    set_location(p, "w/weights.data")
+    with open_checkpoint(p) as ck:
+        assert torch.equal(ck.read("W"), torch.from_numpy(W))
+
+
+def test_truncated_external_data(tmp_path):
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    data = tmp_path / "weights.data"
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match=r"initializer 'W': external data file 'weights.data' is truncated"):
+        open_checkpoint(p).read("W")

@@ -2,9 +2,10 @@
 
 The protobuf is parsed once without external data; a tensor stored in an external data file is read from
 that file when asked for. Initializers stored inline live in the protobuf, so an inline model is held in
-memory while open (ONNX cannot parse lazily); large models use external data, which is read per tensor. External files must lie in the model's folder (a location that leaves it, such as
-``../../etc/passwd``, is refused). ``onnx`` is imported inside the reader, so modelatlas works without it
-until an ``.onnx`` file is opened.
+memory while open (ONNX cannot parse lazily); large models use external data, which is read per tensor.
+External files must be named inside the model's folder (a location that leaves it, such as ``../../etc/passwd``
+or an absolute path, is refused); a file there may be a symlink, as in a Hugging Face cache snapshot.
+``onnx`` is imported inside the reader, so modelatlas works without it until an ``.onnx`` file is opened.
 """
 
 from __future__ import annotations
@@ -69,30 +70,57 @@ class OnnxCheckpoint(Checkpoint):
         from onnx import numpy_helper
 
         tensor = self._init[name]
-        self._check_external(tensor)
         try:
-            arr = numpy_helper.to_array(tensor, base_dir=str(self.path.parent))
+            if tensor.data_location == self._onnx.TensorProto.EXTERNAL:
+                tensor = self._with_external_bytes(tensor)
+            arr = numpy_helper.to_array(tensor)
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read initializer {name!r}: {error_line(e)}") from e
         return _to_torch(np.array(arr, copy=True))
 
-    def _check_external(self, tensor) -> None:
-        """External data must be a readable file in the model's folder, large enough for the tensor."""
-        if tensor.data_location != self._onnx.TensorProto.EXTERNAL:
-            return
+    def _with_external_bytes(self, tensor):
+        """A copy of ``tensor`` holding its external bytes inline. Read here rather than by onnx, which refuses
+        any symlink, while a Hugging Face cache snapshot is made of symlinks into ``../../blobs/``."""
+        target, offset, length = self._external_range(tensor)
+        with open(target, "rb") as f:
+            f.seek(offset)
+            data = f.read(length) if length is not None else f.read()
+        inline = self._onnx.TensorProto()
+        inline.CopyFrom(tensor)  # cheap: an external tensor holds no data
+        del inline.external_data[:]
+        inline.data_location = self._onnx.TensorProto.DEFAULT
+        inline.raw_data = data
+        return inline
+
+    def _external_range(self, tensor) -> tuple[Path, int, int | None]:
+        """(file, offset, length) of an external tensor, after checking that the location names a file in the
+        model's folder (no absolute path, no ``..``) that exists and is large enough.
+
+        The check is on the name, not on where a symlink leads: the location string comes from the model file
+        (untrusted), a symlink in the folder was put there by whoever made the folder (the hub cache's blobs).
+        """
         info = {e.key: e.value for e in tensor.external_data}
-        folder = self.path.parent.resolve()
-        target = (folder / info.get("location", "")).resolve()
-        if target.parent != folder and folder not in target.parents:
-            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data {info.get('location')!r} "
+        location = info.get("location", "")
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data {location!r} "
                                              "lies outside the model's folder (refused)")
+        target = self.path.parent / location
         if not target.is_file():
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data file "
-                                             f"{info.get('location')!r} is missing")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > target.stat().st_size:
+                                             f"{location!r} is missing")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or (length is not None and length < 0):
+            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data offset "
+                                             f"{info.get('offset')!r} / length {info.get('length')!r} are not "
+                                             "non-negative integers")
+        if offset + (length or 0) > target.stat().st_size:
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data file "
-                                             f"{info.get('location')!r} is truncated")
+                                             f"{location!r} is truncated")
+        return target, offset, length
 
 
 def is_onnx(path: Path) -> bool:
