@@ -134,3 +134,16 @@ def test_shared_storage_views(tmp_path):
     torch.save({"full": base, "view": base[4:8], "tied": base}, p)
     with open_checkpoint(p) as ck:
         assert torch.equal(ck.read("view"), torch.arange(4.0, 8.0))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_caller_mutation_does_not_reach_later_reads(tmp_path, legacy):
+    base = torch.arange(6.0)
+    p = tmp_path / "m.pt"
+    torch.save({"w": base, "tied": base[2:4]}, p, _use_new_zipfile_serialization=not legacy)
+    with open_checkpoint(p) as ck:
+        ck.read("w").add_(100.0)
+        ck.read("tied").zero_()
+        assert torch.equal(ck.read("w"), torch.arange(6.0))
+        assert torch.equal(ck.read("tied"), torch.tensor([2.0, 3.0]))
+    assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(6.0))  # the file is untouched too

@@ -7,8 +7,8 @@ accepts tensors, containers and a short allowlist of globals. A file that needs 
 :class:`~modelatlas.errors.UnsafeCheckpointError` before any of its code runs.
 
 Memory: files in the zip format (the default since PyTorch 1.6) are memory-mapped (``mmap=True``), so the
-tensors stay on disk until :meth:`read` touches one. Legacy (non-zip) pickles cannot be memory-mapped and are
-loaded into RAM once, when opened.
+tensors stay on disk until :meth:`read` copies one out (each read returns a copy the caller owns). Legacy
+(non-zip) pickles cannot be memory-mapped and are loaded into RAM once, when opened.
 
 A dict that nests the state dict under ``"state_dict"`` (PyTorch Lightning) or ``"model"`` is accepted;
 nested dicts of tensors are flattened with ``.``-joined keys and non-tensor entries (an epoch counter) are
@@ -173,8 +173,12 @@ class TorchPickleCheckpoint(Checkpoint):
         return [tensor_info(k, v) for k, v in self._state().items()]
 
     def _read(self, name: str) -> torch.Tensor:
+        """A copy the caller owns, as every other reader returns: the loaded tensor stays in this object, so
+        handing it out would let an in-place op (``w.add_(...)``) change what later reads, and tied tensors
+        sharing its storage, return. The copy is of this tensor only (a view of a tied storage copies just the
+        view); for mmap'd files it is where the pages are read from disk, once, straight into the copy."""
         try:
-            return self._state()[name]  # mmap'd copy-on-write: pages are read from disk here, on first use
+            return self._state()[name].clone(memory_format=torch.contiguous_format)
         except RuntimeError as e:  # a page of a truncated mmap'd file
             raise CheckpointError(self.path, f"cannot read tensor {name!r}: {error_line(e)}") from e
 
