@@ -90,3 +90,34 @@ def test_image_folder_hidden_folders_are_not_classes(tmp_path):
     (root / ".ipynb_checkpoints").mkdir()
     ds = load_dataset("image-folder", "train", root=root, size=4, channels=1)
     assert ds.classes == ["cat", "dog"] and float(ds.x[ds.y == 1].min()) > 0.8
+
+
+def make_pgm16(path, rows, maxval):
+    """A binary (P5) PGM with 2-byte big-endian samples, as netpbm writes when maxval > 255."""
+    arr = np.asarray(rows, dtype=">u2")
+    path.write_bytes(f"P5\n{arr.shape[1]} {arr.shape[0]}\n{maxval}\n".encode() + arr.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("maxval", [1000, 4095, 65535])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pgm_is_scaled_by_maxval_not_clipped(tmp_path, maxval, channels):
+    rows = [[0, maxval // 4], [maxval // 2, maxval]]
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        make_pgm16(tmp_path / c / "x.pgm", rows, maxval)
+    ds = load_dataset("image-folder", "train", root=tmp_path, size=2, channels=channels, test_fraction=0.0)
+    expected = torch.tensor(rows, dtype=torch.float32) / maxval  # same size: no resampling
+    assert ds.x.shape == (2, channels, 2, 2)
+    assert torch.allclose(ds.x[0], expected.expand(channels, 2, 2), atol=1e-4)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    rows = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(rows).save(tmp_path / c / "x.png")
+    ds = load_dataset("image-folder", "train", root=tmp_path, size=2, channels=1, test_fraction=0.0)
+    assert torch.allclose(ds.x[0, 0], torch.from_numpy(rows.astype(np.float32)) / 65535, atol=1e-4)

@@ -19,16 +19,33 @@ from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp"}
 
 
+# Pillow's 16-bit grayscale modes: a PGM with maxval > 255 opens as "I" with samples already rescaled from
+# 0..maxval to 0..65535 (Pillow >= 9.1), a 16-bit PNG as "I;16". convert("L") would clip them at 255.
+_WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L"}
+
+
 def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if im.mode in _WIDE_GRAY_MODES:
+                return _read_wide_gray(im, size, channels)
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise CheckpointError(path, f"not a readable image ({e})") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _read_wide_gray(im, size: int, channels: int) -> np.ndarray:
+    """A 16-bit grayscale image scaled to [0, 1] by its full range, then resized in float (mode "F") so no
+    precision is lost to 8 bits; gray is repeated for RGB."""
+    from PIL import Image
+
+    gray = np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    arr = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return np.repeat(arr[None], channels, axis=0)  # (C, H, W)
 
 
 def _classes(*folders: Path) -> list[str]:
