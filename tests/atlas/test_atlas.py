@@ -229,3 +229,120 @@ def test_viewer_filter_ignores_the_folder_every_model_shares():
     texts = check_filter_texts(render_html(Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)]))))
     assert len(texts) == 4 and not any("mnist" in t or "data" in t for t in texts)
     assert sum("cnn" in t for t in texts) == 2
+
+
+def make_saved_atlas(folder):
+    """A small saved atlas (two models, one edge); returns its atlas.json as a dict."""
+    models = [ModelEntry("a", "/m/a", parameters=10, predicted=[["Shirt", 0.9]]), ModelEntry("b", "/m/b", tree=1)]
+    Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)], trees=[["a", "b"]])).save(folder)
+    return json.loads((folder / "atlas.json").read_text())
+
+
+def _set(keys, value):
+    """A change to an atlas.json dict: set the value at the path ``keys`` (None as value: delete it)."""
+    def change(data):
+        *inner, last = keys
+        for k in inner:
+            data = data[k]
+        if value is None:
+            del data[last]
+        else:
+            data[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, where, got", [
+    (_set(["models"], {"a": 1}), "models", "{'a': 1}"),
+    (_set(["models"], "ab"), "models", "'ab'"),
+    (_set(["models", 1], 5), "models[1]", "5"),
+    (_set(["models", 0, "name"], None), "models[0].name", "missing"),
+    (_set(["models", 0, "name"], 3), "models[0].name", "3"),
+    (_set(["models", 0, "parameters"], "big"), "models[0].parameters", "'big'"),
+    (_set(["models", 1, "tree"], "1"), "models[1].tree", "'1'"),
+    (_set(["models", 0, "score"], "high"), "models[0].score", "'high'"),
+    (_set(["models", 0, "predicted"], [["Shirt"]]), "models[0].predicted", "[['Shirt']]"),
+    (_set(["models", 0, "predicted"], "Shirt"), "models[0].predicted", "'Shirt'"),
+    (_set(["models", 0, "notes"], "x"), "models[0].notes", "'x'"),
+    (_set(["forest"], [1]), "forest", "[1]"),
+    (_set(["forest", "nodes"], "ab"), "forest.nodes", "'ab'"),
+    (_set(["forest", "edges"], {"a": 1}), "forest.edges", "{'a': 1}"),
+    (_set(["forest", "edges", 0], "a->b"), "forest.edges[0]", "'a->b'"),
+    (_set(["forest", "edges", 0, "child"], None), "forest.edges[0].child", "missing"),
+    (_set(["forest", "edges", 0, "parent"], "zzz"), "forest.edges[0].parent", "'zzz'"),
+    (_set(["forest", "edges", 0, "score"], "x"), "forest.edges[0].score", "'x'"),
+    (_set(["forest", "trees"], 5), "forest.trees", "5"),
+    (_set(["forest", "decisions"], [1]), "forest.decisions", "[1]"),
+    (_set(["experts"], [1]), "experts", "[1]"),
+    (_set(["experts"], {"text": "dir"}), "experts.text", "'dir'"),
+    (_set(["embedded"], [1]), "embedded", "[1]"),
+    (_set(["embedded"], {"t": "a"}), "embedded.t", "'a'"),
+])
+def test_load_names_the_file_key_and_value_of_a_wrong_type(tmp_path, change, where, got):
+    data = make_saved_atlas(tmp_path)
+    change(data)
+    (tmp_path / "atlas.json").write_text(json.dumps(data))
+    with pytest.raises(AtlasError) as e:
+        Atlas.load(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'atlas.json'}: {where} ") and got in message
+
+
+def test_load_keeps_what_older_atlases_leave_out(tmp_path):
+    data = make_saved_atlas(tmp_path)
+    for key in ("experts", "embedded"):
+        del data[key]
+    for key in ("parameters", "notes", "predicted", "score"):
+        del data["models"][0][key]
+    (tmp_path / "atlas.json").write_text(json.dumps(data))
+    atlas = Atlas.load(tmp_path)
+    assert atlas.models[0].parameters == 0 and atlas.models[0].notes == [] and atlas.experts == {}
+    from dataclasses import fields
+
+    from modelatlas.atlas.index import _ENTRY
+
+    assert set(_ENTRY) == {f.name for f in fields(ModelEntry)}  # a new field is checked on load too
+
+
+def check_folder(folder):
+    """Every file of a folder with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failing_save_leaves_the_old_atlas(tmp_path, monkeypatch):
+    old = Atlas([ModelEntry("a", "a"), ModelEntry("b", "b")], Forest(["a", "b"], []),
+                embeddings={"t": (["a"], torch.ones(1, 3))})
+    old.save(tmp_path)
+    before = check_folder(tmp_path)
+    new = Atlas([ModelEntry("a", "a"), ModelEntry("b", "b")], Forest(["a", "b"], []),
+                embeddings={"t": (["a", "b"], torch.ones(2, 3))})
+    new.forest.decisions["x"] = object()
+    with pytest.raises(TypeError, match="not JSON serialisable"):  # a bug found only when writing atlas.json
+        new.save(tmp_path)
+    del new.forest.decisions["x"]
+    assert check_folder(tmp_path) == before
+    import safetensors.torch
+
+    import modelatlas.atlas.html
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # the embeddings, written after atlas.json's
+    with pytest.raises(OSError, match="No space left"):
+        new.save(tmp_path)
+    assert check_folder(tmp_path) == before
+
+    def interrupted(atlas):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modelatlas.atlas.html, "render_html", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path)
+    assert check_folder(tmp_path) == before
+    assert Atlas.load(tmp_path).to_dict() == old.to_dict()
+
+
+def test_a_rebuild_without_embeddings_drops_the_old_ones(tmp_path):
+    Atlas([ModelEntry("a", "a")], Forest(["a"], []), embeddings={"t": (["a"], torch.ones(1, 3))}).save(tmp_path)
+    Atlas([ModelEntry("a", "a")], Forest(["a"], [])).save(tmp_path)
+    assert set(check_folder(tmp_path)) == {"atlas.json", "atlas.html"}

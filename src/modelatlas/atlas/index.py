@@ -15,12 +15,19 @@ Files are written atomically; a reader that meets a missing or malformed file ge
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json, atomic_write_text, read_tensors
+from modelatlas.atomic import (
+    atomic_save_tensors,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_tensors,
+)
 from modelatlas.errors import AtlasError
 from modelatlas.lineage.forest import Forest
 
@@ -78,15 +85,22 @@ class Atlas:
                 "experts": self.experts, "embedded": {t: names for t, (names, _) in self.embeddings.items()}}
 
     def save(self, folder: str | Path) -> Path:
-        """Write atlas.json, embeddings.safetensors (when there are embeddings) and atlas.html, each atomically."""
+        """Write atlas.json, embeddings.safetensors (when there are embeddings) and atlas.html, together: a
+        failure or Ctrl-C while writing any of them leaves the atlas the folder held before, all of it (old
+        embeddings beside the old atlas.json would no longer match a new one's)."""
         from modelatlas.atlas.html import render_html
 
-        folder = Path(folder)
+        folder, data, page = Path(folder), self.to_dict(), render_html(self)
         folder.mkdir(parents=True, exist_ok=True)
+        # each writer is the file's usual atomic one, pointed at the temporary path that _write_together renames
+        files = [(folder / JSON_NAME, lambda tmp: atomic_write_json(tmp, data)),  # first: renamed last
+                 (folder / HTML_NAME, lambda tmp: atomic_write_text(tmp, page))]
         if self.embeddings:
-            atomic_save_tensors(folder / EMBED_NAME, {f"tree/{t}": e for t, (_, e) in self.embeddings.items()})
-        atomic_write_text(folder / HTML_NAME, render_html(self))
-        atomic_write_json(folder / JSON_NAME, self.to_dict())  # last: a folder with atlas.json is complete
+            tensors = {f"tree/{t}": e for t, (_, e) in self.embeddings.items()}
+            files.append((folder / EMBED_NAME, lambda tmp: atomic_save_tensors(tmp, tensors)))
+        _write_together(files)
+        if not self.embeddings:  # a rebuild without text experts: the old embeddings describe no model here
+            (folder / EMBED_NAME).unlink(missing_ok=True)
         return folder
 
     @classmethod
@@ -102,13 +116,26 @@ class Atlas:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise AtlasError(f"{path}: unknown atlas format {got!r} (expected {FORMAT})")
-        try:
-            models = [ModelEntry.from_dict(m) for m in data["models"]]
-        except (KeyError, TypeError) as e:
-            raise AtlasError(f"{path}: malformed 'models' ({e})") from e
+        check_atlas_dict(data, path)
+        models = [ModelEntry.from_dict(m) for m in data["models"]]
         embeddings = _load_embeddings(path.parent, data.get("embedded", {}))
         return cls(models, Forest.from_dict(data.get("forest", {"nodes": [], "edges": []})),
                    dict(data.get("experts", {})), embeddings)
+
+
+def _write_together(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write every (path, write) to a temporary file beside its path, then move them all in place, the first
+    one last. :func:`atomic_write` of the first file writes the rest inside its own write, so that any failure
+    before the moves removes every temporary file and leaves every old file."""
+    if not files:
+        return
+    (path, write), rest = files[0], files[1:]
+
+    def write_then_rest(tmp: Path) -> None:
+        write(tmp)
+        _write_together(rest)
+
+    atomic_write(path, write_then_rest)
 
 
 def _load_embeddings(folder: Path, embedded: dict) -> dict:
@@ -123,3 +150,74 @@ def _load_embeddings(folder: Path, embedded: dict) -> dict:
                              f"atlas.json ({len(names)} models); rebuild the atlas")
         out[tree] = (list(names), e)
     return out
+
+
+# What each value of atlas.json must be, as (test, the words of the error). A kind ending in "?" may be null.
+_KINDS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "pairs": (lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                    and _KINDS["number"][0](p[1]) for p in v),
+              "a list of [name, probability] pairs"),
+}
+_TOP = {"models": "list", "forest": "object", "experts": "object", "embedded": "object"}
+_ENTRY = {"name": "str", "path": "str", "parameters": "int", "size_bytes": "int", "dtype": "str", "tensors": "int",
+          "architecture": "str", "tree": "int?", "parent": "str?", "score": "number?", "predicted": "pairs?",
+          "described": "pairs?", "expert_tree": "str?", "text_tree": "str?", "notes": "strings"}
+_FOREST = {"nodes": "strings", "edges": "list", "trees": "list", "decisions": "object", "kurtosis": "object",
+           "skipped": "object"}
+_EDGE = {"parent": "str", "child": "str", "score": "number", "distance": "number", "kind": "str"}
+_EXPERTS = {"folder": "str", "layer": "str"}
+_MISSING = object()
+
+
+def check_atlas_dict(data: dict, path: Path) -> None:
+    """Raise :class:`AtlasError` naming ``path``, the key and its value at the first value of a wrong type, so
+    that a hand-edited or truncated atlas.json fails here in one line, not as a TypeError deep in `show`.
+    Keys an older atlas may lack (all but a model's name and path, and models) keep their defaults."""
+    _check_keys(path, "", data, _TOP, required=("models",))
+    for i, m in enumerate(data["models"]):
+        _check_keys(path, f"models[{i}]", m, _ENTRY, required=("name", "path"))
+    forest = data.get("forest", {"nodes": [], "edges": []})
+    _check_keys(path, "forest", forest, _FOREST, required=("nodes", "edges"))
+    nodes = set(forest["nodes"])
+    for i, e in enumerate(forest["edges"]):
+        _check_keys(path, f"forest.edges[{i}]", e, _EDGE, required=("parent", "child"))
+        for end in ("parent", "child"):
+            if e[end] not in nodes:  # Forest.children() indexes by node: a stray name is a KeyError in `show`
+                raise AtlasError(f"{path}: forest.edges[{i}].{end} {_shown(e[end])} is not one of forest.nodes")
+    for i, tree in enumerate(forest.get("trees", [])):
+        _check(path, f"forest.trees[{i}]", tree, "strings")
+    for name, used in data.get("experts", {}).items():
+        _check_keys(path, f"experts.{name}", used, _EXPERTS)
+    for tree, names in data.get("embedded", {}).items():
+        _check(path, f"embedded.{tree}", names, "strings")
+
+
+def _check_keys(path: Path, where: str, obj, kinds: dict, required: tuple = ()) -> None:
+    """``obj`` is an object whose keys named in ``kinds`` hold values of their kind."""
+    _check(path, where, obj, "object")
+    for key, kind in kinds.items():
+        if key in obj or key in required:
+            _check(path, f"{where}.{key}" if where else key, obj.get(key, _MISSING), kind)
+
+
+def _check(path: Path, key: str, value, kind: str) -> None:
+    if value is _MISSING:
+        raise AtlasError(f"{path}: {key} is missing")
+    if value is None and kind.endswith("?"):
+        return
+    test, words = _KINDS[kind.rstrip("?")]
+    if not test(value):
+        words += " or null" if kind.endswith("?") else ""
+        raise AtlasError(f"{path}: {key} must be {words}; got {_shown(value)}")
+
+
+def _shown(value) -> str:
+    """The value as the error shows it: its repr, cut short (a whole list of models is no help on one line)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
