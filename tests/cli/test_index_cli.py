@@ -58,3 +58,29 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
         assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_hand_edited_atlas_is_one_line(tmp_path, capsys):
+    make_models(tmp_path / "m")
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    data = json.loads((out / "atlas.json").read_text())
+    data["models"][1]["parameters"] = "4k"
+    (out / "atlas.json").write_text(json.dumps(data))
+    for argv in (["index", "show", str(out)], ["index", "search", "t0", str(out)]):
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {out / 'atlas.json'}: models[1].parameters must be an integer; got '4k'\n"
+
+
+def test_failing_rebuild_leaves_the_old_atlas(tmp_path, capsys):
+    make_models(tmp_path / "m")
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--experts", str(tmp_path / "none")]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    capsys.readouterr()
+    assert main(["index", "show", str(out)]) == 0
+    assert "7 models, 2 trees" in capsys.readouterr().out

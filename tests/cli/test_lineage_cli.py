@@ -57,8 +57,9 @@ def test_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped:" in err and "no such file or folder" in err and "error: no models found" in err
     make_tiny_zoo(tmp_path)
-    assert main(["lineage", "recover", str(tmp_path), "--trees", "0"]) == 1
-    assert capsys.readouterr().err == "error: n_trees must be a positive integer or None (find it from the data); got 0\n"
+    with pytest.raises(SystemExit) as e:  # a count below 1 is a usage error, found before any weight is read
+        main(["lineage", "recover", str(tmp_path), "--trees", "0"])
+    assert e.value.code == 2 and "argument --trees: invalid positive integer value: '0'" in capsys.readouterr().err
     assert main(["lineage", "recover", str(tmp_path), "--method", "mother-paper", "--trees", "2"]) == 1
     assert "must be told the stage" in capsys.readouterr().err
     assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path / "missing.json")]) == 1

@@ -54,3 +54,57 @@ def test_reader_leaving_early_is_quiet(capsys, monkeypatch):
         assert m.run_mapped(closed, argparse.Namespace()) == 141
         assert m.run_mapped(lambda args: print("t0") or 0, argparse.Namespace()) == 141
     assert capsys.readouterr().err == ""
+
+
+def check_groups():
+    """Every command that has subcommands (index, zoo, lineage, ...), with their names."""
+    import argparse
+
+    from modelatlas.cli.main import build_parser
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: list(sub.choices) for name, p in top.choices.items()
+            for sub in p._actions if isinstance(sub, argparse._SubParsersAction)}
+
+
+def test_group_without_subcommand_prints_its_own_usage(capsys):
+    groups = check_groups()
+    assert {"index", "lineage", "probex", "zoo", "data"} <= set(groups)
+    for name, subcommands in groups.items():
+        with pytest.raises(SystemExit) as e:
+            main([name])
+        assert e.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"usage: atlas {name} ")
+        assert f"atlas {name}: error: choose a subcommand: {', '.join(subcommands)}" in captured.err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["index", "search", "q", "atl", "--top", "0"], "--top"),
+    (["index", "search", "q", "atl", "--top", "-2"], "--top"),
+    (["probex", "predict", "m", "--experts", "e", "--top", "0"], "--top"),
+    (["probex", "search", "q", "m", "--experts", "e", "--top", "x"], "--top"),
+    (["lineage", "recover", "m", "--trees", "0"], "--trees"),
+    (["zoo", "make", "--out", "z", "--workers", "0"], "--workers"),
+    (["attribute", "--dataset", "digits", "--out", "o", "--max-train", "-1"], "--max-train"),
+])
+def test_counts_must_be_positive_and_say_so(argv, option, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were the check lost, the command would write its --out here, not in the repo
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    value = argv[argv.index(option) + 1]
+    assert f"argument {option}: invalid positive integer value: '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, kind", [
+    ("--input-shape", "1,x,28", "comma-separated integers"),
+    ("--lora-ranks", "4,", "comma-separated integers"),
+])
+def test_list_options_name_their_type(option, value, kind, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "make", "--out", "z", option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: invalid {kind} value: '{value}'" in err and "lambda" not in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -18,18 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "cluster by reverse gradient matching, removal by a Newton unlearning step on "
                                    "the distilled set.")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
-    p.add_argument("--clusters-per-class", type=int, default=5, help="k-means clusters per class")
+    p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class")
     p.add_argument("--out", required=True, help="output folder (attribution.safetensors/.json/.png)")
     p.add_argument("--test-index", type=int, nargs="+", default=[0, 1, 2], help="test samples to plot")
     p.add_argument("--validate", action="store_true", help="also retrain leave-one-cluster-out (ground truth)")
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--max-test", type=int, default=None, help="use only the first N test examples")
+    p.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples")
+    p.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples")
     p.add_argument("--train-steps", type=int, default=None, help="target-model GD steps (default 100)")
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
     p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
                    help="online removal step: Newton step on the distilled set (default) or gradient ascent")
     p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1)")
-    p.add_argument("--samples-per-cluster", type=int, default=None,
+    p.add_argument("--samples-per-cluster", type=positive_int, default=None,
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
     p.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 
+from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -24,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_run(dsub)
     ev = dsub.add_parser("eval", help="re-evaluate a saved result folder (fresh nets on the real test set)")
     ev.add_argument("dir", help="result folder written by `atlas distill run`")
-    ev.add_argument("--eval-nets", type=int, default=None, help="networks to train (default: as saved)")
-    ev.add_argument("--eval-epochs", type=int, default=None, help="epochs per network (default: as saved)")
+    ev.add_argument("--eval-nets", type=positive_int, default=None, help="networks to train (default: as saved)")
+    ev.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per network (default: as saved)")
     ev.add_argument("--seed", type=int, default=None)
     ev.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     ev.set_defaults(func=_eval)
@@ -41,11 +42,11 @@ def _register_run(dsub) -> None:
     r = dsub.add_parser("run", help="distil a dataset, evaluate it and write a result folder")
     r.add_argument("--method", required=True, help="random, herding, dc, dsa, dm, ... (see docs/distill.md)")
     r.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
-    r.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    r.add_argument("--ipc", type=positive_int, required=True, help="synthetic images per class")
     r.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
     r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
-    r.add_argument("--eval-nets", type=int, default=5, help="fresh networks trained for the evaluation")
-    r.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation net (default 300, 1000 with DSA)")
+    r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation")
+    r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default 300, 1000 with DSA)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress
 
 
@@ -16,8 +17,8 @@ def register(dsub) -> None:
     p.add_argument("--ipc", type=float, required=True, help="images per class of the poster, e.g. 0.3, 0.5, 1")
     p.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
-    p.add_argument("--eval-nets", type=int, default=5)
-    p.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
+    p.add_argument("--eval-nets", type=positive_int, default=5)
+    p.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--no-learn-labels", action="store_true", help="pixel-count labels instead of PoDDL")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress, warn
 
 
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = isub.add_parser("search", help="rank an atlas's models by a free-text query or keywords")
     q.add_argument("query")
     q.add_argument("atlas", type=Path, metavar="ATLAS")
-    q.add_argument("--top", type=int, default=10)
+    q.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     q.add_argument("--mode", choices=("auto", "text", "keywords"), default="auto",
                    help="text: through the stored text embeddings; keywords: names, classes, notes; "
                         "auto (default): text when the atlas has embeddings")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_text
+from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress, warn
 from modelatlas.errors import AtlasError, ConfigError
 
@@ -31,7 +32,7 @@ def add_recovery_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", choices=("auto", "specialize", "generalize"), default="auto",
                    help="kurtosis direction: fine-tuning (specialize) or pretraining-like (generalize); "
                         "default: decided from the weights")
-    p.add_argument("--trees", type=int, metavar="K", help="number of trees (default: found from the data)")
+    p.add_argument("--trees", type=positive_int, metavar="K", help="number of trees (default: found from the data)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.3, metavar="X",
                    help="direction penalty in units of the mean distance (default 0.3)")
     p.add_argument("--layers", metavar="REGEX", help="compare only tensors whose name matches (default: square matrices)")

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(sub)
+    for group in sub.choices.values():
+        if _subcommands(group):  # `atlas index` alone: main() needs this group's parser, not the top one
+            group.set_defaults(group_parser=group)
     return parser
 
 
@@ -45,10 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
+        group = getattr(args, "group_parser", None)
+        if group is not None:  # usage of the group and exit code 2, as argparse does for a missing argument
+            group.error(f"choose a subcommand: {', '.join(_subcommands(group))} (see {group.prog} --help)")
         parser.print_help()
         return 0 if args.command is None else 2
     keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
     return run_mapped(args.func, args)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    """The names of a command group's subcommands, in the order of its help ([] for a command without any)."""
+    return [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
 
 
 def run_mapped(func, args: argparse.Namespace) -> int:

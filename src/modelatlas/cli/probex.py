@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress, warn
 
 
@@ -17,21 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classes: predict the training-class set; text: align weights with the class prompts")
     t.add_argument("--layer", default="auto", help="weight tensor name, or 'auto' (best on validation)")
     t.add_argument("--out", default="probex_experts", help="experts folder (default: probex_experts)")
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--rank", type=int, default=32, help="r_U = r_V = r_T (the paper used 128)")
+    t.add_argument("--epochs", type=positive_int, default=100)
+    t.add_argument("--rank", type=positive_int, default=32, help="r_U = r_V = r_T (the paper used 128)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     t.set_defaults(func=_train)
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL", help="model files or folders of models")
     pr.add_argument("--experts", required=True, help="folder written by `atlas probex train`")
-    pr.add_argument("--top", type=int, default=10, help="classes to show per model")
+    pr.add_argument("--top", type=positive_int, default=10, help="classes to show per model")
     pr.set_defaults(func=_predict)
     s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)")
     s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
     s.add_argument("models", nargs="+", metavar="MODELS_OR_INDEX", help="model files, folders or a zoo manifest")
     s.add_argument("--experts", required=True)
-    s.add_argument("--top", type=int, default=10)
+    s.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     s.set_defaults(func=_search)
 
 

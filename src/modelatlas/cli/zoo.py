@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from modelatlas.cli.argtypes import int_tuple, positive_int, str_tuple
 from modelatlas.cli.output import echo, tqdm_progress
 
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--arch", choices=["mlp", "cnn", "vit"])
     mk.add_argument("--dataset", help="root dataset (see `atlas data list`)")
     mk.add_argument("--arch-kwargs", type=_json_dict, help='sizes as JSON, e.g. \'{"hidden": 32, "n_hidden": 2}\'')
-    mk.add_argument("--input-shape", type=lambda s: tuple(int(v) for v in s.split(",")),
+    mk.add_argument("--input-shape", type=int_tuple,
                     help="C,H,W every input is resized to, e.g. 1,28,28")
     mk.add_argument("--shape", choices=["tree", "star"], help="tree: trees x children x depth; star: root + children")
     mk.add_argument("--trees", type=int)
@@ -25,13 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--depth", type=int, help="levels below each root")
     mk.add_argument("--method", choices=["full", "lora", "mixed"])
     mk.add_argument("--storage", choices=["merged", "adapter"], help="LoRA children: merged weights or adapter folder")
-    mk.add_argument("--lora-ranks", type=lambda s: tuple(int(r) for r in s.split(",")), help="e.g. 4 or 2,4,8")
+    mk.add_argument("--lora-ranks", type=int_tuple, help="e.g. 4 or 2,4,8")
     mk.add_argument("--task-sampler", help="mixed, class_subset, transform, new_head, random_class_subset, named_class")
-    mk.add_argument("--task-kinds", type=lambda s: tuple(s.split(",")),
+    mk.add_argument("--task-kinds", type=str_tuple,
                     help="kinds the mixed sampler draws: class_subset,transform,dataset,new_head")
-    mk.add_argument("--other-datasets", type=lambda s: tuple(s.split(",")), help="for 'dataset' child tasks")
+    mk.add_argument("--other-datasets", type=str_tuple, help="for 'dataset' child tasks")
     mk.add_argument("--seed", type=int)
-    mk.add_argument("--workers", type=int, default=2, help="training processes (default 2)")
+    mk.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     mk.add_argument("--out", required=True, help="output folder (one sub-folder per model + manifest.json)")
     mk.add_argument("--no-resume", action="store_true", help="retrain models already saved in --out")
     mk.set_defaults(func=_make)

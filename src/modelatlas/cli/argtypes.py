@@ -1,0 +1,37 @@
+"""Named ``type=`` callables for argparse options.
+
+argparse names a callable in its message (``invalid <lambda> value: '1,x'``), so each type here raises
+:class:`argparse.ArgumentTypeError` with a message in argparse's own words that names what was expected:
+``argument --top: invalid positive integer value: '0'``. Not a command module: ``main`` does not register it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (--top, --workers, --trees...): 0 or -1 would drop results silently."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid positive integer value: {text!r}")
+    return value
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """Comma-separated integers, e.g. ``1,28,28``."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid comma-separated integers value: {text!r}") from None
+
+
+def str_tuple(text: str) -> tuple[str, ...]:
+    """Comma-separated names, e.g. ``class_subset,transform`` (empty names dropped: ``a,`` is ``a``)."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"invalid comma-separated names value: {text!r}")
+    return names
