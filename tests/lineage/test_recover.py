@@ -74,6 +74,14 @@ def test_same_seed_same_result():
     assert a.to_dict() == b.to_dict()
 
 
+def test_live_tensors_passed_in_are_left_unchanged():
+    # MemoryCheckpoint hands recovery the caller's own tensors (no copy of a live model): nothing may write to them
+    weights, _ = make_synthetic_forest(2, 2, 2, dim=300, method="lora")  # 300 > 2s rows: the sketched path
+    before = {m: {k: t.clone() for k, t in sd.items()} for m, sd in weights.items()}
+    recover_lineage(weights)
+    assert all(torch.equal(weights[m][k], before[m][k]) for m in weights for k in weights[m])
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="stage must be one of"):
         LineageConfig(stage="sideways")

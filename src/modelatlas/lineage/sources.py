@@ -33,6 +33,8 @@ class MemoryCheckpoint(Checkpoint):
         return [TensorInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self._tensors.items()]
 
     def _read(self, name: str) -> torch.Tensor:
+        # the caller's own tensor, not a copy (a live model is not doubled in memory): recovery only reads it,
+        # which tests/lineage/test_recover.py checks
         return self._tensors[name]
 
 
