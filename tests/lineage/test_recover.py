@@ -89,6 +89,11 @@ def test_config_errors_name_the_field():
         LineageConfig(lam=-1)
     with pytest.raises(ConfigError, match="layers: invalid regular expression"):
         LineageConfig(layers="(")
+    # each was accepted: lam = inf gave NaN edge costs (a silently wrong forest), a float sketch a TypeError
+    # deep in the sketch, n_trees=True one tree
+    for field, bad in [("lam", float("inf")), ("root_prior", float("inf")), ("sketch", 8.5), ("n_trees", True)]:
+        with pytest.raises(ConfigError, match=field):
+            LineageConfig(**{field: bad})
     with pytest.raises(ConfigError, match="n_trees: the mother-paper recipe must be told"):
         LineageConfig(method="mother-paper", stage="specialize")
     with pytest.raises(ConfigError, match="no model could be compared"):
@@ -125,6 +130,22 @@ def test_model_failing_mid_read_is_skipped():
     est = LineageRecovery(stage="specialize").fit(ckpts)
     assert "bad" not in est.names_ and "read error on disk" in est.skipped_["bad"]
     assert score_forest(est.forest_, parents).undirected == 1.0
+
+
+def make_poisoned(value, dim):
+    """A 2-tree synthetic forest where child t0_0 holds one NaN / inf weight (a diverged checkpoint)."""
+    weights, parents = make_synthetic_forest(n_trees=2, children=2, depth=1, dim=dim, seed=1)
+    weights["t0_0"]["attn.q"][0, 0] = value
+    return weights, {k: v for k, v in parents.items() if k != "t0_0"}
+
+
+@pytest.mark.parametrize("value,dim", [(float("nan"), 16), (float("inf"), 16), (float("nan"), 300)])
+def test_model_with_nan_or_inf_weights_is_skipped(value, dim):
+    # one NaN used to poison the layer mean, hence every distance: scipy raised "must contain only finite values"
+    weights, parents = make_poisoned(value, dim)
+    f = recover_lineage(weights, stage="specialize", distance_sketch=16)  # dim 300: the streamed, sketched path
+    assert "t0_0" not in f.nodes and "NaN or inf" in f.skipped["t0_0"] and "attn.q" in f.skipped["t0_0"]
+    assert score_forest(f, parents).directed == 1.0
 
 
 def test_identical_models_are_marked_duplicates_and_change_nothing_else():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -74,14 +75,15 @@ class LineageConfig:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("orient", self.orient, ORIENTS)
         _choice("rank_sketch", self.rank_sketch, RANK_SKETCHES)
-        if not self.root_prior >= 0:
-            raise ConfigError(f"root_prior must be >= 0 (0: kurtosis votes only; default 2); got {self.root_prior!r}")
-        if self.n_trees is not None and (not isinstance(self.n_trees, int) or self.n_trees < 1):
+        if not 0 <= self.root_prior < math.inf:  # inf x 0 hops (a chain) would make every root score NaN
+            raise ConfigError(f"root_prior must be >= 0 and finite (0: kurtosis votes only; default 2); got {self.root_prior!r}")
+        if self.n_trees is not None and (isinstance(self.n_trees, bool) or not isinstance(self.n_trees, int)
+                                         or self.n_trees < 1):
             raise ConfigError(f"n_trees must be a positive integer or None (find it from the data); got {self.n_trees!r}")
-        if not self.lam >= 0:
-            raise ConfigError(f"lam (lambda) must be >= 0 (paper: 0.3); got {self.lam!r}")
-        if self.sketch < 2:
-            raise ConfigError(f"sketch must be >= 2 columns; got {self.sketch!r}")
+        if not 0 <= self.lam < math.inf:  # inf x 0 (an edge that keeps the direction) made edge costs NaN
+            raise ConfigError(f"lam (lambda) must be >= 0 and finite (paper: 0.3); got {self.lam!r}")
+        if isinstance(self.sketch, bool) or not isinstance(self.sketch, int) or self.sketch < 2:
+            raise ConfigError(f"sketch must be an integer >= 2 (columns), e.g. 64; got {self.sketch!r}")
         if self.distance_sketch is not None and (not isinstance(self.distance_sketch, int) or self.distance_sketch < 16):
             raise ConfigError(f"distance_sketch must be an integer >= 16 or None (exact); got {self.distance_sketch!r}")
         if not 0 < self.rank_rtol < 1:

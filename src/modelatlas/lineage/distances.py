@@ -203,7 +203,13 @@ def _read_one(ck: Checkpoint, info: TensorInfo, failed: dict[int, str], i: int) 
         t = ck.read(info.name)
         if tuple(t.shape) != info.shape:
             raise AtlasError(f"{ck.path}: tensor {info.name!r} has shape {tuple(t.shape)}, header says {info.shape}")
-        return t.detach().reshape(1, -1).to(torch.float32)
+        row = t.detach().reshape(1, -1).to(torch.float32)
+        # one NaN / inf would poison the layer mean, hence every distance of the group: skip the model instead
+        # (the sum is one cheap pass; the full check runs only when it is not finite)
+        if not torch.isfinite(row.sum()) and not torch.isfinite(row).all():
+            raise AtlasError(f"{ck.path}: tensor {info.name!r} holds NaN or inf values (a diverged or corrupt "
+                             "checkpoint); fix or remove it")
+        return row
     except (AtlasError, OSError, RuntimeError) as e:
         failed[i] = str(e)
         return None
