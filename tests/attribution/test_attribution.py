@@ -6,6 +6,7 @@ import torch
 from modelatlas.attribution import DDMConfig, ddm_attribution, spearman_scores, within_class_spearman
 from modelatlas.attribution.clusters import cluster_per_class
 from modelatlas.attribution.report import cluster_means, top_clusters
+from modelatlas.attribution.validate import loo_attribution
 from modelatlas.cli.main import main
 from modelatlas.errors import ConfigError
 
@@ -18,6 +19,43 @@ def test_clustering_shapes(planted):
     assert sorted(torch.bincount(assign).tolist()) == [30, 30, 30, 30]  # the planted blobs are found
     with pytest.raises(ConfigError, match="fewer than clusters_per_class"):
         cluster_per_class(x[:3], y[:3], 2, 2)
+
+
+def make_repeated_class(planted):
+    """Class 0 is one image repeated 5 times (e.g. a deduplicated-away augmentation); class 1 is varied."""
+    x, y, xt, yt = planted
+    return torch.cat([x[:1].repeat(5, 1, 1, 1), x[-5:]]), torch.tensor([0] * 5 + [1] * 5), xt, yt
+
+
+@pytest.mark.parametrize("unlearn", ["newton", "ascent"])
+def test_class_with_fewer_distinct_examples_than_clusters_is_refused(planted, unlearn):
+    # k-means left a cluster empty: its mean image was 0/0, and the NaN spread to the whole matrix (ascent)
+    # or was reported as a diverged target model (newton)
+    x, y, xt, yt = make_repeated_class(planted)
+    cfg = DDMConfig(clusters_per_class=2, train_steps=5, checkpoints=1, match_steps=1, unlearn=unlearn)
+    with pytest.raises(ConfigError, match="class 0 has only 1 distinct examples, fewer than clusters_per_class=2"):
+        ddm_attribution(x, y, xt, yt, 2, cfg)
+
+
+def test_one_class_in_one_cluster_is_refused_by_newton(planted):
+    # removing the only cluster removes all the data: the Newton share n_k / (N - n_k) was 1 / 0 -> NaN matrix
+    x, y, xt, yt = planted
+    one = DDMConfig(clusters_per_class=1, train_steps=5, checkpoints=1, match_steps=1)
+    with pytest.raises(ConfigError, match="clusters_per_class"):
+        ddm_attribution(x[y == 0], y[y == 0], xt[yt == 0], yt[yt == 0], 1, one)
+    two = DDMConfig(clusters_per_class=2, train_steps=5, checkpoints=1, match_steps=1)
+    assert torch.isfinite(ddm_attribution(x[y == 0], y[y == 0], xt[yt == 0], yt[yt == 0], 1, two).matrix).all()
+
+
+def test_float64_images_and_int32_labels_give_the_float32_result(planted):
+    # data converted from NumPy is float64: training failed with "mat1 and mat2 must have the same dtype"
+    x, y, xt, yt = planted
+    cfg = DDMConfig(clusters_per_class=2, train_steps=5, checkpoints=1, match_steps=1)
+    ref = ddm_attribution(x, y, xt, yt, 2, cfg)
+    got = ddm_attribution(x.double(), y.int(), xt.double(), yt.int(), 2, cfg)
+    assert torch.equal(got.matrix, ref.matrix)
+    loo, _ = loo_attribution(x.double(), y.int(), xt.double(), yt.int(), 2, ref.assign, cfg)
+    assert torch.equal(loo, loo_attribution(x, y, xt, yt, 2, ref.assign, cfg)[0])
 
 
 @pytest.mark.parametrize("unlearn", ["newton", "ascent"])

@@ -24,6 +24,10 @@ def cluster_per_class(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_cl
         idx = torch.nonzero(y == c).flatten()
         if len(idx) < per_class:
             raise ConfigError(f"class {c} has {len(idx)} examples, fewer than clusters_per_class={per_class}")
+        distinct = len(np.unique(flat[idx.numpy()], axis=0))
+        if distinct < per_class:  # k-means would leave a cluster empty: its mean image is 0/0 and NaN spreads
+            raise ConfigError(f"class {c} has only {distinct} distinct examples, fewer than "
+                              f"clusters_per_class={per_class}; lower clusters_per_class")
         km = KMeans(per_class, n_init=4, random_state=derive_seed(seed, "kmeans", c)).fit(flat[idx.numpy()])
         assign[idx] = torch.as_tensor(km.labels_, dtype=torch.long) + c * per_class
     return assign, torch.arange(num_classes).repeat_interleave(per_class)

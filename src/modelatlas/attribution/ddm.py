@@ -33,6 +33,7 @@ from modelatlas.attribution import newton as N
 from modelatlas.attribution import target as T
 from modelatlas.attribution.clusters import cluster_per_class
 from modelatlas.attribution.config import DDMConfig
+from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 
@@ -189,9 +190,13 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
                     progress: Progress | None = None) -> Attribution:
     """Steps (1)-(5): the cluster x test-sample attribution matrix of the target model trained on (x, y)."""
     cfg = config or DDMConfig()
+    x, y, x_test, y_test = _as_inputs(x, y, x_test, y_test)
     t0 = time.perf_counter()
     assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
     k_total = len(cluster_class)
+    if k_total == 1 and cfg.unlearn == "newton":  # n_k / (N - n_k) = 1 / 0: every number would be NaN
+        raise ConfigError("clusters_per_class: one class with 1 cluster puts all the training data in one cluster, "
+                          "whose removal leaves nothing to train on; use clusters_per_class >= 2")
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
     t1 = time.perf_counter()
     off = _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed, progress)
@@ -205,3 +210,9 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
         timings["damping_used"] = off["damping"]
     return Attribution(matrix, assign, cluster_class, off["xs"].flatten(0, 1), off["soft"].flatten(0, 1), base,
                        timings, off["hist"])
+
+
+def _as_inputs(x, y, x_test, y_test):
+    """Images as float32 and labels as int64, the target model's dtypes: data from NumPy arrives as float64
+    (a "Double and Float" error deep in training) and labels may be int32 (cross-entropy needs int64)."""
+    return x.float(), y.long(), x_test.float(), y_test.long()

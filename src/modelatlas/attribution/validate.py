@@ -26,6 +26,7 @@ def loo_attribution(x, y, x_test, y_test, num_classes: int, assign: torch.Tensor
     ``init_noise`` > 0 adds seeded Gaussian noise of that std to the initial weights (to measure how sensitive
     the ground truth is to tiny perturbations of training)."""
     cfg = config or DDMConfig()
+    x, y, x_test, y_test = x.float(), y.long(), x_test.float(), y_test.long()  # the target model's dtypes
     k_total = int(assign.max()) + 1
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
     init = T.init_params(model)
