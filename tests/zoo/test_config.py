@@ -15,6 +15,9 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
     ({"task_kinds": ("dataset",)}, "other_datasets: task kind 'dataset' needs"),
     ({"transforms": ("spin",)}, "transforms: unknown value 'spin'"),
     ({"input_shape": (8, 8)}, r"input_shape: must be \(C, H, W\)"),
+    ({"lora_alpha": 0.0}, r"lora_alpha: must be > 0 or None"),  # alpha 0 trained a LoRA child equal to its parent
+    ({"lora_alpha": float("nan")}, r"lora_alpha: must be > 0 or None"),
+    ({"subset_size": 0}, "subset_size: must be a positive integer or None"),  # 0 was silently read as None
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):
