@@ -75,8 +75,11 @@ def default_protocol(method: str, config, in_shape, eval_nets: int = 5, eval_epo
     spec = methods.get(method)
     cfg = spec.make_config(config)
     net = cfg.net_spec(tuple(in_shape))
-    return EvalProtocol(kind=spec.eval_kind, num_nets=eval_nets, epochs=eval_epochs, dsa=bool(spec.eval_dsa(cfg))
-                        and len(in_shape) == 3, net=net["net"], width=net["width"], depth=net["depth"])
+    # the Adam protocol trains at the inner lr the set was distilled for (RaT-BPTT/PoDD ``inner_lr``)
+    lr = getattr(cfg, "inner_lr", None) if spec.eval_kind == "adam" else None
+    return EvalProtocol(kind=spec.eval_kind, num_nets=eval_nets, epochs=eval_epochs, lr=lr,
+                        dsa=bool(spec.eval_dsa(cfg)) and len(in_shape) == 3, net=net["net"], width=net["width"],
+                        depth=net["depth"])
 
 
 def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: str | Path, config=None,

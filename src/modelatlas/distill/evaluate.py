@@ -61,6 +61,17 @@ class EvalProtocol:
             raise ConfigError(f"eval epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"eval batch_size must be >= 1, got {self.batch_size}")
+        # `not x > 0` also catches NaN; lr 0 would otherwise be replaced by the default (`self.lr or ...`)
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"eval lr must be > 0 (or None for the protocol default), got {self.lr}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ConfigError(f"eval weight_decay must be >= 0 (or None for the protocol default), "
+                              f"got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"eval momentum must be in [0, 1), got {self.momentum}")
+        for name in ("width", "depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval {name} must be >= 1, got {getattr(self, name)}")
 
     def resolved(self, learned_lr: float | None = None) -> EvalProtocol:
         """A copy with every default filled in."""
@@ -177,9 +188,10 @@ def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset,
 
 def evaluate_synthetic(syn: SyntheticSet, test: ArrayDataset, protocol: EvalProtocol, seed: int = 0,
                        progress: Progress | None = None, device: str | None = None) -> EvalResult:
-    """Score a :class:`SyntheticSet` (its soft labels and learned lr are used when present; a set whose
-    ``meta["label_generator"]`` names ``"modelatlas.<module>:<function>"`` gets its labels generated on the fly
-    by ``function(syn, device) -> label_fn``, e.g. HeLlO's projector)."""
+    """Score a :class:`SyntheticSet`. Its soft labels are used when present; its learned lr only under the
+    Adam protocol with ``protocol.lr`` unset (SGD keeps its fixed lr: MTT's learned lr is recorded, not used).
+    A set whose ``meta["label_generator"]`` names ``"modelatlas.<module>:<function>"`` gets its labels
+    generated on the fly by ``function(syn, device) -> label_fn``, e.g. HeLlO's projector."""
     lr = float(syn.lr.detach()) if syn.lr is not None else None
     return evaluate_tensors(syn.images, syn.targets().detach(), test, protocol, seed, progress, device, lr,
                             label_fn=label_generator(syn, pick_device(device)))

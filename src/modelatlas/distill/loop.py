@@ -148,6 +148,10 @@ class OuterLoop:
         if meta.get("seed") != self.seed:
             raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
                                              "use the same --seed or a new output folder")
+        if int(meta["iteration"]) > self.iterations:  # else the longer run's state would pass for this one
+            raise CheckpointError(meta_path, f"has {meta['iteration']} iterations done, more than "
+                                             f"iterations={self.iterations}; resume with iterations >= "
+                                             f"{meta['iteration']} or use a new output folder")
         tensors = read_tensors(self.checkpoint_dir / meta["tensors"], "delete the checkpoint folder to restart")
         for name, s in states.items():
             if name not in meta["states"]:

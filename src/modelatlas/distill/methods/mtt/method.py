@@ -47,7 +47,8 @@ def trajectory_loss(net, shapes, start: torch.Tensor, target: torch.Tensor, syn:
         ce = soft_cross_entropy(functional_call(net, unflatten(flat, shapes), (xb,)), y[idx])
         (g,) = torch.autograd.grad(ce, flat, create_graph=True)
         flat = flat - syn.lr * g
-    return ((flat - target) ** 2).sum() / ((start - target) ** 2).sum()
+    # floor: an expert that did not move (e.g. one class, CE = 0) would make 0 / 0 = NaN images
+    return ((flat - target) ** 2).sum() / ((start - target) ** 2).sum().clamp(min=1e-12)
 
 
 def run(train: ArrayDataset, ipc: int, config: MTTConfig, ctx: DistillContext) -> SyntheticSet:

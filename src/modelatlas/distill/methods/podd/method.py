@@ -39,7 +39,8 @@ def _area(train: ArrayDataset, k: int, size: tuple[int, int], init: str, gen: to
     if init == "real":
         img = xk[int(torch.randint(len(xk), (1,), generator=gen))]
     else:
-        img = xk.mean(0) + xk.std(0) * torch.randn(xk.shape[1:], generator=gen)
+        std = xk.std(0) if len(xk) > 1 else torch.zeros_like(xk[0])  # one example: std is NaN, use the mean
+        img = xk.mean(0) + std * torch.randn(xk.shape[1:], generator=gen)
     return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
