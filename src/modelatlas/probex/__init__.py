@@ -15,6 +15,7 @@ from modelatlas.probex.estimator import (
     fit_probex,
     load_expert,
 )
+from modelatlas.probex.fitted import NotFittedError
 from modelatlas.probex.layers import as_matrix, candidate_layers, load_layer, load_layers
 from modelatlas.probex.model import DenseNet, ProbeXNet, count_parameters
 from modelatlas.probex.router import NotInAnyTreeError, RouteResult, TreeRouter
@@ -22,7 +23,7 @@ from modelatlas.probex.statnn import StatNNClassifier, layer_statistics
 from modelatlas.probex.text_aligner import ProbeXTextAligner
 
 __all__ = [
-    "DenseExpert", "DenseNet", "NotInAnyTreeError", "ProbeXClassifier", "ProbeXConfig", "ProbeXNet",
+    "DenseExpert", "DenseNet", "NotFittedError", "NotInAnyTreeError", "ProbeXClassifier", "ProbeXConfig", "ProbeXNet",
     "ProbeXTextAligner", "RouteResult", "StatNNClassifier", "TreeRouter", "as_matrix", "candidate_layers",
     "count_parameters", "fit_probex", "layer_statistics", "load_expert", "load_layer", "load_layers",
 ]

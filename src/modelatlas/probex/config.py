@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from modelatlas.errors import ConfigError
@@ -44,6 +46,15 @@ class ProbeXConfig:
                 raise ConfigError(f"ProbeXConfig.{name} must be a positive integer; got {value!r}")
         if self.model not in _MODELS:
             raise ConfigError(f"ProbeXConfig.model must be one of {_MODELS}; got {self.model!r}")
+        for name in ("relu", "center"):
+            if not isinstance(getattr(self, name), bool):  # "false" from a hand-edited file would be truthy
+                raise ConfigError(f"ProbeXConfig.{name} must be true or false; got {getattr(self, name)!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ConfigError(f"ProbeXConfig.seed must be an integer; got {self.seed!r}")
+        for name in ("lr", "temperature", "weight_decay", "val_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"ProbeXConfig.{name} must be a finite number; got {value!r}")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"ProbeXConfig.{name} must be > 0; got {getattr(self, name)!r}")

@@ -8,6 +8,7 @@ holding ``expert.json`` (config, shapes, names) and ``expert.safetensors`` (weig
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.config import ProbeXConfig
+from modelatlas.probex.fitted import check_fitted
 from modelatlas.probex.model import build_network, count_parameters
 from modelatlas.probex.train import train_loop
 from modelatlas.seeding import torch_generator
@@ -38,33 +40,58 @@ class WeightExpert:
         # Centering removes the tree root that every model shares; one global scale keeps inputs O(1) so
         # the paper's learning rate works for layers of any initialisation scale.
         self.mean_ = x.mean(0) if self.config.center else torch.zeros_like(x[0])  # (d_H, d_W)
-        self.scale_ = float((x - self.mean_).std().clamp_min(1e-12))
+        spread = float((x - self.mean_).std()) if x[0].numel() * len(x) > 1 else 0.0
+        # No spread (one training model, or identical ones): dividing by ~0 would blow every later input up
+        # by 1e12, so leave the scale alone.
+        self.scale_ = spread if math.isfinite(spread) and spread > 1e-12 else 1.0
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float32)
+    def _models(self, x, where: str) -> torch.Tensor:
+        """X as float32 CPU matrices (B, d_H, d_W): the experts' networks live on the CPU, and conv kernels
+        (B, out, in, k, k) become (B, out, in*k*k) as :func:`modelatlas.probex.as_matrix` reads them."""
+        x = torch.as_tensor(x, dtype=torch.float32, device="cpu")
+        if x.ndim < 3:
+            raise ConfigError(f"{where}: X must be one weight matrix per model, shape (B, d_H, d_W); "
+                              f"got shape {tuple(x.shape)} (wrap a single model as x[None])")
+        return x.reshape(x.shape[0], x.shape[1], -1) if x.ndim > 3 else x
+
+    def _normalise(self, x) -> torch.Tensor:
+        check_fitted(self, "mean_")
+        x = torch.as_tensor(x, dtype=torch.float32, device="cpu")
         if x.ndim == 2:
             x = x.unsqueeze(0)  # one model: (1, d_H, d_W)
+        x = self._models(x, f"expert for layer {self.layer!r}")
         if tuple(x.shape[1:]) != tuple(self.mean_.shape):
             raise ConfigError(f"expert for layer {self.layer!r} expects matrices of shape "
                               f"{tuple(self.mean_.shape)}; got {tuple(x.shape[1:])}")
         return (x - self.mean_) / self.scale_
 
     def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n < 1:
+            raise ConfigError("no models given: X must hold at least one model")
         perm = torch.randperm(n, generator=torch_generator(self.config.seed))
-        n_val = int(round(n * self.config.val_fraction)) if n > 1 else 0
+        # At least one model stays for training (val_fraction 0.95 on 10 models would round to all 10).
+        n_val = min(int(round(n * self.config.val_fraction)), n - 1)
         return perm[n_val:], perm[:n_val] if n_val else perm[n_val:]
 
     def _build(self, d_h: int, d_w: int, d_y: int) -> nn.Module:
-        torch.manual_seed(self.config.seed)
         self.shape_ = (d_h, d_w)
+        # Seeded in a forked RNG: the same seed gives the same initial weights, and fitting or loading an
+        # expert leaves the caller's global torch RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return self._network(d_h, d_w, d_y)
+
+    def _network(self, d_h: int, d_w: int, d_y: int) -> nn.Module:
         return build_network(self.config.model, d_h, d_w, d_y, self.config)
 
     @property
     def n_parameters_(self) -> int:
+        check_fitted(self, "module_")
         return count_parameters(self.module_)
 
     def transform(self, x) -> np.ndarray:
         """The r_T representation e(X) of every model, shape (B, r_T)."""
+        check_fitted(self, "module_")
         with torch.no_grad():
             return self._embed(self._normalise(x)).numpy()
 
@@ -80,6 +107,7 @@ class WeightExpert:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``expert.json`` and ``expert.safetensors`` into ``folder`` atomically."""
+        check_fitted(self, "module_")
         folder = Path(folder)
         tensors = {f"module.{k}": v for k, v in self.module_.state_dict().items()}
         tensors["mean"] = self.mean_
@@ -106,10 +134,12 @@ class ProbeXClassifier(WeightExpert):
 
     def fit(self, x, y, classes: list[str] | None = None, progress=None, checkpoint_dir=None,
             resume: bool = False) -> ProbeXClassifier:
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x = self._models(x, "ProbeXClassifier.fit")
         y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
             raise ConfigError(f"labels must be (B, d_Y) multi-hot with B={x.shape[0]}; got {tuple(y.shape)}")
+        if classes is not None and len(classes) != y.shape[1]:  # a saved expert rebuilds its head from them
+            raise ConfigError(f"classes names {len(classes)} classes but labels have d_Y={y.shape[1]} columns")
         train, val = self._split(x.shape[0])
         self._fit_normaliser(x[train])
         xn = self._normalise(x)
@@ -127,6 +157,7 @@ class ProbeXClassifier(WeightExpert):
 
     def predict_proba(self, x) -> np.ndarray:
         """Probability that each class was in the model's training set, shape (B, d_Y)."""
+        check_fitted(self, "module_")
         with torch.no_grad():
             return torch.sigmoid(self.module_(self._normalise(x))).numpy()
 
@@ -170,13 +201,18 @@ def load_expert(folder: str | Path) -> WeightExpert:
         raise CheckpointError(meta_path, f"cannot read expert: {e}") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(meta_path, f"unknown expert format {meta.get('format')!r} (expected {FORMAT})")
-    cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta["kind"])
+    cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta.get("kind"))
     if cls is None:
-        raise CheckpointError(meta_path, f"unknown expert kind {meta['kind']!r}")
+        raise CheckpointError(meta_path, f"unknown expert kind {meta.get('kind')!r}")
     tensors = read_tensors(folder / "expert.safetensors", "not a complete ProbeX expert folder")
     expert = cls(ProbeXConfig.from_dict(meta["config"]), meta.get("layer", ""))
-    expert.mean_, expert.scale_ = tensors["mean"], float(meta["scale"])
-    expert.history_ = meta.get("history", {})
-    expert._restore(meta, tensors)
+    try:
+        expert.mean_, expert.scale_ = tensors["mean"], float(meta["scale"])
+        expert.history_ = meta.get("history", {})
+        expert._restore(meta, tensors)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # a missing key or weights of another shape
+        detail = " ".join(str(e).split())[:300]  # load_state_dict's report spans many lines
+        raise CheckpointError(folder, f"expert.json and expert.safetensors do not match ({type(e).__name__}: "
+                                      f"{detail}); save the expert again") from e
     expert.module_.eval()
     return expert

@@ -35,13 +35,17 @@ def load_layer(paths: Sequence[str | Path], layer: str, progress: Progress | Non
     for path in resolve(progress)(list(paths), total=len(paths), desc=f"read {layer}"):
         with open_checkpoint(path) as ckpt:
             mat = as_matrix(ckpt.read(layer), layer)
-        if mats and mat.shape != mats[0].shape:
-            raise CheckpointError(path, f"layer {layer!r} has shape {tuple(mat.shape)}, other models have "
-                                        f"{tuple(mats[0].shape)} (ProbeX needs one architecture per expert)")
+        _check_same_shape(path, layer, mat, mats)
         mats.append(mat)
     if not mats:
         raise ConfigError("no models given")
     return torch.stack(mats)  # (B, d_H, d_W)
+
+
+def _check_same_shape(path, layer: str, tensor: torch.Tensor, previous: list[torch.Tensor]) -> None:
+    if previous and tensor.shape != previous[0].shape:
+        raise CheckpointError(path, f"layer {layer!r} has shape {tuple(tensor.shape)}, other models have "
+                                    f"{tuple(previous[0].shape)} (ProbeX needs one architecture per expert)")
 
 
 def candidate_layers(path: str | Path, min_size: int = 2) -> list[str]:
@@ -59,5 +63,9 @@ def load_layers(paths: Sequence[str | Path], layers: Sequence[str], progress: Pr
         with open_checkpoint(path) as ckpt:
             for name in layers:
                 t = ckpt.read(name)
-                out[name].append(as_matrix(t, name) if matrices else t.float())
+                t = as_matrix(t, name) if matrices else t.float()
+                _check_same_shape(path, name, t, out[name])  # torch.stack's error would not name the model
+                out[name].append(t)
+    if layers and not out[layers[0]]:
+        raise ConfigError("no models given")
     return {name: torch.stack(mats) for name, mats in out.items()}  # each (B, d_H, d_W)

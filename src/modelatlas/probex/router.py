@@ -18,6 +18,7 @@ import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError
+from modelatlas.probex.fitted import check_fitted
 
 
 class NotInAnyTreeError(AtlasError):
@@ -56,6 +57,16 @@ def cluster_trees(x) -> np.ndarray:
     return np.asarray(labels)
 
 
+def _distances(flat: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (B, K), in float64 and without cdist's matmul shortcut: fine-tunes sit very close
+    to their tree's centroid, and ||a||^2 + ||b||^2 - 2ab cancels catastrophically there (in float32 it
+    inflated a tree's radius ninefold, letting strangers in)."""
+    c = centroids.double()
+    # 256 models at a time: float64 copies of a whole zoo's layer would double its memory
+    return torch.cat([torch.cdist(rows.double(), c, compute_mode="donot_use_mm_for_euclid_dist")
+                      for rows in flat.split(256)])
+
+
 class TreeRouter:
     """Nearest-tree-centroid router with an out-of-tree check.
 
@@ -70,24 +81,40 @@ class TreeRouter:
 
     def fit(self, x, trees=None) -> TreeRouter:
         """``trees`` None: find the trees with lineage clustering (:func:`cluster_trees`)."""
+        x = torch.as_tensor(x, dtype=torch.float32, device="cpu")
         if trees is None:
             trees = [f"tree{k}" for k in cluster_trees(x)]
-        flat = torch.as_tensor(x, dtype=torch.float32).reshape(len(trees), -1)  # (B, D)
+        if x.ndim < 2 or len(trees) != x.shape[0]:  # a reshape would otherwise regroup the weights silently
+            raise ConfigError(f"router fit needs one tree id per model: X has shape {tuple(x.shape)} "
+                              f"(models first), trees has {len(trees)} entries")
+        self.shape_ = tuple(x.shape[1:])
+        flat = x.reshape(len(trees), -1)  # (B, D)
         self.trees_ = sorted({str(t) for t in trees})
         labels = np.array([self.trees_.index(str(t)) for t in trees])
-        self.centroids_ = torch.stack([flat[labels == k].mean(0) for k in range(len(self.trees_))])  # (K, D)
-        dist = torch.cdist(flat, self.centroids_)[np.arange(len(labels)), labels]  # (B,)
-        self.radii_ = torch.stack([dist[labels == k].max() * self.slack for k in range(len(self.trees_))])
+        members = [torch.as_tensor(labels == k) for k in range(len(self.trees_))]
+        means = [flat[m].sum(0, dtype=torch.float64) / int(m.sum()) for m in members]
+        self.centroids_ = torch.stack(means).float()  # (K, D)
+        dist = _distances(flat, self.centroids_)[np.arange(len(labels)), labels]  # (B,)
+        # float64 like the distances it is compared with: with slack 1 the farthest member stays inside
+        self.radii_ = torch.stack([dist[m].max() * self.slack for m in members])
         return self
 
     def route(self, x, names: list[str] | None = None) -> list[RouteResult]:
         """One :class:`RouteResult` per model (``tree`` None when it belongs to no known tree)."""
-        flat = torch.as_tensor(x, dtype=torch.float32)
-        flat = flat.reshape(flat.shape[0], -1)  # (B, D)
+        check_fitted(self, "centroids_")
+        x = torch.as_tensor(x, dtype=torch.float32, device="cpu")
+        shape = getattr(self, "shape_", None)  # None: a router saved before shapes were recorded
+        if shape is not None and tuple(x.shape) == shape:
+            x = x.unsqueeze(0)  # one model
+        flat = x.reshape(x.shape[0], -1)  # (B, D)
         if flat.shape[1] != self.centroids_.shape[1]:
             raise ConfigError(f"router expects {self.centroids_.shape[1]} weights per model; got {flat.shape[1]}")
+        if shape is not None and tuple(x.shape[1:]) != shape:  # e.g. a transposed layer with as many weights
+            raise ConfigError(f"router expects models of shape {shape}; got {tuple(x.shape[1:])}")
         names = names if names is not None else [f"model #{i}" for i in range(flat.shape[0])]
-        dist = torch.cdist(flat, self.centroids_)  # (B, K)
+        if len(names) != flat.shape[0]:  # zip would silently drop the unnamed models
+            raise ConfigError(f"route got {len(names)} names for {flat.shape[0]} models")
+        dist = _distances(flat, self.centroids_)  # (B, K)
         out = []
         for name, row in zip(names, dist):
             k = int(row.argmin())
@@ -104,9 +131,12 @@ class TreeRouter:
         return [res.tree for res in results]
 
     def save(self, folder: str | Path) -> Path:
+        check_fitted(self, "centroids_")
         folder = Path(folder)
         atomic_save_tensors(folder / "router.safetensors", {"centroids": self.centroids_, "radii": self.radii_})
-        atomic_write_json(folder / "router.json", {"slack": self.slack, "trees": self.trees_})
+        shape = getattr(self, "shape_", None)  # None: loaded from a file that predates it
+        atomic_write_json(folder / "router.json", {"slack": self.slack, "trees": self.trees_,
+                                                   **({"shape": list(shape)} if shape is not None else {})})
         return folder
 
     @classmethod
@@ -117,6 +147,11 @@ class TreeRouter:
         except (OSError, ValueError) as e:
             raise CheckpointError(folder, f"cannot read the tree router: {e}") from e
         tensors = read_tensors(folder / "router.safetensors")
-        router = cls(meta["slack"])
-        router.trees_, router.centroids_, router.radii_ = meta["trees"], tensors["centroids"], tensors["radii"]
+        try:
+            router = cls(meta["slack"])
+            router.trees_, router.centroids_, router.radii_ = meta["trees"], tensors["centroids"], tensors["radii"]
+        except KeyError as e:
+            raise CheckpointError(folder, f"tree router files lack {e}; train the experts again") from e
+        if "shape" in meta:  # older routers did not record it; they check the weight count only
+            router.shape_ = tuple(meta["shape"])
         return router

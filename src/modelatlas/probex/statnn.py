@@ -17,6 +17,7 @@ import torch
 
 from modelatlas.atomic import atomic_write, atomic_write_json
 from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.probex.fitted import check_fitted
 
 FORMAT = "modelatlas-statnn/1"
 # the one type a fitted model holds beyond skops' default-trusted scikit-learn/numpy types
@@ -36,11 +37,12 @@ def layer_statistics(layers: Mapping[str, torch.Tensor]) -> np.ndarray:
         centred = flat - mean
         var = centred.pow(2).mean(1, keepdim=True)
         std = var.sqrt().clamp_min(1e-12)
-        q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64), dim=1).T  # (B, 5)
+        q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64, device=flat.device),
+                           dim=1).T  # (B, 5)
         skew = (centred / std).pow(3).mean(1, keepdim=True)
         kurt = (centred / std).pow(4).mean(1, keepdim=True)
         feats.append(torch.cat([mean, var, q, skew, kurt], 1))  # (B, 9)
-    return torch.cat(feats, 1).numpy()
+    return torch.cat(feats, 1).cpu().numpy()
 
 
 class StatNNClassifier:
@@ -65,14 +67,17 @@ class StatNNClassifier:
 
     def predict_proba(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
         """(B, d_Y) probability of each label."""
+        check_fitted(self, "model_")
         probs = self.model_.predict_proba(layer_statistics(layers))
-        return np.stack([p[:, -1] if p.shape[1] > 1 else np.zeros(len(p)) for p in probs], 1)
+        return np.stack([_positive(est, p) for est, p in zip(self.model_.estimators_, probs)], 1)
 
     def predict(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
+        check_fitted(self, "model_")
         return np.asarray(self.model_.predict(layer_statistics(layers))).astype(int)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``statnn.json`` and ``statnn.skops`` into ``folder`` atomically (needs the ``statnn`` extra)."""
+        check_fitted(self, "model_")
         sio = _skops()
         folder = Path(folder)
         atomic_write(folder / "statnn.skops", lambda tmp: sio.dump(self.model_, str(tmp)))
@@ -103,6 +108,15 @@ class StatNNClassifier:
         out.model_ = sio.load(str(model_path), trusted=list(untrusted))
         out.n_features_ = int(meta["n_features"])
         return out
+
+
+def _positive(estimator, proba: np.ndarray) -> np.ndarray:
+    """P(label present) from one label's classifier: its last column, or, for a label that was constant in
+    training, 1 when that class was "present" and 0 when it was "absent" (gradient boosting then still
+    returns two columns, the second ~0, whatever the class was)."""
+    if len(estimator.classes_) > 1:
+        return proba[:, -1]
+    return np.full(len(proba), float(bool(estimator.classes_[0])))
 
 
 def _skops():

@@ -14,6 +14,7 @@ from torch import nn
 
 from modelatlas.errors import ConfigError
 from modelatlas.probex.estimator import WeightExpert
+from modelatlas.probex.fitted import check_fitted
 from modelatlas.probex.train import train_loop
 
 
@@ -41,19 +42,22 @@ class ProbeXTextAligner(WeightExpert):
 
     def fit(self, x, labels, text_embeddings, classes: list[str] | None = None, progress=None,
             checkpoint_dir=None, resume: bool = False) -> ProbeXTextAligner:
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x = self._models(x, "ProbeXTextAligner.fit")
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         text = torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
-        if labels.ndim != 1 or labels.shape[0] != x.shape[0] or int(labels.max()) >= text.shape[0]:
-            raise ConfigError(f"labels must be (B,) indices into {text.shape[0]} text embeddings; "
-                              f"got shape {tuple(labels.shape)}, max {int(labels.max())}")
+        if labels.ndim != 1 or labels.shape[0] != x.shape[0] or text.ndim != 2 or not (
+                labels.numel() and 0 <= int(labels.min()) and int(labels.max()) < text.shape[0]):
+            raise ConfigError(f"labels must be (B,) indices into {text.shape[0]} text embeddings (C, d_text), "
+                              f"from 0 to {text.shape[0] - 1}, with B={x.shape[0]}; got labels {tuple(labels.shape)} "
+                              f"(range {_range(labels)}) and text embeddings {tuple(text.shape)}")
+        if classes is not None and len(classes) != text.shape[0]:  # saved with the expert, one per prompt
+            raise ConfigError(f"classes names {len(classes)} prompts but there are {text.shape[0]} text embeddings")
         train, val = self._split(x.shape[0])
         self._fit_normaliser(x[train])
         xn = self._normalise(x)
         self.text_ = text
         self.classes_ = list(classes) if classes is not None else [str(i) for i in range(text.shape[0])]
-        encoder = self._build(x.shape[1], x.shape[2], 0)
-        self.module_ = _Aligner(encoder, text.shape[1], self.config.rank_t)
+        self.module_ = self._build(x.shape[1], x.shape[2], 0)
 
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self._logits(xb, text), yb)
@@ -66,6 +70,10 @@ class ProbeXTextAligner(WeightExpert):
                                    progress, checkpoint_dir, resume)
         return self
 
+    def _network(self, d_h: int, d_w: int, d_y: int) -> nn.Module:
+        # Built inside _build's seeded RNG, G included, so the same seed gives the same start.
+        return _Aligner(super()._network(d_h, d_w, d_y), self.text_.shape[1], self.config.rank_t)
+
     def _logits(self, xn: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         e = F.normalize(self.module_.embed(xn), dim=1)  # (B, r_T)
         t = F.normalize(self.module_.text_map(text), dim=1)  # (C, r_T)
@@ -74,11 +82,13 @@ class ProbeXTextAligner(WeightExpert):
     def embed_models(self, x) -> np.ndarray:
         """Unit-norm embeddings of models in the shared space, shape (B, r_T): what an index stores so that
         later queries need no weights (:meth:`scores_from_embeddings`)."""
+        check_fitted(self, "module_")
         with torch.no_grad():
             return F.normalize(self.module_.embed(self._normalise(x)), dim=1).numpy()
 
     def scores_from_embeddings(self, embeddings, query_embedding, reference=None) -> np.ndarray:
         """:meth:`search_scores` for models already embedded by :meth:`embed_models`, shape (B,)."""
+        check_fitted(self, "module_")
         e = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)  # (B, r_T)
         query = torch.as_tensor(np.asarray(query_embedding), dtype=torch.float32).reshape(1, -1)  # (1, d_text)
         text = query if reference is None else torch.cat([query, torch.as_tensor(np.asarray(reference),
@@ -91,6 +101,7 @@ class ProbeXTextAligner(WeightExpert):
 
     def similarity(self, x, text_embeddings=None) -> np.ndarray:
         """Cosine between every model and every prompt, shape (B, C); default prompts: the seen classes."""
+        check_fitted(self, "module_")
         text = self.text_ if text_embeddings is None else torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
         if text.ndim == 1:
             text = text.unsqueeze(0)  # one query: (1, d_text)
@@ -127,7 +138,12 @@ class ProbeXTextAligner(WeightExpert):
 
     def _restore(self, meta: dict, tensors: dict) -> None:
         self.classes_ = list(meta["classes"])
-        encoder = self._build(*meta["shape"], 0)
-        self.module_ = _Aligner(encoder, int(meta["d_text"]), self.config.rank_t)
-        self.module_.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")})
         self.text_ = tensors["text"]
+        if self.text_.ndim != 2 or self.text_.shape[1] != int(meta["d_text"]):
+            raise ValueError(f"text embeddings {tuple(self.text_.shape)} do not have d_text={meta['d_text']}")
+        self.module_ = self._build(*meta["shape"], 0)
+        self.module_.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")})
+
+
+def _range(labels: torch.Tensor) -> str:
+    return f"{int(labels.min())}..{int(labels.max())}" if labels.numel() else "empty"

@@ -1,0 +1,159 @@
+"""Edge cases of the estimator contract, the router and StatNN (each one a bug that was fixed)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.probex import (
+    NotFittedError,
+    ProbeXClassifier,
+    ProbeXConfig,
+    ProbeXTextAligner,
+    StatNNClassifier,
+    TreeRouter,
+    load_expert,
+    load_layers,
+)
+
+
+def make_tiny(n=12, shape=(4, 3), labels=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = (torch.rand(n, labels, generator=g) < 0.5).int().numpy()
+    return x, y
+
+
+def make_config(**kw):
+    return ProbeXConfig(**{"rank_u": 2, "rank_v": 2, "rank_t": 3, "epochs": 2, "batch_size": 4, **kw})
+
+
+def make_tight_tree(n=40, size=64, spread=1e-4, seed=0):
+    """Fine-tunes very close to a root of O(1) weights: where float32 ||a||^2 + ||b||^2 - 2ab cancels."""
+    g = torch.Generator().manual_seed(seed)
+    root = torch.randn(size, size, generator=g)
+    return root + spread * torch.randn(n, size, size, generator=g)
+
+
+def check_not_fitted(call):
+    with pytest.raises(NotFittedError, match="not fitted yet.*call fit"):
+        call()
+
+
+def test_large_val_fraction_keeps_a_training_model():
+    x, y = make_tiny(n=3)
+    est = ProbeXClassifier(make_config(val_fraction=0.9)).fit(x, y)  # round(2.7) = 3 would leave none
+    assert np.isfinite(est.history_["loss"]).all()
+
+
+def test_methods_before_fit_say_so():
+    x, _ = make_tiny()
+    check_not_fitted(lambda: ProbeXClassifier().predict(x))
+    check_not_fitted(lambda: ProbeXClassifier().save("unused"))
+    check_not_fitted(lambda: ProbeXTextAligner().similarity(x))
+    check_not_fitted(lambda: TreeRouter().route(x))
+    check_not_fitted(lambda: StatNNClassifier().predict({"w": x}))
+    assert not hasattr(ProbeXClassifier(), "n_parameters_")  # still an AttributeError for hasattr
+
+
+def test_class_names_must_match_the_labels():
+    x, y = make_tiny()
+    with pytest.raises(ConfigError, match="classes names 3 classes but labels have d_Y=2"):
+        ProbeXClassifier(make_config()).fit(x, y, classes=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="classes names 1 prompts but there are 2 text embeddings"):
+        ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 2, torch.randn(2, 5), classes=["a"])
+    with pytest.raises(ConfigError, match=r"range -1\.\.1"):
+        ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 2 - 1 * (np.arange(12) == 0), torch.randn(2, 5))
+
+
+def test_one_training_model_does_not_blow_up_inputs():
+    x, y = make_tiny()
+    est = ProbeXClassifier(make_config(val_fraction=0.0)).fit(x[:1], y[:1])
+    assert est.scale_ == 1.0  # no spread to measure: a scale of 1e-12 made every later input 1e12 times larger
+    proba = est.predict_proba(x[1:])
+    assert ((proba > 0) & (proba < 1)).all()
+
+
+def test_conv_kernels_are_read_as_matrices():
+    g = torch.Generator().manual_seed(0)
+    kernels = torch.randn(10, 4, 2, 3, 3, generator=g)  # (B, out, in, k, k)
+    y = (torch.rand(10, 2, generator=g) < 0.5).int().numpy()
+    est = ProbeXClassifier(make_config()).fit(kernels, y)
+    assert est.shape_ == (4, 18)
+    assert np.array_equal(est.predict_proba(kernels), est.predict_proba(kernels.reshape(10, 4, 18)))
+    with pytest.raises(ConfigError, match=r"one weight matrix per model, shape \(B, d_H, d_W\); got shape \(10, 4\)"):
+        ProbeXClassifier(make_config()).fit(torch.randn(10, 4), y)
+
+
+def test_fit_and_load_leave_the_global_rng_alone(tmp_path):
+    x, _ = make_tiny()
+    text = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    est = ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 3, text)
+    load_expert(est.save(tmp_path / "e"))
+    assert torch.equal(torch.rand(3), expected)
+    again = ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 3, text)
+    assert np.array_equal(again.similarity(x), est.similarity(x))  # same seed, same result (G included)
+
+
+def test_load_with_mismatched_files_names_the_folder(tmp_path):
+    x, y = make_tiny()
+    ProbeXClassifier(make_config()).fit(x, y).save(tmp_path / "e")
+    meta_path = tmp_path / "e" / "expert.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "classes": ["a", "b", "c"]}))
+    with pytest.raises(CheckpointError, match=r"e: expert\.json and expert\.safetensors do not match \(RuntimeError"):
+        load_expert(tmp_path / "e")
+
+
+def test_router_refuses_mismatched_ids_names_and_shapes(tmp_path):
+    x = torch.randn(4, 2, 3)
+    with pytest.raises(ConfigError, match="one tree id per model.*trees has 2 entries"):
+        TreeRouter().fit(x, ["a", "b"])  # reshape(2, -1) used to regroup 4 models into 2
+    router = TreeRouter().fit(x, ["a", "a", "b", "b"])
+    with pytest.raises(ConfigError, match="route got 1 names for 3 models"):
+        router.route(x[:3], ["only"])
+    again = TreeRouter.load(router.save(tmp_path))
+    with pytest.raises(ConfigError, match=r"router expects models of shape \(2, 3\); got \(3, 2\)"):
+        again.route(x.transpose(1, 2))  # as many weights, another layer
+    assert [r.tree for r in again.route(x[0])] == ["a"]  # one model, without its batch axis
+
+
+def test_router_radius_is_exact_for_tight_trees():
+    x = make_tight_tree()
+    router = TreeRouter().fit(x, ["t"] * len(x))
+    centroid = x.double().mean(0)
+    true_max = float((x.double() - centroid).flatten(1).norm(dim=1).max())
+    assert float(router.radii_[0]) == pytest.approx(1.5 * true_max, rel=1e-3)
+    direction = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(1)).double()
+    stranger = centroid + 3 * true_max * direction / direction.norm()  # twice the radius away
+    assert not router.route(stranger[None])[0].known
+    assert all(r.known for r in router.route(x))
+
+
+def test_statnn_label_constant_in_training():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, 3, generator=g)
+    y = np.stack([np.ones(20), np.arange(20) % 2], 1).astype(int)  # label 0 was in every training set
+    est = StatNNClassifier(max_iter=5).fit({"w": x}, y)
+    assert np.array_equal(est.predict_proba({"w": x})[:, 0], np.ones(20))
+    assert np.array_equal(est.predict({"w": x})[:, 0], np.ones(20))
+
+
+@pytest.mark.parametrize("field,value", [("weight_decay", float("nan")), ("lr", "0.1"), ("lr", float("inf")),
+                                         ("relu", "false"), ("center", 1), ("seed", 1.5)])
+def test_config_refuses_wrong_types_and_non_finite(field, value):
+    with pytest.raises(ConfigError, match=f"ProbeXConfig.{field} must be"):
+        ProbeXConfig(**{field: value})
+
+
+def test_load_layers_names_the_model_with_another_shape(tmp_path):
+    save_file({"w": torch.zeros(3, 4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.zeros(4, 3)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: layer 'w' has shape \(4, 3\)"):
+        load_layers([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], ["w"])
