@@ -9,7 +9,7 @@ from modelatlas.distill import distill
 from modelatlas.distill.loop import OuterLoop, flatten_state, unflatten_state
 from modelatlas.distill.result import load_result, write_result
 from modelatlas.distill.synthetic import SyntheticSet
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, ConfigError
 
 
 def make_problem():
@@ -73,6 +73,10 @@ def test_method_resume_equals_straight_run(tmp_path):
     distill("dm", tr, 1, {**cfg, "iterations": 2}, seed=3, checkpoint_dir=tmp_path)  # "killed" after 2
     resumed = distill("dm", tr, 1, cfg, seed=3, checkpoint_dir=tmp_path, resume=True)
     assert torch.equal(straight.images, resumed.images)
+    saved = (tmp_path / "checkpoint.json").read_text()
+    with pytest.raises(ConfigError, match="checkpoint.json exists: pass resume=True"):  # never overwritten
+        distill("dm", tr, 1, cfg, seed=3, checkpoint_dir=tmp_path)
+    assert (tmp_path / "checkpoint.json").read_text() == saved
 
 
 def test_result_folder_roundtrip(tmp_path):

@@ -36,6 +36,10 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)
     if resume and ctx.checkpoint_dir is None:
         raise ConfigError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoint)")
+    if not resume and ctx.checkpoint_dir is not None and (ctx.checkpoint_dir / "checkpoint.json").is_file():
+        # a fresh run would overwrite that run's progress at its first checkpoint
+        raise ConfigError(f"{ctx.checkpoint_dir / 'checkpoint.json'} exists: pass resume=True to continue that "
+                          "run, or choose another checkpoint_dir")
     syn = spec.run(train, ipc, cfg, ctx)
     syn.meta.update({"method": method, "seed": seed})
     return syn, ctx.losses, cfg
