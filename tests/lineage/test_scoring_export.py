@@ -1,5 +1,6 @@
 import pytest
 
+from modelatlas.errors import AtlasError
 from modelatlas.lineage.export import to_dot, to_mermaid, to_text
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.scoring import (
@@ -73,6 +74,13 @@ def test_forest_json_roundtrip(tmp_path):
     g = Forest.load(tmp_path / "f.json")
     assert g.nodes == f.nodes and [(e.parent, e.child) for e in g.edges] == [(e.parent, e.child) for e in f.edges]
     assert g.roots() == ["b", "x"]
+
+
+def test_forest_json_with_an_edge_to_no_node_names_file_and_edge(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text('{"nodes": ["a", "b"], "edges": [{"parent": "a", "child": "b"}, {"parent": "a", "child": "zz"}]}')
+    with pytest.raises(AtlasError, match=r"f\.json: not a lineage forest: edges\[1\] names 'zz', which is not in"):
+        Forest.load(path)
 
 
 # a -> b -> {d -> g, e}, a -> c -> f; x -> y (two trees) for the error kinds

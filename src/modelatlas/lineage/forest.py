@@ -89,14 +89,27 @@ class Forest:
         try:
             edges = [Edge(e["parent"], e["child"], float(e.get("score", float("nan"))),
                           float(e.get("distance", float("nan"))), str(e.get("kind", "trained"))) for e in data["edges"]]
-            return cls(list(data["nodes"]), edges, dict(data.get("decisions", {})), list(data.get("trees", [])),
-                       dict(data.get("kurtosis", {})), dict(data.get("skipped", {})))
+            nodes = list(data["nodes"])
         except (KeyError, TypeError, ValueError) as e:
             raise AtlasError(f"not a lineage forest (needs 'nodes' and 'edges' with 'parent'/'child'): {e}") from e
+        known = set(nodes)
+        for i, e in enumerate(edges):  # children() and roots() index by node: a stray name fails far from here
+            if e.parent not in known or e.child not in known:
+                stray = e.parent if e.parent not in known else e.child
+                raise AtlasError(f"not a lineage forest: edges[{i}] names {stray!r}, which is not in 'nodes'")
+        try:
+            return cls(nodes, edges, dict(data.get("decisions", {})), list(data.get("trees", [])),
+                       dict(data.get("kurtosis", {})), dict(data.get("skipped", {})))
+        except (TypeError, ValueError) as e:
+            raise AtlasError(f"not a lineage forest: {e}") from e
 
     @classmethod
     def load(cls, path: str | Path) -> Forest:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise AtlasError(f"{path}: cannot read forest JSON ({e})") from e
+        try:
+            return cls.from_dict(data)
+        except AtlasError as e:
+            raise AtlasError(f"{path}: {e}") from e
