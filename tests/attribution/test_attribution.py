@@ -58,6 +58,15 @@ def test_float64_images_and_int32_labels_give_the_float32_result(planted):
     assert torch.equal(loo, loo_attribution(x, y, xt, yt, 2, ref.assign, cfg)[0])
 
 
+def test_labels_outside_num_classes_are_named(planted):
+    x, y, xt, yt = planted
+    cfg = DDMConfig(clusters_per_class=2, train_steps=5, checkpoints=1, match_steps=1)
+    with pytest.raises(ConfigError, match=r"y holds labels from 0 to 1, outside 0..0 for num_classes=1"):
+        ddm_attribution(x, y, xt, yt, 1, cfg)
+    with pytest.raises(ConfigError, match=r"y_test holds labels from -1 to 1"):
+        ddm_attribution(x, y, xt, torch.where(yt == 0, -1, yt), 2, cfg)
+
+
 @pytest.mark.parametrize("unlearn", ["newton", "ascent"])
 def test_unlearning_raises_loss_of_the_clusters_own_test_points(planted, unlearn):
     x, y, xt, yt = planted

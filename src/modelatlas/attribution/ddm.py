@@ -190,7 +190,7 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
                     progress: Progress | None = None) -> Attribution:
     """Steps (1)-(5): the cluster x test-sample attribution matrix of the target model trained on (x, y)."""
     cfg = config or DDMConfig()
-    x, y, x_test, y_test = _as_inputs(x, y, x_test, y_test)
+    x, y, x_test, y_test = _as_inputs(x, y, x_test, y_test, num_classes)
     t0 = time.perf_counter()
     assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
     k_total = len(cluster_class)
@@ -212,7 +212,12 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
                        timings, off["hist"])
 
 
-def _as_inputs(x, y, x_test, y_test):
+def _as_inputs(x, y, x_test, y_test, num_classes: int):
     """Images as float32 and labels as int64, the target model's dtypes: data from NumPy arrives as float64
-    (a "Double and Float" error deep in training) and labels may be int32 (cross-entropy needs int64)."""
+    (a "Double and Float" error deep in training) and labels may be int32 (cross-entropy needs int64).
+    Labels outside [0, num_classes) are refused here, not as torch's "Target 2 is out of bounds"."""
+    for name, lab in (("y", y), ("y_test", y_test)):
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+            raise ConfigError(f"{name} holds labels from {int(lab.min())} to {int(lab.max())}, outside "
+                              f"0..{num_classes - 1} for num_classes={num_classes}")
     return x.float(), y.long(), x_test.float(), y_test.long()
