@@ -52,3 +52,11 @@ def test_unknown_expert_format(tmp_path):
     save_file({"mean": torch.zeros(1)}, str(tmp_path / "expert.safetensors"))
     with pytest.raises(CheckpointError, match="unknown expert format 'other'"):
         load_expert(tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, 11])
+def test_class_subset_zoo_subset_size_is_named(tmp_path, size):
+    from modelatlas.probex.families import make_class_subset_zoo
+    with pytest.raises(ConfigError, match=f"subset_size must be 1..10 .digits has 10 classes., got {size}"):
+        make_class_subset_zoo(tmp_path, children=(2,), subset_size=size)
+    assert not any(tmp_path.iterdir())  # refused before anything is written

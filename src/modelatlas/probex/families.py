@@ -150,6 +150,8 @@ def make_class_subset_zoo(folder: str | Path, children: tuple[int, ...] = (1000,
     ``children[k]`` children. ``intermediates > 0`` first fine-tunes that many all-class models from the root
     (150-300 steps, lr 1e-3-3e-3: the nuisance of a deeper tree) and hangs the children below them in turn.
     Cached: an existing manifest with the same config is returned as is."""
+    if not 1 <= subset_size <= 10:  # digits has 10 classes; numpy's own error would not name the argument
+        raise ConfigError(f"subset_size must be 1..10 (digits has 10 classes), got {subset_size}")
     folder = Path(folder)
     config = {"family": "class_subset_star", "children": list(children), "hidden": hidden, "subset_size": subset_size,
               "ft_steps": list(ft_steps), "ft_lr": list(ft_lr), "batch_models": batch_models, "seed": seed}
