@@ -77,6 +77,8 @@ def test_method_resume_equals_straight_run(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.json exists: pass resume=True"):  # never overwritten
         distill("dm", tr, 1, cfg, seed=3, checkpoint_dir=tmp_path)
     assert (tmp_path / "checkpoint.json").read_text() == saved
+    with pytest.raises(CheckpointError, match="state 'synthetic' does not fit this run .*other settings .ipc"):
+        distill("dm", tr, 2, cfg, seed=3, checkpoint_dir=tmp_path, resume=True)  # 2 images per class, not 1
 
 
 def test_result_folder_roundtrip(tmp_path):

@@ -156,6 +156,12 @@ class OuterLoop:
         for name, s in states.items():
             if name not in meta["states"]:
                 raise CheckpointError(meta_path, f"has no state {name!r}; it was written by another method")
-            s.load_state_dict(unflatten_state(meta["states"][name], tensors))
+            try:
+                s.load_state_dict(unflatten_state(meta["states"][name], tensors))
+            except (RuntimeError, ValueError, KeyError, IndexError) as e:  # e.g. images of another --ipc
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(meta_path, f"state {name!r} does not fit this run ({why}); it was written "
+                                                 "with other settings (ipc, config): resume with those, or use a "
+                                                 "new output folder") from e
         self.start = int(meta["iteration"])
         self.losses = list(meta["losses"])
