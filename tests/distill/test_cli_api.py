@@ -67,6 +67,21 @@ def test_interrupted_run_resumes_and_loses_nothing(tmp_path, capsys, monkeypatch
         json.loads((tmp_path / "straight" / "result.json").read_text())["losses"]
 
 
+def test_resume_with_other_settings_is_refused_naming_the_setting(tmp_path):
+    from modelatlas.errors import ConfigError
+
+    kw = dict(seed=1, eval_nets=1, eval_epochs=1, baseline=False)
+    cfg = {"iterations": 2, "checkpoint_every": 1, "width": 8, "batch_real": 16}
+    run_distillation("dm", "digits", 1, tmp_path / "r", config=cfg, **kw)
+    # a width change leaves the checkpoint's tensors loadable: only the recorded run can tell
+    with pytest.raises(ConfigError, match=r"run.json: the checkpointed run has config.width=8, this one 16"):
+        run_distillation("dm", "digits", 1, tmp_path / "r", config={**cfg, "width": 16}, resume=True, **kw)
+    with pytest.raises(ConfigError, match=r"has transform=None, this one 'standardize'"):
+        run_distillation("dm", "digits", 1, tmp_path / "r", config=cfg, transform="standardize", resume=True, **kw)
+    info = run_distillation("dm", "digits", 1, tmp_path / "r", config={**cfg, "iterations": 3}, resume=True, **kw)
+    assert info["resumed"] and info["config"]["iterations"] == 3  # extending a run is allowed
+
+
 @pytest.mark.parametrize("transform", ["standardize", "zca"])
 def test_saved_transform_is_reapplied_on_eval(tmp_path, transform):
     from modelatlas.distill import evaluate_result

@@ -4,11 +4,13 @@ evaluate against the random-subset baseline, write the result folder), :func:`ev
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from modelatlas.atomic import atomic_write_json
 from modelatlas.data import load_dataset
 from modelatlas.data import transforms as T
 from modelatlas.data.registry import ArrayDataset
@@ -103,6 +105,10 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     tf = T.make_transform(transform).fit(train.x)
     train_t, test_t = _apply(tf, train), _apply(tf, test)
     init = None if init_from is None else _init_set(init_from, train.name, tf)
+    _check_run(Path(out) / "checkpoint" / RUN_JSON, resume, {
+        "method": method, "dataset": train.name, "ipc": ipc, "transform": transform,
+        "dataset_kwargs": dataset_kwargs or {}, "init_from": None if init_from is None else str(init_from),
+        "config": methods.get(method).make_config(config).to_dict()})
     start = time.perf_counter()
     syn, losses, cfg = _run(method, train_t, ipc, config, seed, progress, Path(out) / "checkpoint", resume, device,
                             init)
@@ -117,6 +123,30 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
     write_result(out, syn, tf, info, losses)
     return info
+
+
+RUN_JSON = "run.json"
+_MAY_CHANGE = ("iterations", "checkpoint_every")  # a resumed run may be extended, or checkpoint more often
+
+
+def _check_run(path: Path, resume: bool, run: dict) -> None:
+    """On resume, refuse a checkpoint written by another run (another dataset of the same shape would load
+    without complaint); otherwise record this run beside its checkpoints. Checkpoints without the file (older
+    versions) are resumed unchecked."""
+    if not (resume and path.is_file()):
+        atomic_write_json(path, run)
+        return
+    saved, now = _identity(json.loads(path.read_text())), _identity(json.loads(json.dumps(run)))
+    for k in sorted(set(saved) | set(now)):
+        if saved.get(k) != now.get(k):
+            raise ConfigError(f"{path}: the checkpointed run has {k}={saved.get(k)!r}, this one {now.get(k)!r}; "
+                              "resume with the same settings or use a new --out")
+
+
+def _identity(run: dict) -> dict:
+    """A run's settings as flat keys (``config.lr_img``), less those a resumed run may change."""
+    config = {f"config.{k}": v for k, v in run.get("config", {}).items() if k not in _MAY_CHANGE}
+    return {**{k: v for k, v in run.items() if k != "config"}, **config}
 
 
 def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
