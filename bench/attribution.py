@@ -102,7 +102,9 @@ def run_k(args, data, kpc: int) -> list[dict]:
             if args.truth_check:
                 head.update(truth_check(data, attr.assign, cfg, args.seed, true))
         t = attr.timings
-        rows.append({**head, "unlearn": cfg.unlearn, "damping": cfg.damping if cfg.unlearn == "newton" else None,
+        # the damping that ran: DDM doubles the requested one until H + d I is positive definite
+        rows.append({**head, "unlearn": cfg.unlearn, "damping": t.get("damping_used"),
+                     "damping_requested": cfg.damping if cfg.unlearn == "newton" else None,
                      "match_steps": cfg.match_steps, "samples_per_cluster": cfg.samples_per_cluster,
                      **score(attr.matrix, true, attr.cluster_class, yq), "ddm_timings": t,
                      "speedup_total": round(loo_s / t["total_after_clustering_s"], 1),
@@ -117,7 +119,9 @@ def main() -> None:
     ap.add_argument("--split", choices=["val", "test"], default="val")
     ap.add_argument("--clusters-per-class", type=int, nargs="+", default=[5])
     ap.add_argument("--unlearn", nargs="+", default=["newton", "ascent"])
-    ap.add_argument("--damping", type=float, nargs="+", default=[0.03])
+    ap.add_argument("--damping", type=float, nargs="+", default=[0.03],
+                    help="Newton damping d (doubled until H + d I is positive definite; rows: 'damping' ran, "
+                         "'damping_requested' asked)")
     ap.add_argument("--match-steps", type=int, nargs="+", default=[30])
     ap.add_argument("--lr", type=float, default=0.2, help="target GD learning rate")
     ap.add_argument("--train-steps", type=int, default=100, help="target GD steps")

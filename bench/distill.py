@@ -55,7 +55,9 @@ def _iterations(method: str, cfg: dict) -> int | None:
 
 def _chosen(native: EvalProtocol, args) -> list[EvalProtocol]:
     """``--protocols``: the method's own protocol ("native") and/or the SGD or Adam protocol with DSA."""
-    return [native if k == "native" else replace(native, kind=k, dsa=True) for k in args.protocols]
+    # another kind takes its own default lr (SGD 0.01), not the native one (RaT-BPTT/PoDD's Adam inner_lr)
+    return [native if k == "native" else replace(native, kind=k, dsa=True, lr=native.lr if k == native.kind else None)
+            for k in args.protocols]
 
 
 def _run_protocols(method: str, proto: EvalProtocol, args, cfg: dict, in_shape) -> list[EvalProtocol]:
@@ -70,8 +72,10 @@ def _baseline_protocols(proto: EvalProtocol, args, cfg: dict, in_shape) -> list[
     of ``--eval-saved``) use."""
     extra = json.loads(args.config) if args.config else {}
     others = [m for m in args.methods if m != "random"] + [s.meta["method"] for s in args.saved_sets]
-    flags = sorted({default_protocol(m, _known(m, extra), in_shape).dsa for m in others})
-    return [EvalProtocol(**{**proto.__dict__, "dsa": f}) for f in flags] or [proto]
+    # (kind, DSA, lr) of each: RaT-BPTT/PoDD are scored under Adam at their inner lr
+    used = {(p.kind, p.dsa, p.lr) for p in (default_protocol(m, _known(m, extra), in_shape) for m in others)}
+    return [replace(proto, kind=k, dsa=d, lr=lr) for k, d, lr in sorted(used, key=lambda u: (u[0], u[1], u[2] or 0))
+            ] or [proto]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -87,8 +91,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             cfg = _known(method, extra)
             if args.iterations is not None and _iterations(method, {}):
                 cfg["iterations"] = args.iterations  # every iterative method, not only those in ITERATIONS
-            elif method in iters:
-                cfg["iterations"] = iters[method][ipc]
+            elif method in iters:  # an IPC without an entry takes the nearest one's (the row records it)
+                cfg["iterations"] = iters[method][min(iters[method], key=lambda k: (abs(k - ipc), k))]
             start = time.perf_counter()
             syn = distill(method, tr, ipc, cfg, seed=args.seed, init=init)
             wall = time.perf_counter() - start

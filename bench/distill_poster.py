@@ -57,7 +57,10 @@ def _row(name, ipc, ev, wall, iterations, extra=None) -> dict:
 def protocols(method: str, cfg: dict, tr, args) -> list:
     """The evaluation protocols of one run: the method's own, or each of ``--protocols`` (with DSA)."""
     native = default_protocol(method, cfg, tr.input_shape, args.eval_nets, args.eval_epochs)
-    return [native if k == "native" else replace(native, kind=k, dsa=True) for k in args.protocols]
+    # another kind takes its own default lr (SGD 0.01; Adam the set's learned lr or 1e-3), not the native
+    # protocol's (RaT-BPTT/PoDD's Adam inner_lr 1e-3 would otherwise become SGD's lr)
+    return [native if k == "native" else replace(native, kind=k, dsa=True, lr=native.lr if k == native.kind else None)
+            for k in args.protocols]
 
 
 def random_baseline(tr, te, ipc: int, proto, args) -> EvalResult:
@@ -71,7 +74,7 @@ def random_baseline(tr, te, ipc: int, proto, args) -> EvalResult:
 
 def one_run(entry: str, tr, te, args, baselines: dict):
     method, ipc, iters = parse_entry(entry)
-    cfg = dict(json.loads(args.config)) if args.config and method in ("podd", "ratbptt") else {}
+    cfg = dict(json.loads(args.config)) if args.config else {}  # every run (a field its method lacks: an error)
     default_iters = ITERATIONS.get(args.dataset, ITERATIONS["fashion-mnist"]).get(method, 200)
     cfg["iterations"] = iters or args.iterations or default_iters
     int_ipc = max(1, math.ceil(ipc))
@@ -90,7 +93,7 @@ def one_run(entry: str, tr, te, args, baselines: dict):
     for proto in protocols(method, cfg, tr, args):  # rows are yielded as soon as each is scored
         ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
         yield _row(method, ipc, ev, wall, cfg["iterations"], extra)
-        key = (proto.kind, proto.dsa, proto.epochs, int_ipc)
+        key = (proto.resolved().to_dict()["description"], int_ipc)  # the whole protocol (lr, net, epochs, ...)
         if key not in baselines and args.baseline_draws > 0:
             baselines[key] = _row("random", int_ipc, random_baseline(tr, te, int_ipc, proto, args), None, None)
             yield baselines[key]

@@ -69,7 +69,9 @@ def part_distill(args) -> list[dict]:
     for m in args.methods:
         cmd = [sys.executable, __file__, "--single", m, "--dataset", args.dataset, "--ipc", str(args.ipc),
                "--eval-nets", str(args.eval_nets), "--eval-epochs", str(args.eval_epochs), "--seed", str(args.seed)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        cmd += ["--config", args.config] if args.config else []
+        # stderr passes through: a failing method shows its error, not only a non-zero exit status
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(out, flush=True)
     return rows
@@ -184,10 +186,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["distill", "memory", "hello", "budget"], default="distill")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--config", default=None, help="JSON of Teddy config fields (--part budget)")
+    ap.add_argument("--config", default=None, help="JSON of config fields: Teddy's (--part budget); merged into "
+                    "every method's bench config (--part distill, --single)")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--ipc", type=int, default=10)
-    ap.add_argument("--methods", nargs="+", default=["teddy", "ratbptt", "dc"])
+    ap.add_argument("--methods", nargs="+", default=["teddy", "ratbptt", "dc"], choices=list(CONFIGS))
     ap.add_argument("--eval-nets", type=int, default=3)
     ap.add_argument("--eval-epochs", type=int, default=300)
     ap.add_argument("--hello-iterations", type=int, default=100)

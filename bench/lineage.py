@@ -276,11 +276,11 @@ TIMING_HEADER = ("| zoo | models | MB | open + lazy read s (warm) | read s, warm
 
 def row(key: str, r: dict) -> str:
     o, p = r["ours"], r["paper"]
-    sw = "-" if r["score_wrong"] is None else f"{r['score_wrong']:.2f}"
+    sr, sw = ("-" if r[k] is None else f"{r[k]:.2f}" for k in ("score_right", "score_wrong"))  # None: no such edge
     return (f"| {key} | {r['models']} | **{o['directed_accuracy']:.1%}** / {o['undirected_accuracy']:.1%} / "
             f"{o['ari']:.2f} | {p['directed_accuracy']:.1%} / {p['undirected_accuracy']:.1%} / {p['ari']:.2f} | "
             f"{r['k_found']}/{r['k_true']} | {r['stage']} ({r['stage_conf']:.2f}; right: {r['right_stage']}) | "
-            f"{r['distance']} | {r['score_right']:.2f} / {sw} | {r['t_read']:.2f} | {r['t_ours']:.2f} | "
+            f"{r['distance']} | {sr} / {sw} | {r['t_read']:.2f} | {r['t_ours']:.2f} | "
             f"{r['t_ours'] / max(r['t_read'], 1e-9):.1f}x | {_kinds(o)} | {_same(r)} |")
 
 

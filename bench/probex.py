@@ -58,6 +58,16 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def warm_up() -> None:
+    """One tiny fit of each Task A estimator, so that one-off costs (torch.optim's first step imports
+    torch._dynamo, StatNN imports scikit-learn: ~2-3 s each) are not charged to the first timed row."""
+    x, y = torch.randn(4, 8, 8), np.array([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=np.float32)
+    cfg = ProbeXConfig(epochs=1, rank_u=2, rank_v=2, rank_t=2)
+    ProbeXClassifier(cfg, "w").fit(x, y)
+    DenseExpert(cfg, "w").fit(x, y)
+    StatNNClassifier().fit({"w": x}, y)
+
+
 def load_task_a(zoo: Path, seed: int):
     return trees_of(make_class_subset_zoo(zoo / "classes_deep", intermediates=20, seed=seed), seed)
 
@@ -321,7 +331,8 @@ def main(argv=None) -> int:
     cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed)
     zoo = Path(args.zoo)
     out = [f"Command: `python bench/probex.py --zoo {args.zoo} --epochs {args.epochs} --rank {args.rank} "
-           f"--seed {args.seed}{f' --external {args.external}' if args.external else ''}"
+           f"--seed {args.seed}{f' --skip {args.skip}' if args.skip else ''}"
+           f"{f' --external {args.external}' if args.external else ''}"
            f"{' --write' if args.write else ''}` (1 thread, {time.strftime('%Y-%m-%d')}).", "",
            "Zoos (modelatlas.probex.families, MLP 64-128-128-128-10 on sklearn digits, cached): Task A: 3 trees "
            "(roots with different seeds; 20 all-class intermediate fine-tunes of 150-300 steps each, then 1,000 / "
@@ -329,6 +340,7 @@ def main(argv=None) -> int:
            "of the 10 classes; 80/20 train/test split per tree. Task B: 1 root, 60 named classes (10 digits x 6 transforms named in "
            "words) x 10 fine-tunes with the class's digit weighted 8x on transformed inputs.", ""]
     t0 = time.perf_counter()
+    warm_up()
     if args.skip != "a":
         trees, sec = timed(lambda: load_task_a(zoo, args.seed))
         n = sum(len(d["y"]) for d in trees.values())
