@@ -114,6 +114,18 @@ def test_cli_attribute_tiny(tmp_path, capsys, monkeypatch):
     assert "--test-index 99 is out of range" in capsys.readouterr().err
 
 
+def test_cli_validation_json_is_strict_with_two_clusters_per_class(tmp_path, capsys):
+    out = tmp_path / "att"
+    assert main(["attribute", "--dataset", "digits", "--clusters-per-class", "2", "--out", str(out), "--max-train",
+                 "200", "--max-test", "20", "--train-steps", "10", "--match-steps", "2", "--validate"]) == 0
+    assert "within class n/a (fewer than 3 clusters per class)" in capsys.readouterr().out
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    info = json.loads((out / "attribution.json").read_text(), parse_constant=refuse)  # no bare NaN
+    assert info["validation"]["within_class"] is None
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="clusters_per_class must be >= 1"):
         DDMConfig(clusters_per_class=0)

@@ -7,6 +7,7 @@ Thin: parse arguments, call :func:`modelatlas.attribution.ddm_attribution` (and
 from __future__ import annotations
 
 import argparse
+import math
 
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import echo, tqdm_progress
@@ -68,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.validate:
         true, loo_s = loo_attribution(xtr, ytr, xte, yte, train.num_classes, attr.assign, cfg, args.seed, tqdm_progress)
         info["validation"] = {**spearman_scores(attr.matrix, true),
-                              "within_class": within_class_spearman(attr.matrix, true, attr.cluster_class, yte),
+                              "within_class": _finite(within_class_spearman(attr.matrix, true, attr.cluster_class, yte)),
                               "loo_wall_s": round(loo_s, 3),
                               "speedup_total": round(loo_s / attr.timings["total_s"], 2),
                               "speedup_online": round(loo_s / max(attr.timings["online_s"], 1e-9), 1)}
@@ -80,6 +81,15 @@ def _run(args: argparse.Namespace) -> int:
     if true is not None:
         v = info["validation"]
         echo(f"vs leave-one-cluster-out retraining ({v['loo_wall_s']:.1f} s): Spearman flattened "
-             f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}, within class {v['within_class']:.3f}; "
+             f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}, within class {_shown(v['within_class'])}; "
              f"speed-up {v['speedup_total']}x total, {v['speedup_online']}x online")
     return 0
+
+
+def _finite(x: float) -> float | None:
+    """None for NaN (within-class Spearman needs >= 3 clusters per class): strict JSON has no NaN."""
+    return x if math.isfinite(x) else None
+
+
+def _shown(x: float | None) -> str:
+    return "n/a (fewer than 3 clusters per class)" if x is None else f"{x:.3f}"

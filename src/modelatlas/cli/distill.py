@@ -46,7 +46,7 @@ def _register_run(dsub) -> None:
     r.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
     r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
     r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation")
-    r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default 300, 1000 with DSA)")
+    r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default: SGD protocol 300, 1000 with DSA; Adam protocol (ratbptt, podd) 300)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
