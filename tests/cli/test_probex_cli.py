@@ -52,6 +52,21 @@ def test_predict_routes_and_rejects_stranger(make_tiny_zoo, make_trained, tmp_pa
     assert "stranger belongs to no known tree: nearest tree" in out and "beyond its radius" in out
 
 
+def test_predict_reports_stray_models_and_goes_on(make_tiny_zoo, make_trained, tmp_path, capsys):
+    child = make_tiny_zoo / "t1-c0003.safetensors"
+    atomic_save_tensors(tmp_path / "odd.safetensors", {"layers.1.weight": torch.randn(16, 8)})  # another width
+    atomic_save_tensors(tmp_path / "nolayer.safetensors", {"other.weight": torch.randn(16, 16)})
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    strays = [str(tmp_path / f"{n}.safetensors") for n in ("odd", "nolayer", "broken")]
+    assert main(["probex", "predict", *strays, str(child), "--experts", str(make_trained)]) == 0
+    out = capsys.readouterr().out
+    assert "t1-c0003 [tree t1]:" in out  # the readable model after them is still predicted
+    assert "odd: not routed (router expects 256 weights per model; got 128); no prediction" in out
+    assert "nolayer: not routed (" in out and "no tensor named 'layers.1.weight'" in out
+    assert "broken: not routed (" in out and "broken.safetensors" in out
+    assert main(["probex", "predict", *strays, "--experts", str(make_trained)]) == 1  # nothing predicted at all
+
+
 def test_predict_errors_are_one_line(tmp_path, capsys, make_tiny_zoo):
     assert main(["probex", "predict", str(make_tiny_zoo / "t0.safetensors"), "--experts", str(tmp_path)]) == 1
     assert "not an experts folder" in capsys.readouterr().err

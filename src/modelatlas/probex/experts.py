@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from modelatlas.atomic import atomic_write_json
-from modelatlas.errors import CheckpointError, ConfigError, ManifestError
+from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
 from modelatlas.probex.layers import candidate_layers, load_layer, load_layers
 from modelatlas.probex.router import RouteResult, TreeRouter
-from modelatlas.progress import Progress
+from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
 
 INDEX_FORMAT = "modelatlas-probex-experts/1"
@@ -168,11 +169,24 @@ class TreeExperts:
         return cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts)
 
     def read(self, paths, progress: Progress | None = None):
-        """(X, route results) for model paths: their ``layer``, and the tree each belongs to."""
-        x = load_layer(paths, self.layer, progress)
+        """(X, route results) for model paths: their ``layer``, and the tree each belongs to. A model that
+        cannot be read, lacks the layer or has it in another shape is routed to no tree, with the reason (its
+        row of X is zeros and never used), so that one stray model does not stop the others. O(B d_H d_W)."""
         from modelatlas.weights import model_name
 
-        return x, self.router.route(x, [model_name(p) for p in paths])
+        paths = list(paths)
+        if not paths:
+            raise ConfigError("no models given")
+        shape = tuple(next(iter(self.experts.values())).mean_.shape)
+        x, routes = torch.zeros(len(paths), *shape), []  # (B, d_H, d_W)
+        for i, p in enumerate(resolve(progress)(paths, total=len(paths), desc=f"read {self.layer}")):
+            try:
+                mat = load_layer([p], self.layer)  # (1, d_H, d_W)
+                routes.append(self.router.route(mat, [model_name(p)])[0])  # refuses another shape
+                x[i] = mat[0]
+            except (AtlasError, OSError) as e:
+                routes.append(RouteResult(model_name(p), None, "", float("nan"), float("nan"), str(e).splitlines()[0]))
+        return x, routes
 
     def predict_proba(self, x, routes: list[RouteResult]) -> list[np.ndarray | None]:
         """Per model, its tree expert's class probabilities (None for a model in no known tree)."""

@@ -32,12 +32,15 @@ class RouteResult:
     nearest: str
     distance: float
     radius: float
+    reason: str | None = None  # why the model could not be routed at all (unreadable, another layer shape)
 
     @property
     def known(self) -> bool:
         return self.tree is not None
 
     def message(self) -> str:
+        if self.reason is not None:
+            return f"{self.name}: not routed ({self.reason})"
         if self.known:
             return f"{self.name}: tree {self.tree} (distance {self.distance:.4g} <= radius {self.radius:.4g})"
         return (f"{self.name} belongs to no known tree: nearest tree {self.nearest!r} is at distance "
