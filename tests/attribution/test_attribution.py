@@ -126,6 +126,21 @@ def test_cli_validation_json_is_strict_with_two_clusters_per_class(tmp_path, cap
     assert info["validation"]["within_class"] is None
 
 
+def test_cli_data_root_reaches_the_loader(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray((rng.random((8, 8)) * 255).astype("uint8")).save(tmp_path / "imgs" / c / f"{i}.png")
+    assert main(["attribute", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"), "--out",
+                 str(tmp_path / "o"), "--clusters-per-class", "2", "--train-steps", "2", "--match-steps", "1",
+                 "--test-index", "0", "--unlearn", "ascent"]) == 0
+    assert "attribution matrix 4 clusters x 3 test samples" in capsys.readouterr().out  # 16 images, 20 % test
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="clusters_per_class must be >= 1"):
         DDMConfig(clusters_per_class=0)

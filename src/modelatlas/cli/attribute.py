@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "cluster by reverse gradient matching, removal by a Newton unlearning step on "
                                    "the distilled set.")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
+    p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: cifar10, image-folder)")
     p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class")
     p.add_argument("--out", required=True, help="output folder (attribution.safetensors/.json/.png)")
     p.add_argument("--test-index", type=int, nargs="+", default=[0, 1, 2], help="test samples to plot")
@@ -49,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     from modelatlas.attribution.report import render_top_clusters, save_attribution, write_plot
     from modelatlas.data import load_dataset
 
-    train, test = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    kw = {"root": args.data_root} if args.data_root else {}
+    train, test = load_dataset(args.dataset, "train", **kw), load_dataset(args.dataset, "test", **kw)
     if len(train.input_shape) != 3:
         raise ConfigError(f"dataset {args.dataset!r} is not an image dataset (shape {train.input_shape})")
     xtr, ytr = train.x[:args.max_train], train.y[:args.max_train]
