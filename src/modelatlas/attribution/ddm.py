@@ -198,6 +198,7 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
         raise ConfigError("clusters_per_class: one class with 1 cluster puts all the training data in one cluster, "
                           "whose removal leaves nothing to train on; use clusters_per_class >= 2")
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
+    _check_hessian_fits(model, cfg)
     t1 = time.perf_counter()
     off = _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed, progress)
     t2 = time.perf_counter()
@@ -210,6 +211,19 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
         timings["damping_used"] = off["damping"]
     return Attribution(matrix, assign, cluster_class, off["xs"].flatten(0, 1), off["soft"].flatten(0, 1), base,
                        timings, off["hist"])
+
+
+MAX_NEWTON_PARAMS = 20_000  # the exact (P, P) float32 Hessian and its Cholesky factor: ~3.2 GB at this P
+
+
+def _check_hessian_fits(model: torch.nn.Module, cfg: DDMConfig) -> None:
+    """Newton's exact Hessian is O(P^2) memory and O(P^3) time: refuse a target too large for it up front,
+    rather than run out of memory after the offline training."""
+    p = sum(t.numel() for t in model.parameters())
+    if cfg.unlearn == "newton" and p > MAX_NEWTON_PARAMS:
+        raise ConfigError(f"unlearn='newton' needs the exact {p:,} x {p:,} Hessian of the target model (more than "
+                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='ascent' (--unlearn ascent), a smaller "
+                          "width, or smaller inputs")
 
 
 def _as_inputs(x, y, x_test, y_test, num_classes: int):
