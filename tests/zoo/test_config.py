@@ -18,6 +18,8 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
     ({"lora_alpha": 0.0}, r"lora_alpha: must be > 0 or None"),  # alpha 0 trained a LoRA child equal to its parent
     ({"lora_alpha": float("nan")}, r"lora_alpha: must be > 0 or None"),
     ({"subset_size": 0}, "subset_size: must be a positive integer or None"),  # 0 was silently read as None
+    ({"root_steps": 5}, r"root_steps: must be a list or tuple, got 5"),  # was a TypeError from tuple(5)
+    ({"batch_size": True}, "batch_size: must be a positive integer, got True"),  # True passed as 1
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -58,8 +58,11 @@ class ZooConfig:
 
     def __post_init__(self) -> None:
         for name in ("input_shape", "lora_ranks", "task_kinds", "transforms", "other_datasets", *_RANGES):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), tuple):
-                setattr(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):  # root_steps=5, not (5, 5)
+                    raise ConfigError(f"{name}: must be a list or tuple, got {value!r}")
+                setattr(self, name, tuple(value))
         _choice("arch", self.arch, ARCHS)
         _choice("shape", self.shape, SHAPES)
         _choice("method", self.method, METHODS)
@@ -68,7 +71,8 @@ class ZooConfig:
             self.depth = 1
         for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
             low = 0 if name == "depth" else 1  # depth 0: roots only
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
                 what = "a non-negative" if low == 0 else "a positive"
                 raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
         for name in _RANGES:
