@@ -120,7 +120,7 @@ class SyntheticSet:
             if self.lr is not None:
                 self.lr.copy_(state["lr"].reshape(()))
         self.classes = state["classes"].to(self.classes.device)
-        self.extras = {k[6:]: v.clone() for k, v in state.items() if k.startswith("extra.")}
+        self.extras = {k[6:]: v.to(self.images.device, copy=True) for k, v in state.items() if k.startswith("extra.")}
 
     def save(self, folder: str | Path) -> Path:
         """Write ``synthetic.safetensors`` and ``synthetic.json`` into ``folder`` (atomically)."""
