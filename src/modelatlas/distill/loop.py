@@ -32,6 +32,7 @@ from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tenso
 from modelatlas.errors import CheckpointError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
+from modelatlas.weights.base import error_line
 
 CHECKPOINT_JSON = "checkpoint.json"
 
@@ -159,8 +160,7 @@ class OuterLoop:
             try:
                 s.load_state_dict(unflatten_state(meta["states"][name], tensors))
             except (RuntimeError, ValueError, KeyError, IndexError) as e:  # e.g. images of another --ipc
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(meta_path, f"state {name!r} does not fit this run ({why}); it was written "
+                raise CheckpointError(meta_path, f"state {name!r} does not fit this run ({error_line(e)}); it was written "
                                                  "with other settings (ipc, config): resume with those, or use a "
                                                  "new output folder") from e
         self.start = int(meta["iteration"])

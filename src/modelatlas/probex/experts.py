@@ -173,6 +173,7 @@ class TreeExperts:
         cannot be read, lacks the layer or has it in another shape is routed to no tree, with the reason (its
         row of X is zeros and never used), so that one stray model does not stop the others. O(B d_H d_W)."""
         from modelatlas.weights import model_name
+        from modelatlas.weights.base import error_line
 
         paths = list(paths)
         if not paths:
@@ -185,7 +186,7 @@ class TreeExperts:
                 routes.append(self.router.route(mat, [model_name(p)])[0])  # refuses another shape
                 x[i] = mat[0]
             except (AtlasError, OSError) as e:
-                routes.append(RouteResult(model_name(p), None, "", float("nan"), float("nan"), str(e).splitlines()[0]))
+                routes.append(RouteResult(model_name(p), None, "", float("nan"), float("nan"), error_line(e)))
         return x, routes
 
     def predict_proba(self, x, routes: list[RouteResult]) -> list[np.ndarray | None]:
