@@ -60,3 +60,15 @@ def test_class_subset_zoo_subset_size_is_named(tmp_path, size):
     with pytest.raises(ConfigError, match=f"subset_size must be 1..10 .digits has 10 classes., got {size}"):
         make_class_subset_zoo(tmp_path, children=(2,), subset_size=size)
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_loading_the_text_encoder_shows_no_bar_and_restores_the_setting(capsys):
+    pytest.importorskip("sentence_transformers")
+    hf_logging = pytest.importorskip("transformers.utils.logging")
+    from modelatlas.probex import text_encoder
+
+    text_encoder._model.cache_clear()  # load it here, whatever other tests did
+    hf_logging.enable_progress_bar()
+    assert text_encoder.encode_texts(["a shirt"]).shape == (1, 384)
+    assert "Loading weights" not in capsys.readouterr().err  # a progress bar in pipes and logs
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
