@@ -82,6 +82,15 @@ def test_resume_with_other_settings_is_refused_naming_the_setting(tmp_path):
     assert info["resumed"] and info["config"]["iterations"] == 3  # extending a run is allowed
 
 
+def test_resume_may_chunk_the_real_batch(tmp_path):
+    kw = dict(seed=1, eval_nets=1, eval_epochs=1, baseline=False)
+    cfg = {"iterations": 1, "checkpoint_every": 1, "width": 8, "batch_real": 16, "total": 4, "window": 2}
+    run_distillation("ratbptt", "digits", 1, tmp_path, config=cfg, **kw)
+    info = run_distillation("ratbptt", "digits", 1, tmp_path, config={**cfg, "iterations": 2, "real_chunk": 4},
+                            resume=True, **kw)  # what a run that ran out of memory resumes with
+    assert info["resumed"] and info["config"]["real_chunk"] == 4
+
+
 @pytest.mark.parametrize("transform", ["standardize", "zca"])
 def test_saved_transform_is_reapplied_on_eval(tmp_path, transform):
     from modelatlas.distill import evaluate_result

@@ -126,7 +126,9 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
 
 
 RUN_JSON = "run.json"
-_MAY_CHANGE = ("iterations", "checkpoint_every")  # a resumed run may be extended, or checkpoint more often
+# a resumed run may be extended, checkpoint more often, or score its real batch in smaller chunks (the same
+# gradient: the fix for a run that ran out of memory); a field missing from an older run.json is one of these
+_MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk")
 
 
 def _check_run(path: Path, resume: bool, run: dict) -> None:

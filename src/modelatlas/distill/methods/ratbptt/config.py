@@ -21,7 +21,9 @@ class RaTBPTTConfig(MethodConfig):
     Window 60 and real batch 1024 were chosen on a held-out 20% of the digits training split (IPC 1, 100
     iterations, 5 nets: 90.9 against 85.3 for window 10 / batch 256; docs/benchmarks.md). Graph memory grows
     linearly in ``window`` (about 21 MB per step at digits IPC 10, far more at 28x28 and width 128): lower
-    ``window`` or ``batch_syn`` on a small machine."""
+    ``window`` or ``batch_syn`` on a small machine. ``real_chunk``: score the real batch in chunks of this
+    many images (the same outer gradient up to float rounding, with the real batch's activations held for
+    one chunk only; None: one pass), so that the paper's 2000-5000 real images fit beside the unrolled graph."""
 
     iterations: int = 200
     window: int = 60
@@ -37,11 +39,12 @@ class RaTBPTTConfig(MethodConfig):
     clip_ema: float = 0.9
     dsa: bool = True
     init: str = "real"
+    real_chunk: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "window", "total", "batch_real", "batch_syn", "inner_lr", "lr_img", "lr_label",
-                       "label_scale", "clip_factor")
+                       "label_scale", "clip_factor", "real_chunk")
         if self.window > self.total:
             raise ConfigError(f"window ({self.window}) must be <= total ({self.total}); raise total or lower window")
         if not 0 <= self.clip_ema < 1:

@@ -137,8 +137,7 @@ def train_unrolled(train: ArrayDataset, cfg: RaTBPTTConfig, ctx: DistillContext,
         params = inner_steps(net, params, inner, x, y, cfg.window, cfg.batch_syn, gen, dsa, True)  # (4)
         idx = torch.randint(len(x_real), (cfg.batch_real,), generator=gen).to(ctx.device)
         xr = x_real[idx] if dsa is None else dsa.sample(gen, batch=len(idx)).apply(x_real[idx])
-        loss = soft_cross_entropy(functional_call(net, params, (xr,)), y_real[idx])  # (5)
-        grads = list(torch.autograd.grad(loss, learnables, allow_unused=True))
+        loss, grads = outer_grads(net, params, xr, y_real[idx], learnables, cfg.real_chunk)  # (5)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(learnables, grads)]
         clipper.clip(grads)  # (6)
         for p, g in zip(learnables, grads):
@@ -146,10 +145,32 @@ def train_unrolled(train: ArrayDataset, cfg: RaTBPTTConfig, ctx: DistillContext,
         opt.step()
         if after_step is not None:
             after_step()
-        return float(loss.detach())
+        return loss
 
     all_states = {**states, "optimizer": opt, "clipper": clipper}
     return ctx.run_loop(cfg.iterations, cfg.checkpoint_every, step, all_states, desc)
+
+
+def outer_grads(net: torch.nn.Module, params: Params, xr: torch.Tensor, yr: torch.Tensor,
+                learnables: list[torch.Tensor], chunk: int | None) -> tuple[float, list[torch.Tensor | None]]:
+    """(outer loss, its gradients w.r.t. ``learnables``): mean CE of the unrolled net on the real batch.
+
+    With ``chunk``, the gradient w.r.t. the unrolled parameters is summed over chunks of the real batch on
+    detached copies (each chunk's activations freed before the next), then sent back through the unrolled
+    graph in one ``autograd.grad`` with those grad_outputs: by the chain rule the same gradient as one pass,
+    with the real batch's memory cut from O(batch_real) to O(chunk) activations."""
+    if chunk is None or chunk >= len(xr):
+        loss = soft_cross_entropy(functional_call(net, params, (xr,)), yr)
+        return float(loss.detach()), list(torch.autograd.grad(loss, learnables, allow_unused=True))
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    total, acc = 0.0, [torch.zeros_like(v) for v in leaves.values()]
+    for a in range(0, len(xr), chunk):
+        part = soft_cross_entropy(functional_call(net, leaves, (xr[a:a + chunk],)), yr[a:a + chunk])
+        part = part * (len(xr[a:a + chunk]) / len(xr))  # chunk means weighted to the batch mean
+        for g_sum, g in zip(acc, torch.autograd.grad(part, list(leaves.values()))):
+            g_sum.add_(g)
+        total += float(part.detach())
+    return total, list(torch.autograd.grad(list(params.values()), learnables, grad_outputs=acc, allow_unused=True))
 
 
 def init_set(train: ArrayDataset, ipc: int, cfg: RaTBPTTConfig, seed: int) -> SyntheticSet:
