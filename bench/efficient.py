@@ -7,12 +7,15 @@ Parts (each prints JSON lines and writes ``--json``):
   growth and the peak bytes of live autograd-saved tensors (:class:`SavedTensorMeter`, device independent).
 - ``memory``: saved-tensor peak of one outer iteration vs the number of steps (Teddy ``traj_steps`` vs
   RaT-BPTT ``window``): constant for Teddy, linear for unrolled BPTT.
+- ``chunk``: saved-tensor peak and time of one RaT-BPTT outer iteration with the real batch (2048) scored in
+  one pass or in chunks (``real_chunk`` 512, 256): the same gradient, less memory.
 - ``hello``: hard labels / stored teacher labels (one per crop per epoch, replayed crops) / HeLlO projector
   (text head, class-mean head), accuracy and bytes.
 - ``budget``: Teddy as one resumed run through iteration ``--marks``, evaluated at each (accuracy vs time).
 
     python bench/efficient.py --part distill --dataset digits --ipc 10
     python bench/efficient.py --part memory
+    python bench/efficient.py --part chunk --dataset fashion-mnist --ipc 1
     python bench/efficient.py --part hello --ipc 10
     python bench/efficient.py --part budget --dataset fashion-mnist --marks 0 80 --eval-epochs 600 \
         --config '{"width": 128, "dsa": true, "traj_steps": 1, "batch_real": 64}'
@@ -89,6 +92,20 @@ def part_memory(args) -> list[dict]:
             rows.append({"method": method, field: v, "peak_graph_mb": round(meter.peak / 2**20, 2),
                          "wall_s": round(time.perf_counter() - start, 1)})
             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def part_chunk(args) -> list[dict]:
+    tr = load_dataset(args.dataset, "train")
+    base = {"iterations": 1, "window": 2, "total": 2, "batch_real": 2048, "batch_syn": 10 * args.ipc}
+    rows = []
+    for chunk in (None, 512, 256):
+        with SavedTensorMeter() as meter:
+            start = time.perf_counter()
+            syn = distill("ratbptt", tr, args.ipc, {**base, "real_chunk": chunk}, seed=args.seed)
+        rows.append({"method": "ratbptt", **base, "real_chunk": chunk, "peak_graph_mb": round(meter.peak / 2**20, 1),
+                     "wall_s": round(time.perf_counter() - start, 1), "image_sum": round(float(syn.images.detach().sum()), 4)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -184,7 +201,7 @@ def _acc(net, te) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["distill", "memory", "hello", "budget"], default="distill")
+    ap.add_argument("--part", choices=["distill", "memory", "chunk", "hello", "budget"], default="distill")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help="JSON of config fields: Teddy's (--part budget); merged into "
                     "every method's bench config (--part distill, --single)")
@@ -204,7 +221,7 @@ def main() -> None:
     if args.single:
         print(json.dumps(single(args)), flush=True)
         return
-    rows = {"distill": part_distill, "memory": part_memory, "hello": part_hello, "budget": part_budget}[args.part](args)
+    rows = {"distill": part_distill, "memory": part_memory, "chunk": part_chunk, "hello": part_hello, "budget": part_budget}[args.part](args)
     if args.json:
         atomic_write_json(args.json, rows, indent=1)
 
