@@ -52,6 +52,19 @@ def test_router_rejects_out_of_tree_model():
         TreeRouter(slack=0.5)
 
 
+def test_one_model_tree_gets_the_other_trees_relative_radius():
+    x, trees, roots = make_trees()
+    lone = roots[0] * -1.0  # a fourth tree of one model, as far from the others as they are from each other
+    router = TreeRouter().fit(torch.cat([x, lone[None]]), trees + ["lone"])
+    k = router.trees_.index("lone")
+    others = [router.radii_[i] / router.centroids_[i].double().norm() for i in range(3)]
+    assert float(router.radii_[k]) == pytest.approx(float(torch.stack(others).median() * lone.double().norm()), rel=1e-5)
+    near = lone + 0.1 * torch.randn(6, 5, generator=torch.Generator().manual_seed(5))  # a fine-tune of it
+    far = torch.randn(6, 5, generator=torch.Generator().manual_seed(6)) * 3
+    assert [r.tree for r in router.route(torch.stack([near, far]))] == ["lone", None]
+    assert float(TreeRouter().fit(lone[None], ["lone"]).radii_[0]) == 0.0  # no tree to borrow a spread from
+
+
 def test_statnn_features_and_fit():
     t = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     f = layer_statistics({"w": t})

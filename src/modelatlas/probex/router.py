@@ -1,7 +1,8 @@
 """Routing a model to its Model Tree's expert (ProbeX, Sec. "tree experts").
 
 Each tree is summarised by the centroid of its members' flattened weights (one layer) and a radius: the
-largest member distance times ``slack``. A model goes to the nearest centroid; when even that is farther than
+largest member distance times ``slack`` (a one-model tree: the other trees' median radius relative to their
+centroid norm). A model goes to the nearest centroid; when even that is farther than
 the tree's radius the model belongs to no known tree and the router says so instead of guessing. The paper
 reports nearest-tree-centroid routing as 100% accurate; the trees come from the zoo's lineage labels or
 from lineage clustering (``modelatlas.lineage``).
@@ -70,6 +71,19 @@ def _distances(flat: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
                       for rows in flat.split(256)])
 
 
+def _single_member_radii(radii: torch.Tensor, sizes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """A one-model tree has radius 0 (its centroid is the model), so only exact copies would reach it. It
+    gets instead the median relative radius (radius / centroid norm) of the trees with several members,
+    times its own centroid norm: the spread its tree would have if it were like the others. Without such
+    trees the radius stays 0."""
+    norms = centroids.norm(dim=1)  # (K,)
+    many = (sizes > 1) & (norms > 0)
+    if bool(many.all()) or not bool(many.any()):
+        return radii
+    rel = (radii[many] / norms[many]).median()
+    return torch.where(sizes > 1, radii, rel * norms)
+
+
 class TreeRouter:
     """Nearest-tree-centroid router with an out-of-tree check.
 
@@ -99,7 +113,8 @@ class TreeRouter:
         self.centroids_ = torch.stack(means).float()  # (K, D)
         dist = _distances(flat, self.centroids_)[np.arange(len(labels)), labels]  # (B,)
         # float64 like the distances it is compared with: with slack 1 the farthest member stays inside
-        self.radii_ = torch.stack([dist[m].max() * self.slack for m in members])
+        self.radii_ = _single_member_radii(torch.stack([dist[m].max() * self.slack for m in members]),
+                                           torch.tensor([int(m.sum()) for m in members]), torch.stack(means))
         return self
 
     def route(self, x, names: list[str] | None = None) -> list[RouteResult]:
