@@ -48,6 +48,8 @@ def test_same_seed_same_zoo_across_worker_counts(tiny_zoo, tmp_path, make_config
     again = make_zoo(make_config(), tmp_path, workers=2)
     assert [m.task for m in again.models] == [m.task for m in manifest.models]
     check_same_weights(out, tmp_path, manifest.names)
+    assert [m.sha256 for m in again.models] == [m.sha256 for m in manifest.models]  # the digests say so too
+    assert all(len(m.sha256) == 64 for m in manifest.models)
     other = make_zoo(make_config(seed=12, depth=0), tmp_path / "other", workers=1)
     x = load_file(str(tmp_path / "other" / "t0" / "model.safetensors"))
     assert not torch.equal(x["embed.weight"], load_file(str(out / "t0" / "model.safetensors"))["embed.weight"])
@@ -64,6 +66,11 @@ def test_resume_skips_finished_models(tmp_path, make_config):
     assert (tmp_path / "t0" / "model.safetensors").stat().st_mtime_ns == stamp["t0"]
     assert (tmp_path / "t0.0" / "model.safetensors").stat().st_mtime_ns == stamp["t0.0"]
     assert (tmp_path / "t0.1" / "zoo_record.json").exists()
+    digests = [m.sha256 for m in manifest.models]
+    rec = json.loads((tmp_path / "t0" / "zoo_record.json").read_text())
+    del rec["record"]["sha256"]  # a model finished by a version that wrote no digest
+    (tmp_path / "t0" / "zoo_record.json").write_text(json.dumps(rec))
+    assert [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models] == digests  # resumed: filled in
     with pytest.raises(ConfigError, match="t0: built from a different zoo config"):
         make_zoo(make_config(depth=1, trees=1, seed=99), tmp_path, workers=1)
     make_zoo(make_config(depth=1, trees=1, seed=99), tmp_path, workers=1, resume=False)

@@ -17,6 +17,31 @@ def test_zoo_make_and_show(tmp_path, capsys):
     assert "t0  [root]" in shown and "  t0.1  [lora r=4 adapter]" in shown
 
 
+def test_zoo_verify_finds_changed_and_missing_weights(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    assert main(["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "2", "--depth", "1", "--method", "lora",
+                 "--storage", "adapter", "--seed", "4", "--workers", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("3 models; 3 ok")
+    assert main(["zoo", "verify", str(out), "--against", str(out / "manifest.json")]) == 0
+    assert "3 same" in capsys.readouterr().out
+    adapter = out / "t0.0" / "adapter_model.safetensors"  # adapter storage: the adapter is what is hashed
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 1  # one flipped bit in the last weight
+    adapter.write_bytes(bytes(data))
+    (out / "t0.1" / "adapter_model.safetensors").unlink()
+    assert main(["zoo", "verify", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "t0.0: changed" in text and "t0.1: missing" in text and "1 ok, 1 changed, 1 missing" in text
+    other = tmp_path / "other"
+    assert main(["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "2", "--depth", "1", "--method", "lora",
+                 "--storage", "adapter", "--seed", "5", "--workers", "1", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "verify", str(out), "--against", str(other)]) == 1
+    assert "t0: different" in capsys.readouterr().out
+
+
 def test_zoo_errors_are_one_line(tmp_path, capsys):
     assert main(["zoo", "make", "--trees", "0", "--out", str(tmp_path)]) == 1
     assert "error: trees: must be a positive integer, got 0" in capsys.readouterr().err

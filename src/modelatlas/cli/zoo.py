@@ -1,4 +1,5 @@
-"""``atlas zoo make`` (train a zoo with known lineage) and ``atlas zoo show`` (print its trees)."""
+"""``atlas zoo make`` (train a zoo with known lineage), ``atlas zoo show`` (print its trees) and ``atlas zoo
+verify`` (weights against the manifest's digests, or against another build)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = zsub.add_parser("show", help="print a zoo's trees with each model's task")
     show.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
     show.set_defaults(func=_show)
+    ver = zsub.add_parser("verify", help="check every model's weights against the manifest's SHA-256 digests",
+                          description="Check a zoo's weights files against its manifest, or (--against) compare "
+                          "its digests with another build of the same config, e.g. one made on another machine.")
+    ver.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
+    ver.add_argument("--against", metavar="MANIFEST", help="another build's manifest (or zoo folder): compare digests")
+    ver.set_defaults(func=_verify)
     pre = zsub.add_parser("presets", help="list preset zoos")
     pre.set_defaults(func=_presets)
 
@@ -120,6 +127,23 @@ def _show(args: argparse.Namespace) -> int:
     for line in tree_lines(manifest):
         echo(line)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from modelatlas.zoo import load_manifest
+    from modelatlas.zoo.store import compare_digests, verify_zoo
+
+    manifest = load_manifest(args.dir)
+    if args.against:
+        status, good = compare_digests(manifest, load_manifest(args.against)), "same"
+    else:
+        status, good = verify_zoo(manifest), "ok"
+    for name, s in status.items():
+        if s != good:
+            echo(f"{name}: {s}")
+    counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
+    echo(f"{manifest.root}: {len(status)} models; " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0 if all(s == good for s in status.values()) else 1
 
 
 def _presets(args: argparse.Namespace) -> int:

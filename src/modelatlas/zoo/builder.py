@@ -27,7 +27,16 @@ from modelatlas.zoo.config import ZooConfig
 from modelatlas.zoo.lora import adapter_config, adapter_tensors, add_lora, merge_lora
 from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
 from modelatlas.zoo.plan import plan_zoo, zoo_arch_config
-from modelatlas.zoo.store import clear_folder, load_state, read_record, save_adapter, save_full, write_record
+from modelatlas.zoo.store import (
+    clear_folder,
+    load_state,
+    read_record,
+    save_adapter,
+    save_full,
+    weights_digest,
+    weights_file,
+    write_record,
+)
 from modelatlas.zoo.tasks import task_data
 from modelatlas.zoo.train import accuracy, fit
 
@@ -96,7 +105,10 @@ def _finished(folder: Path, fp: str) -> dict | None:
     if data.get("fingerprint") != fp:
         raise ConfigError(f"{folder}: built from a different zoo config; choose another out_dir or pass "
                           "resume=False (--no-resume) to rebuild it")
-    return data["record"]
+    rec = data["record"]
+    if not rec.get("sha256"):  # finished by a version that wrote no digest
+        rec["sha256"] = weights_digest(weights_file(folder, rec.get("storage", "full")))
+    return rec
 
 
 def _write_manifest(out: Path, nodes: list[dict], records: dict[str, dict], meta: dict) -> None:
@@ -161,7 +173,8 @@ def build_one(job: dict) -> dict:
              "seconds": round(time.perf_counter() - start, 3)}
     record = {"name": node["name"], "path": node["name"], "parent": node["parent"], "tree": node["tree"],
               "arch": arch["arch"], "dataset": task["dataset"], "method": node["method"],
-              "storage": node["storage"], "task": task, "train": train}
+              "storage": node["storage"], "task": task, "train": train,
+              "sha256": weights_digest(weights_file(folder, node["storage"]))}
     write_record(folder, record, job["fingerprint"])
     return record
 

@@ -7,11 +7,11 @@ Format (``manifest.json`` at the zoo's root)::
      "models": [{"name": "t0", "path": "t0", "parent": null, "tree": "t0", "arch": "mlp",
                  "dataset": "digits", "method": "root", "storage": "full",
                  "task": {"classes": [0, 1, ...], "transform": "identity", "label": "..."},
-                 "train": {"lr": 0.01, "steps": 300, "seed": 7, ...}}, ...]}
+                 "train": {"lr": 0.01, "steps": 300, "seed": 7, ...}, "sha256": "..."}, ...]}
 
 ``path`` is relative to the manifest's folder. ``method`` is ``root``, ``full`` (full fine-tuning) or
 ``lora``; ``storage`` is ``full`` (a full state dict, LoRA merged) or ``adapter`` (a PEFT-style adapter
-folder whose base is the parent).
+folder whose base is the parent). ``sha256`` is the digest of the weights file (``atlas zoo verify``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class ModelRecord:
     storage: str = "full"
     task: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    sha256: str = ""  # of the weights file ("" in manifests written before digests)
 
 
 @dataclass

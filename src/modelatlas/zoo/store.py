@@ -8,6 +8,7 @@ written last: its presence marks a finished model, which is what resuming checks
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -63,8 +64,52 @@ def read_record(folder: Path) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None  # an unreadable record counts as unfinished: the model is rebuilt
     rec = data.get("record", {})
-    weights = "adapter_model.safetensors" if rec.get("storage") == "adapter" else "model.safetensors"
-    return data if (folder / weights).exists() else None
+    return data if weights_file(folder, rec.get("storage", "full")).exists() else None
+
+
+def weights_file(folder: Path, storage: str) -> Path:
+    """The file holding a zoo model's weights: the adapter's for adapter storage, else the full state dict."""
+    return folder / ("adapter_model.safetensors" if storage == "adapter" else "model.safetensors")
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a weights file, read in 1 MiB blocks. Two builds of one zoo config are the same zoo when
+    every model's digest matches (training is bit-reproducible on one machine, not across CPUs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_zoo(manifest) -> dict[str, str]:
+    """Model name -> "ok", "changed" (its weights differ from the manifest's digest), "missing" (no weights
+    file) or "unrecorded" (a manifest written before digests). Reads every weights file once."""
+    out = {}
+    for m in manifest.models:
+        path = weights_file(manifest.root / m.path, m.storage)
+        if not path.is_file():
+            out[m.name] = "missing"
+        elif not m.sha256:
+            out[m.name] = "unrecorded"
+        else:
+            out[m.name] = "ok" if weights_digest(path) == m.sha256 else "changed"
+    return out
+
+
+def compare_digests(manifest, other) -> dict[str, str]:
+    """Model name -> "same", "different", "only here" or "unrecorded" between two manifests of one config
+    (e.g. the same zoo built on two machines); no file is read."""
+    theirs = {m.name: m.sha256 for m in other.models}
+    out = {}
+    for m in manifest.models:
+        if m.name not in theirs:
+            out[m.name] = "only here"
+        elif not m.sha256 or not theirs[m.name]:
+            out[m.name] = "unrecorded"
+        else:
+            out[m.name] = "same" if m.sha256 == theirs[m.name] else "different"
+    return out
 
 
 def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
