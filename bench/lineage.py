@@ -21,6 +21,7 @@ Zoos are built once under --work (resumable) and reused. Prints a Markdown table
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -191,7 +192,15 @@ def evaluate(manifest, paper_distance: str) -> dict:
             "t_ours": t_ours, "t_paper": t_paper, "right_stage": stage, "stage": d["stage"],
             "stage_conf": d["stage_confidence"], "k_found": d["n_trees"], "k_true": k, "distance": d["distance"],
             "score_right": float(np.mean(right)) if right else None,
-            "score_wrong": float(np.mean(wrong)) if wrong else None, **same_task(ours, manifest)}
+            "score_wrong": float(np.mean(wrong)) if wrong else None, **same_task(ours, manifest),
+            "zoo_digest": zoo_digest(manifest)}
+
+
+def zoo_digest(manifest) -> str:
+    """16 hex digits naming the zoo's weights (a hash of every model's SHA-256): two runs with the same
+    digest ran on the same weights (zoo builds differ across machines; ``atlas zoo verify --against``)."""
+    text = "".join(f"{m.name}:{m.sha256};" for m in manifest.models)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def task_similarity(a: dict, b: dict) -> float:
