@@ -69,6 +69,20 @@ HELDOUT = {f"held-out: {k}": ("lineage-full", ov) for k, ov in {
     "full mlp-wide seed36": dict(seed=36, arch_kwargs={"hidden": 128, "n_hidden": 2}),
     "full cnn seed37": dict(seed=37, arch="cnn"), "full vit seed38": dict(seed=38, **_VIT),
     "full mlp seed39": dict(seed=39)}.items()}
+# fixed in session 10 before any was built: a third sample, full fine-tuning AND LoRA, to test a root-rule change
+# chosen on the accuracy suite (magnitude-aware kurtosis votes) on zoos neither rule has seen
+_LORA = "lineage-lora"
+HELDOUT2 = {f"held-out 2: {k}": v for k, v in {
+    "full mlp seed40": ("lineage-full", dict(seed=40)), "full cnn seed41": ("lineage-full", dict(seed=41, arch="cnn")),
+    "full vit seed42": ("lineage-full", dict(seed=42, **_VIT)),
+    "full mlp fashion-mnist seed43": ("lineage-full", dict(seed=43, dataset="fashion-mnist")),
+    "lora r4 mlp seed44": (_LORA, dict(seed=44)), "lora r4 cnn seed45": (_LORA, dict(seed=45, arch="cnn")),
+    "lora r8 vit seed46": (_LORA, dict(seed=46, arch="vit", lora_ranks=(8,))),
+    "lora r2/4/8 mlp seed47": ("lineage-lora-mixed", dict(seed=47)),
+    "lora r4 mlp mnist5k seed48": (_LORA, dict(seed=48, dataset="mnist5k")),
+    "lora r4 cnn seed50": (_LORA, dict(seed=50, arch="cnn")),
+    "mixed cnn seed49": ("demo", dict(seed=49, children=3, arch="cnn")),
+    "full cnn seed51": ("lineage-full", dict(seed=51, arch="cnn"))}.items()}
 SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
            for n, (t, c, d) in {21: (3, 2, 2), 39: (3, 3, 2), 78: (6, 3, 2), 120: (3, 3, 3), 200: (5, 3, 3)}.items()}
 # wider models (3 square 512 x 512 layers, 3.3 MB files) so that reading is not free next to fixed compute
@@ -323,7 +337,7 @@ HEADER = ("| zoo | models | ours: directed / undirected / ARI | MoTHer recipe (t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=("accuracy", "heldout", "scaling", "wide"), default="accuracy")
+    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "scaling", "wide"), default="accuracy")
     ap.add_argument("--work", type=Path, default=Path("/tmp/atlas-bench-lineage"))
     ap.add_argument("--only", help="comma-separated zoo keys")
     ap.add_argument("--json", type=Path)
@@ -348,7 +362,7 @@ def main() -> None:
         if args.json:
             atomic_write_json(args.json, rows, indent=2)
         return
-    zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "scaling": SCALING, "wide": WIDE}[args.suite]
+    zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "heldout2": HELDOUT2, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
     rows = {}
     print(HEADER, flush=True)
