@@ -21,8 +21,8 @@ def make_branching_adj():
     return adj
 
 
-def check_brute_force_scores(adj, k, lk, stage, prior):
-    vote = edge_votes(adj, k, lk, stage)
+def check_brute_force_scores(adj, k, lk, stage, prior, votes="sign"):
+    vote = edge_votes(adj, k, lk, stage, votes)
     hops = hop_sums(adj)
     n = len(adj)
     brute = []
@@ -30,7 +30,7 @@ def check_brute_force_scores(adj, k, lk, stage, prior):
         parent = _root_at(adj, r)
         b = branching(adj)
         brute.append(sum(vote[(p, c)] for c, p in enumerate(parent) if p >= 0) - prior * b * hops[r] / (n - 1))
-    np.testing.assert_allclose(root_scores(adj, k, lk, stage, prior), brute, atol=1e-12)
+    np.testing.assert_allclose(root_scores(adj, k, lk, stage, prior, votes), brute, atol=1e-12)
 
 
 @pytest.mark.parametrize("stage", ["generalize", "specialize"])
@@ -89,6 +89,33 @@ def test_root_scores_match_brute_force_on_random_trees():
         for stage in ("generalize", "specialize"):
             check_brute_force_scores(adj, lk.sum(1), lk, stage, prior=2.0)
             check_brute_force_scores(adj, lk.sum(1), None, stage, prior=0.5)
+            check_brute_force_scores(adj, lk.sum(1), lk, stage, prior=2.0, votes="scaled")
+
+
+def test_scaled_votes_by_hand():
+    """Chain 0 - 1 - 2, generalize (a parent has less kurtosis). Layer 0 rises 0.1 then 0.3 (median 0.2);
+    layer 1 rises 0.01 on the first edge and falls 0.03 on the second (median 0.02); layer 2 never changes."""
+    lk = np.array([[0.0, 0.0, 5.0], [0.1, 0.01, 5.0], [0.4, -0.02, 5.0]])
+    vote = edge_votes(make_chain_adj(3), lk.sum(1), lk, "generalize", "scaled")
+    assert vote[(0, 1)] == pytest.approx((np.tanh(0.5) + np.tanh(0.5) + 0) / 3)
+    assert vote[(1, 2)] == pytest.approx((np.tanh(1.5) - np.tanh(1.5) + 0) / 3)
+    assert vote[(2, 1)] == -vote[(1, 2)]
+    sign = edge_votes(make_chain_adj(3), lk.sum(1), lk, "generalize")
+    assert sign[(0, 1)] == pytest.approx(2 / 3) and sign[(1, 2)] == 0.0
+
+
+def test_scaled_votes_let_a_clear_edge_beat_noise_that_sign_votes_count_fully():
+    """Root 0 with children 1, 2, 3, each with two children. On edge 0 - 1 two of three layers move
+    against the stage by a noise-sized 0.001 and one moves with it by its typical amount: sign votes say
+    1 -> 0 and take child 1 as the root; scaled votes keep 0."""
+    adj = make_branching_adj()
+    steps = {1: [-0.001, -0.001, 0.1]} | {c: [0.1, 0.1, 0.1] for c in range(2, 10)}  # generalize: k rises
+    parent = _root_at(adj, 0)
+    lk = np.zeros((10, 3))
+    for c in range(1, 10):  # parents before children in index order
+        lk[c] = lk[parent[c]] + steps[c]
+    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0)[0] == 1
+    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0, votes="scaled")[0] == 0
 
 
 def test_single_model_and_missing_layers():
@@ -102,3 +129,5 @@ def test_config_rejects_bad_orient_and_prior():
         LineageConfig(orient="centre")
     with pytest.raises(ConfigError, match="root_prior must be >= 0"):
         LineageConfig(root_prior=-1.0)
+    with pytest.raises(ConfigError, match="root_votes must be one of sign, scaled"):
+        LineageConfig(root_votes="tanh")

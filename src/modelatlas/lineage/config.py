@@ -14,6 +14,7 @@ METHODS = ("atlas", "mother-paper")
 PLACEMENTS = ("mst", "joint")
 ORIENTS = ("votes", "kurtosis")
 RANK_SKETCHES = ("count", "gaussian")
+ROOT_VOTES = ("sign", "scaled")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class LineageConfig:
         on each edge, plus a weak prior that the root is central in the tree; :mod:`.root`) or
         ``"kurtosis"`` (the summed kurtosis: fewest violated edges).
     root_prior: weight of the centrality prior of ``orient="votes"`` (0: kurtosis votes only).
+    root_votes: how one layer votes on an edge's direction: ``"sign"`` (the sign of its kurtosis change) or
+        ``"scaled"`` (tanh of the change over the layer's median change in the tree: small changes count
+        little; :func:`modelatlas.lineage.root.edge_votes`).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
     rank_sketch: how layers with more than 2 x ``sketch`` rows are reduced on the left before the Gaussian
         column sketch: ``"count"`` (each row, with a random sign, added to one of 2 x ``sketch`` buckets:
@@ -61,6 +65,7 @@ class LineageConfig:
     placement: str = "mst"
     orient: str = "votes"
     root_prior: float = 2.0
+    root_votes: str = "sign"
     sketch: int = 64
     rank_sketch: str = "count"
     distance_sketch: int | None = 4096
@@ -75,6 +80,7 @@ class LineageConfig:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("orient", self.orient, ORIENTS)
         _choice("rank_sketch", self.rank_sketch, RANK_SKETCHES)
+        _choice("root_votes", self.root_votes, ROOT_VOTES)
         if not 0 <= self.root_prior < math.inf:  # inf x 0 hops (a chain) would make every root score NaN
             raise ConfigError(f"root_prior must be >= 0 and finite (0: kurtosis votes only; default 2); got {self.root_prior!r}")
         if self.n_trees is not None and (isinstance(self.n_trees, bool) or not isinstance(self.n_trees, int)

@@ -104,7 +104,8 @@ class LineageRecovery:
             tree_names.append(members)
             if placement == "mst" and cfg.orient == "votes":
                 lk = stats[g].layer_kurtosis
-                parent, conf_r = orient_votes(d, k, None if lk is None else lk[idx], stage, cfg.root_prior)
+                parent, conf_r = orient_votes(d, k, None if lk is None else lk[idx], stage, cfg.root_prior,
+                                              cfg.root_votes)
                 root_conf.append(conf_r)
             else:
                 parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)

@@ -42,20 +42,35 @@ PRIOR = 2.0
 
 
 def edge_votes(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None,
-               stage: str) -> dict[tuple[int, int], float]:
-    """vote[(u, v)] in [-1, 1]: the mean over layers of sign(s * (k_l(u) - k_l(v))), evidence for u -> v.
+               stage: str, votes: str = "sign") -> dict[tuple[int, int], float]:
+    """vote[(u, v)] in [-1, 1]: the mean over layers of each layer's evidence for u -> v.
 
-    Stored for both directions of every tree edge (vote[(v, u)] = -vote[(u, v)]). Without per-layer values
-    (None or no columns) the summed kurtosis is the single layer. Time O(n L).
+    ``votes="sign"``: a layer votes sign(s * (k_l(u) - k_l(v))). ``"scaled"``: it votes
+    tanh(s * (k_l(u) - k_l(v)) / m_l), m_l the median nonzero |k_l difference| over the tree's edges, so a
+    layer's tiny (noise-sized) difference counts little and its typical one ~0.76, and no layer can outvote
+    the others by its units (a layer that never changes votes 0). Stored for both directions of every tree
+    edge (vote[(v, u)] = -vote[(u, v)]). Without per-layer values (None or no columns) the summed kurtosis is
+    the single layer. Time O(n L).
     """
     lk = np.asarray(kurtosis, dtype=np.float64)[:, None] if layer_kurtosis is None or np.ndim(layer_kurtosis) != 2 \
         or np.shape(layer_kurtosis)[1] == 0 else np.asarray(layer_kurtosis, dtype=np.float64)  # (n, L)
     s = 1.0 if stage == "specialize" else -1.0  # specialize: a parent has more outliers than its child
+    pairs = [(u, v) for u, nbrs in enumerate(adj) for v in nbrs if u < v]
+    if not pairs:
+        return {}
+    u, v = np.array(pairs).T  # (E,), (E,)
+    d = s * (lk[u] - lk[v])  # (E, L)
+    val = np.tanh(d / _layer_scales(d)).mean(1) if votes == "scaled" else np.sign(d).mean(1)  # (E,)
     out: dict[tuple[int, int], float] = {}
-    for u, nbrs in enumerate(adj):
-        for v in nbrs:
-            out[(u, v)] = float(np.mean(np.sign(s * (lk[u] - lk[v]))))
+    for (a, b), x in zip(pairs, val.tolist()):
+        out[(a, b)], out[(b, a)] = x, -x
     return out
+
+
+def _layer_scales(d: np.ndarray) -> np.ndarray:
+    """(L,) median of the nonzero |d| of each column of d (E, L); inf for a column of zeros (its votes are 0)."""
+    a = np.abs(d)
+    return np.array([np.median(c[c > 0]) if (c > 0).any() else np.inf for c in a.T])
 
 
 def bfs(adj: list[list[int]], root: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +105,7 @@ def hop_sums(adj: list[list[int]]) -> np.ndarray:
 
 
 def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                prior: float = PRIOR) -> np.ndarray:
+                prior: float = PRIOR, votes: str = "sign") -> np.ndarray:
     """(n,) score of each node as the root: kurtosis votes of the edges hung from it - prior * mean hops.
 
     votes(r) is computed for every r at once by rerooting: moving the root across edge (u, v) flips that
@@ -99,7 +114,7 @@ def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.n
     n = len(adj)
     if n == 0:
         return np.zeros(0)
-    vote = edge_votes(adj, kurtosis, layer_kurtosis, stage)
+    vote = edge_votes(adj, kurtosis, layer_kurtosis, stage, votes)
     votes = np.zeros(n)
     parent, order = bfs(adj, 0)
     votes[0] = sum(vote[(parent[c], c)] for c in order[1:])
@@ -118,13 +133,13 @@ def branching(adj: list[list[int]]) -> float:
 
 
 def choose_root(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                prior: float = PRIOR) -> tuple[int, float, int]:
+                prior: float = PRIOR, votes: str = "sign") -> tuple[int, float, int]:
     """(root, confidence in [0.5, 1], runner-up root) of one tree. Ties go to the smaller summed kurtosis
     violation, then the lower index. Time O(n^2 + n L)."""
     n = len(adj)
     if n < 2:
         return 0, 1.0, 0
-    score = root_scores(adj, kurtosis, layer_kurtosis, stage, prior)
+    score = root_scores(adj, kurtosis, layer_kurtosis, stage, prior, votes)
     k = np.asarray(kurtosis, dtype=np.float64)
     s = 1.0 if stage == "specialize" else -1.0
     tie = -s * k  # among tied roots, prefer the one the stage expects at the top (largest s * k)
