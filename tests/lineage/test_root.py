@@ -38,9 +38,11 @@ def test_chain_with_consistent_kurtosis_is_read_from_its_end_despite_the_prior(s
     n = 7
     rising = np.arange(n, dtype=float)[:, None] * np.array([0.01, 0.02, 0.005])  # (n, 3): every layer rises
     lk = rising if stage == "generalize" else -rising
-    root, conf, _ = choose_root(make_chain_adj(n), lk.sum(1), lk, stage, prior=2.0)
+    root, conf, _ = choose_root(make_chain_adj(n), lk.sum(1), lk, stage, prior=2.0, votes="sign")
     assert root == 0  # a chain does not branch: no centrality prior, the votes decide
     assert conf > 0.85
+    root, conf, _ = choose_root(make_chain_adj(n), lk.sum(1), lk, stage, prior=2.0)  # scaled: each edge tanh(1)
+    assert root == 0 and conf == pytest.approx(1 / (1 + np.exp(-2 * np.tanh(1.0))))
 
 
 def test_flat_kurtosis_lets_structure_pick_the_branching_root():
@@ -100,7 +102,7 @@ def test_scaled_votes_by_hand():
     assert vote[(0, 1)] == pytest.approx((np.tanh(0.5) + np.tanh(0.5) + 0) / 3)
     assert vote[(1, 2)] == pytest.approx((np.tanh(1.5) - np.tanh(1.5) + 0) / 3)
     assert vote[(2, 1)] == -vote[(1, 2)]
-    sign = edge_votes(make_chain_adj(3), lk.sum(1), lk, "generalize")
+    sign = edge_votes(make_chain_adj(3), lk.sum(1), lk, "generalize", "sign")
     assert sign[(0, 1)] == pytest.approx(2 / 3) and sign[(1, 2)] == 0.0
 
 
@@ -114,8 +116,8 @@ def test_scaled_votes_let_a_clear_edge_beat_noise_that_sign_votes_count_fully():
     lk = np.zeros((10, 3))
     for c in range(1, 10):  # parents before children in index order
         lk[c] = lk[parent[c]] + steps[c]
-    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0)[0] == 1
-    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0, votes="scaled")[0] == 0
+    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0, votes="sign")[0] == 1
+    assert choose_root(adj, lk.sum(1), lk, "generalize", prior=0.0)[0] == 0  # scaled, the default
 
 
 def test_single_model_and_missing_layers():

@@ -40,9 +40,9 @@ class LineageConfig:
         on each edge, plus a weak prior that the root is central in the tree; :mod:`.root`) or
         ``"kurtosis"`` (the summed kurtosis: fewest violated edges).
     root_prior: weight of the centrality prior of ``orient="votes"`` (0: kurtosis votes only).
-    root_votes: how one layer votes on an edge's direction: ``"sign"`` (the sign of its kurtosis change) or
-        ``"scaled"`` (tanh of the change over the layer's median change in the tree: small changes count
-        little; :func:`modelatlas.lineage.root.edge_votes`).
+    root_votes: how one layer votes on an edge's direction: ``"scaled"`` (tanh of its kurtosis change over
+        the layer's median change in the tree: noise-sized changes count little; the default since session 10)
+        or ``"sign"`` (the sign of the change; the earlier default) (:func:`modelatlas.lineage.root.edge_votes`).
     sketch: columns of the random sketch used to estimate ranks (estimates saturate at this value).
     rank_sketch: how layers with more than 2 x ``sketch`` rows are reduced on the left before the Gaussian
         column sketch: ``"count"`` (each row, with a random sign, added to one of 2 x ``sketch`` buckets:
@@ -65,7 +65,7 @@ class LineageConfig:
     placement: str = "mst"
     orient: str = "votes"
     root_prior: float = 2.0
-    root_votes: str = "sign"
+    root_votes: str = "scaled"
     sketch: int = 64
     rank_sketch: str = "count"
     distance_sketch: int | None = 4096

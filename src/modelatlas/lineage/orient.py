@@ -114,7 +114,7 @@ def _excess(adj: list[list[int]], root: int, k: np.ndarray, sign: float) -> floa
 
 
 def orient_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                 prior: float = PRIOR, votes: str = "sign") -> tuple[list[int], float]:
+                 prior: float = PRIOR, votes: str = "scaled") -> tuple[list[int], float]:
     """(parents, root confidence in [0.5, 1]) of the undirected MST of ``dist`` hung from the root chosen by
     per-layer kurtosis votes and a centrality prior (:func:`modelatlas.lineage.root.choose_root`).
     Time O(n^2 + n L).

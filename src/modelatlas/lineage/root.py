@@ -42,7 +42,7 @@ PRIOR = 2.0
 
 
 def edge_votes(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None,
-               stage: str, votes: str = "sign") -> dict[tuple[int, int], float]:
+               stage: str, votes: str = "scaled") -> dict[tuple[int, int], float]:
     """vote[(u, v)] in [-1, 1]: the mean over layers of each layer's evidence for u -> v.
 
     ``votes="sign"``: a layer votes sign(s * (k_l(u) - k_l(v))). ``"scaled"``: it votes
@@ -105,7 +105,7 @@ def hop_sums(adj: list[list[int]]) -> np.ndarray:
 
 
 def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                prior: float = PRIOR, votes: str = "sign") -> np.ndarray:
+                prior: float = PRIOR, votes: str = "scaled") -> np.ndarray:
     """(n,) score of each node as the root: kurtosis votes of the edges hung from it - prior * mean hops.
 
     votes(r) is computed for every r at once by rerooting: moving the root across edge (u, v) flips that
@@ -133,7 +133,7 @@ def branching(adj: list[list[int]]) -> float:
 
 
 def choose_root(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                prior: float = PRIOR, votes: str = "sign") -> tuple[int, float, int]:
+                prior: float = PRIOR, votes: str = "scaled") -> tuple[int, float, int]:
     """(root, confidence in [0.5, 1], runner-up root) of one tree. Ties go to the smaller summed kurtosis
     violation, then the lower index. Time O(n^2 + n L)."""
     n = len(adj)
