@@ -6,10 +6,12 @@ fixed by the choice of the root. The paper's signal, the *summed* kurtosis of al
 differences of ~0.01 near the root on small trained zoos, where one layer with a large swing outvotes the
 others. This module scores every candidate root r by
 
-  votes(r) = sum over tree edges p -> c (hung from r) of mean over layers l of sign(s * (k_l(p) - k_l(c)))
+  votes(r) = sum over tree edges p -> c (hung from r) of mean over layers l of tanh(s * (k_l(p) - k_l(c)) / m_l)
 
-(s = +1 "specialize", -1 "generalize"; each edge's vote is in [-1, 1], each layer counts once, a sign test
-rather than a raw difference), plus a prior that the root is central:
+(s = +1 "specialize", -1 "generalize"; m_l the median nonzero |k_l difference| over the tree's edges; each
+edge's vote is in [-1, 1] and each layer counts once, so one layer's large swing cannot outvote the others,
+and a noise-sized change counts little: ``votes="scaled"``, the default. ``votes="sign"``, the earlier rule,
+is the sign test sign(s * (k_l(p) - k_l(c)))), plus a prior that the root is central:
 
   score(r) = votes(r) - prior * b * mean number of hops from r to the other nodes,
 
