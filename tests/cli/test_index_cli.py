@@ -29,7 +29,7 @@ def test_build_show_search(tmp_path, capsys):
     assert {m["name"]: m["parent"] for m in data["models"] if m["tree"]} == parents
     assert (out / "atlas.html").exists() and not (out / "embeddings.safetensors").exists()
     assert main(["index", "show", str(out)]) == 0
-    assert "t1  [tree 2, 3 models]" in capsys.readouterr().out
+    assert "t1  [tree 2, 3 models; root confidence" in capsys.readouterr().out
     assert main(["index", "search", "t1_0", str(out), "--top", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("1. t1_0  keyword score 4.000  (tree 2, parent t1)")  # t1, 0 and the whole name

@@ -31,6 +31,10 @@ def test_fitted_attributes_and_twin():
     assert len(est.edges_) == n - 2 and len(est.roots_) == 2 and est.clusters_.shape == (n,)
     assert all(0 <= e.score <= 1 for e in est.edges_)
     assert est.stage_ == "specialize" and est.stage_confidence_ == 1.0
+    conf, runner = est.decisions_["root_confidence"], est.decisions_["root_runner_up"]
+    assert len(conf) == len(runner) == 2 and all(0.5 <= c <= 1 for c in conf)
+    for tree, r in zip(est.forest_.trees, runner):  # the runner-up is another model of the same tree
+        assert r in tree and r not in est.roots_
     twin = recover_lineage(weights, n_trees=2, stage="specialize")
     assert [(e.parent, e.child) for e in twin.edges] == [(e.parent, e.child) for e in est.edges_]
 

@@ -77,8 +77,8 @@ def test_layer_votes_outvote_one_layer_with_a_large_swing():
     d = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float)
     lk = np.array([[1.0, 0.00, 0.00], [0.5, 0.01, 0.01], [0.0, 0.02, 0.02]])  # (3 models, 3 layers)
     assert orient_mst(d, lk.sum(1), "generalize") == [1, 2, -1]
-    parent, conf = orient_votes(d, lk.sum(1), lk, "generalize", prior=0.0)
-    assert parent == [-1, 0, 1] and conf > 0.6
+    parent, conf, second = orient_votes(d, lk.sum(1), lk, "generalize", prior=0.0, votes="sign")
+    assert parent == [-1, 0, 1] and conf > 0.6 and second == 1
 
 
 def test_root_scores_match_brute_force_on_random_trees():

@@ -60,6 +60,17 @@ def test_marks_and_text_drawing():
     assert "└── d  (0.25)  ✓" in text
 
 
+def test_tree_header_gives_root_confidence_and_names_the_runner_up_when_in_doubt():
+    f = make_forest()
+    assert to_text(f).splitlines()[0] == "b  [tree 1, 4 models]"  # no root confidences (joint placement)
+    f.decisions.update(root_confidence=[0.6, 0.9], root_runner_up=["a", "y"])
+    lines = to_text(f).splitlines()
+    assert lines[0] == "b  [tree 1, 4 models; root confidence 0.60, next best root a]"
+    assert "x  [tree 2, 2 models; root confidence 0.90]" in lines
+    f.decisions.pop("root_runner_up")  # a forest JSON written before runner-ups were recorded
+    assert to_text(f).splitlines()[0] == "b  [tree 1, 4 models; root confidence 0.60]"
+
+
 def test_dot_and_mermaid():
     f = make_forest()
     dot = to_dot(f, edge_marks(f, TRUTH))

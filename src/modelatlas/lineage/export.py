@@ -70,10 +70,23 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
     kids = forest.children()
     out = []
     for t, root in enumerate(forest.roots()):
-        size = next((len(tr) for tr in forest.trees if root in tr), None)
-        out.append(f"{root}" + (f"  [tree {t + 1}, {size} models]" if size else "") + _label(root, labels))
+        k = next((i for i, tr in enumerate(forest.trees) if root in tr), None)
+        head = f"  [tree {t + 1}, {len(forest.trees[k])} models{_root_note(forest.decisions, k)}]" if k is not None else ""
+        out.append(f"{root}{head}{_label(root, labels)}")
         _draw(root, kids, (marks, notes, labels), out)
     return "\n".join(out) + "\n"
+
+
+ROOT_DOUBT = 0.75  # below it the runner-up root is named (on 117 benchmark trees every wrong root was below)
+
+
+def _root_note(decisions: dict, k: int) -> str:
+    """"; root confidence 0.93", naming the next best root when the confidence is below :data:`ROOT_DOUBT`."""
+    conf, runner = decisions.get("root_confidence") or [], decisions.get("root_runner_up") or []
+    if k >= len(conf):
+        return ""  # a joint placement, or a forest saved before root confidences
+    note = f"; root confidence {conf[k]:.2f}"
+    return note + (f", next best root {runner[k]}" if conf[k] < ROOT_DOUBT and k < len(runner) else "")
 
 
 MAX_INDENT = 24

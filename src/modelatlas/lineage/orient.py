@@ -114,14 +114,14 @@ def _excess(adj: list[list[int]], root: int, k: np.ndarray, sign: float) -> floa
 
 
 def orient_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                 prior: float = PRIOR, votes: str = "scaled") -> tuple[list[int], float]:
-    """(parents, root confidence in [0.5, 1]) of the undirected MST of ``dist`` hung from the root chosen by
-    per-layer kurtosis votes and a centrality prior (:func:`modelatlas.lineage.root.choose_root`).
+                 prior: float = PRIOR, votes: str = "scaled") -> tuple[list[int], float, int]:
+    """(parents, root confidence in [0.5, 1], runner-up root) of the undirected MST of ``dist`` hung from the
+    root chosen by per-layer kurtosis votes and a centrality prior (:func:`modelatlas.lineage.root.choose_root`).
     Time O(n^2 + n L).
     """
     adj = _prim(dist)
-    root, conf, _ = choose_root(adj, kurtosis, layer_kurtosis, stage, prior, votes)
-    return _root_at(adj, root), conf
+    root, conf, second = choose_root(adj, kurtosis, layer_kurtosis, stage, prior, votes)
+    return _root_at(adj, root), conf, second
 
 
 def _prim(dist: np.ndarray) -> list[list[int]]:

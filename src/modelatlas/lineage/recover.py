@@ -98,15 +98,16 @@ class LineageRecovery:
             stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam, placement)
         else:
             stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
-        edges, tree_names, root_conf = [], [], []
+        edges, tree_names, root_conf, runner_up = [], [], [], []
         for (g, idx), d, k in zip(trees, dists, kurt):
             members = [names[g][i] for i in idx]
             tree_names.append(members)
             if placement == "mst" and cfg.orient == "votes":
                 lk = stats[g].layer_kurtosis
-                parent, conf_r = orient_votes(d, k, None if lk is None else lk[idx], stage, cfg.root_prior,
-                                              cfg.root_votes)
+                parent, conf_r, second = orient_votes(d, k, None if lk is None else lk[idx], stage, cfg.root_prior,
+                                                      cfg.root_votes)
                 root_conf.append(conf_r)
+                runner_up.append(members[second])
             else:
                 parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
             if placement == "mst":
@@ -117,7 +118,8 @@ class LineageRecovery:
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
                      "lambda": cfg.lam, "placement": placement,
-                     "orient": cfg.orient if placement == "mst" else "joint", "root_confidence": root_conf, "distance": _summarise(dist_info), "layers": rules,
+                     "orient": cfg.orient if placement == "mst" else "joint", "root_confidence": root_conf,
+                     "root_runner_up": runner_up, "distance": _summarise(dist_info), "layers": rules,
                      "architectures": len(names)}
         kurt_all = np.concatenate([s.kurtosis for s in stats])
         self.forest_ = Forest(flat, edges, decisions, tree_names, dict(zip(flat, kurt_all.tolist())), skipped)
