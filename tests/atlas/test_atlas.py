@@ -76,7 +76,8 @@ def test_save_load_roundtrip_and_viewer(tmp_path):
     assert again.to_dict() == atlas.to_dict()
     assert Atlas.load(tmp_path / "atl" / "atlas.json").models == atlas.models
     page = (tmp_path / "atl" / "atlas.html").read_text()
-    assert page.startswith("<!doctype html>") and "tree 1 (3 models)" in page and page.count("<tr data-s=") == 6
+    assert page.startswith("<!doctype html>") and "tree 1 (3 models; root confidence 0." in page
+    assert page.count("<tr data-s=") == 6
 
 
 def test_viewer_escapes_names():

@@ -71,7 +71,7 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
     out = []
     for t, root in enumerate(forest.roots()):
         k = next((i for i, tr in enumerate(forest.trees) if root in tr), None)
-        head = f"  [tree {t + 1}, {len(forest.trees[k])} models{_root_note(forest.decisions, k)}]" if k is not None else ""
+        head = f"  [tree {t + 1}, {len(forest.trees[k])} models{root_note(forest.decisions, k)}]" if k is not None else ""
         out.append(f"{root}{head}{_label(root, labels)}")
         _draw(root, kids, (marks, notes, labels), out)
     return "\n".join(out) + "\n"
@@ -80,7 +80,7 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
 ROOT_DOUBT = 0.75  # below it the runner-up root is named (on 117 benchmark trees every wrong root was below)
 
 
-def _root_note(decisions: dict, k: int) -> str:
+def root_note(decisions: dict, k: int) -> str:
     """"; root confidence 0.93", naming the next best root when the confidence is below :data:`ROOT_DOUBT`."""
     conf, runner = decisions.get("root_confidence") or [], decisions.get("root_runner_up") or []
     if k >= len(conf):
