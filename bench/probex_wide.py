@@ -54,7 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--children", type=int, default=500)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--ranks", default="32,64", help="ProbeX ranks (r_U = r_V = r_T) to choose from on validation")
+    p.add_argument("--ranks", default="32,64", help="ProbeX ranks to choose from on validation: R (r_U = r_V = r_T = R) "
+                   "or U/V/T (e.g. 128/16/16: many probes, narrow encoders)")
+    p.add_argument("--min-fewer", type=float, default=None, metavar="X",
+                   help="select ProbeX only among candidates with at least X times fewer parameters than the dense "
+                        "expert (the claim's budget, e.g. 20); the others are still reported")
     p.add_argument("--dense-wd", default="1e-5,1e-3,1e-1", help="dense weight decays to choose from on validation")
     p.add_argument("--dev-seed", type=int, default=0)
     p.add_argument("--test-seed", type=int, default=1)
@@ -81,6 +85,7 @@ def main(argv=None) -> int:
     names = [f"{n}.{k}" for n in LAYERS for k in ("weight", "bias")]
     out = [f"Command: `python bench/probex_wide.py --zoo {args.zoo} --children {args.children} --hidden {args.hidden} "
            f"--epochs {args.epochs} --ranks {args.ranks} --dense-wd {args.dense_wd} --dev-seed {args.dev_seed} "
+           + (f"--min-fewer {args.min_fewer:g} " if args.min_fewer is not None else "") +
            f"--test-seed {args.test_seed} --ft-steps {args.ft_steps} --ft-lr {args.ft_lr}"
            + (f" --transforms {args.transforms} --subset-size {args.subset_size} --root-steps {args.root_steps}"
               if "transforms" in args.ft else "") + (" --curve" if args.curve else "")
@@ -96,29 +101,32 @@ def main(argv=None) -> int:
     sel = [f"### Selection on validation (dev zoo seed {args.dev_seed}, {len(tr)} train / {len(val)} validation "
            f"models, layer {LAYER} {shape})", "",
            "| candidate | val per-label acc | val exact-set acc | parameters |", "|---|---|---|---|"]
-    probex_scores, dense_scores = {}, {}
-    for r in map(int, args.ranks.split(",")):
-        cfg = ProbeXConfig(**{**base.to_dict(), "rank_u": r, "rank_v": r, "rank_t": r})
-        (acc, ex), n_par, _ = fit("probex", cfg, dev, tr, val)
-        probex_scores[r] = acc
-        sel.append(f"| ProbeX r={r} | {acc:.3f} | {ex:.3f} | {n_par:,} |")
-        print(sel[-1], flush=True)
+    probex_scores, dense_scores, sizes = {}, {}, {}
     for wd in map(float, args.dense_wd.split(",")):
         cfg = ProbeXConfig(**{**base.to_dict(), "weight_decay": wd})
-        (acc, ex), n_par, _ = fit("dense", cfg, dev, tr, val)
+        (acc, ex), n_dense, _ = fit("dense", cfg, dev, tr, val)
         dense_scores[wd] = acc
-        sel.append(f"| dense, weight decay {wd:g} | {acc:.3f} | {ex:.3f} | {n_par:,} |")
+        sel.append(f"| dense, weight decay {wd:g} | {acc:.3f} | {ex:.3f} | {n_dense:,} |")
         print(sel[-1], flush=True)
-    r = max(probex_scores, key=probex_scores.get)
+    for r in args.ranks.split(","):
+        (acc, ex), sizes[r], _ = fit("probex", rank_config(base, r), dev, tr, val)
+        probex_scores[r] = acc
+        sel.append(f"| ProbeX r={r} | {acc:.3f} | {ex:.3f} | {sizes[r]:,} ({n_dense / sizes[r]:.1f}x fewer) |")
+        print(sel[-1], flush=True)
+    ok = [r for r in probex_scores if args.min_fewer is None or n_dense / sizes[r] >= args.min_fewer]
+    if not ok:
+        raise SystemExit(f"no --ranks candidate has {args.min_fewer}x fewer parameters than the dense expert")
+    r = max(ok, key=probex_scores.get)
     wd = max(dense_scores, key=dense_scores.get)
-    out += sel + ["", f"Chosen: ProbeX r_U = r_V = r_T = {r}; dense weight decay {wd:g}.", ""]
+    budget = "" if args.min_fewer is None else f" (among candidates with >= {args.min_fewer:g}x fewer parameters)"
+    out += sel + ["", f"Chosen: ProbeX r = {r}{budget}; dense weight decay {wd:g}.", ""]
     # The held-out zoo is built / read only after the selection is final.
     test, b1, r1, acc1 = load(zoo, args.test_seed, args.children, args.hidden, names, args.ft)
     out[2:2] = [f"Zoo build (root + {args.children} fine-tunes, 1 thread): seed {args.dev_seed} {b0:.0f} s, seed "
                 f"{args.test_seed} {b1:.0f} s (0 s when cached); reading every tensor {r0:.1f} s / {r1:.1f} s. Root "
                 f"train accuracy: {acc0:.3f} / {acc1:.3f}. Median relative change of {LAYER} by fine-tuning, "
                 f"||W_child - W_root|| / ||W_root||: {dev['moved']:.3f} / {test['moved']:.3f}.", ""]
-    cfgs = {"probex": ProbeXConfig(**{**base.to_dict(), "rank_u": r, "rank_v": r, "rank_t": r}),
+    cfgs = {"probex": rank_config(base, r),
             "dense": ProbeXConfig(**{**base.to_dict(), "weight_decay": wd}), "statnn": base}
     labels = {"probex": f"ProbeX (r={r})", "dense": f"dense linear expert (wd {wd:g})",
               "statnn": "StatNN (9 stats x 8 tensors, boosting)"}
@@ -144,6 +152,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def rank_config(base: ProbeXConfig, spec: str) -> ProbeXConfig:
+    """``"R"`` -> r_U = r_V = r_T = R; ``"U/V/T"`` -> each given."""
+    parts = [int(x) for x in spec.split("/")]
+    if len(parts) not in (1, 3):
+        raise SystemExit(f"--ranks entry {spec!r}: expected R or U/V/T")
+    u, v, t = parts * 3 if len(parts) == 1 else parts
+    return ProbeXConfig(**{**base.to_dict(), "rank_u": u, "rank_v": v, "rank_t": t})
+
+
 def _chance(d: dict) -> float:
     """1 / C(labels, subset size): the chance of guessing a child's exact class set."""
     import math
@@ -165,8 +182,7 @@ def fixed(args, zoo: Path, names: list[str], out: list[str], t0: float) -> int:
             f"layer {LAYER} {shape}", "",
             "| method | per-label acc | exact-set acc | parameters | train time (s) |", "|---|---|---|---|---|"]
     base = ProbeXConfig(epochs=args.epochs, seed=0)
-    runs = [(f"ProbeX (r={r})", "probex", ProbeXConfig(**{**base.to_dict(), "rank_u": r, "rank_v": r, "rank_t": r}))
-            for r in map(int, args.ranks.split(","))]
+    runs = [(f"ProbeX (r={r})", "probex", rank_config(base, r)) for r in args.ranks.split(",")]
     runs += [(f"dense linear expert (wd {args.fixed:g})", "dense",
               ProbeXConfig(**{**base.to_dict(), "weight_decay": args.fixed})),
              ("StatNN (9 stats x 8 tensors, boosting)", "statnn", base)]
