@@ -14,7 +14,7 @@ from html import escape
 
 from modelatlas.atlas.index import Atlas, ModelEntry
 from modelatlas.atlas.search import shared_folder
-from modelatlas.lineage.export import MAX_INDENT, root_note
+from modelatlas.lineage.export import MAX_INDENT, tree_heading
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
@@ -95,11 +95,9 @@ def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str) 
 def _trees(atlas: Atlas, folder: str) -> list[str]:
     kids, entries = atlas.forest.children(), {m.name: m for m in atlas.models}
     out = []
-    f = atlas.forest
-    for t, root in enumerate(f.roots()):
-        k = next((i for i, tr in enumerate(f.trees) if root in tr), None)
-        size, note = (1, "") if k is None else (len(f.trees[k]), escape(root_note(f.decisions, k)))
-        out.append(f'<div class="tree-box"><h3>tree {t + 1} ({size} models{note})</h3><ul class="tree">')
+    for t, root in enumerate(atlas.forest.roots()):
+        size, note = tree_heading(atlas.forest, root) or (1, "")
+        out.append(f'<div class="tree-box"><h3>tree {t + 1} ({size} models{escape(note)})</h3><ul class="tree">')
         _subtree(root, kids, entries, out, folder)
         out.append("</ul></div>")
     return out

@@ -4,6 +4,7 @@ verify`` (weights against the manifest's digests, or against another build)."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from dataclasses import replace
 
 from modelatlas.cli.argtypes import int_tuple, positive_int, str_tuple
@@ -141,7 +142,7 @@ def _verify(args: argparse.Namespace) -> int:
     for name, s in status.items():
         if s != good:
             echo(f"{name}: {s}")
-    counts = {s: list(status.values()).count(s) for s in dict.fromkeys(status.values())}
+    counts = Counter(status.values())  # in order of first appearance
     echo(f"{manifest.root}: {len(status)} models; " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0 if all(s == good for s in status.values()) else 1
 

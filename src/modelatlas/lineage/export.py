@@ -70,8 +70,8 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
     kids = forest.children()
     out = []
     for t, root in enumerate(forest.roots()):
-        k = next((i for i, tr in enumerate(forest.trees) if root in tr), None)
-        head = f"  [tree {t + 1}, {len(forest.trees[k])} models{root_note(forest.decisions, k)}]" if k is not None else ""
+        tree = tree_heading(forest, root)
+        head = f"  [tree {t + 1}, {tree[0]} models{tree[1]}]" if tree else ""
         out.append(f"{root}{head}{_label(root, labels)}")
         _draw(root, kids, (marks, notes, labels), out)
     return "\n".join(out) + "\n"
@@ -80,8 +80,14 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
 ROOT_DOUBT = 0.75  # below it the runner-up root is named (on 117 benchmark trees every wrong root was below)
 
 
-def root_note(decisions: dict, k: int) -> str:
-    """"; root confidence 0.93", naming the next best root when the confidence is below :data:`ROOT_DOUBT`."""
+def tree_heading(forest: Forest, root: str) -> tuple[int, str] | None:
+    """(size, root note) of the tree whose root is ``root``, the note being "; root confidence 0.93" and the
+    next best root when the confidence is below :data:`ROOT_DOUBT`; None when the forest lists no such tree."""
+    k = next((i for i, tree in enumerate(forest.trees) if root in tree), None)
+    return None if k is None else (len(forest.trees[k]), _root_note(forest.decisions, k))
+
+
+def _root_note(decisions: dict, k: int) -> str:
     conf, runner = decisions.get("root_confidence") or [], decisions.get("root_runner_up") or []
     if k >= len(conf):
         return ""  # a joint placement, or a forest saved before root confidences

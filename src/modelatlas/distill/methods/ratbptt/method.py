@@ -164,9 +164,8 @@ def outer_grads(net: torch.nn.Module, params: Params, xr: torch.Tensor, yr: torc
         return float(loss.detach()), list(torch.autograd.grad(loss, learnables, allow_unused=True))
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     total, acc = 0.0, [torch.zeros_like(v) for v in leaves.values()]
-    for a in range(0, len(xr), chunk):
-        part = soft_cross_entropy(functional_call(net, leaves, (xr[a:a + chunk],)), yr[a:a + chunk])
-        part = part * (len(xr[a:a + chunk]) / len(xr))  # chunk means weighted to the batch mean
+    for xc, yc in zip(xr.split(chunk), yr.split(chunk)):
+        part = soft_cross_entropy(functional_call(net, leaves, (xc,)), yc) * (len(xc) / len(xr))  # weighted means
         for g_sum, g in zip(acc, torch.autograd.grad(part, list(leaves.values()))):
             g_sum.add_(g)
         total += float(part.detach())
