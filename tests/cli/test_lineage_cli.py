@@ -66,6 +66,14 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "no such manifest" in capsys.readouterr().err
 
 
+def test_empty_folder_beside_models_is_reported(tmp_path, capsys):
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "empty").mkdir()
+    make_tiny_zoo(tmp_path / "zoo")
+    assert main(["lineage", "recover", str(tmp_path / "zoo"), str(tmp_path / "empty")]) == 0
+    assert f"skipped: {tmp_path / 'empty'}: no models found there" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]) == 0

@@ -105,6 +105,17 @@ def test_config_errors_name_the_field():
         recover_lineage({"a": {"b": torch.zeros(3)}})
 
 
+def test_all_skipped_error_names_the_reasons(tmp_path):
+    # the reasons used to be printed only after a successful fit, so "see the reasons above" showed none
+    bad = [tmp_path / f"m{i}.safetensors" for i in range(5)]
+    for p in bad:
+        p.write_bytes(b"garbage!")
+    with pytest.raises(ConfigError) as err:
+        recover_lineage(bad)
+    msg = str(err.value)
+    assert "m0.safetensors: corrupt safetensors header" in msg and "and 2 more" in msg and "\n" not in msg
+
+
 def test_mother_paper_baseline_runs():
     weights, parents = make_synthetic_forest(seed=3)
     f = recover_lineage(weights, method="mother-paper", n_trees=3, stage="specialize", distance="l2")

@@ -60,9 +60,13 @@ def expand_paths(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         try:
-            found.extend(discover_models([p]))
+            models = discover_models([p])
         except AtlasError as e:
             print(f"skipped: {' '.join(str(e).split())}", file=sys.stderr)
+            continue
+        if not models and len(paths) > 1:  # alone, the caller's "no models found" error says it
+            print(f"skipped: {p}: no models found there", file=sys.stderr)
+        found.extend(models)
     return found
 
 

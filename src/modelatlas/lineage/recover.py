@@ -81,7 +81,7 @@ class LineageRecovery:
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
-            raise ConfigError("no model could be compared (every model was skipped); see the reasons above")
+            raise ConfigError(_nothing_comparable(skipped))
         self._fit_groups(cfg, names, stats, rules, skipped)
         if duplicates:
             self._add_duplicates(duplicates, lowp)
@@ -305,3 +305,12 @@ def _summarise(kinds) -> str:
     """One label for the distances used by the trees ("l2", "rank", "nuclear*rank" or "mixed: ...")."""
     kinds = sorted(set(kinds))
     return kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds) if kinds else "none"
+
+
+def _nothing_comparable(skipped: dict[str, str], shown: int = 3) -> str:
+    """The one-line error when every model was skipped, with the first reasons (the CLI prints skipped
+    models only after a successful fit, so the error itself must say why)."""
+    reasons = [" ".join(why.split()) for why in skipped.values()]
+    more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
+    return f"no model could be compared, every model was skipped: {'; '.join(reasons[:shown])}{more}"
+
