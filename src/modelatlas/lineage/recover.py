@@ -313,4 +313,3 @@ def _nothing_comparable(skipped: dict[str, str], shown: int = 3) -> str:
     reasons = [" ".join(why.split()) for why in skipped.values()]
     more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
     return f"no model could be compared, every model was skipped: {'; '.join(reasons[:shown])}{more}"
-
