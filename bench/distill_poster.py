@@ -21,6 +21,7 @@ subsets and networks), since one draw moves by 6-8 points at IPC 1. ``METHOD:IPC
 entry's outer iterations (e.g. ``dm:1:1000``; methods without a bench default get 200).
 ``--checkpoint-dir DIR`` makes runs of hours survive a stop: rerun the same command and each run continues
 from its last checkpoint (identical result to an uninterrupted run; its distill time is then this process's).
+Progress bars go to stderr on a terminal; ``ATLAS_PROGRESS=1`` draws them into a log file too.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 from modelatlas.allocator import keep_freed_memory
 from modelatlas.atomic import atomic_write_json
+from modelatlas.cli.output import tqdm_progress
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_random_baseline, evaluate_synthetic
 from modelatlas.distill.evaluate import EvalResult
@@ -65,7 +67,7 @@ def protocols(method: str, cfg: dict, tr, args) -> list:
 
 def random_baseline(tr, te, ipc: int, proto, args) -> EvalResult:
     """The random real subset pooled over ``--baseline-draws`` draws (seeds seed, seed+1, ...)."""
-    runs = [evaluate_random_baseline(tr, te, ipc, proto, args.seed + d) for d in range(args.baseline_draws)]
+    runs = [evaluate_random_baseline(tr, te, ipc, proto, args.seed + d, tqdm_progress) for d in range(args.baseline_draws)]
     accs = [a for r in runs for a in r.accuracies]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     draws = [round(r.mean, 2) for r in runs]
@@ -83,7 +85,8 @@ def one_run(entry: str, tr, te, args, baselines: dict):
     ckpt = Path(args.checkpoint_dir) / entry.replace(":", "_") if args.checkpoint_dir else None
     resume = ckpt is not None and (ckpt / "checkpoint.json").is_file()
     start = time.perf_counter()
-    syn = distill(method, tr, int_ipc, cfg, seed=args.seed, checkpoint_dir=ckpt, resume=resume)
+    syn = distill(method, tr, int_ipc, cfg, seed=args.seed, checkpoint_dir=ckpt, resume=resume,
+                 progress=tqdm_progress)
     wall = time.perf_counter() - start  # of this process only when resumed (see the row's "resumed")
     extra = {"resumed": True} if resume else {}
     if method == "podd":
@@ -91,7 +94,7 @@ def one_run(entry: str, tr, te, args, baselines: dict):
         extra |= {"actual_ipc": round(syn.meta["poster_ipc"], 3),
                  "poster": f"{lay['height']}x{lay['width']}, {lay['n_x']}x{lay['n_y']} crops"}
     for proto in protocols(method, cfg, tr, args):  # rows are yielded as soon as each is scored
-        ev = evaluate_synthetic(syn, te, proto, seed=args.seed)
+        ev = evaluate_synthetic(syn, te, proto, seed=args.seed, progress=tqdm_progress)
         yield _row(method, ipc, ev, wall, cfg["iterations"], extra)
         key = (proto.resolved().to_dict()["description"], int_ipc)  # the whole protocol (lr, net, epochs, ...)
         if key not in baselines and args.baseline_draws > 0:
