@@ -78,6 +78,18 @@ def test_statnn_features_and_fit():
     assert est.predict_proba({"w": x}).shape == (80, 2)
 
 
+def test_statnn_features_blocked_equal_one_pass(monkeypatch):
+    """Models are reduced in blocks to bound memory; each model's statistics are its own, so the blocks
+    change no value (float16 input is converted per block)."""
+    import modelatlas.probex.statnn as statnn
+
+    x = {"a": torch.randn(7, 6, 5, generator=torch.Generator().manual_seed(0)).half(), "b": torch.rand(7, 3)}
+    whole = layer_statistics(x)
+    monkeypatch.setattr(statnn, "_BLOCK", 31)  # 1 model per block for "a" (30 weights), 10 for "b"
+    assert np.array_equal(layer_statistics(x), whole)
+    assert whole.shape == (7, 18) and np.isfinite(whole).all()
+
+
 def test_text_zero_shot_on_synthetic_problem(tmp_path, text_problem):
     x, labels, text = text_problem
     seen = labels < 16
