@@ -48,6 +48,22 @@ def test_pool_built_once_and_reused(tmp_path, digits):
     assert syn.meta["pool_built_now"] is False and syn.meta["pool"] == str(folder)
 
 
+def test_pool_bases_spread_prior_checkpoints(tmp_path, digits):
+    def make_pool(bases):
+        cfg = methods.get("teddy").make_config(make_tiny(tmp_path, pool_bases=bases))
+        return load_or_build_pool(digits, cfg.pool_fields(), cfg.net_spec(digits.input_shape), 0, "cpu",
+                                  cfg.cache_dir)[0]
+
+    one, two = make_pool(1), make_pool(2)
+    key = "features.0.weight"
+    # base_steps 6, prior_fraction 0.3 -> last step 1: one base keeps step 1 four times; two bases twice each
+    assert all(torch.equal(one[0][key], p[key]) for p in one)
+    assert torch.equal(two[0][key], one[0][key]) and torch.equal(two[1][key], one[0][key])  # base 0 unchanged
+    assert torch.equal(two[2][key], two[3][key]) and not torch.equal(two[2][key], two[0][key])  # base 1 differs
+    with pytest.raises(ConfigError, match="pool_bases"):
+        methods.get("teddy").make_config({"pool_size": 4, "pool_bases": 5})
+
+
 def test_post_models_are_pruned(tmp_path, digits):
     cfg = methods.get("teddy").make_config(make_tiny(tmp_path, pool_kind="post", pool_size=1, prune_ratio=0.5))
     pool, _, _ = load_or_build_pool(digits, cfg.pool_fields(), cfg.net_spec(digits.input_shape), 0, "cpu", cfg.cache_dir)

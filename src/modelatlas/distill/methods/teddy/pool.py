@@ -59,24 +59,42 @@ def magnitude_masks(net: torch.nn.Module, ratio: float) -> list[torch.Tensor | N
     return masks
 
 
-def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device) -> list[dict[str, torch.Tensor]]:
-    """Train the base model and derive ``pool_size`` weak models (state dicts on the CPU)."""
-    kind, size = fields["pool_kind"], fields["pool_size"]
-    n_prior = size if kind == "prior" else (0 if kind == "post" else size // 2)
-    n_post = size - n_prior
-    base = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"],
-                    seed=derive_seed(seed, "teddy-base"), device=device)
+def _prior_checkpoints(train: ArrayDataset, fields: dict, spec: dict, seed: int, device, base: int,
+                       count: int, pool: list, full: bool) -> dict[str, torch.Tensor]:
+    """Train base model ``base``; append ``count`` checkpoints evenly spaced over its first ``prior_fraction``
+    of ``base_steps`` to ``pool``; return its final state after all ``base_steps`` when ``full``, else stop
+    at the last checkpoint (its later steps would change nothing). Base 0 keeps the one-base pool's seeds."""
+    tag = () if base == 0 else (base,)
+    net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"],
+                   seed=derive_seed(seed, "teddy-base", *tag), device=device)
     last = max(1, int(fields["base_steps"] * fields["prior_fraction"]))
-    marks = [max(1, round(last * (i + 1) / n_prior)) for i in range(n_prior)]  # may repeat when last < n_prior
-    pool: list[dict[str, torch.Tensor]] = []
+    marks = [max(1, round(last * (i + 1) / count)) for i in range(count)] if count else []  # may repeat
 
     def keep(step: int, net) -> None:
         for _ in range(marks.count(step)):
             pool.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
 
-    _sgd_steps(base, train, fields["base_steps"], fields["lr_net"], fields["batch_real"],
-               torch_generator(derive_seed(seed, "teddy-base-data")), on_step=keep)
-    trained = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    _sgd_steps(net, train, fields["base_steps"] if full else last, fields["lr_net"], fields["batch_real"],
+               torch_generator(derive_seed(seed, "teddy-base-data", *tag)), on_step=keep)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device) -> list[dict[str, torch.Tensor]]:
+    """Train the base model(s) and derive ``pool_size`` weak models (state dicts on the CPU).
+
+    The prior checkpoints are split as evenly as possible over ``pool_bases`` base models (different seeds);
+    the post models all come from base 0."""
+    n_prior = _kinds(fields).count("prior")
+    bases = fields.get("pool_bases", 1)
+    per_base = [n_prior // bases + (b < n_prior % bases) for b in range(bases)]
+    pool: list[dict[str, torch.Tensor]] = []
+    n_post = fields["pool_size"] - n_prior
+    trained = None
+    for b in range(bases):
+        final = _prior_checkpoints(train, fields, spec, seed, device, b, per_base[b], pool, b == 0 and n_post > 0)
+        trained = final if b == 0 else trained
+    base = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"], seed=0,
+                    device=device)
     for i in range(n_post):
         base.load_state_dict(trained)
         masks = magnitude_masks(base, fields["prune_ratio"])
