@@ -10,6 +10,11 @@ from modelatlas.errors import ConfigError
 POOL_KINDS = ("prior", "post", "both")
 
 
+def prior_count(kind: str, size: int) -> int:
+    """How many of a pool's ``size`` models are early ("prior") checkpoints; the rest are "post" models."""
+    return {"prior": size, "post": 0, "both": size // 2}[kind]
+
+
 @dataclass
 class TeddyConfig(MethodConfig):
     """Teddy fields.
@@ -55,7 +60,7 @@ class TeddyConfig(MethodConfig):
             raise ConfigError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
         if self.finetune_steps < 0:
             raise ConfigError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
-        n_prior = {"prior": self.pool_size, "post": 0, "both": self.pool_size // 2}[self.pool_kind]
+        n_prior = prior_count(self.pool_kind, self.pool_size)
         if self.pool_bases > max(n_prior, 1):
             raise ConfigError(f"pool_bases ({self.pool_bases}) must be <= the pool's prior checkpoints ({n_prior}):"
                               " lower pool_bases or raise pool_size")

@@ -22,6 +22,7 @@ from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tenso
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.cache import cache_key, cache_root
 from modelatlas.distill.evaluate import soft_cross_entropy
+from modelatlas.distill.methods.teddy.config import prior_count
 from modelatlas.distill.nets import make_net
 from modelatlas.seeding import derive_seed, torch_generator
 
@@ -60,15 +61,15 @@ def magnitude_masks(net: torch.nn.Module, ratio: float) -> list[torch.Tensor | N
 
 
 def _prior_checkpoints(train: ArrayDataset, fields: dict, spec: dict, seed: int, device, base: int,
-                       count: int, pool: list, full: bool) -> dict[str, torch.Tensor]:
+                       count: int, pool: list, full: bool) -> torch.nn.Module:
     """Train base model ``base``; append ``count`` checkpoints evenly spaced over its first ``prior_fraction``
-    of ``base_steps`` to ``pool``; return its final state after all ``base_steps`` when ``full``, else stop
-    at the last checkpoint (its later steps would change nothing). Base 0 keeps the one-base pool's seeds."""
+    of ``base_steps`` to ``pool``; return the net after all ``base_steps`` when ``full``, else stopped at the
+    last checkpoint (its later steps would change nothing). Base 0 keeps the one-base pool's seeds."""
     tag = () if base == 0 else (base,)
     net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"],
                    seed=derive_seed(seed, "teddy-base", *tag), device=device)
     last = max(1, int(fields["base_steps"] * fields["prior_fraction"]))
-    marks = [max(1, round(last * (i + 1) / count)) for i in range(count)] if count else []  # may repeat
+    marks = [max(1, round(last * (i + 1) / count)) for i in range(count)]  # may repeat when last < count
 
     def keep(step: int, net) -> None:
         for _ in range(marks.count(step)):
@@ -76,7 +77,7 @@ def _prior_checkpoints(train: ArrayDataset, fields: dict, spec: dict, seed: int,
 
     _sgd_steps(net, train, fields["base_steps"] if full else last, fields["lr_net"], fields["batch_real"],
                torch_generator(derive_seed(seed, "teddy-base-data", *tag)), on_step=keep)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return net
 
 
 def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device) -> list[dict[str, torch.Tensor]]:
@@ -84,17 +85,14 @@ def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device)
 
     The prior checkpoints are split as evenly as possible over ``pool_bases`` base models (different seeds);
     the post models all come from base 0."""
-    n_prior = _kinds(fields).count("prior")
-    bases = fields.get("pool_bases", 1)
+    n_prior = prior_count(fields["pool_kind"], fields["pool_size"])
+    n_post, bases = fields["pool_size"] - n_prior, fields["pool_bases"]
     per_base = [n_prior // bases + (b < n_prior % bases) for b in range(bases)]
     pool: list[dict[str, torch.Tensor]] = []
-    n_post = fields["pool_size"] - n_prior
-    trained = None
-    for b in range(bases):
-        final = _prior_checkpoints(train, fields, spec, seed, device, b, per_base[b], pool, b == 0 and n_post > 0)
-        trained = final if b == 0 else trained
-    base = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"], seed=0,
-                    device=device)
+    base = _prior_checkpoints(train, fields, spec, seed, device, 0, per_base[0], pool, n_post > 0)
+    for b in range(1, bases):
+        _prior_checkpoints(train, fields, spec, seed, device, b, per_base[b], pool, False)
+    trained = {k: v.detach().clone() for k, v in base.state_dict().items()}
     for i in range(n_post):
         base.load_state_dict(trained)
         masks = magnitude_masks(base, fields["prune_ratio"])
@@ -127,6 +125,5 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
 
 
 def _kinds(fields: dict) -> list[str]:
-    size, kind = fields["pool_size"], fields["pool_kind"]
-    n_prior = size if kind == "prior" else (0 if kind == "post" else size // 2)
-    return ["prior"] * n_prior + ["post"] * (size - n_prior)
+    n_prior = prior_count(fields["pool_kind"], fields["pool_size"])
+    return ["prior"] * n_prior + ["post"] * (fields["pool_size"] - n_prior)
