@@ -119,3 +119,21 @@ def test_unlearn_config_errors():
         DDMConfig(samples_per_cluster=0)
     with pytest.raises(ConfigError, match="weight_decay must be >= 0"):
         DDMConfig(weight_decay=-1.0)
+
+
+def check_doubling_oracle(h: torch.Tensor, damping: float) -> float:
+    """The d of plain doubling: the smallest damping x 2^j with h + d I positive definite (eigenvalues)."""
+    lam, d = float(torch.linalg.eigvalsh(h.double())[0]), damping
+    while lam + d <= 0:
+        d *= 2.0
+    return d
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_damped_cholesky_returns_the_damping_of_plain_doubling(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(80, 80, generator=g)
+    h = a @ a.T / 80 - (0.3 + seed) * torch.eye(80)  # indefinite by a seeded margin: several doublings
+    factor, d = N.damped_cholesky(h, 0.01)
+    assert d == check_doubling_oracle(h, 0.01)
+    assert torch.allclose(factor @ factor.T, h + d * torch.eye(80), atol=1e-4)
