@@ -99,3 +99,10 @@ def test_show_forest_warns_when_stage_is_a_guess(capsys):
     for forest in (make_chain_forest(0.9), make_chain_forest(0.5, given=True)):
         show_forest(forest)
         assert "no evidence" not in capsys.readouterr().err
+
+
+def test_summary_counts_agree_in_number(capsys):
+    from modelatlas.cli.lineage import show_forest
+
+    show_forest(make_chain_forest(0.9))
+    assert "\n3 models, 1 tree (found from the data); stage" in capsys.readouterr().out

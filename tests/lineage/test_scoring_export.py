@@ -60,6 +60,11 @@ def test_marks_and_text_drawing():
     assert "└── d  (0.25)  ✓" in text
 
 
+def test_tree_header_of_a_lone_model_is_singular():
+    f = Forest(["solo"], [], {"stage": "specialize"}, [["solo"]])
+    assert to_text(f).splitlines() == ["solo  [tree 1, 1 model]"]
+
+
 def test_tree_header_gives_root_confidence_and_names_the_runner_up_when_in_doubt():
     f = make_forest()
     assert to_text(f).splitlines()[0] == "b  [tree 1, 4 models]"  # no root confidences (joint placement)

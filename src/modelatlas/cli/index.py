@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from modelatlas.cli.argtypes import positive_int
-from modelatlas.cli.output import echo, tqdm_progress, warn
+from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def _show_atlas(atlas) -> None:
     labels = {m.name: _what(m) for m in atlas.models if m.predicted or m.described}
     echo(to_text(atlas.forest, labels=labels).rstrip("\n"))
     d = atlas.forest.decisions
-    echo(f"{len(atlas.models)} models, {len(atlas.forest.roots())} trees; stage: {d.get('stage')}; "
+    echo(f"{counted(len(atlas.models), 'model')}, {counted(len(atlas.forest.roots()), 'tree')}; stage: {d.get('stage')}; "
          f"distance: {d.get('distance')}" + (f"; {len(labels)} described by experts" if atlas.experts else ""))
 
 

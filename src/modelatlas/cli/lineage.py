@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modelatlas.atomic import atomic_write_text
 from modelatlas.cli.argtypes import positive_int
-from modelatlas.cli.output import echo, tqdm_progress, warn
+from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 from modelatlas.errors import AtlasError, ConfigError
 
 
@@ -107,7 +107,7 @@ def show_forest(forest, truth=None) -> None:
     dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
     same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""
     same += f", {len(lowp)} a lower-precision copy of another" if lowp else ""
-    echo(f"\n{len(forest.nodes)} models{same}, {d['n_trees']} trees ({k_how}); stage: {d['stage']} ({how}); "
+    echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
     if not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
         warn("the weights hold no evidence of the training stage (chains or single models only), so edge "

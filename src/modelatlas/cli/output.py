@@ -22,6 +22,11 @@ def echo(*parts: object) -> None:
     print(*parts)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 model', '3 models': a count with its noun in the right number (plural by adding 's')."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def warn(message: str) -> None:
     """Print a warning line to stderr."""
     print(f"warning: {message}", file=sys.stderr)

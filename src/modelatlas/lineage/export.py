@@ -71,7 +71,7 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
     out = []
     for t, root in enumerate(forest.roots()):
         tree = tree_heading(forest, root)
-        head = f"  [tree {t + 1}, {tree[0]} models{tree[1]}]" if tree else ""
+        head = f"  [tree {t + 1}, {tree[0]} model{'s' * (tree[0] != 1)}{tree[1]}]" if tree else ""
         out.append(f"{root}{head}{_label(root, labels)}")
         _draw(root, kids, (marks, notes, labels), out)
     return "\n".join(out) + "\n"
