@@ -93,3 +93,20 @@ def test_result_folder_roundtrip(tmp_path):
     assert info["losses"] == [3.0, 2.0, 1.0] and info["transform"] == "standardize"
     with pytest.raises(CheckpointError, match="result.json: missing; not a distillation result folder"):
         load_result(tmp_path / "empty")
+
+
+def check_png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_grid_puts_one_image_per_class_side_by_side():
+    from modelatlas.distill.result import render_grid
+
+    one = SyntheticSet(torch.rand(13, 1, 8, 8), torch.arange(13), 13, class_names=[f"c{i}" for i in range(13)])
+    w, h = check_png_size(render_grid(one))
+    assert w > 3 * h  # two rows of up to 10, not a column of 13
+    three = SyntheticSet(torch.rand(6, 1, 8, 8), torch.arange(2).repeat_interleave(3), 2)
+    w, h = check_png_size(render_grid(three))
+    assert w > h  # one row per class, 3 images wide

@@ -7,7 +7,7 @@
   kind is in ``result.json``. Apply it to the test set before evaluating;
 - ``result.json``: method, dataset, ipc, seed, config, evaluation (mean/std test accuracy, per-network
   accuracies, protocol), optional baseline, distillation wall time, loss history;
-- ``images.png``: a grid of the synthetic images (one row per class, inverse-transformed for display);
+- ``images.png``: a grid of the synthetic images (one row per class, or at IPC 1 the classes side by side; inverse-transformed for display);
 - ``loss.png``: the learning curve (loss per outer iteration);
 - PoDD sets (``"poster"`` in ``extras``) are stored as the poster + label grid + layout, not as their crops
   (rebuilt on load), and get ``poster.png`` (poster with crop grid and class layout).
@@ -93,7 +93,8 @@ def _png(fig) -> bytes:
 
 
 def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> bytes:
-    """PNG bytes: one row per class, up to ``max_per_class`` images; 1-D signals are drawn as curves."""
+    """PNG bytes: one row per class, up to ``max_per_class`` images; with one image per class, the classes
+    side by side in rows of 10 (a column of 10 single images is hard to read); 1-D signals are drawn as curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +104,8 @@ def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> b
     if transform is not None:
         x = transform.inverse(x)
     k, cols = syn.num_classes, max(1, min(syn.ipc or 1, max_per_class))
+    if cols == 1:
+        return _png(_one_per_class(plt, x, syn))
     fig, axes = plt.subplots(k, cols, figsize=(cols * 1.0 + 0.6, k * 1.0), squeeze=False)
     for c in range(k):
         imgs = x[syn.classes.cpu() == c][:cols]
@@ -114,6 +117,25 @@ def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> b
                 _draw(ax, imgs[j])
         axes[c][0].set_ylabel(syn.class_names[c][:10], fontsize=7)
     return _png(fig)
+
+
+def _one_per_class(plt, x: torch.Tensor, syn: SyntheticSet):
+    """A figure of each class's first image, titled with the class name, 10 classes per row."""
+    k = syn.num_classes
+    cols, rows = min(k, 10), -(-k // 10)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.0, rows * 1.2), squeeze=False)
+    classes = syn.classes.cpu()
+    for c, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if c >= k:
+            ax.set_axis_off()
+            continue
+        ax.set_title(syn.class_names[c][:10], fontsize=7)
+        mine = x[classes == c]
+        if len(mine):
+            _draw(ax, mine[0])
+    return fig
 
 
 def _draw(ax, img: torch.Tensor) -> None:
