@@ -138,3 +138,12 @@ def test_config_errors_name_the_field():
             spec.make_config({field: value})
     with pytest.raises(ConfigError, match="crops_x/crops_y"):
         P.make_layout(0.3, 10, 8, 8, crops=(None, 3))  # the 0.3-IPC poster is one image high
+
+
+def test_poster_figure_keeps_the_aspect_and_a_readable_size():
+    from modelatlas.distill.methods.podd.render import poster_figsize
+
+    w, h = poster_figsize(11, 29)  # the digits 0.5-IPC poster: long side 8 in
+    assert w == pytest.approx(29 * 8 / 29 + 0.4) and h == pytest.approx(11 * 8 / 29 + 0.6)
+    assert poster_figsize(4, 4) == pytest.approx((4 * 0.3 + 0.4, 4 * 0.3 + 0.6))  # tiny: capped at 0.3 in a pixel
+    assert poster_figsize(1000, 2000)[0] == pytest.approx(2000 * 0.015 + 0.4)  # large: >= 1.5 screen px a pixel

@@ -35,7 +35,7 @@ def render_poster(syn: SyntheticSet, transform=None) -> bytes:
 
     layout = P.Layout(**syn.meta["poster"])
     img, grid = _display(syn.extras["poster"], transform), syn.extras["class_grid"]
-    fig, ax = plt.subplots(figsize=(max(4.0, layout.width / 8), max(2.0, layout.height / 8)))
+    fig, ax = plt.subplots(figsize=poster_figsize(layout.height, layout.width))
     if img.shape[0] == 1:
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
     else:
@@ -55,3 +55,11 @@ def render_poster(syn: SyntheticSet, transform=None) -> bytes:
     ax.set_xticks([])
     ax.set_yticks([])
     return _png(fig)
+
+
+def poster_figsize(height: int, width: int, long_side: float = 8.0, dpi: int = 100) -> tuple[float, float]:
+    """(width, height) in inches: the poster's aspect ratio, its long side ``long_side`` inches, but never
+    under 1.5 screen pixels per poster pixel (a large poster is not shrunk) nor over 0.3 in (a tiny one is
+    not blown up into blocks), plus room for the title."""
+    scale = max(min(0.3, long_side / max(height, width)), 1.5 / dpi)
+    return width * scale + 0.4, height * scale + 0.6
