@@ -90,3 +90,14 @@ def test_discover_keeps_hub_ids(cache):
     [path] = discover_models(["org/tiny"])
     with open_checkpoint(path) as ck:
         assert ck.name == "org/tiny"
+
+
+def test_bare_hub_ids_like_gpt2(cache):
+    make_cached_model(cache, repo_id="gpt2")
+    assert parse_hub_id("gpt2") == ("gpt2", "main") and parse_hub_id("gpt2@v1") == ("gpt2", "v1")
+    [path] = discover_models(["gpt2"])
+    with open_checkpoint(path) as ck:
+        assert ck.name == "gpt2" and torch.equal(ck.read("w"), torch.ones(2, 2))
+    with pytest.raises(CheckpointError, match=r"^gtp2: no such file or folder, and hub id 'gtp2' is not in the local"):
+        open_checkpoint("gtp2")  # a typo: says both what was looked for and where
+    assert parse_hub_id("model.safetensors") is None and parse_hub_id("./gpt2") is None

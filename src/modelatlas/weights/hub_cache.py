@@ -1,4 +1,5 @@
-"""Hugging Face hub ids (``org/name`` or ``org/name@revision``) resolved from the LOCAL hub cache only.
+"""Hugging Face hub ids (``org/name``, a bare ``name`` such as ``gpt2``, either with ``@revision``) resolved
+from the LOCAL hub cache only.
 
 modelatlas never downloads. The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
 ``~/.cache/huggingface/hub``, in the layout ``huggingface_hub`` writes:
@@ -16,7 +17,8 @@ from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint
 from modelatlas.weights.registry import open_checkpoint, register_resolver
 
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+# org/name, or a bare name (the hub's older ids: gpt2, bert-base-uncased, cached as models--gpt2)
+_HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx", ".gguf", ".json")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -31,7 +33,7 @@ def hub_cache_dir() -> Path:
 
 
 def parse_hub_id(text: str) -> tuple[str, str] | None:
-    """``(repo_id, revision)`` if ``text`` looks like ``org/name[@rev]`` (not a model file path), else None."""
+    """``(repo_id, revision)`` if ``text`` looks like ``[org/]name[@rev]`` (not a model file path), else None."""
     m = _HUB_ID.match(text)
     if not m or m["repo"].endswith(_MODEL_SUFFIXES) or ".." in text:
         return None
