@@ -109,9 +109,9 @@ def test_mst_scores_by_hand():
 
 def check_orient_mst_brute(dist, kurtosis, stage):
     """Oracle: try every root, orient the MST from it, keep the best (violations, summed violation, root)."""
-    from modelatlas.lineage.orient import _prim, _root_at
+    from modelatlas.lineage.orient import _root_at, prim_mst
 
-    adj, sign, best = _prim(dist), (1.0 if stage == "specialize" else -1.0), None
+    adj, sign, best = prim_mst(dist), (1.0 if stage == "specialize" else -1.0), None
     for root in range(dist.shape[0]):
         parent = _root_at(adj, root)
         child = np.array([v for v in range(len(adj)) if parent[v] >= 0], dtype=int)

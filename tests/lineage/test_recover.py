@@ -239,3 +239,32 @@ def test_precision_edges_are_drawn_as_copies():
     assert "a16  (lower-precision copy of a)" in to_text(f)
     assert 'label="lower precision", style=dashed' in to_dot(f) and "-.->|lower precision|" in to_mermaid(f)
     assert Forest.from_dict(f.to_dict()).edges[0].kind == "precision"
+
+
+def make_mixed_tree_matrices():
+    """Hand-made (rms, rank fraction) of 5 models: root 0 with a LoRA child 4 and a FULL fine-tune 1, whose
+    LoRA children 2 and 3 are its nearest models. Every model's nearest neighbour differs by a low rank; only
+    the MST edge 0-1 (the full fine-tune) is full rank."""
+    rms = np.array([[0, 1.0, 1.2, 1.2, 0.4],
+                    [1.0, 0, 0.5, 0.5, 1.1],
+                    [1.2, 0.5, 0, 0.7, 1.3],
+                    [1.2, 0.5, 0.7, 0, 1.3],
+                    [0.4, 1.1, 1.3, 1.3, 0]])
+    frac = np.array([[0, 0.6, 0.65, 0.65, 0.06],
+                     [0.6, 0, 0.06, 0.06, 0.6],
+                     [0.65, 0.06, 0, 0.12, 0.66],
+                     [0.65, 0.06, 0.12, 0, 0.66],
+                     [0.06, 0.6, 0.66, 0.66, 0]])
+    return rms, frac
+
+
+def test_a_full_fine_tune_among_lora_children_keeps_the_tree_off_rank_distance():
+    from modelatlas.lineage.recover import _low_rank_tree
+
+    rms, frac = make_mixed_tree_matrices()
+    near = np.argmin(rms + np.diag(np.full(5, np.inf)), axis=1)
+    assert (frac[np.arange(5), near] < 0.25).all()  # what the old nearest-neighbour rule looked at
+    assert not _low_rank_tree(rms, frac)  # MST edges: 0.06, 0.06, 0.06, 0.6 -> 0.9 quantile 0.44
+    lora = np.where(frac > 0.25, 0.12, frac)  # the same tree, all LoRA
+    np.fill_diagonal(lora, 0)
+    assert _low_rank_tree(rms, lora)

@@ -3,7 +3,7 @@ import pytest
 
 from modelatlas.errors import ConfigError
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.orient import _prim, _root_at, orient_mst, orient_votes
+from modelatlas.lineage.orient import _root_at, orient_mst, orient_votes, prim_mst
 from modelatlas.lineage.root import branching, choose_root, edge_votes, hop_sums, root_scores
 
 
@@ -86,7 +86,7 @@ def test_root_scores_match_brute_force_on_random_trees():
     for n in (2, 5, 12):
         x = rng.normal(size=(n, 4))
         dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
-        adj = _prim(dist)
+        adj = prim_mst(dist)
         lk = rng.normal(size=(n, 3))
         for stage in ("generalize", "specialize"):
             check_brute_force_scores(adj, lk.sum(1), lk, stage, prior=2.0)

@@ -31,8 +31,8 @@ class LineageConfig:
     layers: regular expression selecting tensors by name (``re.search``); None = square 2-D matrices
         (all matrices when a model has no square one).
     distance: ``"l2"`` (full fine-tuning: mean per-layer RMS of the difference), ``"rank"`` (LoRA: summed
-        rank of the difference) or ``"auto"`` (per tree: rank when the nearest-neighbour differences are
-        low-rank, else nuclear norm x rank fraction).
+        rank of the difference) or ``"auto"`` (per tree: rank when the edges of its RMS minimum spanning
+        tree are low-rank differences, else nuclear norm x rank fraction).
     placement: ``"mst"`` (edges from the undirected minimum spanning tree of the distances, kurtosis only
         picks the root) or ``"joint"`` (MoTHer: the arborescence of distance + direction penalty; the
         mother-paper recipe always uses it).

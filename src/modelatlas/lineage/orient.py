@@ -84,7 +84,7 @@ def orient_mst(dist: np.ndarray, kurtosis: np.ndarray, stage: str) -> list[int]:
     be. Time O(n^2) for the MST, O(n) for the roots (it was O(n^2) Python steps, 1 s at n = 1000).
     """
     n = dist.shape[0]
-    adj = _prim(dist)
+    adj = prim_mst(dist)
     if n < 2:
         return [-1] * n
     k = np.asarray(kurtosis, dtype=np.float64)
@@ -119,12 +119,12 @@ def orient_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndar
     root chosen by per-layer kurtosis votes and a centrality prior (:func:`modelatlas.lineage.root.choose_root`).
     Time O(n^2 + n L).
     """
-    adj = _prim(dist)
+    adj = prim_mst(dist)
     root, conf, second = choose_root(adj, kurtosis, layer_kurtosis, stage, prior, votes)
     return _root_at(adj, root), conf, second
 
 
-def _prim(dist: np.ndarray) -> list[list[int]]:
+def prim_mst(dist: np.ndarray) -> list[list[int]]:
     """Adjacency lists of a minimum spanning tree of the complete graph ``dist`` (Prim). Time O(n^2)."""
     n = dist.shape[0]
     adj: list[list[int]] = [[] for _ in range(n)]

@@ -33,6 +33,7 @@ from modelatlas.lineage.orient import (
     edge_scores,
     mst_edge_scores,
     orient_votes,
+    prim_mst,
     solve_tree,
 )
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
@@ -254,11 +255,11 @@ def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int,
 def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[np.ndarray, str]:
     """The edge distance matrix of one tree and its kind ("l2", "rank" or "nuclear*rank").
 
-    ``auto``: when nearly all (90%) nearest-neighbour differences have rank below a quarter of the sketch
-    (a LoRA tree) the summed rank is used (RMS breaks ties). Otherwise nuclear norm x rank fraction: a
-    fine-tuning update is low-rank-ish too, and a grandparent differs by the *sum* of two updates in
-    different subspaces, whose nuclear norms (unlike Frobenius norms) add and whose ranks add, even where it
-    is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's ``_NEIGHBOURS``
+    ``auto``: when nearly all (90%) edges of the tree's RMS minimum spanning tree differ by a rank below a
+    quarter of the sketch (a LoRA tree, :func:`_low_rank_tree`) the summed rank is used (RMS breaks ties).
+    Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a grandparent
+    differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
+    add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's ``_NEIGHBOURS``
     nearest by RMS; all pairs for the paper's recipe); other pairs count as far (10 x the largest computed
     distance, full rank). Time O(n k L n_l s^2).
     """
@@ -272,14 +273,22 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
     kind = cfg.distance
     if kind == "auto":
-        near = np.argmin(rms + np.diag(np.full(len(idx), np.inf)), axis=1)
-        # pure LoRA trees only: one full fine-tuning edge in a tree would be misplaced by rank alone
-        kind = "rank" if np.quantile(frac[np.arange(len(idx)), near], 0.9) < 0.25 else "nuclear*rank"
+        kind = "rank" if _low_rank_tree(rms, frac) else "nuclear*rank"
     if kind == "rank":
         if paper:
             return frac * cap, "rank"
         return frac * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
     return nuclear * frac, "nuclear*rank"
+
+
+def _low_rank_tree(rms: np.ndarray, frac: np.ndarray) -> bool:
+    """Whether a tree is a LoRA tree: nearly all (90%) of the edges of its RMS minimum spanning tree differ by
+    a rank below a quarter of the sketch. MST edges, not each model's nearest neighbour: a full fine-tune
+    whose LoRA children are its nearest models is nobody's nearest itself, yet the edge that joins it to its
+    parent is in the MST (and one full fine-tuning edge would be misplaced by rank alone). O(n^2)."""
+    adj = prim_mst(rms)
+    edges = np.array([(u, v) for u in range(len(adj)) for v in adj[u] if u < v])  # (n - 1, 2)
+    return bool(np.quantile(frac[edges[:, 0], edges[:, 1]], 0.9) < 0.25)
 
 
 def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
