@@ -40,41 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from modelatlas.attribution import (
-        DDMConfig,
-        ddm_attribution,
-        loo_attribution,
-        spearman_scores,
-        within_class_spearman,
-    )
+    from modelatlas.attribution import ddm_attribution
     from modelatlas.attribution.report import render_top_clusters, save_attribution, write_plot
-    from modelatlas.data import load_dataset
 
-    kw = {"root": args.data_root} if args.data_root else {}
-    train, test = load_dataset(args.dataset, "train", **kw), load_dataset(args.dataset, "test", **kw)
-    if len(train.input_shape) != 3:
-        raise ConfigError(f"dataset {args.dataset!r} is not an image dataset (shape {train.input_shape})")
-    xtr, ytr = train.x[:args.max_train], train.y[:args.max_train]
-    xte, yte = test.x[:args.max_test], test.y[:args.max_test]
-    bad = [j for j in args.test_index if not 0 <= j < len(xte)]
-    if bad:
-        raise ConfigError(f"--test-index {bad[0]} is out of range: the test split has {len(xte)} samples")
-    fields = {"clusters_per_class": args.clusters_per_class}
-    given = (("train_steps", args.train_steps), ("match_steps", args.match_steps), ("unlearn", args.unlearn),
-             ("damping", args.damping), ("samples_per_cluster", args.samples_per_cluster),
-             ("weight_decay", args.weight_decay))
-    fields.update({k: v for k, v in given if v is not None})
-    cfg = DDMConfig(**fields)
+    train, (xtr, ytr, xte, yte) = _inputs(args)
+    cfg = _config(args)
     attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
     info = {"dataset": train.name, "n_train": len(xtr), "n_test": len(xte), "seed": args.seed, "config": cfg.to_dict()}
-    true = None
-    if args.validate:
-        true, loo_s = loo_attribution(xtr, ytr, xte, yte, train.num_classes, attr.assign, cfg, args.seed, tqdm_progress)
-        info["validation"] = {**spearman_scores(attr.matrix, true),
-                              "within_class": _finite(within_class_spearman(attr.matrix, true, attr.cluster_class, yte)),
-                              "loo_wall_s": round(loo_s, 3),
-                              "speedup_total": round(loo_s / attr.timings["total_s"], 2),
-                              "speedup_online": round(loo_s / max(attr.timings["online_s"], 1e-9), 1)}
+    true = _validate(args, attr, cfg, train.num_classes, (xtr, ytr, xte, yte), info) if args.validate else None
     save_attribution(args.out, attr, info, true)
     write_plot(args.out, render_top_clusters(attr, xtr, xte, yte, args.test_index))
     k_total, n_test = attr.matrix.shape
@@ -86,6 +59,45 @@ def _run(args: argparse.Namespace) -> int:
              f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}, within class {_shown(v['within_class'])}; "
              f"speed-up {v['speedup_total']}x total, {v['speedup_online']}x online")
     return 0
+
+
+def _inputs(args: argparse.Namespace):
+    """(train dataset, (x_train, y_train, x_test, y_test)) cut to --max-train / --max-test; errors name the flag."""
+    from modelatlas.data import load_dataset
+
+    kw = {"root": args.data_root} if args.data_root else {}
+    train, test = load_dataset(args.dataset, "train", **kw), load_dataset(args.dataset, "test", **kw)
+    if len(train.input_shape) != 3:
+        raise ConfigError(f"dataset {args.dataset!r} is not an image dataset (shape {train.input_shape})")
+    xte, yte = test.x[:args.max_test], test.y[:args.max_test]
+    bad = [j for j in args.test_index if not 0 <= j < len(xte)]
+    if bad:
+        raise ConfigError(f"--test-index {bad[0]} is out of range: the test split has {len(xte)} samples")
+    return train, (train.x[:args.max_train], train.y[:args.max_train], xte, yte)
+
+
+def _config(args: argparse.Namespace):
+    """DDMConfig from the flags given (the rest keep the library defaults)."""
+    from modelatlas.attribution import DDMConfig
+
+    given = (("train_steps", args.train_steps), ("match_steps", args.match_steps), ("unlearn", args.unlearn),
+             ("damping", args.damping), ("samples_per_cluster", args.samples_per_cluster),
+             ("weight_decay", args.weight_decay))
+    return DDMConfig(clusters_per_class=args.clusters_per_class, **{k: v for k, v in given if v is not None})
+
+
+def _validate(args, attr, cfg, num_classes: int, data, info: dict):
+    """Leave-one-cluster-out truth; adds its scores and speed-ups to ``info["validation"]``; returns the truth."""
+    from modelatlas.attribution import loo_attribution, spearman_scores, within_class_spearman
+
+    xtr, ytr, xte, yte = data
+    true, loo_s = loo_attribution(xtr, ytr, xte, yte, num_classes, attr.assign, cfg, args.seed, tqdm_progress)
+    info["validation"] = {**spearman_scores(attr.matrix, true),
+                          "within_class": _finite(within_class_spearman(attr.matrix, true, attr.cluster_class, yte)),
+                          "loo_wall_s": round(loo_s, 3),
+                          "speedup_total": round(loo_s / attr.timings["total_s"], 2),
+                          "speedup_online": round(loo_s / max(attr.timings["online_s"], 1e-9), 1)}
+    return true
 
 
 def _finite(x: float) -> float | None:
