@@ -41,19 +41,11 @@ def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Ten
         state, best = _load_state(Path(checkpoint_dir), module, opt)
     bar = resolve(progress)(range(state["epoch"], cfg.epochs), total=cfg.epochs - state["epoch"], desc="train")
     for epoch in bar:
-        module.train()
-        losses = []
-        gen = torch_generator(cfg.seed + 7919 * epoch)  # one generator per epoch: a resumed run sees the same order
-        for idx in torch.randperm(x.shape[0], generator=gen).split(cfg.batch_size):
-            loss = loss_fn(x[idx], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+        mean_loss = _epoch(module, opt, loss_fn, x, y, cfg.batch_size, cfg.seed + 7919 * epoch)
         module.eval()
         with torch.no_grad():
             score, val_loss = (float(v) for v in score_fn())
-        state["loss"].append(sum(losses) / len(losses))
+        state["loss"].append(mean_loss)
         state["score"].append(score)
         state["epoch"] = epoch + 1
         if (score, -val_loss) > (state["best_score"], -state["best_loss"]):
@@ -65,6 +57,21 @@ def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Ten
     module.load_state_dict(best)
     module.eval()
     return state
+
+
+def _epoch(module: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+           batch_size: int, seed: int) -> float:
+    """One pass over (x, y) in a seeded order (one generator per epoch: a resumed run sees the same order);
+    returns the mean batch loss."""
+    module.train()
+    losses = []
+    for idx in torch.randperm(x.shape[0], generator=torch_generator(seed)).split(batch_size):
+        loss = loss_fn(x[idx], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return sum(losses) / len(losses)
 
 
 def _save_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, best: dict, state: dict) -> None:
