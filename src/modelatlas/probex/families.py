@@ -294,25 +294,35 @@ def make_wide_subset_zoo(folder: str | Path, children: int = 500, hidden: int = 
     records = [ModelRecord(tree, _save_model(folder, tree, _unstack(root, 0)), None, tree, "mlp", "mnist-fashion20",
                            "root", task={"kind": "class_subset", "classes": list(range(n_classes)),
                                          "root_train_acc": _accuracy(root, flat, y)})]
+    records += _subset_children(folder, root, flat, y, config, progress)
+    manifest = Manifest(records, config, folder)
+    manifest.save(folder / "manifest.json")
+    return manifest
+
+
+def _subset_children(folder: Path, root: dict[str, torch.Tensor], flat: torch.Tensor, y: torch.Tensor, config: dict,
+                     progress: Progress | None) -> list[ModelRecord]:
+    """The wide zoo's ``children`` fine-tunes of ``root`` on random class subsets, trained ``batch_models``
+    at a time as one stacked model, saved, and their records."""
+    seed, children, batch_models, n_classes = config["seed"], config["children"], config["batch_models"], int(y.max()) + 1
     rng = np.random.default_rng(derive_seed(seed, "subsets"))
-    subsets = [sorted(rng.choice(n_classes, subset_size, replace=False).tolist()) for _ in range(children)]
+    subsets = [sorted(rng.choice(n_classes, config["subset_size"], replace=False).tolist()) for _ in range(children)]
     weights = torch.stack([torch.isin(y, torch.tensor(s)).float() for s in subsets])  # (n, N)
-    steps, lrs = _ranges(children, derive_seed(seed, "ranges"), ft_steps, ft_lr)
+    steps, lrs = _ranges(children, derive_seed(seed, "ranges"), tuple(config["ft_steps"]), tuple(config["ft_lr"]))
+    records = []
     for start in resolve(progress)(range(0, children, batch_models), total=-(-children // batch_models),
                                    desc="fine-tune"):
         end = min(children, start + batch_models)
         stacked = {k: v.expand(end - start, *v.shape[1:]) for k, v in root.items()}
-        params = train_stacked(stacked, flat, y, weights[start:end], lrs[start:end], steps[start:end], batch,
-                               derive_seed(seed, "batch", start))
+        params = train_stacked(stacked, flat, y, weights[start:end], lrs[start:end], steps[start:end],
+                               config["batch"], derive_seed(seed, "batch", start))
         for i in range(end - start):
-            name = f"{tree}-c{start + i:04d}"
-            task = {"kind": "class_subset", "dataset": "mnist-fashion20", "classes": subsets[start + i],
-                    "label": "classes " + ",".join(map(str, subsets[start + i]))}
-            records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), tree, tree, "mlp",
+            name, classes = f"t0-c{start + i:04d}", subsets[start + i]
+            task = {"kind": "class_subset", "dataset": "mnist-fashion20", "classes": classes,
+                    "label": "classes " + ",".join(map(str, classes))}
+            records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), "t0", "t0", "mlp",
                                        "mnist-fashion20", "full", task=task))
-    manifest = Manifest(records, config, folder)
-    manifest.save(folder / "manifest.json")
-    return manifest
+    return records
 
 
 def _accuracy(params: dict[str, torch.Tensor], flat: torch.Tensor, y: torch.Tensor) -> float:
