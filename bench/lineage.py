@@ -83,6 +83,8 @@ HELDOUT2 = {f"held-out 2: {k}": v for k, v in {
     "lora r4 cnn seed50": (_LORA, dict(seed=50, arch="cnn")),
     "mixed cnn seed49": ("demo", dict(seed=49, children=3, arch="cnn")),
     "full cnn seed51": ("lineage-full", dict(seed=51, arch="cnn"))}.items()}
+# the `atlas demo` family (3 x 2 x 2, full fine-tuning and LoRA mixed) at 24 more seeds: mixed trees (session 16)
+DEMO_SEEDS = {f"demo seed{s}": ("demo", dict(seed=s)) for s in range(1, 25)}
 SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
            for n, (t, c, d) in {21: (3, 2, 2), 39: (3, 3, 2), 78: (6, 3, 2), 120: (3, 3, 3), 200: (5, 3, 3)}.items()}
 # wider models (3 square 512 x 512 layers, 3.3 MB files) so that reading is not free next to fixed compute
@@ -337,7 +339,8 @@ HEADER = ("| zoo | models | ours: directed / undirected / ARI | MoTHer recipe (t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "scaling", "wide"), default="accuracy")
+    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "demo-seeds", "scaling", "wide"),
+                    default="accuracy")
     ap.add_argument("--work", type=Path, default=Path("/tmp/atlas-bench-lineage"))
     ap.add_argument("--only", help="comma-separated zoo keys")
     ap.add_argument("--json", type=Path)
@@ -362,7 +365,8 @@ def main() -> None:
         if args.json:
             atomic_write_json(args.json, rows, indent=2)
         return
-    zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "heldout2": HELDOUT2, "scaling": SCALING, "wide": WIDE}[args.suite]
+    zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "heldout2": HELDOUT2, "demo-seeds": DEMO_SEEDS,
+            "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
     rows = {}
     print(HEADER, flush=True)
