@@ -259,9 +259,9 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     quarter of the sketch (a LoRA tree, :func:`_low_rank_tree`) the summed rank is used (RMS breaks ties).
     Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a grandparent
     differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
-    add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour pairs only (each model's ``_NEIGHBOURS``
-    nearest by RMS; all pairs for the paper's recipe); other pairs count as far (10 x the largest computed
-    distance, full rank). Time O(n k L n_l s^2).
+    add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
+    pairs only (each model's ``_NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs
+    count as far (10 x the largest computed distance, full rank). Time O(n k L n_l s^2).
     """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
