@@ -2,6 +2,7 @@
 
     python bench/lineage.py --suite accuracy --work /tmp/atlas-bench-lineage
     python bench/lineage.py --suite scaling --work /tmp/atlas-bench-lineage
+    python bench/lineage.py --suite demo-seeds --work /tmp/atlas-bench-lineage   # the demo family, seeds 1-24
     python bench/lineage.py --suite wide --work /tmp/atlas-bench-lineage --only "wide512 39"
     python bench/lineage.py --synthetic-wide 512 --work /tmp/atlas-bench-lineage
 
