@@ -7,7 +7,8 @@
   kind is in ``result.json``. Apply it to the test set before evaluating;
 - ``result.json``: method, dataset, ipc, seed, config, evaluation (mean/std test accuracy, per-network
   accuracies, protocol), optional baseline, distillation wall time, loss history;
-- ``images.png``: a grid of the synthetic images (one row per class, or at IPC 1 the classes side by side; inverse-transformed for display);
+- ``images.png``: a grid of the synthetic images (one row per class, or at IPC 1 the classes side by side;
+  inverse-transformed for display);
 - ``loss.png``: the learning curve (loss per outer iteration);
 - PoDD sets (``"poster"`` in ``extras``) are stored as the poster + label grid + layout, not as their crops
   (rebuilt on load), and get ``poster.png`` (poster with crop grid and class layout).

@@ -294,15 +294,15 @@ def make_wide_subset_zoo(folder: str | Path, children: int = 500, hidden: int = 
     records = [ModelRecord(tree, _save_model(folder, tree, _unstack(root, 0)), None, tree, "mlp", "mnist-fashion20",
                            "root", task={"kind": "class_subset", "classes": list(range(n_classes)),
                                          "root_train_acc": _accuracy(root, flat, y)})]
-    records += _subset_children(folder, root, flat, y, config, progress)
+    records += _subset_children(folder, tree, root, flat, y, config, progress)
     manifest = Manifest(records, config, folder)
     manifest.save(folder / "manifest.json")
     return manifest
 
 
-def _subset_children(folder: Path, root: dict[str, torch.Tensor], flat: torch.Tensor, y: torch.Tensor, config: dict,
-                     progress: Progress | None) -> list[ModelRecord]:
-    """The wide zoo's ``children`` fine-tunes of ``root`` on random class subsets, trained ``batch_models``
+def _subset_children(folder: Path, tree: str, root: dict[str, torch.Tensor], flat: torch.Tensor, y: torch.Tensor,
+                     config: dict, progress: Progress | None) -> list[ModelRecord]:
+    """The wide zoo's ``children`` fine-tunes of ``root`` (named ``tree``) on random class subsets, trained ``batch_models``
     at a time as one stacked model, saved, and their records."""
     seed, children, batch_models, n_classes = config["seed"], config["children"], config["batch_models"], int(y.max()) + 1
     rng = np.random.default_rng(derive_seed(seed, "subsets"))
@@ -317,10 +317,10 @@ def _subset_children(folder: Path, root: dict[str, torch.Tensor], flat: torch.Te
         params = train_stacked(stacked, flat, y, weights[start:end], lrs[start:end], steps[start:end],
                                config["batch"], derive_seed(seed, "batch", start))
         for i in range(end - start):
-            name, classes = f"t0-c{start + i:04d}", subsets[start + i]
+            name, classes = f"{tree}-c{start + i:04d}", subsets[start + i]
             task = {"kind": "class_subset", "dataset": "mnist-fashion20", "classes": classes,
                     "label": "classes " + ",".join(map(str, classes))}
-            records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), "t0", "t0", "mlp",
+            records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), tree, tree, "mlp",
                                        "mnist-fashion20", "full", task=task))
     return records
 
