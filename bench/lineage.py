@@ -321,7 +321,18 @@ def summary(rows: dict) -> str:
              "task (task similarity >= 0.6; the true parent's task is like the child's for",
              f"{n['misplaced_true_parent_same_task']}; mean similarity of two fine-tunes of one tree:",
              f"{np.mean(base) if base else float('nan'):.2f})"]
-    return "\n" + " ".join(lines)
+    return "\n" + " ".join(lines) + "\n" + pooled(rows)
+
+
+def pooled(rows: dict) -> str:
+    """Edges right over edges in all, per fine-tuning method (the zoo key's second word: full / lora / mixed):
+    the pooled reading of the ">= 95% directed" target, beside the per-zoo count."""
+    by: dict[str, list[int]] = {}
+    for key, r in rows.items():
+        kind = next((w for w in key.replace(":", " ").split() if w in ("full", "lora", "mixed")), "other")
+        right, total = by.setdefault(kind, [0, 0])
+        by[kind] = [right + r["ours"]["correct_edges"], total + r["ours"]["true_edges"]]
+    return "pooled directed: " + ", ".join(f"{k} {a}/{b} = {a / max(b, 1):.1%}" for k, (a, b) in sorted(by.items()))
 
 
 def _kinds(scores: dict) -> str:
