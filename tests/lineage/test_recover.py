@@ -191,7 +191,7 @@ def test_duplicate_edges_survive_json_and_are_drawn_as_identical():
     back = Forest.from_dict(f.to_dict())
     assert [e.kind for e in back.edges] == ["trained", "duplicate"]
     assert "a2  (identical weights to a)" in to_text(f) and "b  (0.70)" in to_text(f)
-    assert 'style=dashed' in to_dot(f) and "-.->|identical|" in to_mermaid(f)
+    assert 'style=dashed' in to_dot(f) and '-.->|"identical"|' in to_mermaid(f)
     assert Forest.from_dict({"nodes": ["a", "b"], "edges": [{"parent": "a", "child": "b"}]}).edges[0].kind == "trained"
 
 
@@ -237,7 +237,7 @@ def test_precision_edges_are_drawn_as_copies():
     from modelatlas.lineage.forest import Edge, Forest
     f = Forest(["a", "a16"], [Edge("a", "a16", 1.0, 0.0, "precision")], trees=[["a", "a16"]])
     assert "a16  (lower-precision copy of a)" in to_text(f)
-    assert 'label="lower precision", style=dashed' in to_dot(f) and "-.->|lower precision|" in to_mermaid(f)
+    assert 'label="lower precision", style=dashed' in to_dot(f) and '-.->|"lower precision"|' in to_mermaid(f)
     assert Forest.from_dict(f.to_dict()).edges[0].kind == "precision"
 
 

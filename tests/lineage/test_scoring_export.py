@@ -81,7 +81,7 @@ def test_dot_and_mermaid():
     dot = to_dot(f, edge_marks(f, TRUTH))
     assert dot.startswith("digraph lineage {") and '"b" -> "a" [label="0.50", color=orange];' in dot
     mer = to_mermaid(f)
-    assert mer.startswith("graph TD") and 'n1["b"]' in mer and "n1 -->|0.50| n0" in mer
+    assert mer.startswith("graph TD") and 'n1["b"]' in mer and 'n1 -->|"0.50"| n0' in mer
 
 
 def test_forest_json_roundtrip(tmp_path):
@@ -139,7 +139,18 @@ def test_score_counts_kinds_and_notes_in_drawing():
     text = to_text(f, edge_marks(f, DEEP), notes)
     assert "e  (1.00)  ✗ (sibling; true parent b)" in text
     assert "x  (1.00)  ✗ (reversed)" in text
-    assert "✗ (uncle; true parent c)" in to_mermaid(f, edge_marks(f, DEEP), notes)
+    assert 'n1 -->|"1.00 ✗ (uncle; true parent c)"| n5' in to_mermaid(f, edge_marks(f, DEEP), notes)
+
+
+def test_mermaid_labels_are_quoted_so_marks_in_parentheses_parse():
+    """An unquoted ``-->|0.50 ✗ (reversed)|`` is a Mermaid syntax error: every label is quoted, and a ``"``
+    in a model name or note is written as ``#quot;``."""
+    f = Forest(['a"1', "b"], [Edge('a"1', "b", 0.5)], {})
+    mer = to_mermaid(f, {('a"1', "b"): "wrong"}, {('a"1', "b"): 'other; true parent "z"'})
+    assert 'n0["a#quot;1"]' in mer
+    assert 'n0 -->|"0.50 ✗ (other; true parent #quot;z#quot;)"| n1' in mer
+    for line in mer.splitlines()[3:4]:  # the edge line: no raw quote inside the label
+        assert line.count('"') == 2
 
 
 def make_chain(n):

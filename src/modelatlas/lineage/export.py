@@ -43,18 +43,24 @@ def _tag(edge: tuple[str, str], marks: dict | None, notes: dict | None, sep: str
     return f"{sep}{_SYMBOLS[mark]}" + (f" ({note})" if note and mark == "wrong" else "")
 
 
+def _mq(text: str) -> str:
+    """A quoted Mermaid label: parentheses, ``|`` and ``;`` inside quotes are text, not syntax; a ``"`` is
+    written as the entity ``#quot;``."""
+    return '"' + text.replace('"', "#quot;") + '"'
+
+
 def to_mermaid(forest: Forest, marks: dict | None = None, notes: dict | None = None) -> str:
-    """Mermaid ``graph TD`` (renders in GitHub Markdown); node ids are n0, n1, ... labelled by name."""
+    """Mermaid ``graph TD`` (renders in GitHub Markdown); node ids are n0, n1, ... labelled by name. Node and
+    edge labels are quoted (an unquoted ``✗ (sibling; ...)`` is a Mermaid syntax error)."""
     ids = {n: f"n{i}" for i, n in enumerate(forest.nodes)}
     lines = ["graph TD"]
     for n in forest.nodes:
-        label = n.replace('"', "'")
-        lines.append(f'  {ids[n]}["{label}"]')
+        lines.append(f"  {ids[n]}[{_mq(n)}]")
     styles = []
     for i, e in enumerate(forest.edges):
         mark = (marks or {}).get((e.parent, e.child))
-        tag = _tag((e.parent, e.child), marks, notes).replace('"', "'")
-        arrow = f"-.->|{_COPY[e.kind]}{tag}|" if e.kind in _COPY else f"-->|{e.score:.2f}{tag}|"
+        tag = _tag((e.parent, e.child), marks, notes)
+        arrow = f"-.->|{_mq(_COPY[e.kind] + tag)}|" if e.kind in _COPY else f"-->|{_mq(f'{e.score:.2f}{tag}')}|"
         lines.append(f"  {ids[e.parent]} {arrow} {ids[e.child]}")
         if mark:
             styles.append(f"  linkStyle {i} stroke:{_COLORS[mark]}")
