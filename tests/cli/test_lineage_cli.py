@@ -106,3 +106,21 @@ def test_summary_counts_agree_in_number(capsys):
 
     show_forest(make_chain_forest(0.9))
     assert "\n3 models, 1 tree (found from the data); stage" in capsys.readouterr().out
+
+
+def test_truth_of_other_models_is_an_error_before_recovery(tmp_path, capsys):
+    (tmp_path / "zoo").mkdir()
+    make_tiny_zoo(tmp_path / "zoo")
+    Manifest([ModelRecord("u", "u.safetensors", None, "u")]).save(tmp_path / "other.json")
+    assert main(["lineage", "recover", str(tmp_path / "zoo"), "--truth", str(tmp_path / "other.json")]) == 1
+    err = capsys.readouterr().err
+    assert "error: none of the 6 models" in err and "other.json" in err and err.count("\n") == 1
+
+
+def test_a_subset_of_a_zoo_is_scored_on_its_own_edges(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    files = [str(tmp_path / f"{n}.safetensors") for n in ("t0", "t0_0", "t0_1", "t1_0")]
+    assert main(["lineage", "recover", *files, "--truth", str(tmp_path), "--stage", "specialize", "--trees", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(2/2)" in out and "2 true edges not scored (a model not given)" in out
+    assert "t1_0  [tree 2, 1 model" in out

@@ -167,3 +167,43 @@ def test_text_of_a_long_chain_stays_narrow():
     assert max(map(len, lines)) == len(lines[-1]) < 4 * MAX_INDENT + 40
     assert lines[MAX_INDENT].strip() == f"└── m{MAX_INDENT}  (0.50)"
     assert lines[MAX_INDENT + 1].strip() == f"└── [depth {MAX_INDENT + 1}] m{MAX_INDENT + 1}  (0.50)"
+
+
+def test_only_true_edges_between_given_models_are_scored():
+    """Five of a zoo's models are scored against the edges among them, not against the whole manifest."""
+    f = Forest(["a", "b", "d"], [Edge("a", "b", 1), Edge("b", "d", 1)], {})
+    s = score_forest(f, TRUTH)
+    assert (s.n_correct, s.n_true_edges, s.n_left_out) == (2, 2, 2)  # a->c and x->y: c, x, y not given
+    assert s.directed == 1.0 and s.as_dict()["true_edges_left_out"] == 2
+
+
+def test_a_skipped_model_still_counts_as_a_miss():
+    f = Forest(["a", "b"], [Edge("a", "b", 1)], {}, skipped={"d": "d.safetensors: truncated"})
+    s = score_forest(f, TRUTH)
+    assert (s.n_correct, s.n_true_edges, s.n_left_out) == (1, 2, 2)
+
+
+def test_true_parent_not_given_is_said_in_the_note():
+    f = Forest(["a", "d"], [Edge("a", "d", 1)], {})
+    assert error_notes(f, TRUTH) == {("a", "d"): "grandparent; true parent b (not given)"}
+
+
+def test_a_truth_naming_none_of_the_models_is_an_error_naming_the_file(tmp_path):
+    from modelatlas.errors import ManifestError
+    from modelatlas.zoo.manifest import load_manifest
+
+    Manifest([ModelRecord(n, n, p, "t") for n, p in TRUTH.items()]).save(tmp_path / "other.json")
+    truth = load_manifest(tmp_path / "other.json")
+    f = Forest(["p", "q"], [Edge("p", "q", 1)], {})
+    for fn in (score_forest, edge_marks, error_notes):
+        with pytest.raises(ManifestError, match=r"none of the 2 models \(p, q\) are named in .*other\.json"):
+            fn(f, truth)
+
+
+def test_models_not_in_the_truth_are_marked_unknown_not_wrong():
+    f = Forest(["a", "b", "extra"], [Edge("a", "b", 1), Edge("b", "extra", 0.4)], {}, [["a", "b", "extra"]])
+    marks = edge_marks(f, TRUTH)
+    assert marks == {("a", "b"): "right", ("b", "extra"): "unknown"}
+    assert edge_errors(f, TRUTH) == {} and score_forest(f, TRUTH).errors == {}
+    assert "extra  (0.40)  ? (not in truth)" in to_text(f, marks, error_notes(f, TRUTH))
+    assert "color=gray" in to_dot(f, marks)

@@ -78,6 +78,11 @@ def _recover(args: argparse.Namespace) -> int:
     models = expand_paths(args.paths)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
+    if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
+        from modelatlas.lineage.scoring import check_truth
+        from modelatlas.weights import model_name
+
+        check_truth([model_name(p) for p in models], truth)
     forest = LineageRecovery(config).fit(models, progress=tqdm_progress).forest_
     show_forest(forest, truth)
     _write_outputs(args, forest, truth)
@@ -115,8 +120,10 @@ def show_forest(forest, truth=None) -> None:
     if truth is not None:
         s = score_forest(forest, truth)
         wrong = ", ".join(f"{n} {k}" for k, n in s.errors.items())
+        left = f"; {counted(s.n_left_out, 'true edge')} not scored (a model not given)" if s.n_left_out else ""
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
-             f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else ""))
+             f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
+             + left)
 
 
 def _write_outputs(args: argparse.Namespace, forest, truth) -> None:

@@ -1,17 +1,18 @@
 """Forest export: Graphviz DOT and Mermaid text, and the terminal tree drawing (unicode tree lines).
 
 Pure functions returning strings; the CLI writes them (atomically) or prints them. With ``marks``
-(from :func:`modelatlas.lineage.scoring.edge_marks`) each edge is marked right (green / ✓) or wrong
-(red / ✗); ``notes`` (edge -> text, e.g. the error kind from
-:func:`modelatlas.lineage.scoring.edge_errors`) is shown beside the mark. Time O(N + E).
+(from :func:`modelatlas.lineage.scoring.edge_marks`) each edge is marked right (green / ✓), wrong
+(red / ✗) or unknown (gray / ? (not in truth): a model the truth does not name); ``notes`` (edge -> text,
+e.g. the error kind from :func:`modelatlas.lineage.scoring.edge_errors`) is shown beside the mark.
+Time O(N + E).
 """
 
 from __future__ import annotations
 
 from modelatlas.lineage.forest import Forest
 
-_COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red"}
-_SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗"}
+_COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red", "unknown": "gray"}
+_SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗", "unknown": "? (not in truth)"}
 _COPY = {"duplicate": "identical", "precision": "lower precision"}  # labels of the COPY_KINDS edges
 _COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 

@@ -7,18 +7,23 @@
 * the kind of each wrong edge (:func:`edge_errors`): where the recovered parent sits relative to the true one
   (a sibling, an uncle, the grandparent, a descendant, another tree), so a user sees *how* a recovery erred.
 
-True edges whose models were skipped (unreadable) count as misses: a skipped model is a failure to recover.
-Time O(N + E).
+Only the true edges whose two models were given (recovered or skipped) are scored: a subset of a zoo is
+scored against the part of the truth it holds, and :attr:`LineageScore.n_left_out` counts the true edges left
+out because a model was not given. True edges whose models were skipped (unreadable) count as misses: a
+skipped model is a failure to recover. A recovered edge with a model the truth does not name is marked
+``"unknown"`` (not in truth), never wrong; a truth that names none of the models is an error
+(:func:`check_truth`). Time O(N + E).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sklearn.metrics import adjusted_rand_score
 
+from modelatlas.errors import ManifestError
 from modelatlas.lineage.forest import COPY_KINDS, Forest
 from modelatlas.zoo.manifest import Manifest
 
@@ -31,15 +36,35 @@ class LineageScore:
     n_true_edges: int
     n_correct: int
     errors: dict[str, int] = field(default_factory=dict)  # wrong-edge kind -> count (see ``edge_errors``)
+    n_left_out: int = 0  # true edges not scored: one of their models was not given
 
     def as_dict(self) -> dict:
         return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
-                "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors}
+                "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors,
+                "true_edges_left_out": self.n_left_out}
 
 
 def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
     """Child -> parent (None for roots) from a manifest or a dict."""
     return truth.parents() if isinstance(truth, Manifest) else dict(truth)
+
+
+def check_truth(names: Iterable[str], truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
+    """The truth's child -> parent dict, or a ManifestError (naming the manifest file) when it names none of
+    ``names``: scoring would read 0% for models that are simply not in it. Time O(N)."""
+    parents, names = truth_parents(truth), list(names)
+    if not names or any(n in parents for n in names):
+        return parents
+    where = getattr(truth, "source", None) or "the truth"
+    theirs = ", ".join(list(parents)[:3]) + (", ..." if len(parents) > 3 else "")
+    ours = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise ManifestError(f"none of the {len(names)} models ({ours}) are named in {where} (it names {theirs or 'no model'}); "
+                        "give the manifest of the zoo these models come from")
+
+
+def given_models(forest: Forest) -> list[str]:
+    """The models a forest was recovered from: its nodes, then the models it skipped."""
+    return forest.nodes + [n for n in forest.skipped if n not in set(forest.nodes)]
 
 
 def edge_accuracy(pred: set[tuple[str, str]], true: set[tuple[str, str]], directed: bool = True) -> float:
@@ -65,27 +90,34 @@ def tree_labels(parents: Mapping[str, str | None]) -> dict[str, str]:
 
 
 def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> LineageScore:
-    """Directed and undirected edge accuracy and tree ARI of ``forest`` against ``truth``."""
-    parents = truth_parents(truth)
-    true = {(p, c) for c, p in parents.items() if p is not None}
+    """Directed and undirected edge accuracy and tree ARI of ``forest`` against the true edges between the
+    models it was given (the others are counted in ``n_left_out``); raises ManifestError when the truth names
+    none of them (:func:`check_truth`)."""
+    given = set(given_models(forest))
+    parents = check_truth(given_models(forest), truth)
+    named = {(p, c) for c, p in parents.items() if p is not None}
+    true = {(p, c) for p, c in named if p in given and c in given}
     pred = {(e.parent, e.child) for e in forest.edges}
     common = [n for n in forest.nodes if n in parents]
     t_lab, p_lab = tree_labels(parents), tree_labels(forest.parents())
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
     errors = dict(sorted(Counter(edge_errors(forest, parents).values()).items()))
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
-                        len(true), len(pred & true), errors)
+                        len(true), len(pred & true), errors, len(named) - len(true))
 
 
 def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
-    """(parent, child) -> "right", "reversed" (true edge, wrong direction) or "wrong". A duplicate edge whose
-    copy is not in the truth is left unmarked (the truth says nothing about it)."""
-    parents = truth_parents(truth)
+    """(parent, child) -> "right", "reversed" (true edge, wrong direction), "wrong" or "unknown" (a model the
+    truth does not name: neither right nor wrong). A duplicate edge whose copy is not in the truth is left
+    unmarked (the truth says nothing about it)."""
+    parents = check_truth(given_models(forest), truth)
     out = {}
     for e in forest.edges:
         if e.kind in COPY_KINDS and e.child not in parents:
             continue
-        if parents.get(e.child) == e.parent:
+        if e.child not in parents or e.parent not in parents:
+            out[(e.parent, e.child)] = "unknown"
+        elif parents.get(e.child) == e.parent:
             out[(e.parent, e.child)] = "right"
         elif parents.get(e.parent) == e.child:
             out[(e.parent, e.child)] = "reversed"
@@ -99,13 +131,13 @@ def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     ``reversed`` (the true edge, pointing the wrong way); else where the recovered parent sits relative to the
     child's true parent: ``sibling`` (a child of the true parent), ``uncle`` (a sibling of the true parent),
     ``grandparent`` (a level skipped), ``descendant`` (below the child); ``true root`` (the child is a true
-    root); ``other tree``; ``other``. Duplicate edges whose copy the truth does not name are left out.
-    Time O(E depth)."""
+    root); ``other tree``; ``other``. Edges with a model the truth does not name are left out (they are not
+    known to be wrong). Time O(E depth)."""
     parents = truth_parents(truth)
     labels = tree_labels(parents)
     out = {}
     for e in forest.edges:
-        if (e.kind in COPY_KINDS and e.child not in parents) or parents.get(e.child) == e.parent:
+        if e.child not in parents or e.parent not in parents or parents.get(e.child) == e.parent:
             continue
         out[(e.parent, e.child)] = _error_kind(parents, labels, e.parent, e.child)
     return out
@@ -141,12 +173,14 @@ def _is_ancestor(a: str, b: str, parents: Mapping[str, str | None]) -> bool:
 
 def error_notes(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
     """(parent, child) -> a short reading of each wrong edge, e.g. ``"sibling; true parent t0.1"``, for the
-    terminal drawing and Mermaid labels (reversed edges are marked as such already)."""
-    parents = truth_parents(truth)
+    terminal drawing and Mermaid labels (reversed edges are marked as such already); a true parent that was
+    not given is said to be (``"grandparent; true parent t0.1 (not given)"``)."""
+    parents, given = check_truth(given_models(forest), truth), set(given_models(forest))
     out = {}
     for edge, kind in edge_errors(forest, parents).items():
         if kind == "reversed":
             continue
         true = parents.get(edge[1])
-        out[edge] = kind if true is None or kind == "other tree" else f"{kind}; true parent {true}"
+        absent = "" if true in given else " (not given)"
+        out[edge] = kind if true is None or kind == "other tree" else f"{kind}; true parent {true}{absent}"
     return out

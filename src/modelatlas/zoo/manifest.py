@@ -44,11 +44,13 @@ class ModelRecord:
 
 @dataclass
 class Manifest:
-    """A zoo's models; ``root`` is the folder that model paths are relative to."""
+    """A zoo's models; ``root`` is the folder that model paths are relative to; ``source`` the file it was
+    loaded from (None when built in memory), for error messages."""
 
     models: list[ModelRecord]
     config: dict = field(default_factory=dict)
     root: Path = field(default_factory=Path)
+    source: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -115,6 +117,6 @@ def load_manifest(path: str | Path) -> Manifest:
         known = {k: v for k, v in rec.items() if k in ModelRecord.__dataclass_fields__}
         records.append(ModelRecord(**known))
     try:
-        return Manifest(records, data.get("config", {}), path.parent)
+        return Manifest(records, data.get("config", {}), path.parent, path)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from e
