@@ -102,6 +102,8 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     if ckpt.is_file() and not resume:
         raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
+    if baseline and method != "random":
+        check_baseline_ipc(train, ipc)
     tf = T.make_transform(transform).fit(train.x)
     train_t, test_t = _apply(tf, train), _apply(tf, test)
     init = None if init_from is None else _init_set(init_from, train.name, tf)
@@ -123,6 +125,18 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
     write_result(out, syn, tf, info, losses)
     return info
+
+
+def check_baseline_ipc(train: ArrayDataset, ipc: int, asked: str | None = None) -> None:
+    """Refuse, before any distillation, an ``ipc`` the random-subset baseline cannot draw (it needs ``ipc``
+    real examples of every class); ``asked`` names the value the user gave when it is not ``ipc`` itself."""
+    counts = torch.bincount(train.y, minlength=train.num_classes)
+    c = int(counts.argmin())
+    if int(counts[c]) < ipc:
+        what = asked or f"ipc {ipc}"
+        raise ConfigError(f"{what} needs {ipc} real examples per class for the random baseline, but class "
+                          f"{train.classes[c]!r} of {train.name!r} has only {int(counts[c])}; lower the ipc "
+                          "or pass --no-baseline (baseline=False)")
 
 
 RUN_JSON = "run.json"

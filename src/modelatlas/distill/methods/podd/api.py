@@ -20,11 +20,14 @@ def run_poster(dataset, ipc: float, out: str | Path, config: dict | None = None,
                dataset_kwargs: dict | None = None, baseline: bool = True, progress: Progress | None = None,
                resume: bool = False, device: str | None = None, dataset_test=None) -> dict:
     """Returns the ``result.json`` dict (``ipc`` is the poster's actual IPC, ``poster_ipc_target`` the asked one)."""
-    from modelatlas.distill import run_distillation
+    from modelatlas.distill.api import _datasets, check_baseline_ipc, run_distillation
 
-    if not ipc > 0:
-        raise ConfigError(f"--ipc must be > 0 for a poster, got {ipc}")
+    if not (ipc > 0 and math.isfinite(ipc)):
+        raise ConfigError(f"--ipc must be a finite number > 0 for a poster, got {ipc}")
     cfg = {**(config or {}), "poster_ipc": float(ipc)}
+    dataset, dataset_test = _datasets(dataset, dataset_test, dataset_kwargs)  # loaded once, checked up front
+    if baseline:
+        check_baseline_ipc(dataset, max(1, math.ceil(ipc)), f"--ipc {ipc:g} (a poster)")
     run_distillation("podd", dataset, max(1, math.ceil(ipc)), out, config=cfg, seed=seed,
                      eval_nets=eval_nets, eval_epochs=eval_epochs, transform=transform,
                      dataset_test=dataset_test, dataset_kwargs=dataset_kwargs, baseline=baseline,
