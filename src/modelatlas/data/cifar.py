@@ -145,17 +145,52 @@ def _get(d: dict, key: str):
     return d[key.encode()] if key.encode() in d else d[key]
 
 
-def _batch_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _batch_arrays(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     d = safe_unpickle(path)
     if not isinstance(d, dict):
         raise CheckpointError(path, "a CIFAR batch must be a dict with 'data' and labels")
     try:
-        data, labels = np.asarray(_get(d, "data")), np.asarray(_get(d, label_key), dtype=np.int64)
+        raw_data, raw_labels = _get(d, "data"), _get(d, label_key)
     except KeyError as e:
-        raise CheckpointError(path, f"missing key {e.args[0]!r} in CIFAR batch") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise CheckpointError(path, f"missing key {_text(e.args[0])!r} in CIFAR batch") from None
+    data, labels = _pixels(raw_data, path), _labels(raw_labels, path, label_key, num_classes)
+    if data.shape[0] != labels.shape[0]:
         raise CheckpointError(path, f"expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
     return data, labels
+
+
+def _pixels(raw: object, path: Path) -> np.ndarray:
+    """Key 'data' as an (N, 3072) uint8 array: integer pixel values 0-255, 32 x 32 x 3 per row."""
+    try:
+        data = np.asarray(raw)
+    except ValueError:  # a ragged list
+        raise CheckpointError(path, "key 'data' is not a rectangular (N, 3072) array") from None
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise CheckpointError(path, f"key 'data' must have shape (N, 3072) (32 x 32 x 3 pixels per row), "
+                                    f"got {data.shape}")
+    if data.size and data.dtype.kind not in "iu":
+        raise CheckpointError(path, f"key 'data' must hold integer pixel values 0-255, got dtype {data.dtype}")
+    if data.size and (int(data.min()) < 0 or int(data.max()) > 255):
+        raise CheckpointError(path, f"key 'data' has pixel values {int(data.min())}..{int(data.max())}; "
+                                    "CIFAR pixels are integers 0-255")
+    return data.astype(np.uint8)
+
+
+def _labels(raw: object, path: Path, key: str, num_classes: int) -> np.ndarray:
+    """Key ``key`` as an (N,) int64 array of class indices in [0, num_classes)."""
+    try:
+        labels = np.asarray(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    except ValueError:  # a ragged list
+        labels = None
+    if labels is not None and labels.size == 0:
+        labels = labels.reshape(0).astype(np.int64)
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        got = type(raw).__name__ if labels is None else f"shape {labels.shape} of {labels.dtype}"
+        raise CheckpointError(path, f"key {key!r} must be a flat list of integer class indices, got {got}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise CheckpointError(path, f"key {key!r} has label {bad}, outside 0..{num_classes - 1}")
+    return labels.astype(np.int64)
 
 
 def _resolve(root: str | Path | None, env: str, sub: str, name: str) -> Path:
@@ -181,7 +216,7 @@ def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10
     if missing:
         raise DatasetNotFoundError(f"cifar{num_classes}: {folder / missing[0]} not found; pass root= to the "
                                    "folder of the official python-version batches")
-    parts = [_batch_arrays(folder / f, label_key) for f in files]
+    parts = [_batch_arrays(folder / f, label_key, num_classes) for f in files]
     data = np.concatenate([p[0] for p in parts])  # (N, 3072) uint8, channel-major
     labels = np.concatenate([p[1] for p in parts])
     classes = [str(i) for i in range(num_classes)]

@@ -30,6 +30,12 @@ class ArrayDataset:
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise ConfigError(f"dataset {self.name!r}: {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        if self.y.dim() != 1 or self.y.dtype.is_floating_point or self.y.is_complex():
+            raise ConfigError(f"dataset {self.name!r}: labels must be a 1-D integer tensor, got shape "
+                              f"{tuple(self.y.shape)} of {self.y.dtype}")
+        if self.y.numel() and int(self.y.min()) < 0:
+            raise ConfigError(f"dataset {self.name!r}: label {int(self.y.min())} is negative; labels are class "
+                              f"indices 0..{len(self.classes) - 1}")
         if self.y.numel() and int(self.y.max()) >= len(self.classes):
             raise ConfigError(f"dataset {self.name!r}: label {int(self.y.max())} but only {len(self.classes)} classes")
 

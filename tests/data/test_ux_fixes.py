@@ -1,0 +1,46 @@
+"""Malformed inputs are refused with one line naming the file, key or value."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.data import load_dataset
+from modelatlas.data.registry import ArrayDataset
+from modelatlas.errors import CheckpointError, ConfigError
+
+
+def make_cifar10_batches(root, data, labels):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels}, protocol=4))
+    return root
+
+
+@pytest.mark.parametrize("labels", [[-1, 0], [0, 1, 2], [[0], [1]]])
+def test_array_dataset_refuses_negative_or_malformed_labels(labels):
+    with pytest.raises(ConfigError, match="dataset 'd': label"):
+        ArrayDataset("d", torch.zeros(len(labels), 1), torch.tensor(labels), ["a", "b"])
+
+
+PIXELS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize("data,labels,message", [
+    (PIXELS, [0, -1], "key 'labels' has label -1, outside 0..9"),
+    (PIXELS, [0, 10], "key 'labels' has label 10, outside 0..9"),
+    (PIXELS, ["cat", "dog"], "key 'labels' must be a flat list of integer class indices"),
+    (PIXELS, [0.5, 1.0], "key 'labels' must be a flat list of integer class indices"),
+    (np.full((2, 3072), 300), [0, 1], "key 'data' has pixel values 300..300; CIFAR pixels are integers 0-255"),
+    (np.full((2, 3072), -1), [0, 1], "key 'data' has pixel values -1..-1"),
+    (np.full((2, 3072), 0.5, np.float32), [0, 1], "key 'data' must hold integer pixel values 0-255"),
+    (np.zeros((2, 3000), np.uint8), [0, 1], r"key 'data' must have shape \(N, 3072\)"),
+    ([[1, 2], [3]], [0, 1], "key 'data' is not a rectangular"),
+])
+def test_cifar_batch_values_are_range_checked_naming_file_and_key(tmp_path, data, labels, message):
+    root = make_cifar10_batches(tmp_path, data, labels)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_dataset("cifar10", "train", root=root)
+    assert "data_batch_1" in str(e.value)
