@@ -124,3 +124,14 @@ def test_a_subset_of_a_zoo_is_scored_on_its_own_edges(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(2/2)" in out and "2 true edges not scored (a model not given)" in out
     assert "t1_0  [tree 2, 1 model" in out
+
+
+def test_an_identical_copy_sorting_first_keeps_the_true_model_in_place(tmp_path, capsys):
+    import shutil
+
+    make_tiny_zoo(tmp_path)
+    shutil.copy(tmp_path / "t0_0.safetensors", tmp_path / "a-copy.safetensors")  # sorts before t0_0
+    assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path), "--stage", "specialize"]) == 0
+    out = capsys.readouterr().out
+    assert "directed-edge accuracy 100.0% (4/4)" in out
+    assert "a-copy  (identical weights to t0_0)" in out and "t0_0  (" in out

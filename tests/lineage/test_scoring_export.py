@@ -207,3 +207,37 @@ def test_models_not_in_the_truth_are_marked_unknown_not_wrong():
     assert edge_errors(f, TRUTH) == {} and score_forest(f, TRUTH).errors == {}
     assert "extra  (0.40)  ? (not in truth)" in to_text(f, marks, error_notes(f, TRUTH))
     assert "color=gray" in to_dot(f, marks)
+
+
+def test_an_identical_copy_given_first_does_not_cost_the_true_edges():
+    """``acopy`` (not in the truth) equals ``b`` and was given first, so it represents the pair: scoring reads
+    it as ``b``, and ``prefer_named_copies`` redraws the pair with ``b`` holding its own subtree."""
+    from modelatlas.lineage.scoring import prefer_named_copies
+
+    truth = {"t": None, "b": "t", "k": "b"}
+    f = Forest(["t", "acopy", "b", "k"], [Edge("t", "acopy", 0.6), Edge("acopy", "b", 1, 0, "duplicate"),
+                                          Edge("acopy", "k", 0.7)],
+               {"duplicates": {"b": "acopy"}, "root_runner_up": ["acopy"]}, [["t", "acopy", "b", "k"]],
+               {"t": 1.0, "acopy": 2.0, "b": 2.0, "k": 3.0})
+    s = score_forest(f, truth)
+    assert (s.n_correct, s.n_true_edges, s.errors) == (2, 2, {})
+    assert edge_marks(f, truth) == {("t", "acopy"): "right", ("acopy", "k"): "right"}
+    g = prefer_named_copies(f, truth)
+    assert [(e.parent, e.child, e.kind) for e in g.edges] == [("t", "b", "trained"), ("b", "acopy", "duplicate"),
+                                                              ("b", "k", "trained")]
+    assert g.nodes == ["t", "b", "acopy", "k"] and g.decisions["duplicates"] == {"acopy": "b"}
+    assert g.decisions["root_runner_up"] == ["b"] and g.trees == [["t", "b", "acopy", "k"]]
+    assert edge_marks(g, truth) == {("t", "b"): "right", ("b", "k"): "right"}
+    assert "acopy  (identical weights to b)" in to_text(g, edge_marks(g, truth))
+    assert prefer_named_copies(g, truth) is g  # nothing left to swap
+
+
+def test_a_truth_naming_only_the_low_precision_copy_scores_through_it():
+    from modelatlas.lineage.scoring import prefer_named_copies
+
+    truth = {"t": None, "lo": "t", "k": "lo"}
+    f = Forest(["t", "hi", "lo", "k"], [Edge("t", "hi", 0.6), Edge("hi", "lo", 1, 0, "precision"),
+                                        Edge("hi", "k", 0.7)])
+    assert score_forest(f, truth).n_correct == 2
+    assert error_notes(f, truth) == {}
+    assert prefer_named_copies(f, truth) is f  # the higher-precision model stays the parent

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from modelatlas.cli.argtypes import positive_int
-from modelatlas.cli.lineage import add_recovery_options, config_from_args, show_forest
+from modelatlas.cli.lineage import add_recovery_options, config_from_args, show_forest, with_truth
 from modelatlas.cli.output import echo, tqdm_progress
 
 
@@ -46,5 +46,5 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
     t2 = time.perf_counter()
     echo(f"trained in {t1 - t0:.0f} s; recovered from the weights alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")
-    show_forest(forest, manifest)
+    show_forest(with_truth(forest, manifest), manifest)
     return 0

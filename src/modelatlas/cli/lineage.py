@@ -83,7 +83,7 @@ def _recover(args: argparse.Namespace) -> int:
         from modelatlas.weights import model_name
 
         check_truth([model_name(p) for p in models], truth)
-    forest = LineageRecovery(config).fit(models, progress=tqdm_progress).forest_
+    forest = with_truth(LineageRecovery(config).fit(models, progress=tqdm_progress).forest_, truth)
     show_forest(forest, truth)
     _write_outputs(args, forest, truth)
     return 0
@@ -95,6 +95,15 @@ def _load_truth(path: Path | None):
     from modelatlas.zoo.manifest import load_manifest
 
     return load_manifest(path)
+
+
+def with_truth(forest, truth):
+    """The forest to show against ``truth``: identical copies represented by the model the truth names."""
+    if truth is None:
+        return forest
+    from modelatlas.lineage.scoring import prefer_named_copies
+
+    return prefer_named_copies(forest, truth)
 
 
 def show_forest(forest, truth=None) -> None:

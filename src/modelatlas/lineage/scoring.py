@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sklearn.metrics import adjusted_rand_score
 
 from modelatlas.errors import ManifestError
-from modelatlas.lineage.forest import COPY_KINDS, Forest
+from modelatlas.lineage.forest import COPY_KINDS, Edge, Forest
 from modelatlas.zoo.manifest import Manifest
 
 
@@ -97,7 +97,7 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     parents = check_truth(given_models(forest), truth)
     named = {(p, c) for c, p in parents.items() if p is not None}
     true = {(p, c) for p, c in named if p in given and c in given}
-    pred = {(e.parent, e.child) for e in forest.edges}
+    pred = {(p, c) for _, p, c in scored_edges(forest, parents)}
     common = [n for n in forest.nodes if n in parents]
     t_lab, p_lab = tree_labels(parents), tree_labels(forest.parents())
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
@@ -106,20 +106,71 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
                         len(true), len(pred & true), errors, len(named) - len(true))
 
 
+def truth_names(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[str, str]:
+    """Model -> the copy of it that scoring reads it as: a model with identical (or lower-precision) copies
+    that the truth does not name, where one of its copies is named, is scored as that copy, so a harmless
+    copy given first does not cost its original's true edges. Time O(E)."""
+    parents = truth_parents(truth)
+    out: dict[str, str] = {}
+    for e in forest.edges:
+        if e.kind in COPY_KINDS and e.parent not in parents and e.child in parents:
+            out.setdefault(e.parent, e.child)
+    return out
+
+
+def scored_edges(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> list[tuple[Edge, str, str]]:
+    """(edge, parent, child) with the names scoring reads (:func:`truth_names`); a copy edge between a model
+    and the copy it is read as is left out (both are one model to the truth)."""
+    named = truth_names(forest, truth)
+    out = []
+    for e in forest.edges:
+        p, c = named.get(e.parent, e.parent), named.get(e.child, e.child)
+        if p != c:
+            out.append((e, p, c))
+    return out
+
+
+def prefer_named_copies(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> Forest:
+    """``forest`` redrawn so that a group of identical models is represented by one the truth names: when the
+    representative (the first given) is not in the truth and an identical copy of it is, the two names swap
+    places (nodes, edges, trees, kurtosis, decisions), so the copy hangs beside the true model instead of
+    holding its subtree. Lower-precision copies are not swapped (the higher-precision model stays the parent;
+    scoring reads through them, :func:`truth_names`). A new Forest; time O(N + E)."""
+    parents, swap = truth_parents(truth), {}
+    for e in forest.edges:
+        if e.kind == "duplicate" and e.parent not in parents and e.child in parents and e.parent not in swap:
+            swap[e.parent], swap[e.child] = e.child, e.parent
+    if not swap:
+        return forest
+
+    def s(name: str) -> str:
+        return swap.get(name, name)
+
+    d = dict(forest.decisions)
+    for key in ("duplicates", "precision_copies"):
+        if isinstance(d.get(key), dict):
+            d[key] = {s(k): (s(v) if key == "duplicates" else v) for k, v in d[key].items()}
+    if isinstance(d.get("root_runner_up"), list):
+        d["root_runner_up"] = [s(n) for n in d["root_runner_up"]]
+    return Forest([s(n) for n in forest.nodes], [replace(e, parent=s(e.parent), child=s(e.child)) for e in forest.edges],
+                  d, [[s(n) for n in t] for t in forest.trees], {s(k): v for k, v in forest.kurtosis.items()},
+                  dict(forest.skipped))
+
+
 def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
     """(parent, child) -> "right", "reversed" (true edge, wrong direction), "wrong" or "unknown" (a model the
     truth does not name: neither right nor wrong). A duplicate edge whose copy is not in the truth is left
     unmarked (the truth says nothing about it)."""
     parents = check_truth(given_models(forest), truth)
     out = {}
-    for e in forest.edges:
-        if e.kind in COPY_KINDS and e.child not in parents:
+    for e, p, c in scored_edges(forest, parents):
+        if e.kind in COPY_KINDS and c not in parents:
             continue
-        if e.child not in parents or e.parent not in parents:
+        if c not in parents or p not in parents:
             out[(e.parent, e.child)] = "unknown"
-        elif parents.get(e.child) == e.parent:
+        elif parents.get(c) == p:
             out[(e.parent, e.child)] = "right"
-        elif parents.get(e.parent) == e.child:
+        elif parents.get(p) == c:
             out[(e.parent, e.child)] = "reversed"
         else:
             out[(e.parent, e.child)] = "wrong"
@@ -136,10 +187,10 @@ def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     parents = truth_parents(truth)
     labels = tree_labels(parents)
     out = {}
-    for e in forest.edges:
-        if e.child not in parents or e.parent not in parents or parents.get(e.child) == e.parent:
+    for e, p, c in scored_edges(forest, parents):
+        if c not in parents or p not in parents or parents.get(c) == p:
             continue
-        out[(e.parent, e.child)] = _error_kind(parents, labels, e.parent, e.child)
+        out[(e.parent, e.child)] = _error_kind(parents, labels, p, c)
     return out
 
 
@@ -176,11 +227,12 @@ def error_notes(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     terminal drawing and Mermaid labels (reversed edges are marked as such already); a true parent that was
     not given is said to be (``"grandparent; true parent t0.1 (not given)"``)."""
     parents, given = check_truth(given_models(forest), truth), set(given_models(forest))
+    named = truth_names(forest, parents)
     out = {}
     for edge, kind in edge_errors(forest, parents).items():
         if kind == "reversed":
             continue
-        true = parents.get(edge[1])
+        true = parents.get(named.get(edge[1], edge[1]))
         absent = "" if true in given else " (not given)"
         out[edge] = kind if true is None or kind == "other tree" else f"{kind}; true parent {true}{absent}"
     return out
