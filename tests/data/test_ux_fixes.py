@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modelatlas.data import load_dataset
+from modelatlas.data.cifar import safe_unpickle
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.errors import CheckpointError, ConfigError
 
@@ -44,3 +45,37 @@ def test_cifar_batch_values_are_range_checked_naming_file_and_key(tmp_path, data
     with pytest.raises(CheckpointError, match=message) as e:
         load_dataset("cifar10", "train", root=root)
     assert "data_batch_1" in str(e.value)
+
+
+def make_shared_nested_pickle(depth):
+    nested = []
+    for _ in range(depth):
+        nested = [nested, nested]  # each level references the one below twice: 2**depth paths
+    return pickle.dumps({b"data": nested, b"labels": [0]}, protocol=4)
+
+
+def test_shared_references_are_refused_fast(tmp_path):
+    import time
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(make_shared_nested_pickle(60))  # ~400 bytes, 2**60 values when expanded
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="shared references expand.*crafted pickle"):
+        safe_unpickle(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_shared_references_of_a_small_tree_still_parse(tmp_path):
+    shared = [1, 2]
+    path = tmp_path / "b"
+    path.write_bytes(pickle.dumps({"a": shared, "b": shared, "c": (shared, shared)}, protocol=4))
+    assert safe_unpickle(path) == {"a": [1, 2], "b": [1, 2], "c": ([1, 2], [1, 2])}
+
+
+def test_a_list_containing_itself_is_refused(tmp_path):
+    cyclic = []
+    cyclic.append(cyclic)
+    path = tmp_path / "b"
+    path.write_bytes(pickle.dumps(cyclic, protocol=4))
+    with pytest.raises(CheckpointError, match="contains itself"):
+        safe_unpickle(path)

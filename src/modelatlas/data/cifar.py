@@ -8,7 +8,8 @@ global (``os.system``, ``builtins.eval``, ...) raises :class:`UnsafeCheckpointEr
 refused global before anything is called; object arrays are refused too. The three NumPy names resolve to
 stand-ins, never to NumPy's own ``__setstate__`` (which trusts its input: a crafted dtype state crashes the
 interpreter); the stand-ins' (dtype, shape, bytes) are checked, then made arrays with ``np.frombuffer``.
-O(file size) time and memory.
+Shared references are walked once, and a file whose references would expand far beyond its size (nested
+shared lists: 2**depth values from a few hundred bytes) is refused. O(file size) time and memory.
 
 Folders: CIFAR-10 ``cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``, ``batches.meta``);
 CIFAR-100 ``cifar-100-python/`` (``train``, ``test``, ``meta``). Pass ``root=`` (the folder itself or its
@@ -85,8 +86,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 def safe_unpickle(path: str | Path) -> object:
     """Load a pickle admitting only plain data and NumPy arrays; raises on anything else."""
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        return _plain(RestrictedUnpickler(io.BytesIO(path.read_bytes()), path).load(), path)
+        return _Walker(path, 2 * len(raw) + 1024).plain(RestrictedUnpickler(io.BytesIO(raw), path).load())
     except UnsafeCheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OverflowError,
@@ -94,17 +96,50 @@ def safe_unpickle(path: str | Path) -> object:
         raise CheckpointError(path, f"not a readable CIFAR batch ({type(e).__name__}: {e})") from None
 
 
-def _plain(obj: object, path: Path) -> object:
-    """``obj`` with array stand-ins made arrays; anything but plain data and numeric arrays is refused."""
-    if isinstance(obj, dict):
-        return {_plain(k, path): _plain(v, path) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v, path) for v in obj)
-    if isinstance(obj, _Array):
-        return _array(obj, path)
-    if not isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        raise UnsafeCheckpointError(path, f"refused value of type {type(obj).__name__}")
-    return obj
+class _Walker:
+    """Turns the unpickled tree into plain data (stand-ins made arrays; anything else refused), each object
+    once: shared references (pickle memo gets) are looked up by ``id`` instead of walked again, which keeps
+    a crafted file of nested shared lists linear instead of exponential. The tree as the caller would expand
+    it is counted too and refused beyond ``budget`` nodes (a legitimate pickle spends at least a byte per
+    node, so twice the file size never refuses one). O(file size) time and memory."""
+
+    def __init__(self, path: Path, budget: int):
+        self.path, self.budget, self.nodes = path, budget, 0
+        self.memo: dict[int, tuple[object, int]] = {}  # id -> (plain value, expanded node count)
+        self.active: set[int] = set()  # containers being walked: seeing one again is a cycle
+
+    def plain(self, obj: object) -> object:
+        key = id(obj)
+        if key in self.memo:
+            value, size = self.memo[key]
+            self._spend(size)
+            return value
+        if key in self.active:
+            raise CheckpointError(self.path, "a container contains itself (not a CIFAR batch)")
+        self.active.add(key)
+        start = self.nodes
+        self._spend(1)
+        value = self._convert(obj)
+        self.active.discard(key)
+        self.memo[key] = (value, self.nodes - start)
+        return value
+
+    def _spend(self, n: int) -> None:
+        self.nodes += n
+        if self.nodes > self.budget:
+            raise CheckpointError(self.path, f"shared references expand to over {self.budget} values, far more "
+                                             "than the file holds (a crafted pickle); refused")
+
+    def _convert(self, obj: object) -> object:
+        if isinstance(obj, dict):
+            return {self.plain(k): self.plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.plain(v) for v in obj)
+        if isinstance(obj, _Array):
+            return _array(obj, self.path)
+        if not isinstance(obj, (str, bytes, int, float, bool, type(None))):
+            raise UnsafeCheckpointError(self.path, f"refused value of type {type(obj).__name__}")
+        return obj
 
 
 def _text(v: object) -> object:
