@@ -33,9 +33,9 @@ def test_round_trip_with_numpy_shapes(tmp_path):
     with open_checkpoint(make_gguf(tmp_path / "llm.gguf")) as ck:
         assert ck.name == "llm" and ck.format == "gguf"
         assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [
-            ("f32", (2, 3), "float32"), ("f16", (4, 5), "float32"), ("q8", (3, 64), "float32")]
+            ("f32", (2, 3), "float32"), ("f16", (4, 5), "float16"), ("q8", (3, 64), "float32")]
         assert torch.equal(ck.read("f32"), torch.from_numpy(F32))
-        assert torch.equal(ck.read("f16"), torch.from_numpy(F16.astype(np.float32)))
+        assert torch.equal(ck.read("f16"), torch.from_numpy(F16))  # its real dtype: a float16 copy is seen as one
         q8 = ck.read("q8")
         assert q8.dtype == torch.float32 and q8.shape == (3, 64)
         # Q8_0: per block of 32, scale = max|x| / 127, so the error is at most half a step.
@@ -91,3 +91,38 @@ def test_close_unmaps_the_file_and_reads_reopen(tmp_path):
     assert torch.equal(kept, torch.from_numpy(F16.astype(np.float32)))
     assert torch.equal(ck.read("f32"), torch.from_numpy(F32))  # reopened on demand, like the other readers
     ck.close()
+
+
+def test_bf16_keeps_its_dtype(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    b = gguf.quants.quantize(Q[:, :32], gguf.GGMLQuantizationType.BF16)
+    w.add_tensor("bf", b, raw_shape=b.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open_checkpoint(tmp_path / "m.gguf") as ck:
+        assert [(t.name, t.dtype) for t in ck.tensors()] == [("bf", "bfloat16")]
+        assert torch.equal(ck.read("bf"), torch.from_numpy(Q[:, :32]).bfloat16())
+
+
+def test_a_float16_gguf_copy_is_a_lower_precision_copy_in_lineage(tmp_path):
+    from modelatlas.lineage import recover_lineage
+    from modelatlas.lineage.synthetic import make_synthetic_forest
+
+    weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, seed=2)
+    paths = []
+    for name, tensors in weights.items():
+        w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        for k, v in tensors.items():
+            w.add_tensor(k, v.numpy() if name != "t0_0" else v.half().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        paths.append(tmp_path / f"{name}.gguf")
+    from safetensors.torch import save_file
+
+    save_file(weights["t0_0"], str(tmp_path / "t0_0-f32.safetensors"))
+    f = recover_lineage([*paths, tmp_path / "t0_0-f32.safetensors"], stage="specialize")
+    assert f.decisions["precision_copies"] == {"t0_0": "float16"}

@@ -1,10 +1,12 @@
-"""GGUF files (llama.cpp, ``.gguf``): tensors dequantized to float32 (extra ``gguf``).
+"""GGUF files (llama.cpp, ``.gguf``): F16 and BF16 tensors in their own dtype, the others (F64 and the
+block-quantized types) as float32 (extra ``gguf``).
 
 ``gguf.GGUFReader`` memory-maps the file and parses the tensor table; a tensor's bytes are only touched when
 it is read, then dequantized with ``gguf.quants.dequantize`` (F16, BF16 and every block-quantized type the
 package knows: Q8_0, Q4_K, ...). GGUF lists dimensions fastest-varying first (ggml order), the reverse of
 numpy/torch; this reader exposes the numpy/torch shape, so a ``(out, in)`` linear weight is ``(out, in)``.
-Integer tensors keep their dtype.
+Integer, float16 and bfloat16 tensors keep their dtype (a float16 copy of a model is reported as float16, so
+lineage recovery sees it as a lower-precision copy); F64 and quantized tensors are reported and read as float32.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.registry import register_format
 
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+_FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16"}
+_STORED = {**_INT_TYPES, **_FLOAT_TYPES}  # ggml type -> the dtype reported and read; others: float32
 
 
 def import_gguf(path: Path):
@@ -31,7 +35,8 @@ def import_gguf(path: Path):
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A ``.gguf`` file; every float tensor is exposed as float32 (dequantized on read)."""
+    """A ``.gguf`` file; quantized tensors are exposed as float32 (dequantized on read), the others in their
+    own dtype."""
 
     format = "gguf"
 
@@ -53,7 +58,7 @@ class GGUFCheckpoint(Checkpoint):
         return self._tensors
 
     def _infos(self) -> list[TensorInfo]:
-        return [TensorInfo(n, self._shape(t), _INT_TYPES.get(t.tensor_type.name, "float32"))
+        return [TensorInfo(n, self._shape(t), _STORED.get(t.tensor_type.name, "float32"))
                 for n, t in self._state().items()]
 
     @staticmethod
@@ -66,15 +71,16 @@ class GGUFCheckpoint(Checkpoint):
         t = self._state()[name]
         shape = self._shape(t)
         try:
-            if t.tensor_type.name in _INT_TYPES:
+            if t.tensor_type.name in _INT_TYPES or t.tensor_type.name == "F16":
                 arr = np.asarray(t.data).reshape(shape)
             elif t.tensor_type.name == "F64":  # plain doubles, which gguf.quants.dequantize does not take
                 arr = np.asarray(t.data).astype(np.float32).reshape(shape)
-            else:
+            else:  # F32, BF16 and the block-quantized types: dequantized to float32
                 arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read tensor {name!r} ({t.tensor_type.name}): {error_line(e)}") from e
-        return torch.from_numpy(np.array(arr, copy=True))  # a copy: returned tensors never pin the mapping
+        out = torch.from_numpy(np.array(arr, copy=True))  # a copy: returned tensors never pin the mapping
+        return out.to(torch.bfloat16) if t.tensor_type.name == "BF16" else out  # exact: the values are bfloat16
 
     def close(self) -> None:
         """Drop the reader's tensor views, the only references to its memory map, so the file is unmapped
