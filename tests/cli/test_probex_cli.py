@@ -39,6 +39,18 @@ def test_train_resume_and_auto_layer(make_tiny_zoo, make_trained, tmp_path, caps
     assert "layer embed.weight: validation" in out and "layer: " in out
 
 
+def test_resume_with_other_settings_is_refused(make_tiny_zoo, make_trained, capsys):
+    base = ["probex", "train", str(make_tiny_zoo), "--rank", "4", "--out", str(make_trained), "--resume"]
+    for extra, said in ((["--layer", "layers.1.weight", "--epochs", "4", "--seed", "9"], "seed was 0"),
+                        (["--layer", "layers.0.weight", "--epochs", "4"], "layer was 'layers.1.weight'"),
+                        (["--layer", "layers.1.weight", "--epochs", "2"], "epochs is 2 now")):
+        capsys.readouterr()
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {make_trained / 'checkpoints' / 't0' / 'train_state.json'}: cannot resume: ")
+        assert said in err and err.count("\n") == 1
+
+
 def test_predict_routes_and_rejects_stranger(make_tiny_zoo, make_trained, tmp_path, capsys):
     child = make_tiny_zoo / "t1-c0003.safetensors"
     from safetensors.torch import load_file

@@ -1,3 +1,6 @@
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -57,8 +60,40 @@ def test_resume_with_other_shape_is_refused(tmp_path, planted, small_config):
     x, y = planted
     cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
     ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path)
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="cannot resume: rank_u was 4 in the interrupted run, now 6"):
         ProbeXClassifier(small_config).fit(x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="does not match this expert's shape"):  # same settings, other data
+        ProbeXClassifier(cfg).fit(x[:50, :, :5], y[:50], checkpoint_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": 3}, "seed was 0 in the interrupted run, now 3"),
+    ({"lr": 2e-3}, "lr was 0.001 in the interrupted run, now 0.002"),
+    ({"layer": "fc.weight"}, "layer was 'l' in the interrupted run, now 'fc.weight'"),
+    ({"n": 40}, "models was 50 in the interrupted run, now 40"),
+    ({"epochs": 1}, "epochs is 1 now, but the interrupted run has already trained 2"),
+])
+def test_resume_with_other_settings_names_the_key(tmp_path, planted, change, message):
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
+    ProbeXClassifier(cfg, "l").fit(x[:50], y[:50], checkpoint_dir=tmp_path)
+    other = ProbeXConfig(**{**cfg.to_dict(), **{k: v for k, v in change.items() if k in cfg.to_dict()}})
+    n = change.get("n", 50)
+    with pytest.raises(CheckpointError, match=f"train_state.json: cannot resume: {re.escape(message)}"):
+        ProbeXClassifier(other, change.get("layer", "l")).fit(x[:n], y[:n], checkpoint_dir=tmp_path, resume=True)
+    ProbeXClassifier(ProbeXConfig(**{**cfg.to_dict(), "checkpoint_every": 2}), "l").fit(
+        x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)  # how often it saves does not matter
+
+
+def test_resume_of_a_state_without_settings_is_refused(tmp_path, planted):
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
+    ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path)
+    state = json.loads((tmp_path / "train_state.json").read_text())
+    del state["settings"]
+    (tmp_path / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="does not record its run's settings"):
+        ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)
 
 
 def test_wrong_shape_and_labels_named(planted, small_config):

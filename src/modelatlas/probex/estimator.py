@@ -152,7 +152,8 @@ class ProbeXClassifier(WeightExpert):
             return float(((logits > 0).float() == y[val]).float().mean()), float(bce(logits, y[val]))
 
         self.history_ = train_loop(self.module_, lambda xb, yb: bce(self.module_(xb), yb), xn[train], y[train],
-                                   score, self.config, progress, checkpoint_dir, resume)
+                                   score, self.config, progress, checkpoint_dir, resume,
+                                   {"task": "classes", "layer": self.layer, "models": x.shape[0], "classes": self.classes_})
         return self
 
     def predict_proba(self, x) -> np.ndarray:

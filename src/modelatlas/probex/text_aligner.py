@@ -67,7 +67,8 @@ class ProbeXTextAligner(WeightExpert):
             return float((logits.argmax(1) == labels[val]).float().mean()), float(F.cross_entropy(logits, labels[val]))
 
         self.history_ = train_loop(self.module_, loss, xn[train], labels[train], score, self.config,
-                                   progress, checkpoint_dir, resume)
+                                   progress, checkpoint_dir, resume,
+                                   {"task": "text", "layer": self.layer, "models": x.shape[0], "prompts": self.classes_})
         return self
 
     def _network(self, d_h: int, d_w: int, d_y: int) -> nn.Module:

@@ -2,7 +2,8 @@
 
 A resumable checkpoint is two files written atomically in ``checkpoint_dir``: ``train_state.safetensors``
 (current weights, best weights, Adam moments) and ``train_state.json`` (epoch, best score, history, Adam
-hyperparameters). Loading never unpickles.
+hyperparameters, and the run's settings). Loading never unpickles; it refuses a state whose settings (config,
+layer, task, number of models) differ from the run that asks to resume it.
 """
 
 from __future__ import annotations
@@ -24,21 +25,23 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, score_fn: Callable[[], tuple[float, float]],
                cfg, progress: Progress | None = None, checkpoint_dir: str | Path | None = None,
-               resume: bool = False) -> dict:
+               resume: bool = False, run: dict | None = None) -> dict:
     """Train ``module`` on (x, y) for ``cfg.epochs`` epochs; load the best-``score_fn`` state at the end.
 
     ``score_fn`` returns (score, validation loss) and is evaluated after every epoch in eval mode; the best
     state has the highest score, ties broken by the lower loss (a saturated accuracy would otherwise keep an
     early, barely trained state). Returns the history
     ``{"epoch", "best_epoch", "best_score", "best_loss", "loss": [...], "score": [...]}``. Time O(epochs * N * cost of one
-    forward/backward); memory O(batch_size * activation size + 3 * parameters).
+    forward/backward); memory O(batch_size * activation size + 3 * parameters). ``run`` (layer, task, models...)
+    and ``cfg`` are saved with the state; resuming a state saved with other settings raises CheckpointError.
     """
+    settings = run_settings(cfg, run)
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "best_epoch": -1, "best_score": -float("inf"), "best_loss": float("inf"), "loss": [],
              "score": []}
     best = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "train_state.json").exists():
-        state, best = _load_state(Path(checkpoint_dir), module, opt)
+        state, best = _load_state(Path(checkpoint_dir), module, opt, settings, cfg.epochs)
     bar = resolve(progress)(range(state["epoch"], cfg.epochs), total=cfg.epochs - state["epoch"], desc="train")
     for epoch in bar:
         mean_loss = _epoch(module, opt, loss_fn, x, y, cfg.batch_size, cfg.seed + 7919 * epoch)
@@ -53,7 +56,7 @@ def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Ten
             best = {k: v.detach().clone() for k, v in module.state_dict().items()}
         bar.set_postfix(loss=f"{state['loss'][-1]:.4f}", val=f"{score:.3f}")
         if checkpoint_dir is not None and (state["epoch"] % cfg.checkpoint_every == 0 or state["epoch"] == cfg.epochs):
-            _save_state(Path(checkpoint_dir), module, opt, best, state)
+            _save_state(Path(checkpoint_dir), module, opt, best, {**state, "settings": settings})
     module.load_state_dict(best)
     module.eval()
     return state
@@ -74,6 +77,38 @@ def _epoch(module: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, x: to
     return sum(losses) / len(losses)
 
 
+def run_settings(cfg, run: dict | None = None) -> dict:
+    """What must match for a saved state to be resumed, as JSON values: ``run`` and the config, but
+    ``checkpoint_every`` (how often the state is saved) and ``epochs``: each epoch's batch order depends only on
+    the seed and its index, so a run resumed with more epochs equals an uninterrupted run of that many."""
+    skip = ("checkpoint_every", "epochs")
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in skip} if hasattr(cfg, "to_dict") else {}
+    return json.loads(json.dumps({**(run or {}), **settings}))  # the run's keys first: the likelier mistakes
+
+
+def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None:
+    """Refuse to resume a state saved with other settings, naming the first key that differs, or one that
+    has already trained more than ``epochs`` epochs. Pops the settings from ``meta``."""
+    if not isinstance(meta.get("epoch"), int) or meta["epoch"] > epochs:
+        raise CheckpointError(path, f"cannot resume: epochs is {epochs} now, but the interrupted run has already "
+                                    f"trained {meta.get('epoch')!r}; resume with at least as many epochs, or train "
+                                    "without --resume to start over")
+    saved = meta.pop("settings", None)
+    if not isinstance(saved, dict):
+        raise CheckpointError(path, "cannot resume: the state does not record its run's settings (saved by an "
+                                    "older modelatlas); train without --resume to start over")
+    for key in [*settings, *(k for k in saved if k not in settings)]:
+        if saved.get(key) != settings.get(key):
+            raise CheckpointError(path, f"cannot resume: {key} was {_shown(saved.get(key))} in the interrupted "
+                                        f"run, now {_shown(settings.get(key))}; rerun with the same settings, or train "
+                                        "without --resume to start over")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _save_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, best: dict, state: dict) -> None:
     tensors = {f"net.{k}": v for k, v in module.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best.items()})
@@ -85,11 +120,16 @@ def _save_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, bes
     atomic_write_json(folder / "train_state.json", {**state, "param_groups": opt_state["param_groups"]})
 
 
-def _load_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _load_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, settings: dict,
+                epochs: int) -> tuple[dict, dict]:
     try:
         meta = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(folder / "train_state.json", f"cannot resume: {e} (delete the folder to restart)") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(folder / "train_state.json", "cannot resume: not a training state (delete the "
+                                                           "folder to restart)")
+    _check_settings(folder / "train_state.json", meta, settings, epochs)
     tensors = read_tensors(folder / "train_state.safetensors", "cannot resume; delete the folder to restart")
     try:
         module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
