@@ -116,6 +116,14 @@ def test_all_skipped_error_names_the_reasons(tmp_path):
     assert "m0.safetensors: corrupt safetensors header" in msg and "and 2 more" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("method,expected", [("full", "l2"), ("lora", "rank")])
+def test_mother_paper_auto_distance_is_the_recipes_own(method, expected):
+    """``--method mother-paper`` with the default ``--distance auto`` must not use nuclear*rank."""
+    weights, _ = make_synthetic_forest(n_trees=2, children=2, depth=1, method=method, seed=3)
+    f = recover_lineage(weights, method="mother-paper", n_trees=2, stage="specialize")
+    assert f.decisions["distance"] == expected
+
+
 def test_mother_paper_baseline_runs():
     weights, parents = make_synthetic_forest(seed=3)
     f = recover_lineage(weights, method="mother-paper", n_trees=3, stage="specialize", distance="l2")

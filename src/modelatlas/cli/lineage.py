@@ -37,7 +37,8 @@ def add_recovery_options(p: argparse.ArgumentParser) -> None:
                    help="direction penalty in units of the mean distance (default 0.3)")
     p.add_argument("--layers", metavar="REGEX", help="compare only tensors whose name matches (default: square matrices)")
     p.add_argument("--distance", choices=("auto", "l2", "rank"), default="auto",
-                   help="l2 (full fine-tuning), rank (LoRA) or auto (default)")
+                   help="l2 (full fine-tuning), rank (LoRA) or auto (default: per tree, rank for LoRA trees, "
+                        "else nuclear*rank; with --method mother-paper, rank or l2)")
     p.add_argument("--placement", choices=("mst", "joint"), default="mst",
                    help="mst: edges by distance, kurtosis orients them (default); joint: MoTHer's arborescence "
                         "of distance + direction penalty")

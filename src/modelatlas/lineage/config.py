@@ -32,7 +32,8 @@ class LineageConfig:
         (all matrices when a model has no square one).
     distance: ``"l2"`` (full fine-tuning: mean per-layer RMS of the difference), ``"rank"`` (LoRA: summed
         rank of the difference) or ``"auto"`` (per tree: rank when the edges of its RMS minimum spanning
-        tree are low-rank differences, else nuclear norm x rank fraction).
+        tree are low-rank differences, else nuclear norm x rank fraction; with ``method="mother-paper"``:
+        rank for such a tree, else l2, the recipe's own distances).
     placement: ``"mst"`` (edges from the undirected minimum spanning tree of the distances, kurtosis only
         picks the root) or ``"joint"`` (MoTHer: the arborescence of distance + direction penalty; the
         mother-paper recipe always uses it).

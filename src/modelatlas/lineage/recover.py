@@ -261,7 +261,8 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
     add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
     pairs only (each model's ``_NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs
-    count as far (10 x the largest computed distance, full rank). Time O(n k L n_l s^2).
+    count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
+    the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). Time O(n k L n_l s^2).
     """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
@@ -272,8 +273,10 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     ranks, nuc, cap = spectral_distances(sk, pairs, cfg.rank_rtol)
     frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
     kind = cfg.distance
-    if kind == "auto":
-        kind = "rank" if _low_rank_tree(rms, frac) else "nuclear*rank"
+    if kind == "auto":  # the recipe has only its own two distances: RMS, or rank for a LoRA tree
+        kind = "rank" if _low_rank_tree(rms, frac) else "l2" if paper else "nuclear*rank"
+    if kind == "l2":
+        return rms, "l2"
     if kind == "rank":
         if paper:
             return frac * cap, "rank"
