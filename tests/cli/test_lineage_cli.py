@@ -135,3 +135,14 @@ def test_an_identical_copy_sorting_first_keeps_the_true_model_in_place(tmp_path,
     out = capsys.readouterr().out
     assert "directed-edge accuracy 100.0% (4/4)" in out
     assert "a-copy  (identical weights to t0_0)" in out and "t0_0  (" in out
+
+
+def test_demo_on_an_adapter_preset_merges_adapters_onto_their_parents(tmp_path, capsys, monkeypatch):
+    from modelatlas.zoo import config
+
+    monkeypatch.setitem(config._PRESETS, "tiny-adapter", dict(
+        arch_kwargs={"hidden": 8, "n_hidden": 2}, trees=1, children=2, depth=2, method="lora", storage="adapter",
+        root_steps=(5, 8), ft_steps=(3, 5), eval_samples=50))
+    assert main(["demo", "--preset", "tiny-adapter", "--workers", "1", "--out", str(tmp_path / "zoo")]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" not in captured.err and "/6)" in captured.out and "7 models" in captured.out

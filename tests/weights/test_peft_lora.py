@@ -198,3 +198,20 @@ def test_bias_on_lora_a_is_refused_naming_the_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: .*'base_model\.model\.layers\.0\.q_proj"
                                               r"\.lora_A\.bias'"):
         open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("as_checkpoint", [False, True])
+def test_an_adapter_as_the_base_is_refused(tmp_path, as_checkpoint):
+    """Merging an update onto another update gives no model: the base must hold full weights."""
+    parent = make_linear_adapter(tmp_path / "parent")
+    base_arg = open_checkpoint(parent) if as_checkpoint else parent
+    with pytest.raises(CheckpointError, match=r"child: base .*parent is itself a LoRA adapter \(a weight update, "
+                                              r"not a model\); give the model it adapts"):
+        open_checkpoint(make_linear_adapter(tmp_path / "child"), base=base_arg)
+
+
+def test_an_adapter_of_an_adapter_merges_through_its_merged_parent(tmp_path):
+    base_path, _ = make_base(tmp_path / "base.safetensors")
+    parent = open_checkpoint(make_linear_adapter(tmp_path / "parent"), base=base_path)
+    with open_checkpoint(make_linear_adapter(tmp_path / "child"), base=parent) as ck:
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), torch.ones(4, 3) + 4.0 * BA)

@@ -69,3 +69,24 @@ def test_apply_adapter_roundtrip():
     merge_lora(model, wrappers)
     out = apply_adapter(base, tensors, 1, 2.0)
     assert torch.allclose(out["0.weight"], model[0].weight)
+
+
+def test_an_adapter_zoo_opens_as_full_models_for_lineage(tmp_path, make_config):
+    """Adapter-stored models (and adapters of adapters) are merged onto their parents from the manifest, so
+    `atlas demo` on an adapter preset compares every model instead of skipping them all."""
+    from modelatlas.lineage import recover_lineage
+    from modelatlas.lineage.scoring import score_forest
+    from modelatlas.zoo.store import open_zoo_models
+
+    manifest = make_zoo(make_config(method="lora", storage="adapter", depth=2, trees=1), tmp_path, workers=1)
+    models = open_zoo_models(manifest)
+    try:
+        assert [ck.name for ck in models] == manifest.names and all(ck.kind == "full" for ck in models)
+        grand = load_state(tmp_path, "t0.1.0")
+        ck = models[manifest.names.index("t0.1.0")]
+        assert all(torch.allclose(ck.read(k), v, atol=1e-5) for k, v in grand.items())
+        forest = recover_lineage(models, stage="specialize")
+        assert forest.skipped == {} and score_forest(forest, manifest).n_true_edges == 6
+    finally:
+        for ck in models:
+            ck.close()

@@ -35,14 +35,19 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, config, out: Path) -> int:
     from modelatlas.lineage import LineageRecovery
     from modelatlas.zoo import make_zoo, preset
+    from modelatlas.zoo.store import open_zoo_models
 
     t0 = time.perf_counter()
     zoo = preset(args.preset, seed=args.seed)
     echo(f"building zoo '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
     manifest = make_zoo(zoo, out, workers=args.workers, progress=tqdm_progress)
     t1 = time.perf_counter()
-    paths = [manifest.path_of(n) for n in manifest.names]  # folder names are the manifest's model names
-    forest = LineageRecovery(config).fit(paths, progress=tqdm_progress).forest_
+    models = open_zoo_models(manifest)  # adapter-stored models merged onto their parents; names are folder names
+    try:
+        forest = LineageRecovery(config).fit(models, progress=tqdm_progress).forest_
+    finally:
+        for ck in models:
+            ck.close()
     t2 = time.perf_counter()
     echo(f"trained in {t1 - t0:.0f} s; recovered from the weights alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")

@@ -258,13 +258,22 @@ def _strip(key: str) -> str:
 
 def open_adapter(path: str | Path, base: str | Path | Checkpoint | None = None,
                  name: str | None = None) -> Checkpoint:
-    """Open an adapter folder: the LoRA updates alone, or merged into ``base`` when given."""
+    """Open an adapter folder: the LoRA updates alone, or merged into ``base`` when given. ``base`` must hold
+    full weights: a model, or an adapter already opened with its own base; an adapter alone is refused."""
     adapter = LoraAdapterCheckpoint(path, name)
     if base is None:
         return adapter
     owns = not isinstance(base, Checkpoint)
-    base_ck = open_checkpoint(base) if owns else base
     try:
+        base_ck = open_checkpoint(base) if owns else base
+    except BaseException:
+        adapter.close()
+        raise
+    try:
+        if base_ck.kind != "full":  # an update merged onto an update is no model
+            raise CheckpointError(adapter.path, f"base {base_ck.path} is itself a LoRA adapter (a weight update, "
+                                                "not a model); give the model it adapts, or open it with its own "
+                                                "base first: open_checkpoint(base, base=...)")
         return MergedLoraCheckpoint(adapter, base_ck, owns)
     except BaseException:
         adapter.close()

@@ -130,6 +130,37 @@ def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
                          cfg["lora_alpha"])
 
 
+def open_zoo_models(manifest) -> list:
+    """Every model of a zoo as an open :class:`~modelatlas.weights.Checkpoint` of its full weights, in
+    manifest order: an adapter-stored model is opened with its parent (itself merged, for an adapter of an
+    adapter) as the base, from the manifest, so a zoo stored as adapters can be compared like a merged one.
+    The caller closes them. Time O(N) opens, headers only."""
+    from modelatlas.weights import open_checkpoint
+
+    parents = manifest.parents()
+    opened: dict = {}
+    for name in sorted(manifest.names, key=lambda n: _depth(n, parents)):  # a parent before its children
+        rec = manifest[name]
+        base = None
+        if rec.storage == "adapter":
+            base = opened.get(rec.parent)
+            if base is None:
+                raise ManifestError(f"{manifest.path_of(name)}: adapter model {name!r} names no parent in the "
+                                    "manifest to merge it onto; rebuild the zoo with `atlas zoo make`")
+        opened[name] = open_checkpoint(manifest.path_of(name), base=base)
+    return [opened[n] for n in manifest.names]
+
+
+def _depth(name: str, parents: dict) -> int:
+    """Edges from ``name`` up to its root. Time O(depth)."""
+    d, seen = 0, {name}
+    while parents.get(name) is not None and parents[name] not in seen:
+        name = parents[name]
+        seen.add(name)
+        d += 1
+    return d
+
+
 def load_model(zoo_dir: str | Path, name: str) -> torch.nn.Module:
     """Zoo model ``name`` as an ``nn.Module`` in eval mode (architecture from the zoo manifest)."""
     from modelatlas.zoo.architectures import build_model
