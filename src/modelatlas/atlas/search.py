@@ -62,16 +62,36 @@ def _text_hits(atlas: Atlas, query: str, folder) -> list[Hit]:
     if not folder:
         raise AtlasError("the atlas does not say which text experts embedded it; pass --text-experts DIR")
     experts = TreeExperts.load(folder)
-    q = encode_texts([query])
+    _check_text_experts(atlas, experts, folder)
+    q = encode_texts([query])  # (1, d_text)
+    experts.check_query(q)
     hits = []
     for tree, (names, emb) in atlas.embeddings.items():
+        expert = experts.experts[tree]
+        scores = expert.scores_from_embeddings(emb, q, expert.text_)
+        hits += [Hit(n, float(s), "text") for n, s in zip(names, np.asarray(scores))]
+    return sorted(hits, key=lambda h: (-h.score, h.name))
+
+
+def _check_text_experts(atlas: Atlas, experts, folder) -> None:
+    """The experts are text experts on the layer the atlas was embedded with, one per embedded tree, mapping
+    models into a space of the stored embeddings' width; else a one-line AtlasError saying what differs."""
+    if experts.task != "text":
+        raise AtlasError(f"{folder}: experts trained with --task {experts.task}; text search needs the text "
+                         "experts (--task text) the atlas was built with")
+    layer = atlas.experts.get("text", {}).get("layer")
+    if layer is not None and experts.layer != layer:
+        raise AtlasError(f"{folder}: text experts on layer {experts.layer!r}, but the atlas was embedded with "
+                         f"experts on layer {layer!r}; pass the text experts the atlas was built with")
+    for tree, (_, emb) in atlas.embeddings.items():
         expert = experts.experts.get(tree)
         if expert is None:
             raise AtlasError(f"{folder}: no expert for tree {tree!r}, which embedded this atlas; pass the text "
                              "experts the atlas was built with")
-        scores = expert.scores_from_embeddings(emb, q, expert.text_)
-        hits += [Hit(n, float(s), "text") for n, s in zip(names, np.asarray(scores))]
-    return sorted(hits, key=lambda h: (-h.score, h.name))
+        if expert.config.rank_t != emb.shape[1]:
+            raise AtlasError(f"{folder}: the expert of tree {tree!r} embeds models in {expert.config.rank_t} "
+                             f"dimensions, the atlas stores {emb.shape[1]}; pass the text experts the atlas was "
+                             "built with")
 
 
 def _words(text: str) -> list[str]:

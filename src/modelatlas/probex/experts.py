@@ -196,9 +196,21 @@ class TreeExperts:
     def search_scores(self, x, routes: list[RouteResult], query_embedding) -> np.ndarray:
         """Every model's score for one query through its tree's text expert, normalised against that expert's
         seen prompts (see ProbeXTextAligner.search_scores); -inf outside known trees."""
+        self.check_query(query_embedding)
         scores = np.full(len(routes), -np.inf)
         for i, r in enumerate(routes):
             if r.known:
                 expert = self.experts[r.tree]
                 scores[i] = expert.search_scores(x[i:i + 1], query_embedding, expert.text_)[0]
         return scores
+
+    def check_query(self, query_embedding) -> None:
+        """Refuse (ConfigError naming the folder) a query embedding of another width than the text embeddings
+        the experts were trained on, e.g. experts trained on synthetic text vectors, not the MiniLM encoder's."""
+        width = np.asarray(query_embedding).shape[-1]
+        for tree, expert in self.experts.items():
+            d_text = getattr(expert, "text_", None)
+            if d_text is None or d_text.shape[1] != width:
+                raise ConfigError(f"{self.folder}: the expert of tree {tree!r} was not trained on text embeddings "
+                                  f"of width {width} (the text encoder's); train text experts with "
+                                  "`atlas probex train --task text`")

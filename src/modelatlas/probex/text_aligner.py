@@ -92,6 +92,13 @@ class ProbeXTextAligner(WeightExpert):
         check_fitted(self, "module_")
         e = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)  # (B, r_T)
         query = torch.as_tensor(np.asarray(query_embedding), dtype=torch.float32).reshape(1, -1)  # (1, d_text)
+        d_text, r_t = self.module_.text_map.in_features, self.module_.text_map.out_features
+        if e.ndim != 2 or e.shape[1] != r_t:
+            raise ConfigError(f"model embeddings must be (B, {r_t}) from this expert's embed_models; got "
+                              f"{tuple(e.shape)}")
+        if query.shape[1] != d_text:
+            raise ConfigError(f"the query embedding has width {query.shape[1]}, but this expert was trained on text "
+                              f"embeddings of width {d_text} (another text encoder?)")
         text = query if reference is None else torch.cat([query, torch.as_tensor(np.asarray(reference),
                                                                                  dtype=torch.float32)])
         with torch.no_grad():

@@ -1,0 +1,88 @@
+"""Atlas search: text search refuses experts the atlas was not embedded with; keywords match any script."""
+
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.atlas import Atlas, ModelEntry, search_atlas
+from modelatlas.atomic import atomic_write_json
+from modelatlas.errors import AtlasError
+from modelatlas.lineage.forest import Edge, Forest
+
+LAYER = "classifier.weight"
+
+
+def make_experts_folder(folder, task="text", layer=LAYER, rank_t=4, d_text=384, tree="root"):
+    """An experts folder as `atlas probex train` writes it, with one expert fitted for 1 epoch on noise."""
+    from modelatlas.probex import ProbeXClassifier, ProbeXConfig, ProbeXTextAligner, TreeRouter
+    from modelatlas.probex.experts import INDEX_FORMAT
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 4, generator=g)
+    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=rank_t, epochs=1)
+    if task == "text":
+        expert = ProbeXTextAligner(cfg, layer).fit(x, [0, 1, 2, 0, 1, 2], torch.randn(3, d_text, generator=g),
+                                                   ["a seven", "a three", "a four"])
+    else:
+        expert = ProbeXClassifier(cfg, layer).fit(x, np.eye(3, dtype=int)[[0, 1, 2, 0, 1, 2]])
+    expert.save(folder / "experts" / tree)
+    TreeRouter().fit(x, [tree] * 6).save(folder / "router")
+    atomic_write_json(folder / "index.json", {"format": INDEX_FORMAT, "task": task, "layer": layer,
+                                              "trees": {tree: f"experts/{tree}"}})
+    return expert
+
+
+def make_text_atlas(folder):
+    """A two-model atlas embedded by the text experts in ``folder`` (no weights needed to search it)."""
+    expert = make_experts_folder(folder)
+    emb = torch.as_tensor(expert.embed_models(torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))))
+    models = [ModelEntry("a", "/z/a"), ModelEntry("b", "/z/b")]
+    return Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)]), {"text": {"folder": str(folder), "layer": LAYER}},
+                 {"root": (["a", "b"], emb)})
+
+
+@pytest.fixture
+def fake_encoder(monkeypatch):
+    """The MiniLM encoder's output shape (384 wide, unit norm) without loading it."""
+    import modelatlas.probex.text_encoder as te
+
+    def encode(texts):
+        v = np.ones((len(texts), 384), dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    monkeypatch.setattr(te, "encode_texts", encode)
+
+
+def test_text_search_with_the_right_experts(tmp_path, fake_encoder):
+    atlas = make_text_atlas(tmp_path / "tx")
+    hits = search_atlas(atlas, "a seven")
+    assert sorted(h.name for h in hits) == ["a", "b"] and {h.how for h in hits} == {"text"}
+    assert search_atlas(atlas, "a seven", text_experts=tmp_path / "tx") == hits
+
+
+@pytest.mark.parametrize("kind, message", [
+    ({"task": "classes"}, "experts trained with --task classes; text search needs the text experts"),
+    ({"layer": "embed.weight"}, "text experts on layer 'embed.weight', but the atlas was embedded with experts "
+                                "on layer 'classifier.weight'"),
+    ({"rank_t": 8}, "the expert of tree 'root' embeds models in 8 dimensions, the atlas stores 4"),
+    ({"tree": "t0"}, "no expert for tree 'root', which embedded this atlas"),
+    ({"d_text": 8}, "the expert of tree 'root' was not trained on text embeddings of width 384"),
+])
+def test_text_search_refuses_other_experts(tmp_path, fake_encoder, kind, message):
+    atlas = make_text_atlas(tmp_path / "tx")
+    make_experts_folder(tmp_path / "other", **kind)
+    with pytest.raises(AtlasError, match=f"^{tmp_path / 'other'}: {message}"):
+        search_atlas(atlas, "a seven", text_experts=tmp_path / "other")
+
+
+def test_scores_from_embeddings_refuse_other_widths():
+    from modelatlas.errors import ConfigError
+    from modelatlas.probex import ProbeXConfig, ProbeXTextAligner
+
+    x = torch.randn(4, 5, 4, generator=torch.Generator().manual_seed(0))
+    expert = ProbeXTextAligner(ProbeXConfig(rank_u=2, rank_v=2, rank_t=4, epochs=1)).fit(x, [0, 1, 0, 1],
+                                                                                       torch.randn(2, 8))
+    with pytest.raises(ConfigError, match="query embedding has width 384, but this expert was trained on .* 8"):
+        expert.scores_from_embeddings(expert.embed_models(x), np.ones(384))
+    with pytest.raises(ConfigError, match=r"model embeddings must be \(B, 4\)"):
+        expert.scores_from_embeddings(np.ones((4, 3)), np.ones(8))
