@@ -147,3 +147,29 @@ def test_caller_mutation_does_not_reach_later_reads(tmp_path, legacy):
         assert torch.equal(ck.read("w"), torch.arange(6.0))
         assert torch.equal(ck.read("tied"), torch.tensor([2.0, 3.0]))
     assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(6.0))  # the file is untouched too
+
+
+def make_training_saves(state):
+    """The same weights as training scripts save them: plain, tutorial-style with optimizer state, DDP-wrapped,
+    and both at once (a dict of tensors for Adam's moments, as ``optimizer.state_dict()`` gives)."""
+    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3), "exp_avg_sq": torch.ones(2, 3)}},
+           "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    ddp = {f"module.{k}": v for k, v in state.items()}
+    return {"plain": state, "tutorial": {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": opt},
+            "ddp": ddp, "ddp-tutorial": {"epoch": 3, "model_state_dict": ddp, "optimizer_state_dict": opt},
+            "flat-with-optimizer": {**state, "optimizer": opt, "lr_scheduler": {"last_epoch": torch.tensor(3)}},
+            "compiled": {f"_orig_mod.{k}": v for k, v in state.items()}}
+
+
+def test_wrapped_training_saves_list_the_same_tensors_as_a_plain_save(tmp_path):
+    for name, obj in make_training_saves(make_state_dict()).items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with open_checkpoint(tmp_path / f"{name}.pt") as ck:
+            check_reads_state_dict(ck)
+
+
+def test_a_shared_prefix_that_is_not_a_wrapper_and_weights_named_like_state_are_kept(tmp_path):
+    torch.save({"encoder.a": torch.ones(2), "encoder.scaler": torch.ones(2)}, tmp_path / "m.pt")
+    torch.save({"scaler": {"weight": torch.ones(2)}, "optimizer.w": torch.ones(2)}, tmp_path / "n.pt")
+    with open_checkpoint(tmp_path / "m.pt") as m, open_checkpoint(tmp_path / "n.pt") as n:
+        assert m.keys() == ["encoder.a", "encoder.scaler"] and n.keys() == ["optimizer.w"]

@@ -10,9 +10,13 @@ Memory: files in the zip format (the default since PyTorch 1.6) are memory-mappe
 tensors stay on disk until :meth:`read` copies one out (each read returns a copy the caller owns). Legacy
 (non-zip) pickles cannot be memory-mapped and are loaded into RAM once, when opened.
 
-A dict that nests the state dict under ``"state_dict"`` (PyTorch Lightning) or ``"model"`` is accepted;
-nested dicts of tensors are flattened with ``.``-joined keys and non-tensor entries (an epoch counter) are
-skipped.
+A training checkpoint that nests the state dict under ``"model_state_dict"`` (the PyTorch tutorial's
+``{"epoch", "model_state_dict", "optimizer_state_dict"}``), ``"state_dict"`` (PyTorch Lightning) or
+``"model"`` is unwrapped to it; otherwise top-level optimizer, scheduler and grad-scaler state (dicts under keys
+naming ``optim``, ``sched`` or ``scaler``) is dropped: Adam moments are not weights. A prefix every tensor name shares
+from a wrapper (``module.`` of DistributedDataParallel / DataParallel, ``_orig_mod.`` of ``torch.compile``) is
+stripped, so a wrapped save of a model lists the same tensor names as a plain one. Nested dicts of tensors are
+flattened with ``.``-joined keys and non-tensor entries (an epoch counter) are skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.registry import register_format
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_NESTING_KEYS = ("state_dict", "model")
+_NESTING_KEYS = ("model_state_dict", "state_dict", "model")  # where training checkpoints keep the weights
+_TRAINING_STATE = re.compile(r"optim|sched|scaler", re.IGNORECASE)  # top-level keys of non-weight state
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -127,15 +133,26 @@ def _state_dict_from(path: Path, obj: object) -> dict[str, torch.Tensor]:
     """Pick the state dict out of what torch.load returned, flattened to name -> tensor."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"not a state dict: the file holds a {type(obj).__name__}, not a dict of tensors")
-    for key in _NESTING_KEYS:
-        if isinstance(obj.get(key), Mapping) and _has_tensor(obj[key]):
-            obj = obj[key]
-            break
+    nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping) and _has_tensor(obj[k])), None)
+    if nested is not None:
+        obj = nested
+    else:
+        obj = {k: v for k, v in obj.items()  # a tensor named like them ("scaler.weight" flattened) is a weight
+               if isinstance(v, torch.Tensor) or not (isinstance(k, str) and _TRAINING_STATE.search(k))}
     flat: dict[str, torch.Tensor] = {}
     _flatten(obj, "", flat)
     if not flat:
         raise CheckpointError(path, "no tensors in this PyTorch file (not a state dict)")
-    return flat
+    return _unwrapped(flat)
+
+
+def _unwrapped(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``flat`` without a wrapper prefix that every name shares (``module.module.`` too). Time O(tensors)."""
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) and len(k) > len(p) for k in flat)), None)
+        if prefix is None:
+            return flat
+        flat = {k[len(prefix):]: v for k, v in flat.items()}
 
 
 def _has_tensor(obj: Mapping) -> bool:
