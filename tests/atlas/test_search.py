@@ -86,3 +86,14 @@ def test_scores_from_embeddings_refuse_other_widths():
         expert.scores_from_embeddings(expert.embed_models(x), np.ones(384))
     with pytest.raises(ConfigError, match=r"model embeddings must be \(B, 4\)"):
         expert.scores_from_embeddings(np.ones((4, 3)), np.ones(8))
+
+
+def test_keyword_search_matches_words_of_any_script():
+    models = [ModelEntry("bert-日本", "/z/bert-日本"), ModelEntry("Größe-v2", "/z/Größe-v2", predicted=[["Straße", 0.9]]),
+              ModelEntry("gr-e", "/z/gr-e")]
+    atlas = Atlas(models, Forest([m.name for m in models], []))
+    assert [h.name for h in search_atlas(atlas, "日本")] == ["bert-日本"]
+    assert [h.name for h in search_atlas(atlas, "GRÖSSE")] == ["Größe-v2"]  # casefolded: ß is ss
+    assert [(h.name, round(h.score, 2)) for h in search_atlas(atlas, "strasse")] == [("Größe-v2", 1.9)]
+    assert [h.name for h in search_atlas(atlas, "gr")] == ["gr-e"]  # "Größe" is one word, not gr + e
+    assert [(h.name, h.score) for h in search_atlas(atlas, "größe-v2")] == [("Größe-v2", 4.0)]  # 2 words + name

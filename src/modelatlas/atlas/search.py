@@ -6,7 +6,8 @@ against the query plus that expert's seen prompts (:meth:`ProbeXTextAligner.scor
 ranks first when the query describes it better than any known description does. No weights are read.
 Time O(N r_T + C d_text r_T) per query for N embedded models and C seen prompts.
 
-Keyword search (no text embeddings, or ``mode="keywords"``): each query word is looked up in a model's name,
+Keyword search (no text embeddings, or ``mode="keywords"``): each query word (letters and digits of any script,
+casefolded) is looked up in a model's name,
 path below the folder all the atlas's models share (a word every path holds would match every model),
 predicted classes (and best-matching description), dtype and tree (whole words); the score counts matched
 words, a word found in a predicted class or description adds its probability, and a query that is a model's
@@ -94,15 +95,17 @@ def _check_text_experts(atlas: Atlas, experts, folder) -> None:
                              "built with")
 
 
-def _words(text: str) -> list[str]:
-    return [w for w in re.split(r"[^0-9a-z]+", text.lower()) if w]
+def split_words(text: str) -> list[str]:
+    """The casefolded words of ``text``: runs of Unicode letters and digits ("Größe-v2" -> grösse, v2; "bert-日本"
+    -> bert, 日本), split at punctuation, spaces and underscores."""
+    return re.findall(r"[^\W_]+", text.casefold())
 
 
 def _keyword_score(entry: ModelEntry, query: str, words: list[str], root: str) -> float:
     where = os.path.relpath(entry.path, root) if root else entry.path
-    fields = set(_words(" ".join([entry.name, where, entry.dtype]))) | {"tree", str(entry.tree)}
-    classes = [(set(_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
-    score = EXACT_NAME if query.strip().lower() == entry.name.lower() else 0.0
+    fields = set(split_words(" ".join([entry.name, where, entry.dtype]))) | {"tree", str(entry.tree)}
+    classes = [(set(split_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
+    score = EXACT_NAME if query.strip().casefold() == entry.name.casefold() else 0.0
     for w in words:
         matched = [p for ws, p in classes if w in ws]
         score += (1.0 + max(matched)) if matched else (1.0 if w in fields else 0.0)
@@ -118,7 +121,7 @@ def shared_folder(paths: list[str]) -> str:
 
 
 def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:
-    words = _words(query)
+    words = split_words(query)
     if not words:
         raise AtlasError(f"search query {query!r} has no words to look up")
     root = shared_folder([m.path for m in atlas.models])
