@@ -2,14 +2,16 @@
 
 It draws each recovered tree as an indented list (edge confidence beside each model, predicted classes
 under it), a table of every model (size, dtype, tree, parent, predictions, notes), and a filter box that
-hides the table rows whose text does not contain what is typed
-(and dims those models in the trees, keeping the trees' shape). Pure function of an :class:`Atlas`; every
+hides the table rows that do not match every typed word (a word starting a word of the model's name, path
+or notes, or a whole word of a predicted class; never a probability), and dims those models in the trees,
+keeping the trees' shape. Pure function of an :class:`Atlas`; every
 string from the atlas is HTML-escaped. Time O(N + E).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from html import escape
 
 from modelatlas.atlas.index import Atlas, ModelEntry
@@ -26,12 +28,17 @@ table{border-collapse:collapse;margin-top:1em} td,th{border:1px solid #ddd;paddi
 th{background:#f4f4f4} .hidden{display:none} .dim>b{opacity:.3} .tree-box{margin:1em 0}
 """
 
+# A row matches when every typed word starts a word of its data-s (name, path, notes) or is a whole word of
+# its data-c (class names, best description): typing "1" finds the models predicted to know class 1, not
+# every model with a 1 in its name or a probability of 0.91.
 _JS = """
-function has(el,q){return el.getAttribute('data-s').indexOf(q)>=0;}
-function filt(q){q=q.toLowerCase();
- document.querySelectorAll('tr[data-s]').forEach(function(tr){tr.classList.toggle('hidden',!!q&&!has(tr,q));});
+function words(q){return q.toLowerCase().match(/[\\p{L}\\p{N}]+/gu)||[];}
+function has(el,ws){var s=' '+el.getAttribute('data-s'),c=' '+el.getAttribute('data-c')+' ';
+ return ws.every(function(w){return s.indexOf(' '+w)>=0||c.indexOf(' '+w+' ')>=0;});}
+function filt(q){var ws=words(q),on=ws.length>0;
+ document.querySelectorAll('tr[data-s]').forEach(function(tr){tr.classList.toggle('hidden',on&&!has(tr,ws));});
  document.querySelectorAll('li[data-s]').forEach(function(li){
-  var hit=!q||has(li,q)||Array.prototype.some.call(li.querySelectorAll('li[data-s]'),function(d){return has(d,q);});
+  var hit=!on||has(li,ws)||Array.prototype.some.call(li.querySelectorAll('li[data-s]'),function(d){return has(d,ws);});
   li.classList.toggle('dim',!hit);});}
 """
 
@@ -54,11 +61,23 @@ def _pred_text(entry: ModelEntry, k: int = 6) -> str:
     return shown + (f" (+{len(entry.predicted) - k})" if len(entry.predicted) > k else "")
 
 
-def _search_text(entry: ModelEntry, folder: str) -> str:
-    """What the filter box matches; the path only below ``folder``, the one all models share (else typing a
-    word of it, which the page never shows, would keep every row)."""
+def _words(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits, as the page's ``words()`` splits what is typed."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def _filter_attrs(entry: ModelEntry | None, folder: str, name: str = "") -> str:
+    """The ``data-s`` / ``data-c`` attributes the filter box matches (see _JS). data-s: the words of the name,
+    the path below ``folder``, the one all models share (else typing a word of it, which the page never
+    shows, would keep every row), and the notes but their numbers; data-c: the words of the predicted
+    classes and the best description, without their probabilities."""
+    if entry is None:
+        return f'data-s="{escape(" ".join(_words(name)))}" data-c=""'
     where = os.path.relpath(entry.path, folder) if folder else entry.path
-    return escape(" ".join([entry.name, where, _pred_text(entry, 100), " ".join(entry.notes)]).lower())
+    notes = [w for w in _words(" ".join(entry.notes)) if not w.isdigit()]
+    said = [c for c, _ in (entry.predicted or []) + (entry.described or [])[:1]]
+    s, c = dict.fromkeys(_words(f"{entry.name} {where}") + notes), dict.fromkeys(_words(" ".join(said)))
+    return f'data-s="{escape(" ".join(s))}" data-c="{escape(" ".join(c))}"'
 
 
 def _li(name: str, entries: dict, depth: int, folder: str) -> str:
@@ -68,8 +87,7 @@ def _li(name: str, entries: dict, depth: int, folder: str) -> str:
     said = _pred_text(e) if e is not None else ""
     pred = f'<br><span class="pred">{escape(said)}</span>' if said else ""
     deep = f'<span class="score">[depth {depth}]</span> ' if depth > MAX_INDENT else ""
-    s = _search_text(e, folder) if e is not None else escape(name.lower())
-    return f'<li data-s="{s}">{deep}<b>{escape(name)}</b>{score}{pred}'
+    return f'<li {_filter_attrs(e, folder, name)}>{deep}<b>{escape(name)}</b>{score}{pred}'
 
 
 def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str) -> None:
@@ -110,7 +128,7 @@ def _table(atlas: Atlas, folder: str) -> list[str]:
         cells = [f"<b>{escape(m.name)}</b>", "" if m.tree is None else str(m.tree), escape(m.parent or ""),
                  "" if m.score is None else f"{m.score:.2f}", escape(_pred_text(m)), f"{m.parameters:,}",
                  _human(m.size_bytes), escape(m.dtype), f'<span class="note">{escape("; ".join(m.notes))}</span>']
-        out.append(f'<tr data-s="{_search_text(m, folder)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append(f'<tr {_filter_attrs(m, folder)}>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table>")
     return out
 
@@ -124,7 +142,7 @@ def render_html(atlas: Atlas) -> str:
                         for k, v in atlas.experts.items())
     body = [f"<h1>modelatlas</h1><p class=meta>{escape(meta)}</p>",
             f"<p class=meta>{experts}</p>" if experts else "",
-            '<input placeholder="filter models (name, class, note)" oninput="filt(this.value)">',
+            '<input placeholder="filter models (name, whole class name, note)" oninput="filt(this.value)">',
             *_trees(atlas, folder), "<h2>all models</h2>", *_table(atlas, folder)]
     return ("<!doctype html><html><head><meta charset=utf-8><title>modelatlas</title>"
             f"<style>{_CSS}</style><script>{_JS}</script></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,62 @@
+"""The viewer's filter box: words of names, paths and notes, whole class names, never probabilities."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from modelatlas.atlas import Atlas, ModelEntry
+from modelatlas.atlas.html import render_html
+from modelatlas.lineage.forest import Edge, Forest
+
+
+def make_class_atlas():
+    models = [ModelEntry("t0-c0001", "/z/t0-c0001.safetensors", predicted=[["7", 0.91], ["Größe", 0.6]]),
+              ModelEntry("t0-c0017", "/z/t0-c0017.safetensors", predicted=[["3", 0.97]]),
+              ModelEntry("stray", "/z/stray.safetensors", notes=["classes experts: in no known tree (nearest 't0' "
+                                                                  "at 1.5, radius 0.9)"])]
+    return Atlas(models, Forest([m.name for m in models], [Edge("t0-c0001", "t0-c0017", 0.5)]))
+
+
+def check_rows(page):
+    """(data-s, data-c) of every table row."""
+    return re.findall(r'<tr data-s="([^"]*)" data-c="([^"]*)">', page)
+
+
+def test_filter_attributes_hold_words_not_probabilities():
+    rows = check_rows(render_html(make_class_atlas()))
+    assert rows == [("t0 c0001 safetensors", "7 größe"), ("t0 c0017 safetensors", "3"),
+                    ("stray safetensors classes experts in no known tree nearest t0 at radius", "")]
+
+
+def check_filter(page, query):
+    """The names of the table rows the page's own filter keeps for ``query`` (its JavaScript, run in node)."""
+    js = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+    rows = [(name, s, c) for name, (s, c) in zip(re.findall(r"<tr data-s=[^>]*><td><b>([^<]*)</b>", page),
+                                                  check_rows(page))]
+    program = js + f"""
+var rows={json.dumps(rows)};
+var el=function(r){{return {{getAttribute:function(k){{return k==='data-s'?r[1]:r[2];}}}};}};
+var ws=words({json.dumps(query)});
+console.log(JSON.stringify(rows.filter(function(r){{return !ws.length||has(el(r),ws);}}).map(function(r){{return r[0];}})));
+"""
+    out = subprocess.run(["node", "-e", program], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's JavaScript")
+@pytest.mark.parametrize("query, kept", [
+    ("1", []),  # not the 1 of t0-c0001, not the 0.91 of class 7
+    ("9", []),
+    ("7", ["t0-c0001"]),  # a whole class name
+    ("3", ["t0-c0017"]),
+    ("t0-c00", ["t0-c0001", "t0-c0017"]),  # words that start the name's words
+    ("C0017", ["t0-c0017"]),
+    ("grö", []), ("GRÖSSE", []), ("größe", ["t0-c0001"]),  # class names whole, lower-cased as the page does
+    ("known tree", ["stray"]), ("1.5", []),  # notes' words, not their numbers
+    ("", ["t0-c0001", "t0-c0017", "stray"]),
+])
+def test_the_filter_matches_names_and_whole_classes(query, kept):
+    assert check_filter(render_html(make_class_atlas()), query) == kept
