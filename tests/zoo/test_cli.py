@@ -63,3 +63,18 @@ def test_zoo_make_options_reach_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["zoo", "make", "--arch-kwargs", "[1]", "--out", str(out)])
     assert "--arch-kwargs: must be a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs", ['{"hidden": -1}', '{"hidden": 0}', '{"hidden": "32"}'])
+def test_bad_arch_kwargs_are_one_line_and_write_nothing(tmp_path, capsys, kwargs):
+    out = tmp_path / "zoo"
+    assert main(["zoo", "make", "--preset", "tiny", "--arch-kwargs", kwargs, "--workers", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: arch_kwargs.hidden: must be a positive integer") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_vit_patch_that_does_not_divide_the_input_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    assert main(["zoo", "make", "--arch", "vit", "--arch-kwargs", '{"patch_size": 3}', "--out", str(out)]) == 1
+    assert "arch_kwargs.patch_size: 3 does not divide" in capsys.readouterr().err and not out.exists()

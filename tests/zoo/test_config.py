@@ -20,6 +20,15 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
     ({"subset_size": 0}, "subset_size: must be a positive integer or None"),  # 0 was silently read as None
     ({"root_steps": 5}, r"root_steps: must be a list or tuple, got 5"),  # was a TypeError from tuple(5)
     ({"batch_size": True}, "batch_size: must be a positive integer, got True"),  # True passed as 1
+    # bad sizes used to fail deep in torch (or divide by zero in the sampler), after folders were written
+    ({"arch_kwargs": {"hidden": -1}}, "arch_kwargs.hidden: must be a positive integer, got -1"),
+    ({"arch_kwargs": {"hidden": 0}}, "arch_kwargs.hidden: must be a positive integer, got 0"),
+    ({"arch_kwargs": {"hidden": "32"}}, "arch_kwargs.hidden: must be a positive integer, got '32'"),
+    ({"arch_kwargs": {"n_hidden": 1.5}}, "arch_kwargs.n_hidden: must be a non-negative integer, got 1.5"),
+    ({"arch_kwargs": {"width": 3}}, r"arch_kwargs: unknown key\(s\) \['width'\] for 'mlp'"),
+    ({"arch": "cnn", "arch_kwargs": {"channels": [8, -1]}},
+     r"arch_kwargs.channels: must be a list of positive integers, got \[8, -1\]"),
+    ({"arch_kwargs": [64]}, r"arch_kwargs: must be a dict of sizes"),
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -59,9 +59,9 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers: must be a positive integer, got {workers!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    arch = zoo_arch_config(config)
+    arch = zoo_arch_config(config)  # every check before the folder is made: a bad config leaves nothing behind
     nodes = plan_zoo(config)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {**config.to_dict(), "arch_config": arch}
     job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config)}
     bar = resolve(progress)(_build(nodes, job, meta, workers, resume), total=len(nodes), desc="training zoo")

@@ -87,6 +87,7 @@ class ZooConfig:
         if self.storage == "adapter" and self.method == "full":
             raise ConfigError("storage: 'adapter' needs method 'lora' or 'mixed' (full fine-tunes have no adapter)")
         self._check_tasks()
+        _check_arch_kwargs(self.arch, self.arch_kwargs)
         if self.input_shape is not None and (len(self.input_shape) != 3 or min(self.input_shape) < 1):
             raise ConfigError(f"input_shape: must be (C, H, W) with positive sizes, got {self.input_shape!r}")
 
@@ -127,6 +128,33 @@ class ZooConfig:
 def _choice(name: str, value, options) -> None:
     if value not in options:
         raise ConfigError(f"{name}: unknown value {value!r}; choose one of {list(options)}")
+
+
+_SIZE_MINIMUM = {"hidden": 1, "n_hidden": 0, "patch_size": 1, "n_layers": 0, "n_heads": 1, "intermediate": 1}
+
+
+def _check_arch_kwargs(arch: str, kwargs) -> None:
+    """Known keys for ``arch``, each an integer in range (``channels`` a list of them), before anything is
+    written: a negative or string width used to fail deep in torch, halfway through building a zoo."""
+    from modelatlas.zoo.architectures import ARCH_DEFAULTS
+
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"arch_kwargs: must be a dict of sizes, e.g. {ARCH_DEFAULTS[arch]}; got {kwargs!r}")
+    unknown = sorted(set(kwargs) - set(ARCH_DEFAULTS[arch]))
+    if unknown:
+        raise ConfigError(f"arch_kwargs: unknown key(s) {unknown} for {arch!r}; known: {sorted(ARCH_DEFAULTS[arch])}")
+    for key, value in kwargs.items():
+        if key == "channels":
+            ok, what = isinstance(value, (list, tuple)) and all(map(_is_count, value)), "a list of positive integers"
+        else:
+            low = _SIZE_MINIMUM[key]
+            ok, what = _is_count(value, low), "a positive integer" if low else "a non-negative integer"
+        if not ok:
+            raise ConfigError(f"arch_kwargs.{key}: must be {what}, got {value!r}")
+
+
+def _is_count(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low  # True is an int
 
 
 def _check_range(name: str, value) -> None:
