@@ -24,12 +24,15 @@ def test_build_show_search(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "warning: broken: unreadable: " in captured.err
     assert "├── t0_0  (" in captured.out and f"atlas written to {out}" in captured.out
-    assert "7 models, 2 trees; stage: specialize" in captured.out
+    assert "7 models, 2 trees (1 in none); stage: specialize" in captured.out
+    assert "not in any tree" not in captured.out  # build warns the notes on stderr instead
     data = json.loads((out / "atlas.json").read_text())
     assert {m["name"]: m["parent"] for m in data["models"] if m["tree"]} == parents
     assert (out / "atlas.html").exists() and not (out / "embeddings.safetensors").exists()
     assert main(["index", "show", str(out)]) == 0
-    assert "t1  [tree 2, 3 models; root confidence" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "t1  [tree 2, 3 models; root confidence" in shown
+    assert "\nnot in any tree (1):\n  broken: unreadable: " in shown and "notes (" not in shown
     assert main(["index", "search", "t1_0", str(out), "--top", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("1. t1_0  keyword score 4.000  (tree 2, parent t1)")  # t1, 0 and the whole name
@@ -83,4 +86,17 @@ def test_failing_rebuild_leaves_the_old_atlas(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     capsys.readouterr()
     assert main(["index", "show", str(out)]) == 0
-    assert "7 models, 2 trees" in capsys.readouterr().out
+    assert "7 models, 2 trees (1 in none)" in capsys.readouterr().out
+
+
+def test_show_lists_the_notes_of_placed_models(tmp_path, capsys):
+    from modelatlas.atlas import Atlas, ModelEntry
+    from modelatlas.lineage.forest import Edge, Forest
+
+    models = [ModelEntry("a", "/z/a"), ModelEntry("b", "/z/b", notes=["classes experts: in no known tree"]),
+              ModelEntry("c", "/z/c", notes=["lineage skipped it: an adapter"]), ModelEntry("d", "/z/d")]
+    Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)])).save(tmp_path / "atl")
+    assert main(["index", "show", str(tmp_path / "atl")]) == 0
+    out = capsys.readouterr().out
+    assert ("not in any tree (2):\n  c: lineage skipped it: an adapter\n  d: no reason recorded\n"
+            "notes (1 model):\n  b: classes experts: in no known tree\n4 models, 1 tree (2 in none)") in out

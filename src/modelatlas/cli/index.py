@@ -50,19 +50,38 @@ def _build(args: argparse.Namespace) -> int:
     for m in atlas.models:
         for note in m.notes:
             warn(f"{m.name}: {note}")
-    _show_atlas(atlas)
+    _show_atlas(atlas, notes=False)  # they were just warned
     echo(f"atlas written to {args.out} (open {args.out / 'atlas.html'} in a browser)")
     return 0
 
 
-def _show_atlas(atlas) -> None:
+def _show_atlas(atlas, notes: bool = True) -> None:
+    """The trees with each model's predictions, then (``notes``) the models in no tree and every model's
+    notes, then a summary line."""
     from modelatlas.lineage.export import to_text
 
     labels = {m.name: _what(m) for m in atlas.models if m.predicted or m.described}
     echo(to_text(atlas.forest, labels=labels).rstrip("\n"))
+    placed = set(atlas.forest.nodes)
+    outside = [m for m in atlas.models if m.name not in placed]
+    if notes:
+        _show_notes(outside, [m for m in atlas.models if m.notes and m.name in placed])
     d = atlas.forest.decisions
-    echo(f"{counted(len(atlas.models), 'model')}, {counted(len(atlas.forest.roots()), 'tree')}; stage: {d.get('stage')}; "
+    echo(f"{counted(len(atlas.models), 'model')}, {counted(len(atlas.forest.roots()), 'tree')}"
+         + (f" ({len(outside)} in none)" if outside else "") + f"; stage: {d.get('stage')}; "
          f"distance: {d.get('distance')}" + (f"; {len(labels)} described by experts" if atlas.experts else ""))
+
+
+def _show_notes(outside: list, noted: list) -> None:
+    """The models left out of every tree, and the notes of the others, one model a line."""
+    if outside:
+        echo(f"not in any tree ({len(outside)}):")
+        for m in outside:
+            echo(f"  {m.name}: {'; '.join(m.notes) or 'no reason recorded'}")
+    if noted:
+        echo(f"notes ({counted(len(noted), 'model')}):")
+        for m in noted:
+            echo(f"  {m.name}: {'; '.join(m.notes)}")
 
 
 def _what(m) -> str:
