@@ -276,3 +276,27 @@ def test_a_full_fine_tune_among_lora_children_keeps_the_tree_off_rank_distance()
     lora = np.where(frac > 0.25, 0.12, frac)  # the same tree, all LoRA
     np.fill_diagonal(lora, 0)
     assert _low_rank_tree(rms, lora)
+
+
+def test_checkpoints_named_alike_in_different_runs_are_told_apart_by_folder(tmp_path):
+    """runA/checkpoint-500 and runB/checkpoint-500 used to be refused as duplicate names."""
+    weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, seed=1)
+    for run, name in (("runA", "t0_0"), ("runB", "t0_1")):
+        (tmp_path / run).mkdir()
+        save_file(weights[name], str(tmp_path / run / "checkpoint-500.safetensors"))
+    save_file(weights["t0"], str(tmp_path / "base.safetensors"))
+    (tmp_path / "runB" / "broken.safetensors").write_bytes(b"\xff")
+    (tmp_path / "runA" / "broken.safetensors").write_bytes(b"\xff")
+    paths = [tmp_path / "base.safetensors", *sorted(tmp_path.glob("run*/*.safetensors"))]
+    f = recover_lineage(paths, stage="specialize")
+    assert sorted(f.nodes) == ["base", "runA/checkpoint-500", "runB/checkpoint-500"]
+    assert sorted(f.skipped) == ["runA/broken", "runB/broken"]
+    with pytest.raises(ConfigError, match=r"\['base'\] appear more than once \(the same model given twice"):
+        recover_lineage([paths[0], paths[0], paths[1]])
+
+
+def test_unique_names_go_up_as_many_folders_as_needed(tmp_path):
+    from modelatlas.lineage.sources import unique_names
+
+    a, b = tmp_path / "x" / "run" / "ck.pt", tmp_path / "y" / "run" / "ck.pt"
+    assert unique_names([a, b, tmp_path / "other.pt"]) == ["x/run/ck", "y/run/ck", "other"]

@@ -81,9 +81,9 @@ def _recover(args: argparse.Namespace) -> int:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
     if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
         from modelatlas.lineage.scoring import check_truth
-        from modelatlas.weights import model_name
+        from modelatlas.lineage.sources import unique_names
 
-        check_truth([model_name(p) for p in models], truth)
+        check_truth(unique_names(models), truth)
     forest = with_truth(LineageRecovery(config).fit(models, progress=tqdm_progress).forest_, truth)
     show_forest(forest, truth)
     _write_outputs(args, forest, truth)
