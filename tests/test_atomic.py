@@ -57,3 +57,26 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         assert (atomic_save_tensors(tmp_path / "w.safetensors", {"a": torch.ones(1)}).stat().st_mode & 0o777) == 0o644
     finally:
         os.umask(old)
+
+
+def test_write_errors_name_the_destination_not_the_temporary_file(tmp_path):
+    import errno
+
+    (tmp_path / "out.json").mkdir()  # --out at an existing folder
+    with pytest.raises(IsADirectoryError) as info:
+        atomic_write_json(tmp_path / "out.json", {})
+    assert info.value.filename == str(tmp_path / "out.json") and ".tmp" not in str(info.value)
+
+    def full_disk(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*result\.bin'"):
+        atomic_write(tmp_path / "result.bin", full_disk)
+
+    def reads_another(tmp):
+        open(tmp_path / "missing-input")
+
+    with pytest.raises(FileNotFoundError) as info:  # an error about another file keeps its name
+        atomic_write(tmp_path / "x.bin", reads_another)
+    assert info.value.filename == str(tmp_path / "missing-input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file left

@@ -13,7 +13,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -25,7 +25,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never reuse a file
+    try:
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never reuse a file
+    except OSError as e:
+        _raise_about(e, path, tmp_path)
     # the mode open() gives, 0666 less the umask (mkstemp's 0600 would survive the rename: an atlas.html or
     # result folder others cannot read)
     mode = os.fstat(fd).st_mode & 0o777
@@ -34,10 +37,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp_path)
         os.chmod(tmp_path, mode)  # a writer may replace the file with its own (safetensors' is 0600)
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        _raise_about(e, path, tmp_path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _raise_about(e: OSError, path: Path, tmp_path: Path) -> NoReturn:
+    """Raise ``e`` naming the destination the user asked for, not the hidden temporary file (or no file: a
+    full disk); an error about another file (one the writer reads) is raised as it is."""
+    if e.filename not in (None, str(tmp_path), tmp_path) or e.errno is None:
+        raise e
+    raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
