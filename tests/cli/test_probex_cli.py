@@ -99,6 +99,27 @@ def test_text_train_and_search(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].strip().startswith("1. ") and "log p(query)" in lines[-1]
     assert main(["probex", "search", "seven", str(zoo), "--experts", str(tmp_path / "missing")]) == 1
+    check_search_sources(zoo, out, tmp_path, capsys)
+
+
+def check_search_sources(zoo, experts, tmp_path, capsys):
+    """An atlas folder stands for its models; a search that can rank no model is an error, not silence."""
+    from modelatlas.atlas import Atlas, ModelEntry
+    from modelatlas.lineage.forest import Forest
+
+    names = sorted(p.stem for p in zoo.glob("*.safetensors"))[:3]
+    models = [ModelEntry(n, str(zoo / f"{n}.safetensors")) for n in names]
+    Atlas(models, Forest(names, [])).save(tmp_path / "atl")
+    capsys.readouterr()
+    assert main(["probex", "search", "a seven", str(tmp_path / "atl"), "--experts", str(experts)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and {ln.split()[1] for ln in lines} == set(names)
+    atomic_save_tensors(tmp_path / "other" / "odd.safetensors", {"classifier.weight": torch.randn(3, 3)})
+    assert main(["probex", "search", "a seven", str(tmp_path / "other"), "--experts", str(experts)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "warning: odd: not routed" in captured.err
+    assert captured.err.endswith("error: no model to rank: 1 model given, none in a tree that the experts "
+                                 f"in {experts} were trained on (see the warnings above)\n")
 
 
 def test_search_needs_text_experts(make_tiny_zoo, make_trained, capsys):

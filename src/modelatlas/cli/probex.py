@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from modelatlas.cli.argtypes import positive_int
-from modelatlas.cli.output import echo, tqdm_progress, warn
+from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     t.set_defaults(func=_train)
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
-    pr.add_argument("models", nargs="+", metavar="MODEL", help="model files or folders of models")
+    pr.add_argument("models", nargs="+", metavar="MODEL",
+                    help="model files, folders of models, a zoo manifest or an atlas folder")
     pr.add_argument("--experts", required=True, help="folder written by `atlas probex train`")
     pr.add_argument("--top", type=positive_int, default=10, help="classes to show per model")
     pr.set_defaults(func=_predict)
     s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)")
     s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
-    s.add_argument("models", nargs="+", metavar="MODELS_OR_INDEX", help="model files, folders or a zoo manifest")
+    s.add_argument("models", nargs="+", metavar="MODELS_OR_INDEX",
+                   help="model files, folders of models, a zoo manifest or an atlas folder (its models are read)")
     s.add_argument("--experts", required=True)
     s.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     s.set_defaults(func=_search)
@@ -54,6 +56,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _model_paths(items: list[str]) -> list[Path]:
+    """Model files and folders of models as they are; a zoo (manifest.json) or an atlas (atlas.json, folder
+    or file) stands for the models it lists."""
     from modelatlas.weights import discover_models
 
     paths: list[Path] = []
@@ -64,6 +68,10 @@ def _model_paths(items: list[str]) -> list[Path]:
 
             m = load_manifest(p)
             paths.extend(m.root / r.path for r in m.models)
+        elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
+            from modelatlas.atlas import Atlas
+
+            paths.extend(Path(m.path) for m in Atlas.load(p).models)
         else:
             paths.extend(discover_models([p]))
     return paths
@@ -104,6 +112,9 @@ def _search(args: argparse.Namespace) -> int:
     for r in routes:
         if not r.known:
             warn(f"{r.message()}; skipped")
+    if not any(r.known for r in routes):
+        raise ConfigError(f"no model to rank: {counted(len(routes), 'model')} given, none in a tree that the "
+                          f"experts in {args.experts} were trained on (see the warnings above)")
     order = [i for i in scores.argsort()[::-1] if routes[i].known][: args.top]
     for rank, i in enumerate(order, 1):
         echo(f"{rank:3d}. {routes[i].name}  log p(query) {scores[i]:.3f}")
