@@ -146,3 +146,15 @@ def test_demo_on_an_adapter_preset_merges_adapters_onto_their_parents(tmp_path, 
     assert main(["demo", "--preset", "tiny-adapter", "--workers", "1", "--out", str(tmp_path / "zoo")]) == 0
     captured = capsys.readouterr()
     assert "skipped" not in captured.err and "/6)" in captured.out and "7 models" in captured.out
+
+
+def test_demo_into_a_folder_of_another_zoo_names_real_options(tmp_path, capsys):
+    """The message used to suggest `--no-resume`, which `atlas demo` does not have."""
+    t0 = tmp_path / "zoo" / "t0"
+    t0.mkdir(parents=True)
+    (t0 / "model.safetensors").write_bytes(b"")
+    (t0 / "zoo_record.json").write_text(json.dumps({"fingerprint": "other", "record": {"storage": "full"}}))
+    assert main(["demo", "--preset", "tiny", "--workers", "1", "--out", str(tmp_path / "zoo")]) == 1
+    err = capsys.readouterr().err
+    assert "t0: built from a different zoo config" in err and "choose another output folder (--out)" in err
+    assert "pass resume=False (--no-resume)" not in err

@@ -103,8 +103,9 @@ def _finished(folder: Path, fp: str) -> dict | None:
     if data is None:
         return None
     if data.get("fingerprint") != fp:
-        raise ConfigError(f"{folder}: built from a different zoo config; choose another out_dir or pass "
-                          "resume=False (--no-resume) to rebuild it")
+        raise ConfigError(f"{folder}: built from a different zoo config (another preset, seed or option); "
+                          "choose another output folder (--out), or delete it to rebuild it (`atlas zoo make "
+                          "--no-resume` and make_zoo(resume=False) rebuild in place)")
     rec = data["record"]
     if not rec.get("sha256"):  # finished by a version that wrote no digest
         rec["sha256"] = weights_digest(weights_file(folder, rec.get("storage", "full")))
