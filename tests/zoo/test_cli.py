@@ -9,7 +9,7 @@ def test_zoo_make_and_show(tmp_path, capsys):
     code = main(["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "2", "--depth", "1",
                  "--method", "lora", "--storage", "adapter", "--seed", "4", "--workers", "1", "--out", str(out)])
     text = capsys.readouterr().out
-    assert code == 0 and "zoo: 3 models (1 roots, 0 full fine-tunes, 2 LoRA)" in text
+    assert code == 0 and "zoo: 3 models (1 root, 0 full fine-tunes, 2 LoRA)" in text
     manifest = load_manifest(out)
     assert manifest.config["seed"] == 4 and manifest["t0.1"].storage == "adapter"
     assert main(["zoo", "show", str(out)]) == 0
@@ -78,3 +78,22 @@ def test_a_vit_patch_that_does_not_divide_the_input_writes_nothing(tmp_path, cap
     out = tmp_path / "zoo"
     assert main(["zoo", "make", "--arch", "vit", "--arch-kwargs", '{"patch_size": 3}', "--out", str(out)]) == 1
     assert "arch_kwargs.patch_size: 3 does not divide" in capsys.readouterr().err and not out.exists()
+
+
+def test_one_fine_tune_is_singular(tmp_path, capsys):
+    assert main(["zoo", "make", "--preset", "tiny", "--method", "full", "--trees", "1", "--children", "1",
+                 "--depth", "1", "--workers", "1", "--out", str(tmp_path / "zoo")]) == 0
+    assert "zoo: 2 models (1 root, 1 full fine-tune, 0 LoRA)" in capsys.readouterr().out
+
+
+def test_a_star_of_another_depth_is_refused_and_a_tree_preset_becomes_a_star(tmp_path, capsys):
+    import argparse
+
+    from modelatlas.cli.zoo import _OPTIONS, _config
+
+    out = tmp_path / "zoo"
+    assert main(["zoo", "make", "--shape", "star", "--depth", "3", "--out", str(out)]) == 1
+    assert "error: depth: a star is roots with direct children only (depth 1), got 3" in capsys.readouterr().err
+    assert not out.exists()
+    args = argparse.Namespace(preset="demo", **{k: None for k in _OPTIONS} | {"shape": "star"})
+    assert _config(args).depth == 1  # the preset's depth 2 was not the user's

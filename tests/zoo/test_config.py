@@ -29,6 +29,7 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
     ({"arch": "cnn", "arch_kwargs": {"channels": [8, -1]}},
      r"arch_kwargs.channels: must be a list of positive integers, got \[8, -1\]"),
     ({"arch_kwargs": [64]}, r"arch_kwargs: must be a dict of sizes"),
+    ({"shape": "star", "depth": 3}, r"depth: a star is roots with direct children only \(depth 1\), got 3"),
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -55,3 +56,8 @@ def test_presets_and_sizes():
 def test_roundtrip_dict():
     c = preset("lineage-lora-mixed", seed=5)
     assert ZooConfig.from_dict({**c.to_dict(), "arch_config": {}}) == c
+
+
+def test_depth_defaults_to_the_shape():
+    assert ZooConfig().depth == 2 and ZooConfig(shape="star").depth == 1
+    assert preset("probex-digits").depth == 1 and ZooConfig(shape="star", depth=1).n_models == 3 * 3

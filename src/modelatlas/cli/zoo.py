@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import replace
 
 from modelatlas.cli.argtypes import int_tuple, positive_int, str_tuple
-from modelatlas.cli.output import echo, tqdm_progress
+from modelatlas.cli.output import counted, echo, tqdm_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +60,8 @@ def _config(args: argparse.Namespace):
 
     config = preset(args.preset) if args.preset else ZooConfig()
     overrides = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
+    if overrides.get("shape") == "star" and "depth" not in overrides:
+        overrides["depth"] = 1  # a tree preset's depth is not the user's: a star has depth 1
     kinds = overrides.get("task_kinds", config.task_kinds)
     if "other_datasets" in overrides and "dataset" not in kinds:
         overrides["task_kinds"] = (*kinds, "dataset")
@@ -77,8 +79,8 @@ def _make(args: argparse.Namespace) -> int:
     secs = time.perf_counter() - start
     accs = [m.train.get("test_acc", float("nan")) for m in manifest.models]
     methods = {k: sum(m.method == k for m in manifest.models) for k in ("root", "full", "lora")}
-    echo(f"zoo: {len(manifest)} models ({methods['root']} roots, {methods['full']} full fine-tunes, "
-         f"{methods['lora']} LoRA) in {args.out}")
+    echo(f"zoo: {counted(len(manifest), 'model')} ({counted(methods['root'], 'root')}, "
+         f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA) in {args.out}")
     per = sum(m.train.get("seconds", 0.0) for m in manifest.models) / max(1, len(manifest))
     echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall, "
          f"{per:.2f} s of training per model")

@@ -2,7 +2,8 @@
 
 Shapes: ``"tree"`` builds ``trees`` roots, each non-leaf node with ``children`` children, down to ``depth``
 levels below the root (``trees * (children**(depth+1) - 1) / (children - 1)`` models); ``"star"`` builds
-``trees`` roots with ``children`` direct children each (depth 1), e.g. 1 root x 1,000 fine-tunes for ProbeX.
+``trees`` roots with ``children`` direct children each (depth 1; another depth is an error), e.g. 1 root x
+1,000 fine-tunes for ProbeX.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ZooConfig:
     shape: str = "tree"
     trees: int = 3
     children: int = 2
-    depth: int = 2
+    depth: int | None = None  # None: 2 for a tree, 1 for a star (a star has no other depth)
     method: str = "full"
     storage: str = "merged"
     lora_ranks: tuple[int, ...] = (4,)
@@ -67,8 +68,11 @@ class ZooConfig:
         _choice("shape", self.shape, SHAPES)
         _choice("method", self.method, METHODS)
         _choice("storage", self.storage, STORAGES)
-        if self.shape == "star":
-            self.depth = 1
+        if self.depth is None:
+            self.depth = 1 if self.shape == "star" else 2
+        elif self.shape == "star" and self.depth != 1:  # was silently set to 1
+            raise ConfigError(f"depth: a star is roots with direct children only (depth 1), got {self.depth!r}; "
+                              "use shape 'tree' for deeper families")
         for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
             low = 0 if name == "depth" else 1  # depth 0: roots only
             value = getattr(self, name)
