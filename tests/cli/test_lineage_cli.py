@@ -54,8 +54,11 @@ def test_files_as_paths_and_options(tmp_path, capsys):
 
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["lineage", "recover", str(tmp_path / "nope")]) == 1
-    err = capsys.readouterr().err
-    assert "skipped:" in err and "no such file or folder" in err and "error: no models found" in err
+    err = capsys.readouterr().err  # one line: the path's own error (was "skipped: ..." then "error: no models")
+    assert err == f"error: {tmp_path / 'nope'}: no such file or folder\n"
+    assert main(["lineage", "recover", str(tmp_path / "nope"), str(tmp_path / "gone")]) == 1
+    err = capsys.readouterr().err  # several: each is reported as skipped, then the summary
+    assert err.count("skipped:") == 2 and "error: no models found" in err
     make_tiny_zoo(tmp_path)
     with pytest.raises(SystemExit) as e:  # a count below 1 is a usage error, found before any weight is read
         main(["lineage", "recover", str(tmp_path), "--trees", "0"])
@@ -158,3 +161,10 @@ def test_demo_into_a_folder_of_another_zoo_names_real_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "t0: built from a different zoo config" in err and "choose another output folder (--out)" in err
     assert "pass resume=False (--no-resume)" not in err
+
+
+def test_no_stage_warning_for_a_single_model(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    assert main(["lineage", "recover", str(tmp_path / "t0.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "1 model, 1 tree" in captured.out and "warning" not in captured.err

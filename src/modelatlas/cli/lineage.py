@@ -63,6 +63,8 @@ def expand_paths(paths: list[str]) -> list[Path]:
         try:
             models = discover_models([p])
         except AtlasError as e:
+            if len(paths) == 1:  # alone, its own error is the one line to print (not "skipped" + "no models")
+                raise
             print(f"skipped: {' '.join(str(e).split())}", file=sys.stderr)
             continue
         if not models and len(paths) > 1:  # alone, the caller's "no models found" error says it
@@ -124,7 +126,8 @@ def show_forest(forest, truth=None) -> None:
     same += f", {len(lowp)} a lower-precision copy of another" if lowp else ""
     echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
-    if not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
+    directed = any(e.kind == "trained" for e in forest.edges)  # single models and copies: no direction to guess
+    if directed and not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
         warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
              "directions are a guess; pass --stage specialize|generalize if you know it")
     if truth is not None:
