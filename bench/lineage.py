@@ -202,8 +202,8 @@ def evaluate(manifest, paper_distance: str) -> dict:
     t_paper = time.perf_counter() - t
     s_ours, s_paper = score_forest(ours, manifest), score_forest(paper, manifest)
     marks = edge_marks(ours, manifest)
-    right = [e.score for e in ours.edges if marks[(e.parent, e.child)] == "right"]
-    wrong = [e.score for e in ours.edges if marks[(e.parent, e.child)] != "right"]
+    right = [e.score for e in ours.edges if marks.get((e.parent, e.child)) == "right"]
+    wrong = [e.score for e in ours.edges if marks.get((e.parent, e.child)) in ("wrong", "reversed")]  # not unknown
     d = ours.decisions
     return {"models": len(paths), "ours": s_ours.as_dict(), "paper": s_paper.as_dict(), "t_read": floor,
             "t_ours": t_ours, "t_paper": t_paper, "right_stage": stage, "stage": d["stage"],
