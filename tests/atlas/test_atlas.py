@@ -111,6 +111,7 @@ def test_class_experts_predict_and_flag_strangers(make_class_zoo, tmp_path):
     tensors = load_file(str(zoo / "t1-c0003.safetensors"))
     save_file({k: torch.randn_like(v) * 3 for k, v in tensors.items()}, str(models / "stranger.safetensors"))
     save_file({"w": torch.randn(4, 4)}, str(models / "other-arch.safetensors"))
+    save_file({k: v.clone().fill_(float("nan")) for k, v in tensors.items()}, str(models / "nan.safetensors"))
     atlas = build_atlas([models], experts=experts)
     by = {m.name: m for m in atlas.models}
     assert by["t0-c0001"].expert_tree == "t0" and by["t1-c0003"].expert_tree == "t1"
@@ -118,6 +119,8 @@ def test_class_experts_predict_and_flag_strangers(make_class_zoo, tmp_path):
     assert probs == sorted(probs, reverse=True) and all(p > 0.5 for p in probs)
     assert by["stranger"].predicted is None and "in no known tree" in by["stranger"].notes[0]
     assert "no tensor 'layers.1.weight' of shape (16, 16)" in by["other-arch"].notes[0]
+    assert by["nan"].notes[-1] == "classes experts: not routed: its weights hold NaN or inf values: a diverged or " \
+                                  "corrupt checkpoint"
     assert atlas.experts["classes"]["layer"] == "layers.1.weight"
     with pytest.raises(AtlasError, match="pass them as --experts"):
         build_atlas([models], text_experts=experts)

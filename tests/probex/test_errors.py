@@ -72,3 +72,49 @@ def test_loading_the_text_encoder_shows_no_bar_and_restores_the_setting(capsys):
     assert text_encoder.encode_texts(["a shirt"]).shape == (1, 384)
     assert "Loading weights" not in capsys.readouterr().err  # a progress bar in pipes and logs
     assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
+
+
+def make_nan_x():
+    x, y = torch.randn(12, 3, 4), torch.randint(0, 2, (12, 2))
+    x[5, 1, 2], x[9, 0, 0] = float("nan"), float("inf")
+    return x, y
+
+
+def test_fit_and_predict_refuse_nan_weights_naming_the_model():
+    from modelatlas.probex import ProbeXClassifier
+
+    x, y = make_nan_x()
+    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
+    with pytest.raises(ConfigError, match=r"^ProbeXClassifier.fit: models 5, 9 of X hold NaN or inf weights"):
+        ProbeXClassifier(cfg).fit(x, y)
+    with pytest.raises(ConfigError, match=r"^ProbeXTextAligner.fit: models 5, 9 of X hold NaN or inf"):
+        ProbeXTextAligner(cfg).fit(x, [0, 1] * 6, torch.randn(2, 4))
+    expert = ProbeXClassifier(cfg).fit(x[:5], y[:5])
+    with pytest.raises(ConfigError, match=r"expert for layer '': models 0, 4 of X hold NaN or inf weights"):
+        expert.predict_proba(x[5:10])
+    with pytest.raises(ConfigError, match=r"model 0 of X holds NaN or inf weights \(a diverged .*\); drop it$"):
+        expert.predict(x[9])
+
+
+def test_router_refuses_nan_at_fit_and_names_it_at_route():
+    x, _ = make_nan_x()
+    with pytest.raises(ConfigError, match="router fit: model 5 of X holds NaN or inf weights"):
+        TreeRouter().fit(x, ["a"] * 12)
+    routes = TreeRouter().fit(x[:5], ["a"] * 5).route(x[4:6], ["ok", "bad"])
+    assert routes[0].reason is None and not routes[1].known
+    assert routes[1].message() == "bad: not routed (its weights hold NaN or inf values: a diverged or corrupt checkpoint)"
+
+
+def test_training_on_a_zoo_with_a_nan_model_names_it(tmp_path):
+    recs = [ModelRecord("r", "r.safetensors", None, "r")]
+    save_file({"w": torch.randn(3, 3)}, str(tmp_path / "r.safetensors"))
+    for i in range(10):
+        w = torch.randn(3, 3)
+        if i == 6:
+            w[1, 1] = float("inf")
+        save_file({"w": w}, str(tmp_path / f"c{i}.safetensors"))
+        recs.append(ModelRecord(f"c{i}", f"c{i}.safetensors", "r", "r", task={"classes": [i % 2]}))
+    Manifest(recs, {}, tmp_path).save(tmp_path / "manifest.json")
+    for layer in ("w", "auto"):
+        with pytest.raises(CheckpointError, match=r"c6\.safetensors: tensor 'w' holds NaN or inf values"):
+            train_tree_experts(tmp_path, tmp_path / "out", layer=layer, config=ProbeXConfig(epochs=1))

@@ -131,7 +131,9 @@ def _routed(atlas: Atlas, paths: list[Path], shapes: dict, folder, task: str, pr
     x = load_layer([p for p, _ in chosen], experts.layer, progress)
     routes = experts.router.route(x, [e.name for _, e in chosen])
     for r, (_, entry) in zip(routes, chosen):
-        if not r.known:
+        if r.reason is not None:
+            entry.notes.append(f"{task} experts: not routed: {r.reason}")
+        elif not r.known:
             entry.notes.append(f"{task} experts: in no known tree (nearest {r.nearest!r} at {r.distance:.3g}, "
                                f"radius {r.radius:.3g})")
     return experts, x, routes, [e for _, e in chosen]

@@ -52,6 +52,11 @@ class WeightExpert:
         if x.ndim < 3:
             raise ConfigError(f"{where}: X must be one weight matrix per model, shape (B, d_H, d_W); "
                               f"got shape {tuple(x.shape)} (wrap a single model as x[None])")
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()  # O(B d_H d_W)
+        if bad:
+            which = f"model {bad[0]} of X holds" if len(bad) == 1 else f"models {_listed(bad)} of X hold"
+            raise ConfigError(f"{where}: {which} NaN or inf weights (a diverged or corrupt checkpoint); drop "
+                              + ("it" if len(bad) == 1 else "them"))
         return x.reshape(x.shape[0], x.shape[1], -1) if x.ndim > 3 else x
 
     def _normalise(self, x) -> torch.Tensor:
@@ -181,6 +186,12 @@ class DenseExpert(ProbeXClassifier):
     def __init__(self, config: ProbeXConfig | None = None, layer: str = ""):
         cfg = config if config is not None else ProbeXConfig()
         super().__init__(ProbeXConfig.from_dict({**cfg.to_dict(), "model": "dense"}), layer)
+
+
+def _listed(items: list, k: int = 5) -> str:
+    """'3, 7, 9' or '3, 7, 9, 11, 12 and 4 more'."""
+    shown = ", ".join(map(str, items[:k]))
+    return shown + (f" and {len(items) - k} more" if len(items) > k else "")
 
 
 def fit_probex(x, y, config: ProbeXConfig | None = None, **kwargs) -> ProbeXClassifier:

@@ -23,7 +23,7 @@ from modelatlas.atomic import atomic_write_json
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
-from modelatlas.probex.layers import candidate_layers, load_layer, load_layers
+from modelatlas.probex.layers import candidate_layers, check_finite, load_layer, load_layers
 from modelatlas.probex.router import RouteResult, TreeRouter
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
@@ -86,6 +86,7 @@ def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig,
     xs = load_layers(paths, layers, progress)
     out = {}
     for name in layers:
+        check_finite(paths, xs[name], name)
         hist = _fit_one(task, xs[name], target, cfg, name, classes, progress, None, False).history_
         out[name] = (float(hist["best_score"]), float(hist["best_loss"]))
     return out
@@ -129,6 +130,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     xs: dict[str, object] = {}
     for tree, ms in by_tree.items():
         xs[tree] = x = load_layer(paths_of[tree], report.layer, progress)
+        check_finite(paths_of[tree], x, report.layer)
         expert = _fit_one(task, x, _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
                           out / "checkpoints" / tree, resume)
         expert.save(out / "experts" / tree)

@@ -42,6 +42,19 @@ def load_layer(paths: Sequence[str | Path], layer: str, progress: Progress | Non
     return torch.stack(mats)  # (B, d_H, d_W)
 
 
+def check_finite(paths: Sequence[str | Path], x: torch.Tensor, layer: str) -> None:
+    """Raise CheckpointError naming the first model whose ``layer`` (row of X, (B, d_H, d_W)) holds NaN or inf:
+    an expert or router fitted on it would learn NaN. Time O(B d_H d_W)."""
+    bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise CheckpointError(list(paths)[bad[0]], f"tensor {layer!r} holds NaN or inf values (a diverged or "
+                                                   f"corrupt checkpoint){_more(len(bad) - 1)}; fix or remove it")
+
+
+def _more(n: int) -> str:
+    return "" if n == 0 else f", as do {n} other model" + ("s" if n > 1 else "")
+
+
 def _check_same_shape(path, layer: str, tensor: torch.Tensor, previous: list[torch.Tensor]) -> None:
     if previous and tensor.shape != previous[0].shape:
         raise CheckpointError(path, f"layer {layer!r} has shape {tuple(tensor.shape)}, other models have "

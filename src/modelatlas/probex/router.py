@@ -21,6 +21,8 @@ from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tenso
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError
 from modelatlas.probex.fitted import check_fitted
 
+NAN_WEIGHTS = "its weights hold NaN or inf values: a diverged or corrupt checkpoint"
+
 
 class NotInAnyTreeError(AtlasError):
     """A model is farther from every known tree than that tree's radius."""
@@ -106,6 +108,10 @@ class TreeRouter:
                               f"(models first), trees has {len(trees)} entries")
         self.shape_ = tuple(x.shape[1:])
         flat = x.reshape(len(trees), -1)  # (B, D)
+        bad = (~torch.isfinite(flat)).any(1).nonzero().flatten().tolist()
+        if bad:  # one would make its tree's centroid NaN, and every model of it a stranger
+            raise ConfigError(f"router fit: model {bad[0]} of X holds NaN or inf weights (a diverged or corrupt "
+                              "checkpoint); drop it")
         self.trees_ = sorted({str(t) for t in trees})
         labels = np.array([self.trees_.index(str(t)) for t in trees])
         members = [torch.as_tensor(labels == k) for k in range(len(self.trees_))]
@@ -133,8 +139,12 @@ class TreeRouter:
         if len(names) != flat.shape[0]:  # zip would silently drop the unnamed models
             raise ConfigError(f"route got {len(names)} names for {flat.shape[0]} models")
         dist = _distances(flat, self.centroids_)  # (B, K)
+        finite = torch.isfinite(flat).all(1)  # (B,)
         out = []
-        for name, row in zip(names, dist):
+        for name, row, ok in zip(names, dist, finite):
+            if not ok:
+                out.append(RouteResult(name, None, "", float("nan"), float("nan"), NAN_WEIGHTS))
+                continue
             k = int(row.argmin())
             d, r = float(row[k]), float(self.radii_[k])
             out.append(RouteResult(name, self.trees_[k] if d <= r else None, self.trees_[k], d, r))
