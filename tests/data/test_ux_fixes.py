@@ -79,3 +79,18 @@ def test_a_list_containing_itself_is_refused(tmp_path):
     path.write_bytes(pickle.dumps(cyclic, protocol=4))
     with pytest.raises(CheckpointError, match="contains itself"):
         safe_unpickle(path)
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("digits", {"root": "/data"}, "dataset 'digits' takes no data root"),
+    ("mnist1d", {"root": "/data"}, "dataset 'mnist1d' takes no data root"),
+    ("digits", {"size": 8}, "dataset 'digits' has no option 'size'; its options: test_fraction, seed"),
+    ("digits", {"test_fraction": 0}, r"dataset 'digits': test_fraction must be a number in \(0, 1\), got 0"),
+    ("digits", {"test_fraction": 1.5}, r"test_fraction must be a number in \(0, 1\), got 1.5"),
+    ("digits", {"seed": "a"}, "dataset 'digits': seed must be an integer, got 'a'"),
+    ("image-folder", {"root": ".", "size": 0}, "dataset 'image-folder': size must be an integer >= 1, got 0"),
+    ("image-folder", {"root": ".", "test_fraction": -0.1}, r"test_fraction must be a number in \[0, 1\)"),
+])
+def test_loader_options_are_checked_naming_the_key(name, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        load_dataset(name, "train", **kwargs)

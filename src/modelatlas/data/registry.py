@@ -7,6 +7,7 @@ split (``"train"`` or ``"test"``) plus loader-specific keyword arguments (``root
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -88,13 +89,45 @@ def load_dataset(name: str, split: str = "train", **kwargs) -> ArrayDataset:
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     if name not in _LOADERS:
         raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(_LOADERS))}")
+    _check_options(name, _LOADERS[name], kwargs)
     return _LOADERS[name](split, **kwargs)
+
+
+def _check_options(name: str, loader: Loader, kwargs: dict) -> None:
+    """Refuse a keyword the loader does not take, naming it and the ones it does (``root``: say so plainly)."""
+    params = list(inspect.signature(loader).parameters.values())[1:]  # after ``split``
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    options = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key in options:
+            continue
+        if key == "root":
+            raise ConfigError(f"dataset {name!r} takes no data root (--data-root / root=): it is built in")
+        raise ConfigError(f"dataset {name!r} has no option {key!r}; its options: {', '.join(options) or 'none'}")
+
+
+def check_fraction(dataset: str, key: str, value: object, allow_zero: bool = False) -> None:
+    """A loader option that must be a number in (0, 1) (``[0, 1)`` with ``allow_zero``), e.g. ``test_fraction``."""
+    low_ok = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value < 1):
+        span = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ConfigError(f"dataset {dataset!r}: {key} must be a number in {span}, got {value!r}")
+
+
+def check_int(dataset: str, key: str, value: object, minimum: int | None = None) -> None:
+    """A loader option that must be an integer (``>= minimum`` when given), e.g. ``size`` or ``seed``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        at_least = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(f"dataset {dataset!r}: {key} must be an integer{at_least}, got {value!r}")
 
 
 def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> ArrayDataset:
     """scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), split by a seeded permutation."""
     from sklearn.datasets import load_digits
 
+    check_fraction("digits", "test_fraction", test_fraction)
+    check_int("digits", "seed", seed)
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)
