@@ -106,6 +106,7 @@ class ZCA(_Loadable):
 
 
 _KINDS = {"identity": Identity, "standardize": Standardize, "zca": ZCA}
+KINDS = tuple(_KINDS)
 
 
 def make_transform(kind: str | None):
@@ -116,12 +117,34 @@ def make_transform(kind: str | None):
     return _KINDS[kind]()
 
 
+_STATE_KEYS = {"identity": (), "standardize": ("mean", "std"), "zca": ("mean", "whiten", "unwhiten", "regularization")}
+
+
 def from_state_dict(kind: str, state: dict[str, torch.Tensor]):
-    """Rebuild a fitted transform from :meth:`state_dict` output and its ``kind``."""
+    """Rebuild a fitted transform from :meth:`state_dict` output and its ``kind``; a missing tensor, or
+    tensors whose shapes disagree, raise :class:`ConfigError` naming them."""
     t = make_transform(kind)
+    missing = [k for k in _STATE_KEYS[kind] if k not in state]
+    if missing:
+        raise ConfigError(f"the saved {kind!r} transform has no tensor {missing[0]!r}")
+    _check_state_shapes(kind, state)
     if kind == "standardize":
         t.mean_, t.std_ = state["mean"], state["std"]
     elif kind == "zca":
         t.regularization = float(state["regularization"])
         t.mean_, t.whiten_, t.unwhiten_ = state["mean"], state["whiten"], state["unwhiten"]
     return t
+
+
+def _check_state_shapes(kind: str, state: dict[str, torch.Tensor]) -> None:
+    if kind == "standardize":
+        ok = state["mean"].dim() == 1 and state["std"].shape == state["mean"].shape
+    elif kind == "zca":
+        d = state["mean"].numel()
+        ok = (state["mean"].dim() == 1 and state["whiten"].shape == (d, d) and state["unwhiten"].shape == (d, d)
+              and state["regularization"].numel() == 1)
+    else:
+        return
+    if not ok:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
+        raise ConfigError(f"the saved {kind!r} transform has tensors of inconsistent shapes ({shapes})")

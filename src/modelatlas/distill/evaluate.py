@@ -190,21 +190,27 @@ def evaluate_synthetic(syn: SyntheticSet, test: ArrayDataset, protocol: EvalProt
                        progress: Progress | None = None, device: str | None = None) -> EvalResult:
     """Score a :class:`SyntheticSet`. Its soft labels are used when present; its learned lr only under the
     Adam protocol with ``protocol.lr`` unset (SGD keeps its fixed lr: MTT's learned lr is recorded, not used).
-    A set whose ``meta["label_generator"]`` names ``"modelatlas.<module>:<function>"`` gets its labels
-    generated on the fly by ``function(syn, device) -> label_fn``, e.g. HeLlO's projector."""
+    A set whose ``meta["label_generator"]`` names one of ``LABEL_GENERATORS`` (``"<module>:<function>"``) gets
+    its labels generated on the fly by ``function(syn, device) -> label_fn``, e.g. HeLlO's projector."""
     lr = float(syn.lr.detach()) if syn.lr is not None else None
     return evaluate_tensors(syn.images, syn.targets().detach(), test, protocol, seed, progress, device, lr,
                             label_fn=label_generator(syn, pick_device(device)))
 
 
+# The label generators a saved set may name: a synthetic.json is data, so it must not pick any function to call.
+LABEL_GENERATORS = ("modelatlas.distill.methods.hello.method:make_label_fn",)
+
+
 def label_generator(syn: SyntheticSet, device: torch.device) -> LabelFn | None:
-    """The on-the-fly label function a set names in ``meta["label_generator"]`` (modelatlas code only)."""
+    """The on-the-fly label function a set names in ``meta["label_generator"]`` (one of ``LABEL_GENERATORS``)."""
     name = syn.meta.get("label_generator")
     if not name:
         return None
-    module, _, func = str(name).partition(":")
-    if not module.startswith("modelatlas.") or not func:
-        raise ConfigError(f"synthetic set meta label_generator {name!r} must be 'modelatlas.<module>:<function>'")
+    if name not in LABEL_GENERATORS:
+        where = syn.meta.get("source", "synthetic set")
+        raise ConfigError(f"{where}: meta label_generator {name!r} is not a known label generator; "
+                          f"known: {', '.join(LABEL_GENERATORS)}")
+    module, _, func = name.partition(":")
     return getattr(importlib.import_module(module), func)(syn, device)
 
 

@@ -10,7 +10,8 @@ its optimisers, any method state), each with ``state_dict()``/``load_state_dict(
 - every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
   (every tensor of every state: synthetic set, optimiser, RNG states) and then ``checkpoint.json``
   (iteration, loss history, non-tensor state), both atomically; ``checkpoint.json`` is written last and is
-  the commit point, so a crash at any moment leaves the previous complete checkpoint;
+  the commit point, so a crash at any moment leaves the previous complete checkpoint; with a ``clock`` it
+  also records the run's wall time so far, which a resumed run adds to its own (:func:`saved_wall_time`);
 - with ``resume=True`` loads the checkpoint and continues at the next iteration: a run interrupted and
   resumed yields exactly the tensors of an uninterrupted run.
 
@@ -35,6 +36,27 @@ from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights.base import error_line
 
 CHECKPOINT_JSON = "checkpoint.json"
+
+
+def read_json(path: str | Path, hint: str = "delete it to start over") -> dict:
+    """The JSON object in ``path``; a corrupt file raises :class:`CheckpointError` naming it (and ``hint``)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"is not valid JSON ({getattr(e, 'msg', e)}); {hint}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"is not a JSON object; {hint}")
+    return obj
+
+
+def saved_wall_time(checkpoint_dir: str | Path) -> float:
+    """The wall time a run had spent by its last checkpoint in ``checkpoint_dir`` (0 without one)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_JSON
+    if not path.is_file():
+        return 0.0
+    wall = read_json(path).get("wall_time_s")
+    return float(wall) if isinstance(wall, (int, float)) and wall >= 0 else 0.0
 
 
 class Stateful(Protocol):
@@ -100,11 +122,11 @@ class OuterLoop:
 
     def __init__(self, iterations: int, seed: int = 0, progress: Progress | None = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False,
-                 desc: str = "distill"):
+                 desc: str = "distill", clock: Callable[[], float] | None = None):
         self.iterations, self.seed, self.progress, self.desc = int(iterations), int(seed), progress, desc
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = max(int(checkpoint_every), 1)
-        self.resume = resume
+        self.resume, self.clock = resume, clock
         self.losses: list[float] = []
         self.start = 0
 
@@ -134,7 +156,7 @@ class OuterLoop:
         atomic_save_tensors(self.checkpoint_dir / tensor_file, tensors)
         atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
             "iteration": done, "iterations": self.iterations, "seed": self.seed, "tensors": tensor_file,
-            "losses": self.losses, "states": flat})
+            "losses": self.losses, "states": flat, "wall_time_s": None if self.clock is None else self.clock()})
         for old in self.checkpoint_dir.glob("ckpt-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink(missing_ok=True)
@@ -145,7 +167,7 @@ class OuterLoop:
         meta_path = self.checkpoint_dir / CHECKPOINT_JSON
         if not meta_path.is_file():
             return  # nothing saved yet: start from scratch
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         if meta.get("seed") != self.seed:
             raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
                                              "use the same --seed or a new output folder")

@@ -18,15 +18,16 @@ Every file is written atomically (temporary file + rename).
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json, read_tensors
 from modelatlas.data import transforms as T
-from modelatlas.distill.synthetic import SyntheticSet
-from modelatlas.errors import CheckpointError
+from modelatlas.distill.evaluate import LABEL_GENERATORS
+from modelatlas.distill.loop import read_json
+from modelatlas.distill.synthetic import META_FILE, SyntheticSet
+from modelatlas.errors import CheckpointError, ConfigError
 
 RESULT_JSON, TRANSFORM_FILE, IMAGES_PNG, LOSS_PNG = "result.json", "transform.safetensors", "images.png", "loss.png"
 
@@ -63,10 +64,7 @@ def read_info(folder: str | Path) -> dict:
     path = Path(folder) / RESULT_JSON
     if not path.is_file():
         raise CheckpointError(path, "missing; not a distillation result folder (run `atlas distill run` first)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"is not valid JSON ({e.msg})") from None
+    return read_json(path, "run the distillation again")
 
 
 def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
@@ -74,14 +72,38 @@ def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
     folder = Path(folder)
     info = read_info(folder)
     syn = SyntheticSet.load(folder)
+    gen = syn.meta.get("label_generator")
+    if gen is not None and gen not in LABEL_GENERATORS:  # a JSON file must not choose a function to call
+        raise CheckpointError(folder / META_FILE, f"meta label_generator {gen!r} is not a known label generator; "
+                                                  f"known: {', '.join(LABEL_GENERATORS)}")
     if syn.meta.get("stored") == "poster":
         from modelatlas.distill.methods.podd.method import expand
 
         syn = expand(syn)
-    kind = info.get("transform", "identity")
-    tpath = folder / TRANSFORM_FILE
+    return syn, _load_transform(folder, info.get("transform", "identity"), syn), info
+
+
+def _load_transform(folder: Path, kind: object, syn: SyntheticSet):
+    """The fitted transform of ``kind`` saved in ``folder``, checked to fit the set's images."""
+    tpath, kind = folder / TRANSFORM_FILE, kind or "identity"
+    if kind not in T.KINDS:
+        raise CheckpointError(folder / RESULT_JSON, f"unknown transform {kind!r}; known: {', '.join(T.KINDS)}")
+    if kind != "identity" and not tpath.is_file():
+        raise CheckpointError(tpath, f"missing; the {kind!r} transform of this result cannot be rebuilt")
     state = read_tensors(tpath) if tpath.is_file() else {}
-    return syn, T.from_state_dict(kind, state), info
+    try:
+        tf = T.from_state_dict(kind, state)
+    except ConfigError as e:
+        raise CheckpointError(tpath, str(e)) from None
+    one = syn.images[:1].detach()
+    try:
+        fits = len(syn) == 0 or tf.transform(one).shape == one.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise CheckpointError(tpath, f"the {kind!r} transform does not fit images of shape "
+                                     f"{tuple(syn.images.shape[1:])}; it belongs to another result")
+    return tf
 
 
 def _png(fig) -> bytes:

@@ -14,13 +14,13 @@ Memory O(N * C * H * W + N * K).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill.loop import read_json
 from modelatlas.errors import CheckpointError, ConfigError
 
 TENSORS_FILE, META_FILE = "synthetic.safetensors", "synthetic.json"
@@ -138,11 +138,24 @@ class SyntheticSet:
             if not (folder / f).is_file():
                 raise CheckpointError(folder / f, "missing; not a saved synthetic set")
         state = read_tensors(folder / TENSORS_FILE)
-        info = json.loads((folder / META_FILE).read_text())
+        info = read_json(folder / META_FILE, "not a saved synthetic set")
+        _check_saved(folder, state, info)
         lr = state["lr"].reshape(()) if "lr" in state else None
         extras = {k[6:]: v for k, v in state.items() if k.startswith("extra.")}
         return cls(state["images"], state["classes"], info["num_classes"], state.get("label_logits"), lr,
                    info.get("class_names"), extras, info.get("meta"))
+
+
+def _check_saved(folder: Path, state: dict, info: dict) -> None:
+    """The tensors and fields :meth:`SyntheticSet.load` needs, present and of the right kind."""
+    for key in ("images", "classes"):
+        if key not in state:
+            raise CheckpointError(folder / TENSORS_FILE, f"has no tensor {key!r}; not a saved synthetic set")
+    k = info.get("num_classes")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise CheckpointError(folder / META_FILE, f"num_classes must be a positive integer, got {k!r}")
+    if not isinstance(info.get("meta", {}), dict) or not isinstance(info.get("class_names", []), (list, type(None))):
+        raise CheckpointError(folder / META_FILE, "meta must be an object and class_names a list")
 
 
 def sample_per_class(y: torch.Tensor, num_classes: int, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -13,7 +13,6 @@ Build cost O((base_steps + pool_size x finetune_steps) x batch x net cost); stor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tenso
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.cache import cache_key, cache_root
 from modelatlas.distill.evaluate import soft_cross_entropy
+from modelatlas.distill.loop import read_json
 from modelatlas.distill.methods.teddy.config import prior_count
 from modelatlas.distill.nets import make_net
 from modelatlas.seeding import derive_seed, torch_generator
@@ -112,7 +112,7 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
     folder = cache_root("teddy", cache_dir) / f"pool-{cache_key(train, {**fields, **spec}, seed)}"
     meta_path = folder / POOL_JSON
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "delete the pool folder to rebuild")
         return [read_tensors(folder / f, "delete the pool folder to rebuild") for f in meta["files"]], folder, False
     pool = build_pool(train, fields, spec, seed, device)
     files = []
