@@ -74,9 +74,9 @@ def test_resume_with_other_settings_is_refused_naming_the_setting(tmp_path):
     cfg = {"iterations": 2, "checkpoint_every": 1, "width": 8, "batch_real": 16}
     run_distillation("dm", "digits", 1, tmp_path / "r", config=cfg, **kw)
     # a width change leaves the checkpoint's tensors loadable: only the recorded run can tell
-    with pytest.raises(ConfigError, match=r"run.json: the checkpointed run has config.width=8, this one 16"):
+    with pytest.raises(ConfigError, match=r"run.json: the checkpointed run used config.width 8, not 16"):
         run_distillation("dm", "digits", 1, tmp_path / "r", config={**cfg, "width": 16}, resume=True, **kw)
-    with pytest.raises(ConfigError, match=r"has transform=None, this one 'standardize'"):
+    with pytest.raises(ConfigError, match=r"used transform 'identity', not 'standardize'"):
         run_distillation("dm", "digits", 1, tmp_path / "r", config=cfg, transform="standardize", resume=True, **kw)
     info = run_distillation("dm", "digits", 1, tmp_path / "r", config={**cfg, "iterations": 3}, resume=True, **kw)
     assert info["resumed"] and info["config"]["iterations"] == 3  # extending a run is allowed

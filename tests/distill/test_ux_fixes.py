@@ -1,5 +1,8 @@
 """User-facing errors of distillation runs: checked before any work, one line, naming the value and the fix."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -36,3 +39,153 @@ def test_run_ipc_above_the_smallest_class_is_refused_before_distilling(tmp_path)
         run_distillation("dm", data, 4, tmp_path / "out", {"iterations": 1, "init": "noise", "width": 8},
                          dataset_test=data, eval_nets=1, eval_epochs=1)
     assert not (tmp_path / "out").exists()
+
+
+TINY_DM = {"iterations": 1, "width": 8, "batch_real": 16, "checkpoint_every": 1}
+QUICK = dict(seed=1, eval_nets=1, eval_epochs=1, baseline=False)
+
+
+def test_resume_compares_resolved_settings(tmp_path):
+    run_distillation("dm", "digits", 1, tmp_path, config={k: v for k, v in TINY_DM.items() if k != "width"}, **QUICK)
+    # explicit identity transform and the default width (64 for 8x8 digits) are what the first part used
+    info = run_distillation("dm", "digits", 1, tmp_path, config={**TINY_DM, "width": 64, "iterations": 2},
+                            transform="identity", resume=True, **QUICK)
+    assert info["resumed"] and len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
+
+
+def test_resume_names_another_method_first(tmp_path):
+    run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, **QUICK)
+    with pytest.raises(ConfigError, match="the checkpointed run used method 'dm', not 'dc'"):
+        run_distillation("dc", "digits", 1, tmp_path, config={"iterations": 1, "width": 8}, resume=True, **QUICK)
+
+
+def test_resume_adds_up_the_wall_time_of_its_parts(tmp_path):
+    run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, **QUICK)
+    ckpt = tmp_path / "checkpoint" / "checkpoint.json"
+    meta = json.loads(ckpt.read_text())
+    assert meta["wall_time_s"] > 0
+    meta["wall_time_s"] = 1000.0  # as if the first part had taken 1000 s
+    ckpt.write_text(json.dumps(meta))
+    info = run_distillation("dm", "digits", 1, tmp_path, config={**TINY_DM, "iterations": 2}, resume=True, **QUICK)
+    assert 1000 < info["wall_time_s"] < 1100
+
+
+def test_out_folder_with_foreign_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=f"--out {tmp_path} is a non-empty folder that is not a distillation result"):
+        run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, **QUICK)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "checkpoint").exists()
+
+
+def test_out_folder_of_an_earlier_result_may_be_rerun(tmp_path):
+    run_distillation("random", "digits", 1, tmp_path, config={"width": 8}, **QUICK)  # random keeps no checkpoint
+    run_distillation("random", "digits", 1, tmp_path, config={"width": 8}, **QUICK)
+
+
+def make_image_tree(root):
+    from PIL import Image
+
+    for c, value in (("cat", 30), ("dog", 220)):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_relative_data_root_is_stored_absolute_and_eval_takes_a_new_root(tmp_path, monkeypatch, capsys):
+    from modelatlas.cli.main import main
+
+    make_image_tree(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    kw = {"root": "imgs", "size": 8, "channels": 1, "test_fraction": 0.25}
+    run_distillation("random", "image-folder", 1, "out", config={"width": 8}, dataset_kwargs=kw, **QUICK)
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())["dataset_kwargs"]
+    assert saved["root"] == str(tmp_path / "imgs")
+    (tmp_path / "imgs").rename(tmp_path / "moved")
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main(["distill", "eval", "out", "--eval-epochs", "1"]) == 1
+    assert "imgs is not a folder" in capsys.readouterr().err
+    assert main(["distill", "eval", "out", "--eval-epochs", "1", "--data-root", "moved"]) == 0
+
+
+RUN = ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "1",
+       "--eval-nets", "1", "--eval-epochs", "1", "--no-baseline", "--set", "width=8"]
+POSTER = ["distill", "poster", "--dataset", "digits", "--iterations", "1", "--eval-nets", "1", "--eval-epochs", "1"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (RUN + ["--data-root", "."], "dataset 'digits' takes no data root"),
+    (RUN + ["--set", "lr_img=abc"], "config field 'lr_img' must be float, got 'abc'"),
+    (RUN + ["--set", "batch_real=1.5"], "config field 'batch_real' must be int, got 1.5"),
+    (RUN + ["--device", "tpu"], "unknown device 'tpu'; use cpu or cuda"),
+    (POSTER + ["--ipc", "inf"], "--ipc must be a finite number > 0"),
+    (POSTER + ["--ipc", "nan"], "--ipc must be a finite number > 0"),
+])
+def test_cli_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, argv, message):
+    from modelatlas.cli.main import main
+
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_cuda_without_cuda_is_a_config_error():
+    from modelatlas.distill.nets import pick_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="'cuda' asked for, but CUDA is not available here; use --device cpu"):
+        pick_device("cuda")
+
+
+@pytest.fixture
+def result_folder(tmp_path):
+    run_distillation("random", "digits", 1, tmp_path / "r", config={"width": 8}, transform="standardize", **QUICK)
+    return tmp_path / "r"
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    (lambda f: (f / "result.json").write_text("{oops"), "result.json", "is not valid JSON"),
+    (lambda f: (f / "synthetic.json").write_text("[1, 2"), "synthetic.json", "is not valid JSON"),
+    (lambda f: (f / "synthetic.json").write_text("{}"), "synthetic.json", "num_classes must be a positive integer"),
+    (lambda f: (f / "transform.safetensors").unlink(), "transform.safetensors", "missing; the 'standardize'"),
+    (lambda f: save_file({"mean": torch.zeros(3)}, str(f / "transform.safetensors")), "transform.safetensors",
+     "has no tensor 'std'"),
+    (lambda f: save_file({"mean": torch.zeros(3), "std": torch.ones(3)}, str(f / "transform.safetensors")),
+     "transform.safetensors", "does not fit images of shape"),
+    (lambda f: set_meta(f, label_generator="os:system"), "synthetic.json", "'os:system' is not a known label"),
+    (lambda f: set_meta(f, label_generator="modelatlas.distill.api:run_distillation"), "synthetic.json",
+     "is not a known label generator"),
+])
+def test_damaged_result_files_are_named(result_folder, damage, file, message):
+    from modelatlas.distill import evaluate_result
+    from modelatlas.errors import CheckpointError
+
+    damage(result_folder)
+    with pytest.raises(CheckpointError, match=message) as e:
+        evaluate_result(result_folder, eval_epochs=1, save=False)
+    assert str(e.value).startswith(str(result_folder / file))
+
+
+def save_file(tensors, path):
+    from safetensors.torch import save_file as save
+
+    save(tensors, path)
+
+
+def set_meta(folder, **fields):
+    path = folder / "synthetic.json"
+    info = json.loads(path.read_text())
+    info["meta"].update(fields)
+    path.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.json", "run.json"])
+def test_corrupt_checkpoint_files_are_named(tmp_path, name):
+    from modelatlas.errors import CheckpointError
+
+    run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, **QUICK)
+    (tmp_path / "checkpoint" / name).write_text('{"iteration": ')
+    with pytest.raises(CheckpointError, match=f"{name}: is not valid JSON.*delete"):
+        run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=True, **QUICK)

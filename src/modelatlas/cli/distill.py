@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per network (default: as saved)")
     ev.add_argument("--seed", type=int, default=None)
     ev.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
+    ev.add_argument("--data-root", default=None, help="dataset folder, when it has moved since the run (default: as saved)")
     ev.set_defaults(func=_eval)
     for name in EXTRA_SUBCOMMAND_MODULES:
         try:
@@ -102,7 +103,8 @@ def _eval(args: argparse.Namespace) -> int:
     from modelatlas.distill import evaluate_result
 
     ev = evaluate_result(args.dir, eval_nets=args.eval_nets, eval_epochs=args.eval_epochs, seed=args.seed,
-                         progress=tqdm_progress, device=args.device)
+                         progress=tqdm_progress, device=args.device,
+                         dataset_kwargs={"root": args.data_root} if args.data_root else None)
     echo(_summary(args.dir, ev))
     echo(f"protocol: {ev['protocol']['description']}")
     return 0

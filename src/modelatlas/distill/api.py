@@ -5,7 +5,6 @@ evaluate against the random-subset baseline, write the result folder), :func:`ev
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -16,9 +15,10 @@ from modelatlas.data import transforms as T
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill import methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, evaluate_synthetic
+from modelatlas.distill.loop import CHECKPOINT_JSON, read_json, saved_wall_time
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
-from modelatlas.distill.result import load_result, update_result, write_result
+from modelatlas.distill.result import RESULT_JSON, load_result, update_result, write_result
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
@@ -26,7 +26,7 @@ from modelatlas.progress import Progress
 
 def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
          checkpoint_dir: str | Path | None, resume: bool, device,
-         init: SyntheticSet | None = None) -> tuple[SyntheticSet, list[float], object]:
+         init: SyntheticSet | None = None) -> tuple[SyntheticSet, DistillContext, object]:
     if ipc < 1:
         raise ConfigError(f"ipc must be >= 1, got {ipc}")
     spec = methods.get(method)
@@ -38,13 +38,15 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)
     if resume and ctx.checkpoint_dir is None:
         raise ConfigError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoint)")
+    if resume:  # the time of the earlier parts, as of their last checkpoint
+        ctx.wall_offset = saved_wall_time(ctx.checkpoint_dir)
     if not resume and ctx.checkpoint_dir is not None and (ctx.checkpoint_dir / "checkpoint.json").is_file():
         # a fresh run would overwrite that run's progress at its first checkpoint
         raise ConfigError(f"{ctx.checkpoint_dir / 'checkpoint.json'} exists: pass resume=True to continue that "
                           "run, or choose another checkpoint_dir")
     syn = spec.run(train, ipc, cfg, ctx)
     syn.meta.update({"method": method, "seed": seed})
-    return syn, ctx.losses, cfg
+    return syn, ctx, cfg
 
 
 def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, seed: int = 0,
@@ -97,34 +99,55 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     """Distil, evaluate (and the random baseline under the same protocol), and write the result folder
     ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. ``init_from``: a
     result folder of the same dataset, ``ipc`` and transform whose set this run starts from (e.g. HeLlO's
-    labels on DM's images). Returns the ``result.json`` dict."""
-    ckpt = Path(out) / "checkpoint" / "checkpoint.json"
-    if ckpt.is_file() and not resume:
-        raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
+    labels on DM's images). A data ``root`` in ``dataset_kwargs`` is recorded as an absolute path; the
+    wall time of a resumed run adds up its parts. Returns the ``result.json`` dict."""
+    out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
+    check_out(out, resume)
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":
         check_baseline_ipc(train, ipc)
     tf = T.make_transform(transform).fit(train.x)
     train_t, test_t = _apply(tf, train), _apply(tf, test)
+    init_from = None if init_from is None else str(Path(init_from).resolve())
     init = None if init_from is None else _init_set(init_from, train.name, tf)
-    _check_run(Path(out) / "checkpoint" / RUN_JSON, resume, {
-        "method": method, "dataset": train.name, "ipc": ipc, "transform": transform,
-        "dataset_kwargs": dataset_kwargs or {}, "init_from": None if init_from is None else str(init_from),
-        "config": methods.get(method).make_config(config).to_dict()})
-    start = time.perf_counter()
-    syn, losses, cfg = _run(method, train_t, ipc, config, seed, progress, Path(out) / "checkpoint", resume, device,
-                            init)
-    wall = time.perf_counter() - start
+    cfg = methods.get(method).make_config(config)
+    _check_run(out / "checkpoint" / RUN_JSON, resume, {
+        "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
+        "init_from": init_from, "config": cfg.to_dict()}, cfg.net_spec(train.input_shape))
+    syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
+    wall = ctx.elapsed()
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
     info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),
             "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": resume,
-            "device": str(pick_device(device)), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs or {},
-            "init_from": None if init_from is None else str(init_from)}
+            "device": str(device), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs,
+            "init_from": init_from}
     if baseline and method != "random":
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
-    write_result(out, syn, tf, info, losses)
+    write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+def absolute_root(dataset_kwargs: dict | None) -> dict:
+    """``dataset_kwargs`` with a ``root`` made absolute (a result stays usable from another working folder)."""
+    kw = dict(dataset_kwargs or {})
+    if kw.get("root") is not None:
+        kw["root"] = str(Path(kw["root"]).expanduser().resolve())
+    return kw
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse an ``out`` that holds a checkpoint (without resume) or other files than a result of ours."""
+    ckpt = out / "checkpoint" / CHECKPOINT_JSON
+    if ckpt.is_file() and not resume:
+        raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a new --out")
+    ours = any((out / name).is_file()
+               for name in (RESULT_JSON, f"checkpoint/{RUN_JSON}", f"checkpoint/{CHECKPOINT_JSON}"))
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is a non-empty folder that is not a distillation result (its files would "
+                          "be overwritten); choose a new or empty --out")
 
 
 def check_baseline_ipc(train: ArrayDataset, ipc: int, asked: str | None = None) -> None:
@@ -145,24 +168,39 @@ RUN_JSON = "run.json"
 _MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk")
 
 
-def _check_run(path: Path, resume: bool, run: dict) -> None:
+# settings compared first, so a resume names the most telling difference (another method, not its fields)
+_FIRST = ("method", "dataset", "ipc", "transform", "dataset_kwargs", "init_from")
+
+
+def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> None:
     """On resume, refuse a checkpoint written by another run (another dataset of the same shape would load
-    without complaint); otherwise record this run beside its checkpoints. Checkpoints without the file (older
-    versions) are resumed unchecked."""
+    without complaint); otherwise record this run beside its checkpoints. Values are compared resolved (an
+    explicit ``identity`` transform or the default width equal their defaults; ``net``: this run's resolved
+    net spec). Checkpoints without the file (older versions) are resumed unchecked."""
     if not (resume and path.is_file()):
         atomic_write_json(path, run)
         return
-    saved, now = _identity(json.loads(path.read_text())), _identity(json.loads(json.dumps(run)))
-    for k in sorted(set(saved) | set(now)):
+    saved = _identity(read_json(path, "delete the checkpoint folder to start over"), net)
+    now = _identity(json.loads(json.dumps(run)), net)
+    rest = sorted((set(saved) | set(now)) - set(_FIRST), key=lambda k: (k.startswith("config."), k))
+    for k in (*_FIRST, *rest):
         if saved.get(k) != now.get(k):
-            raise ConfigError(f"{path}: the checkpointed run has {k}={saved.get(k)!r}, this one {now.get(k)!r}; "
+            raise ConfigError(f"{path}: the checkpointed run used {k} {saved.get(k)!r}, not {now.get(k)!r}; "
                               "resume with the same settings or use a new --out")
 
 
-def _identity(run: dict) -> dict:
-    """A run's settings as flat keys (``config.lr_img``), less those a resumed run may change."""
+def _identity(run: dict, net: dict | None) -> dict:
+    """A run's settings as flat keys (``config.lr_img``), resolved, less those a resumed run may change."""
     config = {f"config.{k}": v for k, v in run.get("config", {}).items() if k not in _MAY_CHANGE}
-    return {**{k: v for k, v in run.items() if k != "config"}, **config}
+    for k in ("width", "depth"):  # None is the default net's value
+        if net is not None and config.get(f"config.{k}", 0) is None:
+            config[f"config.{k}"] = net[k]
+    top = {k: v for k, v in run.items() if k != "config"}
+    top["transform"] = top.get("transform") or "identity"
+    top["dataset_kwargs"] = absolute_root(top.get("dataset_kwargs"))
+    if top.get("init_from") is not None:
+        top["init_from"] = str(Path(top["init_from"]).resolve())
+    return {**top, **config}
 
 
 def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
@@ -181,11 +219,14 @@ def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
 
 def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epochs: int | None = None,
                     seed: int | None = None, dataset_test: ArrayDataset | None = None,
-                    progress: Progress | None = None, device: str | None = None, save: bool = True) -> dict:
+                    progress: Progress | None = None, device: str | None = None, save: bool = True,
+                    dataset_kwargs: dict | None = None) -> dict:
     """Re-evaluate a saved result folder on its dataset's test split (with its saved transform); stores the
-    new evaluation under ``reevaluation`` in ``result.json`` when ``save``. Returns the evaluation dict."""
+    new evaluation under ``reevaluation`` in ``result.json`` when ``save``. ``dataset_kwargs`` override the
+    saved ones (e.g. ``root``: the data now lives elsewhere). Returns the evaluation dict."""
     syn, tf, info = load_result(folder)
-    test = dataset_test or load_dataset(info["dataset"], "test", **info.get("dataset_kwargs", {}))
+    kw = {**(info.get("dataset_kwargs") or {}), **absolute_root(dataset_kwargs)}
+    test = dataset_test or load_dataset(info["dataset"], "test", **kw)
     old = dict(info.get("evaluation", {}).get("protocol", {}))
     fields = set(EvalProtocol.__dataclass_fields__)
     proto = EvalProtocol(**{k: v for k, v in old.items() if k in fields})

@@ -10,6 +10,7 @@ such as ``dsa`` -> ``dc`` live in ``_MODULES``).
 from __future__ import annotations
 
 import importlib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class MethodSpec:
             bad = sorted(set(fields) - known)
             if bad:
                 raise ConfigError(f"method {self.name!r} has no config field {bad[0]!r}; fields: {', '.join(sorted(known))}")
+            self._check_types(fields)
             return self.config_cls(**fields)
         if not isinstance(config, self.config_cls):
             raise ConfigError(f"method {self.name!r} expects a {self.config_cls.__name__}, got {type(config).__name__}")
@@ -55,6 +57,29 @@ class MethodSpec:
 
             return replace(config, **overrides)
         return config
+
+
+    def _check_types(self, fields: dict) -> None:
+        """Refuse a value of another type than its config field's annotation (``lr_img="abc"``), naming both."""
+        hints = typing.get_type_hints(self.config_cls)
+        for key, value in fields.items():
+            allowed = typing.get_args(hints[key]) or (hints[key],)
+            if any(_fits(value, t) for t in allowed):
+                continue
+            names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+            hint = " (--set values are JSON: 0.5, 10, true, null, or plain text)" if isinstance(value, str) else ""
+            raise ConfigError(f"method {self.name!r}: config field {key!r} must be {names}, got {value!r}{hint}")
+
+
+def _fits(value: object, t: object) -> bool:
+    if t is type(None):
+        return value is None
+    if t is float:  # an integer is a fine float (JSON writes 1.0 as 1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(t) or t
+    return not isinstance(origin, type) or isinstance(value, origin)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -7,6 +7,7 @@ its ``__init__.py`` with :func:`modelatlas.distill.methods.register`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,17 @@ class DistillContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     losses: list[float] = field(default_factory=list)
     init: SyntheticSet | None = None  # start from this set instead of ``config.init`` (see init_synthetic)
+    wall_offset: float = 0.0  # seconds the earlier parts of a resumed run took
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, earlier parts of a resumed run included."""
+        return self.wall_offset + time.perf_counter() - self.started
 
     def run_loop(self, iterations: int, checkpoint_every: int, step, states: dict, desc: str) -> list[float]:
         """Run an :class:`~modelatlas.distill.loop.OuterLoop` and keep its loss history in ``self.losses``."""
         loop = OuterLoop(iterations, self.seed, self.progress, self.checkpoint_dir, checkpoint_every,
-                         self.resume, desc)
+                         self.resume, desc, clock=self.elapsed)
         self.losses = loop.run(step, states)
         return self.losses
 
