@@ -8,6 +8,7 @@ from modelatlas.lineage.scoring import (
     edge_errors,
     edge_marks,
     error_notes,
+    given_parents,
     score_forest,
     tree_labels,
 )
@@ -183,9 +184,19 @@ def test_a_skipped_model_still_counts_as_a_miss():
     assert (s.n_correct, s.n_true_edges, s.n_left_out) == (1, 2, 2)
 
 
+def test_a_model_not_given_is_bridged_to_the_nearest_given_ancestor():
+    """a -> b -> d with b not given: among the given models, d's parent is a, so a -> d is right."""
+    f = Forest(["a", "c", "d"], [Edge("a", "c", 1), Edge("a", "d", 1)], {})
+    s = score_forest(f, TRUTH)
+    assert (s.n_correct, s.n_true_edges, s.n_left_out, s.n_bridged) == (2, 2, 3, 1)  # a->b, b->d, x->y left out
+    assert edge_marks(f, TRUTH) == {("a", "c"): "right", ("a", "d"): "right"}
+    assert s.as_dict()["edges_past_models_not_given"] == 1
+
+
 def test_true_parent_not_given_is_said_in_the_note():
-    f = Forest(["a", "d"], [Edge("a", "d", 1)], {})
-    assert error_notes(f, TRUTH) == {("a", "d"): "grandparent; true parent b (not given)"}
+    f = Forest(["a", "c", "d"], [Edge("a", "c", 1), Edge("c", "d", 1)], {})
+    assert error_notes(f, TRUTH) == {("c", "d"): "sibling; true parent b (not given; nearest given a)"}
+    assert given_parents(TRUTH, ["c", "d", "y"]) == {"c": None, "d": None, "y": None}
 
 
 def test_a_truth_naming_none_of_the_models_is_an_error_naming_the_file(tmp_path):

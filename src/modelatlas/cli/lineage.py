@@ -134,6 +134,8 @@ def show_forest(forest, truth=None) -> None:
         s = score_forest(forest, truth)
         wrong = ", ".join(f"{n} {k}" for k, n in s.errors.items())
         left = f"; {counted(s.n_left_out, 'true edge')} not scored (a model not given)" if s.n_left_out else ""
+        if s.n_bridged:
+            left += f", {s.n_bridged} scored to the nearest given ancestor"
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
              f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
              + left)

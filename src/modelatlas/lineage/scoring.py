@@ -7,9 +7,10 @@
 * the kind of each wrong edge (:func:`edge_errors`): where the recovered parent sits relative to the true one
   (a sibling, an uncle, the grandparent, a descendant, another tree), so a user sees *how* a recovery erred.
 
-Only the true edges whose two models were given (recovered or skipped) are scored: a subset of a zoo is
-scored against the part of the truth it holds, and :attr:`LineageScore.n_left_out` counts the true edges left
-out because a model was not given. True edges whose models were skipped (unreadable) count as misses: a
+A subset of a zoo is scored against the lineage among the models it holds (:func:`given_parents`): each
+given model's true parent is its nearest *given* ancestor, so with a -> b -> c and b not given, a -> c is
+right; :attr:`LineageScore.n_left_out` counts the true edges with a model not given, and
+:attr:`LineageScore.n_bridged` the scored edges that skip such a model. True edges whose models were skipped (unreadable) count as misses: a
 skipped model is a failure to recover. A recovered edge with a model the truth does not name is marked
 ``"unknown"`` (not in truth), never wrong; a truth that names none of the models is an error
 (:func:`check_truth`). Time O(N + E).
@@ -37,11 +38,12 @@ class LineageScore:
     n_correct: int
     errors: dict[str, int] = field(default_factory=dict)  # wrong-edge kind -> count (see ``edge_errors``)
     n_left_out: int = 0  # true edges not scored: one of their models was not given
+    n_bridged: int = 0  # scored edges from a model to its nearest given ancestor, past a model not given
 
     def as_dict(self) -> dict:
         return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
                 "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors,
-                "true_edges_left_out": self.n_left_out}
+                "true_edges_left_out": self.n_left_out, "edges_past_models_not_given": self.n_bridged}
 
 
 def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
@@ -60,6 +62,23 @@ def check_truth(names: Iterable[str], truth: Manifest | Mapping[str, str | None]
     ours = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     raise ManifestError(f"none of the {len(names)} models ({ours}) are named in {where} (it names {theirs or 'no model'}); "
                         "give the manifest of the zoo these models come from")
+
+
+def given_parents(parents: Mapping[str, str | None], given: Iterable[str]) -> dict[str, str | None]:
+    """The truth restricted to the ``given`` models: each given model the truth names -> its nearest given
+    proper ancestor (None when no ancestor was given). The lineage a subset of a zoo can be asked to recover.
+    Time O(N depth)."""
+    given = set(given)
+    out = {}
+    for child in parents:
+        if child not in given:
+            continue
+        seen, v = {child}, parents[child]
+        while v is not None and v not in given and v not in seen:  # walk past models not given
+            seen.add(v)
+            v = parents.get(v)
+        out[child] = v if v in given else None
+    return out
 
 
 def given_models(forest: Forest) -> list[str]:
@@ -94,16 +113,18 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     models it was given (the others are counted in ``n_left_out``); raises ManifestError when the truth names
     none of them (:func:`check_truth`)."""
     given = set(given_models(forest))
-    parents = check_truth(given_models(forest), truth)
-    named = {(p, c) for c, p in parents.items() if p is not None}
-    true = {(p, c) for p, c in named if p in given and c in given}
+    everyone = check_truth(given, truth)
+    parents = given_parents(everyone, given)
+    named = {(p, c) for c, p in everyone.items() if p is not None}
+    true = {(p, c) for c, p in parents.items() if p is not None}
     pred = {(p, c) for _, p, c in scored_edges(forest, parents)}
     common = [n for n in forest.nodes if n in parents]
-    t_lab, p_lab = tree_labels(parents), tree_labels(forest.parents())
+    t_lab, p_lab = tree_labels(everyone), tree_labels(forest.parents())  # trees of the whole truth
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
-    errors = dict(sorted(Counter(edge_errors(forest, parents).values()).items()))
+    errors = dict(sorted(Counter(edge_errors(forest, everyone).values()).items()))
+    left_out = sum(p not in given or c not in given for p, c in named)
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
-                        len(true), len(pred & true), errors, len(named) - len(true))
+                        len(true), len(pred & true), errors, left_out, len(true - named))
 
 
 def truth_names(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[str, str]:
@@ -161,7 +182,8 @@ def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> di
     """(parent, child) -> "right", "reversed" (true edge, wrong direction), "wrong" or "unknown" (a model the
     truth does not name: neither right nor wrong). A duplicate edge whose copy is not in the truth is left
     unmarked (the truth says nothing about it)."""
-    parents = check_truth(given_models(forest), truth)
+    given = given_models(forest)
+    parents = given_parents(check_truth(given, truth), given)
     out = {}
     for e, p, c in scored_edges(forest, parents):
         if e.kind in COPY_KINDS and c not in parents:
@@ -184,8 +206,9 @@ def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     ``grandparent`` (a level skipped), ``descendant`` (below the child); ``true root`` (the child is a true
     root); ``other tree``; ``other``. Edges with a model the truth does not name are left out (they are not
     known to be wrong). Time O(E depth)."""
-    parents = truth_parents(truth)
-    labels = tree_labels(parents)
+    everyone = truth_parents(truth)
+    labels = tree_labels(everyone)  # trees of the whole truth: a root not given still joins its children
+    parents = given_parents(everyone, given_models(forest))
     out = {}
     for e, p, c in scored_edges(forest, parents):
         if c not in parents or p not in parents or parents.get(c) == p:
@@ -225,14 +248,22 @@ def _is_ancestor(a: str, b: str, parents: Mapping[str, str | None]) -> bool:
 def error_notes(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
     """(parent, child) -> a short reading of each wrong edge, e.g. ``"sibling; true parent t0.1"``, for the
     terminal drawing and Mermaid labels (reversed edges are marked as such already); a true parent that was
-    not given is said to be (``"grandparent; true parent t0.1 (not given)"``)."""
-    parents, given = check_truth(given_models(forest), truth), set(given_models(forest))
+    not given is said to be, with the nearest given ancestor the edge is scored against
+    (``"sibling; true parent t0.1 (not given; nearest given t0)"``)."""
+    given = given_models(forest)
+    everyone = check_truth(given, truth)
+    parents = given_parents(everyone, given)
     named = truth_names(forest, parents)
     out = {}
-    for edge, kind in edge_errors(forest, parents).items():
+    for edge, kind in edge_errors(forest, everyone).items():
         if kind == "reversed":
             continue
-        true = parents.get(named.get(edge[1], edge[1]))
-        absent = "" if true in given else " (not given)"
-        out[edge] = kind if true is None or kind == "other tree" else f"{kind}; true parent {true}{absent}"
+        child = named.get(edge[1], edge[1])
+        true, nearest = everyone.get(child), parents.get(child)
+        if true is None or kind == "other tree":
+            out[edge] = kind
+        elif true == nearest:
+            out[edge] = f"{kind}; true parent {true}"
+        else:
+            out[edge] = f"{kind}; true parent {true} (not given{f'; nearest given {nearest}' if nearest else ''})"
     return out
