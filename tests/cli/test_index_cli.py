@@ -100,3 +100,17 @@ def test_show_lists_the_notes_of_placed_models(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("not in any tree (2):\n  c: lineage skipped it: an adapter\n  d: no reason recorded\n"
             "notes (1 model):\n  b: classes experts: in no known tree\n4 models, 1 tree (2 in none)") in out
+
+
+def test_build_refuses_a_folder_that_holds_no_atlas(tmp_path, capsys):
+    make_models(tmp_path / "m")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    for out in (tmp_path / "busy", tmp_path / "m"):
+        assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 1
+        assert capsys.readouterr().err == (f"error: --out {out} is a non-empty folder that holds no atlas (atlas.json): "
+                                           "the atlas's files would mix with its files; choose a new or empty --out\n")
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a"), "--stage", "specialize"]) == 0
+    (tmp_path / "a" / "mine.txt").write_text("kept")  # a folder with an atlas is ours to rebuild
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a"), "--stage", "specialize"]) == 0

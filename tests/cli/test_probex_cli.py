@@ -79,6 +79,16 @@ def test_predict_reports_stray_models_and_goes_on(make_tiny_zoo, make_trained, t
     assert main(["probex", "predict", *strays, "--experts", str(make_trained)]) == 1  # nothing predicted at all
 
 
+def test_train_refuses_a_folder_that_holds_no_experts(make_tiny_zoo, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path, make_tiny_zoo, tmp_path / "notes.txt"):
+        assert main(["probex", "train", str(make_tiny_zoo), "--epochs", "1", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is a ") and err.count("\n") == 1
+        assert "non-empty folder that holds no experts (index.json)" in err or "is a file, not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_predict_errors_are_one_line(tmp_path, capsys, make_tiny_zoo):
     assert main(["probex", "predict", str(make_tiny_zoo / "t0.safetensors"), "--experts", str(tmp_path)]) == 1
     assert "not an experts folder" in capsys.readouterr().err

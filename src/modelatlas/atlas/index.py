@@ -91,6 +91,7 @@ class Atlas:
         from modelatlas.atlas.html import render_html
 
         folder, data, page = Path(folder), self.to_dict(), render_html(self)
+        check_atlas_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
         # each writer is the file's usual atomic one, pointed at the temporary path that _write_together renames
         files = [(folder / JSON_NAME, lambda tmp: atomic_write_json(tmp, data)),  # first: renamed last
@@ -121,6 +122,15 @@ class Atlas:
         embeddings = _load_embeddings(path.parent, data.get("embedded", {}))
         return cls(models, Forest.from_dict(data.get("forest", {"nodes": [], "edges": []})),
                    dict(data.get("experts", {})), embeddings)
+
+
+def check_atlas_folder(folder: str | Path) -> None:
+    """Refuse to write an atlas into a non-empty folder that holds none: its files would mix with the
+    atlas's (and a later `atlas index build` of that folder would take embeddings.safetensors for a model)."""
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / JSON_NAME).is_file() and any(folder.iterdir()):
+        raise AtlasError(f"--out {folder} is a non-empty folder that holds no atlas ({JSON_NAME}): the atlas's "
+                         "files would mix with its files; choose a new or empty --out")
 
 
 def _write_together(files: list[tuple[Path, Callable[[Path], None]]]) -> None:

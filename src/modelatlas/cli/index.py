@@ -39,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from modelatlas.atlas import build_atlas
+    from modelatlas.atlas.index import check_atlas_folder
     from modelatlas.cli.lineage import config_from_args, expand_paths
     from modelatlas.errors import ConfigError
 
+    check_atlas_folder(args.out)  # before the work, not after it
     models = expand_paths(args.paths)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")

@@ -102,6 +102,16 @@ def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[
     return by_tree
 
 
+def _check_out(out: Path) -> None:
+    """Refuse a file, or a non-empty folder that holds no experts (its files would mix with theirs)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a new --out")
+    ours = (out / "index.json").is_file() or (out / "checkpoints").is_dir()  # a finished or an interrupted run
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is a non-empty folder that holds no experts (index.json): the experts' files "
+                          "would mix with its files; choose a new or empty --out")
+
+
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
                        config: ProbeXConfig | None = None, progress: Progress | None = None,
                        resume: bool = False, min_models: int = 10) -> TrainReport:
@@ -113,6 +123,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {TASKS}; got {task!r}")
     cfg = config if config is not None else ProbeXConfig()
+    _check_out(Path(out))
     manifest = load_manifest(manifest_path)
     records = _task_records(manifest, task)
     classes = _class_names(records) if task == "classes" else None
