@@ -43,6 +43,15 @@ def test_save_load_round_trip(tmp_path, planted, small_config):
     assert again.classes_ == list("abcd") and again.layer == "fc.weight"
     assert np.allclose(again.predict_proba(x[200:]), est.predict_proba(x[200:]))
     assert not list((tmp_path / "e").glob("*.pt")) and not list((tmp_path / "e").glob("*.tmp"))
+    assert type(again) is ProbeXClassifier
+
+
+def test_a_dense_expert_reloads_as_one(tmp_path, planted, small_config):
+    x, y = planted
+    est = DenseExpert(small_config).fit(x[:60], y[:60])
+    again = load_expert(est.save(tmp_path / "d"))
+    assert type(again) is DenseExpert and again.config.model == "dense"
+    assert np.allclose(again.predict_proba(x[200:]), est.predict_proba(x[200:]))
 
 
 def test_resume_matches_uninterrupted(tmp_path, planted):

@@ -216,6 +216,8 @@ def load_expert(folder: str | Path) -> WeightExpert:
     cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta.get("kind"))
     if cls is None:
         raise CheckpointError(meta_path, f"unknown expert kind {meta.get('kind')!r}")
+    if cls is ProbeXClassifier and isinstance(meta.get("config"), dict) and meta["config"].get("model") == "dense":
+        cls = DenseExpert  # saved with the classifier's kind: the dense model in its config tells them apart
     tensors = read_tensors(folder / "expert.safetensors", "not a complete ProbeX expert folder")
     expert = cls(ProbeXConfig.from_dict(meta["config"]), meta.get("layer", ""))
     try:
