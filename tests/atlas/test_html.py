@@ -60,3 +60,9 @@ console.log(JSON.stringify(rows.filter(function(r){{return !ws.length||has(el(r)
 ])
 def test_the_filter_matches_names_and_whole_classes(query, kept):
     assert check_filter(render_html(make_class_atlas()), query) == kept
+
+
+def test_header_counts_in_the_right_number():
+    page = render_html(Atlas([ModelEntry("a", "/z/a")], Forest(["a"], [])))
+    assert "1 model, 1 tree; stage:" in page and "tree 1 (1 model)" in page
+    assert "3 models, 2 trees; stage:" in render_html(make_class_atlas())

@@ -43,6 +43,10 @@ function filt(q){var ws=words(q),on=ws.length>0;
 """
 
 
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -115,7 +119,8 @@ def _trees(atlas: Atlas, folder: str) -> list[str]:
     out = []
     for t, root in enumerate(atlas.forest.roots()):
         size, note = tree_heading(atlas.forest, root) or (1, "")
-        out.append(f'<div class="tree-box"><h3>tree {t + 1} ({size} models{escape(note)})</h3><ul class="tree">')
+        out.append(f'<div class="tree-box"><h3>tree {t + 1} ({_counted(size, "model")}{escape(note)})</h3>'
+                   '<ul class="tree">')
         _subtree(root, kids, entries, out, folder)
         out.append("</ul></div>")
     return out
@@ -136,7 +141,8 @@ def _table(atlas: Atlas, folder: str) -> list[str]:
 def render_html(atlas: Atlas) -> str:
     """The viewer page for ``atlas`` as one HTML string."""
     d, folder = atlas.forest.decisions, shared_folder([m.path for m in atlas.models])
-    meta = (f"{len(atlas.models)} models, {len(atlas.forest.roots())} trees; stage: {d.get('stage', '?')}; "
+    meta = (f"{_counted(len(atlas.models), 'model')}, {_counted(len(atlas.forest.roots()), 'tree')}; "
+            f"stage: {d.get('stage', '?')}; "
             f"distance: {d.get('distance', '?')}")
     experts = "; ".join(f"{k} experts: {escape(v.get('folder', ''))} (layer {escape(v.get('layer', ''))})"
                         for k, v in atlas.experts.items())
