@@ -62,7 +62,7 @@ def test_object_array_is_refused(tmp_path):
 
 def test_cifar_missing_root_says_pass_root(tmp_path, monkeypatch):
     monkeypatch.delenv("ATLAS_CIFAR10", raising=False)
-    with pytest.raises(DatasetNotFoundError, match="pass root="):
+    with pytest.raises(DatasetNotFoundError, match=r"pass --data-root DIR \(root="):
         load_dataset("cifar10")
     with pytest.raises(DatasetNotFoundError, match="data_batch_1 not found"):
         load_dataset("cifar10", root=tmp_path)

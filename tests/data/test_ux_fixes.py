@@ -94,3 +94,32 @@ def test_a_list_containing_itself_is_refused(tmp_path):
 def test_loader_options_are_checked_naming_the_key(name, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         load_dataset(name, "train", **kwargs)
+
+
+def test_image_folder_skips_hidden_files_and_folders_without_images(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((4, 4), 100, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # a macOS resource fork
+    (tmp_path / "notes").mkdir()  # no images: not a class
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    data = load_dataset("image-folder", "train", root=tmp_path, size=4, channels=1, test_fraction=0)
+    assert data.classes == ["cat", "dog"] and len(data) == 4
+
+
+def test_zca_of_constant_data_is_finite():
+    from modelatlas.data.transforms import ZCA
+
+    x = torch.full((6, 1, 2, 2), 0.5)
+    zca = ZCA().fit(x)
+    assert torch.isfinite(zca.transform(x)).all() and torch.allclose(zca.inverse(zca.transform(x)), x)
+
+
+def test_missing_fashion_mnist_names_the_data_root_option(tmp_path):
+    from modelatlas.errors import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="pass --data-root DIR"):
+        load_dataset("fashion-mnist", "train", root=tmp_path)

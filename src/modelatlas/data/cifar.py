@@ -233,8 +233,8 @@ def _resolve(root: str | Path | None, env: str, sub: str, name: str) -> Path:
     if (folder / sub).is_dir():
         folder = folder / sub
     if root is None and not os.environ.get(env):
-        raise DatasetNotFoundError(f"{name}: no folder given; pass root= (the {sub}/ folder from the official "
-                                   f"python-version archive) or set ${env}")
+        raise DatasetNotFoundError(f"{name}: no folder given; pass --data-root DIR (root=: the {sub}/ folder "
+                                   f"from the official python-version archive) or set ${env}")
     return folder
 
 
@@ -249,8 +249,8 @@ def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10
         files, meta_file, label_key, names_key = [split], "meta", "fine_labels", "fine_label_names"
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise DatasetNotFoundError(f"cifar{num_classes}: {folder / missing[0]} not found; pass root= to the "
-                                   "folder of the official python-version batches")
+        raise DatasetNotFoundError(f"cifar{num_classes}: {folder / missing[0]} not found; pass --data-root DIR "
+                                   "(root=) to the folder of the official python-version batches")
     parts = [_batch_arrays(folder / f, label_key, num_classes) for f in files]
     data = np.concatenate([p[0] for p in parts])  # (N, 3072) uint8, channel-major
     labels = np.concatenate([p[1] for p in parts])

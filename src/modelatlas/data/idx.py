@@ -85,7 +85,7 @@ def _load_fashion(split: str, root: str | Path | None = None) -> ArrayDataset:
         missing = img_stem if img is None else lab_stem
         raise DatasetNotFoundError(
             f"fashion-mnist: {folder / missing}[.gz] not found; install it with "
-            f"`sudo apt-get install dataset-fashion-mnist` or pass root= (or set ATLAS_FASHION_MNIST) "
+            f"`sudo apt-get install dataset-fashion-mnist` or pass --data-root DIR (root=, or set ATLAS_FASHION_MNIST) "
             f"to a folder with the standard IDX files")
     return load_idx_pair(img, lab, "fashion-mnist", FASHION_CLASSES)
 

@@ -1,8 +1,9 @@
 """``image-folder``: a class-per-subfolder tree of PNG/JPEG/PGM images, read with Pillow.
 
 ``root/<class>/*.png``; classes are the sorted subfolder names. If ``root/train`` and ``root/test`` exist
-they are the splits, otherwise one seeded permutation splits the images (``test_fraction``). Images are
-converted to grayscale (``channels=1``) or RGB (3) and resized to ``size`` x ``size`` (bilinear).
+they are the splits, otherwise one seeded permutation splits the images (``test_fraction``). Hidden files
+and folders, and subfolders without images, are skipped. Images are converted to grayscale (``channels=1``)
+or RGB (3) and resized to ``size`` x ``size`` (bilinear).
 O(N * size^2) time and memory.
 """
 
@@ -48,10 +49,16 @@ def _read_wide_gray(im, size: int, channels: int) -> np.ndarray:
     return np.repeat(arr[None], channels, axis=0)  # (C, H, W)
 
 
+def _is_image(f: Path) -> bool:
+    """An image file by suffix; hidden files (macOS ``._x.png`` resource forks) are not images."""
+    return f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+
+
 def _classes(*folders: Path) -> list[str]:
     """Sorted class subfolder names across ``folders``: train and test share one label numbering even when a
-    split lacks a class. Hidden folders (``.ipynb_checkpoints``) are not classes."""
-    return sorted({d.name for f in folders for d in f.iterdir() if d.is_dir() and not d.name.startswith(".")})
+    split lacks a class. Hidden folders (``.ipynb_checkpoints``) and folders without images are not classes."""
+    return sorted({d.name for f in folders for d in f.iterdir()
+                   if d.is_dir() and not d.name.startswith(".") and any(_is_image(x) for x in d.iterdir())})
 
 
 def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
@@ -60,7 +67,7 @@ def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], list
         if not (folder / c).is_dir():
             continue
         for f in sorted((folder / c).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            if _is_image(f):
                 files.append(f)
                 labels.append(i)
     return files, labels, classes
@@ -70,7 +77,8 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
                       test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
     """Images under ``root/<class>/`` as (N, channels, size, size) float32 in [0, 1]."""
     if root is None:
-        raise DatasetNotFoundError("image-folder: pass root= (a folder with one subfolder of images per class)")
+        raise DatasetNotFoundError("image-folder: pass --data-root DIR (root=): a folder with one subfolder of images "
+                                   "per class")
     if channels not in (1, 3):
         raise ConfigError(f"dataset 'image-folder': channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     check_int("image-folder", "size", size, minimum=1)

@@ -71,7 +71,8 @@ class Standardize(_Loadable):
 
 class ZCA(_Loadable):
     """ZCA whitening W = U diag(1/sqrt(lambda + reg)) U^T on flattened inputs, reg = ``regularization`` x
-    mean eigenvalue (0.1 as in the KIP/MTT code). Fit is O(N D^2 + D^3) time, O(D^2) memory (D = C*H*W)."""
+    mean eigenvalue (0.1 as in the KIP/MTT code; ``regularization`` itself for constant data). Fit is
+    O(N D^2 + D^3) time, O(D^2) memory (D = C*H*W)."""
 
     kind = "zca"
 
@@ -86,7 +87,8 @@ class ZCA(_Loadable):
         cov = (flat - self.mean_).T @ (flat - self.mean_) / max(flat.shape[0] - 1, 1)  # (D, D)
         evals, evecs = torch.linalg.eigh(cov)
         evals = evals.clamp_min(0)
-        reg = self.regularization * evals.mean()
+        # constant data has no variance: regularise by the absolute amount instead of 0 (rsqrt(0) = inf, NaN out)
+        reg = self.regularization * (evals.mean() if float(evals.mean()) > 0 else 1.0)
         self.whiten_ = (evecs * (evals + reg).rsqrt()) @ evecs.T  # (D, D)
         self.unwhiten_ = (evecs * (evals + reg).sqrt()) @ evecs.T  # (D, D)
         self.mean_, self.whiten_, self.unwhiten_ = self.mean_.float(), self.whiten_.float(), self.unwhiten_.float()
