@@ -189,3 +189,18 @@ def test_corrupt_checkpoint_files_are_named(tmp_path, name):
     (tmp_path / "checkpoint" / name).write_text('{"iteration": ')
     with pytest.raises(CheckpointError, match=f"{name}: is not valid JSON.*delete"):
         run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=True, **QUICK)
+
+
+def test_poster_ipc_below_one_image_is_refused_not_rounded():
+    from modelatlas.distill.methods.podd import poster as P
+
+    with pytest.raises(ConfigError, match=r"poster ipc 0.01 is below the smallest poster.*ipc >= 0.1"):
+        P.make_layout(0.01, 10, 8, 8)
+    assert P.make_layout(0.1, 10, 8, 8).ipc(10) == pytest.approx(0.1)
+
+
+def test_protocol_says_1_epoch():
+    from modelatlas.distill.evaluate import EvalProtocol, describe
+
+    assert "1 epoch," in describe(EvalProtocol(epochs=1).resolved())
+    assert "300 epochs" in describe(EvalProtocol().resolved())

@@ -88,14 +88,18 @@ class EvalProtocol:
         return d
 
 
+def _epochs(n: int) -> str:
+    return "1 epoch" if n == 1 else f"{n} epochs"
+
+
 def describe(p: EvalProtocol) -> str:
     """One line stating the protocol (for tables and result.json)."""
     aug = "DSA" if p.dsa else "no augmentation"
     if p.kind == "sgd":
         return (f"{p.num_nets} x {p.net}-{p.depth} w{p.width} from scratch, SGD lr {p.lr} mom {p.momentum} "
-                f"wd {p.weight_decay}, batch {p.batch_size}, {p.epochs} epochs, lr x0.1 at half, {aug}")
+                f"wd {p.weight_decay}, batch {p.batch_size}, {_epochs(p.epochs)}, lr x0.1 at half, {aug}")
     return (f"{p.num_nets} x {p.net}-{p.depth} w{p.width} from scratch, Adam lr {p.lr}, random batches of "
-            f"{p.batch_size}, {p.epochs} epochs, {aug}")
+            f"{p.batch_size}, {_epochs(p.epochs)}, {aug}")
 
 
 @dataclass

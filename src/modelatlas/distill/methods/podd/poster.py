@@ -72,6 +72,9 @@ def make_layout(ipc: float, k: int, h: int, w: int, crops: tuple[int | None, int
     """The poster layout for a target ``ipc`` (images per class, may be < 1) of K classes of (h, w) images."""
     if not ipc > 0:
         raise ConfigError(f"poster ipc must be > 0, got {ipc}")
+    if ipc * k < 1 - 1e-9:  # the smallest poster is one image: it would silently become 1/K
+        raise ConfigError(f"poster ipc {ipc:g} is below the smallest poster, one image for {k} classes "
+                          f"(ipc {1 / k:.3g}); use an ipc >= {1 / k:.3g}")
     rows, cols = class_grid_shape(k)
     height = max(h, int(rows * math.sqrt(ipc) * h))
     width = max(w, int(ipc * k * h * w / height))
