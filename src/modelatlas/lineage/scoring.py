@@ -112,8 +112,8 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     """Directed and undirected edge accuracy and tree ARI of ``forest`` against the true edges between the
     models it was given (the others are counted in ``n_left_out``); raises ManifestError when the truth names
     none of them (:func:`check_truth`)."""
+    everyone = check_truth(given_models(forest), truth)
     given = set(given_models(forest))
-    everyone = check_truth(given, truth)
     parents = given_parents(everyone, given)
     named = {(p, c) for c, p in everyone.items() if p is not None}
     true = {(p, c) for c, p in parents.items() if p is not None}
