@@ -3,8 +3,9 @@ import pytest
 import torch
 from scipy.stats import kurtosis
 
-from modelatlas.lineage.distances import spectral_distances, stream_pair_stats
+from modelatlas.lineage.distances import stream_pair_stats
 from modelatlas.lineage.sources import MemoryCheckpoint
+from modelatlas.lineage.spectra import spectral_distances
 
 
 def make_models(n=5, seed=0, shapes=((6, 6), (4, 8))):
@@ -155,16 +156,16 @@ def test_power_sums_with_workspace_equal_fresh_powers():
 
 
 def test_spectra_with_reused_buffers_equal_one_fresh_batch():
-    from modelatlas.lineage import distances
+    from modelatlas.lineage import spectra
     g = torch.Generator().manual_seed(6)
     y = torch.randn(9, 12, 6, generator=g)  # (N, n, s)
     pairs = np.stack(np.triu_indices(9, 1), 1)  # 36 pairs, 5 batches of 8
-    old = distances._PAIRS
+    old = spectra._PAIRS
     try:
-        distances._PAIRS = 8
+        spectra._PAIRS = 8
         ranks, nuc, cap = spectral_distances([y.numpy()], pairs, 1e-2)
     finally:
-        distances._PAIRS = old
+        spectra._PAIRS = old
     diff = y[pairs[:, 0]] - y[pairs[:, 1]]  # (36, 12, 6), all at once, fresh tensors
     sv = torch.linalg.eigvalsh(diff.transpose(1, 2) @ diff).double().clamp_min(0).sqrt().flip(1)
     norms = torch.linalg.matrix_norm(y, ord="fro")
@@ -175,7 +176,7 @@ def test_spectra_with_reused_buffers_equal_one_fresh_batch():
 
 
 def make_explicit_count(rs, n):
-    """The (n, 2s) count-sketch matrix Psi of a ``_RankSketch``: row perm[t] -> bucket t mod 2s."""
+    """The (n, 2s) count-sketch matrix Psi of a ``RankSketch``: row perm[t] -> bucket t mod 2s."""
     psi = torch.zeros(n, rs.buckets)
     for t, i in enumerate(rs.perm.tolist()):
         psi[i, t % rs.buckets] = rs.slot_signs[t, 0]
@@ -184,9 +185,9 @@ def make_explicit_count(rs, n):
 
 @pytest.mark.parametrize("shape", [(300, 40), (256, 24)])  # 300 rows: a partial last block of buckets
 def test_count_rank_sketch_is_psi_t_w_omega(shape):
-    from modelatlas.lineage.distances import _RankSketch
+    from modelatlas.lineage.spectra import RankSketch
     from modelatlas.weights import TensorInfo
-    rs = _RankSketch(TensorInfo("w", shape, "float32"), 16, seed=5, kind="count")
+    rs = RankSketch(TensorInfo("w", shape, "float32"), 16, seed=5, kind="count")
     assert rs.perm is not None and rs.buckets == 32
     x = torch.randn(3, shape[0] * shape[1], generator=torch.Generator().manual_seed(0))
     psi = make_explicit_count(rs, shape[0])
@@ -221,7 +222,7 @@ def test_rank_sketch_must_be_known():
 
 
 def test_spectra_split_over_threads_equal_one_call():
-    from modelatlas.lineage.distances import _eigvalsh_split
+    from modelatlas.lineage.spectra import _eigvalsh_split
     g = torch.randn(100, 20, 12, generator=torch.Generator().manual_seed(0))
     gram = g.transpose(1, 2) @ g  # (100, 12, 12)
     want = torch.linalg.eigvalsh(gram)

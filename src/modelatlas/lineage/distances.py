@@ -16,7 +16,7 @@ the size of the *differences* and float64 keeps them exact even for tiny fine-tu
 **LoRA distance.** A random sketch ``W Omega`` (Omega: seeded Gaussian, m x s) is kept per model and layer;
 since the sketch is linear, ``(W_u - W_v) Omega = W_u Omega - W_v Omega`` and rank(W_u - W_v) is estimated
 from the singular values of an (n, s) matrix instead of an SVD of the full (n, m) difference
-(:func:`spectral_distances`). Layers with n > 2s rows are also sketched on the left, ``Psi^T W Omega``
+(:func:`modelatlas.lineage.spectra.spectral_distances`). Layers with n > 2s rows are also sketched on the left, ``Psi^T W Omega``
 (Psi: n x 2s), so a pair costs O(s^3) whatever the width; the rank of a difference of rank < s is kept, its
 singular values approximately. Psi is a count sketch (each row, with a random sign, added to one of 2s
 buckets), applied first, so a model's sketch costs O(n m + s^2 m) instead of the O(n m s) of a dense
@@ -45,12 +45,12 @@ import numpy as np
 import torch
 
 from modelatlas.errors import AtlasError
+from modelatlas.lineage.spectra import RankSketch
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights import Checkpoint, TensorInfo
 
 _CHUNK = 1 << 20  # columns per Gram block: bounds the float64 copy to N x 8 MiB
-_PAIRS = 256  # pairs per batched eigvalsh call (buffers of 4 MB at s = 64: in cache)
 _AHEAD = 2  # models whose next layer is prefetched (posix_fadvise WILLNEED) while one is reduced
 GRAM_SKETCH = 4096  # default sketch size of the full-FT distances; layers of <= 4x this many weights stay exact
 
@@ -77,7 +77,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     distances of layers with more than 4x as many weights (None: exact everywhere). ``stream``: sketched
     layers are reduced one model at a time (O(P_l + N k) memory, no (N, P_l) block); False stacks every layer
     (the reference path; ``l1`` always stacks). ``rank_sketch``: ``"count"`` or ``"gaussian"`` left (row) sketch
-    of layers with more than 2 s rows (:class:`_RankSketch`). Time/memory: see the module."""
+    of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
@@ -85,7 +85,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     for info in bar:
         before = st.kurtosis.copy()
         sk_k = gram_sketch if gram_sketch and info.numel > 4 * gram_sketch else None
-        rank = _RankSketch(info, sketch, seed, rank_sketch) if sketch and len(info.shape) >= 2 else None
+        rank = RankSketch(info, sketch, seed, rank_sketch) if sketch and len(info.shape) >= 2 else None
         gseed = derive_seed(seed, "gram", info.name)
         if sk_k is not None and stream and not l1:
             mom, gram, shift, y = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank)
@@ -105,51 +105,8 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     return st
 
 
-class _RankSketch:
-    """The seeded rank sketch of one layer: ``W -> W Omega`` (Omega: m x s, Gaussian with orthonormal columns,
-    exact when s = m), two-sided when n > 2s so that each pair's spectrum costs O(s^3) whatever the width:
-    ``Psi^T W Omega`` with Psi (n x 2s) either a count sketch (``kind="count"``: row i, times a random sign, is
-    added to bucket perm(i) mod 2s; O(n m), a gather of whole rows and one sum) or Gaussian (O(n m s)). The
-    left reduction runs first, so Omega then costs O(s^2 m). Linear, shared by all models, keeps squared norms
-    in expectation. Time O(R n m + R s^2 m) (count) or O(R n m s) (Gaussian) for R models."""
-
-    def __init__(self, info: TensorInfo, sketch: int, seed: int, kind: str = "count"):
-        self.rows = info.shape[0]
-        self.cols = info.numel // self.rows
-        s = min(sketch, self.rows, self.cols)
-        self.omega = _sketch_matrix(self.cols, s, torch_generator(derive_seed(seed, info.name)))  # (m, s)
-        self.psi = self.perm = None
-        if self.rows > 2 * s and kind == "count":  # row perm[t] lands in slot t, bucket t mod 2s
-            gen = torch_generator(derive_seed(seed, "rows", info.name))
-            self.perm = torch.randperm(self.rows, generator=gen)  # (n,)
-            self.slot_signs = (torch.randint(0, 2, (self.rows, 1), generator=gen) * 2 - 1).to(torch.float32)  # (n, 1)
-            self.buckets, self.work = 2 * s, None
-        elif self.rows > 2 * s:  # psi^T (W_u - W_v) Omega = Y_u - Y_v: still linear
-            self.psi = _sketch_matrix(self.rows, 2 * s, torch_generator(derive_seed(seed, "rows", info.name)))  # (n, 2s)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.view(len(x), self.rows, self.cols)  # (R, n, m)
-        if self.perm is not None:
-            return self._count_rows(w) @ self.omega  # (R, 2s, m) @ (m, s) -> (R, 2s, s)
-        y = w @ self.omega  # (R, n, s)
-        return y if self.psi is None else self.psi.T @ y  # (R, 2s, s)
-
-    def _count_rows(self, w: torch.Tensor) -> torch.Tensor:
-        """(R, 2s, m) bucket sums of the signed, permuted rows (slot t -> bucket t mod 2s). The gather goes into
-        a reused workspace: a fresh one per model costs a page fault per 4 KiB."""
-        r, n, m = w.shape
-        if self.work is None or self.work.shape[0] != r:
-            self.work = torch.empty(r, n, m, dtype=torch.float32)  # (R, n, m)
-        g = torch.index_select(w, 1, self.perm, out=self.work).mul_(self.slot_signs)  # (R, n, m) rows permuted
-        b = self.buckets
-        full = n - n % b
-        z = g[:, :full].view(r, full // b, b, m).sum(1)  # (R, n // 2s, 2s, m) -> (R, 2s, m)
-        z[:, :n - full] += g[:, full:]  # the last n mod 2s slots: buckets 0 .. n mod 2s - 1
-        return z
-
-
 def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], k: int, seed: int,
-                  rank: _RankSketch | None):
+                  rank: RankSketch | None):
     """Power sums (N, 4), sketched Gram (N, N), kurtosis shift and rank sketches of one large layer, one
     model at a time: each model's weights are read, reduced to O(k + s^2) numbers and dropped. A failed
     read leaves a zero row (the model is dropped later). Time O(N P + N^2 k) (+ O(N P s) rank sketches),
@@ -334,79 +291,3 @@ def _kurtosis_from_moments(mom: torch.Tensor, p: int) -> torch.Tensor:
     var = (m2 - m1**2).clamp_min(1e-150)  # var**2 stays a normal float64 (a failed, all-zero row: no 0/0)
     c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4  # fourth central moment of the row
     return c4 / var**2 - 3.0
-
-
-def _sketch_matrix(m: int, s: int, gen: torch.Generator) -> torch.Tensor:
-    """(m, s) random matrix with orthonormal columns scaled by sqrt(m / s): ``A Omega`` keeps A's
-    singular values exactly when s = m and approximately (top of the spectrum) when s < m."""
-    q, _ = torch.linalg.qr(torch.randn(m, s, generator=gen, dtype=torch.float64))  # (m, s)
-    return (q * (m / s) ** 0.5).to(torch.float32)
-
-
-def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rank and nuclear norm of W_u - W_v for ``pairs`` (K, 2), from the sketches, summed over layers.
-
-    For each layer the (n, s) sketch difference's singular values are computed batched over pairs.
-    Rank: values below ``rtol`` x the largest, or below 1e-6 x the weights' own sketch norm (float
-    noise), do not count. Nuclear norm: the sum of the singular values divided by sqrt(n m), so a rank-1
-    difference scores its RMS; unlike the Frobenius norm it *adds* the sizes of updates that live in
-    different subspaces (a grandparent is then clearly farther than a parent). Returns (ranks (K,),
-    nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value).
-    Time O(K L n s^2), memory O(B n s) per batch of B pairs.
-    """
-    ranks, nuc = np.zeros(len(pairs)), np.zeros(len(pairs))
-    cap = 0
-    for sk in sketches:
-        y = torch.from_numpy(sk)  # (N, n, s)
-        cap += y.shape[2]
-        norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
-        numel = y.shape[1] * y.shape[2]  # (n s) stands for (n m): the sketch keeps norms
-        work = _SpectraWork(min(_PAIRS, len(pairs)), y.shape[1], y.shape[2])
-        for a in range(0, len(pairs), _PAIRS):
-            pr = torch.from_numpy(pairs[a:a + _PAIRS])
-            sv = work.singular_values(y, pr)  # (B, s), descending
-            floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
-            ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
-            nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
-    return ranks, nuc, cap
-
-
-class _SpectraWork:
-    """Reused buffers of one layer's batched spectra: difference (B, n, s), Gram (B, s, s), eigenvalues (B, s);
-    allocated once (fresh pages cost a page fault each, as much as the products on small batches)."""
-
-    def __init__(self, b: int, n: int, s: int):
-        self.diff = torch.empty(b, n, s, dtype=torch.float32)
-        self.other = torch.empty(b, n, s, dtype=torch.float32)
-        self.gram = torch.empty(b, s, s, dtype=torch.float32)
-        self.eig = torch.empty(b, s, dtype=torch.float32)
-
-    def singular_values(self, y: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
-        """(B, s) float64 singular values of y[u] - y[v] for the pairs ``pr`` (B, 2), descending, from the
-        eigenvalues of the (s, s) Gram in float32: several times faster than svdvals, and float32 is enough (a
-        1e-2 relative tolerance on singular values is 1e-4 on eigenvalues, eps is 1e-7). Time O(B (n s^2 + s^3))."""
-        b = len(pr)
-        diff, other, gram, eig = self.diff[:b], self.other[:b], self.gram[:b], self.eig[:b]
-        torch.index_select(y, 0, pr[:, 0], out=diff)  # (B, n, s)
-        torch.index_select(y, 0, pr[:, 1], out=other)
-        diff.sub_(other)
-        torch.bmm(diff.transpose(1, 2), diff, out=gram)  # (B, s, s)
-        _eigvalsh_split(gram, eig)  # (B, s), ascending
-        return eig.double().clamp_min(0).sqrt().flip(1)
-
-
-def _eigvalsh_split(gram: torch.Tensor, eig: torch.Tensor) -> None:
-    """``eigvalsh(gram, out=eig)``, with the batch split over torch's thread count in a thread pool: torch's
-    batched eigvalsh runs its matrices one after another whatever the intra-op threads (measured: 36 ms per
-    512 problems of 64 x 64 with 1 or 2 threads, 19 ms split over 2 Python threads). Each matrix is computed
-    as in one call, so the result does not depend on the split."""
-    workers = min(torch.get_num_threads(), max(1, len(gram) // 32))
-    if workers <= 1:
-        torch.linalg.eigvalsh(gram, out=eig)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    cuts = [len(gram) * k // workers for k in range(workers + 1)]
-    with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL inside eigvalsh
-        list(pool.map(lambda k: torch.linalg.eigvalsh(gram[cuts[k]:cuts[k + 1]], out=eig[cuts[k]:cuts[k + 1]]),
-                      range(workers)))

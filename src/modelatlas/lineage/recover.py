@@ -25,7 +25,7 @@ import numpy as np
 from modelatlas.errors import ConfigError
 from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.distances import PairStats, spectral_distances, stream_pair_stats
+from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.orient import (
     decide_stage,
@@ -37,6 +37,7 @@ from modelatlas.lineage.orient import (
     solve_tree,
 )
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
+from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.progress import Progress
 from modelatlas.weights import Checkpoint, TensorInfo
 
