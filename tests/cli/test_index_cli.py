@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from safetensors.torch import save_file
 
 from modelatlas.cli.main import main
@@ -114,3 +115,10 @@ def test_build_refuses_a_folder_that_holds_no_atlas(tmp_path, capsys):
     assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a"), "--stage", "specialize"]) == 0
     (tmp_path / "a" / "mine.txt").write_text("kept")  # a folder with an atlas is ours to rebuild
     assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a"), "--stage", "specialize"]) == 0
+
+
+def test_search_help_does_not_promise_notes(capsys):
+    with pytest.raises(SystemExit):
+        main(["index", "search", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "keywords: whole words of names, paths, predicted classes, descriptions, dtype and tree (not notes)" in out

@@ -135,3 +135,14 @@ def check_search_sources(zoo, experts, tmp_path, capsys):
 def test_search_needs_text_experts(make_tiny_zoo, make_trained, capsys):
     assert main(["probex", "search", "seven", str(make_tiny_zoo), "--experts", str(make_trained)]) == 1
     assert "search needs --task text" in capsys.readouterr().err
+
+
+def test_train_help_shows_the_defaults_and_the_tree_minimum(capsys):
+    from modelatlas.probex.experts import MIN_MODELS
+
+    with pytest.raises(SystemExit):
+        main(["probex", "train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"at least {MIN_MODELS} labelled fine-tuned models" in out
+    for default in ("(default: 100)", "(default: 32;", "(default: 0)", "classes (default)", "(default: probex_experts)"):
+        assert default in out

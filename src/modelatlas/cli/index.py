@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("atlas", type=Path, metavar="ATLAS")
     q.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     q.add_argument("--mode", choices=("auto", "text", "keywords"), default="auto",
-                   help="text: through the stored text embeddings; keywords: names, classes, notes; "
-                        "auto (default): text when the atlas has embeddings")
+                   help="text: through the stored text embeddings; keywords: whole words of names, paths, "
+                        "predicted classes, descriptions, dtype and tree (not notes); auto (default): text "
+                        "when the atlas has embeddings")
     q.add_argument("--text-experts", help="text experts folder, if moved since the atlas was built")
     q.set_defaults(func=_search)
 

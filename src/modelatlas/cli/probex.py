@@ -8,20 +8,28 @@ from pathlib import Path
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
+MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that would load torch for `--help`
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probex", help="learn on weights: what was a model trained on, text search over models")
     psub = p.add_subparsers(dest="probex_command", metavar="SUBCOMMAND")
-    t = psub.add_parser("train", help="train one ProbeX expert per model tree of a zoo, and a tree router")
+    t = psub.add_parser("train", help="train one ProbeX expert per model tree of a zoo, and a tree router",
+                        description="Train one ProbeX expert per model tree of a zoo (trees with at least "
+                                    f"{MIN_MODELS} labelled fine-tuned models; smaller trees are left out), "
+                                    "and a router that sends a model to its tree's expert.")
     t.add_argument("manifest", metavar="ZOO_MANIFEST", help="zoo folder or its manifest.json")
     t.add_argument("--task", choices=["classes", "text"], default="classes",
-                   help="classes: predict the training-class set; text: align weights with the class prompts")
-    t.add_argument("--layer", default="auto", help="weight tensor name, or 'auto' (best on validation)")
-    t.add_argument("--out", default="probex_experts", help="experts folder (default: probex_experts)")
-    t.add_argument("--epochs", type=positive_int, default=100)
-    t.add_argument("--rank", type=positive_int, default=32, help="r_U = r_V = r_T (the paper used 128)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+                   help="classes (default): predict the training-class set; text: align weights with the class "
+                        "prompts")
+    t.add_argument("--layer", default="auto", help="weight tensor name, or 'auto' (default: the best on validation)")
+    t.add_argument("--out", default="probex_experts", help="experts folder: new, empty or an experts folder "
+                                                           "(default: probex_experts)")
+    t.add_argument("--epochs", type=positive_int, default=100, help="training epochs per expert (default: 100)")
+    t.add_argument("--rank", type=positive_int, default=32, help="r_U = r_V = r_T (default: 32; the paper used 128)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batches (default: 0)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
     t.set_defaults(func=_train)
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL",

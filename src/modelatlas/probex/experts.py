@@ -30,6 +30,7 @@ from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
 
 INDEX_FORMAT = "modelatlas-probex-experts/1"
 TASKS = ("classes", "text")
+MIN_MODELS = 10  # labelled models a tree needs for an expert: fewer leave almost nothing to validate on
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _check_out(out: Path) -> None:
 
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
                        config: ProbeXConfig | None = None, progress: Progress | None = None,
-                       resume: bool = False, min_models: int = 10) -> TrainReport:
+                       resume: bool = False, min_models: int = MIN_MODELS) -> TrainReport:
     """Train one expert per tree of the zoo (trees with >= ``min_models`` labelled models) and a router.
 
     ``layer="auto"`` trains an expert per candidate layer on the largest tree and keeps the best on
