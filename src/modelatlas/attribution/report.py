@@ -24,9 +24,12 @@ def cluster_means(x: torch.Tensor, assign: torch.Tensor, k_total: int) -> torch.
 
 
 def top_clusters(matrix: torch.Tensor, j: int, top: int) -> tuple[list[int], list[int]]:
-    """(most helpful: largest loss increase when removed, most harmful: largest decrease) for test sample j."""
+    """(most helpful: largest loss increase when removed, most harmful: largest decrease) for test sample j;
+    only clusters that did help (> 0) or harm (< 0), so either list may be shorter than ``top``."""
     order = torch.argsort(matrix[:, j], descending=True)
-    return order[:top].tolist(), order.flip(0)[:top].tolist()
+    helpful = [k for k in order[:top].tolist() if float(matrix[k, j]) > 0]
+    harmful = [k for k in order.flip(0)[:top].tolist() if float(matrix[k, j]) < 0]
+    return helpful, harmful
 
 
 def save_attribution(folder: str | Path, attr: Attribution, info: dict, true_matrix: torch.Tensor | None = None) -> Path:
@@ -57,19 +60,28 @@ def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.
     for r, j in enumerate(test_index):
         helpful, harmful = top_clusters(attr.matrix, j, top)
         panels = [(x_test[j], f"test {j} (y={int(y_test[j])})")]
-        panels += [(reps[k], f"+ c{k} ({int(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}") for k in helpful]
-        panels += [(reps[k], f"- c{k} ({int(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}") for k in harmful]
+        for sign, ks in (("+", helpful), ("-", harmful)):  # a column stays empty when fewer clusters helped/harmed
+            panels += [(reps[k], f"{sign} c{k} ({int(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}")
+                       for k in ks] + [(None, f"{sign} none")] * (top - len(ks))
         for c, (img, title) in enumerate(panels):
-            ax = axes[r][c]
-            ax.imshow(img[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=6)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _panel(axes[r][c], img, title)
     fig.suptitle("most helpful (+) and most harmful (-) clusters: change in test loss when removed", fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _panel(ax, img: torch.Tensor | None, title: str) -> None:
+    ax.set_title(title, fontsize=6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if img is None:
+        ax.set_axis_off()
+    elif img.shape[0] == 3:  # RGB
+        ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy())
+    else:
+        ax.imshow(img[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
 
 
 def write_plot(folder: str | Path, png: bytes) -> Path:
