@@ -123,8 +123,8 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     """
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {TASKS}; got {task!r}")
-    cfg = config if config is not None else ProbeXConfig()
-    _check_out(Path(out))
+    cfg, out = config if config is not None else ProbeXConfig(), Path(out)
+    _check_out(out)
     manifest = load_manifest(manifest_path)
     records = _task_records(manifest, task)
     classes = _class_names(records) if task == "classes" else None
@@ -138,7 +138,6 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
                               candidate_layers(paths_of[largest[0].tree][0]), cfg, classes, progress)
         report.layer = max(scores, key=lambda k: (scores[k][0], -scores[k][1]))
         report.layer_scores = {k: v[0] for k, v in scores.items()}
-    out = Path(out)
     xs: dict[str, object] = {}
     for tree, ms in by_tree.items():
         xs[tree] = x = load_layer(paths_of[tree], report.layer, progress)
@@ -148,8 +147,6 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
         expert.save(out / "experts" / tree)
         report.trees[tree] = {"models": len(ms), "val_score": float(expert.history_["best_score"]),
                               "parameters": expert.n_parameters_}
-    import torch
-
     TreeRouter().fit(torch.cat(list(xs.values())), [t for t, x in xs.items() for _ in range(len(x))]).save(out / "router")
     atomic_write_json(out / "index.json", {"format": INDEX_FORMAT, "task": task, "layer": report.layer,
                                            "layer_scores": report.layer_scores, "report": report.trees,
