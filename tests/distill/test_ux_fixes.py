@@ -100,7 +100,7 @@ def test_relative_data_root_is_stored_absolute_and_eval_takes_a_new_root(tmp_pat
     kw = {"root": "imgs", "size": 8, "channels": 1, "test_fraction": 0.25}
     run_distillation("random", "image-folder", 1, "out", config={"width": 8}, dataset_kwargs=kw, **QUICK)
     saved = json.loads((tmp_path / "out" / "result.json").read_text())["dataset_kwargs"]
-    assert saved["root"] == str(tmp_path / "imgs")
+    assert saved["root"] == str((tmp_path / "imgs").resolve())
     (tmp_path / "imgs").rename(tmp_path / "moved")
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
     assert main(["distill", "eval", "out", "--eval-epochs", "1"]) == 1
@@ -204,3 +204,14 @@ def test_protocol_says_1_epoch():
 
     assert "1 epoch," in describe(EvalProtocol(epochs=1).resolved())
     assert "300 epochs" in describe(EvalProtocol().resolved())
+
+
+def test_resume_accepts_the_data_root_in_another_spelling(tmp_path, monkeypatch):
+    make_image_tree(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    kw = {"size": 8, "channels": 1, "test_fraction": 0.25}
+    cfg = {**TINY_DM, "batch_real": 4}
+    run_distillation("dm", "image-folder", 1, "out", config=cfg, dataset_kwargs={"root": "imgs", **kw}, **QUICK)
+    info = run_distillation("dm", "image-folder", 1, "out", config={**cfg, "iterations": 2}, resume=True,
+                            dataset_kwargs={"root": str(tmp_path / "imgs" / ".." / "imgs"), **kw}, **QUICK)
+    assert info["resumed"] and info["dataset_kwargs"]["root"] == str((tmp_path / "imgs").resolve())
