@@ -300,3 +300,26 @@ def test_unique_names_go_up_as_many_folders_as_needed(tmp_path):
 
     a, b = tmp_path / "x" / "run" / "ck.pt", tmp_path / "y" / "run" / "ck.pt"
     assert unique_names([a, b, tmp_path / "other.pt"]) == ["x/run/ck", "y/run/ck", "other"]
+
+
+def test_an_up_cast_copy_is_found_by_its_values():
+    """A model rounded to float16 or bfloat16 and saved back as float32: its header says float32, its values
+    say float16 / bfloat16, so it is that model's lower-precision copy, not a fine-tune at distance ~1e-3."""
+    weights, _ = make_synthetic_forest(seed=3)
+    more = dict(weights)
+    more["t0_1-up16"] = {k: v.half().float() for k, v in weights["t0_1"].items()}
+    more["t1-upbf16"] = {k: v.bfloat16().float() for k, v in weights["t1"].items()}
+    f = recover_lineage(more)
+    kinds = {(e.parent, e.child): e.kind for e in f.edges}
+    assert kinds[("t0_1", "t0_1-up16")] == kinds[("t1", "t1-upbf16")] == "precision"
+    assert f.decisions["precision_copies"] == {"t0_1-up16": "float16", "t1-upbf16": "bfloat16"}
+
+
+def test_value_formats_need_informative_values():
+    from modelatlas.lineage.distances import ValueFormats
+    fits = ValueFormats(4, min_values=8)
+    x = torch.randn(4, 32)
+    rows = [x[0], x[1].half().float(), x[2].bfloat16().float(), torch.zeros(32).index_fill_(0, torch.arange(4), 1.0)]
+    for i, r in enumerate(rows):
+        fits.update(i, r[None])
+    assert fits.formats() == ["", "float16", "bfloat16", ""]  # zeros and ones fit every format: not evidence

@@ -66,6 +66,7 @@ class PairStats:
     sketches: list[np.ndarray] = field(default_factory=list)  # per 2-D layer: (N, min(n, 2s), s)
     layer_kurtosis: np.ndarray | None = None  # (N, L) kurtosis of each layer (the sum is ``kurtosis``)
     failed: dict[int, str] = field(default_factory=dict)  # model index -> why a read failed
+    value_formats: list[str] = field(default_factory=list)  # per model: "bfloat16" / "float16" its values fit, or ""
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
@@ -80,6 +81,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
+    fits = ValueFormats(n)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
     for info in bar:
@@ -88,16 +90,17 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
         rank = RankSketch(info, sketch, seed, rank_sketch) if sketch and len(info.shape) >= 2 else None
         gseed = derive_seed(seed, "gram", info.name)
         if sk_k is not None and stream and not l1:
-            mom, gram, shift, y = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank)
+            mom, gram, shift, y = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank, fits)
             _add_layer(st, mom, gram, shift, info.numel)
         else:
-            x = _read_layer(ckpts, info, st.failed)  # (N, P) float32
+            x = _read_layer(ckpts, info, st.failed, fits)  # (N, P) float32
             _accumulate(st, x, l1, sk_k, gseed)
             y = None if rank is None else rank(x)
         per_layer.append(st.kurtosis - before)
         if y is not None:
             st.sketches.append(y.numpy())  # (N, min(n, 2s), s)
     st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
+    st.value_formats = fits.formats()
     st.rms /= max(len(layers), 1)
     st.rel /= max(len(layers), 1)
     if st.l1 is not None:
@@ -106,7 +109,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
 
 
 def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], k: int, seed: int,
-                  rank: RankSketch | None):
+                  rank: RankSketch | None, fits: ValueFormats | None = None):
     """Power sums (N, 4), sketched Gram (N, N), kurtosis shift and rank sketches of one large layer, one
     model at a time: each model's weights are read, reduced to O(k + s^2) numbers and dropped. A failed
     read leaves a zero row (the model is dropped later). Time O(N P + N^2 k) (+ O(N P s) rank sketches),
@@ -119,7 +122,7 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     shift = None
     pw = torch.empty(4, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
     bw = torch.zeros(1, info.numel + (-info.numel) % k, dtype=torch.float32)
-    for i, x in _rows(ckpts, info, failed):  # x: (1, P) float32
+    for i, x in _rows(ckpts, info, failed, fits):  # x: (1, P) float32
         if shift is None:  # the first readable model's mean: any value near the entries conditions the powers
             shift = float(x.mean())
         mom[i] = _power_sums(x, shift, pw)[0]
@@ -134,7 +137,7 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     return mom, c @ c.T, 0.0 if shift is None else shift, y
 
 
-def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str]):
+def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], fits: ValueFormats | None = None):
     """Yield (i, layer ``info`` of model i as a (1, P) float32 row) for every readable model, in order. The
     layer of the models _AHEAD further is prefetched (:func:`_prefetch`: a kernel readahead hint, no thread;
     reading ahead in a Python thread was measured in an earlier version: no gain on 2 shared cores)."""
@@ -142,6 +145,8 @@ def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str]):
         _prefetch(ckpts, info, i)
         x = None if i in failed else _read_one(ckpts[i], info, failed, i)
         if x is not None:
+            if fits is not None:
+                fits.update(i, x)
             yield i, x
 
 
@@ -172,15 +177,42 @@ def _read_one(ck: Checkpoint, info: TensorInfo, failed: dict[int, str], i: int) 
         return None
 
 
-def _read_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str]) -> torch.Tensor:
+def _read_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str],
+                fits: ValueFormats | None = None) -> torch.Tensor:
     """Layer ``info`` of every model as rows of an (N, P) float32 matrix; a failed read leaves zeros."""
     x = torch.zeros(len(ckpts), info.numel, dtype=torch.float32)
-    for i, ck in enumerate(ckpts):
-        _prefetch(ckpts, info, i)
-        row = None if i in failed else _read_one(ck, info, failed, i)
-        if row is not None:
-            x[i] = row[0]
+    for i, row in _rows(ckpts, info, failed, fits):
+        x[i] = row[0]
     return x
+
+
+class ValueFormats:
+    """Which low-precision float format all of a model's values fit exactly, whatever the stored dtype: a
+    model rounded to float16 or bfloat16 and saved as float32 (an up-cast copy) holds only values of that
+    format, which a trained float32 model never does. Checked on each layer read while a model still fits
+    some format, so a float32 model costs one cast of its first layer with informative values; a model
+    needs ``min_values`` values other than 0 and +-1 (an untrained zero or one layer fits every format) to
+    count. Time O(P) per model that fits, O(P_1) for the others."""
+
+    FORMATS = (("bfloat16", torch.bfloat16), ("float16", torch.float16))  # coarser first: bf16 ⊂ fp16 in range
+
+    def __init__(self, n: int, min_values: int = 64):
+        self.fits = {name: np.ones(n, dtype=bool) for name, _ in self.FORMATS}
+        self.informative = np.zeros(n, dtype=np.int64)
+        self.min_values = min_values
+
+    def update(self, i: int, row: torch.Tensor) -> None:
+        if not any(f[i] for f in self.fits.values()):
+            return
+        for name, dt in self.FORMATS:
+            if self.fits[name][i]:
+                self.fits[name][i] = torch.equal(row.to(dt).to(row.dtype), row)
+        self.informative[i] += int((row.abs() != 1).logical_and_(row != 0).sum())
+
+    def formats(self) -> list[str]:
+        """Per model: the coarsest format its values fit, or "" (none, or too few informative values)."""
+        return [next((name for name, _ in self.FORMATS if self.fits[name][i]), "")
+                if self.informative[i] >= self.min_values else "" for i in range(len(self.informative))]
 
 
 def _signs(p: int, seed: int) -> torch.Tensor:

@@ -76,7 +76,7 @@ class LineageRecovery:
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            dtypes = [storage_dtype(c, layers) for c in members]  # headers only
+            dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
             keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
             duplicates.update({members[d].name: members[r].name for d, r in dups})
             lowp.update({members[d].name: dtypes[d] for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
@@ -192,6 +192,11 @@ def storage_dtype(ck: Checkpoint, layers: list[TensorInfo]) -> str:
     float32 or wider): header only."""
     stored = {t.name: t.dtype for t in ck.tensors()}
     return max((stored.get(t.name, "") for t in layers), key=lambda d: ROUNDOFF.get(d, 0.0), default="")
+
+
+def _coarser(a: str, b: str) -> str:
+    """Of two dtype names, the one of the larger :data:`ROUNDOFF` (the stored dtype vs the format the values fit)."""
+    return max(a, b, key=lambda d: ROUNDOFF.get(d, 0.0))
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,
