@@ -56,3 +56,13 @@ def test_base_option_only_for_adapters(tmp_path):
         open_checkpoint(p, base=p)
     with open_checkpoint(p, base=None) as ck:  # None means "not given"
         assert ck.keys() == ["w"]
+
+
+@pytest.mark.parametrize("marker", ["atlas.json", "synthetic.json"])
+def test_a_modelatlas_output_folder_is_not_taken_for_a_folder_of_models(tmp_path, marker):
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "embeddings.safetensors"))
+    (tmp_path / marker).write_text("{}")
+    with pytest.raises(CheckpointError, match=r"not a folder of models"):
+        discover_models([tmp_path])
+    (tmp_path / marker).unlink()
+    assert discover_models([tmp_path]) == [tmp_path / "embeddings.safetensors"]

@@ -117,10 +117,26 @@ def discover_models(paths: Iterable[str | Path]) -> list[Path]:
         if is_model(p):
             found.append(p)
         elif p.is_dir():
+            _refuse_tool_output(p)
             found.extend(c for c in sorted(p.iterdir()) if not c.name.startswith(".") and is_model(c))
         else:
             raise UnknownFormatError(p, "unknown checkpoint format")
     return found
+
+
+# Folders modelatlas writes that hold safetensors files which are not models: marker file -> what the folder is
+_TOOL_OUTPUTS = {"atlas.json": "an atlas (`atlas index build`)", "synthetic.json": "a distilled set (`atlas distill`)"}
+
+
+def _refuse_tool_output(folder: Path) -> None:
+    """A CheckpointError when ``folder`` is an output of modelatlas (an atlas, experts, a distilled set):
+    its embeddings / synthetic images are safetensors files, but not models."""
+    what = next((w for marker, w in _TOOL_OUTPUTS.items() if (folder / marker).is_file()), None)
+    if what is None and (folder / "index.json").is_file() and (folder / "experts").is_dir():
+        what = "ProbeX experts (`atlas probex train`)"
+    if what is not None:
+        raise CheckpointError(folder, f"this folder is {what}, not a folder of models; give the models' "
+                                      "files or folder (an atlas lists its models' paths in atlas.json)")
 
 
 class OpenMany:
