@@ -117,3 +117,10 @@ def test_absurd_frame_length_names_the_file(tmp_path):
     path.write_bytes(b"\x80\x04\x95" + b"\xff" * 8 + b"}.")  # FRAME of 2**64 - 1 bytes
     with pytest.raises(CheckpointError, match=r"data_batch_1: not a readable CIFAR batch"):
         safe_unpickle(path)
+
+
+def test_cifar_num_classes_is_10_or_100(tmp_path):
+    from modelatlas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"num_classes=20: CIFAR has 10 .* or 100"):
+        load_dataset("cifar10", "train", root=tmp_path, num_classes=20)

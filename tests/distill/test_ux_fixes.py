@@ -148,6 +148,7 @@ def result_folder(tmp_path):
 @pytest.mark.parametrize("damage,file,message", [
     (lambda f: (f / "result.json").write_text("{oops"), "result.json", "is not valid JSON"),
     (lambda f: (f / "synthetic.json").write_text("[1, 2"), "synthetic.json", "is not valid JSON"),
+    (lambda f: (f / "result.json").write_text("{}"), "result.json", "has no 'dataset' name"),
     (lambda f: (f / "synthetic.json").write_text("{}"), "synthetic.json", "num_classes must be a positive integer"),
     (lambda f: (f / "transform.safetensors").unlink(), "transform.safetensors", "missing; the 'standardize'"),
     (lambda f: save_file({"mean": torch.zeros(3)}, str(f / "transform.safetensors")), "transform.safetensors",

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from modelatlas.data.registry import ArrayDataset, register_dataset
-from modelatlas.errors import CheckpointError, DatasetNotFoundError, UnsafeCheckpointError
+from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError, UnsafeCheckpointError
 
 
 class _Dtype:
@@ -240,6 +240,8 @@ def _resolve(root: str | Path | None, env: str, sub: str, name: str) -> Path:
 
 def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10) -> ArrayDataset:
     """CIFAR-10 (``num_classes=10``) or CIFAR-100 (100, fine labels) as (N, 3, 32, 32) float32 in [0, 1]."""
+    if num_classes not in (10, 100):
+        raise ConfigError(f"num_classes={num_classes!r}: CIFAR has 10 (CIFAR-10) or 100 (CIFAR-100) classes")
     if num_classes == 10:
         folder = _resolve(root, "ATLAS_CIFAR10", "cifar-10-batches-py", "cifar10")
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]

@@ -64,7 +64,11 @@ def read_info(folder: str | Path) -> dict:
     path = Path(folder) / RESULT_JSON
     if not path.is_file():
         raise CheckpointError(path, "missing; not a distillation result folder (run `atlas distill run` first)")
-    return read_json(path, "run the distillation again")
+    info = read_json(path, "run the distillation again")
+    if not isinstance(info, dict) or not isinstance(info.get("dataset"), str):
+        raise CheckpointError(path, "has no 'dataset' name (not a result.json of `atlas distill`, or edited); "
+                                    "run the distillation again")
+    return info
 
 
 def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
