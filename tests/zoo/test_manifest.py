@@ -22,3 +22,27 @@ def test_errors_name_file_and_key(tmp_path):
         load_manifest(tmp_path)
     with pytest.raises(ManifestError, match="names parent 'x'"):
         Manifest([ModelRecord("a", "a", "x", "t")])
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"name": 1, "path": "a", "parent": None, "tree": "a"}, "key 'name' must be a non-empty string, got 1"),
+    ({"name": "a", "path": 3, "parent": None, "tree": "a"}, "key 'path' must be a non-empty string, got 3"),
+    ({"name": "a", "path": "", "parent": None, "tree": "a"}, "key 'path' must be a non-empty string, got ''"),
+    ({"name": "a", "path": "a", "parent": 3, "tree": "a"}, "key 'parent' must be a non-empty string or null"),
+    ({"name": "a", "path": "a", "parent": None, "tree": "a", "task": "x"}, "key 'task' must be an object"),
+    ({"name": "a", "path": "a", "parent": None, "tree": "a", "sha256": None}, "key 'sha256' must be a string"),
+    ({"name": "a", "path": "a", "parent": None, "tree": "a", "storage": "weird"},
+     r"key 'storage' must be one of \['full', 'adapter'\], got 'weird'"),
+])
+def test_mistyped_record_keys_are_named(tmp_path, record, message):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": [record]}))
+    with pytest.raises(ManifestError, match=r"manifest.json: model #0 " + message):
+        load_manifest(tmp_path)
+
+
+def test_a_config_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"models": [], "config": 3}')
+    with pytest.raises(ManifestError, match="key 'config' must be an object, got 3"):
+        load_manifest(tmp_path)

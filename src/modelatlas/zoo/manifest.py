@@ -25,6 +25,7 @@ from modelatlas.errors import ManifestError
 
 FORMAT = "modelatlas-zoo/1"
 _REQUIRED = ("name", "path", "parent", "tree")
+_STORAGES = ("full", "adapter")
 
 
 @dataclass
@@ -109,14 +110,34 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{path}: not a valid JSON manifest ({e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise ManifestError(f"{path}: missing key 'models' (a list of model records)")
-    records = []
-    for i, rec in enumerate(data["models"]):
-        missing = [k for k in _REQUIRED if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise ManifestError(f"{path}: model #{i} lacks key(s) {missing}")
-        known = {k: v for k, v in rec.items() if k in ModelRecord.__dataclass_fields__}
-        records.append(ModelRecord(**known))
+    if not isinstance(data.get("config", {}), dict):
+        raise ManifestError(f"{path}: key 'config' must be an object, got {data['config']!r}")
+    records = [_record(path, i, rec) for i, rec in enumerate(data["models"])]
     try:
         return Manifest(records, data.get("config", {}), path.parent, path)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from e
+
+
+def _record(path: Path, i: int, rec) -> ModelRecord:
+    """Model record #i of the manifest at ``path``, each known key of its type (a number as a path or a
+    string as the task used to fail later, deep in a command, with a traceback)."""
+    missing = [k for k in _REQUIRED if not isinstance(rec, dict) or k not in rec]
+    if missing:
+        raise ManifestError(f"{path}: model #{i} lacks key(s) {missing}")
+    known = {k: v for k, v in rec.items() if k in ModelRecord.__dataclass_fields__}
+    for key, value in known.items():
+        if key == "parent" and value is None:
+            continue
+        want = _TYPES[key]
+        if not isinstance(value, want) or (key in _NAMES and not value):
+            what = {str: "a non-empty string" if key in _NAMES else "a string", dict: "an object"}[want]
+            what += " or null" if key == "parent" else ""
+            raise ManifestError(f"{path}: model #{i} key {key!r} must be {what}, got {value!r}")
+    if known.get("storage", "full") not in _STORAGES:
+        raise ManifestError(f"{path}: model #{i} key 'storage' must be one of {list(_STORAGES)}, got {known['storage']!r}")
+    return ModelRecord(**known)
+
+
+_NAMES = ("name", "path", "parent", "tree")
+_TYPES = {k: (dict if k in ("task", "train") else str) for k in ModelRecord.__dataclass_fields__}
