@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from modelatlas.errors import ConfigError
-from modelatlas.zoo import load_manifest, load_model, make_zoo
+from modelatlas.zoo import load_manifest, load_model, make_zoo, plan_zoo
 from modelatlas.zoo.builder import build_one  # noqa: F401  (worker entry point must stay importable)
 
 
@@ -109,3 +109,15 @@ def test_dataset_tasks_resize_other_datasets(tmp_path, make_config):
     manifest = make_zoo(cfg, tmp_path, workers=1)
     assert manifest["t0.0"].dataset == "mnist5k" and manifest["t0.0"].task["kind"] == "dataset"
     assert manifest.config["arch_config"]["input_shape"] == [1, 28, 28]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"trees": 1, "children": 3, "depth": 1}, {"shape": "star", "children": 4, "depth": 1},
+                                       {"depth": 0}])
+def test_model_names_are_the_plans_names(make_config, overrides):
+    from modelatlas.zoo.plan import model_names, planned_names
+
+    config = make_config(**overrides)
+    names = [n["name"] for n in plan_zoo(config)]
+    assert model_names(config) == names and len(names) == config.n_models
+    assert planned_names({**config.to_dict(), "arch_config": {}}) == names
+    assert planned_names({"family": "named_class_star"}) is None  # not a make_zoo manifest

@@ -97,3 +97,66 @@ def test_a_star_of_another_depth_is_refused_and_a_tree_preset_becomes_a_star(tmp
     assert not out.exists()
     args = argparse.Namespace(preset="demo", **{k: None for k in _OPTIONS} | {"shape": "star"})
     assert _config(args).depth == 1  # the preset's depth 2 was not the user's
+
+
+@pytest.fixture
+def small_zoo(tmp_path, make_config):
+    """A built 1 root + 2 children zoo folder (a few steps each)."""
+    from modelatlas.zoo import make_zoo
+
+    out = tmp_path / "zoo"
+    make_zoo(make_config(trees=1, children=2, depth=1), out, workers=1)
+    return out
+
+
+def test_verify_lists_extra_files_and_folders(small_zoo, capsys):
+    (small_zoo / "notes.txt").write_text("hi")
+    (small_zoo / "stray").mkdir()
+    (small_zoo / "t0.1" / "model.bin").write_bytes(b"x")
+    assert main(["zoo", "verify", str(small_zoo)]) == 1
+    text = capsys.readouterr().out
+    assert "notes.txt: extra (not in the manifest)" in text and "stray/: extra" in text
+    assert "t0.1/model.bin: extra" in text and text.strip().endswith("3 models; 3 ok, 3 extra files")
+
+
+def test_verify_and_show_report_an_interrupted_build(small_zoo, capsys):
+    import json
+
+    path = small_zoo / "manifest.json"
+    data = json.loads(path.read_text())
+    data["models"] = data["models"][:1]  # as written after level 0, before the children finished
+    path.write_text(json.dumps(data))
+    assert main(["zoo", "verify", str(small_zoo)]) == 1
+    text = capsys.readouterr().out
+    assert "t0.0: not built" in text and "3 models; 1 ok, 2 not built" in text and "extra" not in text
+    assert "rerun the same `atlas zoo make` command" in text
+    assert main(["zoo", "show", str(small_zoo)]) == 0
+    assert "1 of 3 models (unfinished build" in capsys.readouterr().out
+
+
+def test_verify_against_names_models_only_there_and_another_config(small_zoo, tmp_path, make_config, capsys):
+    import json
+
+    from modelatlas.zoo import make_zoo
+
+    part = tmp_path / "part.json"
+    data = json.loads((small_zoo / "manifest.json").read_text())
+    part.write_text(json.dumps({**data, "models": data["models"][:1]}))
+    assert main(["zoo", "verify", str(part), "--against", str(small_zoo)]) == 1
+    text = capsys.readouterr().out
+    assert "t0.1: only there" in text and "1 same, 2 only there" in text
+    other = tmp_path / "other"
+    make_zoo(make_config(trees=1, children=2, depth=1, seed=12), other, workers=1)
+    assert main(["zoo", "verify", str(small_zoo), "--against", str(other)]) == 1
+    assert "was built from another config (seed 11 here, 12 there)" in capsys.readouterr().out
+
+
+def test_verify_singular_and_empty_manifests(tmp_path, capsys):
+    from modelatlas.zoo import Manifest, ModelRecord
+
+    Manifest([ModelRecord("a", "a", None, "a")], {}, tmp_path).save(tmp_path / "manifest.json")
+    assert main(["zoo", "verify", str(tmp_path)]) == 1
+    assert "1 model; 1 missing" in capsys.readouterr().out
+    Manifest([], {}, tmp_path).save(tmp_path / "manifest.json")
+    assert main(["zoo", "verify", str(tmp_path)]) == 1
+    assert "the manifest lists no models" in capsys.readouterr().err

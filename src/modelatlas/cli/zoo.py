@@ -125,28 +125,49 @@ def _show(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.dir)
     cfg = manifest.config
-    echo(f"{manifest.root}: {len(manifest)} models, arch {cfg.get('arch', '?')}, dataset {cfg.get('dataset', '?')}, "
+    echo(f"{manifest.root}: {_built(manifest)}, arch {cfg.get('arch', '?')}, dataset {cfg.get('dataset', '?')}, "
          f"seed {cfg.get('seed', '?')}")
     for line in tree_lines(manifest):
         echo(line)
     return 0
 
 
+def _built(manifest) -> str:
+    """'6 models', or '3 of 21 models (unfinished build)' for a zoo whose build was interrupted."""
+    from modelatlas.zoo.plan import planned_names
+
+    planned = planned_names(manifest.config)
+    if planned is not None and len(planned) > len(manifest):
+        return f"{len(manifest)} of {len(planned)} models (unfinished build: rerun `atlas zoo make` to finish)"
+    return counted(len(manifest), "model")
+
+
 def _verify(args: argparse.Namespace) -> int:
     from modelatlas.zoo import load_manifest
-    from modelatlas.zoo.store import compare_digests, verify_zoo
+    from modelatlas.zoo.store import compare_digests, config_differences, extra_files, verify_zoo
 
     manifest = load_manifest(args.dir)
+    extra: list[str] = []
     if args.against:
-        status, good = compare_digests(manifest, load_manifest(args.against)), "same"
+        other = load_manifest(args.against)
+        status, good = compare_digests(manifest, other), "same"
+        differ = config_differences(manifest.config, other.config)
+        if differ:
+            echo(f"note: {other.source} was built from another config ({'; '.join(differ[:3])}), "
+                 "so its weights are not expected to match")
     else:
-        status, good = verify_zoo(manifest), "ok"
+        status, good, extra = verify_zoo(manifest), "ok", extra_files(manifest)
     for name, s in status.items():
         if s != good:
             echo(f"{name}: {s}")
+    for path in extra:
+        echo(f"{path}: extra (not in the manifest)")
     counts = Counter(status.values())  # in order of first appearance
-    echo(f"{manifest.root}: {len(status)} models; " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 0 if all(s == good for s in status.values()) else 1
+    parts = [f"{n} {s}" for s, n in counts.items()] + ([counted(len(extra), "extra file")] if extra else [])
+    echo(f"{manifest.root}: {counted(len(status), 'model')}; " + ", ".join(parts))
+    if counts["not built"]:
+        echo("the build was interrupted: rerun the same `atlas zoo make` command to finish it")
+    return 0 if all(s == good for s in status.values()) and not extra else 1
 
 
 def _presets(args: argparse.Namespace) -> int:

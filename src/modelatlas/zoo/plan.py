@@ -70,6 +70,28 @@ def _other_datasets(config: ZooConfig, num_classes: int) -> dict:
     return out
 
 
+def model_names(config: ZooConfig) -> list[str]:
+    """The names of every model ``config`` builds, in :func:`plan_zoo`'s order, without planning tasks (no
+    dataset is read). O(number of models)."""
+    levels = [[f"t{t}" for t in range(config.trees)]]
+    for _ in range(config.depth):
+        levels.append([f"{parent}.{j}" for parent in levels[-1] for j in range(config.children)])
+    return [name for level in levels for name in level]
+
+
+def planned_names(config: dict) -> list[str] | None:
+    """:func:`model_names` of a manifest's ``config`` when ``make_zoo`` wrote it (it holds every
+    :class:`ZooConfig` field and ``arch_config``); None for other manifests (probex families, hand-written)."""
+    from dataclasses import fields
+
+    if "arch_config" not in config or any(f.name not in config for f in fields(ZooConfig)):
+        return None
+    try:
+        return model_names(ZooConfig.from_dict(config))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 def plan_zoo(config: ZooConfig) -> list[dict]:
     """All nodes of the zoo, parents before children (level by level). Each node: ``name, parent, tree,
     level, method ("root"|"full"|"lora"), storage ("full"|"adapter"), task, train`` (hyperparameters).

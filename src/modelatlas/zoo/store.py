@@ -35,9 +35,12 @@ def hf_config(arch: dict) -> dict:
 
 
 def clear_folder(folder: Path) -> None:
-    """Remove a model folder's known files (a rebuild must not leave a stale format behind)."""
+    """Remove a model folder's known files and temporary files a killed build left (a rebuild must not
+    leave a stale format behind)."""
     for name in _FILES:
         (folder / name).unlink(missing_ok=True)
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict) -> None:
@@ -84,7 +87,13 @@ def weights_digest(path: Path) -> str:
 
 def verify_zoo(manifest) -> dict[str, str]:
     """Model name -> "ok", "changed" (its weights differ from the manifest's digest), "missing" (no weights
-    file) or "unrecorded" (a manifest written before digests). Reads every weights file once."""
+    file), "unrecorded" (a manifest written before digests) or "not built" (planned by the manifest's
+    config but not in it: an interrupted build). Reads every weights file once."""
+    from modelatlas.zoo.plan import planned_names
+
+    if not manifest.models:
+        raise ManifestError(f"{manifest.source or manifest.root}: the manifest lists no models; "
+                            "build the zoo with `atlas zoo make`")
     out = {}
     for m in manifest.models:
         path = weights_file(manifest.root / m.path, m.storage)
@@ -94,12 +103,32 @@ def verify_zoo(manifest) -> dict[str, str]:
             out[m.name] = "unrecorded"
         else:
             out[m.name] = "ok" if weights_digest(path) == m.sha256 else "changed"
+    for name in planned_names(manifest.config) or []:
+        out.setdefault(name, "not built")
     return out
 
 
+def extra_files(manifest) -> list[str]:
+    """Paths under the zoo folder (relative, sorted) that no manifest record accounts for: a file in a model
+    folder other than the ones a zoo model is made of, or a file or folder beside the model folders (an
+    extra weights file there would be read as a model of the zoo). O(files)."""
+    from modelatlas.zoo.plan import planned_names
+
+    root = manifest.root
+    # a planned model's folder is not extra, even unfinished (an interrupted build)
+    known = {manifest.source.name if manifest.source else "manifest.json", *(planned_names(manifest.config) or [])}
+    known |= {Path(m.path).parts[0] for m in manifest.models if Path(m.path).parts}
+    extra = [p.name + "/" * p.is_dir() for p in root.iterdir() if p.name not in known] if root.is_dir() else []
+    for m in manifest.models:
+        folder = root / m.path
+        if folder.is_dir():
+            extra += [str(Path(m.path) / p.name) for p in folder.iterdir() if p.name not in _FILES]
+    return sorted(extra)
+
+
 def compare_digests(manifest, other) -> dict[str, str]:
-    """Model name -> "same", "different", "only here" or "unrecorded" between two manifests of one config
-    (e.g. the same zoo built on two machines); no file is read."""
+    """Model name -> "same", "different", "only here", "only there" or "unrecorded" between two manifests
+    of one config (e.g. the same zoo built on two machines); no file is read."""
     theirs = {m.name: m.sha256 for m in other.models}
     out = {}
     for m in manifest.models:
@@ -109,7 +138,16 @@ def compare_digests(manifest, other) -> dict[str, str]:
             out[m.name] = "unrecorded"
         else:
             out[m.name] = "same" if m.sha256 == theirs[m.name] else "different"
+    for name in theirs:
+        out.setdefault(name, "only there")
     return out
+
+
+def config_differences(config: dict, other: dict) -> list[str]:
+    """'key a here, b there' for each config key whose values differ (the derived ``arch_config`` left out): two
+    builds of different configs differ by design, not by machine."""
+    keys = [k for k in {**config, **other} if k != "arch_config"]
+    return [f"{k} {config.get(k)!r} here, {other.get(k)!r} there" for k in keys if config.get(k) != other.get(k)]
 
 
 def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
