@@ -121,3 +121,28 @@ def test_model_names_are_the_plans_names(make_config, overrides):
     assert model_names(config) == names and len(names) == config.n_models
     assert planned_names({**config.to_dict(), "arch_config": {}}) == names
     assert planned_names({"family": "named_class_star"}) is None  # not a make_zoo manifest
+
+
+def test_an_interrupted_build_lists_its_finished_models_and_resumes_to_the_same_zoo(tmp_path, make_config, monkeypatch):
+    from modelatlas.zoo import builder
+
+    config = make_config(trees=1, children=3, depth=1)
+    whole = make_zoo(config, tmp_path / "whole", workers=1)
+    real, calls = builder.build_one, []
+
+    def interrupted(job):
+        calls.append(job["node"]["name"])
+        if len(calls) == 3:  # Ctrl-C while the second child trains
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(builder, "build_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_zoo(config, tmp_path / "part", workers=1)
+    assert load_manifest(tmp_path / "part").names == ["t0", "t0.0"]  # was ["t0"]: level 0 only
+    (tmp_path / "part" / "t0.1").mkdir()
+    (tmp_path / "part" / "t0.1" / ".model.safetensors.0123.tmp").write_bytes(b"half")  # a killed write
+    monkeypatch.setattr(builder, "build_one", real)
+    part = make_zoo(config, tmp_path / "part", workers=1)
+    assert [m.sha256 for m in part.models] == [m.sha256 for m in whole.models]
+    assert not list((tmp_path / "part").rglob("*.tmp"))

@@ -92,6 +92,10 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
                 records[rec["name"]] = rec
                 yield rec
             _write_manifest(out, nodes, records, meta)
+    except (KeyboardInterrupt, GeneratorExit):
+        if records:  # Ctrl-C: the models finished so far are listed (zoo show / verify say what is left)
+            _write_manifest(out, nodes, records, meta)
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -134,6 +138,9 @@ def _spawn_pool(workers: int):
 
 
 def _init_worker() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the pool
     torch.set_num_threads(1)
     keep_freed_memory()  # a worker only trains: keep activation blocks mapped between steps
 
