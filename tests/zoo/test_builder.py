@@ -146,3 +146,17 @@ def test_an_interrupted_build_lists_its_finished_models_and_resumes_to_the_same_
     part = make_zoo(config, tmp_path / "part", workers=1)
     assert [m.sha256 for m in part.models] == [m.sha256 for m in whole.models]
     assert not list((tmp_path / "part").rglob("*.tmp"))
+
+
+def test_an_out_that_is_a_file_or_a_folder_of_other_files_is_refused_before_training(tmp_path, make_config):
+    config = make_config(trees=1, children=1, depth=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="out: .*file is a file, not a folder"):
+        make_zoo(config, tmp_path / "file", workers=1)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "attribution.json").write_text("{}")
+    with pytest.raises(ConfigError, match="non-empty folder holding no zoo \\(e.g. 'attribution.json'\\)"):
+        make_zoo(config, tmp_path / "results", workers=1)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["attribution.json"]
+    (tmp_path / "empty").mkdir()
+    assert len(make_zoo(config, tmp_path / "empty", workers=1)) == 2

@@ -61,6 +61,7 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
     out = Path(out_dir)
     arch = zoo_arch_config(config)  # every check before the folder is made: a bad config leaves nothing behind
     nodes = plan_zoo(config)
+    _check_out(out, {n["name"] for n in nodes})
     out.mkdir(parents=True, exist_ok=True)
     meta = {**config.to_dict(), "arch_config": arch}
     job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config)}
@@ -68,6 +69,17 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
     for rec in bar:
         bar.set_postfix(model=rec["name"], acc=f"{rec['train'].get('test_acc', float('nan')):.2f}")
     return load_manifest(out)
+
+
+def _check_out(out: Path, names: set[str]) -> None:
+    """Refuse an output path that is a file, or a non-empty folder holding no zoo (no manifest.json and no
+    model folder of this plan): the models would be mixed into someone else's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file, not a folder; choose another output folder (--out)")
+    entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if entries and "manifest.json" not in entries and not names.intersection(entries):
+        raise ConfigError(f"out: {out} is a non-empty folder holding no zoo (e.g. {sorted(entries)[0]!r}); "
+                          "choose a new or empty output folder (--out)")
 
 
 def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool) -> Iterator[dict]:
