@@ -30,6 +30,10 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
      r"arch_kwargs.channels: must be a list of positive integers, got \[8, -1\]"),
     ({"arch_kwargs": [64]}, r"arch_kwargs: must be a dict of sizes"),
     ({"shape": "star", "depth": 3}, r"depth: a star is roots with direct children only \(depth 1\), got 3"),
+    ({"ft_lr": (1e-3, float("inf"))}, r"ft_lr: must be a \(low, high\) pair with 0 < low <= high, finite"),
+    # planning these hung (and filled the memory) before anything was said
+    ({"trees": 10**11, "children": 9999}, "trees 100000000000, children 9999, depth 2: more than 100,000 models"),
+    ({"children": 1, "depth": 10**12}, "children 1, depth 1000000000000: more than 100,000 models"),
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):

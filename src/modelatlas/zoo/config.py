@@ -18,6 +18,7 @@ METHODS = ("full", "lora", "mixed")
 STORAGES = ("merged", "adapter")
 TASK_KINDS = ("class_subset", "transform", "dataset", "new_head")
 _RANGES = ("root_steps", "root_lr", "ft_steps", "ft_lr", "lora_lr")
+MAX_MODELS = 100_000  # a zoo of this many models takes days to train on a few cores
 
 
 @dataclass
@@ -79,6 +80,10 @@ class ZooConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
                 what = "a non-negative" if low == 0 else "a positive"
                 raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
+        if _count_models(self.trees, self.children, self.depth, MAX_MODELS) > MAX_MODELS:
+            # planning alone would run for hours and fill the memory: surely a typo
+            raise ConfigError(f"trees {self.trees}, children {self.children}, depth {self.depth}: more than "
+                              f"{MAX_MODELS:,} models; lower them")
         for name in _RANGES:
             _check_range(name, getattr(self, name))
         if not self.lora_ranks or any(not isinstance(r, int) or r < 1 for r in self.lora_ranks):
@@ -129,6 +134,18 @@ class ZooConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def _count_models(trees: int, children: int, depth: int, limit: int) -> int:
+    """trees x (1 + children + ... + children**depth), stopping once above ``limit`` (a huge depth would
+    otherwise take forever). O(min(depth, limit))."""
+    total, level = 0, trees
+    for _ in range(depth + 1):
+        total += level
+        if total > limit:
+            break
+        level *= children
+    return total
+
+
 def _choice(name: str, value, options) -> None:
     if value not in options:
         raise ConfigError(f"{name}: unknown value {value!r}; choose one of {list(options)}")
@@ -162,8 +179,11 @@ def _is_count(value, low: int = 1) -> bool:
 
 
 def _check_range(name: str, value) -> None:
-    if len(value) != 2 or not all(isinstance(v, (int, float)) for v in value) or not 0 < value[0] <= value[1]:
-        raise ConfigError(f"{name}: must be a (low, high) pair with 0 < low <= high, got {value!r}")
+    import math
+
+    if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) \
+            or not 0 < value[0] <= value[1] < math.inf:  # an lr of inf trained NaN weights
+        raise ConfigError(f"{name}: must be a (low, high) pair with 0 < low <= high, finite, got {value!r}")
 
 
 _PRESETS: dict[str, dict] = {
