@@ -65,3 +65,24 @@ def test_roundtrip_dict():
 def test_depth_defaults_to_the_shape():
     assert ZooConfig().depth == 2 and ZooConfig(shape="star").depth == 1
     assert preset("probex-digits").depth == 1 and ZooConfig(shape="star", depth=1).n_models == 3 * 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dataset": "nope"}, "^dataset: unknown dataset 'nope'"),
+    ({"other_datasets": ("nope",), "task_kinds": ("dataset",)}, "^other_datasets: unknown dataset 'nope'"),
+    ({"dataset": "image-folder"}, "^dataset: 'image-folder' needs a folder"),  # said 'pass --data-root'
+])
+def test_dataset_errors_name_the_key(kwargs, match):
+    from modelatlas.zoo import plan_zoo
+
+    with pytest.raises(ConfigError, match=match):
+        plan_zoo(ZooConfig(**kwargs))
+
+
+def test_a_dataset_not_installed_says_zoo_make_takes_no_data_root(monkeypatch):
+    from modelatlas.errors import DatasetNotFoundError
+    from modelatlas.zoo import plan_zoo
+
+    monkeypatch.delenv("ATLAS_CIFAR10", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="^dataset: cifar10: .*takes no --data-root: use the environment"):
+        plan_zoo(ZooConfig(dataset="cifar10"))

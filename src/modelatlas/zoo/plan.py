@@ -12,21 +12,35 @@ import math
 
 import numpy as np
 
-from modelatlas.errors import ConfigError
+from modelatlas.errors import ConfigError, DatasetNotFoundError
 from modelatlas.seeding import derive_seed
 from modelatlas.zoo.architectures import arch_config
 from modelatlas.zoo.config import ZooConfig
 from modelatlas.zoo.samplers import SamplerContext, get_sampler, root_task
-from modelatlas.zoo.tasks import dataset_info
+from modelatlas.zoo.tasks import dataset_info as task_dataset_info
 
 
 def zoo_arch_config(config: ZooConfig) -> dict:
     """The architecture config dict every model of the zoo shares."""
-    num_classes, _, shape = dataset_info(config.dataset)
+    num_classes, _, shape = dataset_info("dataset", config.dataset)
     if len(shape) != 3:
         raise ConfigError(f"dataset: {config.dataset!r} has inputs of shape {shape}; zoos need images (C, H, W)")
     input_shape = config.input_shape or shape
     return arch_config(config.arch, input_shape, num_classes, **config.arch_kwargs)
+
+
+def dataset_info(key: str, name: str) -> tuple[int, list[str], tuple[int, ...]]:
+    """:func:`~modelatlas.zoo.tasks.dataset_info`, errors naming the config key (``dataset`` or
+    ``other_datasets``). Zoo tasks name datasets only: a dataset's folder comes from its environment
+    variable or default location, never from a --data-root."""
+    if name == "image-folder":
+        raise ConfigError(f"{key}: 'image-folder' needs a folder (root=), which zoo tasks cannot carry; "
+                          "choose a registered dataset (`atlas data list`)")
+    try:
+        return task_dataset_info(name)
+    except (ConfigError, DatasetNotFoundError) as e:
+        note = " (`atlas zoo make` takes no --data-root: use the environment variable)" if "--data-root" in str(e) else ""
+        raise type(e)(f"{key}: {e}{note}") from e
 
 
 def _rng(config: ZooConfig, name: str, what: str) -> np.random.Generator:
@@ -63,7 +77,7 @@ def _node(config: ZooConfig, name: str, parent: str | None, tree: str, level: in
 def _other_datasets(config: ZooConfig, num_classes: int) -> dict:
     out = {}
     for name in config.other_datasets:
-        k = dataset_info(name)[0]
+        k = dataset_info("other_datasets", name)[0]
         if k > num_classes:
             raise ConfigError(f"other_datasets: {name!r} has {k} classes, more than {config.dataset!r}'s {num_classes} (the head size)")
         out[name] = k
@@ -96,7 +110,7 @@ def plan_zoo(config: ZooConfig) -> list[dict]:
     """All nodes of the zoo, parents before children (level by level). Each node: ``name, parent, tree,
     level, method ("root"|"full"|"lora"), storage ("full"|"adapter"), task, train`` (hyperparameters).
     O(number of models)."""
-    num_classes, class_names, _ = dataset_info(config.dataset)
+    num_classes, class_names, _ = dataset_info("dataset", config.dataset)
     others = _other_datasets(config, num_classes) if "dataset" in config.task_kinds else {}
     sampler = get_sampler(config.task_sampler)
     levels: list[list[dict]] = [[] for _ in range(config.depth + 1)]
