@@ -152,3 +152,19 @@ def test_config_errors():
         DDMConfig(clusters_per_class=0)
     with pytest.raises(ConfigError, match="unlearn_lr must be > 0"):
         DDMConfig(unlearn_lr=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # NaN/inf passed and failed later as "the distilled-set Hessian has NaN/inf entries ... lower lr"
+    ({"weight_decay": float("nan")}, "weight_decay must be >= 0 and finite, got nan"),
+    ({"weight_decay": float("inf")}, "weight_decay must be >= 0 and finite, got inf"),
+    ({"damping": float("inf")}, "damping must be > 0 and finite, got inf"),  # said 'raise damping'
+    ({"lr": float("inf")}, "lr must be > 0 and finite"),
+    ({"clusters_per_class": 2.5}, r"clusters_per_class must be >= 1 \(an integer\), got 2.5"),
+    ({"train_steps": "10"}, r"train_steps must be >= 1 \(an integer\), got '10'"),  # was a TypeError
+    ({"match_steps": True}, r"match_steps must be >= 0 \(an integer\), got True"),
+    ({"match_final": "no"}, "match_final must be true or false"),
+])
+def test_config_values_of_the_wrong_kind_are_named(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DDMConfig(**kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from modelatlas.errors import ConfigError
@@ -46,18 +47,23 @@ class DDMConfig:
 
     def __post_init__(self) -> None:
         for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps",
-                     "samples_per_cluster"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                     "samples_per_cluster", "match_steps"):
+            value, low = getattr(self, name), 0 if name == "match_steps" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
+                raise ConfigError(f"{name} must be >= {low} (an integer), got {value!r}")
         if self.unlearn not in UNLEARN:
             raise ConfigError(f"unlearn must be one of {', '.join(UNLEARN)}, got {self.unlearn!r}")
-        for name in ("lr", "match_lr", "unlearn_lr", "damping"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.match_steps < 0:
-            raise ConfigError(f"match_steps must be >= 0, got {self.match_steps}")
+        for name in ("lr", "match_lr", "unlearn_lr", "damping", "weight_decay"):
+            value, positive = getattr(self, name), name != "weight_decay"
+            # NaN or inf used to pass (weight_decay) and fail later as a Hessian 'with NaN/inf entries'
+            if not _finite(value) or value < 0 or (positive and value == 0):
+                raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
+        if not isinstance(self.match_final, bool):
+            raise ConfigError(f"match_final must be true or false, got {self.match_final!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
