@@ -12,6 +12,7 @@ import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from modelatlas.attribution.ddm import Attribution
+from modelatlas.errors import ConfigError
 
 TENSORS, META, PLOT = "attribution.safetensors", "attribution.json", "attribution.png"
 
@@ -32,8 +33,21 @@ def top_clusters(matrix: torch.Tensor, j: int, top: int) -> tuple[list[int], lis
     return helpful, harmful
 
 
-def save_attribution(folder: str | Path, attr: Attribution, info: dict, true_matrix: torch.Tensor | None = None) -> Path:
+def check_out(folder: str | Path) -> Path:
+    """Refuse an output path that is a file, or a non-empty folder holding no attribution (another
+    command's results would get attribution files mixed in); a previous attribution is overwritten."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: is a file, not a folder; choose another output folder (--out)")
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    if entries and TENSORS not in entries and META not in entries:
+        raise ConfigError(f"{folder}: a non-empty folder holding no attribution (e.g. {entries[0]!r}); "
+                          "choose a new or empty output folder (--out)")
+    return folder
+
+
+def save_attribution(folder: str | Path, attr: Attribution, info: dict, true_matrix: torch.Tensor | None = None) -> Path:
+    folder = check_out(folder)
     tensors = {"matrix": attr.matrix, "assign": attr.assign, "cluster_class": attr.cluster_class,
                "synthetic": attr.synthetic, "synthetic_labels": attr.synthetic_labels, "base_losses": attr.base_losses}
     if true_matrix is not None:
@@ -54,6 +68,7 @@ def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    test_index = list(dict.fromkeys(test_index))  # a sample asked for twice is one row
     reps = cluster_means(x_train, attr.assign, len(attr.cluster_class))
     cols = 1 + 2 * top
     fig, axes = plt.subplots(len(test_index), cols, figsize=(cols * 1.2, len(test_index) * 1.4), squeeze=False)

@@ -21,12 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the distilled set.")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: cifar10, image-folder)")
-    p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class")
-    p.add_argument("--out", required=True, help="output folder (attribution.safetensors/.json/.png)")
-    p.add_argument("--test-index", type=int, nargs="+", default=[0, 1, 2], help="test samples to plot")
+    p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class (default 5)")
+    p.add_argument("--out", required=True, help="output folder (attribution.safetensors/.json/.png): new, empty or a previous attribution's")
+    p.add_argument("--test-index", type=int, nargs="+", default=[0, 1, 2],
+                   help="test samples to plot, 0-based among the test samples used (default 0 1 2)")
     p.add_argument("--validate", action="store_true", help="also retrain leave-one-cluster-out (ground truth)")
-    p.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples")
-    p.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples")
+    p.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples (default: all)")
+    p.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples (default: all)")
     p.add_argument("--train-steps", type=int, default=None, help="target-model GD steps (default 100)")
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
     p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
@@ -35,14 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-cluster", type=positive_int, default=None,
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of clustering, init and matching (default 0)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from modelatlas.attribution import ddm_attribution
-    from modelatlas.attribution.report import render_top_clusters, save_attribution, write_plot
+    from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution, write_plot
 
+    check_out(args.out)  # before any work: a file or another command's folder is refused in a second
     train, (xtr, ytr, xte, yte) = _inputs(args)
     cfg = _config(args)
     attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
@@ -70,6 +72,7 @@ def _inputs(args: argparse.Namespace):
     if len(train.input_shape) != 3:
         raise ConfigError(f"dataset {args.dataset!r} is not an image dataset (shape {train.input_shape})")
     xte, yte = test.x[:args.max_test], test.y[:args.max_test]
+    args.test_index = list(dict.fromkeys(args.test_index))  # '--test-index 0 0' plots sample 0 once
     bad = [j for j in args.test_index if not 0 <= j < len(xte)]
     if bad:
         raise ConfigError(f"--test-index {bad[0]} is out of range: the test split has {len(xte)} samples")
