@@ -160,3 +160,18 @@ def test_verify_singular_and_empty_manifests(tmp_path, capsys):
     Manifest([], {}, tmp_path).save(tmp_path / "manifest.json")
     assert main(["zoo", "verify", str(tmp_path)]) == 1
     assert "the manifest lists no models" in capsys.readouterr().err
+
+
+def test_zoo_make_help_states_every_default():
+    from modelatlas.cli.main import build_parser
+    from modelatlas.zoo import ZooConfig
+
+    zoo = build_parser()._subparsers._group_actions[0].choices["zoo"]
+    make = zoo._subparsers._group_actions[0].choices["make"]
+    helps = {a.dest: a.help or "" for a in make._actions}
+    for dest in ("arch", "dataset", "arch_kwargs", "input_shape", "shape", "trees", "children", "depth", "method",
+                 "storage", "lora_ranks", "task_sampler", "task_kinds", "other_datasets", "seed", "workers"):
+        assert "default" in helps[dest], dest  # --trees, --seed, --method... said nothing
+    c = ZooConfig()
+    assert f"(default {c.trees})" in helps["trees"] and f"(default {c.seed})" in helps["seed"]
+    assert f"(default {c.method})" in helps["method"] and ",".join(c.task_kinds) in helps["task_kinds"]
