@@ -19,6 +19,10 @@ def test_clustering_shapes(planted):
     assert sorted(torch.bincount(assign).tolist()) == [30, 30, 30, 30]  # the planted blobs are found
     with pytest.raises(ConfigError, match="fewer than clusters_per_class"):
         cluster_per_class(x[:3], y[:3], 2, 2)
+    # --max-train 60 keeps only class 0: the message says how many examples there were and what to change
+    with pytest.raises(ConfigError, match=r"class 1 has 0 of the 60 training examples, fewer than "
+                                          r"clusters_per_class=2; lower it or train on more data \(--max-train\)"):
+        cluster_per_class(x[:60], y[:60], 2, 2)
 
 
 def make_repeated_class(planted):
