@@ -50,3 +50,9 @@ def test_a_test_sample_given_twice_is_one_row():
         return Image.open(io.BytesIO(render_top_clusters(attr, x, xt, yt, index, top=1))).size[1]
 
     assert height([0, 0]) == height([0]) < height([0, 1])
+
+
+def test_damping_with_gradient_ascent_is_refused(tmp_path, capsys):
+    assert main([*TINY, "--unlearn", "ascent", "--damping", "5", "--out", str(tmp_path / "o")]) == 1
+    assert "error: --damping 5.0 applies to --unlearn newton only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
     p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
                    help="online removal step: Newton step on the distilled set (default) or gradient ascent")
-    p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1)")
+    p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1; --unlearn newton only)")
     p.add_argument("--samples-per-cluster", type=positive_int, default=None,
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
@@ -45,8 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution, write_plot
 
     check_out(args.out)  # before any work: a file or another command's folder is refused in a second
-    train, (xtr, ytr, xte, yte) = _inputs(args)
     cfg = _config(args)
+    train, (xtr, ytr, xte, yte) = _inputs(args)
     attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
     info = {"dataset": train.name, "n_train": len(xtr), "n_test": len(xte), "seed": args.seed, "config": cfg.to_dict()}
     true = _validate(args, attr, cfg, train.num_classes, (xtr, ytr, xte, yte), info) if args.validate else None
@@ -86,6 +86,8 @@ def _config(args: argparse.Namespace):
     given = (("train_steps", args.train_steps), ("match_steps", args.match_steps), ("unlearn", args.unlearn),
              ("damping", args.damping), ("samples_per_cluster", args.samples_per_cluster),
              ("weight_decay", args.weight_decay))
+    if args.damping is not None and args.unlearn == "ascent":  # was silently ignored
+        raise ConfigError(f"--damping {args.damping} applies to --unlearn newton only (ascent has no Hessian)")
     return DDMConfig(clusters_per_class=args.clusters_per_class, **{k: v for k, v in given if v is not None})
 
 
