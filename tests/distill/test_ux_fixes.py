@@ -77,9 +77,26 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "checkpoint").exists()
 
 
-def test_out_folder_of_an_earlier_result_may_be_rerun(tmp_path):
+def test_a_finished_result_is_not_overwritten_without_resume(tmp_path):
+    from modelatlas.errors import ConfigError
+
     run_distillation("random", "digits", 1, tmp_path, config={"width": 8}, **QUICK)  # random keeps no checkpoint
-    run_distillation("random", "digits", 1, tmp_path, config={"width": 8}, **QUICK)
+    before = (tmp_path / "result.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"result.json exists: .* holds a finished result"):
+        run_distillation("herding", "digits", 2, tmp_path, config={"width": 8}, **QUICK)
+    assert (tmp_path / "result.json").read_bytes() == before
+    with pytest.raises(ConfigError, match=r"used method 'random', not 'herding'"):  # resume checks the settings
+        run_distillation("herding", "digits", 2, tmp_path, config={"width": 8}, resume=True, **QUICK)
+    run_distillation("random", "digits", 1, tmp_path, config={"width": 8}, resume=True, **QUICK)
+
+
+def test_a_refused_start_writes_nothing(tmp_path):
+    from modelatlas.errors import ConfigError
+
+    run_distillation("random", "digits", 1, tmp_path / "a", config={"width": 8}, **QUICK)
+    with pytest.raises(ConfigError, match="cannot start from a given set"):
+        run_distillation("herding", "digits", 1, tmp_path / "b", init_from=tmp_path / "a", **QUICK)
+    assert not (tmp_path / "b").exists()
 
 
 def make_image_tree(root):
@@ -216,3 +233,11 @@ def test_resume_accepts_the_data_root_in_another_spelling(tmp_path, monkeypatch)
     info = run_distillation("dm", "image-folder", 1, "out", config={**cfg, "iterations": 2}, resume=True,
                             dataset_kwargs={"root": str(tmp_path / "imgs" / ".." / "imgs"), **kw}, **QUICK)
     assert info["resumed"] and info["dataset_kwargs"]["root"] == str((tmp_path / "imgs").resolve())
+
+
+def test_one_evaluation_net_is_singular(tmp_path, capsys):
+    from modelatlas.cli.main import main
+
+    assert main(["distill", "run", "--method", "random", "--dataset", "digits", "--ipc", "1", "--out",
+                 str(tmp_path / "r"), "--eval-nets", "1", "--eval-epochs", "1", "--set", "width=8"]) == 0
+    assert "(1 net: " in capsys.readouterr().out

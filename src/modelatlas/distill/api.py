@@ -20,19 +20,14 @@ from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, update_result, write_result
 from modelatlas.distill.synthetic import SyntheticSet
-from modelatlas.errors import ConfigError
+from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.progress import Progress
 
 
 def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
          checkpoint_dir: str | Path | None, resume: bool, device,
          init: SyntheticSet | None = None) -> tuple[SyntheticSet, DistillContext, object]:
-    if ipc < 1:
-        raise ConfigError(f"ipc must be >= 1, got {ipc}")
-    spec = methods.get(method)
-    if init is not None and not spec.accepts_init:
-        takers = ", ".join(n for n in methods.available() if methods.get(n).accepts_init)
-        raise ConfigError(f"method {method!r} cannot start from a given set (init); methods that can: {takers}")
+    spec = check_start(method, ipc, init is not None)
     cfg = spec.make_config(config)
     ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)
@@ -47,6 +42,18 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
     syn = spec.run(train, ipc, cfg, ctx)
     syn.meta.update({"method": method, "seed": seed})
     return syn, ctx, cfg
+
+
+def check_start(method: str, ipc: int, has_init: bool):
+    """The method's spec, or a ConfigError for an ipc below 1 or a starting set the method cannot take;
+    checked before anything is written."""
+    if ipc < 1:
+        raise ConfigError(f"ipc must be >= 1, got {ipc}")
+    spec = methods.get(method)
+    if has_init and not spec.accepts_init:
+        takers = ", ".join(n for n in methods.available() if methods.get(n).accepts_init)
+        raise ConfigError(f"method {method!r} cannot start from a given set (init); methods that can: {takers}")
+    return spec
 
 
 def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, seed: int = 0,
@@ -103,6 +110,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     wall time of a resumed run adds up its parts. Returns the ``result.json`` dict."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
+    check_start(method, ipc, init_from is not None)
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":
         check_baseline_ipc(train, ipc)
@@ -137,10 +145,14 @@ def absolute_root(dataset_kwargs: dict | None) -> dict:
 
 
 def check_out(out: Path, resume: bool) -> None:
-    """Refuse an ``out`` that holds a checkpoint (without resume) or other files than a result of ours."""
+    """Refuse an ``out`` that holds a checkpoint or a finished result (without resume), or other files than a
+    result of ours."""
     ckpt = out / "checkpoint" / CHECKPOINT_JSON
     if ckpt.is_file() and not resume:
         raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
+    if (out / RESULT_JSON).is_file() and not resume:
+        raise ConfigError(f"{out / RESULT_JSON} exists: {out} holds a finished result; choose a new --out, delete "
+                          "the folder to redo it, or pass --resume (resume=True) to finish or re-evaluate that run")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose a new --out")
     ours = any((out / name).is_file()
@@ -225,6 +237,9 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
     new evaluation under ``reevaluation`` in ``result.json`` when ``save``. ``dataset_kwargs`` override the
     saved ones (e.g. ``root``: the data now lives elsewhere). Returns the evaluation dict."""
     syn, tf, info = load_result(folder)
+    if not isinstance(info.get("dataset"), str):
+        raise CheckpointError(Path(folder) / RESULT_JSON, "has no 'dataset' name (edited, or not a result.json of "
+                                                          "`atlas distill`); run the distillation again")
     kw = {**(info.get("dataset_kwargs") or {}), **absolute_root(dataset_kwargs)}
     test = dataset_test or load_dataset(info["dataset"], "test", **kw)
     old = dict(info.get("evaluation", {}).get("protocol", {}))

@@ -65,9 +65,9 @@ def read_info(folder: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(path, "missing; not a distillation result folder (run `atlas distill run` first)")
     info = read_json(path, "run the distillation again")
-    if not isinstance(info, dict) or not isinstance(info.get("dataset"), str):
-        raise CheckpointError(path, "has no 'dataset' name (not a result.json of `atlas distill`, or edited); "
-                                    "run the distillation again")
+    if not isinstance(info, dict):
+        raise CheckpointError(path, "is not a JSON object (not a result.json of `atlas distill`); run the "
+                                    "distillation again")
     return info
 
 
