@@ -11,7 +11,7 @@ import importlib
 import json
 
 from modelatlas.cli.argtypes import positive_int
-from modelatlas.cli.output import echo, tqdm_progress
+from modelatlas.cli.output import counted, echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
 # Further ``atlas distill`` subcommands: modules under modelatlas.cli exposing ``register(distill_subparsers)``.
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("dir", help="result folder written by `atlas distill run`")
     ev.add_argument("--eval-nets", type=positive_int, default=None, help="networks to train (default: as saved)")
     ev.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per network (default: as saved)")
-    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=None, help="seed of the evaluation nets (default: as saved)")
     ev.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     ev.add_argument("--data-root", default=None, help="dataset folder, when it has moved since the run (default: as saved)")
     ev.set_defaults(func=_eval)
@@ -46,13 +46,14 @@ def _register_run(dsub) -> None:
     r.add_argument("--ipc", type=positive_int, required=True, help="synthetic images per class")
     r.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
     r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
-    r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation")
+    r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default: SGD protocol 300, 1000 with DSA; Adam protocol (ratbptt, podd) 300)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the distillation and evaluation (default: 0)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a method config field (repeatable), e.g. --set lr_img=0.5")
-    r.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None)
+    r.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None,
+                   help="data transform fitted on the training split (default: identity)")
     r.add_argument("--data-root", default=None, help="dataset folder (root= of the loader)")
     r.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from the set of this result folder (same dataset and ipc), e.g. DM's for hello")
@@ -77,7 +78,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def _summary(label: str, ev: dict) -> str:
     accs = ", ".join(f"{a:.1f}" for a in ev["accuracies"])
-    return f"{label}: {ev['mean']:.2f} +- {ev['std']:.2f} % test accuracy ({len(ev['accuracies'])} nets: {accs})"
+    return f"{label}: {ev['mean']:.2f} +- {ev['std']:.2f} % test accuracy ({counted(len(ev['accuracies']), 'net')}: {accs})"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -17,17 +17,19 @@ def register(dsub) -> None:
     p.add_argument("--ipc", type=float, required=True, help="images per class of the poster, e.g. 0.3, 0.5, 1")
     p.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
-    p.add_argument("--eval-nets", type=positive_int, default=5)
+    p.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     p.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the distillation and evaluation (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--no-learn-labels", action="store_true", help="pixel-count labels instead of PoDDL")
-    p.add_argument("--class-order", choices=["poco", "natural"], default=None)
+    p.add_argument("--class-order", choices=["poco", "natural"], default=None,
+                   help="class layout on the poster: poco (similar classes side by side) or natural (default: poco)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a podd config field (repeatable), e.g. --set window=20")
-    p.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--transform", choices=["identity", "standardize", "zca"], default=None,
+                   help="data transform fitted on the training split (default: identity)")
+    p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     p.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     p.set_defaults(func=_poster)
 

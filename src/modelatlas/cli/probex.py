@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")
     pr.add_argument("--experts", required=True, help="folder written by `atlas probex train`")
-    pr.add_argument("--top", type=positive_int, default=10, help="classes to show per model")
+    pr.add_argument("--top", type=positive_int, default=10, help="most classes to show per model; only those above probability 0.5 are shown (default 10)")
     pr.set_defaults(func=_predict)
     s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)")
     s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
