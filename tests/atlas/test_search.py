@@ -97,3 +97,20 @@ def test_keyword_search_matches_words_of_any_script():
     assert [(h.name, round(h.score, 2)) for h in search_atlas(atlas, "strasse")] == [("Größe-v2", 1.9)]
     assert [h.name for h in search_atlas(atlas, "gr")] == ["gr-e"]  # "Größe" is one word, not gr + e
     assert [(h.name, h.score) for h in search_atlas(atlas, "größe-v2")] == [("Größe-v2", 4.0)]  # 2 words + name
+
+
+def test_moved_text_experts_are_named_with_the_fix(tmp_path, fake_encoder):
+    import shutil
+
+    atlas = make_text_atlas(tmp_path / "tx")
+    shutil.move(tmp_path / "tx", tmp_path / "moved")
+    with pytest.raises(AtlasError, match=r"no longer at .*tx \(moved or deleted\); pass --text-experts DIR"):
+        search_atlas(atlas, "a seven")
+    assert {h.name for h in search_atlas(atlas, "a seven", text_experts=tmp_path / "moved")} == {"a", "b"}
+
+
+def test_text_experts_on_an_atlas_without_embeddings_is_an_error(tmp_path):
+    atlas = Atlas([ModelEntry("a", "/z/a")], Forest(["a"], []))
+    with pytest.raises(AtlasError, match=r"no text embeddings \(so --text-experts has nothing to search\)"):
+        search_atlas(atlas, "seven", text_experts=tmp_path)
+    assert search_atlas(atlas, "a") and search_atlas(atlas, "a", mode="keywords")

@@ -48,8 +48,10 @@ def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
         raise AtlasError("empty search query")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:  # [:0] or [:-1] would drop hits silently
         raise AtlasError(f"top must be a positive number of models; got {top!r}")
-    if mode == "text" and not atlas.embeddings:
-        raise AtlasError("this atlas has no text embeddings: rebuild it with --text-experts, or search keywords")
+    if (mode == "text" or text_experts is not None) and not atlas.embeddings:
+        given = " (so --text-experts has nothing to search)" if text_experts is not None else ""
+        raise AtlasError(f"this atlas has no text embeddings{given}: rebuild it with `atlas index build "
+                         "--text-experts DIR`, or search keywords (--mode keywords)")
     if atlas.embeddings and mode != "keywords":
         return _text_hits(atlas, query, text_experts)[:top]
     return _keyword_hits(atlas, query)[:top]
@@ -59,9 +61,13 @@ def _text_hits(atlas: Atlas, query: str, folder) -> list[Hit]:
     from modelatlas.probex.experts import TreeExperts
     from modelatlas.probex.text_encoder import encode_texts
 
-    folder = folder or atlas.experts.get("text", {}).get("folder")
-    if not folder:
+    recorded = atlas.experts.get("text", {}).get("folder")
+    if not (folder or recorded):
         raise AtlasError("the atlas does not say which text experts embedded it; pass --text-experts DIR")
+    if not folder and not Path(recorded).is_dir():
+        raise AtlasError(f"the text experts this atlas was built with are no longer at {recorded} (moved or "
+                         "deleted); pass --text-experts DIR to say where they are now")
+    folder = folder or recorded
     experts = TreeExperts.load(folder)
     _check_text_experts(atlas, experts, folder)
     q = encode_texts([query])  # (1, d_text)
