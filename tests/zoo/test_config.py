@@ -86,3 +86,14 @@ def test_a_dataset_not_installed_says_zoo_make_takes_no_data_root(monkeypatch):
     monkeypatch.delenv("ATLAS_CIFAR10", raising=False)
     with pytest.raises(DatasetNotFoundError, match="^dataset: cifar10: .*takes no --data-root: use the environment"):
         plan_zoo(ZooConfig(dataset="cifar10"))
+
+
+def test_a_lora_rank_above_every_layer_is_refused_before_training(make_config):
+    from modelatlas.zoo.plan import zoo_arch_config
+
+    # hidden 8: embed 64 -> 8, 8 x 8 layers, classifier 8 -> 10; rank 9 adapts no layer at low rank
+    with pytest.raises(ConfigError, match=r"lora_ranks: rank 9 is above every adapted layer's smaller side "
+                                          r"\(at most 8 for this mlp\); choose ranks <= 8"):
+        zoo_arch_config(make_config(method="lora", lora_ranks=(2, 9)))
+    assert zoo_arch_config(make_config(method="lora", lora_ranks=(8,)))["hidden"] == 8
+    assert zoo_arch_config(make_config(method="full", lora_ranks=(9,)))  # no LoRA child: rank unused

@@ -26,7 +26,25 @@ def zoo_arch_config(config: ZooConfig) -> dict:
     if len(shape) != 3:
         raise ConfigError(f"dataset: {config.dataset!r} has inputs of shape {shape}; zoos need images (C, H, W)")
     input_shape = config.input_shape or shape
-    return arch_config(config.arch, input_shape, num_classes, **config.arch_kwargs)
+    arch = arch_config(config.arch, input_shape, num_classes, **config.arch_kwargs)
+    if config.method != "full":
+        _check_ranks(config.lora_ranks, arch)
+    return arch
+
+
+def _check_ranks(ranks: tuple[int, ...], arch: dict) -> None:
+    """A LoRA rank above every adapted layer's smaller side is no low-rank update (rank 100000 on a
+    hidden-16 MLP trained full-rank factors for minutes). Builds the model once: O(parameters)."""
+    import torch
+
+    from modelatlas.zoo.architectures import build_model, lora_targets
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = build_model(arch)
+    most = max(min(model.get_submodule(t).weight.shape) for t in lora_targets(model))
+    if max(ranks) > most:
+        raise ConfigError(f"lora_ranks: rank {max(ranks)} is above every adapted layer's smaller side (at most "
+                          f"{most} for this {arch['arch']}); choose ranks <= {most}")
 
 
 def dataset_info(key: str, name: str) -> tuple[int, list[str], tuple[int, ...]]:
