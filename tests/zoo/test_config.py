@@ -97,3 +97,11 @@ def test_a_lora_rank_above_every_layer_is_refused_before_training(make_config):
         zoo_arch_config(make_config(method="lora", lora_ranks=(2, 9)))
     assert zoo_arch_config(make_config(method="lora", lora_ranks=(8,)))["hidden"] == 8
     assert zoo_arch_config(make_config(method="full", lora_ranks=(9,)))  # no LoRA child: rank unused
+
+
+def test_another_arch_drops_the_presets_sizes():
+    # tiny's {"hidden": 16, "n_hidden": 2} are an MLP's: 'atlas zoo make --preset tiny --arch vit' said
+    # "arch_kwargs: unknown key(s) ['n_hidden'] for 'vit'" about a flag the user never gave
+    assert preset("tiny", arch="vit").arch_kwargs == {}
+    assert preset("tiny", arch="vit", arch_kwargs={"hidden": 8}).arch_kwargs == {"hidden": 8}
+    assert preset("tiny", arch="mlp").arch_kwargs == {"hidden": 16, "n_hidden": 2}

@@ -69,7 +69,7 @@ def _config(args: argparse.Namespace):
     kinds = overrides.get("task_kinds", config.task_kinds)
     if "other_datasets" in overrides and "dataset" not in kinds:
         overrides["task_kinds"] = (*kinds, "dataset")
-    return replace(config, **overrides)
+    return preset(args.preset, **overrides) if args.preset else replace(config, **overrides)
 
 
 def _make(args: argparse.Namespace) -> int:

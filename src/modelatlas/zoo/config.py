@@ -214,7 +214,11 @@ def presets() -> list[str]:
 
 
 def preset(name: str, **overrides) -> ZooConfig:
-    """The preset config ``name`` with ``overrides`` applied (e.g. ``preset("demo", seed=3)``)."""
+    """The preset config ``name`` with ``overrides`` applied (e.g. ``preset("demo", seed=3)``); another
+    ``arch`` without ``arch_kwargs`` drops the preset's sizes (that architecture's defaults apply)."""
     if name not in _PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; choose one of {presets()}")
-    return replace(ZooConfig(**_PRESETS[name]), **overrides)
+    base = dict(_PRESETS[name])
+    if overrides.get("arch", base.get("arch", "mlp")) != base.get("arch", "mlp") and "arch_kwargs" not in overrides:
+        base.pop("arch_kwargs", None)  # the preset's sizes are another architecture's ('n_hidden' for a ViT)
+    return replace(ZooConfig(**base), **overrides)
