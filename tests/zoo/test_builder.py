@@ -160,3 +160,24 @@ def test_an_out_that_is_a_file_or_a_folder_of_other_files_is_refused_before_trai
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["attribution.json"]
     (tmp_path / "empty").mkdir()
     assert len(make_zoo(config, tmp_path / "empty", workers=1)) == 2
+
+
+def test_workers_are_capped_at_the_widest_level_and_the_cores(tmp_path, make_config, monkeypatch):
+    import os
+
+    from modelatlas.zoo import builder
+
+    sizes = []
+
+    def spy(workers):
+        sizes.append(workers)
+        raise RuntimeError("no pool in this test")
+
+    monkeypatch.setattr(builder, "_spawn_pool", spy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    with pytest.raises(RuntimeError, match="no pool"):  # 1 root + 3 children: at most 3 train at once
+        make_zoo(make_config(trees=1, children=3, depth=1), tmp_path / "a", workers=1000)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="no pool"):
+        make_zoo(make_config(trees=1, children=3, depth=1), tmp_path / "b", workers=1000)
+    assert sizes == [3, 2]  # was [1000, 1000]: 1000 torch processes

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +64,9 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
     arch = zoo_arch_config(config)  # every check before the folder is made: a bad config leaves nothing behind
     nodes = plan_zoo(config)
     _check_out(out, {n["name"] for n in nodes})
+    # no more processes than models trained at once or cores (--workers 1000 spawned 1000 torch processes for a
+    # 6-model zoo); the weights do not depend on the worker count
+    workers = min(workers, max(Counter(n["level"] for n in nodes).values()), os.cpu_count() or 1)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**config.to_dict(), "arch_config": arch}
     job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config)}
