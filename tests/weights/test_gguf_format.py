@@ -126,3 +126,72 @@ def test_a_float16_gguf_copy_is_a_lower_precision_copy_in_lineage(tmp_path):
     save_file(weights["t0_0"], str(tmp_path / "t0_0-f32.safetensors"))
     f = recover_lineage([*paths, tmp_path / "t0_0-f32.safetensors"], stage="specialize")
     assert f.decisions["precision_copies"] == {"t0_0": "float16"}
+
+
+def make_raw_gguf(path, kvs=b"", n_kv=0, tensors=((b"w", (3, 2), 0, 0),), data=None, version=3,
+                  n_tensors=None):
+    """A GGUF file written byte by byte, so its counts, lengths and offsets can lie. ``tensors``: (name, ggml
+    dims, ggml type, offset)."""
+    import struct
+
+    def s(b):
+        return struct.pack("<Q", len(b)) + b
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors, n_kv) + kvs
+    for name, dims, gtype, off in tensors:
+        out += s(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, gtype, off)
+    path.write_bytes(out + b"\0" * (-len(out) % 32) + (F32.tobytes() if data is None else data))
+    return path
+
+
+def test_lying_counts_and_offsets_are_named_not_followed(tmp_path):
+    import struct
+
+    cases = {  # each used to hang (an array of 2^62 items past the end), or fail with numpy's words
+        "array.gguf": dict(kvs=struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 0, 2**62), n_kv=1),
+        "kvs.gguf": dict(n_kv=2**63), "tensors.gguf": dict(n_tensors=2**63),
+        "name.gguf": dict(kvs=struct.pack("<Q", 2**62) + b"k", n_kv=1),
+        "offset.gguf": dict(tensors=((b"w", (3, 2), 0, 10**6),)),
+        "dims.gguf": dict(tensors=((b"w", (2**40, 2**40), 0, 0),)),
+        "type.gguf": dict(tensors=((b"w", (3, 2), 999, 0),)),
+        "version.gguf": dict(version=99)}
+    messages = {"array.gguf": r"array of key 'k' at byte \d+ needs 4611686018427387904 bytes",
+                "offset.gguf": r"tensor 'w' \(F32, shape \(2, 3\)\) needs bytes", "type.gguf": "unknown ggml type 999",
+                "dims.gguf": r"tensor 'w' \(F32, shape \(1099511627776, 1099511627776\)\)",
+                "version.gguf": "unsupported GGUF version 99"}
+    for name, kw in cases.items():
+        with pytest.raises(CheckpointError, match=rf"{name}: corrupt or truncated GGUF file: .*"
+                                                  rf"{messages.get(name, 'needs')}") as info:
+            open_checkpoint(make_raw_gguf(tmp_path / name, **kw))
+        assert "\n" not in str(info.value)
+
+
+def test_metadata_items_cost_no_memory_per_item(tmp_path):
+    import struct
+    import tracemalloc
+
+    n = 200_000  # one-byte array items: gguf.GGUFReader made a numpy view of each (about 180 MB here)
+    kvs = struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 0, n) + b"\1" * n
+    p = make_raw_gguf(tmp_path / "m.gguf", kvs=kvs, n_kv=1)
+    tracemalloc.start()
+    try:
+        with open_checkpoint(p) as ck:
+            assert torch.equal(ck.read("w"), torch.arange(6.0).reshape(2, 3))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
+def test_big_endian_file(tmp_path):
+    p = str(tmp_path / "be.gguf")
+    w = gguf.GGUFWriter(p, "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_token_list(["a", "b"])
+    w.add_tensor("f32", F32)
+    w.add_tensor("i32", np.arange(4, dtype=np.int32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open_checkpoint(p) as ck:
+        assert torch.equal(ck.read("f32"), torch.from_numpy(F32))
+        assert torch.equal(ck.read("i32"), torch.arange(4, dtype=torch.int32))

@@ -1,8 +1,10 @@
 """GGUF files (llama.cpp, ``.gguf``): F16 and BF16 tensors in their own dtype, the others (F64 and the
 block-quantized types) as float32 (extra ``gguf``).
 
-``gguf.GGUFReader`` memory-maps the file and parses the tensor table; a tensor's bytes are only touched when
-it is read, then dequantized with ``gguf.quants.dequantize`` (F16, BF16 and every block-quantized type the
+The header is parsed by :mod:`modelatlas.weights.gguf_header`, which checks every count, length and tensor byte
+range against the file size before using it (``gguf.GGUFReader`` trusts them: a lying array count hangs it, and
+it builds an object per metadata item). The file is memory-mapped once a tensor is read; a tensor's bytes are
+only touched then, and dequantized with ``gguf.quants.dequantize`` (F16, BF16 and every block-quantized type the
 package knows: Q8_0, Q4_K, ...). GGUF lists dimensions fastest-varying first (ggml order), the reverse of
 numpy/torch; this reader exposes the numpy/torch shape, so a ``(out, in)`` linear weight is ``(out, in)``.
 Integer, float16 and bfloat16 tensors keep their dtype (a float16 copy of a model is reported as float16, so
@@ -18,11 +20,13 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
 from modelatlas.weights.registry import register_format
 
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16"}
 _STORED = {**_INT_TYPES, **_FLOAT_TYPES}  # ggml type -> the dtype reported and read; others: float32
+_PLAIN = {**_INT_TYPES, "F16": "float16", "F32": "float32", "F64": "float64"}  # read as they are stored
 
 
 def import_gguf(path: Path):
@@ -42,50 +46,50 @@ class GGUFCheckpoint(Checkpoint):
 
     def __init__(self, path: str | Path, name: str | None = None):
         super().__init__(path, name)
-        self._tensors: dict | None = None
-        self._state()  # parse now, so a corrupt file is reported when opened
-
-    def _state(self) -> dict:
-        """Name -> gguf ReaderTensor, parsing the file (again, after close()) when needed."""
-        if self._tensors is None:
-            gguf = import_gguf(self.path)
-            try:
-                reader = gguf.GGUFReader(str(self.path))
-            except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a corrupt file
-                raise CheckpointError(self.path, f"corrupt or truncated GGUF file: {error_line(e)}") from e
-            # Every ReaderTensor's data is a view of the reader's np.memmap: holding them holds the mapping.
-            self._tensors = {t.name: t for t in reader.tensors}
-        return self._tensors
+        self._gguf = import_gguf(self.path)
+        self._tensors = {t.name: t for t in read_gguf_header(self.path, self._gguf)}
+        self._map: np.memmap | None = None
 
     def _infos(self) -> list[TensorInfo]:
-        return [TensorInfo(n, self._shape(t), _STORED.get(t.tensor_type.name, "float32"))
-                for n, t in self._state().items()]
+        return [TensorInfo(n, t.shape, _STORED.get(t.ggml_type.name, "float32")) for n, t in self._tensors.items()]
 
-    @staticmethod
-    def _shape(t) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml order -> numpy order
+    def _bytes(self, t: GGUFTensor) -> np.ndarray:
+        """The tensor's bytes, a view of the file's mapping (opened on first use, again after close())."""
+        if self._map is None:
+            try:
+                self._map = np.memmap(self.path, mode="r")
+            except (OSError, ValueError) as e:
+                raise CheckpointError(self.path, f"cannot read file: {error_line(e)}") from e
+        data = self._map[t.offset:t.offset + t.nbytes]
+        if len(data) != t.nbytes:  # the file shrank since it was opened
+            raise CheckpointError(self.path, f"truncated file: tensor {t.name!r} ends past the end of the file")
+        return data
 
     def _read(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        t = self._state()[name]
-        shape = self._shape(t)
+        t = self._tensors[name]
+        kind = t.ggml_type.name
+        data = self._bytes(t)
         try:
-            if t.tensor_type.name in _INT_TYPES or t.tensor_type.name == "F16":
-                arr = np.asarray(t.data).reshape(shape)
-            elif t.tensor_type.name == "F64":  # plain doubles, which gguf.quants.dequantize does not take
-                arr = np.asarray(t.data).astype(np.float32).reshape(shape)
-            else:  # F32, BF16 and the block-quantized types: dequantized to float32
-                arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+            if kind in _PLAIN:
+                arr = data.view(np.dtype(_PLAIN[kind]).newbyteorder(t.byteorder)).reshape(t.shape)
+                arr = arr.astype(np.float32) if kind == "F64" else arr  # plain doubles: dequantize does not take them
+            else:  # BF16 and the block-quantized types: dequantized to float32
+                if kind == "BF16" and t.byteorder == ">":  # dequantize reads little-endian halves
+                    data = data.view(">u2").astype("<u2").view(np.uint8)
+                block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
+                rows = data.reshape(*t.shape[:-1], t.shape[-1] // block * type_size) if t.shape else data
+                arr = dequantize(rows, t.ggml_type).astype(np.float32, copy=False).reshape(t.shape)
         except (ValueError, NotImplementedError, TypeError) as e:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({t.tensor_type.name}): {error_line(e)}") from e
-        out = torch.from_numpy(np.array(arr, copy=True))  # a copy: returned tensors never pin the mapping
-        return out.to(torch.bfloat16) if t.tensor_type.name == "BF16" else out  # exact: the values are bfloat16
+            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({kind}): {error_line(e)}") from e
+        out = torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), copy=True))  # never pins the map
+        return out.to(torch.bfloat16) if kind == "BF16" else out  # exact: the values are bfloat16
 
     def close(self) -> None:
-        """Drop the reader's tensor views, the only references to its memory map, so the file is unmapped
-        (np.memmap has no close of its own; the mapping goes with its last view). Reads after this reopen."""
-        self._tensors = None
+        """Drop the memory map (np.memmap has no close of its own; the mapping goes with its last reference,
+        and every returned tensor is a copy). Reads after this reopen it."""
+        self._map = None
 
 
 def is_gguf(path: Path) -> bool:
