@@ -46,3 +46,13 @@ def test_a_config_that_is_not_an_object_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text('{"models": [], "config": 3}')
     with pytest.raises(ManifestError, match="key 'config' must be an object, got 3"):
         load_manifest(tmp_path)
+
+
+def test_a_parent_loop_is_named():
+    # a -> b -> a was loaded, shown as no tree at all and scored as no edges
+    with pytest.raises(ManifestError, match=r"parents form a loop \(a -> b -> a\)"):
+        Manifest([ModelRecord("r", "r", None, "r"), ModelRecord("a", "a", "b", "t"), ModelRecord("b", "b", "a", "t")])
+    with pytest.raises(ManifestError, match=r"parents form a loop \(c -> c\)"):
+        Manifest([ModelRecord("c", "c", "c", "c")])
+    chain = [ModelRecord("m0", "m0", None, "t")] + [ModelRecord(f"m{i}", f"m{i}", f"m{i - 1}", "t") for i in range(1, 3000)]
+    assert len(Manifest(chain)) == 3000  # a deep chain is fine (and fast)
