@@ -175,3 +175,18 @@ def test_zoo_make_help_states_every_default():
     c = ZooConfig()
     assert f"(default {c.trees})" in helps["trees"] and f"(default {c.seed})" in helps["seed"]
     assert f"(default {c.method})" in helps["method"] and ",".join(c.task_kinds) in helps["task_kinds"]
+
+
+def test_verify_reads_a_model_path_that_is_the_weights_file(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from modelatlas.zoo import Manifest, ModelRecord
+    from modelatlas.zoo.store import weights_digest
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "root.safetensors"))  # as probex families store models
+    digest = weights_digest(tmp_path / "root.safetensors")
+    Manifest([ModelRecord("root", "root.safetensors", None, "root", sha256=digest)], {}, tmp_path).save(
+        tmp_path / "manifest.json")
+    assert main(["zoo", "verify", str(tmp_path)]) == 0  # was 'root: missing'
+    assert "1 model; 1 ok" in capsys.readouterr().out

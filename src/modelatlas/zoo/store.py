@@ -96,7 +96,8 @@ def verify_zoo(manifest) -> dict[str, str]:
                             "build the zoo with `atlas zoo make`")
     out = {}
     for m in manifest.models:
-        path = weights_file(manifest.root / m.path, m.storage)
+        path = manifest.root / m.path  # a weights file itself (probex families), or a model folder
+        path = path if path.is_file() else weights_file(path, m.storage)
         if not path.is_file():
             out[m.name] = "missing"
         elif not m.sha256:
