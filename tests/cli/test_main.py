@@ -108,3 +108,13 @@ def test_list_options_name_their_type(option, value, kind, capsys, tmp_path, mon
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: invalid {kind} value: '{value}'" in err and "lambda" not in err
+
+
+@pytest.mark.parametrize("argv", [["zoo", "make", "--preset", "tiny"], ["attribute"], ["demo"]])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_out_is_refused(argv, value, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # '--out ""' wrote into the current folder and printed 'wrote '
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", value])
+    assert e.value.code == 2 and f"argument --out: invalid output folder value: {value!r}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -35,3 +35,10 @@ def str_tuple(text: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError(f"invalid comma-separated names value: {text!r}")
     return names
+
+
+def out_dir(text: str) -> str:
+    """An output folder: not empty (``--out ''`` wrote into the current folder and printed 'wrote ')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"invalid output folder value: {text!r} (name a folder)")
+    return text

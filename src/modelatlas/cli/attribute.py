@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int
 from modelatlas.cli.output import echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: cifar10, image-folder)")
     p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class (default 5)")
-    p.add_argument("--out", required=True, help="output folder (attribution.safetensors/.json/.png): new, empty or a previous attribution's")
+    p.add_argument("--out", required=True, type=out_dir, help="output folder (attribution.safetensors/.json/.png): new, empty or a previous attribution's")
     p.add_argument("--test-index", type=int, nargs="+", default=[0, 1, 2],
                    help="test samples to plot, 0-based among the test samples used (default 0 1 2)")
     p.add_argument("--validate", action="store_true", help="also retrain leave-one-cluster-out (ground truth)")

@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int
 from modelatlas.cli.lineage import add_recovery_options, config_from_args, show_forest, with_truth
 from modelatlas.cli.output import echo, tqdm_progress
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a small zoo, recover its lineage, show each edge marked right or wrong",
                        description="Train a small zoo (3 trees; full fine-tuning and LoRA children) with known "
                                    "lineage, recover the lineage from the weights alone and score it.")
-    p.add_argument("--out", type=Path, help="zoo folder (kept; reused if already built). Default: a temporary folder")
+    p.add_argument("--out", type=out_dir, help="zoo folder (kept; reused if already built). Default: a temporary folder")
     p.add_argument("--preset", default="demo", help="zoo preset (default: demo; see `atlas zoo presets`)")
     p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # check the options before training anything
     if args.out is not None:
-        return _run(args, config, args.out)
+        return _run(args, config, Path(args.out))
     with tempfile.TemporaryDirectory(prefix="atlas-demo-") as tmp:
         return _run(args, config, Path(tmp))
 
