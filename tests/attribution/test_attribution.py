@@ -172,3 +172,10 @@ def test_config_errors():
 def test_config_values_of_the_wrong_kind_are_named(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DDMConfig(**kwargs)
+
+
+def test_more_synthetic_samples_than_training_examples_is_refused_up_front(planted):
+    x, y, xt, yt = planted  # 120 training examples, 2 classes
+    with pytest.raises(ConfigError, match=r"samples_per_cluster=1000000000 x 4 clusters = 4,000,000,000 synthetic "
+                                          r"samples, more than the 120 training examples"):
+        ddm_attribution(x, y, xt, yt, 2, DDMConfig(clusters_per_class=2, samples_per_cluster=10**9))

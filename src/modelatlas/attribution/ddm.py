@@ -191,6 +191,11 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
     """Steps (1)-(5): the cluster x test-sample attribution matrix of the target model trained on (x, y)."""
     cfg = config or DDMConfig()
     x, y, x_test, y_test = _as_inputs(x, y, x_test, y_test, num_classes)
+    n_synthetic = num_classes * cfg.clusters_per_class * cfg.samples_per_cluster
+    if n_synthetic > len(x):  # 10^9 per cluster ran out of memory in the offline phase, with a traceback
+        raise ConfigError(f"samples_per_cluster={cfg.samples_per_cluster} x {num_classes * cfg.clusters_per_class} "
+                          f"clusters = {n_synthetic:,} synthetic samples, more than the {len(x):,} training examples "
+                          "they distil; lower samples_per_cluster")
     t0 = time.perf_counter()
     assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
     k_total = len(cluster_class)
