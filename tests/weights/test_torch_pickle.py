@@ -1,6 +1,7 @@
 import os
 import pickle
 import shlex
+import sys
 import zipfile
 
 import pytest
@@ -173,3 +174,48 @@ def test_a_shared_prefix_that_is_not_a_wrapper_and_weights_named_like_state_are_
     torch.save({"scaler": {"weight": torch.ones(2)}, "optimizer.w": torch.ones(2)}, tmp_path / "n.pt")
     with open_checkpoint(tmp_path / "m.pt") as m, open_checkpoint(tmp_path / "n.pt") as n:
         assert m.keys() == ["encoder.a", "encoder.scaler"] and n.keys() == ["optimizer.w"]
+
+
+def test_compressed_record_is_refused_before_it_is_unpacked(tmp_path):
+    """A deflated data.pkl holding a huge string: torch would unpack it into memory whole (a zip bomb)."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.pt")
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(tmp_path / "good.pt") as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # PROTO 2, a 2 MB string, then the state dict
+                data = b"\x80\x02X" + (2**21).to_bytes(4, "little") + b"A" * 2**21 + b"0" + data[2:]
+            zout.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 2**16
+    with pytest.raises(CheckpointError, match=r"bomb\.pt: zip record '.*data\.pkl' is compressed or claims "
+                                              r"\d+ bytes for \d+ stored .*refused"):
+        open_checkpoint(bomb)
+
+
+def test_text_file_named_bin_is_corrupt_not_a_traceback(tmp_path):
+    p = tmp_path / "notes.bin"
+    p.write_text("this is not a checkpoint\n" * 10)  # the legacy unpickler raised IndexError on it
+    with pytest.raises(CheckpointError, match=r"notes\.bin: corrupt or truncated PyTorch file: "):
+        open_checkpoint(p)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_deep_or_shared_nesting_is_refused(tmp_path, shared):
+    """10,000 nested dicts (RecursionError when flattened), or one dict listed twice at each of 21 levels (2
+    million flattened names from a 1 kB file)."""
+    d = {"w": torch.ones(1)}
+    for _ in range(21 if shared else 10_000):
+        d = {"a": d, "b": d} if shared else {"a": d}
+    p = tmp_path / "nested.pt"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # for torch.save's own (recursive) pickler only
+    try:
+        torch.save(d, p)
+    finally:
+        sys.setrecursionlimit(limit)
+    what = "more than 2,000,000 entries" if shared else "containers nested more than 32 deep"
+    with pytest.raises(CheckpointError, match=rf"nested\.pt: not a state dict: {what}"):
+        open_checkpoint(p)
+    torch.save({"model": {"enc": {"layers": {"0": {"weight": torch.ones(1)}}}}}, p)
+    with open_checkpoint(p) as ck:
+        assert ck.keys() == ["enc.layers.0.weight"]

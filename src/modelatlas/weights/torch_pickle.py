@@ -38,6 +38,8 @@ SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _NESTING_KEYS = ("model_state_dict", "state_dict", "model")  # where training checkpoints keep the weights
 _TRAINING_STATE = re.compile(r"optim|sched|scaler", re.IGNORECASE)  # top-level keys of non-weight state
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+_MAX_DEPTH = 32  # containers in a state dict nest a few levels (Lightning: 3-4)
+_MAX_ITEMS = 2_000_000  # entries in all containers; a large model with optimizer state has ~100,000
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -51,44 +53,54 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
+    records = zip_records(path) if is_zip else None  # checked before torch unpacks anything
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e) from e
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
-    except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as e:
+    except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
         raise CheckpointError(path, f"corrupt or truncated PyTorch file: {error_line(e)}") from e
-    if is_zip:
-        check_storage_records(path, obj)
+    _check_nesting(path, obj)
+    if records is not None:
+        check_storage_records(path, obj, records)
     return _state_dict_from(path, obj)
 
 
-def _data_records(path: Path) -> dict[int, tuple[str, int]]:
-    """Data offset -> (name, size) of every tensor-storage record (``<archive>/data/<key>``) in the zip."""
+def zip_records(path: Path) -> dict[int, tuple[str, int]]:
+    """Data offset -> (name, size) of every tensor-storage record (``<archive>/data/<key>``) in the zip.
+
+    Refuses a compressed record: torch.save writes every record stored (uncompressed), and torch unpacks a
+    compressed ``data.pkl`` into memory whole, so a 1 MB file could claim gigabytes (a zip bomb). Time O(records).
+    """
     records: dict[int, tuple[str, int]] = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            if "/data/" not in info.filename or info.filename.endswith("/"):
-                continue
-            f.seek(info.header_offset)
-            local = f.read(30)  # zip local file header: the data follows its name and extra field
-            n_name, n_extra = struct.unpack("<HH", local[26:30])
-            records[info.header_offset + 30 + n_name + n_extra] = (info.filename, info.file_size)
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                    raise CheckpointError(path, f"zip record {info.filename!r} is compressed or claims "
+                                                f"{info.file_size} bytes for {info.compress_size} stored (torch.save "
+                                                "stores records uncompressed; a packed one could unpack far beyond "
+                                                "the file's size), refused")
+                if "/data/" not in info.filename or info.filename.endswith("/"):
+                    continue
+                f.seek(info.header_offset)
+                local = f.read(30)  # zip local file header: the data follows its name and extra field
+                n_name, n_extra = struct.unpack("<HH", local[26:30])
+                records[info.header_offset + 30 + n_name + n_extra] = (info.filename, info.file_size)
+    except (OSError, zipfile.BadZipFile, struct.error) as e:
+        raise CheckpointError(path, f"corrupt PyTorch zip file: {error_line(e)}") from e
     return records
 
 
-def check_storage_records(path: Path, obj: object) -> None:
+def check_storage_records(path: Path, obj: object, records: dict[int, tuple[str, int]]) -> None:
     """Refuse a zip whose pickle claims more bytes for a storage than its record holds.
 
     With ``mmap=True`` torch does not check this itself: a lying header would read the bytes that follow the
     record (other records, the zip directory) as tensor data. Every mmap'd storage is a slice of one mapping
     of the file, so ``data_ptr - base`` is the record's data offset. Time O(tensors + records).
     """
-    try:
-        records = _data_records(path)
-    except (OSError, zipfile.BadZipFile, struct.error) as e:
-        raise CheckpointError(path, f"corrupt PyTorch zip file: {error_line(e)}") from e
     storages: dict[int, int] = {}
     for t in _all_tensors(obj):
         st = t.untyped_storage()
@@ -103,16 +115,32 @@ def check_storage_records(path: Path, obj: object) -> None:
             raise CheckpointError(path, f"header lies about sizes: a tensor storage needs {nbytes} bytes but {where}")
 
 
-def _all_tensors(obj: object, depth: int = 0):
-    """Every tensor in a loaded object (dicts, lists, tuples), to a bounded depth."""
+def _all_tensors(obj: object):
+    """Every tensor in a loaded object (dicts, lists, tuples); call after :func:`_check_nesting`."""
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif depth < 32 and isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _all_tensors(v, depth + 1)
-    elif depth < 32 and isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _all_tensors(v, depth + 1)
+    elif isinstance(obj, (Mapping, list, tuple)):
+        for v in obj.values() if isinstance(obj, Mapping) else obj:
+            yield from _all_tensors(v)
+
+
+def _check_nesting(path: Path, obj: object) -> None:
+    """Refuse a loaded object that the recursive walks here (flatten, storage check) could not afford: containers
+    nested deeper than _MAX_DEPTH (10,000 nested dicts are a few kB of pickle), or more than _MAX_ITEMS items
+    counted along every path (pickle's memo can list one dict many times, and each listing doubles a flattened
+    state dict's names). Iterative; time O(min(items, _MAX_ITEMS)), memory O(depth * width)."""
+    stack, seen = [(obj, 0)], 0
+    while stack:
+        o, depth = stack.pop()
+        if not isinstance(o, (Mapping, list, tuple)):
+            continue
+        if depth >= _MAX_DEPTH:
+            raise CheckpointError(path, f"not a state dict: containers nested more than {_MAX_DEPTH} deep")
+        seen += len(o)
+        if seen > _MAX_ITEMS:
+            raise CheckpointError(path, f"not a state dict: more than {_MAX_ITEMS:,} entries (counting a shared "
+                                        "dict or list each time it is listed)")
+        stack.extend((v, depth + 1) for v in (o.values() if isinstance(o, Mapping) else o))
 
 
 def _unpickling_error(path: Path, e: pickle.UnpicklingError) -> CheckpointError:
