@@ -101,3 +101,17 @@ def test_bare_hub_ids_like_gpt2(cache):
     with pytest.raises(CheckpointError, match=r"^gtp2: no such file or folder, and hub id 'gtp2' is not in the local"):
         open_checkpoint("gtp2")  # a typo: says both what was looked for and where
     assert parse_hub_id("model.safetensors") is None and parse_hub_id("./gpt2") is None
+
+
+@pytest.mark.parametrize("target", ["../../../outside", "ABSOLUTE"])
+def test_a_ref_naming_a_folder_outside_the_cache_is_refused(cache, tmp_path, target):
+    make_cached_model(cache)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file({"w": torch.zeros(2, 2)}, str(outside / "model.safetensors"))
+    ref = cache / "models--org--tiny" / "refs" / "evil"
+    ref.write_text(str(outside) if target == "ABSOLUTE" else target)  # snapshots/<ref> would be `outside`
+    with pytest.raises(CheckpointError, match=r"refs/evil: corrupt Hugging Face cache ref: holds '.*outside', "
+                                              r"not a commit hash"):
+        open_checkpoint("org/tiny@evil")
+    assert parse_hub_id("org/tiny@/etc/hostname") is None  # a revision is a name under refs/, never a path

@@ -35,7 +35,7 @@ def hub_cache_dir() -> Path:
 def parse_hub_id(text: str) -> tuple[str, str] | None:
     """``(repo_id, revision)`` if ``text`` looks like ``[org/]name[@rev]`` (not a model file path), else None."""
     m = _HUB_ID.match(text)
-    if not m or m["repo"].endswith(_MODEL_SUFFIXES) or ".." in text:
+    if not m or m["repo"].endswith(_MODEL_SUFFIXES) or ".." in text or (m["rev"] or "").startswith("/"):
         return None
     return m["repo"], m["rev"] or "main"
 
@@ -62,10 +62,17 @@ def resolve_hub_id(text: str) -> Path:
 
 
 def _read_ref(ref: Path) -> str | None:
+    """The commit hash in ``refs/<branch>``, None when the ref is absent. huggingface_hub writes exactly 40 hex
+    digits there; anything else (``../../elsewhere``, an absolute path) would name a folder outside the cache
+    once joined to ``snapshots/``, so it is refused, naming the ref file."""
     try:
-        return ref.read_text(encoding="utf-8").strip() or None
+        text = ref.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
+    if not _COMMIT.match(text):
+        raise CheckpointError(ref, f"corrupt Hugging Face cache ref: holds {text[:80]!r}, not a commit hash "
+                                   "(40 hex digits)")
+    return text
 
 
 def open_hub_id(text: str, **kwargs) -> Checkpoint | None:
