@@ -110,7 +110,10 @@ def test_list_options_name_their_type(option, value, kind, capsys, tmp_path, mon
     assert f"argument {option}: invalid {kind} value: '{value}'" in err and "lambda" not in err
 
 
-@pytest.mark.parametrize("argv", [["zoo", "make", "--preset", "tiny"], ["attribute"], ["demo"]])
+@pytest.mark.parametrize("argv", [["zoo", "make", "--preset", "tiny"], ["attribute"], ["demo"],
+                                  ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1"],
+                                  ["distill", "poster", "--dataset", "digits", "--ipc", "1"],
+                                  ["index", "build", "m"], ["probex", "train", "z"]])
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_out_is_refused(argv, value, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # '--out ""' wrote into the current folder and printed 'wrote '
@@ -118,3 +121,30 @@ def test_an_empty_out_is_refused(argv, value, capsys, tmp_path, monkeypatch):
         main([*argv, "--out", value])
     assert e.value.code == 2 and f"argument --out: invalid output folder value: {value!r}" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("hint, expected", [
+    ("progress is kept in OUT/checkpoint; rerun with --resume to continue", "rerun with --resume to continue"),
+    (None, "nothing partial was left"),
+])
+def test_ctrl_c_says_what_the_command_kept(hint, expected, capsys):
+    import argparse
+
+    from modelatlas.cli.main import run_mapped
+
+    def func(args):
+        raise KeyboardInterrupt
+
+    args = argparse.Namespace(interrupt_hint=hint) if hint else argparse.Namespace()
+    assert run_mapped(func, args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted (") and expected in err and err.count("\n") == 1
+
+
+def test_each_resumable_command_names_its_resume():
+    from modelatlas.cli.main import build_parser
+
+    parser = build_parser()
+    for argv, words in [(["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--out", "o"], "--resume"),
+                        (["probex", "train", "z"], "--resume"), (["zoo", "make", "--out", "z"], "rerun the same command")]:
+        assert words in parser.parse_args(argv).interrupt_hint

@@ -42,3 +42,10 @@ def out_dir(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"invalid output folder value: {text!r} (name a folder)")
     return text
+
+
+def out_path(text: str):
+    """:func:`out_dir` as a ``pathlib.Path``."""
+    from pathlib import Path
+
+    return Path(out_dir(text))

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     add_recovery_options(p)
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, interrupt_hint="with --out, finished models are kept and a rerun reuses them")
 
 
 def _demo(args: argparse.Namespace) -> int:

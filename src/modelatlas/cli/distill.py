@@ -10,7 +10,7 @@ import argparse
 import importlib
 import json
 
-from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int
 from modelatlas.cli.output import counted, echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -44,7 +44,7 @@ def _register_run(dsub) -> None:
     r.add_argument("--method", required=True, help="random, herding, dc, dsa, dm, ... (see docs/distill.md)")
     r.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
     r.add_argument("--ipc", type=positive_int, required=True, help="synthetic images per class")
-    r.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
+    r.add_argument("--out", required=True, type=out_dir, help="result folder (checkpoints go to OUT/checkpoint)")
     r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
     r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default: SGD protocol 300, 1000 with DSA; Adam protocol (ratbptt, podd) 300)")
@@ -59,7 +59,7 @@ def _register_run(dsub) -> None:
                    help="start from the set of this result folder (same dataset and ipc), e.g. DM's for hello")
     r.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     r.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
-    r.set_defaults(func=_run)
+    r.set_defaults(func=_run, interrupt_hint="progress is kept in OUT/checkpoint; rerun with --resume to continue")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int
 from modelatlas.cli.output import echo, tqdm_progress
 
 
@@ -15,7 +15,7 @@ def register(dsub) -> None:
     p = dsub.add_parser("poster", help="distil a dataset into one poster of overlapping crops (PoDD)")
     p.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
     p.add_argument("--ipc", type=float, required=True, help="images per class of the poster, e.g. 0.3, 0.5, 1")
-    p.add_argument("--out", required=True, help="result folder (checkpoints go to OUT/checkpoint)")
+    p.add_argument("--out", required=True, type=out_dir, help="result folder (checkpoints go to OUT/checkpoint)")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
     p.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     p.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
@@ -31,7 +31,7 @@ def register(dsub) -> None:
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     p.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
-    p.set_defaults(func=_poster)
+    p.set_defaults(func=_poster, interrupt_hint="progress is kept in OUT/checkpoint; rerun with --resume to continue")
 
 
 def _poster(args: argparse.Namespace) -> int:

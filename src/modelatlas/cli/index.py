@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.argtypes import out_path, positive_int
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Index models into an atlas folder: atlas.json, atlas.html (a viewer) and, "
                                     "with --text-experts, the models' text embeddings for `atlas index search`.")
     b.add_argument("paths", nargs="+", metavar="PATH", help="model files, model folders, or folders holding many")
-    b.add_argument("--out", required=True, type=Path, help="atlas folder to write")
+    b.add_argument("--out", required=True, type=out_path, help="atlas folder to write")
     b.add_argument("--experts", help="ProbeX class experts (`atlas probex train`): predict training classes")
     b.add_argument("--text-experts", help="ProbeX text experts (`atlas probex train --task text`): text search")
     from modelatlas.cli.lineage import add_recovery_options

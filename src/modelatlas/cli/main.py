@@ -77,7 +77,8 @@ def run_mapped(func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("error: interrupted (partial results are kept; rerun with --resume where offered)", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None) or "outputs are written when a command finishes: nothing partial was left"
+        print(f"error: interrupted ({hint})", file=sys.stderr)
         return 130
     except (AtlasError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as e:  # FileExists / NotADirectory: an --out at or below an existing file

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that would load torch for `--help`
@@ -23,14 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classes (default): predict the training-class set; text: align weights with the class "
                         "prompts")
     t.add_argument("--layer", default="auto", help="weight tensor name, or 'auto' (default: the best on validation)")
-    t.add_argument("--out", default="probex_experts", help="experts folder: new, empty or an experts folder "
+    t.add_argument("--out", default="probex_experts", type=out_dir, help="experts folder: new, empty or an experts folder "
                                                            "(default: probex_experts)")
     t.add_argument("--epochs", type=positive_int, default=100, help="training epochs per expert (default: 100)")
     t.add_argument("--rank", type=positive_int, default=32, help="r_U = r_V = r_T (default: 32; the paper used 128)")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batches (default: 0)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
-    t.set_defaults(func=_train)
+    t.set_defaults(func=_train, interrupt_hint="progress is kept in OUT; rerun with --resume to continue")
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     mk.add_argument("--out", required=True, type=out_dir, help="output folder (one sub-folder per model + manifest.json)")
     mk.add_argument("--no-resume", action="store_true", help="retrain models already saved in --out")
-    mk.set_defaults(func=_make)
+    mk.set_defaults(func=_make, interrupt_hint="finished models are kept; rerun the same command to finish the zoo")
     show = zsub.add_parser("show", help="print a zoo's trees with each model's task")
     show.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
     show.set_defaults(func=_show)
