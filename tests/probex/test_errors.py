@@ -118,3 +118,15 @@ def test_training_on_a_zoo_with_a_nan_model_names_it(tmp_path):
     for layer in ("w", "auto"):
         with pytest.raises(CheckpointError, match=r"c6\.safetensors: tensor 'w' holds NaN or inf values"):
             train_tree_experts(tmp_path, tmp_path / "out", layer=layer, config=ProbeXConfig(epochs=1))
+
+
+def test_a_family_zoo_records_digests_that_zoo_verify_checks(tmp_path):
+    from modelatlas.probex.families import make_class_subset_zoo
+    from modelatlas.zoo.manifest import load_manifest
+    from modelatlas.zoo.store import verify_zoo
+
+    make_class_subset_zoo(tmp_path, children=(2,), hidden=8, ft_steps=(2, 3))
+    manifest = load_manifest(tmp_path)
+    assert set(verify_zoo(manifest).values()) == {"ok"}
+    (tmp_path / manifest.models[1].path).write_bytes(b"tampered")
+    assert verify_zoo(manifest)[manifest.models[1].name] == "changed"

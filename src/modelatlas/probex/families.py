@@ -119,6 +119,15 @@ def _save_model(folder: Path, name: str, params: dict[str, torch.Tensor]) -> str
     return f"{name}.safetensors"
 
 
+def _manifest(records: list, config: dict, folder: Path) -> Manifest:
+    """The family's manifest with each model's weights digest, so that `atlas zoo verify` can check it."""
+    from dataclasses import replace
+
+    from modelatlas.zoo.store import weights_digest
+
+    return Manifest([replace(r, sha256=weights_digest(folder / r.path)) for r in records], config, folder)
+
+
 def _cached(folder: Path, config: dict) -> Manifest | None:
     from modelatlas.zoo.manifest import load_manifest
 
@@ -179,7 +188,7 @@ def make_class_subset_zoo(folder: str | Path, children: tuple[int, ...] = (1000,
                         "label": "digits classes " + ",".join(map(str, subsets[start + i]))}
                 records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), parents[start + i],
                                            tree, "mlp", "digits", "full", task=task))
-    manifest = Manifest(records, config, folder)
+    manifest = _manifest(records, config, folder)
     manifest.save(folder / "manifest.json")
     return manifest
 
@@ -228,7 +237,7 @@ def make_named_class_zoo(folder: str | Path, models_per_class: int = 10, hidden:
                     "class_index": named_classes().index((d, t))}
             records.append(ModelRecord(name, _save_model(folder, name, _unstack(params, i)), "root", "root", "mlp",
                                        "digits", "full", task=task))
-    manifest = Manifest(records, config, folder)
+    manifest = _manifest(records, config, folder)
     manifest.save(folder / "manifest.json")
     return manifest
 
@@ -295,7 +304,7 @@ def make_wide_subset_zoo(folder: str | Path, children: int = 500, hidden: int = 
                            "root", task={"kind": "class_subset", "classes": list(range(n_classes)),
                                          "root_train_acc": _accuracy(root, flat, y)})]
     records += _subset_children(folder, tree, root, flat, y, config, progress)
-    manifest = Manifest(records, config, folder)
+    manifest = _manifest(records, config, folder)
     manifest.save(folder / "manifest.json")
     return manifest
 
