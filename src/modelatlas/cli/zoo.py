@@ -86,8 +86,8 @@ def _make(args: argparse.Namespace) -> int:
     echo(f"zoo: {counted(len(manifest), 'model')} ({counted(methods['root'], 'root')}, "
          f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA) in {args.out}")
     per = sum(m.train.get("seconds", 0.0) for m in manifest.models) / max(1, len(manifest))
-    echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall, "
-         f"{per:.2f} s of training per model")
+    echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall this run; "
+         f"{per:.2f} s of training per model when it was built (a reused model is not retrained)")
     echo(f"manifest: {manifest.root / 'manifest.json'}")
     return 0
 
