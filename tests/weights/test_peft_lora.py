@@ -215,3 +215,64 @@ def test_an_adapter_of_an_adapter_merges_through_its_merged_parent(tmp_path):
     parent = open_checkpoint(make_linear_adapter(tmp_path / "parent"), base=base_path)
     with open_checkpoint(make_linear_adapter(tmp_path / "child"), base=parent) as ck:
         assert torch.allclose(ck.read("layers.0.q_proj.weight"), torch.ones(4, 3) + 4.0 * BA)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"rank_pattern": {"(a+)+$": 2}}, r"key 'rank_pattern': pattern '\(a\+\)\+\$' could take too long to match "
+                                      r"\(a repeat inside a repeat\)"),
+    ({"alpha_pattern": {"(qq|q)*_proj": 2}}, r"pattern '\(qq\|q\)\*_proj' .*\(a repeat of alternatives\)"),
+    ({"rank_pattern": {r"[a-z.]*[a-z.]*x": 2}}, r"\(2 repeats \(at most 1\)\)"),
+    ({"rank_pattern": {r"(q)\1": 2}}, r"\(a backreference\)"),
+    ({"rank_pattern": {"q_proj": 0}}, r"key 'rank_pattern' entry 'q_proj' must be a positive number \(a whole one\), got 0"),
+    ({"rank_pattern": {"q_proj": "x"}}, r"entry 'q_proj' must be a positive number \(a whole one\), got 'x'"),
+    ({"alpha_pattern": {"q_proj": "x"}}, r"key 'alpha_pattern' entry 'q_proj' must be a positive number, got 'x'"),
+    ({"rank_pattern": [1]}, r"key 'rank_pattern' must be an object of module pattern -> number, got list"),
+    ({"lora_alpha": float("nan")}, r"key 'lora_alpha' must be a positive number, got nan"),
+    ({"lora_alpha": float("inf")}, r"key 'lora_alpha' must be a positive number, got inf"),
+    ({"r": 2.5}, r"key 'r' must be a positive number \(a whole one\), got 2.5"),
+])
+def test_bad_config_values_and_unsafe_patterns_are_named(tmp_path, config, message):
+    """Each used to raise ZeroDivisionError / ValueError / TypeError, read as NaN or a truncated rank, or (the
+    patterns: Python's re backtracks exponentially on them) hang on a module named like 'aaa...a!'."""
+    folder = make_adapter(tmp_path / "ad", {("a" * 40 + "!.lora_A.weight"): A, ("a" * 40 + "!.lora_B.weight"): B},
+                          **config)
+    with pytest.raises(CheckpointError, match=rf"ad/adapter_config\.json: .*{message}") as info:
+        open_checkpoint(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_safe_patterns_still_match(tmp_path):
+    folder = make_linear_adapter(tmp_path / "ad", r=1, rank_pattern={r"layers\.\d+\.(q|k)_proj": 2},
+                                 alpha_pattern={".*q_proj": 8})
+    with open_checkpoint(folder) as ck:
+        assert torch.allclose(ck.read("layers.0.q_proj.weight"), 4.0 * BA)  # alpha 8 / r 2
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                           ('{"r": ' + "9" * 5000 + "}", "Exceeds the limit")])
+def test_config_json_that_python_cannot_parse(tmp_path, text, message):
+    folder = make_linear_adapter(tmp_path / "ad")
+    (folder / "adapter_config.json").write_text(text)  # RecursionError / ValueError tracebacks before
+    with pytest.raises(CheckpointError, match=rf"adapter_config\.json: corrupt adapter config: {message}"):
+        open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("a, b", [(torch.tensor(2.0), B), (A[:, 0], B), (A, B[:, 0]), (A, B[:, :, None].expand(4, 2, 3))])
+def test_factors_of_the_wrong_rank_are_refused(tmp_path, a, b):
+    """A 0-d A raised IndexError, a 1-d A gave a (4,) 'update', a (4, 2, 3) B failed in the matmul."""
+    folder = make_adapter(tmp_path / "ad", {"layers.0.q_proj.lora_A.weight": a, "layers.0.q_proj.lora_B.weight": b})
+    with pytest.raises(CheckpointError, match=r"ad/adapter_model\.safetensors: module 'layers.0.q_proj': lora_A .* / "
+                                              r"lora_B .* are not LoRA factors"):
+        open_checkpoint(folder)
+
+
+def test_an_update_too_large_for_memory_is_named(tmp_path, monkeypatch):
+    import modelatlas.weights.peft_lora as peft_lora
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 400000000000 bytes")
+    monkeypatch.setattr(peft_lora, "lora_delta", fail)
+    with open_checkpoint(make_linear_adapter(tmp_path / "ad")) as ck:
+        with pytest.raises(CheckpointError, match=r"ad: cannot compute the update of 'layers.0.q_proj.weight' "
+                                                  r"\(4 x 3 float32\): DefaultCPUAllocator"):
+            ck.read("layers.0.q_proj.weight")

@@ -17,84 +17,25 @@ base is never looked up from ``base_model_name_or_path``: a lineage method must 
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, folder_name
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, folder_name
 from modelatlas.weights.hf_folder import open_weight_file
+from modelatlas.weights.lora_config import read_adapter_config
 from modelatlas.weights.registry import open_checkpoint, register_format
 
 CONFIG = "adapter_config.json"
+_MAX_MODULE_NAME = 1024  # PEFT module names are ~100 characters
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # <module>.lora_A[.<adapter name>][.weight|.bias]; "bias" is a parameter, never an adapter name (it used to be
 # taken for one, so a lora_B.bias silently replaced or was replaced by the lora_B weight).
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])"
                   r"(?:\.(?!(?:weight|bias)$)[^.]+)?(?:\.(?P<param>weight|bias))?$")
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """The fields of ``adapter_config.json`` that define ``dW``."""
-
-    r: int
-    lora_alpha: float
-    target_modules: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    base_model_name_or_path: str | None = None
-
-    def scale(self, module: str) -> tuple[int, float]:
-        """(r, s) for ``module``: per-module overrides first, then the global values."""
-        key = _pattern_key(self.rank_pattern, module)
-        r = int(self.rank_pattern[key]) if key else self.r
-        key = _pattern_key(self.alpha_pattern, module)
-        alpha = float(self.alpha_pattern[key]) if key else float(self.lora_alpha)
-        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
-
-
-def _pattern_key(patterns: dict, module: str) -> str | None:
-    """The pattern PEFT would apply to ``module``: an exact name, else a regex matching a name suffix."""
-    if module in patterns:
-        return module
-    for key in patterns:
-        try:
-            if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
-                return key
-        except re.error:
-            continue
-    return None
-
-
-def read_adapter_config(path: Path) -> LoraConfig:
-    """Parse and validate ``adapter_config.json``; errors name the file and the key."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"corrupt adapter config: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(path, "corrupt adapter config: not a JSON object")
-    peft_type = str(raw.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise CheckpointError(path, f"unsupported peft_type {raw.get('peft_type')!r}: only LORA adapters are read")
-    if raw.get("use_dora"):  # dW = m * (W + sBA) / ||W + sBA|| - W needs the base and the magnitudes
-        raise CheckpointError(path, "key 'use_dora' is true: DoRA adapters are not supported (their update "
-                                    "is not s * B @ A)")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(raw.get(key), (int, float)) or isinstance(raw.get(key), bool) or raw[key] <= 0:
-            raise CheckpointError(path, f"key {key!r} must be a positive number, got {raw.get(key)!r}")
-    return LoraConfig(
-        r=int(raw["r"]), lora_alpha=float(raw["lora_alpha"]), target_modules=raw.get("target_modules"),
-        rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        use_rslora=bool(raw.get("use_rslora", False)), fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        base_model_name_or_path=raw.get("base_model_name_or_path"))
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, *, embedding: bool = False,
@@ -141,6 +82,7 @@ class LoraAdapterCheckpoint(Checkpoint):
         if weight_file is None:
             raise CheckpointError(self.path, f"adapter folder has no {' or '.join(WEIGHT_FILES)}")
         self.adapter = open_weight_file(weight_file)
+        self._scales: dict[str, tuple[int, float]] = {}
         self.modules = self._pair_modules()
 
     def _pair_modules(self) -> dict[str, _Module]:
@@ -156,27 +98,41 @@ class LoraAdapterCheckpoint(Checkpoint):
             raise CheckpointError(self.adapter.path, "no LoRA tensors (no '<module>.lora_A.weight' keys)")
         modules = {}
         for module, ab in found.items():
-            self._check_pair(module, ab)
+            self._check_pair(module, ab, emb[module])
             bias = ab["B.bias"].name if "B.bias" in ab else None
             modules[f"{module}.weight"] = _Module(ab["A"].name, ab["B"].name, emb[module], bias)
         return modules
 
-    def _check_pair(self, module: str, ab: dict[str, TensorInfo]) -> None:
+    def _check_pair(self, module: str, ab: dict[str, TensorInfo], embedding: bool) -> None:
+        """A is (r, in, *k) and B (out, r, 1, ...) (2-D both for embeddings and fan_in_fan_out); r as configured."""
         if "A.bias" in ab:  # PEFT's lora_bias only ever gives lora_B a bias: anything else is not s * B @ A + ...
             raise CheckpointError(self.adapter.path, f"module {module!r}: unexpected tensor {ab['A.bias'].name!r} "
                                                      "(only lora_B can have a bias)")
         if not {"A", "B"} <= set(ab):
             missing = "lora_B" if "A" in ab else "lora_A"
             raise CheckpointError(self.adapter.path, f"module {module!r} has no {missing} tensor")
-        a, b = ab["A"], ab["B"]
-        r, _ = self.config.scale(module)
-        if ab["A"].shape[0] != r or (b.shape[1] if len(b.shape) > 1 else -1) != r:
+        if len(module) > _MAX_MODULE_NAME:  # rank/alpha patterns are matched against it: O(len^2) per pattern
+            raise CheckpointError(self.adapter.path, f"module name {module[:60]!r}... is {len(module)} characters "
+                                                     f"long (at most {_MAX_MODULE_NAME})")
+        a, b = ab["A"].shape, ab["B"].shape
+        r, _ = self._scale(module)
+        transposed = embedding or self.config.fan_in_fan_out  # lora_delta transposes a 2-D update
+        if len(a) < 2 or len(b) < 2 or any(d != 1 for d in b[2:]) or (transposed and (len(a), len(b)) != (2, 2)):
+            raise CheckpointError(self.adapter.path, f"module {module!r}: lora_A {a} / lora_B {b} are not LoRA "
+                                                     "factors (expected (r, in, ...) and (out, r, 1, ...))")
+        if a[0] != r or b[1] != r:
             raise CheckpointError(self.adapter.path, f"module {module!r}: rank {r} from {CONFIG} does not match "
-                                                     f"lora_A {a.shape} / lora_B {b.shape}")
+                                                     f"lora_A {a} / lora_B {b}")
         bias = ab.get("B.bias")
-        if bias is not None and bias.shape != (b.shape[0],):
+        if bias is not None and bias.shape != (b[0],):
             raise CheckpointError(self.adapter.path, f"module {module!r}: lora_B bias {bias.name!r} has shape "
-                                                     f"{bias.shape}, expected ({b.shape[0]},)")
+                                                     f"{bias.shape}, expected ({b[0]},)")
+
+    def _scale(self, module: str) -> tuple[int, float]:
+        """(r, s) of ``module``, matched against the config's patterns once per module."""
+        if module not in self._scales:
+            self._scales[module] = self.config.scale(module)
+        return self._scales[module]
 
     def _transposed(self, mod: _Module) -> bool:
         return mod.embedding or self.config.fan_in_fan_out
@@ -193,12 +149,17 @@ class LoraAdapterCheckpoint(Checkpoint):
     def _read(self, name: str) -> torch.Tensor:
         if name.endswith(".bias"):  # only listed for modules with a lora_B bias
             mod = self.modules[name.removesuffix(".bias") + ".weight"]
-            _, scale = self.config.scale(name.removesuffix(".bias"))
+            _, scale = self._scale(name.removesuffix(".bias"))
             return scale * self.adapter.read(mod.bias).float()
         mod = self.modules[name]
-        _, scale = self.config.scale(name.removesuffix(".weight"))
-        return lora_delta(self.adapter.read(mod.a), self.adapter.read(mod.b), scale,
-                          embedding=mod.embedding, fan_in_fan_out=self.config.fan_in_fan_out)
+        _, scale = self._scale(name.removesuffix(".weight"))
+        a, b = self.adapter.read(mod.a), self.adapter.read(mod.b)
+        try:
+            return lora_delta(a, b, scale, embedding=mod.embedding, fan_in_fan_out=self.config.fan_in_fan_out)
+        except RuntimeError as e:  # the (out, in) product does not fit in memory
+            raise CheckpointError(self.path, f"cannot compute the update of {name!r} "
+                                             f"({' x '.join(map(str, self.info(name).shape))} float32): "
+                                             f"{error_line(e)}") from e
 
     def extra_tensors(self) -> list[str]:
         """Adapter tensors that are not LoRA factors (``modules_to_save``: full replacement weights)."""
