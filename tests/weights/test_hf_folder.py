@@ -76,12 +76,16 @@ def test_index_lies_about_a_tensor(tmp_path):
     ("{not json", "corrupt shard index"),
     ('{"metadata": {}}', "no 'weight_map'"),
     ('{"weight_map": {"a": "../outside.safetensors"}}', "must be a file name in the same folder"),
+    ('{"weight_map": {"a": "/etc/passwd"}}', "bad shard file '/etc/passwd' for tensor 'a': must be a file name"),
+    ("[" * 100_000 + "]" * 100_000, "corrupt shard index: JSON nested too deeply"),  # was RecursionError
+    ('{"weight_map": ' + "9" * 5000 + "}", "corrupt shard index: Exceeds the limit"),  # was ValueError
 ])
 def test_corrupt_index(tmp_path, content, message):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors.index.json").write_text(content)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=message) as info:
         open_checkpoint(tmp_path / "m")
+    assert "\n" not in str(info.value)
 
 
 def test_corrupt_single_file_fails_at_open(tmp_path):

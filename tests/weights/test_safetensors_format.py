@@ -119,3 +119,38 @@ def test_non_string_metadata_is_refused_when_opened(tmp_path, metadata, message)
 def test_string_or_null_metadata_is_read(tmp_path, metadata):
     with open_checkpoint(make_file_with_metadata(tmp_path / "meta.safetensors", metadata)) as ck:
         assert torch.equal(ck.read("a"), torch.tensor([0.0, 1.0]))
+
+
+def make_raw_safetensors(path, header_json, data=b"\0" * 16):
+    raw = header_json.encode() if isinstance(header_json, str) else json.dumps(header_json).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def f32(shape, start, end):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [start, end]}
+
+
+@pytest.mark.parametrize("header, message", [
+    ("[" * 100_000 + "]" * 100_000, "corrupt safetensors header: JSON nested too deeply"),  # was RecursionError
+    ('{"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, '
+     '"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', "corrupt safetensors header: key 'a' appears twice"),
+    ({"a": f32([2, 2], 0, 16), "b": f32([2], 8, 16)}, r"header lies about tensor 'b': its bytes 8..16 overlap tensor 'a'"),
+    ({"a": f32([2], 8, 16)}, r"corrupt safetensors header: 8 unused bytes before tensor 'a' \(tensors must be packed\)"),
+    ({"a": f32([2], 0, 8)}, "corrupt safetensors file: 8 bytes after the last tensor that the header does not describe"),
+    ({"a": f32([2**40, 2**40, 0], 0, 0), "b": f32([4], 0, 16)}, r"tensor 'a': shape \[1099511627776, 1099511627776, 0\] "
+                                                                 "overflows 64-bit sizes"),
+])
+def test_header_problems_found_when_opened(tmp_path, header, message):
+    """Each was found only by the first read (safetensors' own words, no tensor named), or not at all (a duplicate
+    key: json keeps the last, other readers the first), or raised RecursionError."""
+    p = make_raw_safetensors(tmp_path / "m.safetensors", header)
+    with pytest.raises(CheckpointError, match=rf"m\.safetensors: {message}") as info:
+        open_checkpoint(p)
+    assert "\n" not in str(info.value)
+
+
+def test_empty_tensors_and_padded_header_still_read(tmp_path):
+    header = json.dumps({"e": f32([0], 0, 0), "a": f32([2, 2], 0, 16), "z": f32([3, 0], 16, 16)}) + "   "
+    with open_checkpoint(make_raw_safetensors(tmp_path / "m.safetensors", header)) as ck:
+        assert ck.read("a").shape == (2, 2) and ck.read("z").shape == (3, 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError, TensorNotFoundError
-from modelatlas.weights.base import Checkpoint, TensorInfo, folder_name
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, folder_name
 from modelatlas.weights.registry import register_format
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint
 from modelatlas.weights.torch_pickle import TorchPickleCheckpoint
@@ -43,8 +43,10 @@ def read_weight_map(index: Path) -> dict[str, str]:
     """
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(index, f"corrupt shard index: {e}") from e
+    except RecursionError as e:
+        raise CheckpointError(index, "corrupt shard index: JSON nested too deeply") from e
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, a 5,000-digit integer
+        raise CheckpointError(index, f"corrupt shard index: {error_line(e)}") from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(index, "corrupt shard index: no 'weight_map' object of tensor name -> shard file")

@@ -49,14 +49,46 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"corrupt safetensors header: {e}") from e
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError as e:
+        raise CheckpointError(path, "corrupt safetensors header: JSON nested too deeply") from e
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, a duplicate key, an integer of 5,000 digits
+        raise CheckpointError(path, f"corrupt safetensors header: {error_line(e)}") from e
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
     _check_metadata(path, header.pop("__metadata__", None))
     _check_offsets(path, header, size - 8 - n)
+    _check_packed(path, header, size - 8 - n)
     return header, 8 + n
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object without repeated keys: with one, json keeps the last and another reader may keep the first,
+    so two tools would read different tensors from the same file."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key[:80]!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _check_packed(path: Path, header: dict, data_size: int) -> None:
+    """Tensors tile the data section exactly, in offset order, as safetensors requires (it refuses overlaps, gaps
+    and trailing bytes only at the first read, without naming the tensor). Time O(tensors log tensors)."""
+    end, last = 0, None
+    for name, meta in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        start = meta["data_offsets"][0]
+        if start < end:
+            raise CheckpointError(path, f"header lies about tensor {name!r}: its bytes {start}.."
+                                        f"{meta['data_offsets'][1]} overlap tensor {last!r}")
+        if start > end:
+            raise CheckpointError(path, f"corrupt safetensors header: {start - end} unused bytes before tensor "
+                                        f"{name!r} (tensors must be packed)")
+        end, last = meta["data_offsets"][1], name
+    if end != data_size:
+        raise CheckpointError(path, f"corrupt safetensors file: {data_size - end} bytes after the last tensor that "
+                                    "the header does not describe")
 
 
 def _check_metadata(path: Path, meta: object) -> None:
@@ -88,7 +120,9 @@ def _check_offsets(path: Path, header: dict, data_size: int) -> None:
             raise CheckpointError(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
         numel = 1
         for s in shape:
-            numel *= int(s)
+            numel *= s
+            if numel >= 2**64:  # safetensors computes sizes in 64 bits, in this order, and refuses overflow
+                raise CheckpointError(path, f"tensor {name!r}: shape {shape} overflows 64-bit sizes")
         if end - start != numel * _DTYPE_BYTES[dtype] or start < 0:
             raise CheckpointError(path, f"header lies about tensor {name!r}: offsets {start}..{end} "
                                         f"do not hold shape {shape} of {dtype}")
