@@ -142,3 +142,54 @@ def test_truncated_external_data(tmp_path):
     data.write_bytes(data.read_bytes()[:10])
     with pytest.raises(CheckpointError, match=r"initializer 'W': external data file 'weights.data' is truncated"):
         open_checkpoint(p).read("W")
+
+
+def make_initializer_onnx(path, *inits):
+    onnx.save_model(helper.make_model(helper.make_graph([], "g", [], [], initializer=list(inits))), str(path))
+    return path
+
+
+def test_bad_initializers_are_named_when_opened(tmp_path):
+    bad_type = numpy_helper.from_array(W, "W")
+    bad_type.data_type = 999  # ValueError traceback from the dtype lookup before
+    negative = numpy_helper.from_array(W.reshape(6), "W")
+    negative.ClearField("dims")
+    negative.dims.extend([-1, 6])  # listed as shape (-1, 6), read as (1, 6) before
+    for name, init, message in [("type.onnx", bad_type, "initializer 'W' has unknown data type 999"),
+                                ("neg.onnx", negative, r"initializer 'W' has negative dimensions \[-1, 6\]")]:
+        with pytest.raises(CheckpointError, match=rf"{name}: {message}"):
+            open_checkpoint(make_initializer_onnx(tmp_path / name, init))
+    (tmp_path / "empty.onnx").write_bytes(b"")  # parsed as a model with no tensors before
+    with pytest.raises(CheckpointError, match=r"empty\.onnx: corrupt ONNX file: no graph"):
+        open_checkpoint(tmp_path / "empty.onnx")
+
+
+def test_string_and_sub_byte_initializers(tmp_path):
+    """String initializers (labels) are not weights; 2/4-bit ints and float4/6 have no torch dtype (TypeError
+    tracebacks before): they are read exactly in int8/uint8/float32, as listed."""
+    p = make_initializer_onnx(tmp_path / "q.onnx", helper.make_tensor("labels", onnx.TensorProto.STRING, [2], [b"a", b"b"]),
+                              helper.make_tensor("i4", onnx.TensorProto.INT4, [3], [-8, 0, 7]),
+                              helper.make_tensor("f4", onnx.TensorProto.FLOAT4E2M1, [2], [0.5, -6.0]))
+    with open_checkpoint(p) as ck:
+        assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("i4", (3,), "int8"), ("f4", (2,), "float32")]
+        assert torch.equal(ck.read("i4"), torch.tensor([-8, 0, 7], dtype=torch.int8))
+        assert torch.equal(ck.read("f4"), torch.tensor([0.5, -6.0]))
+
+
+def test_external_read_is_bounded_by_the_shape(tmp_path):
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    model = onnx.load(str(p), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = str(2**40)
+    onnx.save_model(model, str(p))
+    with pytest.raises(CheckpointError, match=r"initializer 'W': external data length 1099511627776 is more than its "
+                                              r"shape \[2, 3\] holds \(24 bytes\)"):
+        open_checkpoint(p).read("W")
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "length":  # no length: the shape's 24 bytes are read, not the rest of the file
+            model.graph.initializer[0].external_data.remove(entry)
+            break
+    onnx.save_model(model, str(p))
+    with open_checkpoint(p) as ck:
+        assert torch.equal(ck.read("W"), torch.from_numpy(W))

@@ -10,6 +10,7 @@ or an absolute path, is refused); a file there may be a symlink, as in a Hugging
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +32,38 @@ def import_onnx(path: Path):
 
 # Float types numpy lacks: onnx returns them as ml_dtypes arrays, which torch.from_numpy refuses; the
 # ml_dtypes name is the torch dtype's name, so they are passed through their raw bits.
-_BITS_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+_BITS_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+_SMALL_INTS = {"int2": np.int8, "int4": np.int8, "uint2": np.uint8, "uint4": np.uint8}  # exact in 8 bits
 
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    if arr.dtype.name in _BITS_DTYPES:
-        return torch.from_numpy(arr.view(f"uint{8 * arr.dtype.itemsize}")).view(getattr(torch, arr.dtype.name))
-    return torch.from_numpy(arr)
-
-
-def _torch_dtype_name(onnx, elem_type: int) -> str:
+    name = arr.dtype.name
+    if name in _BITS_DTYPES and hasattr(torch, name):
+        return torch.from_numpy(arr.view(f"uint{8 * arr.dtype.itemsize}")).view(getattr(torch, name))
+    if name in _SMALL_INTS:
+        return torch.from_numpy(arr.astype(_SMALL_INTS[name]))
     try:
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-        return str(_to_torch(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch.")
-    except (KeyError, TypeError, ValueError):
-        return onnx.TensorProto.DataType.Name(elem_type).lower()
+        return torch.from_numpy(arr)
+    except TypeError:  # the other ml_dtypes floats torch lacks (float4_e2m1fn, float6_*): exact in float32
+        return torch.from_numpy(arr.astype(np.float32))
+
+
+def _initializers(path: Path, onnx, graph) -> dict:
+    """Name -> numeric initializer, after checking dims and type. String initializers (class labels,
+    vocabularies) are text, not weights, and are left out."""
+    out = {}
+    for t in graph.initializer:
+        if t.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(path, f"initializer {t.name!r} has unknown data type {t.data_type}") from None
+        if any(d < 0 for d in t.dims):
+            raise CheckpointError(path, f"initializer {t.name!r} has negative dimensions {list(t.dims)}")
+        out[t.name] = (t, str(_to_torch(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch."),
+                       np.dtype(np_dtype).itemsize)
+    return out
 
 
 class OnnxCheckpoint(Checkpoint):
@@ -60,31 +78,32 @@ class OnnxCheckpoint(Checkpoint):
             model = self._onnx.load(str(self.path), load_external_data=False)
         except Exception as e:  # protobuf raises DecodeError, RuntimeError or ValueError on corrupt input
             raise CheckpointError(self.path, f"corrupt ONNX file: {error_line(e)}") from e
-        self._init = {t.name: t for t in model.graph.initializer}
+        if not model.HasField("graph"):  # an empty file parses as an empty ModelProto
+            raise CheckpointError(self.path, "corrupt ONNX file: no graph (empty, or not an ONNX model)")
+        self._init = _initializers(self.path, self._onnx, model.graph)  # name -> (proto, dtype, item bytes)
 
     def _infos(self) -> list[TensorInfo]:
-        return [TensorInfo(n, tuple(int(d) for d in t.dims), _torch_dtype_name(self._onnx, t.data_type))
-                for n, t in self._init.items()]
+        return [TensorInfo(n, tuple(int(d) for d in t.dims), dtype) for n, (t, dtype, _) in self._init.items()]
 
     def _read(self, name: str) -> torch.Tensor:
         from onnx import numpy_helper
 
-        tensor = self._init[name]
+        tensor, _, itemsize = self._init[name]
         try:
             if tensor.data_location == self._onnx.TensorProto.EXTERNAL:
-                tensor = self._with_external_bytes(tensor)
+                tensor = self._with_external_bytes(tensor, itemsize)
             arr = numpy_helper.to_array(tensor)
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read initializer {name!r}: {error_line(e)}") from e
         return _to_torch(np.array(arr, copy=True))
 
-    def _with_external_bytes(self, tensor):
+    def _with_external_bytes(self, tensor, itemsize: int):
         """A copy of ``tensor`` holding its external bytes inline. Read here rather than by onnx, which refuses
         any symlink, while a Hugging Face cache snapshot is made of symlinks into ``../../blobs/``."""
-        target, offset, length = self._external_range(tensor)
+        target, offset, length = self._external_range(tensor, itemsize)
         with open(target, "rb") as f:
             f.seek(offset)
-            data = f.read(length) if length is not None else f.read()
+            data = f.read(length)
         inline = self._onnx.TensorProto()
         inline.CopyFrom(tensor)  # cheap: an external tensor holds no data
         del inline.external_data[:]
@@ -92,9 +111,10 @@ class OnnxCheckpoint(Checkpoint):
         inline.raw_data = data
         return inline
 
-    def _external_range(self, tensor) -> tuple[Path, int, int | None]:
+    def _external_range(self, tensor, itemsize: int) -> tuple[Path, int, int]:
         """(file, offset, length) of an external tensor, after checking that the location names a file in the
-        model's folder (no absolute path, no ``..``) that exists and is large enough.
+        model's folder (no absolute path, no ``..``) that exists and is large enough, and that the length is
+        no more than the tensor's shape needs (without one, that many bytes are read, not the rest of the file).
 
         The check is on the name, not on where a symlink leads: the location string comes from the model file
         (untrusted), a symlink in the folder was put there by whoever made the folder (the hub cache's blobs).
@@ -117,10 +137,15 @@ class OnnxCheckpoint(Checkpoint):
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data offset "
                                              f"{info.get('offset')!r} / length {info.get('length')!r} are not "
                                              "non-negative integers")
-        if offset + (length or 0) > target.stat().st_size:
+        needed = math.prod(tensor.dims) * itemsize  # an upper bound for 2- and 4-bit types, packed
+        if length is not None and length > needed:
+            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data length {length} is more "
+                                             f"than its shape {list(tensor.dims)} holds ({needed} bytes)")
+        size = target.stat().st_size
+        if offset + (length or 0) > size:
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data file "
                                              f"{location!r} is truncated")
-        return target, offset, length
+        return target, offset, min(needed, size - offset) if length is None else length
 
 
 def is_onnx(path: Path) -> bool:
