@@ -110,9 +110,10 @@ def test_external_data_through_hub_cache_symlinks(tmp_path):
 
 def set_location(path, location):
     model = onnx.load(str(path), load_external_data=False)
-    for entry in model.graph.initializer[0].external_data:
-        if entry.key == "location":
-            entry.value = location
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
     onnx.save_model(model, str(path))
 
 
@@ -159,6 +160,12 @@ def test_bad_initializers_are_named_when_opened(tmp_path):
                                 ("neg.onnx", negative, r"initializer 'W' has negative dimensions \[-1, 6\]")]:
         with pytest.raises(CheckpointError, match=rf"{name}: {message}"):
             open_checkpoint(make_initializer_onnx(tmp_path / name, init))
+    huge = numpy_helper.from_array(W, "W")
+    huge.ClearField("dims")
+    huge.dims.extend([2**31] * 3)  # listed as such before: callers size buffers from listed shapes
+    with pytest.raises(CheckpointError, match=r"huge\.onnx: initializer 'W': shape \[2147483648, 2147483648, "
+                                              r"2147483648\] claims more values than its 24 bytes of data hold"):
+        open_checkpoint(make_initializer_onnx(tmp_path / "huge.onnx", huge))
     (tmp_path / "empty.onnx").write_bytes(b"")  # parsed as a model with no tensors before
     with pytest.raises(CheckpointError, match=r"empty\.onnx: corrupt ONNX file: no graph"):
         open_checkpoint(tmp_path / "empty.onnx")
@@ -176,6 +183,18 @@ def test_string_and_sub_byte_initializers(tmp_path):
         assert torch.equal(ck.read("f4"), torch.tensor([0.5, -6.0]))
 
 
+def test_external_shape_the_file_cannot_hold_is_named_when_opened(tmp_path):
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    model = onnx.load(str(p), load_external_data=False)
+    model.graph.initializer[0].ClearField("dims")
+    model.graph.initializer[0].dims.extend([2**20, 2**20])
+    del model.graph.initializer[0].external_data[1:]  # location only: "the rest of the file"
+    onnx.save_model(model, str(p))
+    with pytest.raises(CheckpointError, match=r"net\.onnx: initializer 'W': external data file 'weights.data' is "
+                                              "truncated"):
+        open_checkpoint(p)
+
+
 def test_external_read_is_bounded_by_the_shape(tmp_path):
     p = make_onnx(tmp_path / "net.onnx", external=True)
     model = onnx.load(str(p), load_external_data=False)
@@ -183,9 +202,9 @@ def test_external_read_is_bounded_by_the_shape(tmp_path):
         if entry.key == "length":
             entry.value = str(2**40)
     onnx.save_model(model, str(p))
-    with pytest.raises(CheckpointError, match=r"initializer 'W': external data length 1099511627776 is more than its "
-                                              r"shape \[2, 3\] holds \(24 bytes\)"):
-        open_checkpoint(p).read("W")
+    with pytest.raises(CheckpointError, match=r"net\.onnx: initializer 'W': external data length 1099511627776 does "
+                                              r"not match its shape \[2, 3\] \(24 bytes\)"):
+        open_checkpoint(p)
     for entry in model.graph.initializer[0].external_data:
         if entry.key == "length":  # no length: the shape's 24 bytes are read, not the rest of the file
             model.graph.initializer[0].external_data.remove(entry)

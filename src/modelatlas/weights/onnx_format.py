@@ -34,6 +34,7 @@ def import_onnx(path: Path):
 # ml_dtypes name is the torch dtype's name, so they are passed through their raw bits.
 _BITS_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 _SMALL_INTS = {"int2": np.int8, "int4": np.int8, "uint2": np.uint8, "uint4": np.uint8}  # exact in 8 bits
+_PACKED = {*_SMALL_INTS, "float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}  # fewer bits than their numpy itemsize
 
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
@@ -61,9 +62,19 @@ def _initializers(path: Path, onnx, graph) -> dict:
             raise CheckpointError(path, f"initializer {t.name!r} has unknown data type {t.data_type}") from None
         if any(d < 0 for d in t.dims):
             raise CheckpointError(path, f"initializer {t.name!r} has negative dimensions {list(t.dims)}")
+        if t.data_location != onnx.TensorProto.EXTERNAL and 2 * math.prod(t.dims) > _stored_bits(t):
+            raise CheckpointError(path, f"initializer {t.name!r}: shape {list(t.dims)} claims more values than "
+                                        f"its {_stored_bits(t) // 8} bytes of data hold")
         out[t.name] = (t, str(_to_torch(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch."),
-                       np.dtype(np_dtype).itemsize)
+                       np.dtype(np_dtype).itemsize, np.dtype(np_dtype).name not in _PACKED)
     return out
+
+
+def _stored_bits(t) -> int:
+    """Bits of data an inline initializer stores. Every value takes at least 2 bits (int2, packed), so a shape
+    needing more than this allows is a claim the file cannot back (callers size buffers from listed shapes)."""
+    return (8 * len(t.raw_data) + 32 * (len(t.float_data) + len(t.int32_data))
+            + 64 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data)))
 
 
 class OnnxCheckpoint(Checkpoint):
@@ -80,27 +91,31 @@ class OnnxCheckpoint(Checkpoint):
             raise CheckpointError(self.path, f"corrupt ONNX file: {error_line(e)}") from e
         if not model.HasField("graph"):  # an empty file parses as an empty ModelProto
             raise CheckpointError(self.path, "corrupt ONNX file: no graph (empty, or not an ONNX model)")
-        self._init = _initializers(self.path, self._onnx, model.graph)  # name -> (proto, dtype, item bytes)
+        # name -> (proto, dtype, bytes per value, whether that size is exact: not a packed 2/4/6-bit type)
+        self._init = _initializers(self.path, self._onnx, model.graph)
+        for t, _, itemsize, exact in self._init.values():  # locations and sizes checked now, like inline data
+            if t.data_location == self._onnx.TensorProto.EXTERNAL:
+                self._external_range(t, itemsize, exact)
 
     def _infos(self) -> list[TensorInfo]:
-        return [TensorInfo(n, tuple(int(d) for d in t.dims), dtype) for n, (t, dtype, _) in self._init.items()]
+        return [TensorInfo(n, tuple(int(d) for d in t.dims), dtype) for n, (t, dtype, *_) in self._init.items()]
 
     def _read(self, name: str) -> torch.Tensor:
         from onnx import numpy_helper
 
-        tensor, _, itemsize = self._init[name]
+        tensor, _, itemsize, exact = self._init[name]
         try:
             if tensor.data_location == self._onnx.TensorProto.EXTERNAL:
-                tensor = self._with_external_bytes(tensor, itemsize)
+                tensor = self._with_external_bytes(tensor, itemsize, exact)
             arr = numpy_helper.to_array(tensor)
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read initializer {name!r}: {error_line(e)}") from e
         return _to_torch(np.array(arr, copy=True))
 
-    def _with_external_bytes(self, tensor, itemsize: int):
+    def _with_external_bytes(self, tensor, itemsize: int, exact: bool):
         """A copy of ``tensor`` holding its external bytes inline. Read here rather than by onnx, which refuses
         any symlink, while a Hugging Face cache snapshot is made of symlinks into ``../../blobs/``."""
-        target, offset, length = self._external_range(tensor, itemsize)
+        target, offset, length = self._external_range(tensor, itemsize, exact)
         with open(target, "rb") as f:
             f.seek(offset)
             data = f.read(length)
@@ -111,7 +126,7 @@ class OnnxCheckpoint(Checkpoint):
         inline.raw_data = data
         return inline
 
-    def _external_range(self, tensor, itemsize: int) -> tuple[Path, int, int]:
+    def _external_range(self, tensor, itemsize: int, exact: bool) -> tuple[Path, int, int]:
         """(file, offset, length) of an external tensor, after checking that the location names a file in the
         model's folder (no absolute path, no ``..``) that exists and is large enough, and that the length is
         no more than the tensor's shape needs (without one, that many bytes are read, not the rest of the file).
@@ -137,12 +152,12 @@ class OnnxCheckpoint(Checkpoint):
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data offset "
                                              f"{info.get('offset')!r} / length {info.get('length')!r} are not "
                                              "non-negative integers")
-        needed = math.prod(tensor.dims) * itemsize  # an upper bound for 2- and 4-bit types, packed
-        if length is not None and length > needed:
-            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data length {length} is more "
-                                             f"than its shape {list(tensor.dims)} holds ({needed} bytes)")
+        needed = math.prod(tensor.dims) * itemsize  # packed 2/4/6-bit types: an upper bound
+        if length is not None and (length > needed or exact and length != needed):
+            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data length {length} does not "
+                                             f"match its shape {list(tensor.dims)} ({needed} bytes)")
         size = target.stat().st_size
-        if offset + (length or 0) > size:
+        if offset + (length if length is not None else needed if exact else 0) > size:
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data file "
                                              f"{location!r} is truncated")
         return target, offset, min(needed, size - offset) if length is None else length
