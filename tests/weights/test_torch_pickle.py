@@ -219,3 +219,11 @@ def test_deep_or_shared_nesting_is_refused(tmp_path, shared):
     torch.save({"model": {"enc": {"layers": {"0": {"weight": torch.ones(1)}}}}}, p)
     with open_checkpoint(p) as ck:
         assert ck.keys() == ["enc.layers.0.weight"]
+
+
+def test_protocol_4_pickle_is_one_error_without_warnings(tmp_path, recwarn):
+    p = tmp_path / "p4.pt"
+    p.write_bytes(pickle.dumps({"w": [1, 2]}, protocol=4))  # torch's unpickler warned about the protocol on stderr
+    with pytest.raises(CheckpointError, match=r"p4\.pt: corrupt or unsupported PyTorch pickle"):
+        open_checkpoint(p)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,7 +56,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     records = zip_records(path) if is_zip else None  # checked before torch unpacks anything
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e) from e
     except OSError as e:
