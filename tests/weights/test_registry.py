@@ -66,3 +66,12 @@ def test_a_modelatlas_output_folder_is_not_taken_for_a_folder_of_models(tmp_path
         discover_models([tmp_path])
     (tmp_path / marker).unlink()
     assert discover_models([tmp_path]) == [tmp_path / "embeddings.safetensors"]
+
+
+def test_a_missing_tensor_names_the_closest_ones(tmp_path):
+    from modelatlas.errors import TensorNotFoundError
+
+    save_file({"layers.0.weight": torch.zeros(2, 2), "layers.0.bias": torch.zeros(2)}, str(tmp_path / "m.safetensors"))
+    with open_checkpoint(tmp_path / "m.safetensors") as ck, pytest.raises(TensorNotFoundError) as e:
+        ck.info("layers.1.weight")
+    assert str(e.value).endswith("no tensor named 'layers.1.weight' (2 tensors; closest: layers.0.weight, layers.0.bias)")

@@ -63,7 +63,7 @@ class Checkpoint(ABC):
     def info(self, name: str) -> TensorInfo:
         index = self._index()
         if name not in index:
-            raise TensorNotFoundError(self.path, f"no tensor named {name!r} ({len(index)} tensors in file)")
+            raise TensorNotFoundError(self.path, f"no tensor named {name!r} ({_count_and_close(name, index)})")
         return index[name]
 
     def read(self, name: str) -> torch.Tensor:
@@ -114,3 +114,12 @@ def _stem(path: Path) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def _count_and_close(name: str, names) -> str:
+    """'8 tensors; closest: a, b' -- the size of a checkpoint (a file or a folder) and the names nearest ``name``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    count = f"{len(names)} tensor" + ("" if len(names) == 1 else "s")
+    return count + (f"; closest: {', '.join(close)}" if close else "")
