@@ -14,6 +14,21 @@ from modelatlas.cli.output import counted, echo, tqdm_progress
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zoo", help="build and inspect model zoos with known lineage")
     zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
+    _register_make(zsub)
+    show = zsub.add_parser("show", help="print a zoo's trees with each model's task")
+    show.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
+    show.set_defaults(func=_show)
+    ver = zsub.add_parser("verify", help="check every model's weights against the manifest's SHA-256 digests",
+                          description="Check a zoo's weights files against its manifest, or (--against) compare "
+                          "its digests with another build of the same config, e.g. one made on another machine.")
+    ver.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
+    ver.add_argument("--against", metavar="MANIFEST", help="another build's manifest (or zoo folder): compare digests")
+    ver.set_defaults(func=_verify)
+    pre = zsub.add_parser("presets", help="list preset zoos")
+    pre.set_defaults(func=_presets)
+
+
+def _register_make(zsub) -> None:
     mk = zsub.add_parser("make", help="train a zoo of models with known parents",
                          description="Train a zoo: a preset and/or explicit options (options override the preset). "
                          "An option left out takes the preset's value, else the default shown.")
@@ -42,17 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--out", required=True, type=out_dir, help="output folder (one sub-folder per model + manifest.json)")
     mk.add_argument("--no-resume", action="store_true", help="retrain models already saved in --out")
     mk.set_defaults(func=_make, interrupt_hint="finished models are kept; rerun the same command to finish the zoo")
-    show = zsub.add_parser("show", help="print a zoo's trees with each model's task")
-    show.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
-    show.set_defaults(func=_show)
-    ver = zsub.add_parser("verify", help="check every model's weights against the manifest's SHA-256 digests",
-                          description="Check a zoo's weights files against its manifest, or (--against) compare "
-                          "its digests with another build of the same config, e.g. one made on another machine.")
-    ver.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
-    ver.add_argument("--against", metavar="MANIFEST", help="another build's manifest (or zoo folder): compare digests")
-    ver.set_defaults(func=_verify)
-    pre = zsub.add_parser("presets", help="list preset zoos")
-    pre.set_defaults(func=_presets)
 
 
 _OPTIONS = ("arch", "arch_kwargs", "input_shape", "task_kinds", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",

@@ -74,16 +74,7 @@ class ZooConfig:
         elif self.shape == "star" and self.depth != 1:  # was silently set to 1
             raise ConfigError(f"depth: a star is roots with direct children only (depth 1), got {self.depth!r}; "
                               "use shape 'tree' for deeper families")
-        for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
-            low = 0 if name == "depth" else 1  # depth 0: roots only
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
-                what = "a non-negative" if low == 0 else "a positive"
-                raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
-        if _count_models(self.trees, self.children, self.depth, MAX_MODELS) > MAX_MODELS:
-            # planning alone would run for hours and fill the memory: surely a typo
-            raise ConfigError(f"trees {self.trees}, children {self.children}, depth {self.depth}: more than "
-                              f"{MAX_MODELS:,} models; lower them")
+        self._check_counts()
         for name in _RANGES:
             _check_range(name, getattr(self, name))
         if not self.lora_ranks or any(not isinstance(r, int) or r < 1 for r in self.lora_ranks):
@@ -99,6 +90,19 @@ class ZooConfig:
         _check_arch_kwargs(self.arch, self.arch_kwargs)
         if self.input_shape is not None and (len(self.input_shape) != 3 or min(self.input_shape) < 1):
             raise ConfigError(f"input_shape: must be (C, H, W) with positive sizes, got {self.input_shape!r}")
+
+    def _check_counts(self) -> None:
+        """Counts are whole numbers in range and the zoo is of a plannable size (MAX_MODELS)."""
+        for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
+            low = 0 if name == "depth" else 1  # depth 0: roots only
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
+                what = "a non-negative" if low == 0 else "a positive"
+                raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
+        if _count_models(self.trees, self.children, self.depth, MAX_MODELS) > MAX_MODELS:
+            # planning alone would run for hours and fill the memory: surely a typo
+            raise ConfigError(f"trees {self.trees}, children {self.children}, depth {self.depth}: more than "
+                              f"{MAX_MODELS:,} models; lower them")
 
     def _check_tasks(self) -> None:
         from modelatlas.zoo.samplers import available_samplers
