@@ -62,6 +62,18 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
         assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert "not a folder; choose a new --out" in err and "File exists" not in err
+
+
+def test_out_that_is_a_file_is_refused_before_the_work(tmp_path):
+    from modelatlas.atlas.index import check_atlas_folder
+    from modelatlas.errors import AtlasError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AtlasError, match=r"file is a file, not a folder"):
+        check_atlas_folder(tmp_path / "file")
+    with pytest.raises(AtlasError, match=r"lies below the file .*file, not a folder"):
+        check_atlas_folder(tmp_path / "file" / "atl")
 
 
 def test_hand_edited_atlas_is_one_line(tmp_path, capsys):

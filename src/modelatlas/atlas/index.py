@@ -126,8 +126,13 @@ class Atlas:
 
 def check_atlas_folder(folder: str | Path) -> None:
     """Refuse to write an atlas into a non-empty folder that holds none: its files would mix with the
-    atlas's (and a later `atlas index build` of that folder would take embeddings.safetensors for a model)."""
+    atlas's (and a later `atlas index build` of that folder would take embeddings.safetensors for a model),
+    and a path that is a file or lies below one (it said 'File exists' after the whole lineage recovery)."""
     folder = Path(folder)
+    file = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if file is not None:
+        where = "is a file" if file == folder else f"lies below the file {file}"
+        raise AtlasError(f"--out {folder} {where}, not a folder; choose a new --out")
     if folder.is_dir() and not (folder / JSON_NAME).is_file() and any(folder.iterdir()):
         raise AtlasError(f"--out {folder} is a non-empty folder that holds no atlas ({JSON_NAME}): the atlas's "
                          "files would mix with its files; choose a new or empty --out")
