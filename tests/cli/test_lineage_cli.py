@@ -168,3 +168,17 @@ def test_no_stage_warning_for_a_single_model(tmp_path, capsys):
     assert main(["lineage", "recover", str(tmp_path / "t0.safetensors")]) == 0
     captured = capsys.readouterr()
     assert "1 model, 1 tree" in captured.out and "warning" not in captured.err
+
+
+def test_bad_output_paths_are_refused_before_recovery(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["lineage", "recover", str(tmp_path), "--out", ""])
+    assert e.value.code == 2 and "invalid output file value: ''" in capsys.readouterr().err
+    for opt, path, said in (("--out", tmp_path / "sub", "is a folder; name a file to write"),
+                            ("--dot", tmp_path / "manifest.json" / "x.dot", "lies below the file")):
+        assert main(["lineage", "recover", str(tmp_path), opt, str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: {opt} {path} ") and said in err and err.count("\n") == 1
+        assert out == ""  # refused before the recovery drew anything

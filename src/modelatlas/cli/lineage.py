@@ -19,12 +19,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Recover the directed lineage forest (who was trained from whom) from the "
                                     "weights alone. PATH: model files, model folders, or folders holding many.")
     r.add_argument("paths", nargs="+", metavar="PATH")
-    r.add_argument("--out", type=Path, help="write the forest as JSON (atomically)")
-    r.add_argument("--dot", type=Path, help="write a Graphviz DOT file")
-    r.add_argument("--mermaid", type=Path, help="write a Mermaid graph")
+    r.add_argument("--out", type=_out_file, help="write the forest as JSON (atomically)")
+    r.add_argument("--dot", type=_out_file, help="write a Graphviz DOT file")
+    r.add_argument("--mermaid", type=_out_file, help="write a Mermaid graph")
     r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder): mark and score edges")
     add_recovery_options(r)
     r.set_defaults(func=_recover)
+
+
+def _out_file(text: str) -> Path:
+    """An output file: not empty (``--out ''`` is the current folder: a traceback after the whole recovery)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"invalid output file value: {text!r} (name a file)")
+    return Path(text)
+
+
+def check_out_files(args: argparse.Namespace) -> None:
+    """Refuse, before the work, an output file that is a folder or lies below a file (both were reported only
+    after the recovery)."""
+    for option in ("out", "dot", "mermaid"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ConfigError(f"--{option} {path} is a folder; name a file to write (e.g. {path / 'lineage'}."
+                              f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd'}[option]})")
+        above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if above is not None:
+            raise ConfigError(f"--{option} {path} lies below the file {above}, not a folder; choose another path")
 
 
 def add_recovery_options(p: argparse.ArgumentParser) -> None:
@@ -77,6 +99,7 @@ def _recover(args: argparse.Namespace) -> int:
     from modelatlas.lineage import LineageRecovery
 
     config = config_from_args(args)
+    check_out_files(args)
     truth = _load_truth(args.truth)
     models = expand_paths(args.paths)
     if not models:
