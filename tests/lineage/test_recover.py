@@ -56,8 +56,8 @@ def test_layer_regex_and_skipped_models():
     weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, seed=2)
     weights["odd"] = {"bias": torch.zeros(4)}
     f = recover_lineage(weights, layers=r"attn\.v")
-    assert f.decisions["layers"] == ["regex 'attn\\\\.v'"]
-    assert "odd" in f.skipped and "no tensor matches --layers" in f.skipped["odd"]
+    assert f.decisions["layers"] == ["regex 'attn\\.v'"]  # the pattern as typed, not its repr (doubled \\)
+    assert "odd" in f.skipped and "no tensor matches --layers 'attn\\.v'" in f.skipped["odd"]
 
 
 def test_paths_and_broken_file(tmp_path):

@@ -252,3 +252,12 @@ def test_a_truth_naming_only_the_low_precision_copy_scores_through_it():
     assert score_forest(f, truth).n_correct == 2
     assert error_notes(f, truth) == {}
     assert prefer_named_copies(f, truth) is f  # the higher-precision model stays the parent
+
+
+def test_mermaid_labels_escape_html_marks_and_hash():
+    """``<``, ``>`` and ``&`` in a name would be read as HTML by Mermaid's renderer, and a name that holds
+    ``#quot;`` must stay that text: ``#`` is escaped first (``#35;``), then the other marks."""
+    f = Forest(["<b>&#quot;", "c"], [Edge("<b>&#quot;", "c", 0.5)], {})
+    mer = to_mermaid(f)
+    assert 'n0["#lt;b#gt;#amp;#35;quot;"]' in mer
+    assert "<" not in mer and ">" not in mer.replace("-->", "") and "&" not in mer

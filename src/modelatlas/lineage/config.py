@@ -103,7 +103,7 @@ class LineageConfig:
             try:
                 re.compile(self.layers)
             except re.error as e:
-                raise ConfigError(f"layers: invalid regular expression {self.layers!r} ({e}); "
+                raise ConfigError(f"layers: invalid regular expression '{self.layers}' ({e}); "
                                   "e.g. 'attn|value'") from e
         if self.method == "mother-paper" and self.stage == "auto":
             raise ConfigError("stage: the mother-paper recipe must be told the stage ('specialize' or 'generalize')")

@@ -45,9 +45,12 @@ def _tag(edge: tuple[str, str], marks: dict | None, notes: dict | None, sep: str
 
 
 def _mq(text: str) -> str:
-    """A quoted Mermaid label: parentheses, ``|`` and ``;`` inside quotes are text, not syntax; a ``"`` is
-    written as the entity ``#quot;``."""
-    return '"' + text.replace('"', "#quot;") + '"'
+    """A quoted Mermaid label: parentheses, ``|`` and ``;`` inside quotes are text, not syntax. Mermaid's
+    entity codes stand for the marks that would end the quote or be read as HTML (``"`` ``<`` ``>`` ``&``),
+    and ``#`` itself is escaped first so that a name holding ``#quot;`` stays that text."""
+    for mark, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;"), ("&", "#amp;")):
+        text = text.replace(mark, code)
+    return '"' + text + '"'
 
 
 def to_mermaid(forest: Forest, marks: dict | None = None, notes: dict | None = None) -> str:

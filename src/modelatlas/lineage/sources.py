@@ -98,7 +98,7 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
     mats = [t for t in ckpt.tensors() if t.dtype in _FLOAT and len(t.shape) >= 2 and t.numel > 1]
     if pattern is not None:
         rx = re.compile(pattern)
-        return [t for t in mats if rx.search(t.name)], f"regex {pattern!r}"
+        return [t for t in mats if rx.search(t.name)], f"regex '{pattern}'"
     square = [t for t in mats if len(t.shape) == 2 and t.shape[0] == t.shape[1]]
     if square:
         return square, "square matrices"
@@ -127,7 +127,7 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
             skipped[ck.name] = str(e)
             continue
         if not layers:
-            why = f"no tensor matches --layers {pattern!r}" if pattern else "no float matrix to compare"
+            why = f"no tensor matches --layers '{pattern}'" if pattern else "no float matrix to compare"
             skipped[ck.name] = f"{ck.path}: {why}"
             continue
         sig = tuple(sorted((t.name, t.shape) for t in layers))
