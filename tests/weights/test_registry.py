@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -75,3 +77,15 @@ def test_a_missing_tensor_names_the_closest_ones(tmp_path):
     with open_checkpoint(tmp_path / "m.safetensors") as ck, pytest.raises(TensorNotFoundError) as e:
         ck.info("layers.1.weight")
     assert str(e.value).endswith("no tensor named 'layers.1.weight' (2 tensors; closest: layers.0.weight, layers.0.bias)")
+
+
+def test_a_model_reached_twice_is_discovered_once(tmp_path, monkeypatch):
+    """``atlas lineage recover models/ models/a.safetensors`` (or ``./a`` and ``a``, or a symlink) named the
+    same model twice, which was then refused as two models of one name."""
+    (tmp_path / "models").mkdir()
+    for name in ("a", "b"):
+        save_file({"w": torch.zeros(2)}, str(tmp_path / "models" / f"{name}.safetensors"))
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "models" / "b.safetensors")
+    monkeypatch.chdir(tmp_path)
+    found = discover_models(["models/a.safetensors", "models", "./models/a.safetensors", "link.safetensors"])
+    assert found == [Path("models/a.safetensors"), Path("models/b.safetensors")]

@@ -8,6 +8,7 @@ their formats with :func:`register_format` at import time.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,22 @@ def is_model(path: Path) -> bool:
 def discover_models(paths: Iterable[str | Path]) -> list[Path]:
     """Expand ``paths`` into model paths: a model file or model folder stays itself; any other folder is
     expanded to the models directly inside it (sorted by name). A missing path raises CheckpointError, except
-    a hub id (``org/name[@rev]``), which is kept for :func:`open_checkpoint` to resolve from the local cache."""
+    a hub id (``org/name[@rev]``), which is kept for :func:`open_checkpoint` to resolve from the local cache.
+    A model reached twice (``models/`` and ``models/a.safetensors``, ``./a`` and ``a``, a symlink) is kept once,
+    where it first appears: it is one model, not two of the same name."""
+    found = _expand(paths)
+    seen: set[str] = set()
+    kept = []
+    for p in found:
+        key = os.path.realpath(p) if p.exists() else str(p)
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept
+
+
+def _expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Each path as itself (a model, or a hub id) or the models directly inside it (a folder)."""
     _load_plugins()
     found: list[Path] = []
     for p in map(Path, paths):
