@@ -28,6 +28,25 @@ def test_error_mapper_one_line_exit_1(capsys, monkeypatch):
         m.run_mapped(boom, argparse.Namespace())
 
 
+@pytest.mark.parametrize("code, text", [(28, "No space left on device"), (30, "Read-only file system"),
+                                        (16, "Device or resource busy")])
+def test_an_os_error_about_a_file_is_one_line(capsys, monkeypatch, code, text):
+    """A full disk, a read-only folder or a busy mount point while writing an output was a traceback; an
+    OSError that names no file stays one (it is a bug, not the user's input)."""
+    import argparse
+
+    from modelatlas.cli import main as m
+
+    def boom(args):
+        raise OSError(code, text, "/out/result.json")
+
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert m.run_mapped(boom, argparse.Namespace()) == 1
+    assert capsys.readouterr().err == f"error: /out/result.json: {text}\n"
+    with pytest.raises(OSError):
+        m.run_mapped(lambda args: (_ for _ in ()).throw(OSError(code, text)), argparse.Namespace())
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     assert "digits" in capsys.readouterr().out

@@ -80,9 +80,8 @@ def run_mapped(func, args: argparse.Namespace) -> int:
         hint = getattr(args, "interrupt_hint", None) or "outputs are written when a command finishes: nothing partial was left"
         print(f"error: interrupted ({hint})", file=sys.stderr)
         return 130
-    except (AtlasError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as e:  # FileExists / NotADirectory: an --out at or below an existing file
-        if debug:
+    except (AtlasError, OSError) as e:  # OSError about a file: missing, an --out below a file, disk full, read-only
+        if debug or (isinstance(e, OSError) and not e.filename):  # an OSError naming no file is not the user's
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
