@@ -111,6 +111,9 @@ def test_cli_attribute_tiny(tmp_path, capsys, monkeypatch):
     assert "attribution matrix 20 clusters x 20 test samples" in capsys.readouterr().out
     info = json.loads((out / "attribution.json").read_text())
     assert info["shape"] == [20, 20] and (out / "attribution.png").stat().st_size > 1000
+    import hashlib  # the JSON, written last, names the digests of the two other files (a mixed set shows)
+    assert info["files"] == {n: hashlib.sha256((out / n).read_bytes()).hexdigest()
+                             for n in ("attribution.safetensors", "attribution.png")}
     from safetensors.torch import load_file
     assert load_file(str(out / "attribution.safetensors"))["matrix"].shape == (20, 20)
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)

@@ -5,6 +5,7 @@ Everything is written atomically. Cost O(K_total x n_test) to save; the plot O(#
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -46,18 +47,29 @@ def check_out(folder: str | Path) -> Path:
     return folder
 
 
-def save_attribution(folder: str | Path, attr: Attribution, info: dict, true_matrix: torch.Tensor | None = None) -> Path:
+def save_attribution(folder: str | Path, attr: Attribution, info: dict, true_matrix: torch.Tensor | None = None,
+                     png: bytes | None = None) -> Path:
+    """Write the tensors, the plot (``png``, from :func:`render_top_clusters`) and, last, ``attribution.json``
+    with the SHA-256 of the other two: each file is replaced atomically, and a run killed between the
+    writes leaves a JSON whose ``files`` digests do not match the newer tensors, so a mixed set is detectable."""
     folder = check_out(folder)
     tensors = {"matrix": attr.matrix, "assign": attr.assign, "cluster_class": attr.cluster_class,
                "synthetic": attr.synthetic, "synthetic_labels": attr.synthetic_labels, "base_losses": attr.base_losses}
     if true_matrix is not None:
         tensors["loo_matrix"] = true_matrix
     atomic_save_tensors(folder / TENSORS, tensors)
+    if png is not None:
+        atomic_write_bytes(folder / PLOT, png)
+    files = {name: _sha256(folder / name) for name in (TENSORS, PLOT) if name == TENSORS or png is not None}
     atomic_write_json(folder / META, {**info, "shape": list(attr.matrix.shape), "timings": attr.timings,
                                       "match_loss_first_last": attr.match_losses[:1] + attr.match_losses[-1:],
                                       "sign": "A[k, j] = test loss of j after removing cluster k - before; "
-                                              "positive = cluster k helped j"})
+                                              "positive = cluster k helped j", "files": files})
     return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -97,7 +109,3 @@ def _panel(ax, img: torch.Tensor | None, title: str) -> None:
         ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy())
     else:
         ax.imshow(img[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-
-
-def write_plot(folder: str | Path, png: bytes) -> Path:
-    return atomic_write_bytes(Path(folder) / PLOT, png)

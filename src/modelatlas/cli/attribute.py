@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from modelatlas.attribution import ddm_attribution
-    from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution, write_plot
+    from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution
 
     check_out(args.out)  # before any work: a file or another command's folder is refused in a second
     cfg = _config(args)
@@ -50,8 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
     info = {"dataset": train.name, "n_train": len(xtr), "n_test": len(xte), "seed": args.seed, "config": cfg.to_dict()}
     true = _validate(args, attr, cfg, train.num_classes, (xtr, ytr, xte, yte), info) if args.validate else None
-    save_attribution(args.out, attr, info, true)
-    write_plot(args.out, render_top_clusters(attr, xtr, xte, yte, args.test_index))
+    save_attribution(args.out, attr, info, true, png=render_top_clusters(attr, xtr, xte, yte, args.test_index))
     k_total, n_test = attr.matrix.shape
     echo(f"attribution matrix {k_total} clusters x {n_test} test samples in {attr.timings['total_s']:.1f} s "
          f"(online {attr.timings['online_s']:.3f} s); wrote {args.out}")
