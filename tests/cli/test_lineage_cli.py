@@ -28,7 +28,8 @@ def test_recover_with_truth_and_outputs(tmp_path, capsys):
     make_tiny_zoo(zoo, broken=True)
     out = tmp_path / "forest.json"
     code = main(["lineage", "recover", str(zoo), "--truth", str(zoo), "--out", str(out),
-                 "--dot", str(tmp_path / "f.dot"), "--mermaid", str(tmp_path / "f.mmd"), "--stage", "specialize"])
+                 "--dot", str(tmp_path / "f.dot"), "--mermaid", str(tmp_path / "f.mmd"), "--png", str(tmp_path / "f.png"),
+                 "--stage", "specialize"])
     captured = capsys.readouterr()
     assert code == 0
     assert captured.err.count("skipped broken:") == 1 and "broken.safetensors" in captured.err
@@ -41,6 +42,7 @@ def test_recover_with_truth_and_outputs(tmp_path, capsys):
     assert all(0 <= e["score"] <= 1 for e in data["edges"])
     assert (tmp_path / "f.dot").read_text().startswith("digraph")
     assert (tmp_path / "f.mmd").read_text().startswith("graph TD")
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG") and f"wrote {tmp_path / 'f.png'}" in captured.out
 
 
 def test_files_as_paths_and_options(tmp_path, capsys):

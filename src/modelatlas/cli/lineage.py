@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from modelatlas.atomic import atomic_write_text
+from modelatlas.atomic import atomic_write_bytes, atomic_write_text
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 from modelatlas.errors import AtlasError, ConfigError
@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", type=_out_file, help="write the forest as JSON (atomically)")
     r.add_argument("--dot", type=_out_file, help="write a Graphviz DOT file")
     r.add_argument("--mermaid", type=_out_file, help="write a Mermaid graph")
+    r.add_argument("--png", type=_out_file, help="draw the forest as a PNG image (with --truth: edges coloured "
+                                                 "right / reversed / wrong)")
     r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder): mark and score edges")
     add_recovery_options(r)
     r.set_defaults(func=_recover)
@@ -37,13 +39,13 @@ def _out_file(text: str) -> Path:
 def check_out_files(args: argparse.Namespace) -> None:
     """Refuse, before the work, an output file that is a folder or lies below a file (both were reported only
     after the recovery)."""
-    for option in ("out", "dot", "mermaid"):
+    for option in ("out", "dot", "mermaid", "png"):
         path = getattr(args, option)
         if path is None:
             continue
         if path.is_dir():
             raise ConfigError(f"--{option} {path} is a folder; name a file to write (e.g. {path / 'lineage'}."
-                              f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd'}[option]})")
+                              f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd', 'png': 'png'}[option]})")
         above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if above is not None:
             raise ConfigError(f"--{option} {path} lies below the file {above}, not a folder; choose another path")
@@ -183,3 +185,8 @@ def _write_outputs(args: argparse.Namespace, forest, truth) -> None:
     if args.mermaid:
         atomic_write_text(args.mermaid, to_mermaid(forest, marks, notes))
         echo(f"wrote {args.mermaid}")
+    if args.png:
+        from modelatlas.lineage.plot import render_forest
+
+        atomic_write_bytes(args.png, render_forest(forest, marks))
+        echo(f"wrote {args.png}")

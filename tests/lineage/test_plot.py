@@ -1,0 +1,49 @@
+import io
+
+import pytest
+
+from modelatlas.lineage.forest import Edge, Forest
+from modelatlas.lineage.plot import MAX_LABELS, render_forest, tree_layout
+
+
+def make_forest():
+    """a -> b, a -> c -> d, and a second tree e; hand-checked layout below."""
+    edges = [Edge("a", "c", 0.9), Edge("a", "b", 0.4), Edge("c", "d", 0.7)]
+    return Forest(["a", "b", "c", "d", "e"], edges, trees=[["a", "b", "c", "d"], ["e"]])
+
+
+def test_layout_places_leaves_in_order_and_parents_over_their_children():
+    pos = tree_layout(make_forest())
+    # leaves in depth-first order with children sorted by name: b at 0, d at 1; c over d, a over b..c;
+    # one empty column between the trees, so e at 3
+    assert pos == {"b": (0, 1), "d": (1, 2), "c": (1.0, 1), "a": (0.5, 0), "e": (3, 0)}
+
+
+def test_layout_of_a_long_chain_and_of_a_cycle_terminates_without_recursion():
+    n = 5000  # deeper than Python's recursion limit
+    names = [f"m{i}" for i in range(n)]
+    pos = tree_layout(Forest(names, [Edge(names[i], names[i + 1], 0.5) for i in range(n - 1)]))
+    assert pos["m4999"] == (0, 4999) and pos["m0"] == (0, 0)
+    cyc = tree_layout(Forest(["r", "x", "y"], [Edge("x", "y", 0.5), Edge("y", "x", 0.5)]))  # hand-edited JSON
+    assert set(cyc) == {"r", "x", "y"} and cyc["y"][1] == cyc["x"][1] + 1
+
+
+def check_png(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    assert data.startswith(b"\x89PNG")
+    return Image.open(io.BytesIO(data)).size
+
+
+@pytest.mark.parametrize("marks", [None, {("a", "c"): "right", ("a", "b"): "wrong", ("c", "d"): "reversed"}])
+def test_render_draws_a_png(marks):
+    w, h = check_png(render_forest(make_forest(), marks))
+    assert w > 200 and h > 150
+
+
+def test_render_of_a_large_forest_stays_within_bounds():
+    n = MAX_LABELS + 50
+    names = ["root"] + [f"c{i}" for i in range(n)]
+    w, h = check_png(render_forest(Forest(names, [Edge("root", c, 0.5, kind="duplicate" if i % 7 == 0 else "trained")
+                                                 for i, c in enumerate(names[1:])])))
+    assert w <= 40 * 150 + 150 and h <= 30 * 150 + 150  # the figure size is capped
