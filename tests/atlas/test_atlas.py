@@ -235,6 +235,16 @@ def test_viewer_filter_ignores_the_folder_every_model_shares():
     assert sum("cnn" in t for t in texts) == 2
 
 
+def test_viewer_draws_the_forest_inline_when_it_has_edges():
+    import base64
+    import re
+
+    page = render_html(Atlas([ModelEntry("a", "a"), ModelEntry("b", "b")], Forest(["a", "b"], [Edge("a", "b", 0.5)])))
+    png = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert png and base64.b64decode(png.group(1)).startswith(b"\x89PNG")  # one self-contained file
+    assert "data:image/png" not in render_html(Atlas([ModelEntry("a", "a")], Forest(["a"], [])))
+
+
 def make_saved_atlas(folder):
     """A small saved atlas (two models, one edge); returns its atlas.json as a dict."""
     models = [ModelEntry("a", "/m/a", parameters=10, predicted=[["Shirt", 0.9]]), ModelEntry("b", "/m/b", tree=1)]

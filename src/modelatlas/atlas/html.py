@@ -1,6 +1,6 @@
 """The atlas viewer: one self-contained HTML page (inline CSS and a few lines of JavaScript, no network).
 
-It draws each recovered tree as an indented list (edge confidence beside each model, predicted classes
+It draws the recovered forest as a picture (``modelatlas.lineage.plot``, inline PNG), each tree as an indented list (edge confidence beside each model, predicted classes
 under it), a table of every model (size, dtype, tree, parent, predictions, notes), and a filter box that
 hides the table rows that do not match every typed word (a word starting a word of the model's name, path
 or notes, or a whole word of a predicted class; never a probability), and dims those models in the trees,
@@ -10,6 +10,7 @@ string from the atlas is HTML-escaped. Time O(N + E).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from html import escape
@@ -138,6 +139,18 @@ def _table(atlas: Atlas, folder: str) -> list[str]:
     return out
 
 
+def _picture(atlas: Atlas) -> str:
+    """The forest drawn as in ``atlas lineage recover --png`` (no marks: an atlas has no truth), inline as a
+    base64 PNG so that the page stays one file; folded away under its heading. Empty without edges."""
+    if not atlas.forest.edges:
+        return ""
+    from modelatlas.lineage.plot import render_forest
+
+    png = base64.b64encode(render_forest(atlas.forest, dpi=100)).decode("ascii")
+    return (f'<details open><summary>lineage drawing</summary><img alt="the recovered lineage forest" '
+            f'style="max-width:100%" src="data:image/png;base64,{png}"></details>')
+
+
 def render_html(atlas: Atlas) -> str:
     """The viewer page for ``atlas`` as one HTML string."""
     d, folder = atlas.forest.decisions, shared_folder([m.path for m in atlas.models])
@@ -149,6 +162,6 @@ def render_html(atlas: Atlas) -> str:
     body = [f"<h1>modelatlas</h1><p class=meta>{escape(meta)}</p>",
             f"<p class=meta>{experts}</p>" if experts else "",
             '<input placeholder="filter models (name, whole class name, note)" oninput="filt(this.value)">',
-            *_trees(atlas, folder), "<h2>all models</h2>", *_table(atlas, folder)]
+            _picture(atlas), *_trees(atlas, folder), "<h2>all models</h2>", *_table(atlas, folder)]
     return ("<!doctype html><html><head><meta charset=utf-8><title>modelatlas</title>"
             f"<style>{_CSS}</style><script>{_JS}</script></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -18,7 +18,7 @@ from modelatlas.lineage.export import _COLORS
 from modelatlas.lineage.forest import COPY_KINDS, Forest
 
 MAX_LABELS = 150  # above this many models, names would overlap: draw the shape only
-MAX_SCORES = 60  # edge scores are written beside the arrows up to this many edges
+MAX_SCORES = 40  # edge scores are written beside the arrows up to this many edges
 
 
 def tree_layout(forest: Forest) -> dict[str, tuple[float, int]]:
