@@ -3,6 +3,7 @@
     python bench/lineage.py --suite accuracy --work /tmp/atlas-bench-lineage
     python bench/lineage.py --suite scaling --work /tmp/atlas-bench-lineage
     python bench/lineage.py --suite demo-seeds --work /tmp/atlas-bench-lineage   # the demo family, seeds 1-24
+    python bench/lineage.py --suite stars --work /tmp/atlas-bench-lineage        # 2 roots x 20-30 fine-tunes each
     python bench/lineage.py --suite wide --work /tmp/atlas-bench-lineage --only "wide512 39"
     python bench/lineage.py --synthetic-wide 512 --work /tmp/atlas-bench-lineage
 
@@ -86,6 +87,14 @@ HELDOUT2 = {f"held-out 2: {k}": v for k, v in {
     "full cnn seed51": ("lineage-full", dict(seed=51, arch="cnn"))}.items()}
 # the `atlas demo` family (3 x 2 x 2, full fine-tuning and LoRA mixed) at 24 more seeds: mixed trees (session 16)
 DEMO_SEEDS = {f"demo seed{s}": ("demo", dict(seed=s)) for s in range(1, 25)}
+# many fine-tunes of one base (session 19): the sibling-under-sibling weakness, not a target; seed 0 is the
+# README's ProbeX example at 30 children
+_STAR = dict(shape="star", trees=2, children=20, depth=1)
+STARS = {f"star {k}": ("lineage-full", {**_STAR, **ov}) for k, ov in {
+    "mlp 2x20 mixed seed200": dict(seed=200),
+    "mlp 2x20 class-subsets seed201": dict(seed=201, task_sampler="random_class_subset"),
+    "cnn 2x20 mixed seed202": dict(seed=202, arch="cnn"),
+    "mlp 2x30 class-subsets seed0": dict(seed=0, children=30, task_sampler="random_class_subset")}.items()}
 SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
            for n, (t, c, d) in {21: (3, 2, 2), 39: (3, 3, 2), 78: (6, 3, 2), 120: (3, 3, 3), 200: (5, 3, 3)}.items()}
 # wider models (3 square 512 x 512 layers, 3.3 MB files) so that reading is not free next to fixed compute
@@ -351,7 +360,7 @@ HEADER = ("| zoo | models | ours: directed / undirected / ARI | MoTHer recipe (t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "demo-seeds", "scaling", "wide"),
+    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "demo-seeds", "stars", "scaling", "wide"),
                     default="accuracy")
     ap.add_argument("--work", type=Path, default=Path("/tmp/atlas-bench-lineage"))
     ap.add_argument("--only", help="comma-separated zoo keys")
@@ -378,7 +387,7 @@ def main() -> None:
             atomic_write_json(args.json, rows, indent=2)
         return
     zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "heldout2": HELDOUT2, "demo-seeds": DEMO_SEEDS,
-            "scaling": SCALING, "wide": WIDE}[args.suite]
+            "stars": STARS, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
     rows = {}
     print(HEADER, flush=True)
