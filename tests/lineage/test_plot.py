@@ -3,7 +3,7 @@ import io
 import pytest
 
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.plot import MAX_LABELS, render_forest, tree_layout
+from modelatlas.lineage.plot import MAX_ARROWS, MAX_LABELS, render_forest, tree_layout
 
 
 def make_forest():
@@ -41,8 +41,8 @@ def test_render_draws_a_png(marks):
     assert w > 200 and h > 150
 
 
-def test_render_of_a_large_forest_stays_within_bounds():
-    n = MAX_LABELS + 50
+@pytest.mark.parametrize("n", [MAX_LABELS + 50, MAX_ARROWS + 50])  # names dropped; then segments, not arrows
+def test_render_of_a_large_forest_stays_within_bounds(n):
     names = ["root"] + [f"c{i}" for i in range(n)]
     w, h = check_png(render_forest(Forest(names, [Edge("root", c, 0.5, kind="duplicate" if i % 7 == 0 else "trained")
                                                  for i, c in enumerate(names[1:])])))
