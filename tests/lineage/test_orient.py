@@ -132,3 +132,45 @@ def test_orient_mst_rerooting_matches_trying_every_root(seed):
     kurt = rng.integers(0, 3, size=n).astype(float) if seed % 2 else rng.normal(size=n)
     for stage in ("specialize", "generalize"):
         assert orient_mst(dist, kurt, stage) == check_orient_mst_brute(dist, kurt, stage)
+
+
+def check_replacement_brute(dist, parent):
+    """The definition: cut edge parent[v] -> v, take the smallest other pair joining the two sides."""
+    n = len(parent)
+    out = np.full(n, np.inf)
+    for v, p in enumerate(parent):
+        if p < 0:
+            continue
+        below = np.zeros(n, dtype=bool)
+        for u in range(n):  # u is below v when v is on u's path to its root
+            w = u
+            while w >= 0 and w != v:
+                w = parent[w]
+            below[u] = w == v
+        cross = [dist[x, y] for x in np.flatnonzero(~below) for y in np.flatnonzero(below) if (x, y) != (p, v)]
+        out[v] = min(cross) if cross else np.inf
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_replacement_costs_match_the_definition_on_random_trees(seed):
+    from modelatlas.lineage.orient import replacement_costs
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 14))
+    parent = [-1] + [int(rng.integers(0, v)) for v in range(1, n)]  # a random rooted tree
+    if seed % 3 == 0 and n > 3:
+        parent[n - 1] = -1  # a second tree: its pairs with the first cross every edge on their way to the roots
+    x = rng.normal(size=(n, 3))
+    dist = np.round(np.linalg.norm(x[:, None] - x[None], axis=-1), 1 if seed % 2 else 6)  # ties when rounded
+    np.testing.assert_array_equal(replacement_costs(dist, parent), check_replacement_brute(dist, parent))
+
+
+def test_replacement_costs_of_a_long_chain_need_no_quadratic_walks():
+    from modelatlas.lineage.orient import replacement_costs
+
+    n = 3000  # the subtree-mask version needed ~9 s at 1,000
+    pos = np.cumsum(np.ones(n))
+    dist = np.abs(pos[:, None] - pos[None])  # a chain on a line: the best replacement of i-1 -> i is 2 away
+    alt = replacement_costs(dist, [-1] + list(range(n - 1)))
+    assert alt[0] == np.inf and (alt[1:] == 2).all()

@@ -133,3 +133,30 @@ def test_config_rejects_bad_orient_and_prior():
         LineageConfig(root_prior=-1.0)
     with pytest.raises(ConfigError, match="root_votes must be one of sign, scaled"):
         LineageConfig(root_votes="tanh")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hop_sums_by_rerooting_match_one_bfs_per_node(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30))
+    adj = [[] for _ in range(n)]
+    for v in range(1, n):  # a random tree
+        u = int(rng.integers(0, v))
+        adj[u].append(v)
+        adj[v].append(u)
+    brute = []
+    for r in range(n):
+        depth = {r: 0}
+        queue = [r]
+        for u in queue:
+            for v in adj[u]:
+                if v not in depth:
+                    depth[v] = depth[u] + 1
+                    queue.append(v)
+        brute.append(sum(depth.values()))
+    np.testing.assert_array_equal(hop_sums(adj), brute)
+
+
+def test_hop_sums_refuse_a_graph_that_is_not_one_tree():
+    with pytest.raises(ValueError, match="not one tree"):
+        hop_sums([[1], [0], []])

@@ -90,19 +90,28 @@ def bfs(adj: list[list[int]], root: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def hop_sums(adj: list[list[int]]) -> np.ndarray:
-    """(n,) sum of tree hop distances from each node to all others (one BFS per node). Time O(n^2)."""
+    """(n,) sum of tree hop distances from each node to all others, for a tree ``adj`` (connected).
+
+    Rerooting: the sum from the BFS root is the sum of depths, and moving from u to its child v brings the
+    size(v) nodes below v one hop closer and the other n - size(v) one hop further, so
+    S(v) = S(u) + n - 2 size(v). Time O(n) (one BFS per node was O(n^2) in Python: 3.7 s of a
+    2,000-checkpoint chain).
+    """
     n = len(adj)
+    if n == 0:
+        return np.zeros(0)
+    parent, order = bfs(adj, 0)
+    if len(order) != n:
+        raise ValueError(f"hop_sums: the graph is not one tree ({len(order)} of {n} nodes reachable from node 0)")
+    size, depth = np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for v in order[1:]:
+        depth[v] = depth[parent[v]] + 1
+    for v in order[:0:-1]:  # children before parents
+        size[parent[v]] += size[v]
     out = np.zeros(n)
-    for r in range(n):
-        depth = np.full(n, -1)
-        depth[r] = 0
-        queue = [r]
-        for u in queue:
-            for v in adj[u]:
-                if depth[v] < 0:
-                    depth[v] = depth[u] + 1
-                    queue.append(v)
-        out[r] = depth.sum()
+    out[order[0]] = depth.sum()
+    for v in order[1:]:
+        out[v] = out[parent[v]] + n - 2 * size[v]
     return out
 
 
