@@ -31,7 +31,7 @@ Confidence of the root: logistic(best score - runner-up score) in [0.5, 1] (0.5:
 one fully agreeing edge is 0.73); if the runner-up were the root, exactly the edges on the path between the
 two would flip.
 
-Time O(n^2 + n L) per tree of n models and L layers (every root tried; hop sums by one BFS per node).
+Time O(n L) per tree of n models and L layers (every root tried by rerooting, hop sums included).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.n
     """(n,) score of each node as the root: kurtosis votes of the edges hung from it - prior * mean hops.
 
     votes(r) is computed for every r at once by rerooting: moving the root across edge (u, v) flips that
-    edge only, so votes(v) = votes(u) - vote(u -> v) + vote(v -> u). Time O(n^2 + n L).
+    edge only, so votes(v) = votes(u) - vote(u -> v) + vote(v -> u). Time O(n L).
     """
     n = len(adj)
     if n == 0:
@@ -146,7 +146,7 @@ def branching(adj: list[list[int]]) -> float:
 def choose_root(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
                 prior: float = PRIOR, votes: str = "scaled") -> tuple[int, float, int]:
     """(root, confidence in [0.5, 1], runner-up root) of one tree. Ties go to the smaller summed kurtosis
-    violation, then the lower index. Time O(n^2 + n L)."""
+    violation, then the lower index. Time O(n L + n log n)."""
     n = len(adj)
     if n < 2:
         return 0, 1.0, 0
