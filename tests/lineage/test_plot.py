@@ -41,6 +41,11 @@ def test_render_draws_a_png(marks):
     assert w > 200 and h > 150
 
 
+def test_render_survives_a_nan_score():
+    """A hand-edited forest JSON may hold NaN (Python's json reads it): shaded light, not a colour error."""
+    check_png(render_forest(Forest(["a", "b"], [Edge("a", "b", float("nan"))])))
+
+
 @pytest.mark.parametrize("n", [MAX_LABELS + 50, MAX_ARROWS + 50])  # names dropped; then segments, not arrows
 def test_render_of_a_large_forest_stays_within_bounds(n):
     names = ["root"] + [f"c{i}" for i in range(n)]

@@ -14,6 +14,7 @@ thousands of checkpoints needs no recursion; drawing O(N + E): one arrow artist 
 from __future__ import annotations
 
 import io
+import math
 
 from modelatlas.lineage.export import _COLORS
 from modelatlas.lineage.forest import COPY_KINDS, Forest
@@ -62,7 +63,8 @@ def _edge_style(edge, marks: dict | None) -> tuple[str, str]:
     mark = (marks or {}).get((edge.parent, edge.child))
     if mark:
         return _COLORS[mark], style
-    shade = 0.75 - 0.6 * min(max(float(edge.score), 0.0), 1.0)  # score 1 -> dark gray, score 0 -> light gray
+    score = float(edge.score) if math.isfinite(edge.score) else 0.0  # a NaN from a hand-edited file: light
+    shade = 0.75 - 0.6 * min(max(score, 0.0), 1.0)  # score 1 -> dark gray, score 0 -> light gray
     return str(round(shade, 3)), style
 
 
