@@ -50,6 +50,32 @@ def test_tree_labels_follow_parents():
     assert tree_labels(TRUTH) == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
 
 
+def check_tree_labels_brute(parents):
+    out = {}
+    for node in parents:
+        seen, v = set(), node
+        while parents.get(v) is not None and v not in seen:
+            seen.add(v)
+            v = parents[v]
+        out[node] = v
+    return out
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_tree_labels_match_walking_each_node_up(seed):
+    """Memoised labels equal a walk from every node, also with a cycle and a parent that is no node."""
+    import random
+
+    rng = random.Random(seed)
+    names = [f"m{i}" for i in range(rng.randint(1, 25))]
+    parents = {n: (rng.choice(names[:i]) if i and rng.random() < 0.8 else None) for i, n in enumerate(names)}
+    if seed % 3 == 0 and len(names) > 3:
+        parents[names[1]] = names[3]  # m1 -> m3 -> ... may now loop back to m1
+    if seed % 4 == 0:
+        parents[names[-1]] = "elsewhere"
+    assert tree_labels(parents) == check_tree_labels_brute(parents)
+
+
 def test_marks_and_text_drawing():
     f = make_forest()
     marks = edge_marks(f, TRUTH)

@@ -97,14 +97,23 @@ def edge_accuracy(pred: set[tuple[str, str]], true: set[tuple[str, str]], direct
 
 
 def tree_labels(parents: Mapping[str, str | None]) -> dict[str, str]:
-    """Each node's root (its tree's label), following parent links. Time O(N depth)."""
-    out = {}
+    """Each node's root (its tree's label), following parent links; the nodes walked through get the same
+    label, so each link is followed once: time O(N) (a chain of 1,000 was O(N depth), 0.16 s). On a cycle
+    (a hand-made truth) the walk stops where it repeats and only the starting node is labelled."""
+    out: dict[str, str] = {}
+    known: dict[str, str] = {}  # labels that end at a root (never a cycle's), safe to reuse
     for node in parents:
-        seen, v = set(), node
-        while parents.get(v) is not None and v not in seen:
+        path, seen, v = [], set(), node
+        while v not in known and parents.get(v) is not None and v not in seen:
             seen.add(v)
+            path.append(v)
             v = parents[v]
-        out[node] = v
+        if v in seen and v not in known:  # a cycle
+            out[node] = v
+            continue
+        label = known.get(v, v)
+        known.update((w, label) for w in path)
+        out[node] = label
     return out
 
 
