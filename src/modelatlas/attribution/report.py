@@ -6,7 +6,6 @@ Everything is written atomically. Cost O(K_total x n_test) to save; the plot O(#
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from modelatlas.attribution.ddm import Attribution
 from modelatlas.errors import ConfigError
+from modelatlas.figures import new_figure, png_bytes
 
 TENSORS, META, PLOT = "attribution.safetensors", "attribution.json", "attribution.png"
 
@@ -75,15 +75,10 @@ def _sha256(path: Path) -> str:
 def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                         test_index: list[int], top: int = 3) -> bytes:
     """PNG bytes: one row per test sample: the sample, its ``top`` most helpful and most harmful clusters."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     test_index = list(dict.fromkeys(test_index))  # a sample asked for twice is one row
     reps = cluster_means(x_train, attr.assign, len(attr.cluster_class))
     cols = 1 + 2 * top
-    fig, axes = plt.subplots(len(test_index), cols, figsize=(cols * 1.2, len(test_index) * 1.4), squeeze=False)
+    fig, axes = new_figure((cols * 1.2, len(test_index) * 1.4), len(test_index), cols)
     for r, j in enumerate(test_index):
         helpful, harmful = top_clusters(attr.matrix, j, top)
         panels = [(x_test[j], f"test {j} (y={int(y_test[j])})")]
@@ -93,10 +88,7 @@ def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.
         for c, (img, title) in enumerate(panels):
             _panel(axes[r][c], img, title)
     fig.suptitle("most helpful (+) and most harmful (-) clusters: change in test loss when removed", fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _panel(ax, img: torch.Tensor | None, title: str) -> None:

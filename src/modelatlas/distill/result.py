@@ -17,7 +17,6 @@ Every file is written atomically (temporary file + rename).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from modelatlas.distill.evaluate import LABEL_GENERATORS
 from modelatlas.distill.loop import read_json
 from modelatlas.distill.synthetic import META_FILE, SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.figures import new_figure, png_bytes
 
 RESULT_JSON, TRANSFORM_FILE, IMAGES_PNG, LOSS_PNG = "result.json", "transform.safetensors", "images.png", "loss.png"
 
@@ -110,30 +110,16 @@ def _load_transform(folder: Path, kind: object, syn: SyntheticSet):
     return tf
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> bytes:
     """PNG bytes: one row per class, up to ``max_per_class`` images; with one image per class, the classes
     side by side in rows of 10 (a column of 10 single images is hard to read); 1-D signals are drawn as curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = syn.images.detach().cpu()
     if transform is not None:
         x = transform.inverse(x)
     k, cols = syn.num_classes, max(1, min(syn.ipc or 1, max_per_class))
     if cols == 1:
-        return _png(_one_per_class(plt, x, syn))
-    fig, axes = plt.subplots(k, cols, figsize=(cols * 1.0 + 0.6, k * 1.0), squeeze=False)
+        return png_bytes(_one_per_class(x, syn))
+    fig, axes = new_figure((cols * 1.0 + 0.6, k * 1.0), k, cols)
     for c in range(k):
         imgs = x[syn.classes.cpu() == c][:cols]
         for j in range(cols):
@@ -143,14 +129,14 @@ def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> b
             if j < len(imgs):
                 _draw(ax, imgs[j])
         axes[c][0].set_ylabel(syn.class_names[c][:10], fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def _one_per_class(plt, x: torch.Tensor, syn: SyntheticSet):
+def _one_per_class(x: torch.Tensor, syn: SyntheticSet):
     """A figure of each class's first image, titled with the class name, 10 classes per row."""
     k = syn.num_classes
     cols, rows = min(k, 10), -(-k // 10)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.0, rows * 1.2), squeeze=False)
+    fig, axes = new_figure((cols * 1.0, rows * 1.2), rows, cols)
     classes = syn.classes.cpu()
     for c, ax in enumerate(axes.flat):
         ax.set_xticks([])
@@ -179,15 +165,10 @@ def _draw(ax, img: torch.Tensor) -> None:
 
 def render_losses(losses: list[float], title: str = "") -> bytes:
     """PNG bytes of the loss per outer iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = new_figure((5, 3))
     if losses:
         ax.plot(range(1, len(losses) + 1), losses, lw=1)
     ax.set_xlabel("outer iteration")
     ax.set_ylabel("matching loss")
     ax.set_title(title or "learning curve")
-    return _png(fig)
+    return png_bytes(fig)

@@ -13,9 +13,9 @@ thousands of checkpoints needs no recursion; drawing O(N + E): one arrow artist 
 
 from __future__ import annotations
 
-import io
 import math
 
+from modelatlas.figures import new_figure, png_bytes
 from modelatlas.lineage.export import _COLORS
 from modelatlas.lineage.forest import COPY_KINDS, Forest
 
@@ -119,13 +119,8 @@ def _lines(ax, forest: Forest, pos: dict, marks: dict | None) -> None:
 
 def render_forest(forest: Forest, marks: dict | None = None, title: str | None = None, dpi: int = 150) -> bytes:
     """PNG bytes of the forest (see the module docstring). ``title`` defaults to "N models, K trees"."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     pos = tree_layout(forest)
-    fig = Figure(figsize=_figsize(pos), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = new_figure(_figsize(pos), dpi=dpi)
     if len(forest.edges) <= MAX_ARROWS:
         _arrows(ax, forest, pos, marks)
     else:
@@ -140,6 +135,4 @@ def render_forest(forest: Forest, marks: dict | None = None, title: str | None =
     ax.set_title(title or f"{len(forest.nodes)} models, {n_trees} tree{'s' * (n_trees != 1)}", fontsize=9)
     ax.set_axis_off()
     ax.margins(0.05, 0.15)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -7,6 +7,7 @@ import torch
 
 from modelatlas.distill.methods.podd import poster as P
 from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.figures import new_figure, png_bytes
 
 POSTER_PNG = "poster.png"
 
@@ -25,17 +26,11 @@ def _display(poster: torch.Tensor, transform) -> torch.Tensor:
 
 def render_poster(syn: SyntheticSet, transform=None) -> bytes:
     """PNG bytes of ``syn.extras["poster"]`` with crop grid and class layout drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from modelatlas.distill.result import _png
 
     layout = P.Layout(**syn.meta["poster"])
     img, grid = _display(syn.extras["poster"], transform), syn.extras["class_grid"]
-    fig, ax = plt.subplots(figsize=poster_figsize(layout.height, layout.width))
+    fig, ax = new_figure(poster_figsize(layout.height, layout.width))
     if img.shape[0] == 1:
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
     else:
@@ -54,7 +49,7 @@ def render_poster(syn: SyntheticSet, transform=None) -> bytes:
                  f"{layout.ipc(syn.num_classes):.2f} IPC", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def poster_figsize(height: int, width: int, long_side: float = 8.0, dpi: int = 100) -> tuple[float, float]:

@@ -1,0 +1,28 @@
+import matplotlib
+
+from modelatlas.figures import new_figure, png_bytes
+
+
+def test_new_figure_gives_one_axes_or_a_grid():
+    fig, ax = new_figure((2, 2))
+    ax.plot([0, 1])
+    assert png_bytes(fig).startswith(b"\x89PNG")
+    fig, axes = new_figure((3, 2), 2, 3)
+    assert axes.shape == (2, 3)
+
+
+def test_rendering_leaves_the_callers_matplotlib_backend_alone():
+    """The renderers called matplotlib.use("Agg"): in a notebook that switched off inline plots for good."""
+    from modelatlas.distill.result import render_losses
+    from modelatlas.lineage.forest import Edge, Forest
+    from modelatlas.lineage.plot import render_forest
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend of the caller's choosing
+    try:
+        render_losses([3.0, 2.0, 1.0])
+        render_forest(Forest(["a", "b"], [Edge("a", "b", 0.5)]))
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+
