@@ -181,3 +181,13 @@ def test_workers_are_capped_at_the_widest_level_and_the_cores(tmp_path, make_con
     with pytest.raises(RuntimeError, match="no pool"):
         make_zoo(make_config(trees=1, children=3, depth=1), tmp_path / "b", workers=1000)
     assert sizes == [3, 2]  # was [1000, 1000]: 1000 torch processes
+
+
+def test_building_in_process_leaves_the_callers_global_rng_alone(tmp_path, make_config):
+    """workers=1 trains in the caller's process, and each model seeds torch's global generator: a notebook's
+    own random stream was reset by it."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    make_zoo(make_config(seed=12, depth=0), tmp_path / "z", workers=1)
+    assert torch.equal(torch.rand(3), expected)

@@ -163,11 +163,13 @@ def _init_worker() -> None:
 
 
 def _inline(job: dict) -> dict:
-    """Build in this process with one thread (the same arithmetic as a worker, so the same weights)."""
+    """Build in this process with one thread (the same arithmetic as a worker, so the same weights); the
+    caller's thread count and global torch RNG state are restored (build_one seeds the global generator)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return build_one(job)
+        with torch.random.fork_rng(devices=[]):
+            return build_one(job)
     finally:
         torch.set_num_threads(threads)
 
