@@ -81,6 +81,17 @@ def test_method_resume_equals_straight_run(tmp_path):
         distill("dm", tr, 2, cfg, seed=3, checkpoint_dir=tmp_path, resume=True)  # 2 images per class, not 1
 
 
+def test_distilling_leaves_the_callers_global_rng_alone():
+    """Each outer iteration seeds torch's global generator (for code that draws from it); the caller's own
+    stream continues after the run as if nothing had happened."""
+    syn, opt, step = make_problem()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    OuterLoop(3, seed=0).run(step, {})
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_result_folder_roundtrip(tmp_path):
     syn = SyntheticSet.from_noise((1, 8, 8), 3, 2, torch.Generator().manual_seed(0))
     tf = Standardize().fit(torch.rand(10, 1, 8, 8))

@@ -137,14 +137,15 @@ class OuterLoop:
             self._load(states)
         bar = resolve(self.progress)(range(self.start, self.iterations), total=self.iterations - self.start,
                                      desc=self.desc)
-        for it in bar:
-            torch.manual_seed(derive_seed(self.seed, "iteration", it))
-            loss = float(step(it, torch_generator(derive_seed(self.seed, "generator", it))))
-            self.losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4g}")
-            done = it + 1
-            if self.checkpoint_dir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
-                self.save(states, done)
+        with torch.random.fork_rng(devices=[]):  # the per-iteration seeding leaves the caller's CPU stream alone
+            for it in bar:
+                torch.manual_seed(derive_seed(self.seed, "iteration", it))
+                loss = float(step(it, torch_generator(derive_seed(self.seed, "generator", it))))
+                self.losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4g}")
+                done = it + 1
+                if self.checkpoint_dir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
+                    self.save(states, done)
         return self.losses
 
     def save(self, states: Mapping[str, Stateful], done: int) -> None:
