@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from modelatlas.cli.output import echo
-from modelatlas.data import available_datasets
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from modelatlas.data import available_datasets  # imports torch: not at registration (`atlas --help`)
+
     for name, desc in sorted(available_datasets().items()):
         echo(f"{name:16s} {desc}")
     return 0
