@@ -7,8 +7,8 @@ Offline (once per target model):
       the final weights theta_F (``match_final``);
   (3) reverse gradient matching: one synthetic sample (image s_k, soft-label logits l_k) per cluster k,
       learned so that its gradient matches the cluster's mean gradient g_k at every checkpoint:
-      min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters at once,
-      per-sample gradients with ``torch.func.vmap``); with ``samples_per_cluster`` m > 1, the mean gradient
+      min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters and
+      checkpoints at once, the MLP's gradients in closed form, :mod:`~.mlp_grads`); with ``samples_per_cluster`` m > 1, the mean gradient
       of the cluster's m samples is matched;
   (3b) ``unlearn="newton"``: Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
       damped and Cholesky-factorised (:mod:`~.newton`).
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad, vmap
 
+from modelatlas.attribution import mlp_grads as G
 from modelatlas.attribution import newton as N
 from modelatlas.attribution import target as T
 from modelatlas.attribution.clusters import cluster_per_class
@@ -52,16 +53,6 @@ class Attribution:
     match_losses: list[float] = field(default_factory=list)
 
 
-def _flat(g: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
-    return torch.cat([v.reshape(lead, -1) for v in g.values()], dim=1)  # (lead, P)
-
-
-def _sample_grad_fn(model):
-    def one(params, x, t):  # x (C, H, W), t (K,) -> dict of per-parameter gradients
-        return grad(lambda p: T.losses(model, p, x[None], t[None])[0])(params)
-    return one
-
-
 def _group_grad_fn(model):
     def group(params, x, t):  # x (m, C, H, W), t (m, K) -> gradient of the group's mean loss
         return grad(lambda p: T.losses(model, p, x, t).mean())(params)
@@ -69,11 +60,25 @@ def _group_grad_fn(model):
 
 
 def cluster_gradients(model, params: T.Params, x, y, assign, num_clusters: int) -> torch.Tensor:
-    """(K_total, P): each cluster's mean loss gradient at ``params`` (per-sample grads, scatter-mean)."""
-    per = _flat(vmap(_sample_grad_fn(model), in_dims=(None, 0, 0))(params, x, y), len(x))  # (N, P)
-    sums = torch.zeros(num_clusters, per.shape[1]).index_add_(0, assign, per)
-    counts = torch.bincount(assign, minlength=num_clusters).clamp(min=1).unsqueeze(1)
-    return sums / counts  # (K_total, P)
+    """(K_total, P): each cluster's mean loss gradient at ``params``, in closed form. The clusters are laid out
+    as groups padded to the largest with zero targets (a zero target row backpropagates a zero error), so the
+    per-sample (N, P) gradients are never formed (padding costs inputs, O(K_total x largest x D), not
+    gradients); when it would hold more than 8 x the data, per-sample gradients are scatter-summed instead."""
+    params = G.checked(model, params)
+    counts = torch.bincount(assign, minlength=num_clusters)
+    width = int(counts.max())
+    if num_clusters * width > 8 * len(x):  # very unequal clusters: padding would cost more than it saves
+        per = G.sample_gradients(params, x, y)  # (N, P)
+        sums = torch.zeros(num_clusters, per.shape[1]).index_add_(0, assign, per)
+        return sums / counts.clamp(min=1).unsqueeze(1)  # (K_total, P)
+    order = torch.argsort(assign, stable=True)
+    starts = torch.cumsum(counts, 0) - counts  # (K_total,)
+    slot = torch.arange(len(x)) - starts[assign[order]]  # position of each sorted example in its cluster
+    xp = x.new_zeros(num_clusters, width, *x.shape[1:])  # (K_total, width, C, H, W)
+    tp = x.new_zeros(num_clusters, width, int(params[list(params)[-1]].shape[-1]))  # (K_total, width, K)
+    xp[assign[order], slot] = x[order]
+    tp[assign[order], slot] = torch.nn.functional.one_hot(y[order], tp.shape[-1]).to(x.dtype)
+    return G.group_gradients(params, xp, tp) * (width / counts.clamp(min=1)).unsqueeze(1)  # mean over width -> n_k
 
 
 def reverse_gradient_match(model, ckpts: list[T.Params], targets: list[torch.Tensor], init_x: torch.Tensor,
@@ -82,15 +87,13 @@ def reverse_gradient_match(model, ckpts: list[T.Params], targets: list[torch.Ten
     """Step (3): learn the m synthetic samples of every cluster at once (init_x (K_total, m, C, H, W),
     init_logits (K_total, m, K)): their mean gradient matches the cluster's; returns (images, label logits, loss
     per step)."""
-    group = _group_grad_fn(model)
-    stacked = {k: torch.stack([p[k] for p in ckpts]) for k in ckpts[0]}  # each (T, *shape)
+    stacked = G.checked(model, {k: torch.stack([p[k] for p in ckpts]) for k in ckpts[0]})  # each (T, *shape)
     target = torch.stack(targets)  # (T, K_total, P)
-    norms = (target ** 2).sum(2).clamp(min=1e-12)  # (T, K_total)
+    sq = (target ** 2).sum(2)  # (T, K_total)
+    norms, blocks = sq.clamp(min=1e-12), G.split_target(stacked, target)
 
-    def objective(xs, logits):
-        soft = torch.softmax(logits, dim=-1)
-        per_ckpt = vmap(lambda p: _flat(vmap(group, in_dims=(None, 0, 0))(p, xs, soft), len(xs)))  # (T, K_total, P)
-        return (((per_ckpt(stacked) - target) ** 2).sum(2) / norms).mean()
+    def objective(xs, logits):  # ||g - target||^2 / ||target||^2, g never formed (closed form, kernel trick)
+        return ((G.gradient_distances(stacked, xs, torch.softmax(logits, dim=-1), blocks) + sq) / norms).mean()
 
     xs, logits = init_x.clone().requires_grad_(True), init_logits.clone().requires_grad_(True)
     opt = torch.optim.Adam([xs, logits], lr=lr)
@@ -128,7 +131,7 @@ def test_losses_of(model, stacked: T.Params, x_test, y_test) -> torch.Tensor:
 
 def synthetic_gradients(model, params: T.Params, xs: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """(K_total, P) mean loss gradient of every cluster's synthetic samples (xs (K_total, m, C, H, W))."""
-    return _flat(vmap(_group_grad_fn(model), in_dims=(None, 0, 0))(params, xs, soft), len(xs))
+    return G.group_gradients(G.checked(model, params), xs, soft)
 
 
 def initial_samples(x: torch.Tensor, assign: torch.Tensor, k_total: int, m: int, seed: int) -> torch.Tensor:
@@ -163,7 +166,7 @@ def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed
     if cfg.unlearn == "newton":
         m = cfg.samples_per_cluster
         hess = N.distilled_hessian(model, final, xs.flatten(0, 1), soft.flatten(0, 1), counts.repeat_interleave(m))
-        hess += cfg.weight_decay * torch.eye(len(hess))
+        hess.diagonal().add_(cfg.weight_decay)  # + w I: the L2 penalty's curvature
         factor, damping = N.damped_cholesky(hess, cfg.damping)
     clock.append(time.perf_counter())
     times = {"train_target_s": clock[1] - clock[0], "offline_match_s": clock[2] - clock[1],

@@ -55,17 +55,24 @@ def distilled_hessian(model, params: T.Params, xs: torch.Tensor, soft: torch.Ten
 
 def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tuple[torch.Tensor, float]:
     """(lower Cholesky factor of h + d I, d): d starts at ``damping`` and doubles until h + d I is positive
-    definite. O(P^3) per try. A non-finite Hessian (a diverged target model) is refused at once."""
-    if not bool(torch.isfinite(h).all()):
+    definite. O(P^3) per try. A non-finite Hessian (a diverged target model) is refused at once. The damping
+    goes onto h's diagonal in place, and h is restored before returning (a damped copy, 4 P^2 bytes written
+    per try, cost a fifth of a factorisation at P = 2,410)."""
+    if not bool(torch.isfinite(h.sum(1)).all()):  # NaN/inf propagate into the row sums: one pass, not four
         raise ConfigError("DDM: the distilled-set Hessian has NaN/inf entries (the target model diverged?); "
                           "lower DDMConfig.lr or train_steps")
-    eye = torch.eye(len(h), dtype=h.dtype)
+    diag = h.diagonal()
+    base = diag.clone()  # (P,)
     d = float(damping)
-    for _ in range(max_tries):
-        factor, info = torch.linalg.cholesky_ex(h + d * eye)
-        if int(info) == 0:
-            return factor, d
-        d *= 2.0
+    try:
+        for _ in range(max_tries):
+            torch.add(base, d, out=diag)  # h + d I, bit for bit: off the diagonal h + d * 0 = h
+            factor, info = torch.linalg.cholesky_ex(h)
+            if int(info) == 0:
+                return factor, d
+            d *= 2.0
+    finally:
+        diag.copy_(base)
     raise ConfigError(f"DDM: the distilled-set Hessian is not positive definite even with damping {d:g}; raise DDMConfig.damping")
 
 
