@@ -8,8 +8,8 @@ Offline (once per target model):
   (3) reverse gradient matching: one synthetic sample (image s_k, soft-label logits l_k) per cluster k,
       learned so that its gradient matches the cluster's mean gradient g_k at every checkpoint:
       min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters and
-      checkpoints at once, the MLP's gradients in closed form, :mod:`~.mlp_grads`); with ``samples_per_cluster`` m > 1, the mean gradient
-      of the cluster's m samples is matched;
+      checkpoints at once, the MLP's gradients in closed form, :mod:`~.mlp_grads`); with
+      ``samples_per_cluster`` m > 1, the mean gradient of the cluster's m samples is matched;
   (3b) ``unlearn="newton"``: Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
       damped and Cholesky-factorised (:mod:`~.newton`).
 Online (per query, no retraining, no training data):
@@ -75,9 +75,10 @@ def cluster_gradients(model, params: T.Params, x, y, assign, num_clusters: int) 
     starts = torch.cumsum(counts, 0) - counts  # (K_total,)
     slot = torch.arange(len(x)) - starts[assign[order]]  # position of each sorted example in its cluster
     xp = x.new_zeros(num_clusters, width, *x.shape[1:])  # (K_total, width, C, H, W)
-    tp = x.new_zeros(num_clusters, width, int(params[list(params)[-1]].shape[-1]))  # (K_total, width, K)
+    soft = G.soft_targets(params, y[order], x.dtype)  # (N, K)
+    tp = x.new_zeros(num_clusters, width, soft.shape[-1])  # (K_total, width, K)
     xp[assign[order], slot] = x[order]
-    tp[assign[order], slot] = torch.nn.functional.one_hot(y[order], tp.shape[-1]).to(x.dtype)
+    tp[assign[order], slot] = soft
     return G.group_gradients(params, xp, tp) * (width / counts.clamp(min=1)).unsqueeze(1)  # mean over width -> n_k
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import torch
 
+from modelatlas.distill.nets import MLP
 from modelatlas.errors import ConfigError
 
 
 def checked(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``params``, after checking that ``model`` is the MLP whose gradients this module writes out (a ConvNet's
     parameters also alternate weight and bias, and would give wrong gradients silently)."""
-    from modelatlas.distill.nets import MLP
-
     if not isinstance(model, MLP):
         raise ConfigError(f"DDM's closed-form gradients need the MLP target, got {type(model).__name__}")
     return params
@@ -101,10 +100,14 @@ def _backprop(params: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor)
 
 def sample_gradients(params: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """(N, P) per-sample loss gradients for inputs x (N, ...) and hard (N,) or soft (N, K) targets."""
-    if t.dim() == 1:
-        k = params[list(params)[-1]].shape[-1]
-        t = torch.nn.functional.one_hot(t, k).to(x.dtype)  # (N, K)
-    return group_gradients(params, x.unsqueeze(1), t.unsqueeze(1))  # groups of one: (N, 1, ...) -> (N, P)
+    return group_gradients(params, x.unsqueeze(1), soft_targets(params, t, x.dtype).unsqueeze(1))  # groups of one: (N, 1, ...) -> (N, P)
+
+
+def soft_targets(params: dict[str, torch.Tensor], t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Hard labels (N,) as one-hot rows (N, K), K the MLP's output size; soft targets (N, K) as they are."""
+    if t.dim() != 1:
+        return t
+    return torch.nn.functional.one_hot(t, mlp_layers(params)[-1][1].shape[-1]).to(dtype)  # (N, K)
 
 
 def _forward(layers, x: torch.Tensor):
