@@ -26,3 +26,14 @@ def test_rendering_leaves_the_callers_matplotlib_backend_alone():
     finally:
         matplotlib.use(before)
 
+
+
+def test_a_name_the_font_lacks_glyphs_for_draws_without_a_warning():
+    import warnings
+
+    fig, ax = new_figure((2, 1))
+    ax.text(0.1, 0.5, "bert-日本 ☃")  # a model name in the lineage picture of `atlas index build`
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert png_bytes(fig).startswith(b"\x89PNG")
+    assert [str(w.message) for w in caught] == []

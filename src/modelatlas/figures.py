@@ -9,6 +9,7 @@ with its own Agg canvas needs neither pyplot nor a backend switch, and is freed 
 from __future__ import annotations
 
 import io
+import warnings
 
 
 def new_figure(figsize: tuple[float, float], rows: int | None = None, cols: int | None = None, dpi: int = 100):
@@ -26,5 +27,7 @@ def new_figure(figsize: tuple[float, float], rows: int | None = None, cols: int 
 def png_bytes(fig, dpi: int | None = None) -> bytes:
     """The figure as PNG bytes, cropped to its content (``dpi``: the figure's own when None)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    with warnings.catch_warnings():  # a name in a script the font lacks is drawn as boxes, not warned per glyph
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
     return buf.getvalue()

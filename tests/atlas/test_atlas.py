@@ -360,3 +360,10 @@ def test_a_rebuild_without_embeddings_drops_the_old_ones(tmp_path):
     Atlas([ModelEntry("a", "a")], Forest(["a"], []), embeddings={"t": (["a"], torch.ones(1, 3))}).save(tmp_path)
     Atlas([ModelEntry("a", "a")], Forest(["a"], [])).save(tmp_path)
     assert set(check_folder(tmp_path)) == {"atlas.json", "atlas.html"}
+
+
+def test_too_few_readable_models_says_why_the_others_were_not_read(tmp_path):
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 4)
+    with pytest.raises(AtlasError, match=r"0 readable model\(s\) of 1: an atlas needs at least 2 \(broken: "
+                                         r"unreadable: .*broken\.safetensors"):
+        build_atlas([tmp_path / "broken.safetensors"])

@@ -146,3 +146,9 @@ def test_train_help_shows_the_defaults_and_the_tree_minimum(capsys):
     assert f"at least {MIN_MODELS} labelled fine-tuned models" in out
     for default in ("(default: 100)", "(default: 32;", "(default: 0)", "classes (default)", "(default: probex_experts)"):
         assert default in out
+
+
+def test_search_refuses_an_empty_query(make_tiny_zoo, tmp_path, capsys):
+    for query in ("", "   "):  # as `atlas index search` does: an empty query ranks nothing
+        assert main(["probex", "search", query, str(make_tiny_zoo), "--experts", str(tmp_path)]) == 1
+        assert capsys.readouterr().err == "error: empty search query\n"

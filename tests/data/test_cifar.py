@@ -124,3 +124,11 @@ def test_cifar_num_classes_is_10_or_100(tmp_path):
 
     with pytest.raises(ConfigError, match=r"num_classes=20: CIFAR has 10 .* or 100"):
         load_dataset("cifar10", "train", root=tmp_path, num_classes=20)
+
+
+@pytest.mark.parametrize("names", [7, [b"a"] * 9 + [3], {"x": 1}])
+def test_malformed_label_names_in_the_meta_file_are_named(tmp_path, names):
+    folder = make_cifar10(tmp_path) / "cifar-10-batches-py"
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=4))
+    with pytest.raises(CheckpointError, match="batches.meta.*'label_names' must be a list of 10 class names"):
+        load_dataset("cifar10", "train", root=tmp_path)

@@ -241,3 +241,42 @@ def test_one_evaluation_net_is_singular(tmp_path, capsys):
     assert main(["distill", "run", "--method", "random", "--dataset", "digits", "--ipc", "1", "--out",
                  str(tmp_path / "r"), "--eval-nets", "1", "--eval-epochs", "1", "--set", "width=8"]) == 0
     assert "(1 net: " in capsys.readouterr().out
+
+
+def test_eval_on_data_of_another_class_count_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from modelatlas.cli.main import main
+
+    make_image_tree(tmp_path / "imgs")
+    (tmp_path / "three").mkdir()
+    for c in ("a", "b", "c"):  # moved data that is not the data of the run: 3 classes, not 2
+        (tmp_path / "three" / c).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "three" / c / f"{i}.png")
+    kw = {"root": str(tmp_path / "imgs"), "size": 8, "channels": 1, "test_fraction": 0.25}
+    run_distillation("random", "image-folder", 1, tmp_path / "out", config={"width": 8}, dataset_kwargs=kw, **QUICK)
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main(["distill", "eval", str(tmp_path / "out"), "--eval-epochs", "1", "--data-root",
+                 str(tmp_path / "three")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "the test set has 3 classes" in err and "the synthetic set 2" in err
+
+
+def test_ipc_above_a_class_without_baseline_names_the_class(tmp_path):
+    data = make_small(per_class=3)
+    data = ArrayDataset("toy", data.x[:5], data.y[:5], ["cat", "eel"])  # 'eel' has 2 examples
+    with pytest.raises(ConfigError, match="class 'eel' of 'toy' has 2 examples, fewer than ipc=3"):
+        run_distillation("dm", data, 3, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=data,
+                         eval_nets=1, eval_epochs=1, baseline=False)
+
+
+def test_resume_of_a_finished_result_keeps_its_reevaluation(tmp_path):
+    from modelatlas.distill import evaluate_result
+
+    run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, **QUICK)
+    ev = evaluate_result(tmp_path, eval_epochs=2)
+    info = run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=True, **QUICK)
+    assert info["reevaluation"] == ev == json.loads((tmp_path / "result.json").read_text())["reevaluation"]
+    info = run_distillation("dm", "digits", 1, tmp_path, config={**TINY_DM, "iterations": 2}, resume=True, **QUICK)
+    assert "reevaluation" not in info  # another set: the old numbers no longer describe it

@@ -43,7 +43,9 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
     entries = list(entries)
     readable = [p for p, e in zip(paths, entries) if not e.notes]
     if len(readable) < 2:
-        raise AtlasError(f"{len(readable)} readable model(s) of {len(paths)}: an atlas needs at least 2")
+        why = "; ".join(f"{e.name}: {e.notes[0]}" for e in entries if e.notes)  # an unreadable model's only note
+        raise AtlasError(f"{len(readable)} readable model(s) of {len(paths)}: an atlas needs at least 2"
+                         + (f" ({why[:300]})" if why else ""))
     forest = recover_lineage(readable, config=lineage, progress=progress)
     _place(entries, forest)
     atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))

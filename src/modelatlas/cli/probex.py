@@ -112,6 +112,8 @@ def _search(args: argparse.Namespace) -> int:
     from modelatlas.probex.experts import TreeExperts
     from modelatlas.probex.text_encoder import encode_texts
 
+    if not args.query.strip():  # as `atlas index search`: before any expert or weight is read
+        raise ConfigError("empty search query")
     experts = TreeExperts.load(args.experts)
     if experts.task != "text":
         raise ConfigError(f"{args.experts}: experts were trained with --task {experts.task}; search needs --task text")

@@ -256,15 +256,23 @@ def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10
     parts = [_batch_arrays(folder / f, label_key, num_classes) for f in files]
     data = np.concatenate([p[0] for p in parts])  # (N, 3072) uint8, channel-major
     labels = np.concatenate([p[1] for p in parts])
-    classes = [str(i) for i in range(num_classes)]
-    if (folder / meta_file).is_file():
-        meta = safe_unpickle(folder / meta_file)
-        if isinstance(meta, dict):
-            raw = _get(meta, names_key) if (names_key.encode() in meta or names_key in meta) else None
-            if raw is not None and len(raw) == num_classes:
-                classes = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+    classes = _class_names(folder / meta_file, names_key, num_classes)
     x = torch.from_numpy(data.astype(np.float32) / 255.0).reshape(-1, 3, 32, 32)  # (N, 3, 32, 32)
     return ArrayDataset(f"cifar{num_classes}", x, torch.from_numpy(labels), classes, {"source": str(folder)})
+
+
+def _class_names(path: Path, key: str, num_classes: int) -> list[str]:
+    """The class names in the meta file ``path`` (key ``key``); "0".."K-1" without the file or the key."""
+    meta = safe_unpickle(path) if path.is_file() else None
+    raw = _get(meta, key) if isinstance(meta, dict) and (key.encode() in meta or key in meta) else None
+    if raw is None:
+        return [str(i) for i in range(num_classes)]
+    if not (isinstance(raw, (list, tuple)) and len(raw) == num_classes
+            and all(isinstance(n, (str, bytes)) for n in raw)):
+        size = f" of length {len(raw)}" if isinstance(raw, (list, tuple)) else ""
+        raise CheckpointError(path, f"key {key!r} must be a list of {num_classes} class names, got "
+                                    f"{type(raw).__name__}{size}")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in raw]
 
 
 def _load_cifar100(split: str, root: str | Path | None = None) -> ArrayDataset:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelatlas.data.registry import ArrayDataset, check_fraction, check_int, register_dataset
+from modelatlas.data.registry import ArrayDataset, check_fraction, check_int, check_seed, register_dataset
 from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp"}
@@ -83,7 +83,7 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
         raise ConfigError(f"dataset 'image-folder': channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     check_int("image-folder", "size", size, minimum=1)
     check_fraction("image-folder", "test_fraction", test_fraction, allow_zero=True)
-    check_int("image-folder", "seed", seed)
+    check_seed("image-folder", seed)
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"image-folder: {root} is not a folder")

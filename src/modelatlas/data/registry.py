@@ -122,12 +122,19 @@ def check_int(dataset: str, key: str, value: object, minimum: int | None = None)
         raise ConfigError(f"dataset {dataset!r}: {key} must be an integer{at_least}, got {value!r}")
 
 
+def check_seed(dataset: str, value: object) -> None:
+    """A loader's ``seed`` option: an integer torch can seed a generator with, [-2**63, 2**64)."""
+    check_int(dataset, "seed", value)
+    if not -2**63 <= value < 2**64:
+        raise ConfigError(f"dataset {dataset!r}: seed must be in [-2**63, 2**64), got {value}")
+
+
 def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> ArrayDataset:
     """scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), split by a seeded permutation."""
     from sklearn.datasets import load_digits
 
     check_fraction("digits", "test_fraction", test_fraction)
-    check_int("digits", "seed", seed)
+    check_seed("digits", seed)
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)

@@ -132,8 +132,20 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
             "init_from": init_from}
     if baseline and method != "random":
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
+    if resume:
+        info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+def _kept_reevaluation(out: Path, seed: int, losses: list[float]) -> dict:
+    """A finished result's ``reevaluation`` when this resume left its set as it was (same seed and loss history)."""
+    try:
+        old = read_json(out / RESULT_JSON) if (out / RESULT_JSON).is_file() else {}
+    except CheckpointError:  # a damaged result.json: this run replaces it
+        return {}
+    same = old.get("seed") == seed and old.get("losses") == losses and "reevaluation" in old
+    return {"reevaluation": old["reevaluation"]} if same else {}
 
 
 def absolute_root(dataset_kwargs: dict | None) -> dict:
@@ -242,6 +254,7 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
                                                           "`atlas distill`); run the distillation again")
     kw = {**(info.get("dataset_kwargs") or {}), **absolute_root(dataset_kwargs)}
     test = dataset_test or load_dataset(info["dataset"], "test", **kw)
+    _check_fits(folder, syn, test)
     old = dict(info.get("evaluation", {}).get("protocol", {}))
     fields = set(EvalProtocol.__dataclass_fields__)
     proto = EvalProtocol(**{k: v for k, v in old.items() if k in fields})
@@ -255,3 +268,12 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
     if save:
         update_result(folder, reevaluation=ev)
     return ev
+
+
+def _check_fits(folder: str | Path, syn: SyntheticSet, test: ArrayDataset) -> None:
+    """Refuse a test set the saved set cannot be scored on (data moved to a folder of another dataset)."""
+    shape, test_shape = tuple(syn.images.shape[1:]), tuple(test.input_shape)
+    if test.num_classes != syn.num_classes or test_shape != shape:
+        raise ConfigError(f"{folder}: the test set has {test.num_classes} classes of inputs {test_shape}, the "
+                          f"synthetic set {syn.num_classes} of {shape}; point --data-root (root=) at the data "
+                          "the result was distilled from")

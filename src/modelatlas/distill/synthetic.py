@@ -49,6 +49,7 @@ class SyntheticSet:
     def from_real(cls, data: ArrayDataset, ipc: int, generator: torch.Generator, soft_labels: bool = False,
                   lr: float | None = None, label_scale: float = 10.0) -> SyntheticSet:
         """``ipc`` randomly chosen real images per class (the standard initialisation)."""
+        check_class_sizes(data, ipc)
         idx = sample_per_class(data.y, data.num_classes, ipc, generator)  # (K * ipc,)
         classes = data.y[idx]
         logits = _one_hot_logits(classes, data.num_classes, label_scale) if soft_labels else None
@@ -156,6 +157,17 @@ def _check_saved(folder: Path, state: dict, info: dict) -> None:
         raise CheckpointError(folder / META_FILE, f"num_classes must be a positive integer, got {k!r}")
     if not isinstance(info.get("meta", {}), dict) or not isinstance(info.get("class_names", []), (list, type(None))):
         raise CheckpointError(folder / META_FILE, "meta must be an object and class_names a list")
+
+
+def check_class_sizes(data: ArrayDataset, ipc: int) -> None:
+    """Refuse an ``ipc`` above the size of a class of ``data``, naming the class as the user knows it."""
+    if data.num_classes == 0:
+        return
+    counts = torch.bincount(data.y, minlength=data.num_classes)
+    c = int(counts.argmin())
+    if int(counts[c]) < ipc:
+        raise ConfigError(f"class {data.classes[c]!r} of {data.name!r} has {int(counts[c])} examples, fewer than "
+                          f"ipc={ipc}; lower ipc")
 
 
 def sample_per_class(y: torch.Tensor, num_classes: int, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -211,6 +211,8 @@ def load_expert(folder: str | Path) -> WeightExpert:
         raise CheckpointError(folder, f"not a ProbeX expert folder (missing {Path(e.filename).name})") from e
     except (OSError, ValueError) as e:
         raise CheckpointError(meta_path, f"cannot read expert: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(meta_path, f"not an expert's settings (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(meta_path, f"unknown expert format {meta.get('format')!r} (expected {FORMAT})")
     cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta.get("kind"))
@@ -219,7 +221,11 @@ def load_expert(folder: str | Path) -> WeightExpert:
     if cls is ProbeXClassifier and isinstance(meta.get("config"), dict) and meta["config"].get("model") == "dense":
         cls = DenseExpert  # saved with the classifier's kind: the dense model in its config tells them apart
     tensors = read_tensors(folder / "expert.safetensors", "not a complete ProbeX expert folder")
-    expert = cls(ProbeXConfig.from_dict(meta["config"]), meta.get("layer", ""))
+    try:
+        config = ProbeXConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(meta_path, f"bad config: {' '.join(str(e).split())}") from e
+    expert = cls(config, meta.get("layer", ""))
     try:
         expert.mean_, expert.scale_ = tensors["mean"], float(meta["scale"])
         expert.history_ = meta.get("history", {})

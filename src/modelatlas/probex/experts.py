@@ -144,6 +144,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
         check_finite(paths_of[tree], x, report.layer)
         expert = _fit_one(task, x, _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
                           out / "checkpoints" / tree, resume)
+        (out / "index.json").unlink(missing_ok=True)  # an older run's index must not list this run's experts
         expert.save(out / "experts" / tree)
         report.trees[tree] = {"models": len(ms), "val_score": float(expert.history_["best_score"]),
                               "parameters": expert.n_parameters_}
@@ -152,6 +153,35 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
                                            "layer_scores": report.layer_scores, "report": report.trees,
                                            "trees": {t: f"experts/{t}" for t in by_tree}})
     return report
+
+
+def _read_index(folder: Path) -> dict:
+    """``index.json`` of an experts folder, its keys checked; a folder with checkpoints but no index is a
+    training run that did not finish."""
+    path = folder / "index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        if (folder / "checkpoints").is_dir():
+            raise CheckpointError(folder, "training did not finish (no index.json); rerun the same `atlas probex "
+                                          "train` command with --resume to complete it") from e
+        raise CheckpointError(folder, "not an experts folder (no index.json; train one with `atlas probex train`)") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"cannot read: {e}") from e
+    if not isinstance(index, dict):
+        raise CheckpointError(path, f"not an experts index (a JSON {type(index).__name__}, not an object)")
+    if index.get("format") != INDEX_FORMAT:
+        raise CheckpointError(path, f"unknown format {index.get('format')!r} (expected {INDEX_FORMAT})")
+    trees = index.get("trees")
+    if index.get("task") not in TASKS:
+        raise CheckpointError(path, f"task must be one of {TASKS}; got {index.get('task')!r}")
+    if not isinstance(index.get("layer"), str):
+        raise CheckpointError(path, f"layer must be a string; got {index.get('layer')!r}")
+    if not isinstance(trees, dict) or not all(isinstance(v, str) for v in trees.values()):
+        raise CheckpointError(path, f"trees must be an object of tree -> expert folder; got {trees!r:.60}")
+    if not trees:
+        raise CheckpointError(path, "trees must name at least one tree's expert; got none")
+    return index
 
 
 @dataclass
@@ -167,17 +197,28 @@ class TreeExperts:
     @classmethod
     def load(cls, folder: str | Path) -> TreeExperts:
         folder = Path(folder)
-        index_path = folder / "index.json"
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise CheckpointError(folder, "not an experts folder (no index.json; train one with `atlas probex train`)") from e
-        except (OSError, ValueError) as e:
-            raise CheckpointError(index_path, f"cannot read: {e}") from e
-        if index.get("format") != INDEX_FORMAT:
-            raise CheckpointError(index_path, f"unknown format {index.get('format')!r} (expected {INDEX_FORMAT})")
+        index = _read_index(folder)
         experts = {t: load_expert(folder / rel) for t, rel in index["trees"].items()}
-        return cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts)
+        loaded = cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts)
+        loaded._check_consistent()
+        return loaded
+
+    def _check_consistent(self) -> None:
+        """Every expert is on the index's layer at one shape, and the router routes to exactly those trees:
+        a folder mixing two runs (edited by hand, or copied over) would otherwise fail model by model."""
+        where = self.folder / "index.json"
+        shapes = {tuple(e.mean_.shape) for e in self.experts.values()}
+        for tree, expert in self.experts.items():
+            if expert.layer and expert.layer != self.layer:
+                raise CheckpointError(where, f"layer is {self.layer!r}, but the expert of tree {tree!r} was trained "
+                                             f"on {expert.layer!r}; train the experts again")
+        router_shape = getattr(self.router, "shape_", None)
+        if len(shapes) > 1 or (router_shape is not None and {tuple(router_shape)} != shapes):
+            raise CheckpointError(where, f"the experts and the router expect layers of different shapes "
+                                         f"({sorted(shapes)}, router {router_shape}); train the experts again")
+        if set(self.router.trees_) != set(self.experts):
+            raise CheckpointError(where, f"the router knows trees {sorted(self.router.trees_)}, the index "
+                                         f"{sorted(self.experts)}; train the experts again")
 
     def read(self, paths, progress: Progress | None = None):
         """(X, route results) for model paths: their ``layer``, and the tree each belongs to. A model that

@@ -178,8 +178,14 @@ class TreeRouter:
         try:
             router = cls(meta["slack"])
             router.trees_, router.centroids_, router.radii_ = meta["trees"], tensors["centroids"], tensors["radii"]
+            if "shape" in meta:  # older routers did not record it; they check the weight count only
+                router.shape_ = tuple(int(n) for n in meta["shape"])
         except KeyError as e:
             raise CheckpointError(folder, f"tree router files lack {e}; train the experts again") from e
-        if "shape" in meta:  # older routers did not record it; they check the weight count only
-            router.shape_ = tuple(meta["shape"])
+        except (TypeError, ValueError) as e:  # a JSON list, or a value of the wrong type
+            raise CheckpointError(folder / "router.json", f"not a tree router's settings ({' '.join(str(e).split())});"
+                                                          " train the experts again") from e
+        if not isinstance(router.trees_, list) or len(router.trees_) != len(router.centroids_):
+            raise CheckpointError(folder / "router.json", f"trees must list one tree per centroid "
+                                                          f"({len(router.centroids_)}); got {router.trees_!r:.60}")
         return router

@@ -88,11 +88,8 @@ def run_settings(cfg, run: dict | None = None) -> dict:
 
 def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None:
     """Refuse to resume a state saved with other settings, naming the first key that differs, or one that
-    has already trained more than ``epochs`` epochs. Pops the settings from ``meta``."""
-    if not isinstance(meta.get("epoch"), int) or meta["epoch"] > epochs:
-        raise CheckpointError(path, f"cannot resume: epochs is {epochs} now, but the interrupted run has already "
-                                    f"trained {meta.get('epoch')!r}; resume with at least as many epochs, or train "
-                                    "without --resume to start over")
+    has already trained more than ``epochs`` epochs (checked last: the state of another run, e.g. on another
+    layer, is named by what differs, not by its epochs). Pops the settings from ``meta``."""
     saved = meta.pop("settings", None)
     if not isinstance(saved, dict):
         raise CheckpointError(path, "cannot resume: the state does not record its run's settings (saved by an "
@@ -102,6 +99,10 @@ def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None
             raise CheckpointError(path, f"cannot resume: {key} was {_shown(saved.get(key))} in the interrupted "
                                         f"run, now {_shown(settings.get(key))}; rerun with the same settings, or train "
                                         "without --resume to start over")
+    if not isinstance(meta.get("epoch"), int) or meta["epoch"] > epochs:
+        raise CheckpointError(path, f"cannot resume: epochs is {epochs} now, but the interrupted run has already "
+                                    f"trained {meta.get('epoch')!r}; resume with at least as many epochs, or train "
+                                    "without --resume to start over")
 
 
 def _shown(value) -> str:

@@ -14,8 +14,7 @@ from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.methods.herding.config import HerdingConfig
 from modelatlas.distill.nets import make_net
-from modelatlas.distill.synthetic import SyntheticSet
-from modelatlas.errors import ConfigError
+from modelatlas.distill.synthetic import SyntheticSet, check_class_sizes
 from modelatlas.progress import resolve
 from modelatlas.seeding import derive_seed, torch_generator
 
@@ -63,12 +62,11 @@ def _features(embed, x: torch.Tensor, device: torch.device, batch: int = 1024) -
 
 
 def run(train: ArrayDataset, ipc: int, config: HerdingConfig, ctx: DistillContext) -> SyntheticSet:
+    check_class_sizes(train, ipc)  # before training the embedding net
     embed = _embedder(train, config, ctx)
     picks = []
     for c in range(train.num_classes):
         pool = torch.nonzero(train.y == c).flatten()
-        if len(pool) < ipc:
-            raise ConfigError(f"class {c} has {len(pool)} examples, fewer than ipc={ipc}; lower ipc")
         feats = _features(embed, train.x[pool], ctx.device)
         picks.append(pool[torch.tensor(herd(feats, ipc), dtype=torch.long)])
     idx = torch.cat(picks)

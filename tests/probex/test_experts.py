@@ -1,0 +1,104 @@
+"""An experts folder (``train_tree_experts`` / ``TreeExperts.load``): a hand-edited, corrupt or half-rewritten
+folder is one CheckpointError naming the file, never a traceback or a mix of two runs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.errors import CheckpointError
+from modelatlas.probex import ProbeXConfig
+from modelatlas.probex.experts import TreeExperts, train_tree_experts
+from modelatlas.zoo.manifest import Manifest, ModelRecord
+
+
+def make_zoo(folder, n=12):
+    """One tree of ``n`` labelled children, each with a (4, 3) layer "w" and a (4, 5) layer "v"."""
+    g = torch.Generator().manual_seed(0)
+    recs = [ModelRecord("r", "r.safetensors", None, "r")]
+    for i in range(n + 1):
+        name = "r" if i == n else f"c{i}"
+        save_file({"w": torch.randn(4, 3, generator=g), "v": torch.randn(4, 5, generator=g)},
+                  str(folder / f"{name}.safetensors"))
+        if i < n:
+            recs.append(ModelRecord(name, f"{name}.safetensors", "r", "r", task={"classes": [i % 2]}))
+    Manifest(recs, {}, folder).save(folder / "manifest.json")
+    return folder
+
+
+def make_experts(tmp_path, layer="w"):
+    out = tmp_path / "experts"
+    train_tree_experts(make_zoo(tmp_path), out, layer=layer, config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+    return out
+
+
+def test_an_interrupted_retrain_leaves_no_mix_of_two_runs(tmp_path, monkeypatch):
+    import modelatlas.probex.experts as experts_module
+
+    out = make_experts(tmp_path, layer="w")
+    real_fit = experts_module.TreeRouter.fit
+
+    def interrupted(*args, **kwargs):  # after the tree's new expert is saved, before the router and index
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experts_module.TreeRouter, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_tree_experts(tmp_path, out, layer="v", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+    monkeypatch.setattr(experts_module.TreeRouter, "fit", real_fit)
+    with pytest.raises(CheckpointError, match="training did not finish .*--resume"):
+        TreeExperts.load(out)
+
+
+def test_experts_of_another_layer_than_the_index_are_refused(tmp_path):
+    out = make_experts(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, "layer": "v"}))
+    with pytest.raises(CheckpointError, match=r"index\.json: layer is 'v', but the expert of tree 'r' was trained "
+                                              r"on 'w'"):
+        TreeExperts.load(out)
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"trees": {}}, "trees must name at least one"),
+    ({"trees": ["r"]}, "trees must be an object"),
+    ({"task": "colour"}, "task must be one of"),
+    ({"layer": 3}, "layer must be a string"),
+])
+def test_a_hand_edited_index_is_one_error_naming_the_key(tmp_path, change, said):
+    out = make_experts(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, **change}))
+    with pytest.raises(CheckpointError, match=f"index.json: {said}"):
+        TreeExperts.load(out)
+    (out / "index.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"index\.json: not an experts index"):
+        TreeExperts.load(out)
+    (out / "index.json").write_text(json.dumps({"format": index["format"]}))
+    with pytest.raises(CheckpointError, match="index.json: task must be one of"):
+        TreeExperts.load(out)
+
+
+def test_corrupt_router_and_expert_json_are_one_error_naming_the_file(tmp_path):
+    out = make_experts(tmp_path)
+    router_json = out / "router" / "router.json"
+    for text in ("[]", '{"slack": "x", "trees": ["r"]}', '{"slack": 1.5, "trees": 3}'):
+        router_json.write_text(text)
+        with pytest.raises(CheckpointError, match="router"):
+            TreeExperts.load(out)
+    make_experts(tmp_path)
+    expert_json = out / "experts" / "r" / "expert.json"
+    meta = json.loads(expert_json.read_text())
+    for text in ("[]", json.dumps({**meta, "config": 5}), json.dumps({**meta, "config": {"rank_u": "x"}})):
+        expert_json.write_text(text)
+        with pytest.raises(CheckpointError, match=r"expert\.json: "):
+            TreeExperts.load(out)
+
+
+def test_resuming_another_run_names_the_setting_that_differs_before_the_epochs(tmp_path):
+    out = make_experts(tmp_path, layer="w")  # 1 epoch; a longer run on another layer is not this run
+    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=3)
+    train_tree_experts(tmp_path, out, layer="w", config=cfg)
+    with pytest.raises(CheckpointError, match="cannot resume: layer was 'w' in the interrupted run, now 'v'"):
+        train_tree_experts(tmp_path, out, layer="v", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1),
+                           resume=True)
