@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineage import read_floor  # bench/lineage.py: the floor every lineage row is timed against
 from modelatlas.allocator import keep_freed_memory
 from modelatlas.atomic import atomic_write_json
 from modelatlas.lineage import recover_lineage
@@ -164,17 +165,6 @@ def build(work: Path, specs: list[dict], batch: int) -> Manifest:
     manifest = Manifest(records, {"bench": "lineage_pretrained", "batch": batch}, work)
     manifest.save(work / "manifest.json")
     return manifest
-
-
-def read_floor(paths: list[Path]) -> float:
-    from modelatlas.weights import open_checkpoint
-
-    t = time.perf_counter()
-    for p in paths:
-        with open_checkpoint(p) as ck:
-            for name in ck.keys():
-                ck.read(name).clone()
-    return time.perf_counter() - t
 
 
 def kurtosis_falls(manifest: Manifest) -> dict[str, float]:
