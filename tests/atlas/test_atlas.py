@@ -58,14 +58,33 @@ def test_build_places_every_model_and_describes_it(tmp_path):
     assert by["t0"].path == str((tmp_path / "m" / "t0.safetensors").resolve())
 
 
-def test_build_refuses_duplicate_names_and_too_few_models(tmp_path):
+def test_build_tells_models_named_alike_apart_by_folder_and_refuses_too_few(tmp_path):
     make_forest_folder(tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "t0.safetensors").write_bytes((tmp_path / "a" / "t0.safetensors").read_bytes())
-    with pytest.raises(AtlasError, match="two models are named 't0'"):
-        build_atlas([tmp_path / "a", tmp_path / "b"])
+    atlas = build_atlas([tmp_path / "a", tmp_path / "b"], lineage=SPECIALIZE)
+    by = {m.name: m for m in atlas.models}
+    assert {"a/t0", "b/t0", "t1", "t0_1"} <= set(by) and "t0" not in by
+    assert by["b/t0"].parent == "a/t0" and by["b/t0"].notes == ["duplicate of a/t0"]
+    assert by["t0_1"].parent == "a/t0"
     with pytest.raises(AtlasError, match="1 readable model"):
         build_atlas([tmp_path / "b"])
+
+
+def test_build_names_library_file_names_by_their_folder_and_agrees_with_lineage(tmp_path):
+    weights, parents = make_forest_folder(tmp_path / "m")
+    paths = []
+    for name in parents:  # each model saved the transformers way, as <run>/model.safetensors
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        paths.append(tmp_path / "runs" / name / "model.safetensors")
+        (tmp_path / "m" / f"{name}.safetensors").rename(paths[-1])
+    (tmp_path / "other" / "t0").mkdir(parents=True)
+    (tmp_path / "other" / "t0" / "model.safetensors").write_bytes(b"not a checkpoint")  # unreadable, named alike
+    atlas = build_atlas([*paths, tmp_path / "other" / "t0" / "model.safetensors"], lineage=SPECIALIZE)
+    by = {m.name: m for m in atlas.models}
+    assert by["other/t0"].notes[0].startswith("unreadable: ")
+    assert "t0_1" in by and "runs/t0_1" not in by  # only the names that clash go up a folder
+    assert by["t0_1"].parent == "runs/t0" and by["t1_0"].parent == "t1"
 
 
 def test_save_load_roundtrip_and_viewer(tmp_path):

@@ -295,13 +295,6 @@ def test_checkpoints_named_alike_in_different_runs_are_told_apart_by_folder(tmp_
         recover_lineage([paths[0], paths[0], paths[1]])
 
 
-def test_unique_names_go_up_as_many_folders_as_needed(tmp_path):
-    from modelatlas.lineage.sources import unique_names
-
-    a, b = tmp_path / "x" / "run" / "ck.pt", tmp_path / "y" / "run" / "ck.pt"
-    assert unique_names([a, b, tmp_path / "other.pt"]) == ["x/run/ck", "y/run/ck", "other"]
-
-
 def test_an_up_cast_copy_is_found_by_its_values():
     """A model rounded to float16 or bfloat16 and saved back as float32: its header says float32, its values
     say float16 / bfloat16, so it is that model's lower-precision copy, not a fine-tune at distance ~1e-3."""

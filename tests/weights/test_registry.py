@@ -89,3 +89,20 @@ def test_a_model_reached_twice_is_discovered_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     found = discover_models(["models/a.safetensors", "models", "./models/a.safetensors", "link.safetensors"])
     assert found == [Path("models/a.safetensors"), Path("models/b.safetensors")]
+
+
+def test_unique_names_go_up_as_many_folders_as_needed(tmp_path):
+    from modelatlas.weights import unique_names
+
+    a, b = tmp_path / "x" / "run" / "ck.pt", tmp_path / "y" / "run" / "ck.pt"
+    assert unique_names([a, b, tmp_path / "other.pt"]) == ["x/run/ck", "y/run/ck", "other"]
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin", "adapter_model.safetensors"])
+def test_a_library_file_name_is_named_by_its_folder(tmp_path, file):
+    from modelatlas.weights import model_name, unique_names
+
+    a, b = tmp_path / "sweep1" / "lr3e-4" / file, tmp_path / "sweep2" / "lr3e-4" / file
+    assert model_name(a) == "lr3e-4" and model_name(Path("/") / file) == file.split(".")[0]
+    assert model_name(tmp_path / "model") == "model"  # a folder named model keeps its name
+    assert unique_names([a, b, tmp_path / "c" / file]) == ["sweep1/lr3e-4", "sweep2/lr3e-4", "c"]

@@ -26,7 +26,7 @@ from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
 from modelatlas.progress import Progress, resolve
-from modelatlas.weights import discover_models, model_name, open_checkpoint
+from modelatlas.weights import discover_models, open_checkpoint, unique_names
 from modelatlas.weights.base import error_line
 
 
@@ -38,15 +38,15 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
     paths = discover_models(inputs)
     if not paths:
         raise AtlasError(f"no models found in {', '.join(map(str, inputs))}")
-    _check_unique_names(paths)
-    entries, shapes = zip(*[_describe(p) for p in resolve(progress)(paths, total=len(paths), desc="headers")])
+    named = list(zip(paths, unique_names(paths)))  # runA/model.safetensors and runB/... -> "runA", "runB"
+    entries, shapes = zip(*[_describe(p, n) for p, n in resolve(progress)(named, total=len(paths), desc="headers")])
     entries = list(entries)
-    readable = [p for p, e in zip(paths, entries) if not e.notes]
+    readable = [(p, e.name) for p, e in zip(paths, entries) if not e.notes]
     if len(readable) < 2:
         why = "; ".join(f"{e.name}: {e.notes[0]}" for e in entries if e.notes)  # an unreadable model's only note
         raise AtlasError(f"{len(readable)} readable model(s) of {len(paths)}: an atlas needs at least 2"
                          + (f" ({why[:300]})" if why else ""))
-    forest = recover_lineage(readable, config=lineage, progress=progress)
+    forest = _lineage(readable, lineage, progress)
     _place(entries, forest)
     atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))
     if experts is not None:
@@ -56,19 +56,23 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
     return atlas
 
 
-def _check_unique_names(paths: list[Path]) -> None:
-    seen: dict[str, Path] = {}
-    for p in paths:
-        name = model_name(p)
-        if name in seen:
-            raise AtlasError(f"two models are named {name!r}: {seen[name]} and {p}; models are named by file or "
-                             "folder name, so rename one")
-        seen[name] = p
+def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, progress) -> Forest:
+    """The lineage forest of the readable models under the atlas's names for them (names told apart by folder
+    over every model, readable or not, so that lineage and entries agree)."""
+    ckpts = []
+    try:
+        for path, name in readable:
+            ckpts.append(open_checkpoint(path))
+            ckpts[-1].name = name
+        return recover_lineage(ckpts, config=config, progress=progress)
+    finally:
+        for ck in ckpts:
+            ck.close()
 
 
-def _describe(path: Path) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
+def _describe(path: Path, name: str) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
     """The entry of one model from its header, and its tensor shapes; an unreadable model gets a note."""
-    entry = ModelEntry(model_name(path), str(Path(path).resolve()))
+    entry = ModelEntry(name, str(Path(path).resolve()))
     try:
         with open_checkpoint(path) as ckpt:
             infos = ckpt.tensors()

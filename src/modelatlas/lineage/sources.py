@@ -7,16 +7,14 @@ itself. A model that cannot be opened or lists no usable layer is *skipped* with
 
 from __future__ import annotations
 
-import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from modelatlas.errors import AtlasError, ConfigError
-from modelatlas.weights import Checkpoint, TensorInfo, open_checkpoint
+from modelatlas.weights import Checkpoint, TensorInfo, open_checkpoint, unique_names
 from modelatlas.weights.base import _stem
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
@@ -71,22 +69,6 @@ def as_checkpoints(source, progress=None) -> tuple[list[Checkpoint], dict[str, s
         raise ConfigError(f"model names must be unique; {dup} appear more than once (the same model given "
                           "twice, or checkpoints named alike: rename them)")
     return ckpts, skipped
-
-
-def unique_names(paths: Iterable[str | Path]) -> list[str]:
-    """Model names of ``paths``: the file or folder name without extension, and for a name that more than one
-    path has, as many parent folders as it takes to tell them apart (``runA/checkpoint-500`` and
-    ``runB/checkpoint-500``). The same path given twice keeps its plain name twice. Time O(N depth)."""
-    full = [Path(os.path.abspath(p)) for p in paths]
-    names = [_stem(Path(p)) for p in paths]
-    for depth in range(1, 1 + max((len(p.parts) for p in full), default=0)):
-        counts = Counter(n for n, _ in set(zip(names, full)))  # distinct paths per name
-        clash = [i for i, n in enumerate(names) if counts[n] > 1]
-        if not clash:
-            break
-        for i in clash:
-            names[i] = "/".join([*full[i].parent.parts[1:][-depth:], _stem(full[i])])  # (the root "/" is no name)
-    return names
 
 
 def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInfo], str]:

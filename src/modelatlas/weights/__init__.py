@@ -12,7 +12,8 @@ from modelatlas.weights.registry import (
     open_checkpoint,
     open_many,
     register_format,
+    unique_names,
 )
 
 __all__ = ["Checkpoint", "TensorInfo", "discover_models", "model_name", "open_checkpoint", "open_many",
-           "register_format"]
+           "register_format", "unique_names"]

@@ -107,12 +107,20 @@ def folder_name(path: Path) -> str:
     return Path(os.path.abspath(path)).name if path.name in ("", "..") else path.name
 
 
+# File names a saving library chose, not the user (transformers, PEFT, diffusers): such a file is named by the
+# folder holding it, so that runA/model.safetensors and runB/model.safetensors are "runA" and "runB".
+_LIBRARY_FILE_NAMES = {"model", "pytorch_model", "adapter_model", "diffusion_pytorch_model"}
+
+
 def _stem(path: Path) -> str:
-    """Model name from a path: the file or folder name without its extension(s)."""
+    """Model name from a path: the file or folder name without its extension(s); for a file of a library's
+    standard name (``model.safetensors``, ``pytorch_model.bin``, ...), the name of its folder."""
     name = folder_name(path)
     for ext in (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".gguf", ".ckpt"):
         if name.endswith(ext):
-            return name[: -len(ext)]
+            stem = name[: -len(ext)]
+            folder = folder_name(path.parent) if stem in _LIBRARY_FILE_NAMES else ""
+            return folder or stem  # (a file at the root "/" has no folder name)
     return name
 
 

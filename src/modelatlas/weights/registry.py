@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,25 @@ def open_many(paths: Iterable[str | Path], on_error: Callable[[Path, str], None]
 
 
 def model_name(path: str | Path) -> str:
-    """A model's display name: its file or folder name without extension."""
+    """A model's display name: its file or folder name without extension (see :func:`unique_names` for many)."""
     return _stem(Path(path))
+
+
+def unique_names(paths: Iterable[str | Path]) -> list[str]:
+    """Model names of ``paths``: the file or folder name without extension, and for a name that more than one
+    path has, as many parent folders as it takes to tell them apart (``runA/checkpoint-500`` and
+    ``runB/checkpoint-500``). The same path given twice keeps its plain name twice. Time O(N depth)."""
+    full = [Path(os.path.abspath(p)) for p in paths]
+    names = [_stem(Path(p)) for p in paths]
+    for depth in range(1, 1 + max((len(p.parts) for p in full), default=0)):
+        counts = Counter(n for n, _ in set(zip(names, full)))  # distinct paths per name
+        clash = [i for i, n in enumerate(names) if counts[n] > 1]
+        if not clash:
+            break
+        for i in clash:
+            above = full[i].parent.parent if _stem(full[i]) != _stem(Path(full[i].name)) else full[i].parent
+            names[i] = "/".join([*above.parts[1:][-depth:], _stem(full[i])])  # (the root "/" is no name)
+    return names
 
 
 register_format("safetensors", is_safetensors, SafetensorsCheckpoint)
