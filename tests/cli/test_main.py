@@ -143,7 +143,8 @@ def test_an_empty_out_is_refused(argv, value, capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("hint, expected", [
-    ("progress is kept in OUT/checkpoint; rerun with --resume to continue", "rerun with --resume to continue"),
+    ("progress is kept in {out}/checkpoint; rerun with --resume to continue",
+     "progress is kept in runs/dm/checkpoint; rerun with --resume to continue"),
     (None, "nothing partial was left"),
 ])
 def test_ctrl_c_says_what_the_command_kept(hint, expected, capsys):
@@ -154,7 +155,7 @@ def test_ctrl_c_says_what_the_command_kept(hint, expected, capsys):
     def func(args):
         raise KeyboardInterrupt
 
-    args = argparse.Namespace(interrupt_hint=hint) if hint else argparse.Namespace()
+    args = argparse.Namespace(interrupt_hint=hint, out="runs/dm") if hint else argparse.Namespace()
     assert run_mapped(func, args) == 130
     err = capsys.readouterr().err
     assert err.startswith("error: interrupted (") and expected in err and err.count("\n") == 1

@@ -280,3 +280,34 @@ def test_resume_of_a_finished_result_keeps_its_reevaluation(tmp_path):
     assert info["reevaluation"] == ev == json.loads((tmp_path / "result.json").read_text())["reevaluation"]
     info = run_distillation("dm", "digits", 1, tmp_path, config={**TINY_DM, "iterations": 2}, resume=True, **QUICK)
     assert "reevaluation" not in info  # another set: the old numbers no longer describe it
+
+
+def test_a_refused_start_leaves_out_as_it_was_and_does_not_block_another(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than ipc=400"):  # herding's own refusal, after run.json was due
+        run_distillation("herding", "digits", 400, tmp_path / "new", **QUICK)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="fewer than ipc=400"):
+        run_distillation("herding", "digits", 400, tmp_path / "empty", **QUICK)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_run_json_without_a_checkpoint_does_not_refuse_a_resume(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "run.json").write_text(json.dumps({"method": "dm", "ipc": 7}))  # nothing to resume
+    info = run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=True, **QUICK)
+    assert info["ipc"] == 1 and json.loads((tmp_path / "checkpoint" / "run.json").read_text())["ipc"] == 1
+
+
+def test_a_run_started_from_a_set_resumes_after_that_folder_moves_but_not_from_another_set(tmp_path):
+    run_distillation("random", "digits", 1, tmp_path / "a", config={"width": 8}, **QUICK)
+    run_distillation("dm", "digits", 1, tmp_path / "run", config=TINY_DM, init_from=tmp_path / "a", **QUICK)
+    (tmp_path / "a").rename(tmp_path / "moved")
+    info = run_distillation("dm", "digits", 1, tmp_path / "run", config={**TINY_DM, "iterations": 2},
+                            init_from=tmp_path / "moved", resume=True, **QUICK)
+    assert info["init_from"] == str((tmp_path / "moved").resolve())
+    assert len(json.loads((tmp_path / "run" / "result.json").read_text())["losses"]) == 2
+    run_distillation("random", "digits", 1, tmp_path / "other", config={"width": 8}, **{**QUICK, "seed": 5})
+    with pytest.raises(ConfigError, match=r"run.json: the checkpointed run used init_digest '[0-9a-f]{64}', not"):
+        run_distillation("dm", "digits", 1, tmp_path / "run", config={**TINY_DM, "iterations": 3},
+                         init_from=tmp_path / "other", resume=True, **QUICK)

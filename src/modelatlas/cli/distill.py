@@ -59,7 +59,7 @@ def _register_run(dsub) -> None:
                    help="start from the set of this result folder (same dataset and ipc), e.g. DM's for hello")
     r.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     r.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
-    r.set_defaults(func=_run, interrupt_hint="progress is kept in OUT/checkpoint; rerun with --resume to continue")
+    r.set_defaults(func=_run, interrupt_hint="progress is kept in {out}/checkpoint; rerun with --resume to continue")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -31,7 +31,7 @@ def register(dsub) -> None:
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     p.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
-    p.set_defaults(func=_poster, interrupt_hint="progress is kept in OUT/checkpoint; rerun with --resume to continue")
+    p.set_defaults(func=_poster, interrupt_hint="progress is kept in {out}/checkpoint; rerun with --resume to continue")
 
 
 def _poster(args: argparse.Namespace) -> int:

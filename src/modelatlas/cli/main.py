@@ -78,6 +78,7 @@ def run_mapped(func, args: argparse.Namespace) -> int:
         if debug:
             raise
         hint = getattr(args, "interrupt_hint", None) or "outputs are written when a command finishes: nothing partial was left"
+        hint = hint.replace("{out}", str(getattr(args, "out", None) or "the --out folder"))
         print(f"error: interrupted ({hint})", file=sys.stderr)
         return 130
     except (AtlasError, OSError) as e:  # OSError about a file: missing, an --out below a file, disk full, read-only

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batches (default: 0)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
-    t.set_defaults(func=_train, interrupt_hint="progress is kept in OUT; rerun with --resume to continue")
+    t.set_defaults(func=_train, interrupt_hint="progress is kept in {out}; rerun with --resume to continue")
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
     s.add_argument("models", nargs="+", metavar="MODELS_OR_INDEX",
                    help="model files, folders of models, a zoo manifest or an atlas folder (its models are read)")
-    s.add_argument("--experts", required=True)
+    s.add_argument("--experts", required=True, help="folder written by `atlas probex train --task text`")
     s.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     s.set_defaults(func=_search)
 

@@ -4,7 +4,9 @@ evaluate against the random-subset baseline, write the result folder), :func:`ev
 
 from __future__ import annotations
 
+import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -119,10 +121,13 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     init_from = None if init_from is None else str(Path(init_from).resolve())
     init = None if init_from is None else _init_set(init_from, train.name, tf)
     cfg = methods.get(method).make_config(config)
-    _check_run(out / "checkpoint" / RUN_JSON, resume, {
-        "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
-        "init_from": init_from, "config": cfg.to_dict()}, cfg.net_spec(train.input_shape))
-    syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
+    with _undone_if_unstarted(out):
+        _check_run(out / "checkpoint" / RUN_JSON, resume, {
+            "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind,
+            "dataset_kwargs": dataset_kwargs, "init_from": init_from, "init_digest": _digest(init),
+            "config": cfg.to_dict()},
+            cfg.net_spec(train.input_shape))
+        syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
@@ -136,6 +141,23 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+@contextmanager
+def _undone_if_unstarted(out: Path):
+    """Run the body; if it fails (a method's own refusal, Ctrl-C) before the first checkpoint, remove the
+    run.json this start wrote and the folders it made, so that the refusal leaves ``out`` as it was."""
+    made = [p for p in (out, out / "checkpoint") if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        ckpt = out / "checkpoint"
+        if not (ckpt / CHECKPOINT_JSON).is_file() and not (out / RESULT_JSON).is_file():
+            (ckpt / RUN_JSON).unlink(missing_ok=True)
+            for folder in reversed(made):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
 
 
 def _kept_reevaluation(out: Path, seed: int, losses: list[float]) -> dict:
@@ -193,15 +215,18 @@ _MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk")
 
 
 # settings compared first, so a resume names the most telling difference (another method, not its fields)
-_FIRST = ("method", "dataset", "ipc", "transform", "dataset_kwargs", "init_from")
+_FIRST = ("method", "dataset", "ipc", "transform", "dataset_kwargs", "init_from", "init_digest")
 
 
 def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> None:
     """On resume, refuse a checkpoint written by another run (another dataset of the same shape would load
     without complaint); otherwise record this run beside its checkpoints. Values are compared resolved (an
     explicit ``identity`` transform or the default width equal their defaults; ``net``: this run's resolved
-    net spec). Checkpoints without the file (older versions) are resumed unchecked."""
-    if not (resume and path.is_file()):
+    net spec; a starting set by its content, so its folder may move). Checkpoints without the file (older
+    versions) are resumed unchecked; a run.json with neither a checkpoint nor a result beside it (a start stopped
+    before its first checkpoint) is replaced."""
+    done = (path.parent / CHECKPOINT_JSON).is_file() or (path.parent.parent / RESULT_JSON).is_file()
+    if not (resume and path.is_file() and done):  # (a run.json alone is a start that never checkpointed)
         atomic_write_json(path, run)
         return
     saved = _identity(read_json(path, "delete the checkpoint folder to start over"), net)
@@ -220,11 +245,24 @@ def _identity(run: dict, net: dict | None) -> dict:
         if net is not None and config.get(f"config.{k}", 0) is None:
             config[f"config.{k}"] = net[k]
     top = {k: v for k, v in run.items() if k != "config"}
+    if top.get("init_digest") is not None:  # the starting set is known by its content: its folder may move
+        top.pop("init_from", None)
     top["transform"] = top.get("transform") or "identity"
     top["dataset_kwargs"] = absolute_root(top.get("dataset_kwargs"))
     if top.get("init_from") is not None:
         top["init_from"] = str(Path(top["init_from"]).resolve())
     return {**top, **config}
+
+
+def _digest(syn: SyntheticSet | None) -> str | None:
+    """A SHA-256 of a starting set's images, classes and label logits (None without one). Time O(set size)."""
+    if syn is None:
+        return None
+    h = hashlib.sha256()
+    for t in (syn.images, syn.classes, syn.label_logits):
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
