@@ -160,3 +160,32 @@ def test_hop_sums_by_rerooting_match_one_bfs_per_node(seed):
 def test_hop_sums_refuse_a_graph_that_is_not_one_tree():
     with pytest.raises(ValueError, match="not one tree"):
         hop_sums([[1], [0], []])
+
+
+def test_side_confidence_by_hand_on_a_chain():
+    """Chain 0 - 1 - 2 hung from 0, root probabilities softmax(log [6, 3, 1]) = [0.6, 0.3, 0.1]: the edge
+    0 -> 1 has 0.6 of the weight on its parent's side (2 * 0.6 - 1 = 0.2), the edge 1 -> 2 has 0.9 (0.8)."""
+    from modelatlas.lineage.root import side_confidence
+
+    conf = side_confidence(make_chain_adj(3), [-1, 0, 1], np.log([6.0, 3.0, 1.0]))
+    assert conf == pytest.approx([1.0, 0.2, 0.8])
+    hung_wrong = side_confidence(make_chain_adj(3), [1, 2, -1], np.log([6.0, 3.0, 1.0]))  # against the scores
+    assert hung_wrong == pytest.approx([0.0, 0.0, 1.0])
+
+
+def test_side_confidence_matches_cutting_each_edge():
+    from modelatlas.lineage.root import bfs, side_confidence
+
+    rng = np.random.default_rng(3)
+    for n in (2, 6, 15):
+        x = rng.normal(size=(n, 3))
+        adj = prim_mst(np.linalg.norm(x[:, None] - x[None], axis=-1))
+        score, root = rng.normal(size=n) * 2, int(rng.integers(n))
+        parent = _root_at(adj, root)
+        w = np.exp(score) / np.exp(score).sum()
+        got = side_confidence(adj, parent, score)
+        for v, p in enumerate(parent):
+            if p >= 0:  # the parent's side: everything the child's subtree does not hold
+                below = set(bfs([[y for y in a if {x, y} != {p, v}] for x, a in enumerate(adj)], v)[1].tolist())
+                side = sum(w[u] for u in range(n) if u not in below)
+                assert got[v] == pytest.approx(max(0.0, min(1.0, 2 * side - 1)))

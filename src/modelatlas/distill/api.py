@@ -123,12 +123,10 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     cfg = methods.get(method).make_config(config)
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, {
-            "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind,
-            "dataset_kwargs": dataset_kwargs, "init_from": init_from, "init_digest": _digest(init),
-            "config": cfg.to_dict()},
-            cfg.net_spec(train.input_shape))
+            "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
+            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict()}, cfg.net_spec(train.input_shape))
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
-    wall = ctx.elapsed()
+    wall = ctx.elapsed()  # distillation only, not the evaluation below
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
     info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),

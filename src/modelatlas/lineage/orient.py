@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from modelatlas.lineage.edmonds import arborescence_cost, minimum_spanning_arborescence
-from modelatlas.lineage.root import PRIOR, bfs, choose_root
+from modelatlas.lineage.root import PRIOR, bfs, choose_root, root_scores, side_confidence
 
 
 def violations(kurtosis: np.ndarray, stage: str) -> np.ndarray:
@@ -124,6 +124,19 @@ def orient_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndar
     return _root_at(adj, root), conf, second
 
 
+def vote_directions(parent: list[int], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
+                    prior: float = PRIOR, votes: str = "scaled") -> np.ndarray:
+    """(n,) direction confidence of each edge of a tree oriented by :func:`orient_votes`: how much of the root
+    scores' weight lies on the parent's side (:func:`modelatlas.lineage.root.side_confidence`). Time O(n L)."""
+    adj: list[list[int]] = [[] for _ in parent]
+    for v, p in enumerate(parent):
+        if p >= 0:
+            adj[v].append(p)
+            adj[p].append(v)
+    score = root_scores(adj, kurtosis, layer_kurtosis, stage, prior, votes)
+    return side_confidence(adj, parent, score)
+
+
 def prim_mst(dist: np.ndarray) -> list[list[int]]:
     """Adjacency lists of a minimum spanning tree of the complete graph ``dist`` (Prim). Time O(n^2)."""
     n = dist.shape[0]
@@ -204,13 +217,15 @@ def edge_scores(cost: np.ndarray, parent: list[int]) -> list[float]:
     return out
 
 
-def mst_edge_scores(dist: np.ndarray, kurtosis: np.ndarray, stage: str, parent: list[int]) -> list[float]:
+def mst_edge_scores(dist: np.ndarray, kurtosis: np.ndarray, stage: str, parent: list[int],
+                    direction: np.ndarray | None = None) -> list[float]:
     """Confidence in [0, 1] of each edge parent[v] -> v of a tree placed by the MST; roots get 1.0.
 
     placement = 1 - D(edge) / D(best replacement edge): cutting the edge splits the tree in two, and the
     replacement is the cheapest other pair joining the two parts (the MST sensitivity margin; 0 when another
     edge is as good). direction = 1 - exp(-|dk| / median |dk|) when the kurtosis change keeps the stage's
-    direction, 0 when it goes against it. score = min(placement, direction). Time O(n^2 log n)
+    direction, 0 when it goes against it; ``direction`` (n,) given instead when the orientation came from a
+    root choice (:func:`modelatlas.lineage.root.side_confidence`). score = min(placement, direction). Time O(n^2 log n)
     (:func:`replacement_costs`), whatever the tree's depth.
     """
     sign = 1.0 if stage == "specialize" else -1.0
@@ -225,8 +240,8 @@ def mst_edge_scores(dist: np.ndarray, kurtosis: np.ndarray, stage: str, parent: 
         alt = float(alts[v])
         place = 1.0 if not np.isfinite(alt) else (float(np.clip(1 - dist[p, v] / alt, 0, 1)) if alt > 0 else 0.0)
         dk = sign * (kurtosis[p] - kurtosis[v])
-        direction = float(1 - np.exp(-dk / scale)) if dk > 0 and scale > 0 else 0.0
-        out.append(min(place, direction))
+        sure = float(1 - np.exp(-dk / scale)) if dk > 0 and scale > 0 else 0.0
+        out.append(min(place, sure if direction is None else float(direction[v])))
     return out
 
 

@@ -35,6 +35,7 @@ from modelatlas.lineage.orient import (
     orient_votes,
     prim_mst,
     solve_tree,
+    vote_directions,
 )
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
@@ -106,14 +107,16 @@ class LineageRecovery:
             tree_names.append(members)
             if placement == "mst" and cfg.orient == "votes":
                 lk = stats[g].layer_kurtosis
-                parent, conf_r, second = orient_votes(d, k, None if lk is None else lk[idx], stage, cfg.root_prior,
-                                                      cfg.root_votes)
+                lk = None if lk is None else lk[idx]
+                parent, conf_r, second = orient_votes(d, k, lk, stage, cfg.root_prior, cfg.root_votes)
                 root_conf.append(conf_r)
                 runner_up.append(members[second])
+                sure = vote_directions(parent, k, lk, stage, cfg.root_prior, cfg.root_votes)
             else:
                 parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
+                sure = None
             if placement == "mst":
-                scores = mst_edge_scores(d, k, stage, parent)
+                scores = mst_edge_scores(d, k, stage, parent, sure)
             else:
                 scores = edge_scores(edge_costs(d, k, stage, cfg.lam), parent)
             edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]

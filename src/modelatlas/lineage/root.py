@@ -136,6 +136,27 @@ def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.n
     return votes - prior * branching(adj) * mean_hops
 
 
+def side_confidence(adj: list[list[int]], parent: list[int], score: np.ndarray) -> np.ndarray:
+    """(n,): for each edge parent[v] -> v, how sure the root scores are that the root lies on the parent's
+    side: 2 P - 1 clipped to [0, 1], P = the share of softmax(score) on the parent's side once the edge is cut
+    (its direction is right exactly when the root is there). 0: a coin flip or against; the root gets 1.
+    Consistent with the root confidence (logistic of the score margin: two candidates give P = it).
+    Time O(n)."""
+    n = len(adj)
+    out = np.ones(n)
+    if n < 2:
+        return out
+    w = np.exp(np.asarray(score, dtype=np.float64) - np.max(score))  # (n,) unnormalised root probabilities
+    root = next(v for v, p in enumerate(parent) if p < 0)
+    _, order = bfs(adj, root)
+    below = w.copy()
+    for v in order[::-1][:-1]:  # children before their parents: each subtree's root mass
+        below[parent[v]] += below[v]
+    for v in order[1:]:
+        out[v] = float(np.clip(2 * (1 - below[v] / below[root]) - 1, 0.0, 1.0))
+    return out
+
+
 def branching(adj: list[list[int]]) -> float:
     """Fraction of the inner nodes (degree >= 2) that branch (degree >= 3); 0 for a chain. Time O(n)."""
     deg = np.array([len(a) for a in adj])
