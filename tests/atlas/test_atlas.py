@@ -108,6 +108,9 @@ def test_viewer_escapes_names():
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(AtlasError, match="no atlas here"):
         Atlas.load(tmp_path)
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(AtlasError, match="afile: a file, not an atlas folder or its atlas.json"):
+        Atlas.load(tmp_path / "afile")
     (tmp_path / "atlas.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(AtlasError, match="unknown atlas format 'other'"):
         Atlas.load(tmp_path)

@@ -119,6 +119,10 @@ def test_cli_attribute_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
     assert main([*argv[:-8], "--test-index", "99", "--max-test", "20"]) == 1
     assert "--test-index 99 is out of range" in capsys.readouterr().err
+    one = [a for a in argv if a not in ("0", "3")][:-8]  # no --test-index: the default fits one test sample
+    assert main([*one[:one.index("--test-index")], *one[one.index("--test-index") + 1:], "--max-test", "1",
+                 "--max-train", "200", "--train-steps", "5", "--match-steps", "1"]) == 0
+    assert json.loads((out / "attribution.json").read_text())["shape"] == [20, 1]
 
 
 def test_cli_validation_json_is_strict_with_two_clusters_per_class(tmp_path, capsys):
@@ -171,6 +175,8 @@ def test_config_errors():
     ({"train_steps": "10"}, r"train_steps must be >= 1 \(an integer\), got '10'"),  # was a TypeError
     ({"match_steps": True}, r"match_steps must be >= 0 \(an integer\), got True"),
     ({"match_final": "no"}, "match_final must be true or false"),
+    ({"train_steps": 10**11}, "train_steps must be at most 1,000,000, got 100,000,000,000"),  # ran silently for hours
+    ({"damping": 1e308}, "damping must be at most 1e[+]20, got 1e[+]308"),  # overflowed to 'even with damping inf'
 ])
 def test_config_values_of_the_wrong_kind_are_named(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -180,5 +186,6 @@ def test_config_values_of_the_wrong_kind_are_named(kwargs, match):
 def test_more_synthetic_samples_than_training_examples_is_refused_up_front(planted):
     x, y, xt, yt = planted  # 120 training examples, 2 classes
     with pytest.raises(ConfigError, match=r"samples_per_cluster=1000000000 x 4 clusters = 4,000,000,000 synthetic "
-                                          r"samples, more than the 120 training examples"):
+                                          r"samples, more than the 120 training examples .*lower clusters_per_class or samples_per_cluster "
+                                          r"\(--clusters-per-class"):
         ddm_attribution(x, y, xt, yt, 2, DDMConfig(clusters_per_class=2, samples_per_cluster=10**9))

@@ -106,3 +106,13 @@ def test_a_library_file_name_is_named_by_its_folder(tmp_path, file):
     assert model_name(a) == "lr3e-4" and model_name(Path("/") / file) == file.split(".")[0]
     assert model_name(tmp_path / "model") == "model"  # a folder named model keeps its name
     assert unique_names([a, b, tmp_path / "c" / file]) == ["sweep1/lr3e-4", "sweep2/lr3e-4", "c"]
+
+
+def test_a_model_folder_and_its_library_file_are_one_model(tmp_path):
+    for run in ("a", "b"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        save_file({"w": torch.ones(2, 2)}, str(tmp_path / "runs" / run / "model.safetensors"))
+    got = discover_models([tmp_path / "runs", tmp_path / "runs" / "a" / "model.safetensors"])
+    assert got == [tmp_path / "runs" / "a", tmp_path / "runs" / "b"]
+    alone = discover_models([tmp_path / "runs" / "a" / "model.safetensors", tmp_path / "runs" / "b"])
+    assert alone == [tmp_path / "runs" / "a" / "model.safetensors", tmp_path / "runs" / "b"]  # first kept

@@ -76,6 +76,15 @@ def test_resume_skips_finished_models(tmp_path, make_config):
     make_zoo(make_config(depth=1, trees=1, seed=99), tmp_path, workers=1, resume=False)
 
 
+def test_resume_trains_a_damaged_model_again(tmp_path, make_config):
+    cfg = make_config(depth=1, trees=1)
+    digests = [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models]
+    (tmp_path / "t0" / "model.safetensors").write_bytes(b"")  # truncated after the build
+    stamp = (tmp_path / "t0.0" / "model.safetensors").stat().st_mtime_ns
+    assert [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models] == digests  # the same weights again
+    assert (tmp_path / "t0.0" / "model.safetensors").stat().st_mtime_ns == stamp  # the intact ones kept
+
+
 def test_make_zoo_argument_errors(tmp_path, make_config):
     with pytest.raises(ConfigError, match="workers: must be a positive integer"):
         make_zoo(make_config(), tmp_path, workers=0)

@@ -108,6 +108,8 @@ class Atlas:
     def load(cls, folder: str | Path) -> Atlas:
         folder = Path(folder)
         path = folder / JSON_NAME if folder.is_dir() or not folder.suffix else folder
+        if folder.is_file() and path != folder:
+            raise AtlasError(f"{folder}: a file, not an atlas folder or its {JSON_NAME}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:

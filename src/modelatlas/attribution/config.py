@@ -51,6 +51,9 @@ class DDMConfig:
             value, low = getattr(self, name), 0 if name == "match_steps" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
                 raise ConfigError(f"{name} must be >= {low} (an integer), got {value!r}")
+        for name in ("train_steps", "match_steps", "unlearn_steps"):  # 10^11 steps ran silently for hours
+            if getattr(self, name) > MAX_STEPS:
+                raise ConfigError(f"{name} must be at most {MAX_STEPS:,}, got {getattr(self, name):,}")
         if self.unlearn not in UNLEARN:
             raise ConfigError(f"unlearn must be one of {', '.join(UNLEARN)}, got {self.unlearn!r}")
         for name in ("lr", "match_lr", "unlearn_lr", "damping", "weight_decay"):
@@ -58,11 +61,17 @@ class DDMConfig:
             # NaN or inf used to pass (weight_decay) and fail later as a Hessian 'with NaN/inf entries'
             if not _finite(value) or value < 0 or (positive and value == 0):
                 raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
+        if self.damping > MAX_DAMPING:  # float32 Hessians overflow past ~3e38, and the damping may double 40 times
+            raise ConfigError(f"damping must be at most {MAX_DAMPING:g}, got {self.damping!r}")
         if not isinstance(self.match_final, bool):
             raise ConfigError(f"match_final must be true or false, got {self.match_final!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_STEPS = 1_000_000
+MAX_DAMPING = 1e20
 
 
 def _finite(value) -> bool:

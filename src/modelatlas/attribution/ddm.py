@@ -199,7 +199,8 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
     if n_synthetic > len(x):  # 10^9 per cluster ran out of memory in the offline phase, with a traceback
         raise ConfigError(f"samples_per_cluster={cfg.samples_per_cluster} x {num_classes * cfg.clusters_per_class} "
                           f"clusters = {n_synthetic:,} synthetic samples, more than the {len(x):,} training examples "
-                          "they distil; lower samples_per_cluster")
+                          "they distil; lower clusters_per_class or samples_per_cluster (--clusters-per-class, "
+                          "--samples-per-cluster), or use more training examples (--max-train)")
     _preload_optimizer()
     t0 = time.perf_counter()
     assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)

@@ -60,7 +60,7 @@ def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tup
     per try, cost a fifth of a factorisation at P = 2,410)."""
     if not bool(torch.isfinite(h.sum(1)).all()):  # NaN/inf propagate into the row sums: one pass, not four
         raise ConfigError("DDM: the distilled-set Hessian has NaN/inf entries (the target model diverged?); "
-                          "lower DDMConfig.lr or train_steps")
+                          "lower its learning rate, train_steps or weight_decay (--train-steps, --weight-decay)")
     diag = h.diagonal()
     base = diag.clone()  # (P,)
     d = float(damping)
@@ -73,7 +73,7 @@ def damped_cholesky(h: torch.Tensor, damping: float, max_tries: int = 40) -> tup
             d *= 2.0
     finally:
         diag.copy_(base)
-    raise ConfigError(f"DDM: the distilled-set Hessian is not positive definite even with damping {d:g}; raise DDMConfig.damping")
+    raise ConfigError(f"DDM: the distilled-set Hessian is not positive definite even with damping {d:g}; raise the damping (--damping, DDMConfig.damping)")
 
 
 def newton_steps(factor: torch.Tensor, grads: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: cifar10, image-folder)")
     p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class (default 5)")
     p.add_argument("--out", required=True, type=out_dir, help="output folder (attribution.safetensors/.json/.png): new, empty or a previous attribution's")
-    p.add_argument("--test-index", type=int, nargs="+", default=[0, 1, 2],
-                   help="test samples to plot, 0-based among the test samples used (default 0 1 2)")
+    p.add_argument("--test-index", type=int, nargs="+", default=None,
+                   help="test samples to plot, 0-based among the test samples used (default 0 1 2, those there are)")
     p.add_argument("--validate", action="store_true", help="also retrain leave-one-cluster-out (ground truth)")
     p.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples (default: all)")
     p.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples (default: all)")
@@ -71,6 +71,8 @@ def _inputs(args: argparse.Namespace):
     if len(train.input_shape) != 3:
         raise ConfigError(f"dataset {args.dataset!r} is not an image dataset (shape {train.input_shape})")
     xte, yte = test.x[:args.max_test], test.y[:args.max_test]
+    if args.test_index is None:  # the default: the first three test samples, or as many as --max-test keeps
+        args.test_index = list(range(min(3, len(xte))))
     args.test_index = list(dict.fromkeys(args.test_index))  # '--test-index 0 0' plots sample 0 once
     bad = [j for j in args.test_index if not 0 <= j < len(xte)]
     if bad:

@@ -108,17 +108,28 @@ def discover_models(paths: Iterable[str | Path]) -> list[Path]:
     """Expand ``paths`` into model paths: a model file or model folder stays itself; any other folder is
     expanded to the models directly inside it (sorted by name). A missing path raises CheckpointError, except
     a hub id (``org/name[@rev]``), which is kept for :func:`open_checkpoint` to resolve from the local cache.
-    A model reached twice (``models/`` and ``models/a.safetensors``, ``./a`` and ``a``, a symlink) is kept once,
+    A model reached twice (``models/`` and ``models/a.safetensors``, ``./a`` and ``a``, a symlink, a model
+    folder and its ``model.safetensors``) is kept once,
     where it first appears: it is one model, not two of the same name."""
     found = _expand(paths)
     seen: set[str] = set()
     kept = []
     for p in found:
-        key = os.path.realpath(p) if p.exists() else str(p)
+        key = _model_key(p)
         if key not in seen:
             seen.add(key)
             kept.append(p)
     return kept
+
+
+def _model_key(path: Path) -> str:
+    """What identifies a model: its real path; for a file of a library's standard name inside a model folder
+    (``run/model.safetensors`` of the folder ``run``), the folder's: both name one model."""
+    if not path.exists():
+        return str(path)
+    if path.is_file() and _stem(path) != _stem(Path(path.name)) and is_model(path.parent):
+        return os.path.realpath(path.parent)
+    return os.path.realpath(path)
 
 
 def _expand(paths: Iterable[str | Path]) -> list[Path]:

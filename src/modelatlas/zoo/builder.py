@@ -3,7 +3,8 @@
 A child needs its parent's weights, so level k starts when level k-1 is saved; within a level models train
 in parallel (multiprocessing ``spawn``, one torch thread per worker, which also keeps results independent
 of the worker count). Each finished model is a folder written atomically with ``zoo_record.json`` last;
-rerunning with ``resume=True`` skips finished folders. ``manifest.json`` is rewritten after every level.
+rerunning with ``resume=True`` skips finished folders (one whose weights no longer match their
+recorded digest, damaged since, is trained again). ``manifest.json`` is rewritten after every level.
 Time O(models x steps x batch cost) / workers; memory O(one dataset + one model) per worker.
 """
 
@@ -128,8 +129,10 @@ def _finished(folder: Path, fp: str) -> dict | None:
                           "choose another output folder (--out), or delete it to rebuild it (`atlas zoo make "
                           "--no-resume` and make_zoo(resume=False) rebuild in place)")
     rec = data["record"]
-    if not rec.get("sha256"):  # finished by a version that wrote no digest
-        rec["sha256"] = weights_digest(weights_file(folder, rec.get("storage", "full")))
+    digest = weights_digest(weights_file(folder, rec.get("storage", "full")))
+    if rec.get("sha256") and digest != rec["sha256"]:  # damaged since it was built (truncated, overwritten)
+        return None  # trained again: the same seed gives the same weights, so its children still fit
+    rec["sha256"] = digest  # (a version that wrote no digest)
     return rec
 
 
