@@ -149,13 +149,17 @@ def _undone_if_unstarted(out: Path):
     try:
         yield
     except BaseException:
-        ckpt = out / "checkpoint"
-        if not (ckpt / CHECKPOINT_JSON).is_file() and not (out / RESULT_JSON).is_file():
-            (ckpt / RUN_JSON).unlink(missing_ok=True)
+        if not _has_progress(out):
+            (out / "checkpoint" / RUN_JSON).unlink(missing_ok=True)
             for folder in reversed(made):
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
         raise
+
+
+def _has_progress(out: Path) -> bool:
+    """Whether ``out`` holds a run's checkpoint or its finished result (what its run.json describes)."""
+    return (out / "checkpoint" / CHECKPOINT_JSON).is_file() or (out / RESULT_JSON).is_file()
 
 
 def _kept_reevaluation(out: Path, seed: int, losses: list[float]) -> dict:
@@ -223,8 +227,7 @@ def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> 
     net spec; a starting set by its content, so its folder may move). Checkpoints without the file (older
     versions) are resumed unchecked; a run.json with neither a checkpoint nor a result beside it (a start stopped
     before its first checkpoint) is replaced."""
-    done = (path.parent / CHECKPOINT_JSON).is_file() or (path.parent.parent / RESULT_JSON).is_file()
-    if not (resume and path.is_file() and done):  # (a run.json alone is a start that never checkpointed)
+    if not (resume and path.is_file() and _has_progress(path.parent.parent)):  # (alone: a start that never checkpointed)
         atomic_write_json(path, run)
         return
     saved = _identity(read_json(path, "delete the checkpoint folder to start over"), net)

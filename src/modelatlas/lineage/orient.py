@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from modelatlas.lineage.edmonds import arborescence_cost, minimum_spanning_arborescence
-from modelatlas.lineage.root import PRIOR, bfs, choose_root, root_scores, side_confidence
+from modelatlas.lineage.root import PRIOR, bfs, pick_root, root_scores, side_confidence
 
 
 def violations(kurtosis: np.ndarray, stage: str) -> np.ndarray:
@@ -119,22 +119,21 @@ def orient_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndar
     root chosen by per-layer kurtosis votes and a centrality prior (:func:`modelatlas.lineage.root.choose_root`).
     Time O(n^2 + n L).
     """
+    return orient_votes_sure(dist, kurtosis, layer_kurtosis, stage, prior, votes)[:3]
+
+
+def orient_votes_sure(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
+                      prior: float = PRIOR, votes: str = "scaled") -> tuple[list[int], float, int, np.ndarray]:
+    """:func:`orient_votes` and, from the same root scores, the (n,) direction confidence of each edge: how
+    much of their weight lies on the parent's side (:func:`modelatlas.lineage.root.side_confidence`).
+    Time O(n^2 + n L)."""
     adj = prim_mst(dist)
-    root, conf, second = choose_root(adj, kurtosis, layer_kurtosis, stage, prior, votes)
-    return _root_at(adj, root), conf, second
-
-
-def vote_directions(parent: list[int], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None, stage: str,
-                    prior: float = PRIOR, votes: str = "scaled") -> np.ndarray:
-    """(n,) direction confidence of each edge of a tree oriented by :func:`orient_votes`: how much of the root
-    scores' weight lies on the parent's side (:func:`modelatlas.lineage.root.side_confidence`). Time O(n L)."""
-    adj: list[list[int]] = [[] for _ in parent]
-    for v, p in enumerate(parent):
-        if p >= 0:
-            adj[v].append(p)
-            adj[p].append(v)
+    if len(adj) < 2:
+        return _root_at(adj, 0), 1.0, 0, np.ones(len(adj))
     score = root_scores(adj, kurtosis, layer_kurtosis, stage, prior, votes)
-    return side_confidence(adj, parent, score)
+    root, conf, second = pick_root(score, kurtosis, stage)
+    parent = _root_at(adj, root)
+    return parent, conf, second, side_confidence(adj, parent, score)
 
 
 def prim_mst(dist: np.ndarray) -> list[list[int]]:
@@ -228,9 +227,8 @@ def mst_edge_scores(dist: np.ndarray, kurtosis: np.ndarray, stage: str, parent: 
     root choice (:func:`modelatlas.lineage.root.side_confidence`). score = min(placement, direction). Time O(n^2 log n)
     (:func:`replacement_costs`), whatever the tree's depth.
     """
-    sign = 1.0 if stage == "specialize" else -1.0
-    dks = [sign * (kurtosis[p] - kurtosis[v]) for v, p in enumerate(parent) if p >= 0]
-    scale = float(np.median(np.abs(dks))) if dks else 1.0
+    if direction is None:
+        direction = kurtosis_directions(kurtosis, stage, parent)
     alts = replacement_costs(dist, parent)
     out = []
     for v, p in enumerate(parent):
@@ -239,9 +237,21 @@ def mst_edge_scores(dist: np.ndarray, kurtosis: np.ndarray, stage: str, parent: 
             continue
         alt = float(alts[v])
         place = 1.0 if not np.isfinite(alt) else (float(np.clip(1 - dist[p, v] / alt, 0, 1)) if alt > 0 else 0.0)
-        dk = sign * (kurtosis[p] - kurtosis[v])
-        sure = float(1 - np.exp(-dk / scale)) if dk > 0 and scale > 0 else 0.0
-        out.append(min(place, sure if direction is None else float(direction[v])))
+        out.append(min(place, float(direction[v])))
+    return out
+
+
+def kurtosis_directions(kurtosis: np.ndarray, stage: str, parent: list[int]) -> np.ndarray:
+    """(n,) for each edge parent[v] -> v: 1 - exp(-dk / median |dk|) when the summed kurtosis change dk keeps
+    the stage's direction, else 0 (roots: 1). Time O(n)."""
+    sign = 1.0 if stage == "specialize" else -1.0
+    dks = [sign * (kurtosis[p] - kurtosis[v]) for v, p in enumerate(parent) if p >= 0]
+    scale = float(np.median(np.abs(dks))) if dks else 1.0
+    out = np.ones(len(parent))
+    for v, p in enumerate(parent):
+        if p >= 0:
+            dk = sign * (kurtosis[p] - kurtosis[v])
+            out[v] = float(1 - np.exp(-dk / scale)) if dk > 0 and scale > 0 else 0.0
     return out
 
 

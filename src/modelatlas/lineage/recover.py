@@ -32,10 +32,9 @@ from modelatlas.lineage.orient import (
     edge_costs,
     edge_scores,
     mst_edge_scores,
-    orient_votes,
+    orient_votes_sure,
     prim_mst,
     solve_tree,
-    vote_directions,
 )
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
@@ -108,10 +107,9 @@ class LineageRecovery:
             if placement == "mst" and cfg.orient == "votes":
                 lk = stats[g].layer_kurtosis
                 lk = None if lk is None else lk[idx]
-                parent, conf_r, second = orient_votes(d, k, lk, stage, cfg.root_prior, cfg.root_votes)
+                parent, conf_r, second, sure = orient_votes_sure(d, k, lk, stage, cfg.root_prior, cfg.root_votes)
                 root_conf.append(conf_r)
                 runner_up.append(members[second])
-                sure = vote_directions(parent, k, lk, stage, cfg.root_prior, cfg.root_votes)
             else:
                 parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
                 sure = None

@@ -168,10 +168,15 @@ def choose_root(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.n
                 prior: float = PRIOR, votes: str = "scaled") -> tuple[int, float, int]:
     """(root, confidence in [0.5, 1], runner-up root) of one tree. Ties go to the smaller summed kurtosis
     violation, then the lower index. Time O(n L + n log n)."""
-    n = len(adj)
-    if n < 2:
+    if len(adj) < 2:
         return 0, 1.0, 0
-    score = root_scores(adj, kurtosis, layer_kurtosis, stage, prior, votes)
+    return pick_root(root_scores(adj, kurtosis, layer_kurtosis, stage, prior, votes), kurtosis, stage)
+
+
+def pick_root(score: np.ndarray, kurtosis: np.ndarray, stage: str) -> tuple[int, float, int]:
+    """(root, confidence, runner-up) from the root scores of a tree of at least 2 nodes
+    (:func:`choose_root`'s ties and confidence). Time O(n log n)."""
+    n = len(score)
     k = np.asarray(kurtosis, dtype=np.float64)
     s = 1.0 if stage == "specialize" else -1.0
     tie = -s * k  # among tied roots, prefer the one the stage expects at the top (largest s * k)

@@ -110,18 +110,28 @@ def folder_name(path: Path) -> str:
 # File names a saving library chose, not the user (transformers, PEFT, diffusers): such a file is named by the
 # folder holding it, so that runA/model.safetensors and runB/model.safetensors are "runA" and "runB".
 _LIBRARY_FILE_NAMES = {"model", "pytorch_model", "adapter_model", "diffusion_pytorch_model"}
+_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".gguf", ".ckpt")
+
+
+def _file_stem(name: str) -> str | None:
+    """``name`` without a checkpoint extension, or None when it has none."""
+    return next((name[: -len(ext)] for ext in _EXTENSIONS if name.endswith(ext)), None)
+
+
+def named_by_folder(path: Path) -> bool:
+    """Whether ``path`` is a file of a library's standard name (``model.safetensors``, ``pytorch_model.bin``,
+    ...) in a folder with a name, and so is named after that folder."""
+    return _file_stem(folder_name(path)) in _LIBRARY_FILE_NAMES and folder_name(path.parent) != ""
 
 
 def _stem(path: Path) -> str:
     """Model name from a path: the file or folder name without its extension(s); for a file of a library's
-    standard name (``model.safetensors``, ``pytorch_model.bin``, ...), the name of its folder."""
+    standard name (:func:`named_by_folder`), the name of its folder."""
+    if named_by_folder(path):
+        return folder_name(path.parent)
     name = folder_name(path)
-    for ext in (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".gguf", ".ckpt"):
-        if name.endswith(ext):
-            stem = name[: -len(ext)]
-            folder = folder_name(path.parent) if stem in _LIBRARY_FILE_NAMES else ""
-            return folder or stem  # (a file at the root "/" has no folder name)
-    return name
+    stem = _file_stem(name)
+    return name if stem is None else stem
 
 
 def _count_and_close(name: str, names) -> str:

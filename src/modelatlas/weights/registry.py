@@ -16,7 +16,7 @@ from pathlib import Path
 
 from modelatlas.errors import CheckpointError, UnknownFormatError
 from modelatlas.plugins import import_plugins
-from modelatlas.weights.base import Checkpoint, _stem
+from modelatlas.weights.base import Checkpoint, _stem, named_by_folder
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
 
@@ -127,7 +127,7 @@ def _model_key(path: Path) -> str:
     (``run/model.safetensors`` of the folder ``run``), the folder's: both name one model."""
     if not path.exists():
         return str(path)
-    if path.is_file() and _stem(path) != _stem(Path(path.name)) and is_model(path.parent):
+    if path.is_file() and named_by_folder(path) and is_model(path.parent):
         return os.path.realpath(path.parent)
     return os.path.realpath(path)
 
@@ -222,7 +222,7 @@ def unique_names(paths: Iterable[str | Path]) -> list[str]:
         if not clash:
             break
         for i in clash:
-            above = full[i].parent.parent if _stem(full[i]) != _stem(Path(full[i].name)) else full[i].parent
+            above = full[i].parent.parent if named_by_folder(full[i]) else full[i].parent
             names[i] = "/".join([*above.parts[1:][-depth:], _stem(full[i])])  # (the root "/" is no name)
     return names
 
