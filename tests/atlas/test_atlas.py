@@ -323,6 +323,22 @@ def test_load_names_the_file_key_and_value_of_a_wrong_type(tmp_path, change, whe
     assert message.startswith(f"{tmp_path / 'atlas.json'}: {where} ") and got in message
 
 
+@pytest.mark.parametrize("edges, words", [
+    ([["a", "b"], ["b", "a"]], "the edges form a cycle 'a' <- 'b' <- 'a'"),
+    ([["a", "b"], ["c", "b"]], "edges[1] gives 'b' a second parent ('c'; it already has 'a')"),
+    ([["c", "c"]], "the edges form a cycle 'c' <- 'c'"),
+])
+def test_load_refuses_a_forest_that_is_not_one(tmp_path, edges, words):
+    # a hand-edited forest with a cycle made `atlas index show` print trees forever
+    data = make_saved_atlas(tmp_path)
+    data["forest"]["nodes"].append("c")
+    data["forest"]["edges"] = [{"parent": p, "child": c, "score": 0.5} for p, c in edges]
+    (tmp_path / "atlas.json").write_text(json.dumps(data))
+    with pytest.raises(AtlasError) as e:
+        Atlas.load(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'atlas.json'}: forest: not a lineage forest: {words}"
+
+
 def test_load_keeps_what_older_atlases_leave_out(tmp_path):
     data = make_saved_atlas(tmp_path)
     for key in ("experts", "embedded"):

@@ -203,6 +203,25 @@ def test_duplicate_edges_survive_json_and_are_drawn_as_identical():
     assert Forest.from_dict({"nodes": ["a", "b"], "edges": [{"parent": "a", "child": "b"}]}).edges[0].kind == "trained"
 
 
+def check_shape_error(nodes, pairs, words):
+    from modelatlas.errors import AtlasError
+    from modelatlas.lineage.forest import Forest
+    with pytest.raises(AtlasError, match=words):
+        Forest.from_dict({"nodes": nodes, "edges": [{"parent": p, "child": c} for p, c in pairs]})
+
+
+def test_from_dict_accepts_only_a_forest():
+    from modelatlas.lineage.forest import Forest
+    nodes = ["r", "a", "b", "c", "d"]
+    chain = [("r", "a"), ("a", "b"), ("b", "c"), ("r", "d")]
+    assert Forest.from_dict({"nodes": nodes, "edges": [{"parent": p, "child": c} for p, c in chain]}).roots() == ["r"]
+    check_shape_error(nodes, [("a", "b"), ("b", "c"), ("c", "a")], r"cycle 'a' <- 'c' <- 'b' <- 'a'")
+    check_shape_error(nodes, [("r", "a"), ("a", "b"), ("b", "c"), ("c", "b")], "second parent")
+    check_shape_error(nodes, [("r", "a"), ("b", "c"), ("c", "d"), ("d", "b")], r"cycle 'b' <- 'd' <- 'c' <- 'b'")
+    check_shape_error(["a", "b", "a"], [], "node 'a' is listed twice")
+    check_shape_error(["a"], [("a", "x")], "names 'x', which is not in 'nodes'")
+
+
 def test_split_duplicates_keeps_the_first_of_each_group():
     from modelatlas.lineage.recover import split_duplicates
     rel = np.array([[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 1e-9], [0, 0.5, 0, 0.5], [0.5, 1e-9, 0.5, 0]])

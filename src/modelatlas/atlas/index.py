@@ -122,8 +122,11 @@ class Atlas:
         check_atlas_dict(data, path)
         models = [ModelEntry.from_dict(m) for m in data["models"]]
         embeddings = _load_embeddings(path.parent, data.get("embedded", {}))
-        return cls(models, Forest.from_dict(data.get("forest", {"nodes": [], "edges": []})),
-                   dict(data.get("experts", {})), embeddings)
+        try:
+            forest = Forest.from_dict(data.get("forest", {"nodes": [], "edges": []}))
+        except AtlasError as e:
+            raise AtlasError(f"{path}: forest: {e}") from e
+        return cls(models, forest, dict(data.get("experts", {})), embeddings)
 
 
 def check_atlas_folder(folder: str | Path) -> None:

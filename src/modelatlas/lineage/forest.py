@@ -92,11 +92,7 @@ class Forest:
             nodes = list(data["nodes"])
         except (KeyError, TypeError, ValueError) as e:
             raise AtlasError(f"not a lineage forest (needs 'nodes' and 'edges' with 'parent'/'child'): {e}") from e
-        known = set(nodes)
-        for i, e in enumerate(edges):  # children() and roots() index by node: a stray name fails far from here
-            if e.parent not in known or e.child not in known:
-                stray = e.parent if e.parent not in known else e.child
-                raise AtlasError(f"not a lineage forest: edges[{i}] names {stray!r}, which is not in 'nodes'")
+        check_forest_shape(nodes, edges)
         try:
             return cls(nodes, edges, dict(data.get("decisions", {})), list(data.get("trees", [])),
                        dict(data.get("kurtosis", {})), dict(data.get("skipped", {})))
@@ -113,3 +109,41 @@ class Forest:
             return cls.from_dict(data)
         except AtlasError as e:
             raise AtlasError(f"{path}: {e}") from e
+
+
+def check_forest_shape(nodes: list[str], edges: list[Edge]) -> None:
+    """Raise :class:`AtlasError` unless ``edges`` form a forest over ``nodes``: every edge joins two known
+    nodes, no node has two parents, and following parents never comes back to where it started. A hand-edited
+    forest that breaks one of these would make ``children()`` fail far from here or the tree printer loop
+    forever. O(N + E): each node's parent chain is walked once, marking nodes as they are finished."""
+    known: set[str] = set()
+    for n in nodes:
+        if n in known:
+            raise AtlasError(f"not a lineage forest: node {n!r} is listed twice in 'nodes'")
+        known.add(n)
+    parent: dict[str, str] = {}
+    for i, e in enumerate(edges):  # children() and roots() index by node: a stray name fails far from here
+        if e.parent not in known or e.child not in known:
+            stray = e.parent if e.parent not in known else e.child
+            raise AtlasError(f"not a lineage forest: edges[{i}] names {stray!r}, which is not in 'nodes'")
+        if e.child in parent:
+            raise AtlasError(f"not a lineage forest: edges[{i}] gives {e.child!r} a second parent "
+                             f"({e.parent!r}; it already has {parent[e.child]!r})")
+        parent[e.child] = e.parent
+    _check_no_cycle(nodes, parent)
+
+
+def _check_no_cycle(nodes: list[str], parent: dict[str, str]) -> None:
+    done: set[str] = set()
+    for start in nodes:
+        path: dict[str, None] = {}  # the chain walked from start, in order (a dict: O(1) membership)
+        node = start
+        while node is not None and node not in done:
+            if node in path:  # came back: the nodes from its first visit on form a cycle
+                chain = list(path)
+                cycle = chain[chain.index(node):] + [node]
+                raise AtlasError("not a lineage forest: the edges form a cycle "
+                                 + " <- ".join(repr(n) for n in cycle))
+            path[node] = None
+            node = parent.get(node)
+        done.update(path)
