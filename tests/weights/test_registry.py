@@ -98,6 +98,17 @@ def test_unique_names_go_up_as_many_folders_as_needed(tmp_path):
     assert unique_names([a, b, tmp_path / "other.pt"]) == ["x/run/ck", "y/run/ck", "other"]
 
 
+def test_files_of_one_folder_that_differ_in_extension_keep_it(tmp_path):
+    from modelatlas.weights import unique_names
+
+    # no parent folder tells these apart: their names went up to "/" and lineage refused them as one name
+    a, b, c = tmp_path / "x" / "a.pt", tmp_path / "x" / "a.safetensors", tmp_path / "y" / "a.pt"
+    assert unique_names([a, b, c]) == ["a.pt", "a.safetensors", "a"]
+    r = tmp_path / "run"
+    assert unique_names([r / "model.safetensors", r / "pytorch_model.bin"]) == ["run/model.safetensors",
+                                                                               "run/pytorch_model.bin"]
+
+
 @pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin", "adapter_model.safetensors"])
 def test_a_library_file_name_is_named_by_its_folder(tmp_path, file):
     from modelatlas.weights import model_name, unique_names

@@ -213,9 +213,11 @@ def model_name(path: str | Path) -> str:
 def unique_names(paths: Iterable[str | Path]) -> list[str]:
     """Model names of ``paths``: the file or folder name without extension, and for a name that more than one
     path has, as many parent folders as it takes to tell them apart (``runA/checkpoint-500`` and
-    ``runB/checkpoint-500``). The same path given twice keeps its plain name twice. Time O(N depth)."""
+    ``runB/checkpoint-500``). Two files of one folder that differ only in extension keep it (``a.pt``,
+    ``a.safetensors``). The same path given twice keeps its plain name twice. Time O(N depth)."""
     full = [Path(os.path.abspath(p)) for p in paths]
-    names = [_stem(Path(p)) for p in paths]
+    leaves = _leaf_names([_stem(Path(p)) for p in paths], full)
+    names = list(leaves)
     for depth in range(1, 1 + max((len(p.parts) for p in full), default=0)):
         counts = Counter(n for n, _ in set(zip(names, full)))  # distinct paths per name
         clash = [i for i, n in enumerate(names) if counts[n] > 1]
@@ -223,8 +225,17 @@ def unique_names(paths: Iterable[str | Path]) -> list[str]:
             break
         for i in clash:
             above = full[i].parent.parent if named_by_folder(full[i]) else full[i].parent
-            names[i] = "/".join([*above.parts[1:][-depth:], _stem(full[i])])  # (the root "/" is no name)
+            names[i] = "/".join([*above.parts[1:][-depth:], leaves[i]])  # (the root "/" is no name)
     return names
+
+
+def _leaf_names(stems: list[str], full: list[Path]) -> list[str]:
+    """``stems``, except where two paths in one folder share one (``a.pt`` and ``a.safetensors``): no parent
+    folder tells those apart (their names went up to the file system's root, then were refused as the same),
+    so they keep their file names (``run/model.safetensors`` for a file named by its folder ``run``)."""
+    per_folder = Counter((n, f.parent) for n, f in set(zip(stems, full)))  # distinct paths per (stem, folder)
+    return [(f"{n}/{f.name}" if named_by_folder(f) else f.name) if per_folder[(n, f.parent)] > 1 else n
+            for n, f in zip(stems, full)]
 
 
 register_format("safetensors", is_safetensors, SafetensorsCheckpoint)
