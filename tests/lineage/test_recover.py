@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelatlas.errors import ConfigError
+from modelatlas.errors import AtlasError, ConfigError
 from modelatlas.lineage import LineageConfig, LineageRecovery, recover_lineage
 from modelatlas.lineage.scoring import score_forest
 from modelatlas.lineage.synthetic import make_synthetic_forest
@@ -58,6 +58,13 @@ def test_layer_regex_and_skipped_models():
     f = recover_lineage(weights, layers=r"attn\.v")
     assert f.decisions["layers"] == ["regex 'attn\\.v'"]  # the pattern as typed, not its repr (doubled \\)
     assert "odd" in f.skipped and "no tensor matches --layers 'attn\\.v'" in f.skipped["odd"]
+
+
+def test_layer_regex_that_matches_only_vectors_says_so():
+    weights, _ = make_synthetic_forest(n_trees=1, children=1, depth=1, seed=2)
+    weights = {name: {**w, "l0.bias": torch.zeros(4)} for name, w in weights.items()}
+    with pytest.raises(AtlasError, match=r"--layers 'bias' matches only l0\.bias, which are not float tensors of 2"):
+        recover_lineage(weights, layers="bias")  # it matches a name: "no tensor matches" read as a typo
 
 
 def test_paths_and_broken_file(tmp_path):

@@ -109,8 +109,7 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
             skipped[ck.name] = str(e)
             continue
         if not layers:
-            why = f"no tensor matches --layers '{pattern}'" if pattern else "no float matrix to compare"
-            skipped[ck.name] = f"{ck.path}: {why}"
+            skipped[ck.name] = f"{ck.path}: {_no_layer_reason(ck, pattern)}"
             continue
         sig = tuple(sorted((t.name, t.shape) for t in layers))
         by_sig.setdefault(sig, []).append(i)
@@ -118,3 +117,17 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
         rules[sig] = rule
     sigs = list(by_sig)
     return [(by_sig[s], infos[s]) for s in sigs], [rules[s] for s in sigs], skipped
+
+
+def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:
+    """Why ``ckpt`` has no layer to compare. A pattern that matches only biases or integer buffers matches
+    names: saying it matches nothing sent users hunting for a typo."""
+    if pattern is None:
+        return "no float matrix to compare"
+    rx = re.compile(pattern)
+    named = [t.name for t in ckpt.tensors() if rx.search(t.name)]
+    if not named:
+        return f"no tensor matches --layers '{pattern}'"
+    return (f"--layers '{pattern}' matches only {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}, "
+            "which are not float tensors of 2 or more dimensions (biases, scalars, empty tensors and integer "
+            "buffers are not compared); match weight matrices instead")
