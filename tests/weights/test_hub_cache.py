@@ -52,6 +52,7 @@ def test_revisions(cache):
     make_cached_model(cache, commit=OLD, ref="v1", value=2.0)
     with open_checkpoint("org/tiny@v1") as ck:
         assert torch.equal(ck.read("w"), torch.full((2, 2), 2.0))
+        assert ck.name == "org/tiny@v1"  # not "org/tiny": two revisions of one model are two names
     with open_checkpoint(f"org/tiny@{COMMIT}") as ck:
         assert torch.equal(ck.read("w"), torch.ones(2, 2))
     with pytest.raises(CheckpointError, match=r"revision 'v9' of 'org/tiny' is not in the local Hugging Face cache"):

@@ -76,12 +76,14 @@ def _read_ref(ref: Path) -> str | None:
 
 
 def open_hub_id(text: str, **kwargs) -> Checkpoint | None:
-    """Open a cached hub model by id, named ``org/name``; None when ``text`` is not a hub id at all."""
+    """Open a cached hub model by id, named ``org/name`` (``org/name@rev`` when a revision is given: two
+    revisions of one model, both named ``org/name``, were refused as one name); None when ``text`` is not a
+    hub id at all."""
     if parse_hub_id(text) is None:
         return None
     snapshot = resolve_hub_id(text)
     ck = open_checkpoint(snapshot, **kwargs)
-    ck.name = parse_hub_id(text)[0]
+    ck.name = parse_hub_id(text)[0] + (text[text.index("@"):] if "@" in text else "")
     return ck
 
 
