@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from modelatlas.cli.main import main
@@ -184,3 +185,20 @@ def test_bad_output_paths_are_refused_before_recovery(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert err.startswith(f"error: {opt} {path} ") and said in err and err.count("\n") == 1
         assert out == ""  # refused before the recovery drew anything
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused_before_recovery(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    (tmp_path / "hf").mkdir()
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    model = tmp_path / "t0.safetensors"
+    before = model.read_bytes()
+    for opts, said in ((["--out", str(model)], f"--out {model} would overwrite the model {model};"),
+                       (["--out", str(tmp_path / "manifest.json")], "would overwrite the --truth manifest;"),
+                       (["--dot", str(tmp_path / "hf" / "config.json")], f"the model {tmp_path / 'hf'};"),
+                       (["--dot", str(tmp_path / "f"), "--png", str(tmp_path / "f")], "would overwrite the --dot file;")):
+        assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path), *opts]) == 1
+        out, err = capsys.readouterr()
+        assert said in err and err.count("\n") == 1 and out == ""  # refused before the recovery drew anything
+    assert model.read_bytes() == before  # the model was replaced by the forest's JSON

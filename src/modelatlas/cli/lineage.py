@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,24 @@ def check_out_files(args: argparse.Namespace) -> None:
         above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if above is not None:
             raise ConfigError(f"--{option} {path} lies below the file {above}, not a folder; choose another path")
+
+
+def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:
+    """Refuse an output file that is a model to read (or a file inside a model folder), the --truth manifest, or
+    another option's output: it was written after the recovery, replacing the model or manifest for good."""
+    inputs = {Path(os.path.realpath(m)): m for m in models if Path(m).exists()}
+    source = getattr(truth, "source", None)
+    taken: dict[Path, str] = {Path(os.path.realpath(source)): "the --truth manifest"} if source else {}
+    for option in ("out", "dot", "mermaid", "png"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        real = Path(os.path.realpath(path))
+        model = next((m for m in inputs if real == m or (m in real.parents and real.exists())), None)
+        what = f"the model {inputs[model]}" if model is not None else taken.get(real)
+        if what is not None:
+            raise ConfigError(f"--{option} {path} would overwrite {what}; choose another file")
+        taken[real] = f"the --{option} file"
 
 
 def add_recovery_options(p: argparse.ArgumentParser) -> None:
@@ -106,6 +125,7 @@ def _recover(args: argparse.Namespace) -> int:
     models = expand_paths(args.paths)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
+    check_outputs_spare_inputs(args, models, truth)
     if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
         from modelatlas.lineage.scoring import check_truth
         from modelatlas.lineage.sources import unique_names
