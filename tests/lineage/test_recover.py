@@ -52,6 +52,12 @@ def test_architectures_are_separated_not_crashed_on():
         LineageRecovery(n_trees=1).fit(weights)
 
 
+def test_impossible_tree_count_counts_copies_once():
+    w = torch.randn(8, 8)
+    with pytest.raises(ConfigError, match=r"1 architecture group\(s\) of 1 distinct model\(s\) \(identical and"):
+        recover_lineage({"a": {"w": w}, "b": {"w": w.clone()}, "c": {"w": w.clone()}}, n_trees=2)  # "of 1 models"
+
+
 def test_layer_regex_and_skipped_models():
     weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, seed=2)
     weights["odd"] = {"bias": torch.zeros(4)}
