@@ -32,6 +32,17 @@ def test_truncated_file_names_the_file(tmp_path):
         open_checkpoint(p)
 
 
+def test_truncated_header_says_what_is_short(tmp_path):
+    p = tmp_path / "h.safetensors"
+    p.write_bytes(struct.pack("<Q", 8) + b'{"a":1}')  # 7 of the 8 header bytes: was "length 8 exceeds the file size 15"
+    with pytest.raises(CheckpointError, match=r"h\.safetensors: truncated file: the header length says 8 bytes but "
+                                              r"only 7 follow it \(file size 15\)$"):
+        open_checkpoint(p)
+    p.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(CheckpointError, match=r"length 1099511627776 is over the 104857600 bytes that safetensors"):
+        open_checkpoint(p)
+
+
 def test_header_that_lies_about_sizes(tmp_path):
     p = make_file(tmp_path / "lie.safetensors", a=torch.ones(4))
     raw = p.read_bytes()

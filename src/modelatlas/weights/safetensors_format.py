@@ -43,8 +43,12 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             if len(head) < 8:
                 raise CheckpointError(path, "truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(path, f"corrupt safetensors header: length {n} exceeds the file size {size}")
+            if n > _MAX_HEADER:
+                raise CheckpointError(path, f"corrupt safetensors header: length {n} is over the "
+                                            f"{_MAX_HEADER} bytes that safetensors allows")
+            if n > size - 8:  # "length 8 exceeds the file size 15" read as a contradiction
+                raise CheckpointError(path, f"truncated file: the header length says {n} bytes but only "
+                                            f"{size - 8} follow it (file size {size})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
