@@ -202,3 +202,11 @@ def test_an_output_that_would_overwrite_an_input_is_refused_before_recovery(tmp_
         out, err = capsys.readouterr()
         assert said in err and err.count("\n") == 1 and out == ""  # refused before the recovery drew anything
     assert model.read_bytes() == before  # the model was replaced by the forest's JSON
+
+
+def test_a_model_reached_from_two_arguments_is_one_model(tmp_path, capsys, monkeypatch):
+    make_tiny_zoo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["lineage", "recover", ".", "t0.safetensors", "./t0.safetensors", str(tmp_path / "t1.safetensors")]) == 0
+    out, err = capsys.readouterr()  # was: "model names must be unique; ['t0'] appear more than once"
+    assert "6 models, 2 trees" in out and err == ""

@@ -113,7 +113,9 @@ def expand_paths(paths: list[str]) -> list[Path]:
         if not models and len(paths) > 1:  # alone, the caller's "no models found" error says it
             print(f"skipped: {p}: no models found there", file=sys.stderr)
         found.extend(models)
-    return found
+    # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
+    # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
+    return discover_models(found)
 
 
 def _recover(args: argparse.Namespace) -> int:
