@@ -210,3 +210,12 @@ def test_a_model_reached_from_two_arguments_is_one_model(tmp_path, capsys, monke
     assert main(["lineage", "recover", ".", "t0.safetensors", "./t0.safetensors", str(tmp_path / "t1.safetensors")]) == 0
     out, err = capsys.readouterr()  # was: "model names must be unique; ['t0'] appear more than once"
     assert "6 models, 2 trees" in out and err == ""
+
+
+def test_a_model_folder_without_weights_is_reported_as_skipped(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    (tmp_path / "t9").mkdir()
+    (tmp_path / "t9" / "config.json").write_text("{}")  # an unfinished download: was left out without a word
+    assert main(["lineage", "recover", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "6 models" in out and f"skipped t9: {tmp_path / 't9'}: has config.json but no weights file" in err

@@ -98,6 +98,26 @@ def test_unique_names_go_up_as_many_folders_as_needed(tmp_path):
     assert unique_names([a, b, tmp_path / "other.pt"]) == ["x/run/ck", "y/run/ck", "other"]
 
 
+def test_a_model_folder_no_reader_opens_is_reported_not_dropped(tmp_path):
+    from modelatlas.errors import UnknownFormatError
+
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "config.json").write_text("{}")  # the user's own: a folder of models may hold one
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text("{}")  # a download without its weights
+    (tmp_path / "run").mkdir()
+    torch.save({"w": torch.ones(2, 2)}, tmp_path / "run" / "model.pt")
+    (tmp_path / "notes").mkdir()
+    found = discover_models([tmp_path])  # was [a.safetensors]: the other two left out without a word
+    assert found == [tmp_path / "a.safetensors", tmp_path / "partial", tmp_path / "run"]
+    with pytest.raises(UnknownFormatError, match=r"partial: has config.json but no weights file \(model.safetensors"):
+        open_checkpoint(tmp_path / "partial")
+    with pytest.raises(UnknownFormatError, match=r"run: a folder holding model.pt, but .* give the file .*run/model.pt$"):
+        open_checkpoint(tmp_path / "run")
+    with pytest.raises(UnknownFormatError, match=r"partial: has config.json but no weights file"):
+        discover_models([tmp_path / "partial"])  # alone: its own reason, not "no models found"
+
+
 def test_files_of_one_folder_that_differ_in_extension_keep_it(tmp_path):
     from modelatlas.weights import unique_names
 

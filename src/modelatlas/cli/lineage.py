@@ -100,6 +100,7 @@ def expand_paths(paths: list[str]) -> list[Path]:
     """Model paths from the arguments; a path that is neither a model nor a folder of models is reported
     on stderr and skipped."""
     from modelatlas.weights import discover_models
+    from modelatlas.weights.registry import distinct_models
 
     found: list[Path] = []
     for p in paths:
@@ -115,7 +116,7 @@ def expand_paths(paths: list[str]) -> list[Path]:
         found.extend(models)
     # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
     # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
-    return discover_models(found)
+    return distinct_models(found)
 
 
 def _recover(args: argparse.Namespace) -> int:

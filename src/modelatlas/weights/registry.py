@@ -58,7 +58,27 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
         if fmt.detect(path):
             return fmt.open(path, **_options_for(fmt, path, kwargs))
     known = ", ".join(f.name for f in _FORMATS)
-    raise UnknownFormatError(path, f"unknown checkpoint format (known: {known})")
+    raise UnknownFormatError(path, folder_problem(path) or f"unknown checkpoint format (known: {known})")
+
+
+_MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json")  # transformers, PEFT
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why folder ``path`` looks like one model that no reader opens (a download without its weights, an export
+    in another layout such as ``run/model.onnx``), else None. Inside a folder of models such a folder was left
+    out without a word; now it is reported and skipped. Time O(files in the folder)."""
+    if not path.is_dir():
+        return None
+    files = sorted(c.name for c in path.iterdir() if named_by_folder(c) and is_model(c))
+    if files:
+        return (f"a folder holding {files[0]}, but a folder is read as one model only in the Hugging Face or PEFT "
+                f"layout (model.safetensors, pytorch_model.bin, adapter_model.*); give the file {path / files[0]}")
+    marker = next((m for m in _MODEL_FOLDER_MARKERS if (path / m).is_file()), None)
+    if marker is None:
+        return None
+    return (f"has {marker} but no weights file (model.safetensors, pytorch_model.bin, their .index.json shard "
+            "index, or adapter_model.safetensors / .bin): an unfinished download or copy?")
 
 
 def _options_for(fmt: Format, path: Path, kwargs: dict) -> dict:
@@ -111,10 +131,15 @@ def discover_models(paths: Iterable[str | Path]) -> list[Path]:
     A model reached twice (``models/`` and ``models/a.safetensors``, ``./a`` and ``a``, a symlink, a model
     folder and its ``model.safetensors``) is kept once,
     where it first appears: it is one model, not two of the same name."""
-    found = _expand(paths)
+    return distinct_models(_expand(paths))
+
+
+def distinct_models(paths: Iterable[Path]) -> list[Path]:
+    """Model ``paths`` with a model reached twice kept once, where it first appears (see :func:`discover_models`;
+    for paths already expanded, which a second expansion could not take: a skipped folder is no folder of models)."""
     seen: set[str] = set()
     kept = []
-    for p in found:
+    for p in paths:
         key = _model_key(p)
         if key not in seen:
             seen.add(key)
@@ -146,7 +171,11 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             found.append(p)
         elif p.is_dir():
             _refuse_tool_output(p)
-            found.extend(c for c in sorted(p.iterdir()) if not c.name.startswith(".") and is_model(c))
+            inside = [c for c in sorted(p.iterdir()) if not c.name.startswith(".")]
+            models = [c for c in inside if is_model(c)]
+            if not models and folder_problem(p):  # one model folder, not a folder of models
+                raise UnknownFormatError(p, folder_problem(p))
+            found.extend(c for c in inside if c in models or folder_problem(c))  # reported when opened
         else:
             raise UnknownFormatError(p, "unknown checkpoint format")
     return found
