@@ -70,6 +70,10 @@ def folder_problem(path: Path) -> str | None:
     out without a word; now it is reported and skipped. Time O(files in the folder)."""
     if not path.is_dir():
         return None
+    if path.name.startswith("models--") and (path / "snapshots").is_dir():  # huggingface_hub's cache layout
+        repo = path.name.removeprefix("models--").replace("--", "/")
+        return (f"a Hugging Face cache entry, not a model folder; give its hub id {repo} (with HF_HUB_CACHE="
+                f"{path.parent} if that is not your cache) or one of its snapshots/<commit> folders")
     files = sorted(c.name for c in path.iterdir() if named_by_folder(c) and is_model(c))
     if files:
         return (f"a folder holding {files[0]}, but a folder is read as one model only in the Hugging Face or PEFT "
