@@ -125,3 +125,16 @@ def test_current_folder_is_named_after_itself(tmp_path, monkeypatch):
     monkeypatch.chdir(folder)
     with open_checkpoint(".") as ck:
         assert ck.name == "big-model" and model_name(".") == "big-model"
+
+
+def test_a_file_of_a_model_folder_given_alone_names_the_folder(tmp_path):
+    from modelatlas.errors import UnknownFormatError
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_file({"w": torch.ones(2, 2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    for call in (open_checkpoint, lambda p: discover_models([p])):  # was "unknown checkpoint format", no more
+        with pytest.raises(UnknownFormatError, match=rf"config.json: unknown checkpoint format.*; config.json is part "
+                                                     rf"of the model folder {folder}: give the folder$"):
+            call(folder / "config.json")

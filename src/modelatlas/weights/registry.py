@@ -58,7 +58,16 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
         if fmt.detect(path):
             return fmt.open(path, **_options_for(fmt, path, kwargs))
     known = ", ".join(f.name for f in _FORMATS)
-    raise UnknownFormatError(path, folder_problem(path) or f"unknown checkpoint format (known: {known})")
+    raise UnknownFormatError(path, folder_problem(path) or f"unknown checkpoint format (known: {known})"
+                                   + _folder_hint(path))
+
+
+def _folder_hint(path: Path) -> str:
+    """For a file of a model folder that is no model itself (``model.safetensors.index.json``, ``config.json``,
+    ``adapter_config.json``): that the folder is the model to give."""
+    if path.is_file() and path.parent.name and is_model(path.parent):
+        return f"; {path.name} is part of the model folder {path.parent}: give the folder"
+    return ""
 
 
 _MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json")  # transformers, PEFT
@@ -181,7 +190,7 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
                 raise UnknownFormatError(p, folder_problem(p))
             found.extend(c for c in inside if c in models or folder_problem(c))  # reported when opened
         else:
-            raise UnknownFormatError(p, "unknown checkpoint format")
+            raise UnknownFormatError(p, "unknown checkpoint format" + _folder_hint(p))
     return found
 
 
