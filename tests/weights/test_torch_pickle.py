@@ -169,6 +169,14 @@ def test_wrapped_training_saves_list_the_same_tensors_as_a_plain_save(tmp_path):
             check_reads_state_dict(ck)
 
 
+def test_an_optimizer_state_saved_alone_is_no_model(tmp_path):
+    opt = make_training_saves(make_state_dict())["tutorial"]["optimizer_state_dict"]
+    torch.save(opt, tmp_path / "optimizer.pt")  # as an HF Trainer checkpoint holds it: was a model "optimizer"
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: holds an optimizer's state \(keys 'state' and "
+                                              r"'param_groups': e\.g\. Adam's moments\), not model weights"):
+        open_checkpoint(tmp_path / "optimizer.pt")
+
+
 def test_a_shared_prefix_that_is_not_a_wrapper_and_weights_named_like_state_are_kept(tmp_path):
     torch.save({"encoder.a": torch.ones(2), "encoder.scaler": torch.ones(2)}, tmp_path / "m.pt")
     torch.save({"scaler": {"weight": torch.ones(2)}, "optimizer.w": torch.ones(2)}, tmp_path / "n.pt")

@@ -164,6 +164,9 @@ def _state_dict_from(path: Path, obj: object) -> dict[str, torch.Tensor]:
     """Pick the state dict out of what torch.load returned, flattened to name -> tensor."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"not a state dict: the file holds a {type(obj).__name__}, not a dict of tensors")
+    if set(obj) == {"state", "param_groups"} and isinstance(obj["param_groups"], list):  # optimizer.state_dict()
+        raise CheckpointError(path, "holds an optimizer's state (keys 'state' and 'param_groups': e.g. Adam's "
+                                    "moments), not model weights; give the model's own file")
     nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping) and _has_tensor(obj[k])), None)
     if nested is not None:
         obj = nested
