@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights import discover_models, open_checkpoint
+from modelatlas.weights import discover_models, model_name, open_checkpoint, unique_names
 from modelatlas.weights.hub_cache import hub_cache_dir, parse_hub_id
 
 COMMIT = "a" * 40
@@ -38,6 +38,16 @@ def test_open_by_hub_id(cache):
     with open_checkpoint("org/tiny") as ck:
         assert ck.name == "org/tiny" and ck.path == snap
         assert torch.equal(ck.read("w"), torch.ones(2, 2))
+
+
+def test_a_snapshot_folder_given_as_a_path_is_named_by_its_repo(cache):
+    snap = make_cached_model(cache)  # was named by its commit hash, "aaaa...": no clue which model it is
+    old = make_cached_model(cache, commit=OLD, ref="v1", value=2.0)
+    assert model_name(snap) == "org/tiny@aaaaaaa" and model_name(snap / "model.safetensors") == "org/tiny@aaaaaaa"
+    with open_checkpoint(snap) as ck:
+        assert ck.name == "org/tiny@aaaaaaa"
+    assert unique_names([snap, old / "model.safetensors"]) == ["org/tiny@aaaaaaa", "org/tiny@bbbbbbb"]
+    assert model_name(cache / "snapshots" / COMMIT) == COMMIT  # not in a cache entry: its own name
 
 
 def test_layout_matches_huggingface_hub(cache):

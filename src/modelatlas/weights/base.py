@@ -103,8 +103,19 @@ def error_line(e: BaseException) -> str:
 
 
 def folder_name(path: Path) -> str:
-    """The last name in ``path``; for ``.`` and ``..`` (no name of their own) that of the folder they stand for."""
-    return Path(os.path.abspath(path)).name if path.name in ("", "..") else path.name
+    """The last name in ``path``; for ``.`` and ``..`` (no name of their own) that of the folder they stand for;
+    for a hub cache snapshot (``models--org--name/snapshots/<commit>``), ``org/name@<commit[:7]>``: the commit
+    hash alone, the folder's own name, says nothing of which model it is."""
+    full = Path(os.path.abspath(path))
+    name = full.name if path.name in ("", "..") else path.name
+    repo = full.parent.parent.name
+    if len(name) == 40 and full.parent.name == "snapshots" and repo.startswith("models--") and _is_hex(name):
+        return repo.removeprefix("models--").replace("--", "/") + "@" + name[:7]
+    return name
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 # File names a saving library chose, not the user (transformers, PEFT, diffusers): such a file is named by the
