@@ -147,3 +147,17 @@ def test_a_model_folder_and_its_library_file_are_one_model(tmp_path):
     assert got == [tmp_path / "runs" / "a", tmp_path / "runs" / "b"]
     alone = discover_models([tmp_path / "runs" / "a" / "model.safetensors", tmp_path / "runs" / "b"])
     assert alone == [tmp_path / "runs" / "a" / "model.safetensors", tmp_path / "runs" / "b"]  # first kept
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daa"
+               "a5e2ca24d17e2393\nsize 548105171\n")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".gguf", ".onnx"])
+def test_a_git_lfs_pointer_is_named_as_such(tmp_path, suffix):
+    if suffix in (".gguf", ".onnx"):
+        pytest.importorskip(suffix[1:])
+    p = tmp_path / f"m{suffix}"
+    p.write_text(LFS_POINTER)  # a clone without Git LFS: was "header length 2336927755350992246", "operand 118"
+    with pytest.raises(CheckpointError, match=rf"m\{suffix}: a Git LFS pointer file, not the weights .*git lfs pull"):
+        open_checkpoint(p).tensors()

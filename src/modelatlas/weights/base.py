@@ -96,6 +96,23 @@ class Checkpoint(ABC):
         return self._info_cache
 
 
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def lfs_pointer_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read when it is a Git LFS pointer (a repository cloned without Git LFS leaves a
+    ~130-byte text file in place of the weights), else None. Each reader's own error ("header length
+    2336927755350992246", "Unsupported operand 118") hid that. Reads at most 40 bytes."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_LFS_POINTER)) != _LFS_POINTER:
+                return None
+    except OSError:
+        return None
+    return ("a Git LFS pointer file, not the weights (the repository was cloned without Git LFS): run "
+            "`git lfs pull` there, or download the file itself")
+
+
 def error_line(e: BaseException) -> str:
     """An exception as one line for a CheckpointError reason: its first non-empty line, else its type."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelatlas.errors import CheckpointError
+from modelatlas.weights.base import lfs_pointer_reason
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -84,7 +85,8 @@ def read_gguf_header(path: Path, gguf) -> list[GGUFTensor]:
 def _parse(cur: _Cursor, gguf) -> list[GGUFTensor]:
     magic, version = cur.take("4sI", "header")
     if magic != b"GGUF":
-        raise cur.fail(f"bad magic {magic!r} (expected b'GGUF')")
+        lfs = lfs_pointer_reason(cur.path)
+        raise CheckpointError(cur.path, lfs) if lfs else cur.fail(f"bad magic {magic!r} (expected b'GGUF')")
     if version & 0xFFFF == 0:  # written on a machine of the other byte order
         cur.order = ">"
         (version,) = struct.unpack(">I", struct.pack("<I", version))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
 from modelatlas.weights.registry import register_format
 
 
@@ -88,9 +88,10 @@ class OnnxCheckpoint(Checkpoint):
         try:
             model = self._onnx.load(str(self.path), load_external_data=False)
         except Exception as e:  # protobuf raises DecodeError, RuntimeError or ValueError on corrupt input
-            raise CheckpointError(self.path, f"corrupt ONNX file: {error_line(e)}") from e
+            raise CheckpointError(self.path, lfs_pointer_reason(self.path) or f"corrupt ONNX file: {error_line(e)}") from e
         if not model.HasField("graph"):  # an empty file parses as an empty ModelProto
-            raise CheckpointError(self.path, "corrupt ONNX file: no graph (empty, or not an ONNX model)")
+            raise CheckpointError(self.path, lfs_pointer_reason(self.path)
+                                  or "corrupt ONNX file: no graph (empty, or not an ONNX model)")
         # name -> (proto, dtype, bytes per value, whether that size is exact: not a packed 2/4/6-bit type)
         self._init = _initializers(self.path, self._onnx, model.graph)
         for t, _, itemsize, exact in self._init.values():  # locations and sizes checked now, like inline data

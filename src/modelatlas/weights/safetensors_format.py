@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -44,8 +44,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
                 raise CheckpointError(path, "truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
-                raise CheckpointError(path, f"corrupt safetensors header: length {n} is over the "
-                                            f"{_MAX_HEADER} bytes that safetensors allows")
+                raise CheckpointError(path, lfs_pointer_reason(path) or f"corrupt safetensors header: length {n} "
+                                            f"is over the {_MAX_HEADER} bytes that safetensors allows")
             if n > size - 8:  # "length 8 exceeds the file size 15" read as a contradiction
                 raise CheckpointError(path, f"truncated file: the header length says {n} bytes but only "
                                             f"{size - 8} follow it (file size {size})")

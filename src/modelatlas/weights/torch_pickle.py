@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError, UnsafeCheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
 from modelatlas.weights.registry import register_format
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -55,6 +55,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     records = zip_records(path) if is_zip else None  # checked before torch unpacks anything
+    lfs = None if is_zip else lfs_pointer_reason(path)
+    if lfs:
+        raise CheckpointError(path, lfs)
     try:
         with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
             warnings.simplefilter("ignore", UserWarning)
