@@ -104,7 +104,7 @@ def test_config_errors_name_the_field():
         LineageConfig(stage="sideways")
     with pytest.raises(ConfigError, match="lam"):
         LineageConfig(lam=-1)
-    with pytest.raises(ConfigError, match="layers: invalid regular expression"):
+    with pytest.raises(ConfigError, match=r"layers \(--layers\): invalid regular expression"):
         LineageConfig(layers="(")
     # each was accepted: lam = inf gave NaN edge costs (a silently wrong forest), a float sketch a TypeError
     # deep in the sketch, n_trees=True one tree
@@ -112,7 +112,7 @@ def test_config_errors_name_the_field():
                        ("seed", 1.5)]:
         with pytest.raises(ConfigError, match=field):
             LineageConfig(**{field: bad})
-    with pytest.raises(ConfigError, match="n_trees: the mother-paper recipe must be told"):
+    with pytest.raises(ConfigError, match=r"n_trees \(--trees\): the mother-paper recipe must be told"):
         LineageConfig(method="mother-paper", stage="specialize")
     with pytest.raises(ConfigError, match="no model could be compared"):
         recover_lineage({"a": {"b": torch.zeros(3)}})

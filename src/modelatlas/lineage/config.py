@@ -88,7 +88,7 @@ class LineageConfig:
                                          or self.n_trees < 1):
             raise ConfigError(f"n_trees must be a positive integer or None (find it from the data); got {self.n_trees!r}")
         if not 0 <= self.lam < math.inf:  # inf x 0 (an edge that keeps the direction) made edge costs NaN
-            raise ConfigError(f"lam (lambda) must be >= 0 and finite (paper: 0.3); got {self.lam!r}")
+            raise ConfigError(f"lam (--lambda) must be >= 0 and finite (paper: 0.3); got {self.lam!r}")
         if isinstance(self.sketch, bool) or not isinstance(self.sketch, int) or self.sketch < 2:
             raise ConfigError(f"sketch must be an integer >= 2 (columns), e.g. 64; got {self.sketch!r}")
         if self.distance_sketch is not None and (not isinstance(self.distance_sketch, int) or self.distance_sketch < 16):
@@ -103,12 +103,13 @@ class LineageConfig:
             try:
                 re.compile(self.layers)
             except re.error as e:
-                raise ConfigError(f"layers: invalid regular expression '{self.layers}' ({e}); "
+                raise ConfigError(f"layers (--layers): invalid regular expression '{self.layers}' ({e}); "
                                   "e.g. 'attn|value'") from e
         if self.method == "mother-paper" and self.stage == "auto":
-            raise ConfigError("stage: the mother-paper recipe must be told the stage ('specialize' or 'generalize')")
+            raise ConfigError("stage (--stage): the mother-paper recipe must be told the stage ('specialize' or "
+                              "'generalize')")
         if self.method == "mother-paper" and self.n_trees is None:
-            raise ConfigError("n_trees: the mother-paper recipe must be told the number of trees K")
+            raise ConfigError("n_trees (--trees): the mother-paper recipe must be told the number of trees K")
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
