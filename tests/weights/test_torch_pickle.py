@@ -169,6 +169,12 @@ def test_wrapped_training_saves_list_the_same_tensors_as_a_plain_save(tmp_path):
             check_reads_state_dict(ck)
 
 
+def test_meta_tensors_are_named_as_holding_no_values(tmp_path):
+    torch.save({"w": torch.empty(4, 4, device="meta"), "b": torch.ones(4)}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"m\.pt: holds tensors on the meta device \(shapes without values"):
+        open_checkpoint(tmp_path / "m.pt")  # was "header lies about sizes: ... no record starts there"
+
+
 def test_an_optimizer_state_saved_alone_is_no_model(tmp_path):
     opt = make_training_saves(make_state_dict())["tutorial"]["optimizer_state_dict"]
     torch.save(opt, tmp_path / "optimizer.pt")  # as an HF Trainer checkpoint holds it: was a model "optimizer"

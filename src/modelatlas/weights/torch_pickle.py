@@ -69,6 +69,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
         raise CheckpointError(path, f"corrupt or truncated PyTorch file: {error_line(e)}") from e
     _check_nesting(path, obj)
+    if any(t.is_meta for t in _all_tensors(obj)):  # no bytes anywhere: read as "header lies about sizes"
+        raise CheckpointError(path, "holds tensors on the meta device (shapes without values: a model saved before "
+                                    "its weights were loaded); save it again after loading them")
     if records is not None:
         check_storage_records(path, obj, records)
     return _state_dict_from(path, obj)
