@@ -74,9 +74,10 @@ _MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json")  # transformers, 
 
 
 def folder_problem(path: Path) -> str | None:
-    """Why folder ``path`` looks like one model that no reader opens (a download without its weights, an export
-    in another layout such as ``run/model.onnx``), else None. Inside a folder of models such a folder was left
-    out without a word; now it is reported and skipped. Time O(files in the folder)."""
+    """Why folder ``path`` looks like one model that no reader opens (a download without its weights, a hub cache
+    entry, an export in another layout such as ``run/model.onnx`` opened as a folder), else None: the reason
+    :func:`open_checkpoint` gives for it. Inside a folder of models such a folder was left out without a word;
+    now it is reported and skipped. Time O(files in the folder)."""
     if not path.is_dir():
         return None
     if path.name.startswith("models--") and (path / "snapshots").is_dir():  # huggingface_hub's cache layout
@@ -184,13 +185,28 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             found.append(p)
         elif p.is_dir():
             _refuse_tool_output(p)
-            inside = [c for c in sorted(p.iterdir()) if not c.name.startswith(".")]
-            models = [c for c in inside if is_model(c)]
-            if not models and folder_problem(p):  # one model folder, not a folder of models
-                raise UnknownFormatError(p, folder_problem(p))
-            found.extend(c for c in inside if c in models or folder_problem(c))  # reported when opened
+            models = _models_in(p)
+            # one model folder no reader opens: itself, reported when opened (and kept by a second expansion)
+            found.extend(models if models or not folder_problem(p) else [p])
         else:
             raise UnknownFormatError(p, "unknown checkpoint format" + _folder_hint(p))
+    return found
+
+
+def _models_in(folder: Path) -> list[Path]:
+    """The models directly inside ``folder``; for a sub-folder that is no model, its library-named model files
+    (``run/model.onnx``, named ``run``: what ``run`` given alone expands to), else the sub-folder itself when it
+    looks like one model no reader opens (:func:`folder_problem`), to be reported when opened. Both were left
+    out without a word."""
+    found: list[Path] = []
+    for c in sorted(folder.iterdir()):
+        if c.name.startswith("."):
+            continue
+        if is_model(c):
+            found.append(c)
+        elif c.is_dir():
+            named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
+            found.extend(named or ([c] if folder_problem(c) else []))
     return found
 
 
