@@ -221,3 +221,20 @@ def test_a_model_folder_without_weights_is_reported_as_skipped(tmp_path, capsys)
     assert main(["lineage", "recover", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert "6 models" in out and f"skipped t9: {tmp_path / 't9'}: has config.json but no weights file" in err
+
+
+def test_hub_ids_are_matched_to_a_truth_naming_them(tmp_path, capsys, monkeypatch):
+    weights, parents = make_synthetic_forest(n_trees=1, children=1, depth=1, seed=3)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    for name, tensors in weights.items():  # huggingface_hub's layout: refs/main -> snapshots/<commit>/
+        repo = tmp_path / "hub" / f"models--org--{name}"
+        (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+        save_file(tensors, str(repo / "snapshots" / ("a" * 40) / "model.safetensors"))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("a" * 40)
+    Manifest([ModelRecord(f"org/{n}", n, p and f"org/{p}", "t") for n, p in parents.items()]).save(tmp_path / "m.json")
+    ids = [f"org/{n}" for n in weights]
+    assert main(["lineage", "recover", *ids, "--truth", str(tmp_path / "m.json"), "--stage", "specialize"]) == 0
+    out = capsys.readouterr().out  # was "none of the 2 models (t0, t0_0) are named in m.json"
+    assert "directed-edge accuracy 100.0% (1/1)" in out

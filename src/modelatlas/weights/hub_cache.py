@@ -83,8 +83,13 @@ def open_hub_id(text: str, **kwargs) -> Checkpoint | None:
         return None
     snapshot = resolve_hub_id(text)
     ck = open_checkpoint(snapshot, **kwargs)
-    ck.name = parse_hub_id(text)[0] + (text[text.index("@"):] if "@" in text else "")
+    ck.name = hub_name(text)
     return ck
+
+
+def hub_name(text: str) -> str:
+    """The model name of hub id ``text``: ``org/name``, with ``@rev`` when a revision is given."""
+    return parse_hub_id(text)[0] + (text[text.index("@"):] if "@" in text else "")
 
 
 register_resolver(open_hub_id)

@@ -264,8 +264,14 @@ def open_many(paths: Iterable[str | Path], on_error: Callable[[Path, str], None]
 
 
 def model_name(path: str | Path) -> str:
-    """A model's display name: its file or folder name without extension (see :func:`unique_names` for many)."""
-    return _stem(Path(path))
+    """A model's display name: its file or folder name without extension (see :func:`unique_names` for many);
+    for a hub id that is no local path, the name opening it gives (``org/name``, ``org/name@rev``)."""
+    path = Path(path)
+    if not path.exists() and _is_resolvable(path):  # "Llama-2-7b-hf" alone matched no --truth naming the id
+        from modelatlas.weights.hub_cache import hub_name
+
+        return hub_name(path.as_posix())
+    return _stem(path)
 
 
 def unique_names(paths: Iterable[str | Path]) -> list[str]:
@@ -274,7 +280,7 @@ def unique_names(paths: Iterable[str | Path]) -> list[str]:
     ``runB/checkpoint-500``). Two files of one folder that differ only in extension keep it (``a.pt``,
     ``a.safetensors``). The same path given twice keeps its plain name twice. Time O(N depth)."""
     full = [Path(os.path.abspath(p)) for p in paths]
-    leaves = _leaf_names([_stem(Path(p)) for p in paths], full)
+    leaves = _leaf_names([model_name(p) for p in paths], full)
     names = list(leaves)
     for depth in range(1, 1 + max((len(p.parts) for p in full), default=0)):
         counts = Counter(n for n, _ in set(zip(names, full)))  # distinct paths per name
