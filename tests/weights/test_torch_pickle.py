@@ -97,6 +97,8 @@ def test_truncated_garbage_empty(tmp_path):
             open_checkpoint(tmp_path / name)
         assert not isinstance(info.value, UnsafeCheckpointError)
         assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match=r"empty\.bin: corrupt or truncated PyTorch file: the file is empty"):
+        open_checkpoint(tmp_path / "empty.bin")  # was "...: EOFError"
 
 
 def test_not_a_state_dict(tmp_path):

@@ -56,8 +56,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     records = zip_records(path) if is_zip else None  # checked before torch unpacks anything
     lfs = None if is_zip else lfs_pointer_reason(path)
-    if lfs:
-        raise CheckpointError(path, lfs)
+    if lfs or (not is_zip and path.stat().st_size == 0):  # empty: the unpickler says only "EOFError"
+        raise CheckpointError(path, lfs or "corrupt or truncated PyTorch file: the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
             warnings.simplefilter("ignore", UserWarning)
