@@ -162,3 +162,17 @@ def test_a_git_lfs_pointer_is_named_as_such(tmp_path, suffix):
     p.write_text(LFS_POINTER)  # a clone without Git LFS: was "header length 2336927755350992246", "operand 118"
     with pytest.raises(CheckpointError, match=rf"m\{suffix}: a Git LFS pointer file, not the weights .*git lfs pull"):
         open_checkpoint(p).tensors()
+
+
+def test_shards_copied_without_their_index_are_one_unreadable_model(tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    for i, name in enumerate(("a", "b")):  # `cp model/*.safetensors` leaves model.safetensors.index.json behind
+        save_file({name: torch.ones(2, 2)}, str(folder / f"model-0000{i + 1}-of-00002.safetensors"))
+    assert discover_models([folder]) == [folder] == discover_models([tmp_path])  # was two models, one per shard
+    with pytest.raises(CheckpointError, match=r"llama: holds the shards model-00001-of-00002.safetensors, "
+                                              r"model-00002-of-00002.safetensors of one model but no \*\.index\.json"):
+        open_checkpoint(folder)
+    (folder / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    assert discover_models([tmp_path]) == [folder] and open_checkpoint(folder).keys() == ["a", "b"]

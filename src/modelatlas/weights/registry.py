@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -71,6 +72,13 @@ def _folder_hint(path: Path) -> str:
 
 
 _MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json")  # transformers, PEFT
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")  # model-00001-of-00002.safetensors
+
+
+def _orphan_shard(path: Path) -> bool:
+    """A shard of a sharded model whose folder has no ``*.index.json`` (copied with ``*.safetensors``): read
+    alone, each shard was a model of its own, and one model became several trees."""
+    return bool(_SHARD.search(path.name)) and path.is_file() and not any(path.parent.glob("*.index.json"))
 
 
 def folder_problem(path: Path) -> str | None:
@@ -84,6 +92,10 @@ def folder_problem(path: Path) -> str | None:
         repo = path.name.removeprefix("models--").replace("--", "/")
         return (f"a Hugging Face cache entry, not a model folder; give its hub id {repo} (with HF_HUB_CACHE="
                 f"{path.parent} if that is not your cache) or one of its snapshots/<commit> folders")
+    shards = sorted(c.name for c in path.iterdir() if _orphan_shard(c))
+    if shards:
+        return (f"holds the shards {', '.join(shards[:2])}{', ...' if len(shards) > 2 else ''} of one model but no "
+                "*.index.json that maps tensors to them (copy the index too); each shard alone is no model")
     files = sorted(c.name for c in path.iterdir() if named_by_folder(c) and is_model(c))
     if files:
         return (f"a folder holding {files[0]}, but a folder is read as one model only in the Hugging Face or PEFT "
@@ -202,7 +214,7 @@ def _models_in(folder: Path) -> list[Path]:
     for c in sorted(folder.iterdir()):
         if c.name.startswith("."):
             continue
-        if is_model(c):
+        if is_model(c) and not _orphan_shard(c):
             found.append(c)
         elif c.is_dir():
             named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
