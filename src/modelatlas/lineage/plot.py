@@ -76,14 +76,15 @@ def _figsize(pos: dict[str, tuple[float, int]]) -> tuple[float, float]:
 
 
 def _label_nodes(ax, pos: dict[str, tuple[float, int]], parents: set[str]) -> None:
-    """Names: a leaf's below it, a parent's to its right (above and below it run the arrows)."""
+    """Names: a leaf's below it, a parent's to its right (above and below it run the arrows). A name is
+    plain text: matplotlib would read '$...$' in it as mathtext, and fail on 'run$\\frac$' when drawing."""
     turn = 30 if len(pos) > 30 else 0
     for name, (x, d) in pos.items():
         if name in parents:
             ax.text(x + 0.1, -d, name, fontsize=6, ha="left", va="center", rotation=turn,
-                    bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5})
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5}, parse_math=False)
         else:
-            ax.text(x, -d - 0.12, name, fontsize=6, ha="center", va="top", rotation=turn)
+            ax.text(x, -d - 0.12, name, fontsize=6, ha="center", va="top", rotation=turn, parse_math=False)
 
 
 def _legend(ax, shown: set[str]) -> None:
