@@ -102,3 +102,17 @@ def test_resuming_another_run_names_the_setting_that_differs_before_the_epochs(t
     with pytest.raises(CheckpointError, match="cannot resume: layer was 'w' in the interrupted run, now 'v'"):
         train_tree_experts(tmp_path, out, layer="v", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1),
                            resume=True)
+
+
+def test_models_of_one_name_in_two_folders_are_told_apart(tmp_path):
+    """`atlas probex predict/search zooA zooB` printed "t0.1" twice, so a hit could not be told from the other."""
+    import shutil
+
+    out = make_experts(tmp_path)
+    for run in ("runA", "runB"):
+        (tmp_path / run).mkdir()
+        shutil.copy(tmp_path / "c0.safetensors", tmp_path / run / "c0.safetensors")
+    paths = [tmp_path / "runA" / "c0.safetensors", tmp_path / "runB" / "c0.safetensors", tmp_path / "runC" / "c0"]
+    _, routes = TreeExperts.load(out).read(paths)
+    assert [r.name for r in routes] == ["runA/c0", "runB/c0", "runC/c0"]  # the missing one too
+    assert routes[0].reason is None and routes[2].reason is not None

@@ -223,22 +223,23 @@ class TreeExperts:
     def read(self, paths, progress: Progress | None = None):
         """(X, route results) for model paths: their ``layer``, and the tree each belongs to. A model that
         cannot be read, lacks the layer or has it in another shape is routed to no tree, with the reason (its
-        row of X is zeros and never used), so that one stray model does not stop the others. O(B d_H d_W)."""
-        from modelatlas.weights import model_name
+        row of X is zeros and never used), so that one stray model does not stop the others. Models are named
+        as in an atlas: zooA/t0.1 and zooB/t0.1, not t0.1 twice. O(B d_H d_W)."""
+        from modelatlas.weights import unique_names
         from modelatlas.weights.base import error_line
 
         paths = list(paths)
         if not paths:
             raise ConfigError("no models given")
         shape = tuple(next(iter(self.experts.values())).mean_.shape)
-        x, routes = torch.zeros(len(paths), *shape), []  # (B, d_H, d_W)
+        x, routes, names = torch.zeros(len(paths), *shape), [], unique_names(paths)  # (B, d_H, d_W)
         for i, p in enumerate(resolve(progress)(paths, total=len(paths), desc=f"read {self.layer}")):
             try:
                 mat = load_layer([p], self.layer)  # (1, d_H, d_W)
-                routes.append(self.router.route(mat, [model_name(p)])[0])  # refuses another shape
+                routes.append(self.router.route(mat, [names[i]])[0])  # refuses another shape
                 x[i] = mat[0]
             except (AtlasError, OSError) as e:
-                routes.append(RouteResult(model_name(p), None, "", float("nan"), float("nan"), error_line(e)))
+                routes.append(RouteResult(names[i], None, "", float("nan"), float("nan"), error_line(e)))
         return x, routes
 
     def predict_proba(self, x, routes: list[RouteResult]) -> list[np.ndarray | None]:
