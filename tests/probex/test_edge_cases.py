@@ -111,6 +111,17 @@ def test_load_with_mismatched_files_names_the_folder(tmp_path):
         load_expert(tmp_path / "e")
 
 
+@pytest.mark.parametrize("scale", [0, -0.5, float("nan"), float("inf")])
+def test_load_refuses_a_scale_that_makes_every_prediction_nonsense(tmp_path, scale):
+    """A hand-edited scale of 0 loaded, and every input divided by it gave NaN: "no class above 0.5" for all."""
+    x, y = make_tiny()
+    ProbeXClassifier(make_config()).fit(x, y).save(tmp_path / "e")
+    meta_path = tmp_path / "e" / "expert.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "scale": scale}))
+    with pytest.raises(CheckpointError, match=r"expert\.json: scale must be a positive number .*; got "):
+        load_expert(tmp_path / "e")
+
+
 def test_router_refuses_mismatched_ids_names_and_shapes(tmp_path):
     x = torch.randn(4, 2, 3)
     with pytest.raises(ConfigError, match="one tree id per model.*trees has 2 entries"):

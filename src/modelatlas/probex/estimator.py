@@ -199,6 +199,16 @@ def fit_probex(x, y, config: ProbeXConfig | None = None, **kwargs) -> ProbeXClas
     return ProbeXClassifier(config).fit(x, y, **kwargs)
 
 
+def _saved_scale(meta: dict, meta_path: Path) -> float:
+    """The saved input scale: every input is divided by it, so a 0, a negative or a NaN (a hand-edited file)
+    would turn every prediction into NaN or nonsense without a word."""
+    scale = float(meta["scale"])
+    if not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(meta_path, f"scale must be a positive number (the spread of the training models' "
+                                         f"weights); got {meta['scale']!r}; save the expert again")
+    return scale
+
+
 def load_expert(folder: str | Path) -> WeightExpert:
     """Load an expert saved with ``save``; errors name the file. Never unpickles."""
     from modelatlas.probex.text_aligner import ProbeXTextAligner
@@ -227,7 +237,7 @@ def load_expert(folder: str | Path) -> WeightExpert:
         raise CheckpointError(meta_path, f"bad config: {' '.join(str(e).split())}") from e
     expert = cls(config, meta.get("layer", ""))
     try:
-        expert.mean_, expert.scale_ = tensors["mean"], float(meta["scale"])
+        expert.mean_, expert.scale_ = tensors["mean"], _saved_scale(meta, meta_path)
         expert.history_ = meta.get("history", {})
         expert._restore(meta, tensors)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:  # a missing key or weights of another shape
