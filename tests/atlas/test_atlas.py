@@ -148,6 +148,23 @@ def test_class_experts_predict_and_flag_strangers(make_class_zoo, tmp_path):
         build_atlas([models], text_experts=experts)
 
 
+def test_wrong_experts_are_refused_before_the_lineage_recovery(make_class_zoo, tmp_path, monkeypatch):
+    """A class experts folder given as --text-experts (or a mistyped one) failed only after the lineage
+    recovery, the dominant cost of a build: minutes lost to a typo."""
+    import modelatlas.atlas.build as build_module
+
+    zoo, experts = make_class_zoo
+
+    def no_lineage(*args, **kwargs):
+        raise AssertionError("the lineage recovery ran before the experts were checked")
+
+    monkeypatch.setattr(build_module, "recover_lineage", no_lineage)
+    with pytest.raises(AtlasError, match="pass them as --experts"):
+        build_atlas([zoo], text_experts=experts)
+    with pytest.raises(AtlasError, match="not an experts folder"):
+        build_atlas([zoo], experts=tmp_path / "typo")
+
+
 def test_text_search_uses_stored_embeddings(tmp_path):
     from modelatlas.probex import ProbeXConfig
     from modelatlas.probex.experts import TreeExperts, train_tree_experts

@@ -34,7 +34,10 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
                 text_experts: str | Path | None = None, lineage: LineageConfig | None = None,
                 progress: Progress | None = None) -> Atlas:
     """An :class:`Atlas` of the models in ``inputs`` (model files, model folders, or folders of models);
-    ``experts`` / ``text_experts``: folders written by ``atlas probex train`` (``--task classes`` / ``text``)."""
+    ``experts`` / ``text_experts``: folders written by ``atlas probex train`` (``--task classes`` / ``text``),
+    loaded first: a wrong folder is an error before the lineage recovery, not after it."""
+    loaded = {task: _load_experts(folder, task) for task, folder in (("classes", experts), ("text", text_experts))
+              if folder is not None}
     paths = discover_models(inputs)
     if not paths:
         raise AtlasError(f"no models found in {', '.join(map(str, inputs))}")
@@ -49,10 +52,10 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
     forest = _lineage(readable, lineage, progress)
     _place(entries, forest)
     atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))
-    if experts is not None:
-        _predict(atlas, paths, shape_of, experts, progress)
-    if text_experts is not None:
-        _embed(atlas, paths, shape_of, text_experts, progress)
+    if "classes" in loaded:
+        _predict(atlas, paths, shape_of, loaded["classes"], progress)
+    if "text" in loaded:
+        _embed(atlas, paths, shape_of, loaded["text"], progress)
     return atlas
 
 
@@ -112,16 +115,22 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
                 entry.notes.append(f"{edge.kind} of {edge.parent}")
 
 
-def _routed(atlas: Atlas, paths: list[Path], shapes: dict, folder, task: str, progress):
-    """(experts, X, routes, entries) of the models that hold the experts' layer at their shape, routed to trees.
-    Entries without the layer, or in no known tree, get a note."""
+def _load_experts(folder, task: str):
+    """The experts in ``folder``, trained for ``task``; else an AtlasError saying which option they belong to."""
     from modelatlas.probex.experts import TreeExperts
-    from modelatlas.probex.layers import load_layer
 
     experts = TreeExperts.load(folder)
     if experts.task != task:
         flag = "--experts" if experts.task == "classes" else "--text-experts"
         raise AtlasError(f"{folder}: experts trained with --task {experts.task}; pass them as {flag}")
+    return experts
+
+
+def _routed(atlas: Atlas, paths: list[Path], shapes: dict, experts, task: str, progress):
+    """(X, routes, entries) of the models that hold the experts' layer at their shape, routed to trees.
+    Entries without the layer, or in no known tree, get a note."""
+    from modelatlas.probex.layers import load_layer
+
     want = tuple(next(iter(experts.experts.values())).mean_.shape)  # (d_H, d_W)
     chosen, missing = [], []
     for path, entry in zip(paths, atlas.models):
@@ -133,7 +142,7 @@ def _routed(atlas: Atlas, paths: list[Path], shapes: dict, folder, task: str, pr
     for entry in missing:
         entry.notes.append(f"{task} experts: no tensor {experts.layer!r} of shape {want}")
     if not chosen:
-        return experts, None, [], []
+        return None, [], []
     x = load_layer([p for p, _ in chosen], experts.layer, progress)
     routes = experts.router.route(x, [e.name for _, e in chosen])
     for r, (_, entry) in zip(routes, chosen):
@@ -142,7 +151,7 @@ def _routed(atlas: Atlas, paths: list[Path], shapes: dict, folder, task: str, pr
         elif not r.known:
             entry.notes.append(f"{task} experts: in no known tree (nearest {r.nearest!r} at {r.distance:.3g}, "
                                f"radius {r.radius:.3g})")
-    return experts, x, routes, [e for _, e in chosen]
+    return x, routes, [e for _, e in chosen]
 
 
 def _prod(shape) -> int:
@@ -152,9 +161,9 @@ def _prod(shape) -> int:
     return n
 
 
-def _predict(atlas: Atlas, paths, shapes, folder, progress) -> None:
+def _predict(atlas: Atlas, paths, shapes, experts, progress) -> None:
     """Each routed model's predicted training classes (probability > 0.5, best first)."""
-    experts, x, routes, chosen = _routed(atlas, paths, shapes, folder, "classes", progress)
+    x, routes, chosen = _routed(atlas, paths, shapes, experts, "classes", progress)
     for i, (r, entry) in enumerate(zip(routes, chosen)):
         if r.known:
             expert = experts.experts[r.tree]
@@ -162,12 +171,12 @@ def _predict(atlas: Atlas, paths, shapes, folder, progress) -> None:
             order = probs.argsort()[::-1]
             entry.expert_tree = r.tree
             entry.predicted = [[str(expert.classes_[k]), round(float(probs[k]), 3)] for k in order if probs[k] > 0.5]
-    atlas.experts["classes"] = {"folder": str(Path(folder).resolve()), "layer": experts.layer}
+    atlas.experts["classes"] = {"folder": str(Path(experts.folder).resolve()), "layer": experts.layer}
 
 
-def _embed(atlas: Atlas, paths, shapes, folder, progress) -> None:
+def _embed(atlas: Atlas, paths, shapes, experts, progress) -> None:
     """Each routed model's unit-norm embedding in its text expert's space, grouped by expert tree."""
-    experts, x, routes, chosen = _routed(atlas, paths, shapes, folder, "text", progress)
+    x, routes, chosen = _routed(atlas, paths, shapes, experts, "text", progress)
     for tree, expert in experts.experts.items():
         idx = [i for i, r in enumerate(routes) if r.tree == tree]
         if idx:
@@ -178,4 +187,4 @@ def _embed(atlas: Atlas, paths, shapes, folder, progress) -> None:
                 chosen[i].text_tree = tree
                 top = probs[row].argsort()[::-1][:3]
                 chosen[i].described = [[expert.classes_[k], round(float(probs[row, k]), 3)] for k in top]
-    atlas.experts["text"] = {"folder": str(Path(folder).resolve()), "layer": experts.layer}
+    atlas.experts["text"] = {"folder": str(Path(experts.folder).resolve()), "layer": experts.layer}
