@@ -33,6 +33,19 @@ def test_manifest_without_task_key(tmp_path):
         train_tree_experts(tmp_path, tmp_path / "out", task="colour")
 
 
+@pytest.mark.parametrize("key,value", [("classes", ["3", 2]), ("classes", [2.5]), ("classes", 3), ("classes", [True]),
+                                       ("classes", [-1, 2]), ("label", 5), ("label", " ")])
+def test_a_hand_written_task_target_is_one_error_naming_the_model(tmp_path, key, value):
+    """"3", 2.5, 3 or true as classes were a TypeError / IndexError deep in training; -1 marked the last class."""
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "r.safetensors"))
+    recs = [ModelRecord("r", "r.safetensors", None, "r")]
+    recs += [ModelRecord(f"c{i}", "r.safetensors", "r", "r", task={"classes": [0], "label": "zero"}) for i in range(12)]
+    recs[5].task[key] = value
+    Manifest(recs, {}, tmp_path).save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match=rf"manifest\.json: model 'c4' task '{key}' must be .*; got "):
+        train_tree_experts(tmp_path, tmp_path / "out", task="classes" if key == "classes" else "text")
+
+
 def test_too_few_models_per_tree(tmp_path):
     save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "r.safetensors"))
     recs = [ModelRecord("r", "r.safetensors", None, "r")]

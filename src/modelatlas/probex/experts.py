@@ -46,7 +46,23 @@ def _task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
     if not recs:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no fine-tuned model has task key {key!r} "
                             f"(needed by --task {task})")
+    for m in recs:
+        _check_target(manifest, m, key)
     return recs
+
+
+def _check_target(manifest: Manifest, m: ModelRecord, key: str) -> None:
+    """A model's ``classes`` are class indices (ints >= 0) and its ``label`` a non-empty string; a hand-written
+    manifest's "3", 2.5 or true failed deep in training with a traceback, and a -1 was taken as the last class."""
+    value = m.task[key]
+    if key == "classes":
+        ok = isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)
+        want = "a list of class indices (integers >= 0)"
+    else:
+        ok, want = isinstance(value, str) and bool(value.strip()), "a non-empty string (the class prompt)"
+    if not ok:
+        where = manifest.source or manifest.root / "manifest.json"
+        raise ManifestError(f"{where}: model {m.name!r} task {key!r} must be {want}; got {value!r:.80}")
 
 
 def _class_names(records: list[ModelRecord]) -> list[str]:
