@@ -163,6 +163,15 @@ def test_config_refuses_wrong_types_and_non_finite(field, value):
         ProbeXConfig(**{field: value})
 
 
+def test_config_refuses_a_seed_torch_cannot_take():
+    """`atlas probex train --seed 99999999999999999999` was an overflow traceback once training began."""
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ConfigError, match=r"ProbeXConfig.seed \(--seed\) must be from -2\*\*63 to 2\*\*64 - 1"):
+            ProbeXConfig(seed=seed)
+    for seed in (2**64 - 1, -(2**63)):  # the ends of the range train, past the first epoch's seed too
+        ProbeXClassifier(ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=2, seed=seed)).fit(*make_tiny())
+
+
 def test_load_layers_names_the_model_with_another_shape(tmp_path):
     save_file({"w": torch.zeros(3, 4)}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.zeros(4, 3)}, str(tmp_path / "b.safetensors"))

@@ -51,6 +51,8 @@ class ProbeXConfig:
                 raise ConfigError(f"ProbeXConfig.{name} must be true or false; got {getattr(self, name)!r}")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ConfigError(f"ProbeXConfig.seed must be an integer; got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**64:  # torch's generators take no more: an overflow traceback mid-training
+            raise ConfigError(f"ProbeXConfig.seed (--seed) must be from -2**63 to 2**64 - 1; got {self.seed!r}")
         for name in ("lr", "temperature", "weight_decay", "val_fraction"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):

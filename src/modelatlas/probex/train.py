@@ -43,8 +43,8 @@ def train_loop(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Ten
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "train_state.json").exists():
         state, best = _load_state(Path(checkpoint_dir), module, opt, settings, cfg.epochs)
     bar = resolve(progress)(range(state["epoch"], cfg.epochs), total=cfg.epochs - state["epoch"], desc="train")
-    for epoch in bar:
-        mean_loss = _epoch(module, opt, loss_fn, x, y, cfg.batch_size, cfg.seed + 7919 * epoch)
+    for epoch in bar:  # seeds wrap as torch wraps a negative one: a seed near 2**64 would overflow
+        mean_loss = _epoch(module, opt, loss_fn, x, y, cfg.batch_size, (cfg.seed + 7919 * epoch) % 2**64)
         module.eval()
         with torch.no_grad():
             score, val_loss = (float(v) for v in score_fn())
