@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, ManifestError
 from modelatlas.probex import ProbeXConfig
 from modelatlas.probex.experts import TreeExperts, train_tree_experts
 from modelatlas.zoo.manifest import Manifest, ModelRecord
@@ -116,3 +116,19 @@ def test_models_of_one_name_in_two_folders_are_told_apart(tmp_path):
     _, routes = TreeExperts.load(out).read(paths)
     assert [r.name for r in routes] == ["runA/c0", "runB/c0", "runC/c0"]  # the missing one too
     assert routes[0].reason is None and routes[2].reason is not None
+
+
+def test_trees_of_two_architectures_are_refused_before_training(tmp_path):
+    """One router compares one layer shape: torch.cat failed with a traceback once every expert was trained."""
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for tree, rows in (("r", 4), ("s", 6)):
+        for i in range(12 + 1):
+            name = tree if i == 12 else f"{tree}{i}"
+            save_file({"w": torch.randn(rows, 3, generator=g)}, str(tmp_path / f"{name}.safetensors"))
+            recs.append(ModelRecord(name, f"{name}.safetensors", None if i == 12 else tree, tree,
+                                    task={} if i == 12 else {"classes": [i % 2]}))
+    Manifest(recs, {}, tmp_path).save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match=r"layer 'w' is \(4, 3\) in tree 'r' but \(6, 3\) in tree 's'; one "):
+        train_tree_experts(tmp_path, tmp_path / "out", layer="w", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+    assert not (tmp_path / "out").exists()  # refused before the first expert's training

@@ -129,6 +129,21 @@ def _check_out(out: Path) -> None:
                           "would mix with its files; choose a new or empty --out")
 
 
+def _read_trees(paths_of: dict[str, list[Path]], layer: str, progress, source) -> dict[str, torch.Tensor]:
+    """Each tree's ``layer`` (B, d_H, d_W), all read before any training: one router compares one shape, so
+    trees of another architecture are refused here, not by a traceback once every expert was trained."""
+    xs: dict[str, torch.Tensor] = {}
+    for tree, paths in paths_of.items():
+        xs[tree] = x = load_layer(paths, layer, progress)
+        check_finite(paths, x, layer)
+        first = next(iter(xs))
+        if x.shape[1:] != xs[first].shape[1:]:
+            raise ManifestError(f"{source}: layer {layer!r} is {tuple(xs[first].shape[1:])} in tree {first!r} but "
+                                f"{tuple(x.shape[1:])} in tree {tree!r}; one experts folder serves one architecture: "
+                                "train each architecture's trees into their own --out, from a manifest of them only")
+    return xs
+
+
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
                        config: ProbeXConfig | None = None, progress: Progress | None = None,
                        resume: bool = False, min_models: int = MIN_MODELS) -> TrainReport:
@@ -154,11 +169,9 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
                               candidate_layers(paths_of[largest[0].tree][0]), cfg, classes, progress)
         report.layer = max(scores, key=lambda k: (scores[k][0], -scores[k][1]))
         report.layer_scores = {k: v[0] for k, v in scores.items()}
-    xs: dict[str, object] = {}
+    xs = _read_trees(paths_of, report.layer, progress, manifest_path)
     for tree, ms in by_tree.items():
-        xs[tree] = x = load_layer(paths_of[tree], report.layer, progress)
-        check_finite(paths_of[tree], x, report.layer)
-        expert = _fit_one(task, x, _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
+        expert = _fit_one(task, xs[tree], _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
                           out / "checkpoints" / tree, resume)
         (out / "index.json").unlink(missing_ok=True)  # an older run's index must not list this run's experts
         expert.save(out / "experts" / tree)
