@@ -132,3 +132,11 @@ def test_trees_of_two_architectures_are_refused_before_training(tmp_path):
     with pytest.raises(ManifestError, match=r"layer 'w' is \(4, 3\) in tree 'r' but \(6, 3\) in tree 's'; one "):
         train_tree_experts(tmp_path, tmp_path / "out", layer="w", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
     assert not (tmp_path / "out").exists()  # refused before the first expert's training
+
+
+def test_a_file_given_as_the_experts_folder_is_named_with_the_fix(tmp_path):
+    """--experts out/index.json said "out/index.json/index.json: cannot read: [Errno 20] Not a directory"."""
+    out = make_experts(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"index\.json: a file, not an experts folder; pass the folder .* "
+                                              rf"\({out}\)$"):
+        TreeExperts.load(out / "index.json")

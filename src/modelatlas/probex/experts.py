@@ -187,6 +187,9 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
 def _read_index(folder: Path) -> dict:
     """``index.json`` of an experts folder, its keys checked; a folder with checkpoints but no index is a
     training run that did not finish."""
+    if folder.is_file():  # e.g. the index itself: "index.json/index.json: Not a directory" said nothing useful
+        raise CheckpointError(folder, "a file, not an experts folder; pass the folder `atlas probex train --out` "
+                                      "wrote" + (f" ({folder.parent})" if folder.name == "index.json" else ""))
     path = folder / "index.json"
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
