@@ -114,3 +114,12 @@ def test_text_experts_on_an_atlas_without_embeddings_is_an_error(tmp_path):
     with pytest.raises(AtlasError, match=r"no text embeddings \(so --text-experts has nothing to search\)"):
         search_atlas(atlas, "seven", text_experts=tmp_path)
     assert search_atlas(atlas, "a") and search_atlas(atlas, "a", mode="keywords")
+
+
+def test_an_atlas_built_with_text_experts_that_embedded_nothing_says_so():
+    """It said "rebuild it with `atlas index build --text-experts DIR`": what the user had just done."""
+    atlas = Atlas([ModelEntry("a", "/z/a")], Forest(["a"], []), experts={"text": {"folder": "/x/tx", "layer": "w"}})
+    with pytest.raises(AtlasError, match=r"no text embeddings: none of its models is in a tree the text experts "
+                                         r"/x/tx were trained on \(their notes say why: `atlas index show`\), or "
+                                         r"search keywords"):
+        search_atlas(atlas, "seven", mode="text")

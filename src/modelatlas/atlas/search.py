@@ -50,8 +50,10 @@ def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
         raise AtlasError(f"top must be a positive number of models; got {top!r}")
     if (mode == "text" or text_experts is not None) and not atlas.embeddings:
         given = " (so --text-experts has nothing to search)" if text_experts is not None else ""
-        raise AtlasError(f"this atlas has no text embeddings{given}: rebuild it with `atlas index build "
-                         "--text-experts DIR`, or search keywords (--mode keywords)")
+        used = atlas.experts.get("text", {}).get("folder")
+        fix = (f"none of its models is in a tree the text experts {used} were trained on (their notes say why: "
+               "`atlas index show`)" if used else "rebuild it with `atlas index build --text-experts DIR`")
+        raise AtlasError(f"this atlas has no text embeddings{given}: {fix}, or search keywords (--mode keywords)")
     if atlas.embeddings and mode != "keywords":
         return _text_hits(atlas, query, text_experts)[:top]
     return _keyword_hits(atlas, query)[:top]
