@@ -115,6 +115,17 @@ def test_show_lists_the_notes_of_placed_models(tmp_path, capsys):
             "notes (1 model):\n  b: classes experts: in no known tree\n4 models, 1 tree (2 in none)") in out
 
 
+def test_search_says_a_model_in_no_tree_is_in_none(tmp_path, capsys):
+    """An unreadable model found by its name was listed as "(tree None, root)"."""
+    from modelatlas.atlas import Atlas, ModelEntry
+    from modelatlas.lineage.forest import Forest
+
+    models = [ModelEntry("a", "/z/a", tree=1), ModelEntry("broken", "/z/broken", notes=["unreadable: truncated"])]
+    Atlas(models, Forest(["a"], [])).save(tmp_path / "atl")
+    assert main(["index", "search", "broken", str(tmp_path / "atl")]) == 0
+    assert capsys.readouterr().out == "  1. broken  keyword score 3.000  (in no tree)\n"
+
+
 def test_build_refuses_a_folder_that_holds_no_atlas(tmp_path, capsys):
     make_models(tmp_path / "m")
     (tmp_path / "busy").mkdir()

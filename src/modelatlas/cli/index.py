@@ -112,7 +112,8 @@ def _search(args: argparse.Namespace) -> int:
         return 1
     for rank, h in enumerate(hits, 1):
         m = atlas.entry(h.name)
-        where = f"tree {m.tree}" + (f", parent {m.parent}" if m.parent else ", root")
+        # a model in no tree (unreadable, or skipped by the lineage) is no root: it said "tree None, root"
+        where = "in no tree" if m.tree is None else f"tree {m.tree}" + (f", parent {m.parent}" if m.parent else ", root")
         what = "log p(query)" if h.how == "text" else "keyword score"
         said = f"  {_what(m)}" if m.predicted or m.described else ""
         echo(f"{rank:3d}. {h.name}  {what} {h.score:.3f}  ({where}){said}")
