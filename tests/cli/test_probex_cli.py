@@ -132,6 +132,16 @@ def check_search_sources(zoo, experts, tmp_path, capsys):
                                  f"in {experts} were trained on (see the warnings above)\n")
 
 
+def test_a_model_given_twice_is_predicted_once(make_tiny_zoo, make_trained, capsys):
+    """A zoo and one of its models (or a model folder and its model.safetensors) listed that model twice."""
+    child = make_tiny_zoo / "t1-c0003.safetensors"
+    capsys.readouterr()
+    assert main(["probex", "predict", str(child), str(make_tiny_zoo), f"{make_tiny_zoo}/../{make_tiny_zoo.name}/{child.name}", "--experts",
+                 str(make_trained)]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names[0] == "t1-c0003" and names.count("t1-c0003") == 1 and len(names) == len(set(names))
+
+
 def test_search_needs_text_experts(make_tiny_zoo, make_trained, capsys):
     assert main(["probex", "search", "seven", str(make_tiny_zoo), "--experts", str(make_trained)]) == 1
     assert "search needs --task text" in capsys.readouterr().err

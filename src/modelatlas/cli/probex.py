@@ -65,8 +65,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _model_paths(items: list[str]) -> list[Path]:
     """Model files and folders of models as they are; a zoo (manifest.json) or an atlas (atlas.json, folder
-    or file) stands for the models it lists."""
+    or file) stands for the models it lists. A model reached twice (a zoo and one of its models, a model folder
+    and its model.safetensors) is kept once, where it first appears, as `atlas index build` keeps it: it was
+    listed twice, taking two of the --top places."""
     from modelatlas.weights import discover_models
+    from modelatlas.weights.registry import _model_key
 
     paths: list[Path] = []
     for item in items:
@@ -82,7 +85,10 @@ def _model_paths(items: list[str]) -> list[Path]:
             paths.extend(Path(m.path) for m in Atlas.load(p).models)
         else:
             paths.extend(discover_models([p]))
-    return paths
+    once: dict[str, Path] = {}
+    for p in paths:
+        once.setdefault(_model_key(p), p)
+    return list(once.values())
 
 
 def _predict(args: argparse.Namespace) -> int:
