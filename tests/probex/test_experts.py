@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelatlas.errors import CheckpointError, ManifestError
+from modelatlas.errors import CheckpointError, ConfigError, ManifestError
 from modelatlas.probex import ProbeXConfig
 from modelatlas.probex.experts import TreeExperts, train_tree_experts
 from modelatlas.zoo.manifest import Manifest, ModelRecord
@@ -140,3 +140,14 @@ def test_a_file_given_as_the_experts_folder_is_named_with_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match=rf"index\.json: a file, not an experts folder; pass the folder .* "
                                               rf"\({out}\)$"):
         TreeExperts.load(out / "index.json")
+
+
+def test_an_out_below_a_file_is_refused_before_any_training(tmp_path, monkeypatch):
+    """It failed as '.../checkpoints/r: Not a directory' at the first checkpoint, after the layer selection."""
+    import modelatlas.probex.experts as experts_module
+
+    make_zoo(tmp_path)
+    monkeypatch.setattr(experts_module, "select_layer", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ConfigError, match=r"--out .*c0\.safetensors/x lies below the file .*c0\.safetensors, not a "
+                                          r"folder; choose a new --out"):
+        train_tree_experts(tmp_path, tmp_path / "c0.safetensors" / "x", config=ProbeXConfig(epochs=1))

@@ -120,9 +120,12 @@ def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[
 
 
 def _check_out(out: Path) -> None:
-    """Refuse a file, or a non-empty folder that holds no experts (its files would mix with theirs)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose a new --out")
+    """Refuse a file, a path below a file (it failed as 'Not a directory' at the first checkpoint, after the
+    layer selection), or a non-empty folder that holds no experts (its files would mix with theirs)."""
+    file = next((p for p in (out, *out.parents) if p.is_file()), None)
+    if file is not None:
+        where = "is a file" if file == out else f"lies below the file {file}"
+        raise ConfigError(f"--out {out} {where}, not a folder; choose a new --out")
     ours = (out / "index.json").is_file() or (out / "checkpoints").is_dir()  # a finished or an interrupted run
     if out.is_dir() and not ours and any(out.iterdir()):
         raise ConfigError(f"--out {out} is a non-empty folder that holds no experts (index.json): the experts' files "
