@@ -69,7 +69,7 @@ def _model_paths(items: list[str]) -> list[Path]:
     and its model.safetensors) is kept once, where it first appears, as `atlas index build` keeps it: it was
     listed twice, taking two of the --top places."""
     from modelatlas.weights import discover_models
-    from modelatlas.weights.registry import _model_key
+    from modelatlas.weights.registry import distinct_models
 
     paths: list[Path] = []
     for item in items:
@@ -85,10 +85,7 @@ def _model_paths(items: list[str]) -> list[Path]:
             paths.extend(Path(m.path) for m in Atlas.load(p).models)
         else:
             paths.extend(discover_models([p]))
-    once: dict[str, Path] = {}
-    for p in paths:
-        once.setdefault(_model_key(p), p)
-    return list(once.values())
+    return distinct_models(paths)
 
 
 def _predict(args: argparse.Namespace) -> int:
