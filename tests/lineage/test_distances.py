@@ -39,6 +39,21 @@ def test_kurtosis_matches_scipy_sum_over_layers():
         assert st.kurtosis[i] == pytest.approx(want, rel=1e-5)  # float32 powers, float64 sums
 
 
+@pytest.mark.parametrize("sketch", [None, 64])  # exact, and streamed one model at a time
+def test_a_constant_layer_adds_no_kurtosis(sketch):
+    # A zero-initialised layer (a gate, ControlNet's zero convolutions) in the base, trained in the children:
+    # its float32 moments are rounding noise, which divided by a variance of ~0 gave kurtosis of 1e282.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 40, generator=g)
+    gate = [torch.zeros(40, 40), 0.05 * torch.randn(40, 40, generator=g), torch.full((40, 40), 0.3)]
+    ckpts = [MemoryCheckpoint(f"m{i}", {"w": w + 0.01 * i, "gate": z}) for i, z in enumerate(gate)]
+    st = stream_pair_stats(ckpts, ckpts[0].tensors(), sketch=sketch)
+    for i, ck in enumerate(ckpts):
+        want = sum(kurtosis(ck.read(t).double().flatten().numpy(), fisher=True) if i == 1 or t == "w" else 0.0
+                   for t in ("w", "gate"))
+        assert st.kurtosis[i] == pytest.approx(want, rel=1e-4, abs=1e-6)  # float32 powers
+
+
 def test_tiny_differences_survive_float_cancellation():
     # Weights of size 1e3 differing by 1e-4: the centred Gram keeps the difference exact.
     base = torch.full((8, 8), 1000.0)

@@ -319,9 +319,19 @@ def _power_sums(x: torch.Tensor, shift: float, work: torch.Tensor | None = None)
     return out
 
 
+_FLAT = 1e-3  # a row whose variance is under this share of its shifted second moment has no measurable kurtosis
+
+
 def _kurtosis_from_moments(mom: torch.Tensor, p: int) -> torch.Tensor:
-    """Fisher (excess) kurtosis of each row from sums of powers of its shifted entries. Time O(N)."""
+    """Fisher (excess) kurtosis of each row from sums of powers of its shifted entries; 0 (a Gaussian's) for
+    a row that is constant to float32 precision (an all-zero layer, e.g. a zero-initialised gate or
+    ControlNet's zero convolutions): its fourth central moment is then rounding noise in terms of size m1^4,
+    and dividing it by a variance of ~0 gave kurtosis of 1e282 that swamped every other layer's. Rows
+    whose spread is under ~3% of their offset from the shift fall under the same rule: float32 sums leave
+    their kurtosis as noise too. Time O(N)."""
     m1, m2, m3, m4 = (mom / p).unbind(1)  # raw moments of the shifted entries; the row's own mean is m1
-    var = (m2 - m1**2).clamp_min(1e-150)  # var**2 stays a normal float64 (a failed, all-zero row: no 0/0)
+    centred = m2 - m1**2
+    var = centred.clamp_min(1e-150)  # var**2 stays a normal float64 (a failed, all-zero row: no 0/0)
     c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4  # fourth central moment of the row
-    return c4 / var**2 - 3.0
+    flat = centred <= _FLAT * m2  # (N,) also a row of zeros shifted by 0 (0 <= 0)
+    return torch.where(flat, torch.zeros_like(c4), c4 / var**2 - 3.0)
