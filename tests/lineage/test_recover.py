@@ -155,6 +155,30 @@ def test_weight_updates_without_base_are_skipped():
     assert "adapter" not in f.nodes and "holds a weight update (lora_delta), not a model" in f.skipped["adapter"]
 
 
+def test_adapters_are_merged_onto_the_adapter_base(tmp_path):
+    import json
+
+    from modelatlas.weights import open_checkpoint
+    g = torch.Generator().manual_seed(1)
+    save_file({"w.weight": torch.randn(8, 8, generator=g)}, str(tmp_path / "base.safetensors"))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["w"]}))
+        save_file({"base_model.model.w.lora_A.weight": torch.randn(1, 8, generator=g),
+                   "base_model.model.w.lora_B.weight": torch.randn(8, 1, generator=g)},
+                  str(tmp_path / name / "adapter_model.safetensors"))
+    paths = [tmp_path / "base.safetensors", tmp_path / "a", tmp_path / "b"]
+    assert set(recover_lineage(paths).skipped) == {"a", "b"}
+    with open_checkpoint(paths[0]) as base:
+        f = recover_lineage(paths, adapter_base=base, stage="specialize")
+        with open_checkpoint(paths[1], base=base) as merged:  # the merged weights are what was compared
+            assert not torch.equal(merged.read("w.weight"), base.read("w.weight"))
+    # rank-1 updates of one base: base is adjacent to both (direction: 3 models of one 8 x 8 layer are a guess)
+    assert not f.skipped and {frozenset((e.parent, e.child)) for e in f.edges} == {frozenset("a") | {"base"},
+                                                                                   frozenset("b") | {"base"}}
+
+
 def test_model_failing_mid_read_is_skipped():
     from modelatlas.lineage.sources import MemoryCheckpoint
 

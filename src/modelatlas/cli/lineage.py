@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_bytes, atomic_write_text
@@ -26,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--png", type=_out_file, help="draw the forest as a PNG image (with --truth: edges coloured "
                                                  "right / reversed / wrong)")
     r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder): mark and score edges")
+    r.add_argument("--base", metavar="MODEL", help="the base model PEFT adapters among PATH were trained on: each "
+                   "adapter is merged onto it (W + dW) and the base joins the models (default: adapters, which "
+                   "hold an update and no model, are skipped)")
     add_recovery_options(r)
     r.set_defaults(func=_recover)
 
@@ -121,6 +125,7 @@ def expand_paths(paths: list[str]) -> list[Path]:
 
 def _recover(args: argparse.Namespace) -> int:
     from modelatlas.lineage import LineageRecovery
+    from modelatlas.weights.registry import distinct_models
 
     config = config_from_args(args)
     check_out_files(args)
@@ -128,16 +133,38 @@ def _recover(args: argparse.Namespace) -> int:
     models = expand_paths(args.paths)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
-    check_outputs_spare_inputs(args, models, truth)
-    if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
-        from modelatlas.lineage.scoring import check_truth
-        from modelatlas.lineage.sources import unique_names
+    with _adapter_base(args.base) as (base, base_paths):
+        models = distinct_models(base_paths + models)  # the base first: the root its adapters hang from
+        check_outputs_spare_inputs(args, models, truth)
+        if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
+            from modelatlas.lineage.scoring import check_truth
+            from modelatlas.lineage.sources import unique_names
 
-        check_truth(unique_names(models), truth)
-    forest = with_truth(LineageRecovery(config).fit(models, progress=tqdm_progress).forest_, truth)
+            check_truth(unique_names(models), truth)
+        est = LineageRecovery(config).fit(models, progress=tqdm_progress, adapter_base=base)
+    forest = with_truth(est.forest_, truth)
     show_forest(forest, truth)
     _write_outputs(args, forest, truth)
     return 0
+
+
+@contextmanager
+def _adapter_base(text: str | None):
+    """(the open ``--base`` model, its path as a model list), closed afterwards; (None, []) without one."""
+    if text is None:
+        yield None, []
+        return
+    from modelatlas.weights import open_checkpoint
+
+    paths = expand_paths([text])
+    if len(paths) != 1:
+        raise ConfigError(f"--base {text}: give one model (a file, model folder or hub id), not a folder of "
+                          f"{len(paths)} models")
+    with open_checkpoint(paths[0]) as base:
+        if base.kind != "full":
+            raise ConfigError(f"--base {text} is a {base.kind.replace('_', ' ')} (an adapter), not a full model "
+                              "to merge adapters onto; give the model it was trained on")
+        yield base, paths
 
 
 def _load_truth(path: Path | None):

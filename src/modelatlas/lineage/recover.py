@@ -63,9 +63,11 @@ class LineageRecovery:
         self.config = config
         self.params = params
 
-    def fit(self, weights, progress: Progress | None = None) -> LineageRecovery:
+    def fit(self, weights, progress: Progress | None = None, adapter_base=None) -> LineageRecovery:
+        """``adapter_base``: an open :class:`~modelatlas.weights.Checkpoint` (full weights) that PEFT adapter
+        paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
-        ckpts, skipped = as_checkpoints(weights)
+        ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
         names, stats, duplicates, lowp = [], [], {}, {}
@@ -201,9 +203,9 @@ def _coarser(a: str, b: str) -> str:
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,
-                    **params) -> Forest:
+                    adapter_base=None, **params) -> Forest:
     """Plain-function twin of :class:`LineageRecovery`: returns the recovered :class:`Forest`."""
-    return LineageRecovery(config, **params).fit(weights, progress=progress).forest_
+    return LineageRecovery(config, **params).fit(weights, progress=progress, adapter_base=adapter_base).forest_
 
 
 def _subset(st: PairStats, keep: list[int]) -> PairStats:

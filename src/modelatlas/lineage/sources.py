@@ -38,11 +38,14 @@ class MemoryCheckpoint(Checkpoint):
         return self._tensors[name]
 
 
-def as_checkpoints(source, progress=None) -> tuple[list[Checkpoint], dict[str, str]]:
+def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
+                   ) -> tuple[list[Checkpoint], dict[str, str]]:
     """Checkpoints from a list of paths / Checkpoints or a dict ``name -> {tensor name: tensor}``.
 
-    Returns (checkpoints, skipped) where skipped maps a model name to why it could not be opened.
-    Opening reads headers only. Time O(N) file opens.
+    Returns (checkpoints, skipped) where skipped maps a model name to why it could not be opened. A PEFT
+    adapter path (an update dW, no model) is opened merged onto ``adapter_base`` when one is given (the base
+    model the adapters were trained on), else skipped with that reason. Opening reads headers only. Time O(N)
+    file opens.
     """
     skipped: dict[str, str] = {}
     if isinstance(source, Mapping):
@@ -56,7 +59,7 @@ def as_checkpoints(source, progress=None) -> tuple[list[Checkpoint], dict[str, s
                 ckpts.append(item)
                 continue
             try:
-                ck = open_checkpoint(item)
+                ck = _open(item, adapter_base)
             except AtlasError as e:
                 skipped[name] = str(e)
                 continue
@@ -69,6 +72,15 @@ def as_checkpoints(source, progress=None) -> tuple[list[Checkpoint], dict[str, s
         raise ConfigError(f"model names must be unique; {dup} appear more than once (the same model given "
                           "twice, or checkpoints named alike: rename them)")
     return ckpts, skipped
+
+
+def _open(item, adapter_base: Checkpoint | None) -> Checkpoint:
+    """``item`` opened; an adapter (kind ``lora_delta``) reopened merged onto ``adapter_base`` when given."""
+    ck = open_checkpoint(item)
+    if adapter_base is None or ck.kind != "lora_delta":
+        return ck
+    ck.close()
+    return open_checkpoint(item, base=adapter_base)
 
 
 def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInfo], str]:
@@ -100,8 +112,9 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     skipped: dict[str, str] = {}
     for i, ck in enumerate(ckpts):
         if getattr(ck, "kind", "full") != "full":  # e.g. a PEFT adapter opened alone: only the update dW
-            skipped[ck.name] = (f"{ck.path}: holds a weight update ({ck.kind}), not a model; open it with its "
-                                "base (open_checkpoint(path, base=...)) or store merged weights")
+            skipped[ck.name] = (f"{ck.path}: holds a weight update ({ck.kind}), not a model; give the base model "
+                                "it was trained on (`atlas lineage recover --base MODEL`, adapter_base= in "
+                                "Python) or store merged weights")
             continue
         try:
             layers, rule = select_layers(ck, pattern)
