@@ -127,7 +127,8 @@ def test_base_model_name_is_not_followed(tmp_path):
 
 @pytest.mark.parametrize("config, tensors, message", [
     ({"peft_type": "PREFIX_TUNING"}, None, "unsupported peft_type 'PREFIX_TUNING'"),
-    ({"r": None}, None, "key 'r' must be a positive number"),
+    ({"r": None}, None, r"key 'r' is missing \(PEFT writes it; if the adapter was trained with PEFT's default, add \"r\": 8\)"),
+    ({"lora_alpha": None}, None, "key 'lora_alpha' is missing"),
     ({"r": 3}, None, r"module 'layers.0.q_proj': rank 3 from adapter_config.json does not match"),
     ({}, {"layers.0.q_proj.lora_A.weight": A}, "module 'layers.0.q_proj' has no lora_B tensor"),
     ({}, {"x.weight": A}, "no LoRA tensors"),

@@ -108,6 +108,10 @@ def read_adapter_config(path: Path) -> LoraConfig:
     if raw.get("use_dora"):  # dW = m * (W + sBA) / ||W + sBA|| - W needs the base and the magnitudes
         raise CheckpointError(path, "key 'use_dora' is true: DoRA adapters are not supported (their update "
                                     "is not s * B @ A)")
+    for key in ("r", "lora_alpha"):  # PEFT writes both; its LoraConfig defaults (8) would guess dW's scale
+        if raw.get(key) is None:
+            raise CheckpointError(path, f"key {key!r} is missing (PEFT writes it; if the adapter was trained with "
+                                        f'PEFT\'s default, add "{key}": 8)')
     return LoraConfig(
         r=_number(path, "'r'", raw.get("r"), integer=True),
         lora_alpha=_number(path, "'lora_alpha'", raw.get("lora_alpha")),
