@@ -104,6 +104,17 @@ def test_text_zero_shot_on_synthetic_problem(tmp_path, text_problem):
     assert np.allclose(again.similarity(x[:5]), est.similarity(x[:5]), atol=1e-6)
 
 
+def test_a_query_that_is_a_known_prompt_is_not_counted_twice(text_problem):
+    x, labels, text = text_problem
+    cfg = ProbeXConfig(rank_u=8, rank_v=8, rank_t=8, epochs=60, lr=2e-3, batch_size=32)
+    est = ProbeXTextAligner(cfg).fit(x[labels < 16], labels[labels < 16], text[:16])
+    threes = x[labels == 3]
+    scores = est.search_scores(threes, text[3], reference=text[:16])
+    others = np.delete(text[:16], 3, axis=0)  # the same query scored against the other 15 prompts
+    np.testing.assert_allclose(scores, est.search_scores(threes, text[3], reference=others), rtol=1e-6)
+    assert scores.max() > np.log(0.5)  # with its twin in the softmax a query could not exceed log(1/2)
+
+
 def make_statnn(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(60, 4, 4, generator=g) * (1 + torch.rand(60, 1, 1, generator=g))

@@ -30,6 +30,14 @@ class _Aligner(nn.Module):
         return self.encoder.embed(x)
 
 
+def _other_prompts(reference, query: torch.Tensor) -> torch.Tensor:
+    """The (C', d_text) reference prompts other than the query itself: a query that is one of them word for
+    word (the same embedding) split the softmax with its twin, and a perfect match scored log(1/2)."""
+    ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32).reshape(-1, query.shape[1])  # (C, d_text)
+    same = F.cosine_similarity(ref, query, dim=1) > 1 - 1e-6  # (C,)
+    return ref[~same]
+
+
 class ProbeXTextAligner(WeightExpert):
     """Contrastive weight-text alignment. ``fit(X, labels, text_embeddings)``: ``labels[b]`` indexes the row
     of ``text_embeddings`` (C, d_text) that describes model b's class.
@@ -99,8 +107,7 @@ class ProbeXTextAligner(WeightExpert):
         if query.shape[1] != d_text:
             raise ConfigError(f"the query embedding has width {query.shape[1]}, but this expert was trained on text "
                               f"embeddings of width {d_text} (another text encoder?)")
-        text = query if reference is None else torch.cat([query, torch.as_tensor(np.asarray(reference),
-                                                                                 dtype=torch.float32)])
+        text = query if reference is None else torch.cat([query, _other_prompts(reference, query)])
         with torch.no_grad():
             cos = e @ F.normalize(self.module_.text_map(text), dim=1).T  # (B, 1 + C)
         if reference is None:
