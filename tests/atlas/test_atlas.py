@@ -207,6 +207,11 @@ def test_keyword_search_ranks_by_matches_and_probability():
     assert search_atlas(atlas, "nothing-like-it") == []
     with pytest.raises(AtlasError, match="empty search query"):
         search_atlas(atlas, "  ")
+    for mode in ("keywords", "text"):  # no word: nothing to look up, and a text embedding of '!!!' ranks nothing
+        with pytest.raises(AtlasError, match="search query '!!!' has no words to look up"):
+            search_atlas(atlas, "!!!", mode=mode)
+    with pytest.raises(AtlasError, match=r"search query '!{76}\.\.\. has no words"):
+        search_atlas(atlas, "!" * 5000)  # a pasted page is not echoed whole
     with pytest.raises(AtlasError, match="no text embeddings"):
         search_atlas(atlas, "shirt", mode="text")
     with pytest.raises(AtlasError, match="search mode must be one of"):

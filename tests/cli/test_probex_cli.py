@@ -162,3 +162,5 @@ def test_search_refuses_an_empty_query(make_tiny_zoo, tmp_path, capsys):
     for query in ("", "   "):  # as `atlas index search` does: an empty query ranks nothing
         assert main(["probex", "search", query, str(make_tiny_zoo), "--experts", str(tmp_path)]) == 1
         assert capsys.readouterr().err == "error: empty search query\n"
+    assert main(["probex", "search", "?!", str(make_tiny_zoo), "--experts", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "error: search query '?!' has no words to look up\n"

@@ -44,8 +44,7 @@ def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
     recorded (e.g. after moving it)."""
     if mode not in MODES:
         raise AtlasError(f"search mode must be one of {MODES}; got {mode!r}")
-    if not query.strip():
-        raise AtlasError("empty search query")
+    check_query(query)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:  # [:0] or [:-1] would drop hits silently
         raise AtlasError(f"top must be a positive number of models; got {top!r}")
     if (mode == "text" or text_experts is not None) and not atlas.embeddings:
@@ -128,10 +127,23 @@ def shared_folder(paths: list[str]) -> str:
         return ""
 
 
+def check_query(query: str) -> None:
+    """Refuse a query with no word (letters or digits) in it: keywords have nothing to look up, and a text
+    embedding of '!!!' scored every model about the same."""
+    if not query.strip():
+        raise AtlasError("empty search query")
+    if not split_words(query):
+        raise AtlasError(f"search query {shown_query(query)} has no words to look up")
+
+
+def shown_query(query: str) -> str:
+    """The query as messages show it: its repr, cut short (a pasted page is no help echoed on one line)."""
+    text = repr(query)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:
     words = split_words(query)
-    if not words:
-        raise AtlasError(f"search query {query!r} has no words to look up")
     root = shared_folder([m.path for m in atlas.models])
     hits = [Hit(m.name, s, "keywords") for m in atlas.models if (s := _keyword_score(m, query, words, root)) > 0]
     return sorted(hits, key=lambda h: (-h.score, h.name))

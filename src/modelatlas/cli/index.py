@@ -104,11 +104,12 @@ def _show(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas import Atlas, search_atlas
+    from modelatlas.atlas.search import shown_query
 
     atlas = Atlas.load(args.atlas)
     hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
     if not hits:
-        echo(f"no model matches {args.query!r}")
+        echo(f"no model matches {shown_query(args.query)}")
         return 1
     for rank, h in enumerate(hits, 1):
         m = atlas.entry(h.name)

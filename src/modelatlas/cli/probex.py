@@ -111,12 +111,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from modelatlas.atlas.search import check_query
     from modelatlas.errors import ConfigError
     from modelatlas.probex.experts import TreeExperts
     from modelatlas.probex.text_encoder import encode_texts
 
-    if not args.query.strip():  # as `atlas index search`: before any expert or weight is read
-        raise ConfigError("empty search query")
+    check_query(args.query)  # as `atlas index search`: before any expert or weight is read
     experts = TreeExperts.load(args.experts)
     if experts.task != "text":
         raise ConfigError(f"{args.experts}: experts were trained with --task {experts.task}; search needs --task text")
