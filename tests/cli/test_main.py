@@ -142,12 +142,15 @@ def test_an_empty_out_is_refused(argv, value, capsys, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("hint, expected", [
-    ("progress is kept in {out}/checkpoint; rerun with --resume to continue",
+@pytest.mark.parametrize("hint, saved, expected", [
+    ("progress is kept in {out}/checkpoint; rerun with --resume to continue", True,
      "progress is kept in runs/dm/checkpoint; rerun with --resume to continue"),
-    (None, "nothing partial was left"),
+    # stopped before the first checkpoint: no folder to resume from (it promised one that was never written)
+    ("progress is kept in {out}; rerun with --resume to continue", False,
+     "stopped before anything was saved in runs/dm: run the command again, without --resume"),
+    (None, False, "nothing partial was left"),
 ])
-def test_ctrl_c_says_what_the_command_kept(hint, expected, capsys):
+def test_ctrl_c_says_what_the_command_kept(hint, saved, expected, capsys, tmp_path, monkeypatch):
     import argparse
 
     from modelatlas.cli.main import run_mapped
@@ -155,6 +158,9 @@ def test_ctrl_c_says_what_the_command_kept(hint, expected, capsys):
     def func(args):
         raise KeyboardInterrupt
 
+    monkeypatch.chdir(tmp_path)
+    if saved:
+        (tmp_path / "runs" / "dm" / "checkpoint").mkdir(parents=True)
     args = argparse.Namespace(interrupt_hint=hint, out="runs/dm") if hint else argparse.Namespace()
     assert run_mapped(func, args) == 130
     err = capsys.readouterr().err

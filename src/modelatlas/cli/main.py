@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from modelatlas import __version__
 from modelatlas.allocator import keep_freed_memory
@@ -77,15 +78,32 @@ def run_mapped(func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        hint = getattr(args, "interrupt_hint", None) or "outputs are written when a command finishes: nothing partial was left"
-        hint = hint.replace("{out}", str(getattr(args, "out", None) or "the --out folder"))
-        print(f"error: interrupted ({hint})", file=sys.stderr)
+        print(f"error: interrupted ({_interrupt_hint(args)})", file=sys.stderr)
         return 130
     except (AtlasError, OSError) as e:  # OSError about a file: missing, an --out below a file, disk full, read-only
         if debug or (isinstance(e, OSError) and not e.filename):  # an OSError naming no file is not the user's
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _interrupt_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command kept: its ``interrupt_hint`` with ``{out}`` filled in, unless it stopped
+    before saving anything there (the hint then promised progress in a folder that was never written)."""
+    hint = getattr(args, "interrupt_hint", None)
+    if not hint:
+        return "outputs are written when a command finishes: nothing partial was left"
+    out = getattr(args, "out", None)
+    if "{out}" in hint and out is not None and not _holds_files(Path(out)):
+        return f"stopped before anything was saved in {out}: run the command again, without --resume"
+    return hint.replace("{out}", str(out or "the --out folder"))
+
+
+def _holds_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError:
+        return False
 
 
 def _drop_stdout() -> None:
