@@ -183,6 +183,7 @@ def test_text_search_uses_stored_embeddings(tmp_path):
     assert {h.how for h in hits} == {"text"} and len(hits) == len(atlas.embeddings["root"][0])
     # oracle: the scores from stored embeddings equal the scores computed from the weights themselves
     experts = TreeExperts.load(tx)
+    assert loaded.experts["text"]["digest"] == experts.weights_digest()  # what a later search checks
     paths = [zoo / f"{h.name}.safetensors" for h in hits]
     x, routes = experts.read(paths)
     direct = experts.search_scores(x, routes, encode_texts([query]))

@@ -12,14 +12,14 @@ from modelatlas.lineage.forest import Edge, Forest
 LAYER = "classifier.weight"
 
 
-def make_experts_folder(folder, task="text", layer=LAYER, rank_t=4, d_text=384, tree="root"):
+def make_experts_folder(folder, task="text", layer=LAYER, rank_t=4, d_text=384, tree="root", seed=0):
     """An experts folder as `atlas probex train` writes it, with one expert fitted for 1 epoch on noise."""
     from modelatlas.probex import ProbeXClassifier, ProbeXConfig, ProbeXTextAligner, TreeRouter
     from modelatlas.probex.experts import INDEX_FORMAT
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, 4, generator=g)
-    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=rank_t, epochs=1)
+    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=rank_t, epochs=1, seed=seed)
     if task == "text":
         expert = ProbeXTextAligner(cfg, layer).fit(x, [0, 1, 2, 0, 1, 2], torch.randn(3, d_text, generator=g),
                                                    ["a seven", "a three", "a four"])
@@ -73,6 +73,20 @@ def test_text_search_refuses_other_experts(tmp_path, fake_encoder, kind, message
     make_experts_folder(tmp_path / "other", **kind)
     with pytest.raises(AtlasError, match=f"^{tmp_path / 'other'}: {message}"):
         search_atlas(atlas, "a seven", text_experts=tmp_path / "other")
+
+
+def test_text_search_refuses_retrained_experts(tmp_path, fake_encoder):
+    # same task, layer, tree and ranks, other weights: the stored embeddings came from the experts it replaced
+    from modelatlas.probex.experts import TreeExperts
+
+    atlas = make_text_atlas(tmp_path / "tx")
+    atlas.experts["text"]["digest"] = TreeExperts.load(tmp_path / "tx").weights_digest()  # as index build records
+    assert search_atlas(atlas, "a seven")  # the experts it was built with
+    make_experts_folder(tmp_path / "tx", seed=1)  # retrained in place
+    with pytest.raises(AtlasError, match=f"^{tmp_path / 'tx'}: these text experts are not the ones that embedded"):
+        search_atlas(atlas, "a seven")
+    del atlas.experts["text"]["digest"]  # an atlas built before digests were recorded is searched unchecked
+    assert search_atlas(atlas, "a seven")
 
 
 def test_scores_from_embeddings_refuse_other_widths():

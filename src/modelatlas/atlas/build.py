@@ -187,4 +187,5 @@ def _embed(atlas: Atlas, paths, shapes, experts, progress) -> None:
                 chosen[i].text_tree = tree
                 top = probs[row].argsort()[::-1][:3]
                 chosen[i].described = [[expert.classes_[k], round(float(probs[row, k]), 3)] for k in top]
-    atlas.experts["text"] = {"folder": str(Path(experts.folder).resolve()), "layer": experts.layer}
+    atlas.experts["text"] = {"folder": str(Path(experts.folder).resolve()), "layer": experts.layer,
+                             "digest": experts.weights_digest()}  # a later search checks the experts are these

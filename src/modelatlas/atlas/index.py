@@ -191,7 +191,7 @@ _ENTRY = {"name": "str", "path": "str", "parameters": "int", "size_bytes": "int"
 _FOREST = {"nodes": "strings", "edges": "list", "trees": "list", "decisions": "object", "kurtosis": "object",
            "skipped": "object"}
 _EDGE = {"parent": "str", "child": "str", "score": "number", "distance": "number", "kind": "str"}
-_EXPERTS = {"folder": "str", "layer": "str"}
+_EXPERTS = {"folder": "str", "layer": "str", "digest": "str"}
 _MISSING = object()
 
 

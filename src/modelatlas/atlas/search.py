@@ -87,7 +87,7 @@ def _check_text_experts(atlas: Atlas, experts, folder) -> None:
     if experts.task != "text":
         raise AtlasError(f"{folder}: experts trained with --task {experts.task}; text search needs the text "
                          "experts (--task text) the atlas was built with")
-    layer = atlas.experts.get("text", {}).get("layer")
+    layer, digest = (atlas.experts.get("text", {}).get(k) for k in ("layer", "digest"))
     if layer is not None and experts.layer != layer:
         raise AtlasError(f"{folder}: text experts on layer {experts.layer!r}, but the atlas was embedded with "
                          f"experts on layer {layer!r}; pass the text experts the atlas was built with")
@@ -100,6 +100,10 @@ def _check_text_experts(atlas: Atlas, experts, folder) -> None:
             raise AtlasError(f"{folder}: the expert of tree {tree!r} embeds models in {expert.config.rank_t} "
                              f"dimensions, the atlas stores {emb.shape[1]}; pass the text experts the atlas was "
                              "built with")
+    if digest is not None and experts.weights_digest() != digest:  # (atlases before session 23 record none)
+        raise AtlasError(f"{folder}: these text experts are not the ones that embedded this atlas (their weights "
+                         "differ: retrained?), so its stored embeddings would be scored with other experts; "
+                         f"rebuild the atlas with `atlas index build --text-experts {folder}`")
 
 
 def split_words(text: str) -> list[str]:

@@ -228,15 +228,30 @@ class TreeExperts:
     layer: str
     router: TreeRouter
     experts: dict[str, WeightExpert]
+    tree_dirs: dict[str, Path] = field(default_factory=dict)  # tree -> its expert's folder
 
     @classmethod
     def load(cls, folder: str | Path) -> TreeExperts:
         folder = Path(folder)
         index = _read_index(folder)
         experts = {t: load_expert(folder / rel) for t, rel in index["trees"].items()}
-        loaded = cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts)
+        loaded = cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts,
+                     {t: folder / rel for t, rel in index["trees"].items()})
         loaded._check_consistent()
         return loaded
+
+    def weights_digest(self) -> str:
+        """SHA-256 over every tree's expert.safetensors, in tree order: tells these experts from a retrained
+        set of the same task, layer and ranks, whose embeddings would not match stored ones. O(expert bytes)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for tree in sorted(self.tree_dirs):
+            h.update(tree.encode() + b"\0")
+            with open(self.tree_dirs[tree] / "expert.safetensors", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
 
     def _check_consistent(self) -> None:
         """Every expert is on the index's layer at one shape, and the router routes to exactly those trees:
