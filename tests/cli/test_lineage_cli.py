@@ -181,6 +181,9 @@ def test_bad_output_paths_are_refused_before_recovery(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["lineage", "recover", str(tmp_path), "--out", ""])
     assert e.value.code == 2 and "invalid output file value: ''" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # it wrote a file named '-'
+        main(["lineage", "recover", str(tmp_path), "--mermaid", "-"])
+    assert e.value.code == 2 and "'-' (standard output is not supported: name a file)" in capsys.readouterr().err
     for opt, path, said in (("--out", tmp_path / "sub", "is a folder; name a file to write"),
                             ("--dot", tmp_path / "manifest.json" / "x.dot", "lies below the file")):
         assert main(["lineage", "recover", str(tmp_path), opt, str(path)]) == 1

@@ -133,7 +133,7 @@ def test_list_options_name_their_type(option, value, kind, capsys, tmp_path, mon
                                   ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1"],
                                   ["distill", "poster", "--dataset", "digits", "--ipc", "1"],
                                   ["index", "build", "m"], ["probex", "train", "z"]])
-@pytest.mark.parametrize("value", ["", "  "])
+@pytest.mark.parametrize("value", ["", "  ", "-"])
 def test_an_empty_out_is_refused(argv, value, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # '--out ""' wrote into the current folder and printed 'wrote '
     with pytest.raises(SystemExit) as e:

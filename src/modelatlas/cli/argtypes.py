@@ -39,7 +39,7 @@ def str_tuple(text: str) -> tuple[str, ...]:
 
 def out_dir(text: str) -> str:
     """An output folder: not empty (``--out ''`` wrote into the current folder and printed 'wrote ')."""
-    if not text.strip():
+    if not text.strip() or text.strip() == "-":  # '-' reads as standard output, which a folder cannot be
         raise argparse.ArgumentTypeError(f"invalid output folder value: {text!r} (name a folder)")
     return text
 

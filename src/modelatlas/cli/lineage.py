@@ -38,6 +38,9 @@ def _out_file(text: str) -> Path:
     """An output file: not empty (``--out ''`` is the current folder: a traceback after the whole recovery)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"invalid output file value: {text!r} (name a file)")
+    if text.strip() == "-":  # wrote a file named '-' where the user expected standard output
+        raise argparse.ArgumentTypeError("invalid output file value: '-' (standard output is not supported: "
+                                         "name a file)")
     return Path(text)
 
 
