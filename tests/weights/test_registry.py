@@ -176,3 +176,25 @@ def test_shards_copied_without_their_index_are_one_unreadable_model(tmp_path):
     (folder / "model.safetensors.index.json").write_text(
         '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
     assert discover_models([tmp_path]) == [folder] and open_checkpoint(folder).keys() == ["a", "b"]
+
+
+def test_an_unreadable_sub_folder_is_reported_and_skipped(tmp_path, monkeypatch):
+    # a sub-folder that cannot be listed (permissions; the tests run as root, so listing it is made to fail)
+    # stopped the discovery of a whole folder of models with a PermissionError
+    zoo = make_zoo(tmp_path / "zoo", n_good=2)
+    (zoo / "locked").mkdir()
+    listing = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    found = discover_models([zoo])
+    assert zoo / "locked" in found
+    with pytest.raises(CheckpointError, match="locked: cannot read: Permission denied"):
+        open_checkpoint(zoo / "locked")
+    opened = open_many(found)
+    assert sorted(ck.name for ck in opened) == ["m0", "m1"]
+    assert {p.name for p, _ in opened.skipped} == {"locked", "m8-unsafe.pth", "m9-corrupt.safetensors"}

@@ -55,12 +55,15 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         return _resolve_missing(path, **kwargs)
-    for fmt in _FORMATS:
-        if fmt.detect(path):
-            return fmt.open(path, **_options_for(fmt, path, kwargs))
+    try:
+        fmt = next((f for f in _FORMATS if f.detect(path)), None)
+        problem = None if fmt is not None else folder_problem(path)
+    except OSError as e:  # a folder or file that cannot be listed or read (permissions): named, as any bad model
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+    if fmt is not None:
+        return fmt.open(path, **_options_for(fmt, path, kwargs))
     known = ", ".join(f.name for f in _FORMATS)
-    raise UnknownFormatError(path, folder_problem(path) or f"unknown checkpoint format (known: {known})"
-                                   + _folder_hint(path))
+    raise UnknownFormatError(path, problem or f"unknown checkpoint format (known: {known})" + _folder_hint(path))
 
 
 def _folder_hint(path: Path) -> str:
@@ -214,12 +217,20 @@ def _models_in(folder: Path) -> list[Path]:
     for c in sorted(folder.iterdir()):
         if c.name.startswith("."):
             continue
-        if is_model(c) and not _orphan_shard(c):
-            found.append(c)
-        elif c.is_dir():
-            named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
-            found.extend(named or ([c] if folder_problem(c) else []))
+        try:
+            found.extend(_child_models(c))
+        except OSError:  # unreadable (permissions, a dangling link): kept, so that opening it reports why
+            found.append(c)  # and skips it, not one bad entry ending the run over a folder of a hundred
     return found
+
+
+def _child_models(c: Path) -> list[Path]:
+    if is_model(c) and not _orphan_shard(c):
+        return [c]
+    if c.is_dir():
+        named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
+        return named or ([c] if folder_problem(c) else [])
+    return []
 
 
 # Folders modelatlas writes that hold safetensors files which are not models: marker file -> what the folder is
