@@ -198,3 +198,13 @@ def test_an_unreadable_sub_folder_is_reported_and_skipped(tmp_path, monkeypatch)
     opened = open_many(found)
     assert sorted(ck.name for ck in opened) == ["m0", "m1"]
     assert {p.name for p, _ in opened.skipped} == {"locked", "m8-unsafe.pth", "m9-corrupt.safetensors"}
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("manifest.json", "manifest.json is a zoo's manifest, not a model: give the zoo folder"),
+    ("atlas.json", "atlas.json is the index of an atlas (`atlas index build`), not a model: give the models'"),
+])
+def test_an_index_file_given_as_a_model_names_what_to_give(tmp_path, name, hint):
+    (tmp_path / name).write_text("{}")  # it said only 'unknown checkpoint format'
+    with pytest.raises(CheckpointError, match="unknown checkpoint format; " + hint.replace("(", r"\(").replace(")", r"\)")):
+        discover_models([tmp_path / name])

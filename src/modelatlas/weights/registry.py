@@ -71,6 +71,11 @@ def _folder_hint(path: Path) -> str:
     ``adapter_config.json``): that the folder is the model to give."""
     if path.is_file() and path.parent.name and is_model(path.parent):
         return f"; {path.name} is part of the model folder {path.parent}: give the folder"
+    if path.is_file() and path.name == "manifest.json":
+        return f"; {path.name} is a zoo's manifest, not a model: give the zoo folder {path.parent}"
+    if path.is_file() and path.name in _TOOL_OUTPUTS:
+        return (f"; {path.name} is the index of {_TOOL_OUTPUTS[path.name]}, not a model: give the models' files "
+                "or folder")
     return ""
 
 
