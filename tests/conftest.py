@@ -1,12 +1,15 @@
-"""Shared test setup: single-threaded torch (tests must not fight over the 2 CI cores) and a seeded start."""
+"""Shared test setup: single-threaded torch (tests must not fight over the 2 CI cores) and a seeded start;
+fixtures more than one test folder uses."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,3 +23,24 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def make_adapter_family():
+    """``make_adapter_family(folder, n=3)``: a base model and n PEFT adapters trained on it, written to folder."""
+    return _adapter_family
+
+
+def _adapter_family(folder, n=3):
+    """base.safetensors (3 layers 16 x 16) and PEFT adapters a0..a{n-1} (rank 2, seeded) trained on it."""
+    g = torch.Generator().manual_seed(5)
+    folder.mkdir()
+    save_file({f"layers.{i}.weight": torch.randn(16, 16, generator=g) for i in range(3)}, str(folder / "base.safetensors"))
+    for k in range(n):
+        ad = folder / f"a{k}"
+        ad.mkdir()
+        (ad / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["layers.0", "layers.1", "layers.2"]}))
+        save_file({f"base_model.model.layers.{i}.lora_{m}.weight": 0.3 * torch.randn(*shape, generator=g)
+                   for i in range(3) for m, shape in (("A", (2, 16)), ("B", (16, 2)))}, str(ad / "adapter_model.safetensors"))
+    return folder

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from modelatlas.atlas import Atlas, ModelEntry, build_atlas, search_atlas
 from modelatlas.atlas.html import render_html
-from modelatlas.errors import AtlasError
+from modelatlas.errors import AtlasError, CheckpointError
 from modelatlas.lineage import LineageConfig
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.synthetic import make_synthetic_forest
@@ -190,6 +190,19 @@ def test_text_search_uses_stored_embeddings(tmp_path):
     np.testing.assert_allclose([h.score for h in hits], direct, rtol=1e-5, atol=1e-6)
     assert all(len(m.described) == 3 for m in atlas.models if m.text_tree)
     assert search_atlas(loaded, "seven", mode="keywords")[0].how == "keywords"
+
+
+def test_build_merges_adapters_onto_the_adapter_base(tmp_path, make_adapter_family):
+    fam = make_adapter_family(tmp_path / "fam")
+    atlas = build_atlas([fam / "a0", fam / "a1", fam / "a2"], adapter_base=fam / "base.safetensors")
+    assert [m.name for m in atlas.models][0] == "base" and {m.tree for m in atlas.models} == {1}
+    # every edge joins the base and an adapter (its direction, in a star of 3 rank-2 updates, is the guess)
+    edges = {frozenset((e.parent, e.child)) for e in atlas.forest.edges}
+    assert edges == {frozenset(("base", a)) for a in ("a0", "a1", "a2")} and not atlas.forest.skipped
+    plain = build_atlas([fam])  # without it the adapters hold no model: in no tree
+    assert {m.name for m in plain.models if m.tree is None} == {"a0", "a1", "a2"}
+    with pytest.raises(CheckpointError, match="a lora delta \\(an adapter\\), not a full model"):
+        build_atlas([fam], adapter_base=fam / "a0")
 
 
 def make_keyword_atlas():

@@ -243,22 +243,7 @@ def test_hub_ids_are_matched_to_a_truth_naming_them(tmp_path, capsys, monkeypatc
     assert "directed-edge accuracy 100.0% (1/1)" in out
 
 
-def make_adapter_family(folder, n=3):
-    """base.safetensors (3 layers 16 x 16) and PEFT adapters a0..a{n-1} (rank 2, seeded) trained on it."""
-    g = torch.Generator().manual_seed(5)
-    folder.mkdir()
-    save_file({f"layers.{i}.weight": torch.randn(16, 16, generator=g) for i in range(3)}, str(folder / "base.safetensors"))
-    for k in range(n):
-        ad = folder / f"a{k}"
-        ad.mkdir()
-        (ad / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["layers.0", "layers.1", "layers.2"]}))
-        save_file({f"base_model.model.layers.{i}.lora_{m}.weight": 0.3 * torch.randn(*shape, generator=g)
-                   for i in range(3) for m, shape in (("A", (2, 16)), ("B", (16, 2)))}, str(ad / "adapter_model.safetensors"))
-    return folder
-
-
-def test_base_merges_adapters_onto_it_and_joins_the_models(tmp_path, capsys):
+def test_base_merges_adapters_onto_it_and_joins_the_models(tmp_path, capsys, make_adapter_family):
     fam = make_adapter_family(tmp_path / "fam")
     assert main(["lineage", "recover", str(fam / "a0"), str(fam / "a1"), str(fam / "a2"), "--stage", "specialize",
                  "--base", str(fam / "base.safetensors"), "--out", str(tmp_path / "f.json")]) == 0
@@ -266,12 +251,12 @@ def test_base_merges_adapters_onto_it_and_joins_the_models(tmp_path, capsys):
     assert data["nodes"][0] == "base" and sorted(data["nodes"]) == ["a0", "a1", "a2", "base"] and not data["skipped"]
     assert {(e["parent"], e["child"]) for e in data["edges"]} == {("base", "a0"), ("base", "a1"), ("base", "a2")}
     assert main(["lineage", "recover", str(fam)]) == 0  # without --base: the adapters hold no model
-    assert capsys.readouterr().err.count("give the base model it was trained on (`atlas lineage recover --base") == 3
+    assert capsys.readouterr().err.count("give the base model it was trained on (--base MODEL on the command line") == 3
 
 
-@pytest.mark.parametrize("base, words", [("a0", "is a lora delta (an adapter), not a full model"),
-                                         (".", "give one model (a file, model folder or hub id), not a folder of 4")])
-def test_base_must_be_one_full_model(tmp_path, capsys, base, words):
+@pytest.mark.parametrize("base, words", [("a0", ": a lora delta (an adapter), not a full model"),
+                                         (".", ": give one base model (a file, model folder or hub id), not a folder of 4")])
+def test_base_must_be_one_full_model(tmp_path, capsys, base, words, make_adapter_family):
     fam = make_adapter_family(tmp_path / "fam")
     assert main(["lineage", "recover", str(fam), "--base", str(fam / base)]) == 1
     err = capsys.readouterr().err

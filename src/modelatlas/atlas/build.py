@@ -25,20 +25,34 @@ from modelatlas.errors import AtlasError, CheckpointError
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
+from modelatlas.lineage.sources import open_model
 from modelatlas.progress import Progress, resolve
-from modelatlas.weights import discover_models, open_checkpoint, unique_names
+from modelatlas.weights import discover_models, open_adapter_base, open_checkpoint, unique_names
 from modelatlas.weights.base import error_line
+from modelatlas.weights.registry import distinct_models
 
 
 def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
                 text_experts: str | Path | None = None, lineage: LineageConfig | None = None,
-                progress: Progress | None = None) -> Atlas:
+                progress: Progress | None = None, adapter_base: str | Path | None = None) -> Atlas:
     """An :class:`Atlas` of the models in ``inputs`` (model files, model folders, or folders of models);
     ``experts`` / ``text_experts``: folders written by ``atlas probex train`` (``--task classes`` / ``text``),
-    loaded first: a wrong folder is an error before the lineage recovery, not after it."""
+    loaded first: a wrong folder is an error before the lineage recovery, not after it. ``adapter_base``: the
+    base model PEFT adapters among the inputs were trained on; it joins the models, and the lineage compares
+    each adapter merged onto it (without it an adapter is in no tree)."""
     loaded = {task: _load_experts(folder, task) for task, folder in (("classes", experts), ("text", text_experts))
               if folder is not None}
-    paths = discover_models(inputs)
+    base_path, base = open_adapter_base(adapter_base) if adapter_base is not None else (None, None)
+    try:
+        return _build(discover_models(inputs), inputs, loaded, lineage, progress, base_path, base)
+    finally:
+        if base is not None:
+            base.close()
+
+
+def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base_path, base) -> Atlas:
+    if base_path is not None:
+        paths = distinct_models([base_path, *paths])  # the base first: the root its adapters hang from
     if not paths:
         raise AtlasError(f"no models found in {', '.join(map(str, inputs))}")
     named = list(zip(paths, unique_names(paths)))  # runA/model.safetensors and runB/... -> "runA", "runB"
@@ -49,7 +63,7 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
         why = "; ".join(f"{e.name}: {e.notes[0]}" for e in entries if e.notes)  # an unreadable model's only note
         raise AtlasError(f"{len(readable)} readable model(s) of {len(paths)}: an atlas needs at least 2"
                          + (f" ({why[:300]})" if why else ""))
-    forest = _lineage(readable, lineage, progress)
+    forest = _lineage(readable, lineage, progress, base)
     _place(entries, forest)
     atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))
     if "classes" in loaded:
@@ -59,13 +73,13 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
     return atlas
 
 
-def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, progress) -> Forest:
+def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, progress, base=None) -> Forest:
     """The lineage forest of the readable models under the atlas's names for them (names told apart by folder
-    over every model, readable or not, so that lineage and entries agree)."""
+    over every model, readable or not, so that lineage and entries agree); adapters merged onto ``base``."""
     ckpts = []
     try:
         for path, name in readable:
-            ckpts.append(open_checkpoint(path))
+            ckpts.append(open_model(path, base))
             ckpts[-1].name = name
         return recover_lineage(ckpts, config=config, progress=progress)
     finally:

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, type=out_path, help="atlas folder to write")
     b.add_argument("--experts", help="ProbeX class experts (`atlas probex train`): predict training classes")
     b.add_argument("--text-experts", help="ProbeX text experts (`atlas probex train --task text`): text search")
+    b.add_argument("--base", metavar="MODEL", help="the base model PEFT adapters among PATH were trained on: it "
+                   "joins the models, and the lineage merges each adapter onto it (default: adapters are in no tree)")
     from modelatlas.cli.lineage import add_recovery_options
 
     add_recovery_options(b)
@@ -48,7 +50,7 @@ def _build(args: argparse.Namespace) -> int:
     models = expand_paths(args.paths)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
-    atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress)
+    atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress, args.base)
     atlas.save(args.out)
     for m in atlas.models:
         for note in m.notes:

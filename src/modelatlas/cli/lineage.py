@@ -157,17 +157,15 @@ def _adapter_base(text: str | None):
     if text is None:
         yield None, []
         return
-    from modelatlas.weights import open_checkpoint
+    from modelatlas.errors import CheckpointError
+    from modelatlas.weights import open_adapter_base
 
-    paths = expand_paths([text])
-    if len(paths) != 1:
-        raise ConfigError(f"--base {text}: give one model (a file, model folder or hub id), not a folder of "
-                          f"{len(paths)} models")
-    with open_checkpoint(paths[0]) as base:
-        if base.kind != "full":
-            raise ConfigError(f"--base {text} is a {base.kind.replace('_', ' ')} (an adapter), not a full model "
-                              "to merge adapters onto; give the model it was trained on")
-        yield base, paths
+    try:
+        path, base = open_adapter_base(text)
+    except CheckpointError as e:
+        raise ConfigError(f"--base {e}") from e
+    with base:
+        yield base, [path]
 
 
 def _load_truth(path: Path | None):

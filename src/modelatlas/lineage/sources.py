@@ -59,7 +59,7 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
                 ckpts.append(item)
                 continue
             try:
-                ck = _open(item, adapter_base)
+                ck = open_model(item, adapter_base)
             except AtlasError as e:
                 skipped[name] = str(e)
                 continue
@@ -74,7 +74,7 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
     return ckpts, skipped
 
 
-def _open(item, adapter_base: Checkpoint | None) -> Checkpoint:
+def open_model(item, adapter_base: Checkpoint | None = None) -> Checkpoint:
     """``item`` opened; an adapter (kind ``lora_delta``) reopened merged onto ``adapter_base`` when given."""
     ck = open_checkpoint(item)
     if adapter_base is None or ck.kind != "lora_delta":
@@ -113,7 +113,7 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     for i, ck in enumerate(ckpts):
         if getattr(ck, "kind", "full") != "full":  # e.g. a PEFT adapter opened alone: only the update dW
             skipped[ck.name] = (f"{ck.path}: holds a weight update ({ck.kind}), not a model; give the base model "
-                                "it was trained on (`atlas lineage recover --base MODEL`, adapter_base= in "
+                                "it was trained on (--base MODEL on the command line, adapter_base= in "
                                 "Python) or store merged weights")
             continue
         try:

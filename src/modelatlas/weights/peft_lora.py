@@ -243,6 +243,24 @@ def open_adapter(path: str | Path, base: str | Path | Checkpoint | None = None,
         raise
 
 
+def open_adapter_base(path: str | Path) -> tuple[Path, Checkpoint]:
+    """(its model path, the open model) of the base that PEFT adapters were trained on, to merge them onto
+    (``open_checkpoint(adapter, base=...)``): one full model (a file, model folder or hub id), else a
+    CheckpointError naming ``path``. The caller closes it."""
+    from modelatlas.weights.registry import discover_models
+
+    paths = discover_models([path])
+    if len(paths) != 1:
+        raise CheckpointError(Path(path), f"give one base model (a file, model folder or hub id), not a folder of "
+                                          f"{len(paths)} models")
+    base = open_checkpoint(paths[0])
+    if base.kind != "full":
+        base.close()
+        raise CheckpointError(Path(path), f"a {base.kind.replace('_', ' ')} (an adapter), not a full model to merge "
+                                          "adapters onto; give the model it was trained on")
+    return paths[0], base
+
+
 def is_adapter_folder(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
