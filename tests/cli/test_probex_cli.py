@@ -128,8 +128,9 @@ def check_search_sources(zoo, experts, tmp_path, capsys):
     assert main(["probex", "search", "a seven", str(tmp_path / "other"), "--experts", str(experts)]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "warning: odd: not routed" in captured.err
-    assert captured.err.endswith("error: no model to rank: 1 model given, none in a tree that the experts "
-                                 f"in {experts} were trained on (see the warnings above)\n")
+    # it could not be read at the experts' shape: it said "none in a tree", which pointed at the wrong cause
+    assert captured.err.endswith("error: no model to rank: 1 model given, 1 not routed (unreadable, or no "
+                                 "classifier.weight of the experts' shape) (see the warnings above)\n")
 
 
 def test_a_model_given_twice_is_predicted_once(make_tiny_zoo, make_trained, capsys):
@@ -164,3 +165,17 @@ def test_search_refuses_an_empty_query(make_tiny_zoo, tmp_path, capsys):
         assert capsys.readouterr().err == "error: empty search query\n"
     assert main(["probex", "search", "?!", str(make_tiny_zoo), "--experts", str(tmp_path)]) == 1
     assert capsys.readouterr().err == "error: search query '?!' has no words to look up\n"
+
+
+def test_unranked_says_which_models_were_unreadable_and_which_in_no_tree():
+    from types import SimpleNamespace
+
+    from modelatlas.cli.probex import _unranked
+    from modelatlas.probex.router import RouteResult
+
+    experts = SimpleNamespace(folder="ex", layer="w")
+    far = RouteResult("a", None, "t0", 9.0, 1.0)
+    bad = RouteResult("b", None, "", float("nan"), float("nan"), "unreadable")
+    assert _unranked([far], experts) == "none in a tree that the experts in ex were trained on"
+    assert _unranked([bad, far, far], experts) == ("1 not routed (unreadable, or no w of the experts' shape), the "
+                                                   "other 2 in no tree that the experts in ex were trained on")

@@ -110,6 +110,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if unknown == len(routes) else 0
 
 
+def _unranked(routes, experts) -> str:
+    """Why none of ``routes`` can be ranked: models that could not be read (or lack the layer) are not models
+    "in no tree", which sent users looking at the wrong cause."""
+    unread = sum(r.reason is not None for r in routes)
+    trees = f"a tree that the experts in {experts.folder} were trained on"
+    if not unread:
+        return f"none in {trees}"
+    why = f"{unread} not routed (unreadable, or no {experts.layer} of the experts' shape)"
+    return why + (f", the other {len(routes) - unread} in no {trees[2:]}" if unread < len(routes) else "")
+
+
 def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas.search import check_query
     from modelatlas.errors import ConfigError
@@ -126,8 +137,8 @@ def _search(args: argparse.Namespace) -> int:
         if not r.known:
             warn(f"{r.message()}; skipped")
     if not any(r.known for r in routes):
-        raise ConfigError(f"no model to rank: {counted(len(routes), 'model')} given, none in a tree that the "
-                          f"experts in {args.experts} were trained on (see the warnings above)")
+        raise ConfigError(f"no model to rank: {counted(len(routes), 'model')} given, {_unranked(routes, experts)} "
+                          "(see the warnings above)")
     order = [i for i in scores.argsort()[::-1] if routes[i].known][: args.top]
     for rank, i in enumerate(order, 1):
         echo(f"{rank:3d}. {routes[i].name}  log p(query) {scores[i]:.3f}")
