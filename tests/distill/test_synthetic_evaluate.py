@@ -65,3 +65,40 @@ def test_protocol_errors():
         EvalProtocol(kind="lbfgs")
     with pytest.raises(ConfigError, match="num_nets must be >= 1"):
         EvalProtocol(num_nets=0)
+
+
+def make_saved_set(folder, **edits):
+    """A tiny saved set (3 classes x 2 images, soft labels, lr) with tensors replaced or class_names edited."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    syn = SyntheticSet(torch.zeros(6, 1, 4, 4), torch.arange(3).repeat_interleave(2), 3, torch.zeros(6, 3), 0.1)
+    syn.save(folder)
+    state = load_file(str(folder / "synthetic.safetensors"))
+    state.update({k: v for k, v in edits.items() if k != "class_names"})
+    save_file(state, str(folder / "synthetic.safetensors"))
+    if "class_names" in edits:
+        info = json.loads((folder / "synthetic.json").read_text())
+        (folder / "synthetic.json").write_text(json.dumps({**info, "class_names": edits["class_names"]}))
+    return folder
+
+
+@pytest.mark.parametrize("edits,file,message", [
+    ({"classes": torch.tensor([0, 0, 1, 1, 2, 5])}, "synthetic.safetensors", r"class indices in \[0, 3\).*0\.\.5"),
+    ({"classes": torch.tensor([-1, 0, 1, 1, 2, 2])}, "synthetic.safetensors", r"class indices in \[0, 3\)"),
+    ({"classes": torch.zeros(5, dtype=torch.long)}, "synthetic.safetensors", "classes must be 6 integers"),
+    ({"classes": torch.zeros(6, 1, dtype=torch.long)}, "synthetic.safetensors", "classes must be 6 integers"),
+    ({"classes": torch.zeros(6)}, "synthetic.safetensors", "classes must be 6 integers.*float32"),
+    ({"label_logits": torch.zeros(6, 4)}, "synthetic.safetensors", r"label_logits must be \(N, K\) = \(6, 3\)"),
+    ({"lr": torch.ones(2)}, "synthetic.safetensors", "lr must be one number"),
+    ({"images": torch.zeros(6)}, "synthetic.safetensors", "images must be"),
+    ({"class_names": ["a"]}, "synthetic.json", "class_names must be 3 strings.*got 1 entries"),
+    ({"class_names": ["a", "b", 3]}, "synthetic.json", "the non-string 3"),
+])
+def test_hand_edited_set_is_refused_naming_the_file(tmp_path, edits, file, message):
+    """These once loaded and crashed in training with an IndexError / RuntimeError (`atlas distill eval`)."""
+    make_saved_set(tmp_path, **edits)
+    with pytest.raises(CheckpointError, match=message) as e:
+        SyntheticSet.load(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / file))

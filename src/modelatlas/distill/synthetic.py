@@ -157,6 +157,32 @@ def _check_saved(folder: Path, state: dict, info: dict) -> None:
         raise CheckpointError(folder / META_FILE, f"num_classes must be a positive integer, got {k!r}")
     if not isinstance(info.get("meta", {}), dict) or not isinstance(info.get("class_names", []), (list, type(None))):
         raise CheckpointError(folder / META_FILE, "meta must be an object and class_names a list")
+    names = info.get("class_names")
+    if names is not None and (len(names) != k or not all(isinstance(n, str) for n in names)):
+        odd = next((n for n in names if not isinstance(n, str)), None)
+        got = f"{len(names)} entries" if len(names) != k else f"the non-string {odd!r}"
+        raise CheckpointError(folder / META_FILE, f"class_names must be {k} strings, one per class (num_classes); "
+                                                  f"got {got}")
+    _check_tensors(folder / TENSORS_FILE, state, k)
+
+
+def _check_tensors(path: Path, state: dict, k: int) -> None:
+    """Tensors that fit together: a hand-edited file must fail here, naming itself, not deep in training."""
+    images, classes = state["images"], state["classes"]
+    if images.dim() < 2:
+        raise CheckpointError(path, f"images must be (N, C, H, W) or (N, C, L), got shape {tuple(images.shape)}")
+    n = images.shape[0]
+    if classes.shape != (n,) or classes.dtype.is_floating_point or classes.dtype == torch.bool:
+        raise CheckpointError(path, f"classes must be {n} integers (one per image), got shape "
+                                    f"{tuple(classes.shape)} of {classes.dtype}")
+    if n and not 0 <= int(classes.min()) <= int(classes.max()) < k:
+        raise CheckpointError(path, f"classes must be class indices in [0, {k}) (num_classes {k}), got values "
+                                    f"{int(classes.min())}..{int(classes.max())}")
+    logits = state.get("label_logits")
+    if logits is not None and tuple(logits.shape) != (n, k):
+        raise CheckpointError(path, f"label_logits must be (N, K) = ({n}, {k}), got {tuple(logits.shape)}")
+    if "lr" in state and state["lr"].numel() != 1:
+        raise CheckpointError(path, f"lr must be one number, got shape {tuple(state['lr'].shape)}")
 
 
 def check_class_sizes(data: ArrayDataset, ipc: int) -> None:
