@@ -175,6 +175,15 @@ def result_folder(tmp_path):
     (lambda f: set_meta(f, label_generator="os:system"), "synthetic.json", "'os:system' is not a known label"),
     (lambda f: set_meta(f, label_generator="modelatlas.distill.api:run_distillation"), "synthetic.json",
      "is not a known label generator"),
+    # hand edits of result.json once crashed in training (AttributeError, TypeError, ValueError)
+    (lambda f: set_result(f, evaluation="x"), "result.json", "evaluation.protocol must be an object"),
+    (lambda f: set_result(f, evaluation={"protocol": "x"}), "result.json", "evaluation.protocol must be an object"),
+    (lambda f: set_protocol(f, width="big"), "result.json", r"evaluation.protocol.width must be a number \(integer\)"),
+    (lambda f: set_protocol(f, epochs=2.5), "result.json", r"evaluation.protocol.epochs must be a number \(integer"),
+    (lambda f: set_protocol(f, lr="x"), "result.json", "evaluation.protocol.lr must be a number, got 'x'"),
+    (lambda f: set_protocol(f, kind="foo"), "result.json", "evaluation.protocol: eval protocol kind must be"),
+    (lambda f: set_result(f, seed="x"), "result.json", "seed must be an integer, got 'x'"),
+    (lambda f: set_result(f, dataset_kwargs=[1]), "result.json", r"dataset_kwargs must be an object, got \[1\]"),
 ])
 def test_damaged_result_files_are_named(result_folder, damage, file, message):
     from modelatlas.distill import evaluate_result
@@ -190,6 +199,16 @@ def save_file(tensors, path):
     from safetensors.torch import save_file as save
 
     save(tensors, path)
+
+
+def set_result(folder, **fields):
+    path = folder / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def set_protocol(folder, **fields):
+    info = json.loads((folder / "result.json").read_text())
+    set_result(folder, evaluation={**info["evaluation"], "protocol": {**info["evaluation"]["protocol"], **fields}})
 
 
 def set_meta(folder, **fields):
