@@ -121,3 +121,15 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
         Image.fromarray(rows).save(tmp_path / c / "x.png")
     ds = load_dataset("image-folder", "train", root=tmp_path, size=2, channels=1, test_fraction=0.0)
     assert torch.allclose(ds.x[0, 0], torch.from_numpy(rows.astype(np.float32)) / 65535, atol=1e-4)
+
+
+def test_image_over_pillows_size_limit_is_a_named_error(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: it once escaped as a traceback."""
+    from PIL import Image
+
+    from modelatlas.errors import CheckpointError
+
+    root = make_image_tree(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 10x12 images: over twice the limit, as a 20k x 20k photo
+    with pytest.raises(CheckpointError, match=r"/(cat|dog)/.*: too large to read safely.*shrink it or move it out"):
+        load_dataset("image-folder", "train", root=root, size=4, channels=1, test_fraction=0)
