@@ -133,3 +133,12 @@ def test_image_over_pillows_size_limit_is_a_named_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 10x12 images: over twice the limit, as a 20k x 20k photo
     with pytest.raises(CheckpointError, match=r"/(cat|dog)/.*: too large to read safely.*shrink it or move it out"):
         load_dataset("image-folder", "train", root=root, size=4, channels=1, test_fraction=0)
+
+
+def test_empty_test_split_folder_is_named(tmp_path):
+    """With train/ and test/, an empty test/ was reported as "no images under ROOT/<class>/" (ROOT has some)."""
+    root = make_split_tree(tmp_path, {"train": ["cat", "dog"]})
+    (root / "test").mkdir()
+    assert len(load_dataset("image-folder", "train", root=root, size=4, channels=1)) == 2
+    with pytest.raises(DatasetNotFoundError, match=r"no images .* under \S+/test/<class>/$"):
+        load_dataset("image-folder", "test", root=root, size=4, channels=1)

@@ -91,9 +91,11 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
         raise DatasetNotFoundError(f"image-folder: {root} is not a folder")
     split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
     folders = [root / "train", root / "test"] if split_dirs else [root]
-    files, labels, classes = _scan(root / split if split_dirs else root, _classes(*folders))
-    if not files:
-        raise DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}/<class>/")
+    folder = root / split if split_dirs else root
+    files, labels, classes = _scan(folder, _classes(*folders))
+    if not files:  # named: with train/ and test/ an empty split is not an empty root
+        raise DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
+                                   f"{folder}/<class>/")
     if not split_dirs:
         perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = int(round(len(files) * test_fraction))
