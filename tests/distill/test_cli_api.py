@@ -133,3 +133,18 @@ def test_init_from_another_dataset_is_refused(tmp_path):
         run_distillation("dm", "digits", 1, tmp_path / "x", config={"iterations": 0, "width": 8},
                          init_from=tmp_path / "r", eval_nets=1, eval_epochs=1)
     assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_empty_test_split_is_refused_not_scored_0_percent(tmp_path, capsys, monkeypatch):
+    """An image folder of one image per class has a 20 % test split of none: 'test accuracy 0.00 %' was printed."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(torch.full((4, 4), 40.0).byte().numpy()).save(tmp_path / "imgs" / c / "0.png")
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    argv = ["distill", "run", "--method", "random", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"),
+            "--ipc", "1", "--eval-nets", "1", "--eval-epochs", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    assert "the test split of dataset 'image-folder' is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -77,10 +77,18 @@ def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, see
 def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, ArrayDataset]:
     if isinstance(dataset, str):
         kw = dataset_kwargs or {}
-        return load_dataset(dataset, "train", **kw), dataset_test or load_dataset(dataset, "test", **kw)
+        return load_dataset(dataset, "train", **kw), check_test_split(dataset_test or load_dataset(dataset, "test", **kw))
     if dataset_test is None:
         raise ConfigError("dataset_test is required when dataset is an ArrayDataset")
-    return dataset, dataset_test
+    return dataset, check_test_split(dataset_test)
+
+
+def check_test_split(test: ArrayDataset) -> ArrayDataset:
+    """Refuse an empty test split, whose accuracy would read as 0 % (a tiny image folder's 20 % rounds to none)."""
+    if len(test) == 0:
+        raise ConfigError(f"the test split of dataset {test.name!r} is empty, so nothing can be scored; give it "
+                          "test images (image-folder: more images per class, or ROOT/train/ and ROOT/test/)")
+    return test
 
 
 def _apply(transform, data: ArrayDataset) -> ArrayDataset:
@@ -293,7 +301,7 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
                                                           "`atlas distill`); run the distillation again")
     proto, seed, saved_kw = _saved_settings(Path(folder) / RESULT_JSON, info, seed)
     kw = {**saved_kw, **absolute_root(dataset_kwargs)}
-    test = dataset_test or load_dataset(info["dataset"], "test", **kw)
+    test = check_test_split(dataset_test or load_dataset(info["dataset"], "test", **kw))
     _check_fits(folder, syn, test)
     if eval_nets is not None:
         proto.num_nets = eval_nets
