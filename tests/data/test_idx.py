@@ -67,3 +67,23 @@ def test_read_idx_corrupt_deflate_names_the_file(tmp_path):
     bad.write_bytes(good[:10] + b"\xff" * 8 + good[18:])  # gzip header intact, deflate stream garbage
     with pytest.raises(IDXError, match=r"bad\.gz: corrupt gzip stream"):
         read_idx(bad)
+
+
+def make_idx_typed(path, arr, code, dtype):
+    """An IDX file of any type code (``make_idx`` writes bytes)."""
+    path.write_bytes(bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(dtype).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("images,message", [
+    (lambda p: make_idx(p, np.zeros((6, 0, 28))), r"expected images of shape \(N, H, W\) with H, W >= 1, got \(6, 0, 28\)"),
+    (lambda p: make_idx_typed(p, np.full((6, 4, 4), 1000), 0x0C, ">i4"), r"expected uint8 pixels.*got int32"),
+    (lambda p: make_idx_typed(p, np.full((6, 4, 4), 0.5), 0x0D, ">f4"), r"expected uint8 pixels.*got float32"),
+])
+def test_fashion_images_that_are_not_uint8_pixels_are_refused(tmp_path, images, message):
+    """Pixels of another type were divided by 255 all the same (an int32 file gave inputs up to ~1000); images
+    0 pixels high loaded, and distillation then failed with "math domain error"."""
+    root = make_fashion_folder(tmp_path, gz=False)
+    images(root / "t10k-images-idx3-ubyte")
+    with pytest.raises(IDXError, match="t10k-images-idx3-ubyte: " + message):
+        load_dataset("fashion-mnist", "test", root=root)

@@ -68,8 +68,10 @@ def load_idx_pair(images: str | Path, labels: str | Path, name: str, classes: li
     """An :class:`ArrayDataset` from an IDX image file (N, H, W) uint8 and a label file (N,)."""
     x = read_idx(images)
     y = read_idx(labels)
-    if x.ndim != 3:
-        raise IDXError(images, f"expected images of shape (N, H, W), got {x.shape}")
+    if x.ndim != 3 or 0 in x.shape[1:]:
+        raise IDXError(images, f"expected images of shape (N, H, W) with H, W >= 1, got {x.shape}")
+    if x.dtype != np.uint8:  # pixels are scaled by 1/255: other types would leave [0, 1] silently
+        raise IDXError(images, f"expected uint8 pixels (IDX type code 0x08), got {x.dtype}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise IDXError(labels, f"expected {x.shape[0]} labels, got shape {y.shape}")
     xt = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, H, W)
