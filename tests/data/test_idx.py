@@ -87,3 +87,16 @@ def test_fashion_images_that_are_not_uint8_pixels_are_refused(tmp_path, images, 
     images(root / "t10k-images-idx3-ubyte")
     with pytest.raises(IDXError, match="t10k-images-idx3-ubyte: " + message):
         load_dataset("fashion-mnist", "test", root=root)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (lambda p: make_idx(p, np.arange(6) + 5), r"labels must be class indices 0\.\.9, got 5\.\.10"),
+    (lambda p: make_idx_typed(p, np.arange(6) - 1, 0x09, ">i1"), r"labels must be class indices 0\.\.9, got -1\.\.4"),
+    (lambda p: make_idx_typed(p, np.arange(6) + 0.5, 0x0D, ">f4"), "expected integer labels, got float32"),
+])
+def test_fashion_labels_out_of_range_name_the_file(tmp_path, labels, message):
+    """Labels past the classes were refused without naming the file; float labels were truncated silently."""
+    root = make_fashion_folder(tmp_path, gz=False)
+    labels(root / "t10k-labels-idx1-ubyte")
+    with pytest.raises(IDXError, match="t10k-labels-idx1-ubyte: " + message):
+        load_dataset("fashion-mnist", "test", root=root)

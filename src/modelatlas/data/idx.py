@@ -74,6 +74,10 @@ def load_idx_pair(images: str | Path, labels: str | Path, name: str, classes: li
         raise IDXError(images, f"expected uint8 pixels (IDX type code 0x08), got {x.dtype}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise IDXError(labels, f"expected {x.shape[0]} labels, got shape {y.shape}")
+    if y.dtype.kind not in "iu":  # float labels would be truncated to classes silently
+        raise IDXError(labels, f"expected integer labels, got {y.dtype}")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes):
+        raise IDXError(labels, f"labels must be class indices 0..{len(classes) - 1}, got {int(y.min())}..{int(y.max())}")
     xt = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, H, W)
     return ArrayDataset(name, xt, torch.from_numpy(y.astype(np.int64)), list(classes), {"source": str(images)})
 
