@@ -121,3 +121,12 @@ def test_grid_puts_one_image_per_class_side_by_side():
     three = SyntheticSet(torch.rand(6, 1, 8, 8), torch.arange(2).repeat_interleave(3), 2)
     w, h = check_png_size(render_grid(three))
     assert w > h  # one row per class, 3 images wide
+
+
+@pytest.mark.parametrize("ipc", [1, 2])
+def test_grid_of_two_channel_images(ipc):
+    """matplotlib has no 2-channel image: render_grid raised TypeError after a whole run (no images.png)."""
+    from modelatlas.distill.result import render_grid
+
+    syn = SyntheticSet(torch.rand(2 * ipc, 2, 4, 4), torch.arange(2).repeat_interleave(ipc), 2)
+    assert render_grid(syn).startswith(b"\x89PNG")

@@ -147,3 +147,13 @@ def test_poster_figure_keeps_the_aspect_and_a_readable_size():
     assert w == pytest.approx(29 * 8 / 29 + 0.4) and h == pytest.approx(11 * 8 / 29 + 0.6)
     assert poster_figsize(4, 4) == pytest.approx((4 * 0.3 + 0.4, 4 * 0.3 + 0.6))  # tiny: capped at 0.3 in a pixel
     assert poster_figsize(1000, 2000)[0] == pytest.approx(2000 * 0.015 + 0.4)  # large: >= 1.5 screen px a pixel
+
+
+def test_poster_png_of_two_channel_images():
+    """The poster figure raised TypeError for 2-channel data, after the run, leaving no poster.png."""
+    from modelatlas.data.registry import ArrayDataset
+    from modelatlas.distill.methods.podd.render import render_poster
+
+    data = ArrayDataset("two", torch.rand(8, 2, 4, 4), torch.arange(2).repeat(4), ["a", "b"])
+    syn = distill("podd", data, 1, config={**TINY, "iterations": 0, "class_order": "natural", "batch_real": 4})
+    assert render_poster(syn).startswith(b"\x89PNG")

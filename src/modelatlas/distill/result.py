@@ -156,11 +156,18 @@ def _draw(ax, img: torch.Tensor) -> None:
         for ch in img:
             ax.plot(ch.numpy(), lw=0.8)
         return
-    img = img.clamp(0, 1)
+    show_image(ax, img.clamp(0, 1))
+
+
+def show_image(ax, img: torch.Tensor) -> None:
+    """Draw a (C, H, W) image in [0, 1]: gray for 1 channel, RGB from the first 3, and 2 channels as red and
+    green (matplotlib has no 2-channel image: it raised TypeError after a whole run)."""
     if img.shape[0] == 1:
         ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(img[:3].permute(1, 2, 0).numpy())
+        return
+    if img.shape[0] == 2:
+        img = torch.cat([img, img.new_zeros(1, *img.shape[1:])])
+    ax.imshow(img[:3].permute(1, 2, 0).numpy())
 
 
 def render_losses(losses: list[float], title: str = "") -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from modelatlas.distill.methods.podd import poster as P
+from modelatlas.distill.result import show_image
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.figures import new_figure, png_bytes
 
@@ -31,10 +32,7 @@ def render_poster(syn: SyntheticSet, transform=None) -> bytes:
     layout = P.Layout(**syn.meta["poster"])
     img, grid = _display(syn.extras["poster"], transform), syn.extras["class_grid"]
     fig, ax = new_figure(poster_figsize(layout.height, layout.width))
-    if img.shape[0] == 1:
-        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(img[:3].permute(1, 2, 0).numpy())
+    show_image(ax, img)
     for y, x in P.crop_positions(layout).tolist():
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), layout.crop_w, layout.crop_h, fill=False, lw=0.4,
                                ec="tab:cyan", alpha=0.5))
