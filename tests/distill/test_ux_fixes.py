@@ -53,6 +53,16 @@ def test_resume_compares_resolved_settings(tmp_path):
     assert info["resumed"] and len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
 
 
+@pytest.mark.parametrize("field,value,saved", [("width", 8, 64), ("depth", 3, 2)])
+def test_resume_refuses_a_width_or_depth_set_on_a_default_net_run(tmp_path, field, value, saved):
+    """The saved None was resolved with the resumed run's own net, so any --set width=... matched it and the
+    run went on with another net than its first part."""
+    run_distillation("dm", "digits", 1, tmp_path, config={k: v for k, v in TINY_DM.items() if k != "width"}, **QUICK)
+    with pytest.raises(ConfigError, match=f"the checkpointed run used config.{field} {saved}, not {value}"):
+        run_distillation("dm", "digits", 1, tmp_path, config={**TINY_DM, "width": None, field: value, "iterations": 2},
+                         resume=True, **QUICK)
+
+
 def test_resume_names_another_method_first(tmp_path):
     run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, **QUICK)
     with pytest.raises(ConfigError, match="the checkpointed run used method 'dm', not 'dc'"):

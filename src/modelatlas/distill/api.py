@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -132,7 +133,8 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, {
             "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
-            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict()}, cfg.net_spec(train.input_shape))
+            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict()},
+            replace(cfg, width=None, depth=None).net_spec(train.input_shape))  # what width/depth None stand for
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
@@ -231,8 +233,8 @@ _FIRST = ("method", "dataset", "ipc", "transform", "dataset_kwargs", "init_from"
 def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> None:
     """On resume, refuse a checkpoint written by another run (another dataset of the same shape would load
     without complaint); otherwise record this run beside its checkpoints. Values are compared resolved (an
-    explicit ``identity`` transform or the default width equal their defaults; ``net``: this run's resolved
-    net spec; a starting set by its content, so its folder may move). Checkpoints without the file (older
+    explicit ``identity`` transform or the default width equal their defaults; ``net``: the default net spec
+    for this input, which a saved or given width/depth of None stands for; a starting set by its content, so its folder may move). Checkpoints without the file (older
     versions) are resumed unchecked; a run.json with neither a checkpoint nor a result beside it (a start stopped
     before its first checkpoint) is replaced."""
     if not (resume and path.is_file() and _has_progress(path.parent.parent)):  # (alone: a start that never checkpointed)
