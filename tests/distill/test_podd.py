@@ -157,3 +157,50 @@ def test_poster_png_of_two_channel_images():
     data = ArrayDataset("two", torch.rand(8, 2, 4, 4), torch.arange(2).repeat(4), ["a", "b"])
     syn = distill("podd", data, 1, config={**TINY, "iterations": 0, "class_order": "natural", "batch_real": 4})
     assert render_poster(syn).startswith(b"\x89PNG")
+
+
+def make_stored_poster(folder, tensors=None, layout=None):
+    """A tiny poster result folder (2 classes of 4x4 images, 0 iterations), its stored tensors / layout edited."""
+    from safetensors.torch import load_file, save_file
+
+    from modelatlas.data.registry import ArrayDataset
+    from modelatlas.distill.result import write_result
+
+    data = ArrayDataset("toy", torch.rand(8, 1, 4, 4), torch.arange(2).repeat(4), ["a", "b"])
+    syn = distill("podd", data, 1, config={**TINY, "iterations": 0, "class_order": "natural", "batch_real": 4})
+    write_result(folder, syn, None, {"method": "podd", "dataset": "toy"}, losses=[])
+    state = load_file(str(folder / "synthetic.safetensors"))
+    for key, value in (tensors or {}).items():
+        state.pop(key) if value is None else state.__setitem__(key, value)
+    save_file(state, str(folder / "synthetic.safetensors"))
+    info = json.loads((folder / "synthetic.json").read_text())
+    info["meta"]["poster"] = layout(info["meta"]["poster"]) if layout else info["meta"]["poster"]
+    (folder / "synthetic.json").write_text(json.dumps(info))
+    return folder
+
+
+@pytest.mark.parametrize("tensors,layout,file,message", [
+    ({"extra.poster": None}, None, "synthetic.safetensors", "has no tensor 'extra.poster'"),
+    ({"extra.class_grid": None}, None, "synthetic.safetensors", "has no tensor 'extra.class_grid'"),
+    ({"extra.poster": torch.zeros(1, 2, 2)}, None, "synthetic.safetensors", r"extra.poster must be \(C, 4, 8\)"),
+    ({"extra.class_grid": torch.tensor([[0, 7]])}, None, "synthetic.safetensors", r"class indices in \[0, 2\)"),
+    ({"extra.label_grid": torch.zeros(2, 2, 3)}, None, "synthetic.safetensors", "extra.label_grid must be"),
+    (None, lambda lay: "x", "synthetic.json", "meta poster must be an object"),
+    (None, lambda lay: {**lay, "zzz": 1}, "synthetic.json", "meta poster has the unknown key 'zzz'"),
+    (None, lambda lay: {k: v for k, v in lay.items() if k != "n_x"}, "synthetic.json", "meta poster lacks 'n_x'"),
+    (None, lambda lay: {**lay, "n_x": -1}, "synthetic.json", "meta poster n_x must be an integer >= 1, got -1"),
+    (None, lambda lay: {**lay, "width": 2}, "synthetic.json", r"crops \(4 x 4\) are larger than the poster"),
+])
+def test_hand_edited_poster_result_names_the_file(tmp_path, tensors, layout, file, message):
+    """These raised KeyError / TypeError / RuntimeError tracebacks from expand() in `atlas distill eval`."""
+    from modelatlas.errors import CheckpointError
+
+    make_stored_poster(tmp_path, tensors, layout)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_result(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / file))
+
+
+def test_stored_poster_loads_unedited(tmp_path):
+    syn, _, _ = load_result(make_stored_poster(tmp_path))
+    assert syn.images.shape[1:] == (1, 4, 4) and len(syn) == P.Layout(**syn.meta["poster"]).num_crops

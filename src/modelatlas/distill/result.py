@@ -82,7 +82,9 @@ def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
                                                   f"known: {', '.join(LABEL_GENERATORS)}")
     if syn.meta.get("stored") == "poster":
         from modelatlas.distill.methods.podd.method import expand
+        from modelatlas.distill.methods.podd.stored import check_stored
 
+        check_stored(syn, folder)
         syn = expand(syn)
     return syn, _load_transform(folder, info.get("transform", "identity"), syn), info
 
