@@ -142,3 +142,12 @@ def test_empty_test_split_folder_is_named(tmp_path):
     assert len(load_dataset("image-folder", "train", root=root, size=4, channels=1)) == 2
     with pytest.raises(DatasetNotFoundError, match=r"no images .* under \S+/test/<class>/$"):
         load_dataset("image-folder", "test", root=root, size=4, channels=1)
+
+
+def test_train_and_val_folders_get_a_split_layout_hint(tmp_path):
+    """ROOT/train/ + ROOT/val/ (no test/) read as an empty class-per-folder root: "no images under ROOT/<class>/"
+    without saying why, though every image sits one level deeper."""
+    root = make_split_tree(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    with pytest.raises(DatasetNotFoundError, match=r"train/, val/ hold class folders, but a split layout needs both "
+                                                   r"\S+/train/ and \S+/test/$"):
+        load_dataset("image-folder", "train", root=root, size=4, channels=1)

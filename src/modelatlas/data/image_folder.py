@@ -75,6 +75,17 @@ def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], list
     return files, labels, classes
 
 
+def _no_images(root: Path, folder: Path) -> DatasetNotFoundError:
+    """The error for a folder without class images, naming folders that hold class folders one level deeper
+    (``train/`` + ``val/``: a split layout needs ``train/`` and ``test/``)."""
+    deeper = [] if folder != root else sorted(
+        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _classes(d))
+    hint = (f"; {', '.join(f'{name}/' for name in deeper)} hold class folders, but a split layout needs both "
+            f"{root / 'train'}/ and {root / 'test'}/" if deeper else "")
+    return DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
+                                f"{folder}/<class>/{hint}")
+
+
 def load_image_folder(split: str, root: str | Path | None = None, size: int = 32, channels: int = 3,
                       test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
     """Images under ``root/<class>/`` as (N, channels, size, size) float32 in [0, 1]."""
@@ -94,8 +105,7 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
     folder = root / split if split_dirs else root
     files, labels, classes = _scan(folder, _classes(*folders))
     if not files:  # named: with train/ and test/ an empty split is not an empty root
-        raise DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
-                                   f"{folder}/<class>/")
+        raise _no_images(root, folder)
     if not split_dirs:
         perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = int(round(len(files) * test_fraction))
