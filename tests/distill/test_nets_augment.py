@@ -30,6 +30,14 @@ def test_net_errors():
     with pytest.raises(ConfigError, match="net must be one of"):
         make_net("resnet", (1, 8, 8), 10)
     assert default_net((1, 8, 8))["depth"] == 2 and default_net((3, 32, 32))["width"] == 128
+    with pytest.raises(ConfigError, match=r"\(2, 2\); use --set depth=N \(depth=\) with N between 1 and 1$"):
+        ConvNet((1, 2, 2), 10, 8, 2)
+
+
+def test_one_pixel_inputs_point_to_the_mlp():
+    """The message was "use depth between 1 and 0": no ConvNet fits a 1-pixel input."""
+    with pytest.raises(ConfigError, match=r"input size \(1, 1\) is too small for a ConvNet.*--set net=mlp"):
+        ConvNet((1, 1, 1), 10, 8, 1)
 
 
 def test_dsa_is_siamese_deterministic_and_differentiable():

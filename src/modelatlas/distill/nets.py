@@ -31,6 +31,16 @@ def _norm(kind: str, width: int, one_d: bool = False) -> nn.Module:
     raise ConfigError(f"norm must be 'instance', 'batch' or 'none', got {kind!r}")
 
 
+def _depth_error(depth: int, spatial: list[int]) -> ConfigError:
+    """Each layer halves the input: name the depths that fit, or the MLP when none does (1-pixel inputs)."""
+    top = int(math.log2(max(min(spatial), 1)))
+    if top < 1:
+        return ConfigError(f"input size {tuple(spatial)} is too small for a ConvNet (each layer halves it); "
+                           "use --set net=mlp (net='mlp')")
+    return ConfigError(f"ConvNet depth {depth} is invalid for input size {tuple(spatial)}; use --set depth=N "
+                       f"(depth=) with N between 1 and {top}")
+
+
 class ConvNet(nn.Module):
     """ConvNet-``depth`` of ``width`` channels for (C, H, W) images or (C, L) signals."""
 
@@ -49,8 +59,7 @@ class ConvNet(nn.Module):
             size = [(s + 2 * pad - 2) // 2 for s in size]
             c = width
         if depth < 1 or min(size) < 1:
-            raise ConfigError(f"ConvNet depth {depth} is invalid for input size {tuple(spatial)}; "
-                              f"use depth between 1 and {int(math.log2(min(spatial)))}")
+            raise _depth_error(depth, spatial)
         self.features = nn.Sequential(*layers)
         self.feature_dim = width * math.prod(size)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
