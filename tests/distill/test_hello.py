@@ -131,3 +131,41 @@ def test_cli_hello_tiny(tmp_path, capsys):
                  "--iterations", "2", "--eval-nets", "1", "--eval-epochs", "2", "--no-baseline", *sets]) == 0
     assert "hello ipc 1 on digits:" in capsys.readouterr().out
     assert json.loads((out / "synthetic.json").read_text())["meta"]["hello"]["rank"] == 4
+
+
+@pytest.fixture(scope="module")
+def hello_set(digits):
+    return distill("hello", digits[0], 1, TINY, seed=0)
+
+
+@pytest.mark.parametrize("edit,file,message", [
+    (lambda s: s.extras.pop("projector.A"), "synthetic.safetensors", "'extra.projector.A' .* is missing"),
+    (lambda s: [s.extras.pop(k) for k in list(s.extras) if k.startswith("backbone.")], "synthetic.safetensors",
+     r"'extra.backbone.features.0.weight' .* is missing, expected shape \(8, 1, 3, 3\)"),
+    (lambda s: s.extras.update({"projector.B": torch.zeros(3, 4)}), "synthetic.safetensors",
+     r"'extra.projector.B' .* of shape \(3, 4\), expected shape \(10, 4\)"),
+    (lambda s: s.meta.pop("hello"), "synthetic.json", "meta hello must be an object"),
+    (lambda s: s.meta["hello"].update(rank="x"), "synthetic.json", "meta hello rank must be a positive integer"),
+    (lambda s: s.meta["hello"].update(input_shape=[1, 4, 4]), "synthetic.json", "input_shape .* is not the images'"),
+])
+def test_hand_edited_hello_result_names_the_file(hello_set, tmp_path, edit, file, message):
+    """Tensors missing from the projector were left random by strict=False loads: the evaluation ran, silently,
+    on labels of a random backbone; bad settings raised KeyError / TypeError tracebacks."""
+    import copy
+
+    from modelatlas.distill.result import load_result, write_result
+    from modelatlas.errors import CheckpointError
+
+    syn = copy.deepcopy(hello_set)
+    edit(syn)
+    write_result(tmp_path, syn, None, {"method": "hello", "dataset": "digits"}, losses=[])
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_result(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / file))
+
+
+def test_unedited_hello_result_loads(hello_set, tmp_path):
+    from modelatlas.distill.result import load_result, write_result
+
+    write_result(tmp_path, hello_set, None, {"method": "hello", "dataset": "digits"}, losses=[])
+    assert load_result(tmp_path)[0].meta["hello"]["rank"] == 4

@@ -80,6 +80,10 @@ def load_result(folder: str | Path) -> tuple[SyntheticSet, object, dict]:
     if gen is not None and gen not in LABEL_GENERATORS:  # a JSON file must not choose a function to call
         raise CheckpointError(folder / META_FILE, f"meta label_generator {gen!r} is not a known label generator; "
                                                   f"known: {', '.join(LABEL_GENERATORS)}")
+    if gen is not None and gen.startswith("modelatlas.distill.methods.hello."):  # its projector's tensors
+        from modelatlas.distill.methods.hello.stored import check_stored as check_hello
+
+        check_hello(syn, folder)
     if syn.meta.get("stored") == "poster":
         from modelatlas.distill.methods.podd.method import expand
         from modelatlas.distill.methods.podd.stored import check_stored
