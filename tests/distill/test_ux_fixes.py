@@ -340,3 +340,20 @@ def test_a_run_started_from_a_set_resumes_after_that_folder_moves_but_not_from_a
     with pytest.raises(ConfigError, match=r"run.json: the checkpointed run used init_digest '[0-9a-f]{64}', not"):
         run_distillation("dm", "digits", 1, tmp_path / "run", config={**TINY_DM, "iterations": 3},
                          init_from=tmp_path / "other", resume=True, **QUICK)
+
+
+def test_resume_refuses_renamed_classes(tmp_path):
+    """An image folder's class renamed between the parts of a run (emu/ -> bird/ sorts first) shifted every label:
+    the resumed run went on with its cat images called bird."""
+    data = make_small(per_class=4, k=3)
+    cfg = {**TINY_DM, "batch_real": 4}
+    run_distillation("dm", data, 1, tmp_path, config=cfg, dataset_test=data, **QUICK)
+    renamed = ArrayDataset("toy", data.x, data.y, ["a", "c1", "c2"])
+    with pytest.raises(ConfigError, match=r"run.json: the checkpointed run's class 0 was 'c0', the data's is 'a'"):
+        run_distillation("dm", renamed, 1, tmp_path, config={**cfg, "iterations": 2}, dataset_test=renamed,
+                         resume=True, **QUICK)
+    run_json = tmp_path / "checkpoint" / "run.json"
+    run_json.write_text(json.dumps({k: v for k, v in json.loads(run_json.read_text()).items() if k != "classes"}))
+    info = run_distillation("dm", data, 1, tmp_path, config={**cfg, "iterations": 2}, dataset_test=data,
+                            resume=True, **QUICK)  # a run.json of an older version: not checked
+    assert info["resumed"]

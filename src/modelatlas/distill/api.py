@@ -133,7 +133,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, {
             "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
-            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict()},
+            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict(), "classes": train.classes},
             replace(cfg, width=None, depth=None).net_spec(train.input_shape))  # what width/depth None stand for
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
@@ -234,19 +234,32 @@ def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> 
     """On resume, refuse a checkpoint written by another run (another dataset of the same shape would load
     without complaint); otherwise record this run beside its checkpoints. Values are compared resolved (an
     explicit ``identity`` transform or the default width equal their defaults; ``net``: the default net spec
-    for this input, which a saved or given width/depth of None stands for; a starting set by its content, so its folder may move). Checkpoints without the file (older
-    versions) are resumed unchecked; a run.json with neither a checkpoint nor a result beside it (a start stopped
-    before its first checkpoint) is replaced."""
+    for this input, which a saved or given width/depth of None stands for; a starting set by its content, so
+    its folder may move; the class names, which an image folder takes from its subfolders). Checkpoints
+    without the file (older versions) are resumed unchecked; a run.json with neither a checkpoint nor a result
+    beside it (a start stopped before its first checkpoint) is replaced."""
     if not (resume and path.is_file() and _has_progress(path.parent.parent)):  # (alone: a start that never checkpointed)
         atomic_write_json(path, run)
         return
-    saved = _identity(read_json(path, "delete the checkpoint folder to start over"), net)
-    now = _identity(json.loads(json.dumps(run)), net)
+    saved_run = read_json(path, "delete the checkpoint folder to start over")
+    saved, now = _identity(saved_run, net), _identity(json.loads(json.dumps(run)), net)
     rest = sorted((set(saved) | set(now)) - set(_FIRST), key=lambda k: (k.startswith("config."), k))
     for k in (*_FIRST, *rest):
         if saved.get(k) != now.get(k):
             raise ConfigError(f"{path}: the checkpointed run used {k} {saved.get(k)!r}, not {now.get(k)!r}; "
                               "resume with the same settings or use a new --out")
+    _check_classes(path, saved_run.get("classes"), run["classes"])
+
+
+def _check_classes(path: Path, saved: list | None, now: list[str]) -> None:
+    """Refuse other class names (an image folder's class renamed, or one swapped for another): the checkpointed
+    images would go on under other labels. A run.json without them (older versions) is not checked."""
+    if saved is None or saved == now:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+    was, got = (repr(names[i]) if i < len(names) else "none" for names in (saved, now))
+    raise ConfigError(f"{path}: the checkpointed run's class {i} was {was}, the data's is {got} ({len(saved)} "
+                      f"classes then, {len(now)} now); resume on the same data or use a new --out")
 
 
 def _identity(run: dict, net: dict | None) -> dict:
@@ -255,7 +268,7 @@ def _identity(run: dict, net: dict | None) -> dict:
     for k in ("width", "depth"):  # None is the default net's value
         if net is not None and config.get(f"config.{k}", 0) is None:
             config[f"config.{k}"] = net[k]
-    top = {k: v for k, v in run.items() if k != "config"}
+    top = {k: v for k, v in run.items() if k not in ("config", "classes")}  # classes: see _check_classes
     if top.get("init_digest") is not None:  # the starting set is known by its content: its folder may move
         top.pop("init_from", None)
     top["transform"] = top.get("transform") or "identity"
