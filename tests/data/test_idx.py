@@ -100,3 +100,11 @@ def test_fashion_labels_out_of_range_name_the_file(tmp_path, labels, message):
     labels(root / "t10k-labels-idx1-ubyte")
     with pytest.raises(IDXError, match="t10k-labels-idx1-ubyte: " + message):
         load_dataset("fashion-mnist", "test", root=root)
+
+
+def test_header_whose_size_overflows_64_bits_is_refused(tmp_path):
+    """65536**4 bytes wrapped to 0 in np.prod: the empty file 'matched' and reshape raised a ValueError."""
+    path = tmp_path / "huge"
+    path.write_bytes(bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536))
+    with pytest.raises(IDXError, match=r"huge: header says shape \(65536, 65536, 65536, 65536\) \(18446744073709551616"):
+        read_idx(path)

@@ -9,6 +9,7 @@ Reading is O(file size) time and memory.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -51,7 +52,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise IDXError(path, f"truncated header ({len(raw)} bytes for {ndim} dimensions)")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod wraps at 2**64 (65536**4 -> 0)
     if len(raw) - header != expected:
         raise IDXError(path, f"header says shape {shape} ({expected} data bytes) but file has {len(raw) - header}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
