@@ -148,3 +148,17 @@ def test_empty_test_split_is_refused_not_scored_0_percent(tmp_path, capsys, monk
     assert main(argv) == 1
     assert "the test split of dataset 'image-folder' is empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("test_shape,k", [((1, 6, 6), 2), ((1, 4, 4), 3)])
+def test_test_split_of_other_inputs_is_refused_before_distilling(tmp_path, test_shape, k):
+    """Train 4x4 and test 6x6 images (IDX files of two sources) failed with a shape error after the whole run."""
+    from modelatlas.data.registry import ArrayDataset
+    from modelatlas.errors import ConfigError
+
+    train = ArrayDataset("toy", torch.rand(4, 1, 4, 4), torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    test = ArrayDataset("toy", torch.rand(3, *test_shape), torch.arange(3) % k, ["a", "b", "c"][:k])
+    with pytest.raises(ConfigError, match=r"the training split has 2 classes of inputs \(1, 4, 4\), the test split"):
+        run_distillation("dm", train, 1, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=test,
+                         eval_nets=1, eval_epochs=1)
+    assert not (tmp_path / "out").exists()

@@ -78,10 +78,22 @@ def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, see
 def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, ArrayDataset]:
     if isinstance(dataset, str):
         kw = dataset_kwargs or {}
-        return load_dataset(dataset, "train", **kw), check_test_split(dataset_test or load_dataset(dataset, "test", **kw))
+        train = load_dataset(dataset, "train", **kw)
+        return train, check_splits(train, check_test_split(dataset_test or load_dataset(dataset, "test", **kw)))
     if dataset_test is None:
         raise ConfigError("dataset_test is required when dataset is an ArrayDataset")
-    return dataset, check_test_split(dataset_test)
+    return dataset, check_splits(dataset, check_test_split(dataset_test))
+
+
+def check_splits(train: ArrayDataset, test: ArrayDataset) -> ArrayDataset:
+    """Refuse a test split of other inputs or classes than the training split before anything is distilled (it
+    failed in the evaluation, after the whole run, with a shape error)."""
+    if train.input_shape != test.input_shape or train.num_classes != test.num_classes:
+        raise ConfigError(f"dataset {train.name!r}: the training split has {train.num_classes} classes of inputs "
+                          f"{train.input_shape}, the test split {test.num_classes} of {test.input_shape}; both "
+                          "splits must come from the same data (source: "
+                          f"{train.meta.get('source', '?')}, {test.meta.get('source', '?')})")
+    return test
 
 
 def check_test_split(test: ArrayDataset) -> ArrayDataset:
