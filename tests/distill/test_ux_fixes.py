@@ -357,3 +357,14 @@ def test_resume_refuses_renamed_classes(tmp_path):
     info = run_distillation("dm", data, 1, tmp_path, config={**cfg, "iterations": 2}, dataset_test=data,
                             resume=True, **QUICK)  # a run.json of an older version: not checked
     assert info["resumed"]
+
+
+def test_resume_without_an_iteration_count_keeps_the_checkpointed_one(tmp_path):
+    """Re-evaluating a finished 1-iteration run with --resume (no --iterations) went on to dm's default 500."""
+    cfg = {k: v for k, v in TINY_DM.items() if k != "iterations"}
+    run_distillation("dm", "digits", 1, tmp_path, config={**cfg, "iterations": 1}, **QUICK)
+    info = run_distillation("dm", "digits", 1, tmp_path, config=cfg, resume=True, **QUICK)
+    losses = json.loads((tmp_path / "result.json").read_text())["losses"]
+    assert info["config"]["iterations"] == 1 and len(losses) == 1
+    run_distillation("dm", "digits", 1, tmp_path, config={**cfg, "iterations": 2}, resume=True, **QUICK)
+    assert len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2  # a given count still extends

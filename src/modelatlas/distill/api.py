@@ -134,6 +134,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
     check_start(method, ipc, init_from is not None)
+    config = _resumed_iterations(out, config, resume)
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":
         check_baseline_ipc(train, ipc)
@@ -161,6 +162,21 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+def _resumed_iterations(out: Path, config, resume: bool):
+    """``config`` with, on a resume that names no iteration count, the checkpointed run's: the method's default
+    would silently extend the run (a finished 2-iteration run re-evaluated with --resume went on to 500)."""
+    path = out / "checkpoint" / RUN_JSON
+    if not (resume and path.is_file() and _has_progress(out)) or not isinstance(config, (dict, type(None))):
+        return config
+    if "iterations" in (config or {}):
+        return config
+    saved = read_json(path, "delete the checkpoint folder to start over").get("config", {})
+    iterations = saved.get("iterations") if isinstance(saved, dict) else None
+    if isinstance(iterations, bool) or not isinstance(iterations, int):
+        return config
+    return {**(config or {}), "iterations": iterations}
 
 
 @contextmanager
