@@ -32,3 +32,15 @@ def test_holdout_is_a_seeded_disjoint_partition():
 def test_holdout_rejects_a_fraction_outside_0_1(fraction):
     with pytest.raises(ConfigError, match=f"dataset 'digits': holdout fraction must be in \\(0, 1\\), got {fraction}"):
         load_dataset("digits", "train").holdout(fraction, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_width_become_int64(dtype):
+    """int32 labels were kept, and distillation failed at its first loss: "expected target dtype to be Long"."""
+    import torch.nn.functional as F
+
+    from modelatlas.data.registry import ArrayDataset
+
+    ds = ArrayDataset("toy", torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 1, 0], dtype=dtype), ["a", "b"])
+    assert ds.y.dtype == torch.int64 and ds.y.tolist() == [0, 1, 1, 0]
+    assert F.cross_entropy(torch.zeros(4, 2), ds.subset([0, 1, 2, 3]).y).item() > 0

@@ -39,6 +39,7 @@ class ArrayDataset:
                               f"indices 0..{len(self.classes) - 1}")
         if self.y.numel() and int(self.y.max()) >= len(self.classes):
             raise ConfigError(f"dataset {self.name!r}: label {int(self.y.max())} but only {len(self.classes)} classes")
+        self.y = self.y.long()  # int32 / int16 labels: torch's losses take int64 only (failed after distilling)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
