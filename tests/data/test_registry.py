@@ -44,3 +44,19 @@ def test_integer_labels_of_any_width_become_int64(dtype):
     ds = ArrayDataset("toy", torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 1, 0], dtype=dtype), ["a", "b"])
     assert ds.y.dtype == torch.int64 and ds.y.tolist() == [0, 1, 1, 0]
     assert F.cross_entropy(torch.zeros(4, 2), ds.subset([0, 1, 2, 3]).y).item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_float_inputs_of_any_width_become_float32(dtype):
+    """float64 inputs (torch.from_numpy of NumPy's default) failed in the first network: "Input type (double)"."""
+    from modelatlas.data.registry import ArrayDataset
+
+    ds = ArrayDataset("toy", torch.full((2, 1, 2, 2), 0.5, dtype=dtype), torch.tensor([0, 1]), ["a", "b"])
+    assert ds.x.dtype == torch.float32 and float(ds.x[0, 0, 0, 0]) == 0.5
+
+
+def test_integer_inputs_are_refused_with_the_fix():
+    from modelatlas.data.registry import ArrayDataset
+
+    with pytest.raises(ConfigError, match="'toy': inputs must be floating point.*got torch.uint8; divide uint8 pixels"):
+        ArrayDataset("toy", torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])

@@ -40,6 +40,10 @@ class ArrayDataset:
         if self.y.numel() and int(self.y.max()) >= len(self.classes):
             raise ConfigError(f"dataset {self.name!r}: label {int(self.y.max())} but only {len(self.classes)} classes")
         self.y = self.y.long()  # int32 / int16 labels: torch's losses take int64 only (failed after distilling)
+        if not self.x.dtype.is_floating_point:
+            raise ConfigError(f"dataset {self.name!r}: inputs must be floating point (images in [0, 1]), got "
+                              f"{self.x.dtype}; divide uint8 pixels by 255")
+        self.x = self.x.float()  # float64 (NumPy's default) / float16: the networks are float32
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
