@@ -204,3 +204,9 @@ def test_hand_edited_poster_result_names_the_file(tmp_path, tensors, layout, fil
 def test_stored_poster_loads_unedited(tmp_path):
     syn, _, _ = load_result(make_stored_poster(tmp_path))
     assert syn.images.shape[1:] == (1, 4, 4) and len(syn) == P.Layout(**syn.meta["poster"]).num_crops
+
+
+def test_infinite_poster_ipc_is_a_config_error():
+    """`atlas distill run --method podd --set poster_ipc=Infinity` raised OverflowError sizing the poster."""
+    with pytest.raises(ConfigError, match=r"poster ipc must be a finite number > 0 \(--ipc / --set poster_ipc=\)"):
+        P.make_layout(float("inf"), 10, 8, 8)

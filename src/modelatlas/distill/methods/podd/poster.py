@@ -70,8 +70,8 @@ def auto_crops(height: int, width: int, h: int, w: int) -> tuple[int, int]:
 def make_layout(ipc: float, k: int, h: int, w: int, crops: tuple[int | None, int | None] = (None, None),
                 refine: int | None = None, shrink: float = 0.25, temperature: float = 1.0) -> Layout:
     """The poster layout for a target ``ipc`` (images per class, may be < 1) of K classes of (h, w) images."""
-    if not ipc > 0:
-        raise ConfigError(f"poster ipc must be > 0, got {ipc}")
+    if not (ipc > 0 and math.isfinite(ipc)):  # inf: OverflowError sizing the poster
+        raise ConfigError(f"poster ipc must be a finite number > 0 (--ipc / --set poster_ipc=), got {ipc}")
     if ipc * k < 1 - 1e-9:  # the smallest poster is one image: it would silently become 1/K
         raise ConfigError(f"poster ipc {ipc:g} is below the smallest poster, one image for {k} classes "
                           f"(ipc {1 / k:.3g}); use an ipc >= {1 / k:.3g}")
