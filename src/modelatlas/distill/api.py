@@ -22,6 +22,7 @@ from modelatlas.distill.loop import CHECKPOINT_JSON, read_json, saved_wall_time
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, update_result, write_result
+from modelatlas.distill.splits import check_splits, check_test_split
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.progress import Progress
@@ -79,29 +80,10 @@ def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, Arra
     if isinstance(dataset, str):
         kw = dataset_kwargs or {}
         train = load_dataset(dataset, "train", **kw)
-        return train, check_splits(train, check_test_split(dataset_test or load_dataset(dataset, "test", **kw)))
+        return train, check_splits(train, dataset_test or load_dataset(dataset, "test", **kw))
     if dataset_test is None:
         raise ConfigError("dataset_test is required when dataset is an ArrayDataset")
-    return dataset, check_splits(dataset, check_test_split(dataset_test))
-
-
-def check_splits(train: ArrayDataset, test: ArrayDataset) -> ArrayDataset:
-    """Refuse a test split of other inputs or classes than the training split before anything is distilled (it
-    failed in the evaluation, after the whole run, with a shape error)."""
-    if train.input_shape != test.input_shape or train.num_classes != test.num_classes:
-        raise ConfigError(f"dataset {train.name!r}: the training split has {train.num_classes} classes of inputs "
-                          f"{train.input_shape}, the test split {test.num_classes} of {test.input_shape}; both "
-                          "splits must come from the same data (source: "
-                          f"{train.meta.get('source', '?')}, {test.meta.get('source', '?')})")
-    return test
-
-
-def check_test_split(test: ArrayDataset) -> ArrayDataset:
-    """Refuse an empty test split, whose accuracy would read as 0 % (a tiny image folder's 20 % rounds to none)."""
-    if len(test) == 0:
-        raise ConfigError(f"the test split of dataset {test.name!r} is empty, so nothing can be scored; give it "
-                          "test images (image-folder: more images per class, or ROOT/train/ and ROOT/test/)")
-    return test
+    return dataset, check_splits(dataset, dataset_test)
 
 
 def _apply(transform, data: ArrayDataset) -> ArrayDataset:
