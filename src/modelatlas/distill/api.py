@@ -126,10 +126,8 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     init = None if init_from is None else _init_set(init_from, train.name, tf)
     cfg = methods.get(method).make_config(config)
     with _undone_if_unstarted(out):
-        _check_run(out / "checkpoint" / RUN_JSON, resume, {
-            "method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
-            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict(), "classes": train.classes},
-            replace(cfg, width=None, depth=None).net_spec(train.input_shape))  # what width/depth None stand for
+        _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
+                                                                      init, cfg), _default_net(cfg, train))
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
@@ -144,6 +142,18 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+def _run_record(method: str, train: ArrayDataset, ipc: int, tf, dataset_kwargs: dict, init_from: str | None,
+                init: SyntheticSet | None, cfg) -> dict:
+    """The settings a resume is checked against (``run.json``)."""
+    return {"method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
+            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict(), "classes": train.classes}
+
+
+def _default_net(cfg, train: ArrayDataset) -> dict:
+    """The net spec a width/depth of None stands for on this data (not this run's own, which may set them)."""
+    return replace(cfg, width=None, depth=None).net_spec(train.input_shape)
 
 
 def _resumed_iterations(out: Path, config, resume: bool):
