@@ -130,3 +130,13 @@ def test_grid_of_two_channel_images(ipc):
 
     syn = SyntheticSet(torch.rand(2 * ipc, 2, 4, 4), torch.arange(2).repeat_interleave(ipc), 2)
     assert render_grid(syn).startswith(b"\x89PNG")
+
+
+def test_result_of_an_interrupted_run_says_to_resume(tmp_path):
+    """`atlas distill eval` on a run stopped by Ctrl-C said "not a distillation result folder (run `atlas
+    distill run` first)", though it had been run."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"result.json: missing: the run stopped before its result .*with "
+                                              r"--resume"):
+        load_result(tmp_path)

@@ -24,7 +24,7 @@ import torch
 from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json, read_tensors
 from modelatlas.data import transforms as T
 from modelatlas.distill.evaluate import LABEL_GENERATORS
-from modelatlas.distill.loop import read_json
+from modelatlas.distill.loop import CHECKPOINT_JSON, read_json
 from modelatlas.distill.synthetic import META_FILE, SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.figures import new_figure, png_bytes
@@ -62,6 +62,9 @@ def update_result(folder: str | Path, **fields) -> dict:
 
 def read_info(folder: str | Path) -> dict:
     path = Path(folder) / RESULT_JSON
+    if not path.is_file() and (Path(folder) / "checkpoint" / CHECKPOINT_JSON).is_file():  # an interrupted run
+        raise CheckpointError(path, f"missing: the run stopped before its result (its progress is in "
+                                    f"{Path(folder) / 'checkpoint'}); rerun the command that started it with --resume")
     if not path.is_file():
         raise CheckpointError(path, "missing; not a distillation result folder (run `atlas distill run` first)")
     info = read_json(path, "run the distillation again")
