@@ -140,3 +140,19 @@ def test_result_of_an_interrupted_run_says_to_resume(tmp_path):
     with pytest.raises(CheckpointError, match=r"result.json: missing: the run stopped before its result .*with "
                                               r"--resume"):
         load_result(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("iteration", None, "key 'iteration' is missing or not an integer"),
+    ("tensors", 3, "key 'tensors' is missing or not a file name"),
+    ("states", [], "key 'states' is missing or not an object"),
+])
+def test_hand_edited_checkpoint_json_is_named(tmp_path, key, value, message):
+    """A checkpoint.json without 'iteration' raised KeyError on --resume."""
+    syn, opt, step = make_problem()
+    OuterLoop(2, seed=1, checkpoint_dir=tmp_path, checkpoint_every=1).run(step, {"synthetic": syn, "optimizer": opt})
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    meta.pop(key) if value is None else meta.__setitem__(key, value)
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"checkpoint.json: {message}; delete the checkpoint folder"):
+        OuterLoop(4, seed=1, checkpoint_dir=tmp_path, resume=True).run(step, {"synthetic": syn, "optimizer": opt})

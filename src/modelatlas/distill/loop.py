@@ -169,6 +169,12 @@ class OuterLoop:
         if not meta_path.is_file():
             return  # nothing saved yet: start from scratch
         meta = read_json(meta_path)
+        kinds = {"iteration": (int, "an integer"), "tensors": (str, "a file name"), "states": (dict, "an object"),
+                 "losses": (list, "a list")}
+        bad = next((k for k, (kind, _) in kinds.items() if not isinstance(meta.get(k), kind)), None)
+        if bad is not None:  # a hand-edited or foreign file: not a KeyError traceback
+            raise CheckpointError(meta_path, f"key {bad!r} is missing or not {kinds[bad][1]}; delete the "
+                                             "checkpoint folder to restart")
         if meta.get("seed") != self.seed:
             raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
                                              "use the same --seed or a new output folder")
