@@ -162,3 +162,18 @@ def test_test_split_of_other_inputs_is_refused_before_distilling(tmp_path, test_
         run_distillation("dm", train, 1, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=test,
                          eval_nets=1, eval_epochs=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_init_from_a_set_standardised_on_other_data_names_the_data(tmp_path):
+    """The error said "in transform 'standardize' space, this run uses 'standardize'; pass --transform standardize"."""
+    from modelatlas.data.registry import ArrayDataset
+    from modelatlas.errors import ConfigError
+
+    def make(scale):
+        return ArrayDataset("toy", torch.rand(8, 1, 4, 4) * scale, torch.arange(2).repeat(4), ["a", "b"])
+    quick = dict(config={"iterations": 1, "width": 8}, transform="standardize", eval_nets=1, eval_epochs=1,
+                 baseline=False)
+    first, other = make(1.0), make(0.5)
+    run_distillation("dm", first, 1, tmp_path / "a", dataset_test=first, **quick)
+    with pytest.raises(ConfigError, match="its 'standardize' transform was fitted on other training data"):
+        run_distillation("dm", other, 1, tmp_path / "b", dataset_test=other, init_from=tmp_path / "a", **quick)

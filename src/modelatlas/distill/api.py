@@ -316,6 +316,11 @@ def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
         raise ConfigError(f"{folder}: its set distils {info.get('dataset')!r}, but this run distils {dataset!r}")
     same = saved_tf.kind == tf.kind and all(
         torch.equal(v, tf.state_dict()[k]) for k, v in saved_tf.state_dict().items())
+    if not same and saved_tf.kind == tf.kind:  # "pass --transform zca" would name the flag already given
+        kw = info.get("dataset_kwargs")
+        root = (kw.get("root") if isinstance(kw, dict) else None) or "its data"
+        raise ConfigError(f"{folder}: its {tf.kind!r} transform was fitted on other training data ({root}); "
+                          "start from a result distilled from the same data")
     if not same:
         raise ConfigError(f"{folder}: its images are in transform {saved_tf.kind!r} space, this run uses "
                           f"{tf.kind!r}; pass --transform {saved_tf.kind}")
