@@ -65,6 +65,8 @@ def test_registry_and_config_errors():
         methods.get("dm").make_config({"lr": 1})
     with pytest.raises(ConfigError, match="lr_img must be > 0, got -1"):
         methods.get("dc").make_config({"lr_img": -1})
+    with pytest.raises(ConfigError, match="lr_img must be finite, got inf"):
+        methods.get("dm").make_config({"lr_img": float("inf")})
     with pytest.raises(ConfigError, match="embed must be 'trained', 'random' or 'pixels'"):
         methods.get("herding").make_config({"embed": "clip"})
     with pytest.raises(ConfigError, match="iterations must be >= 0"):

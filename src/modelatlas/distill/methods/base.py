@@ -54,12 +54,18 @@ class MethodConfig:
         return asdict(self)
 
 
+_UNBOUNDED = ("clip_factor",)  # fields for which infinity means "no limit" (no gradient clipping)
+
+
 def check_positive(cfg: Any, *names: str) -> None:
-    """Raise ConfigError naming the first field of ``names`` that is not > 0."""
+    """Raise ConfigError naming the first field of ``names`` that is not > 0 and finite (an infinite learning
+    rate or batch gave NaN images scored as a result; only the fields in ``_UNBOUNDED`` may be infinite)."""
     for name in names:
         v = getattr(cfg, name)
         if v is not None and not v > 0:
             raise ConfigError(f"{name} must be > 0, got {v}")
+        if v is not None and v == float("inf") and name not in _UNBOUNDED:
+            raise ConfigError(f"{name} must be finite, got {v}")
 
 
 def check_fraction(cfg: Any, *names: str) -> None:
