@@ -49,3 +49,7 @@ class DatasetNotFoundError(AtlasError):
 
 class ManifestError(AtlasError):
     """A zoo manifest is missing, malformed or inconsistent; the message names the file and key."""
+
+
+class DivergedError(AtlasError):
+    """An optimisation's loss became NaN or infinite; the message says at which step and what to lower."""

@@ -59,6 +59,26 @@ def test_resume_with_other_seed_is_refused(tmp_path):
         OuterLoop(4, seed=2, checkpoint_dir=tmp_path, resume=True).run(step, {"synthetic": syn, "optimizer": opt})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, bad):
+    # a NaN loss left NaN images, which were evaluated (~chance) and saved as a result
+    from modelatlas.errors import DivergedError
+
+    syn, opt, step = make_problem()
+    losses = []
+
+    def diverging(it, gen):
+        losses.append(step(it, gen))
+        return bad if it == 4 else losses[-1]
+
+    with pytest.raises(DivergedError, match=f"diverged at iteration 5 of 6: its loss is {bad} \\(the checkpoint of "
+                                            "iteration 4 is kept, but resuming repeats the same steps\\)"):
+        OuterLoop(6, seed=0, checkpoint_dir=tmp_path, checkpoint_every=2).run(diverging, {"synthetic": syn})
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 4
+    with pytest.raises(DivergedError, match="nothing was kept"):
+        OuterLoop(3, seed=0).run(lambda it, gen: bad, {})
+
+
 def test_flatten_roundtrip():
     state = {"a": torch.ones(2), "b": [1, (2.0, torch.zeros(1))], 3: {"c": None}}
     tensors = {}

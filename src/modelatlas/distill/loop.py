@@ -21,6 +21,7 @@ Checkpoint cost: O(size of the states) per save.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, DivergedError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights.base import error_line
@@ -141,12 +142,24 @@ class OuterLoop:
             for it in bar:
                 torch.manual_seed(derive_seed(self.seed, "iteration", it))
                 loss = float(step(it, torch_generator(derive_seed(self.seed, "generator", it))))
+                self._check_finite(loss, it)
                 self.losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4g}")
                 done = it + 1
                 if self.checkpoint_dir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
                     self.save(states, done)
         return self.losses
+
+    def _check_finite(self, loss: float, it: int) -> None:
+        """Stop at the first NaN / infinite loss: the synthetic set is then NaN too, and was evaluated (~chance)
+        and saved as a result. The last checkpoint, from before it, is kept."""
+        if math.isfinite(loss):
+            return
+        kept = (f"the checkpoint of iteration {it - it % self.checkpoint_every} is kept, but resuming repeats the "
+                "same steps" if self.checkpoint_dir is not None and it >= self.checkpoint_every else "nothing was kept")
+        raise DivergedError(f"the distillation diverged at iteration {it + 1} of {self.iterations}: its loss is "
+                            f"{loss} ({kept}); run it again with smaller learning rates (--set lr_img=..., "
+                            "and inner_lr / lr_label where the method has them)")
 
     def save(self, states: Mapping[str, Stateful], done: int) -> None:
         """Write the checkpoint after ``done`` completed iterations (tensors first, then the JSON)."""
