@@ -292,6 +292,24 @@ def test_eval_on_data_of_another_class_count_is_a_one_line_error(tmp_path, monke
     assert "Traceback" not in err and "the test set has 3 classes" in err and "the synthetic set 2" in err
 
 
+def test_eval_on_data_of_other_class_names_is_refused(tmp_path, monkeypatch, capsys):
+    # same class count and shape, other classes: the set was scored against the wrong labels without a word
+    from modelatlas.cli.main import main
+
+    make_image_tree(tmp_path / "imgs")
+    make_image_tree(tmp_path / "other")
+    (tmp_path / "other" / "dog").rename(tmp_path / "other" / "emu")
+    kw = {"root": str(tmp_path / "imgs"), "size": 8, "channels": 1, "test_fraction": 0.25}
+    run_distillation("random", "image-folder", 1, tmp_path / "out", config={"width": 8}, dataset_kwargs=kw, **QUICK)
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    assert main(["distill", "eval", str(tmp_path / "out"), "--eval-epochs", "1", "--data-root",
+                 str(tmp_path / "other")]) == 1
+    assert "the test set's class 1 is 'emu', the synthetic set's 'dog'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="this run's class 1 is 'emu', the synthetic set's 'dog'"):  # --init-from
+        run_distillation("dm", "image-folder", 1, tmp_path / "dm", config={"width": 8, "iterations": 1},
+                         dataset_kwargs={**kw, "root": str(tmp_path / "other")}, init_from=tmp_path / "out", **QUICK)
+
+
 def test_ipc_above_a_class_without_baseline_names_the_class(tmp_path):
     data = make_small(per_class=3)
     data = ArrayDataset("toy", data.x[:5], data.y[:5], ["cat", "eel"])  # 'eel' has 2 examples

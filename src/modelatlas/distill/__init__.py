@@ -7,8 +7,9 @@ Building blocks (stable API for every method): :mod:`~modelatlas.distill.nets` (
 :mod:`~modelatlas.distill.result` (result folder). Methods: :mod:`modelatlas.distill.methods`.
 """
 
-from modelatlas.distill.api import default_protocol, distill, evaluate_result, run_distillation
+from modelatlas.distill.api import default_protocol, distill, run_distillation
 from modelatlas.distill.evaluate import EvalProtocol, EvalResult, evaluate_random_baseline, evaluate_synthetic
+from modelatlas.distill.reevaluate import evaluate_result
 from modelatlas.distill.synthetic import SyntheticSet
 
 __all__ = ["EvalProtocol", "EvalResult", "SyntheticSet", "default_protocol", "distill", "evaluate_random_baseline",

@@ -1,5 +1,6 @@
 """Public entry points: :func:`distill` (learn a synthetic set) and :func:`run_distillation` (learn,
-evaluate against the random-subset baseline, write the result folder), :func:`evaluate_result`.
+evaluate against the random-subset baseline, write the result folder); re-evaluating a saved result is
+:func:`modelatlas.distill.reevaluate.evaluate_result`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, 
 from modelatlas.distill.loop import CHECKPOINT_JSON, read_json, saved_wall_time
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
-from modelatlas.distill.result import RESULT_JSON, load_result, update_result, write_result
-from modelatlas.distill.splits import check_splits, check_test_split
+from modelatlas.distill.result import RESULT_JSON, load_result, write_result
+from modelatlas.distill.splits import check_class_names, check_splits
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.progress import Progress
@@ -86,7 +87,8 @@ def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, Arra
     return dataset, check_splits(dataset, dataset_test)
 
 
-def _apply(transform, data: ArrayDataset) -> ArrayDataset:
+def apply_transform(transform, data: ArrayDataset) -> ArrayDataset:
+    """``data`` with its inputs mapped by a fitted transform (standardize, ZCA, identity). O(N D)."""
     return ArrayDataset(data.name, transform.transform(data.x), data.y, data.classes, dict(data.meta))
 
 
@@ -121,9 +123,9 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     if baseline and method != "random":
         check_baseline_ipc(train, ipc)
     tf = T.make_transform(transform).fit(train.x)
-    train_t, test_t = _apply(tf, train), _apply(tf, test)
+    train_t, test_t = apply_transform(tf, train), apply_transform(tf, test)
     init_from = None if init_from is None else str(Path(init_from).resolve())
-    init = None if init_from is None else _init_set(init_from, train.name, tf)
+    init = None if init_from is None else _init_set(init_from, train, tf)
     cfg = methods.get(method).make_config(config)
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
@@ -309,11 +311,13 @@ def _digest(syn: SyntheticSet | None) -> str | None:
     return h.hexdigest()
 
 
-def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
-    """The set of result folder ``folder``, checked to live in this run's data space (dataset, transform)."""
+def _init_set(folder: str | Path, train: ArrayDataset, tf) -> SyntheticSet:
+    """The set of result folder ``folder``, checked to live in this run's data space (dataset, classes,
+    transform)."""
     syn, saved_tf, info = load_result(folder)
-    if info.get("dataset") != dataset:
-        raise ConfigError(f"{folder}: its set distils {info.get('dataset')!r}, but this run distils {dataset!r}")
+    if info.get("dataset") != train.name:
+        raise ConfigError(f"{folder}: its set distils {info.get('dataset')!r}, but this run distils {train.name!r}")
+    check_class_names(folder, syn, train.classes, "this run's", "start from a result distilled from the same data")
     same = saved_tf.kind == tf.kind and all(
         torch.equal(v, tf.state_dict()[k]) for k, v in saved_tf.state_dict().items())
     if not same and saved_tf.kind == tf.kind:  # "pass --transform zca" would name the flag already given
@@ -326,69 +330,3 @@ def _init_set(folder: str | Path, dataset: str, tf) -> SyntheticSet:
                           f"{tf.kind!r}; pass --transform {saved_tf.kind}")
     syn.meta["source"] = str(folder)  # named by init_synthetic's errors
     return syn
-
-
-def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epochs: int | None = None,
-                    seed: int | None = None, dataset_test: ArrayDataset | None = None,
-                    progress: Progress | None = None, device: str | None = None, save: bool = True,
-                    dataset_kwargs: dict | None = None) -> dict:
-    """Re-evaluate a saved result folder on its dataset's test split (with its saved transform); stores the
-    new evaluation under ``reevaluation`` in ``result.json`` when ``save``. ``dataset_kwargs`` override the
-    saved ones (e.g. ``root``: the data now lives elsewhere). Returns the evaluation dict."""
-    syn, tf, info = load_result(folder)
-    if not isinstance(info.get("dataset"), str):
-        raise CheckpointError(Path(folder) / RESULT_JSON, "has no 'dataset' name (edited, or not a result.json of "
-                                                          "`atlas distill`); run the distillation again")
-    proto, seed, saved_kw = _saved_settings(Path(folder) / RESULT_JSON, info, seed)
-    kw = {**saved_kw, **absolute_root(dataset_kwargs)}
-    test = check_test_split(dataset_test or load_dataset(info["dataset"], "test", **kw))
-    _check_fits(folder, syn, test)
-    if eval_nets is not None:
-        proto.num_nets = eval_nets
-    if eval_epochs is not None:
-        proto.epochs = eval_epochs
-    EvalProtocol.__post_init__(proto)
-    ev = evaluate_synthetic(syn, _apply(tf, test), proto, seed=seed,
-                            progress=progress, device=device).to_dict()
-    if save:
-        update_result(folder, reevaluation=ev)
-    return ev
-
-
-_PROTOCOL_INTS = ("num_nets", "epochs", "batch_size", "width", "depth")
-_PROTOCOL_FLOATS = ("lr", "momentum", "weight_decay")
-
-
-def _saved_settings(path: Path, info: dict, seed: int | None) -> tuple[EvalProtocol, int, dict]:
-    """(protocol, seed (``seed`` when given), dataset kwargs) saved in result.json ``path``, checked: a hand
-    edit fails here naming the file and the key, not deep in training with a TypeError."""
-    ev = info.get("evaluation", {})
-    old = ev.get("protocol", {}) if isinstance(ev, dict) else None
-    if not isinstance(old, dict):
-        raise CheckpointError(path, "evaluation.protocol must be an object; run the distillation again")
-    kw = {k: v for k, v in old.items() if k in EvalProtocol.__dataclass_fields__}
-    for k, v in kw.items():
-        wrong_int = k in _PROTOCOL_INTS and (isinstance(v, bool) or not isinstance(v, int))
-        wrong_float = k in _PROTOCOL_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float)))
-        if v is not None and (wrong_int or wrong_float):
-            raise CheckpointError(path, f"evaluation.protocol.{k} must be a number{' (integer)' * wrong_int}, "
-                                        f"got {v!r}")
-    try:
-        proto = EvalProtocol(**kw)
-    except ConfigError as e:
-        raise CheckpointError(path, f"evaluation.protocol: {e}") from None
-    seed, data_kw = info.get("seed", 0) if seed is None else seed, info.get("dataset_kwargs") or {}
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CheckpointError(path, f"seed must be an integer, got {seed!r}; or pass --seed")
-    if not isinstance(data_kw, dict):
-        raise CheckpointError(path, f"dataset_kwargs must be an object, got {data_kw!r}")
-    return proto, seed, data_kw
-
-
-def _check_fits(folder: str | Path, syn: SyntheticSet, test: ArrayDataset) -> None:
-    """Refuse a test set the saved set cannot be scored on (data moved to a folder of another dataset)."""
-    shape, test_shape = tuple(syn.images.shape[1:]), tuple(test.input_shape)
-    if test.num_classes != syn.num_classes or test_shape != shape:
-        raise ConfigError(f"{folder}: the test set has {test.num_classes} classes of inputs {test_shape}, the "
-                          f"synthetic set {syn.num_classes} of {shape}; point --data-root (root=) at the data "
-                          "the result was distilled from")

@@ -1,12 +1,16 @@
-"""Checks of a run's training and test splits, made before anything is distilled: each of these once failed
-after the whole run (a shape error in the evaluation) or printed a meaningless number (0 % on no test data).
-O(N) time."""
+"""Checks of the data a set is distilled from or scored on, made before any work: a run's training and test
+splits, and a saved set against the data it is evaluated on or started from. Each of these once failed after
+the whole run (a shape error in the evaluation) or printed a meaningless number (0 % on no test data, a set
+scored against renamed classes). O(N) time."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import ConfigError
 
 
@@ -33,3 +37,27 @@ def check_test_split(test: ArrayDataset) -> ArrayDataset:
         raise ConfigError(f"the test split of dataset {test.name!r} is empty, so nothing can be scored; give it "
                           "test images (image-folder: more images per class, or ROOT/train/ and ROOT/test/)")
     return test
+
+
+def check_fits(folder: str | Path, syn: SyntheticSet, test: ArrayDataset) -> None:
+    """Refuse a test set the saved set cannot be scored on (data moved to a folder of another dataset)."""
+    shape, test_shape = tuple(syn.images.shape[1:]), tuple(test.input_shape)
+    if test.num_classes != syn.num_classes or test_shape != shape:
+        raise ConfigError(f"{folder}: the test set has {test.num_classes} classes of inputs {test_shape}, the "
+                          f"synthetic set {syn.num_classes} of {shape}; point --data-root (root=) at the data "
+                          "the result was distilled from")
+    check_class_names(folder, syn, test.classes, "the test set's", "point --data-root (root=) at the data the "
+                       "result was distilled from")
+
+
+def check_class_names(folder, syn: SyntheticSet, classes: list[str], whose: str, fix: str) -> None:
+    """Refuse data whose classes are named otherwise than the set's (same count and shape: another image
+    folder, or a class renamed), which scored the set against the wrong labels without a word. A set saved
+    without names (class names "0", "1", ...) is not compared."""
+    if syn.class_names == [str(i) for i in range(syn.num_classes)] or list(classes) == syn.class_names:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(syn.class_names, classes)) if a != b), min(len(classes), syn.num_classes))
+    ours = classes[k] if k < len(classes) else None
+    theirs = syn.class_names[k] if k < syn.num_classes else None
+    raise ConfigError(f"{folder}: {whose} class {k} is {ours!r}, the synthetic set's {theirs!r} (other data, or "
+                      f"classes renamed); {fix}")

@@ -1,0 +1,72 @@
+"""Re-evaluate a saved result folder (``atlas distill eval``): its set, its saved transform and protocol,
+checked against the data it is scored on. Time: the evaluation's (N networks trained from scratch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelatlas.data import load_dataset
+from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill.api import absolute_root, apply_transform
+from modelatlas.distill.evaluate import EvalProtocol, evaluate_synthetic
+from modelatlas.distill.result import RESULT_JSON, load_result, update_result
+from modelatlas.distill.splits import check_fits, check_test_split
+from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.progress import Progress
+
+
+def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epochs: int | None = None,
+                    seed: int | None = None, dataset_test: ArrayDataset | None = None,
+                    progress: Progress | None = None, device: str | None = None, save: bool = True,
+                    dataset_kwargs: dict | None = None) -> dict:
+    """Re-evaluate a saved result folder on its dataset's test split (with its saved transform); stores the
+    new evaluation under ``reevaluation`` in ``result.json`` when ``save``. ``dataset_kwargs`` override the
+    saved ones (e.g. ``root``: the data now lives elsewhere). Returns the evaluation dict."""
+    syn, tf, info = load_result(folder)
+    if not isinstance(info.get("dataset"), str):
+        raise CheckpointError(Path(folder) / RESULT_JSON, "has no 'dataset' name (edited, or not a result.json of "
+                                                          "`atlas distill`); run the distillation again")
+    proto, seed, saved_kw = _saved_settings(Path(folder) / RESULT_JSON, info, seed)
+    kw = {**saved_kw, **absolute_root(dataset_kwargs)}
+    test = check_test_split(dataset_test or load_dataset(info["dataset"], "test", **kw))
+    check_fits(folder, syn, test)
+    if eval_nets is not None:
+        proto.num_nets = eval_nets
+    if eval_epochs is not None:
+        proto.epochs = eval_epochs
+    EvalProtocol.__post_init__(proto)
+    ev = evaluate_synthetic(syn, apply_transform(tf, test), proto, seed=seed,
+                            progress=progress, device=device).to_dict()
+    if save:
+        update_result(folder, reevaluation=ev)
+    return ev
+
+
+_PROTOCOL_INTS = ("num_nets", "epochs", "batch_size", "width", "depth")
+_PROTOCOL_FLOATS = ("lr", "momentum", "weight_decay")
+
+
+def _saved_settings(path: Path, info: dict, seed: int | None) -> tuple[EvalProtocol, int, dict]:
+    """(protocol, seed (``seed`` when given), dataset kwargs) saved in result.json ``path``, checked: a hand
+    edit fails here naming the file and the key, not deep in training with a TypeError."""
+    ev = info.get("evaluation", {})
+    old = ev.get("protocol", {}) if isinstance(ev, dict) else None
+    if not isinstance(old, dict):
+        raise CheckpointError(path, "evaluation.protocol must be an object; run the distillation again")
+    kw = {k: v for k, v in old.items() if k in EvalProtocol.__dataclass_fields__}
+    for k, v in kw.items():
+        wrong_int = k in _PROTOCOL_INTS and (isinstance(v, bool) or not isinstance(v, int))
+        wrong_float = k in _PROTOCOL_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float)))
+        if v is not None and (wrong_int or wrong_float):
+            raise CheckpointError(path, f"evaluation.protocol.{k} must be a number{' (integer)' * wrong_int}, "
+                                        f"got {v!r}")
+    try:
+        proto = EvalProtocol(**kw)
+    except ConfigError as e:
+        raise CheckpointError(path, f"evaluation.protocol: {e}") from None
+    seed, data_kw = info.get("seed", 0) if seed is None else seed, info.get("dataset_kwargs") or {}
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CheckpointError(path, f"seed must be an integer, got {seed!r}; or pass --seed")
+    if not isinstance(data_kw, dict):
+        raise CheckpointError(path, f"dataset_kwargs must be an object, got {data_kw!r}")
+    return proto, seed, data_kw
