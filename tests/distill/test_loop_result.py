@@ -144,6 +144,18 @@ def test_grid_puts_one_image_per_class_side_by_side():
 
 
 @pytest.mark.parametrize("ipc", [1, 2])
+def test_grid_draws_at_most_the_first_classes(ipc, monkeypatch):
+    # 1,000 classes at ipc 2 took ~50 s to draw, one row per class: a figure 1,000 inches tall
+    from modelatlas.distill import result
+
+    monkeypatch.setattr(result, "MAX_CLASSES_DRAWN", 4)  # (100 by default: a small cap keeps the test fast)
+    syn = SyntheticSet(torch.rand(12 * ipc, 1, 4, 4), torch.arange(12).repeat_interleave(ipc), 12)
+    small = SyntheticSet(syn.images[:4 * ipc], syn.classes[:4 * ipc], 4)
+    (w, h), (w4, h4) = check_png_size(result.render_grid(syn)), check_png_size(result.render_grid(small))
+    assert w == w4 and h4 <= h <= h4 + 40  # the first 4 classes alone, and a line saying so
+
+
+@pytest.mark.parametrize("ipc", [1, 2])
 def test_grid_of_two_channel_images(ipc):
     """matplotlib has no 2-channel image: render_grid raised TypeError after a whole run (no images.png)."""
     from modelatlas.distill.result import render_grid

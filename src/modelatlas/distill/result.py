@@ -125,10 +125,11 @@ def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> b
     x = syn.images.detach().cpu()
     if transform is not None:
         x = transform.inverse(x)
-    k, cols = syn.num_classes, max(1, min(syn.ipc or 1, max_per_class))
+    k, cols = min(syn.num_classes, MAX_CLASSES_DRAWN), max(1, min(syn.ipc or 1, max_per_class))
     if cols == 1:
         return png_bytes(_one_per_class(x, syn))
     fig, axes = new_figure((cols * 1.0 + 0.6, k * 1.0), k, cols)
+    _note_classes_left_out(fig, syn.num_classes)
     for c in range(k):
         imgs = x[syn.classes.cpu() == c][:cols]
         for j in range(cols):
@@ -143,9 +144,10 @@ def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> b
 
 def _one_per_class(x: torch.Tensor, syn: SyntheticSet):
     """A figure of each class's first image, titled with the class name, 10 classes per row."""
-    k = syn.num_classes
+    k = min(syn.num_classes, MAX_CLASSES_DRAWN)
     cols, rows = min(k, 10), -(-k // 10)
     fig, axes = new_figure((cols * 1.0, rows * 1.2), rows, cols)
+    _note_classes_left_out(fig, syn.num_classes)
     classes = syn.classes.cpu()
     for c, ax in enumerate(axes.flat):
         ax.set_xticks([])
@@ -158,6 +160,14 @@ def _one_per_class(x: torch.Tensor, syn: SyntheticSet):
         if len(mine):
             _draw(ax, mine[0])
     return fig
+
+
+MAX_CLASSES_DRAWN = 100  # a row per class: 1,000 classes took ~50 s to draw, into a figure no one can read
+
+
+def _note_classes_left_out(fig, k: int) -> None:
+    if k > MAX_CLASSES_DRAWN:
+        fig.suptitle(f"the first {MAX_CLASSES_DRAWN} of {k} classes", fontsize=8)
 
 
 def _draw(ax, img: torch.Tensor) -> None:
