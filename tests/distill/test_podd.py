@@ -190,6 +190,8 @@ def make_stored_poster(folder, tensors=None, layout=None):
     (None, lambda lay: {k: v for k, v in lay.items() if k != "n_x"}, "synthetic.json", "meta poster lacks 'n_x'"),
     (None, lambda lay: {**lay, "n_x": -1}, "synthetic.json", "meta poster n_x must be an integer >= 1, got -1"),
     (None, lambda lay: {**lay, "width": 2}, "synthetic.json", r"crops \(4 x 4\) are larger than the poster"),
+    # an absurd crop count ended in a MemoryError traceback while cutting the crops
+    (None, lambda lay: {**lay, "n_x": 10**9}, "synthetic.json", "1000000000 x .* crops would take .* GiB to cut"),
 ])
 def test_hand_edited_poster_result_names_the_file(tmp_path, tensors, layout, file, message):
     """These raised KeyError / TypeError / RuntimeError tracebacks from expand() in `atlas distill eval`."""

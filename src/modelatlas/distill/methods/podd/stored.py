@@ -13,6 +13,7 @@ from modelatlas.errors import CheckpointError
 
 _SIZES = ("height", "width", "crop_h", "crop_w", "n_x", "n_y", "rows", "cols", "refine")
 _REQUIRED = tuple(f.name for f in fields(P.Layout) if f.default is MISSING)  # others have defaults (older files)
+_MAX_CROP_VALUES = 2**31  # float32 values of all crops cut from a poster (8 GiB): beyond is an edited layout
 
 
 def check_stored(syn: SyntheticSet, folder: Path) -> P.Layout:
@@ -26,6 +27,11 @@ def check_stored(syn: SyntheticSet, folder: Path) -> P.Layout:
     if poster.dim() != 3 or tuple(poster.shape[1:]) != (layout.height, layout.width):
         raise CheckpointError(tensors, f"extra.poster must be (C, {layout.height}, {layout.width}) as the layout "
                                        f"says, got {tuple(poster.shape)}")
+    values = layout.n_x * layout.n_y * poster.shape[0] * layout.crop_h * layout.crop_w  # expanded crops
+    if values > _MAX_CROP_VALUES:
+        raise CheckpointError(folder / META_FILE, f"meta poster n_x x n_y = {layout.n_x} x {layout.n_y} crops would "
+                                                  f"take {4 * values / 2**30:.0f} GiB to cut from the poster; the "
+                                                  "layout was edited: run the distillation again")
     if tuple(grid.shape) != (layout.rows, layout.cols) or grid.dtype.is_floating_point or (
             grid.numel() and not 0 <= int(grid.min()) <= int(grid.max()) < k):
         raise CheckpointError(tensors, f"extra.class_grid must be ({layout.rows}, {layout.cols}) class indices "
