@@ -185,3 +185,15 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("argv", [["zoo", "make", "--preset", "tiny", "--out", "z"], ["attribute"], ["demo"],
+                                  ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--out", "o"],
+                                  ["distill", "poster", "--dataset", "digits", "--ipc", "1", "--out", "o"],
+                                  ["distill", "eval", "o"], ["probex", "train", "z"]])
+@pytest.mark.parametrize("value", [str(2**64), str(-(2**63) - 1), "1.5"])
+def test_a_seed_beyond_64_bits_is_refused(argv, value, capsys):
+    # seeds are reduced to 64 bits: --seed 2**64 silently repeated the run of --seed 0
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--seed", value])
+    assert e.value.code == 2 and f"argument --seed: invalid seed value: '{value}'" in capsys.readouterr().err

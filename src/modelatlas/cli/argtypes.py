@@ -21,6 +21,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A seed: an integer in [-2**63, 2**63). Seeds are reduced to 64 bits (``seeding.derive_seed``), so a
+    larger one silently repeated another run (--seed 2**64 was --seed 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"invalid seed value: {text!r} (an integer from -2**63 to 2**63 - 1)")
+    return value
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     """Comma-separated integers, e.g. ``1,28,28``."""
     try:

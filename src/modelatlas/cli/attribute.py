@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from modelatlas.cli.argtypes import out_dir, positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-cluster", type=positive_int, default=None,
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of clustering, init and matching (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of clustering, init and matching (default 0)")
     p.set_defaults(func=_run)
 
 

@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from modelatlas.cli.argtypes import out_dir, positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.lineage import add_recovery_options, config_from_args, show_forest, with_truth
 from modelatlas.cli.output import echo, tqdm_progress
 
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "lineage, recover the lineage from the weights alone and score it.")
     p.add_argument("--out", type=out_dir, help="zoo folder (kept; reused if already built). Default: a temporary folder")
     p.add_argument("--preset", default="demo", help="zoo preset (default: demo; see `atlas zoo presets`)")
-    p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="zoo seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     add_recovery_options(p)
     p.set_defaults(func=_demo, interrupt_hint="with --out, finished models are kept and a rerun reuses them")

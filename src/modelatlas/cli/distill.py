@@ -10,7 +10,7 @@ import argparse
 import importlib
 import json
 
-from modelatlas.cli.argtypes import out_dir, positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import counted, echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("dir", help="result folder written by `atlas distill run`")
     ev.add_argument("--eval-nets", type=positive_int, default=None, help="networks to train (default: as saved)")
     ev.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per network (default: as saved)")
-    ev.add_argument("--seed", type=int, default=None, help="seed of the evaluation nets (default: as saved)")
+    ev.add_argument("--seed", type=seed, default=None, help="seed of the evaluation nets (default: as saved)")
     ev.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     ev.add_argument("--data-root", default=None, help="dataset folder, when it has moved since the run (default: as saved)")
     ev.set_defaults(func=_eval)
@@ -48,7 +48,7 @@ def _register_run(dsub) -> None:
     r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
     r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default: SGD protocol 300, 1000 with DSA; Adam protocol (ratbptt, podd) 300)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the distillation and evaluation (default: 0)")
+    r.add_argument("--seed", type=seed, default=0, help="seed of the distillation and evaluation (default: 0)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a method config field (repeatable), e.g. --set lr_img=0.5")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from modelatlas.cli.argtypes import out_dir, positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import echo, tqdm_progress
 
 
@@ -19,7 +19,7 @@ def register(dsub) -> None:
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
     p.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     p.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the distillation and evaluation (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the distillation and evaluation (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--no-learn-labels", action="store_true", help="pixel-count labels instead of PoDDL")
     p.add_argument("--class-order", choices=["poco", "natural"], default=None,

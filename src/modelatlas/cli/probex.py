@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelatlas.cli.argtypes import out_dir, positive_int
+from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that would load torch for `--help`
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                            "(default: probex_experts)")
     t.add_argument("--epochs", type=positive_int, default=100, help="training epochs per expert (default: 100)")
     t.add_argument("--rank", type=positive_int, default=32, help="r_U = r_V = r_T (default: 32; the paper used 128)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batches (default: 0)")
+    t.add_argument("--seed", type=seed, default=0, help="seed of the split, initialisation and batches (default: 0)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
     t.set_defaults(func=_train, interrupt_hint="progress is kept in {out}; rerun with --resume to continue")

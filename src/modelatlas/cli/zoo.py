@@ -7,7 +7,7 @@ import argparse
 from collections import Counter
 from dataclasses import replace
 
-from modelatlas.cli.argtypes import int_tuple, out_dir, positive_int, str_tuple
+from modelatlas.cli.argtypes import int_tuple, out_dir, positive_int, seed, str_tuple
 from modelatlas.cli.output import counted, echo, tqdm_progress
 
 
@@ -52,7 +52,7 @@ def _register_make(zsub) -> None:
                     help="kinds the mixed sampler draws: class_subset,transform,dataset,new_head "
                     "(default class_subset,transform,new_head)")
     mk.add_argument("--other-datasets", type=str_tuple, help="datasets of 'dataset' child tasks, e.g. mnist5k (adds the kind 'dataset'; default none)")
-    mk.add_argument("--seed", type=int, help="zoo seed (default 0)")
+    mk.add_argument("--seed", type=seed, help="zoo seed (default 0)")
     mk.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     mk.add_argument("--out", required=True, type=out_dir, help="output folder (one sub-folder per model + manifest.json)")
     mk.add_argument("--no-resume", action="store_true", help="retrain models already saved in --out")
