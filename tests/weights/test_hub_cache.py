@@ -135,3 +135,14 @@ def test_a_cache_entry_given_as_a_folder_names_its_hub_id(cache):
     with pytest.raises(CheckpointError, match=rf"models--org--tiny: a Hugging Face cache entry, not a model folder; "
                                               rf"give its hub id org/tiny \(with HF_HUB_CACHE={re.escape(str(cache))} "):
         open_checkpoint(entry)
+
+
+def test_a_short_commit_opens_its_snapshot(cache):
+    snap = make_cached_model(cache)  # a snapshot given as a path is named org/tiny@aaaaaaa: that name opens it
+    with open_checkpoint("org/tiny@aaaaaaa") as ck:
+        assert ck.path == snap and ck.name == "org/tiny@aaaaaaa"
+    make_cached_model(cache, commit="a" * 39 + "b", ref="v2")
+    with pytest.raises(CheckpointError, match=r"start of 2 cached commits.*give more of the commit hash"):
+        open_checkpoint("org/tiny@aaaaaaa")
+    with pytest.raises(CheckpointError, match=r"revision 'ccccccc' of 'org/tiny' is not in the local"):
+        open_checkpoint("org/tiny@ccccccc")

@@ -21,6 +21,7 @@ from modelatlas.weights.registry import open_checkpoint, register_resolver
 _HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx", ".gguf", ".json")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHORT = re.compile(r"^[0-9a-f]{7,39}$")  # a commit shortened as git and model names do
 
 
 def hub_cache_dir() -> Path:
@@ -53,12 +54,24 @@ def resolve_hub_id(text: str) -> Path:
     if not repo.is_dir():
         raise CheckpointError(text, f"no such file or folder, and hub id {repo_id!r} is not in the local "
                                     f"Hugging Face cache at {cache} ({hint})")
-    commit = rev if _COMMIT.match(rev) else _read_ref(repo / "refs" / rev)
+    commit = rev if _COMMIT.match(rev) else _read_ref(repo / "refs" / rev) or _short_commit(repo, rev, text)
     snapshot = repo / "snapshots" / (commit or "")
     if not commit or not snapshot.is_dir():
         raise CheckpointError(text, f"revision {rev!r} of {repo_id!r} is not in the local Hugging Face cache at "
                                     f"{cache} ({hint})")
     return snapshot
+
+
+def _short_commit(repo: Path, rev: str, text: str) -> str | None:
+    """The cached commit that hex ``rev`` (7+ digits) starts: a snapshot given as a path is named
+    ``org/name@<first 7 digits>``, so that name given back must open it. None when no snapshot matches."""
+    if not _SHORT.match(rev) or not (repo / "snapshots").is_dir():
+        return None
+    found = sorted(p.name for p in (repo / "snapshots").iterdir() if _COMMIT.match(p.name) and p.name.startswith(rev))
+    if len(found) > 1:
+        raise CheckpointError(text, f"revision {rev!r} is the start of {len(found)} cached commits "
+                                    f"({', '.join(found)}); give more of the commit hash")
+    return found[0] if found else None
 
 
 def _read_ref(ref: Path) -> str | None:
