@@ -287,3 +287,13 @@ def test_mermaid_labels_escape_html_marks_and_hash():
     mer = to_mermaid(f)
     assert 'n0["#lt;b#gt;#amp;#35;quot;"]' in mer
     assert "<" not in mer and ">" not in mer.replace("-->", "") and "&" not in mer
+
+
+def test_an_edge_to_a_model_the_truth_does_not_name_scores_neither_way():
+    """Roots a and x given, each with a model the truth does not name hung below: no true edge to score,
+    and the unnamed models' edges (marked '? (not in truth)') are not wrong: it read 0.0% (0/0)."""
+    f = Forest(["a", "x", "new1", "new2"], [Edge("a", "new1", 1), Edge("new1", "new2", 1)], {})
+    s = score_forest(f, TRUTH)
+    assert (s.n_true_edges, s.directed, s.undirected) == (0, 1.0, 1.0)
+    wrong = Forest(["a", "x", "new1"], [Edge("a", "x", 1), Edge("a", "new1", 1)], {})
+    assert score_forest(wrong, TRUTH).directed == 0.0  # two true roots joined: still wrong

@@ -126,7 +126,8 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     parents = given_parents(everyone, given)
     named = {(p, c) for c, p in everyone.items() if p is not None}
     true = {(p, c) for c, p in parents.items() if p is not None}
-    pred = {(p, c) for _, p, c in scored_edges(forest, parents)}
+    # an edge to a model the truth does not name is neither right nor wrong (it made a zoo's 0/0 read 0%)
+    pred = {(p, c) for _, p, c in scored_edges(forest, parents) if p in parents and c in parents}
     common = [n for n in forest.nodes if n in parents]
     t_lab, p_lab = tree_labels(everyone), tree_labels(forest.parents())  # trees of the whole truth
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
