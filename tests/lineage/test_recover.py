@@ -109,7 +109,7 @@ def test_config_errors_name_the_field():
     # each was accepted: lam = inf gave NaN edge costs (a silently wrong forest), a float sketch a TypeError
     # deep in the sketch, n_trees=True one tree
     for field, bad in [("lam", float("inf")), ("root_prior", float("inf")), ("sketch", 8.5), ("n_trees", True),
-                       ("seed", 1.5)]:
+                       ("seed", 1.5), ("seed", 2**64)]:  # 2**64: seeds are reduced to 64 bits, it repeated 0
         with pytest.raises(ConfigError, match=field):
             LineageConfig(**{field: bad})
     with pytest.raises(ConfigError, match=r"n_trees \(--trees\): the mother-paper recipe must be told"):
