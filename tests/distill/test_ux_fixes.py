@@ -131,7 +131,8 @@ def test_relative_data_root_is_stored_absolute_and_eval_takes_a_new_root(tmp_pat
     (tmp_path / "imgs").rename(tmp_path / "moved")
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
     assert main(["distill", "eval", "out", "--eval-epochs", "1"]) == 1
-    assert "imgs is not a folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "imgs is not a folder" in err and "if the data moved" in err and "--data-root" in err
     assert main(["distill", "eval", "out", "--eval-epochs", "1", "--data-root", "moved"]) == 0
 
 

@@ -11,7 +11,7 @@ from modelatlas.distill.api import absolute_root, apply_transform
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_synthetic
 from modelatlas.distill.result import RESULT_JSON, load_result, update_result
 from modelatlas.distill.splits import check_fits, check_test_split
-from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from modelatlas.progress import Progress
 
 
@@ -28,7 +28,7 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
                                                           "`atlas distill`); run the distillation again")
     proto, seed, saved_kw = _saved_settings(Path(folder) / RESULT_JSON, info, seed)
     kw = {**saved_kw, **absolute_root(dataset_kwargs)}
-    test = check_test_split(dataset_test or load_dataset(info["dataset"], "test", **kw))
+    test = check_test_split(dataset_test or _load_test(folder, info["dataset"], kw, dataset_kwargs))
     check_fits(folder, syn, test)
     if eval_nets is not None:
         proto.num_nets = eval_nets
@@ -40,6 +40,19 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
     if save:
         update_result(folder, reevaluation=ev)
     return ev
+
+
+def _load_test(folder: str | Path, dataset: str, kw: dict, given: dict | None) -> ArrayDataset:
+    """The test split; data missing at the root saved in result.json (moved since the run) says how to
+    point at its new place, which a bare 'is not a folder' for a path the user never typed did not."""
+    try:
+        return load_dataset(dataset, "test", **kw)
+    except DatasetNotFoundError as e:
+        if "root" not in kw or (given or {}).get("root"):
+            raise
+        raise DatasetNotFoundError(f"{e} ({folder} was distilled from it; result.json dataset_kwargs.root): "
+                                   "if the data moved, pass its new folder with --data-root "
+                                   "(dataset_kwargs={'root': ...})") from None
 
 
 _PROTOCOL_INTS = ("num_nets", "epochs", "batch_size", "width", "depth")
