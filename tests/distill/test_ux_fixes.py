@@ -387,3 +387,6 @@ def test_resume_without_an_iteration_count_keeps_the_checkpointed_one(tmp_path):
     assert info["config"]["iterations"] == 1 and len(losses) == 1
     run_distillation("dm", "digits", 1, tmp_path, config={**cfg, "iterations": 2}, resume=True, **QUICK)
     assert len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2  # a given count still extends
+    # run.json keeps the first start's 1: a plain --resume of the extended run was refused ("2 done, more than 1")
+    info = run_distillation("dm", "digits", 1, tmp_path, config=cfg, resume=True, **QUICK)
+    assert info["config"]["iterations"] == 2

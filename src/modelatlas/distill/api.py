@@ -160,13 +160,18 @@ def _default_net(cfg, train: ArrayDataset) -> dict:
 
 def _resumed_iterations(out: Path, config, resume: bool):
     """``config`` with, on a resume that names no iteration count, the checkpointed run's: the method's default
-    would silently extend the run (a finished 2-iteration run re-evaluated with --resume went on to 500)."""
+    would silently extend the run (a finished 2-iteration run re-evaluated with --resume went on to 500). The
+    last checkpoint's count comes first: run.json keeps the first start's, so a run extended by a resume with
+    --iterations was then refused ("3 iterations done, more than iterations=2") on a plain --resume."""
     path = out / "checkpoint" / RUN_JSON
     if not (resume and path.is_file() and _has_progress(out)) or not isinstance(config, (dict, type(None))):
         return config
     if "iterations" in (config or {}):
         return config
-    saved = read_json(path, "delete the checkpoint folder to start over").get("config", {})
+    ckpt = out / "checkpoint" / CHECKPOINT_JSON
+    saved = read_json(ckpt) if ckpt.is_file() else {}
+    if not isinstance(saved.get("iterations"), int):
+        saved = read_json(path, "delete the checkpoint folder to start over").get("config", {})
     iterations = saved.get("iterations") if isinstance(saved, dict) else None
     if isinstance(iterations, bool) or not isinstance(iterations, int):
         return config
