@@ -118,7 +118,7 @@ def test_cli_attribute_tiny(tmp_path, capsys, monkeypatch):
     assert load_file(str(out / "attribution.safetensors"))["matrix"].shape == (20, 20)
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
     assert main([*argv[:-8], "--test-index", "99", "--max-test", "20"]) == 1
-    assert "--test-index 99 is out of range" in capsys.readouterr().err
+    assert "--test-index 99 is out of range: --max-test 20 keeps 20 test samples (0 to 19)" in capsys.readouterr().err
     one = [a for a in argv if a not in ("0", "3")][:-8]  # no --test-index: the default fits one test sample
     assert main([*one[:one.index("--test-index")], *one[one.index("--test-index") + 1:], "--max-test", "1",
                  "--max-train", "200", "--train-steps", "5", "--match-steps", "1"]) == 0

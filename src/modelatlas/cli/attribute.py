@@ -76,7 +76,9 @@ def _inputs(args: argparse.Namespace):
     args.test_index = list(dict.fromkeys(args.test_index))  # '--test-index 0 0' plots sample 0 once
     bad = [j for j in args.test_index if not 0 <= j < len(xte)]
     if bad:
-        raise ConfigError(f"--test-index {bad[0]} is out of range: the test split has {len(xte)} samples")
+        cut = args.max_test is not None and args.max_test < len(test.x)  # else "the test split has 20" read wrong
+        used = f"--max-test {args.max_test} keeps {len(xte)}" if cut else f"the test split has {len(xte)}"
+        raise ConfigError(f"--test-index {bad[0]} is out of range: {used} test samples (0 to {len(xte) - 1})")
     return train, (train.x[:args.max_train], train.y[:args.max_train], xte, yte)
 
 
