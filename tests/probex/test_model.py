@@ -67,3 +67,12 @@ def test_load_layer_reads_lora_update_and_conv(tmp_path):
     assert x.shape == (1, 6, 5) and torch.allclose(x[0], 2.0 * b @ a, atol=1e-6)  # dW = (alpha / r) B A
     save_file({"conv.weight": torch.randn(8, 3, 3, 3)}, str(tmp_path / "c.safetensors"))
     assert load_layer([tmp_path / "c.safetensors"], "conv.weight").shape == (1, 8, 27)
+
+
+def test_absurd_ranks_are_refused_before_allocating():
+    """--rank 100000 asked for 10**15 encoder weights: an allocator traceback, now one line naming --rank."""
+    from modelatlas.probex.model import build_network
+
+    with pytest.raises(ConfigError, match=r"r_U=100000.*1,000,000,000,000,000 encoder weights.*--rank"):
+        build_network("probex", 4, 4, 2, ProbeXConfig(rank_u=100000, rank_v=100000, rank_t=100000))
+    assert count_parameters(build_network("probex", 4, 4, 2, ProbeXConfig(rank_u=2, rank_v=2, rank_t=2))) > 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelatlas.errors import ConfigError
+
 
 class ProbeXNet(nn.Module):
     """ProbeX: probes U, shared projection V, ReLU, per-probe encoders, head T.
@@ -62,10 +64,20 @@ class DenseNet(nn.Module):
         return self.embed(x)
 
 
+# r_U r_V r_T encoder weights at most (8 GiB of float32 before Adam's two copies): --rank 100000 asked
+# for 10**15 and ended in an allocator traceback
+MAX_ENCODER_WEIGHTS = 2**31
+
+
 def build_network(kind: str, d_h: int, d_w: int, d_y: int, cfg) -> nn.Module:
     """The network named by ``cfg.model`` ("probex" or "dense") for one layer shape and output size."""
     if kind == "dense":
         return DenseNet(d_h, d_w, d_y, cfg.rank_t)
+    weights = cfg.rank_u * cfg.rank_v * cfg.rank_t
+    if weights > MAX_ENCODER_WEIGHTS:
+        raise ConfigError(f"ProbeX ranks r_U={cfg.rank_u}, r_V={cfg.rank_v}, r_T={cfg.rank_t} need {weights:,} encoder "
+                          f"weights (r_U r_V r_T), more than {MAX_ENCODER_WEIGHTS:,}; lower them (--rank; the paper "
+                          "used 128)")
     return ProbeXNet(d_h, d_w, d_y, cfg.rank_u, cfg.rank_v, cfg.rank_t, relu=cfg.relu)
 
 
