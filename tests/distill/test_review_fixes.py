@@ -83,3 +83,12 @@ def test_mtt_one_class_run_stays_finite(tmp_path):
            "syn_steps": 2, "batch_expert": 4, "cache_dir": str(tmp_path)}
     syn = distill("mtt", make_toy(k=1), 1, cfg, seed=0)
     assert torch.isfinite(syn.images).all() and math.isfinite(float(syn.lr.detach()))
+
+
+def test_an_absurd_width_is_refused_naming_the_field():
+    """--set width=100000 built a ConvNet of 9e10 weights: an allocator traceback, now one line."""
+    from modelatlas.distill.methods import get
+
+    with pytest.raises(ConfigError, match=r"width must be at most 16,384.*got 100,000; lower --set width"):
+        get("dm").make_config({"width": 100000})
+    assert get("dm").make_config({"width": 16384}).width == 16384

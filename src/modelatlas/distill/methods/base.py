@@ -21,6 +21,8 @@ from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
 from modelatlas.seeding import derive_seed, torch_generator
 
+MAX_WIDTH = 2**14  # 16,384: a ConvNet layer of ~2.4e9 weights (9.7 GB); the standard nets are 64-128 wide
+
 
 @dataclass
 class MethodConfig:
@@ -42,6 +44,9 @@ class MethodConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1 (or None for the default), got {v}")
+        if self.width is not None and self.width > MAX_WIDTH:  # 100000 ended in an allocator traceback
+            raise ConfigError(f"width must be at most {MAX_WIDTH:,} (a ConvNet layer holds ~9 x width**2 weights), "
+                              f"got {self.width:,}; lower --set width=...")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
