@@ -25,9 +25,10 @@ def check_splits(train: ArrayDataset, test: ArrayDataset) -> ArrayDataset:
                           f"{train.meta.get('source', '?')}, {test.meta.get('source', '?')})")
     counts = torch.bincount(train.y, minlength=train.num_classes)
     if train.num_classes and int(counts.min()) == 0:  # "lower the ipc" cannot help a class of none
-        raise ConfigError(f"class {train.classes[int(counts.argmin())]!r} of {train.name!r} has no training "
-                          "examples (image-folder: its few images may all have gone to the seeded 20 % test "
-                          "split); add images to it, remove its folder, or use ROOT/train/ and ROOT/test/")
+        c = train.classes[int(counts.argmin())]  # both layouts named: with train/ + test/ it is ROOT/train/c/
+        raise ConfigError(f"class {c!r} of {train.name!r} has no training examples (image-folder: ROOT/train/{c}/ "
+                          "holds no images, or, without ROOT/train/ and ROOT/test/, its few images all went to the "
+                          "seeded 20 % test split); add training images to it, or remove the class from every split")
     return test
 
 
