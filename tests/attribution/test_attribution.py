@@ -21,7 +21,8 @@ def test_clustering_shapes(planted):
         cluster_per_class(x[:3], y[:3], 2, 2)
     # --max-train 60 keeps only class 0: the message says how many examples there were and what to change
     with pytest.raises(ConfigError, match=r"class 1 has 0 of the 60 training examples, fewer than "
-                                          r"clusters_per_class=2; lower it or train on more data \(--max-train\)"):
+                                          r"clusters_per_class=2; give the class training examples, or train "
+                                          r"on more data \(--max-train\)"):  # lowering it cannot help a class of 0
         cluster_per_class(x[:60], y[:60], 2, 2)
 
 

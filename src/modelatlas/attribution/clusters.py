@@ -22,9 +22,10 @@ def cluster_per_class(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_cl
     assign = torch.full((len(x),), -1, dtype=torch.long)
     for c in range(num_classes):
         idx = torch.nonzero(y == c).flatten()
-        if len(idx) < per_class:
+        if len(idx) < per_class:  # a class of none: no clusters_per_class >= 1 helps, so do not suggest it
+            lower = "lower it or " if len(idx) else "give the class training examples, or "
             raise ConfigError(f"class {c} has {len(idx)} of the {len(x)} training examples, fewer than "
-                              f"clusters_per_class={per_class}; lower it or train on more data (--max-train)")
+                              f"clusters_per_class={per_class}; {lower}train on more data (--max-train)")
         distinct = len(np.unique(flat[idx.numpy()], axis=0))
         if distinct < per_class:  # k-means would leave a cluster empty: its mean image is 0/0 and NaN spreads
             raise ConfigError(f"class {c} has only {distinct} distinct examples, fewer than "
