@@ -92,3 +92,5 @@ def test_an_absurd_width_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"width must be at most 16,384.*got 100,000; lower --set width"):
         get("dm").make_config({"width": 100000})
     assert get("dm").make_config({"width": 16384}).width == 16384
+    with pytest.raises(ConfigError, match=r"eval width must be at most 16,384, got 100,000"):
+        EvalProtocol(width=100000)  # e.g. a hand-edited result.json read by `atlas distill eval`

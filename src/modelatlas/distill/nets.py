@@ -19,6 +19,7 @@ from torch import nn
 from modelatlas.errors import ConfigError
 
 NET_NAMES = ("convnet", "mlp")
+MAX_WIDTH = 2**14  # 16,384: a ConvNet layer of ~2.4e9 weights (9.7 GB); the standard nets are 64-128 wide
 
 
 def _norm(kind: str, width: int, one_d: bool = False) -> nn.Module:

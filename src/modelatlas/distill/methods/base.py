@@ -15,13 +15,11 @@ from typing import Any
 import torch
 
 from modelatlas.distill.loop import OuterLoop
-from modelatlas.distill.nets import NET_NAMES, default_net
+from modelatlas.distill.nets import MAX_WIDTH, NET_NAMES, default_net
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
 from modelatlas.seeding import derive_seed, torch_generator
-
-MAX_WIDTH = 2**14  # 16,384: a ConvNet layer of ~2.4e9 weights (9.7 GB); the standard nets are 64-128 wide
 
 
 @dataclass
