@@ -212,3 +212,15 @@ def test_infinite_poster_ipc_is_a_config_error():
     """`atlas distill run --method podd --set poster_ipc=Infinity` raised OverflowError sizing the poster."""
     with pytest.raises(ConfigError, match=r"poster ipc must be a finite number > 0 \(--ipc / --set poster_ipc=\)"):
         P.make_layout(float("inf"), 10, 8, 8)
+
+
+def test_a_poster_above_the_smallest_class_is_refused_before_it_is_built():
+    # --ipc 1000000 --no-baseline hung in crossfade_init building a poster of a million images' pixels
+    from modelatlas.data.registry import ArrayDataset
+    from modelatlas.distill.methods.podd.method import plan
+
+    data = ArrayDataset("toy", torch.rand(7, 1, 4, 4), torch.tensor([0, 0, 0, 1, 1, 1, 1]), ["a", "b"])
+    cfg = get("podd").make_config({"class_order": "natural"})
+    assert plan(data, 3.0, cfg)[0].num_crops >= 1  # the smallest class's 3 images: allowed
+    with pytest.raises(ConfigError, match=r"poster ipc 3.5 \(--ipc / --set poster_ipc=\) is above the 3 training"):
+        plan(data, 3.5, cfg)

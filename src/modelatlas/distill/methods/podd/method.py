@@ -69,6 +69,11 @@ def crossfade_init(train: ArrayDataset, layout: P.Layout, class_grid: torch.Tens
 def plan(train: ArrayDataset, ipc: float, cfg: PoDDConfig) -> tuple[P.Layout, torch.Tensor, str]:
     """Step (1): (layout, (rows, cols) class grid, distance source)."""
     _, h, w = train.input_shape
+    smallest = int(torch.bincount(train.y, minlength=train.num_classes).min())
+    if ipc > max(smallest, 1):  # more pixels than the class's own images: --ipc 1000000 hung building the poster
+        raise ConfigError(f"poster ipc {ipc:g} (--ipc / --set poster_ipc=) is above the {smallest} training images "
+                          f"of the smallest class of {train.name!r}: a poster holds fewer pixels than the data it "
+                          "distils; lower the ipc")
     layout = P.make_layout(ipc, train.num_classes, h, w, (cfg.crops_x, cfg.crops_y), cfg.label_refine,
                            cfg.label_shrink, cfg.label_temperature)
     if cfg.class_order == "natural":
