@@ -53,6 +53,12 @@ def test_resume_compares_resolved_settings(tmp_path):
     assert info["resumed"] and len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
 
 
+def test_resume_on_a_fresh_folder_is_no_resumed_run(tmp_path):
+    # --resume on a new --out starts from scratch; its result.json said "resumed": true
+    info = run_distillation("dm", "digits", 1, tmp_path / "new", config=TINY_DM, resume=True, **QUICK)
+    assert info["resumed"] is False
+
+
 @pytest.mark.parametrize("field,value,saved", [("width", 8, 64), ("depth", 3, 2)])
 def test_resume_refuses_a_width_or_depth_set_on_a_default_net_run(tmp_path, field, value, saved):
     """The saved None was resolved with the resumed run's own net, so any --set width=... matched it and the

@@ -135,7 +135,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
     info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),
-            "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": resume,
+            "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": ctx.wall_offset > 0,
             "device": str(device), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs,
             "init_from": init_from}
     if baseline and method != "random":
