@@ -86,7 +86,9 @@ def test_empty_folder_beside_models_is_reported(tmp_path, capsys):
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert "directed-edge accuracy" in out and "tree ARI" in out
+    assert "directed-edge accuracy" in out and "tree ARI" in out and "\ntrained in " in out
+    assert main(["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]) == 0
+    assert "\nreused (built before) in " in capsys.readouterr().out  # a second run trains nothing
 
 
 

@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
     from modelatlas.zoo import make_zoo, preset
     from modelatlas.zoo.store import open_zoo_models
 
-    t0 = time.perf_counter()
+    t0, built = time.perf_counter(), (out / "manifest.json").is_file()  # a finished zoo is reused, not trained
     zoo = preset(args.preset, seed=args.seed)
     echo(f"building zoo '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
     manifest = make_zoo(zoo, out, workers=args.workers, progress=tqdm_progress)
@@ -49,7 +49,8 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
         for ck in models:
             ck.close()
     t2 = time.perf_counter()
-    echo(f"trained in {t1 - t0:.0f} s; recovered from the weights alone in {t2 - t1:.2f} s "
+    echo(f"{'reused (built before)' if built else 'trained'} in {t1 - t0:.0f} s; recovered from the weights "
+         f"alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")
     show_forest(with_truth(forest, manifest), manifest)
     return 0
