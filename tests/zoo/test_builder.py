@@ -76,6 +76,14 @@ def test_resume_skips_finished_models(tmp_path, make_config):
     make_zoo(make_config(depth=1, trees=1, seed=99), tmp_path, workers=1, resume=False)
 
 
+def test_a_smaller_zoo_is_not_built_over_a_larger_one(tmp_path, make_config):
+    # --no-resume over a larger zoo left its extra models, which lineage recovery then read as this zoo's
+    make_zoo(make_config(depth=1, trees=1), tmp_path, workers=1)
+    with pytest.raises(ConfigError, match=r"holds models of another zoo that this one does not have \(t0.0, t0.1\)"):
+        make_zoo(make_config(depth=0, trees=1, seed=5), tmp_path, workers=1, resume=False)
+    assert (tmp_path / "t0.0" / "zoo_record.json").is_file()  # nothing deleted
+
+
 def test_resume_trains_a_damaged_model_again(tmp_path, make_config):
     cfg = make_config(depth=1, trees=1)
     digests = [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models]

@@ -31,6 +31,7 @@ from modelatlas.zoo.lora import adapter_config, adapter_tensors, add_lora, merge
 from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
 from modelatlas.zoo.plan import plan_zoo, zoo_arch_config
 from modelatlas.zoo.store import (
+    RECORD,
     clear_folder,
     load_state,
     read_record,
@@ -86,6 +87,11 @@ def _check_out(out: Path, names: set[str]) -> None:
     if entries and "manifest.json" not in entries and not names.intersection(entries):
         raise ConfigError(f"out: {out} is a non-empty folder holding no zoo (e.g. {sorted(entries)[0]!r}); "
                           "choose a new or empty output folder (--out)")
+    stale = sorted(e for e in entries if e not in names and (out / e / RECORD).is_file())
+    if stale:  # an earlier, larger zoo's models: this build would not replace them, and its readers would read them
+        raise ConfigError(f"out: {out} holds models of another zoo that this one does not have ({', '.join(stale[:3])}"
+                          f"{', ...' if len(stale) > 3 else ''}); lineage recovery would read them as models of this "
+                          "zoo: choose a new or empty output folder (--out), or delete them")
 
 
 def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool) -> Iterator[dict]:
