@@ -7,6 +7,14 @@ import random
 import numpy as np
 import torch
 
+SEED_RANGE = "an integer from -2**63 to 2**63 - 1"
+
+
+def is_seed(value: object) -> bool:
+    """Whether ``value`` is a usable seed: an int (not a bool, not 1.5, which was truncated to 1) in [-2**63,
+    2**63). :func:`derive_seed` reduces seeds to 64 bits, so a larger one silently repeats another (2**64 is 0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (for code we do not control)."""

@@ -209,7 +209,7 @@ def check_atlas_dict(data: dict, path: Path) -> None:
         _check_keys(path, f"forest.edges[{i}]", e, _EDGE, required=("parent", "child"))
         for end in ("parent", "child"):
             if e[end] not in nodes:  # Forest.children() indexes by node: a stray name is a KeyError in `show`
-                raise AtlasError(f"{path}: forest.edges[{i}].{end} {_shown(e[end])} is not one of forest.nodes")
+                raise AtlasError(f"{path}: forest.edges[{i}].{end} {shown_value(e[end])} is not one of forest.nodes")
     for i, tree in enumerate(forest.get("trees", [])):
         _check(path, f"forest.trees[{i}]", tree, "strings")
     for name, used in data.get("experts", {}).items():
@@ -234,10 +234,11 @@ def _check(path: Path, key: str, value, kind: str) -> None:
     test, words = _KINDS[kind.rstrip("?")]
     if not test(value):
         words += " or null" if kind.endswith("?") else ""
-        raise AtlasError(f"{path}: {key} must be {words}; got {_shown(value)}")
+        raise AtlasError(f"{path}: {key} must be {words}; got {shown_value(value)}")
 
 
-def _shown(value) -> str:
-    """The value as the error shows it: its repr, cut short (a whole list of models is no help on one line)."""
+def shown_value(value) -> str:
+    """The value as an error shows it: its repr, cut short (a whole list of models, or a pasted page as a query,
+    is no help on one line)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

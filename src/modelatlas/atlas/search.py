@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.atlas.index import Atlas, ModelEntry, shown_value
 from modelatlas.errors import AtlasError
 
 MODES = ("auto", "text", "keywords")
@@ -137,13 +137,7 @@ def check_query(query: str) -> None:
     if not query.strip():
         raise AtlasError("empty search query")
     if not split_words(query):
-        raise AtlasError(f"search query {shown_query(query)} has no words to look up")
-
-
-def shown_query(query: str) -> str:
-    """The query as messages show it: its repr, cut short (a pasted page is no help echoed on one line)."""
-    text = repr(query)
-    return text if len(text) <= 80 else text[:77] + "..."
+        raise AtlasError(f"search query {shown_value(query)} has no words to look up")
 
 
 def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:

@@ -22,14 +22,15 @@ def positive_int(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    """A seed: an integer in [-2**63, 2**63). Seeds are reduced to 64 bits (``seeding.derive_seed``), so a
-    larger one silently repeated another run (--seed 2**64 was --seed 0)."""
+    """A seed (:func:`modelatlas.seeding.is_seed`): --seed 2**64 silently repeated the run of --seed 0."""
+    from modelatlas.seeding import SEED_RANGE, is_seed
+
     try:
         value = int(text)
     except ValueError:
         value = None
-    if value is None or not -(2**63) <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"invalid seed value: {text!r} (an integer from -2**63 to 2**63 - 1)")
+    if not is_seed(value):
+        raise argparse.ArgumentTypeError(f"invalid seed value: {text!r} ({SEED_RANGE})")
     return value
 
 

@@ -106,12 +106,12 @@ def _show(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas import Atlas, search_atlas
-    from modelatlas.atlas.search import shown_query
+    from modelatlas.atlas.index import shown_value
 
     atlas = Atlas.load(args.atlas)
     hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
     if not hits:
-        echo(f"no model matches {shown_query(args.query)}")
+        echo(f"no model matches {shown_value(args.query)}")
         return 1
     for rank, h in enumerate(hits, 1):
         m = atlas.entry(h.name)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from modelatlas.errors import ConfigError
+from modelatlas.seeding import SEED_RANGE, is_seed
 
 STAGES = ("auto", "specialize", "generalize")
 DISTANCES = ("auto", "l2", "rank")
@@ -93,9 +94,8 @@ class LineageConfig:
             raise ConfigError(f"sketch must be an integer >= 2 (columns), e.g. 64; got {self.sketch!r}")
         if self.distance_sketch is not None and (not isinstance(self.distance_sketch, int) or self.distance_sketch < 16):
             raise ConfigError(f"distance_sketch must be an integer >= 16 or None (exact); got {self.distance_sketch!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63:
-            # 1.5 was truncated to 1 by the sketches; seeds are reduced to 64 bits, so 2**64 repeated seed 0
-            raise ConfigError(f"seed must be an integer from -2**63 to 2**63 - 1; got {self.seed!r}")
+        if not is_seed(self.seed):  # 1.5 was truncated to 1 by the sketches, 2**64 repeated seed 0
+            raise ConfigError(f"seed must be {SEED_RANGE}; got {self.seed!r}")
         if not 0 < self.rank_rtol < 1:
             raise ConfigError(f"rank_rtol must be in (0, 1), e.g. 1e-2; got {self.rank_rtol!r}")
         if not self.tree_gap > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from modelatlas.errors import ConfigError
+from modelatlas.seeding import SEED_RANGE, is_seed
 
 ARCHS = ("mlp", "cnn", "vit")
 SHAPES = ("tree", "star")
@@ -99,9 +100,8 @@ class ZooConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
                 what = "a non-negative" if low == 0 else "a positive"
                 raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**63:
-            # seeds are reduced to 64 bits (seeding.derive_seed): 2**64 built seed 0's zoo, 1.5 seed 1's
-            raise ConfigError(f"seed: must be an integer from -2**63 to 2**63 - 1, got {self.seed!r}")
+        if not is_seed(self.seed):  # 2**64 built seed 0's zoo, 1.5 seed 1's
+            raise ConfigError(f"seed: must be {SEED_RANGE}, got {self.seed!r}")
         if _count_models(self.trees, self.children, self.depth, MAX_MODELS) > MAX_MODELS:
             # planning alone would run for hours and fill the memory: surely a typo
             raise ConfigError(f"trees {self.trees}, children {self.children}, depth {self.depth}: more than "
