@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from modelatlas.cli.main import main
 from modelatlas.lineage.synthetic import make_synthetic_forest
-from modelatlas.zoo.manifest import Manifest, ModelRecord
+from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo.store import weights_digest
 
 
 def make_tiny_zoo(folder, broken=False):
@@ -263,3 +264,20 @@ def test_base_must_be_one_full_model(tmp_path, capsys, base, words, make_adapter
     assert main(["lineage", "recover", str(fam), "--base", str(fam / base)]) == 1
     err = capsys.readouterr().err
     assert f"error: --base {fam / base}" in err and words in err
+
+
+def test_truth_scores_models_given_under_other_names(tmp_path, capsys):
+    zoo, other = tmp_path / "zoo", tmp_path / "other"
+    zoo.mkdir()
+    other.mkdir()
+    make_tiny_zoo(zoo)
+    m = load_manifest(zoo)
+    for r in m.models:  # the digests a built zoo records
+        r.sha256 = weights_digest(zoo / r.path)
+    m.save(zoo / "manifest.json")
+    (other / "t0.safetensors").write_bytes((zoo / "t1.safetensors").read_bytes())  # "t0" now names two models
+    (zoo / "t1_0.safetensors").rename(other / "mine.safetensors")  # a renamed copy
+    assert main(["lineage", "recover", str(zoo), str(other), "--truth", str(zoo), "--stage", "specialize"]) == 0
+    captured = capsys.readouterr()
+    assert "under another name: mine = t1_0, zoo/t0 = t0\n" in captured.err  # other/t0: a copy of t1, given
+    assert "directed-edge accuracy 100.0% (4/4)" in captured.out and "not in truth" not in captured.out

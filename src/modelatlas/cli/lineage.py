@@ -143,6 +143,7 @@ def _recover(args: argparse.Namespace) -> int:
             from modelatlas.lineage.scoring import check_truth
             from modelatlas.lineage.sources import unique_names
 
+            truth = match_truth(truth, models)
             check_truth(unique_names(models), truth)
         est = LineageRecovery(config).fit(models, progress=tqdm_progress, adapter_base=base)
     forest = with_truth(est.forest_, truth)
@@ -174,6 +175,21 @@ def _load_truth(path: Path | None):
     from modelatlas.zoo.manifest import load_manifest
 
     return load_manifest(path)
+
+
+def match_truth(truth, models: list):
+    """``truth`` with the given models it holds under another name (another folder, a renamed copy) renamed
+    to the names they are shown by; stderr says which."""
+    from modelatlas.lineage.sources import unique_names
+    from modelatlas.zoo.matching import match_models
+
+    found = match_models(truth, dict(zip(unique_names(models), models)))
+    if found:
+        pairs = [f"{new} = {old}" for old, new in sorted(found.items(), key=lambda kv: kv[1])]
+        more = f", ... ({len(pairs)} in all)" if len(pairs) > 5 else ""
+        print(f"--truth: models found in the manifest under another name: {', '.join(pairs[:5])}{more}",
+              file=sys.stderr)
+    return truth.renamed(found) if found else truth
 
 
 def with_truth(forest, truth):

@@ -17,7 +17,8 @@ folder whose base is the parent). ``sha256`` is the digest of the weights file (
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_json
@@ -107,6 +108,15 @@ class Manifest:
 
     def path_of(self, name: str) -> Path:
         return self.root / self[name].path
+
+    def renamed(self, names: Mapping[str, str]) -> Manifest:
+        """This manifest with models renamed (old name -> new name), parents following; paths, trees, digests
+        and the source file kept (``zoo.matching.match_models`` gives the names). O(N)."""
+        def new(name: str | None) -> str | None:
+            return None if name is None else names.get(name, name)
+
+        models = [replace(m, name=new(m.name), parent=new(m.parent)) for m in self.models]
+        return Manifest(models, self.config, self.root, self.source)
 
     def save(self, path: str | Path) -> Path:
         """Write the manifest atomically to ``path`` (model paths stay relative)."""

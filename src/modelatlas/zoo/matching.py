@@ -1,0 +1,87 @@
+"""Which given models a zoo manifest holds under another name, so that ``--truth`` scores them too.
+
+A model's name comes from its file or folder (``modelatlas.weights.registry.unique_names``); the manifest
+names it as it was built. The two part when a zoo model is given beside another model of the same name
+(``zoo/t0`` beside ``other/t0``: both get their folder in their name) or when a zoo model was copied
+or renamed (``checkpoints/bert-ft-3`` holding the files of ``t0.2``). Such models were left out of the
+score and their edges marked "not in truth". :func:`match_models` finds them again, by path first (the
+same folder or file as a manifest record: no file read), then by the SHA-256 of the weights file that the
+manifest records (``atlas zoo verify``'s digest: a byte-identical copy).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from modelatlas.zoo.manifest import Manifest
+from modelatlas.zoo.store import weights_digest, weights_file
+
+
+def match_models(manifest: Manifest, given: Mapping[str, str | Path]) -> dict[str, str]:
+    """Manifest name -> given name, for each given model (name -> path) that the manifest does not name but
+    holds: the same path as a record (its folder or weights file), else the same weights-file digest.
+    A manifest model given under its own name is never matched again (a renamed copy of it is a copy,
+    which scoring already reads as the named one); of two given models with one digest, the first is
+    matched. Time O(N) path checks plus one read of each unnamed given model whose file size is a
+    recorded model's (only those can have its digest)."""
+    names = set(manifest.names)
+    left = {n: Path(p) for n, p in given.items() if n not in names}
+    free = [m for m in manifest.models if m.name not in given]
+    if not left or not free:
+        return {}
+    out = _by_path(manifest, free, left)
+    rest = {n: p for n, p in left.items() if n not in out.values()}
+    out.update(_by_digest(manifest, [m for m in free if m.name not in out], rest))
+    return out
+
+
+def _by_path(manifest: Manifest, free: list, left: dict[str, Path]) -> dict[str, str]:
+    """Records whose folder or weights file is a given model's path (symbolic links resolved)."""
+    where = {}
+    for m in free:
+        path = manifest.root / m.path
+        for p in (path, weights_file(path, m.storage)):
+            where[os.path.realpath(p)] = m.name
+    out = {}
+    for name, p in left.items():
+        hit = where.get(os.path.realpath(p))
+        if hit is not None and hit not in out:
+            out[hit] = name
+    return out
+
+
+def _by_digest(manifest: Manifest, free: list, left: dict[str, Path]) -> dict[str, str]:
+    """Records whose recorded digest is a given model's weights-file digest. A file is hashed only when its
+    size is a recorded model's own file size (read from the zoo folder's file), so that a folder of
+    unrelated checkpoints costs a stat each, not a read."""
+    digests = {m.sha256: m.name for m in free if m.sha256}
+    sizes = {s for s in (_size(_weights_of(manifest.root / m.path, m.storage)) for m in free if m.sha256) if s}
+    if not digests:
+        return {}
+    out = {}
+    for name, p in left.items():
+        path = _weights_of(p)
+        size = _size(path)
+        if size is None or (sizes and size not in sizes):
+            continue
+        hit = digests.get(weights_digest(path))
+        if hit is not None and hit not in out:
+            out[hit] = name
+    return out
+
+
+def _weights_of(path: Path, storage: str | None = None) -> Path:
+    """The weights file of a model path: the file itself, else the folder's full or adapter weights file."""
+    if path.is_file() or storage is not None:
+        return path if path.is_file() else weights_file(path, storage)
+    full = weights_file(path, "full")
+    return full if full.is_file() else weights_file(path, "adapter")
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None

@@ -1,0 +1,50 @@
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.zoo import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo.matching import match_models
+from modelatlas.zoo.store import weights_digest
+
+
+def make_zoo(folder):
+    """r -> a, r -> b as model folders (model.safetensors each, digests recorded), saved and loaded back."""
+    records = []
+    for i, (name, parent) in enumerate([("r", None), ("a", "r"), ("b", "r")]):
+        (folder / name).mkdir(parents=True)
+        save_file({"w": torch.full((3, 4), float(i))}, str(folder / name / "model.safetensors"))
+        digest = weights_digest(folder / name / "model.safetensors")
+        records.append(ModelRecord(name, name, parent, "r", sha256=digest))
+    Manifest(records).save(folder / "manifest.json")
+    return load_manifest(folder)
+
+
+def test_models_named_by_their_folder_are_matched_by_path(tmp_path):
+    m = make_zoo(tmp_path / "zoo")
+    given = {"zoo/r": tmp_path / "zoo" / "r", "a": tmp_path / "zoo" / "a",
+             "zoo/b": tmp_path / "zoo" / "b" / "model.safetensors"}  # a folder, or its weights file
+    assert match_models(m, given) == {"r": "zoo/r", "b": "zoo/b"}
+
+
+def test_renamed_copies_are_matched_by_digest(tmp_path):
+    m = make_zoo(tmp_path / "zoo")
+    shutil.copytree(tmp_path / "zoo" / "a", tmp_path / "mine" / "ft-3")
+    shutil.copy(tmp_path / "zoo" / "b" / "model.safetensors", tmp_path / "mine" / "ft-4.safetensors")
+    save_file({"w": torch.full((3, 4), 9.0)}, str(tmp_path / "mine" / "other.safetensors"))  # same size, not a zoo model
+    given = {"ft-3": tmp_path / "mine" / "ft-3", "ft-4": tmp_path / "mine" / "ft-4.safetensors",
+             "other": tmp_path / "mine" / "other.safetensors", "r": tmp_path / "zoo" / "r"}
+    assert match_models(m, given) == {"a": "ft-3", "b": "ft-4"}
+
+
+def test_a_model_given_under_its_own_name_is_not_matched_again(tmp_path):
+    m = make_zoo(tmp_path / "zoo")
+    shutil.copytree(tmp_path / "zoo" / "a", tmp_path / "copy")
+    assert match_models(m, {"a": tmp_path / "zoo" / "a", "copy": tmp_path / "copy"}) == {}
+    assert match_models(m, {"x": tmp_path / "missing"}) == {}
+
+
+def test_renamed_manifest_keeps_parents_and_source(tmp_path):
+    m = make_zoo(tmp_path / "zoo").renamed({"r": "zoo/r", "b": "ft-4"})
+    assert m.parents() == {"zoo/r": None, "a": "zoo/r", "ft-4": "zoo/r"}
+    assert m.source == tmp_path / "zoo" / "manifest.json" and m.path_of("ft-4") == tmp_path / "zoo" / "b"
