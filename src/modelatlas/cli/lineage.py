@@ -123,7 +123,19 @@ def expand_paths(paths: list[str]) -> list[Path]:
         found.extend(models)
     # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
     # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
-    return distinct_models(found)
+    found = distinct_models(found)
+    note_zoo_adapters(found)
+    return found
+
+
+def note_zoo_adapters(models: list[Path]) -> None:
+    """On stderr, how to compare the models of a zoo stored as adapters: each holds only its update on its
+    parent, which may itself be an adapter (one --base cannot serve them)."""
+    zoos = sorted({str(Path(p).parent) for p in models
+                   if (Path(p) / "adapter_config.json").is_file() and (Path(p).parent / "manifest.json").is_file()})
+    if zoos:
+        print(f"note: {', '.join(zoos[:3])} stores models as LoRA adapters on their parents; "
+              f"`atlas zoo merge {zoos[0]} --out DIR` writes their full weights to compare", file=sys.stderr)
 
 
 def _recover(args: argparse.Namespace) -> int:

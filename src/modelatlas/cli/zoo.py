@@ -1,5 +1,6 @@
-"""``atlas zoo make`` (train a zoo with known lineage), ``atlas zoo show`` (print its trees) and ``atlas zoo
-verify`` (weights against the manifest's digests, or against another build)."""
+"""``atlas zoo make`` (train a zoo with known lineage), ``atlas zoo show`` (print its trees), ``atlas zoo
+verify`` (weights against the manifest's digests, or against another build) and ``atlas zoo merge`` (an
+adapter-stored zoo written with full weights)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
     ver.add_argument("--against", metavar="MANIFEST", help="another build's manifest (or zoo folder): compare digests")
     ver.set_defaults(func=_verify)
+    mrg = zsub.add_parser("merge", help="write a zoo stored as LoRA adapters with every model's full weights",
+                          description="Copy a zoo, writing each adapter-stored model as its full weights (its "
+                          "parent's weights plus its update), so that `atlas lineage recover` and `atlas index build` "
+                          "can compare adapters trained on other adapters.")
+    mrg.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
+    mrg.add_argument("--out", required=True, type=out_dir, help="new or empty folder for the merged zoo")
+    mrg.set_defaults(func=_merge)
     pre = zsub.add_parser("presets", help="list preset zoos")
     pre.set_defaults(func=_presets)
 
@@ -176,6 +184,18 @@ def _verify(args: argparse.Namespace) -> int:
     if counts["not built"]:
         echo("the build was interrupted: rerun the same `atlas zoo make` command to finish it")
     return 0 if all(s == good for s in status.values()) and not extra else 1
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from modelatlas.zoo import load_manifest
+    from modelatlas.zoo.merge import merge_zoo
+
+    manifest = load_manifest(args.dir)
+    merged = merge_zoo(manifest, args.out, progress=tqdm_progress)
+    adapters = sum(m.storage == "adapter" for m in manifest.models)
+    echo(f"{counted(len(merged), 'model')} written with full weights to {args.out} "
+         f"({counted(adapters, 'adapter')} merged onto their parents); manifest: {merged.root / 'manifest.json'}")
+    return 0
 
 
 def _presets(args: argparse.Namespace) -> int:

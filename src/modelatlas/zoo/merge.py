@@ -1,0 +1,81 @@
+"""A zoo stored as LoRA adapters, written again with every model's full weights (``atlas zoo merge``).
+
+An adapter-stored model (``storage="adapter"``) holds only its update dW = (alpha / r) B A on its parent.
+Its weights, the model that was trained and evaluated, are the parent's full weights plus dW (the parent
+itself merged when it is an adapter too). Lineage recovery reads weights files and never follows an
+adapter's ``base_model_name_or_path``, so a zoo whose adapters sit on other adapters cannot be compared
+as it is stored (one ``--base`` serves adapters of one base model). :func:`merge_zoo` writes the zoo as
+``atlas zoo make --storage merged`` lays it out: a folder per model with ``model.safetensors``,
+``config.json`` and ``zoo_record.json``, and a manifest whose records keep name, parent, task and training
+record, with the new weights' digests. Time O(N P depth), memory O(P depth), for N models of P weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from modelatlas.atomic import atomic_save_tensors
+from modelatlas.errors import ConfigError, ManifestError
+from modelatlas.progress import Progress, resolve
+from modelatlas.zoo.manifest import Manifest
+from modelatlas.zoo.store import hf_config, load_state, weights_digest, write_record
+
+
+def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = None) -> Manifest:
+    """Write the zoo of ``manifest`` to the new or empty folder ``out`` with full weights for every model
+    (adapters merged onto their parents, recursively; full models copied as they are) and return the new
+    manifest, saved last as ``out/manifest.json``. Raises ConfigError for an ``out`` that is the zoo itself
+    or holds files, ManifestError for a model that is not a finished zoo model folder."""
+    out = Path(out)
+    _check_out(manifest, out)
+    config = {**manifest.config, "storage": "merged"} if "storage" in manifest.config else dict(manifest.config)
+    arch = config.get("arch_config")
+    fp = _fingerprint(config)
+    records = []
+    for m in resolve(progress)(manifest.models, total=len(manifest), desc="merging models"):
+        if (manifest.root / m.path).is_file():
+            raise ManifestError(f"{manifest.path_of(m.name)}: model {m.name!r} is a single weights file, not a "
+                                "zoo model folder; only zoos built by `atlas zoo make` can be merged")
+        folder = out / m.path
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(folder / "model.safetensors", load_state(manifest.root, m.name), metadata={"format": "pt"})
+        _write_config(folder, arch)
+        rec = replace(m, storage="full", sha256=weights_digest(folder / "model.safetensors"))
+        write_record(folder, asdict(rec), fp)
+        records.append(rec)
+    merged = Manifest(records, config, out)
+    merged.save(out / "manifest.json")
+    return merged
+
+
+def _check_out(manifest: Manifest, out: Path) -> None:
+    """``out`` must be new or empty, and not the zoo's own folder (its adapters would be overwritten)."""
+    if os.path.realpath(out) == os.path.realpath(manifest.root):
+        raise ConfigError(f"{out}: is the zoo's own folder; write the merged zoo to another folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file; give a new or empty folder for the merged zoo")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out}: is not empty; give a new or empty folder for the merged zoo")
+
+
+def _write_config(folder: Path, arch: dict | None) -> None:
+    """The Hugging Face-style ``config.json`` of a zoo model (none for a manifest without ``arch_config``)."""
+    from modelatlas.atomic import atomic_write_json
+
+    if isinstance(arch, dict) and "arch" in arch:
+        atomic_write_json(folder / "config.json", hf_config(arch))
+
+
+def _fingerprint(config: dict) -> str:
+    """The config fingerprint ``atlas zoo make`` would write for ``config`` ("" when it is not a zoo config):
+    rerunning `atlas zoo make` with the merged config then reuses these folders."""
+    from modelatlas.zoo.builder import fingerprint
+    from modelatlas.zoo.config import ZooConfig
+
+    try:
+        return fingerprint(ZooConfig.from_dict(config))
+    except (ConfigError, TypeError, ValueError, KeyError):
+        return ""
+

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from modelatlas.cli.main import main
+from modelatlas.errors import ConfigError, ManifestError
+from modelatlas.weights import open_checkpoint
+from modelatlas.zoo import Manifest, ModelRecord, load_manifest, load_state, make_zoo
+from modelatlas.zoo.merge import merge_zoo
+from modelatlas.zoo.store import verify_zoo
+
+
+@pytest.fixture(scope="module")
+def adapter_zoo(tmp_path_factory):
+    """(manifest, folder) of a 1 x 2 x depth-2 LoRA zoo stored as adapters: grandchildren sit on adapters."""
+    from tests.zoo.conftest import _config
+
+    out = tmp_path_factory.mktemp("adapters")
+    return make_zoo(_config(trees=1, method="lora", storage="adapter", lora_ranks=(2,)), out, workers=1), out
+
+
+def test_merged_zoo_holds_each_models_full_weights(adapter_zoo, tmp_path):
+    manifest, folder = adapter_zoo
+    merged = merge_zoo(manifest, tmp_path / "m")
+    assert [m.name for m in merged.models] == manifest.names and merged.parents() == manifest.parents()
+    assert {m.storage for m in merged.models} == {"full"} and merged.config["storage"] == "merged"
+    assert set(verify_zoo(load_manifest(tmp_path / "m")).values()) == {"ok"}
+    for m in manifest.models:  # a grandchild: root + child's update + its own
+        got = open_checkpoint(tmp_path / "m" / m.name)
+        want = load_state(folder, m.name)
+        assert got.kind == "full" and all(torch.equal(got.read(k), v) for k, v in want.items())
+    deep = next(m.name for m in manifest.models if m.parent and manifest[m.parent].storage == "adapter")
+    assert not torch.equal(load_state(tmp_path / "m", deep)["classifier.weight"],
+                           load_state(folder, manifest[deep].parent)["classifier.weight"])
+
+
+def test_merge_refuses_its_own_zoo_a_full_folder_and_single_files(adapter_zoo, tmp_path):
+    manifest, folder = adapter_zoo
+    with pytest.raises(ConfigError, match="the zoo's own folder"):
+        merge_zoo(manifest, folder)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    with pytest.raises(ConfigError, match="busy: is not empty"):
+        merge_zoo(manifest, tmp_path / "busy")
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "a.safetensors").write_bytes(b"")
+    files = Manifest([ModelRecord("a", "a.safetensors", None, "a")], root=tmp_path / "z")
+    with pytest.raises(ManifestError, match="a single weights file"):
+        merge_zoo(files, tmp_path / "out")
+
+
+def test_cli_merge_then_recover(adapter_zoo, tmp_path, capsys):
+    _, folder = adapter_zoo
+    assert main(["lineage", "recover", str(folder), "--stage", "generalize"]) == 0
+    assert f"`atlas zoo merge {folder} --out DIR`" in capsys.readouterr().err
+    assert main(["zoo", "merge", str(folder), "--out", str(tmp_path / "m")]) == 0
+    assert "7 models written with full weights" in capsys.readouterr().out
+    assert main(["lineage", "recover", str(tmp_path / "m"), "--truth", str(tmp_path / "m")]) == 0
+    captured = capsys.readouterr()
+    assert "stores models as LoRA adapters" not in captured.err and "skipped" not in captured.err
+    assert "/6), undirected" in captured.out.splitlines()[-1]  # every edge scored (3-step models: not all right)
