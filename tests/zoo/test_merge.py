@@ -42,6 +42,9 @@ def test_merge_refuses_its_own_zoo_a_full_folder_and_single_files(adapter_zoo, t
     with pytest.raises(ConfigError, match="busy: is not empty"):
         merge_zoo(manifest, tmp_path / "busy")
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    merge_zoo(manifest, tmp_path / "again")
+    (tmp_path / "again" / "manifest.json").unlink()  # as if interrupted before the manifest
+    assert merge_zoo(manifest, tmp_path / "again").names == manifest.names  # a rerun rewrites it
     (tmp_path / "z").mkdir()
     (tmp_path / "z" / "a.safetensors").write_bytes(b"")
     files = Manifest([ModelRecord("a", "a.safetensors", None, "a")], root=tmp_path / "z")

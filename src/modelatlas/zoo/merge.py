@@ -26,8 +26,9 @@ from modelatlas.zoo.store import hf_config, load_state, weights_digest, write_re
 def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = None) -> Manifest:
     """Write the zoo of ``manifest`` to the new or empty folder ``out`` with full weights for every model
     (adapters merged onto their parents, recursively; full models copied as they are) and return the new
-    manifest, saved last as ``out/manifest.json``. Raises ConfigError for an ``out`` that is the zoo itself
-    or holds files, ManifestError for a model that is not a finished zoo model folder."""
+    manifest, saved last as ``out/manifest.json``. An ``out`` holding an earlier merge of this zoo
+    (interrupted or not) is written again. Raises ConfigError for an ``out`` that is the zoo itself or holds
+    other files, ManifestError for a model that is not a finished zoo model folder."""
     out = Path(out)
     _check_out(manifest, out)
     config = {**manifest.config, "storage": "merged"} if "storage" in manifest.config else dict(manifest.config)
@@ -56,8 +57,24 @@ def _check_out(manifest: Manifest, out: Path) -> None:
         raise ConfigError(f"{out}: is the zoo's own folder; write the merged zoo to another folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: is a file; give a new or empty folder for the merged zoo")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not _earlier_merge(manifest, out):
         raise ConfigError(f"{out}: is not empty; give a new or empty folder for the merged zoo")
+
+
+def _earlier_merge(manifest: Manifest, out: Path) -> bool:
+    """True when ``out`` holds nothing but what a merge of this zoo writes (an interrupted or finished one,
+    rewritten by a rerun): the manifest and folders named like its models, holding zoo model files only."""
+    from modelatlas.zoo.store import MODEL_FILES
+
+    names = {Path(m.path).parts[0] for m in manifest.models if Path(m.path).parts}
+    for entry in out.iterdir():
+        if entry.name == "manifest.json" and entry.is_file():
+            continue
+        if entry.name not in names or not entry.is_dir():
+            return False
+        if any(f.name not in MODEL_FILES and not f.name.endswith(".tmp") for f in entry.iterdir()):
+            return False
+    return True
 
 
 def _write_config(folder: Path, arch: dict | None) -> None:

@@ -18,7 +18,7 @@ from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tenso
 from modelatlas.errors import ManifestError
 
 RECORD = "zoo_record.json"
-_FILES = ("model.safetensors", "config.json", "adapter_model.safetensors", "adapter_config.json", RECORD)
+MODEL_FILES = ("model.safetensors", "config.json", "adapter_model.safetensors", "adapter_config.json", RECORD)
 _CLASS_NAMES = {"mlp": "AtlasMLP", "cnn": "AtlasCNN", "vit": "ViTForImageClassification"}
 
 
@@ -37,7 +37,7 @@ def hf_config(arch: dict) -> dict:
 def clear_folder(folder: Path) -> None:
     """Remove a model folder's known files and temporary files a killed build left (a rebuild must not
     leave a stale format behind)."""
-    for name in _FILES:
+    for name in MODEL_FILES:
         (folder / name).unlink(missing_ok=True)
     for tmp in folder.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
@@ -123,7 +123,7 @@ def extra_files(manifest) -> list[str]:
     for m in manifest.models:
         folder = root / m.path
         if folder.is_dir():
-            extra += [str(Path(m.path) / p.name) for p in folder.iterdir() if p.name not in _FILES]
+            extra += [str(Path(m.path) / p.name) for p in folder.iterdir() if p.name not in MODEL_FILES]
     return sorted(extra)
 
 
