@@ -60,3 +60,12 @@ def test_integer_inputs_are_refused_with_the_fix():
 
     with pytest.raises(ConfigError, match="'toy': inputs must be floating point.*got torch.uint8; divide uint8 pixels"):
         ArrayDataset("toy", torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+
+
+@pytest.mark.parametrize("seed,alias", [(2**64 - 1, -1), (2**63, -(2**63))])
+def test_a_seed_of_2_to_the_63_or_more_is_refused_not_aliased(seed, alias):
+    """torch reduces seeds mod 2**64, so seed 2**64 - 1 split digits exactly as seed -1 did."""
+    load_dataset("digits", "test", seed=alias)  # the in-range seed loads
+    with pytest.raises(ConfigError, match=f"dataset 'digits': seed must be an integer from -2\\*\\*63 to "
+                                          f"2\\*\\*63 - 1, got {seed}"):
+        load_dataset("digits", "test", seed=seed)

@@ -88,9 +88,12 @@ def test_a_list_containing_itself_is_refused(tmp_path):
     ("digits", {"test_fraction": 0}, r"dataset 'digits': test_fraction must be a number in \(0, 1\), got 0"),
     ("digits", {"test_fraction": 1.5}, r"test_fraction must be a number in \(0, 1\), got 1.5"),
     ("digits", {"seed": "a"}, "dataset 'digits': seed must be an integer, got 'a'"),
-    ("digits", {"seed": 2**70}, r"dataset 'digits': seed must be in \[-2\*\*63, 2\*\*64\), got 1180591620717411303424"),
-    ("mnist5k", {"seed": -2**63 - 1}, r"dataset 'mnist5k': seed must be in \[-2\*\*63, 2\*\*64\)"),
-    ("image-folder", {"root": ".", "seed": 2**64}, r"dataset 'image-folder': seed must be in \[-2\*\*63"),
+    ("digits", {"seed": 2**70}, r"dataset 'digits': seed must be an integer from -2\*\*63 to 2\*\*63 - 1, "
+                                r"got 1180591620717411303424"),
+    ("digits", {"seed": 2**63}, r"dataset 'digits': seed must be an integer from -2\*\*63 to 2\*\*63 - 1, "
+                                r"got 9223372036854775808"),
+    ("mnist5k", {"seed": -2**63 - 1}, r"dataset 'mnist5k': seed must be an integer from -2\*\*63 to 2\*\*63 - 1"),
+    ("image-folder", {"root": ".", "seed": 2**64}, r"dataset 'image-folder': seed must be an integer from -2\*\*63"),
     ("image-folder", {"root": ".", "size": 0}, "dataset 'image-folder': size must be an integer >= 1, got 0"),
     ("image-folder", {"root": ".", "test_fraction": -0.1}, r"test_fraction must be a number in \[0, 1\)"),
 ])

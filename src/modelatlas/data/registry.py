@@ -15,7 +15,7 @@ import torch
 
 from modelatlas.errors import ConfigError
 from modelatlas.plugins import import_plugins
-from modelatlas.seeding import torch_generator
+from modelatlas.seeding import SEED_RANGE, is_seed, torch_generator
 
 
 @dataclass
@@ -128,10 +128,11 @@ def check_int(dataset: str, key: str, value: object, minimum: int | None = None)
 
 
 def check_seed(dataset: str, value: object) -> None:
-    """A loader's ``seed`` option: an integer torch can seed a generator with, [-2**63, 2**64)."""
+    """A loader's ``seed`` option (:func:`modelatlas.seeding.is_seed`): torch reduces seeds mod 2**64, so
+    2**64 - 1 split exactly as -1 did and 2**64 as 0; seeds outside [-2**63, 2**63) are refused."""
     check_int(dataset, "seed", value)
-    if not -2**63 <= value < 2**64:
-        raise ConfigError(f"dataset {dataset!r}: seed must be in [-2**63, 2**64), got {value}")
+    if not is_seed(value):
+        raise ConfigError(f"dataset {dataset!r}: seed must be {SEED_RANGE}, got {value}")
 
 
 def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> ArrayDataset:
