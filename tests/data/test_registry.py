@@ -69,3 +69,11 @@ def test_a_seed_of_2_to_the_63_or_more_is_refused_not_aliased(seed, alias):
     with pytest.raises(ConfigError, match=f"dataset 'digits': seed must be an integer from -2\\*\\*63 to "
                                           f"2\\*\\*63 - 1, got {seed}"):
         load_dataset("digits", "test", seed=seed)
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, 2**64, 1.5, True, "3"])
+def test_holdout_refuses_a_seed_that_is_not_a_seed(seed):
+    """holdout(0.2, 2**64 - 1) set aside exactly what seed -1 did, 1.5 what 1 did; 2**64 raised a bare ValueError."""
+    with pytest.raises(ConfigError, match=f"dataset 'digits': holdout seed must be an integer from -2\\*\\*63 to "
+                                          f"2\\*\\*63 - 1, got {seed!r}"):
+        load_dataset("digits", "train").holdout(0.2, seed=seed)

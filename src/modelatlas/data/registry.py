@@ -65,6 +65,8 @@ class ArrayDataset:
         carved from a training split so settings are tuned without reading the test split. O(N)."""
         if not 0 < fraction < 1:
             raise ConfigError(f"dataset {self.name!r}: holdout fraction must be in (0, 1), got {fraction}")
+        if not is_seed(seed):  # torch reduces mod 2**64 (2**64 - 1 held out what -1 did); int(1.5) is 1
+            raise ConfigError(f"dataset {self.name!r}: holdout seed must be {SEED_RANGE}, got {seed!r}")
         perm = torch.randperm(len(self), generator=torch_generator(seed))
         n_held = int(round(fraction * len(self)))
         return self.subset(perm[n_held:]), self.subset(perm[:n_held])
