@@ -41,7 +41,8 @@ class Identity(_Loadable):
 
 
 class Standardize(_Loadable):
-    """Per-channel (x - mean) / std. Fit is O(N * D) time, O(C) memory."""
+    """Per-channel (x - mean) / std; a channel with std below ``eps`` (constant) is only centred.
+    Fit is O(N * D) time, O(C) memory."""
 
     kind = "standardize"
 
@@ -51,7 +52,10 @@ class Standardize(_Loadable):
     def fit(self, x: torch.Tensor) -> Standardize:
         dims = [0] + list(range(2, x.dim()))  # every axis but the channel
         self.mean_ = x.float().mean(dim=dims)  # (C,)
-        self.std_ = x.float().std(dim=dims).clamp_min(self.eps)  # (C,)
+        std = x.float().std(dim=dims) if x[:, :1].numel() > 1 else torch.zeros(x.shape[1])  # (C,)
+        # a constant channel (or a single value) is left unscaled, as scikit-learn does: std clamped to eps
+        # turned a test value 0.1 from the constant into 1e7
+        self.std_ = torch.where(std < self.eps, torch.ones_like(std), std)
         return self
 
     def _shape(self, x: torch.Tensor) -> list[int]:

@@ -1,0 +1,24 @@
+"""Fitted transforms on degenerate inputs: constant channels, NaN, bad settings, corrupt saved state."""
+
+import torch
+
+from modelatlas.data.transforms import Standardize
+
+
+def test_standardize_leaves_a_constant_channel_unscaled():
+    """A channel constant in the fitted data had std clamped to 1e-8, so a test value 0.1 away became 1e7."""
+    x = torch.rand(20, 2, 3, 3)
+    x[:, 0] = 0.5
+    t = Standardize().fit(x)
+    test = x[:2].clone()
+    test[:, 0] = 0.6
+    out = t.transform(test)
+    assert torch.allclose(out[:, 0], torch.full_like(out[:, 0], 0.1), atol=1e-6)
+    assert torch.allclose(t.inverse(out), test, atol=1e-6)
+    assert torch.allclose(Standardize.from_state_dict(t.state_dict()).transform(test), out)
+
+
+def test_standardize_of_one_value_per_channel_is_finite():
+    """One 1x1 example: std of one value was NaN (no degrees of freedom), and every output NaN."""
+    t = Standardize().fit(torch.rand(1, 3, 1, 1))
+    assert torch.isfinite(t.transform(torch.rand(2, 3, 1, 1))).all()
