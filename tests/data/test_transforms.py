@@ -1,8 +1,10 @@
 """Fitted transforms on degenerate inputs: constant channels, NaN, bad settings, corrupt saved state."""
 
+import pytest
 import torch
 
-from modelatlas.data.transforms import Standardize
+from modelatlas.data.transforms import Standardize, make_transform
+from modelatlas.errors import ConfigError
 
 
 def test_standardize_leaves_a_constant_channel_unscaled():
@@ -22,3 +24,14 @@ def test_standardize_of_one_value_per_channel_is_finite():
     """One 1x1 example: std of one value was NaN (no degrees of freedom), and every output NaN."""
     t = Standardize().fit(torch.rand(1, 3, 1, 1))
     assert torch.isfinite(t.transform(torch.rand(2, 3, 1, 1))).all()
+
+
+@pytest.mark.parametrize("kind", ["standardize", "zca"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fit_refuses_non_finite_inputs_naming_the_example(kind, bad):
+    """One NaN pixel made every transformed value NaN, silently (distillation then 'diverged')."""
+    x = torch.rand(6, 1, 2, 2)
+    x[4, 0, 1, 0] = bad
+    with pytest.raises(ConfigError, match=f"{kind} transform: cannot fit on non-finite inputs \\(first {bad} "
+                                          r"in example 4\)"):
+        make_transform(kind).fit(x)

@@ -22,6 +22,16 @@ class _Loadable:
         return from_state_dict(cls.kind, state)
 
 
+def _check_finite(kind: str, x: torch.Tensor) -> None:
+    """Refuse NaN / infinite inputs to ``fit``: one made every transformed value NaN, silently."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1))  # (N, D)
+    if bool(bad.any()):
+        i = int(bad.any(dim=1).nonzero()[0])
+        first = float(x[i].reshape(-1)[bad[i]][0])
+        raise ConfigError(f"{kind} transform: cannot fit on non-finite inputs (first {first} in example {i}); "
+                          "remove or repair those examples")
+
+
 class Identity(_Loadable):
     """No transform (the default)."""
 
@@ -50,6 +60,7 @@ class Standardize(_Loadable):
         self.eps = eps
 
     def fit(self, x: torch.Tensor) -> Standardize:
+        _check_finite(self.kind, x)
         dims = [0] + list(range(2, x.dim()))  # every axis but the channel
         self.mean_ = x.float().mean(dim=dims)  # (C,)
         std = x.float().std(dim=dims) if x[:, :1].numel() > 1 else torch.zeros(x.shape[1])  # (C,)
@@ -86,6 +97,7 @@ class ZCA(_Loadable):
         self.regularization = regularization
 
     def fit(self, x: torch.Tensor) -> ZCA:
+        _check_finite(self.kind, x)
         flat = x.reshape(x.shape[0], -1).double()  # (N, D)
         self.mean_ = flat.mean(0)  # (D,)
         cov = (flat - self.mean_).T @ (flat - self.mean_) / max(flat.shape[0] - 1, 1)  # (D, D)
