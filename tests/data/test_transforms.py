@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modelatlas.data.transforms import Standardize, make_transform
+from modelatlas.data.transforms import ZCA, Standardize, make_transform
 from modelatlas.errors import ConfigError
 
 
@@ -35,3 +35,10 @@ def test_fit_refuses_non_finite_inputs_naming_the_example(kind, bad):
     with pytest.raises(ConfigError, match=f"{kind} transform: cannot fit on non-finite inputs \\(first {bad} "
                                           r"in example 4\)"):
         make_transform(kind).fit(x)
+
+
+@pytest.mark.parametrize("reg", [float("nan"), float("inf"), "0.1", True])
+def test_zca_refuses_a_regularization_that_is_not_a_finite_positive_number(reg):
+    """nan passed `reg <= 0` and whitened everything to NaN, inf to 0; "0.1" raised a bare TypeError."""
+    with pytest.raises(ConfigError, match=f"ZCA regularization must be > 0 and finite, got {reg!r}"):
+        ZCA(regularization=reg)

@@ -8,6 +8,8 @@ gets the same one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from modelatlas.errors import ConfigError
@@ -92,8 +94,9 @@ class ZCA(_Loadable):
     kind = "zca"
 
     def __init__(self, regularization: float = 0.1):
-        if regularization <= 0:
-            raise ConfigError(f"ZCA regularization must be > 0, got {regularization}")
+        if (isinstance(regularization, bool) or not isinstance(regularization, (int, float))
+                or not 0 < regularization < math.inf):  # nan passed `<= 0` and whitened everything to NaN
+            raise ConfigError(f"ZCA regularization must be > 0 and finite, got {regularization!r}")
         self.regularization = regularization
 
     def fit(self, x: torch.Tensor) -> ZCA:
