@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modelatlas.data.transforms import ZCA, Standardize, make_transform
+from modelatlas.data.transforms import ZCA, Standardize, from_state_dict, make_transform
 from modelatlas.errors import ConfigError
 
 
@@ -42,3 +42,15 @@ def test_zca_refuses_a_regularization_that_is_not_a_finite_positive_number(reg):
     """nan passed `reg <= 0` and whitened everything to NaN, inf to 0; "0.1" raised a bare TypeError."""
     with pytest.raises(ConfigError, match=f"ZCA regularization must be > 0 and finite, got {reg!r}"):
         ZCA(regularization=reg)
+
+
+@pytest.mark.parametrize("kind,key,value", [("standardize", "std", float("nan")), ("standardize", "std", 0.0),
+                                            ("standardize", "mean", float("inf")), ("zca", "whiten", float("nan"))])
+def test_a_saved_transform_with_unusable_values_is_refused_naming_the_tensor(kind, key, value):
+    """A transform.safetensors with NaN (fitted on NaN data) or std 0 turned every evaluation input into NaN / inf."""
+    state = make_transform(kind).fit(torch.rand(8, 2, 2, 2)).state_dict()
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = value
+    with pytest.raises(ConfigError, match=f"the saved {kind!r} transform has {'a non-positive' if value == 0 else 'a non-finite'} "
+                                          f"value in {key!r}"):
+        from_state_dict(kind, state)

@@ -142,13 +142,14 @@ _STATE_KEYS = {"identity": (), "standardize": ("mean", "std"), "zca": ("mean", "
 
 
 def from_state_dict(kind: str, state: dict[str, torch.Tensor]):
-    """Rebuild a fitted transform from :meth:`state_dict` output and its ``kind``; a missing tensor, or
-    tensors whose shapes disagree, raise :class:`ConfigError` naming them."""
+    """Rebuild a fitted transform from :meth:`state_dict` output and its ``kind``; a missing tensor, a NaN /
+    infinite value, a std <= 0, or tensors whose shapes disagree raise :class:`ConfigError` naming them."""
     t = make_transform(kind)
     missing = [k for k in _STATE_KEYS[kind] if k not in state]
     if missing:
         raise ConfigError(f"the saved {kind!r} transform has no tensor {missing[0]!r}")
     _check_state_shapes(kind, state)
+    _check_state_values(kind, state)
     if kind == "standardize":
         t.mean_, t.std_ = state["mean"], state["std"]
     elif kind == "zca":
@@ -169,3 +170,12 @@ def _check_state_shapes(kind: str, state: dict[str, torch.Tensor]) -> None:
     if not ok:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
         raise ConfigError(f"the saved {kind!r} transform has tensors of inconsistent shapes ({shapes})")
+
+
+def _check_state_values(kind: str, state: dict[str, torch.Tensor]) -> None:
+    """A NaN / infinite tensor (a transform fitted on NaN data) or a std <= 0 made every input NaN or inf."""
+    for key in _STATE_KEYS[kind]:
+        if not bool(torch.isfinite(state[key].float()).all()):
+            raise ConfigError(f"the saved {kind!r} transform has a non-finite value in {key!r}")
+    if kind == "standardize" and bool((state["std"] <= 0).any()):
+        raise ConfigError(f"the saved {kind!r} transform has a non-positive value in 'std'")
