@@ -77,3 +77,15 @@ def test_holdout_refuses_a_seed_that_is_not_a_seed(seed):
     with pytest.raises(ConfigError, match=f"dataset 'digits': holdout seed must be an integer from -2\\*\\*63 to "
                                           f"2\\*\\*63 - 1, got {seed!r}"):
         load_dataset("digits", "train").holdout(0.2, seed=seed)
+
+
+def test_subset_takes_a_boolean_mask_as_a_mask():
+    """subset(ds.y == 3) cast the mask to 0/1 indices: N copies of examples 0 and 1 (labels 7 and 1), silently."""
+    tr = load_dataset("digits", "train")
+    threes = tr.subset(tr.y == 3)
+    assert len(threes) == int((tr.y == 3).sum()) and set(threes.y.tolist()) == {3}
+    assert torch.equal(threes.x, tr.x[tr.y == 3])
+    assert len(tr.subset((tr.y == 3).numpy())) == len(threes)
+    with pytest.raises(ConfigError, match=f"dataset 'digits': a boolean mask for subset needs {len(tr)} entries, "
+                                          r"got shape \(3,\)"):
+        tr.subset([True, False, True])

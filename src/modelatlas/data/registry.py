@@ -57,7 +57,14 @@ class ArrayDataset:
         return tuple(self.x.shape[1:])
 
     def subset(self, index: torch.Tensor | list[int]) -> ArrayDataset:
-        idx = torch.as_tensor(index, dtype=torch.long)
+        """The examples at ``index`` (integer indices) or where a boolean mask of ``len(self)`` is true."""
+        idx = torch.as_tensor(index)
+        if idx.dtype == torch.bool:  # cast to long, ds.y == 3 picked examples 0 and 1 N times
+            if idx.shape != (len(self),):
+                raise ConfigError(f"dataset {self.name!r}: a boolean mask for subset needs {len(self)} entries, "
+                                  f"got shape {tuple(idx.shape)}")
+            idx = idx.nonzero().flatten()
+        idx = idx.long()
         return ArrayDataset(self.name, self.x[idx], self.y[idx], list(self.classes), dict(self.meta))
 
     def holdout(self, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
