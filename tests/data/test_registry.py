@@ -89,3 +89,12 @@ def test_subset_takes_a_boolean_mask_as_a_mask():
     with pytest.raises(ConfigError, match=f"dataset 'digits': a boolean mask for subset needs {len(tr)} entries, "
                                           r"got shape \(3,\)"):
         tr.subset([True, False, True])
+
+
+def test_subset_refuses_fractional_indices_and_takes_an_empty_list():
+    """subset([1.7]) was cast to example 1 silently."""
+    tr = load_dataset("digits", "train")
+    assert len(tr.subset([])) == 0
+    with pytest.raises(ConfigError, match=r"dataset 'digits': subset indices must be integers \(or a boolean mask\), "
+                                          r"got torch.float32"):
+        tr.subset([1.7])

@@ -64,7 +64,10 @@ class ArrayDataset:
                 raise ConfigError(f"dataset {self.name!r}: a boolean mask for subset needs {len(self)} entries, "
                                   f"got shape {tuple(idx.shape)}")
             idx = idx.nonzero().flatten()
-        idx = idx.long()
+        elif idx.numel() and (idx.dtype.is_floating_point or idx.is_complex()):  # 1.7 became example 1
+            raise ConfigError(f"dataset {self.name!r}: subset indices must be integers (or a boolean mask), got "
+                              f"{idx.dtype}")
+        idx = idx.long()  # [] is float32 to torch
         return ArrayDataset(self.name, self.x[idx], self.y[idx], list(self.classes), dict(self.meta))
 
     def holdout(self, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
