@@ -98,3 +98,18 @@ def test_subset_refuses_fractional_indices_and_takes_an_empty_list():
     with pytest.raises(ConfigError, match=r"dataset 'digits': subset indices must be integers \(or a boolean mask\), "
                                           r"got torch.float32"):
         tr.subset([1.7])
+
+
+@pytest.mark.parametrize("field", ["x", "y"])
+def test_array_dataset_names_a_numpy_array_and_the_fix(field):
+    """A NumPy x or y raised AttributeError: 'numpy.ndarray' object has no attribute 'dim'."""
+    import numpy as np
+
+    from modelatlas.data.registry import ArrayDataset
+
+    arrays = {"x": torch.zeros(2, 1, 2, 2), "y": torch.zeros(2, dtype=torch.long)}
+    arrays[field] = arrays[field].numpy()
+    assert isinstance(arrays[field], np.ndarray)
+    with pytest.raises(ConfigError, match=f"dataset 'a': {field} must be a torch tensor, got ndarray; wrap NumPy "
+                                          "arrays with torch.from_numpy"):
+        ArrayDataset("a", arrays["x"], arrays["y"], ["c"])

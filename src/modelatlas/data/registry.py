@@ -29,6 +29,10 @@ class ArrayDataset:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key in ("x", "y"):  # a NumPy array failed with "'numpy.ndarray' object has no attribute 'dim'"
+            if not isinstance(getattr(self, key), torch.Tensor):
+                raise ConfigError(f"dataset {self.name!r}: {key} must be a torch tensor, got "
+                                  f"{type(getattr(self, key)).__name__}; wrap NumPy arrays with torch.from_numpy")
         if self.x.shape[0] != self.y.shape[0]:
             raise ConfigError(f"dataset {self.name!r}: {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
         if self.y.dim() != 1 or self.y.dtype.is_floating_point or self.y.is_complex():
