@@ -129,3 +129,37 @@ def test_missing_fashion_mnist_names_the_data_root_option(tmp_path):
 
     with pytest.raises(DatasetNotFoundError, match="pass --data-root DIR"):
         load_dataset("fashion-mnist", "train", root=tmp_path)
+
+
+def _write_tiny(name, folder):
+    """One or two examples of ``name``'s on-disk format in ``folder``."""
+    import gzip
+    import struct
+
+    from PIL import Image
+
+    if name == "fashion-mnist":
+        folder.mkdir(parents=True)
+        for stem, arr in (("t10k-images-idx3-ubyte", np.zeros((2, 3, 3), np.uint8)),
+                          ("t10k-labels-idx1-ubyte", np.zeros(2, np.uint8))):
+            head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(head + arr.tobytes()))
+    elif name == "cifar10":
+        make_cifar10_batches(folder, np.zeros((2, 3072), np.uint8), [0, 1])
+    else:
+        (folder / "cat").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "cat" / "0.png")
+
+
+@pytest.mark.parametrize("name,env", [("fashion-mnist", "ATLAS_FASHION_MNIST"), ("cifar10", "ATLAS_CIFAR10"),
+                                      ("image-folder", None)])
+def test_a_data_root_under_home_written_with_a_tilde_is_found(tmp_path, monkeypatch, name, env):
+    """root="~/data" (or a quoted "~/data" in $ATLAS_...) was looked up as a folder literally named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no folder named '~' here
+    _write_tiny(name, tmp_path / "data")
+    split = "train" if name == "image-folder" else "test"
+    assert len(load_dataset(name, split, root="~/data")) > 0
+    if env:
+        monkeypatch.setenv(env, "~/data")
+        assert len(load_dataset(name, split)) > 0

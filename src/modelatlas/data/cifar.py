@@ -229,7 +229,7 @@ def _labels(raw: object, path: Path, key: str, num_classes: int) -> np.ndarray:
 
 
 def _resolve(root: str | Path | None, env: str, sub: str, name: str) -> Path:
-    folder = Path(root or os.environ.get(env, "") or ".")
+    folder = Path(root or os.environ.get(env, "") or ".").expanduser()  # "~/data": not a folder named ~
     if (folder / sub).is_dir():
         folder = folder / sub
     if root is None and not os.environ.get(env):

@@ -97,7 +97,7 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
     check_int("image-folder", "size", size, minimum=1)
     check_fraction("image-folder", "test_fraction", test_fraction, allow_zero=True)
     check_seed("image-folder", seed)
-    root = Path(root)
+    root = Path(root).expanduser()  # "~/data": not a folder named ~
     if not root.is_dir():
         raise DatasetNotFoundError(f"image-folder: {root} is not a folder")
     split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
