@@ -108,3 +108,30 @@ def test_header_whose_size_overflows_64_bits_is_refused(tmp_path):
     path.write_bytes(bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536))
     with pytest.raises(IDXError, match=r"huge: header says shape \(65536, 65536, 65536, 65536\) \(18446744073709551616"):
         read_idx(path)
+
+
+def test_gzip_that_inflates_far_past_its_header_is_refused_without_inflating_it(tmp_path):
+    """The whole stream was decompressed before the header was checked: 128 KiB of gzip claiming 4 bytes of
+    data took 128 MiB of memory (a few MB of gzip: gigabytes) before 'header says ...'."""
+    import tracemalloc
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+    parts = [comp.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 4))]
+    block = bytes(1 << 20)
+    parts += [comp.compress(block) for _ in range(128)] + [comp.flush()]
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(b"".join(parts))
+    del block, parts
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXError, match=r"bomb\.gz: header says shape \(4,\) \(4 data bytes\) but the file has more"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    huge = tmp_path / "huge.gz"  # and a header claiming 2**64 bytes is not a MemoryError
+    huge.write_bytes(gzip.compress(bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536)))
+    with pytest.raises(IDXError, match=r"huge\.gz: header says shape \(65536, 65536, 65536, 65536\)"):
+        read_idx(huge)

@@ -9,6 +9,7 @@ Reading is O(file size) time and memory.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import struct
@@ -34,28 +35,50 @@ class IDXError(CheckpointError):
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (gzip or raw, chosen by the magic bytes) into a NumPy array of its native shape."""
+    """Read one IDX file (gzip or raw, chosen by the magic bytes) into a NumPy array of its native shape.
+    A gzip stream is inflated no further than its header says (a small file claiming a few bytes can inflate
+    to gigabytes)."""
     path = Path(path)
     raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
-            raise IDXError(path, f"corrupt gzip stream ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    if raw[:2] != b"\x1f\x8b":
+        return _parse(path, io.BytesIO(raw))
+    try:
+        return _parse(path, gzip.GzipFile(fileobj=io.BytesIO(raw)))
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
+        raise IDXError(path, f"corrupt gzip stream ({e})") from None
+
+
+def _parse(path: Path, stream: io.RawIOBase) -> np.ndarray:
+    """The array in an IDX ``stream``, read no further than its header's size plus one byte."""
+    head = stream.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise IDXError(path, "not an IDX file (magic bytes must start with two zero bytes)")
-    code, ndim = raw[2], raw[3]
+    code, ndim = head[2], head[3]
     if code not in _IDX_DTYPES:
         raise IDXError(path, f"unknown IDX data type code 0x{code:02x}")
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise IDXError(path, f"truncated header ({len(raw)} bytes for {ndim} dimensions)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dims = stream.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
+        raise IDXError(path, f"truncated header ({4 + len(dims)} bytes for {ndim} dimensions)")
+    shape = struct.unpack(f">{ndim}I", dims)
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod wraps at 2**64 (65536**4 -> 0)
-    if len(raw) - header != expected:
-        raise IDXError(path, f"header says shape {shape} ({expected} data bytes) but file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    data = _read_at_most(stream, expected + 1)  # one byte more tells a longer file
+    if len(data) != expected:
+        has = len(data) if len(data) < expected else "more"
+        raise IDXError(path, f"header says shape {shape} ({expected} data bytes) but the file has {has}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _read_at_most(stream: io.RawIOBase, n: int, chunk: int = 1 << 24) -> bytearray:
+    """Up to ``n`` bytes of ``stream``, in chunks: ``GzipFile.read(n)`` allocates ``n`` bytes at once (a header
+    claiming 2**64 bytes raised MemoryError)."""
+    out = bytearray()
+    while len(out) < n:
+        part = stream.read(min(chunk, n - len(out)))
+        if not part:
+            break
+        out += part
+    return out
 
 
 def _find(root: Path, stem: str) -> Path | None:
