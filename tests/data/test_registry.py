@@ -113,3 +113,12 @@ def test_array_dataset_names_a_numpy_array_and_the_fix(field):
     with pytest.raises(ConfigError, match=f"dataset 'a': {field} must be a torch tensor, got ndarray; wrap NumPy "
                                           "arrays with torch.from_numpy"):
         ArrayDataset("a", arrays["x"], arrays["y"], ["c"])
+
+
+@pytest.mark.parametrize("fraction,held", [(0.01, 0), (0.99, 20)])
+def test_holdout_that_would_leave_a_part_empty_is_refused(fraction, held):
+    """holdout(0.01) of 20 examples returned an empty validation part (0.99: an empty rest), silently."""
+    small = load_dataset("digits", "train").subset(range(20))
+    with pytest.raises(ConfigError, match=f"dataset 'digits': holdout fraction {fraction} of 20 examples sets aside "
+                                          f"{held}, leaving one part empty"):
+        small.holdout(fraction, seed=0)

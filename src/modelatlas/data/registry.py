@@ -81,8 +81,11 @@ class ArrayDataset:
             raise ConfigError(f"dataset {self.name!r}: holdout fraction must be in (0, 1), got {fraction}")
         if not is_seed(seed):  # torch reduces mod 2**64 (2**64 - 1 held out what -1 did); int(1.5) is 1
             raise ConfigError(f"dataset {self.name!r}: holdout seed must be {SEED_RANGE}, got {seed!r}")
-        perm = torch.randperm(len(self), generator=torch_generator(seed))
         n_held = int(round(fraction * len(self)))
+        if n_held in (0, len(self)):  # an empty validation part (or rest) gave no error until far later
+            raise ConfigError(f"dataset {self.name!r}: holdout fraction {fraction} of {len(self)} examples sets aside "
+                              f"{n_held}, leaving one part empty")
+        perm = torch.randperm(len(self), generator=torch_generator(seed))
         return self.subset(perm[n_held:]), self.subset(perm[:n_held])
 
 
