@@ -120,10 +120,20 @@ def test_absurd_frame_length_names_the_file(tmp_path):
 
 
 def test_cifar_num_classes_is_10_or_100(tmp_path):
+    from modelatlas.data.cifar import load_cifar
     from modelatlas.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"num_classes=20: CIFAR has 10 .* or 100"):
-        load_dataset("cifar10", "train", root=tmp_path, num_classes=20)
+        load_cifar("train", root=tmp_path, num_classes=20)
+
+
+def test_cifar10_has_no_num_classes_option(tmp_path):
+    """load_dataset("cifar10", num_classes=100) loaded CIFAR-100 named 'cifar100', whose saved dataset_kwargs
+    (num_classes, an option 'cifar100' does not take) then failed to reload for re-evaluation."""
+    from modelatlas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset 'cifar10' has no option 'num_classes'; its options: root$"):
+        load_dataset("cifar10", "train", root=tmp_path, num_classes=100)
 
 
 @pytest.mark.parametrize("names", [7, [b"a"] * 9 + [3], {"x": 1}])

@@ -275,9 +275,13 @@ def _class_names(path: Path, key: str, num_classes: int) -> list[str]:
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in raw]
 
 
+def _load_cifar10(split: str, root: str | Path | None = None) -> ArrayDataset:
+    return load_cifar(split, root, num_classes=10)  # not load_cifar itself: num_classes=100 made it CIFAR-100
+
+
 def _load_cifar100(split: str, root: str | Path | None = None) -> ArrayDataset:
     return load_cifar(split, root, num_classes=100)
 
 
-register_dataset("cifar10", load_cifar, "CIFAR-10 python-format batches (root=, restricted unpickler)")
+register_dataset("cifar10", _load_cifar10, "CIFAR-10 python-format batches (root=, restricted unpickler)")
 register_dataset("cifar100", _load_cifar100, "CIFAR-100 python-format batches, fine labels (root=, restricted unpickler)")
