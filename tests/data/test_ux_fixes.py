@@ -95,6 +95,8 @@ def test_a_list_containing_itself_is_refused(tmp_path):
     ("mnist5k", {"seed": -2**63 - 1}, r"dataset 'mnist5k': seed must be an integer from -2\*\*63 to 2\*\*63 - 1"),
     ("image-folder", {"root": ".", "seed": 2**64}, r"dataset 'image-folder': seed must be an integer from -2\*\*63"),
     ("image-folder", {"root": ".", "size": 0}, "dataset 'image-folder': size must be an integer >= 1, got 0"),
+    ("image-folder", {"root": ".", "channels": True}, r"channels must be 1 \(grayscale\) or 3 \(RGB\), got True"),
+    ("image-folder", {"root": ".", "channels": 3.0}, r"channels must be 1 \(grayscale\) or 3 \(RGB\), got 3.0"),
     ("image-folder", {"root": ".", "test_fraction": -0.1}, r"test_fraction must be a number in \[0, 1\)"),
 ])
 def test_loader_options_are_checked_naming_the_key(name, kwargs, message):
