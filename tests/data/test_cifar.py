@@ -142,3 +142,12 @@ def test_malformed_label_names_in_the_meta_file_are_named(tmp_path, names):
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=4))
     with pytest.raises(CheckpointError, match="batches.meta.*'label_names' must be a list of 10 class names"):
         load_dataset("cifar10", "train", root=tmp_path)
+
+
+def test_cifar_root_that_is_the_archive_says_to_extract_it(tmp_path):
+    """--data-root cifar-10-python.tar.gz said '.../cifar-10-python.tar.gz/data_batch_1 not found'."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatasetNotFoundError, match=f"cifar10: {archive} is a file, not a folder; extract the archive "
+                                                   r"\(tar xzf\) and pass the folder it makes"):
+        load_dataset("cifar10", "train", root=archive)

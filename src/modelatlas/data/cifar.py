@@ -235,6 +235,9 @@ def _resolve(root: str | Path | None, env: str, sub: str, name: str) -> Path:
     if root is None and not os.environ.get(env):
         raise DatasetNotFoundError(f"{name}: no folder given; pass --data-root DIR (root=: the {sub}/ folder "
                                    f"from the official python-version archive) or set ${env}")
+    if folder.is_file():  # the downloaded archive itself: "<archive>/data_batch_1 not found" hid that
+        raise DatasetNotFoundError(f"{name}: {folder} is a file, not a folder; extract the archive (tar xzf) and pass "
+                                   f"the folder it makes ({sub}/ or its parent)")
     return folder
 
 
