@@ -155,19 +155,19 @@ def test_poster_png_of_two_channel_images():
     from modelatlas.distill.methods.podd.render import render_poster
 
     data = ArrayDataset("two", torch.rand(8, 2, 4, 4), torch.arange(2).repeat(4), ["a", "b"])
-    syn = distill("podd", data, 1, config={**TINY, "iterations": 0, "class_order": "natural", "batch_real": 4})
+    syn = distill("podd", data, 1, config={**TINY, "iterations": 1, "class_order": "natural", "batch_real": 4})
     assert render_poster(syn).startswith(b"\x89PNG")
 
 
 def make_stored_poster(folder, tensors=None, layout=None):
-    """A tiny poster result folder (2 classes of 4x4 images, 0 iterations), its stored tensors / layout edited."""
+    """A tiny poster result folder (2 classes of 4x4 images, 1 iteration), its stored tensors / layout edited."""
     from safetensors.torch import load_file, save_file
 
     from modelatlas.data.registry import ArrayDataset
     from modelatlas.distill.result import write_result
 
     data = ArrayDataset("toy", torch.rand(8, 1, 4, 4), torch.arange(2).repeat(4), ["a", "b"])
-    syn = distill("podd", data, 1, config={**TINY, "iterations": 0, "class_order": "natural", "batch_real": 4})
+    syn = distill("podd", data, 1, config={**TINY, "iterations": 1, "class_order": "natural", "batch_real": 4})
     write_result(folder, syn, None, {"method": "podd", "dataset": "toy"}, losses=[])
     state = load_file(str(folder / "synthetic.safetensors"))
     for key, value in (tensors or {}).items():

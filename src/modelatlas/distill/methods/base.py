@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,10 +32,14 @@ class MethodConfig:
     width: int | None = None
     depth: int | None = None
     checkpoint_every: int = 50
+    # 0 only where no iteration still does something (a method that ignores them, HeLlO's projector-only run);
+    # elsewhere iterations=0 returned the untouched start, scored and saved as the method's result
+    min_iterations: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
+        if self.iterations < self.min_iterations:
+            why = " (0 would return the starting set unchanged)" if self.min_iterations else ""
+            raise ConfigError(f"iterations must be >= {self.min_iterations}{why}, got {self.iterations}")
         if self.net not in NET_NAMES:
             raise ConfigError(f"net must be one of {', '.join(NET_NAMES)}, got {self.net!r}")
         for name in ("width", "depth"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from modelatlas.distill.methods.base import MethodConfig, check_choice, check_positive
 from modelatlas.errors import ConfigError
@@ -27,6 +28,7 @@ class HelloConfig(MethodConfig):
     """
 
     iterations: int = 100
+    min_iterations: ClassVar[int] = 0
     teacher_steps: int = 500
     lr_teacher: float = 0.01
     batch_real: int = 256

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from modelatlas.distill.methods.base import MethodConfig, check_positive
 from modelatlas.errors import ConfigError
@@ -14,6 +15,7 @@ class HerdingConfig(MethodConfig):
     paper's baseline), "random" (an untrained ConvNet) or "pixels". ``iterations`` is unused."""
 
     iterations: int = 0
+    min_iterations: ClassVar[int] = 0
     embed: str = "trained"
     train_steps: int = 300
     lr: float = 0.01

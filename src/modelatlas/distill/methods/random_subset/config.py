@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from modelatlas.distill.methods.base import MethodConfig
 
@@ -12,3 +13,4 @@ class RandomConfig(MethodConfig):
     """No optimisation: ``iterations`` is ignored."""
 
     iterations: int = 0
+    min_iterations: ClassVar[int] = 0
