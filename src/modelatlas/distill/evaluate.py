@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA, DSAParams
-from modelatlas.distill.nets import MAX_WIDTH, make_net, pick_device
+from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, make_net, pick_device
 from modelatlas.distill.synthetic import SyntheticSet, sample_per_class
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
@@ -74,6 +74,8 @@ class EvalProtocol:
                 raise ConfigError(f"eval {name} must be >= 1, got {getattr(self, name)}")
         if self.width > MAX_WIDTH:  # a hand-edited result.json's width 100000: an allocator traceback
             raise ConfigError(f"eval width must be at most {MAX_WIDTH:,}, got {self.width:,}")
+        if self.depth > MAX_DEPTH:
+            raise ConfigError(f"eval depth must be at most {MAX_DEPTH}, got {self.depth:,}")
 
     def resolved(self, learned_lr: float | None = None) -> EvalProtocol:
         """A copy with every default filled in."""

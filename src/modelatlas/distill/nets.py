@@ -20,6 +20,7 @@ from modelatlas.errors import ConfigError
 
 NET_NAMES = ("convnet", "mlp")
 MAX_WIDTH = 2**14  # 16,384: a ConvNet layer of ~2.4e9 weights (9.7 GB); the standard nets are 64-128 wide
+MAX_DEPTH = 64  # an MLP of depth 10**6 spent minutes building layers; a ConvNet fits log2(side) (<= ~10)
 
 
 def _norm(kind: str, width: int, one_d: bool = False) -> nn.Module:

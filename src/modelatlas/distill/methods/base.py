@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from modelatlas.distill.loop import OuterLoop
-from modelatlas.distill.nets import MAX_WIDTH, NET_NAMES, default_net
+from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, NET_NAMES, default_net
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
@@ -49,6 +49,8 @@ class MethodConfig:
         if self.width is not None and self.width > MAX_WIDTH:  # 100000 ended in an allocator traceback
             raise ConfigError(f"width must be at most {MAX_WIDTH:,} (a ConvNet layer holds ~9 x width**2 weights), "
                               f"got {self.width:,}; lower --set width=...")
+        if self.depth is not None and self.depth > MAX_DEPTH:
+            raise ConfigError(f"depth must be at most {MAX_DEPTH}, got {self.depth:,}; lower --set depth=...")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
