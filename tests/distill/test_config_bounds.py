@@ -1,9 +1,25 @@
-"""Bounds of the method config fields: a meaningless or runaway value is refused naming the field."""
+"""Bounds of the settings: a meaningless, aliased or runaway value is refused naming the field."""
+
+import json
 
 import pytest
+import torch
 
-from modelatlas.distill import methods
-from modelatlas.errors import ConfigError
+from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill import (
+    EvalProtocol,
+    distill,
+    evaluate_result,
+    evaluate_synthetic,
+    methods,
+    run_distillation,
+)
+from modelatlas.errors import CheckpointError, ConfigError
+
+
+def make_toy(k=2, n=3, shape=(1, 8, 8)):
+    x = torch.rand(k * n, *shape, generator=torch.Generator().manual_seed(0))
+    return ArrayDataset("toy", x, torch.arange(k).repeat_interleave(n), [f"c{i}" for i in range(k)])
 
 OPTIMISING = ("dc", "dsa", "dm", "mtt", "ratbptt", "podd", "teddy")
 
@@ -37,3 +53,27 @@ def test_eval_protocol_depth_is_capped():
 
     with pytest.raises(ConfigError, match=f"eval depth must be at most {MAX_DEPTH}, got 1,000,000"):
         EvalProtocol(net="mlp", depth=10**6)
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1, 1.5, True])
+def test_out_of_range_seeds_are_refused(tmp_path, seed):
+    # 2**64 ran as seed 0 (derive_seed keeps 64 bits), 1.5 as seed 1
+    data = make_toy()
+    with pytest.raises(ConfigError, match=r"seed must be an integer from -2\*\*63 to 2\*\*63 - 1, got "):
+        distill("random", data, 1, seed=seed)
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        run_distillation("random", data, 1, tmp_path / "out", seed=seed, dataset_test=data, eval_nets=1, eval_epochs=1)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        evaluate_synthetic(distill("random", data, 1), data, EvalProtocol(num_nets=1, epochs=1, width=8), seed=seed)
+
+
+def test_reevaluation_seeds_are_checked(tmp_path):
+    data = make_toy()
+    run_distillation("random", data, 1, tmp_path, dataset_test=data, eval_nets=1, eval_epochs=1)
+    with pytest.raises(ConfigError, match="seed must be an integer from"):
+        evaluate_result(tmp_path, seed=2**64, dataset_test=data)
+    info = json.loads((tmp_path / "result.json").read_text())
+    (tmp_path / "result.json").write_text(json.dumps({**info, "seed": 2**64}))
+    with pytest.raises(CheckpointError, match=r"result.json.*seed must be an integer from .*got 18446744073709551616"):
+        evaluate_result(tmp_path, dataset_test=data)

@@ -199,7 +199,7 @@ def result_folder(tmp_path):
     (lambda f: set_protocol(f, epochs=2.5), "result.json", r"evaluation.protocol.epochs must be a number \(integer"),
     (lambda f: set_protocol(f, lr="x"), "result.json", "evaluation.protocol.lr must be a number, got 'x'"),
     (lambda f: set_protocol(f, kind="foo"), "result.json", "evaluation.protocol: eval protocol kind must be"),
-    (lambda f: set_result(f, seed="x"), "result.json", "seed must be an integer, got 'x'"),
+    (lambda f: set_result(f, seed="x"), "result.json", r"seed must be an integer from -2\*\*63 to 2\*\*63 - 1, got 'x'"),
     (lambda f: set_result(f, dataset_kwargs=[1]), "result.json", r"dataset_kwargs must be an object, got \[1\]"),
 ])
 def test_damaged_result_files_are_named(result_folder, damage, file, message):

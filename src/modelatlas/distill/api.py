@@ -27,12 +27,13 @@ from modelatlas.distill.splits import check_class_names, check_splits
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.progress import Progress
+from modelatlas.seeding import SEED_RANGE, is_seed
 
 
 def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
          checkpoint_dir: str | Path | None, resume: bool, device,
          init: SyntheticSet | None = None) -> tuple[SyntheticSet, DistillContext, object]:
-    spec = check_start(method, ipc, init is not None)
+    spec = check_start(method, ipc, init is not None, seed)
     cfg = spec.make_config(config)
     ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)
@@ -49,11 +50,13 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
     return syn, ctx, cfg
 
 
-def check_start(method: str, ipc: int, has_init: bool):
-    """The method's spec, or a ConfigError for an ipc below 1 or a starting set the method cannot take;
-    checked before anything is written."""
+def check_start(method: str, ipc: int, has_init: bool, seed: int = 0):
+    """The method's spec, or a ConfigError for an ipc below 1, a seed out of range (2**64 ran as seed 0) or a
+    starting set the method cannot take; checked before anything is written."""
     if ipc < 1:
         raise ConfigError(f"ipc must be >= 1, got {ipc}")
+    if not is_seed(seed):
+        raise ConfigError(f"seed must be {SEED_RANGE}, got {seed!r}")
     spec = methods.get(method)
     if has_init and not spec.accepts_init:
         takers = ", ".join(n for n in methods.available() if methods.get(n).accepts_init)
@@ -117,7 +120,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     wall time of a resumed run adds up its parts. Returns the ``result.json`` dict."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
-    check_start(method, ipc, init_from is not None)
+    check_start(method, ipc, init_from is not None, seed)
     config = _resumed_iterations(out, config, resume)
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":

@@ -30,7 +30,7 @@ from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, make_net, pick_device
 from modelatlas.distill.synthetic import SyntheticSet, sample_per_class
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
-from modelatlas.seeding import derive_seed, torch_generator
+from modelatlas.seeding import SEED_RANGE, derive_seed, is_seed, torch_generator
 
 # (augmented batch, its indices into the set, epoch) -> targets (hard (B,) or soft (B, K)).
 LabelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -177,6 +177,8 @@ def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset,
                      crop_seed: int | None = None) -> EvalResult:
     """Train ``protocol.num_nets`` fresh nets on (x, targets) and test each on ``test`` (``label_fn``,
     ``crop_seed``: see :func:`train_network`)."""
+    if not is_seed(seed):  # 2**64 trained the nets of seed 0
+        raise ConfigError(f"seed must be {SEED_RANGE}, got {seed!r}")
     dev = pick_device(device)
     p = protocol.resolved(learned_lr)
     x, targets = x.detach().to(dev), targets.detach().to(dev)

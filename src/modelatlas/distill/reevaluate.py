@@ -13,6 +13,7 @@ from modelatlas.distill.result import RESULT_JSON, load_result, update_result
 from modelatlas.distill.splits import check_fits, check_test_split
 from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from modelatlas.progress import Progress
+from modelatlas.seeding import SEED_RANGE, is_seed
 
 
 def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epochs: int | None = None,
@@ -22,6 +23,8 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
     """Re-evaluate a saved result folder on its dataset's test split (with its saved transform); stores the
     new evaluation under ``reevaluation`` in ``result.json`` when ``save``. ``dataset_kwargs`` override the
     saved ones (e.g. ``root``: the data now lives elsewhere). Returns the evaluation dict."""
+    if seed is not None and not is_seed(seed):
+        raise ConfigError(f"seed must be {SEED_RANGE}, got {seed!r}")
     syn, tf, info = load_result(folder)
     if not isinstance(info.get("dataset"), str):
         raise CheckpointError(Path(folder) / RESULT_JSON, "has no 'dataset' name (edited, or not a result.json of "
@@ -78,8 +81,8 @@ def _saved_settings(path: Path, info: dict, seed: int | None) -> tuple[EvalProto
     except ConfigError as e:
         raise CheckpointError(path, f"evaluation.protocol: {e}") from None
     seed, data_kw = info.get("seed", 0) if seed is None else seed, info.get("dataset_kwargs") or {}
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CheckpointError(path, f"seed must be an integer, got {seed!r}; or pass --seed")
+    if not is_seed(seed):
+        raise CheckpointError(path, f"seed must be {SEED_RANGE}, got {seed!r}; or pass --seed")
     if not isinstance(data_kw, dict):
         raise CheckpointError(path, f"dataset_kwargs must be an object, got {data_kw!r}")
     return proto, seed, data_kw
