@@ -188,3 +188,18 @@ def test_hand_edited_checkpoint_json_is_named(tmp_path, key, value, message):
     (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=f"checkpoint.json: {message}; delete the checkpoint folder"):
         OuterLoop(4, seed=1, checkpoint_dir=tmp_path, resume=True).run(step, {"synthetic": syn, "optimizer": opt})
+
+
+def test_resume_of_a_finished_run_adds_no_wall_time(tmp_path):
+    from modelatlas.distill import run_distillation
+
+    data = load_dataset("digits", "train").subset(torch.arange(100))
+    cfg = {"iterations": 1, "width": 8, "batch_real": 8}
+    run_distillation("dm", data, 1, tmp_path, cfg, dataset_test=data, eval_nets=1, eval_epochs=1, baseline=False)
+    ckpt = tmp_path / "checkpoint" / "checkpoint.json"
+    ckpt.write_text(json.dumps({**json.loads(ckpt.read_text()), "wall_time_s": 1000.0}))
+    # another evaluation scores the set again, but no iteration was left: the setup (~1 s: torch's first
+    # optimiser imports torch._dynamo) was added to the distillation time on every such resume
+    info = run_distillation("dm", data, 1, tmp_path, cfg, dataset_test=data, eval_nets=2, eval_epochs=1,
+                            baseline=False, resume=True)
+    assert info["wall_time_s"] == 1000.0 and info["resumed"]

@@ -106,16 +106,19 @@ class DistillContext:
     init: SyntheticSet | None = None  # start from this set instead of ``config.init`` (see init_synthetic)
     wall_offset: float = 0.0  # seconds the earlier parts of a resumed run took
     started: float = field(default_factory=time.perf_counter)
+    idle: bool = False  # a resume of a finished run: this part distilled nothing
 
     def elapsed(self) -> float:
-        """Wall seconds of the run so far, earlier parts of a resumed run included."""
-        return self.wall_offset + time.perf_counter() - self.started
+        """Wall seconds of the run so far, earlier parts of a resumed run included (only those, when this part
+        found no iteration left: its setup, ~1 s, was added to the run's time by every such resume)."""
+        return self.wall_offset + (0.0 if self.idle else time.perf_counter() - self.started)
 
     def run_loop(self, iterations: int, checkpoint_every: int, step, states: dict, desc: str) -> list[float]:
         """Run an :class:`~modelatlas.distill.loop.OuterLoop` and keep its loss history in ``self.losses``."""
         loop = OuterLoop(iterations, self.seed, self.progress, self.checkpoint_dir, checkpoint_every,
                          self.resume, desc, clock=self.elapsed)
         self.losses = loop.run(step, states)
+        self.idle = self.resume and 0 < loop.start == loop.iterations
         return self.losses
 
 
