@@ -77,3 +77,14 @@ def test_reevaluation_seeds_are_checked(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({**info, "seed": 2**64}))
     with pytest.raises(CheckpointError, match=r"result.json.*seed must be an integer from .*got 18446744073709551616"):
         evaluate_result(tmp_path, dataset_test=data)
+
+
+@pytest.mark.parametrize("kw,message", [({"eval_nets": 0}, "eval num_nets must be >= 1, got 0"),
+                                        ({"eval_epochs": 0}, "eval epochs must be >= 1, got 0")])
+def test_an_invalid_evaluation_is_refused_before_distilling(tmp_path, kw, message):
+    # it was checked only once the set was distilled (hours, for a real run), and the set was lost
+    data = make_toy()
+    with pytest.raises(ConfigError, match=message):
+        run_distillation("dm", data, 1, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=data,
+                         **{"eval_nets": 1, "eval_epochs": 1, **kw})
+    assert not (tmp_path / "out").exists()

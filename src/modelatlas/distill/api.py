@@ -130,12 +130,13 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     init_from = None if init_from is None else str(Path(init_from).resolve())
     init = None if init_from is None else _init_set(init_from, train, tf)
     cfg = methods.get(method).make_config(config)
+    # checked before distilling: eval_nets=0 failed once the set was made, and took it along
+    proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
                                                                       init, cfg), _default_net(cfg, train))
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
-    proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
     info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),
             "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": ctx.wall_offset > 0,
