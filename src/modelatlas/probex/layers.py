@@ -21,7 +21,7 @@ def as_matrix(tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor:
     """A weight tensor as a float32 matrix (d_H, d_W). 1-D tensors (biases, norms) are refused."""
     if tensor.ndim < 2:
         raise ConfigError(f"layer {name!r} has shape {tuple(tensor.shape)}; ProbeX needs a matrix or conv "
-                          "kernel (pick a weight with --layer)")
+                          "kernel (pick a weight, not a bias or norm)")
     return tensor.float().reshape(tensor.shape[0], -1)  # (out, in) or (out, in*k*k)
 
 
