@@ -208,3 +208,16 @@ def test_an_index_file_given_as_a_model_names_what_to_give(tmp_path, name, hint)
     (tmp_path / name).write_text("{}")  # it said only 'unknown checkpoint format'
     with pytest.raises(CheckpointError, match="unknown checkpoint format; " + hint.replace("(", r"\(").replace(")", r"\)")):
         discover_models([tmp_path / name])
+
+
+def test_a_broken_link_in_a_folder_of_models_is_reported_not_dropped(tmp_path):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    save_file({"w": torch.zeros(2)}, str(zoo / "a.safetensors"))
+    (zoo / "b.safetensors").symlink_to(tmp_path / "gone.safetensors")  # its target was moved or deleted
+    paths = discover_models([zoo])
+    assert [p.name for p in paths] == ["a.safetensors", "b.safetensors"]
+    models = open_many(paths)
+    assert [ck.name for ck in models] == ["a"]
+    assert models.skipped[0][1] == f"{zoo / 'b.safetensors'}: a link to {tmp_path / 'gone.safetensors'}, which " \
+                                   "does not exist"

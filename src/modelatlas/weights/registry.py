@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modelatlas.errors import CheckpointError, UnknownFormatError
 from modelatlas.plugins import import_plugins
-from modelatlas.weights.base import Checkpoint, _stem, named_by_folder
+from modelatlas.weights.base import Checkpoint, _file_stem, _stem, named_by_folder
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
 
@@ -142,7 +142,14 @@ def _resolve_missing(path: Path, **kwargs) -> Checkpoint:
         ck = resolve(path.as_posix(), **kwargs)
         if ck is not None:
             return ck
-    raise CheckpointError(path, "no such file or folder")
+    raise missing_error(path)
+
+
+def missing_error(path: Path) -> CheckpointError:
+    """Why a path that does not exist cannot be opened; for a broken link, where it points."""
+    if path.is_symlink():
+        return CheckpointError(path, f"a link to {os.readlink(path)}, which does not exist")
+    return CheckpointError(path, "no such file or folder")
 
 
 def _is_resolvable(path: Path) -> bool:
@@ -200,7 +207,7 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             found.append(p)
             continue
         if not p.exists():
-            raise CheckpointError(p, "no such file or folder")
+            raise missing_error(p)
         if is_model(p):
             found.append(p)
         elif p.is_dir():
@@ -230,6 +237,8 @@ def _models_in(folder: Path) -> list[Path]:
 
 
 def _child_models(c: Path) -> list[Path]:
+    if c.is_symlink() and not c.exists():  # a model file whose target is gone: reported when opened, not dropped
+        return [c] if _file_stem(c.name) is not None else []
     if is_model(c) and not _orphan_shard(c):
         return [c]
     if c.is_dir():
