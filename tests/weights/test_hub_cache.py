@@ -146,3 +146,11 @@ def test_a_short_commit_opens_its_snapshot(cache):
         open_checkpoint("org/tiny@aaaaaaa")
     with pytest.raises(CheckpointError, match=r"revision 'ccccccc' of 'org/tiny' is not in the local"):
         open_checkpoint("org/tiny@ccccccc")
+
+
+def test_a_snapshot_whose_blob_is_gone_names_the_broken_link(cache):
+    snap = make_cached_model(cache)
+    blob = (snap / "model.safetensors").resolve()
+    blob.unlink()  # pruned from blobs/ (or a download cut short), the snapshot's link left behind
+    with pytest.raises(CheckpointError, match=f"model.safetensors is a link to {blob}, which does not exist"):
+        open_checkpoint("org/tiny")

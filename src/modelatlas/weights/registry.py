@@ -89,6 +89,12 @@ def _orphan_shard(path: Path) -> bool:
     return bool(_SHARD.search(path.name)) and path.is_file() and not any(path.parent.glob("*.index.json"))
 
 
+def _broken_weights_link(path: Path) -> bool:
+    """A link named like a weights file or shard index whose target does not exist."""
+    named = _file_stem(path.name) is not None or path.name.endswith(".index.json")
+    return named and path.is_symlink() and not path.exists()
+
+
 def folder_problem(path: Path) -> str | None:
     """Why folder ``path`` looks like one model that no reader opens (a download without its weights, a hub cache
     entry, an export in another layout such as ``run/model.onnx`` opened as a folder), else None: the reason
@@ -100,6 +106,10 @@ def folder_problem(path: Path) -> str | None:
         repo = path.name.removeprefix("models--").replace("--", "/")
         return (f"a Hugging Face cache entry, not a model folder; give its hub id {repo} (with HF_HUB_CACHE="
                 f"{path.parent} if that is not your cache) or one of its snapshots/<commit> folders")
+    broken = sorted(c for c in path.iterdir() if _broken_weights_link(c))
+    if broken:  # a hub cache snapshot whose blob was pruned: "no weights file" sent users looking for a typo
+        return (f"{broken[0].name} is a link to {os.readlink(broken[0])}, which does not exist (a blob deleted "
+                "from the Hugging Face cache, or a copy that kept the link): fetch the model again")
     shards = sorted(c.name for c in path.iterdir() if _orphan_shard(c))
     if shards:
         return (f"holds the shards {', '.join(shards[:2])}{', ...' if len(shards) > 2 else ''} of one model but no "
