@@ -79,6 +79,8 @@ def test_index_lies_about_a_tensor(tmp_path):
     ('{"weight_map": {"a": "/etc/passwd"}}', "bad shard file '/etc/passwd' for tensor 'a': must be a file name"),
     ("[" * 100_000 + "]" * 100_000, "corrupt shard index: JSON nested too deeply"),  # was RecursionError
     ('{"weight_map": ' + "9" * 5000 + "}", "corrupt shard index: Exceeds the limit"),  # was ValueError
+    # json keeps the last of two entries for a tensor, another reader the first: two tools, two tensors
+    ('{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}', "corrupt shard index: key 'a' appears twice"),
 ])
 def test_corrupt_index(tmp_path, content, message):
     (tmp_path / "m").mkdir()

@@ -17,7 +17,7 @@ import torch
 from modelatlas.errors import CheckpointError, TensorNotFoundError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, folder_name
 from modelatlas.weights.registry import register_format
-from modelatlas.weights.safetensors_format import SafetensorsCheckpoint
+from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, _unique_keys
 from modelatlas.weights.torch_pickle import TorchPickleCheckpoint
 
 # (file name, is an index), in order of preference.
@@ -42,10 +42,10 @@ def read_weight_map(index: Path) -> dict[str, str]:
     Every shard must be a plain file name inside the index's folder (no ``..``) and must exist.
     """
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError as e:
         raise CheckpointError(index, "corrupt shard index: JSON nested too deeply") from e
-    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, a 5,000-digit integer
+    except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, a 5,000-digit integer, a repeated key
         raise CheckpointError(index, f"corrupt shard index: {error_line(e)}") from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
