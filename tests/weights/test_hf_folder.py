@@ -140,3 +140,37 @@ def test_a_file_of_a_model_folder_given_alone_names_the_folder(tmp_path):
         with pytest.raises(UnknownFormatError, match=rf"config.json: unknown checkpoint format.*; config.json is part "
                                                      rf"of the model folder {folder}: give the folder$"):
             call(folder / "config.json")
+
+
+def test_a_folder_saved_with_a_variant_is_one_model(tmp_path):
+    # save_pretrained(variant="fp16") names its files model.fp16.safetensors, model.safetensors.index.fp16.json
+    # and model.fp16-00001-of-00002.safetensors: such a folder was "config.json but no weights file"
+    single = tmp_path / "zoo" / "single"
+    single.mkdir(parents=True)
+    save_file(TENSORS, str(single / "model.fp16.safetensors"))
+    (single / "config.json").write_text("{}")
+    sharded = make_sharded(tmp_path / "zoo" / "sharded")
+    for shard in ("model-00001-of-00002", "model-00002-of-00002"):
+        (sharded / f"{shard}.safetensors").rename(sharded / f"{shard.replace('model', 'model.fp16')}.safetensors")
+    index = sharded / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace("model-", "model.fp16-"))
+    index.rename(sharded / "model.safetensors.index.fp16.json")
+    (sharded / "config.json").write_text("{}")
+    assert [p.name for p in discover_models([tmp_path / "zoo"])] == ["sharded", "single"]
+    for name in ("single", "sharded"):
+        with open_checkpoint(tmp_path / "zoo" / name) as ck:
+            assert ck.format == "hf-folder"
+            check_model(ck, name)
+    (single / "config.json").unlink()  # a folder of models, one of them model.fp16: not one model
+    assert discover_models([single]) == [single / "model.fp16.safetensors"]
+
+
+def test_a_folder_with_two_variants_names_them(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for variant in ("fp16", "bf16"):
+        save_file(TENSORS, str(folder / f"model.{variant}.safetensors"))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds the variants model\.bf16\.safetensors, model\.fp16\."
+                                              r"safetensors and no model\.safetensors: give one of the files"):
+        open_checkpoint(folder)

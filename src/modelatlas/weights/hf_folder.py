@@ -10,6 +10,7 @@ header checks and the pickle security policy apply unchanged. The model's name i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ LAYOUTS = (
     ("pytorch_model.bin", False),
     ("pytorch_model.bin.index.json", True),
 )
+
+# transformers' _add_variant puts the variant before the last suffix: model.fp16.safetensors, model.safetensors.
+# index.fp16.json; no "-" in it, so that its shards (model.fp16-00001-of-00002.safetensors) are not variants
+_VARIANT = [re.compile(re.escape(name.rpartition(".")[0]) + r"\.(?P<variant>\w+)\." + name.rpartition(".")[2] + "$")
+            for name, _ in LAYOUTS]
 
 
 def open_weight_file(path: Path) -> Checkpoint:
@@ -125,10 +131,34 @@ class HFFolderCheckpoint(Checkpoint):
 
 
 def find_layout(path: Path) -> tuple[str, bool] | None:
-    """The first HF weight layout present in folder ``path`` (file name, is an index), or None."""
+    """The first HF weight layout present in folder ``path`` (file name, is an index), or None. Without one,
+    the layout of the folder's only variant (``save_pretrained(variant="fp16")``: ``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``... beside ``config.json``); None when it holds two (which one?)."""
     if not path.is_dir():
         return None
-    return next((lay for lay in LAYOUTS if (path / lay[0]).is_file()), None)
+    found = next((lay for lay in LAYOUTS if (path / lay[0]).is_file()), None)
+    if found is not None:
+        return found
+    variants = variant_files(path)
+    if len({variant for _, variant, _ in variants}) != 1:
+        return None
+    name, _, rank = min(variants, key=lambda v: v[2])  # in LAYOUTS' order
+    return name, LAYOUTS[rank][1]
+
+
+def variant_files(path: Path) -> list[tuple[str, str, int]]:
+    """(file name, variant, rank in LAYOUTS) of the variant weight files in model folder ``path``, sorted by
+    name; none without the ``config.json`` that save_pretrained writes (a folder of models holding a
+    ``model.final.safetensors`` is not one model)."""
+    if not (path / "config.json").is_file():
+        return []
+    found = []
+    for child in sorted(path.iterdir()):
+        for rank, pattern in enumerate(_VARIANT):
+            m = pattern.match(child.name)
+            if m and child.is_file():
+                found.append((child.name, m["variant"], rank))
+    return found
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -86,13 +86,25 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")  # model-00001-of-00
 def _orphan_shard(path: Path) -> bool:
     """A shard of a sharded model whose folder has no ``*.index.json`` (copied with ``*.safetensors``): read
     alone, each shard was a model of its own, and one model became several trees."""
-    return bool(_SHARD.search(path.name)) and path.is_file() and not any(path.parent.glob("*.index.json"))
+    return bool(_SHARD.search(path.name)) and path.is_file() and not any(path.parent.glob("*.index*.json"))
 
 
 def _broken_weights_link(path: Path) -> bool:
     """A link named like a weights file or shard index whose target does not exist."""
     named = _file_stem(path.name) is not None or path.name.endswith(".index.json")
     return named and path.is_symlink() and not path.exists()
+
+
+def _variant_problem(path: Path) -> str | None:
+    """Why a folder of two variants is no model (:func:`~modelatlas.weights.hf_folder.find_layout` opens a
+    folder of one), else None."""
+    from modelatlas.weights.hf_folder import LAYOUTS, variant_files
+
+    found = variant_files(path)
+    if not found:
+        return None
+    names = ", ".join(name for name, _, _ in found)
+    return f"holds the variants {names} and no {LAYOUTS[found[0][2]][0]}: give one of the files"
 
 
 def folder_problem(path: Path) -> str | None:
@@ -110,6 +122,9 @@ def folder_problem(path: Path) -> str | None:
     if broken:  # a hub cache snapshot whose blob was pruned: "no weights file" sent users looking for a typo
         return (f"{broken[0].name} is a link to {os.readlink(broken[0])}, which does not exist (a blob deleted "
                 "from the Hugging Face cache, or a copy that kept the link): fetch the model again")
+    variants = _variant_problem(path)
+    if variants:
+        return variants
     shards = sorted(c.name for c in path.iterdir() if _orphan_shard(c))
     if shards:
         return (f"holds the shards {', '.join(shards[:2])}{', ...' if len(shards) > 2 else ''} of one model but no "
