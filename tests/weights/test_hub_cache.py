@@ -88,12 +88,25 @@ def test_local_path_wins_and_file_paths_are_not_ids(cache, tmp_path):
 
 
 def test_cache_dir_environment(monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):  # whatever the developer's shell sets
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert hub_cache_dir() == tmp_path / "hf" / "hub"
     monkeypatch.delenv("HF_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
+
+
+def test_cache_dir_follows_huggingface_hub_in_full(monkeypatch, tmp_path):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # was ignored: ~/.cache looked up instead
+    assert hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))  # the older name, still honoured
+    assert hub_cache_dir() == tmp_path / "legacy"
+    monkeypatch.setenv("WHERE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", "$WHERE/hub")  # expanded, as huggingface_hub does
+    assert hub_cache_dir() == tmp_path / "hub"
 
 
 def test_discover_keeps_hub_ids(cache):

@@ -1,9 +1,8 @@
 """Hugging Face hub ids (``org/name``, a bare ``name`` such as ``gpt2``, either with ``@revision``) resolved
 from the LOCAL hub cache only.
 
-modelatlas never downloads. The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-``~/.cache/huggingface/hub``, in the layout ``huggingface_hub`` writes:
-``models--org--name/refs/<branch>`` holds a commit hash and ``models--org--name/snapshots/<hash>/`` holds the
+modelatlas never downloads. The cache is found as huggingface_hub finds it (:func:`hub_cache_dir`), in the
+layout ``huggingface_hub`` writes: ``models--org--name/refs/<branch>`` holds a commit hash and ``models--org--name/snapshots/<hash>/`` holds the
 files (usually links into ``blobs/``). The snapshot folder is then opened like any model folder.
 """
 
@@ -25,11 +24,13 @@ _SHORT = re.compile(r"^[0-9a-f]{7,39}$")  # a commit shortened as git and model 
 
 
 def hub_cache_dir() -> Path:
-    """The local hub cache folder, from the same environment variables huggingface_hub reads."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    """The local hub cache folder, from the environment variables huggingface_hub reads, in its order:
+    ``$HF_HUB_CACHE``, ``$HUGGINGFACE_HUB_CACHE`` (its older name), ``$HF_HOME/hub``,
+    ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``; ``~`` and ``$VAR`` expanded."""
+    for var, below in (("HF_HUB_CACHE", ()), ("HUGGINGFACE_HUB_CACHE", ()), ("HF_HOME", ("hub",)),
+                       ("XDG_CACHE_HOME", ("huggingface", "hub"))):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.path.expanduser(os.environ[var]))).joinpath(*below)
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
