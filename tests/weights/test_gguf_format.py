@@ -195,3 +195,12 @@ def test_big_endian_file(tmp_path):
     with open_checkpoint(p) as ck:
         assert torch.equal(ck.read("f32"), torch.from_numpy(F32))
         assert torch.equal(ck.read("i32"), torch.arange(4, dtype=torch.int32))
+
+
+def test_tensors_sharing_bytes_are_refused(tmp_path):
+    # llama.cpp refuses a tensor that does not start where the one before it ends; two tensors read from the
+    # same bytes were two copies of one weight
+    path = make_raw_gguf(tmp_path / "shared.gguf", tensors=((b"a", (3,), 0, 0), (b"b", (3,), 0, 8)))
+    with pytest.raises(CheckpointError, match=r"shared\.gguf: corrupt or truncated GGUF file: tensor 'b' \(bytes "
+                                              r"8\.\.20 of the data\) overlaps tensor 'a' \(bytes 0\.\.12\)"):
+        open_checkpoint(path)

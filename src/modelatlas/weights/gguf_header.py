@@ -175,4 +175,17 @@ def _tensors(cur: _Cursor, infos: list, data_start: int, gguf) -> list[GGUFTenso
             raise cur.fail(f"tensor {name!r} ({ggml_type.name}, shape {tuple(reversed(dims))}) needs bytes "
                            f"{start}..{start + nbytes}, but the file has {len(cur.buf)}")
         out[name] = GGUFTensor(name, ggml_type, tuple(reversed(dims)), start, nbytes, cur.order)
+    _check_overlaps(cur, list(out.values()), data_start)
     return list(out.values())
+
+
+def _check_overlaps(cur: _Cursor, tensors: list[GGUFTensor], data_start: int) -> None:
+    """Refuse two tensors whose byte ranges overlap (llama.cpp refuses any tensor that does not start where the
+    one before it ends): both would read the same bytes. Time O(tensors log tensors)."""
+    last = None
+    for t in sorted((t for t in tensors if t.nbytes), key=lambda t: t.offset):
+        if last is not None and t.offset < last.offset + last.nbytes:
+            a, b = t.offset - data_start, last.offset - data_start
+            raise cur.fail(f"tensor {t.name!r} (bytes {a}..{a + t.nbytes} of the data) overlaps tensor "
+                           f"{last.name!r} (bytes {b}..{b + last.nbytes})")
+        last = t
