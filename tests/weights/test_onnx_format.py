@@ -212,3 +212,12 @@ def test_external_read_is_bounded_by_the_shape(tmp_path):
     onnx.save_model(model, str(p))
     with open_checkpoint(p) as ck:
         assert torch.equal(ck.read("W"), torch.from_numpy(W))
+
+
+def test_an_initializer_listed_twice_is_refused(tmp_path):
+    # the ONNX checker refuses a name defined twice; the reader kept the last one, another tool the first
+    model = onnx.load(str(make_onnx(tmp_path / "net.onnx")))
+    model.graph.initializer.append(numpy_helper.from_array(W + 1, "W"))
+    onnx.save_model(model, str(tmp_path / "net.onnx"))
+    with pytest.raises(CheckpointError, match=r"net\.onnx: initializer 'W' is listed twice"):
+        open_checkpoint(tmp_path / "net.onnx")

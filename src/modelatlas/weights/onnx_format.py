@@ -56,6 +56,8 @@ def _initializers(path: Path, onnx, graph) -> dict:
     for t in graph.initializer:
         if t.data_type == onnx.TensorProto.STRING:
             continue
+        if t.name in out:  # ONNX defines a name once; the last copy was kept, where another tool may read the first
+            raise CheckpointError(path, f"initializer {t.name!r} is listed twice")
         try:
             np_dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         except (KeyError, TypeError, ValueError):
