@@ -140,7 +140,7 @@ def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:
     rx = re.compile(pattern)
     named = [t.name for t in ckpt.tensors() if rx.search(t.name)]
     if not named:
-        return f"no tensor matches --layers '{pattern}'"
-    return (f"--layers '{pattern}' matches only {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}, "
+        return f"no tensor matches the layers pattern '{pattern}'"
+    return (f"the layers pattern '{pattern}' matches only {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}, "
             "which are not float tensors of 2 or more dimensions (biases, scalars, empty tensors and integer "
             "buffers are not compared); match weight matrices instead")
