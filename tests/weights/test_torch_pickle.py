@@ -244,3 +244,13 @@ def test_protocol_4_pickle_is_one_error_without_warnings(tmp_path, recwarn):
     with pytest.raises(CheckpointError, match=r"p4\.pt: corrupt or unsupported PyTorch pickle"):
         open_checkpoint(p)
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_parameters_are_read_as_plain_tensors(tmp_path):
+    # torch.save(dict(model.named_parameters())) stores nn.Parameters: a read was a tensor that requires grad,
+    # unlike every other reader's (its .numpy() failed, and math on it recorded an autograd graph)
+    torch.save({"w": torch.nn.Parameter(torch.ones(2, 2))}, tmp_path / "p.pt")
+    with open_checkpoint(tmp_path / "p.pt") as ck:
+        w = ck.read("w")
+    assert type(w) is torch.Tensor and not w.requires_grad
+    assert w.numpy().sum() == 4

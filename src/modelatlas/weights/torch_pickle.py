@@ -235,7 +235,8 @@ class TorchPickleCheckpoint(Checkpoint):
         sharing its storage, return. The copy is of this tensor only (a view of a tied storage copies just the
         view); for mmap'd files it is where the pages are read from disk, once, straight into the copy."""
         try:
-            return self._state()[name].clone(memory_format=torch.contiguous_format)
+            # detached: a saved nn.Parameter would read as a tensor that requires grad, as no other reader's does
+            return self._state()[name].detach().clone(memory_format=torch.contiguous_format)
         except RuntimeError as e:  # a page of a truncated mmap'd file
             raise CheckpointError(self.path, f"cannot read tensor {name!r}: {error_line(e)}") from e
 
