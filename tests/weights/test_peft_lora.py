@@ -277,3 +277,14 @@ def test_an_update_too_large_for_memory_is_named(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match=r"ad: cannot compute the update of 'layers.0.q_proj.weight' "
                                                   r"\(4 x 3 float32\): DefaultCPUAllocator"):
             ck.read("layers.0.q_proj.weight")
+
+
+def test_a_replaced_module_of_another_shape_is_refused(tmp_path):
+    # modules_to_save saved a (5, 4) head over the base's (2, 4): the merged model listed (2, 4) and read (5, 4)
+    base_path, _ = make_base(tmp_path / "base.safetensors")
+    adapter = make_adapter(tmp_path / "ad", {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B,
+                                             "head.weight": torch.zeros(5, 4)})
+    with pytest.raises(CheckpointError, match=r"ad: saved module weight 'head\.weight' has shape \(5, 4\), the base "
+                                              r"weight \(2, 4\)"):
+        open_checkpoint(adapter, base=base_path)
+

@@ -191,6 +191,11 @@ class MergedLoraCheckpoint(Checkpoint):
             if self.base.info(name).shape != info.shape:
                 raise CheckpointError(self.path, f"LoRA module {module!r}: update shape {info.shape} does not "
                                                  f"match the base weight shape {self.base.info(name).shape}")
+        for name, key in self.replaced.items():  # modules_to_save: full weights read in place of the base's
+            got, want = self.adapter.adapter.info(key).shape, self.base.info(name).shape
+            if got != want:
+                raise CheckpointError(self.path, f"saved module weight {name!r} has shape {got}, the base weight "
+                                                 f"{want} (PEFT cannot load it onto this base either)")
 
     def _infos(self) -> list[TensorInfo]:
         return self.base.tensors()
