@@ -288,3 +288,12 @@ def test_a_replaced_module_of_another_shape_is_refused(tmp_path):
                                               r"weight \(2, 4\)"):
         open_checkpoint(adapter, base=base_path)
 
+
+def test_a_replaced_module_is_read_in_the_dtype_listed(tmp_path):
+    # a bfloat16 modules_to_save weight over a float32 base was listed float32 and read bfloat16; PEFT copies it
+    # into the base model's module, in the base's dtype
+    base_path, _ = make_base(tmp_path / "base.safetensors")
+    adapter = make_adapter(tmp_path / "ad", {"layers.0.q_proj.lora_A.weight": A, "layers.0.q_proj.lora_B.weight": B,
+                                             "head.weight": torch.zeros(2, 4, dtype=torch.bfloat16)})
+    with open_checkpoint(adapter, base=base_path) as ck:
+        assert ck.info("head.weight").dtype == "float32" and ck.read("head.weight").dtype == torch.float32

@@ -201,8 +201,8 @@ class MergedLoraCheckpoint(Checkpoint):
         return self.base.tensors()
 
     def _read(self, name: str) -> torch.Tensor:
-        if name in self.replaced:
-            return self.adapter.adapter.read(self.replaced[name])
+        if name in self.replaced:  # in the base's dtype, as listed: PEFT copies it into the base's module
+            return self.adapter.adapter.read(self.replaced[name]).to(getattr(torch, self.base.info(name).dtype))
         w = self.base.read(name)
         if name not in self.adapter:
             return w
