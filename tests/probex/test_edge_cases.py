@@ -184,3 +184,30 @@ def test_load_layers_on_a_bias_names_no_cli_option(tmp_path):
     with pytest.raises(ConfigError, match=r"layer 'b' has shape \(4,\).*pick a weight") as info:
         load_layers([tmp_path / "a.safetensors"], ["b"])
     assert "--" not in str(info.value)  # a library error; the CLI may add its flag
+
+
+@pytest.mark.parametrize("key,edit", [("module.probes", lambda t: t.fill_(float("nan"))),
+                                      ("mean", lambda t: t.fill_(float("inf")))])
+def test_load_refuses_saved_weights_that_are_not_finite(tmp_path, key, edit):
+    """NaN in a saved expert's weights or mean loaded, and every prediction was NaN ("no class above 0.5")."""
+    from safetensors.torch import load_file
+
+    x, y = make_tiny()
+    ProbeXClassifier(make_config()).fit(x, y).save(tmp_path / "e")
+    tensors = load_file(str(tmp_path / "e" / "expert.safetensors"))
+    edit(tensors[key])
+    save_file(tensors, str(tmp_path / "e" / "expert.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"expert\.safetensors: tensor '{key}' holds NaN or inf values"):
+        load_expert(tmp_path / "e")
+
+
+def test_load_reads_weights_saved_in_another_float_dtype(tmp_path):
+    """A mean saved in float64 (written by another tool) loaded, then predict failed in a matmul of mixed dtypes."""
+    from safetensors.torch import load_file
+
+    x, y = make_tiny()
+    est = ProbeXClassifier(make_config()).fit(x, y)
+    est.save(tmp_path / "e")
+    tensors = load_file(str(tmp_path / "e" / "expert.safetensors"))
+    save_file({k: v.double() for k, v in tensors.items()}, str(tmp_path / "e" / "expert.safetensors"))
+    assert np.allclose(load_expert(tmp_path / "e").predict_proba(x), est.predict_proba(x), atol=1e-6)

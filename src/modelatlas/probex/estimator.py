@@ -209,6 +209,19 @@ def _saved_scale(meta: dict, meta_path: Path) -> float:
     return scale
 
 
+def _float_tensors(path: Path) -> dict:
+    """The saved tensors as float32 (another tool may have written float64; a float64 mean made predict fail in
+    a matmul of mixed dtypes), refusing NaN or inf: such weights loaded, and every prediction was NaN."""
+    tensors = read_tensors(path, "not a complete ProbeX expert folder")
+    for key, value in tensors.items():
+        if value.is_floating_point():
+            tensors[key] = value = value.float()
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(path, f"tensor {key!r} holds NaN or inf values (a diverged run or a damaged "
+                                            "file); train the expert again")
+    return tensors
+
+
 def load_expert(folder: str | Path) -> WeightExpert:
     """Load an expert saved with ``save``; errors name the file. Never unpickles."""
     from modelatlas.probex.text_aligner import ProbeXTextAligner
@@ -230,7 +243,7 @@ def load_expert(folder: str | Path) -> WeightExpert:
         raise CheckpointError(meta_path, f"unknown expert kind {meta.get('kind')!r}")
     if cls is ProbeXClassifier and isinstance(meta.get("config"), dict) and meta["config"].get("model") == "dense":
         cls = DenseExpert  # saved with the classifier's kind: the dense model in its config tells them apart
-    tensors = read_tensors(folder / "expert.safetensors", "not a complete ProbeX expert folder")
+    tensors = _float_tensors(folder / "expert.safetensors")
     try:
         config = ProbeXConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ConfigError) as e:
