@@ -211,3 +211,13 @@ def test_load_reads_weights_saved_in_another_float_dtype(tmp_path):
     tensors = load_file(str(tmp_path / "e" / "expert.safetensors"))
     save_file({k: v.double() for k, v in tensors.items()}, str(tmp_path / "e" / "expert.safetensors"))
     assert np.allclose(load_expert(tmp_path / "e").predict_proba(x), est.predict_proba(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("edit,why", [(lambda y: y * 2, "only 0 and 1"), (lambda y: np.where(y > 0, np.nan, 0.0), "only 0 and 1"),
+                                      (lambda y: y[:, :0], "at least one class")])
+def test_fit_refuses_labels_that_are_not_multi_hot(edit, why):
+    """Class indices or counts (2) and NaN trained silently against BCE targets outside [0, 1]; no column at all
+    failed deep in the loss with a shape error."""
+    x, y = make_tiny()
+    with pytest.raises(ConfigError, match=rf"labels must be \(B, d_Y\) multi-hot.*{why}"):
+        ProbeXClassifier(make_config()).fit(x, edit(y))

@@ -140,9 +140,7 @@ class ProbeXClassifier(WeightExpert):
     def fit(self, x, y, classes: list[str] | None = None, progress=None, checkpoint_dir=None,
             resume: bool = False) -> ProbeXClassifier:
         x = self._models(x, "ProbeXClassifier.fit")
-        y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
-        if y.ndim != 2 or y.shape[0] != x.shape[0]:
-            raise ConfigError(f"labels must be (B, d_Y) multi-hot with B={x.shape[0]}; got {tuple(y.shape)}")
+        y = _multi_hot(y, x.shape[0])
         if classes is not None and len(classes) != y.shape[1]:  # a saved expert rebuilds its head from them
             raise ConfigError(f"classes names {len(classes)} classes but labels have d_Y={y.shape[1]} columns")
         train, val = self._split(x.shape[0])
@@ -186,6 +184,21 @@ class DenseExpert(ProbeXClassifier):
     def __init__(self, config: ProbeXConfig | None = None, layer: str = ""):
         cfg = config if config is not None else ProbeXConfig()
         super().__init__(ProbeXConfig.from_dict({**cfg.to_dict(), "model": "dense"}), layer)
+
+
+def _multi_hot(y, n: int) -> torch.Tensor:
+    """Labels as a float (B, d_Y) tensor of 0s and 1s with B = ``n``: class indices or counts (2) and NaN trained
+    silently against BCE targets outside [0, 1], and no column at all failed deep in the loss."""
+    y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
+    if y.ndim != 2 or y.shape[0] != n:
+        raise ConfigError(f"labels must be (B, d_Y) multi-hot with B={n}; got {tuple(y.shape)}")
+    if y.shape[1] == 0:
+        raise ConfigError(f"labels must be (B, d_Y) multi-hot with at least one class; got {tuple(y.shape)}")
+    odd = y[(y != 0) & (y != 1)]  # NaN included
+    if odd.numel():
+        raise ConfigError(f"labels must be (B, d_Y) multi-hot, only 0 and 1; got {float(odd[0])!r} (pass class "
+                          "sets as 0/1 columns, not class indices)")
+    return y
 
 
 def _listed(items: list, k: int = 5) -> str:
