@@ -221,3 +221,14 @@ def test_fit_refuses_labels_that_are_not_multi_hot(edit, why):
     x, y = make_tiny()
     with pytest.raises(ConfigError, match=rf"labels must be \(B, d_Y\) multi-hot.*{why}"):
         ProbeXClassifier(make_config()).fit(x, edit(y))
+
+
+def test_load_refuses_a_text_expert_with_fewer_prompt_names_than_prompts(tmp_path):
+    """expert.json naming 2 of 3 prompts loaded; the atlas's and `probex predict`'s descriptions then failed
+    with an IndexError on the missing name."""
+    x, _ = make_tiny()
+    ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 3, np.eye(3, 5), ["a", "b", "c"]).save(tmp_path / "t")
+    meta_path = tmp_path / "t" / "expert.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "classes": ["a", "b"]}))
+    with pytest.raises(CheckpointError, match=r"do not match .*2 prompt names for 3 text embeddings"):
+        load_expert(tmp_path / "t")

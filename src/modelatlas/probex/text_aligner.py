@@ -156,6 +156,9 @@ class ProbeXTextAligner(WeightExpert):
         self.text_ = tensors["text"]
         if self.text_.ndim != 2 or self.text_.shape[1] != int(meta["d_text"]):
             raise ValueError(f"text embeddings {tuple(self.text_.shape)} do not have d_text={meta['d_text']}")
+        # one name per prompt: a missing one was an IndexError when a model was described by it
+        if not isinstance(meta["classes"], list) or len(self.classes_) != self.text_.shape[0]:
+            raise ValueError(f"{len(self.classes_)} prompt names for {self.text_.shape[0]} text embeddings")
         self.module_ = self._build(*meta["shape"], 0)
         self.module_.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")})
 
