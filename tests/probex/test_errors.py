@@ -153,3 +153,21 @@ def test_a_family_zoo_records_digests_that_zoo_verify_checks(tmp_path):
     assert set(verify_zoo(manifest).values()) == {"ok"}
     (tmp_path / manifest.models[1].path).write_bytes(b"tampered")
     assert verify_zoo(manifest)[manifest.models[1].name] == "changed"
+
+
+@pytest.mark.parametrize("key,edit,message", [
+    ("radii", lambda t: t[:1], r"radii must hold one radius per tree \(2\); got shape \(1,\)"),
+    ("centroids", lambda t: t.fill_(float("nan")), r"tensor 'centroids' holds NaN or inf values"),
+    ("radii", lambda t: t.fill_(-1.0), r"radii must be >= 0"),
+])
+def test_router_load_refuses_damaged_centroids_or_radii(tmp_path, key, edit, message):
+    """One radius for two trees was an IndexError at route time; NaN centroids sent every model to no tree with
+    'at distance nan' as the reason."""
+    from safetensors.torch import load_file
+
+    TreeRouter().fit(torch.randn(4, 2, 2), ["a", "a", "b", "b"]).save(tmp_path)
+    tensors = load_file(str(tmp_path / "router.safetensors"))
+    tensors[key] = edit(tensors[key])
+    save_file(tensors, str(tmp_path / "router.safetensors"))
+    with pytest.raises(CheckpointError, match=r"router\.safetensors: " + message):
+        TreeRouter.load(tmp_path)

@@ -86,6 +86,26 @@ def _single_member_radii(radii: torch.Tensor, sizes: torch.Tensor, centroids: to
     return torch.where(sizes > 1, radii, rel * norms)
 
 
+def _check_saved(path: Path, tensors: dict) -> None:
+    """Centroids (K, D) and radii (K,), finite, radii >= 0: one radius for two trees was an IndexError when
+    routing, and NaN centroids sent every model to no tree 'at distance nan'. CheckpointError naming ``path``."""
+    centroids, radii = tensors.get("centroids"), tensors.get("radii")
+    if centroids is None or radii is None:
+        return  # the loader names the missing key
+    for key, value in (("centroids", centroids), ("radii", radii)):
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise CheckpointError(path, f"tensor {key!r} holds NaN or inf values (or is not floating point); "
+                                        "train the experts again")
+    if centroids.ndim != 2:
+        raise CheckpointError(path, f"centroids must be (trees, weights); got shape {tuple(centroids.shape)}; train "
+                                    "the experts again")
+    if tuple(radii.shape) != (centroids.shape[0],):
+        raise CheckpointError(path, f"radii must hold one radius per tree ({centroids.shape[0]}); got shape "
+                                    f"{tuple(radii.shape)}; train the experts again")
+    if bool((radii < 0).any()):
+        raise CheckpointError(path, f"radii must be >= 0 (distances); got {radii.tolist()!r:.60}; train the experts again")
+
+
 class TreeRouter:
     """Nearest-tree-centroid router with an out-of-tree check.
 
@@ -175,6 +195,7 @@ class TreeRouter:
         except (OSError, ValueError) as e:
             raise CheckpointError(folder, f"cannot read the tree router: {e}") from e
         tensors = read_tensors(folder / "router.safetensors")
+        _check_saved(folder / "router.safetensors", tensors)
         try:
             router = cls(meta["slack"])
             router.trees_, router.centroids_, router.radii_ = meta["trees"], tensors["centroids"], tensors["radii"]
