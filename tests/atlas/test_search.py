@@ -137,3 +137,17 @@ def test_an_atlas_built_with_text_experts_that_embedded_nothing_says_so():
                                          r"/x/tx were trained on \(their notes say why: `atlas index show`\), or "
                                          r"search keywords"):
         search_atlas(atlas, "seven", mode="text")
+
+
+@pytest.mark.parametrize("edit,words", [(lambda e: e[:, 0].contiguous(), r"must be \(models, dimensions\); got shape \(2,\)"),
+                                        (lambda e: e.fill_(float("nan")), "holds NaN or inf")])
+def test_load_refuses_stored_embeddings_that_cannot_be_scored(tmp_path, edit, words):
+    """A 1-D embeddings tensor was an IndexError in `atlas index search`; NaN ones ranked every model at
+    'log p(query) nan', in no particular order."""
+    from safetensors.torch import load_file, save_file
+
+    make_text_atlas(tmp_path / "tx").save(tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / "embeddings.safetensors"))
+    save_file({k: edit(v) for k, v in tensors.items()}, str(tmp_path / "a" / "embeddings.safetensors"))
+    with pytest.raises(AtlasError, match=r"embeddings\.safetensors: embeddings of tree 'root' " + words):
+        Atlas.load(tmp_path / "a")

@@ -168,8 +168,20 @@ def _load_embeddings(folder: Path, embedded: dict) -> dict:
         if e is None or e.shape[0] != len(names):
             raise AtlasError(f"{folder / EMBED_NAME}: embeddings of tree {tree!r} are missing or do not match "
                              f"atlas.json ({len(names)} models); rebuild the atlas")
-        out[tree] = (list(names), e)
+        _check_embeddings(folder / EMBED_NAME, tree, e)
+        out[tree] = (list(names), e.float())  # float32, as scored (a float64 file would meet float32 experts)
     return out
+
+
+def _check_embeddings(path: Path, tree: str, e: torch.Tensor) -> None:
+    """One row of finite numbers per model: a 1-D tensor was an IndexError in search, and NaN rows ranked every
+    model at 'log p(query) nan', in no particular order."""
+    if e.ndim != 2:
+        raise AtlasError(f"{path}: embeddings of tree {tree!r} must be (models, dimensions); got shape "
+                         f"{tuple(e.shape)}; rebuild the atlas")
+    if not e.is_floating_point() or not bool(torch.isfinite(e).all()):
+        raise AtlasError(f"{path}: embeddings of tree {tree!r} holds NaN or inf values (or is not floating point); "
+                         "rebuild the atlas")
 
 
 # What each value of atlas.json must be, as (test, the words of the error). A kind ending in "?" may be null.
