@@ -348,6 +348,7 @@ def _set(keys, value):
     (_set(["experts"], {"text": "dir"}), "experts.text", "'dir'"),
     (_set(["embedded"], [1]), "embedded", "[1]"),
     (_set(["embedded"], {"t": "a"}), "embedded.t", "'a'"),
+    (_set(["embedded"], {"t": ["a", "ghost"]}), "embedded.t[1]", "'ghost' is not one of the models"),
 ])
 def test_load_names_the_file_key_and_value_of_a_wrong_type(tmp_path, change, where, got):
     data = make_saved_atlas(tmp_path)

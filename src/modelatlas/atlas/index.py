@@ -226,8 +226,12 @@ def check_atlas_dict(data: dict, path: Path) -> None:
         _check(path, f"forest.trees[{i}]", tree, "strings")
     for name, used in data.get("experts", {}).items():
         _check_keys(path, f"experts.{name}", used, _EXPERTS)
+    known = {m["name"] for m in data["models"]}
     for tree, names in data.get("embedded", {}).items():
         _check(path, f"embedded.{tree}", names, "strings")
+        stray = next((i for i, n in enumerate(names) if n not in known), None)
+        if stray is not None:  # found only after scoring, as "no model named ... in the atlas"
+            raise AtlasError(f"{path}: embedded.{tree}[{stray}] {shown_value(names[stray])} is not one of the models")
 
 
 def _check_keys(path: Path, where: str, obj, kinds: dict, required: tuple = ()) -> None:
