@@ -131,3 +131,19 @@ def test_missing_or_truncated_weights_are_named(tmp_path, planted, small_config)
     weights.unlink()
     with pytest.raises(CheckpointError, match=r"expert\.safetensors: missing; not a complete ProbeX expert folder"):
         load_expert(tmp_path / "e")
+
+
+@pytest.mark.parametrize("key,value", [("param_groups", None), ("loss", None), ("best_score", None),
+                                       ("best_score", "high"), ("best_epoch", "3"), ("score", [0.5])])
+def test_resume_of_a_state_with_a_missing_or_odd_value_names_it(tmp_path, planted, key, value):
+    """A train_state.json without param_groups, loss or best_score (or best_score null) was a KeyError or
+    TypeError traceback on --resume; a score list shorter than the epochs went on, misaligned."""
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
+    ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path)
+    state = json.loads((tmp_path / "train_state.json").read_text())
+    state.pop(key) if value is None else state.update({key: value})
+    (tmp_path / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"train_state\.json: cannot resume: {key} "):
+        ProbeXClassifier(ProbeXConfig(**{**cfg.to_dict(), "epochs": 4})).fit(x[:50], y[:50], checkpoint_dir=tmp_path,
+                                                                             resume=True)

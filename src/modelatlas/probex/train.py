@@ -105,6 +105,27 @@ def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None
                                     "without --resume to start over")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_progress(path: Path, meta: dict) -> None:
+    """The state's progress values have the types a resumed loop uses (a missing one was a KeyError or a
+    TypeError traceback), and one loss and score per trained epoch."""
+    epoch = meta["epoch"]  # an int, checked with the settings
+    kinds = {"loss": (lambda v: isinstance(v, list) and len(v) == epoch and all(map(_is_number, v)),
+                      f"a list of {epoch} numbers (one per epoch)"),
+             "best_score": (_is_number, "a number"), "best_loss": (_is_number, "a number"),
+             "best_epoch": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+             "param_groups": (lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
+                              "a list of Adam's settings")}
+    kinds["score"] = kinds["loss"]
+    for key, (test, words) in kinds.items():
+        if not test(meta.get(key)):
+            got = "missing" if key not in meta else f"got {_shown(meta[key])}"
+            raise CheckpointError(path, f"cannot resume: {key} must be {words}; {got} (delete the folder to restart)")
+
+
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -131,6 +152,7 @@ def _load_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, set
         raise CheckpointError(folder / "train_state.json", "cannot resume: not a training state (delete the "
                                                            "folder to restart)")
     _check_settings(folder / "train_state.json", meta, settings, epochs)
+    _check_progress(folder / "train_state.json", meta)
     tensors = read_tensors(folder / "train_state.safetensors", "cannot resume; delete the folder to restart")
     try:
         module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
