@@ -147,3 +147,30 @@ def test_resume_of_a_state_with_a_missing_or_odd_value_names_it(tmp_path, plante
     with pytest.raises(CheckpointError, match=rf"train_state\.json: cannot resume: {key} "):
         ProbeXClassifier(ProbeXConfig(**{**cfg.to_dict(), "epochs": 4})).fit(x[:50], y[:50], checkpoint_dir=tmp_path,
                                                                              resume=True)
+
+
+def _without_best(t):
+    return {k: v for k, v in t.items() if not k.startswith("best.")}
+
+
+def _without_moment(t):
+    return {k: v for k, v in t.items() if k != "opt.0.exp_avg_sq"}
+
+
+def _short_moment(t):
+    return {**t, "opt.0.exp_avg": t["opt.0.exp_avg"][:1].contiguous()}
+
+
+@pytest.mark.parametrize("edit", [_without_best, _without_moment, _short_moment])
+def test_resume_of_a_state_missing_tensors_names_the_file(tmp_path, planted, edit):
+    """Without the best weights the end of training was a load_state_dict traceback (unless a later epoch
+    improved on it); without an Adam moment, or with one of another shape, the first step failed."""
+    from safetensors.torch import load_file, save_file
+
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
+    ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path)
+    save_file(edit(load_file(str(tmp_path / "train_state.safetensors"))), str(tmp_path / "train_state.safetensors"))
+    with pytest.raises(CheckpointError, match=r"train_state\.safetensors: .*delete it or train without --resume"):
+        ProbeXClassifier(ProbeXConfig(**{**cfg.to_dict(), "epochs": 3})).fit(x[:50], y[:50], checkpoint_dir=tmp_path,
+                                                                             resume=True)

@@ -166,5 +166,26 @@ def _load_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, set
         if key.startswith("opt."):
             _, i, slot = key.split(".", 2)
             slots.setdefault(int(i), {})[slot] = value
-    opt.load_state_dict({"state": slots, "param_groups": meta.pop("param_groups")})
+    _check_saved_tensors(folder / "train_state.safetensors", module, best, slots)
+    try:
+        opt.load_state_dict({"state": slots, "param_groups": meta.pop("param_groups")})
+    except (KeyError, TypeError, ValueError) as e:  # e.g. another number of parameter groups
+        raise CheckpointError(folder / "train_state.json", f"cannot resume: Adam's saved settings do not fit this "
+                                                           f"expert ({e}); delete it or train without --resume") from e
     return meta, best
+
+
+def _check_saved_tensors(path: Path, module: nn.Module, best: dict, slots: dict) -> None:
+    """The best weights and Adam's moments fit the module: without the best weights the end of training was a
+    load_state_dict traceback, and a missing or misshapen moment failed at the first step."""
+    want = {f"best.{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {f"best.{k}": tuple(v.shape) for k, v in best.items()}
+    params = list(module.parameters())
+    for i, slot in slots.items():
+        shape = tuple(params[i].shape) if 0 <= i < len(params) else ()
+        want.update({f"opt.{i}.{m}": shape for m in ("exp_avg", "exp_avg_sq")})
+        got.update({f"opt.{i}.{m}": tuple(v.shape) for m, v in slot.items()})
+    bad = next((k for k, shape in want.items() if got.get(k) != shape), None)
+    if bad is not None:
+        raise CheckpointError(path, f"cannot resume: tensor {bad!r} is missing or of another shape; delete it or "
+                                    "train without --resume")
