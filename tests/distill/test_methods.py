@@ -70,7 +70,7 @@ def test_registry_and_config_errors():
         methods.get("dm").make_config({"lr_img": float("inf")})
     with pytest.raises(ConfigError, match="embed must be 'trained', 'random' or 'pixels'"):
         methods.get("herding").make_config({"embed": "clip"})
-    with pytest.raises(ConfigError, match="iterations must be >= 0"):
+    with pytest.raises(ConfigError, match="iterations must be >= 1"):
         methods.get("dm").make_config({"iterations": -1})
 
 
