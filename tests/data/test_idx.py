@@ -135,3 +135,13 @@ def test_gzip_that_inflates_far_past_its_header_is_refused_without_inflating_it(
     huge.write_bytes(gzip.compress(bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536)))
     with pytest.raises(IDXError, match=r"huge\.gz: header says shape \(65536, 65536, 65536, 65536\)"):
         read_idx(huge)
+
+
+def test_fashion_root_that_is_a_file_says_to_pass_its_folder(tmp_path):
+    """--data-root .../train-images-idx3-ubyte.gz said '.../train-images-idx3-ubyte.gz/train-images-idx3-ubyte[.gz]
+    not found; install it with apt-get' although the file was right there."""
+    root = make_fashion_folder(tmp_path)
+    one = root / "train-images-idx3-ubyte.gz"
+    with pytest.raises(DatasetNotFoundError, match=f"fashion-mnist: {one} is a file, not a folder; pass the folder "
+                                                   f"that holds the four IDX files \\({root}\\)"):
+        load_dataset("fashion-mnist", "train", root=one)

@@ -109,6 +109,9 @@ def load_idx_pair(images: str | Path, labels: str | Path, name: str, classes: li
 def _load_fashion(split: str, root: str | Path | None = None) -> ArrayDataset:
     """Fashion-MNIST (60k train / 10k test, 28x28) from ``root``, $ATLAS_FASHION_MNIST or the Debian package."""
     folder = Path(root or os.environ.get("ATLAS_FASHION_MNIST") or DEFAULT_FASHION_ROOT).expanduser()  # "~/data"
+    if folder.is_file():  # one of the files itself: "<file>/train-images-idx3-ubyte not found" hid that
+        raise DatasetNotFoundError(f"fashion-mnist: {folder} is a file, not a folder; pass the folder that holds the "
+                                   f"four IDX files ({folder.parent})")
     img_stem, lab_stem = _FILES[split]
     img, lab = _find(folder, img_stem), _find(folder, lab_stem)
     if img is None or lab is None:
