@@ -151,3 +151,28 @@ def test_train_and_val_folders_get_a_split_layout_hint(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"train/, val/ hold class folders, but a split layout needs both "
                                                    r"\S+/train/ and \S+/test/$"):
         load_dataset("image-folder", "train", root=root, size=4, channels=1)
+
+
+def _png_with_short_idat(path):
+    """A PNG whose IDAT chunk claims 5 bytes: Pillow reads on into a garbage chunk type and raises SyntaxError."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    raw[raw.find(b"IDAT") - 4:raw.find(b"IDAT")] = (5).to_bytes(4, "big")  # the chunk's length
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name,write", [("0.png", _png_with_short_idat),
+                                        ("0.pgm", lambda p: p.write_bytes(b"P5\n2 x\n255\n\0\0\0\0"))])
+def test_a_corrupt_image_is_named_not_a_traceback(tmp_path, name, write):
+    """A damaged PNG raised SyntaxError and a PGM with a bad header ValueError: tracebacks, not one line."""
+    from modelatlas.errors import CheckpointError
+
+    (tmp_path / "cat").mkdir()
+    write(tmp_path / "cat" / name)
+    with pytest.raises(CheckpointError, match=f"cat/{name}: not a readable image"):
+        load_dataset("image-folder", "train", root=tmp_path, test_fraction=0)

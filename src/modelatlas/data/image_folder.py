@@ -34,8 +34,8 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
                 return _read_wide_gray(im, size, channels)
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
-        raise CheckpointError(path, f"not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow: SyntaxError for a broken
+        raise CheckpointError(path, f"not a readable image ({e})") from None  # PNG chunk, ValueError a PGM header
     except Image.DecompressionBombError as e:  # Pillow refuses huge images before decoding (not an OSError)
         raise CheckpointError(path, f"too large to read safely ({e}); shrink it or move it out of the folder") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
