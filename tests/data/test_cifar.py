@@ -151,3 +151,11 @@ def test_cifar_root_that_is_the_archive_says_to_extract_it(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=f"cifar10: {archive} is a file, not a folder; extract the archive "
                                                    r"\(tar xzf\) and pass the folder it makes"):
         load_dataset("cifar10", "train", root=archive)
+
+
+def test_setitem_on_a_list_names_the_file(tmp_path):
+    """SETITEM on a list (a damaged batch) raised IndexError from inside the unpickler: a traceback."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x04]K\x01K\x02s.")  # [] ; 1 ; 2 ; SETITEM
+    with pytest.raises(CheckpointError, match=r"data_batch_1: not a readable CIFAR batch \(IndexError"):
+        safe_unpickle(path)

@@ -91,8 +91,8 @@ def safe_unpickle(path: str | Path) -> object:
         return _Walker(path, 2 * len(raw) + 1024).plain(RestrictedUnpickler(io.BytesIO(raw), path).load())
     except UnsafeCheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OverflowError,
-            RecursionError) as e:  # OverflowError: an absurd length in a corrupt file
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OverflowError, IndexError,
+            RecursionError) as e:  # OverflowError: an absurd length; IndexError: SETITEM on a list
         raise CheckpointError(path, f"not a readable CIFAR batch ({type(e).__name__}: {e})") from None
 
 
