@@ -159,3 +159,16 @@ def test_setitem_on_a_list_names_the_file(tmp_path):
     path.write_bytes(b"\x80\x04]K\x01K\x02s.")  # [] ; 1 ; 2 ; SETITEM
     with pytest.raises(CheckpointError, match=r"data_batch_1: not a readable CIFAR batch \(IndexError"):
         safe_unpickle(path)
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b".", r"not a readable CIFAR batch \(ValueError: expected 1099511627776 bytes"),
+    (b"\x80\x04K\x01r\xff\xff\xff\x7f.", r"memo index 2147483647 at byte 4 is past the end of the file"),
+])
+def test_sizes_the_file_cannot_hold_are_refused_before_allocating(tmp_path, raw, message):
+    """BINBYTES8 declaring 2**40 bytes, or LONG_BINPUT 2**31 - 1 (a memo of 2**32 slots), made the unpickler
+    allocate that much first: a MemoryError traceback, or gigabytes taken where the allocation succeeds."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="data_batch_1: " + message):
+        safe_unpickle(path)

@@ -22,6 +22,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +89,24 @@ def safe_unpickle(path: str | Path) -> object:
     path = Path(path)
     raw = path.read_bytes()
     try:
+        _check_sizes(raw, path)
         return _Walker(path, 2 * len(raw) + 1024).plain(RestrictedUnpickler(io.BytesIO(raw), path).load())
     except UnsafeCheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OverflowError, IndexError,
             RecursionError) as e:  # OverflowError: an absurd length; IndexError: SETITEM on a list
         raise CheckpointError(path, f"not a readable CIFAR batch ({type(e).__name__}: {e})") from None
+
+
+def _check_sizes(raw: bytes, path: Path) -> None:
+    """Walk the opcodes (no object is built) so that a length or memo index the file cannot hold is refused
+    before the C unpickler allocates it: BINBYTES8 of 2**40 bytes raised MemoryError, and LONG_BINPUT 2**31 - 1
+    grows the memo to 2**32 slots (32 GB). :func:`pickletools.genops` raises ValueError for a length past
+    the end; a memo index is at most the number of opcodes, so never above the file's size. O(file size)."""
+    for op, arg, pos in pickletools.genops(raw):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > len(raw):
+            raise CheckpointError(path, f"memo index {arg} at byte {pos} is past the end of the file "
+                                        f"({len(raw)} bytes); not a CIFAR batch")
 
 
 class _Walker:
