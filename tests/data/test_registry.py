@@ -122,3 +122,11 @@ def test_holdout_that_would_leave_a_part_empty_is_refused(fraction, held):
     with pytest.raises(ConfigError, match=f"dataset 'digits': holdout fraction {fraction} of 20 examples sets aside "
                                           f"{held}, leaving one part empty"):
         small.holdout(fraction, seed=0)
+
+
+def test_holdout_takes_a_numpy_integer_seed():
+    """is_seed takes Python ints only: np.int64(3), which torch_generator took before, must still work."""
+    import numpy as np
+
+    tr = load_dataset("digits", "train")
+    assert torch.equal(tr.holdout(0.2, seed=np.int64(3))[1].x, tr.holdout(0.2, seed=3)[1].x)

@@ -8,6 +8,7 @@ split (``"train"`` or ``"test"``) plus loader-specific keyword arguments (``root
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,6 +80,8 @@ class ArrayDataset:
         carved from a training split so settings are tuned without reading the test split. O(N)."""
         if not 0 < fraction < 1:
             raise ConfigError(f"dataset {self.name!r}: holdout fraction must be in (0, 1), got {fraction}")
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)  # np.int64: is_seed takes Python ints
         if not is_seed(seed):  # torch reduces mod 2**64 (2**64 - 1 held out what -1 did); int(1.5) is 1
             raise ConfigError(f"dataset {self.name!r}: holdout seed must be {SEED_RANGE}, got {seed!r}")
         n_held = int(round(fraction * len(self)))
