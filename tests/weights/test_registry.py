@@ -221,3 +221,20 @@ def test_a_broken_link_in_a_folder_of_models_is_reported_not_dropped(tmp_path):
     assert [ck.name for ck in models] == ["a"]
     assert models.skipped[0][1] == f"{zoo / 'b.safetensors'}: a link to {tmp_path / 'gone.safetensors'}, which " \
                                    "does not exist"
+
+
+def test_a_variant_of_a_library_file_is_named_by_its_folder(tmp_path):
+    # diffusers saves unet/diffusion_pytorch_model.fp16.safetensors beside unet/config.json: inside a folder of
+    # models that unet was "config.json but no weights file", and given alone it was "diffusion_pytorch_model.fp16"
+    zoo = tmp_path / "zoo"
+    for run in ("sd-a", "sd-b"):
+        (zoo / run).mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(zoo / run / "diffusion_pytorch_model.fp16.safetensors"))
+        (zoo / run / "config.json").write_text("{}")
+    paths = discover_models([zoo])
+    assert [p.relative_to(zoo).as_posix() for p in paths] == ["sd-a/diffusion_pytorch_model.fp16.safetensors",
+                                                              "sd-b/diffusion_pytorch_model.fp16.safetensors"]
+    assert [ck.name for ck in open_many(paths)] == ["sd-a", "sd-b"]
+    assert [ck.name for ck in open_many(discover_models([zoo / "sd-a"]))] == ["sd-a"]
+    save_file({"w": torch.zeros(2)}, str(zoo / "sd-a" / "diffusion_pytorch_model.safetensors"))
+    assert [p.name for p in discover_models([zoo])][0] == "diffusion_pytorch_model.safetensors"  # not both

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,11 @@ def _file_stem(name: str) -> str | None:
 
 def named_by_folder(path: Path) -> bool:
     """Whether ``path`` is a file of a library's standard name (``model.safetensors``, ``pytorch_model.bin``,
-    ...) in a folder with a name, and so is named after that folder."""
-    return _file_stem(folder_name(path)) in _LIBRARY_FILE_NAMES and folder_name(path.parent) != ""
+    ...), or a variant of one (``diffusion_pytorch_model.fp16.safetensors``; not a shard ``model-00001-of-...``),
+    in a folder with a name, and so is named after that folder."""
+    stem = _file_stem(folder_name(path)) or ""
+    library = stem.partition(".")[0] in _LIBRARY_FILE_NAMES and re.fullmatch(r"[^.]+(\.\w+)?", stem)
+    return bool(library) and folder_name(path.parent) != ""
 
 
 def _stem(path: Path) -> str:

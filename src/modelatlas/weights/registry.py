@@ -268,7 +268,8 @@ def _child_models(c: Path) -> list[Path]:
         return [c]
     if c.is_dir():
         named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
-        return named or ([c] if folder_problem(c) else [])
+        plain = [f for f in named if "." not in _file_stem(f.name)]  # a variant (.fp16) beside it is its copy
+        return plain or named or ([c] if folder_problem(c) else [])
     return []
 
 
