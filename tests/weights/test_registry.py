@@ -215,10 +215,13 @@ def test_a_broken_link_in_a_folder_of_models_is_reported_not_dropped(tmp_path):
     zoo.mkdir()
     save_file({"w": torch.zeros(2)}, str(zoo / "a.safetensors"))
     (zoo / "b.safetensors").symlink_to(tmp_path / "gone.safetensors")  # its target was moved or deleted
+    (zoo / "c").symlink_to(tmp_path / "unmounted" / "run-c")  # a model folder on a disk that is not mounted
+    (zoo / "notes.md").symlink_to(tmp_path / "gone.md")  # no model: left out, as a file would be
     paths = discover_models([zoo])
-    assert [p.name for p in paths] == ["a.safetensors", "b.safetensors"]
+    assert [p.name for p in paths] == ["a.safetensors", "b.safetensors", "c"]
     models = open_many(paths)
     assert [ck.name for ck in models] == ["a"]
+    assert models.skipped[1][1].endswith(f"a link to {tmp_path / 'unmounted' / 'run-c'}, which does not exist")
     assert models.skipped[0][1] == f"{zoo / 'b.safetensors'}: a link to {tmp_path / 'gone.safetensors'}, which " \
                                    "does not exist"
 

@@ -262,8 +262,8 @@ def _models_in(folder: Path) -> list[Path]:
 
 
 def _child_models(c: Path) -> list[Path]:
-    if c.is_symlink() and not c.exists():  # a model file whose target is gone: reported when opened, not dropped
-        return [c] if _file_stem(c.name) is not None else []
+    if c.is_symlink() and not c.exists():  # a model file or folder whose target is gone: reported when opened
+        return [c] if _file_stem(c.name) is not None or "." not in c.name else []  # (README.md: no model)
     if is_model(c) and not _orphan_shard(c):
         return [c]
     if c.is_dir():
