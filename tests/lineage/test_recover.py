@@ -374,3 +374,14 @@ def test_value_formats_need_informative_values():
     for i, r in enumerate(rows):
         fits.update(i, r[None])
     assert fits.formats() == ["", "float16", "bfloat16", ""]  # zeros and ones fit every format: not evidence
+
+
+@pytest.mark.parametrize("model, message", [
+    (torch.nn.Linear(4, 4), r"weights\['b'\] is a Linear, not a dict of tensor name -> tensor \(pass model\.state_dict\(\)\)"),
+    ({"w": "text"}, r"weights\['b'\]\['w'\] is a str, not a tensor"),
+    (None, r"weights\['b'\] is a NoneType, not a dict"),
+])
+def test_in_memory_models_that_are_no_state_dict_are_named(model, message):
+    # a module passed for its state dict read "'Linear' object has no attribute 'items'"
+    with pytest.raises(ConfigError, match=message):
+        recover_lineage({"a": {"w": torch.randn(4, 4)}, "b": model})

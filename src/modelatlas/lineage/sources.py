@@ -27,7 +27,7 @@ class MemoryCheckpoint(Checkpoint):
 
     def __init__(self, name: str, tensors: Mapping[str, torch.Tensor]):
         super().__init__(Path(name), name=name)
-        self._tensors = {k: torch.as_tensor(v) for k, v in tensors.items()}
+        self._tensors = _as_tensors(name, tensors)
 
     def _infos(self) -> list[TensorInfo]:
         return [TensorInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self._tensors.items()]
@@ -36,6 +36,22 @@ class MemoryCheckpoint(Checkpoint):
         # the caller's own tensor, not a copy (a live model is not doubled in memory): recovery only reads it,
         # which tests/lineage/test_recover.py checks
         return self._tensors[name]
+
+
+def _as_tensors(name: str, tensors) -> dict[str, torch.Tensor]:
+    """``tensors`` as name -> tensor, or a ConfigError naming the model (and tensor) that is no state dict: a
+    module passed for its state dict read "'Linear' object has no attribute 'items'"."""
+    if not isinstance(tensors, Mapping):
+        hint = " (pass model.state_dict())" if isinstance(tensors, torch.nn.Module) else ""
+        raise ConfigError(f"weights[{name!r}] is a {type(tensors).__name__}, not a dict of tensor name -> "
+                          f"tensor{hint}")
+    out = {}
+    for key, value in tensors.items():
+        try:
+            out[key] = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"weights[{name!r}][{key!r}] is a {type(value).__name__}, not a tensor") from e
+    return out
 
 
 def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
