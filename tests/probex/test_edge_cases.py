@@ -232,3 +232,11 @@ def test_load_refuses_a_text_expert_with_fewer_prompt_names_than_prompts(tmp_pat
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "classes": ["a", "b"]}))
     with pytest.raises(CheckpointError, match=r"do not match .*2 prompt names for 3 text embeddings"):
         load_expert(tmp_path / "t")
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (3, 0, 2, 2)])
+def test_an_empty_layer_is_refused_naming_it(tmp_path, shape):
+    # (0, 4) ended in torch's "cannot reshape tensor of 0 elements"; (4, 0) gave an empty matrix to train on
+    save_file({"w": torch.zeros(shape)}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ConfigError, match=r"layer 'w' has shape .* and no values; ProbeX needs a matrix"):
+        load_layers([tmp_path / "a.safetensors"], ["w"])

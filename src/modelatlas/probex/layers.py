@@ -18,7 +18,10 @@ from modelatlas.weights import open_checkpoint
 
 
 def as_matrix(tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor:
-    """A weight tensor as a float32 matrix (d_H, d_W). 1-D tensors (biases, norms) are refused."""
+    """A weight tensor as a float32 matrix (d_H, d_W). 1-D tensors (biases, norms) and empty ones are refused."""
+    if tensor.ndim >= 2 and tensor.numel() == 0:  # (0, 4) failed in reshape; (4, 0) gave nothing to train on
+        raise ConfigError(f"layer {name!r} has shape {tuple(tensor.shape)} and no values; ProbeX needs a matrix "
+                          "or conv kernel that holds some")
     if tensor.ndim < 2:
         raise ConfigError(f"layer {name!r} has shape {tuple(tensor.shape)}; ProbeX needs a matrix or conv "
                           "kernel (pick a weight, not a bias or norm)")
