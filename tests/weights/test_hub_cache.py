@@ -167,3 +167,17 @@ def test_a_snapshot_whose_blob_is_gone_names_the_broken_link(cache):
     blob.unlink()  # pruned from blobs/ (or a download cut short), the snapshot's link left behind
     with pytest.raises(CheckpointError, match=f"model.safetensors is a link to {blob}, which does not exist"):
         open_checkpoint("org/tiny")
+
+
+def test_a_shard_whose_blob_is_gone_names_the_broken_link(cache):
+    snap = make_cached_model(cache)
+    (snap / "model.safetensors").unlink()
+    blob = cache / "models--org--tiny" / "blobs" / "shard-blob"
+    save_file({"w": torch.ones(2, 2)}, str(blob))
+    (snap / "model-00001-of-00001.safetensors").symlink_to(blob)
+    (snap / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00001-of-00001.safetensors"}}')
+    assert torch.equal(open_checkpoint("org/tiny").read("w"), torch.ones(2, 2))
+    blob.unlink()
+    with pytest.raises(CheckpointError, match=f"shard 'model-00001-of-00001.safetensors' is a link to {blob}, "
+                                              "which does not exist"):
+        open_checkpoint("org/tiny")

@@ -10,6 +10,7 @@ header checks and the pickle security policy apply unchanged. The model's name i
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -61,7 +62,11 @@ def read_weight_map(index: Path) -> dict[str, str]:
             raise CheckpointError(index, f"bad shard file {shard!r} for tensor {tensor!r}: must be a file name "
                                          "in the same folder")
     for shard in dict.fromkeys(weight_map.values()):
-        if not (index.parent / shard).is_file():
+        path = index.parent / shard
+        if path.is_symlink() and not path.exists():  # a hub cache blob deleted: the link is there, its file not
+            raise CheckpointError(index, f"shard {shard!r} is a link to {os.readlink(path)}, which does not exist "
+                                         "(fetch the model again)")
+        if not path.is_file():
             raise CheckpointError(index, f"shard {shard!r} listed in the index is missing from {index.parent}")
     return weight_map
 
