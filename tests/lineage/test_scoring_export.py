@@ -126,6 +126,20 @@ def test_forest_json_with_an_edge_to_no_node_names_file_and_edge(tmp_path):
         Forest.load(path)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\xff", "cannot read forest JSON"),  # a model file: UnicodeDecodeError
+    (b"9" * 5000, "cannot read forest JSON"),  # ValueError: an integer of 5,000 digits
+    (b"[" * 100_000 + b"]" * 100_000, "cannot read forest JSON"),  # RecursionError
+    (b'["nodes", "edges"]', "not a lineage forest"),
+])
+def test_forest_json_that_is_no_forest_is_one_error(tmp_path, content, message):
+    path = tmp_path / "f.json"
+    path.write_bytes(content)
+    with pytest.raises(AtlasError, match=rf"f\.json: {message}") as info:
+        Forest.load(path)
+    assert "\n" not in str(info.value)
+
+
 # a -> b -> {d -> g, e}, a -> c -> f; x -> y (two trees) for the error kinds
 DEEP = {"a": None, "b": "a", "c": "a", "d": "b", "e": "b", "f": "c", "g": "d", "x": None, "y": "x"}
 

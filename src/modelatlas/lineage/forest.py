@@ -22,6 +22,7 @@ from pathlib import Path
 
 from modelatlas.atomic import atomic_write_json
 from modelatlas.errors import AtlasError
+from modelatlas.weights.base import error_line
 
 COPY_KINDS = ("duplicate", "precision")  # edge kinds that join two copies of one model, not a training step
 
@@ -103,8 +104,10 @@ class Forest:
     def load(cls, path: str | Path) -> Forest:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise AtlasError(f"{path}: cannot read forest JSON ({e})") from e
+        except RecursionError as e:
+            raise AtlasError(f"{path}: cannot read forest JSON (nested too deeply)") from e
+        except (OSError, ValueError) as e:  # also not UTF-8 (a model file) and integers of 5,000 digits
+            raise AtlasError(f"{path}: cannot read forest JSON ({error_line(e)})") from e
         try:
             return cls.from_dict(data)
         except AtlasError as e:
