@@ -56,3 +56,12 @@ def test_a_parent_loop_is_named():
         Manifest([ModelRecord("c", "c", "c", "c")])
     chain = [ModelRecord("m0", "m0", None, "t")] + [ModelRecord(f"m{i}", f"m{i}", f"m{i - 1}", "t") for i in range(1, 3000)]
     assert len(Manifest(chain)) == 3000  # a deep chain is fine (and fast)
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"models": ' + "9" * 5000 + "}"])
+def test_a_manifest_json_python_cannot_parse_is_named(tmp_path, content):
+    # `atlas lineage recover --truth` on such a file ended in a RecursionError / ValueError traceback
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ManifestError, match=r"manifest\.json: not a valid JSON manifest") as info:
+        load_manifest(tmp_path)
+    assert "\n" not in str(info.value)

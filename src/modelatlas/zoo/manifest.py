@@ -133,8 +133,10 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{path}: no such manifest (a zoo folder holds manifest.json; build one with `atlas zoo make`)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not a valid JSON manifest ({e})") from e
+    except RecursionError as e:
+        raise ManifestError(f"{path}: not a valid JSON manifest (nested too deeply)") from e
+    except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, an integer of 5,000 digits
+        raise ManifestError(f"{path}: not a valid JSON manifest ({' '.join(str(e).split())})") from e
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise ManifestError(f"{path}: missing key 'models' (a list of model records)")
     if not isinstance(data.get("config", {}), dict):
