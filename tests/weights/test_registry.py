@@ -241,3 +241,8 @@ def test_a_variant_of_a_library_file_is_named_by_its_folder(tmp_path):
     assert [ck.name for ck in open_many(discover_models([zoo / "sd-a"]))] == ["sd-a"]
     save_file({"w": torch.zeros(2)}, str(zoo / "sd-a" / "diffusion_pytorch_model.safetensors"))
     assert [p.name for p in discover_models([zoo])][0] == "diffusion_pytorch_model.safetensors"  # not both
+    epochs = tmp_path / "epochs"  # model.1.pt, model.2.pt of one run, no library's config.json: their own names
+    epochs.mkdir()
+    for i in (1, 2):
+        torch.save({"w": torch.zeros(2)}, epochs / f"model.{i}.pt")
+    assert [ck.name for ck in open_many(discover_models([epochs]))] == ["model.1", "model.2"]

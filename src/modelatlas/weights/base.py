@@ -149,11 +149,14 @@ def _file_stem(name: str) -> str | None:
 
 def named_by_folder(path: Path) -> bool:
     """Whether ``path`` is a file of a library's standard name (``model.safetensors``, ``pytorch_model.bin``,
-    ...), or a variant of one (``diffusion_pytorch_model.fp16.safetensors``; not a shard ``model-00001-of-...``),
-    in a folder with a name, and so is named after that folder."""
+    ...) in a folder with a name, and so is named after that folder; also a variant of one that the library
+    saved beside its ``config.json`` (``unet/diffusion_pytorch_model.fp16.safetensors``; not a shard
+    ``model-00001-of-...``, nor ``model.1.pt`` among epochs of a run, which keep their own names)."""
     stem = _file_stem(folder_name(path)) or ""
-    library = stem.partition(".")[0] in _LIBRARY_FILE_NAMES and re.fullmatch(r"[^.]+(\.\w+)?", stem)
-    return bool(library) and folder_name(path.parent) != ""
+    if folder_name(path.parent) == "" or stem.partition(".")[0] not in _LIBRARY_FILE_NAMES:
+        return False
+    return "." not in stem or (re.fullmatch(r"[^.]+\.\w+", stem) is not None
+                               and (path.parent / "config.json").is_file())
 
 
 def _stem(path: Path) -> str:
