@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import AtlasError, ConfigError
-from modelatlas.weights import Checkpoint, TensorInfo, open_checkpoint, unique_names
+from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_checkpoint, unique_names
 from modelatlas.weights.base import _stem
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
@@ -69,6 +69,7 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
     else:
         ckpts = []
         items = list(source) if isinstance(source, Iterable) and not isinstance(source, (str, Path)) else [source]
+        items = _expanded(items)
         names = unique_names([it.path if isinstance(it, Checkpoint) else it for it in items])
         for item, name in zip(items, names):
             if isinstance(item, Checkpoint):
@@ -88,6 +89,19 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
         raise ConfigError(f"model names must be unique; {dup} appear more than once (the same model given "
                           "twice, or checkpoints named alike: rename them)")
     return ckpts, skipped
+
+
+def _expanded(items: list) -> list:
+    """Each path as the models it names (a folder of models: the models in it, as ``atlas lineage recover``
+    reads it; it was skipped as "unknown checkpoint format"); a path that does not expand (missing, of an
+    unknown format) stays, for opening to report; Checkpoints stay."""
+    out = []
+    for item in items:
+        try:
+            out.extend([item] if isinstance(item, Checkpoint) else discover_models([item]))
+        except AtlasError:
+            out.append(item)
+    return out
 
 
 def open_model(item, adapter_base: Checkpoint | None = None) -> Checkpoint:
