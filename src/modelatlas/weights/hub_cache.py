@@ -2,8 +2,9 @@
 from the LOCAL hub cache only.
 
 modelatlas never downloads. The cache is found as huggingface_hub finds it (:func:`hub_cache_dir`), in the
-layout ``huggingface_hub`` writes: ``models--org--name/refs/<branch>`` holds a commit hash and ``models--org--name/snapshots/<hash>/`` holds the
-files (usually links into ``blobs/``). The snapshot folder is then opened like any model folder.
+layout ``huggingface_hub`` writes: ``models--org--name/refs/<branch>`` holds a commit hash and
+``models--org--name/snapshots/<hash>/`` holds the files (usually links into ``blobs/``). The snapshot folder
+is then opened like any model folder.
 """
 
 from __future__ import annotations
