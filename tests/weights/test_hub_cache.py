@@ -181,3 +181,12 @@ def test_a_shard_whose_blob_is_gone_names_the_broken_link(cache):
     with pytest.raises(CheckpointError, match=f"shard 'model-00001-of-00001.safetensors' is a link to {blob}, "
                                               "which does not exist"):
         open_checkpoint("org/tiny")
+
+
+def test_a_model_cached_by_commit_only_names_its_snapshots(cache):
+    # snapshot_download(revision=<commit>) writes no refs/main: "org/tiny" said only "not in the local cache"
+    make_cached_model(cache)
+    (cache / "models--org--tiny" / "refs" / "main").unlink()
+    with pytest.raises(CheckpointError, match=r"revision 'main' of 'org/tiny' is not in the local Hugging Face "
+                                              r"cache .*; it holds org/tiny@aaaaaaa \(give that\)"):
+        open_checkpoint("org/tiny")

@@ -60,8 +60,21 @@ def resolve_hub_id(text: str) -> Path:
     snapshot = repo / "snapshots" / (commit or "")
     if not commit or not snapshot.is_dir():
         raise CheckpointError(text, f"revision {rev!r} of {repo_id!r} is not in the local Hugging Face cache at "
-                                    f"{cache} ({hint})")
+                                    f"{cache} ({hint}){_cached_revisions(repo, repo_id)}")
     return snapshot
+
+
+def _cached_revisions(repo: Path, repo_id: str) -> str:
+    """'; it holds org/name@abc1234 (give that)' for the snapshots cached (a download by commit writes no
+    ``refs/main``, so the plain id found nothing though the model is there); '' when none is."""
+    try:
+        found = sorted(p.name for p in (repo / "snapshots").iterdir() if _COMMIT.match(p.name) and p.is_dir())
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    shown = ", ".join(f"{repo_id}@{c[:7]}" for c in found[:3]) + (", ..." if len(found) > 3 else "")
+    return f"; it holds {shown} (give {'that' if len(found) == 1 else 'one of them'})"
 
 
 def _short_commit(repo: Path, rev: str, text: str) -> str | None:
