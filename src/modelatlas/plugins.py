@@ -21,3 +21,22 @@ def import_plugins(package: str, modules: Iterable[str]) -> None:
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
+
+
+_DONE: set[str] = set()  # packages whose plugins all imported
+_BUSY: set[str] = set()  # packages importing now (a plugin that uses its registry on import)
+
+
+def load_plugins_once(package: str, modules: Iterable[str]) -> None:
+    """:func:`import_plugins` on the first call for ``package``, then nothing; a failed import is tried
+    again on the next call, so its error repeats (a registry marked loaded before a failed import read as
+    empty afterwards: "unknown dataset" for every dataset). A call made while ``package`` is being loaded
+    (from a plugin's own import) returns at once."""
+    if package in _DONE or package in _BUSY:
+        return
+    _BUSY.add(package)
+    try:
+        import_plugins(package, modules)
+        _DONE.add(package)
+    finally:
+        _BUSY.discard(package)

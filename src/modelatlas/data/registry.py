@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modelatlas.errors import ConfigError
-from modelatlas.plugins import import_plugins
+from modelatlas.plugins import load_plugins_once
 from modelatlas.seeding import SEED_RANGE, is_seed, torch_generator
 
 
@@ -174,14 +174,9 @@ def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> Arra
 
 register_dataset("digits", _load_digits, "scikit-learn 8x8 digits, 10 classes, 1,797 images (always available)")
 
-_PLUGINS_LOADED = False
 # Loader modules in this package; each calls register_dataset on import.
 _PLUGIN_MODULES = ["idx", "mnist5k", "mnist1d_data", "cifar", "image_folder"]
 
 
 def _load_plugins() -> None:
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    import_plugins("modelatlas.data", _PLUGIN_MODULES)
+    load_plugins_once("modelatlas.data", _PLUGIN_MODULES)

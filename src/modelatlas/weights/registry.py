@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelatlas.errors import CheckpointError, UnknownFormatError
-from modelatlas.plugins import import_plugins
+from modelatlas.plugins import load_plugins_once
 from modelatlas.weights.base import Checkpoint, _file_stem, _stem, named_by_folder
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
@@ -367,16 +367,9 @@ def _leaf_names(stems: list[str], full: list[Path]) -> list[str]:
 
 register_format("safetensors", is_safetensors, SafetensorsCheckpoint)
 
-_PLUGINS_LOADED = False
-
-
 def _load_plugins() -> None:
     """Import the optional format modules (they call register_format); a missing one is skipped."""
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    import_plugins("modelatlas.weights", _PLUGIN_MODULES)
+    load_plugins_once("modelatlas.weights", _PLUGIN_MODULES)
 
 
 # Format modules, most specific first; each registers itself on import. Optional dependencies
