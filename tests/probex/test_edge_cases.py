@@ -240,3 +240,13 @@ def test_an_empty_layer_is_refused_naming_it(tmp_path, shape):
     save_file({"w": torch.zeros(shape)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(ConfigError, match=r"layer 'w' has shape .* and no values; ProbeX needs a matrix"):
         load_layers([tmp_path / "a.safetensors"], ["w"])
+
+
+def test_zero_models_fit_is_refused_and_predict_returns_no_rows():
+    """X with no models was a reshape RuntimeError ("0 elements ... ambiguous") in fit and in predict."""
+    x, y = make_tiny()
+    with pytest.raises(ConfigError, match="no models given"):
+        ProbeXClassifier(make_config()).fit(x[:0], y[:0])
+    est = ProbeXClassifier(make_config()).fit(x, y)
+    assert est.predict_proba(x[:0]).shape == (0, 2) and est.predict(x[:0]).shape == (0, 2)
+    assert est.transform(x[:0]).shape == (0, 3)

@@ -52,12 +52,12 @@ class WeightExpert:
         if x.ndim < 3:
             raise ConfigError(f"{where}: X must be one weight matrix per model, shape (B, d_H, d_W); "
                               f"got shape {tuple(x.shape)} (wrap a single model as x[None])")
-        bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()  # O(B d_H d_W)
+        bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()  # O(B d_H d_W)
         if bad:
             which = f"model {bad[0]} of X holds" if len(bad) == 1 else f"models {_listed(bad)} of X hold"
             raise ConfigError(f"{where}: {which} NaN or inf weights (a diverged or corrupt checkpoint); drop "
                               + ("it" if len(bad) == 1 else "them"))
-        return x.reshape(x.shape[0], x.shape[1], -1) if x.ndim > 3 else x
+        return x.flatten(2) if x.ndim > 3 else x
 
     def _normalise(self, x) -> torch.Tensor:
         check_fitted(self, "mean_")

@@ -38,7 +38,7 @@ class ProbeXNet(nn.Module):
         z = self.projection.T @ responses  # V^T X u_l for every l: (B, r_V, r_U)
         if self.relu:
             z = torch.relu(z)
-        z = z.transpose(1, 2).reshape(x.shape[0], -1)  # Z_l stacked by probe: (B, r_U * r_V)
+        z = z.transpose(1, 2).flatten(1)  # Z_l stacked by probe: (B, r_U * r_V)
         return self.encoder(z)  # e = sum_l M_l Z_l + b: (B, r_T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class DenseNet(nn.Module):
         self.out = nn.Linear(d_h * d_w, d_y if d_y > 0 else rank_t)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(x.reshape(x.shape[0], -1))  # (B, d_H * d_W) -> (B, d_Y or r_T)
+        return self.out(x.flatten(1))  # (B, d_H * d_W) -> (B, d_Y or r_T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(x)
