@@ -250,3 +250,11 @@ def test_zero_models_fit_is_refused_and_predict_returns_no_rows():
     est = ProbeXClassifier(make_config()).fit(x, y)
     assert est.predict_proba(x[:0]).shape == (0, 2) and est.predict(x[:0]).shape == (0, 2)
     assert est.transform(x[:0]).shape == (0, 3)
+
+
+def test_router_with_no_models():
+    """Fitting on no models, or routing none, was a reshape RuntimeError ('0 elements ... ambiguous')."""
+    with pytest.raises(ConfigError, match="router fit needs at least one model"):
+        TreeRouter().fit(torch.zeros(0, 4, 3), [])
+    router = TreeRouter().fit(torch.randn(4, 4, 3), ["a", "a", "b", "b"])
+    assert router.route(torch.zeros(0, 4, 3)) == [] and router.route(torch.zeros(0, 4, 3), []) == []

@@ -121,6 +121,8 @@ class TreeRouter:
     def fit(self, x, trees=None) -> TreeRouter:
         """``trees`` None: find the trees with lineage clustering (:func:`cluster_trees`)."""
         x = torch.as_tensor(x, dtype=torch.float32, device="cpu")
+        if x.ndim >= 1 and x.shape[0] == 0:
+            raise ConfigError(f"router fit needs at least one model; X has shape {tuple(x.shape)}")
         if trees is None:
             trees = [f"tree{k}" for k in cluster_trees(x)]
         if x.ndim < 2 or len(trees) != x.shape[0]:  # a reshape would otherwise regroup the weights silently
@@ -150,7 +152,7 @@ class TreeRouter:
         shape = getattr(self, "shape_", None)  # None: a router saved before shapes were recorded
         if shape is not None and tuple(x.shape) == shape:
             x = x.unsqueeze(0)  # one model
-        flat = x.reshape(x.shape[0], -1)  # (B, D)
+        flat = x.flatten(1) if x.ndim > 1 else x.reshape(1, -1)  # (B, D); no models: (0, D)
         if flat.shape[1] != self.centroids_.shape[1]:
             raise ConfigError(f"router expects {self.centroids_.shape[1]} weights per model; got {flat.shape[1]}")
         if shape is not None and tuple(x.shape[1:]) != shape:  # e.g. a transposed layer with as many weights
