@@ -258,3 +258,12 @@ def test_router_with_no_models():
         TreeRouter().fit(torch.zeros(0, 4, 3), [])
     router = TreeRouter().fit(torch.randn(4, 4, 3), ["a", "a", "b", "b"])
     assert router.route(torch.zeros(0, 4, 3)) == [] and router.route(torch.zeros(0, 4, 3), []) == []
+
+
+def test_text_predict_with_prompts_of_another_width_names_both():
+    """Zero-shot prompts from another text encoder (width 5, trained on 3) were a matmul RuntimeError."""
+    x, _ = make_tiny()
+    est = ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 3, np.eye(3))
+    with pytest.raises(ConfigError, match="text embeddings have width 5, but this expert was trained on .* width 3"):
+        est.predict(x, np.ones((2, 5)))
+    assert est.predict(x, np.eye(3)[:2]).shape == (12,)

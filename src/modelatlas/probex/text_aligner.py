@@ -120,6 +120,10 @@ class ProbeXTextAligner(WeightExpert):
         text = self.text_ if text_embeddings is None else torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
         if text.ndim == 1:
             text = text.unsqueeze(0)  # one query: (1, d_text)
+        d_text = self.module_.text_map.in_features
+        if text.ndim != 2 or text.shape[1] != d_text:  # else a matmul RuntimeError
+            raise ConfigError(f"the text embeddings have width {text.shape[-1] if text.ndim else 0}, but this expert "
+                              f"was trained on text embeddings of width {d_text} (another text encoder?)")
         with torch.no_grad():
             return (self._logits(self._normalise(x), text) * self.config.temperature).numpy()
 
