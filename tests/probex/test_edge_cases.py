@@ -267,3 +267,12 @@ def test_text_predict_with_prompts_of_another_width_names_both():
     with pytest.raises(ConfigError, match="text embeddings have width 5, but this expert was trained on .* width 3"):
         est.predict(x, np.ones((2, 5)))
     assert est.predict(x, np.eye(3)[:2]).shape == (12,)
+
+
+def test_text_fit_refuses_text_embeddings_that_are_not_finite():
+    """NaN prompt embeddings trained silently: every loss NaN, and the untrained start kept as the 'best' state."""
+    x, _ = make_tiny()
+    text = np.eye(3)
+    text[1, 0] = np.nan
+    with pytest.raises(ConfigError, match=r"text embedding 1 holds NaN or inf"):
+        ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 3, text)

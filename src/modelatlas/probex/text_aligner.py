@@ -58,6 +58,9 @@ class ProbeXTextAligner(WeightExpert):
             raise ConfigError(f"labels must be (B,) indices into {text.shape[0]} text embeddings (C, d_text), "
                               f"from 0 to {text.shape[0] - 1}, with B={x.shape[0]}; got labels {tuple(labels.shape)} "
                               f"(range {_range(labels)}) and text embeddings {tuple(text.shape)}")
+        bad = (~torch.isfinite(text)).any(1).nonzero().flatten().tolist()
+        if bad:  # every loss would be NaN, and the untrained start kept as the best state
+            raise ConfigError(f"text embedding {bad[0]} holds NaN or inf values; embed its prompt again")
         if classes is not None and len(classes) != text.shape[0]:  # saved with the expert, one per prompt
             raise ConfigError(f"classes names {len(classes)} prompts but there are {text.shape[0]} text embeddings")
         train, val = self._split(x.shape[0])
