@@ -145,3 +145,22 @@ def test_statnn_refuses_a_model_file_with_other_types(tmp_path):
     (tmp_path / "s" / "statnn.skops").unlink()
     with pytest.raises(CheckpointError, match="missing statnn.skops"):
         StatNNClassifier.load(tmp_path / "s")
+
+
+def test_statnn_predict_refuses_other_layers_or_another_order(tmp_path):
+    """Statistics of other layers (or the same ones in another order) were fed to the fitted boosting models
+    silently, as long as their count matched; another count was scikit-learn's feature-count ValueError."""
+    from modelatlas.probex import StatNNClassifier
+
+    g = torch.Generator().manual_seed(0)
+    layers = {"a": torch.randn(12, 4, 3, generator=g), "b": torch.randn(12, 5, generator=g)}
+    y = (torch.rand(12, 2, generator=g) < 0.5).int().numpy()
+    est = StatNNClassifier(max_iter=5).fit(layers, y)
+    for other in ({"b": layers["b"], "a": layers["a"]}, {"a": layers["a"], "c": layers["b"]}, {"a": layers["a"]}):
+        with pytest.raises(ConfigError, match=r"StatNN was fitted on layers \['a', 'b'\]"):
+            est.predict(other)
+    pytest.importorskip("skops")
+    again = StatNNClassifier.load(est.save(tmp_path))
+    with pytest.raises(ConfigError, match=r"fitted on layers \['a', 'b'\]; got \['b', 'a'\]"):
+        again.predict_proba({"b": layers["b"], "a": layers["a"]})
+    assert np.array_equal(again.predict(layers), est.predict(layers))

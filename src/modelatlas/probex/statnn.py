@@ -77,17 +77,27 @@ class StatNNClassifier:
         base = HistGradientBoostingClassifier(max_iter=self.max_iter, random_state=self.seed)
         self.model_ = MultiOutputClassifier(base).fit(feats, np.asarray(y))
         self.n_features_ = feats.shape[1]
+        self.layers_ = [str(name) for name in layers]  # their order is the features' order
         return self
 
     def predict_proba(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
         """(B, d_Y) probability of each label."""
         check_fitted(self, "model_")
-        probs = self.model_.predict_proba(layer_statistics(layers))
+        probs = self.model_.predict_proba(self._features(layers))
         return np.stack([_positive(est, p) for est, p in zip(self.model_.estimators_, probs)], 1)
 
     def predict(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
         check_fitted(self, "model_")
-        return np.asarray(self.model_.predict(layer_statistics(layers))).astype(int)
+        return np.asarray(self.model_.predict(self._features(layers))).astype(int)
+
+    def _features(self, layers: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """The statistics of ``layers``, which must be the fitted ones in the fitted order: other layers of as
+        many features were scored silently, and another count was scikit-learn's feature-count ValueError."""
+        fitted = getattr(self, "layers_", None)  # None: loaded from a file saved before names were recorded
+        if fitted is not None and [str(name) for name in layers] != fitted:
+            raise ConfigError(f"StatNN was fitted on layers {fitted}; got {[str(name) for name in layers]} (pass the "
+                              "same layers, in the same order)")
+        return layer_statistics(layers)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``statnn.json`` and ``statnn.skops`` into ``folder`` atomically (needs the ``statnn`` extra)."""
@@ -96,7 +106,8 @@ class StatNNClassifier:
         folder = Path(folder)
         atomic_write(folder / "statnn.skops", lambda tmp: sio.dump(self.model_, str(tmp)))
         atomic_write_json(folder / "statnn.json", {"format": FORMAT, "max_iter": self.max_iter, "seed": self.seed,
-                                                   "n_features": self.n_features_})
+                                                   "n_features": self.n_features_,
+                                                   **({"layers": self.layers_} if hasattr(self, "layers_") else {})})
         return folder
 
     @classmethod
@@ -121,6 +132,8 @@ class StatNNClassifier:
         out = cls(max_iter=int(meta["max_iter"]), seed=int(meta["seed"]))
         out.model_ = sio.load(str(model_path), trusted=list(untrusted))
         out.n_features_ = int(meta["n_features"])
+        if isinstance(meta.get("layers"), list):
+            out.layers_ = [str(name) for name in meta["layers"]]
         return out
 
 
