@@ -164,3 +164,19 @@ def test_statnn_predict_refuses_other_layers_or_another_order(tmp_path):
     with pytest.raises(ConfigError, match=r"fitted on layers \['a', 'b'\]; got \['b', 'a'\]"):
         again.predict_proba({"b": layers["b"], "a": layers["a"]})
     assert np.array_equal(again.predict(layers), est.predict(layers))
+
+
+@pytest.mark.parametrize("text,words", [("{", r"statnn\.json: cannot read"), ("[1]", r"statnn\.json: not StatNN's settings"),
+                                        ('{"format": "modelatlas-statnn/1"}', r"statnn\.json: max_iter must be"),
+                                        ('{"format": "modelatlas-statnn/1", "max_iter": 5, "seed": "x", "n_features": 9}',
+                                         r"statnn\.json: seed must be an integer; got 'x'")])
+def test_statnn_load_names_statnn_json_and_its_key(tmp_path, text, words):
+    """A truncated statnn.json was blamed on statnn.skops; a JSON list, a missing key or a seed of 'x' were
+    AttributeError, KeyError and ValueError tracebacks."""
+    pytest.importorskip("skops")
+    from modelatlas.errors import CheckpointError
+
+    make_statnn()[0].save(tmp_path / "s")
+    (tmp_path / "s" / "statnn.json").write_text(text)
+    with pytest.raises(CheckpointError, match=words):
+        StatNNClassifier.load(tmp_path / "s")

@@ -116,25 +116,44 @@ class StatNNClassifier:
         defaults and :data:`TRUSTED` is refused with an error naming the file and the types."""
         sio = _skops()
         folder = Path(folder)
-        meta_path, model_path = folder / "statnn.json", folder / "statnn.skops"
+        meta, model_path = _read_meta(folder), folder / "statnn.skops"
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             untrusted = sio.get_untrusted_types(file=str(model_path))
         except FileNotFoundError as e:
             raise CheckpointError(folder, f"not a StatNN folder (missing {Path(e.filename).name})") from e
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(model_path, f"cannot read StatNN model: {e}") from e
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(meta_path, f"format {meta.get('format')!r} is not {FORMAT!r}")
         refused = sorted(set(untrusted) - set(TRUSTED))
         if refused:
             raise CheckpointError(model_path, f"refused: the file would build types outside the allow-list: {refused}")
-        out = cls(max_iter=int(meta["max_iter"]), seed=int(meta["seed"]))
+        out = cls(max_iter=meta["max_iter"], seed=meta["seed"])
         out.model_ = sio.load(str(model_path), trusted=list(untrusted))
-        out.n_features_ = int(meta["n_features"])
+        out.n_features_ = meta["n_features"]
         if isinstance(meta.get("layers"), list):
             out.layers_ = [str(name) for name in meta["layers"]]
         return out
+
+
+def _read_meta(folder: Path) -> dict:
+    """``statnn.json``, its format and integer keys checked; errors name it (a truncated one was blamed on
+    statnn.skops, and a missing key or a seed of 'x' were KeyError and ValueError tracebacks)."""
+    meta_path = folder / "statnn.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(folder, "not a StatNN folder (missing statnn.json)") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(meta_path, f"cannot read: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(meta_path, f"not StatNN's settings (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(meta_path, f"format {meta.get('format')!r} is not {FORMAT!r}")
+    for key in ("max_iter", "seed", "n_features"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            got = "missing" if key not in meta else f"got {value!r:.60}"
+            raise CheckpointError(meta_path, f"{key} must be an integer; {got}; save the model again")
+    return meta
 
 
 def _positive(estimator, proba: np.ndarray) -> np.ndarray:
