@@ -180,3 +180,15 @@ def test_statnn_load_names_statnn_json_and_its_key(tmp_path, text, words):
     (tmp_path / "s" / "statnn.json").write_text(text)
     with pytest.raises(CheckpointError, match=words):
         StatNNClassifier.load(tmp_path / "s")
+
+
+def test_statnn_load_of_a_truncated_model_file_names_it(tmp_path):
+    """A statnn.skops cut short (an interrupted copy) was a zipfile.BadZipFile traceback."""
+    pytest.importorskip("skops")
+    from modelatlas.errors import CheckpointError
+
+    make_statnn()[0].save(tmp_path / "s")
+    model = tmp_path / "s" / "statnn.skops"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"statnn\.skops: cannot read StatNN model"):
+        StatNNClassifier.load(tmp_path / "s")

@@ -9,6 +9,7 @@ any other (:data:`TRUSTED`), plus a JSON config.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class StatNNClassifier:
             untrusted = sio.get_untrusted_types(file=str(model_path))
         except FileNotFoundError as e:
             raise CheckpointError(folder, f"not a StatNN folder (missing {Path(e.filename).name})") from e
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a zip archive; cut short: BadZipFile
             raise CheckpointError(model_path, f"cannot read StatNN model: {e}") from e
         refused = sorted(set(untrusted) - set(TRUSTED))
         if refused:
