@@ -276,3 +276,17 @@ def test_text_fit_refuses_text_embeddings_that_are_not_finite():
     text[1, 0] = np.nan
     with pytest.raises(ConfigError, match=r"text embedding 1 holds NaN or inf"):
         ProbeXTextAligner(make_config()).fit(x, np.arange(12) % 3, text)
+
+
+def test_load_refuses_a_mean_of_another_shape_than_the_expert(tmp_path):
+    """A saved mean of shape (2, 3) beside a (4, 3) expert loaded; predict then blamed the right-shaped models
+    ("expects matrices of shape (2, 3)"), and (2, 3) inputs failed in a matmul."""
+    from safetensors.torch import load_file
+
+    x, y = make_tiny()
+    ProbeXClassifier(make_config()).fit(x, y).save(tmp_path / "e")
+    tensors = load_file(str(tmp_path / "e" / "expert.safetensors"))
+    tensors["mean"] = tensors["mean"][:2].contiguous()
+    save_file(tensors, str(tmp_path / "e" / "expert.safetensors"))
+    with pytest.raises(CheckpointError, match=r"do not match .*mean has shape \(2, 3\), the expert \(4, 3\)"):
+        load_expert(tmp_path / "e")

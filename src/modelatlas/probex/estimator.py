@@ -266,6 +266,8 @@ def load_expert(folder: str | Path) -> WeightExpert:
         expert.mean_, expert.scale_ = tensors["mean"], _saved_scale(meta, meta_path)
         expert.history_ = meta.get("history", {})
         expert._restore(meta, tensors)
+        if tuple(expert.mean_.shape) != tuple(expert.shape_):  # predict would blame the right-shaped models
+            raise ValueError(f"mean has shape {tuple(expert.mean_.shape)}, the expert {tuple(expert.shape_)}")
     except (KeyError, RuntimeError, TypeError, ValueError) as e:  # a missing key or weights of another shape
         detail = " ".join(str(e).split())[:300]  # load_state_dict's report spans many lines
         raise CheckpointError(folder, f"expert.json and expert.safetensors do not match ({type(e).__name__}: "
