@@ -171,3 +171,14 @@ def test_router_load_refuses_damaged_centroids_or_radii(tmp_path, key, edit, mes
     save_file(tensors, str(tmp_path / "router.safetensors"))
     with pytest.raises(CheckpointError, match=r"router\.safetensors: " + message):
         TreeRouter.load(tmp_path)
+
+
+def test_layer_auto_on_models_without_a_weight_matrix_says_so(tmp_path):
+    """--layer auto on models holding only vectors picked from no candidate: max() of an empty dict, a
+    ValueError traceback."""
+    save_file({"b": torch.zeros(4), "w": torch.zeros(1, 4)}, str(tmp_path / "r.safetensors"))
+    recs = [ModelRecord("r", "r.safetensors", None, "r")]
+    recs += [ModelRecord(f"c{i}", "r.safetensors", "r", "r", task={"classes": [0]}) for i in range(12)]
+    Manifest(recs, {}, tmp_path).save(tmp_path / "manifest.json")
+    with pytest.raises(ConfigError, match=r"r\.safetensors holds no weight matrix .*--layer auto.*pass --layer"):
+        train_tree_experts(tmp_path, tmp_path / "out")

@@ -147,6 +147,17 @@ def _read_trees(paths_of: dict[str, list[Path]], layer: str, progress, source) -
     return xs
 
 
+def _auto_layer(paths: list[Path], records: list[ModelRecord], task: str, cfg: ProbeXConfig, classes,
+                progress) -> tuple[str, dict[str, float]]:
+    """(best layer, layer -> validation score) of one tree's models, over every weight matrix of the first."""
+    candidates = candidate_layers(paths[0])
+    if not candidates:  # else max() of no scores: a ValueError traceback
+        raise ConfigError(f"{paths[0]} holds no weight matrix (2-D or conv, at least 2 x 2) for --layer auto to "
+                          "choose from; pass --layer NAME")
+    scores = select_layer(paths, _targets(records, task, len(classes or [])), task, candidates, cfg, classes, progress)
+    return max(scores, key=lambda k: (scores[k][0], -scores[k][1])), {k: v[0] for k, v in scores.items()}
+
+
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
                        config: ProbeXConfig | None = None, progress: Progress | None = None,
                        resume: bool = False, min_models: int = MIN_MODELS) -> TrainReport:
@@ -163,15 +174,11 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     records = _task_records(manifest, task)
     classes = _class_names(records) if task == "classes" else None
     by_tree = _group_by_tree(records, min_models, manifest_path)
-    largest = max(by_tree.values(), key=len)
     paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
     report = TrainReport(layer)
     if layer == "auto":
-        target = _targets(largest, task, len(classes or []))
-        scores = select_layer(paths_of[largest[0].tree], target, task,
-                              candidate_layers(paths_of[largest[0].tree][0]), cfg, classes, progress)
-        report.layer = max(scores, key=lambda k: (scores[k][0], -scores[k][1]))
-        report.layer_scores = {k: v[0] for k, v in scores.items()}
+        largest = max(by_tree.values(), key=len)
+        report.layer, report.layer_scores = _auto_layer(paths_of[largest[0].tree], largest, task, cfg, classes, progress)
     xs = _read_trees(paths_of, report.layer, progress, manifest_path)
     for tree, ms in by_tree.items():
         expert = _fit_one(task, xs[tree], _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
