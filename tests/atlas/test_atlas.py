@@ -442,3 +442,13 @@ def test_too_few_readable_models_says_why_the_others_were_not_read(tmp_path):
     with pytest.raises(AtlasError, match=r"0 readable model\(s\) of 1: an atlas needs at least 2 \(broken: "
                                          r"unreadable: .*broken\.safetensors"):
         build_atlas([tmp_path / "broken.safetensors"])
+
+
+def test_load_of_the_viewer_page_points_to_the_folder(tmp_path):
+    """`atlas index show my-atlas/atlas.html` (the file just opened in a browser) was parsed as JSON:
+    'cannot read the atlas (Expecting value: line 1 column 1)'."""
+    Atlas([ModelEntry("a", "a"), ModelEntry("b", "b")], Forest(["a", "b"], [])).save(tmp_path / "at")
+    with pytest.raises(AtlasError, match=r"atlas\.html: a file, not an atlas folder or its atlas\.json; pass "
+                                         r".*at\b"):
+        Atlas.load(tmp_path / "at" / "atlas.html")
+    assert [m.name for m in Atlas.load(tmp_path / "at" / "atlas.json").models] == ["a", "b"]

@@ -108,8 +108,9 @@ class Atlas:
     def load(cls, folder: str | Path) -> Atlas:
         folder = Path(folder)
         path = folder / JSON_NAME if folder.is_dir() or not folder.suffix else folder
-        if folder.is_file() and path != folder:
-            raise AtlasError(f"{folder}: a file, not an atlas folder or its {JSON_NAME}")
+        if folder.is_file() and (path != folder or folder.suffix != ".json"):  # atlas.html was parsed as JSON
+            hint = f"; pass {folder.parent}" if (folder.parent / JSON_NAME).is_file() else ""
+            raise AtlasError(f"{folder}: a file, not an atlas folder or its {JSON_NAME}{hint}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
