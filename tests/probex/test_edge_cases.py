@@ -290,3 +290,11 @@ def test_load_refuses_a_mean_of_another_shape_than_the_expert(tmp_path):
     save_file(tensors, str(tmp_path / "e" / "expert.safetensors"))
     with pytest.raises(CheckpointError, match=r"do not match .*mean has shape \(2, 3\), the expert \(4, 3\)"):
         load_expert(tmp_path / "e")
+
+
+@pytest.mark.parametrize("labels,got", [(["a", "b", "c"] * 4, "strings"), ([0.5, 1, 2] * 4, "0.5")])
+def test_text_fit_refuses_labels_that_are_not_indices(labels, got):
+    """Prompts as labels (the natural mistake) were a numpy.str_ TypeError; 0.5 was truncated to class 0."""
+    x, _ = make_tiny()
+    with pytest.raises(ConfigError, match=rf"labels must be integer indices into the 3 text embeddings.*{got}"):
+        ProbeXTextAligner(make_config()).fit(x, labels, np.eye(3))

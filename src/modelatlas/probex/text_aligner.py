@@ -51,8 +51,8 @@ class ProbeXTextAligner(WeightExpert):
     def fit(self, x, labels, text_embeddings, classes: list[str] | None = None, progress=None,
             checkpoint_dir=None, resume: bool = False) -> ProbeXTextAligner:
         x = self._models(x, "ProbeXTextAligner.fit")
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         text = torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
+        labels = _indices(labels, text.shape[0] if text.ndim else 0)
         if labels.ndim != 1 or labels.shape[0] != x.shape[0] or text.ndim != 2 or not (
                 labels.numel() and 0 <= int(labels.min()) and int(labels.max()) < text.shape[0]):
             raise ConfigError(f"labels must be (B,) indices into {text.shape[0]} text embeddings (C, d_text), "
@@ -168,6 +168,22 @@ class ProbeXTextAligner(WeightExpert):
             raise ValueError(f"{len(self.classes_)} prompt names for {self.text_.shape[0]} text embeddings")
         self.module_ = self._build(*meta["shape"], 0)
         self.module_.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("module.")})
+
+
+def _indices(labels, n_text: int) -> torch.Tensor:
+    """Labels as a long tensor, refusing what is not integer indices: prompts given as labels (the natural
+    mistake) were a numpy.str_ TypeError, and 0.5 was truncated to class 0."""
+    arr = np.asarray(labels)
+    if arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
+        odd = repr(arr[np.mod(arr, 1) != 0].flat[0].item())  # NaN included
+    elif arr.dtype.kind not in "biuf":
+        odd = "strings" if arr.dtype.kind in "USO" else f"values of type {arr.dtype}"
+    else:
+        odd = None
+    if odd is not None:
+        raise ConfigError(f"labels must be integer indices into the {n_text} text embeddings (the row describing "
+                          f"each model's class); got {odd}")
+    return torch.as_tensor(arr, dtype=torch.long)
 
 
 def _range(labels: torch.Tensor) -> str:
