@@ -298,3 +298,11 @@ def test_text_fit_refuses_labels_that_are_not_indices(labels, got):
     x, _ = make_tiny()
     with pytest.raises(ConfigError, match=rf"labels must be integer indices into the 3 text embeddings.*{got}"):
         ProbeXTextAligner(make_config()).fit(x, labels, np.eye(3))
+
+
+@pytest.mark.parametrize("y", [[["1", "0"]] * 12, [[1, 0], [1]] * 6])
+def test_fit_refuses_labels_that_are_not_numbers(y):
+    """Class names as labels were a numpy.str_ TypeError, and ragged rows numpy's 'inhomogeneous shape'."""
+    x, _ = make_tiny()
+    with pytest.raises(ConfigError, match=r"labels must be \(B, d_Y\) multi-hot.*numbers"):
+        ProbeXClassifier(make_config()).fit(x, y)

@@ -189,7 +189,10 @@ class DenseExpert(ProbeXClassifier):
 def _multi_hot(y, n: int) -> torch.Tensor:
     """Labels as a float (B, d_Y) tensor of 0s and 1s with B = ``n``: class indices or counts (2) and NaN trained
     silently against BCE targets outside [0, 1], and no column at all failed deep in the loss."""
-    y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
+    try:
+        y = torch.as_tensor(np.asarray(y), dtype=torch.float32)
+    except (TypeError, ValueError) as e:  # class names (numpy.str_), ragged rows
+        raise ConfigError(f"labels must be (B, d_Y) multi-hot: a table of numbers, 0 or 1 ({' '.join(str(e).split())[:80]})") from e
     if y.ndim != 2 or y.shape[0] != n:
         raise ConfigError(f"labels must be (B, d_Y) multi-hot with B={n}; got {tuple(y.shape)}")
     if y.shape[1] == 0:
