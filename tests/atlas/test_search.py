@@ -151,3 +151,11 @@ def test_load_refuses_stored_embeddings_that_cannot_be_scored(tmp_path, edit, wo
     save_file({k: edit(v) for k, v in tensors.items()}, str(tmp_path / "a" / "embeddings.safetensors"))
     with pytest.raises(AtlasError, match=r"embeddings\.safetensors: embeddings of tree 'root' " + words):
         Atlas.load(tmp_path / "a")
+
+
+def test_top_may_be_a_numpy_integer():
+    """top=np.int64(1) (e.g. from an array of sizes) was refused as 'a positive number of models; got 1'."""
+    atlas = Atlas([ModelEntry("a", "/z/a"), ModelEntry("ab", "/z/ab")], Forest(["a", "ab"], []))
+    assert [h.name for h in search_atlas(atlas, "a", top=np.int64(1))] == ["a"]
+    with pytest.raises(AtlasError, match="top must be a positive number of models; got 0"):
+        search_atlas(atlas, "a", top=np.int64(0))

@@ -16,6 +16,7 @@ whole name adds 2. Time O(N W) for W words per model.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
     if mode not in MODES:
         raise AtlasError(f"search mode must be one of {MODES}; got {mode!r}")
     check_query(query)
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:  # [:0] or [:-1] would drop hits silently
-        raise AtlasError(f"top must be a positive number of models; got {top!r}")
+    whole = isinstance(top, numbers.Integral) and not isinstance(top, bool)  # numpy's integers too
+    if not whole or top < 1:  # [:0] or [:-1] would drop hits silently
+        raise AtlasError(f"top must be a positive number of models; got {int(top) if whole else repr(top)}")
+    top = int(top)
     if (mode == "text" or text_experts is not None) and not atlas.embeddings:
         given = " (so --text-experts has nothing to search)" if text_experts is not None else ""
         used = atlas.experts.get("text", {}).get("folder")
