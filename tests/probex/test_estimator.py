@@ -71,7 +71,12 @@ def test_resume_with_other_shape_is_refused(tmp_path, planted, small_config):
     ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointError, match="cannot resume: rank_u was 4 in the interrupted run, now 6"):
         ProbeXClassifier(small_config).fit(x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)
-    with pytest.raises(CheckpointError, match="does not match this expert's shape"):  # same settings, other data
+    with pytest.raises(CheckpointError, match="cannot resume: data was"):  # same settings, other data
+        ProbeXClassifier(cfg).fit(x[:50, :, :5], y[:50], checkpoint_dir=tmp_path, resume=True)
+    state = json.loads((tmp_path / "train_state.json").read_text())
+    del state["settings"]["data"]  # a state saved before the data was recorded: the weights' shape still tells
+    (tmp_path / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="does not match this expert's shape"):
         ProbeXClassifier(cfg).fit(x[:50, :, :5], y[:50], checkpoint_dir=tmp_path, resume=True)
 
 
@@ -174,3 +179,15 @@ def test_resume_of_a_state_missing_tensors_names_the_file(tmp_path, planted, edi
     with pytest.raises(CheckpointError, match=r"train_state\.safetensors: .*delete it or train without --resume"):
         ProbeXClassifier(ProbeXConfig(**{**cfg.to_dict(), "epochs": 3})).fit(x[:50], y[:50], checkpoint_dir=tmp_path,
                                                                              resume=True)
+
+
+def test_resume_on_other_models_of_the_same_count_is_refused(tmp_path, planted):
+    """A rebuilt zoo (same trees, counts and classes, other weights) resumed the old zoo's training state
+    silently: a finished one came back as the 'new' expert, trained on none of the new models."""
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2, checkpoint_every=1)
+    ProbeXClassifier(cfg, "l").fit(x[:50], y[:50], checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"cannot resume: data was '[0-9a-f]{16}' in the interrupted run, now "
+                                              r"'[0-9a-f]{16}'"):
+        ProbeXClassifier(cfg, "l").fit(x[50:100], y[50:100], checkpoint_dir=tmp_path, resume=True)
+    ProbeXClassifier(cfg, "l").fit(x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)  # the same models resume

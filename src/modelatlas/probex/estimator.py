@@ -20,7 +20,7 @@ from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.fitted import check_fitted
 from modelatlas.probex.model import build_network, count_parameters
-from modelatlas.probex.train import train_loop
+from modelatlas.probex.train import data_digest, train_loop
 from modelatlas.seeding import torch_generator
 
 FORMAT = "modelatlas-probex/1"
@@ -156,7 +156,8 @@ class ProbeXClassifier(WeightExpert):
 
         self.history_ = train_loop(self.module_, lambda xb, yb: bce(self.module_(xb), yb), xn[train], y[train],
                                    score, self.config, progress, checkpoint_dir, resume,
-                                   {"task": "classes", "layer": self.layer, "models": x.shape[0], "classes": self.classes_})
+                                   {"task": "classes", "layer": self.layer, "models": x.shape[0], "classes": self.classes_,
+                                    **({"data": data_digest(x, y)} if checkpoint_dir is not None else {})})
         return self
 
     def predict_proba(self, x) -> np.ndarray:

@@ -15,7 +15,7 @@ from torch import nn
 from modelatlas.errors import ConfigError
 from modelatlas.probex.estimator import WeightExpert
 from modelatlas.probex.fitted import check_fitted
-from modelatlas.probex.train import train_loop
+from modelatlas.probex.train import data_digest, train_loop
 
 
 class _Aligner(nn.Module):
@@ -79,7 +79,8 @@ class ProbeXTextAligner(WeightExpert):
 
         self.history_ = train_loop(self.module_, loss, xn[train], labels[train], score, self.config,
                                    progress, checkpoint_dir, resume,
-                                   {"task": "text", "layer": self.layer, "models": x.shape[0], "prompts": self.classes_})
+                                   {"task": "text", "layer": self.layer, "models": x.shape[0], "prompts": self.classes_,
+                                    **({"data": data_digest(x, labels, text)} if checkpoint_dir is not None else {})})
         return self
 
     def _network(self, d_h: int, d_w: int, d_y: int) -> nn.Module:

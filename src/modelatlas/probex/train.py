@@ -8,6 +8,7 @@ layer, task, number of models) differ from the run that asks to resume it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,17 @@ def run_settings(cfg, run: dict | None = None) -> dict:
     return json.loads(json.dumps({**(run or {}), **settings}))  # the run's keys first: the likelier mistakes
 
 
+def data_digest(*tensors: torch.Tensor) -> str:
+    """A short SHA-256 of the training data (shapes and float32 values), recorded with a resumable state: a
+    rebuilt zoo of the same trees, counts and classes resumed the old zoo's state silently. O(data bytes)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = torch.as_tensor(t).detach().to("cpu", torch.float32).contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None:
     """Refuse to resume a state saved with other settings, naming the first key that differs, or one that
     has already trained more than ``epochs`` epochs (checked last: the state of another run, e.g. on another
@@ -95,6 +107,8 @@ def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None
         raise CheckpointError(path, "cannot resume: the state does not record its run's settings (saved by an "
                                     "older modelatlas); train without --resume to start over")
     for key in [*settings, *(k for k in saved if k not in settings)]:
+        if key == "data" and key not in saved:  # a state saved before the data was recorded
+            continue
         if saved.get(key) != settings.get(key):
             raise CheckpointError(path, f"cannot resume: {key} was {_shown(saved.get(key))} in the interrupted "
                                         f"run, now {_shown(settings.get(key))}; rerun with the same settings, or train "
