@@ -145,3 +145,18 @@ def test_search_help_does_not_promise_notes(capsys):
         main(["index", "search", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "keywords: whole words of names, paths, predicted classes, descriptions, dtype and tree (not notes)" in out
+
+
+def test_names_with_terminal_control_characters_are_shown_escaped(tmp_path, capsys):
+    """A checkpoint named with an escape sequence (evil\\x1b[2J: clear the screen) or a carriage return (which
+    overwrites the line) reached the terminal raw through `show`, `search` and the build's warnings."""
+    make_models(tmp_path / "m")
+    (tmp_path / "m" / "t0_0.safetensors").rename(tmp_path / "m" / "evil\x1b[2J\rx.safetensors")
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    assert main(["index", "show", str(out)]) == 0
+    assert main(["index", "search", "evil", str(out)]) == 0
+    captured = capsys.readouterr()
+    for stream in (captured.out, captured.err):
+        assert "\x1b" not in stream and "\r" not in stream
+    assert "evil\\x1b[2J\\x0dx" in captured.out

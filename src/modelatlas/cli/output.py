@@ -17,9 +17,19 @@ def tqdm_progress(iterable: Iterable, *, total: int | None = None, desc: str = "
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=disable)
 
 
+# C0 and C1 control characters but tab and newline, shown as \x1b: a model named with an escape sequence
+# (clear the screen, recolour) or a carriage return (overwrite the line) reached the terminal raw
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
+
+
+def printable(text: object) -> str:
+    """``text`` with its control characters (but tab and newline) written as escapes, e.g. ``\\x1b``."""
+    return str(text).translate(_CONTROL)
+
+
 def echo(*parts: object) -> None:
-    """Print to stdout (commands' results)."""
-    print(*parts)
+    """Print to stdout (commands' results), control characters escaped (:func:`printable`)."""
+    print(*map(printable, parts))
 
 
 def counted(n: int, noun: str) -> str:
@@ -29,4 +39,4 @@ def counted(n: int, noun: str) -> str:
 
 def warn(message: str) -> None:
     """Print a warning line to stderr."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {printable(message)}", file=sys.stderr)
