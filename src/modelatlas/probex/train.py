@@ -3,7 +3,7 @@
 A resumable checkpoint is two files written atomically in ``checkpoint_dir``: ``train_state.safetensors``
 (current weights, best weights, Adam moments) and ``train_state.json`` (epoch, best score, history, Adam
 hyperparameters, and the run's settings). Loading never unpickles; it refuses a state whose settings (config,
-layer, task, number of models) differ from the run that asks to resume it.
+layer, task, number of models, a digest of the data) differ from the run that asks to resume it.
 """
 
 from __future__ import annotations
