@@ -159,3 +159,17 @@ def test_top_may_be_a_numpy_integer():
     assert [h.name for h in search_atlas(atlas, "a", top=np.int64(1))] == ["a"]
     with pytest.raises(AtlasError, match="top must be a positive number of models; got 0"):
         search_atlas(atlas, "a", top=np.int64(0))
+
+
+def test_show_and_keyword_search_need_no_embeddings_file(tmp_path, capsys):
+    """An atlas.json copied without embeddings.safetensors could not even be shown: 'embeddings.safetensors:
+    missing' from `atlas index show` and `--mode keywords`, which never use the embeddings."""
+    from modelatlas.cli.main import main
+
+    make_text_atlas(tmp_path / "tx").save(tmp_path / "a")
+    (tmp_path / "a" / "embeddings.safetensors").unlink()
+    assert main(["index", "show", str(tmp_path / "a")]) == 0
+    assert main(["index", "search", "b", str(tmp_path / "a"), "--mode", "keywords"]) == 0
+    assert "1. b  keyword score" in capsys.readouterr().out
+    assert main(["index", "search", "a seven", str(tmp_path / "a")]) == 1  # text search does need them
+    assert "embeddings.safetensors: missing" in capsys.readouterr().err

@@ -105,7 +105,9 @@ class Atlas:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> Atlas:
+    def load(cls, folder: str | Path, embeddings: bool = True) -> Atlas:
+        """The atlas in ``folder`` (or its atlas.json); ``embeddings=False`` leaves out the text embeddings (and
+        does not need their file), for what never uses them: showing it, keyword search."""
         folder = Path(folder)
         path = folder / JSON_NAME if folder.is_dir() or not folder.suffix else folder
         if folder.is_file() and (path != folder or folder.suffix != ".json"):  # atlas.html was parsed as JSON
@@ -122,12 +124,12 @@ class Atlas:
             raise AtlasError(f"{path}: unknown atlas format {got!r} (expected {FORMAT})")
         check_atlas_dict(data, path)
         models = [ModelEntry.from_dict(m) for m in data["models"]]
-        embeddings = _load_embeddings(path.parent, data.get("embedded", {}))
+        embedded = _load_embeddings(path.parent, data.get("embedded", {})) if embeddings else {}
         try:
             forest = Forest.from_dict(data.get("forest", {"nodes": [], "edges": []}))
         except AtlasError as e:
             raise AtlasError(f"{path}: forest: {e}") from e
-        return cls(models, forest, dict(data.get("experts", {})), embeddings)
+        return cls(models, forest, dict(data.get("experts", {})), embedded)
 
 
 def check_atlas_folder(folder: str | Path) -> None:

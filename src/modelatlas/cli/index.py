@@ -100,7 +100,7 @@ def _what(m) -> str:
 def _show(args: argparse.Namespace) -> int:
     from modelatlas.atlas import Atlas
 
-    _show_atlas(Atlas.load(args.atlas))
+    _show_atlas(Atlas.load(args.atlas, embeddings=False))  # needs no embeddings.safetensors
     return 0
 
 
@@ -108,7 +108,7 @@ def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas import Atlas, search_atlas
     from modelatlas.atlas.index import shown_value
 
-    atlas = Atlas.load(args.atlas)
+    atlas = Atlas.load(args.atlas, embeddings=args.mode != "keywords" or args.text_experts is not None)
     hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
     if not hits:
         echo(f"no model matches {shown_value(args.query)}")
