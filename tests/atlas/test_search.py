@@ -173,3 +173,16 @@ def test_show_and_keyword_search_need_no_embeddings_file(tmp_path, capsys):
     assert "1. b  keyword score" in capsys.readouterr().out
     assert main(["index", "search", "a seven", str(tmp_path / "a")]) == 1  # text search does need them
     assert "embeddings.safetensors: missing" in capsys.readouterr().err
+
+
+def test_probex_predict_over_an_atlas_needs_no_embeddings_file(tmp_path, capsys):
+    """`atlas probex predict ATLAS` reads only the models' paths from it, yet failed with
+    'embeddings.safetensors: missing' when the atlas.json was copied alone."""
+    from modelatlas.cli.main import main
+
+    make_text_atlas(tmp_path / "tx").save(tmp_path / "a")
+    (tmp_path / "a" / "embeddings.safetensors").unlink()
+    make_experts_folder(tmp_path / "cx", task="classes")
+    assert main(["probex", "predict", str(tmp_path / "a"), "--experts", str(tmp_path / "cx")]) == 1  # /z/a: no file
+    captured = capsys.readouterr()
+    assert "embeddings.safetensors" not in captured.err and "a: not routed" in captured.out

@@ -82,7 +82,7 @@ def _model_paths(items: list[str]) -> list[Path]:
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
             from modelatlas.atlas import Atlas
 
-            paths.extend(Path(m.path) for m in Atlas.load(p).models)
+            paths.extend(Path(m.path) for m in Atlas.load(p, embeddings=False).models)
         else:
             paths.extend(discover_models([p]))
     return distinct_models(paths)
