@@ -227,7 +227,7 @@ def show_forest(forest, truth=None) -> None:
     k_how = "given" if d.get("n_trees_given") else "found from the data"
     dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
     same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""
-    same += f", {len(lowp)} a lower-precision copy of another" if lowp else ""
+    same += f", {len(lowp)} a lower-precision copy of another ({', '.join(sorted(set(lowp.values())))})" if lowp else ""
     echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
     directed = any(e.kind == "trained" for e in forest.edges)  # single models and copies: no direction to guess

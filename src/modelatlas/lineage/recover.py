@@ -36,6 +36,7 @@ from modelatlas.lineage.orient import (
     prim_mst,
     solve_tree,
 )
+from modelatlas.lineage.quantized import quantized_copies
 from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.progress import Progress
@@ -78,10 +79,7 @@ class LineageRecovery:
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
-            keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
-            duplicates.update({members[d].name: members[r].name for d, r in dups})
-            lowp.update({members[d].name: dtypes[d] for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
+            keep = _split_copies(members, layers, st, keep, duplicates, lowp)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
@@ -165,6 +163,21 @@ class LineageRecovery:
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
         self.clusters_, self.kurtosis_ = self.clusters_[src], self.kurtosis_[src]
         self.distances_ = self.distances_[np.ix_(src, src)]  # a duplicate is at distance 0 from its model
+
+
+def _split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: list[int],
+                  duplicates: dict[str, str], lowp: dict[str, str]) -> list[int]:
+    """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
+    (:func:`split_duplicates`) and quantized ones (:func:`~modelatlas.lineage.quantized.quantized_copies`);
+    each copy's name -> its model's goes into ``duplicates``, and -> its format into ``lowp`` unless identical."""
+    dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
+    keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
+    duplicates.update({members[d].name: members[r].name for d, r in dups})
+    lowp.update({members[d].name: dtypes[d] for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
+    for q, r, kind in quantized_copies(members, layers, st.rel, keep):
+        keep.remove(q)
+        duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
+    return keep
 
 
 def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TOL,

@@ -72,6 +72,17 @@ class Checkpoint(ABC):
         self.info(name)  # raises a clear error for unknown names
         return self._read(name)
 
+    def quantization(self, name: str) -> str | None:
+        """The block-quantization type tensor ``name`` is stored in (a GGUF ``"Q8_0"``, ...), None for a
+        tensor stored as plain numbers (whose dtype :meth:`info` gives). Header only."""
+        return None
+
+    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
+        """For a block-quantized tensor: the share of its stored values that quantizing ``x`` (same shape)
+        the same way gives exactly, so 1.0 when this tensor is ``x`` quantized. None when the tensor is not
+        block-quantized or its type has no quantizer here."""
+        return None
+
     def prefetch(self, name: str) -> None:  # noqa: B027 - optional hook, a no-op for most formats
         """Hint that tensor ``name`` will be read soon, so its bytes can be fetched from storage while the
         caller computes (overlapping a cold read with work). Never reads, never raises; a no-op by default."""

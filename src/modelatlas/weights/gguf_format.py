@@ -86,6 +86,32 @@ class GGUFCheckpoint(Checkpoint):
         out = torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), copy=True))  # never pins the map
         return out.to(torch.bfloat16) if kind == "BF16" else out  # exact: the values are bfloat16
 
+    def quantization(self, name: str) -> str | None:
+        self.info(name)  # a clear error for an unknown name
+        kind = self._tensors[name].ggml_type.name
+        return None if kind in _PLAIN or kind == "BF16" else kind
+
+    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
+        """Share of the stored values that quantizing ``x``, or ``x`` rounded to float16 first (llama.cpp's
+        tools quantize an F16 conversion), reproduces exactly; quantized with ``gguf.quants.quantize``, which
+        follows ggml's reference rounding. None for a type it cannot quantize (the K- and I-quants, whose
+        scales are searched for). Time O(P) for P values: two quantizations and one read."""
+        from gguf.quants import dequantize, quantize
+
+        t = self._tensors[name]
+        if self.quantization(name) is None or tuple(x.shape) != t.shape:
+            return None
+        have = self._read(name).numpy()
+        best = 0.0
+        for cast in (torch.float32, torch.float16):
+            xs = x.detach().to(cast).to(torch.float32).numpy()
+            try:
+                again = dequantize(quantize(xs, t.ggml_type), t.ggml_type).reshape(have.shape)
+            except (NotImplementedError, ValueError, TypeError):
+                return None
+            best = max(best, float(np.mean(again == have)) if have.size else 1.0)
+        return best
+
     def close(self) -> None:
         """Drop the memory map (np.memmap has no close of its own; the mapping goes with its last reference,
         and every returned tensor is a copy). Reads after this reopen it."""

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.quantized import is_quantization_of
+from modelatlas.weights import open_checkpoint
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def make_weights(seed, base=None, step=0.0):
+    """Three 64 x 64 layers: fresh (``base`` None) or ``base`` plus a relative change of ``step``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in ("a.weight", "b.weight", "c.weight"):
+        noise = torch.randn(64, 64, generator=gen)
+        out[k] = noise if base is None else base[k] + step * noise * base[k].std()
+    return out
+
+
+def make_gguf(path, weights, kind=Q.Q8_0, plain=()):
+    """``weights`` written to a GGUF file, quantized to ``kind`` (the layers in ``plain`` as float16)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, t in weights.items():
+        x = t.numpy()
+        if name in plain:
+            w.add_tensor(name, x.astype(np.float16))
+            continue
+        q = gguf.quants.quantize(x, kind)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_requantized_match_tells_a_copy_from_a_quantized_fine_tune(tmp_path):
+    p = make_weights(0)
+    f = make_weights(1, p, step=0.005)  # a fine-tune 0.5 % away: inside one Q8_0 step for most values
+    with open_checkpoint(make_gguf(tmp_path / "p.gguf", p)) as ck:
+        assert ck.quantization("a.weight") == "Q8_0"
+        assert ck.requantized_match("a.weight", p["a.weight"]) == 1.0
+        assert ck.requantized_match("a.weight", f["a.weight"]) < 0.9
+    half = {k: v.half().float() for k, v in p.items()}  # llama.cpp's tools quantize an F16 conversion
+    with open_checkpoint(make_gguf(tmp_path / "p16.gguf", half)) as ck:
+        assert ck.requantized_match("a.weight", p["a.weight"]) == 1.0
+    with open_checkpoint(make_gguf(tmp_path / "h.gguf", p, plain=("a.weight",))) as ck:
+        assert ck.quantization("a.weight") is None and ck.requantized_match("a.weight", p["a.weight"]) is None
+
+
+def test_plain_layers_of_a_copy_must_equal_the_source_rounded(tmp_path):
+    p = make_weights(0)
+    f = make_weights(1, p, step=0.005)
+    save_file(p, str(tmp_path / "p.safetensors"))
+    save_file(f, str(tmp_path / "f.safetensors"))
+    copy = open_checkpoint(make_gguf(tmp_path / "c.gguf", p, plain=("b.weight",)))
+    layers = open_checkpoint(tmp_path / "p.safetensors").tensors()
+    assert is_quantization_of(copy, open_checkpoint(tmp_path / "p.safetensors"), layers)
+    assert not is_quantization_of(copy, open_checkpoint(tmp_path / "f.safetensors"), layers)
+
+
+def test_recovery_marks_quantized_copies_and_keeps_fine_tunes(tmp_path):
+    p = make_weights(0)
+    kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(3)}
+    for name, w in {"p": p, **kids}.items():
+        save_file(w, str(tmp_path / f"{name}.safetensors"))
+    make_gguf(tmp_path / "p-q8.gguf", p)
+    make_gguf(tmp_path / "p-q4.gguf", p, Q.Q4_0)
+    make_gguf(tmp_path / "ft1-q8.gguf", kids["ft1"])
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    copies = {(e.parent, e.child) for e in forest.edges if e.kind == "precision"}
+    assert copies == {("p", "p-q8"), ("p", "p-q4"), ("ft1", "ft1-q8")}
+    assert forest.decisions["precision_copies"] == {"p-q8": "q8_0", "p-q4": "q4_0", "ft1-q8": "q8_0"}
+    assert {(e.parent, e.child) for e in forest.edges if e.kind == "trained"} == {("p", k) for k in kids}
+
+
+def test_cli_names_the_copies_formats(tmp_path, capsys):
+    from modelatlas.cli.main import main
+
+    p = make_weights(0)
+    for i in range(2):
+        save_file(make_weights(10 + i, p, step=0.05), str(tmp_path / f"ft{i}.safetensors"))
+    save_file(p, str(tmp_path / "p.safetensors"))
+    make_gguf(tmp_path / "p-q8.gguf", p)
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
+    out = capsys.readouterr().out
+    assert "└── p-q8  (lower-precision copy of p)" in out or "├── p-q8  (lower-precision copy of p)" in out
+    assert "1 a lower-precision copy of another (q8_0)" in out
