@@ -19,6 +19,7 @@ from modelatlas.data import transforms as T
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill import methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, evaluate_synthetic
+from modelatlas.distill.finished import stored_result
 from modelatlas.distill.loop import CHECKPOINT_JSON, read_json, saved_wall_time
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
@@ -125,29 +126,43 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":
         check_baseline_ipc(train, ipc)
-    tf = T.make_transform(transform).fit(train.x)
-    train_t, test_t = apply_transform(tf, train), apply_transform(tf, test)
-    init_from = None if init_from is None else str(Path(init_from).resolve())
-    init = None if init_from is None else _init_set(init_from, train, tf)
+    tf, train_t, test_t, init_from, init = _prepared(train, test, transform, init_from)
     cfg = methods.get(method).make_config(config)
     # checked before distilling: eval_nets=0 failed once the set was made, and took it along
     proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
                                                                       init, cfg), _default_net(cfg, train))
+        run = {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "init_from": init_from,
+               "dataset_kwargs": dataset_kwargs, "device": device}
+        if resume and (stored := stored_result(out, run, proto, baseline)) is not None:  # nothing to redo
+            return stored
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
-    info = {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "config": cfg.to_dict(),
-            "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3), "resumed": ctx.wall_offset > 0,
-            "device": str(device), "torch": torch.__version__, "dataset_kwargs": dataset_kwargs,
-            "init_from": init_from}
+    info = {**_info(run, train.name, cfg), "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3),
+            "resumed": ctx.wall_offset > 0}
     if baseline and method != "random":
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
     if resume:
         info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+def _prepared(train: ArrayDataset, test: ArrayDataset, transform: str | None, init_from: str | Path | None):
+    """(fitted transform, both splits in its space, ``init_from`` resolved, the starting set or None)."""
+    tf = T.make_transform(transform).fit(train.x)
+    init_from = None if init_from is None else str(Path(init_from).resolve())
+    init = None if init_from is None else _init_set(init_from, train, tf)
+    return tf, apply_transform(tf, train), apply_transform(tf, test), init_from, init
+
+
+def _info(run: dict, dataset: str, cfg) -> dict:
+    """The settings part of result.json (``run``: see :func:`~modelatlas.distill.finished.stored_result`)."""
+    return {"method": run["method"], "dataset": dataset, "ipc": run["ipc"], "seed": run["seed"],
+            "config": cfg.to_dict(), "device": str(run["device"]), "torch": torch.__version__,
+            "dataset_kwargs": run["dataset_kwargs"], "init_from": run["init_from"]}
 
 
 def _run_record(method: str, train: ArrayDataset, ipc: int, tf, dataset_kwargs: dict, init_from: str | None,
