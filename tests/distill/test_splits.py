@@ -19,3 +19,14 @@ def test_class_without_training_examples_is_named_not_told_to_lower_the_ipc(tmp_
         run_distillation("dm", train, 1, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=test,
                          eval_nets=1, eval_epochs=1, baseline=baseline)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,cfg", [("dm", {"init": "noise"}), ("ratbptt", {"init": "noise", "total": 2,
+                                                                                 "window": 1, "batch_real": 4})])
+def test_distill_refuses_a_class_without_training_examples(method, cfg):
+    """distill() in Python: DM with noise images failed in a pooling layer ("Expected non-zero, positive output
+    size"), RaT-BPTT returned noise for a class no real image ever shaped."""
+    from modelatlas.distill import distill
+
+    with pytest.raises(ConfigError, match="class 'c' of 'toy' has no training examples"):
+        distill(method, make_toy([0, 0, 1, 1]), 1, {"iterations": 1, "width": 8, **cfg})

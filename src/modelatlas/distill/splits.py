@@ -23,13 +23,18 @@ def check_splits(train: ArrayDataset, test: ArrayDataset) -> ArrayDataset:
                           f"{train.input_shape}, the test split {test.num_classes} of {test.input_shape}; both "
                           "splits must come from the same data (source: "
                           f"{train.meta.get('source', '?')}, {test.meta.get('source', '?')})")
+    check_train_classes(train)
+    return test
+
+
+def check_train_classes(train: ArrayDataset) -> None:
+    """Refuse a class without training examples (no real image could shape its synthetic ones)."""
     counts = torch.bincount(train.y, minlength=train.num_classes)
     if train.num_classes and int(counts.min()) == 0:  # "lower the ipc" cannot help a class of none
         c = train.classes[int(counts.argmin())]  # both layouts named: with train/ + test/ it is ROOT/train/c/
         raise ConfigError(f"class {c!r} of {train.name!r} has no training examples (image-folder: ROOT/train/{c}/ "
                           "holds no images, or, without ROOT/train/ and ROOT/test/, its few images all went to the "
                           "seeded 20 % test split); add training images to it, or remove the class from every split")
-    return test
 
 
 def check_test_split(test: ArrayDataset) -> ArrayDataset:
