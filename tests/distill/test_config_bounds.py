@@ -88,3 +88,18 @@ def test_an_invalid_evaluation_is_refused_before_distilling(tmp_path, kw, messag
         run_distillation("dm", data, 1, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=data,
                          **{"eval_nets": 1, "eval_epochs": 1, **kw})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ipc", [1.5, 2.0, True, "2"])
+def test_ipc_must_be_an_integer(ipc):
+    # 1.5 failed in slicing with a TypeError traceback; True ran as ipc 1
+    with pytest.raises(ConfigError, match=f"ipc must be an integer >= 1, got {ipc!r}"):
+        distill("random", make_toy(), ipc)
+
+
+def test_a_numpy_integer_ipc_is_fine(tmp_path):
+    import numpy as np
+
+    data = make_toy()
+    info = run_distillation("random", data, np.int64(1), tmp_path, dataset_test=data, eval_nets=1, eval_epochs=1)
+    assert info["ipc"] == 1 and type(info["ipc"]) is int

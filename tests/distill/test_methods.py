@@ -75,7 +75,7 @@ def test_registry_and_config_errors():
 
 
 def test_distill_errors(digits):
-    with pytest.raises(ConfigError, match="ipc must be >= 1"):
+    with pytest.raises(ConfigError, match="ipc must be an integer >= 1"):
         distill("dm", digits, 0)
     with pytest.raises(ConfigError, match="resume=True needs checkpoint_dir"):
         distill("dm", digits, 1, resume=True)

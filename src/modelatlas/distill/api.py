@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from modelatlas.seeding import SEED_RANGE, is_seed
 def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
          checkpoint_dir: str | Path | None, resume: bool, device,
          init: SyntheticSet | None = None) -> tuple[SyntheticSet, DistillContext, object]:
-    spec = check_start(method, ipc, init is not None, seed)
+    spec, ipc = check_start(method, ipc, init is not None, seed)
     check_train_classes(train)
     cfg = spec.make_config(config)
     ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
@@ -53,17 +54,18 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
 
 
 def check_start(method: str, ipc: int, has_init: bool, seed: int = 0):
-    """The method's spec, or a ConfigError for an ipc below 1, a seed out of range (2**64 ran as seed 0) or a
+    """(the method's spec, ``ipc`` as an int (a NumPy integer is fine; result.json takes only an int)), or a
+    ConfigError for an ipc that is not an integer >= 1, a seed out of range (2**64 ran as seed 0) or a
     starting set the method cannot take; checked before anything is written."""
-    if ipc < 1:
-        raise ConfigError(f"ipc must be >= 1, got {ipc}")
+    if isinstance(ipc, bool) or not isinstance(ipc, numbers.Integral) or ipc < 1:  # 1.5: a TypeError in slicing
+        raise ConfigError(f"ipc must be an integer >= 1, got {ipc!r}")
     if not is_seed(seed):
         raise ConfigError(f"seed must be {SEED_RANGE}, got {seed!r}")
     spec = methods.get(method)
     if has_init and not spec.accepts_init:
         takers = ", ".join(n for n in methods.available() if methods.get(n).accepts_init)
         raise ConfigError(f"method {method!r} cannot start from a given set (init); methods that can: {takers}")
-    return spec
+    return spec, int(ipc)
 
 
 def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, seed: int = 0,
@@ -122,7 +124,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     wall time of a resumed run adds up its parts. Returns the ``result.json`` dict."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
-    check_start(method, ipc, init_from is not None, seed)
+    ipc = check_start(method, ipc, init_from is not None, seed)[1]
     config = _resumed_iterations(out, config, resume)
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":
