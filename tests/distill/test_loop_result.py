@@ -178,6 +178,10 @@ def test_result_of_an_interrupted_run_says_to_resume(tmp_path):
     ("iteration", None, "key 'iteration' is missing or not an integer"),
     ("tensors", 3, "key 'tensors' is missing or not a file name"),
     ("states", [], "key 'states' is missing or not an object"),
+    # iteration -1 ran iterations -1..3 on top of the 2 saved losses; a short list left a history of 1 loss
+    ("iteration", -1, r"iteration -1 does not match its 2 losses \(numbers\)"),
+    ("losses", [1.0], r"iteration 2 does not match its 1 losses \(numbers\)"),
+    ("losses", ["x", 1.0], r"iteration 2 does not match its 2 losses \(numbers\)"),
 ])
 def test_hand_edited_checkpoint_json_is_named(tmp_path, key, value, message):
     """A checkpoint.json without 'iteration' raised KeyError on --resume."""

@@ -188,6 +188,10 @@ class OuterLoop:
         if bad is not None:  # a hand-edited or foreign file: not a KeyError traceback
             raise CheckpointError(meta_path, f"key {bad!r} is missing or not {kinds[bad][1]}; delete the "
                                              "checkpoint folder to restart")
+        it, losses = meta["iteration"], meta["losses"]
+        if it < 0 or len(losses) != it or not all(isinstance(v, (int, float)) for v in losses):  # hand edits
+            raise CheckpointError(meta_path, f"iteration {it} does not match its {len(losses)} losses (numbers); "
+                                             "delete the checkpoint folder to restart")
         if meta.get("seed") != self.seed:
             raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
                                              "use the same --seed or a new output folder")
