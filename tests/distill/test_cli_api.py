@@ -178,3 +178,18 @@ def test_init_from_a_set_standardised_on_other_data_names_the_data(tmp_path):
     run_distillation("dm", first, 1, tmp_path / "a", dataset_test=first, **quick)
     with pytest.raises(ConfigError, match="its 'standardize' transform was fitted on other training data"):
         run_distillation("dm", other, 1, tmp_path / "b", dataset_test=other, init_from=tmp_path / "a", **quick)
+
+
+@pytest.mark.parametrize("key,value", [("config", 5), ("config", None), ("classes", 5), ("dataset_kwargs", [1]),
+                                       ("init_from", 3)])
+def test_a_hand_edited_run_json_is_named(tmp_path, key, value):
+    """A run.json whose config was not an object stopped a resume with AttributeError ('int' object has no
+    attribute 'items'); classes, dataset_kwargs or init_from of another type with a TypeError."""
+    from modelatlas.errors import CheckpointError
+
+    kw = dict(config={"iterations": 1, "width": 8, "batch_real": 8}, eval_nets=1, eval_epochs=1, baseline=False)
+    run_distillation("dm", "digits", 1, tmp_path, **kw)
+    path = tmp_path / "checkpoint" / "run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(CheckpointError, match=f"run.json: {key} must be "):
+        run_distillation("dm", "digits", 1, tmp_path, resume=True, **kw)

@@ -290,7 +290,7 @@ def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> 
     if not (resume and path.is_file() and _has_progress(path.parent.parent)):  # (alone: a start that never checkpointed)
         atomic_write_json(path, run)
         return
-    saved_run = read_json(path, "delete the checkpoint folder to start over")
+    saved_run = _checked_types(path, read_json(path, "delete the checkpoint folder to start over"))
     saved, now = _identity(saved_run, net), _identity(json.loads(json.dumps(run)), net)
     rest = sorted((set(saved) | set(now)) - set(_FIRST), key=lambda k: (k.startswith("config."), k))
     for k in (*_FIRST, *rest):
@@ -298,6 +298,20 @@ def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> 
             raise ConfigError(f"{path}: the checkpointed run used {k} {saved.get(k)!r}, not {now.get(k)!r}; "
                               "resume with the same settings or use a new --out")
     _check_classes(path, saved_run.get("classes"), run["classes"])
+
+
+_RUN_TYPES = {"config": (dict, "an object"), "classes": (list, "a list"), "dataset_kwargs": (dict, "an object"),
+              "init_from": (str, "a folder name")}
+
+
+def _checked_types(path: Path, saved: dict) -> dict:
+    """``saved`` (run.json), refused naming the key when one is of another type (a hand edit: an
+    AttributeError or TypeError in the comparison)."""
+    for key, (kind, what) in _RUN_TYPES.items():  # absent in older versions; only init_from may be null
+        if key in saved and not isinstance(saved[key], kind) and not (saved[key] is None and key == "init_from"):
+            raise CheckpointError(path, f"{key} must be {what}, got {saved[key]!r}; delete the checkpoint folder "
+                                        "to start over")
+    return saved
 
 
 def _check_classes(path: Path, saved: list | None, now: list[str]) -> None:
