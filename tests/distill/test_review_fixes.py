@@ -26,7 +26,12 @@ def make_toy(k=2, n=4, shape=(1, 8, 8)):
 @pytest.mark.parametrize("field,value", [("lr", float("nan")), ("lr", -0.1), ("lr", 0.0),
                                          ("weight_decay", -1e-4), ("weight_decay", float("nan")),
                                          ("momentum", 1.0), ("momentum", float("nan")),
-                                         ("width", 0), ("depth", 0)])
+                                         ("width", 0), ("depth", 0),
+                                         # inf scored a net trained at lr inf (chance) as the set's accuracy;
+                                         # 1.5 nets failed in range(), True ran 1 net; 'yes' turned DSA on
+                                         ("lr", float("inf")), ("weight_decay", float("inf")),
+                                         ("num_nets", 1.5), ("num_nets", True), ("epochs", 2.5),
+                                         ("batch_size", 8.0), ("dsa", "yes"), ("net", "foo")])
 def test_eval_protocol_rejects_invalid_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"eval {field} must be"):
         EvalProtocol(**{field: value})

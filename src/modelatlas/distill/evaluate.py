@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA, DSAParams
-from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, make_net, pick_device
+from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, NET_NAMES, make_net, pick_device
 from modelatlas.distill.synthetic import SyntheticSet, sample_per_class
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
@@ -55,6 +55,7 @@ class EvalProtocol:
     def __post_init__(self) -> None:
         if self.kind not in ("sgd", "adam"):
             raise ConfigError(f"eval protocol kind must be 'sgd' or 'adam', got {self.kind!r}")
+        self._check_kinds()
         if self.num_nets < 1:
             raise ConfigError(f"eval num_nets must be >= 1, got {self.num_nets}")
         if self.epochs is not None and self.epochs < 1:
@@ -62,10 +63,10 @@ class EvalProtocol:
         if self.batch_size < 1:
             raise ConfigError(f"eval batch_size must be >= 1, got {self.batch_size}")
         # `not x > 0` also catches NaN; lr 0 would otherwise be replaced by the default (`self.lr or ...`)
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"eval lr must be > 0 (or None for the protocol default), got {self.lr}")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise ConfigError(f"eval weight_decay must be >= 0 (or None for the protocol default), "
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"eval lr must be > 0 and finite (or None for the protocol default), got {self.lr}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"eval weight_decay must be >= 0 and finite (or None for the protocol default), "
                               f"got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"eval momentum must be in [0, 1), got {self.momentum}")
@@ -76,6 +77,17 @@ class EvalProtocol:
             raise ConfigError(f"eval width must be at most {MAX_WIDTH:,}, got {self.width:,}")
         if self.depth > MAX_DEPTH:
             raise ConfigError(f"eval depth must be at most {MAX_DEPTH}, got {self.depth:,}")
+
+    def _check_kinds(self) -> None:
+        """Counts are integers (1.5 nets failed in range(), True ran 1), ``dsa`` a bool, ``net`` a known net."""
+        for name in ("num_nets", "epochs", "batch_size", "width", "depth"):
+            v = getattr(self, name)
+            if (v is not None or name != "epochs") and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"eval {name} must be an integer, got {v!r}")
+        if not isinstance(self.dsa, bool):  # "yes" turned DSA on
+            raise ConfigError(f"eval dsa must be true or false, got {self.dsa!r}")
+        if self.net not in NET_NAMES:
+            raise ConfigError(f"eval net must be one of {', '.join(NET_NAMES)}, got {self.net!r}")
 
     def resolved(self, learned_lr: float | None = None) -> EvalProtocol:
         """A copy with every default filled in."""
