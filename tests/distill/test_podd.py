@@ -224,3 +224,17 @@ def test_a_poster_above_the_smallest_class_is_refused_before_it_is_built():
     assert plan(data, 3.0, cfg)[0].num_crops >= 1  # the smallest class's 3 images: allowed
     with pytest.raises(ConfigError, match=r"poster ipc 3.5 \(--ipc / --set poster_ipc=\) is above the 3 training"):
         plan(data, 3.5, cfg)
+
+
+def test_crop_and_label_grids_beyond_the_poster_pixels_are_refused():
+    """crops_x 10**6 stacked 10**6 (mostly identical) crops for minutes; label_refine 10**6 asked the allocator
+    for 2 TB. The 0.5-IPC poster of 8x8 digits is 11 x 29: 22 x 4 distinct crop positions, and its 2 x 5 class
+    grid refines at most 5 times (11 // 2, 29 // 5) before a label cell is smaller than a pixel."""
+    assert (P.make_layout(0.5, 10, 8, 8, crops=(22, 4)).n_x, P.make_layout(0.5, 10, 8, 8, refine=5).refine) == (22, 5)
+    with pytest.raises(ConfigError, match=r"crops_x 23 is more than the 22 distinct crop positions across the "
+                                          r"11 x 29 poster; lower crops_x"):
+        P.make_layout(0.5, 10, 8, 8, crops=(23, None))
+    with pytest.raises(ConfigError, match=r"crops_y 5 is more than the 4 distinct crop positions down"):
+        P.make_layout(0.5, 10, 8, 8, crops=(None, 5))
+    with pytest.raises(ConfigError, match=r"label_refine 6 makes label cells smaller than a pixel .* at most 5"):
+        P.make_layout(0.5, 10, 8, 8, refine=6)

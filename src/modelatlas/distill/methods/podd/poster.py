@@ -83,9 +83,24 @@ def make_layout(ipc: float, k: int, h: int, w: int, crops: tuple[int | None, int
     if (n_x > 1 and width == w) or (n_y > 1 and height == h):
         raise ConfigError(f"crops_x/crops_y ({n_x}, {n_y}) need a poster wider/taller than one image "
                           f"({height} x {width}); use 1 or a larger ipc")
+    _check_grids(height, width, h, w, crops, refine, (rows, cols))  # the asked ones (auto may repeat a crop)
     if refine is None:  # PoDDL: at most K x crops-per-class label cells
         refine = max(1, math.isqrt(max(n_x * n_y // k, 1)))
     return Layout(height, width, h, w, n_x, n_y, rows, cols, refine, shrink, temperature)
+
+
+def _check_grids(height: int, width: int, h: int, w: int, crops: tuple[int | None, int | None],
+                 refine: int | None, grid: tuple[int, int]) -> None:
+    """Refuse asked crop counts above the distinct crop positions (10**6 identical crops ran for minutes) and
+    label cells smaller than a pixel (label_refine 10**6 asked the allocator for terabytes)."""
+    for name, n, free, way in (("crops_x", crops[0], width - w + 1, "across"), ("crops_y", crops[1], height - h + 1, "down")):
+        if n is not None and n > free:
+            raise ConfigError(f"{name} {n} is more than the {free} distinct crop positions {way} the {height} x "
+                              f"{width} poster; lower {name}")
+    top = min(height // grid[0], width // grid[1])
+    if refine is not None and refine > top:
+        raise ConfigError(f"label_refine {refine} makes label cells smaller than a pixel ({grid[0] * refine} x "
+                          f"{grid[1] * refine} cells on a {height} x {width} poster); use at most {top}")
 
 
 def crop_positions(layout: Layout) -> torch.Tensor:
