@@ -238,3 +238,15 @@ def test_crop_and_label_grids_beyond_the_poster_pixels_are_refused():
         P.make_layout(0.5, 10, 8, 8, crops=(None, 5))
     with pytest.raises(ConfigError, match=r"label_refine 6 makes label cells smaller than a pixel .* at most 5"):
         P.make_layout(0.5, 10, 8, 8, refine=6)
+
+
+def test_a_poster_ipc_set_beside_the_poster_ipc_argument_is_refused(tmp_path):
+    """run_poster(ipc=1, {"poster_ipc": 2}) (atlas distill poster --ipc 1 --set poster_ipc=2) silently made the
+    1-IPC poster."""
+    from modelatlas.data.registry import ArrayDataset
+    from modelatlas.distill.methods.podd.api import run_poster
+
+    data = ArrayDataset("toy", torch.rand(8, 1, 4, 4), torch.arange(2).repeat(4), ["a", "b"])
+    with pytest.raises(ConfigError, match=r"--set poster_ipc=2 differs from --ipc 1; give the poster's ipc once"):
+        run_poster(data, 1, tmp_path / "p", {**TINY, "poster_ipc": 2.0}, dataset_test=data)
+    assert not (tmp_path / "p").exists()

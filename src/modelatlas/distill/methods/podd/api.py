@@ -24,6 +24,11 @@ def run_poster(dataset, ipc: float, out: str | Path, config: dict | None = None,
 
     if not (ipc > 0 and math.isfinite(ipc)):
         raise ConfigError(f"--ipc must be a finite number > 0 for a poster, got {ipc}")
+    given = (config or {}).get("poster_ipc")
+    if given is not None and given != ipc:  # the config's value was silently replaced by ipc
+        shown = f"{given:g}" if isinstance(given, (int, float)) else repr(given)
+        raise ConfigError(f"--set poster_ipc={shown} differs from --ipc {ipc:g}; give the poster's ipc once "
+                          "(--ipc, the ipc argument)")
     cfg = {**(config or {}), "poster_ipc": float(ipc)}
     dataset, dataset_test = _datasets(dataset, dataset_test, dataset_kwargs)  # loaded once, checked up front
     if baseline:
