@@ -193,3 +193,13 @@ def test_a_hand_edited_run_json_is_named(tmp_path, key, value):
     path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
     with pytest.raises(CheckpointError, match=f"run.json: {key} must be "):
         run_distillation("dm", "digits", 1, tmp_path, resume=True, **kw)
+
+
+def test_an_out_folder_under_a_file_is_refused_naming_the_file(tmp_path):
+    """--out afile/sub failed with the OS's 'afile/sub/checkpoint/run.json: Not a directory' once the data was
+    loaded and the transform fitted."""
+    from modelatlas.errors import ConfigError
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out .*afile/sub: .*afile is a file, not a folder; choose another --out"):
+        run_distillation("random", "no-such-dataset", 1, tmp_path / "afile" / "sub")

@@ -250,6 +250,9 @@ def check_out(out: Path, resume: bool) -> None:
                           "the folder to redo it, or pass --resume (resume=True) to finish or re-evaluate that run")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose a new --out")
+    above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)  # else: 'Not a directory'
+    if above is not None:
+        raise ConfigError(f"--out {out}: {above} is a file, not a folder; choose another --out")
     ours = any((out / name).is_file()
                for name in (RESULT_JSON, f"checkpoint/{RUN_JSON}", f"checkpoint/{CHECKPOINT_JSON}"))
     if out.is_dir() and not ours and any(out.iterdir()):
