@@ -103,3 +103,13 @@ def test_a_numpy_integer_ipc_is_fine(tmp_path):
     data = make_toy()
     info = run_distillation("random", data, np.int64(1), tmp_path, dataset_test=data, eval_nets=1, eval_epochs=1)
     assert info["ipc"] == 1 and type(info["ipc"]) is int
+
+
+def test_hello_rank_and_text_dim_are_bounded():
+    # rank 10**9 asked the allocator for a (10**9, 384) matrix once the teacher was trained
+    spec = methods.get("hello")
+    assert spec.make_config({"rank": 384}).rank == 384
+    with pytest.raises(ConfigError, match=r"rank \(385\) must be <= text_dim \(384\)"):
+        spec.make_config({"rank": 385})
+    with pytest.raises(ConfigError, match="text_dim must be at most 16,384, got 1,000,000,000"):
+        spec.make_config({"text_dim": 10**9, "rank": 4})

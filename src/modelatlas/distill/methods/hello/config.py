@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from modelatlas.distill.methods.base import MethodConfig, check_choice, check_positive
+from modelatlas.distill.nets import MAX_WIDTH
 from modelatlas.errors import ConfigError
 
 HEAD_INITS = ("text", "class_mean")
@@ -46,6 +47,10 @@ class HelloConfig(MethodConfig):
         super().__post_init__()
         check_positive(self, "teacher_steps", "lr_teacher", "batch_real", "rank", "text_dim", "lr_projector",
                        "lr_img", "temperature")
+        if self.text_dim > MAX_WIDTH:  # (feature dim, text_dim) projection: an allocator error after the teacher
+            raise ConfigError(f"text_dim must be at most {MAX_WIDTH:,}, got {self.text_dim:,}")
+        if self.rank > self.text_dim:  # B A is (K, text_dim): its rank cannot exceed text_dim
+            raise ConfigError(f"rank ({self.rank}) must be <= text_dim ({self.text_dim}); lower rank")
         if self.projector_steps < 0:
             raise ConfigError(f"projector_steps must be >= 0, got {self.projector_steps}")
         if self.head_init not in HEAD_INITS:
