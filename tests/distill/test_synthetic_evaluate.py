@@ -95,6 +95,11 @@ def make_saved_set(folder, **edits):
     ({"images": torch.zeros(6)}, "synthetic.safetensors", "images must be"),
     ({"class_names": ["a"]}, "synthetic.json", "class_names must be 3 strings.*got 1 entries"),
     ({"class_names": ["a", "b", 3]}, "synthetic.json", "the non-string 3"),
+    # non-finite values trained the evaluation nets on NaN and scored chance as the set's accuracy
+    ({"images": torch.full((6, 1, 4, 4), float("nan"))}, "synthetic.safetensors", "images must be finite"),
+    ({"label_logits": torch.full((6, 3), float("inf"))}, "synthetic.safetensors", "label_logits must be finite"),
+    ({"lr": torch.tensor([float("nan")])}, "synthetic.safetensors", "lr must be a finite number > 0, got nan"),
+    ({"lr": torch.tensor([-0.1])}, "synthetic.safetensors", "lr must be a finite number > 0, got -0.1"),
 ])
 def test_hand_edited_set_is_refused_naming_the_file(tmp_path, edits, file, message):
     """These once loaded and crashed in training with an IndexError / RuntimeError (`atlas distill eval`)."""

@@ -14,6 +14,7 @@ Memory O(N * C * H * W + N * K).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -183,6 +184,12 @@ def _check_tensors(path: Path, state: dict, k: int) -> None:
         raise CheckpointError(path, f"label_logits must be (N, K) = ({n}, {k}), got {tuple(logits.shape)}")
     if "lr" in state and state["lr"].numel() != 1:
         raise CheckpointError(path, f"lr must be one number, got shape {tuple(state['lr'].shape)}")
+    for key in ("images", "label_logits"):  # NaN trained the evaluation nets on NaN: chance, scored as a result
+        if state.get(key) is not None and not bool(torch.isfinite(state[key]).all()):
+            raise CheckpointError(path, f"{key} must be finite, but holds NaN or infinite values")
+    lr = float(state["lr"].reshape(())) if "lr" in state else 1.0
+    if not 0 < lr < math.inf:
+        raise CheckpointError(path, f"lr must be a finite number > 0, got {lr:g}")
 
 
 def check_class_sizes(data: ArrayDataset, ipc: int) -> None:
