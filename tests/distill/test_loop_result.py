@@ -164,6 +164,16 @@ def test_grid_of_two_channel_images(ipc):
     assert render_grid(syn).startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize("ipc", [1, 2])
+def test_grid_of_flat_vectors(ipc):
+    """Inputs of shape (D,) (an MLP's tabular data) raised a permute RuntimeError in render_grid after the whole
+    run, leaving result.json without images.png."""
+    from modelatlas.distill.result import render_grid
+
+    syn = SyntheticSet(torch.rand(2 * ipc, 16), torch.arange(2).repeat_interleave(ipc), 2)
+    assert render_grid(syn).startswith(b"\x89PNG")
+
+
 def test_result_of_an_interrupted_run_says_to_resume(tmp_path):
     """`atlas distill eval` on a run stopped by Ctrl-C said "not a distillation result folder (run `atlas
     distill run` first)", though it had been run."""

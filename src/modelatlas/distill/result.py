@@ -121,7 +121,8 @@ def _load_transform(folder: Path, kind: object, syn: SyntheticSet):
 
 def render_grid(syn: SyntheticSet, transform=None, max_per_class: int = 10) -> bytes:
     """PNG bytes: one row per class, up to ``max_per_class`` images; with one image per class, the classes
-    side by side in rows of 10 (a column of 10 single images is hard to read); 1-D signals are drawn as curves."""
+    side by side in rows of 10 (a column of 10 single images is hard to read); 1-D signals and (D,) vectors are
+    drawn as curves."""
     x = syn.images.detach().cpu()
     if transform is not None:
         x = transform.inverse(x)
@@ -171,8 +172,8 @@ def _note_classes_left_out(fig, k: int) -> None:
 
 
 def _draw(ax, img: torch.Tensor) -> None:
-    if img.dim() == 2:  # (C, L) signal
-        for ch in img:
+    if img.dim() <= 2:  # (C, L) signal, or a (D,) vector drawn as one curve
+        for ch in img.reshape(-1, img.shape[-1]):
             ax.plot(ch.numpy(), lw=0.8)
         return
     show_image(ax, img.clamp(0, 1))
