@@ -40,6 +40,13 @@ def test_one_pixel_inputs_point_to_the_mlp():
         ConvNet((1, 1, 1), 10, 8, 1)
 
 
+def test_flat_vectors_point_to_the_mlp():
+    """(D,) inputs (no channel and spatial axes) failed with "min() arg is an empty sequence"."""
+    with pytest.raises(ConfigError, match=r"inputs of shape \(16,\) have no channel and spatial axes for a "
+                                          r"ConvNet; use --set net=mlp"):
+        ConvNet((16,), 10, 8, 1)
+
+
 def test_dsa_is_siamese_deterministic_and_differentiable():
     dsa = DSA(mode="multiple")
     x = torch.rand(4, 1, 8, 8, requires_grad=True)

@@ -49,6 +49,9 @@ class ConvNet(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 128, depth: int = 3,
                  norm: str = "instance", pad28: bool = True):
         super().__init__()
+        if len(in_shape) < 2:  # (D,): "min() arg is an empty sequence" below
+            raise ConfigError(f"inputs of shape {tuple(in_shape)} have no channel and spatial axes for a ConvNet; "
+                              "use --set net=mlp (net='mlp')")
         channels, *spatial = in_shape
         one_d = len(spatial) == 1
         conv, pool = (nn.Conv1d, nn.AvgPool1d) if one_d else (nn.Conv2d, nn.AvgPool2d)
