@@ -151,3 +151,14 @@ def test_an_out_below_a_file_is_refused_before_any_training(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"--out .*c0\.safetensors/x lies below the file .*c0\.safetensors, not a "
                                           r"folder; choose a new --out"):
         train_tree_experts(tmp_path, tmp_path / "c0.safetensors" / "x", config=ProbeXConfig(epochs=1))
+
+
+def test_a_huge_class_index_is_refused_naming_the_model(tmp_path):
+    """A typo'd class index of 10**8 made training allocate a (models x 10**8) target table."""
+    from modelatlas.zoo.manifest import load_manifest
+
+    m = load_manifest(make_zoo(tmp_path))
+    m["c3"].task["classes"] = [1, 100_000_000]
+    m.save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match=r"model 'c3' task 'classes' must be .*integers from 0 to 99,999\); got \[1, 100000000\]"):
+        train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))

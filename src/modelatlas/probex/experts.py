@@ -51,13 +51,17 @@ def _task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
     return recs
 
 
+MAX_CLASSES = 100_000  # class indices a multi-hot target may hold: a typo'd 10**8 asked for a (models x 10**8) table
+
+
 def _check_target(manifest: Manifest, m: ModelRecord, key: str) -> None:
     """A model's ``classes`` are class indices (ints >= 0) and its ``label`` a non-empty string; a hand-written
     manifest's "3", 2.5 or true failed deep in training with a traceback, and a -1 was taken as the last class."""
     value = m.task[key]
     if key == "classes":
-        ok = isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)
-        want = "a list of class indices (integers >= 0)"
+        ok = isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < MAX_CLASSES
+                                             for c in value)
+        want = f"a list of class indices (integers from 0 to {MAX_CLASSES - 1:,})"
     else:
         ok, want = isinstance(value, str) and bool(value.strip()), "a non-empty string (the class prompt)"
     if not ok:
