@@ -80,3 +80,18 @@ def test_write_errors_name_the_destination_not_the_temporary_file(tmp_path):
         atomic_write(tmp_path / "x.bin", reads_another)
     assert info.value.filename == str(tmp_path / "missing-input")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file left
+
+
+def test_read_json_object_names_the_file_for_each_failure(tmp_path):
+    from modelatlas.atomic import read_json_object
+    from modelatlas.errors import CheckpointError
+
+    p = tmp_path / "x.json"
+    with pytest.raises(CheckpointError, match=rf"{tmp_path.name}: no settings here"):
+        read_json_object(p, "no settings here", "settings")
+    for text, words in (("{", r"x\.json: cannot read"), ("[1]", r"x\.json: not settings \(a JSON list, not an object\)")):
+        p.write_text(text)
+        with pytest.raises(CheckpointError, match=words):
+            read_json_object(p, "no settings here", "settings")
+    p.write_text('{"a": 1}')
+    assert read_json_object(p, "", "") == {"a": 1}

@@ -99,6 +99,25 @@ def read_tensors(path: str | Path, hint: str = "") -> dict:
         raise CheckpointError(path, f"unreadable ({error_line(e)}){tail}") from None
 
 
+def read_json_object(path: str | Path, missing: str, what: str) -> dict:
+    """The JSON object in ``path`` (a settings or index file the project wrote), for a loader. Every failure
+    is a :class:`~modelatlas.errors.CheckpointError`: ``missing``, said of the folder, when the file is
+    absent; "cannot read: ..." naming the file when it is unreadable or not JSON; "not ``what`` (a JSON
+    list, not an object)" when it holds another JSON value."""
+    from modelatlas.errors import CheckpointError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(path.parent, missing) from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"cannot read: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"not {what} (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
 def _json_default(obj: Any) -> Any:
     """JSON fallback for numpy scalars/arrays, paths and tensors."""
     if isinstance(obj, Path):

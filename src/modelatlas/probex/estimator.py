@@ -7,7 +7,6 @@ holding ``expert.json`` (config, shapes, names) and ``expert.safetensors`` (weig
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_json_object, read_tensors
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.fitted import check_fitted
@@ -245,14 +244,7 @@ def load_expert(folder: str | Path) -> WeightExpert:
 
     folder = Path(folder)
     meta_path = folder / "expert.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(folder, f"not a ProbeX expert folder (missing {Path(e.filename).name})") from e
-    except (OSError, ValueError) as e:
-        raise CheckpointError(meta_path, f"cannot read expert: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(meta_path, f"not an expert's settings (a JSON {type(meta).__name__}, not an object)")
+    meta = read_json_object(meta_path, "not a ProbeX expert folder (missing expert.json)", "an expert's settings")
     if meta.get("format") != FORMAT:
         raise CheckpointError(meta_path, f"unknown expert format {meta.get('format')!r} (expected {FORMAT})")
     cls = {"classifier": ProbeXClassifier, "text": ProbeXTextAligner}.get(meta.get("kind"))

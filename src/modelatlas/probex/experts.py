@@ -12,14 +12,13 @@ Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from modelatlas.atomic import atomic_write_json
+from modelatlas.atomic import atomic_write_json, read_json_object
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
@@ -205,17 +204,11 @@ def _read_index(folder: Path) -> dict:
         raise CheckpointError(folder, "a file, not an experts folder; pass the folder `atlas probex train --out` "
                                       "wrote" + (f" ({folder.parent})" if folder.name == "index.json" else ""))
     path = folder / "index.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        if (folder / "checkpoints").is_dir():
-            raise CheckpointError(folder, "training did not finish (no index.json); rerun the same `atlas probex "
-                                          "train` command with --resume to complete it") from e
-        raise CheckpointError(folder, "not an experts folder (no index.json; train one with `atlas probex train`)") from e
-    except (OSError, ValueError) as e:
-        raise CheckpointError(path, f"cannot read: {e}") from e
-    if not isinstance(index, dict):
-        raise CheckpointError(path, f"not an experts index (a JSON {type(index).__name__}, not an object)")
+    if not path.exists() and (folder / "checkpoints").is_dir():
+        raise CheckpointError(folder, "training did not finish (no index.json); rerun the same `atlas probex "
+                                      "train` command with --resume to complete it")
+    index = read_json_object(path, "not an experts folder (no index.json; train one with `atlas probex train`)",
+                             "an experts index")
     if index.get("format") != INDEX_FORMAT:
         raise CheckpointError(path, f"unknown format {index.get('format')!r} (expected {INDEX_FORMAT})")
     trees = index.get("trees")

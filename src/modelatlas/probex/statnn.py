@@ -8,7 +8,6 @@ any other (:data:`TRUSTED`), plus a JSON config.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelatlas.atomic import atomic_write, atomic_write_json
+from modelatlas.atomic import atomic_write, atomic_write_json, read_json_object
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.fitted import check_fitted
 
@@ -139,14 +138,7 @@ def _read_meta(folder: Path) -> dict:
     """``statnn.json``, its format and integer keys checked; errors name it (a truncated one was blamed on
     statnn.skops, and a missing key or a seed of 'x' were KeyError and ValueError tracebacks)."""
     meta_path = folder / "statnn.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(folder, "not a StatNN folder (missing statnn.json)") from e
-    except (OSError, ValueError) as e:
-        raise CheckpointError(meta_path, f"cannot read: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(meta_path, f"not StatNN's settings (a JSON {type(meta).__name__}, not an object)")
+    meta = read_json_object(meta_path, "not a StatNN folder (missing statnn.json)", "StatNN's settings")
     if meta.get("format") != FORMAT:
         raise CheckpointError(meta_path, f"format {meta.get('format')!r} is not {FORMAT!r}")
     for key in ("max_iter", "seed", "n_features"):
