@@ -45,6 +45,8 @@ def test_requantized_match_tells_a_copy_from_a_quantized_fine_tune(tmp_path):
         assert ck.quantization("a.weight") == "Q8_0"
         assert ck.requantized_match("a.weight", p["a.weight"]) == 1.0
         assert ck.requantized_match("a.weight", f["a.weight"]) < 0.9
+        assert ck.requantized_match("a.weight", p["a.weight"], max_rows=5) == 1.0  # 5 rows of 64 decide too
+        assert ck.requantized_match("a.weight", f["a.weight"], max_rows=5) < 0.9
     half = {k: v.half().float() for k, v in p.items()}  # llama.cpp's tools quantize an F16 conversion
     with open_checkpoint(make_gguf(tmp_path / "p16.gguf", half)) as ck:
         assert ck.requantized_match("a.weight", p["a.weight"]) == 1.0
