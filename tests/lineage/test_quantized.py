@@ -92,3 +92,29 @@ def test_cli_names_the_copies_formats(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "└── p-q8  (lower-precision copy of p)" in out or "├── p-q8  (lower-precision copy of p)" in out
     assert "1 a lower-precision copy of another (q8_0)" in out
+
+
+def test_recovery_finds_a_k_quant_copy_on_its_grid(tmp_path):
+    """Q4_K / Q6_K cannot be quantized again here (llama.cpp searches for their scales); a copy is told by
+    every stored value being the grid level nearest to the source's."""
+    from tests.weights.test_gguf_grid import make_k_rows
+
+    from modelatlas.weights.gguf_grid import grid
+
+    rng, _ = np.random.default_rng(3), torch.manual_seed(0)
+    p, copy = {}, gguf.GGUFWriter(str(tmp_path / "p-k.gguf"), "llama")
+    for i, (name, kind) in enumerate([("a.weight", "Q4_K"), ("b.weight", "Q6_K")]):
+        raw, values = make_k_rows(kind, rows=16, blocks=1, seed=i)
+        lo, step = grid(kind, Q[kind], raw, gguf.GGML_QUANT_SIZES[Q[kind]][1])
+        p[name] = torch.from_numpy((values + rng.uniform(-0.4, 0.4, values.shape) * step).astype(np.float32))
+        copy.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=Q[kind])
+    copy.write_header_to_file()
+    copy.write_kv_data_to_file()
+    copy.write_tensors_to_file()
+    copy.close()
+    save_file(p, str(tmp_path / "p.safetensors"))
+    for i in range(3):
+        save_file({k: v + 0.05 * v.std() * torch.randn(v.shape) for k, v in p.items()}, str(tmp_path / f"ft{i}.safetensors"))
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["precision_copies"] == {"p-k": "q4_k+q6_k"}
+    assert {(e.parent, e.child) for e in forest.edges if e.kind == "precision"} == {("p", "p-k")}

@@ -5,10 +5,12 @@ A quantization moves weights by up to half a quantization step: for Q8_0 about 0
 4-bit types several percent, the size of a fine-tune, so no distance threshold tells a quantized copy
 from a child (MoTHer placed one as a fine-tune, and its direction was a guess). Quantizing is a function,
 though: a copy's stored values are exactly what quantizing its source gives, while those of a quantized
-fine-tune of the source differ wherever the fine-tune moved a value across a rounding boundary (a quarter
-of the values for a fine-tune at 0.5 % relative distance and Q8_0). :func:`quantized_copies` quantizes
-each quantized model's nearest models again and compares. Types without a quantizer here (the K- and
-I-quants, whose scales are searched for) are not tested, and such copies are placed as before.
+fine-tune of the source differ wherever the fine-tune moved a value across a rounding boundary (whole
+blocks whose scale moved: about 30 % of the values for a fine-tune 0.05 % away, with Q8_0).
+:func:`quantized_copies` quantizes each quantized model's nearest models again and compares. The K-quants,
+whose scales llama.cpp searches for, are checked on their stored grid instead
+(:mod:`modelatlas.weights.gguf_grid`); the I-quants (codebooks) are not tested, and such copies are placed
+as fine-tunes as before.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import numpy as np
 
 from modelatlas.weights import Checkpoint, TensorInfo
 
-MIN_MATCH = 0.99  # share of values the requantized source must reproduce (F16 round trips, ties: < 0.1 %)
+# share of values the requantized source must reproduce: a copy reproduces all (float ties aside); a fine-tune
+# misses whole blocks (Q8_0, Q4_0: 30 % at 0.05 % relative distance) or |change| / step of its values on a
+# K-quant grid (0.4 % for a change of 0.001 sigma on Q4_K, steps of ~0.27 sigma)
+MIN_MATCH = 0.999
 CANDIDATES = 3  # nearest higher-precision models tested per quantized model
 
 

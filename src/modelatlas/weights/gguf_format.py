@@ -92,32 +92,44 @@ class GGUFCheckpoint(Checkpoint):
         return None if kind in _PLAIN or kind == "BF16" else kind
 
     def requantized_match(self, name: str, x: torch.Tensor, max_rows: int = 256) -> float | None:
-        """Share of the stored values that quantizing ``x``, or ``x`` rounded to float16 first (llama.cpp's
-        tools quantize an F16 conversion), reproduces exactly, on ``max_rows`` evenly spaced rows (a copy
-        matches on every row, a quantized fine-tune on almost none: one sample decides, and a large layer is
-        not quantized whole). Quantized with ``gguf.quants.quantize``, which follows ggml's reference
-        rounding. None for a type it cannot quantize (the K- and I-quants, whose scales are searched for).
-        Time O(max_rows m) for rows of m values."""
-        from gguf.quants import dequantize, quantize
-
+        """Share of the stored values that quantizing ``x``, or ``x`` rounded to float16 or bfloat16 first
+        (llama.cpp's tools quantize an F16 or BF16 conversion), gives, on ``max_rows`` evenly spaced rows (a copy matches on every
+        row, a quantized fine-tune on few: one sample decides, and a large layer is not quantized whole).
+        Types ``gguf.quants.quantize`` knows (Q8_0, Q4_0, ...; ggml's reference rounding) are quantized again
+        and compared; the K-quants, whose scales llama.cpp searches for, are checked on their stored grid
+        (:mod:`modelatlas.weights.gguf_grid`: every value the level nearest to ``x``). None for other types
+        (the I-quants: codebooks, not grids). Time O(max_rows m) for rows of m values."""
         t = self._tensors[name]
         if self.quantization(name) is None or tuple(x.shape) != t.shape or not t.shape:
             return None
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
         pick = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(np.int64))
-        have = dequantize(rows[pick], t.ggml_type)  # (r, m) float32
         sample = x.detach().reshape(len(rows), -1)[torch.from_numpy(pick)]  # (r, m)
         best = 0.0
-        for cast in (torch.float32, torch.float16):
-            try:
-                again = dequantize(quantize(sample.to(cast).to(torch.float32).numpy(), t.ggml_type), t.ggml_type)
-            except (NotImplementedError, ValueError, TypeError):
+        for cast in (torch.float32, torch.float16, torch.bfloat16):
+            match = self._match(t, rows[pick], type_size, sample.to(cast).to(torch.float32).numpy())
+            if match is None:
                 return None
-            best = max(best, float(np.mean(again == have)))
+            best = max(best, match)
             if best == 1.0:
                 break
         return best
+
+    def _match(self, t: GGUFTensor, rows: np.ndarray, type_size: int, x: np.ndarray) -> float | None:
+        """:meth:`requantized_match` of the sampled ``rows`` (r, row bytes) against ``x`` (r, m)."""
+        from gguf.quants import dequantize, quantize
+
+        from modelatlas.weights.gguf_grid import GRIDS, grid_match
+
+        have = dequantize(rows, t.ggml_type)  # (r, m) float32
+        if t.ggml_type.name in GRIDS:
+            return grid_match(t.ggml_type.name, t.ggml_type, rows, type_size, have, x)
+        try:
+            again = dequantize(quantize(x, t.ggml_type), t.ggml_type)
+        except (NotImplementedError, ValueError, TypeError):
+            return None
+        return float(np.mean(again == have))
 
     def close(self) -> None:
         """Drop the memory map (np.memmap has no close of its own; the mapping goes with its last reference,

@@ -1,0 +1,60 @@
+"""The value grid of GGUF K-quant blocks (Q2_K .. Q6_K), to tell whether a tensor is a given one quantized.
+
+A K-quant block of 256 values holds sub-blocks of 16 or 32 with their own scale ``d`` and offset ``m``
+(6- or 8-bit, times the block's float16 super-scales); a value is ``d q - m`` for an integer code ``q`` of
+2 to 6 bits. llama.cpp searches for the scales (with an importance matrix or not), which no reference
+here reproduces, but it then sets every code to the nearest level of the stored scales
+(``l = nearest_int((x + dm) / d)``, clamped to the code range: ``quantize_row_q4_K_ref`` and the others,
+with or without an importance matrix). So a tensor is ``x`` quantized exactly when each stored value is
+the level nearest to ``x`` on its sub-block's grid, or the end level when ``x`` lies beyond it.
+
+The grid is read with the ``gguf`` package's own dequantizer: the block with every code set to the lowest
+value gives the lowest level of each value's sub-block, with every code set to the next value the level
+above, so the scale decoding (6-bit packing, signed scales) is the package's. Only the bytes that hold
+the codes are overwritten; their places are ggml's block layouts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# type -> (levels, [(first byte, end byte, fill for the lowest code, fill for the next code), ...]) of the
+# bytes holding the codes in one block (ggml-common.h's block_qN_K)
+GRIDS = {
+    "Q2_K": (4, [(16, 80, 0x00, 0x55)]),                          # scales[16], qs[64] 2-bit, d, dmin
+    "Q3_K": (8, [(0, 32, 0x00, 0x00), (32, 96, 0x00, 0x55)]),     # hmask[32] (bit 0: q - 4), qs[64], scales, d
+    "Q4_K": (16, [(16, 144, 0x00, 0x11)]),                        # d, dmin, scales[12], qs[128] 4-bit
+    "Q5_K": (32, [(16, 48, 0x00, 0x00), (48, 176, 0x00, 0x11)]),  # d, dmin, scales[12], qh[32], qs[128]
+    "Q6_K": (64, [(0, 128, 0x00, 0x11), (128, 192, 0x00, 0x00)]),  # ql[128] 4-bit, qh[64] 2-bit, scales, d
+}
+TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
+
+
+def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest level, step) of each value's sub-block, both (r, m) float64, for ``rows`` (r, row bytes) of
+    a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales)."""
+    from gguf.quants import dequantize
+
+    levels = []
+    for which in (2, 3):
+        blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
+        for region in GRIDS[kind][1]:
+            blocks[:, :, region[0]:region[1]] = region[which]
+        levels.append(dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64))  # (r, m)
+    return levels[0], levels[1] - levels[0]
+
+
+def grid_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
+               x: np.ndarray) -> float:
+    """Share of the ``stored`` values (r, m) that are the level of their sub-block's grid nearest to ``x``
+    (r, m), or its end level with ``x`` beyond it. 1.0 for a quantization of ``x``; a quantized fine-tune
+    of ``x`` misses about |change| / step of its values. Time O(r m)."""
+    n = GRIDS[kind][0]
+    lo, step = grid(kind, ggml_type, rows, type_size)
+    flat = step == 0  # every value of such a sub-block is its offset, whatever x
+    safe = np.where(flat, 1.0, step)
+    code = np.rint((stored - lo) / safe)  # (r, m) the stored code, 0 .. n - 1
+    t = (x.astype(np.float64) - lo) / safe  # where x falls on the grid
+    near = np.abs(t - code) <= 0.5 + TOL
+    clamped = ((code == 0) & (t <= 0.5 + TOL)) | ((code == n - 1) & (t >= n - 1.5 - TOL))
+    return float(np.mean(flat | near | clamped))

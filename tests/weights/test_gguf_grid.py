@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from modelatlas.weights.gguf_grid import GRIDS, grid, grid_match
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+# where each K-quant block keeps its float16 super-scales (d, then dmin where there is one)
+SUPER = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def make_k_rows(kind, rows=3, blocks=2, seed=0):
+    """(raw rows (rows, bytes), dequantized (rows, 256 blocks)) of random K-quant blocks: random codes and
+    sub-block scales, float16 super-scales 0.01 / 0.004 (random bytes there could be NaN)."""
+    t = T[kind]
+    _, size = gguf.GGML_QUANT_SIZES[t]
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    for at, value in zip(SUPER[kind], (0.01, 0.004)):
+        raw[:, :, at:at + 2] = np.full((rows, blocks), value, np.float16).view(np.uint8).reshape(rows, blocks, 2)
+    raw = raw.reshape(rows, -1)
+    return raw, gguf.quants.dequantize(raw, t)
+
+
+@pytest.mark.parametrize("kind", sorted(GRIDS))
+def test_stored_values_sit_on_the_grid_read_from_the_blocks(kind):
+    """The code bytes' places and fills are right: every value is lowest level + an integer step count in the
+    type's code range (a wrong region or fill leaves fractions or codes out of range)."""
+    raw, values = make_k_rows(kind)
+    lo, step = grid(kind, T[kind], raw, gguf.GGML_QUANT_SIZES[T[kind]][1])
+    live = step != 0
+    codes = (values - lo)[live] / step[live]
+    assert live.mean() > 0.5 and np.allclose(codes, np.rint(codes), atol=1e-4)
+    assert codes.min() > -1e-4 and codes.max() < GRIDS[kind][0] - 1 + 1e-4 and np.ptp(np.rint(codes)) > 1
+
+
+@pytest.mark.parametrize("kind", sorted(GRIDS))
+def test_a_source_matches_its_quantization_and_a_fine_tune_does_not(kind):
+    raw, values = make_k_rows(kind)
+    size = gguf.GGML_QUANT_SIZES[T[kind]][1]
+    lo, step = grid(kind, T[kind], raw, size)
+    rng = np.random.default_rng(1)
+    source = values + rng.uniform(-0.45, 0.45, values.shape) * step  # rounds back to the stored values
+    codes = np.rint((values - lo) / np.where(step == 0, 1, step))
+    ends = (codes == 0) | (codes == GRIDS[kind][0] - 1)
+    source[ends] = values[ends] + np.where(codes[ends] == 0, -3, 3) * step[ends]  # beyond the end: clamped
+    assert grid_match(kind, T[kind], raw, size, values, source) == 1.0
+    tuned = source + rng.standard_normal(values.shape) * np.abs(step)  # a change the size of a step
+    assert grid_match(kind, T[kind], raw, size, values, tuned) < 0.8
