@@ -62,3 +62,20 @@ def test_cli_merge_then_recover(adapter_zoo, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "stores models as LoRA adapters" not in captured.err and "skipped" not in captured.err
     assert "/6), undirected" in captured.out.splitlines()[-1]  # every edge scored (3-step models: not all right)
+
+
+def test_merge_refuses_a_folder_holding_another_zoo(adapter_zoo, tmp_path):
+    """Another zoo of the same shape (model folders t0, t0.0... and a manifest) was taken for an earlier
+    merge of this one and overwritten with this zoo's weights."""
+    from tests.zoo.conftest import _config
+
+    manifest, _ = adapter_zoo
+    other = make_zoo(_config(trees=1, seed=5), tmp_path / "other", workers=1)
+    before = {m.name: m.sha256 for m in other.models}
+    with pytest.raises(ConfigError, match="other: holds another zoo"):
+        merge_zoo(manifest, tmp_path / "other")
+    assert set(verify_zoo(load_manifest(tmp_path / "other")).values()) == {"ok"}
+    assert {m.name: m.sha256 for m in load_manifest(tmp_path / "other").models} == before
+    (tmp_path / "other" / "manifest.json").unlink()  # its model folders alone are another zoo's too
+    with pytest.raises(ConfigError, match="other: holds another zoo"):
+        merge_zoo(manifest, tmp_path / "other")

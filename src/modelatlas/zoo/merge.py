@@ -20,7 +20,7 @@ from modelatlas.atomic import atomic_save_tensors
 from modelatlas.errors import ConfigError, ManifestError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest
-from modelatlas.zoo.store import hf_config, load_state, weights_digest, write_record
+from modelatlas.zoo.store import RECORD, hf_config, load_state, weights_digest, write_record
 
 
 def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = None) -> Manifest:
@@ -31,7 +31,7 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
     other files, ManifestError for a model that is not a finished zoo model folder."""
     out = Path(out)
     _check_out(manifest, out)
-    config = {**manifest.config, "storage": "merged"} if "storage" in manifest.config else dict(manifest.config)
+    config = _merged_config(manifest.config)
     arch = config.get("arch_config")
     fp = _fingerprint(config)
     records = []
@@ -59,6 +59,9 @@ def _check_out(manifest: Manifest, out: Path) -> None:
         raise ConfigError(f"{out}: is a file; give a new or empty folder for the merged zoo")
     if out.is_dir() and not _earlier_merge(manifest, out):
         raise ConfigError(f"{out}: is not empty; give a new or empty folder for the merged zoo")
+    if out.is_dir() and not _same_zoo(manifest, out):
+        raise ConfigError(f"{out}: holds another zoo (its models' records differ from this zoo's); give a new "
+                          "or empty folder for the merged zoo")
 
 
 def _earlier_merge(manifest: Manifest, out: Path) -> bool:
@@ -75,6 +78,38 @@ def _earlier_merge(manifest: Manifest, out: Path) -> bool:
         if any(f.name not in MODEL_FILES and not f.name.endswith(".tmp") for f in entry.iterdir()):
             return False
     return True
+
+
+def _same_zoo(manifest: Manifest, out: Path) -> bool:
+    """True when every model record and manifest already in ``out`` is what a merge of this zoo writes (up to
+    the weights' digests): a zoo of the same shape built from another config or seed has the same folder
+    names, and overwriting it would lose its weights. O(N) small reads."""
+    import json
+
+    want = {m.name: _merged(m) for m in manifest.models}
+    found = []
+    try:
+        if (out / "manifest.json").is_file():
+            data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+            if data.get("config") != _merged_config(manifest.config) or len(data.get("models", [])) != len(want):
+                return False
+            found += data["models"]
+        for m in manifest.models:
+            if (out / m.path / RECORD).is_file():
+                found.append(json.loads((out / m.path / RECORD).read_text(encoding="utf-8")).get("record"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+    return all(isinstance(r, dict) and want.get(r.get("name")) == {**r, "sha256": ""} for r in found)
+
+
+def _merged(m) -> dict:
+    """The record a merge writes for ``m``, its digest left blank."""
+    return asdict(replace(m, storage="full", sha256=""))
+
+
+def _merged_config(config: dict) -> dict:
+    """The config a merge writes: the zoo's, with storage "merged" (a dict without a storage key kept as is)."""
+    return {**config, "storage": "merged"} if "storage" in config else dict(config)
 
 
 def _write_config(folder: Path, arch: dict | None) -> None:
