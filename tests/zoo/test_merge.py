@@ -79,3 +79,14 @@ def test_merge_refuses_a_folder_holding_another_zoo(adapter_zoo, tmp_path):
     (tmp_path / "other" / "manifest.json").unlink()  # its model folders alone are another zoo's too
     with pytest.raises(ConfigError, match="other: holds another zoo"):
         merge_zoo(manifest, tmp_path / "other")
+
+
+def test_merge_refuses_a_folder_inside_the_zoo(adapter_zoo):
+    """--out zoo/merged wrote the merged zoo into the zoo it read: `atlas zoo verify zoo` then failed on the
+    'extra' folder merged/."""
+    manifest, folder = adapter_zoo
+    for inside in (folder / "merged", folder / manifest.names[0] / "m"):
+        with pytest.raises(ConfigError, match="inside the zoo"):
+            merge_zoo(manifest, inside)
+        assert not inside.exists()
+    assert set(verify_zoo(manifest).values()) == {"ok"}

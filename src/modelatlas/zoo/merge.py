@@ -52,9 +52,13 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
 
 
 def _check_out(manifest: Manifest, out: Path) -> None:
-    """``out`` must be new or empty, and not the zoo's own folder (its adapters would be overwritten)."""
-    if os.path.realpath(out) == os.path.realpath(manifest.root):
+    """``out`` must be new or empty, and neither the zoo's own folder (its adapters would be overwritten) nor
+    a folder inside it."""
+    real, root = Path(os.path.realpath(out)), Path(os.path.realpath(manifest.root))
+    if real == root:
         raise ConfigError(f"{out}: is the zoo's own folder; write the merged zoo to another folder")
+    if root in real.parents:  # the zoo would hold it: `atlas zoo verify` then fails on an extra folder
+        raise ConfigError(f"{out}: is inside the zoo {manifest.root}; write the merged zoo to a folder outside it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: is a file; give a new or empty folder for the merged zoo")
     if out.is_dir() and not _earlier_merge(manifest, out):
