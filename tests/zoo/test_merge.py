@@ -90,3 +90,17 @@ def test_merge_refuses_a_folder_inside_the_zoo(adapter_zoo):
             merge_zoo(manifest, inside)
         assert not inside.exists()
     assert set(verify_zoo(manifest).values()) == {"ok"}
+
+
+def test_a_rerun_clears_what_a_killed_merge_left(adapter_zoo, tmp_path):
+    """A merge killed mid-write (SIGKILL, power loss) leaves a hidden temporary file; the rerun kept it, and
+    `atlas zoo verify` of the merged zoo failed on it as an extra file."""
+    manifest, _ = adapter_zoo
+    leftover = tmp_path / "m" / manifest.names[0] / ".model.safetensors.0123456789ab.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half")
+    merge_zoo(manifest, tmp_path / "m")
+    assert not leftover.exists()
+    from modelatlas.zoo.store import extra_files
+
+    assert extra_files(load_manifest(tmp_path / "m")) == []

@@ -20,7 +20,7 @@ from modelatlas.atomic import atomic_save_tensors
 from modelatlas.errors import ConfigError, ManifestError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest
-from modelatlas.zoo.store import RECORD, hf_config, load_state, weights_digest, write_record
+from modelatlas.zoo.store import RECORD, clear_folder, hf_config, load_state, weights_digest, write_record
 
 
 def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = None) -> Manifest:
@@ -41,6 +41,7 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
                                 "zoo model folder; only zoos built by `atlas zoo make` can be merged")
         folder = out / m.path
         folder.mkdir(parents=True, exist_ok=True)
+        clear_folder(folder)  # what a killed merge left: temporary files, an unfinished model's files
         atomic_save_tensors(folder / "model.safetensors", load_state(manifest.root, m.name), metadata={"format": "pt"})
         _write_config(folder, arch)
         rec = replace(m, storage="full", sha256=weights_digest(folder / "model.safetensors"))
