@@ -154,6 +154,7 @@ def config_differences(config: dict, other: dict) -> list[str]:
 def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
     """The full (merged) state dict of zoo model ``name``; adapter models are merged onto their parent's
     weights, recursively. O(parameters x adapter depth)."""
+    from modelatlas.weights.lora_config import read_adapter_config
     from modelatlas.zoo.lora import apply_adapter
 
     folder = Path(zoo_dir) / name
@@ -163,10 +164,10 @@ def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
     rec = data["record"]
     if rec.get("storage") != "adapter":
         return read_tensors(folder / "model.safetensors", "rebuild the zoo model")
-    cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg = read_adapter_config(folder / "adapter_config.json")  # a damaged one: an error naming the file and key
     base = load_state(zoo_dir, rec["parent"])
-    return apply_adapter(base, read_tensors(folder / "adapter_model.safetensors", "rebuild the zoo model"), cfg["r"],
-                         cfg["lora_alpha"])
+    return apply_adapter(base, read_tensors(folder / "adapter_model.safetensors", "rebuild the zoo model"), cfg.r,
+                         cfg.lora_alpha)
 
 
 def open_zoo_models(manifest) -> list:

@@ -1,0 +1,33 @@
+import shutil
+
+import pytest
+
+from modelatlas.cli.main import main
+from modelatlas.errors import AtlasError
+from modelatlas.zoo import load_state, make_zoo
+
+
+@pytest.fixture(scope="module")
+def adapter_zoo(tmp_path_factory):
+    """(manifest, folder) of a root with two LoRA children stored as adapters."""
+    from tests.zoo.conftest import _config
+
+    out = tmp_path_factory.mktemp("adapters")
+    return make_zoo(_config(trees=1, depth=1, method="lora", storage="adapter", lora_ranks=(2,)), out, workers=1), out
+
+
+@pytest.mark.parametrize("text, said", [('{"r": 2,', "corrupt adapter config"),
+                                        ('{"peft_type": "LORA", "r": 2}', "'lora_alpha' is missing"),
+                                        ('{"peft_type": "LORA", "r": "x", "lora_alpha": 4}', "'r' must be")])
+def test_a_damaged_adapter_config_is_an_error_naming_it(adapter_zoo, tmp_path, capsys, text, said):
+    """A hand-edited or truncated adapter_config.json ended `atlas zoo merge` (and load_state) in a
+    JSONDecodeError, KeyError or TypeError traceback."""
+    manifest, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    child = next(m.name for m in manifest.models if m.storage == "adapter")
+    (zoo / child / "adapter_config.json").write_text(text)
+    with pytest.raises(AtlasError, match=f"adapter_config.json: .*{said}"):
+        load_state(zoo, child)
+    assert main(["zoo", "merge", str(zoo), "--out", str(tmp_path / "m")]) == 1
+    assert said in capsys.readouterr().err
