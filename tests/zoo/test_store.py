@@ -31,3 +31,26 @@ def test_a_damaged_adapter_config_is_an_error_naming_it(adapter_zoo, tmp_path, c
         load_state(zoo, child)
     assert main(["zoo", "merge", str(zoo), "--out", str(tmp_path / "m")]) == 1
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["drop B", "reshape B"])
+def test_adapter_tensors_that_do_not_fit_the_parent_are_an_error_naming_the_file(adapter_zoo, tmp_path, damage):
+    """An adapter file missing a lora_B tensor, or holding one of another shape, ended load_state (and
+    `atlas zoo merge`) in a KeyError / RuntimeError traceback."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    manifest, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    child = next(m.name for m in manifest.models if m.storage == "adapter")
+    path = zoo / child / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    if damage == "drop B":
+        del tensors[key]
+    else:
+        tensors[key] = torch.zeros(3, tensors[key].shape[1])
+    save_file(tensors, path)
+    with pytest.raises(AtlasError, match="adapter_model.safetensors: .*does not fit"):
+        load_state(zoo, child)

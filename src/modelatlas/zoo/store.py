@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
-from modelatlas.errors import ManifestError
+from modelatlas.errors import CheckpointError, ManifestError
 
 RECORD = "zoo_record.json"
 MODEL_FILES = ("model.safetensors", "config.json", "adapter_model.safetensors", "adapter_config.json", RECORD)
@@ -166,8 +166,12 @@ def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
         return read_tensors(folder / "model.safetensors", "rebuild the zoo model")
     cfg = read_adapter_config(folder / "adapter_config.json")  # a damaged one: an error naming the file and key
     base = load_state(zoo_dir, rec["parent"])
-    return apply_adapter(base, read_tensors(folder / "adapter_model.safetensors", "rebuild the zoo model"), cfg.r,
-                         cfg.lora_alpha)
+    path = folder / "adapter_model.safetensors"
+    try:
+        return apply_adapter(base, read_tensors(path, "rebuild the zoo model"), cfg.r, cfg.lora_alpha)
+    except (KeyError, RuntimeError) as e:  # a tensor missing, or of another shape than the parent's weight
+        raise CheckpointError(path, f"does not fit the weights of its parent {rec['parent']!r} ({' '.join(str(e).split())}); "
+                                    "rebuild the zoo model") from None
 
 
 def open_zoo_models(manifest) -> list:
