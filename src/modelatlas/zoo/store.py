@@ -62,11 +62,14 @@ def read_record(folder: Path) -> dict | None:
     path = folder / RECORD
     if not path.exists():
         return None
+    from modelatlas.zoo.manifest import _record
+
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        rec = data["record"]
+        _record(path, 0, rec)  # a manifest record's keys and types (hand-edited: a list, unknown keys)
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, ManifestError):
         return None  # an unreadable record counts as unfinished: the model is rebuilt
-    rec = data.get("record", {})
     return data if weights_file(folder, rec.get("storage", "full")).exists() else None
 
 
