@@ -37,8 +37,8 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
     from modelatlas.zoo import make_zoo, preset
     from modelatlas.zoo.store import open_zoo_models
 
-    t0, built = time.perf_counter(), (out / "manifest.json").is_file()  # a finished zoo is reused, not trained
-    zoo = preset(args.preset, seed=args.seed)
+    t0, zoo = time.perf_counter(), preset(args.preset, seed=args.seed)
+    reused = _finished_before(zoo, out)  # finished models are reused, not trained
     echo(f"building zoo '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
     manifest = make_zoo(zoo, out, workers=args.workers, progress=tqdm_progress)
     t1 = time.perf_counter()
@@ -49,8 +49,27 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
         for ck in models:
             ck.close()
     t2 = time.perf_counter()
-    echo(f"{'reused (built before)' if built else 'trained'} in {t1 - t0:.0f} s; recovered from the weights "
+    echo(f"{_how_built(reused, len(manifest))} in {t1 - t0:.0f} s; recovered from the weights "
          f"alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")
     show_forest(with_truth(forest, manifest), manifest)
     return 0
+
+
+def _finished_before(zoo, out: Path) -> int:
+    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C)."""
+    from modelatlas.zoo.plan import model_names
+    from modelatlas.zoo.store import read_record
+
+    return sum(read_record(out / name) is not None for name in model_names(zoo)) if out.is_dir() else 0
+
+
+def _how_built(reused: int, n: int) -> str:
+    """'trained', 'reused (built before)' or 'trained 1 model, reused 5 (built before)'."""
+    from modelatlas.cli.output import counted
+
+    if reused == 0:
+        return "trained"
+    if reused >= n:
+        return "reused (built before)"
+    return f"trained {counted(n - reused, 'model')}, reused {reused} (built before)"
