@@ -30,6 +30,16 @@ def test_an_out_that_is_a_file_or_a_folder_of_other_results_is_refused_before_wo
     assert [p.name for p in zoo.iterdir()] == ["manifest.json"]
 
 
+def test_an_out_below_a_file_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    """--out file/sub was reported ('Not a directory') only when saving, after the whole attribution."""
+    import modelatlas.attribution as attribution
+
+    monkeypatch.setattr(attribution, "ddm_attribution", lambda *a, **k: pytest.fail("attributed before refusing"))
+    (tmp_path / "file").write_text("x")
+    assert main([*TINY, "--out", str(tmp_path / "file" / "sub" / "out")]) == 1
+    assert f"lies below the file {tmp_path / 'file'}, not a folder" in capsys.readouterr().err
+
+
 def test_a_previous_attribution_or_an_empty_folder_is_accepted(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "attribution.json").write_text("{}")

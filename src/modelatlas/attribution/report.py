@@ -35,11 +35,14 @@ def top_clusters(matrix: torch.Tensor, j: int, top: int) -> tuple[list[int], lis
 
 
 def check_out(folder: str | Path) -> Path:
-    """Refuse an output path that is a file, or a non-empty folder holding no attribution (another
+    """Refuse an output path that is a file or lies below one, or a non-empty folder holding no attribution (another
     command's results would get attribution files mixed in); a previous attribution is overwritten."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder}: is a file, not a folder; choose another output folder (--out)")
+    above = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if above is not None:  # was 'Not a directory' when saving, after the whole attribution
+        raise ConfigError(f"{folder}: lies below the file {above}, not a folder; choose another output folder (--out)")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     if entries and TENSORS not in entries and META not in entries:
         raise ConfigError(f"{folder}: a non-empty folder holding no attribution (e.g. {entries[0]!r}); "
