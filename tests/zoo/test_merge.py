@@ -104,3 +104,26 @@ def test_a_rerun_clears_what_a_killed_merge_left(adapter_zoo, tmp_path):
     from modelatlas.zoo.store import extra_files
 
     assert extra_files(load_manifest(tmp_path / "m")) == []
+
+
+def test_ctrl_c_during_a_cli_merge_says_what_was_left(adapter_zoo, tmp_path, capsys, monkeypatch):
+    """Ctrl-C mid-merge said 'nothing partial was left', though --out held the models merged so far."""
+    import modelatlas.zoo.merge as merge
+
+    _, folder = adapter_zoo
+    calls = []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = merge.atomic_save_tensors
+    monkeypatch.setattr(merge, "atomic_save_tensors", save)
+    argv = ["zoo", "merge", str(folder), "--out", str(tmp_path / "m")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "nothing partial" not in err and "rerun the same command" in err
+    monkeypatch.setattr(merge, "atomic_save_tensors", real)
+    assert main(argv) == 0
