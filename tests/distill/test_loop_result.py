@@ -79,6 +79,18 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, b
         OuterLoop(3, seed=0).run(lambda it, gen: bad, {})
 
 
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_path):
+    """A run of 3 iterations (checkpoint_every 50: saved at its end) extended to 6 that diverged at iteration 5
+    said "nothing was kept", though the checkpoint of iteration 3 was."""
+    from modelatlas.errors import DivergedError
+
+    syn, opt, step = make_problem()
+    OuterLoop(3, seed=0, checkpoint_dir=tmp_path).run(step, {"synthetic": syn, "optimizer": opt})
+    with pytest.raises(DivergedError, match=r"\(the checkpoint of iteration 3 is kept, but resuming repeats"):
+        OuterLoop(6, seed=0, checkpoint_dir=tmp_path, resume=True).run(
+            lambda it, gen: float("nan") if it == 4 else step(it, gen), {"synthetic": syn, "optimizer": opt})
+
+
 def test_flatten_roundtrip():
     state = {"a": torch.ones(2), "b": [1, (2.0, torch.zeros(1))], 3: {"c": None}}
     tensors = {}

@@ -130,6 +130,7 @@ class OuterLoop:
         self.resume, self.clock = resume, clock
         self.losses: list[float] = []
         self.start = 0
+        self.saved = 0  # iterations done at the last checkpoint written or resumed from (0: none)
 
     def run(self, step: Callable[[int, torch.Generator], float], states: Mapping[str, Stateful]) -> list[float]:
         """Call ``step`` for every remaining iteration; returns the loss history (all iterations)."""
@@ -155,8 +156,8 @@ class OuterLoop:
         and saved as a result. The last checkpoint, from before it, is kept."""
         if math.isfinite(loss):
             return
-        kept = (f"the checkpoint of iteration {it - it % self.checkpoint_every} is kept, but resuming repeats the "
-                "same steps" if self.checkpoint_dir is not None and it >= self.checkpoint_every else "nothing was kept")
+        kept = (f"the checkpoint of iteration {self.saved} is kept, but resuming repeats the same steps"
+                if self.saved else "nothing was kept")  # a resumed run's own checkpoint may be off the every-N grid
         raise DivergedError(f"the distillation diverged at iteration {it + 1} of {self.iterations}: its loss is "
                             f"{loss} ({kept}); run it again with smaller learning rates (--set lr_img=..., "
                             "and inner_lr / lr_label where the method has them)")
@@ -174,6 +175,7 @@ class OuterLoop:
         for old in self.checkpoint_dir.glob("ckpt-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink(missing_ok=True)
+        self.saved = done
 
     def _load(self, states: Mapping[str, Stateful]) -> None:
         if self.checkpoint_dir is None:
@@ -209,5 +211,5 @@ class OuterLoop:
                 raise CheckpointError(meta_path, f"state {name!r} does not fit this run ({error_line(e)}); it was written "
                                                  "with other settings (ipc, config): resume with those, or use a "
                                                  "new output folder") from e
-        self.start = int(meta["iteration"])
+        self.start = self.saved = int(meta["iteration"])
         self.losses = list(meta["losses"])
