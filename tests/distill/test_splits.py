@@ -30,3 +30,19 @@ def test_distill_refuses_a_class_without_training_examples(method, cfg):
 
     with pytest.raises(ConfigError, match="class 'c' of 'toy' has no training examples"):
         distill(method, make_toy([0, 0, 1, 1]), 1, {"iterations": 1, "width": 8, **cfg})
+
+
+@pytest.mark.parametrize("where", ["train", "test"])
+def test_non_finite_inputs_are_refused_naming_the_split_and_example(tmp_path, where):
+    """A NaN pixel reached training: DM stopped with 'diverged ... smaller learning rates', the random subset
+    and the evaluation scored chance as a result."""
+    train, test = make_toy([0, 0, 1, 1, 2, 2]), make_toy([0, 1, 2])
+    (train if where == "train" else test).x[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ConfigError, match=f"the {where} split of 'toy' holds NaN or infinite values \\(example 1\\)"):
+        run_distillation("random", train, 1, tmp_path / "out", dataset_test=test, eval_nets=1, eval_epochs=1)
+    assert not (tmp_path / "out").exists()
+    if where == "train":
+        from modelatlas.distill import distill
+
+        with pytest.raises(ConfigError, match="the train split of 'toy' holds NaN"):
+            distill("random", train, 1)

@@ -25,7 +25,7 @@ from modelatlas.distill.loop import CHECKPOINT_JSON, read_json, saved_wall_time
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, write_result
-from modelatlas.distill.splits import check_class_names, check_splits, check_train_classes
+from modelatlas.distill.splits import check_class_names, check_splits, check_train
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.progress import Progress
@@ -36,7 +36,7 @@ def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress
          checkpoint_dir: str | Path | None, resume: bool, device,
          init: SyntheticSet | None = None) -> tuple[SyntheticSet, DistillContext, object]:
     spec, ipc = check_start(method, ipc, init is not None, seed)
-    check_train_classes(train)
+    check_train(train)
     cfg = spec.make_config(config)
     ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)

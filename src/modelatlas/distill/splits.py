@@ -23,12 +23,14 @@ def check_splits(train: ArrayDataset, test: ArrayDataset) -> ArrayDataset:
                           f"{train.input_shape}, the test split {test.num_classes} of {test.input_shape}; both "
                           "splits must come from the same data (source: "
                           f"{train.meta.get('source', '?')}, {test.meta.get('source', '?')})")
-    check_train_classes(train)
+    check_train(train)
     return test
 
 
-def check_train_classes(train: ArrayDataset) -> None:
-    """Refuse a class without training examples (no real image could shape its synthetic ones)."""
+def check_train(train: ArrayDataset) -> None:
+    """Refuse NaN / infinite inputs and a class without training examples (no real image could shape its
+    synthetic ones)."""
+    check_finite(train, "train")
     counts = torch.bincount(train.y, minlength=train.num_classes)
     if train.num_classes and int(counts.min()) == 0:  # "lower the ipc" cannot help a class of none
         c = train.classes[int(counts.argmin())]  # both layouts named: with train/ + test/ it is ROOT/train/c/
@@ -38,11 +40,23 @@ def check_train_classes(train: ArrayDataset) -> None:
 
 
 def check_test_split(test: ArrayDataset) -> ArrayDataset:
-    """Refuse an empty test split, whose accuracy would read as 0 % (a tiny image folder's 20 % rounds to none)."""
+    """Refuse an empty test split, whose accuracy would read as 0 % (a tiny image folder's 20 % rounds to none),
+    and NaN / infinite inputs."""
     if len(test) == 0:
         raise ConfigError(f"the test split of dataset {test.name!r} is empty, so nothing can be scored; give it "
                           "test images (image-folder: more images per class, or ROOT/train/ and ROOT/test/)")
+    check_finite(test, "test")
     return test
+
+
+def check_finite(data: ArrayDataset, split: str) -> None:
+    """Refuse NaN or infinite inputs, naming the first such example: they reached training, where DM 'diverged'
+    (lower the learning rates, it said) and the random subset and the evaluation scored chance. O(N D)."""
+    ok = torch.isfinite(data.x)
+    bad = ~(ok.flatten(1).all(1) if ok.dim() > 1 else ok)  # (N,); reshape(N, -1) fails on an empty split
+    if bool(bad.any()):
+        raise ConfigError(f"the {split} split of {data.name!r} holds NaN or infinite values (example "
+                          f"{int(bad.nonzero()[0])}); clean or drop those examples")
 
 
 def check_fits(folder: str | Path, syn: SyntheticSet, test: ArrayDataset) -> None:
