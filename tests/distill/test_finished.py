@@ -20,24 +20,29 @@ def finish(folder, data, **kw):
     return run_distillation("dm", data, 1, folder, CFG, dataset_test=data, eval_nets=1, eval_epochs=1, **kw)
 
 
+def finish_named(folder, **kw):
+    """A registered dataset: its test split is known by name (a given ArrayDataset's is not)."""
+    return run_distillation("dm", "digits", 1, folder, CFG, eval_nets=1, eval_epochs=1, **kw)
+
+
 def no_evaluation(*a, **k):
     raise AssertionError("evaluated again")
 
 
-def test_resume_of_a_finished_run_returns_the_stored_result(tmp_path, data, monkeypatch):
-    first = finish(tmp_path, data)
+def test_resume_of_a_finished_run_returns_the_stored_result(tmp_path, monkeypatch):
+    first = finish_named(tmp_path)
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()}
     monkeypatch.setattr(api, "evaluate_synthetic", no_evaluation)  # it rebuilt the method and scored the set
     monkeypatch.setattr(api, "evaluate_random_baseline", no_evaluation)
-    again = finish(tmp_path, data, resume=True)
+    again = finish_named(tmp_path, resume=True)
     assert again == json.loads((tmp_path / "result.json").read_text())
     assert again["evaluation"] == first["evaluation"] and again["baseline_random"] == first["baseline_random"]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == stamps  # nothing rewritten
 
 
 @pytest.mark.parametrize("change", ["eval_nets", "no_baseline", "missing_figure", "seed_edit"])
-def test_anything_to_redo_goes_the_full_way(tmp_path, data, change):
-    finish(tmp_path, data)
+def test_anything_to_redo_goes_the_full_way(tmp_path, change):
+    finish_named(tmp_path)
     kw = {"resume": True}
     if change == "eval_nets":
         kw = {**kw, "eval_nets": 2}
@@ -48,8 +53,15 @@ def test_anything_to_redo_goes_the_full_way(tmp_path, data, change):
     if change == "seed_edit":  # result.json no longer describes the checkpoint's run: rewritten from it
         path = tmp_path / "result.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "seed": 7}))
-    info = run_distillation("dm", data, 1, tmp_path, CFG, dataset_test=data,
-                            **{"eval_nets": 1, "eval_epochs": 1, **kw})
+    info = run_distillation("dm", "digits", 1, tmp_path, CFG, **{"eval_nets": 1, "eval_epochs": 1, **kw})
     assert len(info["evaluation"]["accuracies"]) == (2 if change == "eval_nets" else 1)
     assert ("baseline_random" in info) == (change != "no_baseline")
     assert (tmp_path / "loss.png").is_file() and info["seed"] == 0
+
+
+def test_a_given_test_split_is_scored_again(tmp_path, data):
+    """A test split passed as an ArrayDataset is not recorded: another one on a resume must be scored."""
+    first = finish(tmp_path, data)
+    other = load_dataset("digits", "test").subset(torch.arange(50))
+    again = run_distillation("dm", data, 1, tmp_path, CFG, dataset_test=other, eval_nets=1, eval_epochs=1, resume=True)
+    assert again["evaluation"]["accuracies"] != first["evaluation"]["accuracies"]

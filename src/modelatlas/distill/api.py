@@ -131,14 +131,14 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         check_baseline_ipc(train, ipc)
     tf, train_t, test_t, init_from, init = _prepared(train, test, transform, init_from)
     cfg = methods.get(method).make_config(config)
-    # checked before distilling: eval_nets=0 failed once the set was made, and took it along
-    proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)
+    proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
                                                                       init, cfg), _default_net(cfg, train))
         run = {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "init_from": init_from,
                "dataset_kwargs": dataset_kwargs, "device": device}
-        if resume and (stored := stored_result(out, run, proto, baseline)) is not None:  # nothing to redo
+        named = isinstance(dataset, str)  # a given test split is not recorded: score it
+        if resume and named and (stored := stored_result(out, run, proto, baseline)) is not None:
             return stored
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below

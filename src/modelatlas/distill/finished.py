@@ -6,7 +6,8 @@ The stored result is returned only when everything that would be recomputed is k
 the checkpoint is finished (its iterations are the asked ones, its seed this seed) and ``result.json``
 records the same loss history, config, seed, starting set, data settings, torch version, baseline and
 evaluation protocol (resolved: nets, epochs, lr, net, device), and the folder's files all load. Anything
-else (another ``--eval-nets``, a missing figure, a damaged file) goes the full way, which rewrites the folder.
+else (another ``--eval-nets``, a missing figure, a damaged file) goes the full way, which rewrites the folder;
+so does a run on a given ``dataset_test`` (an ArrayDataset, not recorded: it may be another test set).
 Time O(size of the set) to load it.
 """
 
