@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -62,3 +64,16 @@ def test_config_errors_name_the_field():
         spec.make_config({"expert_step": 5})
     with pytest.raises(ConfigError, match="syn_steps must be > 0"):
         spec.make_config({"syn_steps": 0})
+
+
+def test_a_resume_may_move_the_cache(tmp_path):
+    """--set cache_dir=NEW on a resume was refused ("the checkpointed run used config.cache_dir ..."), though the
+    cache only stores what the seed determines (and a default cache_dir moved by $ATLAS_CACHE_DIR passed)."""
+    from modelatlas.distill import run_distillation
+
+    data = load_dataset("digits", "train").subset(torch.arange(200))
+    kw = dict(dataset_test=data, eval_nets=1, eval_epochs=1, baseline=False)
+    run_distillation("mtt", data, 1, tmp_path / "out", make_cfg(tmp_path, iterations=1), **kw)
+    moved = make_cfg(tmp_path, iterations=2, cache_dir=str(tmp_path / "moved"))
+    info = run_distillation("mtt", data, 1, tmp_path / "out", moved, resume=True, **kw)
+    assert info["resumed"] and len(json.loads((tmp_path / "out" / "result.json").read_text())["losses"]) == 2

@@ -273,9 +273,10 @@ def check_baseline_ipc(train: ArrayDataset, ipc: int, asked: str | None = None) 
 
 
 RUN_JSON = "run.json"
-# a resumed run may be extended, checkpoint more often, or score its real batch in smaller chunks (the same
-# gradient: the fix for a run that ran out of memory); a field missing from an older run.json is one of these
-_MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk")
+# a resumed run may be extended, checkpoint more often, score its real batch in smaller chunks (the same
+# gradient: the fix for a run that ran out of memory) or keep its cache elsewhere (experts, pools, teachers are
+# fixed by the data, their settings and the seed); a field missing from an older run.json is one of these
+_MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk", "cache_dir")
 
 
 # settings compared first, so a resume names the most telling difference (another method, not its fields)
