@@ -132,3 +132,31 @@ def test_teddy_resume_is_identical(tmp_path):
     run_distillation("teddy", "digits", 1, tmp_path / "killed", resume=True, **kw)
     a, b = SyntheticSet.load(tmp_path / "straight"), SyntheticSet.load(tmp_path / "killed")
     assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: _set_files(f, 5), "'files' must list the pool's 4 model files"),
+    (lambda f: _set_files(f, None), "'files' must list the pool's 4 model files"),
+    (lambda f: _set_files(f, []), "'files' must list the pool's 4 model files"),
+    (lambda f: _set_files(f, [1, 2, 3, 4]), "'files' must list the pool's 4 model files"),
+    (lambda f: _set_files(f, ["../x.safetensors"] * 4), "'files' must list the pool's 4 model files"),
+    (lambda f: __import__("safetensors.torch").torch.save_file({"w": torch.zeros(3)}, str(f / "model-0.safetensors")),
+     "model-0.safetensors: is not a model of this pool's network"),
+])
+def test_a_damaged_pool_cache_is_named(tmp_path, digits, damage, message):
+    """A pool.json without a list of files stopped Teddy with KeyError / TypeError, an empty list with a randint
+    RuntimeError, a model file of another net with a load_state_dict traceback."""
+    from modelatlas.errors import CheckpointError
+
+    cfg = methods.get("teddy").make_config(make_tiny(tmp_path))
+    spec = cfg.net_spec(digits.input_shape)
+    _, folder, _ = load_or_build_pool(digits, cfg.pool_fields(), spec, 0, "cpu", cfg.cache_dir)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=f"{message}.*delete the pool folder to rebuild"):
+        load_or_build_pool(digits, cfg.pool_fields(), spec, 0, "cpu", cfg.cache_dir)
+
+
+def _set_files(folder, files):
+    meta = json.loads((folder / "pool.json").read_text())
+    meta.pop("files") if files is None else meta.__setitem__("files", files)
+    (folder / "pool.json").write_text(json.dumps(meta))

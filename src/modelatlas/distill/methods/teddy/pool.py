@@ -24,6 +24,7 @@ from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.loop import read_json
 from modelatlas.distill.methods.teddy.config import prior_count
 from modelatlas.distill.nets import make_net
+from modelatlas.errors import CheckpointError
 from modelatlas.seeding import derive_seed, torch_generator
 
 POOL_JSON = "pool.json"
@@ -112,8 +113,8 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
     folder = cache_root("teddy", cache_dir) / f"pool-{cache_key(train, {**fields, **spec}, seed)}"
     meta_path = folder / POOL_JSON
     if meta_path.is_file():
-        meta = read_json(meta_path, "delete the pool folder to rebuild")
-        return [read_tensors(folder / f, "delete the pool folder to rebuild") for f in meta["files"]], folder, False
+        net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"])
+        return _cached_pool(folder, fields["pool_size"], net), folder, False
     pool = build_pool(train, fields, spec, seed, device)
     files = []
     for i, state in enumerate(pool):
@@ -127,3 +128,21 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
 def _kinds(fields: dict) -> list[str]:
     n_prior = prior_count(fields["pool_kind"], fields["pool_size"])
     return ["prior"] * n_prior + ["post"] * (fields["pool_size"] - n_prior)
+
+
+def _cached_pool(folder: Path, size: int, net: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The pool stored in ``folder``, checked: a damaged ``pool.json`` or model file is named (it stopped Teddy
+    with a KeyError / TypeError, an empty list with a randint error, another net's weights in load_state_dict)."""
+    hint, meta_path = "delete the pool folder to rebuild", folder / POOL_JSON
+    files = read_json(meta_path, hint).get("files")
+    if not (isinstance(files, list) and len(files) == size and all(isinstance(f, str) and f == Path(f).name
+                                                                   for f in files)):
+        raise CheckpointError(meta_path, f"'files' must list the pool's {size} model files (names in its folder); "
+                                         f"{hint}")
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    pool = []
+    for f in files:
+        pool.append(read_tensors(folder / f, hint))
+        if {k: tuple(v.shape) for k, v in pool[-1].items()} != want:
+            raise CheckpointError(folder / f, f"is not a model of this pool's network; {hint}")
+    return pool
