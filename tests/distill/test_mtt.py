@@ -77,3 +77,21 @@ def test_a_resume_may_move_the_cache(tmp_path):
     moved = make_cfg(tmp_path, iterations=2, cache_dir=str(tmp_path / "moved"))
     info = run_distillation("mtt", data, 1, tmp_path / "out", moved, resume=True, **kw)
     assert info["resumed"] and len(json.loads((tmp_path / "out" / "result.json").read_text())["losses"]) == 2
+
+
+@pytest.mark.parametrize("edit", ["params", "epochs", "nan"])
+def test_a_damaged_expert_buffer_is_named(tmp_path, edit):
+    """Experts of another size or epoch count, or NaN trajectories, in the cache stopped MTT with a reshape
+    RuntimeError / IndexError, or as 'diverged ... use smaller learning rates'."""
+    from safetensors.torch import load_file, save_file
+
+    from modelatlas.errors import CheckpointError
+
+    tr = load_dataset("digits", "train").subset(torch.arange(100))
+    cfg = get("mtt").make_config(make_cfg(tmp_path))
+    _, path = B.load_or_train(tr, cfg, 0, torch.device("cpu"), None)
+    state = load_file(str(path))
+    fix = {"params": lambda v: v[:, :5], "epochs": lambda v: v[:1], "nan": lambda v: torch.full_like(v, float("nan"))}
+    save_file({k: fix[edit](v).contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointError, match="not an expert buffer of this config .*delete it to retrain"):
+        B.load_or_train(tr, cfg, 0, torch.device("cpu"), None)

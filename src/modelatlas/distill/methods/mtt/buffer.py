@@ -61,11 +61,24 @@ def load_or_train(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: D
     """The buffer (num_experts, epochs + 1, P) and its file; trains and caches it when absent."""
     path = cache_root("mtt", cfg.cache_dir) / f"buffer-{buffer_key(train, cfg, seed)}.safetensors"
     if path.is_file():
-        tensors = read_tensors(path, "delete it to retrain the experts")
-        try:
-            return torch.stack([tensors[f"expert{e}"] for e in range(cfg.num_experts)]), path
-        except (KeyError, RuntimeError) as err:
-            raise CheckpointError(path, f"not an expert buffer of this config ({err}); delete it to retrain") from None
+        return _cached(path, train, cfg), path
     experts = [train_expert(train, cfg, seed, e, device, dsa) for e in range(cfg.num_experts)]
     atomic_save_tensors(path, {f"expert{e}": t for e, t in enumerate(experts)}, {"key": path.stem})
     return torch.stack(experts), path
+
+
+def _cached(path: Path, train: ArrayDataset, cfg: MTTConfig) -> torch.Tensor:
+    """The cached buffer, checked to be (num_experts, expert_epochs + 1, P) finite trajectories of this net:
+    another shape stopped MTT with a reshape / index error, NaN as 'diverged'."""
+    tensors = read_tensors(path, "delete it to retrain the experts")
+    spec = cfg.net_spec(train.input_shape)
+    net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"])
+    want = (cfg.num_experts, cfg.expert_epochs + 1, sum(p.numel() for p in net.parameters()))
+    try:
+        buf = torch.stack([tensors[f"expert{e}"] for e in range(cfg.num_experts)])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(path, f"not an expert buffer of this config ({err}); delete it to retrain") from None
+    if tuple(buf.shape) != want or not bool(torch.isfinite(buf).all()):
+        raise CheckpointError(path, f"not an expert buffer of this config (finite trajectories of shape {want}, "
+                                    f"got {tuple(buf.shape)}); delete it to retrain")
+    return buf
