@@ -1,0 +1,99 @@
+"""Are GGUF quantizations of trained models found as copies, and nothing else? (``lineage.quantized``)
+
+    python bench/lineage.py --suite demo-seeds --work /tmp/zoos       # (any suites; it builds the zoos)
+    python bench/lineage_quantized.py /tmp/zoos/* --seed 0 --work /tmp/quantized
+
+For every zoo folder (one holding a manifest.json), the models are copied into one folder of ``.safetensors``
+files and a seeded third of them is also written as a GGUF file quantized to Q8_0, Q4_0 or Q5_1 (the types
+``gguf`` can write; layers whose rows are not a multiple of 32 stay float32). Lineage is recovered over the
+folder. Printed per zoo: quantized files written, found as copies of their own source, found as a copy of
+another model, left as a model; false copies (a full-precision model called a copy); directed-edge accuracy
+on the zoo's edges against the same zoo recovered without the GGUF files. K-quant copies need llama.cpp's
+quantizer, which is not installed here; tests/weights/test_gguf_grid.py covers their grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.scoring import score_forest
+from modelatlas.zoo.manifest import load_manifest
+
+KINDS = ("Q8_0", "Q4_0", "Q5_1")
+
+
+def write_gguf(source: Path, path: Path, kind: str) -> None:
+    """The tensors of ``source`` (safetensors) as a GGUF file, 2-D rows of 32k values quantized to ``kind``."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType[kind]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, tensor in load_file(str(source)).items():
+        x = tensor.float().numpy()
+        if x.ndim == 2 and x.shape[1] % 32 == 0:
+            q = gguf.quants.quantize(x, t)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+        else:
+            w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def make_folder(zoo: Path, out: Path, rng: np.random.Generator) -> dict[str, str]:
+    """The zoo's models as files in ``out`` plus quantized copies of a third; returns copy name -> source."""
+    manifest = load_manifest(zoo / "manifest.json")
+    out.mkdir(parents=True)
+    copies = {}
+    for m in manifest.models:
+        src = manifest.path_of(m.name) / "model.safetensors"
+        shutil.copy(src, out / f"{m.name}.safetensors")
+        if rng.random() < 1 / 3:
+            kind = KINDS[rng.integers(len(KINDS))]
+            write_gguf(src, out / f"{m.name}-{kind.lower()}.gguf", kind)
+            copies[f"{m.name}-{kind.lower()}"] = m.name
+    return copies
+
+
+def zoo_row(zoo: Path, work: Path, rng: np.random.Generator) -> dict:
+    manifest = load_manifest(zoo / "manifest.json")
+    copies = make_folder(zoo, work / zoo.name, rng)
+    plain = recover_lineage([manifest.path_of(m.name) for m in manifest.models])
+    start = time.perf_counter()
+    forest = recover_lineage(sorted((work / zoo.name).iterdir()))
+    secs = time.perf_counter() - start
+    found = {e.child: e.parent for e in forest.edges if e.kind == "precision"}
+    return {"zoo": zoo.name, "written": len(copies), "own": sum(found.get(c) == s for c, s in copies.items()),
+            "other": sum(c in found and found[c] != s for c, s in copies.items()),
+            "missed": sum(c not in found for c in copies), "false": sum(c not in copies for c in found),
+            "acc": score_forest(forest, manifest).directed, "acc_plain": score_forest(plain, manifest).directed,
+            "seconds": secs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("zoos", nargs="+", type=Path)
+    ap.add_argument("--work", type=Path, required=True, help="new folder for the mixed model folders")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    rows = [zoo_row(z, args.work, rng) for z in args.zoos if (z / "manifest.json").is_file()]
+    print("| zoo | GGUF copies | found (own source) | another model | missed | false copies | directed (without GGUF) | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['zoo']} | {r['written']} | {r['own']} | {r['other']} | {r['missed']} | {r['false']} | "
+              f"{100 * r['acc']:.1f}% ({100 * r['acc_plain']:.1f}%) | {r['seconds']:.2f} |")
+    total = {k: sum(r[k] for r in rows) for k in ("written", "own", "other", "missed", "false")}
+    print(f"\nall: {total}")
+
+
+if __name__ == "__main__":
+    main()
