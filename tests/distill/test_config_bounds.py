@@ -113,3 +113,18 @@ def test_hello_rank_and_text_dim_are_bounded():
         spec.make_config({"rank": 385})
     with pytest.raises(ConfigError, match="text_dim must be at most 16,384, got 1,000,000,000"):
         spec.make_config({"text_dim": 10**9, "rank": 4})
+
+
+@pytest.mark.parametrize("field,value", [("dsa", "no"), ("batch_real", 2.5), ("iterations", 1.5), ("width", 8.0),
+                                         ("init", None)])
+def test_a_config_instance_of_the_wrong_types_is_refused(field, value):
+    # only dicts (--set) were type-checked: DMConfig(dsa="no") turned DSA on, batch_real=2.5 failed in slicing,
+    # iterations=1.5 ran 1 iteration recorded as 1.5
+    from dataclasses import replace
+
+    from modelatlas.distill.methods.dm.config import DMConfig
+
+    with pytest.raises(ConfigError, match=f"{field} must be .*, got {value!r}"):
+        DMConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"{field} must be "):
+        replace(DMConfig(), **{field: value})

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modelatlas.distill.methods.base import fits
 from modelatlas.errors import ConfigError
 
 # Method name -> package under modelatlas.distill.methods (when they differ, or to list it in available()).
@@ -64,22 +65,11 @@ class MethodSpec:
         hints = typing.get_type_hints(self.config_cls)
         for key, value in fields.items():
             allowed = typing.get_args(hints[key]) or (hints[key],)
-            if any(_fits(value, t) for t in allowed):
+            if any(fits(value, t) for t in allowed):
                 continue
             names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
             hint = " (--set values are JSON: 0.5, 10, true, null, or plain text)" if isinstance(value, str) else ""
             raise ConfigError(f"method {self.name!r}: config field {key!r} must be {names}, got {value!r}{hint}")
-
-
-def _fits(value: object, t: object) -> bool:
-    if t is type(None):
-        return value is None
-    if t is float:  # an integer is a fine float (JSON writes 1.0 as 1)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(t) or t
-    return not isinstance(origin, type) or isinstance(value, origin)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
