@@ -103,6 +103,22 @@ def test_corrupt_cached_teacher_is_named(digits, tmp_path):
         distill("hello", train, 1, cfg)
 
 
+def test_a_cached_teacher_with_nan_weights_is_named(digits, tmp_path):
+    """NaN weights in the cached teacher gave NaN soft labels: the run stopped as 'diverged ... use smaller
+    learning rates'."""
+    from safetensors.torch import load_file, save_file
+
+    from modelatlas.errors import CheckpointError
+
+    train, _ = digits
+    cfg = {**TINY, "cache_dir": str(tmp_path)}
+    path = distill("hello", train, 1, cfg).meta["teacher"]
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(path).items()}, path)
+    with pytest.raises(CheckpointError, match=r"teacher-\w+\.safetensors: not a teacher of this network \(NaN or "
+                                              r"infinite weights\); delete it to retrain"):
+        distill("hello", train, 1, cfg)
+
+
 def test_label_fn_hook_and_fixed_crops(digits):
     train, test = digits
     x, y = train.x[:20], train.y[:20]

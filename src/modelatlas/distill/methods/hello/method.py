@@ -54,6 +54,8 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
         net.load_state_dict(read_tensors(path, "delete it to retrain the teacher"))
     except RuntimeError as err:
         raise CheckpointError(path, f"not a teacher of this network ({err}); delete it to retrain") from None
+    if not all(bool(torch.isfinite(v).all()) for v in net.state_dict().values()):  # NaN labels: 'diverged'
+        raise CheckpointError(path, "not a teacher of this network (NaN or infinite weights); delete it to retrain")
     return net.to(device).eval().requires_grad_(False), path, False
 
 
