@@ -100,6 +100,9 @@ def make_saved_set(folder, **edits):
     ({"label_logits": torch.full((6, 3), float("inf"))}, "synthetic.safetensors", "label_logits must be finite"),
     ({"lr": torch.tensor([float("nan")])}, "synthetic.safetensors", "lr must be a finite number > 0, got nan"),
     ({"lr": torch.tensor([-0.1])}, "synthetic.safetensors", "lr must be a finite number > 0, got -0.1"),
+    # a HeLlO projector or PoDD label grid stored as an extra tensor labelled the evaluation's images NaN
+    ({"extra.label_grid": torch.full((2, 2), float("nan"))}, "synthetic.safetensors",
+     "extra.label_grid must be finite"),
 ])
 def test_hand_edited_set_is_refused_naming_the_file(tmp_path, edits, file, message):
     """These once loaded and crashed in training with an IndexError / RuntimeError (`atlas distill eval`)."""

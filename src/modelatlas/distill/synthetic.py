@@ -184,8 +184,8 @@ def _check_tensors(path: Path, state: dict, k: int) -> None:
         raise CheckpointError(path, f"label_logits must be (N, K) = ({n}, {k}), got {tuple(logits.shape)}")
     if "lr" in state and state["lr"].numel() != 1:
         raise CheckpointError(path, f"lr must be one number, got shape {tuple(state['lr'].shape)}")
-    for key in ("images", "label_logits"):  # NaN trained the evaluation nets on NaN: chance, scored as a result
-        if state.get(key) is not None and not bool(torch.isfinite(state[key]).all()):
+    for key, t in state.items():  # NaN images, labels or label projectors: chance, scored as a result
+        if t.is_floating_point() and key != "lr" and not bool(torch.isfinite(t).all()):
             raise CheckpointError(path, f"{key} must be finite, but holds NaN or infinite values")
     lr = float(state["lr"].reshape(())) if "lr" in state else 1.0
     if not 0 < lr < math.inf:
