@@ -65,3 +65,10 @@ def test_a_given_test_split_is_scored_again(tmp_path, data):
     other = load_dataset("digits", "test").subset(torch.arange(50))
     again = run_distillation("dm", data, 1, tmp_path, CFG, dataset_test=other, eval_nets=1, eval_epochs=1, resume=True)
     assert again["evaluation"]["accuracies"] != first["evaluation"]["accuracies"]
+
+
+def test_a_given_test_split_beside_a_named_dataset_is_scored_again(tmp_path):
+    first = finish_named(tmp_path)
+    other = load_dataset("digits", "test").subset(torch.arange(50))
+    again = finish_named(tmp_path, resume=True, dataset_test=other)
+    assert again["evaluation"]["accuracies"] != first["evaluation"]["accuracies"]

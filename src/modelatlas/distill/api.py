@@ -137,7 +137,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
                                                                       init, cfg), _default_net(cfg, train))
         run = {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "init_from": init_from,
                "dataset_kwargs": dataset_kwargs, "device": device}
-        named = isinstance(dataset, str)  # a given test split is not recorded: score it
+        named = isinstance(dataset, str) and dataset_test is None  # a given test split is not recorded
         if resume and named and (stored := stored_result(out, run, proto, baseline)) is not None:
             return stored
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
