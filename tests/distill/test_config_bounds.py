@@ -128,3 +128,12 @@ def test_a_config_instance_of_the_wrong_types_is_refused(field, value):
         DMConfig(**{field: value})
     with pytest.raises(ConfigError, match=f"{field} must be "):
         replace(DMConfig(), **{field: value})
+
+
+def test_a_protocol_of_another_type_is_refused_before_distilling(tmp_path):
+    # protocol="sgd" failed with AttributeError once the set was distilled, leaving a checkpoint and no result
+    data = make_toy()
+    with pytest.raises(ConfigError, match="protocol must be an EvalProtocol, got str"):
+        run_distillation("dm", data, 1, tmp_path / "out", {"iterations": 1, "width": 8}, dataset_test=data,
+                         protocol="sgd")
+    assert not (tmp_path / "out").exists()

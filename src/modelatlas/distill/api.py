@@ -131,7 +131,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         check_baseline_ipc(train, ipc)
     tf, train_t, test_t, init_from, init = _prepared(train, test, transform, init_from)
     cfg = methods.get(method).make_config(config)
-    proto = protocol or default_protocol(method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
+    proto = _protocol(protocol, method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
                                                                       init, cfg), _default_net(cfg, train))
@@ -151,6 +151,14 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
     return info
+
+
+def _protocol(protocol, method: str, cfg, in_shape, eval_nets: int, eval_epochs: int | None) -> EvalProtocol:
+    """``protocol`` when given (checked: "sgd" failed with AttributeError after the distillation), else the
+    method's (:func:`default_protocol`)."""
+    if protocol is not None and not isinstance(protocol, EvalProtocol):
+        raise ConfigError(f"protocol must be an EvalProtocol, got {type(protocol).__name__}")
+    return protocol or default_protocol(method, cfg, in_shape, eval_nets, eval_epochs)
 
 
 def _prepared(train: ArrayDataset, test: ArrayDataset, transform: str | None, init_from: str | Path | None):
