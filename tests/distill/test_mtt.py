@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,14 @@ def test_a_damaged_expert_buffer_is_named(tmp_path, edit):
     save_file({k: fix[edit](v).contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(CheckpointError, match="not an expert buffer of this config .*delete it to retrain"):
         B.load_or_train(tr, cfg, 0, torch.device("cpu"), None)
+
+
+def test_a_run_diverged_by_its_learned_lr_names_lr_init():
+    """MTT's learned lr starting at lr_init 1e30 diverged, and the hint named lr_img, inner_lr and lr_label only."""
+    from modelatlas.errors import DivergedError
+
+    tr = load_dataset("digits", "train").subset(torch.arange(100))
+    cfg = {**make_cfg(Path("/nonexistent"), iterations=1, num_experts=1, expert_epochs=2, max_start_epoch=0,
+                      syn_steps=1, expert_step=1, lr_init=1e30), "cache_dir": None}
+    with pytest.raises(DivergedError, match=r"smaller learning rates \(--set lr_img=.*lr_init.*lr_lr"):
+        distill("mtt", tr, 1, cfg)

@@ -160,7 +160,7 @@ class OuterLoop:
                 if self.saved else "nothing was kept")  # a resumed run's own checkpoint may be off the every-N grid
         raise DivergedError(f"the distillation diverged at iteration {it + 1} of {self.iterations}: its loss is "
                             f"{loss} ({kept}); run it again with smaller learning rates (--set lr_img=..., "
-                            "and inner_lr / lr_label where the method has them)")
+                            "and inner_lr / lr_label / lr_init / lr_lr where the method has them)")
 
     def save(self, states: Mapping[str, Stateful], done: int) -> None:
         """Write the checkpoint after ``done`` completed iterations (tensors first, then the JSON)."""
