@@ -3,9 +3,8 @@ import shutil
 import pytest
 
 from modelatlas.cli.main import main
-from modelatlas.errors import AtlasError, ConfigError
+from modelatlas.errors import AtlasError
 from modelatlas.zoo import load_state, make_zoo
-from modelatlas.zoo.builder import fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_adapter_tensors_that_do_not_fit_the_parent_are_an_error_naming_the_file
         load_state(zoo, child)
 
 
-@pytest.mark.parametrize("text", ["[]", '{"record": 5}', '{"fingerprint": "FP", "record": {"name": "t0", "extra": 1}}'])
+@pytest.mark.parametrize("text", ["[]", '{"record": 5}', '{"fingerprint": "x", "record": {"name": "t0", "extra": 1}}'])
 def test_a_damaged_zoo_record_counts_as_unfinished(tmp_path, text):
     """A zoo_record.json that is JSON but not a record (a list, a number, unknown keys) ended a resumed
     `atlas zoo make` and `atlas zoo merge` in an AttributeError / TypeError traceback; like an unreadable
@@ -66,20 +65,8 @@ def test_a_damaged_zoo_record_counts_as_unfinished(tmp_path, text):
 
     cfg = _config(trees=1, depth=1)
     digests = [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models]
-    (tmp_path / "t0" / "zoo_record.json").write_text(text.replace("FP", fingerprint(cfg)))
+    (tmp_path / "t0" / "zoo_record.json").write_text(text)
     from modelatlas.zoo.store import read_record
 
     assert read_record(tmp_path / "t0") is None
     assert [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models] == digests
-
-
-def test_a_damaged_record_of_another_zoo_is_refused_not_trained_over(tmp_path):
-    from tests.zoo.conftest import _config
-
-    cfg = _config(trees=1, depth=1)
-    make_zoo(cfg, tmp_path, workers=1)
-    (tmp_path / "t0" / "zoo_record.json").write_text('{"fingerprint": "other", "record": {"storage": "full"}}')
-    before = (tmp_path / "t0" / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match="t0: built from a different zoo config"):
-        make_zoo(cfg, tmp_path, workers=1)
-    assert (tmp_path / "t0" / "model.safetensors").read_bytes() == before

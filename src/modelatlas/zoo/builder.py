@@ -35,7 +35,6 @@ from modelatlas.zoo.store import (
     clear_folder,
     load_state,
     read_record,
-    record_fingerprint,
     save_adapter,
     save_full,
     weights_digest,
@@ -128,14 +127,13 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
 
 
 def _finished(folder: Path, fp: str) -> dict | None:
-    there = record_fingerprint(folder)  # before the record's own checks: a damaged record of another zoo
-    data = read_record(folder)          # is refused too, not trained over
-    if there is not None and there != fp or data is not None and data.get("fingerprint") != fp:
+    data = read_record(folder)
+    if data is None:
+        return None
+    if data.get("fingerprint") != fp:
         raise ConfigError(f"{folder}: built from a different zoo config (another preset, seed or option); "
                           "choose another output folder (--out), or delete it to rebuild it (`atlas zoo make "
                           "--no-resume` and make_zoo(resume=False) rebuild in place)")
-    if data is None:
-        return None
     rec = data["record"]
     digest = weights_digest(weights_file(folder, rec.get("storage", "full")))
     if rec.get("sha256") and digest != rec["sha256"]:  # damaged since it was built (truncated, overwritten)

@@ -73,17 +73,6 @@ def read_record(folder: Path) -> dict | None:
     return data if weights_file(folder, rec.get("storage", "full")).exists() else None
 
 
-def record_fingerprint(folder: Path) -> str | None:
-    """The config fingerprint ``zoo_record.json`` names, even when its record is damaged (so that a folder of
-    another zoo is refused, never retrained over); None without one."""
-    try:
-        data = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    value = data.get("fingerprint") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
-
-
 def weights_file(folder: Path, storage: str) -> Path:
     """The file holding a zoo model's weights: the adapter's for adapter storage, else the full state dict."""
     return folder / ("adapter_model.safetensors" if storage == "adapter" else "model.safetensors")
