@@ -161,7 +161,7 @@ def test_ctrl_c_says_what_the_command_kept(hint, saved, expected, capsys, tmp_pa
     monkeypatch.chdir(tmp_path)
     if saved:
         (tmp_path / "runs" / "dm" / "checkpoint").mkdir(parents=True)
-    args = argparse.Namespace(interrupt_hint=hint, out="runs/dm") if hint else argparse.Namespace()
+    args = argparse.Namespace(interrupt_hint=hint, out="runs/dm", resume=False) if hint else argparse.Namespace()
     assert run_mapped(func, args) == 130
     err = capsys.readouterr().err
     assert err.startswith("error: interrupted (") and expected in err and err.count("\n") == 1
@@ -197,3 +197,18 @@ def test_a_seed_beyond_64_bits_is_refused(argv, value, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--seed", value])
     assert e.value.code == 2 and f"argument --seed: invalid seed value: '{value}'" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_anything_was_saved_names_resume_only_for_commands_that_have_it(capsys, tmp_path, monkeypatch):
+    """`atlas zoo merge` stopped before its first model said 'run the command again, without --resume': it has
+    no --resume."""
+    from modelatlas.cli.main import build_parser, run_mapped
+
+    def func(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["zoo", "merge", "zoo", "--out", "m"])
+    assert run_mapped(func, args) == 130
+    err = capsys.readouterr().err
+    assert "stopped before anything was saved in m: run the command again" in err and "--resume" not in err

@@ -95,7 +95,8 @@ def _interrupt_hint(args: argparse.Namespace) -> str:
         return "outputs are written when a command finishes: nothing partial was left"
     out = getattr(args, "out", None)
     if "{out}" in hint and out is not None and not _holds_files(Path(out)):
-        return f"stopped before anything was saved in {out}: run the command again, without --resume"
+        again = ", without --resume" if hasattr(args, "resume") else ""  # `atlas zoo merge` has no --resume
+        return f"stopped before anything was saved in {out}: run the command again{again}"
     return hint.replace("{out}", str(out or "the --out folder"))
 
 
