@@ -127,3 +127,25 @@ def test_ctrl_c_during_a_cli_merge_says_what_was_left(adapter_zoo, tmp_path, cap
     assert "nothing partial" not in err and "rerun the same command" in err
     monkeypatch.setattr(merge, "atomic_save_tensors", real)
     assert main(argv) == 0
+
+
+def test_a_manifest_whose_models_were_renamed_is_merged_by_their_paths(adapter_zoo, tmp_path):
+    """Models renamed in manifest.json (paths kept) are shown and scored (--truth) by their new names, but
+    merge read the folder named like the model ('zoo/model-0: not a finished zoo model')."""
+    import json
+    import shutil
+
+    manifest, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    data = json.loads((zoo / "manifest.json").read_text())
+    new = {m["name"]: f"model-{i}" for i, m in enumerate(data["models"])}
+    for m in data["models"]:
+        m["name"], m["parent"] = new[m["name"]], new.get(m["parent"])
+    (zoo / "manifest.json").write_text(json.dumps(data))
+    merged = merge_zoo(load_manifest(zoo), tmp_path / "m")
+    status = verify_zoo(load_manifest(tmp_path / "m"))
+    assert merged.names == list(new.values()) and {status[n] for n in new.values()} == {"ok"}
+    for old in new:
+        assert torch.equal(load_state(tmp_path / "m", manifest[old].path)["classifier.weight"],
+                           load_state(folder, old)["classifier.weight"])

@@ -39,10 +39,10 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
         if (manifest.root / m.path).is_file():
             raise ManifestError(f"{manifest.path_of(m.name)}: model {m.name!r} is a single weights file, not a "
                                 "zoo model folder; only zoos built by `atlas zoo make` can be merged")
-        folder = out / m.path
+        folder = out / m.path  # read by path too: a model renamed in the manifest keeps its folder
         folder.mkdir(parents=True, exist_ok=True)
         clear_folder(folder)  # what a killed merge left: temporary files, an unfinished model's files
-        atomic_save_tensors(folder / "model.safetensors", load_state(manifest.root, m.name), metadata={"format": "pt"})
+        atomic_save_tensors(folder / "model.safetensors", load_state(manifest.root, m.path), metadata={"format": "pt"})
         _write_config(folder, arch)
         rec = replace(m, storage="full", sha256=weights_digest(folder / "model.safetensors"))
         write_record(folder, asdict(rec), fp)
