@@ -70,3 +70,27 @@ def test_a_damaged_zoo_record_counts_as_unfinished(tmp_path, text):
 
     assert read_record(tmp_path / "t0") is None
     assert [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models] == digests
+
+
+def test_verify_of_a_manifest_whose_models_were_renamed_finds_them_built(adapter_zoo, tmp_path):
+    """Models renamed in manifest.json (folders kept) were each reported twice: 'ok' under the new name and
+    'not built' under the planned one (exit code 1)."""
+    import json
+
+    from modelatlas.zoo import load_manifest
+    from modelatlas.zoo.store import verify_zoo
+
+    _, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    data = json.loads((zoo / "manifest.json").read_text())
+    new = {m["name"]: f"model-{i}" for i, m in enumerate(data["models"])}
+    for m in data["models"]:
+        m["name"], m["parent"] = new[m["name"]], new.get(m["parent"])
+    (zoo / "manifest.json").write_text(json.dumps(data))
+    assert verify_zoo(load_manifest(zoo)) == {n: "ok" for n in new.values()}
+    shutil.rmtree(zoo / next(iter(new)))
+    data["models"] = data["models"][1:]
+    data["models"][0]["parent"] = data["models"][1]["parent"] = None
+    (zoo / "manifest.json").write_text(json.dumps(data))
+    assert verify_zoo(load_manifest(zoo))[next(iter(new))] == "not built"  # a planned folder that is gone still is

@@ -107,8 +107,10 @@ def verify_zoo(manifest) -> dict[str, str]:
             out[m.name] = "unrecorded"
         else:
             out[m.name] = "ok" if weights_digest(path) == m.sha256 else "changed"
-    for name in planned_names(manifest.config) or []:
-        out.setdefault(name, "not built")
+    folders = {Path(m.path).parts[0] for m in manifest.models if Path(m.path).parts}  # a model renamed by hand
+    for name in planned_names(manifest.config) or []:  # keeps its folder: built, under another name
+        if name not in folders:
+            out.setdefault(name, "not built")
     return out
 
 
