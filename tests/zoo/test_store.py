@@ -56,19 +56,21 @@ def test_adapter_tensors_that_do_not_fit_the_parent_are_an_error_naming_the_file
         load_state(zoo, child)
 
 
-@pytest.mark.parametrize("text", ["[]", '{"record": 5}', '{"fingerprint": "x", "record": {"name": "t0", "extra": 1}}'])
+@pytest.mark.parametrize("text", ["[]", '{"record": 5}', '{"fingerprint": "FP", "record": {"name": "t0", "extra": 1}}'])
 def test_a_damaged_zoo_record_counts_as_unfinished(tmp_path, text):
     """A zoo_record.json that is JSON but not a record (a list, a number, unknown keys) ended a resumed
     `atlas zoo make` and `atlas zoo merge` in an AttributeError / TypeError traceback; like an unreadable
     one, it now marks the model unfinished: make trains it again (to the same weights)."""
+    import json
+
     from tests.zoo.conftest import _config
 
     cfg = _config(trees=1, depth=1)
     digests = [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models]
-    (tmp_path / "t0" / "zoo_record.json").write_text(text)
-    from modelatlas.zoo.store import read_record
-
-    assert read_record(tmp_path / "t0") is None
+    fp = json.loads((tmp_path / "t0" / "zoo_record.json").read_text())["fingerprint"]
+    (tmp_path / "t0" / "zoo_record.json").write_text(text.replace("FP", fp))
+    with pytest.raises(AtlasError, match="zoo_record.json: not a zoo model record|not a finished zoo model"):
+        load_state(tmp_path, "t0")
     assert [m.sha256 for m in make_zoo(cfg, tmp_path, workers=1).models] == digests
 
 

@@ -37,6 +37,7 @@ from modelatlas.zoo.store import (
     read_record,
     save_adapter,
     save_full,
+    valid_record,
     weights_digest,
     weights_file,
     write_record,
@@ -135,6 +136,8 @@ def _finished(folder: Path, fp: str) -> dict | None:
                           "choose another output folder (--out), or delete it to rebuild it (`atlas zoo make "
                           "--no-resume` and make_zoo(resume=False) rebuild in place)")
     rec = data["record"]
+    if not valid_record(folder, rec):  # damaged (hand-edited) since it was built: trained again
+        return None
     digest = weights_digest(weights_file(folder, rec.get("storage", "full")))
     if rec.get("sha256") and digest != rec["sha256"]:  # damaged since it was built (truncated, overwritten)
         return None  # trained again: the same seed gives the same weights, so its children still fit

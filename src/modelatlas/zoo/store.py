@@ -62,15 +62,26 @@ def read_record(folder: Path) -> dict | None:
     path = folder / RECORD
     if not path.exists():
         return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rec = data["record"]  # a list or a number (hand-edited) has none
+    except (OSError, ValueError, RecursionError, TypeError, KeyError):
+        return None  # an unreadable record counts as unfinished: the model is rebuilt
+    if not isinstance(rec, dict) or not isinstance(data.get("fingerprint", ""), str):
+        return None
+    return data if weights_file(folder, rec.get("storage", "full")).exists() else None
+
+
+def valid_record(folder: Path, rec: dict) -> bool:
+    """Whether ``rec`` (of ``read_record``) has a manifest record's keys and types: one of this zoo (the same
+    fingerprint) that has not is rebuilt, and cannot be read. O(keys)."""
     from modelatlas.zoo.manifest import _record
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rec = data["record"]
-        _record(path, 0, rec)  # a manifest record's keys and types (hand-edited: a list, unknown keys)
-    except (OSError, ValueError, RecursionError, TypeError, KeyError, ManifestError):
-        return None  # an unreadable record counts as unfinished: the model is rebuilt
-    return data if weights_file(folder, rec.get("storage", "full")).exists() else None
+        _record(folder / RECORD, 0, rec)
+    except ManifestError:
+        return False
+    return True
 
 
 def weights_file(folder: Path, storage: str) -> Path:
@@ -167,6 +178,9 @@ def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
     if data is None:
         raise ManifestError(f"{folder}: not a finished zoo model (no {RECORD}); rebuild with `atlas zoo make`")
     rec = data["record"]
+    if not valid_record(folder, rec):
+        raise ManifestError(f"{folder / RECORD}: not a zoo model record (keys missing or of another type); "
+                            "rebuild with `atlas zoo make`")
     if rec.get("storage") != "adapter":
         return read_tensors(folder / "model.safetensors", "rebuild the zoo model")
     cfg = read_adapter_config(folder / "adapter_config.json")  # a damaged one: an error naming the file and key
