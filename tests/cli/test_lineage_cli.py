@@ -212,6 +212,18 @@ def test_an_output_that_would_overwrite_an_input_is_refused_before_recovery(tmp_
     assert model.read_bytes() == before  # the model was replaced by the forest's JSON
 
 
+def test_an_output_over_the_manifest_of_a_given_zoo_is_refused(tmp_path, capsys):
+    """Without --truth, `--out zoo/manifest.json` replaced the zoo's manifest (its true lineage, tasks and
+    config) with the recovered forest."""
+    make_tiny_zoo(tmp_path)
+    before = (tmp_path / "manifest.json").read_bytes()
+    for given in ([str(tmp_path)], [str(tmp_path / "t0.safetensors"), str(tmp_path / "t1.safetensors")]):
+        assert main(["lineage", "recover", *given, "--out", str(tmp_path / "manifest.json")]) == 1
+        out, err = capsys.readouterr()
+        assert f"would overwrite the zoo manifest {tmp_path / 'manifest.json'};" in err and out == ""
+    assert (tmp_path / "manifest.json").read_bytes() == before
+
+
 def test_a_model_reached_from_two_arguments_is_one_model(tmp_path, capsys, monkeypatch):
     make_tiny_zoo(tmp_path)
     monkeypatch.chdir(tmp_path)

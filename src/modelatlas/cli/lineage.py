@@ -60,11 +60,14 @@ def check_out_files(args: argparse.Namespace) -> None:
 
 
 def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:
-    """Refuse an output file that is a model to read (or a file inside a model folder), the --truth manifest, or
-    another option's output: it was written after the recovery, replacing the model or manifest for good."""
+    """Refuse an output file that is a model to read (or a file inside a model folder), the --truth manifest, the
+    manifest of a zoo whose models are given, or another option's output: it was written after the recovery, replacing the model or manifest for good."""
     inputs = {Path(os.path.realpath(m)): m for m in models if Path(m).exists()}
     source = getattr(truth, "source", None)
     taken: dict[Path, str] = {Path(os.path.realpath(source)): "the --truth manifest"} if source else {}
+    for manifest in {Path(m).parent / "manifest.json" for m in models}:  # a given zoo's true lineage and config
+        if manifest.is_file():
+            taken.setdefault(Path(os.path.realpath(manifest)), f"the zoo manifest {manifest}")
     for option in ("out", "dot", "mermaid", "png"):
         path = getattr(args, option)
         if path is None:
