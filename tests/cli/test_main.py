@@ -212,3 +212,20 @@ def test_ctrl_c_before_anything_was_saved_names_resume_only_for_commands_that_ha
     assert run_mapped(func, args) == 130
     err = capsys.readouterr().err
     assert "stopped before anything was saved in m: run the command again" in err and "--resume" not in err
+
+
+def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(tmp_path):
+    """Output redirected on Windows (cp1252) ended in a UnicodeEncodeError traceback at the first ✓ or tree
+    branch, after the whole command had run; characters it cannot encode are now written escaped."""
+    import os
+    import subprocess
+    import sys
+
+    from modelatlas.zoo.manifest import Manifest, ModelRecord
+
+    Manifest([ModelRecord("t0", "t0", None, "t0", task={"label": "数字 ✓"})]).save(tmp_path / "manifest.json")
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    run = subprocess.run([sys.executable, "-m", "modelatlas.cli.main", "zoo", "show", str(tmp_path)], env=env,
+                         capture_output=True)
+    assert run.returncode == 0 and b"Traceback" not in run.stderr
+    assert b"t0  [root]" in run.stdout and b"\\u2713" in run.stdout

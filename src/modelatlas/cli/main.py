@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
+    _escape_unencodable(sys.stdout)
     return run_mapped(args.func, args)
 
 
@@ -105,6 +106,17 @@ def _holds_files(folder: Path) -> bool:
         return folder.is_dir() and any(folder.iterdir())
     except OSError:
         return False
+
+
+def _escape_unencodable(stream) -> None:
+    """Write characters ``stream``'s encoding lacks (✓, tree branches, a model's name) as ``\\u2713``: output
+    redirected on Windows (cp1252) ended in a UnicodeEncodeError traceback after the whole command."""
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding not in ("utf8", "utf8sig"):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # a stream that cannot be reconfigured (a notebook's)
+            pass
 
 
 def _drop_stdout() -> None:
