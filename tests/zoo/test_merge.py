@@ -149,3 +149,15 @@ def test_a_manifest_whose_models_were_renamed_is_merged_by_their_paths(adapter_z
     for old in new:
         assert torch.equal(load_state(tmp_path / "m", manifest[old].path)["classifier.weight"],
                            load_state(folder, old)["classifier.weight"])
+
+
+def test_a_rerun_after_the_source_was_rebuilt_rewrites_the_merge(adapter_zoo, tmp_path):
+    """A model of the source zoo trained again (damaged, then resumed) records other seconds and results: the
+    earlier merge of the zoo is still this zoo's, not 'another zoo'."""
+    from dataclasses import replace
+
+    manifest, _ = adapter_zoo
+    merge_zoo(manifest, tmp_path / "m")
+    rebuilt = Manifest([replace(m, train={**m.train, "seconds": 99.0}) for m in manifest.models], manifest.config,
+                       manifest.root)
+    assert merge_zoo(rebuilt, tmp_path / "m").models[0].train["seconds"] == 99.0

@@ -30,10 +30,10 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
     (interrupted or not) is written again. Raises ConfigError for an ``out`` that is the zoo itself or holds
     other files, ManifestError for a model that is not a finished zoo model folder."""
     out = Path(out)
-    _check_out(manifest, out)
     config = _merged_config(manifest.config)
     arch = config.get("arch_config")
     fp = _fingerprint(config)
+    _check_out(manifest, out, fp)
     records = []
     for m in resolve(progress)(manifest.models, total=len(manifest), desc="merging models"):
         if (manifest.root / m.path).is_file():
@@ -52,7 +52,7 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
     return merged
 
 
-def _check_out(manifest: Manifest, out: Path) -> None:
+def _check_out(manifest: Manifest, out: Path, fp: str) -> None:
     """``out`` must be new or empty, and neither the zoo's own folder (its adapters would be overwritten) nor
     a folder inside it."""
     real, root = Path(os.path.realpath(out)), Path(os.path.realpath(manifest.root))
@@ -64,7 +64,7 @@ def _check_out(manifest: Manifest, out: Path) -> None:
         raise ConfigError(f"{out}: is a file; give a new or empty folder for the merged zoo")
     if out.is_dir() and not _earlier_merge(manifest, out):
         raise ConfigError(f"{out}: is not empty; give a new or empty folder for the merged zoo")
-    if out.is_dir() and not _same_zoo(manifest, out):
+    if out.is_dir() and not _same_zoo(manifest, out, fp):
         raise ConfigError(f"{out}: holds another zoo (its models' records differ from this zoo's); give a new "
                           "or empty folder for the merged zoo")
 
@@ -85,31 +85,36 @@ def _earlier_merge(manifest: Manifest, out: Path) -> bool:
     return True
 
 
-def _same_zoo(manifest: Manifest, out: Path) -> bool:
-    """True when every model record and manifest already in ``out`` is what a merge of this zoo writes (up to
-    the weights' digests): a zoo of the same shape built from another config or seed has the same folder
-    names, and overwriting it would lose its weights. O(N) small reads."""
+def _same_zoo(manifest: Manifest, out: Path, fp: str) -> bool:
+    """True when every model record and manifest already in ``out`` is one a merge of this zoo writes: the same
+    config (fingerprint) and, per model, the same name, parent, tree, method and task (not the digests, nor the
+    seconds a rebuilt model took). A zoo of the same shape built from another config or seed has the same
+    folder names, and overwriting it would lose its weights. O(N) small reads."""
     import json
 
-    want = {m.name: _merged(m) for m in manifest.models}
+    want = {m.name: _identity(asdict(m)) for m in manifest.models}
     found = []
     try:
         if (out / "manifest.json").is_file():
             data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-            if data.get("config") != _merged_config(manifest.config) or len(data.get("models", [])) != len(want):
+            if data.get("config") != _merged_config(manifest.config):
                 return False
             found += data["models"]
         for m in manifest.models:
             if (out / m.path / RECORD).is_file():
-                found.append(json.loads((out / m.path / RECORD).read_text(encoding="utf-8")).get("record"))
-    except (OSError, ValueError, AttributeError, TypeError):
+                data = json.loads((out / m.path / RECORD).read_text(encoding="utf-8"))
+                if data.get("fingerprint") != fp:
+                    return False
+                found.append(data.get("record"))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):
         return False
-    return all(isinstance(r, dict) and want.get(r.get("name")) == {**r, "sha256": ""} for r in found)
+    return all(isinstance(r, dict) and want.get(r.get("name")) == _identity(r) for r in found)
 
 
-def _merged(m) -> dict:
-    """The record a merge writes for ``m``, its digest left blank."""
-    return asdict(replace(m, storage="full", sha256=""))
+def _identity(record: dict) -> dict:
+    """What makes a zoo model the one it is: its place in the zoo and its task (its results and timings may
+    differ between two builds of one config)."""
+    return {k: record.get(k) for k in ("name", "parent", "tree", "method", "task")}
 
 
 def _merged_config(config: dict) -> dict:
