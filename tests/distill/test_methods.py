@@ -64,6 +64,9 @@ def test_registry_and_config_errors():
         methods.get("nope")
     with pytest.raises(ConfigError, match="has no config field 'lr'"):
         methods.get("dm").make_config({"lr": 1})
+    with pytest.raises(ConfigError, match="has no config field 'min_iterations'") as err:  # a ClassVar, was listed
+        methods.get("dm").make_config({"min_iterations": 0})  # and then passed on: a TypeError traceback
+    assert "min_iterations" not in str(err.value).split("fields:")[1]
     with pytest.raises(ConfigError, match="lr_img must be > 0, got -1"):
         methods.get("dc").make_config({"lr_img": -1})
     with pytest.raises(ConfigError, match="lr_img must be finite, got inf"):

@@ -13,6 +13,7 @@ import importlib
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
 from modelatlas.distill.methods.base import fits
 from modelatlas.errors import ConfigError
@@ -45,7 +46,7 @@ class MethodSpec:
             config = {}
         if isinstance(config, dict):
             fields = {**config, **overrides}
-            known = set(self.config_cls.__dataclass_fields__)
+            known = {f.name for f in dataclass_fields(self.config_cls)}  # not ClassVars (min_iterations)
             bad = sorted(set(fields) - known)
             if bad:
                 raise ConfigError(f"method {self.name!r} has no config field {bad[0]!r}; fields: {', '.join(sorted(known))}")
