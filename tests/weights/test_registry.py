@@ -226,6 +226,17 @@ def test_a_broken_link_in_a_folder_of_models_is_reported_not_dropped(tmp_path):
                                    "does not exist"
 
 
+def test_a_broken_link_given_relative_is_named_as_a_link_not_as_a_hub_id(tmp_path, monkeypatch):
+    # `atlas lineage recover zoo/` with zoo/run-c -> an unmounted disk: 'zoo/run-c' also reads as a hub id
+    # org/name, and the error said it was not in the Hugging Face cache; a local path wins over a hub id
+    monkeypatch.chdir(tmp_path)
+    Path("zoo").mkdir()
+    Path("zoo/run-c").symlink_to(tmp_path / "unmounted" / "run-c")
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint("zoo/run-c")
+    assert str(err.value) == f"zoo/run-c: a link to {tmp_path / 'unmounted' / 'run-c'}, which does not exist"
+
+
 def test_a_variant_of_a_library_file_is_named_by_its_folder(tmp_path):
     # diffusers saves unet/diffusion_pytorch_model.fp16.safetensors beside unet/config.json: inside a folder of
     # models that unet was "config.json but no weights file", and given alone it was "diffusion_pytorch_model.fp16"

@@ -54,6 +54,8 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
     _load_plugins()
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # a local path wins over a hub id of the same spelling ('zoo/run-c')
+            raise missing_error(path)
         return _resolve_missing(path, **kwargs)
     try:
         fmt = next((f for f in _FORMATS if f.detect(path)), None)
