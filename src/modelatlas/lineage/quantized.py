@@ -28,22 +28,25 @@ CANDIDATES = 3  # nearest higher-precision models tested per quantized model
 
 def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.ndarray, keep: list[int],
                      min_match: float = MIN_MATCH, candidates: int = CANDIDATES) -> list[tuple[int, int, str]]:
-    """(copy, source, type) for each model of ``keep`` holding block-quantized ``layers`` that are the
-    quantization of a model of ``keep`` stored without block quantization: for every compared layer, the
-    copy's stored values reproduced by quantizing the source's (share >= ``min_match``), and its plain
-    layers equal to the source's rounded to their dtype. Sources are tried nearest first by ``rel``
-    (N x N relative distances), ``candidates`` of them. ``type`` is the lower-cased quantization
-    ("q8_0"; "q4_0+q8_0" for a mix). Time O(Q c P) for Q quantized models, c candidates, P weights; only
-    models with a quantized layer are read again."""
+    """(copy, source, type) for each model of ``keep`` holding block-quantized ``layers`` that is the
+    quantization of a model of ``keep`` stored without block quantization: on every matrix the two share
+    (the compared ``layers`` and the others: an embedding, a head), the copy's stored values what quantizing
+    the source's gives (share >= ``min_match``), its plain matrices the source's rounded to their dtype.
+    The ``candidates`` nearest sources by ``rel`` (N x N relative distances) are tested and the one with the
+    highest smallest share wins (a coarse type, Q2_K, can pass for a model and its 0.1 % fine-tune alike;
+    only the true source reproduces every value). ``type`` is the lower-cased quantization ("q8_0";
+    "q4_k+q6_k" for a mix). Time O(Q c P) for Q quantized models, c candidates, P weights; only models with
+    a quantized layer are read again."""
     kinds = {i: _kinds(ckpts[i], layers) for i in keep}
     quant = [i for i in keep if kinds[i]]
     sources = [i for i in keep if not kinds[i]]
     out = []
     for q in quant:
-        for r in sorted(sources, key=lambda j: rel[q, j])[:candidates]:
-            if is_quantization_of(ckpts[q], ckpts[r], layers, min_match):
-                out.append((q, r, "+".join(sorted(kinds[q])).lower()))
-                break
+        scored = [(copy_score(ckpts[q], ckpts[r], min_match), -n, r)
+                  for n, r in enumerate(sorted(sources, key=lambda j: rel[q, j])[:candidates])]
+        best = max(scored, default=(0.0, 0, -1))
+        if best[0] >= min_match:
+            out.append((q, best[2], "+".join(sorted(kinds[q])).lower()))
     return out
 
 
@@ -51,19 +54,24 @@ def _kinds(ck: Checkpoint, layers: list[TensorInfo]) -> set[str]:
     return {k for k in (ck.quantization(t.name) for t in layers) if k is not None}
 
 
-def is_quantization_of(copy: Checkpoint, source: Checkpoint, layers: list[TensorInfo],
-                       min_match: float = MIN_MATCH) -> bool:
-    """Whether every layer of ``copy`` is ``source``'s layer quantized (block-quantized layers, by
-    quantizing again) or rounded (plain layers, to the copy's dtype). Stops at the first layer that is
-    not; False when a quantized layer's type has no quantizer. Time O(P), one layer at a time."""
-    for t in layers:
+def copy_score(copy: Checkpoint, source: Checkpoint, min_match: float = MIN_MATCH) -> float:
+    """The smallest share, over the float matrices (2-D or more) ``copy`` and ``source`` share by name and
+    shape, of the copy's values consistent with being the source's: quantized (block-quantized matrices:
+    :meth:`~modelatlas.weights.Checkpoint.requantized_match`) or rounded (others: 1.0 when equal to the
+    source's in the copy's dtype, else 0.0). Stops at the first matrix below ``min_match``; 0.0 when a
+    quantized type has no test or no matrix is shared. Time O(P), one matrix at a time."""
+    theirs = {t.name: t.shape for t in source.tensors()}
+    shared = [t for t in copy.tensors() if len(t.shape) >= 2 and theirs.get(t.name) == t.shape
+              and (t.dtype.startswith(("float", "bfloat")) or copy.quantization(t.name))]
+    worst = 1.0 if shared else 0.0
+    for t in shared:
         x = source.read(t.name)
         if copy.quantization(t.name) is None:
             y = copy.read(t.name)
-            if not bool((x.to(y.dtype) == y).all()):
-                return False
-            continue
-        match = copy.requantized_match(t.name, x)
-        if match is None or match < min_match:
-            return False
-    return True
+            match = 1.0 if bool((x.to(y.dtype) == y).all()) else 0.0
+        else:
+            match = copy.requantized_match(t.name, x) or 0.0
+        worst = min(worst, match)
+        if worst < min_match:
+            break
+    return worst
