@@ -109,3 +109,13 @@ def test_another_arch_drops_the_presets_sizes():
     assert preset("tiny", arch="vit").arch_kwargs == {}
     assert preset("tiny", arch="vit", arch_kwargs={"hidden": 8}).arch_kwargs == {"hidden": 8}
     assert preset("tiny", arch="mlp").arch_kwargs == {"hidden": 16, "n_hidden": 2}
+
+
+@pytest.mark.parametrize("overrides, key", [(dict(task_sampler="new_head"), "task_sampler"),
+                                            (dict(task_kinds=("new_head",)), "task_kinds")])
+def test_new_head_tasks_for_lora_children_only_are_refused(make_config, overrides, key):
+    """LoRA children keep their head, so `--task-sampler new_head --method lora` (or new_head as the only
+    task kind) silently gave every child a class_subset task instead."""
+    with pytest.raises(ConfigError, match=f"{key}: .*new_head.* full fine-tunes"):
+        make_config(method="lora", **overrides)
+    make_config(method="mixed", **overrides)  # full children get new heads, LoRA ones another kind (documented)

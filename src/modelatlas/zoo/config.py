@@ -123,6 +123,12 @@ class ZooConfig:
             raise ConfigError("other_datasets: task kind 'dataset' needs at least one other dataset (e.g. ('mnist5k',))")
         if "transform" in self.task_kinds and not self.transforms:
             raise ConfigError("transforms: task kind 'transform' needs at least one transform")
+        only = "task_sampler" if self.task_sampler == "new_head" else "task_kinds"
+        if self.method == "lora" and (self.task_sampler == "new_head" or (
+                self.task_sampler == "mixed" and set(self.task_kinds) == {"new_head"})):
+            # LoRA children keep the head: every child silently got a class_subset task instead
+            raise ConfigError(f"{only}: new_head tasks need full fine-tunes (method 'full' or 'mixed'); LoRA "
+                              "children keep their head, so choose another task kind for method 'lora'")
 
     @property
     def n_models(self) -> int:
