@@ -145,4 +145,22 @@ def plan_zoo(config: ZooConfig) -> list[dict]:
                 raise ConfigError(f"task_sampler: {config.task_sampler!r} returned {len(tasks)} tasks for {len(names)} children")
             for n, m, task in zip(names, methods, tasks):
                 levels[level].append(_node(config, n, parent["name"], parent["tree"], level, m, task))
-    return [node for lv in levels for node in lv]
+    nodes = [node for lv in levels for node in lv]
+    _check_square(config, nodes)
+    return nodes
+
+
+_SQUARE_ONLY = {"rot90", "rot270", "transpose"}
+
+
+def _check_square(config: ZooConfig, nodes: list[dict]) -> None:
+    """Rotations by 90 degrees and transposes need square images: on an H x W input shape the build failed at
+    the first such child, after the models before it were trained. O(number of models)."""
+    shape = config.input_shape or dataset_info("dataset", config.dataset)[2]
+    if shape[-1] == shape[-2]:
+        return
+    bad = sorted({str(n["task"].get("transform")) for n in nodes} & _SQUARE_ONLY)
+    if bad:
+        raise ConfigError(f"transforms: {bad} need square images, and the input shape {tuple(shape)} is not; give a "
+                          "square input shape (--input-shape), leave transform tasks out (--task-kinds "
+                          "class_subset,new_head), or choose other transforms (ZooConfig(transforms=...))")
