@@ -161,3 +161,22 @@ def test_a_rerun_after_the_source_was_rebuilt_rewrites_the_merge(adapter_zoo, tm
     rebuilt = Manifest([replace(m, train={**m.train, "seconds": 99.0}) for m in manifest.models], manifest.config,
                        manifest.root)
     assert merge_zoo(rebuilt, tmp_path / "m").models[0].train["seconds"] == 99.0
+
+
+def test_a_zoo_whose_weights_changed_since_it_was_built_is_not_merged(adapter_zoo, tmp_path):
+    """A model file overwritten since the build (another model's weights) was merged as it was, and the merged
+    manifest recorded its digest: the merged zoo verified 'ok' with weights that are not the recorded model's."""
+    import shutil
+
+    manifest, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    full = [m for m in manifest.models if m.storage == "full"]
+    child = next(m for m in manifest.models if m.storage == "adapter")
+    victim = zoo / child.path / "adapter_model.safetensors"
+    other = next(m for m in manifest.models if m.storage == "adapter" and m.name != child.name)
+    shutil.copy(zoo / other.path / "adapter_model.safetensors", victim)
+    assert full  # the root, read as it is
+    with pytest.raises(ManifestError, match=f"zoo: {child.name} changed since the zoo was built .*atlas zoo verify"):
+        merge_zoo(load_manifest(zoo), tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -28,12 +28,14 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
     (adapters merged onto their parents, recursively; full models copied as they are) and return the new
     manifest, saved last as ``out/manifest.json``. An ``out`` holding an earlier merge of this zoo
     (interrupted or not) is written again. Raises ConfigError for an ``out`` that is the zoo itself or holds
-    other files, ManifestError for a model that is not a finished zoo model folder."""
+    other files, ManifestError for a model that is not a finished zoo model folder or whose weights changed
+    since the build (nothing is written then)."""
     out = Path(out)
     config = _merged_config(manifest.config)
     arch = config.get("arch_config")
     fp = _fingerprint(config)
     _check_out(manifest, out, fp)
+    _check_unchanged(manifest)
     records = []
     for m in resolve(progress)(manifest.models, total=len(manifest), desc="merging models"):
         if (manifest.root / m.path).is_file():
@@ -50,6 +52,19 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
     merged = Manifest(records, config, out)
     merged.save(out / "manifest.json")
     return merged
+
+
+def _check_unchanged(manifest: Manifest) -> None:
+    """Every weights file still has the digest the manifest recorded: a file overwritten since the build was
+    merged as it was, and the merged manifest's new digests then vouched for it. Reads each file once."""
+    from modelatlas.zoo.store import verify_zoo
+
+    changed = [name for name, s in verify_zoo(manifest).items() if s == "changed"]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ManifestError(f"{manifest.root}: {', '.join(changed[:3])}{more} changed since the zoo was built (weights "
+                            f"that differ from the manifest's digests); see `atlas zoo verify {manifest.root}`, and "
+                            "rebuild them with `atlas zoo make`")
 
 
 def _check_out(manifest: Manifest, out: Path, fp: str) -> None:
