@@ -190,3 +190,15 @@ def test_verify_reads_a_model_path_that_is_the_weights_file(tmp_path, capsys):
         tmp_path / "manifest.json")
     assert main(["zoo", "verify", str(tmp_path)]) == 0  # was 'root: missing'
     assert "1 model; 1 ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, said", [("[" * 100_000, "not valid JSON (nested too deeply)"),
+                                        ('{"hidden": ' + "1" * 5000 + "}", "not valid JSON (Exceeds the limit")])
+def test_arch_kwargs_nested_deeply_or_with_a_huge_integer_are_an_argument_error(tmp_path, capsys, text, said):
+    """--arch-kwargs '[[[...' ended in a RecursionError traceback; a 5,000-digit integer was 'invalid
+    _json_dict value' followed by the whole 5,000 characters."""
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "make", "--arch-kwargs", text, "--out", str(tmp_path / "zoo")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --arch-kwargs: {said}" in err and "_json_dict" not in err
+    assert len(err.splitlines()[-1]) < 300

@@ -110,8 +110,10 @@ def _json_dict(text: str) -> dict:
 
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from e
+    except RecursionError:  # '[[[...': a traceback
+        raise argparse.ArgumentTypeError("not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and a 5,000-digit integer (argparse printed the whole value)
+        raise argparse.ArgumentTypeError(f"not valid JSON ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
