@@ -73,6 +73,10 @@ def parse_overrides(items: list[str]) -> dict:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+        except RecursionError:  # '[[[...': was a traceback
+            raise ConfigError(f"--set {key}: the value is not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer of 5,000 digits: was a traceback
+            raise ConfigError(f"--set {key}: the value is not valid JSON ({' '.join(str(e).split())[:120]})") from None
     return out
 
 
