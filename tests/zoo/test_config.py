@@ -119,3 +119,10 @@ def test_new_head_tasks_for_lora_children_only_are_refused(make_config, override
     with pytest.raises(ConfigError, match=f"{key}: .*new_head.* full fine-tunes"):
         make_config(method="lora", **overrides)
     make_config(method="mixed", **overrides)  # full children get new heads, LoRA ones another kind (documented)
+
+
+def test_the_zoos_own_dataset_as_another_dataset_is_refused(make_config):
+    """--other-datasets digits on a digits zoo gave 'dataset' children the task of their root (all 10 classes
+    of digits), though children differ from their parent's task."""
+    with pytest.raises(ConfigError, match="other_datasets: 'digits' is the zoo's own dataset"):
+        make_config(dataset="digits", other_datasets=("mnist5k", "digits"), task_kinds=("dataset",))

@@ -121,6 +121,9 @@ class ZooConfig:
             raise ConfigError(f"task_kinds: must not be empty; choose from {TASK_KINDS}")
         if "dataset" in self.task_kinds and not self.other_datasets:
             raise ConfigError("other_datasets: task kind 'dataset' needs at least one other dataset (e.g. ('mnist5k',))")
+        if self.dataset in self.other_datasets:  # its 'dataset' children got their root's task
+            raise ConfigError(f"other_datasets: {self.dataset!r} is the zoo's own dataset; 'dataset' tasks train on "
+                              "another one (e.g. ('mnist5k',))")
         if "transform" in self.task_kinds and not self.transforms:
             raise ConfigError("transforms: task kind 'transform' needs at least one transform")
         only = "task_sampler" if self.task_sampler == "new_head" else "task_kinds"
