@@ -19,15 +19,26 @@ def is_seed(value: object) -> bool:
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (for code we do not control)."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    np.random.seed(torch_seed(seed))  # NumPy's legacy seed is 32 bits too
+    torch.manual_seed(torch_seed(seed))
 
 
 def torch_generator(seed: int) -> torch.Generator:
     """A CPU torch generator seeded with ``seed`` (pass it explicitly instead of touching global state)."""
     g = torch.Generator()
-    g.manual_seed(int(seed))
+    g.manual_seed(torch_seed(seed))
     return g
+
+
+def torch_seed(seed: int) -> int:
+    """``seed`` as torch's CPU generator can tell it apart: that generator keeps only the low 32 bits, so 2**32
+    repeated seed 0. A seed in [0, 2**32) is kept as it is (the streams of those seeds are unchanged); any other
+    is hashed with all its bits into that range (distinct seeds then meet only by chance, ~2**-32)."""
+    seed = int(seed)
+    if 0 <= seed < 2**32:
+        return seed
+    words = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, 1 if seed < 0 else 0, 0x5EED]
+    return int(np.random.default_rng(words).integers(0, 2**32))
 
 
 def derive_seed(seed: int, *keys: object) -> int:
