@@ -180,3 +180,19 @@ def test_a_zoo_whose_weights_changed_since_it_was_built_is_not_merged(adapter_zo
     with pytest.raises(ManifestError, match=f"zoo: {child.name} changed since the zoo was built .*atlas zoo verify"):
         merge_zoo(load_manifest(zoo), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_single_file_model_is_refused_before_anything_is_written(adapter_zoo, tmp_path):
+    """A manifest listing a single weights file after zoo folders had those folders merged into --out before
+    the refusal."""
+    import shutil
+    from dataclasses import replace
+
+    manifest, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    (zoo / "extra.safetensors").write_bytes((zoo / manifest.models[0].path / "model.safetensors").read_bytes())
+    last = replace(manifest.models[0], name="extra", path="extra.safetensors", parent=None, tree="extra", sha256="")
+    with pytest.raises(ManifestError, match="a single weights file"):
+        merge_zoo(Manifest([*manifest.models, last], manifest.config, zoo), tmp_path / "m")
+    assert not (tmp_path / "m").exists()

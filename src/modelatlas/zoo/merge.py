@@ -36,11 +36,12 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
     fp = _fingerprint(config)
     _check_out(manifest, out, fp)
     _check_unchanged(manifest)
-    records = []
-    for m in resolve(progress)(manifest.models, total=len(manifest), desc="merging models"):
+    for m in manifest.models:  # before anything is written
         if (manifest.root / m.path).is_file():
             raise ManifestError(f"{manifest.path_of(m.name)}: model {m.name!r} is a single weights file, not a "
                                 "zoo model folder; only zoos built by `atlas zoo make` can be merged")
+    records = []
+    for m in resolve(progress)(manifest.models, total=len(manifest), desc="merging models"):
         folder = out / m.path  # read by path too: a model renamed in the manifest keeps its folder
         folder.mkdir(parents=True, exist_ok=True)
         clear_folder(folder)  # what a killed merge left: temporary files, an unfinished model's files
