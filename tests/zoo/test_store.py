@@ -96,3 +96,21 @@ def test_verify_of_a_manifest_whose_models_were_renamed_finds_them_built(adapter
     data["models"][0]["parent"] = data["models"][1]["parent"] = None
     (zoo / "manifest.json").write_text(json.dumps(data))
     assert verify_zoo(load_manifest(zoo))[next(iter(new))] == "not built"  # a planned folder that is gone still is
+
+
+@pytest.mark.parametrize("parent", [None, "self"])
+def test_an_adapter_record_without_a_parent_or_on_itself_is_an_error(adapter_zoo, tmp_path, parent):
+    """An adapter's zoo_record.json naming no parent ended load_state in a TypeError traceback, one naming
+    itself (a loop) in a RecursionError."""
+    import json
+
+    manifest, folder = adapter_zoo
+    zoo = tmp_path / "zoo"
+    shutil.copytree(folder, zoo)
+    child = next(m.name for m in manifest.models if m.storage == "adapter")
+    path = zoo / child / "zoo_record.json"
+    data = json.loads(path.read_text())
+    data["record"]["parent"] = child if parent == "self" else None
+    path.write_text(json.dumps(data))
+    with pytest.raises(AtlasError, match=f"{child}/zoo_record.json: adapter model {child!r} "):
+        load_state(zoo, child)

@@ -170,10 +170,15 @@ def config_differences(config: dict, other: dict) -> list[str]:
 def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
     """The full (merged) state dict of zoo model ``name``; adapter models are merged onto their parent's
     weights, recursively. O(parameters x adapter depth)."""
+    return _load_state(Path(zoo_dir), name, ())
+
+
+def _load_state(zoo_dir: Path, name: str, below: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """:func:`load_state` of ``name``, read for its adapter children ``below`` (a parent among them: a loop)."""
     from modelatlas.weights.lora_config import read_adapter_config
     from modelatlas.zoo.lora import apply_adapter
 
-    folder = Path(zoo_dir) / name
+    folder = zoo_dir / name
     data = read_record(folder)
     if data is None:
         raise ManifestError(f"{folder}: not a finished zoo model (no {RECORD}); rebuild with `atlas zoo make`")
@@ -184,7 +189,10 @@ def load_state(zoo_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
     if rec.get("storage") != "adapter":
         return read_tensors(folder / "model.safetensors", "rebuild the zoo model")
     cfg = read_adapter_config(folder / "adapter_config.json")  # a damaged one: an error naming the file and key
-    base = load_state(zoo_dir, rec["parent"])
+    if rec["parent"] is None or rec["parent"] in (name, *below):  # was a TypeError / RecursionError traceback
+        why = "names no parent" if rec["parent"] is None else f"descends from itself ({' <- '.join([rec['parent'], name, *below])})"
+        raise ManifestError(f"{folder / RECORD}: adapter model {name!r} {why}; rebuild with `atlas zoo make`")
+    base = _load_state(zoo_dir, rec["parent"], (name, *below))
     path = folder / "adapter_model.safetensors"
     try:
         return apply_adapter(base, read_tensors(path, "rebuild the zoo model"), cfg.r, cfg.lora_alpha)
