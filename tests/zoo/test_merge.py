@@ -196,3 +196,11 @@ def test_a_single_file_model_is_refused_before_anything_is_written(adapter_zoo, 
     with pytest.raises(ManifestError, match="a single weights file"):
         merge_zoo(Manifest([*manifest.models, last], manifest.config, zoo), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_help_says_an_earlier_merge_is_rewritten(capsys):
+    """--help said --out must be 'new or empty', though a rerun into an earlier merge of the zoo is how an
+    interrupted merge is finished."""
+    with pytest.raises(SystemExit):
+        main(["zoo", "merge", "--help"])
+    assert "or an earlier merge of this zoo" in " ".join(capsys.readouterr().out.split())

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "parent's weights plus its update), so that `atlas lineage recover` and `atlas index build` "
                           "can compare adapters trained on other adapters.")
     mrg.add_argument("dir", help="zoo folder (holding manifest.json) or the manifest file")
-    mrg.add_argument("--out", required=True, type=out_dir, help="new or empty folder for the merged zoo")
+    mrg.add_argument("--out", required=True, type=out_dir, help="new or empty folder for the merged zoo, or an earlier "
+                     "merge of this zoo (rewritten: how an interrupted merge is finished)")
     mrg.set_defaults(func=_merge, interrupt_hint="{out} holds the models merged so far and no manifest yet; "
                      "rerun the same command to write the merged zoo")
     pre = zsub.add_parser("presets", help="list preset zoos")
