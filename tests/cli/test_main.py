@@ -229,3 +229,37 @@ def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(tmp_path):
                          capture_output=True)
     assert run.returncode == 0 and b"Traceback" not in run.stderr
     assert b"t0  [root]" in run.stdout and b"\\u2713" in run.stdout
+
+
+@pytest.mark.parametrize("error, size", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                  "you tried to allocate 107374182400 bytes."), "(100.0 GiB asked for at once)"),
+    (MemoryError("Unable to allocate 3.2 TiB for an array"), "(3.2 TiB asked for at once)"),
+    (MemoryError(), ""),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 25599999744 bytes. Error code "
+                  "12 (Cannot allocate memory)"), "(23.8 GiB asked for at once)"),
+])
+def test_out_of_memory_is_one_line(capsys, error, size):
+    """A huge --arch-kwargs or --ipc ended in the allocator's traceback."""
+    import argparse
+
+    from modelatlas.cli.main import run_mapped
+
+    def command(args):
+        raise error
+
+    assert run_mapped(command, argparse.Namespace()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: out of memory{(' ' + size) if size else ''}: lower the sizes") and err.count("\n") == 1
+
+
+def test_other_runtime_errors_still_raise():
+    import argparse
+
+    from modelatlas.cli.main import run_mapped
+
+    def command(args):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_mapped(command, argparse.Namespace())

@@ -86,6 +86,33 @@ def run_mapped(func, args: argparse.Namespace) -> int:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors; other ones are bugs
+        if debug or not _out_of_memory(e):
+            raise
+        print(f"error: {_memory_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: MemoryError (NumPy, Python), torch.OutOfMemoryError (CUDA) or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: not enough memory" / "can't allocate memory"), which ended a command in a traceback."""
+    text = str(e).lower()
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or any(w in text for w in ("not enough memory", "out of memory", "can't allocate memory")))
+
+
+def _memory_line(e: BaseException) -> str:
+    """'out of memory (N GiB asked for at once): ...' with the size when the message gives it."""
+    import re
+
+    m = re.search(r"allocate (\d+(?:\.\d+)?) ?(bytes|[KMGT]i?B)", str(e))
+    size = ""
+    if m and m.group(2) == "bytes":
+        size = f" ({int(m.group(1)) / 2**30:,.1f} GiB asked for at once)"
+    elif m:
+        size = f" ({m.group(1)} {m.group(2)} asked for at once)"
+    return (f"out of memory{size}: lower the sizes this command was given (widths, ranks, batch sizes, "
+            "--ipc, models read at once) or free memory; ATLAS_DEBUG=1 shows where")
 
 
 def _interrupt_hint(args: argparse.Namespace) -> str:
