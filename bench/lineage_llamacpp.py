@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quantize", type=Path, required=True, help="llama.cpp's llama-quantize binary")
     ap.add_argument("--work", type=Path, required=True, help="new folder for the GGUF files")
-    ap.add_argument("--types", default="Q8_0,Q5_1,Q4_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K,IQ4_NL")
+    ap.add_argument("--types", default="Q8_0,Q5_1,Q4_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K,IQ4_NL,IQ4_XS")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.work.mkdir(parents=True)

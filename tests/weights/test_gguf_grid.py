@@ -46,3 +46,19 @@ def test_a_source_matches_its_quantization_and_a_fine_tune_does_not(kind):
     assert grid_match(kind, T[kind], raw, size, values, source) == 1.0
     tuned = source + rng.standard_normal(values.shape) * np.abs(step)  # a change the size of a step
     assert grid_match(kind, T[kind], raw, size, values, tuned) < 0.8
+
+
+@pytest.mark.parametrize("kind", ["IQ4_NL", "IQ4_XS"])
+def test_codebook_types_match_the_nearest_of_their_16_values(kind):
+    from modelatlas.weights.gguf_grid import codebook_match
+
+    t = T[kind]
+    _, size = gguf.GGML_QUANT_SIZES[t]
+    raw = np.random.default_rng(0).integers(0, 256, (4, 256 // gguf.GGML_QUANT_SIZES[t][0], size), dtype=np.uint8)
+    raw[:, :, 0:2] = np.full(raw.shape[:2], 0.01, np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    raw = raw.reshape(4, -1)
+    values = gguf.quants.dequantize(raw, t)
+    rng = np.random.default_rng(1)
+    assert codebook_match(kind, t, raw, size, values, values * (1 + 1e-4 * rng.standard_normal(values.shape))) == 1.0
+    moved = values + rng.standard_normal(values.shape) * 0.3 * np.abs(values).mean()
+    assert codebook_match(kind, t, raw, size, values, moved) < 0.8

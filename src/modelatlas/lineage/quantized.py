@@ -23,17 +23,20 @@ from modelatlas.weights import Checkpoint, TensorInfo
 # misses whole blocks (Q8_0, Q4_0: 30 % at 0.05 % relative distance) or |change| / step of its values on a
 # K-quant grid (0.4 % for a change of 0.001 sigma on Q4_K, steps of ~0.27 sigma)
 MIN_MATCH = 0.999
+# the IQ4 codebook types: llama.cpp rounds a block's scale (float16, 6-bit sub-scales) after choosing the codes,
+# so a copy reads 99.89-99.99 % on its own source (a fine-tune 0.1 % away: ~99.7-99.8 %)
+MIN_MATCH_CODEBOOK = 0.998
 CANDIDATES = 3  # nearest higher-precision models tested per quantized model
 
 
 def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.ndarray, keep: list[int],
-                     min_match: float = MIN_MATCH, candidates: int = CANDIDATES) -> list[tuple[int, int, str]]:
+                     candidates: int = CANDIDATES) -> list[tuple[int, int, str]]:
     """(copy, source, type) for each model of ``keep`` holding block-quantized ``layers`` that is the
     quantization of a model of ``keep`` stored without block quantization: on every matrix the two share
     (the compared ``layers`` and the others: an embedding, a head), the copy's stored values what quantizing
-    the source's gives (share >= ``min_match``), its plain matrices the source's rounded to their dtype.
-    The ``candidates`` nearest sources by ``rel`` (N x N relative distances) are tested and the one with the
-    highest smallest share wins (a coarse type, Q2_K, can pass for a model and its 0.1 % fine-tune alike;
+    the source's gives (share >= :data:`MIN_MATCH`, :data:`MIN_MATCH_CODEBOOK` for the IQ4 types), its plain
+    matrices the source's rounded to their dtype. The ``candidates`` nearest sources by ``rel`` (N x N
+    relative distances) are tested and the one with the highest smallest margin over the threshold wins (a coarse type, Q2_K, can pass for a model and its 0.1 % fine-tune alike;
     only the true source reproduces every value). ``type`` is the lower-cased quantization ("q8_0";
     "q4_k+q6_k" for a mix). Time O(Q c P) for Q quantized models, c candidates, P weights; only models with
     a quantized layer are read again."""
@@ -42,10 +45,10 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
     sources = [i for i in keep if not kinds[i]]
     out = []
     for q in quant:
-        scored = [(copy_score(ckpts[q], ckpts[r], min_match), -n, r)
+        scored = [(copy_score(ckpts[q], ckpts[r]), -n, r)
                   for n, r in enumerate(sorted(sources, key=lambda j: rel[q, j])[:candidates])]
-        best = max(scored, default=(0.0, 0, -1))
-        if best[0] >= min_match:
+        best = max(scored, default=(-1.0, 0, -1))
+        if best[0] >= 0:
             out.append((q, best[2], "+".join(sorted(kinds[q])).lower()))
     return out
 
@@ -54,24 +57,29 @@ def _kinds(ck: Checkpoint, layers: list[TensorInfo]) -> set[str]:
     return {k for k in (ck.quantization(t.name) for t in layers) if k is not None}
 
 
-def copy_score(copy: Checkpoint, source: Checkpoint, min_match: float = MIN_MATCH) -> float:
-    """The smallest share, over the float matrices (2-D or more) ``copy`` and ``source`` share by name and
-    shape, of the copy's values consistent with being the source's: quantized (block-quantized matrices:
-    :meth:`~modelatlas.weights.Checkpoint.requantized_match`) or rounded (others: 1.0 when equal to the
-    source's in the copy's dtype, else 0.0). Stops at the first matrix below ``min_match``; 0.0 when a
-    quantized type has no test or no matrix is shared. Time O(P), one matrix at a time."""
+def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
+    """How surely ``copy`` is ``source`` quantized: the smallest, over the float matrices (2-D or more) the two
+    share by name and shape, of the share of the copy's values consistent with the source's minus the share
+    required (>= 0: a copy). Consistent: quantized (block-quantized matrices,
+    :meth:`~modelatlas.weights.Checkpoint.requantized_match`; required :data:`MIN_MATCH`, or
+    :data:`MIN_MATCH_CODEBOOK` for the IQ4 types) or rounded (others: all values equal to the source's in the
+    copy's dtype, or none). Stops at the first matrix below its threshold; -1.0 when a quantized type has no
+    test or no matrix is shared. Time O(P), one matrix at a time."""
+    from modelatlas.weights.gguf_grid import CODEBOOKS
+
     theirs = {t.name: t.shape for t in source.tensors()}
     shared = [t for t in copy.tensors() if len(t.shape) >= 2 and theirs.get(t.name) == t.shape
               and (t.dtype.startswith(("float", "bfloat")) or copy.quantization(t.name))]
-    worst = 1.0 if shared else 0.0
+    worst = 1.0 - MIN_MATCH if shared else -1.0
     for t in shared:
-        x = source.read(t.name)
-        if copy.quantization(t.name) is None:
+        x, kind = source.read(t.name), copy.quantization(t.name)
+        if kind is None:
             y = copy.read(t.name)
-            match = 1.0 if bool((x.to(y.dtype) == y).all()) else 0.0
+            share = 1.0 if bool((x.to(y.dtype) == y).all()) else 0.0
         else:
-            match = copy.requantized_match(t.name, x) or 0.0
-        worst = min(worst, match)
-        if worst < min_match:
+            share = copy.requantized_match(t.name, x)
+            share = -1.0 if share is None else share
+        worst = min(worst, share - (MIN_MATCH_CODEBOOK if kind in CODEBOOKS else MIN_MATCH))
+        if worst < 0:
             break
     return worst

@@ -120,11 +120,13 @@ class GGUFCheckpoint(Checkpoint):
         """:meth:`requantized_match` of the sampled ``rows`` (r, row bytes) against ``x`` (r, m)."""
         from gguf.quants import dequantize, quantize
 
-        from modelatlas.weights.gguf_grid import GRIDS, grid_match
+        from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, codebook_match, grid_match
 
         have = dequantize(rows, t.ggml_type)  # (r, m) float32
         if t.ggml_type.name in GRIDS:
             return grid_match(t.ggml_type.name, t.ggml_type, rows, type_size, have, x)
+        if t.ggml_type.name in CODEBOOKS:
+            return codebook_match(t.ggml_type.name, t.ggml_type, rows, type_size, have, x)
         try:
             again = dequantize(quantize(x, t.ggml_type), t.ggml_type)
         except (NotImplementedError, ValueError, TypeError):

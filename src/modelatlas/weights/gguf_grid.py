@@ -28,6 +28,10 @@ GRIDS = {
     "Q6_K": (64, [(0, 128, 0x00, 0x11), (128, 192, 0x00, 0x00)]),  # ql[128] 4-bit, qh[64] 2-bit, scales, d
 }
 TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
+# the 4-bit non-linear types: a code picks one of 16 fixed values (kvalues_iq4nl) times the block's scale;
+# type -> the bytes holding the codes (nibbles) in one block (block_iq4_nl: d, qs[16]; block_iq4_xs: d,
+# scales_h, scales_l[4], qs[128])
+CODEBOOKS = {"IQ4_NL": (2, 18), "IQ4_XS": (8, 136)}
 
 
 def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,3 +62,24 @@ def grid_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: n
     near = np.abs(t - code) <= 0.5 + TOL
     clamped = ((code == 0) & (t <= 0.5 + TOL)) | ((code == n - 1) & (t >= n - 1.5 - TOL))
     return float(np.mean(flat | near | clamped))
+
+
+def codebook_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
+                   x: np.ndarray) -> float:
+    """Share of the ``stored`` values (r, m) that are, of the 16 values their code could take (each block's
+    rows dequantized with every code set to 0 .. 15), the one nearest to ``x`` (r, m): llama.cpp picks the
+    nearest codebook value once it has chosen a block's scale. A copy: >= 99.98 % on llama.cpp's IQ4_NL
+    (the rest: rounding of the scale to float16 near a tie); a fine-tune 0.1 % away: ~99.8 %. Time
+    O(16 r m)."""
+    from gguf.quants import dequantize
+
+    first, end = CODEBOOKS[kind]
+    levels = []
+    for code in range(16):
+        blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
+        blocks[:, :, first:end] = code | (code << 4)
+        levels.append(dequantize(blocks.reshape(len(rows), -1), ggml_type))
+    grid16 = np.stack(levels).astype(np.float64)  # (16, r, m)
+    dist = np.abs(grid16 - x.astype(np.float64))
+    mine = np.take_along_axis(dist, np.abs(grid16 - stored).argmin(0)[None], 0)[0]  # (r, m)
+    return float(np.mean(mine <= dist.min(0) + 1e-6 * np.abs(grid16).max(0)))
