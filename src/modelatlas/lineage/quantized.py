@@ -9,8 +9,8 @@ fine-tune of the source differ wherever the fine-tune moved a value across a rou
 blocks whose scale moved: about 30 % of the values for a fine-tune 0.05 % away, with Q8_0).
 :func:`quantized_copies` quantizes each quantized model's nearest models again and compares. The K-quants,
 whose scales llama.cpp searches for, are checked on their stored grid instead
-(:mod:`modelatlas.weights.gguf_grid`); the I-quants (codebooks) are not tested, and such copies are placed
-as fine-tunes as before.
+(:mod:`modelatlas.weights.gguf_grid`), IQ4_NL / IQ4_XS against their 16 codebook values; IQ1-IQ3 (lattice
+codebooks over groups of 8 values) are not tested, and such copies are placed as fine-tunes as before.
 """
 
 from __future__ import annotations

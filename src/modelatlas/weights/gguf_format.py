@@ -97,8 +97,8 @@ class GGUFCheckpoint(Checkpoint):
         row, a quantized fine-tune on few: one sample decides, and a large layer is not quantized whole).
         Types ``gguf.quants.quantize`` knows (Q8_0, Q4_0, ...; ggml's reference rounding) are quantized again
         and compared; the K-quants, whose scales llama.cpp searches for, are checked on their stored grid
-        (:mod:`modelatlas.weights.gguf_grid`: every value the level nearest to ``x``). None for other types
-        (the I-quants: codebooks, not grids). Time O(max_rows m) for rows of m values."""
+        (:mod:`modelatlas.weights.gguf_grid`: every value the level nearest to ``x``), IQ4_NL / IQ4_XS against
+        their 16 codebook values. None for other types (IQ1-IQ3: lattice codebooks). Time O(max_rows m) for rows of m values."""
         t = self._tensors[name]
         if self.quantization(name) is None or tuple(x.shape) != t.shape or not t.shape:
             return None
