@@ -67,19 +67,20 @@ def grid_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: n
 def codebook_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
                    x: np.ndarray) -> float:
     """Share of the ``stored`` values (r, m) that are, of the 16 values their code could take (each block's
-    rows dequantized with every code set to 0 .. 15), the one nearest to ``x`` (r, m): llama.cpp picks the
-    nearest codebook value once it has chosen a block's scale. A copy: >= 99.98 % on llama.cpp's IQ4_NL
-    (the rest: rounding of the scale to float16 near a tie); a fine-tune 0.1 % away: ~99.8 %. Time
-    O(16 r m)."""
+    rows dequantized with every code set to 0 .. 15 in turn), the one nearest to ``x`` (r, m): llama.cpp
+    picks the nearest codebook value once it has chosen a block's scale. A copy: 99.89-99.99 % on
+    llama.cpp's IQ4_NL / IQ4_XS (the rest: rounding of the scales near a tie); a fine-tune 0.1 % away:
+    99.71-99.78 %. Time O(16 r m), memory O(r m): the 16 levels are visited, not stacked."""
     from gguf.quants import dequantize
 
     first, end = CODEBOOKS[kind]
-    levels = []
+    x = x.astype(np.float64)
+    mine = np.abs(stored.astype(np.float64) - x)  # (r, m) the stored value is its code's level
+    best, top = np.full_like(x, np.inf), np.zeros_like(x)  # nearest level's distance, largest |level|
     for code in range(16):
         blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
         blocks[:, :, first:end] = code | (code << 4)
-        levels.append(dequantize(blocks.reshape(len(rows), -1), ggml_type))
-    grid16 = np.stack(levels).astype(np.float64)  # (16, r, m)
-    dist = np.abs(grid16 - x.astype(np.float64))
-    mine = np.take_along_axis(dist, np.abs(grid16 - stored).argmin(0)[None], 0)[0]  # (r, m)
-    return float(np.mean(mine <= dist.min(0) + 1e-6 * np.abs(grid16).max(0)))
+        level = dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64)  # (r, m)
+        np.minimum(best, np.abs(level - x), out=best)
+        np.maximum(top, np.abs(level), out=top)
+    return float(np.mean(mine <= best + 1e-6 * top))
