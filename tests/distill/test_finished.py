@@ -35,6 +35,7 @@ def test_resume_of_a_finished_run_returns_the_stored_result(tmp_path, monkeypatc
     monkeypatch.setattr(api, "evaluate_synthetic", no_evaluation)  # it rebuilt the method and scored the set
     monkeypatch.setattr(api, "evaluate_random_baseline", no_evaluation)
     again = finish_named(tmp_path, resume=True)
+    assert again.pop("reused") is True and "reused" not in first
     assert again == json.loads((tmp_path / "result.json").read_text())
     assert again["evaluation"] == first["evaluation"] and again["baseline_random"] == first["baseline_random"]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_file()} == stamps  # nothing rewritten
@@ -72,3 +73,13 @@ def test_a_given_test_split_beside_a_named_dataset_is_scored_again(tmp_path):
     other = load_dataset("digits", "test").subset(torch.arange(50))
     again = finish_named(tmp_path, resume=True, dataset_test=other)
     assert again["evaluation"]["accuracies"] != first["evaluation"]["accuracies"]
+
+
+def test_cli_says_nothing_was_written(tmp_path, capsys):
+    from modelatlas.cli.main import main
+
+    args = ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--out", str(tmp_path / "r"),
+            "--set", "iterations=1", "--set", "width=8", "--set", "batch_real=8", "--eval-nets", "1", "--eval-epochs", "1"]
+    assert main(args) == 0 and "; wrote " in capsys.readouterr().out
+    assert main([*args, "--resume"]) == 0
+    assert "already held this finished result (nothing written)" in capsys.readouterr().out

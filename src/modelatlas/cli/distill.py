@@ -100,7 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     if "baseline_random" in info:
         echo(_summary("random real subset, same protocol", info["baseline_random"]))
     echo(f"protocol: {info['evaluation']['protocol']['description']}")
-    echo(f"distillation wall time {info['wall_time_s']:.1f} s; wrote {args.out}")
+    done = f"{args.out} already held this finished result (nothing written)" if info.get("reused") else f"wrote {args.out}"
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {done}")
     return 0
 
 

@@ -121,7 +121,8 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. ``init_from``: a
     result folder of the same dataset, ``ipc`` and transform whose set this run starts from (e.g. HeLlO's
     labels on DM's images). A data ``root`` in ``dataset_kwargs`` is recorded as an absolute path; the
-    wall time of a resumed run adds up its parts. Returns the ``result.json`` dict."""
+    wall time of a resumed run adds up its parts. Returns the ``result.json`` dict, with ``"reused": True``
+    when a resume found the run finished with these settings and wrote nothing."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
     ipc = check_start(method, ipc, init_from is not None, seed)[1]
@@ -139,7 +140,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
                "dataset_kwargs": dataset_kwargs, "device": device}
         named = isinstance(dataset, str) and dataset_test is None  # a given test split is not recorded
         if resume and named and (stored := stored_result(out, run, proto, baseline)) is not None:
-            return stored
+            return {**stored, "reused": True}  # (not in result.json: this call wrote nothing)
         syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
