@@ -36,7 +36,8 @@ def top_clusters(matrix: torch.Tensor, j: int, top: int) -> tuple[list[int], lis
 
 def check_out(folder: str | Path) -> Path:
     """Refuse an output path that is a file or lies below one, or a non-empty folder holding no attribution (another
-    command's results would get attribution files mixed in); a previous attribution is overwritten."""
+    command's results would get attribution files mixed in); a previous attribution is overwritten, and a folder
+    holding only an interrupted run's ``checkpoint`` is one of ours."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder}: is a file, not a folder; choose another output folder (--out)")
@@ -44,7 +45,8 @@ def check_out(folder: str | Path) -> Path:
     if above is not None:  # was 'Not a directory' when saving, after the whole attribution
         raise ConfigError(f"{folder}: lies below the file {above}, not a folder; choose another output folder (--out)")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-    if entries and TENSORS not in entries and META not in entries:
+    ours = TENSORS in entries or META in entries or (folder / "checkpoint" / "run.json").is_file()  # or a resumable run
+    if entries and not ours:
         raise ConfigError(f"{folder}: a non-empty folder holding no attribution (e.g. {entries[0]!r}); "
                           "choose a new or empty output folder (--out)")
     return folder

@@ -1,0 +1,144 @@
+"""The resumable state of an attribution run with validation: the folder ``OUT/checkpoint``.
+
+- ``run.json`` + ``ddm.safetensors``: the run's settings and the DDM attribution, written (tensors first, then
+  the JSON) as soon as DDM has finished, before the leave-one-cluster-out (LOO) retraining starts;
+- ``loo.json`` + ``loo-<done>.safetensors``: the LOO rows of the clusters retrained so far and the full model's
+  test losses, written every ``every_s`` seconds, at the end and when interrupted (Ctrl-C); ``loo.json`` names
+  its tensor file, so a run killed between the two writes resumes from the previous state.
+
+Every file is replaced atomically. A resume compares the settings first and refuses, naming the first that
+differs, a state another run wrote. Saving the LOO state costs O(done x n_test); with one save per ``every_s``
+seconds that is at most O(K_total x n_test) per save. The folder is removed once the results are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_json_object, read_tensors
+from modelatlas.attribution.ddm import Attribution
+from modelatlas.errors import CheckpointError, ConfigError
+
+FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safetensors", "loo.json"
+_DDM = ("matrix", "assign", "cluster_class", "synthetic", "synthetic_labels", "base_losses")
+_RESTART = "delete the folder to start over"
+
+
+def data_digest(*tensors: torch.Tensor) -> str:
+    """A short SHA-256 of the data (shapes and float32 values): a resume on other data is refused. O(bytes)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = torch.as_tensor(t).detach().to("cpu", torch.float32).contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_start(out: str | Path, resume: bool) -> None:
+    """Refuse, before any work, a run without ``resume`` into a folder holding an interrupted run's state."""
+    path = Path(out) / FOLDER / RUN_JSON
+    if path.is_file() and not resume:
+        raise ConfigError(f"{path} exists: {out} holds an interrupted attribution; pass --resume (resume=True) to "
+                          f"continue it, choose a new --out, or delete {path.parent} to start over")
+
+
+def progress_of(out: str | Path) -> dict | None:
+    """What ``OUT/checkpoint`` keeps: ``{"ddm": True, "loo_done": k, "loo_total": K}``, or None when it holds
+    no readable DDM state (nothing to resume)."""
+    folder = Path(out) / FOLDER
+    try:
+        total = len(read_json_object(folder / RUN_JSON, "no run", "a run")["cluster_class"])
+        done = read_json_object(folder / LOO_JSON, "no LOO", "a LOO state").get("done", 0) \
+            if (folder / LOO_JSON).is_file() else 0
+    except (CheckpointError, KeyError, TypeError):
+        return None
+    return {"ddm": True, "loo_done": done if isinstance(done, int) else 0, "loo_total": total}
+
+
+class RunCheckpoint:
+    """``OUT/checkpoint`` of one run with the given ``settings`` (JSON values; module docstring)."""
+
+    def __init__(self, out: str | Path, settings: dict, every_s: float = 5.0):
+        self.folder, self.every_s = Path(out) / FOLDER, float(every_s)
+        self.settings = json.loads(json.dumps(settings))  # as they read back from run.json
+        self.last_save = time.perf_counter()
+
+    def load_ddm(self) -> Attribution | None:
+        """The saved DDM attribution (None when there is none); a state of other settings is refused."""
+        path = self.folder / RUN_JSON
+        if not path.is_file():
+            return None
+        meta = read_json_object(path, "no run", "an attribution run")
+        self._check_settings(path, meta.get("settings"))
+        t = read_tensors(self.folder / DDM_TENSORS, _RESTART)
+        if any(k not in t for k in _DDM) or not isinstance(meta.get("match_losses"), list):
+            raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {_RESTART}")
+        return Attribution(*(t[k] for k in _DDM), dict(meta.get("timings") or {}), list(meta["match_losses"]))
+
+    def save_ddm(self, attr: Attribution) -> None:
+        """Write the DDM attribution and the settings (tensors first: ``run.json`` marks a complete state); an
+        earlier run's LOO state is dropped first (it would pass for this run's)."""
+        self._drop_loo()
+        atomic_save_tensors(self.folder / DDM_TENSORS, {k: getattr(attr, k) for k in _DDM})
+        atomic_write_json(self.folder / RUN_JSON, {"settings": self.settings, "timings": attr.timings,
+                                                   "match_losses": attr.match_losses,
+                                                   "cluster_class": attr.cluster_class.tolist()})
+
+    def _check_settings(self, path: Path, saved) -> None:
+        """Refuse a state of other settings, naming the first key that differs (one line)."""
+        if not isinstance(saved, dict):
+            raise CheckpointError(path, f"cannot resume: it records no settings; {_RESTART}")
+        for key in [*self.settings, *(k for k in saved if k not in self.settings)]:
+            if saved.get(key) != self.settings.get(key):
+                raise CheckpointError(path, f"cannot resume: {key} was {json.dumps(saved.get(key))} in the "
+                                            f"interrupted run, now {json.dumps(self.settings.get(key))}; rerun "
+                                            f"with the same settings, or delete {self.folder} to start over")
+
+    def load_loo(self, k_total: int, n_test: int) -> tuple[list[torch.Tensor], torch.Tensor, float] | None:
+        """(rows done, full model's test losses, wall seconds so far) of the LOO retraining, or None."""
+        path = self.folder / LOO_JSON
+        if not path.is_file():
+            return None
+        meta = read_json_object(path, "no LOO state", "a LOO state")
+        done, name, wall = meta.get("done"), meta.get("tensors"), meta.get("wall_s")
+        if not (isinstance(done, int) and 0 <= done <= k_total and isinstance(name, str)
+                and isinstance(wall, (int, float))):
+            raise CheckpointError(path, f"cannot resume: 'done', 'tensors' or 'wall_s' is missing or wrong; {_RESTART}")
+        t = read_tensors(self.folder / Path(name).name, _RESTART)
+        rows, base = t.get("rows"), t.get("base")
+        if rows is None or base is None or tuple(rows.shape) != (done, n_test) or tuple(base.shape) != (n_test,):
+            raise CheckpointError(path, f"cannot resume: its tensors do not fit {done} rows of {n_test} test "
+                                        f"samples; {_RESTART}")
+        return list(rows), base, float(wall)
+
+    def save_loo(self, rows: list[torch.Tensor], base: torch.Tensor, wall_s: float, force: bool = False) -> None:
+        """Write the LOO state when ``every_s`` seconds have passed since the last save, or ``force``."""
+        if not force and time.perf_counter() - self.last_save < self.every_s:
+            return
+        done, n_test = len(rows), len(base)
+        name = f"loo-{done}.safetensors"
+        stacked = torch.stack(rows) if rows else torch.zeros(0, n_test)
+        atomic_save_tensors(self.folder / name, {"rows": stacked, "base": base})
+        atomic_write_json(self.folder / LOO_JSON, {"done": done, "tensors": name, "wall_s": wall_s})
+        for old in self.folder.glob("loo-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.last_save = time.perf_counter()
+
+    def remove(self) -> None:
+        """Delete the state (the results are written): its own files, then the folder if that left it empty."""
+        (self.folder / RUN_JSON).unlink(missing_ok=True)  # the marker first: no half state passes for one
+        (self.folder / DDM_TENSORS).unlink(missing_ok=True)
+        self._drop_loo()
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    def _drop_loo(self) -> None:
+        (self.folder / LOO_JSON).unlink(missing_ok=True)
+        for old in self.folder.glob("loo-*.safetensors"):
+            old.unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""An attribution run written to a folder, resumable (:func:`attribute_to_folder`).
+
+The DDM attribution is written to ``out`` as soon as it is computed (``attribution.json`` then says
+``"validation_pending": true`` when validation follows), and, with validation, kept in ``out/checkpoint`` with
+the leave-one-cluster-out rows as they are retrained (:mod:`~modelatlas.attribution.checkpoint`); a resume
+(same settings) reuses both and gives the tensors and scores of an uninterrupted run. Cost: DDM's, plus the
+retraining of the clusters not yet done (O(K_left x train_steps x N x #params)).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modelatlas.attribution.checkpoint import RunCheckpoint, check_start, data_digest
+from modelatlas.attribution.config import DDMConfig
+from modelatlas.attribution.ddm import Attribution, ddm_attribution
+from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution
+from modelatlas.attribution.validate import loo_attribution, validation_scores
+from modelatlas.progress import Progress
+
+
+def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: DDMConfig, seed: int = 0,
+                        dataset: str = "", validate: bool = False, test_index: list[int] | None = None,
+                        resume: bool = False, progress: Progress | None = None,
+                        every_s: float = 5.0) -> tuple[Attribution, dict, torch.Tensor | None]:
+    """DDM attribution of ``data`` = (x, y, x_test, y_test) written to ``out`` (report.save_attribution; the
+    plot shows ``test_index``, default the first three), with ``validate`` the LOO truth and its scores too;
+    returns (attribution, the ``attribution.json`` settings and ``validation``, LOO matrix or None).
+
+    With ``validate``, progress is kept in ``out/checkpoint`` (LOO rows every ``every_s`` seconds) and removed
+    once the results are written; ``resume`` continues from it (none: a fresh start) and refuses one of other
+    settings (dataset, sizes, seed, config, data). Without ``resume`` a folder holding one is refused."""
+    out = check_out(out)
+    check_start(out, resume)
+    xtr, ytr, xte, yte = data
+    info = {"dataset": dataset, "n_train": len(xtr), "n_test": len(xte), "seed": seed, "config": config.to_dict()}
+    settings = {**{k: v for k, v in info.items() if k != "config"}, "validate": validate, **config.to_dict(),
+                "data": data_digest(xtr, ytr, xte, yte)}
+    ckpt = RunCheckpoint(out, settings, every_s)
+    attr = ckpt.load_ddm() if resume and validate else None
+    if resume and not validate:
+        ckpt.load_ddm()  # only to refuse a state of a run with validation ('validate was true ..., now false')
+    if attr is None:
+        attr = ddm_attribution(xtr, ytr, xte, yte, num_classes, config, seed, progress)
+        if validate:
+            ckpt.save_ddm(attr)
+    png = render_top_clusters(attr, xtr, xte, yte, list(range(min(3, len(xte)))) if test_index is None else test_index)
+    save_attribution(out, attr, {**info, "validation_pending": True} if validate else info, None, png)
+    if not validate:
+        return attr, info, None
+    true, loo_s = loo_attribution(xtr, ytr, xte, yte, num_classes, attr.assign, config, seed, progress,
+                                  checkpoint=ckpt)
+    info["validation"] = validation_scores(attr.matrix, true, attr.cluster_class, yte.long(), loo_s, attr.timings)
+    save_attribution(out, attr, info, true, png)
+    ckpt.remove()
+    return attr, info, true

@@ -1,0 +1,106 @@
+"""attribute_to_folder with validation keeps its state in OUT/checkpoint: an interrupted leave-one-cluster-out
+retraining resumes where it stopped and gives the results of an uninterrupted run; a resume of other settings,
+or a fresh run over a kept state, is refused."""
+
+import json
+
+import pytest
+import torch
+
+import modelatlas.attribution.folder as folder_mod
+from modelatlas.atomic import read_tensors
+from modelatlas.attribution import DDMConfig, attribute_to_folder
+from modelatlas.attribution import target as T
+from modelatlas.attribution.checkpoint import FOLDER, LOO_JSON, progress_of
+from modelatlas.errors import CheckpointError, ConfigError
+
+CFG = DDMConfig(clusters_per_class=2, train_steps=5, match_steps=2)  # 4 clusters on the planted data
+
+
+def _stop_after(monkeypatch, k, error=KeyboardInterrupt):
+    """Make the (k+1)-th leave-one-cluster-out retraining (a train call with weights) raise ``error``."""
+    real, calls = T.train, []
+
+    def train(*a, **kw):
+        if kw.get("weights") is not None:
+            calls.append(1)
+            if len(calls) == k + 1:
+                raise error()
+        return real(*a, **kw)
+    monkeypatch.setattr(T, "train", train)
+    return calls
+
+
+def _run(out, planted, **kw):
+    return attribute_to_folder(out, planted, 2, kw.pop("cfg", CFG), kw.pop("seed", 0), "planted", validate=True,
+                               **kw)
+
+
+@pytest.mark.parametrize("error, every_s", [(KeyboardInterrupt, 1e9), (RuntimeError, 0.0)])
+def test_an_interrupted_validation_resumes_to_the_results_of_a_straight_run(tmp_path, planted, monkeypatch,
+                                                                             error, every_s):
+    """Ctrl-C saves the clusters done; a hard stop keeps the last periodic save (every_s=0: every cluster)."""
+    attr, info, true = _run(tmp_path / "straight", planted)
+    with monkeypatch.context() as m:
+        _stop_after(m, 2, error)
+        with pytest.raises(error):
+            _run(tmp_path / "cut", planted, every_s=every_s)
+    assert progress_of(tmp_path / "cut") == {"ddm": True, "loo_done": 2, "loo_total": 4}
+    kept = json.loads((tmp_path / "cut" / "attribution.json").read_text())  # DDM's result, written before LOO
+    assert kept["validation_pending"] is True and "validation" not in kept
+    assert torch.equal(read_tensors(tmp_path / "cut" / "attribution.safetensors")["matrix"], attr.matrix)
+    monkeypatch.setattr(folder_mod, "ddm_attribution", lambda *a, **k: pytest.fail("DDM recomputed on resume"))
+    calls = _stop_after(monkeypatch, 99)
+    attr2, info2, true2 = _run(tmp_path / "cut", planted, resume=True, every_s=every_s)
+    assert len(calls) == 2  # only the clusters left were retrained
+    assert torch.equal(attr2.matrix, attr.matrix) and torch.equal(true2, true)
+    scores = ("flattened", "per_test_mean", "within_class")  # the rest are timings
+    assert [info2["validation"][k] for k in scores] == [info["validation"][k] for k in scores]
+    a, b = (read_tensors(tmp_path / d / "attribution.safetensors") for d in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / FOLDER).exists()  # removed once the results are written
+
+
+def test_a_resume_with_other_settings_is_refused_naming_what_differs(tmp_path, planted, monkeypatch):
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    for kw, words in [({"seed": 1}, "seed was 0 in the interrupted run, now 1"),
+                      ({"cfg": DDMConfig(clusters_per_class=2, train_steps=6, match_steps=2)},
+                       "train_steps was 5 in the interrupted run, now 6")]:
+        with pytest.raises(CheckpointError, match="cannot resume: " + words) as e:
+            _run(tmp_path, planted, resume=True, **kw)
+        assert "\n" not in str(e.value) and "start over" in str(e.value)
+    x, y, xt, yt = planted
+    with pytest.raises(CheckpointError, match="data was"):  # same sizes, other values
+        _run(tmp_path, (x + 1, y, xt, yt), resume=True)
+    with pytest.raises(CheckpointError, match="validate was true in the interrupted run, now false"):
+        attribute_to_folder(tmp_path, planted, 2, CFG, 0, "planted", validate=False, resume=True)
+    assert progress_of(tmp_path)["loo_done"] == 1  # the refusals left the state as it was
+
+
+def test_a_fresh_run_over_a_kept_state_is_refused_and_a_resume_of_nothing_starts_over(tmp_path, planted,
+                                                                                    monkeypatch):
+    with monkeypatch.context() as m:
+        _stop_after(m, 0)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path / "cut", planted)
+    assert progress_of(tmp_path / "cut")["loo_done"] == 0
+    with pytest.raises(ConfigError, match="holds an interrupted attribution; pass --resume"):
+        _run(tmp_path / "cut", planted)
+    attr, info, true = _run(tmp_path / "new", planted, resume=True)  # nothing to resume: a full run
+    assert true.shape == (4, len(planted[2])) and "validation" in info
+
+
+def test_a_damaged_loo_state_is_one_error(tmp_path, planted, monkeypatch):
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    (tmp_path / FOLDER / LOO_JSON).write_text(json.dumps({"done": 3, "tensors": "loo-1.safetensors", "wall_s": 1}))
+    with pytest.raises(CheckpointError, match="do not fit 3 rows"):
+        _run(tmp_path, planted, resume=True)
+    (tmp_path / FOLDER / LOO_JSON).write_text("[]")
+    with pytest.raises(CheckpointError, match="not a LOO state"):
+        _run(tmp_path, planted, resume=True)
