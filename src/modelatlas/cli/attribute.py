@@ -1,13 +1,13 @@
 """``atlas attribute``: DDM data attribution (cluster x test-sample matrix) and optional LOO validation.
 
-Thin: parse arguments, call :func:`modelatlas.attribution.ddm_attribution` (and
-:func:`~modelatlas.attribution.loo_attribution`), write the folder, print a summary.
+Thin: parse arguments, call :func:`modelatlas.attribution.folder.attribute_to_folder` (DDM, optional
+leave-one-cluster-out validation, the folder written, resumable with ``--resume``), print a summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import echo, tqdm_progress
@@ -37,29 +37,49 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
     p.add_argument("--seed", type=seed, default=0, help="seed of clustering, init and matching (default 0)")
-    p.set_defaults(func=_run)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --validate run from OUT/checkpoint (same settings)")
+    p.set_defaults(func=_run, interrupt_hint=_interrupted)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from modelatlas.attribution import ddm_attribution
-    from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution
+    from modelatlas.attribution.checkpoint import check_start, progress_of
+    from modelatlas.attribution.folder import attribute_to_folder
+    from modelatlas.attribution.report import check_out
 
     check_out(args.out)  # before any work: a file or another command's folder is refused in a second
+    check_start(args.out, args.resume)  # an interrupted run's state is not overwritten without --resume
     cfg = _config(args)
-    train, (xtr, ytr, xte, yte) = _inputs(args)
-    attr = ddm_attribution(xtr, ytr, xte, yte, train.num_classes, cfg, args.seed, tqdm_progress)
-    info = {"dataset": train.name, "n_train": len(xtr), "n_test": len(xte), "seed": args.seed, "config": cfg.to_dict()}
-    true = _validate(args, attr, cfg, train.num_classes, (xtr, ytr, xte, yte), info) if args.validate else None
-    save_attribution(args.out, attr, info, true, png=render_top_clusters(attr, xtr, xte, yte, args.test_index))
+    train, data = _inputs(args)
+    kept = progress_of(args.out) if args.resume else None
+    if args.resume:
+        echo(f"resuming from {Path(args.out) / 'checkpoint'}: the DDM attribution and {kept['loo_done']} of "
+             f"{kept['loo_total']} leave-one-cluster-out retrainings are kept" if kept
+             else f"nothing to resume in {Path(args.out) / 'checkpoint'}: starting from the beginning")
+    attr, info, true = attribute_to_folder(args.out, data, train.num_classes, cfg, args.seed, train.name,
+                                           args.validate, args.test_index, args.resume, tqdm_progress)
     k_total, n_test = attr.matrix.shape
     echo(f"attribution matrix {k_total} clusters x {n_test} test samples in {attr.timings['total_s']:.1f} s "
-         f"(online {attr.timings['online_s']:.3f} s); wrote {args.out}")
+         f"(online {attr.timings['online_s']:.3f} s{', before the interruption' if kept else ''}); wrote {args.out}")
     if true is not None:
         v = info["validation"]
         echo(f"vs leave-one-cluster-out retraining ({v['loo_wall_s']:.1f} s): Spearman flattened "
              f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}, within class {_shown(v['within_class'])}; "
              f"speed-up {v['speedup_total']}x total, {v['speedup_online']}x online")
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C hint: what ``OUT/checkpoint`` keeps and how to continue, or that nothing of this run was kept."""
+    from modelatlas.attribution.checkpoint import progress_of
+
+    kept = progress_of(args.out)
+    if kept is None:
+        return f"stopped before anything was saved in {args.out}: run the command again"
+    written = " (also written to attribution.* there, without validation)" \
+        if (Path(args.out) / "attribution.json").is_file() else ""
+    return (f"the DDM attribution{written} and {kept['loo_done']} of {kept['loo_total']} leave-one-cluster-out "
+            f"retrainings are kept in {Path(args.out) / 'checkpoint'}; rerun with --resume to continue")
 
 
 def _inputs(args: argparse.Namespace):
@@ -92,25 +112,6 @@ def _config(args: argparse.Namespace):
     if args.damping is not None and args.unlearn == "ascent":  # was silently ignored
         raise ConfigError(f"--damping {args.damping} applies to --unlearn newton only (ascent has no Hessian)")
     return DDMConfig(clusters_per_class=args.clusters_per_class, **{k: v for k, v in given if v is not None})
-
-
-def _validate(args, attr, cfg, num_classes: int, data, info: dict):
-    """Leave-one-cluster-out truth; adds its scores and speed-ups to ``info["validation"]``; returns the truth."""
-    from modelatlas.attribution import loo_attribution, spearman_scores, within_class_spearman
-
-    xtr, ytr, xte, yte = data
-    true, loo_s = loo_attribution(xtr, ytr, xte, yte, num_classes, attr.assign, cfg, args.seed, tqdm_progress)
-    info["validation"] = {**spearman_scores(attr.matrix, true),
-                          "within_class": _finite(within_class_spearman(attr.matrix, true, attr.cluster_class, yte)),
-                          "loo_wall_s": round(loo_s, 3),
-                          "speedup_total": round(loo_s / attr.timings["total_s"], 2),
-                          "speedup_online": round(loo_s / max(attr.timings["online_s"], 1e-9), 1)}
-    return true
-
-
-def _finite(x: float) -> float | None:
-    """None for NaN (within-class Spearman needs >= 3 clusters per class): strict JSON has no NaN."""
-    return x if math.isfinite(x) else None
 
 
 def _shown(x: float | None) -> str:

@@ -119,6 +119,8 @@ def _interrupt_hint(args: argparse.Namespace) -> str:
     """What an interrupted command kept: its ``interrupt_hint`` with ``{out}`` filled in, unless it stopped
     before saving anything there (the hint then promised progress in a folder that was never written)."""
     hint = getattr(args, "interrupt_hint", None)
+    if callable(hint):  # a command that reads what it kept (`atlas attribute`)
+        hint = hint(args)
     if not hint:
         return "outputs are written when a command finishes: nothing partial was left"
     out = getattr(args, "out", None)

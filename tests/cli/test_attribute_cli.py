@@ -1,0 +1,70 @@
+"""atlas attribute --validate --resume: Ctrl-C during the leave-one-cluster-out retraining says what was kept
+and how to continue; --resume (same settings) finishes with the files of an uninterrupted run."""
+
+import pytest
+import torch
+
+from modelatlas.atomic import read_tensors
+from modelatlas.attribution import target as T
+from modelatlas.cli.main import main
+
+TINY = ["attribute", "--clusters-per-class", "2", "--max-train", "200", "--max-test", "20", "--train-steps", "2",
+        "--match-steps", "1", "--validate"]
+
+
+def _interrupt_loo_after(monkeypatch, k):
+    real, calls = T.train, []
+
+    def train(*a, **kw):
+        if kw.get("weights") is not None:  # a leave-one-cluster-out retraining
+            calls.append(1)
+            if len(calls) == k + 1:
+                raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(T, "train", train)
+
+
+def test_ctrl_c_during_validation_keeps_ddm_and_progress_and_resume_finishes(tmp_path, capsys, monkeypatch):
+    assert main([*TINY, "--out", str(tmp_path / "straight")]) == 0
+    with monkeypatch.context() as m:
+        _interrupt_loo_after(m, 3)
+        assert main([*TINY, "--out", str(tmp_path / "cut")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: interrupted (the DDM attribution (also written to attribution.* " in err
+    assert f"3 of 20 leave-one-cluster-out retrainings are kept in {tmp_path / 'cut' / 'checkpoint'}; rerun with " \
+           "--resume to continue" in err
+    assert main([*TINY, "--out", str(tmp_path / "cut")]) == 1  # without --resume: refused, the state kept
+    assert "holds an interrupted attribution; pass --resume" in capsys.readouterr().err
+    assert main([*TINY, "--train-steps", "3", "--resume", "--out", str(tmp_path / "cut")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume: train_steps was 2 in the interrupted run, now 3" in err
+    assert main([*TINY, "--resume", "--out", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "the DDM attribution and 3 of 20 leave-one-cluster-out retrainings are kept" in out
+    assert "vs leave-one-cluster-out retraining" in out
+    a, b = (read_tensors(tmp_path / d / "attribution.safetensors") for d in ("straight", "cut"))
+    assert a.keys() == b.keys() and "loo_matrix" in a and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+
+
+def test_ctrl_c_before_ddm_finished_says_nothing_was_kept(tmp_path, capsys, monkeypatch):
+    import modelatlas.attribution.folder as folder_mod
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(folder_mod, "ddm_attribution", stop)
+    assert main([*TINY, "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped before anything was saved in {tmp_path / 'o'}: run the command again" in err
+    assert "--resume to continue" not in err
+
+
+def test_resume_with_nothing_kept_runs_from_the_start(tmp_path, capsys):
+    assert main([*TINY, "--resume", "--out", str(tmp_path / "o")]) == 0
+    assert "nothing to resume in" in capsys.readouterr().out and (tmp_path / "o" / "attribution.json").is_file()
+
+
+def test_help_names_resume(capsys):
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    assert "--resume" in capsys.readouterr().out
