@@ -76,10 +76,12 @@ def _interrupted(args: argparse.Namespace) -> str:
     kept = progress_of(args.out)
     if kept is None:
         return f"stopped before anything was saved in {args.out}: run the command again"
-    written = " (also written to attribution.* there, without validation)" \
-        if (Path(args.out) / "attribution.json").is_file() else ""
-    return (f"the DDM attribution{written} and {kept['loo_done']} of {kept['loo_total']} leave-one-cluster-out "
-            f"retrainings are kept in {Path(args.out) / 'checkpoint'}; rerun with --resume to continue")
+    where, done = Path(args.out) / "checkpoint", f"{kept['loo_done']} of {kept['loo_total']}"
+    if (Path(args.out) / "attribution.json").is_file():
+        return (f"the DDM attribution is written to {args.out} (validation pending) and kept, with {done} "
+                f"leave-one-cluster-out retrainings, in {where}; rerun with --resume to continue")
+    return (f"the DDM attribution and {done} leave-one-cluster-out retrainings are kept in {where}; rerun with "
+            "--resume to continue")
 
 
 def _inputs(args: argparse.Namespace):
