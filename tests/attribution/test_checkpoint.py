@@ -104,3 +104,18 @@ def test_a_damaged_loo_state_is_one_error(tmp_path, planted, monkeypatch):
     (tmp_path / FOLDER / LOO_JSON).write_text("[]")
     with pytest.raises(CheckpointError, match="not a LOO state"):
         _run(tmp_path, planted, resume=True)
+
+
+def test_a_run_stopped_after_its_last_retraining_resumes_without_retraining(tmp_path, planted, monkeypatch):
+    """Stopped between writing the results and removing the checkpoint: the resume rewrites them, retraining
+    nothing."""
+    from modelatlas.attribution.checkpoint import RunCheckpoint
+
+    with monkeypatch.context() as m:
+        m.setattr(RunCheckpoint, "remove", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    assert progress_of(tmp_path) == {"ddm": True, "loo_done": 4, "loo_total": 4}
+    calls = _stop_after(monkeypatch, 99)
+    _, info, _ = _run(tmp_path, planted, resume=True)
+    assert calls == [] and "validation" in info and not (tmp_path / FOLDER).exists()
