@@ -78,7 +78,8 @@ class RunCheckpoint:
         t = read_tensors(self.folder / DDM_TENSORS, _RESTART)
         if any(k not in t for k in _DDM) or not isinstance(meta.get("match_losses"), list):
             raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {_RESTART}")
-        return Attribution(*(t[k] for k in _DDM), dict(meta.get("timings") or {}), list(meta["match_losses"]))
+        return Attribution(**{k: t[k] for k in _DDM}, timings=dict(meta.get("timings") or {}),
+                           match_losses=list(meta["match_losses"]))
 
     def save_ddm(self, attr: Attribution) -> None:
         """Write the DDM attribution and the settings (tensors first: ``run.json`` marks a complete state); an
