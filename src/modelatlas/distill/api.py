@@ -120,9 +120,8 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     """Distil, evaluate (and the random baseline under the same protocol), and write the result folder
     ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. ``init_from``: a
     result folder of the same dataset, ``ipc`` and transform whose set this run starts from (e.g. HeLlO's
-    labels on DM's images). A data ``root`` in ``dataset_kwargs`` is recorded as an absolute path; the
-    wall time of a resumed run adds up its parts. Returns the ``result.json`` dict, with ``"reused": True``
-    when a resume found the run finished with these settings and wrote nothing."""
+    labels on DM's images). A data ``root`` in ``dataset_kwargs`` is recorded as an absolute path; a resumed
+    run's wall time adds up its parts. Returns the ``result.json`` dict (``"reused": True``: nothing written)."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
     ipc = check_start(method, ipc, init_from is not None, seed)[1]
