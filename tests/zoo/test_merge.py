@@ -132,17 +132,11 @@ def test_ctrl_c_during_a_cli_merge_says_what_was_left(adapter_zoo, tmp_path, cap
 def test_a_manifest_whose_models_were_renamed_is_merged_by_their_paths(adapter_zoo, tmp_path):
     """Models renamed in manifest.json (paths kept) are shown and scored (--truth) by their new names, but
     merge read the folder named like the model ('zoo/model-0: not a finished zoo model')."""
-    import json
-    import shutil
+    from tests.zoo.conftest import make_renamed_copy
 
     manifest, folder = adapter_zoo
     zoo = tmp_path / "zoo"
-    shutil.copytree(folder, zoo)
-    data = json.loads((zoo / "manifest.json").read_text())
-    new = {m["name"]: f"model-{i}" for i, m in enumerate(data["models"])}
-    for m in data["models"]:
-        m["name"], m["parent"] = new[m["name"]], new.get(m["parent"])
-    (zoo / "manifest.json").write_text(json.dumps(data))
+    new, _ = make_renamed_copy(folder, zoo)
     merged = merge_zoo(load_manifest(zoo), tmp_path / "m")
     status = verify_zoo(load_manifest(tmp_path / "m"))
     assert merged.names == list(new.values()) and {status[n] for n in new.values()} == {"ok"}

@@ -79,17 +79,14 @@ def test_verify_of_a_manifest_whose_models_were_renamed_finds_them_built(adapter
     'not built' under the planned one (exit code 1)."""
     import json
 
+    from tests.zoo.conftest import make_renamed_copy
+
     from modelatlas.zoo import load_manifest
     from modelatlas.zoo.store import verify_zoo
 
     _, folder = adapter_zoo
     zoo = tmp_path / "zoo"
-    shutil.copytree(folder, zoo)
-    data = json.loads((zoo / "manifest.json").read_text())
-    new = {m["name"]: f"model-{i}" for i, m in enumerate(data["models"])}
-    for m in data["models"]:
-        m["name"], m["parent"] = new[m["name"]], new.get(m["parent"])
-    (zoo / "manifest.json").write_text(json.dumps(data))
+    new, data = make_renamed_copy(folder, zoo)
     assert verify_zoo(load_manifest(zoo)) == {n: "ok" for n in new.values()}
     shutil.rmtree(zoo / next(iter(new)))
     data["models"] = data["models"][1:]

@@ -13,7 +13,6 @@ seconds that is at most O(K_total x n_test) per save. The folder is removed once
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,16 +26,6 @@ from modelatlas.errors import CheckpointError, ConfigError
 FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safetensors", "loo.json"
 _DDM = ("matrix", "assign", "cluster_class", "synthetic", "synthetic_labels", "base_losses")
 _RESTART = "delete the folder to start over"
-
-
-def data_digest(*tensors: torch.Tensor) -> str:
-    """A short SHA-256 of the data (shapes and float32 values): a resume on other data is refused. O(bytes)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = torch.as_tensor(t).detach().to("cpu", torch.float32).contiguous()
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def check_start(out: str | Path, resume: bool) -> None:

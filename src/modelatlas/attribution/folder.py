@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.attribution.checkpoint import RunCheckpoint, check_start, data_digest
+from modelatlas.attribution.checkpoint import RunCheckpoint, check_start
 from modelatlas.attribution.config import DDMConfig
 from modelatlas.attribution.ddm import Attribution, ddm_attribution
 from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution
 from modelatlas.attribution.validate import loo_attribution, validation_scores
+from modelatlas.digests import data_digest
 from modelatlas.progress import Progress
 
 

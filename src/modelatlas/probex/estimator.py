@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_json_object, read_tensors
+from modelatlas.digests import data_digest
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.fitted import check_fitted
 from modelatlas.probex.model import build_network, count_parameters
-from modelatlas.probex.train import data_digest, train_loop
+from modelatlas.probex.train import train_loop
 from modelatlas.seeding import torch_generator, torch_seed
 
 FORMAT = "modelatlas-probex/1"

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelatlas.digests import data_digest
 from modelatlas.errors import ConfigError
 from modelatlas.probex.estimator import WeightExpert
 from modelatlas.probex.fitted import check_fitted
-from modelatlas.probex.train import data_digest, train_loop
+from modelatlas.probex.train import train_loop
 
 
 class _Aligner(nn.Module):

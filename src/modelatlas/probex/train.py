@@ -8,7 +8,6 @@ layer, task, number of models, a digest of the data) differ from the run that as
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -85,17 +84,6 @@ def run_settings(cfg, run: dict | None = None) -> dict:
     skip = ("checkpoint_every", "epochs")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in skip} if hasattr(cfg, "to_dict") else {}
     return json.loads(json.dumps({**(run or {}), **settings}))  # the run's keys first: the likelier mistakes
-
-
-def data_digest(*tensors: torch.Tensor) -> str:
-    """A short SHA-256 of the training data (shapes and float32 values), recorded with a resumable state: a
-    rebuilt zoo of the same trees, counts and classes resumed the old zoo's state silently. O(data bytes)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = torch.as_tensor(t).detach().to("cpu", torch.float32).contiguous()
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None:

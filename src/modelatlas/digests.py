@@ -1,0 +1,19 @@
+"""Short digests of data, recorded beside resumable state so that a resume on other data is refused."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def data_digest(*tensors: torch.Tensor) -> str:
+    """A short SHA-256 of ``tensors`` (their shapes and float32 values): a resume on other data (a rebuilt
+    zoo of the same counts, another dataset of the same size) is refused instead of continuing silently.
+    O(data bytes)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = torch.as_tensor(t).detach().to("cpu", torch.float32).contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
