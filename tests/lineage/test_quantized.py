@@ -117,3 +117,16 @@ def test_recovery_finds_a_k_quant_copy_on_its_grid(tmp_path):
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     assert forest.decisions["precision_copies"] == {"p-k": "q4_k+q6_k"}
     assert {(e.parent, e.child) for e in forest.edges if e.kind == "precision"} == {("p", "p-k")}
+
+
+def test_two_identical_quantized_files_are_both_copies_of_the_source(tmp_path):
+    p = make_weights(0)
+    kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(2)}
+    for name, w in {"p": p, **kids}.items():
+        save_file(w, str(tmp_path / f"{name}.safetensors"))
+    make_gguf(tmp_path / "p-q8.gguf", p)
+    make_gguf(tmp_path / "same-q8.gguf", p)  # the same file under a second name: an identical copy of p-q8
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")  # was a KeyError
+    assert {(e.parent, e.child) for e in forest.edges if e.kind == "precision"} == {("p", "p-q8"), ("p", "same-q8")}
+    assert forest.decisions["precision_copies"] == {"p-q8": "q8_0", "same-q8": "q8_0"}
+    assert set(forest.nodes) == {"p", "ft0", "ft1", "p-q8", "same-q8"}

@@ -169,13 +169,16 @@ def _split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep:
                   duplicates: dict[str, str], lowp: dict[str, str]) -> list[int]:
     """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
     (:func:`split_duplicates`) and quantized ones (:func:`~modelatlas.lineage.quantized.quantized_copies`);
-    each copy's name -> its model's goes into ``duplicates``, and -> its format into ``lowp`` unless identical."""
+    each copy's name -> its model's goes into ``duplicates``, and -> its format into ``lowp`` unless identical
+    (an identical copy of a quantized copy is the source's quantized copy too: no chains)."""
     dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
     keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
     duplicates.update({members[d].name: members[r].name for d, r in dups})
     lowp.update({members[d].name: dtypes[d] for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
     for q, r, kind in quantized_copies(members, layers, st.rel, keep):
         keep.remove(q)
+        for d in [d for d, rep in duplicates.items() if rep == members[q].name]:  # q's identical copies: r's too
+            duplicates[d], lowp[d] = members[r].name, kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
     return keep
 
