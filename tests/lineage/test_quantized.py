@@ -130,3 +130,33 @@ def test_two_identical_quantized_files_are_both_copies_of_the_source(tmp_path):
     assert {(e.parent, e.child) for e in forest.edges if e.kind == "precision"} == {("p", "p-q8"), ("p", "same-q8")}
     assert forest.decisions["precision_copies"] == {"p-q8": "q8_0", "same-q8": "q8_0"}
     assert set(forest.nodes) == {"p", "ft0", "ft1", "p-q8", "same-q8"}
+
+
+def test_a_k_quant_fine_tune_missing_few_grid_values_is_not_a_copy(tmp_path):
+    """A K-quant copy has every value on its source's grid (llama.cpp's Q2_K of a 0.1 % fine-tune of the
+    blocks, head and embedding untouched, reads 99.93 %: it passed the 99.9 % bar and was called a copy)."""
+    from tests.weights.test_gguf_grid import make_k_rows
+
+    from modelatlas.weights.gguf_grid import grid
+
+    kind = "Q2_K"
+    raw, values = make_k_rows(kind, rows=64, blocks=4, seed=0)
+    lo, step = grid(kind, Q[kind], raw, gguf.GGML_QUANT_SIZES[Q[kind]][1])
+    rng = np.random.default_rng(1)
+    source = values + rng.uniform(-0.4, 0.4, values.shape) * step
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_tensor("a.weight", raw, raw_shape=raw.shape, raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    codes = np.rint((values - lo) / np.where(step == 0, 1, step))
+    moved = rng.choice(values.size, values.size // 2000, replace=False)  # 0.05 % of the values: one level on
+    tuned = source.copy()
+    tuned.flat[moved] += np.where(codes.flat[moved] < 3, 1, -1) * step.flat[moved]
+    for name, x in (("p", source), ("f", tuned)):
+        save_file({"a.weight": torch.from_numpy(x.astype(np.float32))}, str(tmp_path / f"{name}.safetensors"))
+    copy = open_checkpoint(tmp_path / "q.gguf")
+    assert copy_score(copy, open_checkpoint(tmp_path / "p.safetensors")) >= 0
+    assert 0.999 < copy.requantized_match("a.weight", torch.from_numpy(tuned.astype(np.float32))) < 1.0
+    assert copy_score(copy, open_checkpoint(tmp_path / "f.safetensors")) < 0

@@ -23,6 +23,10 @@ from modelatlas.weights import Checkpoint, TensorInfo
 # misses whole blocks (Q8_0, Q4_0: 30 % at 0.05 % relative distance) or |change| / step of its values on a
 # K-quant grid (0.4 % for a change of 0.001 sigma on Q4_K, steps of ~0.27 sigma)
 MIN_MATCH = 0.999
+# the K-quants, tested on their stored grid: a copy has every value there (llama.cpp's own: 100.000 %), while a
+# Q2_K / Q3_K step is so coarse that a fine-tune 0.1 % away misses only ~0.07 % (llama.cpp's Q2_K of a fine-tune
+# of the blocks alone read 99.93 %: a copy at MIN_MATCH)
+MIN_MATCH_GRID = 0.9999
 # the IQ4 codebook types: llama.cpp rounds a block's scale (float16, 6-bit sub-scales) after choosing the codes,
 # so a copy reads 99.89-99.99 % on its own source (a fine-tune 0.1 % away: ~99.7-99.8 %)
 MIN_MATCH_CODEBOOK = 0.998
@@ -34,7 +38,8 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
     """(copy, source, type) for each model of ``keep`` holding block-quantized ``layers`` that is the
     quantization of a model of ``keep`` stored without block quantization: on every matrix the two share
     (the compared ``layers`` and the others: an embedding, a head), the copy's stored values what quantizing
-    the source's gives (share >= :data:`MIN_MATCH`, :data:`MIN_MATCH_CODEBOOK` for the IQ4 types), its plain
+    the source's gives (share >= :data:`MIN_MATCH`; :data:`MIN_MATCH_GRID` for the K-quants,
+    :data:`MIN_MATCH_CODEBOOK` for the IQ4 types), its plain
     matrices the source's rounded to their dtype. The ``candidates`` nearest sources by ``rel`` (N x N
     relative distances) are tested and the one with the highest smallest margin over the threshold wins (a coarse type, Q2_K, can pass for a model and its 0.1 % fine-tune alike;
     only the true source reproduces every value). ``type`` is the lower-cased quantization ("q8_0";
@@ -61,12 +66,13 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
     """How surely ``copy`` is ``source`` quantized: the smallest, over the float matrices (2-D or more) the two
     share by name and shape, of the share of the copy's values consistent with the source's minus the share
     required (>= 0: a copy). Consistent: quantized (block-quantized matrices,
-    :meth:`~modelatlas.weights.Checkpoint.requantized_match`; required :data:`MIN_MATCH`, or
-    :data:`MIN_MATCH_CODEBOOK` for the IQ4 types) or rounded (others: all values equal to the source's in the
+    :meth:`~modelatlas.weights.Checkpoint.requantized_match`; required :data:`MIN_MATCH`,
+    :data:`MIN_MATCH_GRID` for the K-quants, :data:`MIN_MATCH_CODEBOOK` for the IQ4 types) or rounded (others: all values equal to the source's in the
     copy's dtype, or none). Stops at the first matrix below its threshold; -1.0 when a quantized type has no
     test or no matrix is shared. Time O(P), one matrix at a time."""
-    from modelatlas.weights.gguf_grid import CODEBOOKS
+    from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS
 
+    need = {**dict.fromkeys(GRIDS, MIN_MATCH_GRID), **dict.fromkeys(CODEBOOKS, MIN_MATCH_CODEBOOK)}
     theirs = {t.name: t.shape for t in source.tensors()}
     shared = [t for t in copy.tensors() if len(t.shape) >= 2 and theirs.get(t.name) == t.shape
               and (t.dtype.startswith(("float", "bfloat")) or copy.quantization(t.name))]
@@ -79,7 +85,7 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
         else:
             share = copy.requantized_match(t.name, x)
             share = -1.0 if share is None else share
-        worst = min(worst, share - (MIN_MATCH_CODEBOOK if kind in CODEBOOKS else MIN_MATCH))
+        worst = min(worst, share - need.get(kind, MIN_MATCH))
         if worst < 0:
             break
     return worst
