@@ -48,3 +48,13 @@ def test_renamed_manifest_keeps_parents_and_source(tmp_path):
     m = make_zoo(tmp_path / "zoo").renamed({"r": "zoo/r", "b": "ft-4"})
     assert m.parents() == {"zoo/r": None, "a": "zoo/r", "ft-4": "zoo/r"}
     assert m.source == tmp_path / "zoo" / "manifest.json" and m.path_of("ft-4") == tmp_path / "zoo" / "b"
+
+
+def test_a_moved_model_is_matched_though_no_zoo_file_has_its_size(tmp_path):
+    m = make_zoo(tmp_path / "zoo")
+    (tmp_path / "mine").mkdir()
+    a = tmp_path / "zoo" / "a" / "model.safetensors"
+    save_file({"w": torch.full((3, 5), 7.0)}, str(a))  # a of another shape than r and b
+    [r for r in m.models if r.name == "a"][0].sha256 = weights_digest(a)
+    shutil.move(a, tmp_path / "mine" / "ft-3.safetensors")  # moved out of the zoo: r's and b's files are smaller
+    assert match_models(m, {"ft-3": tmp_path / "mine" / "ft-3.safetensors"}) == {"a": "ft-3"}

@@ -55,16 +55,18 @@ def _by_path(manifest: Manifest, free: list, left: dict[str, Path]) -> dict[str,
 def _by_digest(manifest: Manifest, free: list, left: dict[str, Path]) -> dict[str, str]:
     """Records whose recorded digest is a given model's weights-file digest. A file is hashed only when its
     size is a recorded model's own file size (read from the zoo folder's file), so that a folder of
-    unrelated checkpoints costs a stat each, not a read."""
+    unrelated checkpoints costs a stat each, not a read; every file is hashed when a recorded model's file is
+    missing from the zoo (moved out: its size is unknown, and its new path may be among the given ones)."""
     digests = {m.sha256: m.name for m in free if m.sha256}
-    sizes = {s for s in (_size(_weights_of(manifest.root / m.path, m.storage)) for m in free if m.sha256) if s}
+    known = [_size(_weights_of(manifest.root / m.path, m.storage)) for m in free if m.sha256]
+    sizes = None if None in known else set(known)  # a model moved out of the zoo: its size is unknown
     if not digests:
         return {}
     out = {}
     for name, p in left.items():
         path = _weights_of(p)
         size = _size(path)
-        if size is None or (sizes and size not in sizes):
+        if size is None or (sizes is not None and size not in sizes):
             continue
         hit = digests.get(weights_digest(path))
         if hit is not None and hit not in out:
