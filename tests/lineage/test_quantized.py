@@ -160,3 +160,27 @@ def test_a_k_quant_fine_tune_missing_few_grid_values_is_not_a_copy(tmp_path):
     assert copy_score(copy, open_checkpoint(tmp_path / "p.safetensors")) >= 0
     assert 0.999 < copy.requantized_match("a.weight", torch.from_numpy(tuned.astype(np.float32))) < 1.0
     assert copy_score(copy, open_checkpoint(tmp_path / "f.safetensors")) < 0
+
+
+def test_a_cast_that_leaves_the_source_unchanged_is_not_tested_again(tmp_path, monkeypatch):
+    """A float16 source read as float32 or rounded to float16 is the same: IQ4 layers (16 dequantizations
+    each, never a 100 % match that stops the casts early) were tested three times, two of them alike."""
+    from modelatlas.weights.gguf_format import GGUFCheckpoint
+
+    raw = np.random.default_rng(0).integers(0, 256, (64, 2, 18), dtype=np.uint8)  # 64 rows of 2 blocks
+    raw[:, :, 0:2] = np.full((64, 2), 0.01, np.float16).view(np.uint8).reshape(64, 2, 2)
+    raw = raw.reshape(64, -1)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_tensor("a.weight", raw, raw_shape=raw.shape, raw_dtype=Q.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    source = torch.from_numpy(gguf.quants.dequantize(raw, Q.IQ4_NL)).half()
+    calls = []
+    real = GGUFCheckpoint._match
+    monkeypatch.setattr(GGUFCheckpoint, "_match", lambda self, *a: calls.append(1) or real(self, *a))
+    with open_checkpoint(tmp_path / "q.gguf") as ck:
+        assert ck.requantized_match("a.weight", source) == 1.0
+        assert ck.requantized_match("a.weight", source + 0.3 * torch.randn(64, 64).half()) < 0.9
+    assert len(calls) == 1 + 2  # float32 (= float16); float32, bfloat16 (float16 again: skipped)

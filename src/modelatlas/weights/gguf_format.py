@@ -98,7 +98,8 @@ class GGUFCheckpoint(Checkpoint):
         Types ``gguf.quants.quantize`` knows (Q8_0, Q4_0, ...; ggml's reference rounding) are quantized again
         and compared; the K-quants, whose scales llama.cpp searches for, are checked on their stored grid
         (:mod:`modelatlas.weights.gguf_grid`: every value the level nearest to ``x``), IQ4_NL / IQ4_XS against
-        their 16 codebook values. None for other types (IQ1-IQ3: lattice codebooks). Time O(max_rows m) for rows of m values."""
+        their 16 codebook values. None for other types (IQ1-IQ3: lattice codebooks). A rounding that leaves the
+        values as they are (float16 to float16) is not tested twice. Time O(max_rows m) for rows of m values."""
         t = self._tensors[name]
         if self.quantization(name) is None or tuple(x.shape) != t.shape or not t.shape:
             return None
@@ -106,9 +107,13 @@ class GGUFCheckpoint(Checkpoint):
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
         pick = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(np.int64))
         sample = x.detach().reshape(len(rows), -1)[torch.from_numpy(pick)]  # (r, m)
-        best = 0.0
+        best, tried = 0.0, []
         for cast in (torch.float32, torch.float16, torch.bfloat16):
-            match = self._match(t, rows[pick], type_size, sample.to(cast).to(torch.float32).numpy())
+            y = sample.to(cast).to(torch.float32)
+            if any(torch.equal(y, z) for z in tried):  # a float16 source rounded to float16: tested already
+                continue
+            tried.append(y)
+            match = self._match(t, rows[pick], type_size, y.numpy())
             if match is None:
                 return None
             best = max(best, match)
