@@ -184,3 +184,30 @@ def test_a_cast_that_leaves_the_source_unchanged_is_not_tested_again(tmp_path, m
         assert ck.requantized_match("a.weight", source) == 1.0
         assert ck.requantized_match("a.weight", source + 0.3 * torch.randn(64, 64).half()) < 0.9
     assert len(calls) == 1 + 2  # float32 (= float16); float32, bfloat16 (float16 again: skipped)
+
+
+def test_the_source_every_value_fits_beats_a_nearer_model_that_misses_some(tmp_path):
+    """Margins were capped at 1 - 99.9 %, so an IQ4 copy (needing 99.8 %) scored alike on its source (100 %)
+    and on a model missing 0.05 % of its values: the nearer one (by distance, a sketch) was named source."""
+    from modelatlas.lineage.quantized import quantized_copies
+
+    raw = np.random.default_rng(0).integers(0, 256, (64, 2, 18), dtype=np.uint8)  # IQ4_NL, 64 rows of 64
+    raw[:, :, 0:2] = np.full((64, 2), 0.01, np.float16).view(np.uint8).reshape(64, 2, 2)
+    raw = raw.reshape(64, -1)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_tensor("a.weight", raw, raw_shape=raw.shape, raw_dtype=Q.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    stored = torch.from_numpy(gguf.quants.dequantize(raw, Q.IQ4_NL))
+    source = stored * (1 + 0.01 * torch.randn(stored.shape, generator=torch.Generator().manual_seed(0)))
+    near = stored.clone()
+    near[0, 0], near[40, 7] = -stored[0, 0], -stored[40, 7]  # 2 of 4096 values off their level
+    save_file({"a.weight": source}, str(tmp_path / "s.safetensors"))
+    save_file({"a.weight": near}, str(tmp_path / "n.safetensors"))
+    ckpts = [open_checkpoint(tmp_path / f) for f in ("q.gguf", "s.safetensors", "n.safetensors")]
+    assert copy_score(ckpts[0], ckpts[1]) > copy_score(ckpts[0], ckpts[2]) >= 0
+    rel = np.array([[0, 0.01, 0.002], [0.01, 0, 0.01], [0.002, 0.01, 0]])  # n is nearer to q than s is
+    layers = [t for t in ckpts[0].tensors()]
+    assert quantized_copies(ckpts, layers, rel, [0, 1, 2]) == [(0, 1, "iq4_nl")]

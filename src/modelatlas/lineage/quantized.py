@@ -76,7 +76,7 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
     theirs = {t.name: t.shape for t in source.tensors()}
     shared = [t for t in copy.tensors() if len(t.shape) >= 2 and theirs.get(t.name) == t.shape
               and (t.dtype.startswith(("float", "bfloat")) or copy.quantization(t.name))]
-    worst = 1.0 - MIN_MATCH if shared else -1.0
+    worst = 1.0 if shared else -1.0  # no cap: a source matching every value outranks one missing a few
     for t in shared:
         x, kind = source.read(t.name), copy.quantization(t.name)
         if kind is None:
