@@ -21,6 +21,15 @@ def make_weights(seed, base=None, step=0.0):
     return out
 
 
+def make_family(folder, n):
+    """A model p and ``n`` fine-tunes of it 5 % away, saved as ``folder``/{p, ft0, ...}.safetensors."""
+    p = make_weights(0)
+    kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(n)}
+    for name, w in {"p": p, **kids}.items():
+        save_file(w, str(folder / f"{name}.safetensors"))
+    return p, kids
+
+
 def make_gguf(path, weights, kind=Q.Q8_0, plain=()):
     """``weights`` written to a GGUF file, quantized to ``kind`` (the layers in ``plain`` as float16)."""
     w = gguf.GGUFWriter(str(path), "llama")
@@ -65,10 +74,7 @@ def test_plain_layers_of_a_copy_must_equal_the_source_rounded(tmp_path):
 
 
 def test_recovery_marks_quantized_copies_and_keeps_fine_tunes(tmp_path):
-    p = make_weights(0)
-    kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(3)}
-    for name, w in {"p": p, **kids}.items():
-        save_file(w, str(tmp_path / f"{name}.safetensors"))
+    p, kids = make_family(tmp_path, 3)
     make_gguf(tmp_path / "p-q8.gguf", p)
     make_gguf(tmp_path / "p-q4.gguf", p, Q.Q4_0)
     make_gguf(tmp_path / "ft1-q8.gguf", kids["ft1"])
@@ -120,10 +126,7 @@ def test_recovery_finds_a_k_quant_copy_on_its_grid(tmp_path):
 
 
 def test_two_identical_quantized_files_are_both_copies_of_the_source(tmp_path):
-    p = make_weights(0)
-    kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(2)}
-    for name, w in {"p": p, **kids}.items():
-        save_file(w, str(tmp_path / f"{name}.safetensors"))
+    p, kids = make_family(tmp_path, 2)
     make_gguf(tmp_path / "p-q8.gguf", p)
     make_gguf(tmp_path / "same-q8.gguf", p)  # the same file under a second name: an identical copy of p-q8
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")  # was a KeyError
@@ -162,20 +165,26 @@ def test_a_k_quant_fine_tune_missing_few_grid_values_is_not_a_copy(tmp_path):
     assert copy_score(copy, open_checkpoint(tmp_path / "f.safetensors")) < 0
 
 
-def test_a_cast_that_leaves_the_source_unchanged_is_not_tested_again(tmp_path, monkeypatch):
-    """A float16 source read as float32 or rounded to float16 is the same: IQ4 layers (16 dequantizations
-    each, never a 100 % match that stops the casts early) were tested three times, two of them alike."""
-    from modelatlas.weights.gguf_format import GGUFCheckpoint
-
+def make_iq4_gguf(path):
+    """A GGUF file with one IQ4_NL tensor "a.weight" of 64 rows of 64 random codes (scale 0.01); its raw rows."""
     raw = np.random.default_rng(0).integers(0, 256, (64, 2, 18), dtype=np.uint8)  # 64 rows of 2 blocks
     raw[:, :, 0:2] = np.full((64, 2), 0.01, np.float16).view(np.uint8).reshape(64, 2, 2)
     raw = raw.reshape(64, -1)
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w = gguf.GGUFWriter(str(path), "llama")
     w.add_tensor("a.weight", raw, raw_shape=raw.shape, raw_dtype=Q.IQ4_NL)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return raw
+
+
+def test_a_cast_that_leaves_the_source_unchanged_is_not_tested_again(tmp_path, monkeypatch):
+    """A float16 source read as float32 or rounded to float16 is the same: IQ4 layers (16 dequantizations
+    each, never a 100 % match that stops the casts early) were tested three times, two of them alike."""
+    from modelatlas.weights.gguf_format import GGUFCheckpoint
+
+    raw = make_iq4_gguf(tmp_path / "q.gguf")
     source = torch.from_numpy(gguf.quants.dequantize(raw, Q.IQ4_NL)).half()
     calls = []
     real = GGUFCheckpoint._match
@@ -191,15 +200,7 @@ def test_the_source_every_value_fits_beats_a_nearer_model_that_misses_some(tmp_p
     and on a model missing 0.05 % of its values: the nearer one (by distance, a sketch) was named source."""
     from modelatlas.lineage.quantized import quantized_copies
 
-    raw = np.random.default_rng(0).integers(0, 256, (64, 2, 18), dtype=np.uint8)  # IQ4_NL, 64 rows of 64
-    raw[:, :, 0:2] = np.full((64, 2), 0.01, np.float16).view(np.uint8).reshape(64, 2, 2)
-    raw = raw.reshape(64, -1)
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
-    w.add_tensor("a.weight", raw, raw_shape=raw.shape, raw_dtype=Q.IQ4_NL)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    raw = make_iq4_gguf(tmp_path / "q.gguf")
     stored = torch.from_numpy(gguf.quants.dequantize(raw, Q.IQ4_NL))
     source = stored * (1 + 0.01 * torch.randn(stored.shape, generator=torch.Generator().manual_seed(0)))
     near = stored.clone()
