@@ -160,3 +160,15 @@ def test_names_with_terminal_control_characters_are_shown_escaped(tmp_path, caps
     for stream in (captured.out, captured.err):
         assert "\x1b" not in stream and "\r" not in stream
     assert "evil\\x1b[2J\\x0dx" in captured.out
+
+
+def test_build_warns_when_the_stage_is_a_guess(tmp_path, capsys):
+    """`atlas lineage recover` warned that two models' edge direction was a guess; `atlas index build` did not."""
+    weights, _ = make_synthetic_forest(n_trees=1, children=1, depth=1, seed=7)
+    (tmp_path / "m").mkdir()
+    for name, tensors in weights.items():
+        save_file(tensors, str(tmp_path / "m" / f"{name}.safetensors"))
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a")]) == 0
+    assert "no evidence of the training stage" in capsys.readouterr().err
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "b"), "--stage", "specialize"]) == 0
+    assert "no evidence" not in capsys.readouterr().err

@@ -56,6 +56,9 @@ def _build(args: argparse.Namespace) -> int:
         for note in m.notes:
             warn(f"{m.name}: {note}")
     _show_atlas(atlas, notes=False)  # they were just warned
+    from modelatlas.cli.lineage import warn_stage_guess
+
+    warn_stage_guess(atlas.forest)
     echo(f"atlas written to {args.out} (open {args.out / 'atlas.html'} in a browser)")
     return 0
 

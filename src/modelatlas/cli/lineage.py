@@ -216,6 +216,15 @@ def with_truth(forest, truth):
     return prefer_named_copies(forest, truth)
 
 
+def warn_stage_guess(forest) -> None:
+    """Warn (stderr) when edge directions rest on no evidence of the training stage (found, not given)."""
+    d = forest.decisions
+    directed = any(e.kind == "trained" for e in forest.edges)  # single models and copies: no direction to guess
+    if directed and not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
+        warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
+             "directions are a guess; pass --stage specialize|generalize if you know it")
+
+
 def show_forest(forest, truth=None) -> None:
     """Skipped models (stderr), the tree drawing, the decisions and, with ``truth``, the scores."""
     from modelatlas.lineage.export import to_text
@@ -233,10 +242,7 @@ def show_forest(forest, truth=None) -> None:
     same += f", {len(lowp)} a lower-precision copy of another ({', '.join(sorted(set(lowp.values())))})" if lowp else ""
     echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
-    directed = any(e.kind == "trained" for e in forest.edges)  # single models and copies: no direction to guess
-    if directed and not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
-        warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
-             "directions are a guess; pass --stage specialize|generalize if you know it")
+    warn_stage_guess(forest)
     if truth is not None:
         s = score_forest(forest, truth)
         wrong = ", ".join(f"{n} {k}" for k, n in s.errors.items())
