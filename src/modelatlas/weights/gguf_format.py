@@ -107,13 +107,14 @@ class GGUFCheckpoint(Checkpoint):
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
         pick = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(np.int64))
         sample = x.detach().reshape(len(rows), -1)[torch.from_numpy(pick)]  # (r, m)
+        test = self._value_test(t, rows[pick], type_size)  # read once, tested for each rounding of x
         best, tried = 0.0, []
         for cast in (torch.float32, torch.float16, torch.bfloat16):
             y = sample.to(cast).to(torch.float32)
             if any(torch.equal(y, z) for z in tried):  # a float16 source rounded to float16: tested already
                 continue
             tried.append(y)
-            match = self._match(t, rows[pick], type_size, y.numpy())
+            match = test(y.numpy())
             if match is None:
                 return None
             best = max(best, match)
@@ -121,22 +122,28 @@ class GGUFCheckpoint(Checkpoint):
                 break
         return best
 
-    def _match(self, t: GGUFTensor, rows: np.ndarray, type_size: int, x: np.ndarray) -> float | None:
-        """:meth:`requantized_match` of the sampled ``rows`` (r, row bytes) against ``x`` (r, m)."""
+    def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int):
+        """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes), x (r, m); the
+        stored values (and a K-quant's grid) are computed once. The share is None for a type with no test."""
+        from functools import partial
+
         from gguf.quants import dequantize, quantize
 
-        from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, codebook_match, grid_match
+        from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, codebook_match, grid_test
 
-        have = dequantize(rows, t.ggml_type)  # (r, m) float32
-        if t.ggml_type.name in GRIDS:
-            return grid_match(t.ggml_type.name, t.ggml_type, rows, type_size, have, x)
-        if t.ggml_type.name in CODEBOOKS:
-            return codebook_match(t.ggml_type.name, t.ggml_type, rows, type_size, have, x)
-        try:
-            again = dequantize(quantize(x, t.ggml_type), t.ggml_type)
-        except (NotImplementedError, ValueError, TypeError):
-            return None
-        return float(np.mean(again == have))
+        kind, have = t.ggml_type.name, dequantize(rows, t.ggml_type)  # (r, m) float32
+        if kind in GRIDS:
+            return grid_test(kind, t.ggml_type, rows, type_size, have)
+        if kind in CODEBOOKS:
+            return partial(codebook_match, kind, t.ggml_type, rows, type_size, have)
+
+        def again(x: np.ndarray) -> float | None:
+            try:
+                return float(np.mean(dequantize(quantize(x, t.ggml_type), t.ggml_type) == have))
+            except (NotImplementedError, ValueError, TypeError):
+                return None
+
+        return again
 
     def close(self) -> None:
         """Drop the memory map (np.memmap has no close of its own; the mapping goes with its last reference,

@@ -34,34 +34,50 @@ TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 CODEBOOKS = {"IQ4_NL": (2, 18), "IQ4_XS": (8, 136)}
 
 
+def _with_codes(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[int, int, int]]) -> np.ndarray:
+    """``rows`` (r, row bytes) dequantized, float64 (r, m), with the bytes ``first:end`` of every block set to
+    ``byte`` for each (first, end, byte) of ``fills``: the blocks' scales with chosen codes."""
+    from gguf.quants import dequantize
+
+    blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
+    for first, end, byte in fills:
+        blocks[:, :, first:end] = byte
+    return dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64)  # (r, m)
+
+
 def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(lowest level, step) of each value's sub-block, both (r, m) float64, for ``rows`` (r, row bytes) of
     a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales)."""
-    from gguf.quants import dequantize
-
-    levels = []
-    for which in (2, 3):
-        blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
-        for region in GRIDS[kind][1]:
-            blocks[:, :, region[0]:region[1]] = region[which]
-        levels.append(dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64))  # (r, m)
-    return levels[0], levels[1] - levels[0]
+    regions = GRIDS[kind][1]
+    lo = _with_codes(rows, ggml_type, type_size, [(a, b, low) for a, b, low, _ in regions])
+    up = _with_codes(rows, ggml_type, type_size, [(a, b, nxt) for a, b, _, nxt in regions])
+    return lo, up - lo
 
 
-def grid_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
-               x: np.ndarray) -> float:
-    """Share of the ``stored`` values (r, m) that are the level of their sub-block's grid nearest to ``x``
-    (r, m), or its end level with ``x`` beyond it. 1.0 for a quantization of ``x``; a quantized fine-tune
-    of ``x`` misses about |change| / step of its values. Time O(r m)."""
+def grid_test(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray):
+    """``x -> share`` of the ``stored`` values (r, m) that are the level of their sub-block's grid nearest to
+    ``x`` (r, m), or its end level with ``x`` beyond it; the grid is read once for any number of ``x``.
+    1.0 for a quantization of ``x``; a quantized fine-tune of ``x`` misses about |change| / step of its
+    values. Time O(r m) to build, O(r m) a test."""
     n = GRIDS[kind][0]
     lo, step = grid(kind, ggml_type, rows, type_size)
     flat = step == 0  # every value of such a sub-block is its offset, whatever x
     safe = np.where(flat, 1.0, step)
     code = np.rint((stored - lo) / safe)  # (r, m) the stored code, 0 .. n - 1
-    t = (x.astype(np.float64) - lo) / safe  # where x falls on the grid
-    near = np.abs(t - code) <= 0.5 + TOL
-    clamped = ((code == 0) & (t <= 0.5 + TOL)) | ((code == n - 1) & (t >= n - 1.5 - TOL))
-    return float(np.mean(flat | near | clamped))
+
+    def share(x: np.ndarray) -> float:
+        t = (x.astype(np.float64) - lo) / safe  # where x falls on the grid
+        near = np.abs(t - code) <= 0.5 + TOL
+        clamped = ((code == 0) & (t <= 0.5 + TOL)) | ((code == n - 1) & (t >= n - 1.5 - TOL))
+        return float(np.mean(flat | near | clamped))
+
+    return share
+
+
+def grid_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
+               x: np.ndarray) -> float:
+    """:func:`grid_test` of one ``x``."""
+    return grid_test(kind, ggml_type, rows, type_size, stored)(x)
 
 
 def codebook_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
@@ -71,16 +87,12 @@ def codebook_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, store
     picks the nearest codebook value once it has chosen a block's scale. A copy: 99.89-99.99 % on
     llama.cpp's IQ4_NL / IQ4_XS (the rest: rounding of the scales near a tie); a fine-tune 0.1 % away:
     99.71-99.78 %. Time O(16 r m), memory O(r m): the 16 levels are visited, not stacked."""
-    from gguf.quants import dequantize
-
     first, end = CODEBOOKS[kind]
     x = x.astype(np.float64)
     mine = np.abs(stored.astype(np.float64) - x)  # (r, m) the stored value is its code's level
     best, top = np.full_like(x, np.inf), np.zeros_like(x)  # nearest level's distance, largest |level|
     for code in range(16):
-        blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
-        blocks[:, :, first:end] = code | (code << 4)
-        level = dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64)  # (r, m)
+        level = _with_codes(rows, ggml_type, type_size, [(first, end, code | (code << 4))])  # (r, m)
         np.minimum(best, np.abs(level - x), out=best)
         np.maximum(top, np.abs(level), out=top)
     return float(np.mean(mine <= best + 1e-6 * top))
