@@ -88,17 +88,15 @@ def fits(value: object, t: object) -> bool:
     return not isinstance(origin, type) or isinstance(value, origin)
 
 
-_UNBOUNDED = ("clip_factor",)  # fields for which infinity means "no limit" (no gradient clipping)
-
-
-def check_positive(cfg: Any, *names: str) -> None:
+def check_positive(cfg: Any, *names: str, unbounded: tuple[str, ...] = ()) -> None:
     """Raise ConfigError naming the first field of ``names`` that is not > 0 and finite (an infinite learning
-    rate or batch gave NaN images scored as a result; only the fields in ``_UNBOUNDED`` may be infinite)."""
+    rate or batch gave NaN images scored as a result); the fields in ``unbounded`` may be infinite (a method's
+    "no limit", e.g. RaT-BPTT's ``clip_factor``: no gradient clipping)."""
     for name in names:
         v = getattr(cfg, name)
         if v is not None and not v > 0:
             raise ConfigError(f"{name} must be > 0, got {v}")
-        if v is not None and v == float("inf") and name not in _UNBOUNDED:
+        if v is not None and v == float("inf") and name not in unbounded:
             raise ConfigError(f"{name} must be finite, got {v}")
 
 

@@ -44,7 +44,7 @@ class RaTBPTTConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "window", "total", "batch_real", "batch_syn", "inner_lr", "lr_img", "lr_label",
-                       "label_scale", "clip_factor", "real_chunk")
+                       "label_scale", "clip_factor", "real_chunk", unbounded=("clip_factor",))  # inf: no clipping
         if self.window > self.total:
             raise ConfigError(f"window ({self.window}) must be <= total ({self.total}); raise total or lower window")
         if not 0 <= self.clip_ema < 1:
