@@ -37,12 +37,11 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     check_start(out, resume)
     xtr, ytr, xte, yte = data
     info = {"dataset": dataset, "n_train": len(xtr), "n_test": len(xte), "seed": seed, "config": config.to_dict()}
+    used = validate or resume  # a checkpoint is written with validation only, read on a resume only
     settings = {**{k: v for k, v in info.items() if k != "config"}, "validate": validate, **config.to_dict(),
-                "data": data_digest(xtr, ytr, xte, yte)}
+                "data": data_digest(xtr, ytr, xte, yte) if used else None}
     ckpt = RunCheckpoint(out, settings, every_s)
-    attr = ckpt.load_ddm() if resume and validate else None
-    if resume and not validate:
-        ckpt.load_ddm()  # only to refuse a state of a run with validation ('validate was true ..., now false')
+    attr = ckpt.load_ddm() if resume else None  # a state of a run with validation refused: 'validate was true'
     if attr is None:
         attr = ddm_attribution(xtr, ytr, xte, yte, num_classes, config, seed, progress)
         if validate:
