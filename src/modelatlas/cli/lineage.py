@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_bytes, atomic_write_text
 from modelatlas.cli.argtypes import positive_int
-from modelatlas.cli.output import counted, echo, tqdm_progress, warn
+from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
 from modelatlas.errors import AtlasError, ConfigError
 
 
@@ -119,10 +118,10 @@ def expand_paths(paths: list[str]) -> list[Path]:
         except AtlasError as e:
             if len(paths) == 1:  # alone, its own error is the one line to print (not "skipped" + "no models")
                 raise
-            print(f"skipped: {' '.join(str(e).split())}", file=sys.stderr)
+            note(f"skipped: {' '.join(str(e).split())}")
             continue
         if not models and len(paths) > 1:  # alone, the caller's "no models found" error says it
-            print(f"skipped: {p}: no models found there", file=sys.stderr)
+            note(f"skipped: {p}: no models found there")
         found.extend(models)
     # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
     # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
@@ -137,8 +136,8 @@ def note_zoo_adapters(models: list[Path]) -> None:
     zoos = sorted({str(Path(p).parent) for p in models
                    if (Path(p) / "adapter_config.json").is_file() and (Path(p).parent / "manifest.json").is_file()})
     if zoos:
-        print(f"note: {', '.join(zoos[:3])} stores models as LoRA adapters on their parents; "
-              f"`atlas zoo merge {zoos[0]} --out DIR` writes their full weights to compare", file=sys.stderr)
+        note(f"note: {', '.join(zoos[:3])} stores models as LoRA adapters on their parents; "
+              f"`atlas zoo merge {zoos[0]} --out DIR` writes their full weights to compare")
 
 
 def _recover(args: argparse.Namespace) -> int:
@@ -202,8 +201,7 @@ def match_truth(truth, models: list):
     if found:
         pairs = [f"{new} = {old}" for old, new in sorted(found.items(), key=lambda kv: kv[1])]
         more = f", ... ({len(pairs)} in all)" if len(pairs) > 5 else ""
-        print(f"--truth: models found in the manifest under another name: {', '.join(pairs[:5])}{more}",
-              file=sys.stderr)
+        note(f"--truth: models found in the manifest under another name: {', '.join(pairs[:5])}{more}")
     return truth.renamed(found) if found else truth
 
 
@@ -231,7 +229,7 @@ def show_forest(forest, truth=None) -> None:
     from modelatlas.lineage.scoring import edge_marks, error_notes, score_forest
 
     for name, why in forest.skipped.items():
-        print(f"skipped {name}: {' '.join(why.split())}", file=sys.stderr)
+        note(f"skipped {name}: {' '.join(why.split())}")
     marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
     echo(to_text(forest, marks, notes).rstrip("\n"))
     d = forest.decisions

@@ -37,6 +37,12 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def note(message: str) -> None:
+    """Print an informational line to stderr (what was skipped, matched, or how to go on), control
+    characters escaped (:func:`printable`): model names reach it."""
+    print(printable(message), file=sys.stderr)
+
+
 def warn(message: str) -> None:
     """Print a warning line to stderr."""
     print(f"warning: {printable(message)}", file=sys.stderr)
