@@ -119,13 +119,13 @@ def test_ctrl_c_during_a_cli_merge_says_what_was_left(adapter_zoo, tmp_path, cap
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = merge.atomic_save_tensors
-    monkeypatch.setattr(merge, "atomic_save_tensors", save)
+    real = merge.save_full
+    monkeypatch.setattr(merge, "save_full", save)
     argv = ["zoo", "merge", str(folder), "--out", str(tmp_path / "m")]
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "nothing partial" not in err and "rerun the same command" in err
-    monkeypatch.setattr(merge, "atomic_save_tensors", real)
+    monkeypatch.setattr(merge, "save_full", real)
     assert main(argv) == 0
 
 

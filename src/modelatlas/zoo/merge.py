@@ -16,11 +16,10 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from modelatlas.atomic import atomic_save_tensors
 from modelatlas.errors import ConfigError, ManifestError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest
-from modelatlas.zoo.store import RECORD, clear_folder, hf_config, load_state, weights_digest, write_record
+from modelatlas.zoo.store import RECORD, clear_folder, load_state, save_full, weights_digest, write_record
 
 
 def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = None) -> Manifest:
@@ -45,8 +44,7 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
         folder = out / m.path  # read by path too: a model renamed in the manifest keeps its folder
         folder.mkdir(parents=True, exist_ok=True)
         clear_folder(folder)  # what a killed merge left: temporary files, an unfinished model's files
-        atomic_save_tensors(folder / "model.safetensors", load_state(manifest.root, m.path), metadata={"format": "pt"})
-        _write_config(folder, arch)
+        save_full(folder, load_state(manifest.root, m.path), arch)
         rec = replace(m, storage="full", sha256=weights_digest(folder / "model.safetensors"))
         write_record(folder, asdict(rec), fp)
         records.append(rec)
@@ -136,14 +134,6 @@ def _identity(record: dict) -> dict:
 def _merged_config(config: dict) -> dict:
     """The config a merge writes: the zoo's, with storage "merged" (a dict without a storage key kept as is)."""
     return {**config, "storage": "merged"} if "storage" in config else dict(config)
-
-
-def _write_config(folder: Path, arch: dict | None) -> None:
-    """The Hugging Face-style ``config.json`` of a zoo model (none for a manifest without ``arch_config``)."""
-    from modelatlas.atomic import atomic_write_json
-
-    if isinstance(arch, dict) and "arch" in arch:
-        atomic_write_json(folder / "config.json", hf_config(arch))
 
 
 def _fingerprint(config: dict) -> str:

@@ -43,9 +43,12 @@ def clear_folder(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict) -> None:
+def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict | None) -> None:
+    """A Hugging Face-style model folder: ``model.safetensors`` and, for an architecture config (a manifest
+    written by ``make_zoo`` has one), ``config.json``."""
     atomic_save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
-    atomic_write_json(folder / "config.json", hf_config(arch))
+    if isinstance(arch, dict) and "arch" in arch:
+        atomic_write_json(folder / "config.json", hf_config(arch))
 
 
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
