@@ -217,3 +217,53 @@ def test_the_source_every_value_fits_beats_a_nearer_model_that_misses_some(tmp_p
     rel = np.array([[0, 0.01, 0.002], [0.01, 0, 0.01], [0.002, 0.01, 0]])  # n is nearer to q than s is
     layers = [t for t in ckpts[0].tensors()]
     assert quantized_copies(ckpts, layers, rel, [0, 1, 2]) == [(0, 1, "iq4_nl")]
+
+
+HF_TO_GGUF = {"model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+              "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
+              "model.layers.0.self_attn.o_proj.weight": "blk.0.attn_output.weight",
+              "model.layers.0.mlp.up_proj.weight": "blk.0.ffn_up.weight"}
+
+
+def make_hf_llama(folder, weights):
+    """``weights`` (HF names) saved as a transformers LlamaForCausalLM folder: 2 query heads, 1 key head."""
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "num_key_value_heads": 1,
+           "num_hidden_layers": 1}
+    (folder / "config.json").write_text(__import__("json").dumps(cfg))
+    return folder
+
+
+def make_converted(weights):
+    """What llama.cpp's converter writes, by hand: GGUF names, q / k rows of each head of 32 interleaved."""
+    def rows(heads):
+        return [h * 32 + (j % 2) * 16 + j // 2 for h in range(heads) for j in range(32)]
+    out = {HF_TO_GGUF[k]: v for k, v in weights.items()}
+    out["blk.0.attn_q.weight"] = out["blk.0.attn_q.weight"][rows(2)]
+    out["blk.0.attn_k.weight"] = out["blk.0.attn_k.weight"][rows(1)]
+    return out
+
+
+def test_a_hugging_face_model_and_its_gguf_conversions_are_compared(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.0.self_attn.k_proj.weight": (32, 64),
+              "model.layers.0.self_attn.o_proj.weight": (64, 64), "model.layers.0.mlp.up_proj.weight": (96, 64)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    ft = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    ft2 = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) for k, v in ft.items()}
+    paths = [make_hf_llama(tmp_path / n, w) for n, w in (("base", base), ("ft", ft), ("ft2", ft2))]
+    paths.append(make_gguf(tmp_path / "base-q8_0.gguf", make_converted(base)))
+    paths.append(make_gguf(tmp_path / "ft-f16.gguf", make_converted(ft), plain=tuple(HF_TO_GGUF.values())))
+    forest = recover_lineage(paths, stage="specialize")
+    d = forest.decisions
+    assert d["architectures"] == 1 and d["gguf_names"] == {"base": "llama", "ft": "llama", "ft2": "llama"}
+    assert d["precision_copies"] == {"base-q8_0": "q8_0", "ft-f16": "float16"}
+    edges = {(e.parent, e.child) for e in forest.edges}
+    assert {("base", "base-q8_0"), ("ft", "ft-f16")} <= edges  # copies under their own source
+    assert {frozenset(e) for e in edges if "-" not in e[1]} == {frozenset(("base", "ft")), frozenset(("ft", "ft2"))}
+    unpermuted = make_converted(base)
+    unpermuted["blk.0.attn_q.weight"] = base["model.layers.0.self_attn.q_proj.weight"]  # rows left in HF order
+    make_gguf(tmp_path / "wrong.gguf", unpermuted)
+    wrong = recover_lineage([paths[0], tmp_path / "wrong.gguf"], stage="specialize")
+    assert "wrong" not in wrong.decisions.get("precision_copies", {})  # a copy only in the converter's row order

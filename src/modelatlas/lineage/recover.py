@@ -37,7 +37,7 @@ from modelatlas.lineage.orient import (
     solve_tree,
 )
 from modelatlas.lineage.quantized import quantized_copies
-from modelatlas.lineage.sources import as_checkpoints, group_by_architecture
+from modelatlas.lineage.sources import as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.progress import Progress
 from modelatlas.weights import Checkpoint, TensorInfo
@@ -69,6 +69,7 @@ class LineageRecovery:
         paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
+        ckpts, renamed = gguf_aligned(ckpts)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
         names, stats, duplicates, lowp = [], [], {}, {}
@@ -87,6 +88,8 @@ class LineageRecovery:
         self._fit_groups(cfg, names, stats, rules, skipped)
         if duplicates:
             self._add_duplicates(duplicates, lowp)
+        if renamed:
+            self.forest_.decisions["gguf_names"] = renamed
         return self
 
     def _fit_groups(self, cfg, names, stats, rules, skipped) -> None:

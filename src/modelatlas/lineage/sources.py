@@ -91,6 +91,28 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
     return ckpts, skipped
 
 
+def gguf_aligned(ckpts: list[Checkpoint]) -> tuple[list[Checkpoint], dict[str, str]]:
+    """``ckpts`` with each Hugging Face model that llama.cpp converts to the architecture of a GGUF file among
+    them seen under GGUF names and layout (:func:`modelatlas.weights.gguf_names.gguf_view`), so that it falls
+    in the GGUF files' architecture group and its conversions and quantizations are compared with it. Returns
+    (checkpoints, {model name: GGUF architecture} of the models renamed). Headers and config.json only."""
+    targets = dict.fromkeys((c.architecture, *c.head_counts()) for c in ckpts
+                            if c.format == "gguf" and getattr(c, "architecture", None))
+    if not targets:
+        return ckpts, {}
+    from modelatlas.weights.gguf_names import gguf_view
+
+    out, renamed = [], {}
+    for ck in ckpts:
+        view = None
+        if ck.format != "gguf" and ck.kind == "full":
+            view = next((v for t in targets if (v := gguf_view(ck, *t)) is not None), None)
+        if view is not None:
+            renamed[ck.name] = view.gguf_architecture
+        out.append(ck if view is None else view)
+    return out, renamed
+
+
 def _expanded(items: list) -> list:
     """Each path as the models it names (a folder of models: the models in it, as ``atlas lineage recover``
     reads it; it was skipped as "unknown checkpoint format"); a path that does not expand (missing, of an

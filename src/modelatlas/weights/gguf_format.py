@@ -47,8 +47,20 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: str | Path, name: str | None = None):
         super().__init__(path, name)
         self._gguf = import_gguf(self.path)
-        self._tensors = {t.name: t for t in read_gguf_header(self.path, self._gguf)}
+        self.metadata: dict = {}  # general.architecture and its head counts (gguf_header.KEPT_KEYS)
+        self._tensors = {t.name: t for t in read_gguf_header(self.path, self._gguf, self.metadata)}
         self._map: np.memmap | None = None
+
+    @property
+    def architecture(self) -> str | None:
+        """llama.cpp's name of the model's architecture (``general.architecture``: "llama", "qwen2", ...)."""
+        arch = self.metadata.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def head_counts(self) -> tuple[int | None, int | None]:
+        """(attention heads, key/value heads) as the file lists them; None where it does not."""
+        arch = self.architecture
+        return (self.metadata.get(f"{arch}.attention.head_count"), self.metadata.get(f"{arch}.attention.head_count_kv"))
 
     def _infos(self) -> list[TensorInfo]:
         return [TensorInfo(n, t.shape, _STORED.get(t.ggml_type.name, "float32")) for n, t in self._tensors.items()]

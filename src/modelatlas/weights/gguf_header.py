@@ -24,6 +24,7 @@ _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NESTING = 8  # arrays of arrays; real files use none
 _VERSIONS = (2, 3)
+KEPT_KEYS = ("general.architecture", ".attention.head_count", ".attention.head_count_kv")  # exact, then suffixes
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,22 @@ class _Cursor:
         return bytes(self.buf[self.pos - n:self.pos])
 
 
-def read_gguf_header(path: Path, gguf) -> list[GGUFTensor]:
+def read_gguf_header(path: Path, gguf, meta: dict | None = None) -> list[GGUFTensor]:
     """The tensor table of GGUF file ``path``, checked against the file size; CheckpointError naming the file
-    and the field otherwise. Time O(header bytes) (O(1) per metadata item), memory O(tensors)."""
+    and the field otherwise. ``meta``, when given, receives the few metadata values modelatlas uses
+    (:data:`KEPT_KEYS`: the architecture and its attention head counts); the rest is skipped.
+    Time O(header bytes) (O(1) per metadata item), memory O(tensors)."""
     try:
         with open(path, "rb") as f:
             if path.stat().st_size == 0:
                 raise CheckpointError(path, "corrupt or truncated GGUF file: the file is empty")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse(_Cursor(path, buf), gguf)
+                return _parse(_Cursor(path, buf), gguf, {} if meta is None else meta)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
 
 
-def _parse(cur: _Cursor, gguf) -> list[GGUFTensor]:
+def _parse(cur: _Cursor, gguf, meta: dict) -> list[GGUFTensor]:
     magic, version = cur.take("4sI", "header")
     if magic != b"GGUF":
         lfs = lfs_pointer_reason(cur.path)
@@ -100,12 +103,23 @@ def _parse(cur: _Cursor, gguf) -> list[GGUFTensor]:
         (vtype,) = cur.take("I", f"type of key {key!r}")
         if key == "general.alignment":
             alignment = _alignment(cur, vtype)
+        elif _kept(key, vtype):
+            meta[key] = cur.string(key).decode("utf-8", "replace") if vtype == _STRING else cur.take(
+                _SCALARS[vtype], key)[0]
         else:
             _skip_value(cur, vtype, key, 0)
     cur.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length, n_dims, type, offset
     infos = [_tensor_info(cur) for _ in range(n_tensors)]
     data_start = -(-cur.pos // alignment) * alignment
     return _tensors(cur, infos, data_start, gguf)
+
+
+def _kept(key: str, vtype: int) -> bool:
+    """Whether a metadata value is one of :data:`KEPT_KEYS` (a string or an integer scalar; a per-layer array
+    of head counts is skipped like any other value)."""
+    if key == "general.architecture":
+        return vtype == _STRING
+    return key.endswith(KEPT_KEYS[1:]) and vtype in _SCALARS and _SCALARS[vtype] in "BbHhIiQq"
 
 
 def _alignment(cur: _Cursor, vtype: int) -> int:

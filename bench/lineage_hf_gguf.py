@@ -1,0 +1,119 @@
+"""Hugging Face models and their GGUF conversions in one lineage: are the conversions placed under their source?
+
+Needs llama.cpp's source tree (not a dependency): its ``convert_hf_to_gguf.py`` converts each model, and, for
+the K-quants, its ``llama-quantize`` (build commands in bench/lineage_llamacpp.py). The llama-cpp-python sdist
+holds both:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llcpp && tar xzf /tmp/llcpp/*.tar.gz -C /tmp/llcpp
+    python bench/lineage_hf_gguf.py --llamacpp /tmp/llcpp/llama_cpp_python-*/vendor/llama.cpp --work /tmp/hfgguf \\
+        [--quantize .../build/bin/llama-quantize]
+
+For each architecture (a tiny LlamaForCausalLM with grouped-query attention, whose query and key rows the
+converter permutes, and a tiny Qwen2ForCausalLM, whose rows it keeps), transformers writes a randomly
+initialised base and three fine-tunes of it (each 2-D weight moved by 0.1 %, 1 % and 5 % of its standard
+deviation). Every model is converted to F32 (checked tensor by tensor against modelatlas's GGUF-named view:
+the two must be equal), F16 and Q8_0 by the converter, and to --types by llama-quantize from the F16 file. The
+vocabulary step of the converter is skipped (the models have no tokenizer; it writes no weight). Printed: the
+forest recovered from the Hugging Face folders and all GGUF files together, and how many conversions were
+placed as copies of their own source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.export import to_text
+from modelatlas.weights import open_checkpoint
+from modelatlas.weights.gguf_names import gguf_view
+
+STEPS = {"ft0": 0.001, "ft1": 0.01, "ft2": 0.05}
+CONVERT = """import sys
+sys.path[:0] = [{root!r} + "/gguf-py", {root!r}]
+import convert_hf_to_gguf as c
+from conversion import base, llama, qwen
+for cls in (base.TextModel, llama.LlamaModel, qwen.Qwen2Model):
+    cls.set_vocab = lambda self: None  # no tokenizer: the vocabulary writes no weight
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[1:]
+c.main()
+"""
+
+
+def make_models(folder: Path, arch: str) -> list[Path]:
+    """A base and its fine-tunes (STEPS) saved by transformers' save_pretrained under ``folder``/{arch}-*."""
+    import transformers
+
+    torch.manual_seed(0)
+    dims = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**dims)) if arch == "llama" else
+             transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**dims, tie_word_embeddings=True)))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    out = []
+    for name, step in {"base": 0.0, **STEPS}.items():
+        gen = torch.Generator().manual_seed(len(out))
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                noise = torch.randn(p.shape, generator=gen) * base[k].std() * step if p.ndim == 2 else 0
+                p.copy_(base[k] + noise)
+        model.save_pretrained(folder / f"{arch}-{name}")
+        out.append(folder / f"{arch}-{name}")
+    return out
+
+
+def convert(script: Path, model: Path, quantize: str | None, types: list[str]) -> list[Path]:
+    """The model's F32, F16 and Q8_0 GGUF files (the converter) and --types (llama-quantize of the F16)."""
+    files = []
+    for t in ("f32", "f16", "q8_0"):
+        out = model.parent / f"{model.name}-{t}.gguf"
+        subprocess.run([sys.executable, str(script), str(model), "--outtype", t, "--outfile", str(out)],
+                       check=True, capture_output=True)
+        files.append(out)
+    for t in types if quantize else []:
+        out = model.parent / f"{model.name}-{t.lower()}.gguf"
+        subprocess.run([quantize, str(files[1]), str(out), t], check=True, capture_output=True)
+        files.append(out)
+    return files
+
+
+def check_view(model: Path, f32: Path) -> int:
+    """Tensors of the F32 conversion that equal modelatlas's GGUF-named view of the model (all must)."""
+    with open_checkpoint(model) as hf, open_checkpoint(f32) as g:
+        view = gguf_view(hf, g.architecture, *g.head_counts())
+        assert view is not None and sorted(view.keys()) == sorted(g.keys()), f"{model}: names differ"
+        same = sum(torch.equal(view.read(k).float(), g.read(k).float()) for k in g.keys())
+        assert same == len(g.keys()), f"{model}: {len(g.keys()) - same} tensors differ from the converter's"
+        return same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llamacpp", type=Path, required=True, help="llama.cpp source folder")
+    ap.add_argument("--quantize", help="llama-quantize binary (optional: K-quants)")
+    ap.add_argument("--types", default="Q4_K_M,Q5_K_M,Q6_K,Q4_0")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/hfgguf"))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    script = args.work / "convert.py"
+    script.write_text(CONVERT.format(root=str(args.llamacpp)))
+    for arch in ("llama", "qwen2"):
+        models = make_models(args.work, arch)
+        files = {m: convert(script, m, args.quantize, args.types.split(",")) for m in models}
+        same = sum(check_view(m, fs[0]) for m, fs in files.items())
+        print(f"{arch}: {same} tensors of {len(models)} F32 conversions equal modelatlas's GGUF-named view")
+        forest = recover_lineage(models + [f for fs in files.values() for f in fs], stage="specialize")
+        print(to_text(forest))
+        copies = forest.decisions.get("duplicates", {})
+        right = sum(copies.get(f.stem) == m.name for m, fs in files.items() for f in fs)
+        total = sum(len(fs) for fs in files.values())
+        print(f"{arch}: {right} of {total} conversions placed as copies of their own source; "
+              f"architecture groups: {forest.decisions['architectures']}\n")
+
+
+if __name__ == "__main__":
+    main()
