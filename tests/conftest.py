@@ -44,3 +44,21 @@ def _adapter_family(folder, n=3):
         save_file({f"base_model.model.layers.{i}.lora_{m}.weight": 0.3 * torch.randn(*shape, generator=g)
                    for i in range(3) for m, shape in (("A", (2, 16)), ("B", (16, 2)))}, str(ad / "adapter_model.safetensors"))
     return folder
+
+
+@pytest.fixture
+def make_lightning_ckpt():
+    """``make_lightning_ckpt(path, state_dict, legacy=False, **top_level)``: a PyTorch Lightning checkpoint."""
+    return _lightning_ckpt
+
+
+def _lightning_ckpt(path, state_dict, legacy=False, **extra):
+    """A Trainer checkpoint as Lightning 2.x writes it (plain types only), the weights under "state_dict";
+    ``extra`` replaces or adds top-level keys; ``legacy``: the pre-zip torch.save format."""
+    opt = {"state": {0: {"step": torch.tensor(30.0), "exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}
+    torch.save({"epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.4.0", "state_dict": state_dict,
+                "loops": {"fit_loop": {"state_dict": {}}}, "optimizer_states": [opt], "lr_schedulers": [],
+                "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": torch.tensor(0.5)}},
+                "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1}, **extra},
+               path, _use_new_zipfile_serialization=not legacy)
+    return path

@@ -52,10 +52,12 @@ def test_legacy_pickle(tmp_path):
 
 @pytest.mark.parametrize("key", ["state_dict", "model"])
 def test_nested_state_dict(tmp_path, key):
-    p = tmp_path / "lightning.ckpt"
-    torch.save({"epoch": 3, key: make_state_dict(), "optimizer_states": [{"lr": 0.1}]}, p)
+    # pytorch/examples' ImageNet layout: "epoch" beside "state_dict" is no Lightning marker, names stay
+    p = tmp_path / "run.ckpt"
+    torch.save({"epoch": 3, "arch": "mlp", key: make_state_dict(), "optimizer": {"lr": 0.1}}, p)
     with open_checkpoint(p) as ck:
         check_reads_state_dict(ck)
+        assert ck.name_prefix == ""
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -254,3 +256,63 @@ def test_parameters_are_read_as_plain_tensors(tmp_path):
         w = ck.read("w")
     assert type(w) is torch.Tensor and not w.requires_grad
     assert w.numpy().sum() == 4
+
+
+def make_lightning_state(prefix="model."):
+    return {f"{prefix}{k}": v for k, v in make_state_dict().items()}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_lightning_module_attribute_is_stripped_and_kept_as_name_prefix(tmp_path, legacy, make_lightning_ckpt):
+    p = make_lightning_ckpt(tmp_path / "epoch=3-step=30.ckpt", make_lightning_state(), legacy)
+    with open_checkpoint(p) as ck:
+        check_reads_state_dict(ck)  # "model.layer.weight" is listed as "layer.weight", as a plain save lists it
+        assert ck.name_prefix == "model."
+    with open_checkpoint(p) as ck:  # reopened after close(): same names
+        ck.close()
+        assert ck.read("layer.bias").dtype == torch.float16 and ck.name_prefix == "model."
+
+
+def test_lightning_checkpoint_told_by_trainer_keys_without_its_version(tmp_path):
+    torch.save({"epoch": 1, "global_step": 8, "state_dict": make_lightning_state("net.")}, tmp_path / "a.ckpt")
+    torch.save({"state_dict": make_lightning_state("backbone._orig_mod."), "callbacks": {}}, tmp_path / "b.ckpt")
+    with open_checkpoint(tmp_path / "a.ckpt") as a, open_checkpoint(tmp_path / "b.ckpt") as b:
+        check_reads_state_dict(a)
+        check_reads_state_dict(b)  # torch.compile'd network in the module: both prefixes go
+        assert (a.name_prefix, b.name_prefix) == ("net.", "backbone._orig_mod.")
+
+
+def test_names_that_only_share_a_first_component_are_kept_outside_lightning(tmp_path):
+    # a transformers save's "model.layers.0..." are real names; so are a DDP-stripped plain save's
+    state = {"model.layers.0.q.weight": torch.ones(2, 2), "model.norm.weight": torch.ones(2)}
+    torch.save(state, tmp_path / "hf.bin")
+    torch.save({"module.model.w": torch.ones(2)}, tmp_path / "ddp.pt")
+    with open_checkpoint(tmp_path / "hf.bin") as hf, open_checkpoint(tmp_path / "ddp.pt") as ddp:
+        assert hf.keys() == list(state) and hf.name_prefix == ""
+        assert ddp.keys() == ["model.w"] and ddp.name_prefix == "module."
+
+
+def test_lightning_module_of_two_networks_keeps_its_names(tmp_path, make_lightning_ckpt):
+    state = {"encoder.0.weight": torch.ones(3, 2), "decoder.0.weight": torch.ones(2, 3)}
+    p = make_lightning_ckpt(tmp_path / "ae.ckpt", state)
+    with open_checkpoint(p) as ck:
+        assert ck.keys() == ["encoder.0.weight", "decoder.0.weight"] and ck.name_prefix == ""
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_lightning_hyper_parameters_holding_objects_are_refused_by_name(tmp_path, legacy, make_lightning_ckpt):
+    """save_hyperparameters() of an argparse Namespace (or a Path, an OmegaConf config) stores the object:
+    weights_only refuses its class; the error says where it is and how to get the weights out."""
+    import argparse
+
+    p = make_lightning_ckpt(tmp_path / "hp.ckpt", make_lightning_state(), legacy,
+                            hyper_parameters={"args": argparse.Namespace(lr=0.1)})
+    with pytest.raises(UnsafeCheckpointError, match=r"hp\.ckpt: refused to unpickle: a PyTorch Lightning "
+                       r"checkpoint holding a Python object \(argparse\.Namespace\) besides its weights, most "
+                       r"often in hyper_parameters .*torch\.save\(torch\.load\(PATH, weights_only=False\)"
+                       r"\['state_dict'\], 'model\.pt'\)$") as info:
+        open_checkpoint(p)
+    assert "\n" not in str(info.value)
+    torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"plain\.pt: refused to unpickle: the file would execute"):
+        open_checkpoint(tmp_path / "plain.pt")  # no Lightning marker: the general message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ class Checkpoint(ABC):
     format: str = "?"
     #: ``"full"`` for plain weights; ``"lora_delta"`` when tensors are LoRA updates ``dW`` (see peft_lora).
     kind: str = "full"
+    #: What the reader removed from the front of every stored tensor name (``"module."`` of a DDP save, a
+    #: Lightning module's ``"model."``: see torch_pickle), so that nothing is hidden; ``""`` for names as stored.
+    name_prefix: str = ""
 
     def __init__(self, path: str | Path, name: str | None = None):
         self.path = Path(path)
@@ -106,6 +110,17 @@ class Checkpoint(ABC):
         if self._info_cache is None:
             self._info_cache = {t.name: t for t in self._infos()}
         return self._info_cache
+
+
+def shared_first_component(names: Iterable[str]) -> str | None:
+    """``"model."`` when every name is ``model.<something>`` (one first dotted component, more after it), else
+    None (also for no names). Time O(names)."""
+    names = iter(names)
+    first = next(names, None)
+    prefix = None if first is None else first.partition(".")[0] + "."
+    if prefix is None or len(first) <= len(prefix) or not first.startswith(prefix):
+        return None
+    return prefix if all(n.startswith(prefix) and len(n) > len(prefix) for n in names) else None
 
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"

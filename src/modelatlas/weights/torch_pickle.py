@@ -17,6 +17,13 @@ naming ``optim``, ``sched`` or ``scaler``) is dropped: Adam moments are not weig
 from a wrapper (``module.`` of DistributedDataParallel / DataParallel, ``_orig_mod.`` of ``torch.compile``) is
 stripped, so a wrapped save of a model lists the same tensor names as a plain one. Nested dicts of tensors are
 flattened with ``.``-joined keys and non-tensor entries (an epoch counter) are skipped.
+
+A PyTorch Lightning checkpoint (:func:`is_lightning`) stores its LightningModule's state dict, so a network kept
+as an attribute (``self.model = net``) is saved as ``model.<name>``, where ``torch.save(net.state_dict())`` writes
+``<name>``. When every name of such a file shares one first component, it is stripped too, so that the fine-tune
+lines up with a plain save of its base. Only there: ``model.layers.0...`` in a transformers checkpoint is a real
+name. A module of two networks (``encoder.*``, ``decoder.*``) keeps its names. What was stripped is the
+checkpoint's ``name_prefix``.
 """
 
 from __future__ import annotations
@@ -32,19 +39,31 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError, UnsafeCheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
+from modelatlas.weights.base import (
+    Checkpoint,
+    TensorInfo,
+    error_line,
+    lfs_pointer_reason,
+    shared_first_component,
+)
 from modelatlas.weights.registry import register_format
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _NESTING_KEYS = ("model_state_dict", "state_dict", "model")  # where training checkpoints keep the weights
 _TRAINING_STATE = re.compile(r"optim|sched|scaler", re.IGNORECASE)  # top-level keys of non-weight state
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+# Top-level keys only Lightning's Trainer writes beside "state_dict". Not "epoch": pytorch/examples' ImageNet
+# script saves {"epoch", "arch", "state_dict", "best_acc1", "optimizer"} of a plain model, whose names are real.
+_LIGHTNING_KEYS = ("global_step", "optimizer_states", "lr_schedulers", "callbacks", "loops")
+_LIGHTNING_VERSION = "pytorch-lightning_version"  # the Trainer's first keys: epoch, global_step, this
+_HEAD_BYTES = 4096  # of a pickle: enough to hold the Trainer's first keys
 _MAX_DEPTH = 32  # containers in a state dict nest a few levels (Lightning: 3-4)
 _MAX_ITEMS = 2_000_000  # entries in all containers; a large model with optimizer state has ~100,000
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict safely (``weights_only=True``); mmap'd when the file is in the zip format.
+def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Load a state dict safely (``weights_only=True``); mmap'd when the file is in the zip format. Returns
+    (name -> tensor, the prefix stripped from every stored name: ``""``, ``"module."``, a Lightning ``"model."``).
 
     Raises UnsafeCheckpointError for a pickle that would execute code, CheckpointError for anything else
     unreadable. Time O(number of tensors); memory O(1) tensor data for zip files, O(file) for legacy ones.
@@ -63,7 +82,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        raise _unpickling_error(path, e) from e
+        raise _unpickling_error(path, e, _pickle_head(path, is_zip)) from e
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
@@ -152,10 +171,38 @@ def _check_nesting(path: Path, obj: object) -> None:
         stack.extend((v, depth + 1) for v in (o.values() if isinstance(o, Mapping) else o))
 
 
-def _unpickling_error(path: Path, e: pickle.UnpicklingError) -> CheckpointError:
-    """Refused globals mean the file would run code (unsafe); anything else is a corrupt pickle."""
+def _pickle_head(path: Path, is_zip: bool) -> bytes:
+    """The first _HEAD_BYTES of the pickle (a zip's ``data.pkl``, stored uncompressed: :func:`zip_records`), or
+    b"" when unreadable: enough to tell a Lightning checkpoint by its first keys when loading it failed."""
+    try:
+        if not is_zip:
+            with open(path, "rb") as f:
+                return f.read(_HEAD_BYTES)
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None:
+                return b""
+            with zf.open(name) as f:
+                return f.read(_HEAD_BYTES)
+    except (OSError, zipfile.BadZipFile):
+        return b""
+
+
+def _unpickling_error(path: Path, e: pickle.UnpicklingError, head: bytes = b"") -> CheckpointError:
+    """Refused globals mean the file would run code (unsafe); anything else is a corrupt pickle. ``head``: the
+    pickle's first bytes; for a Lightning checkpoint the error says where such objects usually are."""
     msg = str(e)
     found = re.search(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)", msg)
+    if found and _LIGHTNING_VERSION.encode() in head:
+        name = re.search(r"GLOBAL (\S+)", found.group(1))
+        what = name.group(1).rstrip(".") if name else found.group(1)
+        return UnsafeCheckpointError(path, f"refused to unpickle: a PyTorch Lightning checkpoint holding a Python "
+                                           f"object ({what}) besides its weights, most often in hyper_parameters "
+                                           "(save_hyperparameters() of a Path, an argparse Namespace or an OmegaConf "
+                                           "config); such objects could execute code and only tensors and plain "
+                                           "values are loaded (weights_only=True). From a trusted file, save the "
+                                           "weights alone: torch.save(torch.load(PATH, weights_only=False)"
+                                           "['state_dict'], 'model.pt')")
     if found:
         reason = found.group(1).rstrip(".")
         return UnsafeCheckpointError(path, f"refused to unpickle: the file would execute code ({reason}); "
@@ -166,16 +213,24 @@ def _unpickling_error(path: Path, e: pickle.UnpicklingError) -> CheckpointError:
     return CheckpointError(path, f"corrupt or unsupported PyTorch pickle: {reason}")
 
 
-def _state_dict_from(path: Path, obj: object) -> dict[str, torch.Tensor]:
-    """Pick the state dict out of what torch.load returned, flattened to name -> tensor."""
+def is_lightning(obj: Mapping) -> bool:
+    """Whether a loaded top-level dict is a PyTorch Lightning Trainer checkpoint: it names its Lightning version,
+    or holds ``"state_dict"`` beside a key only the Trainer writes (``global_step``, ``optimizer_states``, ...)."""
+    return _LIGHTNING_VERSION in obj or ("state_dict" in obj and any(k in obj for k in _LIGHTNING_KEYS))
+
+
+def _state_dict_from(path: Path, obj: object) -> tuple[dict[str, torch.Tensor], str]:
+    """Pick the state dict out of what torch.load returned, flattened to name -> tensor; with the prefix
+    stripped from every name (:func:`_unwrapped`)."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"not a state dict: the file holds a {type(obj).__name__}, not a dict of tensors")
     if set(obj) == {"state", "param_groups"} and isinstance(obj["param_groups"], list):  # optimizer.state_dict()
         raise CheckpointError(path, "holds an optimizer's state (keys 'state' and 'param_groups': e.g. Adam's "
                                     "moments), not model weights; give the model's own file")
-    nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping) and _has_tensor(obj[k])), None)
-    if nested is not None:
-        obj = nested
+    key = next((k for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping) and _has_tensor(obj[k])), None)
+    lightning = key == "state_dict" and is_lightning(obj)
+    if key is not None:
+        obj = obj[key]
     else:
         obj = {k: v for k, v in obj.items()  # a tensor named like them ("scaler.weight" flattened) is a weight
                if isinstance(v, torch.Tensor) or not (isinstance(k, str) and _TRAINING_STATE.search(k))}
@@ -183,16 +238,26 @@ def _state_dict_from(path: Path, obj: object) -> dict[str, torch.Tensor]:
     _flatten(obj, "", flat)
     if not flat:
         raise CheckpointError(path, "no tensors in this PyTorch file (not a state dict)")
-    return _unwrapped(flat)
+    return _unwrapped(flat, lightning)
 
 
-def _unwrapped(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``flat`` without a wrapper prefix that every name shares (``module.module.`` too). Time O(tensors)."""
+def _unwrapped(flat: dict[str, torch.Tensor], lightning: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """``flat`` without a wrapper prefix that every name shares (``module.module.`` too) and, for a Lightning
+    checkpoint, without the one first component every name shares (the LightningModule's attribute holding the
+    network; also under a wrapper: ``model._orig_mod.``); with the prefix stripped. Time O(tensors)."""
+    stripped = ""
     while True:
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) and len(k) > len(p) for k in flat)), None)
+        prefix = next((p for p in _WRAPPER_PREFIXES if _all_under(flat, p)), None)
+        if prefix is None and lightning:
+            prefix, lightning = shared_first_component(flat), False  # one attribute, not its sub-modules
         if prefix is None:
-            return flat
+            return flat, stripped
         flat = {k[len(prefix):]: v for k, v in flat.items()}
+        stripped += prefix
+
+
+def _all_under(flat: Mapping[str, torch.Tensor], prefix: str) -> bool:
+    return all(k.startswith(prefix) and len(k) > len(prefix) for k in flat)
 
 
 def _has_tensor(obj: Mapping) -> bool:
@@ -219,11 +284,12 @@ class TorchPickleCheckpoint(Checkpoint):
 
     def __init__(self, path: str | Path, name: str | None = None):
         super().__init__(path, name)
-        self._tensors: dict[str, torch.Tensor] | None = load_state_dict(self.path)
+        self._tensors: dict[str, torch.Tensor] | None
+        self._tensors, self.name_prefix = load_state_dict(self.path)
 
     def _state(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:  # reopened after close()
-            self._tensors = load_state_dict(self.path)
+            self._tensors, self.name_prefix = load_state_dict(self.path)
         return self._tensors
 
     def _infos(self) -> list[TensorInfo]:
