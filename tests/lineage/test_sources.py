@@ -1,6 +1,8 @@
+import torch
 from safetensors.torch import save_file
 
 from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.sources import MemoryCheckpoint, group_by_architecture
 from modelatlas.lineage.synthetic import make_synthetic_forest
 
 
@@ -16,3 +18,41 @@ def test_a_folder_of_models_is_read_as_the_cli_reads_it(tmp_path):
     assert by_folder.nodes == by_file.nodes == ["t0", "t0_0", "t0_1"]
     assert [(e.parent, e.child) for e in by_folder.edges] == [(e.parent, e.child) for e in by_file.edges]
     assert list(by_folder.skipped) == ["broken"]  # a bad model in the folder is reported and skipped
+
+
+MLP = ("0.weight", "2.weight", "4.weight")  # nn.Sequential(Linear, ReLU, Linear, ReLU, Linear) of 16 x 16 layers
+
+
+def test_lightning_fine_tunes_of_a_plain_base_are_one_architecture(tmp_path, make_lightning_ckpt):
+    """base.safetensors (names "0.weight") <- ft.ckpt <- ft2.ckpt, Lightning saves of a LightningModule holding
+    the network as self.model ("model.0.weight"): they were two architecture groups, never linked."""
+    weights, _ = make_synthetic_forest(n_trees=1, children=1, depth=2, dim=16, seed=0, layers=MLP)
+    save_file(weights["t0"], str(tmp_path / "base.safetensors"))
+    for name, src in (("ft", "t0_0"), ("ft2", "t0_0_0")):
+        make_lightning_ckpt(tmp_path / f"{name}.ckpt", {f"model.{k}": v for k, v in weights[src].items()})
+    forest = recover_lineage([tmp_path])  # a folder: the .ckpt files in it are found
+    assert forest.nodes == ["base", "ft", "ft2"] and forest.decisions["architectures"] == 1
+    assert [(e.parent, e.child) for e in forest.edges] == [("base", "ft"), ("ft", "ft2")]
+    assert forest.skipped == {}
+
+
+def make_prefixed_models():
+    """A bare network, its wrapper-module save ("model."), a wrapper of the wrapper, and near misses: another
+    shape, another name after the prefix, two first components, a prefixed model with no bare match."""
+    w = torch.arange(16.0).reshape(4, 4)
+    return {"bare": {"x.w": w}, "wrapped": {"model.x.w": w + 1, "head": torch.ones(3)},
+            "twice": {"model.net.x.w": w + 2}, "net": {"net.x.w": w + 3}, "shape": {"model.x.w": torch.ones(3, 3)},
+            "renamed": {"model.y.w": w}, "two": {"enc.x.w": w, "dec.x.w": w}, "alone": {"model.z.w": w}}
+
+
+def test_groups_differing_only_by_a_first_component_are_merged_nothing_else():
+    ckpts = [MemoryCheckpoint(n, t) for n, t in make_prefixed_models().items()]
+    groups, rules, skipped = group_by_architecture(ckpts, None)
+    assert [([c.name for c in members], [t.name for t in layers]) for members, layers in groups] == [
+        (["bare", "wrapped", "twice", "net"], ["x.w"]), (["shape"], ["model.x.w"]), (["renamed"], ["model.y.w"]),
+        (["two"], ["dec.x.w", "enc.x.w"]), (["alone"], ["model.z.w"])]
+    assert rules == ["square matrices"] * 5 and skipped == {}
+    members = groups[0][0]
+    assert [c.name_prefix for c in members] == ["", "model.", "model.net.", "net."]
+    assert [float(c.read("x.w")[0, 0]) for c in members] == [0.0, 1.0, 2.0, 3.0]  # each its own tensor
+    assert members[1].keys() == ["x.w"] and members[1].inner is ckpts[1]  # "head" is outside the prefix

@@ -73,8 +73,7 @@ class LineageRecovery:
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
         names, stats, duplicates, lowp = [], [], {}, {}
-        for idx, layers in groups:
-            members = [ckpts[i] for i in idx]
+        for members, layers in groups:
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)

@@ -3,6 +3,10 @@ the layers to compare, and separating models of different architectures.
 
 This is the only lineage code that touches the :mod:`modelatlas.weights` interface; it opens nothing
 itself. A model that cannot be opened or lists no usable layer is *skipped* with a one-line reason.
+
+Models whose compared layers differ only by one more first name component in front of every name (a plain
+save of a wrapper module, ``model.0.weight``, beside a save of the network itself, ``0.weight``) are one
+architecture: the longer names are read under the shorter ones (:class:`PrefixedView`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from modelatlas.errors import AtlasError, ConfigError
 from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_checkpoint, unique_names
-from modelatlas.weights.base import _stem
+from modelatlas.weights.base import _stem, shared_first_component
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
@@ -36,6 +40,37 @@ class MemoryCheckpoint(Checkpoint):
         # the caller's own tensor, not a copy (a live model is not doubled in memory): recovery only reads it,
         # which tests/lineage/test_recover.py checks
         return self._tensors[name]
+
+
+class PrefixedView(Checkpoint):
+    """``ckpt``'s tensors under ``prefix`` (``"model."``), named without it, so that a model whose compared
+    layers carry one more first component than its architecture group's is read under the group's names.
+    Reads, prefetch hints and quantization queries go to ``ckpt`` under the full name; tensors outside
+    ``prefix`` are not listed. ``name_prefix`` says what the names lost, the reader's prefix included."""
+
+    def __init__(self, ckpt: Checkpoint, prefix: str):
+        super().__init__(ckpt.path, name=ckpt.name)
+        self.inner, self.prefix = ckpt, prefix
+        self.format, self.kind, self.name_prefix = ckpt.format, ckpt.kind, ckpt.name_prefix + prefix
+
+    def _infos(self) -> list[TensorInfo]:
+        n = len(self.prefix)
+        return [TensorInfo(t.name[n:], t.shape, t.dtype) for t in self.inner.tensors() if t.name.startswith(self.prefix)]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.inner.read(self.prefix + name)
+
+    def prefetch(self, name: str) -> None:
+        self.inner.prefetch(self.prefix + name)
+
+    def quantization(self, name: str) -> str | None:
+        return self.inner.quantization(self.prefix + name)
+
+    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
+        return self.inner.requantized_match(self.prefix + name, x)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _as_tensors(name: str, tensors) -> dict[str, torch.Tensor]:
@@ -154,9 +189,11 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
 def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     """Split models by the (name, shape) set of their selected layers; each group can be compared.
 
-    Returns (groups, rules, skipped): ``groups`` is a list of (indices, layer infos), ``rules`` the
-    layer-selection rule of each group, ``skipped`` names models with no selected layer.
-    Time O(N T) for T tensors per model (headers only).
+    Returns (groups, rules, skipped): ``groups`` is a list of (member checkpoints, layer infos), in the order
+    of the models, ``rules`` the layer-selection rule of each group, ``skipped`` names models with no selected
+    layer. A set that is another's with one or more first components (``model.``) in front of every name, the
+    shapes equal, joins that group: its models are given as :class:`PrefixedView` s. Sets that differ in any
+    other way stay apart. Time O(N T) for T tensors per model (headers only).
     """
     by_sig: dict[tuple, list[int]] = {}
     infos: dict[tuple, list[TensorInfo]] = {}
@@ -180,8 +217,29 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
         by_sig.setdefault(sig, []).append(i)
         infos[sig] = sorted(layers, key=lambda t: t.name)
         rules[sig] = rule
-    sigs = list(by_sig)
-    return [(by_sig[s], infos[s]) for s in sigs], [rules[s] for s in sigs], skipped
+    aligned = _aligned_signatures(set(by_sig))
+    members: dict[tuple, list[tuple[int, str]]] = {}  # the group's signature -> (model index, prefix to drop)
+    for sig, idx in by_sig.items():
+        target, prefix = aligned.get(sig, (sig, ""))
+        members.setdefault(target, []).extend((i, prefix) for i in idx)
+    sigs = sorted(members, key=lambda s: min(members[s]))  # by each group's first model
+    groups = [([PrefixedView(ckpts[i], p) if p else ckpts[i] for i, p in sorted(members[s])], infos[s]) for s in sigs]
+    return groups, [rules[s] for s in sigs], skipped
+
+
+def _aligned_signatures(sigs: set[tuple]) -> dict[tuple, tuple[tuple, str]]:
+    """Signature -> (the signature it is with its shared first components stripped, the stripped prefix), for
+    each one that is another's in ``sigs`` so (the shortest such: ``model.net.x`` goes to ``x`` when both
+    ``net.x`` and ``x`` are there). Shapes must match exactly: only names are stripped. Time O(S T) for S
+    signatures of T layers, a few levels deep."""
+    out = {}
+    for sig in sigs:
+        cur, prefix = sig, ""
+        while (p := shared_first_component(name for name, _ in cur)) is not None:
+            cur, prefix = tuple((name[len(p):], shape) for name, shape in cur), prefix + p  # still sorted
+            if cur in sigs:
+                out[sig] = (cur, prefix)
+    return out
 
 
 def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:
