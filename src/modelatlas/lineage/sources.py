@@ -217,14 +217,20 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
         by_sig.setdefault(sig, []).append(i)
         infos[sig] = sorted(layers, key=lambda t: t.name)
         rules[sig] = rule
+    members = _joined(ckpts, by_sig)
+    return [(members[s], infos[s]) for s in members], [rules[s] for s in members], skipped
+
+
+def _joined(ckpts: list[Checkpoint], by_sig: dict[tuple, list[int]]) -> dict[tuple, list[Checkpoint]]:
+    """Each group's signature -> its models, in the order of their first model; a signature that is another's
+    with first components in front (:func:`_aligned_signatures`) joins it, its models as PrefixedViews."""
     aligned = _aligned_signatures(set(by_sig))
     members: dict[tuple, list[tuple[int, str]]] = {}  # the group's signature -> (model index, prefix to drop)
     for sig, idx in by_sig.items():
         target, prefix = aligned.get(sig, (sig, ""))
         members.setdefault(target, []).extend((i, prefix) for i in idx)
-    sigs = sorted(members, key=lambda s: min(members[s]))  # by each group's first model
-    groups = [([PrefixedView(ckpts[i], p) if p else ckpts[i] for i, p in sorted(members[s])], infos[s]) for s in sigs]
-    return groups, [rules[s] for s in sigs], skipped
+    return {s: [PrefixedView(ckpts[i], p) if p else ckpts[i] for i, p in sorted(members[s])]
+            for s in sorted(members, key=lambda s: min(members[s]))}
 
 
 def _aligned_signatures(sigs: set[tuple]) -> dict[tuple, tuple[tuple, str]]:
