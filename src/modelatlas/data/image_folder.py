@@ -1,14 +1,18 @@
 """``image-folder``: a class-per-subfolder tree of PNG/JPEG/PGM images, read with Pillow.
 
-``root/<class>/*.png``; classes are the sorted subfolder names. If ``root/train`` and ``root/test`` exist
-they are the splits, otherwise one seeded permutation splits the images (``test_fraction``). Hidden files
-and folders, and subfolders without images, are skipped. Images are converted to grayscale (``channels=1``)
+``root/<class>/*.png``; classes are the sorted subfolder names, in Unicode NFC form: a name macOS wrote
+decomposed (NFD, ``cafe`` + combining accent) is the same class as one typed composed, so ``train/café`` and
+``test/café`` are one class however each was written. Two subfolders of one folder whose names differ only
+in that form are refused, naming both: merging them silently could hide two sources mixed by mistake. If
+``root/train`` and ``root/test`` exist they are the splits, otherwise one seeded permutation splits the images
+(``test_fraction``). Hidden files and folders, and subfolders without images, are skipped. Images are converted to grayscale (``channels=1``)
 or RGB (3) and resized to ``size`` x ``size`` (bilinear).
 O(N * size^2) time and memory.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -57,19 +61,34 @@ def _is_image(f: Path) -> bool:
     return f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
 
 
+def _class_dirs(folder: Path) -> dict[str, Path]:
+    """NFC class name -> its subfolder of ``folder``. Hidden folders (``.ipynb_checkpoints``) and folders without
+    images are not classes; two subfolders whose names are one NFC name are refused (see the module doc)."""
+    dirs: dict[str, Path] = {}
+    for d in sorted(folder.iterdir()):
+        if d.is_dir() and not d.name.startswith(".") and any(_is_image(x) for x in d.iterdir()):
+            name = unicodedata.normalize("NFC", d.name)
+            if name in dirs:  # ascii(): the two spellings print alike, their escapes do not
+                raise CheckpointError(folder, f"class folders {ascii(dirs[name].name)} and {ascii(d.name)} are one "
+                                              f"name written two ways (Unicode NFC and NFD, as macOS may write it); "
+                                              f"move the images of one into the other")
+            dirs[name] = d
+    return dirs
+
+
 def _classes(*folders: Path) -> list[str]:
-    """Sorted class subfolder names across ``folders``: train and test share one label numbering even when a
-    split lacks a class. Hidden folders (``.ipynb_checkpoints``) and folders without images are not classes."""
-    return sorted({d.name for f in folders for d in f.iterdir()
-                   if d.is_dir() and not d.name.startswith(".") and any(_is_image(x) for x in d.iterdir())})
+    """Sorted class names across ``folders``: train and test share one label numbering even when a split lacks a
+    class, or writes its name in another Unicode form."""
+    return sorted({name for f in folders for name in _class_dirs(f)})
 
 
 def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
     files, labels = [], []
+    dirs = _class_dirs(folder)
     for i, c in enumerate(classes):
-        if not (folder / c).is_dir():
+        if c not in dirs:
             continue
-        for f in sorted((folder / c).iterdir()):
+        for f in sorted(dirs[c].iterdir()):
             if _is_image(f):
                 files.append(f)
                 labels.append(i)
