@@ -62,3 +62,16 @@ def _lightning_ckpt(path, state_dict, legacy=False, **extra):
                 "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1}, **extra},
                path, _use_new_zipfile_serialization=not legacy)
     return path
+
+
+@pytest.fixture
+def non_utf8_name(tmp_path):
+    """``"m\\udce9"``: the file name ``b"m\\xe9"`` (a Latin-1 é, not UTF-8) as Python holds it, with a surrogate
+    escape. Skips the test where tmp_path's file system refuses such a name (macOS, Windows)."""
+    name = os.fsdecode(b"m\xe9")
+    try:
+        (tmp_path / name).touch()
+    except (OSError, UnicodeEncodeError) as e:
+        pytest.skip(f"the file system refuses a file name that is not UTF-8 ({e})")
+    (tmp_path / name).unlink()
+    return name

@@ -204,3 +204,8 @@ def test_tensors_sharing_bytes_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"shared\.gguf: corrupt or truncated GGUF file: tensor 'b' \(bytes "
                                               r"8\.\.20 of the data\) overlaps tensor 'a' \(bytes 0\.\.12\)"):
         open_checkpoint(path)
+
+
+def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name):
+    with open_checkpoint(make_gguf(tmp_path / f"{non_utf8_name}.gguf")) as ck:
+        assert ck.name == non_utf8_name and torch.equal(ck.read("f32"), torch.from_numpy(F32))

@@ -174,3 +174,10 @@ def test_a_folder_with_two_variants_names_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds the variants model\.bf16\.safetensors, model\.fp16\."
                                               r"safetensors and no model\.safetensors: give one of the files"):
         open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_a_sharded_folder_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name, kind):
+    """Its shards' readers take paths inside the folder: each was refused (safetensors) or "corrupt" (torch)."""
+    with open_checkpoint(make_sharded(tmp_path / non_utf8_name, kind)) as ck:
+        check_model(ck, non_utf8_name)

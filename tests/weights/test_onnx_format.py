@@ -221,3 +221,14 @@ def test_an_initializer_listed_twice_is_refused(tmp_path):
     onnx.save_model(model, str(tmp_path / "net.onnx"))
     with pytest.raises(CheckpointError, match=r"net\.onnx: initializer 'W' is listed twice"):
         open_checkpoint(tmp_path / "net.onnx")
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name, external):
+    """The model and the folder its external data lies in (onnx itself writes neither under such a name)."""
+    (tmp_path / "w").mkdir()
+    make_onnx(tmp_path / "w" / "net.onnx", external)
+    folder = (tmp_path / "w").rename(tmp_path / non_utf8_name)
+    model = (folder / "net.onnx").rename(folder / f"{non_utf8_name}.onnx")
+    with open_checkpoint(model) as ck:
+        assert ck.name == non_utf8_name and torch.equal(ck.read("W"), torch.from_numpy(W))

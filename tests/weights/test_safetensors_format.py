@@ -165,3 +165,11 @@ def test_empty_tensors_and_padded_header_still_read(tmp_path):
     header = json.dumps({"e": f32([0], 0, 0), "a": f32([2, 2], 0, 16), "z": f32([3, 0], 16, 16)}) + "   "
     with open_checkpoint(make_raw_safetensors(tmp_path / "m.safetensors", header)) as ck:
         assert ck.read("a").shape == (2, 2) and ck.read("z").shape == (3, 0)
+
+
+def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name):
+    """safetensors refuses such a path ("is not valid UTF-8"), so lineage recovery skipped the model."""
+    p = make_file(tmp_path / "m.safetensors", a=torch.arange(6.0).reshape(2, 3))
+    p = p.rename(tmp_path / f"{non_utf8_name}.safetensors")
+    with open_checkpoint(p) as ck:
+        assert ck.name == non_utf8_name and torch.equal(ck.read("a"), torch.arange(6.0).reshape(2, 3))

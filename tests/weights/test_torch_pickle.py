@@ -316,3 +316,13 @@ def test_lightning_hyper_parameters_holding_objects_are_refused_by_name(tmp_path
     torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(1)}, tmp_path / "plain.pt")
     with pytest.raises(UnsafeCheckpointError, match=r"plain\.pt: refused to unpickle: the file would execute"):
         open_checkpoint(tmp_path / "plain.pt")  # no Lightning marker: the general message
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name, zip_format):
+    """torch maps a zip file by a UTF-8 name (``UntypedStorage.from_file``): such a model was "corrupt"."""
+    p = tmp_path / f"{non_utf8_name}.pt"
+    torch.save(make_state_dict(), p, _use_new_zipfile_serialization=zip_format)
+    with open_checkpoint(p) as ck:
+        assert ck.name == non_utf8_name
+        check_reads_state_dict(ck)

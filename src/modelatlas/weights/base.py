@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from modelatlas.errors import TensorNotFoundError
+from modelatlas.errors import CheckpointError, TensorNotFoundError
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,30 @@ def lfs_pointer_reason(path: Path) -> str | None:
         return None
     return ("a Git LFS pointer file, not the weights (the repository was cloned without Git LFS): run "
             "`git lfs pull` there, or download the file itself")
+
+
+@contextmanager
+def utf8_path(path: Path) -> Iterator[str]:
+    """``path`` as a name that libraries reading it in Rust or C++ accept (safetensors, torch's memory map): the
+    path itself when it is valid UTF-8; else (a Linux file name of other bytes, which Python holds as surrogate
+    escapes, e.g. ``b"m\\xe9"``) ``/proc/self/fd/N`` of the file opened here, an ASCII name for the same file.
+    The descriptor is closed on exit; a library that opened or mapped the file by then keeps its own.
+    Raises OSError when the file cannot be opened."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:  # (not in the try: a UnicodeEncodeError of the caller's block is no reason to open the file)
+        yield str(path)
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise CheckpointError(path, "the file name is not valid UTF-8, which the reader needs on this system; "
+                                    "rename the file")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def error_line(e: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 The header is read and checked against the file size before any tensor is touched, so a truncated file or
 a header that lies about sizes is reported as such (naming the file) instead of failing somewhere later.
-Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped).
+Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped), also from a file whose
+name is not UTF-8 (:func:`~modelatlas.weights.base.utf8_path`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason, utf8_path
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -158,7 +159,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
         try:
             if self._handle is None:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                with utf8_path(self.path) as readable:  # safetensors refuses a path that is not UTF-8
+                    self._handle = safe_open(readable, framework="pt", device="cpu")
             return self._handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(self.path, f"cannot read tensor {name!r}: {error_line(e)}") from e

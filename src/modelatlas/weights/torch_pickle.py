@@ -45,6 +45,7 @@ from modelatlas.weights.base import (
     error_line,
     lfs_pointer_reason,
     shared_first_component,
+    utf8_path,
 )
 from modelatlas.weights.registry import register_format
 
@@ -80,7 +81,8 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     try:
         with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            with utf8_path(path) as name:  # torch maps the file by a UTF-8 name
+                obj = torch.load(name, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e, _pickle_head(path, is_zip)) from e
     except OSError as e:
