@@ -3,7 +3,13 @@ import json
 import pytest
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write, atomic_write_json
+from modelatlas.atomic import (
+    atomic_save_tensors,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_tensors,
+)
 
 
 def test_atomic_write_json_roundtrip(tmp_path):
@@ -95,3 +101,17 @@ def test_read_json_object_names_the_file_for_each_failure(tmp_path):
             read_json_object(p, "no settings here", "settings")
     p.write_text('{"a": 1}')
     assert read_json_object(p, "", "") == {"a": 1}
+
+
+def test_tensors_in_a_folder_named_by_bytes_that_are_not_utf8_round_trip(tmp_path, non_utf8_name):
+    """safetensors' reader refused the folder's path ("is not valid UTF-8"): a cache or saved run there was lost."""
+    p = atomic_save_tensors(tmp_path / non_utf8_name / "cache.safetensors", {"w": torch.arange(3.0)})
+    assert torch.equal(read_tensors(p)["w"], torch.arange(3.0))
+
+
+def test_a_name_that_is_not_utf8_is_written_as_text_escaped_and_as_json_kept(tmp_path):
+    name = "m\udce9 \ud800"  # b"m\xe9" held as a surrogate escape, and a lone surrogate of no byte
+    atomic_write_text(tmp_path / "f.dot", f'"{name}";')  # raised UnicodeEncodeError after the whole command
+    assert (tmp_path / "f.dot").read_text(encoding="utf-8") == '"m\\xe9 \\ud800";'
+    atomic_write_json(tmp_path / "f.json", {"nodes": [name]})  # ASCII escapes: reads back as the same name
+    assert json.loads((tmp_path / "f.json").read_text(encoding="utf-8")) == {"nodes": [name]}

@@ -37,3 +37,10 @@ def test_a_name_the_font_lacks_glyphs_for_draws_without_a_warning():
         warnings.simplefilter("always")
         assert png_bytes(fig).startswith(b"\x89PNG")
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_name_that_is_not_utf8_is_drawn_as_escapes():
+    """FreeType takes only valid Unicode: a model named b"m\\xe9" (surrogate escape) ended the PNG in a TypeError."""
+    fig, ax = new_figure((2, 1))
+    label = ax.text(0.1, 0.5, "m\udce9")
+    assert png_bytes(fig).startswith(b"\x89PNG") and label.get_text() == "m\\xe9"

@@ -59,13 +59,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+# A file name's bytes that are not UTF-8 reach Python as lone surrogates (b"m\xe9" is "m\udce9"), which UTF-8
+# cannot encode: text shows them as the escape of the byte they stand for (\xe9), other lone surrogates as \ud800
+SURROGATE_ESCAPES = {c: f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c < 0xDD00 else f"\\u{c:04x}" for c in range(0xD800, 0xE000)}
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically; a lone surrogate (a model named by a file name that is not
+    UTF-8, in a DOT graph or HTML page) is written as its escape (``\\xe9``, :data:`SURROGATE_ESCAPES`): it
+    ended the write in a UnicodeEncodeError after the whole command."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = text.translate(SURROGATE_ESCAPES).encode("utf-8")
+    return atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
-    """Serialise ``obj`` as JSON and write it atomically (serialisation errors leave no file behind)."""
+    """Serialise ``obj`` as JSON and write it atomically (serialisation errors leave no file behind). Text is
+    ASCII with ``\\u`` escapes, so a lone surrogate (a file name that is not UTF-8) is kept as ``\\udce9`` and
+    reads back as the same name."""
     text = json.dumps(obj, indent=indent, sort_keys=False, default=_json_default)
     return atomic_write_text(path, text + "\n")
 
@@ -88,13 +101,14 @@ def read_tensors(path: str | Path, hint: str = "") -> dict:
     from safetensors.torch import load_file
 
     from modelatlas.errors import CheckpointError
-    from modelatlas.weights.base import error_line
+    from modelatlas.weights.base import error_line, utf8_path
 
     tail = f"; {hint}" if hint else ""
     if not Path(path).is_file():
         raise CheckpointError(path, f"missing{tail}")
     try:
-        return load_file(str(path))
+        with utf8_path(Path(path)) as readable:  # an output folder named by bytes that are not UTF-8
+            return load_file(readable)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"unreadable ({error_line(e)}){tail}") from None
 

@@ -26,8 +26,23 @@ def new_figure(figsize: tuple[float, float], rows: int | None = None, cols: int 
 
 def png_bytes(fig, dpi: int | None = None) -> bytes:
     """The figure as PNG bytes, cropped to its content (``dpi``: the figure's own when None)."""
+    _escape_surrogates(fig)
     buf = io.BytesIO()
     with warnings.catch_warnings():  # a name in a script the font lacks is drawn as boxes, not warned per glyph
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
         fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
     return buf.getvalue()
+
+
+def _escape_surrogates(fig) -> None:
+    """Write lone surrogates in the figure's text (a model or class named by a file name that is not UTF-8) as
+    escapes (``\\xe9``, :data:`~modelatlas.atomic.SURROGATE_ESCAPES`): FreeType takes only valid Unicode, and
+    one such name ended the PNG in a TypeError after the whole command."""
+    from matplotlib.text import Text
+
+    from modelatlas.atomic import SURROGATE_ESCAPES
+
+    for t in fig.findobj(Text):
+        text = t.get_text()
+        if text != (shown := text.translate(SURROGATE_ESCAPES)):
+            t.set_text(shown)

@@ -293,3 +293,22 @@ def test_truth_scores_models_given_under_other_names(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "under another name: mine = t1_0, zoo/t0 = t0\n" in captured.err  # other/t0: a copy of t1, given
     assert "directed-edge accuracy 100.0% (4/4)" in captured.out and "not in truth" not in captured.out
+
+
+def test_a_model_named_by_bytes_that_are_not_utf8_is_recovered_shown_and_saved(tmp_path, capsys, non_utf8_name):
+    """Such a model was skipped (safetensors refused its path); once read, its name ended the UTF-8 print, the
+    DOT/Mermaid write (UnicodeEncodeError) and the PNG (TypeError). The terminal and text files show the byte as
+    \\xe9; the JSON keeps the name itself (\\udce9), which reads back as the model's name."""
+    from modelatlas.lineage.forest import Forest
+
+    make_tiny_zoo(tmp_path)
+    (tmp_path / "t0_0.safetensors").rename(tmp_path / f"{non_utf8_name}.safetensors")
+    out = {ext: tmp_path / f"f.{ext}" for ext in ("json", "dot", "mmd", "png")}
+    code = main(["lineage", "recover", str(tmp_path), "--stage", "specialize", "--out", str(out["json"]),
+                 "--dot", str(out["dot"]), "--mermaid", str(out["mmd"]), "--png", str(out["png"])])
+    captured = capsys.readouterr()
+    assert code == 0 and "skipped" not in captured.err
+    assert "t0  [tree 1, 3 models" in captured.out and "├── m\\xe9  (" in captured.out  # in its true place
+    assert non_utf8_name in Forest.load(out["json"]).nodes and "\\udce9" in out["json"].read_text()
+    assert '"m\\xe9"' in out["dot"].read_text() and '["m\\xe9"]' in out["mmd"].read_text()
+    assert out["png"].read_bytes().startswith(b"\x89PNG")

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 
+from modelatlas.atomic import SURROGATE_ESCAPES
+
 
 def tqdm_progress(iterable: Iterable, *, total: int | None = None, desc: str = ""):
     """A :class:`modelatlas.progress.Progress` that draws a tqdm bar on stderr (hidden when not a TTY
@@ -18,12 +20,14 @@ def tqdm_progress(iterable: Iterable, *, total: int | None = None, desc: str = "
 
 
 # C0 and C1 control characters but tab and newline, shown as \x1b: a model named with an escape sequence
-# (clear the screen, recolour) or a carriage return (overwrite the line) reached the terminal raw
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
+# (clear the screen, recolour) or a carriage return (overwrite the line) reached the terminal raw; and lone
+# surrogates, a file name's bytes that are not UTF-8 (\xe9), which ended a UTF-8 print in a UnicodeEncodeError
+_CONTROL = {**{c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}, **SURROGATE_ESCAPES}
 
 
 def printable(text: object) -> str:
-    """``text`` with its control characters (but tab and newline) written as escapes, e.g. ``\\x1b``."""
+    """``text`` with its control characters (but tab and newline) and lone surrogates written as escapes, e.g.
+    ``\\x1b``, and ``\\xe9`` for the byte of a file name that is not UTF-8."""
     return str(text).translate(_CONTROL)
 
 
