@@ -15,6 +15,34 @@ def make_planted(n=30, seed=0):
     return x, y, xt, yt
 
 
+class _Bar:
+    """A progress bar that raises ``error`` (Ctrl-C by default) before item ``stop`` (None: never)."""
+
+    def __init__(self, iterable, stop, error, totals):
+        self.iterable, self.stop, self.error, self.totals = iterable, stop, error, totals
+
+    def __iter__(self):
+        for i, item in enumerate(self.iterable):
+            if i == self.stop:
+                raise self.error()
+            yield item
+
+    def set_postfix(self, **values):
+        pass
+
+
+def make_stop(stop, error=KeyboardInterrupt, at="reverse gradient matching"):
+    """A progress that stops the bar named ``at`` before its step ``stop``; ``.totals`` records its lengths."""
+    totals = []
+
+    def progress(iterable, *, total=None, desc=""):
+        if desc == at:
+            totals.append(total)
+        return _Bar(iterable, stop if desc == at else None, error, totals)
+    progress.totals = totals
+    return progress
+
+
 @pytest.fixture
 def planted():
     return make_planted()

@@ -68,3 +68,26 @@ def test_help_names_resume(capsys):
     with pytest.raises(SystemExit):
         main(["attribute", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_ddm_keeps_its_units_and_resume_finishes(tmp_path, capsys, monkeypatch):
+    """Without --validate too: Ctrl-C in the matching keeps the clusters, the target model and the steps done."""
+    from tests.attribution.conftest import make_stop
+
+    import modelatlas.cli.attribute as cli_attribute
+
+    args = [a for a in TINY if a != "--validate"] + ["--match-steps", "5"]  # the last --match-steps wins
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(cli_attribute, "tqdm_progress", make_stop(2))
+        assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: interrupted (DDM's clustering, target model and 2 of 5 matching " \
+        f"steps are kept in {tmp_path / 'cut' / 'checkpoint'}; rerun with --resume to continue)" in err
+    assert main([*args, "--resume", "--out", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'cut' / 'checkpoint'}: DDM's clustering, target model and 2 of 5 " \
+        "matching steps are kept" in out and "the total adds up the parts before and after" in out
+    a, b = (read_tensors(tmp_path / d / "attribution.safetensors") for d in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "checkpoint").exists()

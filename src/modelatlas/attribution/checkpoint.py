@@ -1,12 +1,16 @@
-"""The resumable state of an attribution run with validation: the folder ``OUT/checkpoint``.
+"""The resumable state of an attribution run: the folder ``OUT/checkpoint``.
 
-- ``run.json`` + ``ddm.safetensors``: the run's settings and the DDM attribution, written (tensors first, then
-  the JSON) as soon as DDM has finished, before the leave-one-cluster-out (LOO) retraining starts;
+- ``offline.json`` + ``offline-<unit>.safetensors``: the run's settings and the finished units of DDM's offline
+  phase (:mod:`~.units`: ``clusters``, ``target``, and ``match`` saved as it goes, every ``every_s`` seconds, at
+  its end and on Ctrl-C, as ``offline-match-<steps done>.safetensors``); dropped once DDM has finished;
+- ``run.json`` + ``ddm.safetensors`` (with validation): the run's settings and the DDM attribution, written
+  (tensors first, then the JSON) as soon as DDM has finished, before the leave-one-cluster-out (LOO) retraining
+  starts;
 - ``loo.json`` + ``loo-<done>.safetensors``: the LOO rows of the clusters retrained so far and the full model's
   test losses, written every ``every_s`` seconds, at the end and when interrupted (Ctrl-C); ``loo.json`` names
   its tensor file, so a run killed between the two writes resumes from the previous state.
 
-Every file is replaced atomically. A resume compares the settings first and refuses, naming the first that
+Every file is replaced atomically, a JSON after the tensors it names. A resume compares the settings first and refuses, naming the first that
 differs, a state another run wrote. Saving the LOO state costs O(done x n_test); with one save per ``every_s``
 seconds that is at most O(K_total x n_test) per save. The folder is removed once the results are written.
 """
@@ -24,22 +28,32 @@ from modelatlas.attribution.ddm import Attribution
 from modelatlas.errors import CheckpointError, ConfigError
 
 FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safetensors", "loo.json"
+OFFLINE_JSON = "offline.json"
+UNITS = ("clusters", "target", "match")  # DDM's offline units, in the order they finish
 _DDM = ("matrix", "assign", "cluster_class", "synthetic", "synthetic_labels", "base_losses")
 _RESTART = "delete the folder to start over"
 
 
+def kept_state(out: str | Path) -> Path | None:
+    """The file that marks a resumable state in ``out`` (``run.json``, else ``offline.json``), or None."""
+    return next((p for p in (Path(out) / FOLDER / n for n in (RUN_JSON, OFFLINE_JSON)) if p.is_file()), None)
+
+
 def check_start(out: str | Path, resume: bool) -> None:
     """Refuse, before any work, a run without ``resume`` into a folder holding an interrupted run's state."""
-    path = Path(out) / FOLDER / RUN_JSON
-    if path.is_file() and not resume:
+    path = kept_state(out)
+    if path is not None and not resume:
         raise ConfigError(f"{path} exists: {out} holds an interrupted attribution; pass --resume (resume=True) to "
                           f"continue it, choose a new --out, or delete {path.parent} to start over")
 
 
 def progress_of(out: str | Path) -> dict | None:
-    """What ``OUT/checkpoint`` keeps: ``{"ddm": True, "loo_done": k, "loo_total": K}``, or None when it holds
-    no readable DDM state (nothing to resume)."""
+    """What ``OUT/checkpoint`` keeps: ``{"ddm": True, "loo_done": k, "loo_total": K}`` once DDM has finished,
+    before ``{"ddm": False, "units": [the offline units kept], "match": [steps done, of steps] or None}``; None
+    when it holds no readable state (nothing to resume)."""
     folder = Path(out) / FOLDER
+    if not (folder / RUN_JSON).is_file():
+        return _offline_progress(folder / OFFLINE_JSON)
     try:
         total = len(read_json_object(folder / RUN_JSON, "no run", "a run")["cluster_class"])
         done = read_json_object(folder / LOO_JSON, "no LOO", "a LOO state").get("done", 0) \
@@ -49,6 +63,17 @@ def progress_of(out: str | Path) -> dict | None:
     return {"ddm": True, "loo_done": done if isinstance(done, int) else 0, "loo_total": total}
 
 
+def _offline_progress(path: Path) -> dict | None:
+    """``progress_of`` for a run stopped in DDM's offline phase (``offline.json``)."""
+    try:
+        units = read_json_object(path, "no offline state", "an offline state")["units"]
+        kept = [u for u in UNITS if u in units]
+        match = units["match"]["progress"] if "match" in kept else None
+    except (CheckpointError, KeyError, TypeError):
+        return None
+    return {"ddm": False, "units": kept, "match": match} if kept else None
+
+
 class RunCheckpoint:
     """``OUT/checkpoint`` of one run with the given ``settings`` (JSON values; module docstring)."""
 
@@ -56,6 +81,7 @@ class RunCheckpoint:
         self.folder, self.every_s = Path(out) / FOLDER, float(every_s)
         self.settings = json.loads(json.dumps(settings))  # as they read back from run.json
         self.last_save = time.perf_counter()
+        self._units: dict | None = None  # offline.json's units, once read (settings checked) or written
 
     def load_ddm(self) -> Attribution | None:
         """The saved DDM attribution (None when there is none); a state of other settings is refused."""
@@ -72,12 +98,65 @@ class RunCheckpoint:
 
     def save_ddm(self, attr: Attribution) -> None:
         """Write the DDM attribution and the settings (tensors first: ``run.json`` marks a complete state); an
-        earlier run's LOO state is dropped first (it would pass for this run's)."""
+        earlier run's LOO state is dropped first (it would pass for this run's), the offline units last."""
         self._drop_loo()
         atomic_save_tensors(self.folder / DDM_TENSORS, {k: getattr(attr, k) for k in _DDM})
         atomic_write_json(self.folder / RUN_JSON, {"settings": self.settings, "timings": attr.timings,
                                                    "match_losses": attr.match_losses,
                                                    "cluster_class": attr.cluster_class.tolist()})
+        self._drop_offline()  # the attribution replaces them
+
+    def load(self, unit: str, shapes: dict) -> dict[str, torch.Tensor] | None:
+        """The kept tensors of DDM's offline ``unit`` (:class:`~.units.UnitStore`), or None; a state of other
+        settings, or one missing a tensor of ``shapes`` (or of another shape), is refused."""
+        name = self._read_units().get(unit, {}).get("tensors")
+        if name is None:
+            return None
+        path = self.folder / OFFLINE_JSON
+        if not isinstance(name, str):
+            raise CheckpointError(path, f"cannot resume: the {unit} unit names no tensor file; {_RESTART}")
+        t = read_tensors(self.folder / Path(name).name, _RESTART)
+        for key, shape in shapes.items():
+            if key not in t or (shape is not None and tuple(t[key].shape) != tuple(shape)):
+                raise CheckpointError(path, f"cannot resume: the {unit} unit lacks {key!r} or holds it in another "
+                                            f"shape; {_RESTART}")
+        return t
+
+    def save(self, unit: str, tensors: dict[str, torch.Tensor], progress: tuple[int, int] | None = None) -> None:
+        """Keep DDM's offline ``unit`` (tensors first, then ``offline.json`` naming them, then its older file)."""
+        units = self._read_units()
+        name = f"offline-{unit}{'' if progress is None else f'-{progress[0]}'}.safetensors"
+        atomic_save_tensors(self.folder / name, tensors)
+        units[unit] = {"tensors": name, **({} if progress is None else {"progress": list(progress)})}
+        atomic_write_json(self.folder / OFFLINE_JSON, {"settings": self.settings, "units": units})
+        for old in self.folder.glob(f"offline-{unit}*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.last_save = time.perf_counter()
+
+    def due(self) -> bool:
+        """Whether ``every_s`` seconds have passed since the last save."""
+        return time.perf_counter() - self.last_save >= self.every_s
+
+    def _read_units(self) -> dict:
+        """``offline.json``'s units (its settings checked), read once; {} when there is none."""
+        if self._units is None:
+            path = self.folder / OFFLINE_JSON
+            meta = read_json_object(path, "no offline state", "an offline state") if path.is_file() else {}
+            if meta:
+                self._check_settings(path, meta.get("settings"))
+            units = meta.get("units", {})
+            if not isinstance(units, dict) or not all(isinstance(v, dict) for v in units.values()):
+                raise CheckpointError(path, f"cannot resume: its 'units' are not a JSON object of objects; {_RESTART}")
+            self._units = units
+        return self._units
+
+    def _drop_offline(self) -> None:
+        """Delete the offline units (``offline.json`` first: no half state passes for one)."""
+        (self.folder / OFFLINE_JSON).unlink(missing_ok=True)
+        for old in self.folder.glob("offline-*.safetensors"):
+            old.unlink(missing_ok=True)
+        self._units = {}
 
     def _check_settings(self, path: Path, saved) -> None:
         """Refuse a state of other settings, naming the first key that differs (one line)."""
@@ -125,6 +204,7 @@ class RunCheckpoint:
         (self.folder / RUN_JSON).unlink(missing_ok=True)  # the marker first: no half state passes for one
         (self.folder / DDM_TENSORS).unlink(missing_ok=True)
         self._drop_loo()
+        self._drop_offline()
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
 

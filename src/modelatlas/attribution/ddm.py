@@ -9,7 +9,7 @@ Offline (once per target model):
       learned so that its gradient matches the cluster's mean gradient g_k at every checkpoint:
       min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters and
       checkpoints at once, the MLP's gradients in closed form, :mod:`~.mlp_grads`); with
-      ``samples_per_cluster`` m > 1, the mean gradient of the cluster's m samples is matched;
+      ``samples_per_cluster`` m > 1, the mean gradient of the cluster's m samples is matched (:mod:`~.matching`);
   (3b) ``unlearn="newton"``: Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
       damped and Cholesky-factorised (:mod:`~.newton`).
 Online (per query, no retraining, no training data):
@@ -17,6 +17,7 @@ Online (per query, no retraining, no training data):
       (the influence-function / Newton-removal step, an improvement over the paper's plain unlearning);
       ``"ascent"``: ``unlearn_steps`` gradient-ascent steps on (s_k, l_k), step ``unlearn_lr`` x n_k / N;
   (5) A[k, j] = loss_j(unlearned_k) - loss_j(final): positive = cluster k helped test sample j.
+Steps (1), (2) and (3) are the units an interrupted run keeps and a resume continues from (:mod:`~.units`).
 Time: offline O(match_steps x T x K x P + T x N x P) (+ O(K x P^2 + P^3) for Newton), P = #params;
 online O(K x P^2 + K x n_test x P) (ascent: O(K x (unlearn_steps + n_test) x P)). Memory O(P^2 + N x P).
 """
@@ -32,11 +33,13 @@ from torch.func import grad, vmap
 from modelatlas.attribution import mlp_grads as G
 from modelatlas.attribution import newton as N
 from modelatlas.attribution import target as T
+from modelatlas.attribution import units as U
 from modelatlas.attribution.clusters import cluster_per_class
 from modelatlas.attribution.config import DDMConfig
+from modelatlas.attribution.matching import cluster_gradients, initial_samples, reverse_gradient_match
 from modelatlas.errors import ConfigError
-from modelatlas.progress import Progress, resolve
-from modelatlas.seeding import derive_seed, torch_generator
+from modelatlas.progress import Progress
+from modelatlas.seeding import derive_seed
 
 
 @dataclass
@@ -57,57 +60,6 @@ def _group_grad_fn(model):
     def group(params, x, t):  # x (m, C, H, W), t (m, K) -> gradient of the group's mean loss
         return grad(lambda p: T.losses(model, p, x, t).mean())(params)
     return group
-
-
-def cluster_gradients(model, params: T.Params, x, y, assign, num_clusters: int) -> torch.Tensor:
-    """(K_total, P): each cluster's mean loss gradient at ``params``, in closed form. The clusters are laid out
-    as groups padded to the largest with zero targets (a zero target row backpropagates a zero error), so the
-    per-sample (N, P) gradients are never formed (padding costs inputs, O(K_total x largest x D), not
-    gradients); when it would hold more than 8 x the data, per-sample gradients are scatter-summed instead."""
-    params = G.checked(model, params)
-    counts = torch.bincount(assign, minlength=num_clusters)
-    width = int(counts.max())
-    if num_clusters * width > 8 * len(x):  # very unequal clusters: padding would cost more than it saves
-        per = G.sample_gradients(params, x, y)  # (N, P)
-        sums = torch.zeros(num_clusters, per.shape[1]).index_add_(0, assign, per)
-        return sums / counts.clamp(min=1).unsqueeze(1)  # (K_total, P)
-    order = torch.argsort(assign, stable=True)
-    starts = torch.cumsum(counts, 0) - counts  # (K_total,)
-    slot = torch.arange(len(x)) - starts[assign[order]]  # position of each sorted example in its cluster
-    xp = x.new_zeros(num_clusters, width, *x.shape[1:])  # (K_total, width, C, H, W)
-    soft = G.soft_targets(params, y[order], x.dtype)  # (N, K)
-    tp = x.new_zeros(num_clusters, width, soft.shape[-1])  # (K_total, width, K)
-    xp[assign[order], slot] = x[order]
-    tp[assign[order], slot] = soft
-    return G.group_gradients(params, xp, tp) * (width / counts.clamp(min=1)).unsqueeze(1)  # mean over width -> n_k
-
-
-def reverse_gradient_match(model, ckpts: list[T.Params], targets: list[torch.Tensor], init_x: torch.Tensor,
-                           init_logits: torch.Tensor, steps: int, lr: float,
-                           progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Step (3): learn the m synthetic samples of every cluster at once (init_x (K_total, m, C, H, W),
-    init_logits (K_total, m, K)): their mean gradient matches the cluster's; returns (images, label logits, loss
-    per step)."""
-    stacked = G.checked(model, {k: torch.stack([p[k] for p in ckpts]) for k in ckpts[0]})  # each (T, *shape)
-    target = torch.stack(targets)  # (T, K_total, P)
-    sq = (target ** 2).sum(2)  # (T, K_total)
-    norms, blocks = sq.clamp(min=1e-12), G.split_target(stacked, target)
-
-    def objective(xs, logits):  # ||g - target||^2 / ||target||^2, g never formed (closed form, kernel trick)
-        return ((G.gradient_distances(stacked, xs, torch.softmax(logits, dim=-1), blocks) + sq) / norms).mean()
-
-    xs, logits = init_x.clone().requires_grad_(True), init_logits.clone().requires_grad_(True)
-    opt = torch.optim.Adam([xs, logits], lr=lr)
-    hist: list[float] = []
-    bar = resolve(progress)(range(steps), total=steps, desc="reverse gradient matching")
-    for _ in bar:
-        loss = objective(xs, logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{hist[-1]:.4g}")
-    return xs.detach(), logits.detach(), hist
 
 
 def unlearn(model, final: T.Params, xs: torch.Tensor, soft: torch.Tensor, scales: torch.Tensor,
@@ -135,43 +87,103 @@ def synthetic_gradients(model, params: T.Params, xs: torch.Tensor, soft: torch.T
     return G.group_gradients(G.checked(model, params), xs, soft)
 
 
-def initial_samples(x: torch.Tensor, assign: torch.Tensor, k_total: int, m: int, seed: int) -> torch.Tensor:
-    """(K_total, m, C, H, W): the cluster's mean image, then m - 1 seeded random members of the cluster."""
-    counts = torch.bincount(assign, minlength=k_total).float()
-    means = torch.zeros(k_total, *x.shape[1:]).index_add_(0, assign, x) / counts.view(-1, *[1] * (x.dim() - 1))
-    if m == 1:
-        return means.unsqueeze(1)
-    gen = torch_generator(derive_seed(seed, "ddm-synthetic-init"))
-    members = [torch.nonzero(assign == k).flatten() for k in range(k_total)]
-    picks = [mem[torch.randint(len(mem), (m - 1,), generator=gen)] for mem in members]
-    return torch.cat([means.unsqueeze(1), x[torch.stack(picks)]], dim=1)  # x[(K_total, m-1)] -> (K_total, m-1, ...)
+@dataclass
+class _Run:
+    """What the offline steps share: the target model, the training data and its clusters, the settings, and
+    the store of the units kept (:mod:`~.units`)."""
+
+    model: torch.nn.Module
+    num_classes: int
+    x: torch.Tensor
+    y: torch.Tensor
+    assign: torch.Tensor
+    cluster_class: torch.Tensor
+    cfg: DDMConfig
+    seed: int
+    progress: Progress | None
+    store: U.UnitStore
+
+    @property
+    def k_total(self) -> int:
+        return len(self.cluster_class)
 
 
-def _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed, progress):
-    """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
-    clock = [time.perf_counter()]
-    final, ckpts = T.train(model, T.init_params(model), x, y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints,
+def _clustered(x, y, num_classes: int, cfg: DDMConfig, seed: int,
+               store: U.UnitStore) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Step (1), or the ``clusters`` an interrupted run kept: (assign (N,), cluster_class (K_total,), seconds)."""
+    shapes = {"assign": (len(x),), "cluster_class": (num_classes * cfg.clusters_per_class,), "seconds": ()}
+    if (kept := store.load("clusters", shapes)) is not None:
+        return kept["assign"], kept["cluster_class"], float(kept["seconds"])
+    start = time.perf_counter()
+    assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
+    took = time.perf_counter() - start
+    store.save("clusters", {"assign": assign, "cluster_class": cluster_class, "seconds": U.seconds(took)})
+    return assign, cluster_class, took
+
+
+def _trained(run: _Run) -> tuple[T.Params, list[T.Params], float]:
+    """Step (2), or the ``target`` an interrupted run kept: (final weights, checkpoints, seconds)."""
+    cfg, init = run.cfg, T.init_params(run.model)
+    names, count = list(init), len(T.checkpoint_steps(cfg.train_steps, cfg.checkpoints))
+    shapes = {**U.param_shapes("final", init), "seconds": ()}
+    for i in range(count):
+        shapes.update(U.param_shapes(f"ckpt{i}", init))
+    if (kept := run.store.load("target", shapes)) is not None:
+        ckpts = [U.unpack_params(f"ckpt{i}", kept, names) for i in range(count)]
+        return U.unpack_params("final", kept, names), ckpts, float(kept["seconds"])
+    start = time.perf_counter()
+    final, ckpts = T.train(run.model, init, run.x, run.y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints,
                            weight_decay=cfg.weight_decay)
-    match_at = ckpts + [final] if cfg.match_final else ckpts
-    clock.append(time.perf_counter())
-    targets = [cluster_gradients(model, p, x, y, assign, k_total) for p in match_at]
-    counts = torch.bincount(assign, minlength=k_total).float()
-    init_x = initial_samples(x, assign, k_total, cfg.samples_per_cluster, seed)  # (K_total, m, C, H, W)
-    init_logits = torch.nn.functional.one_hot(cluster_class, num_classes).float() * 5.0  # (K_total, K)
+    took = time.perf_counter() - start
+    packed = {**U.pack_params("final", final), "seconds": U.seconds(took)}
+    for i, params in enumerate(ckpts):
+        packed.update(U.pack_params(f"ckpt{i}", params))
+    run.store.save("target", packed)
+    return final, ckpts, took
+
+
+def _matched(run: _Run, match_at: list[T.Params]) -> tuple[torch.Tensor, torch.Tensor, list[float], float]:
+    """Step (3), continued from the ``match`` state an interrupted run kept (saved when the store is due, at the
+    end and on Ctrl-C): (images, label logits, loss per step, seconds of all the parts)."""
+    start, cfg = time.perf_counter(), run.cfg
+    init_x = initial_samples(run.x, run.assign, run.k_total, cfg.samples_per_cluster, run.seed)  # (K_total, m, C, H, W)
+    init_logits = torch.nn.functional.one_hot(run.cluster_class, run.num_classes).float() * 5.0  # (K_total, K)
     init_logits = init_logits.unsqueeze(1).expand(-1, cfg.samples_per_cluster, -1)  # (K_total, m, K)
-    xs, logits, hist = reverse_gradient_match(model, match_at, targets, init_x, init_logits, cfg.match_steps,
-                                              cfg.match_lr, progress)
+    shapes = {"xs": tuple(init_x.shape), "logits": tuple(init_logits.shape), "hist": None, "seconds": (),
+              **U.adam_shapes([init_x, init_logits])}
+    kept = run.store.load("match", shapes)
+    before = float(kept["seconds"]) if kept is not None else 0.0
+    if kept is not None and len(kept["hist"]) == cfg.match_steps:  # it had finished
+        return kept["xs"], kept["logits"], kept["hist"].tolist(), before
+
+    def save(state, force: bool) -> None:
+        if force or run.store.due():
+            now = {**state(), "seconds": U.seconds(before + time.perf_counter() - start)}
+            run.store.save("match", now, (len(now["hist"]), cfg.match_steps))
+    targets = [cluster_gradients(run.model, p, run.x, run.y, run.assign, run.k_total) for p in match_at]
+    xs, logits, hist = reverse_gradient_match(run.model, match_at, targets, init_x, init_logits, cfg.match_steps,
+                                              cfg.match_lr, run.progress, kept, save)
+    return xs, logits, hist, before + time.perf_counter() - start
+
+
+def _hessian_factor(run: _Run, final: T.Params, xs: torch.Tensor, soft: torch.Tensor, counts: torch.Tensor):
+    """Step (3b): (Cholesky factor, damping used) of the distilled set's damped Hessian at the final weights."""
+    m = run.cfg.samples_per_cluster
+    hess = N.distilled_hessian(run.model, final, xs.flatten(0, 1), soft.flatten(0, 1), counts.repeat_interleave(m))
+    hess.diagonal().add_(run.cfg.weight_decay)  # + w I: the L2 penalty's curvature
+    return N.damped_cholesky(hess, run.cfg.damping)
+
+
+def _offline(run: _Run) -> dict:
+    """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
+    final, ckpts, train_s = _trained(run)
+    match_at = ckpts + [final] if run.cfg.match_final else ckpts
+    xs, logits, hist, match_s = _matched(run, match_at)
     soft = torch.softmax(logits, dim=-1)
-    clock.append(time.perf_counter())
-    factor, damping = None, None
-    if cfg.unlearn == "newton":
-        m = cfg.samples_per_cluster
-        hess = N.distilled_hessian(model, final, xs.flatten(0, 1), soft.flatten(0, 1), counts.repeat_interleave(m))
-        hess.diagonal().add_(cfg.weight_decay)  # + w I: the L2 penalty's curvature
-        factor, damping = N.damped_cholesky(hess, cfg.damping)
-    clock.append(time.perf_counter())
-    times = {"train_target_s": clock[1] - clock[0], "offline_match_s": clock[2] - clock[1],
-             "offline_hessian_s": clock[3] - clock[2]}
+    counts = torch.bincount(run.assign, minlength=run.k_total).float()
+    start = time.perf_counter()
+    factor, damping = _hessian_factor(run, final, xs, soft, counts) if run.cfg.unlearn == "newton" else (None, None)
+    times = {"train_target_s": train_s, "offline_match_s": match_s, "offline_hessian_s": time.perf_counter() - start}
     return {"final": final, "xs": xs, "soft": soft, "hist": hist, "counts": counts, "factor": factor,
             "damping": damping, "times": times}
 
@@ -191,37 +203,52 @@ def _online(model, off: dict, n_train: int, x_test, y_test, cfg) -> tuple[torch.
 
 def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                     num_classes: int, config: DDMConfig | None = None, seed: int = 0,
-                    progress: Progress | None = None) -> Attribution:
-    """Steps (1)-(5): the cluster x test-sample attribution matrix of the target model trained on (x, y)."""
+                    progress: Progress | None = None, checkpoint: U.UnitStore | None = None) -> Attribution:
+    """Steps (1)-(5): the cluster x test-sample attribution matrix of the target model trained on (x, y).
+
+    ``checkpoint`` (a :class:`~.units.UnitStore`, e.g. :class:`~.checkpoint.RunCheckpoint`): keep there each
+    finished unit of the offline phase (the clusters, the target model, the matching as it goes) and continue
+    from those it holds; the tensors are then those of an uninterrupted run, and the timings add up the parts."""
     cfg = config or DDMConfig()
     x, y, x_test, y_test = _as_inputs(x, y, x_test, y_test, num_classes)
-    n_synthetic = num_classes * cfg.clusters_per_class * cfg.samples_per_cluster
-    if n_synthetic > len(x):  # 10^9 per cluster ran out of memory in the offline phase, with a traceback
-        raise ConfigError(f"samples_per_cluster={cfg.samples_per_cluster} x {num_classes * cfg.clusters_per_class} "
-                          f"clusters = {n_synthetic:,} synthetic samples, more than the {len(x):,} training examples "
-                          "they distil; lower clusters_per_class or samples_per_cluster (--clusters-per-class, "
-                          "--samples-per-cluster), or use more training examples (--max-train)")
+    _check_sizes(cfg, num_classes, len(x))
     _preload_optimizer()
-    t0 = time.perf_counter()
-    assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
-    k_total = len(cluster_class)
-    if k_total == 1 and cfg.unlearn == "newton":  # n_k / (N - n_k) = 1 / 0: every number would be NaN
-        raise ConfigError("clusters_per_class: one class with 1 cluster puts all the training data in one cluster, "
-                          "whose removal leaves nothing to train on; use clusters_per_class >= 2")
+    start = time.perf_counter()  # before clustering: a refused model keeps no unit
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
     _check_hessian_fits(model, cfg)
-    t1 = time.perf_counter()
-    off = _offline(model, x, y, assign, k_total, num_classes, cluster_class, cfg, seed, progress)
-    t2 = time.perf_counter()
+    setup_s = time.perf_counter() - start
+    store = checkpoint if checkpoint is not None else U.NOWHERE
+    assign, cluster_class, cluster_s = _clustered(x, y, num_classes, cfg, seed, store)
+    off = _offline(_Run(model, num_classes, x, y, assign, cluster_class, cfg, seed, progress, store))
+    start = time.perf_counter()
     matrix, base = _online(model, off, len(x), x_test, y_test, cfg)
-    t3 = time.perf_counter()
-    clock = {"cluster_s": t1 - t0, **off["times"], "online_s": t3 - t2, "total_s": t3 - t0,
-             "total_after_clustering_s": t3 - t1}
+    timings = _timings(cluster_s, setup_s, off, time.perf_counter() - start)
+    return Attribution(matrix, assign, cluster_class, off["xs"].flatten(0, 1), off["soft"].flatten(0, 1), base,
+                       timings, off["hist"])
+
+
+def _timings(cluster_s: float, setup_s: float, off: dict, online_s: float) -> dict:
+    """Seconds of each step (a unit kept by an interrupted run: its own), rounded; the totals add them up."""
+    after = setup_s + sum(off["times"].values()) + online_s
+    clock = {"cluster_s": cluster_s, **off["times"], "online_s": online_s, "total_s": cluster_s + after,
+             "total_after_clustering_s": after}
     timings = {k: round(v, 4) for k, v in clock.items()}
     if off["damping"] is not None:
         timings["damping_used"] = off["damping"]
-    return Attribution(matrix, assign, cluster_class, off["xs"].flatten(0, 1), off["soft"].flatten(0, 1), base,
-                       timings, off["hist"])
+    return timings
+
+
+def _check_sizes(cfg: DDMConfig, num_classes: int, n_train: int) -> None:
+    """Refuse, before any work, more synthetic samples than training examples, and a single cluster."""
+    n_synthetic = num_classes * cfg.clusters_per_class * cfg.samples_per_cluster
+    if n_synthetic > n_train:  # 10^9 per cluster ran out of memory in the offline phase, with a traceback
+        raise ConfigError(f"samples_per_cluster={cfg.samples_per_cluster} x {num_classes * cfg.clusters_per_class} "
+                          f"clusters = {n_synthetic:,} synthetic samples, more than the {n_train:,} training examples "
+                          "they distil; lower clusters_per_class or samples_per_cluster (--clusters-per-class, "
+                          "--samples-per-cluster), or use more training examples (--max-train)")
+    if num_classes * cfg.clusters_per_class == 1 and cfg.unlearn == "newton":  # n_k / (N - n_k) = 1 / 0: all NaN
+        raise ConfigError("clusters_per_class: one class with 1 cluster puts all the training data in one cluster, "
+                          "whose removal leaves nothing to train on; use clusters_per_class >= 2")
 
 
 def _preload_optimizer() -> None:

@@ -1,10 +1,11 @@
 """An attribution run written to a folder, resumable (:func:`attribute_to_folder`).
 
-The DDM attribution is written to ``out`` as soon as it is computed (``attribution.json`` then says
-``"validation_pending": true`` when validation follows), and, with validation, kept in ``out/checkpoint`` with
-the leave-one-cluster-out rows as they are retrained (:mod:`~modelatlas.attribution.checkpoint`); a resume
-(same settings) reuses both and gives the tensors and scores of an uninterrupted run. Cost: DDM's, plus the
-retraining of the clusters not yet done (O(K_left x train_steps x N x #params)).
+DDM keeps the finished units of its offline phase (clusters, target model, matching as it goes) in
+``out/checkpoint`` (:mod:`~modelatlas.attribution.checkpoint`). Its attribution is written to ``out`` as soon
+as it is computed (``attribution.json`` then says ``"validation_pending": true`` when validation follows), and,
+with validation, kept in ``out/checkpoint`` with the leave-one-cluster-out rows as they are retrained; a resume
+(same settings) continues from what is kept and gives the tensors and scores of an uninterrupted run. Cost:
+DDM's left to do, plus the retraining of the clusters not yet done (O(K_left x train_steps x N x #params)).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from modelatlas.attribution.ddm import Attribution, ddm_attribution
 from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution
 from modelatlas.attribution.validate import loo_attribution, validation_scores
 from modelatlas.digests import data_digest
+from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
 
 
@@ -30,25 +32,26 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     plot shows ``test_index``, default the first three), with ``validate`` the LOO truth and its scores too;
     returns (attribution, the ``attribution.json`` settings and ``validation``, LOO matrix or None).
 
-    With ``validate``, progress is kept in ``out/checkpoint`` (LOO rows every ``every_s`` seconds) and removed
-    once the results are written; ``resume`` continues from it (none: a fresh start) and refuses one of other
-    settings (dataset, sizes, seed, config, data). Without ``resume`` a folder holding one is refused."""
+    Progress is kept in ``out/checkpoint`` (DDM's offline units; with ``validate`` the LOO rows; saved as they
+    go every ``every_s`` seconds) and removed once the results are written; ``resume`` continues from it (none:
+    a fresh start) and refuses one of other settings (dataset, sizes, seed, validate, config, data). Without
+    ``resume`` a folder holding one is refused."""
     out = check_out(out)
     check_start(out, resume)
     xtr, ytr, xte, yte = data
     info = {"dataset": dataset, "n_train": len(xtr), "n_test": len(xte), "seed": seed, "config": config.to_dict()}
-    used = validate or resume  # a checkpoint is written with validation only, read on a resume only
     settings = {**{k: v for k, v in info.items() if k != "config"}, "validate": validate, **config.to_dict(),
-                "data": data_digest(xtr, ytr, xte, yte) if used else None}
+                "data": data_digest(xtr, ytr, xte, yte)}
     ckpt = RunCheckpoint(out, settings, every_s)
     attr = ckpt.load_ddm() if resume else None  # a state of a run with validation refused: 'validate was true'
     if attr is None:
-        attr = ddm_attribution(xtr, ytr, xte, yte, num_classes, config, seed, progress)
+        attr = _ddm(ckpt, data, num_classes, config, seed, progress)
         if validate:
             ckpt.save_ddm(attr)
     png = render_top_clusters(attr, xtr, xte, yte, list(range(min(3, len(xte)))) if test_index is None else test_index)
     save_attribution(out, attr, {**info, "validation_pending": True} if validate else info, None, png)
     if not validate:
+        ckpt.remove()
         return attr, info, None
     true, loo_s = loo_attribution(xtr, ytr, xte, yte, num_classes, attr.assign, config, seed, progress,
                                   checkpoint=ckpt)
@@ -56,3 +59,15 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     save_attribution(out, attr, info, true, png)
     ckpt.remove()
     return attr, info, true
+
+
+def _ddm(ckpt: RunCheckpoint, data: tuple, num_classes: int, config: DDMConfig, seed: int,
+         progress: Progress | None) -> Attribution:
+    """DDM keeping its offline units in ``ckpt`` (and continuing from those it holds). A refusal of the settings
+    (a Hessian not positive definite, a diverged target model) drops them: a resume would meet it again, and a
+    rerun with other settings would be refused for the state."""
+    try:
+        return ddm_attribution(*data, num_classes, config, seed, progress, checkpoint=ckpt)
+    except ConfigError:
+        ckpt.remove()
+        raise

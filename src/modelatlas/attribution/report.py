@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from modelatlas.attribution.checkpoint import kept_state
 from modelatlas.attribution.ddm import Attribution
 from modelatlas.errors import ConfigError
 from modelatlas.figures import new_figure, png_bytes
@@ -45,7 +46,7 @@ def check_out(folder: str | Path) -> Path:
     if above is not None:  # was 'Not a directory' when saving, after the whole attribution
         raise ConfigError(f"{folder}: lies below the file {above}, not a folder; choose another output folder (--out)")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-    ours = TENSORS in entries or META in entries or (folder / "checkpoint" / "run.json").is_file()  # or a resumable run
+    ours = TENSORS in entries or META in entries or kept_state(folder) is not None  # or a resumable run
     if entries and not ours:
         raise ConfigError(f"{folder}: a non-empty folder holding no attribution (e.g. {entries[0]!r}); "
                           "choose a new or empty output folder (--out)")

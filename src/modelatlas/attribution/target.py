@@ -39,10 +39,10 @@ def train(model, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, l
     ``checkpoints`` evenly spaced checkpoints starting at the init). ``weights`` (N,) 0/1 removes examples."""
     w = torch.ones(len(x)) if weights is None else weights.float()
     p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    every = max(steps // max(checkpoints, 1), 1)
+    keep = set(checkpoint_steps(steps, checkpoints))
     saved: list[Params] = []
     for s in range(steps):
-        if checkpoints and s % every == 0 and len(saved) < checkpoints:
+        if s in keep:
             saved.append({k: v.detach().clone() for k, v in p.items()})
         loss = (losses(model, p, x, y) * w).sum() / w.sum()
         if weight_decay:
@@ -52,3 +52,10 @@ def train(model, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, l
             for v, g in zip(p.values(), grads):
                 v -= lr * g
     return {k: v.detach() for k, v in p.items()}, saved
+
+
+def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
+    """The steps before which :func:`train` keeps a checkpoint: every ``steps // checkpoints``-th from 0, at most
+    ``checkpoints`` of them (fewer when ``steps`` < ``checkpoints``)."""
+    every = max(steps // max(checkpoints, 1), 1)
+    return list(range(0, steps, every)[:checkpoints])

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
     p.add_argument("--seed", type=seed, default=0, help="seed of clustering, init and matching (default 0)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted --validate run from OUT/checkpoint (same settings)")
+                   help="continue an interrupted run from OUT/checkpoint (same settings)")
     p.set_defaults(func=_run, interrupt_hint=_interrupted)
 
 
@@ -53,14 +53,15 @@ def _run(args: argparse.Namespace) -> int:
     train, data = _inputs(args)
     kept = progress_of(args.out) if args.resume else None
     if args.resume:
-        echo(f"resuming from {Path(args.out) / 'checkpoint'}: the DDM attribution and {kept['loo_done']} of "
-             f"{kept['loo_total']} leave-one-cluster-out retrainings are kept" if kept
+        echo(f"resuming from {Path(args.out) / 'checkpoint'}: {_kept(kept)} kept" if kept
              else f"nothing to resume in {Path(args.out) / 'checkpoint'}: starting from the beginning")
     attr, info, true = attribute_to_folder(args.out, data, train.num_classes, cfg, args.seed, train.name,
                                            args.validate, args.test_index, args.resume, tqdm_progress)
     k_total, n_test = attr.matrix.shape
+    when = ("" if not kept else ", before the interruption" if kept["ddm"]  # DDM's timings: the interrupted run's
+            else "; the total adds up the parts before and after the interruption")
     echo(f"attribution matrix {k_total} clusters x {n_test} test samples in {attr.timings['total_s']:.1f} s "
-         f"(online {attr.timings['online_s']:.3f} s{', before the interruption' if kept else ''}); wrote {args.out}")
+         f"(online {attr.timings['online_s']:.3f} s{when}); wrote {args.out}")
     if true is not None:
         v = info["validation"]
         echo(f"vs leave-one-cluster-out retraining ({v['loo_wall_s']:.1f} s): Spearman flattened "
@@ -76,12 +77,27 @@ def _interrupted(args: argparse.Namespace) -> str:
     kept = progress_of(args.out)
     if kept is None:
         return f"stopped before anything was saved in {args.out}: run the command again"
-    where, done = Path(args.out) / "checkpoint", f"{kept['loo_done']} of {kept['loo_total']}"
-    if (Path(args.out) / "attribution.json").is_file():
-        return (f"the DDM attribution is written to {args.out} (validation pending) and kept, with {done} "
-                f"leave-one-cluster-out retrainings, in {where}; rerun with --resume to continue")
-    return (f"the DDM attribution and {done} leave-one-cluster-out retrainings are kept in {where}; rerun with "
-            "--resume to continue")
+    where = Path(args.out) / "checkpoint"
+    if kept["ddm"] and (Path(args.out) / "attribution.json").is_file():
+        return (f"the DDM attribution is written to {args.out} (validation pending) and kept, with "
+                f"{kept['loo_done']} of {kept['loo_total']} leave-one-cluster-out retrainings, in {where}; rerun "
+                "with --resume to continue")
+    return f"{_kept(kept)} kept in {where}; rerun with --resume to continue"
+
+
+def _kept(kept: dict) -> str:
+    """What a checkpoint keeps (:func:`~modelatlas.attribution.checkpoint.progress_of`), to be followed by
+    'kept': 'the DDM attribution and 3 of 20 leave-one-cluster-out retrainings are', or before DDM finished
+    'DDM's clustering, target model and 12 of 30 matching steps are'."""
+    if kept["ddm"]:
+        return (f"the DDM attribution and {kept['loo_done']} of {kept['loo_total']} leave-one-cluster-out "
+                "retrainings are")
+    names = {"clusters": "clustering", "target": "target model"}
+    parts = [names[u] for u in kept["units"] if u in names]
+    if kept["match"]:
+        parts.append(f"{kept['match'][0]} of {kept['match'][1]} matching steps")
+    listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+    return f"DDM's {listed} {'is' if parts == ['clustering'] else 'are'}"
 
 
 def _inputs(args: argparse.Namespace):
