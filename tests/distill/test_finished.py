@@ -7,8 +7,10 @@ import torch
 
 from modelatlas.data import load_dataset
 from modelatlas.distill import api, run_distillation
+from modelatlas.distill.methods.podd.api import run_poster
 
 CFG = {"iterations": 1, "width": 8, "batch_real": 8}
+POSTER = {"iterations": 1, "total": 2, "window": 1, "batch_real": 16, "width": 8, "learn_labels": False}
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,15 @@ def finish(folder, data, **kw):
 def finish_named(folder, **kw):
     """A registered dataset: its test split is known by name (a given ArrayDataset's is not)."""
     return run_distillation("dm", "digits", 1, folder, CFG, eval_nets=1, eval_epochs=1, **kw)
+
+
+def finish_poster(folder, **kw):
+    """A tiny 0.3-IPC poster of the registered digits."""
+    return run_poster("digits", 0.3, folder, POSTER, **{"eval_nets": 1, "eval_epochs": 1, **kw})
+
+
+def make_stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
 
 
 def no_evaluation(*a, **k):
@@ -83,3 +94,38 @@ def test_cli_says_nothing_was_written(tmp_path, capsys):
     assert main(args) == 0 and "; wrote " in capsys.readouterr().out
     assert main([*args, "--resume"]) == 0
     assert "already held this finished result (nothing written)" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_poster_returns_the_stored_result(tmp_path, monkeypatch):
+    """`atlas distill poster --resume` on a finished poster rebuilt, scored and rewrote it (its own loading of
+    the data hid the dataset's name, and its fractional ipc was not the run's)."""
+    first = finish_poster(tmp_path)
+    assert first["ipc"] == 0.3 and first["baseline_ipc"] == 1 and "reused" not in first
+    stamps = make_stamps(tmp_path)
+    monkeypatch.setattr(api, "evaluate_synthetic", no_evaluation)
+    monkeypatch.setattr(api, "evaluate_random_baseline", no_evaluation)
+    again = finish_poster(tmp_path, resume=True)
+    assert again.pop("reused") is True
+    assert again == first == json.loads((tmp_path / "result.json").read_text())
+    assert make_stamps(tmp_path) == stamps and "poster.png" in stamps  # nothing rewritten
+
+
+def test_a_poster_resumed_with_other_settings_goes_the_full_way(tmp_path):
+    first = finish_poster(tmp_path)
+    stamps = make_stamps(tmp_path)
+    again = finish_poster(tmp_path, resume=True, eval_nets=2)
+    assert "reused" not in again and len(again["evaluation"]["accuracies"]) == 2
+    assert again["ipc"] == first["ipc"] and again["poster"] == first["poster"]  # the poster's fields rewritten
+    assert make_stamps(tmp_path)["result.json"] != stamps["result.json"]
+
+
+def test_cli_poster_says_nothing_was_written(tmp_path, capsys):
+    from modelatlas.cli.main import main
+
+    args = ["distill", "poster", "--dataset", "digits", "--ipc", "0.3", "--out", str(tmp_path / "p"),
+            "--iterations", "1", "--eval-nets", "1", "--eval-epochs", "1", "--no-learn-labels", "--set", "total=2",
+            "--set", "window=1", "--set", "batch_real=16", "--set", "width=8"]
+    assert main(args) == 0 and "; wrote " in capsys.readouterr().out
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "podd poster 8x24 (0.3 IPC" in out and "already held this finished result (nothing written)" in out

@@ -100,9 +100,13 @@ def _run(args: argparse.Namespace) -> int:
     if "baseline_random" in info:
         echo(_summary("random real subset, same protocol", info["baseline_random"]))
     echo(f"protocol: {info['evaluation']['protocol']['description']}")
-    done = f"{args.out} already held this finished result (nothing written)" if info.get("reused") else f"wrote {args.out}"
-    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {done}")
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {written(args.out, info)}")
     return 0
+
+
+def written(out: str, info: dict, files: str = "") -> str:
+    """'wrote OUT' (+ ``files``), or that a resume found this finished result there and wrote nothing."""
+    return f"{out} already held this finished result (nothing written)" if info.get("reused") else f"wrote {out}{files}"
 
 
 def _eval(args: argparse.Namespace) -> int:

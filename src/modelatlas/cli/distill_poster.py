@@ -35,7 +35,7 @@ def register(dsub) -> None:
 
 
 def _poster(args: argparse.Namespace) -> int:
-    from modelatlas.cli.distill import _summary, parse_overrides
+    from modelatlas.cli.distill import _summary, parse_overrides, written
     from modelatlas.distill.methods.podd.api import run_poster
 
     config = parse_overrides(args.overrides)
@@ -55,5 +55,5 @@ def _poster(args: argparse.Namespace) -> int:
     if "baseline_random" in info:
         echo(_summary(f"random real subset, {info['baseline_ipc']} per class, same protocol", info["baseline_random"]))
     echo(f"protocol: {info['evaluation']['protocol']['description']}")
-    echo(f"distillation wall time {info['wall_time_s']:.1f} s; wrote {args.out} (poster.png)")
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {written(args.out, info, ' (poster.png)')}")
     return 0

@@ -116,19 +116,21 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
                      protocol: EvalProtocol | None = None, transform: str | None = None,
                      dataset_test: ArrayDataset | None = None, dataset_kwargs: dict | None = None,
                      baseline: bool = True, progress: Progress | None = None, resume: bool = False,
-                     device: str | None = None, init_from: str | Path | None = None) -> dict:
+                     device: str | None = None, init_from: str | Path | None = None,
+                     ipc_asked: str | None = None) -> dict:
     """Distil, evaluate (and the random baseline under the same protocol), and write the result folder
     ``out`` (see :mod:`modelatlas.distill.result`). Checkpoints go to ``out/checkpoint``. ``init_from``: a
     result folder of the same dataset, ``ipc`` and transform whose set this run starts from (e.g. HeLlO's
     labels on DM's images). A data ``root`` in ``dataset_kwargs`` is recorded as an absolute path; a resumed
-    run's wall time adds up its parts. Returns the ``result.json`` dict (``"reused": True``: nothing written)."""
+    run's wall time adds up its parts; ``ipc_asked`` names the ipc the user gave where it is not ``ipc`` (a
+    poster's), in the baseline's refusal. Returns the ``result.json`` dict (``"reused": True``: nothing written)."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
     ipc = check_start(method, ipc, init_from is not None, seed)[1]
     config = _resumed_iterations(out, config, resume)
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)
     if baseline and method != "random":
-        check_baseline_ipc(train, ipc)
+        check_baseline_ipc(train, ipc, ipc_asked)
     tf, train_t, test_t, init_from, init = _prepared(train, test, transform, init_from)
     cfg = methods.get(method).make_config(config)
     proto = _protocol(protocol, method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first

@@ -49,7 +49,9 @@ def stored_result(out: Path, run: dict, proto: EvalProtocol, baseline: bool) -> 
            "losses": saved.get("losses"), "has_baseline": baseline and run["method"] != "random",
            "protocol": protocol}
     evaluation = info.get("evaluation")
-    then = {**{k: info.get(k) for k in now}, "has_baseline": "baseline_random" in info,
+    # a poster's result.json records the poster's own (fractional) ipc; the run's is the baseline's
+    ipc = info.get("baseline_ipc") if "poster_ipc_target" in info else info.get("ipc")
+    then = {**{k: info.get(k) for k in now}, "ipc": ipc, "has_baseline": "baseline_random" in info,
             "protocol": evaluation.get("protocol") if isinstance(evaluation, dict) else None}
     return info if json.loads(json.dumps(now)) == then else None
 

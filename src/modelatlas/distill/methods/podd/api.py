@@ -19,8 +19,10 @@ def run_poster(dataset, ipc: float, out: str | Path, config: dict | None = None,
                eval_nets: int = 5, eval_epochs: int | None = None, transform: str | None = None,
                dataset_kwargs: dict | None = None, baseline: bool = True, progress: Progress | None = None,
                resume: bool = False, device: str | None = None, dataset_test=None) -> dict:
-    """Returns the ``result.json`` dict (``ipc`` is the poster's actual IPC, ``poster_ipc_target`` the asked one)."""
-    from modelatlas.distill.api import _datasets, check_baseline_ipc, run_distillation
+    """Returns the ``result.json`` dict (``ipc`` is the poster's actual IPC, ``poster_ipc_target`` the asked one);
+    a ``resume`` of a finished poster with nothing to redo returns the stored one with ``"reused": True``,
+    writing nothing (:mod:`modelatlas.distill.finished`)."""
+    from modelatlas.distill.api import run_distillation
 
     if not (ipc > 0 and math.isfinite(ipc)):
         raise ConfigError(f"--ipc must be a finite number > 0 for a poster, got {ipc}")
@@ -30,13 +32,13 @@ def run_poster(dataset, ipc: float, out: str | Path, config: dict | None = None,
         raise ConfigError(f"--set poster_ipc={shown} differs from --ipc {ipc:g}; give the poster's ipc once "
                           "(--ipc, the ipc argument)")
     cfg = {**(config or {}), "poster_ipc": float(ipc)}
-    dataset, dataset_test = _datasets(dataset, dataset_test, dataset_kwargs)  # loaded once, checked up front
-    if baseline:
-        check_baseline_ipc(dataset, max(1, math.ceil(ipc)), f"--ipc {ipc:g} (a poster)")
-    run_distillation("podd", dataset, max(1, math.ceil(ipc)), out, config=cfg, seed=seed,
-                     eval_nets=eval_nets, eval_epochs=eval_epochs, transform=transform,
-                     dataset_test=dataset_test, dataset_kwargs=dataset_kwargs, baseline=baseline,
-                     progress=progress, resume=resume, device=device)
+    # a dataset named (not loaded here) keeps its test split known by name: a finished run can then be reused
+    info = run_distillation("podd", dataset, max(1, math.ceil(ipc)), out, config=cfg, seed=seed,
+                            eval_nets=eval_nets, eval_epochs=eval_epochs, transform=transform,
+                            dataset_test=dataset_test, dataset_kwargs=dataset_kwargs, baseline=baseline,
+                            progress=progress, resume=resume, device=device, ipc_asked=f"--ipc {ipc:g} (a poster)")
+    if info.get("reused"):
+        return info  # its result.json holds the poster's fields already
     from modelatlas.distill.result import load_result
 
     syn, _, _ = load_result(out)
