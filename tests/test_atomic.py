@@ -115,3 +115,18 @@ def test_a_name_that_is_not_utf8_is_written_as_text_escaped_and_as_json_kept(tmp
     assert (tmp_path / "f.dot").read_text(encoding="utf-8") == '"m\\xe9 \\ud800";'
     atomic_write_json(tmp_path / "f.json", {"nodes": [name]})  # ASCII escapes: reads back as the same name
     assert json.loads((tmp_path / "f.json").read_text(encoding="utf-8")) == {"nodes": [name]}
+
+
+def test_check_out_folder_refuses_a_file_and_a_path_below_one(tmp_path):
+    from modelatlas.atomic import check_out_folder, file_in_the_way
+    from modelatlas.errors import AtlasError, ConfigError
+
+    (tmp_path / "f").write_text("x")
+    assert file_in_the_way(tmp_path / "f" / "a" / "b") == tmp_path / "f"
+    assert file_in_the_way(tmp_path / "new" / "a") is None  # a missing folder is made when written
+    with pytest.raises(ConfigError, match=r"^--out .*f is a file, not a folder; choose a new --out$"):
+        check_out_folder(tmp_path / "f", f"--out {tmp_path / 'f'}", "choose a new --out")
+    with pytest.raises(AtlasError, match=r"^x lies below the file .*f, not a folder; fix it$") as e:
+        check_out_folder(tmp_path / "f" / "a", "x", "fix it", AtlasError)
+    assert type(e.value) is AtlasError
+    check_out_folder(tmp_path, "x", "fix it")  # an existing folder is no error

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from modelatlas.errors import AtlasError, ConfigError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; returns ``path``.
@@ -52,6 +54,22 @@ def _raise_about(e: OSError, path: Path, tmp_path: Path) -> NoReturn:
     if e.filename not in (None, str(tmp_path), tmp_path) or e.errno is None:
         raise e
     raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """``path`` itself or the nearest folder above it that exists but is not a folder (a file), or None: an
+    output folder there fails as 'Not a directory' or 'File exists' only when the first file is written."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
+def check_out_folder(path: str | Path, name: str, fix: str, error: type[AtlasError] = ConfigError) -> None:
+    """Refuse, before any work, an output folder ``path`` that is a file or lies below one: ``error`` says
+    "``name`` is a file" or "``name`` lies below the file ...", then "not a folder; ``fix``"."""
+    file = file_in_the_way(path)
+    if file is not None:
+        where = "is a file" if file == Path(path) else f"lies below the file {file}"
+        raise error(f"{name} {where}, not a folder; {fix}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

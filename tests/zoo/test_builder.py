@@ -170,6 +170,8 @@ def test_an_out_that_is_a_file_or_a_folder_of_other_files_is_refused_before_trai
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="out: .*file is a file, not a folder"):
         make_zoo(config, tmp_path / "file", workers=1)
+    with pytest.raises(ConfigError, match="out: .*file/zoo lies below the file .*file, not a folder"):
+        make_zoo(config, tmp_path / "file" / "zoo", workers=1)  # was 'Not a directory' after the first model
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "attribution.json").write_text("{}")
     with pytest.raises(ConfigError, match="non-empty folder holding no zoo \\(e.g. 'attribution.json'\\)"):

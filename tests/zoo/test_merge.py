@@ -42,6 +42,8 @@ def test_merge_refuses_its_own_zoo_a_full_folder_and_single_files(adapter_zoo, t
     with pytest.raises(ConfigError, match="busy: is not empty"):
         merge_zoo(manifest, tmp_path / "busy")
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="busy/x/m: lies below the file .*busy/x, not a folder"):
+        merge_zoo(manifest, tmp_path / "busy" / "x" / "m")
     merge_zoo(manifest, tmp_path / "again")
     (tmp_path / "again" / "manifest.json").unlink()  # as if interrupted before the manifest
     assert merge_zoo(manifest, tmp_path / "again").names == manifest.names  # a rerun rewrites it

@@ -26,6 +26,7 @@ from modelatlas.atomic import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    check_out_folder,
     read_tensors,
 )
 from modelatlas.errors import AtlasError
@@ -137,10 +138,7 @@ def check_atlas_folder(folder: str | Path) -> None:
     atlas's (and a later `atlas index build` of that folder would take embeddings.safetensors for a model),
     and a path that is a file or lies below one (it said 'File exists' after the whole lineage recovery)."""
     folder = Path(folder)
-    file = next((p for p in (folder, *folder.parents) if p.is_file()), None)
-    if file is not None:
-        where = "is a file" if file == folder else f"lies below the file {file}"
-        raise AtlasError(f"--out {folder} {where}, not a folder; choose a new --out")
+    check_out_folder(folder, f"--out {folder}", "choose a new --out", AtlasError)
     if folder.is_dir() and not (folder / JSON_NAME).is_file() and any(folder.iterdir()):
         raise AtlasError(f"--out {folder} is a non-empty folder that holds no atlas ({JSON_NAME}): the atlas's "
                          "files would mix with its files; choose a new or empty --out")

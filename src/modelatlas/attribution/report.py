@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from modelatlas.atomic import atomic_save_tensors, atomic_write_bytes, atomic_write_json, check_out_folder
 from modelatlas.attribution.checkpoint import kept_state
 from modelatlas.attribution.ddm import Attribution
 from modelatlas.errors import ConfigError
@@ -40,11 +40,8 @@ def check_out(folder: str | Path) -> Path:
     command's results would get attribution files mixed in); a previous attribution is overwritten, and a folder
     holding only an interrupted run's ``checkpoint`` is one of ours."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder}: is a file, not a folder; choose another output folder (--out)")
-    above = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
-    if above is not None:  # was 'Not a directory' when saving, after the whole attribution
-        raise ConfigError(f"{folder}: lies below the file {above}, not a folder; choose another output folder (--out)")
+    # below a file was 'Not a directory' when saving, after the whole attribution
+    check_out_folder(folder, f"{folder}:", "choose another output folder (--out)")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     ours = TENSORS in entries or META in entries or kept_state(folder) is not None  # or a resumable run
     if entries and not ours:

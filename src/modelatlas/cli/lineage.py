@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from modelatlas.atomic import atomic_write_bytes, atomic_write_text
+from modelatlas.atomic import atomic_write_bytes, atomic_write_text, file_in_the_way
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
 from modelatlas.errors import AtlasError, ConfigError
@@ -53,7 +53,7 @@ def check_out_files(args: argparse.Namespace) -> None:
         if path.is_dir():
             raise ConfigError(f"--{option} {path} is a folder; name a file to write (e.g. {path / 'lineage'}."
                               f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd', 'png': 'png'}[option]})")
-        above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        above = file_in_the_way(path.parent)
         if above is not None:
             raise ConfigError(f"--{option} {path} lies below the file {above}, not a folder; choose another path")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_write_json
+from modelatlas.atomic import atomic_write_json, check_out_folder, file_in_the_way
 from modelatlas.data import load_dataset
 from modelatlas.data import transforms as T
 from modelatlas.data.registry import ArrayDataset
@@ -258,11 +258,10 @@ def check_out(out: Path, resume: bool) -> None:
     if (out / RESULT_JSON).is_file() and not resume:
         raise ConfigError(f"{out / RESULT_JSON} exists: {out} holds a finished result; choose a new --out, delete "
                           "the folder to redo it, or pass --resume (resume=True) to finish or re-evaluate that run")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose a new --out")
-    above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)  # else: 'Not a directory'
+    above = file_in_the_way(out.parent)  # else: 'Not a directory' at the first write
     if above is not None:
         raise ConfigError(f"--out {out}: {above} is a file, not a folder; choose another --out")
+    check_out_folder(out, f"--out {out}", "choose a new --out")
     ours = any((out / name).is_file()
                for name in (RESULT_JSON, f"checkpoint/{RUN_JSON}", f"checkpoint/{CHECKPOINT_JSON}"))
     if out.is_dir() and not ours and any(out.iterdir()):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelatlas.atomic import atomic_write_json, read_json_object
+from modelatlas.atomic import atomic_write_json, check_out_folder, read_json_object
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
@@ -125,10 +125,7 @@ def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[
 def _check_out(out: Path) -> None:
     """Refuse a file, a path below a file (it failed as 'Not a directory' at the first checkpoint, after the
     layer selection), or a non-empty folder that holds no experts (its files would mix with theirs)."""
-    file = next((p for p in (out, *out.parents) if p.is_file()), None)
-    if file is not None:
-        where = "is a file" if file == out else f"lies below the file {file}"
-        raise ConfigError(f"--out {out} {where}, not a folder; choose a new --out")
+    check_out_folder(out, f"--out {out}", "choose a new --out")
     ours = (out / "index.json").is_file() or (out / "checkpoints").is_dir()  # a finished or an interrupted run
     if out.is_dir() and not ours and any(out.iterdir()):
         raise ConfigError(f"--out {out} is a non-empty folder that holds no experts (index.json): the experts' files "

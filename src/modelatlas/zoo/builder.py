@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.allocator import keep_freed_memory
+from modelatlas.atomic import check_out_folder
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.architectures import build_model, head_name, lora_targets
@@ -80,10 +81,9 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
 
 
 def _check_out(out: Path, names: set[str]) -> None:
-    """Refuse an output path that is a file, or a non-empty folder holding no zoo (no manifest.json and no
-    model folder of this plan): the models would be mixed into someone else's files."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} is a file, not a folder; choose another output folder (--out)")
+    """Refuse an output path that is a file or lies below one, or a non-empty folder holding no zoo (no
+    manifest.json and no model folder of this plan): the models would be mixed into someone else's files."""
+    check_out_folder(out, f"out: {out}", "choose another output folder (--out)")
     entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
     if entries and "manifest.json" not in entries and not names.intersection(entries):
         raise ConfigError(f"out: {out} is a non-empty folder holding no zoo (e.g. {sorted(entries)[0]!r}); "

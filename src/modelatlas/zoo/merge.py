@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from modelatlas.atomic import check_out_folder
 from modelatlas.errors import ConfigError, ManifestError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest
@@ -74,8 +75,7 @@ def _check_out(manifest: Manifest, out: Path, fp: str) -> None:
         raise ConfigError(f"{out}: is the zoo's own folder; write the merged zoo to another folder")
     if root in real.parents:  # the zoo would hold it: `atlas zoo verify` then fails on an extra folder
         raise ConfigError(f"{out}: is inside the zoo {manifest.root}; write the merged zoo to a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: is a file; give a new or empty folder for the merged zoo")
+    check_out_folder(out, f"{out}:", "give a new or empty folder for the merged zoo")
     if out.is_dir() and not _earlier_merge(manifest, out):
         raise ConfigError(f"{out}: is not empty; give a new or empty folder for the merged zoo")
     if out.is_dir() and not _same_zoo(manifest, out, fp):
