@@ -297,3 +297,16 @@ def test_a_replaced_module_is_read_in_the_dtype_listed(tmp_path):
                                              "head.weight": torch.zeros(2, 4, dtype=torch.bfloat16)})
     with open_checkpoint(adapter, base=base_path) as ck:
         assert ck.info("head.weight").dtype == "float32" and ck.read("head.weight").dtype == torch.float32
+
+
+def test_join_adapter_base_puts_the_base_first_once(tmp_path, make_adapter_family):
+    from modelatlas.weights import join_adapter_base
+
+    fam = make_adapter_family(tmp_path / "fam", n=2)
+    models = [fam / "a0", fam / "base.safetensors", fam / "a1"]  # the base also given: kept once, first
+    base, joined = join_adapter_base(fam / "base.safetensors", models)
+    with base:
+        assert base.kind == "full" and joined == [fam / "base.safetensors", fam / "a0", fam / "a1"]
+    assert join_adapter_base(None, models) == (None, models)
+    with pytest.raises(CheckpointError, match="a0: a lora delta"):
+        join_adapter_base(fam / "a0", models)

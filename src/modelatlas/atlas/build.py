@@ -27,9 +27,8 @@ from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
 from modelatlas.lineage.sources import open_model
 from modelatlas.progress import Progress, resolve
-from modelatlas.weights import discover_models, open_adapter_base, open_checkpoint, unique_names
+from modelatlas.weights import discover_models, join_adapter_base, open_checkpoint, unique_names
 from modelatlas.weights.base import error_line
-from modelatlas.weights.registry import distinct_models
 
 
 def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
@@ -42,17 +41,15 @@ def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
     each adapter merged onto it (without it an adapter is in no tree)."""
     loaded = {task: _load_experts(folder, task) for task, folder in (("classes", experts), ("text", text_experts))
               if folder is not None}
-    base_path, base = open_adapter_base(adapter_base) if adapter_base is not None else (None, None)
+    base, paths = join_adapter_base(adapter_base, discover_models(inputs))
     try:
-        return _build(discover_models(inputs), inputs, loaded, lineage, progress, base_path, base)
+        return _build(paths, inputs, loaded, lineage, progress, base)
     finally:
         if base is not None:
             base.close()
 
 
-def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base_path, base) -> Atlas:
-    if base_path is not None:
-        paths = distinct_models([base_path, *paths])  # the base first: the root its adapters hang from
+def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base) -> Atlas:
     if not paths:
         raise AtlasError(f"no models found in {', '.join(map(str, inputs))}")
     named = list(zip(paths, unique_names(paths)))  # runA/model.safetensors and runB/... -> "runA", "runB"

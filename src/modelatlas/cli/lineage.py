@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_bytes, atomic_write_text, file_in_the_way
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
-from modelatlas.errors import AtlasError, ConfigError
+from modelatlas.errors import AtlasError, CheckpointError, ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -142,7 +142,7 @@ def note_zoo_adapters(models: list[Path]) -> None:
 
 def _recover(args: argparse.Namespace) -> int:
     from modelatlas.lineage import LineageRecovery
-    from modelatlas.weights.registry import distinct_models
+    from modelatlas.weights import join_adapter_base
 
     config = config_from_args(args)
     check_out_files(args)
@@ -150,8 +150,11 @@ def _recover(args: argparse.Namespace) -> int:
     models = expand_paths(args.paths)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
-    with _adapter_base(args.base) as (base, base_paths):
-        models = distinct_models(base_paths + models)  # the base first: the root its adapters hang from
+    try:
+        base, models = join_adapter_base(args.base, models)
+    except CheckpointError as e:
+        raise ConfigError(f"--base {e}") from e
+    with nullcontext() if base is None else base:
         check_outputs_spare_inputs(args, models, truth)
         if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
             from modelatlas.lineage.scoring import check_truth
@@ -164,23 +167,6 @@ def _recover(args: argparse.Namespace) -> int:
     show_forest(forest, truth)
     _write_outputs(args, forest, truth)
     return 0
-
-
-@contextmanager
-def _adapter_base(text: str | None):
-    """(the open ``--base`` model, its path as a model list), closed afterwards; (None, []) without one."""
-    if text is None:
-        yield None, []
-        return
-    from modelatlas.errors import CheckpointError
-    from modelatlas.weights import open_adapter_base
-
-    try:
-        path, base = open_adapter_base(text)
-    except CheckpointError as e:
-        raise ConfigError(f"--base {e}") from e
-    with base:
-        yield base, [path]
 
 
 def _load_truth(path: Path | None):

@@ -6,7 +6,7 @@ never holds the whole model. :func:`discover_models` expands folders into the mo
 """
 
 from modelatlas.weights.base import Checkpoint, TensorInfo
-from modelatlas.weights.peft_lora import open_adapter_base
+from modelatlas.weights.peft_lora import join_adapter_base, open_adapter_base
 from modelatlas.weights.registry import (
     discover_models,
     model_name,
@@ -16,5 +16,5 @@ from modelatlas.weights.registry import (
     unique_names,
 )
 
-__all__ = ["Checkpoint", "TensorInfo", "discover_models", "model_name", "open_adapter_base", "open_checkpoint",
-           "open_many", "register_format", "unique_names"]
+__all__ = ["Checkpoint", "TensorInfo", "discover_models", "join_adapter_base", "model_name",
+           "open_adapter_base", "open_checkpoint", "open_many", "register_format", "unique_names"]

@@ -27,7 +27,7 @@ from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, folder_name
 from modelatlas.weights.hf_folder import open_weight_file
 from modelatlas.weights.lora_config import read_adapter_config
-from modelatlas.weights.registry import open_checkpoint, register_format
+from modelatlas.weights.registry import distinct_models, open_checkpoint, register_format
 
 CONFIG = "adapter_config.json"
 _MAX_MODULE_NAME = 1024  # PEFT module names are ~100 characters
@@ -264,6 +264,16 @@ def open_adapter_base(path: str | Path) -> tuple[Path, Checkpoint]:
         raise CheckpointError(Path(path), f"a {base.kind.replace('_', ' ')} (an adapter), not a full model to merge "
                                           "adapters onto; give the model it was trained on")
     return paths[0], base
+
+
+def join_adapter_base(base: str | Path | None, models: list[Path]) -> tuple[Checkpoint | None, list[Path]]:
+    """(the open ``base`` that PEFT adapters among ``models`` were trained on, ``models`` with it first: the
+    root its adapters hang from, kept once if also given); (None, ``models``) without one. A wrong base
+    raises :func:`open_adapter_base`'s CheckpointError. The caller closes the base."""
+    if base is None:
+        return None, models
+    path, ckpt = open_adapter_base(base)
+    return ckpt, distinct_models([path, *models])
 
 
 def is_adapter_folder(path: Path) -> bool:
