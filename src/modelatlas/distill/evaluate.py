@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA, DSAParams
+from modelatlas.distill.field_types import misfit
 from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, NET_NAMES, make_net, pick_device
 from modelatlas.distill.synthetic import SyntheticSet, sample_per_class
 from modelatlas.errors import ConfigError
@@ -34,6 +35,9 @@ from modelatlas.seeding import SEED_RANGE, derive_seed, is_seed, torch_generator
 
 # (augmented batch, its indices into the set, epoch) -> targets (hard (B,) or soft (B, K)).
 LabelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# EvalProtocol's counts and numbers (a result.json's protocol is checked for these types)
+PROTOCOL_INTS = ("num_nets", "epochs", "batch_size", "width", "depth")
+PROTOCOL_FLOATS = ("lr", "momentum", "weight_decay")
 
 
 @dataclass
@@ -80,12 +84,10 @@ class EvalProtocol:
 
     def _check_kinds(self) -> None:
         """Counts are integers (1.5 nets failed in range(), True ran 1), ``dsa`` a bool, ``net`` a known net."""
-        for name in ("num_nets", "epochs", "batch_size", "width", "depth"):
-            v = getattr(self, name)
-            if (v is not None or name != "epochs") and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ConfigError(f"eval {name} must be an integer, got {v!r}")
-        if not isinstance(self.dsa, bool):  # "yes" turned DSA on
-            raise ConfigError(f"eval dsa must be true or false, got {self.dsa!r}")
+        bad = misfit({n: getattr(self, n) for n in (*PROTOCOL_INTS, "dsa")}, EvalProtocol)
+        if bad is not None:  # dsa "yes" turned DSA on
+            kind = "true or false" if bad.key == "dsa" else "an integer"
+            raise ConfigError(f"eval {bad.key} must be {kind}, got {bad.value!r}")
         if self.net not in NET_NAMES:
             raise ConfigError(f"eval net must be one of {', '.join(NET_NAMES)}, got {self.net!r}")
 

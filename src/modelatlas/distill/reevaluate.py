@@ -8,7 +8,8 @@ from pathlib import Path
 from modelatlas.data import load_dataset
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.api import absolute_root, apply_transform
-from modelatlas.distill.evaluate import EvalProtocol, evaluate_synthetic
+from modelatlas.distill.evaluate import PROTOCOL_FLOATS, PROTOCOL_INTS, EvalProtocol, evaluate_synthetic
+from modelatlas.distill.field_types import misfit
 from modelatlas.distill.result import RESULT_JSON, load_result, update_result
 from modelatlas.distill.splits import check_fits, check_test_split
 from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
@@ -58,10 +59,6 @@ def _load_test(folder: str | Path, dataset: str, kw: dict, given: dict | None) -
                                    "(dataset_kwargs={'root': ...})") from None
 
 
-_PROTOCOL_INTS = ("num_nets", "epochs", "batch_size", "width", "depth")
-_PROTOCOL_FLOATS = ("lr", "momentum", "weight_decay")
-
-
 def _saved_settings(path: Path, info: dict, seed: int | None) -> tuple[EvalProtocol, int, dict]:
     """(protocol, seed (``seed`` when given), dataset kwargs) saved in result.json ``path``, checked: a hand
     edit fails here naming the file and the key, not deep in training with a TypeError."""
@@ -70,12 +67,12 @@ def _saved_settings(path: Path, info: dict, seed: int | None) -> tuple[EvalProto
     if not isinstance(old, dict):
         raise CheckpointError(path, "evaluation.protocol must be an object; run the distillation again")
     kw = {k: v for k, v in old.items() if k in EvalProtocol.__dataclass_fields__}
-    for k, v in kw.items():
-        wrong_int = k in _PROTOCOL_INTS and (isinstance(v, bool) or not isinstance(v, int))
-        wrong_float = k in _PROTOCOL_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float)))
-        if v is not None and (wrong_int or wrong_float):
-            raise CheckpointError(path, f"evaluation.protocol.{k} must be a number{' (integer)' * wrong_int}, "
-                                        f"got {v!r}")
+    # None and the other fields are left to EvalProtocol (its message, under "evaluation.protocol: ")
+    numbers = {k: v for k, v in kw.items() if v is not None and k in PROTOCOL_INTS + PROTOCOL_FLOATS}
+    bad = misfit(numbers, EvalProtocol)
+    if bad is not None:
+        raise CheckpointError(path, f"evaluation.protocol.{bad.key} must be a number"
+                                    f"{' (integer)' * (int in bad.allowed)}, got {bad.value!r}")
     try:
         proto = EvalProtocol(**kw)
     except ConfigError as e:

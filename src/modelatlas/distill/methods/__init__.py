@@ -10,12 +10,11 @@ such as ``dsa`` -> ``dc`` live in ``_MODULES``).
 from __future__ import annotations
 
 import importlib
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 
-from modelatlas.distill.methods.base import fits
+from modelatlas.distill.field_types import misfit
 from modelatlas.errors import ConfigError
 
 # Method name -> package under modelatlas.distill.methods (when they differ, or to list it in available()).
@@ -63,14 +62,12 @@ class MethodSpec:
 
     def _check_types(self, fields: dict) -> None:
         """Refuse a value of another type than its config field's annotation (``lr_img="abc"``), naming both."""
-        hints = typing.get_type_hints(self.config_cls)
-        for key, value in fields.items():
-            allowed = typing.get_args(hints[key]) or (hints[key],)
-            if any(fits(value, t) for t in allowed):
-                continue
-            names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
-            hint = " (--set values are JSON: 0.5, 10, true, null, or plain text)" if isinstance(value, str) else ""
-            raise ConfigError(f"method {self.name!r}: config field {key!r} must be {names}, got {value!r}{hint}")
+        bad = misfit(fields, self.config_cls)
+        if bad is not None:
+            json_hint = " (--set values are JSON: 0.5, 10, true, null, or plain text)"
+            hint = json_hint if isinstance(bad.value, str) else ""
+            raise ConfigError(f"method {self.name!r}: config field {bad.key!r} must be {bad.names}, "
+                              f"got {bad.value!r}{hint}")
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

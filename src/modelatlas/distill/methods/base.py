@@ -8,13 +8,13 @@ its ``__init__.py`` with :func:`modelatlas.distill.methods.register`.
 from __future__ import annotations
 
 import time
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from modelatlas.distill.field_types import misfit
 from modelatlas.distill.loop import OuterLoop
 from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, NET_NAMES, default_net
 from modelatlas.distill.synthetic import SyntheticSet
@@ -68,24 +68,9 @@ class MethodConfig:
 def check_types(cfg: Any) -> None:
     """Raise ConfigError naming the first field whose value is not of its annotated type: a config built in
     Python was not checked (``DMConfig(dsa="no")`` turned DSA on, ``batch_real=2.5`` failed in slicing)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in fields(cfg):
-        value, allowed = getattr(cfg, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
-        if not any(fits(value, t) for t in allowed):
-            names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
-            raise ConfigError(f"{f.name} must be {names}, got {value!r}")
-
-
-def fits(value: object, t: object) -> bool:
-    """Whether ``value`` is of type ``t`` (an int is a fine float; a bool is no int)."""
-    if t is type(None):
-        return value is None
-    if t is float:  # an integer is a fine float (JSON writes 1.0 as 1)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(t) or t
-    return not isinstance(origin, type) or isinstance(value, origin)
+    bad = misfit({f.name: getattr(cfg, f.name) for f in fields(cfg)}, type(cfg))
+    if bad is not None:
+        raise ConfigError(f"{bad.key} must be {bad.names}, got {bad.value!r}")
 
 
 def check_positive(cfg: Any, *names: str, unbounded: tuple[str, ...] = ()) -> None:
