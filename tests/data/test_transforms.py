@@ -54,3 +54,18 @@ def test_a_saved_transform_with_unusable_values_is_refused_naming_the_tensor(kin
     with pytest.raises(ConfigError, match=f"the saved {kind!r} transform has {'a non-positive' if value == 0 else 'a non-finite'} "
                                           f"value in {key!r}"):
         from_state_dict(kind, state)
+
+
+@pytest.mark.parametrize("kind", ["standardize", "zca"])
+def test_fit_of_inputs_the_caller_checked_makes_no_second_scan(kind, monkeypatch):
+    from modelatlas.data import transforms
+
+    def scan(kind, x):
+        raise AssertionError("scanned again")
+
+    x = torch.rand(6, 1, 2, 2)
+    monkeypatch.setattr(transforms, "_check_finite", scan)
+    fitted = make_transform(kind).fit(x, finite=True)
+    assert torch.allclose(fitted.inverse(fitted.transform(x)), x, atol=1e-5)
+    with pytest.raises(AssertionError, match="scanned again"):
+        make_transform(kind).fit(x)

@@ -203,3 +203,38 @@ def test_an_out_folder_under_a_file_is_refused_naming_the_file(tmp_path):
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(ConfigError, match=r"--out .*afile/sub: .*afile is a file, not a folder; choose another --out"):
         run_distillation("random", "no-such-dataset", 1, tmp_path / "afile" / "sub")
+
+
+def test_a_run_scans_its_training_split_once_and_a_resume_reads_checkpoint_json_once(tmp_path, monkeypatch):
+    """The split was scanned for NaN 3 times (its check, the transform's fit, the method's start) and a resume
+    read checkpoint.json 3-4 times (iterations, stored result, wall time, the loop)."""
+    import pathlib
+
+    from modelatlas.data import transforms
+    from modelatlas.distill import splits
+
+    counts = {"scans": 0, "reads": 0}
+    check, fit_check, read = splits.check_finite, transforms._check_finite, pathlib.Path.read_text
+
+    def counted_check(data, split):
+        counts["scans"] += split == "train"
+        return check(data, split)
+
+    def counted_fit_check(kind, x):
+        counts["scans"] += 1
+        return fit_check(kind, x)
+
+    def counted_read(path, *a, **kw):
+        counts["reads"] += path.name == "checkpoint.json"
+        return read(path, *a, **kw)
+
+    monkeypatch.setattr(splits, "check_finite", counted_check)
+    monkeypatch.setattr(transforms, "_check_finite", counted_fit_check)
+    monkeypatch.setattr(pathlib.Path, "read_text", counted_read)
+    kw = dict(config={"iterations": 1, "width": 8}, eval_nets=1, eval_epochs=1, transform="standardize",
+              baseline=False)
+    run_distillation("dm", "digits", 1, tmp_path / "r", **kw)
+    assert counts == {"scans": 1, "reads": 0}
+    # another protocol: not the stored result but the full way (iterations, wall time, the loop's state)
+    run_distillation("dm", "digits", 1, tmp_path / "r", resume=True, **{**kw, "eval_epochs": 2})
+    assert counts == {"scans": 2, "reads": 1}

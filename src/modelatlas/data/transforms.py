@@ -39,7 +39,7 @@ class Identity(_Loadable):
 
     kind = "identity"
 
-    def fit(self, x: torch.Tensor) -> Identity:
+    def fit(self, x: torch.Tensor, finite: bool = False) -> Identity:
         return self
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,10 @@ class Standardize(_Loadable):
     def __init__(self, eps: float = 1e-8):
         self.eps = eps
 
-    def fit(self, x: torch.Tensor) -> Standardize:
-        _check_finite(self.kind, x)
+    def fit(self, x: torch.Tensor, finite: bool = False) -> Standardize:
+        """``finite``: the caller has checked ``x`` for NaN / inf (the O(N D) scan is not made twice)."""
+        if not finite:
+            _check_finite(self.kind, x)
         dims = [0] + list(range(2, x.dim()))  # every axis but the channel
         self.mean_ = x.float().mean(dim=dims)  # (C,)
         std = x.float().std(dim=dims) if x[:, :1].numel() > 1 else torch.zeros(x.shape[1])  # (C,)
@@ -99,8 +101,10 @@ class ZCA(_Loadable):
             raise ConfigError(f"ZCA regularization must be > 0 and finite, got {regularization!r}")
         self.regularization = regularization
 
-    def fit(self, x: torch.Tensor) -> ZCA:
-        _check_finite(self.kind, x)
+    def fit(self, x: torch.Tensor, finite: bool = False) -> ZCA:
+        """``finite``: as :meth:`Standardize.fit`."""
+        if not finite:
+            _check_finite(self.kind, x)
         flat = x.reshape(x.shape[0], -1).double()  # (N, D)
         self.mean_ = flat.mean(0)  # (D,)
         cov = (flat - self.mean_).T @ (flat - self.mean_) / max(flat.shape[0] - 1, 1)  # (D, D)

@@ -21,7 +21,7 @@ from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill import methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, evaluate_synthetic
 from modelatlas.distill.finished import stored_result
-from modelatlas.distill.loop import CHECKPOINT_JSON, read_json, saved_wall_time
+from modelatlas.distill.loop import CHECKPOINT_JSON, read_checkpoint, read_json, saved_wall_time
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, write_result
@@ -32,25 +32,25 @@ from modelatlas.progress import Progress
 from modelatlas.seeding import SEED_RANGE, is_seed
 
 
-def _run(method: str, train: ArrayDataset, ipc: int, config, seed: int, progress: Progress | None,
-         checkpoint_dir: str | Path | None, resume: bool, device,
-         init: SyntheticSet | None = None) -> tuple[SyntheticSet, DistillContext, object]:
-    spec, ipc = check_start(method, ipc, init is not None, seed)
-    check_train(train)
-    cfg = spec.make_config(config)
+def _run(method: str, train: ArrayDataset, ipc: int, cfg, seed: int, progress: Progress | None,
+         checkpoint_dir: str | Path | None, resume: bool, device, init: SyntheticSet | None = None,
+         checkpoint: dict | None = None) -> tuple[SyntheticSet, DistillContext]:
+    """Run ``method`` on ``train`` (both checked: :func:`check_start`, :func:`check_train`) with its config
+    ``cfg``; ``checkpoint``: the checkpoint.json of a resumed run as the caller read it (None: read here)."""
     ctx = DistillContext(seed=seed, progress=progress, resume=resume, device=pick_device(device),
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, init=init)
     if resume and ctx.checkpoint_dir is None:
         raise ConfigError("resume=True needs checkpoint_dir (the CLI uses OUT/checkpoint)")
     if resume:  # the time of the earlier parts, as of their last checkpoint
-        ctx.wall_offset = saved_wall_time(ctx.checkpoint_dir)
-    if not resume and ctx.checkpoint_dir is not None and (ctx.checkpoint_dir / "checkpoint.json").is_file():
+        ctx.checkpoint = checkpoint if checkpoint is not None else read_checkpoint(ctx.checkpoint_dir)
+        ctx.wall_offset = saved_wall_time(ctx.checkpoint)
+    if not resume and ctx.checkpoint_dir is not None and (ctx.checkpoint_dir / CHECKPOINT_JSON).is_file():
         # a fresh run would overwrite that run's progress at its first checkpoint
-        raise ConfigError(f"{ctx.checkpoint_dir / 'checkpoint.json'} exists: pass resume=True to continue that "
+        raise ConfigError(f"{ctx.checkpoint_dir / CHECKPOINT_JSON} exists: pass resume=True to continue that "
                           "run, or choose another checkpoint_dir")
-    syn = spec.run(train, ipc, cfg, ctx)
+    syn = methods.get(method).run(train, ipc, cfg, ctx)
     syn.meta.update({"method": method, "seed": seed})
-    return syn, ctx, cfg
+    return syn, ctx
 
 
 def check_start(method: str, ipc: int, has_init: bool, seed: int = 0):
@@ -81,7 +81,10 @@ def distill(method: str, dataset_train: ArrayDataset, ipc: int, config=None, see
     continues from the last checkpoint (same seed -> identical result to an uninterrupted run).
     Time and memory: see the method's module docstring.
     """
-    return _run(method, dataset_train, ipc, config, seed, progress, checkpoint_dir, resume, device, init)[0]
+    spec, ipc = check_start(method, ipc, init is not None, seed)
+    check_train(dataset_train)
+    cfg = spec.make_config(config)
+    return _run(method, dataset_train, ipc, cfg, seed, progress, checkpoint_dir, resume, device, init)[0]
 
 
 def _datasets(dataset, dataset_test, dataset_kwargs) -> tuple[ArrayDataset, ArrayDataset]:
@@ -126,13 +129,13 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     poster's), in the baseline's refusal. Returns the ``result.json`` dict (``"reused": True``: nothing written)."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
-    ipc = check_start(method, ipc, init_from is not None, seed)[1]
-    config = _resumed_iterations(out, config, resume)
-    train, test = _datasets(dataset, dataset_test, dataset_kwargs)
+    spec, ipc = check_start(method, ipc, init_from is not None, seed)
+    config, checkpoint = _resumed(out, config, resume)  # checkpoint.json, read once for every use below
+    train, test = _datasets(dataset, dataset_test, dataset_kwargs)  # both checked (the training split once)
     if baseline and method != "random":
         check_baseline_ipc(train, ipc, ipc_asked)
     tf, train_t, test_t, init_from, init = _prepared(train, test, transform, init_from)
-    cfg = methods.get(method).make_config(config)
+    cfg = spec.make_config(config)
     proto = _protocol(protocol, method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
     with _undone_if_unstarted(out):
         _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
@@ -140,9 +143,10 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         run = {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "init_from": init_from,
                "dataset_kwargs": dataset_kwargs, "device": device}
         named = isinstance(dataset, str) and dataset_test is None  # a given test split is not recorded
-        if resume and named and (stored := stored_result(out, run, proto, baseline)) is not None:
+        if resume and named and (stored := stored_result(out, run, proto, baseline, checkpoint)) is not None:
             return {**stored, "reused": True}  # (not in result.json: this call wrote nothing)
-        syn, ctx, cfg = _run(method, train_t, ipc, config, seed, progress, out / "checkpoint", resume, device, init)
+        syn, ctx = _run(method, train_t, ipc, cfg, seed, progress, out / "checkpoint", resume, device, init,
+                        checkpoint)
     wall = ctx.elapsed()  # distillation only, not the evaluation below
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
     info = {**_info(run, train.name, cfg), "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3),
@@ -164,8 +168,9 @@ def _protocol(protocol, method: str, cfg, in_shape, eval_nets: int, eval_epochs:
 
 
 def _prepared(train: ArrayDataset, test: ArrayDataset, transform: str | None, init_from: str | Path | None):
-    """(fitted transform, both splits in its space, ``init_from`` resolved, the starting set or None)."""
-    tf = T.make_transform(transform).fit(train.x)
+    """(fitted transform, both splits in its space, ``init_from`` resolved, the starting set or None);
+    ``train`` is checked (:func:`check_splits`): the transform does not scan it again."""
+    tf = T.make_transform(transform).fit(train.x, finite=True)
     init_from = None if init_from is None else str(Path(init_from).resolve())
     init = None if init_from is None else _init_set(init_from, train, tf)
     return tf, apply_transform(tf, train), apply_transform(tf, test), init_from, init
@@ -190,18 +195,25 @@ def _default_net(cfg, train: ArrayDataset) -> dict:
     return replace(cfg, width=None, depth=None).net_spec(train.input_shape)
 
 
-def _resumed_iterations(out: Path, config, resume: bool):
+def _resumed(out: Path, config, resume: bool) -> tuple[object, dict | None]:
+    """(``config`` as :func:`_resumed_iterations` leaves it, the checkpoint.json of a resume or None:
+    :func:`~modelatlas.distill.loop.read_checkpoint`)."""
+    checkpoint = read_checkpoint(out / "checkpoint") if resume else None
+    return _resumed_iterations(out, config, resume, checkpoint), checkpoint
+
+
+def _resumed_iterations(out: Path, config, resume: bool, checkpoint: dict | None):
     """``config`` with, on a resume that names no iteration count, the checkpointed run's: the method's default
     would silently extend the run (a finished 2-iteration run re-evaluated with --resume went on to 500). The
     last checkpoint's count comes first: run.json keeps the first start's, so a run extended by a resume with
-    --iterations was then refused ("3 iterations done, more than iterations=2") on a plain --resume."""
+    --iterations was then refused ("3 iterations done, more than iterations=2") on a plain --resume.
+    ``checkpoint``: the checkpoint.json read (:func:`~modelatlas.distill.loop.read_checkpoint`)."""
     path = out / "checkpoint" / RUN_JSON
     if not (resume and path.is_file() and _has_progress(out)) or not isinstance(config, (dict, type(None))):
         return config
     if "iterations" in (config or {}):
         return config
-    ckpt = out / "checkpoint" / CHECKPOINT_JSON
-    saved = read_json(ckpt) if ckpt.is_file() else {}
+    saved = checkpoint or {}
     if not isinstance(saved.get("iterations"), int):
         saved = read_json(path, "delete the checkpoint folder to start over").get("config", {})
     iterations = saved.get("iterations") if isinstance(saved, dict) else None

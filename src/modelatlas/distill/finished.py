@@ -19,22 +19,21 @@ from pathlib import Path
 import torch
 
 from modelatlas.distill.evaluate import EvalProtocol
-from modelatlas.distill.loop import CHECKPOINT_JSON, read_json
 from modelatlas.distill.result import IMAGES_PNG, LOSS_PNG, RESULT_JSON, load_result
 from modelatlas.errors import CheckpointError
 
 
-def stored_result(out: Path, run: dict, proto: EvalProtocol, baseline: bool) -> dict | None:
+def stored_result(out: Path, run: dict, proto: EvalProtocol, baseline: bool,
+                  saved: dict | None) -> dict | None:
     """``out``'s result.json when it is what this resume would write (module docstring), else None.
 
     ``run``: ``method``, ``ipc``, ``seed``, ``config`` (the config dataclass), ``init_from``,
-    ``dataset_kwargs`` and ``device`` (a torch.device) of this run."""
-    ckpt = out / "checkpoint" / CHECKPOINT_JSON
-    if not (ckpt.is_file() and (out / RESULT_JSON).is_file() and (out / IMAGES_PNG).is_file()
+    ``dataset_kwargs`` and ``device`` (a torch.device) of this run; ``saved``: its checkpoint.json
+    (:func:`~modelatlas.distill.loop.read_checkpoint`, None without one)."""
+    if not (saved is not None and (out / RESULT_JSON).is_file() and (out / IMAGES_PNG).is_file()
             and (out / LOSS_PNG).is_file()):
         return None
     try:
-        saved = read_json(ckpt)
         syn, _, info = load_result(out)
     except CheckpointError:
         return None

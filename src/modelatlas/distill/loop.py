@@ -51,12 +51,17 @@ def read_json(path: str | Path, hint: str = "delete it to start over") -> dict:
     return obj
 
 
-def saved_wall_time(checkpoint_dir: str | Path) -> float:
-    """The wall time a run had spent by its last checkpoint in ``checkpoint_dir`` (0 without one)."""
+def read_checkpoint(checkpoint_dir: str | Path) -> dict | None:
+    """The ``checkpoint.json`` of ``checkpoint_dir`` (a corrupt one raises :class:`CheckpointError`), None
+    without one: read once per run and passed down (to :func:`saved_wall_time`, the loop, a resume's
+    checks)."""
     path = Path(checkpoint_dir) / CHECKPOINT_JSON
-    if not path.is_file():
-        return 0.0
-    wall = read_json(path).get("wall_time_s")
+    return read_json(path) if path.is_file() else None
+
+
+def saved_wall_time(checkpoint: Mapping[str, Any] | None) -> float:
+    """The wall time a run had spent by its last ``checkpoint`` (:func:`read_checkpoint`; 0 without one)."""
+    wall = (checkpoint or {}).get("wall_time_s")
     return float(wall) if isinstance(wall, (int, float)) and wall >= 0 else 0.0
 
 
@@ -123,7 +128,11 @@ class OuterLoop:
 
     def __init__(self, iterations: int, seed: int = 0, progress: Progress | None = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False,
-                 desc: str = "distill", clock: Callable[[], float] | None = None):
+                 desc: str = "distill", clock: Callable[[], float] | None = None,
+                 checkpoint: Mapping[str, Any] | None = None):
+        """``checkpoint``: ``checkpoint_dir``'s checkpoint.json as the caller read it for a resume
+        (:func:`read_checkpoint`); None: read it here."""
+        self.checkpoint = checkpoint
         self.iterations, self.seed, self.progress, self.desc = int(iterations), int(seed), progress, desc
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = max(int(checkpoint_every), 1)
@@ -181,9 +190,9 @@ class OuterLoop:
         if self.checkpoint_dir is None:
             raise CheckpointError(".", "resume=True needs a checkpoint_dir")
         meta_path = self.checkpoint_dir / CHECKPOINT_JSON
-        if not meta_path.is_file():
+        meta = self.checkpoint if self.checkpoint is not None else read_checkpoint(self.checkpoint_dir)
+        if meta is None:
             return  # nothing saved yet: start from scratch
-        meta = read_json(meta_path)
         kinds = {"iteration": (int, "an integer"), "tensors": (str, "a file name"), "states": (dict, "an object"),
                  "losses": (list, "a list")}
         bad = next((k for k, (kind, _) in kinds.items() if not isinstance(meta.get(k), kind)), None)

@@ -113,6 +113,7 @@ class DistillContext:
     losses: list[float] = field(default_factory=list)
     init: SyntheticSet | None = None  # start from this set instead of ``config.init`` (see init_synthetic)
     wall_offset: float = 0.0  # seconds the earlier parts of a resumed run took
+    checkpoint: dict | None = None  # checkpoint.json of a resumed run, read once (loop.read_checkpoint)
     started: float = field(default_factory=time.perf_counter)
     idle: bool = False  # a resume of a finished run: this part distilled nothing
 
@@ -124,7 +125,7 @@ class DistillContext:
     def run_loop(self, iterations: int, checkpoint_every: int, step, states: dict, desc: str) -> list[float]:
         """Run an :class:`~modelatlas.distill.loop.OuterLoop` and keep its loss history in ``self.losses``."""
         loop = OuterLoop(iterations, self.seed, self.progress, self.checkpoint_dir, checkpoint_every,
-                         self.resume, desc, clock=self.elapsed)
+                         self.resume, desc, clock=self.elapsed, checkpoint=self.checkpoint)
         self.losses = loop.run(step, states)
         self.idle = self.resume and 0 < loop.start == loop.iterations
         return self.losses
