@@ -190,3 +190,14 @@ def test_a_model_cached_by_commit_only_names_its_snapshots(cache):
     with pytest.raises(CheckpointError, match=r"revision 'main' of 'org/tiny' is not in the local Hugging Face "
                                               r"cache .*; it holds org/tiny@aaaaaaa \(give that\)"):
         open_checkpoint("org/tiny")
+
+
+def test_hub_cache_folder_names_and_commits():
+    from modelatlas.weights.base import hub_folder_name, hub_repo_id, is_commit
+
+    assert hub_folder_name("org/my--name") == "models--org--my--name"
+    assert hub_repo_id("models--org--name") == "org/name" and hub_repo_id("models--gpt2") == "gpt2"
+    assert hub_repo_id("datasets--org--name") is None and hub_repo_id("org--name") is None
+    assert is_commit("0123456789abcdef0123456789abcdef01234567")
+    assert not is_commit("0123456789ABCDEF0123456789abcdef01234567") and not is_commit("0123456789abcdef")
+    assert not is_commit("0123456789abcdef0123456789abcdef01234567\n")

@@ -177,14 +177,31 @@ def folder_name(path: Path) -> str:
     hash alone, the folder's own name, says nothing of which model it is."""
     full = Path(os.path.abspath(path))
     name = full.name if path.name in ("", "..") else path.name
-    repo = full.parent.parent.name
-    if len(name) == 40 and full.parent.name == "snapshots" and repo.startswith("models--") and _is_hex(name):
-        return repo.removeprefix("models--").replace("--", "/") + "@" + name[:7]
+    repo = hub_repo_id(full.parent.parent.name)
+    if repo is not None and full.parent.name == "snapshots" and is_commit(name):
+        return f"{repo}@{name[:7]}"
     return name
 
 
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+# The layout huggingface_hub writes (see modelatlas.weights.hub_cache): a model org/name is cached in the
+# folder models--org--name, its files in models--org--name/snapshots/<commit>
+_HUB_PREFIX = "models--"
+
+
+def hub_folder_name(repo_id: str) -> str:
+    """The hub cache's folder of hub id ``repo_id``: ``org/name`` -> ``models--org--name``."""
+    return _HUB_PREFIX + repo_id.replace("/", "--")
+
+
+def hub_repo_id(name: str) -> str | None:
+    """The hub id ``org/name`` of a hub cache folder's name ``models--org--name``; None for another name."""
+    return name.removeprefix(_HUB_PREFIX).replace("--", "/") if name.startswith(_HUB_PREFIX) else None
+
+
+def is_commit(text: str) -> bool:
+    """Whether ``text`` is a commit hash as the hub cache names a snapshot and writes a ref: 40 lowercase hex
+    digits."""
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
 
 
 # File names a saving library chose, not the user (transformers, PEFT, diffusers): such a file is named by the

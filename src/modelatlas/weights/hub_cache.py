@@ -14,13 +14,12 @@ import re
 from pathlib import Path
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint
+from modelatlas.weights.base import Checkpoint, hub_folder_name, is_commit
 from modelatlas.weights.registry import open_checkpoint, register_resolver
 
 # org/name, or a bare name (the hub's older ids: gpt2, bert-base-uncased, cached as models--gpt2)
 _HUB_ID = re.compile(r"^(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 _MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx", ".gguf", ".json")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHORT = re.compile(r"^[0-9a-f]{7,39}$")  # a commit shortened as git and model names do
 
 
@@ -50,13 +49,13 @@ def resolve_hub_id(text: str) -> Path:
         raise CheckpointError(text, "not a Hugging Face hub id (expected org/name or org/name@revision)")
     repo_id, rev = parsed
     cache = hub_cache_dir()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    repo = cache / hub_folder_name(repo_id)
     hint = (f"modelatlas does not download; fetch it first (`huggingface-cli download {repo_id}`) "
             "or set HF_HUB_CACHE")
     if not repo.is_dir():
         raise CheckpointError(text, f"no such file or folder, and hub id {repo_id!r} is not in the local "
                                     f"Hugging Face cache at {cache} ({hint})")
-    commit = rev if _COMMIT.match(rev) else _read_ref(repo / "refs" / rev) or _short_commit(repo, rev, text)
+    commit = rev if is_commit(rev) else _read_ref(repo / "refs" / rev) or _short_commit(repo, rev, text)
     snapshot = repo / "snapshots" / (commit or "")
     if not commit or not snapshot.is_dir():
         raise CheckpointError(text, f"revision {rev!r} of {repo_id!r} is not in the local Hugging Face cache at "
@@ -67,10 +66,7 @@ def resolve_hub_id(text: str) -> Path:
 def _cached_revisions(repo: Path, repo_id: str) -> str:
     """'; it holds org/name@abc1234 (give that)' for the snapshots cached (a download by commit writes no
     ``refs/main``, so the plain id found nothing though the model is there); '' when none is."""
-    try:
-        found = sorted(p.name for p in (repo / "snapshots").iterdir() if _COMMIT.match(p.name) and p.is_dir())
-    except OSError:
-        return ""
+    found = _snapshots(repo)
     if not found:
         return ""
     shown = ", ".join(f"{repo_id}@{c[:7]}" for c in found[:3]) + (", ..." if len(found) > 3 else "")
@@ -80,13 +76,21 @@ def _cached_revisions(repo: Path, repo_id: str) -> str:
 def _short_commit(repo: Path, rev: str, text: str) -> str | None:
     """The cached commit that hex ``rev`` (7+ digits) starts: a snapshot given as a path is named
     ``org/name@<first 7 digits>``, so that name given back must open it. None when no snapshot matches."""
-    if not _SHORT.match(rev) or not (repo / "snapshots").is_dir():
+    if not _SHORT.match(rev):
         return None
-    found = sorted(p.name for p in (repo / "snapshots").iterdir() if _COMMIT.match(p.name) and p.name.startswith(rev))
+    found = [c for c in _snapshots(repo) if c.startswith(rev)]
     if len(found) > 1:
         raise CheckpointError(text, f"revision {rev!r} is the start of {len(found)} cached commits "
                                     f"({', '.join(found)}); give more of the commit hash")
     return found[0] if found else None
+
+
+def _snapshots(repo: Path) -> list[str]:
+    """The commits whose snapshot folders the cached ``repo`` holds, sorted; none when it has no snapshots."""
+    try:
+        return sorted(p.name for p in (repo / "snapshots").iterdir() if is_commit(p.name) and p.is_dir())
+    except OSError:
+        return []
 
 
 def _read_ref(ref: Path) -> str | None:
@@ -97,7 +101,7 @@ def _read_ref(ref: Path) -> str | None:
         text = ref.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    if not _COMMIT.match(text):
+    if not is_commit(text):
         raise CheckpointError(ref, f"corrupt Hugging Face cache ref: holds {text[:80]!r}, not a commit hash "
                                    "(40 hex digits)")
     return text

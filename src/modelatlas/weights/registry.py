@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modelatlas.errors import CheckpointError, UnknownFormatError
 from modelatlas.plugins import load_plugins_once
-from modelatlas.weights.base import Checkpoint, _file_stem, _stem, named_by_folder
+from modelatlas.weights.base import Checkpoint, _file_stem, _stem, hub_repo_id, named_by_folder
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
 
@@ -116,8 +116,8 @@ def folder_problem(path: Path) -> str | None:
     now it is reported and skipped. Time O(files in the folder)."""
     if not path.is_dir():
         return None
-    if path.name.startswith("models--") and (path / "snapshots").is_dir():  # huggingface_hub's cache layout
-        repo = path.name.removeprefix("models--").replace("--", "/")
+    repo = hub_repo_id(path.name)
+    if repo is not None and (path / "snapshots").is_dir():  # huggingface_hub's cache layout
         return (f"a Hugging Face cache entry, not a model folder; give its hub id {repo} (with HF_HUB_CACHE="
                 f"{path.parent} if that is not your cache) or one of its snapshots/<commit> folders")
     broken = sorted(c for c in path.iterdir() if _broken_weights_link(c))
