@@ -257,3 +257,16 @@ def test_a_variant_of_a_library_file_is_named_by_its_folder(tmp_path):
     for i in (1, 2):
         torch.save({"w": torch.zeros(2)}, epochs / f"model.{i}.pt")
     assert [ck.name for ck in open_many(discover_models([epochs]))] == ["model.1", "model.2"]
+
+
+def test_variant_names_follow_transformers_add_variant():
+    from modelatlas.weights.base import library_variant, variant_of
+
+    assert variant_of("model.fp16.safetensors", "model.safetensors") == "fp16"
+    assert variant_of("model.safetensors.index.bf16.json", "model.safetensors.index.json") == "bf16"
+    assert variant_of("model.fp16-00001-of-00002.safetensors", "model.safetensors") is None  # a shard
+    assert variant_of("model.safetensors", "model.safetensors") is None
+    assert variant_of("pytorch_model.fp16.bin", "model.bin") is None
+    assert library_variant("diffusion_pytorch_model.fp16.safetensors") == "fp16"
+    assert library_variant("model.safetensors") is None and library_variant("run.fp16.safetensors") is None
+    assert library_variant("model.a.b.pt") is None

@@ -215,16 +215,35 @@ def _file_stem(name: str) -> str | None:
     return next((name[: -len(ext)] for ext in _EXTENSIONS if name.endswith(ext)), None)
 
 
+def variant_of(file_name: str, name: str) -> str | None:
+    """The variant that ``file_name`` is of the library file ``name`` (``model.fp16.safetensors`` of
+    ``model.safetensors``: "fp16"), None when it is none. transformers' _add_variant puts it before the last
+    suffix (``model.safetensors.index.fp16.json``); no "-" in it, so that its shards
+    (``model.fp16-00001-of-00002.safetensors``) are no variants."""
+    head, _, ext = name.rpartition(".")
+    m = re.fullmatch(re.escape(head) + r"\.(\w+)\." + re.escape(ext), file_name)
+    return m[1] if m else None
+
+
+def library_variant(name: str) -> str | None:
+    """The variant of a file of a library's standard name (``diffusion_pytorch_model.fp16.safetensors``:
+    "fp16"), None for the plain name (``model.safetensors``) or another one."""
+    stem = _file_stem(name) or ""
+    library = stem.partition(".")[0]
+    return variant_of(name, library + name[len(stem):]) if library in _LIBRARY_FILE_NAMES else None
+
+
 def named_by_folder(path: Path) -> bool:
     """Whether ``path`` is a file of a library's standard name (``model.safetensors``, ``pytorch_model.bin``,
     ...) in a folder with a name, and so is named after that folder; also a variant of one that the library
     saved beside its ``config.json`` (``unet/diffusion_pytorch_model.fp16.safetensors``; not a shard
     ``model-00001-of-...``, nor ``model.1.pt`` among epochs of a run, which keep their own names)."""
-    stem = _file_stem(folder_name(path)) or ""
-    if folder_name(path.parent) == "" or stem.partition(".")[0] not in _LIBRARY_FILE_NAMES:
+    name = folder_name(path)
+    if folder_name(path.parent) == "":
         return False
-    return "." not in stem or (re.fullmatch(r"[^.]+\.\w+", stem) is not None
-                               and (path.parent / "config.json").is_file())
+    if _file_stem(name) in _LIBRARY_FILE_NAMES:
+        return True
+    return library_variant(name) is not None and (path.parent / "config.json").is_file()
 
 
 def _stem(path: Path) -> str:

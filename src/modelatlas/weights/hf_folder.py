@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from modelatlas.errors import CheckpointError, TensorNotFoundError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, folder_name
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, folder_name, variant_of
 from modelatlas.weights.registry import register_format
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, _unique_keys
 from modelatlas.weights.torch_pickle import TorchPickleCheckpoint
@@ -30,10 +29,6 @@ LAYOUTS = (
     ("pytorch_model.bin.index.json", True),
 )
 
-# transformers' _add_variant puts the variant before the last suffix: model.fp16.safetensors, model.safetensors.
-# index.fp16.json; no "-" in it, so that its shards (model.fp16-00001-of-00002.safetensors) are not variants
-_VARIANT = [re.compile(re.escape(name.rpartition(".")[0]) + r"\.(?P<variant>\w+)\." + name.rpartition(".")[2] + "$")
-            for name, _ in LAYOUTS]
 
 
 def open_weight_file(path: Path) -> Checkpoint:
@@ -159,10 +154,10 @@ def variant_files(path: Path) -> list[tuple[str, str, int]]:
         return []
     found = []
     for child in sorted(path.iterdir()):
-        for rank, pattern in enumerate(_VARIANT):
-            m = pattern.match(child.name)
-            if m and child.is_file():
-                found.append((child.name, m["variant"], rank))
+        for rank, (name, _) in enumerate(LAYOUTS):
+            variant = variant_of(child.name, name)
+            if variant is not None and child.is_file():
+                found.append((child.name, variant, rank))
     return found
 
 

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from modelatlas.errors import CheckpointError, UnknownFormatError
 from modelatlas.plugins import load_plugins_once
-from modelatlas.weights.base import Checkpoint, _file_stem, _stem, hub_repo_id, named_by_folder
+from modelatlas.weights.base import (
+    Checkpoint,
+    _file_stem,
+    _stem,
+    hub_repo_id,
+    library_variant,
+    named_by_folder,
+)
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
 
@@ -270,7 +277,7 @@ def _child_models(c: Path) -> list[Path]:
         return [c]
     if c.is_dir():
         named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
-        plain = [f for f in named if "." not in _file_stem(f.name)]  # a variant (.fp16) beside it is its copy
+        plain = [f for f in named if library_variant(f.name) is None]  # a variant (.fp16) beside it: its copy
         return plain or named or ([c] if folder_problem(c) else [])
     return []
 
