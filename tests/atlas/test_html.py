@@ -66,3 +66,25 @@ def test_header_counts_in_the_right_number():
     page = render_html(Atlas([ModelEntry("a", "/z/a")], Forest(["a"], [])))
     assert "1 model, 1 tree; stage:" in page and "tree 1 (1 model)" in page
     assert "3 models, 2 trees; stage:" in render_html(make_class_atlas())
+
+
+def test_tree_numbers_agree_between_the_entries_and_the_page(tmp_path):
+    """A tree whose root's name sorts after another tree's models: the page's "tree k" heading over a model and
+    the model's own tree (table, search, `atlas index show`) are one number."""
+    from safetensors.torch import save_file
+
+    from modelatlas.atlas import build_atlas
+    from modelatlas.lineage import LineageConfig
+    from modelatlas.lineage.synthetic import make_synthetic_forest
+
+    weights, _ = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
+    renamed = {"t0": "z-root", "t0_0": "a-kid", "t0_1": "b-kid", "t1": "m-root", "t1_0": "m-kid", "t1_1": "n-kid"}
+    for name, tensors in weights.items():
+        save_file(tensors, str(tmp_path / f"{renamed[name]}.safetensors"))
+    atlas = build_atlas([tmp_path], lineage=LineageConfig(stage="specialize"))
+    tree_of = {m.name: m.tree for m in atlas.models}
+    assert tree_of["z-root"] != tree_of["m-root"]
+    page = render_html(atlas)
+    for root in ("z-root", "m-root"):
+        heading = re.search(rf'<h3>tree (\d+) [^<]*</h3><ul class="tree">\n<li [^>]*><b>{root}</b>', page)
+        assert int(heading.group(1)) == tree_of[root]

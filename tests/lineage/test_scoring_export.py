@@ -311,3 +311,15 @@ def test_an_edge_to_a_model_the_truth_does_not_name_scores_neither_way():
     assert (s.n_true_edges, s.directed, s.undirected) == (0, 1.0, 1.0)
     wrong = Forest(["a", "x", "new1"], [Edge("a", "x", 1), Edge("a", "new1", 1)], {})
     assert score_forest(wrong, TRUTH).directed == 0.0  # two true roots joined: still wrong
+
+
+def test_trees_are_numbered_in_the_order_the_forest_lists_them():
+    # "a-ft" (fine-tuned from "z-base") comes first among the nodes, so the first listed tree's root comes after
+    # the second tree's root: tree k must still be trees[k - 1], the numbering an atlas gives its models
+    f = Forest(["a-ft", "m-base", "m-ft", "z-base"], [Edge("z-base", "a-ft", 0.5), Edge("m-base", "m-ft", 0.5)],
+               {"root_confidence": [0.9, 0.8]}, [["a-ft", "z-base"], ["m-base", "m-ft"]])
+    assert f.roots() == ["z-base", "m-base"]
+    lines = to_text(f).splitlines()
+    assert lines[0] == "z-base  [tree 1, 2 models; root confidence 0.90]"
+    assert lines[2] == "m-base  [tree 2, 2 models; root confidence 0.80]"
+    assert Forest(["b", "a"], []).roots() == ["b", "a"]  # no trees listed (an older JSON): node order

@@ -60,7 +60,13 @@ class Forest:
         return out
 
     def roots(self) -> list[str]:
-        return [n for n, p in self.parents().items() if p is None]
+        """The roots in the order of their trees in ``trees``, so that "tree k" of every output (the text, the
+        atlas's headings) is ``trees[k - 1]``, the tree an atlas numbers its models by; in node order a root
+        named after another tree's first model came first and took its number. Roots in no listed tree (a
+        forest saved without trees) follow in node order. O(N)."""
+        listed = {n: k for k, tree in enumerate(self.trees) for n in tree}
+        roots = [n for n, p in self.parents().items() if p is None]
+        return sorted(roots, key=lambda n: listed.get(n, len(self.trees)))  # stable: node order within a rank
 
     def children(self) -> dict[str, list[Edge]]:
         """Node -> its outgoing edges, in node order."""
