@@ -186,3 +186,11 @@ def test_probex_predict_over_an_atlas_needs_no_embeddings_file(tmp_path, capsys)
     assert main(["probex", "predict", str(tmp_path / "a"), "--experts", str(tmp_path / "cx")]) == 1  # /z/a: no file
     captured = capsys.readouterr()
     assert "embeddings.safetensors" not in captured.err and "a: not routed" in captured.out
+
+
+def test_keyword_mode_refuses_text_experts_it_would_not_use(tmp_path, fake_encoder):
+    """`--mode keywords --text-experts DIR` searched keywords and ignored DIR without a word (any DIR at all)."""
+    atlas = make_text_atlas(tmp_path / "tx")
+    with pytest.raises(AtlasError, match=r"^--text-experts is for text search; --mode keywords uses no experts"):
+        search_atlas(atlas, "a", mode="keywords", text_experts=tmp_path / "nowhere")
+    assert [h.how for h in search_atlas(atlas, "a", mode="keywords")] == ["keywords"]

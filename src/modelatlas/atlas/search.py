@@ -50,6 +50,8 @@ def search_atlas(atlas: Atlas, query: str, top: int = 10, mode: str = "auto",
     if not whole or top < 1:  # [:0] or [:-1] would drop hits silently
         raise AtlasError(f"top must be a positive number of models; got {int(top) if whole else repr(top)}")
     top = int(top)
+    if mode == "keywords" and text_experts is not None:  # it was ignored without a word, whatever it named
+        raise AtlasError("--text-experts is for text search; --mode keywords uses no experts (drop one of them)")
     if (mode == "text" or text_experts is not None) and not atlas.embeddings:
         given = " (so --text-experts has nothing to search)" if text_experts is not None else ""
         used = atlas.experts.get("text", {}).get("folder")

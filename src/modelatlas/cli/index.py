@@ -111,7 +111,7 @@ def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas import Atlas, search_atlas
     from modelatlas.atlas.index import shown_value
 
-    atlas = Atlas.load(args.atlas, embeddings=args.mode != "keywords" or args.text_experts is not None)
+    atlas = Atlas.load(args.atlas, embeddings=args.mode != "keywords")  # keywords with --text-experts: refused
     hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
     if not hits:
         echo(f"no model matches {shown_value(args.query)}")
