@@ -31,14 +31,16 @@ from modelatlas.weights import discover_models, join_adapter_base, open_checkpoi
 from modelatlas.weights.base import error_line
 
 
-def build_atlas(inputs: Sequence[str | Path], experts: str | Path | None = None,
+def build_atlas(inputs: str | Path | Sequence[str | Path], experts: str | Path | None = None,
                 text_experts: str | Path | None = None, lineage: LineageConfig | None = None,
                 progress: Progress | None = None, adapter_base: str | Path | None = None) -> Atlas:
-    """An :class:`Atlas` of the models in ``inputs`` (model files, model folders, or folders of models);
+    """An :class:`Atlas` of the models in ``inputs`` (model files, model folders, or folders of models; one
+    path alone is one input, not a sequence of its characters);
     ``experts`` / ``text_experts``: folders written by ``atlas probex train`` (``--task classes`` / ``text``),
     loaded first: a wrong folder is an error before the lineage recovery, not after it. ``adapter_base``: the
     base model PEFT adapters among the inputs were trained on; it joins the models, and the lineage compares
     each adapter merged onto it (without it an adapter is in no tree)."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     loaded = {task: _load_experts(folder, task) for task, folder in (("classes", experts), ("text", text_experts))
               if folder is not None}
     base, paths = join_adapter_base(adapter_base, discover_models(inputs))
