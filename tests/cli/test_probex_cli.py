@@ -79,6 +79,20 @@ def test_predict_reports_stray_models_and_goes_on(make_tiny_zoo, make_trained, t
     assert main(["probex", "predict", *strays, "--experts", str(make_trained)]) == 1  # nothing predicted at all
 
 
+def test_predict_skips_a_path_that_is_no_model_and_goes_on(make_tiny_zoo, make_trained, tmp_path, capsys):
+    """A notes file among the models stopped the whole run ('error: notes.txt: unknown checkpoint format'),
+    where `atlas index build` and `atlas lineage recover` report it as skipped and go on."""
+    child = make_tiny_zoo / "t1-c0003.safetensors"
+    (tmp_path / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["probex", "predict", str(tmp_path / "notes.txt"), str(child), "--experts", str(make_trained)]) == 0
+    captured = capsys.readouterr()
+    assert "t1-c0003 [tree t1]:" in captured.out
+    assert captured.err == f"skipped: {tmp_path / 'notes.txt'}: unknown checkpoint format\n"
+    assert main(["probex", "predict", str(tmp_path / "notes.txt"), "--experts", str(make_trained)]) == 1  # alone
+    assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: unknown checkpoint format\n"
+
+
 def test_train_refuses_a_folder_that_holds_no_experts(make_tiny_zoo, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     for out in (tmp_path, make_tiny_zoo, tmp_path / "notes.txt"):

@@ -108,26 +108,34 @@ def config_from_args(args: argparse.Namespace):
 def expand_paths(paths: list[str]) -> list[Path]:
     """Model paths from the arguments; a path that is neither a model nor a folder of models is reported
     on stderr and skipped."""
-    from modelatlas.weights import discover_models
     from modelatlas.weights.registry import distinct_models
 
     found: list[Path] = []
     for p in paths:
-        try:
-            models = discover_models([p])
-        except AtlasError as e:
-            if len(paths) == 1:  # alone, its own error is the one line to print (not "skipped" + "no models")
-                raise
-            note(f"skipped: {' '.join(str(e).split())}")
-            continue
-        if not models and len(paths) > 1:  # alone, the caller's "no models found" error says it
-            note(f"skipped: {p}: no models found there")
-        found.extend(models)
+        found.extend(discover_or_skip(p, alone=len(paths) == 1))
     # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
     # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
     found = distinct_models(found)
     note_zoo_adapters(found)
     return found
+
+
+def discover_or_skip(path: str | Path, alone: bool) -> list[Path]:
+    """The models at ``path``. Among other arguments (not ``alone``), a path that is neither a model nor a folder
+    of models is reported on stderr as skipped and gives none; alone, its own error is the one line to print
+    (not "skipped" + "no models"), and finding no models is left to the caller's "no models found" error."""
+    from modelatlas.weights import discover_models
+
+    try:
+        models = discover_models([path])
+    except AtlasError as e:
+        if alone:
+            raise
+        note(f"skipped: {' '.join(str(e).split())}")
+        return []
+    if not models and not alone:
+        note(f"skipped: {path}: no models found there")
+    return models
 
 
 def note_zoo_adapters(models: list[Path]) -> None:

@@ -67,8 +67,9 @@ def _model_paths(items: list[str]) -> list[Path]:
     """Model files and folders of models as they are; a zoo (manifest.json) or an atlas (atlas.json, folder
     or file) stands for the models it lists. A model reached twice (a zoo and one of its models, a model folder
     and its model.safetensors) is kept once, where it first appears, as `atlas index build` keeps it: it was
-    listed twice, taking two of the --top places."""
-    from modelatlas.weights import discover_models
+    listed twice, taking two of the --top places. A path that is no model is skipped with a note, as
+    `atlas index build` skips it, unless it is the only one."""
+    from modelatlas.cli.lineage import discover_or_skip
     from modelatlas.weights.registry import distinct_models
 
     paths: list[Path] = []
@@ -84,7 +85,7 @@ def _model_paths(items: list[str]) -> list[Path]:
 
             paths.extend(Path(m.path) for m in Atlas.load(p, embeddings=False).models)
         else:
-            paths.extend(discover_models([p]))
+            paths.extend(discover_or_skip(p, alone=len(items) == 1))
     return distinct_models(paths)
 
 
