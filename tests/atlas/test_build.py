@@ -23,3 +23,30 @@ def test_one_folder_given_alone_is_one_input_not_its_characters(tmp_path):
     for given in (str(tmp_path / "zoo"), tmp_path / "zoo"):
         atlas = build_atlas(given, lineage=config)
         assert {m.name: m.parent for m in atlas.models} == parents
+
+
+def test_a_hub_model_is_recorded_by_its_hub_id(tmp_path, monkeypatch):
+    """A hub id was recorded as the path it would have below the working folder (/cwd/org/t0_0), which holds
+    nothing: `atlas probex predict ATLAS` then said 'no such file' for a model the build had read, and the
+    viewer and keyword search showed that made-up path."""
+    from modelatlas.atlas import search_atlas
+    from modelatlas.weights import open_checkpoint
+
+    parents = make_models(tmp_path / "local")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--t0_0" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "local" / "t0_0.safetensors").rename(snapshot / "model.safetensors")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    monkeypatch.chdir(tmp_path / "local")  # "org/t0_0" must not exist as a local path
+    atlas = build_atlas(["org/t0_0", tmp_path / "local"], lineage=LineageConfig(stage="specialize"))
+    by = {m.name: m for m in atlas.models}
+    assert set(by) == {"org/t0_0", "t0", "t0_1"} and by["org/t0_0"].parent == "t0" == parents["t0_0"]
+    assert by["org/t0_0"].path == "org/t0_0" and by["t0"].path == str(tmp_path / "local" / "t0.safetensors")
+    monkeypatch.chdir(tmp_path)  # elsewhere, as a later `atlas probex predict ATLAS` may be
+    with open_checkpoint(by["org/t0_0"].path) as ck:
+        assert ck.name == "org/t0_0"
+    # the local models' shared folder still matches nothing; the hub id's words match its model
+    assert search_atlas(atlas, "local", mode="keywords") == []
+    assert [h.name for h in search_atlas(atlas, "org", mode="keywords")] == ["org/t0_0"]

@@ -88,7 +88,9 @@ def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, pro
 
 def _describe(path: Path, name: str) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
     """The entry of one model from its header, and its tensor shapes; an unreadable model gets a note."""
-    entry = ModelEntry(name, str(Path(path).resolve()))
+    # a hub id (the only path given that need not exist) as itself: resolved, it named a file below the working
+    # folder, which a later `atlas probex predict ATLAS` could not read
+    entry = ModelEntry(name, str(Path(path).resolve()) if Path(path).exists() else str(path))
     try:
         with open_checkpoint(path) as ckpt:
             infos = ckpt.tensors()

@@ -11,12 +11,11 @@ string from the atlas is HTML-escaped. Time O(N + E).
 from __future__ import annotations
 
 import base64
-import os
 import re
 from html import escape
 
 from modelatlas.atlas.index import Atlas, ModelEntry
-from modelatlas.atlas.search import shared_folder
+from modelatlas.atlas.search import below, shared_folder
 from modelatlas.lineage.export import MAX_INDENT, tree_heading
 
 _CSS = """
@@ -78,7 +77,7 @@ def _filter_attrs(entry: ModelEntry | None, folder: str, name: str = "") -> str:
     classes and the best description, without their probabilities."""
     if entry is None:
         return f'data-s="{escape(" ".join(_words(name)))}" data-c=""'
-    where = os.path.relpath(entry.path, folder) if folder else entry.path
+    where = below(entry.path, folder)
     notes = [w for w in _words(" ".join(entry.notes)) if not w.isdigit()]
     said = [c for c, _ in (entry.predicted or []) + (entry.described or [])[:1]]
     s, c = dict.fromkeys(_words(f"{entry.name} {where}") + notes), dict.fromkeys(_words(" ".join(said)))

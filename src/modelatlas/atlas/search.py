@@ -118,7 +118,7 @@ def split_words(text: str) -> list[str]:
 
 
 def _keyword_score(entry: ModelEntry, query: str, words: list[str], root: str) -> float:
-    where = os.path.relpath(entry.path, root) if root else entry.path
+    where = below(entry.path, root)
     fields = set(split_words(" ".join([entry.name, where, entry.dtype]))) | {"tree", str(entry.tree)}
     classes = [(set(split_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
     score = EXACT_NAME if query.strip().casefold() == entry.name.casefold() else 0.0
@@ -129,11 +129,19 @@ def _keyword_score(entry: ModelEntry, query: str, words: list[str], root: str) -
 
 
 def shared_folder(paths: list[str]) -> str:
-    """The folder every path lies under ("" when there is none), so that its words match no model."""
+    """The folder every model file lies under ("" when there is none), so that its words match no model. Hub ids
+    (the relative paths of an atlas: models of the hub cache, recorded by their id) are left out: their words
+    are their own."""
+    local = [p for p in paths if os.path.isabs(p)]
     try:
-        return os.path.dirname(os.path.commonpath(paths)) if len(paths) == 1 else os.path.commonpath(paths)
-    except ValueError:  # mixed absolute / relative paths, or different drives
+        return os.path.dirname(os.path.commonpath(local)) if len(local) == 1 else os.path.commonpath(local)
+    except ValueError:  # none, or different drives
         return ""
+
+
+def below(path: str, root: str) -> str:
+    """``path`` below the :func:`shared_folder` ``root``; a hub id as it is."""
+    return os.path.relpath(path, root) if root and os.path.isabs(path) else path
 
 
 def check_query(query: str) -> None:
