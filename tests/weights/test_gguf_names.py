@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelatlas.weights import open_checkpoint
-from modelatlas.weights.gguf_names import conversion_of, gguf_view, permute_rows
+from modelatlas.weights.gguf_names import CONVERSIONS, conversion_of, gguf_view, permute_rows, regroup_qkv
 
 gguf = pytest.importorskip("gguf")
 
@@ -22,11 +22,15 @@ def make_hf_model(folder, arch="LlamaForCausalLM", seed=0, **config):
               "model.layers.0.self_attn.v_proj.weight": (E // 2, E), "model.layers.0.self_attn.o_proj.weight": (E, E),
               "model.layers.0.mlp.gate_proj.weight": (FF, E), "model.layers.0.mlp.up_proj.weight": (FF, E),
               "model.layers.0.mlp.down_proj.weight": (E, FF)}
+    cfg = {"num_attention_heads": HEADS, "num_key_value_heads": KV, "num_hidden_layers": 1, **config}
+    return make_named_model(folder, {k: torch.randn(s, generator=gen) for k, s in shapes.items()}, arch, **cfg)
+
+
+def make_named_model(folder, tensors, arch, **config):
+    """``tensors`` saved as ``folder``/model.safetensors beside a config.json naming ``arch``."""
     folder.mkdir(parents=True)
-    save_file({k: torch.randn(s, generator=gen) for k, s in shapes.items()}, str(folder / "model.safetensors"))
-    cfg = {"architectures": [arch], "num_attention_heads": HEADS, "num_key_value_heads": KV,
-           "num_hidden_layers": 1, **config}
-    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": [arch], **config}))
     return folder
 
 
@@ -66,8 +70,8 @@ def test_qwen2_keeps_the_row_order(tmp_path):
 
 
 def test_models_that_are_not_mapped(tmp_path):
-    with open_checkpoint(make_hf_model(tmp_path / "g", arch="GemmaForCausalLM")) as hf:
-        assert gguf_view(hf, "gemma") is None  # its norms are stored +1 by the converter: not listed
+    with open_checkpoint(make_hf_model(tmp_path / "g", arch="MixtralForCausalLM")) as hf:
+        assert gguf_view(hf, "llama") is None  # its experts are stacked by the converter: not listed
     with open_checkpoint(make_hf_model(tmp_path / "h")) as hf:
         assert gguf_view(hf, "llama", heads=4) is None  # the GGUF file lists other head counts
         assert gguf_view(hf, "llama", heads=HEADS, kv_heads=KV) is not None
@@ -79,7 +83,7 @@ def test_models_that_are_not_mapped(tmp_path):
     with open_checkpoint(folder) as hf:
         assert gguf_view(hf, "llama") is None
     assert conversion_of({"architectures": ["LlamaForCausalLM"], "num_attention_heads": True}) == (
-        "llama", True, None, None)  # a boolean is no head count
+        CONVERSIONS["LlamaForCausalLM"], None, None)  # a boolean is no head count
 
 
 def test_a_name_the_converter_does_not_know_leaves_the_model_unmapped(tmp_path):
@@ -102,3 +106,159 @@ def test_gguf_header_lists_architecture_and_head_counts(tmp_path):
     with open_checkpoint(tmp_path / "m.gguf") as ck:
         assert ck.architecture == "qwen2" and ck.head_counts() == (8, 2)
         assert ck.keys() == ["blk.0.attn_q.weight"]
+
+
+def test_gemma_norms_are_stored_plus_one_as_the_converter_adds(tmp_path):
+    norm = torch.full((E,), 0.01, dtype=torch.bfloat16)  # 0.010009765625 in bfloat16
+    folder = make_hf_model(tmp_path / "g", arch="GemmaForCausalLM")
+    with open_checkpoint(folder) as hf:
+        tensors = {k: hf.read(k) for k in hf.keys()} | {"model.norm.weight": norm}
+    save_file(tensors, str(folder / "model.safetensors"))
+    with open_checkpoint(folder) as hf:
+        view = gguf_view(hf, "gemma")
+        assert "output.weight" not in view.keys()  # lm_head is skipped (tied to the embedding)
+        # bfloat16 is made float32 before the + 1: 1.010009765625, not bfloat16's 1.0078125
+        assert torch.equal(view.read("output_norm.weight"), torch.full((E,), 1.010009765625))
+        assert view.info("output_norm.weight").dtype == "float32"
+        w = hf.read("model.layers.0.input_layernorm.weight")
+        assert torch.equal(view.read("blk.0.attn_norm.weight"), w + 1)
+        assert torch.equal(view.read("blk.0.attn_q.weight"), hf.read("model.layers.0.self_attn.q_proj.weight"))
+
+
+def test_a_float16_norm_gets_its_one_added_in_float16(tmp_path):
+    folder = make_named_model(tmp_path / "h", {"model.norm.weight": torch.full((4,), 1e-4, dtype=torch.float16),
+                                               "model.embed_tokens.weight": torch.ones(8, 4)},
+                              "Gemma2ForCausalLM", num_attention_heads=1, num_hidden_layers=0)
+    with open_checkpoint(folder) as hf:
+        x = gguf_view(hf, "gemma2").read("output_norm.weight")
+        assert x.dtype == torch.float16 and torch.equal(x, torch.ones(4, dtype=torch.float16))  # 1 + 1e-4 rounds to 1
+
+
+def test_gemma2_feed_forward_norms(tmp_path):
+    names = {"model.layers.0.pre_feedforward_layernorm.weight": "blk.0.ffn_norm.weight",
+             "model.layers.0.post_feedforward_layernorm.weight": "blk.0.post_ffw_norm.weight",
+             "model.layers.0.post_attention_layernorm.weight": "blk.0.post_attention_norm.weight"}
+    tensors = {k: torch.full((4,), float(i)) for i, k in enumerate(names)}
+    with open_checkpoint(make_named_model(tmp_path / "g2", tensors, "Gemma2ForCausalLM", num_hidden_layers=1)) as hf:
+        view = gguf_view(hf, "gemma2")
+        assert sorted(view.keys()) == sorted(names.values())
+        assert [view.read(names[k])[0].item() for k in tensors] == [1.0, 2.0, 3.0]
+
+
+def make_gemma3(folder, **config):
+    """A Gemma 3 model whose embedding has 32 rows."""
+    tensors = {"model.embed_tokens.weight": torch.arange(32.0)[:, None].repeat(1, 4),
+               "model.layers.0.self_attn.q_norm.weight": torch.zeros(4)}
+    return make_named_model(folder, tensors, "Gemma3ForCausalLM", num_hidden_layers=1, **config)
+
+
+def test_gemma3_embedding_is_cut_to_the_tokenizer(tmp_path):
+    folder = make_gemma3(tmp_path / "g3")
+    with open_checkpoint(folder) as hf:
+        assert gguf_view(hf, "gemma3") is None  # no tokenizer: the converter cannot convert it either
+    tokenizer = {"model": {"vocab": {f"t{i}": i for i in range(20)}}, "added_tokens": [{"id": 20}, {"id": 21}]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with open_checkpoint(folder) as hf:
+        view = gguf_view(hf, "gemma3")
+        assert view.info("token_embd.weight").shape == (22, 4)  # 20 entries + 2 added tokens
+        assert view.read("token_embd.weight")[:, 0].tolist() == list(range(22))
+        assert torch.equal(view.read("blk.0.attn_q_norm.weight"), torch.ones(4))  # + 1 as Gemma
+    folder = make_gemma3(tmp_path / "sp", vocab_size=30)
+    (folder / "tokenizer.model").write_bytes(b"")  # SentencePiece: padded to the config's vocab_size
+    with open_checkpoint(folder) as hf:
+        assert gguf_view(hf, "gemma3").info("token_embd.weight").shape == (30, 4)
+
+
+def test_fused_and_renamed_weights_of_phi3_stablelm_starcoder2_olmo2(tmp_path):
+    cases = {"Phi3ForCausalLM": ("phi3", {"model.layers.0.self_attn.qkv_proj.weight": "blk.0.attn_qkv.weight",
+                                          "model.layers.0.mlp.gate_up_proj.weight": "blk.0.ffn_up.weight"}),
+             "StableLmForCausalLM": ("stablelm", {"model.layers.0.input_layernorm.bias": "blk.0.attn_norm.bias",
+                                                  "model.norm.bias": "output_norm.bias"}),
+             "Starcoder2ForCausalLM": ("starcoder2", {"model.layers.0.mlp.c_fc.weight": "blk.0.ffn_up.weight",
+                                                      "model.layers.0.mlp.c_proj.weight": "blk.0.ffn_down.weight",
+                                                      "model.layers.0.self_attn.q_proj.bias": "blk.0.attn_q.bias"}),
+             "Olmo2ForCausalLM": ("olmo2", {"model.layers.0.post_attention_layernorm.weight":
+                                            "blk.0.post_attention_norm.weight",
+                                            "model.layers.0.self_attn.k_norm.weight": "blk.0.attn_k_norm.weight"}),
+             "Olmo3ForCausalLM": ("olmo2", {"model.layers.0.post_feedforward_layernorm.weight":
+                                            "blk.0.post_ffw_norm.weight"})}
+    for arch, (gguf_arch, names) in cases.items():
+        tensors = {k: torch.randn(6, 4) for k in names}
+        with open_checkpoint(make_named_model(tmp_path / arch, tensors, arch, num_hidden_layers=1)) as hf:
+            view = gguf_view(hf, gguf_arch)
+            assert sorted(view.keys()) == sorted(names.values()), arch
+            assert all(torch.equal(view.read(names[k]), t) for k, t in tensors.items()), arch  # values kept
+
+
+def test_stablelm_with_per_head_norms_is_not_mapped(tmp_path):
+    tensors = {"model.layers.0.self_attn.q_layernorm.norms.0.weight": torch.ones(4)}  # stacked by the converter
+    with open_checkpoint(make_named_model(tmp_path / "s", tensors, "StableLmForCausalLM", num_hidden_layers=1)) as hf:
+        assert gguf_view(hf, "stablelm") is None
+
+
+def test_olmo_permutes_like_llama(tmp_path):
+    tensors = {"model.layers.0.self_attn.q_proj.weight": torch.arange(8.0)[:, None].repeat(1, 8),
+               "model.layers.0.self_attn.k_proj.weight": torch.arange(4.0)[:, None].repeat(1, 8)}
+    folder = make_named_model(tmp_path / "o", tensors, "OlmoForCausalLM", num_attention_heads=2,
+                              num_key_value_heads=1, num_hidden_layers=1)
+    with open_checkpoint(folder) as hf:
+        view = gguf_view(hf, "olmo")
+        assert view.read("blk.0.attn_q.weight")[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+        assert view.read("blk.0.attn_k.weight")[:, 0].tolist() == [0, 2, 1, 3]  # one key head of 4 rows
+
+
+def test_gpt2_conv1d_weights_are_transposed(tmp_path):
+    c_attn = torch.arange(4.0 * 12).reshape(4, 12)  # Conv1D stores (in, out)
+    tensors = {"transformer.h.0.attn.c_attn.weight": c_attn, "transformer.h.0.attn.c_attn.bias": torch.ones(12),
+               "transformer.h.0.mlp.c_proj.weight": torch.ones(16, 4), "transformer.h.0.ln_1.weight": torch.ones(4),
+               "transformer.h.0.attn.bias": torch.ones(1, 1, 8, 8), "transformer.wte.weight": torch.ones(10, 4)}
+    folder = make_named_model(tmp_path / "gpt2", tensors, "GPT2LMHeadModel", n_head=2, n_layer=1)  # GPT-2's keys
+    with open_checkpoint(folder) as hf:
+        view = gguf_view(hf, "gpt2", heads=2)
+        assert sorted(view.keys()) == ["blk.0.attn_norm.weight", "blk.0.attn_qkv.bias", "blk.0.attn_qkv.weight",
+                                       "blk.0.ffn_down.weight", "token_embd.weight"]  # the mask buffer left out
+        qkv = view.read("blk.0.attn_qkv.weight")
+        assert view.info("blk.0.attn_qkv.weight").shape == qkv.shape == (12, 4)
+        assert qkv[0, 1].item() == 12.0 and qkv[1, 0].item() == 1.0  # (out, in): [i, j] is c_attn[j, i]
+        assert view.info("blk.0.ffn_down.weight").shape == (4, 16)
+        assert gguf_view(hf, "gpt2", heads=4) is None
+
+
+def test_falcon_qkv_rows_regrouped_by_hand():
+    w = torch.arange(8.0)[:, None]  # 2 groups of (2 query heads, 1 key head, 1 value head), head size 1
+    assert regroup_qkv(w, 4, 2)[:, 0].tolist() == [0, 1, 4, 5, 2, 6, 3, 7]  # q0 q1 q2 q3, k0 k1, v0 v1
+    w = torch.arange(12.0)[:, None]  # one group (multi-query), head size 2: already q.., k, v
+    assert regroup_qkv(w, 4, 1)[:, 0].tolist() == list(range(12))
+    assert regroup_qkv(torch.ones(7, 2), 4, 2).shape == (7, 2)  # rows do not split so: unchanged
+
+
+def test_falcon_view(tmp_path):
+    tensors = {"transformer.h.0.self_attention.query_key_value.weight": torch.arange(16.0).reshape(8, 2),
+               "transformer.h.0.self_attention.dense.weight": torch.ones(4, 4)}
+    folder = make_named_model(tmp_path / "f", tensors, "FalconForCausalLM", num_attention_heads=4,
+                              num_kv_heads=2, num_hidden_layers=1)
+    with open_checkpoint(folder) as hf:
+        view = gguf_view(hf, "falcon", heads=4, kv_heads=2)
+        assert view.read("blk.0.attn_qkv.weight")[:, 0].tolist() == [0, 2, 8, 10, 4, 12, 6, 14]
+    config = {"architectures": ["FalconForCausalLM"], "num_attention_heads": 4}
+    assert conversion_of(config)[1:] == (4, 1)  # no key/value head count: one, as Falcon's converter takes
+
+
+def test_a_model_in_the_hub_cache_is_mapped(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # "org/tiny" must not be a local path
+    source = make_hf_model(tmp_path / "src")
+    repo, commit = tmp_path / "hub" / "models--org--tiny", "c" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):  # the files are links into blobs/, as huggingface_hub makes
+        blob = repo / "blobs" / f"blob-{name}"
+        blob.write_bytes((source / name).read_bytes())
+        (repo / "snapshots" / commit / name).symlink_to(blob)
+    with open_checkpoint("org/tiny") as hf:
+        view = gguf_view(hf, "llama", HEADS, KV)
+        assert view is not None and view.name == "org/tiny"
+        assert torch.equal(view.read("blk.0.attn_q.weight"),
+                           hf.read("model.layers.0.self_attn.q_proj.weight")[check_rows(HEADS, E // HEADS)])
