@@ -8,19 +8,24 @@ holds both:
     python bench/lineage_hf_gguf.py --llamacpp /tmp/llcpp/llama_cpp_python-*/vendor/llama.cpp --work /tmp/hfgguf \\
         [--quantize .../build/bin/llama-quantize]
 
-For each architecture (a tiny LlamaForCausalLM with grouped-query attention, whose query and key rows the
-converter permutes, and a tiny Qwen2ForCausalLM, whose rows it keeps), transformers writes a randomly
-initialised base and three fine-tunes of it (each 2-D weight moved by 0.1 %, 1 % and 5 % of its standard
-deviation). Every model is converted to F32 (checked tensor by tensor against modelatlas's GGUF-named view:
-the two must be equal), F16 and Q8_0 by the converter, and to --types by llama-quantize from the F16 file. The
-vocabulary step of the converter is skipped (the models have no tokenizer; it writes no weight). Printed: the
-forest recovered from the Hugging Face folders and all GGUF files together, and how many conversions were
-placed as copies of their own source.
+For each architecture (--archs; default all of MODELS: llama with grouped-query attention, whose query and
+key rows the converter permutes, qwen2, gemma / gemma2 / gemma3 with their norms stored + 1, gemma3 with its
+embedding cut to the tokenizer's size, phi3 with fused qkv / gate_up, stablelm, starcoder2, olmo, olmo2,
+olmo3, gpt2 with transposed Conv1D weights, falcon with regrouped qkv rows), transformers writes a randomly
+initialised base (its 1-D weights, norms and biases, drawn at random too, so that a shift of the norms shows)
+and three fine-tunes of it (each 2-D weight moved by 0.1 %, 1 % and 5 % of its standard deviation). Every
+model is converted to F32 (checked tensor by tensor against modelatlas's GGUF-named view: the two must be
+equal), F16 and Q8_0 by the converter, and to --types by llama-quantize from the F16 file. The vocabulary
+step of the converter is skipped (the models have no tokenizer; it writes no weight; gemma3 gets a
+tokenizer.json of 500 + 4 entries, below its 512 embedding rows, since its converter reads one to cut the
+embedding). Printed: the forest recovered from the Hugging Face folders and all GGUF files together, and how
+many conversions were placed as copies of their own source.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,12 +41,38 @@ STEPS = {"ft0": 0.001, "ft1": 0.01, "ft2": 0.05}
 CONVERT = """import sys
 sys.path[:0] = [{root!r} + "/gguf-py", {root!r}]
 import convert_hf_to_gguf as c
-from conversion import base, llama, qwen
-for cls in (base.TextModel, llama.LlamaModel, qwen.Qwen2Model):
+get_model_class = c.get_model_class
+def no_vocab(*args, **kwargs):
+    cls = get_model_class(*args, **kwargs)
     cls.set_vocab = lambda self: None  # no tokenizer: the vocabulary writes no weight
+    return cls
+c.get_model_class = no_vocab
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[1:]
 c.main()
 """
+DIMS = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
+# short name -> (transformers model class, config class, config arguments besides DIMS / in place of them)
+MODELS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=64)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=64)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(head_dim=64)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", {}),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", {}),
+    "olmo": ("OlmoForCausalLM", "OlmoConfig", {}),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
+    "olmo3": ("Olmo3ForCausalLM", "Olmo3Config", {}),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=512, n_embd=256, n_layer=2, n_head=4,
+                                                   n_positions=128, n_ctx=128)),  # the converter reads n_ctx
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(vocab_size=512, hidden_size=256, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_kv_heads=2,
+                                                         new_decoder_architecture=True)),
+}
+OWN_DIMS = ("gpt2", "falcon")  # configs named in their own words
 
 
 def make_models(folder: Path, arch: str) -> list[Path]:
@@ -49,10 +80,13 @@ def make_models(folder: Path, arch: str) -> list[Path]:
     import transformers
 
     torch.manual_seed(0)
-    dims = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**dims)) if arch == "llama" else
-             transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**dims, tie_word_embeddings=True)))
+    model_cls, config_cls, extra = MODELS[arch]
+    config = getattr(transformers, config_cls)(**({} if arch in OWN_DIMS else DIMS), **IDS, **extra)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape) * 0.1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     out = []
     for name, step in {"base": 0.0, **STEPS}.items():
@@ -62,6 +96,9 @@ def make_models(folder: Path, arch: str) -> list[Path]:
                 noise = torch.randn(p.shape, generator=gen) * base[k].std() * step if p.ndim == 2 else 0
                 p.copy_(base[k] + noise)
         model.save_pretrained(folder / f"{arch}-{name}")
+        if arch == "gemma3":
+            tokens = {"model": {"vocab": {f"t{i}": i for i in range(500)}}, "added_tokens": [{}] * 4}
+            (folder / f"{arch}-{name}" / "tokenizer.json").write_text(json.dumps(tokens))
         out.append(folder / f"{arch}-{name}")
     return out
 
@@ -97,11 +134,15 @@ def main() -> None:
     ap.add_argument("--quantize", help="llama-quantize binary (optional: K-quants)")
     ap.add_argument("--types", default="Q4_K_M,Q5_K_M,Q6_K,Q4_0")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hfgguf"))
+    ap.add_argument("--archs", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     script = args.work / "convert.py"
     script.write_text(CONVERT.format(root=str(args.llamacpp)))
-    for arch in ("llama", "qwen2"):
+    archs = args.archs.split(",")
+    if set(archs) - set(MODELS):
+        ap.error(f"--archs: unknown {', '.join(sorted(set(archs) - set(MODELS)))}; known: {', '.join(MODELS)}")
+    for arch in archs:
         models = make_models(args.work, arch)
         files = {m: convert(script, m, args.quantize, args.types.split(",")) for m in models}
         same = sum(check_view(m, fs[0]) for m, fs in files.items())
