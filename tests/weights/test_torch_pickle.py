@@ -1,23 +1,32 @@
+import datetime
 import os
+import pathlib
 import pickle
 import shlex
 import sys
+import types
 import zipfile
+from argparse import Namespace
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 import torch
 
 from modelatlas.errors import CheckpointError, UnsafeCheckpointError
 from modelatlas.weights import open_checkpoint
+from modelatlas.weights.torch_pickle import admitted_globals
 
 
 class make_evil:  # noqa: N801 - a pickle payload, named like the helpers it stands with
     """Unpickling this runs ``touch <marker>`` (if the loader lets it)."""
 
-    def __init__(self, marker):
-        self.marker = str(marker)
+    def __init__(self, marker, around=None):
+        self.marker, self.around = str(marker), around
 
     def __reduce__(self):
+        if self.around is not None:  # the payload as the argument of another callable: PurePosixPath(os.system(...))
+            return (self.around, (make_evil(self.marker),))
         return (os.system, (f"touch {shlex.quote(self.marker)}",))  # quoted: temp paths may hold spaces
 
 
@@ -299,23 +308,85 @@ def test_lightning_module_of_two_networks_keeps_its_names(tmp_path, make_lightni
         assert ck.keys() == ["encoder.0.weight", "decoder.0.weight"] and ck.name_prefix == ""
 
 
+class make_ordered_dict(OrderedDict):  # noqa: N801 - named like the helpers; torch admits OrderedDict, not this
+    pass
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_lightning_hyper_parameters_holding_objects_are_refused_by_name(tmp_path, legacy, make_lightning_ckpt):
-    """save_hyperparameters() of an argparse Namespace (or a Path, an OmegaConf config) stores the object:
-    weights_only refuses its class; the error says where it is and how to get the weights out."""
-    import argparse
-
+    """save_hyperparameters() of a datetime (an OmegaConf config) stores the object: weights_only refuses it."""
     p = make_lightning_ckpt(tmp_path / "hp.ckpt", make_lightning_state(), legacy,
-                            hyper_parameters={"args": argparse.Namespace(lr=0.1)})
+                            hyper_parameters={"data": Path("/x"), "when": datetime.datetime(2024, 1, 2)})
     with pytest.raises(UnsafeCheckpointError, match=r"hp\.ckpt: refused to unpickle: a PyTorch Lightning "
-                       r"checkpoint holding a Python object \(argparse\.Namespace\) besides its weights, most "
+                       r"checkpoint holding a Python object \(datetime\.datetime\) besides its weights, most "
                        r"often in hyper_parameters .*torch\.save\(torch\.load\(PATH, weights_only=False\)"
                        r"\['state_dict'\], 'model\.pt'\)$") as info:
         open_checkpoint(p)
     assert "\n" not in str(info.value)
-    torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(1)}, tmp_path / "plain.pt")
-    with pytest.raises(UnsafeCheckpointError, match=r"plain\.pt: refused to unpickle: the file would execute"):
+    torch.save({"args": make_ordered_dict(lr=0.1), "w": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"plain\.pt: refused to unpickle: the file would execute "
+                       r"code \(.*make_ordered_dict"):
         open_checkpoint(tmp_path / "plain.pt")  # no Lightning marker: the general message
+
+
+needs_torch_2_6 = pytest.mark.skipif(torch.__version__ < (2, 6), reason="torch < 2.6 admits no (class, name) pairs")
+
+
+@needs_torch_2_6
+@pytest.mark.parametrize("legacy", [False, True])
+def test_lightning_hyper_parameters_of_paths_and_namespaces_are_read(tmp_path, legacy, make_lightning_ckpt):
+    """The values are admitted for our load only: a plain weights_only load refuses them after it."""
+    hp = {"data": Path("/x"), "args": Namespace(lr=0.1, out=PurePosixPath("o")), "w": PureWindowsPath("C:/d")}
+    p = make_lightning_ckpt(tmp_path / "hp.ckpt", make_lightning_state(), legacy, hyper_parameters=hp)
+    with open_checkpoint(p) as ck:
+        check_reads_state_dict(ck)
+        assert ck.name_prefix == "model."
+    with pytest.raises(pickle.UnpicklingError, match="PosixPath"):
+        torch.load(p, weights_only=True)
+
+
+@needs_torch_2_6
+@pytest.mark.skipif(os.name == "nt", reason="checks how a POSIX system loads paths pickled elsewhere")
+@pytest.mark.parametrize("module, name, pure, text, loaded", [
+    ("pathlib", "WindowsPath", PureWindowsPath, "C:\\d", PureWindowsPath),
+    ("pathlib._local", "PosixPath", PurePosixPath, "/d", pathlib.PosixPath)])
+def test_paths_pickled_elsewhere_load_as_path_values(tmp_path, monkeypatch, module, name, pure, text, loaded):
+    """A Windows machine's WindowsPath (not instantiable here: a PureWindowsPath), a Python 3.13 PosixPath."""
+    fake = type(name, (pure,), {"__module__": module, "__qualname__": name})
+    monkeypatch.setitem(sys.modules, module, sys.modules.get(module) or types.ModuleType(module))
+    monkeypatch.setattr(sys.modules[module], name, fake, raising=False)  # so pickle writes GLOBAL module name
+    torch.save({"hp": {"data": fake(text)}, "w": torch.ones(1)}, tmp_path / "m.pt")
+    monkeypatch.undo()
+    assert f"{module}\n{name}".encode() in zipfile.ZipFile(tmp_path / "m.pt").read("m/data.pkl")
+    with open_checkpoint(tmp_path / "m.pt") as ck:
+        assert ck.keys() == ["w"]
+    with torch.serialization.safe_globals(admitted_globals()):
+        data = torch.load(tmp_path / "m.pt", weights_only=True)["hp"]["data"]
+    assert type(data) is loaded and str(data) == text
+
+
+@needs_torch_2_6
+def test_an_allowlisted_pair_the_caller_added_stays_after_our_load(tmp_path):
+    before, theirs = torch.serialization.get_safe_globals(), (Namespace, "argparse.Namespace")
+    torch.save({"w": torch.ones(1)}, tmp_path / "m.pt")
+    try:
+        torch.serialization.add_safe_globals([theirs])
+        open_checkpoint(tmp_path / "m.pt").close()
+        assert theirs in torch.serialization.get_safe_globals()  # leaving safe_globals removes what it added
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+@needs_torch_2_6
+@pytest.mark.parametrize("inside", ["namespace", "path"])
+def test_code_inside_an_admitted_value_is_refused_and_runs_nothing(tmp_path, inside):
+    marker = tmp_path / "pwned"
+    value = Namespace(x=make_evil(marker)) if inside == "namespace" else make_evil(marker, around=PurePosixPath)
+    torch.save({"w": torch.ones(1), "hp": value}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt: refused to unpickle: the file would execute code"):
+        open_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("zip_format", [True, False])

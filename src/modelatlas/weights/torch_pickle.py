@@ -4,7 +4,9 @@ Security: a pickle can run any code when loaded, so these files are only ever re
 ``torch.load(path, map_location="cpu", weights_only=True, mmap=...)``: PyTorch's restricted unpickler, which
 accepts tensors, containers and a short allowlist of globals. A file that needs anything else (a
 ``__reduce__`` calling ``os.system``, a pickled ``nn.Module`` or optimizer class) is refused with
-:class:`~modelatlas.errors.UnsafeCheckpointError` before any of its code runs.
+:class:`~modelatlas.errors.UnsafeCheckpointError` before any of its code runs. With torch >= 2.6, the load also
+admits the value classes Lightning's ``save_hyperparameters()`` commonly stores (:func:`admitted_globals`: pathlib
+paths, ``argparse.Namespace``), for this load only.
 
 Memory: files in the zip format (the default since PyTorch 1.6) are memory-mapped (``mmap=True``), so the
 tensors stay on disk until :meth:`read` copies one out (each read returns a copy the caller owns). Legacy
@@ -28,6 +30,9 @@ checkpoint's ``name_prefix``.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import pathlib
 import pickle
 import re
 import struct
@@ -81,7 +86,7 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     try:
         with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
             warnings.simplefilter("ignore", UserWarning)
-            with utf8_path(path) as name:  # torch maps the file by a UTF-8 name
+            with utf8_path(path) as name, _admitting_harmless_values():  # torch maps the file by a UTF-8 name
                 obj = torch.load(name, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e, _pickle_head(path, is_zip)) from e
@@ -96,6 +101,33 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if records is not None:
         check_storage_records(path, obj, records)
     return _state_dict_from(path, obj)
+
+
+def admitted_globals() -> list[tuple[type, str]]:
+    """(class, pickled name) pairs the weights_only load admits beside torch's own allowlist: what Lightning's
+    ``save_hyperparameters()`` stores for a data path or CLI args. Each is a plain value class: a path is rebuilt
+    by calling its class on strings (``PurePath.__reduce__``: class + parts) and touches no file; a Namespace by
+    ``object.__new__`` and a ``__dict__`` update (no ``__setstate__``), and what either holds must itself pass
+    the same allowlist. Names: ``pathlib.X`` and, as Python 3.13 pickles them, ``pathlib._local.X``. The other
+    system's concrete path (WindowsPath here, PosixPath on Windows) cannot be instantiated, so it loads as its pure
+    flavour."""
+    native = type(pathlib.Path())  # PosixPath or WindowsPath
+    classes = {"PurePosixPath": pathlib.PurePosixPath, "PureWindowsPath": pathlib.PureWindowsPath,
+               "PosixPath": pathlib.PosixPath if native is pathlib.PosixPath else pathlib.PurePosixPath,
+               "WindowsPath": pathlib.WindowsPath if native is pathlib.WindowsPath else pathlib.PureWindowsPath}
+    paths = [(cls, f"{module}.{name}") for name, cls in classes.items() for module in ("pathlib", "pathlib._local")]
+    return [*paths, (argparse.Namespace, "argparse.Namespace")]
+
+
+def _admitting_harmless_values() -> contextlib.AbstractContextManager:
+    """torch's ``safe_globals`` context for :func:`admitted_globals`, never ``add_safe_globals``: other loads in
+    the process see them only while ours runs. Pairs the caller already added are left out, since leaving the
+    context removes what it added. torch < 2.6 has no (class, name) pairs: nothing is admitted there."""
+    serialization = torch.serialization
+    if torch.__version__ < (2, 6) or not hasattr(serialization, "safe_globals"):
+        return contextlib.nullcontext()
+    present = set(serialization.get_safe_globals())
+    return serialization.safe_globals([g for g in admitted_globals() if g not in present])
 
 
 def zip_records(path: Path) -> dict[int, tuple[str, int]]:
@@ -200,10 +232,11 @@ def _unpickling_error(path: Path, e: pickle.UnpicklingError, head: bytes = b"") 
         what = name.group(1).rstrip(".") if name else found.group(1)
         return UnsafeCheckpointError(path, f"refused to unpickle: a PyTorch Lightning checkpoint holding a Python "
                                            f"object ({what}) besides its weights, most often in hyper_parameters "
-                                           "(save_hyperparameters() of a Path, an argparse Namespace or an OmegaConf "
-                                           "config); such objects could execute code and only tensors and plain "
-                                           "values are loaded (weights_only=True). From a trusted file, save the "
-                                           "weights alone: torch.save(torch.load(PATH, weights_only=False)"
+                                           "(save_hyperparameters() of an OmegaConf config, a dataclass, a "
+                                           "datetime); such objects could execute code and only tensors, plain "
+                                           "values, paths and argparse Namespaces are loaded (weights_only=True). "
+                                           "From a trusted file, save the weights alone: "
+                                           "torch.save(torch.load(PATH, weights_only=False)"
                                            "['state_dict'], 'model.pt')")
     if found:
         reason = found.group(1).rstrip(".")
