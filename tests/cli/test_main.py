@@ -47,6 +47,30 @@ def test_an_os_error_about_a_file_is_one_line(capsys, monkeypatch, code, text):
         m.run_mapped(lambda args: (_ for _ in ()).throw(OSError(code, text)), argparse.Namespace())
 
 
+def test_an_error_naming_a_file_that_is_not_utf8_is_escaped(tmp_path, monkeypatch, non_utf8_name):
+    """``m\\xe9`` as the rest of the CLI writes it, also on a strict UTF-8 stderr (before: ``m\\udce9``, or a
+    UnicodeEncodeError traceback there); a garbage file read through the command, an OSError, Ctrl-C."""
+    import argparse
+    import io
+
+    from modelatlas.cli import main as m
+
+    (tmp_path / f"{non_utf8_name}.pt").write_bytes(b"garbage")
+    errors = [OSError(2, "No such file or directory", str(tmp_path / non_utf8_name)), KeyboardInterrupt()]
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stderr", io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict"))
+    codes = [main(["lineage", "recover", f"{non_utf8_name}.pt"])]
+    codes += [m.run_mapped(lambda args, e=e: (_ for _ in ()).throw(e), argparse.Namespace(out=non_utf8_name,
+              interrupt_hint="kept in {out}")) for e in errors]
+    m.sys.stderr.seek(0)
+    lines = m.sys.stderr.buffer.read().decode().splitlines()
+    assert codes == [1, 1, 130]
+    assert lines[0].startswith("error: ") and "m\\xe9.pt: corrupt or unsupported PyTorch pickle" in lines[0]
+    assert lines[1:] == [f"error: {tmp_path}/m\\xe9: No such file or directory",
+                         "error: interrupted (stopped before anything was saved in m\\xe9: run the command again)"]
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     assert "digits" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from modelatlas import __version__
 from modelatlas.allocator import keep_freed_memory
+from modelatlas.cli.output import printable
 from modelatlas.errors import AtlasError
 
 COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "index", "distill", "attribute", "data"]
@@ -79,18 +80,25 @@ def run_mapped(func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"error: interrupted ({_interrupt_hint(args)})", file=sys.stderr)
+        _error_line(f"interrupted ({_interrupt_hint(args)})")
         return 130
     except (AtlasError, OSError) as e:  # OSError about a file: missing, an --out below a file, disk full, read-only
         if debug or (isinstance(e, OSError) and not e.filename):  # an OSError naming no file is not the user's
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        _error_line(_one_line(e))
         return 1
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors; other ones are bugs
         if debug or not _out_of_memory(e):
             raise
-        print(f"error: {_memory_line(e)}", file=sys.stderr)
+        _error_line(_memory_line(e))
         return 1
+
+
+def _error_line(message: str) -> None:
+    """``error: <message>`` on stderr, escaped as all CLI output is (:func:`~modelatlas.cli.output.printable`): a
+    model named by bytes that are not UTF-8 reads ``m\\xe9``, as elsewhere, not ``m\\udce9``, and cannot end a
+    strict UTF-8 stderr in a UnicodeEncodeError; a control character in a name cannot reach the terminal."""
+    print(f"error: {printable(message)}", file=sys.stderr)
 
 
 def _out_of_memory(e: BaseException) -> bool:
