@@ -5,8 +5,6 @@ evaluate against the random-subset baseline, write the result folder); re-evalua
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 from contextlib import contextmanager
 from dataclasses import replace
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_write_json, check_out_folder, file_in_the_way
+from modelatlas.atomic import check_out_folder, file_in_the_way
 from modelatlas.data import load_dataset
 from modelatlas.data import transforms as T
 from modelatlas.data.registry import ArrayDataset
@@ -25,6 +23,7 @@ from modelatlas.distill.loop import CHECKPOINT_JSON, read_checkpoint, read_json,
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, write_result
+from modelatlas.distill.run_check import RUN_JSON, absolute_root, check_run, has_progress, run_record
 from modelatlas.distill.splits import check_class_names, check_splits, check_train
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
@@ -138,7 +137,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     cfg = spec.make_config(config)
     proto = _protocol(protocol, method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
     with _undone_if_unstarted(out):
-        _check_run(out / "checkpoint" / RUN_JSON, resume, _run_record(method, train, ipc, tf, dataset_kwargs, init_from,
+        check_run(out / "checkpoint" / RUN_JSON, resume, run_record(method, train, ipc, tf, dataset_kwargs, init_from,
                                                                       init, cfg), _default_net(cfg, train))
         run = {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "init_from": init_from,
                "dataset_kwargs": dataset_kwargs, "device": device}
@@ -147,15 +146,25 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
             return {**stored, "reused": True}  # (not in result.json: this call wrote nothing)
         syn, ctx = _run(method, train_t, ipc, cfg, seed, progress, out / "checkpoint", resume, device, init,
                         checkpoint)
-    wall = ctx.elapsed()  # distillation only, not the evaluation below
-    ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
-    info = {**_info(run, train.name, cfg), "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3),
-            "resumed": ctx.wall_offset > 0}
-    if baseline and method != "random":
-        info["baseline_random"] = evaluate_random_baseline(train_t, test_t, ipc, proto, seed, progress, device).to_dict()
+    info = _evaluated(run, syn, ctx, train.name, cfg, train_t, test_t, proto, baseline, progress)
     if resume:
         info.update(_kept_reevaluation(out, seed, ctx.losses))
     write_result(out, syn, tf, info, losses=ctx.losses)
+    return info
+
+
+def _evaluated(run: dict, syn, ctx, data_name: str, cfg, train_t: ArrayDataset, test_t: ArrayDataset,
+               proto: EvalProtocol, baseline: bool, progress: Progress | None) -> dict:
+    """The ``result.json`` dict of a finished distillation: its settings, the set's evaluation under ``proto``
+    and (``baseline``) the random baseline's under the same protocol and seed."""
+    wall = ctx.elapsed()  # distillation only, not the evaluation below
+    seed, device = run["seed"], run["device"]
+    ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
+    info = {**_info(run, data_name, cfg), "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3),
+            "resumed": ctx.wall_offset > 0}
+    if baseline and run["method"] != "random":
+        info["baseline_random"] = evaluate_random_baseline(train_t, test_t, run["ipc"], proto, seed, progress,
+                                                           device).to_dict()
     return info
 
 
@@ -183,13 +192,6 @@ def _info(run: dict, dataset: str, cfg) -> dict:
             "dataset_kwargs": run["dataset_kwargs"], "init_from": run["init_from"]}
 
 
-def _run_record(method: str, train: ArrayDataset, ipc: int, tf, dataset_kwargs: dict, init_from: str | None,
-                init: SyntheticSet | None, cfg) -> dict:
-    """The settings a resume is checked against (``run.json``)."""
-    return {"method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
-            "init_from": init_from, "init_digest": _digest(init), "config": cfg.to_dict(), "classes": train.classes}
-
-
 def _default_net(cfg, train: ArrayDataset) -> dict:
     """The net spec a width/depth of None stands for on this data (not this run's own, which may set them)."""
     return replace(cfg, width=None, depth=None).net_spec(train.input_shape)
@@ -209,7 +211,7 @@ def _resumed_iterations(out: Path, config, resume: bool, checkpoint: dict | None
     --iterations was then refused ("3 iterations done, more than iterations=2") on a plain --resume.
     ``checkpoint``: the checkpoint.json read (:func:`~modelatlas.distill.loop.read_checkpoint`)."""
     path = out / "checkpoint" / RUN_JSON
-    if not (resume and path.is_file() and _has_progress(out)) or not isinstance(config, (dict, type(None))):
+    if not (resume and path.is_file() and has_progress(out)) or not isinstance(config, (dict, type(None))):
         return config
     if "iterations" in (config or {}):
         return config
@@ -230,17 +232,12 @@ def _undone_if_unstarted(out: Path):
     try:
         yield
     except BaseException:
-        if not _has_progress(out):
+        if not has_progress(out):
             (out / "checkpoint" / RUN_JSON).unlink(missing_ok=True)
             for folder in reversed(made):
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
         raise
-
-
-def _has_progress(out: Path) -> bool:
-    """Whether ``out`` holds a run's checkpoint or its finished result (what its run.json describes)."""
-    return (out / "checkpoint" / CHECKPOINT_JSON).is_file() or (out / RESULT_JSON).is_file()
 
 
 def _kept_reevaluation(out: Path, seed: int, losses: list[float]) -> dict:
@@ -251,14 +248,6 @@ def _kept_reevaluation(out: Path, seed: int, losses: list[float]) -> dict:
         return {}
     same = old.get("seed") == seed and old.get("losses") == losses and "reevaluation" in old
     return {"reevaluation": old["reevaluation"]} if same else {}
-
-
-def absolute_root(dataset_kwargs: dict | None) -> dict:
-    """``dataset_kwargs`` with a ``root`` made absolute (a result stays usable from another working folder)."""
-    kw = dict(dataset_kwargs or {})
-    if kw.get("root") is not None:
-        kw["root"] = str(Path(kw["root"]).expanduser().resolve())
-    return kw
 
 
 def check_out(out: Path, resume: bool) -> None:
@@ -291,90 +280,6 @@ def check_baseline_ipc(train: ArrayDataset, ipc: int, asked: str | None = None) 
         raise ConfigError(f"{what} needs {ipc} real examples per class for the random baseline, but class "
                           f"{train.classes[c]!r} of {train.name!r} has only {int(counts[c])}; lower the ipc "
                           "or pass --no-baseline (baseline=False)")
-
-
-RUN_JSON = "run.json"
-# a resumed run may be extended, checkpoint more often, score its real batch in smaller chunks (the same
-# gradient: the fix for a run that ran out of memory) or keep its cache elsewhere (experts, pools, teachers are
-# fixed by the data, their settings and the seed); a field missing from an older run.json is one of these
-_MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk", "cache_dir")
-
-
-# settings compared first, so a resume names the most telling difference (another method, not its fields)
-_FIRST = ("method", "dataset", "ipc", "transform", "dataset_kwargs", "init_from", "init_digest")
-
-
-def _check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> None:
-    """On resume, refuse a checkpoint written by another run (another dataset of the same shape would load
-    without complaint); otherwise record this run beside its checkpoints. Values are compared resolved (an
-    explicit ``identity`` transform or the default width equal their defaults; ``net``: the default net spec
-    for this input, which a saved or given width/depth of None stands for; a starting set by its content, so
-    its folder may move; the class names, which an image folder takes from its subfolders). Checkpoints
-    without the file (older versions) are resumed unchecked; a run.json with neither a checkpoint nor a result
-    beside it (a start stopped before its first checkpoint) is replaced."""
-    if not (resume and path.is_file() and _has_progress(path.parent.parent)):  # (alone: a start that never checkpointed)
-        atomic_write_json(path, run)
-        return
-    saved_run = _checked_types(path, read_json(path, "delete the checkpoint folder to start over"))
-    saved, now = _identity(saved_run, net), _identity(json.loads(json.dumps(run)), net)
-    rest = sorted((set(saved) | set(now)) - set(_FIRST), key=lambda k: (k.startswith("config."), k))
-    for k in (*_FIRST, *rest):
-        if saved.get(k) != now.get(k):
-            raise ConfigError(f"{path}: the checkpointed run used {k} {saved.get(k)!r}, not {now.get(k)!r}; "
-                              "resume with the same settings or use a new --out")
-    _check_classes(path, saved_run.get("classes"), run["classes"])
-
-
-_RUN_TYPES = {"config": (dict, "an object"), "classes": (list, "a list"), "dataset_kwargs": (dict, "an object"),
-              "init_from": (str, "a folder name")}
-
-
-def _checked_types(path: Path, saved: dict) -> dict:
-    """``saved`` (run.json), refused naming the key when one is of another type (a hand edit: an
-    AttributeError or TypeError in the comparison)."""
-    for key, (kind, what) in _RUN_TYPES.items():  # absent in older versions; only init_from may be null
-        if key in saved and not isinstance(saved[key], kind) and not (saved[key] is None and key == "init_from"):
-            raise CheckpointError(path, f"{key} must be {what}, got {saved[key]!r}; delete the checkpoint folder "
-                                        "to start over")
-    return saved
-
-
-def _check_classes(path: Path, saved: list | None, now: list[str]) -> None:
-    """Refuse other class names (an image folder's class renamed, or one swapped for another): the checkpointed
-    images would go on under other labels. A run.json without them (older versions) is not checked."""
-    if saved is None or saved == now:
-        return
-    i = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
-    was, got = (repr(names[i]) if i < len(names) else "none" for names in (saved, now))
-    raise ConfigError(f"{path}: the checkpointed run's class {i} was {was}, the data's is {got} ({len(saved)} "
-                      f"classes then, {len(now)} now); resume on the same data or use a new --out")
-
-
-def _identity(run: dict, net: dict | None) -> dict:
-    """A run's settings as flat keys (``config.lr_img``), resolved, less those a resumed run may change."""
-    config = {f"config.{k}": v for k, v in run.get("config", {}).items() if k not in _MAY_CHANGE}
-    for k in ("width", "depth"):  # None is the default net's value
-        if net is not None and config.get(f"config.{k}", 0) is None:
-            config[f"config.{k}"] = net[k]
-    top = {k: v for k, v in run.items() if k not in ("config", "classes")}  # classes: see _check_classes
-    if top.get("init_digest") is not None:  # the starting set is known by its content: its folder may move
-        top.pop("init_from", None)
-    top["transform"] = top.get("transform") or "identity"
-    top["dataset_kwargs"] = absolute_root(top.get("dataset_kwargs"))
-    if top.get("init_from") is not None:
-        top["init_from"] = str(Path(top["init_from"]).resolve())
-    return {**top, **config}
-
-
-def _digest(syn: SyntheticSet | None) -> str | None:
-    """A SHA-256 of a starting set's images, classes and label logits (None without one). Time O(set size)."""
-    if syn is None:
-        return None
-    h = hashlib.sha256()
-    for t in (syn.images, syn.classes, syn.label_logits):
-        if t is not None:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _init_set(folder: str | Path, train: ArrayDataset, tf) -> SyntheticSet:
