@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from modelatlas.config_types import misfit
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA, DSAParams
-from modelatlas.distill.field_types import misfit
 from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, NET_NAMES, make_net, pick_device
 from modelatlas.distill.synthetic import SyntheticSet, sample_per_class
 from modelatlas.errors import ConfigError

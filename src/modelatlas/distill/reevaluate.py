@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelatlas.config_types import misfit
 from modelatlas.data import load_dataset
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.api import apply_transform
 from modelatlas.distill.evaluate import PROTOCOL_FLOATS, PROTOCOL_INTS, EvalProtocol, evaluate_synthetic
-from modelatlas.distill.field_types import misfit
 from modelatlas.distill.result import RESULT_JSON, load_result, update_result
 from modelatlas.distill.run_check import absolute_root
 from modelatlas.distill.splits import check_fits, check_test_split

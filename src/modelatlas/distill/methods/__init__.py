@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 
-from modelatlas.distill.field_types import misfit
+from modelatlas.config_types import misfit
 from modelatlas.errors import ConfigError
 
 # Method name -> package under modelatlas.distill.methods (when they differ, or to list it in available()).

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from modelatlas.distill.field_types import misfit
+from modelatlas.config_types import misfit
 from modelatlas.distill.loop import OuterLoop
 from modelatlas.distill.nets import MAX_DEPTH, MAX_WIDTH, NET_NAMES, default_net
 from modelatlas.distill.synthetic import SyntheticSet

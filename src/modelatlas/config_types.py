@@ -1,6 +1,8 @@
-"""Type checks of config fields against their annotations, shared by method configs (built in Python or
-from ``--set`` values), the evaluation protocol and a saved result's protocol: each caller words the error
-(its option, file or key), the rule of what fits is one."""
+"""Type checks of config values: the one rule of what fits a type (:func:`fits`: a bool is no int, an int is a
+fine float) and the check of a dataclass's fields against their annotations (:func:`misfit`). Shared by every
+config (distill's method configs, evaluation protocol and saved results; attribution, zoo, lineage, ProbeX and
+dataset options): each caller words the error (its option, file or key), the rule is one. Here, not in a
+subpackage, because those must not import each other."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from modelatlas.distill.field_types import Misfit, fits, misfit
+from modelatlas.config_types import Misfit, fits, misfit
 
 
 @dataclass
