@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 
 UNLEARN = ("newton", "ascent")
@@ -49,7 +50,7 @@ class DDMConfig:
         for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps",
                      "samples_per_cluster", "match_steps"):
             value, low = getattr(self, name), 0 if name == "match_steps" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
+            if not fits(value, int) or value < low:  # True is an int, but not here
                 raise ConfigError(f"{name} must be >= {low} (an integer), got {value!r}")
         for name in ("train_steps", "match_steps", "unlearn_steps"):  # 10^11 steps ran silently for hours
             if getattr(self, name) > MAX_STEPS:
@@ -75,4 +76,4 @@ MAX_DAMPING = 1e20
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return fits(value, float) and math.isfinite(value)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelatlas.config_types import fits
 from modelatlas.data.registry import ArrayDataset, check_fraction, check_int, check_seed, register_dataset
 from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from modelatlas.seeding import torch_generator
@@ -112,7 +113,7 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
     if root is None:
         raise DatasetNotFoundError("image-folder: pass --data-root DIR (root=): a folder with one subfolder of images "
                                    "per class")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 3):  # True was 1; 3.0 failed
+    if not fits(channels, int) or channels not in (1, 3):  # True was 1; 3.0 failed
         raise ConfigError(f"dataset 'image-folder': channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     check_int("image-folder", "size", size, minimum=1)
     check_fraction("image-folder", "test_fraction", test_fraction, allow_zero=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 from modelatlas.plugins import load_plugins_once
 from modelatlas.seeding import SEED_RANGE, is_seed, torch_generator
@@ -137,14 +138,14 @@ def _check_options(name: str, loader: Loader, kwargs: dict) -> None:
 def check_fraction(dataset: str, key: str, value: object, allow_zero: bool = False) -> None:
     """A loader option that must be a number in (0, 1) (``[0, 1)`` with ``allow_zero``), e.g. ``test_fraction``."""
     low_ok = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value < 1):
+    if not fits(value, float) or not (low_ok(value) and value < 1):
         span = "[0, 1)" if allow_zero else "(0, 1)"
         raise ConfigError(f"dataset {dataset!r}: {key} must be a number in {span}, got {value!r}")
 
 
 def check_int(dataset: str, key: str, value: object, minimum: int | None = None) -> None:
     """A loader option that must be an integer (``>= minimum`` when given), e.g. ``size`` or ``seed``."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+    if not fits(value, int) or (minimum is not None and value < minimum):
         at_least = "" if minimum is None else f" >= {minimum}"
         raise ConfigError(f"dataset {dataset!r}: {key} must be an integer{at_least}, got {value!r}")
 

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 
 
@@ -96,8 +97,8 @@ class ZCA(_Loadable):
     kind = "zca"
 
     def __init__(self, regularization: float = 0.1):
-        if (isinstance(regularization, bool) or not isinstance(regularization, (int, float))
-                or not 0 < regularization < math.inf):  # nan passed `<= 0` and whitened everything to NaN
+        # nan passed `<= 0` and whitened everything to NaN
+        if not fits(regularization, float) or not 0 < regularization < math.inf:
             raise ConfigError(f"ZCA regularization must be > 0 and finite, got {regularization!r}")
         self.regularization = regularization
 

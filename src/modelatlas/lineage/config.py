@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 from modelatlas.seeding import SEED_RANGE, is_seed
 
@@ -85,12 +86,11 @@ class LineageConfig:
         _choice("root_votes", self.root_votes, ROOT_VOTES)
         if not 0 <= self.root_prior < math.inf:  # inf x 0 hops (a chain) would make every root score NaN
             raise ConfigError(f"root_prior must be >= 0 and finite (0: kurtosis votes only; default 2); got {self.root_prior!r}")
-        if self.n_trees is not None and (isinstance(self.n_trees, bool) or not isinstance(self.n_trees, int)
-                                         or self.n_trees < 1):
+        if self.n_trees is not None and (not fits(self.n_trees, int) or self.n_trees < 1):
             raise ConfigError(f"n_trees must be a positive integer or None (find it from the data); got {self.n_trees!r}")
         if not 0 <= self.lam < math.inf:  # inf x 0 (an edge that keeps the direction) made edge costs NaN
             raise ConfigError(f"lam (--lambda) must be >= 0 and finite (paper: 0.3); got {self.lam!r}")
-        if isinstance(self.sketch, bool) or not isinstance(self.sketch, int) or self.sketch < 2:
+        if not fits(self.sketch, int) or self.sketch < 2:
             raise ConfigError(f"sketch must be an integer >= 2 (columns), e.g. 64; got {self.sketch!r}")
         if self.distance_sketch is not None and (not isinstance(self.distance_sketch, int) or self.distance_sketch < 16):
             raise ConfigError(f"distance_sketch must be an integer >= 16 or None (exact); got {self.distance_sketch!r}")

@@ -6,6 +6,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 
+from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 
 _MODELS = ("probex", "dense")
@@ -42,7 +43,7 @@ class ProbeXConfig:
     def __post_init__(self) -> None:
         for name in ("rank_u", "rank_v", "rank_t", "epochs", "batch_size", "checkpoint_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not fits(value, int) or value < 1:
                 raise ConfigError(f"ProbeXConfig.{name} must be a positive integer; got {value!r}")
         if self.model not in _MODELS:
             raise ConfigError(f"ProbeXConfig.model must be one of {_MODELS}; got {self.model!r}")

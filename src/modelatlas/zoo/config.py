@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 from modelatlas.seeding import SEED_RANGE, is_seed
 
@@ -97,7 +98,7 @@ class ZooConfig:
         for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
             low = 0 if name == "depth" else 1  # depth 0: roots only
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:  # True is an int
+            if not _is_count(value, low):
                 what = "a non-negative" if low == 0 else "a positive"
                 raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
         if not is_seed(self.seed):  # 2**64 built seed 0's zoo, 1.5 seed 1's
@@ -191,13 +192,13 @@ def _check_arch_kwargs(arch: str, kwargs) -> None:
 
 
 def _is_count(value, low: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low  # True is an int
+    return fits(value, int) and value >= low  # True is an int, but no count
 
 
 def _check_range(name: str, value) -> None:
     import math
 
-    if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) \
+    if len(value) != 2 or not all(fits(v, float) for v in value) \
             or not 0 < value[0] <= value[1] < math.inf:  # an lr of inf trained NaN weights
         raise ConfigError(f"{name}: must be a (low, high) pair with 0 < low <= high, finite, got {value!r}")
 
