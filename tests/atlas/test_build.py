@@ -1,5 +1,6 @@
 """build_atlas's inputs: what a caller may pass for the models."""
 
+import torch
 from safetensors.torch import save_file
 
 from modelatlas.atlas import build_atlas
@@ -36,7 +37,10 @@ def test_a_hub_model_is_recorded_by_its_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--org--t0_0" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
-    (tmp_path / "local" / "t0_0.safetensors").rename(snapshot / "model.safetensors")
+    blob = snapshot.parent.parent / "blobs" / ("b" * 64)  # the snapshot's file is a link to it, as the hub writes
+    blob.parent.mkdir()
+    (tmp_path / "local" / "t0_0.safetensors").rename(blob)
+    (snapshot / "model.safetensors").symlink_to(blob)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
     monkeypatch.chdir(tmp_path / "local")  # "org/t0_0" must not exist as a local path
@@ -44,9 +48,30 @@ def test_a_hub_model_is_recorded_by_its_hub_id(tmp_path, monkeypatch):
     by = {m.name: m for m in atlas.models}
     assert set(by) == {"org/t0_0", "t0", "t0_1"} and by["org/t0_0"].parent == "t0" == parents["t0_0"]
     assert by["org/t0_0"].path == "org/t0_0" and by["t0"].path == str(tmp_path / "local" / "t0.safetensors")
+    assert by["org/t0_0"].size_bytes == blob.stat().st_size > 1000  # the blob's bytes, not the link's
     monkeypatch.chdir(tmp_path)  # elsewhere, as a later `atlas probex predict ATLAS` may be
     with open_checkpoint(by["org/t0_0"].path) as ck:
         assert ck.name == "org/t0_0"
     # the local models' shared folder still matches nothing; the hub id's words match its model
     assert search_atlas(atlas, "local", mode="keywords") == []
     assert [h.name for h in search_atlas(atlas, "org", mode="keywords")] == ["org/t0_0"]
+
+
+def test_sizes_are_what_is_stored_on_disk(tmp_path, make_adapter_family):
+    """An adapter was described by the dense update it exposes (3 layers of 16 x 16: 768 parameters, 3 KB in
+    float32), a Q8_0 GGUF file by its float32 dequantization: 6.8 KB shown for a 3.5 KB adapter. Now an
+    adapter counts its A and B factors, a GGUF file its stored type, and every size is its files' bytes."""
+    from tests.lineage.test_quantized import make_gguf  # Q8_0 unless told: 34 bytes a block of 32 values
+
+    fam = make_adapter_family(tmp_path / "fam", n=2)
+    gen = torch.Generator().manual_seed(0)
+    make_gguf(fam / "q.gguf", {f"layers.{i}.weight": torch.randn(64, 64, generator=gen) for i in range(2)})
+    own = [fam / "a0" / "adapter_config.json", fam / "a0" / "adapter_model.safetensors"]
+    for base in (None, fam / "base.safetensors"):  # merged onto the base or not, the adapter stores the same
+        by = {m.name: m for m in build_atlas(fam, adapter_base=base).models}
+        assert (by["a0"].parameters, by["a0"].tensors, by["a0"].dtype) == (3 * (2 * 16 + 16 * 2), 6, "float32")
+        assert by["a0"].size_bytes == sum(f.stat().st_size for f in own)
+        assert (by["base"].parameters, by["base"].size_bytes) == (768, (fam / "base.safetensors").stat().st_size)
+        assert (by["q"].parameters, by["q"].dtype) == (2 * 64 * 64, "Q8_0")
+        assert by["q"].size_bytes == (fam / "q.gguf").stat().st_size
+        assert 2 * 64 * 2 * 34 < by["q"].size_bytes < 4 * 2 * 64 * 64 // 2  # the blocks plus a header

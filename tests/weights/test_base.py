@@ -3,7 +3,7 @@ import os
 import pytest
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import utf8_path
+from modelatlas.weights.base import Checkpoint, utf8_path
 
 
 def test_utf8_path_is_the_path_itself_when_it_is_utf8(tmp_path):
@@ -35,3 +35,33 @@ def test_utf8_path_without_proc_says_to_rename(tmp_path, non_utf8_name, monkeypa
         with utf8_path(p):
             pass
     assert info.value.path == p
+
+
+class FolderReader(Checkpoint):
+    """A plugin's reader of a folder model (no files() of its own): the default lists the folder's files."""
+
+    def _infos(self):
+        return []
+
+    def _read(self, name):
+        raise AssertionError("not read")
+
+
+def test_a_folder_model_is_the_size_of_the_files_directly_in_it(tmp_path):
+    """Its files' bytes, links followed; not its sub-folders (4,096 bytes each) or what they hold."""
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "w.bin").write_bytes(b"x" * 10)
+    (tmp_path / "m" / "sub" / "other.bin").write_bytes(b"x" * 100)
+    (tmp_path / "blob").write_bytes(b"x" * 7)
+    (tmp_path / "m" / "link.bin").symlink_to(tmp_path / "blob")
+    ck = FolderReader(tmp_path / "m")
+    assert ck.files() == [tmp_path / "m" / "link.bin", tmp_path / "m" / "w.bin"] and ck.size_on_disk() == 17
+    assert FolderReader(tmp_path / "blob").files() == [tmp_path / "blob"]
+
+
+def test_a_file_gone_since_opening_is_a_checkpoint_error_naming_it(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"x")
+    ck = FolderReader(tmp_path / "w.bin")
+    (tmp_path / "w.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"w\.bin: cannot stat .*w\.bin: No such file"):
+        ck.size_on_disk()

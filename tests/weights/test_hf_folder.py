@@ -181,3 +181,18 @@ def test_a_sharded_folder_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non
     """Its shards' readers take paths inside the folder: each was refused (safetensors) or "corrupt" (torch)."""
     with open_checkpoint(make_sharded(tmp_path / non_utf8_name, kind)) as ck:
         check_model(ck, non_utf8_name)
+
+
+def test_files_are_the_weight_files_read(tmp_path):
+    """The index and its shards; not a second copy of the weights in another format, nor other files."""
+    folder = make_sharded(tmp_path / "big-model")
+    torch.save(TENSORS, folder / "pytorch_model.bin")
+    (folder / "README.md").write_text("a model")
+    with open_checkpoint(folder) as ck:
+        assert ck.files() == [folder / "model.safetensors.index.json", folder / "model-00001-of-00002.safetensors",
+                              folder / "model-00002-of-00002.safetensors"]
+        assert ck.stored_tensors() == ck.tensors()
+    (tmp_path / "one").mkdir()
+    save_file(TENSORS, str(tmp_path / "one" / "model.safetensors"))
+    with open_checkpoint(tmp_path / "one") as ck:
+        assert ck.files() == [tmp_path / "one" / "model.safetensors"]

@@ -37,6 +37,8 @@ def test_initializers_are_tensors(tmp_path, external):
         assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("W", (2, 3), "float32"), ("shape", (2,), "int64")]
         assert torch.equal(ck.read("W"), torch.from_numpy(W))
         assert torch.equal(ck.read("shape"), torch.tensor([3, 2]))
+        # the files its weights are in: the model, and its external data file (its size on disk counts both)
+        assert ck.files() == [tmp_path / "net.onnx"] + ([tmp_path / "weights.data"] if external else [])
 
 
 def test_missing_external_data(tmp_path):

@@ -310,3 +310,16 @@ def test_join_adapter_base_puts_the_base_first_once(tmp_path, make_adapter_famil
     assert join_adapter_base(None, models) == (None, models)
     with pytest.raises(CheckpointError, match="a0: a lora delta"):
         join_adapter_base(fam / "a0", models)
+
+
+def test_an_adapter_stores_its_factors_in_its_own_files(tmp_path):
+    """An adapter's files hold lora_A (2, 3) and lora_B (4, 2), 14 numbers, not the (4, 3) update it exposes;
+    merged onto a base it still stores those (the base's files are the base's). An atlas counted the update."""
+    ad = make_linear_adapter(tmp_path / "ad")
+    base, _ = make_base(tmp_path / "base.safetensors")
+    for kwargs in ({}, {"base": base}):
+        with open_checkpoint(ad, **kwargs) as ck:
+            assert sorted((t.name, t.shape) for t in ck.stored_tensors()) == [
+                ("base_model.model.layers.0.q_proj.lora_A.weight", (2, 3)),
+                ("base_model.model.layers.0.q_proj.lora_B.weight", (4, 2))]
+            assert sorted(ck.files()) == [ad / "adapter_config.json", ad / "adapter_model.safetensors"]

@@ -2,7 +2,8 @@
 
 Steps (each model's header is read once; the lineage pass streams its weights layer by layer, see
 :mod:`modelatlas.lineage.distances`; each expert reads its one layer per model):
-  1. describe every model from its header: parameters, bytes, dtype, an architecture signature;
+  1. describe every model from its header: parameters and dtype as stored, bytes on disk, an architecture
+     signature;
   2. recover the lineage forest of the readable models (:func:`modelatlas.lineage.recover_lineage`);
   3. with ProbeX class experts: route each model with the expert layer to its tree and predict its
      training classes (a model in no known tree gets a note, not a guess);
@@ -87,30 +88,27 @@ def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, pro
 
 
 def _describe(path: Path, name: str) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
-    """The entry of one model from its header, and its tensor shapes; an unreadable model gets a note."""
+    """The entry of one model from its header, and its tensor shapes; an unreadable model gets a note.
+    Parameters, dtype and size are what its files store: a LoRA adapter's factors (not the dense updates it
+    exposes), a GGUF tensor's quantization type and bytes (not its float32 dequantization)."""
     # a hub id (the only path given that need not exist) as itself: resolved, it named a file below the working
     # folder, which a later `atlas probex predict ATLAS` could not read
     entry = ModelEntry(name, str(Path(path).resolve()) if Path(path).exists() else str(path))
     try:
         with open_checkpoint(path) as ckpt:
-            infos = ckpt.tensors()
+            infos, stored = ckpt.tensors(), ckpt.stored_tensors()
+            by_dtype: Counter = Counter()  # stored type -> values: "Q8_0" for a quantized GGUF tensor
+            for t in stored:
+                by_dtype[ckpt.quantization(t.name) or t.dtype] += t.numel
+            entry.size_bytes = ckpt.size_on_disk()
     except CheckpointError as e:
         entry.notes.append(f"unreadable: {error_line(e)}")
         return entry, {}
-    by_dtype: Counter = Counter()
-    for t in infos:
-        by_dtype[t.dtype] += t.numel
-        entry.size_bytes += t.numel * _itemsize(t.dtype)
-    entry.parameters, entry.tensors = sum(by_dtype.values()), len(infos)
+    entry.parameters, entry.tensors = sum(by_dtype.values()), len(stored)
     entry.dtype = by_dtype.most_common(1)[0][0] if by_dtype else ""
     signature = ";".join(f"{t.name}:{'x'.join(map(str, t.shape))}" for t in sorted(infos, key=lambda t: t.name))
     entry.architecture = hashlib.sha1(signature.encode()).hexdigest()[:10]
     return entry, {t.name: tuple(t.shape) for t in infos}
-
-
-def _itemsize(dtype: str) -> int:
-    dt = getattr(torch, dtype, None)
-    return torch.empty((), dtype=dt).element_size() if isinstance(dt, torch.dtype) else 4
 
 
 def _place(entries: list[ModelEntry], forest: Forest) -> None:

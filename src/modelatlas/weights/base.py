@@ -88,6 +88,28 @@ class Checkpoint(ABC):
         block-quantized or its type has no quantizer here."""
         return None
 
+    def stored_tensors(self) -> list[TensorInfo]:
+        """The tensors as its own files store them (header only): :meth:`tensors` for most formats; a LoRA
+        adapter's A and B factors, not the updates it exposes (its parameter count)."""
+        return self.tensors()
+
+    def files(self) -> list[Path]:
+        """The files its reader reads (their bytes are its size on disk): the file itself; for a folder, the
+        regular files directly in it. Readers of several files (shards, external data) list theirs."""
+        if not self.path.is_dir():
+            return [self.path]
+        return sorted(p for p in self.path.iterdir() if p.is_file())
+
+    def size_on_disk(self) -> int:
+        """The bytes of :meth:`files`, links followed (a hub cache snapshot's files are links to its blobs)."""
+        total = 0
+        for f in self.files():
+            try:
+                total += f.stat().st_size
+            except OSError as e:  # removed or unreadable since it was opened
+                raise CheckpointError(self.path, f"cannot stat {f}: {e.strerror or e}") from e
+        return total
+
     def prefetch(self, name: str) -> None:  # noqa: B027 - optional hook, a no-op for most formats
         """Hint that tensor ``name`` will be read soon, so its bytes can be fetched from storage while the
         caller computes (overlapping a cold read with work). Never reads, never raises; a no-op by default."""

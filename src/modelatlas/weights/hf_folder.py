@@ -102,6 +102,12 @@ class HFFolderCheckpoint(Checkpoint):
             infos.extend(t for t in ck.tensors() if t.name in wanted)
         return infos
 
+    def files(self) -> list[Path]:
+        """The weight file, or the index and its shards: not a copy of the weights in another format beside
+        them (``pytorch_model.bin`` next to ``model.safetensors``), nor the tokenizer's files."""
+        shards = [] if self._weight_map is None else [self.path / s for s in dict.fromkeys(self._weight_map.values())]
+        return [self.weight_file, *shards]
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor, opening only the shard the index puts it in."""
         if self._weight_map is not None and self._info_cache is None:

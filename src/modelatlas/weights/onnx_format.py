@@ -100,6 +100,12 @@ class OnnxCheckpoint(Checkpoint):
             if t.data_location == self._onnx.TensorProto.EXTERNAL:
                 self._external_range(t, itemsize, exact)
 
+    def files(self) -> list[Path]:
+        """The model file and the external data files its initializers name (checked at open)."""
+        external = [self._external_range(t, itemsize, exact)[0] for t, _, itemsize, exact in self._init.values()
+                    if t.data_location == self._onnx.TensorProto.EXTERNAL]
+        return [self.path, *dict.fromkeys(external)]
+
     def _infos(self) -> list[TensorInfo]:
         return [TensorInfo(n, tuple(int(d) for d in t.dims), dtype) for n, (t, dtype, *_) in self._init.items()]
 

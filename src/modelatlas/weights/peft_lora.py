@@ -161,6 +161,13 @@ class LoraAdapterCheckpoint(Checkpoint):
                                              f"({' x '.join(map(str, self.info(name).shape))} float32): "
                                              f"{error_line(e)}") from e
 
+    def stored_tensors(self) -> list[TensorInfo]:
+        """The factors (and lora_B biases, saved modules) as the adapter file stores them."""
+        return self.adapter.tensors()
+
+    def files(self) -> list[Path]:
+        return [self.path / CONFIG, self.adapter.path]
+
     def extra_tensors(self) -> list[str]:
         """Adapter tensors that are not LoRA factors (``modules_to_save``: full replacement weights)."""
         return [k for k in self.adapter.keys() if not _KEY.match(k)]
@@ -199,6 +206,12 @@ class MergedLoraCheckpoint(Checkpoint):
 
     def _infos(self) -> list[TensorInfo]:
         return self.base.tensors()
+
+    def stored_tensors(self) -> list[TensorInfo]:
+        return self.adapter.stored_tensors()  # its own files: the base's are the base's
+
+    def files(self) -> list[Path]:
+        return self.adapter.files()
 
     def _read(self, name: str) -> torch.Tensor:
         if name in self.replaced:  # in the base's dtype, as listed: PEFT copies it into the base's module
