@@ -28,21 +28,6 @@ def make_forest_folder(folder, broken=False):
     return weights, parents
 
 
-@pytest.fixture(scope="module")
-def make_class_zoo(tmp_path_factory):
-    """A tiny Task-A zoo (2 trees, hidden 16) and class experts trained on it for 3 epochs."""
-    from modelatlas.probex import ProbeXConfig
-    from modelatlas.probex.experts import train_tree_experts
-    from modelatlas.probex.families import make_class_subset_zoo
-
-    torch.set_num_threads(1)
-    zoo = tmp_path_factory.mktemp("zoo")
-    make_class_subset_zoo(zoo, children=(24, 12), hidden=16, ft_steps=(10, 20), batch_models=24)
-    experts = tmp_path_factory.mktemp("experts")
-    train_tree_experts(zoo, experts, "classes", "layers.1.weight", ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=3))
-    return zoo, experts
-
-
 def test_build_places_every_model_and_describes_it(tmp_path):
     weights, parents = make_forest_folder(tmp_path / "m", broken=True)
     atlas = build_atlas([tmp_path / "m"], lineage=SPECIALIZE)

@@ -1,11 +1,12 @@
 """build_atlas's inputs: what a caller may pass for the models."""
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from modelatlas.atlas import build_atlas
 from modelatlas.lineage import LineageConfig
 from modelatlas.lineage.synthetic import make_synthetic_forest
+from modelatlas.weights import open_checkpoint
 
 
 def make_models(folder):
@@ -75,3 +76,49 @@ def test_sizes_are_what_is_stored_on_disk(tmp_path, make_adapter_family):
         assert (by["q"].parameters, by["q"].dtype) == (2 * 64 * 64, "Q8_0")
         assert by["q"].size_bytes == (fam / "q.gguf").stat().st_size
         assert 2 * 64 * 2 * 34 < by["q"].size_bytes < 4 * 2 * 64 * 64 // 2  # the blocks plus a header
+
+
+def make_zoo_adapter(folder, base, seed, size=0.02):
+    """A rank-2 PEFT adapter of layer ``layers.1`` of the full model ``base``, its update ``size`` times that
+    layer's spread (a fine-tune's step, not a new model)."""
+    from tests.weights.test_peft_lora import make_adapter
+
+    w = load_file(str(base))["layers.1.weight"]
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, w.shape[1], generator=gen), torch.randn(w.shape[0], 2, generator=gen)
+    b *= size * w.std() / (b @ a).std()  # s = alpha / r = 1
+    return make_adapter(folder, {"layers.1.lora_A.weight": a, "layers.1.lora_B.weight": b}, lora_alpha=2,
+                        target_modules=["layers.1"])
+
+
+def test_experts_read_an_adapter_merged_onto_the_base(make_class_zoo, tmp_path):
+    """With --base the lineage compared each adapter merged onto the base, but the experts read its update
+    alone (B A: nothing like the full models' layers they were trained on, so routed to no tree or guessed).
+    Now they read the merged layer: the adapter gets the predictions of the same weights saved as a model."""
+    zoo, experts = make_class_zoo
+    (tmp_path / "models").mkdir()
+    for name in ("t0-c0001", "t0-c0002"):
+        (tmp_path / "models" / f"{name}.safetensors").write_bytes((zoo / f"{name}.safetensors").read_bytes())
+    ad = make_zoo_adapter(tmp_path / "models" / "ad", zoo / "t0.safetensors", seed=1)
+    with open_checkpoint(ad, base=zoo / "t0.safetensors") as ck:  # the oracle: the merged model, saved whole
+        (tmp_path / "merged").mkdir()
+        save_file({k: ck.read(k) for k in ck.keys()}, str(tmp_path / "merged" / "merged.safetensors"))
+    atlas = build_atlas([tmp_path / "models", tmp_path / "merged"], experts=experts, adapter_base=zoo / "t0.safetensors")
+    by = {m.name: m for m in atlas.models}
+    assert by["ad"].expert_tree == by["merged"].expert_tree == by["t0"].expert_tree == "t0"
+    assert by["ad"].predicted == by["merged"].predicted and by["ad"].predicted  # some class above 0.5
+    assert by["ad"].architecture == by["merged"].architecture == by["t0"].architecture  # the merged model's tensors
+    assert [n for n in by["ad"].notes if "experts" in n] == []
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_noted_and_the_build_goes_on(tmp_path, make_adapter_family):
+    """Its headers were read alone, then the lineage's merge failed and ended the whole build with that error."""
+    from tests.weights.test_peft_lora import make_adapter
+
+    fam = make_adapter_family(tmp_path / "fam", n=2)
+    make_adapter(fam / "bad", {"layers.0.lora_A.weight": torch.ones(2, 8), "layers.0.lora_B.weight": torch.ones(16, 2)},
+                 lora_alpha=2, target_modules=["layers.0"])  # an update of 16 x 8, the base's layer is 16 x 16
+    by = {m.name: m for m in build_atlas(fam, adapter_base=fam / "base.safetensors").models}
+    assert {n: m.tree for n, m in by.items()} == {"base": 1, "a0": 1, "a1": 1, "bad": None}
+    assert by["bad"].notes == [f"unreadable: {fam / 'bad'}: LoRA module 'layers.0': update shape (16, 8) does not "
+                               "match the base weight shape (16, 16)"]

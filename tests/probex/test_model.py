@@ -67,6 +67,14 @@ def test_load_layer_reads_lora_update_and_conv(tmp_path):
     assert x.shape == (1, 6, 5) and torch.allclose(x[0], 2.0 * b @ a, atol=1e-6)  # dW = (alpha / r) B A
     save_file({"conv.weight": torch.randn(8, 3, 3, 3)}, str(tmp_path / "c.safetensors"))
     assert load_layer([tmp_path / "c.safetensors"], "conv.weight").shape == (1, 8, 27)
+    # with the base it adapts: the merged layer W + dW; a full model among the paths is read as itself
+    from modelatlas.weights import open_checkpoint
+
+    w = torch.randn(6, 5)
+    save_file({"fc.weight": w}, str(tmp_path / "base.safetensors"))
+    with open_checkpoint(tmp_path / "base.safetensors") as base:
+        x = load_layer([folder, tmp_path / "base.safetensors"], "fc.weight", adapter_base=base)
+    assert torch.allclose(x[0], w + 2.0 * b @ a, atol=1e-6) and torch.equal(x[1], w)
 
 
 def test_absurd_ranks_are_refused_before_allocating():

@@ -26,9 +26,8 @@ from modelatlas.errors import AtlasError, CheckpointError
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
-from modelatlas.lineage.sources import open_model
 from modelatlas.progress import Progress, resolve
-from modelatlas.weights import discover_models, join_adapter_base, open_checkpoint, unique_names
+from modelatlas.weights import discover_models, join_adapter_base, open_with_base, unique_names
 from modelatlas.weights.base import error_line
 
 
@@ -56,7 +55,8 @@ def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base) -> 
     if not paths:
         raise AtlasError(f"no models found in {', '.join(map(str, inputs))}")
     named = list(zip(paths, unique_names(paths)))  # runA/model.safetensors and runB/... -> "runA", "runB"
-    entries, shapes = zip(*[_describe(p, n) for p, n in resolve(progress)(named, total=len(paths), desc="headers")])
+    described = resolve(progress)(named, total=len(paths), desc="headers")
+    entries, shapes = zip(*[_describe(p, n, base) for p, n in described])
     entries = list(entries)
     readable = [(p, e.name) for p, e in zip(paths, entries) if not e.notes]
     if len(readable) < 2:
@@ -67,9 +67,9 @@ def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base) -> 
     _place(entries, forest)
     atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))
     if "classes" in loaded:
-        _predict(atlas, paths, shape_of, loaded["classes"], progress)
+        _predict(atlas, paths, shape_of, loaded["classes"], progress, base)
     if "text" in loaded:
-        _embed(atlas, paths, shape_of, loaded["text"], progress)
+        _embed(atlas, paths, shape_of, loaded["text"], progress, base)
     return atlas
 
 
@@ -79,7 +79,7 @@ def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, pro
     ckpts = []
     try:
         for path, name in readable:
-            ckpts.append(open_model(path, base))
+            ckpts.append(open_with_base(path, base))
             ckpts[-1].name = name
         return recover_lineage(ckpts, config=config, progress=progress)
     finally:
@@ -87,15 +87,16 @@ def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, pro
             ck.close()
 
 
-def _describe(path: Path, name: str) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
-    """The entry of one model from its header, and its tensor shapes; an unreadable model gets a note.
+def _describe(path: Path, name: str, base=None) -> tuple[ModelEntry, dict[str, tuple[int, ...]]]:
+    """The entry of one model from its header, and its tensor shapes (an adapter's merged onto ``base``, as the
+    lineage and the experts read it); an unreadable model (an adapter of another base) gets a note.
     Parameters, dtype and size are what its files store: a LoRA adapter's factors (not the dense updates it
     exposes), a GGUF tensor's quantization type and bytes (not its float32 dequantization)."""
     # a hub id (the only path given that need not exist) as itself: resolved, it named a file below the working
     # folder, which a later `atlas probex predict ATLAS` could not read
     entry = ModelEntry(name, str(Path(path).resolve()) if Path(path).exists() else str(path))
     try:
-        with open_checkpoint(path) as ckpt:
+        with open_with_base(path, base) as ckpt:
             infos, stored = ckpt.tensors(), ckpt.stored_tensors()
             by_dtype: Counter = Counter()  # stored type -> values: "Q8_0" for a quantized GGUF tensor
             for t in stored:
@@ -139,7 +140,7 @@ def _load_experts(folder, task: str):
     return experts
 
 
-def _routed(atlas: Atlas, paths: list[Path], shapes: dict, experts, task: str, progress):
+def _routed(atlas: Atlas, paths: list[Path], shapes: dict, experts, task: str, progress, base=None):
     """(X, routes, entries) of the models that hold the experts' layer at their shape, routed to trees.
     Entries without the layer, or in no known tree, get a note."""
     from modelatlas.probex.layers import load_layer
@@ -156,7 +157,7 @@ def _routed(atlas: Atlas, paths: list[Path], shapes: dict, experts, task: str, p
         entry.notes.append(f"{task} experts: no tensor {experts.layer!r} of shape {want}")
     if not chosen:
         return None, [], []
-    x = load_layer([p for p, _ in chosen], experts.layer, progress)
+    x = load_layer([p for p, _ in chosen], experts.layer, progress, adapter_base=base)  # adapters merged
     routes = experts.router.route(x, [e.name for _, e in chosen])
     for r, (_, entry) in zip(routes, chosen):
         if r.reason is not None:
@@ -174,9 +175,9 @@ def _prod(shape) -> int:
     return n
 
 
-def _predict(atlas: Atlas, paths, shapes, experts, progress) -> None:
+def _predict(atlas: Atlas, paths, shapes, experts, progress, base=None) -> None:
     """Each routed model's predicted training classes (probability > 0.5, best first)."""
-    x, routes, chosen = _routed(atlas, paths, shapes, experts, "classes", progress)
+    x, routes, chosen = _routed(atlas, paths, shapes, experts, "classes", progress, base)
     for i, (r, entry) in enumerate(zip(routes, chosen)):
         if r.known:
             expert = experts.experts[r.tree]
@@ -187,9 +188,9 @@ def _predict(atlas: Atlas, paths, shapes, experts, progress) -> None:
     atlas.experts["classes"] = {"folder": str(Path(experts.folder).resolve()), "layer": experts.layer}
 
 
-def _embed(atlas: Atlas, paths, shapes, experts, progress) -> None:
+def _embed(atlas: Atlas, paths, shapes, experts, progress, base=None) -> None:
     """Each routed model's unit-norm embedding in its text expert's space, grouped by expert tree."""
-    x, routes, chosen = _routed(atlas, paths, shapes, experts, "text", progress)
+    x, routes, chosen = _routed(atlas, paths, shapes, experts, "text", progress, base)
     for tree, expert in experts.experts.items():
         idx = [i for i, r in enumerate(routes) if r.tree == tree]
         if idx:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import AtlasError, ConfigError
-from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_checkpoint, unique_names
+from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_with_base, unique_names
 from modelatlas.weights.base import _stem, shared_first_component
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
@@ -111,7 +111,7 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
                 ckpts.append(item)
                 continue
             try:
-                ck = open_model(item, adapter_base)
+                ck = open_with_base(item, adapter_base)
             except AtlasError as e:
                 skipped[name] = str(e)
                 continue
@@ -159,15 +159,6 @@ def _expanded(items: list) -> list:
         except AtlasError:
             out.append(item)
     return out
-
-
-def open_model(item, adapter_base: Checkpoint | None = None) -> Checkpoint:
-    """``item`` opened; an adapter (kind ``lora_delta``) reopened merged onto ``adapter_base`` when given."""
-    ck = open_checkpoint(item)
-    if adapter_base is None or ck.kind != "lora_delta":
-        return ck
-    ck.close()
-    return open_checkpoint(item, base=adapter_base)
 
 
 def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInfo], str]:

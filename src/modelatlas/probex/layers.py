@@ -1,7 +1,8 @@
 """One layer per model, as a matrix: the only place ProbeX reads checkpoints (through modelatlas.weights).
 
 A linear weight (out, in) stays as is (d_H = out, d_W = in); a conv kernel (out, in, k, k) becomes
-(out, in*k*k); a LoRA adapter's update is read as dW = B A through the adapter reader. Every model is opened
+(out, in*k*k); a LoRA adapter's update is read as dW = B A through the adapter reader (merged, W + dW, when
+:func:`load_layer` is given the base). Every model is opened
 once and only the requested tensor is read, never the whole model.
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.progress import Progress, resolve
-from modelatlas.weights import open_checkpoint
+from modelatlas.weights import Checkpoint, open_checkpoint, open_with_base
 
 
 def as_matrix(tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor:
@@ -28,15 +29,18 @@ def as_matrix(tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor:
     return tensor.float().reshape(tensor.shape[0], -1)  # (out, in) or (out, in*k*k)
 
 
-def load_layer(paths: Sequence[str | Path], layer: str, progress: Progress | None = None) -> torch.Tensor:
-    """Read tensor ``layer`` of every model into X of shape (B, d_H, d_W); each model is opened once.
+def load_layer(paths: Sequence[str | Path], layer: str, progress: Progress | None = None,
+               adapter_base: Checkpoint | None = None) -> torch.Tensor:
+    """Read tensor ``layer`` of every model into X of shape (B, d_H, d_W); each model is opened once. With
+    ``adapter_base``, an adapter is read merged onto it (W + B A): experts learn full models' layers, and an
+    update alone is none.
 
     Raises CheckpointError naming the model whose layer is missing or has a different shape.
     Time O(B d_H d_W) reads; memory O(B d_H d_W).
     """
     mats: list[torch.Tensor] = []
     for path in resolve(progress)(list(paths), total=len(paths), desc=f"read {layer}"):
-        with open_checkpoint(path) as ckpt:
+        with open_with_base(path, adapter_base) as ckpt:
             mat = as_matrix(ckpt.read(layer), layer)
         _check_same_shape(path, layer, mat, mats)
         mats.append(mat)

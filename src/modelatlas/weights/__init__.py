@@ -6,7 +6,7 @@ never holds the whole model. :func:`discover_models` expands folders into the mo
 """
 
 from modelatlas.weights.base import Checkpoint, TensorInfo
-from modelatlas.weights.peft_lora import join_adapter_base, open_adapter_base
+from modelatlas.weights.peft_lora import join_adapter_base, open_adapter_base, open_with_base
 from modelatlas.weights.registry import (
     discover_models,
     model_name,
@@ -17,4 +17,4 @@ from modelatlas.weights.registry import (
 )
 
 __all__ = ["Checkpoint", "TensorInfo", "discover_models", "join_adapter_base", "model_name",
-           "open_adapter_base", "open_checkpoint", "open_many", "register_format", "unique_names"]
+           "open_adapter_base", "open_checkpoint", "open_many", "open_with_base", "register_format", "unique_names"]

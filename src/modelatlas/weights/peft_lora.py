@@ -279,6 +279,16 @@ def open_adapter_base(path: str | Path) -> tuple[Path, Checkpoint]:
     return paths[0], base
 
 
+def open_with_base(item: str | Path, adapter_base: Checkpoint | None = None) -> Checkpoint:
+    """``item`` opened; an adapter (kind ``lora_delta``) reopened merged onto ``adapter_base`` when given (the
+    base of :func:`join_adapter_base`), so that it is read as the model it makes; any other model as itself."""
+    ck = open_checkpoint(item)
+    if adapter_base is None or ck.kind != "lora_delta":
+        return ck
+    ck.close()
+    return open_checkpoint(item, base=adapter_base)
+
+
 def join_adapter_base(base: str | Path | None, models: list[Path]) -> tuple[Checkpoint | None, list[Path]]:
     """(the open ``base`` that PEFT adapters among ``models`` were trained on, ``models`` with it first: the
     root its adapters hang from, kept once if also given); (None, ``models``) without one. A wrong base
