@@ -194,3 +194,30 @@ def test_keyword_mode_refuses_text_experts_it_would_not_use(tmp_path, fake_encod
     with pytest.raises(AtlasError, match=r"^--text-experts is for text search; --mode keywords uses no experts"):
         search_atlas(atlas, "a", mode="keywords", text_experts=tmp_path / "nowhere")
     assert [h.how for h in search_atlas(atlas, "a", mode="keywords")] == ["keywords"]
+
+
+def make_tree_atlas():
+    """Tree 1: r1 and its child m1 (predicted class 7); tree 3: r3 and m3 (class 2); "c3", in no tree,
+    predicted class 3 at 0.9; "lone", in no tree; "tree-x", in no tree, named with the word tree."""
+    models = [ModelEntry("r1", "/z/r1", tree=1), ModelEntry("m1", "/z/m1", tree=1, parent="r1", predicted=[["7", 0.8]]),
+              ModelEntry("r3", "/z/r3", tree=3), ModelEntry("m3", "/z/m3", tree=3, parent="r3", predicted=[["2", 0.6]]),
+              ModelEntry("c3", "/z/c3", predicted=[["3", 0.9]]), ModelEntry("lone", "/z/lone"),
+              ModelEntry("tree-x", "/z/tree-x")]
+    forest = Forest([m.name for m in models], [Edge("r1", "m1", 0.9), Edge("r3", "m3", 0.9)],
+                    trees=[["r1", "m1"], ["r3", "m3"]])
+    return Atlas(models, forest)
+
+
+def test_tree_n_finds_the_members_of_tree_n():
+    """"tree 3" ranked c3 (in no tree, predicted class 3: 1 + 1.9) above the members of tree 3 (1 + 1), and the
+    word "tree" matched every model, in a tree or not. Now "tree N" is one term, matched by tree N's members."""
+    atlas = make_tree_atlas()
+    hits = search_atlas(atlas, "tree 3")
+    assert [(h.name, h.score) for h in hits] == [("m3", 2.0), ("r3", 2.0)]
+    assert [h.name for h in search_atlas(atlas, "Tree 3 2")] == ["m3", "r3"]  # + class 2 at 0.6: 2 + 1.6
+    assert [h.score for h in search_atlas(atlas, "Tree 3 2")] == [3.6, 2.0]
+    assert [h.name for h in search_atlas(atlas, "3")] == ["c3", "m3", "r3"]  # a number alone: class, tree number
+    assert search_atlas(atlas, "tree 9") == []
+    # "tree" alone: the models in a tree, and a name holding the word; not the others
+    assert sorted(h.name for h in search_atlas(atlas, "tree")) == ["m1", "m3", "r1", "r3", "tree-x"]
+    assert search_atlas(atlas, "none") == []  # a model in no tree had the word "None" (its tree) to match

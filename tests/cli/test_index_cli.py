@@ -144,7 +144,8 @@ def test_search_help_does_not_promise_notes(capsys):
     with pytest.raises(SystemExit):
         main(["index", "search", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "keywords: whole words of names, paths, predicted classes, descriptions, dtype and tree (not notes)" in out
+    assert ("keywords: whole words of names, paths, predicted classes, descriptions, dtype and tree (not notes; "
+            "'tree 3': the members of tree 3)") in out
 
 
 def test_names_with_terminal_control_characters_are_shown_escaped(tmp_path, capsys):

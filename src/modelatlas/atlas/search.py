@@ -9,9 +9,10 @@ Time O(N r_T + C d_text r_T) per query for N embedded models and C seen prompts.
 Keyword search (no text embeddings, or ``mode="keywords"``): each query word (letters and digits of any script,
 casefolded) is looked up in a model's name,
 path below the folder all the atlas's models share (a word every path holds would match every model),
-predicted classes (and best-matching description), dtype and tree (whole words); the score counts matched
-words, a word found in a predicted class or description adds its probability, and a query that is a model's
-whole name adds 2. Time O(N W) for W words per model.
+predicted classes (and best-matching description), dtype and tree number (whole words); the score counts
+matched words, a word found in a predicted class or description adds its probability, and a query that is a
+model's whole name adds 2. "tree N" is one term, matched by the members of tree N (2, its two words); "tree"
+alone is matched by the models in a tree. Time O(N W) for W words per model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from modelatlas.errors import AtlasError
 
 MODES = ("auto", "text", "keywords")
 EXACT_NAME = 2.0  # bonus when the whole query is a model's name
+TREE_TERM = 2.0  # "tree N" matched by a member of tree N: its two words, above any one word's 1 + probability
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,30 @@ def split_words(text: str) -> list[str]:
     return re.findall(r"[^\W_]+", text.casefold())
 
 
-def _keyword_score(entry: ModelEntry, query: str, words: list[str], root: str) -> float:
+def tree_terms(words: list[str]) -> tuple[list[str], list[int]]:
+    """(the other words, the tree numbers) of a query's words: each "tree" followed by a number is one term,
+    tree N, so that "tree 3" finds the members of tree 3, not the models predicted to know class 3."""
+    rest: list[str] = []
+    trees: list[int] = []
+    i = 0
+    while i < len(words):
+        if words[i] == "tree" and i + 1 < len(words) and words[i + 1].isdecimal():
+            trees.append(int(words[i + 1]))
+            i += 2
+        else:
+            rest.append(words[i])
+            i += 1
+    return rest, trees
+
+
+def _keyword_score(entry: ModelEntry, query: str, words: list[str], trees: list[int], root: str) -> float:
     where = below(entry.path, root)
-    fields = set(split_words(" ".join([entry.name, where, entry.dtype]))) | {"tree", str(entry.tree)}
+    fields = set(split_words(" ".join([entry.name, where, entry.dtype])))
+    if entry.tree is not None:  # "tree" alone: the models in a tree (a model in none had "None" to match)
+        fields |= {"tree", str(entry.tree)}
     classes = [(set(split_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
     score = EXACT_NAME if query.strip().casefold() == entry.name.casefold() else 0.0
+    score += TREE_TERM * trees.count(entry.tree)
     for w in words:
         matched = [p for ws, p in classes if w in ws]
         score += (1.0 + max(matched)) if matched else (1.0 if w in fields else 0.0)
@@ -154,7 +175,8 @@ def check_query(query: str) -> None:
 
 
 def _keyword_hits(atlas: Atlas, query: str) -> list[Hit]:
-    words = split_words(query)
+    words, trees = tree_terms(split_words(query))
     root = shared_folder([m.path for m in atlas.models])
-    hits = [Hit(m.name, s, "keywords") for m in atlas.models if (s := _keyword_score(m, query, words, root)) > 0]
+    hits = [Hit(m.name, s, "keywords") for m in atlas.models
+            if (s := _keyword_score(m, query, words, trees, root)) > 0]
     return sorted(hits, key=lambda h: (-h.score, h.name))

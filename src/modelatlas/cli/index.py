@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     q.add_argument("--mode", choices=("auto", "text", "keywords"), default="auto",
                    help="text: through the stored text embeddings; keywords: whole words of names, paths, "
-                        "predicted classes, descriptions, dtype and tree (not notes); auto (default): text "
-                        "when the atlas has embeddings")
+                        "predicted classes, descriptions, dtype and tree (not notes; 'tree 3': the members of "
+                        "tree 3); auto (default): text when the atlas has embeddings")
     q.add_argument("--text-experts", help="text experts folder, if moved since the atlas was built")
     q.set_defaults(func=_search)
 
