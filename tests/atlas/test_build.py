@@ -122,3 +122,24 @@ def test_an_adapter_that_does_not_fit_the_base_is_noted_and_the_build_goes_on(tm
     assert {n: m.tree for n, m in by.items()} == {"base": 1, "a0": 1, "a1": 1, "bad": None}
     assert by["bad"].notes == [f"unreadable: {fam / 'bad'}: LoRA module 'layers.0': update shape (16, 8) does not "
                                "match the base weight shape (16, 16)"]
+
+
+def test_a_model_with_no_class_above_one_half_gets_its_most_probable_class_in_a_note(make_class_zoo, monkeypatch):
+    """Routed to its expert, it got no class above 0.5 and was shown with no label and no note, as if no
+    expert had looked at it. Now a note gives its most probable class, as `atlas probex predict` says."""
+    import numpy as np
+
+    from modelatlas.probex import ProbeXClassifier
+
+    zoo, experts = make_class_zoo
+
+    def unsure(self, x):  # (B, classes): class 3 at 0.42, the others below it
+        probs = np.full((len(x), len(self.classes_)), 0.1)
+        probs[:, self.classes_.index("3")] = 0.42
+        return probs
+
+    monkeypatch.setattr(ProbeXClassifier, "predict_proba", unsure)
+    atlas = build_atlas([zoo / "t0.safetensors", zoo / "t0-c0001.safetensors"], experts=experts, lineage=LineageConfig(stage="specialize"))
+    for m in atlas.models:
+        assert (m.expert_tree, m.predicted) == ("t0", [])
+        assert m.notes == ["classes experts: no class above 0.5; most probable 3 (0.42)"]

@@ -88,3 +88,14 @@ def test_tree_numbers_agree_between_the_entries_and_the_page(tmp_path):
     for root in ("z-root", "m-root"):
         heading = re.search(rf'<h3>tree (\d+) [^<]*</h3><ul class="tree">\n<li [^>]*><b>{root}</b>', page)
         assert int(heading.group(1)) == tree_of[root]
+
+
+def test_a_model_with_no_class_above_one_half_says_so():
+    """Its predictions cell was empty, as for a model no expert saw; its note said nothing either (none then)."""
+    note = "classes experts: no class above 0.5; most probable 3 (0.42)"
+    atlas = Atlas([ModelEntry("a", "/z/a", expert_tree="t0", predicted=[], notes=[note]), ModelEntry("b", "/z/b")],
+                  Forest(["a", "b"], []))
+    page = render_html(atlas)
+    assert '<b>a</b><br><span class="pred">no class above 0.5</span>' in page  # in the tree
+    assert "<td>no class above 0.5</td>" in page and f"<td>{note}" not in page  # (the note: in its own cell)
+    assert f'<span class="note">{note}</span>' in page and "<b>b</b><br>" not in page

@@ -115,6 +115,24 @@ def test_show_lists_the_notes_of_placed_models(tmp_path, capsys):
             "notes (1 model):\n  b: classes experts: in no known tree\n4 models, 1 tree (2 in none)") in out
 
 
+def test_a_model_with_no_class_above_one_half_says_so(tmp_path, capsys):
+    """Its expert saw it, but no class passed 0.5: `show` printed no label and no note, `search` no label."""
+    from modelatlas.atlas import Atlas, ModelEntry
+    from modelatlas.lineage.forest import Edge, Forest
+
+    note = "classes experts: no class above 0.5; most probable 3 (0.42)"
+    models = [ModelEntry("a", "/z/a", tree=1, expert_tree="t0", predicted=[["7", 0.9]]),
+              ModelEntry("b", "/z/b", tree=1, parent="a", expert_tree="t0", predicted=[], notes=[note])]
+    Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)]), {"classes": {"folder": "/x", "layer": "w"}}).save(
+        tmp_path / "atl")
+    assert main(["index", "show", str(tmp_path / "atl")]) == 0
+    out = capsys.readouterr().out
+    assert "a  [7]\n" in out and "└── b  (0.50)  [no class above 0.5]\n" in out
+    assert f"notes (1 model):\n  b: {note}\n2 models, 1 tree; " in out and out.endswith("; 1 described by experts\n")
+    assert main(["index", "search", "b", str(tmp_path / "atl")]) == 0
+    assert capsys.readouterr().out.endswith("(tree 1, parent a)  [no class above 0.5]\n")
+
+
 def test_search_says_a_model_in_no_tree_is_in_none(tmp_path, capsys):
     """An unreadable model found by its name was listed as "(tree None, root)"."""
     from modelatlas.atlas import Atlas, ModelEntry

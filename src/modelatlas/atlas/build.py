@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.errors import AtlasError, CheckpointError
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.forest import Forest
@@ -176,7 +176,8 @@ def _prod(shape) -> int:
 
 
 def _predict(atlas: Atlas, paths, shapes, experts, progress, base=None) -> None:
-    """Each routed model's predicted training classes (probability > 0.5, best first)."""
+    """Each routed model's predicted training classes (probability > 0.5, best first); none above 0.5: a note
+    naming the most probable one (as `atlas probex predict` says), so that it does not look unseen."""
     x, routes, chosen = _routed(atlas, paths, shapes, experts, "classes", progress, base)
     for i, (r, entry) in enumerate(zip(routes, chosen)):
         if r.known:
@@ -185,6 +186,9 @@ def _predict(atlas: Atlas, paths, shapes, experts, progress, base=None) -> None:
             order = probs.argsort()[::-1]
             entry.expert_tree = r.tree
             entry.predicted = [[str(expert.classes_[k]), round(float(probs[k]), 3)] for k in order if probs[k] > 0.5]
+            if not entry.predicted:
+                entry.notes.append(f"classes experts: {NO_CLASS}; most probable {expert.classes_[order[0]]} "
+                                   f"({probs[order[0]]:.2f})")
     atlas.experts["classes"] = {"folder": str(Path(experts.folder).resolve()), "layer": experts.layer}
 
 

@@ -14,7 +14,7 @@ import base64
 import re
 from html import escape
 
-from modelatlas.atlas.index import Atlas, ModelEntry
+from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.atlas.search import below, shared_folder
 from modelatlas.lineage.export import MAX_INDENT, tree_heading
 
@@ -60,7 +60,7 @@ def _pred_text(entry: ModelEntry, k: int = 6) -> str:
         c, p = entry.described[0]
         return f"{c} {p:.2f}"
     if not entry.predicted:
-        return ""
+        return NO_CLASS if entry.expert_tree and entry.predicted == [] else ""
     shown = ", ".join(f"{c} {p:.2f}" for c, p in entry.predicted[:k])
     return shown + (f" (+{len(entry.predicted) - k})" if len(entry.predicted) > k else "")
 

@@ -34,6 +34,7 @@ from modelatlas.lineage.forest import Forest
 
 FORMAT = "modelatlas-atlas/1"
 JSON_NAME, EMBED_NAME, HTML_NAME = "atlas.json", "embeddings.safetensors", "atlas.html"
+NO_CLASS = "no class above 0.5"  # a model its class expert saw (expert_tree set) whose classes all scored <= 0.5
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ModelEntry:
     ``parent`` / ``score`` its recovered parent and that edge's confidence; ``predicted`` the class set its
     tree expert predicts, as [class, probability] pairs (probability > 0.5), best first; ``described`` the
     text expert's best-matching known descriptions as [prompt, probability] (top 3); ``notes`` say why a step
-    was skipped for it (unreadable file, no known tree, a missing layer)."""
+    was skipped for it (unreadable file, no known tree, a missing layer) or, with ``predicted`` empty, which
+    class was the most probable."""
 
     name: str
     path: str

@@ -68,16 +68,16 @@ def _show_atlas(atlas, notes: bool = True) -> None:
     notes, then a summary line."""
     from modelatlas.lineage.export import to_text
 
-    labels = {m.name: _what(m) for m in atlas.models if m.predicted or m.described}
+    labels = {m.name: _what(m) for m in atlas.models if _what(m)}
     echo(to_text(atlas.forest, labels=labels).rstrip("\n"))
     placed = set(atlas.forest.nodes)
     outside = [m for m in atlas.models if m.name not in placed]
     if notes:
         _show_notes(outside, [m for m in atlas.models if m.notes and m.name in placed])
-    d = atlas.forest.decisions
+    d, described = atlas.forest.decisions, sum(bool(m.predicted or m.described) for m in atlas.models)
     echo(f"{counted(len(atlas.models), 'model')}, {counted(len(atlas.forest.roots()), 'tree')}"
          + (f" ({len(outside)} in none)" if outside else "") + f"; stage: {d.get('stage')}; "
-         f"distance: {d.get('distance')}" + (f"; {len(labels)} described by experts" if atlas.experts else ""))
+         f"distance: {d.get('distance')}" + (f"; {described} described by experts" if atlas.experts else ""))
 
 
 def _show_notes(outside: list, noted: list) -> None:
@@ -93,11 +93,16 @@ def _show_notes(outside: list, noted: list) -> None:
 
 
 def _what(m) -> str:
-    """What the experts say a model was trained on: its predicted classes, or its best description."""
+    """What the experts say a model was trained on: its predicted classes, or its best description; that its
+    class expert found no class above 0.5 (its note names the most probable); "" when no expert saw it."""
+    from modelatlas.atlas.index import NO_CLASS
+
     if m.predicted:
         return "[" + ", ".join(c for c, _ in m.predicted) + "]"
-    c, p = m.described[0]
-    return f'"{c}" ({p:.2f})'
+    if m.described:
+        c, p = m.described[0]
+        return f'"{c}" ({p:.2f})'
+    return f"[{NO_CLASS}]" if m.expert_tree and m.predicted == [] else ""
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -121,6 +126,6 @@ def _search(args: argparse.Namespace) -> int:
         # a model in no tree (unreadable, or skipped by the lineage) is no root: it said "tree None, root"
         where = "in no tree" if m.tree is None else f"tree {m.tree}" + (f", parent {m.parent}" if m.parent else ", root")
         what = "log p(query)" if h.how == "text" else "keyword score"
-        said = f"  {_what(m)}" if m.predicted or m.described else ""
+        said = f"  {_what(m)}" if _what(m) else ""
         echo(f"{rank:3d}. {h.name}  {what} {h.score:.3f}  ({where}){said}")
     return 0
