@@ -200,3 +200,21 @@ def test_merge_help_says_an_earlier_merge_is_rewritten(capsys):
     with pytest.raises(SystemExit):
         main(["zoo", "merge", "--help"])
     assert "or an earlier merge of this zoo" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_adapter_note_is_printed_only_where_it_applies(adapter_zoo, tmp_path, capsys):
+    """`atlas index build ZOO --base ROOT` printed 'stores models as LoRA adapters on their parents' (use `atlas
+    zoo merge`) for a zoo whose adapters all sit on ROOT, where --base is the way. Now, with --base, only for a
+    zoo holding adapters on another parent (here on adapters: the grandchildren of a depth-2 zoo)."""
+    from tests.zoo.conftest import _config
+
+    _, deep = adapter_zoo
+    flat = tmp_path / "flat"
+    make_zoo(_config(trees=1, depth=1, method="lora", storage="adapter", lora_ranks=(2,)), flat, workers=1)
+    for zoo, base, said in [(flat, [], True), (flat, ["--base", str(flat / "t0")], False),
+                            (deep, ["--base", str(deep / "t0")], True)]:
+        out = ["--out", str(tmp_path / "atlas"), "--stage", "specialize"]
+        assert main(["index", "build", str(zoo), *out, *base]) == 0
+        err = capsys.readouterr().err
+        assert (f"note: {zoo} stores models as LoRA adapters on their parents" in err) == said, err
+    assert "not all on --base: t0.0.0 is on t0.0; `atlas zoo merge" in err

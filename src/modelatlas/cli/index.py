@@ -47,7 +47,7 @@ def _build(args: argparse.Namespace) -> int:
     from modelatlas.errors import ConfigError
 
     check_atlas_folder(args.out)  # before the work, not after it
-    models = expand_paths(args.paths)
+    models = expand_paths(args.paths, args.base)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
     atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress, args.base)

@@ -105,9 +105,9 @@ def config_from_args(args: argparse.Namespace):
                          layers=args.layers, distance=args.distance, placement=args.placement)
 
 
-def expand_paths(paths: list[str]) -> list[Path]:
+def expand_paths(paths: list[str], base: str | None = None) -> list[Path]:
     """Model paths from the arguments; a path that is neither a model nor a folder of models is reported
-    on stderr and skipped."""
+    on stderr and skipped. ``base``: the --base adapters are merged onto (for the note on adapter zoos)."""
     from modelatlas.weights.registry import distinct_models
 
     found: list[Path] = []
@@ -116,7 +116,7 @@ def expand_paths(paths: list[str]) -> list[Path]:
     # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
     # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
     found = distinct_models(found)
-    note_zoo_adapters(found)
+    note_zoo_adapters(found, base)
     return found
 
 
@@ -138,14 +138,45 @@ def discover_or_skip(path: str | Path, alone: bool) -> list[Path]:
     return models
 
 
-def note_zoo_adapters(models: list[Path]) -> None:
+def note_zoo_adapters(models: list[Path], base: str | None = None) -> None:
     """On stderr, how to compare the models of a zoo stored as adapters: each holds only its update on its
-    parent, which may itself be an adapter (one --base cannot serve them)."""
-    zoos = sorted({str(Path(p).parent) for p in models
-                   if (Path(p) / "adapter_config.json").is_file() and (Path(p).parent / "manifest.json").is_file()})
-    if zoos:
-        note(f"note: {', '.join(zoos[:3])} stores models as LoRA adapters on their parents; "
-              f"`atlas zoo merge {zoos[0]} --out DIR` writes their full weights to compare")
+    parent, which may itself be an adapter (one --base cannot serve them). With ``base``, only for a zoo with
+    an adapter whose parent is not that model: a zoo whose adapters all sit on it is compared as it is."""
+    zoos: dict[Path, list[Path]] = {}
+    for p in map(Path, models):
+        if (p / "adapter_config.json").is_file() and (p.parent / "manifest.json").is_file():
+            zoos.setdefault(p.parent, []).append(p)
+    off = {zoo: _off_base(zoo, adapters, base) for zoo, adapters in sorted(zoos.items())}
+    shown = [zoo for zoo, why in off.items() if why is not None]
+    if shown:
+        why = f", not all on --base: {off[shown[0]]}" if off[shown[0]] else ""
+        note(f"note: {', '.join(map(str, shown[:3]))} stores models as LoRA adapters on their parents{why}; "
+             f"`atlas zoo merge {shown[0]} --out DIR` writes their full weights to compare")
+
+
+def _off_base(zoo: Path, adapters: list[Path], base: str | None) -> str | None:
+    """None when ``base`` is given and the zoo's manifest puts every one of ``adapters`` on it; else why the
+    note applies: "t0.0.0 is on t0.0" for the first adapter on another parent, "" without ``base`` or when
+    the manifest cannot say (unreadable, or the adapter or its parent not in it)."""
+    from modelatlas.weights.registry import distinct_models
+    from modelatlas.zoo.manifest import load_manifest
+
+    if base is None:
+        return ""
+    try:
+        manifest = load_manifest(zoo)
+    except AtlasError:
+        return ""
+    record = {os.path.realpath(manifest.root / m.path): m for m in manifest.models}
+    for path in adapters:
+        m = record.get(os.path.realpath(path))
+        try:
+            parent = manifest.root / manifest[m.parent].path
+        except (AttributeError, KeyError):  # not in the manifest, or its parent not (a root has none)
+            return ""
+        if len(distinct_models([Path(base), parent])) > 1:  # (zoo/t0 and zoo/t0/model.safetensors: one model)
+            return f"{m.name} is on {m.parent}"
+    return None
 
 
 def _recover(args: argparse.Namespace) -> int:
@@ -155,7 +186,7 @@ def _recover(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_out_files(args)
     truth = _load_truth(args.truth)
-    models = expand_paths(args.paths)
+    models = expand_paths(args.paths, args.base)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
     try:
