@@ -62,6 +62,23 @@ def test_llama_view_renames_and_permutes_query_and_key(tmp_path):
         assert view.info("blk.0.ffn_down.weight").shape == (E, FF)
 
 
+def test_llama_query_and_key_biases_are_permuted_as_their_rows(tmp_path):
+    """convert_hf_to_gguf.py permutes q_proj.bias / k_proj.bias with their weights (a Llama saved with
+    attention_bias=True); the view left them in Hugging Face order. OLMo's converter permutes weights only."""
+    biases = {"model.layers.0.self_attn.q_proj.bias": torch.arange(8.0), "model.layers.0.self_attn.k_proj.bias":
+              torch.arange(4.0), "model.layers.0.self_attn.q_proj.weight": torch.ones(8, 8)}
+    for arch, gguf_arch, q, k in (("LlamaForCausalLM", "llama", [0, 2, 1, 3, 4, 6, 5, 7], [0, 2, 1, 3]),
+                                  ("MistralForCausalLM", "llama", [0, 2, 1, 3, 4, 6, 5, 7], [0, 2, 1, 3]),
+                                  ("OlmoForCausalLM", "olmo", list(range(8)), list(range(4)))):
+        folder = make_named_model(tmp_path / arch, biases, arch, num_attention_heads=2, num_key_value_heads=1,
+                                  num_hidden_layers=1)
+        with open_checkpoint(folder) as hf:
+            view = gguf_view(hf, gguf_arch)
+            assert view.read("blk.0.attn_q.bias").tolist() == q, arch  # per head of 4: (2, 2) -> (2, 2)
+            assert view.read("blk.0.attn_k.bias").tolist() == k, arch  # one key head
+            assert view.info("blk.0.attn_q.bias").shape == (8,)
+
+
 def test_qwen2_keeps_the_row_order(tmp_path):
     with open_checkpoint(make_hf_model(tmp_path / "q", arch="Qwen2ForCausalLM")) as hf:
         view = gguf_view(hf, "qwen2")

@@ -3,9 +3,9 @@ and its GGUF conversions (F16, Q8_0, Q4_K_M, ...) can be compared tensor by tens
 
 llama.cpp's ``convert_hf_to_gguf.py`` renames every tensor (``model.layers.0.self_attn.q_proj.weight`` ->
 ``blk.0.attn_q.weight``, through ``gguf.get_tensor_name_map``) and, for some families, changes its values in
-a fixed way: the llama family permutes the rows of the query and key projections so that rotary embeddings
-pair neighbouring values instead of the two halves of each head (``LlamaModel.permute``: per head, rows
-``(2, d/2)`` -> ``(d/2, 2)``); Gemma stores every ``norm.weight`` plus 1 (its RMSNorm scales by ``1 + w``);
+a fixed way: the llama family permutes the rows of the query and key projections (and their biases) so that
+rotary embeddings pair neighbouring values instead of the two halves of each head (``LlamaModel.permute``: per
+head, rows ``(2, d/2)`` -> ``(d/2, 2)``); Gemma stores every ``norm.weight`` plus 1 (its RMSNorm scales by ``1 + w``);
 GPT-2 stores its ``Conv1D`` weights transposed; Falcon regroups the rows of its fused query/key/value weight;
 Gemma 3 cuts the embedding to the tokenizer's size. :class:`GGUFNamedView` applies the same renaming and the
 same transforms on read (:class:`Conversion`), so its tensors equal the converter's before it rounds them.
@@ -33,6 +33,7 @@ class Conversion:
 
     arch: str  # llama.cpp architecture (``general.architecture`` of the GGUF file)
     permute_qk: bool = False  # q/k rows per head (2, d/2) -> (d/2, 2) (LlamaModel.permute)
+    permute_qk_bias: bool = False  # q/k biases too (LlamaModel.modify_tensors; OLMo's converter: weights only)
     norm_shift: float = 0.0  # added to every ``*norm.weight`` (Gemma: RMSNorm scales by 1 + w)
     transposed: tuple[str, ...] = ()  # name endings stored transposed (GPT-2's Conv1D weights)
     dropped: tuple[str, ...] = ()  # name endings the converter leaves out
@@ -45,8 +46,8 @@ class Conversion:
 # are buffers, not weights; Gemma and Gemma 2 skip ``lm_head.weight`` (tied to the embedding).
 _GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 CONVERSIONS = {
-    "LlamaForCausalLM": Conversion("llama", permute_qk=True),
-    "MistralForCausalLM": Conversion("llama", permute_qk=True),
+    "LlamaForCausalLM": Conversion("llama", permute_qk=True, permute_qk_bias=True),
+    "MistralForCausalLM": Conversion("llama", permute_qk=True, permute_qk_bias=True),
     "Qwen2ForCausalLM": Conversion("qwen2"),
     "Qwen3ForCausalLM": Conversion("qwen3"),
     "GemmaForCausalLM": Conversion("gemma", norm_shift=1.0, dropped=("lm_head.weight",)),
@@ -194,8 +195,8 @@ class GGUFNamedView(Checkpoint):
         x = self.source.read(old)
         if old.endswith(conv.transposed) and x.ndim == 2:
             x = x.t().contiguous()
-        if conv.permute_qk and name.endswith((".attn_q.weight", ".attn_k.weight")):
-            x = permute_rows(x, self._heads[0] if name.endswith(".attn_q.weight") else self._heads[1])
+        if name.endswith(_permuted(conv)):
+            x = permute_rows(x, self._heads[0] if ".attn_q." in name else self._heads[1])
         if conv.regroup_qkv and name.endswith(".attn_qkv.weight"):
             x = regroup_qkv(x, *self._heads)
         if name == "token_embd.weight" and self._rows is not None:
@@ -210,6 +211,12 @@ class GGUFNamedView(Checkpoint):
 
     def close(self) -> None:
         self.source.close()
+
+
+def _permuted(conv: Conversion) -> tuple[str, ...]:
+    """The GGUF name endings whose rows the converter permutes per head (a bias is a column of rows)."""
+    weights = (".attn_q.weight", ".attn_k.weight") if conv.permute_qk else ()
+    return weights + ((".attn_q.bias", ".attn_k.bias") if conv.permute_qk_bias else ())
 
 
 @lru_cache(maxsize=8)
