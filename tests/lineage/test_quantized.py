@@ -267,3 +267,21 @@ def test_a_hugging_face_model_and_its_gguf_conversions_are_compared(tmp_path):
     make_gguf(tmp_path / "wrong.gguf", unpermuted)
     wrong = recover_lineage([paths[0], tmp_path / "wrong.gguf"], stage="specialize")
     assert "wrong" not in wrong.decisions.get("precision_copies", {})  # a copy only in the converter's row order
+
+
+def test_a_layers_pattern_in_hugging_face_names_still_compares_the_hugging_face_models(tmp_path):
+    """layers='q_proj' with one GGUF file among Hugging Face models: the models were read under GGUF names, so
+    the pattern matched nothing in any of them and the run stopped ('no model could be compared'). A model
+    whose GGUF names the pattern does not match keeps its own names; one that names GGUF tensors joins all."""
+    gen = torch.Generator().manual_seed(4)
+    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=gen),
+            "model.layers.0.self_attn.k_proj.weight": torch.randn(32, 64, generator=gen)}
+    ft = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    paths = [make_hf_llama(tmp_path / n, w) for n, w in (("base", base), ("ft", ft))]
+    paths.append(make_gguf(tmp_path / "base-q8_0.gguf", make_converted(base)))
+    by_hf_names = recover_lineage(paths, stage="specialize", layers="q_proj")
+    assert by_hf_names.nodes == ["base", "ft"] and "gguf_names" not in by_hf_names.decisions
+    assert list(by_hf_names.skipped) == ["base-q8_0"]  # its names are GGUF's: the pattern matches none
+    by_gguf_names = recover_lineage(paths, stage="specialize", layers=r"attn_q\.")
+    assert sorted(by_gguf_names.nodes) == ["base", "base-q8_0", "ft"] and by_gguf_names.skipped == {}
+    assert by_gguf_names.decisions["gguf_names"] == {"base": "llama", "ft": "llama"}

@@ -69,7 +69,7 @@ class LineageRecovery:
         paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
-        ckpts, renamed = gguf_aligned(ckpts)
+        ckpts, renamed = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
         names, stats, duplicates, lowp = [], [], {}, {}

@@ -126,11 +126,13 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
     return ckpts, skipped
 
 
-def gguf_aligned(ckpts: list[Checkpoint]) -> tuple[list[Checkpoint], dict[str, str]]:
+def gguf_aligned(ckpts: list[Checkpoint], pattern: str | None = None) -> tuple[list[Checkpoint], dict[str, str]]:
     """``ckpts`` with each Hugging Face model that llama.cpp converts to the architecture of a GGUF file among
     them seen under GGUF names and layout (:func:`modelatlas.weights.gguf_names.gguf_view`), so that it falls
-    in the GGUF files' architecture group and its conversions and quantizations are compared with it. Returns
-    (checkpoints, {model name: GGUF architecture} of the models renamed). Headers and config.json only."""
+    in the GGUF files' architecture group and its conversions and quantizations are compared with it. With a
+    layers ``pattern`` that selects none of a model's GGUF-named layers (``q_proj``, written in its own names),
+    the model keeps its names: renamed, it had no layer left to compare. Returns (checkpoints, {model name: GGUF
+    architecture} of the models renamed). Headers and config.json only."""
     targets = dict.fromkeys((c.architecture, *c.head_counts()) for c in ckpts
                             if c.format == "gguf" and getattr(c, "architecture", None))
     if not targets:
@@ -142,6 +144,8 @@ def gguf_aligned(ckpts: list[Checkpoint]) -> tuple[list[Checkpoint], dict[str, s
         view = None
         if ck.format != "gguf" and ck.kind == "full":
             view = next((v for t in targets if (v := gguf_view(ck, *t)) is not None), None)
+        if view is not None and pattern is not None and not select_layers(view, pattern)[0]:
+            view = None
         if view is not None:
             renamed[ck.name] = view.gguf_architecture
         out.append(ck if view is None else view)
