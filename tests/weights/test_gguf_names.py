@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelatlas.weights import open_checkpoint
+from modelatlas.weights import gguf_names, open_checkpoint
 from modelatlas.weights.gguf_names import CONVERSIONS, conversion_of, gguf_view, permute_rows, regroup_qkv
 
 gguf = pytest.importorskip("gguf")
@@ -109,6 +109,30 @@ def test_a_name_the_converter_does_not_know_leaves_the_model_unmapped(tmp_path):
     save_file(extra, str(folder / "model.safetensors"))
     with open_checkpoint(folder) as hf:
         assert gguf_view(hf, "llama") is None
+
+
+def test_a_depth_no_transformer_has_is_not_mapped(tmp_path, monkeypatch):
+    """gguf's name table holds ~270 names per block, built in ~1 ms per block: a config.json saying 10**6 layers,
+    or one tensor named model.layers.1000000..., made gguf_view build 270 million names (minutes, tens of GB)."""
+    asked = []
+
+    def make_table(arch, blocks):
+        asked.append(blocks)
+        assert blocks <= 4096, "a table this deep takes minutes to build"
+        return table(arch, blocks)
+
+    table = gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "get_tensor_name_map", make_table)
+    gguf_names._name_table.cache_clear()
+    deep = make_hf_model(tmp_path / "deep", num_hidden_layers=10**6)
+    far = make_named_model(tmp_path / "far", {"model.layers.1000000.self_attn.q_proj.weight": torch.ones(E, E)},
+                           "LlamaForCausalLM", num_attention_heads=HEADS, num_hidden_layers=1)
+    for folder in (deep, far):
+        with open_checkpoint(folder) as hf:
+            assert gguf_view(hf, "llama") is None
+    with open_checkpoint(make_hf_model(tmp_path / "m", num_hidden_layers=126)) as hf:  # Llama 3.1 405B's depth
+        assert gguf_view(hf, "llama") is not None and asked == [126]
+    gguf_names._name_table.cache_clear()
 
 
 def test_gguf_header_lists_architecture_and_head_counts(tmp_path):

@@ -66,6 +66,7 @@ _SKIPPED = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 _HEADS, _KV_HEADS = ("num_attention_heads", "n_head", "n_heads"), ("num_key_value_heads", "n_kv_heads",
                                                                   "num_kv_heads", "n_head_kv")
 _BLOCKS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+_MAX_BLOCKS = 1024  # the deepest released transformers have ~130 blocks; gguf's table costs ~1 ms per block
 _MAX_CONFIG_BYTES = 1 << 20  # a transformers config.json is a few KB
 _MAX_TOKENIZER_BYTES = 1 << 28  # Gemma 3's tokenizer.json is ~33 MB
 
@@ -163,8 +164,10 @@ class GGUFNamedView(Checkpoint):
     @classmethod
     def build(cls, ckpt: Checkpoint, conversion: Conversion, heads: tuple, blocks: int, rows: int | None = None
               ) -> GGUFNamedView | None:
-        """The view, or None when a tensor name does not map or two map to one GGUF name."""
-        table = _name_table(conversion.arch, max(blocks, _blocks(ckpt)))
+        """The view, or None when a tensor name does not map or two map to one GGUF name, or the config or a
+        name says more than _MAX_BLOCKS blocks (a name table that deep would take minutes and gigabytes)."""
+        blocks = max(blocks, _blocks(ckpt))
+        table = _name_table(conversion.arch, blocks) if blocks <= _MAX_BLOCKS else None
         if table is None:
             return None
         names = {}
