@@ -4,6 +4,7 @@ import pathlib
 import pickle
 import shlex
 import sys
+import threading
 import types
 import zipfile
 from argparse import Namespace
@@ -379,6 +380,44 @@ def test_an_allowlisted_pair_the_caller_added_stays_after_our_load(tmp_path):
 
 
 @needs_torch_2_6
+def test_loads_in_two_threads_keep_the_admitted_values_until_both_end(tmp_path, make_lightning_ckpt, monkeypatch):
+    """Thread 1 starts loading, thread 2 starts while it runs, thread 1 ends first: leaving its safe_globals
+    context took the admitted values away from thread 2's load, which refused the Path in hyper_parameters."""
+    p = make_lightning_ckpt(tmp_path / "hp.ckpt", make_lightning_state(), hyper_parameters={"data": Path("/x")})
+    real_load, first_in, second_in, first_done = torch.load, *(threading.Event() for _ in range(3))
+
+    def load(*args, **kwargs):  # the two loads overlap in this order: first in, second in, first out, second out
+        if threading.current_thread().name == "first":
+            first_in.set()
+            assert second_in.wait(10)
+            return real_load(*args, **kwargs)
+        second_in.set()
+        assert first_done.wait(10)
+        return real_load(*args, **kwargs)
+
+    def run(name):
+        try:
+            open_checkpoint(p).close()
+            results[name] = "read"
+        except Exception as e:  # noqa: BLE001 - the test reports what the thread raised
+            results[name] = repr(e)
+        if name == "first":
+            first_done.set()
+
+    results = {}
+    monkeypatch.setattr(torch, "load", load)
+    first = threading.Thread(target=run, args=("first",), name="first")
+    second = threading.Thread(target=run, args=("second",), name="second")
+    first.start()
+    assert first_in.wait(10)
+    second.start()
+    for t in (first, second):
+        t.join(20)
+    assert results == {"first": "read", "second": "read"}
+    assert (Namespace, "argparse.Namespace") not in torch.serialization.get_safe_globals()  # gone after both
+
+
+@needs_torch_2_6
 @pytest.mark.parametrize("inside", ["namespace", "path"])
 def test_code_inside_an_admitted_value_is_refused_and_runs_nothing(tmp_path, inside):
     marker = tmp_path / "pwned"
@@ -387,6 +426,7 @@ def test_code_inside_an_admitted_value_is_refused_and_runs_nothing(tmp_path, ins
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt: refused to unpickle: the file would execute code"):
         open_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+    assert (Namespace, "argparse.Namespace") not in torch.serialization.get_safe_globals()  # left on the error too
 
 
 @pytest.mark.parametrize("zip_format", [True, False])

@@ -6,7 +6,7 @@ accepts tensors, containers and a short allowlist of globals. A file that needs 
 ``__reduce__`` calling ``os.system``, a pickled ``nn.Module`` or optimizer class) is refused with
 :class:`~modelatlas.errors.UnsafeCheckpointError` before any of its code runs. With torch >= 2.6, the load also
 admits the value classes Lightning's ``save_hyperparameters()`` commonly stores (:func:`admitted_globals`: pathlib
-paths, ``argparse.Namespace``), for this load only.
+paths, ``argparse.Namespace``), only while our loads run.
 
 Memory: files in the zip format (the default since PyTorch 1.6) are memory-mapped (``mmap=True``), so the
 tensors stay on disk until :meth:`read` copies one out (each read returns a copy the caller owns). Legacy
@@ -36,6 +36,7 @@ import pathlib
 import pickle
 import re
 import struct
+import threading
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -86,7 +87,7 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     try:
         with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
             warnings.simplefilter("ignore", UserWarning)
-            with utf8_path(path) as name, _admitting_harmless_values():  # torch maps the file by a UTF-8 name
+            with utf8_path(path) as name, _admission:  # torch maps the file by a UTF-8 name
                 obj = torch.load(name, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _unpickling_error(path, e, _pickle_head(path, is_zip)) from e
@@ -119,15 +120,34 @@ def admitted_globals() -> list[tuple[type, str]]:
     return [*paths, (argparse.Namespace, "argparse.Namespace")]
 
 
-def _admitting_harmless_values() -> contextlib.AbstractContextManager:
+class _SharedAdmission:
     """torch's ``safe_globals`` context for :func:`admitted_globals`, never ``add_safe_globals``: other loads in
-    the process see them only while ours runs. Pairs the caller already added are left out, since leaving the
-    context removes what it added. torch < 2.6 has no (class, name) pairs: nothing is admitted there."""
-    serialization = torch.serialization
-    if torch.__version__ < (2, 6) or not hasattr(serialization, "safe_globals"):
-        return contextlib.nullcontext()
-    present = set(serialization.get_safe_globals())
-    return serialization.safe_globals([g for g in admitted_globals() if g not in present])
+    the process see them only while ours run. Entered by every load and shared by the loads that overlap (in
+    threads): the first one in adds the pairs, the last one out removes them. One context per load let the
+    first to end remove them under a load still running, which then refused its Path. Pairs the caller already
+    added are left out, since leaving the context removes what it added. torch < 2.6 has no (class, name)
+    pairs: nothing is admitted there."""
+
+    def __init__(self):
+        self._lock, self._loads, self._added = threading.Lock(), 0, contextlib.ExitStack()
+        self._pairs = torch.__version__ >= (2, 6) and hasattr(torch.serialization, "safe_globals")
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._pairs and self._loads == 0:
+                present = set(torch.serialization.get_safe_globals())
+                admitted = [g for g in admitted_globals() if g not in present]
+                self._added.enter_context(torch.serialization.safe_globals(admitted))
+            self._loads += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._loads -= 1
+            if self._loads == 0:
+                self._added.close()  # removes what the first load added (nothing with torch < 2.6)
+
+
+_admission = _SharedAdmission()
 
 
 def zip_records(path: Path) -> dict[int, tuple[str, int]]:
