@@ -144,3 +144,14 @@ def test_a_refusal_of_the_settings_after_the_units_drops_them(tmp_path, planted,
     with pytest.raises(ConfigError, match="not positive definite"):
         attribute_to_folder(tmp_path / "o", planted, 2, CFG, 0, "planted")
     assert progress_of(tmp_path / "o") is None and not (tmp_path / "o" / FOLDER).exists()
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_resume_refused_for_its_settings_keeps_the_state(tmp_path, planted, validate):
+    """Settings the new run itself refuses (31 samples per cluster: 124 synthetic of 120 training examples) are
+    compared with the kept ones first: the refusal names the change and the interrupted run's state survives."""
+    _cut(tmp_path, planted, validate=validate)
+    other = DDMConfig(clusters_per_class=2, train_steps=5, match_steps=6, samples_per_cluster=31)
+    with pytest.raises(CheckpointError, match="samples_per_cluster was 1 in the interrupted run, now 31"):
+        attribute_to_folder(tmp_path, planted, 2, other, 0, "planted", validate=validate, resume=True)
+    assert progress_of(tmp_path)["match"] == [2, 6]

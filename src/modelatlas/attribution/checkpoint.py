@@ -83,6 +83,14 @@ class RunCheckpoint:
         self.last_save = time.perf_counter()
         self._units: dict | None = None  # offline.json's units, once read (settings checked) or written
 
+    def check_settings(self) -> None:
+        """Refuse a kept state (``run.json``, ``offline.json``) of other settings, naming the first that differs.
+        Called before any work: a run refused for its new settings must not first drop the state it could resume."""
+        path = self.folder / RUN_JSON
+        if path.is_file():
+            self._check_settings(path, read_json_object(path, "no run", "an attribution run").get("settings"))
+        self._read_units()
+
     def load_ddm(self) -> Attribution | None:
         """The saved DDM attribution (None when there is none); a state of other settings is refused."""
         path = self.folder / RUN_JSON

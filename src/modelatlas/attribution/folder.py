@@ -43,6 +43,8 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     settings = {**{k: v for k, v in info.items() if k != "config"}, "validate": validate, **config.to_dict(),
                 "data": data_digest(xtr, ytr, xte, yte)}
     ckpt = RunCheckpoint(out, settings, every_s)
+    if resume:  # before DDM's own checks: a refusal there (e.g. too many samples) would drop the kept state
+        ckpt.check_settings()
     attr = ckpt.load_ddm() if resume else None  # a state of a run with validation refused: 'validate was true'
     if attr is None:
         attr = _ddm(ckpt, data, num_classes, config, seed, progress)
