@@ -99,3 +99,12 @@ def test_a_model_with_no_class_above_one_half_says_so():
     assert '<b>a</b><br><span class="pred">no class above 0.5</span>' in page  # in the tree
     assert "<td>no class above 0.5</td>" in page and f"<td>{note}" not in page  # (the note: in its own cell)
     assert f'<span class="note">{note}</span>' in page and "<b>b</b><br>" not in page
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's JavaScript")
+@pytest.mark.parametrize("query", ["mod\u00e8le", "mode\u0300le"])
+def test_the_filter_finds_a_name_in_either_unicode_form(query):
+    """A macOS (NFD) model name and an NFC query, or the reverse: one word, as atlas search reads them."""
+    models = [ModelEntry(n, f"/z/{n}.pt") for n in ("mode\u0300le-fr", "mod\u00e8le-de", "mode-x")]
+    page = render_html(Atlas(models, Forest([m.name for m in models], [])))
+    assert check_filter(page, query) == ["mode\u0300le-fr", "mod\u00e8le-de"]

@@ -113,6 +113,18 @@ def test_keyword_search_matches_words_of_any_script():
     assert [(h.name, h.score) for h in search_atlas(atlas, "größe-v2")] == [("Größe-v2", 4.0)]  # 2 words + name
 
 
+def test_keyword_search_matches_a_name_in_either_unicode_form():
+    """A model file named on macOS (NFD: e + combining accent) is found by the word typed (NFC), and the other
+    way round; before, the accent split 'mode\u0300le' into 'mode' and 'le'."""
+    nfd, nfc = "mode\u0300le-fr", "mod\u00e8le-de"
+    models = [ModelEntry(nfd, f"/z/{nfd}"), ModelEntry(nfc, f"/z/{nfc}"), ModelEntry("mode-x", "/z/mode-x")]
+    atlas = Atlas(models, Forest([m.name for m in models], []))
+    assert [h.name for h in search_atlas(atlas, "mod\u00e8le")] == [nfd, nfc]  # a tie: in name order
+    assert [h.name for h in search_atlas(atlas, "mode\u0300le")] == [nfd, nfc]
+    assert [h.name for h in search_atlas(atlas, "mode")] == ["mode-x"]
+    assert [(h.name, h.score) for h in search_atlas(atlas, "mod\u00e8le-fr")] == [(nfd, 4.0), (nfc, 1.0)]
+
+
 def test_moved_text_experts_are_named_with_the_fix(tmp_path, fake_encoder):
     import shutil
 

@@ -15,7 +15,7 @@ import re
 from html import escape
 
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
-from modelatlas.atlas.search import below, shared_folder
+from modelatlas.atlas.search import below, same_form, shared_folder
 from modelatlas.lineage.export import MAX_INDENT, tree_heading
 
 _CSS = """
@@ -32,7 +32,7 @@ th{background:#f4f4f4} .hidden{display:none} .dim>b{opacity:.3} .tree-box{margin
 # its data-c (class names, best description): typing "1" finds the models predicted to know class 1, not
 # every model with a 1 in its name or a probability of 0.91.
 _JS = """
-function words(q){return q.toLowerCase().match(/[\\p{L}\\p{N}]+/gu)||[];}
+function words(q){return q.normalize('NFC').toLowerCase().match(/[\\p{L}\\p{N}]+/gu)||[];}
 function has(el,ws){var s=' '+el.getAttribute('data-s'),c=' '+el.getAttribute('data-c')+' ';
  return ws.every(function(w){return s.indexOf(' '+w)>=0||c.indexOf(' '+w+' ')>=0;});}
 function filt(q){var ws=words(q),on=ws.length>0;
@@ -66,8 +66,8 @@ def _pred_text(entry: ModelEntry, k: int = 6) -> str:
 
 
 def _words(text: str) -> list[str]:
-    """Lower-cased runs of letters and digits, as the page's ``words()`` splits what is typed."""
-    return re.findall(r"[^\W_]+", text.lower())
+    """Lower-cased runs of letters and digits, in Unicode NFC form, as the page's ``words()`` splits what is typed."""
+    return re.findall(r"[^\W_]+", same_form(text).lower())
 
 
 def _filter_attrs(entry: ModelEntry | None, folder: str, name: str = "") -> str:

@@ -7,7 +7,7 @@ ranks first when the query describes it better than any known description does. 
 Time O(N r_T + C d_text r_T) per query for N embedded models and C seen prompts.
 
 Keyword search (no text embeddings, or ``mode="keywords"``): each query word (letters and digits of any script,
-casefolded) is looked up in a model's name,
+casefolded, in Unicode NFC form) is looked up in a model's name,
 path below the folder all the atlas's models share (a word every path holds would match every model),
 predicted classes (and best-matching description), dtype and tree number (whole words); the score counts
 matched words, a word found in a predicted class or description adds its probability, and a query that is a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +116,14 @@ def _check_text_experts(atlas: Atlas, experts, folder) -> None:
 
 def split_words(text: str) -> list[str]:
     """The casefolded words of ``text``: runs of Unicode letters and digits ("Größe-v2" -> grösse, v2; "bert-日本"
-    -> bert, 日本), split at punctuation, spaces and underscores."""
-    return re.findall(r"[^\W_]+", text.casefold())
+    -> bert, 日本), split at punctuation, spaces and underscores. In NFC form: a name macOS wrote decomposed
+    (e + combining grave) is the word typed, where its combining mark, no letter, split it in two."""
+    return re.findall(r"[^\W_]+", same_form(text.casefold()))
+
+
+def same_form(text: str) -> str:
+    """``text`` in Unicode NFC form, the one names are compared in (a file name written on macOS may be NFD)."""
+    return unicodedata.normalize("NFC", text)
 
 
 def tree_terms(words: list[str]) -> tuple[list[str], list[int]]:
@@ -141,7 +148,7 @@ def _keyword_score(entry: ModelEntry, query: str, words: list[str], trees: list[
     if entry.tree is not None:  # "tree" alone: the models in a tree (a model in none had "None" to match)
         fields |= {"tree", str(entry.tree)}
     classes = [(set(split_words(c)), p) for c, p in (entry.predicted or []) + (entry.described or [])[:1]]
-    score = EXACT_NAME if query.strip().casefold() == entry.name.casefold() else 0.0
+    score = EXACT_NAME if same_form(query.strip().casefold()) == same_form(entry.name.casefold()) else 0.0
     score += TREE_TERM * trees.count(entry.tree)
     for w in words:
         matched = [p for ws, p in classes if w in ws]
