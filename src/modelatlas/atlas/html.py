@@ -15,8 +15,9 @@ import re
 from html import escape
 
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
-from modelatlas.atlas.search import below, same_form, shared_folder
+from modelatlas.atlas.search import below, shared_folder
 from modelatlas.lineage.export import MAX_INDENT, tree_heading
+from modelatlas.weights.base import same_form
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from modelatlas.atlas.index import Atlas, ModelEntry, shown_value
 from modelatlas.errors import AtlasError
+from modelatlas.weights.base import same_form
 
 MODES = ("auto", "text", "keywords")
 EXACT_NAME = 2.0  # bonus when the whole query is a model's name
@@ -119,11 +119,6 @@ def split_words(text: str) -> list[str]:
     -> bert, 日本), split at punctuation, spaces and underscores. In NFC form: a name macOS wrote decomposed
     (e + combining grave) is the word typed, where its combining mark, no letter, split it in two."""
     return re.findall(r"[^\W_]+", same_form(text.casefold()))
-
-
-def same_form(text: str) -> str:
-    """``text`` in Unicode NFC form, the one names are compared in (a file name written on macOS may be NFD)."""
-    return unicodedata.normalize("NFC", text)
 
 
 def tree_terms(words: list[str]) -> tuple[list[str], list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -276,6 +277,13 @@ def _stem(path: Path) -> str:
     name = folder_name(path)
     stem = _file_stem(name)
     return name if stem is None else stem
+
+
+def same_form(name: str) -> str:
+    """``name`` in Unicode NFC form, the form model names are compared in (not shown in: names stay as the file
+    system gives them). macOS writes file names decomposed (NFD: e + U+0301, also in its zips), typed text and
+    most Linux tools composed: the two spell one name."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _count_and_close(name: str, names) -> str:
