@@ -295,6 +295,18 @@ def test_truth_scores_models_given_under_other_names(tmp_path, capsys):
     assert "directed-edge accuracy 100.0% (4/4)" in captured.out and "not in truth" not in captured.out
 
 
+def test_truth_names_a_model_whose_file_name_is_spelt_in_another_unicode_form(tmp_path, capsys):
+    """The manifest names t1_\u00e9 composed (NFC, no digests); its file, unzipped from macOS, is decomposed
+    (NFD, e + U+0301): the same name, scored, and the note says why the two look alike."""
+    make_tiny_zoo(tmp_path)
+    load_manifest(tmp_path).renamed({"t1_0": "t1_\u00e9"}).save(tmp_path / "manifest.json")
+    (tmp_path / "t1_0.safetensors").rename(tmp_path / "t1_e\u0301.safetensors")
+    assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path), "--stage", "specialize"]) == 0
+    captured = capsys.readouterr()
+    assert "under another name: t1_e\u0301 = t1_\u00e9 (one name in two Unicode forms)\n" in captured.err
+    assert "directed-edge accuracy 100.0% (4/4)" in captured.out and "not in truth" not in captured.out
+
+
 def test_a_model_named_by_bytes_that_are_not_utf8_is_recovered_shown_and_saved(tmp_path, capsys, non_utf8_name):
     """Such a model was skipped (safetensors refused its path); once read, its name ended the UTF-8 print, the
     DOT/Mermaid write (UnicodeEncodeError) and the PNG (TypeError). The terminal and text files show the byte as

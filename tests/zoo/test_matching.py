@@ -58,3 +58,19 @@ def test_a_moved_model_is_matched_though_no_zoo_file_has_its_size(tmp_path):
     [r for r in m.models if r.name == "a"][0].sha256 = weights_digest(a)
     shutil.move(a, tmp_path / "mine" / "ft-3.safetensors")  # moved out of the zoo: r's and b's files are smaller
     assert match_models(m, {"ft-3": tmp_path / "mine" / "ft-3.safetensors"}) == {"a": "ft-3"}
+
+
+def test_a_name_written_in_another_unicode_form_is_matched_without_reading_a_file(tmp_path):
+    """A manifest of NFC names (no digests) and models whose file names macOS wrote NFD (e + U+0301, as its
+    zips do): the same names, found as such. A model of that NFC name given too keeps the record."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    m = Manifest([ModelRecord(nfc, nfc, None, nfc), ModelRecord("t\u00e9", "t\u00e9", nfc, nfc)])
+    given = {nfd: tmp_path / "missing" / f"{nfd}.pt", "te\u0301": tmp_path / "missing" / "x.pt"}  # never read
+    assert match_models(m, given) == {nfc: nfd, "t\u00e9": "te\u0301"}
+    assert match_models(m, {nfc: tmp_path / "a.pt", nfd: tmp_path / "b.pt"}) == {}
+    # c with cedilla and acute, spelt NFC, NFD, and two ways that are neither: one record per given model
+    spelt = ["\u1e09", "c\u0327\u0301", "\u00e7\u0301", "\u0107\u0327"]
+    twins = Manifest([ModelRecord(n, f"r{i}", None, "t") for i, n in enumerate(spelt[:2])])
+    assert match_models(twins, {spelt[2]: tmp_path / "a.pt"}) == {spelt[0]: spelt[2]}
+    assert match_models(twins, {spelt[3]: tmp_path / "a.pt", spelt[2]: tmp_path / "b.pt"}) \
+        == {spelt[0]: spelt[3], spelt[1]: spelt[2]}

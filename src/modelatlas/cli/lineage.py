@@ -220,11 +220,13 @@ def match_truth(truth, models: list):
     """``truth`` with the given models it holds under another name (another folder, a renamed copy) renamed
     to the names they are shown by; stderr says which."""
     from modelatlas.lineage.sources import unique_names
+    from modelatlas.weights.base import same_form
     from modelatlas.zoo.matching import match_models
 
     found = match_models(truth, dict(zip(unique_names(models), models)))
-    if found:
-        pairs = [f"{new} = {old}" for old, new in sorted(found.items(), key=lambda kv: kv[1])]
+    if found:  # one name spelt NFD and NFC prints alike: say so
+        pairs = [f"{new} = {old}" + (" (one name in two Unicode forms)" if same_form(new) == same_form(old) else "")
+                 for old, new in sorted(found.items(), key=lambda kv: kv[1])]
         more = f", ... ({len(pairs)} in all)" if len(pairs) > 5 else ""
         note(f"--truth: models found in the manifest under another name: {', '.join(pairs[:5])}{more}")
     return truth.renamed(found) if found else truth

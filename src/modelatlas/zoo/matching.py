@@ -4,7 +4,8 @@ A model's name comes from its file or folder (``modelatlas.weights.registry.uniq
 names it as it was built. The two part when a zoo model is given beside another model of the same name
 (``zoo/t0`` beside ``other/t0``: both get their folder in their name) or when a zoo model was copied
 or renamed (``checkpoints/bert-ft-3`` holding the files of ``t0.2``). Such models were left out of the
-score and their edges marked "not in truth". :func:`match_models` finds them again, by path first (the
+score and their edges marked "not in truth". :func:`match_models` finds them again, by name in another
+Unicode form first (``café`` as macOS writes it, NFD, and as typed, NFC), by path next (the
 same folder or file as a manifest record: no file read), then by the SHA-256 of the weights file that the
 manifest records (``atlas zoo verify``'s digest: a byte-identical copy).
 """
@@ -15,13 +16,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from modelatlas.weights.base import same_form
 from modelatlas.zoo.manifest import Manifest
 from modelatlas.zoo.store import weights_digest, weights_file
 
 
 def match_models(manifest: Manifest, given: Mapping[str, str | Path]) -> dict[str, str]:
     """Manifest name -> given name, for each given model (name -> path) that the manifest does not name but
-    holds: the same path as a record (its folder or weights file), else the same weights-file digest.
+    holds: its name in another Unicode form (NFC/NFD), the same path as a record (its folder or weights file),
+    else the same weights-file digest.
     A manifest model given under its own name is never matched again (a renamed copy of it is a copy,
     which scoring already reads as the named one); of two given models with one digest, the first is
     matched. Time O(N) path checks plus one read of each unnamed given model whose file size is a
@@ -31,9 +34,23 @@ def match_models(manifest: Manifest, given: Mapping[str, str | Path]) -> dict[st
     free = [m for m in manifest.models if m.name not in given]
     if not left or not free:
         return {}
-    out = _by_path(manifest, free, left)
-    rest = {n: p for n, p in left.items() if n not in out.values()}
-    out.update(_by_digest(manifest, [m for m in free if m.name not in out], rest))
+    out = _by_form(free, left)
+    for match in (_by_path, _by_digest):
+        rest = {n: p for n, p in left.items() if n not in out.values()}
+        out.update(match(manifest, [m for m in free if m.name not in out], rest))
+    return out
+
+
+def _by_form(free: list, left: Mapping[str, Path]) -> dict[str, str]:
+    """Records whose name is a given model's in another Unicode form (a file name macOS wrote NFD, a manifest
+    written NFC, or the reverse): the same name, no file read."""
+    forms: dict[str, list[str]] = {}
+    for n in left:
+        forms.setdefault(same_form(n), []).append(n)
+    out: dict[str, str] = {}
+    for m in free:  # twins (one name spelt two ways) pair up in order, each given model once
+        if forms.get(same_form(m.name)):
+            out[m.name] = forms[same_form(m.name)].pop(0)
     return out
 
 
