@@ -130,3 +130,20 @@ def test_check_out_folder_refuses_a_file_and_a_path_below_one(tmp_path):
         check_out_folder(tmp_path / "f" / "a", "x", "fix it", AtlasError)
     assert type(e.value) is AtlasError
     check_out_folder(tmp_path, "x", "fix it")  # an existing folder is no error
+
+
+def test_check_out_folder_refuses_a_symbolic_link_to_nothing(tmp_path):
+    """A link whose target is gone (an unmounted disk): the folder cannot be made through it, which said
+    'File exists' only at the first write, after the work. A link to a folder is that folder."""
+    from modelatlas.atomic import check_out_folder, file_in_the_way
+    from modelatlas.errors import ConfigError
+
+    (tmp_path / "gone").symlink_to(tmp_path / "missing" / "out")
+    assert file_in_the_way(tmp_path / "gone") == file_in_the_way(tmp_path / "gone" / "a") == tmp_path / "gone"
+    with pytest.raises(ConfigError, match=r"^o is a symbolic link to the missing .*missing/out, not a folder; fix$"):
+        check_out_folder(tmp_path / "gone", "o", "fix")
+    with pytest.raises(ConfigError, match=r"^o lies below the symbolic link .*gone to the missing .*out, not a folder"):
+        check_out_folder(tmp_path / "gone" / "a", "o", "fix")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    check_out_folder(tmp_path / "link" / "a", "o", "fix")

@@ -57,10 +57,12 @@ def _raise_about(e: OSError, path: Path, tmp_path: Path) -> NoReturn:
 
 
 def file_in_the_way(path: str | Path) -> Path | None:
-    """``path`` itself or the nearest folder above it that exists but is not a folder (a file), or None: an
-    output folder there fails as 'Not a directory' or 'File exists' only when the first file is written."""
+    """``path`` itself or the nearest folder above it that exists but is not a folder (a file), or is a symbolic
+    link to nothing (a folder cannot be made through it), or None: an output folder there fails as 'Not a
+    directory' or 'File exists' only when the first file is written."""
     path = Path(path)
-    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    return next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()
+                 or p.exists() and not p.is_dir()), None)
 
 
 def check_out_folder(path: str | Path, name: str, fix: str, error: type[AtlasError] = ConfigError) -> None:
@@ -68,8 +70,16 @@ def check_out_folder(path: str | Path, name: str, fix: str, error: type[AtlasErr
     "``name`` is a file" or "``name`` lies below the file ...", then "not a folder; ``fix``"."""
     file = file_in_the_way(path)
     if file is not None:
-        where = "is a file" if file == Path(path) else f"lies below the file {file}"
+        where = f"is {not_a_folder(file, False)}" if file == Path(path) else f"lies below {not_a_folder(file)}"
         raise error(f"{name} {where}, not a folder; {fix}")
+
+
+def not_a_folder(path: Path, named: bool = True) -> str:
+    """What :func:`file_in_the_way` found: 'the file P' or 'the symbolic link P to the missing T'; not
+    ``named``, 'a file' or 'a symbolic link to the missing T'."""
+    if path.is_symlink() and not path.exists():
+        return f"{'the' if named else 'a'} symbolic link{f' {path}' if named else ''} to the missing {os.readlink(path)}"
+    return f"the file {path}" if named else "a file"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

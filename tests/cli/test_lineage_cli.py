@@ -295,6 +295,16 @@ def test_truth_scores_models_given_under_other_names(tmp_path, capsys):
     assert "directed-edge accuracy 100.0% (4/4)" in captured.out and "not in truth" not in captured.out
 
 
+def test_an_output_below_a_symbolic_link_to_nothing_is_refused_before_the_recovery(tmp_path, capsys):
+    """'error: zz: File exists' came after the whole recovery."""
+    make_tiny_zoo(tmp_path)
+    (tmp_path / "zz").symlink_to(tmp_path / "unmounted" / "disk")
+    assert main(["lineage", "recover", str(tmp_path), "--out", str(tmp_path / "zz" / "f.json")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: --out {tmp_path / 'zz' / 'f.json'} lies below the "
+                                                          f"symbolic link {tmp_path / 'zz'} to the missing ")
+
+
 def test_truth_names_a_model_whose_file_name_is_spelt_in_another_unicode_form(tmp_path, capsys):
     """The manifest names t1_\u00e9 composed (NFC, no digests); its file, unzipped from macOS, is decomposed
     (NFD, e + U+0301): the same name, scored, and the note says why the two look alike."""

@@ -7,7 +7,7 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from modelatlas.atomic import atomic_write_bytes, atomic_write_text, file_in_the_way
+from modelatlas.atomic import atomic_write_bytes, atomic_write_text, file_in_the_way, not_a_folder
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError
@@ -55,7 +55,7 @@ def check_out_files(args: argparse.Namespace) -> None:
                               f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd', 'png': 'png'}[option]})")
         above = file_in_the_way(path.parent)
         if above is not None:
-            raise ConfigError(f"--{option} {path} lies below the file {above}, not a folder; choose another path")
+            raise ConfigError(f"--{option} {path} lies below {not_a_folder(above)}, not a folder; choose another path")
 
 
 def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import check_out_folder, file_in_the_way
+from modelatlas.atomic import check_out_folder, file_in_the_way, not_a_folder
 from modelatlas.data import load_dataset
 from modelatlas.data import transforms as T
 from modelatlas.data.registry import ArrayDataset
@@ -261,7 +261,7 @@ def check_out(out: Path, resume: bool) -> None:
                           "the folder to redo it, or pass --resume (resume=True) to finish or re-evaluate that run")
     above = file_in_the_way(out.parent)  # else: 'Not a directory' at the first write
     if above is not None:
-        raise ConfigError(f"--out {out}: {above} is a file, not a folder; choose another --out")
+        raise ConfigError(f"--out {out}: {above} is {not_a_folder(above, False)}, not a folder; choose another --out")
     check_out_folder(out, f"--out {out}", "choose a new --out")
     ours = any((out / name).is_file()
                for name in (RESULT_JSON, f"checkpoint/{RUN_JSON}", f"checkpoint/{CHECKPOINT_JSON}"))
