@@ -91,3 +91,20 @@ def test_ctrl_c_during_ddm_keeps_its_units_and_resume_finishes(tmp_path, capsys,
     a, b = (read_tensors(tmp_path / d / "attribution.safetensors") for d in ("straight", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cut" / "checkpoint").exists()
+
+
+def test_a_resume_refused_for_its_new_settings_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """--max-train 15 leaves fewer training examples than 20 synthetic samples, which DDM refuses: that refusal
+    dropped the interrupted run's units; the settings are compared first now."""
+    from tests.attribution.conftest import make_stop
+
+    import modelatlas.cli.attribute as cli_attribute
+
+    args = [a for a in TINY if a != "--validate"] + ["--match-steps", "5", "--out", str(tmp_path)]
+    with monkeypatch.context() as m:
+        m.setattr(cli_attribute, "tqdm_progress", make_stop(2))
+        assert main(args) == 130
+    assert main([*args, "--max-train", "15", "--resume"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: ") and "cannot resume: n_train was 200 in the interrupted run, now 15" in err
+    assert main([*args, "--resume"]) == 0 and "2 of 5 matching steps are kept" in capsys.readouterr().out
