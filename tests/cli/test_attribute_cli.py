@@ -104,7 +104,10 @@ def test_a_resume_refused_for_its_new_settings_keeps_the_checkpoint(tmp_path, ca
     with monkeypatch.context() as m:
         m.setattr(cli_attribute, "tqdm_progress", make_stop(2))
         assert main(args) == 130
+    capsys.readouterr()
     assert main([*args, "--max-train", "15", "--resume"]) == 1
-    err = capsys.readouterr().err.splitlines()[-1]
+    said = capsys.readouterr()
+    assert "resuming from" not in said.out  # it printed 'resuming from ... kept' before refusing to
+    err = said.err.splitlines()[-1]
     assert err.startswith("error: ") and "cannot resume: n_train was 200 in the interrupted run, now 15" in err
     assert main([*args, "--resume"]) == 0 and "2 of 5 matching steps are kept" in capsys.readouterr().out

@@ -10,6 +10,7 @@ DDM's left to do, plus the retraining of the clusters not yet done (O(K_left x t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ from modelatlas.progress import Progress
 def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: DDMConfig, seed: int = 0,
                         dataset: str = "", validate: bool = False, test_index: list[int] | None = None,
                         resume: bool = False, progress: Progress | None = None,
-                        every_s: float = 5.0) -> tuple[Attribution, dict, torch.Tensor | None]:
+                        every_s: float = 5.0, on_resume: Callable[[], None] | None = None,
+                        ) -> tuple[Attribution, dict, torch.Tensor | None]:
     """DDM attribution of ``data`` = (x, y, x_test, y_test) written to ``out`` (report.save_attribution; the
     plot shows ``test_index``, default the first three), with ``validate`` the LOO truth and its scores too;
     returns (attribution, the ``attribution.json`` settings and ``validation``, LOO matrix or None).
@@ -35,7 +37,8 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     Progress is kept in ``out/checkpoint`` (DDM's offline units; with ``validate`` the LOO rows; saved as they
     go every ``every_s`` seconds) and removed once the results are written; ``resume`` continues from it (none:
     a fresh start) and refuses one of other settings (dataset, sizes, seed, validate, config, data). Without
-    ``resume`` a folder holding one is refused."""
+    ``resume`` a folder holding one is refused. ``on_resume`` is called once a resume's settings are found equal
+    (the CLI says then what is kept, not before a refusal)."""
     out = check_out(out)
     check_start(out, resume)
     xtr, ytr, xte, yte = data
@@ -45,6 +48,8 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     ckpt = RunCheckpoint(out, settings, every_s)
     if resume:  # before DDM's own checks: a refusal there (e.g. too many samples) would drop the kept state
         ckpt.check_settings()
+        if on_resume is not None:
+            on_resume()
     attr = ckpt.load_ddm() if resume else None  # a state of a run with validation refused: 'validate was true'
     if attr is None:
         attr = _ddm(ckpt, data, num_classes, config, seed, progress)

@@ -52,11 +52,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     train, data = _inputs(args)
     kept = progress_of(args.out) if args.resume else None
-    if args.resume:
-        echo(f"resuming from {Path(args.out) / 'checkpoint'}: {_kept(kept)} kept" if kept
-             else f"nothing to resume in {Path(args.out) / 'checkpoint'}: starting from the beginning")
+    where = Path(args.out) / "checkpoint"
+    said = (lambda: echo(f"resuming from {where}: {_kept(kept)} kept")) if kept else None  # once settings match
+    if args.resume and not kept:
+        echo(f"nothing to resume in {where}: starting from the beginning")
     attr, info, true = attribute_to_folder(args.out, data, train.num_classes, cfg, args.seed, train.name,
-                                           args.validate, args.test_index, args.resume, tqdm_progress)
+                                           args.validate, args.test_index, args.resume, tqdm_progress,
+                                           on_resume=said)
     k_total, n_test = attr.matrix.shape
     when = ("" if not kept else ", before the interruption" if kept["ddm"]  # DDM's timings: the interrupted run's
             else "; the total adds up the parts before and after the interruption")
