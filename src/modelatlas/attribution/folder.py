@@ -43,9 +43,7 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     check_start(out, resume)
     xtr, ytr, xte, yte = data
     info = {"dataset": dataset, "n_train": len(xtr), "n_test": len(xte), "seed": seed, "config": config.to_dict()}
-    settings = {**{k: v for k, v in info.items() if k != "config"}, "validate": validate, **config.to_dict(),
-                "data": data_digest(xtr, ytr, xte, yte)}
-    ckpt = RunCheckpoint(out, settings, every_s)
+    ckpt = RunCheckpoint(out, _settings(info, validate, config, data), every_s)
     if resume:  # before DDM's own checks: a refusal there (e.g. too many samples) would drop the kept state
         ckpt.check_settings()
         if on_resume is not None:
@@ -66,6 +64,12 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
     save_attribution(out, attr, info, true, png)
     ckpt.remove()
     return attr, info, true
+
+
+def _settings(info: dict, validate: bool, config: DDMConfig, data: tuple) -> dict:
+    """What a resume must find unchanged: the run's sizes, seed, validate, every config field, a data digest."""
+    return {**{k: v for k, v in info.items() if k != "config"}, "validate": validate, **config.to_dict(),
+            "data": data_digest(*data)}
 
 
 def _ddm(ckpt: RunCheckpoint, data: tuple, num_classes: int, config: DDMConfig, seed: int,
