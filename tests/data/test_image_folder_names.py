@@ -48,6 +48,7 @@ def test_two_folders_of_one_name_in_two_forms_are_refused_naming_both(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{tmp_path}: class folders ") and "\n" not in message
     assert "'caf\\xe9'" in message and "'cafe\\u0301'" in message  # told apart: both print as café
+    assert f"class folders {NFC} ('cafe\\u0301') and {NFC} ('caf\\xe9') are one name" in message  # sorted; readable
 
 
 def test_a_class_folder_named_by_bytes_that_are_not_utf8(tmp_path):

@@ -69,10 +69,10 @@ def _class_dirs(folder: Path) -> dict[str, Path]:
     for d in sorted(folder.iterdir()):
         if d.is_dir() and not d.name.startswith(".") and any(_is_image(x) for x in d.iterdir()):
             name = unicodedata.normalize("NFC", d.name)
-            if name in dirs:  # ascii(): the two spellings print alike, their escapes do not
-                raise CheckpointError(folder, f"class folders {ascii(dirs[name].name)} and {ascii(d.name)} are one "
-                                              f"name written two ways (Unicode NFC and NFD, as macOS may write it); "
-                                              f"move the images of one into the other")
+            if name in dirs:  # with ascii(): the two spellings print alike, their escapes do not
+                raise CheckpointError(folder, f"class folders {name} ({ascii(dirs[name].name)}) and {name} "
+                                              f"({ascii(d.name)}) are one name written two ways (Unicode NFC and "
+                                              "NFD, as macOS may write it); move the images of one into the other")
             dirs[name] = d
     return dirs
 
