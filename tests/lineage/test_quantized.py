@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -231,7 +233,7 @@ def make_hf_llama(folder, weights):
     save_file(weights, str(folder / "model.safetensors"))
     cfg = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "num_key_value_heads": 1,
            "num_hidden_layers": 1}
-    (folder / "config.json").write_text(__import__("json").dumps(cfg))
+    (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
 
@@ -285,3 +287,24 @@ def test_a_layers_pattern_in_hugging_face_names_still_compares_the_hugging_face_
     by_gguf_names = recover_lineage(paths, stage="specialize", layers=r"attn_q\.")
     assert sorted(by_gguf_names.nodes) == ["base", "base-q8_0", "ft"] and by_gguf_names.skipped == {}
     assert by_gguf_names.decisions["gguf_names"] == {"base": "llama", "ft": "llama"}
+
+
+def test_a_model_of_the_gguf_architecture_that_cannot_be_renamed_says_why(tmp_path, capsys):
+    """num_key_value_heads: null leaves the q / k permutation unknown: the model was compared under its own names,
+    apart from the GGUF file, and decisions said nothing of it."""
+    gen = torch.Generator().manual_seed(5)
+    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=gen),
+            "model.layers.0.self_attn.k_proj.weight": torch.randn(32, 64, generator=gen)}
+    odd = make_hf_llama(tmp_path / "odd", base)
+    (odd / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2,
+                                                 "num_key_value_heads": None, "num_hidden_layers": 1}))
+    paths = [make_hf_llama(tmp_path / "base", base), odd, make_gguf(tmp_path / "base-q8_0.gguf", make_converted(base))]
+    d = recover_lineage(paths, stage="specialize").decisions
+    assert d["gguf_names"] == {"base": "llama"}
+    assert d["gguf_unmapped"] == {"odd": "config.json gives no usable attention / key-value head count, which the "
+                                         "conversion needs"}
+    from modelatlas.cli.main import main
+
+    assert main(["lineage", "recover", *map(str, paths), "--stage", "specialize"]) == 0
+    assert "odd: compared under its own names, apart from the GGUF files: config.json gives no usable" \
+        in capsys.readouterr().err

@@ -257,6 +257,8 @@ def show_forest(forest, truth=None) -> None:
 
     for name, why in forest.skipped.items():
         note(f"skipped {name}: {' '.join(why.split())}")
+    for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
+        note(f"{name}: compared under its own names, apart from the GGUF files: {why}")
     marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
     echo(to_text(forest, marks, notes).rstrip("\n"))
     d = forest.decisions

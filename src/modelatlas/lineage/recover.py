@@ -69,7 +69,7 @@ class LineageRecovery:
         paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
-        ckpts, renamed = gguf_aligned(ckpts, cfg.layers)
+        ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
         names, stats, duplicates, lowp = [], [], {}, {}
@@ -89,6 +89,8 @@ class LineageRecovery:
             self._add_duplicates(duplicates, lowp)
         if renamed:
             self.forest_.decisions["gguf_names"] = renamed
+        if unmapped:  # compared under their own names, apart from the GGUF files
+            self.forest_.decisions["gguf_unmapped"] = unmapped
         return self
 
     def _fit_groups(self, cfg, names, stats, rules, skipped) -> None:

@@ -126,30 +126,44 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
     return ckpts, skipped
 
 
-def gguf_aligned(ckpts: list[Checkpoint], pattern: str | None = None) -> tuple[list[Checkpoint], dict[str, str]]:
+def gguf_aligned(ckpts: list[Checkpoint], pattern: str | None = None
+                 ) -> tuple[list[Checkpoint], dict[str, str], dict[str, str]]:
     """``ckpts`` with each Hugging Face model that llama.cpp converts to the architecture of a GGUF file among
     them seen under GGUF names and layout (:func:`modelatlas.weights.gguf_names.gguf_view`), so that it falls
     in the GGUF files' architecture group and its conversions and quantizations are compared with it. With a
     layers ``pattern`` that selects none of a model's GGUF-named layers (``q_proj``, written in its own names),
     the model keeps its names: renamed, it had no layer left to compare. Returns (checkpoints, {model name: GGUF
-    architecture} of the models renamed). Headers and config.json only."""
+    architecture} of the models renamed, {model name: why not} of the models of a GGUF file's architecture
+    that could not be renamed, e.g. no head count in config.json). Headers and config.json only."""
     targets = dict.fromkeys((c.architecture, *c.head_counts()) for c in ckpts
                             if c.format == "gguf" and getattr(c, "architecture", None))
     if not targets:
-        return ckpts, {}
-    from modelatlas.weights.gguf_names import gguf_view
-
-    out, renamed = [], {}
+        return ckpts, {}, {}
+    out, renamed, unmapped = [], {}, {}
     for ck in ckpts:
-        view = None
-        if ck.format != "gguf" and ck.kind == "full":
-            view = next((v for t in targets if (v := gguf_view(ck, *t)) is not None), None)
+        view = _gguf_named(ck, targets, unmapped) if ck.format != "gguf" and ck.kind == "full" else None
         if view is not None and pattern is not None and not select_layers(view, pattern)[0]:
             view = None
         if view is not None:
             renamed[ck.name] = view.gguf_architecture
         out.append(ck if view is None else view)
-    return out, renamed
+    return out, renamed, unmapped
+
+
+def _gguf_named(ck: Checkpoint, targets: dict, unmapped: dict[str, str]) -> Checkpoint | None:
+    """``ck`` under the names of the first of ``targets`` (architecture, head counts) it maps to, or None;
+    why a model of one of those architectures did not map goes in ``unmapped``."""
+    from modelatlas.weights.gguf_names import GGUFNamedView, gguf_attempt
+
+    why = None
+    for target in targets:
+        got = gguf_attempt(ck, *target)
+        if isinstance(got, GGUFNamedView):
+            return got
+        why = why or got
+    if why is not None:
+        unmapped[ck.name] = why
+    return None
 
 
 def _expanded(items: list) -> list:

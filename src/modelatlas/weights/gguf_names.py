@@ -120,18 +120,26 @@ def gguf_view(ckpt: Checkpoint, arch: str, heads: int | None = None, kv_heads: i
               ) -> GGUFNamedView | None:
     """``ckpt`` under the GGUF names of architecture ``arch`` when its config.json says it converts to that
     architecture (and, where given, with these head counts); else None."""
+    view = gguf_attempt(ckpt, arch, heads, kv_heads)
+    return view if isinstance(view, GGUFNamedView) else None
+
+
+def gguf_attempt(ckpt: Checkpoint, arch: str, heads: int | None = None, kv_heads: int | None = None
+                 ) -> GGUFNamedView | str | None:
+    """:func:`gguf_view`'s view; or, for a model whose config.json converts to ``arch`` but cannot be shown
+    under its names, why (a str, for lineage's decisions); None for a model of another architecture."""
     config = hf_config(ckpt)
     found = conversion_of(config) if config is not None else None
     if found is None or found[0].arch != arch:
         return None
     conv, counts = found[0], found[1:]
     if (conv.permute_qk or conv.regroup_qkv) and None in counts:  # the transform needs the head counts
-        return None
+        return "config.json gives no usable attention / key-value head count, which the conversion needs"
     if (heads is not None and heads != counts[0]) or (kv_heads is not None and kv_heads != counts[1]):
-        return None
+        return f"its head counts {counts} are not the GGUF files' {(heads, kv_heads)}"
     rows = tokenizer_size(model_folder(ckpt), config) if conv.tokenizer_rows else None
     if conv.tokenizer_rows and rows is None:  # the converter cannot convert it either
-        return None
+        return "no readable tokenizer.model / tokenizer.json to cut the embedding to, as the conversion does"
     blocks = _first_count(config, _BLOCKS) or 0
     return GGUFNamedView.build(ckpt, conv, counts, blocks, rows)
 
@@ -163,22 +171,24 @@ class GGUFNamedView(Checkpoint):
 
     @classmethod
     def build(cls, ckpt: Checkpoint, conversion: Conversion, heads: tuple, blocks: int, rows: int | None = None
-              ) -> GGUFNamedView | None:
-        """The view, or None when a tensor name does not map or two map to one GGUF name, or the config or a
-        name says more than _MAX_BLOCKS blocks (a name table that deep would take minutes and gigabytes)."""
+              ) -> GGUFNamedView | str:
+        """The view, or why there is none (a str): a tensor name does not map or two map to one GGUF name, or
+        the config or a name says more than _MAX_BLOCKS blocks (a table that deep: minutes and gigabytes)."""
         blocks = max(blocks, _blocks(ckpt))
-        table = _name_table(conversion.arch, blocks) if blocks <= _MAX_BLOCKS else None
+        if blocks > _MAX_BLOCKS:
+            return f"{blocks} blocks, more than the {_MAX_BLOCKS} mapped"
+        table = _name_table(conversion.arch, blocks)
         if table is None:
-            return None
+            return f"gguf has no tensor-name table for {conversion.arch}"
         names = {}
         for name in ckpt.keys():
             if name.endswith(_SKIPPED + conversion.dropped):  # buffers and tensors the converter drops
                 continue
             new = table.get_name(name, try_suffixes=(".weight", ".bias"))
             if new is None or not new.endswith((".weight", ".bias")) or new in names:
-                return None
+                return f"tensor {name} has no GGUF name of its own"
             names[new] = name
-        return cls(ckpt, names, conversion, heads, rows) if names else None
+        return cls(ckpt, names, conversion, heads, rows) if names else "no tensor to map"
 
     def _infos(self) -> list[TensorInfo]:
         out = []
