@@ -18,6 +18,8 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
     ({"lora_alpha": 0.0}, r"lora_alpha: must be > 0 or None"),  # alpha 0 trained a LoRA child equal to its parent
     ({"lora_alpha": float("nan")}, r"lora_alpha: must be > 0 or None"),
     ({"subset_size": 0}, "subset_size: must be a positive integer or None"),  # 0 was silently read as None
+    ({"subset_size": True}, "subset_size: must be a positive integer or None"),  # True passed as 1, as below
+    ({"lora_ranks": (4, True)}, r"lora_ranks: must be positive integers, got \(4, True\)"),
     ({"root_steps": 5}, r"root_steps: must be a list or tuple, got 5"),  # was a TypeError from tuple(5)
     ({"batch_size": True}, "batch_size: must be a positive integer, got True"),  # True passed as 1
     # bad sizes used to fail deep in torch (or divide by zero in the sampler), after folders were written

@@ -79,11 +79,11 @@ class ZooConfig:
         self._check_counts()
         for name in _RANGES:
             _check_range(name, getattr(self, name))
-        if not self.lora_ranks or any(not isinstance(r, int) or r < 1 for r in self.lora_ranks):
+        if not self.lora_ranks or any(not _is_count(r) for r in self.lora_ranks):
             raise ConfigError(f"lora_ranks: must be positive integers, got {self.lora_ranks!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:  # alpha 0: a LoRA child equal to its parent
             raise ConfigError(f"lora_alpha: must be > 0 or None (alpha = 2 r), got {self.lora_alpha!r}")
-        if self.subset_size is not None and (not isinstance(self.subset_size, int) or self.subset_size < 1):
+        if self.subset_size is not None and not _is_count(self.subset_size):
             # 0 used to be read as None (half the classes) by the sampler's `or`
             raise ConfigError(f"subset_size: must be a positive integer or None (half the classes), got {self.subset_size!r}")
         if self.storage == "adapter" and self.method == "full":
