@@ -143,3 +143,22 @@ def test_a_model_with_no_class_above_one_half_gets_its_most_probable_class_in_a_
     for m in atlas.models:
         assert (m.expert_tree, m.predicted) == ("t0", [])
         assert m.notes == ["classes experts: no class above 0.5; most probable 3 (0.42)"]
+
+
+def test_probex_predict_reads_an_adapter_merged_onto_base(make_class_zoo, tmp_path, capsys):
+    """atlas probex predict had no --base: an adapter was read as its update B A, routed to no tree, where
+    atlas index build --base predicted it. Now --base gives it the predictions of its merged weights."""
+    from modelatlas.cli.main import main
+
+    zoo, experts = make_class_zoo
+    ad = make_zoo_adapter(tmp_path / "ad", zoo / "t0.safetensors", seed=1)
+    with open_checkpoint(ad, base=zoo / "t0.safetensors") as ck:  # the oracle: the merged model, saved whole
+        save_file({k: ck.read(k) for k in ck.keys()}, str(tmp_path / "merged.safetensors"))
+    args = ["probex", "predict", str(ad), str(tmp_path / "merged.safetensors"), "--experts", str(experts)]
+    assert main([*args, "--base", str(zoo / "t0.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ad [tree t0]: ") and lines[0].removeprefix("ad") == lines[1].removeprefix("merged")
+    main(args)
+    assert "ad [tree" not in capsys.readouterr().out  # its update alone: in no tree
+    assert main([*args, "--base", str(tmp_path / "none.safetensors")]) == 1
+    assert capsys.readouterr().err.startswith("error: --base ")

@@ -8,6 +8,8 @@ from pathlib import Path
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
+_BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
+              "`atlas index build --base` reads them (default: an adapter's update B A alone)")
 MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that would load torch for `--help`
 
 
@@ -36,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="model files, folders of models, a zoo manifest or an atlas folder")
     pr.add_argument("--experts", required=True, help="folder written by `atlas probex train`")
     pr.add_argument("--top", type=positive_int, default=10, help="most classes to show per model; only those above probability 0.5 are shown (default 10)")
+    pr.add_argument("--base", metavar="MODEL", help=_BASE_HELP)
     pr.set_defaults(func=_predict)
     s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)")
     s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
@@ -43,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model files, folders of models, a zoo manifest or an atlas folder (its models are read)")
     s.add_argument("--experts", required=True, help="folder written by `atlas probex train --task text`")
     s.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
+    s.add_argument("--base", metavar="MODEL", help=_BASE_HELP)
     s.set_defaults(func=_search)
 
 
@@ -89,13 +93,29 @@ def _model_paths(items: list[str]) -> list[Path]:
     return distinct_models(paths)
 
 
+def _read(experts, args: argparse.Namespace):
+    """``experts.read`` of the models given, each adapter merged onto ``--base`` when one is given."""
+    from modelatlas.errors import CheckpointError, ConfigError
+    from modelatlas.weights.peft_lora import open_adapter_base
+
+    paths = _model_paths(args.models)
+    if args.base is None:
+        return experts.read(paths, tqdm_progress)
+    try:
+        base = open_adapter_base(args.base)[1]
+    except CheckpointError as e:
+        raise ConfigError(f"--base {e}") from e
+    with base:
+        return experts.read(paths, tqdm_progress, adapter_base=base)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from modelatlas.probex.experts import TreeExperts
 
     experts = TreeExperts.load(args.experts)
     if experts.task != "classes":
         warn(f"{args.experts} holds text experts; showing the best-matching seen class prompts")
-    x, routes = experts.read(_model_paths(args.models), tqdm_progress)
+    x, routes = _read(experts, args)
     unknown = 0
     for i, r in enumerate(routes):
         if not r.known:
@@ -132,7 +152,7 @@ def _search(args: argparse.Namespace) -> int:
     experts = TreeExperts.load(args.experts)
     if experts.task != "text":
         raise ConfigError(f"{args.experts}: experts were trained with --task {experts.task}; search needs --task text")
-    x, routes = experts.read(_model_paths(args.models), tqdm_progress)
+    x, routes = _read(experts, args)
     scores = experts.search_scores(x, routes, encode_texts([args.query]))
     for r in routes:
         if not r.known:

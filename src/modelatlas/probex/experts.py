@@ -25,6 +25,7 @@ from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_exp
 from modelatlas.probex.layers import candidate_layers, check_finite, load_layer, load_layers
 from modelatlas.probex.router import RouteResult, TreeRouter
 from modelatlas.progress import Progress, resolve
+from modelatlas.weights import Checkpoint
 from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
 
 INDEX_FORMAT = "modelatlas-probex-experts/1"
@@ -271,8 +272,9 @@ class TreeExperts:
             raise CheckpointError(where, f"the router knows trees {sorted(self.router.trees_)}, the index "
                                          f"{sorted(self.experts)}; train the experts again")
 
-    def read(self, paths, progress: Progress | None = None):
-        """(X, route results) for model paths: their ``layer``, and the tree each belongs to. A model that
+    def read(self, paths, progress: Progress | None = None, adapter_base: Checkpoint | None = None):
+        """(X, route results) for model paths: their ``layer`` (a PEFT adapter's merged onto ``adapter_base``
+        when given, else its update B A), and the tree each belongs to. A model that
         cannot be read, lacks the layer or has it in another shape is routed to no tree, with the reason (its
         row of X is zeros and never used), so that one stray model does not stop the others. Models are named
         as in an atlas: zooA/t0.1 and zooB/t0.1, not t0.1 twice. O(B d_H d_W)."""
@@ -286,7 +288,7 @@ class TreeExperts:
         x, routes, names = torch.zeros(len(paths), *shape), [], unique_names(paths)  # (B, d_H, d_W)
         for i, p in enumerate(resolve(progress)(paths, total=len(paths), desc=f"read {self.layer}")):
             try:
-                mat = load_layer([p], self.layer)  # (1, d_H, d_W)
+                mat = load_layer([p], self.layer, adapter_base=adapter_base)  # (1, d_H, d_W)
                 routes.append(self.router.route(mat, [names[i]])[0])  # refuses another shape
                 x[i] = mat[0]
             except (AtlasError, OSError) as e:
