@@ -162,3 +162,22 @@ def test_probex_predict_reads_an_adapter_merged_onto_base(make_class_zoo, tmp_pa
     assert "ad [tree" not in capsys.readouterr().out  # its update alone: in no tree
     assert main([*args, "--base", str(tmp_path / "none.safetensors")]) == 1
     assert capsys.readouterr().err.startswith("error: --base ")
+
+
+def test_an_atlas_records_its_base_and_probex_predict_reads_its_adapters_on_it(make_class_zoo, tmp_path, capsys):
+    """atlas.json kept no --base, so `atlas probex predict ATLAS` read its adapters as updates B A alone."""
+    from modelatlas.atlas import Atlas
+    from modelatlas.cli.main import main
+
+    zoo, experts = make_class_zoo
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "c1.safetensors").write_bytes((zoo / "t0-c0001.safetensors").read_bytes())
+    make_zoo_adapter(tmp_path / "models" / "ad", zoo / "t0.safetensors", seed=1)
+    atlas = build_atlas(tmp_path / "models", experts=experts, adapter_base=zoo / "t0.safetensors")
+    assert atlas.adapter_base == str(zoo / "t0.safetensors")
+    atlas.save(tmp_path / "atlas")
+    assert Atlas.load(tmp_path / "atlas").adapter_base == str(zoo / "t0.safetensors")
+    assert main(["probex", "predict", str(tmp_path / "atlas"), "--experts", str(experts)]) == 0
+    ad = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ad "))
+    predicted = ", ".join(f"{c} ({p:.2f})" for c, p in atlas.entry("ad").predicted)
+    assert ad == f"ad [tree t0]: {predicted}"

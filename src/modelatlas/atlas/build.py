@@ -15,6 +15,7 @@ Time: the lineage recovery's (O(N P) reading plus O(N^2) distances) plus O(N d_H
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +66,8 @@ def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base) -> 
                          + (f" ({why[:300]})" if why else ""))
     forest = _lineage(readable, lineage, progress, base)
     _place(entries, forest)
-    atlas, shape_of = Atlas(entries, forest), dict(zip(paths, shapes))
+    recorded = os.path.abspath(paths[0]) if base is not None else None  # join_adapter_base put it first
+    atlas, shape_of = Atlas(entries, forest, adapter_base=recorded), dict(zip(paths, shapes))
     if "classes" in loaded:
         _predict(atlas, paths, shape_of, loaded["classes"], progress, base)
     if "text" in loaded:

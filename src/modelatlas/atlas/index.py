@@ -8,7 +8,9 @@ An atlas folder (``atlas index build --out DIR``)::
 
 ``models`` holds one :class:`ModelEntry` per model given, readable or not; ``forest`` is the lineage
 (:meth:`modelatlas.lineage.forest.Forest.to_dict`); ``experts`` records which ProbeX experts made the
-predictions and the text embeddings (their folders and layers), so a later search can load them again.
+predictions and the text embeddings (their folders and layers), so a later search can load them again;
+``adapter_base`` the ``--base`` PEFT adapters were read merged onto (null without one), which ``atlas probex
+predict / search ATLAS`` use again.
 Files are written atomically; a reader that meets a missing or malformed file gets a one-line error naming it.
 """
 
@@ -76,6 +78,7 @@ class Atlas:
     forest: Forest
     experts: dict = field(default_factory=dict)
     embeddings: dict[str, tuple[list[str], torch.Tensor]] = field(default_factory=dict)
+    adapter_base: str | None = None  # the --base its PEFT adapters were read merged onto (absolute path)
 
     def entry(self, name: str) -> ModelEntry:
         for m in self.models:
@@ -85,7 +88,8 @@ class Atlas:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "models": [asdict(m) for m in self.models], "forest": self.forest.to_dict(),
-                "experts": self.experts, "embedded": {t: names for t, (names, _) in self.embeddings.items()}}
+                "experts": self.experts, "embedded": {t: names for t, (names, _) in self.embeddings.items()},
+                "adapter_base": self.adapter_base}
 
     def save(self, folder: str | Path) -> Path:
         """Write atlas.json, embeddings.safetensors (when there are embeddings) and atlas.html, together: a
@@ -132,7 +136,7 @@ class Atlas:
             forest = Forest.from_dict(data.get("forest", {"nodes": [], "edges": []}))
         except AtlasError as e:
             raise AtlasError(f"{path}: forest: {e}") from e
-        return cls(models, forest, dict(data.get("experts", {})), embedded)
+        return cls(models, forest, dict(data.get("experts", {})), embedded, data.get("adapter_base"))
 
 
 def check_atlas_folder(folder: str | Path) -> None:
@@ -199,7 +203,7 @@ _KINDS = {
                                                     and _KINDS["number"][0](p[1]) for p in v),
               "a list of [name, probability] pairs"),
 }
-_TOP = {"models": "list", "forest": "object", "experts": "object", "embedded": "object"}
+_TOP = {"models": "list", "forest": "object", "experts": "object", "embedded": "object", "adapter_base": "str?"}
 _ENTRY = {"name": "str", "path": "str", "parameters": "int", "size_bytes": "int", "dtype": "str", "tensors": "int",
           "architecture": "str", "tree": "int?", "parent": "str?", "score": "number?", "predicted": "pairs?",
           "described": "pairs?", "expert_tree": "str?", "text_tree": "str?", "notes": "strings"}

@@ -9,7 +9,8 @@ from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 _BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
-              "`atlas index build --base` reads them (default: an adapter's update B A alone)")
+              "`atlas index build --base` reads them (default: the base an atlas given was built with, else an "
+              "adapter's update B A alone)")
 MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that would load torch for `--help`
 
 
@@ -67,16 +68,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_paths(items: list[str]) -> list[Path]:
+def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
     """Model files and folders of models as they are; a zoo (manifest.json) or an atlas (atlas.json, folder
     or file) stands for the models it lists. A model reached twice (a zoo and one of its models, a model folder
     and its model.safetensors) is kept once, where it first appears, as `atlas index build` keeps it: it was
     listed twice, taking two of the --top places. A path that is no model is skipped with a note, as
-    `atlas index build` skips it, unless it is the only one."""
+    `atlas index build` skips it, unless it is the only one. Also returns the --base the atlases given
+    were built with (their ``adapter_base``)."""
     from modelatlas.cli.lineage import discover_or_skip
     from modelatlas.weights.registry import distinct_models
 
     paths: list[Path] = []
+    bases: set[str] = set()
     for item in items:
         p = Path(item)
         if p.name == "manifest.json" or (p.is_dir() and (p / "manifest.json").exists()):
@@ -87,24 +90,31 @@ def _model_paths(items: list[str]) -> list[Path]:
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
             from modelatlas.atlas import Atlas
 
-            paths.extend(Path(m.path) for m in Atlas.load(p, embeddings=False).models)
+            atlas = Atlas.load(p, embeddings=False)
+            paths.extend(Path(m.path) for m in atlas.models)
+            bases.update([atlas.adapter_base] if atlas.adapter_base else [])
         else:
             paths.extend(discover_or_skip(p, alone=len(items) == 1))
-    return distinct_models(paths)
+    return distinct_models(paths), bases
 
 
 def _read(experts, args: argparse.Namespace):
-    """``experts.read`` of the models given, each adapter merged onto ``--base`` when one is given."""
+    """``experts.read`` of the models given, each adapter merged onto ``--base``, or else the base the
+    atlases given were built with."""
     from modelatlas.errors import CheckpointError, ConfigError
     from modelatlas.weights.peft_lora import open_adapter_base
 
-    paths = _model_paths(args.models)
-    if args.base is None:
+    paths, recorded = _model_paths(args.models)
+    if args.base is None and len(recorded) > 1:
+        raise ConfigError(f"the atlases given were built with different --base ({', '.join(sorted(recorded))}); "
+                          "give them one at a time, or pass --base")
+    where = args.base or next(iter(recorded), None)
+    if where is None:
         return experts.read(paths, tqdm_progress)
     try:
-        base = open_adapter_base(args.base)[1]
+        base = open_adapter_base(where)[1]
     except CheckpointError as e:
-        raise ConfigError(f"--base {e}") from e
+        raise ConfigError(f"--base {e}" if args.base else f"the atlas's base {e}; pass --base") from e
     with base:
         return experts.read(paths, tqdm_progress, adapter_base=base)
 
