@@ -181,3 +181,28 @@ def test_an_atlas_records_its_base_and_probex_predict_reads_its_adapters_on_it(m
     ad = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ad "))
     predicted = ", ".join(f"{c} ({p:.2f})" for c, p in atlas.entry("ad").predicted)
     assert ad == f"ad [tree t0]: {predicted}"
+
+
+def test_probex_predict_refuses_a_missing_or_ambiguous_atlas_base(make_class_zoo, tmp_path, capsys):
+    """A recorded base that is gone, or two atlases of two bases, are one line each; --base reads them."""
+    import json
+
+    from modelatlas.cli.main import main
+
+    zoo, experts = make_class_zoo
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "c1.safetensors").write_bytes((zoo / "t0-c0001.safetensors").read_bytes())
+    make_zoo_adapter(tmp_path / "models" / "ad", zoo / "t0.safetensors", seed=1)
+    build_atlas(tmp_path / "models", experts=experts, adapter_base=zoo / "t0.safetensors").save(tmp_path / "a")
+    data = json.loads((tmp_path / "a" / "atlas.json").read_text())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "atlas.json").write_text(json.dumps({**data, "adapter_base": str(tmp_path / "gone")}))
+    predict = ["probex", "predict", "--experts", str(experts)]
+    assert main([*predict, str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the atlas's base {tmp_path / 'gone'}") and err.rstrip().endswith("; pass --base")
+    assert main([*predict, str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the atlases given were built with different --base (") and "pass --base" in err
+    assert main([*predict, str(tmp_path / "b"), "--base", str(zoo / "t0.safetensors")]) == 0
+    assert "ad [tree t0]" in capsys.readouterr().out

@@ -6,7 +6,14 @@ import torch
 from safetensors.torch import save_file
 
 from modelatlas.weights import gguf_names, open_checkpoint
-from modelatlas.weights.gguf_names import CONVERSIONS, conversion_of, gguf_view, permute_rows, regroup_qkv
+from modelatlas.weights.gguf_names import (
+    CONVERSIONS,
+    conversion_of,
+    gguf_attempt,
+    gguf_view,
+    permute_rows,
+    regroup_qkv,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -91,6 +98,8 @@ def test_models_that_are_not_mapped(tmp_path):
         assert gguf_view(hf, "llama") is None  # its experts are stacked by the converter: not listed
     with open_checkpoint(make_hf_model(tmp_path / "h")) as hf:
         assert gguf_view(hf, "llama", heads=4) is None  # the GGUF file lists other head counts
+        assert gguf_attempt(hf, "llama", heads=4) == f"its head counts ({HEADS}, {KV}) are not the GGUF files' (4, None)"
+        assert gguf_attempt(hf, "qwen2") is None  # another architecture: no reason to give
         assert gguf_view(hf, "llama", heads=HEADS, kv_heads=KV) is not None
     folder = make_hf_model(tmp_path / "bare")
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)}, str(tmp_path / "bare.safetensors"))
@@ -109,6 +118,7 @@ def test_a_name_the_converter_does_not_know_leaves_the_model_unmapped(tmp_path):
     save_file(extra, str(folder / "model.safetensors"))
     with open_checkpoint(folder) as hf:
         assert gguf_view(hf, "llama") is None
+        assert gguf_attempt(hf, "llama") == "tensor adapter.secret.weight has no GGUF name of its own"
 
 
 def test_a_depth_no_transformer_has_is_not_mapped(tmp_path, monkeypatch):
@@ -130,6 +140,7 @@ def test_a_depth_no_transformer_has_is_not_mapped(tmp_path, monkeypatch):
     for folder in (deep, far):
         with open_checkpoint(folder) as hf:
             assert gguf_view(hf, "llama") is None
+            assert gguf_attempt(hf, "llama") in ("1000000 blocks, more than the 1024 mapped", "1000001 blocks, more than the 1024 mapped")
     with open_checkpoint(make_hf_model(tmp_path / "m", num_hidden_layers=126)) as hf:  # Llama 3.1 405B's depth
         assert gguf_view(hf, "llama") is not None and asked == [126]
     gguf_names._name_table.cache_clear()
