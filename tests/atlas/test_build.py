@@ -206,3 +206,19 @@ def test_probex_predict_refuses_a_missing_or_ambiguous_atlas_base(make_class_zoo
     assert err.startswith("error: the atlases given were built with different --base (") and "pass --base" in err
     assert main([*predict, str(tmp_path / "b"), "--base", str(zoo / "t0.safetensors")]) == 0
     assert "ad [tree t0]" in capsys.readouterr().out
+
+
+def test_a_model_equal_on_the_compared_layers_only_says_so(tmp_path):
+    """A head-only fine-tune of t0_0 was noted as 'duplicate of t0_0' (identical weights)."""
+    make_models(tmp_path / "zoo")
+    tensors = load_file(str(tmp_path / "zoo" / "t0_0.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    head = torch.randn(10, 32, generator=gen)
+    for name in ("t0", "t0_0", "t0_1"):
+        w = load_file(str(tmp_path / "zoo" / f"{name}.safetensors"))
+        save_file({**w, "head.weight": head}, str(tmp_path / "zoo" / f"{name}.safetensors"))
+    save_file({**tensors, "head.weight": head + 1}, str(tmp_path / "zoo" / "t0_0probe.safetensors"))
+    by = {m.name: m for m in build_atlas(tmp_path / "zoo", lineage=LineageConfig(stage="specialize")).models}
+    assert (by["t0_0probe"].parent, by["t0_0probe"].score) == ("t0_0", 0.0)
+    assert by["t0_0probe"].notes == ["equal to t0_0 on the compared layers; differs in 1 other tensor(s), "
+                                     "e.g. head.weight"]

@@ -261,13 +261,6 @@ def test_from_dict_accepts_only_a_forest():
     check_shape_error(["a"], [("a", "x")], "names 'x', which is not in 'nodes'")
 
 
-def test_split_duplicates_keeps_the_first_of_each_group():
-    from modelatlas.lineage.recover import split_duplicates
-    rel = np.array([[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 1e-9], [0, 0.5, 0, 0.5], [0.5, 1e-9, 0.5, 0]])
-    assert split_duplicates(rel, [0, 1, 2, 3]) == ([0, 1], [(2, 0), (3, 1)])
-    assert split_duplicates(rel, [1, 2]) == ([1, 2], [])  # a failed model (0) is no one's representative
-
-
 def test_lower_precision_saves_are_copies_not_fine_tunes():
     weights, parents = make_synthetic_forest(seed=3)
     plain = recover_lineage(weights)
@@ -285,17 +278,6 @@ def test_lower_precision_saves_are_copies_not_fine_tunes():
     assert {k for (p, c), k in kinds.items() if "t2-tuned-fp16" in (p, c)} == {"trained"}  # a model of its own
     outside = {(e.parent, e.child) for e in plain.edges if not e.parent.startswith("t2")}
     assert outside <= {pc for pc, k in kinds.items() if k == "trained"}  # the copies change nothing else
-
-
-def test_split_duplicates_prefers_the_higher_precision_original():
-    from modelatlas.lineage.recover import ROUNDOFF, split_duplicates
-    rel = np.array([[0, 3e-4, 0.5], [3e-4, 0, 0.5], [0.5, 0.5, 0]])
-    # model 0 is the float16 save (given first), model 1 its float32 original: 1 represents, 0 is the copy
-    assert split_duplicates(rel, [0, 1, 2], roundoff=[ROUNDOFF["float16"], 0, 0]) == ([1, 2], [(0, 1)])
-    # the same distance between two float32 models is a fine-tune, not a copy
-    assert split_duplicates(rel, [0, 1, 2], roundoff=[0, 0, 0]) == ([0, 1, 2], [])
-    # nor between two float16 models (both rounded: a nonzero difference is a real change)
-    assert split_duplicates(rel, [0, 1, 2], roundoff=[ROUNDOFF["float16"]] * 3) == ([0, 1, 2], [])
 
 
 def test_precision_edges_are_drawn_as_copies():

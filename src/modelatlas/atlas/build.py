@@ -129,6 +129,10 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
             entry.parent, entry.score = edge.parent, round(float(edge.score), 4)
             if edge.kind != "trained":
                 entry.notes.append(f"{edge.kind} of {edge.parent}")
+        outside = (forest.decisions.get("outside_layers") or {}).get(entry.name)
+        if outside is not None:  # a head-only fine-tune, say: the lineage cannot tell which way it went
+            entry.notes.append(f"equal to {outside['like']} on the compared layers; differs in "
+                               f"{outside['n_differing']} other tensor(s), e.g. {outside['differs_in'][0]}")
 
 
 def _load_experts(folder, task: str):

@@ -250,15 +250,26 @@ def warn_stage_guess(forest) -> None:
              "directions are a guess; pass --stage specialize|generalize if you know it")
 
 
+def _model_notes(forest) -> None:
+    """One stderr line per skipped model, per model compared apart from the GGUF files, and per model equal
+    to another on the compared layers only (placed beside it, direction unknown)."""
+    for name, why in forest.skipped.items():
+        note(f"skipped {name}: {' '.join(why.split())}")
+    for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
+        note(f"{name}: compared under its own names, apart from the GGUF files: {why}")
+    for name, o in (forest.decisions.get("outside_layers") or {}).items():
+        more = f" and {o['n_differing'] - len(o['differs_in'])} more" if o["n_differing"] > len(o["differs_in"]) else ""
+        note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"
+             f"{more}: placed below it with score 0 (which way it was trained cannot be told from the compared "
+             "layers; a --layers pattern that takes in those tensors compares them)")
+
+
 def show_forest(forest, truth=None) -> None:
     """Skipped models (stderr), the tree drawing, the decisions and, with ``truth``, the scores."""
     from modelatlas.lineage.export import to_text
     from modelatlas.lineage.scoring import edge_marks, error_notes, score_forest
 
-    for name, why in forest.skipped.items():
-        note(f"skipped {name}: {' '.join(why.split())}")
-    for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
-        note(f"{name}: compared under its own names, apart from the GGUF files: {why}")
+    _model_notes(forest)
     marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
     echo(to_text(forest, marks, notes).rstrip("\n"))
     d = forest.decisions
@@ -267,6 +278,8 @@ def show_forest(forest, truth=None) -> None:
     dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
     same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""
     same += f", {len(lowp)} a lower-precision copy of another ({', '.join(sorted(set(lowp.values())))})" if lowp else ""
+    if d.get("outside_layers"):
+        same += f", {len(d['outside_layers'])} equal to another on the compared layers only"
     echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {d['stage']} ({how}); "
          f"distance: {d['distance']}")
     warn_stage_guess(forest)

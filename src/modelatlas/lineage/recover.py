@@ -25,6 +25,7 @@ import numpy as np
 from modelatlas.errors import ConfigError
 from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.copies import split_copies
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.orient import (
@@ -36,16 +37,10 @@ from modelatlas.lineage.orient import (
     prim_mst,
     solve_tree,
 )
-from modelatlas.lineage.quantized import quantized_copies
 from modelatlas.lineage.sources import as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.progress import Progress
-from modelatlas.weights import Checkpoint, TensorInfo
 
-DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
-# unit roundoff of the low-precision float formats: rounding a model to one of them moves it by at most this
-# relative amount, so a model within it of a higher-precision one is that model stored at lower precision
-ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 _NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
 
 
@@ -72,21 +67,21 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp = [], [], {}, {}
+        names, stats, duplicates, lowp, outside = [], [], {}, {}, {}
         for members, layers in groups:
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            keep = _split_copies(members, layers, st, keep, duplicates, lowp)
+            keep = split_copies(members, layers, st, keep, duplicates, lowp, outside)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError(_nothing_comparable(skipped))
         self._fit_groups(cfg, names, stats, rules, skipped)
-        if duplicates:
-            self._add_duplicates(duplicates, lowp)
+        if duplicates or outside:
+            self._add_duplicates(duplicates, lowp, outside)
         if renamed:
             self.forest_.decisions["gguf_names"] = renamed
         if unmapped:  # compared under their own names, apart from the GGUF files
@@ -147,79 +142,45 @@ class LineageRecovery:
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
 
-    def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str]) -> None:
-        """Put each duplicate back beside the model it equals: a node right after it, in its tree, joined by a
+    def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> None:
+        """Put each copy back beside the model it equals: a node right after it, in its tree, joined by a
         ``"duplicate"`` edge (``"precision"`` for a copy stored at the lower precision ``lowp[name]``; score 1,
-        distance 0); fitted arrays are extended by copying its row. Time O(N^2)."""
+        distance 0). A model of ``outside`` (equal on the compared layers only) goes beside its model the same
+        way, joined by a ``"trained"`` edge of score 0 (which way it went, those layers cannot tell) and
+        distance 0, and is listed in ``decisions["outside_layers"]``. Fitted arrays are extended by copying
+        the row of the model each one equals. Time O(N^2)."""
         f, pos = self.forest_, {n: i for i, n in enumerate(self.names_)}
+        like = {**duplicates, **{n: o["like"] for n, o in outside.items()}}
         after: dict[str, list[str]] = {}
-        for dup, rep in duplicates.items():
+        for dup, rep in like.items():
             after.setdefault(rep, []).append(dup)
-        nodes = [m for n in f.nodes for m in [n, *after.get(n, [])]]
-        src = np.array([pos[duplicates.get(n, n)] for n in nodes])  # row of the model each node equals
+        nodes = [m for n in f.nodes for m in _with_copies(n, after)]
+        src = np.array([pos[_equal_to(n, like, pos)] for n in nodes])  # row of the model each node equals
         f.nodes = nodes
         f.edges = f.edges + [Edge(rep, dup, 1.0, 0.0, "precision" if dup in lowp else "duplicate")
                              for dup, rep in duplicates.items()]
-        f.trees = [[m for n in tree for m in [n, *after.get(n, [])]] for tree in f.trees]
-        f.kurtosis.update({dup: f.kurtosis[rep] for dup, rep in duplicates.items()})
+        f.edges += [Edge(o["like"], n, 0.0, 0.0) for n, o in outside.items()]
+        f.trees = [[m for n in tree for m in _with_copies(n, after)] for tree in f.trees]
+        f.kurtosis.update({n: f.kurtosis[_equal_to(n, like, pos)] for n in like})
         f.decisions["duplicates"] = dict(duplicates)
         f.decisions["precision_copies"] = dict(lowp)
+        if outside:
+            f.decisions["outside_layers"] = dict(outside)
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
         self.clusters_, self.kurtosis_ = self.clusters_[src], self.kurtosis_[src]
-        self.distances_ = self.distances_[np.ix_(src, src)]  # a duplicate is at distance 0 from its model
+        self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
 
 
-def _split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: list[int],
-                  duplicates: dict[str, str], lowp: dict[str, str]) -> list[int]:
-    """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
-    (:func:`split_duplicates`) and quantized ones (:func:`~modelatlas.lineage.quantized.quantized_copies`);
-    each copy's name -> its model's goes into ``duplicates``, and -> its format into ``lowp`` unless identical
-    (an identical copy of a quantized copy is the source's quantized copy too: no chains)."""
-    dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
-    keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
-    duplicates.update({members[d].name: members[r].name for d, r in dups})
-    lowp.update({members[d].name: dtypes[d] for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL})
-    for q, r, kind in quantized_copies(members, layers, st.rel, keep):
-        keep.remove(q)
-        for d in [d for d, rep in duplicates.items() if rep == members[q].name]:  # q's identical copies: r's too
-            duplicates[d], lowp[d] = members[r].name, kind
-        duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
-    return keep
+def _with_copies(node: str, after: dict[str, list[str]]) -> list[str]:
+    """``node`` then the models placed beside it, each followed by its own (a copy of a head-only fine-tune)."""
+    return [node, *(m for n in after.get(node, []) for m in _with_copies(n, after))]
 
 
-def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TOL,
-                     roundoff: list[float] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
-    """(representatives, [(duplicate, representative)]) among ``keep``: a model whose relative distance to a
-    kept one is below ``tol`` (identical weights up to float32 rounding) is that model's duplicate. With
-    ``roundoff`` (each model's :data:`ROUNDOFF` of its :func:`storage_dtype`), a model stored at a lower precision than a kept one
-    and within that precision's unit roundoff of it is its copy at lower precision (rounding alone explains the
-    difference). Models are taken highest precision first, then in order, so a representative is the
-    original, not its rounded copy; representatives keep their order. Time O(N^2)."""
-    u = np.zeros(len(rel)) if roundoff is None else np.asarray(roundoff, dtype=float)
-    reps: list[int] = []
-    dups: list[tuple[int, int]] = []
-    for i in sorted(keep, key=lambda j: u[j]):  # stable: the given order within one precision
-        r = np.array(reps, dtype=int)
-        limit = np.where(u[r] != u[i], np.maximum(u[r], u[i]).clip(min=tol), tol)  # (R,)
-        same = np.flatnonzero(rel[i, r] < limit)
-        if len(same):
-            dups.append((i, reps[int(same[0])]))
-        else:
-            reps.append(i)
-    pos = {k: n for n, k in enumerate(keep)}
-    return sorted(reps, key=pos.__getitem__), dups
-
-
-def storage_dtype(ck: Checkpoint, layers: list[TensorInfo]) -> str:
-    """The lowest-precision dtype ``ck`` stores ``layers`` in (by :data:`ROUNDOFF`; any of them when all are
-    float32 or wider): header only."""
-    stored = {t.name: t.dtype for t in ck.tensors()}
-    return max((stored.get(t.name, "") for t in layers), key=lambda d: ROUNDOFF.get(d, 0.0), default="")
-
-
-def _coarser(a: str, b: str) -> str:
-    """Of two dtype names, the one of the larger :data:`ROUNDOFF` (the stored dtype vs the format the values fit)."""
-    return max(a, b, key=lambda d: ROUNDOFF.get(d, 0.0))
+def _equal_to(node: str, like: dict[str, str], pos: dict[str, int]) -> str:
+    """The fitted model whose row ``node`` takes: itself, or the model its copies chain ends at."""
+    while node not in pos:
+        node = like[node]
+    return node
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,

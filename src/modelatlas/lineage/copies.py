@@ -1,0 +1,157 @@
+"""Copies of one model among the models compared: identical ones, lower-precision float ones and quantized ones,
+told apart from models that equal another only on the compared layers.
+
+A copy is found on the compared layers (their relative distance, :func:`split_duplicates`; quantized copies by
+quantizing again, :mod:`.quantized`), but the layers compared by default are a part of each model (the square
+matrices): a head-only fine-tune (linear probing), a fine-tune of the biases alone (BitFit) or of the norms
+keeps them unchanged. So each identical or lower-precision copy is checked on every other float tensor the two
+models share (:func:`differing_tensors`), on up to :data:`SAMPLE_ROWS` evenly spaced rows of each. A model that
+differs there is no copy: it is listed with the tensors where it differs (``outside``) and placed beside the
+model it equals on the compared layers as a training step whose direction the compared layers cannot tell.
+Time O(C P_rest) for C copies found and P_rest weights sampled outside the compared layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.lineage.quantized import quantized_copies
+from modelatlas.weights import Checkpoint, TensorInfo
+
+DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
+# unit roundoff of the low-precision float formats: rounding a model to one of them moves it by at most this
+# relative amount, so a model within it of a higher-precision one is that model stored at lower precision
+ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+SAMPLE_ROWS = 256  # rows read of each tensor outside the compared layers (1-D tensors: up to 65,536 values)
+_SAMPLE_VALUES = 65_536
+MAX_LISTED = 10  # differing tensors named per model in the decisions
+
+
+def split_duplicates(rel: np.ndarray, keep: list[int], tol: float = DUPLICATE_TOL,
+                     roundoff: list[float] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """(representatives, [(duplicate, representative)]) among ``keep``: a model whose relative distance to a
+    kept one is below ``tol`` (identical weights up to float32 rounding) is that model's duplicate. With
+    ``roundoff`` (each model's :data:`ROUNDOFF` of its :func:`storage_dtype`), a model stored at a lower precision than a kept one
+    and within that precision's unit roundoff of it is its copy at lower precision (rounding alone explains the
+    difference). Models are taken highest precision first, then in order, so a representative is the
+    original, not its rounded copy; representatives keep their order. Time O(N^2)."""
+    u = np.zeros(len(rel)) if roundoff is None else np.asarray(roundoff, dtype=float)
+    reps: list[int] = []
+    dups: list[tuple[int, int]] = []
+    for i in sorted(keep, key=lambda j: u[j]):  # stable: the given order within one precision
+        r = np.array(reps, dtype=int)
+        limit = np.where(u[r] != u[i], np.maximum(u[r], u[i]).clip(min=tol), tol)  # (R,)
+        same = np.flatnonzero(rel[i, r] < limit)
+        if len(same):
+            dups.append((i, reps[int(same[0])]))
+        else:
+            reps.append(i)
+    pos = {k: n for n, k in enumerate(keep)}
+    return sorted(reps, key=pos.__getitem__), dups
+
+
+def storage_dtype(ck: Checkpoint, layers: list[TensorInfo]) -> str:
+    """The lowest-precision dtype ``ck`` stores ``layers`` in (by :data:`ROUNDOFF`; any of them when all are
+    float32 or wider): header only."""
+    stored = {t.name: t.dtype for t in ck.tensors()}
+    return max((stored.get(t.name, "") for t in layers), key=lambda d: ROUNDOFF.get(d, 0.0), default="")
+
+
+def _coarser(a: str, b: str) -> str:
+    """Of two dtype names, the one of the larger :data:`ROUNDOFF` (the stored dtype vs the format the values fit)."""
+    return max(a, b, key=lambda d: ROUNDOFF.get(d, 0.0))
+
+
+def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: list[int],
+                 duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> list[int]:
+    """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
+    (:func:`split_duplicates`, each checked outside the compared layers) and quantized ones
+    (:func:`~modelatlas.lineage.quantized.quantized_copies`); each copy's name -> its model's goes into
+    ``duplicates``, and -> its format into ``lowp`` unless identical (an identical copy of a quantized copy is
+    the source's quantized copy too: no chains). A model equal to a kept one on ``layers`` only goes into
+    ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
+    "n_differing": their number}."""
+    dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
+    keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
+    for d, r in _checked_outside(members, layers, dups, outside):
+        duplicates[members[d].name] = members[r].name
+        if st.rel[d, r] >= DUPLICATE_TOL:
+            lowp[members[d].name] = dtypes[d]
+    for q, r, kind in quantized_copies(members, layers, st.rel, keep):
+        keep.remove(q)
+        for d in [d for d, rep in duplicates.items() if rep == members[q].name]:  # q's identical copies: r's too
+            duplicates[d], lowp[d] = members[r].name, kind
+        duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
+    return keep
+
+
+def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: list[tuple[int, int]],
+                     outside: dict[str, dict]) -> list[tuple[int, int]]:
+    """The (copy, model) pairs of ``dups`` that also agree outside ``layers``. A model that does not is
+    recorded in ``outside``; a later one may still be its copy (two saves of one head-only fine-tune)."""
+    compared = {t.name for t in layers}
+    kept: list[tuple[int, int]] = []
+    differing: dict[int, list[int]] = {}  # representative -> models equal to it on the layers only
+    for d, r in dups:
+        first = differing_tensors(members[r], members[d], compared)
+        found = r if not first else next(  # a copy of an earlier model that differs from r the same way?
+            (c for c in differing.get(r, []) if not differing_tensors(members[c], members[d], compared)), None)
+        if found is not None:
+            kept.append((d, found))
+            continue
+        differing.setdefault(r, []).append(d)
+        outside[members[d].name] = {"like": members[r].name, "differs_in": first[:MAX_LISTED],
+                                    "n_differing": len(first)}
+    return kept
+
+
+def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset()) -> list[str]:
+    """The float tensors of ``a`` (names not in ``skip``) that ``b`` holds in another shape, or whose values
+    differ by more than float rounding: relative distance over :data:`SAMPLE_ROWS` evenly spaced rows above
+    :data:`DUPLICATE_TOL`, or above the coarser of the two dtypes' :data:`ROUNDOFF` when they are stored
+    in different dtypes; a tensor that cannot be read, or holds NaN or inf there, differs too (named so).
+    Tensors only one model holds are not compared. Time O(sampled weights)."""
+    theirs = {t.name: t for t in b.tensors()}
+    out = []
+    for t in a.tensors():
+        other = theirs.get(t.name)
+        if t.name in skip or other is None or not _is_float(t) or not _is_float(other):
+            continue
+        if tuple(other.shape) != tuple(t.shape):
+            out.append(f"{t.name} (shape {tuple(t.shape)} vs {tuple(other.shape)})")
+            continue
+        why = _sample_differs(a, b, t, other)
+        if why is not None:
+            out.append(t.name + why)
+    return out
+
+
+def _is_float(t: TensorInfo) -> bool:
+    return t.dtype.startswith(("float", "bfloat")) and t.numel > 0
+
+
+def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorInfo) -> str | None:
+    """None when tensor ``t`` of ``a`` and ``b`` agree on the sample, else "" or a reason in parentheses."""
+    try:
+        x, y = _sample(a.read(t.name)), _sample(b.read(t.name))
+    except CheckpointError:
+        return " (unreadable)"
+    if not bool(torch.isfinite(y).all()) or not bool(torch.isfinite(x).all()):
+        return " (NaN or inf values)"
+    limit = DUPLICATE_TOL if t.dtype == other.dtype else max(ROUNDOFF.get(t.dtype, 0.0),
+                                                             ROUNDOFF.get(other.dtype, 0.0), DUPLICATE_TOL)
+    scale = float(x.norm())
+    gap = float((x - y).norm())
+    return None if gap <= limit * scale else ""
+
+
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """Up to :data:`SAMPLE_ROWS` evenly spaced rows of ``x`` (1-D: up to 65,536 evenly spaced values), float64."""
+    flat = x.reshape(len(x), -1) if x.dim() >= 2 else x.reshape(-1, 1)  # (rows, row length)
+    if x.dim() < 2:
+        pick = torch.linspace(0, len(flat) - 1, min(len(flat), _SAMPLE_VALUES)).round().long()
+    else:
+        pick = torch.linspace(0, len(flat) - 1, min(len(flat), SAMPLE_ROWS)).round().long()
+    return flat[pick].double()  # (rows picked, row length)

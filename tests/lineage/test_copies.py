@@ -1,0 +1,110 @@
+"""Copies found on the compared layers, checked on every other tensor (lineage.copies)."""
+
+import numpy as np
+import torch
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.copies import ROUNDOFF, differing_tensors, split_duplicates
+from modelatlas.lineage.synthetic import make_synthetic_forest
+from modelatlas.weights import open_checkpoint
+
+
+def make_with_head(seed: int = 3) -> dict:
+    """A synthetic forest whose models also hold a head (10 x 32) and a bias, both non-square: not compared."""
+    weights, _ = make_synthetic_forest(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    head, bias = torch.randn(10, 32, generator=gen), torch.randn(32, generator=gen)
+    return {n: {**w, "head.weight": head.clone(), "block.bias": bias.clone()} for n, w in weights.items()}
+
+
+def make_checkpoint(tensors: dict, tmp_path, name: str):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    return open_checkpoint(tmp_path / f"{name}.safetensors")
+
+
+def test_split_duplicates_keeps_the_first_of_each_group():
+    rel = np.array([[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 1e-9], [0, 0.5, 0, 0.5], [0.5, 1e-9, 0.5, 0]])
+    assert split_duplicates(rel, [0, 1, 2, 3]) == ([0, 1], [(2, 0), (3, 1)])
+    assert split_duplicates(rel, [1, 2]) == ([1, 2], [])  # a failed model (0) is no one's representative
+
+
+def test_split_duplicates_prefers_the_higher_precision_original():
+    rel = np.array([[0, 3e-4, 0.5], [3e-4, 0, 0.5], [0.5, 0.5, 0]])
+    # model 0 is the float16 save (given first), model 1 its float32 original: 1 represents, 0 is the copy
+    assert split_duplicates(rel, [0, 1, 2], roundoff=[ROUNDOFF["float16"], 0, 0]) == ([1, 2], [(0, 1)])
+    # the same distance between two float32 models is a fine-tune, not a copy
+    assert split_duplicates(rel, [0, 1, 2], roundoff=[0, 0, 0]) == ([0, 1, 2], [])
+    # nor between two float16 models (both rounded: a nonzero difference is a real change)
+    assert split_duplicates(rel, [0, 1, 2], roundoff=[ROUNDOFF["float16"]] * 3) == ([0, 1, 2], [])
+
+
+def test_differing_tensors_names_each_kind_of_difference(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 8, generator=gen), "head": torch.randn(3, 8, generator=gen),
+            "bias": torch.randn(8, generator=gen), "steps": torch.tensor([7])}
+    a = make_checkpoint(base, tmp_path, "a")
+    assert differing_tensors(a, make_checkpoint({k: v.clone() for k, v in base.items()}, tmp_path, "same")) == []
+    # a float16 save is float16 rounding away everywhere: no difference; the integer tensor is not compared
+    half = {k: (v.half() if v.is_floating_point() else v + 1) for k, v in base.items()}
+    assert differing_tensors(a, make_checkpoint(half, tmp_path, "half")) == []
+    tuned = {**base, "head": base["head"] + 0.01, "bias": base["bias"] * 1.001}
+    assert differing_tensors(a, make_checkpoint(tuned, tmp_path, "tuned")) == ["bias", "head"]  # file order
+    assert differing_tensors(a, make_checkpoint(tuned, tmp_path, "tuned2"), skip={"head"}) == ["bias"]
+    broken = {**base, "head": torch.randn(4, 8, generator=gen), "bias": base["bias"].clone()}
+    broken["bias"][3] = float("inf")
+    assert differing_tensors(a, make_checkpoint(broken, tmp_path, "broken")) == [
+        "bias (NaN or inf values)", "head (shape (3, 8) vs (4, 8))"]
+    # a tensor only one of them holds is not compared
+    assert differing_tensors(a, make_checkpoint({"w": base["w"].clone()}, tmp_path, "part")) == []
+
+
+def test_a_head_only_fine_tune_is_no_copy():
+    weights = make_with_head()
+    probe = {**weights["t0_1"], "head.weight": weights["t0_1"]["head.weight"] + 0.1}  # linear probing of t0_1
+    bitfit = {**weights["t1"], "block.bias": weights["t1"]["block.bias"] * 1.01}  # BitFit of the root t1
+    f = recover_lineage({**weights, "t0_1-probe": probe, "t0_1-probe-again": {k: v.clone() for k, v in probe.items()},
+                         "t1-bitfit": bitfit, "t2-copy": {k: v.clone() for k, v in weights["t2"].items()}})
+    edges = {e.child: e for e in f.edges}
+    # before: "identical weights to t0_1" and "to t1"; now a training step of unknown direction beside them
+    assert (edges["t0_1-probe"].parent, edges["t0_1-probe"].kind, edges["t0_1-probe"].score) == ("t0_1", "trained", 0.0)
+    assert (edges["t1-bitfit"].parent, edges["t1-bitfit"].kind, edges["t1-bitfit"].distance) == ("t1", "trained", 0.0)
+    assert f.decisions["outside_layers"] == {
+        "t0_1-probe": {"like": "t0_1", "differs_in": ["head.weight"], "n_differing": 1},
+        "t1-bitfit": {"like": "t1", "differs_in": ["block.bias"], "n_differing": 1}}
+    # a second save of the probe is the probe's copy (not a second probe of t0_1); a true copy stays one
+    assert f.decisions["duplicates"] == {"t0_1-probe-again": "t0_1-probe", "t2-copy": "t2"}
+    assert edges["t0_1-probe-again"].kind == "duplicate" and edges["t2-copy"].parent == "t2"
+    i = f.nodes.index("t0_1")
+    assert f.nodes[i:i + 3] == ["t0_1", "t0_1-probe", "t0_1-probe-again"]
+    tree = next(t for t in f.trees if "t0_1" in t)
+    assert {"t0_1-probe", "t0_1-probe-again"} <= set(tree)
+
+
+def test_copies_placed_outside_keep_the_rest_of_the_forest():
+    weights = make_with_head(seed=5)
+    plain = recover_lineage(weights)
+    probe = {**weights["t1_0"], "head.weight": weights["t1_0"]["head.weight"] * 2}
+    f = recover_lineage({**weights, "probe": probe})
+    assert {(e.parent, e.child) for e in plain.edges} == {(e.parent, e.child) for e in f.edges if e.child != "probe"}
+    assert f.kurtosis["probe"] == f.kurtosis["t1_0"]
+
+
+def test_cli_says_which_tensors_differ(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from modelatlas.cli.main import main
+
+    weights = make_with_head()
+    for name in ("t0", "t0_0", "t0_1", "t0_2"):
+        save_file(weights[name], str(tmp_path / f"{name}.safetensors"))
+    probe = {**weights["t0_2"], "head.weight": weights["t0_2"]["head.weight"] - 0.5}
+    save_file(probe, str(tmp_path / "t0_2probe.safetensors"))  # after t0_2: the first given is placed above
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
+    out, err = capsys.readouterr()
+    assert "    └── t0_2probe  (0.00)" in out and "identical" not in out
+    assert "5 models, 1 equal to another on the compared layers only, 1 tree" in out
+    assert ("t0_2probe: equal to t0_2 on the compared layers, but differs in head.weight: placed below it with score "
+            "0 (which way it was trained cannot be told from the compared layers; a --layers pattern that takes in "
+            "those tensors compares them)") in err
