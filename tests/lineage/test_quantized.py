@@ -33,10 +33,14 @@ def make_family(folder, n):
 
 
 def make_gguf(path, weights, kind=Q.Q8_0, plain=()):
-    """``weights`` written to a GGUF file, quantized to ``kind`` (the layers in ``plain`` as float16)."""
+    """``weights`` written to a GGUF file, quantized to ``kind`` (the layers in ``plain`` as float16, 1-D
+    tensors as float32, as llama.cpp keeps them)."""
     w = gguf.GGUFWriter(str(path), "llama")
     for name, t in weights.items():
         x = t.numpy()
+        if x.ndim == 1:
+            w.add_tensor(name, x.astype(np.float32))
+            continue
         if name in plain:
             w.add_tensor(name, x.astype(np.float16))
             continue
@@ -308,3 +312,37 @@ def test_a_model_of_the_gguf_architecture_that_cannot_be_renamed_says_why(tmp_pa
     assert main(["lineage", "recover", *map(str, paths), "--stage", "specialize"]) == 0
     assert "odd: compared under its own names, apart from the GGUF files: config.json gives no usable" \
         in capsys.readouterr().err
+
+
+def test_a_quantized_model_whose_biases_differ_is_no_copy(tmp_path):
+    """Its matrices quantize the source's exactly; its 1-D biases (kept float32 in GGUF files, never
+    quantized) are another model's: it was drawn as the source's q8_0 copy."""
+    p, kids = make_family(tmp_path, 2)
+    gen = torch.Generator().manual_seed(7)
+    bias = torch.randn(64, generator=gen)
+    for name, w in {"p": p, **kids}.items():
+        save_file({**w, "a.bias": bias}, str(tmp_path / f"{name}.safetensors"))
+    make_gguf(tmp_path / "p-q8.gguf", {**p, "a.bias": bias})
+    make_gguf(tmp_path / "bitfit-q8.gguf", {**p, "a.bias": bias * 1.1})
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    kinds = {e.child: (e.parent, e.kind) for e in forest.edges}
+    assert kinds["p-q8"] == ("p", "precision")
+    assert kinds["bitfit-q8"][1] == "trained" and "bitfit-q8" not in forest.decisions["duplicates"]
+
+
+def test_a_quantized_copy_of_a_head_only_fine_tune_hangs_below_it(tmp_path):
+    """probe (p with another head) and its q8_0 copy: the copy's compared layers equal p-q8's, so they were one
+    model there; it is probe's copy (its head says so), and p-q8 p's."""
+    p, kids = make_family(tmp_path, 2)
+    head = torch.randn(10, 64, generator=torch.Generator().manual_seed(3))
+    for name, w in {"p": p, **kids}.items():
+        save_file({**w, "head.weight": head}, str(tmp_path / f"{name}.safetensors"))
+    probe = {**p, "head.weight": head + 0.5}
+    save_file(probe, str(tmp_path / "probe.safetensors"))
+    make_gguf(tmp_path / "p-q8.gguf", {**p, "head.weight": head})
+    make_gguf(tmp_path / "probe-q8.gguf", probe)
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    edges = {e.child: (e.parent, e.kind) for e in forest.edges}
+    assert edges["p-q8"] == ("p", "precision") and edges["probe-q8"] == ("probe", "precision")
+    assert edges["probe"] == ("p", "trained") and forest.decisions["outside_layers"]["probe"]["like"] == "p"
+    assert forest.decisions["precision_copies"] == {"p-q8": "q8_0", "probe-q8": "q8_0"}

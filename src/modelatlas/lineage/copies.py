@@ -68,7 +68,8 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
                  duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> list[int]:
     """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
     (:func:`split_duplicates`, each checked outside the compared layers) and quantized ones
-    (:func:`~modelatlas.lineage.quantized.quantized_copies`); each copy's name -> its model's goes into
+    (:func:`~modelatlas.lineage.quantized.quantized_copies`, whose unquantized 1-D tensors are checked the
+    same way: a quantized fine-tune of the biases alone stays a model); each copy's name -> its model's goes into
     ``duplicates``, and -> its format into ``lowp`` unless identical (an identical copy of a quantized copy is
     the source's quantized copy too: no chains). A model equal to a kept one on ``layers`` only goes into
     ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
@@ -79,8 +80,16 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
         duplicates[members[d].name] = members[r].name
         if st.rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
-    for q, r, kind in quantized_copies(members, layers, st.rel, keep):
-        keep.remove(q)
+    aside = [i for i, m in enumerate(members) if m.name in outside]  # may be quantized copies, or their sources
+    for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside):
+        tested = {t.name for t in members[q].tensors()  # matrices: quantized again; other quantized ones: none
+                  if len(t.shape) >= 2 or members[q].quantization(t.name) is not None}
+        if differing_tensors(members[r], members[q], tested):  # its biases or norms differ: a model of its own
+            continue
+        if q in keep:
+            keep.remove(q)
+        else:
+            del outside[members[q].name]
         for d in [d for d, rep in duplicates.items() if rep == members[q].name]:  # q's identical copies: r's too
             duplicates[d], lowp[d] = members[r].name, kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
