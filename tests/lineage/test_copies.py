@@ -108,3 +108,15 @@ def test_cli_says_which_tensors_differ(tmp_path, capsys):
     assert ("t0_2probe: equal to t0_2 on the compared layers, but differs in head.weight: placed below it with score "
             "0 (which way it was trained cannot be told from the compared layers; a --layers pattern that takes in "
             "those tensors compares them)") in err
+
+
+def test_trees_asked_for_count_a_model_equal_on_the_compared_layers_once():
+    import pytest
+
+    from modelatlas.errors import ConfigError
+
+    weights = make_with_head()
+    probe = {**weights["t0"], "head.weight": weights["t0"]["head.weight"] + 1}
+    with pytest.raises(ConfigError, match=r"of 39 distinct model\(s\) \(copies, and models equal to another on the "
+                                          r"compared layers, count once\); give a value in \[1, 39\]"):
+        recover_lineage({**weights, "probe": probe}, n_trees=40)

@@ -213,8 +213,8 @@ def _cluster(cfg: LineageConfig, stats: list[PairStats]) -> tuple[np.ndarray, di
     n_groups = sum(1 for n in sizes if n)
     if cfg.n_trees < n_groups or cfg.n_trees > sum(sizes):
         raise ConfigError(f"n_trees (--trees) = {cfg.n_trees} is impossible: the models form {n_groups} "
-                          f"architecture group(s) of {sum(sizes)} distinct model(s) (identical and lower-precision "
-                          f"copies count once); give a value in [{n_groups}, {sum(sizes)}]")
+                          f"architecture group(s) of {sum(sizes)} distinct model(s) (copies, and models equal to "
+                          f"another on the compared layers, count once); give a value in [{n_groups}, {sum(sizes)}]")
     dist = _block_diagonal([s.l1 if cfg.method == "mother-paper" else s.rel for s in stats])
     return ward_clusters(dist, cfg.n_trees), {"n_trees_given": True}
 
