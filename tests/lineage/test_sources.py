@@ -56,3 +56,23 @@ def test_groups_differing_only_by_a_first_component_are_merged_nothing_else():
     assert [c.name_prefix for c in members] == ["", "model.", "model.net.", "net."]
     assert [float(c.read("x.w")[0, 0]) for c in members] == [0.0, 1.0, 2.0, 3.0]  # each its own tensor
     assert members[1].keys() == ["x.w"] and members[1].inner is ckpts[1]  # "head" is outside the prefix
+
+
+def test_a_model_of_integer_packed_weights_is_skipped_saying_why():
+    """A GPTQ model's only float matrices are its scales: two of them were compared by their scales alone,
+    with no word, and drawn as two trees."""
+    gen = torch.Generator().manual_seed(0)
+    gptq = {"q.qweight": torch.randint(0, 2**30, (8, 64), dtype=torch.int32, generator=gen),
+            "q.scales": torch.randn(2, 64, generator=gen).half(), "norm.weight": torch.randn(64, generator=gen)}
+    bnb = {"q.weight": torch.randint(0, 255, (512, 1), dtype=torch.uint8, generator=gen),
+           "q.weight.absmax": torch.rand(16, generator=gen), "k.weight": torch.randn(8, 8, generator=gen)}
+    plain = {"q.weight": torch.randn(8, 8, generator=gen)}
+    models = {"gptq": MemoryCheckpoint("gptq", gptq), "bnb": MemoryCheckpoint("bnb", bnb),
+              "plain": MemoryCheckpoint("plain", plain)}
+    groups, _, skipped = group_by_architecture(list(models.values()), None)
+    assert [[m.name for m in g] for g, _ in groups] == [["plain"]]
+    assert "by GPTQ / AWQ quantization ('q.qweight'), which is not unpacked here" in skipped["gptq"]
+    assert "by bitsandbytes 4-bit quantization ('q.weight.absmax')" in skipped["bnb"]
+    # asked for by a pattern, its float matrices are compared
+    groups, _, skipped = group_by_architecture([models["gptq"]], "scales")
+    assert skipped == {} and [t.name for t in groups[0][1]] == ["q.scales"]

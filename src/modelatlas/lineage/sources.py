@@ -22,6 +22,10 @@ from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_wit
 from modelatlas.weights.base import _stem, shared_first_component
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+# name endings of weights packed into integers by quantization libraries, which no reader here unpacks; the
+# model's float tensors are then its scales and zero points, not its weights
+_PACKED = {".qweight": "GPTQ / AWQ", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
+           ".weight.absmax": "bitsandbytes 4-bit", ".SCB": "bitsandbytes 8-bit"}
 
 
 class MemoryCheckpoint(Checkpoint):
@@ -195,6 +199,18 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
     return mats, "all matrices (no square ones)"
 
 
+def packed_weights(ckpt: Checkpoint) -> str | None:
+    """Why ``ckpt``'s weights cannot be compared when it stores them packed into integers (GPTQ, AWQ, EXL2,
+    compressed-tensors, bitsandbytes: :data:`_PACKED`), naming the first such tensor; None otherwise. Header only."""
+    for t in ckpt.tensors():
+        kind = next((k for end, k in _PACKED.items() if t.name.endswith(end)), None)
+        if kind is not None:
+            return (f"its weights are packed into integers by {kind} quantization ({t.name!r}), which is not "
+                    "unpacked here, and its float tensors are scales, not weights; compare its unquantized "
+                    "model, or save it dequantized (a --layers pattern compares its float tensors anyway)")
+    return None
+
+
 def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     """Split models by the (name, shape) set of their selected layers; each group can be compared.
 
@@ -213,6 +229,10 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
             skipped[ck.name] = (f"{ck.path}: holds a weight update ({ck.kind}), not a model; give the base model "
                                 "it was trained on (--base MODEL on the command line, adapter_base= in "
                                 "Python) or store merged weights")
+            continue
+        packed = packed_weights(ck) if pattern is None else None
+        if packed is not None:
+            skipped[ck.name] = f"{ck.path}: {packed}"
             continue
         try:
             layers, rule = select_layers(ck, pattern)
