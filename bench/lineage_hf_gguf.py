@@ -13,7 +13,9 @@ key rows the converter permutes, qwen2, gemma / gemma2 / gemma3 with their norms
 embedding cut to the tokenizer's size, phi3 with fused qkv / gate_up, stablelm, starcoder2, olmo, olmo2,
 olmo3, gpt2 with transposed Conv1D weights, falcon with regrouped qkv rows), transformers writes a randomly
 initialised base (its 1-D weights, norms and biases, drawn at random too, so that a shift of the norms shows)
-and three fine-tunes of it (each 2-D weight moved by 0.1 %, 1 % and 5 % of its standard deviation). Every
+and three fine-tunes of it (each 2-D weight moved by 0.1 %, 1 % and 5 % of its standard deviation), and a
+fourth that moves only its 1-D weights (5 %: BitFit-like; equal to the base on the compared square matrices,
+it must be no copy of it, and its conversions must be its copies, not the base's). Every
 model is converted to F32 (checked tensor by tensor against modelatlas's GGUF-named view: the two must be
 equal), F16 and Q8_0 by the converter, and to --types by llama-quantize from the F16 file. The vocabulary
 step of the converter is skipped (the models have no tokenizer; it writes no weight; gemma3 gets a
@@ -38,6 +40,7 @@ from modelatlas.weights import open_checkpoint
 from modelatlas.weights.gguf_names import gguf_view
 
 STEPS = {"ft0": 0.001, "ft1": 0.01, "ft2": 0.05}
+NORMS = {"ftn": 0.05}  # a fine-tune of the 1-D weights alone (norms, biases: BitFit), by 5 % of their spread
 CONVERT = """import sys
 sys.path[:0] = [{root!r} + "/gguf-py", {root!r}]
 import convert_hf_to_gguf as c
@@ -76,7 +79,8 @@ OWN_DIMS = ("gpt2", "falcon")  # configs named in their own words
 
 
 def make_models(folder: Path, arch: str) -> list[Path]:
-    """A base and its fine-tunes (STEPS) saved by transformers' save_pretrained under ``folder``/{arch}-*."""
+    """A base and its fine-tunes (STEPS: 2-D weights moved; NORMS: 1-D weights moved) saved by transformers'
+    save_pretrained under ``folder``/{arch}-*."""
     import transformers
 
     torch.manual_seed(0)
@@ -89,11 +93,12 @@ def make_models(folder: Path, arch: str) -> list[Path]:
                 p.copy_(torch.randn(p.shape) * 0.1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     out = []
-    for name, step in {"base": 0.0, **STEPS}.items():
+    moved = {"base": (0.0, 2), **{n: (s, 2) for n, s in STEPS.items()}, **{n: (s, 1) for n, s in NORMS.items()}}
+    for name, (step, ndim) in moved.items():
         gen = torch.Generator().manual_seed(len(out))
         with torch.no_grad():
             for k, p in model.state_dict().items():
-                noise = torch.randn(p.shape, generator=gen) * base[k].std() * step if p.ndim == 2 else 0
+                noise = torch.randn(p.shape, generator=gen) * base[k].std() * step if p.ndim == ndim else 0
                 p.copy_(base[k] + noise)
         model.save_pretrained(folder / f"{arch}-{name}")
         if arch == "gemma3":
@@ -152,8 +157,10 @@ def main() -> None:
         copies = forest.decisions.get("duplicates", {})
         right = sum(copies.get(f.stem) == m.name for m, fs in files.items() for f in fs)
         total = sum(len(fs) for fs in files.values())
+        outside = forest.decisions.get("outside_layers", {})
         print(f"{arch}: {right} of {total} conversions placed as copies of their own source; "
-              f"architecture groups: {forest.decisions['architectures']}\n")
+              f"architecture groups: {forest.decisions['architectures']}; models equal to another on the "
+              f"compared layers only: {json.dumps(outside)}\n")
 
 
 if __name__ == "__main__":

@@ -346,3 +346,19 @@ def test_a_quantized_copy_of_a_head_only_fine_tune_hangs_below_it(tmp_path):
     assert edges["p-q8"] == ("p", "precision") and edges["probe-q8"] == ("probe", "precision")
     assert edges["probe"] == ("p", "trained") and forest.decisions["outside_layers"]["probe"]["like"] == "p"
     assert forest.decisions["precision_copies"] == {"p-q8": "q8_0", "probe-q8": "q8_0"}
+
+
+def test_a_quantized_copy_of_a_bitfit_goes_to_it_not_to_its_base(tmp_path):
+    """The q8_0 of a biases-only fine-tune requantizes its base's matrices exactly too; the base came first
+    among the candidates, failed on the biases, and the copy was left a model of its own."""
+    p, kids = make_family(tmp_path, 2)
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    for name, w in {"p": p, **kids}.items():
+        save_file({**w, "a.bias": bias}, str(tmp_path / f"{name}.safetensors"))
+    save_file({**p, "a.bias": bias * 1.1}, str(tmp_path / "p_bitfit.safetensors"))
+    make_gguf(tmp_path / "p_bitfit-q8.gguf", {**p, "a.bias": bias * 1.1})
+    make_gguf(tmp_path / "p-q8.gguf", {**p, "a.bias": bias})
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    edges = {e.child: (e.parent, e.kind) for e in forest.edges}
+    assert edges["p_bitfit-q8"] == ("p_bitfit", "precision") and edges["p-q8"] == ("p", "precision")
+    assert edges["p_bitfit"] == ("p", "trained") and forest.decisions["outside_layers"]["p_bitfit"]["like"] == "p"

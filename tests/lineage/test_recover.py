@@ -54,7 +54,7 @@ def test_architectures_are_separated_not_crashed_on():
 
 def test_impossible_tree_count_counts_copies_once():
     w = torch.randn(8, 8)
-    with pytest.raises(ConfigError, match=r"1 architecture group\(s\) of 1 distinct model\(s\) \(identical and"):
+    with pytest.raises(ConfigError, match=r"1 architecture group\(s\) of 1 distinct model\(s\) \(copies, and models equal"):
         recover_lineage({"a": {"w": w}, "b": {"w": w.clone()}, "c": {"w": w.clone()}}, n_trees=2)  # "of 1 models"
 
 

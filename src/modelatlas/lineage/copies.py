@@ -81,11 +81,7 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
         if st.rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
     aside = [i for i, m in enumerate(members) if m.name in outside]  # may be quantized copies, or their sources
-    for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside):
-        tested = {t.name for t in members[q].tensors()  # matrices: quantized again; other quantized ones: none
-                  if len(t.shape) >= 2 or members[q].quantization(t.name) is not None}
-        if differing_tensors(members[r], members[q], tested):  # its biases or norms differ: a model of its own
-            continue
+    for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside, accept=_same_vectors(members)):
         if q in keep:
             keep.remove(q)
         else:
@@ -94,6 +90,16 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
             duplicates[d], lowp[d] = members[r].name, kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
     return keep
+
+
+def _same_vectors(members: list[Checkpoint]):
+    """``accept(copy, source)`` for :func:`quantized_copies`: the copy's tensors that are not tested by
+    quantizing again (the unquantized 1-D ones: GGUF keeps biases and norms in float32) equal the source's."""
+    def accept(q: int, r: int) -> bool:
+        tested = {t.name for t in members[q].tensors()  # matrices: quantized again; other quantized ones: none
+                  if len(t.shape) >= 2 or members[q].quantization(t.name) is not None}
+        return not differing_tensors(members[r], members[q], tested)
+    return accept
 
 
 def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: list[tuple[int, int]],

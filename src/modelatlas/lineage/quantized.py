@@ -34,7 +34,7 @@ CANDIDATES = 3  # nearest higher-precision models tested per quantized model
 
 
 def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.ndarray, keep: list[int],
-                     candidates: int = CANDIDATES) -> list[tuple[int, int, str]]:
+                     candidates: int = CANDIDATES, accept=None) -> list[tuple[int, int, str]]:
     """(copy, source, type) for each model of ``keep`` holding block-quantized ``layers`` that is the
     quantization of a model of ``keep`` stored without block quantization: on every matrix the two share
     (the compared ``layers`` and the others: an embedding, a head), the copy's stored values what quantizing
@@ -42,7 +42,9 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
     :data:`MIN_MATCH_CODEBOOK` for the IQ4 types), its plain
     matrices the source's rounded to their dtype. The ``candidates`` nearest sources by ``rel`` (N x N
     relative distances) are tested and the one with the highest smallest margin over the threshold wins (a coarse type, Q2_K, can pass for a model and its 0.1 % fine-tune alike;
-    only the true source reproduces every value). ``type`` is the lower-cased quantization ("q8_0";
+    only the true source reproduces every value); ``accept(copy, source)``, when given, must hold too (tried
+    from the best candidate down: a source whose other tensors differ gives way to one whose do not).
+    ``type`` is the lower-cased quantization ("q8_0";
     "q4_k+q6_k" for a mix). Time O(Q c P) for Q quantized models, c candidates, P weights; only models with
     a quantized layer are read again."""
     kinds = {i: _kinds(ckpts[i], layers) for i in keep}
@@ -52,8 +54,9 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
     for q in quant:
         scored = [(copy_score(ckpts[q], ckpts[r]), -n, r)
                   for n, r in enumerate(sorted(sources, key=lambda j: rel[q, j])[:candidates])]
-        best = max(scored, default=(-1.0, 0, -1))
-        if best[0] >= 0:
+        passing = sorted((s for s in scored if s[0] >= 0), reverse=True)
+        best = next((s for s in passing if accept is None or accept(q, s[2])), None)
+        if best is not None:
             out.append((q, best[2], "+".join(sorted(kinds[q])).lower()))
     return out
 
