@@ -51,7 +51,7 @@ def test_build_tells_models_named_alike_apart_by_folder_and_refuses_too_few(tmp_
     atlas = build_atlas([tmp_path / "a", tmp_path / "b"], lineage=SPECIALIZE)
     by = {m.name: m for m in atlas.models}
     assert {"a/t0", "b/t0", "t1", "t0_1"} <= set(by) and "t0" not in by
-    assert by["b/t0"].parent == "a/t0" and by["b/t0"].notes == ["duplicate of a/t0"]
+    assert by["b/t0"].parent == "a/t0" and by["b/t0"].notes == ["identical weights to a/t0"]
     assert by["t0_1"].parent == "a/t0"
     with pytest.raises(AtlasError, match="1 readable model"):
         build_atlas([tmp_path / "b"])

@@ -191,3 +191,22 @@ def test_build_warns_when_the_stage_is_a_guess(tmp_path, capsys):
     assert "no evidence of the training stage" in capsys.readouterr().err
     assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "b"), "--stage", "specialize"]) == 0
     assert "no evidence" not in capsys.readouterr().err
+
+
+def test_build_warns_no_copy_the_tree_already_draws(tmp_path, capsys):
+    """Every copy was also a 'warning: X: duplicate of Y' line (15 of them for 5 models and 3 conversions each)."""
+    from safetensors.torch import load_file
+
+    make_models(tmp_path / "m")
+    (tmp_path / "m" / "broken.safetensors").unlink()
+    t = load_file(str(tmp_path / "m" / "t0_0.safetensors"))
+    save_file(t, str(tmp_path / "m" / "t0_0_again.safetensors"))
+    save_file({k: v.half() for k, v in t.items()}, str(tmp_path / "m" / "t0_0_fp16.safetensors"))
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "atl"), "--stage", "specialize"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "t0_0_again  (identical weights to t0_0)" in captured.out
+    assert "t0_0_fp16  (lower-precision copy of t0_0)" in captured.out
+    notes = {m["name"]: m["notes"] for m in json.loads((tmp_path / "atl" / "atlas.json").read_text())["models"]}
+    assert notes["t0_0_again"] == ["identical weights to t0_0"] and notes["t0_0_fp16"] == [
+        "lower-precision copy of t0_0"]

@@ -25,6 +25,7 @@ import torch
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.errors import AtlasError, CheckpointError
 from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.export import copy_text
 from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
 from modelatlas.progress import Progress, resolve
@@ -127,8 +128,8 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
         edge = edge_of.get(entry.name)
         if edge is not None:
             entry.parent, entry.score = edge.parent, round(float(edge.score), 4)
-            if edge.kind != "trained":
-                entry.notes.append(f"{edge.kind} of {edge.parent}")
+            if copy_text(edge):
+                entry.notes.append(copy_text(edge))
         outside = (forest.decisions.get("outside_layers") or {}).get(entry.name)
         if outside is not None:  # a head-only fine-tune, say: the lineage cannot tell which way it went
             entry.notes.append(f"equal to {outside['like']} on the compared layers; differs in "

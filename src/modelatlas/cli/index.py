@@ -52,9 +52,13 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
     atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress, args.base)
     atlas.save(args.out)
+    from modelatlas.lineage.export import copy_text
+
+    drawn = {e.child: copy_text(e) for e in atlas.forest.edges}  # a copy's note: the tree below says it
     for m in atlas.models:
         for note in m.notes:
-            warn(f"{m.name}: {note}")
+            if note != drawn.get(m.name):
+                warn(f"{m.name}: {note}")
     _show_atlas(atlas, notes=False)  # they were just warned
     from modelatlas.cli.lineage import warn_stage_guess
 

@@ -17,6 +17,12 @@ _COPY = {"duplicate": "identical", "precision": "lower precision"}  # labels of 
 _COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 
 
+def copy_text(edge) -> str:
+    """How a copy edge reads ("identical weights to NAME", "lower-precision copy of NAME"); "" for a training
+    step. The tree drawing and the atlas's notes say it the same way."""
+    return f"{_COPY_TEXT[edge.kind]} {edge.parent}" if edge.kind in _COPY_TEXT else ""
+
+
 def _q(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -119,7 +125,7 @@ def _draw(root: str, kids: dict, tags: tuple, out: list[str]) -> None:
     while stack:
         e, prefix, last, depth = stack.pop()
         tag = _tag((e.parent, e.child), *tags[:2], sep="  ")
-        what = f"({_COPY_TEXT[e.kind]} {e.parent})" if e.kind in _COPY else f"({e.score:.2f})"
+        what = f"({copy_text(e)})" if e.kind in _COPY else f"({e.score:.2f})"
         deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
         out.append(f"{prefix}{'└── ' if last else '├── '}{deep}{e.child}  {what}{tag}{_label(e.child, tags[2])}")
         inner = prefix + ("    " if last else "│   ") if depth < MAX_INDENT else prefix
