@@ -162,3 +162,18 @@ def test_a_huge_class_index_is_refused_naming_the_model(tmp_path):
     m.save(tmp_path / "manifest.json")
     with pytest.raises(ManifestError, match=r"model 'c3' task 'classes' must be .*integers from 0 to 99,999\); got \[1, 100000000\]"):
         train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+
+
+def test_a_zoo_stored_as_adapters_is_refused_with_the_merge_to_run(tmp_path, monkeypatch):
+    """An adapter-stored model was read as its update B A alone and trained on beside full models' layers: the
+    experts learned a mix of updates and weights, and the same zoo merged was routed to no tree."""
+    import modelatlas.probex.experts as experts_module
+    from modelatlas.zoo.manifest import load_manifest
+
+    m = load_manifest(make_zoo(tmp_path))
+    m["c3"].storage = m["c5"].storage = "adapter"
+    m.save(tmp_path / "manifest.json")
+    monkeypatch.setattr(experts_module, "load_layer", lambda *a, **k: pytest.fail("read before the check"))
+    with pytest.raises(ManifestError, match=r"manifest\.json: 2 models \(c3, c5\) are stored as LoRA adapters .*"
+                                            rf"`atlas zoo merge {tmp_path} --out DIR`"):
+        train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=ProbeXConfig(epochs=1))

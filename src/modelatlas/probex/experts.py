@@ -123,6 +123,17 @@ def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[
     return by_tree
 
 
+def _check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]) -> None:
+    """Refuse models stored as LoRA adapters on their parents: each would be read as its update B A alone and
+    learned beside full models' layers, which no merged model (nor the zoo merged) resembles."""
+    adapters = [m.name for ms in by_tree.values() for m in ms if m.storage == "adapter"]
+    if adapters:
+        shown = ", ".join(adapters[:3]) + (", ..." if len(adapters) > 3 else "")
+        raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: {len(adapters)} models ({shown}) "
+                            "are stored as LoRA adapters on their parents, and experts learn full models' layers; "
+                            f"`atlas zoo merge {manifest.root} --out DIR` writes their full weights: train on DIR")
+
+
 def _check_out(out: Path) -> None:
     """Refuse a file, a path below a file (it failed as 'Not a directory' at the first checkpoint, after the
     layer selection), or a non-empty folder that holds no experts (its files would mix with theirs)."""
@@ -175,6 +186,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     records = _task_records(manifest, task)
     classes = _class_names(records) if task == "classes" else None
     by_tree = _group_by_tree(records, min_models, manifest_path)
+    _check_full_weights(manifest, by_tree)
     paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
     report = TrainReport(layer)
     if layer == "auto":
