@@ -218,3 +218,14 @@ def test_the_adapter_note_is_printed_only_where_it_applies(adapter_zoo, tmp_path
         err = capsys.readouterr().err
         assert (f"note: {zoo} stores models as LoRA adapters on their parents" in err) == said, err
     assert "not all on --base: t0.0.0 is on t0.0; `atlas zoo merge" in err
+
+
+def test_probex_predict_on_a_zoo_of_adapters_says_to_merge_it(adapter_zoo, tmp_path, capsys):
+    """Each adapter was reported as 'belongs to no known tree' (its update B A alone is far from every tree),
+    with no word that the zoo is stored as adapters, as `atlas index build` and `lineage recover` say."""
+    from tests.probex.test_experts import make_experts
+
+    _, folder = adapter_zoo
+    experts = make_experts(tmp_path)
+    main(["probex", "predict", str(folder), "--experts", str(experts)])
+    assert f"stores models as LoRA adapters on their parents; `atlas zoo merge {folder} --out DIR`" in capsys.readouterr().err

@@ -100,7 +100,8 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
 
 def _read(experts, args: argparse.Namespace):
     """``experts.read`` of the models given, each adapter merged onto ``--base``, or else the base the
-    atlases given were built with."""
+    atlases given were built with. A zoo stored as adapters on their parents gets a note: `atlas zoo merge`."""
+    from modelatlas.cli.lineage import note_zoo_adapters
     from modelatlas.errors import CheckpointError, ConfigError
     from modelatlas.weights.peft_lora import open_adapter_base
 
@@ -109,6 +110,7 @@ def _read(experts, args: argparse.Namespace):
         raise ConfigError(f"the atlases given were built with different --base ({', '.join(sorted(recorded))}); "
                           "give them one at a time, or pass --base")
     where = args.base or next(iter(recorded), None)
+    note_zoo_adapters(paths, where)
     if where is None:
         return experts.read(paths, tqdm_progress)
     try:
