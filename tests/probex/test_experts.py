@@ -177,3 +177,21 @@ def test_a_zoo_stored_as_adapters_is_refused_with_the_merge_to_run(tmp_path, mon
     with pytest.raises(ManifestError, match=r"manifest\.json: 2 models \(c3, c5\) are stored as LoRA adapters .*"
                                             rf"`atlas zoo merge {tmp_path} --out DIR`"):
         train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=ProbeXConfig(epochs=1))
+
+
+def test_a_retrain_interrupted_before_its_first_checkpoint_resumes_with_its_own_settings(tmp_path, monkeypatch):
+    """Without --resume the old run's checkpoints stayed until each tree's first new one: a retrain on another
+    layer stopped before it could not be resumed ('layer was 'w' in the interrupted run, now 'v'')."""
+    import modelatlas.probex.experts as experts_module
+
+    out, cfg = make_experts(tmp_path, layer="w"), ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(experts_module, "_fit_one", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_tree_experts(tmp_path, out, layer="v", config=cfg)
+    assert train_tree_experts(tmp_path, out, layer="v", config=cfg, resume=True).layer == "v"
+    assert TreeExperts.load(out).layer == "v"

@@ -12,6 +12,7 @@ Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +194,8 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
         largest = max(by_tree.values(), key=len)
         report.layer, report.layer_scores = _auto_layer(paths_of[largest[0].tree], largest, task, cfg, classes, progress)
     xs = _read_trees(paths_of, report.layer, progress, manifest_path)
+    if not resume:  # else a tree's older state stays until its first new one, and --resume meets the old run
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     for tree, ms in by_tree.items():
         expert = _fit_one(task, xs[tree], _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
                           out / "checkpoints" / tree, resume)
