@@ -193,3 +193,20 @@ def test_unranked_says_which_models_were_unreadable_and_which_in_no_tree():
     assert _unranked([far], experts) == "none in a tree that the experts in ex were trained on"
     assert _unranked([bad, far, far], experts) == ("1 not routed (unreadable, or no w of the experts' shape), the "
                                                    "other 2 in no tree that the experts in ex were trained on")
+
+
+def test_train_names_the_trees_left_out_for_too_few_models(tmp_path, capsys):
+    """A tree with fewer than 10 labelled models got no expert without a word (an unfinished zoo's, say); its
+    models were then 'in no known tree'."""
+    from tests.probex.test_experts import make_zoo
+
+    from modelatlas.zoo.manifest import ModelRecord, load_manifest
+
+    m = load_manifest(make_zoo(tmp_path))
+    m.models += [ModelRecord("s", "r.safetensors", None, "s")] + [
+        ModelRecord(f"s{i}", f"c{i}.safetensors", "s", "s", task={"classes": [1]}) for i in range(3)]
+    m.save(tmp_path / "manifest.json")
+    assert main(["probex", "train", str(tmp_path), "--layer", "w", "--epochs", "1", "--rank", "2",
+                 "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "tree r: 12 models" in out and "tree s: 3 labelled models, fewer than 10: no expert" in out

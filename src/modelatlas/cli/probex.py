@@ -64,6 +64,8 @@ def _train(args: argparse.Namespace) -> int:
     for tree, info in report.trees.items():
         echo(f"tree {tree}: {info['models']} models, validation {info['val_score']:.3f}, "
              f"{info['parameters']:,} parameters")
+    for tree, n in report.left_out.items():
+        echo(f"tree {tree}: {counted(n, 'labelled model')}, fewer than {MIN_MODELS}: no expert")
     echo(f"experts saved to {args.out}")
     return 0
 

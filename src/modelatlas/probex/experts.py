@@ -39,6 +39,7 @@ class TrainReport:
     layer: str
     layer_scores: dict[str, float] = field(default_factory=dict)
     trees: dict[str, dict] = field(default_factory=dict)  # tree -> {"models", "val_score", "parameters"}
+    left_out: dict[str, int] = field(default_factory=dict)  # tree -> its labelled models, fewer than min_models
 
 
 def _task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
@@ -112,6 +113,14 @@ def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig,
         hist = _fit_one(task, xs[name], target, cfg, name, classes, progress, None, False).history_
         out[name] = (float(hist["best_score"]), float(hist["best_loss"]))
     return out
+
+
+def _tree_sizes(records: list[ModelRecord]) -> dict[str, int]:
+    """Labelled models per tree, in tree order."""
+    sizes: dict[str, int] = {}
+    for m in records:
+        sizes[m.tree] = sizes.get(m.tree, 0) + 1
+    return dict(sorted(sizes.items()))
 
 
 def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[str, list[ModelRecord]]:
@@ -189,7 +198,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     by_tree = _group_by_tree(records, min_models, manifest_path)
     _check_full_weights(manifest, by_tree)
     paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
-    report = TrainReport(layer)
+    report = TrainReport(layer, left_out={t: n for t, n in _tree_sizes(records).items() if t not in by_tree})
     if layer == "auto":
         largest = max(by_tree.values(), key=len)
         report.layer, report.layer_scores = _auto_layer(paths_of[largest[0].tree], largest, task, cfg, classes, progress)
