@@ -112,13 +112,14 @@ def _read(experts, args: argparse.Namespace):
         raise ConfigError(f"the atlases given were built with different --base ({', '.join(sorted(recorded))}); "
                           "give them one at a time, or pass --base")
     where = args.base or next(iter(recorded), None)
-    note_zoo_adapters(paths, where)
     if where is None:
+        note_zoo_adapters(paths)
         return experts.read(paths, tqdm_progress)
     try:
         base = open_adapter_base(where)[1]
     except CheckpointError as e:
         raise ConfigError(f"--base {e}" if args.base else f"the atlas's base {e}; pass --base") from e
+    note_zoo_adapters(paths, where)  # after the base's own error, if any
     with base:
         return experts.read(paths, tqdm_progress, adapter_base=base)
 
