@@ -73,7 +73,9 @@ def test_predict_reports_stray_models_and_goes_on(make_tiny_zoo, make_trained, t
     assert main(["probex", "predict", *strays, str(child), "--experts", str(make_trained)]) == 0
     out = capsys.readouterr().out
     assert "t1-c0003 [tree t1]:" in out  # the readable model after them is still predicted
-    assert "odd: not routed (router expects 256 weights per model; got 128); no prediction" in out
+    # it said "router expects 256 weights per model; got 128", naming neither the layer nor its shapes
+    assert (f"odd: not routed ({tmp_path / 'odd.safetensors'}: layer 'layers.1.weight' has shape (16, 8); the experts "
+            "were trained on (16, 16): another architecture); no prediction") in out
     assert "nolayer: not routed (" in out and "no tensor named 'layers.1.weight'" in out
     assert "broken: not routed (" in out and "broken.safetensors" in out
     assert main(["probex", "predict", *strays, "--experts", str(make_trained)]) == 1  # nothing predicted at all

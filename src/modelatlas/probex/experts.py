@@ -313,6 +313,9 @@ class TreeExperts:
         for i, p in enumerate(resolve(progress)(paths, total=len(paths), desc=f"read {self.layer}")):
             try:
                 mat = load_layer([p], self.layer, adapter_base=adapter_base)  # (1, d_H, d_W)
+                if tuple(mat.shape[1:]) != shape:  # the router's own error named weight counts, not the layer
+                    raise CheckpointError(p, f"layer {self.layer!r} has shape {tuple(mat.shape[1:])}; the experts "
+                                             f"were trained on {shape}: another architecture")
                 routes.append(self.router.route(mat, [names[i]])[0])  # refuses another shape
                 x[i] = mat[0]
             except (AtlasError, OSError) as e:
