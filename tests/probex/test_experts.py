@@ -195,3 +195,18 @@ def test_a_retrain_interrupted_before_its_first_checkpoint_resumes_with_its_own_
             train_tree_experts(tmp_path, out, layer="v", config=cfg)
     assert train_tree_experts(tmp_path, out, layer="v", config=cfg, resume=True).layer == "v"
     assert TreeExperts.load(out).layer == "v"
+
+
+def test_resuming_auto_when_it_picks_another_layer_says_so_and_names_the_layer_to_pass(tmp_path, monkeypatch):
+    """A run resumed with more epochs (as the docs allow) can see --layer auto pick another layer; it was refused
+    as 'layer was 'w' in the interrupted run, now 'v'', though the user passed --layer auto both times."""
+    import modelatlas.probex.experts as experts_module
+
+    make_zoo(tmp_path)
+    out, cfg = tmp_path / "e", ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
+    monkeypatch.setattr(experts_module, "select_layer", lambda *a, **k: {"w": (1.0, 0.0), "v": (0.5, 0.0)})
+    train_tree_experts(tmp_path, out, config=cfg)
+    monkeypatch.setattr(experts_module, "select_layer", lambda *a, **k: {"w": (0.5, 0.0), "v": (1.0, 0.0)})
+    with pytest.raises(CheckpointError, match=r"train_state\.json: cannot resume: --layer auto chose 'v' at --epochs 2, "
+                                          r"but the interrupted run trained 'w' .*resume with --layer w"):
+        train_tree_experts(tmp_path, out, config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=2), resume=True)

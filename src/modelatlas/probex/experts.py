@@ -12,6 +12,7 @@ Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,23 @@ def _auto_layer(paths: list[Path], records: list[ModelRecord], task: str, cfg: P
     return max(scores, key=lambda k: (scores[k][0], -scores[k][1])), {k: v[0] for k, v in scores.items()}
 
 
+def _check_auto_resume(out: Path, trees, chosen: str, epochs: int) -> None:
+    """Refuse to resume a tree whose saved state is on another layer than --layer auto chose now (more epochs
+    can change its pick), naming the layer to pass; the settings check said 'layer was ...' of a layer the user
+    never gave. A state that cannot be read is left to the settings check."""
+    for tree in trees:
+        path = out / "checkpoints" / tree / "train_state.json"
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))["settings"]["layer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(saved, str) and saved != chosen:
+            raise CheckpointError(path, f"cannot resume: --layer auto chose {chosen!r} at --epochs {epochs}, but the "
+                                        f"interrupted run trained {saved!r} (the pick is by validation, which more "
+                                        f"epochs can change); resume with --layer {saved}, or train without "
+                                        "--resume to start over")
+
+
 def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "classes", layer: str = "auto",
                        config: ProbeXConfig | None = None, progress: Progress | None = None,
                        resume: bool = False, min_models: int = MIN_MODELS) -> TrainReport:
@@ -202,6 +220,8 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     if layer == "auto":
         largest = max(by_tree.values(), key=len)
         report.layer, report.layer_scores = _auto_layer(paths_of[largest[0].tree], largest, task, cfg, classes, progress)
+        if resume:
+            _check_auto_resume(out, by_tree, report.layer, cfg.epochs)
     xs = _read_trees(paths_of, report.layer, progress, manifest_path)
     if not resume:  # else a tree's older state stays until its first new one, and --resume meets the old run
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
