@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from modelatlas.errors import ManifestError
@@ -65,3 +67,14 @@ def test_a_manifest_json_python_cannot_parse_is_named(tmp_path, content):
     with pytest.raises(ManifestError, match=r"manifest\.json: not a valid JSON manifest") as info:
         load_manifest(tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("form", ["modelatlas-atlas/1", "modelatlas-probex-experts/1"])
+def test_another_modelatlas_file_is_named_by_its_format(tmp_path, form):
+    """An atlas.json given as the zoo manifest (it has 'models' too) failed as "model #0 key 'tree' must be a
+    non-empty string, got 1", and an experts index.json as "missing key 'models'"."""
+    path = tmp_path / "atlas.json"
+    path.write_text(json.dumps({"format": form, "models": [{"name": "a", "path": "/a", "tree": 1}]}))
+    with pytest.raises(ManifestError, match=rf"atlas\.json: not a zoo manifest: its format is '{form}' \(a zoo's is "
+                                            r"'modelatlas-zoo/1', written by `atlas zoo make`\)"):
+        load_manifest(path)

@@ -137,6 +137,9 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{path}: not a valid JSON manifest (nested too deeply)") from e
     except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, an integer of 5,000 digits
         raise ManifestError(f"{path}: not a valid JSON manifest ({' '.join(str(e).split())})") from e
+    if isinstance(data, dict) and data.get("format", FORMAT) != FORMAT:  # an atlas.json has 'models' too
+        raise ManifestError(f"{path}: not a zoo manifest: its format is {data['format']!r:.60} (a zoo's is "
+                            f"{FORMAT!r}, written by `atlas zoo make`)")
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise ManifestError(f"{path}: missing key 'models' (a list of model records)")
     if not isinstance(data.get("config", {}), dict):
