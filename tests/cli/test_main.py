@@ -287,3 +287,16 @@ def test_other_runtime_errors_still_raise():
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_mapped(command, argparse.Namespace())
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first moments of a command (its modules being imported) printed a 20-line traceback."""
+    import modelatlas.cli.main as main_module
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    monkeypatch.setattr(main_module.importlib, "import_module", interrupted)
+    assert main(["probex", "train", "zoo"]) == 130
+    assert capsys.readouterr().err == "error: interrupted (before the command started: nothing was read or written)\n"

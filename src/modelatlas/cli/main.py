@@ -47,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # Ctrl-C while the command modules load (a second or more on a busy machine) was a traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("ATLAS_DEBUG", "") not in ("", "0"):
+            raise
+        _error_line("interrupted (before the command started: nothing was read or written)")
+        return 130
     if not getattr(args, "func", None):
         group = getattr(args, "group_parser", None)
         if group is not None:  # usage of the group and exit code 2, as argparse does for a missing argument
