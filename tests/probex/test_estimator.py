@@ -191,3 +191,18 @@ def test_resume_on_other_models_of_the_same_count_is_refused(tmp_path, planted):
                                               r"'[0-9a-f]{16}'"):
         ProbeXClassifier(cfg, "l").fit(x[50:100], y[50:100], checkpoint_dir=tmp_path, resume=True)
     ProbeXClassifier(cfg, "l").fit(x[:50], y[:50], checkpoint_dir=tmp_path, resume=True)  # the same models resume
+
+
+def test_a_state_whose_two_files_are_from_different_epochs_is_refused(tmp_path, planted):
+    """Interrupted between writing the tensors and the JSON, the state held epoch 4's weights and Adam moments
+    under epoch 2's JSON; a resume trained epochs 3-4 again from them, silently unlike an uninterrupted run."""
+    import shutil
+
+    x, y = planted
+    cfg = ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=4, checkpoint_every=2)
+    ProbeXClassifier(ProbeXConfig(**{**cfg.to_dict(), "epochs": 2})).fit(x[:50], y[:50], checkpoint_dir=tmp_path / "a")
+    ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "train_state.safetensors", tmp_path / "a" / "train_state.safetensors")
+    with pytest.raises(CheckpointError, match=r"train_state\.safetensors: cannot resume: it holds epoch 4's state, "
+                                              r"train_state\.json epoch 2's \(saving was interrupted\)"):
+        ProbeXClassifier(cfg).fit(x[:50], y[:50], checkpoint_dir=tmp_path / "a", resume=True)

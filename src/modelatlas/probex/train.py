@@ -136,10 +136,11 @@ def _shown(value) -> str:
 def _save_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, best: dict, state: dict) -> None:
     tensors = {f"net.{k}": v for k, v in module.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best.items()})
+    tensors["state.epoch"] = torch.tensor(state["epoch"])  # tells a pair of files from two epochs apart
     opt_state = opt.state_dict()
     for i, slots in opt_state["state"].items():
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in slots.items()})
-    # The tensors first, then the JSON: a crash between them leaves an older JSON that still matches.
+    # The tensors first, then the JSON: a crash between them leaves an older JSON, refused by _load_state.
     atomic_save_tensors(folder / "train_state.safetensors", tensors)
     atomic_write_json(folder / "train_state.json", {**state, "param_groups": opt_state["param_groups"]})
 
@@ -156,6 +157,11 @@ def _load_state(folder: Path, module: nn.Module, opt: torch.optim.Optimizer, set
     _check_settings(folder / "train_state.json", meta, settings, epochs)
     _check_progress(folder / "train_state.json", meta)
     tensors = read_tensors(folder / "train_state.safetensors", "cannot resume; delete the folder to restart")
+    saved = tensors.get("state.epoch")  # None: saved before the epoch was recorded with the tensors
+    if saved is not None and int(saved) != meta["epoch"]:
+        raise CheckpointError(folder / "train_state.safetensors", f"cannot resume: it holds epoch {int(saved)}'s "
+                                                                  f"state, train_state.json epoch {meta['epoch']}'s "
+                                                                  "(saving was interrupted); delete the folder to restart")
     try:
         module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     except RuntimeError as e:
