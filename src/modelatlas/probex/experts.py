@@ -128,9 +128,10 @@ def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[
     by_tree: dict[str, list[ModelRecord]] = {}
     for m in records:
         by_tree.setdefault(m.tree, []).append(m)
+    sizes = ", ".join(f"{t}: {len(ms)}" for t, ms in sorted(by_tree.items())[:10]) + (", ..." if len(by_tree) > 10 else "")
     by_tree = {t: ms for t, ms in sorted(by_tree.items()) if len(ms) >= min_models}
     if not by_tree:
-        raise ManifestError(f"{source}: no tree has >= {min_models} labelled models to train an expert on")
+        raise ManifestError(f"{source}: no tree has >= {min_models} labelled models to train an expert on ({sizes})")
     return by_tree
 
 
