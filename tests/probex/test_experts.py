@@ -210,3 +210,15 @@ def test_resuming_auto_when_it_picks_another_layer_says_so_and_names_the_layer_t
     with pytest.raises(CheckpointError, match=r"train_state\.json: cannot resume: --layer auto chose 'v' at --epochs 2, "
                                           r"but the interrupted run trained 'w' .*resume with --layer w"):
         train_tree_experts(tmp_path, out, config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=2), resume=True)
+
+
+def test_a_retrain_removes_only_the_training_states_under_checkpoints(tmp_path):
+    """--out passes as an experts folder when it holds a checkpoints/ folder: a retrain must not delete what
+    else is in it."""
+    out = make_experts(tmp_path)
+    (out / "checkpoints" / "mine").mkdir()
+    (out / "checkpoints" / "mine" / "model.pt").write_text("keep me")
+    (out / "checkpoints" / "r" / "notes.txt").write_text("keep me too")
+    train_tree_experts(tmp_path, out, layer="v", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+    assert (out / "checkpoints" / "mine" / "model.pt").read_text() == "keep me"
+    assert (out / "checkpoints" / "r" / "notes.txt").read_text() == "keep me too"

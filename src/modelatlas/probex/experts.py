@@ -13,7 +13,6 @@ Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +181,13 @@ def _auto_layer(paths: list[Path], records: list[ModelRecord], task: str, cfg: P
     return max(scores, key=lambda k: (scores[k][0], -scores[k][1])), {k: v[0] for k, v in scores.items()}
 
 
+def _clear_states(out: Path) -> None:
+    """Delete an earlier run's training states (checkpoints/<tree>/train_state.*), nothing else there."""
+    for name in ("train_state.json", "train_state.safetensors"):
+        for state in (out / "checkpoints").glob(f"*/{name}"):
+            state.unlink(missing_ok=True)
+
+
 def _check_auto_resume(out: Path, trees, chosen: str, epochs: int) -> None:
     """Refuse to resume a tree whose saved state is on another layer than --layer auto chose now (more epochs
     can change its pick), naming the layer to pass; the settings check said 'layer was ...' of a layer the user
@@ -225,7 +231,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
             _check_auto_resume(out, by_tree, report.layer, cfg.epochs)
     xs = _read_trees(paths_of, report.layer, progress, manifest_path)
     if not resume:  # else a tree's older state stays until its first new one, and --resume meets the old run
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        _clear_states(out)
     for tree, ms in by_tree.items():
         expert = _fit_one(task, xs[tree], _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
                           out / "checkpoints" / tree, resume)
