@@ -222,3 +222,25 @@ def test_a_retrain_removes_only_the_training_states_under_checkpoints(tmp_path):
     train_tree_experts(tmp_path, out, layer="v", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
     assert (out / "checkpoints" / "mine" / "model.pt").read_text() == "keep me"
     assert (out / "checkpoints" / "r" / "notes.txt").read_text() == "keep me too"
+
+
+@pytest.mark.parametrize("foreign", [{"index.json": '{"pages": 3}'}, {"checkpoints/epoch-3.ckpt": "weights"}])
+def test_a_folder_with_someone_elses_index_or_checkpoints_is_not_taken_for_experts(tmp_path, foreign):
+    """Any index.json or checkpoints/ folder made --out pass as an experts folder: the retrain deleted that
+    index.json and wrote the experts among the other files."""
+    make_zoo(tmp_path)
+    out = tmp_path / "run"
+    for rel, text in foreign.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    with pytest.raises(ConfigError, match="non-empty folder that holds no experts"):
+        train_tree_experts(tmp_path, out, layer="w", config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+    assert all((out / rel).read_text() == text for rel, text in foreign.items())
+
+
+def test_a_run_stopped_before_its_first_state_was_written_can_be_run_again(tmp_path):
+    """What an interrupt before the first save leaves (checkpoints/<tree>/, empty) is still this run's folder."""
+    make_zoo(tmp_path)
+    (tmp_path / "e" / "checkpoints" / "r").mkdir(parents=True)
+    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
+    assert train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=cfg, resume=True).trees["r"]["models"] == 12

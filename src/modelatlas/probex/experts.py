@@ -149,10 +149,23 @@ def _check_out(out: Path) -> None:
     """Refuse a file, a path below a file (it failed as 'Not a directory' at the first checkpoint, after the
     layer selection), or a non-empty folder that holds no experts (its files would mix with theirs)."""
     check_out_folder(out, f"--out {out}", "choose a new --out")
-    ours = (out / "index.json").is_file() or (out / "checkpoints").is_dir()  # a finished or an interrupted run
-    if out.is_dir() and not ours and any(out.iterdir()):
+    if out.is_dir() and not _holds_experts(out) and any(out.iterdir()):
         raise ConfigError(f"--out {out} is a non-empty folder that holds no experts (index.json): the experts' files "
                           "would mix with its files; choose a new or empty --out")
+
+
+def _holds_experts(out: Path) -> bool:
+    """A finished run (an index.json of this format) or an interrupted one (a checkpoints/ folder holding only
+    training states, perhaps none yet); any index.json or checkpoints/ folder passed, and a retrain deleted
+    that index.json and wrote among the other files."""
+    if (out / "index.json").exists():
+        try:
+            return json.loads((out / "index.json").read_text(encoding="utf-8")).get("format") == INDEX_FORMAT
+        except (OSError, ValueError, AttributeError):  # unreadable, or not an object
+            return False
+    states = ("train_state.", ".train_state.")  # the files, or an atomic write's temporary file
+    return (out / "checkpoints").is_dir() and all(p.is_dir() or p.name.startswith(states)
+                                                  for p in (out / "checkpoints").rglob("*"))
 
 
 def _read_trees(paths_of: dict[str, list[Path]], layer: str, progress, source) -> dict[str, torch.Tensor]:
