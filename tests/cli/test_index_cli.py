@@ -210,3 +210,18 @@ def test_build_warns_no_copy_the_tree_already_draws(tmp_path, capsys):
     notes = {m["name"]: m["notes"] for m in json.loads((tmp_path / "atl" / "atlas.json").read_text())["models"]}
     assert notes["t0_0_again"] == ["identical weights to t0_0"] and notes["t0_0_fp16"] == [
         "lower-precision copy of t0_0"]
+
+
+def test_build_refuses_a_folder_whose_atlas_json_is_someone_elses(tmp_path, capsys):
+    """Any atlas.json (a sprite sheet's, say) made --out pass as an atlas: the build overwrote it."""
+    from modelatlas.atlas.index import check_atlas_folder
+    from modelatlas.errors import AtlasError
+
+    (tmp_path / "sprites").mkdir()
+    (tmp_path / "sprites" / "atlas.json").write_text('{"frames": {}, "meta": {"image": "sheet.png"}}')
+    with pytest.raises(AtlasError, match=r"sprites is a folder whose atlas\.json is no modelatlas atlas \(format "
+                                         r"None\): it would be overwritten; choose a new or empty --out"):
+        check_atlas_folder(tmp_path / "sprites")
+    (tmp_path / "sprites" / "atlas.json").write_text("{")  # unreadable: nothing says it is one of ours
+    with pytest.raises(AtlasError, match=r"atlas\.json is no modelatlas atlas \(not readable as JSON\)"):
+        check_atlas_folder(tmp_path / "sprites")

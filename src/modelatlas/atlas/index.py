@@ -148,6 +148,15 @@ def check_atlas_folder(folder: str | Path) -> None:
     if folder.is_dir() and not (folder / JSON_NAME).is_file() and any(folder.iterdir()):
         raise AtlasError(f"--out {folder} is a non-empty folder that holds no atlas ({JSON_NAME}): the atlas's "
                          "files would mix with its files; choose a new or empty --out")
+    if (folder / JSON_NAME).is_file():  # any atlas.json passed (a sprite sheet's is one too), and was overwritten
+        try:
+            form = json.loads((folder / JSON_NAME).read_text(encoding="utf-8")).get("format")
+            why = f"format {form!r:.60}"
+        except (OSError, ValueError, AttributeError):  # unreadable, or not an object
+            form, why = None, "not readable as JSON"
+        if form != FORMAT:
+            raise AtlasError(f"--out {folder} is a folder whose {JSON_NAME} is no modelatlas atlas ({why}): it would "
+                             "be overwritten; choose a new or empty --out (or delete that file)")
 
 
 def _write_together(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
