@@ -179,6 +179,12 @@ def test_an_out_that_is_a_file_or_a_folder_of_other_files_is_refused_before_trai
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["attribution.json"]
     (tmp_path / "empty").mkdir()
     assert len(make_zoo(config, tmp_path / "empty", workers=1)) == 2
+    (tmp_path / "webapp").mkdir()  # a web app's manifest.json made the folder pass as a zoo: it was overwritten
+    (tmp_path / "webapp" / "manifest.json").write_text('{"name": "My App", "icons": []}')
+    with pytest.raises(ConfigError, match="non-empty folder holding no zoo \\(e.g. 'manifest.json', which is no zoo "
+                                          "manifest\\)"):
+        make_zoo(config, tmp_path / "webapp", workers=1)
+    assert (tmp_path / "webapp" / "manifest.json").read_text() == '{"name": "My App", "icons": []}'
 
 
 def test_workers_are_capped_at_the_widest_level_and_the_cores(tmp_path, make_config, monkeypatch):

@@ -29,7 +29,7 @@ from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.architectures import build_model, head_name, lora_targets
 from modelatlas.zoo.config import ZooConfig
 from modelatlas.zoo.lora import adapter_config, adapter_tensors, add_lora, merge_lora
-from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo.manifest import Manifest, ModelRecord, is_zoo_manifest, load_manifest
 from modelatlas.zoo.plan import plan_zoo, zoo_arch_config
 from modelatlas.zoo.store import (
     RECORD,
@@ -85,8 +85,10 @@ def _check_out(out: Path, names: set[str]) -> None:
     manifest.json and no model folder of this plan): the models would be mixed into someone else's files."""
     check_out_folder(out, f"out: {out}", "choose another output folder (--out)")
     entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
-    if entries and "manifest.json" not in entries and not names.intersection(entries):
-        raise ConfigError(f"out: {out} is a non-empty folder holding no zoo (e.g. {sorted(entries)[0]!r}); "
+    foreign = "manifest.json" in entries and not is_zoo_manifest(out / "manifest.json")  # a web app's: overwritten
+    if foreign or (entries and "manifest.json" not in entries and not names.intersection(entries)):
+        example = "'manifest.json', which is no zoo manifest" if foreign else repr(sorted(entries)[0])
+        raise ConfigError(f"out: {out} is a non-empty folder holding no zoo (e.g. {example}); "
                           "choose a new or empty output folder (--out)")
     stale = sorted(e for e in entries if e not in names and (out / e / RECORD).is_file())
     if stale:  # an earlier, larger zoo's models: this build would not replace them, and its readers would read them

@@ -124,6 +124,16 @@ class Manifest:
         return atomic_write_json(path, data)
 
 
+def is_zoo_manifest(path: str | Path) -> bool:
+    """Whether the JSON file at ``path`` is a zoo manifest by its own word (format modelatlas-zoo/1, or no format
+    and a 'models' list, as written by hand), not another program's manifest.json. Reads the file once."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format", FORMAT if isinstance(data.get("models"), list) else None) == FORMAT
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read a manifest file, or ``manifest.json`` inside a zoo folder; errors name the file and key."""
     path = Path(path)
