@@ -212,3 +212,17 @@ def test_train_names_the_trees_left_out_for_too_few_models(tmp_path, capsys):
                  "--out", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
     assert "tree r: 12 models" in out and "tree s: 3 labelled models, fewer than 10: no expert" in out
+
+
+def test_a_model_folder_with_someone_elses_manifest_json_is_a_model(make_tiny_zoo, make_trained, tmp_path, capsys):
+    """A folder holding a manifest.json was always read as a zoo: an exporter's manifest beside the weights
+    stopped predict with "manifest.json: missing key 'models'", where `atlas index build` read the model."""
+    import shutil
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    shutil.copy(make_tiny_zoo / "t1-c0003.safetensors", folder / "model.safetensors")
+    (folder / "manifest.json").write_text('{"files": ["model.safetensors"]}')
+    capsys.readouterr()
+    assert main(["probex", "predict", str(folder), "--experts", str(make_trained)]) == 0
+    assert capsys.readouterr().out.startswith("exported [tree t1]: ")

@@ -79,14 +79,13 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
     were built with (their ``adapter_base``)."""
     from modelatlas.cli.lineage import discover_or_skip
     from modelatlas.weights.registry import distinct_models
+    from modelatlas.zoo.manifest import is_zoo_manifest, load_manifest
 
     paths: list[Path] = []
     bases: set[str] = set()
     for item in items:
-        p = Path(item)
-        if p.name == "manifest.json" or (p.is_dir() and (p / "manifest.json").exists()):
-            from modelatlas.zoo.manifest import load_manifest
-
+        p = Path(item)  # a folder with another program's manifest.json beside its weights is a model folder
+        if p.name == "manifest.json" or (p.is_dir() and is_zoo_manifest(p / "manifest.json")):
             m = load_manifest(p)
             paths.extend(m.root / r.path for r in m.models)
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
