@@ -216,3 +216,11 @@ def test_building_in_process_leaves_the_callers_global_rng_alone(tmp_path, make_
     torch.manual_seed(123)
     make_zoo(make_config(seed=12, depth=0), tmp_path / "z", workers=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_zoo_whose_manifest_was_damaged_is_rebuilt_in_place(tmp_path, make_config):
+    """Its model folders say it is this zoo: the rerun writes the manifest again (not refused as foreign)."""
+    config = make_config(trees=1, children=1, depth=1)
+    whole = make_zoo(config, tmp_path / "z", workers=1)
+    (tmp_path / "z" / "manifest.json").write_text("{")
+    assert make_zoo(config, tmp_path / "z", workers=1).names == whole.names

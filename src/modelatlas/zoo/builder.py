@@ -85,8 +85,9 @@ def _check_out(out: Path, names: set[str]) -> None:
     manifest.json and no model folder of this plan): the models would be mixed into someone else's files."""
     check_out_folder(out, f"out: {out}", "choose another output folder (--out)")
     entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
-    foreign = "manifest.json" in entries and not is_zoo_manifest(out / "manifest.json")  # a web app's: overwritten
-    if foreign or (entries and "manifest.json" not in entries and not names.intersection(entries)):
+    ours = names.intersection(entries)  # with this plan's model folders, a damaged manifest is rewritten
+    foreign = "manifest.json" in entries and not ours and not is_zoo_manifest(out / "manifest.json")  # a web app's
+    if foreign or (entries and "manifest.json" not in entries and not ours):
         example = "'manifest.json', which is no zoo manifest" if foreign else repr(sorted(entries)[0])
         raise ConfigError(f"out: {out} is a non-empty folder holding no zoo (e.g. {example}); "
                           "choose a new or empty output folder (--out)")
