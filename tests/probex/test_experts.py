@@ -244,3 +244,11 @@ def test_a_run_stopped_before_its_first_state_was_written_can_be_run_again(tmp_p
     (tmp_path / "e" / "checkpoints" / "r").mkdir(parents=True)
     cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
     assert train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=cfg, resume=True).trees["r"]["models"] == 12
+
+
+def test_a_run_with_a_damaged_index_and_its_states_is_trained_again(tmp_path):
+    out = make_experts(tmp_path)
+    (out / "index.json").write_text("{")
+    cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
+    train_tree_experts(tmp_path, out, layer="w", config=cfg)
+    assert TreeExperts.load(out).layer == "w"

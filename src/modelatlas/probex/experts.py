@@ -161,8 +161,8 @@ def _holds_experts(out: Path) -> bool:
     if (out / "index.json").exists():
         try:
             return json.loads((out / "index.json").read_text(encoding="utf-8")).get("format") == INDEX_FORMAT
-        except (OSError, ValueError, AttributeError):  # unreadable, or not an object
-            return False
+        except (OSError, ValueError, AttributeError):  # unreadable, or not an object: the states may tell
+            pass
     states = ("train_state.", ".train_state.")  # the files, or an atomic write's temporary file
     return (out / "checkpoints").is_dir() and all(p.is_dir() or p.name.startswith(states)
                                                   for p in (out / "checkpoints").rglob("*"))
