@@ -84,3 +84,31 @@ def test_absurd_ranks_are_refused_before_allocating():
     with pytest.raises(ConfigError, match=r"r_U=100000.*1,000,000,000,000,000 encoder weights.*--rank"):
         build_network("probex", 4, 4, 2, ProbeXConfig(rank_u=100000, rank_v=100000, rank_t=100000))
     assert count_parameters(build_network("probex", 4, 4, 2, ProbeXConfig(rank_u=2, rank_v=2, rank_t=2))) > 0
+
+
+def test_ranks_whose_training_does_not_fit_in_memory_are_refused_first(monkeypatch, tmp_path):
+    """--rank 1290 passed the weight limit and needed ~34 GB to train on a 23 GB machine: the system killed the
+    process without a word. Now one line, before any model is read; loading a trained expert is not checked."""
+    import numpy as np
+
+    import modelatlas.allocator as allocator
+    from modelatlas.probex import ProbeXClassifier
+    from modelatlas.probex.experts import train_tree_experts
+
+    monkeypatch.setattr(allocator, "available_memory", lambda: 1000 * 16 - 1)  # one byte short of 10^3 weights x 16 bytes
+    cfg = ProbeXConfig(rank_u=10, rank_v=10, rank_t=10, epochs=1)
+    x, y = np.zeros((4, 3, 3), dtype=np.float32), np.eye(2)[[0, 1, 0, 1]]
+    with pytest.raises(ConfigError, match=r"r_U=10, r_V=10, r_T=10 need 1,000 encoder weights, about 0.0 GiB to "
+                                          r"train .*, more than the 0.0 GiB of memory available; lower them \(--rank\)"):
+        ProbeXClassifier(cfg).fit(x, y)
+    with pytest.raises(ConfigError, match="memory available"):  # before the manifest is even opened
+        train_tree_experts(tmp_path / "no-such-manifest.json", tmp_path / "out", config=cfg)
+    monkeypatch.setattr(allocator, "available_memory", lambda: 1000 * 16)
+    expert = ProbeXClassifier(cfg).fit(x, y)
+    expert.save(tmp_path / "expert")
+    monkeypatch.setattr(allocator, "available_memory", lambda: 1)
+    from modelatlas.probex import load_expert
+
+    assert load_expert(tmp_path / "expert").predict_proba(x).shape == (4, 2)
+    monkeypatch.setattr(allocator, "available_memory", lambda: None)  # unknown: not refused
+    ProbeXClassifier(cfg).fit(x, y)

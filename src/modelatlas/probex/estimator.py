@@ -19,7 +19,7 @@ from modelatlas.digests import data_digest
 from modelatlas.errors import CheckpointError, ConfigError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.fitted import check_fitted
-from modelatlas.probex.model import build_network, count_parameters
+from modelatlas.probex.model import build_network, check_train_memory, count_parameters
 from modelatlas.probex.train import train_loop
 from modelatlas.seeding import torch_generator, torch_seed
 
@@ -139,6 +139,7 @@ class ProbeXClassifier(WeightExpert):
 
     def fit(self, x, y, classes: list[str] | None = None, progress=None, checkpoint_dir=None,
             resume: bool = False) -> ProbeXClassifier:
+        check_train_memory(self.config)  # before the layers are read and normalised
         x = self._models(x, "ProbeXClassifier.fit")
         y = _multi_hot(y, x.shape[0])
         if classes is not None and len(classes) != y.shape[1]:  # a saved expert rebuilds its head from them

@@ -24,6 +24,7 @@ from modelatlas.errors import AtlasError, CheckpointError, ConfigError, Manifest
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
 from modelatlas.probex.layers import candidate_layers, check_finite, load_layer, load_layers
+from modelatlas.probex.model import check_train_memory
 from modelatlas.probex.router import RouteResult, TreeRouter
 from modelatlas.progress import Progress, resolve
 from modelatlas.weights import Checkpoint
@@ -230,6 +231,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
         raise ConfigError(f"--task must be one of {TASKS}; got {task!r}")
     cfg, out = config if config is not None else ProbeXConfig(), Path(out)
     _check_out(out)
+    check_train_memory(cfg)
     manifest = load_manifest(manifest_path)
     records = _task_records(manifest, task)
     classes = _class_names(records) if task == "classes" else None

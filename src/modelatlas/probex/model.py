@@ -81,6 +81,25 @@ def build_network(kind: str, d_h: int, d_w: int, d_y: int, cfg) -> nn.Module:
     return ProbeXNet(d_h, d_w, d_y, cfg.rank_u, cfg.rank_v, cfg.rank_t, relu=cfg.relu)
 
 
+TRAIN_COPIES = 4  # float32 weights, gradients and Adam's two moments: bytes per encoder weight / 4 in training
+
+
+def check_train_memory(cfg) -> None:
+    """Refuse, before training, ProbeX ranks whose encoder cannot be trained in the memory available
+    (--rank 1290: ~34 GB on a 23 GB machine; the process was killed by the system without a word). Loading a
+    trained expert needs a quarter of it and is not checked."""
+    from modelatlas.allocator import available_memory
+
+    if cfg.model != "probex":
+        return
+    weights = cfg.rank_u * cfg.rank_v * cfg.rank_t
+    need, have = 4 * TRAIN_COPIES * weights, available_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"ProbeX ranks r_U={cfg.rank_u}, r_V={cfg.rank_v}, r_T={cfg.rank_t} need {weights:,} encoder "
+                          f"weights, about {need / 2**30:.1f} GiB to train (weights, gradients, Adam's moments), "
+                          f"more than the {have / 2**30:.1f} GiB of memory available; lower them (--rank)")
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

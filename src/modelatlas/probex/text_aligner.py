@@ -16,6 +16,7 @@ from modelatlas.digests import data_digest
 from modelatlas.errors import ConfigError
 from modelatlas.probex.estimator import WeightExpert
 from modelatlas.probex.fitted import check_fitted
+from modelatlas.probex.model import check_train_memory
 from modelatlas.probex.train import train_loop
 
 
@@ -51,6 +52,7 @@ class ProbeXTextAligner(WeightExpert):
 
     def fit(self, x, labels, text_embeddings, classes: list[str] | None = None, progress=None,
             checkpoint_dir=None, resume: bool = False) -> ProbeXTextAligner:
+        check_train_memory(self.config)  # before the layers are read and normalised
         x = self._models(x, "ProbeXTextAligner.fit")
         text = torch.as_tensor(np.asarray(text_embeddings), dtype=torch.float32)
         labels = _indices(labels, text.shape[0] if text.ndim else 0)
