@@ -226,3 +226,39 @@ def test_a_model_folder_with_someone_elses_manifest_json_is_a_model(make_tiny_zo
     capsys.readouterr()
     assert main(["probex", "predict", str(folder), "--experts", str(make_trained)]) == 0
     assert capsys.readouterr().out.startswith("exported [tree t1]: ")
+
+
+def test_ctrl_c_of_a_retrain_says_whether_this_run_saved_anything(make_trained, tmp_path, monkeypatch, capsys):
+    """A retrain into an experts folder stopped before it saved a state said 'progress is kept ...; rerun with
+    --resume', which would continue (or refuse) the earlier run."""
+    import shutil
+
+    import modelatlas.probex.experts as experts
+
+    out = tmp_path / "experts"
+    shutil.copytree(make_trained, out)
+    import os
+
+    (out / "checkpoints" / "t0").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints" / "t0" / "train_state.json").touch()
+    for old in (out / "checkpoints").glob("*/train_state.*"):
+        os.utime(old, (1_000_000_000, 1_000_000_000))  # the earlier run's states, from long ago
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def saved_then_stopped(manifest, where, *args, **kwargs):
+        (out / "checkpoints" / "t1").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "t1" / "train_state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    train = ["probex", "train", "zoo", "--out", str(out), "--rank", "4"]
+    monkeypatch.setattr(experts, "train_tree_experts", stopped)
+    assert main(train) == 130
+    assert capsys.readouterr().err == (f"error: interrupted (stopped before this run saved anything in {out}: run the "
+                                       "command again, without --resume)\n")
+    assert main(train + ["--resume"]) == 130  # a resume stopped early: the state it resumes is still there
+    assert f"progress is kept in {out}; rerun with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(experts, "train_tree_experts", saved_then_stopped)
+    assert main(train) == 130
+    assert f"progress is kept in {out}; rerun with --resume" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=seed, default=0, help="seed of the split, initialisation and batches (default: 0)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
-    t.set_defaults(func=_train, interrupt_hint="progress is kept in {out}; rerun with --resume to continue")
+    t.set_defaults(func=_train, interrupt_hint=_train_interrupted)
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")
@@ -51,9 +52,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_search)
 
 
+def _train_interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C of `probex train` kept. A retrain without --resume into an experts folder, stopped before
+    it saved a training state (during --layer auto, say), kept only the earlier run's files, which --resume
+    would continue or refuse: it said 'progress is kept ...; rerun with --resume' all the same."""
+    out = Path(args.out)
+    started = getattr(args, "started", None)
+    saved = [p for p in (out / "checkpoints").glob("*/train_state.json")
+             if started is None or p.stat().st_mtime >= started - 2.0]  # coarse file clocks: 1 s on some
+    if not saved and not args.resume:
+        return f"stopped before this run saved anything in {out}: run the command again, without --resume"
+    return f"progress is kept in {out}; rerun with --resume to continue"
+
+
 def _train(args: argparse.Namespace) -> int:
     from modelatlas.probex import ProbeXConfig
     from modelatlas.probex.experts import train_tree_experts
+
+    args.started = time.time()  # a training state written from now on is this run's
 
     cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed,
                        lr=1e-3 if args.task == "classes" else 2e-3)
