@@ -129,3 +129,18 @@ def test_cli_poster_says_nothing_was_written(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "podd poster 8x24 (0.3 IPC" in out and "already held this finished result (nothing written)" in out
+
+
+def test_resume_of_a_result_whose_checkpoint_folder_was_removed_is_refused(tmp_path):
+    """With OUT/checkpoint/ deleted (to save space), --resume started the run over with the method's default
+    iteration count (DM's 500, not the result's 1) and unchecked settings, then overwrote the finished result."""
+    import shutil
+
+    from modelatlas.errors import ConfigError
+
+    finish_named(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoint")
+    stamps = make_stamps(tmp_path)
+    with pytest.raises(ConfigError, match=r"no .*checkpoint.*atlas distill eval"):
+        run_distillation("dm", "digits", 1, tmp_path, CFG, eval_nets=2, eval_epochs=1, resume=True)
+    assert make_stamps(tmp_path) == stamps and not (tmp_path / "checkpoint").exists()
