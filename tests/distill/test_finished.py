@@ -144,3 +144,18 @@ def test_resume_of_a_result_whose_checkpoint_folder_was_removed_is_refused(tmp_p
     with pytest.raises(ConfigError, match=r"no .*checkpoint.*atlas distill eval"):
         run_distillation("dm", "digits", 1, tmp_path, CFG, eval_nets=2, eval_epochs=1, resume=True)
     assert make_stamps(tmp_path) == stamps and not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("method", ["random", "herding"])
+def test_resume_with_another_seed_of_a_method_without_checkpoints_is_refused(tmp_path, method):
+    """random and herding write no checkpoint.json, whose seed check refuses another seed for the other methods:
+    --resume --seed 5 drew another set and overwrote the finished result with it."""
+    from modelatlas.errors import ConfigError
+
+    kw = {"config": {"embed": "pixels"} if method == "herding" else None, "eval_nets": 1, "eval_epochs": 1}
+    run_distillation(method, "digits", 1, tmp_path, **kw)
+    stamps = make_stamps(tmp_path)
+    with pytest.raises(ConfigError, match=r"run\.json: the checkpointed run used seed 0, not 5"):
+        run_distillation(method, "digits", 1, tmp_path, seed=5, resume=True, **kw)
+    assert make_stamps(tmp_path) == stamps
+    assert run_distillation(method, "digits", 1, tmp_path, resume=True, **kw)["seed"] == 0

@@ -138,7 +138,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     proto = _protocol(protocol, method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
     with _undone_if_unstarted(out):
         check_run(out / "checkpoint" / RUN_JSON, resume, run_record(method, train, ipc, tf, dataset_kwargs, init_from,
-                                                                      init, cfg), _default_net(cfg, train))
+                                                                      init, cfg, seed), _default_net(cfg, train))
         run = {"method": method, "ipc": ipc, "seed": seed, "config": cfg, "init_from": init_from,
                "dataset_kwargs": dataset_kwargs, "device": device}
         named = isinstance(dataset, str) and dataset_test is None  # a given test split is not recorded

@@ -17,10 +17,12 @@ from modelatlas.errors import CheckpointError, ConfigError
 
 
 def run_record(method: str, train: ArrayDataset, ipc: int, tf, dataset_kwargs: dict, init_from: str | None,
-                init: SyntheticSet | None, cfg) -> dict:
-    """The settings a resume is checked against (``run.json``)."""
-    return {"method": method, "dataset": train.name, "ipc": ipc, "transform": tf.kind, "dataset_kwargs": dataset_kwargs,
-            "init_from": init_from, "init_digest": digest(init), "config": cfg.to_dict(), "classes": train.classes}
+                init: SyntheticSet | None, cfg, seed: int) -> dict:
+    """The settings a resume is checked against (``run.json``). The seed too: checkpoint.json has it, but
+    ``random`` and ``herding`` write none (a resume with another seed redrew their finished set)."""
+    return {"method": method, "dataset": train.name, "ipc": ipc, "seed": seed, "transform": tf.kind,
+            "dataset_kwargs": dataset_kwargs, "init_from": init_from, "init_digest": digest(init),
+            "config": cfg.to_dict(), "classes": train.classes}
 
 
 def has_progress(out: Path) -> bool:
@@ -44,7 +46,7 @@ _MAY_CHANGE = ("iterations", "checkpoint_every", "real_chunk", "cache_dir")
 
 
 # settings compared first, so a resume names the most telling difference (another method, not its fields)
-_FIRST = ("method", "dataset", "ipc", "transform", "dataset_kwargs", "init_from", "init_digest")
+_FIRST = ("method", "dataset", "ipc", "seed", "transform", "dataset_kwargs", "init_from", "init_digest")
 
 
 def check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> None:
@@ -60,6 +62,8 @@ def check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> N
         return
     saved_run = _checked_types(path, read_json(path, "delete the checkpoint folder to start over"))
     saved, now = _identity(saved_run, net), _identity(json.loads(json.dumps(run)), net)
+    if saved["seed"] is None:  # an older run.json: its checkpoint.json's seed is checked by the loop
+        now["seed"] = None
     rest = sorted((set(saved) | set(now)) - set(_FIRST), key=lambda k: (k.startswith("config."), k))
     for k in (*_FIRST, *rest):
         if saved.get(k) != now.get(k):
@@ -100,6 +104,7 @@ def _identity(run: dict, net: dict | None) -> dict:
         if net is not None and config.get(f"config.{k}", 0) is None:
             config[f"config.{k}"] = net[k]
     top = {k: v for k, v in run.items() if k not in ("config", "classes")}  # classes: see _check_classes
+    top.setdefault("seed", None)  # absent in older versions: not compared (check_run)
     if top.get("init_digest") is not None:  # the starting set is known by its content: its folder may move
         top.pop("init_from", None)
     top["transform"] = top.get("transform") or "identity"
