@@ -238,3 +238,23 @@ def test_a_run_scans_its_training_split_once_and_a_resume_reads_checkpoint_json_
     # another protocol: not the stored result but the full way (iterations, wall time, the loop's state)
     run_distillation("dm", "digits", 1, tmp_path / "r", resume=True, **{**kw, "eval_epochs": 2})
     assert counts == {"scans": 2, "reads": 1}
+
+
+def test_cli_resume_without_or_with_another_init_from_names_the_flag_and_folders(tmp_path, capsys, monkeypatch):
+    """A run started with --init-from, resumed without it, was refused as "used init_digest '<64 hex>', not
+    None", which named neither the flag nor the folder to pass."""
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    start, other, out = tmp_path / "start", tmp_path / "other", tmp_path / "out"
+    for folder, seed in ((start, "0"), (other, "5")):
+        assert main(["distill", "run", "--method", "random", "--out", str(folder), "--seed", seed, *TINY[:-2]]) == 0
+    run = ["distill", "run", "--method", "dm", "--out", str(out), "--iterations", "1", "--no-baseline", *TINY]
+    assert main([*run, "--init-from", str(start)]) == 0
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 1
+    assert capsys.readouterr().err == (f"error: {out / 'checkpoint' / 'run.json'}: the checkpointed run started from "
+                                       f"the set of {start} (--init-from), this one from real images; pass "
+                                       f"--init-from {start} (or the folder it moved to), or use a new --out\n")
+    assert main([*run, "--resume", "--init-from", str(other)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {out / 'checkpoint' / 'run.json'}: the checkpointed run "
+                                              f"started from the set of {start} (--init-from), this one from the "
+                                              f"set of {other}, whose images differ; pass --init-from {start}")

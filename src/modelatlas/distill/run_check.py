@@ -66,10 +66,26 @@ def check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> N
         now["seed"] = None
     rest = sorted((set(saved) | set(now)) - set(_FIRST), key=lambda k: (k.startswith("config."), k))
     for k in (*_FIRST, *rest):
+        if saved.get(k) != now.get(k) and k == "init_digest":
+            raise _other_start(path, saved_run, run)
         if saved.get(k) != now.get(k):
             raise ConfigError(f"{path}: the checkpointed run used {k} {saved.get(k)!r}, not {now.get(k)!r}; "
                               "resume with the same settings or use a new --out")
     _check_classes(path, saved_run.get("classes"), run["classes"])
+
+
+def _other_start(path: Path, saved: dict, now: dict) -> ConfigError:
+    """The refusal of a resume from another starting set (--init-from) than the checkpointed run's, naming the
+    flag and both folders (it named two SHA-256 digests, or "not None" for a missing --init-from)."""
+    was = f"the set of {saved.get('init_from')} (--init-from)" if saved.get("init_digest") else "real images"
+    if now.get("init_digest") is None:
+        got = "real images"
+    else:
+        got = f"the set of {now.get('init_from')}" + (", whose images differ" if saved.get("init_digest") else "")
+    fix = (f"pass --init-from {saved.get('init_from')} (or the folder it moved to)" if saved.get("init_digest")
+           else "resume without --init-from")
+    return ConfigError(f"{path}: the checkpointed run started from {was}, this one from {got}; {fix}, or use a "
+                       "new --out")
 
 
 _RUN_TYPES = {"config": (dict, "an object"), "classes": (list, "a list"), "dataset_kwargs": (dict, "an object"),
