@@ -159,3 +159,16 @@ def test_resume_with_another_seed_of_a_method_without_checkpoints_is_refused(tmp
         run_distillation(method, "digits", 1, tmp_path, seed=5, resume=True, **kw)
     assert make_stamps(tmp_path) == stamps
     assert run_distillation(method, "digits", 1, tmp_path, resume=True, **kw)["seed"] == 0
+
+
+def test_a_poster_stopped_between_its_two_writes_is_finished_by_a_resume(tmp_path):
+    """run_poster adds the poster's fields to result.json after run_distillation wrote it: a Ctrl-C between the two
+    left a result.json without them, which a resume returned as finished ('atlas distill poster' then raised
+    KeyError: 'poster')."""
+    first = finish_poster(tmp_path)
+    path = tmp_path / "result.json"
+    cut = {k: v for k, v in first.items() if k not in ("poster", "poster_ipc_target", "baseline_ipc")}
+    path.write_text(json.dumps({**cut, "ipc": 1}))
+    again = finish_poster(tmp_path, resume=True)
+    assert "reused" not in again and again["poster"] == first["poster"] and again["ipc"] == first["ipc"]
+    assert json.loads(path.read_text())["poster_ipc_target"] == 0.3

@@ -5,9 +5,10 @@ evaluation's time for a real one).
 The stored result is returned only when everything that would be recomputed is known to come out the same:
 the checkpoint is finished (its iterations are the asked ones, its seed this seed) and ``result.json``
 records the same loss history, config, seed, starting set, data settings, torch version, baseline and
-evaluation protocol (resolved: nets, epochs, lr, net, device), and the folder's files all load. Anything
-else (another ``--eval-nets``, a missing figure, a damaged file) goes the full way, which rewrites the folder;
-so does a run on a given ``dataset_test`` (an ArrayDataset, not recorded: it may be another test set).
+evaluation protocol (resolved: nets, epochs, lr, net, device), and the folder's files all load (a poster's
+result.json with its poster's fields). Anything else (another ``--eval-nets``, a missing figure, a damaged
+file) goes the full way, which rewrites the folder; so does a run on a given ``dataset_test`` (an
+ArrayDataset, not recorded: it may be another test set).
 Time O(size of the set) to load it.
 """
 
@@ -39,7 +40,7 @@ def stored_result(out: Path, run: dict, proto: EvalProtocol, baseline: bool,
         return None
     cfg = run["config"]
     if not (saved.get("iteration") == saved.get("iterations") == cfg.iterations and saved.get("seed") == run["seed"]
-            and _poster_drawn(out, syn)):
+            and _poster_drawn(out, syn) and _poster_recorded(info, cfg)):
         return None
     lr = float(syn.lr.detach()) if syn.lr is not None else None
     protocol = {**proto.resolved(lr).to_dict(), "seed": run["seed"], "device": str(run["device"])}
@@ -62,3 +63,9 @@ def _poster_drawn(out: Path, syn) -> bool:
     from modelatlas.distill.methods.podd.render import POSTER_PNG
 
     return (out / POSTER_PNG).is_file()
+
+
+def _poster_recorded(info: dict, cfg) -> bool:
+    """A poster of ``run_poster`` (config ``poster_ipc`` set) has its poster's fields in result.json: they are
+    written after the rest, so a run stopped in between left a result.json without them, taken as finished."""
+    return getattr(cfg, "poster_ipc", None) is None or "poster_ipc_target" in info
