@@ -258,3 +258,29 @@ def test_cli_resume_without_or_with_another_init_from_names_the_flag_and_folders
     assert capsys.readouterr().err.startswith(f"error: {out / 'checkpoint' / 'run.json'}: the checkpointed run "
                                               f"started from the set of {start} (--init-from), this one from the "
                                               f"set of {other}, whose images differ; pass --init-from {start}")
+
+
+def make_two_class_tree(root):
+    import numpy as np
+    from PIL import Image
+
+    for c, value in (("cat", 30), ("dog", 220)):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_out_inside_the_image_folder_it_distils_is_refused(tmp_path, capsys, monkeypatch):
+    """--out DATA/run1 wrote images.png and loss.png into a subfolder of the image folder: every later run on that
+    data read 'run1' as a third class whose images were the figures."""
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    data = make_two_class_tree(tmp_path / "data")
+    args = ["distill", "run", "--method", "random", "--dataset", "image-folder", "--data-root", str(data), "--ipc",
+            "1", "--eval-nets", "1", "--eval-epochs", "1"]
+    assert main([*args, "--out", str(data / "run1")]) == 1
+    assert capsys.readouterr().err == (f"error: --out {data / 'run1'} is inside --data-root {data}: its PNG figures "
+                                       "would be read as a class of images by every later run on that data; choose "
+                                       "an --out outside it\n")
+    assert not (data / "run1").exists()
+    assert main([*args, "--out", str(tmp_path / "run1")]) == 0  # beside the data: fine
