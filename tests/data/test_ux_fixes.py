@@ -165,3 +165,17 @@ def test_a_data_root_under_home_written_with_a_tilde_is_found(tmp_path, monkeypa
     if env:
         monkeypatch.setenv(env, "~/data")
         assert len(load_dataset(name, split)) > 0
+
+
+@pytest.mark.parametrize("name,env", [("fashion-mnist", "ATLAS_FASHION_MNIST"), ("cifar10", "ATLAS_CIFAR10"),
+                                      ("cifar100", "ATLAS_CIFAR100")])
+def test_missing_data_at_the_folder_an_environment_variable_names_says_so(tmp_path, monkeypatch, name, env):
+    """$ATLAS_FASHION_MNIST set to a folder without the files said "... or set ATLAS_FASHION_MNIST", and the CIFAR
+    loaders did not say where the folder came from: a variable set long ago was hard to suspect."""
+    from modelatlas.errors import DatasetNotFoundError
+
+    monkeypatch.setenv(env, str(tmp_path / "gone"))
+    with pytest.raises(DatasetNotFoundError, match=rf"gone\S* not found \(the folder \${env} names\); "):
+        load_dataset(name, "test")
+    with pytest.raises(DatasetNotFoundError, match=r"elsewhere\S* not found; "):  # root= wins, and is not $...
+        load_dataset(name, "test", root=tmp_path / "elsewhere")

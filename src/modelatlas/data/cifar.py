@@ -258,16 +258,18 @@ def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10
     """CIFAR-10 (``num_classes=10``) or CIFAR-100 (100, fine labels) as (N, 3, 32, 32) float32 in [0, 1]."""
     if num_classes not in (10, 100):
         raise ConfigError(f"num_classes={num_classes!r}: CIFAR has 10 (CIFAR-10) or 100 (CIFAR-100) classes")
+    env = f"ATLAS_CIFAR{num_classes}"
     if num_classes == 10:
-        folder = _resolve(root, "ATLAS_CIFAR10", "cifar-10-batches-py", "cifar10")
+        folder = _resolve(root, env, "cifar-10-batches-py", "cifar10")
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         meta_file, label_key, names_key = "batches.meta", "labels", "label_names"
     else:
-        folder = _resolve(root, "ATLAS_CIFAR100", "cifar-100-python", "cifar100")
+        folder = _resolve(root, env, "cifar-100-python", "cifar100")
         files, meta_file, label_key, names_key = [split], "meta", "fine_labels", "fine_label_names"
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise DatasetNotFoundError(f"cifar{num_classes}: {folder / missing[0]} not found; pass --data-root DIR "
+        named = f" (the folder ${env} names)" if not root else ""  # (neither set: _resolve refused)
+        raise DatasetNotFoundError(f"cifar{num_classes}: {folder / missing[0]} not found{named}; pass --data-root DIR "
                                    "(root=) to the folder of the official python-version batches")
     parts = [_batch_arrays(folder / f, label_key, num_classes) for f in files]
     data = np.concatenate([p[0] for p in parts])  # (N, 3072) uint8, channel-major

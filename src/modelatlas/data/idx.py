@@ -116,8 +116,9 @@ def _load_fashion(split: str, root: str | Path | None = None) -> ArrayDataset:
     img, lab = _find(folder, img_stem), _find(folder, lab_stem)
     if img is None or lab is None:
         missing = img_stem if img is None else lab_stem
+        named = " (the folder $ATLAS_FASHION_MNIST names)" if not root and os.environ.get("ATLAS_FASHION_MNIST") else ""
         raise DatasetNotFoundError(
-            f"fashion-mnist: {folder / missing}[.gz] not found; install it with "
+            f"fashion-mnist: {folder / missing}[.gz] not found{named}; install it with "
             f"`sudo apt-get install dataset-fashion-mnist` or pass --data-root DIR (root=, or set ATLAS_FASHION_MNIST) "
             f"to a folder with the standard IDX files")
     return load_idx_pair(img, lab, "fashion-mnist", FASHION_CLASSES)
