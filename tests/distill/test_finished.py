@@ -172,3 +172,25 @@ def test_a_poster_stopped_between_its_two_writes_is_finished_by_a_resume(tmp_pat
     again = finish_poster(tmp_path, resume=True)
     assert "reused" not in again and again["poster"] == first["poster"] and again["ipc"] == first["ipc"]
     assert json.loads(path.read_text())["poster_ipc_target"] == 0.3
+
+
+def test_a_run_stopped_while_drawing_its_figures_is_not_taken_as_finished(tmp_path, monkeypatch):
+    """write_result drew images.png and loss.png after writing result.json: a Ctrl-C while drawing (a second or two)
+    left the new result.json beside the figures of the set before, and a resume returned that folder as finished."""
+    from modelatlas.distill import result
+
+    finish_named(tmp_path)
+    stamps = make_stamps(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(result, "render_losses", interrupted)
+    no_count = {k: v for k, v in CFG.items() if k != "iterations"}
+    with pytest.raises(KeyboardInterrupt):  # extended to 2 iterations, stopped while drawing
+        run_distillation("dm", "digits", 1, tmp_path, {**CFG, "iterations": 2}, eval_nets=1, eval_epochs=1, resume=True)
+    assert make_stamps(tmp_path) == stamps  # the figures are drawn first: nothing was written
+    monkeypatch.undo()
+    again = run_distillation("dm", "digits", 1, tmp_path, no_count, eval_nets=1, eval_epochs=1, resume=True)
+    assert "reused" not in again and len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
+    assert make_stamps(tmp_path)["loss.png"] != stamps["loss.png"]

@@ -12,7 +12,7 @@
 - ``loss.png``: the learning curve (loss per outer iteration);
 - PoDD sets (``"poster"`` in ``extras``) are stored as the poster + label grid + layout, not as their crops
   (rebuilt on load), and get ``poster.png`` (poster with crop grid and class layout).
-Every file is written atomically (temporary file + rename).
+Every file is written atomically (temporary file + rename), ``result.json`` last.
 """
 
 from __future__ import annotations
@@ -33,22 +33,25 @@ RESULT_JSON, TRANSFORM_FILE, IMAGES_PNG, LOSS_PNG = "result.json", "transform.sa
 
 
 def write_result(folder: str | Path, syn: SyntheticSet, transform, info: dict, losses: list[float]) -> Path:
-    """Write the whole result folder; ``info`` becomes ``result.json`` (plus the transform kind)."""
+    """Write the whole result folder; ``info`` becomes ``result.json`` (plus the transform kind), written last
+    and after the figures are drawn: a run stopped on the way keeps the result.json of before, which a resume
+    does not take for this run's (a Ctrl-C while drawing left old figures beside a new, 'finished' result.json)."""
     folder = Path(folder)
+    figures = {IMAGES_PNG: render_grid(syn, transform), LOSS_PNG: render_losses(losses, info.get("method", ""))}
     if "poster" in syn.extras:  # PoDD: store the poster, not its crops; draw it
         from modelatlas.distill.methods.podd.method import compact
         from modelatlas.distill.methods.podd.render import POSTER_PNG, render_poster
 
+        figures[POSTER_PNG] = render_poster(syn, transform)
         compact(syn).save(folder)
-        atomic_write_bytes(folder / POSTER_PNG, render_poster(syn, transform))
     else:
         syn.save(folder)
     state = transform.state_dict() if transform is not None else {}
     atomic_save_tensors(folder / TRANSFORM_FILE, state or {"none": torch.zeros(1)})
+    for name, png in figures.items():
+        atomic_write_bytes(folder / name, png)
     kind = getattr(transform, "kind", "identity")
     atomic_write_json(folder / RESULT_JSON, {**info, "transform": kind, "losses": losses})
-    atomic_write_bytes(folder / IMAGES_PNG, render_grid(syn, transform))
-    atomic_write_bytes(folder / LOSS_PNG, render_losses(losses, info.get("method", "")))
     return folder
 
 
