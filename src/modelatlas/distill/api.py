@@ -264,7 +264,7 @@ def check_out(out: Path, resume: bool) -> None:
             (out / "checkpoint" / name).is_file() for name in (RUN_JSON, CHECKPOINT_JSON)):  # default iterations
         raise ConfigError(f"--resume: {out} holds a finished result but no {out / 'checkpoint'}/ (run.json, "
                           "checkpoint.json), so its run cannot be continued; re-evaluate it with `atlas distill "
-                          f"eval {out}` (evaluate_result), or choose a new --out")
+                          f"eval {out}` (evaluate_result), or run it again in a new --out (or after deleting {out})")
     above = file_in_the_way(out.parent)  # else: 'Not a directory' at the first write
     if above is not None:
         raise ConfigError(f"--out {out}: {above} is {not_a_folder(above, False)}, not a folder; choose another --out")
