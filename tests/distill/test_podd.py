@@ -250,3 +250,17 @@ def test_a_poster_ipc_set_beside_the_poster_ipc_argument_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--set poster_ipc=2 differs from --ipc 1; give the poster's ipc once"):
         run_poster(data, 1, tmp_path / "p", {**TINY, "poster_ipc": 2.0}, dataset_test=data)
     assert not (tmp_path / "p").exists()
+
+
+def test_a_run_whose_ipc_is_not_its_posters_is_refused(tmp_path, capsys, monkeypatch):
+    """atlas distill run --method podd --ipc 3 --set poster_ipc=0.3 made a 0.3-IPC poster but printed and recorded
+    ipc 3 (result.json "ipc": 3) and scored the random baseline at 3 images per class."""
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    out = tmp_path / "p"
+    args = ["distill", "run", "--method", "podd", "--dataset", "digits", "--ipc", "3", "--out", str(out),
+            "--set", "poster_ipc=0.3", "--iterations", "1", "--eval-nets", "1", "--eval-epochs", "1"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == ("error: ipc 3 is not the 1 image per class of a poster of poster_ipc 0.3 "
+                                       "(ceil(poster_ipc): the run's and its baseline's); make posters with "
+                                       "`atlas distill poster --ipc 0.3` (run_poster)\n")
+    assert not out.exists()

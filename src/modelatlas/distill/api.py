@@ -5,6 +5,7 @@ evaluate against the random-subset baseline, write the result folder); re-evalua
 
 from __future__ import annotations
 
+import math
 import numbers
 from contextlib import contextmanager
 from dataclasses import replace
@@ -136,6 +137,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
         check_baseline_ipc(train, ipc, ipc_asked)
     tf, train_t, test_t, init_from, init = _prepared(train, test, transform, init_from)
     cfg = spec.make_config(config)
+    check_poster_ipc(cfg, ipc)
     proto = _protocol(protocol, method, cfg, train.input_shape, eval_nets, eval_epochs)  # checked first
     with _undone_if_unstarted(out):
         check_run(out / "checkpoint" / RUN_JSON, resume, run_record(method, train, ipc, tf, dataset_kwargs, init_from,
@@ -283,6 +285,18 @@ def check_out_beside_data(out: Path, dataset, dataset_kwargs: dict) -> None:
     if dataset == "image-folder" and root is not None and out.resolve().is_relative_to(root):
         raise ConfigError(f"--out {out} is inside --data-root {root}: its PNG figures would be read as a class of "
                           "images by every later run on that data; choose an --out outside it")
+
+
+def check_poster_ipc(cfg, ipc: int) -> None:
+    """Refuse a PoDD run whose ``ipc`` is not ceil(``poster_ipc``) (at least 1), the images per class of its run
+    and baseline: --ipc 3 --set poster_ipc=0.3 made a 0.3-IPC poster recorded as ipc 3, scored against a
+    3-per-class baseline."""
+    poster = getattr(cfg, "poster_ipc", None)
+    need = None if poster is None else max(1, math.ceil(poster))
+    if need is not None and ipc != need:
+        raise ConfigError(f"ipc {ipc} is not the {need:.4g} image{'s' * (need != 1)} per class of a poster of poster_ipc "
+                          f"{poster:g} (ceil(poster_ipc): the run's and its baseline's); make posters with "
+                          f"`atlas distill poster --ipc {poster:g}` (run_poster)")
 
 
 def check_baseline_ipc(train: ArrayDataset, ipc: int, asked: str | None = None) -> None:
