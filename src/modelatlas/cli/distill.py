@@ -80,6 +80,16 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def flag_into(config: dict, field: str, value, flag: str) -> None:
+    """``config[field] = value`` unless ``value`` is None (the flag not given); a ``--set`` of the field to
+    another value is refused, naming both (the flag replaced it without a word)."""
+    if value is None:
+        return
+    if field in config and config[field] != value:
+        raise ConfigError(f"{flag} and --set {field}={json.dumps(config[field])} differ; give it once")
+    config[field] = value
+
+
 def _summary(label: str, ev: dict) -> str:
     accs = ", ".join(f"{a:.1f}" for a in ev["accuracies"])
     return f"{label}: {ev['mean']:.2f} +- {ev['std']:.2f} % test accuracy ({counted(len(ev['accuracies']), 'net')}: {accs})"
@@ -89,8 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     from modelatlas.distill import run_distillation
 
     config = parse_overrides(args.overrides)
-    if args.iterations is not None:
-        config["iterations"] = args.iterations
+    flag_into(config, "iterations", args.iterations, f"--iterations {args.iterations}")
     info = run_distillation(args.method, args.dataset, args.ipc, args.out, config=config, seed=args.seed,
                             eval_nets=args.eval_nets, eval_epochs=args.eval_epochs, transform=args.transform,
                             dataset_kwargs={"root": args.data_root} if args.data_root else None,

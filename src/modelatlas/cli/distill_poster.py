@@ -35,16 +35,13 @@ def register(dsub) -> None:
 
 
 def _poster(args: argparse.Namespace) -> int:
-    from modelatlas.cli.distill import _summary, parse_overrides, written
+    from modelatlas.cli.distill import _summary, flag_into, parse_overrides, written
     from modelatlas.distill.methods.podd.api import run_poster
 
     config = parse_overrides(args.overrides)
-    if args.iterations is not None:
-        config["iterations"] = args.iterations
-    if args.no_learn_labels:
-        config["learn_labels"] = False
-    if args.class_order:
-        config["class_order"] = args.class_order
+    flag_into(config, "iterations", args.iterations, f"--iterations {args.iterations}")
+    flag_into(config, "learn_labels", False if args.no_learn_labels else None, "--no-learn-labels")
+    flag_into(config, "class_order", args.class_order, f"--class-order {args.class_order}")
     info = run_poster(args.dataset, args.ipc, args.out, config, seed=args.seed, eval_nets=args.eval_nets,
                       eval_epochs=args.eval_epochs, transform=args.transform,
                       dataset_kwargs={"root": args.data_root} if args.data_root else None,
