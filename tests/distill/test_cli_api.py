@@ -281,6 +281,16 @@ def test_out_inside_the_image_folder_it_distils_is_refused(tmp_path, capsys, mon
     assert main([*args, "--out", str(data / "run1")]) == 1
     assert capsys.readouterr().err == (f"error: --out {data / 'run1'} is inside --data-root {data}: its PNG figures "
                                        "would be read as a class of images by every later run on that data; choose "
-                                       "an --out outside it\n")
+                                       "an output folder outside it\n")
     assert not (data / "run1").exists()
     assert main([*args, "--out", str(tmp_path / "run1")]) == 0  # beside the data: fine
+
+
+def test_attribute_out_inside_the_image_folder_it_reads_is_refused(tmp_path, capsys, monkeypatch):
+    """The same for `atlas attribute`: its attribution.png landed in a subfolder of the data (found, not fixed,
+    by the distill walk)."""
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    data = make_two_class_tree(tmp_path / "data")
+    assert main(["attribute", "--dataset", "image-folder", "--data-root", str(data), "--out", str(data / "att")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --out {data / 'att'} is inside --data-root {data}: ")
+    assert not (data / "att").exists()

@@ -46,8 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     from modelatlas.attribution.checkpoint import check_start, progress_of
     from modelatlas.attribution.folder import attribute_to_folder
     from modelatlas.attribution.report import check_out
+    from modelatlas.data.image_folder import check_out_outside_images
 
     check_out(args.out)  # before any work: a file or another command's folder is refused in a second
+    check_out_outside_images(args.out, args.dataset, args.data_root)
     check_start(args.out, args.resume)  # an interrupted run's state is not overwritten without --resume
     cfg = _config(args)
     train, data = _inputs(args)

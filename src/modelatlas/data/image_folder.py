@@ -138,3 +138,14 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
 
 
 register_dataset("image-folder", load_image_folder, "class-per-subfolder PNG/JPEG/PGM images (root=, size=, channels=)")
+
+
+def check_out_outside_images(out: str | Path, dataset, root: str | Path | None, flag: str = "--out") -> None:
+    """Refuse an output folder inside the image folder being read (``dataset`` "image-folder", ``root`` its
+    folder): the figures written there (PNG) made a class of that folder's name in every later run on the data."""
+    if dataset != "image-folder" or root is None:
+        return
+    root = Path(root).resolve()
+    if Path(out).resolve().is_relative_to(root):
+        raise ConfigError(f"{flag} {out} is inside --data-root {root}: its PNG figures would be read as a class of "
+                          "images by every later run on that data; choose an output folder outside it")

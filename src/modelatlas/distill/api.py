@@ -16,6 +16,7 @@ import torch
 from modelatlas.atomic import check_out_folder, file_in_the_way, not_a_folder
 from modelatlas.data import load_dataset
 from modelatlas.data import transforms as T
+from modelatlas.data.image_folder import check_out_outside_images
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill import methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, evaluate_synthetic
@@ -129,7 +130,7 @@ def run_distillation(method: str, dataset: str | ArrayDataset, ipc: int, out: st
     poster's), in the baseline's refusal. Returns the ``result.json`` dict (``"reused": True``: nothing written)."""
     out, dataset_kwargs, device = Path(out), absolute_root(dataset_kwargs), pick_device(device)  # checked first
     check_out(out, resume)
-    check_out_beside_data(out, dataset, dataset_kwargs)
+    check_out_outside_images(out, dataset, dataset_kwargs.get("root"), "--out")
     spec, ipc = check_start(method, ipc, init_from is not None, seed)
     config, checkpoint = _resumed(out, config, resume)  # checkpoint.json, read once for every use below
     train, test = _datasets(dataset, dataset_test, dataset_kwargs)  # both checked (the training split once)
@@ -276,15 +277,6 @@ def check_out(out: Path, resume: bool) -> None:
     if out.is_dir() and not ours and any(out.iterdir()):
         raise ConfigError(f"--out {out} is a non-empty folder that is not a distillation result (its files would "
                           "be overwritten); choose a new or empty --out")
-
-
-def check_out_beside_data(out: Path, dataset, dataset_kwargs: dict) -> None:
-    """Refuse an ``out`` inside the image folder it distils (``dataset_kwargs`` root, absolute): its figures
-    (images.png, loss.png) made a class of that folder's name in every later run on the data."""
-    root = dataset_kwargs.get("root")
-    if dataset == "image-folder" and root is not None and out.resolve().is_relative_to(root):
-        raise ConfigError(f"--out {out} is inside --data-root {root}: its PNG figures would be read as a class of "
-                          "images by every later run on that data; choose an --out outside it")
 
 
 def check_poster_ipc(cfg, ipc: int) -> None:
