@@ -27,3 +27,13 @@ def test_cache_key_changes_with_data_fields_and_seed():
     assert base == cache_key(make_data(), {"steps": 5}, 0) and len(base) == 16
     assert len({base, cache_key(make_data(0.5), {"steps": 5}, 0), cache_key(make_data(name="e"), {"steps": 5}, 0),
                 cache_key(make_data(), {"steps": 6}, 0), cache_key(make_data(), {"steps": 5}, 1)}) == 5
+
+
+def test_cache_key_tells_flipped_images_apart():
+    """The fingerprint was the pixels' sum and sum of squares: every image flipped left-right (the same sums)
+    found the entry trained on the unflipped images."""
+    data = make_data()
+    flipped = ArrayDataset("d", data.x.flip(-1), data.y, data.classes, {})
+    assert cache_key(data, {"steps": 5}, 0) != cache_key(flipped, {"steps": 5}, 0)
+    swapped = ArrayDataset("d", data.x, data.y.flip(0), data.classes, {})  # the same label counts, moved
+    assert cache_key(data, {"steps": 5}, 0) != cache_key(swapped, {"steps": 5}, 0)
