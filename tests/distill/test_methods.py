@@ -97,7 +97,16 @@ def test_herding_oracle():
     assert picks[0] in (2, 3) and set(picks) == {2, 3}
 
 
-def test_one_d_signals_turn_dsa_off():
-    tr = load_dataset("mnist1d", "train").subset(list(range(200)))
-    syn = distill("dsa", tr, 1, {"iterations": 1, "width": 8, "batch_real": 8})
-    assert syn.images.shape == (10, 1, 40)
+def test_dsa_on_inputs_that_are_no_images_is_refused():
+    """--method dsa on MNIST-1D ran without augmentation and without a word: DC under another name."""
+    from modelatlas.data.registry import ArrayDataset
+
+    x = torch.randn(40, 1, 16)  # (N, 1, L): a 1-D signal per sample, as MNIST-1D
+    data = ArrayDataset("signals", x, torch.arange(40) % 2, ["a", "b"], {})
+    with pytest.raises(ConfigError, match=r"DSA \(dsa=true\) augments images, and 'signals' holds inputs of shape "
+                                          r"\(1, 16\), not images: use method dc"):
+        distill("dsa", data, 1, TINY["dsa"])
+    tr = load_dataset("mnist1d", "train").subset(list(range(200)))  # before: 'turned off' for 1-D signals
+    with pytest.raises(ConfigError, match="'mnist1d' holds inputs of shape \\(1, 40\\), not images"):
+        distill("dsa", tr, 1, {"iterations": 1, "width": 8, "batch_real": 8})
+    assert distill("dc", tr, 1, {"iterations": 1, "width": 8, "batch_real": 8}).images.shape == (10, 1, 40)

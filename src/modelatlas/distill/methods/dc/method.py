@@ -23,6 +23,7 @@ from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.dc.config import DCConfig
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
+from modelatlas.errors import ConfigError
 
 
 def _match_loss(net, syn: SyntheticSet, sampler: ClassSampler, cfg: DCConfig, dsa: DSA | None, gen) -> torch.Tensor:
@@ -58,10 +59,13 @@ def _train_net(net, opt, syn: SyntheticSet, cfg: DCConfig, dsa: DSA | None, epoc
 
 
 def run(train: ArrayDataset, ipc: int, config: DCConfig, ctx: DistillContext) -> SyntheticSet:
+    if config.dsa and len(train.input_shape) != 3:  # it ran as DC without a word
+        raise ConfigError(f"DSA (dsa=true) augments images, and {train.name!r} holds inputs of shape "
+                          f"{tuple(train.input_shape)}, not images: use method dc (gradient matching without it)")
     syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     img_opt = torch.optim.SGD([syn.images], lr=config.lr_img, momentum=config.momentum_img)
     sampler = ClassSampler(train, ctx.device)
-    dsa = DSA.for_dataset(train.input_shape) if config.dsa and len(train.input_shape) == 3 else None  # images only
+    dsa = DSA.for_dataset(train.input_shape) if config.dsa else None
     spec, (outer, inner) = config.net_spec(train.input_shape), config.loops(ipc)
 
     def step(it: int, gen: torch.Generator) -> float:
