@@ -396,3 +396,21 @@ def test_resume_without_an_iteration_count_keeps_the_checkpointed_one(tmp_path):
     # run.json keeps the first start's 1: a plain --resume of the extended run was refused ("2 done, more than 1")
     info = run_distillation("dm", "digits", 1, tmp_path, config=cfg, resume=True, **QUICK)
     assert info["config"]["iterations"] == 2
+
+
+def test_resume_names_another_data_root_by_its_flag(tmp_path):
+    """A resume reading the data from another folder said 'used dataset_kwargs {'root': ...}, not {...}'."""
+    from PIL import Image
+
+    for root in ("a", "b"):
+        for c, value in (("cat", 30), ("dog", 220)):
+            (tmp_path / root / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(tmp_path / root / c / f"{i}.png")
+    cfg = {**TINY_DM, "batch_real": 2}
+    run_distillation("dm", "image-folder", 1, tmp_path / "out", config=cfg,
+                     dataset_kwargs={"root": str(tmp_path / "a")}, **QUICK)
+    with pytest.raises(ConfigError, match=f"the checkpointed run used --data-root {tmp_path / 'a'}, not "
+                                          f"{tmp_path / 'b'} \\(dataset_kwargs root=\\); resume with the same"):
+        run_distillation("dm", "image-folder", 1, tmp_path / "out", config={**cfg, "iterations": 2},
+                         dataset_kwargs={"root": str(tmp_path / "b")}, resume=True, **QUICK)

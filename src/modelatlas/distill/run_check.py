@@ -69,9 +69,18 @@ def check_run(path: Path, resume: bool, run: dict, net: dict | None = None) -> N
         if saved.get(k) != now.get(k) and k == "init_digest":
             raise _other_start(path, saved_run, run)
         if saved.get(k) != now.get(k):
-            raise ConfigError(f"{path}: the checkpointed run used {k} {saved.get(k)!r}, not {now.get(k)!r}; "
-                              "resume with the same settings or use a new --out")
+            raise ConfigError(f"{path}: the checkpointed run used {_setting(k, saved, now)}; resume with the same "
+                              "settings or use a new --out")
     _check_classes(path, saved_run.get("classes"), run["classes"])
+
+
+def _setting(key: str, saved: dict, now: dict) -> str:
+    """'KEY OLD, not NEW'; a data root named by its flag (it read 'dataset_kwargs {'root': ...}')."""
+    was, got = saved.get(key), now.get(key)
+    if key == "dataset_kwargs" and set(was or {}) | set(got or {}) == {"root"}:
+        was, got = (was or {}).get("root"), (got or {}).get("root")
+        return f"--data-root {was or '(none)'}, not {got or '(none)'} (dataset_kwargs root=)"
+    return f"{key} {was!r}, not {got!r}"
 
 
 def _other_start(path: Path, saved: dict, now: dict) -> ConfigError:
