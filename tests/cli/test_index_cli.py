@@ -225,3 +225,20 @@ def test_build_refuses_a_folder_whose_atlas_json_is_someone_elses(tmp_path, caps
     (tmp_path / "sprites" / "atlas.json").write_text("{")  # unreadable: nothing says it is one of ours
     with pytest.raises(AtlasError, match=r"atlas\.json is no modelatlas atlas \(not readable as JSON\)"):
         check_atlas_folder(tmp_path / "sprites")
+
+
+def test_build_warns_at_most_20_notes_and_points_at_show(tmp_path, capsys, monkeypatch):
+    """Each note was a warning line: 1,000 models outside the experts' trees were 1,000 lines."""
+    import modelatlas.cli.index as index_cli
+
+    monkeypatch.setattr(index_cli, "MAX_WARNED", 2)
+    make_models(tmp_path / "m")
+    for i in range(3):
+        (tmp_path / "m" / f"broken{i}.safetensors").write_bytes(b"\xff" * 4)
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err[:2]] == ["warning", "warning"] and len(err) == 3
+    assert err[2] == f"warning: ... and 2 more notes: `atlas index show {out}` lists them all"
+    assert main(["index", "show", str(out)]) == 0
+    assert "not in any tree (4):" in capsys.readouterr().out

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_search)
 
 
+MAX_WARNED = 20  # notes warned by `index build`; `index show` lists every one
+
+
 def _build(args: argparse.Namespace) -> int:
     from modelatlas.atlas import build_atlas
     from modelatlas.atlas.index import check_atlas_folder
@@ -55,10 +58,11 @@ def _build(args: argparse.Namespace) -> int:
     from modelatlas.lineage.export import copy_text
 
     drawn = {e.child: copy_text(e) for e in atlas.forest.edges}  # a copy's note: the tree below says it
-    for m in atlas.models:
-        for note in m.notes:
-            if note != drawn.get(m.name):
-                warn(f"{m.name}: {note}")
+    notes = [f"{m.name}: {note}" for m in atlas.models for note in m.notes if note != drawn.get(m.name)]
+    for line in notes[:MAX_WARNED]:
+        warn(line)
+    if len(notes) > MAX_WARNED:  # 1,000 models outside the experts' trees were 1,000 lines
+        warn(f"... and {len(notes) - MAX_WARNED} more notes: `atlas index show {args.out}` lists them all")
     _show_atlas(atlas, notes=False)  # they were just warned
     from modelatlas.cli.lineage import warn_stage_guess
 
