@@ -110,3 +110,12 @@ def test_dsa_on_inputs_that_are_no_images_is_refused():
     with pytest.raises(ConfigError, match="'mnist1d' holds inputs of shape \\(1, 40\\), not images"):
         distill("dsa", tr, 1, {"iterations": 1, "width": 8, "batch_real": 8})
     assert distill("dc", tr, 1, {"iterations": 1, "width": 8, "batch_real": 8}).images.shape == (10, 1, 40)
+
+
+def test_a_poster_as_starting_set_is_named_as_one(digits):
+    """--init-from a poster said '44 images of 10 classes (4 per class)' of its overlapping crops."""
+    poster = distill("podd", digits, 1, {"iterations": 1, "total": 4, "window": 2, "batch_real": 32, "width": 8,
+                                         "poster_ipc": 1.0})
+    with pytest.raises(ConfigError, match=r"a poster's \d+ overlapping crops, not images per class; start from a "
+                                          r"set of images per class"):
+        distill("dm", digits, 1, {"iterations": 1}, init=poster)

@@ -149,6 +149,9 @@ def _checked_copy(given: SyntheticSet, train, ipc: int) -> SyntheticSet:
     shape, where = tuple(given.images.shape[1:]), given.meta.get("source", "init set")
     if shape != tuple(train.input_shape):
         raise ConfigError(f"{where}: images of shape {shape}, but the dataset's are {tuple(train.input_shape)}")
+    if "poster" in given.extras or given.meta.get("method") == "podd":  # it said '(4 per class)' of 44 crops
+        raise ConfigError(f"{where}: a poster's {len(given)} overlapping crops, not images per class; start from "
+                          "a set of images per class (another method's result)")
     if given.num_classes != train.num_classes or given.ipc != ipc or len(given) != ipc * train.num_classes:
         raise ConfigError(f"{where}: {len(given)} images of {given.num_classes} classes ({given.ipc} per class), "
                           f"but this run wants {ipc} per class of {train.num_classes}")
