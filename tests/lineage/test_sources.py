@@ -4,6 +4,7 @@ from safetensors.torch import save_file
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.sources import MemoryCheckpoint, group_by_architecture
 from modelatlas.lineage.synthetic import make_synthetic_forest
+from modelatlas.weights import open_checkpoint
 
 
 def test_a_folder_of_models_is_read_as_the_cli_reads_it(tmp_path):
@@ -76,3 +77,23 @@ def test_a_model_of_integer_packed_weights_is_skipped_saying_why():
     # asked for by a pattern, its float matrices are compared
     groups, _, skipped = group_by_architecture([models["gptq"]], "scales")
     assert skipped == {} and [t.name for t in groups[0][1]] == ["q.scales"]
+
+
+def make_index_naming_the_wrong_shard(folder):
+    """A sharded folder whose index puts tensor 'a.w' in a shard that does not hold it."""
+    folder.mkdir()
+    save_file({"a.w": torch.zeros(4, 4)}, folder / "model-00001-of-00002.safetensors")
+    save_file({"b.w": torch.ones(4, 4)}, folder / "model-00002-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a.w": "model-00002-of-00002.safetensors", "b.w": "model-00002-of-00002.safetensors"}}')
+    return folder
+
+
+def test_a_shard_index_naming_the_wrong_shard_skips_that_model_only(tmp_path):
+    """The index is read when the tensors are first listed (the packed-weights check): that error ended the
+    whole run ('error: ...') instead of skipping the one model."""
+    bad = make_index_naming_the_wrong_shard(tmp_path / "bad")
+    good = MemoryCheckpoint("good", {"a.w": torch.zeros(4, 4)})
+    groups, _, skipped = group_by_architecture([good, open_checkpoint(bad)], None)
+    assert [[m.name for m in g] for g, _ in groups] == [["good"]]
+    assert "puts tensor 'a.w' in shard 'model-00002-of-00002.safetensors', which has no such tensor" in skipped["bad"]

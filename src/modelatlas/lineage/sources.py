@@ -230,14 +230,14 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
                                 "it was trained on (--base MODEL on the command line, adapter_base= in "
                                 "Python) or store merged weights")
             continue
-        packed = packed_weights(ck) if pattern is None else None
-        if packed is not None:
-            skipped[ck.name] = f"{ck.path}: {packed}"
-            continue
-        try:
-            layers, rule = select_layers(ck, pattern)
+        try:  # listing the tensors reads a shard index or header: a bad one skips this model only
+            packed = packed_weights(ck) if pattern is None else None
+            layers, rule = select_layers(ck, pattern) if packed is None else ([], "")
         except AtlasError as e:
             skipped[ck.name] = str(e)
+            continue
+        if packed is not None:
+            skipped[ck.name] = f"{ck.path}: {packed}"
             continue
         if not layers:
             skipped[ck.name] = f"{ck.path}: {_no_layer_reason(ck, pattern)}"
