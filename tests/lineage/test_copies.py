@@ -120,3 +120,15 @@ def test_trees_asked_for_count_a_model_equal_on_the_compared_layers_once():
     with pytest.raises(ConfigError, match=r"of 39 distinct model\(s\) \(copies, and models equal to another on the "
                                           r"compared layers, count once\); give a value in \[1, 39\]"):
         recover_lineage({**weights, "probe": probe}, n_trees=40)
+
+
+def test_a_float32_save_of_float16_values_is_a_precision_copy_outside_the_layers_too():
+    """A model rounded to float16 and saved back as float32 is a precision copy on the compared layers (by
+    its values); its head, rounded the same way, was compared at float32 tolerance and made it 'equal to t2
+    on the compared layers only', a training step of score 0."""
+    weights = make_with_head(seed=3)
+    up = {k: v.half().float() for k, v in weights["t2"].items()}
+    f = recover_lineage({**weights, "t2-fp16": up})
+    assert "outside_layers" not in f.decisions
+    assert f.decisions["duplicates"] == {"t2-fp16": "t2"}
+    assert f.decisions["precision_copies"] == {"t2-fp16": "float16"}

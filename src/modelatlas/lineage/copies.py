@@ -76,7 +76,7 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
     "n_differing": their number}."""
     dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
     keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
-    for d, r in _checked_outside(members, layers, dups, outside):
+    for d, r in _checked_outside(members, layers, dups, outside, [ROUNDOFF.get(d, 0.0) for d in dtypes]):
         duplicates[members[d].name] = members[r].name
         if st.rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
@@ -103,16 +103,18 @@ def _same_vectors(members: list[Checkpoint]):
 
 
 def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: list[tuple[int, int]],
-                     outside: dict[str, dict]) -> list[tuple[int, int]]:
-    """The (copy, model) pairs of ``dups`` that also agree outside ``layers``. A model that does not is
-    recorded in ``outside``; a later one may still be its copy (two saves of one head-only fine-tune)."""
+                     outside: dict[str, dict], roundoff: list[float]) -> list[tuple[int, int]]:
+    """The (copy, model) pairs of ``dups`` that also agree outside ``layers``, within the coarser of the two
+    models' ``roundoff`` when it differs (a float32 file of float16 values: its head is rounded too). A model
+    that does not is recorded in ``outside``; a later one may still be its copy (two saves of one probe)."""
     compared = {t.name for t in layers}
     kept: list[tuple[int, int]] = []
     differing: dict[int, list[int]] = {}  # representative -> models equal to it on the layers only
     for d, r in dups:
-        first = differing_tensors(members[r], members[d], compared)
+        first = differing_tensors(members[r], members[d], compared, _floor(roundoff, d, r))
         found = r if not first else next(  # a copy of an earlier model that differs from r the same way?
-            (c for c in differing.get(r, []) if not differing_tensors(members[c], members[d], compared)), None)
+            (c for c in differing.get(r, [])
+             if not differing_tensors(members[c], members[d], compared, _floor(roundoff, d, c))), None)
         if found is not None:
             kept.append((d, found))
             continue
@@ -122,11 +124,16 @@ def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: 
     return kept
 
 
-def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset()) -> list[str]:
+def _floor(roundoff: list[float], i: int, j: int) -> float:
+    """The tolerance two models' rounding allows outside the compared layers: 0 at one precision."""
+    return 0.0 if roundoff[i] == roundoff[j] else max(roundoff[i], roundoff[j])
+
+
+def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset(), floor: float = 0.0) -> list[str]:
     """The float tensors of ``a`` (names not in ``skip``) that ``b`` holds in another shape, or whose values
     differ by more than float rounding: relative distance over :data:`SAMPLE_ROWS` evenly spaced rows above
     :data:`DUPLICATE_TOL`, or above the coarser of the two dtypes' :data:`ROUNDOFF` when they are stored
-    in different dtypes; a tensor that cannot be read, or holds NaN or inf there, differs too (named so).
+    in different dtypes (or above ``floor``); a tensor that cannot be read, or holds NaN or inf there, differs too (named so).
     Tensors only one model holds are not compared. Time O(sampled weights)."""
     theirs = {t.name: t for t in b.tensors()}
     out = []
@@ -137,7 +144,7 @@ def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset()
         if tuple(other.shape) != tuple(t.shape):
             out.append(f"{t.name} (shape {tuple(t.shape)} vs {tuple(other.shape)})")
             continue
-        why = _sample_differs(a, b, t, other)
+        why = _sample_differs(a, b, t, other, floor)
         if why is not None:
             out.append(t.name + why)
     return out
@@ -147,7 +154,7 @@ def _is_float(t: TensorInfo) -> bool:
     return t.dtype.startswith(("float", "bfloat")) and t.numel > 0
 
 
-def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorInfo) -> str | None:
+def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorInfo, floor: float) -> str | None:
     """None when tensor ``t`` of ``a`` and ``b`` agree on the sample, else "" or a reason in parentheses."""
     try:
         x, y = _sample(a.read(t.name)), _sample(b.read(t.name))
@@ -157,6 +164,7 @@ def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorIn
         return " (NaN or inf values)"
     limit = DUPLICATE_TOL if t.dtype == other.dtype else max(ROUNDOFF.get(t.dtype, 0.0),
                                                              ROUNDOFF.get(other.dtype, 0.0), DUPLICATE_TOL)
+    limit = max(limit, floor)
     scale = float(x.norm())
     gap = float((x - y).norm())
     return None if gap <= limit * scale else ""
