@@ -97,3 +97,13 @@ def test_a_shard_index_naming_the_wrong_shard_skips_that_model_only(tmp_path):
     groups, _, skipped = group_by_architecture([good, open_checkpoint(bad)], None)
     assert [[m.name for m in g] for g, _ in groups] == [["good"]]
     assert "puts tensor 'a.w' in shard 'model-00002-of-00002.safetensors', which has no such tensor" in skipped["bad"]
+
+
+def test_float_weights_named_like_packed_ones_are_compared():
+    """A plain model whose own parameters are named q_weight (a custom attention) or SCB was skipped as EXL2 /
+    bitsandbytes: the packed-weights check read the names alone, not that packed weights are integers."""
+    gen = torch.Generator().manual_seed(0)
+    custom = {"attn.q_weight": torch.randn(8, 8, generator=gen), "k.weight": torch.randn(8, 8, generator=gen),
+              "k.SCB": torch.randn(8, generator=gen)}
+    groups, _, skipped = group_by_architecture([MemoryCheckpoint("custom", custom)], None)
+    assert skipped == {} and [t.name for t in groups[0][1]] == ["attn.q_weight", "k.weight"]

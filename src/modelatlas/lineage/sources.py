@@ -26,6 +26,7 @@ _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_
 # model's float tensors are then its scales and zero points, not its weights
 _PACKED = {".qweight": "GPTQ / AWQ", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
            ".weight.absmax": "bitsandbytes 4-bit", ".SCB": "bitsandbytes 8-bit"}
+_PACKED_IN = {".weight.absmax": ".weight", ".SCB": ".weight"}  # a scale's packed weight (else the tensor itself)
 
 
 class MemoryCheckpoint(Checkpoint):
@@ -201,11 +202,14 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
 
 def packed_weights(ckpt: Checkpoint) -> str | None:
     """Why ``ckpt``'s weights cannot be compared when it stores them packed into integers (GPTQ, AWQ, EXL2,
-    compressed-tensors, bitsandbytes: :data:`_PACKED`), naming the first such tensor; None otherwise. Header only."""
-    for t in ckpt.tensors():
-        kind = next((k for end, k in _PACKED.items() if t.name.endswith(end)), None)
-        if kind is not None:
-            return (f"its weights are packed into integers by {kind} quantization ({t.name!r}), which is not "
+    compressed-tensors, bitsandbytes: :data:`_PACKED`), naming the first such tensor; None otherwise. A name
+    alone is not enough: the packed weight must be integers (a float ``q_weight`` is a model's own). Header only."""
+    dtypes = {t.name: t.dtype for t in ckpt.tensors()}
+    for name in dtypes:
+        end, kind = next(((end, k) for end, k in _PACKED.items() if name.endswith(end)), ("", None))
+        packed = dtypes.get(name.removesuffix(end) + _PACKED_IN.get(end, end), "float")
+        if kind is not None and not packed.startswith(("float", "bfloat", "bool")):
+            return (f"its weights are packed into integers by {kind} quantization ({name!r}), which is not "
                     "unpacked here, and its float tensors are scales, not weights; compare its unquantized "
                     "model, or save it dequantized (a --layers pattern compares its float tensors anyway)")
     return None
