@@ -362,3 +362,17 @@ def test_a_quantized_copy_of_a_bitfit_goes_to_it_not_to_its_base(tmp_path):
     edges = {e.child: (e.parent, e.kind) for e in forest.edges}
     assert edges["p_bitfit-q8"] == ("p_bitfit", "precision") and edges["p-q8"] == ("p", "precision")
     assert edges["p_bitfit"] == ("p", "trained") and forest.decisions["outside_layers"]["p_bitfit"]["like"] == "p"
+
+
+def test_an_identical_copy_of_a_quantized_copy_is_listed_with_its_own_type(tmp_path):
+    """TQ1_0 and TQ2_0 store one ternary rounding: the TQ2_0 file, an identical copy of the TQ1_0 one, was
+    listed as 'tq1_0' (the type of the copy it equals), not as the 'tq2_0' it is stored in."""
+    gen = torch.Generator().manual_seed(0)
+    p = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight")}  # rows of 256: TQ blocks
+    save_file(p, str(tmp_path / "p.safetensors"))
+    save_file({k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in p.items()},
+              str(tmp_path / "ft.safetensors"))
+    make_gguf(tmp_path / "p-tq1.gguf", p, kind=Q.TQ1_0)
+    make_gguf(tmp_path / "p-tq2.gguf", p, kind=Q.TQ2_0)
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["precision_copies"] == {"p-tq1": "tq1_0", "p-tq2": "tq2_0"}

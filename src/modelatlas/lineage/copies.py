@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.lineage.quantized import quantized_copies
+from modelatlas.lineage.quantized import quant_type, quantized_copies
 from modelatlas.weights import Checkpoint, TensorInfo
 
 DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
@@ -87,7 +87,8 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
         else:
             del outside[members[q].name]
         for d in [d for d, rep in duplicates.items() if rep == members[q].name]:  # q's identical copies: r's too
-            duplicates[d], lowp[d] = members[r].name, kind
+            own = quant_type(next(m for m in members if m.name == d), layers)  # TQ2_0 equal to TQ1_0: tq2_0
+            duplicates[d], lowp[d] = members[r].name, own or kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
     return keep
 

@@ -57,8 +57,13 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
         passing = sorted((s for s in scored if s[0] >= 0), reverse=True)
         best = next((s for s in passing if accept is None or accept(q, s[2])), None)
         if best is not None:
-            out.append((q, best[2], "+".join(sorted(kinds[q])).lower()))
+            out.append((q, best[2], quant_type(ckpts[q], layers)))
     return out
+
+
+def quant_type(ck: Checkpoint, layers: list[TensorInfo]) -> str:
+    """The lower-cased block quantization ``ck`` stores ``layers`` in ("q8_0", "q4_k+q6_k"), "" for none."""
+    return "+".join(sorted(_kinds(ck, layers))).lower()
 
 
 def _kinds(ck: Checkpoint, layers: list[TensorInfo]) -> set[str]:
