@@ -143,7 +143,8 @@ def test_truncated_external_data(tmp_path):
     p = make_onnx(tmp_path / "net.onnx", external=True)
     data = tmp_path / "weights.data"
     data.write_bytes(data.read_bytes()[:10])
-    with pytest.raises(CheckpointError, match=r"initializer 'W': external data file 'weights.data' is truncated"):
+    with pytest.raises(CheckpointError, match=r"initializer 'W': external data file 'weights.data' is truncated: "
+                                              r"it needs bytes 0\.\.\d+ but has 10"):  # before: no sizes
         open_checkpoint(p).read("W")
 
 
@@ -234,3 +235,11 @@ def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name
     model = (folder / "net.onnx").rename(folder / f"{non_utf8_name}.onnx")
     with open_checkpoint(model) as ck:
         assert ck.name == non_utf8_name and torch.equal(ck.read("W"), torch.from_numpy(W))
+
+
+def test_external_data_location_that_is_a_folder_is_named_so(tmp_path):
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    (tmp_path / "weights.data").unlink()
+    (tmp_path / "weights.data").mkdir()  # before: "is missing", though it is there
+    with pytest.raises(CheckpointError, match=r"external data file 'weights.data' is not a file"):
+        open_checkpoint(p).read("W")

@@ -151,7 +151,7 @@ class OnnxCheckpoint(Checkpoint):
         target = self.path.parent / location
         if not target.is_file():
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data file "
-                                             f"{location!r} is missing")
+                                             f"{location!r} is {'not a file' if target.exists() else 'missing'}")
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else None
@@ -166,9 +166,10 @@ class OnnxCheckpoint(Checkpoint):
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data length {length} does not "
                                              f"match its shape {list(tensor.dims)} ({needed} bytes)")
         size = target.stat().st_size
-        if offset + (length if length is not None else needed if exact else 0) > size:
+        end = offset + (length if length is not None else needed if exact else 0)
+        if end > size:
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data file "
-                                             f"{location!r} is truncated")
+                                             f"{location!r} is truncated: it needs bytes {offset}..{end} but has {size}")
         return target, offset, min(needed, size - offset) if length is None else length
 
 
