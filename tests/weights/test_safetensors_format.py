@@ -97,6 +97,17 @@ def test_malformed_header_entry_names_file_and_tensor(tmp_path, entry):
         open_checkpoint(p)
 
 
+@pytest.mark.parametrize("entry, shown", [
+    (5, "5"), ({"dtype": "F32", "shape": [1]}, "no 'data_offsets'"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}, r"\[0, 4, 8\]"),
+])
+def test_a_header_entry_of_the_wrong_form_shows_it(tmp_path, entry, shown):
+    """An entry that is no object, lacks a key or holds three offsets was named without what it holds."""
+    p = make_raw_safetensors(tmp_path / "odd.safetensors", {"a": entry}, b"\0" * 4)
+    with pytest.raises(CheckpointError, match=rf"corrupt safetensors header entry 'a': .*{shown}"):
+        open_checkpoint(p)
+
+
 def test_prefetch_of_an_empty_tensor_asks_for_nothing(tmp_path, monkeypatch):
     """posix_fadvise length 0 means 'to the end of the file': an empty tensor must not prefetch the rest."""
     calls = []

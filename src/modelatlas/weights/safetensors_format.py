@@ -114,8 +114,11 @@ def _check_offsets(path: Path, header: dict, data_size: int) -> None:
     for name, meta in header.items():
         try:
             dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(path, f"corrupt safetensors header entry {name!r}") from e
+        except KeyError as e:
+            raise CheckpointError(path, f"corrupt safetensors header entry {name!r}: no {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:  # not an object, or not two offsets
+            raise CheckpointError(path, f"corrupt safetensors header entry {name!r}: {reprlib.repr(meta)} is not "
+                                        "{'dtype', 'shape', 'data_offsets': [start, end]}") from e
         # Sizes and offsets are non-negative integers (usize in the spec); anything else would fail in the
         # arithmetic below or in safetensors' own parser, without naming the file.
         if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_count, [*shape, start, end])):
