@@ -157,6 +157,16 @@ def test_meta_tensors_are_named_as_holding_no_values(tmp_path):
         open_checkpoint(tmp_path / "m.pt")  # was "header lies about sizes: ... no record starts there"
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_sparse_tensors_are_one_error_not_a_traceback(tmp_path, legacy):
+    """A pruned model saved with to_sparse(): the storage check raised torch's NotImplementedError, which no
+    caller catches (a traceback, and lineage recover ended instead of skipping the model)."""
+    w = torch.eye(4).to_sparse()
+    torch.save({"w": w, "b": torch.ones(4)}, tmp_path / "s.pt", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match=r"s\.pt: holds a sparse tensor \(torch\.sparse_coo, shape \(4, 4\)\)"):
+        open_checkpoint(tmp_path / "s.pt")
+
+
 def test_an_optimizer_state_saved_alone_is_no_model(tmp_path):
     opt = make_training_saves(make_state_dict())["tutorial"]["optimizer_state_dict"]
     torch.save(opt, tmp_path / "optimizer.pt")  # as an HF Trainer checkpoint holds it: was a model "optimizer"

@@ -99,6 +99,10 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if any(t.is_meta for t in _all_tensors(obj)):  # no bytes anywhere: read as "header lies about sizes"
         raise CheckpointError(path, "holds tensors on the meta device (shapes without values: a model saved before "
                                     "its weights were loaded); save it again after loading them")
+    sparse = next((t for t in _all_tensors(obj) if t.layout != torch.strided), None)
+    if sparse is not None:  # no storage of its own: the record check and every reader fail without naming it
+        raise CheckpointError(path, f"holds a sparse tensor ({sparse.layout}, shape {tuple(sparse.shape)}), not "
+                                    "dense weights; save it with .to_dense()")
     if records is not None:
         check_storage_records(path, obj, records)
     return _state_dict_from(path, obj)
