@@ -243,3 +243,16 @@ def test_external_data_location_that_is_a_folder_is_named_so(tmp_path):
     (tmp_path / "weights.data").mkdir()  # before: "is missing", though it is there
     with pytest.raises(CheckpointError, match=r"external data file 'weights.data' is not a file"):
         open_checkpoint(p).read("W")
+
+
+@pytest.mark.parametrize("old, new, message", [
+    (b"weights.data", b"weights\xffdata", r"initializer 'W': external data location b'weights\\xffdata' is not UTF-8"),
+    (b"B\x01W", b"B\x01\xff", r"initializer b'\\xff' has a name that is not UTF-8"),  # field 8: the name
+])
+def test_names_that_are_not_utf8_are_one_error(tmp_path, old, new, message):
+    """protobuf gives a string field of bytes that are not UTF-8 as bytes: Path(location) raised TypeError (a
+    traceback), and a bytes tensor name was listed among str names (sorting them failed later, in lineage)."""
+    p = make_onnx(tmp_path / "net.onnx", external=True)
+    p.write_bytes(p.read_bytes().replace(old, new))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(p)

@@ -56,6 +56,8 @@ def _initializers(path: Path, onnx, graph) -> dict:
     for t in graph.initializer:
         if t.data_type == onnx.TensorProto.STRING:
             continue
+        if not isinstance(t.name, str):  # protobuf gives a string field of bytes that are not UTF-8 as bytes
+            raise CheckpointError(path, f"initializer {t.name!r} has a name that is not UTF-8 (corrupt file)")
         if t.name in out:  # ONNX defines a name once; the last copy was kept, where another tool may read the first
             raise CheckpointError(path, f"initializer {t.name!r} is listed twice")
         try:
@@ -145,6 +147,9 @@ class OnnxCheckpoint(Checkpoint):
         """
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        if not isinstance(location, str):  # bytes that are not UTF-8, as protobuf gives them
+            raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data location {location!r} "
+                                             "is not UTF-8 (corrupt file)")
         if Path(location).is_absolute() or ".." in Path(location).parts:
             raise CheckpointError(self.path, f"initializer {tensor.name!r}: external data {location!r} "
                                              "lies outside the model's folder (refused)")
