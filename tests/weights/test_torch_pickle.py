@@ -167,6 +167,36 @@ def test_sparse_tensors_are_one_error_not_a_traceback(tmp_path, legacy):
         open_checkpoint(tmp_path / "s.pt")
 
 
+@pytest.mark.parametrize("record", [b"data.pkl", b"/version"])
+def test_a_zip_record_name_that_is_not_utf8_is_one_error(tmp_path, record):
+    """zipfile decodes a record name flagged UTF-8 and raised UnicodeDecodeError (a traceback; lineage recover
+    ended) on a file whose name bytes were corrupted."""
+    p = tmp_path / "z.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    p.write_bytes(p.read_bytes().replace(record, record[:-4] + b"\xff" + record[-3:]))
+    with pytest.raises(CheckpointError, match=r"z\.pt: corrupt PyTorch zip file: 'utf-8' codec can't decode"):
+        open_checkpoint(p)
+
+
+def make_zip_edit(data: bytes, signature: bytes, at: int, value: int) -> bytes:
+    """``data`` with the byte ``at`` bytes after the first zip ``signature`` set to ``value``."""
+    i = data.index(signature) + at
+    return data[:i] + bytes([value]) + data[i + 1:]
+
+
+@pytest.mark.parametrize("signature, at, message", [
+    (b"PK\x06\x07", 16, "span multiple disks"),  # zip64 locator: 2 disks
+    (b"PK\x01\x02", 6, "zip file version"),  # central directory: extract version 25.5
+])
+def test_zip_headers_zipfile_cannot_take_are_one_error(tmp_path, signature, at, message):
+    """zipfile.is_zipfile let BadZipFile through, and a version over 6.3 raised NotImplementedError: tracebacks."""
+    p = tmp_path / "z.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    p.write_bytes(make_zip_edit(p.read_bytes(), signature, at, 2 if at == 16 else 255))
+    with pytest.raises(CheckpointError, match=rf"z\.pt: corrupt PyTorch zip file: .*{message}"):
+        open_checkpoint(p)
+
+
 def test_an_optimizer_state_saved_alone_is_no_model(tmp_path):
     opt = make_training_saves(make_state_dict())["tutorial"]["optimizer_state_dict"]
     torch.save(opt, tmp_path / "optimizer.pt")  # as an HF Trainer checkpoint holds it: was a model "optimizer"

@@ -80,6 +80,8 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
+    except zipfile.BadZipFile as e:  # is_zipfile passes on a zip64 record it refuses ("span multiple disks")
+        raise CheckpointError(path, f"corrupt PyTorch zip file: {error_line(e)}") from e
     records = zip_records(path) if is_zip else None  # checked before torch unpacks anything
     lfs = None if is_zip else lfs_pointer_reason(path)
     if lfs or (not is_zip and path.stat().st_size == 0):  # empty: the unpickler says only "EOFError"
@@ -175,7 +177,8 @@ def zip_records(path: Path) -> dict[int, tuple[str, int]]:
                 local = f.read(30)  # zip local file header: the data follows its name and extra field
                 n_name, n_extra = struct.unpack("<HH", local[26:30])
                 records[info.header_offset + 30 + n_name + n_extra] = (info.filename, info.file_size)
-    except (OSError, zipfile.BadZipFile, struct.error) as e:
+    except (OSError, zipfile.BadZipFile, struct.error, UnicodeDecodeError, NotImplementedError) as e:  # a name
+        # flagged UTF-8 that is not, a zip version over what zipfile reads
         raise CheckpointError(path, f"corrupt PyTorch zip file: {error_line(e)}") from e
     return records
 
@@ -242,7 +245,7 @@ def _pickle_head(path: Path, is_zip: bool) -> bytes:
                 return b""
             with zf.open(name) as f:
                 return f.read(_HEAD_BYTES)
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError):
         return b""
 
 
