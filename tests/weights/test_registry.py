@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import discover_models, open_checkpoint, open_many
-from modelatlas.weights.registry import formats
+from modelatlas.weights.registry import formats, unique_names
 
 
 def make_zoo(folder, n_good=4):
@@ -235,6 +235,15 @@ def test_a_broken_link_given_relative_is_named_as_a_link_not_as_a_hub_id(tmp_pat
     with pytest.raises(CheckpointError) as err:
         open_checkpoint("zoo/run-c")
     assert str(err.value) == f"zoo/run-c: a link to {tmp_path / 'unmounted' / 'run-c'}, which does not exist"
+
+
+def test_a_broken_link_given_relative_is_named_by_its_own_name(tmp_path, monkeypatch):
+    """`atlas lineage recover zoo` said 'skipped zoo/run-c: ...' beside 'skipped b: ...': the missing relative
+    path read as the hub id zoo/run-c, whose name is that id."""
+    monkeypatch.chdir(tmp_path)
+    Path("zoo").mkdir()
+    Path("zoo/run-c").symlink_to(tmp_path / "unmounted" / "run-c")
+    assert unique_names([Path("zoo/run-c")]) == ["run-c"]
 
 
 def test_a_variant_of_a_library_file_is_named_by_its_folder(tmp_path):

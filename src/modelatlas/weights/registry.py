@@ -339,7 +339,8 @@ def model_name(path: str | Path) -> str:
     """A model's display name: its file or folder name without extension (see :func:`unique_names` for many);
     for a hub id that is no local path, the name opening it gives (``org/name``, ``org/name@rev``)."""
     path = Path(path)
-    if not path.exists() and _is_resolvable(path):  # "Llama-2-7b-hf" alone matched no --truth naming the id
+    # "Llama-2-7b-hf" alone matched no --truth naming the id; a broken link (zoo/run-c) is a local path
+    if not path.exists() and not path.is_symlink() and _is_resolvable(path):
         from modelatlas.weights.hub_cache import hub_name
 
         return hub_name(path.as_posix())
