@@ -1,5 +1,6 @@
 import torch
 from safetensors.torch import save_file
+from tests.weights.conftest import make_evil
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.sources import MemoryCheckpoint, group_by_architecture
@@ -107,3 +108,16 @@ def test_float_weights_named_like_packed_ones_are_compared():
               "k.SCB": torch.randn(8, generator=gen)}
     groups, _, skipped = group_by_architecture([MemoryCheckpoint("custom", custom)], None)
     assert skipped == {} and [t.name for t in groups[0][1]] == ["attn.q_weight", "k.weight"]
+
+
+def test_a_sharded_folder_with_a_shard_that_would_run_code_is_skipped_and_runs_nothing(tmp_path):
+    """A shard is first unpickled when the tensors are listed; its refusal ended the whole run before."""
+    marker, evil = tmp_path / "pwned", tmp_path / "zoo" / "evil"
+    evil.mkdir(parents=True)
+    torch.save({"a.w": torch.zeros(4, 4), "x": make_evil(marker)}, evil / "pytorch_model-00001-of-00001.bin")
+    (evil / "pytorch_model.bin.index.json").write_text('{"weight_map": {"a.w": "pytorch_model-00001-of-00001.bin"}}')
+    for name in ("p", "c"):
+        save_file({"a.w": torch.randn(4, 4)}, tmp_path / "zoo" / f"{name}.safetensors")
+    forest = recover_lineage([tmp_path / "zoo"], stage="specialize")
+    assert set(forest.nodes) == {"p", "c"} and "refused to unpickle" in forest.skipped["evil"]
+    assert not marker.exists()
