@@ -376,3 +376,21 @@ def test_an_identical_copy_of_a_quantized_copy_is_listed_with_its_own_type(tmp_p
     make_gguf(tmp_path / "p-tq2.gguf", p, kind=Q.TQ2_0)
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     assert forest.decisions["precision_copies"] == {"p-tq1": "tq1_0", "p-tq2": "tq2_0"}
+
+
+def test_a_hugging_face_model_with_a_broken_shard_index_beside_gguf_files_is_skipped(tmp_path):
+    """Reading a model under GGUF names lists its tensors: a shard index naming the wrong shard ended the run
+    ('error: ...') when GGUF files were among the models, instead of skipping that model."""
+    gen = torch.Generator().manual_seed(6)
+    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=gen),
+            "model.layers.0.self_attn.k_proj.weight": torch.randn(32, 64, generator=gen)}
+    good = make_hf_llama(tmp_path / "base", base)
+    bad = make_hf_llama(tmp_path / "bad", base)
+    (bad / "model.safetensors").rename(bad / "model-00001-of-00001.safetensors")
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00001.safetensors",
+        "model.layers.0.mlp.up_proj.weight": "model-00001-of-00001.safetensors"}}))
+    forest = recover_lineage([good, bad, make_gguf(tmp_path / "base-q8_0.gguf", make_converted(base))],
+                             stage="specialize")
+    assert sorted(forest.nodes) == ["base", "base-q8_0"]
+    assert "puts tensor 'model.layers.0.mlp.up_proj.weight' in shard" in forest.skipped["bad"]

@@ -162,7 +162,10 @@ def _gguf_named(ck: Checkpoint, targets: dict, unmapped: dict[str, str]) -> Chec
 
     why = None
     for target in targets:
-        got = gguf_attempt(ck, *target)
+        try:
+            got = gguf_attempt(ck, *target)
+        except AtlasError:  # its tensors cannot be listed (a bad shard index): skipped, saying so, when grouped
+            return None
         if isinstance(got, GGUFNamedView):
             return got
         why = why or got
