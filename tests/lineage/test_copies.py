@@ -132,3 +132,17 @@ def test_a_float32_save_of_float16_values_is_a_precision_copy_outside_the_layers
     assert "outside_layers" not in f.decisions
     assert f.decisions["duplicates"] == {"t2-fp16": "t2"}
     assert f.decisions["precision_copies"] == {"t2-fp16": "float16"}
+
+
+def test_a_float16_copy_of_a_small_bitfit_goes_to_the_bitfit_not_its_base():
+    """A float16 copy (matrices rounded, the bias kept in float32, as GGUF keeps 1-D tensors) of a fine-tune of
+    the bias alone, 1e-4 away: the bias is exact, so it tells the fine-tune from its base, though the change is
+    below float16's unit roundoff."""
+    weights = make_with_head(seed=3)
+    gen = torch.Generator().manual_seed(1)
+    bias = weights["t2"]["block.bias"]
+    bitfit = {**weights["t2"], "block.bias": bias + 1e-4 * bias.abs().mean() * torch.randn(bias.shape, generator=gen)}
+    f16 = {k: (v if k == "block.bias" else v.half()) for k, v in bitfit.items()}
+    f = recover_lineage({**weights, "t2-bitfit": bitfit, "t2-bitfit-f16": f16})
+    assert f.decisions["duplicates"] == {"t2-bitfit-f16": "t2-bitfit"}
+    assert f.decisions["outside_layers"]["t2-bitfit"]["like"] == "t2"

@@ -76,7 +76,7 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
     "n_differing": their number}."""
     dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
     keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
-    for d, r in _checked_outside(members, layers, dups, outside, [ROUNDOFF.get(d, 0.0) for d in dtypes]):
+    for d, r in _checked_outside(members, layers, dups, outside, dtypes):
         duplicates[members[d].name] = members[r].name
         if st.rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
@@ -104,18 +104,18 @@ def _same_vectors(members: list[Checkpoint]):
 
 
 def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: list[tuple[int, int]],
-                     outside: dict[str, dict], roundoff: list[float]) -> list[tuple[int, int]]:
-    """The (copy, model) pairs of ``dups`` that also agree outside ``layers``, within the coarser of the two
-    models' ``roundoff`` when it differs (a float32 file of float16 values: its head is rounded too). A model
-    that does not is recorded in ``outside``; a later one may still be its copy (two saves of one probe)."""
+                     outside: dict[str, dict], formats: list[str]) -> list[tuple[int, int]]:
+    """The (copy, model) pairs of ``dups`` that also agree outside ``layers``, also when both are rounded to
+    the coarser of their value ``formats`` where those differ (a float32 file of float16 values: its head is
+    rounded too). A model that does not is recorded in ``outside``; a later one may still be its copy."""
     compared = {t.name for t in layers}
     kept: list[tuple[int, int]] = []
     differing: dict[int, list[int]] = {}  # representative -> models equal to it on the layers only
     for d, r in dups:
-        first = differing_tensors(members[r], members[d], compared, _floor(roundoff, d, r))
+        first = differing_tensors(members[r], members[d], compared, _rounded(formats, d, r))
         found = r if not first else next(  # a copy of an earlier model that differs from r the same way?
             (c for c in differing.get(r, [])
-             if not differing_tensors(members[c], members[d], compared, _floor(roundoff, d, c))), None)
+             if not differing_tensors(members[c], members[d], compared, _rounded(formats, d, c))), None)
         if found is not None:
             kept.append((d, found))
             continue
@@ -125,16 +125,18 @@ def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: 
     return kept
 
 
-def _floor(roundoff: list[float], i: int, j: int) -> float:
-    """The tolerance two models' rounding allows outside the compared layers: 0 at one precision."""
-    return 0.0 if roundoff[i] == roundoff[j] else max(roundoff[i], roundoff[j])
+def _rounded(formats: list[str], i: int, j: int) -> str:
+    """The format two models' tensors are also compared in, rounded: the coarser one; "" at one precision."""
+    a, b = (ROUNDOFF.get(formats[k], 0.0) for k in (i, j))
+    return "" if a == b else _coarser(formats[i], formats[j])
 
 
-def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset(), floor: float = 0.0) -> list[str]:
+def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset(), rounded: str = "") -> list[str]:
     """The float tensors of ``a`` (names not in ``skip``) that ``b`` holds in another shape, or whose values
     differ by more than float rounding: relative distance over :data:`SAMPLE_ROWS` evenly spaced rows above
     :data:`DUPLICATE_TOL`, or above the coarser of the two dtypes' :data:`ROUNDOFF` when they are stored
-    in different dtypes (or above ``floor``); a tensor that cannot be read, or holds NaN or inf there, differs too (named so).
+    in different dtypes (with ``rounded``, a float dtype name: unless equal when both are rounded to it, up
+    to :data:`DUPLICATE_TOL`); a tensor that cannot be read, or holds NaN or inf there, differs too (named so).
     Tensors only one model holds are not compared. Time O(sampled weights)."""
     theirs = {t.name: t for t in b.tensors()}
     out = []
@@ -145,7 +147,7 @@ def differing_tensors(a: Checkpoint, b: Checkpoint, skip: set[str] = frozenset()
         if tuple(other.shape) != tuple(t.shape):
             out.append(f"{t.name} (shape {tuple(t.shape)} vs {tuple(other.shape)})")
             continue
-        why = _sample_differs(a, b, t, other, floor)
+        why = _sample_differs(a, b, t, other, rounded)
         if why is not None:
             out.append(t.name + why)
     return out
@@ -155,7 +157,7 @@ def _is_float(t: TensorInfo) -> bool:
     return t.dtype.startswith(("float", "bfloat")) and t.numel > 0
 
 
-def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorInfo, floor: float) -> str | None:
+def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorInfo, rounded: str) -> str | None:
     """None when tensor ``t`` of ``a`` and ``b`` agree on the sample, else "" or a reason in parentheses."""
     try:
         x, y = _sample(a.read(t.name)), _sample(b.read(t.name))
@@ -165,9 +167,11 @@ def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorIn
         return " (NaN or inf values)"
     limit = DUPLICATE_TOL if t.dtype == other.dtype else max(ROUNDOFF.get(t.dtype, 0.0),
                                                              ROUNDOFF.get(other.dtype, 0.0), DUPLICATE_TOL)
-    limit = max(limit, floor)
     scale = float(x.norm())
     gap = float((x - y).norm())
+    if gap > limit * scale and rounded:  # a float32 file of float16 values: all its tensors were rounded
+        low = getattr(torch, rounded)
+        gap, limit = float((x.to(low).double() - y.to(low).double()).norm()), DUPLICATE_TOL
     return None if gap <= limit * scale else ""
 
 
