@@ -197,6 +197,14 @@ def test_zip_headers_zipfile_cannot_take_are_one_error(tmp_path, signature, at, 
         open_checkpoint(p)
 
 
+def test_two_tensors_flattened_to_one_name_are_refused(tmp_path):
+    """{"a.b": x, "a": {"b": y}} flattens both to 'a.b': one of them was dropped without a word."""
+    torch.save({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"c\.pt: two tensors are named 'a\.b' once nested dicts are "
+                                              "flattened"):
+        open_checkpoint(tmp_path / "c.pt")
+
+
 def test_an_optimizer_state_saved_alone_is_no_model(tmp_path):
     opt = make_training_saves(make_state_dict())["tutorial"]["optimizer_state_dict"]
     torch.save(opt, tmp_path / "optimizer.pt")  # as an HF Trainer checkpoint holds it: was a model "optimizer"

@@ -297,7 +297,7 @@ def _state_dict_from(path: Path, obj: object) -> tuple[dict[str, torch.Tensor], 
         obj = {k: v for k, v in obj.items()  # a tensor named like them ("scaler.weight" flattened) is a weight
                if isinstance(v, torch.Tensor) or not (isinstance(k, str) and _TRAINING_STATE.search(k))}
     flat: dict[str, torch.Tensor] = {}
-    _flatten(obj, "", flat)
+    _flatten(path, obj, "", flat)
     if not flat:
         raise CheckpointError(path, "no tensors in this PyTorch file (not a state dict)")
     return _unwrapped(flat, lightning)
@@ -326,13 +326,15 @@ def _has_tensor(obj: Mapping) -> bool:
     return any(isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _has_tensor(v)) for v in obj.values())
 
 
-def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
+def _flatten(path: Path, obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
     for k, v in obj.items():
         name = f"{prefix}{k}"
         if isinstance(v, torch.Tensor):
+            if name in out:  # {"a.b": x, "a": {"b": y}}: keeping either would drop the other without a word
+                raise CheckpointError(path, f"two tensors are named {name!r} once nested dicts are flattened")
             out[name] = v
         elif isinstance(v, Mapping):
-            _flatten(v, name + ".", out)
+            _flatten(path, v, name + ".", out)
 
 
 def tensor_info(name: str, t: torch.Tensor) -> TensorInfo:
