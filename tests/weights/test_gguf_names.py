@@ -314,3 +314,11 @@ def test_a_model_in_the_hub_cache_is_mapped(tmp_path, monkeypatch):
         assert view is not None and view.name == "org/tiny"
         assert torch.equal(view.read("blk.0.attn_q.weight"),
                            hf.read("model.layers.0.self_attn.q_proj.weight")[check_rows(HEADS, E // HEADS)])
+
+
+def test_a_config_json_nested_too_deeply_is_no_config(tmp_path):
+    """json.loads raised RecursionError on 100,000 nested brackets (a few hundred KB): with a GGUF file among
+    the models, lineage recovery ended with a traceback instead of comparing the model under its own names."""
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert gguf_names.hf_config(open_checkpoint(tmp_path)) is None

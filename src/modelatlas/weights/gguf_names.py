@@ -91,7 +91,7 @@ def _json(path: Path, limit: int):
         with open(path, "rb") as f:
             raw = f.read(limit + 1)
         return json.loads(raw) if len(raw) <= limit else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: brackets nested a few thousand deep
         return None
 
 
