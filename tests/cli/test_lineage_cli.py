@@ -334,3 +334,12 @@ def test_a_model_named_by_bytes_that_are_not_utf8_is_recovered_shown_and_saved(t
     assert non_utf8_name in Forest.load(out["json"]).nodes and "\\udce9" in out["json"].read_text()
     assert '"m\\xe9"' in out["dot"].read_text() and '["m\\xe9"]' in out["mmd"].read_text()
     assert out["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_model_named_with_a_newline_is_reported_on_one_line(tmp_path, capsys):
+    """'skipped bad<newline>name: ...' was two lines: note / warn / error keep every message on its line."""
+    make_tiny_zoo(tmp_path)
+    (tmp_path / "bad\nname.safetensors").write_bytes(b"\xff" * 4)
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped bad\\nname: " in err and "\nname" not in err

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from modelatlas import __version__
 from modelatlas.allocator import keep_freed_memory
-from modelatlas.cli.output import printable
+from modelatlas.cli.output import one_line
 from modelatlas.errors import AtlasError
 
 COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "index", "distill", "attribute", "data"]
@@ -104,7 +104,7 @@ def _error_line(message: str) -> None:
     """``error: <message>`` on stderr, escaped as all CLI output is (:func:`~modelatlas.cli.output.printable`): a
     model named by bytes that are not UTF-8 reads ``m\\xe9``, as elsewhere, not ``m\\udce9``, and cannot end a
     strict UTF-8 stderr in a UnicodeEncodeError; a control character in a name cannot reach the terminal."""
-    print(f"error: {printable(message)}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
 
 
 def _out_of_memory(e: BaseException) -> bool:

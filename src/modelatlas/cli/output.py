@@ -31,6 +31,12 @@ def printable(text: object) -> str:
     return str(text).translate(_CONTROL)
 
 
+def one_line(text: object) -> str:
+    """:func:`printable`, newlines too written as ``\\n``: a message stays on its line when a model's name
+    holds one (a file may be named so)."""
+    return printable(text).replace("\n", "\\n")
+
+
 def echo(*parts: object) -> None:
     """Print to stdout (commands' results), control characters escaped (:func:`printable`)."""
     print(*map(printable, parts))
@@ -44,9 +50,9 @@ def counted(n: int, noun: str) -> str:
 def note(message: str) -> None:
     """Print an informational line to stderr (what was skipped, matched, or how to go on), control
     characters escaped (:func:`printable`): model names reach it."""
-    print(printable(message), file=sys.stderr)
+    print(one_line(message), file=sys.stderr)
 
 
 def warn(message: str) -> None:
     """Print a warning line to stderr."""
-    print(f"warning: {printable(message)}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
