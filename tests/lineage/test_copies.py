@@ -146,3 +146,18 @@ def test_a_float16_copy_of_a_small_bitfit_goes_to_the_bitfit_not_its_base():
     f = recover_lineage({**weights, "t2-bitfit": bitfit, "t2-bitfit-f16": f16})
     assert f.decisions["duplicates"] == {"t2-bitfit-f16": "t2-bitfit"}
     assert f.decisions["outside_layers"]["t2-bitfit"]["like"] == "t2"
+
+
+def test_a_bfloat16_base_of_float32_fine_tunes_is_no_copy_of_them():
+    """A bfloat16 base with float32 fine-tunes 0.2 % away (within bfloat16's unit roundoff, 0.39 %) was drawn as
+    'lower-precision copy of ft', its fine-tune: the distance alone was taken for rounding. A copy is now also
+    the source rounded to the copy's format, on the sampled rows; a float16 save of ft still is one."""
+    gen = torch.Generator().manual_seed(0)
+    base = {f"l{i}.weight": torch.randn(64, 64, generator=gen).bfloat16() for i in range(4)}
+    ft = {k: v.float() + 0.002 * torch.randn(64, 64, generator=gen) for k, v in base.items()}
+    ft2 = {k: v.float() + 0.002 * torch.randn(64, 64, generator=gen) for k, v in base.items()}
+    f = recover_lineage({"base": base, "ft": ft, "ft2": ft2, "ft-f16": {k: v.half() for k, v in ft.items()}},
+                        stage="specialize")
+    assert f.decisions["precision_copies"] == {"ft-f16": "float16"}
+    trained = {frozenset((e.parent, e.child)) for e in f.edges if e.kind == "trained"}  # the root is a guess here
+    assert trained == {frozenset(("base", "ft")), frozenset(("base", "ft2"))}

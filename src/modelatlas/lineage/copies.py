@@ -75,7 +75,12 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
     ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
     "n_differing": their number}."""
     dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
+    given = list(keep)
     keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
+    unrounded = {d for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL and not _rounds_to(members[r], members[d],
+                                                                                        layers, dtypes[d])}
+    keep = [i for i in given if i in keep or i in unrounded]  # a fine-tune within roundoff: a model of its own
+    dups = [(d, r) for d, r in dups if d not in unrounded]
     for d, r in _checked_outside(members, layers, dups, outside, dtypes):
         duplicates[members[d].name] = members[r].name
         if st.rel[d, r] >= DUPLICATE_TOL:
@@ -91,6 +96,21 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
             duplicates[d], lowp[d] = members[r].name, own or kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
     return keep
+
+
+def _rounds_to(source: Checkpoint, copy: Checkpoint, layers: list[TensorInfo], fmt: str) -> bool:
+    """Whether ``copy``'s ``layers`` are ``source``'s rounded to ``fmt`` (float16 / bfloat16) on the sampled rows,
+    up to :data:`DUPLICATE_TOL`: a distance within the format's unit roundoff is a fine-tune as well as a copy
+    (a float32 fine-tune 0.2 % from a bfloat16 base), rounding tells them apart. Time O(sampled weights)."""
+    low, gap, norm = getattr(torch, fmt), 0.0, 0.0
+    try:
+        for t in layers:
+            x, y = _sample(source.read(t.name)), _sample(copy.read(t.name))
+            gap += float((x.to(low).double() - y.to(low).double()).square().sum())
+            norm += float(x.square().sum())
+    except CheckpointError:
+        return False
+    return gap <= DUPLICATE_TOL**2 * norm
 
 
 def _same_vectors(members: list[Checkpoint]):
