@@ -161,3 +161,4 @@ def test_a_bfloat16_base_of_float32_fine_tunes_is_no_copy_of_them():
     assert f.decisions["precision_copies"] == {"ft-f16": "float16"}
     trained = {frozenset((e.parent, e.child)) for e in f.edges if e.kind == "trained"}  # the root is a guess here
     assert trained == {frozenset(("base", "ft")), frozenset(("base", "ft2"))}
+

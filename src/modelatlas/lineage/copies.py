@@ -100,8 +100,9 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
 
 def _rounds_to(source: Checkpoint, copy: Checkpoint, layers: list[TensorInfo], fmt: str) -> bool:
     """Whether ``copy``'s ``layers`` are ``source``'s rounded to ``fmt`` (float16 / bfloat16) on the sampled rows,
-    up to :data:`DUPLICATE_TOL`: a distance within the format's unit roundoff is a fine-tune as well as a copy
-    (a float32 fine-tune 0.2 % from a bfloat16 base), rounding tells them apart. Time O(sampled weights)."""
+    up to 1/16 of its :data:`ROUNDOFF` (a bfloat16 model's float16 conversion loses float16's subnormals): a
+    distance within the unit roundoff is a fine-tune as well as a copy (a float32 fine-tune 0.2 % from a bfloat16
+    base), rounding tells them apart. Time O(sampled weights)."""
     low, gap, norm = getattr(torch, fmt), 0.0, 0.0
     try:
         for t in layers:
@@ -110,7 +111,7 @@ def _rounds_to(source: Checkpoint, copy: Checkpoint, layers: list[TensorInfo], f
             norm += float(x.square().sum())
     except CheckpointError:
         return False
-    return gap <= DUPLICATE_TOL**2 * norm
+    return gap <= (ROUNDOFF[fmt] / 16) ** 2 * norm
 
 
 def _same_vectors(members: list[Checkpoint]):
