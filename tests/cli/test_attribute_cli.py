@@ -111,3 +111,37 @@ def test_a_resume_refused_for_its_new_settings_keeps_the_checkpoint(tmp_path, ca
     err = said.err.splitlines()[-1]
     assert err.startswith("error: ") and "cannot resume: n_train was 200 in the interrupted run, now 15" in err
     assert main([*args, "--resume"]) == 0 and "2 of 5 matching steps are kept" in capsys.readouterr().out
+
+
+def make_interrupted(tmp_path, capsys, monkeypatch):
+    """An --out holding a run stopped after 2 of 5 matching steps; returns the command's arguments."""
+    from tests.attribution.conftest import make_stop
+
+    import modelatlas.cli.attribute as cli_attribute
+
+    args = [a for a in TINY if a != "--validate"] + ["--match-steps", "5", "--out", str(tmp_path)]
+    with monkeypatch.context() as m:
+        m.setattr(cli_attribute, "tqdm_progress", make_stop(2))
+        assert main(args) == 130
+    capsys.readouterr()
+    return args
+
+
+def test_a_resume_from_an_unreadable_state_does_not_say_it_starts_over(tmp_path, capsys, monkeypatch):
+    """offline.json damaged: it printed 'nothing to resume ...: starting from the beginning', then refused."""
+    args = make_interrupted(tmp_path, capsys, monkeypatch)
+    (tmp_path / "checkpoint" / "offline.json").write_text("{garbage")
+    assert main([*args, "--resume"]) == 1
+    said = capsys.readouterr()
+    assert "nothing to resume" not in said.out and said.err.count("\n") == 1
+    assert "offline.json: cannot read" in said.err and (tmp_path / "checkpoint" / "offline.json").exists()
+
+
+def test_a_damaged_unit_names_the_checkpoint_folder_to_delete(tmp_path, capsys, monkeypatch):
+    """'delete the folder to start over' could be read as --out itself, the results in it."""
+    args = make_interrupted(tmp_path, capsys, monkeypatch)
+    for f in (tmp_path / "checkpoint").glob("offline-match-*.safetensors"):
+        f.unlink()
+    assert main([*args, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"missing; delete {tmp_path / 'checkpoint'} to start over" in err

@@ -31,7 +31,6 @@ FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safeten
 OFFLINE_JSON = "offline.json"
 UNITS = ("clusters", "target", "match")  # DDM's offline units, in the order they finish
 _DDM = ("matrix", "assign", "cluster_class", "synthetic", "synthetic_labels", "base_losses")
-_RESTART = "delete the folder to start over"
 
 
 def kept_state(out: str | Path) -> Path | None:
@@ -83,6 +82,11 @@ class RunCheckpoint:
         self.last_save = time.perf_counter()
         self._units: dict | None = None  # offline.json's units, once read (settings checked) or written
 
+    @property
+    def restart(self) -> str:
+        """The hint of a refusal: 'delete the folder' was read as --out itself, the results in it."""
+        return f"delete {self.folder} to start over"
+
     def check_settings(self) -> None:
         """Refuse a kept state (``run.json``, ``offline.json``) of other settings, naming the first that differs.
         Called before any work: a run refused for its new settings must not first drop the state it could resume."""
@@ -98,9 +102,9 @@ class RunCheckpoint:
             return None
         meta = read_json_object(path, "no run", "an attribution run")
         self._check_settings(path, meta.get("settings"))
-        t = read_tensors(self.folder / DDM_TENSORS, _RESTART)
+        t = read_tensors(self.folder / DDM_TENSORS, self.restart)
         if any(k not in t for k in _DDM) or not isinstance(meta.get("match_losses"), list):
-            raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {_RESTART}")
+            raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {self.restart}")
         return Attribution(**{k: t[k] for k in _DDM}, timings=dict(meta.get("timings") or {}),
                            match_losses=list(meta["match_losses"]))
 
@@ -122,12 +126,12 @@ class RunCheckpoint:
             return None
         path = self.folder / OFFLINE_JSON
         if not isinstance(name, str):
-            raise CheckpointError(path, f"cannot resume: the {unit} unit names no tensor file; {_RESTART}")
-        t = read_tensors(self.folder / Path(name).name, _RESTART)
+            raise CheckpointError(path, f"cannot resume: the {unit} unit names no tensor file; {self.restart}")
+        t = read_tensors(self.folder / Path(name).name, self.restart)
         for key, shape in shapes.items():
             if key not in t or (shape is not None and tuple(t[key].shape) != tuple(shape)):
                 raise CheckpointError(path, f"cannot resume: the {unit} unit lacks {key!r} or holds it in another "
-                                            f"shape; {_RESTART}")
+                                            f"shape; {self.restart}")
         return t
 
     def save(self, unit: str, tensors: dict[str, torch.Tensor], progress: tuple[int, int] | None = None) -> None:
@@ -155,7 +159,7 @@ class RunCheckpoint:
                 self._check_settings(path, meta.get("settings"))
             units = meta.get("units", {})
             if not isinstance(units, dict) or not all(isinstance(v, dict) for v in units.values()):
-                raise CheckpointError(path, f"cannot resume: its 'units' are not a JSON object of objects; {_RESTART}")
+                raise CheckpointError(path, f"cannot resume: its 'units' are not a JSON object of objects; {self.restart}")
             self._units = units
         return self._units
 
@@ -169,7 +173,7 @@ class RunCheckpoint:
     def _check_settings(self, path: Path, saved) -> None:
         """Refuse a state of other settings, naming the first key that differs (one line)."""
         if not isinstance(saved, dict):
-            raise CheckpointError(path, f"cannot resume: it records no settings; {_RESTART}")
+            raise CheckpointError(path, f"cannot resume: it records no settings; {self.restart}")
         for key in [*self.settings, *(k for k in saved if k not in self.settings)]:
             if saved.get(key) != self.settings.get(key):
                 raise CheckpointError(path, f"cannot resume: {key} was {json.dumps(saved.get(key))} in the "
@@ -185,12 +189,12 @@ class RunCheckpoint:
         done, name, wall = meta.get("done"), meta.get("tensors"), meta.get("wall_s")
         if not (isinstance(done, int) and 0 <= done <= k_total and isinstance(name, str)
                 and isinstance(wall, (int, float))):
-            raise CheckpointError(path, f"cannot resume: 'done', 'tensors' or 'wall_s' is missing or wrong; {_RESTART}")
-        t = read_tensors(self.folder / Path(name).name, _RESTART)
+            raise CheckpointError(path, f"cannot resume: 'done', 'tensors' or 'wall_s' is missing or wrong; {self.restart}")
+        t = read_tensors(self.folder / Path(name).name, self.restart)
         rows, base = t.get("rows"), t.get("base")
         if rows is None or base is None or tuple(rows.shape) != (done, n_test) or tuple(base.shape) != (n_test,):
             raise CheckpointError(path, f"cannot resume: its tensors do not fit {done} rows of {n_test} test "
-                                        f"samples; {_RESTART}")
+                                        f"samples; {self.restart}")
         return list(rows), base, float(wall)
 
     def save_loo(self, rows: list[torch.Tensor], base: torch.Tensor, wall_s: float, force: bool = False) -> None:

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from modelatlas.attribution.checkpoint import check_start, progress_of
+    from modelatlas.attribution.checkpoint import check_start, kept_state, progress_of
     from modelatlas.attribution.folder import attribute_to_folder
     from modelatlas.attribution.report import check_out
     from modelatlas.data.image_folder import check_out_outside_images
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     kept = progress_of(args.out) if args.resume else None
     where = Path(args.out) / "checkpoint"
     said = (lambda: echo(f"resuming from {where}: {_kept(kept)} kept")) if kept else None  # once settings match
-    if args.resume and not kept:
+    if args.resume and kept_state(args.out) is None:  # an unreadable state is refused below, not started over
         echo(f"nothing to resume in {where}: starting from the beginning")
     attr, info, true = attribute_to_folder(args.out, data, train.num_classes, cfg, args.seed, train.name,
                                            args.validate, args.test_index, args.resume, tqdm_progress,
