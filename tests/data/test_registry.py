@@ -139,3 +139,16 @@ def test_seeds_differing_above_32_bits_give_other_splits():
     a, b = load_dataset("digits", "test", seed=0), load_dataset("digits", "test", seed=2**32)
     assert not torch.equal(a.x, b.x)
     assert torch.equal(a.x, load_dataset("digits", "test", seed=0).x)
+
+
+def test_loader_options_take_numpy_scalars():
+    """seed=np.int64(3) raised "seed must be an integer, got np.int64(3)" (and test_fraction=np.float32(0.3)
+    "must be a number in (0, 1)"), though holdout takes the same seed: they are read as 3 and 0.3 now."""
+    import numpy as np
+
+    a = load_dataset("digits", "test", seed=np.int64(3), test_fraction=np.float64(0.3))
+    b = load_dataset("digits", "test", seed=3, test_fraction=0.3)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert len(load_dataset("digits", "test", test_fraction=np.float32(0.5))) == 898
+    with pytest.raises(ConfigError, match="seed must be an integer, got np.True_"):
+        load_dataset("digits", seed=np.True_)

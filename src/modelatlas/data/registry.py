@@ -118,7 +118,17 @@ def load_dataset(name: str, split: str = "train", **kwargs) -> ArrayDataset:
     if name not in _LOADERS:
         raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(_LOADERS))}")
     _check_options(name, _LOADERS[name], kwargs)
-    return _LOADERS[name](split, **kwargs)
+    return _LOADERS[name](split, **{k: _plain(v) for k, v in kwargs.items()})
+
+
+def _plain(value: object) -> object:
+    """A NumPy integer or float scalar as the Python number (np.int64(3) as 3), as ``holdout`` takes it: the
+    option checks refused seed=np.int64(3) as 'not an integer'. Booleans stay (no integer, no fraction)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float, numbers.Integral)):
+        return float(value)
+    return value
 
 
 def _check_options(name: str, loader: Loader, kwargs: dict) -> None:
