@@ -145,7 +145,7 @@ def check_out_outside_images(out: str | Path, dataset, root: str | Path | None, 
     folder): the figures written there (PNG) made a class of that folder's name in every later run on the data."""
     if dataset != "image-folder" or root is None:
         return
-    root = Path(root).resolve()
+    root = Path(root).expanduser().resolve()  # as the loader reads it: '~/data' is $HOME/data, not ./~/data
     if Path(out).resolve().is_relative_to(root):
         raise ConfigError(f"{flag} {out} is inside --data-root {root}: its PNG figures would be read as a class of "
                           "images by every later run on that data; choose an output folder outside it")
