@@ -102,9 +102,10 @@ def within_class_spearman(pred: torch.Tensor, true: torch.Tensor, cluster_class:
 def validation_scores(pred: torch.Tensor, true: torch.Tensor, cluster_class: torch.Tensor, y_test: torch.Tensor,
                       loo_s: float, timings: dict) -> dict:
     """The ``validation`` object of ``attribution.json``: Spearman scores of ``pred`` against the LOO truth
-    (``within_class`` None below 3 clusters per class: strict JSON has no NaN), the LOO wall seconds and the
-    speed-ups of DDM (``timings``: its ``total_s`` and ``online_s``) over it."""
-    within = within_class_spearman(pred, true, cluster_class, y_test)
-    return {**spearman_scores(pred, true), "within_class": within if np.isfinite(within) else None,
+    (None where undefined, strict JSON having no NaN: ``within_class`` below 3 clusters per class, any of them
+    for one cluster and one test sample or a constant matrix), the LOO wall seconds and the speed-ups of DDM
+    (``timings``: its ``total_s`` and ``online_s``) over it."""
+    scores = {**spearman_scores(pred, true), "within_class": within_class_spearman(pred, true, cluster_class, y_test)}
+    return {**{k: v if np.isfinite(v) else None for k, v in scores.items()},
             "loo_wall_s": round(loo_s, 3), "speedup_total": round(loo_s / timings["total_s"], 2),
             "speedup_online": round(loo_s / max(timings["online_s"], 1e-9), 1)}

@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     if true is not None:
         v = info["validation"]
         echo(f"vs leave-one-cluster-out retraining ({v['loo_wall_s']:.1f} s): Spearman flattened "
-             f"{v['flattened']:.3f}, per test sample {v['per_test_mean']:.3f}, within class {_shown(v['within_class'])}; "
+             f"{_shown(v['flattened'], '')}, per test sample {_shown(v['per_test_mean'], '')}, within class "
+             f"{_shown(v['within_class'])}; "
              f"speed-up {v['speedup_total']}x total, {v['speedup_online']}x online")
     return 0
 
@@ -136,5 +137,6 @@ def _config(args: argparse.Namespace):
     return DDMConfig(clusters_per_class=args.clusters_per_class, **{k: v for k, v in given if v is not None})
 
 
-def _shown(x: float | None) -> str:
-    return "n/a (fewer than 3 clusters per class)" if x is None else f"{x:.3f}"
+def _shown(x: float | None, why: str = " (fewer than 3 clusters per class)") -> str:
+    """A Spearman score, or 'n/a' where attribution.json has null (undefined: too few clusters, a constant matrix)."""
+    return f"n/a{why}" if x is None else f"{x:.3f}"
