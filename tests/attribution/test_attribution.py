@@ -190,3 +190,15 @@ def test_more_synthetic_samples_than_training_examples_is_refused_up_front(plant
                                           r"samples, more than the 120 training examples .*lower clusters_per_class or samples_per_cluster "
                                           r"\(--clusters-per-class"):
         ddm_attribution(x, y, xt, yt, 2, DDMConfig(clusters_per_class=2, samples_per_cluster=10**9))
+
+
+@pytest.mark.parametrize("unlearn", ["newton", "ascent"])
+def test_a_diverged_target_model_is_refused(planted, unlearn):
+    """--unlearn ascent --weight-decay 1e10: the target's weights were NaN and the run wrote an all-NaN matrix
+    (and NaN matching losses) with exit code 0; Newton refused it only after the matching, at the Hessian."""
+    x, y, xt, yt = planted
+    cfg = DDMConfig(clusters_per_class=2, train_steps=3, checkpoints=1, match_steps=1, unlearn=unlearn,
+                    weight_decay=1e10)
+    with pytest.raises(ConfigError, match=r"DDM: the target model diverged \(NaN/inf losses after 3 steps\); lower "
+                                          r"its learning rate, train_steps or weight_decay \(--train-steps"):
+        ddm_attribution(x, y, xt, yt, int(y.max()) + 1, cfg)

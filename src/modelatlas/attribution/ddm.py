@@ -177,6 +177,11 @@ def _hessian_factor(run: _Run, final: T.Params, xs: torch.Tensor, soft: torch.Te
 def _offline(run: _Run) -> dict:
     """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
     final, ckpts, train_s = _trained(run)
+    with torch.no_grad():  # O(N P), one pass: a diverged target gave ascent an all-NaN matrix, with exit code 0
+        diverged = not bool(torch.isfinite(T.losses(run.model, final, run.x, run.y)).all())
+    if diverged:
+        raise ConfigError(f"DDM: the target model diverged (NaN/inf losses after {run.cfg.train_steps} steps); lower "
+                          "its learning rate, train_steps or weight_decay (--train-steps, --weight-decay)")
     match_at = ckpts + [final] if run.cfg.match_final else ckpts
     xs, logits, hist, match_s = _matched(run, match_at)
     soft = torch.softmax(logits, dim=-1)
