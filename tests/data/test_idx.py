@@ -145,3 +145,12 @@ def test_fashion_root_that_is_a_file_says_to_pass_its_folder(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=f"fashion-mnist: {one} is a file, not a folder; pass the folder "
                                                    f"that holds the four IDX files \\({root}\\)"):
         load_dataset("fashion-mnist", "train", root=one)
+
+
+def test_a_header_of_zero_dimensions_says_so(tmp_path):
+    """A header declaring 0 dimensions was reported as 'truncated header (4 bytes for 0 dimensions)'."""
+    path = tmp_path / "zero-dims-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 0]) + b"\x00" * 8)
+    with pytest.raises(IDXError, match=r"zero-dims-idx1-ubyte: the header declares 0 dimensions \(an IDX array has "
+                                       r"at least 1\)"):
+        read_idx(path)

@@ -56,8 +56,10 @@ def _parse(path: Path, stream: io.RawIOBase) -> np.ndarray:
     code, ndim = head[2], head[3]
     if code not in _IDX_DTYPES:
         raise IDXError(path, f"unknown IDX data type code 0x{code:02x}")
+    if ndim == 0:  # was reported as 'truncated header (4 bytes for 0 dimensions)'
+        raise IDXError(path, "the header declares 0 dimensions (an IDX array has at least 1)")
     dims = stream.read(4 * ndim)
-    if ndim == 0 or len(dims) < 4 * ndim:
+    if len(dims) < 4 * ndim:
         raise IDXError(path, f"truncated header ({4 + len(dims)} bytes for {ndim} dimensions)")
     shape = struct.unpack(f">{ndim}I", dims)
     dtype = np.dtype(_IDX_DTYPES[code])
