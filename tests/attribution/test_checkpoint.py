@@ -119,3 +119,18 @@ def test_a_run_stopped_after_its_last_retraining_resumes_without_retraining(tmp_
     calls = _stop_after(monkeypatch, 99)
     _, info, _ = _run(tmp_path, planted, resume=True)
     assert calls == [] and "validation" in info and not (tmp_path / FOLDER).exists()
+
+
+def test_loo_alone_refuses_the_rows_of_a_run_of_other_settings(tmp_path, planted):
+    """loo_attribution(..., checkpoint=RunCheckpoint(out, settings)) returned the rows another run (other
+    settings, here train_steps) had saved there, as its own: loo.json recorded no settings."""
+    from modelatlas.attribution import loo_attribution
+    from modelatlas.attribution.checkpoint import RunCheckpoint
+
+    x, y, xt, yt = planted
+    assign = torch.arange(len(y)) % 4
+    loo_attribution(x, y, xt, yt, 2, assign, CFG, checkpoint=RunCheckpoint(tmp_path, {"train_steps": 5}))
+    other = DDMConfig(clusters_per_class=2, train_steps=7, match_steps=2)
+    with pytest.raises(CheckpointError, match="loo.json: cannot resume: train_steps was 5 in the interrupted run, "
+                                              "now 7"):
+        loo_attribution(x, y, xt, yt, 2, assign, other, checkpoint=RunCheckpoint(tmp_path, {"train_steps": 7}))

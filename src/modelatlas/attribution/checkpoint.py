@@ -6,7 +6,7 @@
 - ``run.json`` + ``ddm.safetensors`` (with validation): the run's settings and the DDM attribution, written
   (tensors first, then the JSON) as soon as DDM has finished, before the leave-one-cluster-out (LOO) retraining
   starts;
-- ``loo.json`` + ``loo-<done>.safetensors``: the LOO rows of the clusters retrained so far and the full model's
+- ``loo.json`` (with the settings) + ``loo-<done>.safetensors``: the LOO rows of the clusters retrained so far and the full model's
   test losses, written every ``every_s`` seconds, at the end and when interrupted (Ctrl-C); ``loo.json`` names
   its tensor file, so a run killed between the two writes resumes from the previous state.
 
@@ -186,6 +186,8 @@ class RunCheckpoint:
         if not path.is_file():
             return None
         meta = read_json_object(path, "no LOO state", "a LOO state")
+        if "settings" in meta:  # loo_attribution alone took another run's rows (states saved before lack it)
+            self._check_settings(path, meta["settings"])
         done, name, wall = meta.get("done"), meta.get("tensors"), meta.get("wall_s")
         if not (isinstance(done, int) and 0 <= done <= k_total and isinstance(name, str)
                 and isinstance(wall, (int, float))):
@@ -205,7 +207,8 @@ class RunCheckpoint:
         name = f"loo-{done}.safetensors"
         stacked = torch.stack(rows) if rows else torch.zeros(0, n_test)
         atomic_save_tensors(self.folder / name, {"rows": stacked, "base": base})
-        atomic_write_json(self.folder / LOO_JSON, {"done": done, "tensors": name, "wall_s": wall_s})
+        atomic_write_json(self.folder / LOO_JSON, {"done": done, "tensors": name, "wall_s": wall_s,
+                                                   "settings": self.settings})
         for old in self.folder.glob("loo-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
