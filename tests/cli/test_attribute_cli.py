@@ -145,3 +145,36 @@ def test_a_damaged_unit_names_the_checkpoint_folder_to_delete(tmp_path, capsys, 
     assert main([*args, "--resume"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"missing; delete {tmp_path / 'checkpoint'} to start over" in err
+
+
+class _Touch:
+    """Unpickled by a plain pickle.load, it would create ``path`` (code run by reading a data file)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_cifar_batch_holding_code_is_one_line_and_runs_nothing(tmp_path, capsys):
+    """atlas attribute --dataset cifar10 over a test_batch that pickles a call: refused naming the file and the
+    global, before anything is called (the marker file is never created)."""
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = {b"data": np.zeros((10, 3072), np.uint8), b"labels": list(range(10))}
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    marker = tmp_path / "RAN"
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _Touch(marker), b"labels": [0]}, protocol=4))
+    args = ["attribute", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path / "att")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {folder / 'test_batch'}: refused global pathlib.Path.touch (only NumPy arrays and plain "
+                   "containers are allowed in a CIFAR batch)\n")
+    assert not marker.exists() and not (tmp_path / "att").exists()
