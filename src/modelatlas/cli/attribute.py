@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "cluster by reverse gradient matching, removal by a Newton unlearning step on "
                                    "the distilled set.")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
-    p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: cifar10, image-folder)")
+    p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: fashion-mnist, cifar10, cifar100, image-folder)")
     p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class (default 5)")
     p.add_argument("--out", required=True, type=out_dir, help="output folder (attribution.safetensors/.json/.png): new, empty or a previous attribution's")
     p.add_argument("--test-index", type=int, nargs="+", default=None,
