@@ -75,3 +75,20 @@ def non_utf8_name(tmp_path):
         pytest.skip(f"the file system refuses a file name that is not UTF-8 ({e})")
     (tmp_path / name).unlink()
     return name
+
+
+@pytest.fixture
+def make_two_class_images():
+    """``make(root)``: an image folder of two classes (cat, dog), 4 grey 8 x 8 PNGs each; returns ``root``."""
+    return _image_tree
+
+
+def _image_tree(root):
+    import numpy as np
+    from PIL import Image
+
+    for c, value in (("cat", 30), ("dog", 220)):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(root / c / f"{i}.png")
+    return root

@@ -260,22 +260,11 @@ def test_cli_resume_without_or_with_another_init_from_names_the_flag_and_folders
                                               f"set of {other}, whose images differ; pass --init-from {start}")
 
 
-def make_two_class_tree(root):
-    import numpy as np
-    from PIL import Image
-
-    for c, value in (("cat", 30), ("dog", 220)):
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
-def test_out_inside_the_image_folder_it_distils_is_refused(tmp_path, capsys, monkeypatch):
+def test_out_inside_the_image_folder_it_distils_is_refused(tmp_path, capsys, monkeypatch, make_two_class_images):
     """--out DATA/run1 wrote images.png and loss.png into a subfolder of the image folder: every later run on that
     data read 'run1' as a third class whose images were the figures."""
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
-    data = make_two_class_tree(tmp_path / "data")
+    data = make_two_class_images(tmp_path / "data")
     args = ["distill", "run", "--method", "random", "--dataset", "image-folder", "--data-root", str(data), "--ipc",
             "1", "--eval-nets", "1", "--eval-epochs", "1"]
     assert main([*args, "--out", str(data / "run1")]) == 1
@@ -286,11 +275,11 @@ def test_out_inside_the_image_folder_it_distils_is_refused(tmp_path, capsys, mon
     assert main([*args, "--out", str(tmp_path / "run1")]) == 0  # beside the data: fine
 
 
-def test_attribute_out_inside_the_image_folder_it_reads_is_refused(tmp_path, capsys, monkeypatch):
+def test_attribute_out_inside_the_image_folder_it_reads_is_refused(tmp_path, capsys, monkeypatch, make_two_class_images):
     """The same for `atlas attribute`: its attribution.png landed in a subfolder of the data (found, not fixed,
     by the distill walk)."""
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
-    data = make_two_class_tree(tmp_path / "data")
+    data = make_two_class_images(tmp_path / "data")
     assert main(["attribute", "--dataset", "image-folder", "--data-root", str(data), "--out", str(data / "att")]) == 1
     assert capsys.readouterr().err.startswith(f"error: --out {data / 'att'} is inside --data-root {data}: ")
     assert not (data / "att").exists()

@@ -115,20 +115,10 @@ def test_a_refused_start_writes_nothing(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def make_image_tree(root):
-    from PIL import Image
-
-    for c, value in (("cat", 30), ("dog", 220)):
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
-def test_relative_data_root_is_stored_absolute_and_eval_takes_a_new_root(tmp_path, monkeypatch, capsys):
+def test_relative_data_root_is_stored_absolute_and_eval_takes_a_new_root(tmp_path, monkeypatch, capsys, make_two_class_images):
     from modelatlas.cli.main import main
 
-    make_image_tree(tmp_path / "imgs")
+    make_two_class_images(tmp_path / "imgs")
     monkeypatch.chdir(tmp_path)
     kw = {"root": "imgs", "size": 8, "channels": 1, "test_fraction": 0.25}
     run_distillation("random", "image-folder", 1, "out", config={"width": 8}, dataset_kwargs=kw, **QUICK)
@@ -260,8 +250,8 @@ def test_protocol_says_1_epoch():
     assert "300 epochs" in describe(EvalProtocol().resolved())
 
 
-def test_resume_accepts_the_data_root_in_another_spelling(tmp_path, monkeypatch):
-    make_image_tree(tmp_path / "imgs")
+def test_resume_accepts_the_data_root_in_another_spelling(tmp_path, monkeypatch, make_two_class_images):
+    make_two_class_images(tmp_path / "imgs")
     monkeypatch.chdir(tmp_path)
     kw = {"size": 8, "channels": 1, "test_fraction": 0.25}
     cfg = {**TINY_DM, "batch_real": 4}
@@ -279,12 +269,12 @@ def test_one_evaluation_net_is_singular(tmp_path, capsys):
     assert "(1 net: " in capsys.readouterr().out
 
 
-def test_eval_on_data_of_another_class_count_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+def test_eval_on_data_of_another_class_count_is_a_one_line_error(tmp_path, monkeypatch, capsys, make_two_class_images):
     from PIL import Image
 
     from modelatlas.cli.main import main
 
-    make_image_tree(tmp_path / "imgs")
+    make_two_class_images(tmp_path / "imgs")
     (tmp_path / "three").mkdir()
     for c in ("a", "b", "c"):  # moved data that is not the data of the run: 3 classes, not 2
         (tmp_path / "three" / c).mkdir()
@@ -299,12 +289,12 @@ def test_eval_on_data_of_another_class_count_is_a_one_line_error(tmp_path, monke
     assert "Traceback" not in err and "the test set has 3 classes" in err and "the synthetic set 2" in err
 
 
-def test_eval_on_data_of_other_class_names_is_refused(tmp_path, monkeypatch, capsys):
+def test_eval_on_data_of_other_class_names_is_refused(tmp_path, monkeypatch, capsys, make_two_class_images):
     # same class count and shape, other classes: the set was scored against the wrong labels without a word
     from modelatlas.cli.main import main
 
-    make_image_tree(tmp_path / "imgs")
-    make_image_tree(tmp_path / "other")
+    make_two_class_images(tmp_path / "imgs")
+    make_two_class_images(tmp_path / "other")
     (tmp_path / "other" / "dog").rename(tmp_path / "other" / "emu")
     kw = {"root": str(tmp_path / "imgs"), "size": 8, "channels": 1, "test_fraction": 0.25}
     run_distillation("random", "image-folder", 1, tmp_path / "out", config={"width": 8}, dataset_kwargs=kw, **QUICK)
@@ -398,15 +388,10 @@ def test_resume_without_an_iteration_count_keeps_the_checkpointed_one(tmp_path):
     assert info["config"]["iterations"] == 2
 
 
-def test_resume_names_another_data_root_by_its_flag(tmp_path):
+def test_resume_names_another_data_root_by_its_flag(tmp_path, make_two_class_images):
     """A resume reading the data from another folder said 'used dataset_kwargs {'root': ...}, not {...}'."""
-    from PIL import Image
-
     for root in ("a", "b"):
-        for c, value in (("cat", 30), ("dog", 220)):
-            (tmp_path / root / c).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(tmp_path / root / c / f"{i}.png")
+        make_two_class_images(tmp_path / root)
     cfg = {**TINY_DM, "batch_real": 2}
     run_distillation("dm", "image-folder", 1, tmp_path / "out", config=cfg,
                      dataset_kwargs={"root": str(tmp_path / "a")}, **QUICK)
