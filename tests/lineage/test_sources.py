@@ -121,3 +121,20 @@ def test_a_sharded_folder_with_a_shard_that_would_run_code_is_skipped_and_runs_n
     forest = recover_lineage([tmp_path / "zoo"], stage="specialize")
     assert set(forest.nodes) == {"p", "c"} and "refused to unpickle" in forest.skipped["evil"]
     assert not marker.exists()
+
+
+def test_a_model_of_float8_weights_with_scales_is_skipped_saying_why():
+    """FP8 checkpoints (DeepSeek's weight_scale_inv blocks, vLLM's weight_scale) were compared by their stored
+    float8 values, which are the weights only once multiplied by the scales."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=gen)
+    blocks = {"q.weight": w.to(torch.float8_e4m3fn), "q.weight_scale_inv": torch.rand(1, 1, generator=gen)}
+    per_tensor = {"k.weight": w.to(torch.float8_e4m3fn), "k.weight_scale": torch.tensor(0.5)}
+    plain_fp8 = {"k.weight": w.to(torch.float8_e4m3fn)}  # float8 alone: its values are its weights
+    float_scale = {"k.weight": w, "k.weight_scale": torch.tensor(0.5)}  # a float weight beside a 'scale': a model
+    models = [MemoryCheckpoint(n, t) for n, t in (("blocks", blocks), ("per_tensor", per_tensor),
+                                                   ("plain_fp8", plain_fp8), ("float_scale", float_scale))]
+    groups, _, skipped = group_by_architecture(models, None)
+    assert sorted(skipped) == ["blocks", "per_tensor"]
+    assert "float8 values with scales ('q.weight_scale_inv'), which are not applied here" in skipped["blocks"]
+    assert sorted(m.name for g, _ in groups for m in g) == ["float_scale", "plain_fp8"]

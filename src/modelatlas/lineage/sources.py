@@ -205,7 +205,8 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
 
 def packed_weights(ckpt: Checkpoint) -> str | None:
     """Why ``ckpt``'s weights cannot be compared when it stores them packed into integers (GPTQ, AWQ, EXL2,
-    compressed-tensors, bitsandbytes: :data:`_PACKED`), naming the first such tensor; None otherwise. A name
+    compressed-tensors, bitsandbytes: :data:`_PACKED`) or as float8 values with scales, naming the first such
+    tensor; None otherwise. A name
     alone is not enough: the packed weight must be integers (a float ``q_weight`` is a model's own). Header only."""
     dtypes = {t.name: t.dtype for t in ckpt.tensors()}
     for name in dtypes:
@@ -215,6 +216,22 @@ def packed_weights(ckpt: Checkpoint) -> str | None:
             return (f"its weights are packed into integers by {kind} quantization ({name!r}), which is not "
                     "unpacked here, and its float tensors are scales, not weights; compare its unquantized "
                     "model, or save it dequantized (a --layers pattern compares its float tensors anyway)")
+    return _scaled_float8(dtypes)
+
+
+_FP8_SCALES = (".weight_scale_inv", ".weight_scale")  # DeepSeek-style block scales; compressed-tensors / vLLM FP8
+
+
+def _scaled_float8(dtypes: dict[str, str]) -> str | None:
+    """Why a model of float8 weights stored with scales cannot be compared: its weights are the float8 values
+    times the scales, which nothing here applies (they were compared as they are stored)."""
+    for name in dtypes:
+        end = next((e for e in _FP8_SCALES if name.endswith(e)), None)
+        weight = dtypes.get(name.removesuffix(end) + ".weight", "") if end else ""
+        if weight.startswith("float8"):
+            return (f"its weights are float8 values with scales ({name!r}), which are not applied here, so the "
+                    "stored values are not its weights; compare its unquantized model, or save it dequantized "
+                    "(a --layers pattern compares the stored values anyway)")
     return None
 
 
