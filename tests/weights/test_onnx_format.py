@@ -256,3 +256,23 @@ def test_names_that_are_not_utf8_are_one_error(tmp_path, old, new, message):
     p.write_bytes(p.read_bytes().replace(old, new))
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(p)
+
+
+def test_weights_stored_as_constant_nodes_are_tensors(tmp_path):
+    """Some exporters store the weights as Constant nodes, not initializers: such a model listed no tensor,
+    and lineage said 'no float matrix to compare'."""
+    nodes = [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(W, "")),
+             helper.make_node("Constant", [], ["alpha"], value_float=0.5),  # a scalar attribute: no tensor
+             helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "consts", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 2])],
+                              initializer=[numpy_helper.from_array(SHAPE, "shape")])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "c.onnx"))
+    with open_checkpoint(tmp_path / "c.onnx") as ck:
+        assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("shape", (2,), "int64"), ("W", (2, 3), "float32")]
+        assert torch.equal(ck.read("W"), torch.from_numpy(W))
+    twice = helper.make_graph([helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(W, ""))],
+                              "twice", [], [], initializer=[numpy_helper.from_array(SHAPE, "shape")])
+    onnx.save_model(helper.make_model(twice), str(tmp_path / "twice.onnx"))
+    with pytest.raises(CheckpointError, match="initializer 'shape' is listed twice"):
+        open_checkpoint(tmp_path / "twice.onnx")

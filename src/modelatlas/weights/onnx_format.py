@@ -1,4 +1,5 @@
-"""ONNX models (``.onnx``): the graph's initializers are the tensors (extra ``onnx``).
+"""ONNX models (``.onnx``): the graph's initializers are the tensors, and its Constant nodes' tensor values
+(named by their output) too (extra ``onnx``).
 
 The protobuf is parsed once without external data; a tensor stored in an external data file is read from
 that file when asked for. Initializers stored inline live in the protobuf, so an inline model is held in
@@ -49,28 +50,40 @@ def _to_torch(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr.astype(np.float32))
 
 
-def _initializers(path: Path, onnx, graph) -> dict:
-    """Name -> numeric initializer, after checking dims and type. String initializers (class labels,
-    vocabularies) are text, not weights, and are left out."""
-    out = {}
+def _graph_tensors(onnx, graph):
+    """(name, TensorProto) of the graph's initializers, then of its Constant nodes' tensor values (named by
+    their output): some exporters store the weights as Constant nodes, and such a model had no tensor at all."""
     for t in graph.initializer:
+        yield t.name, t
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    yield node.output[0], a.t
+
+
+def _initializers(path: Path, onnx, graph) -> dict:
+    """Name -> numeric initializer (or Constant node tensor), after checking dims and type. String ones (class
+    labels, vocabularies) are text, not weights, and are left out."""
+    out = {}
+    for name, t in _graph_tensors(onnx, graph):
         if t.data_type == onnx.TensorProto.STRING:
             continue
-        if not isinstance(t.name, str):  # protobuf gives a string field of bytes that are not UTF-8 as bytes
-            raise CheckpointError(path, f"initializer {t.name!r} has a name that is not UTF-8 (corrupt file)")
-        if t.name in out:  # ONNX defines a name once; the last copy was kept, where another tool may read the first
-            raise CheckpointError(path, f"initializer {t.name!r} is listed twice")
+        if not isinstance(name, str):  # protobuf gives a string field of bytes that are not UTF-8 as bytes
+            raise CheckpointError(path, f"initializer {name!r} has a name that is not UTF-8 (corrupt file)")
+        if name in out:  # ONNX defines a name once; the last copy was kept, where another tool may read the first
+            raise CheckpointError(path, f"initializer {name!r} is listed twice")
         try:
             np_dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(path, f"initializer {t.name!r} has unknown data type {t.data_type}") from None
+            raise CheckpointError(path, f"initializer {name!r} has unknown data type {t.data_type}") from None
         if any(d < 0 for d in t.dims):
-            raise CheckpointError(path, f"initializer {t.name!r} has negative dimensions {list(t.dims)}")
+            raise CheckpointError(path, f"initializer {name!r} has negative dimensions {list(t.dims)}")
         if t.data_location != onnx.TensorProto.EXTERNAL and 2 * math.prod(t.dims) > _stored_bits(t):
-            raise CheckpointError(path, f"initializer {t.name!r}: shape {list(t.dims)} claims more values than "
+            raise CheckpointError(path, f"initializer {name!r}: shape {list(t.dims)} claims more values than "
                                         f"its {_stored_bits(t) // 8} bytes of data hold")
-        out[t.name] = (t, str(_to_torch(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch."),
-                       np.dtype(np_dtype).itemsize, np.dtype(np_dtype).name not in _PACKED)
+        out[name] = (t, str(_to_torch(np.empty(0, dtype=np_dtype)).dtype).removeprefix("torch."),
+                     np.dtype(np_dtype).itemsize, np.dtype(np_dtype).name not in _PACKED)
     return out
 
 
