@@ -323,3 +323,9 @@ def test_trees_are_numbered_in_the_order_the_forest_lists_them():
     assert lines[0] == "z-base  [tree 1, 2 models; root confidence 0.90]"
     assert lines[2] == "m-base  [tree 2, 2 models; root confidence 0.80]"
     assert Forest(["b", "a"], []).roots() == ["b", "a"]  # no trees listed (an older JSON): node order
+
+
+def test_text_drawing_keeps_a_name_with_a_newline_on_its_line():
+    """A model file named 'a\\nb' split its line of the drawing in two (the second half looked like a root)."""
+    forest = Forest(["r", "a\nb"], [Edge("r", "a\nb", 0.5)], trees=[["r", "a\nb"]])
+    assert to_text(forest) == "r  [tree 1, 2 models]\n└── a\\nb  (0.50)\n"

@@ -90,7 +90,8 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
         head = f"  [tree {t + 1}, {tree[0]} model{'s' * (tree[0] != 1)}{tree[1]}]" if tree else ""
         out.append(f"{root}{head}{_label(root, labels)}")
         _draw(root, kids, (marks, notes, labels), out)
-    return "\n".join(out) + "\n"
+    # one model a line: a newline in a name (a file may be named so) split its line in two
+    return "\n".join(line.replace("\n", "\\n") for line in out) + "\n"
 
 
 ROOT_DOUBT = 0.75  # below it the runner-up root is named (on 117 benchmark trees every wrong root was below)
