@@ -128,8 +128,8 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
         edge = edge_of.get(entry.name)
         if edge is not None:
             entry.parent, entry.score = edge.parent, round(float(edge.score), 4)
-            if copy_text(edge):
-                entry.notes.append(copy_text(edge))
+            if said := copy_text(edge):
+                entry.notes.append(said)
         outside = (forest.decisions.get("outside_layers") or {}).get(entry.name)
         if outside is not None:  # a head-only fine-tune, say: the lineage cannot tell which way it went
             entry.notes.append(f"equal to {outside['like']} on the compared layers; differs in "

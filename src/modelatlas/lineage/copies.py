@@ -86,13 +86,14 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
         if st.rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
     aside = [i for i, m in enumerate(members) if m.name in outside]  # may be quantized copies, or their sources
+    by_name = {m.name: m for m in members}
     for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside, accept=_same_vectors(members)):
         if q in keep:
             keep.remove(q)
         else:
             del outside[members[q].name]
         for d in [d for d, rep in duplicates.items() if rep == members[q].name]:  # q's identical copies: r's too
-            own = quant_type(next(m for m in members if m.name == d), layers)  # TQ2_0 equal to TQ1_0: tq2_0
+            own = quant_type(by_name[d], layers)  # TQ2_0 equal to TQ1_0: tq2_0
             duplicates[d], lowp[d] = members[r].name, own or kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
     return keep
@@ -103,15 +104,21 @@ def _rounds_to(source: Checkpoint, copy: Checkpoint, layers: list[TensorInfo], f
     up to 1/16 of its :data:`ROUNDOFF` (a bfloat16 model's float16 conversion loses float16's subnormals): a
     distance within the unit roundoff is a fine-tune as well as a copy (a float32 fine-tune 0.2 % from a bfloat16
     base), rounding tells them apart. Time O(sampled weights)."""
-    low, gap, norm = getattr(torch, fmt), 0.0, 0.0
+    gap, norm = 0.0, 0.0
     try:
         for t in layers:
             x, y = _sample(source.read(t.name)), _sample(copy.read(t.name))
-            gap += float((x.to(low).double() - y.to(low).double()).square().sum())
+            gap += _rounded_gap(x, y, fmt) ** 2
             norm += float(x.square().sum())
     except CheckpointError:
         return False
     return gap <= (ROUNDOFF[fmt] / 16) ** 2 * norm
+
+
+def _rounded_gap(x: torch.Tensor, y: torch.Tensor, fmt: str) -> float:
+    """||round(x) - round(y)||, both rounded to the float format ``fmt`` ("float16", "bfloat16")."""
+    low = getattr(torch, fmt)
+    return float((x.to(low).double() - y.to(low).double()).norm())
 
 
 def _same_vectors(members: list[Checkpoint]):
@@ -191,16 +198,13 @@ def _sample_differs(a: Checkpoint, b: Checkpoint, t: TensorInfo, other: TensorIn
     scale = float(x.norm())
     gap = float((x - y).norm())
     if gap > limit * scale and rounded:  # a float32 file of float16 values: all its tensors were rounded
-        low = getattr(torch, rounded)
-        gap, limit = float((x.to(low).double() - y.to(low).double()).norm()), DUPLICATE_TOL
+        gap, limit = _rounded_gap(x, y, rounded), DUPLICATE_TOL
     return None if gap <= limit * scale else ""
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
     """Up to :data:`SAMPLE_ROWS` evenly spaced rows of ``x`` (1-D: up to 65,536 evenly spaced values), float64."""
     flat = x.reshape(len(x), -1) if x.dim() >= 2 else x.reshape(-1, 1)  # (rows, row length)
-    if x.dim() < 2:
-        pick = torch.linspace(0, len(flat) - 1, min(len(flat), _SAMPLE_VALUES)).round().long()
-    else:
-        pick = torch.linspace(0, len(flat) - 1, min(len(flat), SAMPLE_ROWS)).round().long()
+    most = SAMPLE_ROWS if x.dim() >= 2 else _SAMPLE_VALUES
+    pick = torch.linspace(0, len(flat) - 1, min(len(flat), most)).round().long()
     return flat[pick].double()  # (rows picked, row length)

@@ -206,19 +206,20 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
 def packed_weights(ckpt: Checkpoint) -> str | None:
     """Why ``ckpt``'s weights cannot be compared when it stores them packed into integers (GPTQ, AWQ, EXL2,
     compressed-tensors, bitsandbytes: :data:`_PACKED`) or as float8 values with scales, naming the first such
-    tensor; None otherwise. A name
-    alone is not enough: the packed weight must be integers (a float ``q_weight`` is a model's own). Header only."""
+    tensor; None otherwise. A name alone is not enough: the packed weight must be integers (a float
+    ``q_weight`` is a model's own). Header only."""
     dtypes = {t.name: t.dtype for t in ckpt.tensors()}
     for name in dtypes:
         end, kind = next(((end, k) for end, k in _PACKED.items() if name.endswith(end)), ("", None))
         packed = dtypes.get(name.removesuffix(end) + _PACKED_IN.get(end, end), "float")
         if kind is not None and not packed.startswith(("float", "bfloat", "bool")):
             return (f"its weights are packed into integers by {kind} quantization ({name!r}), which is not "
-                    "unpacked here, and its float tensors are scales, not weights; compare its unquantized "
-                    "model, or save it dequantized (a --layers pattern compares its float tensors anyway)")
+                    f"unpacked here, and its float tensors are scales, not weights; {_UNQUANTIZED} its float "
+                    "tensors anyway)")
     return _scaled_float8(dtypes)
 
 
+_UNQUANTIZED = "compare its unquantized model, or save it dequantized (a --layers pattern compares"
 _FP8_SCALES = (".weight_scale_inv", ".weight_scale")  # DeepSeek-style block scales; compressed-tensors / vLLM FP8
 
 
@@ -230,8 +231,7 @@ def _scaled_float8(dtypes: dict[str, str]) -> str | None:
         weight = dtypes.get(name.removesuffix(end) + ".weight", "") if end else ""
         if weight.startswith("float8"):
             return (f"its weights are float8 values with scales ({name!r}), which are not applied here, so the "
-                    "stored values are not its weights; compare its unquantized model, or save it dequantized "
-                    "(a --layers pattern compares the stored values anyway)")
+                    f"stored values are not its weights; {_UNQUANTIZED} the stored values anyway)")
     return None
 
 

@@ -13,6 +13,7 @@ Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,14 +117,6 @@ def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig,
     return out
 
 
-def _tree_sizes(records: list[ModelRecord]) -> dict[str, int]:
-    """Labelled models per tree, in tree order."""
-    sizes: dict[str, int] = {}
-    for m in records:
-        sizes[m.tree] = sizes.get(m.tree, 0) + 1
-    return dict(sorted(sizes.items()))
-
-
 def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[str, list[ModelRecord]]:
     by_tree: dict[str, list[ModelRecord]] = {}
     for m in records:
@@ -133,6 +126,11 @@ def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[
     if not by_tree:
         raise ManifestError(f"{source}: no tree has >= {min_models} labelled models to train an expert on ({sizes})")
     return by_tree
+
+
+def _left_out(records: list[ModelRecord], by_tree: dict[str, list[ModelRecord]]) -> dict[str, int]:
+    """Labelled models of each tree given no expert (fewer than ``min_models``), in tree order."""
+    return {t: n for t, n in sorted(Counter(m.tree for m in records).items()) if t not in by_tree}
 
 
 def _check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]) -> None:
@@ -238,7 +236,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     by_tree = _group_by_tree(records, min_models, manifest_path)
     _check_full_weights(manifest, by_tree)
     paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
-    report = TrainReport(layer, left_out={t: n for t, n in _tree_sizes(records).items() if t not in by_tree})
+    report = TrainReport(layer, left_out=_left_out(records, by_tree))
     if layer == "auto":
         largest = max(by_tree.values(), key=len)
         report.layer, report.layer_scores = _auto_layer(paths_of[largest[0].tree], largest, task, cfg, classes, progress)
