@@ -27,3 +27,42 @@ def check_reads_state_dict(ck):
         ("layer.weight", (2, 3), "float32"), ("layer.bias", (2,), "float16")]
     assert torch.equal(ck.read("layer.weight"), torch.arange(6.0).reshape(2, 3))
     assert ck.kind == "full"
+
+
+# Packers of quantized layers, following each format's layout (lowest bits first; GPTQ transposed, its zeros
+# stored minus one): tests/weights/test_dequantized.py, tests/lineage/test_dequantized_copies.py
+
+
+def make_words(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack unsigned ``codes`` into int32 words along ``dim``, lowest bits first (the dim padded with zeros)."""
+    per = 32 // bits
+    c = codes.long().movedim(dim, -1)
+    pad = (-c.shape[-1]) % per
+    c = torch.nn.functional.pad(c, (0, pad)).reshape(*c.shape[:-1], -1, per)  # (.., words, per)
+    words = (c << (torch.arange(per) * bits)).sum(-1)  # (.., words) as int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).movedim(-1, dim)
+
+
+def make_gptq(w: torch.Tensor, bits: int = 4, group: int = 16, zero_offset: int = 1, name: str = "layer") -> dict:
+    """GPTQ tensors of an (out, in) weight rounded to nearest (the layer ``name``): symmetric, one scale per
+    group of ``group`` input columns."""
+    out, inp = w.shape
+    g_idx = torch.arange(inp, dtype=torch.int32) // group
+    maxq = 2**bits - 1
+    scales = (w.abs().reshape(out, -1, group).amax(-1) * 2 / maxq).T.contiguous()  # (groups, out)
+    zero = (maxq + 1) // 2
+    codes = (torch.round(w.T / scales[g_idx.long()]) + zero).clamp(0, maxq)  # (in, out)
+    zeros = torch.full(scales.shape, zero - zero_offset)
+    return {f"{name}.qweight": make_words(codes, bits, 0), f"{name}.qzeros": make_words(zeros, bits, 1),
+            f"{name}.scales": scales.half(), f"{name}.g_idx": g_idx}
+
+
+def make_pack_quantized(w: torch.Tensor, bits: int = 4, group: int = 16, name: str = "layer") -> dict:
+    """compressed-tensors pack-quantized tensors of (rows, cols) ``w`` (the layer ``name``): symmetric, rounded
+    to nearest."""
+    rows, cols = w.shape
+    half = 2 ** (bits - 1)
+    scale = w.abs().reshape(rows, -1, group).amax(-1) / (half - 1)  # (rows, groups)
+    q = torch.round(w / scale.repeat_interleave(group, 1)).clamp(-half, half - 1) + half
+    return {f"{name}.weight_packed": make_words(q, bits, 1), f"{name}.weight_scale": scale,
+            f"{name}.weight_shape": torch.tensor([rows, cols])}

@@ -67,6 +67,11 @@ class Checkpoint(ABC):
     def keys(self) -> list[str]:
         return list(self._index())
 
+    def tensor_names(self) -> list[str]:
+        """Every tensor's name, as cheaply as the format allows (a sharded folder: from its index, opening no
+        shard); :meth:`keys` by default."""
+        return self.keys()
+
     def info(self, name: str) -> TensorInfo:
         index = self._index()
         if name not in index:

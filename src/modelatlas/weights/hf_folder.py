@@ -102,6 +102,10 @@ class HFFolderCheckpoint(Checkpoint):
             infos.extend(t for t in ck.tensors() if t.name in wanted)
         return infos
 
+    def tensor_names(self) -> list[str]:
+        """The names the index lists (no shard opened), or the single file's."""
+        return list(self._weight_map) if self._weight_map is not None and self._info_cache is None else self.keys()
+
     def files(self) -> list[Path]:
         """The weight file, or the index and its shards: not a copy of the weights in another format beside
         them (``pytorch_model.bin`` next to ``model.safetensors``), nor the tokenizer's files."""

@@ -25,6 +25,7 @@ from modelatlas.weights.base import (
     library_variant,
     named_by_folder,
 )
+from modelatlas.weights.dequantized import dequantized
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
 
@@ -70,7 +71,7 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
     except OSError as e:  # a folder or file that cannot be listed or read (permissions): named, as any bad model
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
     if fmt is not None:
-        return fmt.open(path, **_options_for(fmt, path, kwargs))
+        return dequantized(fmt.open(path, **_options_for(fmt, path, kwargs)))
     known = ", ".join(f.name for f in _FORMATS)
     raise UnknownFormatError(path, problem or f"unknown checkpoint format (known: {known})" + _folder_hint(path))
 

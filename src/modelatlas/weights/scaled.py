@@ -1,0 +1,96 @@
+"""Weights stored as float8 or int8 values with scales: compressed-tensors' ``float-quantized`` and
+``int-quantized`` formats (llm-compressor's FP8 and W8A8: ``weight`` + ``weight_scale``, an optional
+``weight_zero_point``) and the DeepSeek-V3 / transformers ``fp8`` format (``weight`` + ``weight_scale_inv``,
+one scale per 128 x 128 block), turned back into float weights.
+
+A weight is ``scale * (value - zero)``. One scale covers the whole tensor, a row (channel), a group of a row's
+columns, or a block of rows x columns: the scale tensor's shape says which, each of its entries covering
+``ceil(size / entries)`` consecutive rows (columns), or the block size a config names (a 300-row matrix in
+128-row blocks has 3 row scales, as would 100-row blocks). Quantizing is rounding ``weight / scale`` to the
+stored type, so a model's copy is recognised by doing it again (:func:`requantized_share`).
+Pure tensor functions: no I/O. Time O(P) for P weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALED_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")  # stored value types that need a scale
+
+
+def block_size(size: int, entries: int, given: int | None = None) -> int:
+    """Rows (columns) each of ``entries`` scales covers along a dimension of ``size``: ``given`` (a config's
+    block size) when it fits, else ``ceil(size / entries)``. A ValueError when neither fits."""
+    if given is not None and -(-size // given) == entries:
+        return given
+    b = -(-size // entries)
+    if entries < 1 or -(-size // b) != entries:
+        raise ValueError(f"{entries} scales cannot cover {size} rows or columns in equal blocks")
+    return b
+
+
+def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], blocks: tuple[int, ...] | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale`` repeated to ``shape``: a single scale, one per row ((rows,) or (rows, 1)), or one per block
+    of a 2-D weight (``blocks``: a config's block sizes, else inferred by :func:`block_size`). With ``rows``
+    (indices into the first dimension), only those rows: (len(rows), *shape[1:])."""
+    s = scale.float()
+    want = tuple(shape) if rows is None else (len(rows), *shape[1:])
+    if s.numel() == 1:
+        return s.reshape(()).expand(want)
+    if s.dim() == 1:  # (rows,): one per output channel
+        s = s.unsqueeze(-1)  # (rows, 1)
+    if s.dim() != len(shape):
+        raise ValueError(f"a scale of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(shape)}")
+    for d, (n, k) in enumerate(zip(shape, s.shape)):
+        b = block_size(n, k, None if blocks is None or d >= len(blocks) else blocks[d])
+        at = torch.arange(n) if d or rows is None else rows.long()  # positions along d
+        s = s.index_select(d, at // b)  # each position's block
+    return s
+
+
+def scaled_weight(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                  blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The float32 weight ``scale * (values - zero)`` of float8 / int8 ``values`` (zero: 0 when not stored)."""
+    x = values.float()
+    if zero is not None:
+        x = x - expand_scale(zero, tuple(values.shape), blocks)
+    return x * expand_scale(scale, tuple(values.shape), blocks)
+
+
+def requantize(x: torch.Tensor, like: torch.dtype, scale: torch.Tensor, zero: torch.Tensor | None = None,
+               blocks: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None,
+               rows: torch.Tensor | None = None, work: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x`` quantized onto the stored grid: ``x / scale (+ zero)`` computed in ``work`` (a bfloat16 model is
+    quantized in bfloat16: the quotient rounded to it), clamped to the range of ``like`` and rounded to it
+    (nearest, ties to even, as a cast to float8 or ``torch.round`` does). ``x`` holds the ``rows`` of a weight
+    of ``shape`` when they are given (a sample), else the whole weight."""
+    full = tuple(x.shape) if shape is None else tuple(shape)
+    y = x.to(work) / expand_scale(scale, full, blocks, rows).to(work)
+    if zero is not None:
+        y = y + expand_scale(zero, full, blocks, rows).to(work)
+    if like.is_floating_point:
+        top = torch.finfo(like).max
+        return y.clamp(-top, top).to(like)
+    info = torch.iinfo(like)
+    return torch.round(y).clamp(info.min, info.max).to(like)
+
+
+def requantized_share(stored: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                      blocks: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None,
+                      rows: torch.Tensor | None = None) -> float:
+    """Share of ``stored`` values that quantizing ``x`` (same shape; both the ``rows`` of a weight of ``shape``
+    when given) with the stored scales gives: 1.0 for the model it was made from, less for a fine-tune of it
+    (values moved across a rounding boundary). The best of :func:`working_dtypes`."""
+    best = 0.0
+    for work in working_dtypes(x):
+        again = requantize(x, stored.dtype, scale, zero, blocks, shape, rows, work)
+        same = again.view(torch.uint8) == stored.view(torch.uint8) if stored.dtype.is_floating_point else again == stored
+        best = max(best, float(same.float().mean()))
+    return best
+
+
+def working_dtypes(x: torch.Tensor) -> list[torch.dtype]:
+    """The dtypes a quantizer may have computed ``x / scale`` in: float32, and the model's own half-precision
+    dtype (compressed-tensors divides in the weight's dtype)."""
+    return [torch.float32] + ([x.dtype] if x.dtype in (torch.bfloat16, torch.float16) else [])

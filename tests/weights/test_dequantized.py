@@ -1,0 +1,113 @@
+"""Checkpoints of packed or scaled layers (GPTQ, compressed-tensors, float8 with scales) read as float weights.
+
+The files are written here by small packers that follow each format's layout (lowest bits first; GPTQ
+transposed, zeros stored minus one). The reader was also checked value for value against compressed-tensors'
+own decompression of real llm-compressor models (docs/benchmarks.md, "Packed and scaled checkpoints").
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tests.weights.conftest import make_gptq, make_pack_quantized, make_words
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import open_checkpoint
+from modelatlas.weights.dequantized import DequantizedCheckpoint
+from modelatlas.weights.packed_ints import unpack
+
+
+def make_model(folder, tensors: dict, quantization_config: dict | None = None):
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    if quantization_config is not None:
+        (folder / "config.json").write_text(json.dumps({"quantization_config": quantization_config}))
+    return folder
+
+
+def make_weight(out: int = 8, inp: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gptq_layers_read_as_float_weights(tmp_path):
+    w = make_weight()
+    folder = make_model(tmp_path / "m", {**make_gptq(w), "norm.weight": torch.ones(8)},
+                        {"quant_method": "gptq", "bits": 4})
+    with open_checkpoint(folder) as ck:
+        assert isinstance(ck, DequantizedCheckpoint) and ck.name == "m"
+        assert sorted((t.name, t.shape, t.dtype) for t in ck.tensors()) == [
+            ("layer.weight", (8, 32), "float32"), ("norm.weight", (8,), "float32")]  # the parts are hidden
+        got = ck.read("layer.weight")
+        step = ck.inner.read("layer.scales").float().T.repeat_interleave(16, 1)  # (out, in)
+        assert ((got - w).abs() <= step * 0.505).all()  # the nearest point (a float16 scale: 7.5 steps +-0.05 %)
+        assert ck.quantization("layer.weight") == "GPTQ-INT4" and ck.quantization("norm.weight") is None
+        assert len(ck.stored_tensors()) == 5  # the parameter count is of what is stored
+
+
+def test_gptq_v2_format_uses_the_zeros_as_stored(tmp_path):
+    w = make_weight()
+    v1 = make_model(tmp_path / "v1", make_gptq(w))  # no config: the gptq format
+    v2 = make_model(tmp_path / "v2", make_gptq(w, zero_offset=0), {"quant_method": "gptq", "checkpoint_format": "gptq_v2"})
+    assert torch.equal(open_checkpoint(v1).read("layer.weight"), open_checkpoint(v2).read("layer.weight"))
+
+
+def test_awq_and_three_bit_layers_stay_as_stored(tmp_path):
+    awq = make_model(tmp_path / "awq", make_gptq(make_weight()), {"quant_method": "awq"})
+    assert "layer.qweight" in open_checkpoint(awq).keys()
+    three = {"layer.qweight": torch.zeros(3, 8, dtype=torch.int32), "layer.qzeros": torch.zeros(1, 1, dtype=torch.int32),
+             "layer.scales": torch.ones(1, 8), "layer.g_idx": torch.zeros(32, dtype=torch.int32)}
+    assert "layer.qweight" in open_checkpoint(make_model(tmp_path / "three", three)).keys()
+
+
+def test_pack_quantized_layers_read_and_requantize(tmp_path):
+    w = make_weight(512, 24)  # 24 columns of 4 bits: the third word half padding
+    ck = open_checkpoint(make_model(tmp_path / "m", make_pack_quantized(w, group=8)))
+    assert [t.name for t in ck.tensors()] == ["layer.weight"] and ck.quantization("layer.weight") == "INT4"
+    got = ck.read("layer.weight")
+    assert got.shape == (512, 24) and (got - w).abs().max() < 0.2 * w.abs().max()
+    assert ck.requantized_match("layer.weight", w) == 1.0  # its source rounds to every stored code
+    # a fine-tune 1 % away: some values cross a rounding boundary in every column of 512 rows
+    assert ck.requantized_match("layer.weight", w + 0.01 * make_weight(512, 24, seed=1)) < 0.999
+    assert ck.requantized_match("layer.weight", w[:, :8]) is None  # another shape: no test
+
+
+def test_scaled_float8_with_block_scales_inverse(tmp_path):
+    w = make_weight(6, 8)
+    scale = torch.tensor([[0.01, 0.02], [0.03, 0.04]])  # blocks of 4 x 4 (the last rows: a 2-row block)
+    stored = (w / scale.repeat_interleave(4, 0)[:6].repeat_interleave(4, 1)).to(torch.float8_e4m3fn)
+    folder = make_model(tmp_path / "fp8", {"layer.weight": stored, "layer.weight_scale_inv": scale},
+                        {"quant_method": "fp8", "weight_block_size": [4, 4]})
+    ck = open_checkpoint(folder)
+    assert ck.quantization("layer.weight") == "FP8" and ck.keys() == ["layer.weight"]
+    assert torch.equal(ck.read("layer.weight"), stored.float() * scale.repeat_interleave(4, 0)[:6].repeat_interleave(4, 1))
+    assert ck.requantized_match("layer.weight", w) == 1.0
+
+
+def test_a_gptq_copy_is_told_by_its_first_column(tmp_path):
+    """GPTQ rounds its first column plainly, then moves the codes of later columns to make up for the error:
+    only that column is plain rounding of the source. A fine-tune of the source has no such column."""
+    w = make_weight(2048, 32)
+    tensors = make_gptq(w, group=32)
+    q = unpack(tensors["layer.qweight"], 4, 0)  # (in, out): unpacked, moved, packed again
+    moved = torch.rand(q.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    moved[0] = False  # the first column stays plain rounding
+    tensors["layer.qweight"] = make_words((q + moved.int()).clamp(0, 15), 4, 0)
+    ck = open_checkpoint(make_model(tmp_path / "gptq", tensors))
+    assert ck.requantized_match("layer.weight", w) == 1.0
+    assert ck.requantized_match("layer.weight", w * (1 + 0.01 * make_weight(2048, 32, seed=4))) < 0.99
+
+
+def test_a_corrupt_config_is_named(tmp_path):
+    folder = make_model(tmp_path / "m", make_gptq(make_weight()))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read the quantization settings"):
+        open_checkpoint(folder)
+
+
+def test_stored_tensors_that_do_not_fit_raise_naming_the_layer(tmp_path):
+    tensors = make_pack_quantized(make_weight(8, 32))
+    tensors["layer.weight_scale"] = torch.ones(3, 2)  # 3 rows of scales for 8 rows of weights
+    ck = open_checkpoint(make_model(tmp_path / "m", tensors))
+    with pytest.raises(CheckpointError, match=r"cannot dequantize 'layer.weight' \(INT4\)"):
+        ck.read("layer.weight")
