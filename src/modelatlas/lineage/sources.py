@@ -22,9 +22,10 @@ from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_wit
 from modelatlas.weights.base import _stem, shared_first_component
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
-# name endings of weights packed into integers by quantization libraries, which no reader here unpacks; the
+# name endings of weights packed into integers by quantization libraries, left packed by the readers (GPTQ
+# with g_idx in 2, 4 or 8 bits, compressed-tensors pack-quantized: unpacked by weights.dequantized); the
 # model's float tensors are then its scales and zero points, not its weights
-_PACKED = {".qweight": "GPTQ / AWQ", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
+_PACKED = {".qweight": "AWQ (or 3-bit GPTQ)", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
            ".weight.absmax": "bitsandbytes 4-bit", ".SCB": "bitsandbytes 8-bit"}
 _PACKED_IN = {".weight.absmax": ".weight", ".SCB": ".weight"}  # a scale's packed weight (else the tensor itself)
 
@@ -204,8 +205,8 @@ def select_layers(ckpt: Checkpoint, pattern: str | None) -> tuple[list[TensorInf
 
 
 def packed_weights(ckpt: Checkpoint) -> str | None:
-    """Why ``ckpt``'s weights cannot be compared when it stores them packed into integers (GPTQ, AWQ, EXL2,
-    compressed-tensors, bitsandbytes: :data:`_PACKED`) or as float8 values with scales, naming the first such
+    """Why ``ckpt``'s weights cannot be compared when it stores them packed into integers that no reader
+    unpacked (AWQ, EXL2, bitsandbytes: :data:`_PACKED`) or as float8 values with scales, naming the first such
     tensor; None otherwise. A name alone is not enough: the packed weight must be integers (a float
     ``q_weight`` is a model's own). Header only."""
     dtypes = {t.name: t.dtype for t in ckpt.tensors()}

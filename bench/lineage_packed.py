@@ -1,0 +1,167 @@
+"""Quantized checkpoints written by real quantization libraries, read by modelatlas.weights.dequantized and
+placed by lineage recovery (session 29).
+
+Builds a small Llama (hidden 256, 2 layers) and a fine-tune of it (20 Adam steps), in float32 and bfloat16,
+and quantizes each with llm-compressor: GPTQ W4A16 (activation order static and weight), round-to-nearest
+W4A16 / W8A16 / W8A8, FP8 per channel, FP8 in 128 x 128 blocks. Then, for each quantized model:
+1. the largest difference between modelatlas' dequantized weights and compressed-tensors' own decompression
+   (transformers with ``run_compressed=False``);
+2. ``requantized_match`` of its first query matrix against its own source and against the other model;
+3. ``atlas lineage recover`` over all of them (float32 and bfloat16 sets apart).
+With ``--llama-cpp DIR`` (a llama.cpp checkout, or llama-cpp-python's sdist ``vendor/llama.cpp``) it also
+compares the GPTQ ``qweight`` unpacking with llama.cpp's ``dequant_gptq`` on random words, 2/4/8 bits,
+``gptq`` and ``gptq_v2``.
+
+Needs a venv with ``llmcompressor`` (pulls transformers, compressed-tensors, datasets) and modelatlas:
+``python -m venv /tmp/qv && /tmp/qv/bin/pip install torch==2.13.0 llmcompressor -e .``, then
+``/tmp/qv/bin/python bench/lineage_packed.py --out /tmp/packed [--llama-cpp DIR]``. CPU, about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+SCHEMES = {  # name -> (modifier, scheme, extra kwargs); the GPTQ ones need calibration data
+    "gptq4": ("GPTQModifier", "W4A16", {}), "gptq4w": ("GPTQModifier", "W4A16", {"actorder": "weight"}),
+    "rtn4": ("QuantizationModifier", "W4A16", {}), "rtn8": ("QuantizationModifier", "W8A16", {}),
+    "w8a8": ("QuantizationModifier", "W8A8", {}), "fp8chan": ("QuantizationModifier", "FP8_DYNAMIC", {}),
+    "fp8block": ("QuantizationModifier", "FP8_BLOCK", {}),
+}
+LAYER = "model.layers.0.self_attn.q_proj.weight"
+
+
+def make_sources(out: Path) -> None:
+    """base and ft (20 Adam steps on random tokens) in float32, and both cast to bfloat16 (base16, ft16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    ft = copy.deepcopy(base)
+    opt = torch.optim.Adam(ft.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        ids = torch.randint(0, 256, (8, 32), generator=g)
+        ft(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, m in (("base", base), ("ft", ft)):
+        m.save_pretrained(out / "float32" / name)
+        m.to(torch.bfloat16).save_pretrained(out / "bfloat16" / name)
+
+
+def make_calibration():
+    """A word-level tokenizer of 512 tokens and 16 random sequences of 64 (llm-compressor needs both for GPTQ)."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")
+    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(2))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    return tok, ds
+
+
+def quantize_all(folder: Path, dtype: torch.dtype) -> None:
+    """Every scheme of :data:`SCHEMES` applied to base and ft of ``folder``, saved compressed beside them."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers import quantization as Q
+    from loguru import logger
+    from transformers import LlamaForCausalLM
+
+    logger.disable("llmcompressor")  # a line per layer and step otherwise
+    tok, ds = make_calibration()
+    for src in ("base", "ft"):
+        for name, (modifier, scheme, kw) in SCHEMES.items():
+            m = LlamaForCausalLM.from_pretrained(folder / src, torch_dtype=dtype)
+            recipe = getattr(Q, modifier)(targets="Linear", scheme=scheme, ignore=["lm_head"], **kw)
+            calib = (dict(dataset=ds, num_calibration_samples=16, max_seq_length=64, processor=tok)
+                     if modifier == "GPTQModifier" else {})
+            oneshot(model=m, recipe=recipe, **calib)
+            m.save_pretrained(folder / f"{src}-{name}", save_compressed=True)
+
+
+def reference(path: Path) -> dict:
+    """compressed-tensors' own decompression of a quantized model: its float state dict."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    m = AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(run_compressed=False),
+                                             torch_dtype=torch.float32)
+    return {k: v.detach().float() for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
+def check_models(folder: Path) -> list[str]:
+    """One table row per quantized model of ``folder``: type, largest difference to the reference, match on
+    its own source and on the other model."""
+    from modelatlas.weights import open_checkpoint
+
+    rows = []
+    for d in sorted(p for p in folder.iterdir() if "-" in p.name):
+        src = d.name.split("-")[0]
+        other = "ft" if src == "base" else "base"
+        ck, ref = open_checkpoint(d), reference(d)
+        diff = max((ck.read(t.name).float() - ref[t.name]).abs().max().item() for t in ck.tensors())
+        own = ck.requantized_match(LAYER, open_checkpoint(folder / src).read(LAYER))
+        theirs = ck.requantized_match(LAYER, open_checkpoint(folder / other).read(LAYER))
+        rows.append(f"| {folder.name} | {d.name} | {ck.quantization(LAYER)} | {diff:.3g} | {own:.4f} | {theirs:.4f} |")
+    return rows
+
+
+def check_llama_cpp(llama_cpp: Path) -> list[str]:
+    """modelatlas' GPTQ unpacking against llama.cpp's dequant_gptq (taken from its converter's source) on
+    random int32 words and a random g_idx."""
+    from modelatlas.weights.packed_ints import gptq_weight
+
+    src = (llama_cpp / "conversion" / "base.py").read_text()
+    body = textwrap.dedent(src[src.index("            def dequant_gptq("):src.index("            def dequant_packed(")])
+    rows = []
+    for fmt in ("gptq", "gptq_v2"):
+        for bits in (2, 4, 8):
+            ns = {"torch": torch, "Tensor": torch.Tensor, "quant_config": {"bits": bits, "checkpoint_format": fmt},
+                  "self": argparse.Namespace(lazy=False)}
+            exec(body, ns)  # noqa: S102 - llama.cpp's function, the oracle, from the checkout given
+            g = torch.Generator().manual_seed(bits)
+            qweight = torch.randint(-2**31, 2**31 - 1, (256 * bits // 32, 96), dtype=torch.int32, generator=g)
+            qzeros = torch.randint(-2**31, 2**31 - 1, (4, 96 * bits // 32), dtype=torch.int32, generator=g)
+            scales, g_idx = torch.rand(4, 96, generator=g).half(), torch.randperm(256, generator=g).int() % 4
+            ref = ns["dequant_gptq"](g_idx, qweight, qzeros, scales)
+            ours = gptq_weight(qweight, qzeros, scales, g_idx, bits, 1 if fmt == "gptq" else 0)
+            rows.append(f"| {fmt} | {bits} | {(ours - ref.float()).abs().max().item():.3g} |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--llama-cpp", type=Path)
+    args = ap.parse_args()
+    if not (args.out / "float32" / "base").exists():
+        make_sources(args.out)
+        quantize_all(args.out / "float32", torch.float32)
+        quantize_all(args.out / "bfloat16", torch.bfloat16)
+    print("| set | model | type | max diff to compressed-tensors | match own source | match other |")
+    print("|---|---|---|---|---|---|")
+    for dtype in ("float32", "bfloat16"):
+        print("\n".join(check_models(args.out / dtype)))
+    if args.llama_cpp is not None:
+        print("\n| GPTQ format | bits | max diff to llama.cpp dequant_gptq |\n|---|---|---|")
+        print("\n".join(check_llama_cpp(args.llama_cpp)))
+    for dtype in ("float32", "bfloat16"):
+        print(f"\natlas lineage recover {args.out / dtype}", flush=True)
+        subprocess.run([sys.executable, "-m", "modelatlas.cli.main", "lineage", "recover", str(args.out / dtype)],
+                       check=False)
+
+
+if __name__ == "__main__":
+    main()

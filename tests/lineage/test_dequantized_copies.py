@@ -1,0 +1,81 @@
+"""Lineage over GPTQ, compressed-tensors and float8 models: each read as float weights
+(:mod:`modelatlas.weights.dequantized`) and placed as a lower-precision copy of the model it was quantized from,
+not of a fine-tune of it, nor skipped."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+from tests.weights.conftest import make_gptq, make_pack_quantized, make_words
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.weights.packed_ints import unpack
+
+LAYERS = ("a.weight", "b.weight", "c.weight")
+
+
+def make_weights(seed, base=None, step=0.0):
+    """Three 512 x 64 layers: fresh, or ``base`` plus a relative change of ``step``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in LAYERS:
+        noise = torch.randn(512, 64, generator=gen)
+        out[k] = noise if base is None else base[k] + step * noise * base[k].std()
+    return out
+
+
+def make_folder(folder, tensors, quantization_config):
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"quantization_config": quantization_config}))
+
+
+def make_gptq_like(weights, seed=0):
+    """GPTQ tensors of ``weights`` as GPTQ leaves them: the first input column plain rounding, 30 % of the
+    other codes moved one step (its error compensation)."""
+    out = {}
+    for k in LAYERS:
+        name = k.removesuffix(".weight")
+        t = make_gptq(weights[k], group=32, name=name)
+        q = unpack(t[f"{name}.qweight"], 4, 0)  # (in, out)
+        moved = torch.rand(q.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+        moved[0] = False
+        t[f"{name}.qweight"] = make_words((q + moved.int()).clamp(0, 15), 4, 0)
+        out.update(t)
+    return out
+
+
+def make_fp8(weights):
+    out = {}
+    for k in LAYERS:
+        scale = weights[k].abs().amax(1, keepdim=True) / 448  # (rows, 1): one per channel
+        out[k], out[k + "_scale"] = (weights[k] / scale).to(torch.float8_e4m3fn), scale
+    return out
+
+
+def test_quantized_models_hang_below_their_sources(tmp_path):
+    p = make_weights(0)
+    kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(2)}
+    for name, w in {"p": p, **kids}.items():
+        save_file(w, tmp_path / f"{name}.safetensors")
+    packed = {}
+    for k in LAYERS:
+        packed.update(make_pack_quantized(p[k], group=32, name=k.removesuffix(".weight")))
+    make_folder(tmp_path / "p-w4a16", packed, {"quant_method": "compressed-tensors", "format": "pack-quantized"})
+    make_folder(tmp_path / "ft0-gptq", make_gptq_like(kids["ft0"]), {"quant_method": "gptq", "bits": 4})
+    make_folder(tmp_path / "ft1-fp8", make_fp8(kids["ft1"]), {"quant_method": "compressed-tensors"})
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    copies = {(e.parent, e.child) for e in forest.edges if e.kind == "precision"}
+    assert copies == {("p", "p-w4a16"), ("ft0", "ft0-gptq"), ("ft1", "ft1-fp8")}
+    assert forest.decisions["precision_copies"] == {"p-w4a16": "int4", "ft0-gptq": "gptq-int4", "ft1-fp8": "fp8"}
+    assert {(e.parent, e.child) for e in forest.edges if e.kind == "trained"} == {("p", "ft0"), ("p", "ft1")}
+
+
+def test_a_gptq_model_of_a_source_not_in_the_set_is_a_fine_tune_of_the_nearest(tmp_path):
+    """Its source missing, no model rounds to its first column: it is placed by distance, as a model."""
+    p = make_weights(0)
+    ft = make_weights(10, p, step=0.05)
+    save_file(p, tmp_path / "p.safetensors")
+    make_folder(tmp_path / "ft-gptq", make_gptq_like(ft), {"quant_method": "gptq", "bits": 4})
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert [(e.parent, e.child, e.kind) for e in forest.edges] == [("p", "ft-gptq", "trained")]
