@@ -302,3 +302,43 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(main_module.importlib, "import_module", interrupted)
     assert main(["probex", "train", "zoo"]) == 130
     assert capsys.readouterr().err == "error: interrupted (before the command started: nothing was read or written)\n"
+
+
+EARLY_CTRL_C = """
+import sys
+
+class Interrupt:  # Ctrl-C while the command line's own modules load: at the import of tqdm
+    def find_spec(self, name, path=None, target=None):
+        if name == "tqdm":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+from modelatlas.cli.main import main  # what the installed `atlas` script does
+sys.exit(main(["data", "list"]))
+"""
+
+
+def test_ctrl_c_while_the_command_line_itself_loads_is_one_line():
+    """Ctrl-C in the first ~0.1 s of `atlas`, while `modelatlas.cli.main` imported tqdm, was a traceback:
+    main() had not started, so its handler could not catch it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATLAS_DEBUG"}
+    run = subprocess.run([sys.executable, "-c", EARLY_CTRL_C], capture_output=True, text=True, env=env)
+    assert (run.returncode, run.stderr) == (130, "error: interrupted (before the command started: nothing was "
+                                                 "read or written)\n")
+
+
+def test_ctrl_c_while_the_command_is_prepared_is_one_line(monkeypatch, capsys):
+    """After the arguments are parsed and before the command runs (the allocator set up) Ctrl-C was a traceback."""
+    import modelatlas.cli.main as main_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
+    monkeypatch.setattr(main_module, "keep_freed_memory", interrupted)
+    assert main(["data", "list"]) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted (before the command started")

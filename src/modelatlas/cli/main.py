@@ -9,17 +9,32 @@ sets ``func`` (a thin function that calls one library function and prints the re
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from modelatlas import __version__
-from modelatlas.allocator import keep_freed_memory
-from modelatlas.cli.output import one_line
-from modelatlas.errors import AtlasError
+EARLY_INTERRUPT = "error: interrupted (before the command started: nothing was read or written)"
+
+
+def _interrupted_early() -> int:
+    """Exit code 130 and the one line of a Ctrl-C before any command ran (``ATLAS_DEBUG=1``: re-raise)."""
+    if os.environ.get("ATLAS_DEBUG", "") not in ("", "0"):
+        raise KeyboardInterrupt
+    print(EARLY_INTERRUPT, file=sys.stderr)
+    return 130
+
+
+try:  # Ctrl-C while these load (tqdm: ~0.1 s) came before main() could catch it: a 30-line traceback
+    import argparse
+    import importlib
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    from modelatlas import __version__
+    from modelatlas.allocator import keep_freed_memory
+    from modelatlas.cli.output import one_line
+    from modelatlas.errors import AtlasError
+except KeyboardInterrupt:
+    sys.exit(_interrupted_early())
 
 COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "index", "distill", "attribute", "data"]
 
@@ -50,19 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # Ctrl-C while the command modules load (a second or more on a busy machine) was a traceback
         parser = build_parser()
         args = parser.parse_args(argv)
+        if getattr(args, "func", None):
+            keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
+            _escape_unencodable(sys.stdout)
     except KeyboardInterrupt:
-        if os.environ.get("ATLAS_DEBUG", "") not in ("", "0"):
-            raise
-        _error_line("interrupted (before the command started: nothing was read or written)")
-        return 130
+        return _interrupted_early()
     if not getattr(args, "func", None):
         group = getattr(args, "group_parser", None)
         if group is not None:  # usage of the group and exit code 2, as argparse does for a missing argument
             group.error(f"choose a subcommand: {', '.join(_subcommands(group))} (see {group.prog} --help)")
         parser.print_help()
         return 0 if args.command is None else 2
-    keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
-    _escape_unencodable(sys.stdout)
     return run_mapped(args.func, args)
 
 
