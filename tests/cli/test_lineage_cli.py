@@ -68,9 +68,9 @@ def test_errors_are_one_line(tmp_path, capsys):
         main(["lineage", "recover", str(tmp_path), "--trees", "0"])
     assert e.value.code == 2 and "argument --trees: invalid positive integer value: '0'" in capsys.readouterr().err
     assert main(["lineage", "recover", str(tmp_path), "--method", "mother-paper", "--trees", "2"]) == 1
-    assert "error: stage (--stage): the mother-paper recipe must be told the stage" in capsys.readouterr().err
+    assert "error: --stage: the mother-paper recipe must be told the stage" in capsys.readouterr().err
     assert main(["lineage", "recover", str(tmp_path), "--lambda", "-1"]) == 1  # the options typed, not fields alone
-    assert "error: lam (--lambda) must be >= 0" in capsys.readouterr().err
+    assert "error: --lambda must be >= 0" in capsys.readouterr().err
     assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path / "missing.json")]) == 1
     assert "no such manifest" in capsys.readouterr().err
 

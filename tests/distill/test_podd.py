@@ -260,7 +260,7 @@ def test_a_run_whose_ipc_is_not_its_posters_is_refused(tmp_path, capsys, monkeyp
     args = ["distill", "run", "--method", "podd", "--dataset", "digits", "--ipc", "3", "--out", str(out),
             "--set", "poster_ipc=0.3", "--iterations", "1", "--eval-nets", "1", "--eval-epochs", "1"]
     assert main(args) == 1
-    assert capsys.readouterr().err == ("error: ipc 3 is not the 1 image per class of a poster of poster_ipc 0.3 "
+    assert capsys.readouterr().err == ("error: --ipc 3 is not the 1 image per class of a poster of poster_ipc 0.3 "
                                        "(ceil(poster_ipc): the run's and its baseline's); make posters with "
                                        "`atlas distill poster --ipc 0.3` (run_poster)\n")
     assert not out.exists()

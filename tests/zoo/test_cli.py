@@ -44,7 +44,7 @@ def test_zoo_verify_finds_changed_and_missing_weights(tmp_path, capsys):
 
 def test_zoo_errors_are_one_line(tmp_path, capsys):
     assert main(["zoo", "make", "--trees", "0", "--out", str(tmp_path)]) == 1
-    assert "error: trees: must be a positive integer, got 0" in capsys.readouterr().err
+    assert "error: --trees: must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["zoo", "show", str(tmp_path / "none")]) == 1
     assert "no such manifest" in capsys.readouterr().err
     assert main(["zoo", "presets"]) == 0
@@ -70,14 +70,14 @@ def test_bad_arch_kwargs_are_one_line_and_write_nothing(tmp_path, capsys, kwargs
     out = tmp_path / "zoo"
     assert main(["zoo", "make", "--preset", "tiny", "--arch-kwargs", kwargs, "--workers", "1", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: arch_kwargs.hidden: must be a positive integer") and err.count("\n") == 1
+    assert err.startswith("error: --arch-kwargs hidden: must be a positive integer") and err.count("\n") == 1
     assert not out.exists()
 
 
 def test_a_vit_patch_that_does_not_divide_the_input_writes_nothing(tmp_path, capsys):
     out = tmp_path / "zoo"
     assert main(["zoo", "make", "--arch", "vit", "--arch-kwargs", '{"patch_size": 3}', "--out", str(out)]) == 1
-    assert "arch_kwargs.patch_size: 3 does not divide" in capsys.readouterr().err and not out.exists()
+    assert "error: --arch-kwargs patch_size: 3 does not divide" in capsys.readouterr().err and not out.exists()
 
 
 def test_one_fine_tune_is_singular(tmp_path, capsys):
@@ -93,7 +93,7 @@ def test_a_star_of_another_depth_is_refused_and_a_tree_preset_becomes_a_star(tmp
 
     out = tmp_path / "zoo"
     assert main(["zoo", "make", "--shape", "star", "--depth", "3", "--out", str(out)]) == 1
-    assert "error: depth: a star is roots with direct children only (depth 1), got 3" in capsys.readouterr().err
+    assert "error: --depth: a star is roots with direct children only (depth 1), got 3" in capsys.readouterr().err
     assert not out.exists()
     args = argparse.Namespace(preset="demo", **{k: None for k in _OPTIONS} | {"shape": "star"})
     assert _config(args).depth == 1  # the preset's depth 2 was not the user's

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/checkpoint (same settings)")
     p.set_defaults(func=_run, interrupt_hint=_interrupted)
+    add_field_flags(p, dashed("clusters_per_class", "train_steps", "match_steps", "unlearn", "damping",
+                              "samples_per_cluster", "weight_decay"))  # DDMConfig's fields (_config)
 
 
 def _run(args: argparse.Namespace) -> int:

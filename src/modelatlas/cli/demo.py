@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.lineage import add_recovery_options, config_from_args, show_forest, with_truth
 from modelatlas.cli.output import echo, tqdm_progress
 
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="zoo seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     add_recovery_options(p)
+    add_field_flags(p, dashed("preset", "workers", "out"))  # the zoo's (its seed is --seed, checked by argparse)
     p.set_defaults(func=_demo, interrupt_hint="with --out, finished models are kept and a rerun reuses them")
 
 

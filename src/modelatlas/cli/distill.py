@@ -11,6 +11,7 @@ import importlib
 import json
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import counted, echo, tqdm_progress
 from modelatlas.errors import ConfigError
 
@@ -60,6 +61,7 @@ def _register_run(dsub) -> None:
     r.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     r.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     r.set_defaults(func=_run, interrupt_hint="progress is kept in {out}/checkpoint; rerun with --resume to continue")
+    add_field_flags(r, dashed("iterations", "ipc"))  # the method config's other fields keep their --set names
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import echo, tqdm_progress
 
 
@@ -32,6 +33,7 @@ def register(dsub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
     p.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
     p.set_defaults(func=_poster, interrupt_hint="progress is kept in {out}/checkpoint; rerun with --resume to continue")
+    add_field_flags(p, {**dashed("iterations", "class_order"), "poster_ipc": "--ipc"})
 
 
 def _poster(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from modelatlas.atomic import atomic_write_bytes, atomic_write_text, file_in_the_way, not_a_folder
 from modelatlas.cli.argtypes import positive_int
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError
 
@@ -96,6 +97,11 @@ def add_recovery_options(p: argparse.ArgumentParser) -> None:
                         "of distance + direction penalty")
     p.add_argument("--method", choices=("atlas", "mother-paper"), default="atlas",
                    help="atlas (default) or the published recipe (needs --trees and --stage)")
+    add_field_flags(p, RECOVERY_FLAGS)
+
+
+# LineageConfig's fields that these options set (config_from_args), for errors naming the flag
+RECOVERY_FLAGS = {**dashed("method", "stage", "layers", "distance", "placement"), "n_trees": "--trees", "lam": "--lambda"}
 
 
 def config_from_args(args: argparse.Namespace):

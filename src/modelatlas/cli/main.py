@@ -4,7 +4,8 @@ Each command module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``,
 sets ``func`` (a thin function that calls one library function and prints the result). Known errors
 (:class:`~modelatlas.errors.AtlasError`, missing files, Ctrl-C) become one line on stderr and exit code 1
 (130 for Ctrl-C; output piped to a reader that left early, e.g. ``| head``, ends quietly with 141);
-``ATLAS_DEBUG=1`` re-raises them with the traceback.
+``ATLAS_DEBUG=1`` re-raises them with the traceback. A config error names the flag a command's ``field_flags``
+give for a field (:mod:`modelatlas.cli.flags`): ``--match-steps``, not ``match_steps``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ try:  # Ctrl-C while these load (tqdm: ~0.1 s) came before main() could catch it
     from modelatlas import __version__
     from modelatlas.allocator import keep_freed_memory
     from modelatlas.cli.output import one_line
-    from modelatlas.errors import AtlasError
+    from modelatlas.errors import AtlasError, ConfigError
 except KeyboardInterrupt:
     sys.exit(_interrupted_early())
 
@@ -104,7 +105,7 @@ def run_mapped(func, args: argparse.Namespace) -> int:
     except (AtlasError, OSError) as e:  # OSError about a file: missing, an --out below a file, disk full, read-only
         if debug or (isinstance(e, OSError) and not e.filename):  # an OSError naming no file is not the user's
             raise
-        _error_line(_one_line(e))
+        _error_line(_one_line(e, getattr(args, "field_flags", None)))
         return 1
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors; other ones are bugs
         if debug or not _out_of_memory(e):
@@ -183,10 +184,17 @@ def _drop_stdout() -> None:
         pass
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, field_flags: dict | None = None) -> str:
+    """The message of ``e`` on one line; a config error's fields named by the flags that set them
+    (``field_flags`` of the command, :mod:`modelatlas.cli.flags`)."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or e}"
-    return " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, ConfigError) and field_flags:
+        from modelatlas.cli.flags import named_by_flags
+
+        text = named_by_flags(text, field_flags)
+    return text
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
 
 _BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
     t.set_defaults(func=_train, interrupt_hint=_train_interrupted)
+    add_field_flags(t, {**dashed("epochs", "seed"), "rank_u": "--rank", "rank_v": "--rank", "rank_t": "--rank"})
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import replace
 
 from modelatlas.cli.argtypes import int_tuple, out_dir, positive_int, seed, str_tuple
+from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import counted, echo, tqdm_progress
 
 
@@ -67,6 +68,7 @@ def _register_make(zsub) -> None:
     mk.add_argument("--out", required=True, type=out_dir, help="output folder (one sub-folder per model + manifest.json)")
     mk.add_argument("--no-resume", action="store_true", help="retrain models already saved in --out")
     mk.set_defaults(func=_make, interrupt_hint="finished models are kept; rerun the same command to finish the zoo")
+    add_field_flags(mk, dashed(*_OPTIONS, "preset", "workers", "out"))  # ZooConfig's fields, make_zoo's arguments
 
 
 _OPTIONS = ("arch", "arch_kwargs", "input_shape", "task_kinds", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",
