@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -147,3 +148,36 @@ def test_check_out_folder_refuses_a_symbolic_link_to_nothing(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     check_out_folder(tmp_path / "link" / "a", "o", "fix")
+
+
+def test_check_out_folder_refuses_a_folder_where_no_file_can_be_made(tmp_path, monkeypatch):
+    """A read-only mount or folder was found only when the first file was written, after the work; the check
+    makes and removes a file (os.access says yes to root everywhere) and leaves nothing behind."""
+    import errno
+    import os
+
+    from modelatlas import atomic
+    from modelatlas.errors import ConfigError
+
+    assert atomic.unwritable(tmp_path / "new" / "out") is None and list(tmp_path.iterdir()) == []
+    real_open = os.open
+
+    def read_only(path, *args):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(atomic.os, "open", read_only)
+    with pytest.raises(ConfigError, match=rf"^--out {tmp_path}/a/b cannot be written: no file can be made in "
+                                          rf"{tmp_path} \(Read-only file system\); choose a new --out$"):
+        atomic.check_out_folder(tmp_path / "a" / "b", f"--out {tmp_path / 'a' / 'b'}", "choose a new --out")
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/version"), reason="needs Linux's /proc")
+def test_a_folder_of_proc_takes_no_new_files():
+    from modelatlas.atomic import cannot_write, unwritable
+
+    denied = unwritable("/proc/atlas-out")
+    assert denied is not None and denied[0].as_posix() == "/proc"
+    assert cannot_write("--out /proc/atlas-out", denied) == ("--out /proc/atlas-out cannot be written: no file can "
+                                                             "be made in /proc (it takes no new files)")

@@ -8,6 +8,7 @@ and destination are on the same file system, which writing the temporary file be
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -66,12 +67,39 @@ def file_in_the_way(path: str | Path) -> Path | None:
 
 
 def check_out_folder(path: str | Path, name: str, fix: str, error: type[AtlasError] = ConfigError) -> None:
-    """Refuse, before any work, an output folder ``path`` that is a file or lies below one: ``error`` says
-    "``name`` is a file" or "``name`` lies below the file ...", then "not a folder; ``fix``"."""
+    """Refuse, before any work, an output folder ``path`` that is a file or lies below one, or where no file can
+    be made (:func:`unwritable`): ``error`` says "``name`` is a file" or "``name`` lies below the file ...", then
+    "not a folder; ``fix``", or "``name`` cannot be written: no file can be made in F (why); ``fix``"."""
     file = file_in_the_way(path)
     if file is not None:
         where = f"is {not_a_folder(file, False)}" if file == Path(path) else f"lies below {not_a_folder(file)}"
         raise error(f"{name} {where}, not a folder; {fix}")
+    denied = unwritable(path)
+    if denied is not None:
+        raise error(f"{cannot_write(name, denied)}; {fix}")
+
+
+def unwritable(path: str | Path) -> tuple[Path, OSError] | None:
+    """The nearest existing folder at or above ``path`` (an output folder, or the folder of an output file) with
+    the error of making a file in it (a read-only mount, no permission, ``/proc``), or None where one can be
+    made: a command writing there failed only after its whole work. Tried, not asked: a hidden empty file is
+    made and removed (``os.access`` says yes to root everywhere, ``/proc`` too). Call after
+    :func:`file_in_the_way`."""
+    folder = next((p for p in (Path(path), *Path(path).parents) if p.is_dir()), Path("."))
+    probe = folder / f".atlas-write-check.{secrets.token_hex(6)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        return folder, e
+    probe.unlink(missing_ok=True)
+    return None
+
+
+def cannot_write(what: str, denied: tuple[Path, OSError]) -> str:
+    """'``what`` cannot be written: no file can be made in F (Permission denied)', for :func:`unwritable`."""
+    folder, e = denied
+    why = "it takes no new files" if e.errno == errno.ENOENT else e.strerror or e  # /proc: 'No such file'
+    return f"{what} cannot be written: no file can be made in {folder} ({why})"
 
 
 def not_a_folder(path: Path, named: bool = True) -> str:

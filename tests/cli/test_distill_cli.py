@@ -34,3 +34,13 @@ def test_a_flag_and_a_set_of_its_field_that_differ_are_refused(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag}") and f"--set {field}={other}" in err and "give it once" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("argv", [["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1"],
+                                  ["zoo", "make", "--preset", "tiny"], ["attribute"]])
+def test_an_output_folder_where_no_file_can_be_made_is_refused_first(argv, capsys):
+    """`--out /proc/runs` failed as '/proc/runs: No such file or directory' once the first file was written."""
+    assert main([*argv, "--out", "/proc/atlas-runs"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/proc/atlas-runs" in err and "cannot be written: no file can be made in /proc" in err

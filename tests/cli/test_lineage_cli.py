@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -343,3 +344,14 @@ def test_a_model_named_with_a_newline_is_reported_on_one_line(tmp_path, capsys):
     assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
     err = capsys.readouterr().err
     assert "skipped bad\\nname: " in err and "\nname" not in err
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/version"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("option", ["--out", "--dot", "--mermaid", "--png"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_recovery(tmp_path, capsys, option):
+    """`--out /proc/version` failed with '/proc/version: No such file or directory' after the whole recovery."""
+    make_tiny_zoo(tmp_path)
+    assert main(["lineage", "recover", str(tmp_path), option, "/proc/version"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: {option} /proc/version cannot be written: no file can be made in /proc (it "
+                                 "takes no new files); choose another path\n")

@@ -7,7 +7,14 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from modelatlas.atomic import atomic_write_bytes, atomic_write_text, file_in_the_way, not_a_folder
+from modelatlas.atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    cannot_write,
+    file_in_the_way,
+    not_a_folder,
+    unwritable,
+)
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
@@ -45,8 +52,8 @@ def _out_file(text: str) -> Path:
 
 
 def check_out_files(args: argparse.Namespace) -> None:
-    """Refuse, before the work, an output file that is a folder or lies below a file (both were reported only
-    after the recovery)."""
+    """Refuse, before the work, an output file that is a folder, lies below a file or where no file can be made
+    (each was reported only after the recovery)."""
     for option in ("out", "dot", "mermaid", "png"):
         path = getattr(args, option)
         if path is None:
@@ -57,6 +64,9 @@ def check_out_files(args: argparse.Namespace) -> None:
         above = file_in_the_way(path.parent)
         if above is not None:
             raise ConfigError(f"--{option} {path} lies below {not_a_folder(above)}, not a folder; choose another path")
+        denied = unwritable(path.parent)  # /proc/version, a read-only mount: refused after the recovery
+        if denied is not None:
+            raise ConfigError(f"{cannot_write(f'--{option} {path}', denied)}; choose another path")
 
 
 def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:
