@@ -264,3 +264,19 @@ def test_a_run_whose_ipc_is_not_its_posters_is_refused(tmp_path, capsys, monkeyp
                                        "(ceil(poster_ipc): the run's and its baseline's); make posters with "
                                        "`atlas distill poster --ipc 0.3` (run_poster)\n")
     assert not out.exists()
+
+
+def test_distill_run_of_podd_records_and_shows_its_poster_as_distill_poster_does(tmp_path, capsys):
+    """`distill run --method podd` wrote no poster fields (ipc, poster_ipc_target, poster, baseline_ipc) in
+    result.json and printed 'podd ipc 1', where `distill poster --ipc 1` wrote and printed the poster's."""
+    tiny = ["--iterations", "1", "--eval-nets", "1", "--eval-epochs", "1", "--no-baseline", "--set", "total=2",
+            "--set", "window=1", "--set", "batch_real=16", "--set", "width=8"]
+    assert main(["distill", "run", "--method", "podd", "--dataset", "digits", "--ipc", "1",
+                 "--out", str(tmp_path / "run"), *tiny]) == 0
+    ran = capsys.readouterr().out
+    assert main(["distill", "poster", "--dataset", "digits", "--ipc", "1", "--out", str(tmp_path / "poster"), *tiny]) == 0
+    assert ran.splitlines()[0].startswith("podd poster 16x40 (1 IPC, ") and "(poster.png)" in ran
+    assert ran.splitlines()[0].split(":")[0] == capsys.readouterr().out.splitlines()[0].split(":")[0]
+    run, poster = (json.loads((tmp_path / f / "result.json").read_text()) for f in ("run", "poster"))
+    fields = ("ipc", "poster_ipc_target", "poster", "baseline_ipc")
+    assert {k: run.get(k) for k in fields} == {k: poster[k] for k in fields} and run["baseline_ipc"] == 1

@@ -107,12 +107,22 @@ def _run(args: argparse.Namespace) -> int:
                             dataset_kwargs={"root": args.data_root} if args.data_root else None,
                             baseline=not args.no_baseline, progress=tqdm_progress, resume=args.resume,
                             device=args.device, init_from=args.init_from)
-    echo(_summary(f"{args.method} ipc {args.ipc} on {info['dataset']}", info["evaluation"]))
-    if "baseline_random" in info:
-        echo(_summary("random real subset, same protocol", info["baseline_random"]))
-    echo(f"protocol: {info['evaluation']['protocol']['description']}")
-    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {written(args.out, info)}")
+    show_result(info, args.out, f"{args.method} ipc {args.ipc}")
     return 0
+
+
+def show_result(info: dict, out: str, label: str) -> None:
+    """The evaluation of a result (``label`` names the set), its baseline's, the protocol and what was written;
+    a PoDD poster (``distill run --method podd`` or ``distill poster``) is named by its size, IPC and crops."""
+    lay, files, baseline = info.get("poster"), "", "random real subset, same protocol"
+    if lay is not None:
+        label = f"podd poster {lay['height']}x{lay['width']} ({info['ipc']:.3g} IPC, {lay['n_x']}x{lay['n_y']} crops)"
+        files, baseline = " (poster.png)", f"random real subset, {info['baseline_ipc']} per class, same protocol"
+    echo(_summary(f"{label} on {info['dataset']}", info["evaluation"]))
+    if "baseline_random" in info:
+        echo(_summary(baseline, info["baseline_random"]))
+    echo(f"protocol: {info['evaluation']['protocol']['description']}")
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {written(out, info, files)}")
 
 
 def written(out: str, info: dict, files: str = "") -> str:

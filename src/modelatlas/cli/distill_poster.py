@@ -9,7 +9,7 @@ import argparse
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
-from modelatlas.cli.output import echo, tqdm_progress
+from modelatlas.cli.output import tqdm_progress
 
 
 def register(dsub) -> None:
@@ -37,7 +37,7 @@ def register(dsub) -> None:
 
 
 def _poster(args: argparse.Namespace) -> int:
-    from modelatlas.cli.distill import _summary, flag_into, parse_overrides, written
+    from modelatlas.cli.distill import flag_into, parse_overrides, show_result
     from modelatlas.distill.methods.podd.api import run_poster
 
     config = parse_overrides(args.overrides)
@@ -48,11 +48,5 @@ def _poster(args: argparse.Namespace) -> int:
                       eval_epochs=args.eval_epochs, transform=args.transform,
                       dataset_kwargs={"root": args.data_root} if args.data_root else None,
                       baseline=not args.no_baseline, progress=tqdm_progress, resume=args.resume, device=args.device)
-    lay = info["poster"]
-    echo(_summary(f"podd poster {lay['height']}x{lay['width']} ({info['ipc']:.3g} IPC, {lay['n_x']}x{lay['n_y']} "
-                  f"crops) on {info['dataset']}", info["evaluation"]))
-    if "baseline_random" in info:
-        echo(_summary(f"random real subset, {info['baseline_ipc']} per class, same protocol", info["baseline_random"]))
-    echo(f"protocol: {info['evaluation']['protocol']['description']}")
-    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {written(args.out, info, ' (poster.png)')}")
+    show_result(info, args.out, "podd poster")
     return 0

@@ -164,8 +164,10 @@ def _evaluated(run: dict, syn, ctx, data_name: str, cfg, train_t: ArrayDataset, 
     wall = ctx.elapsed()  # distillation only, not the evaluation below
     seed, device = run["seed"], run["device"]
     ev = evaluate_synthetic(syn, test_t, proto, seed=seed, progress=progress, device=device)
-    info = {**_info(run, data_name, cfg), "evaluation": ev.to_dict(), "wall_time_s": round(wall, 3),
-            "resumed": ctx.wall_offset > 0}
+    from modelatlas.distill.methods.podd.api import poster_fields
+
+    info = {**_info(run, data_name, cfg), **poster_fields(syn, run["ipc"]), "evaluation": ev.to_dict(),
+            "wall_time_s": round(wall, 3), "resumed": ctx.wall_offset > 0}
     if baseline and run["method"] != "random":
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, run["ipc"], proto, seed, progress,
                                                            device).to_dict()

@@ -66,6 +66,7 @@ def _poster_drawn(out: Path, syn) -> bool:
 
 
 def _poster_recorded(info: dict, cfg) -> bool:
-    """A poster of ``run_poster`` (config ``poster_ipc`` set) has its poster's fields in result.json: they are
-    written after the rest, so a run stopped in between left a result.json without them, taken as finished."""
+    """A poster of ``run_poster`` (config ``poster_ipc`` set) has its poster's fields in result.json: before they
+    were written with the rest, they came after it, so a run stopped in between left a result.json without them,
+    taken as finished."""
     return getattr(cfg, "poster_ipc", None) is None or "poster_ipc_target" in info

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from modelatlas.distill.result import update_result
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress
 
@@ -38,10 +37,17 @@ def run_poster(dataset, ipc: float, out: str | Path, config: dict | None = None,
                             dataset_test=dataset_test, dataset_kwargs=dataset_kwargs, baseline=baseline,
                             progress=progress, resume=resume, device=device, ipc_asked=f"--ipc {ipc:g} (a poster)")
     if info.get("reused"):
-        return info  # its result.json holds the poster's fields already
-    from modelatlas.distill.result import load_result
+        return info
+    from modelatlas.distill.result import read_info
 
-    syn, _, _ = load_result(out)
-    fields = {"ipc": round(syn.meta["poster_ipc"], 4), "poster_ipc_target": float(ipc),
-              "poster": syn.meta.get("poster"), "baseline_ipc": max(1, math.ceil(ipc))}
-    return update_result(out, **fields)
+    return read_info(out)  # as written: with the poster's fields (poster_fields), the losses and the transform
+
+
+def poster_fields(syn, run_ipc: int) -> dict:
+    """The fields result.json has for a PoDD set (none for another set), whichever command made it (`atlas
+    distill poster` or `distill run --method podd`): ``ipc`` the poster's actual IPC, ``poster_ipc_target`` the
+    asked one, ``poster`` its layout, ``baseline_ipc`` the run's images per class (its random baseline's)."""
+    if "poster" not in syn.meta:
+        return {}
+    return {"ipc": round(syn.meta["poster_ipc"], 4), "poster_ipc_target": float(syn.meta["poster_ipc_target"]),
+            "poster": syn.meta["poster"], "baseline_ipc": run_ipc}
