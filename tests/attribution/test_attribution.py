@@ -19,7 +19,7 @@ def test_clustering_shapes(planted):
     assert sorted(torch.bincount(assign).tolist()) == [30, 30, 30, 30]  # the planted blobs are found
     with pytest.raises(ConfigError, match="fewer than clusters_per_class"):
         cluster_per_class(x[:3], y[:3], 2, 2)
-    # --max-train 60 keeps only class 0: the message says how many examples there were and what to change
+    # 60 examples of class 0 only (the first 60 of data read class by class): the message says what to change
     with pytest.raises(ConfigError, match=r"class 1 has 0 of the 60 training examples, fewer than "
                                           r"clusters_per_class=2; give the class training examples, or train "
                                           r"on more data \(--max-train\)"):  # lowering it cannot help a class of 0

@@ -178,3 +178,26 @@ def test_a_cifar_batch_holding_code_is_one_line_and_runs_nothing(tmp_path, capsy
     assert err == (f"error: {folder / 'test_batch'}: refused global pathlib.Path.touch (only NumPy arrays and plain "
                    "containers are allowed in a CIFAR batch)\n")
     assert not marker.exists() and not (tmp_path / "att").exists()
+
+
+def test_max_train_keeps_every_class_of_an_image_folder_read_class_by_class(tmp_path, capsys):
+    """An image folder is read class by class: --max-train 6 of a/, b/, c/ kept 6 images of a/ alone and
+    failed ('class 1 has 0 of the 6 training examples'); it is now a seeded stratified subset, 2 of each."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((8, 8)) * 255).astype("uint8")).save(tmp_path / "imgs" / split / c / f"{i}.png")
+    out = tmp_path / "o"
+    assert main(["attribute", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"), "--out", str(out),
+                 "--clusters-per-class", "2", "--max-train", "6", "--max-test", "3", "--train-steps", "2",
+                 "--match-steps", "1", "--unlearn", "ascent"]) == 0
+    assert "attribution matrix 6 clusters x 3 test samples" in capsys.readouterr().out
+    info = json.loads((out / "attribution.json").read_text())
+    assert (info["n_train"], info["n_test"]) == (6, 3)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from modelatlas.data import load_dataset
+from modelatlas.data.registry import ArrayDataset
 from modelatlas.errors import ConfigError
 
 
@@ -152,3 +153,17 @@ def test_loader_options_take_numpy_scalars():
     assert len(load_dataset("digits", "test", test_fraction=np.float32(0.5))) == 898
     with pytest.raises(ConfigError, match="seed must be an integer, got np.True_"):
         load_dataset("digits", seed=np.True_)
+
+
+def test_a_stratified_subset_keeps_every_class_share_seeded_and_in_order():
+    """`--max-train N` took the first N examples: of a dataset read class by class, its first classes only."""
+    y = torch.tensor([0] * 20 + [1] * 5 + [2] * 5)  # class by class, as an image folder is read
+    data = ArrayDataset("d", torch.arange(30.0).reshape(30, 1, 1, 1), y, ["a", "b", "c"])
+    part = data.stratified(6, seed=3)
+    assert torch.bincount(part.y).tolist() == [4, 1, 1]  # each class its share of 6
+    assert part.x.flatten().tolist() == sorted(part.x.flatten().tolist())  # in the dataset's order
+    assert torch.equal(data.stratified(6, seed=3).x, part.x) and not torch.equal(data.stratified(6, seed=4).x, part.x)
+    assert torch.bincount(data.stratified(7, seed=0).y).tolist() == [5, 1, 1]  # 4.67, 1.17, 1.17: largest remainder
+    assert data.stratified(30, seed=0) is data and data.stratified(99, seed=0) is data
+    with pytest.raises(ConfigError, match="a positive number of examples, got 0"):
+        data.stratified(0, seed=0)

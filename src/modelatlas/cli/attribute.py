@@ -27,8 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-index", type=int, nargs="+", default=None,
                    help="test samples to plot, 0-based among the test samples used (default 0 1 2, those there are)")
     p.add_argument("--validate", action="store_true", help="also retrain leave-one-cluster-out (ground truth)")
-    p.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples (default: all)")
-    p.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples (default: all)")
+    p.add_argument("--max-train", type=positive_int, default=None, metavar="N",
+                   help="use N training examples, a seeded (--seed) stratified subset: each class keeps its share, "
+                        "also in an image folder read class by class (default: all)")
+    p.add_argument("--max-test", type=positive_int, default=None, metavar="N",
+                   help="use N test examples, a seeded stratified subset as --max-train's, in their order in the "
+                        "split (--test-index counts among them; default: all)")
     p.add_argument("--train-steps", type=int, default=None, help="target-model GD steps (default 100)")
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
     p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
@@ -116,16 +120,24 @@ def _inputs(args: argparse.Namespace):
     train, test = load_dataset(args.dataset, "train", **kw), load_dataset(args.dataset, "test", **kw)
     if len(train.input_shape) != 3:
         raise ConfigError(f"dataset {args.dataset!r} is not an image dataset (shape {train.input_shape})")
-    xte, yte = test.x[:args.max_test], test.y[:args.max_test]
+    kept, used = _cut(test, args.max_test, args.seed, "max-test"), _cut(train, args.max_train, args.seed, "max-train")
     if args.test_index is None:  # the default: the first three test samples, or as many as --max-test keeps
-        args.test_index = list(range(min(3, len(xte))))
+        args.test_index = list(range(min(3, len(kept))))
     args.test_index = list(dict.fromkeys(args.test_index))  # '--test-index 0 0' plots sample 0 once
-    bad = [j for j in args.test_index if not 0 <= j < len(xte)]
+    bad = [j for j in args.test_index if not 0 <= j < len(kept)]
     if bad:
-        cut = args.max_test is not None and args.max_test < len(test.x)  # else "the test split has 20" read wrong
-        used = f"--max-test {args.max_test} keeps {len(xte)}" if cut else f"the test split has {len(xte)}"
-        raise ConfigError(f"--test-index {bad[0]} is out of range: {used} test samples (0 to {len(xte) - 1})")
-    return train, (train.x[:args.max_train], train.y[:args.max_train], xte, yte)
+        cut = len(kept) < len(test)  # else "the test split has 20" read wrong
+        has = f"--max-test {args.max_test} keeps {len(kept)}" if cut else f"the test split has {len(kept)}"
+        raise ConfigError(f"--test-index {bad[0]} is out of range: {has} test samples (0 to {len(kept) - 1})")
+    return train, (used.x, used.y, kept.x, kept.y)
+
+
+def _cut(data, n: int | None, seed: int, flag: str):
+    """``data`` cut to a seeded stratified subset of ``n`` (--max-train / --max-test), or whole without ``n``: its
+    first n held the first classes only of data read class by class (an image folder)."""
+    from modelatlas.seeding import derive_seed
+
+    return data if n is None else data.stratified(n, derive_seed(seed, flag))
 
 
 def _config(args: argparse.Namespace):

@@ -76,6 +76,23 @@ class ArrayDataset:
         idx = idx.long()  # [] is float32 to torch
         return ArrayDataset(self.name, self.x[idx], self.y[idx], list(self.classes), dict(self.meta))
 
+    def stratified(self, n: int, seed: int) -> ArrayDataset:
+        """A seeded subset of ``n`` examples in which every class keeps its share of them (n x its fraction,
+        whole numbers by largest remainder: equal counts for balanced classes), in their order here; itself when
+        ``n`` >= len(self). The first n examples of a dataset read class by class (an image folder) held its
+        first classes only. O(N)."""
+        if not fits(n, int) or n < 1:
+            raise ConfigError(f"dataset {self.name!r}: a subset needs a positive number of examples, got {n!r}")
+        if n >= len(self):
+            return self
+        exact = torch.bincount(self.y, minlength=self.num_classes).double() * (n / len(self))  # (K,)
+        take = exact.floor().long()
+        take[torch.argsort(exact - take, descending=True, stable=True)[:n - int(take.sum())]] += 1
+        gen = torch_generator(seed)
+        kept = [members[torch.randperm(len(members), generator=gen)[:k]]
+                for members, k in zip(((self.y == c).nonzero().flatten() for c in range(self.num_classes)), take)]
+        return self.subset(torch.cat(kept).sort().values)
+
     def holdout(self, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
         """(rest, held out): a seeded random ``fraction`` of the examples set aside, e.g. a validation split
         carved from a training split so settings are tuned without reading the test split. O(N)."""
