@@ -14,13 +14,16 @@ compares the GPTQ ``qweight`` unpacking with llama.cpp's ``dequant_gptq`` on ran
 
 Needs a venv with ``llmcompressor`` (pulls transformers, compressed-tensors, datasets) and modelatlas:
 ``python -m venv /tmp/qv && /tmp/qv/bin/pip install torch==2.13.0 llmcompressor -e .``, then
-``/tmp/qv/bin/python bench/lineage_packed.py --out /tmp/packed [--llama-cpp DIR]``. CPU, about 2 minutes.
+``/tmp/qv/bin/python bench/lineage_packed.py --out /tmp/packed [--llama-cpp DIR] [--bnb]``. CPU, about 2
+minutes. ``--bnb`` (``pip install bitsandbytes``) adds the bfloat16 models loaded with bitsandbytes NF4 (double
+quantization), FP4 and LLM.int8 by transformers and saved, checked against bitsandbytes' own dequantization.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -118,6 +121,50 @@ def check_models(folder: Path) -> list[str]:
     return rows
 
 
+BNB = {"nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+       "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "int8": {"load_in_8bit": True}}
+
+
+def make_bnb(folder: Path) -> None:
+    """The bfloat16 base and ft loaded with bitsandbytes quantization (transformers, CPU) and saved: NF4 with
+    double quantization, FP4, LLM.int8; beside each, bitsandbytes' own dequantization (``*.ref.safetensors``)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    for src in ("base", "ft"):
+        for name, kw in BNB.items():
+            m = AutoModelForCausalLM.from_pretrained(folder / src, quantization_config=BitsAndBytesConfig(**kw),
+                                                     device_map="cpu")
+            m.save_pretrained(folder / f"{src}-{name}")
+            ref = {}
+            for mod_name, mod in m.named_modules():
+                if isinstance(mod, bnb.nn.Linear4bit):
+                    ref[mod_name + ".weight"] = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+                elif isinstance(mod, bnb.nn.Linear8bitLt):
+                    ref[mod_name + ".weight"] = F.int8_vectorwise_dequant(mod.weight.data, mod.weight.SCB)
+            save_file({k: v.contiguous() for k, v in ref.items()}, folder / f"{src}-{name}.ref.safetensors")
+
+
+def check_bnb(folder: Path) -> list[str]:
+    """One row per bitsandbytes model: type, largest difference to bitsandbytes' dequantization (ours rounded
+    to its dtype first), match on its own source and on the other model."""
+    from safetensors.torch import load_file
+
+    from modelatlas.weights import open_checkpoint
+
+    rows = []
+    for src, name in ((s, n) for s in ("base", "ft") for n in BNB):
+        ck, ref = open_checkpoint(folder / f"{src}-{name}"), load_file(folder / f"{src}-{name}.ref.safetensors")
+        diff = max((ck.read(k).to(v.dtype).float() - v.float()).abs().max().item() for k, v in ref.items())
+        other = "ft" if src == "base" else "base"
+        own = ck.requantized_match(LAYER, open_checkpoint(folder / src).read(LAYER))
+        theirs = ck.requantized_match(LAYER, open_checkpoint(folder / other).read(LAYER))
+        rows.append(f"| bitsandbytes | {src}-{name} | {ck.quantization(LAYER)} | {diff:.3g} | {own:.4f} | {theirs:.4f} |")
+    return rows
+
+
 def check_llama_cpp(llama_cpp: Path) -> list[str]:
     """modelatlas' GPTQ unpacking against llama.cpp's dequant_gptq (taken from its converter's source) on
     random int32 words and a random g_idx."""
@@ -145,22 +192,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--llama-cpp", type=Path)
+    ap.add_argument("--bnb", action="store_true", help="also bitsandbytes NF4 / FP4 / int8 (pip install bitsandbytes)")
     args = ap.parse_args()
     if not (args.out / "float32" / "base").exists():
         make_sources(args.out)
         quantize_all(args.out / "float32", torch.float32)
         quantize_all(args.out / "bfloat16", torch.bfloat16)
-    print("| set | model | type | max diff to compressed-tensors | match own source | match other |")
+    if args.bnb and not (args.out / "bitsandbytes" / "base").exists():
+        for src in ("base", "ft"):
+            shutil.copytree(args.out / "bfloat16" / src, args.out / "bitsandbytes" / src)
+        make_bnb(args.out / "bitsandbytes")
+    print("| set | model | type | max diff to the library's own | match own source | match other |")
     print("|---|---|---|---|---|---|")
     for dtype in ("float32", "bfloat16"):
         print("\n".join(check_models(args.out / dtype)))
+    if args.bnb:
+        print("\n".join(check_bnb(args.out / "bitsandbytes")))
     if args.llama_cpp is not None:
         print("\n| GPTQ format | bits | max diff to llama.cpp dequant_gptq |\n|---|---|---|")
         print("\n".join(check_llama_cpp(args.llama_cpp)))
-    for dtype in ("float32", "bfloat16"):
-        print(f"\natlas lineage recover {args.out / dtype}", flush=True)
-        subprocess.run([sys.executable, "-m", "modelatlas.cli.main", "lineage", "recover", str(args.out / dtype)],
-                       check=False)
+    for dtype in ("float32", "bfloat16") + (("bitsandbytes",) if args.bnb else ()):
+        folder = args.out / dtype
+        models = [str(p) for p in sorted(folder.iterdir()) if p.is_dir()]  # not the .ref.safetensors
+        print(f"\natlas lineage recover {folder}/*/", flush=True)
+        subprocess.run([sys.executable, "-m", "modelatlas.cli.main", "lineage", "recover", *models], check=False)
 
 
 if __name__ == "__main__":

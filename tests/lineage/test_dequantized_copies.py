@@ -6,7 +6,7 @@ import json
 
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_gptq, make_pack_quantized, make_words
+from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.weights.packed_ints import unpack
@@ -79,3 +79,20 @@ def test_a_gptq_model_of_a_source_not_in_the_set_is_a_fine_tune_of_the_nearest(t
     make_folder(tmp_path / "ft-gptq", make_gptq_like(ft), {"quant_method": "gptq", "bits": 4})
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     assert [(e.parent, e.child, e.kind) for e in forest.edges] == [("p", "ft-gptq", "trained")]
+
+
+def test_bitsandbytes_models_hang_below_their_sources(tmp_path):
+    p = make_weights(0)
+    ft = make_weights(10, p, step=0.05)
+    save_file(p, tmp_path / "p.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    nf4, int8 = {}, {}
+    for k in LAYERS:
+        nf4.update(make_bnb4(ft[k], name=k.removesuffix(".weight")))
+        int8.update(make_bnb8(p[k], name=k.removesuffix(".weight")))
+    make_folder(tmp_path / "ft-nf4", nf4, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    make_folder(tmp_path / "p-int8", int8, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["precision_copies"] == {"ft-nf4": "nf4", "p-int8": "llm-int8"}
+    assert {(e.parent, e.child, e.kind) for e in forest.edges} == {
+        ("p", "ft", "trained"), ("ft", "ft-nf4", "precision"), ("p", "p-int8", "precision")}

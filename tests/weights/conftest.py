@@ -1,5 +1,6 @@
 """Shared inputs of the weights tests: a small state dict, its check, and a pickle payload that must not run."""
 
+import json
 import os
 import shlex
 
@@ -66,3 +67,23 @@ def make_pack_quantized(w: torch.Tensor, bits: int = 4, group: int = 16, name: s
     q = torch.round(w / scale.repeat_interleave(group, 1)).clamp(-half, half - 1) + half
     return {f"{name}.weight_packed": make_words(q, bits, 1), f"{name}.weight_scale": scale,
             f"{name}.weight_shape": torch.tensor([rows, cols])}
+
+
+def make_bnb4(w: torch.Tensor, name: str = "layer", blocksize: int = 64) -> dict:
+    """bitsandbytes 4-bit tensors of ``w`` as transformers saves them: per block of ``blocksize`` flattened
+    values the absmax, codes of the nearest of 16 book values (a linear book here; NF4's is another), two a
+    byte, the first in the high nibble; the quant state as JSON bytes."""
+    book = torch.linspace(-1, 1, 16)
+    flat = w.reshape(-1, blocksize)  # (blocks, blocksize)
+    absmax = flat.abs().amax(1)
+    codes = ((flat / absmax[:, None]).reshape(-1, 1) - book).abs().argmin(1)  # (n,)
+    packed = (codes[0::2] * 16 + codes[1::2]).to(torch.uint8).reshape(-1, 1)
+    state = json.dumps({"quant_type": "nf4", "blocksize": blocksize, "shape": list(w.shape)}).encode()
+    return {f"{name}.weight": packed, f"{name}.weight.absmax": absmax, f"{name}.weight.quant_map": book,
+            f"{name}.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)}
+
+
+def make_bnb8(w: torch.Tensor, name: str = "layer") -> dict:
+    """LLM.int8 tensors of ``w``: int8 rows scaled to 127 at their largest |value|, and that value (SCB)."""
+    scb = w.abs().amax(1)
+    return {f"{name}.weight": torch.round(w / scb[:, None] * 127).to(torch.int8), f"{name}.SCB": scb}

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_gptq, make_pack_quantized, make_words
+from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
@@ -111,3 +111,16 @@ def test_stored_tensors_that_do_not_fit_raise_naming_the_layer(tmp_path):
     ck = open_checkpoint(make_model(tmp_path / "m", tensors))
     with pytest.raises(CheckpointError, match=r"cannot dequantize 'layer.weight' \(INT4\)"):
         ck.read("layer.weight")
+
+
+def test_bitsandbytes_4bit_and_int8_layers(tmp_path):
+    w = make_weight(64, 32)
+    tensors = {**make_bnb4(w, "q"), **make_bnb8(w, "k"), "k.weight_format": torch.tensor(0, dtype=torch.uint8)}
+    ck = open_checkpoint(make_model(tmp_path / "bnb", tensors, {"quant_method": "bitsandbytes"}))
+    assert sorted((t.name, t.shape) for t in ck.tensors()) == [("k.weight", (64, 32)), ("q.weight", (64, 32))]
+    assert (ck.quantization("q.weight"), ck.quantization("k.weight")) == ("NF4", "LLM-INT8")
+    assert (ck.read("q.weight") - w).abs().max() <= w.abs().max() / 15 + 1e-6  # half a step of the 16-value book
+    assert (ck.read("k.weight") - w).abs().max() <= w.abs().max() / 254 + 1e-6
+    for layer in ("q.weight", "k.weight"):
+        assert ck.requantized_match(layer, w) == 1.0
+        assert ck.requantized_match(layer, w * (1 + 0.05 * make_weight(64, 32, seed=5))) < 0.99

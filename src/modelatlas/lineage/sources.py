@@ -23,8 +23,8 @@ from modelatlas.weights.base import _stem, shared_first_component
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # name endings of weights packed into integers by quantization libraries, left packed by the readers (GPTQ
-# with g_idx in 2, 4 or 8 bits, compressed-tensors pack-quantized: unpacked by weights.dequantized); the
-# model's float tensors are then its scales and zero points, not its weights
+# with g_idx in 2, 4 or 8 bits, compressed-tensors pack-quantized and bitsandbytes layers with their quant
+# state are unpacked by weights.dequantized); the model's float tensors are then its scales, not its weights
 _PACKED = {".qweight": "AWQ (or 3-bit GPTQ)", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
            ".weight.absmax": "bitsandbytes 4-bit", ".SCB": "bitsandbytes 8-bit"}
 _PACKED_IN = {".weight.absmax": ".weight", ".SCB": ".weight"}  # a scale's packed weight (else the tensor itself)

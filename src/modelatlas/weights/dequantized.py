@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
+from modelatlas.weights import bnb as B
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, named_by_folder
 from modelatlas.weights.scaled import SCALED_DTYPES, requantized_share, scaled_weight, working_dtypes
@@ -35,7 +36,7 @@ from modelatlas.weights.scaled import SCALED_DTYPES, requantized_share, scaled_w
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
 _INTS = ("int32", "int64", "int16", "int8", "uint8")
-_MARKS = (".qweight", "_packed", "_scale", "_scale_inv")  # name endings of the tensors of a dequantized layer
+_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", ".SCB")  # name endings of the tensors of a dequantized layer
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[Packed
         if not t.dtype.startswith(_INTS + ("float8",)):
             continue
         layer = (_gptq(name, infos, config) or _pack_quantized(name, infos, config, read)
-                 or _scaled(name, infos))
+                 or _scaled(name, infos) or _bnb(name, infos, read))
         if layer is not None:
             out.append(layer)
     return out
@@ -128,6 +129,24 @@ def _scaled(name: str, infos: dict[str, TensorInfo]) -> PackedLayer | None:
     dtype = infos[name].dtype
     label = "INT8" if dtype == "int8" else "FP8"
     return PackedLayer(name, "scaled", tuple(infos[name].shape), label, 8, parts)
+
+
+def _bnb(name: str, infos: dict[str, TensorInfo], read) -> PackedLayer | None:
+    """A bitsandbytes layer: 4-bit (``weight`` uint8 + ``weight.absmax``, ``weight.quant_map`` and its JSON
+    ``weight.quant_state.bitsandbytes__nf4``) or LLM.int8 (``weight`` int8 + ``SCB`` beside it)."""
+    state = next((f"{name}.{B.STATE}{t}" for t in ("nf4", "fp4") if f"{name}.{B.STATE}{t}" in infos), None)
+    if state is not None and f"{name}.absmax" in infos and f"{name}.quant_map" in infos:
+        parts = {r: f"{name}.{r}" for r in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
+        parts = {"weight": name, "state": state, **{r: p for r, p in parts.items() if p in infos}}
+        shape = tuple(B.parse_state(read(state), state)["shape"])
+        return PackedLayer(name, "bnb4", shape, state.rpartition("__")[2].upper(), 4, parts)
+    scb = name.removesuffix("weight") + "SCB"
+    if name.endswith(".weight") and infos[name].dtype == "int8" and scb in infos:
+        parts = {"weight": name, "scb": scb}
+        fmt = name + "_format"  # a format flag transformers saves beside it (not a weight)
+        parts.update({"format": fmt} if fmt in infos else {})
+        return PackedLayer(name, "bnb8", tuple(infos[name].shape), "LLM-INT8", 8, parts)
+    return None
 
 
 def _weights_config(config: dict) -> dict:
@@ -195,7 +214,21 @@ class DequantizedCheckpoint(Checkpoint):
         if layer.scheme == "pack-quantized":
             return P.pack_quantized_weight(get("packed"), get("scale"), layer.shape, get("zero_point"),
                                            layer.bits, get("g_idx"))
+        if layer.scheme == "bnb4":
+            state = B.parse_state(get("state"), layer.parts["state"])
+            scale = B.absmax(get("absmax"), state, get("nested_absmax"), get("nested_quant_map"))
+            return B.dequantize_4bit(get("weight"), scale, get("quant_map"), state)
+        if layer.scheme == "bnb8":
+            return B.dequantize_int8(get("weight"), get("scb"))
         return scaled_weight(get("weight"), get("scale"), get("zero_point"), self._blocks)
+
+    def _bnb_match(self, layer: PackedLayer, x: torch.Tensor, get) -> float:
+        """Share of a bitsandbytes layer's stored codes that quantizing ``x`` gives (its scales from ``x``)."""
+        if layer.scheme == "bnb8":
+            return float((B.requantize_int8(x) == get("weight")).float().mean())
+        state = B.parse_state(get("state"), layer.parts["state"])
+        again = B.requantize_4bit(x, get("quant_map"), state["blocksize"])  # (n,)
+        return float((again == B.nibbles(get("weight"), again.numel())).float().mean())
 
     def quantization(self, name: str) -> str | None:
         self.info(name)
@@ -217,6 +250,8 @@ class DequantizedCheckpoint(Checkpoint):
         if tuple(x.shape) != layer.shape:
             return None
         get = lambda role: self._part(layer, role)  # noqa: E731
+        if layer.scheme in ("bnb4", "bnb8"):
+            return self._bnb_match(layer, x, get)
         if layer.scheme == "scaled":
             rows = torch.linspace(0, layer.shape[0] - 1, min(SAMPLE_ROWS, layer.shape[0])).round().long().unique()
             return requantized_share(get("weight")[rows], x[rows], get("scale"), get("zero_point"),

@@ -1,0 +1,62 @@
+"""bitsandbytes 4-bit and LLM.int8 layers, on hand-packed bytes."""
+
+import json
+
+import pytest
+import torch
+
+from modelatlas.weights import bnb as B
+
+MAP = torch.linspace(-1, 1, 16)  # a sorted 16-value code book (NF4's is too)
+
+
+def make_state(shape, blocksize=2, **more) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"shape": shape, "blocksize": blocksize, **more}).encode()), dtype=torch.uint8)
+
+
+def test_nibbles_high_first():
+    assert B.nibbles(torch.tensor([[0x12], [0xF0]], dtype=torch.uint8), 4).tolist() == [1, 2, 15, 0]
+    assert B.nibbles(torch.tensor([0x12, 0x34], dtype=torch.uint8), 3).tolist() == [1, 2, 3]  # padding cut
+
+
+def test_dequantize_4bit_blocks_over_the_flattened_matrix():
+    packed = torch.tensor([[0x0F], [0xF0]], dtype=torch.uint8)  # codes 0, 15, 15, 0
+    state = B.parse_state(make_state([2, 2]), "s")
+    w = B.dequantize_4bit(packed, torch.tensor([2.0, 0.5]), MAP, state)
+    assert w.tolist() == [[-2.0, 2.0], [0.5, -0.5]]  # block 0 = row 0 (absmax 2), block 1 = row 1 (0.5)
+
+
+def test_double_quantized_absmax():
+    state = {"nested_blocksize": 256, "nested_offset": 0.25}
+    nested_map = torch.tensor([0.5, 1.0])
+    got = B.absmax(torch.tensor([0, 1], dtype=torch.uint8), state, torch.tensor([4.0]), nested_map)
+    assert got.tolist() == [2.25, 4.25]  # map[code] * 4 + 0.25
+    assert B.absmax(torch.tensor([3.0]), state, None, None).tolist() == [3.0]  # stored as they are
+
+
+def test_requantize_4bit_takes_each_blocks_absmax_from_x():
+    x = torch.tensor([[-2.0, 2.0 * MAP[9]], [0.5 * MAP[3], 0.5]])  # blocks of 2: absmax 2 and 0.5
+    assert B.requantize_4bit(x, MAP, 2).tolist() == [0, 9, 3, 15]
+    assert B.requantize_4bit(x * 1.3, MAP, 2).tolist() == [0, 9, 3, 15]  # the scale follows x
+
+
+def test_requantize_4bit_maps_back_through_an_unsorted_code_book():
+    book = MAP.flip(0)  # FP4's book is not sorted: codes index the book as stored
+    x = torch.tensor([1.0, book[4].item()])
+    assert B.requantize_4bit(x, book, 2).tolist() == [0, 4]
+
+
+def test_int8_rows():
+    w = torch.tensor([[127, -64]], dtype=torch.int8)
+    assert B.dequantize_int8(w, torch.tensor([2.0]))[0].tolist() == pytest.approx([2.0, -128 / 127])
+    x = torch.tensor([[1.0, -0.5, 0.25]])
+    assert B.requantize_int8(x).tolist() == [[127, -64, 32]]  # -63.5 rounds to even; 31.75 up
+
+
+def test_parse_state_names_what_is_wrong():
+    with pytest.raises(ValueError, match="w.quant_state: not the JSON"):
+        B.parse_state(torch.tensor([1, 2, 3], dtype=torch.uint8), "w.quant_state")
+    with pytest.raises(ValueError, match=r"'shape' \[0, 4\] is no list of positive sizes"):
+        B.parse_state(make_state([0, 4]), "s")
+    with pytest.raises(ValueError, match="'blocksize' 'x' is no positive integer"):
+        B.parse_state(make_state([2, 2], blocksize="x"), "s")
