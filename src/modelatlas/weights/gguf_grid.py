@@ -27,6 +27,16 @@ GRIDS = {
     "Q5_K": (32, [(16, 48, 0x00, 0x00), (48, 176, 0x00, 0x11)]),  # d, dmin, scales[12], qh[32], qs[128]
     "Q6_K": (64, [(0, 128, 0x00, 0x11), (128, 192, 0x00, 0x00)]),  # ql[128] 4-bit, qh[64] 2-bit, scales, d
 }
+# the legacy types, quantized to the nearest level of their block's scale too (exactly reproducible, so
+# tested by quantizing again; on their grid only against a half-precision source: see grid_test's rel_tol)
+LEGACY = {
+    "Q4_0": (16, [(2, 18, 0x00, 0x11)]),                     # d, qs[16] 4-bit: (q - 8) d
+    "Q4_1": (16, [(4, 20, 0x00, 0x11)]),                     # d, m, qs[16]: q d + m
+    "Q5_0": (32, [(2, 6, 0x00, 0x00), (6, 22, 0x00, 0x11)]),  # d, qh[4], qs[16]: (q - 16) d
+    "Q5_1": (32, [(4, 8, 0x00, 0x00), (8, 24, 0x00, 0x11)]),  # d, m, qh[4], qs[16]: q d + m
+    "Q8_0": (256, [(2, 34, 0x80, 0x81)]),                    # d, qs[32] int8: q d (code 0 = -128)
+}
+OFFSET = {"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"}  # types whose levels are q d + m (code 0: the offset m)
 TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 # the 4-bit non-linear types: a code picks one of 16 fixed values (kvalues_iq4nl) times the block's scale;
 # type -> the bytes holding the codes (nibbles) in one block (block_iq4_nl: d, qs[16]; block_iq4_xs: d,
@@ -48,27 +58,36 @@ def _with_codes(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[i
 def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(lowest level, step) of each value's sub-block, both (r, m) float64, for ``rows`` (r, row bytes) of
     a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales)."""
-    regions = GRIDS[kind][1]
+    regions = {**GRIDS, **LEGACY}[kind][1]
     lo = _with_codes(rows, ggml_type, type_size, [(a, b, low) for a, b, low, _ in regions])
     up = _with_codes(rows, ggml_type, type_size, [(a, b, nxt) for a, b, _, nxt in regions])
     return lo, up - lo
 
 
-def grid_test(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray):
+def grid_test(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray, rel_tol: float = 0.0,
+              abs_tol: float = 0.0):
     """``x -> share`` of the ``stored`` values (r, m) that are the level of their sub-block's grid nearest to
     ``x`` (r, m), or its end level with ``x`` beyond it; the grid is read once for any number of ``x``.
     1.0 for a quantization of ``x``; a quantized fine-tune of ``x`` misses about |change| / step of its
-    values. Time O(r m) to build, O(r m) a test."""
-    n = GRIDS[kind][0]
+    values. ``rel_tol``, ``abs_tol``: ``x`` is a rounding of the values that were quantized, and the scale
+    and offset a rounding of those they were quantized with, each to within ``rel_tol`` of its size or
+    ``abs_tol``, whichever is larger (float16: 2**-11, and 2**-25 among its subnormals), so a level that
+    close to the nearest counts too. Time O(r m) to build, O(r m) a test."""
+    n = {**GRIDS, **LEGACY}[kind][0]
     lo, step = grid(kind, ggml_type, rows, type_size)
     flat = step == 0  # every value of such a sub-block is its offset, whatever x
     safe = np.where(flat, 1.0, step)
     code = np.rint((stored - lo) / safe)  # (r, m) the stored code, 0 .. n - 1
+    offset = np.abs(lo) if kind in OFFSET else 0.0  # a level is q d - m: m's rounding moves every level
 
     def share(x: np.ndarray) -> float:
         t = (x.astype(np.float64) - lo) / safe  # where x falls on the grid
-        near = np.abs(t - code) <= 0.5 + TOL
-        clamped = ((code == 0) & (t <= 0.5 + TOL)) | ((code == n - 1) & (t >= n - 1.5 - TOL))
+        ax, s = np.abs(x), np.abs(safe)
+        moved = rel_tol * ax + abs_tol  # x's rounding
+        levels = ax / s * np.maximum(rel_tol * s, abs_tol) + rel_tol * offset + abs_tol  # the scale's, offset's
+        slack = TOL + (moved + levels) / s  # (r, m) in steps
+        near = np.abs(t - code) <= 0.5 + slack
+        clamped = ((code == 0) & (t <= 0.5 + slack)) | ((code == n - 1) & (t >= n - 1.5 - slack))
         return float(np.mean(flat | near | clamped))
 
     return share
