@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from modelatlas.weights import packed_ints as P
+from modelatlas.weights.base import TensorInfo
 
 
 def make_word(value: int) -> torch.Tensor:
@@ -77,11 +78,46 @@ def test_on_grid_widens_half_a_step_by_the_tolerance():
     assert P.on_grid(torch.tensor([4.502]), zero, codes, 4, 2.0**-10)  # 0.5 + 4.5 / 1024 = 0.5044
 
 
-def test_gptq_bits_from_the_shapes():
-    assert P.gptq_bits(torch.Size([16, 64]), torch.Size([128])) == 4
-    assert P.gptq_bits(torch.Size([32, 64]), torch.Size([128])) == 8
-    with pytest.raises(ValueError, match="qweight has 5 rows for 7 input columns"):
-        P.gptq_bits(torch.Size([5, 64]), torch.Size([7]))
+def make_info(name, shape, dtype="int32"):
+    return TensorInfo(name, tuple(shape), dtype)
+
+
+def make_gptq_infos(rows=16, out=64, n_in=128, groups=8, zero_words=8):
+    return (make_info("l.qweight", (rows, out)), make_info("l.qzeros", (groups, zero_words)),
+            make_info("l.scales", (groups, out), "float16"), make_info("l.g_idx", (n_in,)))
+
+
+def test_gptq_layout_bits_from_the_shapes():
+    assert P.gptq_layout(*make_gptq_infos()) == 4
+    assert P.gptq_layout(*make_gptq_infos(rows=32, zero_words=16)) == 8
+    assert P.gptq_layout(*make_gptq_infos(rows=12, zero_words=6)) is None  # 3 bits: not unpacked
+    with pytest.raises(ValueError, match="l.qweight holds 5 rows of words for the 128 inputs of l.g_idx"):
+        P.gptq_layout(*make_gptq_infos(rows=5))
+
+
+def test_gptq_layout_names_the_part_that_does_not_fit():
+    with pytest.raises(ValueError, match=r"l.qzeros is int32 \(8, 3\), not the \(8, 8\) int32 words"):
+        P.gptq_layout(*make_gptq_infos(zero_words=3))
+    qweight, qzeros, _, g_idx = make_gptq_infos()
+    with pytest.raises(ValueError, match=r"l.scales is int32 \(8, 64\), not the \(groups, 64\) float scales"):
+        P.gptq_layout(qweight, qzeros, make_info("l.scales", (8, 64)), g_idx)
+    with pytest.raises(ValueError, match="l.g_idx is float32, not integer group numbers"):
+        P.gptq_layout(qweight, qzeros, make_gptq_infos()[2], make_info("l.g_idx", (128,), "float32"))
+
+
+def test_group_numbers_out_of_range_are_refused():
+    P.check_groups(torch.tensor([0, 3, 1]), 4, "l.g_idx")
+    with pytest.raises(ValueError, match=r"l.g_idx holds group numbers -1..3, but there are 4 groups"):
+        P.check_groups(torch.tensor([-1, 3]), 4, "l.g_idx")  # -1 would read the last group's scale
+
+
+def test_gptq_weight_in_chunks_equals_all_at_once():
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-2**31, 2**31 - 1, (16, 24), generator=g, dtype=torch.int32)  # 128 inputs, 4 bits
+    qzeros = torch.randint(-2**31, 2**31 - 1, (4, 3), generator=g, dtype=torch.int32)
+    scales, g_idx = torch.rand(4, 24, generator=g), torch.randperm(128, generator=g) % 4  # act-order groups
+    whole = P.gptq_weight(qweight, qzeros, scales, g_idx, 4)
+    assert torch.equal(P.gptq_weight(qweight, qzeros, scales, g_idx, 4, chunk=8), whole)  # 1 word per chunk
 
 
 def test_pack_quantized_symmetric_values_are_stored_plus_the_offset():
@@ -113,6 +149,32 @@ def test_pack_quantized_quotient_inverts_the_weight():
 
 
 def test_packed_shape_names_the_tensor():
-    assert P.packed_shape(torch.tensor([3, 8]), "x") == (3, 8)
-    with pytest.raises(ValueError, match=r"layer.weight_shape: weight_shape \[3\] is not the 2 sizes"):
-        P.packed_shape(torch.tensor([3]), "layer.weight_shape")
+    packed = make_info("l.weight_packed", (3, 1))
+    assert P.packed_shape(torch.tensor([3, 8]), "l.weight_shape", packed) == (3, 8)
+    with pytest.raises(ValueError, match=r"l.weight_shape says \[-3, 8\], but l.weight_packed \(3, 1\) holds 3 rows"):
+        P.packed_shape(torch.tensor([-3, 8]), "l.weight_shape", packed)
+
+
+def test_packed_bits_follow_the_config_and_refuse_a_misfit():
+    packed = make_info("l.weight_packed", (4, 16))  # 16 words per row
+    assert P.packed_bits(128, packed, set()) == 4 and P.packed_bits(128, packed, {4, 8}) == 4
+    assert P.packed_bits(64, packed, set()) == 8
+    assert P.packed_bits(170, packed, {3}) is None  # 3 bits: values span words, left as stored
+    with pytest.raises(ValueError, match=r"16 words per row, which 128 columns of the \[8\] bits"):
+        P.packed_bits(128, packed, {8})
+    with pytest.raises(ValueError, match="which 120 columns of 1 to 8 bits do not fill"):
+        P.packed_bits(120, packed, set())
+
+
+def test_pack_quantized_groups_follow_the_configs_group_size():
+    packed = make_word(0x76543210).reshape(1, 1).expand(1, 2)  # 16 codes 0..7, 0..7
+    scale = torch.tensor([[1.0, 10.0]])  # 10 columns in groups of 8: 8 + 2 (not 5 + 5)
+    assert P.pack_quantized_layout((1, 10), 4, {"scale": make_info("s", (1, 2), "float32")}, 8) == 8
+    w = P.pack_quantized_weight(packed, scale, (1, 10), None, 4, group_size=8)
+    assert w[0, 7:].tolist() == [-1.0, -80.0, -70.0]
+
+
+def test_pack_quantized_one_scale_for_the_whole_tensor():
+    w = P.pack_quantized_weight(make_word(0x76543210).reshape(1, 1).expand(2, 1), torch.tensor([0.5]), (2, 8),
+                                None, 4)
+    assert w[1].tolist() == [-4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5]

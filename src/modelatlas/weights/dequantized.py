@@ -10,10 +10,11 @@ of its real shape, in place of the tensors that store it:
   ``weight_shape``, optionally ``weight_zero_point`` and ``weight_g_idx``.
 - float8 / int8 values with scales (compressed-tensors ``float-quantized`` / ``int-quantized``; DeepSeek's
   ``weight_scale_inv``): ``weight`` and its scale (:mod:`.scaled`).
+- bitsandbytes as transformers saves it: 4-bit NF4 / FP4 and LLM.int8 (:mod:`.bnb`).
 
-The other tensors read as stored. AWQ (``qweight`` without ``g_idx``), EXL2 and bitsandbytes layers stay as
-stored (AWQ also rescales the weights it quantizes, so they are no rounding of the model's own). Each layer's
-:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "INT4", "FP8", "INT8"), and
+The other tensors read as stored. AWQ (``qweight`` without ``g_idx``) and EXL2 layers stay as stored (AWQ also
+rescales the weights it quantizes, so they are no rounding of the model's own). Each layer's
+:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
 quantized from (every value) from a fine-tune of it (fewer). Header reads only, plus the small
 ``weight_shape`` tensors; time O(P) per dequantized layer of P weights.
@@ -22,7 +23,6 @@ quantized from (every value) from a fine-tune of it (fewer). Header reads only, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,25 +31,13 @@ from modelatlas.errors import CheckpointError
 from modelatlas.weights import bnb as B
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, named_by_folder
-from modelatlas.weights.scaled import SCALED_DTYPES, requantized_share, scaled_weight, working_dtypes
+from modelatlas.weights.packed_layers import PackedLayer, block_sizes, find_packed
+from modelatlas.weights.scaled import requantized_share, scale_values, scaled_weight, working_dtypes
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
-_INTS = ("int32", "int64", "int16", "int8", "uint8")
-_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", ".SCB")  # name endings of the tensors of a dequantized layer
-
-
-@dataclass(frozen=True)
-class PackedLayer:
-    """One dequantized layer: the weight it reads as, how it is stored, and the stored tensors by role."""
-
-    name: str
-    scheme: str  # "gptq" | "pack-quantized" | "scaled"
-    shape: tuple[int, ...]
-    label: str  # the quantization type shown: "GPTQ-INT4", "INT4", "FP8", "INT8"
-    bits: int
-    parts: dict[str, str] = field(default_factory=dict)  # role -> stored tensor name
-    offset: int = 0  # added to GPTQ's stored zeros: 1 in the ``gptq`` checkpoint format, 0 in ``gptq_v2``
+_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", ".SCB")  # endings of a dequantized layer's parts
+_BNB = ("bnb4", "bnb8")
 
 
 def quantization_config(path: Path) -> dict:
@@ -68,102 +56,11 @@ def quantization_config(path: Path) -> dict:
         if not isinstance(data, dict):
             raise CheckpointError(f, "not a JSON object")
         got = data.get("quantization_config", data if name != "config.json" else None)
-        if isinstance(got, dict):
+        if got is not None and not isinstance(got, dict):
+            raise CheckpointError(f, f"quantization_config is a JSON {type(got).__name__}, not an object")
+        if got is not None:
             return got
     return {}
-
-
-def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[PackedLayer]:
-    """The layers of ``infos`` (name -> info) stored packed or scaled, as :class:`PackedLayer`; ``read(name)``
-    reads a small tensor (a ``weight_shape``). AWQ-style packings (no ``g_idx``) and widths that span words
-    are left out. Time O(tensors)."""
-    if str(config.get("quant_method", "")).lower() == "awq":
-        return []
-    out = []
-    for name, t in infos.items():
-        if not t.dtype.startswith(_INTS + ("float8",)):
-            continue
-        layer = (_gptq(name, infos, config) or _pack_quantized(name, infos, config, read)
-                 or _scaled(name, infos) or _bnb(name, infos, read))
-        if layer is not None:
-            out.append(layer)
-    return out
-
-
-def _gptq(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
-    base = name.removesuffix(".qweight")
-    parts = {r: f"{base}.{r}" for r in ("qweight", "qzeros", "scales", "g_idx")}
-    if base == name or not all(p in infos for p in parts.values()):
-        return None
-    bits = P.gptq_bits(torch.Size(infos[name].shape), torch.Size(infos[parts["g_idx"]].shape))
-    if bits not in P.BITS:
-        return None
-    v2 = str(config.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
-    shape = (infos[name].shape[1], infos[parts["g_idx"]].shape[0])  # (out, in)
-    return PackedLayer(f"{base}.weight", "gptq", shape, f"GPTQ-INT{bits}", bits, parts, 0 if v2 else 1)
-
-
-def _pack_quantized(name: str, infos: dict[str, TensorInfo], config: dict, read) -> PackedLayer | None:
-    base = name.removesuffix("_packed")
-    parts = {r: f"{base}_{r}" for r in ("packed", "scale", "shape", "zero_point", "g_idx")}
-    if base == name or not all(parts[r] in infos for r in ("scale", "shape")):
-        return None
-    parts = {r: p for r, p in parts.items() if p in infos}
-    shape = P.packed_shape(read(parts["shape"]), parts["shape"])
-    words = infos[name].shape[-1]
-    given = _weights_config(config).get("num_bits")
-    fits = [b for b in P.BITS if -(-shape[1] * b // 32) == words]
-    bits = given if given in fits else (fits[-1] if fits else None)
-    if bits is None:
-        return None
-    return PackedLayer(base, "pack-quantized", shape, f"INT{bits}", bits, parts)
-
-
-def _scaled(name: str, infos: dict[str, TensorInfo]) -> PackedLayer | None:
-    scale = next((name + s for s in ("_scale", "_scale_inv") if name + s in infos), None)
-    if infos[name].dtype not in SCALED_DTYPES or scale is None:
-        return None
-    parts = {"weight": name, "scale": scale}
-    if name + "_zero_point" in infos:
-        parts["zero_point"] = name + "_zero_point"
-    dtype = infos[name].dtype
-    label = "INT8" if dtype == "int8" else "FP8"
-    return PackedLayer(name, "scaled", tuple(infos[name].shape), label, 8, parts)
-
-
-def _bnb(name: str, infos: dict[str, TensorInfo], read) -> PackedLayer | None:
-    """A bitsandbytes layer: 4-bit (``weight`` uint8 + ``weight.absmax``, ``weight.quant_map`` and its JSON
-    ``weight.quant_state.bitsandbytes__nf4``) or LLM.int8 (``weight`` int8 + ``SCB`` beside it)."""
-    state = next((f"{name}.{B.STATE}{t}" for t in ("nf4", "fp4") if f"{name}.{B.STATE}{t}" in infos), None)
-    if state is not None and f"{name}.absmax" in infos and f"{name}.quant_map" in infos:
-        parts = {r: f"{name}.{r}" for r in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
-        parts = {"weight": name, "state": state, **{r: p for r, p in parts.items() if p in infos}}
-        shape = tuple(B.parse_state(read(state), state)["shape"])
-        return PackedLayer(name, "bnb4", shape, state.rpartition("__")[2].upper(), 4, parts)
-    scb = name.removesuffix("weight") + "SCB"
-    if name.endswith(".weight") and infos[name].dtype == "int8" and scb in infos:
-        parts = {"weight": name, "scb": scb}
-        fmt = name + "_format"  # a format flag transformers saves beside it (not a weight)
-        parts.update({"format": fmt} if fmt in infos else {})
-        return PackedLayer(name, "bnb8", tuple(infos[name].shape), "LLM-INT8", 8, parts)
-    return None
-
-
-def _weights_config(config: dict) -> dict:
-    """compressed-tensors' weight settings (the first config group's ``weights``), {} when absent."""
-    groups = config.get("config_groups")
-    first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
-    weights = first.get("weights") if isinstance(first, dict) else None
-    return weights if isinstance(weights, dict) else {}
-
-
-def block_sizes(config: dict) -> tuple[int, ...] | None:
-    """The block sizes a config names for scaled weights (DeepSeek's ``weight_block_size``,
-    compressed-tensors' ``block_structure``), None when it names none."""
-    blocks = config.get("weight_block_size") or _weights_config(config).get("block_structure")
-    if isinstance(blocks, list) and all(isinstance(b, int) and b > 0 for b in blocks):
-        return tuple(blocks)
-    return None
 
 
 class DequantizedCheckpoint(Checkpoint):
@@ -198,22 +95,40 @@ class DequantizedCheckpoint(Checkpoint):
         layer = self.layers.get(name)
         if layer is None:
             return self.inner.read(name)
+        return self._checked(layer, lambda parts: self._dequantize(layer, parts))
+
+    def _checked(self, layer: PackedLayer, work):
+        """``work(parts)`` on the layer's stored tensors (:meth:`_parts`); a CheckpointError naming the layer
+        and the tensor when they do not fit together."""
         try:
-            return self._dequantize(layer)
-        except (ValueError, RuntimeError, IndexError) as e:  # stored tensors that do not fit together
-            raise CheckpointError(self.path, f"cannot dequantize {name!r} ({layer.label}): {error_line(e)}") from e
+            return work(self._parts(layer))
+        except (ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(self.path, f"cannot dequantize {layer.name!r} ({layer.label}): {error_line(e)}") from e
 
-    def _part(self, layer: PackedLayer, role: str) -> torch.Tensor | None:
-        return self.inner.read(layer.parts[role]) if role in layer.parts else None
+    def _parts(self, layer: PackedLayer) -> dict[str, torch.Tensor]:
+        """The layer's stored tensors by role (scales as float32), with what their headers cannot tell checked:
+        finite scales, group numbers (``g_idx``) of existing groups. Time O(stored size)."""
+        parts = {role: self.inner.read(p) for role, p in layer.parts.items()}
+        if layer.scheme in _BNB:
+            key = "absmax" if layer.scheme == "bnb4" else "scb"
+            P.check_finite(parts[key].float(), layer.parts[key])
+            return parts
+        key = "scales" if layer.scheme == "gptq" else "scale"
+        parts[key] = scale_values(parts[key])
+        P.check_finite(parts[key], layer.parts[key])
+        if "g_idx" in parts:
+            groups = parts[key].shape[0] if layer.scheme == "gptq" else P.row_scales(parts[key], layer.shape[0]).shape[1]
+            P.check_groups(parts["g_idx"], groups, layer.parts["g_idx"])
+        return parts
 
-    def _dequantize(self, layer: PackedLayer) -> torch.Tensor:
-        get = lambda role: self._part(layer, role)  # noqa: E731
+    def _dequantize(self, layer: PackedLayer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        get = parts.get
         if layer.scheme == "gptq":
             return P.gptq_weight(get("qweight"), get("qzeros"), get("scales"), get("g_idx"), layer.bits,
                                  layer.offset)
         if layer.scheme == "pack-quantized":
             return P.pack_quantized_weight(get("packed"), get("scale"), layer.shape, get("zero_point"),
-                                           layer.bits, get("g_idx"))
+                                           layer.bits, get("g_idx"), layer.group_size)
         if layer.scheme == "bnb4":
             state = B.parse_state(get("state"), layer.parts["state"])
             scale = B.absmax(get("absmax"), state, get("nested_absmax"), get("nested_quant_map"))
@@ -222,18 +137,26 @@ class DequantizedCheckpoint(Checkpoint):
             return B.dequantize_int8(get("weight"), get("scb"))
         return scaled_weight(get("weight"), get("scale"), get("zero_point"), self._blocks)
 
-    def _bnb_match(self, layer: PackedLayer, x: torch.Tensor, get) -> float:
+    @staticmethod
+    def _bnb_match(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
         """Share of a bitsandbytes layer's stored codes that quantizing ``x`` gives (its scales from ``x``)."""
         if layer.scheme == "bnb8":
-            return float((B.requantize_int8(x) == get("weight")).float().mean())
-        state = B.parse_state(get("state"), layer.parts["state"])
-        again = B.requantize_4bit(x, get("quant_map"), state["blocksize"])  # (n,)
-        return float((again == B.nibbles(get("weight"), again.numel())).float().mean())
+            return float((B.requantize_int8(x) == parts["weight"]).float().mean())
+        state = B.parse_state(parts["state"], layer.parts["state"])
+        again = B.requantize_4bit(x, parts["quant_map"], state["blocksize"])  # (n,)
+        return float((again == B.nibbles(parts["weight"], again.numel())).float().mean())
 
     def quantization(self, name: str) -> str | None:
+        """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8") for a dequantized layer and for the stored
+        tensor holding its values (``qweight``, ``weight_packed``: as :meth:`stored_tensors` lists it); None
+        for its other stored tensors (scales, zeros, ``g_idx``) and for plain tensors."""
+        layer = self.layers.get(name) or self._first.get(name)
+        if layer is not None:
+            return layer.label
+        if name in self._hidden:
+            return None
         self.info(name)
-        layer = self.layers.get(name)
-        return layer.label if layer is not None else self.inner.quantization(name)
+        return self.inner.quantization(name)
 
     def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
         """How far ``x`` rounds to the layer's stored values. Float8 / int8 values with scales: the share of
@@ -243,43 +166,46 @@ class DequantizedCheckpoint(Checkpoint):
         best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
         error of the columns it quantized before, so only its first column (the one it started from) is
         plain rounding of its source, while a fine-tune of that source has no such column once the layer
-        has a few thousand rows. Time O(P) for a packed layer of P weights, O(rows x cols) for a sample."""
+        has a few thousand rows. A CheckpointError when the stored tensors do not fit together. Time O(P)
+        for a packed layer of P weights, memory O(P / 8) beyond ``x`` and its stored tensors (512 input
+        columns at a time); O(rows x cols) for a sample."""
         layer = self.layers.get(name)
         if layer is None:
             return self.inner.requantized_match(name, x)
         if tuple(x.shape) != layer.shape:
             return None
-        get = lambda role: self._part(layer, role)  # noqa: E731
-        if layer.scheme in ("bnb4", "bnb8"):
-            return self._bnb_match(layer, x, get)
-        if layer.scheme == "scaled":
-            rows = torch.linspace(0, layer.shape[0] - 1, min(SAMPLE_ROWS, layer.shape[0])).round().long().unique()
-            return requantized_share(get("weight")[rows], x[rows], get("scale"), get("zero_point"),
-                                     self._blocks, layer.shape, rows)
+        if layer.scheme in _BNB:
+            return self._checked(layer, lambda parts: self._bnb_match(layer, parts, x))
+        if layer.scheme != "scaled":
+            return self._checked(layer, lambda parts: self._packed_match(layer, parts, x))
+        rows = torch.linspace(0, layer.shape[0] - 1, min(SAMPLE_ROWS, layer.shape[0])).round().long().unique()
+        return self._checked(layer, lambda p: requantized_share(p["weight"][rows], x[rows], p["scale"],
+                                                                p.get("zero_point"), self._blocks, layer.shape, rows))
+
+    def _packed_match(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+        """:meth:`requantized_match` of a packed layer: the codes on the grid of ``x``, overall and on the
+        best input column, counted per chunk of input columns."""
         # AutoGPTQ / GPTQModel round with a float32 scale and store it in float16: a value near a tie may
         # have gone either way; compressed-tensors rounds with the scale it stores, in the weight's dtype
         scale_dtype = self.inner.info(layer.parts["scales" if layer.scheme == "gptq" else "scale"]).dtype
         tol = 2.0**-11 if scale_dtype == "float16" else 0.0
-        best = 0.0
+        (n_out, n_in), best = layer.shape, 0.0
         for work in working_dtypes(x):
-            codes, (scaled, zero), columns = self._grid(layer, x, get, work)
-            ok = P.on_grid(scaled, zero, codes, layer.bits, tol).float()
-            best = max(best, float(ok.mean()), float(ok.mean(dim=1 - columns).max()))
+            hits = torch.zeros(n_in, dtype=torch.long)  # codes on the grid per input column
+            for cols, codes, scaled, zero in self._grid(layer, parts, x, work):  # (chunk, out) each
+                hits[cols] += P.on_grid(scaled, zero, codes, layer.bits, tol).sum(dim=1)
+            best = max(best, float(hits.sum()) / (n_out * n_in), float(hits.max()) / n_out)
         return best
 
     @staticmethod
-    def _grid(layer: PackedLayer, x: torch.Tensor, get, work: torch.dtype) -> tuple[torch.Tensor, tuple, int]:
-        """(stored codes, (``x / scale`` computed in ``work``, zero) in the same orientation, the dimension
-        of input columns) of a GPTQ layer ((in, out): 0) or a pack-quantized one ((rows, cols): 1)."""
+    def _grid(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor, work: torch.dtype):
+        """:func:`~.packed_ints.gptq_grid` or :func:`~.packed_ints.pack_quantized_grid` of the layer."""
+        get = parts.get
         if layer.scheme == "gptq":
-            codes = P.unpack(get("qweight"), layer.bits, 0)  # (in, out)
-            zeros = P.unpack(get("qzeros"), layer.bits, 1)[:, : layer.shape[0]]  # (groups, out)
-            return codes, P.gptq_quotient(x, get("scales"), zeros, get("g_idx"), layer.offset, work), 0
-        zero = get("zero_point")
-        zero = None if zero is None else P.unpack(zero, layer.bits, 0)[: layer.shape[0]]  # (rows, groups)
-        codes = P.unpack(get("packed"), layer.bits, 1)[:, : layer.shape[1]]  # (rows, cols)
-        scale = get("scale").reshape(layer.shape[0], -1)  # (rows, groups)
-        return codes, P.pack_quantized_quotient(x, scale, zero, layer.bits, get("g_idx"), work), 1
+            return P.gptq_grid(x, get("qweight"), get("qzeros"), get("scales"), get("g_idx"), layer.bits,
+                               layer.offset, work)
+        return P.pack_quantized_grid(x, get("packed"), get("scale"), get("zero_point"), layer.bits, get("g_idx"),
+                                     layer.group_size, work)
 
     def stored_tensors(self) -> list[TensorInfo]:
         return self.inner.stored_tensors()
@@ -303,5 +229,9 @@ def dequantized(ck: Checkpoint) -> Checkpoint:
         return ck
     infos = {t.name: t for t in ck.tensors()}
     config = quantization_config(ck.path)
-    layers = find_packed(infos, config, ck.read)
+    try:
+        layers = find_packed(infos, config, ck.read)
+    except ValueError as e:  # a layer whose stored tensors do not fit together: refused, not misread
+        ck.close()
+        raise CheckpointError(ck.path, f"quantized layers: {error_line(e)}") from e
     return DequantizedCheckpoint(ck, layers, config) if layers else ck

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from modelatlas.weights.base import TensorInfo
+from modelatlas.weights.scaled import block_size
+
 BITS = (2, 4, 8)  # widths that divide a 32-bit word (GPTQ's 3-bit packing spans words: not unpacked)
 
 
@@ -21,27 +24,68 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     (.., n, ..) tensor gives (.., n * 32 / bits, ..) int32 values in 0 .. 2**bits - 1."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # (32 / bits,)
     w = words.to(torch.int32).movedim(dim, -1).unsqueeze(-1)  # (.., n, 1)
-    vals = (w >> shifts) & ((1 << bits) - 1)  # (.., n, 32 / bits): arithmetic shift, the mask drops the sign
+    vals = w >> shifts  # (.., n, 32 / bits): an arithmetic shift drags the sign ...
+    vals &= (1 << bits) - 1  # ... which the mask drops (in place: one (.., n, 32 / bits) temporary, not two)
     return vals.flatten(-2).movedim(-1, dim)  # (.., n * 32 / bits) back at dim
 
 
-def gptq_bits(qweight: torch.Size, g_idx: torch.Size) -> int:
-    """The bit width of a GPTQ layer from its shapes: ``qweight`` is (in * bits / 32, out), ``g_idx`` (in,)."""
-    rows, cols = qweight[0], g_idx[0]
-    if rows == 0 or cols == 0 or (32 * rows) % cols:
-        raise ValueError(f"qweight has {rows} rows for {cols} input columns (g_idx): not a GPTQ packing")
-    return 32 * rows // cols
+def gptq_layout(qweight: TensorInfo, qzeros: TensorInfo, scales: TensorInfo, g_idx: TensorInfo) -> int | None:
+    """The bit width of a GPTQ layer from its parts' headers, None for 3 bits (values spanning words); a
+    ValueError naming the part that does not fit ``qweight`` (in * bits / 32, out) int32, ``qzeros`` (groups,
+    out * bits / 32) int32, ``scales`` (groups, out) floats, ``g_idx`` (in,) integers. Time O(1)."""
+    if len(qweight.shape) != 2 or len(g_idx.shape) != 1 or qweight.dtype != "int32":
+        raise ValueError(f"{qweight.name} {qweight.dtype} {qweight.shape} and {g_idx.name} {g_idx.shape} are not "
+                         "a GPTQ layer's (in * bits / 32, out) int32 words and (in,) groups")
+    (rows, out), n_in = qweight.shape, g_idx.shape[0]
+    bits = 32 * rows // n_in if n_in and (32 * rows) % n_in == 0 else 0
+    if bits not in BITS + (3,):
+        raise ValueError(f"{qweight.name} holds {rows} rows of words for the {n_in} inputs of {g_idx.name}: not "
+                         "2, 3, 4 or 8 bits per weight")
+    if len(scales.shape) != 2 or scales.shape[1] != out or not scales.dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"{scales.name} is {scales.dtype} {scales.shape}, not the (groups, {out}) float scales "
+                         f"of {qweight.name}'s {out} outputs")
+    want = (scales.shape[0], -(-out * bits // 32))  # (groups, out * bits / 32)
+    if tuple(qzeros.shape) != want or qzeros.dtype != "int32":
+        raise ValueError(f"{qzeros.name} is {qzeros.dtype} {qzeros.shape}, not the {want} int32 words of "
+                         f"{bits}-bit zeros for {scales.name} {scales.shape}")
+    if not g_idx.dtype.startswith(("int", "uint")):
+        raise ValueError(f"{g_idx.name} is {g_idx.dtype}, not integer group numbers")
+    return None if bits == 3 else bits
 
 
 def gptq_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                bits: int, zero_offset: int = 1) -> torch.Tensor:
+                bits: int, zero_offset: int = 1, chunk: int = 512) -> torch.Tensor:
     """A GPTQ layer's (out, in) float32 weight: ``scales[g] * (q - (zeros[g] + zero_offset))`` for input column
     i of group ``g = g_idx[i]``; ``zero_offset`` 1 for the ``gptq`` checkpoint format, 0 for ``gptq_v2``.
-    Shapes: qweight (in * bits / 32, out), qzeros (groups, out * bits / 32), scales (groups, out), g_idx (in,)."""
-    q = unpack(qweight, bits, 0)  # (in, out)
-    zeros = unpack(qzeros, bits, 1)[:, : scales.shape[1]] + zero_offset  # (groups, out)
-    g = g_idx.long()  # (in,)
-    return (scales.float()[g] * (q - zeros[g]).float()).T.contiguous()  # (out, in)
+    Shapes: qweight (in * bits / 32, out), qzeros (groups, out * bits / 32), scales (groups, out), g_idx (in,).
+    Unpacked ``chunk`` input columns at a time into the result: memory O(P) for the result plus
+    O(chunk x out) (a 4096 x 4096 layer: 64 MiB and 8 MiB per temporary), time O(P)."""
+    n_out, n_in, per = scales.shape[1], g_idx.shape[0], 32 // bits
+    zeros = unpack(qzeros, bits, 1)[:, :n_out] + zero_offset  # (groups, out)
+    s, g = scales.float(), g_idx.long()
+    out = torch.empty(n_out, n_in)
+    step = max(1, chunk // per)  # words of qweight per chunk
+    for r in range(0, qweight.shape[0], step):
+        q = unpack(qweight[r : r + step], bits, 0)  # (chunk, out)
+        cols = slice(r * per, r * per + len(q))
+        q -= zeros[g[cols]]
+        out[:, cols] = (q.float() * s[g[cols]]).T
+    return out
+
+
+def check_groups(g_idx: torch.Tensor, groups: int, where: str) -> None:
+    """A ValueError naming ``where`` unless every group number in ``g_idx`` is one of ``groups`` (a negative
+    one would read another group's scale without a word). Time O(len(g_idx))."""
+    if len(g_idx) and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ValueError(f"{where} holds group numbers {int(g_idx.min())}..{int(g_idx.max())}, but there are "
+                         f"{groups} groups of scales")
+
+
+def check_finite(scale: torch.Tensor, where: str) -> None:
+    """A ValueError naming ``where`` when a scale is NaN or infinite (a corrupt file: every weight of its group
+    would read so). Time O(len(scale))."""
+    if not bool(torch.isfinite(scale.float()).all()):
+        raise ValueError(f"{where} holds NaN or infinite scales (a corrupt or diverged checkpoint)")
 
 
 def gptq_quotient(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -54,61 +98,142 @@ def gptq_quotient(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_
     return (w.to(work).T / scales.to(work)[g]).float(), (zeros[g] + zero_offset).float()  # (in, out) each
 
 
-def packed_shape(shape: torch.Tensor, where: str) -> tuple[int, int]:
-    """compressed-tensors' ``weight_shape`` tensor as (rows, cols), or a ValueError naming ``where``."""
-    dims = [int(v) for v in shape.flatten().tolist()]
-    if len(dims) != 2 or min(dims) < 1:
-        raise ValueError(f"{where}: weight_shape {dims} is not the 2 sizes of a matrix")
-    return dims[0], dims[1]
+def packed_shape(shape: torch.Tensor, where: str, packed: TensorInfo) -> tuple[int, int]:
+    """compressed-tensors' ``weight_shape`` tensor (2 values) as (rows, cols) of the matrix ``packed`` holds:
+    a ValueError naming ``where`` unless its rows are ``packed``'s and its columns positive."""
+    rows, cols = (int(v) for v in shape.flatten().tolist())
+    if rows != packed.shape[0] or cols < 1:
+        raise ValueError(f"{where} says {[rows, cols]}, but {packed.name} {packed.shape} holds "
+                         f"{packed.shape[0]} rows of words")
+    return rows, cols
+
+
+def packed_bits(cols: int, packed: TensorInfo, named: set[int]) -> int | None:
+    """The bit width of ``packed`` (rows, ceil(cols * bits / 32)) int32 words: one of ``named`` (the
+    quantization_config's ``num_bits``) when it names any, else the widest that fits; None for a width whose
+    values span words (3, 5, 6, 7 bits), which is not unpacked. A ValueError when no width fits."""
+    words = packed.shape[1]
+    fits = [b for b in range(1, 9) if -(-cols * b // 32) == words]
+    chosen = [b for b in fits if b in named] if named else fits
+    if not chosen:
+        said = f"the {sorted(named)} bits of the quantization_config" if named else "1 to 8 bits"
+        raise ValueError(f"{packed.name} holds {words} words per row, which {cols} columns of {said} do not fill")
+    return max(chosen) if max(chosen) in BITS else None
+
+
+def pack_quantized_layout(shape: tuple[int, int], bits: int, parts: dict[str, TensorInfo],
+                          group_size: object = None) -> int:
+    """Input columns per scale of a ``pack-quantized`` layer of ``shape`` (rows, cols), checked from its
+    ``parts``' headers (role -> info: ``scale`` (rows, groups), (rows,) or one value; ``zero_point``
+    (rows * bits / 32, groups); ``g_idx`` (cols,)): the config's ``group_size`` when it fits (the last
+    group may be short), else ``ceil(cols / groups)``. A ValueError naming the part that does not fit."""
+    rows, cols = shape
+    scale = parts["scale"]
+    groups = scale.shape[-1] if len(scale.shape) == 2 else 1
+    if scale.numel != 1 and (len(scale.shape) > 2 or scale.shape[0] != rows) or \
+            not scale.dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"{scale.name} is {scale.dtype} {scale.shape}, not float scales of ({rows}, groups)")
+    zero = parts.get("zero_point")
+    if zero is not None and (tuple(zero.shape) != (-(-rows * bits // 32), groups) or zero.dtype != "int32"):
+        raise ValueError(f"{zero.name} is {zero.dtype} {zero.shape}, not the "
+                         f"{(-(-rows * bits // 32), groups)} int32 words of {bits}-bit zeros for {scale.name}")
+    g_idx = parts.get("g_idx")
+    if g_idx is not None and (tuple(g_idx.shape) != (cols,) or not g_idx.dtype.startswith(("int", "uint"))):
+        raise ValueError(f"{g_idx.name} is {g_idx.dtype} {g_idx.shape}, not the ({cols},) group numbers of its columns")
+    try:
+        return block_size(cols, groups, group_size if isinstance(group_size, int) and group_size > 0 else None)
+    except ValueError as e:
+        raise ValueError(f"{scale.name} {scale.shape}: {e}") from None
+
+
+def row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A ``pack-quantized`` layer's scales as (rows, groups) float32: per group, per row, or one for all."""
+    s = scale.float()
+    return s.reshape(1, 1).expand(rows, 1) if s.numel() == 1 else s.reshape(rows, -1)  # (rows, groups)
 
 
 def pack_quantized_weight(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
-                          zero_point: torch.Tensor | None, bits: int,
-                          g_idx: torch.Tensor | None = None) -> torch.Tensor:
+                          zero_point: torch.Tensor | None, bits: int, g_idx: torch.Tensor | None = None,
+                          group_size: int | None = None) -> torch.Tensor:
     """A compressed-tensors ``pack-quantized`` layer's (rows, cols) float32 weight:
     ``scale[r, g] * (q - zero[r, g])`` for column c of group ``g = c // group_size`` (or ``g_idx[c]``).
     ``packed`` (rows, ceil(cols * bits / 32)) packs along the columns; ``zero_point``, when stored, packs along
-    the rows; without it the values are signed, stored plus ``2 ** (bits - 1)``."""
+    the rows; without it the values are signed, stored plus ``2 ** (bits - 1)``. Time and memory O(P)."""
     rows, cols = shape
+    s = row_scales(scale, rows)  # (rows, groups)
     q = unpack(packed, bits, 1)[:, :cols]  # (rows, cols): the last word's padding cut
-    groups = scale.shape[-1] if scale.dim() == 2 else 1
+    g = column_groups(cols, s.shape[1], g_idx, group_size)  # (cols,)
     if zero_point is None:
-        zero = torch.full((rows, groups), 1 << (bits - 1), dtype=torch.int32)
+        q -= 1 << (bits - 1)
     else:
-        zero = unpack(zero_point, bits, 0)[:rows]  # (rows, groups)
-    g = column_groups(cols, groups, g_idx)  # (cols,)
-    s = scale.float().reshape(rows, groups)
-    return s[:, g] * (q - zero[:, g]).float()  # (rows, cols)
+        q -= unpack(zero_point, bits, 0)[:rows][:, g]  # (rows, groups) -> (rows, cols)
+    out = q.float()
+    out *= s[:, g]
+    return out  # (rows, cols)
 
 
 def pack_quantized_quotient(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                            g_idx: torch.Tensor | None = None,
-                            work: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                            g_idx: torch.Tensor | None = None, work: torch.dtype = torch.float32,
+                            group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``w / scale + zero`` of a (rows, cols) float weight on a ``pack-quantized`` layer's grid (the offset
     ``2 ** (bits - 1)`` in place of a zero when symmetric); ``scale`` and the unpacked ``zero`` are (rows,
     groups); the quotient is computed in ``work``. Returned as (``w / scale``, ``zero``)."""
-    rows, cols = w.shape
-    groups = scale.shape[-1] if scale.dim() == 2 else 1
-    g = column_groups(cols, groups, g_idx)  # (cols,)
-    shift = torch.full((rows, cols), float(1 << (bits - 1))) if zero is None else zero[:, g].float()
-    return (w.to(work) / scale.to(work).reshape(rows, groups)[:, g]).float(), shift  # (rows, cols) each
+    s = row_scales(scale, w.shape[0])  # (rows, groups)
+    return _quotient(w, s, zero, column_groups(w.shape[1], s.shape[1], g_idx, group_size), bits, work)
+
+
+def _quotient(w: torch.Tensor, s: torch.Tensor, zero: torch.Tensor | None, g: torch.Tensor, bits: int,
+              work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``w / s[:, g]`` computed in ``work``, the zeros ``zero[:, g]`` or the symmetric offset) of (rows, c)
+    columns ``w`` of groups ``g`` (c,); ``s`` and ``zero`` are (rows, groups). Both (rows, c) float32."""
+    shift = torch.full(w.shape, float(1 << (bits - 1))) if zero is None else zero[:, g].float()
+    return (w.to(work) / s.to(work)[:, g]).float(), shift
+
+
+def gptq_grid(w: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: torch.Tensor, bits: int, zero_offset: int, work: torch.dtype, chunk: int = 512):
+    """For :func:`on_grid`, per ``chunk`` input columns of a GPTQ layer and the (out, in) float weight ``w``:
+    (their slice, stored codes, ``w / scale``, zero), each (chunk, out). Memory O(chunk x out)."""
+    per = 32 // bits
+    zeros = unpack(qzeros, bits, 1)[:, : scales.shape[1]]  # (groups, out)
+    step = max(1, chunk // per)  # words per chunk
+    for r in range(0, qweight.shape[0], step):
+        codes = unpack(qweight[r : r + step], bits, 0)  # (chunk, out)
+        cols = slice(r * per, r * per + len(codes))
+        yield (cols, codes, *gptq_quotient(w[:, cols], scales, zeros, g_idx[cols], zero_offset, work))
+
+
+def pack_quantized_grid(w: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                        bits: int, g_idx: torch.Tensor | None, group_size: int | None, work: torch.dtype,
+                        chunk: int = 512):
+    """:func:`gptq_grid` of a ``pack-quantized`` layer (``w`` (rows, cols)): per ``chunk`` columns, (their
+    slice, codes, ``w / scale``, zero), each (chunk, rows). Memory O(chunk x rows)."""
+    (rows, cols), per = w.shape, 32 // bits
+    s = row_scales(scale, rows)  # (rows, groups)
+    zero = None if zero_point is None else unpack(zero_point, bits, 0)[:rows]  # (rows, groups)
+    g = column_groups(cols, s.shape[1], g_idx, group_size)  # (cols,)
+    step = max(1, chunk // per)  # words per chunk
+    for c in range(0, packed.shape[1], step):
+        sl = slice(c * per, min(cols, (c + step) * per))
+        codes = unpack(packed[:, c : c + step], bits, 1)[:, : sl.stop - sl.start]  # (rows, chunk)
+        scaled, shift = _quotient(w[:, sl], s, zero, g[sl], bits, work)  # (rows, chunk) each
+        yield sl, codes.T, scaled.T, shift.T
 
 
 def on_grid(scaled: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor, bits: int, tol: float) -> torch.Tensor:
     """Where the stored ``codes`` are a rounding of ``scaled + zero`` (``scaled = w / scale``) to the nearest
     code: within half a step, widened by ``tol`` times ``|scaled|`` (a scale rounded to half precision after
     it was used moves a value near a tie to either side); the end codes take everything beyond them
-    (clamping)."""
-    quotient = scaled + zero
-    slack = 0.5 + tol * scaled.abs()
-    low = torch.where(codes == 0, -torch.inf, codes - slack)
-    high = torch.where(codes == (1 << bits) - 1, torch.inf, codes + slack)
-    return (quotient >= low) & (quotient <= high)
+    (clamping). Time O(P), memory one float temporary of P values (two with ``tol``)."""
+    d = scaled + zero
+    d -= codes  # how far the quotient is from its stored code
+    slack = 0.5 if tol == 0 else scaled.abs().mul_(tol).add_(0.5)
+    return ((d <= slack) | (codes == (1 << bits) - 1)) & ((d >= -slack) | (codes == 0))
 
 
-def column_groups(cols: int, groups: int, g_idx: torch.Tensor | None) -> torch.Tensor:
-    """Each column's group: ``g_idx`` when stored, else consecutive groups of ``ceil(cols / groups)``."""
+def column_groups(cols: int, groups: int, g_idx: torch.Tensor | None, size: int | None = None) -> torch.Tensor:
+    """Each column's group: ``g_idx`` when stored, else consecutive groups of ``size`` columns (by default
+    ``ceil(cols / groups)``)."""
     if g_idx is not None:
         return g_idx.long().flatten()
-    size = -(-cols // groups)
-    return torch.arange(cols) // size
+    return torch.arange(cols) // (size or -(-cols // groups))

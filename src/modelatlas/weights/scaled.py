@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from modelatlas.weights.base import TensorInfo
+
 SCALED_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")  # stored value types that need a scale
 
 
@@ -23,27 +25,61 @@ def block_size(size: int, entries: int, given: int | None = None) -> int:
     block size) when it fits, else ``ceil(size / entries)``. A ValueError when neither fits."""
     if given is not None and -(-size // given) == entries:
         return given
-    b = -(-size // entries)
-    if entries < 1 or -(-size // b) != entries:
+    b = -(-size // entries) if entries > 0 else 0
+    if b < 1 or -(-size // b) != entries:
         raise ValueError(f"{entries} scales cannot cover {size} rows or columns in equal blocks")
     return b
 
 
+def scale_blocks(scale: tuple[int, ...], shape: tuple[int, ...],
+                 blocks: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """The positions each scale covers along each dimension of a weight of ``shape``, for scales of shape
+    ``scale``: None for a single scale; one per row ((rows,) or (rows, 1)); or blocks of a 2-D weight
+    (``blocks``: a config's block sizes, else inferred by :func:`block_size`). A ValueError when they do not
+    fit. Time O(dims)."""
+    n = 1
+    for k in scale:
+        n *= k
+    if n == 1:
+        return None
+    if len(scale) == 1 and len(shape) > 1:  # (rows,): one per output channel
+        if scale[0] != shape[0]:
+            raise ValueError(f"{scale[0]} scales for {shape[0]} rows")
+        scale = (scale[0],) + (1,) * (len(shape) - 1)
+    if len(scale) != len(shape):
+        raise ValueError(f"a scale of shape {tuple(scale)} does not fit a weight of shape {tuple(shape)}")
+    return tuple(block_size(d, k, None if blocks is None or i >= len(blocks) else blocks[i])
+                 for i, (d, k) in enumerate(zip(shape, scale)))
+
+
+def check_scale(scale: TensorInfo, weight: TensorInfo, blocks: tuple[int, ...] | None = None) -> None:
+    """A ValueError naming ``scale`` (a scale or zero-point tensor) when its shape does not fit ``weight``'s
+    (:func:`scale_blocks`). Header only."""
+    try:
+        scale_blocks(tuple(scale.shape), tuple(weight.shape), blocks)
+    except ValueError as e:
+        raise ValueError(f"{scale.name} {tuple(scale.shape)} for {weight.name} {tuple(weight.shape)}: {e}") from None
+
+
+def scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """Stored scales as float32: MX formats (MXFP8) store each as a uint8 power-of-two exponent biased by 127
+    (E8M0), the others as the numbers themselves."""
+    if scale.dtype == torch.uint8:
+        return torch.pow(2.0, scale.float() - 127)  # exact: powers of two
+    return scale.float()
+
+
 def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], blocks: tuple[int, ...] | None = None,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``scale`` repeated to ``shape``: a single scale, one per row ((rows,) or (rows, 1)), or one per block
-    of a 2-D weight (``blocks``: a config's block sizes, else inferred by :func:`block_size`). With ``rows``
-    (indices into the first dimension), only those rows: (len(rows), *shape[1:])."""
+    """``scale`` repeated to ``shape`` (see :func:`scale_blocks`). With ``rows`` (indices into the first
+    dimension), only those rows: (len(rows), *shape[1:]). Time and memory O(result)."""
     s = scale.float()
     want = tuple(shape) if rows is None else (len(rows), *shape[1:])
-    if s.numel() == 1:
+    sizes = scale_blocks(tuple(scale.shape), tuple(shape), blocks)
+    if sizes is None:
         return s.reshape(()).expand(want)
-    if s.dim() == 1:  # (rows,): one per output channel
-        s = s.unsqueeze(-1)  # (rows, 1)
-    if s.dim() != len(shape):
-        raise ValueError(f"a scale of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(shape)}")
-    for d, (n, k) in enumerate(zip(shape, s.shape)):
-        b = block_size(n, k, None if blocks is None or d >= len(blocks) else blocks[d])
+    s = s.reshape(s.shape + (1,) * (len(shape) - s.dim()))  # (rows,) -> (rows, 1, ..)
+    for d, (n, b) in enumerate(zip(shape, sizes)):
         at = torch.arange(n) if d or rows is None else rows.long()  # positions along d
         s = s.index_select(d, at // b)  # each position's block
     return s

@@ -1,0 +1,172 @@
+"""Which layers of a checkpoint a quantization library stored packed or scaled, found and checked from the
+tensor headers and the model's ``quantization_config`` (read by :mod:`.dequantized`).
+
+A layer is recognised by its stored parts (GPTQ: ``qweight`` with ``g_idx``; compressed-tensors
+``pack-quantized``: ``weight_packed``, ``weight_scale``, ``weight_shape``; float8 / int8 ``weight`` with
+``weight_scale`` or ``weight_scale_inv``; bitsandbytes: a 4-bit ``weight`` with its ``absmax``, ``quant_map``
+and JSON quant state, an int8 ``weight`` with ``SCB``). Once recognised, parts that do not fit together (a missing
+``qzeros``, a ``weight_shape`` of another row count, scales of the wrong shape, bits the config contradicts)
+raise a ValueError naming the tensor, so that no layer is read into a wrong weight, nor advertised at a size
+it does not have. Layouts not read here stay as stored: AWQ (no ``g_idx``), 3-bit and other widths that
+span words, stacked (3-D) experts, NVFP4 / MXFP4 (no ``weight_shape``). No I/O but ``read`` of the
+two-value ``weight_shape`` tensors. Time O(tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modelatlas.weights import bnb as B
+from modelatlas.weights import packed_ints as P
+from modelatlas.weights.base import TensorInfo
+from modelatlas.weights.scaled import SCALED_DTYPES, check_scale
+
+_INTS = ("int32", "int64", "int16", "int8", "uint8")
+GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint formats read; marlin, bitblas, ipex... repack the words
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One dequantized layer: the weight it reads as, how it is stored, and the stored tensors by role."""
+
+    name: str
+    scheme: str  # "gptq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8"
+    shape: tuple[int, ...]
+    label: str  # the quantization type shown: "GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8"
+    bits: int
+    parts: dict[str, str] = field(default_factory=dict)  # role -> stored tensor name
+    offset: int = 0  # added to GPTQ's stored zeros: 1 in the ``gptq`` checkpoint format, 0 in ``gptq_v2``
+    group_size: int = 0  # pack-quantized: input columns per scale (0: no group)
+
+
+def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[PackedLayer]:
+    """The layers of ``infos`` (name -> info) stored packed or scaled, as :class:`PackedLayer`; ``read(name)``
+    reads a small tensor (a ``weight_shape``). Raises ValueError naming the tensor when a recognised layer's
+    parts do not fit together. Time O(tensors)."""
+    if str(config.get("quant_method", "")).lower() == "awq":
+        return []
+    out = []
+    for name, t in infos.items():
+        if not t.dtype.startswith(_INTS + ("float8",)):
+            continue
+        layer = (_gptq(name, infos, config) or _pack_quantized(name, infos, config, read)
+                 or _scaled(name, infos, config) or _bnb(name, infos, read))
+        if layer is not None:
+            out.append(layer)
+    return out
+
+
+def _gptq(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
+    base = name.removesuffix(".qweight")
+    if base == name or f"{base}.g_idx" not in infos:  # without g_idx: AWQ's layout, left as stored
+        return None
+    parts = {r: f"{base}.{r}" for r in ("qweight", "qzeros", "scales", "g_idx")}
+    missing = [p for p in parts.values() if p not in infos]
+    if missing:
+        raise ValueError(f"{name} and {parts['g_idx']} make a GPTQ layer, but {missing[0]} is missing")
+    bits = P.gptq_layout(*(infos[parts[r]] for r in ("qweight", "qzeros", "scales", "g_idx")))
+    if bits is None:  # 3 bits: values span words
+        return None
+    given = config.get("bits")
+    if isinstance(given, int) and given != bits and not config.get("dynamic"):  # GPTQModel's per-layer bits
+        raise ValueError(f"{name}: its shape holds {bits}-bit values for the {infos[parts['g_idx']].shape[0]} "
+                         f"inputs of {parts['g_idx']}, but the quantization_config says bits {given}")
+    shape = (infos[name].shape[1], infos[parts["g_idx"]].shape[0])  # (out, in)
+    return PackedLayer(f"{base}.weight", "gptq", shape, f"GPTQ-INT{bits}", bits, parts, _zero_offset(config))
+
+
+def _zero_offset(config: dict) -> int:
+    """What GPTQ's stored zeros need added: 1 in the ``gptq`` checkpoint format (the default), 0 in
+    ``gptq_v2``; a format whose words are laid out otherwise (Marlin's tiles) raises."""
+    fmt = config.get("checkpoint_format", "gptq")
+    if config.get("is_marlin_format") or not isinstance(fmt, str) or fmt.lower() not in GPTQ_FORMATS:
+        shown = "marlin (is_marlin_format)" if config.get("is_marlin_format") else repr(fmt)
+        raise ValueError(f"quantization_config: checkpoint_format {shown} is not read here (its words are laid "
+                         f"out for a kernel); {' and '.join(GPTQ_FORMATS)} are")
+    return 0 if fmt.lower() == "gptq_v2" else 1
+
+
+def _pack_quantized(name: str, infos: dict[str, TensorInfo], config: dict, read) -> PackedLayer | None:
+    base = name.removesuffix("_packed")
+    parts = {r: f"{base}_{r}" for r in ("packed", "scale", "shape", "zero_point", "g_idx")}
+    if base == name or not all(parts[r] in infos for r in ("scale", "shape")):  # NVFP4, MXFP4: no weight_shape
+        return None
+    packed, shape_info = infos[name], infos[parts["shape"]]
+    if len(packed.shape) != 2 or packed.dtype != "int32" or shape_info.numel == 3:  # (3-D: stacked experts)
+        return None
+    if not shape_info.dtype.startswith("int") or shape_info.numel != 2:
+        raise ValueError(f"{parts['shape']}: {shape_info.dtype} {shape_info.shape}, not the 2 integer sizes of "
+                         f"{name}'s matrix")
+    shape = P.packed_shape(read(parts["shape"]), parts["shape"], packed)
+    bits = P.packed_bits(shape[1], packed, _named_bits(config))
+    if bits is None:  # a width whose values span words (3, 5, 6, 7 bits)
+        return None
+    parts = {r: p for r, p in parts.items() if p in infos}
+    group = P.pack_quantized_layout(shape, bits, {r: infos[p] for r, p in parts.items()},
+                                    _weights_config(config).get("group_size"))
+    return PackedLayer(base, "pack-quantized", shape, f"INT{bits}", bits, parts, group_size=group)
+
+
+def _scaled(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
+    scale = next((name + s for s in ("_scale", "_scale_inv") if name + s in infos), None)
+    if infos[name].dtype not in SCALED_DTYPES or scale is None:
+        return None
+    parts = {"weight": name, "scale": scale}
+    if name + "_zero_point" in infos:
+        parts["zero_point"] = name + "_zero_point"
+    if not infos[scale].dtype.startswith(("float", "bfloat", "uint8")):  # uint8: MX exponents (E8M0)
+        raise ValueError(f"{scale} is {infos[scale].dtype}, not scales")
+    for p in parts.values():
+        if p != name:
+            check_scale(infos[p], infos[name], block_sizes(config))
+    if "zero_point" in parts and infos[parts["zero_point"]].shape != infos[scale].shape:
+        raise ValueError(f"{parts['zero_point']} has shape {infos[parts['zero_point']].shape}, its scales "
+                         f"{scale} {infos[scale].shape}: one zero point per scale")
+    label = "INT8" if infos[name].dtype == "int8" else "FP8"
+    return PackedLayer(name, "scaled", tuple(infos[name].shape), label, 8, parts)
+
+
+def _bnb(name: str, infos: dict[str, TensorInfo], read) -> PackedLayer | None:
+    """A bitsandbytes layer: 4-bit (``weight`` uint8 + ``weight.absmax``, ``weight.quant_map`` and its JSON
+    ``weight.quant_state.bitsandbytes__nf4``) or LLM.int8 (``weight`` int8 + ``SCB`` beside it)."""
+    state = next((f"{name}.{B.STATE}{t}" for t in ("nf4", "fp4") if f"{name}.{B.STATE}{t}" in infos), None)
+    if state is not None and f"{name}.absmax" in infos and f"{name}.quant_map" in infos:
+        parts = {r: f"{name}.{r}" for r in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
+        parts = {"weight": name, "state": state, **{r: p for r, p in parts.items() if p in infos}}
+        shape = tuple(B.parse_state(read(state), state)["shape"])
+        return PackedLayer(name, "bnb4", shape, state.rpartition("__")[2].upper(), 4, parts)
+    scb = name.removesuffix("weight") + "SCB"
+    if name.endswith(".weight") and infos[name].dtype == "int8" and scb in infos:
+        parts = {"weight": name, "scb": scb}
+        fmt = name + "_format"  # a format flag transformers saves beside it (not a weight)
+        parts.update({"format": fmt} if fmt in infos else {})
+        return PackedLayer(name, "bnb8", tuple(infos[name].shape), "LLM-INT8", 8, parts)
+    return None
+
+
+def _weights_config(config: dict) -> dict:
+    """compressed-tensors' weight settings (the first config group's ``weights``), {} when absent."""
+    groups = config.get("config_groups")
+    first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
+    weights = first.get("weights") if isinstance(first, dict) else None
+    return weights if isinstance(weights, dict) else {}
+
+
+def _named_bits(config: dict) -> set[int]:
+    """The bit widths compressed-tensors' config groups name for weights (``num_bits``), an empty set for none."""
+    groups = config.get("config_groups")
+    found = set()
+    for group in groups.values() if isinstance(groups, dict) else ():
+        bits = group.get("weights", {}).get("num_bits") if isinstance(group, dict) else None
+        if isinstance(bits, int) and not isinstance(bits, bool):
+            found.add(bits)
+    return found
+
+
+def block_sizes(config: dict) -> tuple[int, ...] | None:
+    """The block sizes a config names for scaled weights (DeepSeek's ``weight_block_size``,
+    compressed-tensors' ``block_structure``), None when it names none."""
+    blocks = config.get("weight_block_size") or _weights_config(config).get("block_structure")
+    if isinstance(blocks, list) and all(isinstance(b, int) and b > 0 for b in blocks):
+        return tuple(blocks)
+    return None

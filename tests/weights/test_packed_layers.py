@@ -1,0 +1,133 @@
+"""Quantized layers whose stored tensors do not fit together, or whose config contradicts them: each is
+refused with one line naming the model and the tensor (a CheckpointError, when opened or when read), never
+read into a wrong weight nor into a raw IndexError / ValueError."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tests.weights.conftest import make_gptq, make_pack_quantized
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import open_checkpoint
+
+
+def make_weight(out: int = 64, inp: int = 128) -> torch.Tensor:
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(0))
+
+
+def make_model(folder, tensors: dict, quantization_config=None):
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    if quantization_config is not None:
+        (folder / "config.json").write_text(json.dumps({"quantization_config": quantization_config}))
+    return folder
+
+
+def make_gptq_with(**changes) -> dict:
+    t = make_gptq(make_weight())
+    for k, v in changes.items():
+        t[f"layer.{k}"] = v(t[f"layer.{k}"])
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def make_packed_with(**changes) -> dict:
+    t = make_pack_quantized(make_weight())
+    for k, v in changes.items():
+        t[f"layer.weight_{k}"] = v(t[f"layer.weight_{k}"])
+    return t
+
+
+def make_fp8(scale: torch.Tensor, **extra) -> dict:
+    w = make_weight()
+    return {"layer.weight": (w / w.abs().max() * 400).to(torch.float8_e4m3fn), "layer.weight_scale": scale, **extra}
+
+
+REFUSED_WHEN_OPENED = {
+    "gptq without qzeros": (make_gptq_with(qzeros=lambda t: None), None,
+                            r"layer.qweight and layer.g_idx make a GPTQ layer, but layer.qzeros is missing"),
+    "gptq qzeros of another width": (make_gptq_with(qzeros=lambda t: t[:, :3]), None,
+                                     r"layer.qzeros is int32 \(8, 3\), not the \(8, 8\) int32 words"),
+    "gptq 3-D qweight": (make_gptq_with(qweight=lambda t: t[:, None]), None, r"layer.qweight int32 \(16, 1, 64\)"),
+    "gptq float g_idx": (make_gptq_with(g_idx=lambda t: t.float()), None, "layer.g_idx is float32"),
+    "gptq bits against the config": (make_gptq_with(), {"quant_method": "gptq", "bits": 8},
+                                     "layer.qweight: its shape holds 4-bit values .* says bits 8"),
+    "gptq marlin format": (make_gptq_with(), {"quant_method": "gptq", "checkpoint_format": "marlin"},
+                           "quantization_config: checkpoint_format .marlin. is not read here"),
+    "gptq autogptq marlin": (make_gptq_with(), {"quant_method": "gptq", "is_marlin_format": True},
+                             r"quantization_config: checkpoint_format marlin \(is_marlin_format\) is not read here"),
+    "negative weight_shape": (make_packed_with(shape=lambda t: torch.tensor([-64, 128])), None,
+                              r"layer.weight_shape says \[-64, 128\], but layer.weight_packed \(64, 16\) holds 64"),
+    "huge weight_shape": (make_packed_with(shape=lambda t: torch.tensor([10**12, 128])), None,
+                          r"layer.weight_shape says \[1000000000000, 128\]"),
+    "weight_shape of other columns": (make_packed_with(shape=lambda t: torch.tensor([64, 120])), None,
+                                      "layer.weight_packed holds 16 words per row, which 120 columns of 1 to 8 bits do not fill"),
+    "float weight_shape": (make_packed_with(shape=lambda t: t.float() + 0.5), None,
+                           r"layer.weight_shape: float32 \(2,\), not the 2 integer sizes"),
+    "long weight_shape": (make_packed_with(shape=lambda t: torch.zeros(10**5, dtype=torch.int64)), None,
+                          r"layer.weight_shape: int64 \(100000,\)"),
+    "scales of other rows": (make_packed_with(scale=lambda t: t[:32]), None,
+                             r"layer.weight_scale is float32 \(32, 8\), not float scales of \(64, groups\)"),
+    "bits against the config": (make_packed_with(), {"config_groups": {"g": {"weights": {"num_bits": 8}}}},
+                                r"layer.weight_packed holds 16 words per row, which 128 columns of the \[8\] bits of the quantization_config do not fill"),
+    "g_idx of other columns": (make_packed_with(**{"packed": lambda t: t}) | {
+        "layer.weight_g_idx": torch.zeros(100, dtype=torch.int32)}, None, r"layer.weight_g_idx is int32 \(100,\)"),
+    "no fp8 scales": (make_fp8(torch.ones(0)), None, r"layer.weight_scale \(0,\) for layer.weight \(64, 128\)"),
+    "fp8 scales per row of other rows": (make_fp8(torch.ones(5)), None, r"layer.weight_scale \(5,\) for layer.weight \(64, 128\): 5 scales for 64 rows"),
+    "int scales": (make_fp8(torch.ones(64, 1, dtype=torch.int32)), None, "layer.weight_scale is int32, not scales"),
+    "zero points of another shape": (make_fp8(torch.ones(64, 1), **{"layer.weight_zero_point": torch.ones(3, 1)}),
+                                     None, r"layer.weight_zero_point has shape \(3, 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WHEN_OPENED))
+def test_parts_that_do_not_fit_are_refused_when_opened(tmp_path, case):
+    tensors, config, message = REFUSED_WHEN_OPENED[case]
+    folder = make_model(tmp_path / "m", tensors, config)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: quantized layers: {message}"):
+        open_checkpoint(folder)
+
+
+REFUSED_WHEN_READ = {
+    "negative g_idx": (make_gptq_with(g_idx=lambda t: t - 5), r"layer.g_idx holds group numbers -5..2, but there are 8"),
+    "g_idx past the groups": (make_gptq_with(g_idx=lambda t: t + 100), "layer.g_idx holds group numbers 100..107"),
+    "NaN gptq scale": (make_gptq_with(scales=lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))),
+                       "layer.scales holds NaN or infinite scales"),
+    "inf packed scale": (make_packed_with(scale=lambda t: t.index_fill(1, torch.tensor([2]), float("inf"))),
+                         "layer.weight_scale holds NaN or infinite scales"),
+    "NaN fp8 scale": (make_fp8(torch.full((64, 1), float("nan"))), "layer.weight_scale holds NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WHEN_READ))
+def test_values_that_do_not_fit_are_refused_when_read(tmp_path, case):
+    tensors, message = REFUSED_WHEN_READ[case]
+    with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck:
+        for check in (lambda: ck.read("layer.weight"), lambda: ck.requantized_match("layer.weight", make_weight())):
+            with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: cannot dequantize 'layer.weight' "
+                                                      rf"\([A-Z0-9-]+\): {message}"):
+                check()
+
+
+def test_a_quantization_config_that_is_no_object_is_named(tmp_path):
+    folder = make_model(tmp_path / "m", make_gptq(make_weight()))
+    (folder / "config.json").write_text(json.dumps({"quantization_config": [1, 2]}))
+    with pytest.raises(CheckpointError, match=r"m/config.json: quantization_config is a JSON list, not an object"):
+        open_checkpoint(folder)
+
+
+def test_mx_scales_are_powers_of_two(tmp_path):
+    w = make_weight()
+    exponents = torch.full((64, 4), 120, dtype=torch.uint8)  # E8M0: 2 ** (120 - 127) per 32 columns
+    folder = make_model(tmp_path / "mx", {"layer.weight": w.to(torch.float8_e4m3fn), "layer.weight_scale": exponents})
+    with open_checkpoint(folder) as ck:
+        assert torch.equal(ck.read("layer.weight"), w.to(torch.float8_e4m3fn).float() / 128)
+
+
+def test_a_stacked_experts_packing_stays_as_stored(tmp_path):
+    t = make_pack_quantized(make_weight())
+    t = {"e.weight_packed": t["layer.weight_packed"][None].expand(2, -1, -1),
+         "e.weight_scale": t["layer.weight_scale"][None].expand(2, -1, -1), "e.weight_shape": torch.tensor([2, 64, 128])}
+    with open_checkpoint(make_model(tmp_path / "moe", t)) as ck:
+        assert "e.weight_packed" in ck.keys()  # not read here: lineage skips the model, saying why
