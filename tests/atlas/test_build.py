@@ -222,3 +222,22 @@ def test_a_model_equal_on_the_compared_layers_only_says_so(tmp_path):
     assert (by["t0_0probe"].parent, by["t0_0probe"].score) == ("t0_0", 0.0)
     assert by["t0_0probe"].notes == ["equal to t0_0 on the compared layers; differs in 1 other tensor(s), "
                                      "e.g. head.weight"]
+
+
+def test_quantized_models_are_described_by_their_stored_tensors(tmp_path):
+    """A GPTQ or FP8 model was noted 'unreadable: no tensor named layer.scales': the entry asked the type of
+    each stored tensor, which the dequantized reader hid. Now the tensor holding a layer's values has the
+    layer's type, its scales and zeros their dtype."""
+    from tests.lineage.test_dequantized_copies import make_folder
+    from tests.weights.conftest import make_gptq
+
+    w = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    save_file({"a.weight": w}, tmp_path / "p.safetensors")
+    make_folder(tmp_path / "p-gptq", make_gptq(w, group=32, name="a"), {"quant_method": "gptq", "bits": 4})
+    scale = w.abs().amax(1, keepdim=True) / 448  # (rows, 1): one per channel
+    make_folder(tmp_path / "p-fp8", {"a.weight": (w / scale).to(torch.float8_e4m3fn), "a.weight_scale": scale},
+                {"quant_method": "compressed-tensors"})
+    by = {m.name: m for m in build_atlas(tmp_path).models}
+    assert [n for m in by.values() for n in m.notes if "unreadable" in n] == []
+    assert (by["p-gptq"].dtype, by["p-gptq"].tensors, by["p-fp8"].dtype) == ("GPTQ-INT4", 4, "FP8")
+    assert by["p-gptq"].parent == by["p-fp8"].parent == "p"
