@@ -4,10 +4,12 @@ not of a fine-tune of it, nor skipped."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
 
+from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
 from modelatlas.weights.packed_ints import unpack
 
@@ -96,3 +98,18 @@ def test_bitsandbytes_models_hang_below_their_sources(tmp_path):
     assert forest.decisions["precision_copies"] == {"ft-nf4": "nf4", "p-int8": "llm-int8"}
     assert {(e.parent, e.child, e.kind) for e in forest.edges} == {
         ("p", "ft", "trained"), ("ft", "ft-nf4", "precision"), ("p", "p-int8", "precision")}
+
+
+def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path):
+    """`--layers weight_packed` said 'no tensor matches the layers pattern' of a model that plainly holds
+    a.weight_packed: the reader hides the stored parts and reads the layer as a.weight."""
+    p = make_weights(0)
+    packed = {}
+    for k in LAYERS:
+        packed.update(make_pack_quantized(p[k], group=32, name=k.removesuffix(".weight")))
+    save_file(p, tmp_path / "p.safetensors")
+    make_folder(tmp_path / "p-w4a16", packed, {"quant_method": "compressed-tensors"})
+    with pytest.raises(ConfigError, match=r"p-w4a16: the layers pattern 'a\\\.weight_packed' matches only "
+                                          r"a\.weight_packed, a stored part of the quantized layer a\.weight, which "
+                                          r"is read dequantized under that name: match the layer's name"):
+        recover_lineage(sorted(tmp_path.iterdir()), layers=r"a\.weight_packed", stage="specialize")

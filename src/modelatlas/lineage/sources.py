@@ -309,6 +309,11 @@ def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:
         return "no float matrix to compare"
     rx = re.compile(pattern)
     named = [t.name for t in ckpt.tensors() if rx.search(t.name)]
+    parts = [(t.name, layer) for t in ckpt.stored_tensors() if rx.search(t.name)
+             and (layer := getattr(ckpt, "layer_of", lambda _: None)(t.name)) is not None]
+    if not named and parts:  # a quantized model's qweight, weight_packed, weight_scale: read as its layer
+        return (f"the layers pattern '{pattern}' matches only {parts[0][0]}, a stored part of the quantized layer "
+                f"{parts[0][1]}, which is read dequantized under that name: match the layer's name")
     if not named:
         return f"no tensor matches the layers pattern '{pattern}'"
     return (f"the layers pattern '{pattern}' matches only {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}, "

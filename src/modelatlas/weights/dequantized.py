@@ -158,6 +158,11 @@ class DequantizedCheckpoint(Checkpoint):
         self.info(name)
         return self.inner.quantization(name)
 
+    def layer_of(self, stored: str) -> str | None:
+        """The dequantized layer whose stored tensors include ``stored`` (``a.qweight``, ``a.scales``:
+        ``a.weight``), None for a tensor read as stored."""
+        return next((layer.name for layer in self.layers.values() if stored in layer.parts.values()), None)
+
     def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
         """How far ``x`` rounds to the layer's stored values. Float8 / int8 values with scales: the share of
         them (on up to :data:`SAMPLE_ROWS` evenly spaced rows) that quantizing ``x`` again gives, 1.0 for the
