@@ -240,4 +240,6 @@ def test_quantized_models_are_described_by_their_stored_tensors(tmp_path):
     by = {m.name: m for m in build_atlas(tmp_path).models}
     assert [n for m in by.values() for n in m.notes if "unreadable" in n] == []
     assert (by["p-gptq"].dtype, by["p-gptq"].tensors, by["p-fp8"].dtype) == ("GPTQ-INT4", 4, "FP8")
+    # the weights the layer holds, not its int32 words (512 x 64 / 8) nor its scales and zeros
+    assert by["p-gptq"].parameters == by["p-fp8"].parameters == by["p"].parameters == 512 * 64
     assert by["p-gptq"].parent == by["p-fp8"].parent == "p"

@@ -101,9 +101,7 @@ def _describe(path: Path, name: str, base=None) -> tuple[ModelEntry, dict[str, t
     try:
         with open_with_base(path, base) as ckpt:
             infos, stored = ckpt.tensors(), ckpt.stored_tensors()
-            by_dtype: Counter = Counter()  # stored type -> values: "Q8_0" for a quantized GGUF tensor
-            for t in stored:
-                by_dtype[ckpt.quantization(t.name) or t.dtype] += t.numel
+            by_dtype = _values_by_type(ckpt, infos, stored)
             entry.size_bytes = ckpt.size_on_disk()
     except CheckpointError as e:
         entry.notes.append(f"unreadable: {error_line(e)}")
@@ -113,6 +111,22 @@ def _describe(path: Path, name: str, base=None) -> tuple[ModelEntry, dict[str, t
     signature = ";".join(f"{t.name}:{'x'.join(map(str, t.shape))}" for t in sorted(infos, key=lambda t: t.name))
     entry.architecture = hashlib.sha1(signature.encode()).hexdigest()[:10]
     return entry, {t.name: tuple(t.shape) for t in infos}
+
+
+def _values_by_type(ckpt, infos, stored) -> Counter:
+    """Stored type -> the weights stored in it: "Q8_0" for a quantized GGUF tensor; for a layer a quantization
+    library packed (GPTQ's int32 words, bitsandbytes' bytes of two codes), the layer's weights under its type,
+    its scales and zeros not counted (a GGUF block's scales are not either)."""
+    sizes = {t.name: t.numel for t in infos}
+    layer_of = getattr(ckpt, "layer_of", lambda _: None)
+    by_type: Counter = Counter()
+    for t in stored:
+        layer, kind = layer_of(t.name), ckpt.quantization(t.name)
+        if layer is None:
+            by_type[kind or t.dtype] += t.numel
+        elif kind is not None:  # the tensor holding the layer's values
+            by_type[kind] += sizes[layer]
+    return by_type
 
 
 def _place(entries: list[ModelEntry], forest: Forest) -> None:

@@ -74,6 +74,7 @@ class DequantizedCheckpoint(Checkpoint):
         first = {layer.parts.get("qweight") or layer.parts.get("packed") or layer.parts["weight"]: layer
                  for layer in layers}
         self._hidden = {p for layer in layers for p in layer.parts.values()} - set(first)
+        self._layer_of = {p: layer.name for layer in layers for p in layer.parts.values()}
         self._first = first
 
     def __getattr__(self, attr: str):  # a reader's own attributes (a GGUF's architecture, a folder's weight_file)
@@ -161,7 +162,7 @@ class DequantizedCheckpoint(Checkpoint):
     def layer_of(self, stored: str) -> str | None:
         """The dequantized layer whose stored tensors include ``stored`` (``a.qweight``, ``a.scales``:
         ``a.weight``), None for a tensor read as stored."""
-        return next((layer.name for layer in self.layers.values() if stored in layer.parts.values()), None)
+        return self._layer_of.get(stored)
 
     def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
         """How far ``x`` rounds to the layer's stored values. Float8 / int8 values with scales: the share of
