@@ -283,3 +283,22 @@ def test_attribute_out_inside_the_image_folder_it_reads_is_refused(tmp_path, cap
     assert main(["attribute", "--dataset", "image-folder", "--data-root", str(data), "--out", str(data / "att")]) == 1
     assert capsys.readouterr().err.startswith(f"error: --out {data / 'att'} is inside --data-root {data}: ")
     assert not (data / "att").exists()
+
+
+def test_eval_of_a_folder_that_takes_no_file_is_refused_before_training(tmp_path, monkeypatch):
+    """`atlas distill eval DIR` stores its evaluation in DIR: a read-only DIR failed only after training the
+    evaluation nets."""
+    import errno
+
+    from modelatlas import atomic
+    from modelatlas.distill import evaluate_result, reevaluate
+    from modelatlas.errors import ConfigError
+
+    run_distillation("random", "digits", 1, tmp_path, config={"width": 8}, eval_nets=1, eval_epochs=1)
+    monkeypatch.setattr(atomic, "unwritable", lambda p: (tmp_path, OSError(errno.EROFS, "Read-only file system")))
+    monkeypatch.setattr(reevaluate, "evaluate_synthetic", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ConfigError, match=r"the result folder .* cannot be written: no file can be made in .* "
+                                          r"\(Read-only file system\); copy it somewhere writable"):
+        evaluate_result(tmp_path)
+    monkeypatch.undo()
+    assert len(evaluate_result(tmp_path, save=False, eval_nets=1, eval_epochs=1)["accuracies"]) == 1  # not saving: fine

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelatlas.atomic import check_out_folder
 from modelatlas.config_types import misfit
 from modelatlas.data import load_dataset
 from modelatlas.data.registry import ArrayDataset
@@ -31,6 +32,8 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
     if not isinstance(info.get("dataset"), str):
         raise CheckpointError(Path(folder) / RESULT_JSON, "has no 'dataset' name (edited, or not a result.json of "
                                                           "`atlas distill`); run the distillation again")
+    if save:  # the evaluation is stored in the folder: one that takes no file fails now, not after training
+        check_out_folder(folder, f"the result folder {folder}", "copy it somewhere writable and evaluate the copy")
     proto, seed, saved_kw = _saved_settings(Path(folder) / RESULT_JSON, info, seed)
     kw = {**saved_kw, **absolute_root(dataset_kwargs)}
     test = check_test_split(dataset_test or _load_test(folder, info["dataset"], kw, dataset_kwargs))
