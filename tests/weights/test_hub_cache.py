@@ -201,3 +201,12 @@ def test_hub_cache_folder_names_and_commits():
     assert is_commit("0123456789abcdef0123456789abcdef01234567")
     assert not is_commit("0123456789ABCDEF0123456789abcdef01234567") and not is_commit("0123456789abcdef")
     assert not is_commit("0123456789abcdef0123456789abcdef01234567\n")
+
+
+@pytest.mark.parametrize("written", ["./gpt2", "gpt2/"])
+def test_a_path_written_as_one_is_never_a_hub_id(cache, written):
+    make_cached_model(cache, repo_id="gpt2")  # `./gpt2` is a local folder that is missing, not the cached gpt2
+    with pytest.raises(CheckpointError, match=r"^gpt2: no such file or folder$"):
+        open_checkpoint(written)  # opened the cached model: pathlib drops the ./ and the trailing /
+    with pytest.raises(CheckpointError, match=r"^gpt2: no such file or folder$"):
+        discover_models([written])  # was kept as the hub id, and said `huggingface-cli download gpt2` when absent

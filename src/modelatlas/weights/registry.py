@@ -60,11 +60,11 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
     reader recognises it. ``kwargs`` go to the reader (e.g. ``base=`` for a LoRA adapter).
     """
     _load_plugins()
-    path = Path(path)
+    text, path = _as_written(path), Path(path)
     if not path.exists():
         if path.is_symlink():  # a local path wins over a hub id of the same spelling ('zoo/run-c')
             raise missing_error(path)
-        return _resolve_missing(path, **kwargs)
+        return _resolve_missing(path, text, **kwargs)
     try:
         fmt = next((f for f in _FORMATS if f.detect(path)), None)
         problem = None if fmt is not None else folder_problem(path)
@@ -172,9 +172,10 @@ def register_resolver(resolve: Callable[..., Checkpoint | None]) -> None:
         _RESOLVERS.append(resolve)
 
 
-def _resolve_missing(path: Path, **kwargs) -> Checkpoint:
+def _resolve_missing(path: Path, text: str, **kwargs) -> Checkpoint:
+    """``text`` (the name as written) opened by the first resolver that claims it, else ``path``'s missing error."""
     for resolve in _RESOLVERS:
-        ck = resolve(path.as_posix(), **kwargs)
+        ck = resolve(text, **kwargs)
         if ck is not None:
             return ck
     raise missing_error(path)
@@ -187,11 +188,18 @@ def missing_error(path: Path) -> CheckpointError:
     return CheckpointError(path, "no such file or folder")
 
 
-def _is_resolvable(path: Path) -> bool:
-    """Whether a missing ``path`` is a name some resolver claims (e.g. an ``org/name`` hub id)."""
+def _as_written(path: str | Path) -> str:
+    """``path`` as the caller wrote it, in ``/`` form: ``./gpt2`` and ``gpt2/`` say a local folder, where
+    ``Path`` keeps only ``gpt2``, a hub id (a missing ``./gpt2`` opened the cached gpt2, or was named as an id
+    to download)."""
+    return path.replace(os.sep, "/") if isinstance(path, str) else Path(path).as_posix()
+
+
+def _is_resolvable(path: str | Path) -> bool:
+    """Whether a missing ``path`` (as written) is a name some resolver claims (e.g. an ``org/name`` hub id)."""
     from modelatlas.weights.hub_cache import parse_hub_id
 
-    return not path.is_absolute() and parse_hub_id(path.as_posix()) is not None
+    return not Path(path).is_absolute() and parse_hub_id(_as_written(path)) is not None
 
 
 def is_model(path: Path) -> bool:
@@ -237,8 +245,9 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
     """Each path as itself (a model, or a hub id) or the models directly inside it (a folder)."""
     _load_plugins()
     found: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists() and _is_resolvable(p):
+    for written in paths:
+        p = Path(written)
+        if not p.exists() and _is_resolvable(written):
             found.append(p)
             continue
         if not p.exists():
