@@ -194,3 +194,11 @@ def test_a_run_stopped_while_drawing_its_figures_is_not_taken_as_finished(tmp_pa
     again = run_distillation("dm", "digits", 1, tmp_path, no_count, eval_nets=1, eval_epochs=1, resume=True)
     assert "reused" not in again and len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
     assert make_stamps(tmp_path)["loss.png"] != stamps["loss.png"]
+
+
+def test_a_rerun_without_resume_calls_a_finished_run_finished(tmp_path, data):
+    from modelatlas.errors import ConfigError
+
+    finish(tmp_path, data)  # a method that checkpoints: checkpoint.json and result.json both there
+    with pytest.raises(ConfigError, match=r"result.json exists: .* holds a finished result"):
+        finish(tmp_path, data)  # was "checkpoint.json exists: pass --resume to continue that run", as if unfinished

@@ -260,11 +260,11 @@ def check_out(out: Path, resume: bool) -> None:
     """Refuse an ``out`` that holds a checkpoint or a finished result (without resume), a finished result without
     its checkpoint folder (with resume), or other files than a result of ours."""
     ckpt = out / "checkpoint" / CHECKPOINT_JSON
-    if ckpt.is_file() and not resume:
-        raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
-    if (out / RESULT_JSON).is_file() and not resume:
+    if (out / RESULT_JSON).is_file() and not resume:  # first: a finished run keeps its checkpoint too
         raise ConfigError(f"{out / RESULT_JSON} exists: {out} holds a finished result; choose a new --out, delete "
                           "the folder to redo it, or pass --resume (resume=True) to finish or re-evaluate that run")
+    if ckpt.is_file() and not resume:
+        raise ConfigError(f"{ckpt} exists: pass --resume (resume=True) to continue that run, or choose a new --out")
     if resume and (out / RESULT_JSON).is_file() and not any(  # it started over, unchecked, with the method's
             (out / "checkpoint" / name).is_file() for name in (RUN_JSON, CHECKPOINT_JSON)):  # default iterations
         raise ConfigError(f"--resume: {out} holds a finished result but no {out / 'checkpoint'}/ (run.json, "
