@@ -11,6 +11,7 @@ of its real shape, in place of the tensors that store it:
 - float8 / int8 values with scales (compressed-tensors ``float-quantized`` / ``int-quantized``; DeepSeek's
   ``weight_scale_inv``): ``weight`` and its scale (:mod:`.scaled`).
 - bitsandbytes as transformers saves it: 4-bit NF4 / FP4 and LLM.int8 (:mod:`.bnb`).
+- MLX affine quantization (mlx-lm): uint32 ``weight`` codes with ``scales`` and ``biases`` (:mod:`.mlx_affine`).
 
 The other tensors read as stored. AWQ (``qweight`` without ``g_idx``) and EXL2 layers stay as stored (AWQ also
 rescales the weights it quantizes, so they are no rounding of the model's own). Each layer's
@@ -29,6 +30,7 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import bnb as B
+from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, named_by_folder
 from modelatlas.weights.packed_layers import PackedLayer, block_sizes, find_packed
@@ -36,8 +38,8 @@ from modelatlas.weights.scaled import requantized_share, scale_values, scaled_we
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
-_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", ".SCB")  # endings of a dequantized layer's parts
-_BNB = ("bnb4", "bnb8")
+_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", ".SCB", ".biases")  # endings of a dequantized layer's parts
+_REQUANTIZED = ("bnb4", "bnb8", "mlx")  # tested by quantizing the source again, its scales from itself
 
 
 def quantization_config(path: Path) -> dict:
@@ -55,7 +57,7 @@ def quantization_config(path: Path) -> dict:
             raise CheckpointError(f, f"cannot read the quantization settings: {error_line(e)}") from e
         if not isinstance(data, dict):
             raise CheckpointError(f, "not a JSON object")
-        got = data.get("quantization_config", data if name != "config.json" else None)
+        got = data.get("quantization_config", data.get("quantization", data if name != "config.json" else None))
         if got is not None and not isinstance(got, dict):
             raise CheckpointError(f, f"quantization_config is a JSON {type(got).__name__}, not an object")
         if got is not None:
@@ -110,8 +112,8 @@ class DequantizedCheckpoint(Checkpoint):
         """The layer's stored tensors by role (scales as float32), with what their headers cannot tell checked:
         finite scales, group numbers (``g_idx``) of existing groups. Time O(stored size)."""
         parts = {role: self.inner.read(p) for role, p in layer.parts.items()}
-        if layer.scheme in _BNB:
-            key = "absmax" if layer.scheme == "bnb4" else "scb"
+        if layer.scheme in _REQUANTIZED:
+            key = {"bnb4": "absmax", "bnb8": "scb", "mlx": "scales"}[layer.scheme]
             P.check_finite(parts[key].float(), layer.parts[key])
             return parts
         key = "scales" if layer.scheme == "gptq" else "scale"
@@ -136,11 +138,17 @@ class DequantizedCheckpoint(Checkpoint):
             return B.dequantize_4bit(get("weight"), scale, get("quant_map"), state)
         if layer.scheme == "bnb8":
             return B.dequantize_int8(get("weight"), get("scb"))
+        if layer.scheme == "mlx":
+            return M.dequantize(get("weight"), get("scales"), get("biases"), layer.bits, layer.group_size)
         return scaled_weight(get("weight"), get("scale"), get("zero_point"), self._blocks)
 
     @staticmethod
-    def _bnb_match(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
-        """Share of a bitsandbytes layer's stored codes that quantizing ``x`` gives (its scales from ``x``)."""
+    def _requantized(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+        """Share of a bitsandbytes or MLX layer's stored codes that quantizing ``x`` gives (its scales from
+        ``x``, as the library computes them)."""
+        if layer.scheme == "mlx":
+            again = M.quantize_codes(x, layer.bits, layer.group_size)  # (rows, cols)
+            return float((again == M.unpack_stream(parts["weight"], layer.bits, layer.shape[1])).float().mean())
         if layer.scheme == "bnb8":
             return float((B.requantize_int8(x) == parts["weight"]).float().mean())
         state = B.parse_state(parts["state"], layer.parts["state"])
@@ -180,8 +188,8 @@ class DequantizedCheckpoint(Checkpoint):
             return self.inner.requantized_match(name, x)
         if tuple(x.shape) != layer.shape:
             return None
-        if layer.scheme in _BNB:
-            return self._checked(layer, lambda parts: self._bnb_match(layer, parts, x))
+        if layer.scheme in _REQUANTIZED:
+            return self._checked(layer, lambda parts: self._requantized(layer, parts, x))
         if layer.scheme != "scaled":
             return self._checked(layer, lambda parts: self._packed_match(layer, parts, x))
         rows = torch.linspace(0, layer.shape[0] - 1, min(SAMPLE_ROWS, layer.shape[0])).round().long().unique()

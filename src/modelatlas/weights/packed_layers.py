@@ -4,7 +4,7 @@ tensor headers and the model's ``quantization_config`` (read by :mod:`.dequantiz
 A layer is recognised by its stored parts (GPTQ: ``qweight`` with ``g_idx``; compressed-tensors
 ``pack-quantized``: ``weight_packed``, ``weight_scale``, ``weight_shape``; float8 / int8 ``weight`` with
 ``weight_scale`` or ``weight_scale_inv``; bitsandbytes: a 4-bit ``weight`` with its ``absmax``, ``quant_map``
-and JSON quant state, an int8 ``weight`` with ``SCB``). Once recognised, parts that do not fit together (a missing
+and JSON quant state, an int8 ``weight`` with ``SCB``; MLX: a uint32 ``weight`` with ``scales`` and ``biases``). Once recognised, parts that do not fit together (a missing
 ``qzeros``, a ``weight_shape`` of another row count, scales of the wrong shape, bits the config contradicts)
 raise a ValueError naming the tensor, so that no layer is read into a wrong weight, nor advertised at a size
 it does not have. Layouts not read here stay as stored: AWQ (no ``g_idx``), 3-bit and other widths that
@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modelatlas.weights import bnb as B
+from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import TensorInfo
 from modelatlas.weights.scaled import SCALED_DTYPES, check_scale
 
-_INTS = ("int32", "int64", "int16", "int8", "uint8")
+_INTS = ("int32", "int64", "int16", "int8", "uint8", "uint32")
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint formats read; marlin, bitblas, ipex... repack the words
 
 
@@ -30,7 +31,7 @@ class PackedLayer:
     """One dequantized layer: the weight it reads as, how it is stored, and the stored tensors by role."""
 
     name: str
-    scheme: str  # "gptq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8"
+    scheme: str  # "gptq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8" | "mlx"
     shape: tuple[int, ...]
     label: str  # the quantization type shown: "GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8"
     bits: int
@@ -50,7 +51,7 @@ def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[Packed
         if not t.dtype.startswith(_INTS + ("float8",)):
             continue
         layer = (_gptq(name, infos, config) or _pack_quantized(name, infos, config, read)
-                 or _scaled(name, infos, config) or _bnb(name, infos, read))
+                 or _scaled(name, infos, config) or _bnb(name, infos, read) or _mlx(name, infos, config))
         if layer is not None:
             out.append(layer)
     return out
@@ -142,6 +143,32 @@ def _bnb(name: str, infos: dict[str, TensorInfo], read) -> PackedLayer | None:
         parts.update({"format": fmt} if fmt in infos else {})
         return PackedLayer(name, "bnb8", tuple(infos[name].shape), "LLM-INT8", 8, parts)
     return None
+
+
+def _mlx(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
+    """An MLX affine-quantized layer: ``weight`` uint32 words with ``scales`` and ``biases`` beside it, its bits
+    and group size from the config's ``quantization`` (an entry of its own for a layer quantized otherwise);
+    other MLX modes (mxfp4, ...) are left as stored. Raises when the config names none or the shapes do not fit."""
+    base = name.removesuffix(".weight")
+    parts = {"weight": name, "scales": f"{base}.scales", "biases": f"{base}.biases"}
+    if base == name or infos[name].dtype != "uint32" or not all(p in infos for p in parts.values()):
+        return None
+    own = config.get(base)
+    settings = own if isinstance(own, dict) else config
+    if settings.get("mode", "affine") != "affine":
+        return None
+    bits, group = settings.get("bits"), settings.get("group_size")
+    if bits not in M.BITS or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{name}: uint32 codes with {parts['scales']} and {parts['biases']} (MLX), but the "
+                         f"config.json beside it names no 'quantization' bits (2-8) and group_size for them "
+                         f"(bits {bits!r}, group_size {group!r})")
+    rows, words = infos[name].shape if len(infos[name].shape) == 2 else (0, 0)
+    scales = infos[parts["scales"]].shape
+    if len(scales) != 2 or scales[0] != rows or infos[parts["biases"]].shape != scales \
+            or -(-scales[1] * group * bits // 32) != words:
+        raise ValueError(f"{name} {infos[name].shape} does not hold {bits}-bit codes for {parts['scales']} "
+                         f"{scales} and {parts['biases']} {infos[parts['biases']].shape} in groups of {group}")
+    return PackedLayer(name, "mlx", (rows, scales[1] * group), f"MLX-{bits}BIT", bits, parts, group_size=group)
 
 
 def _weights_config(config: dict) -> dict:

@@ -1,0 +1,55 @@
+"""MLX's affine quantization (mlx-lm's ``--q-bits`` models, the ``mlx-community`` 4-bit checkpoints), turned
+back into float weights.
+
+A quantized linear layer stores ``weight`` as uint32 words of ``bits``-bit codes (2, 3, 4, 5, 6 or 8), packed
+along each row as one little-endian bit stream (a 3-bit code may span two words), and per group of
+``group_size`` input columns a ``scales`` and a ``biases`` value: a weight is ``scale * code + bias``. The
+model's ``config.json`` names them (``"quantization": {"group_size": 64, "bits": 4}``, with entries for
+layers quantized otherwise). Quantizing (``mx.quantize``, mode ``affine``), per group, in float32: the
+scale is ``(max - min) / (2**bits - 1)`` (at least 1e-7), signed so that the edge of larger magnitude is
+exactly a level (``edge / round(edge / scale)``), the bias that edge (0 when it rounds to level 0), the code
+``round((w - bias) / scale)`` clamped to the levels; the scales and biases are then stored in the weights'
+dtype. Pure tensor functions: no I/O. Time O(P) for P weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 3, 4, 5, 6, 8)
+
+
+def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` ``bits``-bit codes of each row of uint32 ``words`` (rows, W), read as one little-endian
+    bit stream per row: (rows, n) int64."""
+    w = words.to(torch.int64) & 0xFFFFFFFF  # (rows, W): uint32 read as int32 turned back positive
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # (rows, W + 1): a code may reach into the next word
+    start = torch.arange(n) * bits  # (n,) each code's first bit
+    word, shift = start // 32, start % 32
+    both = w[:, word] | (w[:, word + 1] << 32)  # (rows, n) the 64 bits from the code's word on
+    return (both >> shift) & ((1 << bits) - 1)
+
+
+def dequantize(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
+               group_size: int) -> torch.Tensor:
+    """The (rows, groups * group_size) float32 weight ``scale * code + bias`` of an affine-quantized layer."""
+    rows, groups = scales.shape
+    codes = unpack_stream(words, bits, groups * group_size).float()  # (rows, cols)
+    s = scales.float().repeat_interleave(group_size, dim=1)  # (rows, cols)
+    return codes * s + biases.float().repeat_interleave(group_size, dim=1)
+
+
+def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The codes ``mx.quantize`` (affine) gives a (rows, cols) weight ``x``, each group's scale and bias
+    computed from ``x`` itself in float32 (module docstring): (rows, cols) int64."""
+    levels = (1 << bits) - 1
+    g = x.float().reshape(x.shape[0], -1, group_size)  # (rows, groups, group_size)
+    hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
+    low_side = lo.abs() > hi.abs()  # the edge of larger magnitude is made a level exactly
+    scale = torch.clamp((hi - lo) / levels, min=1e-7)
+    scale = torch.where(low_side, scale, -scale)
+    edge = torch.where(low_side, lo, hi)
+    q0 = torch.round(edge / scale)
+    scale = torch.where(q0 != 0, edge / q0, scale)
+    bias = torch.where(q0 == 0, torch.zeros_like(edge), edge)
+    return torch.clamp(torch.round((g - bias) / scale), 0, levels).reshape(x.shape).to(torch.int64)

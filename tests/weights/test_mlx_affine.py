@@ -1,0 +1,90 @@
+"""MLX affine quantization: bit streams, dequantization, quantizing again (checked against mlx itself by
+bench/lineage_mlx.py: docs/benchmarks.md, "Session 29")."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from modelatlas.weights import mlx_affine as M
+from modelatlas.weights import open_checkpoint
+
+
+def make_stream(codes: list[int], bits: int, words: int) -> torch.Tensor:
+    """``codes`` as one little-endian bit stream in ``words`` uint32 words (a row of (1, words))."""
+    big = sum(c << (bits * i) for i, c in enumerate(codes))
+    return torch.tensor([[(big >> (32 * k)) & 0xFFFFFFFF for k in range(words)]], dtype=torch.int64).to(torch.uint32)
+
+
+def test_a_three_bit_code_spans_two_words():
+    codes = [7] + [0] * 9 + [4]  # code 10 starts at bit 30: its low two bits in word 0, its high bit in word 1
+    words = make_stream(codes, 3, 2)
+    assert words.to(torch.int64).tolist() == [[7, 1]]  # 4 = 0b100: only the bit that spills into word 1
+    assert M.unpack_stream(words, 3, 11).tolist() == [codes]
+    assert M.unpack_stream(make_stream([5, 3, 6, 1, 2], 3, 1), 3, 5).tolist() == [[5, 3, 6, 1, 2]]
+
+
+def test_unpack_reads_the_top_bit_of_a_word():
+    words = make_stream([0] * 7 + [15], 4, 1)  # 0xF0000000: negative as int32
+    assert M.unpack_stream(words, 4, 8).tolist() == [[0] * 7 + [15]]
+
+
+def test_dequantize_scale_times_code_plus_bias_per_group():
+    words = make_stream([0, 1, 2, 3], 2, 1)
+    w = M.dequantize(words, torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, -1.0]]), bits=2, group_size=2)
+    assert w.tolist() == [[1.0, 1.5, 3.0, 5.0]]
+
+
+def test_quantize_codes_makes_the_larger_edge_a_level():
+    # max 3 outweighs min 0: the scale turns negative so that 3 is the bias, level 0
+    assert M.quantize_codes(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), bits=2, group_size=4).tolist() == [[3, 2, 1, 0]]
+    # min -3 outweighs max 0.5: the bias is -3
+    assert M.quantize_codes(torch.tensor([[-3.0, -1.0, 0.0, 0.5]]), bits=2, group_size=4).tolist() == [[0, 2, 3, 3]]
+
+
+def make_mlx_model(folder, x: torch.Tensor, bits: int = 4, group: int = 32):
+    """One layer ``a`` of ``x`` quantized as mx.quantize does (module docstring of mlx_affine), saved as
+    mlx-lm saves a model."""
+    levels = (1 << bits) - 1
+    g = x.reshape(x.shape[0], -1, group)
+    hi, lo = g.amax(-1), g.amin(-1)
+    low = lo.abs() > hi.abs()
+    scale = torch.where(low, 1.0, -1.0) * ((hi - lo) / levels).clamp(min=1e-7)
+    edge = torch.where(low, lo, hi)
+    scale = edge / torch.round(edge / scale)
+    codes = M.quantize_codes(x, bits, group)
+    big = [sum(int(c) << (bits * i) for i, c in enumerate(row)) for row in codes.tolist()]
+    n_words = codes.shape[1] * bits // 32
+    words = torch.tensor([[(b >> (32 * k)) & 0xFFFFFFFF for k in range(n_words)] for b in big]).to(torch.uint32)
+    folder.mkdir()
+    save_file({"a.weight": words, "a.scales": scale, "a.biases": edge}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"quantization": {"group_size": group, "bits": bits}}))
+    return folder
+
+
+def test_an_mlx_model_reads_and_requantizes(tmp_path):
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    ck = open_checkpoint(make_mlx_model(tmp_path / "m", x))
+    assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [("a.weight", (16, 64), "float32")]
+    assert ck.quantization("a.weight") == "MLX-4BIT"
+    step = ck.inner.read("a.scales").abs().repeat_interleave(32, 1)  # (16, 64) each group's own step
+    err = (ck.read("a.weight") - x).abs() / step
+    assert (err <= 1.0 + 1e-5).all() and (err <= 0.5 + 1e-5).float().mean() > 0.95  # beyond half a step: the
+    # far edge, clamped when the near edge's exact level shrank the step (as mx.quantize does)
+    assert ck.requantized_match("a.weight", x) == 1.0
+    nudged = x + 0.02 * torch.randn(16, 64, generator=torch.Generator().manual_seed(1))  # a fine-tune 2 % away
+    assert ck.requantized_match("a.weight", nudged) < 0.99
+
+
+def test_an_mlx_model_without_its_settings_is_refused_naming_them(tmp_path):
+    import pytest
+
+    from modelatlas.errors import CheckpointError
+
+    folder = make_mlx_model(tmp_path / "m", torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"a.weight: uint32 codes with a.scales and a.biases \(MLX\), but the "
+                                              r"config.json beside it names no 'quantization' bits"):
+        open_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}))
+    assert "a.scales" in open_checkpoint(folder).keys()  # another mode: left as stored
