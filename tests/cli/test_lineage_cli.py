@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from modelatlas.cli.main import main
 from modelatlas.lineage.synthetic import make_synthetic_forest
@@ -355,3 +355,24 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_recovery(tm
     out, err = capsys.readouterr()
     assert out == "" and err == (f"error: {option} /proc/version cannot be written: no file can be made in /proc (it "
                                  "takes no new files); choose another path\n")
+
+
+def test_truth_of_another_zoo_with_the_same_names_says_the_weights_differ(tmp_path, capsys):
+    """Scored by name alone, the models of zoo B against zoo A's manifest read 0 % with no hint why."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    make_tiny_zoo(a)
+    m = load_manifest(a)
+    for r in m.models:
+        r.sha256 = weights_digest(a / r.path)
+    m.save(a / "manifest.json")
+    for r in m.models:  # zoo B: the same names, other weights (one of them at the recorded size)
+        w = {k: v + 1 for k, v in load_file(a / r.path).items()}
+        save_file(w, str(b / r.path))
+    assert main(["lineage", "recover", str(b), "--truth", str(a), "--stage", "specialize"]) == 0
+    err = capsys.readouterr().err
+    assert "--truth: t0, t0_0, t0_1, ... (6 in all): named in the manifest, but with other weights than it " \
+           "records (another zoo's manifest?); edges are scored by name" in err
+    assert main(["lineage", "recover", str(a), "--truth", str(a), "--stage", "specialize"]) == 0
+    assert "other weights" not in capsys.readouterr().err  # the zoo's own models

@@ -237,9 +237,15 @@ def match_truth(truth, models: list):
     to the names they are shown by; stderr says which."""
     from modelatlas.lineage.sources import unique_names
     from modelatlas.weights.base import same_form
-    from modelatlas.zoo.matching import match_models
+    from modelatlas.zoo.matching import match_models, other_weights
 
-    found = match_models(truth, dict(zip(unique_names(models), models)))
+    given = dict(zip(unique_names(models), models))
+    found = match_models(truth, given)
+    other = other_weights(truth, given)
+    if other:
+        more = f", ... ({len(other)} in all)" if len(other) > 3 else ""
+        note(f"--truth: {', '.join(other[:3])}{more}: named in the manifest, but with other weights than it records "
+             f"(another zoo's manifest?); edges are scored by name")
     if found:  # one name spelt NFD and NFC prints alike: say so
         pairs = [f"{new} = {old}" + (" (one name in two Unicode forms)" if same_form(new) == same_form(old) else "")
                  for old, new in sorted(found.items(), key=lambda kv: kv[1])]

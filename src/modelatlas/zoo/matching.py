@@ -91,6 +91,25 @@ def _by_digest(manifest: Manifest, free: list, left: dict[str, Path]) -> dict[st
     return out
 
 
+def other_weights(manifest: Manifest, given: Mapping[str, str | Path]) -> list[str]:
+    """The given models (name -> path) that the manifest names but whose weights file is not the one it
+    records: a manifest of another zoo whose model names overlap these would score them by name alone.
+    A model at the recorded path is the recorded one (``atlas zoo verify`` checks its bytes); one elsewhere
+    differs when its file size or, sizes equal, its digest does. Time O(N) stats plus a read of each model
+    kept elsewhere at the recorded size."""
+    out = []
+    for m in manifest.models:
+        if m.name not in given or not m.sha256:
+            continue
+        path, recorded = _weights_of(Path(given[m.name])), _weights_of(manifest.root / m.path, m.storage)
+        if os.path.realpath(path) == os.path.realpath(recorded):
+            continue
+        size, want = _size(path), _size(recorded)
+        if size is not None and (want is not None and size != want or weights_digest(path) != m.sha256):
+            out.append(m.name)
+    return out
+
+
 def _weights_of(path: Path, storage: str | None = None) -> Path:
     """The weights file of a model path: the file itself, else the folder's full or adapter weights file."""
     if path.is_file() or storage is not None:
