@@ -41,7 +41,8 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
 
     t0, zoo = time.perf_counter(), preset(args.preset, seed=args.seed)
     reused = _finished_before(zoo, out)  # finished models are reused, not trained
-    echo(f"building zoo '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
+    verb = "reusing the zoo" if reused >= zoo.n_models else "building zoo"  # all built before: nothing to train
+    echo(f"{verb} '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
     manifest = make_zoo(zoo, out, workers=args.workers, progress=tqdm_progress)
     t1 = time.perf_counter()
     models = open_zoo_models(manifest)  # adapter-stored models merged onto their parents; names are folder names
