@@ -11,14 +11,17 @@ from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
 from modelatlas.zoo.store import weights_digest
 
 
-def make_tiny_zoo(folder, broken=False):
-    """A synthetic zoo on disk: 2 trees x 2 children x depth 1, safetensors files and a manifest."""
+def make_tiny_zoo(folder, broken=False, digests=False):
+    """A synthetic zoo on disk: 2 trees x 2 children x depth 1, safetensors files and a manifest (recording each
+    weights file's digest, as a built zoo does, with ``digests``)."""
     weights, parents = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
     records = []
     for name, tensors in weights.items():
         save_file(tensors, str(folder / f"{name}.safetensors"))
         root = name.split("_")[0]
         records.append(ModelRecord(name, f"{name}.safetensors", parents[name], root))
+        if digests:
+            records[-1].sha256 = weights_digest(folder / f"{name}.safetensors")
     Manifest(records).save(folder / "manifest.json")
     if broken:
         (folder / "broken.safetensors").write_bytes(b"\xff" * 4)
@@ -283,11 +286,7 @@ def test_truth_scores_models_given_under_other_names(tmp_path, capsys):
     zoo, other = tmp_path / "zoo", tmp_path / "other"
     zoo.mkdir()
     other.mkdir()
-    make_tiny_zoo(zoo)
-    m = load_manifest(zoo)
-    for r in m.models:  # the digests a built zoo records
-        r.sha256 = weights_digest(zoo / r.path)
-    m.save(zoo / "manifest.json")
+    make_tiny_zoo(zoo, digests=True)
     (other / "t0.safetensors").write_bytes((zoo / "t1.safetensors").read_bytes())  # "t0" now names two models
     (zoo / "t1_0.safetensors").rename(other / "mine.safetensors")  # a renamed copy
     assert main(["lineage", "recover", str(zoo), str(other), "--truth", str(zoo), "--stage", "specialize"]) == 0
@@ -362,12 +361,8 @@ def test_truth_of_another_zoo_with_the_same_names_says_the_weights_differ(tmp_pa
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    make_tiny_zoo(a)
-    m = load_manifest(a)
-    for r in m.models:
-        r.sha256 = weights_digest(a / r.path)
-    m.save(a / "manifest.json")
-    for r in m.models:  # zoo B: the same names, other weights (one of them at the recorded size)
+    make_tiny_zoo(a, digests=True)
+    for r in load_manifest(a).models:  # zoo B: the same names, other weights (one of them at the recorded size)
         w = {k: v + 1 for k, v in load_file(a / r.path).items()}
         save_file(w, str(b / r.path))
     assert main(["lineage", "recover", str(b), "--truth", str(a), "--stage", "specialize"]) == 0

@@ -9,6 +9,7 @@ rounding, every code is the level nearest to the float16 value.
 import numpy as np
 import pytest
 import torch
+from tests.lineage.test_quantized import make_gguf
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.weights import open_checkpoint
@@ -26,26 +27,16 @@ def make_weights(seed, base=None, step=0.0):
     return out
 
 
-def make_gguf(path, weights, kind=None):
-    """``weights`` as float16 (``kind`` None) or quantized from float32 to ``kind``."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for name, x in weights.items():
-        if kind is None:
-            w.add_tensor(name, x.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(x, kind)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def make_conversion(path, weights, kind=None):
+    """``weights`` as a float16 GGUF (``kind`` None) or quantized from float32 to ``kind``."""
+    tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+    return make_gguf(path, tensors, kind or Q.Q8_0, plain=tuple(weights) if kind is None else ())
 
 
 @pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_0, Q.Q5_1])
 def test_the_float16_conversion_of_the_source_matches_within_its_rounding(tmp_path, kind):
     p = make_weights(0)
-    ck = open_checkpoint(make_gguf(tmp_path / "p-q.gguf", p, kind))
+    ck = open_checkpoint(make_conversion(tmp_path / "p-q.gguf", p, kind))
     half = torch.from_numpy(p["a.weight"]).half()
     assert ck.requantized_match("a.weight", half) == 1.0
     nudged = torch.from_numpy(make_weights(0, p, step=0.02)["a.weight"]).half()  # a fine-tune 2 % away
@@ -55,7 +46,7 @@ def test_the_float16_conversion_of_the_source_matches_within_its_rounding(tmp_pa
 def test_quantizing_the_float16_values_again_misses_many(tmp_path):
     """Why the rounding is allowed for: the exact test alone (what quantizing x again gives)."""
     p = make_weights(0)
-    make_gguf(tmp_path / "p-q8.gguf", p, Q.Q8_0)
+    make_conversion(tmp_path / "p-q8.gguf", p, Q.Q8_0)
     again = gguf.quants.quantize(p["a.weight"].astype(np.float16).astype(np.float32), Q.Q8_0)
     stored = gguf.quants.quantize(p["a.weight"], Q.Q8_0)
     values = [gguf.quants.dequantize(q, Q.Q8_0) for q in (again, stored)]
@@ -66,9 +57,9 @@ def test_a_conversion_from_float32_hangs_below_the_float16_one(tmp_path):
     p = make_weights(0)
     kids = {f"ft{i}": make_weights(10 + i, p, step=0.05) for i in range(2)}
     for name, w in {"p": p, **kids}.items():
-        make_gguf(tmp_path / f"{name}-f16.gguf", w)
-    make_gguf(tmp_path / "p-q8.gguf", p, Q.Q8_0)
-    make_gguf(tmp_path / "ft0-q4.gguf", kids["ft0"], Q.Q4_0)
+        make_conversion(tmp_path / f"{name}-f16.gguf", w)
+    make_conversion(tmp_path / "p-q8.gguf", p, Q.Q8_0)
+    make_conversion(tmp_path / "ft0-q4.gguf", kids["ft0"], Q.Q4_0)
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     copies = {(e.parent, e.child) for e in forest.edges if e.kind == "precision"}
     assert copies == {("p-f16", "p-q8"), ("ft0-f16", "ft0-q4")}
