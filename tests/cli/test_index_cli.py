@@ -206,10 +206,9 @@ def test_build_warns_no_copy_the_tree_already_draws(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err == ""
     assert "t0_0_again  (identical weights to t0_0)" in captured.out
-    assert "t0_0_fp16  (lower-precision copy of t0_0)" in captured.out
+    assert "t0_0_fp16  (float16 copy of t0_0)" in captured.out
     notes = {m["name"]: m["notes"] for m in json.loads((tmp_path / "atl" / "atlas.json").read_text())["models"]}
-    assert notes["t0_0_again"] == ["identical weights to t0_0"] and notes["t0_0_fp16"] == [
-        "lower-precision copy of t0_0"]
+    assert notes["t0_0_again"] == ["identical weights to t0_0"] and notes["t0_0_fp16"] == ["float16 copy of t0_0"]
 
 
 def test_build_refuses_a_folder_whose_atlas_json_is_someone_elses(tmp_path, capsys):

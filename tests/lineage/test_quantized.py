@@ -101,7 +101,7 @@ def test_cli_names_the_copies_formats(tmp_path, capsys):
     make_gguf(tmp_path / "p-q8.gguf", p)
     assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
     out = capsys.readouterr().out
-    assert "└── p-q8  (lower-precision copy of p)" in out or "├── p-q8  (lower-precision copy of p)" in out
+    assert "└── p-q8  (q8_0 copy of p)" in out or "├── p-q8  (q8_0 copy of p)" in out  # drawn by its format
     assert "1 a lower-precision copy of another (q8_0)" in out
 
 

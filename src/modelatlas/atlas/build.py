@@ -25,7 +25,7 @@ import torch
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.errors import AtlasError, CheckpointError
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.export import copy_text
+from modelatlas.lineage.export import copy_formats, copy_text
 from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
 from modelatlas.progress import Progress, resolve
@@ -142,7 +142,7 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
         edge = edge_of.get(entry.name)
         if edge is not None:
             entry.parent, entry.score = edge.parent, round(float(edge.score), 4)
-            if said := copy_text(edge):
+            if said := copy_text(edge, copy_formats(forest)):
                 entry.notes.append(said)
         outside = (forest.decisions.get("outside_layers") or {}).get(entry.name)
         if outside is not None:  # a head-only fine-tune, say: the lineage cannot tell which way it went

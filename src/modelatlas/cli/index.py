@@ -55,9 +55,9 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
     atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress, args.base)
     atlas.save(args.out)
-    from modelatlas.lineage.export import copy_text
+    from modelatlas.lineage.export import copy_formats, copy_text
 
-    drawn = {e.child: copy_text(e) for e in atlas.forest.edges}  # a copy's note: the tree below says it
+    drawn = {e.child: copy_text(e, copy_formats(atlas.forest)) for e in atlas.forest.edges}  # a copy's note: the tree below says it
     notes = [f"{m.name}: {note}" for m in atlas.models for note in m.notes if note != drawn.get(m.name)]
     for line in notes[:MAX_WARNED]:
         warn(line)

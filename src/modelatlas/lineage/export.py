@@ -17,10 +17,20 @@ _COPY = {"duplicate": "identical", "precision": "lower precision"}  # labels of 
 _COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 
 
-def copy_text(edge) -> str:
-    """How a copy edge reads ("identical weights to NAME", "lower-precision copy of NAME"); "" for a training
-    step. The tree drawing and the atlas's notes say it the same way."""
+def copy_text(edge, formats: dict | None = None) -> str:
+    """How a copy edge reads ("identical weights to NAME"; a lower-precision copy by its format, from a
+    forest's ``decisions["precision_copies"]`` given as ``formats``: "q8_0 copy of NAME", "float16 copy of
+    NAME"; "lower-precision copy of NAME" without it); "" for a training step. The tree drawing and the
+    atlas's notes say it the same way."""
+    fmt = (formats or {}).get(edge.child) if edge.kind == "precision" else None
+    if fmt:
+        return f"{fmt} copy of {edge.parent}"
     return f"{_COPY_TEXT[edge.kind]} {edge.parent}" if edge.kind in _COPY_TEXT else ""
+
+
+def copy_formats(forest) -> dict:
+    """Each lower-precision copy's format (``decisions["precision_copies"]``), for :func:`copy_text`."""
+    return forest.decisions.get("precision_copies") or {}
 
 
 def _q(name: str) -> str:
@@ -89,7 +99,7 @@ def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None
         tree = tree_heading(forest, root)
         head = f"  [tree {t + 1}, {tree[0]} model{'s' * (tree[0] != 1)}{tree[1]}]" if tree else ""
         out.append(f"{root}{head}{_label(root, labels)}")
-        _draw(root, kids, (marks, notes, labels), out)
+        _draw(root, kids, (marks, notes, labels, copy_formats(forest)), out)
     # one model a line: a newline in a name (a file may be named so) split its line in two
     return "\n".join(line.replace("\n", "\\n") for line in out) + "\n"
 
@@ -121,12 +131,13 @@ def _label(node: str, labels: dict | None) -> str:
 
 
 def _draw(root: str, kids: dict, tags: tuple, out: list[str]) -> None:
-    """Draw ``root``'s subtree depth-first with an explicit stack; ``tags`` = (marks, notes, labels)."""
+    """Draw ``root``'s subtree depth-first with an explicit stack; ``tags`` = (marks, notes, labels, the copies'
+    formats)."""
     stack = _pushed([], kids.get(root, []), "", 1)
     while stack:
         e, prefix, last, depth = stack.pop()
         tag = _tag((e.parent, e.child), *tags[:2], sep="  ")
-        what = f"({copy_text(e)})" if e.kind in _COPY else f"({e.score:.2f})"
+        what = f"({copy_text(e, tags[3])})" if e.kind in _COPY else f"({e.score:.2f})"
         deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
         out.append(f"{prefix}{'└── ' if last else '├── '}{deep}{e.child}  {what}{tag}{_label(e.child, tags[2])}")
         inner = prefix + ("    " if last else "│   ") if depth < MAX_INDENT else prefix
