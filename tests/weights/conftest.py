@@ -69,21 +69,59 @@ def make_pack_quantized(w: torch.Tensor, bits: int = 4, group: int = 16, name: s
             f"{name}.weight_shape": torch.tensor([rows, cols])}
 
 
-def make_bnb4(w: torch.Tensor, name: str = "layer", blocksize: int = 64) -> dict:
+def make_bnb4(w: torch.Tensor, name: str = "layer", blocksize: int = 64, nested: bool = False) -> dict:
     """bitsandbytes 4-bit tensors of ``w`` as transformers saves them: per block of ``blocksize`` flattened
     values the absmax, codes of the nearest of 16 book values (a linear book here; NF4's is another), two a
-    byte, the first in the high nibble; the quant state as JSON bytes."""
+    byte, the first in the high nibble; the quant state as JSON bytes. ``nested``: the absmaxes double
+    quantized (:func:`make_nested`)."""
     book = torch.linspace(-1, 1, 16)
     flat = w.reshape(-1, blocksize)  # (blocks, blocksize)
     absmax = flat.abs().amax(1)
     codes = ((flat / absmax[:, None]).reshape(-1, 1) - book).abs().argmin(1)  # (n,)
     packed = (codes[0::2] * 16 + codes[1::2]).to(torch.uint8).reshape(-1, 1)
-    state = json.dumps({"quant_type": "nf4", "blocksize": blocksize, "shape": list(w.shape)}).encode()
-    return {f"{name}.weight": packed, f"{name}.weight.absmax": absmax, f"{name}.weight.quant_map": book,
-            f"{name}.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)}
+    state = {"quant_type": "nf4", "blocksize": blocksize, "shape": list(w.shape)}
+    out = {f"{name}.weight": packed, f"{name}.weight.absmax": absmax, f"{name}.weight.quant_map": book}
+    if nested:
+        out.update(make_nested(absmax, f"{name}.weight", state))
+    out[f"{name}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    return out
+
+
+def make_nested(absmax: torch.Tensor, name: str, state: dict, block: int = 256) -> dict:
+    """Double quantization of ``absmax`` as bitsandbytes stores it: minus their mean (``nested_offset`` in
+    ``state``), 8-bit codes of the nearest of 256 book values per block of ``block`` absmaxes, scaled by the
+    block's largest |value| (``nested_absmax``)."""
+    offset = float(absmax.mean())
+    a = absmax - offset
+    pad = (-a.numel()) % block
+    scale = torch.nn.functional.pad(a, (0, pad)).reshape(-1, block).abs().amax(1)  # (nested blocks,)
+    book = torch.linspace(-1, 1, 256)
+    scaled = a / scale.repeat_interleave(block)[: a.numel()]
+    codes = (scaled[:, None] - book).abs().argmin(1).to(torch.uint8)  # (blocks,)
+    state.update(nested_blocksize=block, nested_offset=offset)
+    return {f"{name}.absmax": codes, f"{name}.nested_absmax": scale, f"{name}.nested_quant_map": book}
 
 
 def make_bnb8(w: torch.Tensor, name: str = "layer") -> dict:
     """LLM.int8 tensors of ``w``: int8 rows scaled to 127 at their largest |value|, and that value (SCB)."""
     scb = w.abs().amax(1)
     return {f"{name}.weight": torch.round(w / scb[:, None] * 127).to(torch.int8), f"{name}.SCB": scb}
+
+
+def make_mlx(x: torch.Tensor, bits: int = 4, group: int = 32, name: str = "a") -> dict:
+    """MLX affine tensors of (rows, cols) ``x`` quantized as mx.quantize does (module docstring of
+    mlx_affine): ``weight`` uint32 words of one little-endian bit stream per row, ``scales``, ``biases``."""
+    from modelatlas.weights import mlx_affine as M
+
+    levels = (1 << bits) - 1
+    g = x.reshape(x.shape[0], -1, group)  # (rows, groups, group)
+    hi, lo = g.amax(-1), g.amin(-1)
+    low = lo.abs() > hi.abs()
+    scale = torch.where(low, 1.0, -1.0) * ((hi - lo) / levels).clamp(min=1e-7)
+    edge = torch.where(low, lo, hi)
+    scale = edge / torch.round(edge / scale)
+    codes = M.quantize_codes(x, bits, group)
+    big = [sum(int(c) << (bits * i) for i, c in enumerate(row)) for row in codes.tolist()]
+    n_words = -(-codes.shape[1] * bits // 32)
+    words = torch.tensor([[(b >> (32 * k)) & 0xFFFFFFFF for k in range(n_words)] for b in big]).to(torch.uint32)
+    return {f"{name}.weight": words, f"{name}.scales": scale, f"{name}.biases": edge}

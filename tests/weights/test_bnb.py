@@ -29,9 +29,11 @@ def test_dequantize_4bit_blocks_over_the_flattened_matrix():
 def test_double_quantized_absmax():
     state = {"nested_blocksize": 256, "nested_offset": 0.25}
     nested_map = torch.tensor([0.5, 1.0])
-    got = B.absmax(torch.tensor([0, 1], dtype=torch.uint8), state, torch.tensor([4.0]), nested_map)
-    assert got.tolist() == [2.25, 4.25]  # map[code] * 4 + 0.25
-    assert B.absmax(torch.tensor([3.0]), state, None, None).tolist() == [3.0]  # stored as they are
+    names = {r: r for r in ("absmax", "nested_absmax", "nested_quant_map")}
+    parts = {"absmax": torch.tensor([0, 1], dtype=torch.uint8), "nested_absmax": torch.tensor([4.0]),
+             "nested_quant_map": nested_map}
+    assert B.block_absmax(parts, names, state).tolist() == [2.25, 4.25]  # map[code] * 4 + 0.25
+    assert B.block_absmax({"absmax": torch.tensor([3.0])}, names, state).tolist() == [3.0]  # stored as they are
 
 
 def test_requantize_4bit_takes_each_blocks_absmax_from_x():

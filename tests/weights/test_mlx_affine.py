@@ -5,6 +5,7 @@ import json
 
 import torch
 from safetensors.torch import save_file
+from tests.weights.conftest import make_mlx
 
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import open_checkpoint
@@ -43,21 +44,9 @@ def test_quantize_codes_makes_the_larger_edge_a_level():
 
 
 def make_mlx_model(folder, x: torch.Tensor, bits: int = 4, group: int = 32):
-    """One layer ``a`` of ``x`` quantized as mx.quantize does (module docstring of mlx_affine), saved as
-    mlx-lm saves a model."""
-    levels = (1 << bits) - 1
-    g = x.reshape(x.shape[0], -1, group)
-    hi, lo = g.amax(-1), g.amin(-1)
-    low = lo.abs() > hi.abs()
-    scale = torch.where(low, 1.0, -1.0) * ((hi - lo) / levels).clamp(min=1e-7)
-    edge = torch.where(low, lo, hi)
-    scale = edge / torch.round(edge / scale)
-    codes = M.quantize_codes(x, bits, group)
-    big = [sum(int(c) << (bits * i) for i, c in enumerate(row)) for row in codes.tolist()]
-    n_words = codes.shape[1] * bits // 32
-    words = torch.tensor([[(b >> (32 * k)) & 0xFFFFFFFF for k in range(n_words)] for b in big]).to(torch.uint32)
+    """One layer ``a`` of ``x`` quantized as mx.quantize does, saved as mlx-lm saves a model."""
     folder.mkdir()
-    save_file({"a.weight": words, "a.scales": scale, "a.biases": edge}, folder / "model.safetensors")
+    save_file(make_mlx(x, bits, group), folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"quantization": {"group_size": group, "bits": bits}}))
     return folder
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_gptq, make_pack_quantized
+from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
@@ -44,6 +44,32 @@ def make_fp8(scale: torch.Tensor, **extra) -> dict:
     return {"layer.weight": (w / w.abs().max() * 400).to(torch.float8_e4m3fn), "layer.weight_scale": scale, **extra}
 
 
+STATE = "layer.weight.quant_state.bitsandbytes__nf4"
+
+
+def make_json(value) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def make_bnb4_with(nested: bool = False, state=None, **changes) -> dict:
+    """A 4-bit layer (64 x 128, 128 blocks of 64) with stored parts changed (``changes``: role -> function of
+    the tensor, None drops it) or its JSON state updated by ``state``."""
+    t = make_bnb4(make_weight(), nested=nested)
+    if state is not None:
+        t[STATE] = make_json({**json.loads(bytes(t[STATE].tolist())), **state})
+    for k, v in changes.items():
+        name = "layer.weight" if k == "weight" else f"layer.weight.{k}"
+        t[name] = v(t[name])
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def make_bnb8_with(**changes) -> dict:
+    t = {**make_bnb8(make_weight()), "layer.weight_format": torch.tensor(0, dtype=torch.uint8)}
+    for k, v in changes.items():
+        t[f"layer.{k}"] = v(t[f"layer.{k}"])
+    return t
+
+
 REFUSED_WHEN_OPENED = {
     "gptq without qzeros": (make_gptq_with(qzeros=lambda t: None), None,
                             r"layer.qweight and layer.g_idx make a GPTQ layer, but layer.qzeros is missing"),
@@ -78,6 +104,46 @@ REFUSED_WHEN_OPENED = {
     "int scales": (make_fp8(torch.ones(64, 1, dtype=torch.int32)), None, "layer.weight_scale is int32, not scales"),
     "zero points of another shape": (make_fp8(torch.ones(64, 1), **{"layer.weight_zero_point": torch.ones(3, 1)}),
                                      None, r"layer.weight_zero_point has shape \(3, 1\)"),
+    "bnb4 state of a smaller shape": (make_bnb4_with(state={"shape": [64, 64]}), None,
+                                      rf"layer.weight holds 4096 bytes, but {STATE} says shape \[64, 64\]: 2048 bytes"),
+    "bnb4 state of a larger shape": (make_bnb4_with(state={"shape": [128, 128]}), None,
+                                     rf"layer.weight holds 4096 bytes, but {STATE} says shape \[128, 128\]: 8192"),
+    "bnb4 blocksize against absmax": (make_bnb4_with(state={"blocksize": 128}), None,
+                                      rf"layer.weight.absmax holds 128 values, but {STATE}'s blocksize 128 makes 64 blocks"),
+    "bnb4 absmax of other count": (make_bnb4_with(absmax=lambda t: t[:100]), None,
+                                   "layer.weight.absmax holds 100 values, but .* makes 128 blocks"),
+    "bnb4 quant_map of 8 values": (make_bnb4_with(quant_map=lambda t: t[:8]), None,
+                                   r"layer.weight.quant_map is float32 \(8,\), not the 16 values of 4-bit codes"),
+    "bnb4 int8 bytes": (make_bnb4_with(weight=lambda t: t.view(torch.int8)), None,
+                        r"layer.weight is int8 \(4096, 1\), not the uint8 bytes of 4-bit codes"),
+    "bnb4 state no object": (make_bnb4_with(**{STATE.removeprefix("layer.weight."): lambda t: make_json([1, 2])}),
+                             None, rf"{STATE}: the JSON quant state is a list, not an object"),
+    "bnb4 state of floats": (make_bnb4_with(**{STATE.removeprefix("layer.weight."): lambda t: t.float()}), None,
+                             rf"{STATE} is float32 \(\d+,\), not the uint8 bytes of a JSON quant state"),
+    "bnb4 without absmax": (make_bnb4_with(absmax=lambda t: None), None,
+                            rf"layer.weight and {STATE} make a bitsandbytes 4-bit layer, but layer.weight.absmax is missing"),
+    "bnb4 nested absmax without its map": (make_bnb4_with(nested=True, nested_quant_map=lambda t: None), None,
+                                           "layer.weight.nested_absmax is stored without layer.weight.nested_quant_map"),
+    "bnb4 nested map without its absmax": (make_bnb4_with(nested=True, nested_absmax=lambda t: None), None,
+                                           "layer.weight.nested_quant_map is stored without layer.weight.nested_absmax"),
+    "bnb4 uint8 absmax not nested": (make_bnb4_with(absmax=lambda t: t.to(torch.uint8)), None,
+                                     r"layer.weight.absmax is uint8 \(128,\): 8-bit codes of double quantization, but "
+                                     "layer.weight.nested_absmax and layer.weight.nested_quant_map are missing"),
+    "bnb4 nested blocksize against nested absmax": (make_bnb4_with(nested=True, state={"nested_blocksize": 64}), None,
+                                                    "layer.weight.nested_absmax holds 1 values, but .*nested_blocksize 64 "
+                                                    "makes 2 blocks of the 128 absmax codes"),
+    "bnb4 NaN nested_offset": (make_bnb4_with(nested=True, state={"nested_offset": float("nan")}), None,
+                               rf"{STATE}: 'nested_offset' nan is no finite number"),
+    "bnb4 nested map of 300 values": (make_bnb4_with(nested=True, nested_quant_map=lambda t: torch.zeros(300)), None,
+                                      r"layer.weight.nested_quant_map is float32 \(300,\), not a book of up to 256 values"),
+    "bnb8 SCB of other rows": (make_bnb8_with(SCB=lambda t: t[:32]), None,
+                               r"layer.SCB is float32 \(32,\), not one scale for each of the 64 rows of layer.weight"),
+    "bnb8 one SCB": (make_bnb8_with(SCB=lambda t: t[:1]), None, r"layer.SCB is float32 \(1,\), not one scale"),
+    "bnb8 int SCB": (make_bnb8_with(SCB=lambda t: t.int()), None, r"layer.SCB is int32 \(64,\), not one scale"),
+    "bnb8 1-D weight": (make_bnb8_with(weight=lambda t: t.reshape(-1)), None,
+                        r"layer.weight is int8 \(8192,\), not the \(rows, columns\) matrix of an LLM.int8 layer"),
+    "bnb8 col32 format": (make_bnb8_with(weight_format=lambda t: t + 1), None,
+                          r"layer.weight_format is 1 \(col32\): only the row format \(0\) is read"),
 }
 
 
@@ -97,6 +163,17 @@ REFUSED_WHEN_READ = {
     "inf packed scale": (make_packed_with(scale=lambda t: t.index_fill(1, torch.tensor([2]), float("inf"))),
                          "layer.weight_scale holds NaN or infinite scales"),
     "NaN fp8 scale": (make_fp8(torch.full((64, 1), float("nan"))), "layer.weight_scale holds NaN"),
+    "NaN bnb4 absmax": (make_bnb4_with(absmax=lambda t: t.index_fill(0, torch.tensor([3]), float("nan"))),
+                        "layer.weight.absmax holds NaN or infinite scales"),
+    "inf nested absmax": (make_bnb4_with(nested=True, nested_absmax=lambda t: t.fill_(float("inf"))),
+                          "layer.weight.nested_absmax holds NaN or infinite scales"),
+    "NaN bnb4 quant_map": (make_bnb4_with(quant_map=lambda t: t.index_fill(0, torch.tensor([2]), float("nan"))),
+                           "layer.weight.quant_map holds NaN or infinite values"),
+    "NaN nested quant_map": (make_bnb4_with(nested=True, nested_quant_map=lambda t: t.fill_(float("nan"))),
+                             "layer.weight.nested_quant_map holds NaN or infinite values"),
+    "code past the nested map": (make_bnb4_with(nested=True, nested_quant_map=lambda t: t[:16]),
+                                 r"layer.weight.absmax holds codes up to \d+, but layer.weight.nested_quant_map has 16 values"),
+    "NaN SCB": (make_bnb8_with(SCB=lambda t: t.index_fill(0, torch.tensor([5]), float("nan"))), "layer.SCB holds NaN"),
 }
 
 

@@ -10,16 +10,24 @@ Quantizing: ``absmax`` is the block's largest ``|x|``, and the code the nearest 
 ``x / absmax`` (the midpoints between sorted values decide).
 
 8-bit (LLM.int8): ``weight`` is int8 and ``SCB`` one float per row: ``weight * SCB / 127``, quantized as
-``round(x * (127 / max |row|))``. Pure tensor functions: no I/O. Time O(P) for P weights.
+``round(x * (127 / max |row|))``. Pure tensor functions: no I/O; :func:`check_4bit` and :func:`check_int8`
+check the stored parts from their headers, :func:`block_absmax` the values only reading shows. Time O(P)
+for P weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
+from modelatlas.weights import packed_ints as P
+from modelatlas.weights.base import TensorInfo
+
 STATE = "quant_state.bitsandbytes__"  # + "nf4" / "fp4": the name ending of a 4-bit layer's JSON state
+MAX_STATE = 1 << 16  # bytes of JSON state read when a model is opened (bitsandbytes writes ~170)
+FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # LLM.int8 ``weight_format``: only row read
 
 
 def parse_state(raw: torch.Tensor, where: str) -> dict:
@@ -27,14 +35,91 @@ def parse_state(raw: torch.Tensor, where: str) -> dict:
     ``blocksize``; a ValueError naming ``where`` otherwise."""
     try:
         state = json.loads(bytes(raw.flatten().tolist()).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{where}: not the JSON of a bitsandbytes quant state ({e})") from e
-    shape, block = state.get("shape") if isinstance(state, dict) else None, state.get("blocksize")
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: the JSON quant state is a {type(state).__name__}, not an object")
+    shape, block = state.get("shape"), state.get("blocksize")
     if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"{where}: 'shape' {shape!r} is no list of positive sizes")
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"{where}: 'blocksize' {block!r} is no positive integer")
+    nested_block, offset = state.get("nested_blocksize", 256), state.get("nested_offset", 0.0)
+    if not isinstance(nested_block, int) or isinstance(nested_block, bool) or nested_block < 1:
+        raise ValueError(f"{where}: 'nested_blocksize' {nested_block!r} is no positive integer")
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+        raise ValueError(f"{where}: 'nested_offset' {offset!r} is no finite number")
     return state
+
+
+def check_state(info: TensorInfo) -> None:
+    """A ValueError naming a 4-bit layer's JSON state tensor unless it is up to :data:`MAX_STATE` uint8 bytes
+    (it is read when the model is opened). Header only."""
+    if info.dtype != "uint8" or len(info.shape) != 1 or info.numel > MAX_STATE:
+        raise ValueError(f"{info.name} is {info.dtype} {tuple(info.shape)}, not the uint8 bytes of a JSON quant "
+                         f"state (up to {MAX_STATE})")
+
+
+def check_4bit(infos: dict[str, TensorInfo], state: dict, where: str) -> None:
+    """A ValueError naming the tensor when a 4-bit layer's stored parts (``infos``: role -> header) do not fit
+    its JSON state ``where`` says: ``weight`` uint8 of two codes a byte for ``state["shape"]``, one ``absmax``
+    per ``blocksize`` values (float, or uint8 codes with both nested parts, one ``nested_absmax`` per
+    ``nested_blocksize`` codes), a 16-value ``quant_map``. Header only, time O(1)."""
+    weight, absmax, book = infos["weight"], infos["absmax"], infos["quant_map"]
+    n = math.prod(state["shape"])
+    if weight.dtype != "uint8":
+        raise ValueError(f"{weight.name} is {weight.dtype} {tuple(weight.shape)}, not the uint8 bytes of 4-bit codes")
+    if weight.numel != -(-n // 2):
+        raise ValueError(f"{weight.name} holds {weight.numel} bytes, but {where} says shape {state['shape']}: "
+                         f"{-(-n // 2)} bytes of two 4-bit codes")
+    if len(book.shape) != 1 or book.numel != 16 or not _floats(book):
+        raise ValueError(f"{book.name} is {book.dtype} {tuple(book.shape)}, not the 16 values of 4-bit codes")
+    blocks = -(-n // state["blocksize"])
+    if len(absmax.shape) != 1 or absmax.numel != blocks:
+        raise ValueError(f"{absmax.name} holds {absmax.numel} values, but {where}'s blocksize {state['blocksize']} "
+                         f"makes {blocks} blocks of the {n} weights")
+    _check_nested(infos, state, where)
+
+
+def _check_nested(infos: dict[str, TensorInfo], state: dict, where: str) -> None:
+    """:func:`check_4bit` of the absmaxes: float, or 8-bit codes of double quantization with both nested parts."""
+    absmax, scale, book = infos["absmax"], infos.get("nested_absmax"), infos.get("nested_quant_map")
+    if (scale is None) != (book is None):
+        have, lack = (scale, "nested_quant_map") if book is None else (book, "nested_absmax")
+        raise ValueError(f"{have.name} is stored without {absmax.name.removesuffix('absmax')}{lack}")
+    if scale is None:
+        if not _floats(absmax):
+            raise ValueError(f"{absmax.name} is {absmax.dtype} {tuple(absmax.shape)}: 8-bit codes of double "
+                             f"quantization, but {absmax.name.removesuffix('absmax')}nested_absmax and "
+                             f"{absmax.name.removesuffix('absmax')}nested_quant_map are missing")
+        return
+    if absmax.dtype != "uint8":
+        raise ValueError(f"{absmax.name} is {absmax.dtype}, not the uint8 codes {scale.name} scales")
+    if len(book.shape) != 1 or not 0 < book.numel <= 256 or not _floats(book):
+        raise ValueError(f"{book.name} is {book.dtype} {tuple(book.shape)}, not a book of up to 256 values")
+    blocks, nested = -(-absmax.numel // state.get("nested_blocksize", 256)), state.get("nested_blocksize", 256)
+    if len(scale.shape) != 1 or scale.numel != blocks or not _floats(scale):
+        raise ValueError(f"{scale.name} holds {scale.numel} values, but {where}'s nested_blocksize {nested} "
+                         f"makes {blocks} blocks of the {absmax.numel} absmax codes")
+
+
+def _floats(info: TensorInfo) -> bool:
+    return info.dtype.startswith(("float", "bfloat"))
+
+
+def check_int8(weight: TensorInfo, scb: TensorInfo, fmt: int | None) -> None:
+    """A ValueError naming the tensor unless an LLM.int8 layer is a 2-D int8 ``weight`` with one float ``SCB``
+    per row, stored in the row format (``fmt``, the ``weight_format`` value; None when not saved). Header
+    only but the format's value."""
+    if len(weight.shape) != 2:
+        raise ValueError(f"{weight.name} is {weight.dtype} {tuple(weight.shape)}, not the (rows, columns) matrix "
+                         "of an LLM.int8 layer")
+    if tuple(scb.shape) != (weight.shape[0],) or not _floats(scb):
+        raise ValueError(f"{scb.name} is {scb.dtype} {tuple(scb.shape)}, not one scale for each of the "
+                         f"{weight.shape[0]} rows of {weight.name}")
+    if fmt not in (None, 0):
+        raise ValueError(f"{weight.name}_format is {fmt} ({FORMATS.get(fmt, 'unknown')}): only the row format (0) "
+                         "is read, as bitsandbytes loads it")
 
 
 def nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -43,14 +128,27 @@ def nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]  # (2 * bytes,) -> (n,)
 
 
-def absmax(stored: torch.Tensor, state: dict, nested_absmax: torch.Tensor | None,
-           nested_map: torch.Tensor | None) -> torch.Tensor:
-    """Each block's absmax as float32: as stored, or decoded from its 8-bit codes (double quantization)."""
-    if nested_absmax is None:
-        return stored.float()
-    block = int(state.get("nested_blocksize", 256))
-    scale = nested_absmax.float().repeat_interleave(block)[: stored.numel()]  # (blocks,)
-    return nested_map.float()[stored.long()] * scale + float(state.get("nested_offset", 0.0))
+def block_absmax(parts: dict[str, torch.Tensor], names: dict[str, str], state: dict) -> torch.Tensor:
+    """Each block's absmax of a 4-bit layer as float32 (``parts``, ``names``: its stored tensors and their names
+    by role): as stored, or decoded from 8-bit codes under double quantization, ``nested_quant_map[code] *
+    nested_absmax[code's block] + nested_offset``. A ValueError naming the tensor for what the headers cannot
+    show: a NaN or infinite book value or absmax, a code past the nested book. Time O(blocks)."""
+    for role in ("quant_map", "nested_quant_map"):
+        if role in parts and not bool(torch.isfinite(parts[role].float()).all()):
+            raise ValueError(f"{names[role]} holds NaN or infinite values (a corrupt checkpoint)")
+    stored = parts["absmax"]
+    if "nested_absmax" not in parts:
+        out = stored.float()
+    else:
+        book, scale = parts["nested_quant_map"].float(), parts["nested_absmax"].float()
+        P.check_finite(scale, names["nested_absmax"])
+        if stored.numel() and int(stored.max()) >= book.numel():
+            raise ValueError(f"{names['absmax']} holds codes up to {int(stored.max())}, but {names['nested_quant_map']} "
+                             f"has {book.numel()} values")
+        scale = scale.repeat_interleave(int(state.get("nested_blocksize", 256)))[: stored.numel()]  # (blocks,)
+        out = book[stored.long()] * scale + float(state.get("nested_offset", 0.0))
+    P.check_finite(out, names["absmax"])
+    return out
 
 
 def dequantize_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map: torch.Tensor,

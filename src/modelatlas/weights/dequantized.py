@@ -38,7 +38,7 @@ from modelatlas.weights.scaled import requantized_share, scale_values, scaled_we
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
-_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", ".SCB", ".biases")  # endings of a dequantized layer's parts
+_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases")  # endings of a dequantized layer's parts
 _REQUANTIZED = ("bnb4", "bnb8", "mlx")  # tested by quantizing the source again, its scales from itself
 
 
@@ -112,9 +112,11 @@ class DequantizedCheckpoint(Checkpoint):
         """The layer's stored tensors by role (scales as float32), with what their headers cannot tell checked:
         finite scales, group numbers (``g_idx``) of existing groups. Time O(stored size)."""
         parts = {role: self.inner.read(p) for role, p in layer.parts.items()}
-        if layer.scheme in _REQUANTIZED:
-            key = {"bnb4": "absmax", "bnb8": "scb", "mlx": "scales"}[layer.scheme]
+        if layer.scheme == "bnb4":
+            parts["absmax"] = B.block_absmax(parts, layer.parts, B.parse_state(parts["state"], layer.parts["state"]))
+        for key in {"bnb8": ("scb",), "mlx": ("scales", "biases")}.get(layer.scheme, ()):
             P.check_finite(parts[key].float(), layer.parts[key])
+        if layer.scheme in _REQUANTIZED:
             return parts
         key = "scales" if layer.scheme == "gptq" else "scale"
         parts[key] = scale_values(parts[key])
@@ -134,8 +136,7 @@ class DequantizedCheckpoint(Checkpoint):
                                            layer.bits, get("g_idx"), layer.group_size)
         if layer.scheme == "bnb4":
             state = B.parse_state(get("state"), layer.parts["state"])
-            scale = B.absmax(get("absmax"), state, get("nested_absmax"), get("nested_quant_map"))
-            return B.dequantize_4bit(get("weight"), scale, get("quant_map"), state)
+            return B.dequantize_4bit(get("weight"), get("absmax"), get("quant_map"), state)
         if layer.scheme == "bnb8":
             return B.dequantize_int8(get("weight"), get("scb"))
         if layer.scheme == "mlx":

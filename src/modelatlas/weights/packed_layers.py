@@ -129,20 +129,37 @@ def _scaled(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLaye
 
 def _bnb(name: str, infos: dict[str, TensorInfo], read) -> PackedLayer | None:
     """A bitsandbytes layer: 4-bit (``weight`` uint8 + ``weight.absmax``, ``weight.quant_map`` and its JSON
-    ``weight.quant_state.bitsandbytes__nf4``) or LLM.int8 (``weight`` int8 + ``SCB`` beside it)."""
+    ``weight.quant_state.bitsandbytes__nf4``) or LLM.int8 (``weight`` int8 + ``SCB`` beside it), its parts
+    checked (:func:`~.bnb.check_4bit`, :func:`~.bnb.check_int8`: reads the JSON state, the format flag)."""
     state = next((f"{name}.{B.STATE}{t}" for t in ("nf4", "fp4") if f"{name}.{B.STATE}{t}" in infos), None)
-    if state is not None and f"{name}.absmax" in infos and f"{name}.quant_map" in infos:
+    if state is not None:
         parts = {r: f"{name}.{r}" for r in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
+        missing = [parts[r] for r in ("absmax", "quant_map") if parts[r] not in infos]
+        if missing:
+            raise ValueError(f"{name} and {state} make a bitsandbytes 4-bit layer, but {missing[0]} is missing")
         parts = {"weight": name, "state": state, **{r: p for r, p in parts.items() if p in infos}}
-        shape = tuple(B.parse_state(read(state), state)["shape"])
-        return PackedLayer(name, "bnb4", shape, state.rpartition("__")[2].upper(), 4, parts)
+        B.check_state(infos[state])
+        parsed = B.parse_state(read(state), state)
+        B.check_4bit({r: infos[p] for r, p in parts.items()}, parsed, state)
+        return PackedLayer(name, "bnb4", tuple(parsed["shape"]), state.rpartition("__")[2].upper(), 4, parts)
     scb = name.removesuffix("weight") + "SCB"
     if name.endswith(".weight") and infos[name].dtype == "int8" and scb in infos:
         parts = {"weight": name, "scb": scb}
-        fmt = name + "_format"  # a format flag transformers saves beside it (not a weight)
+        fmt = name + "_format"  # a format flag transformers saves beside it (not a weight): 0, row-major
         parts.update({"format": fmt} if fmt in infos else {})
+        B.check_int8(infos[name], infos[scb], _flag(infos.get(fmt), read))
         return PackedLayer(name, "bnb8", tuple(infos[name].shape), "LLM-INT8", 8, parts)
     return None
+
+
+def _flag(info: TensorInfo | None, read) -> int | None:
+    """The integer value of a one-value flag tensor (bitsandbytes' ``weight_format``), None when absent; a
+    ValueError naming it when it is no single integer."""
+    if info is None:
+        return None
+    if info.numel != 1 or not info.dtype.startswith(_INTS):
+        raise ValueError(f"{info.name} is {info.dtype} {tuple(info.shape)}, not a one-value format flag")
+    return int(read(info.name).reshape(-1)[0])
 
 
 def _mlx(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
