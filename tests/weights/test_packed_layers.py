@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized
+from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_mlx, make_pack_quantized
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
@@ -68,6 +68,17 @@ def make_bnb8_with(**changes) -> dict:
     for k, v in changes.items():
         t[f"layer.{k}"] = v(t[f"layer.{k}"])
     return t
+
+
+def make_mlx_with(**changes) -> dict:
+    """An MLX 4-bit layer (64 x 128 in groups of 32: words (64, 16), scales (64, 4)) with parts changed."""
+    t = make_mlx(make_weight(), bits=4, group=32, name="layer")
+    for k, v in changes.items():
+        t[f"layer.{k}"] = v(t[f"layer.{k}"])
+    return t
+
+
+MLX = {"quant_method": "mlx", "group_size": 32, "bits": 4}  # read from config.json's "quantization_config"
 
 
 REFUSED_WHEN_OPENED = {
@@ -144,6 +155,18 @@ REFUSED_WHEN_OPENED = {
                         r"layer.weight is int8 \(8192,\), not the \(rows, columns\) matrix of an LLM.int8 layer"),
     "bnb8 col32 format": (make_bnb8_with(weight_format=lambda t: t + 1), None,
                           r"layer.weight_format is 1 \(col32\): only the row format \(0\) is read"),
+    "mlx float bits": (make_mlx_with(), {**MLX, "bits": 4.0}, r"layer.weight: uint32 codes .* \(bits 4.0, group_size 32\)"),
+    "mlx per-layer entry without bits": (make_mlx_with(), {**MLX, "layer": {"group_size": 32}},
+                                         r"layer.weight: uint32 codes .* but its entry 'layer' in the config.json's "
+                                         r"quantization names no bits .* \(bits None, group_size 32\)"),
+    "mlx per-layer entry false": (make_mlx_with(), {**MLX, "layer": False},
+                                  "layer.weight: uint32 codes .* but its entry 'layer' in the config.json's quantization "
+                                  "is false: no settings of a quantized layer"),
+    "mlx bits against the words": (make_mlx_with(), {**MLX, "bits": 8},
+                                   r"layer.weight \(64, 16\) does not hold 8-bit codes for layer.scales \(64, 4\)"),
+    "mlx biases of another shape": (make_mlx_with(biases=lambda t: t[:, :2]), MLX,
+                                    r"layer.weight \(64, 16\) does not hold 4-bit codes .* layer.biases \(64, 2\)"),
+    "mlx int scales": (make_mlx_with(scales=lambda t: t.int()), MLX, r"layer.scales is int32, not float scales"),
 }
 
 
@@ -174,13 +197,17 @@ REFUSED_WHEN_READ = {
     "code past the nested map": (make_bnb4_with(nested=True, nested_quant_map=lambda t: t[:16]),
                                  r"layer.weight.absmax holds codes up to \d+, but layer.weight.nested_quant_map has 16 values"),
     "NaN SCB": (make_bnb8_with(SCB=lambda t: t.index_fill(0, torch.tensor([5]), float("nan"))), "layer.SCB holds NaN"),
+    "inf mlx scales": (make_mlx_with(scales=lambda t: t.index_fill(1, torch.tensor([1]), float("inf"))),
+                       "layer.scales holds NaN or infinite scales"),
+    "NaN mlx biases": (make_mlx_with(biases=lambda t: t.index_fill(1, torch.tensor([1]), float("nan"))),
+                       "layer.biases holds NaN or infinite"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED_WHEN_READ))
 def test_values_that_do_not_fit_are_refused_when_read(tmp_path, case):
     tensors, message = REFUSED_WHEN_READ[case]
-    with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck:
+    with open_checkpoint(make_model(tmp_path / "m", tensors, MLX if "mlx" in case else None)) as ck:
         for check in (lambda: ck.read("layer.weight"), lambda: ck.requantized_match("layer.weight", make_weight())):
             with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: cannot dequantize 'layer.weight' "
                                                       rf"\([A-Z0-9-]+\): {message}"):

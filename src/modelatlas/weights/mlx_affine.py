@@ -9,14 +9,31 @@ layers quantized otherwise). Quantizing (``mx.quantize``, mode ``affine``), per 
 scale is ``(max - min) / (2**bits - 1)`` (at least 1e-7), signed so that the edge of larger magnitude is
 exactly a level (``edge / round(edge / scale)``), the bias that edge (0 when it rounds to level 0), the code
 ``round((w - bias) / scale)`` clamped to the levels; the scales and biases are then stored in the weights'
-dtype. Pure tensor functions: no I/O. Time O(P) for P weights.
+dtype. Pure tensor functions: no I/O; :func:`layout` checks a layer's parts from their headers. Time O(P)
+for P weights.
 """
 
 from __future__ import annotations
 
 import torch
 
+from modelatlas.weights.base import TensorInfo
+
 BITS = (2, 3, 4, 5, 6, 8)
+
+
+def layout(weight: TensorInfo, scales: TensorInfo, biases: TensorInfo, bits: int, group_size: int) -> tuple[int, ...]:
+    """The (rows, groups * group_size) shape an affine-quantized layer reads as; a ValueError naming the tensor
+    unless ``scales`` and ``biases`` are float (rows, groups) and ``weight`` (rows, W) holds the
+    ``groups * group_size * bits`` bits of each row in its W uint32 words. Header only, time O(1)."""
+    for t, what in ((scales, "scales"), (biases, "biases")):
+        if not t.dtype.startswith(("float", "bfloat")):
+            raise ValueError(f"{t.name} is {t.dtype}, not float {what}")
+    w, s = tuple(weight.shape), tuple(scales.shape)
+    if len(w) != 2 or len(s) != 2 or s[0] != w[0] or tuple(biases.shape) != s or -(-s[1] * group_size * bits // 32) != w[1]:
+        raise ValueError(f"{weight.name} {w} does not hold {bits}-bit codes for {scales.name} {s} and {biases.name} "
+                         f"{tuple(biases.shape)} in groups of {group_size}")
+    return (w[0], s[1] * group_size)
 
 
 def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:

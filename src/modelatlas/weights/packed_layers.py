@@ -14,6 +14,7 @@ two-value ``weight_shape`` tensors. Time O(tensors).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from modelatlas.weights import bnb as B
@@ -165,27 +166,31 @@ def _flag(info: TensorInfo | None, read) -> int | None:
 def _mlx(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
     """An MLX affine-quantized layer: ``weight`` uint32 words with ``scales`` and ``biases`` beside it, its bits
     and group size from the config's ``quantization`` (an entry of its own for a layer quantized otherwise);
-    other MLX modes (mxfp4, ...) are left as stored. Raises when the config names none or the shapes do not fit."""
+    other MLX modes (mxfp4, ...) are left as stored. Raises when the config names none, its entry says the layer
+    is not quantized, or the shapes do not fit (:func:`~.mlx_affine.layout`)."""
     base = name.removesuffix(".weight")
     parts = {"weight": name, "scales": f"{base}.scales", "biases": f"{base}.biases"}
     if base == name or infos[name].dtype != "uint32" or not all(p in infos for p in parts.values()):
         return None
+    stored = f"{name}: uint32 codes with {parts['scales']} and {parts['biases']} (MLX), but"
     own = config.get(base)
+    where = f"its entry {base!r} in the config.json's quantization" if own is not None else "the config.json beside it"
+    if own is not None and own is not True and not isinstance(own, dict):  # False: a layer mlx-lm left as it was
+        raise ValueError(f"{stored} {where} is {json.dumps(own)}: no settings of a quantized layer")
     settings = own if isinstance(own, dict) else config
     if settings.get("mode", "affine") != "affine":
         return None
     bits, group = settings.get("bits"), settings.get("group_size")
-    if bits not in M.BITS or not isinstance(group, int) or group < 1:
-        raise ValueError(f"{name}: uint32 codes with {parts['scales']} and {parts['biases']} (MLX), but the "
-                         f"config.json beside it names no 'quantization' bits (2-8) and group_size for them "
-                         f"(bits {bits!r}, group_size {group!r})")
-    rows, words = infos[name].shape if len(infos[name].shape) == 2 else (0, 0)
-    scales = infos[parts["scales"]].shape
-    if len(scales) != 2 or scales[0] != rows or infos[parts["biases"]].shape != scales \
-            or -(-scales[1] * group * bits // 32) != words:
-        raise ValueError(f"{name} {infos[name].shape} does not hold {bits}-bit codes for {parts['scales']} "
-                         f"{scales} and {parts['biases']} {infos[parts['biases']].shape} in groups of {group}")
-    return PackedLayer(name, "mlx", (rows, scales[1] * group), f"MLX-{bits}BIT", bits, parts, group_size=group)
+    if not _is_int(bits) or bits not in M.BITS or not _is_int(group) or group < 1:
+        what = "bits" if own is not None else "'quantization' bits"
+        raise ValueError(f"{stored} {where} names no {what} (2-8) and group_size for them (bits {bits!r}, "
+                         f"group_size {group!r})")
+    shape = M.layout(infos[name], infos[parts["scales"]], infos[parts["biases"]], bits, group)
+    return PackedLayer(name, "mlx", shape, f"MLX-{bits}BIT", bits, parts, group_size=group)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _weights_config(config: dict) -> dict:
