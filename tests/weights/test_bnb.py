@@ -62,3 +62,41 @@ def test_parse_state_names_what_is_wrong():
         B.parse_state(make_state([0, 4]), "s")
     with pytest.raises(ValueError, match="'blocksize' 'x' is no positive integer"):
         B.parse_state(make_state([2, 2], blocksize="x"), "s")
+
+
+def make_reference_4bit(packed: torch.Tensor, absmax: torch.Tensor, book: torch.Tensor, shape, block: int):
+    """The weight as the reader computed it before it decoded in chunks: int64 codes and block numbers of
+    the whole matrix."""
+    n = shape[0] * shape[1]
+    b = packed.reshape(-1).to(torch.int64)
+    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]
+    return (book[codes] * absmax[torch.arange(n) // block]).reshape(shape)
+
+
+@pytest.mark.parametrize(("shape", "block"), [((37, 96), 64), ((5, 7), 3), ((64, 64), 64)])
+def test_chunks_read_the_same_bits(shape, block):
+    """Decoding and quantizing in chunks (whole blocks, an even count of values) gives bit for bit what the
+    whole matrix at once does, for a last block cut short and an odd block size too."""
+    g = torch.Generator().manual_seed(0)
+    n = shape[0] * shape[1]
+    packed = torch.randint(0, 256, (-(-n // 2), 1), dtype=torch.uint8, generator=g)
+    absmax, book = torch.rand(-(-n // block), generator=g), torch.randn(16, generator=g)
+    state = {"shape": list(shape), "blocksize": block}
+    want = make_reference_4bit(packed, absmax, book, shape, block)
+    for chunk in (1, 10, 200, 1 << 20):
+        assert torch.equal(B.dequantize_4bit(packed, absmax, book, state, chunk=chunk).view(torch.int32),
+                           want.view(torch.int32))
+    x = torch.randn(shape, generator=g)
+    same = int((B.requantize_4bit(x, book, block) == B.nibbles(packed, n)).sum())
+    assert {B.requantized_share_4bit(x, packed, book, block, chunk=c) * n for c in (1, 10, 1 << 20)} == {same}
+    assert B.requantized_share_4bit(want, packed, book.sort().values, block, chunk=10) < 1.0
+
+
+def test_int8_in_place_and_in_chunks_is_the_same():
+    g = torch.Generator().manual_seed(1)
+    w, scb = torch.randint(-127, 128, (33, 17), dtype=torch.int8, generator=g), torch.rand(33, generator=g)
+    want = w.float() * scb.reshape(-1, 1) * (1.0 / 127)  # the formula as written before
+    assert torch.equal(B.dequantize_int8(w, scb).view(torch.int32), want.view(torch.int32))
+    x = torch.randn(33, 17, generator=g)
+    same = int((B.requantize_int8(x) == B.requantize_int8(x * 1.001)).sum())
+    assert B.requantized_share_int8(x * 1.001, B.requantize_int8(x), chunk=40) * x.numel() == same

@@ -3,10 +3,12 @@ bench/lineage_mlx.py: docs/benchmarks.md, "Session 29")."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from tests.weights.conftest import make_mlx
 
+from modelatlas.errors import CheckpointError
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import open_checkpoint
 
@@ -66,10 +68,6 @@ def test_an_mlx_model_reads_and_requantizes(tmp_path):
 
 
 def test_an_mlx_model_without_its_settings_is_refused_naming_them(tmp_path):
-    import pytest
-
-    from modelatlas.errors import CheckpointError
-
     folder = make_mlx_model(tmp_path / "m", torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
     (folder / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"a.weight: uint32 codes with a.scales and a.biases \(MLX\), but the "
@@ -77,3 +75,28 @@ def test_an_mlx_model_without_its_settings_is_refused_naming_them(tmp_path):
         open_checkpoint(folder)
     (folder / "config.json").write_text(json.dumps({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}))
     assert "a.scales" in open_checkpoint(folder).keys()  # another mode: left as stored
+
+
+def make_reference_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The codes as the reader unpacked them before it worked in chunks of rows: (rows, n) int64."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    start = torch.arange(n) * bits
+    return ((w[:, start // 32] | (w[:, start // 32 + 1] << 32)) >> (start % 32)) & ((1 << bits) - 1)
+
+
+@pytest.mark.parametrize("bits", M.BITS)
+def test_chunks_of_rows_read_the_same_bits(bits):
+    g = torch.Generator().manual_seed(bits)
+    rows, groups, group = 37, 3, 32
+    words = torch.randint(0, 2**32, (rows, groups * group * bits // 32), dtype=torch.int64, generator=g)
+    words = words.to(torch.uint32)
+    scales, biases = torch.randn(rows, groups, generator=g).bfloat16(), torch.randn(rows, groups, generator=g).bfloat16()
+    codes = make_reference_codes(words, bits, groups * group)
+    want = codes.float() * scales.float().repeat_interleave(group, 1) + biases.float().repeat_interleave(group, 1)
+    for chunk in (1, 200, 1 << 20):
+        assert torch.equal(M.dequantize(words, scales, biases, bits, group, chunk=chunk).view(torch.int32),
+                           want.view(torch.int32))
+    x = want + 0.3 * torch.randn(rows, groups * group, generator=g) * scales.float().repeat_interleave(group, 1)
+    same = int((M.quantize_codes(x, bits, group) == codes).sum())
+    assert {M.requantized_share(x, words, bits, group, chunk=c) * x.numel() for c in (1, 200, 1 << 20)} == {same}

@@ -27,6 +27,7 @@ from modelatlas.weights.base import TensorInfo
 
 STATE = "quant_state.bitsandbytes__"  # + "nf4" / "fp4": the name ending of a 4-bit layer's JSON state
 MAX_STATE = 1 << 16  # bytes of JSON state read when a model is opened (bitsandbytes writes ~170)
+CHUNK = 1 << 20  # values decoded or quantized at a time: int64 temporaries of 8 MiB
 FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # LLM.int8 ``weight_format``: only row read
 
 
@@ -123,9 +124,14 @@ def check_int8(weight: TensorInfo, scb: TensorInfo, fmt: int | None) -> None:
 
 
 def nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` 4-bit codes of uint8 ``packed``, the high nibble of each byte first: (n,) int64."""
-    b = packed.reshape(-1).to(torch.int64)  # (bytes,)
-    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]  # (2 * bytes,) -> (n,)
+    """The first ``n`` 4-bit codes of uint8 ``packed``, the high nibble of each byte first: (n,) uint8."""
+    b = packed.reshape(-1)  # (bytes,)
+    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]  # (bytes, 2) -> (2 * bytes,) -> (n,)
+
+
+def _step(block: int, chunk: int) -> int:
+    """Values per chunk: whole blocks of ``block``, about ``chunk``, an even count (whole bytes of codes)."""
+    return max(2, chunk // block // 2 * 2) * block
 
 
 def block_absmax(parts: dict[str, torch.Tensor], names: dict[str, str], state: dict) -> torch.Tensor:
@@ -152,20 +158,25 @@ def block_absmax(parts: dict[str, torch.Tensor], names: dict[str, str], state: d
 
 
 def dequantize_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map: torch.Tensor,
-                    state: dict) -> torch.Tensor:
-    """A 4-bit layer's float32 weight of ``state["shape"]``: ``quant_map[code] * absmax`` of its block."""
+                    state: dict, chunk: int = CHUNK) -> torch.Tensor:
+    """A 4-bit layer's float32 weight of ``state["shape"]``: ``quant_map[code] * absmax`` of its block, decoded
+    about ``chunk`` values (whole blocks) at a time into the result. Memory O(P) for the result plus O(chunk)
+    (16 MiB of temporaries per million values), time O(P)."""
     shape, block = state["shape"], state["blocksize"]
-    n = 1
-    for s in shape:
-        n *= s
-    codes = nibbles(packed, n)  # (n,)
-    blocks = torch.arange(n) // block  # (n,): each value's block
-    return (quant_map.float()[codes] * block_absmax[blocks]).reshape(shape)
+    n, book, b = math.prod(shape), quant_map.float(), packed.reshape(-1)
+    out, step = torch.empty(n), _step(block, chunk)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        codes = nibbles(b[start // 2 : -(-stop // 2)], stop - start)  # (m,) the chunk's codes
+        scale = block_absmax[start // block : -(-stop // block)].repeat_interleave(block)[: stop - start]  # (m,)
+        torch.mul(book[codes.long()], scale, out=out[start:stop])
+    return out.reshape(shape)
 
 
 def requantize_4bit(x: torch.Tensor, quant_map: torch.Tensor, block: int) -> torch.Tensor:
     """The 4-bit codes quantizing ``x`` gives (flattened): each block's absmax from ``x`` itself, then the
-    nearest ``quant_map`` value to ``x / absmax``, clamped to [-1, 1]. (n,) int64."""
+    nearest ``quant_map`` value to ``x / absmax``, clamped to [-1, 1]. (n,) uint8; memory O(n) (called on
+    chunks by :func:`requantized_share_4bit`)."""
     flat = x.reshape(-1).float()  # (n,)
     n = flat.numel()
     pad = (-n) % block
@@ -174,15 +185,41 @@ def requantize_4bit(x: torch.Tensor, quant_map: torch.Tensor, block: int) -> tor
     scaled = torch.clamp(blocks * (1.0 / scale[:, None]), -1, 1).reshape(-1)[:n]  # (n,)
     values, order = torch.sort(quant_map.float())
     nearest = torch.bucketize(scaled, (values[:-1] + values[1:]) / 2)  # index into the sorted values
-    return order[nearest]
+    return order.to(torch.uint8)[nearest]
+
+
+def requantized_share_4bit(x: torch.Tensor, packed: torch.Tensor, quant_map: torch.Tensor, block: int,
+                           chunk: int = CHUNK) -> float:
+    """Share of a 4-bit layer's stored codes (``packed``) that quantizing ``x`` gives (:func:`requantize_4bit`),
+    about ``chunk`` values (whole blocks) at a time. Memory O(chunk) beyond ``x``, time O(P)."""
+    flat, b = x.reshape(-1), packed.reshape(-1)  # (n,) a view of a contiguous x
+    n, step, same = flat.numel(), _step(block, chunk), 0
+    for start in range(0, n, step):
+        part = flat[start : start + step]
+        codes = nibbles(b[start // 2 : -(-(start + part.numel()) // 2)], part.numel())
+        same += int((requantize_4bit(part, quant_map, block) == codes).sum())
+    return same / max(n, 1)
 
 
 def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """An LLM.int8 layer's float32 weight: ``weight * SCB / 127`` row by row."""
-    return weight.float() * scb.float().reshape(-1, 1) * (1.0 / 127)
+    """An LLM.int8 layer's float32 weight: ``weight * SCB / 127`` row by row, computed in the result (memory
+    O(P) for it, no temporary of its size)."""
+    out = weight.float()
+    out *= scb.float().reshape(-1, 1)
+    out *= 1.0 / 127
+    return out
 
 
 def requantize_int8(x: torch.Tensor) -> torch.Tensor:
     """The int8 values quantizing ``x`` gives: ``round(x * (127 / max |row|))``."""
     rows = x.float().abs().amax(dim=1, keepdim=True)  # (rows, 1)
     return torch.round(x.float() * (127.0 / rows)).to(torch.int8)
+
+
+def requantized_share_int8(x: torch.Tensor, weight: torch.Tensor, chunk: int = CHUNK) -> float:
+    """Share of an LLM.int8 layer's stored values that quantizing ``x`` gives (:func:`requantize_int8`), about
+    ``chunk`` values (whole rows) at a time. Memory O(chunk) beyond ``x``, time O(P)."""
+    step, same = max(1, chunk // max(x.shape[1], 1)), 0
+    for r in range(0, x.shape[0], step):
+        same += int((requantize_int8(x[r : r + step]) == weight[r : r + step]).sum())
+    return same / max(x.numel(), 1)

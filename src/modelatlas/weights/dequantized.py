@@ -148,13 +148,11 @@ class DequantizedCheckpoint(Checkpoint):
         """Share of a bitsandbytes or MLX layer's stored codes that quantizing ``x`` gives (its scales from
         ``x``, as the library computes them)."""
         if layer.scheme == "mlx":
-            again = M.quantize_codes(x, layer.bits, layer.group_size)  # (rows, cols)
-            return float((again == M.unpack_stream(parts["weight"], layer.bits, layer.shape[1])).float().mean())
+            return M.requantized_share(x, parts["weight"], layer.bits, layer.group_size)
         if layer.scheme == "bnb8":
-            return float((B.requantize_int8(x) == parts["weight"]).float().mean())
+            return B.requantized_share_int8(x, parts["weight"])
         state = B.parse_state(parts["state"], layer.parts["state"])
-        again = B.requantize_4bit(x, parts["quant_map"], state["blocksize"])  # (n,)
-        return float((again == B.nibbles(parts["weight"], again.numel())).float().mean())
+        return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], state["blocksize"])
 
     def quantization(self, name: str) -> str | None:
         """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8") for a dequantized layer and for the stored

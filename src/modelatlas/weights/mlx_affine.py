@@ -20,6 +20,7 @@ import torch
 from modelatlas.weights.base import TensorInfo
 
 BITS = (2, 3, 4, 5, 6, 8)
+CHUNK = 1 << 20  # values unpacked or quantized at a time: int64 temporaries of 8 MiB
 
 
 def layout(weight: TensorInfo, scales: TensorInfo, biases: TensorInfo, bits: int, group_size: int) -> tuple[int, ...]:
@@ -38,27 +39,42 @@ def layout(weight: TensorInfo, scales: TensorInfo, biases: TensorInfo, bits: int
 
 def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The first ``n`` ``bits``-bit codes of each row of uint32 ``words`` (rows, W), read as one little-endian
-    bit stream per row: (rows, n) int64."""
+    bit stream per row: (rows, n) uint8. Memory O(rows x n) int64 temporaries (called on chunks of rows)."""
     w = words.to(torch.int64) & 0xFFFFFFFF  # (rows, W): uint32 read as int32 turned back positive
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # (rows, W + 1): a code may reach into the next word
     start = torch.arange(n) * bits  # (n,) each code's first bit
     word, shift = start // 32, start % 32
     both = w[:, word] | (w[:, word + 1] << 32)  # (rows, n) the 64 bits from the code's word on
-    return (both >> shift) & ((1 << bits) - 1)
+    both >>= shift
+    both &= (1 << bits) - 1
+    return both.to(torch.uint8)
+
+
+def _rows(cols: int, chunk: int) -> int:
+    """Rows per chunk: about ``chunk`` values, at least one row."""
+    return max(1, chunk // max(cols, 1))
 
 
 def dequantize(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
-               group_size: int) -> torch.Tensor:
-    """The (rows, groups * group_size) float32 weight ``scale * code + bias`` of an affine-quantized layer."""
+               group_size: int, chunk: int = CHUNK) -> torch.Tensor:
+    """The (rows, groups * group_size) float32 weight ``scale * code + bias`` of an affine-quantized layer,
+    about ``chunk`` values (whole rows) at a time into the result. Memory O(P) for the result plus O(chunk)
+    (~40 MiB of temporaries per million values), time O(P)."""
     rows, groups = scales.shape
-    codes = unpack_stream(words, bits, groups * group_size).float()  # (rows, cols)
-    s = scales.float().repeat_interleave(group_size, dim=1)  # (rows, cols)
-    return codes * s + biases.float().repeat_interleave(group_size, dim=1)
+    cols = groups * group_size
+    out, step = torch.empty(rows, cols), _rows(cols, chunk)
+    for r in range(0, rows, step):
+        codes = unpack_stream(words[r : r + step], bits, cols).float()  # (step, cols)
+        s = scales[r : r + step].float().repeat_interleave(group_size, dim=1)  # (step, cols)
+        b = biases[r : r + step].float().repeat_interleave(group_size, dim=1)
+        torch.add(codes * s, b, out=out[r : r + step])
+    return out
 
 
 def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The codes ``mx.quantize`` (affine) gives a (rows, cols) weight ``x``, each group's scale and bias
-    computed from ``x`` itself in float32 (module docstring): (rows, cols) int64."""
+    computed from ``x`` itself in float32 (module docstring): (rows, cols) uint8. Memory O(P) (called on
+    chunks of rows by :func:`requantized_share`)."""
     levels = (1 << bits) - 1
     g = x.float().reshape(x.shape[0], -1, group_size)  # (rows, groups, group_size)
     hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
@@ -69,4 +85,18 @@ def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     q0 = torch.round(edge / scale)
     scale = torch.where(q0 != 0, edge / q0, scale)
     bias = torch.where(q0 == 0, torch.zeros_like(edge), edge)
-    return torch.clamp(torch.round((g - bias) / scale), 0, levels).reshape(x.shape).to(torch.int64)
+    q = g - bias  # (rows, groups, group_size)
+    q /= scale
+    return torch.clamp(q.round_(), 0, levels).reshape(x.shape).to(torch.uint8)
+
+
+def requantized_share(x: torch.Tensor, words: torch.Tensor, bits: int, group_size: int,
+                      chunk: int = CHUNK) -> float:
+    """Share of a layer's stored codes (``words``) that quantizing ``x`` gives (:func:`quantize_codes`), about
+    ``chunk`` values (whole rows) at a time. Memory O(chunk) beyond ``x``, time O(P)."""
+    rows, cols = x.shape
+    step, same = _rows(cols, chunk), 0
+    for r in range(0, rows, step):
+        again = quantize_codes(x[r : r + step], bits, group_size)  # (step, cols)
+        same += int((again == unpack_stream(words[r : r + step], bits, cols)).sum())
+    return same / max(x.numel(), 1)
