@@ -125,8 +125,10 @@ REFUSED_WHEN_OPENED = {
                                    "layer.weight.absmax holds 100 values, but .* makes 128 blocks"),
     "bnb4 quant_map of 8 values": (make_bnb4_with(quant_map=lambda t: t[:8]), None,
                                    r"layer.weight.quant_map is float32 \(8,\), not the 16 values of 4-bit codes"),
-    "bnb4 int8 bytes": (make_bnb4_with(weight=lambda t: t.view(torch.int8)), None,
-                        r"layer.weight is int8 \(4096, 1\), not the uint8 bytes of 4-bit codes"),
+    "bnb4 bytes short of a storage word": (make_bnb4_with(weight=lambda t: t.reshape(-1)[:4090].view(torch.float16)), None,
+                                           rf"layer.weight holds 4090 bytes, but {STATE} says shape"),
+    "bnb4 bool bytes": (make_bnb4_with(weight=lambda t: t.bool()), None,
+                        r"layer.weight is bool \(4096, 1\), not the bytes of 4-bit codes"),
     "bnb4 state no object": (make_bnb4_with(**{STATE.removeprefix("layer.weight."): lambda t: make_json([1, 2])}),
                              None, rf"{STATE}: the JSON quant state is a list, not an object"),
     "bnb4 state of floats": (make_bnb4_with(**{STATE.removeprefix("layer.weight."): lambda t: t.float()}), None,
@@ -235,3 +237,15 @@ def test_a_stacked_experts_packing_stays_as_stored(tmp_path):
          "e.weight_scale": t["layer.weight_scale"][None].expand(2, -1, -1), "e.weight_shape": torch.tensor([2, 64, 128])}
     with open_checkpoint(make_model(tmp_path / "moe", t)) as ck:
         assert "e.weight_packed" in ck.keys()  # not read here: lineage skips the model, saying why
+
+
+@pytest.mark.parametrize("storage", [torch.int8, torch.bfloat16, torch.float32])
+def test_a_4bit_layer_stored_in_another_dtype_reads_its_bytes(tmp_path, storage):
+    """bitsandbytes' ``bnb_4bit_quant_storage`` (bfloat16 for FSDP QLoRA) keeps the same bytes viewed as
+    another dtype: read as those bytes, not as bfloat16 numbers (which read NaN and got the model skipped)."""
+    plain = make_bnb4_with(nested=True)
+    viewed = {**plain, "layer.weight": plain["layer.weight"].reshape(-1).view(storage).reshape(-1, 1)}
+    with open_checkpoint(make_model(tmp_path / "u8", plain)) as a, open_checkpoint(make_model(tmp_path / "v", viewed)) as b:
+        assert b.quantization("layer.weight") == "NF4" and [t.name for t in b.tensors()] == ["layer.weight"]
+        assert torch.equal(a.read("layer.weight"), b.read("layer.weight"))
+        assert b.requantized_match("layer.weight", a.read("layer.weight")) == 1.0

@@ -28,6 +28,8 @@ from modelatlas.weights.base import TensorInfo
 STATE = "quant_state.bitsandbytes__"  # + "nf4" / "fp4": the name ending of a 4-bit layer's JSON state
 MAX_STATE = 1 << 16  # bytes of JSON state read when a model is opened (bitsandbytes writes ~170)
 CHUNK = 1 << 20  # values decoded or quantized at a time: int64 temporaries of 8 MiB
+STORAGE = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "int16": 2, "float32": 4, "int32": 4, "float64": 8,
+           "int64": 8}  # ``bnb_4bit_quant_storage``: the bytes of the codes viewed as this dtype (bytes per value)
 FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # LLM.int8 ``weight_format``: only row read
 
 
@@ -65,14 +67,16 @@ def check_4bit(infos: dict[str, TensorInfo], state: dict, where: str) -> None:
     """A ValueError naming the tensor when a 4-bit layer's stored parts (``infos``: role -> header) do not fit
     its JSON state ``where`` says: ``weight`` uint8 of two codes a byte for ``state["shape"]``, one ``absmax``
     per ``blocksize`` values (float, or uint8 codes with both nested parts, one ``nested_absmax`` per
-    ``nested_blocksize`` codes), a 16-value ``quant_map``. Header only, time O(1)."""
+    ``nested_blocksize`` codes), a 16-value ``quant_map``; the bytes may be stored as another dtype
+    (:data:`STORAGE`). Header only, time O(1)."""
     weight, absmax, book = infos["weight"], infos["absmax"], infos["quant_map"]
     n = math.prod(state["shape"])
-    if weight.dtype != "uint8":
-        raise ValueError(f"{weight.name} is {weight.dtype} {tuple(weight.shape)}, not the uint8 bytes of 4-bit codes")
-    if weight.numel != -(-n // 2):
-        raise ValueError(f"{weight.name} holds {weight.numel} bytes, but {where} says shape {state['shape']}: "
-                         f"{-(-n // 2)} bytes of two 4-bit codes")
+    if weight.dtype not in STORAGE:
+        raise ValueError(f"{weight.name} is {weight.dtype} {tuple(weight.shape)}, not the bytes of 4-bit codes")
+    size, need = STORAGE[weight.dtype], -(-n // 2)
+    if not 0 <= weight.numel * size - need < size:  # whole values of the storage dtype, the last one padded
+        raise ValueError(f"{weight.name} holds {weight.numel * size} bytes, but {where} says shape {state['shape']}: "
+                         f"{need} bytes of two 4-bit codes")
     if len(book.shape) != 1 or book.numel != 16 or not _floats(book):
         raise ValueError(f"{book.name} is {book.dtype} {tuple(book.shape)}, not the 16 values of 4-bit codes")
     blocks = -(-n // state["blocksize"])
@@ -124,9 +128,15 @@ def check_int8(weight: TensorInfo, scb: TensorInfo, fmt: int | None) -> None:
 
 
 def nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` 4-bit codes of uint8 ``packed``, the high nibble of each byte first: (n,) uint8."""
-    b = packed.reshape(-1)  # (bytes,)
+    """The first ``n`` 4-bit codes of the bytes of ``packed`` (uint8, or another :data:`STORAGE` dtype), the
+    high nibble of each byte first: (n,) uint8."""
+    b = _bytes(packed)  # (bytes,)
     return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]  # (bytes, 2) -> (2 * bytes,) -> (n,)
+
+
+def _bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The bytes of a 4-bit layer's stored codes, whatever dtype holds them: (bytes,) uint8, a view."""
+    return packed.reshape(-1).view(torch.uint8)
 
 
 def _step(block: int, chunk: int) -> int:
@@ -163,7 +173,7 @@ def dequantize_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map:
     about ``chunk`` values (whole blocks) at a time into the result. Memory O(P) for the result plus O(chunk)
     (16 MiB of temporaries per million values), time O(P)."""
     shape, block = state["shape"], state["blocksize"]
-    n, book, b = math.prod(shape), quant_map.float(), packed.reshape(-1)
+    n, book, b = math.prod(shape), quant_map.float(), _bytes(packed)
     out, step = torch.empty(n), _step(block, chunk)
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -192,7 +202,7 @@ def requantized_share_4bit(x: torch.Tensor, packed: torch.Tensor, quant_map: tor
                            chunk: int = CHUNK) -> float:
     """Share of a 4-bit layer's stored codes (``packed``) that quantizing ``x`` gives (:func:`requantize_4bit`),
     about ``chunk`` values (whole blocks) at a time. Memory O(chunk) beyond ``x``, time O(P)."""
-    flat, b = x.reshape(-1), packed.reshape(-1)  # (n,) a view of a contiguous x
+    flat, b = x.reshape(-1), _bytes(packed)  # (n,) a view of a contiguous x; (bytes,)
     n, step, same = flat.numel(), _step(block, chunk), 0
     for start in range(0, n, step):
         part = flat[start : start + step]

@@ -49,8 +49,8 @@ def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[Packed
         return []
     out = []
     for name, t in infos.items():
-        if not t.dtype.startswith(_INTS + ("float8",)):
-            continue
+        if not t.dtype.startswith(_INTS + ("float8",)) and f"{name}.quant_map" not in infos:  # (bitsandbytes'
+            continue  # 4-bit codes may be stored as bfloat16: bnb_4bit_quant_storage)
         layer = (_gptq(name, infos, config) or _pack_quantized(name, infos, config, read)
                  or _scaled(name, infos, config) or _bnb(name, infos, read) or _mlx(name, infos, config))
         if layer is not None:
