@@ -249,3 +249,16 @@ def test_a_4bit_layer_stored_in_another_dtype_reads_its_bytes(tmp_path, storage)
         assert b.quantization("layer.weight") == "NF4" and [t.name for t in b.tensors()] == ["layer.weight"]
         assert torch.equal(a.read("layer.weight"), b.read("layer.weight"))
         assert b.requantized_match("layer.weight", a.read("layer.weight")) == 1.0
+
+
+def test_stacked_mlx_experts_read_as_one_weight_per_expert(tmp_path):
+    """mlx-lm quantizes a mixture of experts' stacked (experts, out, in) weights (SwitchLinear) along the last
+    dim: read as (experts, out, in), expert by expert as a 2-D layer reads; it refused the whole model."""
+    w = torch.stack([make_weight(), 2 * make_weight()])  # (2, 64, 128)
+    one = [make_mlx(e, bits=4, group=32, name="layer") for e in w]
+    stacked = {k: torch.stack([one[0][k], one[1][k]]) for k in one[0]}
+    with open_checkpoint(make_model(tmp_path / "moe", stacked, MLX)) as ck, \
+            open_checkpoint(make_model(tmp_path / "e1", one[1], MLX)) as e1:
+        assert [(t.name, t.shape) for t in ck.tensors()] == [("layer.weight", (2, 64, 128))]
+        assert torch.equal(ck.read("layer.weight")[1], e1.read("layer.weight"))
+        assert ck.requantized_match("layer.weight", w) == 1.0

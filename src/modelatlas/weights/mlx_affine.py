@@ -24,17 +24,19 @@ CHUNK = 1 << 20  # values unpacked or quantized at a time: int64 temporaries of 
 
 
 def layout(weight: TensorInfo, scales: TensorInfo, biases: TensorInfo, bits: int, group_size: int) -> tuple[int, ...]:
-    """The (rows, groups * group_size) shape an affine-quantized layer reads as; a ValueError naming the tensor
-    unless ``scales`` and ``biases`` are float (rows, groups) and ``weight`` (rows, W) holds the
-    ``groups * group_size * bits`` bits of each row in its W uint32 words. Header only, time O(1)."""
+    """The (.., rows, groups * group_size) shape an affine-quantized layer reads as (leading dims: stacked
+    experts); a ValueError naming the tensor unless ``scales`` and ``biases`` are float (.., rows, groups) and
+    ``weight`` (.., rows, W) holds the ``groups * group_size * bits`` bits of each row in its W uint32 words.
+    Header only, time O(1)."""
     for t, what in ((scales, "scales"), (biases, "biases")):
         if not t.dtype.startswith(("float", "bfloat")):
             raise ValueError(f"{t.name} is {t.dtype}, not float {what}")
     w, s = tuple(weight.shape), tuple(scales.shape)
-    if len(w) != 2 or len(s) != 2 or s[0] != w[0] or tuple(biases.shape) != s or -(-s[1] * group_size * bits // 32) != w[1]:
+    if len(w) < 2 or len(s) != len(w) or s[:-1] != w[:-1] or tuple(biases.shape) != s \
+            or -(-s[-1] * group_size * bits // 32) != w[-1]:
         raise ValueError(f"{weight.name} {w} does not hold {bits}-bit codes for {scales.name} {s} and {biases.name} "
                          f"{tuple(biases.shape)} in groups of {group_size}")
-    return (w[0], s[1] * group_size)
+    return (*w[:-1], s[-1] * group_size)
 
 
 def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -57,18 +59,20 @@ def _rows(cols: int, chunk: int) -> int:
 
 def dequantize(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
                group_size: int, chunk: int = CHUNK) -> torch.Tensor:
-    """The (rows, groups * group_size) float32 weight ``scale * code + bias`` of an affine-quantized layer,
-    about ``chunk`` values (whole rows) at a time into the result. Memory O(P) for the result plus O(chunk)
-    (~40 MiB of temporaries per million values), time O(P)."""
-    rows, groups = scales.shape
-    cols = groups * group_size
+    """The (.., rows, groups * group_size) float32 weight ``scale * code + bias`` of an affine-quantized layer
+    (leading dims: stacked experts), about ``chunk`` values (whole rows) at a time into the result. Memory O(P)
+    for the result plus O(chunk) (~40 MiB of temporaries per million values), time O(P)."""
+    lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
+    words, scales = words.reshape(-1, words.shape[-1]), scales.reshape(-1, scales.shape[-1])  # (rows, W), (rows, groups)
+    biases = biases.reshape(scales.shape)  # (rows, groups)
+    rows = scales.shape[0]
     out, step = torch.empty(rows, cols), _rows(cols, chunk)
     for r in range(0, rows, step):
         codes = unpack_stream(words[r : r + step], bits, cols).float()  # (step, cols)
         s = scales[r : r + step].float().repeat_interleave(group_size, dim=1)  # (step, cols)
         b = biases[r : r + step].float().repeat_interleave(group_size, dim=1)
         torch.add(codes * s, b, out=out[r : r + step])
-    return out
+    return out.reshape(*lead, cols)  # (rows, cols) -> (.., rows, cols)
 
 
 def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -93,9 +97,11 @@ def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 def requantized_share(x: torch.Tensor, words: torch.Tensor, bits: int, group_size: int,
                       chunk: int = CHUNK) -> float:
     """Share of a layer's stored codes (``words``) that quantizing ``x`` gives (:func:`quantize_codes`), about
-    ``chunk`` values (whole rows) at a time. Memory O(chunk) beyond ``x``, time O(P)."""
-    rows, cols = x.shape
-    step, same = _rows(cols, chunk), 0
+    ``chunk`` values (whole rows) at a time; leading dims (stacked experts) count as rows. Memory O(chunk)
+    beyond ``x``, time O(P)."""
+    cols = x.shape[-1]
+    x, words = x.reshape(-1, cols), words.reshape(-1, words.shape[-1])  # (rows, cols), (rows, W)
+    rows, step, same = x.shape[0], _rows(cols, chunk), 0
     for r in range(0, rows, step):
         again = quantize_codes(x[r : r + step], bits, group_size)  # (step, cols)
         same += int((again == unpack_stream(words[r : r + step], bits, cols)).sum())
