@@ -243,3 +243,14 @@ def test_quantized_models_are_described_by_their_stored_tensors(tmp_path):
     # the weights the layer holds, not its int32 words (512 x 64 / 8) nor its scales and zeros
     assert by["p-gptq"].parameters == by["p-fp8"].parameters == by["p"].parameters == 512 * 64
     assert by["p-gptq"].parent == by["p-fp8"].parent == "p"
+
+
+def test_a_quantized_model_without_its_source_says_so(tmp_path):
+    from tests.lineage.test_dequantized_copies import make_folder, make_gptq_like, make_weights
+
+    p = make_weights(0)
+    save_file(p, tmp_path / "p.safetensors")
+    make_folder(tmp_path / "ft-gptq", make_gptq_like(make_weights(10, p, step=0.05)), {"quant_method": "gptq"})
+    by = {m.name: m for m in build_atlas(tmp_path, lineage=LineageConfig(stage="specialize")).models}
+    assert by["ft-gptq"].parent == "p"
+    assert by["ft-gptq"].notes == ["quantized (gptq-int4); the model it was quantized from is not among these"]

@@ -81,6 +81,18 @@ def test_a_gptq_model_of_a_source_not_in_the_set_is_a_fine_tune_of_the_nearest(t
     make_folder(tmp_path / "ft-gptq", make_gptq_like(ft), {"quant_method": "gptq", "bits": 4})
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     assert [(e.parent, e.child, e.kind) for e in forest.edges] == [("p", "ft-gptq", "trained")]
+    assert forest.decisions["quantized_models"] == {"ft-gptq": "gptq-int4"}  # said, not left to guess
+
+
+def test_the_cli_says_which_quantized_models_have_no_source_among_the_models(tmp_path, capsys):
+    from modelatlas.cli.main import main
+
+    p = make_weights(0)
+    save_file(p, tmp_path / "p.safetensors")
+    make_folder(tmp_path / "ft-gptq", make_gptq_like(make_weights(10, p, step=0.05)), {"quant_method": "gptq"})
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
+    assert capsys.readouterr().err.startswith("ft-gptq: quantized (gptq-int4), and no model given is the one it was "
+                                              "quantized from: placed as a model of its own")
 
 
 def test_bitsandbytes_models_hang_below_their_sources(tmp_path):

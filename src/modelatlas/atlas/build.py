@@ -144,6 +144,9 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
             entry.parent, entry.score = edge.parent, round(float(edge.score), 4)
             if said := copy_text(edge, copy_formats(forest)):
                 entry.notes.append(said)
+        kind = (forest.decisions.get("quantized_models") or {}).get(entry.name)
+        if kind is not None:
+            entry.notes.append(f"quantized ({kind}); the model it was quantized from is not among these")
         outside = (forest.decisions.get("outside_layers") or {}).get(entry.name)
         if outside is not None:  # a head-only fine-tune, say: the lineage cannot tell which way it went
             entry.notes.append(f"equal to {outside['like']} on the compared layers; differs in "

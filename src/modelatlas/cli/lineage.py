@@ -273,12 +273,16 @@ def warn_stage_guess(forest) -> None:
 
 
 def _model_notes(forest) -> None:
-    """One stderr line per skipped model, per model compared apart from the GGUF files, and per model equal
-    to another on the compared layers only (placed beside it, direction unknown)."""
+    """One stderr line per skipped model, per model compared apart from the GGUF files, per quantized model
+    whose source is not among the models, and per model equal to another on the compared layers only (placed
+    beside it, direction unknown)."""
     for name, why in forest.skipped.items():
         note(f"skipped {name}: {' '.join(why.split())}")
     for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
         note(f"{name}: compared under its own names, apart from the GGUF files: {why}")
+    for name, kind in (forest.decisions.get("quantized_models") or {}).items():
+        note(f"{name}: quantized ({kind}), and no model given is the one it was quantized from: placed as a model "
+             "of its own, its edge's distance taking in the rounding")
     for name, o in (forest.decisions.get("outside_layers") or {}).items():
         more = f" and {o['n_differing'] - len(o['differs_in'])} more" if o["n_differing"] > len(o["differs_in"]) else ""
         note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"

@@ -37,6 +37,7 @@ from modelatlas.lineage.orient import (
     prim_mst,
     solve_tree,
 )
+from modelatlas.lineage.quantized import quant_type
 from modelatlas.lineage.sources import as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.progress import Progress
@@ -67,7 +68,7 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside = [], [], {}, {}, {}
+        names, stats, duplicates, lowp, outside, quantized = [], [], {}, {}, {}, {}
         for members, layers in groups:
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
@@ -75,6 +76,7 @@ class LineageRecovery:
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside)
+            quantized.update({members[i].name: t for i in keep if (t := quant_type(members[i], layers))})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
@@ -82,6 +84,8 @@ class LineageRecovery:
         self._fit_groups(cfg, names, stats, rules, skipped)
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
+        if quantized:  # quantized, but no model given is the one it was made from: placed as a model
+            self.forest_.decisions["quantized_models"] = quantized
         if renamed:
             self.forest_.decisions["gguf_names"] = renamed
         if unmapped:  # compared under their own names, apart from the GGUF files
