@@ -57,3 +57,16 @@ def test_requantized_int8_clamps_like_the_quantizer():
     x = torch.tensor([[1.0, 300.0, -300.0]])
     stored = torch.tensor([[1, 127, -128]], dtype=torch.int8)
     assert requantized_share(stored, x, torch.tensor([[1.0]])) == 1.0
+
+
+def test_a_bfloat16_model_quantized_in_bfloat16_is_its_own_copy():
+    """compressed-tensors divides in the weight's dtype: a bfloat16 model's int8 copy holds the rounding of the
+    bfloat16 quotient, which the float32 quotient misses near a tie (3.495 is 3 in float32, 3.5 -> 4 in
+    bfloat16); requantized_share tries both (working_dtypes), so the copy matches on every value."""
+    x = (torch.linspace(-100.0, 100.0, 4000).reshape(40, 100) + 0.37).to(torch.bfloat16)
+    scale = torch.full((40, 1), 0.9)  # per row
+    stored = torch.round(x / scale.to(torch.bfloat16)).clamp(-128, 127).to(torch.int8)  # divided in bfloat16
+    in_float32 = torch.round(x.float() / scale).clamp(-128, 127).to(torch.int8)
+    assert (stored != in_float32).any()  # the two quotients round apart somewhere: the test can tell them apart
+    assert requantized_share(stored, x, scale) == 1.0
+    assert requantized_share(stored, x.float(), scale) < 1.0  # the float32 source: float32 quotients only
