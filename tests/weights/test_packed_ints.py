@@ -139,13 +139,14 @@ def test_pack_quantized_groups_of_columns_and_padding():
     assert w.tolist() == [[-8.0, -7.0, -60.0, -50.0, -400.0, -300.0]]  # 3 groups of 2; the word's last 2 codes padding
 
 
-def test_pack_quantized_quotient_inverts_the_weight():
+def test_pack_quantized_grid_inverts_the_weight():
     packed = make_word(0x76543210).reshape(1, 1)
     scale = torch.tensor([[0.25]])
     w = P.pack_quantized_weight(packed, scale, (1, 8), None, bits=4)
-    scaled, zero = P.pack_quantized_quotient(w, scale, None, 4)
-    assert (scaled + zero).tolist() == [[float(v) for v in range(8)]]
-    assert P.on_grid(scaled, zero, P.unpack(packed, 4, 1), 4, 0.0).all()
+    [(cols, codes, scaled, zero)] = P.pack_quantized_grid(w, packed, scale, None, 4, None, None, torch.float32)
+    assert cols == slice(0, 8) and codes.tolist() == [[v] for v in range(8)]  # (chunk, rows)
+    assert (scaled + zero).tolist() == [[float(v)] for v in range(8)]
+    assert P.on_grid(scaled, zero, codes, 4, 0.0).all()
 
 
 def test_packed_shape_names_the_tensor():

@@ -172,16 +172,6 @@ def pack_quantized_weight(packed: torch.Tensor, scale: torch.Tensor, shape: tupl
     return out  # (rows, cols)
 
 
-def pack_quantized_quotient(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                            g_idx: torch.Tensor | None = None, work: torch.dtype = torch.float32,
-                            group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w / scale + zero`` of a (rows, cols) float weight on a ``pack-quantized`` layer's grid (the offset
-    ``2 ** (bits - 1)`` in place of a zero when symmetric); ``scale`` and the unpacked ``zero`` are (rows,
-    groups); the quotient is computed in ``work``. Returned as (``w / scale``, ``zero``)."""
-    s = row_scales(scale, w.shape[0])  # (rows, groups)
-    return _quotient(w, s, zero, column_groups(w.shape[1], s.shape[1], g_idx, group_size), bits, work)
-
-
 def _quotient(w: torch.Tensor, s: torch.Tensor, zero: torch.Tensor | None, g: torch.Tensor, bits: int,
               work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(``w / s[:, g]`` computed in ``work``, the zeros ``zero[:, g]`` or the symmetric offset) of (rows, c)
