@@ -62,6 +62,11 @@ def test_parse_state_names_what_is_wrong():
         B.parse_state(make_state([0, 4]), "s")
     with pytest.raises(ValueError, match="'blocksize' 'x' is no positive integer"):
         B.parse_state(make_state([2, 2], blocksize="x"), "s")
+    # JSON true is a Python bool, an int: read as blocksize 1 / a size of 1 while nested_blocksize refused it
+    with pytest.raises(ValueError, match="'blocksize' True is no positive integer"):
+        B.parse_state(make_state([2, 2], blocksize=True), "s")
+    with pytest.raises(ValueError, match=r"'shape' \[True, 4\] is no list of positive sizes"):
+        B.parse_state(make_state([True, 4]), "s")
 
 
 def make_reference_4bit(packed: torch.Tensor, absmax: torch.Tensor, book: torch.Tensor, shape, block: int):

@@ -43,16 +43,21 @@ def parse_state(raw: torch.Tensor, where: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{where}: the JSON quant state is a {type(state).__name__}, not an object")
     shape, block = state.get("shape"), state.get("blocksize")
-    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
+    if not (isinstance(shape, list) and shape and all(_count(s) for s in shape)):
         raise ValueError(f"{where}: 'shape' {shape!r} is no list of positive sizes")
-    if not isinstance(block, int) or block < 1:
+    if not _count(block):
         raise ValueError(f"{where}: 'blocksize' {block!r} is no positive integer")
     nested_block, offset = state.get("nested_blocksize", 256), state.get("nested_offset", 0.0)
-    if not isinstance(nested_block, int) or isinstance(nested_block, bool) or nested_block < 1:
+    if not _count(nested_block):
         raise ValueError(f"{where}: 'nested_blocksize' {nested_block!r} is no positive integer")
     if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
         raise ValueError(f"{where}: 'nested_offset' {offset!r} is no finite number")
     return state
+
+
+def _count(v) -> bool:
+    """Whether a JSON value is a positive integer (``true`` is none, though Python's bool is an int)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def check_state(info: TensorInfo) -> None:
