@@ -123,3 +123,16 @@ def test_bitsandbytes_4bit_and_int8_layers(tmp_path):
     for layer in ("q.weight", "k.weight"):
         assert ck.requantized_match(layer, w) == 1.0
         assert ck.requantized_match(layer, w * (1 + 0.05 * make_weight(64, 32, seed=5))) < 0.99
+
+
+def test_a_model_refused_for_its_config_is_closed(tmp_path, monkeypatch):
+    """A corrupt config.json raised out of dequantized() with the opened checkpoint left open (its file maps
+    and handles kept until collected), while a layer refused for its tensors closed it."""
+    folder = make_model(tmp_path / "m", make_gptq(make_weight()))
+    reader = type(open_checkpoint(folder).inner)
+    closed, close = [], reader.close
+    monkeypatch.setattr(reader, "close", lambda self: (closed.append(self.path), close(self))[1])
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read the quantization settings"):
+        open_checkpoint(folder)
+    assert closed == [folder]

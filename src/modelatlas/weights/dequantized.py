@@ -240,11 +240,14 @@ def dequantized(ck: Checkpoint) -> Checkpoint:
     itself when it has none (header only; a LoRA adapter, a GGUF file: as they are)."""
     if ck.kind != "full" or ck.format == "gguf" or not any(n.endswith(_MARKS) for n in ck.tensor_names()):
         return ck
-    infos = {t.name: t for t in ck.tensors()}
-    config = quantization_config(ck.path)
     try:
+        infos = {t.name: t for t in ck.tensors()}
+        config = quantization_config(ck.path)
         layers = find_packed(infos, config, ck.read)
     except ValueError as e:  # a layer whose stored tensors do not fit together: refused, not misread
         ck.close()
         raise CheckpointError(ck.path, f"quantized layers: {error_line(e)}") from e
+    except BaseException:  # a corrupt config.json or shard: the checkpoint is refused, and closed
+        ck.close()
+        raise
     return DequantizedCheckpoint(ck, layers, config) if layers else ck
