@@ -15,10 +15,12 @@ of its real shape, in place of the tensors that store it:
 
 The other tensors read as stored. AWQ (``qweight`` without ``g_idx``) and EXL2 layers stay as stored (AWQ also
 rescales the weights it quantizes, so they are no rounding of the model's own). Each layer's
-:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8"), and
+:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8",
+"MLX-4BIT"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
 quantized from (every value) from a fine-tune of it (fewer). Header reads only, plus the small
-``weight_shape`` tensors; time O(P) per dequantized layer of P weights.
+``weight_shape`` tensors and bitsandbytes' JSON quant states and format flags; time O(P) per dequantized layer
+of P weights.
 """
 
 from __future__ import annotations
@@ -155,8 +157,9 @@ class DequantizedCheckpoint(Checkpoint):
         return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], state["blocksize"])
 
     def quantization(self, name: str) -> str | None:
-        """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8") for a dequantized layer and for the stored
-        tensor holding its values (``qweight``, ``weight_packed``: as :meth:`stored_tensors` lists it); None
+        """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:
+        :attr:`PackedLayer.label`) for a dequantized layer and for the stored tensor holding its values
+        (``qweight``, ``weight_packed``, a bitsandbytes or MLX ``weight``: as :meth:`stored_tensors` lists it); None
         for its other stored tensors (scales, zeros, ``g_idx``) and for plain tensors."""
         layer = self.layers.get(name) or self._first.get(name)
         if layer is not None:
@@ -174,9 +177,11 @@ class DequantizedCheckpoint(Checkpoint):
     def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
         """How far ``x`` rounds to the layer's stored values. Float8 / int8 values with scales: the share of
         them (on up to :data:`SAMPLE_ROWS` evenly spaced rows) that quantizing ``x`` again gives, 1.0 for the
-        model they were made from. Packed integers: the share of codes that are a nearest rounding of ``x``
-        on the stored grid (:func:`~.packed_ints.on_grid`), over the whole layer or, when higher, over its
-        best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
+        model they were made from. bitsandbytes and MLX layers: the share of all their codes that quantizing
+        ``x`` gives with scales taken from ``x`` itself, as the library computes them (:meth:`_requantized`; the
+        stored scales are rounded). Other packed integers (GPTQ, ``pack-quantized``): the share of codes that
+        are a nearest rounding of ``x`` on the stored grid (:func:`~.packed_ints.on_grid`), over the whole
+        layer or, when higher, over its best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
         error of the columns it quantized before, so only its first column (the one it started from) is
         plain rounding of its source, while a fine-tune of that source has no such column once the layer
         has a few thousand rows. A CheckpointError when the stored tensors do not fit together. Time O(P)

@@ -7,9 +7,10 @@ A layer is recognised by its stored parts (GPTQ: ``qweight`` with ``g_idx``; com
 and JSON quant state, an int8 ``weight`` with ``SCB``; MLX: a uint32 ``weight`` with ``scales`` and ``biases``). Once recognised, parts that do not fit together (a missing
 ``qzeros``, a ``weight_shape`` of another row count, scales of the wrong shape, bits the config contradicts)
 raise a ValueError naming the tensor, so that no layer is read into a wrong weight, nor advertised at a size
-it does not have. Layouts not read here stay as stored: AWQ (no ``g_idx``), 3-bit and other widths that
-span words, stacked (3-D) experts, NVFP4 / MXFP4 (no ``weight_shape``). No I/O but ``read`` of the
-two-value ``weight_shape`` tensors. Time O(tensors).
+it does not have. Layouts not read here stay as stored: AWQ (no ``g_idx``), GPTQ and ``pack-quantized``
+widths that span words (3 bits; MLX's are read), ``pack-quantized`` stacked (3-D) experts (MLX's are read),
+NVFP4 / MXFP4 (no ``weight_shape``), MLX modes other than ``affine``. No I/O but ``read`` of small tensors:
+the two-value ``weight_shape``, bitsandbytes' JSON quant state and ``weight_format`` flag. Time O(tensors).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class PackedLayer:
 
 def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[PackedLayer]:
     """The layers of ``infos`` (name -> info) stored packed or scaled, as :class:`PackedLayer`; ``read(name)``
-    reads a small tensor (a ``weight_shape``). Raises ValueError naming the tensor when a recognised layer's
+    reads a small tensor (a ``weight_shape``, a bitsandbytes JSON state or format flag). Raises ValueError naming the tensor when a recognised layer's
     parts do not fit together. Time O(tensors)."""
     if str(config.get("quant_method", "")).lower() == "awq":
         return []
