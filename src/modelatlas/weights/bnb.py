@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from modelatlas.config_types import fits
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import TensorInfo
 
@@ -50,14 +51,14 @@ def parse_state(raw: torch.Tensor, where: str) -> dict:
     nested_block, offset = state.get("nested_blocksize", 256), state.get("nested_offset", 0.0)
     if not _count(nested_block):
         raise ValueError(f"{where}: 'nested_blocksize' {nested_block!r} is no positive integer")
-    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+    if not fits(offset, float) or not math.isfinite(offset):
         raise ValueError(f"{where}: 'nested_offset' {offset!r} is no finite number")
     return state
 
 
 def _count(v) -> bool:
     """Whether a JSON value is a positive integer (``true`` is none, though Python's bool is an int)."""
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return fits(v, int) and v > 0
 
 
 def check_state(info: TensorInfo) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from modelatlas.config_types import fits
 from modelatlas.weights import bnb as B
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
@@ -182,16 +183,12 @@ def _mlx(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer |
     if settings.get("mode", "affine") != "affine":
         return None
     bits, group = settings.get("bits"), settings.get("group_size")
-    if not _is_int(bits) or bits not in M.BITS or not _is_int(group) or group < 1:
+    if not fits(bits, int) or bits not in M.BITS or not fits(group, int) or group < 1:
         what = "bits" if own is not None else "'quantization' bits"
         raise ValueError(f"{stored} {where} names no {what} (2-8) and group_size for them (bits {bits!r}, "
                          f"group_size {group!r})")
     shape = M.layout(infos[name], infos[parts["scales"]], infos[parts["biases"]], bits, group)
     return PackedLayer(name, "mlx", shape, f"MLX-{bits}BIT", bits, parts, group_size=group)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _weights_config(config: dict) -> dict:
@@ -208,7 +205,7 @@ def _named_bits(config: dict) -> set[int]:
     found = set()
     for group in groups.values() if isinstance(groups, dict) else ():
         bits = group.get("weights", {}).get("num_bits") if isinstance(group, dict) else None
-        if isinstance(bits, int) and not isinstance(bits, bool):
+        if fits(bits, int):
             found.add(bits)
     return found
 
