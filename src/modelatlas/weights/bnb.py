@@ -186,7 +186,7 @@ def dequantize_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map:
         codes = nibbles(b[start // 2 : -(-stop // 2)], stop - start)  # (m,) the chunk's codes
         scale = block_absmax[start // block : -(-stop // block)].repeat_interleave(block)[: stop - start]  # (m,)
         torch.mul(book[codes.long()], scale, out=out[start:stop])
-    return out.reshape(shape)
+    return out.reshape(shape)  # (n,) -> the state's shape
 
 
 def requantize_4bit(x: torch.Tensor, quant_map: torch.Tensor, block: int) -> torch.Tensor:
@@ -221,7 +221,7 @@ def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     """An LLM.int8 layer's float32 weight: ``weight * SCB / 127`` row by row, computed in the result (memory
     O(P) for it, no temporary of its size)."""
     out = weight.float()
-    out *= scb.float().reshape(-1, 1)
+    out *= scb.float().reshape(-1, 1)  # (rows,) -> (rows, 1): one scale per row
     out *= 1.0 / 127
     return out
 

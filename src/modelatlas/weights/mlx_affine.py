@@ -91,7 +91,7 @@ def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     bias = torch.where(q0 == 0, torch.zeros_like(edge), edge)
     q = g - bias  # (rows, groups, group_size)
     q /= scale
-    return torch.clamp(q.round_(), 0, levels).reshape(x.shape).to(torch.uint8)
+    return torch.clamp(q.round_(), 0, levels).reshape(x.shape).to(torch.uint8)  # (rows, groups, group_size) -> (rows, cols)
 
 
 def requantized_share(x: torch.Tensor, words: torch.Tensor, bits: int, group_size: int,

@@ -77,7 +77,7 @@ def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], blocks: tuple[int,
     want = tuple(shape) if rows is None else (len(rows), *shape[1:])
     sizes = scale_blocks(tuple(scale.shape), tuple(shape), blocks)
     if sizes is None:
-        return s.reshape(()).expand(want)
+        return s.reshape(()).expand(want)  # (1, ..) -> () -> want, a view
     s = s.reshape(s.shape + (1,) * (len(shape) - s.dim()))  # (rows,) -> (rows, 1, ..)
     for d, (n, b) in enumerate(zip(shape, sizes)):
         at = torch.arange(n) if d or rows is None else rows.long()  # positions along d
