@@ -53,6 +53,7 @@ def test_int8_rows():
     assert B.dequantize_int8(w, torch.tensor([2.0]))[0].tolist() == pytest.approx([2.0, -128 / 127])
     x = torch.tensor([[1.0, -0.5, 0.25]])
     assert B.requantize_int8(x).tolist() == [[127, -64, 32]]  # -63.5 rounds to even; 31.75 up
+    assert B.requantize_int8(torch.zeros(1, 3)).tolist() == [[0, 0, 0]]  # not 0 * inf = NaN cast to int8
 
 
 def test_parse_state_names_what_is_wrong():

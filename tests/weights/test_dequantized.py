@@ -136,3 +136,11 @@ def test_a_model_refused_for_its_config_is_closed(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"config\.json: cannot read the quantization settings"):
         open_checkpoint(folder)
     assert closed == [folder]
+
+
+def test_a_plain_model_with_a_scale_parameter_does_not_read_its_config(tmp_path):
+    """CLIP's logit_scale ends in '_scale': its model's config.json was read for quantization settings, so a
+    config.json that is no JSON object refused a model with no quantized layer."""
+    folder = make_model(tmp_path / "clip", {"logit_scale": torch.ones(()), "proj.weight": torch.ones(4, 4)})
+    (folder / "config.json").write_text("[1, 2]")
+    assert sorted(open_checkpoint(folder).keys()) == ["logit_scale", "proj.weight"]

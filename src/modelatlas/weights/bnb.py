@@ -227,9 +227,10 @@ def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
 
 
 def requantize_int8(x: torch.Tensor) -> torch.Tensor:
-    """The int8 values quantizing ``x`` gives: ``round(x * (127 / max |row|))``."""
+    """The int8 values quantizing ``x`` gives: ``round(x * (127 / max |row|))``; 0 for a row of zeros (whose
+    0 * inf would be NaN, cast to int8 as whatever the platform makes of it)."""
     rows = x.float().abs().amax(dim=1, keepdim=True)  # (rows, 1)
-    return torch.round(x.float() * (127.0 / rows)).to(torch.int8)
+    return torch.round(x.float() * (127.0 / rows.clamp(min=torch.finfo(torch.float32).tiny))).to(torch.int8)
 
 
 def requantized_share_int8(x: torch.Tensor, weight: torch.Tensor, chunk: int = CHUNK) -> float:

@@ -40,7 +40,7 @@ from modelatlas.weights.scaled import requantized_share, scale_values, scaled_we
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
-_MARKS = (".qweight", "_packed", "_scale", "_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases")  # endings of a dequantized layer's parts
+_MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases")  # endings of a dequantized layer's parts
 _REQUANTIZED = ("bnb4", "bnb8", "mlx")  # tested by quantizing the source again, its scales from itself
 
 
