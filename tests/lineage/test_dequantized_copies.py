@@ -125,3 +125,29 @@ def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path)
                                           r"a\.weight_packed, a stored part of the quantized layer a\.weight, which "
                                           r"is read dequantized under that name: match the layer's name"):
         recover_lineage(sorted(tmp_path.iterdir()), layers=r"a\.weight_packed", stage="specialize")
+
+
+def test_a_qlora_merge_is_no_source_of_its_quantized_base(tmp_path, capsys):
+    """A QLoRA merge (the dequantized NF4 base plus a small low-rank update, saved in bfloat16) quantizes back
+    to the base's codes: the NF4 base was drawn as 'nf4 copy of' each merge, the wrong way round. The merges'
+    values sit on the base's levels, a source's do not."""
+    from modelatlas.cli.main import main
+    from modelatlas.weights import open_checkpoint
+
+    base = {}
+    for k in LAYERS:
+        base.update(make_bnb4(make_weights(0)[k], name=k.removesuffix(".weight")))
+    make_folder(tmp_path / "base-nf4", base, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    nf4, gen = open_checkpoint(tmp_path / "base-nf4"), torch.Generator().manual_seed(1)
+    for i in range(2):
+        merged = {k: (nf4.read(k) + torch.randn(512, 4, generator=gen) @ torch.randn(4, 64, generator=gen) * 1e-3)
+                  .to(torch.bfloat16) for k in LAYERS}
+        save_file(merged, tmp_path / f"merged{i}.safetensors")
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["made_from_quantized"] == {"merged0": "base-nf4", "merged1": "base-nf4"}
+    assert not [e for e in forest.edges if e.kind == "precision"]
+    assert forest.roots() == ["base-nf4"]  # drawn below merged0 by the kurtosis votes: rooted at the base
+    assert forest.decisions["rooted_at_quantized_base"] == ["base-nf4"]
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
+    assert "merged0: made from base-nf4's dequantized weights (its values sit on base-nf4's levels" in \
+        capsys.readouterr().err

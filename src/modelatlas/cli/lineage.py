@@ -280,6 +280,9 @@ def _model_notes(forest) -> None:
         note(f"skipped {name}: {' '.join(why.split())}")
     for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
         note(f"{name}: compared under its own names, apart from the GGUF files: {why}")
+    for name, base in (forest.decisions.get("made_from_quantized") or {}).items():
+        note(f"{name}: made from {base}'s dequantized weights (its values sit on {base}'s levels: a QLoRA-style "
+             f"merge), so {base} is no copy of it, though it rounds to the same codes")
     for name, kind in (forest.decisions.get("quantized_models") or {}).items():
         note(f"{name}: quantized ({kind}), and no model given is the one it was quantized from: placed as a model "
              "of its own, its edge's distance taking in the rounding")

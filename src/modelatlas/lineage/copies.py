@@ -65,13 +65,16 @@ def _coarser(a: str, b: str) -> str:
 
 
 def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: list[int],
-                 duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> list[int]:
+                 duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict],
+                 made_from: dict[str, str] | None = None) -> list[int]:
     """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
     (:func:`split_duplicates`, each checked outside the compared layers) and quantized ones
     (:func:`~modelatlas.lineage.quantized.quantized_copies`, whose unquantized 1-D tensors are checked the
     same way: a quantized fine-tune of the biases alone stays a model); each copy's name -> its model's goes into
     ``duplicates``, and -> its format into ``lowp`` unless identical (an identical copy of a quantized copy is
-    the source's quantized copy too: no chains). A model equal to a kept one on ``layers`` only goes into
+    the source's quantized copy too: no chains); a model made from a quantized one's dequantized values (it
+    rounds to the same codes, but sits on their levels) goes into ``made_from`` (model -> quantized one), the
+    quantized one not being its copy. A model equal to a kept one on ``layers`` only goes into
     ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
     "n_differing": their number}."""
     dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
@@ -87,7 +90,9 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
             lowp[members[d].name] = dtypes[d]
     aside = [i for i, m in enumerate(members) if m.name in outside]  # may be quantized copies, or their sources
     by_name = {m.name: m for m in members}
-    for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside, accept=_same_vectors(members)):
+    made: dict[int, int] = {}
+    for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside, accept=_same_vectors(members),
+                                       made_from=made):
         if q in keep:
             keep.remove(q)
         else:
@@ -96,6 +101,8 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
             own = quant_type(by_name[d], layers)  # TQ2_0 equal to TQ1_0: tq2_0
             duplicates[d], lowp[d] = members[r].name, own or kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
+    if made_from is not None:  # models made from a quantized one's dequantized values (QLoRA merges)
+        made_from.update({members[m].name: members[q].name for m, q in made.items()})
     return keep
 
 

@@ -31,10 +31,14 @@ MIN_MATCH_GRID = 0.9999
 # so a copy reads 99.89-99.99 % on its own source (a fine-tune 0.1 % away: ~99.7-99.8 %)
 MIN_MATCH_CODEBOOK = 0.998
 CANDIDATES = 3  # nearest higher-precision models tested per quantized model
+# mean position of a model's values between a copy's levels (0: on them, ~0.5: anywhere between) below which
+# it was made from the copy's dequantized values: 0.02 for a QLoRA-style merge, 0.49-0.50 for the source
+ON_GRID = 0.25
 
 
 def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.ndarray, keep: list[int],
-                     candidates: int = CANDIDATES, accept=None) -> list[tuple[int, int, str]]:
+                     candidates: int = CANDIDATES, accept=None,
+                     made_from: dict[int, int] | None = None) -> list[tuple[int, int, str]]:
     """(copy, source, type) for each model of ``keep`` holding block-quantized ``layers`` that is the
     quantization of a model of ``keep`` stored without block quantization: on every matrix the two share
     (the compared ``layers`` and the others: an embedding, a head), the copy's stored values what quantizing
@@ -45,8 +49,9 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
     only the true source reproduces every value); ``accept(copy, source)``, when given, must hold too (tried
     from the best candidate down: a source whose other tensors differ gives way to one whose do not).
     ``type`` is the lower-cased quantization ("q8_0";
-    "q4_k+q6_k" for a mix). Time O(Q c P) for Q quantized models, c candidates, P weights; only models with
-    a quantized layer are read again."""
+    "q4_k+q6_k" for a mix). A candidate whose values sit on the copy's levels (:func:`made_from_copy`) is
+    made from it, not its source: it goes into ``made_from`` (candidate -> copy), when given. Time O(Q c P) for
+    Q quantized models, c candidates, P weights; only models with a quantized layer are read again."""
     kinds = {i: _kinds(ckpts[i], layers) for i in keep}
     quant = [i for i in keep if kinds[i]]
     sources = [i for i in keep if not kinds[i]]
@@ -55,10 +60,23 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
         scored = [(copy_score(ckpts[q], ckpts[r]), -n, r)
                   for n, r in enumerate(sorted(sources, key=lambda j: rel[q, j])[:candidates])]
         passing = sorted((s for s in scored if s[0] >= 0), reverse=True)
-        best = next((s for s in passing if accept is None or accept(q, s[2])), None)
+        derived = [s[2] for s in passing if made_from_copy(ckpts[q], ckpts[s[2]], layers)]
+        if made_from is not None:
+            made_from.update(dict.fromkeys(derived, q))
+        best = next((s for s in passing if s[2] not in derived and (accept is None or accept(q, s[2]))), None)
         if best is not None:
             out.append((q, best[2], quant_type(ckpts[q], layers)))
     return out
+
+
+def made_from_copy(copy: Checkpoint, model: Checkpoint, layers: list[TensorInfo]) -> bool:
+    """Whether ``model``'s values sit on ``copy``'s quantization levels (mean :meth:`~modelatlas.weights.
+    Checkpoint.grid_position` over the quantized ``layers`` below :data:`ON_GRID`): it was made from the
+    copy's dequantized weights (a QLoRA merge), which also quantize back to the copy's codes. False where the
+    format has no such test. Time O(P) on at most ~1M values a layer."""
+    where = [copy.grid_position(t.name, model.read(t.name)) for t in layers if copy.quantization(t.name)]
+    where = [w for w in where if w is not None]
+    return bool(where) and sum(where) / len(where) < ON_GRID
 
 
 def quant_type(ck: Checkpoint, layers: list[TensorInfo]) -> str:

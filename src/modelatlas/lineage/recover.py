@@ -27,7 +27,7 @@ from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
-from modelatlas.lineage.forest import Edge, Forest
+from modelatlas.lineage.forest import Edge, Forest, rerooted
 from modelatlas.lineage.orient import (
     decide_stage,
     edge_costs,
@@ -68,14 +68,14 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside, quantized = [], [], {}, {}, {}, {}
+        names, stats, duplicates, lowp, outside, quantized, made = [], [], {}, {}, {}, {}, {}
         for members, layers in groups:
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            keep = split_copies(members, layers, st, keep, duplicates, lowp, outside)
+            keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             quantized.update({members[i].name: t for i in keep if (t := quant_type(members[i], layers))})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
@@ -86,6 +86,8 @@ class LineageRecovery:
             self._add_duplicates(duplicates, lowp, outside)
         if quantized:  # quantized, but no model given is the one it was made from: placed as a model
             self.forest_.decisions["quantized_models"] = quantized
+        if made:  # made from a quantized model's dequantized values: that one is no copy of it, but its parent
+            self._root_at_bases(made)
         if renamed:
             self.forest_.decisions["gguf_names"] = renamed
         if unmapped:  # compared under their own names, apart from the GGUF files
@@ -145,6 +147,28 @@ class LineageRecovery:
         self.stage_, self.stage_confidence_ = f.decisions["stage"], f.decisions["stage_confidence"]
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
+
+    def _root_at_bases(self, made: dict[str, str]) -> None:
+        """``made``: model -> the quantized model it was made from (its values on that one's levels). Where a
+        quantized base lies below a model made from it, its tree is rooted at the base
+        (:func:`~modelatlas.lineage.forest.rerooted`; its root confidence 1.0), listed in
+        ``decisions["rooted_at_quantized_base"]``;
+        ``decisions["made_from_quantized"]`` keeps ``made``. Time O(N) per base."""
+        f, moved = self.forest_, []
+        for base in dict.fromkeys(made.values()):
+            parents, v, above = f.parents(), base, set()
+            while parents.get(v) is not None:
+                v = parents[v]
+                above.add(v)
+            if any(made.get(m) == base for m in above):
+                f.edges, moved = rerooted(f.edges, base), moved + [base]
+                k = next((i for i, tree in enumerate(f.trees) if base in tree), None)
+                if k is not None and k < len(f.decisions.get("root_confidence") or []):
+                    f.decisions["root_confidence"][k] = 1.0  # set by the levels, not by the kurtosis votes
+        f.decisions["made_from_quantized"] = dict(made)
+        if moved:
+            f.decisions["rooted_at_quantized_base"] = moved
+        self.edges_, self.roots_ = f.edges, f.roots()
 
     def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> None:
         """Put each copy back beside the model it equals: a node right after it, in its tree, joined by a

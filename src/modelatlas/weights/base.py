@@ -94,6 +94,12 @@ class Checkpoint(ABC):
         block-quantized or its type has no quantizer here."""
         return None
 
+    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
+        """For a quantized tensor: where ``x``'s values sit on its levels, ~0.5 when spread between them (the
+        model it was quantized from), near 0 when on them (a model made from its dequantized values). None
+        when the tensor is not quantized or its format has no such test."""
+        return None
+
     def stored_tensors(self) -> list[TensorInfo]:
         """The tensors as its own files store them (header only): :meth:`tensors` for most formats; a LoRA
         adapter's A and B factors, not the updates it exposes (its parameter count)."""

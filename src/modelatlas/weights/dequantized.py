@@ -32,6 +32,7 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import bnb as B
+from modelatlas.weights import grid_position as G
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, named_by_folder
@@ -155,6 +156,31 @@ class DequantizedCheckpoint(Checkpoint):
             return B.requantized_share_int8(x, parts["weight"])
         state = B.parse_state(parts["state"], layer.parts["state"])
         return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], state["blocksize"])
+
+    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
+        """Where ``x``'s values sit on the layer's levels (:mod:`.grid_position`): ~0.5 for the model it was
+        quantized from, near 0 for one made from its dequantized values. For the bitsandbytes and MLX layers
+        (the formats QLoRA-style merges start from), on the first ~1M values; None for others."""
+        layer = self.layers.get(name)
+        if layer is None or layer.scheme not in _REQUANTIZED or tuple(x.shape) != layer.shape:
+            return None
+        return self._checked(layer, lambda parts: self._position(layer, parts, x))
+
+    @staticmethod
+    def _position(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+        rows = max(1, G.SAMPLE // max(layer.shape[-1], 1))
+        xs = x[:rows].float()  # (r, cols) the first rows
+        if layer.scheme == "bnb8":
+            return G.uniform_position(xs * (127.0 / parts["scb"].float()[:rows, None]))
+        if layer.scheme == "mlx":
+            group = layer.group_size
+            s = parts["scales"].float()[:rows].repeat_interleave(group, dim=-1)  # (r, cols)
+            b = parts["biases"].float()[:rows].repeat_interleave(group, dim=-1)
+            return G.uniform_position((xs - b) / s)
+        state = B.parse_state(parts["state"], layer.parts["state"])
+        flat = xs.reshape(-1)  # (r * cols,) the first values, in the blocks' order
+        scale = parts["absmax"][: -(-flat.numel() // state["blocksize"])]  # decoded by _parts
+        return G.book_position(flat / scale.repeat_interleave(state["blocksize"])[: flat.numel()], parts["quant_map"])
 
     def quantization(self, name: str) -> str | None:
         """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:

@@ -1,0 +1,52 @@
+"""Where a model's values sit on a quantized layer's levels: anywhere between them for the model it was
+quantized from, on them for a model made from its dequantized values (a QLoRA merge)."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+from tests.weights.conftest import make_bnb4, make_bnb8, make_mlx
+
+from modelatlas.weights import grid_position as G
+from modelatlas.weights import open_checkpoint
+
+
+def test_uniform_position_in_halves_of_a_step():
+    assert G.uniform_position(torch.tensor([1.0, 2.0, -3.0])) == 0.0  # on the levels
+    assert G.uniform_position(torch.tensor([1.5, 0.25])) == 0.75  # (1.0 + 0.5) / 2
+    assert abs(G.uniform_position(torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 9) - 0.5) < 0.01
+
+
+def test_book_position_uses_the_gap_around_each_value():
+    book = torch.tensor([1.0, -1.0, 0.0, 0.5])  # sorted: -1, 0, 0.5, 1 (a book need not be stored sorted)
+    assert G.book_position(torch.tensor([0.0, 0.5]), book) == 0.0
+    assert G.book_position(torch.tensor([-0.5, 0.25]), book) == 1.0  # midway in gaps of 1 and 0.5
+    assert G.book_position(torch.tensor([-0.25, 0.125]), book) == 0.5
+    assert G.book_position(torch.tensor([2.0, -1.0]), book) == 0.5  # beyond the ends: nothing inside
+
+
+def make_folder(folder, tensors, config):
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def check_position(ck, name, source):
+    """The source reads ~0.5; the copy's own dequantized values nudged by far less than a step read ~0
+    (returned)."""
+    made = ck.read(name) * (1 + 1e-4 * torch.randn(source.shape, generator=torch.Generator().manual_seed(1)))
+    assert 0.4 < ck.grid_position(name, source) < 0.6
+    assert ck.grid_position(name, made) < 0.05
+    return made
+
+
+def test_bitsandbytes_and_mlx_layers_tell_a_source_from_a_model_made_from_them(tmp_path):
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    ck = open_checkpoint(make_folder(tmp_path / "q", {**make_bnb4(x, "n"), **make_bnb8(x, "i"), **make_mlx(x, name="m")},
+                                     {"quantization": {"group_size": 32, "bits": 4}}))
+    for name in ("n.weight", "i.weight", "m.weight"):
+        made = check_position(ck, name, x)
+        if name != "m.weight":  # MLX recomputes a group's scale from its range: the made model rounds otherwise
+            assert ck.requantized_match(name, made) > 0.99  # rounding alone cannot tell them apart
+    assert ck.grid_position("n.weight", x[:, :64]) is None  # another shape: no test
