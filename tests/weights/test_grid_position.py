@@ -50,3 +50,17 @@ def test_bitsandbytes_and_mlx_layers_tell_a_source_from_a_model_made_from_them(t
         if name != "m.weight":  # MLX recomputes a group's scale from its range: the made model rounds otherwise
             assert ck.requantized_match(name, made) > 0.99  # rounding alone cannot tell them apart
     assert ck.grid_position("n.weight", x[:, :64]) is None  # another shape: no test
+
+
+def test_gptq_pack_quantized_and_int8_layers_too(tmp_path):
+    from tests.weights.conftest import make_gptq, make_pack_quantized
+
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    scale = x.abs().amax(1, keepdim=True) / 127  # (64, 1) one per row
+    int8 = {"s.weight": torch.round(x / scale).to(torch.int8), "s.weight_scale": scale}
+    ck = open_checkpoint(make_folder(tmp_path / "q", {**make_gptq(x, name="g", group=32),
+                                                        **make_pack_quantized(x, name="p", group=32), **int8}, {}))
+    for name in ("g.weight", "p.weight", "s.weight"):
+        check_position(ck, name, x)
+    fp8 = {"f.weight": (x / scale).to(torch.float8_e4m3fn), "f.weight_scale": scale}
+    assert open_checkpoint(make_folder(tmp_path / "f", fp8, {})).grid_position("f.weight", x) is None

@@ -37,7 +37,13 @@ from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, named_by_folder
 from modelatlas.weights.packed_layers import PackedLayer, block_sizes, find_packed
-from modelatlas.weights.scaled import requantized_share, scale_values, scaled_weight, working_dtypes
+from modelatlas.weights.scaled import (
+    requantized_share,
+    scale_values,
+    scaled_quotient,
+    scaled_weight,
+    working_dtypes,
+)
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
@@ -159,12 +165,29 @@ class DequantizedCheckpoint(Checkpoint):
 
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
         """Where ``x``'s values sit on the layer's levels (:mod:`.grid_position`): ~0.5 for the model it was
-        quantized from, near 0 for one made from its dequantized values. For the bitsandbytes and MLX layers
-        (the formats QLoRA-style merges start from), on the first ~1M values; None for others."""
+        quantized from, near 0 for one made from its dequantized values. On the first ~1M values; None for
+        float8 (levels not evenly spaced). GPTQ's codes are not all the nearest level, but its source's values
+        still fall anywhere between levels."""
         layer = self.layers.get(name)
-        if layer is None or layer.scheme not in _REQUANTIZED or tuple(x.shape) != layer.shape:
-            return None
+        if layer is None or layer.label == "FP8" or tuple(x.shape) != layer.shape:
+            return None  # float8's levels are not evenly spaced
+        if layer.scheme in ("gptq", "pack-quantized"):
+            return self._checked(layer, lambda parts: self._packed_position(layer, parts, x))
+        if layer.scheme == "scaled":
+            rows = torch.arange(min(layer.shape[0], max(1, G.SAMPLE // max(layer.shape[-1], 1))))
+            return self._checked(layer, lambda p: G.uniform_position(scaled_quotient(
+                x[rows], p["scale"], p.get("zero_point"), self._blocks, layer.shape, rows)))
         return self._checked(layer, lambda parts: self._position(layer, parts, x))
+
+    def _packed_position(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+        """:meth:`grid_position` of a GPTQ or pack-quantized layer, on its first input columns (~1M values)."""
+        seen, total = 0, 0.0
+        for _, _, scaled, zero in self._grid(layer, parts, x, torch.float32):  # (chunk, out) each
+            total += G.uniform_position(scaled + zero) * scaled.numel()
+            seen += scaled.numel()
+            if seen >= G.SAMPLE:
+                break
+        return total / max(seen, 1)
 
     @staticmethod
     def _position(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:

@@ -94,6 +94,16 @@ def scaled_weight(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     return x * expand_scale(scale, tuple(values.shape), blocks)
 
 
+def scaled_quotient(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                    blocks: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``x / scale (+ zero)`` in float32: ``x`` on the stored grid, its levels at the integers (int8). ``x``
+    holds the ``rows`` of a weight of ``shape`` when they are given."""
+    full = tuple(x.shape) if shape is None else tuple(shape)
+    y = x.float() / expand_scale(scale, full, blocks, rows)
+    return y if zero is None else y + expand_scale(zero, full, blocks, rows)
+
+
 def requantize(x: torch.Tensor, like: torch.dtype, scale: torch.Tensor, zero: torch.Tensor | None = None,
                blocks: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None,
                rows: torch.Tensor | None = None, work: torch.dtype = torch.float32) -> torch.Tensor:
