@@ -62,5 +62,12 @@ def test_gptq_pack_quantized_and_int8_layers_too(tmp_path):
                                                         **make_pack_quantized(x, name="p", group=32), **int8}, {}))
     for name in ("g.weight", "p.weight", "s.weight"):
         check_position(ck, name, x)
-    fp8 = {"f.weight": (x / scale).to(torch.float8_e4m3fn), "f.weight_scale": scale}
-    assert open_checkpoint(make_folder(tmp_path / "f", fp8, {})).grid_position("f.weight", x) is None
+    fp8 = {"f.weight": (x / (scale * 127 / 448)).to(torch.float8_e4m3fn), "f.weight_scale": scale * 127 / 448}
+    check_position(open_checkpoint(make_folder(tmp_path / "f", fp8, {})), "f.weight", x)
+
+
+def test_float8_position_in_halves_of_the_local_spacing():
+    e4 = torch.float8_e4m3fn
+    assert G.float8_position(torch.tensor([1.0, 1.125, 0.0, 448.0]), e4) == 0.0  # float8 values
+    assert G.float8_position(torch.tensor([1.0625]), e4) == 1.0  # midway between 1 and 1.125 (spacing 1/8)
+    assert G.float8_position(torch.tensor([8.25]), e4) == 0.5  # a quarter of the way: spacing 1 at 8

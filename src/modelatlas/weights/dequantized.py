@@ -165,19 +165,24 @@ class DequantizedCheckpoint(Checkpoint):
 
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
         """Where ``x``'s values sit on the layer's levels (:mod:`.grid_position`): ~0.5 for the model it was
-        quantized from, near 0 for one made from its dequantized values. On the first ~1M values; None for
-        float8 (levels not evenly spaced). GPTQ's codes are not all the nearest level, but its source's values
-        still fall anywhere between levels."""
+        quantized from, near 0 for one made from its dequantized values. On the first ~1M values (float8: in
+        halves of the spacing of float8 values where each lies). GPTQ's codes are not all the nearest level,
+        but its source's values still fall anywhere between levels."""
         layer = self.layers.get(name)
-        if layer is None or layer.label == "FP8" or tuple(x.shape) != layer.shape:
-            return None  # float8's levels are not evenly spaced
+        if layer is None or tuple(x.shape) != layer.shape:
+            return None
         if layer.scheme in ("gptq", "pack-quantized"):
             return self._checked(layer, lambda parts: self._packed_position(layer, parts, x))
         if layer.scheme == "scaled":
-            rows = torch.arange(min(layer.shape[0], max(1, G.SAMPLE // max(layer.shape[-1], 1))))
-            return self._checked(layer, lambda p: G.uniform_position(scaled_quotient(
-                x[rows], p["scale"], p.get("zero_point"), self._blocks, layer.shape, rows)))
+            return self._checked(layer, lambda parts: self._scaled_position(layer, parts, x))
         return self._checked(layer, lambda parts: self._position(layer, parts, x))
+
+    def _scaled_position(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+        """:meth:`grid_position` of float8 / int8 values with scales, on the first rows (~1M values)."""
+        rows = torch.arange(min(layer.shape[0], max(1, G.SAMPLE // max(layer.shape[-1], 1))))
+        t = scaled_quotient(x[rows], parts["scale"], parts.get("zero_point"), self._blocks, layer.shape, rows)
+        stored = parts["weight"].dtype
+        return G.uniform_position(t) if not stored.is_floating_point else G.float8_position(t, stored)
 
     def _packed_position(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
         """:meth:`grid_position` of a GPTQ or pack-quantized layer, on its first input columns (~1M values)."""

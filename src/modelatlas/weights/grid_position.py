@@ -34,3 +34,20 @@ def book_position(t: torch.Tensor, book: torch.Tensor) -> float:
     low, high = levels[i - 1], levels[i]
     near = torch.minimum(t - low, high - t)
     return float((near / ((high - low) / 2).clamp(min=1e-30)).clamp(max=1).mean())
+
+
+_FLOAT8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, smallest normal exponent
+
+
+def float8_position(t: torch.Tensor, dtype: torch.dtype) -> float:
+    """Mean distance of ``t`` (values divided by their scale) to the nearest ``dtype`` (float8) value, in
+    halves of the spacing of float8 values there (2**(exponent - mantissa bits); the subnormals' below the
+    smallest normal)."""
+    if not t.numel():
+        return 0.5
+    mantissa, low = _FLOAT8[dtype]
+    top = torch.finfo(dtype).max
+    c = t.clamp(-top, top).to(dtype).float()  # the nearest float8 value
+    exponent = torch.floor(torch.log2(c.abs().clamp(min=2.0**low))).clamp(min=low)
+    half = 2.0 ** (exponent - mantissa) / 2
+    return float(((t - c).abs() / half).clamp(max=1).mean())
