@@ -63,3 +63,26 @@ def test_a_conversion_from_float32_hangs_below_the_float16_one(tmp_path):
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     copies = {(e.parent, e.child) for e in forest.edges if e.kind == "precision"}
     assert copies == {("p-f16", "p-q8"), ("ft0-f16", "ft0-q4")}
+
+
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_0])
+def test_grid_position_tells_a_source_from_a_model_made_from_the_quantized_file(tmp_path, kind):
+    p = make_weights(0)
+    ck = open_checkpoint(make_conversion(tmp_path / "p-q.gguf", p, kind))
+    assert 0.4 < ck.grid_position("a.weight", torch.from_numpy(p["a.weight"])) < 0.6
+    merged = ck.read("a.weight") * (1 + 1e-4 * torch.randn(128, 128, generator=torch.Generator().manual_seed(1)))
+    assert ck.grid_position("a.weight", merged) < 0.05  # llama-export-lora: a LoRA merged into the quantized base
+
+
+def test_a_lora_merged_into_a_quantized_gguf_base_hangs_below_it(tmp_path):
+    """The merge (the base's dequantized values plus a small update, written as F16) quantized back to the
+    Q8_0 base's values, so the base was drawn as 'q8_0 copy of' the merge."""
+    p = make_weights(0)
+    base = open_checkpoint(make_conversion(tmp_path / "base-q8.gguf", p, Q.Q8_0))
+    gen = np.random.default_rng(1)
+    for i in range(2):
+        merged = {k: base.read(k).numpy() + 1e-4 * gen.standard_normal((128, 128)).astype(np.float32) for k in p}
+        make_conversion(tmp_path / f"merged{i}-f16.gguf", merged)
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert not [e for e in forest.edges if e.kind == "precision"]
+    assert forest.roots() == ["base-q8"]

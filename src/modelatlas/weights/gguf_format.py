@@ -156,6 +156,25 @@ class GGUFCheckpoint(Checkpoint):
         test = grid_test(kind, t.ggml_type, rows, type_size, have, rel_tol=2.0**-11, abs_tol=2.0**-25)
         return test(x.float().numpy())
 
+    def grid_position(self, name: str, x: torch.Tensor, max_rows: int = 256) -> float | None:
+        """Where ``x``'s values sit on the tensor's levels (:mod:`.grid_position`), on ``max_rows`` evenly
+        spaced rows: ~0.5 for the model it was quantized from, ~0 for one made from its dequantized values
+        (``llama-export-lora`` merges a LoRA into a quantized base). For the legacy types and the K-quants
+        (evenly spaced levels per block); None for others. Time O(max_rows m)."""
+        from modelatlas.weights.gguf_grid import GRIDS, LEGACY, grid
+        from modelatlas.weights.grid_position import uniform_position
+
+        t = self._tensors[name] if name in self._tensors else None
+        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or tuple(x.shape) != t.shape or not t.shape:
+            return None
+        block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
+        rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
+        pick = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(np.int64))
+        lo, step = grid(t.ggml_type.name, t.ggml_type, rows[pick], type_size)  # (r, m) each
+        sample = x.detach().reshape(len(rows), -1)[torch.from_numpy(pick)].double().numpy()  # (r, m)
+        live = step != 0  # a sub-block of scale 0 holds its offset whatever x
+        return uniform_position(torch.from_numpy((sample - lo)[live] / step[live]))
+
     def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int):
         """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes), x (r, m); the
         stored values (and a K-quant's grid) are computed once. The share is None for a type with no test."""
