@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file
 
 from modelatlas.lineage import recover_lineage
-from modelatlas.lineage.scoring import score_forest
+from modelatlas.lineage.scoring import edge_errors, score_forest
 from modelatlas.zoo.manifest import load_manifest
 
 KINDS = ("Q8_0", "Q4_0", "Q5_1")
@@ -48,34 +49,49 @@ def write_gguf(source: Path, path: Path, kind: str) -> None:
     w.close()
 
 
-def make_folder(zoo: Path, out: Path, rng: np.random.Generator) -> dict[str, str]:
-    """The zoo's models as files in ``out`` plus quantized copies of a third; returns copy name -> source."""
+def make_folder(zoo: Path, out: Path, rng: np.random.Generator, replace: bool = False,
+                kinds: tuple[str, ...] = KINDS) -> dict[str, list[str]]:
+    """The zoo's models as files in ``out`` plus quantized copies of a third; returns source -> its copies.
+    ``replace``: the chosen third is there only quantized (no source file), a seeded half of it twice (two
+    types), as a folder of downloaded GGUF files holds them."""
     manifest = load_manifest(zoo / "manifest.json")
     out.mkdir(parents=True)
-    copies = {}
+    copies: dict[str, list[str]] = {}
     for m in manifest.models:
         src = manifest.path_of(m.name) / "model.safetensors"
-        shutil.copy(src, out / f"{m.name}.safetensors")
-        if rng.random() < 1 / 3:
-            kind = KINDS[rng.integers(len(KINDS))]
-            write_gguf(src, out / f"{m.name}-{kind.lower()}.gguf", kind)
-            copies[f"{m.name}-{kind.lower()}"] = m.name
+        chosen = rng.random() < 1 / 3
+        if not (chosen and replace):
+            shutil.copy(src, out / f"{m.name}.safetensors")
+        if chosen:
+            n = 1 + int(replace and rng.random() < 0.5)
+            for kind in rng.choice(kinds, min(n, len(kinds)), replace=False):
+                write_gguf(src, out / f"{m.name}-{kind.lower()}.gguf", kind)
+                copies.setdefault(m.name, []).append(f"{m.name}-{kind.lower()}")
     return copies
 
 
-def zoo_row(zoo: Path, work: Path, rng: np.random.Generator) -> dict:
+def zoo_row(zoo: Path, work: Path, rng: np.random.Generator, replace: bool = False,
+            kinds: tuple[str, ...] = KINDS) -> dict:
     manifest = load_manifest(zoo / "manifest.json")
-    copies = make_folder(zoo, work / zoo.name, rng)
+    copies = make_folder(zoo, work / zoo.name, rng, replace, kinds)
     plain = recover_lineage([manifest.path_of(m.name) for m in manifest.models])
     start = time.perf_counter()
     forest = recover_lineage(sorted((work / zoo.name).iterdir()))
     secs = time.perf_counter() - start
     found = {e.child: e.parent for e in forest.edges if e.kind == "precision"}
-    return {"zoo": zoo.name, "written": len(copies), "own": sum(found.get(c) == s for c, s in copies.items()),
-            "other": sum(c in found and found[c] != s for c, s in copies.items()),
-            "missed": sum(c not in found for c in copies), "false": sum(c not in copies for c in found),
-            "acc": score_forest(forest, manifest).directed, "acc_plain": score_forest(plain, manifest).directed,
-            "seconds": secs}
+    source = {c: s for s, cs in copies.items() for c in cs}
+    truth = manifest.parents()
+    if replace:  # each replaced model is scored as its first copy, the edges of the others are not counted
+        first = {s: cs[0] for s, cs in copies.items()}
+        truth = {first.get(c, c): None if p is None else first.get(p, p) for c, p in truth.items()}
+    quantized = forest.decisions.get("quantized_models", {})
+    score = score_forest(forest, truth)
+    return {"zoo": zoo.name, "written": len(source), "own": sum(found.get(c) == s for c, s in source.items()),
+            "other": sum(c in found and found[c] != s for c, s in source.items()),
+            "missed": sum(c not in found and c not in quantized for c in source), "false": sum(c not in source for c in found),
+            "stand-in": sum(c in quantized for c in source),
+            "acc": score.directed, "acc_plain": score_forest(plain, manifest).directed,
+            "seconds": secs, "forest": forest, "truth": truth, "right": score.n_correct, "n": score.n_true_edges}
 
 
 def main() -> None:
@@ -83,16 +99,27 @@ def main() -> None:
     ap.add_argument("zoos", nargs="+", type=Path)
     ap.add_argument("--work", type=Path, required=True, help="new folder for the mixed model folders")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replace", action="store_true",
+                    help="the quantized third stands in for its models (source files not written; half of them "
+                         "in two types)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated types among {', '.join(KINDS)}")
     args = ap.parse_args()
+    kinds = tuple(k.strip().upper() for k in args.kinds.split(","))
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds {args.kinds!r}: give types among {', '.join(KINDS)}")
     rng = np.random.default_rng(args.seed)
-    rows = [zoo_row(z, args.work, rng) for z in args.zoos if (z / "manifest.json").is_file()]
-    print("| zoo | GGUF copies | found (own source) | another model | missed | false copies | directed (without GGUF) | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = [zoo_row(z, args.work, rng, args.replace, kinds) for z in args.zoos if (z / "manifest.json").is_file()]
+    print("| zoo | GGUF files | found (own source) | another model | stand-in | missed | false copies | "
+          "directed (without GGUF) | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['zoo']} | {r['written']} | {r['own']} | {r['other']} | {r['missed']} | {r['false']} | "
-              f"{100 * r['acc']:.1f}% ({100 * r['acc_plain']:.1f}%) | {r['seconds']:.2f} |")
-    total = {k: sum(r[k] for r in rows) for k in ("written", "own", "other", "missed", "false")}
+        print(f"| {r['zoo']} | {r['written']} | {r['own']} | {r['other']} | {r['stand-in']} | {r['missed']} | "
+              f"{r['false']} | {100 * r['acc']:.1f}% ({100 * r['acc_plain']:.1f}%) | {r['seconds']:.2f} |")
+    total = {k: sum(r[k] for r in rows) for k in ("written", "own", "other", "stand-in", "missed", "false")}
     print(f"\nall: {total}")
+    errors = Counter(k for r in rows for k in edge_errors(r["forest"], r["truth"]).values())
+    print(f"wrong edges by kind: {dict(errors)}; pooled directed {sum(r['right'] for r in rows)}/"
+          f"{sum(r['n'] for r in rows)}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,14 @@ class Checkpoint(ABC):
         when the tensor is not quantized or its format has no such test."""
         return None
 
+    def rounding_variance(self, name: str) -> torch.Tensor | None:
+        """For a quantized tensor: the variance of the error its rounding added to each value, float32 of the
+        tensor's shape (``step**2 / 12`` where the levels around a value are ``step`` apart: the error of
+        rounding to the nearest is uniform over one step). Lineage subtracts it from distances and moments, so
+        a quantized copy of an absent model stands in for it (a 4-bit rounding moves weights ~8 % of their
+        RMS, as far as a fine-tune). None when the tensor is not quantized or its format gives none."""
+        return None
+
     def stored_tensors(self) -> list[TensorInfo]:
         """The tensors as its own files store them (header only): :meth:`tensors` for most formats; a LoRA
         adapter's A and B factors, not the updates it exposes (its parameter count)."""
