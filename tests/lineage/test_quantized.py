@@ -327,7 +327,10 @@ def test_a_quantized_model_whose_biases_differ_is_no_copy(tmp_path):
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     kinds = {e.child: (e.parent, e.kind) for e in forest.edges}
     assert kinds["p-q8"] == ("p", "precision")
-    assert kinds["bitfit-q8"][1] == "trained" and "bitfit-q8" not in forest.decisions["duplicates"]
+    # a model of its own, trained from p or p from it: with its rounding taken out (lineage.rounding) its
+    # matrices are p's, so nothing there says which way, and only the biases differ
+    link = [e for e in forest.edges if {e.parent, e.child} == {"p", "bitfit-q8"}]
+    assert [e.kind for e in link] == ["trained"] and "bitfit-q8" not in forest.decisions["duplicates"]
 
 
 def test_a_quantized_copy_of_a_head_only_fine_tune_hangs_below_it(tmp_path):

@@ -77,16 +77,16 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
     quantized one not being its copy. A model equal to a kept one on ``layers`` only goes into
     ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
     "n_differing": their number}."""
-    dtypes = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)]
-    given = list(keep)
-    keep, dups = split_duplicates(st.rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
-    unrounded = {d for d, r in dups if st.rel[d, r] >= DUPLICATE_TOL and not _rounds_to(members[r], members[d],
-                                                                                        layers, dtypes[d])}
+    dtypes, given = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)], list(keep)
+    rel = st.rel if st.stored_rel is None else st.stored_rel  # as read: a rounding is no identity
+    keep, dups = split_duplicates(rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
+    unrounded = {d for d, r in dups if rel[d, r] >= DUPLICATE_TOL and not _rounds_to(members[r], members[d],
+                                                                                     layers, dtypes[d])}
     keep = [i for i in given if i in keep or i in unrounded]  # a fine-tune within roundoff: a model of its own
     dups = [(d, r) for d, r in dups if d not in unrounded]
     for d, r in _checked_outside(members, layers, dups, outside, dtypes):
         duplicates[members[d].name] = members[r].name
-        if st.rel[d, r] >= DUPLICATE_TOL:
+        if rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
     aside = [i for i, m in enumerate(members) if m.name in outside]  # may be quantized copies, or their sources
     by_name = {m.name: m for m in members}

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import AtlasError
+from modelatlas.lineage.rounding import debiased_moments, debiased_squared, rounding_sums
 from modelatlas.lineage.spectra import RankSketch
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
@@ -67,6 +68,10 @@ class PairStats:
     layer_kurtosis: np.ndarray | None = None  # (N, L) kurtosis of each layer (the sum is ``kurtosis``)
     failed: dict[int, str] = field(default_factory=dict)  # model index -> why a read failed
     value_formats: list[str] = field(default_factory=list)  # per model: "bfloat16" / "float16" its values fit, or ""
+    rounding: list[np.ndarray] = field(default_factory=list)  # per sketched layer: (N,) rounding energy (sum v)
+    # (N, N) ``rel`` of the values as read, a quantized model's rounding left in: ``rel`` less it reads 0 for a
+    # stand-in and a model nearer it than its rounding, which no duplicate test may take for identical
+    stored_rel: np.ndarray | None = None
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
@@ -80,7 +85,8 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     (the reference path; ``l1`` always stacks). ``rank_sketch``: ``"count"`` or ``"gaussian"`` left (row) sketch
     of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
-    st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None)
+    st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None,
+                   stored_rel=np.zeros((n, n)))
     fits = ValueFormats(n)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
@@ -90,21 +96,22 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
         rank = RankSketch(info, sketch, seed, rank_sketch) if sketch and len(info.shape) >= 2 else None
         gseed = derive_seed(seed, "gram", info.name)
         if sk_k is not None and stream and not l1:
-            mom, gram, shift, y = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank, fits)
-            _add_layer(st, mom, gram, shift, info.numel)
+            mom, gram, shift, y, noise = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank, fits)
+            _add_layer(st, mom, gram, shift, info.numel, noise)
         else:
             x = _read_layer(ckpts, info, st.failed, fits)  # (N, P) float32
-            _accumulate(st, x, l1, sk_k, gseed)
+            noise = _accumulate(st, x, l1, sk_k, gseed,
+                                lambda c, x=x, info=info: _layer_rounding(ckpts, info, x, c, st.failed))
             y = None if rank is None else rank(x)
         per_layer.append(st.kurtosis - before)
         if y is not None:
             st.sketches.append(y.numpy())  # (N, min(n, 2s), s)
+            st.rounding.append(noise[:, 0].numpy())
     st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
     st.value_formats = fits.formats()
-    st.rms /= max(len(layers), 1)
-    st.rel /= max(len(layers), 1)
-    if st.l1 is not None:
-        st.l1 /= max(len(layers), 1)
+    for m in (st.rms, st.rel, st.stored_rel, st.l1):  # sums over layers -> means
+        if m is not None:
+            m /= max(len(layers), 1)
     return st
 
 
@@ -120,6 +127,7 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     sk = torch.zeros(n, k, dtype=torch.float64)
     y = None
     shift = None
+    noise = torch.zeros(n, 4, dtype=torch.float64)
     pw = torch.empty(4, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
     bw = torch.zeros(1, info.numel + (-info.numel) % k, dtype=torch.float32)
     for i, x in _rows(ckpts, info, failed, fits):  # x: (1, P) float32
@@ -127,6 +135,8 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
             shift = float(x.mean())
         mom[i] = _power_sums(x, shift, pw)[0]
         sk[i] = _bucket_sums(x, signs, k, bw)[0]
+        if (r := rounding_sums(ckpts[i], info.name, x, shift)) is not None:
+            noise[i] = r
         if rank is not None:
             yi = rank(x)[0]  # (n', s)
             y = torch.zeros(n, *yi.shape, dtype=yi.dtype) if y is None else y
@@ -134,7 +144,18 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     if y is None and rank is not None:  # nothing readable
         y = rank(torch.zeros(1, info.numel)).expand(n, -1, -1).clone()
     c = sk - sk.mean(0)  # centring is exact on the sketch (it is linear)
-    return mom, c @ c.T, 0.0 if shift is None else shift, y
+    return mom, c @ c.T, 0.0 if shift is None else shift, y, noise
+
+
+def _layer_rounding(ckpts: list[Checkpoint], info: TensorInfo, x: torch.Tensor, shift: float,
+                    failed: dict[int, str]) -> torch.Tensor:
+    """(N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums` of layer ``info`` of every readable model
+    (rows of ``x``); zeros for a model stored unquantized. Time O(P) per quantized model."""
+    noise = torch.zeros(len(ckpts), 4, dtype=torch.float64)
+    for i, ck in enumerate(ckpts):
+        if i not in failed and (r := rounding_sums(ck, info.name, x[i:i + 1], shift)) is not None:
+            noise[i] = r
+    return noise
 
 
 def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], fits: ValueFormats | None = None):
@@ -262,9 +283,11 @@ def _gram(x: torch.Tensor, mean: torch.Tensor, k: int | None, seed: int) -> torc
     return c @ c.T
 
 
-def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, seed: int = 0) -> None:
-    """Add one layer's distances and kurtosis. Time O(N^2 P) exact or O(N P + N^2 k) with a ``k``
-    sketch; extra memory O(N * _CHUNK)."""
+def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, seed: int = 0,
+                rounding=None) -> torch.Tensor:
+    """Add one layer's distances and kurtosis; returns the (N, 4) rounding sums ``rounding(shift)`` gave
+    (zeros without it). Time O(N^2 P) exact or O(N P + N^2 k) with a ``k`` sketch; extra memory
+    O(N * _CHUNK)."""
     n, p = x.shape
     ok = torch.ones(n, dtype=torch.bool)
     ok[list(st.failed)] = False
@@ -282,17 +305,29 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
         if l1:
             xa = x[:, a:a + _CHUNK].double()  # (N, B)
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
-    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p)
+    noise = rounding(shift) if rounding is not None else torch.zeros(n, 4, dtype=torch.float64)
+    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p, noise)
+    return noise
 
 
-def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: float, p: int) -> None:
+def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: float, p: int,
+               noise: torch.Tensor | None = None) -> None:
     """Add one layer's RMS / relative distances (from its (N, N) centred Gram) and kurtosis (from the (N, 4)
-    power sums of the entries shifted by ``shift``). Time O(N^2)."""
+    power sums of the entries shifted by ``shift``), a quantized model's rounding error taken out of both
+    (``noise``: (N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others). Time O(N^2)."""
+    if noise is not None:
+        mom = debiased_moments(mom, noise)
     # sum of x^2 (uncentred squared norm) from the shifted sums: sum (e + c)^2 = S2 + 2 c S1 + P c^2
     raw = mom[:, 1] + 2 * shift * mom[:, 0] + p * shift**2
     sq = torch.diagonal(gram)
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)  # (N, N) ||W_u - W_v||^2
     scale = ((raw[:, None] + raw[None, :]) / 2).clamp_min(1e-30)
+    if noise is not None and bool((noise[:, 0] > 0).any()):
+        stored = scale + (noise[:, :1] + noise[None, :, 0]) / 2  # the norms as read: the rounding left in
+        st.stored_rel += (d2 / stored).sqrt().numpy()
+        d2 = debiased_squared(d2, noise[:, 0])
+    else:
+        st.stored_rel += (d2 / scale).sqrt().numpy()
     st.rms += (d2 / p).sqrt().numpy()
     st.rel += (d2 / scale).sqrt().numpy()
     st.kurtosis += _kurtosis_from_moments(mom, p).numpy()

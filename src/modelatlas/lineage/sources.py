@@ -75,6 +75,9 @@ class PrefixedView(Checkpoint):
     def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
         return self.inner.requantized_match(self.prefix + name, x)
 
+    def rounding_variance(self, name: str) -> torch.Tensor | None:
+        return self.inner.rounding_variance(self.prefix + name)
+
     def close(self) -> None:
         self.inner.close()
 

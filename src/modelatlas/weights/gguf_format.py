@@ -26,6 +26,10 @@ from modelatlas.weights.registry import register_format
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16"}
 _STORED = {**_INT_TYPES, **_FLOAT_TYPES}  # ggml type -> the dtype reported and read; others: float32
+# the legacy types' codes of the values that set a block's scale (and offset), which are stored exactly:
+# ggml's reference quantizers map the block's largest |x| (Q8_0: to +-127; Q4_0, Q5_0: its signed value to
+# code 0) and, with an offset, its smallest to code 0 and its largest to the top code (Q4_1, Q5_1)
+SCALE_CODES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (1, 255), "Q4_1": (0, 15), "Q5_1": (0, 31)}
 _PLAIN = {**_INT_TYPES, "F16": "float16", "F32": "float32", "F64": "float64"}  # read as they are stored
 
 
@@ -174,6 +178,37 @@ class GGUFCheckpoint(Checkpoint):
         sample = x.detach().reshape(len(rows), -1)[torch.from_numpy(pick)].double().numpy()  # (r, m)
         live = step != 0  # a sub-block of scale 0 holds its offset whatever x
         return uniform_position(torch.from_numpy((sample - lo)[live] / step[live]))
+
+    def rounding_variance(self, name: str) -> torch.Tensor | None:
+        """``step**2 / 12`` per value for the legacy types and the K-quants (evenly spaced levels per block or
+        sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`); None for the other
+        types (IQ: codebooks) and plain tensors. The error of a block's largest value is 0 (Q4_0, Q8_0: it sets
+        the scale) and that of its smallest too where levels have an offset (Q4_1, Q5_1): those values get 0
+        (:data:`SCALE_CODES`). They are the tails a kurtosis is made of: counted as rounded, the fourth moment's
+        correction overshot (a Q4_0 stand-in's summed kurtosis read 0.06-0.1 low). K-quants search their
+        scales, so no value is exact. Rows in chunks of ~1M values. Time O(P), memory O(P) float32 plus O(1M)
+        float64."""
+        from gguf.quants import dequantize
+
+        from modelatlas.weights.gguf_grid import GRIDS, LEGACY, grid
+
+        t = self._tensors.get(name)
+        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape:
+            return None
+        block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
+        rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
+        out = np.empty((len(rows), t.shape[-1]), dtype=np.float32)  # (R, m)
+        chunk = max(1, (1 << 20) // t.shape[-1])
+        exact = SCALE_CODES.get(t.ggml_type.name, ())
+        for a in range(0, len(rows), chunk):
+            lo, step = grid(t.ggml_type.name, t.ggml_type, rows[a:a + chunk], type_size)  # (r, m) float64
+            var = step**2 / 12
+            if exact:  # the value that set its block's scale is stored exactly
+                stored = dequantize(rows[a:a + chunk], t.ggml_type)  # (r, m)
+                code = np.rint((stored - lo) / np.where(step == 0, 1.0, step))
+                var[np.isin(code, exact)] = 0.0
+            out[a:a + chunk] = var
+        return torch.from_numpy(out).reshape(t.shape)
 
     def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int):
         """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes), x (r, m); the
