@@ -173,20 +173,27 @@ def block_absmax(parts: dict[str, torch.Tensor], names: dict[str, str], state: d
     return out
 
 
+def _chunks(packed: torch.Tensor, block_absmax: torch.Tensor, state: dict, chunk: int):
+    """A 4-bit layer's values about ``chunk`` (whole blocks) at a time: (their slice of the flattened weight,
+    codes (m,) uint8, their block's absmax (m,) float32). Memory O(chunk) each, time O(P) in all."""
+    n, block, b = math.prod(state["shape"]), state["blocksize"], _bytes(packed)
+    step = _step(block, chunk)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        codes = nibbles(b[start // 2 : -(-stop // 2)], stop - start)  # (m,) the chunk's codes
+        scale = block_absmax[start // block : -(-stop // block)].repeat_interleave(block)[: stop - start]  # (m,)
+        yield slice(start, stop), codes, scale
+
+
 def dequantize_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map: torch.Tensor,
                     state: dict, chunk: int = CHUNK) -> torch.Tensor:
     """A 4-bit layer's float32 weight of ``state["shape"]``: ``quant_map[code] * absmax`` of its block, decoded
     about ``chunk`` values (whole blocks) at a time into the result. Memory O(P) for the result plus O(chunk)
     (16 MiB of temporaries per million values), time O(P)."""
-    shape, block = state["shape"], state["blocksize"]
-    n, book, b = math.prod(shape), quant_map.float(), _bytes(packed)
-    out, step = torch.empty(n), _step(block, chunk)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        codes = nibbles(b[start // 2 : -(-stop // 2)], stop - start)  # (m,) the chunk's codes
-        scale = block_absmax[start // block : -(-stop // block)].repeat_interleave(block)[: stop - start]  # (m,)
-        torch.mul(book[codes.long()], scale, out=out[start:stop])
-    return out.reshape(shape)  # (n,) -> the state's shape
+    out, book = torch.empty(math.prod(state["shape"])), quant_map.float()
+    for where, codes, scale in _chunks(packed, block_absmax, state, chunk):
+        torch.mul(book[codes.long()], scale, out=out[where])
+    return out.reshape(state["shape"])  # (n,) -> the state's shape
 
 
 def requantize_4bit(x: torch.Tensor, quant_map: torch.Tensor, block: int) -> torch.Tensor:
