@@ -3,6 +3,7 @@ quantized from, on them for a model made from its dequantized values (a QLoRA me
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from tests.weights.conftest import make_bnb4, make_bnb8, make_mlx
@@ -71,3 +72,16 @@ def test_float8_position_in_halves_of_the_local_spacing():
     assert G.float8_position(torch.tensor([1.0, 1.125, 0.0, 448.0]), e4) == 0.0  # float8 values
     assert G.float8_position(torch.tensor([1.0625]), e4) == 1.0  # midway between 1 and 1.125 (spacing 1/8)
     assert G.float8_position(torch.tensor([8.25]), e4) == 0.5  # a quarter of the way: spacing 1 at 8
+
+
+def test_level_variance_of_an_even_density_is_the_gap_squared_over_12():
+    book = torch.tensor([0.5, -1.0, 0.0, 1.0, -0.5])  # sorted: -1, -0.5, 0, 0.5, 1; stored in any order
+    even = torch.tensor([1.0, 0.5, 1.0, 0.5, 1.0])  # values per cell, as wide as the cells (ends: half)
+    got = G.level_variance(book, even * 1000)
+    assert got.tolist() == pytest.approx([0.5**2 / 12] * 5)  # the ends too: half a cell of the one gap
+    assert G.level_variance(book, torch.zeros(5)).tolist() == pytest.approx([0.5**2 / 12] * 5)  # none counted
+    falling = G.level_variance(book, torch.tensor([2.0, 0.5, 4.0, 0.5, 2.0]))  # fewer values outward
+    assert falling[0] == pytest.approx(0.5**2 / 12)  # a cell even about its level: a slope changes nothing
+    assert falling[1] > 0.5**2 / 12 and falling[3] > 0.5**2 / 12  # an end's half cell: values far from it
+    with_nan = G.level_variance(torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([5, 0, 5]))
+    assert with_nan[1] == 0 and with_nan[0] > 0

@@ -5,7 +5,8 @@ from, and a model made from the copy's own dequantized values plus an update too
 boundary (a QLoRA merge: the dequantized NF4 base plus a low-rank update). Rounding cannot tell which way
 they are related; the values' positions can. The source's values fall anywhere between two levels (their
 mean distance to the nearest, in halves of the gap around them, is about 0.5), while a model made from the
-dequantized copy sits on its levels (about |update| / half a gap). Pure tensor functions; time O(P).
+dequantized copy sits on its levels (about |update| / half a gap). :func:`level_variance` gives the mean
+squared error of the rounding onto uneven levels. Pure tensor functions; time O(P).
 """
 
 from __future__ import annotations
@@ -51,3 +52,56 @@ def float8_position(t: torch.Tensor, dtype: torch.dtype) -> float:
     exponent = torch.floor(torch.log2(c.abs().clamp(min=2.0**low))).clamp(min=low)
     half = 2.0 ** (exponent - mantissa) / 2
     return float(((t - c).abs() / half).clamp(max=1).mean())
+
+
+def end_codes(values: torch.Tensor) -> torch.Tensor:
+    """Which codes of levels ``values`` are an end level (the largest finite |level|: where a quantizer that
+    scales by the absmax puts it). (codes,) bool; time O(codes)."""
+    top = values[torch.isfinite(values)].abs().max() if bool(torch.isfinite(values).any()) else 0.0
+    return torch.isfinite(values) & (values.abs() == top)
+
+
+def level_variance(values: torch.Tensor, counts: torch.Tensor, exact: int = 0) -> torch.Tensor:
+    """Mean squared rounding error of a value stored as each code, ``values`` the codes' levels (a 4-bit book,
+    every float8 value; a NaN or infinite one gets 0) and ``counts`` how many values of a layer each code
+    holds: the second moment, about the level, of a density over its cell (half way to the levels around it;
+    at an end, up to the end) that is linear, its slope from the densities of the cells around (counts per
+    width), never below 0 (:func:`_cell_moments`). ``exact`` of the values on the end levels
+    (:func:`end_codes`: each block's absmax) are left out of the density: the result is the mean of the
+    others, the caller shares it out. (codes,) float32; time O(codes log codes)."""
+    finite = torch.isfinite(values)
+    levels, level_of = torch.unique(values[finite].double(), return_inverse=True)  # sorted; each code's
+    out = torch.zeros(values.numel())
+    if levels.numel() < 2:
+        return out
+    n = torch.zeros(levels.numel(), dtype=torch.float64).index_add_(0, level_of, counts[finite].double())
+    end = levels.abs() == levels.abs().max()
+    n[end] *= 1 - min(1.0, exact / max(float(n[end].sum()), 1.0))  # the exact values taken out
+    out[finite] = _cell_moments(levels, n)[level_of].float()
+    return out
+
+
+def _cell_moments(levels: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """For sorted ``levels`` (L,) holding ``n`` values each: the second moment of the error about each level
+    under the linear density of :func:`level_variance` over its cell; :func:`cell_variance` (an even density)
+    where nothing is counted. (L,) float64; time O(L)."""
+    mid = (levels[:-1] + levels[1:]) / 2
+    lo, hi = torch.cat([levels[:1], mid]), torch.cat([mid, levels[-1:]])  # each cell's edges
+    center, half = (lo + hi) / 2, (hi - lo) / 2
+    density = n / (hi - lo)
+    slope = torch.gradient(density, spacing=(center,))[0]
+    slope = torch.maximum(torch.minimum(slope, density / half), -density / half)  # >= 0 across the cell
+    a, low, high = density + slope * (levels - center), lo - levels, hi - levels  # a + slope * u, u in [low, high]
+    mass = a * (high - low) + slope * (high**2 - low**2) / 2
+    moment = a * (high**3 - low**3) / 3 + slope * (high**4 - low**4) / 4
+    even = cell_variance(2 * (levels - lo), 2 * (hi - levels))
+    return torch.where(mass > 0, moment / mass.clamp(min=1e-300), even)
+
+
+def cell_variance(below: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+    """Variance of a rounding error spread evenly over a level's cell, the levels next to it ``below`` and
+    ``above`` away (the cell reaches half way to each; 0 where there is none: an end level): ``(a**2 - a*b +
+    b**2) / 3`` for half gaps a and b: ``gap**2 / 12`` for equal gaps, and of the one gap at an end (whose
+    cell is half of it). Time O(len(below))."""
+    a, b = below / 2, above / 2
+    return (a * a - a * b + b * b) / 3
