@@ -69,21 +69,31 @@ def make_pack_quantized(w: torch.Tensor, bits: int = 4, group: int = 16, name: s
             f"{name}.weight_shape": torch.tensor([rows, cols])}
 
 
-def make_bnb4(w: torch.Tensor, name: str = "layer", blocksize: int = 64, nested: bool = False) -> dict:
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230850219727, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])  # bitsandbytes' NF4 book (functional.get_4bit_type("nf4"))
+FP4 = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0,
+                    -3.0]) / 12  # bitsandbytes' FP4 book, as get_4bit_type("fp4") normalises it (0 twice)
+
+
+def make_bnb4(w: torch.Tensor, name: str = "layer", blocksize: int = 64, nested: bool = False,
+              book: torch.Tensor | None = None, quant_type: str = "nf4") -> dict:
     """bitsandbytes 4-bit tensors of ``w`` as transformers saves them: per block of ``blocksize`` flattened
-    values the absmax, codes of the nearest of 16 book values (a linear book here; NF4's is another), two a
-    byte, the first in the high nibble; the quant state as JSON bytes. ``nested``: the absmaxes double
-    quantized (:func:`make_nested`)."""
-    book = torch.linspace(-1, 1, 16)
+    values the absmax, codes of the nearest of 16 book values (``book``: a linear one by default; :data:`NF4`,
+    :data:`FP4`), two a byte, the first in the high nibble; the quant state (``quant_type``) as JSON bytes.
+    ``nested``: the absmaxes double quantized (:func:`make_nested`)."""
+    book = torch.linspace(-1, 1, 16) if book is None else book
     flat = w.reshape(-1, blocksize)  # (blocks, blocksize)
     absmax = flat.abs().amax(1)
     codes = ((flat / absmax[:, None]).reshape(-1, 1) - book).abs().argmin(1)  # (n,)
     packed = (codes[0::2] * 16 + codes[1::2]).to(torch.uint8).reshape(-1, 1)
-    state = {"quant_type": "nf4", "blocksize": blocksize, "shape": list(w.shape)}
+    state = {"quant_type": quant_type, "blocksize": blocksize, "shape": list(w.shape)}
     out = {f"{name}.weight": packed, f"{name}.weight.absmax": absmax, f"{name}.weight.quant_map": book}
     if nested:
         out.update(make_nested(absmax, f"{name}.weight", state))
-    out[f"{name}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    state_bytes = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    out[f"{name}.weight.quant_state.bitsandbytes__{quant_type}"] = state_bytes
     return out
 
 

@@ -23,6 +23,7 @@ import math
 import torch
 
 from modelatlas.config_types import fits
+from modelatlas.weights import grid_position as G
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import TensorInfo
 
@@ -224,12 +225,47 @@ def requantized_share_4bit(x: torch.Tensor, packed: torch.Tensor, quant_map: tor
     return same / max(n, 1)
 
 
+def rounding_variance_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map: torch.Tensor,
+                           state: dict, chunk: int = CHUNK) -> torch.Tensor:
+    """Variance of each value's rounding error of a 4-bit layer, float32 of ``state["shape"]``: its code's
+    :func:`~.grid_position.level_variance` (from the layer's code counts) times its block's absmax squared,
+    and on an end level (+-1) times ``(k - 1) / k`` for k such values in the block: one is its absmax, exact.
+    Two passes over the codes, about ``chunk`` values at a time: time O(P), memory O(P) for the result plus
+    O(chunk)."""
+    counts = torch.zeros(quant_map.numel(), dtype=torch.long)
+    for _, codes, _ in _chunks(packed, block_absmax, state, chunk):
+        counts += torch.bincount(codes.long(), minlength=quant_map.numel())
+    book = quant_map.float()
+    table, end = G.level_variance(book, counts, block_absmax.numel()), G.end_codes(book)  # (16,) each
+    out = torch.empty(math.prod(state["shape"]))
+    for where, codes, scale in _chunks(packed, block_absmax, state, chunk):
+        v = table[codes.long()] * scale.square()  # (m,)
+        torch.mul(v, _inexact_share(end[codes.long()], state["blocksize"]), out=out[where])
+    return out.reshape(state["shape"])
+
+
+def _inexact_share(at_end: torch.Tensor, block: int) -> torch.Tensor:
+    """Per value (m,) of whole blocks (the last may be short): ``(k - 1) / k`` where it is on an end level, k
+    such values in its block (one of them the block's absmax, with no error), else 1. Time O(m)."""
+    k = torch.nn.functional.pad(at_end, (0, (-at_end.numel()) % block)).reshape(-1, block).sum(1)  # (blocks,)
+    share = ((k - 1) / k.clamp(min=1)).repeat_interleave(block)[: at_end.numel()]  # (m,)
+    return torch.where(at_end, share, 1.0)
+
+
 def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     """An LLM.int8 layer's float32 weight: ``weight * SCB / 127`` row by row, computed in the result (memory
     O(P) for it, no temporary of its size)."""
     out = weight.float()
     out *= scb.float().reshape(-1, 1)  # (rows,) -> (rows, 1): one scale per row
     out *= 1.0 / 127
+    return out
+
+
+def rounding_variance_int8(scb: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Variance of each value's rounding error of an LLM.int8 layer of ``shape``: ``step**2 / 12``, its row's
+    step ``SCB / 127``. (rows, cols) float32; time and memory O(P)."""
+    out = torch.empty(shape)
+    out[:] = ((scb.float() / 127).square() / 12).reshape(-1, 1)  # (rows, 1) over each row
     return out
 
 

@@ -18,9 +18,9 @@ rescales the weights it quantizes, so they are no rounding of the model's own). 
 :meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8",
 "MLX-4BIT"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
-quantized from (every value) from a fine-tune of it (fewer). Header reads only, plus the small
-``weight_shape`` tensors and bitsandbytes' JSON quant states and format flags; time O(P) per dequantized layer
-of P weights.
+quantized from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the
+variance of each value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and
+bitsandbytes' JSON quant states and format flags; time O(P) per dequantized layer of P weights.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from modelatlas.weights.scaled import (
     requantized_share,
     scale_values,
     scaled_quotient,
+    scaled_variance,
     scaled_weight,
     working_dtypes,
 )
@@ -209,6 +210,38 @@ class DequantizedCheckpoint(Checkpoint):
         flat = xs.reshape(-1)  # (r * cols,) the first values, in the blocks' order
         scale = parts["absmax"][: -(-flat.numel() // state["blocksize"])]  # decoded by _parts
         return G.book_position(flat / scale.repeat_interleave(state["blocksize"])[: flat.numel()], parts["quant_map"])
+
+    def rounding_variance(self, name: str) -> torch.Tensor | None:
+        """Variance of the rounding error at each value of a dequantized layer, float32 of its shape; None for
+        other tensors. Evenly spaced levels (GPTQ, ``pack-quantized``, int8 with scales, LLM.int8, MLX):
+        ``step**2 / 12``, the step its group's or row's scale (an error even over one step; GPTQ's own is
+        larger, see :func:`~.packed_ints.gptq_variance`). Uneven levels, NF4 / FP4 books and float8 values:
+        the error's second moment over the stored level's cell (half way to the levels around it) under a
+        density linear there, fitted to the layer's code counts (:func:`~.grid_position.level_variance`;
+        ``gap**2 / 12`` where it is even), times the block's absmax or the scale squared; each block's
+        absmax, which the quantizer puts on the end level, exact (:func:`~.bnb.rounding_variance_4bit`,
+        :func:`~.scaled.scaled_variance`). A CheckpointError when the stored tensors do not fit together.
+        Time O(P) for P weights, memory O(P) for the result plus a chunk's temporaries."""
+        layer = self.layers.get(name)
+        if layer is None:
+            return self.inner.rounding_variance(name)
+        return self._checked(layer, lambda parts: self._variance(layer, parts))
+
+    def _variance(self, layer: PackedLayer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`rounding_variance` of the layer from its stored tensors (:meth:`_parts`). Time O(P)."""
+        get = parts.get
+        if layer.scheme == "gptq":
+            return P.gptq_variance(get("scales"), get("g_idx"))
+        if layer.scheme == "pack-quantized":
+            return P.pack_quantized_variance(get("scale"), layer.shape, get("g_idx"), layer.group_size)
+        if layer.scheme == "bnb4":
+            state = B.parse_state(get("state"), layer.parts["state"])
+            return B.rounding_variance_4bit(get("weight"), get("absmax"), get("quant_map"), state)
+        if layer.scheme == "bnb8":
+            return B.rounding_variance_int8(get("scb"), layer.shape)
+        if layer.scheme == "mlx":
+            return M.rounding_variance(get("scales"), layer.group_size)
+        return scaled_variance(get("weight"), get("scale"), self._blocks)
 
     def quantization(self, name: str) -> str | None:
         """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:

@@ -75,6 +75,12 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, 
     return out.reshape(*lead, cols)  # (rows, cols) -> (.., rows, cols)
 
 
+def rounding_variance(scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Variance of each value's rounding error of an affine-quantized layer: ``step**2 / 12``, the step of each
+    value its group's scale. (.., rows, groups * group_size) float32; time and memory O(P)."""
+    return (scales.float().square() / 12).repeat_interleave(group_size, dim=-1)
+
+
 def quantize_codes(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The codes ``mx.quantize`` (affine) gives a (rows, cols) weight ``x``, each group's scale and bias
     computed from ``x`` itself in float32 (module docstring): (rows, cols) uint8. Memory O(P) (called on

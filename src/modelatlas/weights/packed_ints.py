@@ -73,6 +73,19 @@ def gptq_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     return out
 
 
+def gptq_variance(scales: torch.Tensor, g_idx: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Variance of each value's rounding error of a GPTQ layer: ``step**2 / 12``, the step of input column i
+    its group's scale ``scales[g_idx[i]]`` (the distance between its levels). Plain rounding's; GPTQ moves
+    codes to make up for other columns' errors (its aim is the layer's output), so its weights' error from the
+    model it was made from is typically larger. (out, in) float32, ``chunk`` input columns at a time: time
+    O(P), memory O(P) for the result plus O(chunk x out)."""
+    var, g = scales.float().square() / 12, g_idx.long()  # (groups, out), (in,)
+    out = torch.empty(var.shape[1], g.shape[0])
+    for c in range(0, g.shape[0], chunk):
+        out[:, c : c + chunk] = var[g[c : c + chunk]].T  # (chunk, out) -> (out, chunk)
+    return out
+
+
 def check_groups(g_idx: torch.Tensor, groups: int, where: str) -> None:
     """A ValueError naming ``where`` unless every group number in ``g_idx`` is one of ``groups`` (a negative
     one would read another group's scale without a word). Time O(len(g_idx))."""
@@ -170,6 +183,15 @@ def pack_quantized_weight(packed: torch.Tensor, scale: torch.Tensor, shape: tupl
     out = q.float()
     out *= s[:, g]
     return out  # (rows, cols)
+
+
+def pack_quantized_variance(scale: torch.Tensor, shape: tuple[int, int], g_idx: torch.Tensor | None = None,
+                            group_size: int | None = None) -> torch.Tensor:
+    """Variance of each value's rounding error of a ``pack-quantized`` layer of ``shape``: ``step**2 / 12``,
+    the step of each value its group's scale. (rows, cols) float32; time and memory O(P)."""
+    rows, cols = shape
+    s = row_scales(scale, rows)  # (rows, groups)
+    return (s.square() / 12)[:, column_groups(cols, s.shape[1], g_idx, group_size)]  # (rows, cols)
 
 
 def _quotient(w: torch.Tensor, s: torch.Tensor, zero: torch.Tensor | None, g: torch.Tensor, bits: int,

@@ -13,8 +13,11 @@ Pure tensor functions: no I/O. Time O(P) for P weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from modelatlas.weights import grid_position as G
 from modelatlas.weights.base import TensorInfo
 
 SCALED_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8")  # stored value types that need a scale
@@ -134,6 +137,39 @@ def requantized_share(stored: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
         same = again.view(torch.uint8) == stored.view(torch.uint8) if stored.dtype.is_floating_point else again == stored
         best = max(best, float(same.float().mean()))
     return best
+
+
+def scaled_variance(values: torch.Tensor, scale: torch.Tensor, blocks: tuple[int, ...] | None = None,
+                    chunk: int = 1 << 20) -> torch.Tensor:
+    """Variance of each value's rounding error of float8 / int8 ``values`` with scales, float32 of their shape,
+    about ``chunk`` values (whole rows) at a time. int8: ``scale**2 / 12`` (levels 1 apart). float8: the
+    stored value's :func:`_float8_variance` (its gaps to the float8 values around, the layer's density
+    there) times the scale squared. Time O(P), memory O(P) for the result plus O(chunk)."""
+    v = values.reshape(1) if values.dim() == 0 else values
+    shape, table = tuple(v.shape), _float8_variance(v, scale.numel(), chunk) if v.dtype.is_floating_point else None
+    out, step = torch.empty(shape), max(1, chunk // max(math.prod(shape[1:]), 1))  # rows at a time
+    for r in range(0, shape[0], step):
+        part = expand_scale(scale, shape, blocks, torch.arange(r, min(shape[0], r + step))).square()  # (rows, ..)
+        if table is None:
+            part /= 12
+        else:
+            part *= table[v[r : r + step].view(torch.uint8).long()]
+        out[r : r + step] = part
+    return out.reshape(values.shape)
+
+
+def _float8_variance(values: torch.Tensor, blocks: int, chunk: int) -> torch.Tensor:
+    """Per float8 code (256,): :func:`~.grid_position.level_variance` of the float8 values (in units of the
+    scale squared), from the codes' counts in ``values``; ``blocks`` of those on the largest float8 value (one
+    per scale: its absmax, which FP8 quantizers scale to it) exact, their share of it taken off that level's
+    mean. Time O(P), memory O(chunk)."""
+    flat, counts = values.reshape(-1).view(torch.uint8), torch.zeros(256, dtype=torch.long)
+    for i in range(0, flat.numel(), chunk):
+        counts += torch.bincount(flat[i : i + chunk].long(), minlength=256)
+    levels = torch.arange(256, dtype=torch.uint8).view(values.dtype).float()
+    table, end = G.level_variance(levels, counts, blocks), G.end_codes(levels)
+    table[end] *= 1 - min(1.0, blocks / max(int(counts[end].sum()), 1))
+    return table
 
 
 def working_dtypes(x: torch.Tensor) -> list[torch.dtype]:
