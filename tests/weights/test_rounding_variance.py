@@ -135,6 +135,10 @@ def test_chunks_give_the_same_variance(tmp_path):
     whole = B.rounding_variance_4bit(parts["weight"], parts["absmax"], parts["quant_map"], state)
     assert torch.equal(B.rounding_variance_4bit(parts["weight"], parts["absmax"], parts["quant_map"], state, chunk=256),
                        whole)
+    counts, seen = B._code_counts(parts["weight"], x.numel(), 16)
+    assert seen == x.numel() and int(counts.sum()) == x.numel()  # a small layer: every code counted
+    some, seen = B._code_counts(parts["weight"], x.numel(), 16, sample=2048)  # every 4th byte: 2048 codes
+    assert seen == 2048 and (some / seen - counts / x.numel()).abs().max() < 0.03
     stored = scaled(x, torch.float8_e4m3fn)
     one_go = scaled_variance(stored["layer.weight"], stored["layer.weight_scale"])
     assert torch.equal(scaled_variance(stored["layer.weight"], stored["layer.weight_scale"], chunk=300), one_go)

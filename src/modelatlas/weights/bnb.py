@@ -228,28 +228,36 @@ def requantized_share_4bit(x: torch.Tensor, packed: torch.Tensor, quant_map: tor
 def rounding_variance_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, quant_map: torch.Tensor,
                            state: dict, chunk: int = CHUNK) -> torch.Tensor:
     """Variance of each value's rounding error of a 4-bit layer, float32 of ``state["shape"]``: its code's
-    :func:`~.grid_position.level_variance` (from the layer's code counts) times its block's absmax squared,
-    and on an end level (+-1) times ``(k - 1) / k`` for k such values in the block: one is its absmax, exact.
-    Two passes over the codes, about ``chunk`` values at a time: time O(P), memory O(P) for the result plus
+    :func:`~.grid_position.level_variance` (from the code counts of :func:`_code_counts`) times its block's
+    absmax squared, and on an end level (+-1) times ``(k - 1) / k`` for k such values in the block: one is
+    its absmax, exact. About ``chunk`` values at a time: time O(P), memory O(P) for the result plus
     O(chunk)."""
-    counts = torch.zeros(quant_map.numel(), dtype=torch.long)
-    for _, codes, _ in _chunks(packed, block_absmax, state, chunk):
-        counts += torch.bincount(codes.long(), minlength=quant_map.numel())
-    book = quant_map.float()
-    table, end = G.level_variance(book, counts, block_absmax.numel()), G.end_codes(book)  # (16,) each
-    out = torch.empty(math.prod(state["shape"]))
+    n, book = math.prod(state["shape"]), quant_map.float()
+    counts, seen = _code_counts(packed, n, book.numel())
+    table = G.level_variance(book, counts, block_absmax.numel() * seen / n)  # (16,)
+    end, out = G.end_codes(book), torch.empty(n)
     for where, codes, scale in _chunks(packed, block_absmax, state, chunk):
-        v = table[codes.long()] * scale.square()  # (m,)
-        torch.mul(v, _inexact_share(end[codes.long()], state["blocksize"]), out=out[where])
+        c = codes.long()
+        torch.mul(table[c] * scale.square(), _inexact_share(end[c], state["blocksize"]), out=out[where])
     return out.reshape(state["shape"])
+
+
+def _code_counts(packed: torch.Tensor, n: int, size: int, sample: int = G.SAMPLE) -> tuple[torch.Tensor, int]:
+    """How many of a 4-bit layer's ``n`` values hold each of ``size`` codes, on about ``sample`` of them (the
+    codes of evenly strided bytes; all of a smaller layer): ((size,) counts, values seen). Time O(sample)."""
+    b = _bytes(packed)[: -(-n // 2)]  # (bytes,) without the storage's padding
+    stride = max(1, 2 * b.numel() // max(sample, 1))
+    picked = b[::stride]
+    codes = nibbles(picked, n if stride == 1 else 2 * picked.numel())  # a whole layer: its last pad nibble cut
+    return torch.bincount(codes.long(), minlength=size), codes.numel()
 
 
 def _inexact_share(at_end: torch.Tensor, block: int) -> torch.Tensor:
     """Per value (m,) of whole blocks (the last may be short): ``(k - 1) / k`` where it is on an end level, k
     such values in its block (one of them the block's absmax, with no error), else 1. Time O(m)."""
-    k = torch.nn.functional.pad(at_end, (0, (-at_end.numel()) % block)).reshape(-1, block).sum(1)  # (blocks,)
-    share = ((k - 1) / k.clamp(min=1)).repeat_interleave(block)[: at_end.numel()]  # (m,)
-    return torch.where(at_end, share, 1.0)
+    m, f = at_end.numel(), at_end.float()
+    f = torch.nn.functional.pad(f, (0, (-m) % block)).view(-1, block)  # (blocks, block)
+    return (1 - f / f.sum(1, keepdim=True).clamp(min=1)).view(-1)[:m]
 
 
 def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:

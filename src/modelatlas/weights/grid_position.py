@@ -61,14 +61,14 @@ def end_codes(values: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(values) & (values.abs() == top)
 
 
-def level_variance(values: torch.Tensor, counts: torch.Tensor, exact: int = 0) -> torch.Tensor:
+def level_variance(values: torch.Tensor, counts: torch.Tensor, exact: float = 0.0) -> torch.Tensor:
     """Mean squared rounding error of a value stored as each code, ``values`` the codes' levels (a 4-bit book,
-    every float8 value; a NaN or infinite one gets 0) and ``counts`` how many values of a layer each code
-    holds: the second moment, about the level, of a density over its cell (half way to the levels around it;
-    at an end, up to the end) that is linear, its slope from the densities of the cells around (counts per
-    width), never below 0 (:func:`_cell_moments`). ``exact`` of the values on the end levels
-    (:func:`end_codes`: each block's absmax) are left out of the density: the result is the mean of the
-    others, the caller shares it out. (codes,) float32; time O(codes log codes)."""
+    every float8 value; a NaN or infinite one gets 0) and ``counts`` how many values of a layer (or of a
+    sample of it) each code holds: the second moment, about the level, of a density over its cell (half way
+    to the levels around it; at an end, up to the end) that is linear, its slope from the densities of the
+    cells around (counts per width), never below 0 (:func:`_cell_moments`). ``exact`` of the values counted
+    on the end levels (:func:`end_codes`: each block's absmax) are left out of the density: the result is
+    the mean of the others, the caller shares it out. (codes,) float32; time O(codes log codes)."""
     finite = torch.isfinite(values)
     levels, level_of = torch.unique(values[finite].double(), return_inverse=True)  # sorted; each code's
     out = torch.zeros(values.numel())

@@ -146,7 +146,7 @@ def scaled_variance(values: torch.Tensor, scale: torch.Tensor, blocks: tuple[int
     stored value's :func:`_float8_variance` (its gaps to the float8 values around, the layer's density
     there) times the scale squared. Time O(P), memory O(P) for the result plus O(chunk)."""
     v = values.reshape(1) if values.dim() == 0 else values
-    shape, table = tuple(v.shape), _float8_variance(v, scale.numel(), chunk) if v.dtype.is_floating_point else None
+    shape, table = tuple(v.shape), _float8_variance(v, scale.numel()) if v.dtype.is_floating_point else None
     out, step = torch.empty(shape), max(1, chunk // max(math.prod(shape[1:]), 1))  # rows at a time
     for r in range(0, shape[0], step):
         part = expand_scale(scale, shape, blocks, torch.arange(r, min(shape[0], r + step))).square()  # (rows, ..)
@@ -158,17 +158,17 @@ def scaled_variance(values: torch.Tensor, scale: torch.Tensor, blocks: tuple[int
     return out.reshape(values.shape)
 
 
-def _float8_variance(values: torch.Tensor, blocks: int, chunk: int) -> torch.Tensor:
+def _float8_variance(values: torch.Tensor, blocks: int, sample: int = G.SAMPLE) -> torch.Tensor:
     """Per float8 code (256,): :func:`~.grid_position.level_variance` of the float8 values (in units of the
-    scale squared), from the codes' counts in ``values``; ``blocks`` of those on the largest float8 value (one
-    per scale: its absmax, which FP8 quantizers scale to it) exact, their share of it taken off that level's
-    mean. Time O(P), memory O(chunk)."""
-    flat, counts = values.reshape(-1).view(torch.uint8), torch.zeros(256, dtype=torch.long)
-    for i in range(0, flat.numel(), chunk):
-        counts += torch.bincount(flat[i : i + chunk].long(), minlength=256)
+    scale squared), from the codes' counts on about ``sample`` evenly strided values; ``blocks`` of the
+    values on the largest float8 value (one per scale: its absmax, which FP8 quantizers scale to it) exact,
+    their share taken off that level's mean. Time O(sample)."""
+    flat = values.reshape(-1).view(torch.uint8)
+    seen = flat[:: max(1, flat.numel() // max(sample, 1))]
+    counts, exact = torch.bincount(seen.long(), minlength=256), blocks * seen.numel() / max(flat.numel(), 1)
     levels = torch.arange(256, dtype=torch.uint8).view(values.dtype).float()
-    table, end = G.level_variance(levels, counts, blocks), G.end_codes(levels)
-    table[end] *= 1 - min(1.0, blocks / max(int(counts[end].sum()), 1))
+    table, end = G.level_variance(levels, counts, exact), G.end_codes(levels)
+    table[end] *= 1 - min(1.0, exact / max(int(counts[end].sum()), 1))
     return table
 
 
