@@ -273,6 +273,17 @@ def test_base_merges_adapters_onto_it_and_joins_the_models(tmp_path, capsys, mak
     assert capsys.readouterr().err.count("give the base model it was trained on (--base MODEL on the command line") == 3
 
 
+def test_base_is_the_root_whatever_the_kurtosis_says(tmp_path, capsys, make_adapter_family):
+    fam = make_adapter_family(tmp_path / "fam")  # stage auto: the kurtosis votes chose a2, and drew base below it
+    assert main(["lineage", "recover", str(fam / "a0"), str(fam / "a1"), str(fam / "a2"),
+                 "--base", str(fam / "base.safetensors"), "--out", str(tmp_path / "f.json")]) == 0
+    assert capsys.readouterr().out.startswith("base  [tree 1, 4 models; root confidence 1.00]\n")
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert {(e["parent"], e["child"]) for e in data["edges"]} == {("base", "a0"), ("base", "a1"), ("base", "a2")}
+    assert data["decisions"]["adapter_base"] == {"base": "base", "merged": ["a0", "a1", "a2"],
+                                                 "root_by_weights": "a2", "apart": []}
+
+
 @pytest.mark.parametrize("base, words", [("a0", ": a lora delta (an adapter), not a full model"),
                                          (".", ": give one base model (a file, model folder or hub id), not a folder of 4")])
 def test_base_must_be_one_full_model(tmp_path, capsys, base, words, make_adapter_family):

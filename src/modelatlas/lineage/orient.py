@@ -162,6 +162,17 @@ def _root_at(adj: list[list[int]], root: int) -> list[int]:
     return bfs(adj, root)[0].tolist()
 
 
+def hung_from(parent: list[int], root: int) -> list[int]:
+    """The tree ``parent`` (-1 at its root) hung from ``root`` instead: the same undirected tree, the edges on
+    the path from ``root`` up to the old root turned round, the others kept. Time O(n)."""
+    out, v, below = list(parent), root, -1
+    while v >= 0:
+        up = parent[v]
+        out[v] = below
+        below, v = v, up
+    return out
+
+
 def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
                  placement: str = "mst") -> tuple[str, float, dict]:
     """Choose the stage that explains the trees better; returns (stage, confidence in [0.5, 1], details).

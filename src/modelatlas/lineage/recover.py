@@ -27,18 +27,20 @@ from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
+from modelatlas.lineage.edmonds import minimum_spanning_arborescence
 from modelatlas.lineage.forest import Edge, Forest, rerooted
 from modelatlas.lineage.orient import (
     decide_stage,
     edge_costs,
     edge_scores,
+    hung_from,
     mst_edge_scores,
     orient_votes_sure,
     prim_mst,
     solve_tree,
 )
 from modelatlas.lineage.quantized import quant_type
-from modelatlas.lineage.sources import as_checkpoints, gguf_aligned, group_by_architecture
+from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.progress import Progress
 
@@ -62,9 +64,12 @@ class LineageRecovery:
 
     def fit(self, weights, progress: Progress | None = None, adapter_base=None) -> LineageRecovery:
         """``adapter_base``: an open :class:`~modelatlas.weights.Checkpoint` (full weights) that PEFT adapter
-        paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped."""
+        paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped. Given
+        among ``weights`` too (the same checkpoint, or the same model on disk), it is the root of its tree
+        (:func:`_place_tree`; ``decisions["adapter_base"]``)."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
+        base, merged = adapter_roles(ckpts, adapter_base)
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
@@ -81,7 +86,7 @@ class LineageRecovery:
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError(_nothing_comparable(skipped))
-        self._fit_groups(cfg, names, stats, rules, skipped)
+        self._fit_groups(cfg, names, stats, rules, skipped, base, merged)
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
         if quantized:  # quantized, but no model given is the one it was made from: placed as a model
@@ -94,7 +99,10 @@ class LineageRecovery:
             self.forest_.decisions["gguf_unmapped"] = unmapped
         return self
 
-    def _fit_groups(self, cfg, names, stats, rules, skipped) -> None:
+    def _fit_groups(self, cfg, names, stats, rules, skipped, base=None, merged=()) -> None:
+        """Trees, stage and edges of the models kept (``names`` and ``stats`` per architecture group); ``base``:
+        the adapters' base among them (its tree is rooted there, :func:`_place_tree`), ``merged``: the models
+        merged onto it, recorded with it in ``decisions["adapter_base"]``."""
         labels, k_info = _cluster(cfg, stats)
         flat = [n for g in names for n in g]
         trees = _tree_members(labels, stats)
@@ -105,30 +113,26 @@ class LineageRecovery:
             stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam, placement)
         else:
             stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
-        edges, tree_names, root_conf, runner_up = [], [], [], []
+        edges, tree_names, root_conf, runner_up, given = [], [], [], [], {}
         for (g, idx), d, k in zip(trees, dists, kurt):
             members = [names[g][i] for i in idx]
             tree_names.append(members)
-            if placement == "mst" and cfg.orient == "votes":
-                lk = stats[g].layer_kurtosis
-                lk = None if lk is None else lk[idx]
-                parent, conf_r, second, sure = orient_votes_sure(d, k, lk, stage, cfg.root_prior, cfg.root_votes)
+            lk = None if stats[g].layer_kurtosis is None else stats[g].layer_kurtosis[idx]
+            root = members.index(base) if base in members else None
+            parent, scores, conf_r, second, chosen = _place_tree(cfg, placement, stage, (d, k, lk), root)
+            if conf_r is not None:
                 root_conf.append(conf_r)
                 runner_up.append(members[second])
-            else:
-                parent, _, _ = solve_tree(d, k, stage, cfg.lam, placement)
-                sure = None
-            if placement == "mst":
-                scores = mst_edge_scores(d, k, stage, parent, sure)
-            else:
-                scores = edge_scores(edge_costs(d, k, stage, cfg.lam), parent)
+            if root is not None:
+                given = {"base": base, "merged": merged, "root_by_weights": members[chosen],
+                         "apart": [m for m in merged if m in flat and m not in members]}  # (copies: in no tree yet)
             edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
                      "lambda": cfg.lam, "placement": placement,
                      "orient": cfg.orient if placement == "mst" else "joint", "root_confidence": root_conf,
                      "root_runner_up": runner_up, "distance": _summarise(dist_info), "layers": rules,
-                     "architectures": len(names)}
+                     "architectures": len(names), **({"adapter_base": given} if given else {})}
         kurt_all = np.concatenate([s.kurtosis for s in stats])
         self.forest_ = Forest(flat, edges, decisions, tree_names, dict(zip(flat, kurt_all.tolist())), skipped)
         self._set_attributes(flat, labels, stats, trees, dists, kurt_all)
@@ -197,6 +201,36 @@ class LineageRecovery:
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
         self.clusters_, self.kurtosis_ = self.clusters_[src], self.kurtosis_[src]
         self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
+
+
+def _place_tree(cfg: LineageConfig, placement: str, stage: str, tree: tuple, root: int | None) -> tuple:
+    """(parent, edge scores, root confidence and runner-up root -- None unless kurtosis votes chose the root --,
+    the root the weights chose) of one tree; ``tree`` = (distances, kurtosis, per-layer kurtosis or None).
+
+    ``root``: the index of the base PEFT adapters were merged onto (``fit(adapter_base=...)``, ``--base``), or
+    None. Each adapter merged onto it was trained from it, so it is no model's child, whatever the kurtosis
+    says: the tree hangs from it (root confidence 1.0). Where the models sit is still read from the distances
+    (MST placement: the same undirected tree, :func:`~modelatlas.lineage.orient.hung_from`; joint: the
+    arborescence with no edge into the base), so that an adapter whose training went on from another's (a
+    later checkpoint of the same run) can still lie below it; rooted, every edge's direction is known, and
+    an MST edge's score is its placement margin alone. Time that of the placement: O(n^2 + n L) (MST),
+    O(n^3) (joint)."""
+    d, k, lk = tree
+    conf = second = sure = cost = None
+    if placement == "mst" and cfg.orient == "votes":
+        parent, conf, second, sure = orient_votes_sure(d, k, lk, stage, cfg.root_prior, cfg.root_votes)
+    else:
+        parent = solve_tree(d, k, stage, cfg.lam, placement)[0]
+    chosen = parent.index(-1)
+    if placement == "joint":
+        cost = edge_costs(d, k, stage, cfg.lam)
+    if root is not None and placement == "mst":
+        parent, sure, conf = hung_from(parent, root), np.ones(len(parent)), None if conf is None else 1.0
+    elif root is not None:
+        cost[:, root] = np.inf  # no edge into the base
+        parent = minimum_spanning_arborescence(cost)
+    scores = mst_edge_scores(d, k, stage, parent, sure) if placement == "mst" else edge_scores(cost, parent)
+    return parent, scores, conf, second, chosen
 
 
 def _with_copies(node: str, after: dict[str, list[str]]) -> list[str]:

@@ -135,6 +135,22 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
     return ckpts, skipped
 
 
+def adapter_roles(ckpts: list[Checkpoint], adapter_base: Checkpoint | None) -> tuple[str | None, list[str]]:
+    """(the name of the model among ``ckpts`` that is ``adapter_base``, the PEFT adapters' base: the same open
+    checkpoint or the same model on disk, else None; the names of the checkpoints merged onto it, in order).
+    Time O(N) (a path's real location for each full model)."""
+    from modelatlas.weights.peft_lora import MergedLoraCheckpoint
+    from modelatlas.weights.registry import distinct_models
+
+    if adapter_base is None:
+        return None, []
+    merged = [c.name for c in ckpts if isinstance(c, MergedLoraCheckpoint) and c.base is adapter_base]
+    base = next((c.name for c in ckpts if c is adapter_base or (
+        c.kind == "full" and not isinstance(c, MergedLoraCheckpoint)
+        and len(distinct_models([Path(c.path), Path(adapter_base.path)])) == 1)), None)
+    return base, merged
+
+
 def gguf_aligned(ckpts: list[Checkpoint], pattern: str | None = None
                  ) -> tuple[list[Checkpoint], dict[str, str], dict[str, str]]:
     """``ckpts`` with each Hugging Face model that llama.cpp converts to the architecture of a GGUF file among

@@ -1,0 +1,46 @@
+"""The base PEFT adapters are merged onto (``adapter_base=``, ``--base``) is the root of its tree: each adapter
+merged onto it was trained from it, whatever the kurtosis says."""
+
+import pytest
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.orient import hung_from
+from modelatlas.weights import open_checkpoint
+
+
+def _recover(fam, paths, **params):
+    with open_checkpoint(fam / "base.safetensors") as base:
+        return recover_lineage(paths, adapter_base=base, **params)
+
+
+# before the fix: with 2 adapters and stage specialize (mst and joint), with 3 and stage auto or generalize, and
+# with the base given last, an adapter was the root and the base its child (score 0.00)
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("stage", ["auto", "specialize", "generalize"])
+@pytest.mark.parametrize("placement", ["mst", "joint"])
+@pytest.mark.parametrize("base_first", [True, False])
+def test_the_adapter_base_is_the_root_of_its_tree(tmp_path, make_adapter_family, n, stage, placement, base_first):
+    fam = make_adapter_family(tmp_path / "fam", n=n)
+    adapters = [fam / f"a{k}" for k in range(n)]
+    paths = [fam / "base.safetensors", *adapters] if base_first else [*adapters, fam / "base.safetensors"]
+    f = _recover(fam, paths, stage=stage, placement=placement)
+    names = [f"a{k}" for k in range(n)]
+    assert f.roots() == ["base"] and f.parents() == {"base": None, **dict.fromkeys(names, "base")}
+    given = f.decisions["adapter_base"]
+    assert given["base"] == "base" and given["merged"] == names and not given["apart"]
+    assert given["root_by_weights"] in ["base", *names]  # the root the kurtosis alone chose, kept for the record
+    if placement == "mst":
+        assert f.decisions["root_confidence"] == [1.0]
+        assert all(e.score == pytest.approx(0.5, abs=0.01) for e in f.edges)  # margin: rank 2 from base, 4 apart
+
+
+def test_no_adapter_base_among_the_models_records_nothing(tmp_path, make_adapter_family):
+    fam = make_adapter_family(tmp_path / "fam", n=2)
+    f = _recover(fam, [fam / "a0", fam / "a1"], stage="specialize")  # the base merged onto, but not compared
+    assert "adapter_base" not in f.decisions and sorted(f.nodes) == ["a0", "a1"]
+
+
+def test_hung_from_turns_the_path_to_the_new_root_round():
+    # 0 -> 1 -> 2 -> 3 and 1 -> 4, hung from 3: 3 -> 2 -> 1 -> 0, 1 -> 4 kept
+    assert hung_from([-1, 0, 1, 2, 1], 3) == [1, 2, 3, -1, 1]
+    assert hung_from([-1, 0, 1], 0) == [-1, 0, 1]
