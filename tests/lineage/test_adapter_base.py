@@ -44,3 +44,20 @@ def test_hung_from_turns_the_path_to_the_new_root_round():
     # 0 -> 1 -> 2 -> 3 and 1 -> 4, hung from 3: 3 -> 2 -> 1 -> 0, 1 -> 4 kept
     assert hung_from([-1, 0, 1, 2, 1], 3) == [1, 2, 3, -1, 1]
     assert hung_from([-1, 0, 1], 0) == [-1, 0, 1]
+
+
+def test_an_adapter_equal_to_the_base_is_its_copy_given_first_or_not(tmp_path, make_adapter_family):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fam = make_adapter_family(tmp_path / "fam", n=2)
+    shutil.copytree(fam / "a0", fam / "z")  # PEFT's initial adapter: B = 0, the merged model is the base
+    saved = load_file(str(fam / "a0" / "adapter_model.safetensors"))
+    save_file({k: v * 0 if ".lora_B." in k else v for k, v in saved.items()}, str(fam / "z" / "adapter_model.safetensors"))
+    f = _recover(fam, [fam / "z", fam / "a0", fam / "base.safetensors", fam / "a1"])
+    # was: z the root (or below a0), base its "duplicate" child
+    assert f.roots() == ["base"] and f.nodes[0] == "base" and f.decisions["duplicates"] == {"z": "base"}
+    assert {(e.parent, e.child, e.kind) for e in f.edges} == {("base", "z", "duplicate"), ("base", "a0", "trained"),
+                                                              ("base", "a1", "trained")}
+    assert f.decisions["adapter_base"]["merged"] == ["z", "a0", "a1"] and not f.decisions["adapter_base"]["apart"]

@@ -65,11 +65,13 @@ class LineageRecovery:
     def fit(self, weights, progress: Progress | None = None, adapter_base=None) -> LineageRecovery:
         """``adapter_base``: an open :class:`~modelatlas.weights.Checkpoint` (full weights) that PEFT adapter
         paths among ``weights`` are merged onto; without it an adapter (an update, not a model) is skipped. Given
-        among ``weights`` too (the same checkpoint, or the same model on disk), it is the root of its tree
-        (:func:`_place_tree`; ``decisions["adapter_base"]``)."""
+        among ``weights`` too (the same checkpoint, or the same model on disk), it is the first model and the
+        root of its tree (:func:`_place_tree`; ``decisions["adapter_base"]``)."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
         base, merged = adapter_roles(ckpts, adapter_base)
+        if base is not None:  # first, as the CLI gives it: an adapter equal to it is its copy, not its parent
+            ckpts = sorted(ckpts, key=lambda c: c.name != base)
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
