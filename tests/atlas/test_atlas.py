@@ -182,9 +182,10 @@ def test_build_merges_adapters_onto_the_adapter_base(tmp_path, make_adapter_fami
     fam = make_adapter_family(tmp_path / "fam")
     atlas = build_atlas([fam / "a0", fam / "a1", fam / "a2"], adapter_base=fam / "base.safetensors")
     assert [m.name for m in atlas.models][0] == "base" and {m.tree for m in atlas.models} == {1}
-    # every edge joins the base and an adapter (its direction, in a star of 3 rank-2 updates, is the guess)
-    edges = {frozenset((e.parent, e.child)) for e in atlas.forest.edges}
-    assert edges == {frozenset(("base", a)) for a in ("a0", "a1", "a2")} and not atlas.forest.skipped
+    # the base is the root (the kurtosis alone drew a2 as the root, the base its child) and a parent of each
+    edges = {(e.parent, e.child) for e in atlas.forest.edges}
+    assert edges == {("base", a) for a in ("a0", "a1", "a2")} and not atlas.forest.skipped
+    assert atlas.forest.decisions["adapter_base"]["base"] == "base"
     plain = build_atlas([fam])  # without it the adapters hold no model: in no tree
     assert {m.name for m in plain.models if m.tree is None} == {"a0", "a1", "a2"}
     with pytest.raises(CheckpointError, match="a lora delta \\(an adapter\\), not a full model"):

@@ -78,13 +78,14 @@ def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base) -> 
 
 def _lineage(readable: list[tuple[Path, str]], config: LineageConfig | None, progress, base=None) -> Forest:
     """The lineage forest of the readable models under the atlas's names for them (names told apart by folder
-    over every model, readable or not, so that lineage and entries agree); adapters merged onto ``base``."""
+    over every model, readable or not, so that lineage and entries agree); adapters merged onto ``base``, the
+    root of their tree."""
     ckpts = []
     try:
         for path, name in readable:
             ckpts.append(open_with_base(path, base))
             ckpts[-1].name = name
-        return recover_lineage(ckpts, config=config, progress=progress)
+        return recover_lineage(ckpts, config=config, progress=progress, adapter_base=base)
     finally:
         for ck in ckpts:
             ck.close()
