@@ -282,6 +282,14 @@ def test_base_is_the_root_whatever_the_kurtosis_says(tmp_path, capsys, make_adap
     assert {(e["parent"], e["child"]) for e in data["edges"]} == {("base", "a0"), ("base", "a1"), ("base", "a2")}
     assert data["decisions"]["adapter_base"] == {"base": "base", "merged": ["a0", "a1", "a2"],
                                                  "root_by_weights": "a2", "apart": []}
+    assert main(["lineage", "recover", str(fam / "a0"), "--base", str(fam / "base.safetensors")]) == 0
+    assert "edge directions are a guess" not in capsys.readouterr().err  # base -> a0: no evidence, but known
+    from modelatlas.weights import open_checkpoint
+
+    with open_checkpoint(fam / "a0", base=fam / "base.safetensors") as merged:  # the same models, stored merged
+        save_file({t.name: merged.read(t.name) for t in merged.tensors()}, str(tmp_path / "a0.safetensors"))
+    assert main(["lineage", "recover", str(fam / "base.safetensors"), str(tmp_path / "a0.safetensors")]) == 0
+    assert "edge directions are a guess" in capsys.readouterr().err  # no base given: the direction is a guess
 
 
 @pytest.mark.parametrize("base, words", [("a0", ": a lora delta (an adapter), not a full model"),

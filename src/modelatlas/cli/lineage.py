@@ -264,9 +264,13 @@ def with_truth(forest, truth):
 
 
 def warn_stage_guess(forest) -> None:
-    """Warn (stderr) when edge directions rest on no evidence of the training stage (found, not given)."""
+    """Warn (stderr) when edge directions rest on no evidence of the training stage (found, not given). The
+    tree of the adapters' base (--base) is not guessed: it hangs from the base. Time O(N)."""
     d = forest.decisions
-    directed = any(e.kind == "trained" for e in forest.edges)  # single models and copies: no direction to guess
+    base = (d.get("adapter_base") or {}).get("base")
+    rooted = next((set(tree) for tree in forest.trees if base in tree), set())
+    # single models and copies: no direction to guess
+    directed = any(e.kind == "trained" and e.child not in rooted for e in forest.edges)
     if directed and not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
         warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
              "directions are a guess; pass --stage specialize|generalize if you know it")
