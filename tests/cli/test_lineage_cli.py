@@ -284,6 +284,8 @@ def test_base_is_the_root_whatever_the_kurtosis_says(tmp_path, capsys, make_adap
                                                  "root_by_weights": "a2", "apart": []}
     assert main(["lineage", "recover", str(fam / "a0"), "--base", str(fam / "base.safetensors")]) == 0
     assert "edge directions are a guess" not in capsys.readouterr().err  # base -> a0: no evidence, but known
+    assert main(["lineage", "recover", str(fam), "--base", str(fam / "base.safetensors"), "--trees", "2"]) == 0
+    assert "a1: merged onto base (--base), but placed in another tree: --trees split them" in capsys.readouterr().err
     from modelatlas.weights import open_checkpoint
 
     with open_checkpoint(fam / "a0", base=fam / "base.safetensors") as merged:  # the same models, stored merged

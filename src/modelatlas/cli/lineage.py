@@ -278,8 +278,8 @@ def warn_stage_guess(forest) -> None:
 
 def _model_notes(forest) -> None:
     """One stderr line per skipped model, per model compared apart from the GGUF files, per quantized model
-    whose source is not among the models, and per model equal to another on the compared layers only (placed
-    beside it, direction unknown)."""
+    whose source is not among the models, per model equal to another on the compared layers only (placed
+    beside it, direction unknown), and per adapter merged onto --base placed in another tree than the base."""
     for name, why in forest.skipped.items():
         note(f"skipped {name}: {' '.join(why.split())}")
     for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
@@ -295,6 +295,10 @@ def _model_notes(forest) -> None:
         note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"
              f"{more}: placed below it with score 0 (which way it was trained cannot be told from the compared "
              "layers; a --layers pattern that takes in those tensors compares them)")
+    given = forest.decisions.get("adapter_base") or {}
+    for name in given.get("apart", []):
+        note(f"{name}: merged onto {given['base']} (--base), but placed in another tree: --trees split them, or its "
+             "update is far larger than the others'")
 
 
 def show_forest(forest, truth=None) -> None:
