@@ -61,3 +61,21 @@ def test_an_adapter_equal_to_the_base_is_its_copy_given_first_or_not(tmp_path, m
     assert {(e.parent, e.child, e.kind) for e in f.edges} == {("base", "z", "duplicate"), ("base", "a0", "trained"),
                                                               ("base", "a1", "trained")}
     assert f.decisions["adapter_base"]["merged"] == ["z", "a0", "a1"] and not f.decisions["adapter_base"]["apart"]
+
+
+def test_an_adapter_trained_on_from_another_stays_below_it(tmp_path, make_adapter_family):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    fam = make_adapter_family(tmp_path / "fam", n=3)
+    shutil.copytree(fam / "a1", fam / "c")  # a1's training gone on: its factors moved a little
+    g = torch.Generator().manual_seed(9)
+    saved = load_file(str(fam / "a1" / "adapter_model.safetensors"))
+    save_file({k: v + 0.03 * torch.randn(v.shape, generator=g) for k, v in saved.items()},
+              str(fam / "c" / "adapter_model.safetensors"))
+    paths = [fam / "base.safetensors", *(fam / f"a{k}" for k in range(3)), fam / "c"]
+    f = _recover(fam, paths, distance="l2")  # (the rank distance sees c - a1 as rank 4, c - base as 2)
+    assert f.parents() == {"base": None, "a0": "base", "a1": "base", "a2": "base", "c": "a1"}
+    assert f.decisions["adapter_base"]["root_by_weights"] == "a1"  # was the root, the base below it
