@@ -6,8 +6,15 @@ import torch
 from safetensors.torch import save_file
 
 from modelatlas.lineage import distances as D
+from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.distances import _kurtosis_from_moments, stream_pair_stats
-from modelatlas.lineage.rounding import debiased_moments, debiased_singular_values, debiased_squared
+from modelatlas.lineage.export import copy_formats, copy_text
+from modelatlas.lineage.rounding import (
+    debiased_moments,
+    debiased_singular_values,
+    debiased_squared,
+    same_model_pairs,
+)
 from modelatlas.lineage.sources import group_by_architecture
 from modelatlas.weights import open_checkpoint
 
@@ -96,3 +103,45 @@ def test_a_quantized_stand_in_is_as_far_from_its_relatives_as_its_source(tmp_pat
     monkeypatch.setattr(D, "rounding_sums", lambda *a: None)  # as before: the rounding error left in
     raw = family_stats(folder, names)
     assert np.all(raw.rms[2, [0, 1, 3]] > 1.2 * plain.rms[2, [0, 1, 3]])
+
+
+def test_same_model_pairs_by_hand():
+    # 0 finest, 1 within rounding of 0, 2 too far from both, 3 within rounding of 0 and of 2
+    energy = np.array([1.0, 4.0, 4.0, 9.0])
+    excess = np.array([[0, 0.1, 3.0, 0.2], [0.1, 0, 3.0, 5.0], [3.0, 3.0, 0, 0.1], [0.2, 5.0, 0.1, 0]])
+    spread = np.full((4, 4), 0.01)
+    # 3 joins the nearest kept one relative to their energies: 0.1 / 13 (model 2) < 0.2 / 10 (model 0)
+    assert same_model_pairs(excess, spread, energy, [3, 2, 1, 0]) == {1: 0, 3: 2}
+    assert same_model_pairs(excess, spread, energy, [0, 1, 2, 3], z=0.0, rel=0.0) == {}
+
+
+def write_gguf(path, weights, kind):
+    t = gguf.GGMLQuantizationType[kind]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for k, v in weights.items():
+        q = gguf.quants.quantize(v.numpy(), t)
+        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_two_roundings_of_an_absent_model_are_drawn_as_one_model(tmp_path):
+    """base is not given, only its Q8_0 and Q4_0 files: they were joined by a 'trained' edge, either way
+    round; now the Q4_0 one is drawn beside the Q8_0 one. The Q4_0 file of a fine-tune 5 % away stays a model."""
+    gen = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    ft = {k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()}
+    write_gguf(tmp_path / "base-q8_0.gguf", base, "Q8_0")
+    write_gguf(tmp_path / "base-q4_0.gguf", base, "Q4_0")
+    write_gguf(tmp_path / "ft-q4_0.gguf", ft, "Q4_0")
+    save_file({k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()},
+              str(tmp_path / "ft2.safetensors"))
+    forest = recover_lineage(sorted(tmp_path.iterdir()))
+    assert forest.decisions["same_model_roundings"] == {"base-q4_0": "base-q8_0"}
+    edge = next(e for e in forest.edges if e.child == "base-q4_0")
+    assert (edge.parent, edge.kind) == ("base-q8_0", "precision")
+    assert copy_text(edge, copy_formats(forest)) == "q4_0 rounding of the model behind base-q8_0"
+    assert next(e for e in forest.edges if e.child == "ft-q4_0" or e.parent == "ft-q4_0").kind == "trained"
+    assert set(forest.decisions["quantized_models"]) == {"base-q8_0", "ft-q4_0"}

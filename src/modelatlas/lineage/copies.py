@@ -18,6 +18,7 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.lineage.quantized import quant_type, quantized_copies
+from modelatlas.lineage.rounding import same_model_pairs
 from modelatlas.weights import Checkpoint, TensorInfo
 
 DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
@@ -126,6 +127,26 @@ def _rounded_gap(x: torch.Tensor, y: torch.Tensor, fmt: str) -> float:
     """||round(x) - round(y)||, both rounded to the float format ``fmt`` ("float16", "bfloat16")."""
     low = getattr(torch, fmt)
     return float((x.to(low).double() - y.to(low).double()).norm())
+
+
+def split_same_model(members: list[Checkpoint], layers: list[TensorInfo], st, keep: list[int],
+                     duplicates: dict[str, str], lowp: dict[str, str], same: dict[str, str]) -> list[int]:
+    """``keep`` less the quantized models that are roundings of the same model as a finer one kept (two GGUF
+    types of one model not given: :func:`~modelatlas.lineage.rounding.same_model_pairs`) whose unquantized
+    tensors equal its too; each goes into ``duplicates`` (-> the finer one), ``lowp`` (-> its type) and
+    ``same``, so it is drawn beside the finer one as a "precision" copy, not as a fine-tune of it, whose
+    direction the weights cannot tell. Time O(Q^2) for Q quantized models, plus their 1-D tensors read."""
+    if st.excess is None:
+        return keep
+    kinds = {i: quant_type(members[i], layers) for i in keep}
+    energy = -np.diagonal(st.excess) / 2  # each model's summed rounding energy (d^2 = 0 less twice it)
+    accept = _same_vectors(members)
+    pairs = {q: r for q, r in same_model_pairs(st.excess, st.spread, energy, [i for i in keep if kinds[i]]).items()
+             if accept(q, r)}
+    for q, r in pairs.items():
+        duplicates[members[q].name] = same[members[q].name] = members[r].name
+        lowp[members[q].name] = kinds[q]
+    return [i for i in keep if i not in pairs]
 
 
 def _same_vectors(members: list[Checkpoint]):

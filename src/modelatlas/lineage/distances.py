@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import AtlasError
-from modelatlas.lineage.rounding import debiased_moments, debiased_squared, rounding_sums
+from modelatlas.lineage.rounding import debiased_moments, debiased_squared, rounding_excess, rounding_sums
 from modelatlas.lineage.spectra import RankSketch
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
@@ -72,6 +72,10 @@ class PairStats:
     # (N, N) ``rel`` of the values as read, a quantized model's rounding left in: ``rel`` less it reads 0 for a
     # stand-in and a model nearer it than its rounding, which no duplicate test may take for identical
     stored_rel: np.ndarray | None = None
+    # sums over layers of ||W_u - W_v||^2 less both models' rounding energy (as read: ~0 for two roundings of one
+    # model) and of that sum's variance when so (:func:`~modelatlas.lineage.rounding.same_model_pairs`)
+    excess: np.ndarray | None = None
+    spread: np.ndarray | None = None
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
@@ -86,7 +90,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None,
-                   stored_rel=np.zeros((n, n)))
+                   stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)))
     fits = ValueFormats(n)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
@@ -97,7 +101,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
         gseed = derive_seed(seed, "gram", info.name)
         if sk_k is not None and stream and not l1:
             mom, gram, shift, y, noise = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank, fits)
-            _add_layer(st, mom, gram, shift, info.numel, noise)
+            _add_layer(st, mom, gram, shift, info.numel, noise, sk_k)
         else:
             x = _read_layer(ckpts, info, st.failed, fits)  # (N, P) float32
             noise = _accumulate(st, x, l1, sk_k, gseed,
@@ -306,15 +310,16 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
             xa = x[:, a:a + _CHUNK].double()  # (N, B)
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
     noise = rounding(shift) if rounding is not None else torch.zeros(n, 4, dtype=torch.float64)
-    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p, noise)
+    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p, noise, k)
     return noise
 
 
 def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: float, p: int,
-               noise: torch.Tensor | None = None) -> None:
+               noise: torch.Tensor | None = None, k: int | None = None) -> None:
     """Add one layer's RMS / relative distances (from its (N, N) centred Gram) and kurtosis (from the (N, 4)
     power sums of the entries shifted by ``shift``), a quantized model's rounding error taken out of both
-    (``noise``: (N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others). Time O(N^2)."""
+    (``noise``: (N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others; ``k``: the
+    Gram's sketch size, whose error ~ sqrt(2 / k) of a squared distance widens the rounding test). Time O(N^2)."""
     if noise is not None:
         mom = debiased_moments(mom, noise)
     # sum of x^2 (uncentred squared norm) from the shifted sums: sum (e + c)^2 = S2 + 2 c S1 + P c^2
@@ -325,9 +330,15 @@ def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: floa
     if noise is not None and bool((noise[:, 0] > 0).any()):
         stored = scale + (noise[:, :1] + noise[None, :, 0]) / 2  # the norms as read: the rounding left in
         st.stored_rel += (d2 / stored).sqrt().numpy()
+        if st.excess is not None:
+            excess, spread = rounding_excess(d2, noise)
+            st.excess += excess.numpy()
+            st.spread += (spread + (2 * d2**2 / k if k else 0)).numpy()
         d2 = debiased_squared(d2, noise[:, 0])
     else:
         st.stored_rel += (d2 / scale).sqrt().numpy()
+        if st.excess is not None:
+            st.excess += d2.numpy()
     st.rms += (d2 / p).sqrt().numpy()
     st.rel += (d2 / scale).sqrt().numpy()
     st.kurtosis += _kurtosis_from_moments(mom, p).numpy()

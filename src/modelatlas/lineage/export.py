@@ -17,20 +17,28 @@ _COPY = {"duplicate": "identical", "precision": "lower precision"}  # labels of 
 _COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 
 
+BEHIND = "rounding of the model behind"  # a rounding of the model another rounding was made from too
+
+
 def copy_text(edge, formats: dict | None = None) -> str:
     """How a copy edge reads ("identical weights to NAME"; a lower-precision copy by its format, from a
     forest's ``decisions["precision_copies"]`` given as ``formats``: "q8_0 copy of NAME", "float16 copy of
-    NAME"; "lower-precision copy of NAME" without it); "" for a training step. The tree drawing and the
-    atlas's notes say it the same way."""
+    NAME"; "lower-precision copy of NAME" without it; a format ending in :data:`BEHIND`, a rounding of the
+    model behind NAME: "q4_0 rounding of the model behind NAME"); "" for a training step. The tree drawing
+    and the atlas's notes say it the same way."""
     fmt = (formats or {}).get(edge.child) if edge.kind == "precision" else None
     if fmt:
-        return f"{fmt} copy of {edge.parent}"
+        return f"{fmt} {edge.parent}" if fmt.endswith(BEHIND) else f"{fmt} copy of {edge.parent}"
     return f"{_COPY_TEXT[edge.kind]} {edge.parent}" if edge.kind in _COPY_TEXT else ""
 
 
 def copy_formats(forest) -> dict:
-    """Each lower-precision copy's format (``decisions["precision_copies"]``), for :func:`copy_text`."""
-    return forest.decisions.get("precision_copies") or {}
+    """Each lower-precision copy's format (``decisions["precision_copies"]``), for :func:`copy_text`; a
+    rounding of the same model as another (``decisions["same_model_roundings"]``) says so."""
+    formats = dict(forest.decisions.get("precision_copies") or {})
+    for name in forest.decisions.get("same_model_roundings") or {}:
+        formats[name] = f"{formats.get(name, 'lower-precision')} {BEHIND}"
+    return formats
 
 
 def _q(name: str) -> str:

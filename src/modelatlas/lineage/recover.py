@@ -25,7 +25,7 @@ import numpy as np
 from modelatlas.errors import ConfigError
 from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.copies import split_copies
+from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.edmonds import minimum_spanning_arborescence
 from modelatlas.lineage.forest import Edge, Forest, rerooted
@@ -75,7 +75,7 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside, quantized, made = [], [], {}, {}, {}, {}, {}
+        names, stats, duplicates, lowp, outside, quantized, made, same = [], [], {}, {}, {}, {}, {}, {}
         for members, layers in groups:
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
@@ -83,6 +83,7 @@ class LineageRecovery:
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
+            keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
             quantized.update({members[i].name: t for i in keep if (t := quant_type(members[i], layers))})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
@@ -91,14 +92,14 @@ class LineageRecovery:
         self._fit_groups(cfg, names, stats, rules, skipped, base, merged)
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
-        if quantized:  # quantized, but no model given is the one it was made from: placed as a model
-            self.forest_.decisions["quantized_models"] = quantized
         if made:  # made from a quantized model's dequantized values: that one is no copy of it, but its parent
             self._root_at_bases(made)
-        if renamed:
-            self.forest_.decisions["gguf_names"] = renamed
-        if unmapped:  # compared under their own names, apart from the GGUF files
-            self.forest_.decisions["gguf_unmapped"] = unmapped
+        # quantized, but no model given is the one it was made from: placed as a model; same: roundings of one
+        # model not given (lineage.rounding.same_model_pairs); GGUF files compared under llama.cpp's names or
+        # (unmapped) under their own, apart
+        extra = {"quantized_models": quantized, "same_model_roundings": same, "gguf_names": renamed,
+                 "gguf_unmapped": unmapped}
+        self.forest_.decisions.update({k: v for k, v in extra.items() if v})
         return self
 
     def _fit_groups(self, cfg, names, stats, rules, skipped, base=None, merged=()) -> None:
