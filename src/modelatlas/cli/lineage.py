@@ -289,7 +289,7 @@ def _model_notes(forest) -> None:
              f"merge), so {base} is no copy of it, though it rounds to the same codes")
     for name, kind in (forest.decisions.get("quantized_models") or {}).items():
         note(f"{name}: quantized ({kind}), and no model given is the one it was quantized from: placed as a model "
-             "of its own, its edge's distance taking in the rounding")
+             "of its own that stands in for that one (its rounding taken out of its distances and kurtosis)")
     for name, o in (forest.decisions.get("outside_layers") or {}).items():
         more = f" and {o['n_differing'] - len(o['differs_in'])} more" if o["n_differing"] > len(o["differs_in"]) else ""
         note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"
