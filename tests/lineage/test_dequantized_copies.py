@@ -134,11 +134,11 @@ def test_a_qlora_merge_is_no_source_of_its_quantized_base(tmp_path, capsys, monk
     values sit on the base's levels, a source's do not. Without the rounding taken out of the kurtosis
     (``rounding=False``), the votes drew the base below merged0, and it is rooted there by the levels."""
     from modelatlas.cli.main import main
-    from modelatlas.lineage import distances
+    from modelatlas.lineage import rounding
     from modelatlas.weights import open_checkpoint
 
     if not rounding:
-        monkeypatch.setattr(distances, "rounding_sums", lambda *a: None)
+        monkeypatch.setattr(rounding, "rounding_sums", lambda *a: None)
     base = {}
     for k in LAYERS:
         base.update(make_bnb4(make_weights(0)[k], name=k.removesuffix(".weight")))

@@ -5,14 +5,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelatlas.lineage import distances as D
 from modelatlas.lineage import recover_lineage
+from modelatlas.lineage import rounding as R
 from modelatlas.lineage.distances import _kurtosis_from_moments, stream_pair_stats
 from modelatlas.lineage.export import copy_formats, copy_text
 from modelatlas.lineage.rounding import (
     debiased_moments,
     debiased_singular_values,
     debiased_squared,
+    same_grid_noise,
     same_model_pairs,
 )
 from modelatlas.lineage.sources import group_by_architecture
@@ -100,7 +101,7 @@ def test_a_quantized_stand_in_is_as_far_from_its_relatives_as_its_source(tmp_pat
     # the summed variance is within ~3 % of the real error, 2.5x the fine-tunes' energy here: ~8 % on a distance
     assert np.allclose(fixed.rms[2], plain.rms[2], rtol=0.08)
     assert fixed.kurtosis[2] == pytest.approx(plain.kurtosis[2], abs=0.05)
-    monkeypatch.setattr(D, "rounding_sums", lambda *a: None)  # as before: the rounding error left in
+    monkeypatch.setattr(R, "rounding_sums", lambda *a: None)  # as before: the rounding error left in
     raw = family_stats(folder, names)
     assert np.all(raw.rms[2, [0, 1, 3]] > 1.2 * plain.rms[2, [0, 1, 3]])
 
@@ -145,3 +146,27 @@ def test_two_roundings_of_an_absent_model_are_drawn_as_one_model(tmp_path):
     assert copy_text(edge, copy_formats(forest)) == "q4_0 rounding of the model behind base-q8_0"
     assert next(e for e in forest.edges if e.child == "ft-q4_0" or e.parent == "ft-q4_0").kind == "trained"
     assert set(forest.decisions["quantized_models"]) == {"base-q8_0", "ft-q4_0"}
+
+
+def test_same_grid_noise_by_hand():
+    # p = 1000 weights, energy 1 each: mean step^2 = 12 / 1000; a difference of RMS 0.1 step reads
+    # (0.01 + h(0.1)) p step^2 with h(0.1) = E f (1 - f) = 0.06979 (quadrature), of which h is the rounding's
+    p, step2 = 1000, 12 / 1000
+    d2 = p * step2 * (0.01 + 0.06979)
+    assert same_grid_noise(d2, 1.0, p) == pytest.approx(p * step2 * 0.06979, rel=1e-3)
+    far = p * step2 * (25 + 1 / 6)  # 5 steps apart: the two roundings independent, s^2 / 6
+    assert same_grid_noise(far, 1.0, p) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_two_files_of_one_type_are_never_roundings_of_one_model(tmp_path):
+    """Q4_0 files of a model and of its fine-tune 1 % away agree on most codes: with both roundings'
+    energies subtracted they read nothing apart, and both were drawn as roundings of the model behind the
+    Q8_0 file. Only the model's own Q4_0 file is; the fine-tune's stays a model."""
+    gen = torch.Generator().manual_seed(4)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    ft = {k: v + 0.01 * torch.randn(64, 256, generator=gen) for k, v in base.items()}
+    write_gguf(tmp_path / "base-q8_0.gguf", base, "Q8_0")
+    write_gguf(tmp_path / "base-q4_0.gguf", base, "Q4_0")
+    write_gguf(tmp_path / "ft-q4_0.gguf", ft, "Q4_0")
+    forest = recover_lineage(sorted(tmp_path.iterdir()))
+    assert forest.decisions["same_model_roundings"] == {"base-q4_0": "base-q8_0"}

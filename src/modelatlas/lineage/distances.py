@@ -45,7 +45,16 @@ import numpy as np
 import torch
 
 from modelatlas.errors import AtlasError
-from modelatlas.lineage.rounding import debiased_moments, debiased_squared, rounding_excess, rounding_sums
+from modelatlas.lineage import rounding as _rounding
+from modelatlas.lineage.rounding import (
+    LayerNoise,
+    LayerRounding,
+    debiased_moments,
+    debiased_squared,
+    layer_kinds,
+    layer_rounding_sums,
+    rounding_excess,
+)
 from modelatlas.lineage.spectra import RankSketch
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
@@ -68,7 +77,7 @@ class PairStats:
     layer_kurtosis: np.ndarray | None = None  # (N, L) kurtosis of each layer (the sum is ``kurtosis``)
     failed: dict[int, str] = field(default_factory=dict)  # model index -> why a read failed
     value_formats: list[str] = field(default_factory=list)  # per model: "bfloat16" / "float16" its values fit, or ""
-    rounding: list[np.ndarray] = field(default_factory=list)  # per sketched layer: (N,) rounding energy (sum v)
+    rounding: list[LayerRounding] = field(default_factory=list)  # per sketched layer: each model's rounding
     # (N, N) ``rel`` of the values as read, a quantized model's rounding left in: ``rel`` less it reads 0 for a
     # stand-in and a model nearer it than its rounding, which no duplicate test may take for identical
     stored_rel: np.ndarray | None = None
@@ -98,19 +107,19 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
         before = st.kurtosis.copy()
         sk_k = gram_sketch if gram_sketch and info.numel > 4 * gram_sketch else None
         rank = RankSketch(info, sketch, seed, rank_sketch) if sketch and len(info.shape) >= 2 else None
-        gseed = derive_seed(seed, "gram", info.name)
+        gseed, kinds = derive_seed(seed, "gram", info.name), layer_kinds(ckpts, info)
         if sk_k is not None and stream and not l1:
             mom, gram, shift, y, noise = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank, fits)
-            _add_layer(st, mom, gram, shift, info.numel, noise, sk_k)
+            _add_layer(st, mom, gram, shift, info.numel, LayerNoise(noise, kinds, sk_k))
         else:
             x = _read_layer(ckpts, info, st.failed, fits)  # (N, P) float32
-            noise = _accumulate(st, x, l1, sk_k, gseed,
-                                lambda c, x=x, info=info: _layer_rounding(ckpts, info, x, c, st.failed))
+            noise = _accumulate(st, x, l1, sk_k, gseed, kinds,
+                                lambda c, x=x, info=info: layer_rounding_sums(ckpts, info, x, c, st.failed))
             y = None if rank is None else rank(x)
         per_layer.append(st.kurtosis - before)
         if y is not None:
             st.sketches.append(y.numpy())  # (N, min(n, 2s), s)
-            st.rounding.append(noise[:, 0].numpy())
+            st.rounding.append(LayerRounding(noise[:, 0].numpy(), kinds, info.numel))
     st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
     st.value_formats = fits.formats()
     for m in (st.rms, st.rel, st.stored_rel, st.l1):  # sums over layers -> means
@@ -139,7 +148,7 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
             shift = float(x.mean())
         mom[i] = _power_sums(x, shift, pw)[0]
         sk[i] = _bucket_sums(x, signs, k, bw)[0]
-        if (r := rounding_sums(ckpts[i], info.name, x, shift)) is not None:
+        if (r := _rounding.rounding_sums(ckpts[i], info.name, x, shift)) is not None:  # patchable in tests
             noise[i] = r
         if rank is not None:
             yi = rank(x)[0]  # (n', s)
@@ -149,17 +158,6 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
         y = rank(torch.zeros(1, info.numel)).expand(n, -1, -1).clone()
     c = sk - sk.mean(0)  # centring is exact on the sketch (it is linear)
     return mom, c @ c.T, 0.0 if shift is None else shift, y, noise
-
-
-def _layer_rounding(ckpts: list[Checkpoint], info: TensorInfo, x: torch.Tensor, shift: float,
-                    failed: dict[int, str]) -> torch.Tensor:
-    """(N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums` of layer ``info`` of every readable model
-    (rows of ``x``); zeros for a model stored unquantized. Time O(P) per quantized model."""
-    noise = torch.zeros(len(ckpts), 4, dtype=torch.float64)
-    for i, ck in enumerate(ckpts):
-        if i not in failed and (r := rounding_sums(ck, info.name, x[i:i + 1], shift)) is not None:
-            noise[i] = r
-    return noise
 
 
 def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], fits: ValueFormats | None = None):
@@ -288,7 +286,7 @@ def _gram(x: torch.Tensor, mean: torch.Tensor, k: int | None, seed: int) -> torc
 
 
 def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, seed: int = 0,
-                rounding=None) -> torch.Tensor:
+                kinds: np.ndarray | None = None, rounding=None) -> torch.Tensor:
     """Add one layer's distances and kurtosis; returns the (N, 4) rounding sums ``rounding(shift)`` gave
     (zeros without it). Time O(N^2 P) exact or O(N P + N^2 k) with a ``k`` sketch; extra memory
     O(N * _CHUNK)."""
@@ -310,16 +308,19 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
             xa = x[:, a:a + _CHUNK].double()  # (N, B)
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
     noise = rounding(shift) if rounding is not None else torch.zeros(n, 4, dtype=torch.float64)
-    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p, noise, k)
+    kinds = np.full(n, None, dtype=object) if kinds is None else kinds
+    _add_layer(st, mom, _gram(x, mean, k, seed), shift, p, LayerNoise(noise, kinds, k))
     return noise
 
 
 def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: float, p: int,
-               noise: torch.Tensor | None = None, k: int | None = None) -> None:
+               rounding: LayerNoise | None = None) -> None:
     """Add one layer's RMS / relative distances (from its (N, N) centred Gram) and kurtosis (from the (N, 4)
     power sums of the entries shifted by ``shift``), a quantized model's rounding error taken out of both
-    (``noise``: (N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others; ``k``: the
-    Gram's sketch size, whose error ~ sqrt(2 / k) of a squared distance widens the rounding test). Time O(N^2)."""
+    (``rounding.sums``: (N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others; its
+    ``k``: the Gram's sketch size, whose error ~ sqrt(2 / k) of a squared distance widens the same-model test).
+    Time O(N^2)."""
+    noise = None if rounding is None else rounding.sums
     if noise is not None:
         mom = debiased_moments(mom, noise)
     # sum of x^2 (uncentred squared norm) from the shifted sums: sum (e + c)^2 = S2 + 2 c S1 + P c^2
@@ -330,11 +331,12 @@ def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: floa
     if noise is not None and bool((noise[:, 0] > 0).any()):
         stored = scale + (noise[:, :1] + noise[None, :, 0]) / 2  # the norms as read: the rounding left in
         st.stored_rel += (d2 / stored).sqrt().numpy()
+        layer = LayerRounding(noise[:, 0].numpy(), rounding.kinds, p)
         if st.excess is not None:
-            excess, spread = rounding_excess(d2, noise)
+            excess, spread = rounding_excess(d2, noise, layer.same_kind())
             st.excess += excess.numpy()
-            st.spread += (spread + (2 * d2**2 / k if k else 0)).numpy()
-        d2 = debiased_squared(d2, noise[:, 0])
+            st.spread += (spread + (2 * d2**2 / rounding.k if rounding.k else 0)).numpy()
+        d2 = debiased_squared(d2, noise[:, 0], layer)
     else:
         st.stored_rel += (d2 / scale).sqrt().numpy()
         if st.excess is not None:

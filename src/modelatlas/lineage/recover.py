@@ -258,7 +258,7 @@ def _subset(st: PairStats, keep: list[int]) -> PairStats:
     ix = np.ix_(keep, keep)
     return PairStats(st.rms[ix], st.rel[ix], st.kurtosis[keep], None if st.l1 is None else st.l1[ix],
                      [s[keep] for s in st.sketches], layer_kurtosis=st.layer_kurtosis[keep], failed={},
-                     rounding=[r[keep] for r in st.rounding],
+                     rounding=[r.subset(keep) for r in st.rounding],
                      stored_rel=None if st.stored_rel is None else st.stored_rel[ix])
 
 
@@ -328,7 +328,7 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     sk = [s[idx] for s in st.sketches]
     paper = cfg.method == "mother-paper"
     pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, _NEIGHBOURS)
-    ranks, nuc, cap = spectral_distances(sk, pairs, cfg.rank_rtol, [r[idx] for r in st.rounding])
+    ranks, nuc, cap = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding])
     frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
     kind = cfg.distance
     if kind == "auto":  # the recipe has only its own two distances: RMS, or rank for a LoRA tree

@@ -34,17 +34,21 @@ the subtraction then wrongly removes from their pair: such a merge reads nearer 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import numpy as np
 import torch
 
-from modelatlas.weights import Checkpoint
+from modelatlas.errors import AtlasError
+from modelatlas.weights import Checkpoint, TensorInfo
 
 UNIFORM_M4 = 1.8  # E u^4 / (E u^2)^2 of a uniform error: (step^4 / 80) / (step^2 / 12)^2
 SAME_MODEL_Z = 4.0  # standard deviations of the rounding's own spread within which two roundings are one model
 # plus this share of their summed rounding energy: the variance read off the scales is the real error's to
 # within a few % (0.97-1.03 for GGUF's legacy types on one layer), and that error adds up over layers where the
 # spread does not (two roundings of one model read -2 % .. +5.4 % of it over 10 zoos, Q4_0 / Q5_1 / Q8_0)
-SAME_MODEL_REL = 0.08
+SAME_MODEL_REL = 0.04
 
 
 def rounding_sums(ck: Checkpoint, name: str, row: torch.Tensor, shift: float) -> torch.Tensor | None:
@@ -62,6 +66,39 @@ def rounding_sums(ck: Checkpoint, name: str, row: torch.Tensor, shift: float) ->
     return torch.stack([v.sum(), ev.sum(), (ev * e).sum(), (v * v).sum()])
 
 
+def layer_kinds(ckpts: list[Checkpoint], info: TensorInfo) -> np.ndarray:
+    """(N,) object array of each model's quantization type of layer ``info`` (None: stored unquantized, or no
+    such layer yet read). Header only: time O(N)."""
+    kinds = np.empty(len(ckpts), dtype=object)
+    for i, ck in enumerate(ckpts):
+        try:
+            kinds[i] = ck.quantization(info.name)
+        except (AtlasError, KeyError):  # the read reports it
+            kinds[i] = None
+    return kinds
+
+
+@dataclass
+class LayerNoise:
+    """What :func:`_add_layer` takes a layer's rounding out with: the (N, 4) rounding sums, each model's
+    quantization type (N,) and the Gram's sketch size (None: exact)."""
+
+    sums: torch.Tensor
+    kinds: np.ndarray
+    k: int | None = None
+
+
+def layer_rounding_sums(ckpts: list[Checkpoint], info: TensorInfo, x: torch.Tensor, shift: float,
+                    failed: dict[int, str]) -> torch.Tensor:
+    """(N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums` of layer ``info`` of every readable model
+    (rows of ``x``); zeros for a model stored unquantized. Time O(P) per quantized model."""
+    noise = torch.zeros(len(ckpts), 4, dtype=torch.float64)
+    for i, ck in enumerate(ckpts):
+        if i not in failed and (r := rounding_sums(ck, info.name, x[i:i + 1], shift)) is not None:
+            noise[i] = r
+    return noise
+
+
 def debiased_moments(mom: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Power sums ``mom`` (N, 4) of ``e``, ``e^2``, ``e^3``, ``e^4`` with the rounding error's expected share
     taken out, given each model's :func:`rounding_sums` (N, 4) (zeros for a model stored unquantized).
@@ -74,40 +111,118 @@ def debiased_moments(mom: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def debiased_squared(d2: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """(N, N) squared distances ``d2`` less both models' rounding energy ``energy`` (N,) (``sum v``; 0 for a
-    model stored unquantized), floored at 0; the diagonal stays 0. Time O(N^2)."""
-    out = (d2 - energy[:, None] - energy[None, :]).clamp_min(0)
+@dataclass
+class LayerRounding:
+    """One layer's rounding, per model: ``energy`` (N,) ``sum v`` (0 unquantized), ``kinds`` (N,) its
+    quantization type (None unquantized), ``p`` its number of weights."""
+
+    energy: np.ndarray
+    kinds: np.ndarray
+    p: int
+
+    def subset(self, idx) -> LayerRounding:
+        return LayerRounding(self.energy[idx], self.kinds[idx], self.p)
+
+    def same_kind(self) -> np.ndarray:
+        """(N, N) bool: both models quantized to one type (one grid), off the diagonal. Time O(N^2)."""
+        k = self.kinds
+        out = (k[:, None] == k[None, :]) & (k[:, None] != None)  # noqa: E711 (elementwise)
+        np.fill_diagonal(out, False)
+        return out
+
+    def pair_noise(self, a: np.ndarray, b: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        """The rounding's share of the squared distances ``d2`` of the pairs (``a``, ``b``) (index arrays of one
+        shape): both energies where the two roundings are independent; where both models are of one type
+        (one grid: llama.cpp's files of a model and its fine-tune) it is what rounding one grid adds to a
+        difference of the weights' (:func:`same_grid_noise`). Time O(B) for B pairs."""
+        ea, eb = self.energy[a], self.energy[b]
+        same = (self.kinds[a] == self.kinds[b]) & (self.kinds[a] != None) & (a != b)  # noqa: E711 (elementwise)
+        noise = ea + eb
+        if same.any():
+            noise = np.where(same, same_grid_noise(d2, (ea + eb) / 2, self.p), noise)
+        return noise
+
+
+def same_grid_noise(d2, energy, p: int):
+    """The part of ``d2`` (squared distances of two models rounded on one grid, summed over ``p`` weights) that
+    the rounding adds, each model's rounding ``energy`` (``sum v``) given. On one grid of step ``s`` a
+    difference ``D`` of the weights reads as ``D^2 + s^2 f (1 - f)`` (``f`` the fraction of a step in ``|D|``:
+    the two roundings agree unless a level falls between), so two roundings of close models are nearer than
+    their two energies would say: for ``|D|`` well under a step they read ``s |D|`` and subtracting both
+    energies (``s^2 / 6``) left nothing (a Q4_K_M file of a model and of its fine-tune 1 % away read -0.6 of
+    their energies apart). With ``D`` Gaussian of RMS ``r s``, ``d2 / (p s^2) = r^2 + h(r)``, ``h(r) = E f (1 -
+    f)`` (``s^2 = 12 energy / p``, the mean step): solved for ``r``, the share is ``p s^2 h(r)``; ``h`` reaches
+    its independent value 1/6 from ``r ~ 0.5``. Time O(size) after a one-off table of O(10^5)."""
+    r_grid, t_grid, h_grid = _h_table()
+    step2 = np.maximum(12 * np.asarray(energy, dtype=np.float64) / max(p, 1), 1e-300)
+    r = np.interp(np.asarray(d2, dtype=np.float64) / (p * step2), t_grid, r_grid)
+    return p * step2 * np.interp(r, r_grid, h_grid)
+
+
+@lru_cache(maxsize=1)
+def _h_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(r, r^2 + h(r), h(r)) on 2000 values of r in [0, 20], ``h(r) = E f(1 - f)`` with ``f`` the fractional
+    part of ``|Z| r``, Z standard normal (quadrature on 0 <= z <= 9). Time O(2000 x 10^4) once."""
+    z = np.linspace(0.0, 9.0, 9001)  # (Z,)
+    w = 2 * np.exp(-z**2 / 2) / np.sqrt(2 * np.pi) * (z[1] - z[0])  # |Z|'s density x dz
+    r = np.concatenate([np.linspace(0, 1, 1001), np.linspace(1.02, 20, 999)])  # (R,)
+    f = np.mod(np.outer(r, z), 1.0)  # (R, Z)
+    h = (f * (1 - f)) @ w
+    h[r > 3] = 1 / 6  # settled (|h - 1/6| < 1e-6): the quadrature's own ripple there is larger
+    return r, r**2 + h, h
+
+
+def debiased_squared(d2: torch.Tensor, energy: torch.Tensor, layer: LayerRounding | None = None) -> torch.Tensor:
+    """(N, N) squared distances ``d2`` less the rounding's share: both models' rounding energy ``energy``
+    (N,) (``sum v``; 0 for a model stored unquantized), or, given ``layer``, :meth:`LayerRounding.pair_noise`
+    (pairs of one type: one grid); floored at 0, the diagonal 0. Time O(N^2)."""
+    if layer is None:
+        out = d2 - energy[:, None] - energy[None, :]
+    else:
+        n = len(energy)
+        a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (N, N) each
+        out = d2 - torch.from_numpy(layer.pair_noise(a, b, d2.numpy()))
+    out = out.clamp_min(0)
     out.fill_diagonal_(0)
     return out
 
 
-def rounding_excess(d2: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rounding_excess(d2: torch.Tensor, sums: torch.Tensor, same: np.ndarray | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """((N, N) ``d2`` less both models' rounding energy, (N, N) that difference's variance when the two are
     roundings of one model) for one layer, from each model's :func:`rounding_sums` (N, 4): the sum of ``P``
-    squared uniform errors has variance ``(1.8 - 1) sum v^2``. Time O(N^2)."""
+    squared uniform errors has variance ``(1.8 - 1) sum v^2``. Pairs of ``same`` (N, N) (one type: one
+    grid) get an infinite excess: two roundings of one model on one grid are one file, which the duplicate
+    test finds; any difference is the weights'. Time O(N^2)."""
     v, v2 = sums[:, 0], sums[:, 3]
-    return d2 - v[:, None] - v[None, :], (UNIFORM_M4 - 1) * (v2[:, None] + v2[None, :])
+    excess = d2 - v[:, None] - v[None, :]
+    if same is not None and same.any():
+        excess = excess.masked_fill(torch.from_numpy(same), float("inf"))
+    return excess, (UNIFORM_M4 - 1) * (v2[:, None] + v2[None, :])
 
 
 def same_model_pairs(excess: np.ndarray, spread: np.ndarray, energy: np.ndarray, quantized: list[int],
                      z: float = SAME_MODEL_Z, rel: float = SAME_MODEL_REL) -> dict[int, int]:
     """Quantized models that are roundings of one model: coarser model -> a finer one it is within rounding
     of (``excess <= z sqrt(spread) + rel (E_q + E_r)``: its squared distance, summed over layers, no more than
-    the two roundings explain; :func:`rounding_excess`), the finest of ``quantized`` first, each coarser one
-    joined to the nearest kept one (excess relative to their energies), so no chain forms. ``energy``: (N,)
-    summed rounding energy E (finer: smaller). A fine-tune within that tolerance passes too (for Q4_0, one
-    ~2 % of the weights' RMS away: its rounding cannot tell it from its model). Time O(Q^2) for Q quantized
-    models."""
-    kept: list[int] = []
+    the two roundings explain; :func:`rounding_excess`; never for two of one type), the closest pairs
+    (excess relative to their energies) first; a model joins one that has joined none, and only when it is
+    within rounding of each model already joined to it (two files of one type that differ cannot both be
+    roundings of one model). ``energy``: (N,) summed rounding energy E (finer: smaller). A fine-tune within
+    that tolerance passes too (for Q4_0, one ~1.5 % of the weights' RMS away: its rounding cannot tell it from
+    its model). Time O(Q^2 log Q) for Q quantized models."""
+    def within(q: int, r: int) -> bool:
+        return spread[q, r] > 0 and excess[q, r] <= z * np.sqrt(spread[q, r]) + rel * (energy[q] + energy[r])
+
+    pairs = sorted((excess[q, r] / max(energy[q] + energy[r], 1e-300), q, r) for q in quantized for r in quantized
+                   if (energy[r], r) < (energy[q], q) and within(q, r))
     out: dict[int, int] = {}
-    for q in sorted(quantized, key=lambda i: (energy[i], i)):
-        both = [(energy[q] + energy[r], r) for r in kept if spread[q, r] > 0]
-        near = [(excess[q, r] / e, r) for e, r in both if excess[q, r] <= z * np.sqrt(spread[q, r]) + rel * e]
-        if near:
-            out[q] = min(near)[1]
-        else:
-            kept.append(q)
+    members: dict[int, list[int]] = {}
+    for _, q, r in pairs:
+        if q in out or r in out or q in members or not all(within(q, m) for m in members.get(r, [])):
+            continue
+        out[q] = r
+        members.setdefault(r, []).append(q)
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from modelatlas.lineage.rounding import debiased_singular_values
+from modelatlas.lineage.rounding import LayerRounding, debiased_singular_values
 from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights import TensorInfo
 
@@ -72,7 +72,7 @@ def _sketch_matrix(m: int, s: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float,
-                       rounding: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                       rounding: list[LayerRounding] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Rank and nuclear norm of W_u - W_v for ``pairs`` (K, 2), from the sketches, summed over layers.
 
     For each layer the (n, s) sketch difference's singular values are computed batched over pairs.
@@ -94,7 +94,7 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
     cap = 0
     for li, sk in enumerate(sketches):
         y = torch.from_numpy(sk)  # (N, n, s)
-        energy = torch.from_numpy(rounding[li]) if rounding else None  # (N,)
+        layer = rounding[li] if rounding else None
         cap += y.shape[2]
         norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
         numel = y.shape[1] * y.shape[2]  # (n s) stands for (n m): the sketch keeps norms
@@ -104,8 +104,10 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
             sv = work.singular_values(y, pr)  # (B, s), descending
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
             ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
-            if energy is not None and bool((energy[pr] > 0).any()):  # after the rank: see the docstring
-                sv = debiased_singular_values(sv, energy[pr[:, 0]] + energy[pr[:, 1]], y.shape[1])
+            if layer is not None and bool((layer.energy[pr.numpy()] > 0).any()):  # after the rank: see the docstring
+                total = (sv**2).sum(1).numpy()  # the sketch keeps the squared distance in expectation
+                noise = layer.pair_noise(pr[:, 0].numpy(), pr[:, 1].numpy(), total)
+                sv = debiased_singular_values(sv, torch.from_numpy(noise), y.shape[1])
             nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
     return ranks, nuc, cap
 

@@ -30,6 +30,12 @@ _STORED = {**_INT_TYPES, **_FLOAT_TYPES}  # ggml type -> the dtype reported and 
 # ggml's reference quantizers map the block's largest |x| (Q8_0: to +-127; Q4_0, Q5_0: its signed value to
 # code 0) and, with an offset, its smallest to code 0 and its largest to the top code (Q4_1, Q5_1)
 SCALE_CODES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (1, 255), "Q4_1": (0, 15), "Q5_1": (0, 31)}
+# the K-quants' real error is smaller than a uniform one over their step: llama.cpp searches each sub-block's
+# scale (and offset) for the least squared error, which puts values nearer their levels. step**2 / 12 over the
+# real mean squared error of llama-quantize's output (bench/lineage_llamacpp.py's model, t(5) and Gaussian
+# weights): Q2_K 1.23 / 1.27, Q3_K 1.10 / 1.08, Q4_K 1.27 / 1.30, Q5_K 1.15 / 1.17, Q6_K 1.16 / 1.21; the mean
+# of the two divides the variance (legacy types, quantized plainly: 0.98-1.02 without)
+SEARCHED = {"Q2_K": 1.25, "Q3_K": 1.09, "Q4_K": 1.28, "Q5_K": 1.16, "Q6_K": 1.18}
 _PLAIN = {**_INT_TYPES, "F16": "float16", "F32": "float32", "F64": "float64"}  # read as they are stored
 
 
@@ -186,7 +192,8 @@ class GGUFCheckpoint(Checkpoint):
         the scale) and that of its smallest too where levels have an offset (Q4_1, Q5_1): those values get 0
         (:data:`SCALE_CODES`). They are the tails a kurtosis is made of: counted as rounded, the fourth moment's
         correction overshot (a Q4_0 stand-in's summed kurtosis read 0.06-0.1 low). K-quants search their
-        scales, so no value is exact. Rows in chunks of ~1M values. Time O(P), memory O(P) float32 plus O(1M)
+        scales for the least error, so no value is exact and the rest lie nearer their levels (:data:`SEARCHED`).
+        Rows in chunks of ~1M values. Time O(P), memory O(P) float32 plus O(1M)
         float64."""
         from gguf.quants import dequantize
 
@@ -202,7 +209,7 @@ class GGUFCheckpoint(Checkpoint):
         exact = SCALE_CODES.get(t.ggml_type.name, ())
         for a in range(0, len(rows), chunk):
             lo, step = grid(t.ggml_type.name, t.ggml_type, rows[a:a + chunk], type_size)  # (r, m) float64
-            var = step**2 / 12
+            var = step**2 / (12 * SEARCHED.get(t.ggml_type.name, 1.0))
             if exact:  # the value that set its block's scale is stored exactly
                 stored = dequantize(rows[a:a + chunk], t.ggml_type)  # (r, m)
                 code = np.rint((stored - lo) / np.where(step == 0, 1.0, step))
