@@ -1,4 +1,5 @@
-"""The viewer's filter box: words of names, paths and notes, whole class names, never probabilities."""
+"""The viewer: its filter box (words of names, paths and notes, whole class names, never probabilities, not the
+folder every model shares), names escaped, a long chain balanced, the forest drawn inline."""
 
 import json
 import re
@@ -108,3 +109,43 @@ def test_the_filter_finds_a_name_in_either_unicode_form(query):
     models = [ModelEntry(n, f"/z/{n}.pt") for n in ("mode\u0300le-fr", "mod\u00e8le-de", "mode-x")]
     page = render_html(Atlas(models, Forest([m.name for m in models], [])))
     assert check_filter(page, query) == ["mode\u0300le-fr", "mod\u00e8le-de"]
+
+
+def test_viewer_escapes_names():
+    entry = ModelEntry("<script>x</script>", "/p/<script>", predicted=[["a&b", 0.9]])
+    page = render_html(Atlas([entry], Forest([entry.name], [])))
+    assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page and "a&amp;b 0.90" in page
+
+
+def test_viewer_of_a_long_chain_is_balanced():
+    names = [f"m{i}" for i in range(1200)]
+    forest = Forest(names, [Edge(names[i], names[i + 1], 0.5) for i in range(1199)], trees=[names])
+    page = render_html(Atlas([ModelEntry(n, n) for n in names], forest))
+    assert page.count("<li ") == 1200 and page.count("</li>") == 1200 and page.count("<ul") == page.count("</ul>")
+    assert "[depth 1199]</span> <b>m1199</b>" in page
+
+
+def check_filter_texts(page):
+    """The text the viewer's filter box matches, one per tree item and table row."""
+    import re
+
+    return re.findall(r'data-s="([^"]*)"', page)
+
+
+def test_viewer_filter_ignores_the_folder_every_model_shares():
+    # Typing "mnist" must not keep every row because the models lie under /data/mnist-runs/ (a folder the
+    # page never shows); the part of each path below it still counts, as in keyword search.
+    models = [ModelEntry(n, f"/data/mnist-runs/{sub}/{n}.safetensors") for n, sub in [("a", "cnn"), ("b", "mlp")]]
+    texts = check_filter_texts(render_html(Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)]))))
+    assert len(texts) == 4 and not any("mnist" in t or "data" in t for t in texts)
+    assert sum("cnn" in t for t in texts) == 2
+
+
+def test_viewer_draws_the_forest_inline_when_it_has_edges():
+    import base64
+    import re
+
+    page = render_html(Atlas([ModelEntry("a", "a"), ModelEntry("b", "b")], Forest(["a", "b"], [Edge("a", "b", 0.5)])))
+    png = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert png and base64.b64decode(png.group(1)).startswith(b"\x89PNG")  # one self-contained file
+    assert "data:image/png" not in render_html(Atlas([ModelEntry("a", "a")], Forest(["a"], [])))

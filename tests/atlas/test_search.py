@@ -1,10 +1,11 @@
-"""Atlas search: text search refuses experts the atlas was not embedded with; keywords match any script."""
+"""Atlas search: text search scores from stored embeddings equal the weights' own and refuse experts the atlas was
+not embedded with; keywords rank by matches and probability, match any script, ignore the shared folder."""
 
 import numpy as np
 import pytest
 import torch
 
-from modelatlas.atlas import Atlas, ModelEntry, search_atlas
+from modelatlas.atlas import Atlas, ModelEntry, build_atlas, search_atlas
 from modelatlas.atomic import atomic_write_json
 from modelatlas.errors import AtlasError
 from modelatlas.lineage.forest import Edge, Forest
@@ -233,3 +234,77 @@ def test_tree_n_finds_the_members_of_tree_n():
     # "tree" alone: the models in a tree, and a name holding the word; not the others
     assert sorted(h.name for h in search_atlas(atlas, "tree")) == ["m1", "m3", "r1", "r3", "tree-x"]
     assert search_atlas(atlas, "none") == []  # a model in no tree had the word "None" (its tree) to match
+
+
+def test_text_search_uses_stored_embeddings(tmp_path):
+    from modelatlas.probex import ProbeXConfig
+    from modelatlas.probex.experts import TreeExperts, train_tree_experts
+    from modelatlas.probex.families import make_named_class_zoo
+    from modelatlas.probex.text_encoder import encode_texts
+
+    zoo = tmp_path / "named"
+    make_named_class_zoo(zoo, models_per_class=1, hidden=16, ft_steps=(5, 10), batch_models=120)
+    tx = tmp_path / "tx"
+    train_tree_experts(zoo, tx, "text", "classifier.weight", ProbeXConfig(rank_u=4, rank_v=4, rank_t=4, epochs=2))
+    atlas = build_atlas([zoo], text_experts=tx)
+    atlas.save(tmp_path / "atl")
+    loaded = Atlas.load(tmp_path / "atl")
+    query = "a handwritten seven, upside down"
+    hits = search_atlas(loaded, query, top=200)
+    assert {h.how for h in hits} == {"text"} and len(hits) == len(atlas.embeddings["root"][0])
+    # oracle: the scores from stored embeddings equal the scores computed from the weights themselves
+    experts = TreeExperts.load(tx)
+    assert loaded.experts["text"]["digest"] == experts.weights_digest()  # what a later search checks
+    paths = [zoo / f"{h.name}.safetensors" for h in hits]
+    x, routes = experts.read(paths)
+    direct = experts.search_scores(x, routes, encode_texts([query]))
+    np.testing.assert_allclose([h.score for h in hits], direct, rtol=1e-5, atol=1e-6)
+    assert all(len(m.described) == 3 for m in atlas.models if m.text_tree)
+    assert search_atlas(loaded, "seven", mode="keywords")[0].how == "keywords"
+
+
+def test_text_search_needs_to_know_the_experts():
+    atlas = Atlas([ModelEntry("a", "a")], Forest(["a"], []), embeddings={"t": (["a"], torch.ones(1, 3))})
+    with pytest.raises(AtlasError, match="pass --text-experts DIR"):
+        search_atlas(atlas, "a seven")
+
+
+def make_keyword_atlas():
+    models = [ModelEntry("alpha", "/z/alpha", predicted=[["Shirt", 0.6], ["Bag", 0.55]]),
+              ModelEntry("beta", "/z/beta", predicted=[["Shirt", 0.9]]),
+              ModelEntry("shirt-model", "/z/shirt-model"), ModelEntry("gamma", "/z/gamma")]
+    return Atlas(models, Forest([m.name for m in models], [Edge("alpha", "beta", 0.5)]))
+
+
+def test_keyword_search_ranks_by_matches_and_probability():
+    atlas = make_keyword_atlas()
+    hits = search_atlas(atlas, "shirt")
+    assert [h.name for h in hits] == ["beta", "alpha", "shirt-model"]
+    assert [round(h.score, 2) for h in hits] == [1.9, 1.6, 1.0]
+    assert [h.name for h in search_atlas(atlas, "shirt bag", top=1)] == ["alpha"]  # 1.6 + 1.55
+    assert search_atlas(atlas, "nothing-like-it") == []
+    with pytest.raises(AtlasError, match="empty search query"):
+        search_atlas(atlas, "  ")
+    for mode in ("keywords", "text"):  # no word: nothing to look up, and a text embedding of '!!!' ranks nothing
+        with pytest.raises(AtlasError, match="search query '!!!' has no words to look up"):
+            search_atlas(atlas, "!!!", mode=mode)
+    with pytest.raises(AtlasError, match=r"search query '!{76}\.\.\. has no words"):
+        search_atlas(atlas, "!" * 5000)  # a pasted page is not echoed whole
+    with pytest.raises(AtlasError, match="no text embeddings"):
+        search_atlas(atlas, "shirt", mode="text")
+    with pytest.raises(AtlasError, match="search mode must be one of"):
+        search_atlas(atlas, "shirt", mode="fuzzy")
+    for top in (0, -1):
+        with pytest.raises(AtlasError, match=f"top must be a positive number of models; got {top}"):
+            search_atlas(atlas, "shirt", top=top)
+
+
+def test_keyword_search_ignores_the_folder_every_model_shares():
+    # Models under /runs/0/ must not all match "0": only the part of each path below the shared folder counts.
+    models = [ModelEntry(n, f"/runs/0/{sub}/{n}.safetensors") for n, sub in
+              [("a", "cnn"), ("b", "cnn"), ("c", "mlp")]]
+    atlas = Atlas(models, Forest([m.name for m in models], [Edge("a", "b", 0.5)]))
+    assert search_atlas(atlas, "0") == [] and search_atlas(atlas, "runs") == []
+    assert [h.name for h in search_atlas(atlas, "cnn")] == ["a", "b"]
+    alone = Atlas(models[:1], Forest(["a"], []))
+    assert [h.name for h in search_atlas(alone, "a")] == ["a"] and search_atlas(alone, "cnn") == []
