@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
+from tests.weights.conftest import NF4, make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
 
 from modelatlas.errors import CheckpointError
+from modelatlas.weights import bnb as B
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights.dequantized import DequantizedCheckpoint
 from modelatlas.weights.packed_ints import unpack
@@ -144,3 +145,23 @@ def test_a_plain_model_with_a_scale_parameter_does_not_read_its_config(tmp_path)
     folder = make_model(tmp_path / "clip", {"logit_scale": torch.ones(()), "proj.weight": torch.ones(4, 4)})
     (folder / "config.json").write_text("[1, 2]")
     assert sorted(open_checkpoint(folder).keys()) == ["logit_scale", "proj.weight"]
+
+
+def test_a_4bit_layers_json_state_is_parsed_once_when_opened(tmp_path, monkeypatch):
+    """Each read, rounding variance, grid position and requantized match parsed the layer's JSON quant state
+    twice (once for the absmaxes, once for the work), though its parse when the model was opened had already
+    given the layer's shape and the checks of its parts."""
+    parse, parsed = B.parse_state, []
+
+    def counted(raw, where):
+        parsed.append(where)
+        return parse(raw, where)
+
+    monkeypatch.setattr(B, "parse_state", counted)
+    w = make_weight(16, 64)
+    with open_checkpoint(make_model(tmp_path / "m", make_bnb4(w, nested=True, book=NF4))) as ck:
+        assert parsed == ["layer.weight.quant_state.bitsandbytes__nf4"]
+        got = ck.read("layer.weight")
+        assert ck.rounding_variance("layer.weight").shape == (16, 64) and ck.grid_position("layer.weight", w) > 0
+        assert ck.requantized_match("layer.weight", w) == 1.0 and len(parsed) == 1
+        assert (got - w).abs().max() < 0.25 * w.abs().max()

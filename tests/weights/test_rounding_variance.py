@@ -130,8 +130,7 @@ def test_chunks_give_the_same_variance(tmp_path):
     x = sources()["laplace"][:64, :128]
     tensors, config = FORMATS["nf4"](x)
     ck = open_checkpoint(make_model(tmp_path / "b", tensors, config))
-    parts = ck._parts(ck.layers["layer.weight"])
-    state = B.parse_state(parts["state"], "state")
+    parts, state = ck._parts(ck.layers["layer.weight"]), ck.layers["layer.weight"].state  # parsed on opening
     whole = B.rounding_variance_4bit(parts["weight"], parts["absmax"], parts["quant_map"], state)
     assert torch.equal(B.rounding_variance_4bit(parts["weight"], parts["absmax"], parts["quant_map"], state, chunk=256),
                        whole)

@@ -121,9 +121,11 @@ class DequantizedCheckpoint(Checkpoint):
     def _parts(self, layer: PackedLayer) -> dict[str, torch.Tensor]:
         """The layer's stored tensors by role (scales as float32), with what their headers cannot tell checked:
         finite scales, group numbers (``g_idx``) of existing groups. Time O(stored size)."""
-        parts = {role: self.inner.read(p) for role, p in layer.parts.items()}
+        # bitsandbytes' JSON state is not read again: parsed when the model was opened (layer.state), it gave
+        # the layer's shape and the checks of its parts, which a state read now could only contradict
+        parts = {role: self.inner.read(p) for role, p in layer.parts.items() if role != "state"}
         if layer.scheme == "bnb4":
-            parts["absmax"] = B.block_absmax(parts, layer.parts, B.parse_state(parts["state"], layer.parts["state"]))
+            parts["absmax"] = B.block_absmax(parts, layer.parts, layer.state)
         for key in {"bnb8": ("scb",), "mlx": ("scales", "biases")}.get(layer.scheme, ()):
             P.check_finite(parts[key].float(), layer.parts[key])
         if layer.scheme in _REQUANTIZED:
@@ -145,8 +147,7 @@ class DequantizedCheckpoint(Checkpoint):
             return P.pack_quantized_weight(get("packed"), get("scale"), layer.shape, get("zero_point"),
                                            layer.bits, get("g_idx"), layer.group_size)
         if layer.scheme == "bnb4":
-            state = B.parse_state(get("state"), layer.parts["state"])
-            return B.dequantize_4bit(get("weight"), get("absmax"), get("quant_map"), state)
+            return B.dequantize_4bit(get("weight"), get("absmax"), get("quant_map"), layer.state)
         if layer.scheme == "bnb8":
             return B.dequantize_int8(get("weight"), get("scb"))
         if layer.scheme == "mlx":
@@ -161,8 +162,7 @@ class DequantizedCheckpoint(Checkpoint):
             return M.requantized_share(x, parts["weight"], layer.bits, layer.group_size)
         if layer.scheme == "bnb8":
             return B.requantized_share_int8(x, parts["weight"])
-        state = B.parse_state(parts["state"], layer.parts["state"])
-        return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], state["blocksize"])
+        return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], layer.state["blocksize"])
 
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
         """Where ``x``'s values sit on the layer's levels (:mod:`.grid_position`): ~0.5 for the model it was
@@ -206,7 +206,7 @@ class DequantizedCheckpoint(Checkpoint):
             s = parts["scales"].float()[:rows].repeat_interleave(group, dim=-1)  # (r, cols)
             b = parts["biases"].float()[:rows].repeat_interleave(group, dim=-1)
             return G.uniform_position((xs - b) / s)
-        state = B.parse_state(parts["state"], layer.parts["state"])
+        state = layer.state
         flat = xs.reshape(-1)  # (r * cols,) the first values, in the blocks' order
         scale = parts["absmax"][: -(-flat.numel() // state["blocksize"])]  # decoded by _parts
         return G.book_position(flat / scale.repeat_interleave(state["blocksize"])[: flat.numel()], parts["quant_map"])
@@ -235,8 +235,7 @@ class DequantizedCheckpoint(Checkpoint):
         if layer.scheme == "pack-quantized":
             return P.pack_quantized_variance(get("scale"), layer.shape, get("g_idx"), layer.group_size)
         if layer.scheme == "bnb4":
-            state = B.parse_state(get("state"), layer.parts["state"])
-            return B.rounding_variance_4bit(get("weight"), get("absmax"), get("quant_map"), state)
+            return B.rounding_variance_4bit(get("weight"), get("absmax"), get("quant_map"), layer.state)
         if layer.scheme == "bnb8":
             return B.rounding_variance_int8(get("scb"), layer.shape)
         if layer.scheme == "mlx":

@@ -41,6 +41,7 @@ class PackedLayer:
     parts: dict[str, str] = field(default_factory=dict)  # role -> stored tensor name
     offset: int = 0  # added to GPTQ's stored zeros: 1 in the ``gptq`` checkpoint format, 0 in ``gptq_v2``
     group_size: int = 0  # pack-quantized: input columns per scale (0: no group)
+    state: dict = field(default_factory=dict)  # bnb4: its JSON quant state, parsed once when the model is opened
 
 
 def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[PackedLayer]:
@@ -144,7 +145,8 @@ def _bnb(name: str, infos: dict[str, TensorInfo], read) -> PackedLayer | None:
         B.check_state(infos[state])
         parsed = B.parse_state(read(state), state)
         B.check_4bit({r: infos[p] for r, p in parts.items()}, parsed, state)
-        return PackedLayer(name, "bnb4", tuple(parsed["shape"]), state.rpartition("__")[2].upper(), 4, parts)
+        return PackedLayer(name, "bnb4", tuple(parsed["shape"]), state.rpartition("__")[2].upper(), 4, parts,
+                           state=parsed)
     scb = name.removesuffix("weight") + "SCB"
     if name.endswith(".weight") and infos[name].dtype == "int8" and scb in infos:
         parts = {"weight": name, "scb": scb}
