@@ -13,6 +13,7 @@ from tests.lineage.test_quantized import make_gguf
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.weights import open_checkpoint
+from modelatlas.weights.gguf_grid import grid_test
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -86,3 +87,27 @@ def test_a_lora_merged_into_a_quantized_gguf_base_hangs_below_it(tmp_path):
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     assert not [e for e in forest.edges if e.kind == "precision"]
     assert forest.roots() == ["base-q8"]
+
+
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_0, Q.Q5_1])
+def test_the_stored_rows_are_dequantized_once_for_both_tests(tmp_path, kind, monkeypatch):
+    """A float16 candidate missing some values is tested again within float16's rounding: the sampled stored
+    rows were dequantized for each of the two tests. The share is the two tests' best, computed here apart."""
+    p = make_weights(0)
+    ck = open_checkpoint(make_conversion(tmp_path / "p-q.gguf", p, kind))
+    raw = gguf.quants.quantize(p["a.weight"], kind)  # the stored rows: 128 of them, all sampled
+    have, dequantize, stored = gguf.quants.dequantize(raw, kind), gguf.quants.dequantize, []
+
+    def counted(rows, ggml_type):
+        stored.append(np.array_equal(rows, raw))
+        return dequantize(rows, ggml_type)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", counted)
+    x = torch.from_numpy(make_weights(0, p, step=0.001)["a.weight"]).half()  # a fine-tune 0.1 % away
+    share = ck.requantized_match("a.weight", x)
+    assert sum(stored) == 1
+    x32 = x.float()
+    again = [np.mean(dequantize(gguf.quants.quantize(y.numpy(), kind), kind) == have)
+             for y in (x32, x.to(torch.bfloat16).float())]
+    grid = grid_test(kind.name, kind, raw, gguf.GGML_QUANT_SIZES[kind][1], have, rel_tol=2.0**-11, abs_tol=2.0**-25)
+    assert share == max(*again, grid(x32.numpy())) < 1.0

@@ -122,6 +122,8 @@ class GGUFCheckpoint(Checkpoint):
         (:mod:`modelatlas.weights.gguf_grid`: every value the level nearest to ``x``), IQ4_NL / IQ4_XS against
         their 16 codebook values. None for other types (IQ1-IQ3: lattice codebooks). A rounding that leaves the
         values as they are (float16 to float16) is not tested twice. Time O(max_rows m) for rows of m values."""
+        from gguf.quants import dequantize
+
         t = self._tensors[name]
         if self.quantization(name) is None or tuple(x.shape) != t.shape or not t.shape:
             return None
@@ -129,7 +131,9 @@ class GGUFCheckpoint(Checkpoint):
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
         pick = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(np.int64))
         sample = x.detach().reshape(len(rows), -1)[torch.from_numpy(pick)]  # (r, m)
-        test = self._value_test(t, rows[pick], type_size)  # read once, tested for each rounding of x
+        rows = rows[pick]  # (r, row bytes) the sampled rows
+        have = dequantize(rows, t.ggml_type)  # (r, m) float32, the stored values: once for both tests below
+        test = self._value_test(t, rows, type_size, have)  # read once, tested for each rounding of x
         best, tried = 0.0, []
         for cast in (torch.float32, torch.float16, torch.bfloat16):
             y = sample.to(cast).to(torch.float32)
@@ -143,28 +147,27 @@ class GGUFCheckpoint(Checkpoint):
             if best == 1.0:
                 break
         if best < 1.0 and x.dtype == torch.float16:  # a float16 copy of the model this was quantized from
-            best = max(best, self._rounded_source_match(t, rows[pick], type_size, sample))
+            best = max(best, self._rounded_source_match(t, rows, type_size, have, tried[0]))  # tried[0]: as float32
         return best
 
-    def _rounded_source_match(self, t: GGUFTensor, rows: np.ndarray, type_size: int, x: torch.Tensor) -> float:
-        """Share of the stored values on the level nearest to float16 ``x`` (r, m) within float16's rounding:
+    def _rounded_source_match(self, t: GGUFTensor, rows: np.ndarray, type_size: int, have: np.ndarray,
+                              x: torch.Tensor) -> float:
+        """Share of the stored values ``have`` (r, m; ``rows`` dequantized) on the level nearest to ``x`` (r, m,
+        float16 values as float32) within float16's rounding:
         llama.cpp's converter quantizes a model's own float32 or bfloat16 values (``--outtype q8_0``), which
         its float16 conversion has rounded, so quantizing that again misses ~25 % of a Q8_0 copy's values;
         on the grid, within float16's rounding, it misses none (a fine-tune 0.1 % away misses ~2 %, 0.05 %
         away ~0.5 %). For the legacy types only (Q8_0, Q4_0, ...: what the converter writes itself); the
         K-quants come from llama-quantize, which reads a GGUF file, and their coarse steps would let a
         fine-tune 0.1 % away pass within that rounding. 0.0 for others. Time O(r m)."""
-        from gguf.quants import dequantize
-
         from modelatlas.weights.gguf_grid import LEGACY, grid_test
 
         kind = t.ggml_type.name
         if kind not in LEGACY:
             return 0.0
-        have = dequantize(rows, t.ggml_type)
         # float16's rounding of x, and of a legacy block's scale (its codes were set with the float32 scale)
         test = grid_test(kind, t.ggml_type, rows, type_size, have, rel_tol=2.0**-11, abs_tol=2.0**-25)
-        return test(x.float().numpy())
+        return test(x.numpy())
 
     def grid_position(self, name: str, x: torch.Tensor, max_rows: int = 256) -> float | None:
         """Where ``x``'s values sit on the tensor's levels (:mod:`.grid_position`), on ``max_rows`` evenly
@@ -217,16 +220,17 @@ class GGUFCheckpoint(Checkpoint):
             out[a:a + chunk] = var
         return torch.from_numpy(out).reshape(t.shape)
 
-    def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int):
-        """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes), x (r, m); the
-        stored values (and a K-quant's grid) are computed once. The share is None for a type with no test."""
+    def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int, have: np.ndarray):
+        """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes) and their stored
+        values ``have`` (r, m), x (r, m); a K-quant's grid is computed once. The share is None for a type with
+        no test."""
         from functools import partial
 
         from gguf.quants import dequantize, quantize
 
         from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, codebook_match, grid_test
 
-        kind, have = t.ggml_type.name, dequantize(rows, t.ggml_type)  # (r, m) float32
+        kind = t.ggml_type.name
         if kind in GRIDS:
             return grid_test(kind, t.ggml_type, rows, type_size, have)
         if kind in CODEBOOKS:
