@@ -342,3 +342,35 @@ def test_ctrl_c_while_the_command_is_prepared_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(main_module, "keep_freed_memory", interrupted)
     assert main(["data", "list"]) == 130
     assert capsys.readouterr().err.startswith("error: interrupted (before the command started")
+
+
+def test_ctrl_c_before_the_command_with_atlas_debug_is_one_traceback(monkeypatch):
+    """With ATLAS_DEBUG=1 a Ctrl-C before the command ran raised a new KeyboardInterrupt while handling it:
+    two tracebacks, 'During handling of the above exception, another exception occurred'. The interrupt
+    itself is raised again, as a later Ctrl-C is (run_mapped)."""
+    import modelatlas.cli.main as main_module
+
+    def interrupted(name):
+        raise KeyboardInterrupt("the first")
+
+    monkeypatch.setenv("ATLAS_DEBUG", "1")
+    monkeypatch.setattr(main_module.importlib, "import_module", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="the first") as e:
+        main(["probex", "train", "zoo"])
+    assert e.value.__context__ is None
+
+
+def test_ctrl_c_while_the_command_line_loads_with_atlas_debug_is_one_traceback():
+    """The same while `modelatlas.cli.main` itself is imported: one traceback, ending the run as a Ctrl-C
+    during a command does with ATLAS_DEBUG=1 (the interpreter ends by SIGINT: 130 in a shell)."""
+    import os
+    import subprocess
+    import sys
+
+    later = EARLY_CTRL_C.replace('if name == "tqdm"', 'if name == "modelatlas.data"')
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "ATLAS_DEBUG": "1"}) for code in (EARLY_CTRL_C, later)]
+    for run in runs:
+        assert run.stderr.count("Traceback (most recent call last)") == 1 and "During handling" not in run.stderr
+        assert run.stderr.endswith("KeyboardInterrupt\n") and run.returncode == runs[1].returncode != 0
+    assert "cli/output.py" in runs[0].stderr and "run_mapped" in runs[1].stderr

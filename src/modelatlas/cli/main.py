@@ -16,10 +16,15 @@ import sys
 EARLY_INTERRUPT = "error: interrupted (before the command started: nothing was read or written)"
 
 
+def _debug() -> bool:
+    """Whether ``ATLAS_DEBUG`` asks for tracebacks in place of the one-line messages."""
+    return os.environ.get("ATLAS_DEBUG", "") not in ("", "0")
+
+
 def _interrupted_early() -> int:
-    """Exit code 130 and the one line of a Ctrl-C before any command ran (``ATLAS_DEBUG=1``: re-raise)."""
-    if os.environ.get("ATLAS_DEBUG", "") not in ("", "0"):
-        raise KeyboardInterrupt
+    """Exit code 130 and the one line of a Ctrl-C before any command ran. With ``ATLAS_DEBUG=1`` the caller
+    re-raises the interrupt it caught (a bare ``raise``): a new one raised here, inside the handler, was shown
+    chained below it, two tracebacks."""
     print(EARLY_INTERRUPT, file=sys.stderr)
     return 130
 
@@ -35,6 +40,8 @@ try:  # Ctrl-C while these load (tqdm: ~0.1 s) came before main() could catch it
     from modelatlas.cli.output import one_line
     from modelatlas.errors import AtlasError, ConfigError
 except KeyboardInterrupt:
+    if _debug():
+        raise
     sys.exit(_interrupted_early())
 
 COMMAND_MODULES = ["demo", "zoo", "lineage", "probex", "index", "distill", "attribute", "data"]
@@ -70,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
             _escape_unencodable(sys.stdout)
     except KeyboardInterrupt:
+        if _debug():
+            raise
         return _interrupted_early()
     if not getattr(args, "func", None):
         group = getattr(args, "group_parser", None)
@@ -87,7 +96,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
 
 def run_mapped(func, args: argparse.Namespace) -> int:
     """Run a command, mapping known errors to one line on stderr and exit code 1."""
-    debug = os.environ.get("ATLAS_DEBUG", "") not in ("", "0")
+    debug = _debug()
     try:
         code = func(args)
         sys.stdout.flush()  # a reader that left early (`| head`) breaks the pipe here, not at interpreter exit
