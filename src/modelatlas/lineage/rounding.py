@@ -12,7 +12,8 @@ over 10 held-out zoos with a third of the models only as Q4_0 files, 96 % withou
 benchmarks.md, session 30). Since ``u`` is independent of the weights and of zero mean, the expected
 contribution of each statistic is known and is subtracted:
 
-- squared distances: ``sum v`` of each quantized model of the pair (:func:`debiased_squared`);
+- squared distances: ``sum v`` of each quantized model of the pair (:func:`debiased_squared`); for two models
+  rounded to one type, one grid, what that grid adds to their difference (:func:`same_grid_noise`);
 - power sums of ``e = x - c``: ``E (e + u)^2 = e^2 + v``, ``E (e + u)^3 = e^3 + 3 e v``,
   ``E (e + u)^4 = e^4 + 6 e^2 v + 1.8 v^2`` (a uniform error's fourth moment is ``step^4 / 80 = 1.8 v^2``)
   (:func:`rounding_sums`, :func:`debiased_moments`);
@@ -24,12 +25,14 @@ contribution of each statistic is known and is subtracted:
   :func:`~modelatlas.lineage.spectra.spectral_distances`).
 
 Measured (``bench/lineage_quantized.py --replace``, 10 held-out zoos, 360 edges, a third of the models only
-as quantized files): Q4_0 224 -> 276 edges right, Q5_1 and Q8_0 in docs/benchmarks.md (session 30); without
-quantization 345. Duplicate tests compare the values as read (``PairStats.stored_rel``): with the rounding
-taken out, a stand-in and a model nearer it than its rounding read 0 apart.
+as quantized files): Q4_0 224 -> 283 edges right, Q5_1 231 -> 301, Q8_0 339 -> 344; without quantization 345
+(docs/benchmarks.md, session 30). Duplicate tests compare the values as read (``PairStats.stored_rel``):
+with the rounding taken out, a stand-in and a model nearer it than its rounding read 0 apart. Two roundings
+of one model not given are found by what is left (:func:`same_model_pairs`).
 
 A model made from a quantized model's dequantized values (a QLoRA merge) shares its rounding error, which
-the subtraction then wrongly removes from their pair: such a merge reads nearer its base than it is.
+the subtraction then wrongly removes from their pair (it reads nearer its base than it is), and keeps it
+against every other model (it reads farther from them than its update says, like an unrecognised stand-in).
 """
 
 from __future__ import annotations
