@@ -127,6 +127,24 @@ def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path)
         recover_lineage(sorted(tmp_path.iterdir()), layers=r"a\.weight_packed", stage="specialize")
 
 
+def make_qlora(folder, source=False):
+    """base-nf4 (NF4 of make_weights(0); with ``source``, that model too, as src) and merged0, merged1: its
+    dequantized values plus a small rank-4 update each, saved in bfloat16, as a QLoRA merge is."""
+    from modelatlas.weights import open_checkpoint
+
+    base, src = {}, make_weights(0)
+    for k in LAYERS:
+        base.update(make_bnb4(src[k], name=k.removesuffix(".weight")))
+    make_folder(folder / "base-nf4", base, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    if source:
+        save_file(src, folder / "src.safetensors")
+    nf4, gen = open_checkpoint(folder / "base-nf4"), torch.Generator().manual_seed(1)
+    for i in range(2):
+        merged = {k: (nf4.read(k) + torch.randn(512, 4, generator=gen) @ torch.randn(4, 64, generator=gen) * 1e-3)
+                  .to(torch.bfloat16) for k in LAYERS}
+        save_file(merged, folder / f"merged{i}.safetensors")
+
+
 @pytest.mark.parametrize("rounding", [True, False])
 def test_a_qlora_merge_is_no_source_of_its_quantized_base(tmp_path, capsys, monkeypatch, rounding):
     """A QLoRA merge (the dequantized NF4 base plus a small low-rank update, saved in bfloat16) quantizes back
@@ -135,19 +153,10 @@ def test_a_qlora_merge_is_no_source_of_its_quantized_base(tmp_path, capsys, monk
     (``rounding=False``), the votes drew the base below merged0, and it is rooted there by the levels."""
     from modelatlas.cli.main import main
     from modelatlas.lineage import rounding
-    from modelatlas.weights import open_checkpoint
 
     if not rounding:
         monkeypatch.setattr(rounding, "rounding_sums", lambda *a: None)
-    base = {}
-    for k in LAYERS:
-        base.update(make_bnb4(make_weights(0)[k], name=k.removesuffix(".weight")))
-    make_folder(tmp_path / "base-nf4", base, {"quant_method": "bitsandbytes", "load_in_4bit": True})
-    nf4, gen = open_checkpoint(tmp_path / "base-nf4"), torch.Generator().manual_seed(1)
-    for i in range(2):
-        merged = {k: (nf4.read(k) + torch.randn(512, 4, generator=gen) @ torch.randn(4, 64, generator=gen) * 1e-3)
-                  .to(torch.bfloat16) for k in LAYERS}
-        save_file(merged, tmp_path / f"merged{i}.safetensors")
+    make_qlora(tmp_path)
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
     assert forest.decisions["made_from_quantized"] == {"merged0": "base-nf4", "merged1": "base-nf4"}
     assert not [e for e in forest.edges if e.kind == "precision"]
@@ -156,3 +165,31 @@ def test_a_qlora_merge_is_no_source_of_its_quantized_base(tmp_path, capsys, monk
     assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
     assert "merged0: made from base-nf4's dequantized weights (its values sit on base-nf4's levels" in \
         capsys.readouterr().err
+
+
+def test_edges_turned_round_by_the_levels_score_their_placement_margin(tmp_path, monkeypatch):
+    """The levels root the tree at base-nf4 (the votes drew it below merged0): every edge's direction is then
+    known, as below an adapters' base, so its score is its placement margin 1 - d(edge) / d(merged0, merged1).
+    The edge turned round kept the votes' score of the other way, 0.00; root confidence was 1.0 already."""
+    from modelatlas.lineage import LineageRecovery, distances
+
+    monkeypatch.setattr(distances, "rounding_sums", lambda *a: None)
+    make_qlora(tmp_path)
+    est = LineageRecovery(stage="specialize").fit(sorted(tmp_path.iterdir()))
+    assert est.decisions_["rooted_at_quantized_base"] == ["base-nf4"] and est.decisions_["root_confidence"] == [1.0]
+    d = est.distances_  # base-nf4, merged0, merged1
+    score = {e.child: e.score for e in est.edges_ if e.parent == "base-nf4"}
+    assert score == {"merged0": pytest.approx(1 - d[0, 1] / d[1, 2]), "merged1": pytest.approx(1 - d[0, 2] / d[1, 2])}
+    assert score == {"merged0": pytest.approx(0.28, abs=0.01), "merged1": pytest.approx(0.29, abs=0.01)}  # was 0.00, 0.21
+
+
+def test_a_qlora_base_quantized_from_a_given_model_roots_that_model(tmp_path):
+    """base-nf4 is src's NF4 copy, drawn beside src; the merges made from it descend from src. The votes drew
+    src below merged1, and the tree was rooted at base-nf4 across its precision edge: src drawn as the 'nf4
+    copy' of its own NF4 rounding. The tree is rooted at src, the model the copy stands for."""
+    make_qlora(tmp_path, source=True)
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["precision_copies"] == {"base-nf4": "nf4"}
+    assert forest.roots() == ["src"] and forest.decisions["rooted_at_quantized_base"] == ["src"]
+    assert ("src", "base-nf4", "precision") in {(e.parent, e.child, e.kind) for e in forest.edges}
+    assert forest.parents()["merged0"] in ("src", "merged1") and forest.parents()["merged1"] in ("src", "merged0")

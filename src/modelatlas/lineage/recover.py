@@ -27,18 +27,9 @@ from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
-from modelatlas.lineage.edmonds import minimum_spanning_arborescence
-from modelatlas.lineage.forest import Edge, Forest, rerooted
-from modelatlas.lineage.orient import (
-    decide_stage,
-    edge_costs,
-    edge_scores,
-    hung_from,
-    mst_edge_scores,
-    orient_votes_sure,
-    prim_mst,
-    solve_tree,
-)
+from modelatlas.lineage.forest import Edge, Forest
+from modelatlas.lineage.known import Known, place_tree
+from modelatlas.lineage.orient import decide_stage, prim_mst
 from modelatlas.lineage.quantized import quant_type
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
@@ -89,55 +80,40 @@ class LineageRecovery:
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError(_nothing_comparable(skipped))
-        self._fit_groups(cfg, names, stats, rules, skipped, base, merged)
+        self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names))
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
-        if made:  # made from a quantized model's dequantized values: that one is no copy of it, but its parent
-            self._root_at_bases(made)
         # quantized, but no model given is the one it was made from: placed as a model; same: roundings of one
         # model not given (lineage.rounding.same_model_pairs); GGUF files compared under llama.cpp's names or
         # (unmapped) under their own, apart
-        extra = {"quantized_models": quantized, "same_model_roundings": same, "gguf_names": renamed,
-                 "gguf_unmapped": unmapped}
+        extra = {"made_from_quantized": made, "quantized_models": quantized, "same_model_roundings": same,
+                 "gguf_names": renamed, "gguf_unmapped": unmapped}
         self.forest_.decisions.update({k: v for k, v in extra.items() if v})
         return self
 
-    def _fit_groups(self, cfg, names, stats, rules, skipped, base=None, merged=()) -> None:
-        """Trees, stage and edges of the models kept (``names`` and ``stats`` per architecture group); ``base``:
-        the adapters' base among them (its tree is rooted there, :func:`_place_tree`), ``merged``: the models
-        merged onto it, recorded with it in ``decisions["adapter_base"]``."""
-        labels, k_info = _cluster(cfg, stats)
+    def _fit_groups(self, cfg, names, stats, rules, skipped, known: Known | None = None) -> None:
+        """Trees, stage and edges of the models kept (``names`` and ``stats`` per architecture group); ``known``:
+        the directions known from outside the weights (the adapters' base, quantized bases: :mod:`.known`)."""
+        known, (labels, k_info) = known or Known(), _cluster(cfg, stats)
         flat = [n for g in names for n in g]
         trees = _tree_members(labels, stats)
         dists, dist_info = zip(*[_tree_distance(cfg, stats[g], idx) for g, idx in trees]) if trees else ((), ())
         kurt = [stats[g].kurtosis[idx] for g, idx in trees]
+        lks = [None if stats[g].layer_kurtosis is None else stats[g].layer_kurtosis[idx] for g, idx in trees]
+        members = [[names[g][i] for i in idx] for g, idx in trees]
         placement = "joint" if cfg.method == "mother-paper" else cfg.placement
         if cfg.stage == "auto":
             stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam, placement)
         else:
             stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
-        edges, tree_names, root_conf, runner_up, given = [], [], [], [], {}
-        for (g, idx), d, k in zip(trees, dists, kurt):
-            members = [names[g][i] for i in idx]
-            tree_names.append(members)
-            lk = None if stats[g].layer_kurtosis is None else stats[g].layer_kurtosis[idx]
-            root = members.index(base) if base in members else None
-            parent, scores, conf_r, second, chosen = _place_tree(cfg, placement, stage, (d, k, lk), root)
-            if conf_r is not None:
-                root_conf.append(conf_r)
-                runner_up.append(members[second])
-            if root is not None:
-                given = {"base": base, "merged": merged, "root_by_weights": members[chosen],
-                         "apart": [m for m in merged if m in flat and m not in members]}  # (copies: in no tree yet)
-            edges += [Edge(members[p], members[v], scores[v], float(d[p, v])) for v, p in enumerate(parent) if p >= 0]
+        edges, t_info = _place_trees(cfg, placement, stage, list(zip(members, dists, kurt, lks)), known, flat)
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
                      "lambda": cfg.lam, "placement": placement,
-                     "orient": cfg.orient if placement == "mst" else "joint", "root_confidence": root_conf,
-                     "root_runner_up": runner_up, "distance": _summarise(dist_info), "layers": rules,
-                     "architectures": len(names), **({"adapter_base": given} if given else {})}
+                     "orient": cfg.orient if placement == "mst" else "joint", **t_info,
+                     "distance": _summarise(dist_info), "layers": rules, "architectures": len(names)}
         kurt_all = np.concatenate([s.kurtosis for s in stats])
-        self.forest_ = Forest(flat, edges, decisions, tree_names, dict(zip(flat, kurt_all.tolist())), skipped)
+        self.forest_ = Forest(flat, edges, decisions, members, dict(zip(flat, kurt_all.tolist())), skipped)
         self._set_attributes(flat, labels, stats, trees, dists, kurt_all)
 
     def _set_attributes(self, flat, labels, stats, trees, dists, kurt_all) -> None:
@@ -154,28 +130,6 @@ class LineageRecovery:
         self.stage_, self.stage_confidence_ = f.decisions["stage"], f.decisions["stage_confidence"]
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
-
-    def _root_at_bases(self, made: dict[str, str]) -> None:
-        """``made``: model -> the quantized model it was made from (its values on that one's levels). Where a
-        quantized base lies below a model made from it, its tree is rooted at the base
-        (:func:`~modelatlas.lineage.forest.rerooted`; its root confidence 1.0), listed in
-        ``decisions["rooted_at_quantized_base"]``;
-        ``decisions["made_from_quantized"]`` keeps ``made``. Time O(N) per base."""
-        f, moved = self.forest_, []
-        for base in dict.fromkeys(made.values()):
-            parents, v, above = f.parents(), base, set()
-            while parents.get(v) is not None:
-                v = parents[v]
-                above.add(v)
-            if any(made.get(m) == base for m in above):
-                f.edges, moved = rerooted(f.edges, base), moved + [base]
-                k = next((i for i, tree in enumerate(f.trees) if base in tree), None)
-                if k is not None and k < len(f.decisions.get("root_confidence") or []):
-                    f.decisions["root_confidence"][k] = 1.0  # set by the levels, not by the kurtosis votes
-        f.decisions["made_from_quantized"] = dict(made)
-        if moved:
-            f.decisions["rooted_at_quantized_base"] = moved
-        self.edges_, self.roots_ = f.edges, f.roots()
 
     def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> None:
         """Put each copy back beside the model it equals: a node right after it, in its tree, joined by a
@@ -206,39 +160,51 @@ class LineageRecovery:
         self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
 
 
-def _place_tree(cfg: LineageConfig, placement: str, stage: str, tree: tuple, root: int | None) -> tuple:
-    """(parent, edge scores, root confidence and runner-up root -- None unless kurtosis votes chose the root --,
-    the root the weights chose) of one tree; ``tree`` = (distances, kurtosis, per-layer kurtosis or None).
-
-    ``root``: the index of the base PEFT adapters were merged onto (``fit(adapter_base=...)``, ``--base``), or
-    None. Each adapter merged onto it was trained from it, so it is no model's child, whatever the kurtosis
-    says: the tree hangs from it (root confidence 1.0). Where the models sit is still read from the distances
-    (MST placement: the same undirected tree, :func:`~modelatlas.lineage.orient.hung_from`; joint: the
-    arborescence with no edge into the base), so that an adapter whose training went on from another's (a
-    later checkpoint of the same run) can still lie below it; rooted, every edge's direction is known, and
-    an MST edge's score is its placement margin alone. Time that of the placement: O(n^2 + n L) (MST),
-    O(n^3) (joint)."""
-    d, k, lk = tree
-    conf = second = sure = cost = None
-    if placement == "mst" and cfg.orient == "votes":
-        parent, conf, second, sure = orient_votes_sure(d, k, lk, stage, cfg.root_prior, cfg.root_votes)
-    else:
-        parent = solve_tree(d, k, stage, cfg.lam, placement)[0]
-    chosen = parent.index(-1)
-    if placement == "joint":
-        cost = edge_costs(d, k, stage, cfg.lam)
-    if root is not None and placement == "mst":
-        parent, sure, conf = hung_from(parent, root), np.ones(len(parent)), None if conf is None else 1.0
-    elif root is not None:
-        cost[:, root] = np.inf  # no edge into the base
-        parent = minimum_spanning_arborescence(cost)
-    scores = mst_edge_scores(d, k, stage, parent, sure) if placement == "mst" else edge_scores(cost, parent)
-    return parent, scores, conf, second, chosen
+def _place_trees(cfg: LineageConfig, placement: str, stage: str, trees: list[tuple], known: Known,
+                 flat: list[str]) -> tuple[list[Edge], dict]:
+    """The edges of every tree ((members, distances, kurtosis, per-layer kurtosis) each) placed by
+    :func:`~modelatlas.lineage.known.place_tree`, and the decisions they make: ``root_confidence`` and
+    ``root_runner_up`` (trees whose root kurtosis votes chose), ``adapter_base`` (the base, the models merged
+    onto it, the root the weights alone chose, merged models placed in another tree: ``apart``) and
+    ``rooted_at_quantized_base``. Time that of the placements."""
+    edges, conf, runner_up, given, rooted = [], [], [], {}, []
+    for members, d, k, lk in trees:
+        root = members.index(known.base) if known.base in members else None
+        p = place_tree(cfg, placement, stage, (d, k, lk), root, known.pairs(members))
+        if p.conf is not None:
+            conf.append(p.conf)
+            runner_up.append(members[p.second])
+        if root is not None:
+            given = {"base": known.base, "merged": list(known.merged), "root_by_weights": members[p.chosen],
+                     "apart": [m for m in known.merged if m in flat and m not in members]}  # (copies: in no tree yet)
+        elif p.root is not None and p.root != p.chosen:
+            rooted.append(members[p.root])
+        edges += [Edge(members[u], members[v], p.scores[v], float(d[u, v])) for v, u in enumerate(p.parent) if u >= 0]
+    info = {"root_confidence": conf, "root_runner_up": runner_up, **({"adapter_base": given} if given else {}),
+            **({"rooted_at_quantized_base": rooted} if rooted else {})}
+    return edges, info
 
 
 def _with_copies(node: str, after: dict[str, list[str]]) -> list[str]:
     """``node`` then the models placed beside it, each followed by its own (a copy of a head-only fine-tune)."""
     return [node, *(m for n in after.get(node, []) for m in _with_copies(n, after))]
+
+
+def _known(base: str | None, merged: list[str], made: dict[str, str], duplicates: dict[str, str],
+           outside: dict[str, dict], names: list[list[str]]) -> Known:
+    """The directions known from outside the weights, named as placed: a model made from a quantized one's
+    dequantized values (``made``: model -> that one, which is no copy of it but above it) and the quantized one
+    each as the model placed in a tree that it stands for (:func:`_placed_as`). Time O(N)."""
+    like, kept = {**duplicates, **{n: o["like"] for n, o in outside.items()}}, {n for g in names for n in g}
+    return Known(base, tuple(merged), {_placed_as(m, like, kept): _placed_as(b, like, kept) for m, b in made.items()})
+
+
+def _placed_as(node: str, like: dict[str, str], kept: set[str]) -> str:
+    """The model placed in a tree that ``node`` stands as: itself, or the one its copies chain ends at (a
+    quantized copy of a given model: that model). Time O(chain)."""
+    while node not in kept and node in like:
+        node = like[node]
+    return node
 
 
 def _equal_to(node: str, like: dict[str, str], pos: dict[str, int]) -> str:
