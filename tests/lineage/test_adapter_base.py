@@ -76,6 +76,8 @@ def test_an_adapter_trained_on_from_another_stays_below_it(tmp_path, make_adapte
     save_file({k: v + 0.03 * torch.randn(v.shape, generator=g) for k, v in saved.items()},
               str(fam / "c" / "adapter_model.safetensors"))
     paths = [fam / "base.safetensors", *(fam / f"a{k}" for k in range(3)), fam / "c"]
-    f = _recover(fam, paths, distance="l2")  # (the rank distance sees c - a1 as rank 4, c - base as 2)
+    # (the rank distance sees c - a1 as rank 4, c - base as 2); specialize: the stage auto chose (no evidence)
+    # before the known descents voted on it, under which the weights alone chose a1 as the root
+    f = _recover(fam, paths, distance="l2", stage="specialize")
     assert f.parents() == {"base": None, "a0": "base", "a1": "base", "a2": "base", "c": "a1"}
     assert f.decisions["adapter_base"]["root_by_weights"] == "a1"  # was the root, the base below it

@@ -310,7 +310,9 @@ def show_forest(forest, truth=None) -> None:
     marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
     echo(to_text(forest, marks, notes).rstrip("\n"))
     d = forest.decisions
-    how = "given" if d.get("stage_given") else f"from the weights, confidence {d['stage_confidence']:.2f}"
+    known = (d.get("stage_known") or {}).get("pairs")  # descents known (--base, quantized bases) that voted
+    voted = f", {counted(known, 'known descent')} among them" if known else ""
+    how = "given" if d.get("stage_given") else f"from the weights{voted}, confidence {d['stage_confidence']:.2f}"
     k_how = "given" if d.get("n_trees_given") else "found from the data"
     dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
     same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""

@@ -20,13 +20,24 @@ import numpy as np
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.edmonds import minimum_spanning_arborescence
 from modelatlas.lineage.orient import (
+    decide_stage,
     edge_costs,
     edge_scores,
     hung_from,
     mst_edge_scores,
     orient_votes_sure,
+    prim_mst,
     solve_tree,
 )
+from modelatlas.lineage.root import layer_scales, per_layer
+
+# Weight of a known pair's vote, in violation penalties (the unit of the unlabelled evidence, where an edge counts
+# at most 1 and a chain's none). Along a true edge the summed kurtosis moved the way of its zoo's stage on 91 of
+# 104 true edges of the 8 zoos of docs/benchmarks.md "Session 30: known descents vote on the stage" (q = 0.875:
+# log-odds log(q / (1 - q)) = 1.95 nats per edge); a pair whose layers all move by their typical amount votes
+# tanh(1) = 0.76, so 2.5 x 0.76 = 1.9 penalties, that log-odds. (The 80 known pairs of 24 LoRA stars: 79 leaned
+# one way, mean |vote| 0.54, i.e. 1.35 penalties each.)
+KNOWN_WEIGHT = 2.5
 
 
 @dataclass(frozen=True)
@@ -102,3 +113,46 @@ def _ancestor(parent: list[int], a: int, v: int) -> bool:
         if v == a:
             return True
     return False
+
+
+def known_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None,
+                pairs: list[tuple[int, int]], votes: str = "scaled") -> np.ndarray:
+    """(P,) each known (ancestor, descendant) pair's vote in [-1, 1] for "specialize" (> 0: kurtosis fell from
+    ancestor to descendant; < 0: it rose, "generalize"): the mean over layers of tanh((k_l(a) - k_l(d)) / m_l),
+    m_l the layer's median nonzero |change| over the tree's MST edges, as the root votes scale each layer
+    (:func:`~modelatlas.lineage.root.edge_votes`; ``votes="sign"``: the mean sign). Time O(n^2 + (n + P) L)."""
+    if not pairs:
+        return np.zeros(0)
+    lk = per_layer(kurtosis, layer_kurtosis)  # (n, L)
+    a, d = np.array(pairs).T
+    diff = lk[a] - lk[d]  # (P, L)
+    if votes == "sign":
+        return np.sign(diff).mean(1)
+    u, v = np.array([(x, y) for x, nbrs in enumerate(prim_mst(dist)) for y in nbrs if x < y]).T
+    return np.tanh(diff / layer_scales(lk[u] - lk[v])).mean(1)
+
+
+def decide_stage_known(cfg: LineageConfig, placement: str, trees: list[tuple], known: Known) -> tuple[str, float, dict]:
+    """The stage (``stage="auto"``) from the trees ((members, distances, kurtosis, per-layer kurtosis) each),
+    the known directions counted as labelled evidence: (stage, confidence, details).
+
+    Along a known ancestor -> descendant pair, kurtosis falling says "specialize" and rising "generalize"
+    outright, where the unlabelled evidence (:func:`~modelatlas.lineage.orient.decide_stage`) must first find
+    each stage's best root: a chain read backwards is as good a tree (no evidence at all), a star's reading
+    with the root moved to a leaf loses one edge. Each pair adds :data:`KNOWN_WEIGHT` x its vote
+    (:func:`known_votes`) to the evidence; a tree whose root is known (the adapters' base) gives these votes
+    instead of its unlabelled evidence, which would read it again with the root left free. Details add
+    ``stage_known``: the pairs that voted, how many leaned each way, and their evidence. Time that of
+    :func:`~modelatlas.lineage.orient.decide_stage` + O(n^2 + (n + P) L) per tree."""
+    free, votes = [], []
+    for members, d, k, lk in trees:
+        votes.append(known_votes(d, k, lk, known.pairs(members), cfg.root_votes))
+        if known.base not in members:
+            free.append((d, k))
+    v = np.concatenate([np.zeros(0), *votes])
+    labelled = KNOWN_WEIGHT * float(v.sum())
+    stage, conf, info = decide_stage(free, cfg.lam, placement, labelled)
+    if len(v):
+        info["stage_known"] = {"pairs": len(v), "specialize": int((v > 0).sum()),
+                               "generalize": int((v < 0).sum()), "evidence": labelled}
+    return stage, conf, info

@@ -174,16 +174,17 @@ def hung_from(parent: list[int], root: int) -> list[int]:
 
 
 def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
-                 placement: str = "mst") -> tuple[str, float, dict]:
+                 placement: str = "mst", labelled: float = 0.0) -> tuple[str, float, dict]:
     """Choose the stage that explains the trees better; returns (stage, confidence in [0.5, 1], details).
 
     For each tree (D, kurtosis) both orientations are solved; evidence = sum over trees of
     (cost_generalize - cost_specialize) / (lambda * mean(D)), i.e. how many violation penalties the wrong
-    reading costs. Confidence = logistic(|evidence|): one penalty's worth is 0.73, three 0.95; not a
-    calibrated probability. Without evidence (chains, single models, lambda = 0) -> ("specialize", 0.5).
-    Time O(sum n^3).
+    reading costs, plus ``labelled`` (evidence in the same unit from edges whose direction is known,
+    :func:`modelatlas.lineage.known.decide_stage_known`). Confidence = logistic(|evidence|): one penalty's
+    worth is 0.73, three 0.95; not a calibrated probability. Without evidence (chains, single models,
+    lambda = 0) -> ("specialize", 0.5). Time O(sum n^3).
     """
-    evidence, viol = 0.0, {"specialize": 0, "generalize": 0}
+    evidence, viol = labelled, {"specialize": 0, "generalize": 0}
     for dist, kurt in trees:
         if dist.shape[0] < 2:
             continue

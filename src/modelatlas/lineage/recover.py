@@ -28,8 +28,8 @@ from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.known import Known, place_tree
-from modelatlas.lineage.orient import decide_stage, prim_mst
+from modelatlas.lineage.known import Known, decide_stage_known, place_tree
+from modelatlas.lineage.orient import prim_mst
 from modelatlas.lineage.quantized import quant_type
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
@@ -102,11 +102,12 @@ class LineageRecovery:
         lks = [None if stats[g].layer_kurtosis is None else stats[g].layer_kurtosis[idx] for g, idx in trees]
         members = [[names[g][i] for i in idx] for g, idx in trees]
         placement = "joint" if cfg.method == "mother-paper" else cfg.placement
+        placed = list(zip(members, dists, kurt, lks))
         if cfg.stage == "auto":
-            stage, conf, s_info = decide_stage(list(zip(dists, kurt)), cfg.lam, placement)
+            stage, conf, s_info = decide_stage_known(cfg, placement, placed, known)
         else:
             stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
-        edges, t_info = _place_trees(cfg, placement, stage, list(zip(members, dists, kurt, lks)), known, flat)
+        edges, t_info = _place_trees(cfg, placement, stage, placed, known, flat)
         decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
                      "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
                      "lambda": cfg.lam, "placement": placement,

@@ -54,22 +54,29 @@ def edge_votes(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.nd
     edge (vote[(v, u)] = -vote[(u, v)]). Without per-layer values (None or no columns) the summed kurtosis is
     the single layer. Time O(n L).
     """
-    lk = np.asarray(kurtosis, dtype=np.float64)[:, None] if layer_kurtosis is None or np.ndim(layer_kurtosis) != 2 \
-        or np.shape(layer_kurtosis)[1] == 0 else np.asarray(layer_kurtosis, dtype=np.float64)  # (n, L)
+    lk = per_layer(kurtosis, layer_kurtosis)  # (n, L)
     s = 1.0 if stage == "specialize" else -1.0  # specialize: a parent has more outliers than its child
     pairs = [(u, v) for u, nbrs in enumerate(adj) for v in nbrs if u < v]
     if not pairs:
         return {}
     u, v = np.array(pairs).T  # (E,), (E,)
     d = s * (lk[u] - lk[v])  # (E, L)
-    val = np.tanh(d / _layer_scales(d)).mean(1) if votes == "scaled" else np.sign(d).mean(1)  # (E,)
+    val = np.tanh(d / layer_scales(d)).mean(1) if votes == "scaled" else np.sign(d).mean(1)  # (E,)
     out: dict[tuple[int, int], float] = {}
     for (a, b), x in zip(pairs, val.tolist()):
         out[(a, b)], out[(b, a)] = x, -x
     return out
 
 
-def _layer_scales(d: np.ndarray) -> np.ndarray:
+def per_layer(kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None) -> np.ndarray:
+    """(n, L) per-layer kurtosis; without per-layer values (None or no columns) the summed kurtosis is the
+    single layer. Time O(n L)."""
+    if layer_kurtosis is None or np.ndim(layer_kurtosis) != 2 or np.shape(layer_kurtosis)[1] == 0:
+        return np.asarray(kurtosis, dtype=np.float64)[:, None]
+    return np.asarray(layer_kurtosis, dtype=np.float64)
+
+
+def layer_scales(d: np.ndarray) -> np.ndarray:
     """(L,) median of the nonzero |d| of each column of d (E, L); inf for a column of zeros (its votes are 0)."""
     a = np.abs(d)
     return np.array([np.median(c[c > 0]) if (c > 0).any() else np.inf for c in a.T])
