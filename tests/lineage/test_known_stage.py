@@ -46,6 +46,16 @@ def test_known_edges_decide_the_stage_a_chain_cannot():
     assert info["violations"] == {"specialize": 0, "generalize": 1}  # the free chain's only
 
 
+def test_a_quantized_bases_pairs_add_to_its_trees_own_evidence():
+    """Models made from a quantized base descend from it, but its tree's root is not known (the base's source
+    or its parent may be given too): the tree's unlabelled evidence (-1) stays, the pairs' votes add to it."""
+    known = Known(made={"x": "base", "y": "base"})
+    assert known.pairs(["base", "x", "y"]) == [(0, 1), (0, 2)] and known.pairs(["x", "z"]) == []
+    stage, _, info = decide_stage_known(LineageConfig(), "mst", _trees(), known)
+    assert info["stage_evidence"] == pytest.approx(1 - 1 + 5 * math.tanh(-1.0))  # chain + star + votes: -3.81
+    assert stage == "generalize" and info["violations"] == {"specialize": 1, "generalize": 1}
+
+
 def test_without_known_pairs_the_stage_is_the_unlabelled_one():
     stage, conf, info = decide_stage_known(LineageConfig(), "mst", _trees(), Known())
     assert (stage, conf, info["stage_evidence"]) == ("specialize", pytest.approx(0.5), pytest.approx(0.0))
