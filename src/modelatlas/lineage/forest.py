@@ -120,19 +120,6 @@ class Forest:
             raise AtlasError(f"{path}: {e}") from e
 
 
-def rerooted(edges: list[Edge], node: str) -> list[Edge]:
-    """``edges`` with ``node`` made the root of its tree: each edge on the path from the old root down to
-    ``node`` turned round (score and distance kept), the others as they are; the same undirected tree. For
-    evidence of direction that the weights' statistics did not see (a model made from a quantized one lies
-    below it). Time O(N)."""
-    parent = {e.child: e for e in edges}
-    flip, v = set(), node
-    while v in parent:  # up to the old root
-        flip.add(id(parent[v]))
-        v = parent[v].parent
-    return [Edge(e.child, e.parent, e.score, e.distance, e.kind) if id(e) in flip else e for e in edges]
-
-
 def check_forest_shape(nodes: list[str], edges: list[Edge]) -> None:
     """Raise :class:`AtlasError` unless ``edges`` form a forest over ``nodes``: every edge joins two known
     nodes, no node has two parents, and following parents never comes back to where it started. A hand-edited
