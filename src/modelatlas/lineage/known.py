@@ -7,7 +7,8 @@ Two facts are known for certain when they apply (:class:`Known`):
     levels: :func:`~modelatlas.lineage.quantized.made_from_copy`) descends from it.
 Either fixes the root of the tree (the base; the quantized model where the weights drew it below a model
 made from it), so every edge's direction there is known and an MST edge's score is its placement margin
-alone (:func:`place_tree`).
+alone (:func:`place_tree`). Each known (ancestor, descendant) pair is also labelled evidence of the stage: its
+per-layer kurtosis change votes on it (:func:`known_votes`, :func:`decide_stage_known`).
 """
 
 from __future__ import annotations

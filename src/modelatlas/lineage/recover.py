@@ -6,9 +6,10 @@ Pipeline (MoTHer, Horwitz et al. 2024, with the additions described in ``docs/li
   3. trees: K found from the relative-distance gap, or Ward with K given (:mod:`.clustering`);
   4. per tree, the edge distance: RMS (full fine-tuning), summed rank (LoRA), or nuclear norm x rank fraction
      when low-rank differences are found (``distance="auto"``);
-  5. the stage from the evidence, or given; per tree, the edges of the undirected minimum spanning tree
-     of the distances oriented from the root that best keeps the kurtosis direction (or, ``placement=
-     "joint"``, MoTHer's Chu-Liu/Edmonds arborescence of distance + penalty); edge confidence (:mod:`.orient`).
+  5. the stage from the evidence (known descents, :mod:`.known`, as labelled evidence), or given; per tree,
+     the edges of the undirected minimum spanning tree of the distances oriented from the root that best keeps
+     the kurtosis direction (or, ``placement="joint"``, MoTHer's Chu-Liu/Edmonds arborescence of distance +
+     penalty); edge confidence (:mod:`.orient`).
 ``method="mother-paper"`` runs the published recipe instead (mean|dW| + Ward with the true K, RMS or rank
 distances, the stage given, lambda = 0.3) as a baseline.
 
