@@ -171,9 +171,9 @@ def test_edges_turned_round_by_the_levels_score_their_placement_margin(tmp_path,
     """The levels root the tree at base-nf4 (the votes drew it below merged0): every edge's direction is then
     known, as below an adapters' base, so its score is its placement margin 1 - d(edge) / d(merged0, merged1).
     The edge turned round kept the votes' score of the other way, 0.00; root confidence was 1.0 already."""
-    from modelatlas.lineage import LineageRecovery, distances
+    from modelatlas.lineage import LineageRecovery, rounding
 
-    monkeypatch.setattr(distances, "rounding_sums", lambda *a: None)
+    monkeypatch.setattr(rounding, "rounding_sums", lambda *a: None)
     make_qlora(tmp_path)
     est = LineageRecovery(stage="specialize").fit(sorted(tmp_path.iterdir()))
     assert est.decisions_["rooted_at_quantized_base"] == ["base-nf4"] and est.decisions_["root_confidence"] == [1.0]
