@@ -73,7 +73,7 @@ def test_a_model_of_integer_packed_weights_is_skipped_saying_why():
               "plain": MemoryCheckpoint("plain", plain)}
     groups, _, skipped = group_by_architecture(list(models.values()), None)
     assert [[m.name for m in g] for g, _ in groups] == [["plain"]]
-    assert "by AWQ (or 3-bit GPTQ) quantization ('q.qweight'), which is not unpacked here" in skipped["gptq"]
+    assert "by 3-bit GPTQ (or AWQ without its quantization_config) quantization ('q.qweight'), which is not unpacked here" in skipped["gptq"]
     assert "by bitsandbytes 4-bit quantization ('q.weight.absmax')" in skipped["bnb"]
     # asked for by a pattern, its float matrices are compared
     groups, _, skipped = group_by_architecture([models["gptq"]], "scales")

@@ -135,3 +135,30 @@ def make_mlx(x: torch.Tensor, bits: int = 4, group: int = 32, name: str = "a") -
     n_words = -(-codes.shape[1] * bits // 32)
     words = torch.tensor([[(b >> (32 * k)) & 0xFFFFFFFF for k in range(n_words)] for b in big]).to(torch.uint32)
     return {f"{name}.weight": words, f"{name}.scales": scale, f"{name}.biases": edge}
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column (of each 8) that a word's nibble i holds
+
+
+def make_awq_words(codes: torch.Tensor) -> torch.Tensor:
+    """AWQ GEMM words of (rows, cols) 4-bit ``codes``: 8 columns a word, nibble i holding column AWQ_ORDER[i]."""
+    rows, cols = codes.shape
+    perm = (torch.arange(0, cols, 8)[:, None] + torch.tensor(AWQ_ORDER)).reshape(-1)  # (cols,): nibble order
+    return make_words(codes[:, perm], 4, 1)  # (rows, cols / 8)
+
+
+def make_awq(w: torch.Tensor, group: int = 16, name: str = "layer", clip: float = 1.0) -> dict:
+    """AutoAWQ GEMM tensors of an (out, in) weight rounded to nearest, asymmetric: per (row, group of ``group``
+    inputs) the range [min, max] (both first clipped to ``clip`` times the group's largest |value|, as AWQ's
+    auto_clip does), scale (max - min) / 15 stored in float16, zero -round(min / scale); ``qweight`` (in, out / 8),
+    ``qzeros`` (groups, out / 8), ``scales`` (groups, out)."""
+    out, inp = w.shape
+    g = w.reshape(out, -1, group)  # (out, groups, group)
+    edge = g.abs().amax(-1, keepdim=True) * clip
+    g = torch.maximum(torch.minimum(g, edge), -edge)  # clipped, as AWQ clips before rounding
+    hi, lo = g.amax(-1), g.amin(-1)  # (out, groups)
+    scale = ((hi - lo).clamp(min=1e-5) / 15).half()  # stored, and rounded with, in float16
+    zero = (-torch.round(lo / scale.float())).clamp(0, 15)
+    codes = (torch.round(g / scale.float()[..., None]) + zero[..., None]).clamp(0, 15).reshape(out, inp)
+    return {f"{name}.qweight": make_awq_words(codes.T), f"{name}.qzeros": make_awq_words(zero.T),
+            f"{name}.scales": scale.T.contiguous()}

@@ -53,8 +53,8 @@ def test_gptq_v2_format_uses_the_zeros_as_stored(tmp_path):
     assert torch.equal(open_checkpoint(v1).read("layer.weight"), open_checkpoint(v2).read("layer.weight"))
 
 
-def test_awq_and_three_bit_layers_stay_as_stored(tmp_path):
-    awq = make_model(tmp_path / "awq", make_gptq(make_weight()), {"quant_method": "awq"})
+def test_gptq_parts_under_an_awq_config_and_three_bit_layers_stay_as_stored(tmp_path):
+    awq = make_model(tmp_path / "awq", make_gptq(make_weight()), {"quant_method": "awq"})  # a g_idx: not AWQ's
     assert "layer.qweight" in open_checkpoint(awq).keys()
     three = {"layer.qweight": torch.zeros(3, 8, dtype=torch.int32), "layer.qzeros": torch.zeros(1, 1, dtype=torch.int32),
              "layer.scales": torch.ones(1, 8), "layer.g_idx": torch.zeros(32, dtype=torch.int32)}

@@ -23,9 +23,10 @@ from modelatlas.weights.base import _stem, shared_first_component
 
 _FLOAT = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # name endings of weights packed into integers by quantization libraries, left packed by the readers (GPTQ
-# with g_idx in 2, 4 or 8 bits, compressed-tensors pack-quantized and bitsandbytes layers with their quant
-# state are unpacked by weights.dequantized); the model's float tensors are then its scales, not its weights
-_PACKED = {".qweight": "AWQ (or 3-bit GPTQ)", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
+# with g_idx in 2, 4 or 8 bits, AWQ GEMM under its quant_method: awq config, compressed-tensors pack-quantized
+# and bitsandbytes layers with their quant state are unpacked by weights.dequantized); the model's float
+# tensors are then its scales, not its weights
+_PACKED = {".qweight": "3-bit GPTQ (or AWQ without its quantization_config)", ".q_weight": "EXL2", ".weight_packed": "compressed-tensors",
            ".weight.absmax": "bitsandbytes 4-bit", ".SCB": "bitsandbytes 8-bit"}
 _PACKED_IN = {".weight.absmax": ".weight", ".SCB": ".weight"}  # a scale's packed weight (else the tensor itself)
 
@@ -74,6 +75,9 @@ class PrefixedView(Checkpoint):
 
     def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
         return self.inner.requantized_match(self.prefix + name, x)
+
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
+        return self.inner.grid_match(self.prefix + name, x, slack)
 
     def rounding_variance(self, name: str) -> torch.Tensor | None:
         return self.inner.rounding_variance(self.prefix + name)

@@ -94,6 +94,13 @@ class Checkpoint(ABC):
         block-quantized or its type has no quantizer here."""
         return None
 
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
+        """For a layer stored as integer codes on a grid of its own scales and zeros (GPTQ, AWQ, compressed-tensors
+        ``pack-quantized``): the share of its codes that are a nearest rounding of ``x`` (same shape) on that
+        grid, ``x`` known up to a relative error ``slack``; values beyond an end code count at it (clamped or
+        clipped). 1.0 for the model rounded; None for other tensors. Time O(P)."""
+        return None
+
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
         """For a quantized tensor: where ``x``'s values sit on its levels, ~0.5 when spread between them (the
         model it was quantized from), near 0 when on them (a model made from its dequantized values). None

@@ -6,6 +6,8 @@ of its real shape, in place of the tensors that store it:
 - GPTQ (AutoGPTQ, GPTQModel): ``qweight``, ``qzeros``, ``scales``, ``g_idx``, 2, 4 or 8 bits
   (:mod:`.packed_ints`); the ``gptq`` checkpoint format's zeros are stored minus one, ``gptq_v2``'s not (the
   ``checkpoint_format`` of the model's ``quantization_config``; ``gptq`` when none is given).
+- AWQ (AutoAWQ's GEMM format, ``quant_method: awq``): ``qweight``, ``qzeros``, ``scales``, 4 bits, packed along
+  the outputs in AWQ's interleaved order (:mod:`.awq`); GEMV and llm-awq layouts are refused, naming them.
 - compressed-tensors ``pack-quantized`` (llm-compressor W4A16, W8A16): ``weight_packed``, ``weight_scale``,
   ``weight_shape``, optionally ``weight_zero_point`` and ``weight_g_idx``.
 - float8 / int8 values with scales (compressed-tensors ``float-quantized`` / ``int-quantized``; DeepSeek's
@@ -13,10 +15,12 @@ of its real shape, in place of the tensors that store it:
 - bitsandbytes as transformers saves it: 4-bit NF4 / FP4 and LLM.int8 (:mod:`.bnb`).
 - MLX affine quantization (mlx-lm): uint32 ``weight`` codes with ``scales`` and ``biases`` (:mod:`.mlx_affine`).
 
-The other tensors read as stored. AWQ (``qweight`` without ``g_idx``) and EXL2 layers stay as stored (AWQ also
-rescales the weights it quantizes, so they are no rounding of the model's own). Each layer's
-:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8",
-"MLX-4BIT"), and
+The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as
+stored. AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its
+weights are no rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scaling, with
+:meth:`~Checkpoint.grid_match`. Each layer's
+:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4",
+"LLM-INT8", "MLX-4BIT"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
 quantized from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the
 variance of each value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
+from modelatlas.weights import awq as A
 from modelatlas.weights import bnb as B
 from modelatlas.weights import grid_position as G
 from modelatlas.weights import mlx_affine as M
@@ -50,6 +55,9 @@ SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a cop
 _CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
 _MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases")  # endings of a dequantized layer's parts
 _REQUANTIZED = ("bnb4", "bnb8", "mlx")  # tested by quantizing the source again, its scales from itself
+_WORDS_IN = ("gptq", "awq")  # integer words stored (in, out)-wise, with (groups, out) ``scales``
+_GRIDS = ("gptq", "awq", "pack-quantized")  # integer codes on a grid of stored scales and zeros
+_UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # unit roundoff of a half-precision sum
 
 
 def quantization_config(path: Path) -> dict:
@@ -130,7 +138,7 @@ class DequantizedCheckpoint(Checkpoint):
             P.check_finite(parts[key].float(), layer.parts[key])
         if layer.scheme in _REQUANTIZED:
             return parts
-        key = "scales" if layer.scheme == "gptq" else "scale"
+        key = "scales" if layer.scheme in _WORDS_IN else "scale"
         parts[key] = scale_values(parts[key])
         P.check_finite(parts[key], layer.parts[key])
         if "g_idx" in parts:
@@ -143,6 +151,8 @@ class DequantizedCheckpoint(Checkpoint):
         if layer.scheme == "gptq":
             return P.gptq_weight(get("qweight"), get("qzeros"), get("scales"), get("g_idx"), layer.bits,
                                  layer.offset)
+        if layer.scheme == "awq":
+            return A.awq_weight(get("qweight"), get("qzeros"), get("scales"), layer.group_size)
         if layer.scheme == "pack-quantized":
             return P.pack_quantized_weight(get("packed"), get("scale"), layer.shape, get("zero_point"),
                                            layer.bits, get("g_idx"), layer.group_size)
@@ -172,7 +182,7 @@ class DequantizedCheckpoint(Checkpoint):
         layer = self.layers.get(name)
         if layer is None or tuple(x.shape) != layer.shape:
             return None
-        if layer.scheme in ("gptq", "pack-quantized"):
+        if layer.scheme in _GRIDS:
             return self._checked(layer, lambda parts: self._packed_position(layer, parts, x))
         if layer.scheme == "scaled":
             return self._checked(layer, lambda parts: self._scaled_position(layer, parts, x))
@@ -232,6 +242,8 @@ class DequantizedCheckpoint(Checkpoint):
         get = parts.get
         if layer.scheme == "gptq":
             return P.gptq_variance(get("scales"), get("g_idx"))
+        if layer.scheme == "awq":
+            return A.awq_variance(get("scales"), layer.shape[1], layer.group_size)
         if layer.scheme == "pack-quantized":
             return P.pack_quantized_variance(get("scale"), layer.shape, get("g_idx"), layer.group_size)
         if layer.scheme == "bnb4":
@@ -243,7 +255,7 @@ class DequantizedCheckpoint(Checkpoint):
         return scaled_variance(get("weight"), get("scale"), self._blocks)
 
     def quantization(self, name: str) -> str | None:
-        """The layer's type ("GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:
+        """The layer's type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:
         :attr:`PackedLayer.label`) for a dequantized layer and for the stored tensor holding its values
         (``qweight``, ``weight_packed``, a bitsandbytes or MLX ``weight``: as :meth:`stored_tensors` lists it); None
         for its other stored tensors (scales, zeros, ``g_idx``) and for plain tensors."""
@@ -265,7 +277,7 @@ class DequantizedCheckpoint(Checkpoint):
         them (on up to :data:`SAMPLE_ROWS` evenly spaced rows) that quantizing ``x`` again gives, 1.0 for the
         model they were made from. bitsandbytes and MLX layers: the share of all their codes that quantizing
         ``x`` gives with scales taken from ``x`` itself, as the library computes them (:meth:`_requantized`; the
-        stored scales are rounded). Other packed integers (GPTQ, ``pack-quantized``): the share of codes that
+        stored scales are rounded). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
         are a nearest rounding of ``x`` on the stored grid (:func:`~.packed_ints.on_grid`), over the whole
         layer or, when higher, over its best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
         error of the columns it quantized before, so only its first column (the one it started from) is
@@ -280,34 +292,75 @@ class DequantizedCheckpoint(Checkpoint):
             return None
         if layer.scheme in _REQUANTIZED:
             return self._checked(layer, lambda parts: self._requantized(layer, parts, x))
-        if layer.scheme != "scaled":
-            return self._checked(layer, lambda parts: self._packed_match(layer, parts, x))
+        if layer.scheme in _GRIDS:
+            return self._checked(layer, lambda parts: self._packed_match(layer, parts, x, 0.0, True))
         rows = torch.linspace(0, layer.shape[0] - 1, min(SAMPLE_ROWS, layer.shape[0])).round().long().unique()
         return self._checked(layer, lambda p: requantized_share(p["weight"][rows], x[rows], p["scale"],
                                                                 p.get("zero_point"), self._blocks, layer.shape, rows))
 
-    def _packed_match(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor) -> float:
-        """:meth:`requantized_match` of a packed layer: the codes on the grid of ``x``, overall and on the
-        best input column, counted per chunk of input columns."""
-        # AutoGPTQ / GPTQModel round with a float32 scale and store it in float16: a value near a tie may
-        # have gone either way; compressed-tensors rounds with the scale it stores, in the weight's dtype
-        scale_dtype = self.inner.info(layer.parts["scales" if layer.scheme == "gptq" else "scale"]).dtype
-        tol = 2.0**-11 if scale_dtype == "float16" else 0.0
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
+        """Share of a GPTQ, AWQ or ``pack-quantized`` layer's codes that are a nearest rounding of ``x`` on its
+        stored grid (:func:`~.packed_ints.on_grid`), over the whole layer (no best column: GPTQ's codes are
+        not all a rounding), ``x`` allowed a relative error ``slack`` beyond the format's own (a source whose
+        input channels were rescaled by factors read off rounded norms: :mod:`modelatlas.lineage.smoothed`).
+        None for other tensors, for another shape. Time O(P), memory O(P / 8) beyond ``x``."""
+        layer = self.layers.get(name)
+        if layer is None:
+            return self.inner.grid_match(name, x, slack)
+        if layer.scheme not in _GRIDS or tuple(x.shape) != layer.shape:
+            return None
+        return self._checked(layer, lambda parts: self._clipped_match(layer, parts, x, slack))
+
+    def _clipped_match(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor,
+                       slack: float) -> float:
+        """:meth:`grid_match` of a packed layer (:func:`~.packed_ints.clipped_share`), the best of
+        :func:`~.scaled.working_dtypes`; the quotient plus zero rounded to the scales' dtype (compressed-tensors
+        adds them in the weight's dtype, bfloat16: up to 1/32 of a step)."""
+        dtype = self._scale_dtype(layer)
+        tol, tol_sum = (2.0**-11 if dtype == "float16" else 0.0) + slack, _UNIT.get(dtype, 0.0)
+        return max(P.clipped_share(lambda work: self._grid(layer, parts, x, work), self._groups(layer, parts),
+                                   layer.shape[0], layer.bits, tol, work, tol_sum) for work in working_dtypes(x))
+
+    def _scale_dtype(self, layer: PackedLayer) -> str:
+        """The dtype the layer's scales are stored in (header)."""
+        return self.inner.info(layer.parts["scales" if layer.scheme in _WORDS_IN else "scale"]).dtype
+
+    @staticmethod
+    def _groups(layer: PackedLayer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each input column's group of scales, (in,) int64: ``g_idx`` when stored, else consecutive groups."""
+        if layer.scheme == "awq":
+            return A.group_index(layer.shape[1], layer.group_size)
+        if layer.scheme == "gptq":
+            return parts["g_idx"].long()
+        groups = P.row_scales(parts["scale"], layer.shape[0]).shape[1]
+        return P.column_groups(layer.shape[1], groups, parts.get("g_idx"), layer.group_size)
+
+    def _packed_match(self, layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor, slack: float,
+                      columns: bool) -> float:
+        """:meth:`requantized_match` of a packed layer: the codes on the grid of ``x`` (up to a relative
+        ``slack``), overall and (``columns``) on the best input column, counted per chunk of input columns."""
+        # AutoGPTQ / GPTQModel / AutoAWQ round with a scale they store in float16 (computed in float32 for
+        # the first two): a value near a tie may have gone either way; compressed-tensors rounds with the
+        # scale it stores, in the weight's dtype
+        tol = (2.0**-11 if self._scale_dtype(layer) == "float16" else 0.0) + slack
         (n_out, n_in), best = layer.shape, 0.0
         for work in working_dtypes(x):
             hits = torch.zeros(n_in, dtype=torch.long)  # codes on the grid per input column
             for cols, codes, scaled, zero in self._grid(layer, parts, x, work):  # (chunk, out) each
                 hits[cols] += P.on_grid(scaled, zero, codes, layer.bits, tol).sum(dim=1)
-            best = max(best, float(hits.sum()) / (n_out * n_in), float(hits.max()) / n_out)
+            best = max(best, float(hits.sum()) / (n_out * n_in), float(hits.max()) / n_out if columns else 0.0)
         return best
 
     @staticmethod
     def _grid(layer: PackedLayer, parts: dict[str, torch.Tensor], x: torch.Tensor, work: torch.dtype):
-        """:func:`~.packed_ints.gptq_grid` or :func:`~.packed_ints.pack_quantized_grid` of the layer."""
+        """:func:`~.packed_ints.gptq_grid`, :func:`~.awq.awq_grid` or :func:`~.packed_ints.pack_quantized_grid`
+        of the layer."""
         get = parts.get
         if layer.scheme == "gptq":
             return P.gptq_grid(x, get("qweight"), get("qzeros"), get("scales"), get("g_idx"), layer.bits,
                                layer.offset, work)
+        if layer.scheme == "awq":
+            return A.awq_grid(x, get("qweight"), get("qzeros"), get("scales"), layer.group_size, work)
         return P.pack_quantized_grid(x, get("packed"), get("scale"), get("zero_point"), layer.bits, get("g_idx"),
                                      layer.group_size, work)
 

@@ -232,15 +232,45 @@ def pack_quantized_grid(w: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
         yield sl, codes.T, scaled.T, shift.T
 
 
-def on_grid(scaled: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor, bits: int, tol: float) -> torch.Tensor:
+def on_grid(scaled: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor, bits: int, tol: float,
+            top: torch.Tensor | None = None, bottom: torch.Tensor | None = None, tol_sum: float = 0.0) -> torch.Tensor:
     """Where the stored ``codes`` are a rounding of ``scaled + zero`` (``scaled = w / scale``) to the nearest
     code: within half a step, widened by ``tol`` times ``|scaled|`` (a scale rounded to half precision after
-    it was used moves a value near a tie to either side); the end codes take everything beyond them
-    (clamping). Time O(P), memory one float temporary of P values (two with ``tol``)."""
+    it was used moves a value near a tie to either side) and ``tol_sum`` times ``|scaled + zero|`` (a sum
+    rounded in the weight's dtype: compressed-tensors adds the zero in bfloat16); the end codes take everything beyond them
+    (clamping), and so do codes at or above ``top`` (below ``bottom``), when given: each value's group's
+    highest (lowest) code, where a clipped range puts what lies beyond it (AWQ's clipping, its scale rounded
+    after, may leave that one below the end code). Time O(P), memory one float temporary of P values (two
+    with ``tol``)."""
     d = scaled + zero
-    d -= codes  # how far the quotient is from its stored code
     slack = 0.5 if tol == 0 else scaled.abs().mul_(tol).add_(0.5)
-    return ((d <= slack) | (codes == (1 << bits) - 1)) & ((d >= -slack) | (codes == 0))
+    if tol_sum:
+        slack = d.abs().mul_(tol_sum).add_(slack)
+    d -= codes  # how far the quotient is from its stored code
+    high = codes == (1 << bits) - 1 if top is None else codes >= top
+    low = codes == 0 if bottom is None else codes <= bottom
+    return ((d <= slack) | high) & ((d >= -slack) | low)
+
+
+def clipped_share(grid, g: torch.Tensor, rows: int, bits: int, tol: float, work: torch.dtype,
+                  tol_sum: float = 0.0) -> float:
+    """Share of a layer's codes that :func:`on_grid` finds a rounding, each value's group's highest and lowest
+    codes taking everything beyond them (a clipped range). ``grid(work)`` yields (input columns, codes,
+    ``w / scale``, zero) per chunk, each (chunk, rows) (:func:`gptq_grid`, ...); ``g`` (in,) is each input
+    column's group. Two passes over the chunks: the groups' extremes, then the test. Time O(P), memory
+    O(groups x rows) plus a chunk's."""
+    n = int(g.max()) + 1 if len(g) else 0
+    top = torch.full((n, rows), -1, dtype=torch.int32)  # (groups, rows): each group's highest code
+    bottom = torch.full((n, rows), 1 << bits, dtype=torch.int32)
+    for cols, codes, _, _ in grid(torch.float32):  # (chunk, rows) each
+        index = g[cols, None].expand_as(codes)
+        top.scatter_reduce_(0, index, codes.to(torch.int32), "amax")
+        bottom.scatter_reduce_(0, index, codes.to(torch.int32), "amin")
+    hits, total = 0, 0
+    for cols, codes, scaled, zero in grid(work):
+        hits += int(on_grid(scaled, zero, codes, bits, tol, top[g[cols]], bottom[g[cols]], tol_sum).sum())
+        total += codes.numel()
+    return hits / max(total, 1)
 
 
 def column_groups(cols: int, groups: int, g_idx: torch.Tensor | None, size: int | None = None) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Which layers of a checkpoint a quantization library stored packed or scaled, found and checked from the
 tensor headers and the model's ``quantization_config`` (read by :mod:`.dequantized`).
 
-A layer is recognised by its stored parts (GPTQ: ``qweight`` with ``g_idx``; compressed-tensors
+A layer is recognised by its stored parts (GPTQ: ``qweight`` with ``g_idx``; AWQ: ``qweight`` with ``qzeros``
+and ``scales`` under a ``quant_method: awq`` config; compressed-tensors
 ``pack-quantized``: ``weight_packed``, ``weight_scale``, ``weight_shape``; float8 / int8 ``weight`` with
 ``weight_scale`` or ``weight_scale_inv``; bitsandbytes: a 4-bit ``weight`` with its ``absmax``, ``quant_map``
 and JSON quant state, an int8 ``weight`` with ``SCB``; MLX: a uint32 ``weight`` with ``scales`` and ``biases``). Once recognised, parts that do not fit together (a missing
 ``qzeros``, a ``weight_shape`` of another row count, scales of the wrong shape, bits the config contradicts)
 raise a ValueError naming the tensor, so that no layer is read into a wrong weight, nor advertised at a size
-it does not have. Layouts not read here stay as stored: AWQ (no ``g_idx``), GPTQ and ``pack-quantized``
+it does not have. AWQ layouts other than GEMM (GEMV, llm-awq) raise, naming the version. Layouts not read here
+stay as stored: a ``qweight`` without ``g_idx`` under no AWQ config, GPTQ and ``pack-quantized``
 widths that span words (3 bits; MLX's are read), ``pack-quantized`` stacked (3-D) experts (MLX's are read),
 NVFP4 / MXFP4 (no ``weight_shape``), MLX modes other than ``affine``. No I/O but ``read`` of small tensors:
 the two-value ``weight_shape``, bitsandbytes' JSON quant state and ``weight_format`` flag. Time O(tensors).
@@ -19,6 +21,7 @@ import json
 from dataclasses import dataclass, field
 
 from modelatlas.config_types import fits
+from modelatlas.weights import awq as A
 from modelatlas.weights import bnb as B
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
@@ -34,13 +37,13 @@ class PackedLayer:
     """One dequantized layer: the weight it reads as, how it is stored, and the stored tensors by role."""
 
     name: str
-    scheme: str  # "gptq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8" | "mlx"
+    scheme: str  # "gptq" | "awq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8" | "mlx"
     shape: tuple[int, ...]
-    label: str  # the quantization type shown: "GPTQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8"
+    label: str  # the quantization type shown: "GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8"
     bits: int
     parts: dict[str, str] = field(default_factory=dict)  # role -> stored tensor name
     offset: int = 0  # added to GPTQ's stored zeros: 1 in the ``gptq`` checkpoint format, 0 in ``gptq_v2``
-    group_size: int = 0  # pack-quantized: input columns per scale (0: no group)
+    group_size: int = 0  # pack-quantized, AWQ, MLX: input columns per scale (0: no group)
     state: dict = field(default_factory=dict)  # bnb4: its JSON quant state, parsed once when the model is opened
 
 
@@ -49,7 +52,8 @@ def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[Packed
     reads a small tensor (a ``weight_shape``, a bitsandbytes JSON state or format flag). Raises ValueError naming the tensor when a recognised layer's
     parts do not fit together. Time O(tensors)."""
     if str(config.get("quant_method", "")).lower() == "awq":
-        return []
+        A.awq_version(config)  # GEMV, llm-awq: refused before any layer is misread
+        return [layer for name in infos if (layer := _awq(name, infos, config)) is not None]
     out = []
     for name, t in infos.items():
         if not t.dtype.startswith(_INTS + ("float8",)) and f"{name}.quant_map" not in infos:  # (bitsandbytes'
@@ -78,6 +82,22 @@ def _gptq(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer 
                          f"inputs of {parts['g_idx']}, but the quantization_config says bits {given}")
     shape = (infos[name].shape[1], infos[parts["g_idx"]].shape[0])  # (out, in)
     return PackedLayer(f"{base}.weight", "gptq", shape, f"GPTQ-INT{bits}", bits, parts, _zero_offset(config))
+
+
+def _awq(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer | None:
+    """An AWQ GEMM layer (``qweight``, ``qzeros``, ``scales``; a ``g_idx`` beside it would make it GPTQ's),
+    its parts checked (:func:`~.awq.awq_layout`); None for other tensors."""
+    base = name.removesuffix(".qweight")
+    if base == name or f"{base}.g_idx" in infos:
+        return None
+    parts = {r: f"{base}.{r}" for r in ("qweight", "qzeros", "scales")}
+    missing = [p for p in parts.values() if p not in infos]
+    if missing:
+        raise ValueError(f"{name} is an AWQ layer's words, but {missing[0]} is missing")
+    group = A.awq_layout(*(infos[parts[r]] for r in ("qweight", "qzeros", "scales")), config.get("group_size"))
+    n_in, words = infos[name].shape
+    return PackedLayer(f"{base}.weight", "awq", (words * 32 // A.BITS, n_in), f"AWQ-INT{A.BITS}", A.BITS, parts,
+                       group_size=group)
 
 
 def _zero_offset(config: dict) -> int:
