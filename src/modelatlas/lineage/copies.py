@@ -150,12 +150,13 @@ def split_same_model(members: list[Checkpoint], layers: list[TensorInfo], st, ke
 
 
 def _same_vectors(members: list[Checkpoint]):
-    """``accept(copy, source)`` for :func:`quantized_copies`: the copy's tensors that are not tested by
-    quantizing again (the unquantized 1-D ones: GGUF keeps biases and norms in float32) equal the source's."""
-    def accept(q: int, r: int) -> bool:
+    """``accept(copy, source, skip)`` for :func:`quantized_copies`: the copy's tensors that are not tested by
+    quantizing again (the unquantized 1-D ones: GGUF keeps biases and norms in float32), less those in ``skip``
+    (AWQ's rescaled norms and biases, tested with its layers), equal the source's."""
+    def accept(q: int, r: int, skip: set[str] = frozenset()) -> bool:
         tested = {t.name for t in members[q].tensors()  # matrices: quantized again; other quantized ones: none
                   if len(t.shape) >= 2 or members[q].quantization(t.name) is not None}
-        return not differing_tensors(members[r], members[q], tested)
+        return not differing_tensors(members[r], members[q], tested | skip)  # skip: AWQ's norms, tested
     return accept
 
 

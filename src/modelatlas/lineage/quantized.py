@@ -11,12 +11,16 @@ blocks whose scale moved: about 30 % of the values for a fine-tune 0.05 % away, 
 whose scales llama.cpp searches for, are checked on their stored grid instead
 (:mod:`modelatlas.weights.gguf_grid`), IQ4_NL / IQ4_XS against their 16 codebook values; IQ1-IQ3 (lattice
 codebooks over groups of 8 values) are not tested, and such copies are placed as fine-tunes as before.
+AWQ models (their input channels rescaled before rounding) fail that test against every model; those whose
+norm-fed layers are quantized are tested again with the rescaling undone (:mod:`.smoothed`), on the nearest
+sources by the norm-folded weights.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from modelatlas.lineage import smoothed as S
 from modelatlas.weights import Checkpoint, TensorInfo
 
 # share of values the requantized source must reproduce: a copy reproduces all (float ties aside); a fine-tune
@@ -52,22 +56,44 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
     ``type`` is the lower-cased quantization ("q8_0";
     "q4_k+q6_k" for a mix). A candidate whose values sit on the copy's levels (:func:`made_from_copy`) is
     made from it, not its source: it goes into ``made_from`` (candidate -> copy), when given. Time O(Q c P) for
-    Q quantized models, c candidates, P weights; only models with a quantized layer are read again."""
+    Q quantized models, c candidates, P weights; only models with a quantized layer are read again. A model
+    that passes for none and has AWQ-rescaled layers (:func:`~.smoothed.smoothed_pairs`) is tested again by
+    :func:`~.smoothed.smoothed_score` on the ``candidates`` nearest by :func:`~.smoothed.rescaled_distance`,
+    ``accept`` then given the 1-D tensors AWQ changed (``accept(copy, source, skip)``)."""
     kinds = {i: _kinds(ckpts[i], layers) for i in keep}
     quant = [i for i in keep if kinds[i]]
     sources = [i for i in keep if not kinds[i]]
     out = []
     for q in quant:
-        scored = [(copy_score(ckpts[q], ckpts[r]), -n, r)
-                  for n, r in enumerate(sorted(sources, key=lambda j: rel[q, j])[:candidates])]
-        passing = sorted((s for s in scored if s[0] >= 0), reverse=True)
-        derived = [s[2] for s in passing if made_from_copy(ckpts[q], ckpts[s[2]], layers)]
-        if made_from is not None:
-            made_from.update(dict.fromkeys(derived, q))
-        best = next((s for s in passing if s[2] not in derived and (accept is None or accept(q, s[2]))), None)
+        nearest = sorted(sources, key=lambda j: rel[q, j])[:candidates]
+        best = _best_source(ckpts, q, nearest, copy_score, layers, accept, made_from)
+        if best is None and S.smoothed_pairs(ckpts[q]):
+            rescaled = {j: S.rescaled_distance(ckpts[q], ckpts[j]) for j in sources}
+            nearest = sorted(sources, key=rescaled.__getitem__)[:candidates]
+            skip = S.smoothed_tensors(ckpts[q])
+            best = _best_source(ckpts, q, nearest, _smoothed_score, layers,
+                                None if accept is None else lambda a, b, skip=skip: accept(a, b, skip), made_from)
         if best is not None:
-            out.append((q, best[2], quant_type(ckpts[q], layers)))
+            out.append((q, best, quant_type(ckpts[q], layers)))
     return out
+
+
+def _best_source(ckpts: list[Checkpoint], q: int, nearest: list[int], score, layers: list[TensorInfo], accept,
+                 made_from: dict[int, int] | None) -> int | None:
+    """Of the ``nearest`` candidates (nearest first), the one ``score(copy, source) >= 0`` rates highest that
+    is not made from copy ``q`` (:func:`made_from_copy`; those go into ``made_from``) and that ``accept``
+    takes; None when none does. Time O(c P) for c candidates."""
+    scored = [(score(ckpts[q], ckpts[r]), -n, r) for n, r in enumerate(nearest)]
+    passing = sorted((s for s in scored if s[0] >= 0), reverse=True)
+    derived = [s[2] for s in passing if made_from_copy(ckpts[q], ckpts[s[2]], layers)]
+    if made_from is not None:
+        made_from.update(dict.fromkeys(derived, q))
+    return next((s[2] for s in passing if s[2] not in derived and (accept is None or accept(q, s[2]))), None)
+
+
+def _smoothed_score(copy: Checkpoint, source: Checkpoint) -> float:
+    """:func:`~.smoothed.smoothed_score` at :data:`MIN_MATCH`: an AWQ-rescaled copy's codes are a plain rounding."""
+    return S.smoothed_score(copy, source, MIN_MATCH)
 
 
 def made_from_copy(copy: Checkpoint, model: Checkpoint, layers: list[TensorInfo]) -> bool:
