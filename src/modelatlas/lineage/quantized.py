@@ -92,7 +92,8 @@ def _best_source(ckpts: list[Checkpoint], q: int, nearest: list[int], score, lay
 
 
 def _smoothed_score(copy: Checkpoint, source: Checkpoint) -> float:
-    """:func:`~.smoothed.smoothed_score` at :data:`MIN_MATCH`: an AWQ-rescaled copy's codes are a plain rounding."""
+    """:func:`~.smoothed.smoothed_score` at :data:`MIN_MATCH`: an AWQ-rescaled copy's codes are a plain
+    rounding. Time O(P) of the tested layers."""
     return S.smoothed_score(copy, source, MIN_MATCH)
 
 

@@ -64,7 +64,7 @@ def smoothed_pairs(ck: Checkpoint) -> list[tuple[str, list[str]]]:
 def smoothed_tensors(ck: Checkpoint) -> set[str]:
     """The 1-D tensors of ``ck`` that AWQ changed and :func:`smoothed_score` accounts for: the norms it reads
     the factors off, and the biases of the layers whose rows it divided (those are not compared as plain
-    tensors). Header only."""
+    tensors). Header only; time O(tensors)."""
     pairs = smoothed_pairs(ck)
     prefixes = {_NORM.match(norm)[1] for norm, _ in pairs}
     return {norm for norm, _ in pairs} | {p + b for p in prefixes for b in ROW_SCALED_BIASES}
@@ -73,7 +73,7 @@ def smoothed_tensors(ck: Checkpoint) -> set[str]:
 def channel_factors(copy: Checkpoint, source: Checkpoint, norm: str) -> tuple[torch.Tensor, float] | None:
     """(``c = g_source / g_copy`` float64, the relative slack of the test: three times the unit roundoff of the
     copy's norm dtype) for norm weight ``norm``; None when the two norms differ in shape, or a factor is not a
-    positive finite number (AWQ's are: another model's norms, or a norm of zeros)."""
+    positive finite number (AWQ's are: another model's norms, or a norm of zeros). Time O(hidden size)."""
     if norm not in source or source.info(norm).shape != copy.info(norm).shape:
         return None
     g_s, g_c = source.read(norm).double(), copy.read(norm).double()
@@ -110,7 +110,7 @@ def smoothed_score(copy: Checkpoint, source: Checkpoint, need: float, plain: boo
 
 def _share(copy: Checkpoint, source: Checkpoint, name: str, c: torch.Tensor, slack: float) -> float:
     """:meth:`grid_match` of ``name`` on the source's weight with its input columns times ``c``; -1.0 when
-    the source has no such layer or its columns are not ``len(c)``."""
+    the source has no such layer or its columns are not ``len(c)``. Time O(P) of the layer."""
     if name not in source or source.info(name).shape != copy.info(name).shape:
         return -1.0
     w = source.read(name)

@@ -67,14 +67,15 @@ def awq_layout(qweight: TensorInfo, qzeros: TensorInfo, scales: TensorInfo, grou
 
 
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:
-    """The 4-bit values of (rows, n) AWQ words in output-column order: (rows, 8 n) int32 in 0 .. 15."""
+    """The 4-bit values of (rows, n) AWQ words in output-column order: (rows, 8 n) int32 in 0 .. 15. Time
+    O(rows x n)."""
     vals = P.unpack(words, BITS, 1)  # (rows, 8 n) in nibble order
     rows, n = words.shape
     return vals.reshape(rows, n, 8)[:, :, list(NIBBLE_OF_COLUMN)].reshape(rows, 8 * n)  # column k: nibble rev[k]
 
 
 def group_index(n_in: int, group: int) -> torch.Tensor:
-    """Each input column's group (``in // group``): the ``g_idx`` GPTQ would store, (in,) int64."""
+    """Each input column's group (``in // group``): the ``g_idx`` GPTQ would store, (in,) int64. Time O(in)."""
     return torch.arange(n_in) // group
 
 
@@ -103,7 +104,8 @@ def awq_variance(scales: torch.Tensor, n_in: int, group: int) -> torch.Tensor:
 def awq_grid(w: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int,
              work: torch.dtype, chunk: int = 512):
     """For :func:`~.packed_ints.on_grid`, per ``chunk`` input columns of an AWQ layer and the (out, in) float
-    weight ``w``: (their slice, stored codes, ``w / scale``, zero), each (chunk, out). Memory O(chunk x out)."""
+    weight ``w``: (their slice, stored codes, ``w / scale``, zero), each (chunk, out). Time O(P) over all
+    chunks, memory O(chunk x out)."""
     zeros = unpack_columns(qzeros)  # (groups, out)
     g_idx = group_index(qweight.shape[0], group)
     for r in range(0, qweight.shape[0], chunk):
