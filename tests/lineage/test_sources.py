@@ -138,3 +138,23 @@ def test_a_model_of_float8_weights_with_scales_is_skipped_saying_why():
     assert sorted(skipped) == ["blocks", "per_tensor"]
     assert "float8 values with scales ('q.weight_scale_inv'), which are not applied here" in skipped["blocks"]
     assert sorted(m.name for g, _ in groups for m in g) == ["float_scale", "plain_fp8"]
+
+
+def test_a_prefixed_view_asks_its_model_under_the_full_name():
+    """Quantization queries reach the wrapped model under its own names (grid_position did not: a QLoRA merge
+    of a prefixed quantized base was never found made from it)."""
+    from modelatlas.lineage.sources import PrefixedView
+
+    class Quantized(MemoryCheckpoint):
+        def quantization(self, name):
+            return "Q8_0" if name == "model.w" else None
+
+        def grid_position(self, name, x):
+            return 0.25 if name == "model.w" else None
+
+        def rounding_variance(self, name):
+            return torch.full((2, 2), 0.5) if name == "model.w" else None
+
+    view = PrefixedView(Quantized("q", {"model.w": torch.ones(2, 2)}), "model.")
+    assert view.quantization("w") == "Q8_0" and view.grid_position("w", torch.ones(2, 2)) == 0.25
+    assert torch.equal(view.rounding_variance("w"), torch.full((2, 2), 0.5))

@@ -82,6 +82,9 @@ class PrefixedView(Checkpoint):
     def rounding_variance(self, name: str) -> torch.Tensor | None:
         return self.inner.rounding_variance(self.prefix + name)
 
+    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
+        return self.inner.grid_position(self.prefix + name, x)
+
     def close(self) -> None:
         self.inner.close()
 
