@@ -35,7 +35,9 @@ SCALE_CODES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (1, 255), "Q4_1": (0, 15), "Q
 # real mean squared error of llama-quantize's output (bench/lineage_llamacpp.py's model, t(5) and Gaussian
 # weights): Q2_K 1.23 / 1.27, Q3_K 1.10 / 1.08, Q4_K 1.27 / 1.30, Q5_K 1.15 / 1.17, Q6_K 1.16 / 1.21; the mean
 # of the two divides the variance (legacy types, quantized plainly: 0.98-1.02 without)
-SEARCHED = {"Q2_K": 1.25, "Q3_K": 1.09, "Q4_K": 1.28, "Q5_K": 1.16, "Q6_K": 1.18}
+# (IQ4_NL 1.19 / 1.20, IQ4_XS 1.17 / 1.18: their block scales are searched too, the error spread over each code's
+# cell between its block's 16 levels)
+SEARCHED = {"Q2_K": 1.25, "Q3_K": 1.09, "Q4_K": 1.28, "Q5_K": 1.16, "Q6_K": 1.18, "IQ4_NL": 1.195, "IQ4_XS": 1.175}
 _PLAIN = {**_INT_TYPES, "F16": "float16", "F32": "float32", "F64": "float64"}  # read as they are stored
 
 
@@ -190,9 +192,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def rounding_variance(self, name: str) -> torch.Tensor | None:
         """``step**2 / 12`` per value for the legacy types and the K-quants (evenly spaced levels per block or
-        sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`); None for the other
-        types (IQ: codebooks) and plain tensors. The error of a block's largest value is 0 (Q4_0, Q8_0: it sets
-        the scale) and that of its smallest too where levels have an offset (Q4_1, Q5_1): those values get 0
+        sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`), the error over each
+        value's cell between its block's 16 levels for IQ4_NL / IQ4_XS
+        (:func:`~modelatlas.weights.gguf_grid.codebook_variance`); None for IQ1-IQ3 and plain tensors. The
+        error of a block's largest value is 0 (Q4_0, Q8_0: it sets the scale) and that of its smallest too where levels have an offset (Q4_1, Q5_1): those values get 0
         (:data:`SCALE_CODES`). They are the tails a kurtosis is made of: counted as rounded, the fourth moment's
         correction overshot (a Q4_0 stand-in's summed kurtosis read 0.06-0.1 low). K-quants search their
         scales for the least error, so no value is exact and the rest lie nearer their levels (:data:`SEARCHED`).
@@ -200,15 +203,21 @@ class GGUFCheckpoint(Checkpoint):
         float64."""
         from gguf.quants import dequantize
 
-        from modelatlas.weights.gguf_grid import GRIDS, LEGACY, grid
+        from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY, codebook_variance, grid
 
         t = self._tensors.get(name)
-        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape:
+        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS} or not t.shape:
             return None
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
         out = np.empty((len(rows), t.shape[-1]), dtype=np.float32)  # (R, m)
         chunk = max(1, (1 << 20) // t.shape[-1])
+        if t.ggml_type.name in CODEBOOKS:
+            for a in range(0, len(rows), chunk):
+                part = rows[a:a + chunk]
+                var = codebook_variance(t.ggml_type.name, t.ggml_type, part, type_size, dequantize(part, t.ggml_type))
+                out[a:a + chunk] = var / SEARCHED[t.ggml_type.name]
+            return torch.from_numpy(out).reshape(t.shape)
         exact = SCALE_CODES.get(t.ggml_type.name, ())
         for a in range(0, len(rows), chunk):
             lo, step = grid(t.ggml_type.name, t.ggml_type, rows[a:a + chunk], type_size)  # (r, m) float64
