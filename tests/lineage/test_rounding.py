@@ -67,6 +67,18 @@ def test_shrinkage_removes_pure_noise_and_recovers_a_spike():
     assert torch.equal(debiased_singular_values(pure, torch.zeros(8, dtype=torch.float64), rows), pure)
 
 
+def write_gguf(path, weights, kind):
+    t = gguf.GGMLQuantizationType[kind]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for k, v in weights.items():
+        q = gguf.quants.quantize(v.numpy(), t)
+        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def make_family(folder, seed=0):
     """A base and three fine-tunes 5 % away (64 x 64 layers), and the second fine-tune as a Q4_0 file only:
     Q4_0 rounding moves the weights ~8 % of their RMS."""
@@ -76,14 +88,7 @@ def make_family(folder, seed=0):
                                for i in range(3)}}
     for name, w in models.items():
         save_file(w, str(folder / f"{name}.safetensors"))
-    writer = gguf.GGUFWriter(str(folder / "ft1-q4_0.gguf"), "llama")
-    for k, v in models["ft1"].items():
-        q = gguf.quants.quantize(v.numpy(), gguf.GGMLQuantizationType.Q4_0)
-        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(folder / "ft1-q4_0.gguf", models["ft1"], "Q4_0")
     return folder
 
 
@@ -116,27 +121,22 @@ def test_same_model_pairs_by_hand():
     assert same_model_pairs(excess, spread, energy, [0, 1, 2, 3], z=0.0, rel=0.0) == {}
 
 
-def write_gguf(path, weights, kind):
-    t = gguf.GGMLQuantizationType[kind]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for k, v in weights.items():
-        q = gguf.quants.quantize(v.numpy(), t)
-        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def make_roundings(folder, seed, step):
+    """A base (not written) as base-q8_0.gguf and base-q4_0.gguf, and a fine-tune ``step`` x its RMS away as
+    ft-q4_0.gguf (three 64 x 256 layers); returns the base and the generator."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    ft = {k: v + step * torch.randn(64, 256, generator=gen) for k, v in base.items()}
+    write_gguf(folder / "base-q8_0.gguf", base, "Q8_0")
+    write_gguf(folder / "base-q4_0.gguf", base, "Q4_0")
+    write_gguf(folder / "ft-q4_0.gguf", ft, "Q4_0")
+    return base, gen
 
 
 def test_two_roundings_of_an_absent_model_are_drawn_as_one_model(tmp_path):
     """base is not given, only its Q8_0 and Q4_0 files: they were joined by a 'trained' edge, either way
     round; now the Q4_0 one is drawn beside the Q8_0 one. The Q4_0 file of a fine-tune 5 % away stays a model."""
-    gen = torch.Generator().manual_seed(3)
-    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
-    ft = {k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()}
-    write_gguf(tmp_path / "base-q8_0.gguf", base, "Q8_0")
-    write_gguf(tmp_path / "base-q4_0.gguf", base, "Q4_0")
-    write_gguf(tmp_path / "ft-q4_0.gguf", ft, "Q4_0")
+    base, gen = make_roundings(tmp_path, seed=3, step=0.05)
     save_file({k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()},
               str(tmp_path / "ft2.safetensors"))
     forest = recover_lineage(sorted(tmp_path.iterdir()))
@@ -162,11 +162,6 @@ def test_two_files_of_one_type_are_never_roundings_of_one_model(tmp_path):
     """Q4_0 files of a model and of its fine-tune 1 % away agree on most codes: with both roundings'
     energies subtracted they read nothing apart, and both were drawn as roundings of the model behind the
     Q8_0 file. Only the model's own Q4_0 file is; the fine-tune's stays a model."""
-    gen = torch.Generator().manual_seed(4)
-    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
-    ft = {k: v + 0.01 * torch.randn(64, 256, generator=gen) for k, v in base.items()}
-    write_gguf(tmp_path / "base-q8_0.gguf", base, "Q8_0")
-    write_gguf(tmp_path / "base-q4_0.gguf", base, "Q4_0")
-    write_gguf(tmp_path / "ft-q4_0.gguf", ft, "Q4_0")
+    make_roundings(tmp_path, seed=4, step=0.01)
     forest = recover_lineage(sorted(tmp_path.iterdir()))
     assert forest.decisions["same_model_roundings"] == {"base-q4_0": "base-q8_0"}

@@ -9,18 +9,24 @@ from modelatlas.weights import open_checkpoint
 gguf = pytest.importorskip("gguf")
 
 
-def make_quantized(path, x, kind):
-    """``x`` as tensor "q" quantized to ``kind`` plus the same values plain as "p"."""
-    t = gguf.GGMLQuantizationType[kind]
+def make_file(path, tensors):
+    """A GGUF file of ``tensors``: name -> float array, or (raw blocks, type name)."""
     w = gguf.GGUFWriter(str(path), "llama")
-    q = gguf.quants.quantize(x, t)
-    w.add_tensor("q", q, raw_shape=q.shape, raw_dtype=t)
-    w.add_tensor("p", x)
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            w.add_tensor(name, t[0], raw_shape=t[0].shape, raw_dtype=gguf.GGMLQuantizationType[t[1]])
+        else:
+            w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def make_quantized(path, x, kind):
+    """``x`` as tensor "q" quantized to ``kind`` plus the same values plain as "p"."""
+    return make_file(path, {"q": (gguf.quants.quantize(x, gguf.GGMLQuantizationType[kind]), kind), "p": x})
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
@@ -59,13 +65,7 @@ def test_an_iq4_nl_layer_by_hand(tmp_path):
     raw = np.random.default_rng(0).integers(0, 256, (4, 2, 18), dtype=np.uint8)  # 4 rows of 2 blocks of 32
     raw[:, :, 0:2] = np.full((4, 2), 0.01, np.float16).view(np.uint8).reshape(4, 2, 2)
     raw = raw.reshape(4, -1)
-    w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
-    w.add_tensor("a", raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with open_checkpoint(tmp_path / "iq.gguf") as ck:
+    with open_checkpoint(make_file(tmp_path / "iq.gguf", {"a": (raw, "IQ4_NL")})) as ck:
         v, x = ck.rounding_variance("a").numpy().astype(np.float64), ck.read("a").numpy()
     d = float(np.float16(0.01))
     k = np.abs(x[..., None] / d - book).argmin(-1)  # (4, 64) each value's code
