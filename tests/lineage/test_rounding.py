@@ -165,3 +165,22 @@ def test_two_files_of_one_type_are_never_roundings_of_one_model(tmp_path):
     make_roundings(tmp_path, seed=4, step=0.01)
     forest = recover_lineage(sorted(tmp_path.iterdir()))
     assert forest.decisions["same_model_roundings"] == {"base-q4_0": "base-q8_0"}
+
+
+def test_a_lora_tree_with_a_quantized_stand_in_still_reads_low_rank(tmp_path):
+    """A base and four rank-2 updates of it, one of them only as a Q4_0 file: its rounding noise made every
+    pair of it full rank, so the tree read as full fine-tuning (nuclear x rank). Counted above the noise, its
+    updates' ranks are the LoRA tree's again."""
+    gen = torch.Generator().manual_seed(5)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(4):
+        kid = {k: v + torch.randn(64, 2, generator=gen) @ torch.randn(2, 256, generator=gen) * 0.3
+               for k, v in base.items()}
+        if i == 1:
+            write_gguf(tmp_path / "lora1-q4_0.gguf", kid, "Q4_0")
+        else:
+            save_file(kid, str(tmp_path / f"lora{i}.safetensors"))
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="generalize")
+    assert forest.decisions["distance"] == "rank"
+    assert {(e.parent, e.child) for e in forest.edges} == {("base", c) for c in ("lora0", "lora1-q4_0", "lora2", "lora3")}

@@ -296,17 +296,19 @@ def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[
     sk = [s[idx] for s in st.sketches]
     paper = cfg.method == "mother-paper"
     pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, _NEIGHBOURS)
-    ranks, nuc, cap = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding])
+    ranks, nuc, cap, signal = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding],
+                                                 signal_ranks=True)
     frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
+    low = _pair_matrix(pairs, signal / cap, len(idx), 1.0)  # ranks above a quantized model's rounding noise
     kind = cfg.distance
     if kind == "auto":  # the recipe has only its own two distances: RMS, or rank for a LoRA tree
-        kind = "rank" if _low_rank_tree(rms, frac) else "l2" if paper else "nuclear*rank"
+        kind = "rank" if _low_rank_tree(rms, low) else "l2" if paper else "nuclear*rank"
     if kind == "l2":
         return rms, "l2"
     if kind == "rank":
         if paper:
-            return frac * cap, "rank"
-        return frac * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
+            return low * cap, "rank"
+        return low * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
     return nuclear * frac, "nuclear*rank"
 
 

@@ -72,7 +72,7 @@ def _sketch_matrix(m: int, s: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float,
-                       rounding: list[LayerRounding] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                       rounding: list[LayerRounding] | None = None, signal_ranks: bool = False) -> tuple:
     """Rank and nuclear norm of W_u - W_v for ``pairs`` (K, 2), from the sketches, summed over layers.
 
     For each layer the (n, s) sketch difference's singular values are computed batched over pairs.
@@ -87,10 +87,12 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
     edges with a third of the models as Q4_0 files, 276 with the rank taken before; docs/benchmarks.md,
     session 30). Rounding noise raises a pair's rank to the sketch's (a full fine-tune's is near it anyway:
     247 of 256). Returns (ranks (K,),
-    nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value).
+    nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value); with
+    ``signal_ranks``, also the ranks after the shrinkage (K,): a LoRA update's few large values stand above
+    the noise, so a LoRA tree with quantized stand-ins still reads low-rank (equal where none is quantized).
     Time O(K L n s^2), memory O(B n s) per batch of B pairs.
     """
-    ranks, nuc = np.zeros(len(pairs)), np.zeros(len(pairs))
+    ranks, nuc, signal = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
     cap = 0
     for li, sk in enumerate(sketches):
         y = torch.from_numpy(sk)  # (N, n, s)
@@ -105,11 +107,20 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
             ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
             if layer is not None and bool((layer.energy[pr.numpy()] > 0).any()):  # after the rank: see the docstring
-                total = (sv**2).sum(1).numpy()  # the sketch keeps the squared distance in expectation
-                noise = layer.pair_noise(pr[:, 0].numpy(), pr[:, 1].numpy(), total)
-                sv = debiased_singular_values(sv, torch.from_numpy(noise), y.shape[1])
+                sv = _shrunk(layer, sv, pr, y.shape[1])
+            signal[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
             nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
-    return ranks, nuc, cap
+    return (ranks, nuc, cap, signal) if signal_ranks else (ranks, nuc, cap)
+
+
+def _shrunk(layer: LayerRounding, sv: torch.Tensor, pr: torch.Tensor, rows: int) -> torch.Tensor:
+    """Singular values ``sv`` (B, s) of the pairs ``pr`` (B, 2) with their rounding noise shrunk out
+    (:func:`~modelatlas.lineage.rounding.debiased_singular_values`; the noise's energy from
+    :meth:`~modelatlas.lineage.rounding.LayerRounding.pair_noise`, the sketch keeping squared distances in
+    expectation). Time O(B s)."""
+    total = (sv**2).sum(1).numpy()  # (B,)
+    noise = layer.pair_noise(pr[:, 0].numpy(), pr[:, 1].numpy(), total)
+    return debiased_singular_values(sv, torch.from_numpy(noise), rows)
 
 
 class _SpectraWork:
