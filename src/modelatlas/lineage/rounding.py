@@ -25,8 +25,8 @@ contribution of each statistic is known and is subtracted:
   :func:`~modelatlas.lineage.spectra.spectral_distances`).
 
 Measured (``bench/lineage_quantized.py --replace``, 10 held-out zoos, 360 edges, a third of the models only
-as quantized files): Q4_0 224 -> 283 edges right, Q5_1 231 -> 301, Q8_0 339 -> 344; without quantization 345
-(docs/benchmarks.md, session 30). Duplicate tests compare the values as read (``PairStats.stored_rel``):
+as quantized files): Q4_0 224 -> 288 edges right, Q5_1 231 -> 301, Q8_0 339 -> 344; without quantization 345;
+12 more held-out zoos with LoRA trees, Q4_0: 271 -> 364 of 432 (docs/benchmarks.md, session 30). Duplicate tests compare the values as read (``PairStats.stored_rel``):
 with the rounding taken out, a stand-in and a model nearer it than its rounding read 0 apart. Two roundings
 of one model not given are found by what is left (:func:`same_model_pairs`).
 
