@@ -6,6 +6,8 @@ import shlex
 
 import torch
 
+from modelatlas.weights import bnb as B
+
 
 class make_evil:  # noqa: N801 - a pickle payload, named like the helpers it stands with
     """Unpickling this runs ``touch <marker>`` (if the loader lets it)."""
@@ -69,10 +71,7 @@ def make_pack_quantized(w: torch.Tensor, bits: int = 4, group: int = 16, name: s
             f"{name}.weight_shape": torch.tensor([rows, cols])}
 
 
-NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                    0.24611230850219727, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                    0.7229568362236023, 1.0])  # bitsandbytes' NF4 book (functional.get_4bit_type("nf4"))
+NF4 = B.NF4  # bitsandbytes' NF4 book
 FP4 = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0,
                     -3.0]) / 12  # bitsandbytes' FP4 book, as get_4bit_type("fp4") normalises it (0 twice)
 

@@ -31,6 +31,7 @@ from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.known import Known, decide_stage_known, place_tree
 from modelatlas.lineage.orient import prim_mst
+from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import quant_type
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
@@ -67,8 +68,10 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside, quantized, made, same = [], [], {}, {}, {}, {}, {}, {}
+        names, stats, duplicates, lowp, outside, quantized, made, same, merges = [], [], {}, {}, {}, {}, {}, {}, []
         for members, layers in groups:
+            members, found = mark_merges(members, layers)
+            merges.extend(found)
             st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                                    l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
                                    gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
@@ -76,7 +79,8 @@ class LineageRecovery:
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
-            quantized.update({members[i].name: t for i in keep if (t := quant_type(members[i], layers))})
+            quantized.update({members[i].name: t for i in keep if (t := quant_type(members[i], layers))
+                              and members[i].name not in found})
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
@@ -84,11 +88,12 @@ class LineageRecovery:
         self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names))
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
+        # nf4_merges: float models read as merged QLoRA models, their NF4 rounding taken out (lineage.qlora);
         # quantized, but no model given is the one it was made from: placed as a model; same: roundings of one
         # model not given (lineage.rounding.same_model_pairs); GGUF files compared under llama.cpp's names or
         # (unmapped) under their own, apart
         extra = {"made_from_quantized": made, "quantized_models": quantized, "same_model_roundings": same,
-                 "gguf_names": renamed, "gguf_unmapped": unmapped}
+                 "gguf_names": renamed, "gguf_unmapped": unmapped, "nf4_merges": merges}
         self.forest_.decisions.update({k: v for k, v in extra.items() if v})
         return self
 

@@ -33,6 +33,8 @@ of one model not given are found by what is left (:func:`same_model_pairs`).
 A model made from a quantized model's dequantized values (a QLoRA merge) shares its rounding error, which
 the subtraction then wrongly removes from their pair (it reads nearer its base than it is), and keeps it
 against every other model (it reads farther from them than its update says, like an unrecognised stand-in).
+Without its base given, a merge is recognised from its values and gets its NF4 rounding variance
+(:mod:`modelatlas.lineage.qlora`; type :data:`MERGE_KIND`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ SAME_MODEL_Z = 4.0  # standard deviations of the rounding's own spread within wh
 # within a few % (0.97-1.03 for GGUF's legacy types on one layer), and that error adds up over layers where the
 # spread does not (two roundings of one model read -2 % .. +5.4 % of it over 10 zoos, Q4_0 / Q5_1 / Q8_0)
 SAME_MODEL_REL = 0.04
+MERGE_KIND = "NF4-MERGE"  # lineage.qlora's merged QLoRA models (defined here: qlora imports this module's users)
 
 
 def rounding_sums(ck: Checkpoint, name: str, row: torch.Tensor, shift: float) -> torch.Tensor | None:
@@ -137,12 +140,15 @@ class LayerRounding:
         """The rounding's share of the squared distances ``d2`` of the pairs (``a``, ``b``) (index arrays of one
         shape): both energies where the two roundings are independent; where both models are of one type
         (one grid: llama.cpp's files of a model and its fine-tune) it is what rounding one grid adds to a
-        difference of the weights' (:func:`same_grid_noise`). Time O(B) for B pairs."""
+        difference of the weights' (:func:`same_grid_noise`); 0 for two merged QLoRA models (:data:`MERGE_KIND`). Time O(B) for B pairs."""
         ea, eb = self.energy[a], self.energy[b]
         same = (self.kinds[a] == self.kinds[b]) & (self.kinds[a] != None) & (a != b)  # noqa: E711 (elementwise)
         noise = ea + eb
         if same.any():
             noise = np.where(same, same_grid_noise(d2, (ea + eb) / 2, self.p), noise)
+            # two merged QLoRA models (lineage.qlora) of one NF4 base carry the one same rounding error,
+            # which their difference does not hold at all
+            noise = np.where(same & (self.kinds[a] == MERGE_KIND), 0.0, noise)
         return noise
 
 

@@ -32,6 +32,12 @@ MAX_STATE = 1 << 16  # bytes of JSON state read when a model is opened (bitsandb
 CHUNK = 1 << 20  # values decoded or quantized at a time: int64 temporaries of 8 MiB
 STORAGE = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "int16": 2, "float32": 4, "int32": 4, "float64": 8,
            "int64": 8}  # ``bnb_4bit_quant_storage``: the bytes of the codes viewed as this dtype (bytes per value)
+# bitsandbytes' NF4 book (functional.get_4bit_type("nf4")): what a QLoRA base's codes stand for, needed to
+# recognise a merged QLoRA model (a float file) from its values alone, where no quant_map is stored
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230850219727, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
 FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # LLM.int8 ``weight_format``: only row read
 
 
@@ -240,6 +246,21 @@ def rounding_variance_4bit(packed: torch.Tensor, block_absmax: torch.Tensor, qua
         c = codes.long()
         torch.mul(table[c] * scale.square(), _inexact_share(end[c], state["blocksize"]), out=out[where])
     return out.reshape(state["shape"])
+
+
+def merged_variance_4bit(x: torch.Tensor, quant_map: torch.Tensor, block: int) -> torch.Tensor:
+    """Rounding variance of a float layer ``x`` made from a 4-bit layer's dequantized values (a QLoRA merge),
+    read off ``x`` itself as :func:`rounding_variance_4bit` reads it off the stored parts: each block's absmax
+    and each value's nearest code from :func:`requantize_4bit` (the merge's small update does not move them).
+    Float32 of ``x``'s shape; time and memory O(P)."""
+    flat = x.reshape(-1).float()  # (n,)
+    n, book = flat.numel(), quant_map.float()
+    codes = requantize_4bit(flat, book, block).long()  # (n,)
+    pad = torch.nn.functional.pad(flat.abs(), (0, (-n) % block)).view(-1, block)  # (B, block)
+    scale = pad.amax(dim=1).repeat_interleave(block)[:n]  # (n,) each value's block absmax
+    table = G.level_variance(book, torch.bincount(codes, minlength=book.numel()), -(-n // block))  # (16,)
+    out = table[codes] * scale.square() * _inexact_share(G.end_codes(book)[codes], block)
+    return out.reshape(x.shape)
 
 
 def _code_counts(packed: torch.Tensor, n: int, size: int, sample: int = G.SAMPLE) -> tuple[torch.Tensor, int]:
