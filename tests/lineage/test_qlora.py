@@ -46,6 +46,12 @@ def test_ordinary_and_random_models_sit_anywhere(w):
         assert nf4_block(x)[1] > MERGE_POSITION
 
 
+def test_a_pruned_model_is_no_merge(w):
+    """Half its weights exactly 0 (magnitude pruning): zeros sit on NF4's 0 level, and it read 0.25."""
+    pruned = torch.where(w.abs() < w.abs().median(), torch.zeros_like(w), w).to(torch.bfloat16)
+    assert nf4_block(pruned)[1] > MERGE_POSITION
+
+
 def test_block_size_found(w):
     assert nf4_block(merged(w, 1e-3, block=128))[0] == 128
     assert nf4_block(merged(w, 1e-3))[0] == 64

@@ -54,7 +54,10 @@ def merge_position(x: torch.Tensor, block: int, sample: int = SAMPLE) -> float:
         return 0.5
     blocks = flat[: n * block].view(n, block)[:: max(1, n * block // sample)].float()  # (b, block)
     scale = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (b, 1)
-    return G.book_position((blocks / scale).reshape(-1), B.NF4)
+    t = (blocks / scale).reshape(-1)
+    # exact zeros sit on NF4's 0 level whatever made them: a pruned model (half its weights 0) read 0.25 and
+    # passed as a merge; a merge's zeros carry its update, so it loses nothing by their absence
+    return G.book_position(t[t != 0], B.NF4)
 
 
 def nf4_block(x: torch.Tensor, sample: int = SAMPLE) -> tuple[int, float]:
