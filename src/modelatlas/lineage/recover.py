@@ -72,9 +72,7 @@ class LineageRecovery:
         for members, layers in groups:
             members, found = mark_merges(members, layers)
             merges.extend(found)
-            st = stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
-                                   l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
-                                   gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
+            st = _pair_stats(cfg, members, layers, progress)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
@@ -219,6 +217,14 @@ def _equal_to(node: str, like: dict[str, str], pos: dict[str, int]) -> str:
     while node not in pos:
         node = like[node]
     return node
+
+
+def _pair_stats(cfg: LineageConfig, members, layers, progress) -> PairStats:
+    """One architecture group's streaming pass (:func:`~modelatlas.lineage.distances.stream_pair_stats`) with
+    ``cfg``'s sketches. Time: see the module."""
+    return stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
+                             l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
+                             gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,
