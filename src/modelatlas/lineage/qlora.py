@@ -41,6 +41,7 @@ BLOCKS = (64, 128, 32)  # block sizes tried: bitsandbytes' default (QLoRA's) fir
 # 0.01-0.22 for updates of 1e-3 .. 3e-2 of the weights' RMS and 0.21-0.44 for a trained zoo's full fine-tunes
 # of 4-22 % (bench/qlora_merge.py); the sampling's own spread is ~0.001
 MERGE_POSITION = 0.45
+HALF = ("bfloat16", "float16")  # the dtypes a merge is looked for in
 SAMPLE = 1 << 16  # values looked at per layer: positions settle to ~0.005 long before
 
 
@@ -73,9 +74,11 @@ def _floats(layers: list[TensorInfo]) -> list[TensorInfo]:
 def detect(ck: Checkpoint, layers: list[TensorInfo], sample: int = SAMPLE) -> int | None:
     """The block size at which ``ck`` is a merged NF4 model (mean :func:`nf4_block` position over at most
     :data:`POSITION_LAYERS` evenly spaced float matrices of ``layers`` below :data:`MERGE_POSITION`, at the block
-    size most of them chose), None for an ordinary model or one already quantized. Time O(sample) per layer
-    tested after reading it."""
-    mats = [t for t in _floats(layers) if ck.quantization(t.name) is None]
+    size most of them chose), None for an ordinary model, one already quantized or one stored in float32.
+    Time O(sample) per layer tested after reading it."""
+    # a merge is saved in the half precision bitsandbytes computes in: a float32 model is not read again (the
+    # test read up to 4 matrices of every model once more: the held-out zoos' recovery took ~2x as long)
+    mats = [t for t in _floats(layers) if ck.quantization(t.name) is None and ck.info(t.name).dtype in HALF]
     picked = mats[:: max(1, -(-len(mats) // POSITION_LAYERS))]
     try:
         found = [nf4_block(ck.read(t.name), sample) for t in picked]
