@@ -131,18 +131,23 @@ class LayerRounding:
 
     def same_kind(self) -> np.ndarray:
         """(N, N) bool: both models quantized to one type (one grid), off the diagonal. Time O(N^2)."""
-        k = self.kinds
-        out = (k[:, None] == k[None, :]) & (k[:, None] != None)  # noqa: E711 (elementwise)
-        np.fill_diagonal(out, False)
-        return out
+        n = len(self.kinds)
+        a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (N, N) each
+        return self._one_grid(a, b)
+
+    def _one_grid(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Whether models ``a`` and ``b`` (index arrays of one shape) are two models quantized to one type."""
+        ka = self.kinds[a]
+        return (ka == self.kinds[b]) & (ka != None) & (a != b)  # noqa: E711 (elementwise)
 
     def pair_noise(self, a: np.ndarray, b: np.ndarray, d2: np.ndarray) -> np.ndarray:
         """The rounding's share of the squared distances ``d2`` of the pairs (``a``, ``b``) (index arrays of one
         shape): both energies where the two roundings are independent; where both models are of one type
         (one grid: llama.cpp's files of a model and its fine-tune) it is what rounding one grid adds to a
-        difference of the weights' (:func:`same_grid_noise`); 0 for two merged QLoRA models (:data:`MERGE_KIND`). Time O(B) for B pairs."""
+        difference of the weights' (:func:`same_grid_noise`); 0 for two merged QLoRA models
+        (:data:`MERGE_KIND`). Time O(B) for B pairs."""
         ea, eb = self.energy[a], self.energy[b]
-        same = (self.kinds[a] == self.kinds[b]) & (self.kinds[a] != None) & (a != b)  # noqa: E711 (elementwise)
+        same = self._one_grid(a, b)
         noise = ea + eb
         if same.any():
             noise = np.where(same, same_grid_noise(d2, (ea + eb) / 2, self.p), noise)

@@ -195,12 +195,12 @@ class GGUFCheckpoint(Checkpoint):
         sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`), the error over each
         value's cell between its block's 16 levels for IQ4_NL / IQ4_XS
         (:func:`~modelatlas.weights.gguf_grid.codebook_variance`); None for IQ1-IQ3 and plain tensors. The
-        error of a block's largest value is 0 (Q4_0, Q8_0: it sets the scale) and that of its smallest too where levels have an offset (Q4_1, Q5_1): those values get 0
-        (:data:`SCALE_CODES`). They are the tails a kurtosis is made of: counted as rounded, the fourth moment's
-        correction overshot (a Q4_0 stand-in's summed kurtosis read 0.06-0.1 low). K-quants search their
-        scales for the least error, so no value is exact and the rest lie nearer their levels (:data:`SEARCHED`).
-        Rows in chunks of ~1M values. Time O(P), memory O(P) float32 plus O(1M)
-        float64."""
+        error of a block's largest value is 0 (Q4_0, Q8_0: it sets the scale) and that of its smallest too where
+        levels have an offset (Q4_1, Q5_1): those values get 0 (:data:`SCALE_CODES`). They are the tails a
+        kurtosis is made of: counted as rounded, the fourth moment's correction overshot (a Q4_0 stand-in's
+        summed kurtosis read 0.06-0.1 low). K-quants search their scales for the least error, so no value is
+        exact and the rest lie nearer their levels (:data:`SEARCHED`). Rows in chunks of ~1M values. Time O(P),
+        memory O(P) float32 plus O(1M) float64."""
         from gguf.quants import dequantize
 
         from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY, codebook_variance, grid

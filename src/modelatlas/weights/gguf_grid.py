@@ -106,12 +106,10 @@ def codebook_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, store
     picks the nearest codebook value once it has chosen a block's scale. A copy: 99.89-99.99 % on
     llama.cpp's IQ4_NL / IQ4_XS (the rest: rounding of the scales near a tie); a fine-tune 0.1 % away:
     99.71-99.78 %. Time O(16 r m), memory O(r m): the 16 levels are visited, not stacked."""
-    first, end = CODEBOOKS[kind]
     x = x.astype(np.float64)
     mine = np.abs(stored.astype(np.float64) - x)  # (r, m) the stored value is its code's level
     best, top = np.full_like(x, np.inf), np.zeros_like(x)  # nearest level's distance, largest |level|
-    for code in range(16):
-        level = _with_codes(rows, ggml_type, type_size, [(first, end, code | (code << 4))])  # (r, m)
+    for level in _book_levels(kind, ggml_type, rows, type_size):
         np.minimum(best, np.abs(level - x), out=best)
         np.maximum(top, np.abs(level), out=top)
     return float(np.mean(mine <= best + 1e-6 * top))
@@ -119,17 +117,27 @@ def codebook_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, store
 
 def codebook_variance(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray) -> np.ndarray:
     """(r, m) variance of the rounding error of each ``stored`` value of an IQ4 codebook type: the error spread
-    evenly over its level's cell, half way to the levels next to it among the 16 its block can take (each
-    code's level read with every code set to it, as :func:`codebook_match` does; at an end, the one gap:
-    :func:`~modelatlas.weights.grid_position.cell_variance`). Time O(16 r m), memory O(r m)."""
-    first, end = CODEBOOKS[kind]
+    evenly over its level's cell, half way to the levels next to it among the 16 its block can take
+    (:func:`_book_levels`; at an end, the one gap: :func:`~modelatlas.weights.grid_position.cell_variance`).
+    Time O(16 r m), memory O(r m)."""
+    import torch
+
+    from modelatlas.weights.grid_position import cell_variance
+
     x = stored.astype(np.float64)
     below, above = np.full_like(x, np.inf), np.full_like(x, np.inf)  # gap to the nearest level each side
-    for code in range(16):
-        level = _with_codes(rows, ggml_type, type_size, [(first, end, code | (code << 4))])  # (r, m)
+    for level in _book_levels(kind, ggml_type, rows, type_size):
         gap = level - x
         np.minimum(above, np.where(gap > 0, gap, np.inf), out=above)
         np.minimum(below, np.where(gap < 0, -gap, np.inf), out=below)
-    a = np.where(np.isinf(below), 0.0, below) / 2  # half gaps; none beyond an end
-    b = np.where(np.isinf(above), 0.0, above) / 2
-    return (a * a - a * b + b * b) / 3
+    # an end level has no level beyond it: 0 there, which cell_variance reads as no side
+    return cell_variance(torch.from_numpy(np.where(np.isinf(below), 0.0, below)),
+                         torch.from_numpy(np.where(np.isinf(above), 0.0, above))).numpy()
+
+
+def _book_levels(kind: str, ggml_type, rows: np.ndarray, type_size: int):
+    """Each of the 16 levels an IQ4 block's values can take, as (r, m) float64 for ``rows`` (r, row bytes):
+    every code set to 0 .. 15 in turn. Time O(r m) each."""
+    first, end = CODEBOOKS[kind]
+    for code in range(16):
+        yield _with_codes(rows, ggml_type, type_size, [(first, end, code | (code << 4))])  # (r, m)

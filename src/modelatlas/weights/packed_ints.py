@@ -237,8 +237,8 @@ def on_grid(scaled: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor, bits:
     """Where the stored ``codes`` are a rounding of ``scaled + zero`` (``scaled = w / scale``) to the nearest
     code: within half a step, widened by ``tol`` times ``|scaled|`` (a scale rounded to half precision after
     it was used moves a value near a tie to either side) and ``tol_sum`` times ``|scaled + zero|`` (a sum
-    rounded in the weight's dtype: compressed-tensors adds the zero in bfloat16); the end codes take everything beyond them
-    (clamping), and so do codes at or above ``top`` (below ``bottom``), when given: each value's group's
+    rounded in the weight's dtype: compressed-tensors adds the zero in bfloat16); the end codes take
+    everything beyond them (clamping), and so do codes at or above ``top`` (below ``bottom``), when given: each value's group's
     highest (lowest) code, where a clipped range puts what lies beyond it (AWQ's clipping, its scale rounded
     after, may leave that one below the end code). Time O(P), memory one float temporary of P values (two
     with ``tol``)."""
