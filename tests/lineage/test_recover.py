@@ -358,6 +358,22 @@ def test_value_formats_need_informative_values():
     assert fits.formats() == ["", "float16", "bfloat16", ""]  # zeros and ones fit every format: not evidence
 
 
+def test_value_formats_trust_a_half_precision_dtype(monkeypatch):
+    # a layer stored as bfloat16 fits bfloat16 by construction: checking it cost four conversions and two
+    # comparisons of every value, half of a bfloat16 1B model's recovery (bench/lineage_llm_scale.py)
+    from modelatlas.lineage.distances import ValueFormats
+    calls = []
+    real = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(a.dtype) or real(a, b))
+    fits = ValueFormats(3, min_values=8)
+    x = torch.randn(3, 300)
+    fits.update(0, x[0:1].bfloat16().float(), torch.bfloat16)
+    assert calls == []
+    fits.update(1, x[1:2].bfloat16().float(), torch.float16)  # a bfloat16 model saved as float16 still shows
+    fits.update(2, x[2:3].half().float(), torch.float16)
+    assert set(calls) == {torch.float32} and fits.formats() == ["bfloat16", "bfloat16", "float16"]
+
+
 @pytest.mark.parametrize("model, message", [
     (torch.nn.Linear(4, 4), r"weights\['b'\] is a Linear, not a dict of tensor name -> tensor \(pass model\.state_dict\(\)\)"),
     ({"w": "text"}, r"weights\['b'\]\['w'\] is a str, not a tensor"),
