@@ -21,14 +21,15 @@ import numpy as np
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.edmonds import minimum_spanning_arborescence
 from modelatlas.lineage.orient import (
-    decide_stage,
     edge_costs,
     edge_scores,
     hung_from,
     mst_edge_scores,
     orient_votes_sure,
+    pooled_stage,
     prim_mst,
     solve_tree,
+    tree_evidence,
 )
 from modelatlas.lineage.root import layer_scales, per_layer
 
@@ -134,26 +135,40 @@ def known_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarr
 
 
 def decide_stage_known(cfg: LineageConfig, placement: str, trees: list[tuple], known: Known) -> tuple[str, float, dict]:
-    """The stage (``stage="auto"``) from the trees ((members, distances, kurtosis, per-layer kurtosis) each),
-    the known directions counted as labelled evidence: (stage, confidence, details).
+    """The stage of all trees pooled (``stage="auto"``) from the trees ((members, distances, kurtosis,
+    per-layer kurtosis) each), the known directions counted as labelled evidence: (stage, confidence,
+    details): the sign of the summed evidence of :func:`tree_evidence_known`, confidence logistic(|sum|).
+    Details: ``stage_evidence`` (the sum), ``violations`` and ``stage_known``. Time that of
+    :func:`tree_evidence_known`."""
+    own, info = tree_evidence_known(cfg, placement, trees, known)
+    evidence = float(own.sum())
+    stage, conf = pooled_stage(evidence)
+    return stage, conf, {"stage_evidence": evidence, **info}
+
+
+def tree_evidence_known(cfg: LineageConfig, placement: str, trees: list[tuple], known: Known) -> tuple[np.ndarray, dict]:
+    """(T,) each tree's own stage evidence in violation penalties (> 0: "specialize"), the known directions
+    counted as labelled evidence, and details (``violations``, ``stage_known``).
 
     Along a known ancestor -> descendant pair, kurtosis falling says "specialize" and rising "generalize"
-    outright, where the unlabelled evidence (:func:`~modelatlas.lineage.orient.decide_stage`) must first find
+    outright, where the unlabelled evidence (:func:`~modelatlas.lineage.orient.tree_evidence`) must first find
     each stage's best root: a chain read backwards is as good a tree (no evidence at all), a star's reading
     with the root moved to a leaf loses one edge. Each pair adds :data:`KNOWN_WEIGHT` x its vote
-    (:func:`known_votes`) to the evidence; a tree whose root is known (the adapters' base) gives these votes
-    instead of its unlabelled evidence, which would read it again with the root left free. Details add
+    (:func:`known_votes`) to its tree's evidence; a tree whose root is known (the adapters' base) gives these
+    votes instead of its unlabelled evidence, which would read it again with the root left free. Details add
     ``stage_known``: the pairs that voted, how many leaned each way, and their evidence. Time that of
-    :func:`~modelatlas.lineage.orient.decide_stage` + O(n^2 + (n + P) L) per tree."""
-    free, votes = [], []
-    for members, d, k, lk in trees:
+    :func:`~modelatlas.lineage.orient.tree_evidence` + O(n^2 + (n + P) L) per tree."""
+    own, votes, viol = np.zeros(len(trees)), [], {"specialize": 0, "generalize": 0}
+    for t, (members, d, k, lk) in enumerate(trees):
         votes.append(known_votes(d, k, lk, known.pairs(members), cfg.root_votes))
+        own[t] = KNOWN_WEIGHT * float(votes[-1].sum())
         if known.base not in members:
-            free.append((d, k))
+            free, bad = tree_evidence([(d, k)], cfg.lam, placement)
+            own[t] += free[0]
+            viol = {s: viol[s] + bad[s] for s in viol}
     v = np.concatenate([np.zeros(0), *votes])
-    labelled = KNOWN_WEIGHT * float(v.sum())
-    stage, conf, info = decide_stage(free, cfg.lam, placement, labelled)
+    info = {"violations": viol}
     if len(v):
         info["stage_known"] = {"pairs": len(v), "specialize": int((v > 0).sum()),
-                               "generalize": int((v < 0).sum()), "evidence": labelled}
-    return stage, conf, info
+                               "generalize": int((v < 0).sum()), "evidence": KNOWN_WEIGHT * float(v.sum())}
+    return own, info

@@ -173,19 +173,13 @@ def hung_from(parent: list[int], root: int) -> list[int]:
     return out
 
 
-def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
-                 placement: str = "mst", labelled: float = 0.0) -> tuple[str, float, dict]:
-    """Choose the stage that explains the trees better; returns (stage, confidence in [0.5, 1], details).
-
-    For each tree (D, kurtosis) both orientations are solved; evidence = sum over trees of
-    (cost_generalize - cost_specialize) / (lambda * mean(D)), i.e. how many violation penalties the wrong
-    reading costs, plus ``labelled`` (evidence in the same unit from edges whose direction is known,
-    :func:`modelatlas.lineage.known.decide_stage_known`). Confidence = logistic(|evidence|): one penalty's
-    worth is 0.73, three 0.95; not a calibrated probability. Without evidence (chains, single models,
-    lambda = 0) -> ("specialize", 0.5). Time O(sum n^3).
-    """
-    evidence, viol = labelled, {"specialize": 0, "generalize": 0}
-    for dist, kurt in trees:
+def tree_evidence(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
+                  placement: str = "mst") -> tuple[np.ndarray, dict[str, int]]:
+    """(T,) each tree's own stage evidence, (cost_generalize - cost_specialize) / (lambda * mean(D)) of its
+    (D, kurtosis) solved both ways (> 0: "specialize"; 0 for a chain, a single model or lambda = 0), and the
+    violated edges summed over trees under each stage. Time O(sum n^3) (joint) or O(sum n^2) (mst)."""
+    evidence, viol = np.zeros(len(trees)), {"specialize": 0, "generalize": 0}
+    for t, (dist, kurt) in enumerate(trees):
         if dist.shape[0] < 2:
             continue
         unit = penalty_unit(dist, lam)
@@ -194,13 +188,33 @@ def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
             _, cost[stage], bad = solve_tree(dist, kurt, stage, lam, placement)
             viol[stage] += bad
         if unit > 0:
-            evidence += (cost["generalize"] - cost["specialize"]) / unit
-    if abs(evidence) < 1e-9:
-        stage = "specialize"
-    else:
-        stage = "specialize" if evidence > 0 else "generalize"
-    conf = 1.0 / (1.0 + math.exp(-abs(evidence)))
+            evidence[t] = (cost["generalize"] - cost["specialize"]) / unit
+    return evidence, viol
+
+
+def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
+                 placement: str = "mst", labelled: float = 0.0) -> tuple[str, float, dict]:
+    """Choose the stage that explains the trees better; returns (stage, confidence in [0.5, 1], details).
+
+    For each tree (D, kurtosis) both orientations are solved; evidence = sum over trees of
+    (cost_generalize - cost_specialize) / (lambda * mean(D)) (:func:`tree_evidence`), i.e. how many violation
+    penalties the wrong reading costs, plus ``labelled`` (evidence in the same unit from edges whose direction
+    is known, :func:`modelatlas.lineage.known.decide_stage_known`). Confidence = logistic(|evidence|): one
+    penalty's worth is 0.73, three 0.95; not a calibrated probability. Without evidence (chains, single
+    models, lambda = 0) -> ("specialize", 0.5). Time O(sum n^3).
+    """
+    per_tree, viol = tree_evidence(trees, lam, placement)
+    evidence = labelled + float(per_tree.sum())
+    stage, conf = pooled_stage(evidence)
     return stage, conf, {"stage_evidence": evidence, "violations": viol}
+
+
+def pooled_stage(evidence: float) -> tuple[str, float]:
+    """(stage, confidence) of summed ``evidence`` in violation penalties: > 0 "specialize", < 0
+    "generalize", none (|evidence| < 1e-9: a chain read backwards is as good a tree) "specialize", the common
+    case; confidence logistic(|evidence|), 0.5 without evidence. Time O(1)."""
+    stage = "generalize" if evidence < -1e-9 else "specialize"
+    return stage, 1.0 / (1.0 + math.exp(-abs(evidence)))
 
 
 def edge_scores(cost: np.ndarray, parent: list[int]) -> list[float]:

@@ -29,12 +29,13 @@ from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.known import Known, decide_stage_known, place_tree
+from modelatlas.lineage.known import Known, place_tree
 from modelatlas.lineage.orient import prim_mst
 from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import quant_type
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.spectra import spectral_distances
+from modelatlas.lineage.stage import decide_tree_stages, stage_trees
 from modelatlas.progress import Progress
 
 _NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
@@ -107,13 +108,14 @@ class LineageRecovery:
         members = [[names[g][i] for i in idx] for g, idx in trees]
         placement = "joint" if cfg.method == "mother-paper" else cfg.placement
         placed = list(zip(members, dists, kurt, lks))
-        if cfg.stage == "auto":
-            stage, conf, s_info = decide_stage_known(cfg, placement, placed, known)
+        if cfg.stage == "auto":  # each tree its own stage where its evidence is strong enough (:mod:`.stage`)
+            stages, s_info = decide_tree_stages(cfg, placement, placed, known)
         else:
-            stage, conf, s_info = cfg.stage, 1.0, {"stage_evidence": None}
-        edges, t_info = _place_trees(cfg, placement, stage, placed, known, flat)
-        decisions = {"method": cfg.method, "stage": stage, "stage_confidence": conf,
-                     "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
+            stages = [cfg.stage] * len(placed)
+            s_info = {"stage": cfg.stage, "stage_confidence": 1.0, "stage_evidence": None, "stage_mixed": False,
+                      "stage_trees": stage_trees(stages)}
+        edges, t_info = _place_trees(cfg, placement, stages, placed, known, flat)
+        decisions = {"method": cfg.method, "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
                      "lambda": cfg.lam, "placement": placement,
                      "orient": cfg.orient if placement == "mst" else "joint", **t_info,
                      "distance": _summarise(dist_info), "layers": rules, "architectures": len(names)}
@@ -165,15 +167,16 @@ class LineageRecovery:
         self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
 
 
-def _place_trees(cfg: LineageConfig, placement: str, stage: str, trees: list[tuple], known: Known,
+def _place_trees(cfg: LineageConfig, placement: str, stages: list[str], trees: list[tuple], known: Known,
                  flat: list[str]) -> tuple[list[Edge], dict]:
-    """The edges of every tree ((members, distances, kurtosis, per-layer kurtosis) each) placed by
+    """The edges of every tree ((members, distances, kurtosis, per-layer kurtosis) each, its stage in
+    ``stages``) placed by
     :func:`~modelatlas.lineage.known.place_tree`, and the decisions they make: ``root_confidence`` and
     ``root_runner_up`` (trees whose root kurtosis votes chose), ``adapter_base`` (the base, the models merged
     onto it, the root the weights alone chose, merged models placed in another tree: ``apart``) and
     ``rooted_at_quantized_base``. Time that of the placements."""
     edges, conf, runner_up, given, rooted = [], [], [], {}, []
-    for members, d, k, lk in trees:
+    for (members, d, k, lk), stage in zip(trees, stages):
         root = members.index(known.base) if known.base in members else None
         p = place_tree(cfg, placement, stage, (d, k, lk), root, known.pairs(members))
         if p.conf is not None:

@@ -1,0 +1,76 @@
+"""A training stage per tree (``stage="auto"``): each tree's own evidence, and the others' as a bounded prior.
+
+MoTHer (Horwitz et al. 2024, step 3) orients edges by the stage: "specialize" (kurtosis falls along an edge)
+or "generalize" (it rises). Until session 31 one stage was decided for all trees of a folder from their
+summed evidence (:func:`~modelatlas.lineage.known.decide_stage_known`). A folder may mix regimes (a small
+model family trained from scratch beside fine-tunes of a pretrained one, LoRA adapters beside full
+fine-tunes): there the pooled sum turned the trees of the minority regime backwards.
+
+Rule: tree t's log-odds of "specialize" = e_t + clip(E - e_t, -c, c), e_t its own evidence
+(:func:`~modelatlas.lineage.known.tree_evidence_known`, violation penalties), E the sum over all trees. The
+other trees say which regime the folder is in, but a folder may mix regimes, so whatever they say, sharing
+their stage is worth at most c penalties to a tree (c = log-odds of a tree sharing its folder's stage). A
+tree whose own evidence exceeds c keeps its stage; a weaker one (a chain gives none, one violation's worth
+is weak) follows the others. Where the others' evidence is below c, or every tree leans one way, the rule is
+the pooled one. Time O(T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.known import Known, tree_evidence_known
+from modelatlas.lineage.orient import pooled_stage
+
+# The most the other trees' evidence counts for a tree, in violation penalties (log-odds: a tree shares its
+# folder's stage with probability logistic(1.5) = 0.82). On the development zoos (docs/benchmarks.md, "Session
+# 31: a training stage per tree": 67 trees of the accuracy suite and of the known-stage bench's other zoos) no
+# tree of |own evidence| >= 2 leaned against its true edges (59 trees, 2 to 10 penalties), and the trees that
+# did lean against them gave one penalty (a chain of 5 whose kurtosis dips once): any cap in (1, 2) keeps the
+# first and turns the second with a folder that leans the other way; 1.5 is the middle.
+SAME_STAGE_CAP = 1.5
+
+
+def tree_stages(own: np.ndarray, cap: float = SAME_STAGE_CAP) -> tuple[list[str], np.ndarray]:
+    """(stage per tree, (T,) log-odds of "specialize") from each tree's ``own`` evidence: own + the others'
+    summed evidence clipped to [-cap, cap]. A tie (log-odds 0) takes the pooled stage. Time O(T)."""
+    total = float(own.sum())
+    odds = own + np.clip(total - own, -cap, cap)
+    pooled = pooled_stage(total)[0]
+    stages = [pooled if abs(x) < 1e-9 else "specialize" if x > 0 else "generalize" for x in odds]
+    return stages, odds
+
+
+def decide_tree_stages(cfg: LineageConfig, placement: str, trees: list[tuple],
+                       known: Known) -> tuple[list[str], dict]:
+    """The stage of each tree ((members, distances, kurtosis, per-layer kurtosis) each) from the weights and
+    the known descents, and the decisions: ``stage`` (the stage most models' trees follow; ties: the pooled
+    one), ``stage_mixed`` (trees differ), ``stage_confidence`` (logistic(|pooled evidence|); when mixed, the
+    lowest confidence of the trees of ``stage``), ``stage_evidence`` (the pooled sum, as before session 31),
+    ``violations``, ``stage_known`` and ``stage_trees`` (:func:`stage_trees`). Time that of
+    :func:`~modelatlas.lineage.known.tree_evidence_known`."""
+    own, info = tree_evidence_known(cfg, placement, trees, known)
+    total = float(own.sum())
+    stages, odds = tree_stages(own)
+    per_tree = stage_trees(stages, odds, own)
+    stage, conf = pooled_stage(total)
+    mixed = len(set(stages)) > 1
+    if mixed:
+        models = {s: sum(len(t[0]) for t, x in zip(trees, stages) if x == s) for s in ("specialize", "generalize")}
+        stage = stage if models["specialize"] == models["generalize"] else max(models, key=models.get)
+        conf = min(t["confidence"] for t in per_tree if t["stage"] == stage)
+    return stages, {"stage": stage, "stage_confidence": conf, "stage_evidence": total, **info,
+                    "stage_mixed": mixed, "stage_trees": per_tree}
+
+
+def stage_trees(stages: list[str], odds: np.ndarray | None = None, own: np.ndarray | None = None) -> list[dict]:
+    """``decisions["stage_trees"]``, one dict a tree (in the order of the forest's trees): ``stage``,
+    ``evidence`` (the log-odds that decided it), ``own_evidence`` (the tree's alone) and ``confidence``
+    (logistic(|evidence|)); with the stage given (no ``odds``): evidence None, confidence 1. Time O(T)."""
+    if odds is None:
+        return [{"stage": s, "evidence": None, "own_evidence": None, "confidence": 1.0} for s in stages]
+    return [{"stage": s, "evidence": float(x), "own_evidence": float(e), "confidence": 1.0 / (1.0 + math.exp(-abs(x)))}
+            for s, x, e in zip(stages, odds, own)]

@@ -1,0 +1,105 @@
+"""A training stage per tree: a tree's own evidence, plus the other trees' summed evidence clipped to
+[-SAME_STAGE_CAP, SAME_STAGE_CAP] (lineage.stage)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.known import Known
+from modelatlas.lineage.scoring import score_forest
+from modelatlas.lineage.stage import SAME_STAGE_CAP, decide_tree_stages, tree_stages
+from modelatlas.lineage.synthetic import make_synthetic_forest
+
+
+def make_star(k_root: float, k_leaves: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Root 0 at distance 1 from each leaf, leaves 1.5 apart: read with the root moved to a leaf, a star of C
+    leaves violates C - 1 more edges, so its own evidence is +-(C - 1) penalties."""
+    n = len(k_leaves) + 1
+    d = np.full((n, n), 1.5)
+    d[0, 1:] = d[1:, 0] = 1.0
+    np.fill_diagonal(d, 0)
+    return d, np.array([k_root, *k_leaves])
+
+
+def make_tree(name: str, d: np.ndarray, k: np.ndarray) -> tuple:
+    return [f"{name}{i}" for i in range(len(k))], d, k, None
+
+
+def check_tree_stages(own: list[float], want: list[str], odds: list[float]) -> None:
+    stages, got = tree_stages(np.array(own))
+    assert stages == want and got == pytest.approx(odds)
+
+
+def test_tree_stages_worked_example():
+    """Own evidence +4 (a specialize star of 5) beside three generalize trees of -3 each: pooled, -5 turns the
+    first backwards; per tree, the others' -9 counts -1.5 and +4 - 1.5 = +2.5 keeps it."""
+    assert SAME_STAGE_CAP == 1.5
+    check_tree_stages([4, -3, -3, -3], ["specialize"] + ["generalize"] * 3, [2.5, -4.5, -4.5, -4.5])
+
+
+def test_a_weak_tree_follows_the_others():
+    """A chain leaning one violation (+1) follows two trees of -3: +1 - 1.5 = -0.5. On its own evidence alone
+    (a cap of 0) it would be read "specialize"."""
+    check_tree_stages([1, -3, -3], ["generalize"] * 3, [-0.5, -4.5, -4.5])
+    assert tree_stages(np.array([1.0, -3, -3]), cap=0.0)[0][0] == "specialize"
+
+
+def test_without_evidence_or_with_one_leaning_tree_the_rule_is_the_pooled_one():
+    check_tree_stages([0, 0], ["specialize", "specialize"], [0, 0])  # chains only: the default, as before
+    check_tree_stages([0, -1], ["generalize", "generalize"], [-1, -1])  # others' -1 below the cap: counts fully
+    check_tree_stages([1, -1], ["specialize", "specialize"], [0, 0])  # a tie takes the pooled stage (sum 0)
+
+
+def test_decide_tree_stages_reports_each_tree_and_the_majority():
+    """Stars of 5 leaves: one specialize (kurtosis falls from its root: +4), two generalize (-4 each). Pooled
+    (-4) every tree was read "generalize" and the first hung from a leaf; now it keeps "specialize"."""
+    trees = [make_tree("s", *make_star(5.0, [1, 2, 3, 4, 4.5])), make_tree("g", *make_star(-1.0, [1, 2, 3, 4, 5])),
+             make_tree("h", *make_star(-2.0, [1, 2, 3, 4, 5]))]
+    stages, info = decide_tree_stages(LineageConfig(), "mst", trees, Known())
+    assert stages == ["specialize", "generalize", "generalize"]
+    assert info["stage"] == "generalize" and info["stage_mixed"] and info["stage_evidence"] == pytest.approx(-4.0)
+    first = info["stage_trees"][0]
+    assert first["own_evidence"] == pytest.approx(4.0) and first["evidence"] == pytest.approx(2.5)
+    assert first["confidence"] == pytest.approx(1 / (1 + math.exp(-2.5)))
+    # when mixed, stage_confidence: the least sure tree of the majority stage (-4 + clip(0) = -4)
+    assert info["stage_confidence"] == pytest.approx(1 / (1 + math.exp(-4.0)))
+
+
+def test_not_mixed_keeps_the_pooled_confidence():
+    trees = [make_tree("g", *make_star(-1.0, [1, 2, 3])), make_tree("h", *make_star(-2.0, [1, 2, 3]))]
+    stages, info = decide_tree_stages(LineageConfig(), "mst", trees, Known())
+    assert stages == ["generalize"] * 2 and not info["stage_mixed"]
+    assert info["stage_confidence"] == pytest.approx(1 / (1 + math.exp(-4.0)))  # logistic(|-2 - 2|), as before
+
+
+def make_mixed_folder(seed: int) -> tuple[dict, dict]:
+    """One synthetic "specialize" tree of 4 (names s...) and two "generalize" trees (t...), one architecture."""
+    ws, ps = make_synthetic_forest(n_trees=1, children=3, depth=1, dim=16, stage="specialize", seed=seed)
+    wg, pg = make_synthetic_forest(n_trees=2, children=3, depth=1, dim=16, stage="generalize", seed=seed + 10)
+    weights = {**{"s" + k: v for k, v in ws.items()}, **wg}
+    truth = {**{"s" + k: None if p is None else "s" + p for k, p in ps.items()}, **pg}
+    return weights, truth
+
+
+def test_a_specialize_tree_beside_generalize_ones_is_oriented_its_own_way():
+    """Pooled (-2: each tree leans 2 penalties its own way), the specialize star was hung from a leaf (2 of its
+    3 edges right); per tree, +2 - 1.5 keeps it, every edge right. The generalize trees are unchanged."""
+    weights, truth = make_mixed_folder(0)
+    f = recover_lineage(weights)
+    spec = {k: p for k, p in truth.items() if k.startswith("s")}
+    assert score_forest(f, spec).n_correct == 3
+    assert score_forest(f, {k: p for k, p in truth.items() if k not in spec}).n_correct == 6
+    d = f.decisions
+    assert d["stage"] == "generalize" and d["stage_mixed"]
+    assert [t["stage"] for t in d["stage_trees"]] == ["specialize", "generalize", "generalize"]
+    assert [sorted(t)[0] for t in f.trees] == ["st0", "t0", "t1"]  # stage_trees follow the forest's trees
+
+
+def test_a_stage_given_applies_to_every_tree():
+    weights, truth = make_mixed_folder(0)
+    d = recover_lineage(weights, stage="generalize").decisions
+    assert [t["stage"] for t in d["stage_trees"]] == ["generalize"] * 3 and not d["stage_mixed"]
+    assert d["stage_trees"][0] == {"stage": "generalize", "evidence": None, "own_evidence": None, "confidence": 1.0}
