@@ -74,6 +74,7 @@ def _build(args: argparse.Namespace) -> int:
 def _show_atlas(atlas, notes: bool = True) -> None:
     """The trees with each model's predictions, then (``notes``) the models in no tree and every model's
     notes, then a summary line."""
+    from modelatlas.cli.lineage import stage_text
     from modelatlas.lineage.export import to_text
 
     labels = {m.name: _what(m) for m in atlas.models if _what(m)}
@@ -84,7 +85,7 @@ def _show_atlas(atlas, notes: bool = True) -> None:
         _show_notes(outside, [m for m in atlas.models if m.notes and m.name in placed])
     d, described = atlas.forest.decisions, sum(bool(m.predicted or m.described) for m in atlas.models)
     echo(f"{counted(len(atlas.models), 'model')}, {counted(len(atlas.forest.roots()), 'tree')}"
-         + (f" ({len(outside)} in none)" if outside else "") + f"; stage: {d.get('stage')}; "
+         + (f" ({len(outside)} in none)" if outside else "") + f"; stage: {stage_text(d)}; "
          f"distance: {d.get('distance')}" + (f"; {described} described by experts" if atlas.experts else ""))
 
 

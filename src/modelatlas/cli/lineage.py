@@ -263,6 +263,16 @@ def with_truth(forest, truth):
     return prefer_named_copies(forest, truth)
 
 
+def stage_text(decisions: dict) -> str:
+    """The stage as the summary lines say it: "generalize", or where the trees' stages differ
+    (``decisions["stage_mixed"]``) "mixed: 2 trees generalize, 1 tree specialize", the more models' first."""
+    if not decisions.get("stage_mixed"):
+        return str(decisions.get("stage"))
+    stages = [t["stage"] for t in decisions.get("stage_trees") or []]
+    order = sorted(set(stages), key=lambda s: s != decisions.get("stage"))
+    return "mixed: " + ", ".join(f"{counted(stages.count(s), 'tree')} {s}" for s in order)
+
+
 def warn_stage_guess(forest) -> None:
     """Warn (stderr) when edge directions rest on no evidence of the training stage (found, not given). The
     tree of the adapters' base (--base) is not guessed: it hangs from the base. Time O(N)."""
@@ -316,13 +326,15 @@ def show_forest(forest, truth=None) -> None:
     known = (d.get("stage_known") or {}).get("pairs")  # descents known (--base, quantized bases) that voted
     voted = f", {counted(known, 'known descent')} among them" if known else ""
     how = "given" if d.get("stage_given") else f"from the weights{voted}, confidence {d['stage_confidence']:.2f}"
+    if d.get("stage_mixed"):
+        how = f"from the weights{voted}, each tree by its own evidence where it outweighs the others'"
     k_how = "given" if d.get("n_trees_given") else "found from the data"
     dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
     same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""
     same += f", {len(lowp)} a lower-precision copy of another ({', '.join(sorted(set(lowp.values())))})" if lowp else ""
     if d.get("outside_layers"):
         same += f", {len(d['outside_layers'])} equal to another on the compared layers only"
-    echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {d['stage']} ({how}); "
+    echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {stage_text(d)} ({how}); "
          f"distance: {d['distance']}")
     warn_stage_guess(forest)
     if truth is not None:

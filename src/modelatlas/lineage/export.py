@@ -116,10 +116,21 @@ ROOT_DOUBT = 0.75  # below it the runner-up root is named (on 117 benchmark tree
 
 
 def tree_heading(forest: Forest, root: str) -> tuple[int, str] | None:
-    """(size, root note) of the tree whose root is ``root``, the note being "; root confidence 0.93" and the
-    next best root when the confidence is below :data:`ROOT_DOUBT`; None when the forest lists no such tree."""
+    """(size, note) of the tree whose root is ``root``, the note being its stage where the trees' stages differ
+    ("; stage specialize 0.92"), then "; root confidence 0.93" and the next best root when the confidence is
+    below :data:`ROOT_DOUBT`; None when the forest lists no such tree."""
     k = next((i for i, tree in enumerate(forest.trees) if root in tree), None)
-    return None if k is None else (len(forest.trees[k]), _root_note(forest.decisions, k))
+    return None if k is None else (len(forest.trees[k]), _stage_note(forest.decisions, k) + _root_note(forest.decisions, k))
+
+
+def _stage_note(decisions: dict, k: int) -> str:
+    """"; stage specialize 0.92" (tree k's stage and its confidence) when the trees' stages differ
+    (``decisions["stage_mixed"]``, :mod:`modelatlas.lineage.stage`); "" when one stage holds for all (the
+    summary line says it)."""
+    trees = decisions.get("stage_trees") or []
+    if not decisions.get("stage_mixed") or k >= len(trees):
+        return ""
+    return f"; stage {trees[k]['stage']} {trees[k]['confidence']:.2f}"
 
 
 def _root_note(decisions: dict, k: int) -> str:
