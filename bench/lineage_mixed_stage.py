@@ -2,13 +2,16 @@
 ("generalize"), recovered together with synthetic forests whose kurtosis falls ("specialize",
 `lineage.synthetic.make_synthetic_forest`, written as safetensors). Directed accuracy per family.
 
-    python bench/lineage_mixed_stage.py ZOO [ZOO ...] --work /tmp/mixed-stage [--seeds 0 1 2] [--json rows.json]
+    python bench/lineage_mixed_stage.py ZOO [ZOO ...] --work /tmp/mixed-stage [--seeds 0 1 2] [--chains CHAIN ...]
+        [--json rows.json]
 
-Two kinds of rows, each for every seed:
+Three kinds of rows, the first two for every seed:
   * ``zoo+syn``: each trained ZOO (3 trees of 13, say) with a synthetic specialize forest of 1 or 3 trees of 13
     (4 square 32 x 32 layers: another architecture group, recovered in the same call, as a user's folder is);
   * ``syn+syn``: one architecture: a synthetic generalize forest and a specialize one (1 + 3 and 3 + 1 trees of 13),
-    their roots drawn apart (different seeds), so that only the trees' kurtosis tells their regimes apart.
+    their roots drawn apart (different seeds), so that only the trees' kurtosis tells their regimes apart;
+  * ``chain+zoo``: each trained zoo of chains (``--chains``, e.g. `lineage-full` with children 1, depth 4: the
+    weakest evidence, none or one violation's lean) with each ZOO: one regime; a chain should follow the zoo's.
 Per row and family: the stage its trees were given (``decisions["stage_trees"]``, or the one ``stage`` before
 session 31) and its true edges recovered with their direction. Reads only ``decisions["stage"]`` where there is
 no ``stage_trees``, so the same script measures the library before (``PYTHONPATH`` to its ``src``). Time: ~1 s a
@@ -52,6 +55,17 @@ def trained(zoo: Path) -> tuple[list[Path], dict]:
     return [zoo / m.path for m in man.models], {m.name: m.parent for m in man.models}
 
 
+def linked(paths: list[Path], truth: dict, folder: Path) -> tuple[list[Path], dict]:
+    """Symlinks folder/C-<model> to ``paths`` (kept), and ``truth`` under those names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        out.append(folder / f"C-{p.name}")
+        if not out[-1].exists():
+            out[-1].symlink_to(p.resolve())
+    return out, {"C-" + n: None if q is None else "C-" + q for n, q in truth.items()}
+
+
 def run(families: dict[str, tuple[list[Path], dict]]) -> dict:
     """Recover all families' models in one call; per family: the stages its trees got, edges right, edges."""
     with contextlib.redirect_stderr(io.StringIO()):
@@ -66,8 +80,14 @@ def run(families: dict[str, tuple[list[Path], dict]]) -> dict:
     return {"stage": d["stage"], "evidence": d["stage_evidence"], "families": out}
 
 
-def rows_for(zoos: list[Path], seeds: list[int], work: Path):
-    """Yield (case, families) for every row: each zoo with 1 and 3 specialize trees, then the syn+syn rows."""
+def rows_for(zoos: list[Path], seeds: list[int], work: Path, chains: list[Path]):
+    """Yield (case, families) for every row: each zoo with 1 and 3 specialize trees, the syn+syn rows, then each
+    chain zoo with each zoo (names prefixed "C-": both zoos name their models t0, t0.0, ...)."""
+    for chain in chains:
+        for zoo in zoos:
+            paths, truth = trained(chain)
+            yield ("chain+zoo", f"{chain.name}+{zoo.name}", 0), {"trained": trained(zoo), "chain": linked(
+                paths, truth, work / "chains" / chain.name)}
     for seed in seeds:
         for zoo in zoos:
             for n in (1, 3):
@@ -97,11 +117,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("zoos", nargs="+", type=Path, help="trained zoos (generalize), built by `atlas zoo make`")
     ap.add_argument("--work", type=Path, required=True, help="where the synthetic forests are written")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="synthetic seeds (none: chain rows only)")
+    ap.add_argument("--chains", type=Path, nargs="*", default=[], help="trained zoos of chains (generalize)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = []
-    for (case, zoo, seed), families in rows_for(args.zoos, args.seeds, args.work):
+    for (case, zoo, seed), families in rows_for(args.zoos, args.seeds, args.work, args.chains):
         rows.append({"case": case, "zoo": zoo, "seed": seed, **run(families)})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
