@@ -8,7 +8,7 @@ import pytest
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.known import Known
+from modelatlas.lineage.known import Known, place_tree
 from modelatlas.lineage.scoring import score_forest
 from modelatlas.lineage.stage import SAME_STAGE_CAP, decide_tree_stages, tree_stages
 from modelatlas.lineage.synthetic import make_synthetic_forest
@@ -103,3 +103,18 @@ def test_a_stage_given_applies_to_every_tree():
     d = recover_lineage(weights, stage="generalize").decisions
     assert [t["stage"] for t in d["stage_trees"]] == ["generalize"] * 3 and not d["stage_mixed"]
     assert d["stage_trees"][0] == {"stage": "generalize", "evidence": None, "own_evidence": None, "confidence": 1.0}
+
+
+def test_a_chain_leaning_one_violation_follows_two_generalize_stars_and_is_placed_so():
+    """The chain a - b - c peaks at b (+1: read alone "specialize", b the root, one edge reversed whichever way
+    the truth goes); beside two generalize stars (-2 each) it follows them: +1 - 1.5 < 0, hung from a."""
+    chain = (np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float), np.array([0.0, 2.0, 1.0]))
+    trees = [make_tree("c", *chain), make_tree("g", *make_star(-1.0, [1, 2, 3])),
+             make_tree("h", *make_star(-2.0, [1, 2, 3]))]
+    stages, info = decide_tree_stages(LineageConfig(), "mst", trees, Known())
+    assert stages == ["generalize"] * 3 and not info["stage_mixed"]
+    assert info["stage_trees"][0]["own_evidence"] == pytest.approx(1.0)
+    assert info["stage_trees"][0]["evidence"] == pytest.approx(-0.5)
+    assert info["stage_confidence"] == pytest.approx(1 / (1 + math.exp(-3.0)))  # pooled: |1 - 2 - 2|
+    assert place_tree(LineageConfig(), "mst", stages[0], (*chain, None)).parent == [-1, 0, 1]  # a -> b -> c
+    assert place_tree(LineageConfig(), "mst", "specialize", (*chain, None)).parent == [1, -1, 1]  # alone: from b

@@ -14,7 +14,8 @@ move a child to its grandparent or sibling (see docs/lineage.md for the measured
 Beyond the paper:
   * **stage from the evidence** (:func:`decide_stage`): both orientations are solved; the right one should
     need fewer violations and less distance. The evidence is the cost difference in units of one
-    violation penalty (lambda * mean(D)), summed over trees. It is exactly zero on a chain (a chain read
+    violation penalty (lambda * mean(D)), summed over trees (:mod:`.stage` gives each tree its own stage
+    from its evidence and the others'). It is exactly zero on a chain (a chain read
     backwards is as good a tree), where the stage cannot be told from weights and "specialize" (the common
     case) is reported with confidence 0.5.
   * **edge confidence** (:func:`edge_scores`): the relative margin between the chosen edge's cost and the

@@ -6,7 +6,8 @@ Pipeline (MoTHer, Horwitz et al. 2024, with the additions described in ``docs/li
   3. trees: K found from the relative-distance gap, or Ward with K given (:mod:`.clustering`);
   4. per tree, the edge distance: RMS (full fine-tuning), summed rank (LoRA), or nuclear norm x rank fraction
      when low-rank differences are found (``distance="auto"``);
-  5. the stage from the evidence (known descents, :mod:`.known`, as labelled evidence), or given; per tree,
+  5. the stage of each tree from its own evidence, the other trees' counting at most 1.5 violation penalties
+     (:mod:`.stage`; known descents, :mod:`.known`, as labelled evidence), or given for all; per tree,
      the edges of the undirected minimum spanning tree of the distances oriented from the root that best keeps
      the kurtosis direction (or, ``placement="joint"``, MoTHer's Chu-Liu/Edmonds arborescence of distance +
      penalty); edge confidence (:mod:`.orient`).
@@ -47,7 +48,8 @@ class LineageRecovery:
     ``LineageRecovery(config).fit(weights)``; ``weights`` is a list of paths or open
     :class:`~modelatlas.weights.Checkpoint`, or a dict ``name -> {tensor name: tensor}``.
     Fitted attributes: ``names_``, ``forest_``, ``edges_``, ``roots_``, ``clusters_`` (tree label per
-    model, aligned with ``names_``), ``n_trees_``, ``stage_``, ``stage_confidence_``, ``distances_``
+    model, aligned with ``names_``), ``n_trees_``, ``stage_`` (the stage of most models; each tree's in
+    ``decisions_["stage_trees"]``), ``stage_confidence_``, ``distances_``
     ((N, N) edge distances, NaN between architectures), ``kurtosis_`` ((N,)), ``decisions_``, ``skipped_``.
     Complexity: see the module docstring.
     """
