@@ -140,14 +140,16 @@ def disk_bytes() -> int | None:
 
 def read_floor(paths: list[Path], touch: bool = True) -> float:
     """Seconds to open every checkpoint and read every tensor once. ``touch``: every byte is copied into
-    process memory (``.clone()``); without it safetensors' memory map returns views whose bytes are never
-    touched on a warm page cache (the figure reported before, a floor on opening files, not on reading)."""
+    process memory once: a tensor read into a buffer of its own (safetensors since session 31: its storage
+    is torch's, resizable) is that copy; one on memory the reader does not own (a memory map, a NumPy
+    array) is cloned. Without ``touch``, a memory map's views are never touched on a warm page cache (the
+    figure reported in session 1, a floor on opening files, not on reading)."""
     t = time.perf_counter()
     for p in paths:
         with open_checkpoint(p) as ck:
             for name in ck.keys():
                 x = ck.read(name)
-                if touch:
+                if touch and not x.untyped_storage().resizable():
                     x.clone()
     return time.perf_counter() - t
 

@@ -7,7 +7,10 @@ model the shape of Llama-3.2-1B (``--preset 1b``: 16 blocks of hidden 2048, 32 q
 8192, vocabulary 128256, tied head; 1.24 B parameters, 2.47 GB a file) and of its fine-tunes: a root of
 heavy-tailed (Laplace) weights and, below it, ``--children`` fine-tunes per node down to ``--depth`` levels,
 each every tensor plus Gaussian noise of 0.5-2 % of its spread (a different size per edge) with its outliers
-(beyond 2.5 spreads) shrunk by 1-3 % ("specialize", as fine-tuning an LLM on narrow data does). In bfloat16
+(beyond 2.5 spreads) shrunk by 0.2-0.6 % ("specialize", as fine-tuning an LLM on narrow data does). The
+shrink is shared by siblings (the same outliers, moved the same way): at 1-3 %, as first written, its energy
+matched the noise's, two siblings read nearer each other than their parent and one hung from the other
+(5 of 6 edges right; the like-task siblings of docs/benchmarks.md). In bfloat16
 (8 bits of mantissa, a relative step of 0.4-0.8 %) much of such a step rounds back to the parent's value, as
 real fine-tunes do. Writing takes ~30 s a model on 2 cores.
 
@@ -134,7 +137,7 @@ def build(work: Path, preset: dict, parents: dict, seed: int, shard_gb: float | 
             continue
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed * 10_007 + i)
-        step, shrink = 0.005 + 0.015 * torch.rand((), generator=gen).item(), 0.01 + 0.02 * torch.rand((), generator=gen).item()
+        step, shrink = 0.005 + 0.015 * torch.rand((), generator=gen).item(), 0.002 + 0.004 * torch.rand((), generator=gen).item()
         base = None if parent is None else read_model(work / parent)
         tensors = {}
         for k, s in shapes.items():
