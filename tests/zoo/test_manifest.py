@@ -78,3 +78,26 @@ def test_another_modelatlas_file_is_named_by_its_format(tmp_path, form):
     with pytest.raises(ManifestError, match=rf"atlas\.json: not a zoo manifest: its format is '{form}' \(a zoo's is "
                                             r"'modelatlas-zoo/1', written by `atlas zoo make`\)"):
         load_manifest(path)
+
+
+def test_a_plain_parents_object_is_a_truth(tmp_path):
+    """{"model": "its parent" or null}: what a user who knows some parents writes (it read "missing key
+    'models'"). A parent not listed is a root; each model's tree is its root."""
+    p = tmp_path / "truth.json"
+    p.write_text(json.dumps({"m.0": "m", "m.0.0": "m.0", "m.1": "m", "x": None}))
+    m = load_manifest(p)
+    assert m.parents() == {"m": None, "m.0": "m", "m.0.0": "m.0", "m.1": "m", "x": None}
+    assert m.trees() == {"m": "m", "m.0": "m", "m.0.0": "m", "m.1": "m", "x": "x"}
+    assert m.path_of("m.0") == tmp_path / "m.0" and m.source == p
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"a": "b", "b": "a"}, r"truth.json: parents form a loop \((a -> b -> a|b -> a -> b)\)"),
+    ({"a": 3}, r"truth.json: missing key 'models' \(a list of model records\), and not a plain "
+               r"\{\"model\": \"its parent\" or null\} object either"),
+])
+def test_a_plain_parents_object_that_is_wrong_says_how(tmp_path, data, message):
+    p = tmp_path / "truth.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(p)

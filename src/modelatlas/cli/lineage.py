@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--mermaid", type=_out_file, help="write a Mermaid graph")
     r.add_argument("--png", type=_out_file, help="draw the forest as a PNG image (with --truth: edges coloured "
                                                  "right / reversed / wrong)")
-    r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder): mark and score edges")
+    r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder), or a JSON object {\"model\": \"its parent\" or null}: mark and score edges")
     r.add_argument("--base", metavar="MODEL", help="the base model PEFT adapters among PATH were trained on: each "
                    "adapter is merged onto it (W + dW) and the base joins the models (default: adapters, which "
                    "hold an update and no model, are skipped)")

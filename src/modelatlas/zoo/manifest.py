@@ -150,8 +150,11 @@ def load_manifest(path: str | Path) -> Manifest:
     if isinstance(data, dict) and data.get("format", FORMAT) != FORMAT:  # an atlas.json has 'models' too
         raise ManifestError(f"{path}: not a zoo manifest: its format is {data['format']!r:.60} (a zoo's is "
                             f"{FORMAT!r}, written by `atlas zoo make`)")
+    if is_parents_map(data):
+        return _from_parents(path, data)
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise ManifestError(f"{path}: missing key 'models' (a list of model records)")
+        raise ManifestError(f"{path}: missing key 'models' (a list of model records), and not a plain "
+                            "{\"model\": \"its parent\" or null} object either")
     if not isinstance(data.get("config", {}), dict):
         raise ManifestError(f"{path}: key 'config' must be an object, got {data['config']!r}")
     records = [_record(path, i, rec) for i, rec in enumerate(data["models"])]
@@ -159,6 +162,32 @@ def load_manifest(path: str | Path) -> Manifest:
         return Manifest(records, data.get("config", {}), path.parent, path)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from e
+
+
+def is_parents_map(data: object) -> bool:
+    """Whether ``data`` is the plain form of a truth, ``{"model": "its parent" or null, ...}`` (what a user
+    who knows some parents writes by hand), not a manifest."""
+    return (isinstance(data, dict) and bool(data) and "models" not in data and "format" not in data
+            and all(v is None or isinstance(v, str) and v for v in data.values()))
+
+
+def _from_parents(path: Path, parents: dict[str, str | None]) -> Manifest:
+    """A manifest of the models of a plain ``{model: parent}`` object: paths = names (relative to the file's
+    folder), a parent not listed a root, each model's tree its root's name. Time O(N) (each walk stops at a
+    model already placed)."""
+    parents = {**{p: None for p in parents.values() if p is not None and p not in parents}, **parents}
+    try:
+        m = Manifest([ModelRecord(n, n, p, "") for n, p in parents.items()], {}, path.parent, path)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from e
+    tree: dict[str, str] = {}
+    for name in parents:
+        walk = [name]
+        while walk[-1] not in tree and parents[walk[-1]] is not None:
+            walk.append(parents[walk[-1]])
+        root = tree.get(walk[-1], walk[-1])
+        tree.update({w: root for w in walk})
+    return Manifest([replace(r, tree=tree[r.name]) for r in m.models], {}, path.parent, path)
 
 
 def _record(path: Path, i: int, rec) -> ModelRecord:
