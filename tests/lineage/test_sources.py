@@ -152,9 +152,10 @@ def test_a_prefixed_view_asks_its_model_under_the_full_name():
         def grid_position(self, name, x):
             return 0.25 if name == "model.w" else None
 
-        def rounding_variance(self, name):
-            return torch.full((2, 2), 0.5) if name == "model.w" else None
+        def rounding_variance(self, name, values=None):
+            return torch.full((2, 2), 0.5) + (0 if values is None else values) if name == "model.w" else None
 
     view = PrefixedView(Quantized("q", {"model.w": torch.ones(2, 2)}), "model.")
     assert view.quantization("w") == "Q8_0" and view.grid_position("w", torch.ones(2, 2)) == 0.25
     assert torch.equal(view.rounding_variance("w"), torch.full((2, 2), 0.5))
+    assert torch.equal(view.rounding_variance("w", torch.ones(2, 2)), torch.full((2, 2), 1.5))  # values passed on

@@ -62,3 +62,72 @@ def test_codebook_types_match_the_nearest_of_their_16_values(kind):
     assert codebook_match(kind, t, raw, size, values, values * (1 + 1e-4 * rng.standard_normal(values.shape))) == 1.0
     moved = values + rng.standard_normal(values.shape) * 0.3 * np.abs(values).mean()
     assert codebook_match(kind, t, raw, size, values, moved) < 0.8
+
+
+@pytest.mark.parametrize("kind", ["IQ4_NL", "IQ4_XS"])
+def test_codebook_levels_are_the_dequantized_codes_bit_for_bit(kind):
+    """Scale times book value gives what the package's dequantizer gives with every code set to 0 .. 15 (one
+    dequantization in place of 16), whatever the sub-block scales (random bytes; IQ4_XS: signed 6-bit)."""
+    from modelatlas.weights.gguf_grid import CODEBOOKS, _book_levels, _with_codes
+
+    t = T[kind]
+    _, size = gguf.GGML_QUANT_SIZES[t]
+    raw = np.random.default_rng(2).integers(0, 256, (3, 512 // gguf.GGML_QUANT_SIZES[t][0], size), dtype=np.uint8)
+    raw[:, :, 0:2] = np.random.default_rng(3).uniform(-0.1, 0.1, raw.shape[:2]).astype(np.float16).view(
+        np.uint8).reshape(*raw.shape[:2], 2)
+    raw = raw.reshape(3, -1)
+    first, end = CODEBOOKS[kind]
+    levels = list(_book_levels(kind, t, raw, size))
+    assert len(levels) == 16
+    for code, level in enumerate(levels):
+        check = _with_codes(raw, t, size, [(first, end, code | (code << 4))])  # the package's, code by code
+        assert level.dtype == np.float64 and np.array_equal(level, check)
+
+
+@pytest.mark.parametrize("kind", ["IQ4_NL", "IQ4_XS"])
+def test_codebook_gaps_by_code_are_those_by_all_16_levels(kind):
+    """The neighbours read off each value's code are, bit for bit, the nearest of all 16 levels on each side,
+    whatever the scales: random bytes, float16 scales of either sign, 0, subnormal, inf and NaN, and values
+    off the levels (those go the slow way)."""
+    from modelatlas.weights.gguf_grid import _book_gaps, _book_levels, _gaps_by_levels
+
+    t = T[kind]
+    _, size = gguf.GGML_QUANT_SIZES[t]
+    raw = np.random.default_rng(4).integers(0, 256, (4, 2048 // gguf.GGML_QUANT_SIZES[t][0], size), dtype=np.uint8)
+    d = np.random.default_rng(5).uniform(-0.1, 0.1, raw.shape[:2]).astype(np.float16)
+    d.flat[:6] = [0.0, -0.0, 6e-8, np.inf, np.nan, -3e-5]
+    raw[:, :, 0:2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
+    raw = raw.reshape(4, -1)
+    stored = gguf.quants.dequantize(raw, t).astype(np.float64)
+    stored[3, :40] += 1e-3  # off the levels
+    fast = _book_gaps(kind, t, raw, size, stored)
+    slow = _gaps_by_levels(_book_levels(kind, t, raw, size), stored)
+    for a, b in zip(fast, slow):
+        assert np.array_equal(a, b, equal_nan=True)
+    assert (fast[0] > 0).mean() > 0.5 and (fast[1] > 0).mean() > 0.5  # most values have both neighbours
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"])
+def test_one_dequantization_gives_the_grid_of_two_bit_for_bit(kind):
+    """The grid of the types without an offset, from the one code whose level is the step, is the lowest level
+    and the difference of the next, each dequantized (as it was read before), whatever the bytes: float16
+    scales of either sign, 0, -0, subnormal, inf, NaN."""
+    from modelatlas.weights.gguf_grid import LEGACY, UNIT, _with_codes
+
+    t = T[kind]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    raw = np.random.default_rng(6).integers(0, 256, (3, 2048 // block, size), dtype=np.uint8)
+    at = SUPER.get(kind, (0,))[0]  # the float16 scale d
+    d = np.random.default_rng(7).uniform(-0.1, 0.1, raw.shape[:2]).astype(np.float16)
+    d.flat[:7] = [0.0, -0.0, 6e-8, np.inf, -np.inf, np.nan, -3e-5]
+    raw[:, :, at:at + 2] = d.view(np.uint8).reshape(*raw.shape[:2], 2)
+    raw = raw.reshape(3, -1)
+    regions = {**GRIDS, **LEGACY}[kind][1]
+    lo = _with_codes(raw, t, size, [(a, b, low) for a, b, low, _ in regions])
+    with np.errstate(invalid="ignore"):
+        step = _with_codes(raw, t, size, [(a, b, nxt) for a, b, _, nxt in regions]) - lo
+    got = grid(kind, t, raw, size)
+    assert kind in UNIT
+    for a, b in zip(got, (lo, step)):
+        real = ~np.isnan(b)  # (a NaN's sign bit means nothing)
+        assert np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a[real]), np.signbit(b[real]))

@@ -143,12 +143,13 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     noise = torch.zeros(n, 4, dtype=torch.float64)
     pw = torch.empty(4, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
     bw = torch.zeros(1, info.numel + (-info.numel) % k, dtype=torch.float32)
+    work = _rounding.RoundingWork(info.numel)
     for i, x in _rows(ckpts, info, failed, fits):  # x: (1, P) float32
         if shift is None:  # the first readable model's mean: any value near the entries conditions the powers
             shift = float(x.mean())
         mom[i] = _power_sums(x, shift, pw)[0]
         sk[i] = _bucket_sums(x, signs, k, bw)[0]
-        if (r := _rounding.rounding_sums(ckpts[i], info.name, x, shift)) is not None:  # patchable in tests
+        if (r := _rounding.rounding_sums(ckpts[i], info.name, x, shift, work)) is not None:  # patchable in tests
             noise[i] = r
         if rank is not None:
             yi = rank(x)[0]  # (n', s)

@@ -112,11 +112,12 @@ class NF4MergeView(Checkpoint):
     def quantization(self, name: str) -> str | None:
         return KIND if name in self.names else None
 
-    def rounding_variance(self, name: str) -> torch.Tensor | None:
-        """Time O(P): the layer is read again."""
+    def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Time O(P); the layer is read again unless its ``values`` are given."""
         if name not in self.names:
             return None
-        return B.merged_variance_4bit(self.inner.read(name), B.NF4, self.block)
+        x = self.inner.read(name) if values is None else values.reshape(self.inner.info(name).shape)
+        return B.merged_variance_4bit(x, B.NF4, self.block)
 
     def close(self) -> None:
         self.inner.close()

@@ -79,8 +79,8 @@ class PrefixedView(Checkpoint):
     def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
         return self.inner.grid_match(self.prefix + name, x, slack)
 
-    def rounding_variance(self, name: str) -> torch.Tensor | None:
-        return self.inner.rounding_variance(self.prefix + name)
+    def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.inner.rounding_variance(self.prefix + name, values)
 
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
         return self.inner.grid_position(self.prefix + name, x)

@@ -107,12 +107,16 @@ class Checkpoint(ABC):
         when the tensor is not quantized or its format has no such test."""
         return None
 
-    def rounding_variance(self, name: str) -> torch.Tensor | None:
+    def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         """For a quantized tensor: the variance of the error its rounding added to each value, float32 of the
         tensor's shape (``step**2 / 12`` where the levels around a value are ``step`` apart: the error of
         rounding to the nearest is uniform over one step). Lineage subtracts it from distances and moments, so
         a quantized copy of an absent model stands in for it (a 4-bit rounding moves weights ~8 % of their
-        RMS, as far as a fine-tune). None when the tensor is not quantized or its format gives none."""
+        RMS, as far as a fine-tune). None when the tensor is not quantized or its format gives none.
+        ``values``: the tensor as :meth:`read` gave it (any shape of its size, any float dtype that holds its
+        values exactly), when the caller has it: a format whose variance needs the values (a GGUF block's
+        exact codes, an IQ4 value's neighbours, a merged QLoRA model's blocks) takes them in place of
+        reading and dequantizing the tensor again; the result is the same."""
         return None
 
     def stored_tensors(self) -> list[TensorInfo]:

@@ -221,7 +221,7 @@ class DequantizedCheckpoint(Checkpoint):
         scale = parts["absmax"][: -(-flat.numel() // state["blocksize"])]  # decoded by _parts
         return G.book_position(flat / scale.repeat_interleave(state["blocksize"])[: flat.numel()], parts["quant_map"])
 
-    def rounding_variance(self, name: str) -> torch.Tensor | None:
+    def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         """Variance of the rounding error at each value of a dequantized layer, float32 of its shape; None for
         other tensors. Evenly spaced levels (GPTQ, ``pack-quantized``, int8 with scales, LLM.int8, MLX):
         ``step**2 / 12``, the step its group's or row's scale (an error even over one step; GPTQ's own is
@@ -234,8 +234,8 @@ class DequantizedCheckpoint(Checkpoint):
         Time O(P) for P weights, memory O(P) for the result plus a chunk's temporaries."""
         layer = self.layers.get(name)
         if layer is None:
-            return self.inner.rounding_variance(name)
-        return self._checked(layer, lambda parts: self._variance(layer, parts))
+            return self.inner.rounding_variance(name, values)
+        return self._checked(layer, lambda parts: self._variance(layer, parts))  # from scales and codes: no values
 
     def _variance(self, layer: PackedLayer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`rounding_variance` of the layer from its stored tensors (:meth:`_parts`). Time O(P)."""

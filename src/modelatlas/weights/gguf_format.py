@@ -190,7 +190,7 @@ class GGUFCheckpoint(Checkpoint):
         live = step != 0  # a sub-block of scale 0 holds its offset whatever x
         return uniform_position(torch.from_numpy((sample - lo)[live] / step[live]))
 
-    def rounding_variance(self, name: str) -> torch.Tensor | None:
+    def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         """``step**2 / 12`` per value for the legacy types and the K-quants (evenly spaced levels per block or
         sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`), the error over each
         value's cell between its block's 16 levels for IQ4_NL / IQ4_XS
@@ -199,35 +199,43 @@ class GGUFCheckpoint(Checkpoint):
         levels have an offset (Q4_1, Q5_1): those values get 0 (:data:`SCALE_CODES`). They are the tails a
         kurtosis is made of: counted as rounded, the fourth moment's correction overshot (a Q4_0 stand-in's
         summed kurtosis read 0.06-0.1 low). K-quants search their scales for the least error, so no value is
-        exact and the rest lie nearer their levels (:data:`SEARCHED`). Rows in chunks of ~1M values. Time O(P),
-        memory O(P) float32 plus O(1M) float64."""
-        from gguf.quants import dequantize
-
-        from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY, codebook_variance, grid
+        exact and the rest lie nearer their levels (:data:`SEARCHED`). ``values``: the tensor as :meth:`read`
+        gave it (any shape of its size), which the legacy and IQ4 types then take in place of dequantizing it
+        again (the same float32 values: the same result). Rows in chunks of ~1M values. Time O(P), memory O(P)
+        float32 plus O(1M) float64."""
+        from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY
 
         t = self._tensors.get(name)
         if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS} or not t.shape:
             return None
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
+        stored = None if values is None else values.detach().reshape(len(rows), -1).float().numpy()  # (R, m)
         out = np.empty((len(rows), t.shape[-1]), dtype=np.float32)  # (R, m)
         chunk = max(1, (1 << 20) // t.shape[-1])
-        if t.ggml_type.name in CODEBOOKS:
-            for a in range(0, len(rows), chunk):
-                part = rows[a:a + chunk]
-                var = codebook_variance(t.ggml_type.name, t.ggml_type, part, type_size, dequantize(part, t.ggml_type))
-                out[a:a + chunk] = var / SEARCHED[t.ggml_type.name]
-            return torch.from_numpy(out).reshape(t.shape)
-        exact = SCALE_CODES.get(t.ggml_type.name, ())
         for a in range(0, len(rows), chunk):
-            lo, step = grid(t.ggml_type.name, t.ggml_type, rows[a:a + chunk], type_size)  # (r, m) float64
-            var = step**2 / (12 * SEARCHED.get(t.ggml_type.name, 1.0))
-            if exact:  # the value that set its block's scale is stored exactly
-                stored = dequantize(rows[a:a + chunk], t.ggml_type)  # (r, m)
-                code = np.rint((stored - lo) / np.where(step == 0, 1.0, step))
-                var[np.isin(code, exact)] = 0.0
-            out[a:a + chunk] = var
+            part = rows[a:a + chunk]
+            out[a:a + chunk] = self._variance_rows(t, part, type_size, None if stored is None else stored[a:a + chunk])
         return torch.from_numpy(out).reshape(t.shape)
+
+    def _variance_rows(self, t: GGUFTensor, part: np.ndarray, type_size: int, stored: np.ndarray | None) -> np.ndarray:
+        """:meth:`rounding_variance` of ``part`` (r, row bytes), their dequantized values ``stored`` (r, m) or None
+        (dequantized here where needed). (r, m) float64. Time O(r m)."""
+        from gguf.quants import dequantize
+
+        from modelatlas.weights.gguf_grid import CODEBOOKS, codebook_variance, grid
+
+        kind = t.ggml_type.name
+        if kind in CODEBOOKS:
+            have = dequantize(part, t.ggml_type) if stored is None else stored
+            return codebook_variance(kind, t.ggml_type, part, type_size, have) / SEARCHED[kind]
+        lo, step = grid(kind, t.ggml_type, part, type_size)  # (r, m) float64
+        var = step**2 / (12 * SEARCHED.get(kind, 1.0))
+        if kind in SCALE_CODES:  # the value that set its block's scale is stored exactly
+            have = dequantize(part, t.ggml_type) if stored is None else stored
+            code = np.rint((have - lo) / np.where(step == 0, 1.0, step))
+            var[np.isin(code, SCALE_CODES[kind])] = 0.0
+        return var
 
     def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int, have: np.ndarray):
         """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes) and their stored

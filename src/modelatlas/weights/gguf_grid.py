@@ -36,6 +36,16 @@ LEGACY = {
     "Q5_1": (32, [(4, 8, 0x00, 0x00), (8, 24, 0x00, 0x11)]),  # d, m, qh[4], qs[16]: q d + m
     "Q8_0": (256, [(2, 34, 0x80, 0x81)]),                    # d, qs[32] int8: q d (code 0 = -128)
 }
+# the types without an offset (level = (q - bias) d): type -> (bias, fills of the code whose level is d, one step).
+# Their float32 levels are exact (a float16 scale times a sub-scale of at most 8 bits times |q - bias| <= 128:
+# at most 24 bits), so the dequantizer's lowest level and step are exactly -bias d and d: one dequantization
+UNIT = {
+    "Q4_0": (8, [(2, 18, 0x99)]),                       # q 9
+    "Q5_0": (16, [(2, 6, 0xFF), (6, 22, 0x11)]),        # q 17: high bit set, low nibble 1
+    "Q8_0": (128, [(2, 34, 0x01)]),                     # int8 1 (code 129)
+    "Q3_K": (4, [(0, 32, 0xFF), (32, 96, 0x55)]),       # hmask bit set (no - 4), low bits 1
+    "Q6_K": (32, [(0, 128, 0x11), (128, 192, 0xAA)]),   # q 33: low nibble 1, high 2 bits 2
+}
 OFFSET = {"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"}  # types whose levels are q d + m (code 0: the offset m)
 TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 # the 4-bit non-linear types: a code picks one of 16 fixed values (kvalues_iq4nl) times the block's scale;
@@ -57,7 +67,14 @@ def _with_codes(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[i
 
 def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(lowest level, step) of each value's sub-block, both (r, m) float64, for ``rows`` (r, row bytes) of
-    a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales)."""
+    a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales). Two
+    dequantizations (every code the lowest, then the next), one for the types of :data:`UNIT`, bit for bit
+    the same (NaN where the scale is not finite, as the difference of two infinities gave)."""
+    if kind in UNIT:
+        bias, fills = UNIT[kind]
+        unit = _with_codes(rows, ggml_type, type_size, fills)  # (r, m) each value's step
+        with np.errstate(invalid="ignore"):  # a NaN scale stays NaN
+            return -bias * unit, np.where(np.isfinite(unit), unit + 0.0, np.nan)  # + 0.0: no -0.0 step
     regions = {**GRIDS, **LEGACY}[kind][1]
     lo = _with_codes(rows, ggml_type, type_size, [(a, b, low) for a, b, low, _ in regions])
     up = _with_codes(rows, ggml_type, type_size, [(a, b, nxt) for a, b, _, nxt in regions])
@@ -119,25 +136,85 @@ def codebook_variance(kind: str, ggml_type, rows: np.ndarray, type_size: int, st
     """(r, m) variance of the rounding error of each ``stored`` value of an IQ4 codebook type: the error spread
     evenly over its level's cell, half way to the levels next to it among the 16 its block can take
     (:func:`_book_levels`; at an end, the one gap: :func:`~modelatlas.weights.grid_position.cell_variance`).
-    Time O(16 r m), memory O(r m)."""
+    The neighbours are read off each value's code (:func:`_book_gaps`). Time O(r m), memory O(r m)."""
     import torch
 
     from modelatlas.weights.grid_position import cell_variance
 
-    x = stored.astype(np.float64)
-    below, above = np.full_like(x, np.inf), np.full_like(x, np.inf)  # gap to the nearest level each side
-    for level in _book_levels(kind, ggml_type, rows, type_size):
+    below, above = _book_gaps(kind, ggml_type, rows, type_size, stored)
+    return cell_variance(torch.from_numpy(below), torch.from_numpy(above)).numpy()
+
+
+def _book_gaps(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(r, m) float64 gaps from each ``stored`` value to the nearest of its block's 16 levels below and above
+    it, 0 where there is none (an end level). A level is ``scale * book value``, an exact float32 product (a
+    float16 scale times a 6-bit sub-scale times a 7-bit book value: at most 24 bits), so a nonzero scale's
+    levels are distinct and ordered as its book values: the value's code is ``stored / scale`` and the nearest
+    levels are those of the codes beside it, the same float32 products the dequantizer forms. Values this does
+    not hold for (a zero or non-finite scale, a value off the levels) are compared with all 16
+    (:func:`_gaps_by_levels`). Time O(r m)."""
+    scale = _book_scale(kind, ggml_type, rows, type_size)  # (r, m) float32
+    x, x64 = stored.astype(np.float32), stored.astype(np.float64)
+    with np.errstate(all="ignore"):  # a zero or non-finite scale: those values go the slow way
+        return _gaps_by_code(kind, ggml_type, rows, type_size, scale, x, x64)
+
+
+def _gaps_by_code(kind: str, ggml_type, rows: np.ndarray, type_size: int, scale: np.ndarray, x: np.ndarray,
+                  x64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_book_gaps` of ``x`` (float32) and ``x64`` (the values as given), ``scale`` (float32) each
+    value's. Time O(r m)."""
+    from gguf.quants import IQ4_NL
+
+    book = np.array(IQ4_NL.kvalues, dtype=np.float32)  # (16,) ascending
+    q = x / scale  # (r, m) the book value, exactly, for a value on its levels
+    table = np.full(256, -1, dtype=np.int64)  # book value + 128 -> code
+    table[book.astype(np.int64) + 128] = np.arange(16)
+    whole = np.isfinite(q) & (np.abs(q) <= 127) & (scale != 0)
+    code = np.where(whole, table[np.where(whole, q, 0).astype(np.int64) + 128], -1)
+    ok = whole & (code >= 0) & (book[np.clip(code, 0, 15)] == q) & (x == x64)
+    up = np.where(scale > 0, 1, -1)  # the code of the next level up: levels descend with a negative scale
+    gaps = []
+    for side, sign in ((code - up, 1.0), (code + up, -1.0)):  # below, above
+        inside = ok & (side >= 0) & (side <= 15)
+        level = (scale * book[np.clip(side, 0, 15)]).astype(np.float64)  # (r, m)
+        gaps.append(np.where(inside, sign * (x64 - level), 0.0))
+    if not ok.all():  # the rest, by every level
+        slow = _gaps_by_levels((lv[~ok] for lv in _book_levels(kind, ggml_type, rows, type_size)), x64[~ok])
+        for gap, other in zip(gaps, slow):
+            gap[~ok] = other
+    return gaps[0], gaps[1]
+
+
+def _gaps_by_levels(levels, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gaps from ``x`` (float64) to the nearest of ``levels`` (arrays like ``x``) strictly below and above it,
+    0 where none is. Time O(levels x size)."""
+    below, above = np.full_like(x, np.inf), np.full_like(x, np.inf)
+    for level in levels:
         gap = level - x
         np.minimum(above, np.where(gap > 0, gap, np.inf), out=above)
         np.minimum(below, np.where(gap < 0, -gap, np.inf), out=below)
     # an end level has no level beyond it: 0 there, which cell_variance reads as no side
-    return cell_variance(torch.from_numpy(np.where(np.isinf(below), 0.0, below)),
-                         torch.from_numpy(np.where(np.isinf(above), 0.0, above))).numpy()
+    return np.where(np.isinf(below), 0.0, below), np.where(np.isinf(above), 0.0, above)
+
+
+def _book_scale(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> np.ndarray:
+    """(r, m) float32 scale of each value of IQ4 ``rows`` (r, row bytes): the package's dequantizer with every
+    code set to 8, whose book value is 1. Time O(r m)."""
+    from gguf.quants import IQ4_NL
+
+    first, end = CODEBOOKS[kind]
+    one = IQ4_NL.kvalues.index(1)
+    return _with_codes(rows, ggml_type, type_size, [(first, end, one | (one << 4))]).astype(np.float32)
 
 
 def _book_levels(kind: str, ggml_type, rows: np.ndarray, type_size: int):
     """Each of the 16 levels an IQ4 block's values can take, as (r, m) float64 for ``rows`` (r, row bytes):
-    every code set to 0 .. 15 in turn. Time O(r m) each."""
-    first, end = CODEBOOKS[kind]
-    for code in range(16):
-        yield _with_codes(rows, ggml_type, type_size, [(first, end, code | (code << 4))])  # (r, m)
+    the value's scale (:func:`_book_scale`) times each book value, in float32 as the dequantizer multiplies
+    (``d * kvalues[q]``): the levels of every code set to 0 .. 15 in turn, bit for bit, for one
+    dequantization in place of 16. Time O(r m) each."""
+    from gguf.quants import IQ4_NL
+
+    scale = _book_scale(kind, ggml_type, rows, type_size)  # (r, m)
+    for value in np.array(IQ4_NL.kvalues, dtype=np.float32):
+        yield (scale * value).astype(np.float64)  # (r, m)

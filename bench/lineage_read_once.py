@@ -1,0 +1,65 @@
+"""A folder of GGUF files of wide layers, for timing ``atlas lineage recover`` on quantized models.
+
+    python bench/lineage_read_once.py --quantize /tmp/llcpp/.../build/bin/llama-quantize --work /tmp/once --width 1024
+    atlas lineage recover /tmp/once --out forest.json
+
+A llama-architecture model (2 blocks, width ``--width``, t(5)-distributed weights; bench/lineage_llamacpp.py's
+model) and four fine-tunes of it (a, b from the base, a1 from a, b1 from b; each 2-D weight moved by 2 % of
+its standard deviation) are written as F32 GGUF and quantized by llama-quantize. The folder holds the base as
+F32 and as Q4_K_M (a copy: tested by requantizing, and for being made from it by its grid), and the
+fine-tunes only quantized (stand-ins, their rounding taken out): a as Q4_0 and Q8_0, b as IQ4_XS, a1 as Q8_0,
+b1 as Q4_K_M. The default layers (square matrices) are the 8 attention matrices of width x width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lineage_llamacpp as L  # noqa: E402  (the model and its F32 writer)
+
+TREE = {"a": "base", "b": "base", "a1": "a", "b1": "b"}  # child -> parent
+FILES = {"base": ["F32", "Q4_K_M"], "a": ["Q4_0", "Q8_0"], "b": ["IQ4_XS"], "a1": ["Q8_0"], "b1": ["Q4_K_M"]}
+STEP = 0.02  # a fine-tune's move, in standard deviations of each weight matrix
+
+
+def make_models(width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """The base and its fine-tunes (:data:`TREE`), name -> tensors."""
+    L.E, L.F, L.V = width, 2 * width, width  # the writer reads the module's sizes
+    rng = np.random.default_rng(seed)
+    models = {"base": L.make_weights(rng)}
+    for child, parent in TREE.items():
+        models[child] = {k: v + (STEP * v.std() * rng.standard_normal(v.shape)).astype(np.float32) if v.ndim == 2
+                         else v for k, v in models[parent].items()}
+    return models
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantize", type=Path, required=True, help="llama.cpp's llama-quantize binary")
+    ap.add_argument("--work", type=Path, required=True, help="new folder for the GGUF files")
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True)
+    scratch = args.work.with_name(args.work.name + "-f32")
+    scratch.mkdir()
+    for name, tensors in make_models(args.width, args.seed).items():
+        f32 = (args.work if "F32" in FILES[name] else scratch) / f"{name}.gguf"
+        L.write_llama(f32, tensors)
+        for kind in (k for k in FILES[name] if k != "F32"):
+            out = args.work / f"{name}-{kind.lower()}.gguf"
+            subprocess.run([str(args.quantize), str(f32), str(out), kind], check=True, capture_output=True)
+        if f32.parent == scratch:
+            f32.unlink()
+    scratch.rmdir()
+    print("\n".join(sorted(p.name for p in args.work.iterdir())))
+
+
+if __name__ == "__main__":
+    main()
