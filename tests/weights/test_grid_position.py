@@ -85,3 +85,16 @@ def test_level_variance_of_an_even_density_is_the_gap_squared_over_12():
     assert falling[1] > 0.5**2 / 12 and falling[3] > 0.5**2 / 12  # an end's half cell: values far from it
     with_nan = G.level_variance(torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([5, 0, 5]))
     assert with_nan[1] == 0 and with_nan[0] > 0
+
+
+def test_cell_variance_of_arrays_is_that_of_tensors():
+    """IQ4 rounding variances are computed on numpy arrays (no torch thread pool to wait on): the same values."""
+    import numpy as np
+
+    from modelatlas.weights.grid_position import cell_variance
+
+    rng = np.random.default_rng(0)
+    below, above = rng.random(1000) * rng.choice([0.0, 1.0, 1e-3], 1000), rng.random(1000)
+    got = cell_variance(below, above)
+    assert isinstance(got, np.ndarray) and got[below == 0].tolist() == pytest.approx((above[below == 0] / 2) ** 2 / 3)
+    assert np.array_equal(got, cell_variance(torch.from_numpy(below), torch.from_numpy(above)).numpy())

@@ -36,16 +36,6 @@ LEGACY = {
     "Q5_1": (32, [(4, 8, 0x00, 0x00), (8, 24, 0x00, 0x11)]),  # d, m, qh[4], qs[16]: q d + m
     "Q8_0": (256, [(2, 34, 0x80, 0x81)]),                    # d, qs[32] int8: q d (code 0 = -128)
 }
-# the types without an offset (level = (q - bias) d): type -> (bias, fills of the code whose level is d, one step).
-# Their float32 levels are exact (a float16 scale times a sub-scale of at most 8 bits times |q - bias| <= 128:
-# at most 24 bits), so the dequantizer's lowest level and step are exactly -bias d and d: one dequantization
-UNIT = {
-    "Q4_0": (8, [(2, 18, 0x99)]),                       # q 9
-    "Q5_0": (16, [(2, 6, 0xFF), (6, 22, 0x11)]),        # q 17: high bit set, low nibble 1
-    "Q8_0": (128, [(2, 34, 0x01)]),                     # int8 1 (code 129)
-    "Q3_K": (4, [(0, 32, 0xFF), (32, 96, 0x55)]),       # hmask bit set (no - 4), low bits 1
-    "Q6_K": (32, [(0, 128, 0x11), (128, 192, 0xAA)]),   # q 33: low nibble 1, high 2 bits 2
-}
 OFFSET = {"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"}  # types whose levels are q d + m (code 0: the offset m)
 TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 # the 4-bit non-linear types: a code picks one of 16 fixed values (kvalues_iq4nl) times the block's scale;
@@ -54,31 +44,33 @@ TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 CODEBOOKS = {"IQ4_NL": (2, 18), "IQ4_XS": (8, 136)}
 
 
-def _with_codes(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[int, int, int]]) -> np.ndarray:
-    """``rows`` (r, row bytes) dequantized, float64 (r, m), with the bytes ``first:end`` of every block set to
-    ``byte`` for each (first, end, byte) of ``fills``: the blocks' scales with chosen codes."""
+def _with_codes(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[int, int, int]],
+                every: int = 1) -> np.ndarray:
+    """``rows`` (r, row bytes) dequantized, float64 (r, m), with every ``every``-th byte of ``first:end`` of
+    every block set to ``byte`` for each (first, end, byte) of ``fills`` in turn: the blocks' scales with
+    chosen codes."""
     from gguf.quants import dequantize
 
     blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
     for first, end, byte in fills:
-        blocks[:, :, first:end] = byte
+        blocks[:, :, first:end:every] = byte
     return dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64)  # (r, m)
 
 
 def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(lowest level, step) of each value's sub-block, both (r, m) float64, for ``rows`` (r, row bytes) of
-    a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales). Two
-    dequantizations (every code the lowest, then the next), one for the types of :data:`UNIT`, bit for bit
-    the same (NaN where the scale is not finite, as the difference of two infinities gave)."""
-    if kind in UNIT:
-        bias, fills = UNIT[kind]
-        unit = _with_codes(rows, ggml_type, type_size, fills)  # (r, m) each value's step
-        with np.errstate(invalid="ignore"):  # a NaN scale stays NaN
-            return -bias * unit, np.where(np.isfinite(unit), unit + 0.0, np.nan)  # + 0.0: no -0.0 step
+    a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales). One
+    dequantization: the code bytes alternate between the lowest code's fill and the next's, and in every
+    type's layout consecutive code bytes hold consecutive values (of one sub-block: 16 or more), so each even
+    value is its pair's lowest level and each odd one the next; bit for bit what dequantizing every code
+    the lowest, then every code the next, gave (tests/weights/test_gguf_grid.py, on random bytes). Time
+    O(r m)."""
     regions = {**GRIDS, **LEGACY}[kind][1]
-    lo = _with_codes(rows, ggml_type, type_size, [(a, b, low) for a, b, low, _ in regions])
-    up = _with_codes(rows, ggml_type, type_size, [(a, b, nxt) for a, b, _, nxt in regions])
-    return lo, up - lo
+    fills = [(a, b, low) for a, b, low, _ in regions] + [(a + 1, b, nxt) for a, b, _, nxt in regions]
+    pairs = _with_codes(rows, ggml_type, type_size, fills, every=2).reshape(len(rows), -1, 2)  # (r, m / 2, 2)
+    lo = np.repeat(pairs[:, :, 0], 2, axis=1)  # (r, m)
+    with np.errstate(invalid="ignore"):  # a non-finite scale: NaN, as before
+        return lo, np.repeat(pairs[:, :, 1], 2, axis=1) - lo
 
 
 def grid_test(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray, rel_tol: float = 0.0,
@@ -137,12 +129,9 @@ def codebook_variance(kind: str, ggml_type, rows: np.ndarray, type_size: int, st
     evenly over its level's cell, half way to the levels next to it among the 16 its block can take
     (:func:`_book_levels`; at an end, the one gap: :func:`~modelatlas.weights.grid_position.cell_variance`).
     The neighbours are read off each value's code (:func:`_book_gaps`). Time O(r m), memory O(r m)."""
-    import torch
-
     from modelatlas.weights.grid_position import cell_variance
 
-    below, above = _book_gaps(kind, ggml_type, rows, type_size, stored)
-    return cell_variance(torch.from_numpy(below), torch.from_numpy(above)).numpy()
+    return cell_variance(*_book_gaps(kind, ggml_type, rows, type_size, stored))  # numpy: no thread pool to wait on
 
 
 def _book_gaps(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray

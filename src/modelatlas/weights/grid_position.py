@@ -98,10 +98,11 @@ def _cell_moments(levels: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, moment / mass.clamp(min=1e-300), even)
 
 
-def cell_variance(below: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+def cell_variance(below, above):
     """Variance of a rounding error spread evenly over a level's cell, the levels next to it ``below`` and
     ``above`` away (the cell reaches half way to each; 0 where there is none: an end level): ``(a**2 - a*b +
     b**2) / 3`` for half gaps a and b: ``gap**2 / 12`` for equal gaps, and of the one gap at an end (whose
-    cell is half of it). Time O(len(below))."""
+    cell is half of it). Tensors or numpy arrays (the same operations: the same values). Time
+    O(len(below))."""
     a, b = below / 2, above / 2
     return (a * a - a * b + b * b) / 3
