@@ -9,6 +9,13 @@ its standard deviation) are written as F32 GGUF and quantized by llama-quantize.
 F32 and as Q4_K_M (a copy: tested by requantizing, and for being made from it by its grid), and the
 fine-tunes only quantized (stand-ins, their rounding taken out): a as Q4_0 and Q8_0, b as IQ4_XS, a1 as Q8_0,
 b1 as Q4_K_M. The default layers (square matrices) are the 8 attention matrices of width x width.
+
+    python bench/lineage_read_once.py --measure /tmp/once
+
+times, per quantization type in the folder, one layer's read and its rounding sums as lineage computes them
+(:func:`~modelatlas.lineage.rounding.rounding_sums`, the variance included) on one torch thread, the best of
+five: run it with the sources before and after a change (a ``rounding_sums`` that takes no scratch is
+called without).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +47,60 @@ def make_models(width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
     return models
 
 
+def best_ms(fn, runs: int = 5) -> float:
+    """The least wall time of ``runs`` calls of ``fn``, in ms."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def measure(folder: Path) -> None:
+    """Per quantization type in ``folder``: a square layer of it (the first one found), its read and rounding
+    sums (:func:`time_layer`)."""
+    import torch
+
+    from modelatlas.weights import open_checkpoint
+
+    torch.set_num_threads(1)  # other jobs share the cores: a second thread waits on them
+    print("| type | layer | read (ms) | rounding sums (ms) | ratio |\n|---|---|---|---|---|")
+    done = set()
+    for path in sorted(folder.glob("*.gguf")):
+        with open_checkpoint(path) as ck:
+            for t in ck.tensors():
+                kind = ck.quantization(t.name)
+                if kind is not None and kind not in done and len(t.shape) == 2 and t.shape[0] == t.shape[1]:
+                    done.add(kind)
+                    read, sums = time_layer(ck, t.name)
+                    print(f"| {kind} | {t.name} {t.shape} | {read:.1f} | {sums:.1f} | {sums / read:.2f} |")
+
+
+def time_layer(ck, name: str) -> tuple[float, float]:
+    """(read, rounding sums) of layer ``name`` of ``ck``, best of five, in ms; the sums in a reused scratch
+    where :func:`~modelatlas.lineage.rounding.rounding_sums` takes one (not before session 31)."""
+    import inspect
+
+    from modelatlas.lineage import rounding as R
+
+    row = ck.read(name).reshape(1, -1)  # (1, P)
+    extra = {"work": R.RoundingWork(row.numel())} if "work" in inspect.signature(R.rounding_sums).parameters else {}
+    return best_ms(lambda: ck.read(name)), best_ms(lambda: R.rounding_sums(ck, name, row, 0.0, **extra))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quantize", type=Path, required=True, help="llama.cpp's llama-quantize binary")
-    ap.add_argument("--work", type=Path, required=True, help="new folder for the GGUF files")
+    ap.add_argument("--quantize", type=Path, help="llama.cpp's llama-quantize binary")
+    ap.add_argument("--work", type=Path, help="new folder for the GGUF files")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--measure", type=Path, help="a folder written before: time reads and rounding sums")
     args = ap.parse_args()
+    if args.measure is not None:
+        return measure(args.measure)
+    if args.quantize is None or args.work is None:
+        ap.error("--quantize and --work are needed to write a folder")
     args.work.mkdir(parents=True)
     scratch = args.work.with_name(args.work.name + "-f32")
     scratch.mkdir()

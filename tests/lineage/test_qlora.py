@@ -153,3 +153,18 @@ def test_a_float32_model_is_not_read_again():
     reads = []
     ck._read = lambda name, read=ck._read: reads.append(name) or read(name)
     assert detect(ck, ck.tensors()) is None and reads == []
+
+
+def test_a_merge_view_takes_the_values_read_without_reading_again(w):
+    """The pass hands each layer's float32 row to rounding_variance: the same variance as reading the bfloat16
+    layer again, and no second read."""
+    layers = [TensorInfo("a.weight", (64, 256), "bfloat16")]
+    merge = MemoryCheckpoint("m", {"a.weight": merged(w, 1e-2)})
+    view = mark_merges([merge], layers)[0][0]
+    reads = []
+    merge._read = lambda name, read=merge._read: reads.append(name) or read(name)
+    again = view.rounding_variance("a.weight")
+    assert reads == ["a.weight"]
+    row = merge.read("a.weight").reshape(1, -1).float()  # (1, P) as lineage.distances reads it
+    reads.clear()
+    assert torch.equal(view.rounding_variance("a.weight", row), again) and reads == []

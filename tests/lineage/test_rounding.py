@@ -184,3 +184,26 @@ def test_a_lora_tree_with_a_quantized_stand_in_still_reads_low_rank(tmp_path):
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="generalize")
     assert forest.decisions["distance"] == "rank"
     assert {(e.parent, e.child) for e in forest.edges} == {("base", c) for c in ("lora0", "lora1-q4_0", "lora2", "lora3")}
+
+
+def test_rounding_sums_hand_the_row_read_to_the_variance_and_reuse_their_scratch():
+    """The layer's values go to rounding_variance (not dequantized again); sums in a reused RoundingWork equal
+    those of fresh tensors, model after model (the former formula written out, in its order)."""
+    from modelatlas.lineage.sources import MemoryCheckpoint
+
+    class Quantized(MemoryCheckpoint):
+        def quantization(self, name):
+            return "Q4_0"
+
+        def rounding_variance(self, name, values=None):
+            seen.append(values)
+            return torch.full((3, 5), 0.25) + values.reshape(3, 5).abs()  # depends on the values given
+
+    seen = []
+    work = R.RoundingWork(15)
+    for seed in range(3):
+        row = torch.randn(1, 15, generator=torch.Generator().manual_seed(seed))
+        got = R.rounding_sums(Quantized("q", {"w": row.reshape(3, 5)}), "w", row, 0.5, work)
+        assert seen[-1] is row
+        v, e = (0.25 + row.abs()).reshape(-1).double(), row.reshape(-1).double() - 0.5
+        assert torch.equal(got, torch.stack([v.sum(), (e * v).sum(), (e * v * e).sum(), (v * v).sum()]))

@@ -73,3 +73,37 @@ def test_an_iq4_nl_layer_by_hand(tmp_path):
     a = np.where(k > 0, gaps[np.maximum(k - 1, 0)], 0.0) / 2
     b = np.where(k < 15, gaps[np.minimum(k, 14)], 0.0) / 2
     assert np.allclose(v, (a * a - a * b + b * b) / 3 / 1.195, rtol=1e-5)
+
+
+def check_one_dequantization(monkeypatch, ck, name, calls_without):
+    """``ck.rounding_variance(name, values)`` with the values read: the same variance as without them, and one
+    dequantization of the layer's blocks (its grid or its IQ4 scales), where ``calls_without`` were made
+    without them."""
+    import gguf.quants as Q
+
+    values = ck.read(name)
+    calls, real = [], Q.dequantize
+    monkeypatch.setattr(Q, "dequantize", lambda *a: calls.append(1) or real(*a))
+    alone = ck.rounding_variance(name)
+    assert len(calls) == calls_without
+    calls.clear()
+    given = ck.rounding_variance(name, values.reshape(1, -1))  # (1, P): as lineage.distances passes a row
+    assert torch.equal(given, alone) and len(calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
+def test_legacy_types_dequantize_once_given_the_values(tmp_path, monkeypatch, kind):
+    x = (np.random.default_rng(2).standard_t(5, size=(64, 256)) * 0.02).astype(np.float32)
+    with open_checkpoint(make_quantized(tmp_path / "m.gguf", x, kind)) as ck:
+        check_one_dequantization(monkeypatch, ck, "q", 2)  # the grid, then the stored values for the exact codes
+
+
+@pytest.mark.parametrize("kind", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_types_dequantize_once_given_the_values(tmp_path, monkeypatch, kind):
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    raw = np.random.default_rng(3).integers(0, 256, (8, 512 // block, size), dtype=np.uint8)
+    raw[:, :, 0:2] = np.full(raw.shape[:2], 0.01, np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    if kind == "IQ4_XS":  # sub-scales 1 - 32 (random bytes give some of 32 - 32 = 0: those take the 16 levels)
+        raw[:, :, 2:4], raw[:, :, 4:8] = 0, 0x11
+    with open_checkpoint(make_file(tmp_path / "iq.gguf", {"a": (raw.reshape(8, -1), kind)})) as ck:
+        check_one_dequantization(monkeypatch, ck, "a", 2)  # the scales, then the stored values
