@@ -44,33 +44,49 @@ TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 CODEBOOKS = {"IQ4_NL": (2, 18), "IQ4_XS": (8, 136)}
 
 
+GROUP = 16  # consecutive values that share their sub-block's scales in every type here (Q2_K, Q3_K, Q6_K: 16)
+
+
 def _with_codes(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[int, int, int]],
                 every: int = 1) -> np.ndarray:
-    """``rows`` (r, row bytes) dequantized, float64 (r, m), with every ``every``-th byte of ``first:end`` of
-    every block set to ``byte`` for each (first, end, byte) of ``fills`` in turn: the blocks' scales with
-    chosen codes."""
+    """``rows`` (r, row bytes) dequantized, float64 (r, m), with the codes of :func:`_coded`."""
+    return _coded(rows, ggml_type, type_size, fills, every).astype(np.float64)  # (r, m)
+
+
+def _coded(rows: np.ndarray, ggml_type, type_size: int, fills: list[tuple[int, int, int]],
+           every: int = 1) -> np.ndarray:
+    """``rows`` (r, row bytes) dequantized as the package gives them (float32, (r, m)), with every
+    ``every``-th byte of ``first:end`` of every block set to ``byte`` for each (first, end, byte) of ``fills``
+    in turn: the blocks' scales with chosen codes."""
     from gguf.quants import dequantize
 
     blocks = np.array(rows, dtype=np.uint8).reshape(len(rows), -1, type_size)  # (r, blocks, bytes)
     for first, end, byte in fills:
         blocks[:, :, first:end:every] = byte
-    return dequantize(blocks.reshape(len(rows), -1), ggml_type).astype(np.float64)  # (r, m)
+    return dequantize(blocks.reshape(len(rows), -1), ggml_type)  # (r, m)
 
 
 def grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(lowest level, step) of each value's sub-block, both (r, m) float64, for ``rows`` (r, row bytes) of
-    a ``kind`` tensor. A step may be 0 (a sub-block whose scale is 0) or negative (signed scales). One
-    dequantization: the code bytes alternate between the lowest code's fill and the next's, and in every
-    type's layout consecutive code bytes hold consecutive values (of one sub-block: 16 or more), so each even
-    value is its pair's lowest level and each odd one the next; bit for bit what dequantizing every code
+    a ``kind`` tensor (:func:`group_grid`, each group's for its :data:`GROUP` values). A step may be 0 (a
+    sub-block whose scale is 0) or negative (signed scales). Time O(r m)."""
+    lo, step = group_grid(kind, ggml_type, rows, type_size)
+    return np.repeat(lo, GROUP, axis=1), np.repeat(step, GROUP, axis=1)  # (r, m / GROUP) -> (r, m)
+
+
+def group_grid(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest level, step) of each group of :data:`GROUP` values of ``rows`` (r, row bytes), both (r, m /
+    GROUP) float64. One dequantization: the code bytes alternate between the lowest code's fill and the
+    next's, and in every type's layout consecutive code bytes hold consecutive values of one sub-block, so a
+    group's first value is its lowest level and its second the next; bit for bit what dequantizing every code
     the lowest, then every code the next, gave (tests/weights/test_gguf_grid.py, on random bytes). Time
     O(r m)."""
     regions = {**GRIDS, **LEGACY}[kind][1]
     fills = [(a, b, low) for a, b, low, _ in regions] + [(a + 1, b, nxt) for a, b, _, nxt in regions]
-    pairs = _with_codes(rows, ggml_type, type_size, fills, every=2).reshape(len(rows), -1, 2)  # (r, m / 2, 2)
-    lo = np.repeat(pairs[:, :, 0], 2, axis=1)  # (r, m)
+    groups = _coded(rows, ggml_type, type_size, fills, every=2).reshape(len(rows), -1, GROUP)  # (r, m / GROUP, GROUP)
+    lo = groups[:, :, 0].astype(np.float64)  # (r, m / GROUP)
     with np.errstate(invalid="ignore"):  # a non-finite scale: NaN, as before
-        return lo, np.repeat(pairs[:, :, 1], 2, axis=1) - lo
+        return lo, groups[:, :, 1].astype(np.float64) - lo
 
 
 def grid_test(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray, rel_tol: float = 0.0,
