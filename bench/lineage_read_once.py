@@ -13,8 +13,8 @@ b1 as Q4_K_M. The default layers (square matrices) are the 8 attention matrices 
     python bench/lineage_read_once.py --measure /tmp/once
 
 times, per quantization type in the folder, one layer's read and its rounding sums as lineage computes them
-(:func:`~modelatlas.lineage.rounding.rounding_sums`, the variance included) on one torch thread, the best of
-five: run it with the sources before and after a change (a ``rounding_sums`` that takes no scratch is
+(:func:`~modelatlas.lineage.rounding.rounding_sums`, the variance included) on one torch thread, the least CPU
+time of five: run it with the sources before and after a change (a ``rounding_sums`` that takes no scratch is
 called without).
 """
 
@@ -48,12 +48,13 @@ def make_models(width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
 
 
 def best_ms(fn, runs: int = 5) -> float:
-    """The least wall time of ``runs`` calls of ``fn``, in ms."""
+    """The least CPU time of ``runs`` calls of ``fn``, in ms: on one thread, the work itself, whatever other
+    jobs hold the cores (their wall time varied 2-5x with the load)."""
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return 1e3 * min(times)
 
 

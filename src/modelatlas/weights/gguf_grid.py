@@ -210,7 +210,7 @@ def _book_scale(kind: str, ggml_type, rows: np.ndarray, type_size: int) -> np.nd
 
     first, end = CODEBOOKS[kind]
     one = IQ4_NL.kvalues.index(1)
-    return _with_codes(rows, ggml_type, type_size, [(first, end, one | (one << 4))]).astype(np.float32)
+    return _coded(rows, ggml_type, type_size, [(first, end, one | (one << 4))]).astype(np.float32, copy=False)
 
 
 def _book_levels(kind: str, ggml_type, rows: np.ndarray, type_size: int):
