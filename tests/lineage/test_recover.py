@@ -307,7 +307,7 @@ def make_mixed_tree_matrices():
 
 
 def test_a_full_fine_tune_among_lora_children_keeps_the_tree_off_rank_distance():
-    from modelatlas.lineage.recover import _low_rank_tree
+    from modelatlas.lineage.tree_distance import _low_rank_tree
 
     rms, frac = make_mixed_tree_matrices()
     near = np.argmin(rms + np.diag(np.full(5, np.inf)), axis=1)

@@ -288,7 +288,7 @@ def warn_stage_guess(forest) -> None:
 
 def _model_notes(forest) -> None:
     """One stderr line per skipped model, per model compared apart from the GGUF files, per quantized model
-    whose source is not among the models, per merged QLoRA model, per model equal to another on the compared layers only (placed
+    whose source is not among the models, per AWQ model read unsmoothed, per merged QLoRA model, per model equal to another on the compared layers only (placed
     beside it, direction unknown), and per adapter merged onto --base placed in another tree than the base."""
     for name, why in forest.skipped.items():
         note(f"skipped {name}: {' '.join(why.split())}")
@@ -300,6 +300,9 @@ def _model_notes(forest) -> None:
     for name, kind in (forest.decisions.get("quantized_models") or {}).items():
         note(f"{name}: quantized ({kind}), and no model given is the one it was quantized from: placed as a model "
              "of its own that stands in for that one (its rounding taken out of its distances and kurtosis)")
+    for name, rel in (forest.decisions.get("awq_unsmoothed") or {}).items():
+        note(f"{name}: AWQ-rescaled, compared with its rescaling undone by the factors {rel}'s norms and column "
+             "norms give (AWQ divided its norms by them)")
     for name in forest.decisions.get("nf4_merges") or []:
         note(f"{name}: its values sit on the NF4 levels of 64-value blocks (a merged QLoRA model, its NF4 base not "
              "given): its NF4 rounding taken out of its distances and kurtosis, as for a quantized model")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from modelatlas.lineage import smoothed as S
+from modelatlas.lineage.unsmoothed import stored
 from modelatlas.weights import Checkpoint, TensorInfo
 
 # share of values the requantized source must reproduce: a copy reproduces all (float ties aside); a fine-tune
@@ -68,9 +69,9 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
         nearest = sorted(sources, key=lambda j: rel[q, j])[:candidates]
         best = _best_source(ckpts, q, nearest, copy_score, layers, accept, made_from)
         if best is None and S.smoothed_pairs(ckpts[q]):
-            rescaled = {j: S.rescaled_distance(ckpts[q], ckpts[j]) for j in sources}
+            rescaled = {j: S.rescaled_distance(stored(ckpts[q]), ckpts[j]) for j in sources}
             nearest = sorted(sources, key=rescaled.__getitem__)[:candidates]
-            skip = S.smoothed_tensors(ckpts[q])
+            skip = S.smoothed_tensors(stored(ckpts[q]))
             best = _best_source(ckpts, q, nearest, _smoothed_score, layers,
                                 None if accept is None else lambda a, b, skip=skip: accept(a, b, skip), made_from)
         if best is not None:
@@ -94,7 +95,7 @@ def _best_source(ckpts: list[Checkpoint], q: int, nearest: list[int], score, lay
 def _smoothed_score(copy: Checkpoint, source: Checkpoint) -> float:
     """:func:`~.smoothed.smoothed_score` at :data:`MIN_MATCH`: an AWQ-rescaled copy's codes are a plain
     rounding. Time O(P) of the tested layers."""
-    return S.smoothed_score(copy, source, MIN_MATCH)
+    return S.smoothed_score(stored(copy), source, MIN_MATCH)
 
 
 def made_from_copy(copy: Checkpoint, model: Checkpoint, layers: list[TensorInfo]) -> bool:

@@ -31,15 +31,13 @@ from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.known import Known, place_tree
-from modelatlas.lineage.orient import prim_mst
 from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import quant_type
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
-from modelatlas.lineage.spectra import spectral_distances
 from modelatlas.lineage.stage import decide_tree_stages, stage_trees
+from modelatlas.lineage.tree_distance import summarise, tree_distance, with_views
+from modelatlas.lineage.unsmoothed import unsmoothed
 from modelatlas.progress import Progress
-
-_NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
 
 
 class LineageRecovery:
@@ -66,15 +64,13 @@ class LineageRecovery:
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
         base, merged = adapter_roles(ckpts, adapter_base)
-        if base is not None:  # first, as the CLI gives it: an adapter equal to it is its copy, not its parent
-            ckpts = sorted(ckpts, key=lambda c: c.name != base)
+        ckpts = ckpts if base is None else sorted(ckpts, key=lambda c: c.name != base)  # base first: a copy of it is no parent
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside, quantized, made, same, merges = [], [], {}, {}, {}, {}, {}, {}, []
+        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq = [], [], {}, {}, {}, {}, {}, {}, [], {}
         for members, layers in groups:
-            members, found = mark_merges(members, layers)
-            merges.extend(found)
+            members, found = _as_read(members, layers, merges, awq)
             st = _pair_stats(cfg, members, layers, progress)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
@@ -86,25 +82,33 @@ class LineageRecovery:
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError(_nothing_comparable(skipped))
-        self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names))
+        self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names),
+                         set(awq) - set(duplicates))  # (an AWQ copy of a given source is placed as it)
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
         # nf4_merges: float models read as merged QLoRA models, their NF4 rounding taken out (lineage.qlora);
         # quantized, but no model given is the one it was made from: placed as a model; same: roundings of one
         # model not given (lineage.rounding.same_model_pairs); GGUF files compared under llama.cpp's names or
-        # (unmapped) under their own, apart
+        # (unmapped) under their own, apart; awq_unsmoothed: AWQ models placed with their rescaling undone
+        # against that relative (lineage.unsmoothed)
         extra = {"made_from_quantized": made, "quantized_models": quantized, "same_model_roundings": same,
-                 "gguf_names": renamed, "gguf_unmapped": unmapped, "nf4_merges": merges}
+                 "gguf_names": renamed, "gguf_unmapped": unmapped, "nf4_merges": merges,
+                 "awq_unsmoothed": {n: r for n, r in awq.items() if n not in duplicates}}
         self.forest_.decisions.update({k: v for k, v in extra.items() if v})
         return self
 
-    def _fit_groups(self, cfg, names, stats, rules, skipped, known: Known | None = None) -> None:
+    def _fit_groups(self, cfg, names, stats, rules, skipped, known: Known | None = None,
+                    unsmoothed: set[str] = frozenset()) -> None:
         """Trees, stage and edges of the models kept (``names`` and ``stats`` per architecture group); ``known``:
-        the directions known from outside the weights (the adapters' base, quantized bases: :mod:`.known`)."""
+        the directions known from outside the weights (the adapters' base, quantized bases: :mod:`.known`);
+        ``unsmoothed``: the AWQ models read with their rescaling undone (:func:`~.tree_distance.with_views`)."""
         known, (labels, k_info) = known or Known(), _cluster(cfg, stats)
         flat = [n for g in names for n in g]
         trees = _tree_members(labels, stats)
-        dists, dist_info = zip(*[_tree_distance(cfg, stats[g], idx) for g, idx in trees]) if trees else ((), ())
+        views = [[k for k, i in enumerate(idx) if names[g][i] in unsmoothed] for g, idx in trees]
+        dists, dist_info = zip(*[tree_distance(cfg, stats[g], idx, v) for (g, idx), v in zip(trees, views)]) \
+            if trees else ((), ())
+        dists = [with_views(*x, stats[g], idx, v) for x, (g, idx), v in zip(zip(dists, dist_info), trees, views)]
         kurt = [stats[g].kurtosis[idx] for g, idx in trees]
         lks = [None if stats[g].layer_kurtosis is None else stats[g].layer_kurtosis[idx] for g, idx in trees]
         members = [[names[g][i] for i in idx] for g, idx in trees]
@@ -120,7 +124,7 @@ class LineageRecovery:
         decisions = {"method": cfg.method, "stage_given": cfg.stage != "auto", "n_trees": len(trees), **k_info, **s_info,
                      "lambda": cfg.lam, "placement": placement,
                      "orient": cfg.orient if placement == "mst" else "joint", **t_info,
-                     "distance": _summarise(dist_info), "layers": rules, "architectures": len(names)}
+                     "distance": summarise(dist_info), "layers": rules, "architectures": len(names)}
         kurt_all = np.concatenate([s.kurtosis for s in stats])
         self.forest_ = Forest(flat, edges, decisions, members, dict(zip(flat, kurt_all.tolist())), skipped)
         self._set_attributes(flat, labels, stats, trees, dists, kurt_all)
@@ -198,6 +202,15 @@ def _place_trees(cfg: LineageConfig, placement: str, stages: list[str], trees: l
 def _with_copies(node: str, after: dict[str, list[str]]) -> list[str]:
     """``node`` then the models placed beside it, each followed by its own (a copy of a head-only fine-tune)."""
     return [node, *(m for n in after.get(node, []) for m in _with_copies(n, after))]
+
+
+def _as_read(members: list, layers: list, merges: list, awq: dict[str, str]) -> tuple[list, list]:
+    """(``members`` as the pass reads them, the QLoRA merges found): merges of an NF4 model (:func:`~.qlora.mark_merges`,
+    added to ``merges``), AWQ models unsmoothed (:func:`~.unsmoothed.unsmoothed`, into ``awq``). Time: theirs."""
+    members, found = mark_merges(members, layers)
+    members, rescaled = unsmoothed(members, layers)
+    merges.extend(found), awq.update(rescaled)
+    return members, found
 
 
 def _known(base: str | None, merged: list[str], made: dict[str, str], duplicates: dict[str, str],
@@ -292,75 +305,6 @@ def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int,
         out += [(g, np.flatnonzero(lab == t)) for t in dict.fromkeys(lab.tolist())]
         o += n
     return out
-
-
-def _tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray) -> tuple[np.ndarray, str]:
-    """The edge distance matrix of one tree and its kind ("l2", "rank" or "nuclear*rank").
-
-    ``auto``: when nearly all (90%) edges of the tree's RMS minimum spanning tree differ by a rank below a
-    quarter of the sketch (a LoRA tree, :func:`_low_rank_tree`) the summed rank is used (RMS breaks ties).
-    Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a grandparent
-    differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
-    add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
-    pairs only (each model's ``_NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs
-    count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
-    the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). Time O(n k L n_l s^2).
-    """
-    rms = st.rms[np.ix_(idx, idx)]
-    if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
-        return rms, "l2"
-    sk = [s[idx] for s in st.sketches]
-    paper = cfg.method == "mother-paper"
-    pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, _NEIGHBOURS)
-    ranks, nuc, cap, signal = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding],
-                                                 signal_ranks=True)
-    frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
-    low = _pair_matrix(pairs, signal / cap, len(idx), 1.0)  # ranks above a quantized model's rounding noise
-    kind = cfg.distance
-    if kind == "auto":  # the recipe has only its own two distances: RMS, or rank for a LoRA tree
-        kind = "rank" if _low_rank_tree(rms, low) else "l2" if paper else "nuclear*rank"
-    if kind == "l2":
-        return rms, "l2"
-    if kind == "rank":
-        if paper:
-            return low * cap, "rank"
-        return low * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
-    return nuclear * frac, "nuclear*rank"
-
-
-def _low_rank_tree(rms: np.ndarray, frac: np.ndarray) -> bool:
-    """Whether a tree is a LoRA tree: nearly all (90%) of the edges of its RMS minimum spanning tree differ by
-    a rank below a quarter of the sketch. MST edges, not each model's nearest neighbour: a full fine-tune
-    whose LoRA children are its nearest models is nobody's nearest itself, yet the edge that joins it to its
-    parent is in the MST (and one full fine-tuning edge would be misplaced by rank alone). O(n^2)."""
-    adj = prim_mst(rms)
-    edges = np.array([(u, v) for u in range(len(adj)) for v in adj[u] if u < v])  # (n - 1, 2)
-    return bool(np.quantile(frac[edges[:, 0], edges[:, 1]], 0.9) < 0.25)
-
-
-def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
-    """(n, n) symmetric matrix with ``values`` at ``pairs``, 0 on the diagonal, ``fill`` elsewhere
-    (None: 10 x the largest value, i.e. "far")."""
-    far = 10 * float(values.max()) if fill is None and len(values) else (fill or 0.0)
-    out = np.full((n, n), far)
-    out[pairs[:, 0], pairs[:, 1]] = out[pairs[:, 1], pairs[:, 0]] = values
-    np.fill_diagonal(out, 0)
-    return out
-
-
-def _candidate_pairs(dist: np.ndarray, k: int) -> np.ndarray:
-    """(P, 2) pairs u < v where v is among u's k nearest by ``dist`` or the reverse. Time O(n^2 log n)."""
-    n = dist.shape[0]
-    order = np.argsort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :min(k, n - 1)]  # (n, k)
-    rows = np.repeat(np.arange(n), order.shape[1])
-    a, b = np.minimum(rows, order.ravel()), np.maximum(rows, order.ravel())
-    return np.unique(np.stack([a, b], 1), axis=0)
-
-
-def _summarise(kinds) -> str:
-    """One label for the distances used by the trees ("l2", "rank", "nuclear*rank" or "mixed: ...")."""
-    kinds = sorted(set(kinds))
-    return kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds) if kinds else "none"
 
 
 def _nothing_comparable(skipped: dict[str, str], shown: int = 3) -> str:

@@ -1,0 +1,105 @@
+"""One tree's edge distances: RMS, summed rank (a LoRA tree) or nuclear norm x rank fraction, chosen from the
+tree's own spectra (``distance="auto"``), and the rows of AWQ models read unsmoothed put in the tree's units.
+
+MoTHer (Horwitz et al. 2024) places edges by weight distance: RMS for full fine-tuning, rank for LoRA. The
+nuclear norm x rank fraction is this project's (docs/lineage.md, "How it works" step 4). Split out of
+:mod:`.recover` in session 31. Times in each docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelatlas.lineage.config import LineageConfig
+from modelatlas.lineage.distances import PairStats
+from modelatlas.lineage.orient import prim_mst
+from modelatlas.lineage.spectra import spectral_distances
+
+NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
+
+
+def with_views(d: np.ndarray, kind: str, st: PairStats, idx: np.ndarray, views: list[int]) -> np.ndarray:
+    """Tree distances ``d`` (``kind``), rows and columns of ``views`` (AWQ models read unsmoothed) their RMS times
+    the median ``d`` / RMS of the others' neighbour pairs: a view's noise differs per column, which the spectra's
+    Marchenko-Pastur shrinkage (iid) leaves in (everyone's parent under "nuclear*rank"). Time O(n^2 log n)."""
+    rms = st.rms[np.ix_(idx, idx)]
+    others = np.array([k for k in range(len(idx)) if k not in set(views)], dtype=int)
+    if kind == "l2" or not views or len(others) < 2:
+        return d if kind == "l2" or not views else rms
+    pairs = others[_candidate_pairs(rms[np.ix_(others, others)], NEIGHBOURS)]  # (P, 2) in the tree's positions
+    ratio = float(np.median(d[pairs[:, 0], pairs[:, 1]] / np.maximum(rms[pairs[:, 0], pairs[:, 1]], 1e-30)))
+    out = d.copy()
+    out[views, :], out[:, views] = rms[views, :] * ratio, rms[:, views] * ratio
+    return out
+
+
+def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: list[int] = ()
+                   ) -> tuple[np.ndarray, str]:
+    """One tree's edge distances and their kind ("l2", "rank", "nuclear*rank"; ``views`` not in the choice).
+
+    ``auto``: when nearly all (90%) edges of the tree's RMS minimum spanning tree differ by a rank below a
+    quarter of the sketch (a LoRA tree, :func:`_low_rank_tree`) the summed rank is used (RMS breaks ties).
+    Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a grandparent
+    differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
+    add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
+    pairs only (each model's ``NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs
+    count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
+    the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). Time O(n k L n_l s^2).
+    """
+    rms = st.rms[np.ix_(idx, idx)]
+    if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
+        return rms, "l2"
+    sk = [s[idx] for s in st.sketches]
+    paper = cfg.method == "mother-paper"
+    pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, NEIGHBOURS)
+    ranks, nuc, cap, signal = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding],
+                                                 signal_ranks=True)
+    frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
+    low = _pair_matrix(pairs, signal / cap, len(idx), 1.0)  # ranks above a quantized model's rounding noise
+    kind = cfg.distance
+    if kind == "auto":  # the recipe has only its own two distances: RMS, or rank for a LoRA tree
+        plain = np.setdiff1d(np.arange(len(idx)), views)  # (a view's spectra: see with_views)
+        kind = "rank" if len(plain) > 1 and _low_rank_tree(rms[np.ix_(plain, plain)], low[np.ix_(plain, plain)]) \
+            else "l2" if paper else "nuclear*rank"
+    if kind == "l2":
+        return rms, "l2"
+    if kind == "rank":
+        if paper:
+            return low * cap, "rank"
+        return low * cap + 0.01 * rms / max(float(rms.max()), 1e-30), "rank"  # RMS only breaks ties
+    return nuclear * frac, "nuclear*rank"
+
+
+def _low_rank_tree(rms: np.ndarray, frac: np.ndarray) -> bool:
+    """Whether a tree is a LoRA tree: nearly all (90%) of the edges of its RMS minimum spanning tree differ by
+    a rank below a quarter of the sketch. MST edges, not each model's nearest neighbour: a full fine-tune
+    whose LoRA children are its nearest models is nobody's nearest itself, yet the edge that joins it to its
+    parent is in the MST (and one full fine-tuning edge would be misplaced by rank alone). O(n^2)."""
+    adj = prim_mst(rms)
+    edges = np.array([(u, v) for u in range(len(adj)) for v in adj[u] if u < v])  # (n - 1, 2)
+    return bool(np.quantile(frac[edges[:, 0], edges[:, 1]], 0.9) < 0.25)
+
+
+def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
+    """(n, n) symmetric matrix with ``values`` at ``pairs``, 0 on the diagonal, ``fill`` elsewhere
+    (None: 10 x the largest value, i.e. "far")."""
+    far = 10 * float(values.max()) if fill is None and len(values) else (fill or 0.0)
+    out = np.full((n, n), far)
+    out[pairs[:, 0], pairs[:, 1]] = out[pairs[:, 1], pairs[:, 0]] = values
+    np.fill_diagonal(out, 0)
+    return out
+
+
+def _candidate_pairs(dist: np.ndarray, k: int) -> np.ndarray:
+    """(P, 2) pairs u < v where v is among u's k nearest by ``dist`` or the reverse. Time O(n^2 log n)."""
+    n = dist.shape[0]
+    order = np.argsort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :min(k, n - 1)]  # (n, k)
+    rows = np.repeat(np.arange(n), order.shape[1])
+    a, b = np.minimum(rows, order.ravel()), np.maximum(rows, order.ravel())
+    return np.unique(np.stack([a, b], 1), axis=0)
+
+
+def summarise(kinds) -> str:
+    """One label for the distances used by the trees ("l2", "rank", "nuclear*rank" or "mixed: ...")."""
+    kinds = sorted(set(kinds))
+    return kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds) if kinds else "none"
