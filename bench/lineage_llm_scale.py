@@ -194,7 +194,7 @@ def one(kind: str, work: Path, names: list[str], threads: int) -> dict:
         else:
             forest = recover_lineage(paths)
             truth = json.loads((work / "truth.json").read_text())
-            score = score_forest(forest, {n: truth[n] for n in names})
+            score = score_forest(forest, {model_name(n): truth[model_name(n)] for n in names})
             out.update(directed=score.directed, correct=score.n_correct, edges=score.n_true_edges,
                        stage=forest.decisions["stage"], trees=forest.decisions["n_trees"])
         out["seconds"] = time.perf_counter() - t
@@ -230,6 +230,39 @@ def report(rows: dict[str, list[dict]], gb: float) -> None:
             print(f"recover / read, {mode}: {ratio:.2f}x")
 
 
+def model_name(file: str) -> str:
+    """The model a file or folder of the work folder holds: ``m.0`` for ``m.0`` and ``m.0.gguf``."""
+    return file[:-len(".gguf")] if file.endswith(".gguf") else file
+
+
+
+
+def to_gguf(work: Path, names: list[str], kind: str, llamacpp: Path) -> Path:
+    """Each model of ``work`` as a ``kind`` GGUF file in ``work/gguf-<kind>`` (llama.cpp's converter to bfloat16,
+    then its ``build/bin/llama-quantize``; the bfloat16 file removed), made once; and the truth beside them."""
+    out = work / f"gguf-{kind.lower()}"
+    out.mkdir(exist_ok=True)
+    script = out / "convert.py"
+    from lineage_hf_gguf import CONVERT  # bench/lineage_hf_gguf.py: the converter without a tokenizer
+
+    script.write_text(CONVERT.format(root=str(llamacpp)))
+    for n in names:
+        final = out / f"{n}.gguf"
+        if final.exists():
+            continue
+        t0, bf16 = time.perf_counter(), out / f"{n}.bf16.tmp"
+        subprocess.run([sys.executable, str(script), str(work / n), "--outtype", "bf16", "--outfile", str(bf16)],
+                       check=True, capture_output=True)
+        tmp = out / f"{n}.{kind}.tmp"
+        subprocess.run([str(llamacpp / "build/bin/llama-quantize"), str(bf16), str(tmp), kind, "2"],
+                       check=True, capture_output=True)
+        bf16.unlink()
+        os.replace(tmp, final)
+        print(f"converted {n} to {kind} in {time.perf_counter() - t0:.0f} s", flush=True)
+    (out / "truth.json").write_text((work / "truth.json").read_text())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
@@ -241,6 +274,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warm", action="store_true", help="also time from a warm page cache")
+    ap.add_argument("--gguf", metavar="TYPE", help="time the models as llama.cpp TYPE files (Q4_K_M, Q8_0, ...)")
+    ap.add_argument("--llamacpp", type=Path, help="llama.cpp source tree with build/bin/llama-quantize (--gguf)")
     ap.add_argument("--one", choices=("read", "recover"), help=argparse.SUPPRESS)
     ap.add_argument("--names", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -251,13 +286,17 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     build(a.work, PRESETS[a.preset], parents, a.seed, a.shard_gb)
     names = list(parents)
+    if a.gguf:
+        if a.llamacpp is None:
+            ap.error("--gguf needs --llamacpp (the llama.cpp source tree with build/bin/llama-quantize)")
+        a.work, names = to_gguf(a.work, names, a.gguf, a.llamacpp), [f"{n}.gguf" for n in names]
     modes = ["cold"] + (["warm"] if a.warm else [])
     rows: dict[str, list[dict]] = {}
     for _ in range(a.reps):
         for mode in modes:
             for kind in ("read", "recover"):
                 rows.setdefault(f"{kind} {mode}", []).append(measure(kind, a.work, names, mode == "cold", a.threads))
-    gb = sum(f.stat().st_size for n in names for f in (a.work / n).iterdir()) / 1e9
+    gb = sum(f.stat().st_size for n in names for f in ([a.work / n] if (a.work / n).is_file() else (a.work / n).iterdir())) / 1e9
     report(rows, gb)
 
 
