@@ -3,9 +3,9 @@ block-quantized types) as float32 (extra ``gguf``).
 
 The header is parsed by :mod:`modelatlas.weights.gguf_header`, which checks every count, length and tensor byte
 range against the file size before using it (``gguf.GGUFReader`` trusts them: a lying array count hangs it, and
-it builds an object per metadata item). The file is memory-mapped once a tensor is read; a tensor's bytes are
-only touched then, and dequantized with ``gguf.quants.dequantize`` (F16, BF16 and every block-quantized type the
-package knows: Q8_0, Q4_K, ...). GGUF lists dimensions fastest-varying first (ggml order), the reverse of
+it builds an object per metadata item). A tensor's byte range is read, into an array of its own, only when the
+tensor is (:mod:`.byte_ranges`), and dequantized with ``gguf.quants.dequantize`` (F16, BF16 and every
+block-quantized type the package knows: Q8_0, Q4_K, ...). GGUF lists dimensions fastest-varying first (ggml order), the reverse of
 numpy/torch; this reader exposes the numpy/torch shape, so a ``(out, in)`` linear weight is ``(out, in)``.
 Integer, float16 and bfloat16 tensors keep their dtype (a float16 copy of a model is reported as float16, so
 lineage recovery sees it as a lower-precision copy); F64 and quantized tensors are reported and read as float32.
@@ -20,6 +20,7 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.byte_ranges import ByteRanges
 from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
 from modelatlas.weights.registry import register_format
 
@@ -61,7 +62,7 @@ class GGUFCheckpoint(Checkpoint):
         self._gguf = import_gguf(self.path)
         self.metadata: dict = {}  # general.architecture and its head counts (gguf_header.KEPT_KEYS)
         self._tensors = {t.name: t for t in read_gguf_header(self.path, self._gguf, self.metadata)}
-        self._map: np.memmap | None = None
+        self._ranges = ByteRanges(self.path)
 
     @property
     def architecture(self) -> str | None:
@@ -78,16 +79,17 @@ class GGUFCheckpoint(Checkpoint):
         return [TensorInfo(n, t.shape, _STORED.get(t.ggml_type.name, "float32")) for n, t in self._tensors.items()]
 
     def _bytes(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes, a view of the file's mapping (opened on first use, again after close())."""
-        if self._map is None:
-            try:
-                self._map = np.memmap(self.path, mode="r")
-            except (OSError, ValueError) as e:
-                raise CheckpointError(self.path, f"cannot read file: {error_line(e)}") from e
-        data = self._map[t.offset:t.offset + t.nbytes]
-        if len(data) != t.nbytes:  # the file shrank since it was opened
-            raise CheckpointError(self.path, f"truncated file: tensor {t.name!r} ends past the end of the file")
+        """The tensor's bytes, read into an array of their own (:class:`~.byte_ranges.ByteRanges`: exactly its
+        byte range comes off the disk; through the memory map of sessions 24-30, the kernel's readahead
+        around it came too, and a file cut short after it was opened read zeros or raised SIGBUS)."""
+        data = np.empty(t.nbytes, dtype=np.uint8)
+        self._ranges.read_into(t.offset, memoryview(data), f"tensor {t.name!r}")
         return data
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read tensor ``name``'s bytes into the page cache in the background."""
+        if (t := self._tensors.get(name)) is not None:
+            self._ranges.prefetch(t.offset, t.nbytes)
 
     def _read(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -267,9 +269,8 @@ class GGUFCheckpoint(Checkpoint):
         return again
 
     def close(self) -> None:
-        """Drop the memory map (np.memmap has no close of its own; the mapping goes with its last reference,
-        and every returned tensor is a copy). Reads after this reopen it."""
-        self._map = None
+        """Close the file (every returned tensor is a copy). Reads after this reopen it."""
+        self._ranges.close()
 
 
 def is_gguf(path: Path) -> bool:

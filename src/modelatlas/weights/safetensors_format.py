@@ -2,14 +2,13 @@
 
 The header is read and checked against the file size before any tensor is touched, so a truncated file or
 a header that lies about sizes is reported as such (naming the file) instead of failing somewhere later.
-Tensors are read one at a time, each its own byte range into a fresh buffer (no readahead around it: see
-:meth:`SafetensorsCheckpoint._read`), also from a file whose name is not UTF-8.
+Tensors are read one at a time, each its own byte range into a fresh buffer (:mod:`.byte_ranges`: no readahead
+around it), also from a file whose name is not UTF-8.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import reprlib
 import struct
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
+from modelatlas.weights.byte_ranges import ByteRanges
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -151,65 +151,33 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: str | Path, name: str | None = None):
         super().__init__(path, name)
         self._header, self._data_start = read_safetensors_header(self.path)
-        self._handle = None
+        self._ranges = ByteRanges(self.path)
 
     def _infos(self) -> list[TensorInfo]:
         items = sorted(self._header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         return [TensorInfo(k, tuple(int(s) for s in v["shape"]), _DTYPE_NAMES[v["dtype"]]) for k, v in items]
 
     def _read(self, name: str) -> torch.Tensor:
-        """Tensor ``name``'s bytes read into a fresh buffer: exactly its byte range comes off the disk. Read
-        through safetensors' memory map (before session 31), a tensor brought in the kernel's readahead around
-        it: with this machine's 8 MB ``read_ahead_kb``, recovering the lineage of 7 bfloat16 1B models read
-        5.4 GB from a cold cache for 1.9 GB of compared layers. The file is advised ``POSIX_FADV_RANDOM`` (no
-        readahead); :meth:`prefetch` still asks for what comes next. Time O(bytes)."""
+        """Tensor ``name``'s bytes read into a buffer of its own (:class:`~.byte_ranges.ByteRanges`: exactly
+        its byte range comes off the disk, not the kernel's readahead around it as through safetensors' memory
+        map before session 31). Time O(bytes)."""
         meta = self._header[name]
         start, end = meta["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
-        try:
-            f = self._file()
-            f.seek(self._data_start + start)
-            got = f.readinto(memoryview(buf.numpy()))
-        except OSError as e:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {e.strerror or e}") from e
-        if got != end - start:  # the header was checked against the size at open: the file changed since
-            raise CheckpointError(self.path, f"cannot read tensor {name!r}: the file ends {end - start - got} "
-                                             "bytes short of it (changed or truncated after it was opened)")
+        self._ranges.read_into(self._data_start + start, memoryview(buf.numpy()), f"tensor {name!r}")
         dtype = getattr(torch, _DTYPE_NAMES[meta["dtype"]])
         return buf.view(dtype).reshape(meta["shape"])  # little-endian, as safetensors stores it
 
-    def _file(self):
-        """The open file (unbuffered; opened at the first read and kept), advised ``POSIX_FADV_RANDOM``."""
-        if self._handle is None:
-            self._handle = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        return self._handle
-
     def prefetch(self, name: str) -> None:
         """Ask the kernel to read tensor ``name``'s byte range into the page cache in the background
-        (``posix_fadvise(WILLNEED)``, asynchronous; a no-op where unsupported or when the file is gone)."""
+        (asynchronous; a no-op where unsupported or when the file is gone)."""
         meta = self._header.get(name)
-        if meta is None or not hasattr(os, "posix_fadvise"):
-            return
-        start, end = meta["data_offsets"]
-        if end == start:  # an empty tensor: length 0 would advise the whole rest of the file
-            return
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.posix_fadvise(fd, self._data_start + start, end - start, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if meta is not None:
+            start, end = meta["data_offsets"]
+            self._ranges.prefetch(self._data_start + start, end - start)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        self._handle = None
+        self._ranges.close()
 
 
 def is_safetensors(path: Path) -> bool:
