@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tests.lineage.test_awq_copies import smooth
 from tests.weights.conftest import make_awq
 
 from modelatlas.lineage import recover_lineage
@@ -43,28 +44,6 @@ def make_zoo(seed: int, norm_step: float) -> tuple[dict, dict]:
             base = 1 + 0.1 * torch.randn(H, generator=gen) if parent is None else weights[parent][n]
             weights[name][n] = base if parent is None else base + norm_step * torch.randn(H, generator=gen)
     return weights, parents
-
-
-def smooth(model: dict, seed: int, spread: float) -> dict:
-    """``model`` rescaled as AWQ does (float16): input factors exp(U(-spread, spread)) per norm and pair."""
-    gen, w = torch.Generator().manual_seed(seed), {k: v.float().clone() for k, v in model.items()}
-
-    def f():
-        return torch.exp(torch.empty(H).uniform_(-spread, spread, generator=gen))
-    for b in range(BLOCKS):
-        p = f"model.layers.{b}."
-        c1, c2, c3, c4 = f(), f(), f(), f()
-        w[p + "input_layernorm.weight"] /= c1
-        for n in "qkv":
-            w[p + f"self_attn.{n}_proj.weight"] *= c1  # (out, in) times (in,): input channel j by c_j
-        w[p + "self_attn.v_proj.weight"] /= c2[:, None]
-        w[p + "self_attn.o_proj.weight"] *= c2
-        w[p + "post_attention_layernorm.weight"] /= c3
-        for n in ("gate", "up"):
-            w[p + f"mlp.{n}_proj.weight"] *= c3
-        w[p + "mlp.up_proj.weight"] /= c4[:, None]
-        w[p + "mlp.down_proj.weight"] *= c4
-    return {k: v.half() for k, v in w.items()}
 
 
 def make_awq_model(model: dict, seed: int, spread: float) -> dict:

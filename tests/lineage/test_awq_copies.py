@@ -45,16 +45,18 @@ def make_llama(seed: int, base: dict | None = None, step: float = 0.0, only: str
     return {k: v.half() for k, v in out.items()}
 
 
-def factors(n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.exp(torch.empty(n).uniform_(-1.4, 1.4, generator=gen))  # 0.25 .. 4, as AWQ's spread
+def factors(n: int, gen: torch.Generator, spread: float = 1.4) -> torch.Tensor:
+    return torch.exp(torch.empty(n).uniform_(-spread, spread, generator=gen))  # 1.4: 0.25 .. 4, as AWQ's spread
 
 
-def smooth(model: dict, seed: int) -> dict:
-    """``model`` with AWQ's rescaling applied (float16), and the factors of each norm by its name."""
-    gen, w = torch.Generator().manual_seed(seed), {k: v.float() for k, v in model.items()}
-    for b in range(BLOCKS):
+def smooth(model: dict, seed: int, spread: float = 1.4) -> dict:
+    """``model`` (Llama names, any sizes) with AWQ's rescaling applied (float16): input factors
+    exp(U(-spread, spread)) per norm and pair (bench/lineage_awq_standin.py uses it too)."""
+    gen, w = torch.Generator().manual_seed(seed), {k: v.float().clone() for k, v in model.items()}
+    for b in range(sum(k.endswith("input_layernorm.weight") for k in model)):
         p = f"model.layers.{b}."
-        c1, c2, c3, c4 = factors(H, gen), factors(H, gen), factors(H, gen), factors(INTER, gen)
+        h, inter = w[p + "mlp.down_proj.weight"].shape  # (hidden, MLP width)
+        c1, c2, c3, c4 = (factors(n, gen, spread) for n in (h, h, h, inter))
         w[p + "input_layernorm.weight"] /= c1
         for n in "qkv":
             w[p + f"self_attn.{n}_proj.weight"] *= c1  # (out, in) times (in,): input channel j by c_j
