@@ -39,10 +39,14 @@ class ByteRanges:
     def read_into(self, offset: int, buf: memoryview, what: str) -> None:
         """Fill ``buf`` (a writable buffer of the range's length) with the bytes at ``offset``; ``what`` names the
         range in errors (``"tensor 'a'"``)."""
+        got = 0
         try:
             f = self._file()
             f.seek(offset)
-            got = f.readinto(buf)
+            # one read(2) returns at most 0x7ffff000 bytes on Linux: a tensor over 2 GiB (a 70B model's
+            # embedding) takes several; 0 is the end of the file
+            while got < buf.nbytes and (n := f.readinto(buf[got:])):
+                got += n
         except OSError as e:
             raise CheckpointError(self.path, f"cannot read {what}: {e.strerror or e}") from e
         if got != buf.nbytes:  # the sizes were checked against the file at open: it changed since
