@@ -14,13 +14,19 @@ folder. Printed per zoo: quantized files written; found as copies of their own s
 of the other rounding of their model); found as a copy of another model; placed as models of their own
 (stand-ins); missed; false copies (a full-precision model called a copy); directed-edge accuracy on the
 zoo's edges, and without the GGUF files; then the wrong edges by kind and the pooled count. K-quant copies
-need llama.cpp's quantizer (``bench/lineage_llamacpp.py``); tests/weights/test_gguf_grid.py covers their grid.
+need llama.cpp's quantizer: ``--quantize .../llama-quantize`` writes any of its types (``--kinds Q4_K_M,IQ2_XS``;
+the zoos' rows of 32 or 64 values fall back to 32-value types: Q4_K -> Q5_0, Q6_K -> Q8_0, Q2_K / Q3_K -> Q4_0,
+IQ1-IQ3 / IQ4_XS -> IQ4_NL), ``--imatrix random`` with an importance matrix per file (log-normal column
+energies, ``bench/gguf_imatrix.py``), as most downloaded GGUF files are made. Layers that are not 2-D or whose
+rows are not a multiple of 32 stay float32 there too.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,9 +34,12 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from modelatlas.lineage import recover_lineage
-from modelatlas.lineage.scoring import edge_errors, score_forest
-from modelatlas.zoo.manifest import load_manifest
+sys.path.insert(0, str(Path(__file__).parent))
+import gguf_imatrix as G  # noqa: E402  (the importance matrix writer)
+
+from modelatlas.lineage import recover_lineage  # noqa: E402
+from modelatlas.lineage.scoring import edge_errors, score_forest  # noqa: E402
+from modelatlas.zoo.manifest import load_manifest  # noqa: E402
 
 KINDS = ("Q8_0", "Q4_0", "Q5_1")
 
@@ -54,8 +63,44 @@ def write_gguf(source: Path, path: Path, kind: str) -> None:
     w.close()
 
 
+def write_llamacpp(source: Path, path: Path, kind: str, binary: Path, rng: np.random.Generator | None) -> None:
+    """``source`` quantized by llama-quantize to ``kind`` (an F32 llama-architecture file first), with a random
+    importance matrix (:func:`gguf_imatrix.make_importance`) when ``rng`` is given; tensors that are not 2-D
+    or whose rows are not a multiple of 32 kept as float32 (``--tensor-type NAME=f32``)."""
+    import gguf
+
+    tensors = {k: v.float().numpy() for k, v in load_file(str(source)).items()}
+    f32, imx = path.with_suffix(".f32.tmp"), path.with_suffix(".imatrix.tmp")
+    w = gguf.GGUFWriter(str(f32), "llama")
+    for add, value in ((w.add_context_length, 128), (w.add_embedding_length, 64), (w.add_block_count, 1),
+                       (w.add_feed_forward_length, 64), (w.add_head_count, 1), (w.add_head_count_kv, 1),
+                       (w.add_rope_dimension_count, 64), (w.add_vocab_size, 8), (w.add_file_type, 0)):
+        add(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}".encode() for i in range(8)])
+    w.add_token_scores([0.0] * 8)
+    w.add_token_types([1] * 8)
+    for name, x in tensors.items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cmd = [str(binary)]
+    for name, x in tensors.items():
+        if x.ndim != 2 or x.shape[1] % 32:
+            cmd += ["--tensor-type", "^" + name.replace(".", "\\.") + "$=f32"]
+    if rng is not None:
+        G.write_imatrix(imx, {k: G.make_importance(rng, x.shape[1]) for k, x in tensors.items() if x.ndim == 2})
+        cmd += ["--imatrix", str(imx)]
+    subprocess.run(cmd + [str(f32), str(path), kind], check=True, capture_output=True)
+    f32.unlink()
+    imx.unlink(missing_ok=True)
+
+
 def make_folder(zoo: Path, out: Path, rng: np.random.Generator, replace: bool = False,
-                kinds: tuple[str, ...] = KINDS, share: float = 1 / 3) -> dict[str, list[str]]:
+                kinds: tuple[str, ...] = KINDS, share: float = 1 / 3, write=write_gguf) -> dict[str, list[str]]:
     """The zoo's models as files in ``out`` plus quantized copies of a third; returns source -> its copies.
     ``replace``: the chosen ones (a ``share`` of the models) are there only quantized (no source file), a seeded half of it twice (two
     types), as a folder of downloaded GGUF files holds them."""
@@ -70,15 +115,15 @@ def make_folder(zoo: Path, out: Path, rng: np.random.Generator, replace: bool = 
         if chosen:
             n = 1 + int(replace and rng.random() < 0.5)
             for kind in rng.choice(kinds, min(n, len(kinds)), replace=False):
-                write_gguf(src, out / f"{m.name}-{kind.lower()}.gguf", kind)
+                write(src, out / f"{m.name}-{kind.lower()}.gguf", kind)
                 copies.setdefault(m.name, []).append(f"{m.name}-{kind.lower()}")
     return copies
 
 
 def zoo_row(zoo: Path, work: Path, rng: np.random.Generator, replace: bool = False,
-            kinds: tuple[str, ...] = KINDS, share: float = 1 / 3) -> dict:
+            kinds: tuple[str, ...] = KINDS, share: float = 1 / 3, write=write_gguf) -> dict:
     manifest = load_manifest(zoo / "manifest.json")
-    copies = make_folder(zoo, work / zoo.name, rng, replace, kinds, share)
+    copies = make_folder(zoo, work / zoo.name, rng, replace, kinds, share, write)
     plain = recover_lineage([manifest.path_of(m.name) for m in manifest.models])
     start = time.perf_counter()
     forest = recover_lineage(sorted((work / zoo.name).iterdir()))
@@ -109,13 +154,27 @@ def main() -> None:
                     help="the quantized third stands in for its models (source files not written; half of them "
                          "in two types)")
     ap.add_argument("--share", type=float, default=1 / 3, help="share of the models quantized (default 1/3)")
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated types among {', '.join(KINDS)}")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma-separated types among {', '.join(KINDS)}; with --quantize, llama-quantize's")
+    ap.add_argument("--quantize", type=Path, help="llama.cpp's llama-quantize binary: it writes every file")
+    ap.add_argument("--imatrix", choices=("none", "random"), default="none",
+                    help="random: llama-quantize --imatrix with random column importances (needs --quantize)")
     args = ap.parse_args()
     kinds = tuple(k.strip().upper() for k in args.kinds.split(","))
-    if not kinds or any(k not in KINDS for k in kinds):
-        ap.error(f"--kinds {args.kinds!r}: give types among {', '.join(KINDS)}")
+    if not kinds or (args.quantize is None and any(k not in KINDS for k in kinds)):
+        ap.error(f"--kinds {args.kinds!r}: give types among {', '.join(KINDS)} (or --quantize)")
+    if args.imatrix != "none" and args.quantize is None:
+        ap.error("--imatrix needs --quantize")
     rng = np.random.default_rng(args.seed)
-    rows = [zoo_row(z, args.work, rng, args.replace, kinds, args.share) for z in args.zoos if (z / "manifest.json").is_file()]
+    write = write_gguf
+    if args.quantize is not None:
+        imx_rng = np.random.default_rng(args.seed + 1) if args.imatrix == "random" else None
+
+        def write(src: Path, path: Path, kind: str) -> None:
+            write_llamacpp(src, path, kind, args.quantize, imx_rng)
+
+    rows = [zoo_row(z, args.work, rng, args.replace, kinds, args.share, write) for z in args.zoos
+            if (z / "manifest.json").is_file()]
     print("| zoo | GGUF files | found (own source) | another model | stand-in | missed | false copies | "
           "directed (without GGUF) | s |")
     print("|---|---|---|---|---|---|---|---|---|")

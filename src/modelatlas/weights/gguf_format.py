@@ -39,6 +39,26 @@ SCALE_CODES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (1, 255), "Q4_1": (0, 15), "Q
 # (IQ4_NL 1.19 / 1.20, IQ4_XS 1.17 / 1.18: their block scales are searched too, the error spread over each code's
 # cell between its block's 16 levels)
 SEARCHED = {"Q2_K": 1.25, "Q3_K": 1.09, "Q4_K": 1.28, "Q5_K": 1.16, "Q6_K": 1.18, "IQ4_NL": 1.195, "IQ4_XS": 1.175}
+# with an importance matrix (llama-quantize --imatrix, recorded as quantize.imatrix.* metadata) the scale
+# search weights each column by its activation energy: the important columns lie nearer their levels (the
+# 10 % most important: 0.4-0.7 of step**2 / 12 / SEARCHED), the others farther (the 10 % least: 1.3-3.9x, Q6_K
+# clipping t(5) tails), and the layer's error grows: real / estimate without this 1.07-1.41 (bench/gguf_imatrix.py,
+# seeds 0 and 1, t(5) / Gaussian weights, log-normal importances sigma 1.5: Q2_K 1.215 / 1.206, Q3_K 1.147 /
+# 1.135, Q4_K 1.178 / 1.159, Q5_K 1.092 / 1.070, Q6_K 1.281 / 1.138, IQ4_XS 1.108 / 1.101, IQ4_NL 1.117 /
+# 1.109); SEARCHED over the mean of the two. The legacy types but Q8_0 search their scale too with one (no
+# value exact: no SCALE_CODES), real / (step**2 / 12): Q4_0 1.022 / 1.018, Q4_1 0.904 / 0.895, Q5_0 0.995 /
+# 0.991, Q5_1 0.889 / 0.885; one over the mean. Q8_0 ignores the matrix (ggml's reference rounding: 1.00).
+# The gain follows the matrix's spread, which the file does not hold: sigma 2.0 read 2-13 % more (K-quants)
+SEARCHED_IMATRIX = {"Q2_K": 1.032, "Q3_K": 0.955, "Q4_K": 1.095, "Q5_K": 1.073, "Q6_K": 0.976, "IQ4_NL": 1.074,
+                    "IQ4_XS": 1.064, "Q4_0": 0.980, "Q4_1": 1.112, "Q5_0": 1.007, "Q5_1": 1.127}
+# IQ1-IQ3 (lattice codebooks with sign bits and a scale per sub-block of GROUP_IQ values, quantized only with an
+# importance matrix): the error variance is a constant share of the sub-block's root mean stored square times
+# its largest |value| (both the scale times a codebook's magnitude; the mean square alone read t(5) weights
+# 10-27 % apart from Gaussian ones, the largest alone 20-40 % the other way); the share is the mean of
+# real / estimate over t(5) and Gaussian weights (bench/gguf_imatrix.py, seeds 0 and 1; within 6 % of either)
+GROUP_IQ = {"IQ1_S": 32, "IQ1_M": 16, "IQ2_XXS": 32, "IQ2_XS": 16, "IQ2_S": 16, "IQ3_XXS": 32, "IQ3_S": 32}
+SHARE_IQ = {"IQ1_S": 0.164, "IQ1_M": 0.150, "IQ2_XXS": 0.0710, "IQ2_XS": 0.0546, "IQ2_S": 0.0406,
+            "IQ3_XXS": 0.0189, "IQ3_S": 0.0097}
 _PLAIN = {**_INT_TYPES, "F16": "float16", "F32": "float32", "F64": "float64"}  # read as they are stored
 
 
@@ -69,6 +89,13 @@ class GGUFCheckpoint(Checkpoint):
         """llama.cpp's name of the model's architecture (``general.architecture``: "llama", "qwen2", ...)."""
         arch = self.metadata.get("general.architecture")
         return arch if isinstance(arch, str) else None
+
+    @property
+    def imatrix(self) -> bool:
+        """Whether llama-quantize used an importance matrix (it records ``quantize.imatrix.*`` metadata)."""
+        from modelatlas.weights.gguf_header import IMATRIX_KEYS
+
+        return any(k.startswith(IMATRIX_KEYS) for k in self.metadata)
 
     def head_counts(self) -> tuple[int | None, int | None]:
         """(attention heads, key/value heads) as the file lists them; None where it does not."""
@@ -196,7 +223,9 @@ class GGUFCheckpoint(Checkpoint):
         """``step**2 / 12`` per value for the legacy types and the K-quants (evenly spaced levels per block or
         sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`), the error over each
         value's cell between its block's 16 levels for IQ4_NL / IQ4_XS
-        (:func:`~modelatlas.weights.gguf_grid.codebook_variance`); None for IQ1-IQ3 and plain tensors. The
+        (:func:`~modelatlas.weights.gguf_grid.codebook_variance`), :data:`SHARE_IQ` of each sub-block's root mean
+        stored square times its largest |value| for IQ1-IQ3 (:data:`GROUP_IQ`); None for plain tensors. A file quantized with an
+        importance matrix (:attr:`imatrix`) divides by :data:`SEARCHED_IMATRIX` in place of :data:`SEARCHED`. The
         error of a block's largest value is 0 (Q4_0, Q8_0: it sets the scale) and that of its smallest too where
         levels have an offset (Q4_1, Q5_1): those values get 0 (:data:`SCALE_CODES`). They are the tails a
         kurtosis is made of: counted as rounded, the fourth moment's correction overshot (a Q4_0 stand-in's
@@ -208,7 +237,7 @@ class GGUFCheckpoint(Checkpoint):
         from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY
 
         t = self._tensors.get(name)
-        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS} or not t.shape:
+        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS, **GROUP_IQ} or not t.shape:
             return None
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
@@ -231,14 +260,21 @@ class GGUFCheckpoint(Checkpoint):
         from modelatlas.weights.gguf_grid import CODEBOOKS, GROUP, codebook_variance, group_grid
 
         kind = t.ggml_type.name
+        gains = SEARCHED_IMATRIX if self.imatrix else SEARCHED
+        if kind in GROUP_IQ:  # a constant share of each sub-block's size squared
+            have = (dequantize(part, t.ggml_type) if stored is None else stored).astype(np.float64)
+            groups = have.reshape(len(part), -1, GROUP_IQ[kind])  # (r, m / g, g)
+            size = np.sqrt(np.mean(groups**2, axis=2, keepdims=True)) * np.max(np.abs(groups), axis=2, keepdims=True)
+            out.reshape(groups.shape)[:] = SHARE_IQ[kind] * size
+            return
         if kind in CODEBOOKS:
             have = dequantize(part, t.ggml_type) if stored is None else stored
-            out[:] = codebook_variance(kind, t.ggml_type, part, type_size, have) / SEARCHED[kind]
+            out[:] = codebook_variance(kind, t.ggml_type, part, type_size, have) / gains[kind]
             return
         lo, step = group_grid(kind, t.ggml_type, part, type_size)  # (r, m / GROUP) float64
         each = out.reshape(len(part), -1, GROUP)  # (r, m / GROUP, GROUP) a view of out
-        each[:] = (step**2 / (12 * SEARCHED.get(kind, 1.0)))[:, :, None]
-        if kind in SCALE_CODES:  # the value that set its block's scale is stored exactly
+        each[:] = (step**2 / (12 * gains.get(kind, 1.0)))[:, :, None]
+        if kind in SCALE_CODES and not (self.imatrix and kind in SEARCHED_IMATRIX):  # set the scale: exact
             have = (dequantize(part, t.ggml_type) if stored is None else stored).reshape(each.shape)
             code = np.subtract(have, lo[:, :, None], dtype=np.float64)  # in place from here: no 8 MB temporaries
             np.rint(np.divide(code, np.where(step == 0, 1.0, step)[:, :, None], out=code), out=code)

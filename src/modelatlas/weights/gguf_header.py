@@ -25,6 +25,7 @@ _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NESTING = 8  # arrays of arrays; real files use none
 _VERSIONS = (2, 3)
 KEPT_KEYS = ("general.architecture", ".attention.head_count", ".attention.head_count_kv")  # exact, then suffixes
+IMATRIX_KEYS = "quantize.imatrix."  # llama-quantize's record of an importance matrix (file, dataset, counts)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class _Cursor:
 def read_gguf_header(path: Path, gguf, meta: dict | None = None) -> list[GGUFTensor]:
     """The tensor table of GGUF file ``path``, checked against the file size; CheckpointError naming the file
     and the field otherwise. ``meta``, when given, receives the few metadata values modelatlas uses
-    (:data:`KEPT_KEYS`: the architecture and its attention head counts); the rest is skipped.
+    (:data:`KEPT_KEYS`: the architecture and its attention head counts; :data:`IMATRIX_KEYS`: the importance
+    matrix llama-quantize used, if any); the rest is skipped.
     Time O(header bytes) (O(1) per metadata item), memory O(tensors)."""
     try:
         with open(path, "rb") as f:
@@ -115,10 +117,12 @@ def _parse(cur: _Cursor, gguf, meta: dict) -> list[GGUFTensor]:
 
 
 def _kept(key: str, vtype: int) -> bool:
-    """Whether a metadata value is one of :data:`KEPT_KEYS` (a string or an integer scalar; a per-layer array
+    """Whether a metadata value is one of :data:`KEPT_KEYS` or :data:`IMATRIX_KEYS` (a string or an integer scalar; a per-layer array
     of head counts is skipped like any other value)."""
     if key == "general.architecture":
         return vtype == _STRING
+    if key.startswith(IMATRIX_KEYS):  # its rounding differs (gguf_format.SEARCHED_IMATRIX)
+        return vtype == _STRING or (vtype in _SCALARS and _SCALARS[vtype] in "BbHhIiQq")
     return key.endswith(KEPT_KEYS[1:]) and vtype in _SCALARS and _SCALARS[vtype] in "BbHhIiQq"
 
 
