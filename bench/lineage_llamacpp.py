@@ -42,25 +42,27 @@ def make_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
             for k, s in shapes.items()}
 
 
-def write_llama(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """An F32 GGUF llama.cpp's quantizer accepts: the llama hyperparameters and a placeholder vocabulary."""
+def write_llama(path: Path, tensors: dict[str, np.ndarray], embed: int = E, blocks: int = L, ff: int = F,
+                heads: int = H, vocab: int = V) -> None:
+    """An F32 GGUF llama.cpp's quantizer accepts: the llama hyperparameters and a placeholder vocabulary
+    (bench/lineage_quantized.py writes its zoos' models with it too)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(128)
-    w.add_embedding_length(E)
-    w.add_block_count(L)
-    w.add_feed_forward_length(F)
-    w.add_head_count(H)
-    w.add_head_count_kv(H)
+    w.add_embedding_length(embed)
+    w.add_block_count(blocks)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(E // H)
-    w.add_vocab_size(V)
+    w.add_rope_dimension_count(embed // heads)
+    w.add_vocab_size(vocab)
     w.add_file_type(0)
     w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}".encode() for i in range(V)])
-    w.add_token_scores([0.0] * V)
-    w.add_token_types([1] * V)
+    w.add_token_list([f"t{i}".encode() for i in range(vocab)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([1] * vocab)
     for k, x in tensors.items():
         w.add_tensor(k, x)
     w.write_header_to_file()

@@ -67,26 +67,11 @@ def write_llamacpp(source: Path, path: Path, kind: str, binary: Path, rng: np.ra
     """``source`` quantized by llama-quantize to ``kind`` (an F32 llama-architecture file first), with a random
     importance matrix (:func:`gguf_imatrix.make_importance`) when ``rng`` is given; tensors that are not 2-D
     or whose rows are not a multiple of 32 kept as float32 (``--tensor-type NAME=f32``)."""
-    import gguf
+    from lineage_llamacpp import write_llama  # bench/lineage_llamacpp.py
 
     tensors = {k: v.float().numpy() for k, v in load_file(str(source)).items()}
     f32, imx = path.with_suffix(".f32.tmp"), path.with_suffix(".imatrix.tmp")
-    w = gguf.GGUFWriter(str(f32), "llama")
-    for add, value in ((w.add_context_length, 128), (w.add_embedding_length, 64), (w.add_block_count, 1),
-                       (w.add_feed_forward_length, 64), (w.add_head_count, 1), (w.add_head_count_kv, 1),
-                       (w.add_rope_dimension_count, 64), (w.add_vocab_size, 8), (w.add_file_type, 0)):
-        add(value)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}".encode() for i in range(8)])
-    w.add_token_scores([0.0] * 8)
-    w.add_token_types([1] * 8)
-    for name, x in tensors.items():
-        w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_llama(f32, tensors, embed=64, blocks=1, ff=64, heads=1, vocab=8)
     cmd = [str(binary)]
     for name, x in tensors.items():
         if x.ndim != 2 or x.shape[1] % 32:

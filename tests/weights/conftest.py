@@ -161,3 +161,26 @@ def make_awq(w: torch.Tensor, group: int = 16, name: str = "layer", clip: float 
     codes = (torch.round(g / scale.float()[..., None]) + zero[..., None]).clamp(0, 15).reshape(out, inp)
     return {f"{name}.qweight": make_awq_words(codes.T), f"{name}.qzeros": make_awq_words(zero.T),
             f"{name}.scales": scale.T.contiguous()}
+
+
+def make_gguf_file(path, tensors: dict, imatrix: bool = False):
+    """A GGUF file of ``tensors`` (name -> float array, or (raw blocks, type name)); ``imatrix``: with the
+    metadata llama-quantize writes when it used an importance matrix."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    if imatrix:
+        w.add_string("quantize.imatrix.file", "model.imatrix")
+        w.add_string("quantize.imatrix.dataset", "calibration.txt")
+        w.add_int32("quantize.imatrix.entries_count", 7)
+        w.add_int32("quantize.imatrix.chunks_count", 100)
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            w.add_tensor(name, t[0], raw_shape=t[0].shape, raw_dtype=gguf.GGMLQuantizationType[t[1]])
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

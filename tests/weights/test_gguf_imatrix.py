@@ -4,32 +4,12 @@ root mean square times its largest |value|)."""
 
 import numpy as np
 import pytest
+from tests.weights.conftest import make_gguf_file
 
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights.gguf_format import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ
 
 gguf = pytest.importorskip("gguf")
-
-
-def make_file(path, tensors, imatrix=False):
-    """A GGUF file of ``tensors`` (name -> (raw blocks, type name) or float array); ``imatrix``: with the
-    metadata llama-quantize writes when it used one."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    if imatrix:
-        w.add_string("quantize.imatrix.file", "model.imatrix")
-        w.add_string("quantize.imatrix.dataset", "calibration.txt")
-        w.add_int32("quantize.imatrix.entries_count", 7)
-        w.add_int32("quantize.imatrix.chunks_count", 100)
-    for name, t in tensors.items():
-        if isinstance(t, tuple):
-            w.add_tensor(name, t[0], raw_shape=t[0].shape, raw_dtype=gguf.GGMLQuantizationType[t[1]])
-        else:
-            w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def make_raw(kind, rows=4, width=512, seed=0):
@@ -46,10 +26,10 @@ def make_raw(kind, rows=4, width=512, seed=0):
 
 def test_the_imatrix_metadata_is_read(tmp_path):
     x = np.ones((2, 32), np.float32)
-    with open_checkpoint(make_file(tmp_path / "i.gguf", {"p": x}, imatrix=True)) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "i.gguf", {"p": x}, imatrix=True)) as ck:
         assert ck.imatrix and ck.metadata["quantize.imatrix.chunks_count"] == 100
         assert ck.metadata["quantize.imatrix.file"] == "model.imatrix"
-    with open_checkpoint(make_file(tmp_path / "p.gguf", {"p": x})) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "p.gguf", {"p": x})) as ck:
         assert not ck.imatrix
 
 
@@ -58,10 +38,10 @@ def test_a_q4_0_block_with_an_imatrix_has_no_exact_value(tmp_path):
     # scale is searched (weighted), so every value gets step**2 / 12 over the imatrix gain
     x = np.concatenate([[-8.0], np.linspace(-7.2, 6.8, 31)]).astype(np.float32)[None, :]  # (1, 32)
     q = (gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0), "Q4_0")
-    with open_checkpoint(make_file(tmp_path / "i.gguf", {"q": q}, imatrix=True)) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "i.gguf", {"q": q}, imatrix=True)) as ck:
         v = ck.rounding_variance("q").numpy()[0]
     assert np.allclose(v, 1 / 12 / SEARCHED_IMATRIX["Q4_0"])
-    with open_checkpoint(make_file(tmp_path / "p.gguf", {"q": q})) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "p.gguf", {"q": q})) as ck:
         assert ck.rounding_variance("q").numpy()[0, 0] == 0.0
 
 
@@ -69,7 +49,7 @@ def test_q8_0_ignores_the_imatrix(tmp_path):
     # llama.cpp's Q8_0 is the reference rounding with or without one: its largest value stays exact
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     q = (gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0), "Q8_0")
-    with open_checkpoint(make_file(tmp_path / "i.gguf", {"q": q}, imatrix=True)) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "i.gguf", {"q": q}, imatrix=True)) as ck:
         v = ck.rounding_variance("q").numpy()
     assert (v == 0).sum() == 4  # one per block of 32
 
@@ -77,9 +57,9 @@ def test_q8_0_ignores_the_imatrix(tmp_path):
 @pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL"])
 def test_searched_types_take_the_imatrix_gain(tmp_path, kind):
     raw = make_raw(kind)
-    with open_checkpoint(make_file(tmp_path / "i.gguf", {"a": (raw, kind)}, imatrix=True)) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "i.gguf", {"a": (raw, kind)}, imatrix=True)) as ck:
         with_imatrix = ck.rounding_variance("a").double().numpy()
-    with open_checkpoint(make_file(tmp_path / "p.gguf", {"a": (raw, kind)})) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "p.gguf", {"a": (raw, kind)})) as ck:
         plain = ck.rounding_variance("a").double().numpy()
     assert np.all(np.isfinite(plain)) and plain.max() > 0
     assert np.allclose(with_imatrix, plain * SEARCHED[kind] / SEARCHED_IMATRIX[kind], rtol=1e-6)
@@ -87,7 +67,7 @@ def test_searched_types_take_the_imatrix_gain(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", sorted(GROUP_IQ))
 def test_iq1_to_iq3_share_of_each_sub_block(tmp_path, kind):
-    with open_checkpoint(make_file(tmp_path / "q.gguf", {"a": (make_raw(kind), kind)}, imatrix=True)) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "q.gguf", {"a": (make_raw(kind), kind)}, imatrix=True)) as ck:
         v, x = ck.rounding_variance("a"), ck.read("a").double().numpy()
     assert v is not None and tuple(v.shape) == (4, 512)
     g = x.reshape(4, -1, GROUP_IQ[kind])  # (4, m / g, g)

@@ -3,30 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from tests.weights.conftest import make_gguf_file
 
 from modelatlas.weights import open_checkpoint
 
 gguf = pytest.importorskip("gguf")
 
 
-def make_file(path, tensors):
-    """A GGUF file of ``tensors``: name -> float array, or (raw blocks, type name)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for name, t in tensors.items():
-        if isinstance(t, tuple):
-            w.add_tensor(name, t[0], raw_shape=t[0].shape, raw_dtype=gguf.GGMLQuantizationType[t[1]])
-        else:
-            w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def make_quantized(path, x, kind):
     """``x`` as tensor "q" quantized to ``kind`` plus the same values plain as "p"."""
-    return make_file(path, {"q": (gguf.quants.quantize(x, gguf.GGMLQuantizationType[kind]), kind), "p": x})
+    return make_gguf_file(path, {"q": (gguf.quants.quantize(x, gguf.GGMLQuantizationType[kind]), kind), "p": x})
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
@@ -65,7 +51,7 @@ def test_an_iq4_nl_layer_by_hand(tmp_path):
     raw = np.random.default_rng(0).integers(0, 256, (4, 2, 18), dtype=np.uint8)  # 4 rows of 2 blocks of 32
     raw[:, :, 0:2] = np.full((4, 2), 0.01, np.float16).view(np.uint8).reshape(4, 2, 2)
     raw = raw.reshape(4, -1)
-    with open_checkpoint(make_file(tmp_path / "iq.gguf", {"a": (raw, "IQ4_NL")})) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "iq.gguf", {"a": (raw, "IQ4_NL")})) as ck:
         v, x = ck.rounding_variance("a").numpy().astype(np.float64), ck.read("a").numpy()
     d = float(np.float16(0.01))
     k = np.abs(x[..., None] / d - book).argmin(-1)  # (4, 64) each value's code
@@ -105,5 +91,5 @@ def test_iq4_types_dequantize_once_given_the_values(tmp_path, monkeypatch, kind)
     raw[:, :, 0:2] = np.full(raw.shape[:2], 0.01, np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
     if kind == "IQ4_XS":  # sub-scales 1 - 32 (random bytes give some of 32 - 32 = 0: those take the 16 levels)
         raw[:, :, 2:4], raw[:, :, 4:8] = 0, 0x11
-    with open_checkpoint(make_file(tmp_path / "iq.gguf", {"a": (raw.reshape(8, -1), kind)})) as ck:
+    with open_checkpoint(make_gguf_file(tmp_path / "iq.gguf", {"a": (raw.reshape(8, -1), kind)})) as ck:
         check_one_dequantization(monkeypatch, ck, "a", 2)  # the scales, then the stored values
