@@ -39,8 +39,8 @@ from modelatlas.weights import Checkpoint, TensorInfo
 # regression slope of log column-norm ratio on log norm ratio (q_proj against the relative) above which a
 # model is taken as AWQ-rescaled: 1 for AWQ (its columns carry the norm's factors), ~0 for a plain rounding
 MIN_SLOPE = 0.5
-MIN_SPREAD = 1e-3
-STEPS = 24  # steps per column at which column_rounding evaluates the error (G / t^2 is smooth in log t)  # standard deviation of log(g_R / g) below which the norms give no factors to regress on
+MIN_SPREAD = 1e-3  # standard deviation of log(g_R / g) below which the norms give no factors to regress on
+STEPS = 24  # steps per column at which column_rounding evaluates the error (G / t^2 is smooth in log t)
 _LAYER = re.compile(r"^(.*?)(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 # projection -> (the norm whose factors scale its inputs, or None; the pair whose factor scales its rows; the
 # pair whose factor scales its inputs)
