@@ -89,10 +89,14 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
     247 of 256). Returns (ranks (K,),
     nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value); with
     ``signal_ranks``, also the ranks after the shrinkage (K,): a LoRA update's few large values stand above
-    the noise, so a LoRA tree with quantized stand-ins still reads low-rank (equal where none is quantized).
+    the noise, so a LoRA tree with quantized stand-ins still reads low-rank (equal where none is quantized),
+    and the share of the pair's update energy (its squared distance less the rounding's) that those values
+    carry (K,): ~1 for a LoRA update; small for a full update hidden under the noise, whose few values over
+    the edge are the noise bulk's, pushed up a little (1 where none is quantized).
     Time O(K L n s^2), memory O(B n s) per batch of B pairs.
     """
     ranks, nuc, signal = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
+    kept, update = np.zeros(len(pairs)), np.zeros(len(pairs))  # squared: signal values', update's
     cap = 0
     for li, sk in enumerate(sketches):
         y = torch.from_numpy(sk)  # (N, n, s)
@@ -106,21 +110,28 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
             sv = work.singular_values(y, pr)  # (B, s), descending
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
             ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
+            total = (sv**2).sum(1).numpy()  # (B,)
             if layer is not None and bool((layer.energy[pr.numpy()] > 0).any()):  # after the rank: see the docstring
-                sv = _shrunk(layer, sv, pr, y.shape[1])
+                sv, total = _shrunk(layer, sv, pr, y.shape[1])
             signal[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
+            kept[a:a + _PAIRS] += (sv**2 * (sv > floor)).sum(1).numpy()
+            update[a:a + _PAIRS] += total
             nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
-    return (ranks, nuc, cap, signal) if signal_ranks else (ranks, nuc, cap)
+    if not signal_ranks:
+        return ranks, nuc, cap
+    seen = np.where(update > 0, kept / np.maximum(update, 1e-300), 1.0)
+    return ranks, nuc, cap, signal, np.minimum(seen, 1.0)
 
 
-def _shrunk(layer: LayerRounding, sv: torch.Tensor, pr: torch.Tensor, rows: int) -> torch.Tensor:
-    """Singular values ``sv`` (B, s) of the pairs ``pr`` (B, 2) with their rounding noise shrunk out
+def _shrunk(layer: LayerRounding, sv: torch.Tensor, pr: torch.Tensor, rows: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Singular values ``sv`` (B, s) of the pairs ``pr`` (B, 2) with their rounding noise shrunk out, and the
+    pairs' squared distances less that noise's energy (B,) (at least 0):
     (:func:`~modelatlas.lineage.rounding.debiased_singular_values`; the noise's energy from
     :meth:`~modelatlas.lineage.rounding.LayerRounding.pair_noise`, the sketch keeping squared distances in
     expectation). Time O(B s)."""
     total = (sv**2).sum(1).numpy()  # (B,)
     noise = layer.pair_noise(pr[:, 0].numpy(), pr[:, 1].numpy(), total)
-    return debiased_singular_values(sv, torch.from_numpy(noise), rows)
+    return debiased_singular_values(sv, torch.from_numpy(noise), rows), np.maximum(total - noise, 0.0)
 
 
 class _SpectraWork:

@@ -15,6 +15,7 @@ from modelatlas.lineage.distances import PairStats
 from modelatlas.lineage.orient import prim_mst
 from modelatlas.lineage.spectra import spectral_distances
 
+SHOWN = 0.5  # an update is seen when half its energy is in values over the noise's edge (_hidden_tree)
 NEIGHBOURS = 12  # spectra (rank) are computed for each model's 12 nearest models by RMS: O(12 n), not O(n^2)
 
 
@@ -44,7 +45,9 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
     pairs only (each model's ``NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs
     count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
-    the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). Time O(n k L n_l s^2).
+    the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). A tree of quantized models whose
+    updates are hidden under the rounding noise (:func:`_hidden_tree`) takes RMS (debiased for the rounding)
+    in either. Time O(n k L n_l s^2).
     """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
@@ -52,15 +55,15 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     sk = [s[idx] for s in st.sketches]
     paper = cfg.method == "mother-paper"
     pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, NEIGHBOURS)
-    ranks, nuc, cap, signal = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding],
+    ranks, nuc, cap, signal, seen = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding],
                                                  signal_ranks=True)
     frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
     low = _pair_matrix(pairs, signal / cap, len(idx), 1.0)  # ranks above a quantized model's rounding noise
+    shown = _pair_matrix(pairs, seen, len(idx), 1.0)  # the update's share those ranks carry
     kind = cfg.distance
-    if kind == "auto":  # the recipe has only its own two distances: RMS, or rank for a LoRA tree
+    if kind == "auto":
         plain = np.setdiff1d(np.arange(len(idx)), views)  # (a view's spectra: see with_views)
-        kind = "rank" if len(plain) > 1 and _low_rank_tree(rms[np.ix_(plain, plain)], low[np.ix_(plain, plain)]) \
-            else "l2" if paper else "nuclear*rank"
+        kind = _auto_kind(*(m[np.ix_(plain, plain)] for m in (rms, low, shown)), paper)
     if kind == "l2":
         return rms, "l2"
     if kind == "rank":
@@ -70,14 +73,44 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     return nuclear * frac, "nuclear*rank"
 
 
-def _low_rank_tree(rms: np.ndarray, frac: np.ndarray) -> bool:
-    """Whether a tree is a LoRA tree: nearly all (90%) of the edges of its RMS minimum spanning tree differ by
-    a rank below a quarter of the sketch. MST edges, not each model's nearest neighbour: a full fine-tune
-    whose LoRA children are its nearest models is nobody's nearest itself, yet the edge that joins it to its
-    parent is in the MST (and one full fine-tuning edge would be misplaced by rank alone). O(n^2)."""
+def _auto_kind(rms: np.ndarray, low: np.ndarray, shown: np.ndarray, paper: bool) -> str:
+    """``auto``'s distance for one tree from its pairs' RMS, signal-rank fraction ``low`` and the update's share
+    those ranks carry ``shown``. "l2" when the updates are hidden under rounding noise (:func:`_hidden_tree`):
+    the few values over the noise's edge are then no evidence of low rank, and the shrunk spectra see a
+    quarter of each update; "rank" for a LoRA tree (:func:`_low_rank_tree`); else "nuclear*rank" ("l2" for
+    the paper's recipe, which has only its own two distances). O(n^2)."""
+    if len(rms) < 2:
+        return "l2" if paper else "nuclear*rank"
+    edges = _mst_edges(rms)
+    if _hidden_tree(shown[edges[:, 0], edges[:, 1]]):
+        return "l2"
+    if _low_rank_tree(low[edges[:, 0], edges[:, 1]]):
+        return "rank"
+    return "l2" if paper else "nuclear*rank"
+
+
+def _mst_edges(rms: np.ndarray) -> np.ndarray:
+    """(n - 1, 2) edges u < v of the RMS minimum spanning tree. MST edges, not each model's nearest neighbour:
+    a full fine-tune whose LoRA children are its nearest models is nobody's nearest itself, yet the edge that
+    joins it to its parent is in the MST (and one full fine-tuning edge would be misplaced by rank alone).
+    O(n^2)."""
     adj = prim_mst(rms)
-    edges = np.array([(u, v) for u in range(len(adj)) for v in adj[u] if u < v])  # (n - 1, 2)
-    return bool(np.quantile(frac[edges[:, 0], edges[:, 1]], 0.9) < 0.25)
+    return np.array([(u, v) for u in range(len(adj)) for v in adj[u] if u < v])  # (n - 1, 2)
+
+
+def _low_rank_tree(frac: np.ndarray) -> bool:
+    """Whether a tree is a LoRA tree: nearly all (90%) of its MST edges (their signal-rank fractions ``frac``)
+    differ by a rank below a quarter of the sketch. O(n)."""
+    return bool(np.quantile(frac, 0.9) < 0.25)
+
+
+def _hidden_tree(shown: np.ndarray) -> bool:
+    """Whether most (the median) of a tree's MST edges carry under ``SHOWN`` of their update's energy in the
+    values over the rounding noise's edge (``shown``; 1 unquantized). A LoRA update stands out (0.995 and up
+    on the development zoos as Q4_0 stand-ins), a trained full fine-tune mostly (0.71-1.0); a full update of
+    1 % under a 4-bit rounding of ~8 % does not (0.22-0.25: seven 1B Q4_K_M files; docs/benchmarks.md,
+    session 31). O(n)."""
+    return bool(np.median(shown) < SHOWN)
 
 
 def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
