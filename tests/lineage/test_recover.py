@@ -307,15 +307,16 @@ def make_mixed_tree_matrices():
 
 
 def test_a_full_fine_tune_among_lora_children_keeps_the_tree_off_rank_distance():
-    from modelatlas.lineage.tree_distance import _low_rank_tree
+    from modelatlas.lineage.tree_distance import _auto_kind
 
     rms, frac = make_mixed_tree_matrices()
+    seen = np.ones_like(rms)  # unquantized: every update in plain sight
     near = np.argmin(rms + np.diag(np.full(5, np.inf)), axis=1)
     assert (frac[np.arange(5), near] < 0.25).all()  # what the old nearest-neighbour rule looked at
-    assert not _low_rank_tree(rms, frac)  # MST edges: 0.06, 0.06, 0.06, 0.6 -> 0.9 quantile 0.44
+    assert _auto_kind(rms, frac, seen, paper=False) == "nuclear*rank"  # MST edges: 0.06, 0.06, 0.06, 0.6 -> 0.9 quantile 0.44
     lora = np.where(frac > 0.25, 0.12, frac)  # the same tree, all LoRA
     np.fill_diagonal(lora, 0)
-    assert _low_rank_tree(rms, lora)
+    assert _auto_kind(rms, lora, seen, paper=False) == "rank"
 
 
 def test_checkpoints_named_alike_in_different_runs_are_told_apart_by_folder(tmp_path):

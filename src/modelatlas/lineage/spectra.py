@@ -90,37 +90,41 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
     nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value); with
     ``signal_ranks``, also the ranks after the shrinkage (K,): a LoRA update's few large values stand above
     the noise, so a LoRA tree with quantized stand-ins still reads low-rank (equal where none is quantized),
-    and the share of the pair's update energy (its squared distance less the rounding's) that those values
-    carry (K,): ~1 for a LoRA update; small for a full update hidden under the noise, whose few values over
-    the edge are the noise bulk's, pushed up a little (1 where none is quantized).
-    Time O(K L n s^2), memory O(B n s) per batch of B pairs.
-    """
-    ranks, nuc, signal = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
-    kept, update = np.zeros(len(pairs)), np.zeros(len(pairs))  # squared: signal values', update's
+    and the share of the update's energy (less the rounding's) those values carry (K,): ~1 for LoRA, small
+    for a full update hidden under the noise (its few values over the edge are the bulk's; 1 unquantized).
+    Time O(K L n s^2), memory O(B n s) per batch of B pairs."""
+    acc = np.zeros((5, len(pairs)))  # (5, K): ranks, signal ranks, signal energy, update energy, nuclear
     cap = 0
     for li, sk in enumerate(sketches):
         y = torch.from_numpy(sk)  # (N, n, s)
         layer = rounding[li] if rounding else None
         cap += y.shape[2]
         norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
-        numel = y.shape[1] * y.shape[2]  # (n s) stands for (n m): the sketch keeps norms
         work = _SpectraWork(min(_PAIRS, len(pairs)), y.shape[1], y.shape[2])
         for a in range(0, len(pairs), _PAIRS):
             pr = torch.from_numpy(pairs[a:a + _PAIRS])
             sv = work.singular_values(y, pr)  # (B, s), descending
             floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
-            ranks[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
-            total = (sv**2).sum(1).numpy()  # (B,)
-            if layer is not None and bool((layer.energy[pr.numpy()] > 0).any()):  # after the rank: see the docstring
-                sv, total = _shrunk(layer, sv, pr, y.shape[1])
-            signal[a:a + _PAIRS] += (sv > floor).sum(1).numpy()
-            kept[a:a + _PAIRS] += (sv**2 * (sv > floor)).sum(1).numpy()
-            update[a:a + _PAIRS] += total
-            nuc[a:a + _PAIRS] += (sv.sum(1) / numel**0.5).numpy()
+            acc[:, a:a + _PAIRS] += _batch_terms(sv, floor, layer, pr, y.shape[1])
+    ranks, signal, kept, update, nuc = acc
     if not signal_ranks:
         return ranks, nuc, cap
     seen = np.where(update > 0, kept / np.maximum(update, 1e-300), 1.0)
     return ranks, nuc, cap, signal, np.minimum(seen, 1.0)
+
+
+def _batch_terms(sv: torch.Tensor, floor: torch.Tensor, layer: LayerRounding | None, pr: torch.Tensor,
+                 rows: int) -> np.ndarray:
+    """One layer's terms (5, B) for a batch of pairs ``pr`` (B, 2) of singular values ``sv`` (B, s) over
+    ``floor`` (B, 1): rank; after the rounding's shrinkage, signal rank, the signal values' energy, the
+    update's energy (squared distance less the noise's), nuclear norm. Time O(B s)."""
+    rank = (sv > floor).sum(1).numpy()
+    total = (sv**2).sum(1).numpy()  # (B,)
+    if layer is not None and bool((layer.energy[pr.numpy()] > 0).any()):  # after the rank: see spectral_distances
+        sv, total = _shrunk(layer, sv, pr, rows)
+    over = sv > floor
+    numel = rows * sv.shape[1]  # (n s) stands for (n m): the sketch keeps norms
+    return np.stack([rank, over.sum(1).numpy(), (sv**2 * over).sum(1).numpy(), total, (sv.sum(1) / numel**0.5).numpy()])
 
 
 def _shrunk(layer: LayerRounding, sv: torch.Tensor, pr: torch.Tensor, rows: int) -> tuple[torch.Tensor, np.ndarray]:
