@@ -106,8 +106,8 @@ def _low_rank_tree(frac: np.ndarray) -> bool:
 
 def _hidden_tree(shown: np.ndarray) -> bool:
     """Whether most (the median) of a tree's MST edges carry under ``SHOWN`` of their update's energy in the
-    values over the rounding noise's edge (``shown``; 1 unquantized). A LoRA update stands out (0.995 and up
-    on the development zoos as Q4_0 stand-ins), a trained full fine-tune mostly (0.71-1.0); a full update of
+    values over the rounding noise's edge (``shown``; 1 unquantized). A LoRA update stands out (0.94-1.0 on
+    the development zoos as Q4_0 stand-ins), a trained full fine-tune mostly (0.71-1.0); a full update of
     1 % under a 4-bit rounding of ~8 % does not (0.22-0.25: seven 1B Q4_K_M files; docs/benchmarks.md,
     session 31). O(n)."""
     return bool(np.median(shown) < SHOWN)
