@@ -1,16 +1,25 @@
-"""OpenMP threads that sleep while they wait: ``OMP_WAIT_POLICY=PASSIVE`` for the command line.
+"""OpenMP threads that spin only briefly while they wait: ``GOMP_SPINCOUNT=1000`` for the command line.
 
-PyTorch's CPU build runs its intra-op threads on OpenMP, whose idle threads spin for a while before they sleep,
-so that the next parallel operation starts without a wake-up. On a machine whose cores are all busy (a shared
-CI runner, a laptop compiling, two jobs on two cores) the spinning threads take the cores the working ones
-need. On the 2-core development machine at a load of ~3.5 (docs/benchmarks.md, "Session 31: OpenMP threads
-that wait without spinning"), 60 iterations of DSA distillation on digits took 62-81 s with the default and
-7.7-7.9 s passive, and a lineage recovery of seven 1B models 5.7-22 s against 6.3-7.1 s.
+PyTorch's CPU build for Linux runs its intra-op threads on GNU OpenMP (libgomp), whose idle threads spin up to
+300,000 times before they sleep, so that the next parallel operation starts without a wake-up. Where the
+cores are busy (two torch jobs on one machine, a shared CI runner) the spinning threads take the cores the
+working ones need. Measured on the 2-core development machine (docs/benchmarks.md, "Session 31: OpenMP
+threads that wait without spinning"), 30 DSA iterations on digits, seconds of distillation:
 
-:func:`passive_waits` sets ``OMP_WAIT_POLICY=PASSIVE`` where the user has not set it, which only takes effect
-before torch (and its OpenMP runtime) is first imported: the ``atlas`` command line calls it before a command
-runs; the library never does on import (a process's threads are its owner's to set). ``OMP_WAIT_POLICY=ACTIVE``
-keeps the spinning.
+======================================  ============  ==================  ===================
+setting                                 alone (idle)  two jobs at once    beside 2 busy loops
+======================================  ============  ==================  ===================
+libgomp's default                       2.5, 2.5      9.8-13.6 each       9.7, 10.0
+``OMP_WAIT_POLICY=PASSIVE`` (no spin)   4.0, 4.0      4.2-4.5 each        6.0, 6.7
+``GOMP_SPINCOUNT=1000``                 2.7, 3.2      5.5-6.0 each        7.6, 7.9
+======================================  ============  ==================  ===================
+
+and with other helpers' torch jobs on the cores, 60 iterations took 62-81 s with the default against 7.7-7.9 s
+without spinning. A short spin keeps most of the idle speed and loses most of the contention.
+:func:`short_spin` sets ``GOMP_SPINCOUNT=1000`` unless the user has set it or ``OMP_WAIT_POLICY`` (whose
+choice stands), and only before torch (and OpenMP) is first imported: the ``atlas`` command line calls it
+before a command runs; the library never does on import (a process's threads are its owner's to set). Other
+OpenMP runtimes (LLVM's libomp on macOS) ignore the variable.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ from __future__ import annotations
 import os
 import sys
 
+SPIN = "1000"
 
-def passive_waits() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it or torch is already imported (too late:
-    OpenMP read its settings when torch loaded it). True when set here."""
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+
+def short_spin() -> bool:
+    """Set ``GOMP_SPINCOUNT`` to :data:`SPIN` unless the environment sets it or ``OMP_WAIT_POLICY``, or torch is
+    already imported (too late: OpenMP read its settings when torch loaded it). True when set here."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = SPIN
     return True

@@ -39,7 +39,7 @@ try:  # Ctrl-C while these load (tqdm: ~0.1 s) came before main() could catch it
     from modelatlas.allocator import keep_freed_memory
     from modelatlas.cli.output import one_line
     from modelatlas.errors import AtlasError, ConfigError
-    from modelatlas.waiting import passive_waits
+    from modelatlas.waiting import short_spin
 except KeyboardInterrupt:
     if _debug():
         raise
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if getattr(args, "func", None):
             keep_freed_memory()  # commands train or stream weights: keep freed blocks mapped (ATLAS_MALLOC=default: off)
-            passive_waits()  # before torch loads: idle OpenMP threads sleep, not spin (OMP_WAIT_POLICY=ACTIVE: off)
+            short_spin()  # before torch loads: idle OpenMP threads spin briefly, then sleep (modelatlas.waiting)
             _escape_unencodable(sys.stdout)
     except KeyboardInterrupt:
         if _debug():
