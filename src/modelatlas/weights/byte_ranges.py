@@ -13,6 +13,7 @@ zeros, or raised SIGBUS). Time O(bytes) a read.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from modelatlas.errors import CheckpointError
@@ -25,6 +26,7 @@ class ByteRanges:
     def __init__(self, path: Path):
         self.path = path
         self._handle = None
+        self._lock = threading.Lock()
 
     def _file(self):
         if self._handle is None:
@@ -42,16 +44,25 @@ class ByteRanges:
         got = 0
         try:
             f = self._file()
-            f.seek(offset)
             # one read(2) returns at most 0x7ffff000 bytes on Linux: a tensor over 2 GiB (a 70B model's
             # embedding) takes several; 0 is the end of the file
-            while got < buf.nbytes and (n := f.readinto(buf[got:])):
+            while got < buf.nbytes and (n := self._read_at(f, buf[got:], offset + got)):
                 got += n
         except OSError as e:
             raise CheckpointError(self.path, f"cannot read {what}: {e.strerror or e}") from e
         if got != buf.nbytes:  # the sizes were checked against the file at open: it changed since
             raise CheckpointError(self.path, f"cannot read {what}: the file ends {buf.nbytes - got} bytes short of "
                                              "it (changed or truncated after it was opened)")
+
+    def _read_at(self, f, view: memoryview, offset: int) -> int:
+        """Bytes read into ``view`` from ``offset``: ``os.preadv``, which leaves the file position alone, so two
+        threads reading one checkpoint cannot interleave a seek and a read; seek and read under a lock where
+        the system has no ``preadv`` (Windows)."""
+        if hasattr(os, "preadv"):
+            return os.preadv(f.fileno(), [view], offset)
+        with self._lock:
+            f.seek(offset)
+            return f.readinto(view)
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to read the range into the page cache in the background (``POSIX_FADV_WILLNEED``); a
