@@ -9,9 +9,9 @@ threads that wait without spinning"), 30 DSA iterations on digits, seconds of di
 ======================================  ============  ==================  ===================
 setting                                 alone (idle)  two jobs at once    beside 2 busy loops
 ======================================  ============  ==================  ===================
-libgomp's default                       2.5, 2.5      9.8-13.6 each       9.7, 10.0
+libgomp's default                       2.5, 2.5      9.8-13.6 each       9.7-16.9
 ``OMP_WAIT_POLICY=PASSIVE`` (no spin)   4.0, 4.0      4.2-4.5 each        6.0, 6.7
-``GOMP_SPINCOUNT=1000``                 2.7, 3.2      5.5-6.0 each        7.6, 7.9
+``GOMP_SPINCOUNT=1000`` (set here)      2.8, 2.9      5.7-5.8 each        7.2, 8.2
 ======================================  ============  ==================  ===================
 
 and with other helpers' torch jobs on the cores, 60 iterations took 62-81 s with the default against 7.7-7.9 s
