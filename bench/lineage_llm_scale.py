@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from quantized_memory import rss  # bench/quantized_memory.py: a /proc/self/status size
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -156,26 +157,19 @@ class PeakMemory:
         self.every, self.peak_anon, self._stop = every, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self.peak_anon = max(self.peak_anon, self.status("RssAnon"))
+            self.peak_anon = max(self.peak_anon, rss("RssAnon:"))
 
     def __enter__(self) -> PeakMemory:
-        self.base_anon = self.status("RssAnon")
+        self.base_anon = rss("RssAnon:")
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_anon = max(self.peak_anon, self.status("RssAnon"))
+        self.peak_anon = max(self.peak_anon, rss("RssAnon:"))
 
 
 def one(kind: str, work: Path, names: list[str], threads: int) -> dict:
@@ -198,7 +192,7 @@ def one(kind: str, work: Path, names: list[str], threads: int) -> dict:
             out.update(directed=score.directed, correct=score.n_correct, edges=score.n_true_edges,
                        stage=forest.decisions["stage"], trees=forest.decisions["n_trees"])
         out["seconds"] = time.perf_counter() - t
-    out.update(anon_mb=(mem.peak_anon - mem.base_anon) / 1e6, hwm_mb=PeakMemory.status("VmHWM") / 1e6)
+    out.update(anon_mb=(mem.peak_anon - mem.base_anon) / 1e6, hwm_mb=rss("VmHWM:") / 1e6)
     out["disk_mb"] = None if before is None else (disk_bytes() - before) / 1e6
     return out
 

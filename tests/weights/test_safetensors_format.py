@@ -259,3 +259,13 @@ def test_two_threads_reading_one_checkpoint_get_their_own_tensors(tmp_path, monk
         t.join()
     ck.close()
     assert bad == []
+
+
+def test_a_file_removed_after_it_was_opened_is_named_at_the_read(tmp_path):
+    """The file is opened at the first read (weights.byte_ranges): gone by then, the error names it."""
+    p = make_file(tmp_path / "m.safetensors", a=torch.ones(4))
+    ck = open_checkpoint(p)
+    p.unlink()
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: cannot read file: No such file or directory"):
+        ck.read("a")
+    ck.prefetch("a")  # a hint: never fails

@@ -80,11 +80,18 @@ def rounding_sums(ck: Checkpoint, name: str, row: torch.Tensor, shift: float,
 
 
 class RoundingWork:
-    """Three float64 tensors of ``p`` values that :func:`rounding_sums` computes in, made once per layer: a fresh
-    8 MB tensor per model costs a page fault per 4 KiB page, which measured ~5x the arithmetic (1M values)."""
+    """Three float64 tensors of ``p`` values that :func:`rounding_sums` computes in, made once per layer (at the
+    first quantized model: a layer no model of which is quantized allocates nothing): a fresh 8 MB tensor per
+    model costs a page fault per 4 KiB page, which measured ~5x the arithmetic (1M values)."""
 
     def __init__(self, p: int):
-        self.parts = tuple(torch.empty(p, dtype=torch.float64) for _ in range(3))
+        self.p, self._parts = p, None
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._parts is None:
+            self._parts = tuple(torch.empty(self.p, dtype=torch.float64) for _ in range(3))
+        return self._parts
 
 
 def layer_kinds(ckpts: list[Checkpoint], info: TensorInfo) -> np.ndarray:
