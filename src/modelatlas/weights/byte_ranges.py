@@ -26,17 +26,20 @@ class ByteRanges:
     def __init__(self, path: Path):
         self.path = path
         self._handle = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # opening the file; seek and read where there is no preadv
 
     def _file(self):
-        if self._handle is None:
-            try:
-                self._handle = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
-            except OSError as e:
-                raise CheckpointError(self.path, f"cannot read file: {e.strerror or e}") from e
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        return self._handle
+        """The open handle; opened under the lock, so two threads' first reads open the file once (each had
+        opened it, and one's handle, replaced and closed, failed its read: "Bad file descriptor")."""
+        with self._lock:
+            if self._handle is None:
+                try:
+                    self._handle = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+                except OSError as e:
+                    raise CheckpointError(self.path, f"cannot read file: {e.strerror or e}") from e
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            return self._handle
 
     def read_into(self, offset: int, buf: memoryview, what: str) -> None:
         """Fill ``buf`` (a writable buffer of the range's length) with the bytes at ``offset``; ``what`` names the
