@@ -207,3 +207,21 @@ def test_rounding_sums_hand_the_row_read_to_the_variance_and_reuse_their_scratch
         assert seen[-1] is row
         v, e = (0.25 + row.abs()).reshape(-1).double(), row.reshape(-1).double() - 0.5
         assert torch.equal(got, torch.stack([v.sum(), (e * v).sum(), (e * v * e).sum(), (v * v).sum()]))
+
+
+@pytest.mark.parametrize("gram_sketch", [None, 64])  # the stacked path, then the streamed (one model at a time)
+def test_a_pass_reads_each_gguf_tensor_once(tmp_path, monkeypatch, gram_sketch):
+    """read() keeps a quantized tensor's bytes for the rounding variance that follows it (it read them again)."""
+    from modelatlas.weights.byte_ranges import ByteRanges
+
+    reads = []
+    read_into = ByteRanges.read_into
+    monkeypatch.setattr(ByteRanges, "read_into", lambda self, offset, buf, what: (
+        reads.append((self.path.name, offset)), read_into(self, offset, buf, what))[1])
+    gen = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_gguf(tmp_path / f"m{i}.gguf", {k: torch.randn(64, 256, generator=gen) for k in "ab"}, "Q4_0")
+    ckpts = [open_checkpoint(tmp_path / f"m{i}.gguf") for i in range(2)]
+    st = stream_pair_stats(ckpts, ckpts[0].tensors(), sketch=8, gram_sketch=gram_sketch)
+    assert len(reads) == 4 and len(set(reads)) == 4  # two layers of two models, each once
+    assert len(st.rounding) == 2 and all((r.energy > 0).all() for r in st.rounding)  # the variance was read

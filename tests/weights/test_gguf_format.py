@@ -222,3 +222,31 @@ def test_tensors_sharing_bytes_are_refused(tmp_path):
 def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name):
     with open_checkpoint(make_gguf(tmp_path / f"{non_utf8_name}.gguf")) as ck:
         assert ck.name == non_utf8_name and torch.equal(ck.read("f32"), torch.from_numpy(F32))
+
+
+def test_a_quantized_tensor_read_gives_its_bytes_to_the_next_call_on_it(tmp_path, monkeypatch):
+    """read() keeps a quantized tensor's bytes for one call on it (rounding_variance, grid_position,
+    requantized_match: each read them again); the same results as a fresh checkpoint's; no plain tensor's
+    bytes kept; at most one tensor's, dropped by the next read and by close()."""
+    from modelatlas.weights.byte_ranges import ByteRanges
+
+    path, reads = make_gguf(tmp_path / "m.gguf"), []
+    read_into = ByteRanges.read_into
+    monkeypatch.setattr(ByteRanges, "read_into", lambda self, offset, buf, what: (
+        reads.append(what), read_into(self, offset, buf, what))[1])
+    calls = [lambda ck, x: ck.rounding_variance("q8", x), lambda ck, x: ck.grid_position("q8", x),
+             lambda ck, x: ck.requantized_match("q8", x)]
+    for call in calls:
+        with open_checkpoint(path) as fresh:
+            want = call(fresh, torch.from_numpy(Q))
+        reads.clear()
+        with open_checkpoint(path) as ck:
+            x = ck.read("q8")
+            got = call(ck, x if call is calls[0] else torch.from_numpy(Q))
+            assert reads == ["tensor 'q8'"] and ck._raw is None  # taken by the call
+            assert torch.equal(got, want) if call is calls[0] else got == want
+            ck.read("q8")
+            ck.read("f32")
+            assert ck._raw is None  # the next read dropped it; a plain tensor's are not kept
+            ck.read("q8")
+        assert ck._raw is None  # close() dropped it

@@ -85,6 +85,10 @@ class GGUFCheckpoint(Checkpoint):
         self.metadata: dict = {}  # general.architecture and its head counts (gguf_header.KEPT_KEYS)
         self._tensors = {t.name: t for t in read_gguf_header(self.path, self._gguf, self.metadata)}
         self._ranges = ByteRanges(self.path)
+        # (name, raw bytes) of the quantized tensor :meth:`read` gave last, until a method of that tensor takes
+        # them (:meth:`_bytes`), the next read, or close(): lineage's pass reads a layer, then asks for its
+        # rounding variance, which read the bytes again (~2x the layer bytes of a pass; session 32)
+        self._raw: tuple[str, np.ndarray] | None = None
 
     @property
     def architecture(self) -> str | None:
@@ -108,9 +112,14 @@ class GGUFCheckpoint(Checkpoint):
         return [TensorInfo(n, t.shape, _STORED.get(t.ggml_type.name, "float32")) for n, t in self._tensors.items()]
 
     def _bytes(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes, read into an array of their own (:class:`~.byte_ranges.ByteRanges`: exactly its
-        byte range comes off the disk; through the memory map of sessions 24-30, the kernel's readahead
-        around it came too, and a file cut short after it was opened read zeros or raised SIGBUS)."""
+        """The tensor's bytes: those :meth:`read` kept for it (:attr:`_raw`, taken: one reader each), else read
+        into an array of their own (:class:`~.byte_ranges.ByteRanges`: exactly its byte range comes off the
+        disk; through the memory map of sessions 24-30, the kernel's readahead around it came too, and a file
+        cut short after it was opened read zeros or raised SIGBUS). Never written to by their users."""
+        raw = self._raw
+        if raw is not None and raw[0] == t.name:
+            self._raw = None  # taken: held no longer than the read and the one call that uses it
+            return raw[1]
         data = np.empty(t.nbytes, dtype=np.uint8)
         self._ranges.read_into(t.offset, memoryview(data), f"tensor {t.name!r}")
         return data
@@ -125,7 +134,10 @@ class GGUFCheckpoint(Checkpoint):
 
         t = self._tensors[name]
         kind = t.ggml_type.name
+        self._raw = None  # one layer's bytes at most: the last read's, dropped by this one
         data = self._bytes(t)
+        if self.quantization(name) is not None:  # its rounding variance or grid may follow: kept for it
+            self._raw = (name, data)
         try:
             if kind in _PLAIN:
                 arr = data.view(np.dtype(_PLAIN[kind]).newbyteorder(t.byteorder)).reshape(t.shape)
@@ -307,7 +319,8 @@ class GGUFCheckpoint(Checkpoint):
         return again
 
     def close(self) -> None:
-        """Close the file (every returned tensor is a copy). Reads after this reopen it."""
+        """Close the file (every returned tensor is a copy) and drop the kept bytes. Reads after this reopen it."""
+        self._raw = None
         self._ranges.close()
 
 
