@@ -15,6 +15,7 @@ another init seed, and scores those against the truth (how well-posed the target
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import time

@@ -29,6 +29,7 @@ Time: O(methods x tiny runs); the timing part O(3 x timing_iters poster iteratio
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import platform

@@ -14,6 +14,7 @@ sets again (e.g. with more evaluation nets) under their methods' protocols, with
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import platform

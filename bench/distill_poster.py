@@ -26,6 +26,7 @@ Progress bars go to stderr on a terminal; ``ATLAS_PROGRESS=1`` draws them into a
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import math

@@ -23,6 +23,7 @@ Parts (each prints JSON lines and writes ``--json``):
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import resource

@@ -13,6 +13,7 @@ columns (top / bottom: how far the imatrix moves the error between columns).
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import struct
 import subprocess

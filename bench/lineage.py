@@ -22,6 +22,7 @@ Zoos are built once under --work (resumable) and reused. Prints a Markdown table
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import hashlib
 import json

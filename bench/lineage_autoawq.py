@@ -24,6 +24,7 @@ huggingface_hub==0.36.0 datasets==3.6.0``, then ``PYTHONPATH=src /tmp/awqv/bin/p
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import inspect
 import subprocess

@@ -12,6 +12,7 @@ the AWQ file in its source's place, and the AWQ model's recovered parent and chi
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import math

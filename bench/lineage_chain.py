@@ -8,6 +8,7 @@ checkpoints, 1 thread: 11.6 s before the replacement-cost rewrite of the edge sc
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import time
 

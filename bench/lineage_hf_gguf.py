@@ -26,6 +26,7 @@ many conversions were placed as copies of their own source.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import subprocess

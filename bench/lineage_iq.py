@@ -12,6 +12,7 @@ per kind and seed, and their wrong edges' kinds.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import sys
 from collections import Counter

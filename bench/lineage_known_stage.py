@@ -17,6 +17,7 @@ accuracy on the other zoo's edges (the star's models are not in its truth: not s
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import contextlib
 import io

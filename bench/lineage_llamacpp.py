@@ -17,6 +17,7 @@ quantized; lineage needs >= 0.999 on every layer, >= 0.9999 for the K-quants, >=
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import subprocess
 from pathlib import Path

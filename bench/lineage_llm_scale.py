@@ -27,6 +27,7 @@ the memory-mapped file pages too). Printed: times, ratios, memory and the direct
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import os

@@ -16,6 +16,7 @@ sources of bench/lineage_packed.py). Seconds on 2 cores.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import shutil

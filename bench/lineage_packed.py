@@ -27,6 +27,7 @@ quantization), FP4 and LLM.int8 by transformers and saved, checked against bitsa
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import copy
 import shutil

@@ -24,6 +24,7 @@ Fine-tuning dominates the time: ~0.3-0.5 s per step on one core (60 steps x 12 m
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import math

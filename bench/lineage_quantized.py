@@ -23,6 +23,7 @@ rows are not a multiple of 32 stay float32 there too.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import shutil
 import subprocess

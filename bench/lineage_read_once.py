@@ -20,6 +20,7 @@ called without).
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import subprocess
 import sys

@@ -12,6 +12,7 @@ edges are recovered, so accuracy is the same whatever the score rule.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 from pathlib import Path

@@ -14,6 +14,7 @@ See docs/lineage.md, "Stars". Time: one recovery per zoo plus an SVD per 2-D lay
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 from pathlib import Path
 

@@ -9,6 +9,7 @@ Builds the zoos once (cached under --zoo), trains every expert on 1 thread, prin
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import sys
 import time

@@ -11,6 +11,7 @@ validation split of the dev zoo's training models; the final numbers are on a zo
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import importlib.util
 import sys

@@ -14,6 +14,7 @@ Usage: ``python bench/qlora_merge.py ZOO_DIR [ZOO_DIR ...]`` (zoos as ``modelatl
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import json
 import sys
 from pathlib import Path

@@ -9,6 +9,7 @@ minute or two on 2 cores.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import json
 import subprocess

@@ -10,6 +10,7 @@ train/test split of the zoo's models as probex_wide.py.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import importlib.util
 import sys
