@@ -1,12 +1,12 @@
 """Does an AWQ model whose source is not given stand in for it? (``lineage.unsmoothed``)
 
-    PYTHONPATH=src:. python bench/lineage_awq_standin.py --seeds 0 1 2 3 4 --work /tmp/awq_standin
+    python bench/lineage_awq_standin.py --seeds 0 1 2 3 4 --work /tmp/awq_standin
 
 Per seed: a synthetic forest of Llama-named models (``lineage.synthetic``: 2 trees, 2 children a node, depth 2;
 2 decoder blocks of 128 x 128 projections, heavy-tailed; the norms 1 + 0.1 N(0, 1), each fine-tune moving them
 by ``--norm-step``), float32. One model (``--replace``: the root ``t0``, the middle ``t0_0`` or the leaf
 ``t0_0_0``) is given only as its AWQ file (AutoAWQ's GEMM layout, groups of 32, factors ``exp(U(-r, r))``,
-``--spread`` r, clipping as tests/lineage/test_awq_copies.py writes it). Printed: directed-edge accuracy with
+``--spread`` r, clipping: :mod:`modelatlas.zoo.awq`). Printed: directed-edge accuracy with
 the AWQ file in its source's place, and the AWQ model's recovered parent and children against its source's.
 """
 
@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
-import json
 import math
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from tests.lineage.test_awq_copies import smooth
-from tests.weights.conftest import make_awq
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.scoring import score_forest
 from modelatlas.lineage.synthetic import make_synthetic_forest
+from modelatlas.zoo.awq import CONFIG, awq_model, save_folder
 
 H, BLOCKS = 128, 2
 PROJ = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn", "gate": "mlp", "up": "mlp",
         "down": "mlp"}
-AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
 
 
 def make_zoo(seed: int, norm_step: float) -> tuple[dict, dict]:
@@ -47,29 +43,13 @@ def make_zoo(seed: int, norm_step: float) -> tuple[dict, dict]:
     return weights, parents
 
 
-def make_awq_model(model: dict, seed: int, spread: float) -> dict:
-    out = {}
-    for k, v in smooth(model, seed, spread).items():
-        clip = 1.0 if "q_proj" in k or "k_proj" in k else 0.9  # AutoAWQ leaves q, k unclipped
-        out.update(make_awq(v.float(), 32, k.removesuffix(".weight"), clip) if k.endswith("_proj.weight") else {k: v})
-    return out
-
-
-def save(folder: Path, tensors: dict, config: dict | None = None) -> str:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
-    if config is not None:
-        (folder / "config.json").write_text(json.dumps({"quantization_config": config}))
-    return str(folder)
-
-
 def run(seed: int, args) -> tuple[float, str]:
     weights, parents = make_zoo(seed, args.norm_step)
     work = Path(args.work) / f"seed{seed}"
     shutil.rmtree(work, ignore_errors=True)
     gone, awq = args.replace, args.replace + "-awq"
-    paths = [save(work / n, w) for n, w in weights.items() if n != gone]
-    paths.append(save(work / awq, make_awq_model(weights[gone], seed + 7, args.spread), AWQ))
+    paths = [save_folder(work / n, w) for n, w in weights.items() if n != gone]
+    paths.append(save_folder(work / awq, awq_model(weights[gone], seed + 7, args.spread), CONFIG))
     truth = {(awq if n == gone else n): (awq if p == gone else p) for n, p in parents.items()}
     forest = recover_lineage(paths)
     score = score_forest(forest, truth)

@@ -1,25 +1,19 @@
 """AWQ models placed under the model they were quantized from (:mod:`modelatlas.lineage.smoothed`).
 
-The AWQ files are written here as AutoAWQ does, from its description: per decoder block, factors c > 0
-multiply the input channels of the layers a norm feeds (q, k, v; gate, up) and divide the norm; v_proj's and
-up_proj's rows are divided by o_proj's and down_proj's input factors, which multiply those; every weight
-and norm is rounded to float16; the projections are then rounded to 4 bits in groups, each group's range
-clipped first except for q_proj and k_proj (tests/weights/conftest.py ``make_awq``).
+The AWQ files are written as AutoAWQ does, from its description, by :mod:`modelatlas.zoo.awq`: factors c > 0 on
+the input channels of the layers each norm feeds and on the v/o and up/down pairs, float16, 4-bit groups of
+32, each group's range clipped first except for q_proj and k_proj.
 """
 
-import json
-
 import torch
-from safetensors.torch import save_file
-from tests.weights.conftest import make_awq
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage import smoothed as S
 from modelatlas.lineage.sources import MemoryCheckpoint
 from modelatlas.weights import open_checkpoint
+from modelatlas.zoo.awq import CONFIG, awq_model, save_folder
 
 H, INTER, BLOCKS = 128, 256, 2
-AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
 
 
 def shapes() -> dict:
@@ -45,52 +39,11 @@ def make_llama(seed: int, base: dict | None = None, step: float = 0.0, only: str
     return {k: v.half() for k, v in out.items()}
 
 
-def factors(n: int, gen: torch.Generator, spread: float = 1.4) -> torch.Tensor:
-    return torch.exp(torch.empty(n).uniform_(-spread, spread, generator=gen))  # 1.4: 0.25 .. 4, as AWQ's spread
-
-
-def smooth(model: dict, seed: int, spread: float = 1.4) -> dict:
-    """``model`` (Llama names, any sizes) with AWQ's rescaling applied (float16): input factors
-    exp(U(-spread, spread)) per norm and pair (bench/lineage_awq_standin.py uses it too)."""
-    gen, w = torch.Generator().manual_seed(seed), {k: v.float().clone() for k, v in model.items()}
-    for b in range(sum(k.endswith("input_layernorm.weight") for k in model)):
-        p = f"model.layers.{b}."
-        h, inter = w[p + "mlp.down_proj.weight"].shape  # (hidden, MLP width)
-        c1, c2, c3, c4 = (factors(n, gen, spread) for n in (h, h, h, inter))
-        w[p + "input_layernorm.weight"] /= c1
-        for n in "qkv":
-            w[p + f"self_attn.{n}_proj.weight"] *= c1  # (out, in) times (in,): input channel j by c_j
-        w[p + "self_attn.v_proj.weight"] /= c2[:, None]  # its rows: o_proj's inputs
-        w[p + "self_attn.o_proj.weight"] *= c2
-        w[p + "post_attention_layernorm.weight"] /= c3
-        for n in ("gate", "up"):
-            w[p + f"mlp.{n}_proj.weight"] *= c3
-        w[p + "mlp.up_proj.weight"] /= c4[:, None]
-        w[p + "mlp.down_proj.weight"] *= c4
-    return {k: v.half() for k, v in w.items()}
-
-
-def make_awq_model(model: dict, seed: int = 7) -> dict:
-    out = {}
-    for k, v in smooth(model, seed).items():
-        clip = 1.0 if "q_proj" in k or "k_proj" in k else 0.9  # AutoAWQ leaves q, k unclipped
-        out.update(make_awq(v.float(), 32, k.removesuffix(".weight"), clip) if k.endswith("_proj.weight") else {k: v})
-    return out
-
-
-def save(folder, tensors: dict, config: dict | None = None):
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
-    if config is not None:
-        (folder / "config.json").write_text(json.dumps({"quantization_config": config}))
-    return str(folder)
-
-
 def test_awq_models_hang_below_their_own_sources(tmp_path):
     base = make_llama(0)
     models = {"base": base, "ft": make_llama(1, base, 0.01), "other": make_llama(2)}
-    paths = [save(tmp_path / n, m) for n, m in models.items()]
-    paths += [save(tmp_path / f"{n}-awq", make_awq_model(models[n]), AWQ) for n in ("base", "ft")]
+    paths = [save_folder(tmp_path / n, m) for n, m in models.items()]
+    paths += [save_folder(tmp_path / f"{n}-awq", awq_model(models[n]), CONFIG) for n in ("base", "ft")]
     forest = recover_lineage(paths)
     assert forest.decisions["duplicates"] == {"base-awq": "base", "ft-awq": "ft"}
     assert forest.decisions["precision_copies"] == {"base-awq": "awq-int4", "ft-awq": "awq-int4"}
@@ -109,7 +62,7 @@ def test_the_factors_are_read_off_the_norms():
 def test_the_source_passes_every_code_and_a_fine_tune_does_not(tmp_path):
     """The tested layers: q_proj, k_proj, gate_proj of each block (their rows are not rescaled)."""
     base = make_llama(0)
-    copy = open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ))
+    copy = open_checkpoint(save_folder(tmp_path / "q", awq_model(base), CONFIG))
     assert [fed for _, fed in S.smoothed_pairs(copy)][0] == ["model.layers.0.self_attn.q_proj.weight",
                                                              "model.layers.0.self_attn.k_proj.weight"]
     share = {n: S.smoothed_score(copy, MemoryCheckpoint(n, m), 0.0, plain=False) for n, m in (
@@ -120,7 +73,7 @@ def test_the_source_passes_every_code_and_a_fine_tune_does_not(tmp_path):
 
 def test_candidates_are_the_nearest_by_the_norm_folded_weights(tmp_path):
     base = make_llama(0)
-    copy = open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ))
+    copy = open_checkpoint(save_folder(tmp_path / "q", awq_model(base), CONFIG))
     name = "model.layers.0.self_attn.q_proj.weight"
     as_stored = float((copy.read(name) - base[name].float()).norm() / base[name].float().norm())
     assert as_stored > 1.0  # rescaled by 0.25 .. 4 per column: as far as another model
@@ -132,7 +85,7 @@ def test_an_awq_model_of_a_head_fine_tune_is_no_copy_of_the_base(tmp_path):
     """The plain matrices (embedding, head) must be the source's: AWQ leaves them as they are."""
     base = make_llama(0)
     head = make_llama(3, base, 0.05, only="lm_head")
-    paths = [save(tmp_path / "base", base), save(tmp_path / "head-awq", make_awq_model(head), AWQ)]
+    paths = [save_folder(tmp_path / "base", base), save_folder(tmp_path / "head-awq", awq_model(head), CONFIG)]
     forest = recover_lineage(paths)
     assert "head-awq" not in forest.decisions.get("duplicates", {})
     assert forest.decisions["quantized_models"] == {"head-awq": "awq-int4"}
@@ -142,10 +95,10 @@ def test_a_model_made_from_the_awq_weights_is_no_source_of_them(tmp_path):
     """A merge onto the dequantized AWQ model (its norms, its rescaled weights plus a small update) rounds to
     the same codes with factors 1, but sits on the levels: the AWQ model is its parent, not its copy."""
     base = make_llama(0)
-    awq = save(tmp_path / "base-awq", make_awq_model(base), AWQ)
+    awq = save_folder(tmp_path / "base-awq", awq_model(base), CONFIG)
     deq = open_checkpoint(awq)
     merged = {t.name: deq.read(t.name) + (1e-5 * torch.randn(t.shape) if "_proj" in t.name else 0)
               for t in deq.tensors()}
-    forest = recover_lineage([awq, save(tmp_path / "merged", merged)])
+    forest = recover_lineage([awq, save_folder(tmp_path / "merged", merged)])
     assert forest.decisions["made_from_quantized"] == {"merged": "base-awq"}
     assert "merged" not in forest.decisions.get("duplicates", {})

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
+from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized
 
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
-from modelatlas.weights.packed_ints import unpack
+from modelatlas.weights.packed_ints import pack, unpack
 
 LAYERS = ("a.weight", "b.weight", "c.weight")
 
@@ -42,7 +42,7 @@ def make_gptq_like(weights, seed=0):
         q = unpack(t[f"{name}.qweight"], 4, 0)  # (in, out)
         moved = torch.rand(q.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
         moved[0] = False
-        t[f"{name}.qweight"] = make_words((q + moved.int()).clamp(0, 15), 4, 0)
+        t[f"{name}.qweight"] = pack((q + moved.int()).clamp(0, 15), 4, 0)
         out.update(t)
     return out
 

@@ -1,19 +1,19 @@
 """AWQ models whose source is not given, read with the rescaling undone (:mod:`modelatlas.lineage.unsmoothed`).
 
-The AWQ files are those of tests/lineage/test_awq_copies.py: factors 0.25-4 on each norm's inputs and on the
+The AWQ files are :mod:`modelatlas.zoo.awq`'s: factors 0.25-4 on each norm's inputs and on the
 v/o and up/down pairs, 4-bit groups of 32, AutoAWQ's clipping.
 """
 
 import numpy as np
 import pytest
 import torch
-from tests.lineage.test_awq_copies import AWQ, make_awq_model, make_llama, save, smooth
-from tests.weights.conftest import make_awq
+from tests.lineage.test_awq_copies import make_llama
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage import unsmoothed as U
 from modelatlas.lineage.sources import MemoryCheckpoint
 from modelatlas.weights import open_checkpoint
+from modelatlas.zoo.awq import CONFIG, awq_layer, awq_model, save_folder, smooth
 
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
 
@@ -24,7 +24,7 @@ def test_an_awq_model_stands_in_for_its_absent_source(tmp_path):
     base = make_llama(0)
     ft = make_llama(1, base, 0.05)
     models = {"base": base, "c1": make_llama(2, ft, 0.05), "c2": make_llama(3, ft, 0.05), "other": make_llama(4)}
-    paths = [save(tmp_path / n, m) for n, m in models.items()] + [save(tmp_path / "ft-awq", make_awq_model(ft), AWQ)]
+    paths = [save_folder(tmp_path / n, m) for n, m in models.items()] + [save_folder(tmp_path / "ft-awq", awq_model(ft), CONFIG)]
     forest = recover_lineage(paths)
     tree = next(t for t in forest.trees if "ft-awq" in t)
     assert sorted(tree) == ["base", "c1", "c2", "ft-awq"]
@@ -35,8 +35,8 @@ def test_an_awq_model_stands_in_for_its_absent_source(tmp_path):
 
 def test_an_awq_copy_of_a_given_source_is_still_its_copy(tmp_path):
     base = make_llama(0)
-    paths = [save(tmp_path / "base", base), save(tmp_path / "ft", make_llama(1, base, 0.05)),
-             save(tmp_path / "base-awq", make_awq_model(base), AWQ)]
+    paths = [save_folder(tmp_path / "base", base), save_folder(tmp_path / "ft", make_llama(1, base, 0.05)),
+             save_folder(tmp_path / "base-awq", awq_model(base), CONFIG)]
     forest = recover_lineage(paths)
     assert forest.decisions["duplicates"] == {"base-awq": "base"}
     assert "awq_unsmoothed" not in forest.decisions  # (read so for the pass, but placed as its source)
@@ -46,7 +46,7 @@ def test_the_pair_factors_come_back_from_the_column_and_row_norms(tmp_path):
     """o_proj's input factors (v_proj's rows divided by them) are in no stored tensor: the norms of o_proj's
     columns and v_proj's rows against the relative give them, to ~2 % (at most ~10 %: the 4-bit rounding of a column scaled down)."""
     base = make_llama(0)
-    awq = open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ))
+    awq = open_checkpoint(save_folder(tmp_path / "q", awq_model(base), CONFIG))
     true = smooth(base, 7)[O_PROJ].float().norm(dim=0) / base[O_PROJ].float().norm(dim=0)  # (in,): o's input factors
     got = U.pair_factors(awq, MemoryCheckpoint("base", base), "model.layers.0.", "self_attn.v_proj.weight",
                          "self_attn.o_proj.weight", "input_layernorm.weight")
@@ -60,11 +60,11 @@ def test_only_a_rescaled_model_is_read_unsmoothed(tmp_path):
     fine-tune moved does not (~0), and keeps its distances."""
     base = make_llama(0)
     ft = MemoryCheckpoint("ft", make_llama(1, base, 0.05))
-    awq = open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ))
+    awq = open_checkpoint(save_folder(tmp_path / "q", awq_model(base), CONFIG))
     plain = {k: v for k, v in base.items() if not k.endswith("_proj.weight")}
     for k in (k for k in base if k.endswith("_proj.weight")):
-        plain.update(make_awq(base[k].float(), 32, k.removesuffix(".weight")))
-    rtn = open_checkpoint(save(tmp_path / "rtn", plain, AWQ))
+        plain.update(awq_layer(base[k].float(), 32, k.removesuffix(".weight")))
+    rtn = open_checkpoint(save_folder(tmp_path / "rtn", plain, CONFIG))
     assert U.awq_slope(awq, ft) > 0.9
     assert abs(U.awq_slope(rtn, ft)) < 0.2
     layers = [t for t in rtn.tensors() if t.name == O_PROJ]
@@ -94,7 +94,7 @@ def test_the_views_rounding_variance_is_its_real_error(tmp_path):
     gen = torch.Generator().manual_seed(5)
     base = {k: (0.04 * make_t5(v.shape, gen)).half() if k.endswith("_proj.weight") else v for k, v in make_llama(0).items()}
     ft = {k: v + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-    view = U.UnsmoothedView(open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ)), MemoryCheckpoint("ft", ft))
+    view = U.UnsmoothedView(open_checkpoint(save_folder(tmp_path / "q", awq_model(base), CONFIG)), MemoryCheckpoint("ft", ft))
     name = "model.layers.0.self_attn.q_proj.weight"
     real = float((view.read(name).double() - base[name].double()).square().sum())
     r, s = view.factors(name)
@@ -154,8 +154,8 @@ def test_with_no_relative_given_it_stays_a_tree_of_its_own(tmp_path):
     """Its factors read against another family's model (the nearest there is) leave it as far from that family
     as any other model: it is not pulled in."""
     base, other = make_llama(0), make_llama(4)
-    paths = [save(tmp_path / "o", other), save(tmp_path / "o1", make_llama(5, other, 0.05)),
-             save(tmp_path / "o2", make_llama(6, other, 0.05)),
-             save(tmp_path / "ft-awq", make_awq_model(make_llama(1, base, 0.05)), AWQ)]
+    paths = [save_folder(tmp_path / "o", other), save_folder(tmp_path / "o1", make_llama(5, other, 0.05)),
+             save_folder(tmp_path / "o2", make_llama(6, other, 0.05)),
+             save_folder(tmp_path / "ft-awq", awq_model(make_llama(1, base, 0.05)), CONFIG)]
     forest = recover_lineage(paths)
     assert "ft-awq" in forest.decisions["awq_unsmoothed"] and ["ft-awq"] in forest.trees

@@ -7,6 +7,7 @@ import shlex
 import torch
 
 from modelatlas.weights import bnb as B
+from modelatlas.weights.packed_ints import pack
 
 
 class make_evil:  # noqa: N801 - a pickle payload, named like the helpers it stands with
@@ -33,17 +34,8 @@ def check_reads_state_dict(ck):
 
 
 # Packers of quantized layers, following each format's layout (lowest bits first; GPTQ transposed, its zeros
-# stored minus one): tests/weights/test_dequantized.py, tests/lineage/test_dequantized_copies.py
-
-
-def make_words(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack unsigned ``codes`` into int32 words along ``dim``, lowest bits first (the dim padded with zeros)."""
-    per = 32 // bits
-    c = codes.long().movedim(dim, -1)
-    pad = (-c.shape[-1]) % per
-    c = torch.nn.functional.pad(c, (0, pad)).reshape(*c.shape[:-1], -1, per)  # (.., words, per)
-    words = (c << (torch.arange(per) * bits)).sum(-1)  # (.., words) as int64
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).movedim(-1, dim)
+# stored minus one): tests/weights/test_dequantized.py, tests/lineage/test_dequantized_copies.py; AWQ's is
+# modelatlas.zoo.awq (a benchmark writes AWQ files too)
 
 
 def make_gptq(w: torch.Tensor, bits: int = 4, group: int = 16, zero_offset: int = 1, name: str = "layer") -> dict:
@@ -56,7 +48,7 @@ def make_gptq(w: torch.Tensor, bits: int = 4, group: int = 16, zero_offset: int 
     zero = (maxq + 1) // 2
     codes = (torch.round(w.T / scales[g_idx.long()]) + zero).clamp(0, maxq)  # (in, out)
     zeros = torch.full(scales.shape, zero - zero_offset)
-    return {f"{name}.qweight": make_words(codes, bits, 0), f"{name}.qzeros": make_words(zeros, bits, 1),
+    return {f"{name}.qweight": pack(codes, bits, 0), f"{name}.qzeros": pack(zeros, bits, 1),
             f"{name}.scales": scales.half(), f"{name}.g_idx": g_idx}
 
 
@@ -67,7 +59,7 @@ def make_pack_quantized(w: torch.Tensor, bits: int = 4, group: int = 16, name: s
     half = 2 ** (bits - 1)
     scale = w.abs().reshape(rows, -1, group).amax(-1) / (half - 1)  # (rows, groups)
     q = torch.round(w / scale.repeat_interleave(group, 1)).clamp(-half, half - 1) + half
-    return {f"{name}.weight_packed": make_words(q, bits, 1), f"{name}.weight_scale": scale,
+    return {f"{name}.weight_packed": pack(q, bits, 1), f"{name}.weight_scale": scale,
             f"{name}.weight_shape": torch.tensor([rows, cols])}
 
 
@@ -134,33 +126,6 @@ def make_mlx(x: torch.Tensor, bits: int = 4, group: int = 32, name: str = "a") -
     n_words = -(-codes.shape[1] * bits // 32)
     words = torch.tensor([[(b >> (32 * k)) & 0xFFFFFFFF for k in range(n_words)] for b in big]).to(torch.uint32)
     return {f"{name}.weight": words, f"{name}.scales": scale, f"{name}.biases": edge}
-
-
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column (of each 8) that a word's nibble i holds
-
-
-def make_awq_words(codes: torch.Tensor) -> torch.Tensor:
-    """AWQ GEMM words of (rows, cols) 4-bit ``codes``: 8 columns a word, nibble i holding column AWQ_ORDER[i]."""
-    rows, cols = codes.shape
-    perm = (torch.arange(0, cols, 8)[:, None] + torch.tensor(AWQ_ORDER)).reshape(-1)  # (cols,): nibble order
-    return make_words(codes[:, perm], 4, 1)  # (rows, cols / 8)
-
-
-def make_awq(w: torch.Tensor, group: int = 16, name: str = "layer", clip: float = 1.0) -> dict:
-    """AutoAWQ GEMM tensors of an (out, in) weight rounded to nearest, asymmetric: per (row, group of ``group``
-    inputs) the range [min, max] (both first clipped to ``clip`` times the group's largest |value|, as AWQ's
-    auto_clip does), scale (max - min) / 15 stored in float16, zero -round(min / scale); ``qweight`` (in, out / 8),
-    ``qzeros`` (groups, out / 8), ``scales`` (groups, out)."""
-    out, inp = w.shape
-    g = w.reshape(out, -1, group)  # (out, groups, group)
-    edge = g.abs().amax(-1, keepdim=True) * clip
-    g = torch.maximum(torch.minimum(g, edge), -edge)  # clipped, as AWQ clips before rounding
-    hi, lo = g.amax(-1), g.amin(-1)  # (out, groups)
-    scale = ((hi - lo).clamp(min=1e-5) / 15).half()  # stored, and rounded with, in float16
-    zero = (-torch.round(lo / scale.float())).clamp(0, 15)
-    codes = (torch.round(g / scale.float()[..., None]) + zero[..., None]).clamp(0, 15).reshape(out, inp)
-    return {f"{name}.qweight": make_awq_words(codes.T), f"{name}.qzeros": make_awq_words(zero.T),
-            f"{name}.scales": scale.T.contiguous()}
 
 
 def make_gguf_file(path, tensors: dict, imatrix: bool = False):

@@ -1,22 +1,19 @@
 """AutoAWQ GEMM checkpoints (``quant_method: awq``) read as float weights.
 
 A word packs 8 output columns, nibble i holding column (0, 2, 4, 6, 1, 3, 5, 7)[i]: 0x76543210 (nibble i = i)
-reads as columns 0, 4, 1, 5, 2, 6, 3, 7. The packer (tests/weights/conftest.py ``make_awq``) follows the format
+reads as columns 0, 4, 1, 5, 2, 6, 3, 7. The packer (``modelatlas.zoo.awq.awq_layer``) follows the format
 description; the reader was checked value for value against AutoAWQ's own ``dequantize_gemm`` on random words
 (bench/lineage_packed.py --autoawq, docs/benchmarks.md session 30).
 """
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
-from tests.weights.conftest import make_awq
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import awq as A
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights import packed_ints as P
+from modelatlas.zoo.awq import awq_layer, save_folder
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm", "zero_point": True}
 
@@ -26,11 +23,7 @@ def make_word(value: int) -> torch.Tensor:
 
 
 def make_model(folder, tensors: dict, config: dict | None = AWQ):
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
-    if config is not None:
-        (folder / "config.json").write_text(json.dumps({"quantization_config": config}))
-    return folder
+    return save_folder(folder, tensors, config)
 
 
 def make_weight(out: int = 64, inp: int = 32, seed: int = 0) -> torch.Tensor:
@@ -52,7 +45,7 @@ def test_weight_is_codes_minus_zero_times_scale_transposed():
 
 def test_an_awq_model_reads_dequantized_and_rounds_back(tmp_path):
     w = make_weight()
-    with open_checkpoint(make_model(tmp_path / "m", {**make_awq(w), "norm.weight": torch.ones(32)})) as ck:
+    with open_checkpoint(make_model(tmp_path / "m", {**awq_layer(w), "norm.weight": torch.ones(32)})) as ck:
         assert sorted((t.name, t.shape) for t in ck.tensors()) == [("layer.weight", (64, 32)), ("norm.weight", (32,))]
         assert ck.quantization("layer.weight") == ck.quantization("layer.qweight") == "AWQ-INT4"
         assert ck.quantization("layer.scales") is None and ck.layer_of("layer.qzeros") == "layer.weight"
@@ -68,7 +61,7 @@ def test_a_clipped_value_sits_at_its_groups_highest_code(tmp_path):
     """AutoAWQ clips a group's range before rounding; the zero rounded (and the float16 scale), the clipped
     top may round to code 14, not 15: grid_match lets each group's extremes take what lies beyond them."""
     w = make_weight(seed=2)
-    ck = open_checkpoint(make_model(tmp_path / "m", make_awq(w, clip=0.7)))
+    ck = open_checkpoint(make_model(tmp_path / "m", awq_layer(w, clip=0.7)))
     codes = A.unpack_columns(ck.inner.read("layer.qweight")).T.reshape(64, 2, 16)  # (out, groups, 16 inputs)
     assert bool((codes.amax(-1) == 14).any())  # such groups are there
     assert ck.grid_match("layer.weight", w) == 1.0
@@ -95,7 +88,7 @@ def test_the_sum_with_the_zero_rounded_in_bfloat16():
 ])
 def test_what_is_not_read_is_refused_naming_it(tmp_path, config, message):
     with pytest.raises(CheckpointError, match=f"quantized layers: quantization_config: {message}|{message}"):
-        open_checkpoint(make_model(tmp_path / "m", make_awq(make_weight()), config))
+        open_checkpoint(make_model(tmp_path / "m", awq_layer(make_weight()), config))
 
 
 @pytest.mark.parametrize("part, change, message", [
@@ -105,7 +98,7 @@ def test_what_is_not_read_is_refused_naming_it(tmp_path, config, message):
     ("layer.scales", lambda t: torch.cat([t, t[:1]]), r"layer.scales holds 3 groups of scales, which do not divide"),
 ])
 def test_parts_that_do_not_fit_are_refused(tmp_path, part, change, message):
-    tensors = make_awq(make_weight())
+    tensors = awq_layer(make_weight())
     if change is None:
         del tensors[part]
     else:
@@ -115,12 +108,12 @@ def test_parts_that_do_not_fit_are_refused(tmp_path, part, change, message):
 
 
 def test_without_the_awq_config_the_words_stay_as_stored(tmp_path):
-    ck = open_checkpoint(make_model(tmp_path / "m", make_awq(make_weight()), None))
+    ck = open_checkpoint(make_model(tmp_path / "m", awq_layer(make_weight()), None))
     assert "layer.qweight" in ck.keys() and ck.grid_match("layer.qweight", make_weight()) is None
 
 
 def test_a_nan_scale_is_refused_when_read(tmp_path):
-    tensors = make_awq(make_weight())
+    tensors = awq_layer(make_weight())
     tensors["layer.scales"][1, 3] = float("nan")
     with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck:
         with pytest.raises(CheckpointError, match=r"cannot dequantize 'layer.weight' \(AWQ-INT4\): layer.scales "

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import NF4, make_bnb4, make_bnb8, make_gptq, make_pack_quantized, make_words
+from tests.weights.conftest import NF4, make_bnb4, make_bnb8, make_gptq, make_pack_quantized
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import bnb as B
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights.dequantized import DequantizedCheckpoint
-from modelatlas.weights.packed_ints import unpack
+from modelatlas.weights.packed_ints import pack, unpack
 
 
 def make_model(folder, tensors: dict, quantization_config: dict | None = None):
@@ -93,7 +93,7 @@ def test_a_gptq_copy_is_told_by_its_first_column(tmp_path):
     q = unpack(tensors["layer.qweight"], 4, 0)  # (in, out): unpacked, moved, packed again
     moved = torch.rand(q.shape, generator=torch.Generator().manual_seed(3)) < 0.3
     moved[0] = False  # the first column stays plain rounding
-    tensors["layer.qweight"] = make_words((q + moved.int()).clamp(0, 15), 4, 0)
+    tensors["layer.qweight"] = pack((q + moved.int()).clamp(0, 15), 4, 0)
     ck = open_checkpoint(make_model(tmp_path / "gptq", tensors))
     assert ck.requantized_match("layer.weight", w) == 1.0
     assert ck.requantized_match("layer.weight", w * (1 + 0.01 * make_weight(2048, 32, seed=4))) < 0.99

@@ -23,6 +23,14 @@ def test_unpack_reads_lowest_bits_first():
     assert P.unpack(make_word(0xE4), 2, 0).tolist()[:5] == [0, 1, 2, 3, 0]
 
 
+def test_pack_writes_lowest_bits_first_and_unpack_reads_it_back():
+    assert P.pack(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), 4, 0).tolist() == make_word(0x76543210).tolist()
+    assert P.pack(torch.tensor([[15] * 8]), 4, 1).tolist() == [make_word(0xFFFFFFFF).tolist()]  # the sign bit
+    assert P.pack(torch.tensor([1, 2, 3]), 8, 0).tolist() == make_word(0x030201).tolist()  # padded with zeros
+    codes = torch.randint(0, 4, (6, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(P.unpack(P.pack(codes, 2, 1), 2, 1), codes)
+
+
 def test_unpack_a_word_with_the_sign_bit_set():
     assert P.unpack(make_word(0xF0000000), 4, 0).tolist() == [0] * 7 + [15]  # the shift drags the sign; the mask drops it
 

@@ -28,7 +28,6 @@ from tests.weights.conftest import (
     make_gptq,
     make_mlx,
     make_pack_quantized,
-    make_words,
 )
 
 from modelatlas.weights import bnb as B
@@ -107,7 +106,7 @@ def test_a_larger_scale_gives_a_larger_variance(tmp_path, fmt):
 
 def test_a_hand_checked_group(tmp_path):
     """One row of 4 values, 4-bit codes with the scale 0.5: levels 0.5 apart, 0.5**2 / 12 everywhere."""
-    layer = {"layer.weight_packed": make_words(torch.tensor([[0, 3, 9, 15]]), 4, 1),
+    layer = {"layer.weight_packed": P.pack(torch.tensor([[0, 3, 9, 15]]), 4, 1),
              "layer.weight_scale": torch.tensor([[0.5]]), "layer.weight_shape": torch.tensor([1, 4])}
     four_bits = {"quantization_config": {"config_groups": {"g": {"weights": {"num_bits": 4}}}}}
     ck = open_checkpoint(make_model(tmp_path / "m", layer, four_bits))

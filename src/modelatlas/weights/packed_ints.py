@@ -29,6 +29,18 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return vals.flatten(-2).movedim(-1, dim)  # (.., n * 32 / bits) back at dim
 
 
+def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of :func:`unpack`: unsigned ``bits``-bit ``values`` packed into int32 words along ``dim``,
+    lowest bits first, the dim padded with zeros to a whole word (what GPTQ, compressed-tensors and AWQ
+    writers store; written here for fixtures, :mod:`modelatlas.zoo.awq`). Time O(P)."""
+    per = 32 // bits
+    c = values.long().movedim(dim, -1)
+    pad = (-c.shape[-1]) % per
+    c = torch.nn.functional.pad(c, (0, pad)).reshape(*c.shape[:-1], -1, per)  # (.., words, per)
+    words = (c << (torch.arange(per) * bits)).sum(-1)  # (.., words) as int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).movedim(-1, dim)
+
+
 def gptq_layout(qweight: TensorInfo, qzeros: TensorInfo, scales: TensorInfo, g_idx: TensorInfo) -> int | None:
     """The bit width of a GPTQ layer from its parts' headers, None for 3 bits (values spanning words); a
     ValueError naming the part that does not fit ``qweight`` (in * bits / 32, out) int32, ``qzeros`` (groups,
