@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tests.weights.conftest import make_gguf_file
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
@@ -250,3 +251,26 @@ def test_a_quantized_tensor_read_gives_its_bytes_to_the_next_call_on_it(tmp_path
             assert ck._raw is None  # the next read dropped it; a plain tensor's are not kept
             ck.read("q8")
         assert ck._raw is None  # close() dropped it
+
+
+@pytest.mark.parametrize("n", [300, 600])  # runs of consecutive sampled rows (300), none (600)
+def test_a_copy_test_reads_only_the_rows_it_samples(tmp_path, monkeypatch, n):
+    """requantized_match and grid_position on 256 of n rows read those rows' bytes, not the tensor's; the
+    same results as from the whole tensor's bytes (kept by read())."""
+    from modelatlas.weights.byte_ranges import ByteRanges
+
+    x = np.random.default_rng(1).standard_normal((n, 64)).astype(np.float32)
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)  # (n, 68): 2 blocks of 34 bytes a row
+    path = make_gguf_file(tmp_path / "m.gguf", {"q": (q, "Q8_0")})
+    got = []
+    read_into = ByteRanges.read_into
+    monkeypatch.setattr(ByteRanges, "read_into", lambda self, offset, buf, what: (
+        got.append(buf.nbytes), read_into(self, offset, buf, what))[1])
+    y = torch.from_numpy(x * 1.001)
+    for call in (lambda ck: ck.requantized_match("q", y), lambda ck: ck.grid_position("q", y)):
+        with open_checkpoint(path) as ck:
+            got.clear()
+            sampled = call(ck)
+            assert sum(got) == 256 * 68 and (len(got) < 256) == (n == 300)  # a run of rows: one read
+            ck.read("q")
+            assert sampled == call(ck)  # from the whole tensor's bytes
