@@ -7,7 +7,7 @@ torch (or of anything that imports it: safetensors.torch, modelatlas' subpackage
 too late. Hence an import, written as the script's first one, ``import short_spin  # noqa: F401  # isort: skip``
 (``isort: skip`` keeps ruff's import sorting from moving it below ``import torch``). Without it, idle OpenMP
 threads spinning on the 2 shared cores cost 5-10x on a busy machine (docs/benchmarks.md, "Session 31: OpenMP
-threads that wait without spinning"). A no-op where torch is already loaded (a test importing a bench script).
+threads that spin only briefly"). A no-op where torch is already loaded (a test importing a bench script).
 """
 
 from modelatlas.waiting import short_spin

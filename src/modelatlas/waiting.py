@@ -4,7 +4,7 @@ PyTorch's CPU build for Linux runs its intra-op threads on GNU OpenMP (libgomp),
 300,000 times before they sleep, so that the next parallel operation starts without a wake-up. Where the
 cores are busy (two torch jobs on one machine, a shared CI runner) the spinning threads take the cores the
 working ones need. Measured on the 2-core development machine (docs/benchmarks.md, "Session 31: OpenMP
-threads that wait without spinning"), 30 DSA iterations on digits, seconds of distillation:
+threads that spin only briefly"), 30 DSA iterations on digits, seconds of distillation:
 
 ======================================  ============  ==================  ===================
 setting                                 alone (idle)  two jobs at once    beside 2 busy loops
