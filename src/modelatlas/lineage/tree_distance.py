@@ -13,6 +13,7 @@ import numpy as np
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.distances import PairStats
 from modelatlas.lineage.orient import prim_mst
+from modelatlas.lineage.rounding import MERGE_KIND, LayerRounding
 from modelatlas.lineage.spectra import spectral_distances
 
 SHOWN = 0.5  # an update is seen when half its energy is in values over the noise's edge (_hidden_tree)
@@ -47,7 +48,8 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
     the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). A tree of quantized models whose
     updates are hidden under the rounding noise (:func:`_hidden_tree`) takes RMS (debiased for the rounding)
-    in either. Time O(n k L n_l s^2).
+    in either; one whose models are all quantized alike (:func:`_one_rounding`) nuclear norm x signal rank
+    (the rank over the noise) in ``auto``, whatever the LoRA test says. Time O(n k L n_l s^2).
     """
     rms = st.rms[np.ix_(idx, idx)]
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
@@ -64,6 +66,8 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     if kind == "auto":
         plain = np.setdiff1d(np.arange(len(idx)), views)  # (a view's spectra: see with_views)
         kind = _auto_kind(*(m[np.ix_(plain, plain)] for m in (rms, low, shown)), paper)
+        if kind != "l2" and not paper and _one_rounding(st.rounding, idx):
+            return nuclear * low, "nuclear*rank"  # the rank over the noise, which every pair carries alike
     if kind == "l2":
         return rms, "l2"
     if kind == "rank":
@@ -111,6 +115,30 @@ def _hidden_tree(shown: np.ndarray) -> bool:
     1 % under a 4-bit rounding of ~8 % does not (0.22-0.25: seven 1B Q4_K_M files; docs/benchmarks.md,
     session 31). O(n)."""
     return bool(np.median(shown) < SHOWN)
+
+
+def _one_rounding(rounding: list[LayerRounding], idx: np.ndarray) -> bool:
+    """Whether every model of the tree ``idx`` is quantized, each layer to one type for all (or left unquantized
+    by all), with a rounding variance: every pair then carries the same noise, so the ranks over it (signal
+    ranks) compare across pairs, and such a tree takes nuclear norm x signal-rank fraction. Under 4-bit noise
+    the LoRA test does not tell full trees from LoRA trees (16 of 17 development zoos as Q4_0 stand-ins read
+    "rank", full ones too); nuclear norm x signal rank placed 560 of their 612 edges, rank 548, nuclear norm x
+    the rank before the shrinkage 555 (docs/benchmarks.md, session 32). Not so when a pair holds an unquantized
+    model (its values under the noise count, the others' do not: 164 of 360 held-out edges,
+    :func:`~.spectra.spectral_distances`), nor for types of two noise levels (the development zoos as Q4_0 and
+    Q5_1 stand-ins: 498 of 612 edges with signal ranks, 519 with ranks before the shrinkage), nor for merged
+    QLoRA models (:data:`~.rounding.MERGE_KIND`: no noise between them is shrunk). O(n L)."""
+    quantized = False
+    for layer in rounding:
+        kinds = set(layer.kinds[idx].tolist())
+        if len(kinds) != 1:
+            return False
+        kind = kinds.pop()
+        if kind is not None:
+            if kind == MERGE_KIND or not bool((layer.energy[idx] > 0).all()):
+                return False
+            quantized = True
+    return quantized
 
 
 def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
