@@ -16,6 +16,8 @@ is scored as its file (``NAME-t.gguf``): with one type, each model has one.
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
+
 import argparse
 from collections import Counter
 from contextlib import ExitStack
