@@ -32,7 +32,8 @@ def make_noisy(p=1_000_000, step=1.0, seed=0):
 
 def check_sums(row, v):
     e = row
-    return torch.stack([v.sum(), (e * v).sum(), (e * e * v).sum(), (v * v).sum()])
+    sums = torch.stack([v.sum(), (e * v).sum(), (e * e * v).sum(), (v * v).sum()])
+    return torch.cat([sums, R.moment_bias(sums, None, 0.0)])
 
 
 def test_debiased_moments_give_the_kurtosis_of_the_values_before_rounding():
@@ -43,6 +44,18 @@ def test_debiased_moments_give_the_kurtosis_of_the_values_before_rounding():
     fixed = float(_kurtosis_from_moments(debiased_moments(powers(noisy), check_sums(noisy, v)[None]), len(x))[0])
     assert abs(raw - true) > 0.1  # a step of 0.8 sigma lowers it visibly
     assert fixed == pytest.approx(true, abs=0.02)
+
+
+def test_a_checkpoints_own_moments_are_shifted_to_the_sums_of_e():
+    """moment_bias: sums of x^m - w^m (about 0) give those of (x - c)^n - (w - c)^n (about the layer's shift c)
+    binomially; the uniform error's by hand: [0, sum v, 3 sum e v, 6 sum e^2 v - 4.2 sum v^2]."""
+    w = torch.tensor([0.1, -0.3, 0.6, 0.2, 1.4], dtype=torch.float64)
+    x = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # w rounded to the integers
+    raw = torch.stack([(x**m - w**m).sum() for m in range(1, 5)])
+    want = torch.stack([((x - 0.3) ** n - (w - 0.3) ** n).sum() for n in range(1, 5)])
+    assert torch.allclose(R.moment_bias(None, raw, 0.3), want)
+    sums = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert R.moment_bias(sums, None, 0.3).tolist() == pytest.approx([0.0, 1.0, 6.0, 18 - 4.2 * 4])
 
 
 def test_debiased_squared_by_hand():
@@ -206,7 +219,7 @@ def test_rounding_sums_hand_the_row_read_to_the_variance_and_reuse_their_scratch
         got = R.rounding_sums(Quantized("q", {"w": row.reshape(3, 5)}), "w", row, 0.5, work)
         assert seen[-1] is row
         v, e = (0.25 + row.abs()).reshape(-1).double(), row.reshape(-1).double() - 0.5
-        assert torch.equal(got, torch.stack([v.sum(), (e * v).sum(), (e * v * e).sum(), (v * v).sum()]))
+        assert torch.equal(got[:4], torch.stack([v.sum(), (e * v).sum(), (e * v * e).sum(), (v * v).sum()]))
 
 
 @pytest.mark.parametrize("gram_sketch", [None, 64])  # the stacked path, then the streamed (one model at a time)

@@ -140,7 +140,7 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     sk = torch.zeros(n, k, dtype=torch.float64)
     y = None
     shift = None
-    noise = torch.zeros(n, 4, dtype=torch.float64)
+    noise = torch.zeros(n, _rounding.SUMS, dtype=torch.float64)
     pw = torch.empty(4, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
     bw = torch.zeros(1, info.numel + (-info.numel) % k, dtype=torch.float32)
     work = _rounding.RoundingWork(info.numel)
@@ -295,7 +295,7 @@ def _gram(x: torch.Tensor, mean: torch.Tensor, k: int | None, seed: int) -> torc
 
 def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, seed: int = 0,
                 kinds: np.ndarray | None = None, rounding=None) -> torch.Tensor:
-    """Add one layer's distances and kurtosis; returns the (N, 4) rounding sums ``rounding(shift)`` gave
+    """Add one layer's distances and kurtosis; returns the (N, SUMS) rounding sums ``rounding(shift)`` gave
     (zeros without it). Time O(N^2 P) exact or O(N P + N^2 k) with a ``k`` sketch; extra memory
     O(N * _CHUNK)."""
     n, p = x.shape
@@ -315,7 +315,7 @@ def _accumulate(st: PairStats, x: torch.Tensor, l1: bool, k: int | None = None, 
         if l1:
             xa = x[:, a:a + _CHUNK].double()  # (N, B)
             st.l1 += (torch.cdist(xa, xa, p=1) / p).numpy()
-    noise = rounding(shift) if rounding is not None else torch.zeros(n, 4, dtype=torch.float64)
+    noise = rounding(shift) if rounding is not None else torch.zeros(n, _rounding.SUMS, dtype=torch.float64)
     kinds = np.full(n, None, dtype=object) if kinds is None else kinds
     _add_layer(st, mom, _gram(x, mean, k, seed), shift, p, LayerNoise(noise, kinds, k))
     return noise
@@ -325,7 +325,7 @@ def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: floa
                rounding: LayerNoise | None = None) -> None:
     """Add one layer's RMS / relative distances (from its (N, N) centred Gram) and kurtosis (from the (N, 4)
     power sums of the entries shifted by ``shift``), a quantized model's rounding error taken out of both
-    (``rounding.sums``: (N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others; its
+    (``rounding.sums``: (N, SUMS) :func:`~modelatlas.lineage.rounding.rounding_sums`, zeros for the others; its
     ``k``: the Gram's sketch size, whose error ~ sqrt(2 / k) of a squared distance widens the same-model test).
     Time O(N^2)."""
     noise = None if rounding is None else rounding.sums

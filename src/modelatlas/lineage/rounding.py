@@ -16,7 +16,10 @@ contribution of each statistic is known and is subtracted:
   rounded to one type, one grid, what that grid adds to their difference (:func:`same_grid_noise`);
 - power sums of ``e = x - c``: ``E (e + u)^2 = e^2 + v``, ``E (e + u)^3 = e^3 + 3 e v``,
   ``E (e + u)^4 = e^4 + 6 e^2 v + 1.8 v^2`` (a uniform error's fourth moment is ``step^4 / 80 = 1.8 v^2``)
-  (:func:`rounding_sums`, :func:`debiased_moments`);
+  (:func:`rounding_sums`, :func:`debiased_moments`); where the error depends on the value (an AWQ model read
+  against a relative, :mod:`.unsmoothed`: a value rounded to 0 has itself as its error) the checkpoint's own
+  :meth:`~modelatlas.weights.Checkpoint.rounding_moments`, shifted to ``e``, replace those corrections (the
+  distances keep ``sum v``);
 - the singular values of sketched differences, for the nuclear norm: the noise adds a Marchenko-Pastur
   bulk, removed by the spiked-model inverse ``x^2 = ((y^2 - 1 - b) + sqrt((y^2 - 1 - b)^2 - 4 b)) / 2`` of
   each value ``y`` above the bulk's edge ``1 + sqrt(b)`` (in units of the noise; ``b`` the sketch's aspect
@@ -57,10 +60,14 @@ SAME_MODEL_REL = 0.04
 MERGE_KIND = "NF4-MERGE"  # lineage.qlora's merged QLoRA models (defined here: qlora imports this module's users)
 
 
+SUMS = 8  # columns of rounding_sums: four for the distances' noise, four for the moments' bias
+
+
 def rounding_sums(ck: Checkpoint, name: str, row: torch.Tensor, shift: float,
                   work: RoundingWork | None = None) -> torch.Tensor | None:
-    """(4,) float64 ``[sum v, sum e v, sum e^2 v, sum v^2]`` of layer ``name`` of ``ck`` (``row``: its (1, P)
-    dequantized values, ``e = row - shift``, ``v`` the rounding variance), or None when the layer is not
+    """(:data:`SUMS`,) float64 ``[sum v, sum e v, sum e^2 v, sum v^2, b1, b2, b3, b4]`` of layer ``name`` of
+    ``ck`` (``row``: its (1, P) dequantized values, ``e = row - shift``, ``v`` the rounding variance; ``b_n``
+    the rounding's expected share of ``sum e^n``, :func:`moment_bias`), or None when the layer is not
     quantized or its format gives no variance. ``row`` goes to :meth:`~modelatlas.weights.Checkpoint.
     rounding_variance` as the layer's values, so that it is not dequantized again; ``work`` (float64 scratch
     of the layer's size, reused over models) saves allocating three. Time O(P) (the variance is read from the
@@ -75,8 +82,24 @@ def rounding_sums(ck: Checkpoint, name: str, row: torch.Tensor, shift: float,
     vd.copy_(v.reshape(-1))  # (P,) float64
     e.copy_(row.reshape(-1)).sub_(shift)  # (P,)
     torch.mul(e, vd, out=ev)
-    sums = [vd.sum(), ev.sum(), ev.mul_(e).sum(), torch.mul(vd, vd, out=ev).sum()]
-    return torch.stack(sums)
+    sums = torch.stack([vd.sum(), ev.sum(), ev.mul_(e).sum(), torch.mul(vd, vd, out=ev).sum()])
+    return torch.cat([sums, moment_bias(sums, ck.rounding_moments(name), shift)])
+
+
+def moment_bias(sums: torch.Tensor, raw: torch.Tensor | None, shift: float) -> torch.Tensor:
+    """(4,) the rounding's expected share of the power sums of ``e = x - shift``: from ``raw`` (``sum E[x^m] -
+    w^m``, m = 1..4, :meth:`~modelatlas.weights.Checkpoint.rounding_moments`) shifted binomially,
+    ``b_n = sum_m C(n, m) (-shift)^(n - m) raw_m``; without it the uniform error's ``[0, sum v, 3 sum e v,
+    6 sum e^2 v - 4.2 sum v^2]`` from ``sums`` (the first four of :func:`rounding_sums`; the observed ``e``
+    stands for the source's in ``sum e v`` and ``sum e^2 v``, whose expectation exceeds the source's by ``sum
+    v^2``, hence 6 - 1.8 = 4.2). Time O(1)."""
+    if raw is None:
+        zero = torch.zeros((), dtype=torch.float64)
+        return torch.stack([zero, sums[0], 3 * sums[1], 6 * sums[2] - (6 - UNIFORM_M4) * sums[3]])
+    c = -shift
+    d1, d2, d3, d4 = raw.double().unbind(0)
+    return torch.stack([d1, d2 + 2 * c * d1, d3 + 3 * c * d2 + 3 * c**2 * d1,
+                        d4 + 4 * c * d3 + 6 * c**2 * d2 + 4 * c**3 * d1])
 
 
 class RoundingWork:
@@ -108,7 +131,7 @@ def layer_kinds(ckpts: list[Checkpoint], info: TensorInfo) -> np.ndarray:
 
 @dataclass
 class LayerNoise:
-    """What :func:`_add_layer` takes a layer's rounding out with: the (N, 4) rounding sums, each model's
+    """What :func:`_add_layer` takes a layer's rounding out with: the (N, SUMS) rounding sums, each model's
     quantization type (N,) and the Gram's sketch size (None: exact)."""
 
     sums: torch.Tensor
@@ -118,9 +141,9 @@ class LayerNoise:
 
 def layer_rounding_sums(ckpts: list[Checkpoint], info: TensorInfo, x: torch.Tensor, shift: float,
                     failed: dict[int, str]) -> torch.Tensor:
-    """(N, 4) :func:`~modelatlas.lineage.rounding.rounding_sums` of layer ``info`` of every readable model
-    (rows of ``x``); zeros for a model stored unquantized. Time O(P) per quantized model."""
-    noise = torch.zeros(len(ckpts), 4, dtype=torch.float64)
+    """(N, :data:`SUMS`) :func:`~modelatlas.lineage.rounding.rounding_sums` of layer ``info`` of every readable
+    model (rows of ``x``); zeros for a model stored unquantized. Time O(P) per quantized model."""
+    noise = torch.zeros(len(ckpts), SUMS, dtype=torch.float64)
     work = RoundingWork(info.numel)
     for i, ck in enumerate(ckpts):
         if i not in failed and (r := rounding_sums(ck, info.name, x[i:i + 1], shift, work)) is not None:
@@ -130,14 +153,9 @@ def layer_rounding_sums(ckpts: list[Checkpoint], info: TensorInfo, x: torch.Tens
 
 def debiased_moments(mom: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """Power sums ``mom`` (N, 4) of ``e``, ``e^2``, ``e^3``, ``e^4`` with the rounding error's expected share
-    taken out, given each model's :func:`rounding_sums` (N, 4) (zeros for a model stored unquantized).
-    The observed ``e`` stands for the source's in ``sum e v`` and ``sum e^2 v`` (whose expectation exceeds
-    the source's by ``sum v^2``, hence 6 - 1.8 = 4.2). Time O(N)."""
-    out = mom.clone()
-    out[:, 1] -= sums[:, 0]
-    out[:, 2] -= 3 * sums[:, 1]
-    out[:, 3] -= 6 * sums[:, 2] - (6 - UNIFORM_M4) * sums[:, 3]
-    return out
+    taken out, given each model's :func:`rounding_sums` (N, :data:`SUMS`) (zeros for a model stored
+    unquantized): less their last four, :func:`moment_bias`. Time O(N)."""
+    return mom - sums[:, 4:]
 
 
 @dataclass
@@ -227,7 +245,7 @@ def debiased_squared(d2: torch.Tensor, energy: torch.Tensor, layer: LayerRoundin
 def rounding_excess(d2: torch.Tensor, sums: torch.Tensor, same: np.ndarray | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """((N, N) ``d2`` less both models' rounding energy, (N, N) that difference's variance when the two are
-    roundings of one model) for one layer, from each model's :func:`rounding_sums` (N, 4): the sum of ``P``
+    roundings of one model) for one layer, from each model's :func:`rounding_sums` (N, SUMS): the sum of ``P``
     squared uniform errors has variance ``(1.8 - 1) sum v^2``. Pairs of ``same`` (N, N) (one type: one
     grid) get an infinite excess: two roundings of one model on one grid are one file, which the duplicate
     test finds; any difference is the weights'. Time O(N^2)."""

@@ -119,6 +119,14 @@ class Checkpoint(ABC):
         reading and dequantizing the tensor again; the result is the same."""
         return None
 
+    def rounding_moments(self, name: str) -> torch.Tensor | None:
+        """For a quantized tensor whose rounding error depends on the values (not uniform over a step and
+        independent of them: a value rounded to 0 has itself as its error): (4,) float64, the expected change
+        the rounding made to the sums of the values' first four powers, ``sum E[x^m] - w^m`` for m = 1..4.
+        None (the default) where the uniform model holds; lineage then corrects the moments from
+        :meth:`rounding_variance` alone. Asked right after :meth:`rounding_variance` of the same tensor."""
+        return None
+
     def stored_tensors(self) -> list[TensorInfo]:
         """The tensors as its own files store them (header only): :meth:`tensors` for most formats; a LoRA
         adapter's A and B factors, not the updates it exposes (its parameter count)."""
