@@ -108,6 +108,30 @@ def test_the_views_kurtosis_is_its_sources(tmp_path):
     assert np.abs(view - source).max() < 0.05
 
 
+def test_a_group_is_clipped_where_the_relative_goes_beyond_its_end_levels():
+    """Three groups (runs of one variance along a row): row 0's first (the relative 1.5 steps above its top level
+    3), row 1's whole row (0.5 below its lowest, -1: within a step, its rounding) not; then row 1's too
+    (1.5 below)."""
+    x = torch.tensor([[0.2, 3.0, -1.0, 1.0], [-1.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    var = torch.tensor([[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    rel = x.clone()
+    rel[0, 1], rel[1, 0] = 4.5, -1.5
+    assert U.clipped_share(x, rel, var) == pytest.approx(1 / 3)
+    rel[1, 0] = -2.5
+    assert U.clipped_share(x, rel, var) == pytest.approx(2 / 3)
+
+
+def test_a_clipped_layer_keeps_the_uniform_moment_correction(tmp_path):
+    """The test zoo's AWQ writer clips every projection but q_proj and k_proj to 90 % of its range, as AutoAWQ
+    does: the view gives its own moments on those two only."""
+    base = make_llama(0)
+    view = U.UnsmoothedView(open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ)),
+                            MemoryCheckpoint("ft", make_llama(1, base, 0.05)))
+    for name in (t.name for t in view.tensors() if t.name.endswith("_proj.weight")):
+        view.rounding_variance(name)
+        assert (view.rounding_moments(name) is None) == ("q_proj" not in name and "k_proj" not in name), name
+
+
 def make_t5(shape: tuple, gen: torch.Generator) -> torch.Tensor:
     """Student-t values of 5 degrees of freedom: a normal over the root of a chi-square of 5 over 5."""
     chi2 = torch.randn(5, *shape, generator=gen).square().sum(0) / 5
