@@ -92,9 +92,10 @@ class UnsmoothedView(Checkpoint):
         if name not in self.relative or self.relative.info(name).shape != tuple(v.shape):
             return v
         rel, step = self.relative.read(name).double(), (12 * v.double()).sqrt()
-        v, moments = column_errors(rel, step)
         x = self.read(name) if values is None else values.reshape(v.shape)
-        if clipped_share(x.double() / step, rel / step, stored) <= MAX_CLIPPED:
+        clipped = clipped_share(x.double() / step, rel / step, stored) > MAX_CLIPPED
+        v, moments = column_errors(rel, step, moments=not clipped)  # a clipped layer's moments: not used
+        if moments is not None:
             self._moments[name] = moments
         return v.float()
 
@@ -166,44 +167,52 @@ class UnsmoothedView(Checkpoint):
 
 def column_rounding(w: torch.Tensor, step: torch.Tensor, steps: int | None = None) -> torch.Tensor:
     """The variance of :func:`column_errors` alone. (out, in) float64; time O(steps P)."""
-    return column_errors(w, step, steps)[0]
+    return column_errors(w, step, steps, moments=False)[0]
 
 
-def column_errors(w: torch.Tensor, step: torch.Tensor, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def column_errors(w: torch.Tensor, step: torch.Tensor, steps: int | None = None,
+                  moments: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What rounding column j of ``w`` (out, in) to the multiples of ``step[i, j]`` does, for each (i, j): (the
     mean squared error ``G_j(t) = mean_k (w_kj - t round(w_kj / t))^2`` at ``t = step[i, j]``, (out, in); the
     summed change of the first four powers, ``sum_ij D_j^m(step[i, j])``, ``D_j^m(t) = mean_k (t round(w_kj /
-    t))^m - w_kj^m``, (4,)). Each from :data:`STEPS` steps spaced evenly in log between the column's smallest
-    and largest, divided by ``t^2`` and interpolated linearly in log t (``G / t^2``: ``1 / 12`` for a step
-    small against the column's spread, ``mean w^2 / t^2`` for one beyond its values). The column's own values,
-    not row i's: with row i's the model rounded would read as ``w`` wherever they round alike. Float64;
-    time O(steps P)."""
+    t))^m - w_kj^m``, (4,), or None without ``moments``). Each from :data:`STEPS` steps spaced evenly in log
+    between the column's smallest and largest, divided by ``t^2`` and interpolated linearly in log t (``G /
+    t^2``: ``1 / 12`` for a step small against the column's spread, ``mean w^2 / t^2`` for one beyond its
+    values). The column's own values, not row i's: with row i's the model rounded would read as ``w`` wherever
+    they round alike. Float64; time O(steps P), three (out, in) scratch tensors reused over the steps."""
     steps = steps or STEPS
     t = step.clamp_min(1e-30).log()  # (out, in)
     lo, hi = t.min(dim=0).values, t.max(dim=0).values  # (in,) each
     width = (hi - lo).clamp_min(1e-12)
     grid = (lo + width * torch.linspace(0, 1, steps, dtype=w.dtype)[:, None]).exp()  # (steps, in)
-    powers = torch.stack([w.mean(0), (w * w).mean(0), (w**3).mean(0), (w**4).mean(0)])  # (4, in)
-    table = torch.stack([_rounded(w, grid[a], powers) for a in range(steps)])  # (steps, 5, in)
+    powers = torch.stack([w.mean(0), (w * w).mean(0), (w**3).mean(0), (w**4).mean(0)]) if moments else None
+    work = [torch.empty_like(w) for _ in range(3)]  # a fresh (out, in) tensor a step cost a page fault a page
+    table = torch.stack([_rounded(w, grid[a], powers, work) for a in range(steps)])  # (steps, 1 or 5, in)
     pos = ((t - lo) / width * (steps - 1)).clamp(0, steps - 1)  # (out, in): place on the grid
     below = pos.floor().long().clamp(max=steps - 2)
     frac, t2 = pos - below, t.exp() ** 2
 
-    def at(k: int) -> torch.Tensor:  # (out, in): table row k at each entry's step, times t^2
-        col = table[:, k]  # (steps, in)
-        return (torch.gather(col, 0, below) * (1 - frac) + torch.gather(col, 0, below + 1) * frac) * t2
+    col = table[:, 0]  # (steps, in): G / t^2
+    var = (torch.gather(col, 0, below) * (1 - frac) + torch.gather(col, 0, below + 1) * frac) * t2  # (out, in)
+    if not moments:
+        return var, None
+    # the moments are only summed: each grid step's share of the entries' t^2, then one contraction
+    weight = torch.zeros(steps, w.shape[1], dtype=w.dtype)  # (steps, in)
+    weight.scatter_add_(0, below, (1 - frac) * t2).scatter_add_(0, below + 1, frac * t2)
+    return var, torch.einsum("akj,aj->k", table[:, 1:], weight)
 
-    return at(0), torch.stack([at(k).sum() for k in range(1, 5)])
 
-
-def _rounded(w: torch.Tensor, t: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
+def _rounded(w: torch.Tensor, t: torch.Tensor, powers: torch.Tensor | None, work: list[torch.Tensor]) -> torch.Tensor:
     """(5, in): ``G_j(t) / t^2`` and ``D_j^m(t) / t^2`` (m = 1..4; :func:`column_errors`) of each column of ``w``
-    (out, in) rounded to the multiples of ``t`` (in,); ``powers`` (4, in) the columns' means of ``w^m``."""
-    r = w / t  # (out, in)
-    q = torch.round(r)
-    g = (r - q).square().mean(0)
-    q2 = q * q
-    qm = torch.stack([q.mean(0), q2.mean(0), (q2 * q).mean(0), q2.square().mean(0)])  # (4, in)
+    (out, in) rounded to the multiples of ``t`` (in,); ``powers`` (4, in) the columns' means of ``w^m`` (None:
+    ``G / t^2`` alone, (1, in)). ``work``: three scratch tensors of ``w``'s shape."""
+    r, q, x = work
+    torch.round(torch.div(w, t, out=r), out=q)  # r = w / t, q its rounding
+    g = r.sub_(q).square_().mean(0)
+    if powers is None:
+        return g[None]
+    q2 = torch.mul(q, q, out=x)
+    qm = torch.stack([q.mean(0), q2.mean(0), torch.mul(q2, q, out=r).mean(0), q2.square_().mean(0)])  # (4, in)
     tm = t ** torch.arange(1, 5, dtype=w.dtype)[:, None]  # (4, in): t^m
     return torch.cat([g[None], (qm * tm - powers) / t**2])
 
