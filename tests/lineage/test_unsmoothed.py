@@ -116,9 +116,9 @@ def test_a_group_is_clipped_where_the_relative_goes_beyond_its_end_levels():
     var = torch.tensor([[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
     rel = x.clone()
     rel[0, 1], rel[1, 0] = 4.5, -1.5
-    assert U.clipped_share(x, rel, var) == pytest.approx(1 / 3)
+    assert U.clipped_groups(x, rel, var) == pytest.approx(1 / 3)
     rel[1, 0] = -2.5
-    assert U.clipped_share(x, rel, var) == pytest.approx(2 / 3)
+    assert U.clipped_groups(x, rel, var) == pytest.approx(2 / 3)
 
 
 def test_a_clipped_layer_keeps_the_uniform_moment_correction(tmp_path):

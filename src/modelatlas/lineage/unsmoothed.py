@@ -93,7 +93,7 @@ class UnsmoothedView(Checkpoint):
             return v
         rel, step = self.relative.read(name).double(), (12 * v.double()).sqrt()
         x = self.read(name) if values is None else values.reshape(v.shape)
-        clipped = clipped_share(x.double() / step, rel / step, stored) > MAX_CLIPPED
+        clipped = clipped_groups(x.double() / step, rel / step, stored) > MAX_CLIPPED
         v, moments = column_errors(rel, step, moments=not clipped)  # a clipped layer's moments: not used
         if moments is not None:
             self._moments[name] = moments
@@ -217,7 +217,7 @@ def _rounded(w: torch.Tensor, t: torch.Tensor, powers: torch.Tensor | None, work
     return torch.cat([g[None], (qm * tm - powers) / t**2])
 
 
-def clipped_share(x: torch.Tensor, rel: torch.Tensor, var: torch.Tensor) -> float:
+def clipped_groups(x: torch.Tensor, rel: torch.Tensor, var: torch.Tensor) -> float:
     """The share of quantization groups whose range was clipped: the relative's values go more than
     :data:`CLIP_STEPS` steps beyond the group's highest or lowest level. ``x`` the model's values and ``rel``
     its relative's, both in steps (``value / step``), (out, in); ``var`` the stored variance, whose runs of one
