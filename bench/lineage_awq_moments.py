@@ -1,0 +1,90 @@
+"""Kurtosis of an AWQ model read against its relative (``lineage.unsmoothed``), layer by layer, against its source's;
+and the time of the view's variance and moments on one large layer.
+
+    PYTHONPATH=src:. python bench/lineage_awq_moments.py             # both zoos, per layer
+    PYTHONPATH=src:. python bench/lineage_awq_moments.py --all-layers # the view's moments on clipped layers too
+    PYTHONPATH=src:. python bench/lineage_awq_moments.py --time 2048 # column_errors on a 2048 x 2048 layer
+
+Zoos: the test zoo of tests/lineage/test_awq_copies.py (``base -> ft -> c1``, ``ft`` given as AWQ; Gaussian
+weights) and seed 0 of bench/lineage_awq_standin.py (``t0`` given as AWQ; heavy-tailed). The view is built as
+``recover`` builds it (:func:`~modelatlas.lineage.unsmoothed.unsmoothed`); kurtosis is the distance pass's
+(``stream_pair_stats``, exact Grams), its rounding taken out. Printed per layer: source, view, difference, and
+whether the view's own moments were used (an unclipped layer) or the uniform correction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelatlas.lineage import unsmoothed as U
+from modelatlas.lineage.distances import stream_pair_stats
+from modelatlas.lineage.sources import MemoryCheckpoint
+from modelatlas.weights import open_checkpoint
+
+
+def zoos(work: Path):
+    """(name, relatives, source, AWQ checkpoint) of the two zoos."""
+    import bench.lineage_awq_standin as B
+    from tests.lineage.test_awq_copies import AWQ, make_awq_model, make_llama, save
+
+    base = make_llama(0)
+    ft = make_llama(1, base, 0.05)
+    yield ("test zoo, ft", [MemoryCheckpoint("base", base), MemoryCheckpoint("c1", make_llama(2, ft, 0.05))],
+           MemoryCheckpoint("ft", ft), open_checkpoint(save(work / "ft-awq", make_awq_model(ft), AWQ)))
+    weights, _ = B.make_zoo(0, 0.005)
+    others = [MemoryCheckpoint(n, w) for n, w in weights.items() if n != "t0" and n.startswith("t0")]
+    awq = B.make_awq_model(weights["t0"], 7, math.log(4))
+    yield "standin zoo, t0", others, MemoryCheckpoint("t0", weights["t0"]), open_checkpoint(B.save(work / "t0", awq, B.AWQ))
+
+
+def per_layer(work: Path) -> None:
+    np.set_printoptions(precision=3, suppress=True, linewidth=160)
+    for name, others, source, awq in zoos(work):
+        layers = [t for t in awq.tensors() if t.name.endswith("_proj.weight")]
+        members, _ = U.unsmoothed(others + [awq], layers)
+        view = stream_pair_stats(members, layers, gram_sketch=None).layer_kurtosis[-1]
+        true = stream_pair_stats(others + [source], layers, gram_sketch=None).layer_kurtosis[-1]
+        own = [members[-1].rounding_moments(t.name) is not None for t in layers]
+        print(f"{name}: layers {[t.name.split('.')[-2] for t in layers]}")
+        print(f"  source {true}\n  view   {view}\n  diff   {view - true}\n  own moments {own}")
+
+
+def timing(n: int) -> None:
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    chi2 = torch.randn(5, n, n, generator=gen, dtype=torch.float64).square().sum(0) / 5
+    w = torch.randn(n, n, generator=gen, dtype=torch.float64) / chi2.sqrt() * 0.02  # Student-t 5
+    col = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-1.4, 1.4, generator=gen))  # AWQ's factors
+    step = (0.004 * torch.rand(n, n // 32, generator=gen, dtype=torch.float64) + 0.002).repeat_interleave(32, 1) / col
+    for moments in (False, True):
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            var, mom = U.column_errors(w, step, moments=moments)
+            best = min(best, time.perf_counter() - t)
+        print(f"moments={moments}: {best:.2f} s (best of 3, 1 thread); checksum {float(var.sum())!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--time", type=int, default=0, help="time column_errors on an N x N layer instead")
+    ap.add_argument("--all-layers", action="store_true", help="the view's own moments on clipped layers too")
+    args = ap.parse_args()
+    if args.all_layers:
+        U.MAX_CLIPPED = math.inf
+    if args.time:
+        timing(args.time)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        per_layer(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
