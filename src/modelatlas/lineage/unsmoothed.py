@@ -44,7 +44,9 @@ MIN_SPREAD = 1e-3  # standard deviation of log(g_R / g) below which the norms gi
 # a group's range is taken as clipped when the relative's values go this many steps beyond its end levels (its
 # own rounding: half a step; a fine-tune moves a group's extreme ~0.1 step; AutoAWQ's clipping: ~1-8 steps)
 CLIP_STEPS = 1.0
-MAX_CLIPPED = 0.2  # share of clipped groups above which a layer keeps the uniform moment correction
+# share of clipped groups above which a layer's moments take in what the clipping took (clip_loss); below it the
+# relative beyond an end level is a fine-tune's move, on one side only (llm-compressor's files: none above it)
+MAX_CLIPPED = 0.2
 STEPS = 24  # steps per column at which column_rounding evaluates the error (G / t^2 is smooth in log t)
 _LAYER = re.compile(r"^(.*?)(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 # projection -> (the norm whose factors scale its inputs, or None; the pair whose factor scales its rows; the
@@ -82,9 +84,9 @@ class UnsmoothedView(Checkpoint):
         """The stored layer's rounding variance in the view's scaling: for an AWQ projection, what rounding the
         relative's values of each column on that value's step gives (:func:`column_errors`), not ``step**2
         / 12``: the step is set by the group's largest-factor columns, and a column AWQ scaled down holds
-        values within a step or two of 0, whose error is far below it. ``values`` (the view's, rescaled) are
-        not the stored ones the inner model's variance may need: it reads its own. Keeps the layer's
-        :meth:`rounding_moments`, read off the same roundings. Time O(:data:`STEPS` P)."""
+        values within a step or two of 0, whose error is far below it. ``values``: the view's (rescaled) ones,
+        for the clipping test (read when not given); the inner model's variance reads its own. Keeps the
+        layer's :meth:`rounding_moments`. Time O(:data:`STEPS` P)."""
         v = self.inner.rounding_variance(name)
         if v is None or self.factors(name) == (None, None):
             return v
@@ -93,18 +95,20 @@ class UnsmoothedView(Checkpoint):
             return v
         rel, step = self.relative.read(name).double(), (12 * v.double()).sqrt()
         x = self.read(name) if values is None else values.reshape(v.shape)
-        clipped = clipped_groups(x.double() / step, rel / step, stored) > MAX_CLIPPED
-        v, moments = column_errors(rel, step, moments=not clipped)  # a clipped layer's moments: not used
-        if moments is not None:
-            self._moments[name] = moments
+        v, moments = column_errors(rel, step)
+        if clipped_groups(x, rel, step, stored) > MAX_CLIPPED:  # what clipping took, the relative's tails
+            moments = moments + clip_loss(x, rel, step, stored)
+        self._moments[name] = moments
         return v.float()
 
     def rounding_moments(self, name: str) -> torch.Tensor | None:
-        """(4,) ``sum E[x^m] - w^m`` of an AWQ projection, read off the relative's column values on each
-        value's step (:func:`column_errors`) by the last :meth:`rounding_variance` of ``name``: in a column
-        AWQ scaled down most values round to 0 and lose themselves, which the uniform error independent of
-        the value (what lineage assumes without this) does not (the test zoo's AWQ model read kurtosis 1.71
-        against its source's 0.16). None where the variance is the stored model's. Time O(1)."""
+        """(4,) ``sum E[x^m] - w^m`` of an AWQ projection, by the last :meth:`rounding_variance` of ``name``: in a
+        column AWQ scaled down most values round to 0 and lose themselves, which the uniform error independent
+        of the value (what lineage assumes without this) does not (the test zoo's AWQ model read kurtosis 1.71
+        against its source's 0.16): read off the relative's column values on each value's step
+        (:func:`column_errors`), and where the layer's groups were clipped (:func:`clipped_groups` >
+        :data:`MAX_CLIPPED`) what the clipping took (:func:`clip_loss`). None where the variance is the stored
+        model's. Time O(1)."""
         return self._moments.get(name)
 
     def _scaled(self, name: str, x: torch.Tensor, power: int) -> torch.Tensor:
@@ -217,26 +221,44 @@ def _rounded(w: torch.Tensor, t: torch.Tensor, powers: torch.Tensor | None, work
     return torch.cat([g[None], (qm * tm - powers) / t**2])
 
 
-def clipped_groups(x: torch.Tensor, rel: torch.Tensor, var: torch.Tensor) -> float:
+def clipped_groups(x: torch.Tensor, rel: torch.Tensor, step: torch.Tensor, var: torch.Tensor) -> float:
     """The share of quantization groups whose range was clipped: the relative's values go more than
-    :data:`CLIP_STEPS` steps beyond the group's highest or lowest level. ``x`` the model's values and ``rel``
-    its relative's, both in steps (``value / step``), (out, in); ``var`` the stored variance, whose runs of one
-    value along a row are the groups (AWQ's: consecutive input columns; two neighbours of one scale read as
-    one). AutoAWQ clips every layer's groups but ``q_proj``'s and ``k_proj``'s to the range that quantizes the
-    layer's output best: the values beyond it, the tails that make the kurtosis, sit on the end levels, which
-    no moment correction read off the relative gives back. Time O(P)."""
+    :data:`CLIP_STEPS` steps beyond the group's highest or lowest level. ``x`` the model's values, ``rel`` its
+    relative's, ``step`` each value's step, ``var`` the stored variance, whose runs of one value along a row are
+    the groups (AWQ's: consecutive input columns; two neighbours of one scale read as one); all (out, in).
+    AutoAWQ clips every layer's groups but ``q_proj``'s and ``k_proj``'s to the range that quantizes the
+    layer's output best: the values beyond it sit on the end levels. Time O(P)."""
+    k, r, ids, top, bottom = _group_ends(x, rel, step, var)
+    n = len(top)
+    high = torch.full((n,), float("-inf"), dtype=r.dtype).scatter_reduce(0, ids, r, "amax")  # (groups,)
+    low = torch.full((n,), float("inf"), dtype=r.dtype).scatter_reduce(0, ids, r, "amin")
+    over = (high > top + CLIP_STEPS) | (low < bottom - CLIP_STEPS)
+    return float(over.double().mean()) if n else 0.0
+
+
+def clip_loss(x: torch.Tensor, rel: torch.Tensor, step: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(4,) ``sum x^m - rel^m`` (m = 1..4) over the values clipped, as the relative's values tell them: on their
+    group's end level, the relative's value more than half a step beyond it (arguments as
+    :func:`clipped_groups`). The tails clipping put on the end levels, which no rounding of the relative's
+    column values gives back, are taken as the relative's there (those values read as the relative's).
+    Time O(P)."""
+    k, r, ids, top, bottom = _group_ends(x, rel, step, var)
+    hit = ((k == top[ids]) & (r > top[ids] + 0.5)) | ((k == bottom[ids]) & (r < bottom[ids] - 0.5))  # (P,)
+    xv, rv = x.reshape(-1)[hit].double(), rel.reshape(-1)[hit].double()
+    return torch.stack([(xv**m - rv**m).sum() for m in range(1, 5)])
+
+
+def _group_ends(x: torch.Tensor, rel: torch.Tensor, step: torch.Tensor, var: torch.Tensor):
+    """(each value's level ``round(x / step)``, the relative's ``rel / step``, its group, (P,) each; the groups'
+    highest and lowest levels, (groups,) each) for :func:`clipped_groups`, :func:`clip_loss`. Time O(P)."""
     new = torch.ones(var.shape, dtype=torch.bool)
     new[:, 1:] = var[:, 1:] != var[:, :-1]  # (out, in): a group starts at each row and each change of step
     ids = new.reshape(-1).long().cumsum(0) - 1  # (P,) group of each value
     n = int(ids[-1]) + 1 if len(ids) else 0
-
-    def reduce(t: torch.Tensor, how: str) -> torch.Tensor:  # (groups,) per-group max / min of t (out, in)
-        start = torch.full((n,), float("-inf") if how == "amax" else float("inf"), dtype=t.dtype)
-        return start.scatter_reduce(0, ids, t.reshape(-1), how)
-
-    k = torch.round(x)
-    over = (reduce(rel, "amax") > reduce(k, "amax") + CLIP_STEPS) | (reduce(rel, "amin") < reduce(k, "amin") - CLIP_STEPS)
-    return float(over.double().mean()) if n else 0.0
+    k = torch.round(x.double() / step).reshape(-1)  # (P,)
+    top = torch.full((n,), float("-inf"), dtype=k.dtype).scatter_reduce(0, ids, k, "amax")  # (groups,)
+    bottom = torch.full((n,), float("inf"), dtype=k.dtype).scatter_reduce(0, ids, k, "amin")
+    return k, (rel.double() / step).reshape(-1), ids, top, bottom
 
 
 def stored(ck: Checkpoint) -> Checkpoint:
