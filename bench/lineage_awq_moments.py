@@ -2,14 +2,15 @@
 and the time of the view's variance and moments on one large layer.
 
     PYTHONPATH=src:. python bench/lineage_awq_moments.py             # both zoos, per layer
-    PYTHONPATH=src:. python bench/lineage_awq_moments.py --all-layers # the view's moments on clipped layers too
+    PYTHONPATH=src:. python bench/lineage_awq_moments.py --no-clip-loss  # clipped values left on their levels
     PYTHONPATH=src:. python bench/lineage_awq_moments.py --time 2048 # column_errors on a 2048 x 2048 layer
 
 Zoos: the test zoo of tests/lineage/test_awq_copies.py (``base -> ft -> c1``, ``ft`` given as AWQ; Gaussian
 weights) and seed 0 of bench/lineage_awq_standin.py (``t0`` given as AWQ; heavy-tailed). The view is built as
 ``recover`` builds it (:func:`~modelatlas.lineage.unsmoothed.unsmoothed`); kurtosis is the distance pass's
 (``stream_pair_stats``, exact Grams), its rounding taken out. Printed per layer: source, view, difference, and
-whether the view's own moments were used (an unclipped layer) or the uniform correction.
+the share of its groups read as clipped (:func:`~modelatlas.lineage.unsmoothed.clipped_groups`; above
+``MAX_CLIPPED`` the clipped values are taken as the relative's, :func:`~modelatlas.lineage.unsmoothed.clip_loss`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def per_layer(work: Path) -> None:
         members, _ = U.unsmoothed(others + [awq], layers)
         view = stream_pair_stats(members, layers, gram_sketch=None).layer_kurtosis[-1]
         true = stream_pair_stats(others + [source], layers, gram_sketch=None).layer_kurtosis[-1]
-        own = [members[-1].rounding_moments(t.name) is not None for t in layers]
+        view_ck = members[-1]
+        clipped = [round(U.clipped_groups(view_ck.read(t.name), view_ck.relative.read(t.name),
+                                          (12 * view_ck.rounding_variance(t.name).double()).sqrt(),
+                                          view_ck.inner.rounding_variance(t.name)), 2) for t in layers]
         print(f"{name}: layers {[t.name.split('.')[-2] for t in layers]}")
-        print(f"  source {true}\n  view   {view}\n  diff   {view - true}\n  own moments {own}")
+        print(f"  source {true}\n  view   {view}\n  diff   {view - true}\n  clipped groups {clipped}")
 
 
 def timing(n: int) -> None:
@@ -75,9 +79,9 @@ def timing(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--time", type=int, default=0, help="time column_errors on an N x N layer instead")
-    ap.add_argument("--all-layers", action="store_true", help="the view's own moments on clipped layers too")
+    ap.add_argument("--no-clip-loss", action="store_true", help="clipped values left on their end levels")
     args = ap.parse_args()
-    if args.all_layers:
+    if args.no_clip_loss:
         U.MAX_CLIPPED = math.inf
     if args.time:
         timing(args.time)
