@@ -98,7 +98,7 @@ class UnsmoothedView(Checkpoint):
         if name not in self.relative or self.relative.info(name).shape != tuple(v.shape):
             return v
         rel, step = self.relative.read(name).double(), (12 * v.double()).sqrt()
-        x = self.read(name) if values is None else values.reshape(v.shape)
+        x = self.read(name) if values is None else values.reshape(v.shape)  # (out, in) the view's values
         v, moments = column_errors(rel, step)
         if clipped_groups(x, rel, step, stored) > MAX_CLIPPED:  # what clipping took, the relative's tails
             moments = moments + clip_loss(x, rel, step, stored)
@@ -194,7 +194,7 @@ def column_errors(w: torch.Tensor, step: torch.Tensor, steps: int | None = None,
     width = (hi - lo).clamp_min(1e-12)
     grid = (lo + width * torch.linspace(0, 1, steps, dtype=w.dtype)[:, None]).exp()  # (steps, in)
     powers = torch.stack([w.mean(0), (w * w).mean(0), (w**3).mean(0), (w**4).mean(0)]) if moments else None
-    work = [torch.empty_like(w) for _ in range(3)]  # a fresh (out, in) tensor a step cost a page fault a page
+    work = [torch.empty_like(w) for _ in range(3)]  # fresh (out, in) tensors each step cost a page fault a page
     table = torch.stack([_rounded(w, grid[a], powers, work) for a in range(steps)])  # (steps, 1 or 5, in)
     pos = ((t - lo) / width * (steps - 1)).clamp(0, steps - 1)  # (out, in): place on the grid
     below = pos.floor().long().clamp(max=steps - 2)
@@ -248,7 +248,7 @@ def clip_loss(x: torch.Tensor, rel: torch.Tensor, step: torch.Tensor, var: torch
     Time O(P)."""
     k, r, ids, top, bottom = _group_ends(x, rel, step, var)
     hit = ((k == top[ids]) & (r > top[ids] + 0.5)) | ((k == bottom[ids]) & (r < bottom[ids] - 0.5))  # (P,)
-    xv, rv = x.reshape(-1)[hit].double(), rel.reshape(-1)[hit].double()
+    xv, rv = x.reshape(-1)[hit].double(), rel.reshape(-1)[hit].double()  # (H,) each: the values clipped
     return torch.stack([(xv**m - rv**m).sum() for m in range(1, 5)])
 
 
