@@ -1,11 +1,11 @@
 """Kurtosis of an AWQ model read against its relative (``lineage.unsmoothed``), layer by layer, against its source's;
 and the time of the view's variance and moments on one large layer.
 
-    PYTHONPATH=src:. python bench/lineage_awq_moments.py             # both zoos, per layer
-    PYTHONPATH=src:. python bench/lineage_awq_moments.py --no-clip-loss  # clipped values left on their levels
-    PYTHONPATH=src:. python bench/lineage_awq_moments.py --time 2048 # column_errors on a 2048 x 2048 layer
+    python bench/lineage_awq_moments.py             # both zoos, per layer
+    python bench/lineage_awq_moments.py --no-clip-loss  # clipped values left on their levels
+    python bench/lineage_awq_moments.py --time 2048 # column_errors on a 2048 x 2048 layer
 
-Zoos: the test zoo of tests/lineage/test_awq_copies.py (``base -> ft -> c1``, ``ft`` given as AWQ; Gaussian
+Zoos: the test zoo of tests/lineage/test_awq_copies.py (:func:`~modelatlas.zoo.awq.llama_model`, ``base -> ft -> c1``, ``ft`` given as AWQ; Gaussian
 weights) and seed 0 of bench/lineage_awq_standin.py (``t0`` given as AWQ; heavy-tailed). The view is built as
 ``recover`` builds it (:func:`~modelatlas.lineage.unsmoothed.unsmoothed`); kurtosis is the distance pass's
 (``stream_pair_stats``, exact Grams), its rounding taken out. Printed per layer: source, view, difference, and
@@ -15,6 +15,7 @@ the share of its groups read as clipped (:func:`~modelatlas.lineage.unsmoothed.c
 
 from __future__ import annotations
 
+import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import math
 import tempfile
@@ -23,26 +24,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lineage_awq_standin import make_zoo
 
 from modelatlas.lineage import unsmoothed as U
 from modelatlas.lineage.distances import stream_pair_stats
 from modelatlas.lineage.sources import MemoryCheckpoint
 from modelatlas.weights import open_checkpoint
+from modelatlas.zoo.awq import CONFIG, awq_model, llama_model, save_folder
 
 
 def zoos(work: Path):
     """(name, relatives, source, AWQ checkpoint) of the two zoos."""
-    import bench.lineage_awq_standin as B
-    from tests.lineage.test_awq_copies import AWQ, make_awq_model, make_llama, save
-
-    base = make_llama(0)
-    ft = make_llama(1, base, 0.05)
-    yield ("test zoo, ft", [MemoryCheckpoint("base", base), MemoryCheckpoint("c1", make_llama(2, ft, 0.05))],
-           MemoryCheckpoint("ft", ft), open_checkpoint(save(work / "ft-awq", make_awq_model(ft), AWQ)))
-    weights, _ = B.make_zoo(0, 0.005)
+    base = llama_model(0)
+    ft = llama_model(1, base, 0.05)
+    yield ("test zoo, ft", [MemoryCheckpoint("base", base), MemoryCheckpoint("c1", llama_model(2, ft, 0.05))],
+           MemoryCheckpoint("ft", ft), open_checkpoint(save_folder(work / "ft-awq", awq_model(ft), CONFIG)))
+    weights, _ = make_zoo(0, 0.005)
     others = [MemoryCheckpoint(n, w) for n, w in weights.items() if n != "t0" and n.startswith("t0")]
-    awq = B.make_awq_model(weights["t0"], 7, math.log(4))
-    yield "standin zoo, t0", others, MemoryCheckpoint("t0", weights["t0"]), open_checkpoint(B.save(work / "t0", awq, B.AWQ))
+    awq = awq_model(weights["t0"], 7, math.log(4))
+    yield "standin zoo, t0", others, MemoryCheckpoint("t0", weights["t0"]), open_checkpoint(save_folder(work / "t0", awq, CONFIG))
 
 
 def per_layer(work: Path) -> None:

@@ -1,9 +1,8 @@
 """What ``atlas lineage recover`` says of an AWQ model read with its rescaling undone (lineage.unsmoothed)."""
 
-from tests.lineage.test_awq_copies import make_llama
-
 from modelatlas.cli.main import main
 from modelatlas.zoo.awq import CONFIG, awq_model, save_folder
+from modelatlas.zoo.awq import llama_model as make_llama
 
 
 def test_an_awq_stand_in_is_noted_with_its_relative(tmp_path, capsys):

@@ -12,31 +12,7 @@ from modelatlas.lineage import smoothed as S
 from modelatlas.lineage.sources import MemoryCheckpoint
 from modelatlas.weights import open_checkpoint
 from modelatlas.zoo.awq import CONFIG, awq_model, save_folder
-
-H, INTER, BLOCKS = 128, 256, 2
-
-
-def shapes() -> dict:
-    out = {"model.embed_tokens.weight": (64, H), "lm_head.weight": (64, H), "model.norm.weight": (H,)}
-    for b in range(BLOCKS):
-        p = f"model.layers.{b}."
-        out.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                    **{p + f"self_attn.{n}_proj.weight": (H, H) for n in "qkvo"},
-                    p + "mlp.gate_proj.weight": (INTER, H), p + "mlp.up_proj.weight": (INTER, H),
-                    p + "mlp.down_proj.weight": (H, INTER)})
-    return out
-
-
-def make_llama(seed: int, base: dict | None = None, step: float = 0.0, only: str = "") -> dict:
-    """A Llama-named model: fresh, or ``base`` with the tensors whose names hold ``only`` moved by ``step``
-    of their spread."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, s in shapes().items():
-        fresh = torch.randn(s, generator=gen) * 0.05 if len(s) == 2 else 1 + 0.1 * torch.randn(s, generator=gen)
-        out[k] = fresh if base is None else base[k] + (step * fresh.std() * torch.randn(s, generator=gen)
-                                                       if only in k else 0)
-    return {k: v.half() for k, v in out.items()}
+from modelatlas.zoo.awq import llama_model as make_llama
 
 
 def test_awq_models_hang_below_their_own_sources(tmp_path):

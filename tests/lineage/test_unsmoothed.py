@@ -7,7 +7,6 @@ v/o and up/down pairs, 4-bit groups of 32, AutoAWQ's clipping.
 import numpy as np
 import pytest
 import torch
-from tests.lineage.test_awq_copies import make_llama
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage import unsmoothed as U
@@ -15,6 +14,7 @@ from modelatlas.lineage.distances import stream_pair_stats
 from modelatlas.lineage.sources import MemoryCheckpoint
 from modelatlas.weights import open_checkpoint
 from modelatlas.zoo.awq import CONFIG, awq_layer, awq_model, save_folder, smooth
+from modelatlas.zoo.awq import llama_model as make_llama
 
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
 
@@ -99,7 +99,7 @@ def test_the_views_kurtosis_is_its_sources(tmp_path):
     base = make_llama(0)
     ft = make_llama(1, base, 0.05)
     cks = [MemoryCheckpoint("base", base), MemoryCheckpoint("c1", make_llama(2, ft, 0.05))]
-    awq = open_checkpoint(save(tmp_path / "ft-awq", make_awq_model(ft), AWQ))
+    awq = open_checkpoint(save_folder(tmp_path / "ft-awq", awq_model(ft), CONFIG))
     layers = [t for t in awq.tensors() if t.name.endswith("_proj.weight")]
     members, _ = U.unsmoothed(cks + [awq], layers)
     view = stream_pair_stats(members, layers, gram_sketch=None).layer_kurtosis[2]
@@ -136,7 +136,7 @@ def test_only_the_clipped_layers_read_as_clipped(tmp_path):
     """The test zoo's AWQ writer clips every projection but q_proj and k_proj to 90 % of its range, as AutoAWQ
     does: more than MAX_CLIPPED of their groups read clipped, and few of q_proj's and k_proj's."""
     base = make_llama(0)
-    view = U.UnsmoothedView(open_checkpoint(save(tmp_path / "q", make_awq_model(base), AWQ)),
+    view = U.UnsmoothedView(open_checkpoint(save_folder(tmp_path / "q", awq_model(base), CONFIG)),
                             MemoryCheckpoint("ft", make_llama(1, base, 0.05)))
     for name in (t.name for t in view.tensors() if t.name.endswith("_proj.weight")):
         step, x = (12 * view.rounding_variance(name).double()).sqrt(), view.read(name)

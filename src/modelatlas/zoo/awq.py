@@ -99,3 +99,29 @@ def save_folder(folder: str | Path, tensors: dict, quantization: dict | None = N
     if quantization is not None:
         (folder / "config.json").write_text(json.dumps({"quantization_config": quantization}))
     return folder
+
+
+def llama_shapes(hidden: int = 128, inter: int = 256, blocks: int = 2, vocab: int = 64) -> dict[str, tuple]:
+    """Tensor name -> shape of a small Llama-named model: embeddings, final norm, and per block the two norms,
+    q/k/v/o (hidden x hidden) and gate/up (inter x hidden), down (hidden x inter)."""
+    out = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for b in range(blocks):
+        p = f"model.layers.{b}."
+        out.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                    **{p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"},
+                    p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                    p + "mlp.down_proj.weight": (hidden, inter)})
+    return out
+
+
+def llama_model(seed: int, base: dict | None = None, step: float = 0.0, only: str = "", **shape) -> dict:
+    """A float16 Llama-named model of :func:`llama_shapes` (``shape``: its arguments): fresh (matrices
+    N(0, 0.05^2), norms 1 + N(0, 0.1^2)), or ``base`` with the tensors whose names hold ``only`` moved by
+    ``step`` of their spread (a fine-tune)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, s in llama_shapes(**shape).items():
+        fresh = torch.randn(s, generator=gen) * 0.05 if len(s) == 2 else 1 + 0.1 * torch.randn(s, generator=gen)
+        out[k] = fresh if base is None else base[k] + (step * fresh.std() * torch.randn(s, generator=gen)
+                                                       if only in k else 0)
+    return {k: v.half() for k, v in out.items()}
