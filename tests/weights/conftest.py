@@ -149,3 +149,19 @@ def make_gguf_file(path, tensors: dict, imatrix: bool = False):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def make_byte_counter(monkeypatch) -> dict:
+    """file name -> bytes read through :class:`~modelatlas.weights.byte_ranges.ByteRanges` (safetensors and GGUF
+    readers), counted from now on."""
+    from modelatlas.weights.byte_ranges import ByteRanges
+
+    got: dict = {}
+    read_into = ByteRanges.read_into
+
+    def counted(self, offset, buf, what):
+        got[self.path.name] = got.get(self.path.name, 0) + buf.nbytes
+        return read_into(self, offset, buf, what)
+
+    monkeypatch.setattr(ByteRanges, "read_into", counted)
+    return got

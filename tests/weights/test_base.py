@@ -1,9 +1,10 @@
 import os
 
 import pytest
+import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, utf8_path
+from modelatlas.weights.base import Checkpoint, TensorInfo, utf8_path
 
 
 def test_utf8_path_is_the_path_itself_when_it_is_utf8(tmp_path):
@@ -65,3 +66,24 @@ def test_a_file_gone_since_opening_is_a_checkpoint_error_naming_it(tmp_path):
     (tmp_path / "w.bin").unlink()
     with pytest.raises(CheckpointError, match=r"w\.bin: cannot stat .*w\.bin: No such file"):
         ck.size_on_disk()
+
+
+class MadeCheckpoint(Checkpoint):
+    """Tensors held in memory: only the interface's defaults at work."""
+
+    def __init__(self, tensors):
+        super().__init__("made", name="made")
+        self._tensors = tensors
+
+    def _infos(self):
+        return [TensorInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self._tensors.items()]
+
+    def _read(self, name):
+        return self._tensors[name]
+
+
+def test_read_rows_by_default_reads_the_tensor_and_takes_its_rows():
+    ck = MadeCheckpoint({"a": torch.arange(24.0).reshape(2, 3, 4), "s": torch.tensor(5.0)})
+    assert ck.read_rows("a", torch.tensor([4, 1])).tolist() == [[16.0, 17, 18, 19], [4, 5, 6, 7]]  # of (6, 4)
+    assert ck.read_rows("s", torch.tensor([0])).tolist() == [[5.0]]
+    assert ck.compared_rows("a") is None  # requantized_match / grid_position take the whole tensor

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests.weights.conftest import make_gguf_file
+from tests.weights.conftest import make_byte_counter, make_gguf_file
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
@@ -274,3 +274,32 @@ def test_a_copy_test_reads_only_the_rows_it_samples(tmp_path, monkeypatch, n):
             assert sum(got) == 256 * 68 and (len(got) < 256) == (n == 300)  # a run of rows: one read
             ck.read("q")
             assert sampled == call(ck)  # from the whole tensor's bytes
+
+
+def test_read_rows_reads_those_rows_of_each_type(tmp_path, monkeypatch):
+    path = make_gguf(tmp_path / "m.gguf")
+    with open_checkpoint(path) as ck:
+        got = make_byte_counter(monkeypatch)
+        for name, row_bytes in (("f32", 3 * 4), ("f16", 5 * 2), ("q8", 2 * 34)):  # Q8_0: 64 values, 2 blocks
+            got.clear()
+            rows = torch.tensor([2, 0]) if name != "f32" else torch.tensor([1])
+            y = ck.read_rows(name, rows)
+            assert got == {"m.gguf": len(rows) * row_bytes}
+            assert y.dtype == ck.read(name).dtype and torch.equal(y, ck.read(name)[rows])
+        ck.read("q8")
+        ck.read_rows("q8", torch.tensor([1]))
+        assert ck._raw is not None and ck._raw[0] == "q8"  # read()'s kept bytes stay for the call that follows
+        assert ck.compared_rows("f32") is None and ck.compared_rows("q8").tolist() == [0, 1, 2]
+
+
+def test_a_copy_test_given_the_sampled_rows_gives_what_the_whole_tensor_gives(tmp_path):
+    x = np.random.default_rng(2).standard_normal((600, 64)).astype(np.float32)
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+    path = make_gguf_file(tmp_path / "m.gguf", {"q": (q, "Q4_0")})
+    y = torch.from_numpy(x * 1.002)
+    with open_checkpoint(path) as ck:
+        rows = ck.compared_rows("q")
+        assert rows.tolist() == np.linspace(0, 599, 256).round().astype(int).tolist()
+        for test in (ck.requantized_match, ck.grid_position):
+            assert test("q", y[rows]) == test("q", y) and 0 < test("q", y) < 1
+        assert ck.requantized_match("q", y[:255]) is None  # neither the tensor nor its sampled rows

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests.weights.conftest import make_byte_counter
 
 from modelatlas.weights import gguf_names, open_checkpoint
 from modelatlas.weights.gguf_names import (
@@ -322,3 +323,48 @@ def test_a_config_json_nested_too_deeply_is_no_config(tmp_path):
     save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     assert gguf_names.hf_config(open_checkpoint(tmp_path)) is None
+
+
+def check_view_rows(view, name, rows, whole: bool, got: dict, file="model.safetensors"):
+    """``view.read_rows(name, rows)`` is ``view.read(name)``'s rows; it read the whole tensor's bytes (``whole``)
+    or only as many rows as it gave (float32 rows)."""
+    got.clear()
+    y = view.read_rows(name, torch.tensor(rows))
+    bytes_read = got.get(file, 0)
+    x = view.read(name)
+    assert torch.equal(y, x.reshape(-1, x.shape[-1])[rows])
+    assert bytes_read == (x.numel() * 4 if whole else len(set(rows)) * x.shape[-1] * 4)
+
+
+def test_view_rows_are_read_as_rows_of_the_file_where_they_are_some(tmp_path, monkeypatch):
+    with open_checkpoint(make_hf_model(tmp_path / "m")) as hf:
+        view, got = gguf_view(hf, "llama"), make_byte_counter(monkeypatch)
+        check_view_rows(view, "blk.0.attn_q.weight", [1, 8, 3], False, got)  # permuted per head: still rows
+        check_view_rows(view, "blk.0.attn_k.weight", [7, 0], False, got)
+        check_view_rows(view, "blk.0.ffn_up.weight", [23, 5], False, got)
+        check_view_rows(view, "blk.0.attn_norm.weight", [0], True, got)  # 1-D: its one row, the whole tensor
+
+
+def test_a_transposed_view_reads_the_whole_tensor_for_its_rows(tmp_path, monkeypatch):
+    tensors = {"transformer.h.0.attn.c_attn.weight": torch.arange(4.0 * 12).reshape(4, 12),
+               "transformer.h.0.ln_1.weight": torch.ones(4)}
+    folder = make_named_model(tmp_path / "gpt2", tensors, "GPT2LMHeadModel", n_head=2, n_layer=1)
+    with open_checkpoint(folder) as hf:
+        view, got = gguf_view(hf, "gpt2", heads=2), make_byte_counter(monkeypatch)
+        check_view_rows(view, "blk.0.attn_qkv.weight", [11, 0], True, got)  # a row of the view: a column of the file
+
+
+def test_falcon_and_gemma3_view_rows(tmp_path, monkeypatch):
+    tensors = {"transformer.h.0.self_attention.query_key_value.weight": torch.arange(16.0).reshape(8, 2)}
+    falcon = make_named_model(tmp_path / "f", tensors, "FalconForCausalLM", num_attention_heads=4,
+                              num_kv_heads=2, num_hidden_layers=1)
+    with open_checkpoint(falcon) as hf:
+        view, got = gguf_view(hf, "falcon", heads=4, kv_heads=2), make_byte_counter(monkeypatch)
+        check_view_rows(view, "blk.0.attn_qkv.weight", [2, 7, 2], False, got)  # regrouped rows
+    gemma = make_gemma3(tmp_path / "g", vocab_size=30)
+    (gemma / "tokenizer.model").write_bytes(b"")  # the embedding cut to 30 of its 32 rows
+    with open_checkpoint(gemma) as hf:
+        view = gguf_view(hf, "gemma3")
+        check_view_rows(view, "token_embd.weight", [29, 0], False, got)
+        with pytest.raises(IndexError):  # a row the converter cut off
+            view.read_rows("token_embd.weight", torch.tensor([30]))

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests.weights.conftest import make_byte_counter
 
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, TensorNotFoundError
 from modelatlas.weights import discover_models, model_name, open_checkpoint
 
 TENSORS = {"embed.weight": torch.arange(12.0).reshape(4, 3), "head.weight": torch.ones(2, 3),
@@ -196,3 +197,12 @@ def test_files_are_the_weight_files_read(tmp_path):
     save_file(TENSORS, str(tmp_path / "one" / "model.safetensors"))
     with open_checkpoint(tmp_path / "one") as ck:
         assert ck.files() == [tmp_path / "one" / "model.safetensors"]
+
+
+def test_read_rows_of_a_sharded_folder_reads_rows_of_its_shard(tmp_path, monkeypatch):
+    with open_checkpoint(make_sharded(tmp_path / "m")) as ck:
+        got = make_byte_counter(monkeypatch)
+        assert ck.read_rows("embed.weight", torch.tensor([3, 1])).tolist() == [[9.0, 10.0, 11.0], [3.0, 4.0, 5.0]]
+        assert got == {"model-00001-of-00002.safetensors": 2 * 3 * 4}  # two rows of 3 float32, one shard
+        with pytest.raises(TensorNotFoundError, match="no tensor named 'x'"):
+            ck.read_rows("x", torch.tensor([0]))

@@ -5,6 +5,7 @@ import struct
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests.weights.conftest import make_byte_counter
 
 from modelatlas.errors import CheckpointError, TensorNotFoundError, UnknownFormatError
 from modelatlas.weights import discover_models, open_checkpoint
@@ -278,3 +279,23 @@ def test_a_file_removed_after_it_was_opened_is_named_at_the_read(tmp_path):
     with pytest.raises(CheckpointError, match=r"m\.safetensors: cannot read file: No such file or directory"):
         ck.read("a")
     ck.prefetch("a")  # a hint: never fails
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 4), (4,)])  # rows of the last dimension, whatever the rank
+def test_read_rows_reads_only_those_rows(tmp_path, monkeypatch, shape):
+    x = torch.arange(float(torch.Size(shape).numel())).reshape(shape).to(torch.bfloat16)  # bf16: exact to 256
+    p = make_file(tmp_path / "m.safetensors", a=x)
+    rows = torch.tensor([2, 0, 2]) if len(shape) > 1 else torch.tensor([0])  # any order, repeated
+    with open_checkpoint(p) as ck:
+        got = make_byte_counter(monkeypatch)
+        y = ck.read_rows("a", rows)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, x.reshape(-1, 4)[rows])
+        assert got["m.safetensors"] == (2 if len(shape) > 1 else 1) * 4 * 2  # distinct rows x 4 values x 2 bytes
+        with pytest.raises(IndexError):
+            ck.read_rows("a", torch.tensor([x.numel() // 4]))
+
+
+def test_read_rows_of_a_scalar_is_its_one_value(tmp_path):
+    p = make_file(tmp_path / "m.safetensors", s=torch.tensor(3.0))
+    with open_checkpoint(p) as ck:
+        assert ck.read_rows("s", torch.tensor([0])).tolist() == [[3.0]]

@@ -19,6 +19,7 @@ sources by the norm-folded weights.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from modelatlas.lineage import smoothed as S
 from modelatlas.lineage.unsmoothed import stored
@@ -103,11 +104,11 @@ def made_from_copy(copy: Checkpoint, model: Checkpoint, layers: list[TensorInfo]
     Checkpoint.grid_position` over the quantized ``layers`` below :data:`ON_GRID`): it was made from the
     copy's dequantized weights (a QLoRA merge), which also quantize back to the copy's codes. False where the
     format has no such test. On at most :data:`POSITION_LAYERS` evenly spaced layers: a merge sits on the
-    levels in every layer, a source in none, and each layer tested is read whole once more. Time O(P) of
-    those layers."""
+    levels in every layer, a source in none, and each layer tested is read once more (only the rows the copy
+    compares, :func:`compared`). Time O(P) of those layers."""
     quantized = [t for t in layers if copy.quantization(t.name)]
     picked = quantized[:: max(1, -(-len(quantized) // POSITION_LAYERS))]
-    where = [copy.grid_position(t.name, model.read(t.name)) for t in picked]
+    where = [copy.grid_position(t.name, compared(copy, model, t.name)) for t in picked]
     where = [w for w in where if w is not None]
     return bool(where) and sum(where) / len(where) < ON_GRID
 
@@ -128,7 +129,8 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
     :meth:`~modelatlas.weights.Checkpoint.requantized_match`; required :data:`MIN_MATCH`,
     :data:`MIN_MATCH_GRID` for the K-quants, :data:`MIN_MATCH_CODEBOOK` for the IQ4 types) or rounded (others: all values equal to the source's in the
     copy's dtype, or none). Stops at the first matrix below its threshold; -1.0 when a quantized type has no
-    test or no matrix is shared. Time O(P), one matrix at a time."""
+    test or no matrix is shared. Of a quantized matrix, only the rows the copy compares are read from
+    ``source`` (:func:`compared`). Time O(P), one matrix at a time."""
     from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS
 
     need = {**dict.fromkeys(GRIDS, MIN_MATCH_GRID), **dict.fromkeys(CODEBOOKS, MIN_MATCH_CODEBOOK)}
@@ -137,14 +139,22 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
               and (t.dtype.startswith(("float", "bfloat")) or copy.quantization(t.name))]
     worst = 1.0 if shared else -1.0  # no cap: a source matching every value outranks one missing a few
     for t in shared:
-        x, kind = source.read(t.name), copy.quantization(t.name)
+        kind = copy.quantization(t.name)
         if kind is None:
-            y = copy.read(t.name)
+            x, y = source.read(t.name), copy.read(t.name)
             share = 1.0 if bool((x.to(y.dtype) == y).all()) else 0.0
         else:
-            share = copy.requantized_match(t.name, x)
+            share = copy.requantized_match(t.name, compared(copy, source, t.name))
             share = -1.0 if share is None else share
         worst = min(worst, share - need.get(kind, MIN_MATCH))
         if worst < 0:
             break
     return worst
+
+
+def compared(copy: Checkpoint, source: Checkpoint, name: str) -> torch.Tensor:
+    """What ``copy``'s test of tensor ``name`` (``requantized_match``, ``grid_position``) needs of ``source``:
+    the rows it compares (:meth:`~modelatlas.weights.Checkpoint.compared_rows`: 256 of a GGUF layer, only their
+    bytes read) or the whole tensor (formats that compare all of it). Time O(r m), or O(P) for the whole."""
+    rows = copy.compared_rows(name)
+    return source.read(name) if rows is None else source.read_rows(name, rows)

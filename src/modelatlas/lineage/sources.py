@@ -67,6 +67,13 @@ class PrefixedView(Checkpoint):
     def _read(self, name: str) -> torch.Tensor:
         return self.inner.read(self.prefix + name)
 
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        self.info(name)  # not one of ``inner``'s tensors outside ``prefix``
+        return self.inner.read_rows(self.prefix + name, rows)
+
+    def compared_rows(self, name: str, max_rows: int = 256) -> torch.Tensor | None:
+        return self.inner.compared_rows(self.prefix + name, max_rows)
+
     def prefetch(self, name: str) -> None:
         self.inner.prefetch(self.prefix + name)
 

@@ -83,6 +83,22 @@ class Checkpoint(ABC):
         self.info(name)  # raises a clear error for unknown names
         return self._read(name)
 
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (a 1-D integer tensor, any order) of tensor ``name`` seen as a matrix of rows of its
+        last dimension (``read(name).reshape(-1, shape[-1])[rows]``: (r, m), dtype as :meth:`read`; a 0-d
+        tensor is one row of one value). This default reads the whole tensor; formats that store rows as byte
+        ranges (safetensors, GGUF) read only those rows' bytes. Time O(P) here, O(r m) there."""
+        x = self.read(name)
+        return x.reshape(-1, x.shape[-1] if x.ndim else 1)[rows]  # (R, m) -> (r, m)
+
+    def compared_rows(self, name: str, max_rows: int = 256) -> torch.Tensor | None:
+        """The rows (as :meth:`read_rows` counts them, ascending) that :meth:`requantized_match` and
+        :meth:`grid_position` compare when given the whole tensor, for a format that compares a sample of
+        ``max_rows`` rows: those methods then take :meth:`read_rows` of another model's tensor at these rows
+        in place of all of it (the copy test reads 256 rows of each source it tests, not its whole layers).
+        None (this default) when they need the whole tensor. Header only."""
+        return None
+
     def quantization(self, name: str) -> str | None:
         """The block-quantization type tensor ``name`` is stored in (a GGUF ``"Q8_0"``, ...), None for a
         tensor stored as plain numbers (whose dtype :meth:`info` gives). Header only."""

@@ -16,6 +16,8 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from modelatlas.errors import CheckpointError
 
 
@@ -57,6 +59,17 @@ class ByteRanges:
             raise CheckpointError(self.path, f"cannot read {what}: the file ends {buf.nbytes - got} bytes short of "
                                              "it (changed or truncated after it was opened)")
 
+    def read_rows(self, offset: int, width: int, rows: np.ndarray, what: str) -> np.ndarray:
+        """Rows ``rows`` (ascending, distinct indices) of the rows of ``width`` bytes stored one after another
+        from ``offset``, as (r, width) uint8: each run of consecutive rows one read, so only those rows come off
+        the disk (256 rows of a 2048-row layer are an eighth of it). Time O(r width)."""
+        out = np.empty((len(rows), width), dtype=np.uint8)
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]) if len(rows) else ():
+            part = out[a:b].reshape(-1)  # (rows of the run x width,) a view of out
+            self.read_into(offset + int(rows[a]) * width, memoryview(part), what)
+        return out
+
     def _read_at(self, f, view: memoryview, offset: int) -> int:
         """Bytes read into ``view`` from ``offset``: ``os.preadv``, which leaves the file position alone, so two
         threads reading one checkpoint cannot interleave a seek and a read; seek and read under a lock where
@@ -82,3 +95,13 @@ class ByteRanges:
         if self._handle is not None:
             self._handle.close()
         self._handle = None
+
+
+def distinct_rows(rows, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct indices of ``rows`` ascending, where each of ``rows`` is among them): what
+    :meth:`ByteRanges.read_rows` reads for rows given in any order, repeated or not. An IndexError for an
+    index outside ``0..n-1`` (as indexing the tensor gives). Time O(r log r)."""
+    index = np.asarray(rows, dtype=np.int64).reshape(-1)  # (r,)
+    if len(index) and (index.min() < 0 or index.max() >= n):
+        raise IndexError(f"row index out of range for {n} rows: {index.min() if index.min() < 0 else index.max()}")
+    return np.unique(index, return_inverse=True)

@@ -20,7 +20,7 @@ import torch
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
-from modelatlas.weights.byte_ranges import ByteRanges
+from modelatlas.weights.byte_ranges import ByteRanges, distinct_rows
 from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
 from modelatlas.weights.registry import register_format
 
@@ -124,23 +124,22 @@ class GGUFCheckpoint(Checkpoint):
         self._ranges.read_into(t.offset, memoryview(data), f"tensor {t.name!r}")
         return data
 
-    def _sampled_rows(self, t: GGUFTensor, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """(pick (r,), their rows' bytes (r, row bytes)): ``max_rows`` evenly spaced rows of ``t``, taken from the
-        bytes :meth:`read` kept, else each run of consecutive rows read as one byte range: only the sampled
-        rows come off the disk (256 of a 2048-row layer are an eighth of it; of a 128k-row embedding, 0.2 %;
-        all of it was read for each source tested against a copy). Time O(r m)."""
+    def _pick(self, t: GGUFTensor, max_rows: int) -> np.ndarray:
+        """``max_rows`` evenly spaced rows of ``t`` (rows of its last dimension), ascending, (r,) int64."""
+        n = int(np.prod(t.shape[:-1]))
+        return np.unique(np.linspace(0, n - 1, min(max_rows, n)).round().astype(np.int64))
+
+    def _sampled_rows(self, t: GGUFTensor, pick: np.ndarray) -> np.ndarray:
+        """The bytes of rows ``pick`` (ascending) of ``t``, (r, row bytes): taken from the bytes :meth:`read`
+        kept, else each run of consecutive rows read as one byte range: only the sampled rows come off the
+        disk (256 of a 2048-row layer are an eighth of it; of a 128k-row embedding, 0.2 %; all of it was read
+        for each source tested against a copy). Time O(r m)."""
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         width, n = t.shape[-1] // block * type_size, int(np.prod(t.shape[:-1]))
-        pick = np.unique(np.linspace(0, n - 1, min(max_rows, n)).round().astype(np.int64))
         raw = self._raw
         if len(pick) == n or (raw is not None and raw[0] == t.name):
-            return pick, self._bytes(t).reshape(n, width)[pick]  # (r, row bytes)
-        out = np.empty((len(pick), width), dtype=np.uint8)
-        cuts = np.flatnonzero(np.diff(pick) != 1) + 1  # where a run of consecutive rows ends
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(pick)]):
-            part = out[a:b].reshape(-1)  # (rows of the run x row bytes,) a view of out
-            self._ranges.read_into(t.offset + int(pick[a]) * width, memoryview(part), f"tensor {t.name!r}")
-        return pick, out
+            return self._bytes(t).reshape(n, width)[pick]  # (r, row bytes)
+        return self._ranges.read_rows(t.offset, width, pick, f"tensor {t.name!r}")
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to read tensor ``name``'s bytes into the page cache in the background."""
@@ -148,28 +147,60 @@ class GGUFCheckpoint(Checkpoint):
             self._ranges.prefetch(t.offset, t.nbytes)
 
     def _read(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         t = self._tensors[name]
-        kind = t.ggml_type.name
         self._raw = None  # one layer's bytes at most: the last read's, dropped by this one
         data = self._bytes(t)
         if self.quantization(name) is not None:  # its rounding variance or grid may follow: kept for it
             self._raw = (name, data)
+        return self._decode(t, data, t.shape)
+
+    def _decode(self, t: GGUFTensor, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        """``data``, bytes of tensor ``t`` (all of them, or whole rows of its last dimension), as the values of
+        ``shape``: :meth:`read`'s dtype, dequantized for the quantized types. Time O(values)."""
+        from gguf.quants import dequantize
+
+        kind = t.ggml_type.name
         try:
             if kind in _PLAIN:
-                arr = data.view(np.dtype(_PLAIN[kind]).newbyteorder(t.byteorder)).reshape(t.shape)
+                arr = data.view(np.dtype(_PLAIN[kind]).newbyteorder(t.byteorder)).reshape(shape)
                 arr = arr.astype(np.float32) if kind == "F64" else arr  # plain doubles: dequantize does not take them
             else:  # BF16 and the block-quantized types: dequantized to float32
                 if kind == "BF16" and t.byteorder == ">":  # dequantize reads little-endian halves
                     data = data.view(">u2").astype("<u2").view(np.uint8)
                 block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
-                rows = data.reshape(*t.shape[:-1], t.shape[-1] // block * type_size) if t.shape else data
-                arr = dequantize(rows, t.ggml_type).astype(np.float32, copy=False).reshape(t.shape)
+                rows = data.reshape(*shape[:-1], shape[-1] // block * type_size) if shape else data
+                arr = dequantize(rows, t.ggml_type).astype(np.float32, copy=False).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r} ({kind}): {error_line(e)}") from e
+            raise CheckpointError(self.path, f"cannot read tensor {t.name!r} ({kind}): {error_line(e)}") from e
         out = torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), copy=True))  # never pins the map
         return out.to(torch.bfloat16) if kind == "BF16" else out  # exact: the values are bfloat16
+
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`~.base.Checkpoint.read_rows` from those rows' bytes alone (dequantized for the quantized
+        types; :meth:`read`'s kept bytes stay kept). Time O(r m)."""
+        t = self._tensors[name] if name in self._tensors else None
+        if t is None or not t.shape:
+            return super().read_rows(name, rows)
+        distinct, where = distinct_rows(rows, int(np.prod(t.shape[:-1])))
+        block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
+        got = self._ranges.read_rows(t.offset, t.shape[-1] // block * type_size, distinct, f"tensor {name!r}")
+        return self._decode(t, got, (len(distinct), t.shape[-1]))[torch.from_numpy(where)]  # (r, m)
+
+    def compared_rows(self, name: str, max_rows: int = 256) -> torch.Tensor | None:
+        """The ``max_rows`` evenly spaced rows :meth:`requantized_match` and :meth:`grid_position` compare, for a
+        quantized tensor; None for another."""
+        t = self._tensors.get(name)
+        if t is None or not t.shape or self.quantization(name) is None:
+            return None
+        return torch.from_numpy(self._pick(t, max_rows))
+
+    @staticmethod
+    def _sample(t: GGUFTensor, x: torch.Tensor, pick: np.ndarray) -> torch.Tensor | None:
+        """Rows ``pick`` of ``x`` as (r, m): ``x`` the whole tensor's values, or those rows already
+        (:meth:`read_rows` at :meth:`compared_rows`); None for another shape."""
+        if tuple(x.shape) == t.shape:
+            return x.detach().reshape(-1, t.shape[-1])[torch.from_numpy(pick)]  # (R, m) -> (r, m)
+        return x.detach() if tuple(x.shape) == (len(pick), t.shape[-1]) else None
 
     def quantization(self, name: str) -> str | None:
         self.info(name)  # a clear error for an unknown name
@@ -188,11 +219,13 @@ class GGUFCheckpoint(Checkpoint):
         from gguf.quants import dequantize
 
         t = self._tensors[name]
-        if self.quantization(name) is None or tuple(x.shape) != t.shape or not t.shape:
+        if self.quantization(name) is None or not t.shape:
+            return None
+        pick = self._pick(t, max_rows)
+        if (sample := self._sample(t, x, pick)) is None:  # (r, m)
             return None
         type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
-        pick, rows = self._sampled_rows(t, max_rows)  # (r,), (r, row bytes)
-        sample = x.detach().reshape(-1, t.shape[-1])[torch.from_numpy(pick)]  # (r, m)
+        rows = self._sampled_rows(t, pick)  # (r, row bytes)
         have = dequantize(rows, t.ggml_type)  # (r, m) float32, the stored values: once for both tests below
         test = self._value_test(t, rows, type_size, have)  # read once, tested for each rounding of x
         best, tried = 0.0, []
@@ -239,12 +272,15 @@ class GGUFCheckpoint(Checkpoint):
         from modelatlas.weights.grid_position import uniform_position
 
         t = self._tensors[name] if name in self._tensors else None
-        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or tuple(x.shape) != t.shape or not t.shape:
+        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape:
+            return None
+        pick = self._pick(t, max_rows)
+        if (sample := self._sample(t, x, pick)) is None:
             return None
         type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
-        pick, rows = self._sampled_rows(t, max_rows)  # (r,), (r, row bytes)
+        rows = self._sampled_rows(t, pick)  # (r, row bytes)
         lo, step = grid(t.ggml_type.name, t.ggml_type, rows, type_size)  # (r, m) each
-        sample = x.detach().reshape(-1, t.shape[-1])[torch.from_numpy(pick)].double().numpy()  # (r, m)
+        sample = sample.double().numpy()  # (r, m)
         live = step != 0  # a sub-block of scale 0 holds its offset whatever x
         return uniform_position(torch.from_numpy((sample - lo)[live] / step[live]))
 

@@ -208,15 +208,33 @@ class GGUFNamedView(Checkpoint):
         x = self.source.read(old)
         if old.endswith(conv.transposed) and x.ndim == 2:
             x = x.t().contiguous()
-        if name.endswith(_permuted(conv)):
-            x = permute_rows(x, self._heads[0] if ".attn_q." in name else self._heads[1])
-        if conv.regroup_qkv and name.endswith(".attn_qkv.weight"):
-            x = regroup_qkv(x, *self._heads)
+        x = self._row_order(name, x)
         if name == "token_embd.weight" and self._rows is not None:
             x = x[:self._rows]
         if conv.norm_shift and old.endswith("norm.weight"):
             # the converter adds in float16 / float32 as stored, other types first made float32
             x = (x if x.dtype in (torch.float16, torch.float32) else x.float()) + conv.norm_shift
+        return x
+
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`~.base.Checkpoint.read_rows` of the checkpoint's own rows where each row of the view is one of
+        them (a matrix as stored, its rows permuted per head or regrouped, the embedding cut): only those rows
+        are read. A transposed matrix's row is a column of the file, and other tensors' rows change in other
+        ways (a norm shifted, a bias permuted within its one row): there the whole tensor is read, as
+        :meth:`read` does. Time O(r m), or O(P) for the others."""
+        old, info, conv = self._names[name], self.info(name), self.conversion
+        if len(info.shape) != 2 or old.endswith(conv.transposed) or (conv.norm_shift and old.endswith("norm.weight")):
+            return super().read_rows(name, rows)
+        order = self._row_order(name, torch.arange(self.source.info(old).shape[0]))  # the view's row i: order[i]
+        return self.source.read_rows(old, order[:info.shape[0]][rows])
+
+    def _row_order(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (the checkpoint's tensor, or its row numbers) with its rows put in the converter's order: q/k
+        rows permuted per head, Falcon's fused rows regrouped. Time O(P)."""
+        if name.endswith(_permuted(self.conversion)):
+            x = permute_rows(x, self._heads[0] if ".attn_q." in name else self._heads[1])
+        if self.conversion.regroup_qkv and name.endswith(".attn_qkv.weight"):
+            x = regroup_qkv(x, *self._heads)
         return x
 
     def prefetch(self, name: str) -> None:

@@ -114,16 +114,27 @@ class HFFolderCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor, opening only the shard the index puts it in."""
-        if self._weight_map is not None and self._info_cache is None:
-            if name not in self._weight_map:
-                raise TensorNotFoundError(self.path, f"no tensor named {name!r} ({len(self._weight_map)} "
-                                                     "tensors in the index)")
-            return self._read(name)
-        return super().read(name)
+        return self._shard(self._shard_of(name)).read(name)
 
     def _read(self, name: str) -> torch.Tensor:
         shard = self.weight_file.name if self._weight_map is None else self._weight_map[name]
         return self._shard(shard).read(name)
+
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`~.base.Checkpoint.read_rows` from the shard that holds ``name`` (a safetensors shard reads only
+        those rows' bytes)."""
+        return self._shard(self._shard_of(name)).read_rows(name, rows)
+
+    def _shard_of(self, name: str) -> str:
+        """The file holding tensor ``name``, from the index alone while no shard header was read; a
+        TensorNotFoundError for a name it does not hold."""
+        if self._weight_map is not None and self._info_cache is None:
+            if name not in self._weight_map:
+                raise TensorNotFoundError(self.path, f"no tensor named {name!r} ({len(self._weight_map)} "
+                                                     "tensors in the index)")
+        else:
+            self.info(name)
+        return self.weight_file.name if self._weight_map is None else self._weight_map[name]
 
     def prefetch(self, name: str) -> None:
         """Prefetch ``name`` from the shard that holds it (a no-op for unknown names)."""

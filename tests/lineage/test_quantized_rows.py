@@ -1,0 +1,35 @@
+"""What the copy test (lineage.quantized) reads of a source: only the rows the quantized copy compares."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tests.weights.conftest import make_byte_counter, make_gguf_file
+
+from modelatlas.lineage.quantized import MIN_MATCH, copy_score, made_from_copy
+from modelatlas.weights import open_checkpoint
+
+gguf = pytest.importorskip("gguf")
+
+
+def make_copy(folder, rows=600):
+    """A float32 model of two (rows, 64) layers and a bfloat16 one of the same values, as safetensors files,
+    and the float32 one's Q8_0 GGUF copy."""
+    gen = torch.Generator().manual_seed(0)
+    w = {k: torch.randn(rows, 64, generator=gen).to(torch.bfloat16).float() for k in ("a.weight", "b.weight")}
+    save_file(w, str(folder / "src.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(folder / "bf16.safetensors"))
+    kind = gguf.GGMLQuantizationType.Q8_0
+    make_gguf_file(folder / "copy.gguf", {k: (gguf.quants.quantize(v.numpy(), kind), "Q8_0") for k, v in w.items()})
+    return [folder / n for n in ("src.safetensors", "bf16.safetensors", "copy.gguf")]
+
+
+@pytest.mark.parametrize("source, width", [("src.safetensors", 64 * 4), ("bf16.safetensors", 64 * 2)])
+def test_the_copy_test_reads_only_the_sampled_rows_of_a_source(tmp_path, monkeypatch, source, width):
+    make_copy(tmp_path)
+    with open_checkpoint(tmp_path / source) as src, open_checkpoint(tmp_path / "copy.gguf") as copy:
+        got = make_byte_counter(monkeypatch)
+        assert copy_score(copy, src) == pytest.approx(1 - MIN_MATCH)  # every value matches: a copy
+        assert got[source] == 2 * 256 * width  # 256 of 600 rows of both layers (all 600 before)
+        got.clear()
+        assert not made_from_copy(copy, src, src.tensors())
+        assert got[source] == 2 * 256 * width
