@@ -6,23 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_mlx, make_pack_quantized
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
+from modelatlas.zoo.awq import save_folder
 
 
 def make_weight(out: int = 64, inp: int = 128) -> torch.Tensor:
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(0))
-
-
-def make_model(folder, tensors: dict, quantization_config=None):
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
-    if quantization_config is not None:
-        (folder / "config.json").write_text(json.dumps({"quantization_config": quantization_config}))
-    return folder
 
 
 def make_gptq_with(**changes) -> dict:
@@ -175,7 +167,7 @@ REFUSED_WHEN_OPENED = {
 @pytest.mark.parametrize("case", list(REFUSED_WHEN_OPENED))
 def test_parts_that_do_not_fit_are_refused_when_opened(tmp_path, case):
     tensors, config, message = REFUSED_WHEN_OPENED[case]
-    folder = make_model(tmp_path / "m", tensors, config)
+    folder = save_folder(tmp_path / "m", tensors, config)
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: quantized layers: {message}"):
         open_checkpoint(folder)
 
@@ -209,7 +201,7 @@ REFUSED_WHEN_READ = {
 @pytest.mark.parametrize("case", list(REFUSED_WHEN_READ))
 def test_values_that_do_not_fit_are_refused_when_read(tmp_path, case):
     tensors, message = REFUSED_WHEN_READ[case]
-    with open_checkpoint(make_model(tmp_path / "m", tensors, MLX if "mlx" in case else None)) as ck:
+    with open_checkpoint(save_folder(tmp_path / "m", tensors, MLX if "mlx" in case else None)) as ck:
         for check in (lambda: ck.read("layer.weight"), lambda: ck.requantized_match("layer.weight", make_weight())):
             with pytest.raises(CheckpointError, match=f"^{tmp_path / 'm'}: cannot dequantize 'layer.weight' "
                                                       rf"\([A-Z0-9-]+\): {message}"):
@@ -217,7 +209,7 @@ def test_values_that_do_not_fit_are_refused_when_read(tmp_path, case):
 
 
 def test_a_quantization_config_that_is_no_object_is_named(tmp_path):
-    folder = make_model(tmp_path / "m", make_gptq(make_weight()))
+    folder = save_folder(tmp_path / "m", make_gptq(make_weight()))
     (folder / "config.json").write_text(json.dumps({"quantization_config": [1, 2]}))
     with pytest.raises(CheckpointError, match=r"m/config.json: quantization_config is a JSON list, not an object"):
         open_checkpoint(folder)
@@ -226,7 +218,7 @@ def test_a_quantization_config_that_is_no_object_is_named(tmp_path):
 def test_mx_scales_are_powers_of_two(tmp_path):
     w = make_weight()
     exponents = torch.full((64, 4), 120, dtype=torch.uint8)  # E8M0: 2 ** (120 - 127) per 32 columns
-    folder = make_model(tmp_path / "mx", {"layer.weight": w.to(torch.float8_e4m3fn), "layer.weight_scale": exponents})
+    folder = save_folder(tmp_path / "mx", {"layer.weight": w.to(torch.float8_e4m3fn), "layer.weight_scale": exponents})
     with open_checkpoint(folder) as ck:
         assert torch.equal(ck.read("layer.weight"), w.to(torch.float8_e4m3fn).float() / 128)
 
@@ -235,7 +227,7 @@ def test_a_stacked_experts_packing_stays_as_stored(tmp_path):
     t = make_pack_quantized(make_weight())
     t = {"e.weight_packed": t["layer.weight_packed"][None].expand(2, -1, -1),
          "e.weight_scale": t["layer.weight_scale"][None].expand(2, -1, -1), "e.weight_shape": torch.tensor([2, 64, 128])}
-    with open_checkpoint(make_model(tmp_path / "moe", t)) as ck:
+    with open_checkpoint(save_folder(tmp_path / "moe", t)) as ck:
         assert "e.weight_packed" in ck.keys()  # not read here: lineage skips the model, saying why
 
 
@@ -245,7 +237,7 @@ def test_a_4bit_layer_stored_in_another_dtype_reads_its_bytes(tmp_path, storage)
     another dtype: read as those bytes, not as bfloat16 numbers (which read NaN and got the model skipped)."""
     plain = make_bnb4_with(nested=True)
     viewed = {**plain, "layer.weight": plain["layer.weight"].reshape(-1).view(storage).reshape(-1, 1)}
-    with open_checkpoint(make_model(tmp_path / "u8", plain)) as a, open_checkpoint(make_model(tmp_path / "v", viewed)) as b:
+    with open_checkpoint(save_folder(tmp_path / "u8", plain)) as a, open_checkpoint(save_folder(tmp_path / "v", viewed)) as b:
         assert b.quantization("layer.weight") == "NF4" and [t.name for t in b.tensors()] == ["layer.weight"]
         assert torch.equal(a.read("layer.weight"), b.read("layer.weight"))
         assert b.requantized_match("layer.weight", a.read("layer.weight")) == 1.0
@@ -257,8 +249,8 @@ def test_stacked_mlx_experts_read_as_one_weight_per_expert(tmp_path):
     w = torch.stack([make_weight(), 2 * make_weight()])  # (2, 64, 128)
     one = [make_mlx(e, bits=4, group=32, name="layer") for e in w]
     stacked = {k: torch.stack([one[0][k], one[1][k]]) for k in one[0]}
-    with open_checkpoint(make_model(tmp_path / "moe", stacked, MLX)) as ck, \
-            open_checkpoint(make_model(tmp_path / "e1", one[1], MLX)) as e1:
+    with open_checkpoint(save_folder(tmp_path / "moe", stacked, MLX)) as ck, \
+            open_checkpoint(save_folder(tmp_path / "e1", one[1], MLX)) as e1:
         assert [(t.name, t.shape) for t in ck.tensors()] == [("layer.weight", (2, 64, 128))]
         assert torch.equal(ck.read("layer.weight")[1], e1.read("layer.weight"))
         assert ck.requantized_match("layer.weight", w) == 1.0
