@@ -5,26 +5,26 @@ transposed, zeros stored minus one). The reader was also checked value for value
 own decompression of real llm-compressor models (docs/benchmarks.md, "Packed and scaled checkpoints").
 """
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from tests.weights.conftest import NF4, make_bnb4, make_bnb8, make_gptq, make_pack_quantized
+from tests.weights.conftest import (
+    NF4,
+    make_bnb4,
+    make_bnb8,
+    make_byte_counter,
+    make_gptq,
+    make_mlx,
+    make_pack_quantized,
+)
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import bnb as B
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights.dequantized import DequantizedCheckpoint
 from modelatlas.weights.packed_ints import pack, unpack
-
-
-def make_model(folder, tensors: dict, quantization_config: dict | None = None):
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
-    if quantization_config is not None:
-        (folder / "config.json").write_text(json.dumps({"quantization_config": quantization_config}))
-    return folder
+from modelatlas.zoo import awq as Z
+from modelatlas.zoo.awq import save_folder
 
 
 def make_weight(out: int = 8, inp: int = 32, seed: int = 0) -> torch.Tensor:
@@ -33,7 +33,7 @@ def make_weight(out: int = 8, inp: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_gptq_layers_read_as_float_weights(tmp_path):
     w = make_weight()
-    folder = make_model(tmp_path / "m", {**make_gptq(w), "norm.weight": torch.ones(8)},
+    folder = save_folder(tmp_path / "m", {**make_gptq(w), "norm.weight": torch.ones(8)},
                         {"quant_method": "gptq", "bits": 4})
     with open_checkpoint(folder) as ck:
         assert isinstance(ck, DequantizedCheckpoint) and ck.name == "m"
@@ -48,22 +48,22 @@ def test_gptq_layers_read_as_float_weights(tmp_path):
 
 def test_gptq_v2_format_uses_the_zeros_as_stored(tmp_path):
     w = make_weight()
-    v1 = make_model(tmp_path / "v1", make_gptq(w))  # no config: the gptq format
-    v2 = make_model(tmp_path / "v2", make_gptq(w, zero_offset=0), {"quant_method": "gptq", "checkpoint_format": "gptq_v2"})
+    v1 = save_folder(tmp_path / "v1", make_gptq(w))  # no config: the gptq format
+    v2 = save_folder(tmp_path / "v2", make_gptq(w, zero_offset=0), {"quant_method": "gptq", "checkpoint_format": "gptq_v2"})
     assert torch.equal(open_checkpoint(v1).read("layer.weight"), open_checkpoint(v2).read("layer.weight"))
 
 
 def test_gptq_parts_under_an_awq_config_and_three_bit_layers_stay_as_stored(tmp_path):
-    awq = make_model(tmp_path / "awq", make_gptq(make_weight()), {"quant_method": "awq"})  # a g_idx: not AWQ's
+    awq = save_folder(tmp_path / "awq", make_gptq(make_weight()), {"quant_method": "awq"})  # a g_idx: not AWQ's
     assert "layer.qweight" in open_checkpoint(awq).keys()
     three = {"layer.qweight": torch.zeros(3, 8, dtype=torch.int32), "layer.qzeros": torch.zeros(1, 1, dtype=torch.int32),
              "layer.scales": torch.ones(1, 8), "layer.g_idx": torch.zeros(32, dtype=torch.int32)}
-    assert "layer.qweight" in open_checkpoint(make_model(tmp_path / "three", three)).keys()
+    assert "layer.qweight" in open_checkpoint(save_folder(tmp_path / "three", three)).keys()
 
 
 def test_pack_quantized_layers_read_and_requantize(tmp_path):
     w = make_weight(512, 24)  # 24 columns of 4 bits: the third word half padding
-    ck = open_checkpoint(make_model(tmp_path / "m", make_pack_quantized(w, group=8)))
+    ck = open_checkpoint(save_folder(tmp_path / "m", make_pack_quantized(w, group=8)))
     assert [t.name for t in ck.tensors()] == ["layer.weight"] and ck.quantization("layer.weight") == "INT4"
     got = ck.read("layer.weight")
     assert got.shape == (512, 24) and (got - w).abs().max() < 0.2 * w.abs().max()
@@ -77,7 +77,7 @@ def test_scaled_float8_with_block_scales_inverse(tmp_path):
     w = make_weight(6, 8)
     scale = torch.tensor([[0.01, 0.02], [0.03, 0.04]])  # blocks of 4 x 4 (the last rows: a 2-row block)
     stored = (w / scale.repeat_interleave(4, 0)[:6].repeat_interleave(4, 1)).to(torch.float8_e4m3fn)
-    folder = make_model(tmp_path / "fp8", {"layer.weight": stored, "layer.weight_scale_inv": scale},
+    folder = save_folder(tmp_path / "fp8", {"layer.weight": stored, "layer.weight_scale_inv": scale},
                         {"quant_method": "fp8", "weight_block_size": [4, 4]})
     ck = open_checkpoint(folder)
     assert ck.quantization("layer.weight") == "FP8" and ck.keys() == ["layer.weight"]
@@ -94,13 +94,13 @@ def test_a_gptq_copy_is_told_by_its_first_column(tmp_path):
     moved = torch.rand(q.shape, generator=torch.Generator().manual_seed(3)) < 0.3
     moved[0] = False  # the first column stays plain rounding
     tensors["layer.qweight"] = pack((q + moved.int()).clamp(0, 15), 4, 0)
-    ck = open_checkpoint(make_model(tmp_path / "gptq", tensors))
+    ck = open_checkpoint(save_folder(tmp_path / "gptq", tensors))
     assert ck.requantized_match("layer.weight", w) == 1.0
     assert ck.requantized_match("layer.weight", w * (1 + 0.01 * make_weight(2048, 32, seed=4))) < 0.99
 
 
 def test_a_corrupt_config_is_named(tmp_path):
-    folder = make_model(tmp_path / "m", make_gptq(make_weight()))
+    folder = save_folder(tmp_path / "m", make_gptq(make_weight()))
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: cannot read the quantization settings"):
         open_checkpoint(folder)
@@ -110,13 +110,13 @@ def test_stored_tensors_that_do_not_fit_raise_naming_the_tensor(tmp_path):
     tensors = make_pack_quantized(make_weight(8, 32))
     tensors["layer.weight_scale"] = torch.ones(3, 2)  # 3 rows of scales for 8 rows of weights
     with pytest.raises(CheckpointError, match=r"quantized layers: layer.weight_scale is float32 \(3, 2\)"):
-        open_checkpoint(make_model(tmp_path / "m", tensors))  # more in tests/weights/test_packed_layers.py
+        open_checkpoint(save_folder(tmp_path / "m", tensors))  # more in tests/weights/test_packed_layers.py
 
 
 def test_bitsandbytes_4bit_and_int8_layers(tmp_path):
     w = make_weight(64, 32)
     tensors = {**make_bnb4(w, "q"), **make_bnb8(w, "k"), "k.weight_format": torch.tensor(0, dtype=torch.uint8)}
-    ck = open_checkpoint(make_model(tmp_path / "bnb", tensors, {"quant_method": "bitsandbytes"}))
+    ck = open_checkpoint(save_folder(tmp_path / "bnb", tensors, {"quant_method": "bitsandbytes"}))
     assert sorted((t.name, t.shape) for t in ck.tensors()) == [("k.weight", (64, 32)), ("q.weight", (64, 32))]
     assert (ck.quantization("q.weight"), ck.quantization("k.weight")) == ("NF4", "LLM-INT8")
     assert (ck.read("q.weight") - w).abs().max() <= w.abs().max() / 15 + 1e-6  # half a step of the 16-value book
@@ -129,7 +129,7 @@ def test_bitsandbytes_4bit_and_int8_layers(tmp_path):
 def test_a_model_refused_for_its_config_is_closed(tmp_path, monkeypatch):
     """A corrupt config.json raised out of dequantized() with the opened checkpoint left open (its file maps
     and handles kept until collected), while a layer refused for its tensors closed it."""
-    folder = make_model(tmp_path / "m", make_gptq(make_weight()))
+    folder = save_folder(tmp_path / "m", make_gptq(make_weight()))
     reader = type(open_checkpoint(folder).inner)
     closed, close = [], reader.close
     monkeypatch.setattr(reader, "close", lambda self: (closed.append(self.path), close(self))[1])
@@ -142,7 +142,7 @@ def test_a_model_refused_for_its_config_is_closed(tmp_path, monkeypatch):
 def test_a_plain_model_with_a_scale_parameter_does_not_read_its_config(tmp_path):
     """CLIP's logit_scale ends in '_scale': its model's config.json was read for quantization settings, so a
     config.json that is no JSON object refused a model with no quantized layer."""
-    folder = make_model(tmp_path / "clip", {"logit_scale": torch.ones(()), "proj.weight": torch.ones(4, 4)})
+    folder = save_folder(tmp_path / "clip", {"logit_scale": torch.ones(()), "proj.weight": torch.ones(4, 4)})
     (folder / "config.json").write_text("[1, 2]")
     assert sorted(open_checkpoint(folder).keys()) == ["logit_scale", "proj.weight"]
 
@@ -159,9 +159,42 @@ def test_a_4bit_layers_json_state_is_parsed_once_when_opened(tmp_path, monkeypat
 
     monkeypatch.setattr(B, "parse_state", counted)
     w = make_weight(16, 64)
-    with open_checkpoint(make_model(tmp_path / "m", make_bnb4(w, nested=True, book=NF4))) as ck:
+    with open_checkpoint(save_folder(tmp_path / "m", make_bnb4(w, nested=True, book=NF4))) as ck:
         assert parsed == ["layer.weight.quant_state.bitsandbytes__nf4"]
         got = ck.read("layer.weight")
         assert ck.rounding_variance("layer.weight").shape == (16, 64) and ck.grid_position("layer.weight", w) > 0
         assert ck.requantized_match("layer.weight", w) == 1.0 and len(parsed) == 1
         assert (got - w).abs().max() < 0.25 * w.abs().max()
+
+
+def make_scheme(scheme: str, w: torch.Tensor) -> tuple[dict, dict | None]:
+    """(stored tensors of ``layer.weight``, quantization_config) for ``w`` stored as ``scheme``."""
+    if scheme == "fp8":
+        scale = w.abs().amax(dim=1, keepdim=True) / 448  # (out, 1) a scale per row
+        return {"layer.weight": (w / scale).to(torch.float8_e4m3fn), "layer.weight_scale": scale}, None
+    made = {"gptq": lambda: (make_gptq(w), None), "pack-quantized": lambda: (make_pack_quantized(w), None),
+            "awq": lambda: (Z.awq_layer(w, group=Z.GROUP), Z.CONFIG), "bnb4": lambda: (make_bnb4(w), {"quant_method": "bitsandbytes"}),
+            "bnb8": lambda: (make_bnb8(w), {"quant_method": "bitsandbytes"}),
+            "mlx": lambda: (make_mlx(w, name="layer"), {"quant_method": "mlx", "group_size": 32, "bits": 4})}
+    return made[scheme]()
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "awq", "pack-quantized", "fp8", "bnb4", "bnb8", "mlx"])
+def test_a_read_layer_gives_its_stored_tensors_to_the_next_call_on_it(tmp_path, monkeypatch, scheme):
+    """read() keeps a layer's stored tensors for one call on it (lineage's pass asks for the rounding variance
+    next, which read them all again); the same results as a fresh checkpoint's; dropped by the next read and
+    by close()."""
+    w = make_weight(64, 64)
+    folder = save_folder(tmp_path / "m", *make_scheme(scheme, w))
+    with open_checkpoint(folder) as fresh:
+        want = fresh.rounding_variance("layer.weight"), fresh.requantized_match("layer.weight", w)
+    with open_checkpoint(folder) as ck:
+        got = make_byte_counter(monkeypatch)
+        x = ck.read("layer.weight")
+        once = got["model.safetensors"]
+        assert torch.equal(ck.rounding_variance("layer.weight", x), want[0])
+        assert got["model.safetensors"] == once  # from the kept tensors
+        assert ck.requantized_match("layer.weight", w) == want[1]  # taken by the variance: read again
+        assert got["model.safetensors"] == 2 * once and not ck._kept.has("layer.weight")
+        ck.read("layer.weight")
+    assert not ck._kept.has("layer.weight")  # close() dropped it

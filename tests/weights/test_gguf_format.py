@@ -244,13 +244,13 @@ def test_a_quantized_tensor_read_gives_its_bytes_to_the_next_call_on_it(tmp_path
         with open_checkpoint(path) as ck:
             x = ck.read("q8")
             got = call(ck, x if call is calls[0] else torch.from_numpy(Q))
-            assert reads == ["tensor 'q8'"] and ck._raw is None  # taken by the call
+            assert reads == ["tensor 'q8'"] and not ck._kept.has("q8")  # taken by the call
             assert torch.equal(got, want) if call is calls[0] else got == want
             ck.read("q8")
             ck.read("f32")
-            assert ck._raw is None  # the next read dropped it; a plain tensor's are not kept
+            assert not ck._kept.has("q8") and not ck._kept.has("f32")  # the next read dropped it; a plain tensor's are not kept
             ck.read("q8")
-        assert ck._raw is None  # close() dropped it
+        assert not ck._kept.has("q8")  # close() dropped it
 
 
 @pytest.mark.parametrize("n", [300, 600])  # runs of consecutive sampled rows (300), none (600)
@@ -288,7 +288,7 @@ def test_read_rows_reads_those_rows_of_each_type(tmp_path, monkeypatch):
             assert y.dtype == ck.read(name).dtype and torch.equal(y, ck.read(name)[rows])
         ck.read("q8")
         ck.read_rows("q8", torch.tensor([1]))
-        assert ck._raw is not None and ck._raw[0] == "q8"  # read()'s kept bytes stay for the call that follows
+        assert ck._kept.has("q8")  # read()'s kept bytes stay for the call that follows
         assert ck.compared_rows("f32") is None and ck.compared_rows("q8").tolist() == [0, 1, 2]
 
 

@@ -29,7 +29,6 @@ bitsandbytes' JSON quant states and format flags; time O(P) per dequantized laye
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -40,8 +39,9 @@ from modelatlas.weights import bnb as B
 from modelatlas.weights import grid_position as G
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, named_by_folder
-from modelatlas.weights.packed_layers import PackedLayer, block_sizes, find_packed
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.kept import Kept
+from modelatlas.weights.packed_layers import PackedLayer, block_sizes, find_packed, quantization_config
 from modelatlas.weights.scaled import (
     requantized_share,
     scale_values,
@@ -52,35 +52,11 @@ from modelatlas.weights.scaled import (
 )
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
-_CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
 _MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases")  # endings of a dequantized layer's parts
 _REQUANTIZED = ("bnb4", "bnb8", "mlx")  # tested by quantizing the source again, its scales from itself
 _WORDS_IN = ("gptq", "awq")  # integer words stored (in, out)-wise, with (groups, out) ``scales``
 _GRIDS = ("gptq", "awq", "pack-quantized")  # integer codes on a grid of stored scales and zeros
 _UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # unit roundoff of a half-precision sum
-
-
-def quantization_config(path: Path) -> dict:
-    """The ``quantization_config`` of the model at ``path`` (its folder's ``config.json``, or AutoGPTQ's
-    ``quantize_config.json``), {} when it has none. A file is read with its folder's config only when it is
-    the folder's model file (``model.safetensors``). A config that is no JSON object raises, naming it."""
-    folder = path if path.is_dir() else path.parent if named_by_folder(path) else None
-    for name in _CONFIGS if folder is not None else ():
-        f = folder / name
-        if not f.is_file():
-            continue
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as e:
-            raise CheckpointError(f, f"cannot read the quantization settings: {error_line(e)}") from e
-        if not isinstance(data, dict):
-            raise CheckpointError(f, "not a JSON object")
-        got = data.get("quantization_config", data.get("quantization", data if name != "config.json" else None))
-        if got is not None and not isinstance(got, dict):
-            raise CheckpointError(f, f"quantization_config is a JSON {type(got).__name__}, not an object")
-        if got is not None:
-            return got
-    return {}
 
 
 class DequantizedCheckpoint(Checkpoint):
@@ -95,7 +71,7 @@ class DequantizedCheckpoint(Checkpoint):
                  for layer in layers}
         self._hidden = {p for layer in layers for p in layer.parts.values()} - set(first)
         self._layer_of = {p: layer.name for layer in layers for p in layer.parts.values()}
-        self._first = first
+        self._first, self._kept = first, Kept()  # the last read layer's stored tensors, for its next call
 
     def __getattr__(self, attr: str):  # a reader's own attributes (a GGUF's architecture, a folder's weight_file)
         if attr == "inner":
@@ -114,15 +90,19 @@ class DequantizedCheckpoint(Checkpoint):
 
     def _read(self, name: str) -> torch.Tensor:
         layer = self.layers.get(name)
+        self._kept.drop()  # one layer's stored tensors at most: the last read's, dropped by this one
         if layer is None:
             return self.inner.read(name)
-        return self._checked(layer, lambda parts: self._dequantize(layer, parts))
+        x, parts = self._checked(layer, lambda parts: (self._dequantize(layer, parts), parts))
+        self._kept.keep(name, parts)  # its rounding variance may follow (lineage's pass read them again for it)
+        return x
 
     def _checked(self, layer: PackedLayer, work):
-        """``work(parts)`` on the layer's stored tensors (:meth:`_parts`); a CheckpointError naming the layer
-        and the tensor when they do not fit together."""
+        """``work(parts)`` on the layer's stored tensors (those :meth:`read` kept for it, taken, else
+        :meth:`_parts`); a CheckpointError naming the layer and the tensor when they do not fit together."""
         try:
-            return work(self._parts(layer))
+            parts = self._kept.take(layer.name)
+            return work(self._parts(layer) if parts is None else parts)
         except (ValueError, RuntimeError, IndexError) as e:
             raise CheckpointError(self.path, f"cannot dequantize {layer.name!r} ({layer.label}): {error_line(e)}") from e
 
@@ -377,6 +357,7 @@ class DequantizedCheckpoint(Checkpoint):
             self.inner.prefetch(part)
 
     def close(self) -> None:
+        self._kept.drop()
         self.inner.close()
 
 

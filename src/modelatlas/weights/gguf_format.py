@@ -22,6 +22,7 @@ from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.byte_ranges import ByteRanges, distinct_rows
 from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
+from modelatlas.weights.kept import Kept
 from modelatlas.weights.registry import register_format
 
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
@@ -85,10 +86,9 @@ class GGUFCheckpoint(Checkpoint):
         self.metadata: dict = {}  # general.architecture and its head counts (gguf_header.KEPT_KEYS)
         self._tensors = {t.name: t for t in read_gguf_header(self.path, self._gguf, self.metadata)}
         self._ranges = ByteRanges(self.path)
-        # (name, raw bytes) of the quantized tensor :meth:`read` gave last, until a method of that tensor takes
-        # them (:meth:`_bytes`), the next read, or close(): lineage's pass reads a layer, then asks for its
-        # rounding variance, which read the bytes again (~2x the layer bytes of a pass; session 32)
-        self._raw: tuple[str, np.ndarray] | None = None
+        # the raw bytes of the quantized tensor :meth:`read` gave last, until a method of that tensor takes
+        # them (:meth:`_bytes`), the next read, or close() (:mod:`.kept`)
+        self._kept = Kept()
 
     @property
     def architecture(self) -> str | None:
@@ -112,14 +112,13 @@ class GGUFCheckpoint(Checkpoint):
         return [TensorInfo(n, t.shape, _STORED.get(t.ggml_type.name, "float32")) for n, t in self._tensors.items()]
 
     def _bytes(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes: those :meth:`read` kept for it (:attr:`_raw`, taken: one reader each), else read
+        """The tensor's bytes: those :meth:`read` kept for it (taken: one reader each), else read
         into an array of their own (:class:`~.byte_ranges.ByteRanges`: exactly its byte range comes off the
         disk; through the memory map of sessions 24-30, the kernel's readahead around it came too, and a file
         cut short after it was opened read zeros or raised SIGBUS). Never written to by their users."""
-        raw = self._raw
-        if raw is not None and raw[0] == t.name:
-            self._raw = None  # taken: held no longer than the read and the one call that uses it
-            return raw[1]
+        raw = self._kept.take(t.name)  # held no longer than the read and the one call that uses it
+        if raw is not None:
+            return raw
         data = np.empty(t.nbytes, dtype=np.uint8)
         self._ranges.read_into(t.offset, memoryview(data), f"tensor {t.name!r}")
         return data
@@ -136,8 +135,7 @@ class GGUFCheckpoint(Checkpoint):
         for each source tested against a copy). Time O(r m)."""
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         width, n = t.shape[-1] // block * type_size, int(np.prod(t.shape[:-1]))
-        raw = self._raw
-        if len(pick) == n or (raw is not None and raw[0] == t.name):
+        if len(pick) == n or self._kept.has(t.name):
             return self._bytes(t).reshape(n, width)[pick]  # (r, row bytes)
         return self._ranges.read_rows(t.offset, width, pick, f"tensor {t.name!r}")
 
@@ -148,10 +146,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def _read(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
-        self._raw = None  # one layer's bytes at most: the last read's, dropped by this one
+        self._kept.drop()  # one layer's bytes at most: the last read's, dropped by this one
         data = self._bytes(t)
         if self.quantization(name) is not None:  # its rounding variance or grid may follow: kept for it
-            self._raw = (name, data)
+            self._kept.keep(name, data)
         return self._decode(t, data, t.shape)
 
     def _decode(self, t: GGUFTensor, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -371,7 +369,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def close(self) -> None:
         """Close the file (every returned tensor is a copy) and drop the kept bytes. Reads after this reopen it."""
-        self._raw = None
+        self._kept.drop()
         self._ranges.close()
 
 

@@ -12,24 +12,28 @@ it does not have. AWQ layouts other than GEMM (GEMV, llm-awq) raise, naming the 
 stay as stored: a ``qweight`` without ``g_idx`` under no AWQ config, GPTQ and ``pack-quantized``
 widths that span words (3 bits; MLX's are read), ``pack-quantized`` stacked (3-D) experts (MLX's are read),
 NVFP4 / MXFP4 (no ``weight_shape``), MLX modes other than ``affine``. No I/O but ``read`` of small tensors:
-the two-value ``weight_shape``, bitsandbytes' JSON quant state and ``weight_format`` flag. Time O(tensors).
+the two-value ``weight_shape``, bitsandbytes' JSON quant state and ``weight_format`` flag, and of the model's
+``config.json`` (:func:`quantization_config`, moved from :mod:`.dequantized` in session 32). Time O(tensors).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from modelatlas.config_types import fits
+from modelatlas.errors import CheckpointError
 from modelatlas.weights import awq as A
 from modelatlas.weights import bnb as B
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
-from modelatlas.weights.base import TensorInfo
+from modelatlas.weights.base import TensorInfo, error_line, named_by_folder
 from modelatlas.weights.scaled import SCALED_DTYPES, check_scale
 
 _INTS = ("int32", "int64", "int16", "int8", "uint8", "uint32")
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint formats read; marlin, bitblas, ipex... repack the words
+_CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
 
 
 @dataclass(frozen=True)
@@ -239,3 +243,26 @@ def block_sizes(config: dict) -> tuple[int, ...] | None:
     if isinstance(blocks, list) and all(isinstance(b, int) and b > 0 for b in blocks):
         return tuple(blocks)
     return None
+
+
+def quantization_config(path: Path) -> dict:
+    """The ``quantization_config`` of the model at ``path`` (its folder's ``config.json``, or AutoGPTQ's
+    ``quantize_config.json``), {} when it has none. A file is read with its folder's config only when it is
+    the folder's model file (``model.safetensors``). A config that is no JSON object raises, naming it."""
+    folder = path if path.is_dir() else path.parent if named_by_folder(path) else None
+    for name in _CONFIGS if folder is not None else ():
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise CheckpointError(f, f"cannot read the quantization settings: {error_line(e)}") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f, "not a JSON object")
+        got = data.get("quantization_config", data.get("quantization", data if name != "config.json" else None))
+        if got is not None and not isinstance(got, dict):
+            raise CheckpointError(f, f"quantization_config is a JSON {type(got).__name__}, not an object")
+        if got is not None:
+            return got
+    return {}
