@@ -33,3 +33,13 @@ def test_the_copy_test_reads_only_the_sampled_rows_of_a_source(tmp_path, monkeyp
         got.clear()
         assert not made_from_copy(copy, src, src.tensors())
         assert got[source] == 2 * 256 * width
+
+
+def test_a_model_whose_layer_has_fewer_rows_is_refused_as_before(tmp_path):
+    """A model's layer of 300 rows against a copy's of 600: no test (grid_position None), not an IndexError
+    for the copy's sampled rows past its end."""
+    make_copy(tmp_path)
+    save_file({"a.weight": torch.zeros(300, 64), "b.weight": torch.zeros(300, 64)}, str(tmp_path / "short.safetensors"))
+    with open_checkpoint(tmp_path / "short.safetensors") as short, open_checkpoint(tmp_path / "copy.gguf") as copy:
+        assert not made_from_copy(copy, short, copy.tensors())
+        assert copy_score(copy, short) == -1.0  # no matrix shared

@@ -155,6 +155,9 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
 def compared(copy: Checkpoint, source: Checkpoint, name: str) -> torch.Tensor:
     """What ``copy``'s test of tensor ``name`` (``requantized_match``, ``grid_position``) needs of ``source``:
     the rows it compares (:meth:`~modelatlas.weights.Checkpoint.compared_rows`: 256 of a GGUF layer, only their
-    bytes read) or the whole tensor (formats that compare all of it). Time O(r m), or O(P) for the whole."""
+    bytes read) or the whole tensor (formats that compare all of it; a tensor of another shape, which the test
+    then refuses, as it refused it before). Time O(r m), or O(P) for the whole."""
     rows = copy.compared_rows(name)
-    return source.read(name) if rows is None else source.read_rows(name, rows)
+    if rows is None or source.info(name).shape != copy.info(name).shape:
+        return source.read(name)
+    return source.read_rows(name, rows)
