@@ -165,3 +165,53 @@ def make_byte_counter(monkeypatch) -> dict:
 
     monkeypatch.setattr(ByteRanges, "read_into", counted)
     return got
+
+
+FP4_LEVELS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1 magnitudes, by code & 7
+
+
+def make_fp4_codes(q: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes of the values nearest ``q`` (rows, cols), clamped to +-6, the sign in bit 3: (rows, cols)."""
+    mag = (q.abs().clamp(max=6).unsqueeze(-1) - FP4_LEVELS).abs().argmin(-1)  # (rows, cols)
+    return mag + 8 * (q < 0).long()
+
+
+def make_fp4_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes a byte, the even column in the low nibble: (rows, cols / 2) uint8."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
+def make_nvfp4(w: torch.Tensor, name: str = "layer") -> dict:
+    """compressed-tensors NVFP4 tensors of (rows, cols) ``w``, as llm-compressor writes them: a global scale
+    ``448 * 6 / max |w|``, a float8 scale per 16 values ``global * max |block| / 6``, codes of ``w / (scale /
+    global)``."""
+    glob = (448 * 6 / w.abs().amax()).reshape(1)
+    scale = (glob * w.abs().reshape(w.shape[0], -1, 16).amax(-1) / 6).to(torch.float8_e4m3fn)  # (rows, groups)
+    codes = make_fp4_codes(w / (scale.float() / glob).repeat_interleave(16, 1))
+    return {f"{name}.weight_packed": make_fp4_bytes(codes), f"{name}.weight_scale": scale,
+            f"{name}.weight_global_scale": glob}
+
+
+def make_mxfp4_exponents(w: torch.Tensor) -> torch.Tensor:
+    """E8M0 exponents per 32 values of (rows, cols) ``w``: the block's largest |value| over the scale in
+    [3.5, 7), as compressed-tensors picks them (largest |value| rounded to a power of two from 1.75 up, over
+    4). (rows, cols / 32) int64."""
+    amax = w.abs().reshape(w.shape[0], -1, 32).amax(-1)  # (rows, blocks)
+    return (torch.floor(torch.log2(amax / 1.75)) + 1 - 2 + 127).long()
+
+
+def make_mxfp4(w: torch.Tensor, name: str = "layer") -> dict:
+    """compressed-tensors MXFP4 tensors of (rows, cols) ``w``: uint8 exponents, codes of ``w / 2 ** (e - 127)``."""
+    e = make_mxfp4_exponents(w)
+    codes = make_fp4_codes(w / torch.exp2(e.float() - 127).repeat_interleave(32, 1))
+    return {f"{name}.weight_packed": make_fp4_bytes(codes), f"{name}.weight_scale": e.to(torch.uint8)}
+
+
+def make_gpt_oss(w: torch.Tensor, name: str = "experts.gate_up_proj") -> dict:
+    """gpt-oss MXFP4 tensors of (experts, in, out) ``w``: ``name_blocks`` (experts, out, in / 32, 16),
+    ``name_scales`` (experts, out, in / 32), of the transposed matrices."""
+    e, n_in, n_out = w.shape
+    rows = w.transpose(1, 2).reshape(e * n_out, n_in)  # (experts * out, in)
+    t = make_mxfp4(rows)
+    return {f"{name}_blocks": t["layer.weight_packed"].reshape(e, n_out, n_in // 32, 16),
+            f"{name}_scales": t["layer.weight_scale"].reshape(e, n_out, n_in // 32)}

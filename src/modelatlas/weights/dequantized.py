@@ -14,13 +14,14 @@ of its real shape, in place of the tensors that store it:
   ``weight_scale_inv``): ``weight`` and its scale (:mod:`.scaled`).
 - bitsandbytes as transformers saves it: 4-bit NF4 / FP4 and LLM.int8 (:mod:`.bnb`).
 - MLX affine quantization (mlx-lm): uint32 ``weight`` codes with ``scales`` and ``biases`` (:mod:`.mlx_affine`).
+- FP4: compressed-tensors NVFP4 / MXFP4 and gpt-oss's MXFP4 experts (:mod:`.fp4`).
 
 The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as
 stored. AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its
 weights are no rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scaling, with
 :meth:`~Checkpoint.grid_match`. Each layer's
 :meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4",
-"LLM-INT8", "MLX-4BIT"), and
+"LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
 quantized from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the
 variance of each value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and
@@ -36,6 +37,7 @@ import torch
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import awq as A
 from modelatlas.weights import bnb as B
+from modelatlas.weights import fp4 as F
 from modelatlas.weights import grid_position as G
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
@@ -52,8 +54,8 @@ from modelatlas.weights.scaled import (
 )
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
-_MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases")  # endings of a dequantized layer's parts
-_REQUANTIZED = ("bnb4", "bnb8", "mlx")  # tested by quantizing the source again, its scales from itself
+_MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases", "_blocks")  # endings of a dequantized layer's parts
+_REQUANTIZED = ("bnb4", "bnb8", "mlx", "fp4")  # tested by quantizing the source again (fp4: with the stored scales)
 _WORDS_IN = ("gptq", "awq")  # integer words stored (in, out)-wise, with (groups, out) ``scales``
 _GRIDS = ("gptq", "awq", "pack-quantized")  # integer codes on a grid of stored scales and zeros
 _UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # unit roundoff of a half-precision sum
@@ -140,6 +142,8 @@ class DequantizedCheckpoint(Checkpoint):
             return B.dequantize_4bit(get("weight"), get("absmax"), get("quant_map"), layer.state)
         if layer.scheme == "bnb8":
             return B.dequantize_int8(get("weight"), get("scb"))
+        if layer.scheme == "fp4":
+            return F.dequantize(parts, layer, layer.parts["scale"])
         if layer.scheme == "mlx":
             return M.dequantize(get("weight"), get("scales"), get("biases"), layer.bits, layer.group_size)
         return scaled_weight(get("weight"), get("scale"), get("zero_point"), self._blocks)
@@ -152,6 +156,8 @@ class DequantizedCheckpoint(Checkpoint):
             return M.requantized_share(x, parts["weight"], layer.bits, layer.group_size)
         if layer.scheme == "bnb8":
             return B.requantized_share_int8(x, parts["weight"])
+        if layer.scheme == "fp4":
+            return F.requantized_share(x, parts, layer, layer.parts["scale"])
         return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], layer.state["blocksize"])
 
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
@@ -160,7 +166,7 @@ class DequantizedCheckpoint(Checkpoint):
         halves of the spacing of float8 values where each lies). GPTQ's codes are not all the nearest level,
         but its source's values still fall anywhere between levels."""
         layer = self.layers.get(name)
-        if layer is None or tuple(x.shape) != layer.shape:
+        if layer is None or tuple(x.shape) != layer.shape or layer.scheme == "fp4":
             return None
         if layer.scheme in _GRIDS:
             return self._checked(layer, lambda parts: self._packed_position(layer, parts, x))
@@ -232,6 +238,8 @@ class DequantizedCheckpoint(Checkpoint):
             return B.rounding_variance_int8(get("scb"), layer.shape)
         if layer.scheme == "mlx":
             return M.rounding_variance(get("scales"), layer.group_size)
+        if layer.scheme == "fp4":
+            return F.rounding_variance(parts, layer, layer.parts["scale"])
         return scaled_variance(get("weight"), get("scale"), self._blocks)
 
     def quantization(self, name: str) -> str | None:

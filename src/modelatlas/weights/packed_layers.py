@@ -5,13 +5,14 @@ A layer is recognised by its stored parts (GPTQ: ``qweight`` with ``g_idx``; AWQ
 and ``scales`` under a ``quant_method: awq`` config; compressed-tensors
 ``pack-quantized``: ``weight_packed``, ``weight_scale``, ``weight_shape``; float8 / int8 ``weight`` with
 ``weight_scale`` or ``weight_scale_inv``; bitsandbytes: a 4-bit ``weight`` with its ``absmax``, ``quant_map``
-and JSON quant state, an int8 ``weight`` with ``SCB``; MLX: a uint32 ``weight`` with ``scales`` and ``biases``). Once recognised, parts that do not fit together (a missing
+and JSON quant state, an int8 ``weight`` with ``SCB``; MLX: a uint32 ``weight`` with ``scales`` and ``biases``;
+FP4: a uint8 ``weight_packed`` without ``weight_shape``, gpt-oss's ``_blocks`` with ``_scales``: :mod:`.fp4`). Once recognised, parts that do not fit together (a missing
 ``qzeros``, a ``weight_shape`` of another row count, scales of the wrong shape, bits the config contradicts)
 raise a ValueError naming the tensor, so that no layer is read into a wrong weight, nor advertised at a size
 it does not have. AWQ layouts other than GEMM (GEMV, llm-awq) raise, naming the version. Layouts not read here
 stay as stored: a ``qweight`` without ``g_idx`` under no AWQ config, GPTQ and ``pack-quantized``
 widths that span words (3 bits; MLX's are read), ``pack-quantized`` stacked (3-D) experts (MLX's are read),
-NVFP4 / MXFP4 (no ``weight_shape``), MLX modes other than ``affine``. No I/O but ``read`` of small tensors:
+MLX modes other than ``affine``. No I/O but ``read`` of small tensors:
 the two-value ``weight_shape``, bitsandbytes' JSON quant state and ``weight_format`` flag, and of the model's
 ``config.json`` (:func:`quantization_config`, moved from :mod:`.dequantized` in session 32). Time O(tensors).
 """
@@ -26,6 +27,7 @@ from modelatlas.config_types import fits
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import awq as A
 from modelatlas.weights import bnb as B
+from modelatlas.weights import fp4 as F
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
 from modelatlas.weights.base import TensorInfo, error_line, named_by_folder
@@ -41,14 +43,15 @@ class PackedLayer:
     """One dequantized layer: the weight it reads as, how it is stored, and the stored tensors by role."""
 
     name: str
-    scheme: str  # "gptq" | "awq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8" | "mlx"
+    scheme: str  # "gptq" | "awq" | "pack-quantized" | "scaled" | "bnb4" | "bnb8" | "mlx" | "fp4"
     shape: tuple[int, ...]
     label: str  # the quantization type shown: "GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8"
     bits: int
     parts: dict[str, str] = field(default_factory=dict)  # role -> stored tensor name
     offset: int = 0  # added to GPTQ's stored zeros: 1 in the ``gptq`` checkpoint format, 0 in ``gptq_v2``
     group_size: int = 0  # pack-quantized, AWQ, MLX: input columns per scale (0: no group)
-    state: dict = field(default_factory=dict)  # bnb4: its JSON quant state, parsed once when the model is opened
+    state: dict = field(default_factory=dict)  # bnb4: its JSON quant state, parsed once when the model is opened;
+    # fp4: {"experts": True} for gpt-oss's (experts, out, in) codes read transposed
 
 
 def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[PackedLayer]:
@@ -63,7 +66,8 @@ def find_packed(infos: dict[str, TensorInfo], config: dict, read) -> list[Packed
         if not t.dtype.startswith(_INTS + ("float8",)) and f"{name}.quant_map" not in infos:  # (bitsandbytes'
             continue  # 4-bit codes may be stored as bfloat16: bnb_4bit_quant_storage)
         layer = (_gptq(name, infos, config) or _pack_quantized(name, infos, config, read)
-                 or _scaled(name, infos, config) or _bnb(name, infos, read) or _mlx(name, infos, config))
+                 or _scaled(name, infos, config) or _bnb(name, infos, read) or _mlx(name, infos, config)
+                 or F.find_fp4(name, infos))
         if layer is not None:
             out.append(layer)
     return out

@@ -1,0 +1,198 @@
+"""FP4 (E2M1) layers, turned back into float weights: compressed-tensors' NVFP4 and MXFP4 (llm-compressor's
+``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized``) and gpt-oss's MXFP4 experts (OpenAI's safetensors, as
+transformers reads them).
+
+A 4-bit code is a sign (bit 3) and one of the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (:data:`E2M1`); two codes
+a byte, the first (even column) in the low nibble. Each block of consecutive values along a row has one scale:
+
+- NVFP4 (compressed-tensors): ``L.weight_packed`` uint8 (rows, cols / 2), ``L.weight_scale`` float8_e4m3
+  (rows, cols / 16), ``L.weight_global_scale`` (1,): a value is ``code * weight_scale / weight_global_scale``
+  (the global scale divides: llm-compressor stores the block scale times it, ``448 * 6 / max |w|``).
+- MXFP4 (compressed-tensors): the same with ``L.weight_scale`` uint8 E8M0 exponents per 32 values, a scale
+  ``2 ** (e - 127)``, no global scale.
+- gpt-oss: ``X_blocks`` uint8 (experts, out, cols / 32, 16) and ``X_scales`` uint8 E8M0 (experts, out,
+  cols / 32): read as transformers' ``convert_moe_packed_tensors`` gives them, one float32 ``X``
+  (experts, in, out) (``gate_up_proj``, ``down_proj``: the matrix transposed, as the dense model stores it).
+
+Quantizing is ``x / scale`` rounded to the nearest E2M1 value (ties to the even mantissa, as
+compressed-tensors' ``cast_to_fp4``), clamped to +-6: :func:`requantized_share` does it again with the stored
+scales. Pure tensor functions but :func:`find_fp4`, which reads headers only. Time O(P) for P weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modelatlas.weights.base import TensorInfo
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_EDGES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # magnitudes half way between levels
+# each magnitude's cell (the values that round to it): [-0.25, 0.25] for 0; for 6, [5, 6] under NVFP4's scales
+# (a block's largest value at ~6) and [5, 7] under MXFP4's (compressed-tensors' exponents put it in [3.5, 7),
+# the OCP rule's in [4, 8): values past 6 are clipped)
+_CELL = {"NVFP4": torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 1.0]),
+         "MXFP4": torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 2.0])}
+GROUPS = {"NVFP4": 16, "MXFP4": 32}
+CHUNK = 1 << 20  # values decoded at a time: int64 temporaries of 8 MiB
+
+
+def find_fp4(name: str, infos: dict[str, TensorInfo]):
+    """The FP4 layer whose code bytes are ``name`` (a :class:`~.packed_layers.PackedLayer`), None for other
+    tensors; a ValueError naming the tensor when its parts do not fit together. Header only, time O(1)."""
+    from modelatlas.weights.packed_layers import PackedLayer  # (that module dispatches here)
+
+    if name.endswith(".weight_packed") and infos[name].dtype == "uint8":
+        found = _compressed(name, infos)
+    elif name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in infos:
+        found = _gpt_oss(name, infos)
+    else:
+        return None
+    if found is None:
+        return None
+    base, shape, label, parts, experts = found
+    return PackedLayer(base, "fp4", shape, label, 4, parts, group_size=GROUPS[label],
+                       state={"experts": experts})
+
+
+def _compressed(name: str, infos: dict[str, TensorInfo]):
+    """compressed-tensors' NVFP4 / MXFP4 ``weight_packed`` with its ``weight_scale`` (+ ``weight_global_scale``)
+    checked: (layer name, shape, label, parts, False); None beside a ``weight_shape`` (``pack-quantized``)."""
+    base = name.removesuffix("_packed")
+    parts = {"packed": name, "scale": f"{base}_scale", "global_scale": f"{base}_global_scale"}
+    if f"{base}_shape" in infos:
+        return None
+    if parts["scale"] not in infos:
+        raise ValueError(f"{name} is uint8 FP4 codes, but {parts['scale']} is missing")
+    packed, scale = infos[name], infos[parts["scale"]]
+    label = "MXFP4" if scale.dtype == "uint8" else "NVFP4"
+    if label == "NVFP4" and not scale.dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"{parts['scale']} is {scale.dtype}, not NVFP4's float8 scales nor MXFP4's uint8 exponents")
+    glob = infos.get(parts["global_scale"])
+    if (glob is None) != (label == "MXFP4") or (glob is not None and (glob.numel != 1 or glob.dtype.startswith(
+            ("int", "uint")))):
+        shown = f"{glob.dtype} {tuple(glob.shape)}" if glob is not None else "missing"
+        raise ValueError(f"{parts['global_scale']} is {shown}: {label} ({scale.dtype} scales) needs "
+                         f"{'one float' if label == 'NVFP4' else 'none'}")
+    if label == "MXFP4":
+        del parts["global_scale"]
+    if len(packed.shape) != 2:
+        raise ValueError(f"{name} is {tuple(packed.shape)}, not the (rows, columns / 2) bytes of a matrix")
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    _check_scales(scale, (rows, -(-cols // GROUPS[label])), label, name)
+    return base, (rows, cols), label, parts, False
+
+
+def _gpt_oss(name: str, infos: dict[str, TensorInfo]):
+    """gpt-oss's ``X_blocks`` (experts, out, blocks, 16) with ``X_scales`` (experts, out, blocks) checked:
+    (``X``, (experts, in, out), "MXFP4", parts, True)."""
+    base = name.removesuffix("_blocks")
+    blocks, scales = infos[name], infos[base + "_scales"]
+    if blocks.dtype != "uint8" or len(blocks.shape) != 4 or blocks.shape[3] != 16:
+        raise ValueError(f"{name} is {blocks.dtype} {tuple(blocks.shape)}, not gpt-oss's uint8 MXFP4 blocks "
+                         "(experts, out, blocks, 16)")
+    _check_scales(scales, tuple(blocks.shape[:3]), "MXFP4", name)
+    experts, out, n = blocks.shape[:3]
+    return base, (experts, n * 32, out), "MXFP4", {"packed": name, "scale": base + "_scales"}, True
+
+
+def _check_scales(scale: TensorInfo, want: tuple[int, ...], label: str, codes: str) -> None:
+    if label == "MXFP4" and scale.dtype != "uint8":
+        raise ValueError(f"{scale.name} is {scale.dtype}, not MXFP4's uint8 exponents")
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{scale.name} has shape {tuple(scale.shape)}, but {codes}'s {label} codes need one "
+                         f"scale per {GROUPS[label]} values: {want}")
+
+
+def block_scales(parts: dict[str, torch.Tensor], label: str, where: str) -> torch.Tensor:
+    """Each block's scale as float32, of the stored scales' shape: ``2 ** (e - 127)`` for MXFP4's exponents,
+    ``scale / global_scale`` for NVFP4. A ValueError naming ``where`` for NaN (E8M0's 255) or infinite scales,
+    a zero global scale. Time O(blocks)."""
+    s = parts["scale"]
+    if label == "MXFP4":
+        e = s.to(torch.int32)
+        out = torch.ldexp(torch.ones(e.shape), e - 127)
+        out[e == 255] = float("nan")  # E8M0's NaN
+    else:
+        out = s.float() / parts["global_scale"].float().reshape(())
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{where} holds NaN or infinite scales (a corrupt checkpoint, or a zero global scale)")
+    return out
+
+
+def _rows(parts: dict[str, torch.Tensor], experts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code bytes (rows, cols / 2) and scales (rows, blocks) row by row (gpt-oss: each expert's output
+    rows in turn). Views, no copy."""
+    b, s = parts["packed"], parts["scale"]
+    if experts:
+        return b.reshape(-1, b.shape[2] * 16), s.reshape(-1, s.shape[2])  # (experts * out, in / 2), (., blocks)
+    return b, s
+
+
+def _chunks(codes: torch.Tensor, scales: torch.Tensor, group: int, chunk: int = CHUNK):
+    """(row slice, codes (r, cols) uint8, value scales (r, cols) float32) about ``chunk`` values at a time."""
+    cols = codes.shape[1] * 2
+    step = max(1, chunk // max(cols, 1))
+    for start in range(0, codes.shape[0], step):
+        b = codes[start : start + step]
+        c = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], cols)  # (r, cols / 2, 2) -> (r, cols)
+        s = scales[start : start + step].repeat_interleave(group, dim=1)[:, :cols]  # (r, cols)
+        yield slice(start, start + step), c, s
+
+
+def _result(out: torch.Tensor, layer) -> torch.Tensor:
+    """The (rows, cols) values in the layer's shape: gpt-oss's (experts, out, in) transposed to (experts, in,
+    out), as transformers gives them."""
+    if not layer.state.get("experts"):
+        return out
+    e, n_in, n_out = layer.shape
+    return out.reshape(e, n_out, n_in).transpose(1, 2).contiguous()  # (e * out, in) -> (e, out, in) -> (e, in, out)
+
+
+def dequantize(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tensor:
+    """The layer's float32 weight: ``E2M1[code] * scale`` of its block, about a million values at a time.
+    Time O(P), memory O(P) for the result plus the chunk's temporaries."""
+    codes, stored = _rows(parts, layer.state.get("experts"))
+    scales = block_scales({**parts, "scale": stored}, layer.label, where)
+    out = torch.empty(codes.shape[0], codes.shape[1] * 2)
+    for rows, c, s in _chunks(codes, scales, layer.group_size):
+        torch.mul(E2M1[c.long()], s, out=out[rows])
+    return _result(out, layer)
+
+
+def rounding_variance(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tensor:
+    """Variance of each value's rounding error: ``cell ** 2 / 12`` of its level's cell on the E2M1 grid (0.5
+    up to 1.5, 0.75 at 2, 1 at 3, 1.5 at 4, at 6 1 (NVFP4) or 2 (MXFP4, clipped)) times its block's scale
+    squared. No value is exact: the
+    block scales are rounded (to float8, to a power of two), so a block's largest value is no level.
+    Time O(P)."""
+    codes, stored = _rows(parts, layer.state.get("experts"))
+    scales = block_scales({**parts, "scale": stored}, layer.label, where)
+    out, table = torch.empty(codes.shape[0], codes.shape[1] * 2), _CELL[layer.label].square() / 12
+    for rows, c, s in _chunks(codes, scales, layer.group_size):
+        torch.mul(table[(c & 7).long()], s.square(), out=out[rows])
+    return _result(out, layer)
+
+
+def round_e2m1(q: torch.Tensor) -> torch.Tensor:
+    """Codes of the E2M1 values nearest ``q`` (clamped to +-6; a tie to the even mantissa: 0.25 -> 0,
+    0.75 -> 1, 2.5 -> 2, 5 -> 4, as compressed-tensors rounds), negative values signed (bit 3). uint8."""
+    m = q.abs().clamp(max=6.0)
+    idx = torch.bucketize(m, _EDGES)  # ties to the lower level
+    up = torch.zeros(8, dtype=torch.bool)
+    up[[1, 3, 5]] = True  # edges 0.75, 1.75, 3.5 round up (their upper level's mantissa is even)
+    tie = (idx < 7) & (m == _EDGES[idx.clamp(max=6)]) & up[idx.clamp(max=6)]
+    return ((idx + tie.long()) | ((q < 0).long() << 3)).to(torch.uint8)
+
+
+def requantized_share(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, where: str) -> float:
+    """Share of the layer's values that rounding ``x`` with the stored scales gives (:func:`round_e2m1` of
+    ``x / scale``, in float32 as compressed-tensors divides); +0 and -0 alike. Time O(P)."""
+    codes, stored = _rows(parts, layer.state.get("experts"))
+    scales = block_scales({**parts, "scale": stored}, layer.label, where)
+    xs = x.transpose(1, 2) if layer.state.get("experts") else x  # (experts, out, in): as stored
+    xs = xs.reshape(codes.shape[0], -1)  # (rows, cols)
+    same = 0
+    for rows, c, s in _chunks(codes, scales, layer.group_size):
+        again = round_e2m1(xs[rows].float() / s)
+        same += int((E2M1[again.long()] == E2M1[c.long()]).sum())
+    return same / max(xs.numel(), 1)

@@ -1,0 +1,117 @@
+"""FP4 layers (compressed-tensors NVFP4 / MXFP4, gpt-oss's MXFP4 experts) read as float32 weights.
+
+The files are written by hand (two E2M1 codes a byte, the even column in the low nibble); the reader was also
+checked against compressed-tensors' own decompression and transformers' ``convert_moe_packed_tensors``
+(bench/fp4_check.py, docs/benchmarks.md "Session 32: FP4 checkpoints").
+"""
+
+import pytest
+import torch
+from tests.weights.conftest import make_gpt_oss, make_mxfp4, make_nvfp4
+from tests.weights.test_dequantized import make_model
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import fp4 as F
+from modelatlas.weights import open_checkpoint
+from modelatlas.weights.dequantized import DequantizedCheckpoint
+
+ROW = torch.tensor([[0x21, 0xF8, 0x73, 0x00, 0x90, 0x54, 0x06, 0xAC]], dtype=torch.uint8)  # 16 codes
+# low nibble first: 1, 2 | 8, F | 3, 7 | 0, 0 | 0, 9 | 4, 5 | 6, 0 | C, A
+CODES = [0.5, 1.0, -0.0, -6.0, 1.5, 6.0, 0.0, 0.0, 0.0, -0.5, 2.0, 3.0, 4.0, 0.0, -2.0, -1.0]
+
+
+def make_row_nvfp4(scale=2.0, glob=4.0):
+    return {"a.weight_packed": ROW, "a.weight_scale": torch.tensor([[scale]]).to(torch.float8_e4m3fn),
+            "a.weight_global_scale": torch.tensor([glob])}
+
+
+def check_read(folder, name, shape, label):
+    ck = open_checkpoint(folder)
+    assert isinstance(ck, DequantizedCheckpoint)
+    assert [(t.name, t.shape, t.dtype) for t in ck.tensors()] == [(name, shape, "float32")]
+    assert ck.quantization(name) == label
+    return ck
+
+
+def test_nvfp4_codes_read_as_code_times_scale_over_global_scale(tmp_path):
+    folder = make_model(tmp_path / "m", make_row_nvfp4(), {"quant_method": "compressed-tensors"})
+    with check_read(folder, "a.weight", (1, 16), "NVFP4") as ck:
+        assert ck.read("a.weight").tolist() == [[v * 0.5 for v in CODES]]  # 2 / 4: the global scale divides
+        var = ck.rounding_variance("a.weight")[0]
+        assert var[0] == pytest.approx(0.5**2 / 12 * 0.25) and var[10] == pytest.approx(0.75**2 / 12 * 0.25)
+        assert var[12] == pytest.approx(1.5**2 / 12 * 0.25) and var[5] == pytest.approx(1.0 / 12 * 0.25)
+
+
+def test_mxfp4_exponents_are_powers_of_two(tmp_path):
+    tensors = {"a.weight_packed": torch.cat([ROW, ROW], 1), "a.weight_scale": torch.tensor([[126]], dtype=torch.uint8)}
+    folder = make_model(tmp_path / "m", tensors, {"quant_method": "compressed-tensors"})
+    with check_read(folder, "a.weight", (1, 32), "MXFP4") as ck:
+        assert ck.read("a.weight").tolist() == [[v * 0.5 for v in CODES * 2]]
+        assert ck.rounding_variance("a.weight")[0, 5] == pytest.approx(2.0**2 / 12 * 0.25)  # 6: clipped from 7
+
+
+def test_gpt_oss_experts_read_transposed_as_transformers_gives_them(tmp_path):
+    blocks = torch.cat([ROW, ROW, ROW.flip(1), ROW.flip(1)], 1).reshape(1, 2, 1, 16)  # expert 0, out rows 0 and 1
+    scales = torch.tensor([[[127], [128]]], dtype=torch.uint8)  # 1 and 2
+    folder = make_model(tmp_path / "m", {"mlp.experts.down_proj_blocks": blocks, "mlp.experts.down_proj_scales": scales,
+                                         "mlp.experts.down_proj_bias": torch.zeros(1, 2)})
+    ck = open_checkpoint(folder)
+    assert sorted(t.name for t in ck.tensors()) == ["mlp.experts.down_proj", "mlp.experts.down_proj_bias"]
+    w = ck.read("mlp.experts.down_proj")
+    assert w.shape == (1, 32, 2) and ck.quantization("mlp.experts.down_proj") == "MXFP4"  # (experts, in, out)
+    assert w[0, :16, 0].tolist() == CODES and w[0, 16:, 0].tolist() == CODES
+    flipped = [v for pair in zip(CODES[-2::-2], CODES[-1::-2], strict=True) for v in pair]  # bytes reversed
+    assert w[0, :16, 1].tolist() == [2 * v for v in flipped]
+    ck.close()
+
+
+def test_ties_round_to_the_even_mantissa_as_compressed_tensors_does():
+    q = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.3, -0.1, 0.0])
+    assert F.round_e2m1(q).tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 9, 8, 0]
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp4", "gpt-oss"])
+def test_a_copy_requantizes_to_its_codes_and_a_fine_tune_does_not(tmp_path, kind):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 64, 32, generator=gen) if kind == "gpt-oss" else torch.randn(32, 64, generator=gen)
+    name = "experts.gate_up_proj" if kind == "gpt-oss" else "layer.weight"
+    write = {"nvfp4": make_nvfp4, "mxfp4": make_mxfp4, "gpt-oss": make_gpt_oss}[kind]
+    folder = make_model(tmp_path / "m", write(w) if kind == "gpt-oss" else write(w, "layer"))
+    with open_checkpoint(folder) as ck:
+        back = ck.read(name)
+        assert back.shape == w.shape and float((back - w).abs().max()) < 0.5 * float(w.abs().max())
+        assert ck.requantized_match(name, w) == 1.0 and ck.requantized_match(name, back) == 1.0
+        assert ck.requantized_match(name, w + 0.05 * torch.randn(w.shape, generator=gen)) < 0.99
+        var = ck.rounding_variance(name)
+        assert var.shape == w.shape and 0.3 < float((back - w).square().mean() / var.mean()) < 3
+        assert ck.grid_position(name, w) is None
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda t: t.pop("a.weight_global_scale"), r"a\.weight_global_scale is missing: NVFP4"),
+    (lambda t: t.update({"a.weight_scale": torch.ones(1, 2).to(torch.float8_e4m3fn)}),
+     r"a\.weight_scale has shape \(1, 2\), but a\.weight_packed's NVFP4 codes need one scale per 16 values: \(1, 1\)"),
+    (lambda t: t.pop("a.weight_scale"), r"a\.weight_packed is uint8 FP4 codes, but a\.weight_scale is missing"),
+    (lambda t: t.update({"a.weight_scale": torch.ones(1, 1, dtype=torch.int16)}),
+     r"a\.weight_scale is int16, not NVFP4's float8 scales"),
+])
+def test_parts_that_do_not_fit_refuse_the_model_naming_them(tmp_path, change, error):
+    tensors = make_row_nvfp4()
+    change(tensors)
+    with pytest.raises(CheckpointError, match=error):
+        open_checkpoint(make_model(tmp_path / "m", tensors))
+
+
+def test_gpt_oss_scales_of_another_shape_are_named(tmp_path):
+    tensors = {"e.down_proj_blocks": torch.zeros(1, 2, 1, 16, dtype=torch.uint8),
+               "e.down_proj_scales": torch.zeros(1, 2, 2, dtype=torch.uint8)}
+    with pytest.raises(CheckpointError, match=r"e\.down_proj_scales has shape \(1, 2, 2\), but e\.down_proj_blocks's "
+                                              r"MXFP4 codes need one scale per 32 values: \(1, 2, 1\)"):
+        open_checkpoint(make_model(tmp_path / "m", tensors))
+
+
+def test_nan_scales_are_named_when_the_layer_is_read(tmp_path):
+    tensors = {"a.weight_packed": torch.cat([ROW, ROW], 1), "a.weight_scale": torch.tensor([[255]], dtype=torch.uint8)}
+    with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck, pytest.raises(
+            CheckpointError, match=r"cannot dequantize 'a\.weight' \(MXFP4\): a\.weight_scale holds NaN"):
+        ck.read("a.weight")
