@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_pack_quantized
+from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_mxfp4, make_nvfp4, make_pack_quantized
 
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
@@ -110,6 +110,25 @@ def test_bitsandbytes_models_hang_below_their_sources(tmp_path):
     assert forest.decisions["precision_copies"] == {"ft-nf4": "nf4", "p-int8": "llm-int8"}
     assert {(e.parent, e.child, e.kind) for e in forest.edges} == {
         ("p", "ft", "trained"), ("ft", "ft-nf4", "precision"), ("p", "p-int8", "precision")}
+
+
+def test_fp4_models_hang_below_their_sources(tmp_path):
+    """An NVFP4 copy of p and an MXFP4 copy of its fine-tune ft (compressed-tensors' layouts) are drawn as
+    their precision copies: rounding the source with the stored scales gives every code, ft's other values not."""
+    p = make_weights(0)
+    ft = make_weights(10, p, step=0.05)
+    save_file(p, tmp_path / "p.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    nv, mx = {}, {}
+    for k in LAYERS:
+        nv.update(make_nvfp4(p[k], name=k.removesuffix(".weight")))
+        mx.update(make_mxfp4(ft[k], name=k.removesuffix(".weight")))
+    make_folder(tmp_path / "p-nvfp4", nv, {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"})
+    make_folder(tmp_path / "ft-mxfp4", mx, {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized"})
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["precision_copies"] == {"p-nvfp4": "nvfp4", "ft-mxfp4": "mxfp4"}
+    assert {(e.parent, e.child, e.kind) for e in forest.edges} == {
+        ("p", "ft", "trained"), ("p", "p-nvfp4", "precision"), ("ft", "ft-mxfp4", "precision")}
 
 
 def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path):
