@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_bnb4, make_bnb8, make_gptq, make_mxfp4, make_nvfp4, make_pack_quantized
+from tests.weights.conftest import (
+    make_bnb4,
+    make_bnb8,
+    make_gptq,
+    make_mxfp4,
+    make_nvfp4,
+    make_pack_quantized,
+)
 
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage

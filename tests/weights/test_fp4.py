@@ -110,6 +110,21 @@ def test_gpt_oss_scales_of_another_shape_are_named(tmp_path):
         open_checkpoint(make_model(tmp_path / "m", tensors))
 
 
+def test_other_blocks_and_scales_pairs_read_as_stored(tmp_path):
+    """Only uint8 ``_blocks`` beside uint8 ``_scales`` are gpt-oss's codes: a float pair is a model's own."""
+    tensors = {"e.pos_blocks": torch.ones(2, 3), "e.pos_scales": torch.ones(2), "f.x_blocks": torch.ones(2, 16, dtype=torch.uint8),
+               "f.x_scales": torch.ones(2)}
+    with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck:
+        assert sorted(t.name for t in ck.tensors()) == sorted(tensors) and ck.read("e.pos_blocks").sum() == 6
+
+
+def test_uint8_blocks_of_another_shape_are_named(tmp_path):
+    tensors = {"e.down_proj_blocks": torch.zeros(2, 16, dtype=torch.uint8), "e.down_proj_scales": torch.zeros(2, dtype=torch.uint8)}
+    with pytest.raises(CheckpointError, match=r"e\.down_proj_blocks is uint8 \(2, 16\) beside uint8 e\.down_proj_scales, "
+                                              r"not gpt-oss's MXFP4 blocks"):
+        open_checkpoint(make_model(tmp_path / "m", tensors))
+
+
 def test_nan_scales_are_named_when_the_layer_is_read(tmp_path):
     tensors = {"a.weight_packed": torch.cat([ROW, ROW], 1), "a.weight_scale": torch.tensor([[255]], dtype=torch.uint8)}
     with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck, pytest.raises(

@@ -43,8 +43,8 @@ def find_fp4(name: str, infos: dict[str, TensorInfo]):
 
     if name.endswith(".weight_packed") and infos[name].dtype == "uint8":
         found = _compressed(name, infos)
-    elif name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in infos:
-        found = _gpt_oss(name, infos)
+    elif _uint8(infos, name) and name.endswith("_blocks") and _uint8(infos, name.removesuffix("_blocks") + "_scales"):
+        found = _gpt_oss(name, infos)  # (other ``_blocks`` / ``_scales`` pairs are left as stored)
     else:
         return None
     if found is None:
@@ -52,6 +52,10 @@ def find_fp4(name: str, infos: dict[str, TensorInfo]):
     base, shape, label, parts, experts = found
     return PackedLayer(base, "fp4", shape, label, 4, parts, group_size=GROUPS[label],
                        state={"experts": experts})
+
+
+def _uint8(infos: dict[str, TensorInfo], name: str) -> bool:
+    return name in infos and infos[name].dtype == "uint8"
 
 
 def _compressed(name: str, infos: dict[str, TensorInfo]):
@@ -87,9 +91,9 @@ def _gpt_oss(name: str, infos: dict[str, TensorInfo]):
     (``X``, (experts, in, out), "MXFP4", parts, True)."""
     base = name.removesuffix("_blocks")
     blocks, scales = infos[name], infos[base + "_scales"]
-    if blocks.dtype != "uint8" or len(blocks.shape) != 4 or blocks.shape[3] != 16:
-        raise ValueError(f"{name} is {blocks.dtype} {tuple(blocks.shape)}, not gpt-oss's uint8 MXFP4 blocks "
-                         "(experts, out, blocks, 16)")
+    if len(blocks.shape) != 4 or blocks.shape[3] != 16:
+        raise ValueError(f"{name} is uint8 {tuple(blocks.shape)} beside uint8 {scales.name}, not gpt-oss's MXFP4 "
+                         "blocks (experts, out, blocks, 16)")
     _check_scales(scales, tuple(blocks.shape[:3]), "MXFP4", name)
     experts, out, n = blocks.shape[:3]
     return base, (experts, n * 32, out), "MXFP4", {"packed": name, "scale": base + "_scales"}, True
