@@ -5,7 +5,8 @@
    MXFP4A16, CPU, no calibration data) and saved compressed. For every FP4 layer: the largest difference
    between modelatlas' float32 values and compressed-tensors' own ``decompress`` of the layer's stored tensors
    (which returns bfloat16: shown both as is and with ours rounded to bfloat16), and ``requantized_match`` of
-   its first query matrix against its own source and against the other model.
+   its first query matrix against its own source and against the other model, and the mean squared
+   difference to its source over the mean ``rounding_variance`` (lowest..highest over the layers).
 2. gpt-oss MXFP4 experts: random ``*_blocks`` / ``*_scales`` (4 experts, 64 x 96) saved as safetensors,
    read by modelatlas against transformers' ``convert_moe_packed_tensors`` (float32).
 
@@ -74,9 +75,12 @@ def check_compressed(folder: Path) -> list[str]:
         ck, ref = open_checkpoint(d), their_values(d)
         diff = max((ck.read(k) - v.float()).abs().max().item() for k, v in ref.items())
         diff16 = max((ck.read(k).bfloat16().float() - v.float()).abs().max().item() for k, v in ref.items())
+        source = open_checkpoint(folder / src)
         match = [ck.requantized_match(LAYER, open_checkpoint(folder / m).read(LAYER)) for m in (src, other)]
+        ratio = [float((ck.read(k) - source.read(k).float()).square().mean() / ck.rounding_variance(k).mean())
+                 for k in ref]
         rows.append(f"| {d.name} | {ck.quantization(LAYER)} | {len(ref)} | {diff:.3g} | {diff16:.3g} | "
-                    f"{match[0]:.4f} | {match[1]:.4f} |")
+                    f"{match[0]:.4f} | {match[1]:.4f} | {min(ratio):.3f}..{max(ratio):.3f} |")
     return rows
 
 
@@ -108,8 +112,9 @@ def main() -> None:
     make_sources(args.out)
     folder = args.out / "bfloat16"
     quantize(folder)
-    print("| model | type | FP4 layers | max diff (float32) | max diff (ours in bfloat16) | match own | match other |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | type | FP4 layers | max diff (float32) | max diff (ours in bfloat16) | match own | match other "
+          "| error^2 / rounding_variance |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(check_compressed(folder)))
     print(check_gpt_oss(args.out))
 

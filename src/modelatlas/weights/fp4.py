@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import torch
 
+from modelatlas.weights import grid_position as G
 from modelatlas.weights.base import TensorInfo
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _EDGES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # magnitudes half way between levels
-# each magnitude's cell (the values that round to it): [-0.25, 0.25] for 0; for 6, [5, 6] under NVFP4's scales
-# (a block's largest value at ~6) and [5, 7] under MXFP4's (compressed-tensors' exponents put it in [3.5, 7),
-# the OCP rule's in [4, 8): values past 6 are clipped)
-_CELL = {"NVFP4": torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 1.0]),
-         "MXFP4": torch.tensor([0.5, 0.5, 0.5, 0.5, 0.75, 1.0, 1.5, 2.0])}
 GROUPS = {"NVFP4": 16, "MXFP4": 32}
 CHUNK = 1 << 20  # values decoded at a time: int64 temporaries of 8 MiB
 
@@ -164,17 +160,44 @@ def dequantize(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tenso
 
 
 def rounding_variance(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tensor:
-    """Variance of each value's rounding error: ``cell ** 2 / 12`` of its level's cell on the E2M1 grid (0.5
-    up to 1.5, 0.75 at 2, 1 at 3, 1.5 at 4, at 6 1 (NVFP4) or 2 (MXFP4, clipped)) times its block's scale
-    squared. No value is exact: the
-    block scales are rounded (to float8, to a power of two), so a block's largest value is no level.
-    Time O(P)."""
+    """Variance (second moment) of each value's rounding error: its level's :func:`_level_table` entry (the
+    cells of the E2M1 grid are not even: 0.5 wide up to 1.5, 0.75 at 2, 1 at 3, 1.5 at 4) times its block's
+    scale squared; NVFP4's values at +-6 times ``(k - 1) / k`` for k of them in the block (one is its
+    largest, which the scale puts there but for its float8 rounding). MXFP4's scales are powers of two, so
+    its largest value is on no level. Time O(P)."""
     codes, stored = _rows(parts, layer.state.get("experts"))
     scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    out, table = torch.empty(codes.shape[0], codes.shape[1] * 2), _CELL[layer.label].square() / 12
+    out, table = torch.empty(codes.shape[0], codes.shape[1] * 2), _level_table(codes, layer.label, layer.group_size)
     for rows, c, s in _chunks(codes, scales, layer.group_size):
-        torch.mul(table[(c & 7).long()], s.square(), out=out[rows])
+        share = _inexact((c & 7) == 7, layer.group_size) if layer.label == "NVFP4" else 1.0
+        torch.mul(table[c.long()] * share, s.square(), out=out[rows])
     return _result(out, layer)
+
+
+def _level_table(codes: torch.Tensor, label: str, group: int) -> torch.Tensor:
+    """Each code's rounding error second moment in units of its block scale squared: over its level's cell
+    under a density linear there, fitted to the code counts of ~:data:`~.grid_position.SAMPLE` evenly strided
+    values (:func:`~.grid_position.level_variance`; NVFP4's one largest value a block left out); MXFP4's +-6
+    is 1/3, its cell [5, 7] taken even (compressed-tensors' exponents put a block's largest value in [3.5, 7),
+    the OCP rule's in [4, 8): values past 6 are clipped). (16,) float32; time O(sample)."""
+    b = codes.reshape(-1)  # (bytes,)
+    picked = b[:: max(1, 2 * b.numel() // G.SAMPLE)]
+    c = torch.stack([picked & 0xF, picked >> 4], dim=-1).reshape(-1)  # (2 * picked,)
+    table = G.level_variance(E2M1, torch.bincount(c.long(), minlength=16),
+                             c.numel() / group if label == "NVFP4" else 0.0)
+    if label == "MXFP4":
+        table[[7, 15]] = 1 / 3
+    return table
+
+
+def _inexact(at_top: torch.Tensor, group: int) -> torch.Tensor | float:
+    """``(k - 1) / k`` at each of a block's k values on the top level, 1 elsewhere: (r, cols) (1.0 when the
+    columns are no whole blocks)."""
+    r, cols = at_top.shape
+    if cols % group:
+        return 1.0
+    f = at_top.float().view(r, cols // group, group)  # (r, blocks, group)
+    return (1 - f / f.sum(-1, keepdim=True).clamp(min=1)).view(r, cols)
 
 
 def round_e2m1(q: torch.Tensor) -> torch.Tensor:
