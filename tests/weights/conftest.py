@@ -185,7 +185,7 @@ def make_nvfp4(w: torch.Tensor, name: str = "layer") -> dict:
     """compressed-tensors NVFP4 tensors of (rows, cols) ``w``, as llm-compressor writes them: a global scale
     ``448 * 6 / max |w|``, a float8 scale per 16 values ``global * max |block| / 6``, codes of ``w / (scale /
     global)``."""
-    glob = (448 * 6 / w.abs().amax()).reshape(1)
+    glob = (448 * 6 / w.abs().amax()).reshape(1)  # () -> (1,)
     scale = (glob * w.abs().reshape(w.shape[0], -1, 16).amax(-1) / 6).to(torch.float8_e4m3fn)  # (rows, groups)
     codes = make_fp4_codes(w / (scale.float() / glob).repeat_interleave(16, 1))
     return {f"{name}.weight_packed": make_fp4_bytes(codes), f"{name}.weight_scale": scale,
@@ -213,5 +213,5 @@ def make_gpt_oss(w: torch.Tensor, name: str = "experts.gate_up_proj") -> dict:
     e, n_in, n_out = w.shape
     rows = w.transpose(1, 2).reshape(e * n_out, n_in)  # (experts * out, in)
     t = make_mxfp4(rows)
-    return {f"{name}_blocks": t["layer.weight_packed"].reshape(e, n_out, n_in // 32, 16),
-            f"{name}_scales": t["layer.weight_scale"].reshape(e, n_out, n_in // 32)}
+    return {f"{name}_blocks": t["layer.weight_packed"].reshape(e, n_out, n_in // 32, 16),  # (e * out, in / 2) ->
+            f"{name}_scales": t["layer.weight_scale"].reshape(e, n_out, n_in // 32)}  # (e * out, in / 32) ->

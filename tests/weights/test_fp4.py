@@ -72,6 +72,17 @@ def test_gpt_oss_experts_read_transposed_as_transformers_gives_them(tmp_path):
     ck.close()
 
 
+def test_chunks_that_split_an_experts_rows_read_the_same(tmp_path, monkeypatch):
+    w = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(2))  # (experts, in, out)
+    with open_checkpoint(make_model(tmp_path / "m", make_gpt_oss(w))) as ck:
+        whole, var, share = ck.read("experts.gate_up_proj"), ck.rounding_variance("experts.gate_up_proj"), \
+            ck.requantized_match("experts.gate_up_proj", w)
+        monkeypatch.setattr(F, "CHUNK", 96)  # 3 rows of 32 a chunk: 64 rows an expert
+        assert torch.equal(ck.read("experts.gate_up_proj"), whole) and share == 1.0
+        assert torch.equal(ck.rounding_variance("experts.gate_up_proj"), var)
+        assert ck.requantized_match("experts.gate_up_proj", w) == 1.0
+
+
 def test_ties_round_to_the_even_mantissa_as_compressed_tensors_does():
     q = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.3, -0.1, 0.0])
     assert F.round_e2m1(q).tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 9, 8, 0]

@@ -51,12 +51,14 @@ def find_fp4(name: str, infos: dict[str, TensorInfo]):
 
 
 def _uint8(infos: dict[str, TensorInfo], name: str) -> bool:
+    """Whether ``name`` is a stored uint8 tensor. Header only."""
     return name in infos and infos[name].dtype == "uint8"
 
 
 def _compressed(name: str, infos: dict[str, TensorInfo]):
     """compressed-tensors' NVFP4 / MXFP4 ``weight_packed`` with its ``weight_scale`` (+ ``weight_global_scale``)
-    checked: (layer name, shape, label, parts, False); None beside a ``weight_shape`` (``pack-quantized``)."""
+    checked: (layer name, shape, label, parts, False); None beside a ``weight_shape`` (``pack-quantized``).
+    Header only, time O(1)."""
     base = name.removesuffix("_packed")
     parts = {"packed": name, "scale": f"{base}_scale", "global_scale": f"{base}_global_scale"}
     if f"{base}_shape" in infos:
@@ -84,7 +86,7 @@ def _compressed(name: str, infos: dict[str, TensorInfo]):
 
 def _gpt_oss(name: str, infos: dict[str, TensorInfo]):
     """gpt-oss's ``X_blocks`` (experts, out, blocks, 16) with ``X_scales`` (experts, out, blocks) checked:
-    (``X``, (experts, in, out), "MXFP4", parts, True)."""
+    (``X``, (experts, in, out), "MXFP4", parts, True). Header only, time O(1)."""
     base = name.removesuffix("_blocks")
     blocks, scales = infos[name], infos[base + "_scales"]
     if len(blocks.shape) != 4 or blocks.shape[3] != 16:
@@ -96,6 +98,7 @@ def _gpt_oss(name: str, infos: dict[str, TensorInfo]):
 
 
 def _check_scales(scale: TensorInfo, want: tuple[int, ...], label: str, codes: str) -> None:
+    """A ValueError naming ``scale`` unless it has shape ``want`` (MXFP4: uint8 exponents). Header only."""
     if label == "MXFP4" and scale.dtype != "uint8":
         raise ValueError(f"{scale.name} is {scale.dtype}, not MXFP4's uint8 exponents")
     if tuple(scale.shape) != want:
@@ -113,7 +116,7 @@ def block_scales(parts: dict[str, torch.Tensor], label: str, where: str) -> torc
         out = torch.ldexp(torch.ones(e.shape), e - 127)
         out[e == 255] = float("nan")  # E8M0's NaN
     else:
-        out = s.float() / parts["global_scale"].float().reshape(())
+        out = s.float() / parts["global_scale"].float().reshape(())  # (1,) -> (): one for the tensor
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"{where} holds NaN or infinite scales (a corrupt checkpoint, or a zero global scale)")
     return out
@@ -128,10 +131,11 @@ def _rows(parts: dict[str, torch.Tensor], experts: bool) -> tuple[torch.Tensor, 
     return b, s
 
 
-def _chunks(codes: torch.Tensor, scales: torch.Tensor, group: int, chunk: int = CHUNK):
-    """(row slice, codes (r, cols) uint8, value scales (r, cols) float32) about ``chunk`` values at a time."""
+def _chunks(codes: torch.Tensor, scales: torch.Tensor, group: int):
+    """(row slice, codes (r, cols) uint8, value scales (r, cols) float32) about :data:`CHUNK` values at a time.
+    Time O(P) in all, memory O(chunk) each."""
     cols = codes.shape[1] * 2
-    step = max(1, chunk // max(cols, 1))
+    step = max(1, CHUNK // max(cols, 1))
     for start in range(0, codes.shape[0], step):
         b = codes[start : start + step]
         c = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], cols)  # (r, cols / 2, 2) -> (r, cols)
@@ -139,13 +143,25 @@ def _chunks(codes: torch.Tensor, scales: torch.Tensor, group: int, chunk: int = 
         yield slice(start, start + step), c, s
 
 
-def _result(out: torch.Tensor, layer) -> torch.Tensor:
-    """The (rows, cols) values in the layer's shape: gpt-oss's (experts, out, in) transposed to (experts, in,
-    out), as transformers gives them."""
+def _empty(layer) -> torch.Tensor:
+    """The layer's float32 result, uninitialised: (rows, cols), or gpt-oss's (experts, in, out)."""
+    return torch.empty(layer.shape)
+
+
+def _store(out: torch.Tensor, layer, rows: slice, values: torch.Tensor) -> None:
+    """``values`` (r, cols) of stored rows ``rows`` written into ``out``: gpt-oss's rows (each expert's outputs
+    in turn) into the columns of its (experts, in, out) result, as transformers transposes them, without a
+    transposed copy of the whole layer (a gpt-oss-20b ``gate_up_proj`` is 2 GiB in float32). Time O(r cols)."""
     if not layer.state.get("experts"):
-        return out
-    e, n_in, n_out = layer.shape
-    return out.reshape(e, n_out, n_in).transpose(1, 2).contiguous()  # (e * out, in) -> (e, out, in) -> (e, in, out)
+        out[rows] = values
+        return
+    n_out, by_row = layer.shape[2], out.transpose(1, 2)  # (experts, out, in): a view
+    at, stop = rows.start, rows.start + values.shape[0]
+    while at < stop:  # the rows of each expert the chunk holds
+        e, o = divmod(at, n_out)
+        n = min(stop - at, n_out - o)
+        by_row[e, o : o + n] = values[at - rows.start : at - rows.start + n]
+        at += n
 
 
 def dequantize(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tensor:
@@ -153,10 +169,10 @@ def dequantize(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tenso
     Time O(P), memory O(P) for the result plus the chunk's temporaries."""
     codes, stored = _rows(parts, layer.state.get("experts"))
     scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    out = torch.empty(codes.shape[0], codes.shape[1] * 2)
+    out = _empty(layer)
     for rows, c, s in _chunks(codes, scales, layer.group_size):
-        torch.mul(E2M1[c.long()], s, out=out[rows])
-    return _result(out, layer)
+        _store(out, layer, rows, E2M1[c.long()] * s)
+    return out
 
 
 def rounding_variance(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tensor:
@@ -167,11 +183,11 @@ def rounding_variance(parts: dict[str, torch.Tensor], layer, where: str) -> torc
     its largest value is on no level. Time O(P)."""
     codes, stored = _rows(parts, layer.state.get("experts"))
     scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    out, table = torch.empty(codes.shape[0], codes.shape[1] * 2), _level_table(codes, layer.label, layer.group_size)
+    out, table = _empty(layer), _level_table(codes, layer.label, layer.group_size)
     for rows, c, s in _chunks(codes, scales, layer.group_size):
         share = _inexact((c & 7) == 7, layer.group_size) if layer.label == "NVFP4" else 1.0
-        torch.mul(table[c.long()] * share, s.square(), out=out[rows])
-    return _result(out, layer)
+        _store(out, layer, rows, table[c.long()] * share * s.square())
+    return out
 
 
 def _level_table(codes: torch.Tensor, label: str, group: int) -> torch.Tensor:
@@ -197,7 +213,7 @@ def _inexact(at_top: torch.Tensor, group: int) -> torch.Tensor | float:
     if cols % group:
         return 1.0
     f = at_top.float().view(r, cols // group, group)  # (r, blocks, group)
-    return (1 - f / f.sum(-1, keepdim=True).clamp(min=1)).view(r, cols)
+    return (1 - f / f.sum(-1, keepdim=True).clamp(min=1)).view(r, cols)  # (r, blocks, group) -> (r, cols)
 
 
 def round_e2m1(q: torch.Tensor) -> torch.Tensor:
