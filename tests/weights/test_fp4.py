@@ -8,12 +8,12 @@ checked against compressed-tensors' own decompression and transformers' ``conver
 import pytest
 import torch
 from tests.weights.conftest import make_gpt_oss, make_mxfp4, make_nvfp4
-from tests.weights.test_dequantized import make_model
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import fp4 as F
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights.dequantized import DequantizedCheckpoint
+from modelatlas.zoo.awq import save_folder as make_model
 
 ROW = torch.tensor([[0x21, 0xF8, 0x73, 0x00, 0x90, 0x54, 0x06, 0xAC]], dtype=torch.uint8)  # 16 codes
 # low nibble first: 1, 2 | 8, F | 3, 7 | 0, 0 | 0, 9 | 4, 5 | 6, 0 | C, A
