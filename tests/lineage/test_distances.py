@@ -4,8 +4,9 @@ import torch
 from scipy.stats import kurtosis
 
 from modelatlas.lineage.distances import stream_pair_stats
+from modelatlas.lineage.rounding import debiased_singular_values
 from modelatlas.lineage.sources import MemoryCheckpoint
-from modelatlas.lineage.spectra import spectral_distances
+from modelatlas.lineage.spectra import _batch_terms, _detection_edge, spectral_distances
 
 
 def make_models(n=5, seed=0, shapes=((6, 6), (4, 8))):
@@ -250,3 +251,24 @@ def test_spectra_split_over_threads_equal_one_call():
             assert torch.equal(got, want)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_detection_edge_is_where_the_shrinkage_starts():
+    """A value just over the Marchenko-Pastur edge ``1 + sqrt(b)`` noise units shrinks to ``b^(1/4)`` units:
+    rows 64, s 4 (b = 1/16), pair energy 16 (a unit of sqrt(16 / 4) = 2): edge 1.25 x 2 = 2.5, shrunk to
+    0.5 x 2 = 1; one under it to 0."""
+    assert _detection_edge(16.0, 64, 4) == pytest.approx(1.0)
+    shrunk = debiased_singular_values(torch.tensor([[2.50001, 2.4, 0.0, 0.0]], dtype=torch.float64),
+                                      torch.tensor([16.0], dtype=torch.float64), 64)
+    assert shrunk[0, 0].item() == pytest.approx(1.0, abs=0.02)
+    assert shrunk[0, 1].item() == 0.0
+
+
+def test_a_common_edge_drops_values_from_signal_rank_and_nuclear_norm():
+    """Values 3, 1, 0.5 (unquantized: nothing shrunk), floor 0.1, 4 rows x 3: rank 3; over an edge of 0.8 the
+    signal rank is 2 and the nuclear norm (3 + 1) / sqrt(12), not 4.5 / sqrt(12); the rank stays 3."""
+    sv, floor, pr = torch.tensor([[3.0, 1.0, 0.5]], dtype=torch.float64), torch.tensor([[0.1]]), torch.tensor([[0, 1]])
+    rank, signal, _, _, nuc = _batch_terms(sv, floor, None, pr, 4)[:, 0]
+    assert (rank, signal, nuc) == (3, 3, pytest.approx(4.5 / 12**0.5))
+    rank, signal, _, _, nuc = _batch_terms(sv, floor, None, pr, 4, edge=0.8)[:, 0]
+    assert (rank, signal, nuc) == (3, 2, pytest.approx(4.0 / 12**0.5))

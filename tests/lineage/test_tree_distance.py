@@ -74,14 +74,50 @@ def test_a_tree_of_one_quantization_takes_nuclear_norm_times_signal_rank(tmp_pat
     assert {e.child: e.parent for e in forest.edges} == TREE
 
 
-def test_a_tree_with_an_unquantized_model_or_two_types_keeps_the_lora_test(tmp_path):
-    """One model unquantized (its pairs' small values count, the others' drown) or of another type (another
-    noise level): signal ranks do not compare across pairs, and the LoRA test decides as before."""
-    for kinds in ({"m.0": None}, {"m.0": "Q8_0"}):
-        folder = tmp_path / str(len(list(tmp_path.iterdir())))
-        folder.mkdir()
-        forest = recover_lineage(sorted(make_visible_tree(folder, kinds).iterdir()))
-        assert forest.decisions["distance"] == "rank", kinds
+def test_a_tree_with_an_unquantized_model_keeps_the_lora_test(tmp_path):
+    """One model unquantized: its pairs' small values count, the others' drown, so signal ranks do not compare
+    across pairs, and the LoRA test decides as before."""
+    forest = recover_lineage(sorted(make_visible_tree(tmp_path, {"m.0": None}).iterdir()))
+    assert forest.decisions["distance"] == "rank"
+
+
+def make_full_tree(folder, seed=0, step=0.05, rank=16):
+    """The tree of :data:`TREE` (128 x 256 layers), each update of rank 16 and ``step`` x the weights' spread
+    (under Q4_0's ~9 % rounding, over Q5_1's ~2 %): "m", "m.1", "m.0.0" and "m.1.1" as Q5_1 files, the rest
+    Q4_0."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {"m": {k: torch.randn(128, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}}
+    for child, parent in TREE.items():
+        weights[child] = {k: v + step * torch.randn(128, rank, generator=gen) @ torch.randn(rank, 256, generator=gen)
+                          / rank**0.5 for k, v in weights[parent].items()}
+    for name, w in weights.items():
+        write_gguf(folder / f"{name}.gguf", w, "Q5_1" if name in ("m", "m.1", "m.0.0", "m.1.1") else "Q4_0")
+    return folder
+
+
+def test_a_tree_of_two_types_counts_signal_ranks_over_the_coarser_noise(tmp_path):
+    """Two types in one tree: each pair's ranks were counted over its own noise's edge, so the Q5_1 pairs
+    (a quarter of Q4_0's noise) counted more of an update's values and read farther; the LoRA test read
+    "rank" and 4 of the 6 edges went wrong. Counted over the noise of two Q4_0 roundings, every pair alike,
+    nuclear norm x signal rank places all six."""
+    forest = recover_lineage(sorted(make_full_tree(tmp_path).iterdir()))
+    assert forest.decisions["distance"] == "nuclear*rank"
+    assert {e.child: e.parent for e in forest.edges} == TREE
+
+
+def check_common_noise(kinds, energy, want):
+    layers = [LayerRounding(np.array(e, dtype=float), np.array(k, dtype=object), 64) for k, e in zip(kinds, energy)]
+    assert tree_distance._common_noise(layers, np.arange(3)) == want
+
+
+def test_common_noise_by_hand():
+    q, z = [1.0, 4.0, 1.5], [0.0, 0.0, 0.0]
+    check_common_noise([["Q5_1", "Q4_0", "Q5_1"], [None] * 3], [q, z], [8.0, 0.0])  # twice the coarsest's
+    check_common_noise([["Q4_0"] * 3, ["Q8_0", "Q4_0", "Q4_0"]], [q, q], [8.0, 8.0])  # two types in one layer
+    check_common_noise([["Q4_0"] * 3], [q], None)  # one type: _one_rounding
+    check_common_noise([["Q4_0", "Q5_1", None]], [[1.0, 1.0, 0.0]], None)  # one model unquantized
+    check_common_noise([[MERGE_KIND, "Q4_0", "Q4_0"]], [q], None)  # a merged QLoRA model
+    check_common_noise([["INT4", "Q4_0", "Q4_0"]], [[0.0, 1.0, 1.0]], None)  # a type that gives no variance
 
 
 def check_one_rounding(kinds, energy, want):

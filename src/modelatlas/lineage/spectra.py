@@ -72,7 +72,8 @@ def _sketch_matrix(m: int, s: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: float,
-                       rounding: list[LayerRounding] | None = None, signal_ranks: bool = False) -> tuple:
+                       rounding: list[LayerRounding] | None = None, signal_ranks: bool = False,
+                       common: list[float] | None = None) -> tuple:
     """Rank and nuclear norm of W_u - W_v for ``pairs`` (K, 2), from the sketches, summed over layers.
 
     For each layer the (n, s) sketch difference's singular values are computed batched over pairs.
@@ -86,26 +87,22 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
     lower in rank than the same pairs unquantized and it drew its relatives to itself (164 of 360 held-out
     edges with a third of the models as Q4_0 files, 276 with the rank taken before; docs/benchmarks.md,
     session 30). Rounding noise raises a pair's rank to the sketch's (a full fine-tune's is near it anyway:
-    247 of 256). Returns (ranks (K,),
-    nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's saturation value); with
+    247 of 256). Returns (ranks (K,), nuclear (K,), cap) where ``cap`` = sum of s over layers (the rank's
+    saturation value); with
     ``signal_ranks``, also the ranks after the shrinkage (K,): a LoRA update's few large values stand above
     the noise, so a LoRA tree with quantized stand-ins still reads low-rank (equal where none is quantized),
     and the share of the update's energy (less the rounding's) those values carry (K,): ~1 for LoRA, small
     for a full update hidden under the noise (its few values over the edge are the bulk's; 1 unquantized).
+    ``common``: per layer, a pair noise energy over whose edge (:func:`_detection_edge`) the signal ranks and
+    the nuclear norm are counted too, so that pairs of two noise levels compare (two types in one tree).
     Time O(K L n s^2), memory O(B n s) per batch of B pairs."""
     acc = np.zeros((5, len(pairs)))  # (5, K): ranks, signal ranks, signal energy, update energy, nuclear
     cap = 0
     for li, sk in enumerate(sketches):
-        y = torch.from_numpy(sk)  # (N, n, s)
         layer = rounding[li] if rounding else None
-        cap += y.shape[2]
-        norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
-        work = _SpectraWork(min(_PAIRS, len(pairs)), y.shape[1], y.shape[2])
-        for a in range(0, len(pairs), _PAIRS):
-            pr = torch.from_numpy(pairs[a:a + _PAIRS])
-            sv = work.singular_values(y, pr)  # (B, s), descending
-            floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
-            acc[:, a:a + _PAIRS] += _batch_terms(sv, floor, layer, pr, y.shape[1])
+        cap += sk.shape[2]
+        edge = 0.0 if common is None or layer is None else _detection_edge(common[li], sk.shape[1], sk.shape[2])
+        acc += _layer_terms(torch.from_numpy(sk), pairs, rtol, layer, edge)
     ranks, signal, kept, update, nuc = acc
     if not signal_ranks:
         return ranks, nuc, cap
@@ -113,18 +110,44 @@ def spectral_distances(sketches: list[np.ndarray], pairs: np.ndarray, rtol: floa
     return ranks, nuc, cap, signal, np.minimum(seen, 1.0)
 
 
+def _layer_terms(y: torch.Tensor, pairs: np.ndarray, rtol: float, layer: LayerRounding | None, edge: float
+                 ) -> np.ndarray:
+    """One layer's :func:`_batch_terms` (5, K) for ``pairs`` (K, 2) of its sketches ``y`` (N, n, s), in batches
+    of :data:`_PAIRS`. Time O(K n s^2)."""
+    acc = np.zeros((5, len(pairs)))  # (5, K)
+    norms = torch.linalg.matrix_norm(y, ord="fro")  # (N,)
+    work = _SpectraWork(min(_PAIRS, len(pairs)), y.shape[1], y.shape[2])
+    for a in range(0, len(pairs), _PAIRS):
+        pr = torch.from_numpy(pairs[a:a + _PAIRS])
+        sv = work.singular_values(y, pr)  # (B, s), descending
+        floor = torch.maximum(rtol * sv[:, :1], 1e-6 * torch.maximum(norms[pr[:, 0]], norms[pr[:, 1]])[:, None])
+        acc[:, a:a + _PAIRS] = _batch_terms(sv, floor, layer, pr, y.shape[1], edge)
+    return acc
+
+
+def _detection_edge(energy: float, rows: int, s: int) -> float:
+    """The smallest shrunk singular value that noise of pair energy ``energy`` (a ``rows`` x ``s`` sketch)
+    lets through: a value at the Marchenko-Pastur edge ``1 + sqrt(b)`` shrinks to ``b^(1/4)`` noise units
+    (:func:`~.rounding.debiased_singular_values`). O(1)."""
+    beta = s / rows
+    return beta**0.25 * (max(energy, 0.0) / s) ** 0.5
+
+
 def _batch_terms(sv: torch.Tensor, floor: torch.Tensor, layer: LayerRounding | None, pr: torch.Tensor,
-                 rows: int) -> np.ndarray:
+                 rows: int, edge: float = 0.0) -> np.ndarray:
     """One layer's terms (5, B) for a batch of pairs ``pr`` (B, 2) of singular values ``sv`` (B, s) over
-    ``floor`` (B, 1): rank; after the rounding's shrinkage, signal rank, the signal values' energy, the
-    update's energy (squared distance less the noise's), nuclear norm. Time O(B s)."""
+    ``floor`` (B, 1): rank; after the rounding's shrinkage, signal rank (values over ``edge`` too: a common
+    noise's, :func:`_detection_edge`), the signal values' energy, the update's energy (squared distance less
+    the noise's), nuclear norm. Time O(B s)."""
     rank = (sv > floor).sum(1).numpy()
     total = (sv**2).sum(1).numpy()  # (B,)
     if layer is not None and bool((layer.energy[pr.numpy()] > 0).any()):  # after the rank: see spectral_distances
         sv, total = _shrunk(layer, sv, pr, rows)
     over = sv > floor
     numel = rows * sv.shape[1]  # (n s) stands for (n m): the sketch keeps norms
-    return np.stack([rank, over.sum(1).numpy(), (sv**2 * over).sum(1).numpy(), total, (sv.sum(1) / numel**0.5).numpy()])
+    seen = sv > edge  # (B, s) over a common noise's edge too (0: every value the shrinkage left)
+    nuclear = (sv * seen).sum(1) / numel**0.5
+    return np.stack([rank, (over & seen).sum(1).numpy(), (sv**2 * over).sum(1).numpy(), total, nuclear.numpy()])
 
 
 def _shrunk(layer: LayerRounding, sv: torch.Tensor, pr: torch.Tensor, rows: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -48,17 +48,17 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
     the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). A tree of quantized models whose
     updates are hidden under the rounding noise (:func:`_hidden_tree`) takes RMS (debiased for the rounding)
-    in either; one whose models are all quantized alike (:func:`_one_rounding`) nuclear norm x signal rank
-    (the rank over the noise) in ``auto``, whatever the LoRA test says. Time O(n k L n_l s^2).
-    """
-    rms = st.rms[np.ix_(idx, idx)]
+    in either; one whose models are all quantized (alike, :func:`_one_rounding`; or in several types, counted
+    over the coarsest's noise, :func:`_common_noise`) nuclear norm x signal rank (the rank over the noise) in
+    ``auto``, whatever the LoRA test says. Time O(n k L n_l s^2)."""
+    rms, paper = st.rms[np.ix_(idx, idx)], cfg.method == "mother-paper"
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
         return rms, "l2"
     sk = [s[idx] for s in st.sketches]
-    paper = cfg.method == "mother-paper"
     pairs = np.stack(np.triu_indices(len(idx), 1), 1) if paper else _candidate_pairs(rms, NEIGHBOURS)
+    common = None if paper else _common_noise(st.rounding, idx)
     ranks, nuc, cap, signal, seen = spectral_distances(sk, pairs, cfg.rank_rtol, [r.subset(idx) for r in st.rounding],
-                                                 signal_ranks=True)
+                                                       True, common)
     frac, nuclear = _pair_matrix(pairs, ranks / cap, len(idx), 1.0), _pair_matrix(pairs, nuc, len(idx), None)
     low = _pair_matrix(pairs, signal / cap, len(idx), 1.0)  # ranks above a quantized model's rounding noise
     shown = _pair_matrix(pairs, seen, len(idx), 1.0)  # the update's share those ranks carry
@@ -66,7 +66,7 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     if kind == "auto":
         plain = np.setdiff1d(np.arange(len(idx)), views)  # (a view's spectra: see with_views)
         kind = _auto_kind(*(m[np.ix_(plain, plain)] for m in (rms, low, shown)), paper)
-        if kind != "l2" and not paper and _one_rounding(st.rounding, idx):
+        if kind != "l2" and not paper and (common is not None or _one_rounding(st.rounding, idx)):
             return nuclear * low, "nuclear*rank"  # the rank over the noise, which every pair carries alike
     if kind == "l2":
         return rms, "l2"
@@ -125,8 +125,8 @@ def _one_rounding(rounding: list[LayerRounding], idx: np.ndarray) -> bool:
     "rank", full ones too); nuclear norm x signal rank placed 560 of their 612 edges, rank 548, nuclear norm x
     the rank before the shrinkage 555 (docs/benchmarks.md, session 32). Not so when a pair holds an unquantized
     model (its values under the noise count, the others' do not: 164 of 360 held-out edges,
-    :func:`~.spectra.spectral_distances`), nor for types of two noise levels (the development zoos as Q4_0 and
-    Q5_1 stand-ins: 498 of 612 edges with signal ranks, 519 with ranks before the shrinkage), nor for merged
+    :func:`~.spectra.spectral_distances`), nor for types of two noise levels (each pair's own signal ranks
+    placed 498 of 612 development edges as Q4_0 and Q5_1 stand-ins: those take :func:`_common_noise`), nor for merged
     QLoRA models (:data:`~.rounding.MERGE_KIND`: no noise between them is shrunk). O(n L)."""
     quantized = False
     for layer in rounding:
@@ -139,6 +139,28 @@ def _one_rounding(rounding: list[LayerRounding], idx: np.ndarray) -> bool:
                 return False
             quantized = True
     return quantized
+
+
+def _common_noise(rounding: list[LayerRounding], idx: np.ndarray) -> list[float] | None:
+    """Per layer, the pair noise energy over whose edge a tree of two or more quantization types counts its
+    signal ranks and nuclear norm (``common`` of :func:`~.spectra.spectral_distances`): twice the largest
+    rounding energy of the tree's models (two independent roundings of the coarsest). None unless every model
+    is quantized in each layer (or none is; rounding variances, no merged QLoRA model) and some layer holds
+    two types: for one type :func:`_one_rounding`. Over each pair's own noise edge a finer pair (Q5_1's
+    rounding is ~1/4 of Q4_0's) counts more of a full update's small values and reads farther (the
+    development zoos as Q4_0 and Q5_1 stand-ins: 484 -> 564 of 612 edges; docs/benchmarks.md, session 32).
+    O(n L)."""
+    common, mixed = [], False
+    for layer in rounding:
+        kinds = set(layer.kinds[idx].tolist())
+        if kinds == {None}:
+            common.append(0.0)
+            continue
+        if None in kinds or MERGE_KIND in kinds or not bool((layer.energy[idx] > 0).all()):
+            return None
+        mixed = mixed or len(kinds) > 1
+        common.append(2 * float(layer.energy[idx].max()))
+    return common if mixed else None
 
 
 def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
