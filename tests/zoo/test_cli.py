@@ -202,3 +202,15 @@ def test_arch_kwargs_nested_deeply_or_with_a_huge_integer_are_an_argument_error(
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument --arch-kwargs: {said}" in err and "_json_dict" not in err
     assert len(err.splitlines()[-1]) < 300
+
+
+@pytest.mark.parametrize("command", [["zoo", "show"], ["zoo", "verify"], ["probex", "train"]])
+def test_a_truth_file_given_for_a_zoo_is_one_line(tmp_path, capsys, command):
+    """A plain {"model": "its parent"} file (README's --truth) given where a zoo is needed: zoo show drew
+    every model a root, zoo verify listed the folder's files as extra, probex train named 'manifest.json'."""
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"b": "a", "a": null}')
+    out = ["--out", str(tmp_path / "experts")] if command[0] == "probex" else []
+    assert main([*command, str(truth), *out]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {truth}: a plain ") and "not a zoo manifest" in err and err.count("\n") == 1

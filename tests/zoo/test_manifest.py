@@ -3,7 +3,7 @@ import json
 import pytest
 
 from modelatlas.errors import ManifestError
-from modelatlas.zoo import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo import Manifest, ModelRecord, load_manifest, load_truth
 
 
 def make_manifest():
@@ -85,7 +85,7 @@ def test_a_plain_parents_object_is_a_truth(tmp_path):
     'models'"). A parent not listed is a root; each model's tree is its root."""
     p = tmp_path / "truth.json"
     p.write_text(json.dumps({"m.0": "m", "m.0.0": "m.0", "m.1": "m", "x": None}))
-    m = load_manifest(p)
+    m = load_truth(p)
     assert m.parents() == {"m": None, "m.0": "m", "m.0.0": "m.0", "m.1": "m", "x": None}
     assert m.trees() == {"m": "m", "m.0": "m", "m.0.0": "m", "m.1": "m", "x": "x"}
     assert m.path_of("m.0") == tmp_path / "m.0" and m.source == p
@@ -100,4 +100,17 @@ def test_a_plain_parents_object_that_is_wrong_says_how(tmp_path, data, message):
     p = tmp_path / "truth.json"
     p.write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=message):
+        load_truth(p)
+
+
+def test_a_plain_parents_object_is_no_zoo_manifest(tmp_path):
+    """A zoo command given a --truth file refuses it, naming it (atlas zoo show drew every model a root, atlas
+    zoo verify called the folder's files extra, atlas probex train named a 'manifest.json' that is not there)."""
+    p = tmp_path / "truth.json"
+    p.write_text(json.dumps({"m.0": "m", "x": None}))
+    with pytest.raises(ManifestError, match=r"truth\.json: a plain \{\"model\": \"its parent\"\} object \(a --truth "
+                                            r"for `atlas lineage recover`\), not a zoo manifest; give a zoo folder"):
+        load_manifest(p)
+    p.write_text(json.dumps({"a": 3}))
+    with pytest.raises(ManifestError, match=r"truth\.json: missing key 'models' \(a list of model records\)$"):
         load_manifest(p)

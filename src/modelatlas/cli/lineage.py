@@ -227,9 +227,9 @@ def _recover(args: argparse.Namespace) -> int:
 def _load_truth(path: Path | None):
     if path is None:
         return None
-    from modelatlas.zoo.manifest import load_manifest
+    from modelatlas.zoo.manifest import load_truth
 
-    return load_manifest(path)
+    return load_truth(path)
 
 
 def match_truth(truth, models: list):

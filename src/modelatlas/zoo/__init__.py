@@ -8,7 +8,7 @@ See ``docs/zoo.md``.
 from modelatlas.zoo.architectures import arch_config, build_model
 from modelatlas.zoo.builder import make_zoo
 from modelatlas.zoo.config import ZooConfig, preset, presets
-from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest, load_truth
 from modelatlas.zoo.plan import plan_zoo
 from modelatlas.zoo.samplers import SamplerContext, available_samplers, register_sampler
 from modelatlas.zoo.store import load_model, load_state
@@ -16,6 +16,6 @@ from modelatlas.zoo.tasks import TRANSFORMS, resize, task_data
 
 __all__ = [
     "Manifest", "ModelRecord", "SamplerContext", "TRANSFORMS", "ZooConfig", "arch_config", "available_samplers",
-    "build_model", "load_manifest", "load_model", "load_state", "make_zoo", "plan_zoo", "preset", "presets",
+    "build_model", "load_manifest", "load_model", "load_state", "load_truth", "make_zoo", "plan_zoo", "preset", "presets",
     "register_sampler", "resize", "task_data",
 ]

@@ -135,7 +135,28 @@ def is_zoo_manifest(path: str | Path) -> bool:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Read a manifest file, or ``manifest.json`` inside a zoo folder; errors name the file and key."""
+    """Read a zoo's manifest file, or ``manifest.json`` inside a zoo folder; errors name the file and key. A
+    plain ``{"model": "its parent"}`` object is refused: it has no tasks, configs nor digests, so ``atlas zoo
+    show`` drew every model a root and ``atlas zoo verify`` called the folder's files extra
+    (:func:`load_truth` reads it)."""
+    path, data = _read_json(path)
+    if is_parents_map(data):
+        raise ManifestError(f"{path}: a plain {{\"model\": \"its parent\"}} object (a --truth for `atlas lineage "
+                            "recover`), not a zoo manifest; give a zoo folder built by `atlas zoo make`")
+    return _from_data(path, data, "")
+
+
+def load_truth(path: str | Path) -> Manifest:
+    """The true lineage at ``path``: a zoo manifest (or zoo folder), or a plain ``{"model": "its parent" or
+    null}`` object (what a user who knows some parents writes); errors name the file and key."""
+    path, data = _read_json(path)
+    if is_parents_map(data):
+        return _from_parents(path, data)
+    return _from_data(path, data, ", and not a plain {\"model\": \"its parent\" or null} object either")
+
+
+def _read_json(path: str | Path) -> tuple[Path, object]:
+    """(the manifest file ``path`` names, its JSON data); a folder names its ``manifest.json``."""
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"
@@ -150,11 +171,14 @@ def load_manifest(path: str | Path) -> Manifest:
     if isinstance(data, dict) and data.get("format", FORMAT) != FORMAT:  # an atlas.json has 'models' too
         raise ManifestError(f"{path}: not a zoo manifest: its format is {data['format']!r:.60} (a zoo's is "
                             f"{FORMAT!r}, written by `atlas zoo make`)")
-    if is_parents_map(data):
-        return _from_parents(path, data)
+    return path, data
+
+
+def _from_data(path: Path, data: object, nor: str) -> Manifest:
+    """The manifest of a zoo's JSON ``data`` read from ``path``; ``nor`` ends the message of data that is no
+    manifest (what else it could have been)."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise ManifestError(f"{path}: missing key 'models' (a list of model records), and not a plain "
-                            "{\"model\": \"its parent\" or null} object either")
+        raise ManifestError(f"{path}: missing key 'models' (a list of model records){nor}")
     if not isinstance(data.get("config", {}), dict):
         raise ManifestError(f"{path}: key 'config' must be an object, got {data['config']!r}")
     records = [_record(path, i, rec) for i, rec in enumerate(data["models"])]
