@@ -134,8 +134,22 @@ def test_result_folder_roundtrip(tmp_path):
     syn2, tf2, info = load_result(tmp_path)
     assert torch.equal(syn2.images, syn.images.detach()) and torch.equal(tf2.mean_, tf.mean_)
     assert info["losses"] == [3.0, 2.0, 1.0] and info["transform"] == "standardize"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="result.json: missing; not a distillation result folder"):
         load_result(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", ["result.json", "synthetic.safetensors"])
+def test_a_file_of_a_result_folder_names_the_folder(tmp_path, name):
+    """`atlas distill eval runs/dm10/result.json` (or --init-from its synthetic.safetensors) said
+    "runs/dm10/result.json/result.json: missing; not a distillation result folder"."""
+    syn = SyntheticSet.from_noise((1, 8, 8), 3, 2, torch.Generator().manual_seed(0))
+    write_result(tmp_path, syn, None, {"method": "x"}, [1.0])
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / name}: a file, not a distillation result folder; "
+                                              rf"pass the folder `atlas distill run --out` wrote \({tmp_path}\)$"):
+        load_result(tmp_path / name)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'nope'}: no such folder; give a result folder"):
+        load_result(tmp_path / "nope")
 
 
 def check_png_size(data: bytes) -> tuple[int, int]:

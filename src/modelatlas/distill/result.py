@@ -64,6 +64,11 @@ def update_result(folder: str | Path, **fields) -> dict:
 
 
 def read_info(folder: str | Path) -> dict:
+    if Path(folder).is_file():  # its result.json or synthetic.safetensors: read as "result.json/result.json"
+        raise CheckpointError(folder, f"a file, not a distillation result folder; pass the folder "
+                                      f"`atlas distill run --out` wrote ({Path(folder).parent})")
+    if not Path(folder).exists():
+        raise CheckpointError(folder, "no such folder; give a result folder of `atlas distill run --out`")
     path = Path(folder) / RESULT_JSON
     if not path.is_file() and (Path(folder) / "checkpoint" / CHECKPOINT_JSON).is_file():  # an interrupted run
         raise CheckpointError(path, f"missing: the run stopped before its result (its progress is in "
