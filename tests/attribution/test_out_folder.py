@@ -66,3 +66,20 @@ def test_damping_with_gradient_ascent_is_refused(tmp_path, capsys):
     assert main([*TINY, "--unlearn", "ascent", "--damping", "5", "--out", str(tmp_path / "o")]) == 1
     assert "error: --damping 5.0 applies to --unlearn newton only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_distillation_folder_is_no_interrupted_attribution(tmp_path, capsys, monkeypatch, resume):
+    """A distillation's OUT/checkpoint/run.json was taken for an interrupted attribution: the refusal said to
+    pass --resume, then to delete the distillation's checkpoint folder to start over."""
+    import modelatlas.attribution as attribution
+
+    monkeypatch.setattr(attribution, "ddm_attribution", lambda *a, **k: pytest.fail("attributed before refusing"))
+    run = tmp_path / "dm10" / "checkpoint" / "run.json"
+    run.parent.mkdir(parents=True)
+    run.write_text('{"method": "dm", "dataset": "digits", "ipc": 10, "seed": 0, "config": {}}')
+    (run.parent.parent / "result.json").write_text('{"method": "dm"}')
+    assert main([*TINY, "--out", str(run.parent.parent), *resume]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {run.parent.parent}: a non-empty folder holding no attribution" in err and "delete" not in err
+    assert run.read_text().startswith('{"method": "dm"')

@@ -399,3 +399,17 @@ def test_resume_names_another_data_root_by_its_flag(tmp_path, make_two_class_ima
                                           f"{tmp_path / 'b'} \\(dataset_kwargs root=\\); resume with the same"):
         run_distillation("dm", "image-folder", 1, tmp_path / "out", config={**cfg, "iterations": 2},
                          dataset_kwargs={"root": str(tmp_path / "b")}, resume=True, **QUICK)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_interrupted_attribution_is_not_taken_for_a_distillation(tmp_path, resume):
+    """`atlas attribute` keeps its interrupted state in OUT/checkpoint/run.json too: a distillation into that
+    folder was let in and replaced the attribution's run.json, losing its resume."""
+    state = tmp_path / "checkpoint" / "run.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"settings": {"dataset": "digits"}, "timings": {}, "match_losses": [],
+                                 "cluster_class": [0, 1]}))
+    before = state.read_bytes()
+    with pytest.raises(ConfigError, match=f"--out {tmp_path} is a non-empty folder that is not a distillation result"):
+        run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=resume, **QUICK)
+    assert state.read_bytes() == before and sorted(p.name for p in state.parent.iterdir()) == ["run.json"]

@@ -34,8 +34,21 @@ _DDM = ("matrix", "assign", "cluster_class", "synthetic", "synthetic_labels", "b
 
 
 def kept_state(out: str | Path) -> Path | None:
-    """The file that marks a resumable state in ``out`` (``run.json``, else ``offline.json``), or None."""
-    return next((p for p in (Path(out) / FOLDER / n for n in (RUN_JSON, OFFLINE_JSON)) if p.is_file()), None)
+    """The file that marks a resumable state in ``out`` (``run.json``, else ``offline.json``), or None. A
+    distillation's ``OUT/checkpoint/run.json`` is none: it was taken for an interrupted attribution, whose
+    refusal said to delete the distillation's checkpoint folder."""
+    return next((p for p in (Path(out) / FOLDER / n for n in (RUN_JSON, OFFLINE_JSON))
+                 if p.is_file() and not _a_distillation(p)), None)
+
+
+def _a_distillation(path: Path) -> bool:
+    """Whether the JSON file at ``path`` is an ``atlas distill`` run.json ({"method", ...}, no "settings");
+    unreadable or another shape counts as ours, so its resume says what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "method" in data and "settings" not in data
 
 
 def check_start(out: str | Path, resume: bool) -> None:

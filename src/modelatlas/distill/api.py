@@ -25,7 +25,14 @@ from modelatlas.distill.loop import CHECKPOINT_JSON, read_checkpoint, read_json,
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, write_result
-from modelatlas.distill.run_check import RUN_JSON, absolute_root, check_run, has_progress, run_record
+from modelatlas.distill.run_check import (
+    RUN_JSON,
+    absolute_root,
+    another_commands,
+    check_run,
+    has_progress,
+    run_record,
+)
 from modelatlas.distill.splits import check_class_names, check_splits, check_train
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
@@ -274,8 +281,9 @@ def check_out(out: Path, resume: bool) -> None:
     if above is not None:
         raise ConfigError(f"--out {out}: {above} is {not_a_folder(above, False)}, not a folder; choose another --out")
     check_out_folder(out, f"--out {out}", "choose a new --out")
-    ours = any((out / name).is_file()
-               for name in (RESULT_JSON, f"checkpoint/{RUN_JSON}", f"checkpoint/{CHECKPOINT_JSON}"))
+    run = out / "checkpoint" / RUN_JSON
+    ours = any((out / name).is_file() for name in (RESULT_JSON, f"checkpoint/{CHECKPOINT_JSON}")) \
+        or (run.is_file() and not another_commands(run))
     if out.is_dir() and not ours and any(out.iterdir()):
         raise ConfigError(f"--out {out} is a non-empty folder that is not a distillation result (its files would "
                           "be overwritten); choose a new or empty --out")

@@ -30,6 +30,17 @@ def has_progress(out: Path) -> bool:
     return (out / "checkpoint" / CHECKPOINT_JSON).is_file() or (out / RESULT_JSON).is_file()
 
 
+def another_commands(path: Path) -> bool:
+    """Whether the run.json at ``path`` is another command's: ``atlas attribute`` keeps its interrupted state
+    in ``OUT/checkpoint/run.json`` too ({"settings", ...}, no "method"), which a distillation into that folder
+    replaced. Unreadable or another shape counts as a distillation's, so its resume says what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "settings" in data and "method" not in data
+
+
 def absolute_root(dataset_kwargs: dict | None) -> dict:
     """``dataset_kwargs`` with a ``root`` made absolute (a result stays usable from another working folder)."""
     kw = dict(dataset_kwargs or {})
