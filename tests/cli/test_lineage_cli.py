@@ -395,3 +395,22 @@ def test_truth_of_another_zoo_with_the_same_names_says_the_weights_differ(tmp_pa
            "records (another zoo's manifest?); edges are scored by name" in err
     assert main(["lineage", "recover", str(a), "--truth", str(a), "--stage", "specialize"]) == 0
     assert "other weights" not in capsys.readouterr().err  # the zoo's own models
+
+
+def test_an_out_file_of_another_kind_is_not_replaced(tmp_path, capsys):
+    """`--out runs/dm10/result.json` replaced a distillation's result with the forest, silently; a forest an
+    earlier recovery wrote, or an empty file, is rewritten."""
+    zoo, out = tmp_path / "zoo", tmp_path / "result.json"
+    zoo.mkdir()
+    make_tiny_zoo(zoo)
+    out.write_text('{"method": "dm", "evaluation": {"mean": 88.6}}')
+    assert main(["lineage", "recover", str(zoo), "--out", str(out)]) == 1
+    stdout, err = capsys.readouterr()
+    assert err == (f"error: --out {out} holds another file than a lineage forest (JSON with 'nodes' and 'edges'), "
+                   "which it would replace; choose another file, or delete it first\n") and stdout == ""
+    assert json.loads(out.read_text())["method"] == "dm"
+    for before in ("", None):  # empty, then the forest just written
+        if before is not None:
+            out.write_text(before)
+        assert main(["lineage", "recover", str(zoo), "--out", str(out)]) == 0
+        assert set(json.loads(out.read_text())) >= {"nodes", "edges"}

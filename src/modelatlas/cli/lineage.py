@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -69,9 +70,21 @@ def check_out_files(args: argparse.Namespace) -> None:
             raise ConfigError(f"{cannot_write(f'--{option} {path}', denied)}; choose another path")
 
 
+def _forest_or_nothing(path: Path) -> bool:
+    """Whether ``path`` is missing, empty or a forest JSON an earlier recovery wrote (rewritten by a rerun)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "nodes" in data and "edges" in data
+
+
 def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:
     """Refuse an output file that is a model to read (or a file inside a model folder), the --truth manifest, the
-    manifest of a zoo whose models are given, or another option's output: it was written after the recovery, replacing the model or manifest for good."""
+    manifest of a zoo whose models are given, or another option's output: it was written after the recovery, replacing the model or manifest for good;
+    and an --out file that holds something else than a forest JSON."""
     inputs = {Path(os.path.realpath(m)): m for m in models if Path(m).exists()}
     source = getattr(truth, "source", None)
     taken: dict[Path, str] = {Path(os.path.realpath(source)): "the --truth manifest"} if source else {}
@@ -88,6 +101,9 @@ def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], tru
         if what is not None:
             raise ConfigError(f"--{option} {path} would overwrite {what}; choose another file")
         taken[real] = f"the --{option} file"
+    if args.out is not None and not _forest_or_nothing(args.out):  # a distillation's result.json was replaced
+        raise ConfigError(f"--out {args.out} holds another file than a lineage forest (JSON with 'nodes' and "
+                          "'edges'), which it would replace; choose another file, or delete it first")
 
 
 def add_recovery_options(p: argparse.ArgumentParser) -> None:
