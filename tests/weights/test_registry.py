@@ -164,6 +164,21 @@ def test_a_git_lfs_pointer_is_named_as_such(tmp_path, suffix):
         open_checkpoint(p).tensors()
 
 
+HTML_PAGE = "\n  <!DOCTYPE html>\n<html class=''><head><title>pytorch_model.bin</title></head><body>" + "x" * 600
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".gguf", ".onnx"])
+def test_a_web_page_saved_as_weights_is_named_as_such(tmp_path, suffix):
+    """wget of a Hugging Face '/blob/' link saves the page: was "corrupt or unsupported PyTorch pickle:
+    Unsupported operand 10", "header length 2336927755350992246"."""
+    if suffix in (".gguf", ".onnx"):
+        pytest.importorskip(suffix[1:])
+    p = tmp_path / f"m{suffix}"
+    p.write_text(HTML_PAGE)
+    with pytest.raises(CheckpointError, match=rf"m\{suffix}: an HTML page, not the weights .*'/resolve/' link"):
+        open_checkpoint(p).tensors()
+
+
 def test_shards_copied_without_their_index_are_one_unreadable_model(tmp_path):
     folder = tmp_path / "llama"
     folder.mkdir()

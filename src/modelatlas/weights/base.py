@@ -205,17 +205,23 @@ _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 def lfs_pointer_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be read when it is a Git LFS pointer (a repository cloned without Git LFS leaves a
-    ~130-byte text file in place of the weights), else None. Each reader's own error ("header length
-    2336927755350992246", "Unsupported operand 118") hid that. Reads at most 40 bytes."""
+    """Why ``path`` cannot be read when it is a text file standing in for the weights, else None: a Git LFS
+    pointer (a repository cloned without Git LFS leaves a ~130-byte text file in place of the weights), or a web
+    page saved under the weights' name (``wget`` of a Hugging Face ``/blob/`` link). Each reader's own error
+    ("header length 2336927755350992246", "Unsupported operand 118", "Unsupported operand 60") hid that. Reads
+    at most 512 bytes."""
     try:
         with open(path, "rb") as f:
-            if f.read(len(_LFS_POINTER)) != _LFS_POINTER:
-                return None
+            head = f.read(512)
     except OSError:
         return None
-    return ("a Git LFS pointer file, not the weights (the repository was cloned without Git LFS): run "
-            "`git lfs pull` there, or download the file itself")
+    if head.startswith(_LFS_POINTER):
+        return ("a Git LFS pointer file, not the weights (the repository was cloned without Git LFS): run "
+                "`git lfs pull` there, or download the file itself")
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
+        return ("an HTML page, not the weights (a web page saved under the file's name, as a Hugging Face "
+                "'/blob/' link gives): download the file itself ('/resolve/' link, or `huggingface-cli download`)")
+    return None
 
 
 @contextmanager
