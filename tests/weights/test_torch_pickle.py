@@ -1,4 +1,5 @@
 import pickle
+import re
 import sys
 import zipfile
 
@@ -70,7 +71,7 @@ def test_pickled_module_is_refused(tmp_path):
 def test_truncated_garbage_empty(tmp_path):
     good = tmp_path / "good.pt"
     torch.save(make_state_dict(), good)
-    cases = {"trunc.pt": good.read_bytes()[:-100], "garbage.pth": b"\x00garbage" * 10, "empty.bin": b""}
+    cases = {"trunc.pt": good.read_bytes()[:-100], "garbage.pth": b"\x80\x02garbage" * 10, "empty.bin": b""}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CheckpointError, match=rf"{name}: corrupt") as info:
@@ -236,10 +237,14 @@ def test_compressed_record_is_refused_before_it_is_unpacked(tmp_path):
         open_checkpoint(bomb)
 
 
-def test_text_file_named_bin_is_corrupt_not_a_traceback(tmp_path):
+@pytest.mark.parametrize("text", ["this is not a checkpoint\n" * 10, "hello\n", "a,b\n1,2\n" * 5])
+def test_text_file_named_bin_is_no_pytorch_file_not_a_traceback(tmp_path, text):
+    """The legacy unpickler raised IndexError or KeyError on it, read as "corrupt or truncated PyTorch file: 101"
+    (the KeyError of the 'e' of "hello"): the file's first bytes say what it is."""
     p = tmp_path / "notes.bin"
-    p.write_text("this is not a checkpoint\n" * 10)  # the legacy unpickler raised IndexError on it
-    with pytest.raises(CheckpointError, match=r"notes\.bin: corrupt or truncated PyTorch file: "):
+    p.write_text(text)
+    with pytest.raises(CheckpointError, match=rf"^{p}: not a PyTorch file: it begins with {re.escape(repr(text[:20].encode()))}, "
+                                              r"neither a zip archive nor a pickle \(what torch\.save writes\)$"):
         open_checkpoint(p)
 
 

@@ -96,7 +96,7 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
-        raise CheckpointError(path, f"corrupt or truncated PyTorch file: {error_line(e)}") from e
+        raise CheckpointError(path, _no_pickle(path, is_zip) or f"corrupt or truncated PyTorch file: {error_line(e)}") from e
     _check_nesting(path, obj)
     if any(t.is_meta for t in _all_tensors(obj)):  # no bytes anywhere: read as "header lies about sizes"
         raise CheckpointError(path, "holds tensors on the meta device (shapes without values: a model saved before "
@@ -230,6 +230,16 @@ def _check_nesting(path: Path, obj: object) -> None:
             raise CheckpointError(path, f"not a state dict: more than {_MAX_ITEMS:,} entries (counting a shared "
                                         "dict or list each time it is listed)")
         stack.extend((v, depth + 1) for v in (o.values() if isinstance(o, Mapping) else o))
+
+
+def _no_pickle(path: Path, is_zip: bool) -> str | None:
+    """Why a file that failed to load is no PyTorch file at all: neither a zip nor a pickle (opcode PROTO first)
+    as torch.save writes, e.g. a CSV or a log named .pt, whose error was "corrupt or truncated PyTorch file:
+    101" (a KeyError of its second byte); None when it may be one."""
+    head = b"" if is_zip else _pickle_head(path, False)[:20]
+    if not head or head[0] == 0x80 or head.startswith(b"PK"):  # PK: a zip cut short, no longer read as one
+        return None
+    return f"not a PyTorch file: it begins with {head!r}, neither a zip archive nor a pickle (what torch.save writes)"
 
 
 def _pickle_head(path: Path, is_zip: bool) -> bytes:
