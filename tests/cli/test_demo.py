@@ -23,3 +23,15 @@ def test_a_demo_of_a_zoo_built_before_says_it_reuses_it(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("reusing the zoo 'tiny' (6 models") and "building" not in out
+
+
+def test_a_demo_over_a_zoo_of_another_seed_does_not_say_it_reuses_it(tmp_path, capsys):
+    """The models of another seed count for nothing (make_zoo refuses them): the demo said 'reusing the zoo',
+    then failed on 'built from a different zoo config'."""
+    argv = ["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("building zoo 'tiny' (6 models") and "reusing" not in out
+    assert "built from a different zoo config" in err

@@ -60,11 +60,16 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
 
 
 def _finished_before(zoo, out: Path) -> int:
-    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C)."""
+    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C): built from
+    this config (a model of another seed or preset, which make_zoo refuses, was announced as 'reusing the zoo')."""
+    from modelatlas.zoo.builder import fingerprint
     from modelatlas.zoo.plan import model_names
     from modelatlas.zoo.store import read_record
 
-    return sum(read_record(out / name) is not None for name in model_names(zoo)) if out.is_dir() else 0
+    if not out.is_dir():
+        return 0
+    fp = fingerprint(zoo)
+    return sum((read_record(out / name) or {}).get("fingerprint") == fp for name in model_names(zoo))
 
 
 def _how_built(reused: int, n: int) -> str:
