@@ -252,3 +252,24 @@ def test_a_run_with_a_damaged_index_and_its_states_is_trained_again(tmp_path):
     cfg = ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
     train_tree_experts(tmp_path, out, layer="w", config=cfg)
     assert TreeExperts.load(out).layer == "w"
+
+
+def test_an_interrupted_training_is_not_dropped_by_a_rerun_without_resume(tmp_path, monkeypatch):
+    """Ctrl-C says "rerun with --resume to continue"; a rerun without it deleted the states and trained from
+    scratch, silently (atlas distill run and atlas attribute refuse it)."""
+    import modelatlas.probex.experts as experts_module
+
+    make_zoo(tmp_path)
+    out, cfg = tmp_path / "e", ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1)
+    with monkeypatch.context() as m:
+        m.setattr(experts_module.TreeRouter, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train_tree_experts(tmp_path, out, layer="w", config=cfg)
+    state = out / "checkpoints" / "r" / "train_state.json"
+    before = state.read_bytes()
+    with pytest.raises(ConfigError, match=rf"^--out {out} holds an interrupted training \(checkpoints, no index\.json\): "
+                                          r"pass --resume to continue it, choose a new --out, or delete"):
+        train_tree_experts(tmp_path, out, layer="w", config=cfg)
+    assert state.read_bytes() == before
+    assert train_tree_experts(tmp_path, out, layer="w", config=cfg, resume=True).layer == "w"
+    train_tree_experts(tmp_path, out, layer="w", config=cfg)  # a finished run is trained again

@@ -144,13 +144,17 @@ def _check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]
                             f"`atlas zoo merge {manifest.root} --out DIR` writes their full weights: train on DIR")
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, resume: bool) -> None:
     """Refuse a file, a path below a file (it failed as 'Not a directory' at the first checkpoint, after the
-    layer selection), or a non-empty folder that holds no experts (its files would mix with theirs)."""
+    layer selection), a non-empty folder that holds no experts (its files would mix with theirs), or, without
+    ``resume``, an interrupted run's states (a rerun without --resume dropped them, as distill would not)."""
     check_out_folder(out, f"--out {out}", "choose a new --out")
     if out.is_dir() and not _holds_experts(out) and any(out.iterdir()):
         raise ConfigError(f"--out {out} is a non-empty folder that holds no experts (index.json): the experts' files "
                           "would mix with its files; choose a new or empty --out")
+    if not resume and not (out / "index.json").exists() and any((out / "checkpoints").glob("*/train_state.json")):
+        raise ConfigError(f"--out {out} holds an interrupted training (checkpoints, no index.json): pass --resume "
+                          f"to continue it, choose a new --out, or delete {out} to start over")
 
 
 def _holds_experts(out: Path) -> bool:
@@ -228,7 +232,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {TASKS}; got {task!r}")
     cfg, out = config if config is not None else ProbeXConfig(), Path(out)
-    _check_out(out)
+    _check_out(out, resume)
     check_train_memory(cfg)
     manifest = load_manifest(manifest_path)
     records = _task_records(manifest, task)
