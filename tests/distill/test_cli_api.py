@@ -30,7 +30,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["distill", "run", "--method", "dm", "--out", str(tmp_path), "--set", "lr_img", *TINY]) == 1
     assert "--set expects FIELD=VALUE" in capsys.readouterr().err
     assert main(["distill", "eval", str(tmp_path / "missing")]) == 1
-    assert "result.json: missing" in capsys.readouterr().err
+    assert "missing: no such folder; give a result folder" in capsys.readouterr().err
 
 
 def interrupting_progress(after):
