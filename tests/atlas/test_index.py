@@ -33,6 +33,10 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "atlas.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(AtlasError, match="unknown atlas format 'other'"):
         Atlas.load(tmp_path)
+    (tmp_path / "forest.json").write_text(json.dumps({"nodes": ["a"], "edges": []}))  # said "format None"
+    with pytest.raises(AtlasError, match=r"forest\.json: not an atlas \(no 'format' key; an atlas\.json has "
+                                         r"'modelatlas-atlas/1'\): build one with `atlas index build"):
+        Atlas.load(tmp_path / "forest.json")
     (tmp_path / "atlas.json").write_text("{trunc")
     with pytest.raises(AtlasError, match="atlas.json: cannot read the atlas"):
         Atlas.load(tmp_path)

@@ -128,6 +128,9 @@ class Atlas:
             raise AtlasError(f"{path}: cannot read the atlas ({e})") from e
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            if got is None:  # a lineage forest or a distillation's result.json: "unknown atlas format None"
+                raise AtlasError(f"{path}: not an atlas (no 'format' key; an atlas.json has {FORMAT!r}): build one "
+                                 "with `atlas index build PATH... --out DIR`")
             raise AtlasError(f"{path}: unknown atlas format {got!r} (expected {FORMAT})")
         check_atlas_dict(data, path)
         models = [ModelEntry.from_dict(m) for m in data["models"]]
