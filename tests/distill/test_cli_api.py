@@ -302,3 +302,15 @@ def test_eval_of_a_folder_that_takes_no_file_is_refused_before_training(tmp_path
         evaluate_result(tmp_path)
     monkeypatch.undo()
     assert len(evaluate_result(tmp_path, save=False, eval_nets=1, eval_epochs=1)["accuracies"]) == 1  # not saving: fine
+
+
+def test_resume_on_a_new_folder_says_it_starts_from_the_beginning(tmp_path, capsys):
+    """--resume with a mistyped --out trained from scratch without a word (atlas attribute says so); a real
+    resume says nothing of the kind."""
+    out = tmp_path / "dm-typo"
+    argv = ["distill", "run", "--method", "dm", "--out", str(out), "--iterations", "1", "--resume", *TINY]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"nothing to resume in {out / 'checkpoint'}: starting from the beginning\n")
+    assert main(argv) == 0
+    assert "nothing to resume" not in capsys.readouterr().out

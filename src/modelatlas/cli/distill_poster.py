@@ -37,9 +37,10 @@ def register(dsub) -> None:
 
 
 def _poster(args: argparse.Namespace) -> int:
-    from modelatlas.cli.distill import flag_into, parse_overrides, show_result
+    from modelatlas.cli.distill import flag_into, parse_overrides, say_fresh_start, show_result
     from modelatlas.distill.methods.podd.api import run_poster
 
+    say_fresh_start(args)
     config = parse_overrides(args.overrides)
     flag_into(config, "iterations", args.iterations, f"--iterations {args.iterations}")
     flag_into(config, "learn_labels", False if args.no_learn_labels else None, "--no-learn-labels")
