@@ -262,3 +262,12 @@ def test_ctrl_c_of_a_retrain_says_whether_this_run_saved_anything(make_trained, 
     monkeypatch.setattr(experts, "train_tree_experts", saved_then_stopped)
     assert main(train) == 130
     assert f"progress is kept in {out}; rerun with --resume" in capsys.readouterr().err
+
+
+def test_train_resume_on_a_new_folder_says_it_starts_from_the_beginning(make_tiny_zoo, make_trained, tmp_path, capsys):
+    """--resume with a mistyped --out trained from scratch without a word; a real resume says nothing of it."""
+    base = ["probex", "train", str(make_tiny_zoo), "--layer", "layers.1.weight", "--epochs", "1", "--rank", "4"]
+    assert main([*base, "--out", str(tmp_path / "typo"), "--resume"]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to resume in {tmp_path / 'typo'}: starting from the beginning\n")
+    assert main([*base, "--epochs", "4", "--out", str(make_trained), "--resume"]) == 0
+    assert "nothing to resume" not in capsys.readouterr().out
