@@ -114,3 +114,18 @@ def test_a_plain_parents_object_is_no_zoo_manifest(tmp_path):
     p.write_text(json.dumps({"a": 3}))
     with pytest.raises(ManifestError, match=r"truth\.json: missing key 'models' \(a list of model records\)$"):
         load_manifest(p)
+
+
+def test_a_model_of_a_zoo_given_as_the_zoo_names_the_zoo(tmp_path):
+    """A zoo's model folder or weights file given where a zoo is needed said 'zoo/t0/manifest.json: no such
+    manifest' or 'not a valid JSON manifest ('utf-8' codec can't decode ...)'."""
+    make_manifest().save(tmp_path / "manifest.json")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\xdc\xff")
+    for given in (tmp_path / "r", tmp_path / "r" / "model.safetensors"):
+        with pytest.raises(ManifestError, match=rf"^{given}: inside the zoo {tmp_path}, not a zoo; pass the zoo "
+                                                rf"folder \({tmp_path}\)$"):
+            load_manifest(given)
+    with pytest.raises(ManifestError, match=r"nope: no such manifest"):  # a typo is no model of the zoo
+        load_manifest(tmp_path / "nope")
+    assert load_manifest(tmp_path).edges() == [("r", "c")]

@@ -157,9 +157,12 @@ def load_truth(path: str | Path) -> Manifest:
 
 def _read_json(path: str | Path) -> tuple[Path, object]:
     """(the manifest file ``path`` names, its JSON data); a folder names its ``manifest.json``."""
-    path = Path(path)
+    given = path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"
+    zoo = _zoo_above(given)
+    if zoo is not None:  # a model folder or weights file of a zoo: "zoo/t0/manifest.json: no such manifest"
+        raise ManifestError(f"{given}: inside the zoo {zoo}, not a zoo; pass the zoo folder ({zoo})")
     if not path.exists():
         raise ManifestError(f"{path}: no such manifest (a zoo folder holds manifest.json; build one with `atlas zoo make`)")
     try:
@@ -172,6 +175,17 @@ def _read_json(path: str | Path) -> tuple[Path, object]:
         raise ManifestError(f"{path}: not a zoo manifest: its format is {data['format']!r:.60} (a zoo's is "
                             f"{FORMAT!r}, written by `atlas zoo make`)")
     return path, data
+
+
+def _zoo_above(given: Path) -> Path | None:
+    """The zoo folder ``given`` lies in (its parent; a file's grandparent too: ``zoo/t0/model.safetensors``) when
+    ``given`` exists and is no manifest itself, else None. Reads at most two manifests."""
+    if not given.exists() or (given.is_file() and given.suffix == ".json") or (given / "manifest.json").exists():
+        return None
+    for zoo in [given.parent] if given.is_dir() else [given.parent, given.parent.parent]:
+        if (zoo / "manifest.json").is_file() and is_zoo_manifest(zoo / "manifest.json"):
+            return zoo
+    return None
 
 
 def _from_data(path: Path, data: object, nor: str) -> Manifest:
