@@ -294,3 +294,25 @@ def test_variant_names_follow_transformers_add_variant():
     assert library_variant("diffusion_pytorch_model.fp16.safetensors") == "fp16"
     assert library_variant("model.safetensors") is None and library_variant("run.fp16.safetensors") is None
     assert library_variant("model.a.b.pt") is None
+
+
+@pytest.mark.parametrize("saved, name, said", [
+    ("torch", "m.safetensors", r"a PyTorch file \(what torch\.save writes\), not a safetensors file as its extension "
+                               r"says: rename it to end in \.pt$"),
+    ("torch-legacy", "m.safetensors", r"a PyTorch file .* rename it to end in \.pt$"),
+    ("safetensors", "m.pt", r"a safetensors file, not a PyTorch file as its extension says: rename it to end in "
+                            r"\.safetensors$"),
+    ("safetensors", "m.bin", r"a safetensors file, not a PyTorch file .* \.safetensors$"),
+])
+def test_a_file_of_another_format_than_its_extension_says_names_the_rename(tmp_path, saved, name, said):
+    """A torch.save file named .safetensors said "corrupt safetensors header: length 578712552184433488 is over
+    ..."; a safetensors file named .pt or .bin, "corrupt or unsupported PyTorch pickle: Unsupported operand 64"."""
+    from safetensors.torch import save_file
+
+    p, sd = tmp_path / name, {"w": torch.ones(8, 8)}
+    if saved == "safetensors":
+        save_file(sd, str(p))
+    else:
+        torch.save(sd, p, _use_new_zipfile_serialization=saved == "torch")
+    with pytest.raises(CheckpointError, match=rf"^{p}: {said}"):
+        open_checkpoint(p).tensors()

@@ -224,6 +224,29 @@ def lfs_pointer_reason(path: Path) -> str | None:
     return None
 
 
+def misnamed_reason(path: Path, read_as: str) -> str | None:
+    """Why ``path``, read as ``read_as`` ("safetensors", "PyTorch") by its extension, failed when its bytes are
+    another weights format's (a torch.save file named .safetensors, a safetensors file named .bin), with the
+    rename that fixes it; else None. Each reader's error ("header length 578712552184433488", "Unsupported
+    operand 64") hid that. Reads 9 bytes."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        found, ext = "a PyTorch file (what torch.save writes)", ".pt"
+    elif head.startswith(b"GGUF"):
+        found, ext = "a GGUF file", ".gguf"
+    elif len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        found, ext = "a safetensors file", ".safetensors"
+    else:
+        return None
+    if found.startswith(f"a {read_as}"):
+        return None
+    return f"{found}, not a {read_as} file as its extension says: rename it to end in {ext}"
+
+
 @contextmanager
 def utf8_path(path: Path) -> Iterator[str]:
     """``path`` as a name that libraries reading it in Rust or C++ accept (safetensors, torch's memory map): the

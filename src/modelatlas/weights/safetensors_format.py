@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, lfs_pointer_reason, misnamed_reason
 from modelatlas.weights.byte_ranges import ByteRanges, distinct_rows
 
 _DTYPE_BYTES = {
@@ -45,11 +45,12 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
                 raise CheckpointError(path, "truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
-                raise CheckpointError(path, lfs_pointer_reason(path) or f"corrupt safetensors header: length {n} "
-                                            f"is over the {_MAX_HEADER} bytes that safetensors allows")
+                raise CheckpointError(path, lfs_pointer_reason(path) or misnamed_reason(path, "safetensors")
+                                      or f"corrupt safetensors header: length {n} is over the {_MAX_HEADER} "
+                                         "bytes that safetensors allows")
             if n > size - 8:  # "length 8 exceeds the file size 15" read as a contradiction
-                raise CheckpointError(path, f"truncated file: the header length says {n} bytes but only "
-                                            f"{size - 8} follow it (file size {size})")
+                raise CheckpointError(path, misnamed_reason(path, "safetensors") or f"truncated file: the header "
+                                            f"length says {n} bytes but only {size - 8} follow it (file size {size})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e

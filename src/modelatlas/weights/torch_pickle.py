@@ -50,6 +50,7 @@ from modelatlas.weights.base import (
     TensorInfo,
     error_line,
     lfs_pointer_reason,
+    misnamed_reason,
     shared_first_component,
     utf8_path,
 )
@@ -92,7 +93,7 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             with utf8_path(path) as name, _admission:  # torch maps the file by a UTF-8 name
                 obj = torch.load(name, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        raise _unpickling_error(path, e, _pickle_head(path, is_zip)) from e
+        raise _unpickling_error(path, e, _pickle_head(path, is_zip), None if is_zip else misnamed_reason(path, "PyTorch")) from e
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
@@ -237,6 +238,9 @@ def _no_pickle(path: Path, is_zip: bool) -> str | None:
     as torch.save writes, e.g. a CSV or a log named .pt, whose error was "corrupt or truncated PyTorch file:
     101" (a KeyError of its second byte); None when it may be one."""
     head = b"" if is_zip else _pickle_head(path, False)[:20]
+    other = misnamed_reason(path, "PyTorch") if head else None
+    if other:  # a safetensors file named .pt: its first byte is the header length's
+        return other
     if not head or head[0] == 0x80 or head.startswith(b"PK"):  # PK: a zip cut short, no longer read as one
         return None
     return f"not a PyTorch file: it begins with {head!r}, neither a zip archive nor a pickle (what torch.save writes)"
@@ -259,9 +263,13 @@ def _pickle_head(path: Path, is_zip: bool) -> bytes:
         return b""
 
 
-def _unpickling_error(path: Path, e: pickle.UnpicklingError, head: bytes = b"") -> CheckpointError:
+def _unpickling_error(path: Path, e: pickle.UnpicklingError, head: bytes = b"",
+                      misnamed: str | None = None) -> CheckpointError:
     """Refused globals mean the file would run code (unsafe); anything else is a corrupt pickle. ``head``: the
-    pickle's first bytes; for a Lightning checkpoint the error says where such objects usually are."""
+    pickle's first bytes; for a Lightning checkpoint the error says where such objects usually are.
+    ``misnamed``: that the file is another format's (:func:`misnamed_reason`), said instead."""
+    if misnamed:  # another format's file (a safetensors file named .bin): its opcode error said nothing
+        return CheckpointError(path, misnamed)
     msg = str(e)
     found = re.search(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)", msg)
     if found and _LIGHTNING_VERSION.encode() in head:
