@@ -231,15 +231,19 @@ def misnamed_reason(path: Path, read_as: str) -> str | None:
     operand 64") hid that. Reads 9 bytes."""
     try:
         with open(path, "rb") as f:
-            head, size = f.read(9), os.fstat(f.fileno()).st_size
+            head = f.read(9)
     except OSError:
         return None
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        found, ext = "a PyTorch file (what torch.save writes)", ".pt"
-    elif head.startswith(b"GGUF"):
+    # safetensors before the pickle's PROTO byte: a truncated safetensors file whose header length starts with
+    # 0x80 is one still (its byte 8 opens the JSON header; a zip's or a legacy pickle's is no "{")
+    if head.startswith(b"GGUF"):
         found, ext = "a GGUF file", ".gguf"
-    elif len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+    elif head.startswith(b"PK\x03\x04"):
+        found, ext = "a PyTorch file (what torch.save writes)", ".pt"
+    elif head[8:] == b"{":
         found, ext = "a safetensors file", ".safetensors"
+    elif head.startswith(b"\x80"):
+        found, ext = "a PyTorch file (what torch.save writes)", ".pt"
     else:
         return None
     if found.startswith(f"a {read_as}"):
