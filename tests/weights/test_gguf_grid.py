@@ -132,3 +132,48 @@ def test_one_dequantization_gives_the_grid_of_two_bit_for_bit(kind):
     for a, b in zip(got, (lo, step)):
         real = ~np.isnan(b)  # (a NaN's sign bit means nothing)
         assert np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a[real]), np.signbit(b[real]))
+
+
+def check_share_by_every_slack(kind, raw, values, x):
+    """grid_test's share computed with every value's tolerance terms (rel_tol = abs_tol = 0), as before its
+    one-number slack."""
+    from modelatlas.weights.gguf_grid import OFFSET, TOL
+
+    n = {**GRIDS, **LEGACY}[kind][0]
+    lo, step = grid(kind, T[kind], raw, gguf.GGML_QUANT_SIZES[T[kind]][1])
+    flat = step == 0
+    safe = np.where(flat, 1.0, step)
+    code = np.rint((values - lo) / safe)
+    offset = np.abs(lo) if kind in OFFSET else 0.0
+    t = (x.astype(np.float64) - lo) / safe
+    ax, s = np.abs(x), np.abs(safe)
+    slack = TOL + ((0.0 * ax + 0.0) + (ax / s * np.maximum(0.0 * s, 0.0) + 0.0 * offset + 0.0)) / s
+    near = np.abs(t - code) <= 0.5 + slack
+    clamped = ((code == 0) & (t <= 0.5 + slack)) | ((code == n - 1) & (t >= n - 1.5 - slack))
+    return float(np.mean(flat | near | clamped))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the infinite and NaN values, on purpose
+@pytest.mark.parametrize("kind", sorted(GRIDS))
+def test_share_with_one_slack_is_the_share_with_every_values(kind):
+    """The zero-tolerance test's one-number slack gives the share every value's tolerance terms gave, on a
+    source, a fine-tune, and values with infs, a NaN or a float64 so large that |x| / step overflows (there
+    the terms are NaN, not 0: the general path)."""
+    from modelatlas.weights.gguf_grid import grid_test
+
+    raw, values = make_k_rows(kind, rows=4, blocks=3, seed=5)
+    size = gguf.GGML_QUANT_SIZES[T[kind]][1]
+    lo, step = grid(kind, T[kind], raw, size)
+    rng = np.random.default_rng(2)
+    source = (values + rng.uniform(-0.45, 0.45, values.shape) * step).astype(np.float32)
+    tuned = (source + rng.standard_normal(values.shape) * np.abs(step)).astype(np.float32)
+    code = np.rint((values - lo) / np.where(step == 0, 1, step))
+    odd = [source.copy() for _ in range(3)]
+    odd[0][code == GRIDS[kind][0] - 1] = np.inf  # beyond the top level: clamped only with a finite slack
+    odd[1][1, 3] = np.nan
+    odd[2] = odd[2].astype(np.float64)
+    odd[2][2, -1] = 1e306
+    test = grid_test(kind, T[kind], raw, size, values)
+    for x in [source, tuned, *odd]:
+        assert test(x) == check_share_by_every_slack(kind, raw, values, x)
+    assert test(source) == 1.0 > test(odd[0])  # infinite values count as misses, as they did
