@@ -222,3 +222,25 @@ def test_with_no_relative_given_it_stays_a_tree_of_its_own(tmp_path):
              save_folder(tmp_path / "ft-awq", awq_model(make_llama(1, base, 0.05)), CONFIG)]
     forest = recover_lineage(paths)
     assert "ft-awq" in forest.decisions["awq_unsmoothed"] and ["ft-awq"] in forest.trees
+
+
+@pytest.mark.parametrize("name", [O_PROJ, "model.layers.0.self_attn.q_proj.weight"])
+def test_a_layer_and_its_rounding_variance_read_its_stored_tensors_once(tmp_path, monkeypatch, name):
+    """The view's read computes the layer's factors (reading norms, the v/o pair) before the layer, so the
+    stored tensors the reader keeps after it are there for the rounding variance: it reads nothing more of the
+    AWQ file (before, the factors' reads dropped them and the variance read the layer again), and the same
+    variance as a fresh view's."""
+    from tests.weights.conftest import make_byte_counter
+
+    base = make_llama(0)
+    folder = save_folder(tmp_path / "q", awq_model(base), CONFIG)
+    relative = MemoryCheckpoint("ft", make_llama(1, base, 0.05))
+    view = U.UnsmoothedView(open_checkpoint(folder), relative)
+    got = make_byte_counter(monkeypatch)
+    x = view.read(name)
+    after_read = dict(got)
+    v = view.rounding_variance(name, x)
+    assert after_read and got == after_read
+    fresh = U.UnsmoothedView(open_checkpoint(folder), relative)
+    fresh.factors(name)
+    assert torch.equal(v, fresh.rounding_variance(name, x))

@@ -81,8 +81,8 @@ class UnsmoothedView(Checkpoint):
         return self.inner.tensors()
 
     def _read(self, name: str) -> torch.Tensor:
-        x = self.inner.read(name)
-        return self._scaled(name, x, 1)
+        self.factors(name)  # first: they read norms and other layers, which drop what the reader keeps of this one
+        return self._scaled(name, self.inner.read(name), 1)  # its kept stored tensors serve rounding_variance
 
     def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         """The stored layer's rounding variance in the view's scaling: for an AWQ projection, what rounding the
