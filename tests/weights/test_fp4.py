@@ -148,3 +148,24 @@ def test_nan_scales_are_named_when_the_layer_is_read(tmp_path):
     with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck, pytest.raises(
             CheckpointError, match=r"cannot dequantize 'a\.weight' \(MXFP4\): a\.weight_scale holds NaN"):
         ck.read("a.weight")
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "gpt-oss"])
+def test_requantized_match_rounds_256_evenly_spaced_rows(tmp_path, monkeypatch, kind):
+    """As the other formats' tests, FP4's rounds x on up to 256 evenly spaced stored rows (before: every value,
+    600 rows here), gpt-oss's rows across the experts: a copy still 1.0, a fine-tune below; a change to one
+    unsampled row only is not seen, one to a sampled row is."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 64, 200, generator=gen) if kind == "gpt-oss" else torch.randn(600, 64, generator=gen)
+    name = "experts.gate_up_proj" if kind == "gpt-oss" else "layer.weight"
+    folder = make_model(tmp_path / "m", make_gpt_oss(w) if kind == "gpt-oss" else make_nvfp4(w, "layer"))
+    rounded, round_e2m1 = [], F.round_e2m1
+    monkeypatch.setattr(F, "round_e2m1", lambda q: rounded.append(q.numel()) or round_e2m1(q))
+    rows = w.transpose(1, 2) if kind == "gpt-oss" else w[None]  # (experts, stored rows, cols): views
+    with open_checkpoint(folder) as ck:
+        assert ck.requantized_match(name, w) == 1.0 and sum(rounded) == 256 * 64
+        assert ck.requantized_match(name, w + 0.05 * torch.randn(w.shape, generator=gen)) < 0.99
+        rows[0, 1] += 1.0  # stored row 1: between the sampled rows 0 and 2 (600 rows, 256 sampled)
+        assert ck.requantized_match(name, w) == 1.0
+        rows[0, 2] += 1.0
+        assert ck.requantized_match(name, w) < 1.0

@@ -157,7 +157,7 @@ class DequantizedCheckpoint(Checkpoint):
         if layer.scheme == "bnb8":
             return B.requantized_share_int8(x, parts["weight"])
         if layer.scheme == "fp4":
-            return F.requantized_share(x, parts, layer, layer.parts["scale"])
+            return F.requantized_share(x, parts, layer, layer.parts["scale"], SAMPLE_ROWS)
         return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], layer.state["blocksize"])
 
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
@@ -265,7 +265,8 @@ class DequantizedCheckpoint(Checkpoint):
         them (on up to :data:`SAMPLE_ROWS` evenly spaced rows) that quantizing ``x`` again gives, 1.0 for the
         model they were made from. bitsandbytes and MLX layers: the share of all their codes that quantizing
         ``x`` gives with scales taken from ``x`` itself, as the library computes them (:meth:`_requantized`; the
-        stored scales are rounded). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
+        stored scales are rounded). FP4 (NVFP4, MXFP4): ``x`` rounded with the stored scales, on up to
+        :data:`SAMPLE_ROWS` evenly spaced stored rows (:func:`~.fp4.requantized_share`). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
         are a nearest rounding of ``x`` on the stored grid (:func:`~.packed_ints.on_grid`), over the whole
         layer or, when higher, over its best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
         error of the columns it quantized before, so only its first column (the one it started from) is
