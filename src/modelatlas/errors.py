@@ -8,6 +8,7 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -26,6 +27,30 @@ class CheckpointError(AtlasError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class SettingsMismatchError(CheckpointError):
+    """A saved training state was made with another value of a setting than this run's: ``key`` (the
+    config field or run key), ``saved`` and ``now`` (its JSON values); ``shown`` writes a value in the
+    message. The message names the key; the CLI names the flag that sets it instead (:meth:`with_flag`),
+    with the value to pass to continue (a field name alone does not say which flag to change)."""
+
+    def __init__(self, path: str | Path, key: str, saved, now, restart: str, shown=json.dumps):
+        self.key, self.saved, self.now, self.restart, self._shown = key, saved, now, restart, shown
+        super().__init__(path, self._reason(key, "rerun with the same settings"))
+
+    def _reason(self, name: str, rerun: str) -> str:
+        return (f"cannot resume: {name} was {self._shown(self.saved)} in the interrupted run, "
+                f"now {self._shown(self.now)}; {rerun}, or {self.restart}")
+
+    def with_flag(self, flag: str) -> str:
+        """The message with ``flag`` for the key and the fix: "cannot resume: --rank was 32 in the interrupted
+        run, now 8; rerun with --rank 32 to continue it, or train without --resume to start over"."""
+        import shlex
+
+        value = self.saved if isinstance(self.saved, str) else json.dumps(self.saved)
+        rerun = f"rerun with {flag} {shlex.quote(value)} to continue it"
+        return f"{self.path}: {self._reason(flag, rerun)}"
 
 
 class UnknownFormatError(CheckpointError):

@@ -37,7 +37,8 @@ def test_ctrl_c_during_validation_keeps_ddm_and_progress_and_resume_finishes(tmp
     assert "holds an interrupted attribution; pass --resume" in capsys.readouterr().err
     assert main([*TINY, "--train-steps", "3", "--resume", "--out", str(tmp_path / "cut")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot resume: train_steps was 2 in the interrupted run, now 3" in err
+    assert err.count("\n") == 1 and "cannot resume: --train-steps was 2 in the interrupted run, now 3; " \
+        "rerun with --train-steps 2 to continue it, or delete" in err
     assert main([*TINY, "--resume", "--out", str(tmp_path / "cut")]) == 0
     out = capsys.readouterr().out
     assert "the DDM attribution and 3 of 20 leave-one-cluster-out retrainings are kept" in out

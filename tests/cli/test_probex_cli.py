@@ -40,10 +40,18 @@ def test_train_resume_and_auto_layer(make_tiny_zoo, make_trained, tmp_path, caps
 
 
 def test_resume_with_other_settings_is_refused(make_tiny_zoo, make_trained, capsys):
-    base = ["probex", "train", str(make_tiny_zoo), "--rank", "4", "--out", str(make_trained), "--resume"]
-    for extra, said in ((["--layer", "layers.1.weight", "--epochs", "4", "--seed", "9"], "seed was 0"),
-                        (["--layer", "layers.0.weight", "--epochs", "4"], "layer was 'layers.1.weight'"),
-                        (["--layer", "layers.1.weight", "--epochs", "2"], "epochs is 2 now")):
+    """A setting that differs is named by its flag, with the value that continues the run (it said 'rank_u was
+    4', a field no flag of the command is called)."""
+    base = ["probex", "train", str(make_tiny_zoo), "--out", str(make_trained), "--resume"]
+    then = "to continue it, or train without --resume to start over\n"
+    for extra, said in ((["--rank", "4", "--layer", "layers.1.weight", "--epochs", "4", "--seed", "9"],
+                         f"--seed was 0 in the interrupted run, now 9; rerun with --seed 0 {then}"),
+                        (["--rank", "8", "--layer", "layers.1.weight", "--epochs", "4"],
+                         f"--rank was 4 in the interrupted run, now 8; rerun with --rank 4 {then}"),
+                        (["--rank", "4", "--layer", "layers.0.weight", "--epochs", "4"],
+                         "--layer was 'layers.1.weight' in the interrupted run, now 'layers.0.weight'; rerun with "
+                         f"--layer layers.1.weight {then}"),
+                        (["--rank", "4", "--layer", "layers.1.weight", "--epochs", "2"], "epochs is 2 now")):
         capsys.readouterr()
         assert main(base + extra) == 1
         err = capsys.readouterr().err

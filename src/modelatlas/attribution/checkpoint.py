@@ -25,7 +25,7 @@ import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_json_object, read_tensors
 from modelatlas.attribution.ddm import Attribution
-from modelatlas.errors import CheckpointError, ConfigError
+from modelatlas.errors import CheckpointError, ConfigError, SettingsMismatchError
 
 FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safetensors", "loo.json"
 OFFLINE_JSON = "offline.json"
@@ -189,9 +189,8 @@ class RunCheckpoint:
             raise CheckpointError(path, f"cannot resume: it records no settings; {self.restart}")
         for key in [*self.settings, *(k for k in saved if k not in self.settings)]:
             if saved.get(key) != self.settings.get(key):
-                raise CheckpointError(path, f"cannot resume: {key} was {json.dumps(saved.get(key))} in the "
-                                            f"interrupted run, now {json.dumps(self.settings.get(key))}; rerun "
-                                            f"with the same settings, or delete {self.folder} to start over")
+                raise SettingsMismatchError(path, key, saved.get(key), self.settings.get(key),
+                                            f"delete {self.folder} to start over")
 
     def load_loo(self, k_total: int, n_test: int) -> tuple[list[torch.Tensor], torch.Tensor, float] | None:
         """(rows done, full model's test losses, wall seconds so far) of the LOO retraining, or None."""

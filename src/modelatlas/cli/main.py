@@ -38,7 +38,7 @@ try:  # Ctrl-C while these load (tqdm: ~0.1 s) came before main() could catch it
     from modelatlas import __version__
     from modelatlas.allocator import keep_freed_memory
     from modelatlas.cli.output import one_line
-    from modelatlas.errors import AtlasError, ConfigError
+    from modelatlas.errors import AtlasError, ConfigError, SettingsMismatchError
     from modelatlas.waiting import short_spin
 except KeyboardInterrupt:
     if _debug():
@@ -196,11 +196,13 @@ def _drop_stdout() -> None:
 
 
 def _one_line(e: BaseException, field_flags: dict | None = None) -> str:
-    """The message of ``e`` on one line; a config error's fields named by the flags that set them
-    (``field_flags`` of the command, :mod:`modelatlas.cli.flags`)."""
+    """The message of ``e`` on one line; a config error's fields, and the setting a refused resume names,
+    named by the flags that set them (``field_flags`` of the command, :mod:`modelatlas.cli.flags`)."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or e}"
     text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, SettingsMismatchError) and e.key in (field_flags or {}):  # "rank_u was 32": which flag?
+        return " ".join(e.with_flag(field_flags[e.key]).split())
     if isinstance(e, ConfigError) and field_flags:
         from modelatlas.cli.flags import named_by_flags
 

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (same settings; a larger --epochs trains on)")
     t.set_defaults(func=_train, interrupt_hint=_train_interrupted)
-    add_field_flags(t, {**dashed("epochs", "seed"), "rank_u": "--rank", "rank_v": "--rank", "rank_t": "--rank"})
+    add_field_flags(t, {**dashed("epochs", "seed", "task", "layer"), "rank_u": "--rank", "rank_v": "--rank",
+                        "rank_t": "--rank"})  # task, layer: settings a refused --resume names
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")

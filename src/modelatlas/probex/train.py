@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, SettingsMismatchError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import torch_generator
 
@@ -98,9 +98,8 @@ def _check_settings(path: Path, meta: dict, settings: dict, epochs: int) -> None
         if key == "data" and key not in saved:  # a state saved before the data was recorded
             continue
         if saved.get(key) != settings.get(key):
-            raise CheckpointError(path, f"cannot resume: {key} was {_shown(saved.get(key))} in the interrupted "
-                                        f"run, now {_shown(settings.get(key))}; rerun with the same settings, or train "
-                                        "without --resume to start over")
+            raise SettingsMismatchError(path, key, saved.get(key), settings.get(key),
+                                        "train without --resume to start over", _shown)
     if not isinstance(meta.get("epoch"), int) or meta["epoch"] > epochs:
         raise CheckpointError(path, f"cannot resume: epochs is {epochs} now, but the interrupted run has already "
                                     f"trained {meta.get('epoch')!r}; resume with at least as many epochs, or train "
