@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from modelatlas.atomic import (
-    atomic_write_bytes,
-    atomic_write_text,
-    cannot_write,
-    file_in_the_way,
-    not_a_folder,
-    unwritable,
-)
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.flags import add_field_flags, dashed
+from modelatlas.cli.lineage_files import check_out_files, check_outputs_spare_inputs, out_file, write_outputs
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError
 
@@ -29,10 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Recover the directed lineage forest (who was trained from whom) from the "
                                     "weights alone. PATH: model files, model folders, or folders holding many.")
     r.add_argument("paths", nargs="+", metavar="PATH")
-    r.add_argument("--out", type=_out_file, help="write the forest as JSON (atomically)")
-    r.add_argument("--dot", type=_out_file, help="write a Graphviz DOT file")
-    r.add_argument("--mermaid", type=_out_file, help="write a Mermaid graph")
-    r.add_argument("--png", type=_out_file, help="draw the forest as a PNG image (with --truth: edges coloured "
+    r.add_argument("--out", type=out_file, help="write the forest as JSON (atomically)")
+    r.add_argument("--dot", type=out_file, help="write a Graphviz DOT file")
+    r.add_argument("--mermaid", type=out_file, help="write a Mermaid graph")
+    r.add_argument("--png", type=out_file, help="draw the forest as a PNG image (with --truth: edges coloured "
                                                  "right / reversed / wrong)")
     r.add_argument("--truth", type=Path, metavar="MANIFEST", help="zoo manifest (or zoo folder), or a JSON object {\"model\": \"its parent\" or null}: mark and score edges")
     r.add_argument("--base", metavar="MODEL", help="the base model PEFT adapters among PATH were trained on: each "
@@ -40,70 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "hold an update and no model, are skipped)")
     add_recovery_options(r)
     r.set_defaults(func=_recover)
-
-
-def _out_file(text: str) -> Path:
-    """An output file: not empty (``--out ''`` is the current folder: a traceback after the whole recovery)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"invalid output file value: {text!r} (name a file)")
-    if text.strip() == "-":  # wrote a file named '-' where the user expected standard output
-        raise argparse.ArgumentTypeError("invalid output file value: '-' (standard output is not supported: "
-                                         "name a file)")
-    return Path(text)
-
-
-def check_out_files(args: argparse.Namespace) -> None:
-    """Refuse, before the work, an output file that is a folder, lies below a file or where no file can be made
-    (each was reported only after the recovery)."""
-    for option in ("out", "dot", "mermaid", "png"):
-        path = getattr(args, option)
-        if path is None:
-            continue
-        if path.is_dir():
-            raise ConfigError(f"--{option} {path} is a folder; name a file to write (e.g. {path / 'lineage'}."
-                              f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd', 'png': 'png'}[option]})")
-        above = file_in_the_way(path.parent)
-        if above is not None:
-            raise ConfigError(f"--{option} {path} lies below {not_a_folder(above)}, not a folder; choose another path")
-        denied = unwritable(path.parent)  # /proc/version, a read-only mount: refused after the recovery
-        if denied is not None:
-            raise ConfigError(f"{cannot_write(f'--{option} {path}', denied)}; choose another path")
-
-
-def _forest_or_nothing(path: Path) -> bool:
-    """Whether ``path`` is missing, empty or a forest JSON an earlier recovery wrote (rewritten by a rerun)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return True
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "nodes" in data and "edges" in data
-
-
-def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:
-    """Refuse an output file that is a model to read (or a file inside a model folder), the --truth manifest, the
-    manifest of a zoo whose models are given, or another option's output: it was written after the recovery, replacing the model or manifest for good;
-    and an --out file that holds something else than a forest JSON."""
-    inputs = {Path(os.path.realpath(m)): m for m in models if Path(m).exists()}
-    source = getattr(truth, "source", None)
-    taken: dict[Path, str] = {Path(os.path.realpath(source)): "the --truth manifest"} if source else {}
-    for manifest in {Path(m).parent / "manifest.json" for m in models}:  # a given zoo's true lineage and config
-        if manifest.is_file():
-            taken.setdefault(Path(os.path.realpath(manifest)), f"the zoo manifest {manifest}")
-    for option in ("out", "dot", "mermaid", "png"):
-        path = getattr(args, option)
-        if path is None:
-            continue
-        real = Path(os.path.realpath(path))
-        model = next((m for m in inputs if real == m or (m in real.parents and real.exists())), None)
-        what = f"the model {inputs[model]}" if model is not None else taken.get(real)
-        if what is not None:
-            raise ConfigError(f"--{option} {path} would overwrite {what}; choose another file")
-        taken[real] = f"the --{option} file"
-    if args.out is not None and not _forest_or_nothing(args.out):  # a distillation's result.json was replaced
-        raise ConfigError(f"--out {args.out} holds another file than a lineage forest (JSON with 'nodes' and "
-                          "'edges'), which it would replace; choose another file, or delete it first")
 
 
 def add_recovery_options(p: argparse.ArgumentParser) -> None:
@@ -236,7 +164,7 @@ def _recover(args: argparse.Namespace) -> int:
         est = LineageRecovery(config).fit(models, progress=tqdm_progress, adapter_base=base)
     forest = with_truth(est.forest_, truth)
     show_forest(forest, truth)
-    _write_outputs(args, forest, truth)
+    write_outputs(args, forest, truth)
     return 0
 
 
@@ -365,29 +293,3 @@ def show_forest(forest, truth=None) -> None:
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
              f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
              + left)
-
-
-def _write_outputs(args: argparse.Namespace, forest, truth) -> None:
-    from modelatlas.lineage.export import to_dot, to_mermaid
-    from modelatlas.lineage.scoring import edge_marks, error_notes, score_forest
-
-    marks, notes = (edge_marks(forest, truth), error_notes(forest, truth)) if truth is not None else (None, None)
-    if args.out:
-        data = forest.to_dict()
-        if truth is not None:
-            data["scores"] = score_forest(forest, truth).as_dict()
-        from modelatlas.atomic import atomic_write_json
-
-        atomic_write_json(args.out, data)
-        echo(f"wrote {args.out}")
-    if args.dot:
-        atomic_write_text(args.dot, to_dot(forest, marks))
-        echo(f"wrote {args.dot}")
-    if args.mermaid:
-        atomic_write_text(args.mermaid, to_mermaid(forest, marks, notes))
-        echo(f"wrote {args.mermaid}")
-    if args.png:
-        from modelatlas.lineage.plot import render_forest
-
-        atomic_write_bytes(args.png, render_forest(forest, marks))
-        echo(f"wrote {args.png}")
