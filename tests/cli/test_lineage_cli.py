@@ -414,3 +414,19 @@ def test_an_out_file_of_another_kind_is_not_replaced(tmp_path, capsys):
             out.write_text(before)
         assert main(["lineage", "recover", str(zoo), "--out", str(out)]) == 0
         assert set(json.loads(out.read_text())) >= {"nodes", "edges"}
+
+
+@pytest.mark.parametrize("command", [["lineage", "recover"], ["index", "build"]])
+def test_a_missing_base_is_named_before_the_adapter_zoo_note(tmp_path, capsys, command):
+    """`--base nope` on adapters of a zoo printed the zoo's note ('not all on --base: t0.0 is on t0') before
+    the error that --base does not exist (`index build`'s error did not name --base)."""
+    from tests.zoo.conftest import _config
+
+    from modelatlas.zoo import make_zoo
+
+    zoo = tmp_path / "az"
+    make_zoo(_config(trees=1, depth=1, method="lora", storage="adapter", lora_ranks=(2,)), zoo, workers=1)
+    assert main([*command, str(zoo / "t0.0"), str(zoo / "t0.1"), "--base", "nope",
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --base nope: no such file or folder") and err.count("\n") == 1, err

@@ -46,10 +46,13 @@ MAX_WARNED = 20  # notes warned by `index build`; `index show` lists every one
 def _build(args: argparse.Namespace) -> int:
     from modelatlas.atlas import build_atlas
     from modelatlas.atlas.index import check_atlas_folder
-    from modelatlas.cli.lineage import config_from_args, expand_paths
+    from modelatlas.cli.lineage import config_from_args, expand_paths, open_base
     from modelatlas.errors import ConfigError
 
     check_atlas_folder(args.out)  # before the work, not after it
+    base = open_base(args.base)[1]  # before the models' notes, named as --base's (build_atlas opens it again)
+    if base is not None:
+        base.close()
     models = expand_paths(args.paths, args.base)
     if not models:
         raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")

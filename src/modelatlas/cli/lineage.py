@@ -65,7 +65,7 @@ def config_from_args(args: argparse.Namespace):
                          layers=args.layers, distance=args.distance, placement=args.placement)
 
 
-def expand_paths(paths: list[str], base: str | None = None) -> list[Path]:
+def expand_paths(paths: list[str], base: str | Path | None = None) -> list[Path]:
     """Model paths from the arguments; a path that is neither a model nor a folder of models is reported
     on stderr and skipped. ``base``: the --base adapters are merged onto (for the note on adapter zoos)."""
     from modelatlas.weights.registry import distinct_models
@@ -98,7 +98,7 @@ def discover_or_skip(path: str | Path, alone: bool) -> list[Path]:
     return models
 
 
-def note_zoo_adapters(models: list[Path], base: str | None = None) -> None:
+def note_zoo_adapters(models: list[Path], base: str | Path | None = None) -> None:
     """On stderr, how to compare the models of a zoo stored as adapters: each holds only its update on its
     parent, which may itself be an adapter (one --base cannot serve them). With ``base``, only for a zoo with
     an adapter whose parent is not that model: a zoo whose adapters all sit on it is compared as it is."""
@@ -114,7 +114,7 @@ def note_zoo_adapters(models: list[Path], base: str | None = None) -> None:
              f"`atlas zoo merge {shown[0]} --out DIR` writes their full weights to compare")
 
 
-def _off_base(zoo: Path, adapters: list[Path], base: str | None) -> str | None:
+def _off_base(zoo: Path, adapters: list[Path], base: str | Path | None) -> str | None:
     """None when ``base`` is given and the zoo's manifest puts every one of ``adapters`` on it; else why the
     note applies: "t0.0.0 is on t0.0" for the first adapter on another parent, "" without ``base`` or when
     the manifest cannot say (unreadable, or the adapter or its parent not in it)."""
@@ -141,19 +141,18 @@ def _off_base(zoo: Path, adapters: list[Path], base: str | None) -> str | None:
 
 def _recover(args: argparse.Namespace) -> int:
     from modelatlas.lineage import LineageRecovery
-    from modelatlas.weights import join_adapter_base
+    from modelatlas.weights.registry import distinct_models
 
     config = config_from_args(args)
     check_out_files(args)
     truth = _load_truth(args.truth)
-    models = expand_paths(args.paths, args.base)
-    if not models:
-        raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
-    try:
-        base, models = join_adapter_base(args.base, models)
-    except CheckpointError as e:
-        raise ConfigError(f"--base {e}") from e
+    base_path, base = open_base(args.base)  # before the models: their notes came before "--base nope: no such file"
     with nullcontext() if base is None else base:
+        models = expand_paths(args.paths, base_path)
+        if not models:
+            raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
+        if base_path is not None:  # the root its adapters hang from, first, kept once if also given
+            models = distinct_models([base_path, *models])
         check_outputs_spare_inputs(args, models, truth)
         if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
             from modelatlas.lineage.scoring import check_truth
@@ -166,6 +165,19 @@ def _recover(args: argparse.Namespace) -> int:
     show_forest(forest, truth)
     write_outputs(args, forest, truth)
     return 0
+
+
+def open_base(base: str | None):
+    """(its model path, the open model) of --base, or (None, None) without one; a wrong one named as --base's.
+    The caller closes the model."""
+    if base is None:
+        return None, None
+    from modelatlas.weights import open_adapter_base
+
+    try:
+        return open_adapter_base(base)
+    except CheckpointError as e:
+        raise ConfigError(f"--base {e}") from e
 
 
 def _load_truth(path: Path | None):
