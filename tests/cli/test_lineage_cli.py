@@ -430,3 +430,23 @@ def test_a_missing_base_is_named_before_the_adapter_zoo_note(tmp_path, capsys, c
                  "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --base nope: no such file or folder") and err.count("\n") == 1, err
+
+
+def test_a_base_with_no_adapter_among_the_models_changes_nothing_and_says_so(tmp_path, capsys):
+    """--base with no adapter among the paths rooted the base's tree and dropped that tree's stage evidence
+    (a tiny zoo's stage confidence 0.88 -> 0.73, its root confidence -> 1.0), without a word."""
+    import json
+
+    from tests.zoo.conftest import _config
+
+    from modelatlas.zoo import make_zoo
+
+    zoo = tmp_path / "zoo"
+    make_zoo(_config(trees=2, depth=1, method="full"), zoo, workers=1)
+    assert main(["lineage", "recover", str(zoo), "--out", str(tmp_path / "plain.json")]) == 0
+    assert "--base" not in capsys.readouterr().err
+    assert main(["lineage", "recover", str(zoo), "--base", str(zoo / "t0"), "--out", str(tmp_path / "base.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --base {zoo / 't0'}: no PEFT adapter among the models, so none was merged onto it" in err
+    plain, based = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "base.json"))
+    assert based == plain and "adapter_base" not in based["decisions"]

@@ -67,9 +67,10 @@ def _build(args: argparse.Namespace) -> int:
     if len(notes) > MAX_WARNED:  # 1,000 models outside the experts' trees were 1,000 lines
         warn(f"... and {len(notes) - MAX_WARNED} more notes: `atlas index show {args.out}` lists them all")
     _show_atlas(atlas, notes=False)  # they were just warned
-    from modelatlas.cli.lineage import warn_stage_guess
+    from modelatlas.cli.lineage import warn_stage_guess, warn_unused_base
 
     warn_stage_guess(atlas.forest)
+    warn_unused_base(atlas.forest, args.base)
     echo(f"atlas written to {args.out} (open {args.out / 'atlas.html'} in a browser)")
     return 0
 

@@ -163,6 +163,7 @@ def _recover(args: argparse.Namespace) -> int:
         est = LineageRecovery(config).fit(models, progress=tqdm_progress, adapter_base=base)
     forest = with_truth(est.forest_, truth)
     show_forest(forest, truth)
+    warn_unused_base(forest, args.base)
     write_outputs(args, forest, truth)
     return 0
 
@@ -240,6 +241,14 @@ def warn_stage_guess(forest) -> None:
     if directed and not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
         warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
              "directions are a guess; pass --stage specialize|generalize if you know it")
+
+
+def warn_unused_base(forest, base: str | None) -> None:
+    """Warn (stderr) when --base was given but no adapter was merged onto it (the recovery is then the one of
+    the base given as a model, which it silently became). Time O(1)."""
+    if base is not None and not forest.decisions.get("adapter_base"):
+        warn(f"--base {base}: no PEFT adapter among the models, so none was merged onto it; --base only roots the "
+             "tree of the adapters merged onto it: it was compared as one more model")
 
 
 def _model_notes(forest) -> None:

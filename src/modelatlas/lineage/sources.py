@@ -152,7 +152,9 @@ def as_checkpoints(source, progress=None, adapter_base: Checkpoint | None = None
 def adapter_roles(ckpts: list[Checkpoint], adapter_base: Checkpoint | None) -> tuple[str | None, list[str]]:
     """(the name of the model among ``ckpts`` that is ``adapter_base``, the PEFT adapters' base: the same open
     checkpoint or the same model on disk, else None; the names of the checkpoints merged onto it, in order).
-    Time O(N) (a path's real location for each full model)."""
+    With none merged onto it the base is None: it is known to be the root only of adapters merged onto it
+    (rooted without one, its tree's stage evidence was dropped for none: a tiny zoo's confidence fell from
+    0.88 to 0.73, and its root confidence rose to 1.0). Time O(N) (a path's real location for each full model)."""
     from modelatlas.weights.peft_lora import MergedLoraCheckpoint
     from modelatlas.weights.registry import distinct_models
 
@@ -162,7 +164,7 @@ def adapter_roles(ckpts: list[Checkpoint], adapter_base: Checkpoint | None) -> t
     base = next((c.name for c in ckpts if c is adapter_base or (
         c.kind == "full" and not isinstance(c, MergedLoraCheckpoint)
         and len(distinct_models([Path(c.path), Path(adapter_base.path)])) == 1)), None)
-    return base, merged
+    return base if merged else None, merged
 
 
 def gguf_aligned(ckpts: list[Checkpoint], pattern: str | None = None
