@@ -209,7 +209,7 @@ def test_an_output_that_would_overwrite_an_input_is_refused_before_recovery(tmp_
     for opts, said in ((["--out", str(model)], f"--out {model} would overwrite the model {model};"),
                        (["--out", str(tmp_path / "manifest.json")], "would overwrite the --truth manifest;"),
                        (["--dot", str(tmp_path / "hf" / "config.json")], f"the model {tmp_path / 'hf'};"),
-                       (["--dot", str(tmp_path / "f"), "--png", str(tmp_path / "f")], "would overwrite the --dot file;")):
+                       (["--dot", str(tmp_path / "f"), "--mermaid", str(tmp_path / "f")], "would overwrite the --dot file;")):
         assert main(["lineage", "recover", str(tmp_path), "--truth", str(tmp_path), *opts]) == 1
         out, err = capsys.readouterr()
         assert said in err and err.count("\n") == 1 and out == ""  # refused before the recovery drew anything
@@ -450,3 +450,26 @@ def test_a_base_with_no_adapter_among_the_models_changes_nothing_and_says_so(tmp
     assert f"warning: --base {zoo / 't0'}: no PEFT adapter among the models, so none was merged onto it" in err
     plain, based = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "base.json"))
     assert based == plain and "adapter_base" not in based["decisions"]
+
+
+@pytest.mark.parametrize("opts, said", [
+    (["--png", "forest.mmd"], "error: --png forest.mmd: --png writes a PNG image; name it forest.png (--mermaid writes "
+                              "the .mmd file)\n"),
+    (["--png", "forest"], "error: --png forest: --png writes a PNG image; name it forest.png\n"),
+    (["--mermaid", "forest.png"], "error: --mermaid forest.png: --mermaid writes a Mermaid graph, not an image; name "
+                                  "it forest.mmd (--png draws the forest as a PNG image)\n"),
+    (["--out", "f.PNG"], "error: --out f.PNG: --out writes the forest as JSON, not an image; name it f.json (--png "
+                         "draws the forest as a PNG image)\n")])
+def test_an_output_named_for_another_format_is_refused_before_the_recovery(tmp_path, capsys, monkeypatch, opts, said):
+    """`--png forest.mmd` wrote the PNG image under the Mermaid file's name without a word."""
+    make_tiny_zoo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["lineage", "recover", str(tmp_path), *opts]) == 1
+    assert capsys.readouterr() == ("", said) and not (tmp_path / opts[1]).exists()
+
+
+def test_other_suffixes_of_the_text_outputs_and_an_upper_case_png_are_written(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    files = {"--dot": tmp_path / "f.gv", "--mermaid": tmp_path / "f.md", "--png": tmp_path / "f.PNG"}
+    assert main(["lineage", "recover", str(tmp_path), *(str(x) for kv in files.items() for x in kv)]) == 0
+    assert all(f.is_file() for f in files.values()) and files["--png"].read_bytes()[:4] == b"\x89PNG"

@@ -31,22 +31,46 @@ def out_file(text: str) -> Path:
     return Path(text)
 
 
+# each output's suffix, as docs/lineage.md names the files, and what it writes
+SUFFIXES = {"out": ".json", "dot": ".dot", "mermaid": ".mmd", "png": ".png"}
+_WRITES = {"out": "the forest as JSON", "dot": "a Graphviz DOT graph", "mermaid": "a Mermaid graph"}
+
+
 def check_out_files(args: argparse.Namespace) -> None:
     """Refuse, before the work, an output file that is a folder, lies below a file or where no file can be made
-    (each was reported only after the recovery)."""
+    (each was reported only after the recovery), and a --png not named .png or another output named .png."""
     for option in ("out", "dot", "mermaid", "png"):
         path = getattr(args, option)
         if path is None:
             continue
         if path.is_dir():
-            raise ConfigError(f"--{option} {path} is a folder; name a file to write (e.g. {path / 'lineage'}."
-                              f"{ {'out': 'json', 'dot': 'dot', 'mermaid': 'mmd', 'png': 'png'}[option]})")
+            raise ConfigError(f"--{option} {path} is a folder; name a file to write (e.g. {path / 'lineage'}"
+                              f"{SUFFIXES[option]})")
         above = file_in_the_way(path.parent)
         if above is not None:
             raise ConfigError(f"--{option} {path} lies below {not_a_folder(above)}, not a folder; choose another path")
         denied = unwritable(path.parent)  # /proc/version, a read-only mount: refused after the recovery
         if denied is not None:
             raise ConfigError(f"{cannot_write(f'--{option} {path}', denied)}; choose another path")
+        check_suffix(option, path)
+
+
+def check_suffix(option: str, path: Path) -> None:
+    """Refuse a --png whose name does not end in .png (`--png forest.mmd` wrote the image under the Mermaid
+    file's name without a word; a viewer or Mermaid then opens garbage), and a text output named .png (the
+    image one expected is text). Other suffixes of the text outputs are taken as given (.gv, .txt, .md)."""
+    png = path.suffix.lower() == ".png"
+    if option == "png" and not png:
+        raise ConfigError(f"--png {path}: --png writes a PNG image; name it {path.with_suffix('.png')}"
+                          + (f" (--{_named(path)} writes the {path.suffix} file)" if _named(path) else ""))
+    if option != "png" and png:
+        raise ConfigError(f"--{option} {path}: --{option} writes {_WRITES[option]}, not an image; name it "
+                          f"{path.with_suffix(SUFFIXES[option])} (--png draws the forest as a PNG image)")
+
+
+def _named(path: Path) -> str | None:
+    """The other output whose suffix ``path`` has ("mermaid" for forest.mmd), or None."""
+    return next((o for o, s in SUFFIXES.items() if s == path.suffix.lower() and o != "png"), None)
 
 
 def _forest_or_nothing(path: Path) -> bool:
