@@ -118,7 +118,7 @@ def test_wrong_experts_are_refused_before_the_lineage_recovery(make_class_zoo, t
     monkeypatch.setattr(build_module, "recover_lineage", no_lineage)
     with pytest.raises(AtlasError, match="pass them as --experts"):
         build_atlas([zoo], text_experts=experts)
-    with pytest.raises(AtlasError, match="not an experts folder"):
+    with pytest.raises(AtlasError, match="typo: no such folder"):
         build_atlas([zoo], experts=tmp_path / "typo")
 
 

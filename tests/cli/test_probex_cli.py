@@ -120,6 +120,16 @@ def test_predict_errors_are_one_line(tmp_path, capsys, make_tiny_zoo):
     assert "no such manifest" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["probex", "predict"], ["probex", "search", "a seven"], ["index", "build"]])
+def test_missing_experts_folder_is_named_as_missing(tmp_path, capsys, make_tiny_zoo, command):
+    """It said 'nope: not an experts folder (no index.json; ...)', as if the folder were there."""
+    missing = tmp_path / "nope"
+    out = ["--out", str(tmp_path / "atlas")] if command[0] == "index" else []
+    assert main([*command, str(make_tiny_zoo / "t0.safetensors"), "--experts", str(missing), *out]) == 1
+    assert capsys.readouterr().err == (f"error: {missing}: no such folder; pass the folder `atlas probex train "
+                                       "--out` wrote\n")
+
+
 def test_text_train_and_search(tmp_path, capsys):
     from modelatlas.probex.families import make_named_class_zoo
 

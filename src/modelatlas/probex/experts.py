@@ -264,11 +264,13 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
 
 
 def _read_index(folder: Path) -> dict:
-    """``index.json`` of an experts folder, its keys checked; a folder with checkpoints but no index is a
-    training run that did not finish."""
+    """``index.json`` of an experts folder, its keys checked; a missing folder is named as missing, and a
+    folder with checkpoints but no index is a training run that did not finish."""
     if folder.is_file():  # e.g. the index itself: "index.json/index.json: Not a directory" said nothing useful
         raise CheckpointError(folder, "a file, not an experts folder; pass the folder `atlas probex train --out` "
                                       "wrote" + (f" ({folder.parent})" if folder.name == "index.json" else ""))
+    if not folder.exists():  # (said "not an experts folder (no index.json ...)", as if the folder were there)
+        raise CheckpointError(folder, "no such folder; pass the folder `atlas probex train --out` wrote")
     path = folder / "index.json"
     if not path.exists() and (folder / "checkpoints").is_dir():
         raise CheckpointError(folder, "training did not finish (no index.json); rerun the same `atlas probex "
