@@ -102,40 +102,37 @@ def test_the_cli_says_which_quantized_models_have_no_source_among_the_models(tmp
                                               "quantized from: placed as a model of its own")
 
 
-def test_bitsandbytes_models_hang_below_their_sources(tmp_path):
-    p = make_weights(0)
-    ft = make_weights(10, p, step=0.05)
-    save_file(p, tmp_path / "p.safetensors")
-    save_file(ft, tmp_path / "ft.safetensors")
-    nf4, int8 = {}, {}
-    for k in LAYERS:
-        nf4.update(make_bnb4(ft[k], name=k.removesuffix(".weight")))
-        int8.update(make_bnb8(p[k], name=k.removesuffix(".weight")))
-    make_folder(tmp_path / "ft-nf4", nf4, {"quant_method": "bitsandbytes", "load_in_4bit": True})
-    make_folder(tmp_path / "p-int8", int8, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+def check_copies_below_their_sources(tmp_path, copies: dict) -> None:
+    """Write p, its fine-tune ft and ``copies`` (folder -> (source "p" / "ft", layer writer, quantization config,
+    label)); lineage must draw each copy as a precision copy below its source, labelled."""
+    models = {"p": make_weights(0)}
+    models["ft"] = make_weights(10, models["p"], step=0.05)
+    for name, w in models.items():
+        save_file(w, tmp_path / f"{name}.safetensors")
+    for folder, (source, write, config, _) in copies.items():
+        tensors = {}
+        for k in LAYERS:
+            tensors.update(write(models[source][k], name=k.removesuffix(".weight")))
+        make_folder(tmp_path / folder, tensors, config)
     forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
-    assert forest.decisions["precision_copies"] == {"ft-nf4": "nf4", "p-int8": "llm-int8"}
-    assert {(e.parent, e.child, e.kind) for e in forest.edges} == {
-        ("p", "ft", "trained"), ("ft", "ft-nf4", "precision"), ("p", "p-int8", "precision")}
+    assert forest.decisions["precision_copies"] == {folder: c[3] for folder, c in copies.items()}
+    assert {(e.parent, e.child, e.kind) for e in forest.edges} == {("p", "ft", "trained")} | {
+        (c[0], folder, "precision") for folder, c in copies.items()}
+
+
+def test_bitsandbytes_models_hang_below_their_sources(tmp_path):
+    check_copies_below_their_sources(tmp_path, {
+        "ft-nf4": ("ft", make_bnb4, {"quant_method": "bitsandbytes", "load_in_4bit": True}, "nf4"),
+        "p-int8": ("p", make_bnb8, {"quant_method": "bitsandbytes", "load_in_8bit": True}, "llm-int8")})
 
 
 def test_fp4_models_hang_below_their_sources(tmp_path):
     """An NVFP4 copy of p and an MXFP4 copy of its fine-tune ft (compressed-tensors' layouts) are drawn as
     their precision copies: rounding the source with the stored scales gives every code, ft's other values not."""
-    p = make_weights(0)
-    ft = make_weights(10, p, step=0.05)
-    save_file(p, tmp_path / "p.safetensors")
-    save_file(ft, tmp_path / "ft.safetensors")
-    nv, mx = {}, {}
-    for k in LAYERS:
-        nv.update(make_nvfp4(p[k], name=k.removesuffix(".weight")))
-        mx.update(make_mxfp4(ft[k], name=k.removesuffix(".weight")))
-    make_folder(tmp_path / "p-nvfp4", nv, {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"})
-    make_folder(tmp_path / "ft-mxfp4", mx, {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized"})
-    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
-    assert forest.decisions["precision_copies"] == {"p-nvfp4": "nvfp4", "ft-mxfp4": "mxfp4"}
-    assert {(e.parent, e.child, e.kind) for e in forest.edges} == {
-        ("p", "ft", "trained"), ("p", "p-nvfp4", "precision"), ("ft", "ft-mxfp4", "precision")}
+    check_copies_below_their_sources(tmp_path, {
+        "p-nvfp4": ("p", make_nvfp4, {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}, "nvfp4"),
+        "ft-mxfp4": ("ft", make_mxfp4, {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized"},
+                     "mxfp4")})
 
 
 def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path):
