@@ -64,19 +64,37 @@ def write_gguf(source: Path, path: Path, kind: str) -> None:
     w.close()
 
 
-def write_llamacpp(source: Path, path: Path, kind: str, binary: Path, rng: np.random.Generator | None) -> None:
+def more_bits(names: list[str], kind: str) -> set[str]:
+    """The 2-D tensors (``names`` in file order) that llama-quantize's ``kind`` would give Q6_K were they named
+    as llama's: for Q3_K_M / Q4_K_M / Q5_K_M the output (the zoos' classifier, else the last) and, of the rest,
+    those ``use_more_bits(i, n)`` picks for attn_v / ffn_down (the first n/8, the last n/8, every third from
+    n/8 + 2, C integer division); none for other kinds. The zoos' names match none of llama's, so without it
+    llama-quantize types every matrix alike."""
+    if not kind.endswith("_K_M") or not names:
+        return set()
+    output = next((m for m in names if m.startswith("classifier")), names[-1])
+    rest = [m for m in names if m != output]
+    n = len(rest)
+    return {output} | {m for i, m in enumerate(rest) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2}
+
+
+def write_llamacpp(source: Path, path: Path, kind: str, binary: Path, rng: np.random.Generator | None,
+                   emulate: bool = False) -> None:
     """``source`` quantized by llama-quantize to ``kind`` (an F32 llama-architecture file first), with a random
     importance matrix (:func:`gguf_imatrix.make_importance`) when ``rng`` is given; tensors that are not 2-D
-    or whose rows are not a multiple of 32 kept as float32 (``--tensor-type NAME=f32``)."""
+    or whose rows are not a multiple of 32 kept as float32 (``--tensor-type NAME=f32``). ``emulate``: the
+    matrices :func:`more_bits` names get Q8_0 (Q6_K's type for rows of 32-64), as a K_M file's are typed."""
     from lineage_llamacpp import write_llama  # bench/lineage_llamacpp.py
 
     tensors = {k: v.float().numpy() for k, v in load_file(str(source)).items()}
     f32, imx = path.with_suffix(".f32.tmp"), path.with_suffix(".imatrix.tmp")
     write_llama(f32, tensors, embed=64, blocks=1, ff=64, heads=1, vocab=8)
     cmd = [str(binary)]
-    for name, x in tensors.items():
-        if x.ndim != 2 or x.shape[1] % 32:
-            cmd += ["--tensor-type", "^" + name.replace(".", "\\.") + "$=f32"]
+    flat = [name for name, x in tensors.items() if x.ndim == 2 and x.shape[1] % 32 == 0]
+    wider = more_bits(flat, kind) if emulate else set()
+    for name in tensors:
+        if name not in flat or name in wider:
+            cmd += ["--tensor-type", "^" + name.replace(".", "\\.") + ("$=q8_0" if name in wider else "$=f32")]
     if rng is not None:
         G.write_imatrix(imx, {k: G.make_importance(rng, x.shape[1]) for k, x in tensors.items() if x.ndim == 2})
         cmd += ["--imatrix", str(imx)]
@@ -143,6 +161,9 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help=f"comma-separated types among {', '.join(KINDS)}; with --quantize, llama-quantize's")
     ap.add_argument("--quantize", type=Path, help="llama.cpp's llama-quantize binary: it writes every file")
+    ap.add_argument("--more-bits", action="store_true",
+                    help="K_M kinds: the classifier and use_more_bits' matrices as Q8_0 (Q6_K's fallback), as "
+                         "llama-quantize types llama's output / attn_v / ffn_down (needs --quantize)")
     ap.add_argument("--imatrix", choices=("none", "random"), default="none",
                     help="random: llama-quantize --imatrix with random column importances (needs --quantize)")
     args = ap.parse_args()
@@ -157,7 +178,7 @@ def main() -> None:
         imx_rng = np.random.default_rng(args.seed + 1) if args.imatrix == "random" else None
 
         def write(src: Path, path: Path, kind: str) -> None:
-            write_llamacpp(src, path, kind, args.quantize, imx_rng)
+            write_llamacpp(src, path, kind, args.quantize, imx_rng, args.more_bits)
 
     rows = [zoo_row(z, args.work, rng, args.replace, kinds, args.share, write) for z in args.zoos
             if (z / "manifest.json").is_file()]
