@@ -13,6 +13,7 @@ from modelatlas.lineage.rounding import (
     debiased_moments,
     debiased_singular_values,
     debiased_squared,
+    rounding_excess,
     same_grid_noise,
     same_model_pairs,
 )
@@ -132,6 +133,47 @@ def test_same_model_pairs_by_hand():
     # 3 joins the nearest kept one relative to their energies: 0.1 / 13 (model 2) < 0.2 / 10 (model 0)
     assert same_model_pairs(excess, spread, energy, [3, 2, 1, 0]) == {1: 0, 3: 2}
     assert same_model_pairs(excess, spread, energy, [0, 1, 2, 3], z=0.0, rel=0.0) == {}
+
+
+def test_rounding_excess_of_a_pair_on_one_grid_is_its_distance():
+    # two models, energies 1 and 2 (v2 0.5, 1.0), 3 apart: excess 3 - 1 - 2 = 0, spread 0.8 x 1.5; on one grid
+    # the roundings of one model are equal, so the whole 3 is the weights' and nothing varies (was: inf)
+    d2 = torch.tensor([[0.0, 3.0], [3.0, 0.0]], dtype=torch.float64)
+    sums = torch.tensor([[1.0, 0, 0, 0.5], [2.0, 0, 0, 1.0]], dtype=torch.float64)
+    excess, spread = rounding_excess(d2, sums)
+    assert excess[0, 1] == pytest.approx(0.0) and spread[0, 1] == pytest.approx(0.8 * 1.5)
+    excess, spread = rounding_excess(d2, sums, np.array([[False, True], [True, False]]))
+    assert excess[0, 1] == pytest.approx(3.0) and spread[0, 1] == 0.0
+    assert excess[0, 0] == pytest.approx(-2.0)  # the diagonal still reads minus twice the energy
+
+
+def write_mixed(path, weights, kinds):
+    """A GGUF file of ``weights`` with each tensor's own type ``kinds[name]`` (a K_M file's mix)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for k, v in weights.items():
+        t = gguf.GGMLQuantizationType[kinds[k]]
+        q = gguf.quants.quantize(v.numpy(), t)
+        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_mixed_file_and_a_q8_0_file_of_one_model_are_one_model(tmp_path):
+    """base not given: as a Q8_0 file and as a mix (Q4_0 on two layers, Q8_0 on the third, as a Q4_K_M file of
+    short rows types them). The shared Q8_0 layer made the pair's excess infinite: never one model, and the mix
+    was placed as a model. The mix of a fine-tune 5 % away stays a model."""
+    gen = torch.Generator().manual_seed(5)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    ft = {k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()}
+    mix = {"a.weight": "Q4_0", "b.weight": "Q4_0", "c.weight": "Q8_0"}
+    write_gguf(tmp_path / "base-q8_0.gguf", base, "Q8_0")
+    write_mixed(tmp_path / "base-mix.gguf", base, mix)
+    write_mixed(tmp_path / "ft-mix.gguf", ft, mix)
+    forest = recover_lineage(sorted(tmp_path.iterdir()))
+    assert forest.decisions["same_model_roundings"] == {"base-mix": "base-q8_0"}
+    assert next(e for e in forest.edges if e.child == "base-mix").kind == "precision"
 
 
 def make_roundings(folder, seed, step):

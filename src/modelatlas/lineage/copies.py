@@ -141,7 +141,10 @@ def split_same_model(members: list[Checkpoint], layers: list[TensorInfo], st, ke
     kinds = {i: quant_type(members[i], layers) for i in keep}
     energy = -np.diagonal(st.excess) / 2  # each model's summed rounding energy (d^2 = 0 less twice it)
     accept = _same_vectors(members)
-    pairs = {q: r for q, r in same_model_pairs(st.excess, st.spread, energy, [i for i in keep if kinds[i]]).items()
+    excess = st.excess.copy()
+    for q in keep:  # two files of one type are never roundings of one model (two of one model: one file)
+        excess[q, [r for r in keep if kinds[r] and kinds[r] == kinds[q]]] = np.inf
+    pairs = {q: r for q, r in same_model_pairs(excess, st.spread, energy, [i for i in keep if kinds[i]]).items()
              if accept(q, r)}
     for q, r in pairs.items():
         duplicates[members[q].name] = same[members[q].name] = members[r].name

@@ -247,20 +247,26 @@ def rounding_excess(d2: torch.Tensor, sums: torch.Tensor, same: np.ndarray | Non
     """((N, N) ``d2`` less both models' rounding energy, (N, N) that difference's variance when the two are
     roundings of one model) for one layer, from each model's :func:`rounding_sums` (N, SUMS): the sum of ``P``
     squared uniform errors has variance ``(1.8 - 1) sum v^2``. Pairs of ``same`` (N, N) (one type: one
-    grid) get an infinite excess: two roundings of one model on one grid are one file, which the duplicate
-    test finds; any difference is the weights'. Time O(N^2)."""
+    grid) keep their whole ``d2``, of variance 0: two roundings of one model on one grid are equal there, so
+    any difference is the weights'. (Such a layer used to make the pair's excess infinite: a K_M file and a
+    Q8_0 file of one model, whose Q6_K layers both hold as Q8_0 where rows are short, were never one model.
+    Two files of one type on every layer are one file, which the duplicate test finds:
+    :func:`~modelatlas.lineage.copies.split_same_model` never pairs them.) Time O(N^2)."""
     v, v2 = sums[:, 0], sums[:, 3]
     excess = d2 - v[:, None] - v[None, :]
+    spread = (UNIFORM_M4 - 1) * (v2[:, None] + v2[None, :])
     if same is not None and same.any():
-        excess = excess.masked_fill(torch.from_numpy(same), float("inf"))
-    return excess, (UNIFORM_M4 - 1) * (v2[:, None] + v2[None, :])
+        one = torch.from_numpy(same)
+        excess = torch.where(one, d2, excess)
+        spread = spread.masked_fill(one, 0.0)
+    return excess, spread
 
 
 def same_model_pairs(excess: np.ndarray, spread: np.ndarray, energy: np.ndarray, quantized: list[int],
                      z: float = SAME_MODEL_Z, rel: float = SAME_MODEL_REL) -> dict[int, int]:
     """Quantized models that are roundings of one model: coarser model -> a finer one it is within rounding
     of (``excess <= z sqrt(spread) + rel (E_q + E_r)``: its squared distance, summed over layers, no more than
-    the two roundings explain; :func:`rounding_excess`; never for two of one type), the closest pairs
+    the two roundings explain; :func:`rounding_excess`), the closest pairs
     (excess relative to their energies) first; a model joins one that has joined none, and only when it is
     within rounding of each model already joined to it (two files of one type that differ cannot both be
     roundings of one model). ``energy``: (N,) summed rounding energy E (finer: smaller). A fine-tune within
