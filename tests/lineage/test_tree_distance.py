@@ -43,6 +43,9 @@ def test_auto_kind_by_hand():
     check_kind(shown=0.25, low=0.0625, want="l2")  # as few signal ranks, a quarter of the update: hidden
     check_kind(shown=1.0, low=0.5, want="nuclear*rank")  # visible, not low rank: full fine-tuning
     check_kind(shown=0.6, low=0.5, want="nuclear*rank")
+    # a fifth of the ranks carrying half the update (full 2 % updates under Q6_K) is not a LoRA tree's
+    check_kind(shown=0.55, low=0.2, want="nuclear*rank")
+    check_kind(shown=0.94, low=0.2, want="rank")  # the least a LoRA tree showed on the development zoos
 
 
 def make_visible_tree(folder, kinds=None, seed=0, step=0.3):
