@@ -43,7 +43,8 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
     """One tree's edge distances and their kind ("l2", "rank", "nuclear*rank"; ``views`` not in the choice).
 
     ``auto``: when nearly all (90%) edges of the tree's RMS minimum spanning tree differ by a rank below a
-    quarter of the sketch (a LoRA tree, :func:`_low_rank_tree`) the summed rank is used (RMS breaks ties).
+    quarter of the sketch, ranks that carry most of the update (a LoRA tree, :func:`_low_rank_tree`), the
+    summed rank is used (RMS breaks ties).
     Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a grandparent
     differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
     add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
