@@ -42,19 +42,18 @@ def tree_distance(cfg: LineageConfig, st: PairStats, idx: np.ndarray, views: lis
                    ) -> tuple[np.ndarray, str]:
     """One tree's edge distances and their kind ("l2", "rank", "nuclear*rank"; ``views`` not in the choice).
 
-    ``auto``: when nearly all (90%) edges of the tree's RMS minimum spanning tree differ by a rank below a
-    quarter of the sketch, ranks that carry most of the update (a LoRA tree, :func:`_low_rank_tree`), the
-    summed rank is used (RMS breaks ties).
-    Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a grandparent
-    differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius norms)
-    add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
-    pairs only (each model's ``NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs
-    count as far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is
-    the recipe's own choice: rank for a LoRA tree, else RMS (``l2``). A tree of quantized models whose
-    updates are hidden under the rounding noise (:func:`_hidden_tree`) takes RMS (debiased for the rounding)
-    in either; one whose models are all quantized (alike, :func:`_one_rounding`; or in several types, counted
-    over the coarsest's noise, :func:`_common_noise`) nuclear norm x signal rank (the rank over the noise) in
-    ``auto``, whatever the LoRA test says. Time O(n k L n_l s^2)."""
+    ``auto``: when nearly all (90%) edges of the tree's RMS minimum spanning tree differ by a rank below a quarter
+    of the sketch, ranks that carry most of the update (a LoRA tree, :func:`_low_rank_tree`), the summed rank is
+    used (RMS breaks ties). Otherwise nuclear norm x rank fraction: a fine-tuning update is low-rank-ish too, and a
+    grandparent differs by the *sum* of two updates in different subspaces, whose nuclear norms (unlike Frobenius
+    norms) add and whose ranks add, even where it is not farther in RMS. Spectra are computed for near-neighbour
+    pairs only (each model's ``NEIGHBOURS`` nearest by RMS; all pairs for the paper's recipe); other pairs count as
+    far (10 x the largest computed distance, full rank). With ``method="mother-paper"``, ``auto`` is the recipe's
+    own choice: rank for a LoRA tree, else RMS (``l2``). A tree of quantized models whose updates are hidden under
+    the rounding noise (:func:`_hidden_tree`) takes RMS (debiased for the rounding) in either; one whose models are
+    all quantized (alike, :func:`_one_rounding`; or in several types, counted over the coarsest's noise,
+    :func:`_common_noise`) nuclear norm x signal rank (the rank over the noise) in ``auto``, whatever the LoRA test
+    says. Time O(n k L n_l s^2)."""
     rms, paper = st.rms[np.ix_(idx, idx)], cfg.method == "mother-paper"
     if cfg.distance == "l2" or len(idx) < 2 or not st.sketches:
         return rms, "l2"
