@@ -150,18 +150,23 @@ def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path)
         recover_lineage(sorted(tmp_path.iterdir()), layers=r"a\.weight_packed", stage="specialize")
 
 
-def make_qlora(folder, source=False):
-    """base-nf4 (NF4 of make_weights(0); with ``source``, that model too, as src) and merged0, merged1: its
-    dequantized values plus a small rank-4 update each, saved in bfloat16, as a QLoRA merge is."""
+NF4 = (make_bnb4, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+NVFP4 = (make_nvfp4, {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"})
+
+
+def make_qlora(folder, source=False, base_name="base-nf4", quantize=NF4):
+    """``base_name`` (NF4 of make_weights(0), or another ``quantize``: (layer writer, config); with ``source``,
+    that model too, as src) and merged0, merged1: its dequantized values plus a small rank-4 update each, saved
+    in bfloat16, as a QLoRA merge is."""
     from modelatlas.weights import open_checkpoint
 
     base, src = {}, make_weights(0)
     for k in LAYERS:
-        base.update(make_bnb4(src[k], name=k.removesuffix(".weight")))
-    make_folder(folder / "base-nf4", base, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+        base.update(quantize[0](src[k], name=k.removesuffix(".weight")))
+    make_folder(folder / base_name, base, quantize[1])
     if source:
         save_file(src, folder / "src.safetensors")
-    nf4, gen = open_checkpoint(folder / "base-nf4"), torch.Generator().manual_seed(1)
+    nf4, gen = open_checkpoint(folder / base_name), torch.Generator().manual_seed(1)
     for i in range(2):
         merged = {k: (nf4.read(k) + torch.randn(512, 4, generator=gen) @ torch.randn(4, 64, generator=gen) * 1e-3)
                   .to(torch.bfloat16) for k in LAYERS}
@@ -216,3 +221,16 @@ def test_a_qlora_base_quantized_from_a_given_model_roots_that_model(tmp_path):
     assert forest.roots() == ["src"] and forest.decisions["rooted_at_quantized_base"] == ["src"]
     assert ("src", "base-nf4", "precision") in {(e.parent, e.child, e.kind) for e in forest.edges}
     assert forest.parents()["merged0"] in ("src", "merged1") and forest.parents()["merged1"] in ("src", "merged0")
+
+
+def test_a_merge_of_a_dequantized_nvfp4_base_is_its_child(tmp_path):
+    """The QLoRA case over NVFP4: merges of the base's dequantized values plus a small low-rank update round
+    back to its codes, and FP4 had no grid_position, so base-nvfp4 was drawn as the 'nvfp4 copy of' merged0,
+    the wrong way round. The merges' values sit on the base's E2M1 levels (times each block's scale): made from
+    it, they are its children, and it roots the tree."""
+    make_qlora(tmp_path, base_name="base-nvfp4", quantize=NVFP4)
+    forest = recover_lineage(sorted(tmp_path.iterdir()), stage="specialize")
+    assert forest.decisions["made_from_quantized"] == {"merged0": "base-nvfp4", "merged1": "base-nvfp4"}
+    assert not [e for e in forest.edges if e.kind == "precision"]
+    assert forest.parents() == {"base-nvfp4": None, "merged0": "base-nvfp4", "merged1": "base-nvfp4"}  # was
+    # merged1 the root, base-nvfp4 its precision copy

@@ -102,7 +102,10 @@ def test_a_copy_requantizes_to_its_codes_and_a_fine_tune_does_not(tmp_path, kind
         assert ck.requantized_match(name, w + 0.05 * torch.randn(w.shape, generator=gen)) < 0.99
         var = ck.rounding_variance(name)
         assert var.shape == w.shape and 0.8 < float((back - w).square().mean() / var.mean()) < 1.25
-        assert ck.grid_position(name, w) is None
+        assert 0.45 < ck.grid_position(name, w) < 0.55 and ck.grid_position(name, back) == 0.0  # None before
+        near = back + 1e-3 * w.std() * torch.randn(w.shape, generator=gen)  # a merge of its dequantized values
+        assert ck.grid_position(name, near.bfloat16()) < 0.02
+        assert ck.grid_position(name, w[:1]) is None  # another shape: no test
 
 
 @pytest.mark.parametrize("change, error", [
@@ -169,3 +172,30 @@ def test_requantized_match_rounds_256_evenly_spaced_rows(tmp_path, monkeypatch, 
         assert ck.requantized_match(name, w) == 1.0
         rows[0, 2] += 1.0
         assert ck.requantized_match(name, w) < 1.0
+
+
+def test_an_nvfp4_layer_compares_256_rows_a_source_reads_alone(tmp_path):
+    """compared_rows: the 256 of 600 stored rows requantized_match rounds (None before: a source was read whole);
+    given only those rows of x, requantized_match and grid_position give what they give of the whole x."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(600, 64, generator=gen)
+    with open_checkpoint(make_model(tmp_path / "m", make_nvfp4(w, "layer"))) as ck:
+        rows = ck.compared_rows("layer.weight")
+        assert rows.tolist() == torch.linspace(0, 599, 256).round().long().tolist() and rows[1] == 2
+        fine = w + 0.05 * torch.randn(w.shape, generator=gen)
+        for x in (w, fine, ck.read("layer.weight")):
+            assert ck.requantized_match("layer.weight", x[rows]) == ck.requantized_match("layer.weight", x)
+            assert ck.grid_position("layer.weight", x[rows]) == ck.grid_position("layer.weight", x)
+        assert ck.requantized_match("layer.weight", w[:255]) is None and ck.grid_position("layer.weight", w[:255]) is None
+
+
+def test_gpt_oss_experts_compare_columns_and_read_a_source_whole(tmp_path):
+    """gpt-oss's sampled stored rows are columns of its (experts, in, out) view, held by every row of it: no
+    compared rows (the source is read whole), and a (256, out) slice of x is refused, not misread."""
+    w = torch.randn(3, 64, 200, generator=torch.Generator().manual_seed(4))
+    with open_checkpoint(make_model(tmp_path / "m", make_gpt_oss(w))) as ck:
+        assert ck.compared_rows("experts.gate_up_proj") is None
+        assert ck.requantized_match("experts.gate_up_proj", w) == 1.0
+        flat = w.reshape(-1, 200)  # (experts * in, out): as read_rows counts rows
+        assert ck.requantized_match("experts.gate_up_proj", flat[:256]) is None
+        assert ck.grid_position("experts.gate_up_proj", flat[:256]) is None

@@ -164,8 +164,12 @@ class DequantizedCheckpoint(Checkpoint):
         """Where ``x``'s values sit on the layer's levels (:mod:`.grid_position`): ~0.5 for the model it was
         quantized from, near 0 for one made from its dequantized values. On the first ~1M values (float8: in
         halves of the spacing of float8 values where each lies). GPTQ's codes are not all the nearest level,
-        but its source's values still fall anywhere between levels."""
+        but its source's values still fall anywhere between levels. FP4: on the rows its copy test compares,
+        ``x`` whole or those rows (:func:`~.fp4.grid_position`)."""
         layer = self.layers.get(name)
+        if layer is not None and layer.scheme == "fp4" and F.fits(x, layer, SAMPLE_ROWS):
+            where = layer.parts["scale"]
+            return self._checked(layer, lambda parts: F.grid_position(x, parts, layer, where, SAMPLE_ROWS))
         if layer is None or tuple(x.shape) != layer.shape or layer.scheme == "fp4":
             return None
         if layer.scheme in _GRIDS:
@@ -242,6 +246,12 @@ class DequantizedCheckpoint(Checkpoint):
             return F.rounding_variance(parts, layer, layer.parts["scale"])
         return scaled_variance(get("weight"), get("scale"), self._blocks)
 
+    def compared_rows(self, name: str, max_rows: int = SAMPLE_ROWS) -> torch.Tensor | None:
+        """The rows an FP4 layer's tests compare (:func:`~.fp4.compared_rows`: a source reads only those);
+        None for gpt-oss's experts and other layers (their tests take the whole tensor). Header only."""
+        layer = self.layers.get(name)
+        return F.compared_rows(layer, max_rows) if layer is not None and layer.scheme == "fp4" else None
+
     def quantization(self, name: str) -> str | None:
         """The layer's type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:
         :attr:`PackedLayer.label`) for a dequantized layer and for the stored tensor holding its values
@@ -266,7 +276,8 @@ class DequantizedCheckpoint(Checkpoint):
         model they were made from. bitsandbytes and MLX layers: the share of all their codes that quantizing
         ``x`` gives with scales taken from ``x`` itself, as the library computes them (:meth:`_requantized`; the
         stored scales are rounded). FP4 (NVFP4, MXFP4): ``x`` rounded with the stored scales, on up to
-        :data:`SAMPLE_ROWS` evenly spaced stored rows (:func:`~.fp4.requantized_share`). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
+        :data:`SAMPLE_ROWS` evenly spaced stored rows (:func:`~.fp4.requantized_share`; ``x`` whole or those
+        rows, :meth:`compared_rows`). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
         are a nearest rounding of ``x`` on the stored grid (:func:`~.packed_ints.on_grid`), over the whole
         layer or, when higher, over its best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
         error of the columns it quantized before, so only its first column (the one it started from) is
@@ -277,7 +288,7 @@ class DequantizedCheckpoint(Checkpoint):
         layer = self.layers.get(name)
         if layer is None:
             return self.inner.requantized_match(name, x)
-        if tuple(x.shape) != layer.shape:
+        if tuple(x.shape) != layer.shape and not (layer.scheme == "fp4" and F.fits(x, layer, SAMPLE_ROWS)):
             return None
         if layer.scheme in _REQUANTIZED:
             return self._checked(layer, lambda parts: self._requantized(layer, parts, x))

@@ -236,8 +236,7 @@ def requantized_share(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, wh
     Every block's scale is checked finite all the same. Time O(max_rows cols), O(P) with ``max_rows`` None."""
     codes, stored = _rows(parts, layer.state.get("experts"))
     scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    n = codes.shape[0]
-    rows = torch.arange(n) if max_rows is None else torch.linspace(0, n - 1, min(max_rows, n)).round().long().unique()
+    rows = sampled_rows(layer, max_rows)
     xs, codes, scales = _x_rows(x, layer, rows), codes[rows], scales[rows]  # (r, cols), (r, cols / 2), (r, blocks)
     same = 0
     for at, c, s in _chunks(codes, scales, layer.group_size):
@@ -247,9 +246,42 @@ def requantized_share(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, wh
 
 
 def _x_rows(x: torch.Tensor, layer, rows: torch.Tensor) -> torch.Tensor:
-    """Stored rows ``rows`` of ``x`` (the layer as read), (r, cols): gpt-oss's row ``e * out + o`` is column
-    ``o`` of expert ``e``'s (in, out), gathered without a transposed copy of the whole layer. Time O(r cols)."""
+    """Stored rows ``rows`` of ``x`` (the layer as read, or those rows already: :func:`compared_rows`),
+    (r, cols): gpt-oss's row ``e * out + o`` is column ``o`` of expert ``e``'s (in, out), gathered without a
+    transposed copy of the whole layer. Time O(r cols)."""
     if not layer.state.get("experts"):
-        return x.reshape(x.shape[0], -1)[rows]  # (rows, cols) -> (r, cols)
+        return x if tuple(x.shape) != layer.shape else x[rows]  # (rows, cols) -> (r, cols)
     e, o = rows // x.shape[2], rows % x.shape[2]
     return x[e, :, o]  # (experts, in, out) -> (r, in)
+
+
+def sampled_rows(layer, max_rows: int | None) -> torch.Tensor:
+    """The stored rows :func:`requantized_share` and :func:`grid_position` look at: up to ``max_rows`` evenly
+    spaced ones (gpt-oss: of all experts' outputs, ``e * out + o``), every row for None. (r,) int64, ascending."""
+    n = layer.shape[0] * layer.shape[2] if layer.state.get("experts") else layer.shape[0]
+    return torch.arange(n) if max_rows is None else torch.linspace(0, n - 1, min(max_rows, n)).round().long().unique()
+
+
+def compared_rows(layer, max_rows: int) -> torch.Tensor | None:
+    """:func:`sampled_rows` as ``read_rows`` counts rows (of the layer's last dimension): a compressed-tensors
+    matrix's own rows; None for gpt-oss's experts, read whole: a sampled stored row is a column of its
+    (experts, in, out) view, which every row of that expert holds (256 rows spread over all experts)."""
+    return None if layer.state.get("experts") else sampled_rows(layer, max_rows)
+
+
+def fits(x: torch.Tensor, layer, max_rows: int) -> bool:
+    """Whether ``x`` is the whole layer or its :func:`compared_rows` (r, cols), as the tests take it."""
+    rows = compared_rows(layer, max_rows)
+    return tuple(x.shape) == layer.shape or (rows is not None and tuple(x.shape) == (len(rows), layer.shape[1]))
+
+
+def grid_position(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, where: str, max_rows: int) -> float:
+    """Mean distance of ``x``'s values to the nearest E2M1 level times their block's scale, in halves of the
+    gap between the two levels around it (:func:`~.grid_position.book_position`; past +-6: on the end): ~0.5
+    for the model the layer was quantized from, near 0 for one made from its dequantized values (a QLoRA-style
+    merge). On the rows :func:`requantized_share` compares (``x`` whole or those rows). Time O(max_rows cols)."""
+    _, stored = _rows(parts, layer.state.get("experts"))
+    rows = sampled_rows(layer, max_rows)
+    xs, scales = _x_rows(x, layer, rows).float(), block_scales({**parts, "scale": stored[rows]}, layer.label, where)
+    s = scales.repeat_interleave(layer.group_size, dim=1)[:, : xs.shape[1]]  # (r, blocks) -> (r, cols)
+    return G.book_position(xs / s, E2M1)
