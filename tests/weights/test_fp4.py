@@ -155,47 +155,61 @@ def test_nan_scales_are_named_when_the_layer_is_read(tmp_path):
 
 @pytest.mark.parametrize("kind", ["nvfp4", "gpt-oss"])
 def test_requantized_match_rounds_256_evenly_spaced_rows(tmp_path, monkeypatch, kind):
-    """As the other formats' tests, FP4's rounds x on up to 256 evenly spaced stored rows (before: every value,
-    600 rows here), gpt-oss's rows across the experts: a copy still 1.0, a fine-tune below; a change to one
-    unsampled row only is not seen, one to a sampled row is."""
+    """As the other formats' tests, FP4's rounds x on up to 256 evenly spaced rows (before: every value, 600 or
+    960 rows here), gpt-oss's rows of its (experts * in, out) view as read: a copy still 1.0, a fine-tune
+    below; a change to one unsampled row only is not seen, one to a sampled row is."""
     gen = torch.Generator().manual_seed(4)
-    w = torch.randn(3, 64, 200, generator=gen) if kind == "gpt-oss" else torch.randn(600, 64, generator=gen)
+    w = torch.randn(3, 320, 64, generator=gen) if kind == "gpt-oss" else torch.randn(600, 64, generator=gen)
     name = "experts.gate_up_proj" if kind == "gpt-oss" else "layer.weight"
     folder = make_model(tmp_path / "m", make_gpt_oss(w) if kind == "gpt-oss" else make_nvfp4(w, "layer"))
     rounded, round_e2m1 = [], F.round_e2m1
     monkeypatch.setattr(F, "round_e2m1", lambda q: rounded.append(q.numel()) or round_e2m1(q))
-    rows = w.transpose(1, 2) if kind == "gpt-oss" else w[None]  # (experts, stored rows, cols): views
+    rows = w.view(-1, 64)  # (rows as read_rows counts them, 64): a view
     with open_checkpoint(folder) as ck:
         assert ck.requantized_match(name, w) == 1.0 and sum(rounded) == 256 * 64
         assert ck.requantized_match(name, w + 0.05 * torch.randn(w.shape, generator=gen)) < 0.99
-        rows[0, 1] += 1.0  # stored row 1: between the sampled rows 0 and 2 (600 rows, 256 sampled)
+        sampled = ck.compared_rows(name)
+        assert sampled[1] == (4 if kind == "gpt-oss" else 2)  # row 1 is not sampled
+        rows[1] += 1.0
         assert ck.requantized_match(name, w) == 1.0
-        rows[0, 2] += 1.0
+        rows[sampled[1]] += 1.0
         assert ck.requantized_match(name, w) < 1.0
 
 
-def test_an_nvfp4_layer_compares_256_rows_a_source_reads_alone(tmp_path):
-    """compared_rows: the 256 of 600 stored rows requantized_match rounds (None before: a source was read whole);
-    given only those rows of x, requantized_match and grid_position give what they give of the whole x."""
+@pytest.mark.parametrize("kind", ["nvfp4", "gpt-oss"])
+def test_an_fp4_layer_compares_256_rows_a_source_reads_alone(tmp_path, kind):
+    """compared_rows: the 256 rows requantized_match rounds, of 600 stored rows or of gpt-oss's 960 (experts *
+    in) rows as read (None before: a source was read whole); given only those rows of x, requantized_match and
+    grid_position give what they give of the whole x, and a (255, m) slice is refused."""
     gen = torch.Generator().manual_seed(4)
-    w = torch.randn(600, 64, generator=gen)
-    with open_checkpoint(make_model(tmp_path / "m", make_nvfp4(w, "layer"))) as ck:
-        rows = ck.compared_rows("layer.weight")
-        assert rows.tolist() == torch.linspace(0, 599, 256).round().long().tolist() and rows[1] == 2
+    w = torch.randn(3, 320, 64, generator=gen) if kind == "gpt-oss" else torch.randn(600, 64, generator=gen)
+    name = "experts.gate_up_proj" if kind == "gpt-oss" else "layer.weight"
+    with open_checkpoint(make_model(tmp_path / "m", make_gpt_oss(w) if kind == "gpt-oss" else make_nvfp4(w, "layer"))) as ck:
+        rows, n = ck.compared_rows(name), 960 if kind == "gpt-oss" else 600
+        assert rows.tolist() == torch.linspace(0, n - 1, 256).round().long().tolist()
         fine = w + 0.05 * torch.randn(w.shape, generator=gen)
-        for x in (w, fine, ck.read("layer.weight")):
-            assert ck.requantized_match("layer.weight", x[rows]) == ck.requantized_match("layer.weight", x)
-            assert ck.grid_position("layer.weight", x[rows]) == ck.grid_position("layer.weight", x)
-        assert ck.requantized_match("layer.weight", w[:255]) is None and ck.grid_position("layer.weight", w[:255]) is None
+        for x in (w, fine, ck.read(name)):
+            part = x.reshape(-1, 64)[rows]  # (n, 64) -> (256, 64): what read_rows gives
+            assert ck.requantized_match(name, part) == ck.requantized_match(name, x)
+            assert ck.grid_position(name, part) == pytest.approx(ck.grid_position(name, x), abs=1e-6)
+        assert ck.requantized_match(name, part[:255]) is None and ck.grid_position(name, part[:255]) is None
 
 
-def test_gpt_oss_experts_compare_columns_and_read_a_source_whole(tmp_path):
-    """gpt-oss's sampled stored rows are columns of its (experts, in, out) view, held by every row of it: no
-    compared rows (the source is read whole), and a (256, out) slice of x is refused, not misread."""
-    w = torch.randn(3, 64, 200, generator=torch.Generator().manual_seed(4))
-    with open_checkpoint(make_model(tmp_path / "m", make_gpt_oss(w))) as ck:
-        assert ck.compared_rows("experts.gate_up_proj") is None
-        assert ck.requantized_match("experts.gate_up_proj", w) == 1.0
-        flat = w.reshape(-1, 200)  # (experts * in, out): as read_rows counts rows
-        assert ck.requantized_match("experts.gate_up_proj", flat[:256]) is None
-        assert ck.grid_position("experts.gate_up_proj", flat[:256]) is None
+def test_gpt_oss_rows_as_read_gather_each_inputs_codes_and_scale():
+    """A sampled row e * in + i of gpt-oss's (experts, in, out) view: input i of every output of expert e, its
+    code the high nibble of stored byte i // 2 for an odd i, its scale that of block i // 32. Hand-checked: 1
+    expert, 2 outputs, 64 inputs; output 0 codes 1 (0.5) everywhere but input 33, 7 (6.0); output 1 codes 2
+    (1.0); scales 2 ** 0 and 2 ** 1 (blocks 0 and 1) of output 0, 2 ** -1 of output 1."""
+    codes = torch.ones(2, 64, dtype=torch.long)
+    codes[1] = 2
+    codes[0, 33] = 7
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).reshape(1, 2, 2, 16)  # (e, out, blocks, 16)
+    scales = torch.tensor([[[127, 128], [126, 126]]], dtype=torch.uint8)  # (e, out, blocks)
+    layer = type("L", (), {"shape": (1, 64, 2), "label": "MXFP4", "group_size": 32, "state": {"experts": True}})
+    x = torch.zeros(1, 64, 2)
+    x[0, 33] = torch.tensor([12.0, 0.5])  # input 33: 6.0 * 2 of output 0, 1.0 * 0.5 of output 1
+    x[0, 2] = torch.tensor([0.5, 0.5])  # input 2: 0.5 * 1, 1.0 * 0.5
+    rows = torch.tensor([2, 33])
+    [(xs, c, s)] = F._sample(x, {"packed": packed, "scale": scales}, layer, rows, "t")
+    assert c.tolist() == [[1, 2], [7, 2]] and s.tolist() == [[1.0, 0.5], [2.0, 0.5]]
+    assert xs.tolist() == [[0.5, 0.5], [12.0, 0.5]]

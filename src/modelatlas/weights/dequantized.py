@@ -247,10 +247,10 @@ class DequantizedCheckpoint(Checkpoint):
         return scaled_variance(get("weight"), get("scale"), self._blocks)
 
     def compared_rows(self, name: str, max_rows: int = SAMPLE_ROWS) -> torch.Tensor | None:
-        """The rows an FP4 layer's tests compare (:func:`~.fp4.compared_rows`: a source reads only those);
-        None for gpt-oss's experts and other layers (their tests take the whole tensor). Header only."""
+        """The rows an FP4 layer's tests compare (:func:`~.fp4.sampled_rows`: a source reads only those); None
+        for other layers (their tests take the whole tensor). Header only."""
         layer = self.layers.get(name)
-        return F.compared_rows(layer, max_rows) if layer is not None and layer.scheme == "fp4" else None
+        return F.sampled_rows(layer, max_rows) if layer is not None and layer.scheme == "fp4" else None
 
     def quantization(self, name: str) -> str | None:
         """The layer's type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "LLM-INT8", "MLX-4BIT", ...:

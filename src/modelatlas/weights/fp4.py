@@ -231,48 +231,51 @@ def requantized_share(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, wh
                       max_rows: int | None = None) -> float:
     """Share of the layer's values that rounding ``x`` with the stored scales gives (:func:`round_e2m1` of
     ``x / scale``, in float32 as compressed-tensors divides); +0 and -0 alike. On up to ``max_rows`` evenly
-    spaced stored rows (gpt-oss: rows of all experts' outputs), as the other formats' tests sample: a copy
+    spaced rows (:func:`sampled_rows`; ``x`` whole or those rows), as the other formats' tests sample: a copy
     matches on every row, a fine-tune misses on each (every value checked took 2.0 s for 16M, session 32).
     Every block's scale is checked finite all the same. Time O(max_rows cols), O(P) with ``max_rows`` None."""
+    same = total = 0
+    for xs, c, s in _sample(x, parts, layer, sampled_rows(layer, max_rows), where):
+        again = round_e2m1(xs / s)
+        same, total = same + int((E2M1[again.long()] == E2M1[c]).sum()), total + xs.numel()
+    return same / max(total, 1)
+
+
+def _sample(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, rows: torch.Tensor, where: str):
+    """(values of ``x``, codes, value scales), each (r, m) float32 / int64 / float32, at rows ``rows`` as
+    :meth:`read_rows` counts them, about :data:`CHUNK` values at a time; ``x`` the whole layer or those rows.
+    gpt-oss: row ``e * in + i`` of its (experts * in, out) view is input ``i`` of every output ``o`` of expert
+    ``e``, stored at column ``i`` of stored row ``e * out + o``: gathered from there, nibble by nibble. Every
+    block's scale is checked finite. Time O(r m)."""
     codes, stored = _rows(parts, layer.state.get("experts"))
-    scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    rows = sampled_rows(layer, max_rows)
-    xs, codes, scales = _x_rows(x, layer, rows), codes[rows], scales[rows]  # (r, cols), (r, cols / 2), (r, blocks)
-    same = 0
-    for at, c, s in _chunks(codes, scales, layer.group_size):
-        again = round_e2m1(xs[at].float() / s)
-        same += int((E2M1[again.long()] == E2M1[c.long()]).sum())
-    return same / max(xs.numel(), 1)
-
-
-def _x_rows(x: torch.Tensor, layer, rows: torch.Tensor) -> torch.Tensor:
-    """Stored rows ``rows`` of ``x`` (the layer as read, or those rows already: :func:`compared_rows`),
-    (r, cols): gpt-oss's row ``e * out + o`` is column ``o`` of expert ``e``'s (in, out), gathered without a
-    transposed copy of the whole layer. Time O(r cols)."""
+    scales = block_scales({**parts, "scale": stored}, layer.label, where)  # all of them: checked
+    whole = tuple(x.shape) == layer.shape
     if not layer.state.get("experts"):
-        return x if tuple(x.shape) != layer.shape else x[rows]  # (rows, cols) -> (r, cols)
-    e, o = rows // x.shape[2], rows % x.shape[2]
-    return x[e, :, o]  # (experts, in, out) -> (r, in)
+        xs = x[rows] if whole else x  # (r, cols)
+        for at, c, s in _chunks(codes[rows], scales[rows], layer.group_size):
+            yield xs[at].float(), c.long(), s
+        return
+    n_exp, n_in, n_out = layer.shape
+    e, i = rows // n_in, rows % n_in
+    xs = x.reshape(-1, n_out)[rows] if whole else x  # (experts * in, out) -> (r, out)
+    b = parts["packed"].reshape(n_exp, n_out, -1)[e, :, i // 2]  # (experts, out, in / 2) -> (r, out)
+    c = torch.where((i % 2 == 1)[:, None], b >> 4, b & 0xF)  # an odd input's code: the high nibble
+    s = scales.reshape(n_exp, n_out, -1)[e, :, i // layer.group_size]  # (experts, out, blocks) -> (r, out)
+    yield xs.float(), c.long(), s
 
 
 def sampled_rows(layer, max_rows: int | None) -> torch.Tensor:
-    """The stored rows :func:`requantized_share` and :func:`grid_position` look at: up to ``max_rows`` evenly
-    spaced ones (gpt-oss: of all experts' outputs, ``e * out + o``), every row for None. (r,) int64, ascending."""
-    n = layer.shape[0] * layer.shape[2] if layer.state.get("experts") else layer.shape[0]
+    """The rows :func:`requantized_share` and :func:`grid_position` look at, as :meth:`read_rows` counts them
+    (of the layer's last dimension: a compressed-tensors matrix's own rows, gpt-oss's ``e * in + i`` of its
+    (experts * in, out) view): up to ``max_rows`` evenly spaced ones, every row for None. (r,) int64,
+    ascending."""
+    n = layer.shape[0] * layer.shape[1] if layer.state.get("experts") else layer.shape[0]
     return torch.arange(n) if max_rows is None else torch.linspace(0, n - 1, min(max_rows, n)).round().long().unique()
 
 
-def compared_rows(layer, max_rows: int) -> torch.Tensor | None:
-    """:func:`sampled_rows` as ``read_rows`` counts rows (of the layer's last dimension): a compressed-tensors
-    matrix's own rows; None for gpt-oss's experts, read whole: a sampled stored row is a column of its
-    (experts, in, out) view, which every row of that expert holds (256 rows spread over all experts)."""
-    return None if layer.state.get("experts") else sampled_rows(layer, max_rows)
-
-
 def fits(x: torch.Tensor, layer, max_rows: int) -> bool:
-    """Whether ``x`` is the whole layer or its :func:`compared_rows` (r, cols), as the tests take it."""
-    rows = compared_rows(layer, max_rows)
-    return tuple(x.shape) == layer.shape or (rows is not None and tuple(x.shape) == (len(rows), layer.shape[1]))
+    """Whether ``x`` is the whole layer or its :func:`sampled_rows` (r, m), as the tests take it."""
+    return tuple(x.shape) == layer.shape or tuple(x.shape) == (len(sampled_rows(layer, max_rows)), layer.shape[-1])
 
 
 def grid_position(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, where: str, max_rows: int) -> float:
@@ -280,8 +283,5 @@ def grid_position(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, where:
     gap between the two levels around it (:func:`~.grid_position.book_position`; past +-6: on the end): ~0.5
     for the model the layer was quantized from, near 0 for one made from its dequantized values (a QLoRA-style
     merge). On the rows :func:`requantized_share` compares (``x`` whole or those rows). Time O(max_rows cols)."""
-    _, stored = _rows(parts, layer.state.get("experts"))
-    rows = sampled_rows(layer, max_rows)
-    xs, scales = _x_rows(x, layer, rows).float(), block_scales({**parts, "scale": stored[rows]}, layer.label, where)
-    s = scales.repeat_interleave(layer.group_size, dim=1)[:, : xs.shape[1]]  # (r, blocks) -> (r, cols)
-    return G.book_position(xs / s, E2M1)
+    t = [(xs / s).reshape(-1) for xs, _, s in _sample(x, parts, layer, sampled_rows(layer, max_rows), where)]
+    return G.book_position(torch.cat(t), E2M1)  # (r * m,)
