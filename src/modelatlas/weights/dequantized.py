@@ -276,7 +276,7 @@ class DequantizedCheckpoint(Checkpoint):
         model they were made from. bitsandbytes and MLX layers: the share of all their codes that quantizing
         ``x`` gives with scales taken from ``x`` itself, as the library computes them (:meth:`_requantized`; the
         stored scales are rounded). FP4 (NVFP4, MXFP4): ``x`` rounded with the stored scales, on up to
-        :data:`SAMPLE_ROWS` evenly spaced stored rows (:func:`~.fp4.requantized_share`; ``x`` whole or those
+        :data:`SAMPLE_ROWS` evenly spaced rows as read (:func:`~.fp4.requantized_share`; ``x`` whole or those
         rows, :meth:`compared_rows`). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
         are a nearest rounding of ``x`` on the stored grid (:func:`~.packed_ints.on_grid`), over the whole
         layer or, when higher, over its best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
