@@ -28,11 +28,14 @@ class Kept:
         return self._item is not None and self._item[0] == name
 
     def take(self, name: str) -> Any | None:
-        """Tensor ``name``'s kept data, no longer kept (one taker each); None when another tensor's or nothing is."""
-        if not self.has(name):
+        """Tensor ``name``'s kept data, no longer kept (one taker each); None when another tensor's or nothing is.
+        The slot is read once: two threads on one checkpoint (one reading another tensor meanwhile) never get
+        another tensor's data for ``name``, at worst None (read again)."""
+        item = self._item
+        if item is None or item[0] != name:
             return None
-        data, self._item = self._item[1], None
-        return data
+        self._item = None
+        return item[1]
 
     def drop(self) -> None:
         """Keep nothing (the next read, ``close()``)."""
