@@ -213,3 +213,12 @@ def test_gpt_oss_rows_as_read_gather_each_inputs_codes_and_scale():
     [(xs, c, s)] = F._sample(x, {"packed": packed, "scale": scales}, layer, rows, "t")
     assert c.tolist() == [[1, 2], [7, 2]] and s.tolist() == [[1.0, 0.5], [2.0, 0.5]]
     assert xs.tolist() == [[0.5, 0.5], [12.0, 0.5]]
+
+def test_a_block_of_scale_zero_matches_a_copy_whose_values_there_are_zero(tmp_path):
+    # a block of scale 0 stores 0 whatever its codes: a copy's zeros there (0 / 0: NaN, rounded to the code of 6)
+    # read as misses: a copy with an all-zero block matched none of its values
+    tensors = {**make_row_nvfp4(scale=0.0), "a.weight_packed": torch.zeros(1, 8, dtype=torch.uint8)}
+    with open_checkpoint(make_model(tmp_path / "m", tensors)) as ck:
+        back = ck.read("a.weight")
+        assert back.tolist() == [[0.0] * 16]
+        assert ck.requantized_match("a.weight", back) == 1.0
