@@ -299,3 +299,14 @@ def test_read_rows_of_a_scalar_is_its_one_value(tmp_path):
     p = make_file(tmp_path / "m.safetensors", s=torch.tensor(3.0))
     with open_checkpoint(p) as ck:
         assert ck.read_rows("s", torch.tensor([0])).tolist() == [[3.0]]
+
+
+def test_read_rows_counts_negative_rows_from_the_end_as_indexing_does(tmp_path):
+    # Checkpoint.read_rows is read(name).reshape(-1, m)[rows]: the default took row -1 as the last, the byte-range
+    # readers raised IndexError; a float or bool index was cut to integers (True -> row 1) where indexing refuses
+    x = torch.arange(24.0).reshape(6, 4)
+    with open_checkpoint(make_file(tmp_path / "m.safetensors", a=x)) as ck:
+        assert torch.equal(ck.read_rows("a", torch.tensor([-1, 0, -6])), x[[-1, 0, -6]])
+        for bad in (torch.tensor([-7]), torch.tensor([1.0]), torch.tensor([True, False])):
+            with pytest.raises(IndexError):
+                ck.read_rows("a", bad)

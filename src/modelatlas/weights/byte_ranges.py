@@ -99,9 +99,14 @@ class ByteRanges:
 
 def distinct_rows(rows, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct indices of ``rows`` ascending, where each of ``rows`` is among them): what
-    :meth:`ByteRanges.read_rows` reads for rows given in any order, repeated or not. An IndexError for an
-    index outside ``0..n-1`` (as indexing the tensor gives). Time O(r log r)."""
-    index = np.asarray(rows, dtype=np.int64).reshape(-1)  # (r,)
-    if len(index) and (index.min() < 0 or index.max() >= n):
-        raise IndexError(f"row index out of range for {n} rows: {index.min() if index.min() < 0 else index.max()}")
-    return np.unique(index, return_inverse=True)
+    :meth:`ByteRanges.read_rows` reads for rows given in any order, repeated or not, a negative one counted from
+    the end; an IndexError for an index outside ``-n..n-1`` or indices that are no integers (as indexing the
+    tensor gives: this stood for it in safetensors and GGUF, whose rows -1 and True had read as errors and row 1).
+    Time O(r log r)."""
+    given = np.asarray(rows).reshape(-1)  # (r,)
+    if len(given) and given.dtype.kind not in "iu":
+        raise IndexError(f"row indices must be integers, not {given.dtype}")
+    index = given.astype(np.int64)
+    if len(index) and (index.min() < -n or index.max() >= n):
+        raise IndexError(f"row index out of range for {n} rows: {index.min() if index.min() < -n else index.max()}")
+    return np.unique(np.where(index < 0, index + n, index), return_inverse=True)
