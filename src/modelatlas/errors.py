@@ -45,9 +45,12 @@ class SettingsMismatchError(CheckpointError):
 
     def with_flag(self, flag: str) -> str:
         """The message with ``flag`` for the key and the fix: "cannot resume: --rank was 32 in the interrupted
-        run, now 8; rerun with --rank 32 to continue it, or train without --resume to start over"."""
+        run, now 8; rerun with --rank 32 to continue it, or train without --resume to start over". No value
+        for a setting the saved state does not record (``saved`` None: "--rank null" is none the flag takes)."""
         import shlex
 
+        if self.saved is None:
+            return f"{self.path}: {self._reason(flag, 'rerun with the same settings')}"
         value = self.saved if isinstance(self.saved, str) else json.dumps(self.saved)
         rerun = f"rerun with {flag} {shlex.quote(value)} to continue it"
         return f"{self.path}: {self._reason(flag, rerun)}"
