@@ -310,3 +310,11 @@ def test_read_rows_counts_negative_rows_from_the_end_as_indexing_does(tmp_path):
         for bad in (torch.tensor([-7]), torch.tensor([1.0]), torch.tensor([True, False])):
             with pytest.raises(IndexError):
                 ck.read_rows("a", bad)
+
+
+def test_read_rows_of_a_tensor_of_empty_rows(tmp_path):
+    # (3, 0): three rows of no value; the default raised on reshape(-1, 0), safetensors counted no rows
+    x = torch.zeros(3, 0)
+    with open_checkpoint(make_file(tmp_path / "m.safetensors", e=x, a=torch.ones(2, 2))) as ck:
+        assert ck.read_rows("e", torch.tensor([2, 0])).shape == (2, 0)
+        assert super(type(ck), ck).read_rows("e", torch.tensor([2, 0])).shape == (2, 0)  # Checkpoint's default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import unicodedata
@@ -89,7 +90,8 @@ class Checkpoint(ABC):
         tensor is one row of one value). This default reads the whole tensor; formats that store rows as byte
         ranges (safetensors, GGUF) read only those rows' bytes. Time O(P) here, O(r m) there."""
         x = self.read(name)
-        return x.reshape(-1, x.shape[-1] if x.ndim else 1)[rows]  # (R, m) -> (r, m)
+        shape = (math.prod(x.shape[:-1]), x.shape[-1]) if x.ndim else (1, 1)  # not -1: rows of no value, (3, 0)
+        return x.reshape(shape)[rows]  # (R, m) -> (r, m)
 
     def compared_rows(self, name: str, max_rows: int = 256) -> torch.Tensor | None:
         """The rows (as :meth:`read_rows` counts them, ascending) that :meth:`requantized_match` and

@@ -173,10 +173,10 @@ class SafetensorsCheckpoint(Checkpoint):
         """:meth:`~.base.Checkpoint.read_rows` from those rows' bytes alone (each run of consecutive rows one
         range: :meth:`~.byte_ranges.ByteRanges.read_rows`), for a tensor of one dimension or more. Time O(r m)."""
         info = self.info(name)
-        if not info.shape:
+        if not info.shape or not info.shape[-1]:  # a scalar; rows of no value, (3, 0), which no bytes count
             return super().read_rows(name, rows)
         meta, m = self._header[name], info.shape[-1]
-        n = info.numel // m if m else 0
+        n = info.numel // m
         distinct, where = distinct_rows(rows, n)
         width = m * _DTYPE_BYTES[meta["dtype"]]
         got = self._ranges.read_rows(self._data_start + meta["data_offsets"][0], width, distinct, f"tensor {name!r}")
