@@ -158,8 +158,12 @@ def test_a_prefixed_view_asks_its_model_under_the_full_name():
         def compared_rows(self, name, max_rows=256):
             return torch.tensor([1]) if name == "model.w" else None
 
+        def rounding_moments(self, name):  # (an AWQ model read unsmoothed has them: lineage.unsmoothed)
+            return torch.tensor([1.0, 2, 3, 4], dtype=torch.float64) if name == "model.w" else None
+
     view = PrefixedView(Quantized("q", {"model.w": torch.arange(4.0).reshape(2, 2)}), "model.")
     assert view.compared_rows("w").tolist() == [1] and view.read_rows("w", torch.tensor([1])).tolist() == [[2.0, 3.0]]
     assert view.quantization("w") == "Q8_0" and view.grid_position("w", torch.ones(2, 2)) == 0.25
     assert torch.equal(view.rounding_variance("w"), torch.full((2, 2), 0.5))
     assert torch.equal(view.rounding_variance("w", torch.ones(2, 2)), torch.full((2, 2), 1.5))  # values passed on
+    assert view.rounding_moments("w").tolist() == [1.0, 2, 3, 4]  # was the default's None: the uniform correction

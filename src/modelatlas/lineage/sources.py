@@ -92,6 +92,9 @@ class PrefixedView(Checkpoint):
     def grid_position(self, name: str, x: torch.Tensor) -> float | None:
         return self.inner.grid_position(self.prefix + name, x)
 
+    def rounding_moments(self, name: str) -> torch.Tensor | None:
+        return self.inner.rounding_moments(self.prefix + name)
+
     def close(self) -> None:
         self.inner.close()
 
