@@ -368,3 +368,15 @@ def test_falcon_and_gemma3_view_rows(tmp_path, monkeypatch):
         check_view_rows(view, "token_embd.weight", [29, 0], False, got)
         with pytest.raises(IndexError):  # a row the converter cut off
             view.read_rows("token_embd.weight", torch.tensor([30]))
+
+
+def test_view_rows_of_an_unknown_tensor_name_the_model(tmp_path):
+    # read names the file for a tensor the view lacks; read_rows raised a bare KeyError('blk.9.attn_q.weight')
+    from modelatlas.errors import TensorNotFoundError
+
+    with open_checkpoint(make_hf_model(tmp_path / "m")) as hf:
+        view = gguf_view(hf, "llama")
+        name = "blk.9.attn_q.weight"
+        for call in (lambda: view.read(name), lambda: view.read_rows(name, torch.tensor([0]))):
+            with pytest.raises(TensorNotFoundError, match=f"^{tmp_path / 'm'}"):
+                call()

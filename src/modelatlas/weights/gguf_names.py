@@ -222,7 +222,8 @@ class GGUFNamedView(Checkpoint):
         are read. A transposed matrix's row is a column of the file, and other tensors' rows change in other
         ways (a norm shifted, a bias permuted within its one row): there the whole tensor is read, as
         :meth:`read` does. Time O(r m), or O(P) for the others."""
-        old, info, conv = self._names[name], self.info(name), self.conversion
+        info = self.info(name)  # first: an unknown name raises naming the model (a bare KeyError did not)
+        old, conv = self._names[name], self.conversion
         if len(info.shape) != 2 or old.endswith(conv.transposed) or (conv.norm_shift and old.endswith("norm.weight")):
             return super().read_rows(name, rows)
         order = self._row_order(name, torch.arange(self.source.info(old).shape[0]))  # the view's row i: order[i]
