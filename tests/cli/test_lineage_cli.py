@@ -447,7 +447,7 @@ def test_a_base_with_no_adapter_among_the_models_changes_nothing_and_says_so(tmp
     assert "--base" not in capsys.readouterr().err
     assert main(["lineage", "recover", str(zoo), "--base", str(zoo / "t0"), "--out", str(tmp_path / "base.json")]) == 0
     err = capsys.readouterr().err
-    assert f"warning: --base {zoo / 't0'}: no PEFT adapter among the models, so none was merged onto it" in err
+    assert f"warning: --base {zoo / 't0'}: no PEFT adapter among the models, so none is merged onto it" in err
     plain, based = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "base.json"))
     assert based == plain and "adapter_base" not in based["decisions"]
 

@@ -29,27 +29,35 @@ from modelatlas.lineage.export import copy_formats, copy_text
 from modelatlas.lineage.forest import Forest
 from modelatlas.lineage.recover import recover_lineage
 from modelatlas.progress import Progress, resolve
-from modelatlas.weights import discover_models, join_adapter_base, open_with_base, unique_names
+from modelatlas.weights import Checkpoint, discover_models, join_adapter_base, open_with_base, unique_names
 from modelatlas.weights.base import error_line
+from modelatlas.weights.registry import distinct_models
 
 
 def build_atlas(inputs: str | Path | Sequence[str | Path], experts: str | Path | None = None,
                 text_experts: str | Path | None = None, lineage: LineageConfig | None = None,
-                progress: Progress | None = None, adapter_base: str | Path | None = None) -> Atlas:
+                progress: Progress | None = None, adapter_base: str | Path | tuple[Path, Checkpoint] | None = None) -> Atlas:
     """An :class:`Atlas` of the models in ``inputs`` (model files, model folders, or folders of models; one
     path alone is one input, not a sequence of its characters);
     ``experts`` / ``text_experts``: folders written by ``atlas probex train`` (``--task classes`` / ``text``),
     loaded first: a wrong folder is an error before the lineage recovery, not after it. ``adapter_base``: the
     base model PEFT adapters among the inputs were trained on; it joins the models, and the lineage compares
-    each adapter merged onto it (without it an adapter is in no tree)."""
+    each adapter merged onto it (without it an adapter is in no tree): a path, or (its path, the open base) as
+    :func:`~modelatlas.weights.open_adapter_base` gives them, the caller's to close (`atlas index build` opens
+    it once, to check it before the models). The atlas records
+    it only when an adapter was merged onto it (a later `atlas probex predict ATLAS` reopens it)."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     loaded = {task: _load_experts(folder, task) for task, folder in (("classes", experts), ("text", text_experts))
               if folder is not None}
-    base, paths = join_adapter_base(adapter_base, discover_models(inputs))
+    given = isinstance(adapter_base, tuple)
+    if given:  # the root its adapters hang from, first, kept once if also given (as join_adapter_base does)
+        base, paths = adapter_base[1], distinct_models([Path(adapter_base[0]), *discover_models(inputs)])
+    else:
+        base, paths = join_adapter_base(adapter_base, discover_models(inputs))
     try:
         return _build(paths, inputs, loaded, lineage, progress, base)
     finally:
-        if base is not None:
+        if base is not None and not given:
             base.close()
 
 
@@ -67,7 +75,9 @@ def _build(paths: list[Path], inputs, loaded: dict, lineage, progress, base) -> 
                          + (f" ({why[:300]})" if why else ""))
     forest = _lineage(readable, lineage, progress, base)
     _place(entries, forest)
-    recorded = os.path.abspath(paths[0]) if base is not None else None  # join_adapter_base put it first
+    # join_adapter_base put the base first; recorded only when an adapter was merged onto it (a full-weights zoo
+    # with --base was compared as it is, and its atlas.json sent `probex predict` to reopen a base it needs not)
+    recorded = os.path.abspath(paths[0]) if forest.decisions.get("adapter_base") else None
     atlas, shape_of = Atlas(entries, forest, adapter_base=recorded), dict(zip(paths, shapes))
     if "classes" in loaded:
         _predict(atlas, paths, shape_of, loaded["classes"], progress, base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 from modelatlas.cli.argtypes import out_path, positive_int
@@ -46,17 +47,18 @@ MAX_WARNED = 20  # notes warned by `index build`; `index show` lists every one
 def _build(args: argparse.Namespace) -> int:
     from modelatlas.atlas import build_atlas
     from modelatlas.atlas.index import check_atlas_folder
-    from modelatlas.cli.lineage import config_from_args, expand_paths, open_base
+    from modelatlas.cli.lineage import config_from_args, expand_paths, open_base, warn_base_without_adapters
     from modelatlas.errors import ConfigError
 
     check_atlas_folder(args.out)  # before the work, not after it
-    base = open_base(args.base)[1]  # before the models' notes, named as --base's (build_atlas opens it again)
-    if base is not None:
-        base.close()
-    models = expand_paths(args.paths, args.base)
-    if not models:
-        raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
-    atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress, args.base)
+    base_path, base = open_base(args.base)  # before the models' notes, named as --base's; opened once
+    with nullcontext() if base is None else base:
+        models = expand_paths(args.paths, base_path)
+        if not models:
+            raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
+        warned = warn_base_without_adapters(models, args.base)  # before the work, not after it
+        atlas = build_atlas(models, args.experts, args.text_experts, config_from_args(args), tqdm_progress,
+                            None if base is None else (base_path, base))
     atlas.save(args.out)
     from modelatlas.lineage.export import copy_formats, copy_text
 
@@ -70,7 +72,7 @@ def _build(args: argparse.Namespace) -> int:
     from modelatlas.cli.lineage import warn_stage_guess, warn_unused_base
 
     warn_stage_guess(atlas.forest)
-    warn_unused_base(atlas.forest, args.base)
+    warn_unused_base(atlas.forest, args.base, warned)
     echo(f"atlas written to {args.out} (open {args.out / 'atlas.html'} in a browser)")
     return 0
 

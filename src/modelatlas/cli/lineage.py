@@ -153,6 +153,7 @@ def _recover(args: argparse.Namespace) -> int:
             raise ConfigError(f"no models found in {' '.join(args.paths)} (give model files or folders holding them)")
         if base_path is not None:  # the root its adapters hang from, first, kept once if also given
             models = distinct_models([base_path, *models])
+        warned = warn_base_without_adapters(models, args.base)  # before the recovery, not after it
         check_outputs_spare_inputs(args, models, truth)
         if truth is not None:  # before the recovery: a manifest of other models would score 0% after minutes
             from modelatlas.lineage.scoring import check_truth
@@ -163,7 +164,7 @@ def _recover(args: argparse.Namespace) -> int:
         est = LineageRecovery(config).fit(models, progress=tqdm_progress, adapter_base=base)
     forest = with_truth(est.forest_, truth)
     show_forest(forest, truth)
-    warn_unused_base(forest, args.base)
+    warn_unused_base(forest, args.base, warned)
     write_outputs(args, forest, truth)
     return 0
 
@@ -243,12 +244,29 @@ def warn_stage_guess(forest) -> None:
              "directions are a guess; pass --stage specialize|generalize if you know it")
 
 
-def warn_unused_base(forest, base: str | None) -> None:
+def warn_base_without_adapters(models: list[Path], base: str | None) -> bool:
+    """Warn (stderr), before the work, when --base was given and no model is a PEFT adapter (a folder with
+    adapter_config.json and its weights: the one kind merged onto a base); True when warned. A path not on disk
+    (a hub id) cannot be told without resolving it: :func:`warn_unused_base` says it after the recovery.
+    Time O(N) file checks."""
+    from modelatlas.weights.peft_lora import is_adapter_folder
+
+    if base is None or any(not Path(m).exists() or is_adapter_folder(Path(m)) for m in models):
+        return False
+    _warn_base(base)
+    return True
+
+
+def warn_unused_base(forest, base: str | None, warned: bool = False) -> None:
     """Warn (stderr) when --base was given but no adapter was merged onto it (the recovery is then the one of
-    the base given as a model, which it silently became). Time O(1)."""
-    if base is not None and not forest.decisions.get("adapter_base"):
-        warn(f"--base {base}: no PEFT adapter among the models, so none was merged onto it; --base only roots the "
-             "tree of the adapters merged onto it: it was compared as one more model")
+    the base given as a model, which it silently became), unless ``warned`` before the work. Time O(1)."""
+    if base is not None and not warned and not forest.decisions.get("adapter_base"):
+        _warn_base(base)
+
+
+def _warn_base(base: str) -> None:
+    warn(f"--base {base}: no PEFT adapter among the models, so none is merged onto it; --base only roots the "
+         "tree of the adapters merged onto it: it is compared as one more model")
 
 
 def _model_notes(forest) -> None:

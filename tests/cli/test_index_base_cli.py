@@ -1,0 +1,73 @@
+"""``atlas index build --base`` / ``atlas lineage recover --base`` with no adapter among the models, and the base
+opened once."""
+
+import json
+
+import pytest
+
+from modelatlas.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def make_full_zoo(tmp_path_factory):
+    from tests.zoo.conftest import _config
+
+    from modelatlas.zoo import make_zoo
+
+    zoo = tmp_path_factory.mktemp("full") / "zoo"
+    make_zoo(_config(trees=2, depth=1, method="full"), zoo, workers=1)
+    return zoo
+
+
+def test_an_atlas_records_no_base_that_merged_nothing(make_full_zoo, tmp_path, capsys):
+    """atlas.json kept --base as its adapter_base though no adapter was merged onto it, and `atlas probex predict
+    ATLAS` reopened it (an error when it had moved, for a base it needs not)."""
+    from modelatlas.cli.probex import _model_paths
+
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(make_full_zoo), "--base", str(make_full_zoo / "t0"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "atlas.json").read_text())["adapter_base"] is None
+    assert _model_paths([str(out)])[1] == set()  # the bases predict would open
+
+
+@pytest.mark.parametrize("command, recovery", [(["lineage", "recover"], "modelatlas.lineage.LineageRecovery.fit"),
+                                               (["index", "build"], "modelatlas.atlas.build.recover_lineage")])
+def test_a_base_with_no_adapter_is_warned_before_the_recovery(make_full_zoo, tmp_path, capsys, monkeypatch,
+                                                              command, recovery):
+    """'no PEFT adapter among the models' came after the recovery (minutes on a large zoo), though the models'
+    paths tell it before; it is said once."""
+    import importlib
+
+    module, name = recovery.rsplit(".", 1)
+    owner = importlib.import_module(module) if name == "recover_lineage" else importlib.import_module(
+        module.rsplit(".", 1)[0]).LineageRecovery
+    real, seen = getattr(owner, name), []
+
+    def check_recovery(*a, **kw):
+        seen.append(capsys.readouterr().err)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, name, check_recovery)
+    base = make_full_zoo / "t0"
+    assert main([*command, str(make_full_zoo), "--base", str(base), "--out", str(tmp_path / "out")]) == 0
+    said = f"warning: --base {base}: no PEFT adapter among the models, so none is merged onto it"
+    assert said in seen[0] and said not in capsys.readouterr().err
+
+
+def test_index_build_opens_the_base_once(make_full_zoo, tmp_path, capsys, monkeypatch):
+    """`index build --base` opened the base to check it, closed it, and build_atlas opened it again."""
+    import modelatlas.weights
+    import modelatlas.weights.peft_lora as peft_lora
+
+    real, opened = peft_lora.open_adapter_base, []
+
+    def count_opens(path):
+        opened.append(path)
+        return real(path)
+
+    monkeypatch.setattr(peft_lora, "open_adapter_base", count_opens)
+    monkeypatch.setattr(modelatlas.weights, "open_adapter_base", count_opens)
+    base = make_full_zoo / "t0"
+    assert main(["index", "build", str(make_full_zoo), "--base", str(base), "--out", str(tmp_path / "atl")]) == 0
+    assert opened == [str(base)]
