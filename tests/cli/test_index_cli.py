@@ -226,6 +226,23 @@ def test_build_refuses_a_folder_whose_atlas_json_is_someone_elses(tmp_path, caps
         check_atlas_folder(tmp_path / "sprites")
 
 
+def test_an_atlas_of_another_version_says_rebuild_and_is_rebuilt_in_place(tmp_path, capsys):
+    """An atlas.json of another modelatlas version: show said 'unknown atlas format', and the rebuild that fixes
+    it was refused ('is no modelatlas atlas'), though it is one, leaving only deleting it by hand."""
+    make_models(tmp_path / "m")
+    out = tmp_path / "atl"
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    data = json.loads((out / "atlas.json").read_text())
+    (out / "atlas.json").write_text(json.dumps({**data, "format": "modelatlas-atlas/2"}))
+    capsys.readouterr()
+    assert main(["index", "show", str(out)]) == 1
+    assert capsys.readouterr().err == (f"error: {out / 'atlas.json'}: an atlas of another modelatlas version (format "
+                                       "'modelatlas-atlas/2'; this one reads 'modelatlas-atlas/1'): rebuild it with "
+                                       f"`atlas index build PATH... --out {out}`\n")
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    assert json.loads((out / "atlas.json").read_text()) == data
+
+
 def test_build_warns_at_most_20_notes_and_points_at_show(tmp_path, capsys, monkeypatch):
     """Each note was a warning line: 1,000 models outside the experts' trees were 1,000 lines."""
     import modelatlas.cli.index as index_cli

@@ -35,6 +35,7 @@ from modelatlas.errors import AtlasError
 from modelatlas.lineage.forest import Forest
 
 FORMAT = "modelatlas-atlas/1"
+FORMAT_FAMILY = "modelatlas-atlas/"  # any version's atlas.json: `index build` may replace it (the fix for its load error)
 JSON_NAME, EMBED_NAME, HTML_NAME = "atlas.json", "embeddings.safetensors", "atlas.html"
 NO_CLASS = "no class above 0.5"  # a model its class expert saw (expert_tree set) whose classes all scored <= 0.5
 
@@ -131,7 +132,11 @@ class Atlas:
             if got is None:  # a lineage forest or a distillation's result.json: "unknown atlas format None"
                 raise AtlasError(f"{path}: not an atlas (no 'format' key; an atlas.json has {FORMAT!r}): build one "
                                  "with `atlas index build PATH... --out DIR`")
-            raise AtlasError(f"{path}: unknown atlas format {got!r} (expected {FORMAT})")
+            if isinstance(got, str) and got.startswith(FORMAT_FAMILY):  # it said only 'unknown atlas format'
+                raise AtlasError(f"{path}: an atlas of another modelatlas version (format {got!r:.60}; this one "
+                                 f"reads {FORMAT!r}): rebuild it with `atlas index build PATH... --out "
+                                 f"{path.parent}`")
+            raise AtlasError(f"{path}: unknown atlas format {got!r:.60} (expected {FORMAT})")
         check_atlas_dict(data, path)
         models = [ModelEntry.from_dict(m) for m in data["models"]]
         embedded = _load_embeddings(path.parent, data.get("embedded", {})) if embeddings else {}
@@ -145,7 +150,8 @@ class Atlas:
 def check_atlas_folder(folder: str | Path) -> None:
     """Refuse to write an atlas into a non-empty folder that holds none: its files would mix with the
     atlas's (and a later `atlas index build` of that folder would take embeddings.safetensors for a model),
-    and a path that is a file or lies below one (it said 'File exists' after the whole lineage recovery)."""
+    and a path that is a file or lies below one (it said 'File exists' after the whole lineage recovery). An
+    atlas of another modelatlas version is replaced: rebuilding it is what its load error asks."""
     folder = Path(folder)
     check_out_folder(folder, f"--out {folder}", "choose a new --out", AtlasError)
     if folder.is_dir() and not (folder / JSON_NAME).is_file() and any(folder.iterdir()):
@@ -157,7 +163,7 @@ def check_atlas_folder(folder: str | Path) -> None:
             why = f"format {form!r:.60}"
         except (OSError, ValueError, AttributeError):  # unreadable, or not an object
             form, why = None, "not readable as JSON"
-        if form != FORMAT:
+        if not (isinstance(form, str) and form.startswith(FORMAT_FAMILY)):  # another version's: rebuilt in place
             raise AtlasError(f"--out {folder} is a folder whose {JSON_NAME} is no modelatlas atlas ({why}): it would "
                              "be overwritten; choose a new or empty --out (or delete that file)")
 
