@@ -258,3 +258,39 @@ def test_build_warns_at_most_20_notes_and_points_at_show(tmp_path, capsys, monke
     assert err[2] == f"warning: ... and 2 more notes: `atlas index show {out}` lists them all"
     assert main(["index", "show", str(out)]) == 0
     assert "not in any tree (4):" in capsys.readouterr().out
+
+
+def test_search_with_query_and_atlas_swapped_says_the_order(tmp_path, capsys, monkeypatch):
+    """`atlas index search my-atlas t0` said 't0/atlas.json: no atlas here', of a folder that is not there."""
+    make_models(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "build", "m", "--out", "atl", "--stage", "specialize"]) == 0
+    capsys.readouterr()
+    assert main(["index", "search", "atl", "t0 1"]) == 1
+    assert capsys.readouterr() == ("", "error: 't0 1' is no atlas, and atl is one: the query comes first "
+                                       "(atlas index search 't0 1' atl)\n")
+    assert main(["index", "search", "atl", "m", "--mode", "keywords"]) == 1  # m is there: its own error
+    assert "m/atlas.json: no atlas here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["atlas.json", "my-atlas.HTML"])
+def test_build_refuses_an_out_named_as_a_file(tmp_path, capsys, monkeypatch, out):
+    """`--out atlas.json` wrote a folder named atlas.json (holding atlas.json and atlas.html), without a word."""
+    make_models(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "build", "m", "--out", out]) == 1
+    stem = out.rsplit(".", 1)[0]
+    assert capsys.readouterr() == ("", f"error: --out {out}: --out is the atlas folder, which atlas.json and "
+                                       f"atlas.html are written into, not a file; name it {stem}\n")
+    assert not (tmp_path / out).exists()
+
+
+def test_an_atlas_folder_named_json_is_still_rebuilt(tmp_path, capsys):
+    """An atlas folder an earlier build wrote under a .json name stays usable: rebuilt, not refused."""
+    make_models(tmp_path / "m")
+    out = tmp_path / "old.json"
+    out.mkdir()
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "new"), "--stage", "specialize"]) == 0
+    (out / "atlas.json").write_text((tmp_path / "new" / "atlas.json").read_text())
+    assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
+    assert (out / "atlas.html").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def _build(args: argparse.Namespace) -> int:
     from modelatlas.cli.lineage import config_from_args, expand_paths, open_base, warn_base_without_adapters
     from modelatlas.errors import ConfigError
 
+    _check_out_name(args.out)
     check_atlas_folder(args.out)  # before the work, not after it
     base_path, base = open_base(args.base)  # before the models' notes, named as --base's; opened once
     with nullcontext() if base is None else base:
@@ -75,6 +77,17 @@ def _build(args: argparse.Namespace) -> int:
     warn_unused_base(atlas.forest, args.base, warned)
     echo(f"atlas written to {args.out} (open {args.out / 'atlas.html'} in a browser)")
     return 0
+
+
+def _check_out_name(out: Path) -> None:
+    """Refuse an --out named as one of the atlas's files (``--out atlas.json``): it became a folder of that name,
+    holding atlas.json and atlas.html. An existing atlas folder so named is kept (rebuilt)."""
+    from modelatlas.atlas.index import JSON_NAME
+    from modelatlas.errors import ConfigError
+
+    if out.suffix.lower() in (".json", ".html", ".htm", ".safetensors") and not (out / JSON_NAME).is_file():
+        raise ConfigError(f"--out {out}: --out is the atlas folder, which {JSON_NAME} and atlas.html are written "
+                          f"into, not a file; name it {out.with_suffix('')}")
 
 
 def _show_atlas(atlas, notes: bool = True) -> None:
@@ -131,6 +144,7 @@ def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas import Atlas, search_atlas
     from modelatlas.atlas.index import shown_value
 
+    _check_order(args.query, args.atlas)
     atlas = Atlas.load(args.atlas, embeddings=args.mode != "keywords")  # keywords with --text-experts: refused
     hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
     if not hits:
@@ -144,3 +158,14 @@ def _search(args: argparse.Namespace) -> int:
         said = f"  {_what(m)}" if _what(m) else ""
         echo(f"{rank:3d}. {h.name}  {what} {h.score:.3f}  ({where}){said}")
     return 0
+
+
+def _check_order(query: str, atlas: Path) -> None:
+    """Refuse QUERY and ATLAS given the other way round (`atlas index search my-atlas t0`): it said 'no atlas
+    here' of the query, naming the query's folder and not the order. Two file checks."""
+    from modelatlas.atlas.index import JSON_NAME
+    from modelatlas.errors import ConfigError
+
+    if not atlas.exists() and (Path(query) / JSON_NAME).is_file():
+        raise ConfigError(f"{shlex.quote(str(atlas))} is no atlas, and {shlex.quote(query)} is one: the query comes first "
+                          f"(atlas index search {shlex.quote(str(atlas))} {shlex.quote(query)})")
