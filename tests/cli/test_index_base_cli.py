@@ -71,3 +71,15 @@ def test_index_build_opens_the_base_once(make_full_zoo, tmp_path, capsys, monkey
     base = make_full_zoo / "t0"
     assert main(["index", "build", str(make_full_zoo), "--base", str(base), "--out", str(tmp_path / "atl")]) == 0
     assert opened == [str(base)]
+
+
+def test_index_build_merges_adapters_onto_the_base_it_opened(tmp_path, capsys, make_adapter_family):
+    """The base the CLI opened once is the one build_atlas merges onto and records; no warning with adapters."""
+    fam = make_adapter_family(tmp_path / "fam")
+    base, out = fam / "base.safetensors", tmp_path / "atl"
+    assert main(["index", "build", str(fam / "a0"), str(fam / "a1"), str(fam / "a2"), "--stage", "specialize",
+                 "--base", str(base), "--out", str(out)]) == 0
+    assert "--base" not in capsys.readouterr().err
+    data = json.loads((out / "atlas.json").read_text())
+    assert data["adapter_base"] == str(base) and not any(m["notes"] for m in data["models"])
+    assert {m["name"]: m["parent"] for m in data["models"]} == {"base": None, "a0": "base", "a1": "base", "a2": "base"}
