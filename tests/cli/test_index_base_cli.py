@@ -83,3 +83,22 @@ def test_index_build_merges_adapters_onto_the_base_it_opened(tmp_path, capsys, m
     data = json.loads((out / "atlas.json").read_text())
     assert data["adapter_base"] == str(base) and not any(m["notes"] for m in data["models"])
     assert {m["name"]: m["parent"] for m in data["models"]} == {"base": None, "a0": "base", "a1": "base", "a2": "base"}
+
+
+@pytest.mark.parametrize("command", [["lineage", "recover"], ["index", "build"]])
+def test_adapters_of_another_base_are_not_called_absent(tmp_path, capsys, make_adapter_family, command):
+    """Adapters that do not fit --base (16 x 16 updates, an 8 x 8 base) are left out; the warning then said 'no
+    PEFT adapter among the models', below the lines naming them."""
+    import torch
+    from safetensors.torch import save_file
+
+    fam = make_adapter_family(tmp_path / "fam")
+    base = tmp_path / "other.safetensors"
+    save_file({f"layers.{i}.weight": torch.full((8, 8), float(i)) for i in range(3)}, str(base))
+    save_file({f"layers.{i}.weight": torch.eye(16) * (i + 1) for i in range(3)}, str(tmp_path / "m.safetensors"))
+    assert main([*command, str(fam / "a0"), str(fam / "a1"), str(tmp_path / "m.safetensors"), "--base", str(base),
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "does not match the base weight shape (8, 8)" in err and "no PEFT adapter among the models," not in err
+    assert (f"warning: --base {base}: no PEFT adapter among the models was merged onto it (none was given, or each "
+            "was left out: see above)") in err

@@ -261,12 +261,15 @@ def warn_unused_base(forest, base: str | None, warned: bool = False) -> None:
     """Warn (stderr) when --base was given but no adapter was merged onto it (the recovery is then the one of
     the base given as a model, which it silently became), unless ``warned`` before the work. Time O(1)."""
     if base is not None and not warned and not forest.decisions.get("adapter_base"):
-        _warn_base(base)
+        # adapters may have been given and left out (another base's: 'update shape ... does not match'): it said
+        # 'no PEFT adapter among the models' below their lines
+        _warn_base(base, "no PEFT adapter among the models was merged onto it (none was given, or each was left "
+                         "out: see above)")
 
 
-def _warn_base(base: str) -> None:
-    warn(f"--base {base}: no PEFT adapter among the models, so none is merged onto it; --base only roots the "
-         "tree of the adapters merged onto it: it is compared as one more model")
+def _warn_base(base: str, why: str = "no PEFT adapter among the models, so none is merged onto it") -> None:
+    warn(f"--base {base}: {why}; --base only roots the tree of the adapters merged onto it: it is compared as one "
+         "more model")
 
 
 def _model_notes(forest) -> None:
