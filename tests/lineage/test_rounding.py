@@ -13,6 +13,8 @@ from modelatlas.lineage.rounding import (
     debiased_moments,
     debiased_singular_values,
     debiased_squared,
+    least_squares_models,
+    least_squares_scales,
     rounding_excess,
     same_grid_noise,
     same_model_pairs,
@@ -280,3 +282,12 @@ def test_a_pass_reads_each_gguf_tensor_once(tmp_path, monkeypatch, gram_sketch):
     st = stream_pair_stats(ckpts, ckpts[0].tensors(), sketch=8, gram_sketch=gram_sketch)
     assert len(reads) == 4 and len(set(reads)) == 4  # two layers of two models, each once
     assert len(st.rounding) == 2 and all((r.energy > 0).all() for r in st.rounding)  # the variance was read
+
+
+@pytest.mark.parametrize("kind, want", [("q4_k+q6_k", True), ("q4_0+q6_k", True), ("q6_k", True),
+                                        ("q4_0", False), ("q8_0+q5_1", False), ("", False), ("iq4_nl", False)])
+def test_least_squares_scales_are_the_k_quants(kind, want):
+    """llama.cpp fits a K-quant's scales by least squares (its stand-in's kurtosis reads low); a file with one
+    such layer (llama-quantize's Q6_K output of a Q4_0 file) counts."""
+    assert least_squares_scales(kind) is want
+    assert least_squares_models({"m": kind, "f": ""}) == ({"m"} if want else set())

@@ -10,7 +10,7 @@ from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.known import Known, place_tree
 from modelatlas.lineage.scoring import score_forest
-from modelatlas.lineage.stage import SAME_STAGE_CAP, decide_tree_stages, tree_stages
+from modelatlas.lineage.stage import SAME_STAGE_CAP, as_stored, decide_tree_stages, tree_stages
 from modelatlas.lineage.synthetic import make_synthetic_forest
 
 
@@ -118,3 +118,28 @@ def test_a_chain_leaning_one_violation_follows_two_generalize_stars_and_is_place
     assert info["stage_confidence"] == pytest.approx(1 / (1 + math.exp(-3.0)))  # pooled: |1 - 2 - 2|
     assert place_tree(LineageConfig(), "mst", stages[0], (*chain, None)).parent == [-1, 0, 1]  # a -> b -> c
     assert place_tree(LineageConfig(), "mst", "specialize", (*chain, None)).parent == [1, -1, 1]  # alone: from b
+
+
+def make_stand_in_chain() -> tuple:
+    """a1 - a - base - b - b1 (1 apart a step), kurtosis 3.0 at the base falling 0.1 an edge, but the stand-ins
+    a and b read 2.0 and 2.5 (a K-quant's rounding lowers it). All five: "specialize" rooted at the base
+    violates a -> a1 and b -> b1, "generalize" rooted at a only base -> b: generalize by one penalty."""
+    x = np.arange(5.0)
+    return ["a1", "a", "base", "b", "b1"], np.abs(x[:, None] - x[None, :]), np.array([2.8, 2.0, 3.0, 2.5, 2.8]), None
+
+
+def test_stand_ins_are_left_out_of_the_stage():
+    tree = make_stand_in_chain()
+    before, _ = decide_tree_stages(LineageConfig(), "mst", [tree], Known())
+    assert before == ["generalize"]
+    after, info = decide_tree_stages(LineageConfig(), "mst", [tree], Known(), frozenset({"a", "b"}))
+    assert after == ["specialize"] and info["stage_evidence"] == pytest.approx(1.0)  # a1 - base - b1: one
+
+
+def test_too_few_models_as_read_keep_the_stand_ins():
+    """Only a1 and base read as they are: one edge, no stage; the stand-ins count as before."""
+    tree = make_stand_in_chain()
+    stages, _ = decide_tree_stages(LineageConfig(), "mst", [tree], Known(), frozenset({"a", "b", "b1"}))
+    assert stages == ["generalize"]
+    assert as_stored(tree, frozenset({"a", "b", "b1"})) is tree
+    assert as_stored(tree, frozenset({"a", "b"}))[0] == ["a1", "base", "b1"]

@@ -33,6 +33,7 @@ from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.known import Known, place_tree
 from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import quant_type
+from modelatlas.lineage.rounding import least_squares_models
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.stage import decide_tree_stages, stage_trees
 from modelatlas.lineage.tree_distance import summarise, tree_distance, with_views
@@ -83,7 +84,7 @@ class LineageRecovery:
         if not any(names):
             raise ConfigError(_nothing_comparable(skipped))
         self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names),
-                         set(awq) - set(duplicates))  # (an AWQ copy of a given source is placed as it)
+                         set(awq) - set(duplicates), least_squares_models(quantized))  # (an AWQ copy of a given source is placed as it)
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
         # nf4_merges: float models read as merged QLoRA models, their NF4 rounding taken out (lineage.qlora);
@@ -98,10 +99,11 @@ class LineageRecovery:
         return self
 
     def _fit_groups(self, cfg, names, stats, rules, skipped, known: Known | None = None,
-                    unsmoothed: set[str] = frozenset()) -> None:
+                    unsmoothed: set[str] = frozenset(), rounded: frozenset[str] = frozenset()) -> None:
         """Trees, stage and edges of the models kept (``names`` and ``stats`` per architecture group); ``known``:
         the directions known from outside the weights (the adapters' base, quantized bases: :mod:`.known`);
-        ``unsmoothed``: the AWQ models read with their rescaling undone (:func:`~.tree_distance.with_views`)."""
+        ``unsmoothed``: the AWQ models read with their rescaling undone (:func:`~.tree_distance.with_views`);
+        ``rounded``: K-quant stand-ins, left out of the stage's evidence (:func:`~.stage.as_stored`)."""
         known, (labels, k_info) = known or Known(), _cluster(cfg, stats)
         flat = [n for g in names for n in g]
         trees = _tree_members(labels, stats)
@@ -115,7 +117,7 @@ class LineageRecovery:
         placement = "joint" if cfg.method == "mother-paper" else cfg.placement
         placed = list(zip(members, dists, kurt, lks))
         if cfg.stage == "auto":  # each tree its own stage where its evidence is strong enough (:mod:`.stage`)
-            stages, s_info = decide_tree_stages(cfg, placement, placed, known)
+            stages, s_info = decide_tree_stages(cfg, placement, placed, known, rounded)
         else:
             stages = [cfg.stage] * len(placed)
             s_info = {"stage": cfg.stage, "stage_confidence": 1.0, "stage_evidence": None, "stage_mixed": False,

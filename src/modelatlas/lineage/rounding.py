@@ -60,6 +60,22 @@ SAME_MODEL_REL = 0.04
 MERGE_KIND = "NF4-MERGE"  # lineage.qlora's merged QLoRA models (defined here: qlora imports this module's users)
 
 
+def least_squares_scales(kind: str) -> bool:
+    """Whether a model stored as ``kind`` (:func:`~modelatlas.lineage.quantized.quant_type`'s "q4_k+q6_k") has
+    K-quant layers, whose scales llama.cpp fits by least squares: the error is not independent of the values
+    (each block's largest value shrinks by 0.15-0.3 of a step), so the moment correction here leaves its
+    kurtosis 0.05-0.6 a layer under its source's (docs/benchmarks.md, "Session 32: orientation of K-quant
+    stand-ins"). Round-to-nearest types (gguf-py's, llama.cpp's legacy types without an importance matrix)
+    keep the uniform model. Time O(1)."""
+    return any(k[:1] == "q" and k.endswith("_k") for k in kind.split("+"))
+
+
+def least_squares_models(kinds: dict[str, str]) -> frozenset[str]:
+    """The models of ``kinds`` (name -> :func:`~modelatlas.lineage.quantized.quant_type`) with K-quant layers
+    (:func:`least_squares_scales`). Time O(N)."""
+    return frozenset(n for n, k in kinds.items() if least_squares_scales(k))
+
+
 SUMS = 8  # columns of rounding_sums: four for the distances' noise, four for the moments' bias
 
 

@@ -32,6 +32,9 @@ from modelatlas.lineage.orient import pooled_stage
 # did lean against them gave one penalty (a chain of 5 whose kurtosis dips once): any cap in (1, 2) keeps the
 # first and turns the second with a folder that leans the other way; 1.5 is the middle.
 SAME_STAGE_CAP = 1.5
+# The fewest models read as they are (not quantized stand-ins) that decide a tree's stage without its stand-ins
+# (:func:`as_stored`): three is the smallest tree whose kurtosis can favour a stage (two: one edge, either way).
+MIN_AS_STORED = 3
 
 
 def tree_stages(own: np.ndarray, cap: float = SAME_STAGE_CAP) -> tuple[list[str], np.ndarray]:
@@ -45,14 +48,15 @@ def tree_stages(own: np.ndarray, cap: float = SAME_STAGE_CAP) -> tuple[list[str]
 
 
 def decide_tree_stages(cfg: LineageConfig, placement: str, trees: list[tuple],
-                       known: Known) -> tuple[list[str], dict]:
+                       known: Known, rounded: frozenset[str] = frozenset()) -> tuple[list[str], dict]:
     """The stage of each tree ((members, distances, kurtosis, per-layer kurtosis) each) from the weights and
     the known descents, and the decisions: ``stage`` (the stage most models' trees follow; ties: the pooled
     one), ``stage_mixed`` (trees differ), ``stage_confidence`` (logistic(|pooled evidence|); when mixed, the
     lowest confidence of the trees of ``stage``), ``stage_evidence`` (the pooled sum, as before session 31),
     ``violations``, ``stage_known`` and ``stage_trees`` (:func:`stage_trees`). Time that of
-    :func:`~modelatlas.lineage.known.tree_evidence_known`."""
-    own, info = tree_evidence_known(cfg, placement, trees, known)
+    :func:`~modelatlas.lineage.known.tree_evidence_known`. ``rounded``: the models given only as K-quants
+    (stand-ins, :func:`~modelatlas.lineage.rounding.least_squares_scales`), left out of the evidence (:func:`as_stored`)."""
+    own, info = tree_evidence_known(cfg, placement, [as_stored(t, rounded, known.base) for t in trees], known)
     total = float(own.sum())
     stages, odds = tree_stages(own)
     per_tree = stage_trees(stages, odds, own)
@@ -64,6 +68,26 @@ def decide_tree_stages(cfg: LineageConfig, placement: str, trees: list[tuple],
         conf = min(t["confidence"] for t in per_tree if t["stage"] == stage)
     return stages, {"stage": stage, "stage_confidence": conf, "stage_evidence": total, **info,
                     "stage_mixed": mixed, "stage_trees": per_tree}
+
+
+def as_stored(tree: tuple, rounded: frozenset[str], keep: str | None = None) -> tuple:
+    """(members, distances, kurtosis, per-layer kurtosis) of ``tree`` without its members in ``rounded`` (but
+    ``keep``). Why: a stand-in's kurtosis is its rounding's as much as its source's. llama.cpp's least-squares
+    scales (the K-quants; its legacy types with an importance matrix, not told apart by type) shrink each
+    block's largest value by 0.15-0.3 of a step, so a stand-in's debiased kurtosis reads 0.05-0.6 a layer
+    under its source's, where a fine-tune moves it ~0.01: in the width-256 llama tree K-quant stand-ins of
+    both children turned every seed's stage to "generalize" (docs/benchmarks.md, "Session 32: orientation
+    of K-quant stand-ins"). ``rounded`` names the stand-ins recognised so (:func:`~modelatlas.lineage.
+    rounding.least_squares_models`). The models read as they are (their
+    grandparent-grandchild pairs included: the MST of the rest joins across a stand-in) decide the stage;
+    the root is still chosen with every model. Fewer than :data:`MIN_AS_STORED` such models give no stage
+    (two are one edge, read either way): the stand-ins count then. Time O(n^2 + n L)."""
+    members, d, k, lk = tree
+    idx = [i for i, m in enumerate(members) if m not in rounded or m == keep]
+    if len(idx) == len(members) or len(idx) < MIN_AS_STORED:
+        return tree
+    return ([members[i] for i in idx], d[np.ix_(idx, idx)], k[idx],  # (n', n'), (n',)
+            None if lk is None else lk[idx])  # (n', L)
 
 
 def stage_trees(stages: list[str], odds: np.ndarray | None = None, own: np.ndarray | None = None) -> list[dict]:
