@@ -149,8 +149,8 @@ def test_a_prefixed_view_asks_its_model_under_the_full_name():
         def quantization(self, name):
             return "Q8_0" if name == "model.w" else None
 
-        def grid_position(self, name, x):
-            return 0.25 if name == "model.w" else None
+        def grid_position(self, name, x, rows=None):
+            return 0.25 if name == "model.w" and rows is None else 0.5 if name == "model.w" else None
 
         def rounding_variance(self, name, values=None):
             return torch.full((2, 2), 0.5) + (0 if values is None else values) if name == "model.w" else None
@@ -164,6 +164,7 @@ def test_a_prefixed_view_asks_its_model_under_the_full_name():
     view = PrefixedView(Quantized("q", {"model.w": torch.arange(4.0).reshape(2, 2)}), "model.")
     assert view.compared_rows("w").tolist() == [1] and view.read_rows("w", torch.tensor([1])).tolist() == [[2.0, 3.0]]
     assert view.quantization("w") == "Q8_0" and view.grid_position("w", torch.ones(2, 2)) == 0.25
+    assert view.grid_position("w", torch.ones(1, 2), rows=torch.tensor([1])) == 0.5  # the rows passed on
     assert torch.equal(view.rounding_variance("w"), torch.full((2, 2), 0.5))
     assert torch.equal(view.rounding_variance("w", torch.ones(2, 2)), torch.full((2, 2), 1.5))  # values passed on
     assert view.rounding_moments("w").tolist() == [1.0, 2, 3, 4]  # was the default's None: the uniform correction

@@ -190,9 +190,12 @@ def test_an_fp4_layer_compares_256_rows_a_source_reads_alone(tmp_path, kind):
         fine = w + 0.05 * torch.randn(w.shape, generator=gen)
         for x in (w, fine, ck.read(name)):
             part = x.reshape(-1, 64)[rows]  # (n, 64) -> (256, 64): what read_rows gives
-            assert ck.requantized_match(name, part) == ck.requantized_match(name, x)
-            assert ck.grid_position(name, part) == pytest.approx(ck.grid_position(name, x), abs=1e-6)
-        assert ck.requantized_match(name, part[:255]) is None and ck.grid_position(name, part[:255]) is None
+            assert ck.requantized_match(name, part, rows=rows) == ck.requantized_match(name, x)
+            assert ck.grid_position(name, part, rows=rows) == pytest.approx(ck.grid_position(name, x), abs=1e-6)
+        assert ck.requantized_match(name, part[:255], rows=rows[:255]) is None
+        assert ck.grid_position(name, part[:255], rows=rows[:255]) is None
+        # another model's whole (256, m) tensor is not this layer's sample (it was taken for it by shape)
+        assert ck.requantized_match(name, part) is None and ck.grid_position(name, part) is None
 
 
 def test_gpt_oss_rows_as_read_gather_each_inputs_codes_and_scale():

@@ -301,5 +301,21 @@ def test_a_copy_test_given_the_sampled_rows_gives_what_the_whole_tensor_gives(tm
         rows = ck.compared_rows("q")
         assert rows.tolist() == np.linspace(0, 599, 256).round().astype(int).tolist()
         for test in (ck.requantized_match, ck.grid_position):
-            assert test("q", y[rows]) == test("q", y) and 0 < test("q", y) < 1
+            assert test("q", y[rows], rows=rows) == test("q", y) and 0 < test("q", y) < 1
         assert ck.requantized_match("q", y[:255]) is None  # neither the tensor nor its sampled rows
+
+
+def test_another_models_tensor_shaped_like_the_sample_is_refused(tmp_path):
+    """A whole (256, m) tensor of another model, passed for a (600, m) layer, is not its 256 sampled rows: None
+    (it was taken for them by shape and got a share); the sample counts only with the rows it is."""
+    x = np.random.default_rng(2).standard_normal((600, 64)).astype(np.float32)
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+    path = make_gguf_file(tmp_path / "m.gguf", {"q": (q, "Q4_0")})
+    with open_checkpoint(path) as ck:
+        rows = ck.compared_rows("q")
+        other = torch.from_numpy(x)[rows]  # (256, 64): shaped like the sample, passed as a whole tensor
+        for test in (ck.requantized_match, ck.grid_position):
+            assert test("q", other) is None
+            assert test("q", other, rows=rows + 1) is None  # other rows than those compared
+            assert test("q", other, rows=rows) is not None
+        assert ck.requantized_match("q", other, rows=rows) == 1.0

@@ -108,7 +108,7 @@ def made_from_copy(copy: Checkpoint, model: Checkpoint, layers: list[TensorInfo]
     compares, :func:`compared`). Time O(P) of those layers."""
     quantized = [t for t in layers if copy.quantization(t.name)]
     picked = quantized[:: max(1, -(-len(quantized) // POSITION_LAYERS))]
-    where = [copy.grid_position(t.name, compared(copy, model, t.name)) for t in picked]
+    where = [_tested(copy.grid_position, copy, model, t.name) for t in picked]
     where = [w for w in where if w is not None]
     return bool(where) and sum(where) / len(where) < ON_GRID
 
@@ -144,7 +144,7 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
             x, y = source.read(t.name), copy.read(t.name)
             share = 1.0 if bool((x.to(y.dtype) == y).all()) else 0.0
         else:
-            share = copy.requantized_match(t.name, compared(copy, source, t.name))
+            share = _tested(copy.requantized_match, copy, source, t.name)
             share = -1.0 if share is None else share
         worst = min(worst, share - need.get(kind, MIN_MATCH))
         if worst < 0:
@@ -152,12 +152,19 @@ def copy_score(copy: Checkpoint, source: Checkpoint) -> float:
     return worst
 
 
-def compared(copy: Checkpoint, source: Checkpoint, name: str) -> torch.Tensor:
-    """What ``copy``'s test of tensor ``name`` (``requantized_match``, ``grid_position``) needs of ``source``:
-    the rows it compares (:meth:`~modelatlas.weights.Checkpoint.compared_rows`: 256 of a GGUF layer, only their
-    bytes read) or the whole tensor (formats that compare all of it; a tensor of another shape, which the test
-    then refuses, as it refused it before). Time O(r m), or O(P) for the whole."""
+def _tested(test, copy: Checkpoint, source: Checkpoint, name: str) -> float | None:
+    """``test`` (``copy``'s ``requantized_match`` or ``grid_position``) of tensor ``name`` of ``source``."""
+    x, rows = compared(copy, source, name)
+    return test(name, x, rows=rows)
+
+
+def compared(copy: Checkpoint, source: Checkpoint, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What ``copy``'s test of tensor ``name`` (``requantized_match``, ``grid_position``) needs of ``source``, as
+    its (``x``, ``rows``) arguments: the rows it compares (:meth:`~modelatlas.weights.Checkpoint.compared_rows`:
+    256 of a GGUF layer, only their bytes read) and which they are, or the whole tensor and None (formats that
+    compare all of it; a tensor of another shape, which the test then refuses, even one shaped like the
+    sample). Time O(r m), or O(P) for the whole."""
     rows = copy.compared_rows(name)
     if rows is None or source.info(name).shape != copy.info(name).shape:
-        return source.read(name)
-    return source.read_rows(name, rows)
+        return source.read(name), None
+    return source.read_rows(name, rows), rows

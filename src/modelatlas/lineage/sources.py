@@ -80,8 +80,8 @@ class PrefixedView(Checkpoint):
     def quantization(self, name: str) -> str | None:
         return self.inner.quantization(self.prefix + name)
 
-    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
-        return self.inner.requantized_match(self.prefix + name, x)
+    def requantized_match(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
+        return self.inner.requantized_match(self.prefix + name, x, rows=rows)
 
     def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
         return self.inner.grid_match(self.prefix + name, x, slack)
@@ -89,8 +89,8 @@ class PrefixedView(Checkpoint):
     def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.inner.rounding_variance(self.prefix + name, values)
 
-    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
-        return self.inner.grid_position(self.prefix + name, x)
+    def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
+        return self.inner.grid_position(self.prefix + name, x, rows=rows)
 
     def rounding_moments(self, name: str) -> torch.Tensor | None:
         return self.inner.rounding_moments(self.prefix + name)

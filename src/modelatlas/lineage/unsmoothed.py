@@ -157,14 +157,14 @@ class UnsmoothedView(Checkpoint):
     def quantization(self, name: str) -> str | None:
         return self.inner.quantization(name)
 
-    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
-        return self.inner.requantized_match(name, x)
+    def requantized_match(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
+        return self.inner.requantized_match(name, x, rows=rows)
 
     def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
         return self.inner.grid_match(name, x, slack)
 
-    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
-        return self.inner.grid_position(name, x)
+    def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
+        return self.inner.grid_position(name, x, rows=rows)
 
     def stored_tensors(self) -> list[TensorInfo]:
         return self.inner.stored_tensors()

@@ -106,10 +106,11 @@ class Checkpoint(ABC):
         tensor stored as plain numbers (whose dtype :meth:`info` gives). Header only."""
         return None
 
-    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
+    def requantized_match(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         """For a block-quantized tensor: the share of its stored values that quantizing ``x`` (same shape)
         the same way gives exactly, so 1.0 when this tensor is ``x`` quantized. None when the tensor is not
-        block-quantized or its type has no quantizer here."""
+        block-quantized or its type has no quantizer here. ``rows``: :meth:`compared_rows`, when ``x`` is
+        only those rows (:meth:`read_rows` at them); any other ``x`` of another shape is refused (None)."""
         return None
 
     def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
@@ -119,10 +120,11 @@ class Checkpoint(ABC):
         clipped). 1.0 for the model rounded; None for other tensors. Time O(P)."""
         return None
 
-    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
+    def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         """For a quantized tensor: where ``x``'s values sit on its levels, ~0.5 when spread between them (the
         model it was quantized from), near 0 when on them (a model made from its dequantized values). None
-        when the tensor is not quantized or its format has no such test."""
+        when the tensor is not quantized or its format has no such test. ``rows``: as for
+        :meth:`requantized_match`."""
         return None
 
     def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -160,17 +160,17 @@ class DequantizedCheckpoint(Checkpoint):
             return F.requantized_share(x, parts, layer, layer.parts["scale"], SAMPLE_ROWS)
         return B.requantized_share_4bit(x, parts["weight"], parts["quant_map"], layer.state["blocksize"])
 
-    def grid_position(self, name: str, x: torch.Tensor) -> float | None:
+    def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         """Where ``x``'s values sit on the layer's levels (:mod:`.grid_position`): ~0.5 for the model it was
         quantized from, near 0 for one made from its dequantized values. On the first ~1M values (float8: in
         halves of the spacing of float8 values where each lies). GPTQ's codes are not all the nearest level,
         but its source's values still fall anywhere between levels. FP4: on the rows its copy test compares,
-        ``x`` whole or those rows (:func:`~.fp4.grid_position`)."""
+        ``x`` whole or those rows (:func:`~.fp4.grid_position`; ``rows``: :meth:`compared_rows`)."""
         layer = self.layers.get(name)
-        if layer is not None and layer.scheme == "fp4" and F.fits(x, layer, SAMPLE_ROWS):
+        if layer is not None and layer.scheme == "fp4" and F.fits(x, layer, SAMPLE_ROWS, rows):
             where = layer.parts["scale"]
             return self._checked(layer, lambda parts: F.grid_position(x, parts, layer, where, SAMPLE_ROWS))
-        if layer is None or tuple(x.shape) != layer.shape or layer.scheme == "fp4":
+        if layer is None or rows is not None or tuple(x.shape) != layer.shape or layer.scheme == "fp4":
             return None
         if layer.scheme in _GRIDS:
             return self._checked(layer, lambda parts: self._packed_position(layer, parts, x))
@@ -270,14 +270,14 @@ class DequantizedCheckpoint(Checkpoint):
         ``a.weight``), None for a tensor read as stored."""
         return self._layer_of.get(stored)
 
-    def requantized_match(self, name: str, x: torch.Tensor) -> float | None:
+    def requantized_match(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         """How far ``x`` rounds to the layer's stored values. Float8 / int8 values with scales: the share of
         them (on up to :data:`SAMPLE_ROWS` evenly spaced rows) that quantizing ``x`` again gives, 1.0 for the
         model they were made from. bitsandbytes and MLX layers: the share of all their codes that quantizing
         ``x`` gives with scales taken from ``x`` itself, as the library computes them (:meth:`_requantized`; the
         stored scales are rounded). FP4 (NVFP4, MXFP4): ``x`` rounded with the stored scales, on up to
         :data:`SAMPLE_ROWS` evenly spaced rows as read (:func:`~.fp4.requantized_share`; ``x`` whole or those
-        rows, :meth:`compared_rows`). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
+        rows, ``rows`` then :meth:`compared_rows`). Other packed integers (GPTQ, AWQ, ``pack-quantized``): the share of codes that
         are a nearest rounding of ``x`` on the stored grid (:func:`~.packed_ints.on_grid`), over the whole
         layer or, when higher, over its best input column. A round-to-nearest copy has every code so; GPTQ moves codes to make up for the
         error of the columns it quantized before, so only its first column (the one it started from) is
@@ -287,8 +287,8 @@ class DequantizedCheckpoint(Checkpoint):
         columns at a time); O(rows x cols) for a sample."""
         layer = self.layers.get(name)
         if layer is None:
-            return self.inner.requantized_match(name, x)
-        if tuple(x.shape) != layer.shape and not (layer.scheme == "fp4" and F.fits(x, layer, SAMPLE_ROWS)):
+            return self.inner.requantized_match(name, x, rows=rows)
+        if not (F.fits(x, layer, SAMPLE_ROWS, rows) if layer.scheme == "fp4" else rows is None and tuple(x.shape) == layer.shape):
             return None
         if layer.scheme in _REQUANTIZED:
             return self._checked(layer, lambda parts: self._requantized(layer, parts, x))

@@ -276,9 +276,14 @@ def sampled_rows(layer, max_rows: int | None) -> torch.Tensor:
     return torch.arange(n) if max_rows is None else torch.linspace(0, n - 1, min(max_rows, n)).round().long().unique()
 
 
-def fits(x: torch.Tensor, layer, max_rows: int) -> bool:
-    """Whether ``x`` is the whole layer or its :func:`sampled_rows` (r, m), as the tests take it."""
-    return tuple(x.shape) == layer.shape or tuple(x.shape) == (len(sampled_rows(layer, max_rows)), layer.shape[-1])
+def fits(x: torch.Tensor, layer, max_rows: int, rows: torch.Tensor | None = None) -> bool:
+    """Whether ``x`` is the whole layer (``rows`` None) or its :func:`sampled_rows` (r, m), ``rows`` being
+    those, as the tests take it. Explicit: by shape alone, another model's whole (256, m) layer passed for a
+    larger one read as its sample and got a share."""
+    if rows is None:
+        return tuple(x.shape) == layer.shape
+    want = sampled_rows(layer, max_rows)  # (r,)
+    return torch.equal(rows.long(), want) and tuple(x.shape) == (len(want), layer.shape[-1])
 
 
 def grid_position(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, where: str, max_rows: int) -> float:

@@ -193,19 +193,23 @@ class GGUFCheckpoint(Checkpoint):
         return torch.from_numpy(self._pick(t, max_rows))
 
     @staticmethod
-    def _sample(t: GGUFTensor, x: torch.Tensor, pick: np.ndarray) -> torch.Tensor | None:
-        """Rows ``pick`` of ``x`` as (r, m): ``x`` the whole tensor's values, or those rows already
-        (:meth:`read_rows` at :meth:`compared_rows`); None for another shape."""
-        if tuple(x.shape) == t.shape:
-            return x.detach().reshape(-1, t.shape[-1])[torch.from_numpy(pick)]  # (R, m) -> (r, m)
-        return x.detach() if tuple(x.shape) == (len(pick), t.shape[-1]) else None
+    def _sample(t: GGUFTensor, x: torch.Tensor, pick: np.ndarray, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Rows ``pick`` of ``x`` as (r, m): ``x`` the whole tensor's values (``rows`` None), or those rows
+        already (``rows`` the :meth:`compared_rows` they are, :meth:`read_rows` at them); None for another
+        shape or other rows. Explicit: taken by shape alone, another model's whole (256, m) layer passed
+        for a larger one read as its sample and got a share."""
+        if rows is None:
+            return x.detach().reshape(-1, t.shape[-1])[torch.from_numpy(pick)] if tuple(x.shape) == t.shape else None
+        same = torch.equal(rows.long(), torch.from_numpy(pick))  # (r,) each
+        return x.detach() if same and tuple(x.shape) == (len(pick), t.shape[-1]) else None
 
     def quantization(self, name: str) -> str | None:
         self.info(name)  # a clear error for an unknown name
         kind = self._tensors[name].ggml_type.name
         return None if kind in _PLAIN or kind == "BF16" else kind
 
-    def requantized_match(self, name: str, x: torch.Tensor, max_rows: int = 256) -> float | None:
+    def requantized_match(self, name: str, x: torch.Tensor, max_rows: int = 256,
+                          rows: torch.Tensor | None = None) -> float | None:
         """Share of the stored values that quantizing ``x``, or ``x`` rounded to float16 or bfloat16 first
         (llama.cpp's tools quantize an F16 or BF16 conversion), gives, on ``max_rows`` evenly spaced rows (a copy matches on every
         row, a quantized fine-tune on few: one sample decides, and a large layer is not quantized whole).
@@ -213,14 +217,15 @@ class GGUFCheckpoint(Checkpoint):
         and compared; the K-quants, whose scales llama.cpp searches for, are checked on their stored grid
         (:mod:`modelatlas.weights.gguf_grid`: every value the level nearest to ``x``), IQ4_NL / IQ4_XS against
         their 16 codebook values. None for other types (IQ1-IQ3: lattice codebooks). A rounding that leaves the
-        values as they are (float16 to float16) is not tested twice. Time O(max_rows m) for rows of m values."""
+        values as they are (float16 to float16) is not tested twice. ``rows``: :meth:`compared_rows`, when ``x`` is
+        only those rows (:meth:`~.base.Checkpoint.requantized_match`). Time O(max_rows m) for rows of m values."""
         from gguf.quants import dequantize
 
         t = self._tensors[name]
         if self.quantization(name) is None or not t.shape:
             return None
         pick = self._pick(t, max_rows)
-        if (sample := self._sample(t, x, pick)) is None:  # (r, m)
+        if (sample := self._sample(t, x, pick, rows)) is None:  # (r, m)
             return None
         type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
         rows = self._sampled_rows(t, pick)  # (r, row bytes)
@@ -261,7 +266,8 @@ class GGUFCheckpoint(Checkpoint):
         test = grid_test(kind, t.ggml_type, rows, type_size, have, rel_tol=2.0**-11, abs_tol=2.0**-25)
         return test(x.numpy())
 
-    def grid_position(self, name: str, x: torch.Tensor, max_rows: int = 256) -> float | None:
+    def grid_position(self, name: str, x: torch.Tensor, max_rows: int = 256,
+                      rows: torch.Tensor | None = None) -> float | None:
         """Where ``x``'s values sit on the tensor's levels (:mod:`.grid_position`), on ``max_rows`` evenly
         spaced rows: ~0.5 for the model it was quantized from, ~0 for one made from its dequantized values
         (``llama-export-lora`` merges a LoRA into a quantized base). For the legacy types and the K-quants
@@ -273,7 +279,7 @@ class GGUFCheckpoint(Checkpoint):
         if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape:
             return None
         pick = self._pick(t, max_rows)
-        if (sample := self._sample(t, x, pick)) is None:
+        if (sample := self._sample(t, x, pick, rows)) is None:
             return None
         type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
         rows = self._sampled_rows(t, pick)  # (r, row bytes)
