@@ -7,7 +7,7 @@ import pytest
 import torch
 from tests.weights.conftest import make_byte_counter, make_gguf_file
 
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import CheckpointError, TensorNotFoundError
 from modelatlas.weights import open_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -319,3 +319,15 @@ def test_another_models_tensor_shaped_like_the_sample_is_refused(tmp_path):
             assert test("q", other, rows=rows + 1) is None  # other rows than those compared
             assert test("q", other, rows=rows) is not None
         assert ck.requantized_match("q", other, rows=rows) == 1.0
+
+
+def test_an_unknown_name_raises_naming_the_file_in_the_copy_tests(tmp_path):
+    """requantized_match raised a bare KeyError('nope') and rounding_variance gave None for a name the file
+    lacks; both now raise read's TensorNotFoundError, naming the file."""
+    x = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
+    path = make_gguf_file(tmp_path / "m.gguf", {"q": (gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0), "Q4_0")})
+    with open_checkpoint(path) as ck:
+        for call in (lambda: ck.requantized_match("nope", torch.zeros(8, 64)), lambda: ck.rounding_variance("nope")):
+            with pytest.raises(TensorNotFoundError, match=r"m\.gguf.*no tensor named 'nope'"):
+                call()
+        assert ck.requantized_match("q", torch.from_numpy(x)) == 1.0 and ck.rounding_variance("q").shape == (8, 64)

@@ -221,8 +221,7 @@ class GGUFCheckpoint(Checkpoint):
         only those rows (:meth:`~.base.Checkpoint.requantized_match`). Time O(max_rows m) for rows of m values."""
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
-        if self.quantization(name) is None or not t.shape:
+        if self.quantization(name) is None or not (t := self._tensors[name]).shape:  # an unknown name: read's error
             return None
         pick = self._pick(t, max_rows)
         if (sample := self._sample(t, x, pick, rows)) is None:  # (r, m)
@@ -293,8 +292,8 @@ class GGUFCheckpoint(Checkpoint):
         sub-block, read off the stored scales by :func:`~modelatlas.weights.gguf_grid.grid`), the error over each
         value's cell between its block's 16 levels for IQ4_NL / IQ4_XS
         (:func:`~modelatlas.weights.gguf_grid.codebook_variance`), :data:`SHARE_IQ` of each sub-block's root mean
-        stored square times its largest |value| for IQ1-IQ3 (:data:`GROUP_IQ`); None for plain tensors. A file quantized with an
-        importance matrix (:attr:`imatrix`) divides by :data:`SEARCHED_IMATRIX` in place of :data:`SEARCHED`. The
+        stored square times its largest |value| for IQ1-IQ3 (:data:`GROUP_IQ`); None for plain tensors, a
+        TensorNotFoundError for an unknown name. A file quantized with an importance matrix (:attr:`imatrix`) divides by :data:`SEARCHED_IMATRIX` in place of :data:`SEARCHED`. The
         error of a block's largest value is 0 (Q4_0, Q8_0: it sets the scale) and that of its smallest too where
         levels have an offset (Q4_1, Q5_1): those values get 0 (:data:`SCALE_CODES`). They are the tails a
         kurtosis is made of: counted as rounded, the fourth moment's correction overshot (a Q4_0 stand-in's
@@ -305,8 +304,8 @@ class GGUFCheckpoint(Checkpoint):
         float32 plus O(1M) float64."""
         from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY
 
-        t = self._tensors.get(name)
-        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS, **GROUP_IQ} or not t.shape:
+        t = self._tensors[self.info(name).name]  # an unknown name raises naming the file, as read does
+        if t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS, **GROUP_IQ} or not t.shape:
             return None
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
