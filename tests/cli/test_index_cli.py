@@ -294,3 +294,30 @@ def test_an_atlas_folder_named_json_is_still_rebuilt(tmp_path, capsys):
     (out / "atlas.json").write_text((tmp_path / "new" / "atlas.json").read_text())
     assert main(["index", "build", str(tmp_path / "m"), "--out", str(out), "--stage", "specialize"]) == 0
     assert (out / "atlas.html").is_file()
+
+
+@pytest.mark.parametrize("argv", [["-v2", "ATLAS"], ["--top", "3", "-v2", "ATLAS"]])
+def test_a_query_starting_with_a_dash_is_told_to_follow_double_dash(tmp_path, capsys, argv):
+    """argparse read the query "-v2" as an option and said only "the following arguments are required: ATLAS"."""
+    with pytest.raises(SystemExit) as e:
+        main(["index", "search", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'-v2' was read as an option: put -- before" in err
+    assert "atlas index search -- -v2 ..." in err
+
+
+def test_after_double_dash_a_dashed_query_is_searched(tmp_path, capsys):
+    make_models(tmp_path / "models")
+    assert main(["index", "build", str(tmp_path / "models"), "--out", str(tmp_path / "atlas")]) == 0
+    capsys.readouterr()
+    code = main(["index", "search", "--mode", "keywords", "--", "-t1_0", str(tmp_path / "atlas")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.out.lstrip().startswith("1. t1_0  keyword score 2.000")  # the dash is no part of the word
+
+
+@pytest.mark.parametrize("argv", [["q"], ["--top", "-1", "q", "ATLAS"], ["--to", "x", "q", "ATLAS"]])
+def test_other_argument_errors_get_no_double_dash_hint(capsys, argv):
+    with pytest.raises(SystemExit):
+        main(["index", "search", *argv])
+    assert "put -- before" not in capsys.readouterr().err

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from modelatlas.cli.argtypes import out_path, positive_int
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
+from modelatlas.cli.parsers import DashHintParser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build, show and search an atlas of models (lineage + predictions)")
-    isub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+    isub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND", parser_class=DashHintParser)  # a "-v2" query
     b = isub.add_parser("build", help="index models: recover their lineage, predict their training classes",
                         description="Index models into an atlas folder: atlas.json, atlas.html (a viewer) and, "
                                     "with --text-experts, the models' text embeddings for `atlas index search`.")
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("atlas", type=Path, metavar="ATLAS", help="atlas folder (or its atlas.json)")
     s.set_defaults(func=_show)
     q = isub.add_parser("search", help="rank an atlas's models by a free-text query or keywords")
-    q.add_argument("query")
+    q.add_argument("query", help="a query starting with '-' goes after --: atlas index search -- -v2 ATLAS")
     q.add_argument("atlas", type=Path, metavar="ATLAS")
     q.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     q.add_argument("--mode", choices=("auto", "text", "keywords"), default="auto",
