@@ -4,14 +4,24 @@ them, the pair noise of two merges, and lineage with a merge standing in for its
 import numpy as np
 import pytest
 import torch
+from tests.weights.conftest import make_mxfp4, make_nvfp4
 
 import modelatlas.lineage.recover as R
 from modelatlas.lineage import recover_lineage
-from modelatlas.lineage.qlora import KIND, MERGE_POSITION, detect, mark_merges, merge_position, nf4_block
+from modelatlas.lineage.qlora import (
+    KIND,
+    MERGE_POSITION,
+    detect,
+    fp4_position,
+    mark_merges,
+    merge_position,
+    nf4_block,
+)
 from modelatlas.lineage.rounding import LayerRounding
 from modelatlas.lineage.sources import MemoryCheckpoint
-from modelatlas.weights import TensorInfo
+from modelatlas.weights import TensorInfo, open_checkpoint
 from modelatlas.weights import bnb as B
+from modelatlas.zoo.awq import save_folder as make_model
 
 
 def nf4(w: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -168,3 +178,28 @@ def test_a_merge_view_takes_the_values_read_without_reading_again(w):
     row = merge.read("a.weight").reshape(1, -1).float()  # (1, P) as lineage.distances reads it
     reads.clear()
     assert torch.equal(view.rounding_variance("a.weight", row), again) and reads == []
+
+
+def make_fp4_merge(tmp_path, w: torch.Tensor, make, rel: float) -> torch.Tensor:
+    """``w`` written as FP4 by ``make`` (tests/weights' make_nvfp4 / make_mxfp4), read back dequantized, plus
+    an update ``rel`` of ``w``'s RMS, in bfloat16: a lone model merged from an FP4 base."""
+    with open_checkpoint(make_model(tmp_path / make.__name__, make(w, "a"))) as ck:
+        base = ck.read("a.weight").float()
+    g = torch.Generator().manual_seed(3)
+    return (base + rel * w.pow(2).mean().sqrt() * torch.randn(w.shape, generator=g)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("make", [make_nvfp4, make_mxfp4])
+@pytest.mark.parametrize("rel", [1e-3, 1e-2])
+def test_an_fp4_merge_is_not_taken_for_an_nf4_one(tmp_path, w, make, rel):
+    """A model made from a dequantized NVFP4 / MXFP4 base read 0.39-0.43 on NF4's levels (below MERGE_POSITION)
+    and was wrapped as an NF4 merge with NF4's variance; on the E2M1 levels times its block scales it reads
+    0.003-0.08, and it is left as it is. An NF4 merge still is one: it reads >= 0.37 on the FP4 levels."""
+    layers = [TensorInfo("a.weight", (64, 256), "bfloat16")]
+    x = make_fp4_merge(tmp_path, w, make, rel)
+    assert min(fp4_position(x, "NVFP4"), fp4_position(x, "MXFP4")) < 0.1 < MERGE_POSITION < 0.5
+    assert nf4_block(x)[1] < MERGE_POSITION  # what made it pass for NF4
+    assert detect(MemoryCheckpoint("m", {"a.weight": x}), layers) is None
+    nf4_merge = merged(w, rel)
+    assert min(fp4_position(nf4_merge, "NVFP4"), fp4_position(nf4_merge, "MXFP4")) > 0.35
+    assert detect(MemoryCheckpoint("n", {"a.weight": nf4_merge}), layers) == 64

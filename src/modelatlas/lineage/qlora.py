@@ -20,6 +20,10 @@ apart from all its relatives. Read off the values, it is a quantized stand-in li
   Their roundings are not two roundings on one grid but one and the same error, which their difference
   does not hold at all (:meth:`~modelatlas.lineage.rounding.LayerRounding.pair_noise` subtracts nothing).
 
+A model made from a dequantized FP4 base (NVFP4, MXFP4) read 0.39-0.43 on NF4's levels and passed for an NF4
+merge; it sits lower on the E2M1 levels times its blocks' scales (:func:`fp4_position`), and such a model is
+no NF4 merge (left as it is: no FP4 merge view yet).
+
 Wrapped (:class:`NF4MergeView`) only when detected: other models' results are unchanged.
 """
 
@@ -32,6 +36,7 @@ from modelatlas.lineage.quantized import POSITION_LAYERS, made_from_copy
 from modelatlas.lineage.rounding import MERGE_KIND
 from modelatlas.weights import Checkpoint, TensorInfo
 from modelatlas.weights import bnb as B
+from modelatlas.weights import fp4 as F
 from modelatlas.weights import grid_position as G
 
 KIND = MERGE_KIND  # the quantization type a detected merge's layers report
@@ -61,6 +66,24 @@ def merge_position(x: torch.Tensor, block: int, sample: int = SAMPLE) -> float:
     return G.book_position(t[t != 0], B.NF4)
 
 
+def fp4_position(x: torch.Tensor, label: str, sample: int = SAMPLE) -> float:
+    """Mean position of ``x``'s values between the E2M1 levels times their block's scale (blocks of
+    :data:`~modelatlas.weights.fp4.GROUPS` flattened values; 0.5 when no whole block), on about ``sample``
+    values: low for a model made from a dequantized FP4 model. NVFP4: the scale is the block's absmax / 6 (its
+    largest value is stored as 6: the float8 scale is within 6.25 % of absmax / 6, and 5.65-6.4 rounds to 6).
+    MXFP4: a power of two, absmax / 4 rounded down (its largest value is stored as 4 or 6; 1 % slack for a
+    small update that lowers it). Zeros left out, as in :func:`merge_position`. Time O(sample)."""
+    block, flat = F.GROUPS[label], x.reshape(-1)
+    n = flat.numel() // block
+    if not n:
+        return 0.5
+    blocks = flat[: n * block].view(n, block)[:: max(1, n * block // sample)].float()  # (b, block)
+    amax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (b, 1)
+    scale = amax / 6 if label == "NVFP4" else torch.exp2(torch.floor(torch.log2(amax * 1.01 / 4)))  # (b, 1)
+    t = (blocks / scale).reshape(-1)
+    return G.book_position(t[t != 0], F.E2M1)
+
+
 def nf4_block(x: torch.Tensor, sample: int = SAMPLE) -> tuple[int, float]:
     """(block size of :data:`BLOCKS` whose :func:`merge_position` is lowest, that position). Time O(sample)."""
     return min(((b, merge_position(x, b, sample)) for b in BLOCKS), key=lambda bp: bp[1])
@@ -81,13 +104,23 @@ def detect(ck: Checkpoint, layers: list[TensorInfo], sample: int = SAMPLE) -> in
     mats = [t for t in _floats(layers) if ck.quantization(t.name) is None and ck.info(t.name).dtype in HALF]
     picked = mats[:: max(1, -(-len(mats) // POSITION_LAYERS))]
     try:
-        found = [nf4_block(ck.read(t.name), sample) for t in picked]
+        read = [ck.read(t.name) for t in picked]
     except (AtlasError, OSError, RuntimeError, KeyError, ValueError):  # unreadable: the distances' read reports it
         return None
-    if not found or sum(p for _, p in found) / len(found) >= MERGE_POSITION:
+    found = [nf4_block(x, sample) for x in read]
+    mean = sum(p for _, p in found) / max(len(found), 1)
+    if not found or mean >= MERGE_POSITION or _fp4_mean(read, sample) < mean:  # an FP4 merge: not NF4
         return None
     blocks = [b for b, _ in found]
     return max(set(blocks), key=blocks.count)
+
+
+def _fp4_mean(read: list[torch.Tensor], sample: int) -> float:
+    """The lower of the NVFP4 and MXFP4 mean :func:`fp4_position` over the matrices ``read``: a model made from
+    a dequantized FP4 model sits lower on its levels than on NF4's (0.39-0.43 on NF4's, read at block 32, for
+    updates of 1e-3 .. 1e-2 of the RMS: below :data:`MERGE_POSITION`, it was taken for an NF4 merge and got
+    NF4's variance). Time O(sample) per matrix."""
+    return min(sum(fp4_position(x, label, sample) for x in read) / len(read) for label in F.GROUPS)
 
 
 class NF4MergeView(Checkpoint):
