@@ -84,15 +84,7 @@ def test_shrinkage_removes_pure_noise_and_recovers_a_spike():
 
 
 def write_gguf(path, weights, kind):
-    t = gguf.GGMLQuantizationType[kind]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for k, v in weights.items():
-        q = gguf.quants.quantize(v.numpy(), t)
-        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_mixed(path, weights, dict.fromkeys(weights, kind))
 
 
 def make_family(folder, seed=0):
