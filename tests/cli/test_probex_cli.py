@@ -289,3 +289,13 @@ def test_train_resume_on_a_new_folder_says_it_starts_from_the_beginning(make_tin
     assert capsys.readouterr().out.startswith(f"nothing to resume in {tmp_path / 'typo'}: starting from the beginning\n")
     assert main([*base, "--epochs", "4", "--out", str(make_trained), "--resume"]) == 0
     assert "nothing to resume" not in capsys.readouterr().out
+
+
+def test_a_search_query_starting_with_a_dash_is_told_to_follow_double_dash(capsys):
+    """argparse read the query "-v2" as an option and said only what was missing, not the fix (as for
+    `atlas index search`)."""
+    with pytest.raises(SystemExit) as e:
+        main(["probex", "search", "-v2", "MODELS"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'-v2' was read as an option: put -- before" in err
+    assert "atlas probex search -- -v2 ..." in err

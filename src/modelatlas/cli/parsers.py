@@ -1,4 +1,5 @@
-"""An argparse parser that says how to pass an argument starting with ``-`` (``atlas index search -- -v2 ATLAS``).
+"""An argparse parser that says how to pass an argument starting with ``-`` (``atlas index search -- -v2 ATLAS``;
+the ``atlas index`` and ``atlas probex`` subcommands use it).
 
 argparse reads ``-v2`` as an option it does not know and then reports what is missing (``the following arguments
 are required: ATLAS``), which names neither the query nor the fix. Not a command module: ``main`` does not

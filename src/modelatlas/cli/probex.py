@@ -9,6 +9,7 @@ from pathlib import Path
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.output import counted, echo, tqdm_progress, warn
+from modelatlas.cli.parsers import DashHintParser
 
 _BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
               "`atlas index build --base` reads them (default: the base an atlas given was built with, else an "
@@ -18,7 +19,7 @@ MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that woul
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probex", help="learn on weights: what was a model trained on, text search over models")
-    psub = p.add_subparsers(dest="probex_command", metavar="SUBCOMMAND")
+    psub = p.add_subparsers(dest="probex_command", metavar="SUBCOMMAND", parser_class=DashHintParser)  # a "-v2" query
     t = psub.add_parser("train", help="train one ProbeX expert per model tree of a zoo, and a tree router",
                         description="Train one ProbeX expert per model tree of a zoo (trees with at least "
                                     f"{MIN_MODELS} labelled fine-tuned models; smaller trees are left out), "
