@@ -40,6 +40,7 @@ import gguf_imatrix as G  # noqa: E402  (the importance matrix writer)
 
 from modelatlas.lineage import recover_lineage  # noqa: E402
 from modelatlas.lineage.scoring import edge_errors, score_forest  # noqa: E402
+from modelatlas.zoo.gguf import quantized, save_gguf  # noqa: E402
 from modelatlas.zoo.manifest import load_manifest  # noqa: E402
 
 KINDS = ("Q8_0", "Q4_0", "Q5_1")
@@ -47,21 +48,9 @@ KINDS = ("Q8_0", "Q4_0", "Q5_1")
 
 def write_gguf(source: Path, path: Path, kind: str) -> None:
     """The tensors of ``source`` (safetensors) as a GGUF file, 2-D rows of 32k values quantized to ``kind``."""
-    import gguf
-
-    t = gguf.GGMLQuantizationType[kind]
-    w = gguf.GGUFWriter(str(path), "llama")
-    for name, tensor in load_file(str(source)).items():
-        x = tensor.float().numpy()
-        if x.ndim == 2 and x.shape[1] % 32 == 0:
-            q = gguf.quants.quantize(x, t)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
-        else:
-            w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = {name: t.float().numpy() for name, t in load_file(str(source)).items()}
+    save_gguf(path, {name: quantized(x, kind) if x.ndim == 2 and x.shape[1] % 32 == 0 else x
+                     for name, x in tensors.items()})
 
 
 def more_bits(names: list[str], kind: str) -> set[str]:

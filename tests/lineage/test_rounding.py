@@ -21,6 +21,7 @@ from modelatlas.lineage.rounding import (
 )
 from modelatlas.lineage.sources import group_by_architecture
 from modelatlas.weights import open_checkpoint
+from modelatlas.zoo.gguf import quantized, save_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -143,15 +144,7 @@ def test_rounding_excess_of_a_pair_on_one_grid_is_its_distance():
 
 def write_mixed(path, weights, kinds):
     """A GGUF file of ``weights`` with each tensor's own type ``kinds[name]`` (a K_M file's mix)."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for k, v in weights.items():
-        t = gguf.GGMLQuantizationType[kinds[k]]
-        q = gguf.quants.quantize(v.numpy(), t)
-        writer.add_tensor(k, q, raw_shape=q.shape, raw_dtype=t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(path, {k: quantized(v, kinds[k]) for k, v in weights.items()})
 
 
 def test_a_mixed_file_and_a_q8_0_file_of_one_model_are_one_model(tmp_path):

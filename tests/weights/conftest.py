@@ -8,6 +8,7 @@ import torch
 
 from modelatlas.weights import bnb as B
 from modelatlas.weights.packed_ints import pack
+from modelatlas.zoo.gguf import save_gguf
 
 
 class make_evil:  # noqa: N801 - a pickle payload, named like the helpers it stands with
@@ -130,25 +131,8 @@ def make_mlx(x: torch.Tensor, bits: int = 4, group: int = 32, name: str = "a") -
 
 def make_gguf_file(path, tensors: dict, imatrix: bool = False):
     """A GGUF file of ``tensors`` (name -> float array, or (raw blocks, type name)); ``imatrix``: with the
-    metadata llama-quantize writes when it used an importance matrix."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    if imatrix:
-        w.add_string("quantize.imatrix.file", "model.imatrix")
-        w.add_string("quantize.imatrix.dataset", "calibration.txt")
-        w.add_int32("quantize.imatrix.entries_count", 7)
-        w.add_int32("quantize.imatrix.chunks_count", 100)
-    for name, t in tensors.items():
-        if isinstance(t, tuple):
-            w.add_tensor(name, t[0], raw_shape=t[0].shape, raw_dtype=gguf.GGMLQuantizationType[t[1]])
-        else:
-            w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    metadata llama-quantize writes when it used an importance matrix (:func:`modelatlas.zoo.gguf.save_gguf`)."""
+    return save_gguf(path, tensors, imatrix)
 
 
 def make_byte_counter(monkeypatch) -> dict:
