@@ -169,11 +169,10 @@ def _book_gaps(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: n
     scale = _book_scale(kind, ggml_type, rows, type_size)  # (r, m) float32
     x, x64 = stored.astype(np.float32), stored.astype(np.float64)
     with np.errstate(all="ignore"):  # a zero or non-finite scale: those values go the slow way
-        return _gaps_by_code(kind, ggml_type, rows, type_size, scale, x, x64)
+        return _gaps_by_code(scale, x, x64)
 
 
-def _gaps_by_code(kind: str, ggml_type, rows: np.ndarray, type_size: int, scale: np.ndarray, x: np.ndarray,
-                  x64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _gaps_by_code(scale: np.ndarray, x: np.ndarray, x64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_book_gaps` of ``x`` (float32) and ``x64`` (the values as given), ``scale`` (float32) each
     value's. Time O(r m)."""
     from gguf.quants import IQ4_NL
@@ -192,7 +191,7 @@ def _gaps_by_code(kind: str, ggml_type, rows: np.ndarray, type_size: int, scale:
         level = (scale * book[np.clip(side, 0, 15)]).astype(np.float64)  # (r, m)
         gaps.append(np.where(inside, sign * (x64 - level), 0.0))
     if not ok.all():  # the rest, by every level
-        slow = _gaps_by_levels((lv[~ok] for lv in _book_levels(kind, ggml_type, rows, type_size)), x64[~ok])
+        slow = _gaps_by_levels(_scaled_book(scale[~ok]), x64[~ok])  # (the scales at hand: not dequantized again)
         for gap, other in zip(gaps, slow):
             gap[~ok] = other
     return gaps[0], gaps[1]
@@ -225,8 +224,13 @@ def _book_levels(kind: str, ggml_type, rows: np.ndarray, type_size: int):
     the value's scale (:func:`_book_scale`) times each book value, in float32 as the dequantizer multiplies
     (``d * kvalues[q]``): the levels of every code set to 0 .. 15 in turn, bit for bit, for one
     dequantization in place of 16. Time O(r m) each."""
+    return _scaled_book(_book_scale(kind, ggml_type, rows, type_size))
+
+
+def _scaled_book(scale: np.ndarray):
+    """Each book value times ``scale`` (float32, any shape), in float32 as the dequantizer multiplies, as float64
+    arrays of ``scale``'s shape. Time O(16 size)."""
     from gguf.quants import IQ4_NL
 
-    scale = _book_scale(kind, ggml_type, rows, type_size)  # (r, m)
     for value in np.array(IQ4_NL.kvalues, dtype=np.float32):
         yield (scale * value).astype(np.float64)  # (r, m)
