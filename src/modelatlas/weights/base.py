@@ -194,6 +194,12 @@ class Checkpoint(ABC):
         return self._info_cache
 
 
+def spaced_rows(n: int, max_rows: int) -> torch.Tensor:
+    """Up to ``max_rows`` evenly spaced indices of ``n`` rows, first and last included, ascending: the rows a
+    quantized layer's copy test samples (a copy matches on every row, a fine-tune on few). (r,) int64."""
+    return torch.linspace(0, n - 1, min(max_rows, n)).round().long().unique()
+
+
 def shared_first_component(names: Iterable[str]) -> str | None:
     """``"model."`` when every name is ``model.<something>`` (one first dotted component, more after it), else
     None (also for no names). Time O(names)."""

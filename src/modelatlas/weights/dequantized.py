@@ -41,7 +41,7 @@ from modelatlas.weights import fp4 as F
 from modelatlas.weights import grid_position as G
 from modelatlas.weights import mlx_affine as M
 from modelatlas.weights import packed_ints as P
-from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
+from modelatlas.weights.base import Checkpoint, TensorInfo, error_line, spaced_rows
 from modelatlas.weights.kept import Kept
 from modelatlas.weights.packed_layers import PackedLayer, block_sizes, find_packed, quantization_config
 from modelatlas.weights.scaled import (
@@ -294,7 +294,7 @@ class DequantizedCheckpoint(Checkpoint):
             return self._checked(layer, lambda parts: self._requantized(layer, parts, x))
         if layer.scheme in _GRIDS:
             return self._checked(layer, lambda parts: self._packed_match(layer, parts, x, 0.0, True))
-        rows = torch.linspace(0, layer.shape[0] - 1, min(SAMPLE_ROWS, layer.shape[0])).round().long().unique()
+        rows = spaced_rows(layer.shape[0], SAMPLE_ROWS)
         return self._checked(layer, lambda p: requantized_share(p["weight"][rows], x[rows], p["scale"],
                                                                 p.get("zero_point"), self._blocks, layer.shape, rows))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from modelatlas.weights import grid_position as G
-from modelatlas.weights.base import TensorInfo
+from modelatlas.weights.base import TensorInfo, spaced_rows
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _EDGES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # magnitudes half way between levels
@@ -143,9 +143,11 @@ def _chunks(codes: torch.Tensor, scales: torch.Tensor, group: int):
         yield slice(start, start + step), c, s
 
 
-def _empty(layer) -> torch.Tensor:
-    """The layer's float32 result, uninitialised: (rows, cols), or gpt-oss's (experts, in, out)."""
-    return torch.empty(layer.shape)
+def _codes_scales(parts: dict[str, torch.Tensor], layer, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code bytes (rows, cols / 2), block scales (rows, blocks)) of the layer as stored (gpt-oss: a row each
+    expert's output), the scales checked finite (:func:`block_scales`)."""
+    codes, stored = _rows(parts, layer.state.get("experts"))
+    return codes, block_scales({**parts, "scale": stored}, layer.label, where)
 
 
 def _store(out: torch.Tensor, layer, rows: slice, values: torch.Tensor) -> None:
@@ -167,9 +169,8 @@ def _store(out: torch.Tensor, layer, rows: slice, values: torch.Tensor) -> None:
 def dequantize(parts: dict[str, torch.Tensor], layer, where: str) -> torch.Tensor:
     """The layer's float32 weight: ``E2M1[code] * scale`` of its block, about a million values at a time.
     Time O(P), memory O(P) for the result plus the chunk's temporaries."""
-    codes, stored = _rows(parts, layer.state.get("experts"))
-    scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    out = _empty(layer)
+    codes, scales = _codes_scales(parts, layer, where)
+    out = torch.empty(layer.shape)  # (rows, cols), or gpt-oss's (experts, in, out)
     for rows, c, s in _chunks(codes, scales, layer.group_size):
         _store(out, layer, rows, E2M1[c.long()] * s)
     return out
@@ -181,9 +182,8 @@ def rounding_variance(parts: dict[str, torch.Tensor], layer, where: str) -> torc
     scale squared; NVFP4's values at +-6 times ``(k - 1) / k`` for k of them in the block (one is its
     largest, which the scale puts there but for its float8 rounding). MXFP4's scales are powers of two, so
     its largest value is on no level. Time O(P)."""
-    codes, stored = _rows(parts, layer.state.get("experts"))
-    scales = block_scales({**parts, "scale": stored}, layer.label, where)
-    out, table = _empty(layer), _level_table(codes, layer.label, layer.group_size)
+    codes, scales = _codes_scales(parts, layer, where)
+    out, table = torch.empty(layer.shape), _level_table(codes, layer.label, layer.group_size)
     for rows, c, s in _chunks(codes, scales, layer.group_size):
         share = _inexact((c & 7) == 7, layer.group_size) if layer.label == "NVFP4" else 1.0
         _store(out, layer, rows, table[c.long()] * share * s.square())
@@ -250,8 +250,7 @@ def _sample(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, rows: torch.
     gpt-oss: row ``e * in + i`` of its (experts * in, out) view is input ``i`` of every output ``o`` of expert
     ``e``, stored at column ``i`` of stored row ``e * out + o``: gathered from there, nibble by nibble. Every
     block's scale is checked finite. Time O(r m)."""
-    codes, stored = _rows(parts, layer.state.get("experts"))
-    scales = block_scales({**parts, "scale": stored}, layer.label, where)  # all of them: checked
+    codes, scales = _codes_scales(parts, layer, where)  # all the scales: checked
     whole = tuple(x.shape) == layer.shape
     if not layer.state.get("experts"):
         xs = x[rows] if whole else x  # (r, cols)
@@ -273,7 +272,7 @@ def sampled_rows(layer, max_rows: int | None) -> torch.Tensor:
     (experts * in, out) view): up to ``max_rows`` evenly spaced ones, every row for None. (r,) int64,
     ascending."""
     n = layer.shape[0] * layer.shape[1] if layer.state.get("experts") else layer.shape[0]
-    return torch.arange(n) if max_rows is None else torch.linspace(0, n - 1, min(max_rows, n)).round().long().unique()
+    return torch.arange(n) if max_rows is None else spaced_rows(n, max_rows)
 
 
 def fits(x: torch.Tensor, layer, max_rows: int, rows: torch.Tensor | None = None) -> bool:
