@@ -230,8 +230,6 @@ def model_name(file: str) -> str:
     return file[:-len(".gguf")] if file.endswith(".gguf") else file
 
 
-
-
 def to_gguf(work: Path, names: list[str], kind: str, llamacpp: Path) -> Path:
     """Each model of ``work`` as a ``kind`` GGUF file in ``work/gguf-<kind>`` (llama.cpp's converter to bfloat16,
     then its ``build/bin/llama-quantize``; the bfloat16 file removed), made once; and the truth beside them."""

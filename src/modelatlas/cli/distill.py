@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
-from modelatlas.cli.output import counted, echo, tqdm_progress
+from modelatlas.cli.output import counted, echo, say_fresh_start, tqdm_progress
 from modelatlas.errors import ConfigError
 
 # Further ``atlas distill`` subcommands: modules under modelatlas.cli exposing ``register(distill_subparsers)``.
@@ -98,18 +97,10 @@ def _summary(label: str, ev: dict) -> str:
     return f"{label}: {ev['mean']:.2f} +- {ev['std']:.2f} % test accuracy ({counted(len(ev['accuracies']), 'net')}: {accs})"
 
 
-def say_fresh_start(args: argparse.Namespace) -> None:
-    """With --resume on a new or empty --out (a mistyped folder, or a run stopped before its first checkpoint
-    left nothing), say that the run starts from the beginning, as `atlas attribute` does; it said nothing."""
-    out = Path(args.out)
-    if args.resume and (not out.is_dir() or not any(out.iterdir())):
-        echo(f"nothing to resume in {out / 'checkpoint'}: starting from the beginning")
-
-
 def _run(args: argparse.Namespace) -> int:
     from modelatlas.distill import run_distillation
 
-    say_fresh_start(args)
+    say_fresh_start(args.resume, args.out, "checkpoint")
     config = parse_overrides(args.overrides)
     flag_into(config, "iterations", args.iterations, f"--iterations {args.iterations}")
     info = run_distillation(args.method, args.dataset, args.ipc, args.out, config=config, seed=args.seed,

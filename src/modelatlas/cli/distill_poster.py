@@ -37,10 +37,11 @@ def register(dsub) -> None:
 
 
 def _poster(args: argparse.Namespace) -> int:
-    from modelatlas.cli.distill import flag_into, parse_overrides, say_fresh_start, show_result
+    from modelatlas.cli.distill import flag_into, parse_overrides, show_result
+    from modelatlas.cli.output import say_fresh_start
     from modelatlas.distill.methods.podd.api import run_poster
 
-    say_fresh_start(args)
+    say_fresh_start(args.resume, args.out, "checkpoint")
     config = parse_overrides(args.overrides)
     flag_into(config, "iterations", args.iterations, f"--iterations {args.iterations}")
     flag_into(config, "learn_labels", False if args.no_learn_labels else None, "--no-learn-labels")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -56,3 +57,12 @@ def note(message: str) -> None:
 def warn(message: str) -> None:
     """Print a warning line to stderr."""
     print(f"warning: {one_line(message)}", file=sys.stderr)
+
+
+def say_fresh_start(resume: bool, out: str | Path, kept_in: str = "") -> None:
+    """With --resume on a new or empty --out (a mistyped folder, or a run stopped before its first checkpoint
+    left nothing), say that the run starts from the beginning, as `atlas attribute` does; it said nothing.
+    ``kept_in``: the sub-folder the command keeps its state in (distill: ``checkpoint``)."""
+    out = Path(out)
+    if resume and (not out.is_dir() or not any(out.iterdir())):
+        echo(f"nothing to resume in {out / kept_in}: starting from the beginning")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
-from modelatlas.cli.output import counted, echo, tqdm_progress, warn
+from modelatlas.cli.output import counted, echo, say_fresh_start, tqdm_progress, warn
 from modelatlas.cli.parsers import DashHintParser
 
 _BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
@@ -77,9 +77,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed,
                        lr=1e-3 if args.task == "classes" else 2e-3)
-    out = Path(args.out)  # --resume on a new or empty folder (a mistyped --out) started over without a word
-    if args.resume and (not out.is_dir() or not any(out.iterdir())):
-        echo(f"nothing to resume in {out}: starting from the beginning")
+    say_fresh_start(args.resume, args.out)
     report = train_tree_experts(args.manifest, args.out, args.task, args.layer, cfg, tqdm_progress, args.resume)
     for name, score in report.layer_scores.items():
         echo(f"layer {name}: validation {score:.3f}")
