@@ -213,19 +213,14 @@ def _from_parents(path: Path, parents: dict[str, str | None]) -> Manifest:
     """A manifest of the models of a plain ``{model: parent}`` object: paths = names (relative to the file's
     folder), a parent not listed a root, each model's tree its root's name. Time O(N) (each walk stops at a
     model already placed)."""
+    from modelatlas.lineage.scoring import tree_labels  # (scoring reads manifests: imported here)
+
     parents = {**{p: None for p in parents.values() if p is not None and p not in parents}, **parents}
+    tree = tree_labels(parents)  # a cycle ends its walk; Manifest refuses it
     try:
-        m = Manifest([ModelRecord(n, n, p, "") for n, p in parents.items()], {}, path.parent, path)
+        return Manifest([ModelRecord(n, n, p, tree[n]) for n, p in parents.items()], {}, path.parent, path)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from e
-    tree: dict[str, str] = {}
-    for name in parents:
-        walk = [name]
-        while walk[-1] not in tree and parents[walk[-1]] is not None:
-            walk.append(parents[walk[-1]])
-        root = tree.get(walk[-1], walk[-1])
-        tree.update({w: root for w in walk})
-    return Manifest([replace(r, tree=tree[r.name]) for r in m.models], {}, path.parent, path)
 
 
 def _record(path: Path, i: int, rec) -> ModelRecord:
