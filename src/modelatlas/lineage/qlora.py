@@ -54,16 +54,7 @@ def merge_position(x: torch.Tensor, block: int, sample: int = SAMPLE) -> float:
     """Mean position of ``x``'s values between the NF4 book values around ``x / absmax`` (per block of
     ``block`` flattened values; 0.5 when no whole block), on about ``sample`` values of evenly strided whole
     blocks. Time O(sample)."""
-    flat = x.reshape(-1)
-    n = flat.numel() // block
-    if not n:
-        return 0.5
-    blocks = flat[: n * block].view(n, block)[:: max(1, n * block // sample)].float()  # (b, block)
-    scale = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (b, 1)
-    t = (blocks / scale).reshape(-1)
-    # exact zeros sit on NF4's 0 level whatever made them: a pruned model (half its weights 0) read 0.25 and
-    # passed as a merge; a merge's zeros carry its update, so it loses nothing by their absence
-    return G.book_position(t[t != 0], B.NF4)
+    return _block_position(x, block, B.NF4, lambda amax: amax, sample)
 
 
 def fp4_position(x: torch.Tensor, label: str, sample: int = SAMPLE) -> float:
@@ -73,15 +64,26 @@ def fp4_position(x: torch.Tensor, label: str, sample: int = SAMPLE) -> float:
     largest value is stored as 6: the float8 scale is within 6.25 % of absmax / 6, and 5.65-6.4 rounds to 6).
     MXFP4: a power of two, absmax / 4 rounded down (its largest value is stored as 4 or 6; 1 % slack for a
     small update that lowers it). Zeros left out, as in :func:`merge_position`. Time O(sample)."""
-    block, flat = F.GROUPS[label], x.reshape(-1)
+    if label == "NVFP4":
+        return _block_position(x, F.GROUPS[label], F.E2M1, lambda amax: amax / 6, sample)
+    return _block_position(x, F.GROUPS[label], F.E2M1, lambda amax: torch.exp2(torch.floor(torch.log2(amax * 1.01 / 4))),
+                           sample)
+
+
+def _block_position(x: torch.Tensor, block: int, book: torch.Tensor, scale_of, sample: int) -> float:
+    """Mean position of ``x``'s values between the levels of ``book`` times their block's scale (``scale_of``
+    of the block's absmax), per block of ``block`` flattened values, on about ``sample`` values of evenly strided
+    whole blocks; 0.5 when no whole block. Time O(sample)."""
+    flat = x.reshape(-1)
     n = flat.numel() // block
     if not n:
         return 0.5
     blocks = flat[: n * block].view(n, block)[:: max(1, n * block // sample)].float()  # (b, block)
-    amax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (b, 1)
-    scale = amax / 6 if label == "NVFP4" else torch.exp2(torch.floor(torch.log2(amax * 1.01 / 4)))  # (b, 1)
+    scale = scale_of(blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-30))  # (b, 1)
     t = (blocks / scale).reshape(-1)
-    return G.book_position(t[t != 0], F.E2M1)
+    # exact zeros sit on the book's 0 level whatever made them: a pruned model (half its weights 0) read 0.25 and
+    # passed as an NF4 merge; a merge's zeros carry its update, so it loses nothing by their absence
+    return G.book_position(t[t != 0], book)
 
 
 def nf4_block(x: torch.Tensor, sample: int = SAMPLE) -> tuple[int, float]:
