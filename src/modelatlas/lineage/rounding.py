@@ -50,6 +50,7 @@ import torch
 
 from modelatlas.errors import AtlasError
 from modelatlas.weights import Checkpoint, TensorInfo
+from modelatlas.weights.gguf_grid import GRIDS
 
 UNIFORM_M4 = 1.8  # E u^4 / (E u^2)^2 of a uniform error: (step^4 / 80) / (step^2 / 12)^2
 SAME_MODEL_Z = 4.0  # standard deviations of the rounding's own spread within which two roundings are one model
@@ -67,7 +68,7 @@ def least_squares_scales(kind: str) -> bool:
     kurtosis 0.05-0.6 a layer under its source's (docs/benchmarks.md, "Session 32: orientation of K-quant
     stand-ins"). Round-to-nearest types (gguf-py's, llama.cpp's legacy types without an importance matrix)
     keep the uniform model. Time O(1)."""
-    return any(k[:1] == "q" and k.endswith("_k") for k in kind.split("+"))
+    return any(k.upper() in GRIDS for k in kind.split("+"))  # the K-quants (evenly spaced levels per sub-block)
 
 
 def least_squares_models(kinds: dict[str, str]) -> frozenset[str]:
