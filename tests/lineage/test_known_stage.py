@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.known import KNOWN_WEIGHT, Known, decide_stage_known, known_votes
+from modelatlas.lineage.known import KNOWN_WEIGHT, Known, known_votes, tree_evidence_known
+from modelatlas.lineage.orient import pooled_stage
 from modelatlas.weights import open_checkpoint
 
 
@@ -33,6 +34,14 @@ def _trees():
     chain = (np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=float), np.array([0.0, 2.0, 1.0]))
     star = (np.array([[0, 1, 1], [1, 0, 1.5], [1, 1.5, 0]]), np.array([0.0, 1.0, 1.0]))
     return [(["a", "b", "c"], *chain, None), (["base", "x", "y"], *star, None)]
+
+
+def decide_stage_known(cfg, placement, trees, known):
+    """The stage of ``trees`` pooled with the known descents' votes, as recovery decided it before session 31's
+    per-tree stages."""
+    own, info = tree_evidence_known(cfg, placement, trees, known)
+    stage, conf = pooled_stage(float(own.sum()))
+    return stage, conf, {"stage_evidence": float(own.sum()), **info}
 
 
 def test_known_edges_decide_the_stage_a_chain_cannot():

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 
 from modelatlas.lineage.orient import (
-    decide_stage,
     edge_costs,
     edge_scores,
     orient_mst,
+    pooled_stage,
     solve_tree,
+    tree_evidence,
     violations,
 )
 
@@ -31,6 +32,13 @@ def test_chain_orientation_generalize_points_up_the_kurtosis(placement):
     parent, _, bad = solve_tree(d, k, "generalize", 0.3, placement)
     assert parent == [1, 2, -1]  # c -> b -> a
     assert bad == 0
+
+
+def decide_stage(trees, lam):
+    """The stage of ``trees`` pooled, as recovery decided it before session 31's per-tree stages."""
+    per_tree, viol = tree_evidence(trees, lam, "mst")
+    stage, conf = pooled_stage(float(per_tree.sum()))
+    return stage, conf, {"stage_evidence": float(per_tree.sum()), "violations": viol}
 
 
 def test_chain_gives_no_stage_evidence():

@@ -8,7 +8,7 @@ Two facts are known for certain when they apply (:class:`Known`):
 Either fixes the root of the tree (the base; the quantized model where the weights drew it below a model
 made from it), so every edge's direction there is known and an MST edge's score is its placement margin
 alone (:func:`place_tree`). Each known (ancestor, descendant) pair is also labelled evidence of the stage: its
-per-layer kurtosis change votes on it (:func:`known_votes`, :func:`decide_stage_known`).
+per-layer kurtosis change votes on it (:func:`known_votes`, :func:`tree_evidence_known`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from modelatlas.lineage.orient import (
     hung_from,
     mst_edge_scores,
     orient_votes_sure,
-    pooled_stage,
     prim_mst,
     solve_tree,
     tree_evidence,
@@ -132,18 +131,6 @@ def known_votes(dist: np.ndarray, kurtosis: np.ndarray, layer_kurtosis: np.ndarr
         return np.sign(diff).mean(1)
     u, v = np.array([(x, y) for x, nbrs in enumerate(prim_mst(dist)) for y in nbrs if x < y]).T
     return np.tanh(diff / layer_scales(lk[u] - lk[v])).mean(1)
-
-
-def decide_stage_known(cfg: LineageConfig, placement: str, trees: list[tuple], known: Known) -> tuple[str, float, dict]:
-    """The stage of all trees pooled (``stage="auto"``) from the trees ((members, distances, kurtosis,
-    per-layer kurtosis) each), the known directions counted as labelled evidence: (stage, confidence,
-    details): the sign of the summed evidence of :func:`tree_evidence_known`, confidence logistic(|sum|).
-    Details: ``stage_evidence`` (the sum), ``violations`` and ``stage_known``. Time that of
-    :func:`tree_evidence_known`."""
-    own, info = tree_evidence_known(cfg, placement, trees, known)
-    evidence = float(own.sum())
-    stage, conf = pooled_stage(evidence)
-    return stage, conf, {"stage_evidence": evidence, **info}
 
 
 def tree_evidence_known(cfg: LineageConfig, placement: str, trees: list[tuple], known: Known) -> tuple[np.ndarray, dict]:

@@ -12,7 +12,7 @@ and kurtosis only orients them (the root: per-layer kurtosis votes + a centralit
 move a child to its grandparent or sibling (see docs/lineage.md for the measured difference).
 
 Beyond the paper:
-  * **stage from the evidence** (:func:`decide_stage`): both orientations are solved; the right one should
+  * **stage from the evidence** (:func:`tree_evidence`, :func:`pooled_stage`): both orientations are solved; the right one should
     need fewer violations and less distance. The evidence is the cost difference in units of one
     violation penalty (lambda * mean(D)), summed over trees (:mod:`.stage` gives each tree its own stage
     from its evidence and the others'). It is exactly zero on a chain (a chain read
@@ -191,23 +191,6 @@ def tree_evidence(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
         if unit > 0:
             evidence[t] = (cost["generalize"] - cost["specialize"]) / unit
     return evidence, viol
-
-
-def decide_stage(trees: list[tuple[np.ndarray, np.ndarray]], lam: float,
-                 placement: str = "mst", labelled: float = 0.0) -> tuple[str, float, dict]:
-    """Choose the stage that explains the trees better; returns (stage, confidence in [0.5, 1], details).
-
-    For each tree (D, kurtosis) both orientations are solved; evidence = sum over trees of
-    (cost_generalize - cost_specialize) / (lambda * mean(D)) (:func:`tree_evidence`), i.e. how many violation
-    penalties the wrong reading costs, plus ``labelled`` (evidence in the same unit from edges whose direction
-    is known, :func:`modelatlas.lineage.known.decide_stage_known`). Confidence = logistic(|evidence|): one
-    penalty's worth is 0.73, three 0.95; not a calibrated probability. Without evidence (chains, single
-    models, lambda = 0) -> ("specialize", 0.5). Time O(sum n^3).
-    """
-    per_tree, viol = tree_evidence(trees, lam, placement)
-    evidence = labelled + float(per_tree.sum())
-    stage, conf = pooled_stage(evidence)
-    return stage, conf, {"stage_evidence": evidence, "violations": viol}
 
 
 def pooled_stage(evidence: float) -> tuple[str, float]:

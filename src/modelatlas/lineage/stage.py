@@ -2,7 +2,7 @@
 
 MoTHer (Horwitz et al. 2024, step 3) orients edges by the stage: "specialize" (kurtosis falls along an edge)
 or "generalize" (it rises). Until session 31 one stage was decided for all trees of a folder from their
-summed evidence (:func:`~modelatlas.lineage.known.decide_stage_known`). A folder may mix regimes (a small
+summed evidence (:func:`~modelatlas.lineage.known.tree_evidence_known`, pooled). A folder may mix regimes (a small
 model family trained from scratch beside fine-tunes of a pretrained one, LoRA adapters beside full
 fine-tunes): there the pooled sum turned the trees of the minority regime backwards.
 
