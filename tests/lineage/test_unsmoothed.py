@@ -34,6 +34,23 @@ def test_an_awq_model_stands_in_for_its_absent_source(tmp_path):
     assert forest.decisions["awq_unsmoothed"]["ft-awq"] in {"base", "c1", "c2"}
 
 
+def test_an_awq_stand_ins_rescaled_distances_are_computed_once(tmp_path, monkeypatch):
+    """Choosing the view's relative and the copy test's AWQ pass rank the same models by the same distance; the
+    second computed it again (two layers and their norms of each model read again)."""
+    from modelatlas.lineage import smoothed as S
+
+    calls = []
+    real = S.rescaled_distance
+    monkeypatch.setattr(S, "rescaled_distance", lambda a, b: (calls.append((a.name, b.name)), real(a, b))[1])
+    base = make_llama(0)
+    ft = make_llama(1, base, 0.05)
+    models = {"base": base, "c1": make_llama(2, ft, 0.05), "other": make_llama(4)}
+    paths = [save_folder(tmp_path / n, m) for n, m in models.items()] + [save_folder(tmp_path / "ft-awq", awq_model(ft), CONFIG)]
+    forest = recover_lineage(paths)
+    assert forest.decisions["awq_unsmoothed"]["ft-awq"] in {"base", "c1"}
+    assert sorted(calls) == [("ft-awq", "base"), ("ft-awq", "c1"), ("ft-awq", "other")]
+
+
 def test_an_awq_copy_of_a_given_source_is_still_its_copy(tmp_path):
     base = make_llama(0)
     paths = [save_folder(tmp_path / "base", base), save_folder(tmp_path / "ft", make_llama(1, base, 0.05)),

@@ -70,7 +70,9 @@ def quantized_copies(ckpts: list[Checkpoint], layers: list[TensorInfo], rel: np.
         nearest = sorted(sources, key=lambda j: rel[q, j])[:candidates]
         best = _best_source(ckpts, q, nearest, copy_score, layers, accept, made_from)
         if best is None and S.smoothed_pairs(ckpts[q]):
-            rescaled = {j: S.rescaled_distance(stored(ckpts[q]), ckpts[j]) for j in sources}
+            known = getattr(ckpts[q], "rescaled", {})  # an AWQ view's, from choosing its relative: not read again
+            rescaled = {j: known[ckpts[j].name] if ckpts[j].name in known
+                        else S.rescaled_distance(stored(ckpts[q]), ckpts[j]) for j in sources}
             nearest = sorted(sources, key=rescaled.__getitem__)[:candidates]
             skip = S.smoothed_tensors(stored(ckpts[q]))
             best = _best_source(ckpts, q, nearest, _smoothed_score, layers,

@@ -69,9 +69,12 @@ class UnsmoothedView(Checkpoint):
     questions about the stored codes go to ``ckpt`` unchanged. The factors of a layer are computed on its
     first read and kept (vectors; a v/o or up/down pair reads the four matrices once). Time O(P) a layer."""
 
-    def __init__(self, ckpt: Checkpoint, relative: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, relative: Checkpoint, rescaled: dict[str, float] | None = None):
         super().__init__(ckpt.path, name=ckpt.name)
         self.inner, self.relative = ckpt, relative
+        # model name -> rescaled_distance(ckpt, model), as the relative was chosen by: the copy test's AWQ pass
+        # (lineage.quantized) ranks its candidates by the same distances, which read two layers of each again
+        self.rescaled = dict(rescaled or {})
         self.format, self.kind, self.name_prefix = ckpt.format, ckpt.kind, ckpt.name_prefix
         self._factors: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._pairs: dict[str, torch.Tensor | None] = {}
@@ -338,16 +341,16 @@ def unsmoothed(members: list[Checkpoint], layers: list[TensorInfo]) -> tuple[lis
     plain = [c for c in members if not any(c.quantization(t.name) for t in layers)]
     out, relatives = [], {}
     for ck in members:
-        rel = _relative(ck, plain) if plain and S.smoothed_pairs(ck) else None
+        rel, dist = _relative(ck, plain) if plain and S.smoothed_pairs(ck) else (None, {})
         if rel is not None and awq_slope(ck, rel) >= MIN_SLOPE:
-            ck, relatives[ck.name] = UnsmoothedView(ck, rel), rel.name
+            ck, relatives[ck.name] = UnsmoothedView(ck, rel, dist), rel.name
         out.append(ck)
     return out, relatives
 
 
-def _relative(ck: Checkpoint, plain: list[Checkpoint]) -> Checkpoint | None:
-    """The model of ``plain`` nearest ``ck`` by :func:`~.smoothed.rescaled_distance`; None when none is
-    comparable (infinite). Time O(N P_2)."""
-    dist = [S.rescaled_distance(ck, r) for r in plain]
-    best = min(range(len(plain)), key=dist.__getitem__)
-    return plain[best] if dist[best] < float("inf") else None
+def _relative(ck: Checkpoint, plain: list[Checkpoint]) -> tuple[Checkpoint | None, dict[str, float]]:
+    """(the model of ``plain`` nearest ``ck`` by :func:`~.smoothed.rescaled_distance`, None when none is
+    comparable (infinite); each model's distance by name). Time O(N P_2)."""
+    dist = {r.name: S.rescaled_distance(ck, r) for r in plain}
+    best = min(plain, key=lambda r: dist[r.name])
+    return (best if dist[best.name] < float("inf") else None), dist
