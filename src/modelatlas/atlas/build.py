@@ -31,7 +31,6 @@ from modelatlas.lineage.recover import recover_lineage
 from modelatlas.progress import Progress, resolve
 from modelatlas.weights import Checkpoint, discover_models, join_adapter_base, open_with_base, unique_names
 from modelatlas.weights.base import error_line
-from modelatlas.weights.registry import distinct_models
 
 
 def build_atlas(inputs: str | Path | Sequence[str | Path], experts: str | Path | None = None,
@@ -49,15 +48,11 @@ def build_atlas(inputs: str | Path | Sequence[str | Path], experts: str | Path |
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     loaded = {task: _load_experts(folder, task) for task, folder in (("classes", experts), ("text", text_experts))
               if folder is not None}
-    given = isinstance(adapter_base, tuple)
-    if given:  # the root its adapters hang from, first, kept once if also given (as join_adapter_base does)
-        base, paths = adapter_base[1], distinct_models([Path(adapter_base[0]), *discover_models(inputs)])
-    else:
-        base, paths = join_adapter_base(adapter_base, discover_models(inputs))
+    base, paths = join_adapter_base(adapter_base, discover_models(inputs))
     try:
         return _build(paths, inputs, loaded, lineage, progress, base)
     finally:
-        if base is not None and not given:
+        if base is not None and not isinstance(adapter_base, tuple):  # (an open base given is the caller's)
             base.close()
 
 

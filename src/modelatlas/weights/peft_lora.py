@@ -289,14 +289,15 @@ def open_with_base(item: str | Path, adapter_base: Checkpoint | None = None) -> 
     return open_checkpoint(item, base=adapter_base)
 
 
-def join_adapter_base(base: str | Path | None, models: list[Path]) -> tuple[Checkpoint | None, list[Path]]:
+def join_adapter_base(base: str | Path | tuple | None, models: list[Path]) -> tuple[Checkpoint | None, list[Path]]:
     """(the open ``base`` that PEFT adapters among ``models`` were trained on, ``models`` with it first: the
-    root its adapters hang from, kept once if also given); (None, ``models``) without one. A wrong base
-    raises :func:`open_adapter_base`'s CheckpointError. The caller closes the base."""
+    root its adapters hang from, kept once if also given); (None, ``models``) without one. ``base``: a path, or
+    (its path, the open base) as :func:`open_adapter_base` gave them. A wrong base raises
+    :func:`open_adapter_base`'s CheckpointError. The caller closes the base."""
     if base is None:
         return None, models
-    path, ckpt = open_adapter_base(base)
-    return ckpt, distinct_models([path, *models])
+    path, ckpt = base if isinstance(base, tuple) else open_adapter_base(base)
+    return ckpt, distinct_models([Path(path), *models])
 
 
 def is_adapter_folder(path: Path) -> bool:
