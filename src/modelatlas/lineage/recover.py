@@ -108,9 +108,9 @@ class LineageRecovery:
         flat = [n for g in names for n in g]
         trees = _tree_members(labels, stats)
         views = [[k for k, i in enumerate(idx) if names[g][i] in unsmoothed] for g, idx in trees]
-        dists, dist_info = zip(*[tree_distance(cfg, stats[g], idx, v) for (g, idx), v in zip(trees, views)]) \
-            if trees else ((), ())
-        dists = [with_views(*x, stats[g], idx, v) for x, (g, idx), v in zip(zip(dists, dist_info), trees, views)]
+        found = [tree_distance(cfg, stats[g], idx, v) for (g, idx), v in zip(trees, views)]  # (distances, kind) each
+        dists = [with_views(d, kind, stats[g], idx, v) for (d, kind), (g, idx), v in zip(found, trees, views)]
+        dist_info = [kind for _, kind in found]
         kurt = [stats[g].kurtosis[idx] for g, idx in trees]
         lks = [None if stats[g].layer_kurtosis is None else stats[g].layer_kurtosis[idx] for g, idx in trees]
         members = [[names[g][i] for i in idx] for g, idx in trees]

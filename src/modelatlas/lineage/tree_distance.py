@@ -29,8 +29,10 @@ def with_views(d: np.ndarray, kind: str, st: PairStats, idx: np.ndarray, views: 
     Marchenko-Pastur shrinkage (iid) leaves in (everyone's parent under "nuclear*rank"). Time O(n^2 log n)."""
     rms = st.rms[np.ix_(idx, idx)]
     others = np.array([k for k in range(len(idx)) if k not in set(views)], dtype=int)
-    if kind == "l2" or not views or len(others) < 2:
-        return d if kind == "l2" or not views else rms
+    if kind == "l2" or not views:
+        return d
+    if len(others) < 2:  # no plain pairs to scale the views' RMS by
+        return rms
     pairs = others[_candidate_pairs(rms[np.ix_(others, others)], NEIGHBOURS)]  # (P, 2) in the tree's positions
     ratio = float(np.median(d[pairs[:, 0], pairs[:, 1]] / np.maximum(rms[pairs[:, 0], pairs[:, 1]], 1e-30)))
     out = d.copy()
