@@ -169,6 +169,16 @@ def read_tensors(path: str | Path, hint: str = "") -> dict:
         raise CheckpointError(path, f"unreadable ({error_line(e)}){tail}") from None
 
 
+def peek_json_object(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, None when it is missing, unreadable, not JSON or another JSON value: for
+    telling whose file a path holds (a forest, a zoo manifest, another command's state) without failing."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_json_object(path: str | Path, missing: str, what: str) -> dict:
     """The JSON object in ``path`` (a settings or index file the project wrote), for a loader. Every failure
     is a :class:`~modelatlas.errors.CheckpointError`: ``missing``, said of the folder, when the file is

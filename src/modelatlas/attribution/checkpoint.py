@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_json_object, read_tensors
+from modelatlas.atomic import (
+    atomic_save_tensors,
+    atomic_write_json,
+    peek_json_object,
+    read_json_object,
+    read_tensors,
+)
 from modelatlas.attribution.ddm import Attribution
 from modelatlas.errors import CheckpointError, ConfigError, SettingsMismatchError
 
@@ -44,11 +50,8 @@ def kept_state(out: str | Path) -> Path | None:
 def _a_distillation(path: Path) -> bool:
     """Whether the JSON file at ``path`` is an ``atlas distill`` run.json ({"method", ...}, no "settings");
     unreadable or another shape counts as ours, so its resume says what is wrong with it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "method" in data and "settings" not in data
+    data = peek_json_object(path)
+    return data is not None and "method" in data and "settings" not in data
 
 
 def check_start(out: str | Path, resume: bool) -> None:

@@ -5,7 +5,6 @@ before the recovery where they cannot or must not be written, written after it. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from modelatlas.atomic import (
     cannot_write,
     file_in_the_way,
     not_a_folder,
+    peek_json_object,
     unwritable,
 )
 from modelatlas.cli.output import echo
@@ -77,11 +77,8 @@ def _forest_or_nothing(path: Path) -> bool:
     """Whether ``path`` is missing, empty or a forest JSON an earlier recovery wrote (rewritten by a rerun)."""
     if not path.is_file() or path.stat().st_size == 0:
         return True
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "nodes" in data and "edges" in data
+    data = peek_json_object(path)
+    return data is not None and "nodes" in data and "edges" in data
 
 
 def check_outputs_spare_inputs(args: argparse.Namespace, models: list[Path], truth) -> None:

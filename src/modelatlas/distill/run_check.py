@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from modelatlas.atomic import atomic_write_json
+from modelatlas.atomic import atomic_write_json, peek_json_object
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.loop import CHECKPOINT_JSON, read_json
 from modelatlas.distill.result import RESULT_JSON
@@ -34,11 +34,8 @@ def another_commands(path: Path) -> bool:
     """Whether the run.json at ``path`` is another command's: ``atlas attribute`` keeps its interrupted state
     in ``OUT/checkpoint/run.json`` too ({"settings", ...}, no "method"), which a distillation into that folder
     replaced. Unreadable or another shape counts as a distillation's, so its resume says what is wrong."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "settings" in data and "method" not in data
+    data = peek_json_object(path)
+    return data is not None and "settings" in data and "method" not in data
 
 
 def absolute_root(dataset_kwargs: dict | None) -> dict:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from modelatlas.atomic import atomic_write_json
+from modelatlas.atomic import atomic_write_json, peek_json_object
 from modelatlas.errors import ManifestError
 
 FORMAT = "modelatlas-zoo/1"
@@ -127,11 +127,8 @@ class Manifest:
 def is_zoo_manifest(path: str | Path) -> bool:
     """Whether the JSON file at ``path`` is a zoo manifest by its own word (format modelatlas-zoo/1, or no format
     and a 'models' list, as written by hand), not another program's manifest.json. Reads the file once."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("format", FORMAT if isinstance(data.get("models"), list) else None) == FORMAT
+    data = peek_json_object(path)
+    return data is not None and data.get("format", FORMAT if isinstance(data.get("models"), list) else None) == FORMAT
 
 
 def load_manifest(path: str | Path) -> Manifest:
