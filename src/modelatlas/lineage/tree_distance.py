@@ -136,17 +136,8 @@ def _one_rounding(rounding: list[LayerRounding], idx: np.ndarray) -> bool:
     :func:`~.spectra.spectral_distances`), nor for types of two noise levels (each pair's own signal ranks
     placed 498 of 612 development edges as Q4_0 and Q5_1 stand-ins: those take :func:`_common_noise`), nor for merged
     QLoRA models (:data:`~.rounding.MERGE_KIND`: no noise between them is shrunk). O(n L)."""
-    quantized = False
-    for layer in rounding:
-        kinds = set(layer.kinds[idx].tolist())
-        if len(kinds) != 1:
-            return False
-        kind = kinds.pop()
-        if kind is not None:
-            if kind == MERGE_KIND or not bool((layer.energy[idx] > 0).all()):
-                return False
-            quantized = True
-    return quantized
+    walk = _rounding_walk(rounding, idx)
+    return walk is not None and not walk[1] and any(c > 0 for c in walk[0])
 
 
 def _common_noise(rounding: list[LayerRounding], idx: np.ndarray) -> list[float] | None:
@@ -158,6 +149,15 @@ def _common_noise(rounding: list[LayerRounding], idx: np.ndarray) -> list[float]
     rounding is ~1/4 of Q4_0's) counts more of a full update's small values and reads farther (the
     development zoos as Q4_0 and Q5_1 stand-ins: 484 -> 564 of 612 edges; docs/benchmarks.md, session 32).
     O(n L)."""
+    walk = _rounding_walk(rounding, idx)
+    return walk[0] if walk is not None and walk[1] else None
+
+
+def _rounding_walk(rounding: list[LayerRounding], idx: np.ndarray) -> tuple[list[float], bool] | None:
+    """The one walk over the layers behind :func:`_one_rounding` and :func:`_common_noise`: per layer twice the
+    largest rounding energy of the tree ``idx``'s models (0 for a layer none quantizes; over 0 for a quantized
+    one), and whether some layer holds two types. None unless each layer is quantized by every model or by none,
+    with a rounding variance, and no model is a merged QLoRA model. O(n L)."""
     common, mixed = [], False
     for layer in rounding:
         kinds = set(layer.kinds[idx].tolist())
@@ -168,7 +168,7 @@ def _common_noise(rounding: list[LayerRounding], idx: np.ndarray) -> list[float]
             return None
         mixed = mixed or len(kinds) > 1
         common.append(2 * float(layer.energy[idx].max()))
-    return common if mixed else None
+    return common, mixed
 
 
 def _pair_matrix(pairs: np.ndarray, values: np.ndarray, n: int, fill: float | None) -> np.ndarray:
