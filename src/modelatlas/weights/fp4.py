@@ -25,6 +25,7 @@ import torch
 
 from modelatlas.weights import grid_position as G
 from modelatlas.weights.base import TensorInfo, spaced_rows
+from modelatlas.weights.sampled import holds_sample, sample_values
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _EDGES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # magnitudes half way between levels
@@ -251,15 +252,13 @@ def _sample(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, rows: torch.
     ``e``, stored at column ``i`` of stored row ``e * out + o``: gathered from there, nibble by nibble. Every
     block's scale is checked finite. Time O(r m)."""
     codes, scales = _codes_scales(parts, layer, where)  # all the scales: checked
-    whole = tuple(x.shape) == layer.shape
+    xs = sample_values(x, layer.shape, rows)  # (r, m): m the last dimension's, gpt-oss's outputs
     if not layer.state.get("experts"):
-        xs = x[rows] if whole else x  # (r, cols)
         for at, c, s in _chunks(codes[rows], scales[rows], layer.group_size):
             yield xs[at].float(), c.long(), s
         return
     n_exp, n_in, n_out = layer.shape
     e, i = rows // n_in, rows % n_in
-    xs = x.reshape(-1, n_out)[rows] if whole else x  # (experts * in, out) -> (r, out)
     b = parts["packed"].reshape(n_exp, n_out, -1)[e, :, i // 2]  # (experts, out, in / 2) -> (r, out)
     c = torch.where((i % 2 == 1)[:, None], b >> 4, b & 0xF)  # an odd input's code: the high nibble
     s = scales.reshape(n_exp, n_out, -1)[e, :, i // layer.group_size]  # (experts, out, blocks) -> (r, out)
@@ -277,12 +276,8 @@ def sampled_rows(layer, max_rows: int | None) -> torch.Tensor:
 
 def fits(x: torch.Tensor, layer, max_rows: int, rows: torch.Tensor | None = None) -> bool:
     """Whether ``x`` is the whole layer (``rows`` None) or its :func:`sampled_rows` (r, m), ``rows`` being
-    those, as the tests take it. Explicit: by shape alone, another model's whole (256, m) layer passed for a
-    larger one read as its sample and got a share."""
-    if rows is None:
-        return tuple(x.shape) == layer.shape
-    want = sampled_rows(layer, max_rows)  # (r,)
-    return torch.equal(rows.long(), want) and tuple(x.shape) == (len(want), layer.shape[-1])
+    those, as the tests take it (:func:`~.sampled.holds_sample`). Time O(r)."""
+    return holds_sample(x, layer.shape, sampled_rows(layer, max_rows), rows)
 
 
 def grid_position(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, where: str, max_rows: int) -> float:

@@ -24,6 +24,7 @@ from modelatlas.weights.byte_ranges import ByteRanges, distinct_rows
 from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
 from modelatlas.weights.kept import Kept
 from modelatlas.weights.registry import register_format
+from modelatlas.weights.sampled import holds_sample, sample_values
 
 _INT_TYPES = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16"}
@@ -192,16 +193,16 @@ class GGUFCheckpoint(Checkpoint):
             return None
         return torch.from_numpy(self._pick(t, max_rows))
 
-    @staticmethod
-    def _sample(t: GGUFTensor, x: torch.Tensor, pick: np.ndarray, rows: torch.Tensor | None) -> torch.Tensor | None:
-        """Rows ``pick`` of ``x`` as (r, m): ``x`` the whole tensor's values (``rows`` None), or those rows
-        already (``rows`` the :meth:`compared_rows` they are, :meth:`read_rows` at them); None for another
-        shape or other rows. Explicit: taken by shape alone, another model's whole (256, m) layer passed
-        for a larger one read as its sample and got a share."""
-        if rows is None:
-            return x.detach().reshape(-1, t.shape[-1])[torch.from_numpy(pick)] if tuple(x.shape) == t.shape else None
-        same = torch.equal(rows.long(), torch.from_numpy(pick))  # (r,) each
-        return x.detach() if same and tuple(x.shape) == (len(pick), t.shape[-1]) else None
+    def _compared(self, t: GGUFTensor, x: torch.Tensor, max_rows: int, rows: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, np.ndarray, int] | None:
+        """What :meth:`requantized_match` and :meth:`grid_position` compare: ``x``'s values at the ``max_rows``
+        evenly spaced rows, (r, m); the stored bytes of those rows, (r, row bytes); the type's bytes a block.
+        None when ``x`` is neither the whole tensor (``rows`` None) nor those rows (``rows`` the
+        :meth:`compared_rows` they are; :func:`~.sampled.holds_sample`). Time O(r m)."""
+        pick = self._pick(t, max_rows)
+        if not holds_sample(x, t.shape, at := torch.from_numpy(pick), rows):
+            return None
+        return sample_values(x, t.shape, at), self._sampled_rows(t, pick), self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
 
     def quantization(self, name: str) -> str | None:
         self.info(name)  # a clear error for an unknown name
@@ -223,11 +224,9 @@ class GGUFCheckpoint(Checkpoint):
 
         if self.quantization(name) is None or not (t := self._tensors[name]).shape:  # an unknown name: read's error
             return None
-        pick = self._pick(t, max_rows)
-        if (sample := self._sample(t, x, pick, rows)) is None:  # (r, m)
+        if (compared := self._compared(t, x, max_rows, rows)) is None:
             return None
-        type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
-        rows = self._sampled_rows(t, pick)  # (r, row bytes)
+        sample, rows, type_size = compared  # (r, m) values, (r, row bytes) stored
         have = dequantize(rows, t.ggml_type)  # (r, m) float32, the stored values: once for both tests below
         test = self._value_test(t, rows, type_size, have)  # read once, tested for each rounding of x
         best, tried = 0.0, []
@@ -277,11 +276,9 @@ class GGUFCheckpoint(Checkpoint):
         t = self._tensors[name] if name in self._tensors else None
         if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape:
             return None
-        pick = self._pick(t, max_rows)
-        if (sample := self._sample(t, x, pick, rows)) is None:
+        if (compared := self._compared(t, x, max_rows, rows)) is None:
             return None
-        type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type][1]
-        rows = self._sampled_rows(t, pick)  # (r, row bytes)
+        sample, rows, type_size = compared  # (r, m) values, (r, row bytes) stored
         lo, step = grid(t.ggml_type.name, t.ggml_type, rows, type_size)  # (r, m) each
         sample = sample.double().numpy()  # (r, m)
         live = step != 0  # a sub-block of scale 0 holds its offset whatever x
