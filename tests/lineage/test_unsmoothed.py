@@ -90,10 +90,11 @@ def test_only_a_rescaled_model_is_read_unsmoothed(tmp_path):
     assert relatives == {"q": "ft"} and members[1] is rtn and isinstance(members[2], U.UnsmoothedView)
 
 
-def test_column_rounding_is_the_columns_own_error_on_each_step():
+@pytest.mark.parametrize("moments", [True, False])  # the view's path, and the variance alone
+def test_column_errors_variance_is_the_columns_own_error_on_each_step(moments):
     w = torch.tensor([[0.1, 1.0], [-0.3, 2.0], [0.6, 3.0], [0.2, 4.0]], dtype=torch.float64)
     step = torch.ones(4, 2, dtype=torch.float64)
-    got = U.column_rounding(w, step)
+    got, _ = U.column_errors(w, step, moments=moments)
     # column 0 to the integers: errors 0.1, -0.3, -0.4, 0.2 -> (0.01 + 0.09 + 0.16 + 0.04) / 4; column 1 on them
     assert torch.allclose(got[:, 0], torch.full((4,), 0.075, dtype=torch.float64))
     assert torch.allclose(got[:, 1], torch.zeros(4, dtype=torch.float64))

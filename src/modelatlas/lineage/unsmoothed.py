@@ -51,7 +51,7 @@ CLIP_STEPS = 1.0
 # share of clipped groups above which a layer's moments take in what the clipping took (clip_loss); below it the
 # relative beyond an end level is a fine-tune's move, on one side only (llm-compressor's files: none above it)
 MAX_CLIPPED = 0.2
-STEPS = 24  # steps per column at which column_rounding evaluates the error (G / t^2 is smooth in log t)
+STEPS = 24  # steps per column at which column_errors evaluates the error (G / t^2 is smooth in log t)
 _LAYER = re.compile(r"^(.*?)(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 # projection -> (the norm whose factors scale its inputs, or None; the pair whose factor scales its rows; the
 # pair whose factor scales its inputs)
@@ -174,11 +174,6 @@ class UnsmoothedView(Checkpoint):
 
     def close(self) -> None:
         self.inner.close()
-
-
-def column_rounding(w: torch.Tensor, step: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-    """The variance of :func:`column_errors` alone. (out, in) float64; time O(steps P)."""
-    return column_errors(w, step, steps, moments=False)[0]
 
 
 def column_errors(w: torch.Tensor, step: torch.Tensor, steps: int | None = None,
