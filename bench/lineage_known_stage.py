@@ -21,9 +21,11 @@ import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before to
 import argparse
 import contextlib
 import io
-import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+
+import zoo_mix as Z  # bench/zoo_mix.py: models linked under a prefix, main()'s tail
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.scoring import score_forest
@@ -36,16 +38,11 @@ OTHERS = {**{f"chain_s{s}": ("lineage-full", dict(trees=2, children=1, depth=4, 
 
 
 def linked(zoo: Path, prefix: str, links: Path) -> tuple[list[Path], dict[str, str | None]]:
-    """Symlinks links/<zoo>/<prefix><model> to the zoo's models, and the zoo's truth under those names."""
-    man, folder = load_manifest(zoo), links / zoo.name
-    folder.mkdir(parents=True, exist_ok=True)
-    truth = {}
-    for m in man.models:
-        link = folder / f"{prefix}{m.name}"
-        if not link.exists():
-            link.symlink_to((zoo / m.path).resolve())
-        truth[prefix + m.name] = None if m.parent is None else prefix + m.parent
-    return sorted(folder.iterdir()), truth
+    """Symlinks links/<zoo>/<prefix><model> to the zoo's models (sorted), and the zoo's truth under those names."""
+    man = load_manifest(zoo)
+    paths, truth = Z.linked({m.name: zoo / m.path for m in man.models}, {m.name: m.parent for m in man.models},
+                            links / zoo.name, prefix)
+    return sorted(paths), truth
 
 
 def true_stage(forest, truth: dict[str, str | None]) -> str:
@@ -79,26 +76,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stars", nargs="+", type=Path, help="star zoos stored as adapters on their base t0")
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    rows = []
+def rows(args) -> Iterator[dict]:
+    """Each other zoo alone, then with each star (its base given)."""
     for name, (kind, overrides) in OTHERS.items():
         zoo = args.work / "zoos" / name
         make_zoo(preset(kind, **overrides), zoo, workers=1)
         paths, truth = linked(zoo, "O.", args.work / "links")
-        rows.append({"other": name, "star": None, **run(paths, None, truth)})
+        yield {"other": name, "star": None, **run(paths, None, truth)}
         for star in args.stars:
             spaths, _ = linked(star, "S.", args.work / "links")
             base = next(p for p in spaths if p.name == "S.t0")
-            rows.append({"other": name, "star": star.name, **run(spaths + paths, base, truth)})
-            print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+            yield {"other": name, "star": star.name, **run(spaths + paths, base, truth)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stars", nargs="+", type=Path, help="star zoos stored as adapters on their base t0")
+    ap.add_argument("--work", type=Path, required=True)
+    Z.report(ap, rows, table)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before to
 import argparse
 import contextlib
 import io
-import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+import zoo_mix as Z  # bench/zoo_mix.py: models linked under a prefix, main()'s tail
 from safetensors.torch import save_file
 
 from modelatlas.lineage import recover_lineage
@@ -56,17 +57,6 @@ def trained(zoo: Path) -> tuple[list[Path], dict]:
     return [zoo / m.path for m in man.models], {m.name: m.parent for m in man.models}
 
 
-def linked(paths: list[Path], truth: dict, folder: Path) -> tuple[list[Path], dict]:
-    """Symlinks folder/C-<model> to ``paths`` (kept), and ``truth`` under those names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for p in paths:
-        out.append(folder / f"C-{p.name}")
-        if not out[-1].exists():
-            out[-1].symlink_to(p.resolve())
-    return out, {"C-" + n: None if q is None else "C-" + q for n, q in truth.items()}
-
-
 def run(families: dict[str, tuple[list[Path], dict]]) -> dict:
     """Recover all families' models in one call; per family: the stages its trees got, edges right, edges."""
     with contextlib.redirect_stderr(io.StringIO()):
@@ -87,8 +77,8 @@ def rows_for(zoos: list[Path], seeds: list[int], work: Path, chains: list[Path])
     for chain in chains:
         for zoo in zoos:
             paths, truth = trained(chain)
-            yield ("chain+zoo", f"{chain.name}+{zoo.name}", 0), {"trained": trained(zoo), "chain": linked(
-                paths, truth, work / "chains" / chain.name)}
+            yield ("chain+zoo", f"{chain.name}+{zoo.name}", 0), {"trained": trained(zoo), "chain": Z.linked(
+                {p.name: p for p in paths}, truth, work / "chains" / chain.name, "C-")}
     for seed in seeds:
         for zoo in zoos:
             for n in (1, 3):
@@ -114,21 +104,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def rows(args) -> Iterator[dict]:
+    """Every row of :func:`rows_for`, recovered."""
+    for (case, zoo, seed), families in rows_for(args.zoos, args.seeds, args.work, args.chains):
+        yield {"case": case, "zoo": zoo, "seed": seed, **run(families)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("zoos", nargs="+", type=Path, help="trained zoos (generalize), built by `atlas zoo make`")
     ap.add_argument("--work", type=Path, required=True, help="where the synthetic forests are written")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="synthetic seeds (none: chain rows only)")
     ap.add_argument("--chains", type=Path, nargs="*", default=[], help="trained zoos of chains (generalize)")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    rows = []
-    for (case, zoo, seed), families in rows_for(args.zoos, args.seeds, args.work, args.chains):
-        rows.append({"case": case, "zoo": zoo, "seed": seed, **run(families)})
-        print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    Z.report(ap, rows, table)
 
 
 if __name__ == "__main__":
