@@ -51,9 +51,22 @@ def write_imatrix(path: Path, importance: dict[str, np.ndarray], chunks: int = 1
         f.write(struct.pack("<i", chunks) + struct.pack("<i", 9) + b"synthetic")
 
 
-def quantize(binary: Path, src: Path, out: Path, kind: str, imatrix: Path | None) -> bool:
-    cmd = [str(binary)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(out), kind]
+def quantize(binary: Path, src: Path, out: Path, kind: str, imatrix: Path | None, flags: tuple[str, ...] = ()) -> bool:
+    """llama-quantize ``src`` to ``out`` as ``kind`` (``flags``: more options, "--pure"); True when it succeeded."""
+    cmd = [str(binary), *flags] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(out), kind]
     return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def quantize_random(binary: Path, src: Path, out: Path, kind: str, tensors: dict[str, np.ndarray],
+                    rng: np.random.Generator, flags: tuple[str, ...] = ()) -> bool:
+    """:func:`quantize` with an importance matrix of :func:`make_importance` for each matrix of ``tensors``
+    (``src``'s), written beside ``out`` and removed after (bench/lineage_iq.py, bench/lineage_kquant_tree.py)."""
+    imx = out.with_suffix(".imatrix")
+    write_imatrix(imx, {k: make_importance(rng, v.shape[1]) for k, v in tensors.items() if v.ndim == 2})
+    try:
+        return quantize(binary, src, out, kind, imx, flags)
+    finally:
+        imx.unlink()
 
 
 def tensor_rows(path: Path, weights: dict[str, np.ndarray], importance: dict[str, np.ndarray]):

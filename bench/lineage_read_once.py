@@ -37,12 +37,14 @@ FILES = {"base": ["F32", "Q4_K_M"], "a": ["Q4_0", "Q8_0"], "b": ["IQ4_XS"], "a1"
 STEP = 0.02  # a fine-tune's move, in standard deviations of each weight matrix
 
 
-def make_models(width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """The base and its fine-tunes (:data:`TREE`), name -> tensors."""
-    L.E, L.F, L.V = width, 2 * width, width  # the writer reads the module's sizes
+def make_models(width: int, seed: int, tree: dict[str, str] | None = None,
+                blocks: int = 2) -> dict[str, dict[str, np.ndarray]]:
+    """The base and its fine-tunes (``tree``, child -> parent, parents first; :data:`TREE` by default), name ->
+    tensors; ``blocks`` decoder blocks (bench/lineage_kquant_tree.py's larger tree shares this recipe)."""
+    L.E, L.F, L.V, L.L = width, 2 * width, width, blocks  # the model's sizes are the module's
     rng = np.random.default_rng(seed)
     models = {"base": L.make_weights(rng)}
-    for child, parent in TREE.items():
+    for child, parent in (TREE if tree is None else tree).items():
         models[child] = {k: v + (STEP * v.std() * rng.standard_normal(v.shape)).astype(np.float32) if v.ndim == 2
                          else v for k, v in models[parent].items()}
     return models
