@@ -6,7 +6,7 @@ IQ rounding variance of ``weights.gguf_format.SHARE_IQ``)
 Per seed, ``bench/lineage_read_once.py``'s tree of llama-architecture models (a base, a and b from it, a1 from a,
 b1 from b; each 2-D weight moved ``--step`` of its standard deviation; width ``--width``) is written with the
 base, a1 and b1 as F32 and a and b only as ``kind`` files (llama-quantize with a random importance matrix,
-``bench/gguf_imatrix.py``: IQ1-IQ3 need one), for each of ``--kinds``. Printed: the directed edges right of 4,
+``bench/gguf_imatrix.py``: IQ1-IQ3 need one; ``--pure``: every tensor of that type), for each of ``--kinds``. Printed: the directed edges right of 4,
 per kind and seed, and their wrong edges' kinds.
 """
 
@@ -41,12 +41,10 @@ def make_folder(args, seed: int, kind: str, models: dict) -> dict[str, str | Non
         f32 = folder / f"{name}.gguf"
         L.write_llama(f32, tensors)
         if name in QUANTIZED:
-            imx = folder / f"{name}.imatrix"
-            G.write_imatrix(imx, {k: G.make_importance(rng, v.shape[1]) for k, v in tensors.items() if v.ndim == 2})
-            if not G.quantize(args.quantize, f32, folder / f"{stem[name]}.gguf", kind, imx):
+            flags = ("--pure",) if args.pure else ()
+            if not G.quantize_random(args.quantize, f32, folder / f"{stem[name]}.gguf", kind, tensors, rng, flags):
                 raise SystemExit(f"llama-quantize failed: {kind}")
             f32.unlink()
-            imx.unlink()
     truth = {stem[c]: stem[p] for c, p in R.TREE.items()}
     return {**truth, "base": None}
 
@@ -59,6 +57,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--step", type=float, default=0.02, help="a fine-tune's move, in standard deviations")
+    ap.add_argument("--pure", action="store_true", help="llama-quantize --pure: every tensor the one type (a legacy "
+                    "type's file then has no K-quant layer: its least-squares scales told by its blocks)")
     args = ap.parse_args()
     R.STEP = args.step
     print("| kind | seed | directed right of 4 | wrong edges |\n|---|---|---|---|")

@@ -143,3 +143,30 @@ def test_too_few_models_as_read_keep_the_stand_ins():
     assert stages == ["generalize"]
     assert as_stored(tree, frozenset({"a", "b", "b1"})) is tree
     assert as_stored(tree, frozenset({"a", "b"}))[0] == ["a1", "base", "b1"]
+
+
+def test_legacy_files_scaled_by_least_squares_are_left_out_of_the_stage(tmp_path, monkeypatch):
+    """Q4_0 files, one scaled by least squares (llama-quantize --imatrix --pure: no K-quant layer to tell it
+    by), one rounded to nearest: only the first is a stand-in whose kurtosis the stage leaves out."""
+    gguf = pytest.importorskip("gguf")
+    from tests.weights.conftest import make_least_squares_q4_0
+
+    from modelatlas.lineage import recover as recover_module
+    from modelatlas.zoo.gguf import quantized, save_gguf
+
+    rng = np.random.default_rng(0)
+    base = {k: rng.standard_t(5, (64, 64)).astype(np.float32) for k in ("a.weight", "b.weight")}
+    models = {n: {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+              for n in ("f0", "f1", "f2", "f3")}
+    save_gguf(tmp_path / "base.gguf", base)
+    save_gguf(tmp_path / "f0.gguf", models["f0"])
+    save_gguf(tmp_path / "f1.gguf", models["f1"])
+    save_gguf(tmp_path / "f2-ls.gguf", {k: (make_least_squares_q4_0(v), "Q4_0") for k, v in models["f2"].items()})
+    save_gguf(tmp_path / "f3-rtn.gguf", {k: quantized(v, "Q4_0") for k, v in models["f3"].items()})
+    seen = []
+    decide = recover_module.decide_tree_stages
+    monkeypatch.setattr(recover_module, "decide_tree_stages",
+                        lambda *a: (seen.append(a[4]), decide(*a))[1])
+    forest = recover_lineage(sorted(tmp_path.glob("*.gguf")))
+    assert forest.decisions["quantized_models"] == {"f2-ls": "q4_0", "f3-rtn": "q4_0"}
+    assert gguf and seen == [frozenset({"f2-ls"})]

@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 
+import numpy as np
 import torch
 
 from modelatlas.weights import bnb as B
@@ -133,6 +134,27 @@ def make_gguf_file(path, tensors: dict, imatrix: bool = False):
     """A GGUF file of ``tensors`` (name -> float array, or (raw blocks, type name)); ``imatrix``: with the
     metadata llama-quantize writes when it used an importance matrix (:func:`modelatlas.zoo.gguf.save_gguf`)."""
     return save_gguf(path, tensors, imatrix)
+
+
+def make_least_squares_q4_0(x: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks of ``x`` (rows, 32 k) with each block's scale fitted by least squares, as llama.cpp's
+    ``make_qx_quants`` does with an importance matrix (here of ones): codes round(x / s) for 19 trial scales
+    s = max / -(8 + 0.1 j), j = -9..9, clamped to -8..7, each refitted to sum(x L) / sum(L^2); the least error wins."""
+    blocks = x.reshape(-1, 32).astype(np.float64)  # (B, 32)
+    top = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(1)][:, None]  # (B, 1) the signed largest
+    best, codes, scale = np.full(len(blocks), np.inf), None, None
+    for j in range(-9, 10):
+        q = np.clip(np.rint(blocks * -(8 + 0.1 * j) / top), -8, 7)
+        s = (blocks * q).sum(1, keepdims=True) / (q * q).sum(1, keepdims=True)
+        err = ((blocks - s * q) ** 2).sum(1)
+        won = err < best
+        best = np.where(won, err, best)
+        codes = q if codes is None else np.where(won[:, None], q, codes)
+        scale = s if scale is None else np.where(won[:, None], s, scale)
+    u = (codes + 8).astype(np.uint8)  # (B, 32) stored codes 0..15
+    qs = u[:, :16] | (u[:, 16:] << 4)  # (B, 16) value j in the low nibble, j + 16 in the high
+    d = scale.astype(np.float16).view(np.uint8)  # (B, 2)
+    return np.concatenate([d, qs], axis=1).reshape(x.shape[0], -1)  # (rows, blocks x 18)
 
 
 def make_byte_counter(monkeypatch) -> dict:

@@ -4,7 +4,7 @@ root mean square times its largest |value|)."""
 
 import numpy as np
 import pytest
-from tests.weights.conftest import make_gguf_file
+from tests.weights.conftest import make_gguf_file, make_least_squares_q4_0
 
 from modelatlas.weights import open_checkpoint
 from modelatlas.weights.gguf_format import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ
@@ -74,3 +74,37 @@ def test_iq1_to_iq3_share_of_each_sub_block(tmp_path, kind):
     want = SHARE_IQ[kind] * np.sqrt((g**2).mean(2)) * np.abs(g).max(2)  # (4, m / g)
     each = v.double().numpy().reshape(g.shape)
     assert np.allclose(each, want[:, :, None], rtol=1e-5) and want.min() > 0
+
+
+def test_least_squares_scales_are_told_from_rounding_to_nearest(tmp_path):
+    """A legacy block rounded to nearest holds its largest |value| on code 0 (it sets the scale); a least-squares
+    scale leaves it off in many blocks (llama-quantize --imatrix), which the file's type does not say."""
+    x = np.random.default_rng(0).standard_t(5, (16, 256)).astype(np.float32)
+    rtn = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+    fitted = make_least_squares_q4_0(x)
+    path = make_gguf_file(tmp_path / "m.gguf", {"rtn": (rtn, "Q4_0"), "ls": (fitted, "Q4_0"), "p": x,
+                                                "q8": (gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0), "Q8_0")})
+    with open_checkpoint(path) as ck:
+        assert ck.least_squares("rtn") is False and ck.least_squares("q8") is False
+        assert ck.least_squares("ls") is True
+        assert ck.least_squares("p") is None
+        assert np.abs(ck.read("ls").numpy() - x).mean() < np.abs(ck.read("rtn").numpy() - x).mean()  # a real fit
+
+
+def test_the_share_of_blocks_on_their_scale_codes_decides():
+    """Hand-made Q4_0 rows, scale 1: a block with a code 0 read as rounded to nearest; 3 of 10 blocks without
+    one (a share of 0.7 < ROUNDED_SHARE) as least squares; a block of scale 0 does not count."""
+    from modelatlas.weights.gguf_grid import ROUNDED_SHARE, least_squares_blocks
+
+    def block(code0: bool, d: float = 1.0) -> np.ndarray:
+        codes = np.full(32, 9, np.uint8)
+        codes[5] = 0 if code0 else 1
+        return np.concatenate([np.array([d], np.float16).view(np.uint8), codes[:16] | (codes[16:] << 4)])
+
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    sizes = gguf.GGML_QUANT_SIZES[q4]
+    rows = np.stack([np.concatenate([block(i >= 3) for i in range(10)])])  # (1, 10 blocks x 18)
+    assert 0.7 < ROUNDED_SHARE and least_squares_blocks("Q4_0", q4, rows, sizes, (0,)) is True
+    rows = np.stack([np.concatenate([block(True)] * 9 + [block(False, 0.0)])])
+    assert least_squares_blocks("Q4_0", q4, rows, sizes, (0,)) is False
+    assert least_squares_blocks("Q4_0", q4, np.stack([block(False, 0.0)]), sizes, (0,)) is None

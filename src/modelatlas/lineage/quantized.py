@@ -115,6 +115,19 @@ def made_from_copy(copy: Checkpoint, model: Checkpoint, layers: list[TensorInfo]
     return bool(where) and sum(where) / len(where) < ON_GRID
 
 
+def least_squares_fitted(ck: Checkpoint, layers: list[TensorInfo]) -> bool:
+    """Whether ``ck``'s quantized ``layers`` were scaled by least squares (:meth:`~modelatlas.weights.
+    Checkpoint.least_squares`, asked of at most :data:`POSITION_LAYERS` evenly spaced ones; most of those that
+    tell): llama-quantize's legacy types with an importance matrix, whose type does not tell them from round
+    to nearest (its ``--pure`` Q4_0 files: every layer Q4_0). Their rounding error is not independent of the
+    values, so their kurtosis is not the source's (:func:`~modelatlas.lineage.stage.as_stored`). Time O(rows m)
+    of those layers (256 sampled rows each; K-quant layers are told by their type)."""
+    quantized = [t for t in layers if ck.quantization(t.name)]
+    picked = quantized[:: max(1, -(-len(quantized) // POSITION_LAYERS))]
+    said = [s for s in (ck.least_squares(t.name) for t in picked) if s is not None]
+    return bool(said) and 2 * sum(said) > len(said)
+
+
 def quant_type(ck: Checkpoint, layers: list[TensorInfo]) -> str:
     """The lower-cased block quantization ``ck`` stores ``layers`` in ("q8_0", "q4_k+q6_k"), "" for none."""
     return "+".join(sorted(_kinds(ck, layers))).lower()

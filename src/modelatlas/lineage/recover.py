@@ -32,7 +32,7 @@ from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.known import Known, place_tree
 from modelatlas.lineage.qlora import mark_merges
-from modelatlas.lineage.quantized import quant_type
+from modelatlas.lineage.quantized import least_squares_fitted, quant_type
 from modelatlas.lineage.rounding import least_squares_models
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.stage import decide_tree_stages, stage_trees
@@ -69,7 +69,7 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq = [], [], {}, {}, {}, {}, {}, {}, [], {}
+        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted = [], [], {}, {}, {}, {}, {}, {}, [], {}, set()
         for members, layers in groups:
             members, found = _as_read(members, layers, merges, awq)
             st = _pair_stats(cfg, members, layers, progress)
@@ -77,14 +77,13 @@ class LineageRecovery:
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
-            quantized.update({members[i].name: t for i in keep if (t := quant_type(members[i], layers))
-                              and members[i].name not in found})
+            _add_quantized(members, keep, layers, found, quantized, fitted)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
         if not any(names):
             raise ConfigError(_nothing_comparable(skipped))
         self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names),
-                         set(awq) - set(duplicates), least_squares_models(quantized))  # (an AWQ copy of a given source is placed as it)
+                         set(awq) - set(duplicates), least_squares_models(quantized, frozenset(fitted)))  # (an AWQ copy of a given source is placed as it)
         if duplicates or outside:
             self._add_duplicates(duplicates, lowp, outside)
         # nf4_merges: float models read as merged QLoRA models, their NF4 rounding taken out (lineage.qlora);
@@ -307,6 +306,18 @@ def _tree_members(labels: np.ndarray, stats: list[PairStats]) -> list[tuple[int,
         out += [(g, np.flatnonzero(lab == t)) for t in dict.fromkeys(lab.tolist())]
         o += n
     return out
+
+
+def _add_quantized(members, keep: list[int], layers, found, quantized: dict[str, str], fitted: set[str]) -> None:
+    """Adds to ``quantized`` each model of ``keep`` stored quantized (name -> :func:`~.quantized.quant_type`; the
+    AWQ views of ``found`` are placed as read, not as stand-ins) and to ``fitted`` those of them whose blocks
+    say they were scaled by least squares (:func:`~.quantized.least_squares_fitted`). Time O(rows m) of up to
+    four layers a quantized model."""
+    for m in (members[i] for i in keep):
+        if m.name not in found and (kind := quant_type(m, layers)):
+            quantized[m.name] = kind
+            if least_squares_fitted(m, layers):
+                fitted.add(m.name)
 
 
 def _nothing_comparable(skipped: dict[str, str], shown: int = 3) -> str:

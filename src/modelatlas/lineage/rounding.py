@@ -71,10 +71,12 @@ def least_squares_scales(kind: str) -> bool:
     return any(k.upper() in GRIDS for k in kind.split("+"))  # the K-quants (evenly spaced levels per sub-block)
 
 
-def least_squares_models(kinds: dict[str, str]) -> frozenset[str]:
+def least_squares_models(kinds: dict[str, str], fitted: frozenset[str] = frozenset()) -> frozenset[str]:
     """The models of ``kinds`` (name -> :func:`~modelatlas.lineage.quantized.quant_type`) with K-quant layers
-    (:func:`least_squares_scales`). Time O(N)."""
-    return frozenset(n for n, k in kinds.items() if least_squares_scales(k))
+    (:func:`least_squares_scales`) or among ``fitted``: legacy types whose blocks read as least-squares fits
+    (:func:`~modelatlas.lineage.quantized.least_squares_fitted`; llama-quantize's with an importance matrix,
+    which the type does not tell). Time O(N)."""
+    return frozenset(n for n, k in kinds.items() if least_squares_scales(k) or n in fitted)
 
 
 SUMS = 8  # columns of rounding_sums: four for the distances' noise, four for the moments' bias

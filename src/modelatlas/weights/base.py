@@ -147,6 +147,12 @@ class Checkpoint(ABC):
         :meth:`rounding_variance` alone. Asked right after :meth:`rounding_variance` of the same tensor."""
         return None
 
+    def least_squares(self, name: str) -> bool | None:
+        """For a quantized tensor: whether its scales were fitted by least squares (so its rounding error is not
+        independent of the values: each block's largest shrinks), not set by each block's extremes (round to
+        nearest). None (this default) where the format does not tell."""
+        return None
+
     def stored_tensors(self) -> list[TensorInfo]:
         """The tensors as its own files store them (header only): :meth:`tensors` for most formats; a LoRA
         adapter's A and B factors, not the updates it exposes (its parameter count)."""

@@ -345,6 +345,19 @@ class GGUFCheckpoint(Checkpoint):
             np.rint(np.divide(code, np.where(step == 0, 1.0, step)[:, :, None], out=code), out=code)
             each[np.isin(code, SCALE_CODES[kind])] = 0.0
 
+    def least_squares(self, name: str, max_rows: int = 256) -> bool | None:
+        """Whether llama.cpp fitted the layer's scales by least squares: the K-quants, and a legacy type whose
+        ``max_rows`` sampled rows say so (:func:`~modelatlas.weights.gguf_grid.least_squares_blocks`: an
+        importance matrix, with or without its metadata); None for other types. Time O(max_rows m)."""
+        from modelatlas.weights.gguf_grid import GRIDS, least_squares_blocks
+
+        t = self._tensors[self.info(name).name]
+        kind = t.ggml_type.name
+        if kind in GRIDS or kind not in SCALE_CODES or not t.shape:
+            return True if kind in GRIDS else None
+        rows = self._sampled_rows(t, self._pick(t, max_rows))  # (r, row bytes)
+        return least_squares_blocks(kind, t.ggml_type, rows, self._gguf.GGML_QUANT_SIZES[t.ggml_type], SCALE_CODES[kind])
+
     def _value_test(self, t: GGUFTensor, rows: np.ndarray, type_size: int, have: np.ndarray):
         """``x -> share`` for :meth:`requantized_match` of the sampled ``rows`` (r, row bytes) and their stored
         values ``have`` (r, m), x (r, m); a K-quant's grid is computed once. The share is None for a type with

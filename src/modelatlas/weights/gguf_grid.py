@@ -44,6 +44,12 @@ TOL = 1e-3  # in steps: float32 rounding of (x + dm) / d near a tie
 CODEBOOKS = {"IQ4_NL": (2, 18), "IQ4_XS": (8, 136)}
 
 
+# the share of a legacy layer's blocks holding their scale codes under which its scales were fitted by least
+# squares (:func:`least_squares_blocks`): round to nearest puts them in every block (1.000 on every layer of
+# llama-quantize's files without an importance matrix), its least-squares fit in 0.65-0.81 (llama-quantize
+# --pure --imatrix, t(5) weights, random importances: Q4_0 0.78-0.81, Q5_0 0.69-0.73, Q4_1 0.72-0.77, Q5_1
+# 0.65-0.69; Q8_0 ignores the matrix: 1.000)
+ROUNDED_SHARE = 0.95
 GROUP = 16  # consecutive values that share their sub-block's scales in every type here (Q2_K, Q3_K, Q6_K: 16)
 
 
@@ -123,6 +129,29 @@ def grid_test(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np
         return float(np.mean(flat | near | clamped))
 
     return share
+
+
+def least_squares_blocks(kind: str, ggml_type, rows: np.ndarray, sizes: tuple[int, int],
+                         codes: tuple[int, ...]) -> bool | None:
+    """Whether the blocks of ``rows`` (r, row bytes) of a legacy ``kind`` tensor (``sizes``: values and bytes a
+    block) were scaled by least squares: fewer than :data:`ROUNDED_SHARE` of them (of non-zero scale) hold
+    their scale ``codes`` (each of them with an offset, :data:`OFFSET`: the block's smallest and largest value;
+    without, any: its largest |value|). Rounding to nearest (ggml's reference quantizers) sets the scale from
+    those values, so they sit on the end levels in every block; llama.cpp's least-squares fit (with an
+    importance matrix) leaves them off in a quarter or a third of the blocks. None when no block has a
+    scale. Time O(r m)."""
+    from gguf.quants import dequantize
+
+    block, type_size = sizes
+    lo, step = group_grid(kind, ggml_type, rows, type_size)  # (r, m / GROUP) each
+    stored = dequantize(rows, ggml_type).astype(np.float64).reshape(lo.shape + (GROUP,))  # (r, m / GROUP, GROUP)
+    with np.errstate(invalid="ignore"):
+        code = np.rint((stored - lo[:, :, None]) / np.where(step == 0, 1.0, step)[:, :, None])
+    code = code.reshape(len(rows), -1, block)  # (r, blocks, block)
+    live = (step != 0).reshape(len(rows), -1, block // GROUP).all(axis=2)  # (r, blocks)
+    held = [(code == c).any(axis=2) for c in codes]  # (r, blocks) each
+    has = np.logical_and.reduce(held) if kind in OFFSET else np.logical_or.reduce(held)
+    return bool(has[live].mean() < ROUNDED_SHARE) if live.any() else None
 
 
 def grid_match(kind: str, ggml_type, rows: np.ndarray, type_size: int, stored: np.ndarray,
