@@ -116,6 +116,19 @@ def test_show_forest_warns_when_stage_is_a_guess(capsys):
         assert "no evidence" not in capsys.readouterr().err
 
 
+def test_show_forest_warns_when_the_stage_rests_on_least_squares_stand_ins(capsys):
+    """lineage.stage counted stand-ins' biased kurtosis (too few models read as they are): say so, name --stage."""
+    from modelatlas.cli.lineage import show_forest
+
+    forest = make_chain_forest(0.9)
+    forest.decisions["stage_from_stand_ins"] = 1
+    show_forest(forest)
+    err = capsys.readouterr().err
+    assert "stage of 1 tree was read from quantized files" in err and "--stage specialize|generalize" in err
+    show_forest(make_chain_forest(0.9))
+    assert "least squares" not in capsys.readouterr().err
+
+
 def test_summary_counts_agree_in_number(capsys):
     from modelatlas.cli.lineage import show_forest
 

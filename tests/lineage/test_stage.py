@@ -145,6 +145,17 @@ def test_too_few_models_as_read_keep_the_stand_ins():
     assert as_stored(tree, frozenset({"a", "b"}))[0] == ["a1", "base", "b1"]
 
 
+def test_a_stage_read_from_stand_ins_is_reported():
+    """Their kurtosis decided the stage (too few models read as they are): decisions count the tree, which the
+    command line warns of; with the stand-ins left out, or none, nothing is reported."""
+    tree = make_stand_in_chain()
+    _, info = decide_tree_stages(LineageConfig(), "mst", [tree, tree], Known(), frozenset({"a", "b", "b1"}))
+    assert info["stage_from_stand_ins"] == 2
+    for rounded in (frozenset({"a", "b"}), frozenset()):
+        _, info = decide_tree_stages(LineageConfig(), "mst", [tree], Known(), rounded)
+        assert "stage_from_stand_ins" not in info
+
+
 def test_legacy_files_scaled_by_least_squares_are_left_out_of_the_stage(tmp_path, monkeypatch):
     """Q4_0 files, one scaled by least squares (llama-quantize --imatrix --pure: no K-quant layer to tell it
     by), one rounded to nearest: only the first is a stand-in whose kurtosis the stage leaves out."""

@@ -242,6 +242,11 @@ def warn_stage_guess(forest) -> None:
     if directed and not d.get("stage_given") and d.get("stage_confidence", 1.0) <= 0.5:
         warn("the weights hold no evidence of the training stage (chains or single models only), so edge "
              "directions are a guess; pass --stage specialize|generalize if you know it")
+    elif directed and d.get("stage_from_stand_ins"):  # lineage.stage: too few models read as they are
+        warn(f"the training stage of {counted(d['stage_from_stand_ins'], 'tree')} was read from quantized files "
+             "whose scales were fitted by least squares (K-quants, files quantized with an importance matrix), "
+             "which bias the kurtosis it is read from, so edge directions may be wrong; pass --stage "
+             "specialize|generalize if you know it")
 
 
 def warn_base_without_adapters(models: list[Path], base: str | None) -> bool:

@@ -53,10 +53,15 @@ def decide_tree_stages(cfg: LineageConfig, placement: str, trees: list[tuple],
     the known descents, and the decisions: ``stage`` (the stage most models' trees follow; ties: the pooled
     one), ``stage_mixed`` (trees differ), ``stage_confidence`` (logistic(|pooled evidence|); when mixed, the
     lowest confidence of the trees of ``stage``), ``stage_evidence`` (the pooled sum, as before session 31),
-    ``violations``, ``stage_known`` and ``stage_trees`` (:func:`stage_trees`). Time that of
-    :func:`~modelatlas.lineage.known.tree_evidence_known`. ``rounded``: the models given only as K-quants
-    (stand-ins, :func:`~modelatlas.lineage.rounding.least_squares_scales`), left out of the evidence (:func:`as_stored`)."""
-    own, info = tree_evidence_known(cfg, placement, [as_stored(t, rounded, known.base) for t in trees], known)
+    ``violations``, ``stage_known``, ``stage_trees`` (:func:`stage_trees`) and, where some trees' evidence counted
+    stand-ins of ``rounded`` (too few models read as they are, :func:`as_stored`), ``stage_from_stand_ins``,
+    their number: such a stage is unreliable (bench/lineage_kquant_tree.py: stand-ins only, each with its own
+    importance matrix, read "generalize" in 9 and a tie in 2 of 15 "specialize" trees). Time that of
+    :func:`~modelatlas.lineage.known.tree_evidence_known`. ``rounded``: the models given only as files scaled by least
+    squares (stand-ins, :func:`~modelatlas.lineage.rounding.least_squares_models`), left out of the evidence
+    (:func:`as_stored`)."""
+    stored = [as_stored(t, rounded, known.base) for t in trees]
+    own, info = tree_evidence_known(cfg, placement, stored, known)
     total = float(own.sum())
     stages, odds = tree_stages(own)
     per_tree = stage_trees(stages, odds, own)
@@ -66,8 +71,9 @@ def decide_tree_stages(cfg: LineageConfig, placement: str, trees: list[tuple],
         models = {s: sum(len(t[0]) for t, x in zip(trees, stages) if x == s) for s in ("specialize", "generalize")}
         stage = stage if models["specialize"] == models["generalize"] else max(models, key=models.get)
         conf = min(t["confidence"] for t in per_tree if t["stage"] == stage)
+    biased = sum(s is t and any(m in rounded and m != known.base for m in t[0]) for s, t in zip(stored, trees))
     return stages, {"stage": stage, "stage_confidence": conf, "stage_evidence": total, **info,
-                    "stage_mixed": mixed, "stage_trees": per_tree}
+                    "stage_mixed": mixed, "stage_trees": per_tree, **({"stage_from_stand_ins": biased} if biased else {})}
 
 
 def as_stored(tree: tuple, rounded: frozenset[str], keep: str | None = None) -> tuple:
