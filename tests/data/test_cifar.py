@@ -53,6 +53,17 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("protocol, refused", [(5, r"numpy\._?core\.numeric\._frombuffer"), (2, r"_codecs\.encode")])
+def test_a_batch_of_another_pickle_protocol_says_which_to_save_it_with(tmp_path, protocol, refused):
+    """pickle.HIGHEST_PROTOCOL (5) stores arrays through _frombuffer: the refusal said only that NumPy arrays are
+    allowed, of a batch holding nothing else; it names the protocol and the fix now."""
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, protocol=protocol))
+    with pytest.raises(UnsafeCheckpointError, match=rf"data_batch_1: refused global {refused}: written with pickle "
+                                                    rf"protocol {protocol} .*save the batch again with protocol 3 or 4"):
+        safe_unpickle(path)
+
+
 def test_object_array_is_refused(tmp_path):
     path = tmp_path / "obj"
     path.write_bytes(pickle.dumps({"data": np.array([1, "a"], dtype=object)}, protocol=4))

@@ -67,6 +67,14 @@ _ALLOWED = {
 }
 
 
+# Globals that only another pickle protocol brings in for plain data (nothing malicious): named with the fix.
+_PROTOCOL_GLOBALS = {
+    ("_codecs", "encode"): "2 (Python 3 writes bytes through it)",
+    ("numpy._core.numeric", "_frombuffer"): "5 (NumPy writes arrays through it)",
+    ("numpy.core.numeric", "_frombuffer"): "5 (NumPy writes arrays through it)",
+}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler whose ``find_class`` admits only the NumPy array globals in ``_ALLOWED`` (as stand-ins)."""
 
@@ -75,6 +83,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str):
+        if (module, name) in _PROTOCOL_GLOBALS:  # a batch the user saved with pickle.HIGHEST_PROTOCOL (5)
+            raise UnsafeCheckpointError(self._path, f"refused global {module}.{name}: written with pickle protocol "
+                                                    f"{_PROTOCOL_GLOBALS[module, name]}, which this reader does not "
+                                                    "admit; save the batch again with protocol 3 or 4 "
+                                                    "(pickle.dump(batch, f, protocol=4))")
         if (module, name) not in _ALLOWED:
             raise UnsafeCheckpointError(self._path, f"refused global {module}.{name} (only NumPy arrays and "
                                                     "plain containers are allowed in a CIFAR batch)")
