@@ -7,7 +7,7 @@ from pathlib import Path
 
 from modelatlas.atomic import check_out_folder
 from modelatlas.config_types import misfit
-from modelatlas.data import load_dataset
+from modelatlas.data import available_datasets, load_dataset
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.api import apply_transform
 from modelatlas.distill.evaluate import PROTOCOL_FLOATS, PROTOCOL_INTS, EvalProtocol, evaluate_synthetic
@@ -52,7 +52,12 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
 
 def _load_test(folder: str | Path, dataset: str, kw: dict, given: dict | None) -> ArrayDataset:
     """The test split; data missing at the root saved in result.json (moved since the run) says how to
-    point at its new place, which a bare 'is not a folder' for a path the user never typed did not."""
+    point at its new place, which a bare 'is not a folder' for a path the user never typed did not; a set
+    distilled from data given in Python (an ArrayDataset of no registered name) says how to score it there."""
+    if dataset not in available_datasets():
+        raise ConfigError(f"{Path(folder) / RESULT_JSON}: dataset {dataset!r} is no registered dataset ("
+                          f"{', '.join(sorted(available_datasets()))}): the set was distilled from data given in "
+                          f"Python; score it there: evaluate_result({str(folder)!r}, dataset_test=<its test split>)")
     try:
         return load_dataset(dataset, "test", **kw)
     except DatasetNotFoundError as e:
