@@ -148,9 +148,10 @@ def _write_tiny(name, folder):
             (folder / f"{stem}.gz").write_bytes(gzip.compress(head + arr.tobytes()))
     elif name == "cifar10":
         make_cifar10_batches(folder, np.zeros((2, 3072), np.uint8), [0, 1])
-    else:
-        (folder / "cat").mkdir(parents=True)
-        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "cat" / "0.png")
+    else:  # two classes: one is refused (a classifier of one class is always right)
+        for c in ("cat", "dog"):
+            (folder / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / c / "0.png")
 
 
 @pytest.mark.parametrize("name,env", [("fashion-mnist", "ATLAS_FASHION_MNIST"), ("cifar10", "ATLAS_CIFAR10"),

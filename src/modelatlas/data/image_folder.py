@@ -133,6 +133,9 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
         keep = perm[:n_test] if split == "test" else perm[n_test:]
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     x = np.stack([_read_image(f, size, channels) for f in files]) if files else np.zeros((0, channels, size, size))
+    if len(classes) == 1:  # every model trained on it is 100 % right: a distillation scored 100 %, silently
+        raise ConfigError(f"image-folder: {root} holds one class folder ({classes[0]}/): a classifier needs at "
+                          "least 2 classes; put each class's images in a subfolder of its own")
     return ArrayDataset("image-folder", torch.tensor(x, dtype=torch.float32), torch.tensor(labels, dtype=torch.long),
                         classes, {"source": str(root)})
 
