@@ -6,7 +6,7 @@ from PIL import Image
 
 from modelatlas.cli.main import main
 from modelatlas.data import load_dataset
-from modelatlas.errors import ConfigError
+from modelatlas.errors import ConfigError, DatasetNotFoundError
 
 
 def make_images(folder, n=4):
@@ -37,3 +37,11 @@ def test_cli_distill_on_one_class_is_one_line_and_writes_nothing(tmp_path, capsy
 def test_two_classes_still_load(tmp_path, make_two_class_images):
     ds = load_dataset("image-folder", "train", root=make_two_class_images(tmp_path / "imgs"), test_fraction=0.0)
     assert ds.classes == ["cat", "dog"] and sorted(ds.y.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_a_class_folder_given_as_the_root_says_to_pass_the_folder_above(tmp_path):
+    """--data-root imgs/cat (images directly inside) said only 'no images under imgs/cat/<class>/'."""
+    make_images(tmp_path / "imgs" / "cat", n=3)
+    with pytest.raises(DatasetNotFoundError, match=r"no images .* under .*imgs/cat/<class>/; it holds 3 image\(s\) "
+                                                   r"itself, which belong to no class: pass the folder above it"):
+        load_dataset("image-folder", "train", root=tmp_path / "imgs" / "cat")

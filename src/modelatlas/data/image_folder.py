@@ -103,6 +103,10 @@ def _no_images(root: Path, folder: Path) -> DatasetNotFoundError:
         d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _classes(d))
     hint = (f"; {', '.join(f'{name}/' for name in deeper)} hold class folders, but a split layout needs both "
             f"{root / 'train'}/ and {root / 'test'}/" if deeper else "")
+    loose = sum(1 for f in folder.iterdir() if _is_image(f))
+    if loose and not hint:  # the user gave one class's folder (or a folder of unsorted images)
+        hint = (f"; it holds {loose} image(s) itself, which belong to no class: pass the folder above it, with the "
+                "images of each class in a subfolder of their own")
     return DatasetNotFoundError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under "
                                 f"{folder}/<class>/{hint}")
 
