@@ -64,6 +64,18 @@ def test_a_batch_of_another_pickle_protocol_says_which_to_save_it_with(tmp_path,
         safe_unpickle(path)
 
 
+def test_a_folder_with_some_of_the_training_batches_says_all_are_needed_and_how_to_read_one(tmp_path):
+    """A user's own batch saved as data_batch_1 was told to pass --data-root to the folder it had been given."""
+    folder = make_cifar10(tmp_path) / "cifar-10-batches-py"
+    for i in (2, 3, 4, 5):
+        (folder / f"data_batch_{i}").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"data_batch_2 not found: the folder holds 1 of the 5 training "
+                                                   r"batches \(data_batch_1, .*\), and CIFAR-10 needs them all; for "
+                                                   r"batches of your own, read each with modelatlas.data.cifar.safe_unpickle"):
+        load_dataset("cifar10", "train", root=tmp_path)
+    assert len(load_dataset("cifar10", "test", root=tmp_path)) == 4  # the test batch is whole
+
+
 def test_object_array_is_refused(tmp_path):
     path = tmp_path / "obj"
     path.write_bytes(pickle.dumps({"data": np.array([1, "a"], dtype=object)}, protocol=4))

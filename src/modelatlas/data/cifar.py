@@ -281,15 +281,24 @@ def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10
         files, meta_file, label_key, names_key = [split], "meta", "fine_labels", "fine_label_names"
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        named = f" (the folder ${env} names)" if not root else ""  # (neither set: _resolve refused)
-        raise DatasetNotFoundError(f"cifar{num_classes}: {folder / missing[0]} not found{named}; pass --data-root DIR "
-                                   "(root=) to the folder of the official python-version batches")
+        raise _not_found(folder, files, missing, num_classes, "" if root else f" (the folder ${env} names)")
     parts = [_batch_arrays(folder / f, label_key, num_classes) for f in files]
     data = np.concatenate([p[0] for p in parts])  # (N, 3072) uint8, channel-major
     labels = np.concatenate([p[1] for p in parts])
     classes = _class_names(folder / meta_file, names_key, num_classes)
     x = torch.from_numpy(data.astype(np.float32) / 255.0).reshape(-1, 3, 32, 32)  # (N, 3, 32, 32)
     return ArrayDataset(f"cifar{num_classes}", x, torch.from_numpy(labels), classes, {"source": str(folder)})
+
+
+def _not_found(folder: Path, files: list[str], missing: list[str], num_classes: int, named: str) -> DatasetNotFoundError:
+    """The error for a batch missing from ``folder``; a folder holding some of the batches (a user's own batch
+    named data_batch_1) was told to pass --data-root to the folder it had been given."""
+    head = f"cifar{num_classes}: {folder / missing[0]} not found{named}"
+    if len(missing) == len(files):
+        return DatasetNotFoundError(f"{head}; pass --data-root DIR (root=) to the folder of the official python-version batches")
+    return DatasetNotFoundError(f"{head}: the folder holds {len(files) - len(missing)} of the {len(files)} training batches "
+                                f"({', '.join(files)}), and CIFAR-{num_classes} needs them all; for batches of your own, "
+                                "read each with modelatlas.data.cifar.safe_unpickle into an ArrayDataset (docs/data.md)")
 
 
 def _class_names(path: Path, key: str, num_classes: int) -> list[str]:
