@@ -1,3 +1,4 @@
+import codecs
 import pickle
 
 import numpy as np
@@ -53,14 +54,59 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-@pytest.mark.parametrize("protocol, refused", [(5, r"numpy\._?core\.numeric\._frombuffer"), (2, r"_codecs\.encode")])
-def test_a_batch_of_another_pickle_protocol_says_which_to_save_it_with(tmp_path, protocol, refused):
-    """pickle.HIGHEST_PROTOCOL (5) stores arrays through _frombuffer: the refusal said only that NumPy arrays are
-    allowed, of a batch holding nothing else; it names the protocol and the fix now."""
-    path = tmp_path / "data_batch_1"
-    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, protocol=protocol))
-    with pytest.raises(UnsafeCheckpointError, match=rf"data_batch_1: refused global {refused}: written with pickle "
-                                                    rf"protocol {protocol} .*save the batch again with protocol 3 or 4"):
+def make_batch():
+    return {b"data": np.arange(2 * 3072).reshape(2, 3072).astype(np.uint8), b"labels": [0, 1],
+            b"batch_label": b"mine", b"f": np.asfortranarray(np.arange(6, dtype=">f4").reshape(2, 3))}
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_batch_of_pickle_protocol_2_or_5_loads_as_protocol_3(tmp_path, protocol):
+    """Protocol 2 writes bytes through _codecs.encode and protocol 5 (pickle.HIGHEST_PROTOCOL) arrays through
+    NumPy's _frombuffer: both were refused (save the batch again); they load through checked stand-ins now."""
+    (tmp_path / "p3").write_bytes(pickle.dumps(make_batch(), protocol=3))
+    (tmp_path / "px").write_bytes(pickle.dumps(make_batch(), protocol=protocol))
+    want, got = safe_unpickle(tmp_path / "p3"), safe_unpickle(tmp_path / "px")
+    assert got.keys() == want.keys() and got[b"labels"] == [0, 1] and got[b"batch_label"] == b"mine"
+    for key in (b"data", b"f"):
+        assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key])
+    assert got[b"f"][1].tolist() == [3.0, 4.0, 5.0] and got[b"data"][1, 0] == 3072 % 256
+
+
+def make_reduce_pickle(func, args):
+    """A pickle (protocol 5) of {b"data": func(*args)}, written as a crafted file would be."""
+    import io
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, o):
+            return (func, args) if o is _MARK else NotImplemented
+
+    f = io.BytesIO()
+    Pickler(f, protocol=5).dump({b"data": _MARK})
+    return f.getvalue()
+
+
+_MARK = object()
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # numpy.core or numpy._core .numeric._frombuffer
+
+
+@pytest.mark.parametrize("func, args, refused", [
+    (codecs.encode, ("abc", "rot13"), r"refused _codecs\.encode\(str, 'rot13'\)"),
+    (codecs.encode, (b"abc", "latin1"), r"refused _codecs\.encode\(bytes, 'latin1'\)"),
+    (_FROMBUFFER, (bytearray(16), np.dtype(object), (2,), "C"), r"refused dtype"),
+    (_FROMBUFFER, (bytearray(4), np.dtype(np.uint8), (2,), "K"), r"refused _frombuffer arguments"),
+])
+def test_the_protocol_2_and_5_globals_admit_only_what_pickle_writes(tmp_path, func, args, refused):
+    path = tmp_path / "crafted_batch"
+    path.write_bytes(make_reduce_pickle(func, args))
+    with pytest.raises(UnsafeCheckpointError, match=rf"crafted_batch: {refused}"):
+        safe_unpickle(path)
+
+
+def test_a_protocol_5_array_whose_shape_does_not_match_its_buffer_names_the_file(tmp_path):
+    path = tmp_path / "short_batch"
+    path.write_bytes(make_reduce_pickle(_FROMBUFFER, (bytearray(5), np.dtype(np.uint8), (2, 3), "C")))
+    with pytest.raises(CheckpointError, match=r"short_batch: corrupt array .*\(2, 3\) of uint8 does not match "
+                                              r"its 5 bytes"):
         safe_unpickle(path)
 
 

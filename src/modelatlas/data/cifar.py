@@ -8,6 +8,9 @@ global (``os.system``, ``builtins.eval``, ...) raises :class:`UnsafeCheckpointEr
 refused global before anything is called; object arrays are refused too. The three NumPy names resolve to
 stand-ins, never to NumPy's own ``__setstate__`` (which trusts its input: a crafted dtype state crashes the
 interpreter); the stand-ins' (dtype, shape, bytes) are checked, then made arrays with ``np.frombuffer``.
+Protocol 2 (bytes written as ``_codecs.encode(str, 'latin1')``) and protocol 5 (arrays written through
+NumPy's ``_frombuffer(buf, dtype, shape, order)``) load through stand-ins for those two globals as well,
+admitting exactly those calls.
 Shared references are walked once, and a file whose references would expand far beyond its size (nested
 shared lists: 2**depth values from a few hundred bytes) is refused. O(file size) time and memory.
 
@@ -18,6 +21,7 @@ parent) or set ``$ATLAS_CIFAR10`` / ``$ATLAS_CIFAR100``.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -67,27 +71,57 @@ _ALLOWED = {
 }
 
 
-# Globals that only another pickle protocol brings in for plain data (nothing malicious): named with the fix.
+class _Buffered:
+    """Stands in for NumPy's ``_frombuffer(buf, dtype, shape, order)`` (protocol 5 arrays): the array is built
+    here from the checked arguments, and kept in a stand-in rather than returned, so that no BUILD opcode
+    of a crafted file ever reaches ``ndarray.__setstate__``."""
+
+    def __init__(self, path: Path, buf: object, dtype: object, shape: object, order: object):
+        if not isinstance(dtype, _Dtype) or order not in ("C", "F") or not isinstance(buf, (bytes, bytearray)):
+            raise UnsafeCheckpointError(path, f"refused _frombuffer arguments (buffer of {type(buf).__name__}, "
+                                              f"dtype {type(dtype).__name__}, order {order!r}) in a CIFAR batch")
+        dt = _dtype(dtype, path)
+        if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
+                or len(buf) != math.prod(shape) * dt.itemsize):
+            raise CheckpointError(path, f"corrupt array in a CIFAR batch: shape {shape!r} of {dt} does not match "
+                                        f"its {len(buf)} bytes of data")
+        self.path = path
+        self.array = np.frombuffer(buf, dt).reshape(shape, order=order).copy(order="K")  # shape as saved
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafeCheckpointError(self.path, "refused state for an array rebuilt by _frombuffer")
+
+
+def _latin1_encode(path: Path, text: object = None, encoding: object = None) -> bytes:
+    """Stands in for ``_codecs.encode``, which Python 3 pickles bytes through at protocol 2 as
+    ``encode(str, 'latin1')``: exactly that call, and nothing else, gives the bytes back."""
+    if not isinstance(text, str) or encoding != "latin1" or max(text, default="\0") > "\xff":
+        raise UnsafeCheckpointError(path, f"refused _codecs.encode({type(text).__name__}, {encoding!r}) in a CIFAR "
+                                          "batch (only a latin-1 str to bytes, as pickle protocol 2 writes bytes)")
+    return text.encode("latin1")
+
+
+# Globals another pickle protocol brings in for plain data, each mapped to a checked stand-in taking the path
+# first: protocol 2 writes bytes through _codecs.encode, protocol 5 (pickle.HIGHEST_PROTOCOL) arrays through
+# NumPy's _frombuffer. The real callables are never reached.
 _PROTOCOL_GLOBALS = {
-    ("_codecs", "encode"): "2 (Python 3 writes bytes through it)",
-    ("numpy._core.numeric", "_frombuffer"): "5 (NumPy writes arrays through it)",
-    ("numpy.core.numeric", "_frombuffer"): "5 (NumPy writes arrays through it)",
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy._core.numeric", "_frombuffer"): _Buffered,
+    ("numpy.core.numeric", "_frombuffer"): _Buffered,
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler whose ``find_class`` admits only the NumPy array globals in ``_ALLOWED`` (as stand-ins)."""
+    """An unpickler whose ``find_class`` admits only the NumPy array globals in ``_ALLOWED`` and the
+    protocol 2/5 globals in ``_PROTOCOL_GLOBALS`` (as stand-ins)."""
 
     def __init__(self, file, path: Path):
         super().__init__(file, encoding="bytes")
         self._path = path
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _PROTOCOL_GLOBALS:  # a batch the user saved with pickle.HIGHEST_PROTOCOL (5)
-            raise UnsafeCheckpointError(self._path, f"refused global {module}.{name}: written with pickle protocol "
-                                                    f"{_PROTOCOL_GLOBALS[module, name]}, which this reader does not "
-                                                    "admit; save the batch again with protocol 3 or 4 "
-                                                    "(pickle.dump(batch, f, protocol=4))")
+        if (module, name) in _PROTOCOL_GLOBALS:  # a batch the user saved with protocol 2 or 5
+            return functools.partial(_PROTOCOL_GLOBALS[module, name], self._path)
         if (module, name) not in _ALLOWED:
             raise UnsafeCheckpointError(self._path, f"refused global {module}.{name} (only NumPy arrays and "
                                                     "plain containers are allowed in a CIFAR batch)")
@@ -163,6 +197,8 @@ class _Walker:
             return type(obj)(self.plain(v) for v in obj)
         if isinstance(obj, _Array):
             return _array(obj, self.path)
+        if isinstance(obj, _Buffered):
+            return obj.array
         if not isinstance(obj, (str, bytes, int, float, bool, type(None))):
             raise UnsafeCheckpointError(self.path, f"refused value of type {type(obj).__name__}")
         return obj
