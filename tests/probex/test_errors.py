@@ -33,6 +33,18 @@ def test_manifest_without_task_key(tmp_path):
         train_tree_experts(tmp_path, tmp_path / "out", task="colour")
 
 
+def test_labelled_models_without_a_parent_are_told_to_name_their_parent(tmp_path):
+    """A hand-written manifest of one's own models with "parent": null (each a root) was told that no fine-tuned
+    model had task key 'classes', which every one of them had."""
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "r.safetensors"))
+    recs = [ModelRecord(f"m{i}", "r.safetensors", None, f"m{i}", task={"classes": [0]}) for i in range(12)]
+    Manifest(recs, {}, tmp_path).save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match=r"manifest\.json: no fine-tuned model has task key 'classes' \(needed by "
+                                            r"--task classes\); 12 model\(s\) have it \('m0', 'm1', 'm2', \.\.\.\) but "
+                                            r'"parent": null, .*give each its parent'):
+        train_tree_experts(tmp_path, tmp_path / "out")
+
+
 @pytest.mark.parametrize("key,value", [("classes", ["3", 2]), ("classes", [2.5]), ("classes", 3), ("classes", [True]),
                                        ("classes", [-1, 2]), ("label", 5), ("label", " ")])
 def test_a_hand_written_task_target_is_one_error_naming_the_model(tmp_path, key, value):

@@ -47,9 +47,13 @@ class TrainReport:
 def _task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
     key = "classes" if task == "classes" else "label"
     recs = [m for m in manifest.models if m.parent is not None and key in m.task]
-    if not recs:
-        raise ManifestError(f"{manifest.root / 'manifest.json'}: no fine-tuned model has task key {key!r} "
-                            f"(needed by --task {task})")
+    if not recs:  # labelled roots: a hand-written manifest with "parent": null was told no model had the key
+        roots = [repr(m.name) for m in manifest.models if key in m.task]
+        why = (f"; {len(roots)} model(s) have it ({', '.join(roots[:3])}{', ...' * (len(roots) > 3)}) but \"parent\": "
+               "null, as roots, and only fine-tuned models are learned from: give each its parent (the base model it "
+               "was fine-tuned from, listed in the manifest as a root)") if roots else ""
+        raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: no fine-tuned model has task "
+                            f"key {key!r} (needed by --task {task}){why}")
     for m in recs:
         _check_target(manifest, m, key)
     return recs
