@@ -1,5 +1,7 @@
 """``atlas probex`` on tiny zoos (hidden width 16): train, resume, predict, out-of-tree, search."""
 
+import json
+
 import pytest
 import torch
 
@@ -244,6 +246,18 @@ def test_a_model_folder_with_someone_elses_manifest_json_is_a_model(make_tiny_zo
     capsys.readouterr()
     assert main(["probex", "predict", str(folder), "--experts", str(make_trained)]) == 0
     assert capsys.readouterr().out.startswith("exported [tree t1]: ")
+
+
+def test_a_hand_written_manifest_of_another_name_is_read_as_train_reads_it(make_tiny_zoo, make_trained, tmp_path,
+                                                                            capsys):
+    """`probex train labels.json` took a manifest of one's own models under any name; `probex predict labels.json`
+    said 'labels.json: unknown checkpoint format'."""
+    child = make_tiny_zoo / "t1-c0003.safetensors"
+    record = {"name": "mine", "path": str(child), "parent": None, "tree": "x"}
+    (tmp_path / "labels.json").write_text(json.dumps({"models": [record]}))
+    capsys.readouterr()
+    assert main(["probex", "predict", str(tmp_path / "labels.json"), "--experts", str(make_trained)]) == 0
+    assert capsys.readouterr().out.startswith("t1-c0003 [tree t1]: ")
 
 
 def test_ctrl_c_of_a_retrain_says_whether_this_run_saved_anything(make_trained, tmp_path, monkeypatch, capsys):

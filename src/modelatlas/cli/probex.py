@@ -92,7 +92,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
-    """Model files and folders of models as they are; a zoo (manifest.json) or an atlas (atlas.json, folder
+    """Model files and folders of models as they are; a zoo (manifest.json, or a JSON file of another name
+    that is a zoo manifest by its own word, as `probex train` takes) or an atlas (atlas.json, folder
     or file) stands for the models it lists. A model reached twice (a zoo and one of its models, a model folder
     and its model.safetensors) is kept once, where it first appears, as `atlas index build` keeps it: it was
     listed twice, taking two of the --top places. A path that is no model is skipped with a note, as
@@ -106,7 +107,8 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
     bases: set[str] = set()
     for item in items:
         p = Path(item)  # a folder with another program's manifest.json beside its weights is a model folder
-        if p.name == "manifest.json" or (p.is_dir() and is_zoo_manifest(p / "manifest.json")):
+        if (p.name == "manifest.json" or (p.is_dir() and is_zoo_manifest(p / "manifest.json"))
+                or (p.suffix == ".json" and p.is_file() and is_zoo_manifest(p))):  # labels.json: train took it
             m = load_manifest(p)
             paths.extend(m.root / r.path for r in m.models)
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
