@@ -260,6 +260,24 @@ def test_a_hand_written_manifest_of_another_name_is_read_as_train_reads_it(make_
     assert capsys.readouterr().out.startswith("t1-c0003 [tree t1]: ")
 
 
+def test_a_model_in_a_zoo_folder_but_not_in_its_manifest_is_named(make_tiny_zoo, make_trained, tmp_path, capsys):
+    """A model of one's own dropped into the folder of a hand-written manifest was left out by predict without a
+    word (`atlas index build FOLDER` read it)."""
+    import shutil
+
+    zoo = tmp_path / "mine"
+    shutil.copytree(make_tiny_zoo, zoo)
+    shutil.copy(zoo / "t1-c0003.safetensors", zoo / "newcomer.safetensors")
+    capsys.readouterr()
+    assert main(["probex", "predict", str(zoo), "--experts", str(make_trained)]) == 0
+    captured = capsys.readouterr()
+    assert "newcomer" not in captured.out
+    assert captured.err == (f"note: 1 model in {zoo} not in its manifest, not read (newcomer.safetensors): give them "
+                            "as paths of their own, or add them to the manifest\n")
+    assert main(["probex", "predict", str(zoo / "manifest.json"), "--experts", str(make_trained)]) == 0
+    assert capsys.readouterr().err == ""  # the manifest itself given: its models only, as asked
+
+
 def test_ctrl_c_of_a_retrain_says_whether_this_run_saved_anything(make_trained, tmp_path, monkeypatch, capsys):
     """A retrain into an experts folder stopped before it saved a state said 'progress is kept ...; rerun with
     --resume', which would continue (or refuse) the earlier run."""

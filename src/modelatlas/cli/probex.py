@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
-from modelatlas.cli.output import counted, echo, say_fresh_start, tqdm_progress, warn
+from modelatlas.cli.output import counted, echo, note, say_fresh_start, tqdm_progress, warn
 from modelatlas.cli.parsers import DashHintParser
 
 _BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
@@ -111,6 +111,8 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
                 or (p.suffix == ".json" and p.is_file() and is_zoo_manifest(p))):  # labels.json: train took it
             m = load_manifest(p)
             paths.extend(m.root / r.path for r in m.models)
+            if p.is_dir():
+                _note_unlisted(p, [m.root / r.path for r in m.models])
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
             from modelatlas.atlas import Atlas
 
@@ -120,6 +122,26 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
         else:
             paths.extend(discover_or_skip(p, alone=len(items) == 1))
     return distinct_models(paths), bases
+
+
+def _note_unlisted(folder: Path, listed: list[Path]) -> None:
+    """On stderr, the models in the zoo folder ``folder`` its manifest does not list: a model of one's own
+    dropped beside the models of a hand-written manifest was read by `atlas index build FOLDER` and left
+    out by predict and search without a word. O(files in the folder)."""
+    from modelatlas.errors import AtlasError
+    from modelatlas.weights import discover_models
+    from modelatlas.weights.registry import distinct_models
+
+    try:
+        found = discover_models([folder])
+    except AtlasError:
+        return  # the listed models' own errors say it
+    known = distinct_models(listed)
+    unlisted = distinct_models(known + found)[len(known):]  # those after the listed ones: not among them
+    if unlisted:
+        shown = ", ".join(p.name for p in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+        note(f"note: {counted(len(unlisted), 'model')} in {folder} not in its manifest, not read ({shown}): "
+             "give them as paths of their own, or add them to the manifest")
 
 
 def _read(experts, args: argparse.Namespace):
