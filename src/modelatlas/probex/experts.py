@@ -13,7 +13,6 @@ Only ``layer`` is read from each model (through :mod:`modelatlas.weights`), once
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +23,20 @@ from modelatlas.atomic import atomic_write_json, check_out_folder, read_json_obj
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
+from modelatlas.probex.labelled import (
+    check_full_weights,
+    class_names,
+    group_by_tree,
+    left_out,
+    targets,
+    task_records,
+)
 from modelatlas.probex.layers import candidate_layers, check_finite, load_layer, load_layers
 from modelatlas.probex.model import check_train_memory
 from modelatlas.probex.router import RouteResult, TreeRouter
 from modelatlas.progress import Progress, resolve
 from modelatlas.weights import Checkpoint
-from modelatlas.zoo.manifest import Manifest, ModelRecord, load_manifest
+from modelatlas.zoo.manifest import ModelRecord, load_manifest
 
 INDEX_FORMAT = "modelatlas-probex-experts/1"
 TASKS = ("classes", "text")
@@ -42,59 +49,6 @@ class TrainReport:
     layer_scores: dict[str, float] = field(default_factory=dict)
     trees: dict[str, dict] = field(default_factory=dict)  # tree -> {"models", "val_score", "parameters"}
     left_out: dict[str, int] = field(default_factory=dict)  # tree -> its labelled models, fewer than min_models
-
-
-def _task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
-    key = "classes" if task == "classes" else "label"
-    recs = [m for m in manifest.models if m.parent is not None and key in m.task]
-    if not recs:  # labelled roots: a hand-written manifest with "parent": null was told no model had the key
-        roots = [repr(m.name) for m in manifest.models if key in m.task]
-        why = (f"; {len(roots)} model(s) have it ({', '.join(roots[:3])}{', ...' * (len(roots) > 3)}) but \"parent\": "
-               "null, as roots, and only fine-tuned models are learned from: give each its parent (the base model it "
-               "was fine-tuned from, listed in the manifest as a root)") if roots else ""
-        raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: no fine-tuned model has task "
-                            f"key {key!r} (needed by --task {task}){why}")
-    for m in recs:
-        _check_target(manifest, m, key)
-    return recs
-
-
-MAX_CLASSES = 100_000  # class indices a multi-hot target may hold: a typo'd 10**8 asked for a (models x 10**8) table
-
-
-def _check_target(manifest: Manifest, m: ModelRecord, key: str) -> None:
-    """A model's ``classes`` are class indices (ints >= 0) and its ``label`` a non-empty string; a hand-written
-    manifest's "3", 2.5 or true failed deep in training with a traceback, and a -1 was taken as the last class."""
-    value = m.task[key]
-    if key == "classes":
-        ok = isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < MAX_CLASSES
-                                             for c in value)
-        want = f"a list of class indices (integers from 0 to {MAX_CLASSES - 1:,})"
-    else:
-        ok, want = isinstance(value, str) and bool(value.strip()), "a non-empty string (the class prompt)"
-    if not ok:
-        where = manifest.source or manifest.root / "manifest.json"
-        raise ManifestError(f"{where}: model {m.name!r} task {key!r} must be {want}; got {value!r:.80}")
-
-
-def _class_names(records: list[ModelRecord]) -> list[str]:
-    n = 1 + max(c for m in records for c in m.task["classes"])
-    try:
-        from modelatlas.data.registry import load_dataset
-
-        names = load_dataset(records[0].dataset, "test").classes if records[0].dataset else []
-    except Exception:  # noqa: BLE001 - names are cosmetic; fall back to indices
-        names = []
-    return list(names) if len(names) == n else [str(i) for i in range(n)]
-
-
-def _targets(records: list[ModelRecord], task: str, n_classes: int):
-    if task == "classes":
-        y = np.zeros((len(records), n_classes), dtype=np.float32)
-        for i, m in enumerate(records):
-            y[i, m.task["classes"]] = 1
-        return y
-    return np.array([m.task["label"] for m in records])
 
 
 def _fit_one(task: str, x, target, cfg: ProbeXConfig, layer: str, classes, progress, ckpt, resume) -> WeightExpert:
@@ -119,33 +73,6 @@ def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig,
         hist = _fit_one(task, xs[name], target, cfg, name, classes, progress, None, False).history_
         out[name] = (float(hist["best_score"]), float(hist["best_loss"]))
     return out
-
-
-def _group_by_tree(records: list[ModelRecord], min_models: int, source) -> dict[str, list[ModelRecord]]:
-    by_tree: dict[str, list[ModelRecord]] = {}
-    for m in records:
-        by_tree.setdefault(m.tree, []).append(m)
-    sizes = ", ".join(f"{t}: {len(ms)}" for t, ms in sorted(by_tree.items())[:10]) + (", ..." if len(by_tree) > 10 else "")
-    by_tree = {t: ms for t, ms in sorted(by_tree.items()) if len(ms) >= min_models}
-    if not by_tree:
-        raise ManifestError(f"{source}: no tree has >= {min_models} labelled models to train an expert on ({sizes})")
-    return by_tree
-
-
-def _left_out(records: list[ModelRecord], by_tree: dict[str, list[ModelRecord]]) -> dict[str, int]:
-    """Labelled models of each tree given no expert (fewer than ``min_models``), in tree order."""
-    return {t: n for t, n in sorted(Counter(m.tree for m in records).items()) if t not in by_tree}
-
-
-def _check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]) -> None:
-    """Refuse models stored as LoRA adapters on their parents: each would be read as its update B A alone and
-    learned beside full models' layers, which no merged model (nor the zoo merged) resembles."""
-    adapters = [m.name for ms in by_tree.values() for m in ms if m.storage == "adapter"]
-    if adapters:
-        shown = ", ".join(adapters[:3]) + (", ..." if len(adapters) > 3 else "")
-        raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: {len(adapters)} models ({shown}) "
-                            "are stored as LoRA adapters on their parents, and experts learn full models' layers; "
-                            f"`atlas zoo merge {manifest.root} --out DIR` writes their full weights: train on DIR")
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -197,7 +124,7 @@ def _auto_layer(paths: list[Path], records: list[ModelRecord], task: str, cfg: P
     if not candidates:  # else max() of no scores: a ValueError traceback
         raise ConfigError(f"{paths[0]} holds no weight matrix (2-D or conv, at least 2 x 2) for --layer auto to "
                           "choose from; pass --layer NAME")
-    scores = select_layer(paths, _targets(records, task, len(classes or [])), task, candidates, cfg, classes, progress)
+    scores = select_layer(paths, targets(records, task, len(classes or [])), task, candidates, cfg, classes, progress)
     return max(scores, key=lambda k: (scores[k][0], -scores[k][1])), {k: v[0] for k, v in scores.items()}
 
 
@@ -239,12 +166,12 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     _check_out(out, resume)
     check_train_memory(cfg)
     manifest = load_manifest(manifest_path)
-    records = _task_records(manifest, task)
-    classes = _class_names(records) if task == "classes" else None
-    by_tree = _group_by_tree(records, min_models, manifest_path)
-    _check_full_weights(manifest, by_tree)
+    records = task_records(manifest, task)
+    classes = class_names(records) if task == "classes" else None
+    by_tree = group_by_tree(records, min_models, manifest_path)
+    check_full_weights(manifest, by_tree)
     paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
-    report = TrainReport(layer, left_out=_left_out(records, by_tree))
+    report = TrainReport(layer, left_out=left_out(records, by_tree))
     if layer == "auto":
         largest = max(by_tree.values(), key=len)
         report.layer, report.layer_scores = _auto_layer(paths_of[largest[0].tree], largest, task, cfg, classes, progress)
@@ -254,7 +181,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     if not resume:  # else a tree's older state stays until its first new one, and --resume meets the old run
         _clear_states(out)
     for tree, ms in by_tree.items():
-        expert = _fit_one(task, xs[tree], _targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
+        expert = _fit_one(task, xs[tree], targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
                           out / "checkpoints" / tree, resume)
         (out / "index.json").unlink(missing_ok=True)  # an older run's index must not list this run's experts
         expert.save(out / "experts" / tree)
