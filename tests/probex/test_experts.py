@@ -179,6 +179,26 @@ def test_a_zoo_stored_as_adapters_is_refused_with_the_merge_to_run(tmp_path, mon
         train_tree_experts(tmp_path, tmp_path / "e", layer="w", config=ProbeXConfig(epochs=1))
 
 
+def test_ones_own_adapters_in_a_hand_written_manifest_are_refused_with_the_merge_to_do(tmp_path, monkeypatch):
+    """PEFT adapters of one's own listed in a manifest without "storage" were learned as their updates B A alone
+    (validation 0.5 on 12 adapters of 4 classes), and the same adapters read with --base were in no known tree."""
+    from tests.weights.test_peft_lora import make_adapter
+
+    import modelatlas.probex.experts as experts_module
+    from modelatlas.zoo.manifest import load_manifest
+
+    m = load_manifest(make_zoo(tmp_path))
+    for name in ("c3", "c5"):
+        make_adapter(tmp_path / f"{name}-lora", {"w.lora_A.weight": torch.ones(2, 3), "w.lora_B.weight": torch.ones(4, 2)},
+                     target_modules=["w"])
+        m[name].path = f"{name}-lora"
+    m.save(tmp_path / "labels.json")
+    monkeypatch.setattr(experts_module, "load_layer", lambda *a, **k: pytest.fail("read before the check"))
+    with pytest.raises(ManifestError, match=r"labels\.json: 2 models \(c3, c5\) are PEFT LoRA adapters .*save each "
+                                            r"merged onto its base"):
+        train_tree_experts(tmp_path / "labels.json", tmp_path / "e", layer="w", config=ProbeXConfig(epochs=1))
+
+
 def test_a_retrain_interrupted_before_its_first_checkpoint_resumes_with_its_own_settings(tmp_path, monkeypatch):
     """Without --resume the old run's checkpoints stayed until each tree's first new one: a retrain on another
     layer stopped before it could not be resumed ('layer was 'w' in the interrupted run, now 'v'')."""

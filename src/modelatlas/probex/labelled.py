@@ -84,11 +84,21 @@ def left_out(records: list[ModelRecord], by_tree: dict[str, list[ModelRecord]]) 
 
 
 def check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]) -> None:
-    """Refuse models stored as LoRA adapters on their parents: each would be read as its update B A alone and
-    learned beside full models' layers, which no merged model (nor the zoo merged) resembles."""
-    adapters = [m.name for ms in by_tree.values() for m in ms if m.storage == "adapter"]
+    """Refuse models stored as LoRA adapters: each would be read as its update B A alone and learned beside
+    full models' layers, which no merged model resembles. A zoo marks them (``storage``: ``atlas zoo merge``
+    writes them merged); a hand-written manifest of one's own adapters does not, and they were learned as
+    updates without a word (the same adapters were then routed to no tree with --base): they are found on disk.
+    O(models) file checks."""
+    from modelatlas.weights.peft_lora import is_adapter_folder
+
+    records = [m for ms in by_tree.values() for m in ms]
+    marked = [m.name for m in records if m.storage == "adapter"]
+    adapters = marked or [m.name for m in records if is_adapter_folder(manifest.root / m.path)]
     if adapters:
         shown = ", ".join(adapters[:3]) + (", ..." if len(adapters) > 3 else "")
+        what, fix = (("stored as LoRA adapters on their parents", f"`atlas zoo merge {manifest.root} --out DIR` writes "
+                      "their full weights: train on DIR") if marked else
+                     ("PEFT LoRA adapters (adapter_config.json)", "save each merged onto its base (PEFT: "
+                      "merge_and_unload(), then save_pretrained) and list the merged models"))
         raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: {len(adapters)} models ({shown}) "
-                            "are stored as LoRA adapters on their parents, and experts learn full models' layers; "
-                            f"`atlas zoo merge {manifest.root} --out DIR` writes their full weights: train on DIR")
+                            f"are {what}, and experts learn full models' layers; {fix}")
