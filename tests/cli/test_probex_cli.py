@@ -278,6 +278,14 @@ def test_a_model_in_a_zoo_folder_but_not_in_its_manifest_is_named(make_tiny_zoo,
     assert capsys.readouterr().err == ""  # the manifest itself given: its models only, as asked
 
 
+def test_a_folder_without_models_is_named(make_trained, tmp_path, capsys):
+    """It said 'no models given' of the folder given (search reads the models as predict does)."""
+    (tmp_path / "labels.txt").write_text("mine")
+    assert main(["probex", "predict", str(tmp_path), "--experts", str(make_trained)]) == 1
+    assert capsys.readouterr().err == (f"error: no models found in {tmp_path} (give model files, folders holding "
+                                       "them, a zoo manifest or an atlas)\n")
+
+
 def test_ctrl_c_of_a_retrain_says_whether_this_run_saved_anything(make_trained, tmp_path, monkeypatch, capsys):
     """A retrain into an experts folder stopped before it saved a state said 'progress is kept ...; rerun with
     --resume', which would continue (or refuse) the earlier run."""

@@ -152,6 +152,9 @@ def _read(experts, args: argparse.Namespace):
     from modelatlas.weights.peft_lora import open_adapter_base
 
     paths, recorded = _model_paths(args.models)
+    if not paths:  # it said "no models given" of the folder given, as `atlas index build` does not
+        raise ConfigError(f"no models found in {' '.join(args.models)} (give model files, folders holding them, a "
+                          "zoo manifest or an atlas)")
     if args.base is None and len(recorded) > 1:
         raise ConfigError(f"the atlases given were built with different --base ({', '.join(sorted(recorded))}); "
                           "give them one at a time, or pass --base")
