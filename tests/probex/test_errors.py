@@ -45,6 +45,23 @@ def test_labelled_models_without_a_parent_are_told_to_name_their_parent(tmp_path
         train_tree_experts(tmp_path, tmp_path / "out")
 
 
+def test_a_model_path_relative_to_the_current_folder_is_told_relative_to_the_manifest(tmp_path, monkeypatch):
+    """A hand-written labels.json with paths from the current folder said only 'lab/own/c0.safetensors: no such
+    file or folder', once the earlier models were read."""
+    (tmp_path / "own").mkdir()
+    (tmp_path / "lab").mkdir()
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "own" / "c0.safetensors"))
+    recs = [ModelRecord("r", "own/c0.safetensors", None, "r")]
+    recs += [ModelRecord(f"c{i}", "own/c0.safetensors", "r", "r", task={"classes": [0]}) for i in range(12)]
+    Manifest(recs, {}, tmp_path / "lab").save(tmp_path / "lab" / "labels.json")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ManifestError, match=r"^lab/labels\.json: model 'c0': lab/own/c0\.safetensors not found \(its "
+                                            r"path 'own/c0\.safetensors' is relative to the manifest's folder\); "
+                                            r"own/c0\.safetensors is there from the current folder: write the paths "
+                                            r"relative to lab, or absolute$"):
+        train_tree_experts("lab/labels.json", tmp_path / "out")
+
+
 @pytest.mark.parametrize("key,value", [("classes", ["3", 2]), ("classes", [2.5]), ("classes", 3), ("classes", [True]),
                                        ("classes", [-1, 2]), ("label", 5), ("label", " ")])
 def test_a_hand_written_task_target_is_one_error_naming_the_model(tmp_path, key, value):

@@ -30,6 +30,7 @@ from modelatlas.probex.labelled import (
     left_out,
     targets,
     task_records,
+    tree_paths,
 )
 from modelatlas.probex.layers import candidate_layers, check_finite, load_layer, load_layers
 from modelatlas.probex.model import check_train_memory
@@ -170,7 +171,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     classes = class_names(records) if task == "classes" else None
     by_tree = group_by_tree(records, min_models, manifest_path)
     check_full_weights(manifest, by_tree)
-    paths_of = {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
+    paths_of = tree_paths(manifest, by_tree)  # each checked before any layer is read, naming the record
     report = TrainReport(layer, left_out=left_out(records, by_tree))
     if layer == "auto":
         largest = max(by_tree.values(), key=len)

@@ -6,6 +6,7 @@ weights; and their targets. No weights are read. O(models in the manifest).
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -102,3 +103,17 @@ def check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]
                       "merge_and_unload(), then save_pretrained) and list the merged models"))
         raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: {len(adapters)} models ({shown}) "
                             f"are {what}, and experts learn full models' layers; {fix}")
+
+
+def tree_paths(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]) -> dict[str, list[Path]]:
+    """Each tree's model paths. One not on disk is refused naming the record, and that paths are relative to
+    the manifest's folder: a hand-written ``labels.json`` with paths from the current folder said only
+    ``lab/own/ft0.safetensors: no such file or folder``. O(models) file checks."""
+    for m in (m for ms in by_tree.values() for m in ms):
+        where = manifest.root / m.path
+        if not where.exists() and not where.is_symlink():
+            here = (f"; {m.path} is there from the current folder: write the paths relative to {manifest.root}, "
+                    "or absolute") if Path(m.path).exists() else ""
+            raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: model {m.name!r}: {where} not "
+                                f"found (its path {m.path!r} is relative to the manifest's folder){here}")
+    return {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
