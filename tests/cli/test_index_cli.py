@@ -133,6 +133,25 @@ def test_a_model_with_no_class_above_one_half_says_so(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("(tree 1, parent a)  [no class above 0.5]\n")
 
 
+def test_a_model_with_classes_and_a_description_shows_both(tmp_path, capsys):
+    """An atlas built with --experts and --text-experts showed a model's classes only: `search "dogs"` listed it
+    for its description "dogs", shown nowhere (the page's filter likewise)."""
+    from modelatlas.atlas import Atlas, ModelEntry
+    from modelatlas.atlas.html import _pred_text
+    from modelatlas.lineage.forest import Edge, Forest
+
+    said = [["dogs", 0.9], ["fish", 0.1]]
+    models = [ModelEntry("a", "/z/a", tree=1, expert_tree="t", predicted=[["1", 1.0], ["2", 0.99]], described=said),
+              ModelEntry("b", "/z/b", tree=1, parent="a", expert_tree="t", predicted=[], described=said)]
+    Atlas(models, Forest(["a", "b"], [Edge("a", "b", 0.5)]), {"classes": {"folder": "/x", "layer": "w"}}).save(
+        tmp_path / "atl")
+    assert main(["index", "search", "dogs", str(tmp_path / "atl"), "--mode", "keywords"]) == 0
+    out = capsys.readouterr().out
+    assert '(tree 1, root)  [1, 2] "dogs" (0.90)\n' in out
+    assert '(tree 1, parent a)  [no class above 0.5] "dogs" (0.90)\n' in out
+    assert [_pred_text(m) for m in models] == ["1 1.00, 2 0.99; dogs 0.90", "no class above 0.5; dogs 0.90"]
+
+
 def test_search_says_a_model_in_no_tree_is_in_none(tmp_path, capsys):
     """An unreadable model found by its name was listed as "(tree None, root)"."""
     from modelatlas.atlas import Atlas, ModelEntry

@@ -57,13 +57,13 @@ def _human(n: int) -> str:
 
 
 def _pred_text(entry: ModelEntry, k: int = 6) -> str:
-    if entry.described and not entry.predicted:
-        c, p = entry.described[0]
-        return f"{c} {p:.2f}"
-    if not entry.predicted:
-        return NO_CLASS if entry.expert_tree and entry.predicted == [] else ""
-    shown = ", ".join(f"{c} {p:.2f}" for c, p in entry.predicted[:k])
-    return shown + (f" (+{len(entry.predicted) - k})" if len(entry.predicted) > k else "")
+    """The predicted classes (or that none passed 0.5), then the best description: a model with both showed
+    only its classes, and the filter kept it for a word of the description it did not show."""
+    shown = ", ".join(f"{c} {p:.2f}" for c, p in (entry.predicted or [])[:k])
+    shown += f" (+{len(entry.predicted) - k})" if entry.predicted and len(entry.predicted) > k else ""
+    shown = shown or (NO_CLASS if entry.expert_tree and entry.predicted == [] else "")
+    described = f"{entry.described[0][0]} {entry.described[0][1]:.2f}" if entry.described else ""
+    return "; ".join(t for t in (shown, described) if t)
 
 
 def _words(text: str) -> list[str]:

@@ -122,16 +122,15 @@ def _show_notes(outside: list, noted: list) -> None:
 
 
 def _what(m) -> str:
-    """What the experts say a model was trained on: its predicted classes, or its best description; that its
-    class expert found no class above 0.5 (its note names the most probable); "" when no expert saw it."""
+    """What the experts say a model was trained on: its predicted classes (or that its class expert found none
+    above 0.5: its note names the most probable), then its best description; "" when no expert saw it. A model
+    with both showed only its classes, and a keyword search found it by a description it did not show."""
     from modelatlas.atlas.index import NO_CLASS
 
-    if m.predicted:
-        return "[" + ", ".join(c for c, _ in m.predicted) + "]"
-    if m.described:
-        c, p = m.described[0]
-        return f'"{c}" ({p:.2f})'
-    return f"[{NO_CLASS}]" if m.expert_tree and m.predicted == [] else ""
+    classes = "[" + ", ".join(c for c, _ in m.predicted) + "]" if m.predicted else ""
+    classes = classes or (f"[{NO_CLASS}]" if m.expert_tree and m.predicted == [] else "")
+    described = f'"{m.described[0][0]}" ({m.described[0][1]:.2f})' if m.described else ""
+    return " ".join(t for t in (classes, described) if t)
 
 
 def _show(args: argparse.Namespace) -> int:
