@@ -56,7 +56,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
 
 def make_batch():
     return {b"data": np.arange(2 * 3072).reshape(2, 3072).astype(np.uint8), b"labels": [0, 1],
-            b"batch_label": b"mine", b"f": np.asfortranarray(np.arange(6, dtype=">f4").reshape(2, 3))}
+            b"batch_label": b"mine", b"empty": b"", b"f": np.asfortranarray(np.arange(6, dtype=">f4").reshape(2, 3))}
 
 
 @pytest.mark.parametrize("protocol", [2, 5])
@@ -67,6 +67,7 @@ def test_a_batch_of_pickle_protocol_2_or_5_loads_as_protocol_3(tmp_path, protoco
     (tmp_path / "px").write_bytes(pickle.dumps(make_batch(), protocol=protocol))
     want, got = safe_unpickle(tmp_path / "p3"), safe_unpickle(tmp_path / "px")
     assert got.keys() == want.keys() and got[b"labels"] == [0, 1] and got[b"batch_label"] == b"mine"
+    assert got[b"empty"] == b""  # protocol 2: bytes() with no argument (was refused: a global bytes)
     for key in (b"data", b"f"):
         assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key])
     assert got[b"f"][1].tolist() == [3.0, 4.0, 5.0] and got[b"data"][1, 0] == 3072 % 256
@@ -92,6 +93,7 @@ _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # numpy.core or numpy._core .nume
 @pytest.mark.parametrize("func, args, refused", [
     (codecs.encode, ("abc", "rot13"), r"refused _codecs\.encode\(str, 'rot13'\)"),
     (codecs.encode, (b"abc", "latin1"), r"refused _codecs\.encode\(bytes, 'latin1'\)"),
+    (bytes, (3,), r"refused bytes\(\) of 1 argument"),
     (_FROMBUFFER, (bytearray(16), np.dtype(object), (2,), "C"), r"refused dtype"),
     (_FROMBUFFER, (bytearray(4), np.dtype(np.uint8), (2,), "K"), r"refused _frombuffer arguments"),
 ])

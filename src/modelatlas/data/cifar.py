@@ -101,11 +101,22 @@ def _latin1_encode(path: Path, text: object = None, encoding: object = None) -> 
     return text.encode("latin1")
 
 
+def _empty_bytes(path: Path, *args: object) -> bytes:
+    """Stands in for ``bytes``, which protocol 2 calls with no argument for an empty ``b''`` (any other bytes
+    go through ``_codecs.encode``): exactly that call, nothing else."""
+    if args:
+        raise UnsafeCheckpointError(path, f"refused bytes() of {len(args)} argument(s) in a CIFAR batch (only "
+                                          "bytes() with none, as pickle protocol 2 writes b'')")
+    return b""
+
+
 # Globals another pickle protocol brings in for plain data, each mapped to a checked stand-in taking the path
-# first: protocol 2 writes bytes through _codecs.encode, protocol 5 (pickle.HIGHEST_PROTOCOL) arrays through
-# NumPy's _frombuffer. The real callables are never reached.
+# first: protocol 2 writes bytes through _codecs.encode (b'' as bytes()), protocol 5 (pickle.HIGHEST_PROTOCOL)
+# arrays through NumPy's _frombuffer. The real callables are never reached.
 _PROTOCOL_GLOBALS = {
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
     ("numpy._core.numeric", "_frombuffer"): _Buffered,
     ("numpy.core.numeric", "_frombuffer"): _Buffered,
 }
