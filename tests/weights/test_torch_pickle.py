@@ -64,8 +64,11 @@ def test_raw_pickle_with_reduce_is_refused(tmp_path):
 def test_pickled_module_is_refused(tmp_path):
     p = tmp_path / "module.pt"
     torch.save(torch.nn.Linear(2, 2), p)
-    with pytest.raises(UnsafeCheckpointError, match=r"module\.pt: refused to unpickle"):
+    with pytest.raises(UnsafeCheckpointError, match=r"module\.pt: refused to unpickle") as e:
         open_checkpoint(p)
+    msg = str(e.value)  # the class, and the fix a command-line user can follow (not torch's add_safe_globals)
+    assert "torch.nn.modules.linear.Linear" in msg and "add_safe_globals" not in msg
+    assert "torch.save(torch.load(PATH, weights_only=False).state_dict(), 'model.pt')" in msg
 
 
 def test_truncated_garbage_empty(tmp_path):

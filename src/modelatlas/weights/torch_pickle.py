@@ -284,13 +284,25 @@ def _unpickling_error(path: Path, e: pickle.UnpicklingError, head: bytes = b"",
                                            "torch.save(torch.load(PATH, weights_only=False)"
                                            "['state_dict'], 'model.pt')")
     if found:
-        reason = found.group(1).rstrip(".")
-        return UnsafeCheckpointError(path, f"refused to unpickle: the file would execute code ({reason}); "
-                                           "only plain tensor state dicts are loaded (weights_only=True). "
-                                           "Convert a trusted file to safetensors to read it")
+        return UnsafeCheckpointError(path, _refused_global(found.group(1)))
     detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)
     reason = detail.group(1) if detail else (msg.strip().splitlines() or ["unreadable pickle"])[0]
     return CheckpointError(path, f"corrupt or unsupported PyTorch pickle: {reason}")
+
+
+def _refused_global(reason: str) -> str:
+    """The message for a pickle refused for a global ``reason`` (torch's first line, which names it and advises
+    ``add_safe_globals``: advice for code, not for a user of the command line, so it is not repeated). A
+    ``torch.nn`` class is a whole model saved with ``torch.save(model)``: the fix is its state dict."""
+    name = re.search(r"GLOBAL (\S+)", reason)
+    what = name.group(1).rstrip(".") if name else reason.rstrip(".")
+    if what.startswith("torch.nn."):
+        fix = ("it is a whole model saved with torch.save(model); from a trusted file, save its weights alone: "
+               "torch.save(torch.load(PATH, weights_only=False).state_dict(), 'model.pt')")
+    else:
+        fix = "convert a trusted file to safetensors to read it"
+    return (f"refused to unpickle: the file would execute code (it holds a Python object, {what}); only plain "
+            f"tensor state dicts are loaded (weights_only=True): {fix}")
 
 
 def is_lightning(obj: Mapping) -> bool:
