@@ -168,7 +168,7 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     check_train_memory(cfg)
     manifest = load_manifest(manifest_path)
     records = task_records(manifest, task)
-    classes = class_names(records) if task == "classes" else None
+    classes = class_names(records, manifest) if task == "classes" else None
     by_tree = group_by_tree(records, min_models, manifest_path)
     check_full_weights(manifest, by_tree)
     paths_of = tree_paths(manifest, by_tree)  # each checked before any layer is read, naming the record

@@ -48,8 +48,13 @@ def _check_target(manifest: Manifest, m: ModelRecord, key: str) -> None:
         raise ManifestError(f"{where}: model {m.name!r} task {key!r} must be {want}; got {value!r:.80}")
 
 
-def class_names(records: list[ModelRecord]) -> list[str]:
+def class_names(records: list[ModelRecord], manifest: Manifest | None = None) -> list[str]:
+    """The names of the classes ``records`` index: the manifest's ``config.class_names`` where it gives them
+    (checked), else those of the records' dataset when it has as many, else the indices as strings."""
     n = 1 + max(c for m in records for c in m.task["classes"])
+    given = manifest.config.get("class_names") if manifest is not None else None
+    if given is not None:
+        return _checked_names(manifest, given, n)
     try:
         from modelatlas.data.registry import load_dataset
 
@@ -57,6 +62,16 @@ def class_names(records: list[ModelRecord]) -> list[str]:
     except Exception:  # noqa: BLE001 - names are cosmetic; fall back to indices
         names = []
     return list(names) if len(names) == n else [str(i) for i in range(n)]
+
+
+def _checked_names(manifest: Manifest, given: object, n: int) -> list[str]:
+    """``config.class_names`` of a hand-written manifest: a list of at least ``n`` (the largest class index + 1)
+    non-empty strings; raises naming the file and the key."""
+    if not (isinstance(given, list) and all(isinstance(c, str) and c.strip() for c in given) and len(given) >= n):
+        where = manifest.source or manifest.root / "manifest.json"
+        raise ManifestError(f"{where}: config 'class_names' must be a list of {n} or more non-empty strings (one "
+                            f"per class index, the models' classes going up to {n - 1}); got {given!r:.80}")
+    return list(given)
 
 
 def targets(records: list[ModelRecord], task: str, n_classes: int):
