@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.errors import CheckpointError, UnsafeCheckpointError
+from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import (
     Checkpoint,
     TensorInfo,
@@ -55,6 +55,7 @@ from modelatlas.weights.base import (
     utf8_path,
 )
 from modelatlas.weights.registry import register_format
+from modelatlas.weights.torch_refusals import LIGHTNING_VERSION, no_pickle, pickle_head, unpickling_error
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _NESTING_KEYS = ("model_state_dict", "state_dict", "model")  # where training checkpoints keep the weights
@@ -63,8 +64,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compi
 # Top-level keys only Lightning's Trainer writes beside "state_dict". Not "epoch": pytorch/examples' ImageNet
 # script saves {"epoch", "arch", "state_dict", "best_acc1", "optimizer"} of a plain model, whose names are real.
 _LIGHTNING_KEYS = ("global_step", "optimizer_states", "lr_schedulers", "callbacks", "loops")
-_LIGHTNING_VERSION = "pytorch-lightning_version"  # the Trainer's first keys: epoch, global_step, this
-_HEAD_BYTES = 4096  # of a pickle: enough to hold the Trainer's first keys
 _MAX_DEPTH = 32  # containers in a state dict nest a few levels (Lightning: 3-4)
 _MAX_ITEMS = 2_000_000  # entries in all containers; a large model with optimizer state has ~100,000
 
@@ -93,11 +92,11 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             with utf8_path(path) as name, _admission:  # torch maps the file by a UTF-8 name
                 obj = torch.load(name, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        raise _unpickling_error(path, e, _pickle_head(path, is_zip), None if is_zip else misnamed_reason(path, "PyTorch")) from e
+        raise unpickling_error(path, e, pickle_head(path, is_zip), None if is_zip else misnamed_reason(path, "PyTorch")) from e
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
-        raise CheckpointError(path, _no_pickle(path, is_zip) or f"corrupt or truncated PyTorch file: {error_line(e)}") from e
+        raise CheckpointError(path, no_pickle(path, is_zip) or f"corrupt or truncated PyTorch file: {error_line(e)}") from e
     _check_nesting(path, obj)
     if any(t.is_meta for t in _all_tensors(obj)):  # no bytes anywhere: read as "header lies about sizes"
         raise CheckpointError(path, "holds tensors on the meta device (shapes without values: a model saved before "
@@ -233,82 +232,10 @@ def _check_nesting(path: Path, obj: object) -> None:
         stack.extend((v, depth + 1) for v in (o.values() if isinstance(o, Mapping) else o))
 
 
-def _no_pickle(path: Path, is_zip: bool) -> str | None:
-    """Why a file that failed to load is no PyTorch file at all: neither a zip nor a pickle (opcode PROTO first)
-    as torch.save writes, e.g. a CSV or a log named .pt, whose error was "corrupt or truncated PyTorch file:
-    101" (a KeyError of its second byte); None when it may be one."""
-    head = b"" if is_zip else _pickle_head(path, False)[:20]
-    other = misnamed_reason(path, "PyTorch") if head else None
-    if other:  # a safetensors file named .pt: its first byte is the header length's
-        return other
-    if not head or head[0] == 0x80 or head.startswith(b"PK"):  # PK: a zip cut short, no longer read as one
-        return None
-    return f"not a PyTorch file: it begins with {head!r}, neither a zip archive nor a pickle (what torch.save writes)"
-
-
-def _pickle_head(path: Path, is_zip: bool) -> bytes:
-    """The first _HEAD_BYTES of the pickle (a zip's ``data.pkl``, stored uncompressed: :func:`zip_records`), or
-    b"" when unreadable: enough to tell a Lightning checkpoint by its first keys when loading it failed."""
-    try:
-        if not is_zip:
-            with open(path, "rb") as f:
-                return f.read(_HEAD_BYTES)
-        with zipfile.ZipFile(path) as zf:
-            name = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            if name is None:
-                return b""
-            with zf.open(name) as f:
-                return f.read(_HEAD_BYTES)
-    except (OSError, zipfile.BadZipFile, UnicodeDecodeError):
-        return b""
-
-
-def _unpickling_error(path: Path, e: pickle.UnpicklingError, head: bytes = b"",
-                      misnamed: str | None = None) -> CheckpointError:
-    """Refused globals mean the file would run code (unsafe); anything else is a corrupt pickle. ``head``: the
-    pickle's first bytes; for a Lightning checkpoint the error says where such objects usually are.
-    ``misnamed``: that the file is another format's (:func:`misnamed_reason`), said instead."""
-    if misnamed:  # another format's file (a safetensors file named .bin): its opcode error said nothing
-        return CheckpointError(path, misnamed)
-    msg = str(e)
-    found = re.search(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)", msg)
-    if found and _LIGHTNING_VERSION.encode() in head:
-        name = re.search(r"GLOBAL (\S+)", found.group(1))
-        what = name.group(1).rstrip(".") if name else found.group(1)
-        return UnsafeCheckpointError(path, f"refused to unpickle: a PyTorch Lightning checkpoint holding a Python "
-                                           f"object ({what}) besides its weights, most often in hyper_parameters "
-                                           "(save_hyperparameters() of an OmegaConf config, a dataclass, a "
-                                           "datetime); such objects could execute code and only tensors, plain "
-                                           "values, paths and argparse Namespaces are loaded (weights_only=True). "
-                                           "From a trusted file, save the weights alone: "
-                                           "torch.save(torch.load(PATH, weights_only=False)"
-                                           "['state_dict'], 'model.pt')")
-    if found:
-        return UnsafeCheckpointError(path, _refused_global(found.group(1)))
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", msg)
-    reason = detail.group(1) if detail else (msg.strip().splitlines() or ["unreadable pickle"])[0]
-    return CheckpointError(path, f"corrupt or unsupported PyTorch pickle: {reason}")
-
-
-def _refused_global(reason: str) -> str:
-    """The message for a pickle refused for a global ``reason`` (torch's first line, which names it and advises
-    ``add_safe_globals``: advice for code, not for a user of the command line, so it is not repeated). A
-    ``torch.nn`` class is a whole model saved with ``torch.save(model)``: the fix is its state dict."""
-    name = re.search(r"GLOBAL (\S+)", reason)
-    what = name.group(1).rstrip(".") if name else reason.rstrip(".")
-    if what.startswith("torch.nn."):
-        fix = ("it is a whole model saved with torch.save(model); from a trusted file, save its weights alone: "
-               "torch.save(torch.load(PATH, weights_only=False).state_dict(), 'model.pt')")
-    else:
-        fix = "convert a trusted file to safetensors to read it"
-    return (f"refused to unpickle: the file would execute code (it holds a Python object, {what}); only plain "
-            f"tensor state dicts are loaded (weights_only=True): {fix}")
-
-
 def is_lightning(obj: Mapping) -> bool:
     """Whether a loaded top-level dict is a PyTorch Lightning Trainer checkpoint: it names its Lightning version,
     or holds ``"state_dict"`` beside a key only the Trainer writes (``global_step``, ``optimizer_states``, ...)."""
-    return _LIGHTNING_VERSION in obj or ("state_dict" in obj and any(k in obj for k in _LIGHTNING_KEYS))
+    return LIGHTNING_VERSION in obj or ("state_dict" in obj and any(k in obj for k in _LIGHTNING_KEYS))
 
 
 def _state_dict_from(path: Path, obj: object) -> tuple[dict[str, torch.Tensor], str]:
