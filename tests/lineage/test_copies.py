@@ -162,3 +162,47 @@ def test_a_bfloat16_base_of_float32_fine_tunes_is_no_copy_of_them():
     trained = {frozenset((e.parent, e.child)) for e in f.edges if e.kind == "trained"}  # the root is a guess here
     assert trained == {frozenset(("base", "ft")), frozenset(("base", "ft2"))}
 
+
+
+def make_q8_base_and_q4_fine_tune(folder, step: float, seed: int = 5):
+    """A base (not written) as base-q8_0.gguf, and a fine-tune ``step`` x its RMS away only as ft-q4_0.gguf (three
+    64 x 256 layers), with a float32 fine-tune of the base 5 % away beside them (ft2.safetensors)."""
+    from safetensors.torch import save_file
+
+    from modelatlas.zoo.gguf import quantized, save_gguf
+
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    ft = {k: v + step * torch.randn(64, 256, generator=gen) for k, v in base.items()}
+    save_gguf(folder / "base-q8_0.gguf", {k: quantized(v, "Q8_0") for k, v in base.items()})
+    save_gguf(folder / "ft-q4_0.gguf", {k: quantized(v, "Q4_0") for k, v in ft.items()})
+    save_file({k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()}, str(folder / "ft2.safetensors"))
+
+
+def test_a_coarse_file_of_a_close_fine_tune_is_no_rounding_of_the_finer_files_model(tmp_path):
+    """A Q4_0 file of a fine-tune 1.2 % away reads within the rounding energies of the base's Q8_0 file (its
+    update is ~2 % of Q4_0's rounding energy): it was drawn as a Q4_0 rounding of the base, dropped from the
+    tree. The Q8_0 values miss the Q4_0 file's levels on ~3x the share a rounding of one model does."""
+    make_q8_base_and_q4_fine_tune(tmp_path, step=0.012)
+    forest = recover_lineage(sorted(tmp_path.iterdir()))
+    assert not forest.decisions.get("same_model_roundings")
+    assert next(e for e in forest.edges if "ft-q4_0" in (e.child, e.parent)).kind == "trained"
+
+
+def test_on_coarser_grid_by_hand(tmp_path):
+    """Q8_0 values of the model a Q4_0 file rounds miss its levels on ~E|u8| / step4 (~1.6 %: under twice
+    sqrt(ratio) / 4); those of a model 1.2 % away miss 3-4x that."""
+    from modelatlas.lineage.copies import on_coarser_grid
+    from modelatlas.zoo.gguf import quantized, save_gguf
+
+    make_q8_base_and_q4_fine_tune(tmp_path, step=0.012)
+    gen = torch.Generator().manual_seed(5)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}  # the same base
+    save_gguf(tmp_path / "base-q4_0.gguf", {k: quantized(v, "Q4_0") for k, v in base.items()})
+    q8, q4, ft = (open_checkpoint(tmp_path / f) for f in ("base-q8_0.gguf", "base-q4_0.gguf", "ft-q4_0.gguf"))
+    layers = q8.tensors()
+    ratio = sum(float(q8.rounding_variance(t.name).sum()) for t in layers) / sum(
+        float(q4.rounding_variance(t.name).sum()) for t in layers)
+    assert on_coarser_grid(q4, q8, layers, ratio)
+    assert not on_coarser_grid(ft, q8, layers, ratio)
+    assert 0.005 < 1 - q4.grid_match("a.weight", q8.read("a.weight")) < 2 * np.sqrt(ratio) / 4

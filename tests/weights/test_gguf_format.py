@@ -331,3 +331,17 @@ def test_an_unknown_name_raises_naming_the_file_in_the_copy_tests(tmp_path):
             with pytest.raises(TensorNotFoundError, match=r"m\.gguf.*no tensor named 'nope'"):
                 call()
         assert ck.requantized_match("q", torch.from_numpy(x)) == 1.0 and ck.rounding_variance("q").shape == (8, 64)
+
+
+def test_grid_match_on_the_stored_levels(tmp_path):
+    """A Q4_0 layer's own source lies on its nearest levels (1.0 on the 256 sampled rows of 300); a finer rounding
+    of it misses them only near a boundary; a plain F32 tensor has no grid (None)."""
+    from modelatlas.zoo.gguf import quantized, save_gguf
+
+    x, Q8 = torch.randn(300, 64, generator=torch.Generator().manual_seed(0)), gguf.GGMLQuantizationType.Q8_0
+    path = save_gguf(tmp_path / "m.gguf", {"w": quantized(x, "Q4_0"), "f": x.numpy()})
+    with open_checkpoint(path) as ck:
+        assert ck.grid_match("w", x) == 1.0
+        q8 = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), Q8), Q8))
+        assert 0.95 < ck.grid_match("w", q8) < 1.0
+        assert ck.grid_match("f", x) is None

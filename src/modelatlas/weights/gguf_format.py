@@ -21,6 +21,7 @@ import torch
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.byte_ranges import ByteRanges, distinct_rows
+from modelatlas.weights.gguf_grid import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ  # noqa: F401 (their home before)
 from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
 from modelatlas.weights.kept import Kept
 from modelatlas.weights.registry import register_format
@@ -33,36 +34,7 @@ _STORED = {**_INT_TYPES, **_FLOAT_TYPES}  # ggml type -> the dtype reported and 
 # ggml's reference quantizers map the block's largest |x| (Q8_0: to +-127; Q4_0, Q5_0: its signed value to
 # code 0) and, with an offset, its smallest to code 0 and its largest to the top code (Q4_1, Q5_1)
 SCALE_CODES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (1, 255), "Q4_1": (0, 15), "Q5_1": (0, 31)}
-# the K-quants' real error is smaller than a uniform one over their step: llama.cpp searches each sub-block's
-# scale (and offset) for the least squared error, which puts values nearer their levels. step**2 / 12 over the
-# real mean squared error of llama-quantize's output (bench/lineage_llamacpp.py's model, t(5) and Gaussian
-# weights): Q2_K 1.23 / 1.27, Q3_K 1.10 / 1.08, Q4_K 1.27 / 1.30, Q5_K 1.15 / 1.17, Q6_K 1.16 / 1.21; the mean
-# of the two divides the variance (legacy types, quantized plainly: 0.98-1.02 without)
-# (IQ4_NL 1.19 / 1.20, IQ4_XS 1.17 / 1.18: their block scales are searched too, the error spread over each code's
-# cell between its block's 16 levels)
-SEARCHED = {"Q2_K": 1.25, "Q3_K": 1.09, "Q4_K": 1.28, "Q5_K": 1.16, "Q6_K": 1.18, "IQ4_NL": 1.195, "IQ4_XS": 1.175}
-# with an importance matrix (llama-quantize --imatrix, recorded as quantize.imatrix.* metadata) the scale
-# search weights each column by its activation energy: the important columns lie nearer their levels (the
-# 10 % most important: 0.4-0.7 of step**2 / 12 / SEARCHED), the others farther (the 10 % least: 1.3-3.9x, Q6_K
-# clipping t(5) tails), and the layer's error grows: real / estimate without this 1.07-1.41 (bench/gguf_imatrix.py,
-# seeds 0 and 1, t(5) / Gaussian weights, log-normal importances sigma 1.5: Q2_K 1.215 / 1.206, Q3_K 1.147 /
-# 1.135, Q4_K 1.178 / 1.159, Q5_K 1.092 / 1.070, Q6_K 1.281 / 1.138, IQ4_XS 1.108 / 1.101, IQ4_NL 1.117 /
-# 1.109); SEARCHED over the mean of the two. The legacy types but Q8_0 search their scale too with one (no
-# value exact: no SCALE_CODES), real / (step**2 / 12): Q4_0 1.022 / 1.018, Q4_1 0.904 / 0.895, Q5_0 0.995 /
-# 0.991, Q5_1 0.889 / 0.885; one over the mean. Q8_0 ignores the matrix (ggml's reference rounding: 1.00).
-# The gain follows the matrix's spread, which the file does not hold: on held-apart seeds 2 and 3 real /
-# estimate was 0.88-0.97 with sigma 1.0 and 1.02-1.13 with sigma 2.0 (the IQ4 and K-quants; 1.17-1.27 before)
-SEARCHED_IMATRIX = {"Q2_K": 1.032, "Q3_K": 0.955, "Q4_K": 1.095, "Q5_K": 1.073, "Q6_K": 0.976, "IQ4_NL": 1.074,
-                    "IQ4_XS": 1.064, "Q4_0": 0.980, "Q4_1": 1.112, "Q5_0": 1.007, "Q5_1": 1.127}
-# IQ1-IQ3 (lattice codebooks with sign bits and a scale per sub-block of GROUP_IQ values, quantized only with an
-# importance matrix): the error variance is a constant share of the sub-block's root mean stored square times
-# its largest |value| (both the scale times a codebook's magnitude; the mean square alone read t(5) weights
-# 10-27 % apart from Gaussian ones, the largest alone 20-40 % the other way); the share is the mean of
-# real / estimate over t(5) and Gaussian weights (bench/gguf_imatrix.py, seeds 0 and 1; within 6 % of either).
-# Held apart (seeds 2 and 3): 0.82-0.96 with sigma 1.0, 1.03-1.37 with sigma 2.0 (the error follows the spread)
-GROUP_IQ = {"IQ1_S": 32, "IQ1_M": 16, "IQ2_XXS": 32, "IQ2_XS": 16, "IQ2_S": 16, "IQ3_XXS": 32, "IQ3_S": 32}
-SHARE_IQ = {"IQ1_S": 0.164, "IQ1_M": 0.150, "IQ2_XXS": 0.0710, "IQ2_XS": 0.0546, "IQ2_S": 0.0406,
-            "IQ3_XXS": 0.0189, "IQ3_S": 0.0097}
+# SEARCHED, SEARCHED_IMATRIX, GROUP_IQ, SHARE_IQ: the rounding variance's calibrations, in gguf_grid (session 34)
 _PLAIN = {**_INT_TYPES, "F16": "float16", "F32": "float32", "F64": "float64"}  # read as they are stored
 
 
@@ -283,6 +255,22 @@ class GGUFCheckpoint(Checkpoint):
         sample = sample.double().numpy()  # (r, m)
         live = step != 0  # a sub-block of scale 0 holds its offset whatever x
         return uniform_position(torch.from_numpy((sample - lo)[live] / step[live]))
+
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0, max_rows: int = 256) -> float | None:
+        """Share of the stored values, on ``max_rows`` evenly spaced rows, that are the level of their stored grid
+        nearest to ``x`` (the whole tensor), or its end level with ``x`` beyond it (:func:`~.gguf_grid.grid_test`,
+        ``slack`` its relative tolerance): 1.0 for ``x`` rounded on this grid, ~1 - E|u| / step for a finer
+        rounding ``x = w + u`` of the model this was quantized from. Legacy types and K-quants; None for others.
+        Time O(max_rows m)."""
+        from gguf.quants import dequantize
+
+        from modelatlas.weights.gguf_grid import GRIDS, LEGACY, grid_test
+
+        t = self._tensors[self.info(name).name]
+        if t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape or (got := self._compared(t, x, max_rows, None)) is None:
+            return None
+        sample, rows, size = got  # (r, m) values, (r, row bytes) stored
+        return grid_test(t.ggml_type.name, t.ggml_type, rows, size, dequantize(rows, t.ggml_type), slack)(sample.numpy())
 
     def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         """``step**2 / 12`` per value for the legacy types and the K-quants (evenly spaced levels per block or
