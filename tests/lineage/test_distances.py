@@ -272,3 +272,15 @@ def test_a_common_edge_drops_values_from_signal_rank_and_nuclear_norm():
     assert (rank, signal, nuc) == (3, 3, pytest.approx(4.5 / 12**0.5))
     rank, signal, _, _, nuc = _batch_terms(sv, floor, None, pr, 4, edge=0.8)[:, 0]
     assert (rank, signal, nuc) == (3, 2, pytest.approx(4.0 / 12**0.5))
+
+
+def test_a_common_edge_counts_the_shown_energy_over_it_too():
+    """The update's share over the noise (``shown``: l2 for a tree whose updates are hidden) is counted over the
+    common edge like the signal rank: values 3, 1, 0.5 over an edge of 0.8 keep 9 + 1 of 10.25, not all of it.
+    Over each pair's own edge, a tree of two types read a one-grid Q4_0 pair's iid update (its rounding
+    noise far under two independent ones') as shown and took nuclear x rank: 14 of 33 edges against 32."""
+    sv, floor, pr = torch.tensor([[3.0, 1.0, 0.5]], dtype=torch.float64), torch.tensor([[0.1]]), torch.tensor([[0, 1]])
+    _, _, kept, total, _ = _batch_terms(sv, floor, None, pr, 4, edge=0.8)[:, 0]
+    assert (kept, total) == (pytest.approx(10.0), pytest.approx(10.25))
+    _, _, kept, _, _ = _batch_terms(sv, floor, None, pr, 4)[:, 0]
+    assert kept == pytest.approx(10.25)
