@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from PIL import Image
+from tests.distill.test_cli_api import check_image_folder_refused
 
-from modelatlas.cli.main import main
 from modelatlas.data import load_dataset
 from modelatlas.errors import ConfigError, DatasetNotFoundError
 
@@ -26,12 +26,7 @@ def test_a_folder_of_one_class_is_refused_naming_it(tmp_path):
 
 def test_cli_distill_on_one_class_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     make_images(tmp_path / "imgs" / "photos")
-    monkeypatch.delenv("ATLAS_DEBUG", raising=False)
-    argv = ["distill", "run", "--method", "random", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"),
-            "--ipc", "1", "--eval-nets", "1", "--eval-epochs", "1", "--out", str(tmp_path / "out")]
-    assert main(argv) == 1
-    assert "holds one class folder (photos/)" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    check_image_folder_refused(tmp_path, capsys, monkeypatch, "holds one class folder (photos/)")
 
 
 def test_two_classes_still_load(tmp_path, make_two_class_images):

@@ -143,11 +143,16 @@ def test_empty_test_split_is_refused_not_scored_0_percent(tmp_path, capsys, monk
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
         Image.fromarray(torch.full((4, 4), 40.0).byte().numpy()).save(tmp_path / "imgs" / c / "0.png")
+    check_image_folder_refused(tmp_path, capsys, monkeypatch, "the test split of dataset 'image-folder' is empty")
+
+
+def check_image_folder_refused(tmp_path, capsys, monkeypatch, message: str) -> None:
+    """`atlas distill run` on the image folder tmp_path/imgs exits 1 with ``message`` and writes nothing."""
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
     argv = ["distill", "run", "--method", "random", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"),
             "--ipc", "1", "--eval-nets", "1", "--eval-epochs", "1", "--out", str(tmp_path / "out")]
     assert main(argv) == 1
-    assert "the test split of dataset 'image-folder' is empty" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
