@@ -1,5 +1,5 @@
 """IQ1-IQ3 files standing in for models not given: is the tree still recovered? (``lineage.rounding`` with the
-IQ rounding variance of ``weights.gguf_format.SHARE_IQ``)
+IQ rounding variance of ``weights.gguf_grid.SHARE_IQ``)
 
     python bench/lineage_iq.py --quantize /tmp/llcpp/.../build/bin/llama-quantize --work /tmp/iq --seeds 0,1,2
 

@@ -163,7 +163,6 @@ def test_a_bfloat16_base_of_float32_fine_tunes_is_no_copy_of_them():
     assert trained == {frozenset(("base", "ft")), frozenset(("base", "ft2"))}
 
 
-
 def make_q8_base_and_q4_fine_tune(folder, step: float, seed: int = 5):
     """A base (not written) as base-q8_0.gguf, and a fine-tune ``step`` x its RMS away only as ft-q4_0.gguf (three
     64 x 256 layers), with a float32 fine-tune of the base 5 % away beside them (ft2.safetensors)."""
@@ -206,3 +205,22 @@ def test_on_coarser_grid_by_hand(tmp_path):
     assert on_coarser_grid(q4, q8, layers, ratio)
     assert not on_coarser_grid(ft, q8, layers, ratio)
     assert 0.005 < 1 - q4.grid_match("a.weight", q8.read("a.weight")) < 2 * np.sqrt(ratio) / 4
+
+
+def test_on_coarser_grid_reads_only_the_compared_rows_of_the_finer_file(tmp_path, monkeypatch):
+    """The finer file's layers were read whole (a 1B model's every compared layer dequantized) where the grid
+    test compares 256 rows of them: only those rows are read, the same shares as from the whole layers."""
+    from modelatlas.lineage.copies import on_coarser_grid
+    from modelatlas.zoo.gguf import quantized, save_gguf
+
+    gen = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(600, 64, generator=gen) for k in ("a.weight", "b.weight")}  # more rows than the 256 compared
+    save_gguf(tmp_path / "q8.gguf", {k: quantized(v, "Q8_0") for k, v in base.items()})
+    save_gguf(tmp_path / "q4.gguf", {k: quantized(v, "Q4_0") for k, v in base.items()})
+    q8, q4 = open_checkpoint(tmp_path / "q8.gguf"), open_checkpoint(tmp_path / "q4.gguf")
+    whole = [q4.grid_match(t.name, q8.read(t.name)) for t in q8.tensors()]
+    read = []
+    monkeypatch.setattr(q8, "read", lambda name: read.append(name))
+    assert on_coarser_grid(q4, q8, q8.tensors(), 0.004) and not read
+    rows = q4.compared_rows("a.weight")
+    assert len(rows) == 256 and q4.grid_match("a.weight", q8.read_rows("a.weight", rows), rows=rows) == whole[0]

@@ -7,7 +7,7 @@ import pytest
 from tests.weights.conftest import make_gguf_file, make_least_squares_q4_0
 
 from modelatlas.weights import open_checkpoint
-from modelatlas.weights.gguf_format import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ
+from modelatlas.weights.gguf_grid import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ
 
 gguf = pytest.importorskip("gguf")
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.lineage.quantized import quant_type, quantized_copies
+from modelatlas.lineage.quantized import compared, quant_type, quantized_copies
 from modelatlas.lineage.rounding import same_model_pairs
 from modelatlas.weights import Checkpoint, TensorInfo
 
@@ -168,7 +168,8 @@ def on_coarser_grid(coarse: Checkpoint, fine: Checkpoint, layers: list[TensorInf
     for t in layers:
         if coarse.quantization(t.name) is None or fine.quantization(t.name) is None:
             continue
-        share = coarse.grid_match(t.name, fine.read(t.name))
+        x, rows = compared(coarse, fine, t.name)  # only the compared rows of fine's layer read (GGUF: 256)
+        share = coarse.grid_match(t.name, x, rows=rows)
         if share is not None:
             missed, seen = missed + (1 - share) * t.numel, seen + t.numel
     return seen == 0 or missed / seen <= GRID_MISS * np.sqrt(ratio) / 4

@@ -83,8 +83,9 @@ class PrefixedView(Checkpoint):
     def requantized_match(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         return self.inner.requantized_match(self.prefix + name, x, rows=rows)
 
-    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
-        return self.inner.grid_match(self.prefix + name, x, slack)
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0,
+                   rows: torch.Tensor | None = None) -> float | None:
+        return self.inner.grid_match(self.prefix + name, x, slack, rows=rows)
 
     def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.inner.rounding_variance(self.prefix + name, values)

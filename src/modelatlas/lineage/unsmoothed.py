@@ -163,8 +163,9 @@ class UnsmoothedView(Checkpoint):
     def requantized_match(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         return self.inner.requantized_match(name, x, rows=rows)
 
-    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
-        return self.inner.grid_match(name, x, slack)
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0,
+                   rows: torch.Tensor | None = None) -> float | None:
+        return self.inner.grid_match(name, x, slack, rows=rows)
 
     def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         return self.inner.grid_position(name, x, rows=rows)

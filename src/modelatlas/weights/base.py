@@ -113,11 +113,13 @@ class Checkpoint(ABC):
         only those rows (:meth:`read_rows` at them); any other ``x`` of another shape is refused (None)."""
         return None
 
-    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0,
+                   rows: torch.Tensor | None = None) -> float | None:
         """For a layer stored as integer codes on a grid of its own scales and zeros (GPTQ, AWQ, compressed-tensors
-        ``pack-quantized``): the share of its codes that are a nearest rounding of ``x`` (same shape) on that
-        grid, ``x`` known up to a relative error ``slack``; values beyond an end code count at it (clamped or
-        clipped). 1.0 for the model rounded; None for other tensors. Time O(P)."""
+        ``pack-quantized``, GGUF's legacy types and K-quants): the share of its codes that are a nearest rounding
+        of ``x`` (same shape) on that grid, ``x`` known up to a relative error ``slack``; values beyond an end
+        code count at it (clamped or clipped). 1.0 for the model rounded; None for other tensors. ``rows``: as
+        for :meth:`requantized_match`. Time O(P)."""
         return None
 
     def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:

@@ -298,15 +298,16 @@ class DequantizedCheckpoint(Checkpoint):
         return self._checked(layer, lambda p: requantized_share(p["weight"][rows], x[rows], p["scale"],
                                                                 p.get("zero_point"), self._blocks, layer.shape, rows))
 
-    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0) -> float | None:
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0,
+                   rows: torch.Tensor | None = None) -> float | None:
         """Share of a GPTQ, AWQ or ``pack-quantized`` layer's codes that are a nearest rounding of ``x`` on its
         stored grid (:func:`~.packed_ints.on_grid`), over the whole layer (no best column: GPTQ's codes are
         not all a rounding), ``x`` allowed a relative error ``slack`` beyond the format's own (a source whose
         input channels were rescaled by factors read off rounded norms: :mod:`modelatlas.lineage.smoothed`).
-        None for other tensors, for another shape. Time O(P), memory O(P / 8) beyond ``x``."""
+        None for other tensors, for another shape (sampled ``rows`` too). Time O(P), memory O(P / 8) beyond ``x``."""
         layer = self.layers.get(name)
         if layer is None:
-            return self.inner.grid_match(name, x, slack)
+            return self.inner.grid_match(name, x, slack, rows=rows)
         if layer.scheme not in _GRIDS or tuple(x.shape) != layer.shape:
             return None
         return self._checked(layer, lambda parts: self._clipped_match(layer, parts, x, slack))

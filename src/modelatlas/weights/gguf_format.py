@@ -21,7 +21,7 @@ import torch
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.base import Checkpoint, TensorInfo, error_line
 from modelatlas.weights.byte_ranges import ByteRanges, distinct_rows
-from modelatlas.weights.gguf_grid import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ  # noqa: F401 (their home before)
+from modelatlas.weights.gguf_grid import GROUP_IQ, SEARCHED, SEARCHED_IMATRIX, SHARE_IQ
 from modelatlas.weights.gguf_header import GGUFTensor, read_gguf_header
 from modelatlas.weights.kept import Kept
 from modelatlas.weights.registry import register_format
@@ -256,18 +256,19 @@ class GGUFCheckpoint(Checkpoint):
         live = step != 0  # a sub-block of scale 0 holds its offset whatever x
         return uniform_position(torch.from_numpy((sample - lo)[live] / step[live]))
 
-    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0, max_rows: int = 256) -> float | None:
+    def grid_match(self, name: str, x: torch.Tensor, slack: float = 0.0, rows: torch.Tensor | None = None,
+                   max_rows: int = 256) -> float | None:
         """Share of the stored values, on ``max_rows`` evenly spaced rows, that are the level of their stored grid
         nearest to ``x`` (the whole tensor), or its end level with ``x`` beyond it (:func:`~.gguf_grid.grid_test`,
         ``slack`` its relative tolerance): 1.0 for ``x`` rounded on this grid, ~1 - E|u| / step for a finer
         rounding ``x = w + u`` of the model this was quantized from. Legacy types and K-quants; None for others.
-        Time O(max_rows m)."""
+        ``rows``: :meth:`compared_rows`, when ``x`` is only those rows. Time O(max_rows m)."""
         from gguf.quants import dequantize
 
         from modelatlas.weights.gguf_grid import GRIDS, LEGACY, grid_test
 
         t = self._tensors[self.info(name).name]
-        if t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape or (got := self._compared(t, x, max_rows, None)) is None:
+        if t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape or (got := self._compared(t, x, max_rows, rows)) is None:
             return None
         sample, rows, size = got  # (r, m) values, (r, row bytes) stored
         return grid_test(t.ggml_type.name, t.ggml_type, rows, size, dequantize(rows, t.ggml_type), slack)(sample.numpy())

@@ -121,7 +121,7 @@ def _kept(key: str, vtype: int) -> bool:
     of head counts is skipped like any other value)."""
     if key == "general.architecture":
         return vtype == _STRING
-    if key.startswith(IMATRIX_KEYS):  # its rounding differs (gguf_format.SEARCHED_IMATRIX)
+    if key.startswith(IMATRIX_KEYS):  # its rounding differs (gguf_grid.SEARCHED_IMATRIX)
         return vtype == _STRING or (vtype in _SCALARS and _SCALARS[vtype] in "BbHhIiQq")
     return key.endswith(KEPT_KEYS[1:]) and vtype in _SCALARS and _SCALARS[vtype] in "BbHhIiQq"
 
