@@ -161,6 +161,12 @@ def test_a_prefixed_view_asks_its_model_under_the_full_name():
         def rounding_moments(self, name):  # (an AWQ model read unsmoothed has them: lineage.unsmoothed)
             return torch.tensor([1.0, 2, 3, 4], dtype=torch.float64) if name == "model.w" else None
 
+        def least_squares(self, name):
+            return name == "model.w" or None
+
+        def grid_match(self, name, x, slack=0.0, rows=None):
+            return 0.75 if name == "model.w" and rows is not None else None
+
     view = PrefixedView(Quantized("q", {"model.w": torch.arange(4.0).reshape(2, 2)}), "model.")
     assert view.compared_rows("w").tolist() == [1] and view.read_rows("w", torch.tensor([1])).tolist() == [[2.0, 3.0]]
     assert view.quantization("w") == "Q8_0" and view.grid_position("w", torch.ones(2, 2)) == 0.25
@@ -168,3 +174,5 @@ def test_a_prefixed_view_asks_its_model_under_the_full_name():
     assert torch.equal(view.rounding_variance("w"), torch.full((2, 2), 0.5))
     assert torch.equal(view.rounding_variance("w", torch.ones(2, 2)), torch.full((2, 2), 1.5))  # values passed on
     assert view.rounding_moments("w").tolist() == [1.0, 2, 3, 4]  # was the default's None: the uniform correction
+    assert view.least_squares("w") is True  # was the default's None: a fitted legacy file read as rounded
+    assert view.grid_match("w", torch.ones(1, 2), rows=torch.tensor([1])) == 0.75  # the rows passed on

@@ -90,6 +90,9 @@ class PrefixedView(Checkpoint):
     def rounding_variance(self, name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.inner.rounding_variance(self.prefix + name, values)
 
+    def least_squares(self, name: str) -> bool | None:
+        return self.inner.least_squares(self.prefix + name)
+
     def grid_position(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> float | None:
         return self.inner.grid_position(self.prefix + name, x, rows=rows)
 
