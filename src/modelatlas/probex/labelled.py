@@ -14,6 +14,11 @@ from modelatlas.errors import ManifestError
 from modelatlas.zoo.manifest import Manifest, ModelRecord
 
 
+def _file(manifest: Manifest) -> Path:
+    """The manifest's file, as every error here names it (``manifest.json`` in its folder when built in memory)."""
+    return manifest.source or manifest.root / "manifest.json"
+
+
 def task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
     """The fine-tuned models (a parent) holding ``task``'s key, each target checked; raises naming the file."""
     key = "classes" if task == "classes" else "label"
@@ -23,7 +28,7 @@ def task_records(manifest: Manifest, task: str) -> list[ModelRecord]:
         why = (f"; {len(roots)} model(s) have it ({', '.join(roots[:3])}{', ...' * (len(roots) > 3)}) but \"parent\": "
                "null, as roots, and only fine-tuned models are learned from: give each its parent (the base model it "
                "was fine-tuned from, listed in the manifest as a root)") if roots else ""
-        raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: no fine-tuned model has task "
+        raise ManifestError(f"{_file(manifest)}: no fine-tuned model has task "
                             f"key {key!r} (needed by --task {task}){why}")
     for m in recs:
         _check_target(manifest, m, key)
@@ -44,8 +49,7 @@ def _check_target(manifest: Manifest, m: ModelRecord, key: str) -> None:
     else:
         ok, want = isinstance(value, str) and bool(value.strip()), "a non-empty string (the class prompt)"
     if not ok:
-        where = manifest.source or manifest.root / "manifest.json"
-        raise ManifestError(f"{where}: model {m.name!r} task {key!r} must be {want}; got {value!r:.80}")
+        raise ManifestError(f"{_file(manifest)}: model {m.name!r} task {key!r} must be {want}; got {value!r:.80}")
 
 
 def class_names(records: list[ModelRecord], manifest: Manifest | None = None) -> list[str]:
@@ -68,8 +72,7 @@ def _checked_names(manifest: Manifest, given: object, n: int) -> list[str]:
     """``config.class_names`` of a hand-written manifest: a list of at least ``n`` (the largest class index + 1)
     non-empty strings; raises naming the file and the key."""
     if not (isinstance(given, list) and all(isinstance(c, str) and c.strip() for c in given) and len(given) >= n):
-        where = manifest.source or manifest.root / "manifest.json"
-        raise ManifestError(f"{where}: config 'class_names' must be a list of {n} or more non-empty strings (one "
+        raise ManifestError(f"{_file(manifest)}: config 'class_names' must be a list of {n} or more non-empty strings (one "
                             f"per class index, the models' classes going up to {n - 1}); got {given!r:.80}")
     return list(given)
 
@@ -116,7 +119,7 @@ def check_full_weights(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]
                       "their full weights: train on DIR") if marked else
                      ("PEFT LoRA adapters (adapter_config.json)", "save each merged onto its base (PEFT: "
                       "merge_and_unload(), then save_pretrained) and list the merged models"))
-        raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: {len(adapters)} models ({shown}) "
+        raise ManifestError(f"{_file(manifest)}: {len(adapters)} models ({shown}) "
                             f"are {what}, and experts learn full models' layers; {fix}")
 
 
@@ -129,6 +132,6 @@ def tree_paths(manifest: Manifest, by_tree: dict[str, list[ModelRecord]]) -> dic
         if not where.exists() and not where.is_symlink():
             here = (f"; {m.path} is there from the current folder: write the paths relative to {manifest.root}, "
                     "or absolute") if Path(m.path).exists() else ""
-            raise ManifestError(f"{manifest.source or manifest.root / 'manifest.json'}: model {m.name!r}: {where} not "
+            raise ManifestError(f"{_file(manifest)}: model {m.name!r}: {where} not "
                                 f"found (its path {m.path!r} is relative to the manifest's folder){here}")
     return {t: [manifest.root / m.path for m in ms] for t, ms in by_tree.items()}
