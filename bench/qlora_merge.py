@@ -15,8 +15,8 @@ Usage: ``python bench/qlora_merge.py ZOO_DIR [ZOO_DIR ...]`` (zoos as ``modelatl
 from __future__ import annotations
 
 import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -92,6 +92,12 @@ def run_zoo(zoo: Path) -> dict:
     return {"zoo": zoo.name, "distances": rows, "scores": scores, "without_merges": clean}
 
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("zoos", nargs="+", type=Path, help="zoo folders, each with the manifest.json modelatlas.zoo writes")
+    for path in ap.parse_args().zoos:
+        print(json.dumps(run_zoo(path)))
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(json.dumps(run_zoo(Path(path))))
+    main()
