@@ -38,6 +38,7 @@ from modelatlas.allocator import keep_freed_memory
 from modelatlas.atomic import atomic_write_json
 from modelatlas.errors import ConfigError
 from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.runner_up import CLOSE
 from modelatlas.lineage.scoring import edge_errors, edge_marks, score_forest
 from modelatlas.weights import open_checkpoint
 from modelatlas.zoo import make_zoo, preset
@@ -222,6 +223,7 @@ def evaluate(manifest, paper_distance: str) -> dict:
             "stage_conf": d["stage_confidence"], "k_found": d["n_trees"], "k_true": k, "distance": d["distance"],
             "score_right": float(np.mean(right)) if right else None,
             "score_wrong": float(np.mean(wrong)) if wrong else None, **same_task(ours, manifest),
+            **runner_ups(ours, manifest),
             "zoo_digest": zoo_digest(manifest)}
 
 
@@ -256,6 +258,21 @@ def same_task(forest, manifest) -> dict:
     return {"misplaced": len(placed), "misplaced_same_task": sum(g >= 0.6 for g in got),
             "misplaced_true_parent_same_task": sum(t >= 0.6 for t in true),
             "task_similarity_baseline": float(np.mean(base)) if base else None}
+
+
+def runner_ups(forest, manifest) -> dict:
+    """How the edges' runner-up parents read (``Edge.runner_up``, shown as "or from X" within ``CLOSE``): of the
+    misplaced edges (wrong, not reversed), how many have the true parent as runner-up, how many are close calls
+    and of those how many name the true parent; of the right edges, how many are shown as close calls."""
+    truth = {m.name: m.parent for m in manifest.models}
+    errors = edge_errors(forest, manifest)
+    trained = [e for e in forest.edges if e.kind == "trained" and e.child in truth]
+    placed = [e for e in trained if errors.get((e.parent, e.child), "reversed") != "reversed"]
+    close = [e for e in placed if e.runner_up_ratio <= CLOSE]
+    return {"runner_up_true": sum(e.runner_up == truth[e.child] for e in placed),
+            "misplaced_close": len(close), "misplaced_close_true": sum(e.runner_up == truth[e.child] for e in close),
+            "right_close": sum(truth[e.child] == e.parent and e.runner_up_ratio <= CLOSE for e in trained),
+            "right_edges": sum(truth[e.child] == e.parent for e in trained)}
 
 
 SYNTH_SHAPES = {39: (3, 2), 78: (6, 2), 200: (5, 3)}  # models -> (trees, depth), 3 children each
@@ -326,13 +343,17 @@ def summary(rows: dict) -> str:
     """Mean directed accuracy, zoos at >= 95%, and where the misplaced edges went."""
     acc = [r["ours"]["directed_accuracy"] for r in rows.values()]
     n = {k: sum(r.get(k, 0) for r in rows.values())
-         for k in ("misplaced", "misplaced_same_task", "misplaced_true_parent_same_task")}
+         for k in ("misplaced", "misplaced_same_task", "misplaced_true_parent_same_task", "runner_up_true",
+                   "misplaced_close", "misplaced_close_true", "right_close", "right_edges")}
     base = [r["task_similarity_baseline"] for r in rows.values() if r.get("task_similarity_baseline") is not None]
     lines = [f"{len(acc)} zoos: mean directed {np.mean(acc):.1%}, {sum(a >= 0.95 - 1e-9 for a in acc)} at >= 95%;",
              f"{n['misplaced']} misplaced edges, {n['misplaced_same_task']} of them onto a model trained on a like",
              "task (task similarity >= 0.6; the true parent's task is like the child's for",
              f"{n['misplaced_true_parent_same_task']}; mean similarity of two fine-tunes of one tree:",
-             f"{np.mean(base) if base else float('nan'):.2f})"]
+             f"{np.mean(base) if base else float('nan'):.2f}). Runner-up parents: the true parent of",
+             f"{n['runner_up_true']} of the {n['misplaced']} misplaced; {n['misplaced_close']} of those shown as close calls",
+             f"(runner-up within {CLOSE}x), {n['misplaced_close_true']} of them naming the true parent; right edges shown",
+             f"as close calls: {n['right_close']} of {n['right_edges']}"]
     return "\n" + " ".join(lines) + "\n" + pooled(rows)
 
 

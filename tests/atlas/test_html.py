@@ -149,3 +149,14 @@ def test_viewer_draws_the_forest_inline_when_it_has_edges():
     png = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert png and base64.b64decode(png.group(1)).startswith(b"\x89PNG")  # one self-contained file
     assert "data:image/png" not in render_html(Atlas([ModelEntry("a", "a")], Forest(["a"], [])))
+
+
+def test_a_close_runner_up_parent_is_shown_beside_the_score():
+    models = [ModelEntry(n, f"/z/{n}", parent=p, score=s) for n, p, s in
+              (("base", None, None), ("a", "base", 0.5), ("b", "a", 0.02), ("c", "base", 0.4))]
+    edges = [Edge("base", "a", 0.5, 1.0, runner_up="c", runner_up_ratio=1.8),
+             Edge("a", "b", 0.02, 1.0, runner_up="base<x>", runner_up_ratio=1.02),
+             Edge("base", "c", 0.4, 1.0)]
+    page = render_html(Atlas(models, Forest([m.name for m in models], edges, trees=[[m.name for m in models]])))
+    assert "<b>b</b> <span class=\"score\">(0.02; or from base&lt;x&gt;, 2% farther)</span>" in page
+    assert "<b>a</b> <span class=\"score\">(0.50)</span>" in page

@@ -16,7 +16,7 @@ from html import escape
 
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.atlas.search import below, shared_folder
-from modelatlas.lineage.export import MAX_INDENT, tree_heading
+from modelatlas.lineage.export import MAX_INDENT, runner_up_note, tree_heading
 from modelatlas.weights.base import same_form
 
 _CSS = """
@@ -85,10 +85,12 @@ def _filter_attrs(entry: ModelEntry | None, folder: str, name: str = "") -> str:
     return f'data-s="{escape(" ".join(s))}" data-c="{escape(" ".join(c))}"'
 
 
-def _li(name: str, entries: dict, depth: int, folder: str) -> str:
-    """A model's list item, left open: its name, edge score, predictions (and its depth past MAX_INDENT)."""
+def _li(name: str, entries: dict, depth: int, folder: str, edge=None) -> str:
+    """A model's list item, left open: its name, edge score (with a close runner-up parent, from its ``edge``),
+    predictions (and its depth past MAX_INDENT)."""
     e = entries.get(name)
-    score = f' <span class="score">({e.score:.2f})</span>' if e is not None and e.score is not None else ""
+    close = escape(runner_up_note(edge)) if edge is not None else ""
+    score = f' <span class="score">({e.score:.2f}{close})</span>' if e is not None and e.score is not None else ""
     said = _pred_text(e) if e is not None else ""
     pred = f'<br><span class="pred">{escape(said)}</span>' if said else ""
     deep = f'<span class="score">[depth {depth}]</span> ' if depth > MAX_INDENT else ""
@@ -98,21 +100,21 @@ def _li(name: str, entries: dict, depth: int, folder: str) -> str:
 def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str) -> None:
     """Nested lists from ``root``, depth-first with an explicit stack (a chain of thousands of checkpoints
     reaches no recursion limit); below MAX_INDENT levels the children follow as siblings, tagged by depth."""
-    stack: list = [(root, 0)]
+    stack: list = [(root, 0, None)]
     while stack:
         item = stack.pop()
         if isinstance(item, str):  # a closing tag scheduled after a node's children
             out.append(item)
             continue
-        name, depth = item
-        out.append(_li(name, entries, depth, folder))
-        children = [e.child for e in kids.get(name, [])]
+        name, depth, edge = item
+        out.append(_li(name, entries, depth, folder, edge))
+        children = kids.get(name, [])
         if children and depth < MAX_INDENT:
             out.append("<ul>")
             stack.append("</ul></li>")
         else:
             out.append("</li>")
-        stack.extend((c, depth + 1) for c in reversed(children))
+        stack.extend((e.child, depth + 1, e) for e in reversed(children))
 
 
 def _trees(atlas: Atlas, folder: str) -> list[str]:

@@ -227,7 +227,8 @@ _ENTRY = {"name": "str", "path": "str", "parameters": "int", "size_bytes": "int"
           "described": "pairs?", "expert_tree": "str?", "text_tree": "str?", "notes": "strings"}
 _FOREST = {"nodes": "strings", "edges": "list", "trees": "list", "decisions": "object", "kurtosis": "object",
            "skipped": "object"}
-_EDGE = {"parent": "str", "child": "str", "score": "number", "distance": "number", "kind": "str"}
+_EDGE = {"parent": "str", "child": "str", "score": "number", "distance": "number", "kind": "str", "runner_up": "str?",
+         "runner_up_ratio": "number"}
 _EXPERTS = {"folder": "str", "layer": "str", "digest": "str"}
 _MISSING = object()
 

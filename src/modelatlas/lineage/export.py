@@ -10,6 +10,7 @@ Time O(N + E).
 from __future__ import annotations
 
 from modelatlas.lineage.forest import Forest
+from modelatlas.lineage.runner_up import CLOSE
 
 _COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red", "unknown": "gray"}
 _SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗", "unknown": "? (not in truth)"}
@@ -97,8 +98,8 @@ def to_mermaid(forest: Forest, marks: dict | None = None, notes: dict | None = N
 
 def to_text(forest: Forest, marks: dict | None = None, notes: dict | None = None,
             labels: dict[str, str] | None = None) -> str:
-    """The forest drawn with unicode tree lines, each edge with its score (and ✓/✗ with ``marks``, plus its
-    ``notes`` on wrong edges); ``labels`` (model -> text, e.g. predicted classes) is shown after a model.
+    """The forest drawn with unicode tree lines, each edge with its score and a close runner-up parent
+    (:func:`runner_up_note`) (and ✓/✗ with ``marks``, plus its ``notes`` on wrong edges); ``labels`` (model -> text, e.g. predicted classes) is shown after a model.
     Levels deeper than :data:`MAX_INDENT` (a long chain of checkpoints) keep that indentation and show
     their depth, so that lines stay short and no recursion limit is reached."""
     kids = forest.children()
@@ -156,11 +157,21 @@ def _draw(root: str, kids: dict, tags: tuple, out: list[str]) -> None:
     while stack:
         e, prefix, last, depth = stack.pop()
         tag = _tag((e.parent, e.child), *tags[:2], sep="  ")
-        what = f"({copy_text(e, tags[3])})" if e.kind in _COPY else f"({e.score:.2f})"
+        what = f"({copy_text(e, tags[3])})" if e.kind in _COPY else f"({e.score:.2f}{runner_up_note(e)})"
         deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
         out.append(f"{prefix}{'└── ' if last else '├── '}{deep}{e.child}  {what}{tag}{_label(e.child, tags[2])}")
         inner = prefix + ("    " if last else "│   ") if depth < MAX_INDENT else prefix
         _pushed(stack, kids.get(e.child, []), inner, depth + 1)
+
+
+def runner_up_note(edge) -> str:
+    """"; or from t0, 3% farther" when the edge's runner-up parent is within :data:`~.runner_up.CLOSE` of its
+    parent (a close call: where placement errs, the runner-up is mostly the true parent), else ""."""
+    r = edge.runner_up_ratio
+    if edge.runner_up is None or not r <= CLOSE:
+        return ""
+    pct = (r - 1) * 100
+    return f"; or from {edge.runner_up}, {pct:.1f}% farther" if pct < 1 else f"; or from {edge.runner_up}, {pct:.0f}% farther"
 
 
 def _pushed(stack: list, edges: list, prefix: str, depth: int) -> list:

@@ -3,7 +3,8 @@
 JSON (``atlas lineage recover --out``)::
 
     {"nodes": ["t0", "t0_c0", ...],
-     "edges": [{"parent": "t0", "child": "t0_c0", "score": 0.71, "distance": 0.013, "kind": "trained"}, ...],
+     "edges": [{"parent": "t0", "child": "t0_c0", "score": 0.71, "distance": 0.013, "kind": "trained",
+                "runner_up": "t0_c1", "runner_up_ratio": 1.84}, ...],
      "decisions": {"stage": "specialize", "stage_confidence": 0.99, "n_trees": 3, ...},
      "trees": [["t0", "t0_c0", ...], ...],
      "kurtosis": {"t0": 4.2, ...},
@@ -33,13 +34,17 @@ class Edge:
     from parent), ``"duplicate"`` (identical weights: child is a copy of parent, or parent of child -- which
     one came first cannot be told from the weights; the first one given is the parent) or ``"precision"``
     (child holds parent's weights rounded to a lower-precision float format, e.g. a float16 save of a float32
-    model)."""
+    model). ``runner_up``: the model the child would hang from instead (the nearest outside its own subtree,
+    :func:`~modelatlas.lineage.runner_up.runner_up_parents`), ``runner_up_ratio`` its distance over the
+    parent's (None / nan for copies and forests saved without them)."""
 
     parent: str
     child: str
     score: float
     distance: float = float("nan")
     kind: str = "trained"
+    runner_up: str | None = None
+    runner_up_ratio: float = float("nan")
 
 
 @dataclass
@@ -79,8 +84,7 @@ class Forest:
     def to_dict(self) -> dict:
         return {
             "nodes": list(self.nodes),
-            "edges": [{"parent": e.parent, "child": e.child, "score": round(e.score, 6),
-                       "distance": e.distance, "kind": e.kind} for e in self.edges],
+            "edges": [_edge_dict(e) for e in self.edges],
             "decisions": self.decisions,
             "trees": self.trees,
             "kurtosis": self.kurtosis,
@@ -94,8 +98,7 @@ class Forest:
     @classmethod
     def from_dict(cls, data: dict) -> Forest:
         try:
-            edges = [Edge(e["parent"], e["child"], float(e.get("score", float("nan"))),
-                          float(e.get("distance", float("nan"))), str(e.get("kind", "trained"))) for e in data["edges"]]
+            edges = [_edge_of(e) for e in data["edges"]]
             nodes = list(data["nodes"])
         except (KeyError, TypeError, ValueError) as e:
             raise AtlasError(f"not a lineage forest (needs 'nodes' and 'edges' with 'parent'/'child'): {e}") from e
@@ -118,6 +121,22 @@ class Forest:
             return cls.from_dict(data)
         except AtlasError as e:
             raise AtlasError(f"{path}: {e}") from e
+
+
+def _edge_dict(e: Edge) -> dict:
+    """An edge's JSON object; the runner-up parent only where there is one."""
+    out = {"parent": e.parent, "child": e.child, "score": round(e.score, 6), "distance": e.distance, "kind": e.kind}
+    if e.runner_up is not None:
+        out.update(runner_up=e.runner_up, runner_up_ratio=round(e.runner_up_ratio, 6))
+    return out
+
+
+def _edge_of(e: dict) -> Edge:
+    """An edge from its JSON object (a forest saved before runner-ups has none)."""
+    alt = e.get("runner_up")
+    return Edge(e["parent"], e["child"], float(e.get("score", float("nan"))), float(e.get("distance", float("nan"))),
+                str(e.get("kind", "trained")), None if alt is None else str(alt),
+                float(e.get("runner_up_ratio", float("nan"))))
 
 
 def check_forest_shape(nodes: list[str], edges: list[Edge]) -> None:

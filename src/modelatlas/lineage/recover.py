@@ -30,10 +30,11 @@ from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.known import Known, place_tree
+from modelatlas.lineage.known import Known, Placement, place_tree
 from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import least_squares_fitted, quant_type
 from modelatlas.lineage.rounding import least_squares_models
+from modelatlas.lineage.runner_up import runner_up_parents
 from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
 from modelatlas.lineage.stage import decide_tree_stages, stage_trees
 from modelatlas.lineage.tree_distance import summarise, tree_distance, with_views
@@ -194,10 +195,20 @@ def _place_trees(cfg: LineageConfig, placement: str, stages: list[str], trees: l
                      "apart": [m for m in known.merged if m in flat and m not in members]}  # (copies: in no tree yet)
         elif p.root is not None and p.root != p.chosen:
             rooted.append(members[p.root])
-        edges += [Edge(members[u], members[v], p.scores[v], float(d[u, v])) for v, u in enumerate(p.parent) if u >= 0]
+        edges += _tree_edges(members, d, p)
     info = {"root_confidence": conf, "root_runner_up": runner_up, **({"adapter_base": given} if given else {}),
             **({"rooted_at_quantized_base": rooted} if rooted else {})}
     return edges, info
+
+
+def _tree_edges(members: list[str], d: np.ndarray, p: Placement) -> list[Edge]:
+    """The edges of one placed tree, each with its runner-up parent (:mod:`.runner_up`) where it has one at a
+    finite ratio. Time O(n^2)."""
+    alt, ratio = runner_up_parents(d, p.parent)
+    return [Edge(members[u], members[v], p.scores[v], float(d[u, v]),
+                 runner_up=members[alt[v]] if alt[v] >= 0 and np.isfinite(ratio[v]) else None,
+                 runner_up_ratio=float(ratio[v]) if alt[v] >= 0 and np.isfinite(ratio[v]) else float("nan"))
+            for v, u in enumerate(p.parent) if u >= 0]
 
 
 def _with_copies(node: str, after: dict[str, list[str]]) -> list[str]:

@@ -183,9 +183,14 @@ def prefer_named_copies(forest: Forest, truth: Manifest | Mapping[str, str | Non
             d[key] = {s(k): (s(v) if key == "duplicates" else v) for k, v in d[key].items()}
     if isinstance(d.get("root_runner_up"), list):
         d["root_runner_up"] = [s(n) for n in d["root_runner_up"]]
-    return Forest([s(n) for n in forest.nodes], [replace(e, parent=s(e.parent), child=s(e.child)) for e in forest.edges],
+    return Forest([s(n) for n in forest.nodes], [_renamed(e, s) for e in forest.edges],
                   d, [[s(n) for n in t] for t in forest.trees], {s(k): v for k, v in forest.kurtosis.items()},
                   dict(forest.skipped))
+
+
+def _renamed(e: Edge, s) -> Edge:
+    """``e`` with its models (parent, child, runner-up) renamed by ``s``."""
+    return replace(e, parent=s(e.parent), child=s(e.child), runner_up=None if e.runner_up is None else s(e.runner_up))
 
 
 def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[tuple[str, str], str]:
