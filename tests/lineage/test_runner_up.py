@@ -124,3 +124,18 @@ def test_renaming_to_named_copies_renames_the_runner_up():
                {"duplicates": {"c": "a"}}, [["a", "b", "c"]])
     out = prefer_named_copies(f, {"c": None, "b": "c"})  # the truth names the copy c, not a
     assert [(e.parent, e.child, e.runner_up) for e in out.edges][0] == ("c", "b", "a")
+
+
+def test_scoring_counts_misplaced_edges_whose_runner_up_is_the_true_parent():
+    from modelatlas.lineage.scoring import score_forest
+
+    truth = {"r": None, "a": "r", "b": "r", "c": "r", "d": "c"}
+    edges = [Edge("r", "a", 0.5, 1.0, runner_up="b", runner_up_ratio=1.5),
+             Edge("a", "b", 0.01, 1.0, runner_up="r", runner_up_ratio=1.01),  # sibling; its runner-up is right
+             Edge("r", "d", 0.01, 1.0, runner_up="a", runner_up_ratio=1.05),  # grandparent; runner-up wrong
+             Edge("d", "c", 0.2, 1.0, runner_up="r", runner_up_ratio=1.2)]  # reversed: not misplaced
+    forest = Forest(["r", "a", "b", "c", "d"], edges, trees=[["r", "a", "b", "c", "d"]])
+    s = score_forest(forest, truth)
+    assert s.errors == {"grandparent": 1, "reversed": 1, "sibling": 1}
+    assert (s.n_misplaced, s.n_runner_up_right) == (2, 1)
+    assert s.as_dict()["misplaced_runner_up_true"] == 1

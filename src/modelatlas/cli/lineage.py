@@ -339,4 +339,5 @@ def show_forest(forest, truth=None) -> None:
             left += f", {s.n_bridged} scored to the nearest given ancestor"
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
              f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
-             + left)
+             + left + (f"; the runner-up parent is the true one for {s.n_runner_up_right} of the {s.n_misplaced} "
+                       "misplaced" if s.n_misplaced else ""))

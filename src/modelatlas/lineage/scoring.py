@@ -39,11 +39,14 @@ class LineageScore:
     errors: dict[str, int] = field(default_factory=dict)  # wrong-edge kind -> count (see ``edge_errors``)
     n_left_out: int = 0  # true edges not scored: one of their models was not given
     n_bridged: int = 0  # scored edges from a model to its nearest given ancestor, past a model not given
+    n_misplaced: int = 0  # wrong edges other than reversed ones (the child hung from another model)
+    n_runner_up_right: int = 0  # misplaced edges whose runner-up parent (Edge.runner_up) is the true parent
 
     def as_dict(self) -> dict:
         return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
                 "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors,
-                "true_edges_left_out": self.n_left_out, "edges_past_models_not_given": self.n_bridged}
+                "true_edges_left_out": self.n_left_out, "edges_past_models_not_given": self.n_bridged,
+                "misplaced_edges": self.n_misplaced, "misplaced_runner_up_true": self.n_runner_up_right}
 
 
 def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
@@ -131,10 +134,22 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     common = [n for n in forest.nodes if n in parents]
     t_lab, p_lab = tree_labels(everyone), tree_labels(forest.parents())  # trees of the whole truth
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
-    errors = dict(sorted(Counter(edge_errors(forest, everyone).values()).items()))
+    kinds = edge_errors(forest, everyone)
+    errors = dict(sorted(Counter(kinds.values()).items()))
     left_out = sum(p not in given or c not in given for p, c in named)
+    misplaced, runner_up = _runner_ups(forest, parents, kinds)
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
-                        len(true), len(pred & true), errors, left_out, len(true - named))
+                        len(true), len(pred & true), errors, left_out, len(true - named), misplaced, runner_up)
+
+
+def _runner_ups(forest: Forest, parents: Mapping[str, str | None], kinds: dict) -> tuple[int, int]:
+    """(misplaced edges, those whose runner-up parent is the child's true parent), names read as scoring reads
+    them (:func:`truth_names`). Time O(E)."""
+    named = truth_names(forest, parents)
+    placed = [e for e in forest.edges if kinds.get((e.parent, e.child), "reversed") != "reversed"]
+    right = sum(e.runner_up is not None and named.get(e.runner_up, e.runner_up) == parents.get(named.get(e.child, e.child))
+                for e in placed)
+    return len(placed), right
 
 
 def truth_names(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> dict[str, str]:
