@@ -56,6 +56,8 @@ class LineageConfig:
         spread per squared distance); None: exact Gram for every layer.
     rank_rtol: singular values below ``rank_rtol`` x the largest one do not count towards the rank.
     tree_gap: a ratio of consecutive single-linkage merge heights at least this large separates trees.
+    merges: find models that are weighted sums of other models given (linear merges, task arithmetic:
+        :mod:`~modelatlas.lineage.merges`) and place them beside their parents, outside the trees.
     seed: seed of the random sketches.
     """
 
@@ -74,6 +76,7 @@ class LineageConfig:
     distance_sketch: int | None = 4096
     rank_rtol: float = 1e-2
     tree_gap: float = 3.0
+    merges: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ class LineageConfig:
             raise ConfigError(f"seed must be {SEED_RANGE}; got {self.seed!r}")
         if not 0 < self.rank_rtol < 1:
             raise ConfigError(f"rank_rtol must be in (0, 1), e.g. 1e-2; got {self.rank_rtol!r}")
+        if not isinstance(self.merges, bool):
+            raise ConfigError(f"merges must be True (find merged models) or False; got {self.merges!r}")
         if not self.tree_gap > 1:
             raise ConfigError(f"tree_gap must be > 1 (a ratio of merge heights), e.g. 3; got {self.tree_gap!r}")
         if self.layers is not None:

@@ -85,6 +85,7 @@ class PairStats:
     # model) and of that sum's variance when so (:func:`~modelatlas.lineage.rounding.same_model_pairs`)
     excess: np.ndarray | None = None
     spread: np.ndarray | None = None
+    norms2: np.ndarray | None = None  # (N,) sum over layers of ||W||^2 (a merge's rounding scale: lineage.merges)
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
@@ -99,7 +100,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None,
-                   stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)))
+                   stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)), norms2=np.zeros(n))
     fits = ValueFormats(n)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
@@ -351,6 +352,8 @@ def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: floa
             st.excess += d2.numpy()
     st.rms += (d2 / p).sqrt().numpy()
     st.rel += (d2 / scale).sqrt().numpy()
+    if st.norms2 is not None:
+        st.norms2 += raw.numpy()
     st.kurtosis += _kurtosis_from_moments(mom, p).numpy()
 
 

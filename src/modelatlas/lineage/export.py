@@ -14,7 +14,7 @@ from modelatlas.lineage.runner_up import CLOSE
 
 _COLORS = {"right": "darkgreen", "reversed": "orange", "wrong": "red", "unknown": "gray"}
 _SYMBOLS = {"right": "✓", "reversed": "✗ (reversed)", "wrong": "✗", "unknown": "? (not in truth)"}
-_COPY = {"duplicate": "identical", "precision": "lower precision"}  # labels of the COPY_KINDS edges
+_COPY = {"duplicate": "identical", "precision": "lower precision", "merge": "merge"}  # edges that are no training step
 _COPY_TEXT = {"duplicate": "identical weights to", "precision": "lower-precision copy of"}
 
 
@@ -22,11 +22,14 @@ BEHIND = "rounding of the model behind"  # a rounding of the model another round
 
 
 def copy_text(edge, formats: dict | None = None) -> str:
-    """How a copy edge reads ("identical weights to NAME"; a lower-precision copy by its format, from a
+    """How a copy or merge edge reads ("identical weights to NAME"; a merge by its parents and weights, from
+    :func:`copy_formats`: "merge: 0.50 a + 0.50 b"; a lower-precision copy by its format, from a
     forest's ``decisions["precision_copies"]`` given as ``formats``: "q8_0 copy of NAME", "float16 copy of
     NAME"; "lower-precision copy of NAME" without it; a format ending in :data:`BEHIND`, a rounding of the
     model behind NAME: "q4_0 rounding of the model behind NAME"); "" for a training step. The tree drawing
     and the atlas's notes say it the same way."""
+    if edge.kind == "merge":
+        return (formats or {}).get(edge.child) or f"merge of {edge.parent} and others"
     fmt = (formats or {}).get(edge.child) if edge.kind == "precision" else None
     if fmt:
         return f"{fmt} {edge.parent}" if fmt.endswith(BEHIND) else f"{fmt} copy of {edge.parent}"
@@ -39,7 +42,19 @@ def copy_formats(forest) -> dict:
     formats = dict(forest.decisions.get("precision_copies") or {})
     for name in forest.decisions.get("same_model_roundings") or {}:
         formats[name] = f"{formats.get(name, 'lower-precision')} {BEHIND}"
+    for name, record in (forest.decisions.get("model_merges") or {}).items():
+        formats[name] = merge_text(record)
     return formats
+
+
+def merge_text(record: dict) -> str:
+    """"merge: 0.50 a + 0.50 b" of a merge's record (``decisions["model_merges"]``, :mod:`.merges`)."""
+    terms = list(zip(record.get("weights", []), record.get("parents", [])))
+    if not terms:
+        return "merge"
+    w, name = terms[0]
+    text = f"merge: {w:.2f} {name}"
+    return text + "".join(f" {'-' if w < 0 else '+'} {abs(w):.2f} {name}" for w, name in terms[1:])
 
 
 def _q(name: str) -> str:

@@ -31,6 +31,7 @@ from modelatlas.lineage.copies import split_copies, split_same_model
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.known import Known, Placement, place_tree
+from modelatlas.lineage.merges import MERGE_TOL, main_parent, split_merges
 from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import least_squares_fitted, quant_type
 from modelatlas.lineage.rounding import least_squares_models
@@ -71,6 +72,7 @@ class LineageRecovery:
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
         names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted = [], [], {}, {}, {}, {}, {}, {}, [], {}, set()
+        mixed: dict[str, dict] = {}  # weighted sums of other models (lineage.merges; ``merges`` are QLoRA merges)
         for members, layers in groups:
             members, found = _as_read(members, layers, merges, awq)
             st = _pair_stats(cfg, members, layers, progress)
@@ -78,6 +80,8 @@ class LineageRecovery:
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
+            if cfg.merges:
+                keep = split_merges([m.name for m in members], st, keep, mixed)
             _add_quantized(members, keep, layers, found, quantized, fitted)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
@@ -85,8 +89,8 @@ class LineageRecovery:
             raise ConfigError(_nothing_comparable(skipped))
         self._fit_groups(cfg, names, stats, rules, skipped, _known(base, merged, made, duplicates, outside, names),
                          set(awq) - set(duplicates), least_squares_models(quantized, frozenset(fitted)))  # (an AWQ copy of a given source is placed as it)
-        if duplicates or outside:
-            self._add_duplicates(duplicates, lowp, outside)
+        if duplicates or outside or mixed:
+            self._add_duplicates(duplicates, lowp, outside, mixed)
         # nf4_merges: float models read as merged QLoRA models, their NF4 rounding taken out (lineage.qlora);
         # quantized, but no model given is the one it was made from: placed as a model; same: roundings of one
         # model not given (lineage.rounding.same_model_pairs); GGUF files compared under llama.cpp's names or
@@ -146,15 +150,19 @@ class LineageRecovery:
         self.distances_, self.kurtosis_ = d, kurt_all
         self.decisions_, self.skipped_ = f.decisions, f.skipped
 
-    def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> None:
+    def _add_duplicates(self, duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict],
+                        mixed: dict[str, dict] | None = None) -> None:
         """Put each copy back beside the model it equals: a node right after it, in its tree, joined by a
         ``"duplicate"`` edge (``"precision"`` for a copy stored at the lower precision ``lowp[name]``; score 1,
         distance 0). A model of ``outside`` (equal on the compared layers only) goes beside its model the same
         way, joined by a ``"trained"`` edge of score 0 (which way it went, those layers cannot tell) and
         distance 0, and is listed in ``decisions["outside_layers"]``. Fitted arrays are extended by copying
-        the row of the model each one equals. Time O(N^2)."""
-        f, pos = self.forest_, {n: i for i, n in enumerate(self.names_)}
-        like = {**duplicates, **{n: o["like"] for n, o in outside.items()}}
+        the row of the model each one equals. A merge of other models (``mixed``, :mod:`.merges`) goes beside its
+        most weighted parent, joined by a ``"merge"`` edge (score 1 - residual / MERGE_TOL, distance its RMS one)
+        and listed in ``decisions["model_merges"]``; its distances to the others are unknown on the tree's scale
+        (NaN in ``distances_``). Time O(N^2)."""
+        f, pos, mixed = self.forest_, {n: i for i, n in enumerate(self.names_)}, mixed or {}
+        like = {**duplicates, **{n: o["like"] for n, o in outside.items()}, **{n: main_parent(r) for n, r in mixed.items()}}
         after: dict[str, list[str]] = {}
         for dup, rep in like.items():
             after.setdefault(rep, []).append(dup)
@@ -164,15 +172,23 @@ class LineageRecovery:
         f.edges = f.edges + [Edge(rep, dup, 1.0, 0.0, "precision" if dup in lowp else "duplicate")
                              for dup, rep in duplicates.items()]
         f.edges += [Edge(o["like"], n, 0.0, 0.0) for n, o in outside.items()]
+        f.edges += [Edge(main_parent(r), n, float(np.clip(1 - r["residual"] / MERGE_TOL, 0, 1)), r["rms"], "merge")
+                    for n, r in mixed.items()]
         f.trees = [[m for n in tree for m in _with_copies(n, after)] for tree in f.trees]
         f.kurtosis.update({n: f.kurtosis[_equal_to(n, like, pos)] for n in like})
         f.decisions["duplicates"] = dict(duplicates)
         f.decisions["precision_copies"] = dict(lowp)
         if outside:
             f.decisions["outside_layers"] = dict(outside)
+        f.kurtosis.update({n: r["kurtosis"] for n, r in mixed.items()})
+        if mixed:
+            f.decisions["model_merges"] = {n: {k: r[k] for k in ("parents", "weights", "residual")} for n, r in mixed.items()}
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
-        self.clusters_, self.kurtosis_ = self.clusters_[src], self.kurtosis_[src]
+        self.clusters_, self.kurtosis_ = self.clusters_[src], np.array([f.kurtosis[n] for n in nodes])
         self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
+        blank = np.array([n in mixed for n in nodes])
+        self.distances_[blank, :] = self.distances_[:, blank] = np.nan
+        np.fill_diagonal(self.distances_, 0.0)
 
 
 def _place_trees(cfg: LineageConfig, placement: str, stages: list[str], trees: list[tuple], known: Known,

@@ -1,0 +1,204 @@
+"""Merged models: a model that is a weighted sum of other models given (a linear merge or model soup,
+``M = a A + (1 - a) B``; task arithmetic, ``M = P + x (A - P) + y (B - P)``), found from the pairwise squared
+distances of the one pass over the weights, and placed beside its parents instead of inside the tree.
+
+A fine-tune's own update is nearly orthogonal to every other model's, so no line or plane through other models
+passes near it. A merge lies exactly on the segment between its parents (or in the plane of its base and the
+two fine-tunes whose updates it adds): its residual off that line or plane is zero but for float rounding. The
+distances come from linear maps of the weights (the Gram matrix, or its seeded sign-bucket sketch on large
+layers), which keep a weighted sum a weighted sum, so the residual stays zero however the distances were
+sketched. By the law of cosines the projection of M on the line (A, B) or the plane (P, A, B) needs only the
+squared distances between them: O(1) per candidate, with no second read.
+
+Unplaced, a merge lies between its parents and draws them below itself: a 50/50 merge of two siblings became
+the parent of both in a development zoo, and a task-arithmetic merge the parent of one (docs/benchmarks.md,
+"Session 35: merged models"). Checkpoints of one training run are the nearest non-merges: an intermediate
+checkpoint lay 0.13-0.72 of its nearest-neighbour distance off the line through two others (Adam and SGD on
+digits), against :data:`MERGE_TOL` = 0.05. Stored at bfloat16 or float16, a merge is rounded: that rounding's
+expected energy (:data:`ROUNDING_SHARE` of its squared norm) is taken out of its residual first, and a model
+whose nearest neighbour is within a few roundings of it (:data:`ROUNDING_MARGIN`) is not judged: bfloat16
+merges of fine-tunes that moved less than ~1 % of the weights' RMS are placed as models.
+Time O(N k^3) for N models and their k = :data:`NEIGHBOURS` nearest; memory O(N k^3).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import NamedTuple
+
+import numpy as np
+
+MERGE_TOL = 0.05  # residual off the line / plane, over the distance to the nearest other model
+NEIGHBOURS = 8  # a merge's parents are among its nearest models (its own update is a mix of theirs)
+MIN_WEIGHT = 0.05  # every parent of a merge counts (a coefficient of 0.01 is noise, not a merge)
+MAX_WEIGHT = 1.5  # a task vector added at most about whole (1.5 x: extrapolation, no merge recipe's)
+# expected squared rounding error over the squared value of a float rounded to nearest, values spread evenly
+# over a binade: (ulp^2 / 12) / E[w^2] = 2^(-2 p) / 12 / (7 / 3), p the fraction bits (7 bfloat16, 10 float16)
+ROUNDING_SHARE = {"bfloat16": 2.0**-14 / 28, "float16": 2.0**-20 / 28}
+# a model stored rounded is judged only when its nearest-neighbour distance^2 is this many times its rounding
+# energy: with fine-tunes 0.2 % from a bfloat16 base (its rounding ~0.15 % of each value), taking the rounding
+# out of the base's residual read it as the mean of its two fine-tunes (tests/lineage/test_copies.py)
+ROUNDING_MARGIN = 25.0
+
+
+class Merge(NamedTuple):
+    """``child`` is ``sum(weights[i] * model parents[i])`` (weights sum to 1), off it by ``residual`` (over the
+    distance from the child to its nearest other model)."""
+
+    child: int
+    parents: tuple[int, ...]
+    weights: tuple[float, ...]
+    residual: float
+
+
+def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = None, tol: float = MERGE_TOL,
+                k: int = NEIGHBOURS) -> list[Merge]:
+    """The merges among ``keep`` (indices into the squared distances ``sq`` (N, N)), best fit first, each with
+    parents that are no merges themselves. ``rounding`` (N,): each model's expected rounding energy on the same
+    scale as ``sq`` (0 for float32). A model is a merge when its best line (two parents, weights in
+    [:data:`MIN_WEIGHT`, 1 - it]) or plane (a base plus two models, both added with weight >= MIN_WEIGHT) fit
+    leaves a residual of at most ``tol`` of its nearest-neighbour distance. Greedy: of the fits within ``tol``
+    the one with the mildest weights is taken (:func:`_mildest`), it leaves the pool of parents, the rest are
+    fitted again. Time O(M N k^3) for M merges found."""
+    pool, found, settled = list(keep), [], set()
+    noise = np.zeros(len(sq)) if rounding is None else np.asarray(rounding, dtype=np.float64)
+    while len(pool) >= 3:
+        fits = [f for m in pool if m not in settled
+                and (f := best_fit(sq, m, [j for j in pool if j != m], noise[m], tol, k)) is not None]
+        fits = [f for f in fits if f.residual <= tol]
+        if not fits:
+            break
+        first = min(fits, key=_mildest)
+        best = _unmirrored(sq, first, pool, noise, tol, k)
+        if best is None:  # a parallelogram nothing else tells: neither is taken for a merge
+            settled.add(first.child)
+            continue
+        found.append(best)
+        pool.remove(best.child)
+    return found
+
+
+def _mildest(fit: Merge) -> tuple:
+    """Sort key: the fit with the smallest largest |weight| first. With a merge among them, its parents are
+    weighted sums of the others too (four points in a plane, three on a line): A = (M - (1 - t) B) / t. The
+    merge is the one that is an average (weights within [0, 1] on a line); its parents need weights over 1."""
+    return round(max(abs(w) for w in fit.weights), 6), fit.residual, fit.child
+
+
+def _unmirrored(sq: np.ndarray, fit: Merge, pool: list[int], noise: np.ndarray, tol: float, k: int) -> Merge | None:
+    """``fit``, or its mirror, or None. A task-arithmetic merge at weights 1 and 1, M = A + B - P, makes a
+    parallelogram with its base P: P fits the plane of M, A, B as exactly and as mildly as M fits that of P, A,
+    B (at other weights the merge's are the milder: 0.8, 0.8 against 1.33, 1.33 for its base). The base
+    is the one with fine-tunes of its own around it: the nearest model of a model other than the four. When
+    exactly one of the two is, the other is the merge; else neither is taken. Time O(P^2 + k^3)."""
+    if len(fit.parents) != 3:
+        return fit
+    base, rest = fit.parents[0], set(fit.parents[1:])
+    mirror = best_fit(sq, base, [j for j in pool if j != base], noise[base], tol, k)
+    if mirror is None or mirror.residual > tol or len(mirror.parents) != 3 or mirror.parents[0] != fit.child \
+            or set(mirror.parents[1:]) != rest or _mildest(mirror)[0] > _mildest(fit)[0] + 1e-3:
+        return fit  # no mirror, or a milder fit than its mirror's (weights 0.8, 0.8 against 1.33, 1.33)
+    four = {fit.child, base, *rest}
+    near = _nearest(sq, pool)
+    owns = {x: any(n == x and j not in four for j, n in near.items()) for x in (fit.child, base)}
+    if owns[base] != owns[fit.child]:
+        return mirror if owns[fit.child] else fit
+    return None
+
+
+def _nearest(sq: np.ndarray, pool: list[int]) -> dict[int, int]:
+    """Each model of ``pool`` -> its nearest other model of ``pool``. Time O(P^2)."""
+    ix = np.asarray(pool)
+    d = sq[np.ix_(ix, ix)].astype(np.float64)  # (P, P)
+    np.fill_diagonal(d, np.inf)
+    return dict(zip(pool, ix[d.argmin(1)].tolist()))
+
+
+def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol: float = MERGE_TOL,
+             k: int = NEIGHBOURS) -> Merge | None:
+    """The line, else the plane, through ``m``'s k nearest ``others`` that passes nearest ``m``, as a
+    :class:`Merge` whose residual is over m's nearest-neighbour distance (``noise``: m's rounding energy, taken
+    out first). A line within ``tol`` wins over any plane (fewer parents; a plane through its two ends and any
+    base fits as well). None with fewer than two others or no fit. Time O(k^3)."""
+    if len(others) < 2:
+        return None
+    others = np.asarray(others)
+    near = others[np.argsort(sq[m, others], kind="stable")[:k]]
+    d_nn = float(sq[m, near[0]])
+    if d_nn <= 0 or noise * ROUNDING_MARGIN > d_nn:
+        return None  # a copy (lineage.copies), or updates too near the rounding's size to tell a merge
+    fits = []
+    for fit in (_line_fit, _plane_fit):
+        got = fit(sq, m, near)
+        if got is not None:
+            fits.append(Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn))))
+            if fits[-1].residual <= tol:
+                return fits[-1]
+    return min(fits, key=lambda f: f.residual) if fits else None
+
+
+def _line_fit(sq: np.ndarray, m: int, near: np.ndarray) -> tuple | None:
+    """((a, b), (w_a, w_b), squared residual) of the best segment a-b through ``near`` for model m, or None.
+    m - b = t (a - b): t = <m - b, a - b> / |a - b|^2 from the three squared distances."""
+    pairs = np.array(list(combinations(near.tolist(), 2)))  # (C, 2)
+    if not len(pairs):
+        return None
+    a, b = pairs.T
+    dab, dmb, dma = sq[a, b], sq[m, b], sq[m, a]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (dmb + dab - dma) / (2 * dab)  # (C,)
+        r2 = dmb - t**2 * dab
+    ok = (dab > 0) & (t >= MIN_WEIGHT) & (t <= 1 - MIN_WEIGHT)
+    if not ok.any():
+        return None
+    i = int(np.flatnonzero(ok)[np.argmin(r2[ok])])
+    return (int(a[i]), int(b[i])), (float(t[i]), float(1 - t[i])), float(r2[i])
+
+
+def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray) -> tuple | None:
+    """((p, a, b), (1 - x - y, x, y), squared residual) of the best plane m - p = x (a - p) + y (b - p) with
+    x, y in [:data:`MIN_WEIGHT`, :data:`MAX_WEIGHT`] (both updates added), or None. The 2 x 2 normal equations from the six squared
+    distances (law of cosines), all triples at once."""
+    trip = np.array([(p, a, b) for p in near.tolist() for a, b in combinations(near.tolist(), 2) if p not in (a, b)])
+    if not len(trip):
+        return None
+    p, a, b = trip.T  # (T,) each
+    g11, g22 = sq[p, a], sq[p, b]
+    g12 = (sq[p, a] + sq[p, b] - sq[a, b]) / 2  # <a - p, b - p>
+    r1 = (sq[m, p] + sq[p, a] - sq[m, a]) / 2  # <m - p, a - p>
+    r2 = (sq[m, p] + sq[p, b] - sq[m, b]) / 2
+    det = g11 * g22 - g12**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = (r1 * g22 - r2 * g12) / det
+        y = (r2 * g11 - r1 * g12) / det
+        res = sq[m, p] - (x * r1 + y * r2)
+    ok = (det > 1e-12 * g11 * g22) & (x >= MIN_WEIGHT) & (y >= MIN_WEIGHT) & (x <= MAX_WEIGHT) & (y <= MAX_WEIGHT)
+    if not ok.any():
+        return None
+    i = int(np.flatnonzero(ok)[np.argmin(res[ok])])
+    return (int(p[i]), int(a[i]), int(b[i])), (float(1 - x[i] - y[i]), float(x[i]), float(y[i])), float(res[i])
+
+
+def split_merges(names: list[str], st, keep: list[int], found: dict[str, dict]) -> list[int]:
+    """``keep`` less the merges among it (:func:`find_merges` on the pass's squared distances ``st.excess``),
+    each recorded in ``found``: name -> {"parents": names, "weights": floats, "residual": float, "kurtosis":
+    its summed kurtosis, "rms": its RMS distance to its most weighted parent (:func:`main_parent`)}. Skipped (``keep`` returned whole) where a model of the group is quantized: a stand-in's
+    rounding is no float rounding, and a model made from a quantized one is found by other means
+    (:mod:`.quantized`). Time that of :func:`find_merges`."""
+    if st.excess is None or st.norms2 is None or any(bool((r.energy > 0).any()) for r in st.rounding):
+        return keep
+    share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in st.value_formats] or [0.0] * len(names))
+    merges = find_merges(st.excess, keep, share * st.norms2)
+    for m in merges:
+        main = m.parents[max(range(len(m.weights)), key=lambda i: (m.weights[i], -i))]
+        found[names[m.child]] = {"parents": [names[p] for p in m.parents], "weights": [round(w, 6) for w in m.weights],
+                                 "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]),
+                                 "rms": float(st.rms[m.child, main])}
+    merged = {m.child for m in merges}
+    return [i for i in keep if i not in merged]
+
+
+def main_parent(record: dict) -> str:
+    """The parent a merge is drawn under: its most weighted one (the first of equals)."""
+    w = record["weights"]
+    return record["parents"][max(range(len(w)), key=lambda i: (w[i], -i))]

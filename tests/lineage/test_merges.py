@@ -1,0 +1,109 @@
+"""Merged models (lineage.merges): weighted sums of other models given are found from the squared distances
+alone, with their parents and weights, and placed beside their parents instead of inside the tree."""
+
+import numpy as np
+import pytest
+import torch
+
+from modelatlas.errors import ConfigError
+from modelatlas.lineage import LineageConfig, recover_lineage
+from modelatlas.lineage.export import to_text
+from modelatlas.lineage.forest import Forest
+from modelatlas.lineage.merges import find_merges
+from modelatlas.lineage.synthetic import make_synthetic_forest
+
+
+def make_points(seed: int = 0, dim: int = 2000):
+    """A base P, fine-tunes A and B of it, C of A, D of P (independent updates of 10 % of the weights' RMS)."""
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=dim)
+    a, b, d = (p + 0.1 * rng.normal(size=dim) for _ in range(3))
+    c = a + 0.1 * rng.normal(size=dim)
+    return {"P": p, "A": a, "B": b, "C": c, "D": d}
+
+
+def check_found(points: dict) -> dict:
+    """name -> (parent names, weights rounded to 3 places) of every merge found among ``points``."""
+    names = list(points)
+    x = np.stack([points[n] for n in names])  # (N, dim)
+    sq = ((x[:, None] - x[None]) ** 2).sum(-1)  # (N, N)
+    return {names[m.child]: (tuple(names[p] for p in m.parents), tuple(round(w, 3) for w in m.weights))
+            for m in find_merges(sq, list(range(len(names))))}
+
+
+def test_a_linear_merge_and_a_task_arithmetic_merge_are_found_with_their_weights():
+    pts = make_points()
+    pts["lin"] = 0.3 * pts["A"] + 0.7 * pts["B"]
+    pts["ta"] = pts["P"] + 0.8 * (pts["A"] - pts["P"]) + 0.6 * (pts["B"] - pts["P"])
+    found = check_found(pts)
+    assert found["lin"] == (("B", "A"), (0.7, 0.3))
+    parents, weights = found["ta"]
+    assert dict(zip(parents, weights)) == {"P": -0.4, "A": 0.8, "B": 0.6}
+    assert set(found) == {"lin", "ta"}  # the parents, whose sums the merges are, are not taken for merges
+
+
+def test_fine_tunes_chains_and_like_task_siblings_are_no_merges():
+    assert check_found(make_points()) == {}
+    rng = np.random.default_rng(1)
+    walk = np.cumsum(rng.normal(size=(12, 3000)), 0)  # checkpoints of a random walk
+    assert check_found({f"c{i}": w for i, w in enumerate(walk)}) == {}
+    base, task = rng.normal(size=3000), 0.1 * rng.normal(size=3000)  # one shared task direction, own noise
+    sibs = {f"s{i}": base + task + 0.07 * rng.normal(size=3000) for i in range(8)}
+    assert check_found({"base": base, **sibs}) == {}
+
+
+def test_a_parallelogram_takes_the_base_by_its_own_fine_tunes():
+    pts = make_points()
+    pts["sum"] = pts["A"] + pts["B"] - pts["P"]  # task arithmetic at weights 1 and 1: P = A + B - sum too
+    assert check_found({k: pts[k] for k in ("P", "A", "B", "sum")}) == {}  # nothing tells which: neither
+    found = check_found(pts)  # D, a fine-tune of P, tells P is the base
+    assert found == {"sum": (("P", "A", "B"), (-1.0, 1.0, 1.0))}
+
+
+def make_merged_forest():
+    """A synthetic forest (2 trees, 3 x 3 x 2) as float32 state dicts, plus two merges of t0's children."""
+    weights, parents = make_synthetic_forest(n_trees=2, children=3, depth=2, seed=4)
+    a, b, p = weights["t0_0"], weights["t0_1"], weights["t0"]
+    weights["lin"] = {k: 0.5 * a[k] + 0.5 * b[k] for k in a}
+    weights["ta"] = {k: p[k] + 0.7 * (a[k] - p[k]) + 0.9 * (b[k] - p[k]) for k in a}
+    return weights, parents
+
+
+def test_recovery_places_merges_beside_their_parents_and_leaves_the_trees_as_without_them():
+    weights, parents = make_merged_forest()
+    plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
+    forest = recover_lineage(weights, stage="specialize")
+    got = {(e.parent, e.child) for e in forest.edges if e.kind != "merge"}
+    assert got == {(e.parent, e.child) for e in plain.edges}
+    merges = forest.decisions["model_merges"]
+    assert merges["lin"]["parents"] == ["t0_0", "t0_1"] and merges["lin"]["weights"] == pytest.approx([0.5, 0.5])
+    assert dict(zip(merges["ta"]["parents"], merges["ta"]["weights"])) == pytest.approx(
+        {"t0": -0.6, "t0_0": 0.7, "t0_1": 0.9}, abs=1e-4)
+    edges = {e.child: e for e in forest.edges if e.kind == "merge"}
+    assert (edges["lin"].parent, edges["ta"].parent) == ("t0_0", "t0_1")  # the most weighted parent
+    assert edges["ta"].score == pytest.approx(1.0, abs=1e-3) and edges["ta"].distance > 0
+    text = to_text(forest)
+    line = next(x for x in text.splitlines() if "── ta  " in x)
+    assert line.split("── ")[1].startswith("ta  (merge: ") and all(t in line for t in ("-0.60 t0 ", "0.70 t0_0", "0.90 t0_1"))
+    assert "lin  (merge: 0.50 t0_0 + 0.50 t0_1)" in text
+    back = Forest.from_dict(forest.to_dict())
+    assert [e.kind for e in back.edges] == [e.kind for e in forest.edges]
+
+
+def test_merges_false_places_them_as_models():
+    weights, _ = make_merged_forest()
+    forest = recover_lineage(weights, stage="specialize", merges=False)
+    assert "model_merges" not in forest.decisions and {e.kind for e in forest.edges} == {"trained"}
+    with pytest.raises(ConfigError, match="merges must be True"):
+        LineageConfig(merges="yes")
+
+
+def test_a_bfloat16_merge_is_found_through_its_rounding():
+    gen = torch.Generator().manual_seed(2)
+    base = {f"l{i}.weight": torch.randn(64, 64, generator=gen) for i in range(3)}
+    ft = [{k: v + 0.05 * torch.randn(64, 64, generator=gen) for k, v in base.items()} for _ in range(3)]
+    models = {"base": base, **{f"ft{i}": f for i, f in enumerate(ft)}}
+    models["soup"] = {k: ((ft[0][k] + ft[1][k]) / 2).bfloat16() for k in base}  # rounded: off its line
+    forest = recover_lineage(models, stage="specialize")
+    assert sorted(forest.decisions["model_merges"]["soup"]["parents"]) == ["ft0", "ft1"]
+    assert forest.decisions["model_merges"]["soup"]["residual"] < 0.05
