@@ -66,13 +66,12 @@ class LineageRecovery:
         root of its tree (:func:`_place_tree`; ``decisions["adapter_base"]``)."""
         cfg = self.config if self.config is not None else LineageConfig(**self.params)
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
-        base, merged = adapter_roles(ckpts, adapter_base)
-        ckpts = ckpts if base is None else sorted(ckpts, key=lambda c: c.name != base)  # base first: a copy of it is no parent
-        ckpts, renamed, unmapped = gguf_aligned(ckpts, cfg.layers)
+        base, merged = adapter_roles(ckpts, adapter_base)  # base first below: a copy of it is no parent
+        ckpts, renamed, unmapped = gguf_aligned(ckpts if base is None else sorted(ckpts, key=lambda c: c.name != base), cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted = [], [], {}, {}, {}, {}, {}, {}, [], {}, set()
-        mixed: dict[str, dict] = {}  # weighted sums of other models (lineage.merges; ``merges`` are QLoRA merges)
+        # mixed: weighted sums of other models (lineage.merges); merges: QLoRA merges (lineage.qlora)
+        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted, mixed = [], [], {}, {}, {}, {}, {}, {}, [], {}, set(), {}
         for members, layers in groups:
             members, found = _as_read(members, layers, merges, awq)
             st = _pair_stats(cfg, members, layers, progress)
@@ -80,8 +79,7 @@ class LineageRecovery:
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
-            if cfg.merges:
-                keep = split_merges([m.name for m in members], st, keep, mixed)
+            keep = split_merges([m.name for m in members], st, keep, mixed) if cfg.merges else keep
             _add_quantized(members, keep, layers, found, quantized, fitted)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
