@@ -141,12 +141,13 @@ class SimDevice(TorchDispatchMode):
         self.draws: list[str] = []
         self.ops = 0  # aten ops run on the device (a test that never reached it would see 0)
         self._saved: dict = {}
-        self._warnings = warnings.catch_warnings()
+        self._warnings = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return dispatch(func, args, kwargs or {}, self)
 
     def __enter__(self):
+        self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()  # load_state_dict into a meta parameter warns that it copies nothing; ours do
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         for name in self.CONSTRUCTORS:

@@ -102,3 +102,35 @@ def test_the_evaluation_on_the_device_scores_as_on_the_cpu(method, tiny, digits,
     with sim_device:
         dev = evaluate_synthetic(syn, test, proto, seed=0, device=sim_device.device)
     assert dev.accuracies == cpu.accuracies and sim_device.ops > 0 and sim_device.draws == []
+
+
+@pytest.mark.parametrize("method", ("hello", "mtt", "podd"))
+def test_a_run_resumed_on_the_device_is_the_straight_cpu_run(method, tiny, digits, sim_device, tmp_path):
+    """The checkpoint (read on the CPU) is loaded into the device's set, optimisers (Adam's step stays on the CPU)
+    and method states (HeLlO's projector, MTT's learned lr, PoDD's poster and label grid)."""
+    train, ck = digits[0], tmp_path / "ckpt"
+    straight = distill(method, train, 1, tiny(method, tmp_path / "cpu"), seed=0, device="cpu")
+    with sim_device:
+        dev = sim_device.device
+        distill(method, train, 1, tiny(method, tmp_path / "dev", iterations=1), seed=0, checkpoint_dir=ck, device=dev)
+        resumed = distill(method, train, 1, tiny(method, tmp_path / "dev"), seed=0, checkpoint_dir=ck, resume=True,
+                          device=dev)
+    check_same_set(straight, resumed)
+
+
+def test_a_result_made_and_reevaluated_on_the_device_is_the_cpus(sim_device, tmp_path):
+    """The whole API on the device: distil, score against the baseline, write the folder, re-evaluate it."""
+    from modelatlas.distill import run_distillation
+    from modelatlas.distill.reevaluate import evaluate_result
+
+    cfg = {"iterations": 1, "width": 8, "batch_real": 16, "teacher_steps": 3, "projector_steps": 2,
+           "head_init": "class_mean", "cache_dir": str(tmp_path / "cache")}
+    runs = {}
+    for name, device in (("cpu", "cpu"), ("dev", sim_device.device)):
+        with sim_device:
+            info = run_distillation("hello", "digits", 1, tmp_path / name, config=cfg, eval_nets=1, eval_epochs=1,
+                                    device=device)
+            again = evaluate_result(tmp_path / name, device=device)
+        runs[name] = (info["evaluation"]["accuracies"], info["baseline_random"]["accuracies"], again["accuracies"],
+                      (tmp_path / name / "synthetic.safetensors").read_bytes())
+    assert runs["dev"] == runs["cpu"] and sim_device.ops > 0
