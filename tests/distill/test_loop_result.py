@@ -6,7 +6,7 @@ import torch
 from modelatlas.data import load_dataset
 from modelatlas.data.transforms import Standardize
 from modelatlas.distill import distill
-from modelatlas.distill.loop import OuterLoop, flatten_state, unflatten_state
+from modelatlas.distill.loop import OuterLoop, RNGState, flatten_state, unflatten_state
 from modelatlas.distill.result import load_result, write_result
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError, ConfigError
@@ -243,3 +243,46 @@ def test_resume_of_a_finished_run_adds_no_wall_time(tmp_path):
     info = run_distillation("dm", data, 1, tmp_path, cfg, dataset_test=data, eval_nets=2, eval_epochs=1,
                             baseline=False, resume=True)
     assert info["wall_time_s"] == 1000.0 and info["resumed"]
+
+
+def make_gpu_machine(monkeypatch, gpus: int, busy: bool = False):
+    """torch.cuda as a machine with ``gpus`` visible GPUs shows it (there is none here): one RNG state per GPU;
+    setting the state of GPU i >= gpus raises IndexError (torch.cuda.random: default_generators[i]); ``busy``:
+    CUDA cannot start (an exclusive-process GPU in use)."""
+    def get_all():
+        if busy:
+            raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+        return [torch.full((16,), i, dtype=torch.uint8) for i in range(gpus)]
+
+    def set_all(states):
+        for i, _ in enumerate(states):
+            if i >= gpus:
+                raise IndexError("tuple index out of range")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", get_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+
+
+def test_a_cpu_run_on_a_machine_with_a_busy_gpu_checkpoints(tmp_path, monkeypatch):
+    """The checkpoint read CUDA's RNG states, which started CUDA: a --device cpu run failed at its first save."""
+    make_gpu_machine(monkeypatch, 1, busy=True)
+    syn, opt, step = make_problem()
+    OuterLoop(2, seed=3, checkpoint_dir=tmp_path, checkpoint_every=1).run(step, {"synthetic": syn, "optimizer": opt})
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 2
+
+
+def test_a_run_checkpointed_with_two_gpus_resumes_with_one(tmp_path, monkeypatch):
+    """A checkpoint of a 2-GPU machine was refused on one GPU ('state rng does not fit this run'); the CUDA
+    states are not needed: every iteration reseeds every generator."""
+    make_gpu_machine(monkeypatch, 2)
+    syn_a, opt_a, step_a = make_problem()
+    OuterLoop(3, seed=3).run(step_a, {"synthetic": syn_a, "optimizer": opt_a})
+    syn, opt, step = make_problem()
+    OuterLoop(2, seed=3, checkpoint_dir=tmp_path, checkpoint_every=1).run(step, {"synthetic": syn, "optimizer": opt})
+    make_gpu_machine(monkeypatch, 1)  # e.g. CUDA_VISIBLE_DEVICES=0
+    syn, opt, step = make_problem()
+    OuterLoop(3, seed=3, checkpoint_dir=tmp_path, resume=True).run(step, {"synthetic": syn, "optimizer": opt})
+    assert torch.equal(syn.images, syn_a.images)
+    old = {**RNGState().state_dict(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}  # written before the fix
+    RNGState().load_state_dict(old)

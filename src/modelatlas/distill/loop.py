@@ -8,7 +8,7 @@ its optimisers, any method state), each with ``state_dict()``/``load_state_dict(
   so iteration ``it`` draws the same numbers whether the run was interrupted or not;
 - shows a progress bar with the current loss (``bar.set_postfix(loss=...)``);
 - every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
-  (every tensor of every state: synthetic set, optimiser, RNG states) and then ``checkpoint.json``
+  (every tensor of every state: synthetic set, optimiser, CPU RNG states) and then ``checkpoint.json``
   (iteration, loss history, non-tensor state), both atomically; ``checkpoint.json`` is written last and is
   the commit point, so a crash at any moment leaves the previous complete checkpoint; with a ``clock`` it
   also records the run's wall time so far, which a resumed run adds to its own (:func:`saved_wall_time`);
@@ -105,22 +105,23 @@ def _key_back(k: Any) -> Any:
 
 
 class RNGState:
-    """Python, NumPy, torch CPU (and CUDA) global RNG states as a :class:`Stateful`."""
+    """Python, NumPy and torch CPU global RNG states as a :class:`Stateful`.
+
+    Not CUDA's: every iteration reseeds all of torch's generators (CUDA's too) before it draws, and no method
+    draws from a device's own stream (tests/distill/test_device.py), so a restored CUDA state was overwritten
+    unused. Keeping it read the states of every visible GPU, which started CUDA in a ``--device cpu`` run (a busy
+    GPU failed its first checkpoint), and a resume with fewer GPUs visible was refused. A "cuda" entry of an
+    older checkpoint is ignored."""
 
     def state_dict(self) -> dict:
-        state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                 "python_pos": random.getstate()[2], "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
-                 "numpy_pos": int(np.random.get_state()[2])}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                "python_pos": random.getstate()[2], "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
+                "numpy_pos": int(np.random.get_state()[2])}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         random.setstate((3, tuple(state["python"]), state["python_pos"]))
         np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 class OuterLoop:
