@@ -134,3 +134,18 @@ def test_a_result_made_and_reevaluated_on_the_device_is_the_cpus(sim_device, tmp
         runs[name] = (info["evaluation"]["accuracies"], info["baseline_random"]["accuracies"], again["accuracies"],
                       (tmp_path / name / "synthetic.safetensors").read_bytes())
     assert runs["dev"] == runs["cpu"] and sim_device.ops > 0
+
+
+def test_labels_looked_up_on_the_cpu_train_a_net_on_the_device(digits, sim_device):
+    """A label_fn may return its targets on the CPU (a lookup in stored per-crop labels, bench/efficient.py):
+    the batch's device takes them, as the hard labels (on the CPU a no-op: the same accuracies)."""
+    from modelatlas.distill.evaluate import EvalProtocol, evaluate_tensors
+
+    train, test = digits
+    x, y = train.x[:20], train.y[:20]
+    table = torch.nn.functional.one_hot(y, 10).float() * 0.9 + 0.01  # (N, K), kept on the CPU
+    proto = EvalProtocol(kind="sgd", num_nets=1, epochs=2, width=8, depth=2)
+    cpu = evaluate_tensors(x, y, test, proto, label_fn=lambda xb, idx, e: table[idx], device="cpu")
+    with sim_device:
+        dev = evaluate_tensors(x, y, test, proto, label_fn=lambda xb, idx, e: table[idx], device=sim_device.device)
+    assert dev.accuracies == cpu.accuracies

@@ -144,7 +144,8 @@ def train_network(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, 
     """Train ``net`` on (x, targets) under resolved protocol ``p``; returns it. O(steps x batch) time.
 
     ``label_fn(x_batch_augmented, idx, epoch) -> targets`` replaces ``targets[idx]`` (labels generated on the
-    fly, e.g. HeLlO's projector, or a lookup in stored per-crop labels). ``crop_seed``: the DSA draw of image
+    fly, e.g. HeLlO's projector, or a lookup in stored per-crop labels; ``idx`` is on the CPU, the targets may
+    be on any device). ``crop_seed``: the DSA draw of image
     i in epoch e depends only on (crop_seed, e, i), identical for every network (stored per-crop labels)."""
     opt = (torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
            if p.kind == "sgd" else torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay))
@@ -165,8 +166,8 @@ def train_network(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, 
                 xb = DSAParams(dsa, {k: v[idx] for k, v in crops.values.items()}).apply(xb)
             elif dsa is not None:
                 xb = dsa.sample(generator, batch=len(xb)).apply(xb)
-            if label_fn is not None:
-                tb = label_fn(xb, idx, epoch)
+            if label_fn is not None:  # a lookup in labels kept on the CPU is fine: they go to the batch's device
+                tb = label_fn(xb, idx, epoch).to(xb.device)
             loss = soft_cross_entropy(net(xb), tb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
