@@ -153,12 +153,14 @@ def part_hello(args) -> list[dict]:
     from modelatlas.distill.methods import get
     from modelatlas.distill.methods.hello.method import load_or_train_teacher, make_label_fn
     from modelatlas.distill.methods.hello.projector import param_bytes, stored_label_bytes
+    from modelatlas.distill.nets import pick_device
 
     tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     p = EvalProtocol(kind="sgd", num_nets=args.eval_nets, epochs=args.eval_epochs, dsa=True, width=64, depth=2)
     rows, crop_seed = [], 1234
     # the runs' teacher (same data, settings, seed): trained here once, then loaded from the cache by each run
     teacher = load_or_train_teacher(tr, get("hello").make_config({}), args.seed, "cpu")[0]
+    device = pick_device()  # the evaluation's (CUDA when present): the projector labels its batches there
     epochs = p.resolved().epochs
     for head in ("text", "class_mean"):
         cfg = {"head_init": head, "iterations": args.hello_iterations}
@@ -168,7 +170,7 @@ def part_hello(args) -> list[dict]:
         backbone_bytes = sum(v.numel() * 4 for key, v in syn.extras.items() if key.startswith("backbone."))
         table = _stored_labels(teacher, x, epochs, crop_seed)  # (E, N, K)
         for name, fn, nbytes, with_bb in [
-                (f"HeLlO projector ({head} head)", make_label_fn(syn, "cpu"), proj_bytes, proj_bytes + backbone_bytes),
+                (f"HeLlO projector ({head} head)", make_label_fn(syn, device), proj_bytes, proj_bytes + backbone_bytes),
                 ("stored teacher soft labels (per crop per epoch)", lambda xb, idx, e, table=table: table[e, idx],
                  stored_label_bytes(n, k, epochs), None),
                 ("hard labels", None, n * 8, None)]:
