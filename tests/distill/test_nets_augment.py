@@ -74,3 +74,16 @@ def test_dsa_errors():
     with pytest.raises(ConfigError, match="turn DSA off for 1-D data"):
         DSA().sample(torch.Generator()).apply(torch.rand(2, 1, 40))
     assert "flip" not in DSA.for_dataset((1, 28, 28)).families and "flip" in DSA.for_dataset((3, 32, 32)).families
+
+
+def test_a_seeded_net_leaves_the_gpus_random_streams_alone(monkeypatch):
+    """The net is built on the CPU: torch.manual_seed also reseeded every GPU's stream (torch.cuda.manual_seed_all,
+    which fork_rng(devices=[]) does not restore), so on a GPU machine each evaluation net reset the caller's."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    a = make_net("convnet", (1, 8, 8), 10, 8, 2, seed=3)
+    assert reseeded == []
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(3)  # the CPU stream make_net draws from: the same weights
+        b = ConvNet((1, 8, 8), 10, 8, 2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

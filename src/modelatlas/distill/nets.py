@@ -111,8 +111,8 @@ def default_net(in_shape: tuple[int, ...]) -> dict:
 
 def make_net(name: str, in_shape: tuple[int, ...], num_classes: int, width: int = 128, depth: int = 3,
              seed: int | None = None, device: str | torch.device | None = None, **kwargs) -> nn.Module:
-    """A fresh network by name ("convnet" or "mlp"). With ``seed`` its initialisation is reproducible and the
-    global torch RNG is left untouched."""
+    """A fresh network by name ("convnet" or "mlp"), built on the CPU (then moved to ``device``). With ``seed``
+    its initialisation is reproducible, the same on every device, and the global torch RNGs are left untouched."""
     if name not in NET_NAMES:
         raise ConfigError(f"net must be one of {', '.join(NET_NAMES)}, got {name!r}")
     cls = ConvNet if name == "convnet" else MLP
@@ -120,7 +120,8 @@ def make_net(name: str, in_shape: tuple[int, ...], num_classes: int, width: int 
         net = cls(tuple(in_shape), num_classes, width, depth, **kwargs)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch_seed(int(seed)))
+            # the CPU generator only: torch.manual_seed also reseeded every GPU's, which fork_rng does not restore
+            torch.random.default_generator.manual_seed(torch_seed(int(seed)))
             net = cls(tuple(in_shape), num_classes, width, depth, **kwargs)
     return net.to(device) if device is not None else net
 
