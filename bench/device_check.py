@@ -159,8 +159,12 @@ def table(rows: list[dict]) -> str:
 
 
 def _environment(device: torch.device) -> dict:
+    """Versions, device, and torch's CUDA precision settings (cuDNN convolutions run in TF32 by default: a
+    ``vs_cpu`` of ~1e-3 is that, not a bug; atomics in some backward kernels make ``same_seed`` fail)."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "cudnn_conv_tf32": torch.backends.cudnn.allow_tf32,
+           "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+           "cudnn_deterministic": torch.backends.cudnn.deterministic}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "device_check.py"
 TINY_POSTER = '{"poster_ipc": 1.0, "total": 4, "window": 2, "batch_real": 32, "width": 8}'
@@ -41,7 +42,9 @@ def test_every_row_checks_seed_resume_and_the_cpu(device_check, tmp_path):
     assert timing["s_per_iteration"] >= 0 and timing["crops"] > 0
     # both rounded: s_per_iteration to 3 decimals (x 150: up to 0.075), the projection to 1 (0.05)
     assert timing["projected_poster_s"] == pytest.approx(150 * timing["s_per_iteration"], abs=0.13)
-    assert report["environment"]["device"] == "cpu"
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["cudnn_conv_tf32"] is torch.backends.cudnn.allow_tf32
+    assert env["matmul_tf32"] is False and env["cudnn_deterministic"] is False  # torch's defaults
 
 
 def test_a_failing_method_is_a_row_and_the_others_run(device_check, tmp_path, monkeypatch):
