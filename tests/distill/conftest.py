@@ -18,8 +18,10 @@ Random draws for device tensors from the device's own global stream (no generato
 ``draws``: on CUDA they come from the CUDA generator, so a GPU run would draw other numbers than the CPU.
 
 What it cannot see: kernel differences (TF32 convolutions, non-deterministic atomics), memory, speed, and
-the CUDA RNG state (``torch.cuda.is_available()`` stays False). Cost: one Python call per aten op, ~10x a
-plain tiny CPU run.
+CUDA's own state (``torch.cuda.is_available()`` stays False); third-party code that builds on the meta device
+itself (transformers' model loading) must run before entering (the text encoder is cached once loaded).
+Cost: one Python call per aten op; measured 2.9x the plain CPU time of the ten tiny method runs (1.37 s ->
+3.96 s, 1 thread).
 """
 
 from __future__ import annotations
