@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from modelatlas.cli.main import main
 from modelatlas.errors import ConfigError
@@ -264,6 +265,8 @@ def test_output_the_terminal_cannot_encode_is_escaped_not_a_traceback(tmp_path):
     (MemoryError(), ""),
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 25599999744 bytes. Error code "
                   "12 (Cannot allocate memory)"), "(23.8 GiB asked for at once)"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 "
+                            "GiB of which 1.06 GiB is free."), "(2.00 GiB asked for at once)"),  # as CUDA words it
 ])
 def test_out_of_memory_is_one_line(capsys, error, size):
     """A huge --arch-kwargs or --ipc ended in the allocator's traceback."""
