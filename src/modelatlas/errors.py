@@ -9,7 +9,24 @@ and keeps its traceback.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+# A URL as ``Path`` keeps it: "https://host/a" becomes "https:/host/a" (see modelatlas.weights.remote)
+_URL = re.compile(r"^(https?|hf):/+(?=[^/])", re.IGNORECASE)
+
+
+def as_url(text: str | Path) -> str | None:
+    """``text`` as a URL (``http://``, ``https://``, ``hf://``), also one that went through ``Path``, which folds
+    its ``//`` into ``/``; None for anything else."""
+    text = str(text).replace("\\", "/")  # (Path on Windows writes the URL's slashes as backslashes)
+    m = _URL.match(text)
+    return f"{m[1].lower()}://{text[m.end():]}" if m else None
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as an error names it: a URL as a URL (:func:`as_url`), anything else as ``Path`` writes it."""
+    return as_url(path) or str(Path(path))
 
 
 class AtlasError(Exception):
@@ -26,7 +43,7 @@ class CheckpointError(AtlasError):
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{shown_path(path)}: {reason}")
 
 
 class SettingsMismatchError(CheckpointError):
@@ -68,7 +85,7 @@ class TensorNotFoundError(CheckpointError, KeyError):
     """A checkpoint has no tensor of the requested name."""
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
-        return f"{self.path}: {self.reason}"
+        return f"{shown_path(self.path)}: {self.reason}"
 
 
 class DatasetNotFoundError(AtlasError):

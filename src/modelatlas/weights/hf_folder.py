@@ -39,15 +39,32 @@ def open_weight_file(path: Path) -> Checkpoint:
 
 
 def read_weight_map(index: Path) -> dict[str, str]:
-    """Parse and validate ``*.index.json``; returns tensor name -> shard file name.
+    """Parse and validate ``*.index.json`` (:func:`parse_weight_map`); returns tensor name -> shard file name.
 
     Every shard must be a plain file name inside the index's folder (no ``..``) and must exist.
     """
     try:
-        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        weight_map = parse_weight_map(index, index.read_bytes())
+    except OSError as e:
+        raise CheckpointError(index, f"corrupt shard index: {error_line(e)}") from e
+    for shard in dict.fromkeys(weight_map.values()):
+        path = index.parent / shard
+        if path.is_symlink() and not path.exists():  # a hub cache blob deleted: the link is there, its file not
+            raise CheckpointError(index, f"shard {shard!r} is a link to {os.readlink(path)}, which does not exist "
+                                         "(fetch the model again)")
+        if not path.is_file():
+            raise CheckpointError(index, f"shard {shard!r} listed in the index is missing from {index.parent}")
+    return weight_map
+
+
+def parse_weight_map(index: str | Path, raw: bytes) -> dict[str, str]:
+    """Tensor name -> shard file name from the bytes ``raw`` of shard index ``index`` (a path or URL, named in
+    errors), each shard a plain file name (no folder, no ``..``). Shared by the local and the HTTP reader."""
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError as e:
         raise CheckpointError(index, "corrupt shard index: JSON nested too deeply") from e
-    except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, a 5,000-digit integer, a repeated key
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, a 5,000-digit integer, a repeated key
         raise CheckpointError(index, f"corrupt shard index: {error_line(e)}") from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -56,13 +73,6 @@ def read_weight_map(index: Path) -> dict[str, str]:
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
             raise CheckpointError(index, f"bad shard file {shard!r} for tensor {tensor!r}: must be a file name "
                                          "in the same folder")
-    for shard in dict.fromkeys(weight_map.values()):
-        path = index.parent / shard
-        if path.is_symlink() and not path.exists():  # a hub cache blob deleted: the link is there, its file not
-            raise CheckpointError(index, f"shard {shard!r} is a link to {os.readlink(path)}, which does not exist "
-                                         "(fetch the model again)")
-        if not path.is_file():
-            raise CheckpointError(index, f"shard {shard!r} listed in the index is missing from {index.parent}")
     return weight_map
 
 

@@ -119,9 +119,11 @@ def open_hub_id(text: str, **kwargs) -> Checkpoint | None:
     return ck
 
 
-def hub_name(text: str) -> str:
-    """The model name of hub id ``text``: ``org/name``, with ``@rev`` when a revision is given."""
-    return parse_hub_id(text)[0] + (text[text.index("@"):] if "@" in text else "")
+def hub_name(text: str) -> str | None:
+    """The model name of hub id ``text``: ``org/name``, with ``@rev`` when a revision is given; None when ``text``
+    is no hub id (an absolute path is none)."""
+    parsed = None if Path(text).is_absolute() else parse_hub_id(text)
+    return None if parsed is None else parsed[0] + (text[text.index("@"):] if "@" in text else "")
 
 
-register_resolver(open_hub_id)
+register_resolver(open_hub_id, hub_name)

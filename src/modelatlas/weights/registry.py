@@ -161,20 +161,22 @@ def _options_for(fmt: Format, path: Path, kwargs: dict) -> dict:
     return options
 
 
-# Resolvers open a name that is not a local path (a hub id): each returns a Checkpoint, None when the name is
-# not theirs, or raises CheckpointError when it is theirs but unavailable.
-_RESOLVERS: list[Callable[..., Checkpoint | None]] = []
+# Resolvers open a name that is not a local path (a hub id, a URL): each returns a Checkpoint, None when the name
+# is not theirs, or raises CheckpointError when it is theirs but unavailable; with each, its model namer.
+_RESOLVERS: list[tuple[Callable[..., Checkpoint | None], Callable[[str], str | None]]] = []
 
 
-def register_resolver(resolve: Callable[..., Checkpoint | None]) -> None:
-    """Add a resolver for names that do not exist as local paths (see hub_cache)."""
-    if resolve not in _RESOLVERS:
-        _RESOLVERS.append(resolve)
+def register_resolver(resolve: Callable[..., Checkpoint | None], name: Callable[[str], str | None] | None = None
+                      ) -> None:
+    """Add a resolver for names that do not exist as local paths (see hub_cache, remote); ``name(text)`` is the
+    model name of a name it claims, None for one it does not (what :func:`discover_models` keeps unexpanded)."""
+    if all(r is not resolve for r, _ in _RESOLVERS):
+        _RESOLVERS.append((resolve, name or (lambda text: None)))
 
 
 def _resolve_missing(path: Path, text: str, **kwargs) -> Checkpoint:
     """``text`` (the name as written) opened by the first resolver that claims it, else ``path``'s missing error."""
-    for resolve in _RESOLVERS:
+    for resolve, _ in _RESOLVERS:
         ck = resolve(text, **kwargs)
         if ck is not None:
             return ck
@@ -195,11 +197,12 @@ def _as_written(path: str | Path) -> str:
     return path.replace(os.sep, "/") if isinstance(path, str) else Path(path).as_posix()
 
 
-def _is_resolvable(path: str | Path) -> bool:
-    """Whether a missing ``path`` (as written) is a name some resolver claims (e.g. an ``org/name`` hub id)."""
-    from modelatlas.weights.hub_cache import parse_hub_id
-
-    return not Path(path).is_absolute() and parse_hub_id(_as_written(path)) is not None
+def _resolved_name(path: str | Path) -> str | None:
+    """The model name of a missing ``path`` (as written) that some resolver claims (an ``org/name`` hub id, a
+    URL), None when none does."""
+    _load_plugins()
+    text = _as_written(path)
+    return next((n for _, name in _RESOLVERS if (n := name(text)) is not None), None)
 
 
 def is_model(path: Path) -> bool:
@@ -247,7 +250,7 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
     found: list[Path] = []
     for written in paths:
         p = Path(written)
-        if not p.exists() and _is_resolvable(written):
+        if not p.exists() and _resolved_name(written) is not None:
             found.append(p)
             continue
         if not p.exists():
@@ -350,15 +353,12 @@ def model_name(path: str | Path) -> str:
     for a hub id that is no local path, the name opening it gives (``org/name``, ``org/name@rev``)."""
     path = Path(path)
     # "Llama-2-7b-hf" alone matched no --truth naming the id; a broken link (zoo/run-c) is a local path
-    if not path.exists() and not path.is_symlink() and _is_resolvable(path):
-        from modelatlas.weights.hub_cache import hub_name
-
-        return hub_name(path.as_posix())
-    return _stem(path)
+    resolved = None if path.exists() or path.is_symlink() else _resolved_name(path)
+    return _stem(path) if resolved is None else resolved
 
 
 def unique_names(paths: Iterable[str | Path]) -> list[str]:
-    """Model names of ``paths``: the file or folder name without extension, and for a name that more than one
+    """Model names of ``paths``: the file or folder name without extension (:func:`model_name`), and for a name that more than one
     path has, as many parent folders as it takes to tell them apart (``runA/checkpoint-500`` and
     ``runB/checkpoint-500``). Two files of one folder that differ only in extension keep it (``a.pt``,
     ``a.safetensors``). The same path given twice keeps its plain name twice. Time O(N depth)."""
@@ -394,4 +394,4 @@ def _load_plugins() -> None:
 
 # Format modules, most specific first; each registers itself on import. Optional dependencies
 # (onnx, gguf) are imported lazily inside their readers, so listing them here costs nothing.
-_PLUGIN_MODULES = ["hf_folder", "peft_lora", "torch_pickle", "onnx_format", "gguf_format", "hub_cache"]
+_PLUGIN_MODULES = ["hf_folder", "peft_lora", "torch_pickle", "onnx_format", "gguf_format", "hub_cache", "remote"]

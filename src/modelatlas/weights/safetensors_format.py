@@ -34,38 +34,53 @@ _MAX_HEADER = 100 * 1024 * 1024
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse and validate the header; returns (header without ``__metadata__``, data start offset).
 
-    Checks: the 8-byte length fits the file, the header is a JSON object, ``__metadata__`` maps strings to
-    strings, every tensor's byte range lies inside the data section and matches its dtype and shape.
+    Checks (:func:`header_length`, :func:`parse_header`): the 8-byte length fits the file, the header is a JSON
+    object, ``__metadata__`` maps strings to strings, every tensor's byte range lies inside the data section and
+    matches its dtype and shape.
     """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(path, "truncated safetensors file (no header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER:
-                raise CheckpointError(path, lfs_pointer_reason(path) or misnamed_reason(path, "safetensors")
-                                      or f"corrupt safetensors header: length {n} is over the {_MAX_HEADER} "
-                                         "bytes that safetensors allows")
-            if n > size - 8:  # "length 8 exceeds the file size 15" read as a contradiction
-                raise CheckpointError(path, misnamed_reason(path, "safetensors") or f"truncated file: the header "
-                                            f"length says {n} bytes but only {size - 8} follow it (file size {size})")
+            n = header_length(path, f.read(8), size,
+                              lambda: lfs_pointer_reason(path) or misnamed_reason(path, "safetensors"))
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
+    return parse_header(path, raw, size), 8 + n
+
+
+def header_length(where: str | Path, head: bytes, size: int, why=lambda: None) -> int:
+    """The JSON header's length from a file's first 8 bytes ``head``, checked against the file's ``size`` (bytes);
+    ``where`` (a path or URL) names the file in errors, ``why()`` says what else the bytes may be (an LFS pointer, a
+    file of another format). Shared by the local and the HTTP reader (:mod:`.remote`)."""
+    if len(head) < 8:
+        raise CheckpointError(where, "truncated safetensors file (no header length)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > _MAX_HEADER:
+        raise CheckpointError(where, why() or f"corrupt safetensors header: length {n} is over the {_MAX_HEADER} "
+                                             "bytes that safetensors allows")
+    if n > size - 8:  # "length 8 exceeds the file size 15" read as a contradiction
+        raise CheckpointError(where, why() or f"truncated file: the header length says {n} "
+                                     f"bytes but only {size - 8} follow it (file size {size})")
+    return n
+
+
+def parse_header(where: str | Path, raw: bytes, size: int) -> dict:
+    """The tensors of header ``raw`` (the JSON after the 8-byte length) of a file of ``size`` bytes, checked as
+    :func:`read_safetensors_header` says; ``__metadata__`` removed. Time O(tensors log tensors)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError as e:
-        raise CheckpointError(path, "corrupt safetensors header: JSON nested too deeply") from e
+        raise CheckpointError(where, "corrupt safetensors header: JSON nested too deeply") from e
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, a duplicate key, an integer of 5,000 digits
-        raise CheckpointError(path, f"corrupt safetensors header: {error_line(e)}") from e
+        raise CheckpointError(where, f"corrupt safetensors header: {error_line(e)}") from e
     if not isinstance(header, dict):
-        raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
-    _check_metadata(path, header.pop("__metadata__", None))
-    _check_offsets(path, header, size - 8 - n)
-    _check_packed(path, header, size - 8 - n)
-    return header, 8 + n
+        raise CheckpointError(where, "corrupt safetensors header: not a JSON object")
+    _check_metadata(where, header.pop("__metadata__", None))
+    data_size = size - 8 - len(raw)
+    _check_offsets(where, header, data_size)
+    _check_packed(where, header, data_size)
+    return header
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

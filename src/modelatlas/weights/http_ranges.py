@@ -1,0 +1,194 @@
+"""Exact byte ranges of a file served over HTTP(S): one ``Range`` request a range, and no more bytes than it.
+
+The remote twin of :mod:`.byte_ranges` (:class:`HttpRanges` is a :class:`~.byte_ranges.ByteRanges`, so its
+``read_rows`` reads each run of consecutive rows as one range, here one request). The standard library only
+(``urllib``): modelatlas takes no HTTP dependency.
+
+Every answer is checked before its body is read: ``206 Partial Content`` with a ``Content-Range`` of exactly the
+bytes asked for, of a file of the size the first answer gave (the file's size is known only from it); a server
+that ignores ``Range`` answers ``200`` with the whole file, and is refused before the body is read (lineage of
+two 15 GB models reads a ninth of them: a server without ranges would download all 30 GB). Failures are one-line
+:class:`~modelatlas.errors.CheckpointError` naming the URL: the HTTP status (401/403 with the ``HF_TOKEN``
+hint), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default), a body cut short.
+
+``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` to the host of the URL given only: urllib carries
+no "unredirected" header over a redirect, and :class:`_SameHostRedirect` adds it back only on a redirect to the
+same scheme, host and port (a hub's file redirects to a CDN, which must not see the token).
+Time O(bytes) a read, one round trip a range.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights.byte_ranges import ByteRanges
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_MAX_JSON = 64 * 1024 * 1024  # a shard index is ~100 KB for a 400B model; more is no index
+
+
+class HttpError(CheckpointError):
+    """The server answered with an HTTP error status ``code`` (404, 403, ...)."""
+
+    def __init__(self, url: str, reason: str, code: int):
+        super().__init__(url, reason)
+        self.code = code
+
+
+def http_timeout() -> float:
+    """Seconds one request may wait for the server: ``$ATLAS_HTTP_TIMEOUT``, 60 by default."""
+    try:
+        return float(os.environ.get("ATLAS_HTTP_TIMEOUT") or 60)
+    except ValueError:
+        raise CheckpointError("ATLAS_HTTP_TIMEOUT", "must be a number of seconds") from None
+
+
+class _SameHostRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows redirects; the token (an unredirected header, which urllib drops on a redirect) is put back only
+    when the redirect stays on the scheme, host and port it was given for."""
+
+    def __init__(self, origin: str, token: str | None):
+        self.origin, self.token = origin, token
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and self.token and _origin(new.full_url) == self.origin:
+            new.add_unredirected_header("Authorization", f"Bearer {self.token}")
+        return new
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{(parts.netloc or '').lower()}"
+
+
+class HttpRanges(ByteRanges):
+    """Byte ranges of the file at ``url``; ``size`` (bytes) is known after the first read. ``fetched`` counts the
+    body bytes received (what a benchmark compares with the file's size)."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.url, self.size, self.fetched = url, None, 0
+        self._token = os.environ.get("HF_TOKEN") or None
+        self._opener = urllib.request.build_opener(_SameHostRedirect(_origin(url), self._token))
+
+    def request(self, headers: dict[str, str]) -> urllib.request.Request:
+        req = urllib.request.Request(self.url, headers={"User-Agent": "modelatlas", **headers})
+        if self._token:
+            req.add_unredirected_header("Authorization", f"Bearer {self._token}")
+        return req
+
+    def fetch(self, offset: int, length: int, what: str, exact: bool = True) -> bytes:
+        """The ``length`` bytes at ``offset`` (length > 0), from one ``Range`` request; sets :attr:`size` at the
+        first. A CheckpointError naming the URL and ``what`` for any answer but exactly those bytes (not
+        ``exact``: fewer where the file ends, for the caller to judge)."""
+        req = self.request({"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"})
+        with self._open(req, what) as answer:
+            self._check_range(answer, offset, length, what)
+            # not exact: the file may end first (its size is known now); a body cut shorter than that is an error
+            body = self._body(answer, length if exact else min(length, self.size - offset), what)
+        self.fetched += len(body)
+        return body
+
+    def read_into(self, offset: int, buf: memoryview, what: str) -> None:
+        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP: one request for the whole range."""
+        if buf.nbytes:
+            buf[:] = self.fetch(offset, buf.nbytes, what)
+
+    def get_json_bytes(self, what: str) -> bytes:
+        """The whole (small) file, by a plain GET: a shard index, read before any size is known."""
+        with self._open(self.request({"Accept-Encoding": "identity"}), what) as answer:
+            length = answer.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > _MAX_JSON:
+                raise CheckpointError(self.url, f"{what} is {int(length)} bytes, too large for a shard index")
+            body = self._read(answer, _MAX_JSON + 1, what)
+        if len(body) > _MAX_JSON:
+            raise CheckpointError(self.url, f"{what} is over {_MAX_JSON} bytes, too large for a shard index")
+        return body
+
+    def _open(self, req: urllib.request.Request, what: str):
+        """The server's answer to ``req`` (2xx), or a CheckpointError saying why not."""
+        try:
+            return self._opener.open(req, timeout=http_timeout())
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 416 and self.size is None:  # bytes 0-7 of a file of under 8 bytes
+                raise CheckpointError(self.url, "truncated safetensors file (no header length): the server "
+                                                f"has no bytes to give for {what} (HTTP 416)") from None
+            raise HttpError(self.url, f"cannot read {what}: {status_reason(e.code, e.reason, self._token)}",
+                            e.code) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
+            reason = getattr(e, "reason", None) or e
+            if isinstance(reason, TimeoutError):
+                raise CheckpointError(self.url, f"cannot read {what}: no answer in {http_timeout():g} s (timed "
+                                                "out; set ATLAS_HTTP_TIMEOUT to wait longer)") from None
+            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({reason})") from None
+
+    def _check_range(self, answer, offset: int, length: int, what: str) -> None:
+        """An answer of exactly bytes ``offset..offset+length-1``, of a file of the size known (set if not yet)."""
+        if answer.status != 206:
+            raise CheckpointError(self.url, f"the server ignored the Range request for {what} (HTTP "
+                                            f"{answer.status}, the whole file{_length_of(answer)}): refused "
+                                            "rather than download the whole file; serve it with range requests")
+        m = _CONTENT_RANGE.match(answer.headers.get("Content-Range", "").strip())
+        if m is None or m[3] == "*":
+            raise CheckpointError(self.url, f"the server answered {what} with Content-Range "
+                                            f"{answer.headers.get('Content-Range')!r}, not 'bytes A-B/SIZE'")
+        first, last, total = int(m[1]), int(m[2]), int(m[3])
+        if self.size is not None and total != self.size:
+            raise CheckpointError(self.url, f"the file changed while read: {total} bytes now, {self.size} when "
+                                            "opened")
+        self.size = total
+        if first != offset or (last != offset + length - 1 and last != total - 1):
+            raise CheckpointError(self.url, f"the server sent bytes {first}-{last} for {what}, not the bytes "
+                                            f"{offset}-{offset + length - 1} asked for")
+
+    def _body(self, answer, length: int, what: str) -> bytes:
+        body = self._read(answer, length, what)
+        if len(body) != length:  # the file ends before the range (a header that lies), or the connection broke
+            raise CheckpointError(self.url, f"cannot read {what}: got {len(body)} of its {length} bytes (the file "
+                                            f"is {self.size} bytes: truncated, or the connection was cut)")
+        return body
+
+    def _read(self, answer, limit: int, what: str) -> bytes:
+        """Up to ``limit`` bytes of the body, fewer only where it ends (a read may return part of what is asked)."""
+        parts, got = [], 0
+        try:
+            while got < limit and (part := answer.read(limit - got)):
+                parts.append(part)
+                got += len(part)
+        except TimeoutError:
+            raise CheckpointError(self.url, f"cannot read {what}: the server stopped sending for "
+                                            f"{http_timeout():g} s (timed out; set ATLAS_HTTP_TIMEOUT to wait "
+                                            "longer)") from None
+        except (OSError, http.client.HTTPException) as e:  # IncompleteRead of a chunked body is no OSError
+            raise CheckpointError(self.url, f"cannot read {what}: connection broken ({e!r})") from None
+        return b"".join(parts)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """A no-op: a request is one round trip whether announced or not."""
+
+    def close(self) -> None:
+        """Nothing is held between requests (each opens its own connection)."""
+
+
+def _length_of(answer) -> str:
+    length = answer.headers.get("Content-Length")
+    return f" of {length} bytes" if length else ""
+
+
+def status_reason(code: int, reason: str, token: str | None) -> str:
+    """An HTTP error status as a reason: 404 not found; 401/403 with what to do about ``HF_TOKEN``."""
+    if code == 404:
+        return "not found (HTTP 404): check the URL (a hub file's URL is .../resolve/REVISION/FILE)"
+    if code in (401, 403):
+        hint = ("the HF_TOKEN sent was refused: check that it grants access to this model" if token else
+                "a private or gated model needs a token: set HF_TOKEN")
+        return f"access denied (HTTP {code}): {hint}"
+    return f"HTTP {code} {reason}".rstrip()

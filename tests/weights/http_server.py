@@ -1,0 +1,80 @@
+"""A local HTTP server for the tests of reading checkpoints over HTTP (tests/weights/test_remote.py): serves a
+folder on 127.0.0.1 with ``Range`` support, counting the body bytes it sends and recording each request's
+headers. ``mode`` makes it misbehave: "ignore" (answers 200 with the whole file, as a server without ranges),
+"stall" (waits ``stall`` seconds before answering), "short" (sends half of a range's bytes, then closes),
+"redirect" (302 to ``target`` + ``/to`` + the same path; any server serves ``/to/x`` as ``x``), or an HTTP status code to answer every request with."""
+
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet: the tests read their own output
+        pass
+
+    def do_GET(self):  # noqa: N802 - the name http.server calls
+        srv = self.server
+        srv.seen.append((self.path, dict(self.headers)))
+        if srv.mode == "stall":
+            time.sleep(srv.stall)
+        moved = self.path.startswith("/to/")  # where a redirect sends a file: served as the file itself
+        if srv.mode == "redirect" and not moved:
+            return self._answer(302, {"Location": srv.target + "/to" + self.path})
+        if isinstance(srv.mode, int):
+            return self._answer(srv.mode, {}, b"denied")
+        file = srv.root / self.path.removeprefix("/to").lstrip("/").split("?")[0]
+        if not file.is_file():
+            return self._answer(404, {}, b"no such file")
+        data = file.read_bytes()
+        m = _RANGE.match(self.headers.get("Range", ""))
+        if m is None or srv.mode == "ignore":
+            return self._answer(200, {}, data)
+        first, last = int(m[1]), min(int(m[2]), len(data) - 1)
+        if first >= len(data):
+            return self._answer(416, {"Content-Range": f"bytes */{len(data)}"})
+        body = data[first:last + 1]
+        headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}", "Content-Length": str(len(body))}
+        self._answer(206, headers, body[: len(body) // 2] if srv.mode == "short" else body, length=False)
+
+    def _answer(self, code, headers, body=b"", length=True):
+        self.send_response(code)
+        for key, value in {**({"Content-Length": str(len(body))} if length else {}), **headers}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.server.served += len(body)  # before it is sent: after, the client may have read it and asked first
+        try:
+            self.wfile.write(body)
+        except OSError:  # the client hung up on the body (a 200 it did not ask for)
+            pass
+
+
+class make_server(ThreadingHTTPServer):  # noqa: N801 - a test helper, named like the others
+    """``with make_server(folder) as srv: srv.url("a.safetensors")``; ``srv.served`` counts body bytes sent."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, mode="range", target: str = "", stall: float = 0.0):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.mode, self.target, self.stall = Path(root), mode, target, stall
+        self.served, self.seen = 0, []
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True)  # quick to shut
+        self._thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def handle_error(self, request, client_address):  # a client that hung up: no traceback on stderr
+        pass
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,200 @@
+"""Safetensors read over HTTP range requests (modelatlas.weights.remote), from a server on 127.0.0.1 only."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tests.weights.http_server import make_server
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import model_name, open_checkpoint, open_many, unique_names
+from modelatlas.weights.remote import hub_base, url_name
+
+
+@pytest.fixture(autouse=True)
+def _no_token(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("ATLAS_HTTP_TIMEOUT", raising=False)
+
+
+def make_tensors():
+    return {"big": torch.arange(4096.0).reshape(64, 64), "small": torch.arange(6, dtype=torch.float16).reshape(2, 3),
+            "rows": torch.arange(40, dtype=torch.int32).reshape(10, 4)}
+
+
+def make_file(folder: Path, name="a.safetensors", tensors=None) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors or make_tensors(), str(path))
+    return path
+
+
+def header_bytes(path: Path) -> int:
+    """8 + the JSON header's length: what opening a safetensors file reads."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_tensors_equal_the_local_read_and_only_their_bytes_are_fetched(tmp_path):
+    path = make_file(tmp_path)
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck, open_checkpoint(path) as local:
+        assert ck.tensors() == local.tensors() and ck.name == "a"
+        assert srv.served == header_bytes(path)  # the header and nothing of the 16 KB of "big"
+        assert torch.equal(ck.read("small"), local.read("small"))
+        assert srv.served == header_bytes(path) + 12 and ck.fetched == srv.served
+        rows = torch.tensor([7, 1, 2, 7])
+        assert torch.equal(ck.read_rows("rows", rows), local.read_rows("rows", rows))
+        assert srv.served == header_bytes(path) + 12 + 3 * 16  # rows 1, 2 and 7: two runs, 16 bytes a row
+        assert torch.equal(ck.read("big"), local.read("big")) and ck.size_on_disk() == path.stat().st_size
+
+
+def test_a_sharded_index_reads_its_shards_beside_it(tmp_path):
+    model = tmp_path / "org" / "run"
+    tensors = make_tensors()
+    make_file(model, "model-00001-of-00002.safetensors", {"big": tensors["big"]})
+    make_file(model, "model-00002-of-00002.safetensors", {"small": tensors["small"], "rows": tensors["rows"]})
+    weight_map = {"big": "model-00001-of-00002.safetensors", "small": "model-00002-of-00002.safetensors",
+                  "rows": "model-00002-of-00002.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("org/run/model.safetensors.index.json")) as ck:
+        assert ck.name == "run" and sorted(ck.tensor_names()) == ["big", "rows", "small"]
+        assert torch.equal(ck.read("small"), tensors["small"]) and torch.equal(ck.read("big"), tensors["big"])
+        assert torch.equal(ck.read_rows("rows", torch.tensor([3])), tensors["rows"][3:4])
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"big": "model.bin"}}))
+    with make_server(tmp_path) as srv, pytest.raises(CheckpointError, match="only .safetensors shards"):
+        open_checkpoint(srv.url("org/run/model.safetensors.index.json"))
+
+
+def test_names_of_urls():
+    hub = "https://huggingface.co/org/name/resolve/{}/model.safetensors"
+    assert url_name(hub.format("main")) == "org/name" and url_name(hub.format("v2")) == "org/name@v2"
+    assert url_name(hub.format("main").replace("model.safetensors", "model.safetensors.index.json")) == "org/name"
+    assert url_name("http://h:1/zoo/t0_1.safetensors") == "t0_1" and url_name("http://h/zoo/run/model.safetensors") == "run"
+    assert url_name("hf://org/name@v1") == "org/name@v1" and url_name("zoo/a.safetensors") is None
+    assert model_name(Path(hub.format("main"))) == "org/name"  # folded to https:/ by Path, still a URL
+    assert unique_names(["http://h/x/a.safetensors", "http://h/y/a.safetensors"]) == ["x/a", "y/a"]
+    assert str(CheckpointError(Path("https://h/a.safetensors"), "bad")) == "https://h/a.safetensors: bad"
+
+
+def check_refused(url: str, *words: str) -> str:
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(url)
+    message = str(e.value)
+    assert message.startswith(url + ": ") and "\n" not in message, message
+    assert all(w in message for w in words), message
+    return message
+
+
+def test_a_server_that_ignores_range_is_refused_not_downloaded(tmp_path):
+    make_file(tmp_path)
+    with make_server(tmp_path, mode="ignore") as srv:
+        check_refused(srv.url("a.safetensors"), "ignored the Range request", "HTTP 200", "refused rather than download")
+
+
+@pytest.mark.parametrize(("status", "token", "words"), [
+    (404, None, ["not found (HTTP 404)"]), (401, None, ["HTTP 401", "set HF_TOKEN"]),
+    (403, "hf_x", ["HTTP 403", "HF_TOKEN sent was refused"]), (500, None, ["HTTP 500"])])
+def test_http_errors_are_one_line_naming_the_url(tmp_path, monkeypatch, status, token, words):
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    with make_server(tmp_path, mode=status) as srv:
+        check_refused(srv.url("a.safetensors"), *words)
+
+
+def test_timeouts_truncation_and_lying_headers(tmp_path, monkeypatch):
+    path = make_file(tmp_path)
+    monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "0.2")
+    with make_server(tmp_path, mode="stall", stall=1.0) as srv:
+        check_refused(srv.url("a.safetensors"), "timed out", "ATLAS_HTTP_TIMEOUT")
+    with make_server(tmp_path, mode="short") as srv:
+        check_refused(srv.url("a.safetensors"), "cannot read the header length")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])  # the header says more than the file holds
+    (tmp_path / "tiny.safetensors").write_bytes(data[:5])
+    (tmp_path / "page.safetensors").write_bytes(b"<!doctype html><html>" + b" " * 64)
+    with make_server(tmp_path) as srv:
+        check_refused(srv.url("cut.safetensors"), "truncated file: tensor")
+        check_refused(srv.url("tiny.safetensors"), "truncated safetensors file (no header length)")
+        check_refused(srv.url("page.safetensors"), "a web page", "/resolve/")
+        check_refused(srv.url("gone.safetensors"), "HTTP 404")
+        with open_checkpoint(srv.url("a.safetensors")) as ck:
+            srv.mode = "short"  # cut after the header was read
+            with pytest.raises(CheckpointError, match=r"cannot read tensor 'big': got 8192 of its 16384 bytes"):
+                ck.read("big")
+
+
+def test_pickles_and_other_formats_are_refused_without_a_request(tmp_path):
+    with make_server(tmp_path) as srv:
+        for name in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json"):
+            check_refused(srv.url(name), "pickle", "never unpickled")
+        check_refused(srv.url("model.gguf"), "GGUF", "not read over HTTP")
+        check_refused(srv.url("config.json"), "only safetensors is read over HTTP")
+        assert srv.seen == []
+
+
+def test_the_token_goes_to_the_host_given_only(tmp_path, monkeypatch):
+    make_file(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with make_server(tmp_path) as cdn, make_server(tmp_path, mode="redirect") as hub:
+        hub.target = cdn.base  # a hub's file redirects to another host (here another port)
+        for url in (cdn.url("a.safetensors"), hub.url("a.safetensors")):
+            with open_checkpoint(url) as ck:
+                assert torch.equal(ck.read("small"), make_tensors()["small"])
+        assert hub.seen and all(h.get("Authorization") == "Bearer hf_secret" for _, h in hub.seen)
+        direct, redirected = cdn.seen[:3], cdn.seen[3:]  # opening reads 2 ranges, then one tensor
+        assert all(h.get("Authorization") == "Bearer hf_secret" for _, h in direct)
+        assert len(redirected) == 3 and all("Authorization" not in h for _, h in redirected)
+
+
+def test_a_same_host_redirect_keeps_the_token(tmp_path, monkeypatch):
+    make_file(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with make_server(tmp_path, mode="redirect") as srv:
+        srv.target = srv.base
+        with open_checkpoint(srv.url("a.safetensors")) as ck:
+            assert ck.tensors()
+        assert [p for p, _ in srv.seen][:2] == ["/a.safetensors", "/to/a.safetensors"]
+        assert all(h.get("Authorization") == "Bearer hf_secret" for _, h in srv.seen)
+
+
+def test_open_many_reports_and_skips_a_bad_url(tmp_path):
+    make_file(tmp_path)
+    with make_server(tmp_path) as srv:
+        models = open_many([srv.url("a.safetensors"), srv.url("gone.safetensors")])
+        opened = [ck.name for ck in models]
+        assert opened == ["a"] and len(models.skipped) == 1
+        assert models.skipped[0][1].startswith(srv.url("gone.safetensors") + ": cannot read")
+
+
+def test_hf_urls_try_the_index_then_the_single_file(tmp_path, monkeypatch):
+    make_file(tmp_path / "org" / "name" / "resolve" / "main", "model.safetensors")
+    with make_server(tmp_path) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.base + "/")
+        assert hub_base("hf://org/name@v1") == srv.base + "/org/name/resolve/v1/"
+        with open_checkpoint("hf://org/name") as ck:
+            assert ck.name == "org/name" and torch.equal(ck.read("small"), make_tensors()["small"])
+        assert [p for p, _ in srv.seen][:2] == ["/org/name/resolve/main/model.safetensors.index.json",
+                                                "/org/name/resolve/main/model.safetensors"]
+        check_refused("hf://org/name@v9", "HTTP 404")
+
+
+def test_lineage_recover_on_urls_gives_the_forest_of_the_local_files(tmp_path, capsys):
+    from modelatlas.cli.main import main
+    from modelatlas.lineage.synthetic import make_synthetic_forest
+
+    weights, _ = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
+    for name, tensors in weights.items():  # with a matrix that is not square, which lineage does not compare
+        make_file(tmp_path / "zoo", f"{name}.safetensors", {**tensors, "embed": torch.ones(64, 8)})
+    files = sorted((tmp_path / "zoo").glob("*.safetensors"))
+    assert main(["lineage", "recover", *map(str, files), "--out", str(tmp_path / "local.json")]) == 0
+    with make_server(tmp_path) as srv:
+        given = [srv.url(f"zoo/{f.name}") for f in files[:4]] + [str(f) for f in files[4:]]
+        code = main(["lineage", "recover", *given, srv.url("zoo/gone.safetensors"), "--out", str(tmp_path / "remote.json")])
+        err = capsys.readouterr().err
+        # each header once and each square layer once, nothing of "embed" (2 KB a model); 12: the 404's body
+        assert srv.served - 12 == sum(f.stat().st_size - 64 * 8 * 4 for f in files[:4])
+    assert code == 0 and f"{srv.url('zoo/gone.safetensors')}: cannot read the header length: not found" in err
+    local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
+    assert remote.pop("skipped") == {"gone": err.split("skipped gone: ")[1].split("\n")[0]} and local.pop("skipped") == {}
+    assert remote == local and len(local["edges"]) == 4
