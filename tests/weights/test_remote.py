@@ -72,6 +72,7 @@ def test_names_of_urls():
     assert url_name(hub.format("main").replace("model.safetensors", "model.safetensors.index.json")) == "org/name"
     assert url_name("http://h:1/zoo/t0_1.safetensors") == "t0_1" and url_name("http://h/zoo/run/model.safetensors") == "run"
     assert url_name("hf://org/name@v1") == "org/name@v1" and url_name("zoo/a.safetensors") is None
+    assert url_name("http://h/x.bin") == "x" and url_name("http://h:8/") == "h:8"
     assert model_name(Path(hub.format("main"))) == "org/name"  # folded to https:/ by Path, still a URL
     assert unique_names(["http://h/x/a.safetensors", "http://h/y/a.safetensors"]) == ["x/a", "y/a"]
     assert str(CheckpointError(Path("https://h/a.safetensors"), "bad")) == "https://h/a.safetensors: bad"
@@ -84,6 +85,12 @@ def check_refused(url: str, *words: str) -> str:
     assert message.startswith(url + ": ") and "\n" not in message, message
     assert all(w in message for w in words), message
     return message
+
+
+def check_message(ck, name: str, words: str) -> None:
+    with pytest.raises(CheckpointError) as e:
+        ck.read(name)
+    assert str(e.value).startswith(ck.url + ": ") and words in str(e.value), str(e.value)
 
 
 def test_a_server_that_ignores_range_is_refused_not_downloaded(tmp_path):
@@ -119,6 +126,9 @@ def test_timeouts_truncation_and_lying_headers(tmp_path, monkeypatch):
         check_refused(srv.url("page.safetensors"), "a web page", "/resolve/")
         check_refused(srv.url("gone.safetensors"), "HTTP 404")
         with open_checkpoint(srv.url("a.safetensors")) as ck:
+            make_file(tmp_path, tensors={**make_tensors(), "more": torch.ones(3)})  # replaced after it was opened
+            check_message(ck, "big", "the file changed while read")
+            make_file(tmp_path)
             srv.mode = "short"  # cut after the header was read
             with pytest.raises(CheckpointError, match=r"cannot read tensor 'big': got 8192 of its 16384 bytes"):
                 ck.read("big")

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from modelatlas.errors import CheckpointError, as_url
-from modelatlas.weights.base import Checkpoint
+from modelatlas.weights.base import Checkpoint, _file_stem
 from modelatlas.weights.dequantized import dequantized
 from modelatlas.weights.hf_folder import HFFolderCheckpoint, parse_weight_map
 from modelatlas.weights.http_ranges import HttpError, HttpRanges
@@ -183,7 +183,8 @@ def url_name(text: str) -> str | None:
         rev = unquote(m["rev"])
         return unquote(m["repo"]) + ("" if rev == "main" else f"@{rev}")
     names = [unquote(s) for s in parts.path.split("/") if s] or [parts.netloc]
-    stem = names[-1].removesuffix(_INDEX).removesuffix(".safetensors")
+    file = names[-1].removesuffix(_INDEX)
+    stem = _file_stem(file) or file  # (x.bin: named x, as a local x.bin is)
     return names[-2] if stem in _LIBRARY_STEMS and len(names) > 1 else stem
 
 
