@@ -1,6 +1,7 @@
 """A local HTTP server for the tests of reading checkpoints over HTTP (tests/weights/test_remote.py): serves a
 folder on 127.0.0.1 with ``Range`` support, counting the body bytes it sends and recording each request's
-headers. ``mode`` makes it misbehave: "ignore" (answers 200 with the whole file, as a server without ranges),
+headers. ``mode`` makes it misbehave: "ignore" (answers 200 with the whole file, as a server without ranges;
+"page": as a web page),
 "stall" (waits ``stall`` seconds before answering), "short" (sends half of a range's bytes, then closes),
 "redirect" (302 to ``target`` + ``/to`` + the same path; any server serves ``/to/x`` as ``x``), or an HTTP status code to answer every request with."""
 
@@ -32,8 +33,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer(404, {}, b"no such file")
         data = file.read_bytes()
         m = _RANGE.match(self.headers.get("Range", ""))
-        if m is None or srv.mode == "ignore":
-            return self._answer(200, {}, data)
+        if m is None or srv.mode in ("ignore", "page"):
+            return self._answer(200, {"Content-Type": "text/html"} if srv.mode == "page" else {}, data)
         first, last = int(m[1]), min(int(m[2]), len(data) - 1)
         if first >= len(data):
             return self._answer(416, {"Content-Range": f"bytes */{len(data)}"})

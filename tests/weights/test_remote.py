@@ -97,6 +97,8 @@ def test_a_server_that_ignores_range_is_refused_not_downloaded(tmp_path):
     make_file(tmp_path)
     with make_server(tmp_path, mode="ignore") as srv:
         check_refused(srv.url("a.safetensors"), "ignored the Range request", "HTTP 200", "refused rather than download")
+    with make_server(tmp_path, mode="page") as srv:  # a hub's /blob/ page in place of the file
+        check_refused(srv.url("a.safetensors"), "a web page", "/resolve/ URL")
 
 
 @pytest.mark.parametrize(("status", "token", "words"), [
@@ -151,10 +153,22 @@ def test_the_token_goes_to_the_host_given_only(tmp_path, monkeypatch):
         for url in (cdn.url("a.safetensors"), hub.url("a.safetensors")):
             with open_checkpoint(url) as ck:
                 assert torch.equal(ck.read("small"), make_tensors()["small"])
-        assert hub.seen and all(h.get("Authorization") == "Bearer hf_secret" for _, h in hub.seen)
+        assert len(hub.seen) == 1 and hub.seen[0][1].get("Authorization") == "Bearer hf_secret"  # then the CDN
         direct, redirected = cdn.seen[:3], cdn.seen[3:]  # opening reads 2 ranges, then one tensor
         assert all(h.get("Authorization") == "Bearer hf_secret" for _, h in direct)
         assert len(redirected) == 3 and all("Authorization" not in h for _, h in redirected)
+
+
+def test_an_expired_redirect_goes_back_to_the_url_given(tmp_path):
+    make_file(tmp_path)
+    with make_server(tmp_path) as cdn, make_server(tmp_path) as cdn2, make_server(tmp_path, mode="redirect") as hub:
+        hub.target = cdn.base
+        with open_checkpoint(hub.url("a.safetensors")) as ck:
+            cdn.mode, hub.target = 403, cdn2.base  # the signed link expired; the hub now sends elsewhere
+            assert torch.equal(ck.read("small"), make_tensors()["small"])
+            assert [len(s.seen) for s in (hub, cdn, cdn2)] == [2, 3, 1]
+            cdn2.mode = 404
+            check_message(ck, "big", "not found (HTTP 404)")
 
 
 def test_a_same_host_redirect_keeps_the_token(tmp_path, monkeypatch):

@@ -77,10 +77,13 @@ class HttpRanges(ByteRanges):
         self.url, self.size, self.fetched = url, None, 0
         self._token = os.environ.get("HF_TOKEN") or None
         self._opener = urllib.request.build_opener(_SameHostRedirect(_origin(url), self._token))
+        self._target = url  # where the last request's redirects ended
 
-    def request(self, headers: dict[str, str]) -> urllib.request.Request:
-        req = urllib.request.Request(self.url, headers={"User-Agent": "modelatlas", **headers})
-        if self._token:
+    def request(self, headers: dict[str, str], target: str | None = None) -> urllib.request.Request:
+        """A GET of ``target`` (the URL given by default), with the token when it is on the URL's own host."""
+        target = target or self.url
+        req = urllib.request.Request(target, headers={"User-Agent": "modelatlas", **headers})
+        if self._token and _origin(target) == _origin(self.url):
             req.add_unredirected_header("Authorization", f"Bearer {self._token}")
         return req
 
@@ -88,8 +91,7 @@ class HttpRanges(ByteRanges):
         """The ``length`` bytes at ``offset`` (length > 0), from one ``Range`` request; sets :attr:`size` at the
         first. A CheckpointError naming the URL and ``what`` for any answer but exactly those bytes (not
         ``exact``: fewer where the file ends, for the caller to judge)."""
-        req = self.request({"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"})
-        with self._open(req, what) as answer:
+        with self._open_range(offset, length, what) as answer:
             self._check_range(answer, offset, length, what)
             # not exact: the file may end first (its size is known now); a body cut shorter than that is an error
             body = self._body(answer, length if exact else min(length, self.size - offset), what)
@@ -112,6 +114,21 @@ class HttpRanges(ByteRanges):
             raise CheckpointError(self.url, f"{what} is over {_MAX_JSON} bytes, too large for a shard index")
         return body
 
+    def _open_range(self, offset: int, length: int, what: str):
+        """The answer to a ``Range`` request of those bytes, sent where the last one's redirects ended (a hub
+        file's CDN link: one round trip a range, not two); an HTTP error there (a signed link expired) sends
+        it to the URL given again."""
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        try:
+            answer = self._open(self.request(headers, self._target), what)
+        except HttpError:
+            if self._target == self.url:
+                raise
+            self._target = self.url
+            answer = self._open(self.request(headers), what)
+        self._target = answer.geturl()
+        return answer
+
     def _open(self, req: urllib.request.Request, what: str):
         """The server's answer to ``req`` (2xx), or a CheckpointError saying why not."""
         try:
@@ -132,6 +149,9 @@ class HttpRanges(ByteRanges):
 
     def _check_range(self, answer, offset: int, length: int, what: str) -> None:
         """An answer of exactly bytes ``offset..offset+length-1``, of a file of the size known (set if not yet)."""
+        if answer.status != 206 and "html" in answer.headers.get("Content-Type", ""):
+            raise CheckpointError(self.url, "the server sent a web page, not the file (a hub's /blob/ URL gives "
+                                            "one): give the file's /resolve/ URL")
         if answer.status != 206:
             raise CheckpointError(self.url, f"the server ignored the Range request for {what} (HTTP "
                                             f"{answer.status}, the whole file{_length_of(answer)}): refused "
