@@ -10,6 +10,7 @@ tensor by 2 % of its spread. The folder is served from 127.0.0.1 by a threaded `
 ``Range`` requests and counts the body bytes it sends; :func:`~modelatlas.lineage.recover_lineage` is timed on
 the models' URLs and on their paths, alternately, ``--repeats`` times (the files stay in the page cache: the
 comparison is the HTTP overhead on loopback, not a network), and the two forests are checked equal.
+``--latency-ms 20`` makes the server wait that long before each answer, as a network's round trip would.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class RangeHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):  # noqa: N802
+        time.sleep(self.server.latency)  # a network's round trip, simulated
         file = self.server.root / self.path.lstrip("/")
         m = _RANGE.match(self.headers.get("Range", ""))
         if not file.is_file() or m is None:
@@ -90,10 +92,10 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve(root: Path) -> ThreadingHTTPServer:
+def serve(root: Path, latency: float = 0.0) -> ThreadingHTTPServer:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     srv.daemon_threads = True
-    srv.root, srv.served, srv.requests, srv.lock = root, 0, 0, threading.Lock()
+    srv.root, srv.served, srv.requests, srv.lock, srv.latency = root, 0, 0, threading.Lock(), latency
     threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     return srv
 
@@ -110,9 +112,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="the server waits this long before each answer")
     args = ap.parse_args()
     files = make_zoo(args.work, args.width, args.blocks)
-    srv = serve(args.work)
+    srv = serve(args.work, args.latency_ms / 1000)
     urls = [f"http://127.0.0.1:{srv.server_port}/{f.name}" for f in files]
     total = sum(f.stat().st_size for f in files)
     times = {"http": [], "local": []}

@@ -1,6 +1,7 @@
 """Safetensors read over HTTP range requests (modelatlas.weights.remote), from a server on 127.0.0.1 only."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,19 @@ def test_lineage_recover_on_urls_gives_the_forest_of_the_local_files(tmp_path, c
     local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
     assert remote.pop("skipped") == {"gone": err.split("skipped gone: ")[1].split("\n")[0]} and local.pop("skipped") == {}
     assert remote == local and len(local["edges"]) == 4
+
+
+def test_a_prefetched_tensor_is_fetched_in_the_background_once(tmp_path):
+    path = make_file(tmp_path)
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        ck.prefetch("big")
+        ck.prefetch("big")
+        for _ in range(500):  # fetched before any read asks for it (waited for, up to 5 s)
+            if srv.served == header_bytes(path) + 16384:
+                break
+            time.sleep(0.01)
+        assert srv.served == header_bytes(path) + 16384
+        assert torch.equal(ck.read("big"), make_tensors()["big"]) and len(srv.seen) == 3  # 2 for the header
+        srv.mode = 404
+        ck.prefetch("small")
+        check_message(ck, "small", "cannot read tensor 'small': not found (HTTP 404)")  # the read's own error

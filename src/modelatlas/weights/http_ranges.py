@@ -24,6 +24,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from modelatlas.errors import CheckpointError
@@ -78,6 +79,7 @@ class HttpRanges(ByteRanges):
         self._token = os.environ.get("HF_TOKEN") or None
         self._opener = urllib.request.build_opener(_SameHostRedirect(_origin(url), self._token))
         self._target = url  # where the last request's redirects ended
+        self._pending: dict[tuple[int, int], Future] = {}  # (offset, length) -> its prefetch
 
     def request(self, headers: dict[str, str], target: str | None = None) -> urllib.request.Request:
         """A GET of ``target`` (the URL given by default), with the token when it is on the URL's own host."""
@@ -95,13 +97,23 @@ class HttpRanges(ByteRanges):
             self._check_range(answer, offset, length, what)
             # not exact: the file may end first (its size is known now); a body cut shorter than that is an error
             body = self._body(answer, length if exact else min(length, self.size - offset), what)
-        self.fetched += len(body)
+        with self._lock:  # (a prefetch thread may count at the same time)
+            self.fetched += len(body)
         return body
 
     def read_into(self, offset: int, buf: memoryview, what: str) -> None:
-        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP: one request for the whole range."""
-        if buf.nbytes:
-            buf[:] = self.fetch(offset, buf.nbytes, what)
+        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP: one request for the whole range, or the one
+        :meth:`prefetch` started for it (if that failed, the range is asked for again, so that the error
+        names it)."""
+        if not buf.nbytes:
+            return
+        with self._lock:
+            started = self._pending.pop((offset, buf.nbytes), None)
+        try:
+            body = None if started is None else started.result()
+        except CheckpointError:
+            body = None
+        buf[:] = body if body is not None else self.fetch(offset, buf.nbytes, what)
 
     def get_json_bytes(self, what: str) -> bytes:
         """The whole (small) file, by a plain GET: a shard index, read before any size is known."""
@@ -192,10 +204,34 @@ class HttpRanges(ByteRanges):
         return b"".join(parts)
 
     def prefetch(self, offset: int, length: int) -> None:
-        """A no-op: a request is one round trip whether announced or not."""
+        """Start fetching the range in one of a few threads shared by all remote files, so that its round trip
+        overlaps the caller's work and other requests (lineage announces the next models' layer while it reduces
+        one); :meth:`read_into` of exactly that range takes it. At most :data:`_PENDING` ranges a file are held;
+        never raises."""
+        if length <= 0:
+            return
+        with self._lock:
+            if (offset, length) in self._pending or len(self._pending) >= _PENDING:
+                return
+            self._pending[(offset, length)] = _pool().submit(self.fetch, offset, length, "a prefetched range")
 
     def close(self) -> None:
-        """Nothing is held between requests (each opens its own connection)."""
+        """Drops the prefetched ranges not read (each request opens its own connection: none is held)."""
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for started in pending:
+            started.cancel()
+
+
+_PENDING = 4  # prefetched ranges held a file
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that fetch prefetched ranges (4: lineage announces at most 3 at a time)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="atlas-http"))
+    return _POOL[0]
 
 
 def _length_of(answer) -> str:
