@@ -122,10 +122,12 @@ def test_timeouts_truncation_and_lying_headers(tmp_path, monkeypatch):
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])  # the header says more than the file holds
     (tmp_path / "tiny.safetensors").write_bytes(data[:5])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
     (tmp_path / "page.safetensors").write_bytes(b"<!doctype html><html>" + b" " * 64)
     with make_server(tmp_path) as srv:
         check_refused(srv.url("cut.safetensors"), "truncated file: tensor")
         check_refused(srv.url("tiny.safetensors"), "truncated safetensors file (no header length)")
+        check_refused(srv.url("empty.safetensors"), "truncated safetensors file (no header length)", "HTTP 416")
         check_refused(srv.url("page.safetensors"), "a web page", "/resolve/")
         check_refused(srv.url("gone.safetensors"), "HTTP 404")
         with open_checkpoint(srv.url("a.safetensors")) as ck:
