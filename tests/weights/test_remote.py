@@ -102,13 +102,16 @@ def test_a_server_that_ignores_range_is_refused_not_downloaded(tmp_path):
         check_refused(srv.url("a.safetensors"), "a web page", "/resolve/ URL")
 
 
-@pytest.mark.parametrize(("status", "token", "words"), [
-    (404, None, ["not found (HTTP 404)"]), (401, None, ["HTTP 401", "set HF_TOKEN"]),
-    (403, "hf_x", ["HTTP 403", "HF_TOKEN sent was refused"]), (500, None, ["HTTP 500"])])
-def test_http_errors_are_one_line_naming_the_url(tmp_path, monkeypatch, status, token, words):
+@pytest.mark.parametrize(("status", "token", "hub", "words"), [
+    (404, None, True, ["not found (HTTP 404)"]), (401, None, True, ["HTTP 401", "set HF_TOKEN"]),
+    (403, "hf_x", True, ["HTTP 403", "HF_TOKEN sent was refused"]),
+    (401, "hf_x", False, ["HTTP 401", "HF_TOKEN is sent to the hub only"]), (500, None, True, ["HTTP 500"])])
+def test_http_errors_are_one_line_naming_the_url(tmp_path, monkeypatch, status, token, hub, words):
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
     with make_server(tmp_path, mode=status) as srv:
+        if hub:
+            monkeypatch.setenv("HF_ENDPOINT", srv.base)
         check_refused(srv.url("a.safetensors"), *words)
 
 
@@ -148,18 +151,32 @@ def test_pickles_and_other_formats_are_refused_without_a_request(tmp_path):
         assert srv.seen == []
 
 
-def test_the_token_goes_to_the_host_given_only(tmp_path, monkeypatch):
+def test_the_token_goes_to_the_hub_given_only(tmp_path, monkeypatch):
     make_file(tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with make_server(tmp_path) as cdn, make_server(tmp_path, mode="redirect") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.base)
         hub.target = cdn.base  # a hub's file redirects to another host (here another port)
         for url in (cdn.url("a.safetensors"), hub.url("a.safetensors")):
             with open_checkpoint(url) as ck:
                 assert torch.equal(ck.read("small"), make_tensors()["small"])
         assert len(hub.seen) == 1 and hub.seen[0][1].get("Authorization") == "Bearer hf_secret"  # then the CDN
         direct, redirected = cdn.seen[:3], cdn.seen[3:]  # opening reads 2 ranges, then one tensor
-        assert all(h.get("Authorization") == "Bearer hf_secret" for _, h in direct)
+        assert all("Authorization" not in h for _, h in direct)  # a server that is not the hub: no token
         assert len(redirected) == 3 and all("Authorization" not in h for _, h in redirected)
+
+
+def test_the_token_is_for_hub_hosts_only(monkeypatch):
+    from modelatlas.weights.http_ranges import hub_token
+
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert hub_token("https://huggingface.co/org/m/resolve/main/model.safetensors") == "hf_x"
+    assert hub_token("https://cdn-lfs.huggingface.co/x") == "hf_x"
+    for url in ("http://huggingface.co/x", "https://huggingface.co.evil.example/x", "https://example.org/x"):
+        assert hub_token(url) is None
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:8080/")
+    assert hub_token("http://127.0.0.1:8080/org/m") == "hf_x" and hub_token("http://127.0.0.1:9090/x") is None
 
 
 def test_an_expired_redirect_goes_back_to_the_url_given(tmp_path):
@@ -178,6 +195,7 @@ def test_a_same_host_redirect_keeps_the_token(tmp_path, monkeypatch):
     make_file(tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with make_server(tmp_path, mode="redirect") as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.base)
         srv.target = srv.base
         with open_checkpoint(srv.url("a.safetensors")) as ck:
             assert ck.tensors()

@@ -11,8 +11,9 @@ two 15 GB models reads a ninth of them: a server without ranges would download a
 :class:`~modelatlas.errors.CheckpointError` naming the URL: the HTTP status (401/403 with the ``HF_TOKEN``
 hint), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default), a body cut short.
 
-``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` to the host of the URL given only: urllib carries
-no "unredirected" header over a redirect, and :class:`_SameHostRedirect` adds it back only on a redirect to the
+``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` only to a URL on the hub (``huggingface.co`` or
+``$HF_ENDPOINT``: :func:`hub_token`), and there to the host of the URL given only: urllib carries no
+"unredirected" header over a redirect, and :class:`_SameHostRedirect` adds it back only on a redirect to the
 same scheme, host and port (a hub's file redirects to a CDN, which must not see the token).
 Time O(bytes) a read, one round trip a range.
 """
@@ -64,6 +65,19 @@ class _SameHostRedirect(urllib.request.HTTPRedirectHandler):
         return new
 
 
+def hub_token(url: str) -> str | None:
+    """``$HF_TOKEN`` for a URL on the Hugging Face hub (``huggingface.co`` or a subdomain, over https) or on
+    ``$HF_ENDPOINT``'s scheme, host and port; None for any other host, which must not see a hub token (a URL of
+    someone else's server given on the command line would otherwise collect it)."""
+    token = os.environ.get("HF_TOKEN") or None
+    if token is None:
+        return None
+    parts, endpoint = urlsplit(url), os.environ.get("HF_ENDPOINT")
+    host = (parts.hostname or "").lower()
+    on_hub = parts.scheme == "https" and (host == "huggingface.co" or host.endswith(".huggingface.co"))
+    return token if on_hub or (endpoint and _origin(endpoint) == _origin(url)) else None
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{(parts.netloc or '').lower()}"
@@ -76,7 +90,7 @@ class HttpRanges(ByteRanges):
     def __init__(self, url: str):
         super().__init__(url)
         self.url, self.size, self.fetched = url, None, 0
-        self._token = os.environ.get("HF_TOKEN") or None
+        self._token = hub_token(url)
         self._opener = urllib.request.build_opener(_SameHostRedirect(_origin(url), self._token))
         self._target = url  # where the last request's redirects ended
         self._pending: dict[tuple[int, int], Future] = {}  # (offset, length) -> its prefetch
@@ -245,6 +259,7 @@ def status_reason(code: int, reason: str, token: str | None) -> str:
         return "not found (HTTP 404): check the URL (a hub file's URL is .../resolve/REVISION/FILE)"
     if code in (401, 403):
         hint = ("the HF_TOKEN sent was refused: check that it grants access to this model" if token else
-                "a private or gated model needs a token: set HF_TOKEN")
+                "HF_TOKEN is sent to the hub only (huggingface.co, or the server HF_ENDPOINT names)"
+                if os.environ.get("HF_TOKEN") else "a private or gated model needs a token: set HF_TOKEN")
         return f"access denied (HTTP {code}): {hint}"
     return f"HTTP {code} {reason}".rstrip()
