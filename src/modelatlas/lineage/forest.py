@@ -12,7 +12,8 @@ JSON (``atlas lineage recover --out``)::
 
 Names are model names (:func:`modelatlas.weights.model_name`: file or folder name without extension). An
 edge of kind ``"duplicate"`` joins two models with identical weights, one of kind ``"precision"`` a model and its
-copy rounded to float16 / bfloat16 (score 1, distance 0).
+copy rounded to float16 / bfloat16 (score 1, distance 0), one of kind ``"merge"`` a merged model (a weighted sum of
+others, all named in ``decisions["model_merges"]``: :mod:`modelatlas.lineage.merges`) and its most weighted parent.
 """
 
 from __future__ import annotations

@@ -18,23 +18,27 @@ digits), against :data:`MERGE_TOL` = 0.05. Stored at bfloat16 or float16, a merg
 expected energy (:data:`ROUNDING_SHARE` of its squared norm) is taken out of its residual first, and a model
 whose nearest neighbour is within a few roundings of it (:data:`ROUNDING_MARGIN`) is not judged: bfloat16
 merges of fine-tunes that moved less than ~1 % of the weights' RMS are placed as models.
-Time O(N k^3) for N models and their k = :data:`NEIGHBOURS` nearest; memory O(N k^3).
+Time O(N k^2 F) a round for N models, k = :data:`NEIGHBOURS` and F = :data:`FAR` (a round per merge found);
+memory O(k^2 F).
 """
 
 from __future__ import annotations
 
-from itertools import combinations
 from typing import NamedTuple
 
 import numpy as np
 
 MERGE_TOL = 0.05  # residual off the line / plane, over the distance to the nearest other model
-NEIGHBOURS = 8  # a merge's parents are among its nearest models (its own update is a mix of theirs)
+NEIGHBOURS = 8  # a merge's nearer parent (or its plane's base and one parent) is among its 8 nearest models
+FAR = 64  # ... and its other parent among its 64 nearest (a merge of cousins lies half-way between them)
 MIN_WEIGHT = 0.05  # every parent of a merge counts (a coefficient of 0.01 is noise, not a merge)
 MAX_WEIGHT = 1.5  # a task vector added at most about whole (1.5 x: extrapolation, no merge recipe's)
-# expected squared rounding error over the squared value of a float rounded to nearest, values spread evenly
-# over a binade: (ulp^2 / 12) / E[w^2] = 2^(-2 p) / 12 / (7 / 3), p the fraction bits (7 bfloat16, 10 float16)
-ROUNDING_SHARE = {"bfloat16": 2.0**-14 / 28, "float16": 2.0**-20 / 28}
+# expected squared rounding error over the squared value of a float rounded to nearest: (ulp^2 / 12) / E[w^2]
+# = 2^(-2 p) / 12 / E[w^2 / 2^(2 e)], p the fraction bits (7 bfloat16, 10 float16), w in [2^e, 2^(e + 1)); with
+# a density ~ 1 / w^2 within each binade (bell-shaped weights: more of them at its low end), E = 2: 2^(-2 p) / 24
+# (measured on a merge of two CNN fine-tunes rounded to bfloat16: 2.63e-6 of its squared norm, this 2.54e-6;
+# evenly spread values, E = 7 / 3, would give 2.18e-6)
+ROUNDING_SHARE = {"bfloat16": 2.0**-14 / 24, "float16": 2.0**-20 / 24}
 # a model stored rounded is judged only when its nearest-neighbour distance^2 is this many times its rounding
 # energy: with fine-tunes 0.2 % from a bfloat16 base (its rounding ~0.15 % of each value), taking the rounding
 # out of the base's residual read it as the mean of its two fine-tunes (tests/lineage/test_copies.py)
@@ -79,10 +83,12 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
 
 
 def _mildest(fit: Merge) -> tuple:
-    """Sort key: the fit with the smallest largest |weight| first. With a merge among them, its parents are
+    """Sort key: lines before planes (a plane through a line merge and its parents fits any merge of theirs: a
+    linear merge is taken first, so a task-arithmetic one is not made its child), then the fit with the smallest
+    largest |weight| first. With a merge among them, its parents are
     weighted sums of the others too (four points in a plane, three on a line): A = (M - (1 - t) B) / t. The
     merge is the one that is an average (weights within [0, 1] on a line); its parents need weights over 1."""
-    return round(max(abs(w) for w in fit.weights), 6), fit.residual, fit.child
+    return len(fit.parents), round(max(abs(w) for w in fit.weights), 6), fit.residual, fit.child
 
 
 def _unmirrored(sq: np.ndarray, fit: Merge, pool: list[int], noise: np.ndarray, tol: float, k: int) -> Merge | None:
@@ -116,34 +122,40 @@ def _nearest(sq: np.ndarray, pool: list[int]) -> dict[int, int]:
 
 def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol: float = MERGE_TOL,
              k: int = NEIGHBOURS) -> Merge | None:
-    """The line, else the plane, through ``m``'s k nearest ``others`` that passes nearest ``m``, as a
-    :class:`Merge` whose residual is over m's nearest-neighbour distance (``noise``: m's rounding energy, taken
-    out first). A line within ``tol`` wins over any plane (fewer parents; a plane through its two ends and any
-    base fits as well). None with fewer than two others or no fit. Time O(k^3)."""
+    """The line, else the plane, near ``m`` that passes nearest it (through its k nearest ``others`` and any
+    of its :data:`FAR` nearest: :func:`_line_fit`, :func:`_plane_fit`), as a :class:`Merge` whose residual is over m's
+    nearest-neighbour distance (``noise``: m's rounding energy, taken out first). A line within ``tol`` wins over
+    a plane (fewer parents; a plane through its two ends and any base fits as well) unless the plane explains
+    what it leaves (:func:`_plane_explains`). None with fewer than two others or no fit. Time O(k^2 F)."""
     if len(others) < 2:
         return None
     others = np.asarray(others)
-    near = others[np.argsort(sq[m, others], kind="stable")[:k]]
+    order = np.argsort(sq[m, others], kind="stable")
+    near, others = others[order[:k]], others[order[:FAR]]
     d_nn = float(sq[m, near[0]])
     if d_nn <= 0 or noise * ROUNDING_MARGIN > d_nn:
         return None  # a copy (lineage.copies), or updates too near the rounding's size to tell a merge
-    fits = []
-    for fit in (_line_fit, _plane_fit):
-        got = fit(sq, m, near)
-        if got is not None:
-            fits.append(Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn))))
-            if fits[-1].residual <= tol:
-                return fits[-1]
+    fits = [Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn)))
+            for fit in (_line_fit, _plane_fit) if (got := fit(sq, m, near, others)) is not None]
+    if len(fits) == 2 and fits[0].residual <= tol and not _plane_explains(*fits, tol):
+        return fits[0]
     return min(fits, key=lambda f: f.residual) if fits else None
 
 
-def _line_fit(sq: np.ndarray, m: int, near: np.ndarray) -> tuple | None:
-    """((a, b), (w_a, w_b), squared residual) of the best segment a-b through ``near`` for model m, or None.
+def _plane_explains(line: Merge, plane: Merge, tol: float) -> bool:
+    """Whether a plane fit explains what its line fit leaves: the line's residual is no rounding-sized rest
+    (over a fifth of ``tol``) and the plane's is under a quarter of it. A task-arithmetic merge whose base has
+    a small weight (0.08 on the base, 0.60 and 0.32 on two siblings) lies 0.04 off their line and on the plane;
+    an exact line merge is on both, and stays a line (fewer parents)."""
+    return line.residual > tol / 5 and plane.residual < line.residual / 4
+
+
+def _line_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> tuple | None:
+    """((a, b), (w_a, w_b), squared residual) of the best segment a-b for model m, a among its ``near`` models
+    and b any of ``others`` (a merge's nearer parent is near it; the other may be a cousin far off), or None.
     m - b = t (a - b): t = <m - b, a - b> / |a - b|^2 from the three squared distances."""
-    pairs = np.array(list(combinations(near.tolist(), 2)))  # (C, 2)
-    if not len(pairs):
-        return None
-    a, b = pairs.T
+    a, b = np.repeat(near, len(others)), np.tile(others, len(near))  # (C,) each, C = k N
+    a, b = a[a != b], b[a != b]
     dab, dmb, dma = sq[a, b], sq[m, b], sq[m, a]
     with np.errstate(divide="ignore", invalid="ignore"):
         t = (dmb + dab - dma) / (2 * dab)  # (C,)
@@ -155,14 +167,18 @@ def _line_fit(sq: np.ndarray, m: int, near: np.ndarray) -> tuple | None:
     return (int(a[i]), int(b[i])), (float(t[i]), float(1 - t[i])), float(r2[i])
 
 
-def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray) -> tuple | None:
+def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> tuple | None:
     """((p, a, b), (1 - x - y, x, y), squared residual) of the best plane m - p = x (a - p) + y (b - p) with
-    x, y in [:data:`MIN_WEIGHT`, :data:`MAX_WEIGHT`] (both updates added), or None. The 2 x 2 normal equations from the six squared
-    distances (law of cosines), all triples at once."""
-    trip = np.array([(p, a, b) for p in near.tolist() for a, b in combinations(near.tolist(), 2) if p not in (a, b)])
-    if not len(trip):
+    x, y in [:data:`MIN_WEIGHT`, :data:`MAX_WEIGHT`] (both updates added), p and a among m's ``near`` models and
+    b any of ``others``, or None. The 2 x 2 normal equations from the six squared distances (law of cosines),
+    all triples at once."""
+    pa = np.array([(p, a) for p in near.tolist() for a in near.tolist() if p != a])  # (k (k - 1), 2)
+    if not len(pa):
         return None
-    p, a, b = trip.T  # (T,) each
+    p, a = np.repeat(pa[:, 0], len(others)), np.repeat(pa[:, 1], len(others))  # (T,) each, T = k (k - 1) N
+    b = np.tile(others, len(pa))  # (T,)
+    keep = (b != p) & (b != a)
+    p, a, b = p[keep], a[keep], b[keep]
     g11, g22 = sq[p, a], sq[p, b]
     g12 = (sq[p, a] + sq[p, b] - sq[a, b]) / 2  # <a - p, b - p>
     r1 = (sq[m, p] + sq[p, a] - sq[m, a]) / 2  # <m - p, a - p>
