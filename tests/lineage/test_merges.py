@@ -42,6 +42,15 @@ def test_a_linear_merge_and_a_task_arithmetic_merge_are_found_with_their_weights
     assert set(found) == {"lin", "ta"}  # the parents, whose sums the merges are, are not taken for merges
 
 
+def test_a_soup_and_a_task_arithmetic_merge_of_the_same_siblings_are_both_found():
+    pts = make_points()
+    pts["soup"] = 0.5 * pts["A"] + 0.5 * pts["B"]  # on the segment from P to ta as well (5/8 of the way)
+    pts["ta"] = pts["P"] + 0.8 * (pts["A"] - pts["P"]) + 0.8 * (pts["B"] - pts["P"])  # P fits at 1.33, 1.33
+    found = check_found(pts)
+    assert set(found) == {"soup", "ta"} and set(found["soup"][0]) == {"A", "B"}
+    assert dict(zip(*found["ta"])) == {"P": -0.6, "A": 0.8, "B": 0.8}
+
+
 def test_fine_tunes_chains_and_like_task_siblings_are_no_merges():
     assert check_found(make_points()) == {}
     rng = np.random.default_rng(1)

@@ -102,7 +102,7 @@ def _unmirrored(sq: np.ndarray, fit: Merge, pool: list[int], noise: np.ndarray, 
     base, rest = fit.parents[0], set(fit.parents[1:])
     mirror = best_fit(sq, base, [j for j in pool if j != base], noise[base], tol, k)
     if mirror is None or mirror.residual > tol or len(mirror.parents) != 3 or mirror.parents[0] != fit.child \
-            or set(mirror.parents[1:]) != rest or _mildest(mirror)[0] > _mildest(fit)[0] + 1e-3:
+            or set(mirror.parents[1:]) != rest or _mildest(mirror)[1] > _mildest(fit)[1] + 1e-3:
         return fit  # no mirror, or a milder fit than its mirror's (weights 0.8, 0.8 against 1.33, 1.33)
     four = {fit.child, base, *rest}
     near = _nearest(sq, pool)
@@ -136,7 +136,7 @@ def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol:
     if d_nn <= 0 or noise * ROUNDING_MARGIN > d_nn:
         return None  # a copy (lineage.copies), or updates too near the rounding's size to tell a merge
     fits = [Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn)))
-            for fit in (_line_fit, _plane_fit) if (got := fit(sq, m, near, others)) is not None]
+            for fit in (_line_fit, _plane_fit) if (got := fit(sq, m, near, others, d_nn)) is not None]
     if len(fits) == 2 and fits[0].residual <= tol and not _plane_explains(*fits, tol):
         return fits[0]
     return min(fits, key=lambda f: f.residual) if fits else None
@@ -150,7 +150,17 @@ def _plane_explains(line: Merge, plane: Merge, tol: float) -> bool:
     return line.residual > tol / 5 and plane.residual < line.residual / 4
 
 
-def _line_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> tuple | None:
+def _best(residual2: np.ndarray, weights: np.ndarray, ok: np.ndarray, d_nn: float) -> int:
+    """Index of the best fit among ``ok``: the least squared residual, and among fits as good (within 1e-4 of
+    the nearest-neighbour distance^2: exact ones) the mildest weights (largest |weight| least). Several lines
+    can pass exactly through a merge when another merge of its parents is given: a soup 0.5 A + 0.5 B is 5/8 of
+    the way from P to P + 0.8 (A - P) + 0.8 (B - P) too; its own parents weigh it mildest."""
+    idx = np.flatnonzero(ok)
+    tied = idx[residual2[idx] <= residual2[idx].min() + 1e-4 * d_nn]
+    return int(tied[np.argmin(np.abs(weights[tied]).max(1))])
+
+
+def _line_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, d_nn: float) -> tuple | None:
     """((a, b), (w_a, w_b), squared residual) of the best segment a-b for model m, a among its ``near`` models
     and b any of ``others`` (a merge's nearer parent is near it; the other may be a cousin far off), or None.
     m - b = t (a - b): t = <m - b, a - b> / |a - b|^2 from the three squared distances."""
@@ -163,11 +173,11 @@ def _line_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> t
     ok = (dab > 0) & (t >= MIN_WEIGHT) & (t <= 1 - MIN_WEIGHT)
     if not ok.any():
         return None
-    i = int(np.flatnonzero(ok)[np.argmin(r2[ok])])
+    i = _best(r2, np.stack([t, 1 - t], 1), ok, d_nn)
     return (int(a[i]), int(b[i])), (float(t[i]), float(1 - t[i])), float(r2[i])
 
 
-def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> tuple | None:
+def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, d_nn: float) -> tuple | None:
     """((p, a, b), (1 - x - y, x, y), squared residual) of the best plane m - p = x (a - p) + y (b - p) with
     x, y in [:data:`MIN_WEIGHT`, :data:`MAX_WEIGHT`] (both updates added), p and a among m's ``near`` models and
     b any of ``others``, or None. The 2 x 2 normal equations from the six squared distances (law of cosines),
@@ -188,10 +198,11 @@ def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> 
         x = (r1 * g22 - r2 * g12) / det
         y = (r2 * g11 - r1 * g12) / det
         res = sq[m, p] - (x * r1 + y * r2)
+        w = np.stack([1 - x - y, x, y], 1)  # (T, 3)
     ok = (det > 1e-12 * g11 * g22) & (x >= MIN_WEIGHT) & (y >= MIN_WEIGHT) & (x <= MAX_WEIGHT) & (y <= MAX_WEIGHT)
     if not ok.any():
         return None
-    i = int(np.flatnonzero(ok)[np.argmin(res[ok])])
+    i = _best(res, w, ok, d_nn)
     return (int(p[i]), int(a[i]), int(b[i])), (float(1 - x[i] - y[i]), float(x[i]), float(y[i])), float(res[i])
 
 
