@@ -486,3 +486,18 @@ def test_other_suffixes_of_the_text_outputs_and_an_upper_case_png_are_written(tm
     files = {"--dot": tmp_path / "f.gv", "--mermaid": tmp_path / "f.md", "--png": tmp_path / "f.PNG"}
     assert main(["lineage", "recover", str(tmp_path), *(str(x) for kv in files.items() for x in kv)]) == 0
     assert all(f.is_file() for f in files.values()) and files["--png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_merged_model_is_drawn_with_its_parents_unless_no_merges(tmp_path, capsys):
+    make_tiny_zoo(tmp_path)
+    a, b = load_file(str(tmp_path / "t0_0.safetensors")), load_file(str(tmp_path / "t0_1.safetensors"))
+    save_file({k: 0.25 * a[k] + 0.75 * b[k] for k in a}, str(tmp_path / "soup.safetensors"))
+    out = tmp_path / "forest.json"
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "└── soup  (merge: 0.75 t0_1 + 0.25 t0_0)" in text or "├── soup  (merge: 0.75 t0_1 + 0.25 t0_0)" in text
+    data = json.loads(out.read_text())
+    assert data["decisions"]["model_merges"]["soup"]["parents"] == ["t0_1", "t0_0"]
+    assert [e["kind"] for e in data["edges"] if e["child"] == "soup"] == ["merge"]
+    assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize", "--no-merges"]) == 0
+    assert "merge:" not in capsys.readouterr().out

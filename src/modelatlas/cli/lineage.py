@@ -51,18 +51,23 @@ def add_recovery_options(p: argparse.ArgumentParser) -> None:
                         "of distance + direction penalty")
     p.add_argument("--method", choices=("atlas", "mother-paper"), default="atlas",
                    help="atlas (default) or the published recipe (needs --trees and --stage)")
+    p.add_argument("--no-merges", dest="merges", action="store_false",
+                   help="place merged models (weighted sums of others given: linear merges, task arithmetic) "
+                        "in the trees as models (default: found, and drawn beside their parents)")
     add_field_flags(p, RECOVERY_FLAGS)
 
 
 # LineageConfig's fields that these options set (config_from_args), for errors naming the flag
-RECOVERY_FLAGS = {**dashed("method", "stage", "layers", "distance", "placement"), "n_trees": "--trees", "lam": "--lambda"}
+RECOVERY_FLAGS = {**dashed("method", "stage", "layers", "distance", "placement"), "n_trees": "--trees", "lam": "--lambda",
+                  "merges": "--no-merges"}
 
 
 def config_from_args(args: argparse.Namespace):
     from modelatlas.lineage import LineageConfig
 
     return LineageConfig(method=args.method, stage=args.stage, n_trees=args.trees, lam=args.lam,
-                         layers=args.layers, distance=args.distance, placement=args.placement)
+                         layers=args.layers, distance=args.distance, placement=args.placement,
+                         merges=args.merges)
 
 
 def expand_paths(paths: list[str], base: str | Path | None = None) -> list[Path]:
