@@ -5,7 +5,8 @@
 Per zoo (folders as ``modelatlas.zoo`` writes them), merges of its fine-tuned models are written beside links to
 its models, seeded: in each tree one linear merge of two siblings, ``a A + (1 - a) B`` (a uniform in 0.2-0.8), one
 task-arithmetic merge of two siblings on their parent, ``P + x (A - P) + y (B - P)`` (x, y uniform in 0.3-1.0),
-and one linear merge of two cousins; float32, and each again rounded to bfloat16 (``--bf16``). The zoo is then
+and one linear merge of two cousins; float32, and each again rounded to bfloat16 (``--bf16``); with
+``--per-layer`` the two-parent ones instead with a weight per tensor (a ramp; linear and SLERP). The zoo is then
 recovered three ways: without the merges, with them and merge detection on (the default), with them and
 ``merges=False``. Per row: merges planted, found with their exact parents, found with others, missed; real
 models taken for merges; and the directed accuracy on the zoo's own true edges in each of the three runs (the
@@ -57,17 +58,49 @@ def plan(manifest, rng: np.random.Generator) -> dict[str, dict]:
     return out
 
 
+def layered(merges: dict[str, dict], rng: np.random.Generator) -> dict[str, dict]:
+    """The two-parent merges of ``merges`` again with a weight per tensor (mergekit's layer gradients): a ramp
+    over the tensors in name order between two ends drawn in 0.1-0.9, as a linear merge (``grad-``) and as SLERP
+    of each tensor pair (``slerp-``)."""
+    out = {}
+    for name, rec in merges.items():
+        if len(rec["parents"]) == 2:
+            ends = rng.uniform(0.1, 0.9, 2).tolist()
+            for how in ("grad", "slerp"):
+                out[f"{how}-{name.split('-', 1)[1]}"] = {"parents": rec["parents"], "ramp": ends, "how": how}
+    return out
+
+
+def _slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two tensors as flat vectors (mergekit's per-tensor SLERP), t the weight of b."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    theta = torch.arccos((fa @ fb / (fa.norm() * fb.norm())).clamp(-1, 1))
+    if theta < 1e-6:
+        return (1 - t) * a.double() + t * b.double()
+    return ((torch.sin((1 - t) * theta) * fa + torch.sin(t * theta) * fb) / torch.sin(theta)).view(a.shape)
+
+
+def _merged(rec: dict, ts: list[dict]) -> dict:
+    """The merge of the parents' tensors ``ts`` that the record says (float64)."""
+    if "ramp" not in rec:
+        return {k: sum(w * t[k].double() for w, t in zip(rec["weights"], ts)) for k in ts[0]}
+    keys = sorted(ts[0])
+    ramp = np.linspace(*rec["ramp"], len(keys))  # the first parent's weight per tensor
+    if rec["how"] == "grad":
+        return {k: w * ts[0][k].double() + (1 - w) * ts[1][k].double() for k, w in zip(keys, ramp)}
+    return {k: _slerp(1 - w, ts[0][k], ts[1][k]) for k, w in zip(keys, ramp)}
+
+
 def write(merges: dict[str, dict], paths: dict[str, Path], folder: Path, bf16: bool) -> list[Path]:
-    """Each merge as ``folder/NAME.safetensors`` (float32, or rounded to bfloat16): the weighted sum of its
-    parents' tensors, every float tensor they share."""
+    """Each merge as ``folder/NAME.safetensors`` (float32, or rounded to bfloat16): its parents' tensors merged
+    (:func:`_merged`), every float tensor they share."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for name, rec in merges.items():
         target = folder / f"{name}{'-bf16' if bf16 else ''}.safetensors"
         if not target.exists():
-            ts = [load_file(str(_weights(paths[p]))) for p in rec["parents"]]
-            merged = {k: sum(w * t[k].double() for w, t in zip(rec["weights"], ts)).float() for k in ts[0]}
-            save_file({k: (v.bfloat16() if bf16 else v).contiguous() for k, v in merged.items()}, str(target))
+            merged = _merged(rec, [load_file(str(_weights(paths[p]))) for p in rec["parents"]])
+            save_file({k: (v.bfloat16() if bf16 else v.float()).contiguous() for k, v in merged.items()}, str(target))
         out.append(target)
     return out
 
@@ -82,6 +115,7 @@ def rows(args: argparse.Namespace):
         truth = {m.name: m.parent for m in manifest.models}
         paths = {m.name: manifest.path_of(m.name) for m in manifest.models}
         merges = plan(manifest, np.random.default_rng(args.seed))
+        merges = layered(merges, np.random.default_rng(args.seed + 1)) if args.per_layer else merges
         files = write(merges, paths, args.work / zoo.name, args.bf16)
         plain = recover_lineage(list(paths.values()))
         found = recover_lineage([*paths.values(), *files])
@@ -98,7 +132,8 @@ def _found(forest, merges: dict[str, dict], bf16: bool) -> dict:
     suffix = "-bf16" if bf16 else ""
     exact = [n for n in merges if set(got.get(n + suffix, {}).get("parents", [])) == set(merges[n]["parents"])]
     err = max((abs(dict(zip(got[n + suffix]["parents"], got[n + suffix]["weights"]))[p] - w)
-               for n in exact for p, w in zip(merges[n]["parents"], merges[n]["weights"])), default=0.0)
+               for n in exact if "weights" in merges[n]
+               for p, w in zip(merges[n]["parents"], merges[n]["weights"])), default=0.0)
     planted = {n + suffix for n in merges}
     return {"planted": len(merges), "exact": len(exact), "other": sum(n + suffix in got for n in merges) - len(exact),
             "missed": sum(n + suffix not in got for n in merges), "false": sorted(set(got) - planted),
@@ -166,6 +201,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="where the merges are written (kept: reruns reuse them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="the merges rounded to bfloat16")
+    ap.add_argument("--per-layer", action="store_true", help="the two-parent merges with a weight per tensor "
+                    "instead: a linear ramp over the tensors, and SLERP per tensor")
     ap.add_argument("--trajectories", action="store_true", help="instead: checkpoints of single training runs "
                     "(no merges among them; the zoos are not read)")
     torch.set_num_threads(1)

@@ -116,3 +116,19 @@ def test_a_bfloat16_merge_is_found_through_its_rounding():
     forest = recover_lineage(models, stage="specialize")
     assert sorted(forest.decisions["model_merges"]["soup"]["parents"]) == ["ft0", "ft1"]
     assert forest.decisions["model_merges"]["soup"]["residual"] < 0.05
+
+
+def test_a_merge_with_a_weight_per_layer_is_found_with_those_weights():
+    weights, parents = make_synthetic_forest(n_trees=2, children=3, depth=2, seed=4)
+    a, b = weights["t0_0"], weights["t0_1"]
+    ramp = dict(zip(sorted(a), np.linspace(0.2, 0.8, len(a)).tolist()))  # mergekit's layer gradient
+    weights["ramp"] = {k: ramp[k] * a[k] + (1 - ramp[k]) * b[k] for k in a}
+    forest = recover_lineage(weights, stage="specialize")
+    rec = forest.decisions["model_merges"]["ramp"]
+    first = dict(zip(rec["parents"], [1, 0]))["t0_0"]  # the per-layer weights are the first parent's
+    got = rec["per_layer"] if first else [1 - t for t in rec["per_layer"]]
+    assert got == pytest.approx([ramp[k] for k in sorted(a) if a[k].ndim == 2 and a[k].shape[0] == a[k].shape[1]],
+                                abs=1e-3)
+    plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
+    assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}
+    assert "ramp  (merge per layer: " in to_text(forest)

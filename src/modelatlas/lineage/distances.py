@@ -31,10 +31,10 @@ sketches, O(N^2 k). The sketch is linear and ``E ||S d||^2 = ||d||^2`` (unbiased
 deviation of one squared distance is at most sqrt(2 / k) (2% for k = 4096) when the difference is spread over
 many weights, less after averaging over layers. ``gram_sketch=None`` keeps the exact Gram for every layer.
 
-Time O(L N P) reading + kurtosis + O(L N^2 min(P, k)) for the Grams (L layers of P weights; exact:
-O(L N^2 P) when P <= 4k), O(N P + N s^2 m) for the rank sketches (m: columns); memory O(N min(P_l, 4k) + P_l + N k + N^2 + N L s^2).
-Temporaries (powers, signed copies, batched spectra) live in reused workspaces: a fresh large tensor per
-step costs a page fault per 4 KiB page, which measured as much as the arithmetic.
+Time O(L N P) reading + kurtosis + O(L N^2 min(P, k)) for the Grams (L layers of P weights; exact: O(L N^2 P)
+when P <= 4k), O(N P + N s^2 m) for the rank sketches (m: columns); memory O(N min(P_l, 4k) + P_l + N k + N^2 +
+N L s^2). Temporaries (powers, signed copies, batched spectra) live in reused workspaces: a fresh large tensor
+per step costs a page fault per 4 KiB page, which measured as much as the arithmetic.
 """
 
 from __future__ import annotations
@@ -46,15 +46,8 @@ import torch
 
 from modelatlas.errors import AtlasError
 from modelatlas.lineage import rounding as _rounding
-from modelatlas.lineage.rounding import (
-    LayerNoise,
-    LayerRounding,
-    debiased_moments,
-    debiased_squared,
-    layer_kinds,
-    layer_rounding_sums,
-    rounding_excess,
-)
+from modelatlas.lineage.merges import LAYER_SQ_CAP
+from modelatlas.lineage.rounding import LayerNoise, LayerRounding, debiased_moments, debiased_squared
 from modelatlas.lineage.spectra import RankSketch
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
@@ -63,6 +56,8 @@ from modelatlas.weights import Checkpoint, TensorInfo
 _CHUNK = 1 << 20  # columns per Gram block: bounds the float64 copy to N x 8 MiB
 _AHEAD = 2  # models whose next layer is prefetched (posix_fadvise WILLNEED) while one is reduced
 GRAM_SKETCH = 4096  # default sketch size of the full-FT distances; layers of <= 4x this many weights stay exact
+
+
 
 
 @dataclass
@@ -86,6 +81,7 @@ class PairStats:
     excess: np.ndarray | None = None
     spread: np.ndarray | None = None
     norms2: np.ndarray | None = None  # (N,) sum over layers of ||W||^2 (a merge's rounding scale: lineage.merges)
+    layer_sq: list[np.ndarray] | None = None  # per layer (N, N) float32 ||dW||^2 (lineage.merges); None: see LAYER_SQ_CAP
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
@@ -100,7 +96,8 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None,
-                   stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)), norms2=np.zeros(n))
+                   stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)), norms2=np.zeros(n),
+                   layer_sq=[] if n * n * len(layers) <= LAYER_SQ_CAP else None)
     fits = ValueFormats(n)
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
@@ -108,14 +105,14 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
         before = st.kurtosis.copy()
         sk_k = gram_sketch if gram_sketch and info.numel > 4 * gram_sketch else None
         rank = RankSketch(info, sketch, seed, rank_sketch) if sketch and len(info.shape) >= 2 else None
-        gseed, kinds = derive_seed(seed, "gram", info.name), layer_kinds(ckpts, info)
+        gseed, kinds = derive_seed(seed, "gram", info.name), _rounding.layer_kinds(ckpts, info)
         if sk_k is not None and stream and not l1:
             mom, gram, shift, y, noise = _stream_layer(ckpts, info, st.failed, sk_k, gseed, rank, fits)
             _add_layer(st, mom, gram, shift, info.numel, LayerNoise(noise, kinds, sk_k))
         else:
             x = _read_layer(ckpts, info, st.failed, fits)  # (N, P) float32
             noise = _accumulate(st, x, l1, sk_k, gseed, kinds,
-                                lambda c, x=x, info=info: layer_rounding_sums(ckpts, info, x, c, st.failed))
+                                lambda c, x=x, info=info: _rounding.layer_rounding_sums(ckpts, info, x, c, st.failed))
             y = None if rank is None else rank(x)
         per_layer.append(st.kurtosis - before)
         if y is not None:
@@ -342,14 +339,17 @@ def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: floa
         st.stored_rel += (d2 / stored).sqrt().numpy()
         layer = LayerRounding(noise[:, 0].numpy(), rounding.kinds, p)
         if st.excess is not None:
-            excess, spread = rounding_excess(d2, noise, layer.same_kind())
+            excess, spread = _rounding.rounding_excess(d2, noise, layer.same_kind())
             st.excess += excess.numpy()
             st.spread += (spread + (2 * d2**2 / rounding.k if rounding.k else 0)).numpy()
         d2 = debiased_squared(d2, noise[:, 0], layer)
+        st.layer_sq = None
     else:
         st.stored_rel += (d2 / scale).sqrt().numpy()
         if st.excess is not None:
             st.excess += d2.numpy()
+        if st.layer_sq is not None:
+            st.layer_sq.append(d2.numpy().astype(np.float32))
     st.rms += (d2 / p).sqrt().numpy()
     st.rel += (d2 / scale).sqrt().numpy()
     if st.norms2 is not None:

@@ -48,10 +48,15 @@ def copy_formats(forest) -> dict:
 
 
 def merge_text(record: dict) -> str:
-    """"merge: 0.50 a + 0.50 b" of a merge's record (``decisions["model_merges"]``, :mod:`.merges`)."""
+    """"merge: 0.50 a + 0.50 b" of a merge's record (``decisions["model_merges"]``, :mod:`.merges`); with a weight
+    per layer, "merge per layer: 0.20-0.80 a + 0.20-0.80 b"."""
     terms = list(zip(record.get("weights", []), record.get("parents", [])))
     if not terms:
         return "merge"
+    t = record.get("per_layer") or []
+    if t and len(terms) == 2:
+        lo, hi = min(t), max(t)
+        return f"merge per layer: {lo:.2f}-{hi:.2f} {terms[0][1]} + {1 - hi:.2f}-{1 - lo:.2f} {terms[1][1]}"
     w, name = terms[0]
     text = f"merge: {w:.2f} {name}"
     return text + "".join(f" {'-' if w < 0 else '+'} {abs(w):.2f} {name}" for w, name in terms[1:])

@@ -28,11 +28,17 @@ from typing import NamedTuple
 
 import numpy as np
 
+# entries of the per-layer squared distances kept (128 MB: 200 models x 800 layers) for merges with a weight per
+# layer; none over it, nor when a model is quantized (a stand-in's rounding is in its distances)
+LAYER_SQ_CAP = 1 << 25
 MERGE_TOL = 0.05  # residual off the line / plane, over the distance to the nearest other model
 NEIGHBOURS = 8  # a merge's nearer parent (or its plane's base and one parent) is among its 8 nearest models
 FAR = 64  # ... and its other parent among its 64 nearest (a merge of cousins lies half-way between them)
 MIN_WEIGHT = 0.05  # every parent of a merge counts (a coefficient of 0.01 is noise, not a merge)
 MAX_WEIGHT = 1.5  # a task vector added at most about whole (1.5 x: extrapolation, no merge recipe's)
+# a plane's two directions at least ~6 degrees apart (sin^2 >= 0.01): two merges of the same parents, 1 % apart,
+# spanned an ill-conditioned plane that took a parent for a merge of them (weights -1, 1, 1, residual 0.04)
+MIN_SIN2 = 0.01
 # expected squared rounding error over the squared value of a float rounded to nearest: (ulp^2 / 12) / E[w^2]
 # = 2^(-2 p) / 12 / E[w^2 / 2^(2 e)], p the fraction bits (7 bfloat16, 10 float16), w in [2^e, 2^(e + 1)); with
 # a density ~ 1 / w^2 within each binade (bell-shaped weights: more of them at its low end), E = 2: 2^(-2 p) / 24
@@ -47,28 +53,33 @@ ROUNDING_MARGIN = 25.0
 
 class Merge(NamedTuple):
     """``child`` is ``sum(weights[i] * model parents[i])`` (weights sum to 1), off it by ``residual`` (over the
-    distance from the child to its nearest other model)."""
+    distance from the child to its nearest other model). ``per_layer``: for a merge of two models with a weight
+    per layer (mergekit's layer gradients, SLERP per tensor), the first parent's weight in each layer, and
+    ``weights`` their mean; empty for one weight throughout."""
 
     child: int
     parents: tuple[int, ...]
     weights: tuple[float, ...]
     residual: float
+    per_layer: tuple[float, ...] = ()
 
 
 def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = None, tol: float = MERGE_TOL,
-                k: int = NEIGHBOURS) -> list[Merge]:
+                k: int = NEIGHBOURS, layers: np.ndarray | None = None) -> list[Merge]:
     """The merges among ``keep`` (indices into the squared distances ``sq`` (N, N)), best fit first, each with
     parents that are no merges themselves. ``rounding`` (N,): each model's expected rounding energy on the same
     scale as ``sq`` (0 for float32). A model is a merge when its best line (two parents, weights in
     [:data:`MIN_WEIGHT`, 1 - it]) or plane (a base plus two models, both added with weight >= MIN_WEIGHT) fit
-    leaves a residual of at most ``tol`` of its nearest-neighbour distance. Greedy: of the fits within ``tol``
+    leaves a residual of at most ``tol`` of its nearest-neighbour distance; with ``layers`` (L, N, N), each
+    layer's squared distances, else a segment with a weight per layer (:func:`_layer_line_fit`). Greedy: of the
+    fits within ``tol``
     the one with the mildest weights is taken (:func:`_mildest`), it leaves the pool of parents, the rest are
     fitted again. Time O(M N k^3) for M merges found."""
     pool, found, settled = list(keep), [], set()
     noise = np.zeros(len(sq)) if rounding is None else np.asarray(rounding, dtype=np.float64)
     while len(pool) >= 3:
         fits = [f for m in pool if m not in settled
-                and (f := best_fit(sq, m, [j for j in pool if j != m], noise[m], tol, k)) is not None]
+                and (f := best_fit(sq, m, [j for j in pool if j != m], noise[m], tol, k, layers)) is not None]
         fits = [f for f in fits if f.residual <= tol]
         if not fits:
             break
@@ -121,12 +132,12 @@ def _nearest(sq: np.ndarray, pool: list[int]) -> dict[int, int]:
 
 
 def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol: float = MERGE_TOL,
-             k: int = NEIGHBOURS) -> Merge | None:
+             k: int = NEIGHBOURS, layers: np.ndarray | None = None) -> Merge | None:
     """The line, else the plane, near ``m`` that passes nearest it (through its k nearest ``others`` and any
     of its :data:`FAR` nearest: :func:`_line_fit`, :func:`_plane_fit`), as a :class:`Merge` whose residual is over m's
     nearest-neighbour distance (``noise``: m's rounding energy, taken out first). A line within ``tol`` wins over
     a plane (fewer parents; a plane through its two ends and any base fits as well) unless the plane explains
-    what it leaves (:func:`_plane_explains`). None with fewer than two others or no fit. Time O(k^2 F)."""
+    what it leaves (:func:`_explains`). None with fewer than two others or no fit. Time O(k^2 F)."""
     if len(others) < 2:
         return None
     others = np.asarray(others)
@@ -135,19 +146,52 @@ def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol:
     d_nn = float(sq[m, near[0]])
     if d_nn <= 0 or noise * ROUNDING_MARGIN > d_nn:
         return None  # a copy (lineage.copies), or updates too near the rounding's size to tell a merge
-    fits = [Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn)))
-            for fit in (_line_fit, _plane_fit) if (got := fit(sq, m, near, others, d_nn)) is not None]
-    if len(fits) == 2 and fits[0].residual <= tol and not _plane_explains(*fits, tol):
-        return fits[0]
+    line, plane = (None if (got := fit(sq, m, near, others, d_nn)) is None else
+                   Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn)))
+                   for fit in (_line_fit, _plane_fit))
+    layered = None if layers is None else _layer_merge(layers, m, near, others, noise, d_nn)
+    rivals = [f for f in (plane, layered) if f is not None]
+    if line is not None and line.residual <= tol and not any(_explains(line, f, tol) for f in rivals):
+        return line
+    fits = [f for f in (line, *rivals) if f is not None]
     return min(fits, key=lambda f: f.residual) if fits else None
 
 
-def _plane_explains(line: Merge, plane: Merge, tol: float) -> bool:
-    """Whether a plane fit explains what its line fit leaves: the line's residual is no rounding-sized rest
-    (over a fifth of ``tol``) and the plane's is under a quarter of it. A task-arithmetic merge whose base has
-    a small weight (0.08 on the base, 0.60 and 0.32 on two siblings) lies 0.04 off their line and on the plane;
-    an exact line merge is on both, and stays a line (fewer parents)."""
-    return line.residual > tol / 5 and plane.residual < line.residual / 4
+def _layer_merge(layers: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, noise: float,
+                 d_nn: float) -> Merge | None:
+    """:func:`_layer_line_fit` as a :class:`Merge` (weights: the first parent's mean weight and the rest)."""
+    got = _layer_line_fit(layers, m, near, others)
+    if got is None:
+        return None
+    t = got[1]
+    return Merge(m, got[0], (float(t.mean()), float(1 - t.mean())), float(np.sqrt(max(got[2] - noise, 0.0) / d_nn)),
+                 tuple(float(x) for x in t))
+
+
+def _layer_line_fit(layers: np.ndarray, m: int, near: np.ndarray, others: np.ndarray) -> tuple | None:
+    """((a, b), t (L,), squared residual) of the best segment a-b with a weight t_l in [0, 1] per layer (a among
+    m's ``near`` models, b among ``others``), from each layer's squared distances ``layers`` (L, N, N); None
+    without candidates. Per layer t = <m - b, a - b> / |a - b|^2 clipped to [0, 1] (a layer where a and b are
+    equal: 1/2, its residual m's distance to them). Time O(k F L)."""
+    a, b = np.repeat(near, len(others)), np.tile(others, len(near))  # (C,) each
+    a, b = a[a != b], b[a != b]
+    if not len(a):
+        return None
+    dab, dmb, dma = layers[:, a, b].astype(np.float64), layers[:, m, b], layers[:, m, a]  # (L, C) each
+    g = (dmb + dab - dma) / 2  # <m - b, a - b> per layer
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(dab > 0, np.clip(g / dab, 0.0, 1.0), 0.5)  # (L, C)
+    r2 = (dmb - 2 * t * g + t**2 * dab).sum(0)  # (C,) ||m - (t a + (1 - t) b)||^2 over layers
+    i = int(np.argmin(r2))
+    return (int(a[i]), int(b[i])), t[:, i], float(r2[i])
+
+
+def _explains(line: Merge, other: Merge, tol: float) -> bool:
+    """Whether a plane fit, or a segment with a weight per layer, explains what the line fit leaves: the line's
+    residual is no rounding-sized rest (over a fifth of ``tol``) and the other's is under a quarter of it. A
+    task-arithmetic merge whose base has a small weight (0.08 on the base, 0.60 and 0.32 on two siblings) lies
+    0.04 off their line and on the plane; an exact line merge is on all three, and stays a line (one weight)."""
+    return line.residual > tol / 5 and other.residual < line.residual / 4
 
 
 def _best(residual2: np.ndarray, weights: np.ndarray, ok: np.ndarray, d_nn: float) -> int:
@@ -199,7 +243,7 @@ def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, d_n
         y = (r2 * g11 - r1 * g12) / det
         res = sq[m, p] - (x * r1 + y * r2)
         w = np.stack([1 - x - y, x, y], 1)  # (T, 3)
-    ok = (det > 1e-12 * g11 * g22) & (x >= MIN_WEIGHT) & (y >= MIN_WEIGHT) & (x <= MAX_WEIGHT) & (y <= MAX_WEIGHT)
+    ok = (det > MIN_SIN2 * g11 * g22) & (x >= MIN_WEIGHT) & (y >= MIN_WEIGHT) & (x <= MAX_WEIGHT) & (y <= MAX_WEIGHT)
     if not ok.any():
         return None
     i = _best(res, w, ok, d_nn)
@@ -215,12 +259,14 @@ def split_merges(names: list[str], st, keep: list[int], found: dict[str, dict]) 
     if st.excess is None or st.norms2 is None or any(bool((r.energy > 0).any()) for r in st.rounding):
         return keep
     share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in st.value_formats] or [0.0] * len(names))
-    merges = find_merges(st.excess, keep, share * st.norms2)
+    layers = None if not st.layer_sq else np.stack(st.layer_sq)  # (L, N, N)
+    merges = find_merges(st.excess, keep, share * st.norms2, layers=layers)
     for m in merges:
         main = m.parents[max(range(len(m.weights)), key=lambda i: (m.weights[i], -i))]
         found[names[m.child]] = {"parents": [names[p] for p in m.parents], "weights": [round(w, 6) for w in m.weights],
                                  "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]),
-                                 "rms": float(st.rms[m.child, main])}
+                                 "rms": float(st.rms[m.child, main]),
+                                 **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {})}
     merged = {m.child for m in merges}
     return [i for i in keep if i not in merged]
 

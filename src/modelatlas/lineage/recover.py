@@ -180,7 +180,7 @@ class LineageRecovery:
             f.decisions["outside_layers"] = dict(outside)
         f.kurtosis.update({n: r["kurtosis"] for n, r in mixed.items()})
         if mixed:
-            f.decisions["model_merges"] = {n: {k: r[k] for k in ("parents", "weights", "residual")} for n, r in mixed.items()}
+            f.decisions["model_merges"] = {n: {k: v for k, v in r.items() if k not in ("kurtosis", "rms")} for n, r in mixed.items()}
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
         self.clusters_, self.kurtosis_ = self.clusters_[src], np.array([f.kurtosis[n] for n in nodes])
         self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
