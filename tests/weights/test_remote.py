@@ -259,3 +259,17 @@ def test_a_prefetched_tensor_is_fetched_in_the_background_once(tmp_path):
         srv.mode = 404
         ck.prefetch("small")
         check_message(ck, "small", "cannot read tensor 'small': not found (HTTP 404)")  # the read's own error
+
+
+def test_a_model_lineage_skips_is_named_by_its_url(tmp_path):
+    from modelatlas.lineage import recover_lineage
+    from modelatlas.lineage.synthetic import make_synthetic_forest
+
+    weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, seed=3)
+    weights["t0_0"]["attn.q"] = weights["t0_0"]["attn.q"].clone()
+    weights["t0_0"]["attn.q"][0, 0] = float("nan")  # a diverged model: skipped, named (it read "http:/127.0.0.1...")
+    for name, tensors in weights.items():
+        make_file(tmp_path / "zoo", f"{name}.safetensors", tensors)
+    with make_server(tmp_path) as srv:
+        forest = recover_lineage([srv.url(f"zoo/{n}.safetensors") for n in weights])
+    assert forest.skipped["t0_0"].startswith(srv.url("zoo/t0_0.safetensors") + ": tensor 'attn.q' holds NaN")

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from modelatlas.errors import AtlasError
+from modelatlas.errors import AtlasError, shown_path
 from modelatlas.lineage import rounding as _rounding
 from modelatlas.lineage.merges import LAYER_SQ_CAP
 from modelatlas.lineage.rounding import LayerNoise, LayerRounding, debiased_moments, debiased_squared
@@ -187,13 +187,14 @@ def _read_one(ck: Checkpoint, info: TensorInfo, failed: dict[int, str],
     try:
         t = ck.read(info.name)
         if tuple(t.shape) != info.shape:
-            raise AtlasError(f"{ck.path}: tensor {info.name!r} has shape {tuple(t.shape)}, header says {info.shape}")
+            raise AtlasError(f"{shown_path(ck.path)}: tensor {info.name!r} has shape {tuple(t.shape)}, "
+                             f"header says {info.shape}")
         row = t.detach().reshape(1, -1).to(torch.float32)
         # one NaN / inf would poison the layer mean, hence every distance of the group: skip the model instead
         # (the sum is one cheap pass; the full check runs only when it is not finite)
         if not torch.isfinite(row.sum()) and not torch.isfinite(row).all():
-            raise AtlasError(f"{ck.path}: tensor {info.name!r} holds NaN or inf values (a diverged or corrupt "
-                             "checkpoint); fix or remove it")
+            raise AtlasError(f"{shown_path(ck.path)}: tensor {info.name!r} holds NaN or inf values (a diverged or "
+                             "corrupt checkpoint); fix or remove it")
         return row, t.dtype
     except (AtlasError, OSError, RuntimeError) as e:
         failed[i] = str(e)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.errors import AtlasError, ConfigError
+from modelatlas.errors import AtlasError, ConfigError, shown_path
 from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_with_base, unique_names
 from modelatlas.weights.base import _stem, shared_first_component
 
@@ -293,7 +293,7 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     skipped: dict[str, str] = {}
     for i, ck in enumerate(ckpts):
         if getattr(ck, "kind", "full") != "full":  # e.g. a PEFT adapter opened alone: only the update dW
-            skipped[ck.name] = (f"{ck.path}: holds a weight update ({ck.kind}), not a model; give the base model "
+            skipped[ck.name] = (f"{shown_path(ck.path)}: holds a weight update ({ck.kind}), not a model; give the base model "
                                 "it was trained on (--base MODEL on the command line, adapter_base= in "
                                 "Python) or store merged weights")
             continue
@@ -304,10 +304,10 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
             skipped[ck.name] = str(e)
             continue
         if packed is not None:
-            skipped[ck.name] = f"{ck.path}: {packed}"
+            skipped[ck.name] = f"{shown_path(ck.path)}: {packed}"
             continue
         if not layers:
-            skipped[ck.name] = f"{ck.path}: {_no_layer_reason(ck, pattern)}"
+            skipped[ck.name] = f"{shown_path(ck.path)}: {_no_layer_reason(ck, pattern)}"
             continue
         sig = tuple(sorted((t.name, t.shape) for t in layers))
         by_sig.setdefault(sig, []).append(i)
