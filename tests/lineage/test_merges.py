@@ -132,3 +132,22 @@ def test_a_merge_with_a_weight_per_layer_is_found_with_those_weights():
     plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
     assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}
     assert "ramp  (merge per layer: " in to_text(forest)
+
+
+def test_float_models_beside_a_quantized_one_are_searched_for_merges(tmp_path):
+    """A quantized stand-in in the group (a Q8_0 file of a base not given) kept every model from the search;
+    now only it is left out, neither a merge nor a parent."""
+    from safetensors.torch import save_file
+
+    from modelatlas.zoo.gguf import quantized, save_gguf
+
+    gen = torch.Generator().manual_seed(6)
+    base = {k: torch.randn(64, 256, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
+    save_gguf(tmp_path / "base-q8_0.gguf", {k: quantized(v, "Q8_0") for k, v in base.items()})
+    ft = [{k: v + 0.05 * torch.randn(64, 256, generator=gen) for k, v in base.items()} for _ in range(3)]
+    for i, f in enumerate(ft):
+        save_file(f, str(tmp_path / f"ft{i}.safetensors"))
+    save_file({k: 0.4 * ft[0][k] + 0.6 * ft[1][k] for k in base}, str(tmp_path / "soup.safetensors"))
+    forest = recover_lineage(sorted(tmp_path.iterdir()))
+    assert list(forest.decisions["model_merges"]) == ["soup"]
+    assert sorted(forest.decisions["model_merges"]["soup"]["parents"]) == ["ft0", "ft1"]

@@ -253,14 +253,17 @@ def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, d_n
 def split_merges(names: list[str], st, keep: list[int], found: dict[str, dict]) -> list[int]:
     """``keep`` less the merges among it (:func:`find_merges` on the pass's squared distances ``st.excess``),
     each recorded in ``found``: name -> {"parents": names, "weights": floats, "residual": float, "kurtosis":
-    its summed kurtosis, "rms": its RMS distance to its most weighted parent (:func:`main_parent`)}. Skipped (``keep`` returned whole) where a model of the group is quantized: a stand-in's
-    rounding is no float rounding, and a model made from a quantized one is found by other means
-    (:mod:`.quantized`). Time that of :func:`find_merges`."""
-    if st.excess is None or st.norms2 is None or any(bool((r.energy > 0).any()) for r in st.rounding):
+    its summed kurtosis, "rms": its RMS distance to its most weighted parent (:func:`main_parent`)}. Quantized
+    models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves negative) are neither
+    merges nor parents here: a stand-in's rounding is no float rounding, and a model made from a quantized one
+    is found by other means (:mod:`.quantized`); the float models beside them are searched. Time that of
+    :func:`find_merges`."""
+    if st.excess is None or st.norms2 is None:
         return keep
+    floats = [i for i in keep if st.excess[i, i] >= 0]
     share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in st.value_formats] or [0.0] * len(names))
     layers = None if not st.layer_sq else np.stack(st.layer_sq)  # (L, N, N)
-    merges = find_merges(st.excess, keep, share * st.norms2, layers=layers)
+    merges = find_merges(st.excess, floats, share * st.norms2, layers=layers)
     for m in merges:
         main = m.parents[max(range(len(m.weights)), key=lambda i: (m.weights[i], -i))]
         found[names[m.child]] = {"parents": [names[p] for p in m.parents], "weights": [round(w, 6) for w in m.weights],
