@@ -151,3 +151,50 @@ def test_float_models_beside_a_quantized_one_are_searched_for_merges(tmp_path):
     forest = recover_lineage(sorted(tmp_path.iterdir()))
     assert list(forest.decisions["model_merges"]) == ["soup"]
     assert sorted(forest.decisions["model_merges"]["soup"]["parents"]) == ["ft0", "ft1"]
+
+
+def test_stab_finds_the_weight_most_intervals_share():
+    from modelatlas.lineage.merges import _stab
+
+    x = torch.tensor([1.0, 2.0, -1.0, 1.0, 0.0])
+    d = torch.tensor([0.5, 1.0, -0.5, 3.0, 0.0])  # w = 0.5 fits the first three; the fourth wants 3
+    w = _stab(x, d, torch.full((5,), 0.01))
+    assert w == pytest.approx(0.5, abs=0.011)
+
+
+def make_bf16_pair(seed: int = 0, n: int = 256):
+    """Two bfloat16 tensors a few units in the last place apart (fine-tunes of one large model)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=gen).bfloat16()
+    b = (a.float() * (1 + 0.01 * torch.randn(n, n, generator=gen))).bfloat16()
+    return a, b
+
+
+def test_a_merge_of_bfloat16_parents_is_on_their_grid_where_least_squares_is_not():
+    from modelatlas.lineage.merges import _sampled, _within_ulp
+
+    a, b = make_bf16_pair()
+    m = (0.767 * a.float() + 0.233 * b.float()).bfloat16()
+    y, pa, pb = _sampled(m), _sampled(a), _sampled(b)
+    assert float(_within_ulp(y, [pa, pb], 7).double().mean()) >= 0.999
+    x = (pa - pb)[:, None]
+    w = float(torch.linalg.lstsq(x, (y - pb)[:, None]).solution)
+    assert abs(w - 0.767) > 1e-3  # the rounding is a function of the grid gap: least squares is off
+    other = (a.float() + 0.004 * torch.randn(256, 256, generator=torch.Generator().manual_seed(9))).bfloat16()
+    assert float(_within_ulp(_sampled(other), [pa, pb], 7).double().mean()) < 0.9  # a fine-tune of a is none
+
+
+def test_bfloat16_merges_of_bfloat16_fine_tunes_are_found(tmp_path):
+    a, b = make_bf16_pair(1)
+    gen = torch.Generator().manual_seed(3)
+    base = {f"l{i}.weight": (a.float() * (1 + 0.01 * torch.randn(256, 256, generator=gen))).bfloat16() for i in range(2)}
+    fts = [{k: (v.float() * (1 + 0.01 * torch.randn(256, 256, generator=gen))).bfloat16() for k, v in base.items()}
+           for _ in range(3)]
+    models = {"base": base, **{f"ft{i}": f for i, f in enumerate(fts)}}
+    models["soup"] = {k: (0.5 * fts[0][k].float() + 0.5 * fts[1][k].float()).bfloat16() for k in base}
+    models["ta"] = {k: (base[k].float() + 0.7 * (fts[1][k].float() - base[k].float())
+                        + 0.9 * (fts[2][k].float() - base[k].float())).bfloat16() for k in base}
+    forest = recover_lineage(models, stage="specialize")
+    found = forest.decisions["model_merges"]
+    assert set(found) == {"soup", "ta"} and sorted(found["soup"]["parents"]) == ["ft0", "ft1"]
+    assert sorted(found["ta"]["parents"]) == ["base", "ft1", "ft2"]

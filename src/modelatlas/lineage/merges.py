@@ -14,19 +14,26 @@ Unplaced, a merge lies between its parents and draws them below itself: a 50/50 
 the parent of both in a development zoo, and a task-arithmetic merge the parent of one (docs/benchmarks.md,
 "Session 35: merged models"). Checkpoints of one training run are the nearest non-merges: an intermediate
 checkpoint lay 0.13-0.72 of its nearest-neighbour distance off the line through two others (Adam and SGD on
-digits), against :data:`MERGE_TOL` = 0.05. Stored at bfloat16 or float16, a merge is rounded: that rounding's
-expected energy (:data:`ROUNDING_SHARE` of its squared norm) is taken out of its residual first, and a model
-whose nearest neighbour is within a few roundings of it (:data:`ROUNDING_MARGIN`) is not judged: bfloat16
-merges of fine-tunes that moved less than ~1 % of the weights' RMS are placed as models.
+digits), against :data:`MERGE_TOL` = 0.05. Stored at bfloat16 or float16, a merge is rounded, and fine-tunes of
+a large model differ by a few units in the last place, so the rounding can be as large as what tells a merge:
+a rounded model's residual is judged with :data:`ROUNDED_SLACK` times its expected rounding energy
+(:data:`ROUNDING_SHARE` of its squared norm) taken out, and then its values must be its parents' weighted sum
+rounded, value by value on sampled rows (:func:`on_merge_grid`). A 50/50 and a SLERP merge of two bfloat16 1B
+fine-tunes are found so (the test on squared distances alone cannot tell them: their rounding is 18 % of the
+squared distance between them); a bfloat16 base with fine-tunes 0.2 % away is no merge of them.
 Time O(N k^2 F) a round for N models, k = :data:`NEIGHBOURS` and F = :data:`FAR` (a round per merge found);
 memory O(k^2 F).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import torch
+
+from modelatlas.errors import CheckpointError
 
 # entries of the per-layer squared distances kept (128 MB: 200 models x 800 layers) for merges with a weight per
 # layer; none over it, nor when a model is quantized (a stand-in's rounding is in its distances)
@@ -45,10 +52,15 @@ MIN_SIN2 = 0.01
 # (measured on a merge of two CNN fine-tunes rounded to bfloat16: 2.63e-6 of its squared norm, this 2.54e-6;
 # evenly spread values, E = 7 / 3, would give 2.18e-6)
 ROUNDING_SHARE = {"bfloat16": 2.0**-14 / 24, "float16": 2.0**-20 / 24}
-# a model stored rounded is judged only when its nearest-neighbour distance^2 is this many times its rounding
-# energy: with fine-tunes 0.2 % from a bfloat16 base (its rounding ~0.15 % of each value), taking the rounding
-# out of the base's residual read it as the mean of its two fine-tunes (tests/lineage/test_copies.py)
-ROUNDING_MARGIN = 25.0
+# a rounded model's residual may be up to this many times its expected rounding energy before the check on its
+# values (:func:`on_merge_grid`): the mean of two bfloat16 values is a tie half the time, rounded by ulp / 2, so
+# its energy is ulp^2 / 8, 1.5x the ulp^2 / 12 of an even spread (a 50/50 merge of two 1B bfloat16 fine-tunes:
+# 1.67x the estimate)
+ROUNDED_SLACK = 2.5
+VERIFY_SHARE = 0.99  # of the sampled values of a rounded merge within half a unit in the last place
+VERIFY_LAYERS = 8  # compared layers sampled to check a rounded merge
+_SAMPLE_ROWS = 64
+_MANTISSA = {"bfloat16": 7, "float16": 10}
 
 
 class Merge(NamedTuple):
@@ -65,10 +77,13 @@ class Merge(NamedTuple):
 
 
 def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = None, tol: float = MERGE_TOL,
-                k: int = NEIGHBOURS, layers: np.ndarray | None = None) -> list[Merge]:
+                k: int = NEIGHBOURS, layers: np.ndarray | None = None,
+                verify: Callable[[Merge], bool] | None = None) -> list[Merge]:
     """The merges among ``keep`` (indices into the squared distances ``sq`` (N, N)), best fit first, each with
     parents that are no merges themselves. ``rounding`` (N,): each model's expected rounding energy on the same
-    scale as ``sq`` (0 for float32). A model is a merge when its best line (two parents, weights in
+    scale as ``sq`` (0 for float32); a rounded model is judged with :data:`ROUNDED_SLACK` times it taken out of
+    its residual, and is a merge only when ``verify`` says its values are (:func:`on_merge_grid`). A model is a
+    merge when its best line (two parents, weights in
     [:data:`MIN_WEIGHT`, 1 - it]) or plane (a base plus two models, both added with weight >= MIN_WEIGHT) fit
     leaves a residual of at most ``tol`` of its nearest-neighbour distance; with ``layers`` (L, N, N), each
     layer's squared distances, else a segment with a weight per layer (:func:`_layer_line_fit`). Greedy: of the
@@ -76,7 +91,7 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
     the one with the mildest weights is taken (:func:`_mildest`), it leaves the pool of parents, the rest are
     fitted again. Time O(M N k^3) for M merges found."""
     pool, found, settled = list(keep), [], set()
-    noise = np.zeros(len(sq)) if rounding is None else np.asarray(rounding, dtype=np.float64)
+    noise = np.zeros(len(sq)) if rounding is None else ROUNDED_SLACK * np.asarray(rounding, dtype=np.float64)
     while len(pool) >= 3:
         fits = [f for m in pool if m not in settled
                 and (f := best_fit(sq, m, [j for j in pool if j != m], noise[m], tol, k, layers)) is not None]
@@ -85,8 +100,8 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
             break
         first = min(fits, key=_mildest)
         best = _unmirrored(sq, first, pool, noise, tol, k)
-        if best is None:  # a parallelogram nothing else tells: neither is taken for a merge
-            settled.add(first.child)
+        if best is None or (noise[best.child] > 0 and not (verify is not None and verify(best))):
+            settled.add(first.child)  # a parallelogram nothing else tells, or a rounded model whose values say no
             continue
         found.append(best)
         pool.remove(best.child)
@@ -144,8 +159,8 @@ def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol:
     order = np.argsort(sq[m, others], kind="stable")
     near, others = others[order[:k]], others[order[:FAR]]
     d_nn = float(sq[m, near[0]])
-    if d_nn <= 0 or noise * ROUNDING_MARGIN > d_nn:
-        return None  # a copy (lineage.copies), or updates too near the rounding's size to tell a merge
+    if d_nn <= 0:
+        return None  # a copy (lineage.copies)
     line, plane = (None if (got := fit(sq, m, near, others, d_nn)) is None else
                    Merge(m, got[0], got[1], float(np.sqrt(max(got[2] - noise, 0.0) / d_nn)))
                    for fit in (_line_fit, _plane_fit))
@@ -250,28 +265,98 @@ def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, d_n
     return (int(p[i]), int(a[i]), int(b[i])), (float(1 - x[i] - y[i]), float(x[i]), float(y[i])), float(res[i])
 
 
-def split_merges(names: list[str], st, keep: list[int], found: dict[str, dict]) -> list[int]:
-    """``keep`` less the merges among it (:func:`find_merges` on the pass's squared distances ``st.excess``),
-    each recorded in ``found``: name -> {"parents": names, "weights": floats, "residual": float, "kurtosis":
-    its summed kurtosis, "rms": its RMS distance to its most weighted parent (:func:`main_parent`)}. Quantized
-    models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves negative) are neither
-    merges nor parents here: a stand-in's rounding is no float rounding, and a model made from a quantized one
-    is found by other means (:mod:`.quantized`); the float models beside them are searched. Time that of
-    :func:`find_merges`."""
+def split_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict]) -> list[int]:
+    """``keep`` less the merges among the checkpoints ``members`` (:func:`find_merges` on the pass's squared
+    distances ``st.excess``), each recorded in ``found``: name -> {"parents": names, "weights": floats,
+    "residual": float, "kurtosis": its summed kurtosis, "rms": its RMS distance to its most weighted parent
+    (:func:`main_parent`)}; a model stored at bfloat16 / float16 must pass :func:`on_merge_grid` on the compared
+    ``layers``. Quantized models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves
+    negative) are neither merges nor parents here: a stand-in's rounding is no float rounding, and a model made
+    from a quantized one is found by other means (:mod:`.quantized`); the float models beside them are searched.
+    Time that of :func:`find_merges`, plus O(sampled rows) a rounded candidate."""
     if st.excess is None or st.norms2 is None:
         return keep
     floats = [i for i in keep if st.excess[i, i] >= 0]
-    share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in st.value_formats] or [0.0] * len(names))
-    layers = None if not st.layer_sq else np.stack(st.layer_sq)  # (L, N, N)
-    merges = find_merges(st.excess, floats, share * st.norms2, layers=layers)
+    fmts = st.value_formats or [""] * len(members)
+    share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in fmts])
+    grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
+
+    def verify(m: Merge) -> bool:
+        return on_merge_grid(members[m.child], [members[p] for p in m.parents], grid, fmts[m.child], bool(m.per_layer))
+
+    merges = find_merges(st.excess, floats, share * st.norms2, layers=None if not st.layer_sq else np.stack(st.layer_sq),
+                         verify=verify)
     for m in merges:
         main = m.parents[max(range(len(m.weights)), key=lambda i: (m.weights[i], -i))]
-        found[names[m.child]] = {"parents": [names[p] for p in m.parents], "weights": [round(w, 6) for w in m.weights],
-                                 "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]),
-                                 "rms": float(st.rms[m.child, main]),
-                                 **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {})}
+        found[members[m.child].name] = {
+            "parents": [members[p].name for p in m.parents], "weights": [round(w, 6) for w in m.weights],
+            "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]), "rms": float(st.rms[m.child, main]),
+            **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {})}
     merged = {m.child for m in merges}
     return [i for i in keep if i not in merged]
+
+
+def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False) -> bool:
+    """Whether ``child``'s values are a weighted sum of its ``parents``' rounded to ``fmt`` (bfloat16 / float16), on
+    up to :data:`_SAMPLE_ROWS` evenly spaced rows of each of ``layers``: the weights refitted there by least
+    squares (one set, or one a layer with ``per_layer``), and :data:`VERIFY_SHARE` of the values within half a
+    unit in the last place of ``fmt`` (+1 %) of that sum. A fine-tune 0.2 % from a bfloat16 base lies within
+    bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
+    units are finer than its update). Time O(sampled weights)."""
+    try:
+        rows = [[_sampled(ck.read(t.name)) for ck in (child, *parents)] for t in layers]
+    except CheckpointError:
+        return False
+    if not rows or fmt not in _MANTISSA:
+        return False
+    groups = rows if per_layer else [[torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]]
+    within = [_within_ulp(g[0], g[1:], _MANTISSA[fmt]) for g in groups]
+    return float(torch.cat(within).double().mean()) >= VERIFY_SHARE
+
+
+def _sampled(x: torch.Tensor) -> torch.Tensor:
+    """Up to :data:`_SAMPLE_ROWS` evenly spaced rows of the 2-D ``x``, flattened, float64."""
+    pick = torch.linspace(0, len(x) - 1, min(len(x), _SAMPLE_ROWS)).round().long()
+    return x.reshape(len(x), -1)[pick].double().flatten()  # (rows picked x row length,)
+
+
+def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int) -> torch.Tensor:
+    """(P,) whether each value of ``y`` is within half a unit in the last place (+1 %) of one weighted sum of its
+    ``parents``: the weights that the most values agree with (:func:`_agreeing`), each parent tried as the base
+    of the affine form. Least squares alone is biased here: parents on one grid k units apart give a merge whose
+    rounding is a function of k (0.767 A + 0.233 B of two bfloat16 tensors 0.8 degrees apart fitted 0.797, and
+    21 % of the values then missed); one weight at a time can stall on a plane's pair of weights from one base
+    (98.8 % of a task-arithmetic merge's values from one base, 99.99 % from another)."""
+    half = 0.505 * torch.ldexp(torch.ones_like(y), torch.frexp(y.abs()).exponent - 1 - mantissa)  # (P,)
+    masks = [_agreeing(y - parents[b], [p - parents[b] for i, p in enumerate(parents) if i != b], half)
+             for b in range(len(parents) if len(parents) > 2 else 1)]
+    return max(masks, key=lambda m: int(m.sum()))
+
+
+def _agreeing(d: torch.Tensor, dirs: list[torch.Tensor], half: torch.Tensor) -> torch.Tensor:
+    """(P,) which values of ``d`` lie within ``half`` of ``sum_j w_j dirs[j]`` for the weights most values agree
+    with: from least squares, each weight in turn set by :func:`_stab`, four rounds."""
+    x = torch.stack(dirs, 1)  # (P, k - 1)
+    w = torch.linalg.lstsq(x, d[:, None]).solution[:, 0]  # (k - 1,)
+    for _ in range(4 if x.shape[1] > 1 else 1):
+        for j in range(x.shape[1]):
+            w[j] = _stab(x[:, j], d - x @ w + x[:, j] * w[j], half)  # what weight j must explain
+    return (d - x @ w).abs() <= half
+
+
+def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:
+    """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0): a sweep over
+    their sorted ends, an interval's opening before another's closing at one point. Time O(P log P)."""
+    on = (x != 0).numpy()
+    a = ((d - half) / x).numpy()[on]
+    b = ((d + half) / x).numpy()[on]
+    if not len(a):
+        return 0.0
+    ends = np.concatenate([np.minimum(a, b), np.maximum(a, b)])  # (2 Q,)
+    step = np.concatenate([np.ones(len(a)), -np.ones(len(a))])
+    order = np.lexsort((-step, ends))  # by end; at a tie the openings (+1) first
+    best = int(np.argmax(np.cumsum(step[order])))
+    return float(ends[order][best])
 
 
 def main_parent(record: dict) -> str:

@@ -79,7 +79,7 @@ class LineageRecovery:
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
-            keep = split_merges([m.name for m in members], st, keep, mixed) if cfg.merges else keep
+            keep = split_merges(members, layers, st, keep, mixed) if cfg.merges else keep
             _add_quantized(members, keep, layers, found, quantized, fitted)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
