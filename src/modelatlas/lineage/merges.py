@@ -89,13 +89,16 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
     layer's squared distances, else a segment with a weight per layer (:func:`_layer_line_fit`). Greedy: of the
     fits within ``tol``
     the one with the mildest weights is taken (:func:`_mildest`), it leaves the pool of parents, the rest are
-    fitted again. Time O(M N k^3) for M merges found."""
+    fitted again (only those whose candidates held it). Time O(N k^2 F + M F k^2 F) for M merges found."""
     pool, found, settled = list(keep), [], set()
     noise = np.zeros(len(sq)) if rounding is None else ROUNDED_SLACK * np.asarray(rounding, dtype=np.float64)
+    cache: dict[int, tuple[Merge | None, set[int]]] = {}  # model -> its fit, the models it was fitted among
     while len(pool) >= 3:
-        fits = [f for m in pool if m not in settled
-                and (f := best_fit(sq, m, [j for j in pool if j != m], noise[m], tol, k, layers)) is not None]
-        fits = [f for f in fits if f.residual <= tol]
+        for m in pool:
+            if m not in settled and m not in cache:
+                others = [j for j in pool if j != m]
+                cache[m] = (best_fit(sq, m, others, noise[m], tol, k, layers), _candidates(sq, m, others))
+        fits = [f for m, (f, _) in cache.items() if m not in settled and f is not None and f.residual <= tol]
         if not fits:
             break
         first = min(fits, key=_mildest)
@@ -105,7 +108,15 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
             continue
         found.append(best)
         pool.remove(best.child)
+        # only fits made among the merge just taken change: a model's candidates are its FAR nearest in the pool
+        cache = {m: c for m, c in cache.items() if m != best.child and best.child not in c[1]}
     return found
+
+
+def _candidates(sq: np.ndarray, m: int, others: list[int]) -> set[int]:
+    """The :data:`FAR` nearest of ``others`` to ``m`` (best_fit's candidates, in its stable order). O(N log N)."""
+    order = np.argsort(sq[m, others], kind="stable")[:FAR]
+    return set(np.asarray(others)[order].tolist())
 
 
 def _mildest(fit: Merge) -> tuple:
