@@ -80,16 +80,16 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
                 k: int = NEIGHBOURS, layers: np.ndarray | None = None,
                 verify: Callable[[Merge], bool] | None = None) -> list[Merge]:
     """The merges among ``keep`` (indices into the squared distances ``sq`` (N, N)), best fit first, each with
-    parents that are no merges themselves. ``rounding`` (N,): each model's expected rounding energy on the same
-    scale as ``sq`` (0 for float32); a rounded model is judged with :data:`ROUNDED_SLACK` times it taken out of
-    its residual, and is a merge only when ``verify`` says its values are (:func:`on_merge_grid`). A model is a
-    merge when its best line (two parents, weights in
-    [:data:`MIN_WEIGHT`, 1 - it]) or plane (a base plus two models, both added with weight >= MIN_WEIGHT) fit
-    leaves a residual of at most ``tol`` of its nearest-neighbour distance; with ``layers`` (L, N, N), each
-    layer's squared distances, else a segment with a weight per layer (:func:`_layer_line_fit`). Greedy: of the
-    fits within ``tol``
-    the one with the mildest weights is taken (:func:`_mildest`), it leaves the pool of parents, the rest are
-    fitted again (only those whose candidates held it). Time O(N k^2 F + M F k^2 F) for M merges found."""
+    parents that are no merges themselves. A model is a merge when its best line (two parents, weights in
+    [:data:`MIN_WEIGHT`, 1 - it]) or plane (a base plus two models, both added with weight >= MIN_WEIGHT) leaves
+    a residual of at most ``tol`` of its nearest-neighbour distance; with ``layers`` (L, N, N), each layer's
+    squared distances, a segment with a weight per layer (:func:`_layer_line_fit`) is tried too. ``rounding``
+    (N,): each model's expected rounding energy on the scale of ``sq`` (0 for float32); a rounded model is
+    judged with :data:`ROUNDED_SLACK` times it taken out of its residual, and is a merge only when ``verify``
+    says its values are (:func:`on_merge_grid`). Greedy: of the fits within ``tol`` the one with the mildest
+    weights is taken (:func:`_mildest`), it leaves the pool of parents, and the fits made among it are made
+    again. Time O(N k^2 F) for the first round, O(F k^2 F) a merge found after (k = :data:`NEIGHBOURS`,
+    F = :data:`FAR`)."""
     pool, found, settled = list(keep), [], set()
     noise = np.zeros(len(sq)) if rounding is None else ROUNDED_SLACK * np.asarray(rounding, dtype=np.float64)
     cache: dict[int, tuple[Merge | None, set[int]]] = {}  # model -> its fit, the models it was fitted among
@@ -120,11 +120,11 @@ def _candidates(sq: np.ndarray, m: int, others: list[int]) -> set[int]:
 
 
 def _mildest(fit: Merge) -> tuple:
-    """Sort key: lines before planes (a plane through a line merge and its parents fits any merge of theirs: a
-    linear merge is taken first, so a task-arithmetic one is not made its child), then the fit with the smallest
-    largest |weight| first. With a merge among them, its parents are
-    weighted sums of the others too (four points in a plane, three on a line): A = (M - (1 - t) B) / t. The
-    merge is the one that is an average (weights within [0, 1] on a line); its parents need weights over 1."""
+    """Sort key: lines before planes (a plane through a line merge and its parents fits any merge of theirs:
+    the linear merge is taken first, so a task-arithmetic one is not made its child), then the smallest largest
+    |weight|. With a merge among them, its parents are weighted sums of the others too (three points on a line,
+    four in a plane): A = (M - (1 - t) B) / t. The merge is the average (weights within [0, 1] on a line); its
+    parents need weights over 1."""
     return len(fit.parents), round(max(abs(w) for w in fit.weights), 6), fit.residual, fit.child
 
 

@@ -51,7 +51,7 @@ class LineageRecovery:
     Fitted attributes: ``names_``, ``forest_``, ``edges_``, ``roots_``, ``clusters_`` (tree label per
     model, aligned with ``names_``), ``n_trees_``, ``stage_`` (the stage of most models; each tree's in
     ``decisions_["stage_trees"]``), ``stage_confidence_``, ``distances_``
-    ((N, N) edge distances, NaN between architectures), ``kurtosis_`` ((N,)), ``decisions_``, ``skipped_``.
+    ((N, N) edge distances, NaN between architectures and for merged models), ``kurtosis_`` ((N,)), ``decisions_``, ``skipped_``.
     Complexity: see the module docstring.
     """
 
