@@ -160,3 +160,15 @@ def test_a_close_runner_up_parent_is_shown_beside_the_score():
     page = render_html(Atlas(models, Forest([m.name for m in models], edges, trees=[[m.name for m in models]])))
     assert "<b>b</b> <span class=\"score\">(0.02; or from base&lt;x&gt;, 2% farther)</span>" in page
     assert "<b>a</b> <span class=\"score\">(0.50)</span>" in page
+
+
+def test_a_merge_and_a_copy_read_in_the_tree_as_in_the_terminal():
+    models = [ModelEntry(n, f"/z/{n}", parent=p, score=s) for n, p, s in
+              (("base", None, None), ("a", "base", 0.5), ("b", "base", 0.4), ("soup", "a", 1.0), ("a-copy", "a", 1.0))]
+    edges = [Edge("base", "a", 0.5, 1.0), Edge("base", "b", 0.4, 1.0), Edge("a", "soup", 1.0, 0.1, "merge"),
+             Edge("a", "a-copy", 1.0, 0.0, "duplicate")]
+    forest = Forest([m.name for m in models], edges, {"model_merges": {"soup": {"parents": ["a", "b"],
+                    "weights": [0.6, 0.4], "residual": 0.0}}}, [[m.name for m in models]])
+    page = render_html(Atlas(models, forest))
+    assert '<b>soup</b> <span class="score">(merge: 0.60 a + 0.40 b)</span>' in page
+    assert '<b>a-copy</b> <span class="score">(identical weights to a)</span>' in page

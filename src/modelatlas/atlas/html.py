@@ -16,7 +16,7 @@ from html import escape
 
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.atlas.search import below, shared_folder
-from modelatlas.lineage.export import MAX_INDENT, runner_up_note, tree_heading
+from modelatlas.lineage.export import MAX_INDENT, copy_formats, copy_text, runner_up_note, tree_heading
 from modelatlas.weights.base import same_form
 
 _CSS = """
@@ -85,19 +85,22 @@ def _filter_attrs(entry: ModelEntry | None, folder: str, name: str = "") -> str:
     return f'data-s="{escape(" ".join(s))}" data-c="{escape(" ".join(c))}"'
 
 
-def _li(name: str, entries: dict, depth: int, folder: str, edge=None) -> str:
-    """A model's list item, left open: its name, edge score (with a close runner-up parent, from its ``edge``),
-    predictions (and its depth past MAX_INDENT)."""
+def _li(name: str, entries: dict, depth: int, folder: str, edge=None, formats: dict | None = None) -> str:
+    """A model's list item, left open: its name, edge score (with a close runner-up parent, from its ``edge``;
+    a copy or a merge said as the terminal tree says it, ``formats`` from :func:`copy_formats`), predictions
+    (and its depth past MAX_INDENT)."""
     e = entries.get(name)
     close = escape(runner_up_note(edge)) if edge is not None else ""
-    score = f' <span class="score">({e.score:.2f}{close})</span>' if e is not None and e.score is not None else ""
+    said = copy_text(edge, formats) if edge is not None else ""
+    score = f' <span class="score">({escape(said)})</span>' if said else \
+        f' <span class="score">({e.score:.2f}{close})</span>' if e is not None and e.score is not None else ""
     said = _pred_text(e) if e is not None else ""
     pred = f'<br><span class="pred">{escape(said)}</span>' if said else ""
     deep = f'<span class="score">[depth {depth}]</span> ' if depth > MAX_INDENT else ""
     return f'<li {_filter_attrs(e, folder, name)}>{deep}<b>{escape(name)}</b>{score}{pred}'
 
 
-def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str) -> None:
+def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str, formats: dict | None = None) -> None:
     """Nested lists from ``root``, depth-first with an explicit stack (a chain of thousands of checkpoints
     reaches no recursion limit); below MAX_INDENT levels the children follow as siblings, tagged by depth."""
     stack: list = [(root, 0, None)]
@@ -107,7 +110,7 @@ def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str) 
             out.append(item)
             continue
         name, depth, edge = item
-        out.append(_li(name, entries, depth, folder, edge))
+        out.append(_li(name, entries, depth, folder, edge, formats))
         children = kids.get(name, [])
         if children and depth < MAX_INDENT:
             out.append("<ul>")
@@ -124,7 +127,7 @@ def _trees(atlas: Atlas, folder: str) -> list[str]:
         size, note = tree_heading(atlas.forest, root) or (1, "")
         out.append(f'<div class="tree-box"><h3>tree {t + 1} ({_counted(size, "model")}{escape(note)})</h3>'
                    '<ul class="tree">')
-        _subtree(root, kids, entries, out, folder)
+        _subtree(root, kids, entries, out, folder, copy_formats(atlas.forest))
         out.append("</ul></div>")
     return out
 
