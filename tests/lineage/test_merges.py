@@ -198,3 +198,24 @@ def test_bfloat16_merges_of_bfloat16_fine_tunes_are_found(tmp_path):
     found = forest.decisions["model_merges"]
     assert set(found) == {"soup", "ta"} and sorted(found["soup"]["parents"]) == ["ft0", "ft1"]
     assert sorted(found["ta"]["parents"]) == ["base", "ft1", "ft2"]
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Spherical interpolation of two tensors as flat vectors, t the weight of b, computed in ``dtype``."""
+    fa, fb = a.flatten().to(dtype), b.flatten().to(dtype)
+    theta = torch.arccos((fa @ fb / (fa.norm() * fb.norm())).clamp(-1, 1))
+    return ((torch.sin((1 - t) * theta) * fa + torch.sin(t * theta) * fb) / torch.sin(theta)).view(a.shape).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_slerp_of_far_apart_tensors_is_found_by_its_values(dtype):
+    weights, parents = make_synthetic_forest(n_trees=2, children=3, depth=2, seed=4, step=0.3)
+    a, b = weights["t0_0"], weights["t0_1"]
+    fa, fb = a["attn.q"].flatten(), b["attn.q"].flatten()
+    assert torch.rad2deg(torch.arccos(fa @ fb / (fa.norm() * fb.norm()))) > 10  # off the chord by ~3 %
+    ramp = dict(zip(sorted(a), np.linspace(0.2, 0.8, len(a)).tolist()))
+    weights["sl"] = {k: slerp(ramp[k], a[k], b[k], dtype) for k in a}
+    forest = recover_lineage(weights, stage="specialize")
+    assert sorted(forest.decisions["model_merges"]["sl"]["parents"]) == ["t0_0", "t0_1"]
+    plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
+    assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}

@@ -18,11 +18,12 @@ digits), against :data:`MERGE_TOL` = 0.05. Stored at bfloat16 or float16, a merg
 a large model differ by a few units in the last place, so the rounding can be as large as what tells a merge:
 a rounded model's residual is judged with :data:`ROUNDED_SLACK` times its expected rounding energy
 (:data:`ROUNDING_SHARE` of its squared norm) taken out, and then its values must be its parents' weighted sum
-rounded, value by value on sampled rows (:func:`on_merge_grid`). A 50/50 and a SLERP merge of two bfloat16 1B
-fine-tunes are found so (the test on squared distances alone cannot tell them: their rounding is 18 % of the
-squared distance between them); a bfloat16 base with fine-tunes 0.2 % away is no merge of them.
-Time O(N k^2 F) a round for N models, k = :data:`NEIGHBOURS` and F = :data:`FAR` (a round per merge found);
-memory O(k^2 F).
+rounded, value by value on sampled rows (:func:`on_merge_grid`); so must a per-layer segment up to
+:data:`CURVE_TOL` off (SLERP of far-apart tensors, a curve: as a A + b B per layer). A 50/50 and a SLERP merge
+of two bfloat16 1B fine-tunes are found so (the test on squared distances alone cannot tell them: their
+rounding is 18 % of the squared distance between them); a bfloat16 base with fine-tunes 0.2 % away is no merge
+of them. Time O(N k^2 F) for N models, k = :data:`NEIGHBOURS` and F = :data:`FAR`, then O(F k^2 F) a merge
+found; memory O(k^2 F); a value check reads sampled rows of the candidate and its parents.
 """
 
 from __future__ import annotations
@@ -57,10 +58,15 @@ ROUNDING_SHARE = {"bfloat16": 2.0**-14 / 24, "float16": 2.0**-20 / 24}
 # its energy is ulp^2 / 8, 1.5x the ulp^2 / 12 of an even spread (a 50/50 merge of two 1B bfloat16 fine-tunes:
 # 1.67x the estimate)
 ROUNDED_SLACK = 2.5
+# a segment with a weight per layer this far off (over the nearest-neighbour distance) may be SLERP, a curve
+# (sin((1 - t) theta) A + sin(t theta) B) / sin(theta) that bends off the chord by ~0.003 a degree between the
+# tensors: such a model is a merge if its values are a A + b B per layer (:func:`on_merge_grid`, ``conic``)
+CURVE_TOL = 0.25
 VERIFY_SHARE = 0.99  # of the sampled values of a rounded merge within half a unit in the last place
 VERIFY_LAYERS = 8  # compared layers sampled to check a rounded merge
 _SAMPLE_ROWS = 64
-_MANTISSA = {"bfloat16": 7, "float16": 10}
+_MANTISSA = {"bfloat16": 7, "float16": 10, "float32": 23}
+_ULPS = {"float32": 4.0}  # a float32 merge computed in float32 (not float64): a few units off, not half of one
 
 
 class Merge(NamedTuple):
@@ -74,6 +80,7 @@ class Merge(NamedTuple):
     weights: tuple[float, ...]
     residual: float
     per_layer: tuple[float, ...] = ()
+    curve: bool = False  # a per-layer segment up to CURVE_TOL off: SLERP, to be checked value by value as a A + b B
 
 
 def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = None, tol: float = MERGE_TOL,
@@ -98,12 +105,12 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
             if m not in settled and m not in cache:
                 others = [j for j in pool if j != m]
                 cache[m] = (best_fit(sq, m, others, noise[m], tol, k, layers), _candidates(sq, m, others))
-        fits = [f for m, (f, _) in cache.items() if m not in settled and f is not None and f.residual <= tol]
+        fits = [f for m, (f, _) in cache.items() if m not in settled and f is not None and (f.residual <= tol or f.curve)]
         if not fits:
             break
         first = min(fits, key=_mildest)
         best = _unmirrored(sq, first, pool, noise, tol, k)
-        if best is None or (noise[best.child] > 0 and not (verify is not None and verify(best))):
+        if best is None or ((noise[best.child] > 0 or best.curve) and not (verify is not None and verify(best))):
             settled.add(first.child)  # a parallelogram nothing else tells, or a rounded model whose values say no
             continue
         found.append(best)
@@ -180,7 +187,10 @@ def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol:
     if line is not None and line.residual <= tol and not any(_explains(line, f, tol) for f in rivals):
         return line
     fits = [f for f in (line, *rivals) if f is not None]
-    return min(fits, key=lambda f: f.residual) if fits else None
+    best = min(fits, key=lambda f: f.residual) if fits else None
+    if best is not None and best.residual > tol and layered is not None and layered.residual <= CURVE_TOL:
+        return layered._replace(curve=True)  # SLERP, perhaps: for the value check
+    return best
 
 
 def _layer_merge(layers: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, noise: float,
@@ -293,7 +303,8 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
     grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
 
     def verify(m: Merge) -> bool:
-        return on_merge_grid(members[m.child], [members[p] for p in m.parents], grid, fmts[m.child], bool(m.per_layer))
+        return on_merge_grid(members[m.child], [members[p] for p in m.parents], grid, fmts[m.child] or "float32",
+                             bool(m.per_layer), m.curve)
 
     merges = find_merges(st.excess, floats, share * st.norms2, layers=None if not st.layer_sq else np.stack(st.layer_sq),
                          verify=verify)
@@ -307,11 +318,12 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
     return [i for i in keep if i not in merged]
 
 
-def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False) -> bool:
+def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False) -> bool:
     """Whether ``child``'s values are a weighted sum of its ``parents``' rounded to ``fmt`` (bfloat16 / float16), on
     up to :data:`_SAMPLE_ROWS` evenly spaced rows of each of ``layers``: the weights refitted there by least
     squares (one set, or one a layer with ``per_layer``), and :data:`VERIFY_SHARE` of the values within half a
-    unit in the last place of ``fmt`` (+1 %) of that sum. A fine-tune 0.2 % from a bfloat16 base lies within
+    unit in the last place of ``fmt`` (+1 %; float32: :data:`_ULPS`) of that sum (``conic``: of a A + b B, the
+    weights free, as SLERP's are). A fine-tune 0.2 % from a bfloat16 base lies within
     bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
     units are finer than its update). Time O(sampled weights)."""
     try:
@@ -321,7 +333,7 @@ def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool 
     if not rows or fmt not in _MANTISSA:
         return False
     groups = rows if per_layer else [[torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]]
-    within = [_within_ulp(g[0], g[1:], _MANTISSA[fmt]) for g in groups]
+    within = [_within_ulp(g[0], g[1:], _MANTISSA[fmt], _ULPS.get(fmt, 0.505), conic) for g in groups]
     return float(torch.cat(within).double().mean()) >= VERIFY_SHARE
 
 
@@ -331,14 +343,17 @@ def _sampled(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1)[pick].double().flatten()  # (rows picked x row length,)
 
 
-def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int) -> torch.Tensor:
+def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int, ulps: float = 0.505,
+                conic: bool = False) -> torch.Tensor:
     """(P,) whether each value of ``y`` is within half a unit in the last place (+1 %) of one weighted sum of its
     ``parents``: the weights that the most values agree with (:func:`_agreeing`), each parent tried as the base
     of the affine form. Least squares alone is biased here: parents on one grid k units apart give a merge whose
     rounding is a function of k (0.767 A + 0.233 B of two bfloat16 tensors 0.8 degrees apart fitted 0.797, and
     21 % of the values then missed); one weight at a time can stall on a plane's pair of weights from one base
     (98.8 % of a task-arithmetic merge's values from one base, 99.99 % from another)."""
-    half = 0.505 * torch.ldexp(torch.ones_like(y), torch.frexp(y.abs()).exponent - 1 - mantissa)  # (P,)
+    half = ulps * torch.ldexp(torch.ones_like(y), torch.frexp(y.abs()).exponent - 1 - mantissa)  # (P,)
+    if conic:  # y = sum_i w_i p_i, the weights free (SLERP's sum to a little over 1)
+        return _agreeing(y, list(parents), half)
     masks = [_agreeing(y - parents[b], [p - parents[b] for i, p in enumerate(parents) if i != b], half)
              for b in range(len(parents) if len(parents) > 2 else 1)]
     return max(masks, key=lambda m: int(m.sum()))
