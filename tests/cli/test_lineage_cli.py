@@ -496,7 +496,7 @@ def test_a_merged_model_is_drawn_with_its_parents_unless_no_merges(tmp_path, cap
     assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "└── soup  (merge: 0.75 t0_1 + 0.25 t0_0)" in text or "├── soup  (merge: 0.75 t0_1 + 0.25 t0_0)" in text
-    assert "7 models, 1 a merge of others (drawn beside its most weighted parent), 2 trees" in text
+    assert "7 models, 1 of them a merge of others (each beside its most weighted parent), 2 trees" in text
     data = json.loads(out.read_text())
     assert data["decisions"]["model_merges"]["soup"]["parents"] == ["t0_1", "t0_0"]
     assert [e["kind"] for e in data["edges"] if e["child"] == "soup"] == ["merge"]

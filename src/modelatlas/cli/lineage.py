@@ -334,7 +334,8 @@ def show_forest(forest, truth=None) -> None:
     if d.get("outside_layers"):
         same += f", {len(d['outside_layers'])} equal to another on the compared layers only"
     if d.get("model_merges"):
-        same += f", {len(d['model_merges'])} a merge of others (drawn beside its most weighted parent)"
+        n = len(d["model_merges"])
+        same += f", {n} of them {'a merge' if n == 1 else 'merges'} of others (each beside its most weighted parent)"
     echo(f"\n{counted(len(forest.nodes), 'model')}{same}, {counted(d['n_trees'], 'tree')} ({k_how}); stage: {stage_text(d)} ({how}); "
          f"distance: {d['distance']}")
     warn_stage_guess(forest)
