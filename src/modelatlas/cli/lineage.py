@@ -307,10 +307,22 @@ def _model_notes(forest) -> None:
         note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"
              f"{more}: placed below it with score 0 (which way it was trained cannot be told from the compared "
              "layers; a --layers pattern that takes in those tensors compares them)")
+    _declared_notes(forest.decisions.get("declared_merges") or {})
     given = forest.decisions.get("adapter_base") or {}
     for name in given.get("apart", []):
         note(f"{name}: merged onto {given['base']} (--base), but placed in another tree: --trees split them, or its "
              "update is far larger than the others'")
+
+
+def _declared_notes(declared: dict) -> None:
+    """One stderr line per mergekit_config.yml that placed nothing (lineage.declared): unreadable, or naming
+    models not given."""
+    for name, rec in declared.items():
+        if "problem" in rec:
+            note(f"{name}: {rec['file']}: {rec['problem']}")
+        else:
+            note(f"{name}: mergekit_config.yml declares a {rec['method']} merge of models not all given (not found: "
+                 f"{', '.join(rec['not_given'])}): placed as a model")
 
 
 def show_forest(forest, truth=None) -> None:

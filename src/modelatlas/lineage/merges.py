@@ -386,6 +386,9 @@ def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:
 
 
 def main_parent(record: dict) -> str:
-    """The parent a merge is drawn under: its most weighted one (the first of equals)."""
+    """The parent a merge is drawn under: its most weighted one (the first of equals), or the one a declared
+    merge names (``"main"``: :mod:`.declared`)."""
+    if record.get("main"):
+        return record["main"]
     w = record["weights"]
     return record["parents"][max(range(len(w)), key=lambda i: (w[i], -i))]

@@ -28,10 +28,11 @@ from modelatlas.errors import ConfigError
 from modelatlas.lineage.clustering import detect_trees, ward_clusters
 from modelatlas.lineage.config import LineageConfig
 from modelatlas.lineage.copies import split_copies, split_same_model
+from modelatlas.lineage.declared import split_all_merges
 from modelatlas.lineage.distances import PairStats, stream_pair_stats
 from modelatlas.lineage.forest import Edge, Forest
 from modelatlas.lineage.known import Known, Placement, place_tree
-from modelatlas.lineage.merges import MERGE_TOL, main_parent, split_merges
+from modelatlas.lineage.merges import MERGE_TOL, main_parent
 from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import least_squares_fitted, quant_type
 from modelatlas.lineage.rounding import least_squares_models
@@ -70,8 +71,8 @@ class LineageRecovery:
         ckpts, renamed, unmapped = gguf_aligned(ckpts if base is None else sorted(ckpts, key=lambda c: c.name != base), cfg.layers)
         groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
         skipped.update(bad)
-        # mixed: weighted sums of other models (lineage.merges); merges: QLoRA merges (lineage.qlora)
-        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted, mixed = [], [], {}, {}, {}, {}, {}, {}, [], {}, set(), {}
+        names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted, mixed, declared = \
+            [], [], {}, {}, {}, {}, {}, {}, [], {}, set(), {}, {}  # mixed: lineage.merges; merges: lineage.qlora
         for members, layers in groups:
             members, found = _as_read(members, layers, merges, awq)
             st = _pair_stats(cfg, members, layers, progress)
@@ -79,7 +80,7 @@ class LineageRecovery:
             skipped.update({members[i].name: r for i, r in st.failed.items()})
             keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
-            keep = split_merges(members, layers, st, keep, mixed) if cfg.merges else keep
+            keep = split_all_merges(members, layers, st, keep, mixed, declared) if cfg.merges else keep
             _add_quantized(members, keep, layers, found, quantized, fitted)
             names.append([members[i].name for i in keep])
             stats.append(_subset(st, keep))
@@ -95,7 +96,7 @@ class LineageRecovery:
         # (unmapped) under their own, apart; awq_unsmoothed: AWQ models placed with their rescaling undone
         # against that relative (lineage.unsmoothed)
         extra = {"made_from_quantized": made, "quantized_models": quantized, "same_model_roundings": same,
-                 "gguf_names": renamed, "gguf_unmapped": unmapped, "nf4_merges": merges,
+                 "gguf_names": renamed, "gguf_unmapped": unmapped, "nf4_merges": merges, "declared_merges": declared,
                  "awq_unsmoothed": {n: r for n, r in awq.items() if n not in duplicates}}
         self.forest_.decisions.update({k: v for k, v in extra.items() if v})
         return self
@@ -170,8 +171,8 @@ class LineageRecovery:
         f.edges = f.edges + [Edge(rep, dup, 1.0, 0.0, "precision" if dup in lowp else "duplicate")
                              for dup, rep in duplicates.items()]
         f.edges += [Edge(o["like"], n, 0.0, 0.0) for n, o in outside.items()]
-        f.edges += [Edge(main_parent(r), n, float(np.clip(1 - r["residual"] / MERGE_TOL, 0, 1)), r["rms"], "merge")
-                    for n, r in mixed.items()]
+        f.edges += [Edge(main_parent(r), n, 1.0 if r["residual"] is None else float(np.clip(1 - r["residual"] / MERGE_TOL, 0, 1)),
+                         r["rms"], "merge") for n, r in mixed.items()]
         f.trees = [[m for n in tree for m in _with_copies(n, after)] for tree in f.trees]
         f.kurtosis.update({n: f.kurtosis[_equal_to(n, like, pos)] for n in like})
         f.decisions["duplicates"] = dict(duplicates)
@@ -180,7 +181,8 @@ class LineageRecovery:
             f.decisions["outside_layers"] = dict(outside)
         f.kurtosis.update({n: r["kurtosis"] for n, r in mixed.items()})
         if mixed:
-            f.decisions["model_merges"] = {n: {k: v for k, v in r.items() if k not in ("kurtosis", "rms")} for n, r in mixed.items()}
+            f.decisions["model_merges"] = {n: {k: v for k, v in r.items() if k not in ("kurtosis", "rms", "main")}
+                                           for n, r in mixed.items()}
         self.names_, self.edges_, self.roots_ = nodes, f.edges, f.roots()
         self.clusters_, self.kurtosis_ = self.clusters_[src], np.array([f.kurtosis[n] for n in nodes])
         self.distances_ = self.distances_[np.ix_(src, src)]  # a copy is at distance 0 from its model
