@@ -163,6 +163,18 @@ def test_cuda_without_cuda_is_a_config_error():
         pick_device("cuda")
 
 
+def test_a_gpu_is_named_with_its_index(monkeypatch):
+    """'cuda' and 'cuda:0' are one device: a run recorded as one and asked again as the other was not found
+    finished (its result.json's device differed) and was evaluated again."""
+    from modelatlas.distill.nets import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert pick_device("cuda") == pick_device("cuda:0") == pick_device(None) == torch.device("cuda", 0)
+    assert str(pick_device("cuda:1")) == "cuda:1" and str(pick_device("cpu")) == "cpu"
+
+
 @pytest.fixture
 def result_folder(tmp_path):
     run_distillation("random", "digits", 1, tmp_path / "r", config={"width": 8}, transform="standardize", **QUICK)

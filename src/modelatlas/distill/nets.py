@@ -128,9 +128,10 @@ def make_net(name: str, in_shape: tuple[int, ...], num_classes: int, width: int 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given (checked: "cpu", or "cuda"/"cuda:N" of a present GPU, or "mps" where available),
-    else CUDA when present, else the CPU."""
+    else CUDA when present, else the CPU. A GPU is named with its index ("cuda" is the current one, "cuda:0"):
+    a run recorded on "cuda" and asked again with "cuda:0" was not found finished, and was evaluated again."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -144,4 +145,4 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"device {str(device)!r} asked for, but MPS is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {str(device)!r} is not supported; use cpu or cuda (cuda:N)")
-    return dev
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
