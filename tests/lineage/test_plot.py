@@ -59,3 +59,12 @@ def test_render_draws_names_with_dollar_signs_as_plain_text():
     lost its whole run at the viewer's picture)."""
     check_png(render_forest(Forest(["run$\\frac$", "b$x_{$", "c$"], [Edge("run$\\frac$", "b$x_{$", 0.5),
                                                                      Edge("run$\\frac$", "c$", 0.5)])))
+
+
+def test_a_merge_arrow_is_dotted_and_a_copy_dashed():
+    from modelatlas.lineage.forest import Edge
+    from modelatlas.lineage.plot import _edge_style
+
+    assert _edge_style(Edge("a", "m", 1.0, 0.1, "merge"), None)[1] == ":"
+    assert _edge_style(Edge("a", "c", 1.0, 0.0, "duplicate"), None)[1] == "--"
+    assert _edge_style(Edge("a", "b", 0.5, 0.1), None)[1] == "-"

@@ -3,7 +3,8 @@ one arrow per edge from parent to child.
 
 With ``marks`` (from :func:`modelatlas.lineage.scoring.edge_marks`) the arrows are coloured as in the DOT
 export: right (green), reversed (orange), wrong (red), not in the truth (gray); without them, by the edge's
-confidence score (darker = surer). Copies (identical weights, a lower-precision save) are dashed. Model names
+confidence score (darker = surer). Copies (identical weights, a lower-precision save) are dashed, a merged
+model's arrow from its most weighted parent dotted and labelled "merge". Model names
 are written when there are few enough to read (:data:`MAX_LABELS`); larger forests keep the shape only.
 
 Pure: returns PNG bytes (the CLI writes them atomically). Layout O(N + E), iterative, so a chain of
@@ -59,7 +60,7 @@ def tree_layout(forest: Forest) -> dict[str, tuple[float, int]]:
 
 def _edge_style(edge, marks: dict | None) -> tuple[str, str]:
     """(colour, line style) of one arrow."""
-    style = "--" if edge.kind in COPY_KINDS else "-"
+    style = "--" if edge.kind in COPY_KINDS else ":" if edge.kind == "merge" else "-"  # a merge: to one parent of several
     mark = (marks or {}).get((edge.parent, edge.child))
     if mark:
         return _COLORS[mark], style
@@ -103,7 +104,8 @@ def _arrows(ax, forest: Forest, pos: dict, marks: dict | None) -> None:
         ax.annotate("", xy=(x1, -y1), xytext=(x0, -y0), arrowprops={
             "arrowstyle": "-|>", "color": color, "linestyle": style, "shrinkA": 5, "shrinkB": 5, "lw": 1.2})
         if len(forest.edges) <= MAX_SCORES and e.kind not in COPY_KINDS:
-            ax.text(0.4 * x0 + 0.6 * x1, -(0.4 * y0 + 0.6 * y1), f"{e.score:.2f}", fontsize=6, color="dimgray",
+            said = "merge" if e.kind == "merge" else f"{e.score:.2f}"
+            ax.text(0.4 * x0 + 0.6 * x1, -(0.4 * y0 + 0.6 * y1), said, fontsize=6, color="dimgray",
                     ha="center", va="center", bbox={"fc": "white", "ec": "none", "pad": 0.5})
 
 
