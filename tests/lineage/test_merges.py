@@ -154,7 +154,7 @@ def test_float_models_beside_a_quantized_one_are_searched_for_merges(tmp_path):
 
 
 def test_stab_finds_the_weight_most_intervals_share():
-    from modelatlas.lineage.merges import _stab
+    from modelatlas.lineage.merge_values import _stab
 
     x = torch.tensor([1.0, 2.0, -1.0, 1.0, 0.0])
     d = torch.tensor([0.5, 1.0, -0.5, 3.0, 0.0])  # w = 0.5 fits the first three; the fourth wants 3
@@ -171,7 +171,7 @@ def make_bf16_pair(seed: int = 0, n: int = 256):
 
 
 def test_a_merge_of_bfloat16_parents_is_on_their_grid_where_least_squares_is_not():
-    from modelatlas.lineage.merges import _sampled, _within_ulp
+    from modelatlas.lineage.merge_values import _sampled, _within_ulp
 
     a, b = make_bf16_pair()
     m = (0.767 * a.float() + 0.233 * b.float()).bfloat16()

@@ -194,7 +194,7 @@ def runner_up_note(edge) -> str:
     if edge.runner_up is None or not r <= CLOSE:
         return ""
     pct = (r - 1) * 100
-    return f"; or from {edge.runner_up}, {pct:.1f}% farther" if pct < 1 else f"; or from {edge.runner_up}, {pct:.0f}% farther"
+    return f"; or from {edge.runner_up}, {pct:.{1 if pct < 1 else 0}f}% farther"
 
 
 def _pushed(stack: list, edges: list, prefix: str, depth: int) -> list:

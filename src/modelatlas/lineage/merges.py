@@ -32,9 +32,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from modelatlas.errors import CheckpointError
+from modelatlas.lineage.merge_values import VERIFY_LAYERS, on_merge_grid
 
 # entries of the per-layer squared distances kept (128 MB: 200 models x 800 layers) for merges with a weight per
 # layer; none over it, nor when a model is quantized (a stand-in's rounding is in its distances)
@@ -62,11 +61,6 @@ ROUNDED_SLACK = 2.5
 # (sin((1 - t) theta) A + sin(t theta) B) / sin(theta) that bends off the chord by ~0.003 a degree between the
 # tensors: such a model is a merge if its values are a A + b B per layer (:func:`on_merge_grid`, ``conic``)
 CURVE_TOL = 0.25
-VERIFY_SHARE = 0.99  # of the sampled values of a rounded merge within half a unit in the last place
-VERIFY_LAYERS = 8  # compared layers sampled to check a rounded merge
-_SAMPLE_ROWS = 64
-_MANTISSA = {"bfloat16": 7, "float16": 10, "float32": 23}
-_ULPS = {"float32": 4.0}  # a float32 merge computed in float32 (not float64): a few units off, not half of one
 
 
 class Merge(NamedTuple):
@@ -104,7 +98,8 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
         for m in pool:
             if m not in settled and m not in cache:
                 others = [j for j in pool if j != m]
-                cache[m] = (best_fit(sq, m, others, noise[m], tol, k, layers), _candidates(sq, m, others))
+                near, far = _neighbours(sq, m, others, k)
+                cache[m] = (_fit_among(sq, m, near, far, noise[m], tol, layers), set(far.tolist()))
         fits = [f for m, (f, _) in cache.items() if m not in settled and f is not None and (f.residual <= tol or f.curve)]
         if not fits:
             break
@@ -120,10 +115,11 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
     return found
 
 
-def _candidates(sq: np.ndarray, m: int, others: list[int]) -> set[int]:
-    """The :data:`FAR` nearest of ``others`` to ``m`` (best_fit's candidates, in its stable order). O(N log N)."""
-    order = np.argsort(sq[m, others], kind="stable")[:FAR]
-    return set(np.asarray(others)[order].tolist())
+def _neighbours(sq: np.ndarray, m: int, others: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the k nearest, the :data:`FAR` nearest) of ``others`` to ``m``, nearest first (stable). O(N log N)."""
+    others = np.asarray(others)
+    order = np.argsort(sq[m, others], kind="stable")
+    return others[order[:k]], others[order[:FAR]]
 
 
 def _mildest(fit: Merge) -> tuple:
@@ -171,11 +167,14 @@ def best_fit(sq: np.ndarray, m: int, others: list[int], noise: float = 0.0, tol:
     nearest-neighbour distance (``noise``: m's rounding energy, taken out first). A line within ``tol`` wins over
     a plane (fewer parents; a plane through its two ends and any base fits as well) unless the plane explains
     what it leaves (:func:`_explains`). None with fewer than two others or no fit. Time O(k^2 F)."""
+    return None if len(others) < 2 else _fit_among(sq, m, *_neighbours(sq, m, others, k), noise, tol, layers)
+
+
+def _fit_among(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, noise: float, tol: float,
+               layers: np.ndarray | None) -> Merge | None:
+    """:func:`best_fit` of ``m`` given its ``near`` and :data:`FAR` nearest (``others``) candidates."""
     if len(others) < 2:
         return None
-    others = np.asarray(others)
-    order = np.argsort(sq[m, others], kind="stable")
-    near, others = others[order[:k]], others[order[:FAR]]
     d_nn = float(sq[m, near[0]])
     if d_nn <= 0:
         return None  # a copy (lineage.copies)
@@ -308,81 +307,14 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
 
     merges = find_merges(st.excess, floats, share * st.norms2, layers=None if not st.layer_sq else np.stack(st.layer_sq),
                          verify=verify)
+    index = {ck.name: i for i, ck in enumerate(members)}
     for m in merges:
-        main = m.parents[max(range(len(m.weights)), key=lambda i: (m.weights[i], -i))]
-        found[members[m.child].name] = {
-            "parents": [members[p].name for p in m.parents], "weights": [round(w, 6) for w in m.weights],
-            "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]), "rms": float(st.rms[m.child, main]),
-            **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {})}
+        rec = {"parents": [members[p].name for p in m.parents], "weights": [round(w, 6) for w in m.weights],
+               "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]),
+               **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {})}
+        found[members[m.child].name] = {**rec, "rms": float(st.rms[m.child, index[main_parent(rec)]])}
     merged = {m.child for m in merges}
     return [i for i in keep if i not in merged]
-
-
-def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False) -> bool:
-    """Whether ``child``'s values are a weighted sum of its ``parents``' rounded to ``fmt`` (bfloat16 / float16), on
-    up to :data:`_SAMPLE_ROWS` evenly spaced rows of each of ``layers``: the weights refitted there by least
-    squares (one set, or one a layer with ``per_layer``), and :data:`VERIFY_SHARE` of the values within half a
-    unit in the last place of ``fmt`` (+1 %; float32: :data:`_ULPS`) of that sum (``conic``: of a A + b B, the
-    weights free, as SLERP's are). A fine-tune 0.2 % from a bfloat16 base lies within
-    bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
-    units are finer than its update). Time O(sampled weights)."""
-    try:
-        rows = [[_sampled(ck.read(t.name)) for ck in (child, *parents)] for t in layers]
-    except CheckpointError:
-        return False
-    if not rows or fmt not in _MANTISSA:
-        return False
-    groups = rows if per_layer else [[torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]]
-    within = [_within_ulp(g[0], g[1:], _MANTISSA[fmt], _ULPS.get(fmt, 0.505), conic) for g in groups]
-    return float(torch.cat(within).double().mean()) >= VERIFY_SHARE
-
-
-def _sampled(x: torch.Tensor) -> torch.Tensor:
-    """Up to :data:`_SAMPLE_ROWS` evenly spaced rows of the 2-D ``x``, flattened, float64."""
-    pick = torch.linspace(0, len(x) - 1, min(len(x), _SAMPLE_ROWS)).round().long()
-    return x.reshape(len(x), -1)[pick].double().flatten()  # (rows picked x row length,)
-
-
-def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int, ulps: float = 0.505,
-                conic: bool = False) -> torch.Tensor:
-    """(P,) whether each value of ``y`` is within half a unit in the last place (+1 %) of one weighted sum of its
-    ``parents``: the weights that the most values agree with (:func:`_agreeing`), each parent tried as the base
-    of the affine form. Least squares alone is biased here: parents on one grid k units apart give a merge whose
-    rounding is a function of k (0.767 A + 0.233 B of two bfloat16 tensors 0.8 degrees apart fitted 0.797, and
-    21 % of the values then missed); one weight at a time can stall on a plane's pair of weights from one base
-    (98.8 % of a task-arithmetic merge's values from one base, 99.99 % from another)."""
-    half = ulps * torch.ldexp(torch.ones_like(y), torch.frexp(y.abs()).exponent - 1 - mantissa)  # (P,)
-    if conic:  # y = sum_i w_i p_i, the weights free (SLERP's sum to a little over 1)
-        return _agreeing(y, list(parents), half)
-    masks = [_agreeing(y - parents[b], [p - parents[b] for i, p in enumerate(parents) if i != b], half)
-             for b in range(len(parents) if len(parents) > 2 else 1)]
-    return max(masks, key=lambda m: int(m.sum()))
-
-
-def _agreeing(d: torch.Tensor, dirs: list[torch.Tensor], half: torch.Tensor) -> torch.Tensor:
-    """(P,) which values of ``d`` lie within ``half`` of ``sum_j w_j dirs[j]`` for the weights most values agree
-    with: from least squares, each weight in turn set by :func:`_stab`, four rounds."""
-    x = torch.stack(dirs, 1)  # (P, k - 1)
-    w = torch.linalg.lstsq(x, d[:, None]).solution[:, 0]  # (k - 1,)
-    for _ in range(4 if x.shape[1] > 1 else 1):
-        for j in range(x.shape[1]):
-            w[j] = _stab(x[:, j], d - x @ w + x[:, j] * w[j], half)  # what weight j must explain
-    return (d - x @ w).abs() <= half
-
-
-def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:
-    """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0): a sweep over
-    their sorted ends, an interval's opening before another's closing at one point. Time O(P log P)."""
-    on = (x != 0).numpy()
-    a = ((d - half) / x).numpy()[on]
-    b = ((d + half) / x).numpy()[on]
-    if not len(a):
-        return 0.0
-    ends = np.concatenate([np.minimum(a, b), np.maximum(a, b)])  # (2 Q,)
-    step = np.concatenate([np.ones(len(a)), -np.ones(len(a))])
-    order = np.lexsort((-step, ends))  # by end; at a tie the openings (+1) first
-    best = int(np.argmax(np.cumsum(step[order])))
-    return float(ends[order][best])
 
 
 def main_parent(record: dict) -> str:

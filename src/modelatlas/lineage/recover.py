@@ -221,9 +221,9 @@ def _tree_edges(members: list[str], d: np.ndarray, p: Placement) -> list[Edge]:
     """The edges of one placed tree, each with its runner-up parent (:mod:`.runner_up`) where it has one at a
     finite ratio. Time O(n^2)."""
     alt, ratio = runner_up_parents(d, p.parent)
-    return [Edge(members[u], members[v], p.scores[v], float(d[u, v]),
-                 runner_up=members[alt[v]] if alt[v] >= 0 and np.isfinite(ratio[v]) else None,
-                 runner_up_ratio=float(ratio[v]) if alt[v] >= 0 and np.isfinite(ratio[v]) else float("nan"))
+    has = (alt >= 0) & np.isfinite(ratio)  # (n,)
+    return [Edge(members[u], members[v], p.scores[v], float(d[u, v]), runner_up=members[alt[v]] if has[v] else None,
+                 runner_up_ratio=float(ratio[v]) if has[v] else float("nan"))
             for v, u in enumerate(p.parent) if u >= 0]
 
 

@@ -1,0 +1,99 @@
+"""The value check of a merge found from distances (:mod:`.merges`): are a model's values its parents' weighted
+sum, rounded to its format, on sampled rows of the compared layers?
+
+Where a merge is stored rounded (bfloat16 / float16) its residual off its parents' line or plane can be as large
+as what tells a merge, and SLERP of far-apart tensors is a curve, not a segment; both are taken only when their
+values say so: :data:`VERIFY_SHARE` of them within half a unit in the last place of one weighted sum (the weights
+most values agree with, :func:`_agreeing`). Reads :data:`_SAMPLE_ROWS` rows of up to :data:`VERIFY_LAYERS` layers
+of the candidate and its parents. Time O(sampled weights x log).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from modelatlas.errors import CheckpointError
+
+VERIFY_SHARE = 0.99  # of the sampled values of a rounded merge within half a unit in the last place
+VERIFY_LAYERS = 8  # compared layers sampled to check a rounded merge
+_SAMPLE_ROWS = 64
+_MANTISSA = {"bfloat16": 7, "float16": 10, "float32": 23}
+_ULPS = {"float32": 4.0}  # a float32 merge computed in float32 (not float64): a few units off, not half of one
+
+
+def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False) -> bool:
+    """Whether ``child``'s values are a weighted sum of its ``parents``' rounded to ``fmt`` (bfloat16 / float16), on
+    up to :data:`_SAMPLE_ROWS` evenly spaced rows of each of ``layers``: the weights refitted there by least
+    squares (one set, or one a layer with ``per_layer``), and :data:`VERIFY_SHARE` of the values within half a
+    unit in the last place of ``fmt`` (+1 %; float32: :data:`_ULPS`) of that sum (``conic``: of a A + b B, the
+    weights free, as SLERP's are). A fine-tune 0.2 % from a bfloat16 base lies within
+    bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
+    units are finer than its update). Time O(sampled weights)."""
+    try:
+        rows = [[_read_sampled(ck, t) for ck in (child, *parents)] for t in layers]
+    except CheckpointError:
+        return False
+    if not rows or fmt not in _MANTISSA:
+        return False
+    groups = rows if per_layer else [[torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]]
+    within = [_within_ulp(g[0], g[1:], _MANTISSA[fmt], _ULPS.get(fmt, 0.505), conic) for g in groups]
+    return float(torch.cat(within).double().mean()) >= VERIFY_SHARE
+
+
+def _pick(n: int) -> torch.Tensor:
+    """Up to :data:`_SAMPLE_ROWS` evenly spaced row indices of ``n`` rows."""
+    return torch.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).round().long()
+
+
+def _sampled(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_pick`'s rows of the 2-D ``x``, flattened, float64."""
+    return x.reshape(len(x), -1)[_pick(len(x))].double().flatten()  # (rows picked x row length,)
+
+
+def _read_sampled(ck, t) -> torch.Tensor:
+    """:func:`_sampled` of ``ck``'s 2-D tensor ``t``, reading those rows only (the pass read the whole layer
+    already; safetensors and GGUF read a row's bytes and no more)."""
+    return ck.read_rows(t.name, _pick(t.shape[0])).double().flatten()  # (rows picked x row length,)
+
+
+def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int, ulps: float = 0.505,
+                conic: bool = False) -> torch.Tensor:
+    """(P,) whether each value of ``y`` is within half a unit in the last place (+1 %) of one weighted sum of its
+    ``parents``: the weights that the most values agree with (:func:`_agreeing`), each parent tried as the base
+    of the affine form. Least squares alone is biased here: parents on one grid k units apart give a merge whose
+    rounding is a function of k (0.767 A + 0.233 B of two bfloat16 tensors 0.8 degrees apart fitted 0.797, and
+    21 % of the values then missed); one weight at a time can stall on a plane's pair of weights from one base
+    (98.8 % of a task-arithmetic merge's values from one base, 99.99 % from another)."""
+    half = ulps * torch.ldexp(torch.ones_like(y), torch.frexp(y.abs()).exponent - 1 - mantissa)  # (P,)
+    if conic:  # y = sum_i w_i p_i, the weights free (SLERP's sum to a little over 1)
+        return _agreeing(y, list(parents), half)
+    masks = [_agreeing(y - parents[b], [p - parents[b] for i, p in enumerate(parents) if i != b], half)
+             for b in range(len(parents) if len(parents) > 2 else 1)]
+    return max(masks, key=lambda m: int(m.sum()))
+
+
+def _agreeing(d: torch.Tensor, dirs: list[torch.Tensor], half: torch.Tensor) -> torch.Tensor:
+    """(P,) which values of ``d`` lie within ``half`` of ``sum_j w_j dirs[j]`` for the weights most values agree
+    with: from least squares, each weight in turn set by :func:`_stab`, four rounds."""
+    x = torch.stack(dirs, 1)  # (P, k - 1)
+    w = torch.linalg.lstsq(x, d[:, None]).solution[:, 0]  # (k - 1,)
+    for _ in range(4 if x.shape[1] > 1 else 1):
+        for j in range(x.shape[1]):
+            w[j] = _stab(x[:, j], d - x @ w + x[:, j] * w[j], half)  # what weight j must explain
+    return (d - x @ w).abs() <= half
+
+
+def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:
+    """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0): a sweep over
+    their sorted ends, an interval's opening before another's closing at one point. Time O(P log P)."""
+    on = (x != 0).numpy()
+    a = ((d - half) / x).numpy()[on]
+    b = ((d + half) / x).numpy()[on]
+    if not len(a):
+        return 0.0
+    ends = np.concatenate([np.minimum(a, b), np.maximum(a, b)])  # (2 Q,)
+    step = np.concatenate([np.ones(len(a)), -np.ones(len(a))])
+    order = np.lexsort((-step, ends))  # by end; at a tie the openings (+1) first
+    best = int(np.argmax(np.cumsum(step[order])))
+    return float(ends[order][best])
