@@ -97,3 +97,14 @@ def test_the_command_line_draws_a_declared_merge_and_notes_one_it_cannot_place(t
     assert main(["lineage", "recover", str(tmp_path), "--stage", "specialize"]) == 0
     err = capsys.readouterr().err
     assert "ties: mergekit_config.yml declares a ties merge of models not all given (not found: org/elsewhere)" in err
+
+
+def test_configs_that_are_no_mergekit_configs_say_why(tmp_path):
+    make_folder(tmp_path, "nomodels", {"l0.weight": torch.zeros(2, 2)}, "merge_method: ties\n")
+    assert declared_merge(tmp_path / "nomodels")["problem"] == "no models: not a mergekit config"
+    big = make_folder(tmp_path, "big", {"l0.weight": torch.zeros(2, 2)}, "merge_method: ties\n# " + "x" * (1 << 20))
+    assert declared_merge(big)["problem"] == f"over {1 << 20} bytes: no mergekit config"
+    slices = "slices:\n  - sources:\n      - model: a\n      - model: b\nmerge_method: slerp\nbase_model: a\n"
+    make_folder(tmp_path, "sl", {"l0.weight": torch.zeros(2, 2)}, slices)
+    assert declared_merge(tmp_path / "sl") == {"method": "slerp", "base": "a", "models": ["a", "b"],
+                                               "weights": [None, None], "file": str(tmp_path / "sl" / "mergekit_config.yml")}
