@@ -214,3 +214,19 @@ def test_a_truth_file_given_for_a_zoo_is_one_line(tmp_path, capsys, command):
     assert main([*command, str(truth), *out]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {truth}: a plain ") and "not a zoo manifest" in err and err.count("\n") == 1
+
+
+def test_zoo_with_merges_made_shown_verified_and_scored(tmp_path, capsys):
+    out = tmp_path / "z"
+    assert main(["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "3", "--depth", "1", "--method", "full",
+                 "--merges", "3", "--workers", "1", "--out", str(out)]) == 0
+    assert "zoo: 7 models (1 root, 3 full fine-tunes, 0 LoRA, 3 merges)" in capsys.readouterr().out
+    assert main(["zoo", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "t0.merge1  [merge]" in shown and "task_arithmetic: -" in shown and " t0.1 + " in shown
+    assert main(["zoo", "verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["lineage", "recover", str(out), "--truth", str(out / "manifest.json")]) == 0
+    assert "merges: 3 of 3 found with exactly their parents" in capsys.readouterr().out
+    assert main(["lineage", "recover", str(out), "--no-merges", "--truth", str(out / "manifest.json")]) == 0
+    assert "merges: 0 of 3 found" in capsys.readouterr().out

@@ -361,3 +361,6 @@ def show_forest(forest, truth=None) -> None:
              f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
              + left + (f"; the runner-up parent is the true one for {s.n_runner_up_right} of the {s.n_misplaced} "
                        "misplaced" if s.n_misplaced else ""))
+    if truth is not None and (s.n_merges or s.n_false_merges):
+        echo(f"merges: {s.n_merges_found} of {s.n_merges} found with exactly their parents"
+             + (f"; {counted(s.n_false_merges, 'model')} taken for a merge that the truth says is none" if s.n_false_merges else ""))

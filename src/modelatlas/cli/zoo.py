@@ -63,6 +63,9 @@ def _register_make(zsub) -> None:
                     help="kinds the mixed sampler draws: class_subset,transform,dataset,new_head "
                     "(default class_subset,transform,new_head)")
     mk.add_argument("--other-datasets", type=str_tuple, help="datasets of 'dataset' child tasks, e.g. mnist5k (adds the kind 'dataset'; default none)")
+    mk.add_argument("--merges", type=int, help="merged models added to each tree after training: linear, task-arithmetic "
+                    "and SLERP merges of its fine-tunes, parents and weights in the manifest (default 0)")
+    mk.add_argument("--merge-dtype", choices=["float32", "bfloat16"], help="the merged models' weights (default float32)")
     mk.add_argument("--seed", type=seed, help="zoo seed (default 0)")
     mk.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
     mk.add_argument("--out", required=True, type=out_dir, help="output folder (one sub-folder per model + manifest.json)")
@@ -72,7 +75,7 @@ def _register_make(zsub) -> None:
 
 
 _OPTIONS = ("arch", "arch_kwargs", "input_shape", "task_kinds", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",
-            "task_sampler", "other_datasets", "seed")
+            "task_sampler", "other_datasets", "merges", "merge_dtype", "seed")
 
 
 def _config(args: argparse.Namespace):
@@ -98,9 +101,10 @@ def _make(args: argparse.Namespace) -> int:
     manifest = make_zoo(config, args.out, workers=args.workers, progress=tqdm_progress, resume=not args.no_resume)
     secs = time.perf_counter() - start
     accs = [m.train.get("test_acc", float("nan")) for m in manifest.models]
-    methods = {k: sum(m.method == k for m in manifest.models) for k in ("root", "full", "lora")}
+    methods = {k: sum(m.method == k for m in manifest.models) for k in ("root", "full", "lora", "merge")}
+    merges = f", {counted(methods['merge'], 'merge')}" if methods["merge"] else ""
     echo(f"zoo: {counted(len(manifest), 'model')} ({counted(methods['root'], 'root')}, "
-         f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA) in {args.out}")
+         f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA{merges}) in {args.out}")
     per = sum(m.train.get("seconds", 0.0) for m in manifest.models) / max(1, len(manifest))
     echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall this run; "
          f"{per:.2f} s of training per model when it was built (a reused model is not retrained)")
@@ -122,6 +126,14 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def merge_text(merge: dict) -> str:
+    """A merge record as a sum, e.g. ``"linear: 0.27 t0.0 + 0.73 t0.1"`` ("" for none)."""
+    if not merge:
+        return ""
+    terms = " + ".join(f"{w:.2f} {p}" for p, w in zip(merge["parents"], merge["weights"]))
+    return f"{merge.get('kind', 'merge')}: {terms}".replace("+ -", "- ")
+
+
 def tree_lines(manifest) -> list[str]:
     """One line per model, indented under its parent: name, method, storage, accuracy, task label."""
     kids: dict[str | None, list] = {}
@@ -133,7 +145,7 @@ def tree_lines(manifest) -> list[str]:
         acc = m.train.get("test_acc")
         acc_s = f"acc {acc:.2f}" if isinstance(acc, float) else ""
         how = m.method if m.method != "lora" else f"lora r={m.train.get('lora_r')}" + (" adapter" if m.storage == "adapter" else "")
-        lines.append(f"{indent}{m.name}  [{how}] {acc_s}  {m.task.get('label', '')}")
+        lines.append(f"{indent}{m.name}  [{how}] {acc_s}  {m.task.get('label', '') or merge_text(m.merge)}")
         for c in kids.get(m.name, []):
             walk(c, indent + "  ")
 

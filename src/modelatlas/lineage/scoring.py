@@ -41,17 +41,34 @@ class LineageScore:
     n_bridged: int = 0  # scored edges from a model to its nearest given ancestor, past a model not given
     n_misplaced: int = 0  # wrong edges other than reversed ones (the child hung from another model)
     n_runner_up_right: int = 0  # misplaced edges whose runner-up parent (Edge.runner_up) is the true parent
+    n_merges: int = 0  # true merged models given (a manifest's ``merge`` records)
+    n_merges_found: int = 0  # of them, recovered as merges of exactly their true parents
+    n_false_merges: int = 0  # models recovered as merges that the truth names and says are no merge
 
     def as_dict(self) -> dict:
         return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
                 "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors,
                 "true_edges_left_out": self.n_left_out, "edges_past_models_not_given": self.n_bridged,
-                "misplaced_edges": self.n_misplaced, "misplaced_runner_up_true": self.n_runner_up_right}
+                "misplaced_edges": self.n_misplaced, "misplaced_runner_up_true": self.n_runner_up_right,
+                "merges": {"true": self.n_merges, "found": self.n_merges_found, "false": self.n_false_merges}}
 
 
 def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
     """Child -> parent (None for roots) from a manifest or a dict."""
     return truth.parents() if isinstance(truth, Manifest) else dict(truth)
+
+
+def truth_merges(truth: Manifest | Mapping[str, str | None]) -> dict[str, set[str]]:
+    """Merged model -> its true parents, from a manifest's ``merge`` records ({} for a dict truth)."""
+    return {k: set(v["parents"]) for k, v in truth.merges().items()} if isinstance(truth, Manifest) else {}
+
+
+def found_merges(forest: Forest, merges: Mapping[str, set[str]]) -> set[str]:
+    """The true merged models (``merges``: name -> true parents) that ``forest`` recovered as merges of exactly
+    those parents (``decisions["model_merges"]``, names read through copies: :func:`truth_names`). O(merges)."""
+    named = truth_names(forest, {})
+    got = forest.decisions.get("model_merges", {}) if isinstance(forest.decisions, dict) else {}
+    return {c for c, rec in got.items() if c in merges and {named.get(p, p) for p in rec.get("parents", [])} == merges[c]}
 
 
 def check_truth(names: Iterable[str], truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
@@ -130,16 +147,20 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     named = {(p, c) for c, p in everyone.items() if p is not None}
     true = {(p, c) for c, p in parents.items() if p is not None}
     # an edge to a model the truth does not name is neither right nor wrong (it made a zoo's 0/0 read 0%)
-    pred = {(p, c) for _, p, c in scored_edges(forest, parents) if p in parents and c in parents}
+    merges = truth_merges(truth)
+    pred = {(p, c) for _, p, c in scored_edges(forest, parents, merges) if p in parents and c in parents}
     common = [n for n in forest.nodes if n in parents]
     t_lab, p_lab = tree_labels(everyone), tree_labels(forest.parents())  # trees of the whole truth
     ari = float(adjusted_rand_score([t_lab[n] for n in common], [p_lab[n] for n in common])) if common else 0.0
-    kinds = edge_errors(forest, everyone)
+    kinds = edge_errors(forest, truth)
     errors = dict(sorted(Counter(kinds.values()).items()))
     left_out = sum(p not in given or c not in given for p, c in named)
     misplaced, runner_up = _runner_ups(forest, parents, kinds)
+    true_merges = {c: ps for c, ps in merges.items() if c in given}
+    false = sum(c in parents and c not in merges for c in forest.decisions.get("model_merges", {}))
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
-                        len(true), len(pred & true), errors, left_out, len(true - named), misplaced, runner_up)
+                        len(true), len(pred & true), errors, left_out, len(true - named), misplaced, runner_up,
+                        len(true_merges), len(found_merges(forest, true_merges)), false)
 
 
 def _runner_ups(forest: Forest, parents: Mapping[str, str | None], kinds: dict) -> tuple[int, int]:
@@ -164,13 +185,20 @@ def truth_names(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     return out
 
 
-def scored_edges(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> list[tuple[Edge, str, str]]:
+def scored_edges(forest: Forest, truth: Manifest | Mapping[str, str | None],
+                 merges: Mapping[str, set[str]] | None = None) -> list[tuple[Edge, str, str]]:
     """(edge, parent, child) with the names scoring reads (:func:`truth_names`); a copy edge between a model
-    and the copy it is read as is left out (both are one model to the truth)."""
+    and the copy it is read as is left out (both are one model to the truth). A true merge (``merges``: name
+    -> true parents) recovered with exactly its parents is read as drawn from its true parent, the most
+    weighted one: near-equal weights may draw it under another of them."""
     named = truth_names(forest, truth)
+    exact = found_merges(forest, merges or {})
+    parents = truth_parents(truth)
     out = []
     for e in forest.edges:
         p, c = named.get(e.parent, e.parent), named.get(e.child, e.child)
+        if e.kind == "merge" and c in exact and parents.get(c) is not None:
+            p = parents[c]
         if p != c:
             out.append((e, p, c))
     return out
@@ -215,7 +243,7 @@ def edge_marks(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> di
     given = given_models(forest)
     parents = given_parents(check_truth(given, truth), given)
     out = {}
-    for e, p, c in scored_edges(forest, parents):
+    for e, p, c in scored_edges(forest, parents, truth_merges(truth)):
         if e.kind in COPY_KINDS and c not in parents:
             continue
         if c not in parents or p not in parents:
@@ -240,7 +268,7 @@ def edge_errors(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     labels = tree_labels(everyone)  # trees of the whole truth: a root not given still joins its children
     parents = given_parents(everyone, given_models(forest))
     out = {}
-    for e, p, c in scored_edges(forest, parents):
+    for e, p, c in scored_edges(forest, parents, truth_merges(truth)):
         if c not in parents or p not in parents or parents.get(c) == p:
             continue
         out[(e.parent, e.child)] = _error_kind(parents, labels, p, c)
@@ -285,7 +313,7 @@ def error_notes(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
     parents = given_parents(everyone, given)
     named = truth_names(forest, parents)
     out = {}
-    for edge, kind in edge_errors(forest, everyone).items():
+    for edge, kind in edge_errors(forest, truth).items():
         if kind == "reversed":
             continue
         child = named.get(edge[1], edge[1])

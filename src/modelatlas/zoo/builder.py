@@ -30,6 +30,7 @@ from modelatlas.zoo.architectures import build_model, head_name, lora_targets
 from modelatlas.zoo.config import ZooConfig
 from modelatlas.zoo.lora import adapter_config, adapter_tensors, add_lora, merge_lora
 from modelatlas.zoo.manifest import Manifest, ModelRecord, is_zoo_manifest, load_manifest
+from modelatlas.zoo.merged import build_merge
 from modelatlas.zoo.plan import plan_zoo, zoo_arch_config
 from modelatlas.zoo.store import (
     RECORD,
@@ -46,10 +47,14 @@ from modelatlas.zoo.store import (
 from modelatlas.zoo.tasks import task_data
 from modelatlas.zoo.train import accuracy, fit
 
+_LATER = {"merges": 0, "merge_dtype": "float32"}  # fields added since: at their defaults, left out of the hash
+
 
 def fingerprint(config: ZooConfig) -> str:
-    """A short hash of the config: resuming refuses folders built from another config."""
-    text = json.dumps(config.to_dict(), sort_keys=True)
+    """A short hash of the config: resuming refuses folders built from another config. Fields added since
+    (``_LATER``) count only when set, so a zoo built before them resumes as it did."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _LATER or v != _LATER[k]}
+    text = json.dumps(data, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -73,7 +78,8 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
     workers = min(workers, max(Counter(n["level"] for n in nodes).values()), os.cpu_count() or 1)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**config.to_dict(), "arch_config": arch}
-    job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config)}
+    job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config),
+           "merge_dtype": config.merge_dtype}
     bar = resolve(progress)(_build(nodes, job, meta, workers, resume), total=len(nodes), desc="training zoo")
     for rec in bar:
         bar.set_postfix(model=rec["name"], acc=f"{rec['train'].get('test_acc', float('nan')):.2f}")
@@ -190,7 +196,9 @@ def _inline(job: dict) -> dict:
 
 
 def build_one(job: dict) -> dict:
-    """Train, evaluate and save one planned model; returns its manifest record (a dict)."""
+    """Train, evaluate and save one planned model (or write a planned merge); returns its manifest record."""
+    if job["node"]["method"] == "merge":
+        return build_merge(job)
     start = time.perf_counter()
     node, arch, out = job["node"], job["arch"], Path(job["out"])
     spec, task = node["train"], node["task"]

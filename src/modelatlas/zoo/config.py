@@ -18,6 +18,7 @@ ARCHS = ("mlp", "cnn", "vit")
 SHAPES = ("tree", "star")
 METHODS = ("full", "lora", "mixed")
 STORAGES = ("merged", "adapter")
+MERGE_DTYPES = ("float32", "bfloat16")
 TASK_KINDS = ("class_subset", "transform", "dataset", "new_head")
 _RANGES = ("root_steps", "root_lr", "ft_steps", "ft_lr", "lora_lr")
 MAX_MODELS = 100_000  # a zoo of this many models takes days to train on a few cores
@@ -31,7 +32,9 @@ class ZooConfig:
     log-uniform) from a seed derived from ``seed`` and its name. ``lora_ranks`` lists the ranks LoRA
     children draw from (several = mixed ranks); ``lora_alpha`` None means alpha = 2 r.
     ``task_sampler`` names a registered sampler (:mod:`modelatlas.zoo.samplers`); the ``"mixed"`` sampler
-    draws child tasks of the kinds in ``task_kinds``.
+    draws child tasks of the kinds in ``task_kinds``. ``merges`` adds that many merged models to each tree
+    once its models are trained (weighted sums of two or three of them, as mergekit writes: linear, task
+    arithmetic, SLERP; :mod:`modelatlas.zoo.merged`), stored in ``merge_dtype``.
     """
 
     arch: str = "mlp"
@@ -59,6 +62,8 @@ class ZooConfig:
     batch_size: int = 128
     eval_samples: int = 500
     seed: int = 0
+    merges: int = 0  # merged models per tree, written after training (modelatlas.zoo.merged)
+    merge_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("input_shape", "lora_ranks", "task_kinds", "transforms", "other_datasets", *_RANGES):
@@ -71,6 +76,7 @@ class ZooConfig:
         _choice("shape", self.shape, SHAPES)
         _choice("method", self.method, METHODS)
         _choice("storage", self.storage, STORAGES)
+        _choice("merge_dtype", self.merge_dtype, MERGE_DTYPES)
         if self.depth is None:
             self.depth = 1 if self.shape == "star" else 2
         elif self.shape == "star" and self.depth != 1:  # was silently set to 1
@@ -95,14 +101,16 @@ class ZooConfig:
 
     def _check_counts(self) -> None:
         """Counts are whole numbers in range and the zoo is of a plannable size (MAX_MODELS)."""
-        for name in ("trees", "children", "depth", "batch_size", "eval_samples"):
-            low = 0 if name == "depth" else 1  # depth 0: roots only
+        for name in ("trees", "children", "depth", "batch_size", "eval_samples", "merges"):
+            low = 0 if name in ("depth", "merges") else 1  # depth 0: roots only
             value = getattr(self, name)
             if not _is_count(value, low):
                 what = "a non-negative" if low == 0 else "a positive"
                 raise ConfigError(f"{name}: must be {what} integer, got {getattr(self, name)!r}")
         if not is_seed(self.seed):  # 2**64 built seed 0's zoo, 1.5 seed 1's
             raise ConfigError(f"seed: must be {SEED_RANGE}, got {self.seed!r}")
+        if self.merges:
+            _check_merges(self.merges, self.children, self.depth)
         if _count_models(self.trees, self.children, self.depth, MAX_MODELS) > MAX_MODELS:
             # planning alone would run for hours and fill the memory: surely a typo
             raise ConfigError(f"trees {self.trees}, children {self.children}, depth {self.depth}: more than "
@@ -136,9 +144,9 @@ class ZooConfig:
 
     @property
     def n_models(self) -> int:
-        """Number of models this config builds."""
+        """Number of models this config builds (merged models included)."""
         per_tree = sum(self.children**k for k in range(self.depth + 1))
-        return self.trees * per_tree
+        return self.trees * (per_tree + self.merges)
 
     def to_dict(self) -> dict:
         """A JSON-able dict (tuples as lists); :meth:`from_dict` inverts it."""
@@ -161,6 +169,17 @@ def _count_models(trees: int, children: int, depth: int, limit: int) -> int:
             break
         level *= children
     return total
+
+
+def _check_merges(merges: int, children: int, depth: int) -> None:
+    """A merge takes two different fine-tuned models of one tree, and no two merges of a tree the same pair
+    (two merges of one pair lie on one line: each would be a merge of the other and a parent)."""
+    tuned = _count_models(1, children, depth, MAX_MODELS) - 1
+    pairs = tuned * (tuned - 1) // 2
+    if merges > pairs:
+        raise ConfigError(f"merges: {merges} merged models a tree need {merges} pairs of its fine-tuned models, and a "
+                          f"tree of children {children}, depth {depth} has {tuned} ({pairs} pairs); lower merges to "
+                          f"<= {pairs}" + (" or raise children or depth" if pairs < 3 else ""))
 
 
 def _choice(name: str, value, options) -> None:

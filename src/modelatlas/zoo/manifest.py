@@ -9,8 +9,9 @@ Format (``manifest.json`` at the zoo's root)::
                  "task": {"classes": [0, 1, ...], "transform": "identity", "label": "..."},
                  "train": {"lr": 0.01, "steps": 300, "seed": 7, ...}, "sha256": "..."}, ...]}
 
-``path`` is relative to the manifest's folder. ``method`` is ``root``, ``full`` (full fine-tuning) or
-``lora``; ``storage`` is ``full`` (a full state dict, LoRA merged) or ``adapter`` (a PEFT-style adapter
+``path`` is relative to the manifest's folder. ``method`` is ``root``, ``full`` (full fine-tuning),
+``lora`` or ``merge`` (a merged model, :mod:`modelatlas.zoo.merged`: its record also holds ``"merge": {"kind":
+"linear", "parents": ["t0.1", "t0.2"], "weights": [0.3, 0.7]}``, and ``parent`` is its most weighted parent); ``storage`` is ``full`` (a full state dict, LoRA merged) or ``adapter`` (a PEFT-style adapter
 folder whose base is the parent). ``sha256`` is the digest of the weights file (``atlas zoo verify``).
 """
 
@@ -42,6 +43,7 @@ class ModelRecord:
     task: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     sha256: str = ""  # of the weights file ("" in manifests written before digests)
+    merge: dict = field(default_factory=dict)  # a merged model's {"kind", "parents", "weights"}; {} otherwise
 
 
 @dataclass
@@ -63,6 +65,9 @@ class Manifest:
         for m in self.models:
             if m.parent is not None and m.parent not in known:
                 raise ManifestError(f"model {m.name!r} names parent {m.parent!r}, which is not in the manifest")
+            for p in m.merge.get("parents", []) if isinstance(m.merge, dict) else []:
+                if p not in known:
+                    raise ManifestError(f"model {m.name!r} is a merge of {p!r}, which is not in the manifest")
         self._check_acyclic()
 
     def _check_acyclic(self) -> None:
@@ -98,6 +103,10 @@ class Manifest:
         """Child name -> parent name (None for roots)."""
         return {m.name: m.parent for m in self.models}
 
+    def merges(self) -> dict[str, dict]:
+        """Merged model name -> its ``merge`` record (``kind``, ``parents``, ``weights``)."""
+        return {m.name: m.merge for m in self.models if m.merge}
+
     def edges(self) -> list[tuple[str, str]]:
         """True directed edges (parent, child)."""
         return [(m.parent, m.name) for m in self.models if m.parent is not None]
@@ -120,7 +129,8 @@ class Manifest:
 
     def save(self, path: str | Path) -> Path:
         """Write the manifest atomically to ``path`` (model paths stay relative)."""
-        data = {"format": FORMAT, "config": self.config, "models": [asdict(m) for m in self.models]}
+        models = [{k: v for k, v in asdict(m).items() if k != "merge" or v} for m in self.models]  # as before merges
+        data = {"format": FORMAT, "config": self.config, "models": models}
         return atomic_write_json(path, data)
 
 
@@ -237,8 +247,21 @@ def _record(path: Path, i: int, rec) -> ModelRecord:
             raise ManifestError(f"{path}: model #{i} key {key!r} must be {what}, got {value!r}")
     if known.get("storage", "full") not in _STORAGES:
         raise ManifestError(f"{path}: model #{i} key 'storage' must be one of {list(_STORAGES)}, got {known['storage']!r}")
+    if known.get("merge"):
+        _check_merge(path, i, known["merge"])
     return ModelRecord(**known)
 
 
+def _check_merge(path: Path, i: int, merge: dict) -> None:
+    """A merge record: ``parents`` two or more distinct names, ``weights`` as many numbers."""
+    parents, weights = merge.get("parents"), merge.get("weights")
+    ok = isinstance(parents, list) and len(parents) >= 2 and all(isinstance(p, str) and p for p in parents) \
+        and len(set(parents)) == len(parents) and isinstance(weights, list) and len(weights) == len(parents) \
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+    if not ok:
+        raise ManifestError(f"{path}: model #{i} key 'merge' must hold 'parents' (two or more distinct model names) "
+                            f"and 'weights' (a number each), got {merge!r:.120}")
+
+
 _NAMES = ("name", "path", "parent", "tree")
-_TYPES = {k: (dict if k in ("task", "train") else str) for k in ModelRecord.__dataclass_fields__}
+_TYPES = {k: (dict if k in ("task", "train", "merge") else str) for k in ModelRecord.__dataclass_fields__}

@@ -105,10 +105,12 @@ def _other_datasets(config: ZooConfig, num_classes: int) -> dict:
 def model_names(config: ZooConfig) -> list[str]:
     """The names of every model ``config`` builds, in :func:`plan_zoo`'s order, without planning tasks (no
     dataset is read). O(number of models)."""
+    from modelatlas.zoo.merged import merge_names
+
     levels = [[f"t{t}" for t in range(config.trees)]]
     for _ in range(config.depth):
         levels.append([f"{parent}.{j}" for parent in levels[-1] for j in range(config.children)])
-    return [name for level in levels for name in level]
+    return [name for level in levels for name in level] + merge_names(config)
 
 
 def planned_names(config: dict) -> list[str] | None:
@@ -116,7 +118,8 @@ def planned_names(config: dict) -> list[str] | None:
     :class:`ZooConfig` field and ``arch_config``); None for other manifests (probex families, hand-written)."""
     from dataclasses import fields
 
-    if "arch_config" not in config or any(f.name not in config for f in fields(ZooConfig)):
+    later = {"merges", "merge_dtype"}  # fields added since: a manifest written before lacks them (the defaults)
+    if "arch_config" not in config or any(f.name not in config and f.name not in later for f in fields(ZooConfig)):
         return None
     try:
         return model_names(ZooConfig.from_dict(config))
@@ -126,8 +129,11 @@ def planned_names(config: dict) -> list[str] | None:
 
 def plan_zoo(config: ZooConfig) -> list[dict]:
     """All nodes of the zoo, parents before children (level by level). Each node: ``name, parent, tree,
-    level, method ("root"|"full"|"lora"), storage ("full"|"adapter"), task, train`` (hyperparameters).
+    level, method ("root"|"full"|"lora"|"merge"), storage ("full"|"adapter"), task, train`` (hyperparameters);
+    merged models (``config.merges``) last, one level below the rest (:func:`~modelatlas.zoo.merged.plan_merges`).
     O(number of models)."""
+    from modelatlas.zoo.merged import plan_merges
+
     num_classes, class_names, _ = dataset_info("dataset", config.dataset)
     others = _other_datasets(config, num_classes) if "dataset" in config.task_kinds else {}
     sampler = get_sampler(config.task_sampler)
@@ -147,7 +153,7 @@ def plan_zoo(config: ZooConfig) -> list[dict]:
                 levels[level].append(_node(config, n, parent["name"], parent["tree"], level, m, task))
     nodes = [node for lv in levels for node in lv]
     _check_square(config, nodes)
-    return nodes
+    return nodes + (plan_merges(config, nodes) if config.merges else [])
 
 
 _SQUARE_ONLY = {"rot90", "rot270", "transpose"}

@@ -22,10 +22,10 @@ MODEL_FILES = ("model.safetensors", "config.json", "adapter_model.safetensors", 
 _CLASS_NAMES = {"mlp": "AtlasMLP", "cnn": "AtlasCNN", "vit": "ViTForImageClassification"}
 
 
-def hf_config(arch: dict) -> dict:
+def hf_config(arch: dict, dtype: str = "float32") -> dict:
     """``config.json`` for an architecture config: HF-style keys plus the atlas config itself."""
     cfg = {"architectures": [_CLASS_NAMES[arch["arch"]]], "model_type": f"atlas-{arch['arch']}",
-           "num_labels": arch["num_classes"], "torch_dtype": "float32", "atlas_arch": arch}
+           "num_labels": arch["num_classes"], "torch_dtype": dtype, "atlas_arch": arch}
     if arch["arch"] == "vit":
         cfg.update(model_type="vit", hidden_size=arch["hidden"], num_hidden_layers=arch["n_layers"],
                    num_attention_heads=arch["n_heads"], intermediate_size=arch["intermediate"],
@@ -43,12 +43,12 @@ def clear_folder(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict | None) -> None:
+def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict | None, dtype: str = "float32") -> None:
     """A Hugging Face-style model folder: ``model.safetensors`` and, for an architecture config (a manifest
-    written by ``make_zoo`` has one), ``config.json``."""
+    written by ``make_zoo`` has one), ``config.json`` (``torch_dtype``: ``dtype``, the weights' own)."""
     atomic_save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
     if isinstance(arch, dict) and "arch" in arch:
-        atomic_write_json(folder / "config.json", hf_config(arch))
+        atomic_write_json(folder / "config.json", hf_config(arch, dtype))
 
 
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:

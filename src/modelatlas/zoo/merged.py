@@ -1,0 +1,140 @@
+"""Merged models in a zoo (``ZooConfig.merges``): weighted sums of a tree's trained models, as mergekit writes.
+
+Users' folders hold merges beside fine-tunes (model soups, task arithmetic, SLERP), and a merge placed as a
+fine-tune draws its parents below itself. A zoo with merges gives lineage recovery's merge detection
+(:mod:`modelatlas.lineage.merges`) a ground truth: each merged model's manifest record names its parents and
+their weights (``merge``), and its ``parent`` is the most weighted one (the first of equals), the one a
+recovered merge is drawn under. Per tree, after every trained model is saved, ``merges`` merges cycle
+through three kinds, each on a pair of the tree's fine-tuned models no other merge of the tree takes:
+
+* ``linear``: ``t A + (1 - t) B``, t uniform in 0.2-0.8 (mergekit ``linear``, a two-model soup);
+* ``task_arithmetic``: ``P + x (A - P) + y (B - P)`` for siblings A, B of parent P, x and y uniform in
+  0.3-1.0 (weights ``1 - x - y, x, y`` on P, A, B); a ``linear`` merge where no sibling pair is left;
+* ``slerp``: per tensor, spherical interpolation of A and B as flat vectors at t uniform in 0.2-0.8 (weights
+  ``1 - t, t``; mergekit's ``slerp``, which falls back to a linear merge of nearly parallel tensors).
+
+Float tensors are merged in float64 and stored in ``ZooConfig.merge_dtype``; other tensors are the main
+parent's. Planning draws from a seed derived from the zoo's seed and the tree. Time O(merges x parents x P)
+per tree, memory O(parents x P) for P weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelatlas.seeding import derive_seed
+from modelatlas.zoo.config import ZooConfig
+
+KINDS = ("linear", "task_arithmetic", "slerp")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_PARALLEL = 0.9995  # mergekit's threshold: |cos| above it, SLERP is a linear merge
+
+
+def merge_names(config: ZooConfig) -> list[str]:
+    """The merged models' names, tree by tree: ``t0.merge0``, ``t0.merge1``, ... O(trees x merges)."""
+    return [f"t{t}.merge{i}" for t in range(config.trees) for i in range(config.merges)]
+
+
+def plan_merges(config: ZooConfig, nodes: list[dict]) -> list[dict]:
+    """The merge nodes of the planned zoo ``nodes`` (trained models, parents first), one level below the
+    deepest: ``name, parent (the main parent), tree, level, method "merge", storage "full", task ({"dataset"}),
+    eval_task (the main parent's task, for its test accuracy), merge ({"kind", "parents", "weights"}),
+    train ({})``. O(trees x (merges + models^2))."""
+    level = 1 + max(n["level"] for n in nodes)
+    by_name = {n["name"]: n for n in nodes}
+    out = []
+    for t in range(config.trees):
+        tree = f"t{t}"
+        rng = np.random.default_rng(derive_seed(config.seed, tree, "merges"))
+        tuned = [n["name"] for n in nodes if n["tree"] == tree and n["parent"] is not None]
+        used: set[frozenset] = set()
+        for i in range(config.merges):
+            merge = _draw(KINDS[i % len(KINDS)], tuned, by_name, used, rng)
+            main = by_name[merge["parents"][int(np.argmax(merge["weights"]))]]  # first of equals
+            out.append({"name": f"{tree}.merge{i}", "parent": main["name"], "tree": tree, "level": level,
+                        "method": "merge", "storage": "full", "task": {"dataset": main["task"]["dataset"]},
+                        "eval_task": main["task"], "merge": merge, "train": {}})
+    return out
+
+
+def _draw(kind: str, tuned: list[str], by_name: dict, used: set, rng: np.random.Generator) -> dict:
+    """One merge of ``kind`` on a pair not in ``used`` (which it joins): siblings for task arithmetic (a
+    linear merge when none is left), any two fine-tuned models otherwise."""
+    pairs = [p for p in itertools.combinations(tuned, 2) if frozenset(p) not in used]
+    if kind == "task_arithmetic":
+        siblings = [p for p in pairs if by_name[p[0]]["parent"] == by_name[p[1]]["parent"]]
+        kind = kind if siblings else "linear"
+        pairs = siblings or pairs
+    a, b = pairs[int(rng.integers(len(pairs)))]  # ZooConfig checked that enough pairs exist
+    used.add(frozenset((a, b)))
+    if kind == "task_arithmetic":
+        x, y = rng.uniform(0.3, 1.0, 2).tolist()
+        return {"kind": kind, "parents": [by_name[a]["parent"], a, b], "weights": [1 - x - y, x, y]}
+    t = float(rng.uniform(0.2, 0.8))
+    return {"kind": kind, "parents": [a, b], "weights": [1 - t, t]}
+
+
+def merged_state(merge: dict, states: list[dict[str, torch.Tensor]], dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The merge ``merge`` (kind, weights) of the parents' state dicts ``states`` (in ``merge["parents"]``'s
+    order): float tensors merged in float64 and cast to ``dtype``; others copied from the most weighted
+    parent. O(parents x P)."""
+    weights = merge["weights"]
+    main = states[int(np.argmax(weights))]
+    out = {}
+    for key, value in main.items():
+        if not value.is_floating_point():
+            out[key] = value.clone()
+            continue
+        ts = [s[key].double() for s in states]
+        if merge["kind"] == "slerp":
+            merged = slerp(weights[1], ts[0], ts[1])
+        else:
+            merged = sum(w * x for w, x in zip(weights, ts))
+        out[key] = merged.to(_DTYPES[dtype]).contiguous()
+    return out
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1) of two tensors as flat vectors, the
+    angle taken between their directions and the result a combination of the tensors themselves (mergekit's
+    ``slerp``); a linear merge when they are nearly parallel or one is zero. O(size)."""
+    fa, fb = a.flatten(), b.flatten()  # (P,)
+    na, nb = fa.norm(), fb.norm()
+    cos = (fa @ fb / (na * nb)).clamp(-1, 1) if na > 0 and nb > 0 else torch.tensor(1.0, dtype=fa.dtype)
+    if cos.abs() > _PARALLEL:
+        return (1 - t) * a + t * b
+    theta = torch.arccos(cos)
+    return ((torch.sin((1 - t) * theta) * fa + torch.sin(t * theta) * fb) / torch.sin(theta)).view(a.shape)
+
+
+def build_merge(job: dict) -> dict:
+    """Write one planned merge (``job["node"]``) from its parents' saved weights and return its manifest
+    record (its ``train`` holds the main parent's task's test accuracy)."""
+    from modelatlas.zoo.architectures import build_model
+    from modelatlas.zoo.store import clear_folder, load_state, save_full, weights_digest, write_record
+    from modelatlas.zoo.tasks import task_data
+    from modelatlas.zoo.train import accuracy
+
+    start = time.perf_counter()
+    node, arch, out = job["node"], job["arch"], Path(job["out"])
+    state = merged_state(node["merge"], [load_state(out, p) for p in node["merge"]["parents"]], job["merge_dtype"])
+    model = build_model(arch)
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
+    xt, yt = task_data(node["eval_task"], "test", arch["input_shape"], limit=job["eval_samples"])
+    folder = out / node["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_folder(folder)
+    save_full(folder, state, arch, dtype=job["merge_dtype"])
+    train = {"test_acc": accuracy(model, xt, yt), "n_test": len(yt), "dtype": job["merge_dtype"],
+             "seconds": round(time.perf_counter() - start, 3)}
+    record = {"name": node["name"], "path": node["name"], "parent": node["parent"], "tree": node["tree"],
+              "arch": arch["arch"], "dataset": node["task"]["dataset"], "method": "merge", "storage": "full",
+              "task": node["task"], "train": train, "sha256": weights_digest(folder / "model.safetensors"),
+              "merge": node["merge"]}
+    write_record(folder, record, job["fingerprint"])
+    return record

@@ -1,0 +1,49 @@
+"""Scoring against a manifest holding merged models (its ``merge`` records)."""
+
+from modelatlas.lineage.forest import Edge, Forest
+from modelatlas.lineage.scoring import edge_errors, edge_marks, found_merges, score_forest, truth_merges
+from modelatlas.zoo.manifest import Manifest, ModelRecord
+
+
+def make_truth():
+    """r -> a, r -> b; m = 0.5 a + 0.5 b (drawn under a, the first of equals); plain c under a."""
+    return Manifest([ModelRecord("r", "r", None, "t"), ModelRecord("a", "a", "r", "t"), ModelRecord("b", "b", "r", "t"),
+                     ModelRecord("c", "c", "a", "t"),
+                     ModelRecord("m", "m", "a", "t", merge={"kind": "linear", "parents": ["a", "b"], "weights": [0.5, 0.5]})])
+
+
+def make_forest(m_parent="b", m_parents=("b", "a"), c_kind="full"):
+    """The truth's tree with m recovered as a merge of ``m_parents`` drawn under ``m_parent``."""
+    edges = [Edge("r", "a", 1), Edge("r", "b", 1), Edge("a", "c", 1, kind=c_kind), Edge(m_parent, "m", 1, kind="merge")]
+    merges = {"m": {"parents": list(m_parents), "weights": [0.5, 0.5]}}
+    if c_kind == "merge":
+        merges["c"] = {"parents": ["a", "r"], "weights": [0.9, 0.1]}
+    return Forest(["r", "a", "b", "c", "m"], edges, {"model_merges": merges}, [["r", "a", "b", "c", "m"]])
+
+
+def test_a_merge_found_with_its_parents_is_right_under_either():
+    truth = make_truth()
+    s = score_forest(make_forest(), truth)  # drawn under b, the truth's other parent of equal weight
+    assert (s.n_correct, s.n_true_edges, s.n_merges, s.n_merges_found, s.n_false_merges) == (4, 4, 1, 1, 0)
+    assert edge_marks(make_forest(), truth)[("b", "m")] == "right" and not edge_errors(make_forest(), truth)
+    assert s.as_dict()["merges"] == {"true": 1, "found": 1, "false": 0}
+
+
+def test_a_merge_with_other_parents_is_scored_as_drawn():
+    truth = make_truth()
+    s = score_forest(make_forest(m_parents=("b", "c")), truth)
+    assert (s.n_correct, s.n_merges_found) == (3, 0)
+    assert edge_errors(make_forest(m_parents=("b", "c")), truth) == {("b", "m"): "uncle"}  # b: a sibling of the true parent a
+    s = score_forest(make_forest(m_parent="a", m_parents=("a", "c")), truth)  # under its main parent: right
+    assert (s.n_correct, s.n_merges_found) == (4, 0)
+
+
+def test_false_merges_and_a_truth_without_merges():
+    truth = make_truth()
+    s = score_forest(make_forest(c_kind="merge"), truth)
+    assert (s.n_false_merges, s.n_merges_found) == (1, 1)
+    plain = truth.parents()  # a dict truth knows no merges: m is read as drawn
+    assert truth_merges(plain) == {} and truth_merges(truth) == {"m": {"a", "b"}}
+    s = score_forest(make_forest(), plain)
+    assert (s.n_correct, s.n_merges) == (3, 0)
+    assert found_merges(make_forest(), truth_merges(truth)) == {"m"}
