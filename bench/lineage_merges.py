@@ -2,8 +2,9 @@
 
     python bench/lineage_merges.py /tmp/zoos/* --work /tmp/merges [--seed 0] [--json rows.json]
 
-Per zoo (folders as ``modelatlas.zoo`` writes them), merges of its fine-tuned models are written beside links to
-its models, seeded: in each tree one linear merge of two siblings, ``a A + (1 - a) B`` (a uniform in 0.2-0.8), one
+Per zoo (folders as ``modelatlas.zoo`` writes them), a zoo built with merges (``atlas zoo make --merges K``) is
+taken as built (its merges and their parents are in its manifest); in other zoos merges of its fine-tuned models
+are written beside links to its models, seeded: in each tree one linear merge of two siblings, ``a A + (1 - a) B`` (a uniform in 0.2-0.8), one
 task-arithmetic merge of two siblings on their parent, ``P + x (A - P) + y (B - P)`` (x, y uniform in 0.3-1.0),
 and one linear merge of two cousins; float32, and each again rounded to bfloat16 (``--bf16``); with
 ``--per-layer`` the two-parent ones instead with a weight per tensor (a ramp; linear and SLERP). The zoo is then
@@ -31,6 +32,7 @@ import zoo_mix as Z  # bench/zoo_mix.py: models linked under a prefix, main()'s 
 from safetensors.torch import load_file, save_file
 
 from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.merges import MIN_WEIGHT
 from modelatlas.lineage.scoring import score_forest
 from modelatlas.zoo import load_manifest
 
@@ -112,15 +114,19 @@ def _weights(path: Path) -> Path:
 def rows(args: argparse.Namespace):
     for zoo in args.zoos:
         manifest = load_manifest(zoo / "manifest.json")
-        truth = {m.name: m.parent for m in manifest.models}
-        paths = {m.name: manifest.path_of(m.name) for m in manifest.models}
-        merges = plan(manifest, np.random.default_rng(args.seed))
-        merges = layered(merges, np.random.default_rng(args.seed + 1)) if args.per_layer else merges
-        files = write(merges, paths, args.work / zoo.name, args.bf16)
+        own = manifest.merges()  # a zoo built with merges (`atlas zoo make --merges K`): those, as built
+        truth = {m.name: m.parent for m in manifest.models if m.name not in own}
+        paths = {m.name: manifest.path_of(m.name) for m in manifest.models if m.name not in own}
+        if own:
+            merges, files, bf16 = own, [manifest.path_of(n) for n in own], False
+        else:
+            merges = plan(manifest, np.random.default_rng(args.seed))
+            merges = layered(merges, np.random.default_rng(args.seed + 1)) if args.per_layer else merges
+            files, bf16 = write(merges, paths, args.work / zoo.name, args.bf16), args.bf16
         plain = recover_lineage(list(paths.values()))
         found = recover_lineage([*paths.values(), *files])
         off = recover_lineage([*paths.values(), *files], merges=False)
-        yield {"zoo": zoo.name, **_found(found, merges, args.bf16),
+        yield {"zoo": zoo.name, **_found(found, merges, bf16),
                **{f"acc_{k}": score_forest(f, truth).n_correct for k, f in (("plain", plain), ("on", found), ("off", off))},
                "edges": score_forest(plain, truth).n_true_edges}
 
@@ -130,14 +136,22 @@ def _found(forest, merges: dict[str, dict], bf16: bool) -> dict:
     for merges; the largest weight error of the exact ones."""
     got = forest.decisions.get("model_merges", {})
     suffix = "-bf16" if bf16 else ""
-    exact = [n for n in merges if set(got.get(n + suffix, {}).get("parents", [])) == set(merges[n]["parents"])]
-    err = max((abs(dict(zip(got[n + suffix]["parents"], got[n + suffix]["weights"]))[p] - w)
-               for n in exact if "weights" in merges[n]
+    exact = [n for n in merges if set(got.get(n + suffix, {}).get("parents", [])) == _parents(merges[n])]
+    err = max((abs(dict(zip(got[n + suffix]["parents"], got[n + suffix]["weights"])).get(p, 0.0) - w)
+               for n in exact if "weights" in merges[n] and merges[n].get("kind") != "slerp"  # SLERP: no weight
                for p, w in zip(merges[n]["parents"], merges[n]["weights"])), default=0.0)
     planted = {n + suffix for n in merges}
     return {"planted": len(merges), "exact": len(exact), "other": sum(n + suffix in got for n in merges) - len(exact),
             "missed": sum(n + suffix not in got for n in merges), "false": sorted(set(got) - planted),
             "weight_err": round(err, 4)}
+
+
+def _parents(rec: dict) -> set[str]:
+    """A merge's parents that a merge can be told to have: weighted MIN_WEIGHT or more (task arithmetic whose
+    weights sum to ~1 is a linear merge of two; a ramp has no single weight)."""
+    if "weights" not in rec:
+        return set(rec["parents"])
+    return {p for p, w in zip(rec["parents"], rec["weights"]) if abs(w) >= MIN_WEIGHT}
 
 
 RUNS = {"adam 1e-3, every 50 steps": ("adam", 1e-3, 50), "adam 1e-4, every 20 steps": ("adam", 1e-4, 20),

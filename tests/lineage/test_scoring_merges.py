@@ -47,3 +47,12 @@ def test_false_merges_and_a_truth_without_merges():
     s = score_forest(make_forest(), plain)
     assert (s.n_correct, s.n_merges) == (3, 0)
     assert found_merges(make_forest(), truth_merges(truth)) == {"m"}
+
+
+def test_a_parent_weighted_near_zero_is_none():
+    # task arithmetic r + 0.6 (a - r) + 0.38 (b - r): r's weight 0.02, a linear merge of a and b to the weights
+    truth = Manifest([ModelRecord("r", "r", None, "t"), ModelRecord("a", "a", "r", "t"), ModelRecord("b", "b", "r", "t"),
+                      ModelRecord("c", "c", "a", "t"),
+                      ModelRecord("m", "m", "a", "t", merge={"parents": ["r", "a", "b"], "weights": [0.02, 0.6, 0.38]})])
+    assert truth_merges(truth) == {"m": {"a", "b"}}
+    assert score_forest(make_forest(), truth).n_merges_found == 1

@@ -59,8 +59,14 @@ def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str |
 
 
 def truth_merges(truth: Manifest | Mapping[str, str | None]) -> dict[str, set[str]]:
-    """Merged model -> its true parents, from a manifest's ``merge`` records ({} for a dict truth)."""
-    return {k: set(v["parents"]) for k, v in truth.merges().items()} if isinstance(truth, Manifest) else {}
+    """Merged model -> its true parents, from a manifest's ``merge`` records ({} for a dict truth); a parent
+    weighted under MIN_WEIGHT is none (task arithmetic whose weights sum to ~1 is a linear merge of the two
+    models, the base's weight ~0: recovery reports the two). O(merges)."""
+    from modelatlas.lineage.merges import MIN_WEIGHT
+
+    if not isinstance(truth, Manifest):
+        return {}
+    return {k: {p for p, w in zip(v["parents"], v["weights"]) if abs(w) >= MIN_WEIGHT} for k, v in truth.merges().items()}
 
 
 def found_merges(forest: Forest, merges: Mapping[str, set[str]]) -> set[str]:
