@@ -98,3 +98,13 @@ class ManifestError(AtlasError):
 
 class DivergedError(AtlasError):
     """An optimisation's loss became NaN or infinite; the message says at which step and what to lower."""
+
+
+class AtlasWarning(UserWarning):
+    """Base class of the warnings the library issues (``warnings.warn``; it prints nothing itself): the CLI shows
+    each as one ``warning: <message>`` line on stderr (:func:`modelatlas.cli.output.warnings_as_lines`)."""
+
+
+class DeviceChangeWarning(AtlasWarning):
+    """A run checkpointed on one device type resumes on another: it goes on, but is not bit-identical to a run
+    kept on the first (the message names both devices)."""

@@ -44,3 +44,41 @@ def test_an_output_folder_where_no_file_can_be_made_is_refused_first(argv, capsy
     assert main([*argv, "--out", "/proc/atlas-runs"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "/proc/atlas-runs" in err and "cannot be written: no file can be made in /proc" in err
+
+
+def test_a_run_resumed_on_another_device_type_says_so_in_one_warning_line(tmp_path, capsys):
+    """A run checkpointed on a GPU (its checkpoint.json says "cuda": no GPU here) and resumed on the CPU went on
+    without a word; the library warns (warnings.warn) and the CLI shows it as one `warning:` line, once."""
+    import json
+
+    out = tmp_path / "o"
+    base = ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--out", str(out),
+            "--set", "width=8", "--eval-nets", "1", "--eval-epochs", "1", "--no-baseline"]
+    assert main([*base, "--iterations", "1", "--device", "cpu"]) == 0
+    ckpt = out / "checkpoint" / "checkpoint.json"
+    meta = json.loads(ckpt.read_text())
+    assert meta["device"] == "cpu"
+    ckpt.write_text(json.dumps({**meta, "device": "cuda"}))
+    capsys.readouterr()
+    assert main([*base, "--iterations", "2", "--device", "cpu", "--resume"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert warned == [f"warning: {ckpt}: checkpointed on cuda, resumed on cpu; the run goes on, but its remaining "
+                      "iterations round as cpu does, so the set is not bit-identical to one finished on cuda"]
+
+
+def test_warnings_as_lines_shows_its_category_as_one_line_each_time_and_others_as_before(capsys):
+    import warnings
+
+    from modelatlas.cli.output import warnings_as_lines
+    from modelatlas.errors import AtlasWarning
+
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest, **kw: seen.append(str(message))
+        with warnings_as_lines(AtlasWarning):
+            for _ in range(2):
+                warnings.warn("a\nb", AtlasWarning, stacklevel=1)
+            warnings.warn("other", RuntimeWarning, stacklevel=1)
+        warnings.warn("after", AtlasWarning, stacklevel=1)
+    assert capsys.readouterr().err == "warning: a\\nb\n" * 2 and seen == ["other", "after"]

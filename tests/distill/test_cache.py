@@ -37,3 +37,18 @@ def test_cache_key_tells_flipped_images_apart():
     assert cache_key(data, {"steps": 5}, 0) != cache_key(flipped, {"steps": 5}, 0)
     swapped = ArrayDataset("d", data.x, data.y.flip(0), data.classes, {})  # the same label counts, moved
     assert cache_key(data, {"steps": 5}, 0) != cache_key(swapped, {"steps": 5}, 0)
+
+
+def test_trained_on_reads_the_device_of_an_entry_and_none_where_it_records_none(tmp_path):
+    from safetensors.torch import save_file
+
+    from modelatlas.distill.cache import trained_on
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "new.safetensors"), metadata={"key": "k", "device": "cuda"})
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"key": "k"})
+    (tmp_path / "pool.json").write_text('{"files": [], "device": "cpu"}')
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file of tensors")
+    got = [trained_on(tmp_path / n) for n in ("new.safetensors", "old.safetensors", "pool.json", "list.json",
+                                              "bad.safetensors", "missing.safetensors")]
+    assert got == ["cuda", None, "cpu", None, None, None]

@@ -4,8 +4,10 @@ Each command module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``,
 sets ``func`` (a thin function that calls one library function and prints the result). Known errors
 (:class:`~modelatlas.errors.AtlasError`, missing files, Ctrl-C) become one line on stderr and exit code 1
 (130 for Ctrl-C; output piped to a reader that left early, e.g. ``| head``, ends quietly with 141);
-``ATLAS_DEBUG=1`` re-raises them with the traceback. A config error names the flag a command's ``field_flags``
-give for a field (:mod:`modelatlas.cli.flags`): ``--match-steps``, not ``match_steps``.
+``ATLAS_DEBUG=1`` re-raises them with the traceback. The library's warnings
+(:class:`~modelatlas.errors.AtlasWarning`) are shown as one ``warning: ...`` line each. A config error names
+the flag a command's ``field_flags`` give for a field (:mod:`modelatlas.cli.flags`): ``--match-steps``, not
+``match_steps``.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ try:  # Ctrl-C while these load (tqdm: ~0.1 s) came before main() could catch it
 
     from modelatlas import __version__
     from modelatlas.allocator import keep_freed_memory
-    from modelatlas.cli.output import one_line
-    from modelatlas.errors import AtlasError, ConfigError, SettingsMismatchError
+    from modelatlas.cli.output import one_line, warnings_as_lines
+    from modelatlas.errors import AtlasError, AtlasWarning, ConfigError, SettingsMismatchError
     from modelatlas.waiting import short_spin
 except KeyboardInterrupt:
     if _debug():
@@ -100,7 +102,8 @@ def run_mapped(func, args: argparse.Namespace) -> int:
     """Run a command, mapping known errors to one line on stderr and exit code 1."""
     debug = _debug()
     try:
-        code = func(args)
+        with warnings_as_lines(AtlasWarning):  # the library warns (warnings.warn); only the CLI prints
+            code = func(args)
         sys.stdout.flush()  # a reader that left early (`| head`) breaks the pipe here, not at interpreter exit
         return int(code or 0)
     except BrokenPipeError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -57,6 +59,25 @@ def note(message: str) -> None:
 def warn(message: str) -> None:
     """Print a warning line to stderr."""
     print(f"warning: {one_line(message)}", file=sys.stderr)
+
+
+@contextmanager
+def warnings_as_lines(category: type[Warning]) -> Iterator[None]:
+    """While inside, each warning of ``category`` the library issues (``warnings.warn``: it prints nothing) is
+    shown as one :func:`warn` line, each time, not Python's 'file:line: Category: message' and source line,
+    once per place; other warnings are shown as before. Restored on exit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)
+        shown = warnings.showwarning
+
+        def show(message, kind, filename, lineno, file=None, line=None):
+            if issubclass(kind, category):
+                warn(str(message))
+            else:
+                shown(message, kind, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def say_fresh_start(resume: bool, out: str | Path, kept_in: str = "") -> None:

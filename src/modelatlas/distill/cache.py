@@ -9,6 +9,14 @@ Fingerprint cost O(N x D): a SHA-256 of the pixels and labels (~0.75 ms per MB).
 sums over the pixels and a hash of the labels, which a flipped or permuted copy of the images shared: a
 stale entry (trained on the other images) was reused. Entries made then are not found any more and are
 trained again once.
+
+The key holds no device: an entry is stored device-neutral (safetensors of CPU tensors) and moved to the run's
+device on load, so a GPU run reuses what a CPU run trained and the other way round. Keying by device would
+train every entry again per device type (MTT: ``num_experts x expert_epochs`` epochs over the real data) to
+gain only last-bit agreement, which a GPU does not promise between two of its own runs anyway (TF32, atomic
+adds; docs/distill.md, Devices); the dtype needs no key either (every network is float32). What an entry
+cannot say by its name, the device type that trained it, it records (``"device"`` in its metadata), and the
+method puts it in the set's meta (:func:`trained_on`), so a result says whose rounding its cache carries.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+import torch
 
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.digests import data_digest
@@ -39,3 +49,27 @@ def cache_key(train: ArrayDataset, fields: dict, seed: int, length: int = 16) ->
     """A stable hex hash of (data fingerprint, ``fields``, ``seed``); ``fields`` must be JSON-serialisable."""
     desc = {"data": data_fingerprint(train), "fields": fields, "seed": seed}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def device_type(device: str | torch.device) -> str:
+    """The type ("cpu", "cuda", "mps") an entry records as the device that trained it."""
+    return torch.device(device).type
+
+
+def trained_on(path: Path) -> str | None:
+    """The device type that trained the cache entry ``path`` (a safetensors file's ``"device"`` metadata, or a
+    JSON file's ``"device"`` key: Teddy's pool.json); None where it records none (an entry of before session 36)
+    or cannot be read (the entry's loader names the damage). O(the header)."""
+    from safetensors import SafetensorError, safe_open
+
+    from modelatlas.weights.base import utf8_path
+
+    try:
+        if path.suffix == ".json":
+            value = json.loads(path.read_text(encoding="utf-8")).get("device")
+        else:
+            with utf8_path(path) as readable, safe_open(readable, "pt") as f:
+                value = (f.metadata() or {}).get("device")
+    except (OSError, ValueError, AttributeError, SafetensorError):  # (AttributeError: a JSON list)
+        return None
+    return value if isinstance(value, str) else None

@@ -9,11 +9,14 @@ its optimisers, any method state), each with ``state_dict()``/``load_state_dict(
 - shows a progress bar with the current loss (``bar.set_postfix(loss=...)``);
 - every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
   (every tensor of every state: synthetic set, optimiser, CPU RNG states) and then ``checkpoint.json``
-  (iteration, loss history, non-tensor state), both atomically; ``checkpoint.json`` is written last and is
+  (iteration, loss history, non-tensor state, the device type it ran on), both atomically; ``checkpoint.json`` is written last and is
   the commit point, so a crash at any moment leaves the previous complete checkpoint; with a ``clock`` it
   also records the run's wall time so far, which a resumed run adds to its own (:func:`saved_wall_time`);
-- with ``resume=True`` loads the checkpoint and continues at the next iteration: a run interrupted and
-  resumed yields exactly the tensors of an uninterrupted run.
+- with ``resume=True`` loads the checkpoint (CPU tensors, which each state's ``load_state_dict`` moves to its
+  own device) and continues at the next iteration: a run interrupted and resumed on the same device yields
+  exactly the tensors of an uninterrupted run; on another device type (checkpointed on "cuda", resumed on
+  "cpu") it goes on with a :class:`~modelatlas.errors.DeviceChangeWarning`, as the rest of the run rounds as
+  the new device does (the random draws are the same: all are made on the CPU).
 
 Checkpoint cost: O(size of the states) per save.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
-from modelatlas.errors import CheckpointError, DivergedError
+from modelatlas.errors import CheckpointError, DeviceChangeWarning, DivergedError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights.base import error_line
@@ -130,10 +134,11 @@ class OuterLoop:
     def __init__(self, iterations: int, seed: int = 0, progress: Progress | None = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False,
                  desc: str = "distill", clock: Callable[[], float] | None = None,
-                 checkpoint: Mapping[str, Any] | None = None):
+                 checkpoint: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"):
         """``checkpoint``: ``checkpoint_dir``'s checkpoint.json as the caller read it for a resume
-        (:func:`read_checkpoint`); None: read it here."""
-        self.checkpoint = checkpoint
+        (:func:`read_checkpoint`); None: read it here. ``device``: the run's, whose type ("cuda", "cpu") the
+        checkpoint records."""
+        self.checkpoint, self.device = checkpoint, torch.device(device).type
         self.iterations, self.seed, self.progress, self.desc = int(iterations), int(seed), progress, desc
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = max(int(checkpoint_every), 1)
@@ -181,7 +186,8 @@ class OuterLoop:
         atomic_save_tensors(self.checkpoint_dir / tensor_file, tensors)
         atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
             "iteration": done, "iterations": self.iterations, "seed": self.seed, "tensors": tensor_file,
-            "losses": self.losses, "states": flat, "wall_time_s": None if self.clock is None else self.clock()})
+            "losses": self.losses, "states": flat, "wall_time_s": None if self.clock is None else self.clock(),
+            "device": self.device})
         for old in self.checkpoint_dir.glob("ckpt-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink(missing_ok=True)
@@ -223,3 +229,13 @@ class OuterLoop:
                                                  "new output folder") from e
         self.start = self.saved = int(meta["iteration"])
         self.losses = list(meta["losses"])
+        self._warn_device_change(meta, meta_path)
+
+    def _warn_device_change(self, meta: Mapping[str, Any], meta_path: Path) -> None:
+        """Warn when iterations are left to run on another device type than the checkpoint's (a checkpoint of
+        before session 36 records none: no warning). Not refused: the states load on any device."""
+        saved = meta.get("device")
+        if isinstance(saved, str) and saved != self.device and self.start < self.iterations:
+            warnings.warn(f"{meta_path}: checkpointed on {saved}, resumed on {self.device}; the run goes on, but "
+                          f"its remaining iterations round as {self.device} does, so the set is not bit-identical "
+                          f"to one finished on {saved}", DeviceChangeWarning, stacklevel=3)

@@ -125,7 +125,7 @@ class DistillContext:
     def run_loop(self, iterations: int, checkpoint_every: int, step, states: dict, desc: str) -> list[float]:
         """Run an :class:`~modelatlas.distill.loop.OuterLoop` and keep its loss history in ``self.losses``."""
         loop = OuterLoop(iterations, self.seed, self.progress, self.checkpoint_dir, checkpoint_every,
-                         self.resume, desc, clock=self.elapsed, checkpoint=self.checkpoint)
+                         self.resume, desc, clock=self.elapsed, checkpoint=self.checkpoint, device=self.device)
         self.losses = loop.run(step, states)
         self.idle = self.resume and 0 < loop.start == loop.iterations
         return self.losses

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from modelatlas.atomic import atomic_save_tensors, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
-from modelatlas.distill.cache import cache_key, cache_root
+from modelatlas.distill.cache import cache_key, cache_root, device_type, trained_on
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.hello.config import HelloConfig
@@ -46,7 +46,8 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
     path = cache_root("hello", config.cache_dir) / f"teacher-{cache_key(train, fields, seed)}.safetensors"
     if not path.is_file():
         net = train_teacher(train, config, seed, device)
-        atomic_save_tensors(path, net.state_dict(), {"key": path.stem})  # made contiguous on the CPU there
+        # made contiguous on the CPU there: an entry holds no device (cache.py)
+        atomic_save_tensors(path, net.state_dict(), {"key": path.stem, "device": device_type(device)})
         return net, path, True
     net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"], seed=0,
                    device=device)
@@ -153,6 +154,7 @@ def run(train: ArrayDataset, ipc: int, config: HelloConfig, ctx: DistillContext)
     spec = config.net_spec(train.input_shape)
     syn.meta.update({"label_generator": LABEL_GENERATOR, "projector_fit_losses": fit_losses[-1:],
                      "teacher": str(teacher_path), "teacher_trained_now": trained,
+                     "teacher_device": trained_on(teacher_path),
                      "hello": {**spec, "rank": config.rank, "head_init": config.head_init,
                                "text_dim": config.text_dim, "proj_seed": derive_seed(ctx.seed, "hello-proj"),
                                "temperature": config.temperature, "input_shape": list(train.input_shape)}})

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
+from modelatlas.distill.cache import trained_on
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.mtt.buffer import load_or_train
@@ -82,5 +83,5 @@ def run(train: ArrayDataset, ipc: int, config: MTTConfig, ctx: DistillContext) -
 
     ctx.run_loop(config.iterations, config.checkpoint_every, step,
                  {"synthetic": syn, "optimizer": opt_img, "optimizer_lr": opt_lr}, "mtt")
-    syn.meta.update({"expert_buffer": path.name})
+    syn.meta.update({"expert_buffer": path.name, "expert_buffer_device": trained_on(path)})
     return syn.to("cpu")

@@ -21,11 +21,12 @@ import torch
 
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
+from modelatlas.distill.cache import trained_on
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.matching import ClassSampler, gradient_match_distance
 from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.teddy.config import TeddyConfig
-from modelatlas.distill.methods.teddy.pool import load_or_build_pool
+from modelatlas.distill.methods.teddy.pool import POOL_JSON, load_or_build_pool
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
 
@@ -69,7 +70,8 @@ def run(train: ArrayDataset, ipc: int, config: TeddyConfig, ctx: DistillContext)
     pool, folder, built = load_or_build_pool(train, config.pool_fields(), spec, ctx.seed, ctx.device,
                                              config.cache_dir)
     syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
-    syn.meta.update({"pool": str(folder), "pool_built_now": built, "pool_size": len(pool)})
+    syn.meta.update({"pool": str(folder), "pool_built_now": built, "pool_size": len(pool),
+                     "pool_device": trained_on(folder / POOL_JSON)})
     img_opt = torch.optim.SGD([syn.images], lr=config.lr_img, momentum=config.momentum_img)
     sampler = ClassSampler(train, ctx.device)
     x_all, y_all = sampler.x, train.y.to(ctx.device)

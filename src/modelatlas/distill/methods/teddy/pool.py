@@ -19,7 +19,7 @@ import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.data.registry import ArrayDataset
-from modelatlas.distill.cache import cache_key, cache_root
+from modelatlas.distill.cache import cache_key, cache_root, device_type
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.loop import read_json
 from modelatlas.distill.methods.teddy.config import prior_count
@@ -121,7 +121,7 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
         files.append(f"model-{i}.safetensors")
         atomic_save_tensors(folder / files[-1], state)
     atomic_write_json(meta_path, {"files": files, "fields": fields, "net": spec, "seed": seed,
-                                  "dataset": train.name, "kinds": _kinds(fields)})
+                                  "dataset": train.name, "kinds": _kinds(fields), "device": device_type(device)})
     return pool, folder, True
 
 
