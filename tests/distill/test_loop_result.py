@@ -286,3 +286,19 @@ def test_a_run_checkpointed_with_two_gpus_resumes_with_one(tmp_path, monkeypatch
     assert torch.equal(syn.images, syn_a.images)
     old = {**RNGState().state_dict(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}  # written before the fix
     RNGState().load_state_dict(old)
+
+
+def test_the_loop_reseeds_the_cpu_stream_every_iteration_and_no_device_stream(monkeypatch):
+    """torch.manual_seed also reset every GPU's stream (and MPS's) each iteration, which no method draws from
+    (test_device.py) and fork_rng(devices=[]) does not restore: a caller's CUDA stream was left reseeded. The
+    CPU's stream is still reseeded from (seed, iteration): a draw of iteration ``it`` is the same numbers."""
+    from modelatlas.seeding import derive_seed
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(("cuda", seed)))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: reseeded.append(("mps", seed)))
+    drawn = []
+    OuterLoop(3, seed=5).run(lambda it, gen: drawn.append(torch.rand(2)) or 0.0, {})
+    assert reseeded == []
+    for it, x in enumerate(drawn):
+        assert torch.equal(x, torch.rand(2, generator=torch.Generator().manual_seed(derive_seed(5, "iteration", it))))

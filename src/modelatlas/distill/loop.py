@@ -4,8 +4,11 @@ A method supplies ``step(iteration, generator) -> loss`` that performs one outer
 compute the matching loss, step S) and the objects whose state must survive a crash (the synthetic set,
 its optimisers, any method state), each with ``state_dict()``/``load_state_dict()``. :class:`OuterLoop`
 
-- re-seeds torch's global RNG and hands a fresh generator to every iteration from ``derive_seed(seed, it)``,
-  so iteration ``it`` draws the same numbers whether the run was interrupted or not;
+- re-seeds torch's global CPU generator and hands a fresh generator to every iteration from
+  ``derive_seed(seed, it)``, so iteration ``it`` draws the same numbers whether the run was interrupted or not;
+  a device's own stream (CUDA's) is not touched: no method draws from it (tests/distill/test_device.py), so
+  reseeding it made no resume more exact, and it reset the caller's stream (``fork_rng(devices=[])`` restores
+  only the CPU's);
 - shows a progress bar with the current loss (``bar.set_postfix(loss=...)``);
 - every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
   (every tensor of every state: synthetic set, optimiser, CPU RNG states) and then ``checkpoint.json``
@@ -111,9 +114,8 @@ def _key_back(k: Any) -> Any:
 class RNGState:
     """Python, NumPy and torch CPU global RNG states as a :class:`Stateful`.
 
-    Not CUDA's: every iteration reseeds all of torch's generators (CUDA's too) before it draws, and no method
-    draws from a device's own stream (tests/distill/test_device.py), so a restored CUDA state was overwritten
-    unused. Keeping it read the states of every visible GPU, which started CUDA in a ``--device cpu`` run (a busy
+    Not CUDA's: no method draws from a device's own stream (tests/distill/test_device.py), so a restored CUDA
+    state would go unused (it was overwritten unused when every iteration reseeded CUDA's stream too). Keeping it read the states of every visible GPU, which started CUDA in a ``--device cpu`` run (a busy
     GPU failed its first checkpoint), and a resume with fewer GPUs visible was refused. A "cuda" entry of an
     older checkpoint is ignored."""
 
@@ -156,7 +158,8 @@ class OuterLoop:
                                      desc=self.desc)
         with torch.random.fork_rng(devices=[]):  # the per-iteration seeding leaves the caller's CPU stream alone
             for it in bar:
-                torch.manual_seed(derive_seed(self.seed, "iteration", it))
+                # the CPU's generator only (torch.manual_seed's CPU part): see the module docstring
+                torch.random.default_generator.manual_seed(derive_seed(self.seed, "iteration", it))
                 loss = float(step(it, torch_generator(derive_seed(self.seed, "generator", it))))
                 self._check_finite(loss, it)
                 self.losses.append(loss)
