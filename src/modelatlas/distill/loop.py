@@ -12,9 +12,10 @@ its optimisers, any method state), each with ``state_dict()``/``load_state_dict(
 - shows a progress bar with the current loss (``bar.set_postfix(loss=...)``);
 - every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
   (every tensor of every state: synthetic set, optimiser, CPU RNG states) and then ``checkpoint.json``
-  (iteration, loss history, non-tensor state, the device type it ran on), both atomically; ``checkpoint.json`` is written last and is
-  the commit point, so a crash at any moment leaves the previous complete checkpoint; with a ``clock`` it
-  also records the run's wall time so far, which a resumed run adds to its own (:func:`saved_wall_time`);
+  (iteration, loss history, non-tensor state, the device type it ran on), both atomically; ``checkpoint.json``
+  is written last and is the commit point, so a crash at any moment leaves the previous complete checkpoint;
+  with a ``clock`` it also records the run's wall time so far, which a resumed run adds to its own
+  (:func:`saved_wall_time`);
 - with ``resume=True`` loads the checkpoint (CPU tensors, which each state's ``load_state_dict`` moves to its
   own device) and continues at the next iteration: a run interrupted and resumed on the same device yields
   exactly the tensors of an uninterrupted run; on another device type (checkpointed on "cuda", resumed on
@@ -115,9 +116,10 @@ class RNGState:
     """Python, NumPy and torch CPU global RNG states as a :class:`Stateful`.
 
     Not CUDA's: no method draws from a device's own stream (tests/distill/test_device.py), so a restored CUDA
-    state would go unused (it was overwritten unused when every iteration reseeded CUDA's stream too). Keeping it read the states of every visible GPU, which started CUDA in a ``--device cpu`` run (a busy
-    GPU failed its first checkpoint), and a resume with fewer GPUs visible was refused. A "cuda" entry of an
-    older checkpoint is ignored."""
+    state would go unused (it was overwritten unused when every iteration reseeded CUDA's stream too). Keeping
+    it read the states of every visible GPU, which started CUDA in a ``--device cpu`` run (a busy GPU failed its
+    first checkpoint), and a resume with fewer GPUs visible was refused. A "cuda" entry of an older checkpoint
+    is ignored."""
 
     def state_dict(self) -> dict:
         return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
