@@ -32,8 +32,7 @@ import zoo_mix as Z  # bench/zoo_mix.py: models linked under a prefix, main()'s 
 from safetensors.torch import load_file, save_file
 
 from modelatlas.lineage import recover_lineage
-from modelatlas.lineage.merges import MIN_WEIGHT
-from modelatlas.lineage.scoring import score_forest
+from modelatlas.lineage.scoring import same_merge_parents, score_forest
 from modelatlas.zoo import load_manifest
 
 
@@ -136,7 +135,7 @@ def _found(forest, merges: dict[str, dict], bf16: bool) -> dict:
     for merges; the largest weight error of the exact ones."""
     got = forest.decisions.get("model_merges", {})
     suffix = "-bf16" if bf16 else ""
-    exact = [n for n in merges if set(got.get(n + suffix, {}).get("parents", [])) == _parents(merges[n])]
+    exact = [n for n in merges if n + suffix in got and same_merge_parents(got[n + suffix], merges[n])]
     err = max((abs(dict(zip(got[n + suffix]["parents"], got[n + suffix]["weights"])).get(p, 0.0) - w)
                for n in exact if "weights" in merges[n] and merges[n].get("kind") != "slerp"  # SLERP: no weight
                for p, w in zip(merges[n]["parents"], merges[n]["weights"])), default=0.0)
@@ -144,14 +143,6 @@ def _found(forest, merges: dict[str, dict], bf16: bool) -> dict:
     return {"planted": len(merges), "exact": len(exact), "other": sum(n + suffix in got for n in merges) - len(exact),
             "missed": sum(n + suffix not in got for n in merges), "false": sorted(set(got) - planted),
             "weight_err": round(err, 4)}
-
-
-def _parents(rec: dict) -> set[str]:
-    """A merge's parents that a merge can be told to have: weighted MIN_WEIGHT or more (task arithmetic whose
-    weights sum to ~1 is a linear merge of two; a ramp has no single weight)."""
-    if "weights" not in rec:
-        return set(rec["parents"])
-    return {p for p, w in zip(rec["parents"], rec["weights"]) if abs(w) >= MIN_WEIGHT}
 
 
 RUNS = {"adam 1e-3, every 50 steps": ("adam", 1e-3, 50), "adam 1e-4, every 20 steps": ("adam", 1e-4, 20),

@@ -219,3 +219,16 @@ def test_slerp_of_far_apart_tensors_is_found_by_its_values(dtype):
     assert sorted(forest.decisions["model_merges"]["sl"]["parents"]) == ["t0_0", "t0_1"]
     plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
     assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}
+
+
+@pytest.mark.parametrize("step", [0.05, 0.1])  # tensor pairs 2-5 and 6-9 degrees apart
+def test_a_bfloat16_slerp_merge_near_its_chord_is_found_by_its_values(step):
+    # mergekit's SLERP, one t, saved in bfloat16 (its default): the rounding hides the curve, so the distances
+    # take it for a line merge, and its values are no one weighted sum (SLERP's weights differ per tensor)
+    weights, parents = make_synthetic_forest(n_trees=2, children=3, depth=2, seed=4, step=step)
+    a, b = weights["t0_0"], weights["t0_1"]
+    weights["sl"] = {k: slerp(0.45, a[k], b[k]).bfloat16() for k in a}
+    forest = recover_lineage(weights, stage="specialize")
+    assert sorted(forest.decisions["model_merges"]["sl"]["parents"]) == ["t0_0", "t0_1"]
+    plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
+    assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}

@@ -1,7 +1,14 @@
 """Scoring against a manifest holding merged models (its ``merge`` records)."""
 
 from modelatlas.lineage.forest import Edge, Forest
-from modelatlas.lineage.scoring import edge_errors, edge_marks, found_merges, score_forest, truth_merges
+from modelatlas.lineage.scoring import (
+    edge_errors,
+    edge_marks,
+    found_merges,
+    same_merge_parents,
+    score_forest,
+    truth_merges,
+)
 from modelatlas.zoo.manifest import Manifest, ModelRecord
 
 
@@ -43,7 +50,7 @@ def test_false_merges_and_a_truth_without_merges():
     s = score_forest(make_forest(c_kind="merge"), truth)
     assert (s.n_false_merges, s.n_merges_found) == (1, 1)
     plain = truth.parents()  # a dict truth knows no merges: m is read as drawn
-    assert truth_merges(plain) == {} and truth_merges(truth) == {"m": {"a", "b"}}
+    assert truth_merges(plain) == {} and truth_merges(truth)["m"]["parents"] == ["a", "b"]
     s = score_forest(make_forest(), plain)
     assert (s.n_correct, s.n_merges) == (3, 0)
     assert found_merges(make_forest(), truth_merges(truth)) == {"m"}
@@ -54,5 +61,11 @@ def test_a_parent_weighted_near_zero_is_none():
     truth = Manifest([ModelRecord("r", "r", None, "t"), ModelRecord("a", "a", "r", "t"), ModelRecord("b", "b", "r", "t"),
                       ModelRecord("c", "c", "a", "t"),
                       ModelRecord("m", "m", "a", "t", merge={"parents": ["r", "a", "b"], "weights": [0.02, 0.6, 0.38]})])
-    assert truth_merges(truth) == {"m": {"a", "b"}}
-    assert score_forest(make_forest(), truth).n_merges_found == 1
+    assert score_forest(make_forest(), truth).n_merges_found == 1  # found as a merge of a and b
+    three = make_forest()
+    three.decisions["model_merges"]["m"] = {"parents": ["a", "r", "b"], "weights": [0.6, 0.02, 0.38]}
+    assert score_forest(three, truth).n_merges_found == 1  # or of all three
+    true = {"parents": ["r", "a", "b"], "weights": [0.3, 0.4, 0.3]}
+    assert not same_merge_parents({"parents": ["a", "b"], "weights": [0.5, 0.5]}, true)  # r weighs
+    assert same_merge_parents({"parents": ["b", "r", "a"], "weights": [0.3, 0.3, 0.4]}, true)
+    assert same_merge_parents({"parents": ["a", "r", "b"]}, true)  # a declared merge: no weights

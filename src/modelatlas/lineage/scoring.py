@@ -58,23 +58,32 @@ def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str |
     return truth.parents() if isinstance(truth, Manifest) else dict(truth)
 
 
-def truth_merges(truth: Manifest | Mapping[str, str | None]) -> dict[str, set[str]]:
-    """Merged model -> its true parents, from a manifest's ``merge`` records ({} for a dict truth); a parent
-    weighted under MIN_WEIGHT is none (task arithmetic whose weights sum to ~1 is a linear merge of the two
-    models, the base's weight ~0: recovery reports the two). O(merges)."""
+def truth_merges(truth: Manifest | Mapping[str, str | None]) -> dict[str, dict]:
+    """Merged model -> its manifest ``merge`` record (``parents``, ``weights``), {} for a dict truth. O(N)."""
+    return truth.merges() if isinstance(truth, Manifest) else {}
+
+
+def same_merge_parents(got: Mapping, true: Mapping) -> bool:
+    """Whether a recovered merge record ``got`` names the parents of the true one: the same set, or the same set
+    of parents weighted MIN_WEIGHT or more on both sides (task arithmetic whose weights sum to ~1 is a linear
+    merge of its two fine-tunes, the base's weight ~0: recovery may report either). O(parents)."""
     from modelatlas.lineage.merges import MIN_WEIGHT
 
-    if not isinstance(truth, Manifest):
-        return {}
-    return {k: {p for p, w in zip(v["parents"], v["weights"]) if abs(w) >= MIN_WEIGHT} for k, v in truth.merges().items()}
+    def weighty(rec: Mapping) -> set:
+        ws = rec.get("weights") or [1.0] * len(rec.get("parents", []))  # a declared merge has no weights
+        return {p for p, w in zip(rec.get("parents", []), ws) if abs(w) >= MIN_WEIGHT}
+
+    return set(got.get("parents", [])) == set(true.get("parents", [])) or weighty(got) == weighty(true)
 
 
-def found_merges(forest: Forest, merges: Mapping[str, set[str]]) -> set[str]:
-    """The true merged models (``merges``: name -> true parents) that ``forest`` recovered as merges of exactly
-    those parents (``decisions["model_merges"]``, names read through copies: :func:`truth_names`). O(merges)."""
+def found_merges(forest: Forest, merges: Mapping[str, dict]) -> set[str]:
+    """The true merged models (``merges``: name -> true ``merge`` record) that ``forest`` recovered as merges of
+    their parents (``decisions["model_merges"]``, names read through copies: :func:`truth_names`;
+    :func:`same_merge_parents`). O(merges)."""
     named = truth_names(forest, {})
     got = forest.decisions.get("model_merges", {}) if isinstance(forest.decisions, dict) else {}
-    return {c for c, rec in got.items() if c in merges and {named.get(p, p) for p in rec.get("parents", [])} == merges[c]}
+    return {c for c, rec in got.items() if c in merges and same_merge_parents(
+        {**rec, "parents": [named.get(p, p) for p in rec.get("parents", [])]}, merges[c])}
 
 
 def check_truth(names: Iterable[str], truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
@@ -192,10 +201,10 @@ def truth_names(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> d
 
 
 def scored_edges(forest: Forest, truth: Manifest | Mapping[str, str | None],
-                 merges: Mapping[str, set[str]] | None = None) -> list[tuple[Edge, str, str]]:
+                 merges: Mapping[str, dict] | None = None) -> list[tuple[Edge, str, str]]:
     """(edge, parent, child) with the names scoring reads (:func:`truth_names`); a copy edge between a model
     and the copy it is read as is left out (both are one model to the truth). A true merge (``merges``: name
-    -> true parents) recovered with exactly its parents is read as drawn from its true parent, the most
+    -> its ``merge`` record) recovered with its parents is read as drawn from its true parent, the most
     weighted one: near-equal weights may draw it under another of them."""
     named = truth_names(forest, truth)
     exact = found_merges(forest, merges or {})
