@@ -3,7 +3,9 @@ folder on 127.0.0.1 with ``Range`` support, counting the body bytes it sends and
 headers. ``mode`` makes it misbehave: "ignore" (answers 200 with the whole file, as a server without ranges;
 "page": as a web page),
 "stall" (waits ``stall`` seconds before answering), "short" (sends half of a range's bytes, then closes),
-"redirect" (302 to ``target`` + ``/to`` + the same path; any server serves ``/to/x`` as ``x``), or an HTTP status code to answer every request with."""
+"redirect" (302 to ``target`` + ``/to`` + the same path; any server serves ``/to/x`` as ``x``), or an HTTP status code to answer every request with.
+It speaks HTTP/1.1 and keeps a connection open for the next request (``connections`` counts those it accepted);
+"drop" closes each connection after one answer without saying so (as a server whose keep-alive timed out)."""
 
 import re
 import threading
@@ -11,24 +13,30 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from modelatlas.weights.http_connections import close_idle
+
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
 
 class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client may send its next request on the same connection
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle held the body ~40 ms a request
+
     def log_message(self, *args):  # quiet: the tests read their own output
         pass
 
     def do_GET(self):  # noqa: N802 - the name http.server calls
         srv = self.server
         srv.seen.append((self.path, dict(self.headers)))
+        path = re.sub(r"^https?://[^/]*", "", self.path)  # (as a proxy: the absolute URL)
         if srv.mode == "stall":
             time.sleep(srv.stall)
-        moved = self.path.startswith("/to/")  # where a redirect sends a file: served as the file itself
+        moved = path.startswith("/to/")  # where a redirect sends a file: served as the file itself
         if srv.mode == "redirect" and not moved:
-            return self._answer(302, {"Location": srv.target + "/to" + self.path})
+            return self._answer(302, {"Location": srv.target + "/to" + path})
         if isinstance(srv.mode, int):
             return self._answer(srv.mode, {}, b"denied")
-        file = srv.root / self.path.removeprefix("/to").lstrip("/").split("?")[0]
+        file = srv.root / path.removeprefix("/to").lstrip("/").split("?")[0]
         if not file.is_file():
             return self._answer(404, {}, b"no such file")
         data = file.read_bytes()
@@ -41,6 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[first:last + 1]
         headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}", "Content-Length": str(len(body))}
         self._answer(206, headers, body[: len(body) // 2] if srv.mode == "short" else body, length=False)
+        self.close_connection = self.close_connection or srv.mode in ("short", "drop")  # (short: the body ends)
 
     def _answer(self, code, headers, body=b"", length=True):
         self.send_response(code)
@@ -62,7 +71,7 @@ class make_server(ThreadingHTTPServer):  # noqa: N801 - a test helper, named lik
     def __init__(self, root: Path, mode="range", target: str = "", stall: float = 0.0):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.mode, self.target, self.stall = Path(root), mode, target, stall
-        self.served, self.seen = 0, []
+        self.served, self.seen, self.connections = 0, [], 0
         self._thread = threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True)  # quick to shut
         self._thread.start()
 
@@ -73,9 +82,14 @@ class make_server(ThreadingHTTPServer):  # noqa: N801 - a test helper, named lik
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
 
+    def verify_request(self, request, client_address):  # called once a connection is accepted
+        self.connections += 1
+        return True
+
     def handle_error(self, request, client_address):  # a client that hung up: no traceback on stderr
         pass
 
     def __exit__(self, *exc):
         self.shutdown()
         self.server_close()
+        close_idle()  # the client's kept connections to it (a later server on its port must not get them)

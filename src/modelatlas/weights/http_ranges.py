@@ -2,7 +2,8 @@
 
 The remote twin of :mod:`.byte_ranges` (:class:`HttpRanges` is a :class:`~.byte_ranges.ByteRanges`, so its
 ``read_rows`` reads each run of consecutive rows as one range, here one request). The standard library only
-(``urllib``): modelatlas takes no HTTP dependency.
+(``http.client``, one connection kept open a host: :mod:`.http_connections`): modelatlas takes no HTTP
+dependency.
 
 Every answer is checked before its body is read: ``206 Partial Content`` with a ``Content-Range`` of exactly the
 bytes asked for, of a file of the size the first answer gave (the file's size is known only from it); a server
@@ -12,9 +13,8 @@ two 15 GB models reads a ninth of them: a server without ranges would download a
 hint), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default), a body cut short.
 
 ``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` only to a URL on the hub (``huggingface.co`` or
-``$HF_ENDPOINT``: :func:`hub_token`), and there to the host of the URL given only: urllib carries no
-"unredirected" header over a redirect, and :class:`_SameHostRedirect` adds it back only on a redirect to the
-same scheme, host and port (a hub's file redirects to a CDN, which must not see the token).
+``$HF_ENDPOINT``: :func:`hub_token`), and there to the scheme, host and port of the URL given only, also after a
+redirect (:func:`.http_connections.get`: a hub's file redirects to a CDN, which must not see the token).
 Time O(bytes) a read, one round trip a range.
 """
 
@@ -23,13 +23,12 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import urllib.error
-import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.byte_ranges import ByteRanges
+from modelatlas.weights.http_connections import Answer, RedirectError, get, origin_key
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _MAX_JSON = 64 * 1024 * 1024  # a shard index is ~100 KB for a 400B model; more is no index
@@ -49,20 +48,6 @@ def http_timeout() -> float:
         return float(os.environ.get("ATLAS_HTTP_TIMEOUT") or 60)
     except ValueError:
         raise CheckpointError("ATLAS_HTTP_TIMEOUT", "must be a number of seconds") from None
-
-
-class _SameHostRedirect(urllib.request.HTTPRedirectHandler):
-    """Follows redirects; the token (an unredirected header, which urllib drops on a redirect) is put back only
-    when the redirect stays on the scheme, host and port it was given for."""
-
-    def __init__(self, origin: str, token: str | None):
-        self.origin, self.token = origin, token
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and self.token and _origin(new.full_url) == self.origin:
-            new.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        return new
 
 
 def hub_token(url: str) -> str | None:
@@ -91,17 +76,8 @@ class HttpRanges(ByteRanges):
         super().__init__(url)
         self.url, self.size, self.fetched = url, None, 0
         self._token = hub_token(url)
-        self._opener = urllib.request.build_opener(_SameHostRedirect(_origin(url), self._token))
         self._target = url  # where the last request's redirects ended
         self._pending: dict[tuple[int, int], Future] = {}  # (offset, length) -> its prefetch
-
-    def request(self, headers: dict[str, str], target: str | None = None) -> urllib.request.Request:
-        """A GET of ``target`` (the URL given by default), with the token when it is on the URL's own host."""
-        target = target or self.url
-        req = urllib.request.Request(target, headers={"User-Agent": "modelatlas", **headers})
-        if self._token and _origin(target) == _origin(self.url):
-            req.add_unredirected_header("Authorization", f"Bearer {self._token}")
-        return req
 
     def fetch(self, offset: int, length: int, what: str, exact: bool = True) -> bytes:
         """The ``length`` bytes at ``offset`` (length > 0), from one ``Range`` request; sets :attr:`size` at the
@@ -131,7 +107,7 @@ class HttpRanges(ByteRanges):
 
     def get_json_bytes(self, what: str) -> bytes:
         """The whole (small) file, by a plain GET: a shard index, read before any size is known."""
-        with self._open(self.request({"Accept-Encoding": "identity"}), what) as answer:
+        with self._open(self.url, {"Accept-Encoding": "identity"}, what) as answer:
             length = answer.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > _MAX_JSON:
                 raise CheckpointError(self.url, f"{what} is {int(length)} bytes, too large for a shard index")
@@ -145,33 +121,36 @@ class HttpRanges(ByteRanges):
         file's CDN link: one round trip a range, not two); an HTTP error there (a signed link expired) sends
         it to the URL given again."""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        target = self._target
         try:
-            answer = self._open(self.request(headers, self._target), what)
+            answer = self._open(target, headers, what)
         except HttpError:
-            if self._target == self.url:
+            if target == self.url:
                 raise
-            self._target = self.url
-            answer = self._open(self.request(headers), what)
-        self._target = answer.geturl()
+            answer = self._open(self.url, headers, what)
+        self._target = answer.url  # (threads may set it at once: each to a place the URL redirects to)
         return answer
 
-    def _open(self, req: urllib.request.Request, what: str):
-        """The server's answer to ``req`` (2xx), or a CheckpointError saying why not."""
+    def _open(self, url: str, headers: dict[str, str], what: str) -> Answer:
+        """The server's answer to a GET of ``url`` (2xx), or a CheckpointError saying why not."""
         try:
-            return self._opener.open(req, timeout=http_timeout())
-        except urllib.error.HTTPError as e:
-            e.close()
-            if e.code == 416 and self.size is None:  # bytes 0-7 of a file of under 8 bytes
-                raise CheckpointError(self.url, "truncated safetensors file (no header length): the server "
-                                                f"has no bytes to give for {what} (HTTP 416)") from None
-            raise HttpError(self.url, f"cannot read {what}: {status_reason(e.code, e.reason, self._token)}",
-                            e.code) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
-            reason = getattr(e, "reason", None) or e
-            if isinstance(reason, TimeoutError):
+            answer = get(url, {"User-Agent": "modelatlas", **headers}, http_timeout(), origin_key(self.url),
+                         self._token)
+        except RedirectError as e:
+            raise CheckpointError(self.url, f"cannot read {what}: {e}") from None
+        except (OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
+            if isinstance(e, TimeoutError):
                 raise CheckpointError(self.url, f"cannot read {what}: no answer in {http_timeout():g} s (timed "
                                                 "out; set ATLAS_HTTP_TIMEOUT to wait longer)") from None
-            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({reason})") from None
+            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None
+        if 200 <= answer.status < 300:
+            return answer
+        answer.close()
+        if answer.status == 416 and self.size is None:  # bytes 0-7 of a file of under 8 bytes
+            raise CheckpointError(self.url, "truncated safetensors file (no header length): the server has no "
+                                            f"bytes to give for {what} (HTTP 416)")
+        raise HttpError(self.url, f"cannot read {what}: {status_reason(answer.status, answer.reason, self._token)}",
+                        answer.status)
 
     def _check_range(self, answer, offset: int, length: int, what: str) -> None:
         """An answer of exactly bytes ``offset..offset+length-1``, of a file of the size known (set if not yet)."""
@@ -230,7 +209,7 @@ class HttpRanges(ByteRanges):
             self._pending[(offset, length)] = _pool().submit(self.fetch, offset, length, "a prefetched range")
 
     def close(self) -> None:
-        """Drops the prefetched ranges not read (each request opens its own connection: none is held)."""
+        """Drops the prefetched ranges not read (the connections are the pool's: :mod:`.http_connections`)."""
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for started in pending:

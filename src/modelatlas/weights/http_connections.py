@@ -1,0 +1,193 @@
+"""Persistent HTTP(S) connections for :mod:`.http_ranges`: one kept open per (scheme, host, port) and reused by
+the next request; redirects followed here.
+
+``urllib`` opened a connection for every request (a TCP and, over https, a TLS handshake each; lineage of 7
+models makes 154 range requests). :func:`get` takes an idle connection to the URL's scheme, host and port from
+a process-wide pool (or opens one), sends the GET, and the :class:`Answer` gives the connection back once its
+body has been read to the end (a body left unread, as a ``200`` refused before its body, closes it instead). A
+request sent on a kept connection that the server has closed meanwhile (its keep-alive timed out:
+``RemoteDisconnected``, a broken pipe, a reset) is sent once more on a new connection: a GET of a range can be
+repeated. Threads (the prefetch threads of :mod:`.http_ranges` and the reading one) each take a connection of
+their own from the pool, which is shared under a lock: one connection to a host while reads run one after
+another, at most one per thread reading at once.
+
+Redirects (301, 302, 303, 307, 308; at most 10) are followed with the same headers, as urllib did, except
+``Authorization``: the token is put on a hop only when the hop's URL is on ``token_origin`` (scheme, host and
+port), so a hub file's redirect to its CDN never carries it. Proxies come from the environment as urllib took
+them (:func:`urllib.request.getproxies`, ``no_proxy``): an https URL through a ``CONNECT`` tunnel, an http one
+sent to the proxy by its absolute URL. Time: one round trip a request (a redirect: one more).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import threading
+import urllib.request
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urljoin, urlsplit
+
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10  # as urllib
+_MAX_IDLE = 8  # idle connections kept a host: the reading thread and the 4 prefetch threads use at most 5
+_DRAINED = 64 * 1024  # an unread body up to this size (an error page, a redirect's) is read off to keep its connection
+_DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+class RedirectError(http.client.HTTPException):
+    """Too many redirects, or one to a URL that is not http(s)."""
+
+
+@dataclass
+class _Link:
+    """An HTTP connection and how requests are sent on it: by path, or (to an http proxy) by absolute URL."""
+
+    conn: http.client.HTTPConnection
+    absolute: bool = False
+    headers: dict[str, str] = field(default_factory=dict)  # Proxy-Authorization for an http proxy
+
+    def target(self, url: str) -> str:
+        parts = urlsplit(url)
+        if self.absolute:
+            return url.partition("#")[0]
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")  # the path verbatim, "//" kept
+
+
+_IDLE: dict[tuple[str, str], list[_Link]] = {}
+_LOCK = threading.Lock()
+
+
+def origin_key(url: str) -> tuple[str, str]:
+    """(scheme, host[:port]) in lower case: what one connection serves (user info left out)."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.rpartition("@")[2].lower()
+
+
+def _proxy(scheme: str, netloc: str) -> str | None:
+    """The proxy URL the environment gives for ``scheme`` (None when none, or ``no_proxy`` names the host)."""
+    proxy = urllib.request.getproxies().get(scheme)
+    return None if not proxy or urllib.request.proxy_bypass(netloc) else proxy
+
+
+def _connect(key: tuple[str, str], timeout: float) -> _Link:
+    """A new (not yet opened: it connects at its first request) connection to ``key``, through the proxy the
+    environment names for it."""
+    scheme, netloc = key
+    proxy = _proxy(scheme, netloc)
+    if proxy is None:
+        kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        return _Link(kind(netloc, timeout=timeout))
+    p = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    auth = {}
+    if p.username is not None:  # http://user:pass@proxy:3128, as urllib's ProxyHandler reads it
+        pair = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+        auth = {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode()}
+    host = p.netloc.rpartition("@")[2]
+    if scheme == "https":  # a tunnel: the proxy sees the host only, and TLS runs through it to the host
+        conn = http.client.HTTPSConnection(host, timeout=timeout)
+        conn.set_tunnel(netloc, headers=auth)
+        return _Link(conn)
+    return _Link(http.client.HTTPConnection(host, timeout=timeout), absolute=True, headers=auth)
+
+
+def _lease(key: tuple[str, str], timeout: float, fresh: bool) -> tuple[_Link, bool]:
+    """(an idle connection to ``key``, True), or (a new one, False) when there is none or ``fresh``."""
+    with _LOCK:
+        idle = _IDLE.get(key)
+        link = idle.pop() if idle and not fresh else None
+    if link is None:
+        return _connect(key, timeout), False
+    link.conn.timeout = timeout  # ATLAS_HTTP_TIMEOUT as it is now
+    if link.conn.sock is not None:
+        link.conn.sock.settimeout(timeout)
+    return link, True
+
+
+def _give_back(key: tuple[str, str], link: _Link) -> None:
+    with _LOCK:
+        idle = _IDLE.setdefault(key, [])
+        if len(idle) < _MAX_IDLE:
+            idle.append(link)
+            return
+    link.conn.close()
+
+
+def close_idle() -> None:
+    """Close the idle connections kept (they are closed at exit otherwise)."""
+    with _LOCK:
+        links = [link for idle in _IDLE.values() for link in idle]
+        _IDLE.clear()
+    for link in links:
+        link.conn.close()
+
+
+class Answer:
+    """The server's answer to a GET: ``status``, ``reason``, ``headers``, ``url`` (where the redirects ended) and
+    :meth:`read`. Closing it gives its connection back to the pool when the body was read to its end (or is
+    short enough to read off), and closes the connection otherwise."""
+
+    def __init__(self, url: str, key: tuple[str, str], link: _Link, response: http.client.HTTPResponse):
+        self.url, self._key, self._link, self._response = url, key, link, response
+        self.status, self.reason, self.headers = response.status, response.reason, response.headers
+
+    def read(self, n: int) -> bytes:
+        return self._response.read(n)
+
+    def close(self) -> None:
+        link, r, self._link = self._link, self._response, None
+        if link is None:
+            return
+        try:
+            if not r.isclosed() and r.length is not None and r.length <= _DRAINED:
+                r.read()
+        except (OSError, http.client.HTTPException):
+            pass
+        # reused only when the whole body came (length 0: a short body read off leaves what is missing)
+        if r.isclosed() and not r.will_close and not r.length:
+            _give_back(self._key, link)
+        else:
+            link.conn.close()
+
+    def __enter__(self) -> Answer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _send(url: str, headers: dict[str, str], timeout: float) -> Answer:
+    """One GET of ``url`` on a kept connection, sent once more on a new one when the kept one was closed by the
+    server (the new one's own failure is raised)."""
+    key = origin_key(url)
+    for fresh in (False, True):
+        link, reused = _lease(key, timeout, fresh)
+        try:
+            link.conn.request("GET", link.target(url), headers={**link.headers, **headers})
+            return Answer(url, key, link, link.conn.getresponse())
+        except _DROPPED:
+            link.conn.close()
+            if not reused:
+                raise
+        except BaseException:
+            link.conn.close()
+            raise
+    raise AssertionError("unreachable: the second try opens a new connection")
+
+
+def get(url: str, headers: dict[str, str], timeout: float, token_origin: str = "", token: str | None = None
+        ) -> Answer:
+    """The answer to a GET of ``url`` after its redirects (an error status is the caller's to judge), with
+    ``Authorization: Bearer token`` on each hop to ``token_origin`` (:func:`origin_key` of a URL) only. Raises
+    OSError (``TimeoutError`` after ``timeout`` seconds of silence), ``http.client.HTTPException``
+    (:class:`RedirectError`)."""
+    for _ in range(MAX_REDIRECTS + 1):
+        own = token is not None and origin_key(url) == token_origin
+        answer = _send(url, {**headers, **({"Authorization": f"Bearer {token}"} if own else {})}, timeout)
+        location = answer.headers.get("Location")
+        if answer.status not in REDIRECTS or not location:
+            return answer
+        answer.close()
+        url = urljoin(url, location.strip().replace(" ", "%20"))  # (urllib's leniency for a space)
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            raise RedirectError(f"redirected to {url}, which is not an http(s) URL")
+    raise RedirectError(f"over {MAX_REDIRECTS} redirects (a redirect loop)")
