@@ -13,15 +13,49 @@ import re
 from pathlib import Path
 
 # A URL as ``Path`` keeps it: "https://host/a" becomes "https:/host/a" (see modelatlas.weights.remote)
-_URL = re.compile(r"^(https?|hf):/+(?=[^/])", re.IGNORECASE)
+_URL = re.compile(r"^(https?|hf):(/+)(?=[^/])", re.IGNORECASE)
+# Each URL given as text, under the form ``Path`` folds it to (its "//" made "/"): a path that held a URL gives
+# it back as given (None: two URLs given fold to one, which then names neither). One entry a URL seen.
+_GIVEN: dict[str, str | None] = {}
 
 
 def as_url(text: str | Path) -> str | None:
     """``text`` as a URL (``http://``, ``https://``, ``hf://``), also one that went through ``Path``, which folds
-    its ``//`` into ``/``; None for anything else."""
-    text = str(text).replace("\\", "/")  # (Path on Windows writes the URL's slashes as backslashes)
-    m = _URL.match(text)
-    return f"{m[1].lower()}://{text[m.end():]}" if m else None
+    its ``//`` into ``/``: given that way, the URL as it was first written (``https://h/a//b``, whose ``//`` a
+    server may read as a part of the path) when one was seen as text, else as folded; None for anything else.
+    Time O(len(text))."""
+    plain = _plain(text)
+    if plain is None:
+        return None
+    url, slashes = plain
+    if isinstance(text, str) and slashes == "//":  # as written: the URL itself
+        folded = _plain(Path(url))[0]
+        if _GIVEN.setdefault(folded, url) not in (url, None):
+            _GIVEN[folded] = None
+        return url
+    return _GIVEN.get(url) or url
+
+
+def _plain(text: str | Path) -> tuple[str, str] | None:
+    """(``text`` as a URL with ``://``, the slashes written after its scheme), None for no URL."""
+    written = str(text).replace("\\", "/")  # (Path on Windows writes the URL's slashes as backslashes)
+    m = _URL.match(written)
+    return None if m is None else (f"{m[1].lower()}://{written[m.end():]}", m[2])
+
+
+def folds_two_urls(text: str | Path) -> bool:
+    """Whether ``text`` is a URL as ``Path`` folds it that two URLs given differ from in their ``//`` only
+    (``h/a//b`` and ``h/a/b``): which one it stands for cannot be told."""
+    plain = _plain(text)
+    folded = plain is not None and (plain[1] != "//" or not isinstance(text, str))
+    return folded and plain[0] in _GIVEN and _GIVEN[plain[0]] is None
+
+
+def given_path(text: str | Path) -> Path:
+    """``Path(text)``, a URL written in ``text`` remembered as written first (:func:`as_url` gives it back for the
+    path, whose ``//`` are folded)."""
+    as_url(text)
+    return Path(text)
 
 
 def shown_path(path: str | Path) -> str:

@@ -273,3 +273,22 @@ def test_a_model_lineage_skips_is_named_by_its_url(tmp_path):
     with make_server(tmp_path) as srv:
         forest = recover_lineage([srv.url(f"zoo/{n}.safetensors") for n in weights])
     assert forest.skipped["t0_0"].startswith(srv.url("zoo/t0_0.safetensors") + ": tensor 'attn.q' holds NaN")
+
+
+def test_a_double_slash_in_a_url_path_is_kept_verbatim(tmp_path, capsys):
+    from modelatlas.cli.main import main
+    from modelatlas.weights import discover_models
+
+    make_file(tmp_path / "x")
+    with make_server(tmp_path) as srv:
+        url = srv.base + "/x//a.safetensors"  # an S3 key with an empty part, a signed link: "//" is no "/"
+        for ck in (open_checkpoint(url), *open_many([url]), open_checkpoint(discover_models([url])[0])):
+            with ck:
+                assert torch.equal(ck.read("small"), make_tensors()["small"]) and ck.url == url
+        assert {p for p, _ in srv.seen} == {"/x//a.safetensors"}  # (Path had folded it to /x/a.safetensors)
+        assert main(["lineage", "recover", url, url.replace("//a", "//b"), "--out", str(tmp_path / "o.json")]) == 0
+        assert url.replace("//a", "//b") + ": cannot read the header length: not found" in capsys.readouterr().err
+        assert {p for p, _ in srv.seen} == {"/x//a.safetensors", "/x//b.safetensors"}
+        folded = url.replace("//a", "/a")  # a second URL that differs in its "//" only: a Path cannot tell which
+        models = open_many([url, folded])
+        assert list(models) == [] and all("differ only in a '//'" in why for _, why in models.skipped)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelatlas.errors import CheckpointError, UnknownFormatError
+from modelatlas.errors import CheckpointError, UnknownFormatError, given_path
 from modelatlas.plugins import load_plugins_once
 from modelatlas.weights.base import (
     Checkpoint,
@@ -249,7 +249,7 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
     _load_plugins()
     found: list[Path] = []
     for written in paths:
-        p = Path(written)
+        p = given_path(written)
         if not p.exists() and _resolved_name(written) is not None:
             found.append(p)
             continue
@@ -321,7 +321,7 @@ class OpenMany:
 
     def __init__(self, paths: Iterable[str | Path], on_error: Callable[[Path, str], None] | None = None,
                  **kwargs):
-        self.paths = [Path(p) for p in paths]
+        self.paths = [given_path(p) for p in paths]  # (a URL's '//' kept: as_url)
         self.on_error = on_error
         self.kwargs = kwargs
         self.skipped: list[tuple[Path, str]] = []

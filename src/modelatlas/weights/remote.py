@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from modelatlas.errors import CheckpointError, as_url
+from modelatlas.errors import CheckpointError, as_url, folds_two_urls
 from modelatlas.weights.base import Checkpoint, _file_stem
 from modelatlas.weights.dequantized import dequantized
 from modelatlas.weights.hf_folder import HFFolderCheckpoint, parse_weight_map
@@ -43,7 +43,8 @@ _REFUSED = {".bin": "a pickle (PyTorch)", ".pt": "a pickle (PyTorch)", ".pth": "
 
 class RemoteSafetensorsCheckpoint(SafetensorsCheckpoint):
     """One ``.safetensors`` file at an ``http(s)://`` URL, its header read at open (two requests), each tensor
-    one request of its bytes. ``url`` is the URL; ``path`` is ``Path(url)``, which folds its ``//``."""
+    one request of its bytes. ``url`` is the URL as given; ``path`` is ``Path(url)``, which folds its ``//`` (an
+    error names the URL as given: :func:`~modelatlas.errors.as_url`)."""
 
     def __init__(self, url: str, name: str | None = None):
         Checkpoint.__init__(self, url, name if name is not None else url_name(url))
@@ -114,6 +115,9 @@ def open_url(text: str, **kwargs) -> Checkpoint | None:
     url = as_url(text)
     if url is None:
         return None
+    if folds_two_urls(text):
+        raise CheckpointError(url, "two URLs given differ only in a '//' of their paths, and this one went through a "
+                                   "file path, which folds '//' to '/': open each alone")
     options = sorted(k for k, v in kwargs.items() if v is not None)
     if options:
         raise CheckpointError(url, f"option(s) {', '.join(options)} do not apply to a checkpoint read over HTTP")
