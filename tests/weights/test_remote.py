@@ -289,6 +289,12 @@ def test_a_double_slash_in_a_url_path_is_kept_verbatim(tmp_path, capsys):
         assert main(["lineage", "recover", url, url.replace("//a", "//b"), "--out", str(tmp_path / "o.json")]) == 0
         assert url.replace("//a", "//b") + ": cannot read the header length: not found" in capsys.readouterr().err
         assert {p for p, _ in srv.seen} == {"/x//a.safetensors", "/x//b.safetensors"}
+        make_file(tmp_path / "x" / "s", "model-00001-of-00001.safetensors")
+        (tmp_path / "x" / "s" / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {n: "model-00001-of-00001.safetensors" for n in make_tensors()}}))
+        with open_checkpoint(srv.base + "/x//s/model.safetensors.index.json") as ck:  # its shard beside it: "//" kept
+            assert torch.equal(ck.read("small"), make_tensors()["small"])
+        assert srv.seen[-1][0] == "/x//s/model-00001-of-00001.safetensors"  # (urljoin had folded it)
         folded = url.replace("//a", "/a")  # a second URL that differs in its "//" only: a Path cannot tell which
         models = open_many([url, folded])
         assert list(models) == [] and all("differ only in a '//'" in why for _, why in models.skipped)

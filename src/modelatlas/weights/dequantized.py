@@ -19,9 +19,8 @@ of its real shape, in place of the tensors that store it:
 The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as
 stored. AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its
 weights are no rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scaling, with
-:meth:`~Checkpoint.grid_match`. Each layer's
-:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4",
-"LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4"), and
+:meth:`~Checkpoint.grid_match`. Each layer's :meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4",
+"AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
 quantized from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the
 variance of each value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and
@@ -382,14 +381,15 @@ class DequantizedCheckpoint(Checkpoint):
         self.inner.close()
 
 
-def dequantized(ck: Checkpoint) -> Checkpoint:
+def dequantized(ck: Checkpoint, settings=None) -> Checkpoint:
     """``ck`` reading its packed or scaled layers as float weights (:class:`DequantizedCheckpoint`), or ``ck``
-    itself when it has none (header only; a LoRA adapter, a GGUF file: as they are)."""
+    itself when it has none (header only; a LoRA adapter, a GGUF file: as they are). ``settings()``: the model's
+    ``quantization_config`` when it has quantized layers (default: its folder's; over HTTP, :mod:`.remote`'s)."""
     if ck.kind != "full" or ck.format == "gguf" or not any(n.endswith(_MARKS) for n in ck.tensor_names()):
         return ck
     try:
         infos = {t.name: t for t in ck.tensors()}
-        config = quantization_config(ck.path)
+        config = settings() if settings is not None else quantization_config(ck.path)
         layers = find_packed(infos, config, ck.read)
     except ValueError as e:  # a layer whose stored tensors do not fit together: refused, not misread
         ck.close()

@@ -106,14 +106,14 @@ class HttpRanges(ByteRanges):
         buf[:] = body if body is not None else self.fetch(offset, buf.nbytes, what)
 
     def get_json_bytes(self, what: str) -> bytes:
-        """The whole (small) file, by a plain GET: a shard index, read before any size is known."""
+        """The whole (small) file, by a plain GET: a shard index or a ``config.json``, read before any size is known."""
         with self._open(self.url, {"Accept-Encoding": "identity"}, what) as answer:
             length = answer.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > _MAX_JSON:
-                raise CheckpointError(self.url, f"{what} is {int(length)} bytes, too large for a shard index")
+                raise CheckpointError(self.url, f"{what} is {int(length)} bytes, too large for a JSON index or config")
             body = self._read(answer, _MAX_JSON + 1, what)
         if len(body) > _MAX_JSON:
-            raise CheckpointError(self.url, f"{what} is over {_MAX_JSON} bytes, too large for a shard index")
+            raise CheckpointError(self.url, f"{what} is over {_MAX_JSON} bytes, too large for a JSON index or config")
         return body
 
     def _open_range(self, offset: int, length: int, what: str):

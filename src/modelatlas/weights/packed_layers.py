@@ -35,7 +35,7 @@ from modelatlas.weights.scaled import SCALED_DTYPES, check_scale
 
 _INTS = ("int32", "int64", "int16", "int8", "uint8", "uint32")
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint formats read; marlin, bitblas, ipex... repack the words
-_CONFIGS = ("config.json", "quantize_config.json", "quantization_config.json")
+CONFIG_FILES = ("config.json", "quantize_config.json", "quantization_config.json")  # the first that has settings
 
 
 @dataclass(frozen=True)
@@ -254,19 +254,31 @@ def quantization_config(path: Path) -> dict:
     ``quantize_config.json``), {} when it has none. A file is read with its folder's config only when it is
     the folder's model file (``model.safetensors``). A config that is no JSON object raises, naming it."""
     folder = path if path.is_dir() else path.parent if named_by_folder(path) else None
-    for name in _CONFIGS if folder is not None else ():
-        f = folder / name
-        if not f.is_file():
-            continue
+    if folder is None:
+        return {}
+    return config_of(lambda name: (folder / name).read_bytes() if (folder / name).is_file() else None,
+                     lambda name: folder / name)
+
+
+def config_of(read, where) -> dict:
+    """The quantization settings in the first file of :data:`CONFIG_FILES` in a model's folder that names any, {}
+    when none does: its ``quantization_config``, MLX's ``quantization``, or the whole file for a file of them
+    alone. ``read(name)`` gives a file's bytes (None when there is no such file), ``where(name)`` its path or URL
+    for errors: the folder on the disk (:func:`quantization_config`) or on a server (:mod:`.remote`). Time O(file
+    sizes)."""
+    for name in CONFIG_FILES:
         try:
-            data = json.loads(f.read_text(encoding="utf-8"))
+            raw = read(name)
+            data = None if raw is None else json.loads(raw.decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:
-            raise CheckpointError(f, f"cannot read the quantization settings: {error_line(e)}") from e
+            raise CheckpointError(where(name), f"cannot read the quantization settings: {error_line(e)}") from e
+        if raw is None:
+            continue
         if not isinstance(data, dict):
-            raise CheckpointError(f, "not a JSON object")
+            raise CheckpointError(where(name), "not a JSON object")
         got = data.get("quantization_config", data.get("quantization", data if name != "config.json" else None))
         if got is not None and not isinstance(got, dict):
-            raise CheckpointError(f, f"quantization_config is a JSON {type(got).__name__}, not an object")
+            raise CheckpointError(where(name), f"quantization_config is a JSON {type(got).__name__}, not an object")
         if got is not None:
             return got
     return {}

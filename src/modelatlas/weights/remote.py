@@ -23,13 +23,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from modelatlas.errors import CheckpointError, as_url, folds_two_urls
-from modelatlas.weights.base import Checkpoint, _file_stem
+from modelatlas.weights.base import Checkpoint, _file_stem, library_variant
 from modelatlas.weights.dequantized import dequantized
 from modelatlas.weights.hf_folder import HFFolderCheckpoint, parse_weight_map
 from modelatlas.weights.http_ranges import HttpError, HttpRanges
+from modelatlas.weights.packed_layers import config_of
 from modelatlas.weights.registry import register_resolver
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, header_length, parse_header
 
@@ -84,7 +85,7 @@ class RemoteShardedCheckpoint(HFFolderCheckpoint):
 
     def _shard(self, file_name: str) -> Checkpoint:
         if file_name not in self._shards:
-            self._shards[file_name] = RemoteSafetensorsCheckpoint(urljoin(self.url, quote(file_name)))
+            self._shards[file_name] = RemoteSafetensorsCheckpoint(beside(self.url, file_name))
         return self._shards[file_name]
 
     @property
@@ -121,7 +122,38 @@ def open_url(text: str, **kwargs) -> Checkpoint | None:
     options = sorted(k for k, v in kwargs.items() if v is not None)
     if options:
         raise CheckpointError(url, f"option(s) {', '.join(options)} do not apply to a checkpoint read over HTTP")
-    return dequantized(_open(url))
+    ck = _open(url)
+    return dequantized(ck, lambda: remote_quantization_config(ck))
+
+
+def beside(url: str, file_name: str) -> str:
+    """The URL of ``file_name`` in the folder of the file at ``url``: its path up to its last ``/``, verbatim
+    (``urljoin`` drops the empty parts of a path, folding ``//``), without ``url``'s query."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rpartition("/")[0] + "/" + quote(file_name), "", ""))
+
+
+def remote_quantization_config(ck: Checkpoint) -> dict:
+    """The ``quantization_config`` of a model read over HTTP, from the files beside it that a local copy reads
+    (:func:`~.packed_layers.quantization_config`: ``config.json``, then AutoGPTQ's ``quantize_config.json``...;
+    one GET each, until one has settings; a 404 is no such file) when it is a model folder's: a shard index, a
+    ``model.safetensors`` (or a variant: ``model.fp16.safetensors``), an ``hf://`` model. {} for a lone file,
+    as for a local one. Time: a round trip a file asked for."""
+    file = unquote(urlsplit(ck.url).path).rpartition("/")[2]
+    folder_model = isinstance(ck, RemoteShardedCheckpoint) or _file_stem(file) in _LIBRARY_STEMS
+    if not folder_model and library_variant(file) is None:
+        return {}
+    return config_of(lambda name: _small_file(beside(ck.url, name), name), lambda name: beside(ck.url, name))
+
+
+def _small_file(url: str, name: str) -> bytes | None:
+    """The bytes of the (small, JSON) file at ``url``; None when the server has none (HTTP 404)."""
+    try:
+        return HttpRanges(url).get_json_bytes(name)
+    except HttpError as e:
+        if e.code == 404:
+            return None
+        raise
 
 
 def _open(url: str) -> Checkpoint:
