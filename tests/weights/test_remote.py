@@ -298,3 +298,16 @@ def test_a_double_slash_in_a_url_path_is_kept_verbatim(tmp_path, capsys):
         folded = url.replace("//a", "/a")  # a second URL that differs in its "//" only: a Path cannot tell which
         models = open_many([url, folded])
         assert list(models) == [] and all("differ only in a '//'" in why for _, why in models.skipped)
+
+
+def test_a_tensor_announced_again_while_held_is_kept_not_fetched_again(tmp_path):
+    make_file(tmp_path)
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        held = ck.read("big")
+        ck.prefetch("big")  # read again soon (lineage's merge test, then its pass): a copy kept, no request
+        held[0, 0] = -1.0  # the caller's own tensor: the copy kept does not change with it
+        assert len(srv.seen) == 3 and torch.equal(ck.read("big"), make_tensors()["big"]) and len(srv.seen) == 3
+        assert torch.equal(ck.read("big"), make_tensors()["big"]) and len(srv.seen) == 4  # kept for one read only
+        ck.read("small")  # not held by anyone: announcing it fetches it (in the background), as before
+        ck.prefetch("small")
+        assert torch.equal(ck.read("small"), make_tensors()["small"]) and len(srv.seen) == 6

@@ -109,6 +109,8 @@ def detect(ck: Checkpoint, layers: list[TensorInfo], sample: int = SAMPLE) -> in
         read = [ck.read(t.name) for t in picked]
     except (AtlasError, OSError, RuntimeError, KeyError, ValueError):  # unreadable: the distances' read reports it
         return None
+    for t in picked:  # the distances' pass reads them again: announced while held, a remote file keeps them
+        ck.prefetch(t.name)
     found = [nf4_block(x, sample) for x in read]
     mean = sum(p for _, p in found) / max(len(found), 1)
     if not found or mean >= MERGE_POSITION or _fp4_mean(read, sample) < mean:  # an FP4 merge: not NF4
