@@ -8,7 +8,8 @@ compares, and three width x 2.75 width MLP matrices plus an embedding, which it 
 with two fine-tunes each fine-tuned again (5 models) and a base with one (2 models); each fine-tune moves every
 tensor by 2 % of its spread. The folder is served from 127.0.0.1 by a threaded ``http.server`` that answers
 ``Range`` requests and counts the body bytes it sends; :func:`~modelatlas.lineage.recover_lineage` is timed on
-the models' URLs and on their paths, alternately, ``--repeats`` times (the files stay in the page cache: the
+the models' URLs and on their paths, alternately, ``--repeats`` times (the server speaks HTTP/1.1 and counts the
+connections it accepts) (the files stay in the page cache: the
 comparison is the HTTP overhead on loopback, not a network), and the two forests are checked equal.
 ``--latency-ms 20`` makes the server wait that long before each answer, as a network's round trip would.
 """
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
+import os
 import re
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,7 +69,11 @@ def make_zoo(work: Path, width: int, blocks: int, seed: int = 0) -> list[Path]:
 
 class RangeHandler(BaseHTTPRequestHandler):
     """Serves the server's ``root`` folder, a ``Range`` of a file as 206 (read with seek + read, not the whole
-    file), counting the body bytes sent in ``server.served``."""
+    file), counting the body bytes sent in ``server.served``; HTTP/1.1, a connection kept open for the next
+    request (``server.connections`` counts those accepted)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle would hold the body ~40 ms
 
     def log_message(self, *args):
         pass
@@ -92,10 +100,35 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve(root: Path, latency: float = 0.0) -> ThreadingHTTPServer:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    srv.daemon_threads = True
+class CountingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def verify_request(self, request, client_address):  # once per connection accepted
+        with self.lock:
+            self.connections += 1
+        return True
+
+
+def tls_context(work: Path) -> ssl.SSLContext:
+    """A server context with a self-signed certificate for 127.0.0.1 (made with openssl in ``work``), which the
+    client trusts through ``SSL_CERT_FILE`` (read by OpenSSL's default verify paths, urllib's and http.client's)."""
+    key, cert = work / "tls_key.pem", work / "tls_cert.pem"
+    if not cert.is_file():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+    os.environ["SSL_CERT_FILE"] = str(cert)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def serve(root: Path, latency: float = 0.0, tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
+    srv = CountingServer(("127.0.0.1", 0), RangeHandler)
+    if tls is not None:  # each connection's TLS handshake runs at its accept()
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     srv.root, srv.served, srv.requests, srv.lock, srv.latency = root, 0, 0, threading.Lock(), latency
+    srv.connections = 0
     threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     return srv
 
@@ -113,10 +146,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=0.0, help="the server waits this long before each answer")
+    ap.add_argument("--tls", action="store_true", help="https, with a self-signed certificate the client trusts")
     args = ap.parse_args()
     files = make_zoo(args.work, args.width, args.blocks)
-    srv = serve(args.work, args.latency_ms / 1000)
-    urls = [f"http://127.0.0.1:{srv.server_port}/{f.name}" for f in files]
+    srv = serve(args.work, args.latency_ms / 1000, tls_context(args.work) if args.tls else None)
+    urls = [f"{'https' if args.tls else 'http'}://127.0.0.1:{srv.server_port}/{f.name}" for f in files]
     total = sum(f.stat().st_size for f in files)
     times = {"http": [], "local": []}
     for _ in range(args.repeats):
@@ -128,7 +162,8 @@ def main() -> None:
         times["local"].append(t_local)
     same = remote.to_dict() == local.to_dict()
     print(f"{len(files)} models, {total / 1e6:.1f} MB of files; fetched over HTTP {fetched / 1e6:.2f} MB "
-          f"({100 * fetched / total:.1f} % of the files) in {requests} requests; forests equal: {same}")
+          f"({100 * fetched / total:.1f} % of the files) in {requests} requests a run; {srv.connections} "
+          f"connections in all {args.repeats} runs; forests equal: {same}")
     for kind, ts in times.items():
         print(f"{kind:>5}: recover_lineage {min(ts):.2f} s best of {len(ts)} ({', '.join(f'{t:.2f}' for t in ts)})")
     print("edges:", sorted((e["parent"], e["child"]) for e in local.to_dict()["edges"]))
