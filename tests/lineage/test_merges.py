@@ -232,3 +232,16 @@ def test_a_bfloat16_slerp_merge_near_its_chord_is_found_by_its_values(step):
     assert sorted(forest.decisions["model_merges"]["sl"]["parents"]) == ["t0_0", "t0_1"]
     plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
     assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}
+
+
+def test_a_bfloat16_task_arithmetic_merge_whose_base_weighs_little_is_found_with_its_base():
+    # P + 0.68 (A - P) + 0.30 (B - P): the base weighs 0.02, so the merge lies near the line A-B too; rounded, that
+    # line fits its distances, and only its values tell the plane
+    weights, parents = make_synthetic_forest(n_trees=2, children=3, depth=2, seed=4, step=0.1)
+    p, a, b = weights["t0"], weights["t0_0"], weights["t0_1"]
+    weights["ta"] = {k: (p[k] + 0.68 * (a[k] - p[k]) + 0.30 * (b[k] - p[k])).bfloat16() for k in p}
+    forest = recover_lineage(weights, stage="specialize")
+    got = forest.decisions["model_merges"]["ta"]
+    assert dict(zip(got["parents"], np.round(got["weights"], 2))) == {"t0": 0.02, "t0_0": 0.68, "t0_1": 0.30}
+    plain = recover_lineage({k: v for k, v in weights.items() if k in parents}, stage="specialize")
+    assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}

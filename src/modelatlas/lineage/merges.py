@@ -75,6 +75,7 @@ class Merge(NamedTuple):
     residual: float
     per_layer: tuple[float, ...] = ()
     curve: bool = False  # a per-layer segment up to CURVE_TOL off: SLERP, to be checked value by value as a A + b B
+    alt: Merge | None = None  # a rounded line's plane within tol: checked when the line's values say no
 
 
 def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = None, tol: float = MERGE_TOL,
@@ -105,9 +106,13 @@ def find_merges(sq: np.ndarray, keep: list[int], rounding: np.ndarray | None = N
             break
         first = min(fits, key=_mildest)
         best = _unmirrored(sq, first, pool, noise, tol, k)
-        if best is None or ((noise[best.child] > 0 or best.curve) and not (verify is not None and verify(best))):
+        if best is not None and (noise[best.child] > 0 or best.curve):  # its values must say so
+            alt = None if best.alt is None else _unmirrored(sq, best.alt, pool, noise, tol, k)
+            best = next((f for f in (best, alt) if f is not None and verify is not None and verify(f)), None)
+        if best is None:
             settled.add(first.child)  # a parallelogram nothing else tells, or a rounded model whose values say no
             continue
+        best = best._replace(alt=None)
         found.append(best)
         pool.remove(best.child)
         # only fits made among the merge just taken change: a model's candidates are its FAR nearest in the pool
@@ -184,7 +189,10 @@ def _fit_among(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, noi
     layered = None if layers is None else _layer_merge(layers, m, near, others, noise, d_nn)
     rivals = [f for f in (plane, layered) if f is not None]
     if line is not None and line.residual <= tol and not any(_explains(line, f, tol) for f in rivals):
-        return line
+        # rounded, task arithmetic whose base weighs ~0.02 fits the line of its fine-tunes too, and only its values
+        # tell the plane (two bfloat16 merges of the held-out zoos of session 36)
+        rounded_plane = noise > 0 and plane is not None and plane.residual <= tol
+        return line._replace(alt=plane) if rounded_plane else line
     fits = [f for f in (line, *rivals) if f is not None]
     best = min(fits, key=lambda f: f.residual) if fits else None
     if best is not None and best.residual > tol and layered is not None and layered.residual <= CURVE_TOL:
