@@ -221,3 +221,28 @@ def make_gpt_oss(w: torch.Tensor, name: str = "experts.gate_up_proj") -> dict:
     t = make_mxfp4(rows)
     return {f"{name}_blocks": t["layer.weight_packed"].reshape(e, n_out, n_in // 32, 16),  # (e * out, in / 2) ->
             f"{name}_scales": t["layer.weight_scale"].reshape(e, n_out, n_in // 32)}  # (e * out, in / 32) ->
+
+
+# MLX's fp4_e2m1 (its Metal kernel): the code of |q| is the last threshold it passes; ">=" at the edges whose
+# upper level has the even mantissa (ties to even). Its CPU quantizer (an argmin over the levels) sends every
+# tie to the lower magnitude: ">" throughout.
+MLX_FP4_THRESHOLDS = ((0.25, 1, False), (0.75, 2, True), (1.25, 3, False), (1.75, 4, True), (2.5, 5, False),
+                      (3.5, 6, True), (5.0, 7, False))
+
+
+def make_mlx_mxfp4(x: torch.Tensor, name: str = "a", ties: str = "even") -> dict:
+    """MLX ``mxfp4`` tensors of (.., rows, cols) ``x`` as ``mx.quantize(x, mode="mxfp4")`` makes them: per 32
+    values the exponent ``e = round(log2(max |x| / 6))`` (clamped to +-127), stored ``e + 127`` (E8M0); codes of
+    ``x / 2**e`` by :data:`MLX_FP4_THRESHOLDS` (``ties="lower"``: as its CPU quantizer), the sign in bit 3; eight
+    codes a uint32 word from its low bits up."""
+    g = x.float().reshape(*x.shape[:-1], -1, 32)  # (.., rows, groups, 32)
+    e = torch.round(torch.log2(g.abs().amax(-1) / 6)).clamp(-127, 127)  # (.., rows, groups); log2(0): -127
+    q = g / torch.exp2(e)[..., None]
+    codes = torch.zeros(q.shape, dtype=torch.int64)
+    for edge, code, even_above in MLX_FP4_THRESHOLDS:
+        passed = q.abs() >= edge if even_above and ties == "even" else q.abs() > edge
+        codes = torch.where(passed, code, codes)
+    codes |= torch.signbit(q).long() << 3
+    nibbles = codes.reshape(*x.shape[:-1], -1, 8)  # (.., rows, cols / 8, 8): a word's codes
+    words = (nibbles << (4 * torch.arange(8))).sum(-1)  # (.., rows, cols / 8)
+    return {f"{name}.weight": words.to(torch.uint32), f"{name}.scales": (e + 127).to(torch.uint8)}

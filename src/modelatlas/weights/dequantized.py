@@ -14,7 +14,7 @@ of its real shape, in place of the tensors that store it:
   ``weight_scale_inv``): ``weight`` and its scale (:mod:`.scaled`).
 - bitsandbytes as transformers saves it: 4-bit NF4 / FP4 and LLM.int8 (:mod:`.bnb`).
 - MLX affine quantization (mlx-lm): uint32 ``weight`` codes with ``scales`` and ``biases`` (:mod:`.mlx_affine`).
-- FP4: compressed-tensors NVFP4 / MXFP4 and gpt-oss's MXFP4 experts (:mod:`.fp4`).
+- FP4: compressed-tensors NVFP4 / MXFP4, gpt-oss's MXFP4 experts and MLX's ``mxfp4`` mode (:mod:`.fp4`).
 
 The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as
 stored. AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its
@@ -53,7 +53,7 @@ from modelatlas.weights.scaled import (
 )
 
 SAMPLE_ROWS = 256  # output rows (channels) compared by requantized_match: a copy matches on every one
-_MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases", "_blocks")  # endings of a dequantized layer's parts
+_MARKS = (".qweight", "_packed", "weight_scale", "weight_scale_inv", ".absmax", "__nf4", "__fp4", ".SCB", ".biases", "_blocks", ".scales")  # endings of a dequantized layer's parts
 _REQUANTIZED = ("bnb4", "bnb8", "mlx", "fp4")  # tested by quantizing the source again (fp4: with the stored scales)
 _WORDS_IN = ("gptq", "awq")  # integer words stored (in, out)-wise, with (groups, out) ``scales``
 _GRIDS = ("gptq", "awq", "pack-quantized")  # integer codes on a grid of stored scales and zeros

@@ -13,13 +13,20 @@ a byte, the first (even column) in the low nibble. Each block of consecutive val
 - gpt-oss: ``X_blocks`` uint8 (experts, out, cols / 32, 16) and ``X_scales`` uint8 E8M0 (experts, out,
   cols / 32): read as transformers' ``convert_moe_packed_tensors`` gives them, one float32 ``X``
   (experts, in, out) (``gate_up_proj``, ``down_proj``: the matrix transposed, as the dense model stores it).
+- MLX's ``mxfp4`` mode (``mx.quantize(w, mode="mxfp4")``, mlx-lm): ``L.weight`` uint32 (.., rows, cols / 8),
+  eight codes a word from its low bits up (so its little-endian bytes are compressed-tensors' code bytes), and
+  ``L.scales`` uint8 E8M0 (.., rows, cols / 32); leading dims are stacked experts, read as stored
+  (:func:`~.packed_layers.find_packed` finds them; ``state["words"]``).
 
 Quantizing is ``x / scale`` rounded to the nearest E2M1 value (ties to the even mantissa, as
-compressed-tensors' ``cast_to_fp4``), clamped to +-6: :func:`requantized_share` does it again with the stored
-scales. Pure tensor functions but :func:`find_fp4`, which reads headers only. Time O(P) for P weights.
+compressed-tensors' ``cast_to_fp4`` and MLX's Metal kernel), clamped to +-6: :func:`requantized_share` does it
+again with the stored scales (MLX's CPU quantizer, an argmin over the levels, sends ties to the lower magnitude:
+either is taken for MLX's layers). Pure tensor functions but :func:`find_fp4`, which reads headers only. Time O(P) for P weights.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -123,12 +130,16 @@ def block_scales(parts: dict[str, torch.Tensor], label: str, where: str) -> torc
     return out
 
 
-def _rows(parts: dict[str, torch.Tensor], experts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(parts: dict[str, torch.Tensor], state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The code bytes (rows, cols / 2) and scales (rows, blocks) row by row (gpt-oss: each expert's output
-    rows in turn). Views, no copy."""
+    rows in turn; MLX: the rows of its last dimension). Views, no copy."""
     b, s = parts["packed"], parts["scale"]
-    if experts:
+    if state.get("experts"):
         return b.reshape(-1, b.shape[2] * 16), s.reshape(-1, s.shape[2])  # (experts * out, in / 2), (., blocks)
+    if state.get("words"):  # MLX's uint32 words: their bytes in memory (little-endian, as safetensors stores
+        # them on every host torch runs on here) are the codes' bytes, low nibble first
+        b = b.contiguous().view(torch.uint8)  # (.., rows, cols / 8) -> (.., rows, cols / 2)
+        return b.reshape(-1, b.shape[-1]), s.reshape(-1, s.shape[-1])  # (rows, cols / 2), (rows, blocks)
     return b, s
 
 
@@ -147,7 +158,7 @@ def _chunks(codes: torch.Tensor, scales: torch.Tensor, group: int):
 def _codes_scales(parts: dict[str, torch.Tensor], layer, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(code bytes (rows, cols / 2), block scales (rows, blocks)) of the layer as stored (gpt-oss: a row each
     expert's output), the scales checked finite (:func:`block_scales`)."""
-    codes, stored = _rows(parts, layer.state.get("experts"))
+    codes, stored = _rows(parts, layer.state)
     return codes, block_scales({**parts, "scale": stored}, layer.label, where)
 
 
@@ -156,7 +167,7 @@ def _store(out: torch.Tensor, layer, rows: slice, values: torch.Tensor) -> None:
     in turn) into the columns of its (experts, in, out) result, as transformers transposes them, without a
     transposed copy of the whole layer (a gpt-oss-20b ``gate_up_proj`` is 2 GiB in float32). Time O(r cols)."""
     if not layer.state.get("experts"):
-        out[rows] = values
+        out.view(-1, out.shape[-1])[rows] = values  # (.., rows, cols) -> (rows, cols): MLX's stacked experts
         return
     n_out, by_row = layer.shape[2], out.transpose(1, 2)  # (experts, out, in): a view
     at, stop = rows.start, rows.start + values.shape[0]
@@ -236,13 +247,27 @@ def requantized_share(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, wh
     matches on every row, a fine-tune misses on each (every value checked took 2.0 s for 16M, session 32).
     Every block's scale is checked finite all the same. A block of scale 0 holds 0 whatever its codes: its
     values match (as GGUF's sub-blocks of scale 0, :func:`~.gguf_grid.grid_test`). Time O(max_rows cols), O(P)
-    with ``max_rows`` None."""
+    with ``max_rows`` None. MLX's layers (``state["words"]``): a value half way between two levels matches
+    either (its Metal kernel rounds ties to even, its CPU quantizer to the lower magnitude)."""
     same = total = 0
     for xs, c, s in _sample(x, parts, layer, sampled_rows(layer, max_rows), where):
-        again = round_e2m1(xs / s)
-        same += int(((E2M1[again.long()] == E2M1[c]) | (s == 0)).sum())  # scale 0: 0 whatever x / 0 gave
+        q = xs / s
+        again = round_e2m1(q)
+        hit = E2M1[again.long()] == E2M1[c]
+        if layer.state.get("words"):
+            hit |= E2M1[_lower_at_ties(q, again).long()] == E2M1[c]
+        same += int((hit | (s == 0)).sum())  # scale 0: 0 whatever x / 0 gave
         total += xs.numel()
     return same / max(total, 1)
+
+
+def _lower_at_ties(q: torch.Tensor, again: torch.Tensor) -> torch.Tensor:
+    """``again`` (:func:`round_e2m1` of ``q``) but the level of lower magnitude where ``|q|`` is half way
+    between two levels (MLX's CPU ``mx.quantize`` takes the first of an argmin over the levels). uint8."""
+    m = q.abs()
+    idx = torch.bucketize(m, _EDGES)  # an edge itself: the lower level
+    tie = (idx < 7) & (m == _EDGES[idx.clamp(max=6)])
+    return torch.where(tie, (idx | ((q < 0).long() << 3)).to(torch.uint8), again)
 
 
 def _sample(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, rows: torch.Tensor, where: str):
@@ -270,7 +295,7 @@ def sampled_rows(layer, max_rows: int | None) -> torch.Tensor:
     (of the layer's last dimension: a compressed-tensors matrix's own rows, gpt-oss's ``e * in + i`` of its
     (experts * in, out) view): up to ``max_rows`` evenly spaced ones, every row for None. (r,) int64,
     ascending."""
-    n = layer.shape[0] * layer.shape[1] if layer.state.get("experts") else layer.shape[0]
+    n = layer.shape[0] * layer.shape[1] if layer.state.get("experts") else math.prod(layer.shape[:-1])
     return torch.arange(n) if max_rows is None else spaced_rows(n, max_rows)
 
 
