@@ -11,6 +11,8 @@ from tests.weights.conftest import (
     make_bnb4,
     make_bnb8,
     make_gptq,
+    make_mlx,
+    make_mlx_mxfp4,
     make_mxfp4,
     make_nvfp4,
     make_pack_quantized,
@@ -133,6 +135,15 @@ def test_fp4_models_hang_below_their_sources(tmp_path):
         "p-nvfp4": ("p", make_nvfp4, {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}, "nvfp4"),
         "ft-mxfp4": ("ft", make_mxfp4, {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized"},
                      "mxfp4")})
+
+
+def test_mlx_models_hang_below_their_sources(tmp_path):
+    """An MLX affine copy of p and an MLX mxfp4 copy of ft (mlx-lm's layouts, config.json's "quantization") are
+    drawn as their precision copies. Before session 36 the mxfp4 model's layers read as uint32 words."""
+    check_copies_below_their_sources(tmp_path, {
+        "p-mlx-4bit": ("p", lambda w, name: make_mlx(w, bits=4, group=32, name=name), {"group_size": 32, "bits": 4},
+                       "mlx-4bit"),
+        "ft-mlx-mxfp4": ("ft", make_mlx_mxfp4, {"group_size": 32, "bits": 4, "mode": "mxfp4"}, "mxfp4")})
 
 
 def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path):
