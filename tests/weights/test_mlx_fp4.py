@@ -1,4 +1,4 @@
-"""MLX's ``mxfp4`` mode (mlx-lm's ``--q-mode mxfp4``, mlx-community's gpt-oss): uint32 words of E2M1 codes with
+"""MLX's ``mxfp4`` mode (mlx-lm's ``convert(..., q_mode="mxfp4")``, mlx-community's gpt-oss): uint32 words of E2M1 codes with
 uint8 E8M0 ``scales`` and no ``biases``, read as float weights through :mod:`modelatlas.weights.fp4`. Before
 session 36 such a layer read as stored: a (rows, cols / 8) uint32 "weight" beside uint8 scales."""
 
