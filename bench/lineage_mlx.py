@@ -1,12 +1,12 @@
-"""MLX-quantized models (mlx-lm's affine quantization; ``--mode mxfp4`` since session 36) read by
+"""MLX-quantized models (mlx-lm's affine quantization; ``--mode mxfp4`` / ``mxfp8`` since session 36) read by
 modelatlas.weights.dequantized and placed by lineage recovery (session 29).
 
 For each Hugging Face model folder given (``model.safetensors`` + ``config.json``), every 2-D weight of a
 linear layer or embedding (as mlx-lm's ``nn.quantize`` picks them: both sizes a multiple of the group size) is
 quantized with ``mx.quantize`` (mode affine) at each of --bits, and saved as mlx-lm saves a quantized model:
 ``weight`` (uint32 codes), ``scales``, ``biases`` in the weights' dtype, and ``"quantization": {"group_size",
-"bits"}`` in ``config.json`` (``--mode mxfp4``: 4 bits in groups of 32, uint8 exponent ``scales``, no
-``biases``, ``"mode": "mxfp4"`` in the config; mlx's CPU quantizer, the fallback of ``ops.cpp``). Then, per quantized model: the largest difference between modelatlas' weights
+"bits"}`` in ``config.json`` (``--mode mxfp4`` / ``mxfp8``: 4 / 8 bits in groups of 32, uint8 exponent
+``scales``, no ``biases``, the ``"mode"`` in the config; mlx's CPU quantizer). Then, per quantized model: the largest difference between modelatlas' weights
 and ``mx.dequantize`` (ours rounded to the stored dtype, as mlx returns it); ``requantized_match`` of the first
 query matrix against its own source and against the other models; and ``atlas lineage recover`` over all.
 
@@ -86,10 +86,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--mode", choices=["affine", "mxfp4"], default="affine")
+    ap.add_argument("--mode", choices=["affine", "mxfp4", "mxfp8"], default="affine")
     args = ap.parse_args()
-    if args.mode == "mxfp4":  # the mode's only settings
-        args.bits, args.group_size = [4], 32
+    if args.mode != "affine":  # the mode's only settings
+        args.bits, args.group_size = [4 if args.mode == "mxfp4" else 8], 32
     for src in args.sources:
         shutil.copytree(src, args.out / src.name, dirs_exist_ok=True)
         for b in args.bits:

@@ -246,3 +246,16 @@ def make_mlx_mxfp4(x: torch.Tensor, name: str = "a", ties: str = "even") -> dict
     nibbles = codes.reshape(*x.shape[:-1], -1, 8)  # (.., rows, cols / 8, 8): a word's codes
     words = (nibbles << (4 * torch.arange(8))).sum(-1)  # (.., rows, cols / 8)
     return {f"{name}.weight": words.to(torch.uint32), f"{name}.scales": (e + 127).to(torch.uint8)}
+
+
+def make_mlx_mxfp8(x: torch.Tensor, name: str = "a") -> dict:
+    """MLX ``mxfp8`` tensors of (.., rows, cols) ``x`` as mlx 0.32.4's ``mx.quantize(x, mode="mxfp8")`` makes
+    them: per 32 values the exponent ``ceil(log2(max |x| / 448))`` (seen in mlx 0.32.4: 600 in a group gives 1),
+    stored ``e + 127``; ``x / 2**e`` as float8 E4M3 (nearest, ties to even), four bytes a uint32 word from its low
+    byte up."""
+    g = x.float().reshape(*x.shape[:-1], -1, 32)  # (.., rows, groups, 32)
+    e = torch.ceil(torch.log2(g.abs().amax(-1) / 448)).clamp(-127, 127)  # (.., rows, groups)
+    values = (g / torch.exp2(e)[..., None]).to(torch.float8_e4m3fn).view(torch.uint8).long()
+    quads = values.reshape(*x.shape[:-1], -1, 4)  # (.., rows, cols / 4, 4): a word's bytes
+    words = (quads << (8 * torch.arange(4))).sum(-1)  # (.., rows, cols / 4)
+    return {f"{name}.weight": words.to(torch.uint32), f"{name}.scales": (e + 127).to(torch.uint8)}

@@ -13,18 +13,18 @@ of its real shape, in place of the tensors that store it:
 - float8 / int8 values with scales (compressed-tensors ``float-quantized`` / ``int-quantized``; DeepSeek's
   ``weight_scale_inv``): ``weight`` and its scale (:mod:`.scaled`).
 - bitsandbytes as transformers saves it: 4-bit NF4 / FP4 and LLM.int8 (:mod:`.bnb`).
-- MLX affine quantization (mlx-lm): uint32 ``weight`` codes with ``scales`` and ``biases`` (:mod:`.mlx_affine`).
+- MLX (mlx-lm): affine uint32 ``weight`` codes with ``scales`` and ``biases`` (:mod:`.mlx_affine`); ``mxfp8``: float8.
 - FP4: compressed-tensors NVFP4 / MXFP4, gpt-oss's MXFP4 experts and MLX's ``mxfp4`` mode (:mod:`.fp4`).
 
-The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as
-stored. AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its
-weights are no rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scaling, with
-:meth:`~Checkpoint.grid_match`. Each layer's :meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4",
-"AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4"), and
-:meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was
-quantized from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the
-variance of each value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and
-bitsandbytes' JSON quant states and format flags; time O(P) per dequantized layer of P weights.
+The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as stored.
+AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its weights are no
+rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scaling, with
+:meth:`~Checkpoint.grid_match`. Each layer's :meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "AWQ-INT4",
+"INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4", "MXFP8"), and
+:meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was quantized
+from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the variance of each
+value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and bitsandbytes' JSON quant states
+and format flags; time O(P) per dequantized layer of P weights.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ class DequantizedCheckpoint(Checkpoint):
     def __init__(self, inner: Checkpoint, layers: list[PackedLayer], config: dict):
         super().__init__(inner.path, inner.name)
         self.inner, self.format, self.kind, self.name_prefix = inner, inner.format, inner.kind, inner.name_prefix
-        self.layers = {layer.name: layer for layer in layers}
-        self._blocks = block_sizes(config)
+        self.layers, self._blocks = {layer.name: layer for layer in layers}, block_sizes(config)
         first = {layer.parts.get("qweight") or layer.parts.get("packed") or layer.parts["weight"]: layer
                  for layer in layers}
         self._hidden = {p for layer in layers for p in layer.parts.values()} - set(first)
@@ -113,6 +112,8 @@ class DequantizedCheckpoint(Checkpoint):
         # bitsandbytes' JSON state is not read again: parsed when the model was opened (layer.state), it gave
         # the layer's shape and the checks of its parts, which a state read now could only contradict
         parts = {role: self.inner.read(p) for role, p in layer.parts.items() if role != "state"}
+        if layer.scheme == "scaled" and layer.state.get("words"):  # MLX's mxfp8: float8 bytes in uint32 words
+            parts["weight"] = parts["weight"].contiguous().view(torch.float8_e4m3fn)  # (.., cols / 4) -> (.., cols)
         if layer.scheme == "bnb4":
             parts["absmax"] = B.block_absmax(parts, layer.parts, layer.state)
         for key in {"bnb8": ("scb",), "mlx": ("scales", "biases")}.get(layer.scheme, ()):

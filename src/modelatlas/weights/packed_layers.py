@@ -6,14 +6,14 @@ and ``scales`` under a ``quant_method: awq`` config; compressed-tensors
 ``pack-quantized``: ``weight_packed``, ``weight_scale``, ``weight_shape``; float8 / int8 ``weight`` with
 ``weight_scale`` or ``weight_scale_inv``; bitsandbytes: a 4-bit ``weight`` with its ``absmax``, ``quant_map``
 and JSON quant state, an int8 ``weight`` with ``SCB``; MLX: a uint32 ``weight`` with ``scales`` and ``biases``
-(mode ``affine``) or uint8 ``scales`` alone (mode ``mxfp4``, read by :mod:`.fp4`); FP4: a uint8 ``weight_packed``
-without ``weight_shape``, gpt-oss's ``_blocks`` with ``_scales``: :mod:`.fp4`). Once recognised, parts that do not fit together (a missing
+(mode ``affine``) or uint8 ``scales`` alone (modes ``mxfp4``, read by :mod:`.fp4`, and ``mxfp8``); FP4: a uint8
+``weight_packed`` without ``weight_shape``, gpt-oss's ``_blocks`` with ``_scales``: :mod:`.fp4`). Once recognised, parts that do not fit together (a missing
 ``qzeros``, a ``weight_shape`` of another row count, scales of the wrong shape, bits the config contradicts)
 raise a ValueError naming the tensor, so that no layer is read into a wrong weight, nor advertised at a size
 it does not have. AWQ layouts other than GEMM (GEMV, llm-awq) raise, naming the version. Layouts not read here
 stay as stored: a ``qweight`` without ``g_idx`` under no AWQ config, GPTQ and ``pack-quantized``
 widths that span words (3 bits; MLX's are read), ``pack-quantized`` stacked (3-D) experts (MLX's are read).
-MLX's ``mxfp8`` and ``nvfp4`` modes are refused, naming the mode. No I/O but ``read`` of small tensors:
+MLX's ``nvfp4`` mode is refused, naming the mode. No I/O but ``read`` of small tensors:
 the two-value ``weight_shape``, bitsandbytes' JSON quant state and ``weight_format`` flag, and of the model's
 ``config.json`` (:func:`quantization_config`, moved from :mod:`.dequantized` in session 32). Time O(tensors).
 """
@@ -200,8 +200,8 @@ def _mlx(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer |
     """An MLX-quantized layer: ``weight`` uint32 words with ``scales`` beside it (and ``biases`` in mode
     ``affine``), its mode, bits and group size from the config's ``quantization``, or from an entry of its own
     for a layer quantized otherwise (whose mode is its own, ``affine`` unless named: mlx-lm passes the entry to
-    ``to_quantized``). ``mxfp4``: :func:`_mlx_fp`. Raises when the config names none, its entry says the layer
-    is not quantized, or the shapes do not fit (:func:`~.mlx_affine.layout`). Header only."""
+    ``to_quantized``). ``mxfp4``, ``mxfp8``: :func:`_mlx_fp`. Raises when the config names none, its entry says
+    the layer is not quantized, or the shapes do not fit (:func:`~.mlx_affine.layout`). Header only."""
     base = name.removesuffix(".weight")
     parts = {"weight": name, "scales": f"{base}.scales", "biases": f"{base}.biases"}
     if base == name or infos[name].dtype != "uint32" or parts["scales"] not in infos:
@@ -229,25 +229,32 @@ def _mlx(name: str, infos: dict[str, TensorInfo], config: dict) -> PackedLayer |
 
 def _mlx_fp(name: str, infos: dict[str, TensorInfo], parts: dict[str, str], settings: dict,
             said: str) -> PackedLayer:
-    """An MLX layer of a floating-point mode: ``mxfp4`` (4-bit E2M1 codes, eight a uint32 word from its low bits,
-    uint8 E8M0 ``scales`` per 32: read by :mod:`.fp4`); ``mxfp8``, ``nvfp4`` and unknown modes raise, naming
-    it (``said``: the tensor and the config that says the mode). Header only."""
+    """An MLX layer of a floating-point mode, with uint8 E8M0 ``scales`` per 32 values: ``mxfp4`` (4-bit E2M1
+    codes, eight a uint32 word from its low bits: read by :mod:`.fp4`) or ``mxfp8`` (float8 E4M3 values, four a
+    word from its low byte: read as :mod:`.scaled` float8 with MX scales); ``nvfp4`` and unknown modes raise,
+    naming it (``said``: the tensor and the config that says the mode). Header only."""
     mode, bits, group = settings.get("mode"), settings.get("bits"), settings.get("group_size")
-    if mode != "mxfp4":
-        raise ValueError(f"{said} names mode {json.dumps(mode)}, which is not read here (affine and mxfp4 are)")
+    width = {"mxfp4": 4, "mxfp8": 8}.get(mode)
+    if width is None:
+        raise ValueError(f"{said} names mode {json.dumps(mode)}, which is not read here (affine, mxfp4 and mxfp8 "
+                         "are)")
     if parts["biases"] in infos:
-        raise ValueError(f"{said} names mode mxfp4, which stores no biases")
-    if bits not in (None, 4) or group not in (None, 32):  # (None: mlx's defaults for the mode)
-        raise ValueError(f"{said} names mxfp4 with bits {bits!r} and group_size {group!r}: the mode is 4 bits "
-                         "in groups of 32")
+        raise ValueError(f"{said} names mode {mode}, which stores no biases")
+    if bits not in (None, width) or group not in (None, 32):  # (None: mlx's defaults for the mode)
+        raise ValueError(f"{said} names {mode} with bits {bits!r} and group_size {group!r}: the mode is {width} "
+                         "bits in groups of 32")
     w, s = infos[name], infos[parts["scales"]]
     if s.dtype != "uint8":
-        raise ValueError(f"{s.name} is {s.dtype}, not MXFP4's uint8 exponents")
+        raise ValueError(f"{s.name} is {s.dtype}, not {mode.upper()}'s uint8 exponents")
     ws, ss = tuple(w.shape), tuple(s.shape)
-    if len(ws) < 2 or len(ss) != len(ws) or ss[:-1] != ws[:-1] or ss[-1] * F.GROUPS["MXFP4"] != ws[-1] * 8:
-        raise ValueError(f"{name} {ws} does not hold 4-bit codes for {s.name} {ss} in groups of 32")
-    return PackedLayer(name, "fp4", (*ws[:-1], ws[-1] * 8), "MXFP4", 4, {"packed": name, "scale": s.name},
-                       group_size=F.GROUPS["MXFP4"], state={"experts": False, "words": True})
+    if len(ws) < 2 or len(ss) != len(ws) or ss[:-1] != ws[:-1] or ss[-1] * width != ws[-1]:  # a group of 32:
+        # width words of 32 / width values
+        raise ValueError(f"{name} {ws} does not hold {width}-bit values for {s.name} {ss} in groups of 32")
+    shape, state = (*ws[:-1], ws[-1] * 32 // width), {"experts": False, "words": True}
+    if mode == "mxfp8":
+        return PackedLayer(name, "scaled", shape, "MXFP8", 8, {"weight": name, "scale": s.name}, group_size=32,
+                           state=state)
+    return PackedLayer(name, "fp4", shape, "MXFP4", 4, {"packed": name, "scale": s.name}, group_size=32, state=state)
 
 
 def _weights_config(config: dict) -> dict:

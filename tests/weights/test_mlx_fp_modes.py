@@ -1,13 +1,14 @@
-"""MLX's ``mxfp4`` mode (mlx-lm's ``convert(..., q_mode="mxfp4")``, mlx-community's gpt-oss): uint32 words of E2M1 codes with
-uint8 E8M0 ``scales`` and no ``biases``, read as float weights through :mod:`modelatlas.weights.fp4`. Before
-session 36 such a layer read as stored: a (rows, cols / 8) uint32 "weight" beside uint8 scales."""
+"""MLX's ``mxfp4`` and ``mxfp8`` modes (mlx-lm's ``convert(..., q_mode="mxfp4")``, mlx-community's gpt-oss):
+uint32 words of E2M1 codes (float8 E4M3 values) with uint8 E8M0 ``scales`` and no ``biases``, read as float weights
+through :mod:`modelatlas.weights.fp4` (:mod:`modelatlas.weights.scaled`). Before session 36 such a layer read as
+stored: a (rows, cols / 8) uint32 "weight" beside uint8 scales."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.weights.conftest import make_mlx, make_mlx_mxfp4
+from tests.weights.conftest import make_mlx, make_mlx_mxfp4, make_mlx_mxfp8
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights import open_checkpoint
@@ -133,7 +134,7 @@ def make_layer(**changes) -> dict:
 
 REFUSED = {
     "scales of another width": (make_layer(**{"a.scales": torch.full((8, 3), 120, dtype=torch.uint8)}), MXFP4,
-                                r"a.weight \(8, 8\) does not hold 4-bit codes for a.scales \(8, 3\) in groups of 32"),
+                                r"a.weight \(8, 8\) does not hold 4-bit values for a.scales \(8, 3\) in groups of 32"),
     "float scales": (make_layer(**{"a.scales": torch.ones(8, 2, dtype=torch.float16)}), MXFP4,
                      r"a.scales is float16, not MXFP4's uint8 exponents"),
     "biases under mxfp4": (make_layer(**{"a.biases": torch.zeros(8, 2)}), MXFP4,
@@ -143,9 +144,9 @@ REFUSED = {
                                                         r"bits in groups of 32"),
     "nvfp4": (make_layer(), {"group_size": 16, "bits": 4, "mode": "nvfp4"},
               r"a.weight: uint32 codes with a.scales \(MLX\), but the config.json beside it names mode \"nvfp4\", "
-              r"which is not read here \(affine and mxfp4 are\)"),
-    "mxfp8": (make_layer(), {"group_size": 32, "bits": 8, "mode": "mxfp8"}, r"names mode \"mxfp8\", which is not "
-                                                                           r"read here"),
+              r"which is not read here \(affine, mxfp4 and mxfp8 are\)"),
+    "4-bit mxfp8": (make_layer(), {"group_size": 32, "bits": 4, "mode": "mxfp8"},
+                    r"names mxfp8 with bits 4 and group_size 32: the mode is 8 bits in groups of 32"),
     "affine entry without biases": (make_layer(), {**MXFP4, "a": {"group_size": 32, "bits": 4}},
                                     r"a.weight: uint32 codes with a.scales \(MLX\), but its entry 'a' in the "
                                     r"config.json's quantization names mode affine, whose a.biases is missing"),
@@ -175,3 +176,31 @@ def test_a_uint32_weight_with_scales_under_no_mlx_config_stays_as_stored(tmp_pat
     folder = make_model(tmp_path / "m", make_layer(), {})
     with open_checkpoint(folder) as ck:
         assert {(t.name, t.dtype) for t in ck.tensors()} == {("a.scales", "uint8"), ("a.weight", "uint32")}
+
+
+MXFP8 = {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+
+
+def test_a_handcrafted_mxfp8_word_reads_byte_by_byte(tmp_path):
+    """Bytes low first: 0x38 (1.0), 0xB8 (-1.0), 0x7E (448, E4M3's largest), 0x01 (2**-9, its smallest); scale
+    byte 126: 0.5."""
+    words = torch.tensor([[0x017EB838] + [0] * 7], dtype=torch.int64).to(torch.uint32)
+    folder = make_model(tmp_path / "m", {"a.weight": words, "a.scales": torch.tensor([[126]], dtype=torch.uint8)},
+                        MXFP8)
+    with open_checkpoint(folder) as ck:
+        assert [(t.name, t.shape, ck.quantization(t.name)) for t in ck.tensors()] == [("a.weight", (1, 32), "MXFP8")]
+        assert ck.read("a.weight").tolist() == [[0.5, -0.5, 224.0, 2.0**-10] + [0.0] * 28]
+
+
+def test_an_mxfp8_matrix_and_its_experts_read_back_within_half_a_float8_step(tmp_path):
+    x = torch.stack([make_matrix(8, 64, seed=e) for e in range(2)])  # (2, 8, 64): stacked experts
+    t = make_mlx_mxfp8(x)
+    assert tuple(t["a.weight"].shape) == (2, 8, 16) and tuple(t["a.scales"].shape) == (2, 8, 2)
+    with open_checkpoint(make_model(tmp_path / "m", t, MXFP8)) as ck:
+        got = ck.read("a.weight")
+        s = torch.exp2(t["a.scales"].float() - 127).repeat_interleave(32, -1)  # (2, 8, 64)
+        assert ((got - x).abs() <= torch.maximum(x.abs() * 2.0**-4, s * 2.0**-10) * (1 + 1e-6)).all()  # 3
+        assert ck.requantized_match("a.weight", x) == 1.0  # mantissa bits: half a step is 1/16 of the value
+        nudged = x + 0.002 * torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+        assert ck.requantized_match("a.weight", nudged) < 0.5
+        assert ck.rounding_variance("a.weight").shape == (2, 8, 64)
