@@ -13,6 +13,7 @@ from tests.weights.conftest import (
     make_gptq,
     make_mlx,
     make_mlx_mxfp4,
+    make_mlx_mxfp8,
     make_mxfp4,
     make_nvfp4,
     make_pack_quantized,
@@ -138,12 +139,14 @@ def test_fp4_models_hang_below_their_sources(tmp_path):
 
 
 def test_mlx_models_hang_below_their_sources(tmp_path):
-    """An MLX affine copy of p and an MLX mxfp4 copy of ft (mlx-lm's layouts, config.json's "quantization") are
-    drawn as their precision copies. Before session 36 the mxfp4 model's layers read as uint32 words."""
+    """An MLX affine copy of p, MLX mxfp4 and mxfp8 copies of ft (mlx-lm's layouts, config.json's "quantization")
+    are drawn as their precision copies. Before session 36 the mxfp4 / mxfp8 models got no edge (their layers read
+    as uint32 words)."""
     check_copies_below_their_sources(tmp_path, {
         "p-mlx-4bit": ("p", lambda w, name: make_mlx(w, bits=4, group=32, name=name), {"group_size": 32, "bits": 4},
                        "mlx-4bit"),
-        "ft-mlx-mxfp4": ("ft", make_mlx_mxfp4, {"group_size": 32, "bits": 4, "mode": "mxfp4"}, "mxfp4")})
+        "ft-mlx-mxfp4": ("ft", make_mlx_mxfp4, {"group_size": 32, "bits": 4, "mode": "mxfp4"}, "mxfp4"),
+        "ft-mlx-mxfp8": ("ft", make_mlx_mxfp8, {"group_size": 32, "bits": 8, "mode": "mxfp8"}, "mxfp8")})
 
 
 def test_a_layers_pattern_naming_stored_parts_says_which_layer_to_name(tmp_path):

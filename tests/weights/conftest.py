@@ -231,8 +231,9 @@ MLX_FP4_THRESHOLDS = ((0.25, 1, False), (0.75, 2, True), (1.25, 3, False), (1.75
 
 
 def make_mlx_mxfp4(x: torch.Tensor, name: str = "a", ties: str = "even") -> dict:
-    """MLX ``mxfp4`` tensors of (.., rows, cols) ``x`` as ``mx.quantize(x, mode="mxfp4")`` makes them: per 32
-    values the exponent ``e = round(log2(max |x| / 6))`` (clamped to +-127), stored ``e + 127`` (E8M0); codes of
+    """MLX ``mxfp4`` tensors of (.., rows, cols) ``x`` as ``mx.quantize(x, mode="mxfp4")`` made them in the mlx
+    source read in session 36: per 32 values the exponent ``e = round(log2(max |x| / 6))`` (clamped to +-127;
+    mlx 0.32.4 rounds it up instead: the reader takes the stored exponents), stored ``e + 127`` (E8M0); codes of
     ``x / 2**e`` by :data:`MLX_FP4_THRESHOLDS` (``ties="lower"``: as its CPU quantizer), the sign in bit 3; eight
     codes a uint32 word from its low bits up."""
     g = x.float().reshape(*x.shape[:-1], -1, 32)  # (.., rows, groups, 32)
