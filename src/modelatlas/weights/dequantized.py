@@ -23,8 +23,8 @@ rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scal
 "INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4", "MXFP8"), and
 :meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was quantized
 from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the variance of each
-value's rounding error. Header reads only, plus the small ``weight_shape`` tensors and bitsandbytes' JSON quant states
-and format flags; time O(P) per dequantized layer of P weights.
+value's rounding error. Reads headers, ``weight_shape`` tensors and bitsandbytes' quant states; time O(P) per
+dequantized layer of P weights.
 """
 
 from __future__ import annotations
