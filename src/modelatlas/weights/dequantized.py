@@ -17,14 +17,13 @@ of its real shape, in place of the tensors that store it:
 - FP4: compressed-tensors NVFP4 / MXFP4, gpt-oss's MXFP4 experts and MLX's ``mxfp4`` mode (:mod:`.fp4`).
 
 The other tensors read as stored; EXL2 layers and a ``qweight`` without ``g_idx`` under no AWQ config stay as stored.
-AWQ rescales each layer's input channels before rounding (and the norm before it inversely), so its weights are no
-rounding of the source's own: :mod:`modelatlas.lineage.smoothed` undoes the scaling, with
-:meth:`~Checkpoint.grid_match`. Each layer's :meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "AWQ-INT4",
-"INT4", "FP8", "INT8", "NF4", "FP4", "LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4", "MXFP8"), and
-:meth:`~Checkpoint.requantized_match` rounds a float weight onto its stored grid, to tell the model it was quantized
-from (every value) from a fine-tune of it (fewer); :meth:`~Checkpoint.rounding_variance` gives the variance of each
-value's rounding error. Reads headers, ``weight_shape`` tensors and bitsandbytes' quant states; time O(P) per
-dequantized layer of P weights.
+AWQ rescales each layer's input channels before rounding, so its weights are no rounding of the source's own:
+:mod:`modelatlas.lineage.smoothed` undoes the scaling, with :meth:`~Checkpoint.grid_match`. Each layer's
+:meth:`~Checkpoint.quantization` names its type ("GPTQ-INT4", "AWQ-INT4", "INT4", "FP8", "INT8", "NF4", "FP4",
+"LLM-INT8", "MLX-4BIT", "NVFP4", "MXFP4", "MXFP8"), and :meth:`~Checkpoint.requantized_match` rounds a float weight
+onto its stored grid, to tell a model's source (every value) from a fine-tune of it;
+:meth:`~Checkpoint.rounding_variance` gives the variance of each value's rounding error. Reads headers,
+``weight_shape`` tensors and bitsandbytes' quant states; time O(P) per dequantized layer of P weights.
 """
 
 from __future__ import annotations
