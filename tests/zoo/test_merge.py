@@ -229,3 +229,18 @@ def test_probex_predict_on_a_zoo_of_adapters_says_to_merge_it(adapter_zoo, tmp_p
     experts = make_experts(tmp_path)
     main(["probex", "predict", str(folder), "--experts", str(experts)])
     assert f"stores models as LoRA adapters on their parents; `atlas zoo merge {folder} --out DIR`" in capsys.readouterr().err
+
+
+def test_an_adapter_zoo_with_bfloat16_merges_merged_keeps_them(tmp_path):
+    import json
+
+    from tests.zoo.conftest import _config
+
+    zoo = make_zoo(_config(trees=1, depth=1, children=3, method="lora", storage="adapter", lora_ranks=(2,), merges=2,
+                           merge_dtype="bfloat16"), tmp_path / "z", workers=1)
+    merged = merge_zoo(zoo, tmp_path / "m")
+    assert merged.merges() == zoo.merges() and set(verify_zoo(merged).values()) == {"ok"}
+    for name in zoo.merges():
+        assert open_checkpoint(tmp_path / "m" / name).read("classifier.weight").dtype == torch.bfloat16
+        assert json.loads((tmp_path / "m" / name / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "m" / "t0" / "config.json").read_text())["torch_dtype"] == "float32"

@@ -20,7 +20,15 @@ from modelatlas.atomic import check_out_folder
 from modelatlas.errors import ConfigError, ManifestError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.manifest import Manifest
-from modelatlas.zoo.store import RECORD, clear_folder, load_state, save_full, weights_digest, write_record
+from modelatlas.zoo.store import (
+    RECORD,
+    clear_folder,
+    float_dtype,
+    load_state,
+    save_full,
+    weights_digest,
+    write_record,
+)
 
 
 def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = None) -> Manifest:
@@ -45,7 +53,8 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
         folder = out / m.path  # read by path too: a model renamed in the manifest keeps its folder
         folder.mkdir(parents=True, exist_ok=True)
         clear_folder(folder)  # what a killed merge left: temporary files, an unfinished model's files
-        save_full(folder, load_state(manifest.root, m.path), arch)
+        state = load_state(manifest.root, m.path)
+        save_full(folder, state, arch, dtype=float_dtype(state))  # a bfloat16 merged model stays one
         rec = replace(m, storage="full", sha256=weights_digest(folder / "model.safetensors"))
         write_record(folder, asdict(rec), fp)
         records.append(rec)

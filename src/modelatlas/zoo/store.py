@@ -51,6 +51,12 @@ def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict | None, d
         atomic_write_json(folder / "config.json", hf_config(arch, dtype))
 
 
+def float_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The dtype of a state dict's float tensors as ``config.json`` names it ("float32" when none or mixed)."""
+    kinds = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else "float32"
+
+
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     atomic_save_tensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     atomic_write_json(folder / "adapter_config.json", config)
