@@ -46,7 +46,7 @@ def test_tensors_equal_the_local_read_and_only_their_bytes_are_fetched(tmp_path)
         assert srv.served == header_bytes(path) + 12 and ck.fetched == srv.served
         rows = torch.tensor([7, 1, 2, 7])
         assert torch.equal(ck.read_rows("rows", rows), local.read_rows("rows", rows))
-        assert srv.served == header_bytes(path) + 12 + 3 * 16  # rows 1, 2 and 7: two runs, 16 bytes a row
+        assert srv.served == header_bytes(path) + 12 + 7 * 16  # rows 1 to 7 in one request, 16 bytes a row
         assert torch.equal(ck.read("big"), local.read("big")) and ck.size_on_disk() == path.stat().st_size
 
 
@@ -311,3 +311,18 @@ def test_a_tensor_announced_again_while_held_is_kept_not_fetched_again(tmp_path)
         ck.read("small")  # not held by anyone: announcing it fetches it (in the background), as before
         ck.prefetch("small")
         assert torch.equal(ck.read("small"), make_tensors()["small"]) and len(srv.seen) == 6
+
+
+def test_spaced_rows_are_one_request_where_they_are_near(tmp_path, monkeypatch):
+    import modelatlas.weights.http_ranges as H
+
+    path = make_file(tmp_path, tensors={"w": torch.arange(512 * 64, dtype=torch.float32).reshape(512, 64)})
+    rows = torch.linspace(0, 511, 64).round().long()  # the merge check's sampled rows: 8 rows (2 KB) apart
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck, open_checkpoint(path) as local:
+        before = len(srv.seen)
+        assert torch.equal(ck.read_rows("w", rows), local.read_rows("w", rows))
+        assert len(srv.seen) - before == 1  # was 64: one a row
+        monkeypatch.setattr(H, "GAP_BYTES", 1024)  # rows 2 KB apart: each its own request again
+        before = len(srv.seen)
+        assert torch.equal(ck.read_rows("w", rows[:5]), local.read_rows("w", rows[:5]))
+        assert len(srv.seen) - before == 5
