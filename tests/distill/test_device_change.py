@@ -78,7 +78,8 @@ def test_a_run_checkpointed_on_the_cpu_resumes_on_the_device_with_one_warning(me
     assert len(said) == 1 and "\n" not in said[0]
     assert said[0].startswith(f"{ck / 'checkpoint.json'}: checkpointed on cpu, resumed on meta; the run goes on")
     check_same_set(straight, syn)
-    assert json.loads((ck / "checkpoint.json").read_text())["device"] == "meta"  # the last part's
+    meta = json.loads((ck / "checkpoint.json").read_text())
+    assert meta["device"] == "meta" and meta["devices"] == ["cpu", "meta"]  # the last part's; every part's
 
 
 def test_a_resume_on_the_same_device_type_is_bit_identical_and_silent(tiny, train, tmp_path):
@@ -125,3 +126,28 @@ def test_a_cache_made_on_one_device_is_reused_on_the_other_and_says_whose_it_is(
     check_same_set(a, b)
     made_on = torch.device(devices[first]).type
     assert a.meta[CACHE_DEVICE[method]] == b.meta[CACHE_DEVICE[method]] == made_on
+
+
+def test_a_run_folder_says_every_device_type_it_ran_on(tiny, train, sim_device, tmp_path):
+    """result.json named the last part's device only: a run moved from a GPU to the CPU read as all-CPU."""
+    from modelatlas.distill.api import run_distillation
+
+    quick = dict(seed=0, eval_nets=1, eval_epochs=1, baseline=False)
+    config = {"iterations": 1, "width": 8, "batch_real": 16, "checkpoint_every": 1}
+    run_distillation("dm", "digits", 1, tmp_path, config=config, device="cpu", **quick)
+    with sim_device, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeviceChangeWarning)
+        info = run_distillation("dm", "digits", 1, tmp_path, config={**config, "iterations": 2}, resume=True,
+                                device=sim_device.device, **quick)
+    assert info["devices"] == ["cpu", "meta"] and json.loads((tmp_path / "result.json").read_text())["devices"] == [
+        "cpu", "meta"]
+    assert run_distillation("dm", "digits", 1, tmp_path / "b", config=config, **quick)["devices"] == ["cpu"]
+
+
+def test_device_history_of_old_and_new_checkpoints():
+    from modelatlas.distill.loop import device_history
+
+    assert device_history(None, "cpu") == ["cpu"]
+    assert device_history({"device": "cuda"}, "cpu") == ["cuda", "cpu"]  # a checkpoint with its last device only
+    assert device_history({"devices": ["cuda", "cpu"], "device": "cpu"}, "cpu") == ["cuda", "cpu"]
+    assert device_history({}, "cuda") == ["cuda"]

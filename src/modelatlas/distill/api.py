@@ -21,7 +21,13 @@ from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill import methods
 from modelatlas.distill.evaluate import EvalProtocol, evaluate_random_baseline, evaluate_synthetic
 from modelatlas.distill.finished import stored_result
-from modelatlas.distill.loop import CHECKPOINT_JSON, read_checkpoint, read_json, saved_wall_time
+from modelatlas.distill.loop import (
+    CHECKPOINT_JSON,
+    device_history,
+    read_checkpoint,
+    read_json,
+    saved_wall_time,
+)
 from modelatlas.distill.methods.base import DistillContext
 from modelatlas.distill.nets import pick_device
 from modelatlas.distill.result import RESULT_JSON, load_result, write_result
@@ -174,7 +180,8 @@ def _evaluated(run: dict, syn, ctx, data_name: str, cfg, train_t: ArrayDataset, 
     from modelatlas.distill.methods.podd.api import poster_fields
 
     info = {**_info(run, data_name, cfg), **poster_fields(syn, run["ipc"]), "evaluation": ev.to_dict(),
-            "wall_time_s": round(wall, 3), "resumed": ctx.wall_offset > 0}
+            "wall_time_s": round(wall, 3), "resumed": ctx.wall_offset > 0,
+            "devices": device_history(ctx.checkpoint, torch.device(ctx.device).type)}  # a run moved between them
     if baseline and run["method"] != "random":
         info["baseline_random"] = evaluate_random_baseline(train_t, test_t, run["ipc"], proto, seed, progress,
                                                            device).to_dict()

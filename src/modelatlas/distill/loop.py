@@ -143,6 +143,7 @@ class OuterLoop:
         (:func:`read_checkpoint`); None: read it here. ``device``: the run's, whose type ("cuda", "cpu") the
         checkpoint records."""
         self.checkpoint, self.device = checkpoint, torch.device(device).type
+        self.devices = [self.device]  # the device types the run's iterations ran on, in order (resume adds)
         self.iterations, self.seed, self.progress, self.desc = int(iterations), int(seed), progress, desc
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = max(int(checkpoint_every), 1)
@@ -192,7 +193,7 @@ class OuterLoop:
         atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
             "iteration": done, "iterations": self.iterations, "seed": self.seed, "tensors": tensor_file,
             "losses": self.losses, "states": flat, "wall_time_s": None if self.clock is None else self.clock(),
-            "device": self.device})
+            "device": self.device, "devices": self.devices})
         for old in self.checkpoint_dir.glob("ckpt-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink(missing_ok=True)
@@ -234,6 +235,7 @@ class OuterLoop:
                                                  "new output folder") from e
         self.start = self.saved = int(meta["iteration"])
         self.losses = list(meta["losses"])
+        self.devices = device_history(meta, self.device)
         self._warn_device_change(meta, meta_path)
 
     def _warn_device_change(self, meta: Mapping[str, Any], meta_path: Path) -> None:
@@ -244,3 +246,12 @@ class OuterLoop:
             warnings.warn(f"{meta_path}: checkpointed on {saved}, resumed on {self.device}; the run goes on, but "
                           f"its remaining iterations round as {self.device} does, so the set is not bit-identical "
                           f"to one finished on {saved}", DeviceChangeWarning, stacklevel=3)
+
+
+def device_history(meta: Mapping[str, Any] | None, device: str) -> list[str]:
+    """The device types a run resumed from checkpoint ``meta`` ran on, in order, then ``device`` where it differs
+    from the last (an older checkpoint records its last device only, or none)."""
+    meta = meta or {}
+    saved = meta.get("devices") if isinstance(meta.get("devices"), list) else [meta.get("device")]
+    earlier = [d for d in saved if isinstance(d, str)]
+    return earlier + ([device] if not earlier or earlier[-1] != device else [])
