@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.scoring import same_merge_parents, score_forest
 from modelatlas.zoo import load_manifest
+from modelatlas.zoo.config import SPARSE_MERGE_KINDS
 
 
 def plan(manifest, rng: np.random.Generator) -> dict[str, dict]:
@@ -137,7 +138,7 @@ def _found(forest, merges: dict[str, dict], bf16: bool) -> dict:
     suffix = "-bf16" if bf16 else ""
     exact = [n for n in merges if n + suffix in got and same_merge_parents(got[n + suffix], merges[n])]
     err = max((abs(dict(zip(got[n + suffix]["parents"], got[n + suffix]["weights"])).get(p, 0.0) - w)
-               for n in exact if "weights" in merges[n] and merges[n].get("kind") != "slerp"  # SLERP: no weight
+               for n in exact if "weights" in merges[n] and merges[n].get("kind") not in ("slerp", *SPARSE_MERGE_KINDS)
                for p, w in zip(merges[n]["parents"], merges[n]["weights"])), default=0.0)
     planted = {n + suffix for n in merges}
     return {"planted": len(merges), "exact": len(exact), "other": sum(n + suffix in got for n in merges) - len(exact),

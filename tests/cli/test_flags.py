@@ -47,6 +47,8 @@ def test_what_is_not_a_field_subject_is_left_as_it_is(message):
      "error: --lambda must be >= 0 and finite (paper: 0.3); got -1.0\n"),
     (["zoo", "make", "--out", "OUT", "--children", "0"], "error: --children: must be a positive integer, got 0\n"),
     (["zoo", "make", "--out", "OUT", "--preset", "nope"], "error: --preset: unknown preset 'nope'; choose one of"),
+    (["zoo", "make", "--out", "OUT", "--merges", "1", "--merge-kinds", "ties,della"],
+     "error: --merge-kinds: unknown value 'della'; choose one of"),
     (["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--out", "OUT", "--iterations", "0"],
      "error: --iterations must be >= 1 (0 would return the starting set unchanged), got 0\n"),
     (["distill", "poster", "--dataset", "digits", "--ipc", "0.5", "--out", "OUT", "--iterations", "-2"],

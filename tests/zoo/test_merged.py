@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from modelatlas.errors import ConfigError, ManifestError
 from modelatlas.zoo import ZooConfig, load_manifest, make_zoo, plan_zoo
 from modelatlas.zoo.builder import fingerprint
 from modelatlas.zoo.manifest import Manifest, ModelRecord, _record
-from modelatlas.zoo.merged import merged_state, plan_merges, slerp
+from modelatlas.zoo.merged import KINDS, merged_state, plan_merges, slerp
 from modelatlas.zoo.plan import model_names, planned_names
 
 
@@ -22,6 +23,8 @@ def make_nodes(config):
 
 def check_merge_node(node, by_name):
     merge = node["merge"]
+    if merge["kind"] in ("ties", "dare_ties", "dare_linear"):
+        return check_sparse_node(node, by_name)
     assert len(set(merge["parents"])) == len(merge["parents"]) and math.isclose(sum(merge["weights"]), 1.0)
     assert node["parent"] == merge["parents"][max(range(len(merge["weights"])), key=merge["weights"].__getitem__)]
     assert all(by_name[p]["tree"] == node["tree"] for p in merge["parents"])
@@ -32,6 +35,16 @@ def check_merge_node(node, by_name):
     else:
         assert all(by_name[p]["parent"] is not None for p in merge["parents"]) and len(merge["parents"]) == 2
         assert all(0.2 <= w <= 0.8 for w in merge["weights"])
+
+
+def check_sparse_node(node, by_name):
+    """A TIES / DARE merge: base then two of its descendants, weights [0, x, y], the most weighted its parent."""
+    merge = node["merge"]
+    base, a, b = merge["parents"]
+    assert merge["weights"][0] == 0 and all(0.3 <= w <= 1.0 for w in merge["weights"][1:])
+    assert 0.3 <= merge["density"] <= 0.7 and ("seed" in merge) == (merge["kind"] != "ties")
+    assert node["parent"] == (a if merge["weights"][1] >= merge["weights"][2] else b)
+    assert a.startswith(base + ".") and b.startswith(base + ".")  # the base above both
 
 
 def test_plan_cycles_kinds_on_distinct_pairs_seeded(make_config):
@@ -58,6 +71,21 @@ def test_task_arithmetic_without_siblings_is_linear(make_config):
     assert [m["merge"]["kind"] for m in merges] == ["linear", "linear"]
 
 
+def test_plan_sparse_kinds_on_siblings_then_a_common_base(make_config):
+    config = make_config(merges=5, method="full", merge_kinds=("ties", "dare_linear", "dare_ties"))
+    nodes = make_nodes(config)
+    by_name = {n["name"]: n for n in nodes}
+    merges = plan_merges(config, nodes)
+    assert [m["merge"]["kind"] for m in merges[:5]] == ["ties", "dare_linear", "dare_ties", "ties", "dare_linear"]
+    for m in merges:
+        check_merge_node(m, by_name)
+    # 2 x 2 x depth 2: three sibling pairs a tree, then cousins on their root
+    assert sum(by_name[m["merge"]["parents"][0]]["parent"] is None and len(m["merge"]["parents"][1]) == 6
+               for m in merges) >= 2
+    default = make_config(merges=5, method="full")
+    assert plan_merges(default, nodes) == plan_merges(replace(default, merge_kinds=KINDS), nodes)
+
+
 def test_config_checks_merges(make_config):
     with pytest.raises(ConfigError, match=r"merges: 4 merged models .* has 2 \(1 pairs\); lower merges to <= 1"):
         make_config(depth=1, merges=4)
@@ -66,12 +94,19 @@ def test_config_checks_merges(make_config):
             make_config(merges=bad)
     with pytest.raises(ConfigError, match="merge_dtype: unknown value 'float16'"):
         make_config(merges=1, merge_dtype="float16")
+    with pytest.raises(ConfigError, match="merge_kinds: unknown value 'della'"):
+        make_config(merges=1, merge_kinds=("ties", "della"))
+    for bad in ((), ("ties", "ties")):
+        with pytest.raises(ConfigError, match="merge_kinds: must be one or more distinct kinds"):
+            make_config(merges=1, merge_kinds=bad)
 
 
 def test_fingerprint_of_a_zoo_without_merges_is_unchanged():
     # computed by the code before merges existed: a zoo built then still resumes
     assert fingerprint(ZooConfig()) == "3fbacc5a7783f49c"
     assert fingerprint(ZooConfig(merges=1)) != "3fbacc5a7783f49c"
+    assert fingerprint(ZooConfig(merge_kinds=["linear", "task_arithmetic", "slerp"])) == "3fbacc5a7783f49c"
+    assert fingerprint(ZooConfig(merge_kinds=("ties",))) != "3fbacc5a7783f49c"
 
 
 def test_merged_state_by_hand():
@@ -108,6 +143,18 @@ def test_zoo_with_merges_builds_resumes_and_reads(tmp_path, make_config):
     assert ["merge" in m for m in plain] == [m.method == "merge" for m in manifest.models]  # only merges say it
 
 
+def test_a_zoo_of_sparse_merges_builds(tmp_path, make_config):
+    config = make_config(trees=1, merges=2, merge_kinds=("ties", "dare_linear"))
+    manifest = make_zoo(config, tmp_path, workers=1)
+    for name, merge in manifest.merges().items():
+        parents = [load_file(str(tmp_path / p / "model.safetensors")) for p in merge["parents"]]
+        got = load_file(str(tmp_path / name / "model.safetensors"))
+        assert all(torch.equal(got[k], v) for k, v in merged_state(merge, parents).items())
+        zeros = sum(int((got[k] == parents[0][k]).sum()) for k in got)  # values left at the base's: trimmed or dropped
+        assert zeros > 0.05 * sum(v.numel() for v in got.values())
+    assert [m["kind"] for m in manifest.merges().values()] == ["ties", "dare_linear"]
+
+
 def test_manifest_checks_merge_records(tmp_path):
     ok = {"name": "m", "path": "m", "parent": "a", "tree": "t", "merge": {"parents": ["a", "b"], "weights": [0.6, 0.4]}}
     assert _record(tmp_path / "manifest.json", 3, ok).merge["parents"] == ["a", "b"]
@@ -122,5 +169,5 @@ def test_manifest_checks_merge_records(tmp_path):
 
 def test_planned_names_of_a_manifest_written_before_merges(make_config):
     config = make_config(depth=1).to_dict()
-    old = {k: v for k, v in config.items() if k not in ("merges", "merge_dtype")}
+    old = {k: v for k, v in config.items() if k not in ("merges", "merge_dtype", "merge_kinds")}
     assert planned_names({**old, "arch_config": {}}) == model_names(make_config(depth=1))

@@ -65,6 +65,8 @@ def _register_make(zsub) -> None:
     mk.add_argument("--other-datasets", type=str_tuple, help="datasets of 'dataset' child tasks, e.g. mnist5k (adds the kind 'dataset'; default none)")
     mk.add_argument("--merges", type=int, help="merged models added to each tree after training: linear, task-arithmetic "
                     "and SLERP merges of its fine-tunes, parents and weights in the manifest (default 0)")
+    mk.add_argument("--merge-kinds", type=str_tuple, help="the kinds merges cycle through: linear,task_arithmetic,slerp,"
+                    "ties,dare_ties,dare_linear (default linear,task_arithmetic,slerp)")
     mk.add_argument("--merge-dtype", choices=["float32", "bfloat16"], help="the merged models' weights (default float32)")
     mk.add_argument("--seed", type=seed, help="zoo seed (default 0)")
     mk.add_argument("--workers", type=positive_int, default=2, help="training processes (default 2)")
@@ -75,7 +77,7 @@ def _register_make(zsub) -> None:
 
 
 _OPTIONS = ("arch", "arch_kwargs", "input_shape", "task_kinds", "dataset", "shape", "trees", "children", "depth", "method", "storage", "lora_ranks",
-            "task_sampler", "other_datasets", "merges", "merge_dtype", "seed")
+            "task_sampler", "other_datasets", "merges", "merge_dtype", "merge_kinds", "seed")
 
 
 def _config(args: argparse.Namespace):

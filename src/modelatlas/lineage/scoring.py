@@ -26,6 +26,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from modelatlas.errors import ManifestError
 from modelatlas.lineage.forest import COPY_KINDS, Edge, Forest
+from modelatlas.zoo.config import SPARSE_MERGE_KINDS
 from modelatlas.zoo.manifest import Manifest
 
 
@@ -73,7 +74,10 @@ def same_merge_parents(got: Mapping, true: Mapping) -> bool:
         ws = rec.get("weights") or [1.0] * len(rec.get("parents", []))  # a declared merge has no weights
         return {p for p, w in zip(rec.get("parents", []), ws) if abs(w) >= MIN_WEIGHT}
 
-    return set(got.get("parents", [])) == set(true.get("parents", [])) or weighty(got) == weighty(true)
+    same = set(got.get("parents", [])) == set(true.get("parents", []))
+    # a TIES / DARE merge's parents are its base (weight 0: its task vectors' origin) and its models, as a declared
+    # mergekit merge names them
+    return same or (true.get("kind") not in SPARSE_MERGE_KINDS and weighty(got) == weighty(true))
 
 
 def found_merges(forest: Forest, merges: Mapping[str, dict]) -> set[str]:

@@ -47,7 +47,7 @@ from modelatlas.zoo.store import (
 from modelatlas.zoo.tasks import task_data
 from modelatlas.zoo.train import accuracy, fit
 
-_LATER = {"merges": 0, "merge_dtype": "float32"}  # fields added since: at their defaults, left out of the hash
+_LATER = {"merges": 0, "merge_dtype": "float32", "merge_kinds": ["linear", "task_arithmetic", "slerp"]}  # fields added since: at their defaults, left out of the hash
 
 
 def fingerprint(config: ZooConfig) -> str:

@@ -19,6 +19,8 @@ SHAPES = ("tree", "star")
 METHODS = ("full", "lora", "mixed")
 STORAGES = ("merged", "adapter")
 MERGE_DTYPES = ("float32", "bfloat16")
+SPARSE_MERGE_KINDS = ("ties", "dare_ties", "dare_linear")  # trim or drop values: no weighted sum of their parents
+MERGE_KINDS = ("linear", "task_arithmetic", "slerp", *SPARSE_MERGE_KINDS)  # modelatlas.zoo.merged
 TASK_KINDS = ("class_subset", "transform", "dataset", "new_head")
 _RANGES = ("root_steps", "root_lr", "ft_steps", "ft_lr", "lora_lr")
 MAX_MODELS = 100_000  # a zoo of this many models takes days to train on a few cores
@@ -34,7 +36,8 @@ class ZooConfig:
     ``task_sampler`` names a registered sampler (:mod:`modelatlas.zoo.samplers`); the ``"mixed"`` sampler
     draws child tasks of the kinds in ``task_kinds``. ``merges`` adds that many merged models to each tree
     once its models are trained (weighted sums of two or three of them, as mergekit writes: linear, task
-    arithmetic, SLERP; :mod:`modelatlas.zoo.merged`), stored in ``merge_dtype``.
+    arithmetic, SLERP; :mod:`modelatlas.zoo.merged`), stored in ``merge_dtype``; they cycle through
+    ``merge_kinds`` (also mergekit's ``ties``, ``dare_ties`` and ``dare_linear``, which trim or drop values).
     """
 
     arch: str = "mlp"
@@ -64,9 +67,10 @@ class ZooConfig:
     seed: int = 0
     merges: int = 0  # merged models per tree, written after training (modelatlas.zoo.merged)
     merge_dtype: str = "float32"
+    merge_kinds: tuple[str, ...] = ("linear", "task_arithmetic", "slerp")  # the kinds merges cycle through
 
     def __post_init__(self) -> None:
-        for name in ("input_shape", "lora_ranks", "task_kinds", "transforms", "other_datasets", *_RANGES):
+        for name in ("input_shape", "lora_ranks", "task_kinds", "transforms", "other_datasets", "merge_kinds", *_RANGES):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):  # root_steps=5, not (5, 5)
@@ -77,6 +81,10 @@ class ZooConfig:
         _choice("method", self.method, METHODS)
         _choice("storage", self.storage, STORAGES)
         _choice("merge_dtype", self.merge_dtype, MERGE_DTYPES)
+        if not self.merge_kinds or len(set(self.merge_kinds)) != len(self.merge_kinds):
+            raise ConfigError(f"merge_kinds: must be one or more distinct kinds, got {list(self.merge_kinds)!r}")
+        for kind in self.merge_kinds:
+            _choice("merge_kinds", kind, MERGE_KINDS)
         if self.depth is None:
             self.depth = 1 if self.shape == "star" else 2
         elif self.shape == "star" and self.depth != 1:  # was silently set to 1

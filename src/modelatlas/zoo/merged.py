@@ -13,6 +13,21 @@ through three kinds, each on a pair of the tree's fine-tuned models no other mer
 * ``slerp``: per tensor, spherical interpolation of A and B as flat vectors at t uniform in 0.2-0.8 (weights
   ``1 - t, t``; mergekit's ``slerp``, which falls back to a linear merge of nearly parallel tensors).
 
+``ZooConfig.merge_kinds`` may add mergekit's sparse kinds, on two siblings A, B with their parent P as the base
+(else on two fine-tunes with their nearest common ancestor as the base, neither above the other where such a
+pair is left), weights x,
+y uniform in 0.3-1.0 and a density d uniform in 0.3-0.7, per tensor on the task vectors tau = X - P:
+
+* ``ties``: each tau trimmed to its top ``int(d n)`` magnitudes (at least one), the sign of ``x tau_A + y
+  tau_B`` elected per value (>= 0: +), and the agreeing values' weighted mean (mergekit normalizes: a value
+  only one model keeps is that model's own) added to P;
+* ``dare_linear``: each tau's values dropped with probability 1 - d, the rest rescaled by 1/d, P + x tau_A +
+  y tau_B (mergekit does not normalize DARE); ``dare_ties``: those, summed over the sign-agreeing values.
+
+Their record holds ``parents`` [P, A, B], ``weights`` [0, x, y] (the base is the origin, weighted by none),
+``density`` and, for DARE, the ``seed`` of its drops (drawn from the tree's seed); mergekit's lambda is 1.
+A merge's true parents are all three (a declared mergekit merge names its base too).
+
 Float tensors are merged in float64 and stored in ``ZooConfig.merge_dtype``; other tensors are the main
 parent's. Planning draws from a seed derived from the zoo's seed and the tree. Time O(merges x parents x P)
 per tree, memory O(parents x P) for P weights.
@@ -28,9 +43,10 @@ import numpy as np
 import torch
 
 from modelatlas.seeding import derive_seed
+from modelatlas.zoo.config import SPARSE_MERGE_KINDS as SPARSE
 from modelatlas.zoo.config import ZooConfig
 
-KINDS = ("linear", "task_arithmetic", "slerp")
+KINDS = ("linear", "task_arithmetic", "slerp")  # the default ZooConfig.merge_kinds: weighted sums
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PARALLEL = 0.9995  # mergekit's threshold: |cos| above it, SLERP is a linear merge
 
@@ -54,7 +70,7 @@ def plan_merges(config: ZooConfig, nodes: list[dict]) -> list[dict]:
         tuned = [n["name"] for n in nodes if n["tree"] == tree and n["parent"] is not None]
         used: set[frozenset] = set()
         for i in range(config.merges):
-            merge = _draw(KINDS[i % len(KINDS)], tuned, by_name, used, rng)
+            merge = _draw(config.merge_kinds[i % len(config.merge_kinds)], tuned, by_name, used, rng)
             main = by_name[merge["parents"][int(np.argmax(merge["weights"]))]]  # first of equals
             out.append({"name": f"{tree}.merge{i}", "parent": main["name"], "tree": tree, "level": level,
                         "method": "merge", "storage": "full", "task": {"dataset": main["task"]["dataset"]},
@@ -66,25 +82,48 @@ def _draw(kind: str, tuned: list[str], by_name: dict, used: set, rng: np.random.
     """One merge of ``kind`` on a pair not in ``used`` (which it joins): siblings for task arithmetic (a
     linear merge when none is left), any two fine-tuned models otherwise."""
     pairs = [p for p in itertools.combinations(tuned, 2) if frozenset(p) not in used]
-    if kind == "task_arithmetic":
+    if kind == "task_arithmetic" or kind in SPARSE:
         siblings = [p for p in pairs if by_name[p[0]]["parent"] == by_name[p[1]]["parent"]]
-        kind = kind if siblings else "linear"
-        pairs = siblings or pairs
+        kind = "linear" if kind == "task_arithmetic" and not siblings else kind
+        apart = [p for p in pairs if _common_base(*p, by_name) not in p] if kind in SPARSE else []
+        pairs = siblings or apart or pairs
     a, b = pairs[int(rng.integers(len(pairs)))]  # ZooConfig checked that enough pairs exist
     used.add(frozenset((a, b)))
     if kind == "task_arithmetic":
         x, y = rng.uniform(0.3, 1.0, 2).tolist()
         return {"kind": kind, "parents": [by_name[a]["parent"], a, b], "weights": [1 - x - y, x, y]}
+    if kind in SPARSE:
+        x, y = rng.uniform(0.3, 1.0, 2).tolist()
+        base = _common_base(a, b, by_name)
+        base = by_name[base]["parent"] if base in (a, b) else base  # a and b nested: the upper one's parent
+        rec = {"kind": kind, "parents": [base, a, b], "weights": [0.0, x, y],
+               "density": float(rng.uniform(0.3, 0.7))}
+        return {**rec, "seed": int(rng.integers(2**31))} if kind != "ties" else rec
     t = float(rng.uniform(0.2, 0.8))
     return {"kind": kind, "parents": [a, b], "weights": [1 - t, t]}
+
+
+def _common_base(a: str, b: str, by_name: dict) -> str:
+    """The nearest common ancestor of ``a`` and ``b`` (their parent when siblings; ``a`` when it is ``b``'s).
+    O(depth^2)."""
+    up = [a]
+    while by_name[up[-1]]["parent"] is not None:
+        up.append(by_name[up[-1]]["parent"])
+    node = b
+    while node not in up:
+        node = by_name[node]["parent"]
+    return node
 
 
 def merged_state(merge: dict, states: list[dict[str, torch.Tensor]], dtype: str = "float32") -> dict[str, torch.Tensor]:
     """The merge ``merge`` (kind, weights) of the parents' state dicts ``states`` (in ``merge["parents"]``'s
     order): float tensors merged in float64 and cast to ``dtype``; others copied from the most weighted
     parent. O(parents x P)."""
+    from modelatlas.zoo.sparse_merged import sparse_merge
+
     weights = merge["weights"]
     main = states[int(np.argmax(weights))]
+    gen = torch.Generator().manual_seed(merge.get("seed", 0))  # DARE's drops, tensor after tensor
     out = {}
     for key, value in main.items():
         if not value.is_floating_point():
@@ -93,6 +132,8 @@ def merged_state(merge: dict, states: list[dict[str, torch.Tensor]], dtype: str 
         ts = [s[key].double() for s in states]
         if merge["kind"] == "slerp":
             merged = slerp(weights[1], ts[0], ts[1])
+        elif merge["kind"] in SPARSE:
+            merged = sparse_merge(merge, ts[0], ts[1:], gen)
         else:
             merged = sum(w * x for w, x in zip(weights, ts))
         out[key] = merged.to(_DTYPES[dtype]).contiguous()

@@ -118,7 +118,7 @@ def planned_names(config: dict) -> list[str] | None:
     :class:`ZooConfig` field and ``arch_config``); None for other manifests (probex families, hand-written)."""
     from dataclasses import fields
 
-    later = {"merges", "merge_dtype"}  # fields added since: a manifest written before lacks them (the defaults)
+    later = {"merges", "merge_dtype", "merge_kinds"}  # fields added since: a manifest written before lacks them (the defaults)
     if "arch_config" not in config or any(f.name not in config and f.name not in later for f in fields(ZooConfig)):
         return None
     try:
