@@ -1,0 +1,237 @@
+"""TIES and DARE merges found from the values: a model M that is, value by value, its base P moved by a trimmed or
+thinned sum of two fine-tunes' task vectors tau_A = A - P, tau_B = B - P (mergekit's ``ties``, ``dare_ties``,
+``dare_linear``). Such a merge is no weighted sum of its parents (:mod:`.merges` finds those): each value of
+M - P is 0 (both dropped), alpha tau_A or beta tau_B (one kept), or gamma tau_A + eta tau_B (both kept), with one
+alpha, beta, gamma, eta for the model (TIES, normalized: 1, 1 and the weights' shares; DARE: w / density, and
+gamma, eta = alpha, beta). A fine-tune's values obey no such rule.
+
+Checking every triple value by value took 15-67 s on a 39-model zoo (docs/benchmarks.md, session 35), so three
+screens come first, each cheaper than the next:
+
+1. distances (O(1) a triple): the plane through P, A, B explains at least :data:`MIN_EXPLAINED` of |M - P|^2
+   (the kept values carry most of each task vector's energy), P, A and B among M's :data:`NEIGHBOURS` nearest;
+2. exact equality: a merge keeps some of its values exactly (P's where both were dropped, A's where only A's
+   were kept by TIES); M must equal P, A or B on :data:`MIN_EQUAL` of :data:`SCREEN_VALUES` sampled values
+   (a random walk of checkpoints never does);
+3. the rule on :data:`SCREEN_VALUES` values, loosely: TIES's (each value 0, A's, B's or between them) or DARE's
+   with alpha, beta read from the distances (:func:`_dare_scales`), within :data:`DARE_TOL`, on
+   :data:`SCREEN_SHARE` of the values where A or B moved.
+
+What is left is fitted on every sampled value (:func:`classify`): alpha and beta by the interval sweep of
+:mod:`.merge_values`, gamma and eta on the values neither explains, and :data:`SPARSE_SHARE` of the values where
+A or B moved must be classed within rounding. Time O(N k^3) for the distances (k = :data:`NEIGHBOURS`), O(N k^3
+SCREEN_VALUES) for the value screens, O(V log V) a fitted triple (V sampled values); memory O(N V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from modelatlas.errors import CheckpointError
+from modelatlas.lineage.merge_values import _MANTISSA, _ULPS, VERIFY_LAYERS, _read_sampled
+
+NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
+MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
+MIN_EQUAL = 0.005  # of the screened values of M equal to P's, A's or B's
+SCREEN_VALUES = 512  # sampled values the value screens read
+SCREEN_SHARE = 0.9  # of the values where A or B moved that the loose rule must explain
+DARE_TOL = 0.15  # relative: DARE's alpha and beta read from the distances are within ~12 %
+SPARSE_SHARE = 0.99  # of the values where A or B moved, classed within rounding
+
+
+class SparseMerge(NamedTuple):
+    """``child`` is ``parents[0]`` (the base) plus the trimmed or thinned task vectors of ``parents[1:]``, with
+    ``coefficients`` (alpha, beta, gamma, eta), ``share`` of its values classed; ``kind``: "ties", "dare" or
+    "sparse" (neither's coefficients)."""
+
+    child: int
+    parents: tuple[int, int, int]
+    coefficients: tuple[float, float, float, float]
+    share: float
+    kind: str
+
+
+def find_sparse_merges(sq: np.ndarray, pool: list[int], values: Callable[[int], np.ndarray | None],
+                       half: Callable[[int], np.ndarray]) -> list[SparseMerge]:
+    """The TIES / DARE merges among ``pool`` (indices into the squared distances ``sq``), best share first, none a
+    parent of another. ``values(i)``: model i's sampled values (V,), float64, the same positions for all (None:
+    unreadable; called often: cache it); ``half(i)``: the rounding allowed on each of them. Time: see the
+    module."""
+    found: list[SparseMerge] = []
+    for m in pool:
+        for trip in screened(sq, m, [j for j in pool if j != m], values):
+            got = classify(*(values(i) for i in (m, *trip)), half(m))
+            if got is not None and got[1] >= SPARSE_SHARE:
+                found.append(SparseMerge(m, trip, got[0], got[1], _kind(got[0])))
+                break
+    return _disjoint(sorted(found, key=lambda f: (-f.share, f.child)))
+
+
+def _disjoint(fits: list[SparseMerge]) -> list[SparseMerge]:
+    """``fits`` (best first) less those that take a merge kept before as a parent or are a parent of one."""
+    kept: list[SparseMerge] = []
+    for f in fits:
+        if any(f.child in k.parents or k.child in f.parents for k in kept):
+            continue
+        kept.append(f)
+    return kept
+
+
+def screened(sq: np.ndarray, m: int, others: list[int], read: Callable[[int], np.ndarray | None]) -> list[tuple]:
+    """The triples (P, A, B) of ``others`` that pass the three screens for merge ``m``, the most values explained
+    first. O(k^3 SCREEN_VALUES)."""
+    trips, alpha, beta = _distance_triples(sq, m, others)
+    if not len(trips) or read(m) is None:
+        return []
+    rows = {i: read(i) for i in np.unique(trips).tolist()}
+    ok = np.array([all(rows[i] is not None for i in t) for t in trips.tolist()], dtype=bool)
+    trips, alpha, beta = trips[ok], alpha[ok], beta[ok]
+    if not len(trips):
+        return []
+    pick = np.linspace(0, len(read(m)) - 1, min(SCREEN_VALUES, len(read(m)))).round().astype(int)  # (S,)
+    sub = {i: r[pick] for i, r in rows.items() if r is not None}
+    x = np.stack([sub[i] for i in trips.flatten().tolist()]).reshape(len(trips), 3, -1)  # (T, 3, S)
+    score = _value_screen(read(m)[pick], x, alpha, beta)
+    order = [i for i in np.argsort(-score, kind="stable") if score[i] >= SCREEN_SHARE]
+    return [tuple(trips[i].tolist()) for i in order]
+
+
+def _distance_triples(sq: np.ndarray, m: int, others: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T, 3) triples (P, A, B), A < B, of m's :data:`NEIGHBOURS` nearest ``others`` whose plane explains
+    :data:`MIN_EXPLAINED` of |M - P|^2, and DARE's alpha, beta (T,) each (:func:`_dare_scales`). O(k^3)."""
+    near = np.asarray(others)[np.argsort(sq[m, others], kind="stable")[:NEIGHBOURS]]
+    trips = np.array([(p, a, b) for p in near for a in near for b in near if p != a and p != b and a < b],
+                     dtype=int).reshape(-1, 3)  # (T, 3)
+    p, a, b = trips.T
+    g11, g22 = sq[p, a], sq[p, b]
+    g12 = (g11 + g22 - sq[a, b]) / 2  # <A - P, B - P>
+    r1 = (sq[m, p] + g11 - sq[m, a]) / 2  # <M - P, A - P>
+    r2 = (sq[m, p] + g22 - sq[m, b]) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        det = g11 * g22 - g12**2
+        x, y = (r1 * g22 - r2 * g12) / det, (r2 * g11 - r1 * g12) / det
+        explained = (x * r1 + y * r2) / sq[m, p]
+        alpha, beta = _dare_scales(sq[m, p], x, y, g11, g22, g12)
+    ok = (det > 0) & (sq[m, p] > 0) & (explained >= MIN_EXPLAINED)
+    return trips[ok], alpha[ok], beta[ok]
+
+
+def _dare_scales(mm, x, y, g11, g22, g12):
+    """DARE's alpha, beta = w / d from the plane's weights x, y (~w: the drops are orthogonal to the plane on
+    average) and the energy they leave: E|M - P|^2 = (x^2 |tau_A|^2 + y^2 |tau_B|^2) / d + 2 x y <tau_A, tau_B>
+    (a value kept with probability d is scaled by 1 / d). NaN where that reads no density in (0, 1]."""
+    d = (x**2 * g11 + y**2 * g22) / (mm - 2 * x * y * g12)
+    d = np.where((d > 0) & (d <= 1.05), d, np.nan)
+    return x / d, y / d
+
+
+def _value_screen(mv: np.ndarray, x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """(T,) the share of the values where A or B moved that TIES's rule (M - P is 0, A - P, B - P or between
+    them) or DARE's, loosely (within :data:`DARE_TOL` of 0, alpha a, beta b or their sum), explains, for
+    M's values ``mv`` (S,) and the triples' (T, 3, S); 0 where M equals none of P, A, B on :data:`MIN_EQUAL` of
+    them. O(T S)."""
+    d, a, b = mv - x[:, 0], x[:, 1] - x[:, 0], x[:, 2] - x[:, 0]  # (T, S) each
+    moved = (a != 0) | (b != 0)
+    equal = (d == 0) | (d == a) | (d == b)
+    ties = equal | ((a * b > 0) & (d >= np.minimum(a, b)) & (d <= np.maximum(a, b)))
+    al, be = alpha[:, None], beta[:, None]
+    tol = DARE_TOL * np.abs(d)
+    dare = (d == 0) | (np.abs(d - al * a) <= tol) | (np.abs(d - be * b) <= tol) | (np.abs(d - al * a - be * b) <= tol)
+    n = np.maximum(moved.sum(1), 1)
+    share = np.maximum((ties & moved).sum(1), (dare & moved).sum(1)) / n
+    return np.where(equal.mean(1) >= MIN_EQUAL, share, 0.0)
+
+
+def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: np.ndarray) -> tuple | None:
+    """((alpha, beta, gamma, eta), share): the coefficients that class the most values of d = m - p as 0, alpha
+    (a - p), beta (b - p) or gamma (a - p) + eta (b - p) within ``half``, and the share of the values where a or b
+    moved so classed; None when none moved. alpha and beta by the interval sweep over the values that moved
+    (:func:`_sweep`; the zeros, a third or more of a merge's, would elect 0), gamma and eta on the values they
+    leave, each swept in turn from least squares. NumPy throughout: torch's masked indexing of a few thousand
+    values ran 60x slower on two busy threads. O(V log V)."""
+    moved = (a != p) | (b != p)
+    if not moved.any():
+        return None
+    d, ta, tb, h = m[moved] - p[moved], a[moved] - p[moved], b[moved] - p[moved], half[moved]
+    nz = np.abs(d) > h
+    alpha, beta = _sweep(ta[nz], d[nz], h[nz]), _sweep(tb[nz], d[nz], h[nz])
+    one = ~nz | (np.abs(d - alpha * ta) <= h) | (np.abs(d - beta * tb) <= h)
+    rest = np.flatnonzero(~one)
+    gamma, eta = alpha, beta
+    if len(rest) >= 3:  # two values fit any pair of weights: a third tests them
+        dr, ar, br, hr = d[rest], ta[rest], tb[rest], h[rest]
+        gamma, eta = np.linalg.lstsq(np.stack([ar, br], 1), dr, rcond=None)[0].tolist()  # (R, 2) on (R,)
+        for _ in range(3):  # least squares is pulled by the values no pair explains; the sweep is not
+            gamma = _sweep(ar, dr - eta * br, hr)
+            eta = _sweep(br, dr - gamma * ar, hr)
+        one[rest] = np.abs(dr - gamma * ar - eta * br) <= hr
+    return (alpha, beta, gamma, eta), float(one.mean())
+
+
+def _sweep(x: np.ndarray, d: np.ndarray, half: np.ndarray) -> float:
+    """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0), the middle of
+    where most overlap (an end, as :func:`~.merge_values._stab` gives, sits on the boundary of the values it
+    counts and loses some to the last bit): a sweep over their sorted ends. 0 without intervals. O(n log n)."""
+    on = x != 0
+    lo, hi = (d[on] - half[on]) / x[on], (d[on] + half[on]) / x[on]
+    if not len(lo):
+        return 0.0
+    ends = np.concatenate([np.minimum(lo, hi), np.maximum(lo, hi)])  # (2 Q,)
+    step = np.concatenate([np.ones(len(lo)), -np.ones(len(lo))])
+    order = np.lexsort((-step, ends))  # by end; at a tie the openings (+1) first
+    best = int(np.argmax(np.cumsum(step[order])))
+    return float((ends[order][best] + ends[order][best + 1]) / 2)  # the next end closes the overlap
+
+
+def _kind(c: tuple[float, float, float, float], tol: float = 0.01) -> str:
+    """"ties" (alpha, beta 1 and gamma + eta 1: mergekit normalizes), "dare" (gamma, eta = alpha, beta: a
+    rescaled sum of what was kept), else "sparse"."""
+    alpha, beta, gamma, eta = c
+    if abs(alpha - 1) <= tol and abs(beta - 1) <= tol and abs(gamma + eta - 1) <= tol:
+        return "ties"
+    if abs(gamma - alpha) <= tol * abs(alpha) and abs(eta - beta) <= tol * abs(beta):
+        return "dare"
+    return "sparse"
+
+
+def split_sparse_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict]) -> list[int]:
+    """``keep`` less the TIES / DARE merges among the float models ``members`` (:func:`find_sparse_merges` on
+    ``st.excess`` and the sampled rows of up to :data:`~.merge_values.VERIFY_LAYERS` compared 2-D ``layers``),
+    each recorded in ``found``: name -> {"parents": [base, A, B], "weights": None, "kind", "coefficients",
+    "share", "residual": None, "main": the fine-tune of the larger both-kept coefficient, "kurtosis", "rms"}.
+    Time: see the module; reads the sampled rows of the models the distance screen keeps."""
+    if st.excess is None:
+        return keep
+    pool = [i for i in keep if st.excess[i, i] >= 0]
+    grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
+    if len(pool) < 4 or not grid:
+        return keep
+    fmts = st.value_formats or [""] * len(members)
+    cache: dict[int, np.ndarray | None] = {}
+
+    def values(i: int) -> np.ndarray | None:
+        if i not in cache:
+            try:
+                cache[i] = torch.cat([_read_sampled(members[i], t) for t in grid]).numpy()  # (V,)
+            except CheckpointError:
+                cache[i] = None
+        return cache[i]
+
+    def half(i: int) -> np.ndarray:
+        fmt = fmts[i] or "float32"
+        return _ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(values(i)))[1] - 1 - _MANTISSA[fmt])
+
+    merges = find_sparse_merges(st.excess, pool, values, half)
+    for f in merges:
+        names = [members[i].name for i in f.parents]
+        main = names[1] if f.coefficients[2] >= f.coefficients[3] else names[2]
+        found[members[f.child].name] = {
+            "parents": names, "weights": None, "kind": f.kind, "coefficients": [round(c, 6) for c in f.coefficients],
+            "share": round(f.share, 6), "residual": None, "main": main, "kurtosis": float(st.kurtosis[f.child]),
+            "rms": float(st.rms[f.child, f.parents[1 if main == names[1] else 2]])}
+    merged = {f.child for f in merges}
+    return [i for i in keep if i not in merged]

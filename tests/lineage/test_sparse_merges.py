@@ -1,0 +1,123 @@
+"""TIES / DARE merges (lineage.sparse_merges): found value by value after screens on the distances and on a few
+values, with their base and two models; fine-tunes, checkpoints of one run and weighted sums are not."""
+
+import numpy as np
+import torch
+
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.sparse_merges import (
+    MIN_EQUAL,
+    SparseMerge,
+    _dare_scales,
+    _disjoint,
+    _kind,
+    _value_screen,
+    classify,
+    find_sparse_merges,
+)
+from modelatlas.zoo.sparse_merged import sparse_merge
+
+
+def make_family(seed: int = 0, dim: int = 4096) -> dict[str, np.ndarray]:
+    """A base P (float32 values), fine-tunes A, B, D of it and C of A (updates of 10 % of the weights' RMS)."""
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=dim).astype(np.float32)
+    a, b, d = (p + (0.1 * rng.normal(size=dim)).astype(np.float32) for _ in range(3))
+    c = a + (0.1 * rng.normal(size=dim)).astype(np.float32)
+    return {"P": p, "A": a, "B": b, "C": c, "D": d}
+
+
+def make_merge(fam: dict, kind: str, weights=(0.6, 0.4), density: float = 0.5, seed: int = 1) -> np.ndarray:
+    """mergekit's ``kind`` of A and B on P (:mod:`modelatlas.zoo.sparse_merged`), stored float32."""
+    t = {k: torch.from_numpy(v.astype(np.float64)) for k, v in fam.items()}
+    merge = {"kind": kind, "weights": [0.0, *weights], "density": density}
+    return sparse_merge(merge, t["P"], [t["A"], t["B"]], torch.Generator().manual_seed(seed)).float().numpy()
+
+
+def check_found(points: dict) -> dict:
+    """name -> (parent names, kind) of the sparse merges found among ``points`` (exact squared distances)."""
+    names = list(points)
+    x = np.stack([points[n] for n in names]).astype(np.float64)  # (N, dim)
+    sq = ((x[:, None] - x[None]) ** 2).sum(-1)  # (N, N)
+    half = lambda i: 4 * np.ldexp(1.0, np.frexp(np.abs(x[i]))[1] - 24)  # noqa: E731  (4 float32 ulps)
+    found = find_sparse_merges(sq, list(range(len(names))), lambda i: x[i], half)
+    return {names[f.child]: (tuple(names[p] for p in f.parents), f.kind) for f in found}
+
+
+def test_classify_by_hand():
+    p = np.zeros(8)
+    a = np.array([3, -1, 0.5, -4, 2, 0.1, 5, 0])
+    b = np.array([1.5, 2, -3, -0.2, -1, 0.05, -12, 0])
+    ties = np.array([2.5, 2, -3, -4, 2, 0, -12, 0])  # tests/zoo/test_sparse_merged.py: TIES at density 0.5, (1, 0.5)
+    (alpha, beta, gamma, eta), share = classify(ties, p, a, b, np.full(8, 1e-9))
+    # 0 (twice), A's own (-4, 2), B's own (2, -3, -12): 6 of the 7 moved values; the one both kept,
+    # (2/3) 3 + (1/3) 1.5 = 2.5, is left (one value fixes no pair of weights)
+    assert (round(alpha, 6), round(beta, 6), share) == (1.0, 1.0, 6 / 7)
+    assert classify(p, p, p, p, np.ones(8)) is None  # nothing moved
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 400))
+    kind = np.arange(400) % 4  # 0: both dropped, 1: A's kept, 2: B's, 3: both (alpha 2, beta 3)
+    dare = np.select([kind == 1, kind == 2, kind == 3], [2 * a, 3 * b, 2 * a + 3 * b], 0.0)
+    (alpha, beta, gamma, eta), share = classify(dare, np.zeros(400), a, b, np.full(400, 1e-9))
+    assert np.allclose([alpha, beta, gamma, eta], [2, 3, 2, 3]) and share == 1.0
+    noise = dare + 0.01 * rng.normal(size=400)
+    assert classify(noise, np.zeros(400), a, b, np.full(400, 1e-9))[1] < 0.05  # a fine-tune: nothing classed
+    assert _kind((1, 1, 0.6, 0.4)) == "ties" and _kind((2, 3, 2, 3)) == "dare" and _kind((1, 2, 0.5, 0.1)) == "sparse"
+
+
+def test_dare_scales_read_the_density_from_the_energy():
+    # |tau_A| = |tau_B| = 1, orthogonal, weights 0.5: E|M - P|^2 = (0.25 + 0.25) / d = 1 at d = 0.5
+    alpha, beta = _dare_scales(np.array([1.0]), np.array([0.5]), np.array([0.5]), 1.0, 1.0, 0.0)
+    assert np.allclose([alpha, beta], [1.0, 1.0])
+    alpha, _ = _dare_scales(np.array([0.25]), np.array([0.5]), np.array([0.0]), 1.0, 1.0, 0.0)  # d = 1: no drops
+    assert np.allclose(alpha, 0.5)
+    assert np.isnan(_dare_scales(np.array([0.1]), np.array([0.5]), np.array([0.5]), 1.0, 1.0, 0.0)[0])  # d = 5
+
+
+def test_value_screen_by_hand():
+    m = np.array([1.0, 2.0, 0.0, 1.5])
+    x = np.array([[[0, 0, 0, 0], [1, 2, 1, 1], [3, 0, 2, 2]]], dtype=float)  # (1, 3, 4): P, A, B
+    # A's, A's, P's, between A's and B's: all TIES's
+    assert _value_screen(m, x, np.array([np.nan]), np.array([np.nan])).tolist() == [1.0]
+    assert _value_screen(m + 0.01, x, np.array([np.nan]), np.array([np.nan])).tolist() == [0.0]  # equal to none
+    assert MIN_EQUAL < 0.25
+
+
+def test_ties_and_dare_merges_are_found_with_base_and_models():
+    fam = make_family()
+    fam["ties"] = make_merge(fam, "ties")
+    fam["dare"] = make_merge(fam, "dare_linear", (0.7, 0.5), 0.4)
+    found = check_found(fam)
+    assert found == {"ties": (("P", "A", "B"), "ties"), "dare": (("P", "A", "B"), "dare")}
+    fam = make_family(1)
+    fam["dt"] = make_merge(fam, "dare_ties", (0.5, 0.5), 0.6)
+    assert check_found(fam) == {"dt": (("P", "A", "B"), "dare")}  # a sign disagreeing keeps one: classed as DARE
+
+
+def test_fine_tunes_and_weighted_sums_are_no_sparse_merge():
+    fam = make_family()
+    fam["soup"] = (0.5 * fam["A"] + 0.5 * fam["B"]).astype(np.float32)
+    fam["ta"] = (fam["P"] + 0.8 * (fam["A"] - fam["P"]) + 0.6 * (fam["B"] - fam["P"])).astype(np.float32)
+    assert check_found(fam) == {}
+    walk = [np.random.default_rng(0).normal(size=2048).astype(np.float32)]
+    for i in range(11):
+        walk.append(walk[-1] + (0.01 * np.random.default_rng(i + 1).normal(size=2048)).astype(np.float32))
+    assert check_found({f"c{i}": w for i, w in enumerate(walk)}) == {}
+
+
+def test_disjoint_keeps_the_best_and_no_merge_as_parent():
+    fits = [SparseMerge(5, (0, 1, 2), (1, 1, 0.5, 0.5), 1.0, "ties"), SparseMerge(6, (0, 5, 3), (1, 1, 0.5, 0.5), 0.999, "ties"),
+            SparseMerge(1, (0, 3, 4), (1, 1, 0.5, 0.5), 0.995, "ties"), SparseMerge(7, (0, 3, 4), (1, 1, 0.5, 0.5), 0.99, "ties")]
+    assert [f.child for f in _disjoint(fits)] == [5, 7]  # 6 takes merge 5 as a parent; 1 is a parent of 5
+
+
+def test_recovery_places_a_ties_merge_under_its_main_parent():
+    fam = {k: make_family(s) for k, s in (("w1", 0), ("w2", 1))}  # two layers, each its own family
+    models = {n: {k: torch.from_numpy(fam[k][n].copy()).view(64, 64) for k in fam} for n in fam["w1"]}
+    ties = {k: make_merge(fam[k], "ties", (0.7, 0.3)) for k in fam}
+    models["M"] = {k: torch.from_numpy(v).view(64, 64) for k, v in ties.items()}
+    forest = recover_lineage(models)
+    rec = forest.decisions["model_merges"]["M"]
+    assert rec["parents"] == ["P", "A", "B"] and rec["weights"] is None and rec["kind"] == "ties"
+    assert [(e.parent, e.kind) for e in forest.edges if e.child == "M"] == [("A", "merge")]  # A: weight 0.7
+    assert 0.69 < rec["coefficients"][2] < 0.71  # A's share where both kept: 0.7 / (0.7 + 0.3)
