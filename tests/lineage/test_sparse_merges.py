@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.export import to_text
 from modelatlas.lineage.sparse_merges import (
     MIN_EQUAL,
     SparseMerge,
@@ -121,3 +122,4 @@ def test_recovery_places_a_ties_merge_under_its_main_parent():
     assert rec["parents"] == ["P", "A", "B"] and rec["weights"] is None and rec["kind"] == "ties"
     assert [(e.parent, e.kind) for e in forest.edges if e.child == "M"] == [("A", "merge")]  # A: weight 0.7
     assert 0.69 < rec["coefficients"][2] < 0.71  # A's share where both kept: 0.7 / (0.7 + 0.3)
+    assert "M  (ties merge of P, A, B (base first; from its values))" in to_text(forest)

@@ -50,8 +50,11 @@ def copy_formats(forest) -> dict:
 def merge_text(record: dict) -> str:
     """"merge: 0.50 a + 0.50 b" of a merge's record (``decisions["model_merges"]``, :mod:`.merges`); with a weight
     per layer, "merge per layer: 0.20-0.80 a + 0.20-0.80 b"; declared by its folder only, "ties merge of p, a, b
-    (mergekit_config.yml)"."""
-    terms = list(zip(record.get("weights", []), record.get("parents", [])))
+    (mergekit_config.yml)"; found from its values (:mod:`.sparse_merges`), "ties merge of p, a, b (base first;
+    from its values)"."""
+    terms = list(zip(record.get("weights") or [], record.get("parents", [])))
+    if not terms and record.get("kind"):  # a TIES / DARE merge found from its values (lineage.sparse_merges)
+        return f"{record['kind']} merge of {', '.join(record.get('parents', []))} (base first; from its values)"
     if not terms and record.get("declared"):  # a TIES / DARE ... merge its folder declares (lineage.declared)
         return f"{record['declared']} merge of {', '.join(record.get('parents', []))} (mergekit_config.yml)"
     if not terms:

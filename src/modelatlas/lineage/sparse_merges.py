@@ -37,10 +37,13 @@ from modelatlas.lineage.merge_values import _MANTISSA, _ULPS, VERIFY_LAYERS, _re
 NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
 MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
 MIN_EQUAL = 0.005  # of the screened values of M equal to P's, A's or B's
-SCREEN_VALUES = 512  # sampled values the value screens read
+SCREEN_VALUES = 256  # sampled values the value screens read
 SCREEN_SHARE = 0.9  # of the values where A or B moved that the loose rule must explain
 DARE_TOL = 0.15  # relative: DARE's alpha and beta read from the distances are within ~12 %
 SPARSE_SHARE = 0.99  # of the values where A or B moved, classed within rounding
+
+
+_SHAPES: dict[int, np.ndarray] = {}  # k -> _shape(k)
 
 
 class SparseMerge(NamedTuple):
@@ -63,7 +66,7 @@ def find_sparse_merges(sq: np.ndarray, pool: list[int], values: Callable[[int], 
     module."""
     found: list[SparseMerge] = []
     for m in pool:
-        for trip in screened(sq, m, [j for j in pool if j != m], values):
+        for trip in screened(sq, m, pool[:pool.index(m)] + pool[pool.index(m) + 1:], values):
             got = classify(*(values(i) for i in (m, *trip)), half(m))
             if got is not None and got[1] >= SPARSE_SHARE:
                 found.append(SparseMerge(m, trip, got[0], got[1], _kind(got[0])))
@@ -87,25 +90,35 @@ def screened(sq: np.ndarray, m: int, others: list[int], read: Callable[[int], np
     trips, alpha, beta = _distance_triples(sq, m, others)
     if not len(trips) or read(m) is None:
         return []
-    rows = {i: read(i) for i in np.unique(trips).tolist()}
-    ok = np.array([all(rows[i] is not None for i in t) for t in trips.tolist()], dtype=bool)
-    trips, alpha, beta = trips[ok], alpha[ok], beta[ok]
-    if not len(trips):
-        return []
+    used = np.unique(trips)  # (U,) sorted
+    readable = np.array([read(i) is not None for i in used.tolist()], dtype=bool)
     pick = np.linspace(0, len(read(m)) - 1, min(SCREEN_VALUES, len(read(m)))).round().astype(int)  # (S,)
-    sub = {i: r[pick] for i, r in rows.items() if r is not None}
-    x = np.stack([sub[i] for i in trips.flatten().tolist()]).reshape(len(trips), 3, -1)  # (T, 3, S)
-    score = _value_screen(read(m)[pick], x, alpha, beta)
+    sub = np.stack([read(i)[pick] if r else np.full(len(pick), np.nan) for i, r in zip(used.tolist(), readable)])  # (U, S)
+    pos = np.searchsorted(used, trips)  # (T, 3) rows of sub
+    # M equal to P, A or B on MIN_EQUAL of the values needs the three's shares to sum to it (a union is no more)
+    ok = readable[pos].all(1) & ((sub == read(m)[pick]).mean(1)[pos].sum(1) >= MIN_EQUAL)
+    if not ok.any():
+        return []
+    score = _value_screen(read(m)[pick], sub[pos[ok]], alpha[ok], beta[ok])  # sub[...]: (T', 3, S)
     order = [i for i in np.argsort(-score, kind="stable") if score[i] >= SCREEN_SHARE]
-    return [tuple(trips[i].tolist()) for i in order]
+    return [tuple(trips[ok][i].tolist()) for i in order]
+
+
+def _shape(k: int) -> np.ndarray:
+    """(T, 3) positions (p, a, b) among k neighbours, all distinct, a < b. O(k^3)."""
+    r = np.arange(k)
+    p, a, b = (g.ravel() for g in np.meshgrid(r, r, r, indexing="ij"))  # (k^3,) each
+    keep = (p != a) & (p != b) & (a < b)
+    return np.stack([p[keep], a[keep], b[keep]], 1)
 
 
 def _distance_triples(sq: np.ndarray, m: int, others: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T, 3) triples (P, A, B), A < B, of m's :data:`NEIGHBOURS` nearest ``others`` whose plane explains
     :data:`MIN_EXPLAINED` of |M - P|^2, and DARE's alpha, beta (T,) each (:func:`_dare_scales`). O(k^3)."""
-    near = np.asarray(others)[np.argsort(sq[m, others], kind="stable")[:NEIGHBOURS]]
-    trips = np.array([(p, a, b) for p in near for a in near for b in near if p != a and p != b and a < b],
-                     dtype=int).reshape(-1, 3)  # (T, 3)
+    others = np.asarray(others)
+    near = others[np.argsort(sq[m, others], kind="stable")[:NEIGHBOURS]]
+    trips = near[_SHAPES.setdefault(len(near), _shape(len(near)))]  # (T, 3)
+    trips[:, 1:] = np.sort(trips[:, 1:], axis=1)  # A before B in the models' order, whatever their distance
     p, a, b = trips.T
     g11, g22 = sq[p, a], sq[p, b]
     g12 = (g11 + g22 - sq[a, b]) / 2  # <A - P, B - P>
@@ -130,20 +143,26 @@ def _dare_scales(mm, x, y, g11, g22, g12):
 
 
 def _value_screen(mv: np.ndarray, x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """(T,) the share of the values where A or B moved that TIES's rule (M - P is 0, A - P, B - P or between
-    them) or DARE's, loosely (within :data:`DARE_TOL` of 0, alpha a, beta b or their sum), explains, for
-    M's values ``mv`` (S,) and the triples' (T, 3, S); 0 where M equals none of P, A, B on :data:`MIN_EQUAL` of
-    them. O(T S)."""
-    d, a, b = mv - x[:, 0], x[:, 1] - x[:, 0], x[:, 2] - x[:, 0]  # (T, S) each
-    moved = (a != 0) | (b != 0)
-    equal = (d == 0) | (d == a) | (d == b)
-    ties = equal | ((a * b > 0) & (d >= np.minimum(a, b)) & (d <= np.maximum(a, b)))
-    al, be = alpha[:, None], beta[:, None]
-    tol = DARE_TOL * np.abs(d)
-    dare = (d == 0) | (np.abs(d - al * a) <= tol) | (np.abs(d - be * b) <= tol) | (np.abs(d - al * a - be * b) <= tol)
+    """(T,) the share of the values where A or B moved that TIES's rule (M is P's, A's or B's value, or between
+    A's and B's where both moved one way) or DARE's, loosely (M - P within :data:`DARE_TOL` of 0, alpha (A - P),
+    beta (B - P) or their sum), explains, for M's values ``mv`` (S,) and the triples' (T, 3, S); 0 where M
+    equals none of P, A, B on :data:`MIN_EQUAL` of them (checked first: the rest only for those left). O(T S)."""
+    p, a, b = x[:, 0], x[:, 1], x[:, 2]  # (T, S) each
+    equal = (mv == p) | (mv == a) | (mv == b)
+    score = np.zeros(len(x))
+    live = np.flatnonzero(equal.mean(1) >= MIN_EQUAL)
+    if not len(live):
+        return score
+    p, a, b, equal = p[live], a[live], b[live], equal[live]
+    moved = (a != p) | (b != p)
+    up_a, up_b = a > p, b > p
+    ties = equal | ((up_a == up_b) & (a != p) & (b != p) & (mv >= np.minimum(a, b)) & (mv <= np.maximum(a, b)))
+    d, ta, tb = (mv - p).astype(np.float32), (a - p).astype(np.float32), (b - p).astype(np.float32)
+    al, be, tol = alpha[live, None].astype(np.float32), beta[live, None].astype(np.float32), DARE_TOL * np.abs(d)
+    dare = (d == 0) | (np.abs(d - al * ta) <= tol) | (np.abs(d - be * tb) <= tol) | (np.abs(d - al * ta - be * tb) <= tol)
     n = np.maximum(moved.sum(1), 1)
-    share = np.maximum((ties & moved).sum(1), (dare & moved).sum(1)) / n
-    return np.where(equal.mean(1) >= MIN_EQUAL, share, 0.0)
+    score[live] = np.maximum((ties & moved).sum(1), (dare & moved).sum(1)) / n
+    return score
 
 
 def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: np.ndarray) -> tuple | None:
