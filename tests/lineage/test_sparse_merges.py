@@ -41,7 +41,7 @@ def check_found(points: dict) -> dict:
     x = np.stack([points[n] for n in names]).astype(np.float64)  # (N, dim)
     sq = ((x[:, None] - x[None]) ** 2).sum(-1)  # (N, N)
     half = lambda i: 4 * np.ldexp(1.0, np.frexp(np.abs(x[i]))[1] - 24)  # noqa: E731  (4 float32 ulps)
-    found = find_sparse_merges(sq, list(range(len(names))), lambda i: x[i], half)
+    found = find_sparse_merges(sq, list(range(len(names))), lambda i: x[i][::16], lambda i: x[i], half)
     return {names[f.child]: (tuple(names[p] for p in f.parents), f.kind) for f in found}
 
 

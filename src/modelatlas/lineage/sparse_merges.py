@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.lineage.merge_values import _MANTISSA, _ULPS, VERIFY_LAYERS, _read_sampled
+from modelatlas.lineage.merge_values import _MANTISSA, _ULPS, VERIFY_LAYERS, _pick
 
 NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
 MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
@@ -58,16 +58,17 @@ class SparseMerge(NamedTuple):
     kind: str
 
 
-def find_sparse_merges(sq: np.ndarray, pool: list[int], values: Callable[[int], np.ndarray | None],
-                       half: Callable[[int], np.ndarray]) -> list[SparseMerge]:
+def find_sparse_merges(sq: np.ndarray, pool: list[int], screen: Callable[[int], np.ndarray | None],
+                       values: Callable[[int], np.ndarray | None], half: Callable[[int], np.ndarray]) -> list[SparseMerge]:
     """The TIES / DARE merges among ``pool`` (indices into the squared distances ``sq``), best share first, none a
-    parent of another. ``values(i)``: model i's sampled values (V,), float64, the same positions for all (None:
-    unreadable; called often: cache it); ``half(i)``: the rounding allowed on each of them. Time: see the
-    module."""
+    parent of another. ``screen(i)``: a few of model i's values (about :data:`SCREEN_VALUES`), ``values(i)``: its
+    sampled values (V,), float64, each the same positions for all models (None: unreadable; called often: cache
+    them); ``half(i)``: the rounding allowed on each of ``values(i)``. Time: see the module."""
     found: list[SparseMerge] = []
     for m in pool:
-        for trip in screened(sq, m, pool[:pool.index(m)] + pool[pool.index(m) + 1:], values):
-            got = classify(*(values(i) for i in (m, *trip)), half(m))
+        for trip in screened(sq, m, pool[:pool.index(m)] + pool[pool.index(m) + 1:], screen):
+            rows = [values(i) for i in (m, *trip)]
+            got = None if any(r is None for r in rows) else classify(*rows, half(m))
             if got is not None and got[1] >= SPARSE_SHARE:
                 found.append(SparseMerge(m, trip, got[0], got[1], _kind(got[0])))
                 break
@@ -84,22 +85,22 @@ def _disjoint(fits: list[SparseMerge]) -> list[SparseMerge]:
     return kept
 
 
-def screened(sq: np.ndarray, m: int, others: list[int], read: Callable[[int], np.ndarray | None]) -> list[tuple]:
-    """The triples (P, A, B) of ``others`` that pass the three screens for merge ``m``, the most values explained
-    first. O(k^3 SCREEN_VALUES)."""
+def screened(sq: np.ndarray, m: int, others: list[int], screen: Callable[[int], np.ndarray | None]) -> list[tuple]:
+    """The triples (P, A, B) of ``others`` that pass the three screens for merge ``m`` (``screen(i)``: model i's
+    screened values), the most values explained first. O(k^3 SCREEN_VALUES)."""
     trips, alpha, beta = _distance_triples(sq, m, others)
-    if not len(trips) or read(m) is None:
+    mv = screen(m) if len(trips) else None
+    if mv is None:
         return []
     used = np.unique(trips)  # (U,) sorted
-    readable = np.array([read(i) is not None for i in used.tolist()], dtype=bool)
-    pick = np.linspace(0, len(read(m)) - 1, min(SCREEN_VALUES, len(read(m)))).round().astype(int)  # (S,)
-    sub = np.stack([read(i)[pick] if r else np.full(len(pick), np.nan) for i, r in zip(used.tolist(), readable)])  # (U, S)
+    readable = np.array([screen(i) is not None for i in used.tolist()], dtype=bool)
+    sub = np.stack([screen(i) if r else np.full(len(mv), np.nan) for i, r in zip(used.tolist(), readable)])  # (U, S)
     pos = np.searchsorted(used, trips)  # (T, 3) rows of sub
     # M equal to P, A or B on MIN_EQUAL of the values needs the three's shares to sum to it (a union is no more)
-    ok = readable[pos].all(1) & ((sub == read(m)[pick]).mean(1)[pos].sum(1) >= MIN_EQUAL)
+    ok = readable[pos].all(1) & ((sub == mv).mean(1)[pos].sum(1) >= MIN_EQUAL)
     if not ok.any():
         return []
-    score = _value_screen(read(m)[pick], sub[pos[ok]], alpha[ok], beta[ok])  # sub[...]: (T', 3, S)
+    score = _value_screen(mv, sub[pos[ok]], alpha[ok], beta[ok])  # sub[...]: (T', 3, S)
     order = [i for i in np.argsort(-score, kind="stable") if score[i] >= SCREEN_SHARE]
     return [tuple(trips[ok][i].tolist()) for i in order]
 
@@ -219,38 +220,60 @@ def _kind(c: tuple[float, float, float, float], tol: float = 0.01) -> str:
 
 def split_sparse_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict]) -> list[int]:
     """``keep`` less the TIES / DARE merges among the float models ``members`` (:func:`find_sparse_merges` on
-    ``st.excess`` and the sampled rows of up to :data:`~.merge_values.VERIFY_LAYERS` compared 2-D ``layers``),
-    each recorded in ``found``: name -> {"parents": [base, A, B], "weights": None, "kind", "coefficients",
-    "share", "residual": None, "main": the fine-tune of the larger both-kept coefficient, "kurtosis", "rms"}.
-    Time: see the module; reads the sampled rows of the models the distance screen keeps."""
+    ``st.excess`` and :class:`SampledValues` of up to :data:`~.merge_values.VERIFY_LAYERS` compared 2-D
+    ``layers``), each recorded in ``found``: name -> {"parents": [base, A, B], "weights": None, "kind",
+    "coefficients", "share", "residual": None, "main": the model of the larger both-kept coefficient,
+    "kurtosis", "rms"}. Time: see the module."""
     if st.excess is None:
         return keep
     pool = [i for i in keep if st.excess[i, i] >= 0]
     grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
     if len(pool) < 4 or not grid:
         return keep
-    fmts = st.value_formats or [""] * len(members)
-    cache: dict[int, np.ndarray | None] = {}
-
-    def values(i: int) -> np.ndarray | None:
-        if i not in cache:
-            try:
-                cache[i] = torch.cat([_read_sampled(members[i], t) for t in grid]).numpy()  # (V,)
-            except CheckpointError:
-                cache[i] = None
-        return cache[i]
-
-    def half(i: int) -> np.ndarray:
-        fmt = fmts[i] or "float32"
-        return _ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(values(i)))[1] - 1 - _MANTISSA[fmt])
-
-    merges = find_sparse_merges(st.excess, pool, values, half)
+    sampled = SampledValues(members, grid, st.value_formats or [""] * len(members))
+    merges = find_sparse_merges(st.excess, pool, sampled.screen, sampled.values, sampled.half)
     for f in merges:
         names = [members[i].name for i in f.parents]
-        main = names[1] if f.coefficients[2] >= f.coefficients[3] else names[2]
+        main = 1 if f.coefficients[2] >= f.coefficients[3] else 2
         found[members[f.child].name] = {
             "parents": names, "weights": None, "kind": f.kind, "coefficients": [round(c, 6) for c in f.coefficients],
-            "share": round(f.share, 6), "residual": None, "main": main, "kurtosis": float(st.kurtosis[f.child]),
-            "rms": float(st.rms[f.child, f.parents[1 if main == names[1] else 2]])}
+            "share": round(f.share, 6), "residual": None, "main": names[main], "kurtosis": float(st.kurtosis[f.child]),
+            "rms": float(st.rms[f.child, f.parents[main]])}
     merged = {f.child for f in merges}
     return [i for i in keep if i not in merged]
+
+
+class SampledValues:
+    """Models' values read once each, cached: :meth:`screen` two rows a layer (a few hundred values, every
+    model the distance screen names), :meth:`values` the 64 evenly spaced rows a layer of
+    :mod:`.merge_values` (the candidates only: 8 layers of 64 rows of a 7B model's 11,008 are 45 MB a model)."""
+
+    def __init__(self, members: list, grid: list, formats: list[str]):
+        self.members, self.grid, self.formats = members, grid, formats
+        self._screen: dict[int, np.ndarray | None] = {}
+        self._values: dict[int, np.ndarray | None] = {}
+
+    def screen(self, i: int) -> np.ndarray | None:
+        if i not in self._screen:
+            self._screen[i] = self._read(i, lambda n: _pick(n)[::32])
+            if self._screen[i] is not None:
+                x = self._screen[i]
+                self._screen[i] = x[np.linspace(0, len(x) - 1, min(SCREEN_VALUES, len(x))).round().astype(int)]
+        return self._screen[i]
+
+    def values(self, i: int) -> np.ndarray | None:
+        if i not in self._values:
+            self._values[i] = self._read(i, _pick)
+        return self._values[i]
+
+    def half(self, i: int) -> np.ndarray:
+        """Rounding allowed on :meth:`values`: :data:`~.merge_values._ULPS` units in the last place of its format."""
+        fmt = self.formats[i] or "float32"
+        return _ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(self.values(i)))[1] - 1 - _MANTISSA[fmt])
+
+    def _read(self, i: int, rows: Callable) -> np.ndarray | None:
+        try:
+            return torch.cat([self.members[i].read_rows(t.name, rows(t.shape[0])).double().flatten()
+                              for t in self.grid]).numpy()  # (values,)
+        except CheckpointError:
+            return None
