@@ -117,7 +117,9 @@ def _distance_triples(sq: np.ndarray, m: int, others: list[int]) -> tuple[np.nda
     """(T, 3) triples (P, A, B), A < B, of m's :data:`NEIGHBOURS` nearest ``others`` whose plane explains
     :data:`MIN_EXPLAINED` of |M - P|^2, and DARE's alpha, beta (T,) each (:func:`_dare_scales`). O(k^3)."""
     others = np.asarray(others)
-    near = others[np.argsort(sq[m, others], kind="stable")[:NEIGHBOURS]]
+    dist = sq[m, others]
+    part = np.argpartition(dist, min(NEIGHBOURS, len(others)) - 1)[:NEIGHBOURS]  # O(N), not a sort of N
+    near = others[part[np.argsort(dist[part], kind="stable")]]
     trips = near[_SHAPES.setdefault(len(near), _shape(len(near)))]  # (T, 3)
     trips[:, 1:] = np.sort(trips[:, 1:], axis=1)  # A before B in the models' order, whatever their distance
     p, a, b = trips.T
