@@ -49,6 +49,7 @@ from modelatlas.lineage import rounding as _rounding
 from modelatlas.lineage.merges import LAYER_SQ_CAP
 from modelatlas.lineage.rounding import LayerNoise, LayerRounding, debiased_moments, debiased_squared
 from modelatlas.lineage.spectra import RankSketch
+from modelatlas.lineage.value_formats import ValueFormats, ValueSamples
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 from modelatlas.weights import Checkpoint, TensorInfo
@@ -82,6 +83,7 @@ class PairStats:
     spread: np.ndarray | None = None
     norms2: np.ndarray | None = None  # (N,) sum over layers of ||W||^2 (a merge's rounding scale: lineage.merges)
     layer_sq: list[np.ndarray] | None = None  # per layer (N, N) float32 ||dW||^2 (lineage.merges); None: see LAYER_SQ_CAP
+    samples: np.ndarray | None = None  # (N, S) a few values of each model, the same positions (ValueSamples)
 
 
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
@@ -98,7 +100,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None,
                    stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)), norms2=np.zeros(n),
                    layer_sq=[] if n * n * len(layers) <= LAYER_SQ_CAP else None)
-    fits = ValueFormats(n)
+    fits = ValueFormats(n, samples=ValueSamples(n, layers))
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []
     for info in bar:
@@ -119,7 +121,7 @@ def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sket
             st.sketches.append(y.numpy())  # (N, min(n, 2s), s)
             st.rounding.append(LayerRounding(noise[:, 0].numpy(), kinds, info.numel))
     st.layer_kurtosis = np.stack(per_layer, 1) if per_layer else np.zeros((n, 0))  # (N, L)
-    st.value_formats = fits.formats()
+    st.value_formats, st.samples = fits.formats(), fits.samples.values
     for m in (st.rms, st.rel, st.stored_rel, st.l1):  # sums over layers -> means
         if m is not None:
             m /= max(len(layers), 1)
@@ -169,6 +171,8 @@ def _rows(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str], fit
         if x is not None:
             if fits is not None:
                 fits.update(i, x, stored)
+                if fits.samples is not None:
+                    fits.samples.update(i, info, x)
             yield i, x
 
 
@@ -208,43 +212,6 @@ def _read_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, str
     for i, row in _rows(ckpts, info, failed, fits):
         x[i] = row[0]
     return x
-
-
-class ValueFormats:
-    """Which low-precision float format all of a model's values fit exactly, whatever the stored dtype: a
-    model rounded to float16 or bfloat16 and saved as float32 (an up-cast copy) holds only values of that
-    format, which a trained float32 model never does. Checked on each layer read while a model still fits
-    some format (its first 256 values first), so a float32 model costs O(1) per layer; a model
-    needs ``min_values`` values other than 0 and +-1 (an untrained zero or one layer fits every format) to
-    count. Time O(P) per model that fits, O(1) per layer for the others."""
-
-    FORMATS = (("bfloat16", torch.bfloat16), ("float16", torch.float16))  # coarser first: bf16 ⊂ fp16 in range
-    SAMPLE = 256  # values checked first, so that a model which fits no format costs no pass over its layer
-
-    def __init__(self, n: int, min_values: int = 64):
-        self.fits = {name: np.ones(n, dtype=bool) for name, _ in self.FORMATS}
-        self.informative = np.zeros(n, dtype=np.int64)
-        self.min_values = min_values
-
-    def update(self, i: int, row: torch.Tensor, stored: torch.dtype = torch.float32) -> None:
-        """Check model ``i``'s layer ``row`` (read as float32 from a tensor stored as ``stored``). A tensor stored
-        as bfloat16 or float16 fits its own format by construction: only the coarser formats are checked (a
-        bfloat16 model saved as float16 still shows), so a bfloat16 model costs nothing (before: four
-        conversions and two comparisons of every value, half of a bfloat16 1B model's recovery time)."""
-        coarser = self.FORMATS[:next((j for j, (_, dt) in enumerate(self.FORMATS) if dt == stored), None)]
-        for part in (row[..., :self.SAMPLE], row):  # a trained float32 model fails on the first values: O(1)
-            if not any(f[i] for f in self.fits.values()):
-                return
-            for name, dt in coarser:
-                if self.fits[name][i]:
-                    self.fits[name][i] = torch.equal(part.to(dt).to(part.dtype), part)
-        if self.informative[i] < self.min_values:  # counted until there are enough
-            self.informative[i] += int((row.abs() != 1).logical_and_(row != 0).sum())
-
-    def formats(self) -> list[str]:
-        """Per model: the coarsest format its values fit, or "" (none, or too few informative values)."""
-        return [next((name for name, _ in self.FORMATS if self.fits[name][i]), "")
-                if self.informative[i] >= self.min_values else "" for i in range(len(self.informative))]
 
 
 def _signs(p: int, seed: int) -> torch.Tensor:

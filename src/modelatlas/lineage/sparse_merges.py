@@ -86,23 +86,29 @@ def _disjoint(fits: list[SparseMerge]) -> list[SparseMerge]:
 
 
 def screened(sq: np.ndarray, m: int, others: list[int], screen: Callable[[int], np.ndarray | None]) -> list[tuple]:
-    """The triples (P, A, B) of ``others`` that pass the three screens for merge ``m`` (``screen(i)``: model i's
-    screened values), the most values explained first. O(k^3 SCREEN_VALUES)."""
-    trips, alpha, beta = _distance_triples(sq, m, others)
-    mv = screen(m) if len(trips) else None
-    if mv is None:
+    """The triples (P, A, B) of m's :data:`NEIGHBOURS` nearest ``others`` that pass the three screens for merge
+    ``m`` (``screen(i)``: model i's screened values), the most values explained first. O(N + k^3 SCREEN_VALUES)."""
+    others = np.asarray(others)
+    dist = sq[m, others]
+    part = np.argpartition(dist, min(NEIGHBOURS, len(others)) - 1)[:NEIGHBOURS]  # O(N), not a sort of N
+    near = others[part[np.argsort(dist[part], kind="stable")]]  # (k,) nearest first
+    mv = screen(m)
+    readable = np.array([screen(i) is not None for i in near.tolist()], dtype=bool)
+    if mv is None or readable.sum() < 3:
         return []
-    used = np.unique(trips)  # (U,) sorted
-    readable = np.array([screen(i) is not None for i in used.tolist()], dtype=bool)
-    sub = np.stack([screen(i) if r else np.full(len(mv), np.nan) for i, r in zip(used.tolist(), readable)])  # (U, S)
-    pos = np.searchsorted(used, trips)  # (T, 3) rows of sub
-    # M equal to P, A or B on MIN_EQUAL of the values needs the three's shares to sum to it (a union is no more)
-    ok = readable[pos].all(1) & ((sub == mv).mean(1)[pos].sum(1) >= MIN_EQUAL)
+    sub = np.stack([screen(i) if r else np.full(len(mv), np.nan) for i, r in zip(near.tolist(), readable)])  # (k, S)
+    equal = np.where(readable, (sub == mv).mean(1), 0.0)  # (k,) share of M's values equal to each
+    # M equal to P, A or B on MIN_EQUAL of the values needs the three's shares to sum to it (a union is no more):
+    # a model equal to none of its nearest (a checkpoint of a run, any float fine-tune) costs no triple
+    if np.sort(equal)[-3:].sum() < MIN_EQUAL:
+        return []
+    pos, alpha, beta = _distance_triples(sq, m, near)  # (T, 3) positions in near
+    ok = readable[pos].all(1) & (equal[pos].sum(1) >= MIN_EQUAL)
     if not ok.any():
         return []
     score = _value_screen(mv, sub[pos[ok]], alpha[ok], beta[ok])  # sub[...]: (T', 3, S)
     order = [i for i in np.argsort(-score, kind="stable") if score[i] >= SCREEN_SHARE]
-    return [tuple(trips[ok][i].tolist()) for i in order]
+    return [tuple(near[pos[ok][i]].tolist()) for i in order]
 
 
 def _shape(k: int) -> np.ndarray:
@@ -113,15 +119,14 @@ def _shape(k: int) -> np.ndarray:
     return np.stack([p[keep], a[keep], b[keep]], 1)
 
 
-def _distance_triples(sq: np.ndarray, m: int, others: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(T, 3) triples (P, A, B), A < B, of m's :data:`NEIGHBOURS` nearest ``others`` whose plane explains
-    :data:`MIN_EXPLAINED` of |M - P|^2, and DARE's alpha, beta (T,) each (:func:`_dare_scales`). O(k^3)."""
-    others = np.asarray(others)
-    dist = sq[m, others]
-    part = np.argpartition(dist, min(NEIGHBOURS, len(others)) - 1)[:NEIGHBOURS]  # O(N), not a sort of N
-    near = others[part[np.argsort(dist[part], kind="stable")]]
-    trips = near[_SHAPES.setdefault(len(near), _shape(len(near)))]  # (T, 3)
-    trips[:, 1:] = np.sort(trips[:, 1:], axis=1)  # A before B in the models' order, whatever their distance
+def _distance_triples(sq: np.ndarray, m: int, near: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T, 3) positions in ``near`` (m's nearest models) of the triples (P, A, B), A before B in the models'
+    order, whose plane explains :data:`MIN_EXPLAINED` of |M - P|^2, and DARE's alpha, beta (T,) each
+    (:func:`_dare_scales`). O(k^3)."""
+    pos = _SHAPES.setdefault(len(near), _shape(len(near))).copy()  # (T, 3)
+    swap = near[pos[:, 1]] > near[pos[:, 2]]
+    pos[swap, 1:] = pos[swap, 2:0:-1]  # A before B in the models' order, whatever their distance
+    trips = near[pos]  # (T, 3) models
     p, a, b = trips.T
     g11, g22 = sq[p, a], sq[p, b]
     g12 = (g11 + g22 - sq[a, b]) / 2  # <A - P, B - P>
@@ -133,7 +138,7 @@ def _distance_triples(sq: np.ndarray, m: int, others: list[int]) -> tuple[np.nda
         explained = (x * r1 + y * r2) / sq[m, p]
         alpha, beta = _dare_scales(sq[m, p], x, y, g11, g22, g12)
     ok = (det > 0) & (sq[m, p] > 0) & (explained >= MIN_EXPLAINED)
-    return trips[ok], alpha[ok], beta[ok]
+    return pos[ok], alpha[ok], beta[ok]
 
 
 def _dare_scales(mm, x, y, g11, g22, g12):
@@ -232,7 +237,7 @@ def split_sparse_merges(members: list, layers: list, st, keep: list[int], found:
     grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
     if len(pool) < 4 or not grid:
         return keep
-    sampled = SampledValues(members, grid, st.value_formats or [""] * len(members))
+    sampled = SampledValues(members, grid, st.value_formats or [""] * len(members), st.samples)
     merges = find_sparse_merges(st.excess, pool, sampled.screen, sampled.values, sampled.half)
     for f in merges:
         names = [members[i].name for i in f.parents]
@@ -246,21 +251,22 @@ def split_sparse_merges(members: list, layers: list, st, keep: list[int], found:
 
 
 class SampledValues:
-    """Models' values read once each, cached: :meth:`screen` two rows a layer (a few hundred values, every
-    model the distance screen names), :meth:`values` the 64 evenly spaced rows a layer of
-    :mod:`.merge_values` (the candidates only: 8 layers of 64 rows of a 7B model's 11,008 are 45 MB a model)."""
+    """Models' values, each read once, cached: :meth:`screen` a few hundred a model (those the pass kept,
+    ``PairStats.samples``: no file read again; else two rows a layer), :meth:`values` the 64 evenly spaced rows
+    a layer of :mod:`.merge_values` (read for the fitted candidates only: 8 layers of 64 rows of a 7B model's
+    11,008 are 45 MB a model)."""
 
-    def __init__(self, members: list, grid: list, formats: list[str]):
-        self.members, self.grid, self.formats = members, grid, formats
+    def __init__(self, members: list, grid: list, formats: list[str], samples: np.ndarray | None = None):
+        self.members, self.grid, self.formats, self.samples = members, grid, formats, samples
         self._screen: dict[int, np.ndarray | None] = {}
         self._values: dict[int, np.ndarray | None] = {}
 
     def screen(self, i: int) -> np.ndarray | None:
+        if self.samples is not None:  # (N, S), NaN where a read failed: equal to nothing
+            return None if np.isnan(self.samples[i]).all() else self.samples[i]
         if i not in self._screen:
-            self._screen[i] = self._read(i, lambda n: _pick(n)[::32])
-            if self._screen[i] is not None:
-                x = self._screen[i]
-                self._screen[i] = x[np.linspace(0, len(x) - 1, min(SCREEN_VALUES, len(x))).round().astype(int)]
+            x = self._read(i, lambda n: _pick(n)[::32])
+            self._screen[i] = None if x is None else x[np.linspace(0, len(x) - 1, min(SCREEN_VALUES, len(x))).round().astype(int)]
         return self._screen[i]
 
     def values(self, i: int) -> np.ndarray | None:
