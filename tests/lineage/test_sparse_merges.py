@@ -12,6 +12,7 @@ from modelatlas.lineage.sparse_merges import (
     _dare_scales,
     _disjoint,
     _kind,
+    _rank,
     _value_screen,
     classify,
     find_sparse_merges,
@@ -106,10 +107,17 @@ def test_fine_tunes_and_weighted_sums_are_no_sparse_merge():
     assert check_found({f"c{i}": w for i, w in enumerate(walk)}) == {}
 
 
-def test_disjoint_keeps_the_best_and_no_merge_as_parent():
-    fits = [SparseMerge(5, (0, 1, 2), (1, 1, 0.5, 0.5), 1.0, "ties"), SparseMerge(6, (0, 5, 3), (1, 1, 0.5, 0.5), 0.999, "ties"),
-            SparseMerge(1, (0, 3, 4), (1, 1, 0.5, 0.5), 0.995, "ties"), SparseMerge(7, (0, 3, 4), (1, 1, 0.5, 0.5), 0.99, "ties")]
+def test_disjoint_keeps_one_fit_a_model_and_no_merge_as_parent():
+    def fit(child, parents, share, c=(1, 1, 0.5, 0.5)):
+        return SparseMerge(child, parents, c, share, _kind(c))
+
+    fits = {5: [fit(5, (0, 1, 2), 1.0)], 6: [fit(6, (0, 5, 3), 0.999)], 1: [fit(1, (0, 3, 4), 0.995)],
+            7: [fit(7, (0, 3, 4), 0.99)]}
     assert [f.child for f in _disjoint(fits)] == [5, 7]  # 6 takes merge 5 as a parent; 1 is a parent of 5
+    # a merge whose best fit takes another merge as parent keeps its next fit (seed 82's t1.merge2)
+    fits = {8: [fit(8, (2, 1, 9), 1.0, (0.4, 0.4, 1, 0)), fit(8, (0, 1, 2), 1.0)], 9: [fit(9, (2, 3, 4), 0.997)]}
+    assert {f.child: f.parents for f in _disjoint({m: sorted(f, key=_rank) for m, f in fits.items()})} == \
+        {8: (0, 1, 2), 9: (2, 3, 4)}
 
 
 def test_recovery_places_a_ties_merge_under_its_main_parent():
