@@ -12,6 +12,7 @@ from modelatlas.lineage.sparse_merges import (
     _dare_scales,
     _disjoint,
     _kind,
+    _order,
     _rank,
     _value_screen,
     classify,
@@ -118,6 +119,13 @@ def test_disjoint_keeps_one_fit_a_model_and_no_merge_as_parent():
     fits = {8: [fit(8, (2, 1, 9), 1.0, (0.4, 0.4, 1, 0)), fit(8, (0, 1, 2), 1.0)], 9: [fit(9, (2, 3, 4), 0.997)]}
     assert {f.child: f.parents for f in _disjoint({m: sorted(f, key=_rank) for m, f in fits.items()})} == \
         {8: (0, 1, 2), 9: (2, 3, 4)}
+
+
+def test_a_base_the_values_cannot_tell_is_the_nearest():
+    fits = [SparseMerge(9, (p, 1, 2), (1, 1, 0.5, 0.5), share, "ties") for p, share in ((3, 1.0), (0, 0.9997), (4, 0.99))]
+    sq = np.zeros((10, 10))
+    sq[9, [3, 0, 4]] = 3.5, 2.6, 1.0  # base 0 is nearer M than base 3; 4 nearer still, but 1 % fewer values classed
+    assert [f.parents[0] for f in _order(fits, sq)] == [0, 3, 4]
 
 
 def test_recovery_places_a_ties_merge_under_its_main_parent():
