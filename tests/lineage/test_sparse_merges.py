@@ -121,10 +121,11 @@ def test_disjoint_keeps_one_fit_a_model_and_no_merge_as_parent():
         {8: (0, 1, 2), 9: (2, 3, 4)}
 
 
-def test_a_base_the_values_cannot_tell_is_the_nearest():
+def test_a_base_the_values_cannot_tell_is_the_one_between_the_models():
     fits = [SparseMerge(9, (p, 1, 2), (1, 1, 0.5, 0.5), share, "ties") for p, share in ((3, 1.0), (0, 0.9997), (4, 0.99))]
     sq = np.zeros((10, 10))
-    sq[9, [3, 0, 4]] = 3.5, 2.6, 1.0  # base 0 is nearer M than base 3; 4 nearer still, but 1 % fewer values classed
+    sq[[0, 3, 4], 1] = sq[[0, 3, 4], 2] = 1.0, 1.5, 0.1  # base 0: 2 to both models, 3: 3; 4: 0.2, but 1 % fewer classed
+    sq[9, [3, 0]] = 0.1, 0.2  # nearer the merge: base 3 (a child of a model, seed 88)
     assert [f.parents[0] for f in _order(fits, sq)] == [0, 3, 4]
 
 

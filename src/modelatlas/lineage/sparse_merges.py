@@ -84,14 +84,16 @@ def _rank(fit: SparseMerge) -> tuple:
 
 def _order(fits: list[SparseMerge], sq: np.ndarray) -> list[SparseMerge]:
     """One model's fits, best first (:func:`_rank`), those within :data:`BASE_TIE` of the best share (and of its
-    class) nearest base first. The values cannot tell the base where the models equal it wherever the merge kept
-    it: a TIES merge of two fine-tunes of t2.0 classed 99.9-100 % of its values on six bases (t2.0, its
-    parent, siblings and a child; held-out seed 82, CNN, only two compared 2-D layers). The distances can:
-    M - P is the kept part of the two task vectors, and another base adds its own distance to P."""
+    class) with the base nearest both models first (the least |A - P|^2 + |B - P|^2). The values cannot tell the
+    base where other models equal it wherever the merge kept it: a TIES merge classed 99.9-100 % of its values
+    on six or seven bases (held-out seeds 82 and 88, CNN: only two compared 2-D layers). Nor can the distance to
+    the merge (seed 88: a child of one model was nearer the merge than the true base). In a tree the models'
+    common ancestor lies on the path between them, where the sum of distances to both is least."""
     ranked = sorted(fits, key=_rank)
     best = ranked[0]
     tied = [f for f in ranked if (f.kind == "sparse") == (best.kind == "sparse") and f.share >= best.share - BASE_TIE]
-    return sorted(tied, key=lambda f: (sq[f.child, f.parents[0]], f.parents)) + [f for f in ranked if f not in tied]
+    span = {f: sq[f.parents[0], f.parents[1]] + sq[f.parents[0], f.parents[2]] for f in tied}
+    return sorted(tied, key=lambda f: (span[f], f.parents)) + [f for f in ranked if f not in tied]
 
 
 def _disjoint(fits: dict[int, list[SparseMerge]]) -> list[SparseMerge]:
