@@ -6,21 +6,24 @@ alpha, beta, gamma, eta for the model (TIES, normalized: 1, 1 and the weights' s
 gamma, eta = alpha, beta). A fine-tune's values obey no such rule.
 
 Checking every triple value by value took 15-67 s on a 39-model zoo (docs/benchmarks.md, session 35), so three
-screens come first, each cheaper than the next:
+screens come first, each cheaper than the next, on the values the pass kept (``PairStats.samples``, about
+:data:`SCREEN_VALUES` a model: no file is read again):
 
-1. distances (O(1) a triple): the plane through P, A, B explains at least :data:`MIN_EXPLAINED` of |M - P|^2
-   (the kept values carry most of each task vector's energy), P, A and B among M's :data:`NEIGHBOURS` nearest;
-2. exact equality: a merge keeps some of its values exactly (P's where both were dropped, A's where only A's
-   were kept by TIES); M must equal P, A or B on :data:`MIN_EQUAL` of :data:`SCREEN_VALUES` sampled values
-   (a random walk of checkpoints never does);
-3. the rule on :data:`SCREEN_VALUES` values, loosely: TIES's (each value 0, A's, B's or between them) or DARE's
-   with alpha, beta read from the distances (:func:`_dare_scales`), within :data:`DARE_TOL`, on
-   :data:`SCREEN_SHARE` of the values where A or B moved.
+1. exact equality: a merge keeps some of its values exactly (P's where both were dropped, A's where only A's
+   were kept by TIES); M must equal P, A or B on :data:`MIN_EQUAL` of them (a model equal to none of its
+   :data:`NEIGHBOURS` nearest, as a checkpoint of a run or any fine-tune without dead units, builds no triple);
+2. distances (O(1) a triple): the plane through P, A, B explains at least :data:`MIN_EXPLAINED` of |M - P|^2
+   (the kept values carry most of each task vector's energy), P, A and B among M's nearest;
+3. the rule, loosely: TIES's (each value 0, A's, B's or between them) or DARE's with alpha, beta read from the
+   distances (:func:`_dare_scales`), within :data:`DARE_TOL`, on :data:`SCREEN_SHARE` of the values where A
+   or B moved.
 
-What is left is fitted on every sampled value (:func:`classify`): alpha and beta by the interval sweep of
-:mod:`.merge_values`, gamma and eta on the values neither explains, and :data:`SPARSE_SHARE` of the values where
-A or B moved must be classed within rounding. Time O(N k^3) for the distances (k = :data:`NEIGHBOURS`), O(N k^3
-SCREEN_VALUES) for the value screens, O(V log V) a fitted triple (V sampled values); memory O(N V).
+What is left is fitted on the rows the value check of :mod:`.merge_values` reads (:func:`classify`): alpha and
+beta by an interval sweep, gamma and eta on the values neither explains, and :data:`SPARSE_SHARE` of the values
+where A or B moved must be classed within rounding. A model keeps its best fit (:func:`_order`) that takes no
+other merge as a parent (:func:`_disjoint`). Time O(N (N + k S)) for the screens (k = :data:`NEIGHBOURS`, S
+the kept values), O(N k^3 S) at worst when models share values, O(V log V) a fitted triple (V sampled
+values); memory O(N S) plus the fitted candidates' V values.
 """
 
 from __future__ import annotations
