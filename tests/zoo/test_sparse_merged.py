@@ -35,3 +35,11 @@ def test_dare_by_hand():
     assert torch.equal(half, again)  # seeded
     kept = drop(torch.ones(10_000, dtype=torch.float64), 0.25, torch.Generator().manual_seed(0))
     assert set(kept.unique().tolist()) == {0.0, 4.0} and abs(kept.mean().item() - 1) < 0.05  # rescaled by 1/d
+
+
+def test_zoo_show_writes_a_sparse_merge_as_weights_on_its_base():
+    from modelatlas.cli.zoo import merge_text
+
+    rec = {"kind": "ties", "parents": ["t0", "t0.0", "t0.1"], "weights": [0.0, 0.6, 0.3], "density": 0.4}
+    assert merge_text(rec) == "ties (density 0.40) on t0: 0.60 t0.0 + 0.30 t0.1"  # not "0.00 t0 + ...": no sum
+    assert merge_text({"kind": "linear", "parents": ["a", "b"], "weights": [0.25, 0.75]}) == "linear: 0.25 a + 0.75 b"

@@ -129,9 +129,13 @@ def _json_dict(text: str) -> dict:
 
 
 def merge_text(merge: dict) -> str:
-    """A merge record as a sum, e.g. ``"linear: 0.27 t0.0 + 0.73 t0.1"`` ("" for none)."""
+    """A merge record as a sum, e.g. ``"linear: 0.27 t0.0 + 0.73 t0.1"`` ("" for none); a TIES / DARE merge as
+    its models' weights on its base, e.g. ``"ties (density 0.40) on t0: 0.60 t0.0 + 0.30 t0.1"``."""
     if not merge:
         return ""
+    if "density" in merge:  # no sum: trimmed or dropped task vectors on the base (zoo.merged)
+        terms = " + ".join(f"{w:.2f} {p}" for p, w in zip(merge["parents"][1:], merge["weights"][1:]))
+        return f"{merge['kind']} (density {merge['density']:.2f}) on {merge['parents'][0]}: {terms}"
     terms = " + ".join(f"{w:.2f} {p}" for p, w in zip(merge["parents"], merge["weights"]))
     return f"{merge.get('kind', 'merge')}: {terms}".replace("+ -", "- ")
 
