@@ -18,15 +18,15 @@ from modelatlas.errors import CheckpointError
 VERIFY_SHARE = 0.99  # of the sampled values of a rounded merge within half a unit in the last place
 VERIFY_LAYERS = 8  # compared layers sampled to check a rounded merge
 _SAMPLE_ROWS = 64
-_MANTISSA = {"bfloat16": 7, "float16": 10, "float32": 23}
-_ULPS = {"float32": 4.0}  # a float32 merge computed in float32 (not float64): a few units off, not half of one
+MANTISSA = {"bfloat16": 7, "float16": 10, "float32": 23}
+ULPS = {"float32": 4.0}  # a float32 merge computed in float32 (not float64): a few units off, not half of one
 
 
 def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False) -> bool:
     """Whether ``child``'s values are a weighted sum of its ``parents``' rounded to ``fmt`` (bfloat16 / float16), on
     up to :data:`_SAMPLE_ROWS` evenly spaced rows of each of ``layers``: the weights refitted there by least
     squares (one set, or one a layer with ``per_layer``), and :data:`VERIFY_SHARE` of the values within half a
-    unit in the last place of ``fmt`` (+1 %; float32: :data:`_ULPS`) of that sum (``conic``: of a A + b B, the
+    unit in the last place of ``fmt`` (+1 %; float32: :data:`ULPS`) of that sum (``conic``: of a A + b B, the
     weights free, as SLERP's are). A fine-tune 0.2 % from a bfloat16 base lies within
     bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
     units are finer than its update). Time O(sampled weights)."""
@@ -34,27 +34,27 @@ def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool 
         rows = [[_read_sampled(ck, t) for ck in (child, *parents)] for t in layers]
     except CheckpointError:
         return False
-    if not rows or fmt not in _MANTISSA:
+    if not rows or fmt not in MANTISSA:
         return False
     groups = rows if per_layer else [[torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]]
-    within = [_within_ulp(g[0], g[1:], _MANTISSA[fmt], _ULPS.get(fmt, 0.505), conic) for g in groups]
+    within = [_within_ulp(g[0], g[1:], MANTISSA[fmt], ULPS.get(fmt, 0.505), conic) for g in groups]
     return float(torch.cat(within).double().mean()) >= VERIFY_SHARE
 
 
-def _pick(n: int) -> torch.Tensor:
+def sample_rows(n: int) -> torch.Tensor:
     """Up to :data:`_SAMPLE_ROWS` evenly spaced row indices of ``n`` rows."""
     return torch.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).round().long()
 
 
 def _sampled(x: torch.Tensor) -> torch.Tensor:
-    """:func:`_pick`'s rows of the 2-D ``x``, flattened, float64."""
-    return x.reshape(len(x), -1)[_pick(len(x))].double().flatten()  # (rows picked x row length,)
+    """:func:`sample_rows`'s rows of the 2-D ``x``, flattened, float64."""
+    return x.reshape(len(x), -1)[sample_rows(len(x))].double().flatten()  # (rows picked x row length,)
 
 
 def _read_sampled(ck, t) -> torch.Tensor:
     """:func:`_sampled` of ``ck``'s 2-D tensor ``t``, reading those rows only (the pass read the whole layer
     already; safetensors and GGUF read a row's bytes and no more)."""
-    return ck.read_rows(t.name, _pick(t.shape[0])).double().flatten()  # (rows picked x row length,)
+    return ck.read_rows(t.name, sample_rows(t.shape[0])).double().flatten()  # (rows picked x row length,)
 
 
 def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int, ulps: float = 0.505,

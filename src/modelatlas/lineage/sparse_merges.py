@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.lineage.merge_values import _MANTISSA, _ULPS, VERIFY_LAYERS, _pick
+from modelatlas.lineage.merge_values import MANTISSA, ULPS, VERIFY_LAYERS, sample_rows
 
 NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
 MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
@@ -291,19 +291,19 @@ class SampledValues:
         if self.samples is not None:  # (N, S), NaN where a read failed: equal to nothing
             return None if np.isnan(self.samples[i]).all() else self.samples[i]
         if i not in self._screen:
-            x = self._read(i, lambda n: _pick(n)[::32])
+            x = self._read(i, lambda n: sample_rows(n)[::32])
             self._screen[i] = None if x is None else x[np.linspace(0, len(x) - 1, min(SCREEN_VALUES, len(x))).round().astype(int)]
         return self._screen[i]
 
     def values(self, i: int) -> np.ndarray | None:
         if i not in self._values:
-            self._values[i] = self._read(i, _pick)
+            self._values[i] = self._read(i, sample_rows)
         return self._values[i]
 
     def half(self, i: int) -> np.ndarray:
-        """Rounding allowed on :meth:`values`: :data:`~.merge_values._ULPS` units in the last place of its format."""
+        """Rounding allowed on :meth:`values`: :data:`~.merge_values.ULPS` units in the last place of its format."""
         fmt = self.formats[i] or "float32"
-        return _ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(self.values(i)))[1] - 1 - _MANTISSA[fmt])
+        return ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(self.values(i)))[1] - 1 - MANTISSA[fmt])
 
     def _read(self, i: int, rows: Callable) -> np.ndarray | None:
         try:
