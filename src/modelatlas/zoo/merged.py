@@ -48,6 +48,8 @@ from modelatlas.zoo.config import ZooConfig
 
 KINDS = ("linear", "task_arithmetic", "slerp")  # the default ZooConfig.merge_kinds: weighted sums
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TRIES = 1000  # sibling pairs drawn before a large tree's task arithmetic takes any pair
+LISTED = 2000  # fine-tuned models of a tree up to which every pair is listed (2M pairs); beyond, pairs are drawn
 _PARALLEL = 0.9995  # mergekit's threshold: |cos| above it, SLERP is a linear merge
 
 
@@ -80,14 +82,9 @@ def plan_merges(config: ZooConfig, nodes: list[dict]) -> list[dict]:
 
 def _draw(kind: str, tuned: list[str], by_name: dict, used: set, rng: np.random.Generator) -> dict:
     """One merge of ``kind`` on a pair not in ``used`` (which it joins): siblings for task arithmetic (a
-    linear merge when none is left), any two fine-tuned models otherwise."""
-    pairs = [p for p in itertools.combinations(tuned, 2) if frozenset(p) not in used]
-    if kind == "task_arithmetic" or kind in SPARSE:
-        siblings = [p for p in pairs if by_name[p[0]]["parent"] == by_name[p[1]]["parent"]]
-        kind = "linear" if kind == "task_arithmetic" and not siblings else kind
-        apart = [p for p in pairs if _common_base(*p, by_name) not in p] if kind in SPARSE else []
-        pairs = siblings or apart or pairs
-    a, b = pairs[int(rng.integers(len(pairs)))]  # ZooConfig checked that enough pairs exist
+    linear merge when none is left), any two fine-tuned models otherwise (TIES / DARE: siblings, else two not
+    one above the other)."""
+    kind, (a, b) = (_listed if len(tuned) <= LISTED else _sampled)(kind, tuned, by_name, used, rng)
     used.add(frozenset((a, b)))
     if kind == "task_arithmetic":
         x, y = rng.uniform(0.3, 1.0, 2).tolist()
@@ -101,6 +98,40 @@ def _draw(kind: str, tuned: list[str], by_name: dict, used: set, rng: np.random.
         return {**rec, "seed": int(rng.integers(2**31))} if kind != "ties" else rec
     t = float(rng.uniform(0.2, 0.8))
     return {"kind": kind, "parents": [a, b], "weights": [1 - t, t]}
+
+
+def _listed(kind: str, tuned: list[str], by_name: dict, used: set, rng: np.random.Generator) -> tuple[str, tuple]:
+    """(kind, a pair) drawn from the list of every pair of ``tuned`` not in ``used``. O(len(tuned)^2)."""
+    pairs = [p for p in itertools.combinations(tuned, 2) if frozenset(p) not in used]
+    if kind == "task_arithmetic" or kind in SPARSE:
+        siblings = [p for p in pairs if by_name[p[0]]["parent"] == by_name[p[1]]["parent"]]
+        kind = "linear" if kind == "task_arithmetic" and not siblings else kind
+        apart = [p for p in pairs if _common_base(*p, by_name) not in p] if kind in SPARSE else []
+        pairs = siblings or apart or pairs
+    return kind, pairs[int(rng.integers(len(pairs)))]  # ZooConfig checked that enough pairs exist
+
+
+def _sampled(kind: str, tuned: list[str], by_name: dict, used: set, rng: np.random.Generator) -> tuple[str, tuple]:
+    """(kind, a pair) of a tree too large to list its pairs (a star of 100,000 has 5e9): siblings drawn as a
+    family (weighted by its pairs) and two of its members, other pairs two models at random, until one is not in
+    ``used`` (``used`` holds at most the tree's merges, a small share of its pairs). O(tries x depth^2)."""
+    families: dict[str, list[str]] = {}
+    for name in tuned:
+        families.setdefault(by_name[name]["parent"], []).append(name)
+    groups = [g for g in families.values() if len(g) >= 2]
+    if kind in ("task_arithmetic", *SPARSE) and groups:
+        odds = np.array([len(g) * (len(g) - 1) for g in groups], dtype=np.float64)
+        for _ in range(_TRIES):  # (the families' pairs may all be taken: then as for other kinds)
+            group = groups[int(rng.choice(len(groups), p=odds / odds.sum()))]
+            pair = tuple(sorted(rng.choice(group, 2, replace=False).tolist(), key=tuned.index))
+            if frozenset(pair) not in used:
+                return kind, pair
+    kind = "linear" if kind == "task_arithmetic" else kind
+    while True:
+        i, j = sorted(rng.choice(len(tuned), 2, replace=False).tolist())
+        pair = (tuned[i], tuned[j])
+        if frozenset(pair) not in used and (kind not in SPARSE or _common_base(*pair, by_name) not in pair):
+            return kind, pair
 
 
 def _common_base(a: str, b: str, by_name: dict) -> str:
