@@ -26,7 +26,10 @@ Cost: one Python call per aten op; measured 2.9x the plain CPU time of the ten t
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +191,19 @@ def sim_device(monkeypatch):
     for module in (api, evaluate, nets):
         monkeypatch.setattr(module, "pick_device", pick)
     return SimDevice()
+
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "device_check.py"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """bench/device_check.py's tiny configs: what a lent GPU will run is what is simulated here."""
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))  # its first import, bench/short_spin.py
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module._config

@@ -3,31 +3,13 @@ method and its evaluation run on the device as CUDA would let them (no CPU tenso
 drawing device tensors), come back on the CPU, and equal the CPU run bit for bit (the same kernels compute
 both, so any difference is a tensor that went another way)."""
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from modelatlas.data import load_dataset
 from modelatlas.distill import default_protocol, distill, evaluate_synthetic
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "device_check.py"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """bench/device_check.py's tiny configs: what a lent GPU will run is what is simulated here."""
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # its first import, bench/short_spin.py
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module._config
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,8 @@ a resume goes on with one :class:`~modelatlas.errors.DeviceChangeWarning` (the d
 MTT's, Teddy's and HeLlO's caches, stored on the CPU and keyed by no device, load on either and say which
 device trained them."""
 
-import importlib.util
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +12,6 @@ import torch
 from modelatlas.data import load_dataset
 from modelatlas.distill import distill
 from modelatlas.errors import DeviceChangeWarning
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "device_check.py"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """bench/device_check.py's tiny configs (as in test_device.py)."""
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module._config
 
 
 @pytest.fixture(scope="module")

@@ -95,8 +95,15 @@ def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:
     b = ((d + half) / x).numpy()[on]
     if not len(a):
         return 0.0
-    ends = np.concatenate([np.minimum(a, b), np.maximum(a, b)])  # (2 Q,)
+    ends, best = best_overlap(a, b)
+    return float(ends[best])
+
+
+def best_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    """(the sorted ends of the intervals between a_i and b_i, the index of the end where most of them overlap:
+    the overlap runs from it to the next end). At a tie of ends the openings come first, so intervals meeting
+    at one point overlap there. Time O(n log n)."""
+    ends = np.concatenate([np.minimum(a, b), np.maximum(a, b)])  # (2 n,)
     step = np.concatenate([np.ones(len(a)), -np.ones(len(a))])
     order = np.lexsort((-step, ends))  # by end; at a tie the openings (+1) first
-    best = int(np.argmax(np.cumsum(step[order])))
-    return float(ends[order][best])
+    return ends[order], int(np.argmax(np.cumsum(step[order])))

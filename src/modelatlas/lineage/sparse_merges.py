@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.lineage.merge_values import MANTISSA, ULPS, VERIFY_LAYERS, sample_rows
+from modelatlas.lineage.merge_values import MANTISSA, ULPS, VERIFY_LAYERS, best_overlap, sample_rows
 
 NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
 MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
@@ -233,11 +233,8 @@ def _sweep(x: np.ndarray, d: np.ndarray, half: np.ndarray) -> float:
     lo, hi = (d[on] - half[on]) / x[on], (d[on] + half[on]) / x[on]
     if not len(lo):
         return 0.0
-    ends = np.concatenate([np.minimum(lo, hi), np.maximum(lo, hi)])  # (2 Q,)
-    step = np.concatenate([np.ones(len(lo)), -np.ones(len(lo))])
-    order = np.lexsort((-step, ends))  # by end; at a tie the openings (+1) first
-    best = int(np.argmax(np.cumsum(step[order])))
-    return float((ends[order][best] + ends[order][best + 1]) / 2)  # the next end closes the overlap
+    ends, best = best_overlap(lo, hi)
+    return float((ends[best] + ends[best + 1]) / 2)  # the next end closes the overlap
 
 
 def _kind(c: tuple[float, float, float, float], tol: float = 0.01) -> str:
