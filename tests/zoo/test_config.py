@@ -36,6 +36,8 @@ from modelatlas.zoo import ZooConfig, arch_config, preset, presets
     # planning these hung (and filled the memory) before anything was said
     ({"trees": 10**11, "children": 9999}, "trees 100000000000, children 9999, depth 2: more than 100,000 models"),
     ({"children": 1, "depth": 10**12}, "children 1, depth 1000000000000: more than 100,000 models"),
+    ({"shape": "star", "children": 1000, "merges": 300_000}, "merges: 300000 merged models a tree make 903,003 "
+     "models with trees 3, more than 100,000; lower merges or trees"),  # counted only the trained models
     # seeds are reduced to 64 bits: 2**64 built seed 0's zoo, 1.5 seed 1's, with no word (the CLI checked --seed)
     ({"seed": 2**64}, r"seed: must be an integer from -2\*\*63 to 2\*\*63 - 1, got 18446744073709551616"),
     ({"seed": 1.5}, "seed: must be an integer .*, got 1.5"),

@@ -123,6 +123,9 @@ class ZooConfig:
             # planning alone would run for hours and fill the memory: surely a typo
             raise ConfigError(f"trees {self.trees}, children {self.children}, depth {self.depth}: more than "
                               f"{MAX_MODELS:,} models; lower them")
+        if self.n_models > MAX_MODELS:  # the merged models too (--merges 300000 planned for hours)
+            raise ConfigError(f"merges: {self.merges} merged models a tree make {self.n_models:,} models with trees "
+                              f"{self.trees}, more than {MAX_MODELS:,}; lower merges or trees")
 
     def _check_tasks(self) -> None:
         from modelatlas.zoo.samplers import available_samplers
