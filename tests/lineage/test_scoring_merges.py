@@ -79,3 +79,31 @@ def test_a_ties_merge_has_its_base_and_models_for_parents():
     assert truth_merges(truth)["m"] == ties
     assert found_merges(make_forest(m_parents=("r", "a", "b")), truth_merges(truth)) == {"m"}
     assert score_forest(make_forest(), truth).n_merges_found == 0  # a and b alone: not its parents
+
+
+def make_copy_forest():
+    """The truth's tree given with a16, a precision copy of a that the truth does not name, given first: the
+    merge m is recovered as a merge of a16 and b, drawn under a16."""
+    edges = [Edge("r", "a16", 1), Edge("a16", "a", 1, kind="precision"), Edge("r", "b", 1),
+             Edge("a16", "c", 1), Edge("a16", "m", 1, kind="merge")]
+    merges = {"m": {"parents": ["a16", "b"], "weights": [0.5, 0.5]}}
+    return Forest(["r", "a16", "a", "b", "c", "m"], edges, {"model_merges": merges}, [["r", "a16", "a", "b", "c", "m"]])
+
+
+def test_a_merge_of_an_unnamed_copy_is_read_as_its_named_model():
+    # a16 is scored as a (its edges are a's): so is it as a merge's parent (found_merges read no copy's name)
+    truth = make_truth()
+    s = score_forest(make_copy_forest(), truth)
+    assert (s.n_correct, s.n_true_edges, s.n_merges, s.n_merges_found, s.n_false_merges) == (4, 4, 1, 1, 0)
+
+
+def test_a_truth_silent_on_merges_counts_no_false_merge():
+    # a {model: parent} truth, or a hand-written manifest, names no merge: m is no 'false merge' of it
+    truth = make_truth()
+    plain = {"r": None, "a": "r", "b": "r", "c": "a", "m": "a"}
+    hand = Manifest([ModelRecord(n, n, p, "t") for n, p in plain.items()], {})
+    for silent in (plain, hand):
+        assert score_forest(make_forest(), silent).n_false_merges == 0
+    zoo = Manifest([ModelRecord(n, n, p, "t") for n, p in plain.items()], {"arch_config": {}, "merges": 0})
+    assert score_forest(make_forest(), zoo).n_false_merges == 1  # a zoo built without merges has none
+    assert score_forest(make_forest(c_kind="merge"), truth).n_false_merges == 1  # c: the truth says no merge

@@ -80,13 +80,23 @@ def same_merge_parents(got: Mapping, true: Mapping) -> bool:
     return same or (true.get("kind") not in SPARSE_MERGE_KINDS and weighty(got) == weighty(true))
 
 
-def found_merges(forest: Forest, merges: Mapping[str, dict]) -> set[str]:
+def says_merges(truth: Manifest | Mapping[str, str | None]) -> bool:
+    """Whether ``truth`` tells merges from other models: a manifest with ``merge`` records, or a zoo's (its
+    config has ``arch_config``: make_zoo records every merge it makes). A {model: parent} dict or hand-written
+    manifest without them is silent: a recovered merge is no false one of it. O(N)."""
+    return isinstance(truth, Manifest) and (bool(truth.merges()) or "arch_config" in truth.config)
+
+
+def found_merges(forest: Forest, merges: Mapping[str, dict],
+                 truth: Manifest | Mapping[str, str | None] | None = None) -> set[str]:
     """The true merged models (``merges``: name -> true ``merge`` record) that ``forest`` recovered as merges of
-    their parents (``decisions["model_merges"]``, names read through copies: :func:`truth_names`;
-    :func:`same_merge_parents`). O(merges)."""
-    named = truth_names(forest, {})
+    their parents (``decisions["model_merges"]``; :func:`same_merge_parents`), models read by the names
+    scoring against ``truth`` reads them (:func:`truth_names`: a copy the truth does not name, as its named
+    original; none without a truth). O(merges + E)."""
+    named = truth_names(forest, truth or {})
     got = forest.decisions.get("model_merges", {}) if isinstance(forest.decisions, dict) else {}
-    return {c for c, rec in got.items() if c in merges and same_merge_parents(
+    read = {named.get(c, c): rec for c, rec in got.items()}
+    return {c for c, rec in read.items() if c in merges and same_merge_parents(
         {**rec, "parents": [named.get(p, p) for p in rec.get("parents", [])]}, merges[c])}
 
 
@@ -176,10 +186,20 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     left_out = sum(p not in given or c not in given for p, c in named)
     misplaced, runner_up = _runner_ups(forest, parents, kinds)
     true_merges = {c: ps for c, ps in merges.items() if c in given}
-    false = sum(c in parents and c not in merges for c in forest.decisions.get("model_merges", {}))
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
                         len(true), len(pred & true), errors, left_out, len(true - named), misplaced, runner_up,
-                        len(true_merges), len(found_merges(forest, true_merges)), false)
+                        len(true_merges), len(found_merges(forest, true_merges, truth)),
+                        _false_merges(forest, truth, parents, merges))
+
+
+def _false_merges(forest: Forest, truth, parents: Mapping[str, str | None], merges: Mapping[str, dict]) -> int:
+    """Models recovered as merges (read by their truth names) that a truth telling merges (:func:`says_merges`)
+    names and says are none. O(merges + E)."""
+    if not says_merges(truth):
+        return 0
+    named = truth_names(forest, truth)
+    got = {named.get(c, c) for c in forest.decisions.get("model_merges", {})}
+    return sum(c in parents and c not in merges for c in got)
 
 
 def _runner_ups(forest: Forest, parents: Mapping[str, str | None], kinds: dict) -> tuple[int, int]:
@@ -211,7 +231,7 @@ def scored_edges(forest: Forest, truth: Manifest | Mapping[str, str | None],
     -> its ``merge`` record) recovered with its parents is read as drawn from its true parent, the most
     weighted one: near-equal weights may draw it under another of them."""
     named = truth_names(forest, truth)
-    exact = found_merges(forest, merges or {})
+    exact = found_merges(forest, merges or {}, truth)
     parents = truth_parents(truth)
     out = []
     for e in forest.edges:
