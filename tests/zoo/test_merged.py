@@ -159,11 +159,16 @@ def test_manifest_checks_merge_records(tmp_path):
     ok = {"name": "m", "path": "m", "parent": "a", "tree": "t", "merge": {"parents": ["a", "b"], "weights": [0.6, 0.4]}}
     assert _record(tmp_path / "manifest.json", 3, ok).merge["parents"] == ["a", "b"]
     for merge in ({"parents": ["a"], "weights": [1.0]}, {"parents": ["a", "a"], "weights": [0.5, 0.5]},
-                  {"parents": ["a", "b"], "weights": [1.0]}, {"parents": ["a", "b"], "weights": ["x", 1]}):
+                  {"parents": ["a", "b"], "weights": [1.0]}, {"parents": ["a", "b"], "weights": ["x", 1]},
+                  {"parents": ["a", "b"], "weights": [float("nan"), 1]},  # NaN and inf were taken as weights
+                  {"parents": ["a", "b"], "weights": [float("inf"), 0.5]}):
         with pytest.raises(ManifestError, match=r"manifest.json: model #3 key 'merge' must hold 'parents'"):
             _record(tmp_path / "manifest.json", 3, {**ok, "merge": merge})
     models = [ModelRecord("a", "a", None, "t"), ModelRecord("m", "m", "a", "t", merge={"parents": ["a", "z"], "weights": [1, 0]})]
     with pytest.raises(ManifestError, match="model 'm' is a merge of 'z', which is not in the manifest"):
+        Manifest(models)
+    models[1] = ModelRecord("m", "m", "a", "t", merge={"parents": ["a", "m"], "weights": [0.5, 0.5]})
+    with pytest.raises(ManifestError, match="model 'm' is a merge of itself"):  # was scored as a missed merge
         Manifest(models)
 
 

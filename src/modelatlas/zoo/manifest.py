@@ -18,6 +18,7 @@ folder whose base is the parent). ``sha256`` is the digest of the weights file (
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -66,6 +67,8 @@ class Manifest:
             if m.parent is not None and m.parent not in known:
                 raise ManifestError(f"model {m.name!r} names parent {m.parent!r}, which is not in the manifest")
             for p in m.merge.get("parents", []) if isinstance(m.merge, dict) else []:
+                if p == m.name:
+                    raise ManifestError(f"model {m.name!r} is a merge of itself (its 'merge' parents name it)")
                 if p not in known:
                     raise ManifestError(f"model {m.name!r} is a merge of {p!r}, which is not in the manifest")
         self._check_acyclic()
@@ -257,10 +260,10 @@ def _check_merge(path: Path, i: int, merge: dict) -> None:
     parents, weights = merge.get("parents"), merge.get("weights")
     ok = isinstance(parents, list) and len(parents) >= 2 and all(isinstance(p, str) and p for p in parents) \
         and len(set(parents)) == len(parents) and isinstance(weights, list) and len(weights) == len(parents) \
-        and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)
     if not ok:
         raise ManifestError(f"{path}: model #{i} key 'merge' must hold 'parents' (two or more distinct model names) "
-                            f"and 'weights' (a number each), got {merge!r:.120}")
+                            f"and 'weights' (a finite number each), got {merge!r:.120}")
 
 
 _NAMES = ("name", "path", "parent", "tree")
