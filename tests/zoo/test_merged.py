@@ -106,7 +106,12 @@ def test_fingerprint_of_a_zoo_without_merges_is_unchanged():
     assert fingerprint(ZooConfig()) == "3fbacc5a7783f49c"
     assert fingerprint(ZooConfig(merges=1)) != "3fbacc5a7783f49c"
     assert fingerprint(ZooConfig(merge_kinds=["linear", "task_arithmetic", "slerp"])) == "3fbacc5a7783f49c"
-    assert fingerprint(ZooConfig(merge_kinds=("ties",))) != "3fbacc5a7783f49c"
+    assert fingerprint(ZooConfig(merges=1, merge_kinds=("ties",))) != fingerprint(ZooConfig(merges=1))
+    # the merged models' dtype or kinds without merged models build the same zoo: --merge-dtype alone refused its
+    # resume
+    assert fingerprint(ZooConfig(merge_dtype="bfloat16")) == "3fbacc5a7783f49c"
+    assert fingerprint(ZooConfig(merge_kinds=("ties",))) == "3fbacc5a7783f49c"
+    assert fingerprint(ZooConfig(merges=1, merge_dtype="bfloat16")) != fingerprint(ZooConfig(merges=1))
 
 
 def test_merged_state_by_hand():

@@ -52,8 +52,11 @@ _LATER = {"merges": 0, "merge_dtype": "float32", "merge_kinds": ["linear", "task
 
 def fingerprint(config: ZooConfig) -> str:
     """A short hash of the config: resuming refuses folders built from another config. Fields added since
-    (``_LATER``) count only when set, so a zoo built before them resumes as it did."""
-    data = {k: v for k, v in config.to_dict().items() if k not in _LATER or v != _LATER[k]}
+    (``_LATER``) count only when set, so a zoo built before them resumes as it did; ``merge_dtype`` and
+    ``merge_kinds`` only with merges (without, the same models are built)."""
+    unset = {**_LATER, **({} if config.merges else {"merge_dtype": config.merge_dtype,
+                                                    "merge_kinds": list(config.merge_kinds)})}
+    data = {k: v for k, v in config.to_dict().items() if k not in unset or v != unset[k]}
     text = json.dumps(data, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
