@@ -107,3 +107,17 @@ def test_a_truth_silent_on_merges_counts_no_false_merge():
     zoo = Manifest([ModelRecord(n, n, p, "t") for n, p in plain.items()], {"arch_config": {}, "merges": 0})
     assert score_forest(make_forest(), zoo).n_false_merges == 1  # a zoo built without merges has none
     assert score_forest(make_forest(c_kind="merge"), truth).n_false_merges == 1  # c: the truth says no merge
+
+
+def test_a_merge_whose_parent_was_not_given_is_not_counted_missed():
+    # b not given: m cannot be found as a merge of a and b; it was counted '0 of 1 found'
+    truth = make_truth()
+    edges = [Edge("r", "a", 1), Edge("a", "c", 1), Edge("a", "m", 1)]
+    forest = Forest(["r", "a", "c", "m"], edges, {"model_merges": {}}, [["r", "a", "c", "m"]])
+    s = score_forest(forest, truth)
+    assert (s.n_merges, s.n_merges_found, s.n_false_merges, s.n_correct) == (0, 0, 0, 3)
+    base_left_out = Manifest([*truth.models[:4], ModelRecord("m", "m", "a", "t", merge={
+        "parents": ["b", "a", "c"], "weights": [0.01, 0.6, 0.39]})])  # b weighs under MIN_WEIGHT: a merge of a and c
+    forest.decisions["model_merges"]["m"] = {"parents": ["a", "c"], "weights": [0.6, 0.4]}
+    s = score_forest(forest, base_left_out)
+    assert (s.n_merges, s.n_merges_found) == (1, 1)

@@ -42,7 +42,7 @@ class LineageScore:
     n_bridged: int = 0  # scored edges from a model to its nearest given ancestor, past a model not given
     n_misplaced: int = 0  # wrong edges other than reversed ones (the child hung from another model)
     n_runner_up_right: int = 0  # misplaced edges whose runner-up parent (Edge.runner_up) is the true parent
-    n_merges: int = 0  # true merged models given (a manifest's ``merge`` records)
+    n_merges: int = 0  # true merged models given with their weighty parents (a manifest's ``merge`` records)
     n_merges_found: int = 0  # of them, recovered as merges of exactly their true parents
     n_false_merges: int = 0  # models recovered as merges that the truth names and says are no merge
 
@@ -68,16 +68,18 @@ def same_merge_parents(got: Mapping, true: Mapping) -> bool:
     """Whether a recovered merge record ``got`` names the parents of the true one: the same set, or the same set
     of parents weighted MIN_WEIGHT or more on both sides (task arithmetic whose weights sum to ~1 is a linear
     merge of its two fine-tunes, the base's weight ~0: recovery may report either). O(parents)."""
+    return set(got.get("parents", [])) == set(true.get("parents", [])) or _weighty(got) == _weighty(true)
+
+
+def _weighty(rec: Mapping) -> set:
+    """A merge record's parents weighted MIN_WEIGHT or more (all of a declared merge's: it has no weights; all of
+    a TIES / DARE merge's)."""
     from modelatlas.lineage.merges import MIN_WEIGHT
 
-    def weighty(rec: Mapping) -> set:
-        ws = rec.get("weights") or [1.0] * len(rec.get("parents", []))  # a declared merge has no weights
-        return {p for p, w in zip(rec.get("parents", []), ws) if abs(w) >= MIN_WEIGHT}
-
-    same = set(got.get("parents", [])) == set(true.get("parents", []))
-    # a TIES / DARE merge's parents are its base (weight 0: its task vectors' origin) and its models, as a declared
-    # mergekit merge names them
-    return same or (true.get("kind") not in SPARSE_MERGE_KINDS and weighty(got) == weighty(true))
+    if rec.get("kind") in SPARSE_MERGE_KINDS:  # TIES / DARE: its base (weight 0, its task vectors' origin) and its
+        return set(rec.get("parents", []))  # models, as a declared mergekit merge names them
+    ws = rec.get("weights") or [1.0] * len(rec.get("parents", []))
+    return {p for p, w in zip(rec.get("parents", []), ws) if abs(w) >= MIN_WEIGHT}
 
 
 def says_merges(truth: Manifest | Mapping[str, str | None]) -> bool:
@@ -185,7 +187,8 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     errors = dict(sorted(Counter(kinds.values()).items()))
     left_out = sum(p not in given or c not in given for p, c in named)
     misplaced, runner_up = _runner_ups(forest, parents, kinds)
-    true_merges = {c: ps for c, ps in merges.items() if c in given}
+    # a merge is findable when it and its weighty parents were given (else it is no miss, as an edge left out)
+    true_merges = {c: rec for c, rec in merges.items() if c in given and _weighty(rec) <= given}
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
                         len(true), len(pred & true), errors, left_out, len(true - named), misplaced, runner_up,
                         len(true_merges), len(found_merges(forest, true_merges, truth)),
