@@ -52,11 +52,12 @@ def test_classify_by_hand():
     a = np.array([3, -1, 0.5, -4, 2, 0.1, 5, 0])
     b = np.array([1.5, 2, -3, -0.2, -1, 0.05, -12, 0])
     ties = np.array([2.5, 2, -3, -4, 2, 0, -12, 0])  # tests/zoo/test_sparse_merged.py: TIES at density 0.5, (1, 0.5)
-    (alpha, beta, gamma, eta), share = classify(ties, p, a, b, np.full(8, 1e-9))
+    (alpha, beta, gamma, eta), share = classify(ties, p, a, b, np.full(8, 1e-9), least=1)
     # 0 (twice), A's own (-4, 2), B's own (2, -3, -12): 6 of the 7 moved values; the one both kept,
     # (2/3) 3 + (1/3) 1.5 = 2.5, is left (one value fixes no pair of weights)
     assert (round(alpha, 6), round(beta, 6), share) == (1.0, 1.0, 6 / 7)
-    assert classify(p, p, p, p, np.ones(8)) is None  # nothing moved
+    assert classify(p, p, p, p, np.ones(8), least=1) is None  # nothing moved
+    assert classify(ties, p, a, b, np.full(8, 1e-9)) is None  # 7 values moved: too few to tell (MIN_TELLING)
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2, 400))
     kind = np.arange(400) % 4  # 0: both dropped, 1: A's kept, 2: B's, 3: both (alpha 2, beta 3)

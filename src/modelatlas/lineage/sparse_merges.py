@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from modelatlas.errors import CheckpointError
-from modelatlas.lineage.merge_values import MANTISSA, ULPS, VERIFY_LAYERS, best_overlap, sample_rows
+from modelatlas.lineage.merge_values import (
+    MANTISSA,
+    MIN_TELLING,
+    ULPS,
+    VERIFY_LAYERS,
+    best_overlap,
+    sample_rows,
+)
 
 NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
 MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
@@ -199,15 +206,18 @@ def _value_screen(mv: np.ndarray, x: np.ndarray, alpha: np.ndarray, beta: np.nda
     return score
 
 
-def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: np.ndarray) -> tuple | None:
+def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: np.ndarray,
+             least: int = MIN_TELLING) -> tuple | None:
     """((alpha, beta, gamma, eta), share): the coefficients that class the most values of d = m - p as 0, alpha
     (a - p), beta (b - p) or gamma (a - p) + eta (b - p) within ``half``, and the share of the values where a or b
-    moved so classed; None when none moved. alpha and beta by the interval sweep over the values that moved
+    moved (by more than the rounding) so classed; None when fewer than ``least`` moved. alpha and beta by the interval sweep over the values that moved
     (:func:`_sweep`; the zeros, a third or more of a merge's, would elect 0), gamma and eta on the values they
     leave, each swept in turn from least squares. NumPy throughout: torch's masked indexing of a few thousand
     values ran 60x slower on two busy threads. O(V log V)."""
-    moved = (a != p) | (b != p)
-    if not moved.any():
+    # values where a or b moved by more than the rounding: a one-unit step lands any sum onto a grid point of its
+    # parents (the checkpoints of one bfloat16 run, 15 % of values a unit on between saves, read as TIES merges)
+    moved = np.maximum(np.maximum(a, b), p) - np.minimum(np.minimum(a, b), p) > 3 * half
+    if moved.sum() < least:
         return None
     d, ta, tb, h = m[moved] - p[moved], a[moved] - p[moved], b[moved] - p[moved], half[moved]
     nz = np.abs(d) > h
