@@ -318,3 +318,11 @@ def test_read_rows_of_a_tensor_of_empty_rows(tmp_path):
     with open_checkpoint(make_file(tmp_path / "m.safetensors", e=x, a=torch.ones(2, 2))) as ck:
         assert ck.read_rows("e", torch.tensor([2, 0])).shape == (2, 0)
         assert super(type(ck), ck).read_rows("e", torch.tensor([2, 0])).shape == (2, 0)  # Checkpoint's default
+
+
+def test_read_rows_of_no_rows_is_empty(tmp_path):
+    # an empty row list raised "self.stride(-1) must be 1 to view Byte as Float" (the default indexing gives (0, m))
+    x = torch.arange(12.0).reshape(4, 3)
+    with open_checkpoint(make_file(tmp_path / "m.safetensors", a=x)) as ck:
+        got = ck.read_rows("a", torch.tensor([], dtype=torch.long))
+        assert got.shape == (0, 3) and got.dtype == torch.float32

@@ -196,6 +196,8 @@ class SafetensorsCheckpoint(Checkpoint):
         width = m * _DTYPE_BYTES[meta["dtype"]]
         got = self._ranges.read_rows(self._data_start + meta["data_offsets"][0], width, distinct, f"tensor {name!r}")
         dtype = getattr(torch, _DTYPE_NAMES[meta["dtype"]])
+        if not len(where):  # no rows: a (0, width) byte array has no stride to view another dtype through
+            return torch.empty((0, m), dtype=dtype)
         return torch.from_numpy(got[where]).view(dtype).reshape(len(where), m)  # (r, width) bytes -> (r, m)
 
     def prefetch(self, name: str) -> None:
