@@ -224,6 +224,7 @@ def test_zoo_with_merges_made_shown_verified_and_scored(tmp_path, capsys):
     assert main(["zoo", "show", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "t0.merge1  [merge]" in shown and "task_arithmetic: -" in shown and " t0.1 + " in shown
+    assert shown.startswith(f"{out}: 7 models (3 merged models), arch mlp")
     assert main(["zoo", "verify", str(out)]) == 0
     capsys.readouterr()
     assert main(["lineage", "recover", str(out), "--truth", str(out / "manifest.json")]) == 0

@@ -165,7 +165,9 @@ def _show(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.dir)
     cfg = manifest.config
-    echo(f"{manifest.root}: {_built(manifest)}, arch {cfg.get('arch', '?')}, dataset {cfg.get('dataset', '?')}, "
+    n = len(manifest.merges())
+    merges = f" ({counted(n, 'merged model')})" if n else ""
+    echo(f"{manifest.root}: {_built(manifest)}{merges}, arch {cfg.get('arch', '?')}, dataset {cfg.get('dataset', '?')}, "
          f"seed {cfg.get('seed', '?')}")
     for line in tree_lines(manifest):
         echo(line)
