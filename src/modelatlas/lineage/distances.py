@@ -89,17 +89,17 @@ class PairStats:
 def stream_pair_stats(ckpts: list[Checkpoint], layers: list[TensorInfo], *, sketch: int | None = None,
                       l1: bool = False, seed: int = 0, progress: Progress | None = None,
                       gram_sketch: int | None = GRAM_SKETCH, stream: bool = True,
-                      rank_sketch: str = "count") -> PairStats:
-    """One pass: Gram-matrix distances, kurtosis, optional rank sketches (``sketch`` columns) and
-    optional pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). ``gram_sketch``: sketch size of the
-    distances of layers with more than 4x as many weights (None: exact everywhere). ``stream``: sketched
-    layers are reduced one model at a time (O(P_l + N k) memory, no (N, P_l) block); False stacks every layer
-    (the reference path; ``l1`` always stacks). ``rank_sketch``: ``"count"`` or ``"gaussian"`` left (row) sketch
-    of layers with more than 2 s rows (:class:`RankSketch`). Time/memory: see the module."""
+                      rank_sketch: str = "count", layer_sq: bool = True) -> PairStats:
+    """One pass: Gram-matrix distances, kurtosis, optional rank sketches (``sketch`` columns) and optional
+    pairwise mean|dW| (``l1``, O(N^2 P) via ``torch.cdist``). ``gram_sketch``: sketch size of the distances of
+    layers with more than 4x as many weights (None: exact everywhere). ``stream``: sketched layers are reduced one
+    model at a time (O(P_l + N k) memory, no (N, P_l) block); False stacks every layer (the reference path; ``l1``
+    always stacks). ``rank_sketch``: ``"count"`` or ``"gaussian"`` left (row) sketch of layers with more than 2 s
+    rows (:class:`RankSketch`). ``layer_sq``: keep each layer's squared distances (per-layer merges)."""
     n = len(ckpts)
     st = PairStats(np.zeros((n, n)), np.zeros((n, n)), np.zeros(n), np.zeros((n, n)) if l1 else None,
                    stored_rel=np.zeros((n, n)), excess=np.zeros((n, n)), spread=np.zeros((n, n)), norms2=np.zeros(n),
-                   layer_sq=[] if n * n * len(layers) <= LAYER_SQ_CAP else None)
+                   layer_sq=[] if layer_sq and n * n * len(layers) <= LAYER_SQ_CAP else None)
     fits = ValueFormats(n, samples=ValueSamples(n, layers))
     bar = resolve(progress)(layers, total=len(layers), desc="reading layers")
     per_layer = []

@@ -23,16 +23,19 @@ MANTISSA = {"bfloat16": 7, "float16": 10, "float32": 23}
 ULPS = {"float32": 4.0}  # a float32 merge computed in float32 (not float64): a few units off, not half of one
 
 
-def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False) -> bool:
+def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False,
+                  read=None) -> bool:
     """Whether ``child``'s values are a weighted sum of its ``parents``' rounded to ``fmt`` (bfloat16 / float16), on
     up to :data:`_SAMPLE_ROWS` evenly spaced rows of each of ``layers``: the weights refitted there by least
     squares (one set, or one a layer with ``per_layer``), and :data:`VERIFY_SHARE` of the values within half a
     unit in the last place of ``fmt`` (+1 %; float32: :data:`ULPS`) of that sum (``conic``: of a A + b B, the
     weights free, as SLERP's are). A fine-tune 0.2 % from a bfloat16 base lies within
     bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
-    units are finer than its update). Time O(sampled weights)."""
+    units are finer than its update). ``read(ck, t)``: the sampled rows (:func:`read_sampled`, or a cache of it).
+    Time O(sampled weights)."""
+    read = read or read_sampled
     try:
-        rows = [[_read_sampled(ck, t) for ck in (child, *parents)] for t in layers]
+        rows = [[read(ck, t) for ck in (child, *parents)] for t in layers]
     except CheckpointError:
         return False
     if not rows or fmt not in MANTISSA:
@@ -53,6 +56,11 @@ def _telling(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int) -> tor
     return (stack.max(0).values - stack.min(0).values) > 1.5 * ulp
 
 
+def verify_grid(layers: list) -> list:
+    """The compared layers a value check samples: the first :data:`VERIFY_LAYERS` 2-D ones."""
+    return [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
+
+
 def sample_rows(n: int) -> torch.Tensor:
     """Up to :data:`_SAMPLE_ROWS` evenly spaced row indices of ``n`` rows."""
     return torch.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).round().long()
@@ -63,7 +71,7 @@ def _sampled(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1)[sample_rows(len(x))].double().flatten()  # (rows picked x row length,)
 
 
-def _read_sampled(ck, t) -> torch.Tensor:
+def read_sampled(ck, t) -> torch.Tensor:
     """:func:`_sampled` of ``ck``'s 2-D tensor ``t``, reading those rows only (the pass read the whole layer
     already; safetensors and GGUF read a row's bytes and no more)."""
     return ck.read_rows(t.name, sample_rows(t.shape[0])).double().flatten()  # (rows picked x row length,)
@@ -102,13 +110,18 @@ def _agreeing(d: torch.Tensor, dirs: list[torch.Tensor], half: torch.Tensor) -> 
 def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:
     """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0): a sweep over
     their sorted ends, an interval's opening before another's closing at one point. Time O(P log P)."""
-    on = (x != 0).numpy()
-    a = ((d - half) / x).numpy()[on]
-    b = ((d + half) / x).numpy()[on]
+    return sweep_weight(x.numpy(), d.numpy(), half.numpy())
+
+
+def sweep_weight(x: np.ndarray, d: np.ndarray, half: np.ndarray, middle: bool = False) -> float:
+    """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0): the end where most
+    overlap (:func:`best_overlap`), or the ``middle`` of that overlap; 0 without intervals. O(n log n)."""
+    on = x != 0
+    a, b = (d[on] - half[on]) / x[on], (d[on] + half[on]) / x[on]
     if not len(a):
         return 0.0
     ends, best = best_overlap(a, b)
-    return float(ends[best])
+    return float((ends[best] + ends[best + 1]) / 2) if middle else float(ends[best])
 
 
 def best_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:

@@ -28,12 +28,13 @@ found; memory O(k^2 F); a value check reads sampled rows of the candidate and it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
-from modelatlas.lineage.merge_values import VERIFY_LAYERS, on_merge_grid
+from modelatlas.lineage.merge_values import on_merge_grid, read_sampled, verify_grid
 
 # entries of the per-layer squared distances kept (128 MB: 200 models x 800 layers) for merges with a weight per
 # layer; none over it, nor when a model is quantized (a stand-in's rounding is in its distances)
@@ -307,19 +308,20 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
     floats = [i for i in keep if st.excess[i, i] >= 0]
     fmts = st.value_formats or [""] * len(members)
     share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in fmts])
-    grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
+    grid = verify_grid(layers)
+    read = _cached_rows(members, grid)
 
     def verify(m: Merge) -> bool:
         child, parents, fmt = members[m.child], [members[p] for p in m.parents], fmts[m.child] or "float32"
-        if on_merge_grid(child, parents, grid, fmt, bool(m.per_layer), m.curve):
+        if on_merge_grid(child, parents, grid, fmt, bool(m.per_layer), m.curve, read):
             return True
         # SLERP near its chord, rounded: the distances take it for a line merge, and its values are no one weighted
         # sum (its weights differ per tensor and sum to a little over 1: 1.002 for tensors 8 degrees apart)
-        return len(parents) == 2 and not m.curve and on_merge_grid(child, parents, grid, fmt, True, True)
+        return len(parents) == 2 and not m.curve and on_merge_grid(child, parents, grid, fmt, True, True, read)
 
+    index = {ck.name: i for i, ck in enumerate(members)}
     merges = find_merges(st.excess, floats, share * st.norms2, layers=None if not st.layer_sq else np.stack(st.layer_sq),
                          verify=verify)
-    index = {ck.name: i for i, ck in enumerate(members)}
     for m in merges:
         rec = {"parents": [members[p].name for p in m.parents], "weights": [round(w, 6) for w in m.weights],
                "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]),
@@ -327,6 +329,14 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
         found[members[m.child].name] = {**rec, "rms": float(st.rms[m.child, index[main_parent(rec)]])}
     merged = {m.child for m in merges}
     return [i for i in keep if i not in merged]
+
+
+def _cached_rows(members: list, grid: list) -> Callable:
+    """:func:`~.merge_values.read_sampled` of the last models checked: the fallbacks of a rounded merge's check
+    (SLERP, the plane) read the same child and parents again (four models' rows a layer kept)."""
+    index = {ck.name: i for i, ck in enumerate(members)}
+    rows = functools.lru_cache(maxsize=4 * len(grid) or 1)(lambda i, k: read_sampled(members[i], grid[k]))
+    return lambda ck, t: rows(index[ck.name], grid.index(t))
 
 
 def main_parent(record: dict) -> str:

@@ -270,7 +270,8 @@ def _pair_stats(cfg: LineageConfig, members, layers, progress) -> PairStats:
     ``cfg``'s sketches. Time: see the module."""
     return stream_pair_stats(members, layers, sketch=cfg.sketch if cfg.distance != "l2" else None,
                              l1=cfg.method == "mother-paper", seed=cfg.seed, progress=progress,
-                             gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch)
+                             gram_sketch=cfg.distance_sketch, rank_sketch=cfg.rank_sketch,
+                             layer_sq=cfg.merges)  # (per-layer distances serve merge detection only)
 
 
 def recover_lineage(weights, *, config: LineageConfig | None = None, progress: Progress | None = None,

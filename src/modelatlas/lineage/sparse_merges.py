@@ -40,14 +40,16 @@ from modelatlas.lineage.merge_values import (
     MIN_TELLING,
     ULPS,
     VERIFY_LAYERS,
-    best_overlap,
     sample_rows,
+    sweep_weight,
+    verify_grid,
 )
+from modelatlas.lineage.value_formats import ValueSamples
 
 NEIGHBOURS = 10  # P, A and B among M's 10 nearest (the development merges' parents: up to the 9th)
 MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges: 0.31-0.97)
 MIN_EQUAL = 0.005  # of the screened values of M equal to P's, A's or B's
-SCREEN_VALUES = 256  # sampled values the value screens read
+SCREEN_VALUES = ValueSamples.PER_LAYER * VERIFY_LAYERS  # sampled values the value screens read (256)
 SCREEN_SHARE = 0.9  # of the values where A or B moved that the loose rule must explain
 DARE_TOL = 0.15  # relative: DARE's alpha and beta read from the distances are within ~12 %
 SPARSE_SHARE = 0.99  # of the values where A or B moved, classed within rounding
@@ -211,7 +213,7 @@ def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: n
     """((alpha, beta, gamma, eta), share): the coefficients that class the most values of d = m - p as 0, alpha
     (a - p), beta (b - p) or gamma (a - p) + eta (b - p) within ``half``, and the share of the values where a or b
     moved (by more than the rounding) so classed; None when fewer than ``least`` moved. alpha and beta by the interval sweep over the values that moved
-    (:func:`_sweep`; the zeros, a third or more of a merge's, would elect 0), gamma and eta on the values they
+    (:func:`~.merge_values.sweep_weight`, the overlap's middle; the zeros, a third or more of a merge's, would elect 0), gamma and eta on the values they
     leave, each swept in turn from least squares. NumPy throughout: torch's masked indexing of a few thousand
     values ran 60x slower on two busy threads. O(V log V)."""
     # values where a or b moved by more than the rounding: a one-unit step lands any sum onto a grid point of its
@@ -221,7 +223,8 @@ def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: n
         return None
     d, ta, tb, h = m[moved] - p[moved], a[moved] - p[moved], b[moved] - p[moved], half[moved]
     nz = np.abs(d) > h
-    alpha, beta = _sweep(ta[nz], d[nz], h[nz]), _sweep(tb[nz], d[nz], h[nz])
+    # the middle of the best overlap: its end sits on the boundary of the values it counts, and loses some
+    alpha, beta = sweep_weight(ta[nz], d[nz], h[nz], True), sweep_weight(tb[nz], d[nz], h[nz], True)
     one = ~nz | (np.abs(d - alpha * ta) <= h) | (np.abs(d - beta * tb) <= h)
     rest = np.flatnonzero(~one)
     gamma, eta = alpha, beta
@@ -229,22 +232,10 @@ def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: n
         dr, ar, br, hr = d[rest], ta[rest], tb[rest], h[rest]
         gamma, eta = np.linalg.lstsq(np.stack([ar, br], 1), dr, rcond=None)[0].tolist()  # (R, 2) on (R,)
         for _ in range(3):  # least squares is pulled by the values no pair explains; the sweep is not
-            gamma = _sweep(ar, dr - eta * br, hr)
-            eta = _sweep(br, dr - gamma * ar, hr)
+            gamma = sweep_weight(ar, dr - eta * br, hr, True)
+            eta = sweep_weight(br, dr - gamma * ar, hr, True)
         one[rest] = np.abs(dr - gamma * ar - eta * br) <= hr
     return (alpha, beta, gamma, eta), float(one.mean())
-
-
-def _sweep(x: np.ndarray, d: np.ndarray, half: np.ndarray) -> float:
-    """The w in the most of the intervals |d_i - w x_i| <= half_i (one a value with x_i != 0), the middle of
-    where most overlap (an end, as :func:`~.merge_values._stab` gives, sits on the boundary of the values it
-    counts and loses some to the last bit): a sweep over their sorted ends. 0 without intervals. O(n log n)."""
-    on = x != 0
-    lo, hi = (d[on] - half[on]) / x[on], (d[on] + half[on]) / x[on]
-    if not len(lo):
-        return 0.0
-    ends, best = best_overlap(lo, hi)
-    return float((ends[best] + ends[best + 1]) / 2)  # the next end closes the overlap
 
 
 def _kind(c: tuple[float, float, float, float], tol: float = 0.01) -> str:
@@ -267,8 +258,8 @@ def split_sparse_merges(members: list, layers: list, st, keep: list[int], found:
     if st.excess is None:
         return keep
     pool = [i for i in keep if st.excess[i, i] >= 0]
-    grid = [t for t in layers if len(t.shape) == 2][:VERIFY_LAYERS]
-    if len(pool) < 4 or not grid:
+    grid = verify_grid(layers)
+    if len(pool) < 4 or not grid or st.samples is None:
         return keep
     sampled = SampledValues(members, grid, st.value_formats or [""] * len(members), st.samples)
     merges = find_sparse_merges(st.excess, pool, sampled.screen, sampled.values, sampled.half)
@@ -284,27 +275,21 @@ def split_sparse_merges(members: list, layers: list, st, keep: list[int], found:
 
 
 class SampledValues:
-    """Models' values, each read once, cached: :meth:`screen` a few hundred a model (those the pass kept,
-    ``PairStats.samples``: no file read again; else two rows a layer), :meth:`values` the 64 evenly spaced rows
-    a layer of :mod:`.merge_values` (read for the fitted candidates only: 8 layers of 64 rows of a 7B model's
-    11,008 are 45 MB a model)."""
+    """Models' values: :meth:`screen` a few hundred a model (those the pass kept, ``PairStats.samples``: no file
+    read again), :meth:`values` the 64 evenly spaced rows a layer of :mod:`.merge_values`, read once and cached
+    (for the fitted candidates only: 8 layers of 64 rows of a 7B model's 11,008 are 45 MB a model)."""
 
-    def __init__(self, members: list, grid: list, formats: list[str], samples: np.ndarray | None = None):
+    def __init__(self, members: list, grid: list, formats: list[str], samples: np.ndarray):
         self.members, self.grid, self.formats, self.samples = members, grid, formats, samples
-        self._screen: dict[int, np.ndarray | None] = {}
         self._values: dict[int, np.ndarray | None] = {}
 
     def screen(self, i: int) -> np.ndarray | None:
-        if self.samples is not None:  # (N, S), NaN where a read failed: equal to nothing
-            return None if np.isnan(self.samples[i]).all() else self.samples[i]
-        if i not in self._screen:
-            x = self._read(i, lambda n: sample_rows(n)[::32])
-            self._screen[i] = None if x is None else x[np.linspace(0, len(x) - 1, min(SCREEN_VALUES, len(x))).round().astype(int)]
-        return self._screen[i]
+        """(S,) model i's kept values; None where a read failed (NaN: equal to nothing)."""
+        return None if np.isnan(self.samples[i]).all() else self.samples[i]
 
     def values(self, i: int) -> np.ndarray | None:
         if i not in self._values:
-            self._values[i] = self._read(i, sample_rows)
+            self._values[i] = self._read(i)
         return self._values[i]
 
     def half(self, i: int) -> np.ndarray:
@@ -312,9 +297,9 @@ class SampledValues:
         fmt = self.formats[i] or "float32"
         return ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(self.values(i)))[1] - 1 - MANTISSA[fmt])
 
-    def _read(self, i: int, rows: Callable) -> np.ndarray | None:
+    def _read(self, i: int) -> np.ndarray | None:
         try:
-            return torch.cat([self.members[i].read_rows(t.name, rows(t.shape[0])).double().flatten()
+            return torch.cat([self.members[i].read_rows(t.name, sample_rows(t.shape[0])).double().flatten()
                               for t in self.grid]).numpy()  # (values,)
         except CheckpointError:
             return None

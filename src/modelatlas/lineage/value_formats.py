@@ -8,18 +8,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from modelatlas.lineage.merge_values import verify_grid
 from modelatlas.weights import TensorInfo
 
 
 class ValueSamples:
-    """:data:`PER_LAYER` evenly spaced values of each of the first :data:`LAYERS` 2-D layers read, per model,
+    """:data:`PER_LAYER` evenly spaced values of each layer a value check samples (:func:`.merge_values.verify_grid`), per model,
     kept as the pass reads them (NaN where a read failed): ``values`` (N, S). Time O(S) a model and layer."""
 
-    LAYERS = 8
     PER_LAYER = 32
 
     def __init__(self, n: int, layers: list[TensorInfo]):
-        chosen = [t for t in layers if len(t.shape) == 2][:self.LAYERS]
+        chosen = verify_grid(layers)
         self.positions = {t.name: torch.linspace(0, t.numel - 1, min(self.PER_LAYER, t.numel)).round().long()
                           for t in chosen}
         starts = np.cumsum([0] + [len(p) for p in self.positions.values()])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 CONFIG = "mergekit_config.yml"
 _MAX_BYTES = 1 << 20  # a mergekit config is a few hundred bytes
 
@@ -24,13 +26,9 @@ def declared_merge(folder: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        import yaml
-
         if path.stat().st_size > _MAX_BYTES:
             return {"file": str(path), "problem": f"over {_MAX_BYTES} bytes: no mergekit config"}
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except ImportError:
-        return {"file": str(path), "problem": "PyYAML is not installed (pip install pyyaml)"}
     except (OSError, ValueError, yaml.YAMLError) as e:
         return {"file": str(path), "problem": f"not readable as YAML ({' '.join(str(e).split())[:120]})"}
     return _parsed(path, data)
