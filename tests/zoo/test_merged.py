@@ -190,7 +190,7 @@ def test_a_large_star_draws_its_merges_without_listing_its_pairs(make_config, mo
     def refuse(*args):
         raise AssertionError("a tree of 3,000 fine-tunes listed its pairs")
 
-    monkeypatch.setattr(MZ, "_listed", refuse)
+    monkeypatch.setattr(MZ, "_PairLists", refuse)
     config = make_config(shape="star", depth=1, trees=1, children=3000, merges=6, method="full",
                          merge_kinds=("linear", "task_arithmetic", "slerp", "ties"))
     nodes = [{"name": "t0", "parent": None, "tree": "t0", "level": 0, "task": {"dataset": "digits"}}]

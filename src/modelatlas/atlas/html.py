@@ -122,12 +122,12 @@ def _subtree(root: str, kids: dict, entries: dict, out: list[str], folder: str, 
 
 def _trees(atlas: Atlas, folder: str) -> list[str]:
     kids, entries = atlas.forest.children(), {m.name: m for m in atlas.models}
-    out = []
+    formats, out = copy_formats(atlas.forest), []
     for t, root in enumerate(atlas.forest.roots()):
         size, note = tree_heading(atlas.forest, root) or (1, "")
         out.append(f'<div class="tree-box"><h3>tree {t + 1} ({_counted(size, "model")}{escape(note)})</h3>'
                    '<ul class="tree">')
-        _subtree(root, kids, entries, out, folder, copy_formats(atlas.forest))
+        _subtree(root, kids, entries, out, folder, formats)
         out.append("</ul></div>")
     return out
 

@@ -133,11 +133,12 @@ def merge_text(merge: dict) -> str:
     its models' weights on its base, e.g. ``"ties (density 0.40) on t0: 0.60 t0.0 + 0.30 t0.1"``."""
     if not merge:
         return ""
+    from modelatlas.lineage.export import signed_sum
+
     if "density" in merge:  # no sum: trimmed or dropped task vectors on the base (zoo.merged)
-        terms = " + ".join(f"{w:.2f} {p}" for p, w in zip(merge["parents"][1:], merge["weights"][1:]))
+        terms = signed_sum(merge["weights"][1:], merge["parents"][1:])
         return f"{merge['kind']} (density {merge['density']:.2f}) on {merge['parents'][0]}: {terms}"
-    terms = " + ".join(f"{w:.2f} {p}" for p, w in zip(merge["parents"], merge["weights"]))
-    return f"{merge.get('kind', 'merge')}: {terms}".replace("+ -", "- ")
+    return f"{merge.get('kind', 'merge')}: {signed_sum(merge['weights'], merge['parents'])}"
 
 
 def tree_lines(manifest) -> list[str]:

@@ -63,9 +63,13 @@ def merge_text(record: dict) -> str:
     if t and len(terms) == 2:
         lo, hi = min(t), max(t)
         return f"merge per layer: {lo:.2f}-{hi:.2f} {terms[0][1]} + {1 - hi:.2f}-{1 - lo:.2f} {terms[1][1]}"
-    w, name = terms[0]
-    text = f"merge: {w:.2f} {name}"
-    return text + "".join(f" {'-' if w < 0 else '+'} {abs(w):.2f} {name}" for w, name in terms[1:])
+    return "merge: " + signed_sum([w for w, _ in terms], [name for _, name in terms])
+
+
+def signed_sum(weights: list[float], names: list[str]) -> str:
+    """"0.50 a + 0.50 b", "-0.60 p + 0.80 a - 0.10 b": a weighted sum of models as text."""
+    text = f"{weights[0]:.2f} {names[0]}"
+    return text + "".join(f" {'-' if w < 0 else '+'} {abs(w):.2f} {n}" for w, n in zip(weights[1:], names[1:]))
 
 
 def _q(name: str) -> str:

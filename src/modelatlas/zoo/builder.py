@@ -27,7 +27,7 @@ from modelatlas.atomic import check_out_folder
 from modelatlas.errors import ConfigError
 from modelatlas.progress import Progress, resolve
 from modelatlas.zoo.architectures import build_model, head_name, lora_targets
-from modelatlas.zoo.config import ZooConfig
+from modelatlas.zoo.config import ADDED_FIELDS, ZooConfig
 from modelatlas.zoo.lora import adapter_config, adapter_tensors, add_lora, merge_lora
 from modelatlas.zoo.manifest import Manifest, ModelRecord, is_zoo_manifest, load_manifest
 from modelatlas.zoo.merged import build_merge
@@ -47,7 +47,7 @@ from modelatlas.zoo.store import (
 from modelatlas.zoo.tasks import task_data
 from modelatlas.zoo.train import accuracy, fit
 
-_LATER = {"merges": 0, "merge_dtype": "float32", "merge_kinds": ["linear", "task_arithmetic", "slerp"]}  # fields added since: at their defaults, left out of the hash
+_LATER = {k: v for k, v in ZooConfig().to_dict().items() if k in ADDED_FIELDS}  # their defaults: left out of the hash
 
 
 def fingerprint(config: ZooConfig) -> str:

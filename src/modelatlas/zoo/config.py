@@ -19,8 +19,12 @@ SHAPES = ("tree", "star")
 METHODS = ("full", "lora", "mixed")
 STORAGES = ("merged", "adapter")
 MERGE_DTYPES = ("float32", "bfloat16")
+WEIGHTED_MERGE_KINDS = ("linear", "task_arithmetic", "slerp")  # weighted sums of their parents: the default kinds
 SPARSE_MERGE_KINDS = ("ties", "dare_ties", "dare_linear")  # trim or drop values: no weighted sum of their parents
-MERGE_KINDS = ("linear", "task_arithmetic", "slerp", *SPARSE_MERGE_KINDS)  # modelatlas.zoo.merged
+MERGE_KINDS = (*WEIGHTED_MERGE_KINDS, *SPARSE_MERGE_KINDS)  # modelatlas.zoo.merged
+# fields added after zoos were first built: a manifest written before lacks them, and at their defaults they are
+# left out of the config fingerprint (zoos built then resume)
+ADDED_FIELDS = ("merges", "merge_dtype", "merge_kinds")
 TASK_KINDS = ("class_subset", "transform", "dataset", "new_head")
 _RANGES = ("root_steps", "root_lr", "ft_steps", "ft_lr", "lora_lr")
 MAX_MODELS = 100_000  # a zoo of this many models takes days to train on a few cores
@@ -67,7 +71,7 @@ class ZooConfig:
     seed: int = 0
     merges: int = 0  # merged models per tree, written after training (modelatlas.zoo.merged)
     merge_dtype: str = "float32"
-    merge_kinds: tuple[str, ...] = ("linear", "task_arithmetic", "slerp")  # the kinds merges cycle through
+    merge_kinds: tuple[str, ...] = WEIGHTED_MERGE_KINDS  # the kinds merges cycle through
 
     def __post_init__(self) -> None:
         for name in ("input_shape", "lora_ranks", "task_kinds", "transforms", "other_datasets", "merge_kinds", *_RANGES):

@@ -23,7 +23,6 @@ from modelatlas.zoo.manifest import Manifest
 from modelatlas.zoo.store import (
     RECORD,
     clear_folder,
-    float_dtype,
     load_state,
     save_full,
     weights_digest,
@@ -54,7 +53,7 @@ def merge_zoo(manifest: Manifest, out: str | Path, progress: Progress | None = N
         folder.mkdir(parents=True, exist_ok=True)
         clear_folder(folder)  # what a killed merge left: temporary files, an unfinished model's files
         state = load_state(manifest.root, m.path)
-        save_full(folder, state, arch, dtype=float_dtype(state))  # a bfloat16 merged model stays one
+        save_full(folder, state, arch)  # (a bfloat16 merged model stays one)
         rec = replace(m, storage="full", sha256=weights_digest(folder / "model.safetensors"))
         write_record(folder, asdict(rec), fp)
         records.append(rec)

@@ -15,7 +15,7 @@ import numpy as np
 from modelatlas.errors import ConfigError, DatasetNotFoundError
 from modelatlas.seeding import derive_seed
 from modelatlas.zoo.architectures import arch_config
-from modelatlas.zoo.config import ZooConfig
+from modelatlas.zoo.config import ADDED_FIELDS, ZooConfig
 from modelatlas.zoo.samplers import SamplerContext, get_sampler, root_task
 from modelatlas.zoo.tasks import dataset_info as task_dataset_info
 
@@ -118,8 +118,7 @@ def planned_names(config: dict) -> list[str] | None:
     :class:`ZooConfig` field and ``arch_config``); None for other manifests (probex families, hand-written)."""
     from dataclasses import fields
 
-    later = {"merges", "merge_dtype", "merge_kinds"}  # fields added since: a manifest written before lacks them (the defaults)
-    if "arch_config" not in config or any(f.name not in config and f.name not in later for f in fields(ZooConfig)):
+    if "arch_config" not in config or any(f.name not in config and f.name not in ADDED_FIELDS for f in fields(ZooConfig)):
         return None
     try:
         return model_names(ZooConfig.from_dict(config))

@@ -43,12 +43,12 @@ def clear_folder(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict | None, dtype: str = "float32") -> None:
+def save_full(folder: Path, state: dict[str, torch.Tensor], arch: dict | None) -> None:
     """A Hugging Face-style model folder: ``model.safetensors`` and, for an architecture config (a manifest
-    written by ``make_zoo`` has one), ``config.json`` (``torch_dtype``: ``dtype``, the weights' own)."""
+    written by ``make_zoo`` has one), ``config.json`` (``torch_dtype``: the weights' own, :func:`float_dtype`)."""
     atomic_save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
     if isinstance(arch, dict) and "arch" in arch:
-        atomic_write_json(folder / "config.json", hf_config(arch, dtype))
+        atomic_write_json(folder / "config.json", hf_config(arch, float_dtype(state)))
 
 
 def float_dtype(state: dict[str, torch.Tensor]) -> str:
