@@ -322,7 +322,25 @@ def test_spaced_rows_are_one_request_where_they_are_near(tmp_path, monkeypatch):
         before = len(srv.seen)
         assert torch.equal(ck.read_rows("w", rows), local.read_rows("w", rows))
         assert len(srv.seen) - before == 1  # was 64: one a row
-        monkeypatch.setattr(H, "GAP_BYTES", 1024)  # rows 2 KB apart: each its own request again
+        monkeypatch.setattr(H.HttpRanges, "gap_bytes", 1024)  # rows 2 KB apart: each its own request again
         before = len(srv.seen)
         assert torch.equal(ck.read_rows("w", rows[:5]), local.read_rows("w", rows[:5]))
         assert len(srv.seen) - before == 5
+
+
+def test_failures_before_any_answer_are_one_line(tmp_path, monkeypatch):
+    import socket
+
+    check_refused("hf://gpt2", "not a hub model URL", "hf://org/name")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    check_refused(f"http://127.0.0.1:{port}/a.safetensors", "cannot connect")
+    monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "soon")
+    with pytest.raises(CheckpointError, match="^ATLAS_HTTP_TIMEOUT: must be a number of seconds$"):
+        open_checkpoint(f"http://127.0.0.1:{port}/a.safetensors")
+    monkeypatch.delenv("ATLAS_HTTP_TIMEOUT")
+    make_file(tmp_path)
+    with make_server(tmp_path) as srv, pytest.raises(CheckpointError) as e:
+        open_checkpoint(srv.url("a.safetensors"), base="x")
+    assert "option(s) base do not apply to a checkpoint read over HTTP" in str(e.value) and "\n" not in str(e.value)

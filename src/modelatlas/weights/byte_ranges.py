@@ -25,6 +25,8 @@ class ByteRanges:
     """One file's byte ranges, read through one unbuffered handle (opened at the first use, kept until
     :meth:`close`; a read after it opens the file again)."""
 
+    gap_bytes = 0  # unwanted bytes read between two wanted rows rather than a second read (a disk seeks cheaply)
+
     def __init__(self, path: Path):
         self.path = path
         self._handle = None
@@ -61,13 +63,20 @@ class ByteRanges:
 
     def read_rows(self, offset: int, width: int, rows: np.ndarray, what: str) -> np.ndarray:
         """Rows ``rows`` (ascending, distinct indices) of the rows of ``width`` bytes stored one after another
-        from ``offset``, as (r, width) uint8: each run of consecutive rows one read, so only those rows come off
-        the disk (256 rows of a 2048-row layer are an eighth of it). Time O(r width)."""
+        from ``offset``, as (r, width) uint8: each run of rows at most :attr:`gap_bytes` apart one read (local
+        files: consecutive rows only, so only those rows come off the disk: 256 rows of a 2048-row layer are an
+        eighth of it; the rows between are read and dropped). Time O(r width), O(span) with gaps."""
         out = np.empty((len(rows), width), dtype=np.uint8)
-        cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
+        skip = self.gap_bytes // max(width, 1)  # rows between two wanted ones worth reading rather than a new read
+        cuts = np.flatnonzero(np.diff(rows) > skip + 1) + 1  # where a read's run of rows ends
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]) if len(rows) else ():
-            part = out[a:b].reshape(-1)  # (rows of the run x width,) a view of out
-            self.read_into(offset + int(rows[a]) * width, memoryview(part), what)
+            first, last = int(rows[a]), int(rows[b - 1])
+            if last - first + 1 == b - a:  # no gap: straight into out
+                self.read_into(offset + first * width, memoryview(out[a:b].reshape(-1)), what)
+                continue
+            span = np.empty((last - first + 1, width), dtype=np.uint8)  # (rows of the span, width)
+            self.read_into(offset + first * width, memoryview(span.reshape(-1)), what)
+            out[a:b] = span[rows[a:b] - first]
         return out
 
     def _read_at(self, f, view: memoryview, offset: int) -> int:

@@ -228,11 +228,14 @@ def _inexact(at_top: torch.Tensor, group: int) -> torch.Tensor | float:
     return (1 - f / f.sum(-1, keepdim=True).clamp(min=1)).view(r, cols)  # (r, blocks, group) -> (r, cols)
 
 
-def round_e2m1(q: torch.Tensor) -> torch.Tensor:
+def round_e2m1(q: torch.Tensor, ties_even: bool = True) -> torch.Tensor:
     """Codes of the E2M1 values nearest ``q`` (clamped to +-6; a tie to the even mantissa: 0.25 -> 0,
-    0.75 -> 1, 2.5 -> 2, 5 -> 4, as compressed-tensors rounds), negative values signed (bit 3). uint8."""
+    0.75 -> 1, 2.5 -> 2, 5 -> 4, as compressed-tensors rounds; not ``ties_even``: to the lower magnitude, as
+    MLX's CPU ``mx.quantize``, the first of an argmin over the levels), negative values signed (bit 3). uint8."""
     m = q.abs().clamp(max=6.0)
     idx = torch.bucketize(m, _EDGES)  # ties to the lower level
+    if not ties_even:
+        return (idx | ((q < 0).long() << 3)).to(torch.uint8)
     up = torch.zeros(8, dtype=torch.bool)
     up[[1, 3, 5]] = True  # edges 0.75, 1.75, 3.5 round up (their upper level's mantissa is even)
     tie = (idx < 7) & (m == _EDGES[idx.clamp(max=6)]) & up[idx.clamp(max=6)]
@@ -255,19 +258,10 @@ def requantized_share(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, wh
         again = round_e2m1(q)
         hit = E2M1[again.long()] == E2M1[c]
         if layer.state.get("words"):
-            hit |= E2M1[_lower_at_ties(q, again).long()] == E2M1[c]
+            hit |= E2M1[round_e2m1(q, ties_even=False).long()] == E2M1[c]
         same += int((hit | (s == 0)).sum())  # scale 0: 0 whatever x / 0 gave
         total += xs.numel()
     return same / max(total, 1)
-
-
-def _lower_at_ties(q: torch.Tensor, again: torch.Tensor) -> torch.Tensor:
-    """``again`` (:func:`round_e2m1` of ``q``) but the level of lower magnitude where ``|q|`` is half way
-    between two levels (MLX's CPU ``mx.quantize`` takes the first of an argmin over the levels). uint8."""
-    m = q.abs()
-    idx = torch.bucketize(m, _EDGES)  # an edge itself: the lower level
-    tie = (idx < 7) & (m == _EDGES[idx.clamp(max=6)])
-    return torch.where(tie, (idx | ((q < 0).long() << 3)).to(torch.uint8), again)
 
 
 def _sample(x: torch.Tensor, parts: dict[str, torch.Tensor], layer, rows: torch.Tensor, where: str):

@@ -1,9 +1,9 @@
 """Exact byte ranges of a file served over HTTP(S): one ``Range`` request a range, and no more bytes than it.
 
 The remote twin of :mod:`.byte_ranges` (:class:`HttpRanges` is a :class:`~.byte_ranges.ByteRanges`; its
-``read_rows`` reads rows up to :data:`GAP_BYTES` apart as one range, one request, dropping the rows between). The standard library only
-(``http.client``, one connection kept open a host: :mod:`.http_connections`): modelatlas takes no HTTP
-dependency.
+``read_rows`` reads rows up to :data:`GAP_BYTES` apart as one range, one request, dropping the rows between).
+The standard library only (``http.client``, one connection kept open a host: :mod:`.http_connections`):
+modelatlas takes no HTTP dependency.
 
 Every answer is checked before its body is read: ``206 Partial Content`` with a ``Content-Range`` of exactly the
 bytes asked for, of a file of the size the first answer gave (the file's size is known only from it); a server
@@ -25,8 +25,6 @@ import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
-
-import numpy as np
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.byte_ranges import ByteRanges
@@ -75,7 +73,10 @@ def _origin(url: str) -> str:
 
 class HttpRanges(ByteRanges):
     """Byte ranges of the file at ``url``; ``size`` (bytes) is known after the first read. ``fetched`` counts the
-    body bytes received (what a benchmark compares with the file's size)."""
+    body bytes received (what a benchmark compares with the file's size). Rows less than :data:`GAP_BYTES`
+    apart are one request (``read_rows``): 64 evenly spaced rows of a layer were 64 round trips."""
+
+    gap_bytes = GAP_BYTES
 
     def __init__(self, url: str):
         super().__init__(url)
@@ -109,20 +110,6 @@ class HttpRanges(ByteRanges):
         except CheckpointError:
             body = None
         buf[:] = body if body is not None else self.fetch(offset, buf.nbytes, what)
-
-    def read_rows(self, offset: int, width: int, rows: np.ndarray, what: str) -> np.ndarray:
-        """:meth:`~.byte_ranges.ByteRanges.read_rows` over HTTP: rows less than :data:`GAP_BYTES` apart are read
-        as one range with the rows between them, which are dropped (64 evenly spaced rows of a layer were 64
-        requests: a round trip each, where a disk seeks in microseconds). Time O(span)."""
-        out = np.empty((len(rows), width), dtype=np.uint8)
-        skip = GAP_BYTES // max(width, 1)  # rows between two wanted ones worth reading rather than a new request
-        cuts = np.flatnonzero(np.diff(rows) > skip + 1) + 1  # where a request's span of rows ends
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]) if len(rows) else ():
-            first = int(rows[a])
-            span = np.empty((int(rows[b - 1]) - first + 1, width), dtype=np.uint8)  # (rows of the span, width)
-            self.read_into(offset + first * width, memoryview(span.reshape(-1)), what)
-            out[a:b] = span[rows[a:b] - first]
-        return out
 
     def get_json_bytes(self, what: str) -> bytes:
         """The whole (small) file, by a plain GET: a shard index or a ``config.json``, read before any size is known."""

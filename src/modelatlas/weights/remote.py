@@ -199,8 +199,6 @@ def _small_file(url: str, name: str) -> bytes | None:
 def _open(url: str) -> Checkpoint:
     if url.startswith("hf://"):
         return _open_hub(url)
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise CheckpointError(url, "only http://, https:// and hf:// URLs are read")
     path = unquote(urlsplit(url).path)
     if path.endswith(".safetensors"):
         return RemoteSafetensorsCheckpoint(url)
