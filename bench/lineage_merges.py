@@ -24,6 +24,7 @@ from __future__ import annotations
 import short_spin  # noqa: F401  # isort: skip  (first: GOMP_SPINCOUNT before torch loads)
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +142,10 @@ def _found(forest, merges: dict[str, dict], bf16: bool) -> dict:
                for n in exact if "weights" in merges[n] and merges[n].get("kind") not in ("slerp", *SPARSE_MERGE_KINDS)
                for p, w in zip(merges[n]["parents"], merges[n]["weights"])), default=0.0)
     planted = {n + suffix for n in merges}
+    kinds = {n: [merges[n]["kind"], got[n + suffix].get("kind")] for n in exact if merges[n].get("kind") in SPARSE_MERGE_KINDS}
     return {"planted": len(merges), "exact": len(exact), "other": sum(n + suffix in got for n in merges) - len(exact),
             "missed": sum(n + suffix not in got for n in merges), "false": sorted(set(got) - planted),
-            "weight_err": round(err, 4)}
+            "weight_err": round(err, 4), "sparse_kinds": kinds, "kind_right": sum(a == b for a, b in kinds.values())}
 
 
 RUNS = {"adam 1e-3, every 50 steps": ("adam", 1e-3, 50), "adam 1e-4, every 20 steps": ("adam", 1e-4, 20),
@@ -198,6 +200,10 @@ def table(out: list[dict]) -> str:
     lines.append(f"| **all {len(out)}** | {tot['planted']} | {tot['exact']} | {tot['other']} | {tot['missed']} | "
                  f"{sum(len(r['false']) for r in out)} | {tot['acc_plain']} / {tot['acc_on']} / {tot['acc_off']} of "
                  f"{tot['edges']} |")
+    sparse = [tuple(k) for r in out for k in r.get("sparse_kinds", {}).values()]  # (planted, reported) kinds
+    if sparse:
+        lines.append(f"\nTIES / DARE merges found: {len(sparse)}, reported with their planted kind: "
+                     f"{sum(a == b for a, b in sparse)}; (planted, reported): {dict(sorted(Counter(sparse).items()))}")
     return "\n".join(lines)
 
 
