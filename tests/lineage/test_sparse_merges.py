@@ -9,6 +9,7 @@ from modelatlas.lineage.export import to_text
 from modelatlas.lineage.sparse_merges import (
     MIN_EQUAL,
     SparseMerge,
+    _dare_kind,
     _dare_scales,
     _disjoint,
     _kind,
@@ -92,10 +93,24 @@ def test_ties_and_dare_merges_are_found_with_base_and_models():
     fam["ties"] = make_merge(fam, "ties")
     fam["dare"] = make_merge(fam, "dare_linear", (0.7, 0.5), 0.4)
     found = check_found(fam)
-    assert found == {"ties": (("P", "A", "B"), "ties"), "dare": (("P", "A", "B"), "dare")}
+    assert found == {"ties": (("P", "A", "B"), "ties"), "dare": (("P", "A", "B"), "dare_linear")}
     fam = make_family(1)
     fam["dt"] = make_merge(fam, "dare_ties", (0.5, 0.5), 0.6)
-    assert check_found(fam) == {"dt": (("P", "A", "B"), "dare")}  # a sign disagreeing keeps one: classed as DARE
+    # a sign disagreeing keeps the elected side alone: the same classes as DARE's, told by where they fall
+    assert check_found(fam) == {"dt": (("P", "A", "B"), "dare_ties")}
+
+
+def test_dare_ties_and_dare_linear_are_told_by_the_values_whose_deltas_disagree_in_sign():
+    for seed, density in ((2, 0.3), (3, 0.7)):
+        fam = make_family(seed)
+        for kind in ("dare_linear", "dare_ties"):
+            m = make_merge(fam, kind, (0.8, 0.4), density, seed)
+            half = np.full(len(m), 1e-6)
+            scales = (0.8 / density, 0.4 / density)  # DARE: weight / density
+            assert _dare_kind(m.astype(np.float64), fam["P"], fam["A"], fam["B"], half, scales) == kind
+    fam = make_family(4, dim=96)  # too few values where deltas disagree in sign and one is kept (~36 of 96): untold
+    m = make_merge(fam, "dare_linear", (0.5, 0.5), 0.5)
+    assert _dare_kind(m.astype(np.float64), fam["P"], fam["A"], fam["B"], np.full(96, 1e-6), (1.0, 1.0)) == "dare"
 
 
 def test_fine_tunes_and_weighted_sums_are_no_sparse_merge():
