@@ -234,6 +234,23 @@ def test_a_bfloat16_slerp_merge_near_its_chord_is_found_by_its_values(step):
     assert {(e.parent, e.child) for e in forest.edges if e.kind != "merge"} == {(e.parent, e.child) for e in plain.edges}
 
 
+@pytest.mark.parametrize("ends", [(0.45, 0.45), (0.25, 0.7)])
+def test_a_slerp_merge_found_by_its_values_records_its_weights_and_t_per_tensor(ends):
+    # the per-tensor SLERP check fits a A + b B per sampled tensor; the record had only the line's one pair
+    weights, parents = make_synthetic_forest(n_trees=2, children=3, depth=2, seed=4, step=0.1)
+    a, b = weights["t0_0"], weights["t0_1"]
+    ramp = dict(zip(sorted(a), np.linspace(*ends, len(a)).tolist()))  # t, the weight of t0_1, per tensor
+    weights["sl"] = {k: slerp(ramp[k], a[k], b[k]).bfloat16() for k in a}
+    rec = recover_lineage(weights, stage="specialize").decisions["model_merges"]["sl"]
+    assert sorted(rec["parents"]) == ["t0_0", "t0_1"] and len(rec["weights"]) == 2  # the old fields stay
+    second = rec["parents"][1] == "t0_1"
+    assert sorted(rec["per_tensor"]) == sorted(a)  # every 2-D tensor the check samples (up to 8)
+    for name, fit in rec["per_tensor"].items():
+        want = ramp[name] if second else 1 - ramp[name]
+        assert abs(fit["t"] - want) < 0.01 and len(fit["weights"]) == 2
+        assert abs(sum(fit["weights"]) - 1) < 0.01  # SLERP's a + b: a little over 1 for tensors a few degrees apart
+
+
 def test_a_bfloat16_task_arithmetic_merge_whose_base_weighs_little_is_found_with_its_base():
     # P + 0.68 (A - P) + 0.30 (B - P): the base weighs 0.02, so the merge lies near the line A-B too; rounded, that
     # line fits its distances, and only its values tell the plane

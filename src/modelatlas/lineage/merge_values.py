@@ -33,17 +33,45 @@ def on_merge_grid(child, parents: list, layers: list, fmt: str, per_layer: bool 
     bfloat16's rounding of the mean of two others in squared distance, but not value by value (the small values'
     units are finer than its update). ``read(ck, t)``: the sampled rows (:func:`read_sampled`, or a cache of it).
     Time O(sampled weights)."""
+    return merge_fit(child, parents, layers, fmt, per_layer, conic, read) is not None
+
+
+def merge_fit(child, parents: list, layers: list, fmt: str, per_layer: bool = False, conic: bool = False,
+              read=None) -> dict | None:
+    """:func:`on_merge_grid`'s check, with what it fitted: None where the values say no; else, with ``per_layer``,
+    each layer's name -> {"weights": the parents' weights there, "t": SLERP's interpolation factor toward the
+    second parent (``conic`` with two parents: :func:`slerp_t`; else None)}, and {} for one weighted sum. Time
+    O(sampled weights)."""
     read = read or read_sampled
     try:
         rows = [[read(ck, t) for ck in (child, *parents)] for t in layers]
     except CheckpointError:
-        return False
+        return None
     if not rows or fmt not in MANTISSA:
-        return False
+        return None
     groups = rows if per_layer else [[torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))]]
-    within = torch.cat([_within_ulp(g[0], g[1:], MANTISSA[fmt], ULPS.get(fmt, 0.505), conic) for g in groups])
+    fits = [_fitted(g[0], g[1:], MANTISSA[fmt], ULPS.get(fmt, 0.505), conic) for g in groups]
+    within = torch.cat([mask for mask, _ in fits])
     telling = torch.cat([_telling(g[0], g[1:], MANTISSA[fmt]) for g in groups])
-    return int(telling.sum()) >= MIN_TELLING and float(within[telling].double().mean()) >= VERIFY_SHARE
+    if int(telling.sum()) < MIN_TELLING or float(within[telling].double().mean()) < VERIFY_SHARE:
+        return None
+    if not per_layer:
+        return {}
+    return {t.name: {"weights": [round(w, 6) for w in ws],
+                     "t": round(slerp_t(*g[1:], *ws), 6) if conic and len(ws) == 2 else None}
+            for t, g, (_, ws) in zip(layers, groups, fits)}
+
+
+def slerp_t(a: torch.Tensor, b: torch.Tensor, wa: float, wb: float) -> float:
+    """SLERP's t (the weight of ``b``) that gives the weights ``wa`` a + ``wb`` b: SLERP's are sin((1 - t) theta) /
+    sin(theta) and sin(t theta) / sin(theta), so sin(t theta) = wb sin(theta) and cos(t theta) = wa + wb
+    cos(theta), theta the angle between ``a`` and ``b`` (here their sampled rows: the whole tensors' where a
+    layer has at most :data:`_SAMPLE_ROWS` rows). Nearly parallel tensors: the chord's wb / (wa + wb). O(P)."""
+    cos = float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else 1.0
+    theta = float(np.arccos(np.clip(cos, -1.0, 1.0)))
+    if theta < 1e-6 or wa + wb == 0:
+        return wb / (wa + wb) if wa + wb else 0.5
+    return float(np.arctan2(wb * np.sin(theta), wa + wb * np.cos(theta)) / theta)
 
 
 def _telling(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int) -> torch.Tensor:
@@ -80,31 +108,47 @@ def read_sampled(ck, t) -> torch.Tensor:
 def _within_ulp(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int, ulps: float = 0.505,
                 conic: bool = False) -> torch.Tensor:
     """(P,) whether each value of ``y`` is within half a unit in the last place (+1 %) of one weighted sum of its
-    ``parents``: the weights that the most values agree with (:func:`_agreeing`), each parent tried as the base
-    of the affine form. Least squares alone is biased here: parents on one grid k units apart give a merge whose
-    rounding is a function of k (0.767 A + 0.233 B of two bfloat16 tensors 0.8 degrees apart fitted 0.797, and
-    21 % of the values then missed); one weight at a time can stall on a plane's pair of weights from one base
-    (98.8 % of a task-arithmetic merge's values from one base, 99.99 % from another)."""
+    ``parents`` (:func:`_fitted`)."""
+    return _fitted(y, parents, mantissa, ulps, conic)[0]
+
+
+def _fitted(y: torch.Tensor, parents: list[torch.Tensor], mantissa: int, ulps: float = 0.505,
+            conic: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """((P,) whether each value of ``y`` is within half a unit in the last place (+1 %) of one weighted sum of its
+    ``parents``, the parents' weights): the weights that the most values agree with (:func:`_agreeing`), each
+    parent tried as the base of the affine form. Least squares alone is biased here: parents on one grid k units
+    apart give a merge whose rounding is a function of k (0.767 A + 0.233 B of two bfloat16 tensors 0.8 degrees
+    apart fitted 0.797, and 21 % of the values then missed); one weight at a time can stall on a plane's pair of
+    weights from one base (98.8 % of a task-arithmetic merge's values from one base, 99.99 % from another)."""
     half = ulps * torch.ldexp(torch.ones_like(y), torch.frexp(y.abs()).exponent - 1 - mantissa)  # (P,)
     if conic:  # y = sum_i w_i p_i, the weights free (SLERP's sum to a little over 1)
+        if len(parents) != 2:
+            return _agreeing(y, list(parents), half)
         # two parents a few degrees apart are nearly parallel, and weight by weight the sweep stalls on them
         # (a bfloat16 SLERP 8 degrees apart: 95 % of its values); their mean and difference are nearly orthogonal
-        dirs = [(parents[0] + parents[1]) / 2, parents[0] - parents[1]] if len(parents) == 2 else list(parents)
-        return _agreeing(y, dirs, half)
-    masks = [_agreeing(y - parents[b], [p - parents[b] for i, p in enumerate(parents) if i != b], half)
-             for b in range(len(parents) if len(parents) > 2 else 1)]
-    return max(masks, key=lambda m: int(m.sum()))
+        mask, (mean, diff) = _agreeing(y, [(parents[0] + parents[1]) / 2, parents[0] - parents[1]], half)
+        return mask, [mean / 2 + diff, mean / 2 - diff]
+    fits = []
+    for b in range(len(parents) if len(parents) > 2 else 1):
+        others = [i for i in range(len(parents)) if i != b]
+        mask, w = _agreeing(y - parents[b], [parents[i] - parents[b] for i in others], half)
+        weights = [0.0] * len(parents)
+        for i, wi in zip(others, w):
+            weights[i] = wi
+        weights[b] = 1.0 - sum(w)
+        fits.append((mask, weights))
+    return max(fits, key=lambda f: int(f[0].sum()))
 
 
-def _agreeing(d: torch.Tensor, dirs: list[torch.Tensor], half: torch.Tensor) -> torch.Tensor:
-    """(P,) which values of ``d`` lie within ``half`` of ``sum_j w_j dirs[j]`` for the weights most values agree
-    with: from least squares, each weight in turn set by :func:`_stab`, four rounds."""
+def _agreeing(d: torch.Tensor, dirs: list[torch.Tensor], half: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """((P,) which values of ``d`` lie within ``half`` of ``sum_j w_j dirs[j]``, the weights w): the weights most
+    values agree with, from least squares, each weight in turn set by :func:`_stab`, four rounds."""
     x = torch.stack(dirs, 1)  # (P, k - 1)
     w = torch.linalg.lstsq(x, d[:, None]).solution[:, 0]  # (k - 1,)
     for _ in range(4 if x.shape[1] > 1 else 1):
         for j in range(x.shape[1]):
             w[j] = _stab(x[:, j], d - x @ w + x[:, j] * w[j], half)  # what weight j must explain
-    return (d - x @ w).abs() <= half
+    return (d - x @ w).abs() <= half, [float(v) for v in w]
 
 
 def _stab(x: torch.Tensor, d: torch.Tensor, half: torch.Tensor) -> float:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from modelatlas.lineage.merge_values import on_merge_grid, read_sampled, verify_grid
+from modelatlas.lineage.merge_values import merge_fit, read_sampled, verify_grid
 
 # entries of the per-layer squared distances kept (128 MB: 200 models x 800 layers) for merges with a weight per
 # layer; none over it, nor when a model is quantized (a stand-in's rounding is in its distances)
@@ -298,8 +298,9 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
     """``keep`` less the merges among the checkpoints ``members`` (:func:`find_merges` on the pass's squared
     distances ``st.excess``), each recorded in ``found``: name -> {"parents": names, "weights": floats,
     "residual": float, "kurtosis": its summed kurtosis, "rms": its RMS distance to its most weighted parent
-    (:func:`main_parent`)}; a model stored at bfloat16 / float16 must pass :func:`on_merge_grid` on the compared
-    ``layers``. Quantized models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves
+    (:func:`main_parent`), "per_layer" (a weight per compared layer, from the distances) and "per_tensor" (a
+    value check's weights, and SLERP's t, per sampled tensor: :func:`~.merge_values.merge_fit`) where they
+    apply}; a model stored at bfloat16 / float16 must pass :func:`on_merge_grid` on the compared ``layers``. Quantized models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves
     negative) are neither merges nor parents here: a stand-in's rounding is no float rounding, and a model made
     from a quantized one is found by other means (:mod:`.quantized`); the float models beside them are searched.
     Time that of :func:`find_merges`, plus O(sampled rows) a rounded candidate."""
@@ -309,26 +310,37 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
     fmts = st.value_formats or [""] * len(members)
     share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in fmts])
     grid = verify_grid(layers)
-    read = _cached_rows(members, grid)
-
-    def verify(m: Merge) -> bool:
-        child, parents, fmt = members[m.child], [members[p] for p in m.parents], fmts[m.child] or "float32"
-        if on_merge_grid(child, parents, grid, fmt, bool(m.per_layer), m.curve, read):
-            return True
-        # SLERP near its chord, rounded: the distances take it for a line merge, and its values are no one weighted
-        # sum (its weights differ per tensor and sum to a little over 1: 1.002 for tensors 8 degrees apart)
-        return len(parents) == 2 and not m.curve and on_merge_grid(child, parents, grid, fmt, True, True, read)
-
+    fitted: dict[tuple, dict] = {}  # (child, parents) -> the value check's fit per tensor (merge_fit)
+    verify = _value_check(members, grid, fmts, _cached_rows(members, grid), fitted)
     index = {ck.name: i for i, ck in enumerate(members)}
     merges = find_merges(st.excess, floats, share * st.norms2, layers=None if not st.layer_sq else np.stack(st.layer_sq),
                          verify=verify)
     for m in merges:
         rec = {"parents": [members[p].name for p in m.parents], "weights": [round(w, 6) for w in m.weights],
                "residual": round(m.residual, 6), "kurtosis": float(st.kurtosis[m.child]),
-               **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {})}
+               **({"per_layer": [round(t, 4) for t in m.per_layer]} if m.per_layer else {}),
+               **({"per_tensor": fitted[m.child, m.parents]} if (m.child, m.parents) in fitted else {})}
         found[members[m.child].name] = {**rec, "rms": float(st.rms[m.child, index[main_parent(rec)]])}
     merged = {m.child for m in merges}
     return [i for i in keep if i not in merged]
+
+
+def _value_check(members: list, grid: list, fmts: list[str], read: Callable, fitted: dict) -> Callable[[Merge], bool]:
+    """find_merges' ``verify``: whether a candidate's values are its parents' weighted sum (:func:`merge_fit` on
+    the sampled rows of ``grid``, ``read`` them), its fit per tensor put in ``fitted`` by (child, parents)."""
+
+    def verify(m: Merge) -> bool:
+        child, parents, fmt = members[m.child], [members[p] for p in m.parents], fmts[m.child] or "float32"
+        got = merge_fit(child, parents, grid, fmt, bool(m.per_layer), m.curve, read)
+        if got is None and len(parents) == 2 and not m.curve:
+            # SLERP near its chord, rounded: the distances take it for a line merge, and its values are no one
+            # weighted sum (its weights differ per tensor and sum to a little over 1: 1.002 for tensors 8 degrees apart)
+            got = merge_fit(child, parents, grid, fmt, True, True, read)
+        if got:
+            fitted[m.child, m.parents] = got
+        return got is not None
+
+    return verify
 
 
 def _cached_rows(members: list, grid: list) -> Callable:
