@@ -12,6 +12,8 @@ the models' URLs and on their paths, alternately, ``--repeats`` times (the serve
 connections it accepts) (the files stay in the page cache: the
 comparison is the HTTP overhead on loopback, not a network), and the two forests are checked equal.
 ``--latency-ms 20`` makes the server wait that long before each answer, as a network's round trip would.
+``--slerp-merge`` adds ``m-slerp``, a bfloat16 per-tensor SLERP of ``a1`` and ``b`` at t = 0.4 (session 36's
+merge: the value checks of merges then read sampled rows over HTTP), and prints the merges found.
 """
 
 from __future__ import annotations
@@ -65,6 +67,24 @@ def make_zoo(work: Path, width: int, blocks: int, seed: int = 0) -> list[Path]:
     for name, tensors in weights.items():
         save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(work / f"{name}.safetensors"))
     return files
+
+
+def add_slerp_merge(work: Path, files: list[Path], t: float = 0.4) -> list[Path]:
+    """``files`` and ``work/m-slerp.safetensors`` (written when absent): per tensor, SLERP of a1's and b's tensors as
+    flat vectors at ``t`` (the weight of b), in float64, stored bfloat16."""
+    target = work / "m-slerp.safetensors"
+    if not target.is_file():
+        from safetensors.torch import load_file
+
+        a, b = (load_file(str(work / f"{n}.safetensors")) for n in ("a1", "b"))
+        out = {}
+        for k in a:
+            fa, fb = a[k].double().flatten(), b[k].double().flatten()  # (n,) each
+            theta = torch.arccos((fa @ fb / (fa.norm() * fb.norm())).clamp(-1, 1))
+            mixed = (torch.sin((1 - t) * theta) * fa + torch.sin(t * theta) * fb) / torch.sin(theta)
+            out[k] = mixed.view(a[k].shape).to(torch.bfloat16)
+        save_file(out, str(target))
+    return [*files, target]
 
 
 class RangeHandler(BaseHTTPRequestHandler):
@@ -147,8 +167,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=0.0, help="the server waits this long before each answer")
     ap.add_argument("--tls", action="store_true", help="https, with a self-signed certificate the client trusts")
+    ap.add_argument("--slerp-merge", action="store_true", help="add a bfloat16 SLERP merge of a1 and b")
     args = ap.parse_args()
     files = make_zoo(args.work, args.width, args.blocks)
+    files = add_slerp_merge(args.work, files) if args.slerp_merge else files
     srv = serve(args.work, args.latency_ms / 1000, tls_context(args.work) if args.tls else None)
     urls = [f"{'https' if args.tls else 'http'}://127.0.0.1:{srv.server_port}/{f.name}" for f in files]
     total = sum(f.stat().st_size for f in files)
@@ -167,6 +189,8 @@ def main() -> None:
     for kind, ts in times.items():
         print(f"{kind:>5}: recover_lineage {min(ts):.2f} s best of {len(ts)} ({', '.join(f'{t:.2f}' for t in ts)})")
     print("edges:", sorted((e["parent"], e["child"]) for e in local.to_dict()["edges"]))
+    for name, rec in (remote.decisions.get("model_merges") or {}).items():
+        print(f"merge {name}: parents {rec['parents']}, weights {rec['weights']}")
     srv.shutdown()
 
 

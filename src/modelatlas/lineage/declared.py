@@ -12,6 +12,7 @@ listed (``decisions["declared_merges"]``) with the models not found. Time O(N) p
 
 from __future__ import annotations
 
+from modelatlas.lineage.merge_values import SampledRows, verify_grid
 from modelatlas.lineage.merges import split_merges
 from modelatlas.lineage.sparse_merges import split_sparse_merges
 from modelatlas.weights.mergekit import declared_merge
@@ -22,8 +23,9 @@ def split_all_merges(members: list, layers: list, st, keep: list[int], found: di
     """``keep`` less the merges found from the weights (:func:`~.merges.split_merges`) and those declared by
     their folders whose models are all given (into ``found`` with ``"declared"``: the method); other declarations
     go to ``declared``. A merge found from the weights that its folder declares too gets ``"declared"``."""
-    keep = split_merges(members, layers, st, keep, found)
-    keep = split_sparse_merges(members, layers, st, keep, found)
+    rows = SampledRows(members, verify_grid(layers))  # the sampled rows both read, once a model
+    keep = split_merges(members, layers, st, keep, found, rows)
+    keep = split_sparse_merges(members, layers, st, keep, found, rows)
     names = {members[i].name: i for i in keep}
     for i in list(keep):
         rec = declared_merge(members[i].path) if members[i].path.is_dir() else None

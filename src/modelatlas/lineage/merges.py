@@ -28,13 +28,12 @@ found; memory O(k^2 F); a value check reads sampled rows of the candidate and it
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
-from modelatlas.lineage.merge_values import merge_fit, read_sampled, verify_grid
+from modelatlas.lineage.merge_values import SampledRows, merge_fit, verify_grid
 
 # entries of the per-layer squared distances kept (128 MB: 200 models x 800 layers) for merges with a weight per
 # layer; none over it, nor when a model is quantized (a stand-in's rounding is in its distances)
@@ -294,13 +293,15 @@ def _plane_fit(sq: np.ndarray, m: int, near: np.ndarray, others: np.ndarray, d_n
     return (int(p[i]), int(a[i]), int(b[i])), (float(1 - x[i] - y[i]), float(x[i]), float(y[i])), float(res[i])
 
 
-def split_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict]) -> list[int]:
+def split_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict],
+                 rows: SampledRows | None = None) -> list[int]:
     """``keep`` less the merges among the checkpoints ``members`` (:func:`find_merges` on the pass's squared
     distances ``st.excess``), each recorded in ``found``: name -> {"parents": names, "weights": floats,
     "residual": float, "kurtosis": its summed kurtosis, "rms": its RMS distance to its most weighted parent
     (:func:`main_parent`), "per_layer" (a weight per compared layer, from the distances) and "per_tensor" (a
     value check's weights, and SLERP's t, per sampled tensor: :func:`~.merge_values.merge_fit`) where they
-    apply}; a model stored at bfloat16 / float16 must pass :func:`on_merge_grid` on the compared ``layers``. Quantized models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves
+    apply}; a model stored at bfloat16 / float16 must pass :func:`on_merge_grid` on the compared ``layers``
+    (their sampled rows read through ``rows``, shared with the TIES / DARE fit, or a cache of its own). Quantized models (their rounding energy taken out of ``st.excess``, whose diagonal it leaves
     negative) are neither merges nor parents here: a stand-in's rounding is no float rounding, and a model made
     from a quantized one is found by other means (:mod:`.quantized`); the float models beside them are searched.
     Time that of :func:`find_merges`, plus O(sampled rows) a rounded candidate."""
@@ -311,7 +312,7 @@ def split_merges(members: list, layers: list, st, keep: list[int], found: dict[s
     share = np.array([ROUNDING_SHARE.get(fmt, 0.0) for fmt in fmts])
     grid = verify_grid(layers)
     fitted: dict[tuple, dict] = {}  # (child, parents) -> the value check's fit per tensor (merge_fit)
-    verify = _value_check(members, grid, fmts, _cached_rows(members, grid), fitted)
+    verify = _value_check(members, grid, fmts, rows or SampledRows(members, grid), fitted)
     index = {ck.name: i for i, ck in enumerate(members)}
     merges = find_merges(st.excess, floats, share * st.norms2, layers=None if not st.layer_sq else np.stack(st.layer_sq),
                          verify=verify)
@@ -341,14 +342,6 @@ def _value_check(members: list, grid: list, fmts: list[str], read: Callable, fit
         return got is not None
 
     return verify
-
-
-def _cached_rows(members: list, grid: list) -> Callable:
-    """:func:`~.merge_values.read_sampled` of the last models checked: the fallbacks of a rounded merge's check
-    (SLERP, the plane) read the same child and parents again (four models' rows a layer kept)."""
-    index = {ck.name: i for i, ck in enumerate(members)}
-    rows = functools.lru_cache(maxsize=4 * len(grid) or 1)(lambda i, k: read_sampled(members[i], grid[k]))
-    return lambda ck, t: rows(index[ck.name], grid.index(t))
 
 
 def main_parent(record: dict) -> str:

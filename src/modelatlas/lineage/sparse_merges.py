@@ -32,15 +32,13 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from modelatlas.errors import CheckpointError
 from modelatlas.lineage.merge_values import (
     MANTISSA,
     MIN_TELLING,
     ULPS,
     VERIFY_LAYERS,
-    sample_rows,
+    SampledRows,
     sweep_weight,
     verify_grid,
 )
@@ -286,7 +284,8 @@ def _dare_kind(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half:
     return "dare_linear" if summed.sum() > LINEAR_SUMS * told else "dare_ties"
 
 
-def split_sparse_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict]) -> list[int]:
+def split_sparse_merges(members: list, layers: list, st, keep: list[int], found: dict[str, dict],
+                        rows: SampledRows | None = None) -> list[int]:
     """``keep`` less the TIES / DARE merges among the float models ``members`` (:func:`find_sparse_merges` on
     ``st.excess`` and :class:`SampledValues` of up to :data:`~.merge_values.VERIFY_LAYERS` compared 2-D
     ``layers``), each recorded in ``found``: name -> {"parents": [base, A, B], "weights": None, "kind",
@@ -298,7 +297,7 @@ def split_sparse_merges(members: list, layers: list, st, keep: list[int], found:
     grid = verify_grid(layers)
     if len(pool) < 4 or not grid or st.samples is None:
         return keep
-    sampled = SampledValues(members, grid, st.value_formats or [""] * len(members), st.samples)
+    sampled = SampledValues(rows or SampledRows(members, grid), st.value_formats or [""] * len(members), st.samples)
     merges = find_sparse_merges(st.excess, pool, sampled.screen, sampled.values, sampled.half)
     for f in merges:
         names = [members[i].name for i in f.parents]
@@ -313,30 +312,20 @@ def split_sparse_merges(members: list, layers: list, st, keep: list[int], found:
 
 class SampledValues:
     """Models' values: :meth:`screen` a few hundred a model (those the pass kept, ``PairStats.samples``: no file
-    read again), :meth:`values` the 64 evenly spaced rows a layer of :mod:`.merge_values`, read once and cached
-    (for the fitted candidates only: 8 layers of 64 rows of a 7B model's 11,008 are 45 MB a model)."""
+    read again), :meth:`values` the 64 evenly spaced rows a layer of :mod:`.merge_values`, from ``rows`` (read
+    once a model and kept, shared with the weighted-sum check: :class:`~.merge_values.SampledRows`)."""
 
-    def __init__(self, members: list, grid: list, formats: list[str], samples: np.ndarray):
-        self.members, self.grid, self.formats, self.samples = members, grid, formats, samples
-        self._values: dict[int, np.ndarray | None] = {}
+    def __init__(self, rows: SampledRows, formats: list[str], samples: np.ndarray):
+        self.rows, self.formats, self.samples = rows, formats, samples
 
     def screen(self, i: int) -> np.ndarray | None:
         """(S,) model i's kept values; None where a read failed (NaN: equal to nothing)."""
         return None if np.isnan(self.samples[i]).all() else self.samples[i]
 
     def values(self, i: int) -> np.ndarray | None:
-        if i not in self._values:
-            self._values[i] = self._read(i)
-        return self._values[i]
+        return self.rows.values(i)
 
     def half(self, i: int) -> np.ndarray:
         """Rounding allowed on :meth:`values`: :data:`~.merge_values.ULPS` units in the last place of its format."""
         fmt = self.formats[i] or "float32"
         return ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(self.values(i)))[1] - 1 - MANTISSA[fmt])
-
-    def _read(self, i: int) -> np.ndarray | None:
-        try:
-            return torch.cat([self.members[i].read_rows(t.name, sample_rows(t.shape[0])).double().flatten()
-                              for t in self.grid]).numpy()  # (values,)
-        except CheckpointError:
-            return None
