@@ -285,3 +285,26 @@ def test_bfloat16_checkpoints_a_unit_apart_are_no_merges(seed):
     # as a TIES merge's values do: 2-3 checkpoints a run were taken for merges (weighted or TIES)
     forest = recover_lineage(make_bf16_run(seed), stage="specialize")
     assert forest.decisions.get("model_merges", {}) == {}
+
+
+def test_sampled_rows_are_read_once_a_model_and_kept_within_their_budget():
+    from modelatlas.lineage.merge_values import SampledRows, read_sampled, verify_grid
+    from modelatlas.lineage.sources import MemoryCheckpoint
+
+    gen = torch.Generator().manual_seed(0)
+    members = [MemoryCheckpoint(f"m{i}", {"w": torch.randn(100, 8, generator=gen), "b": torch.randn(8)})
+               for i in range(3)]
+    reads = []
+    for ck in members:
+        real = ck.read_rows
+        ck.read_rows = lambda name, rows, real=real, ck=ck: reads.append(ck.name) or real(name, rows)
+    grid = verify_grid(members[0].tensors())
+    rows = SampledRows(members, grid, budget=2 * 64 * 8 * 8)  # two models' 64 rows of 8 float64 values
+    assert [t.name for t in grid] == ["w"] and torch.equal(rows(members[1], grid[0]), read_sampled(members[1], grid[0]))
+    for i in (0, 1, 0, 1):
+        rows.values(i)
+    assert reads == ["m1", "m1", "m0"]  # read_sampled above, then each once
+    rows.values(2)  # over the budget: m0, the least recently used, goes
+    rows.values(0)  # read again; m1 goes
+    rows.values(2)
+    assert reads == ["m1", "m1", "m0", "m2", "m0"]
