@@ -15,6 +15,7 @@ from modelatlas.lineage.sparse_merges import (
     _kind,
     _order,
     _rank,
+    _ratio_modes,
     _value_screen,
     classify,
     find_sparse_merges,
@@ -86,6 +87,20 @@ def test_value_screen_by_hand():
     assert _value_screen(m, x, np.array([np.nan]), np.array([np.nan])).tolist() == [1.0]
     assert _value_screen(m + 0.01, x, np.array([np.nan]), np.array([np.nan])).tolist() == [0.0]  # equal to none
     assert MIN_EQUAL < 0.25
+
+
+def test_value_screen_reads_dare_scales_off_the_values_where_the_distances_misjudge_them():
+    # DARE-TIES drops the smaller of two kept deltas that disagree in sign, so the energy the distances read its
+    # density from is off (alpha 0.66 for 0.81: a held-out zoo's merge missed), as the drops' chance can be for
+    # DARE-linear (alpha 1.22 for 1.05, a CNN's): the scale only one kept model's values share is exact
+    rng = np.random.default_rng(0)
+    p, a, b = np.zeros(256), rng.normal(size=256), rng.normal(size=256)
+    kept = rng.random((2, 256)) < 0.5
+    m = 2 * a * kept[0] + 3 * b * kept[1]  # DARE-linear, alpha 2, beta 3
+    x = np.stack([p, a, b])[None]  # (1, 3, 256)
+    assert _value_screen(m, x, np.array([2.0]), np.array([3.0])).tolist() == [1.0]
+    assert _value_screen(m, x, np.array([2.5]), np.array([3.6])).tolist() == [1.0]  # 25 % and 20 % off
+    assert abs(_ratio_modes(m[None], a[None])[0] - 2) < 0.01 and np.isnan(_ratio_modes(np.zeros((1, 4)), np.ones((1, 4))))[0]
 
 
 def test_ties_and_dare_merges_are_found_with_base_and_models():

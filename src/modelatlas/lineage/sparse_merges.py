@@ -15,14 +15,15 @@ screens come first, each cheaper than the next, on the values the pass kept (``P
 2. distances (O(1) a triple): the plane through P, A, B explains at least :data:`MIN_EXPLAINED` of |M - P|^2
    (the kept values carry most of each task vector's energy), P, A and B among M's nearest;
 3. the rule, loosely: TIES's (each value 0, A's, B's or between them) or DARE's with alpha, beta read from the
-   distances (:func:`_dare_scales`), within :data:`DARE_TOL`, on :data:`SCREEN_SHARE` of the values where A
-   or B moved.
+   distances (:func:`_dare_scales`), or where those fail from the values (:func:`_pair_modes`: DARE-TIES's
+   sign election drops energy the distances' density reads), within :data:`DARE_TOL`, on
+   :data:`SCREEN_SHARE` of the values where A or B moved.
 
 What is left is fitted on the rows the value check of :mod:`.merge_values` reads (:func:`classify`): alpha and
 beta by an interval sweep, gamma and eta on the values neither explains, and :data:`SPARSE_SHARE` of the values
 where A or B moved must be classed within rounding. A model keeps its best fit (:func:`_order`) that takes no
 other merge as a parent (:func:`_disjoint`). Time O(N (N + k S)) for the screens (k = :data:`NEIGHBOURS`, S
-the kept values), O(N k^3 S) at worst when models share values, O(V log V) a fitted triple (V sampled
+the kept values), O(N k^3 S + N k^2 S log S) at worst when models share values, O(V log V) a fitted triple (V sampled
 values); memory O(N S) plus the fitted candidates' V values.
 """
 
@@ -49,7 +50,9 @@ MIN_EXPLAINED = 0.25  # of |M - P|^2 in the plane of P, A, B (development merges
 MIN_EQUAL = 0.005  # of the screened values of M equal to P's, A's or B's
 SCREEN_VALUES = ValueSamples.PER_LAYER * VERIFY_LAYERS  # sampled values the value screens read (256)
 SCREEN_SHARE = 0.9  # of the values where A or B moved that the loose rule must explain
-DARE_TOL = 0.15  # relative: DARE's alpha and beta read from the distances are within ~12 %
+DARE_TOL = 0.15  # relative: DARE's alpha and beta read from the distances are within ~12 % (DARE-linear)
+RATIO_TOL = 0.01  # relative width of the ratios a DARE scale read from the values gathers (bfloat16: 0.4 %)
+MAX_RATIO = 1e3  # ratios (M - P) / (A - P) beyond are no DARE scale (w / density: a few at most)
 SPARSE_SHARE = 0.99  # of the values where A or B moved, classed within rounding
 PRECHECK = 4096  # sampled values a fit is tried on before the whole sample
 BASE_TIE = 0.001  # fits of one model this close in share are told apart by the distance to their base
@@ -158,9 +161,21 @@ def screened(sq: np.ndarray, m: int, others: list[int], screen: Callable[[int], 
     ok = readable[pos].all(1) & (equal[pos].sum(1) >= MIN_EQUAL)
     if not ok.any():
         return []
-    score = _value_screen(mv, sub[pos[ok]], alpha[ok], beta[ok])  # sub[...]: (T', 3, S)
+    modes = _pair_modes(mv, sub)  # (k, k): DARE's scale of A over base P, read from the values
+    trip = pos[ok]
+    score = _value_screen(mv, sub[trip], alpha[ok], beta[ok],
+                          (modes[trip[:, 0], trip[:, 1]], modes[trip[:, 0], trip[:, 2]]))  # sub[...]: (T', 3, S)
     order = [i for i in np.argsort(-score, kind="stable") if score[i] >= SCREEN_SHARE]
     return [tuple(near[pos[ok][i]].tolist()) for i in order]
+
+
+def _pair_modes(mv: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """(k, k): for base P = row i and model A = row j of ``sub`` (k, S), the ratio (M - P) / (A - P) most of M's
+    values ``mv`` (S,) share (:func:`_ratio_modes`; NaN on the diagonal). Per pair, not per triple: O(k^2 S log S)."""
+    k = len(sub)
+    d = np.broadcast_to(mv - sub[:, None, :], (k, k, sub.shape[1])).reshape(k * k, -1)  # (k k, S)
+    t = (sub[None, :, :] - sub[:, None, :]).reshape(k * k, -1)  # (k k, S): A - P
+    return _ratio_modes(d, t).reshape(k, k)
 
 
 def _shape(k: int) -> np.ndarray:
@@ -202,11 +217,14 @@ def _dare_scales(mm, x, y, g11, g22, g12):
     return x / d, y / d
 
 
-def _value_screen(mv: np.ndarray, x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+def _value_screen(mv: np.ndarray, x: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+                  scales: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(T,) the share of the values where A or B moved that TIES's rule (M is P's, A's or B's value, or between
     A's and B's where both moved one way) or DARE's, loosely (M - P within :data:`DARE_TOL` of 0, alpha (A - P),
     beta (B - P) or their sum), explains, for M's values ``mv`` (S,) and the triples' (T, 3, S); 0 where M
-    equals none of P, A, B on :data:`MIN_EQUAL` of them (checked first: the rest only for those left). O(T S)."""
+    equals none of P, A, B on :data:`MIN_EQUAL` of them (checked first: the rest only for those left). DARE's
+    alpha, beta (T,) each as the distances read them, and where those fail as the values do (``scales``, else
+    :func:`_ratio_modes` of each triple). O(T S), O(T S log S) without ``scales``."""
     p, a, b = x[:, 0], x[:, 1], x[:, 2]  # (T, S) each
     equal = (mv == p) | (mv == a) | (mv == b)
     score = np.zeros(len(x))
@@ -218,11 +236,48 @@ def _value_screen(mv: np.ndarray, x: np.ndarray, alpha: np.ndarray, beta: np.nda
     up_a, up_b = a > p, b > p
     ties = equal | ((up_a == up_b) & (a != p) & (b != p) & (mv >= np.minimum(a, b)) & (mv <= np.maximum(a, b)))
     d, ta, tb = (mv - p).astype(np.float32), (a - p).astype(np.float32), (b - p).astype(np.float32)
-    al, be, tol = alpha[live, None].astype(np.float32), beta[live, None].astype(np.float32), DARE_TOL * np.abs(d)
-    dare = (d == 0) | (np.abs(d - al * ta) <= tol) | (np.abs(d - be * tb) <= tol) | (np.abs(d - al * ta - be * tb) <= tol)
     n = np.maximum(moved.sum(1), 1)
-    score[live] = np.maximum((ties & moved).sum(1), (dare & moved).sum(1)) / n
+    best = np.maximum((ties & moved).sum(1), (_dare_rule(d, ta, tb, alpha[live], beta[live]) & moved).sum(1))
+    # where neither explains enough, DARE's scales as the values read them (:func:`_ratio_modes`): the distances'
+    # density is off for DARE-TIES (it drops the smaller of two kept deltas of opposite signs), and by chance
+    low = np.flatnonzero(best < SCREEN_SHARE * n)
+    if len(low):
+        d, ta, tb, moved = d[low], ta[low], tb[low], moved[low]
+        va, vb = (_ratio_modes(d, ta), _ratio_modes(d, tb)) if scales is None else (v[live][low] for v in scales)
+        rule = _dare_rule(d, ta, tb, va, vb)
+        best[low] = np.maximum(best[low], (rule & moved).sum(1))
+    score[live] = best / n
     return score
+
+
+def _dare_rule(d: np.ndarray, ta: np.ndarray, tb: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """(T, S) whether each value of M - P (``d``) is DARE's, loosely: within :data:`DARE_TOL` of 0, alpha (A - P),
+    beta (B - P) or their sum (alpha, beta (T,) a triple). O(T S)."""
+    al, be, tol = alpha[:, None].astype(np.float32), beta[:, None].astype(np.float32), DARE_TOL * np.abs(d)
+    return (d == 0) | (np.abs(d - al * ta) <= tol) | (np.abs(d - be * tb) <= tol) | (np.abs(d - al * ta - be * tb) <= tol)
+
+
+def _ratio_modes(d: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(T,) per row of ``d`` and ``t`` (T, S) the ratio d / t that the most values share within :data:`RATIO_TOL`
+    (relative; their mean): a DARE merge's scale w / density, which every value only that model kept has
+    (d (1 - d) of them); NaN for a row without a ratio. One search over all rows, each shifted to a range of
+    its own. O(T S log S)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where((t != 0) & (d != 0), d / t, np.nan).astype(np.float64)  # (T, S)
+    r[~(np.abs(r) <= MAX_RATIO)] = np.nan  # no DARE scale: w / density is a few at most
+    r = np.sort(r, 1)  # NaN last
+    valid = ~np.isnan(r)
+    shift = 4 * MAX_RATIO * np.arange(len(r))[:, None]  # (T, 1): row k in [shift - 2 MAX, shift + 2 MAX]
+    flat = (np.where(valid, r, 2 * MAX_RATIO) + shift).ravel()  # (T S,) ascending
+    hi = np.searchsorted(flat, (np.where(valid, r + RATIO_TOL * np.abs(r), 0) + shift).ravel(), "right")
+    hi = hi.reshape(r.shape) - r.shape[1] * np.arange(len(r))[:, None]  # (T, S) each window's end in its row
+    count = np.where(valid, hi - np.arange(r.shape[1]), 0)
+    i = count.argmax(1)  # (T,)
+    sums = np.concatenate([np.zeros((len(r), 1)), np.cumsum(np.where(valid, r, 0), 1)], 1)  # (T, S + 1)
+    rows = np.arange(len(r))
+    end = hi[rows, i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count[rows, i] > 0, (sums[rows, end] - sums[rows, i]) / count[rows, i], np.nan)
 
 
 def classify(m: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, half: np.ndarray,
