@@ -12,7 +12,8 @@ zoos were used during development): other seeds, a CNN, a ViT, a wider MLP, anot
 and LoRA (rank 4, and mixed ranks 2/4/8). Each zoo: ours (K, stage, distance all found from the weights) vs
 the published MoTHer recipe told the true K and the right stage (the majority kurtosis direction of the true
 edges), with its own distance for the split (RMS for full fine-tuning, rank for LoRA).
-heldout: ten more full fine-tuning zoos (seeds 30-39, MLP/CNN/ViT, three datasets), fixed before they were read.
+heldout: ten more full fine-tuning zoos (seeds 30-39, MLP/CNN/ViT, three datasets), fixed before they were read;
+heldout2 (seeds 40-51, session 10) and heldout3 (seeds 310-317, session 37) likewise.
 scaling: full fine-tuning MLP zoos of 21 to 200 models; wall time of recovery next to the time to read every
 tensor of every checkpoint once (the floor: every byte copied into memory), warm page cache for both; with
 --cold N also cold (pages evicted with posix_fadvise DONTNEED, checked against /proc/self/io), recovery from
@@ -87,6 +88,15 @@ HELDOUT2 = {f"held-out 2: {k}": v for k, v in {
     "lora r4 cnn seed50": (_LORA, dict(seed=50, arch="cnn")),
     "mixed cnn seed49": ("demo", dict(seed=49, children=3, arch="cnn")),
     "full cnn seed51": ("lineage-full", dict(seed=51, arch="cnn"))}.items()}
+# fixed in session 37 before any was built: a fourth held-out sample of full fine-tuning zoos (seeds 310-317) and
+# two more star zoos (320, 321); first read by a close-call rule that was then dropped (bench/lineage_close_votes.py)
+HELDOUT3 = {f"held-out 3: {k}": ("lineage-full", ov) for k, ov in {
+    "full mlp seed310": dict(seed=310), "full cnn seed311": dict(seed=311, arch="cnn"),
+    "full vit seed312": dict(seed=312, **_VIT), "full mlp fashion-mnist seed313": dict(seed=313, dataset="fashion-mnist"),
+    "full mlp mnist5k seed314": dict(seed=314, dataset="mnist5k"),
+    "full mlp-wide seed315": dict(seed=315, arch_kwargs={"hidden": 128, "n_hidden": 2}),
+    "full cnn fashion-mnist seed316": dict(seed=316, arch="cnn", dataset="fashion-mnist"),
+    "full mlp seed317": dict(seed=317)}.items()}
 # the `atlas demo` family (3 x 2 x 2, full fine-tuning and LoRA mixed) at 24 more seeds: mixed trees (session 16)
 DEMO_SEEDS = {f"demo seed{s}": ("demo", dict(seed=s)) for s in range(1, 25)}
 # many fine-tunes of one base (session 19): the sibling-under-sibling weakness, not a target; seed 0 is the
@@ -96,7 +106,9 @@ STARS = {f"star {k}": ("lineage-full", {**_STAR, **ov}) for k, ov in {
     "mlp 2x20 mixed seed200": dict(seed=200),
     "mlp 2x20 class-subsets seed201": dict(seed=201, task_sampler="random_class_subset"),
     "cnn 2x20 mixed seed202": dict(seed=202, arch="cnn"),
-    "mlp 2x30 class-subsets seed0": dict(seed=0, children=30, task_sampler="random_class_subset")}.items()}
+    "mlp 2x30 class-subsets seed0": dict(seed=0, children=30, task_sampler="random_class_subset"),
+    "mlp 2x20 class-subsets seed320": dict(seed=320, task_sampler="random_class_subset"),  # session 37
+    "cnn 2x20 mixed seed321": dict(seed=321, arch="cnn")}.items()}
 SCALING = {n: ("lineage-full", dict(seed=10, trees=t, children=c, depth=d))
            for n, (t, c, d) in {21: (3, 2, 2), 39: (3, 3, 2), 78: (6, 3, 2), 120: (3, 3, 3), 200: (5, 3, 3)}.items()}
 # wider models (3 square 512 x 512 layers, 3.3 MB files) so that reading is not free next to fixed compute
@@ -384,7 +396,8 @@ HEADER = ("| zoo | models | ours: directed / undirected / ARI | MoTHer recipe (t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "demo-seeds", "stars", "scaling", "wide"),
+    ap.add_argument("--suite", choices=("accuracy", "heldout", "heldout2", "heldout3", "demo-seeds", "stars", "scaling",
+                                        "wide"),
                     default="accuracy")
     ap.add_argument("--work", type=Path, default=Path("/tmp/atlas-bench-lineage"))
     ap.add_argument("--only", help="comma-separated zoo keys")
@@ -410,7 +423,7 @@ def main() -> None:
         if args.json:
             atomic_write_json(args.json, rows, indent=2)
         return
-    zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "heldout2": HELDOUT2, "demo-seeds": DEMO_SEEDS,
+    zoos = {"accuracy": ACCURACY, "heldout": HELDOUT, "heldout2": HELDOUT2, "heldout3": HELDOUT3, "demo-seeds": DEMO_SEEDS,
             "stars": STARS, "scaling": SCALING, "wide": WIDE}[args.suite]
     keys = [k for k in zoos if not args.only or str(k) in args.only.split(",")]
     rows = {}
