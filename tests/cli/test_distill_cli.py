@@ -82,3 +82,63 @@ def test_warnings_as_lines_shows_its_category_as_one_line_each_time_and_others_a
             warnings.warn("other", RuntimeWarning, stacklevel=1)
         warnings.warn("after", AtlasWarning, stacklevel=1)
     assert capsys.readouterr().err == "warning: a\\nb\n" * 2 and seen == ["other", "after"]
+
+
+KILLED_AT_ITEM = """
+import os, signal, sys
+import modelatlas.cli.distill as run
+import modelatlas.cli.distill_poster as poster
+from modelatlas.cli.main import main
+
+class Bar:  # the outer loop's bar: the process is SIGKILLed (no cleanup, no finally) before item K
+    def __init__(self, it):
+        self.it = it
+    def __iter__(self):
+        for i, x in enumerate(self.it):
+            if i == int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield x
+    def set_postfix(self, **kw):
+        pass
+
+run.tqdm_progress = poster.tqdm_progress = lambda it, total=None, desc="": Bar(it)
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("command", [["run", "--method", "dm", "--ipc", "1"], ["poster", "--ipc", "0.3"]])
+def test_a_process_killed_after_a_checkpoint_resumes_to_the_straight_runs_result(tmp_path, command):
+    """A real SIGKILL (the tests of an interrupted run raise KeyboardInterrupt inside the process, whose handlers
+    still run): the killed process leaves its last checkpoint and no result; --resume finishes to the set,
+    losses and accuracies of a run never stopped, and result.json differs only in resumed and wall time."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    import modelatlas
+
+    args = ["distill", *command, "--dataset", "digits", "--iterations", "6", "--set", "checkpoint_every=2",
+            "--set", "width=8", "--set", "batch_real=16", "--eval-nets", "1", "--eval-epochs", "2"]
+    if command[0] == "poster":
+        args += ["--set", "total=4", "--set", "window=2"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    src = str(Path(modelatlas.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_ITEM, "5", *args, "--out", str(killed)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert json.loads((killed / "checkpoint" / "checkpoint.json").read_text())["iteration"] == 4
+    assert not (killed / "result.json").exists()
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    a, b = (load_file(str(tmp_path / d / "synthetic.safetensors")) for d in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("straight", "killed"))
+    assert {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)} <= {"resumed", "wall_time_s"}
+    assert rb["resumed"] is True and rb["devices"] == ["cpu"] and len(rb["losses"]) == 6
