@@ -152,6 +152,15 @@ def test_a_file_of_a_result_folder_names_the_folder(tmp_path, name):
         load_result(tmp_path / "nope")
 
 
+def test_a_file_outside_a_result_folder_names_no_folder(tmp_path):
+    """`atlas distill eval forest.json` (a lineage JSON) said "pass the folder `atlas distill run --out` wrote
+    (.)": its folder, which holds no result, was offered as the one to pass."""
+    (tmp_path / "forest.json").write_text('{"format": "modelatlas-lineage/1"}')
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'forest.json'}: a file, not a distillation result "
+                                              r"folder; pass the folder `atlas distill run --out` wrote$"):
+        load_result(tmp_path / "forest.json")
+
+
 def check_png_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a PNG's IHDR chunk."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -65,8 +65,10 @@ def update_result(folder: str | Path, **fields) -> dict:
 
 def read_info(folder: str | Path) -> dict:
     if Path(folder).is_file():  # its result.json or synthetic.safetensors: read as "result.json/result.json"
+        parent = Path(folder).parent  # named only when it is a result: a lineage JSON's folder was named too
+        named = f" ({parent})" if (parent / RESULT_JSON).is_file() else ""
         raise CheckpointError(folder, f"a file, not a distillation result folder; pass the folder "
-                                      f"`atlas distill run --out` wrote ({Path(folder).parent})")
+                                      f"`atlas distill run --out` wrote{named}")
     if not Path(folder).exists():
         raise CheckpointError(folder, "no such folder; give a result folder of `atlas distill run --out`")
     path = Path(folder) / RESULT_JSON
