@@ -116,6 +116,22 @@ def test_a_plain_parents_object_is_no_zoo_manifest(tmp_path):
         load_manifest(p)
 
 
+@pytest.mark.parametrize("load", [load_manifest, load_truth])
+def test_a_forest_or_a_models_value_that_is_no_list_is_named(tmp_path, load):
+    """`atlas zoo show forest.json` (what `atlas lineage recover --out` writes) and a manifest whose 'models' is
+    a number both said "missing key 'models'": the one names what it is, the other the key's wrong value."""
+    p = tmp_path / "forest.json"
+    p.write_text(json.dumps({"nodes": ["a", "b"], "edges": [{"parent": "a", "child": "b"}], "trees": [["a", "b"]]}))
+    with pytest.raises(ManifestError, match=r"^\S*forest\.json: a lineage forest \(what `atlas lineage recover "
+                                            r"--out` writes\), not a zoo manifest; give a zoo folder built by "
+                                            r"`atlas zoo make`, or its manifest\.json$"):
+        load(p)
+    p.write_text(json.dumps({"models": 3}))
+    with pytest.raises(ManifestError, match=r"^\S*forest\.json: key 'models' must be a list of model records, "
+                                            r"got 3$"):
+        load(p)
+
+
 def test_a_model_of_a_zoo_given_as_the_zoo_names_the_zoo(tmp_path):
     """A zoo's model folder or weights file given where a zoo is needed said 'zoo/t0/manifest.json: no such
     manifest' or 'not a valid JSON manifest ('utf-8' codec can't decode ...)'."""

@@ -201,6 +201,11 @@ def _zoo_above(given: Path) -> Path | None:
 def _from_data(path: Path, data: object, nor: str) -> Manifest:
     """The manifest of a zoo's JSON ``data`` read from ``path``; ``nor`` ends the message of data that is no
     manifest (what else it could have been)."""
+    if isinstance(data, dict) and "models" not in data and "nodes" in data and "edges" in data:  # read "missing key"
+        raise ManifestError(f"{path}: a lineage forest (what `atlas lineage recover --out` writes), not a zoo "
+                            "manifest; give a zoo folder built by `atlas zoo make`, or its manifest.json")
+    if isinstance(data, dict) and "models" in data and not isinstance(data["models"], list):  # read "missing key"
+        raise ManifestError(f"{path}: key 'models' must be a list of model records, got {data['models']!r:.40}")
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise ManifestError(f"{path}: missing key 'models' (a list of model records){nor}")
     if not isinstance(data.get("config", {}), dict):
