@@ -33,6 +33,19 @@ def make_experts(tmp_path, layer="w"):
     return out
 
 
+def test_a_layer_no_model_has_lists_the_layers_to_pass(tmp_path):
+    """`atlas probex train star --layer nope` said only "star/t0.0: no tensor named 'nope' (10 tensors)": no
+    layer to pass instead. It lists the model's weight matrices and --layer auto; nothing is written."""
+    from modelatlas.errors import TensorNotFoundError
+
+    with pytest.raises(TensorNotFoundError, match=r"c0\.safetensors: no tensor named 'nope' \(2 tensors\); its "
+                                                  r"weight matrices: v, w \(pass one as --layer, or --layer auto to "
+                                                  r"pick the best on validation\)$"):
+        train_tree_experts(make_zoo(tmp_path), tmp_path / "experts", layer="nope",
+                           config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1))
+    assert not (tmp_path / "experts").exists()
+
+
 def test_an_interrupted_retrain_leaves_no_mix_of_two_runs(tmp_path, monkeypatch):
     import modelatlas.probex.experts as experts_module
 

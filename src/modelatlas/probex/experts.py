@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_write_json, check_out_folder, read_json_object
-from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError
+from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError, TensorNotFoundError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
 from modelatlas.probex.labelled import (
@@ -108,7 +108,13 @@ def _read_trees(paths_of: dict[str, list[Path]], layer: str, progress, source) -
     trees of another architecture are refused here, not by a traceback once every expert was trained."""
     xs: dict[str, torch.Tensor] = {}
     for tree, paths in paths_of.items():
-        xs[tree] = x = load_layer(paths, layer, progress)
+        try:
+            xs[tree] = x = load_layer(paths, layer, progress)
+        except TensorNotFoundError as e:  # 'no tensor named 'fc' (10 tensors)' named no layer to pass instead
+            mats = candidate_layers(e.path)
+            raise TensorNotFoundError(e.path, f"{e.reason}; its weight matrices: {', '.join(mats[:8]) or 'none'}"
+                                              f"{', ...' * (len(mats) > 8)} (pass one as --layer, or --layer auto "
+                                              "to pick the best on validation)") from None
         check_finite(paths, x, layer)
         first = next(iter(xs))
         if x.shape[1:] != xs[first].shape[1:]:
