@@ -93,6 +93,18 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_another_programs_result_json_is_no_finished_result(tmp_path, resume):
+    """An --out holding another program's result.json was "a finished result" (pass --resume), and --resume sent
+    to `atlas distill eval`, which then missed synthetic.safetensors. It is refused as another program's."""
+    (tmp_path / "result.json").write_text('{"accuracy": 0.9, "model": "resnet"}')
+    with pytest.raises(ConfigError, match=rf"^--out {tmp_path} holds a result\.json that names no distillation "
+                                          r"method \(another program's result: its files would be overwritten\); "
+                                          r"choose a new or empty --out$"):
+        run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=resume, **QUICK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
 def test_a_finished_result_is_not_overwritten_without_resume(tmp_path):
     from modelatlas.errors import ConfigError
 
@@ -185,6 +197,10 @@ def result_folder(tmp_path):
     (lambda f: (f / "result.json").write_text("{oops"), "result.json", "is not valid JSON"),
     (lambda f: (f / "synthetic.json").write_text("[1, 2"), "synthetic.json", "is not valid JSON"),
     (lambda f: (f / "result.json").write_text("{}"), "result.json", "has no 'dataset' name"),
+    # another program's result.json (or atlas attribute's JSON) was scored under the default protocol
+    (lambda f: drop_result_keys(f, "method"), "result.json", r"has no 'method' \(not a result\.json of `atlas "
+                                                             r"distill`: another program's, or edited\)"),
+    (lambda f: drop_result_keys(f, "evaluation"), "result.json", "has no 'evaluation' "),
     (lambda f: (f / "synthetic.json").write_text("{}"), "synthetic.json", "num_classes must be a positive integer"),
     (lambda f: (f / "transform.safetensors").unlink(), "transform.safetensors", "missing; the 'standardize'"),
     (lambda f: save_file({"mean": torch.zeros(3)}, str(f / "transform.safetensors")), "transform.safetensors",
@@ -223,6 +239,11 @@ def save_file(tensors, path):
 def set_result(folder, **fields):
     path = folder / "result.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def drop_result_keys(folder, *keys):
+    path = folder / "result.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k not in keys}))
 
 
 def set_protocol(folder, **fields):

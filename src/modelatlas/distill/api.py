@@ -36,6 +36,7 @@ from modelatlas.distill.run_check import (
     absolute_root,
     another_commands,
     check_run,
+    foreign_result,
     has_progress,
     run_record,
 )
@@ -274,6 +275,9 @@ def check_out(out: Path, resume: bool) -> None:
     """Refuse an ``out`` that holds a checkpoint or a finished result (without resume), a finished result without
     its checkpoint folder (with resume), or other files than a result of ours."""
     ckpt = out / "checkpoint" / CHECKPOINT_JSON
+    if (out / RESULT_JSON).is_file() and foreign_result(out / RESULT_JSON):
+        raise ConfigError(f"--out {out} holds a result.json that names no distillation method (another program's "
+                          "result: its files would be overwritten); choose a new or empty --out")
     if (out / RESULT_JSON).is_file() and not resume:  # first: a finished run keeps its checkpoint too
         raise ConfigError(f"{out / RESULT_JSON} exists: {out} holds a finished result; choose a new --out, delete "
                           "the folder to redo it, or pass --resume (resume=True) to finish or re-evaluate that run")

@@ -32,6 +32,10 @@ def evaluate_result(folder: str | Path, eval_nets: int | None = None, eval_epoch
     if not isinstance(info.get("dataset"), str):
         raise CheckpointError(Path(folder) / RESULT_JSON, "has no 'dataset' name (edited, or not a result.json of "
                                                           "`atlas distill`); run the distillation again")
+    lacks = next((k for k in ("method", "evaluation") if k not in info), None)  # another program's result.json
+    if lacks is not None:  # was scored under the default protocol, and its file given a 'reevaluation'
+        raise CheckpointError(Path(folder) / RESULT_JSON, f"has no {lacks!r} (not a result.json of `atlas distill`: "
+                                                          "another program's, or edited); run the distillation again")
     if save:  # the evaluation is stored in the folder: one that takes no file fails now, not after training
         check_out_folder(folder, f"the result folder {folder}", "copy it somewhere writable and evaluate the copy")
     proto, seed, saved_kw = _saved_settings(Path(folder) / RESULT_JSON, info, seed)

@@ -38,6 +38,14 @@ def another_commands(path: Path) -> bool:
     return data is not None and "settings" in data and "method" not in data
 
 
+def foreign_result(path: Path) -> bool:
+    """Whether the result.json at ``path`` is another program's: a JSON object naming no ``method``, which every
+    distillation's names (it was taken for a finished result, and --resume sent to `atlas distill eval`, which
+    then missed the set). Unreadable counts as a distillation's: a damaged one is replaced by its resume."""
+    data = peek_json_object(path)
+    return data is not None and "method" not in data
+
+
 def absolute_root(dataset_kwargs: dict | None) -> dict:
     """``dataset_kwargs`` with a ``root`` made absolute (a result stays usable from another working folder)."""
     kw = dict(dataset_kwargs or {})
