@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -224,3 +229,54 @@ def test_a_zoo_whose_manifest_was_damaged_is_rebuilt_in_place(tmp_path, make_con
     whole = make_zoo(config, tmp_path / "z", workers=1)
     (tmp_path / "z" / "manifest.json").write_text("{")
     assert make_zoo(config, tmp_path / "z", workers=1).names == whole.names
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The pool workers (spawned `spawn_main` processes) among the children of process ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux's")
+def test_workers_end_with_a_build_killed_by_sigkill(tmp_path):
+    """`kill -9` of `atlas zoo make` (no handler runs, so the pool is not terminated) left its workers training
+    on, writing their models into the zoo, then printing BrokenPipeError tracebacks when they handed them to the
+    dead parent. They now end with it. ~15 s (two workers import torch)."""
+    script = ("from modelatlas.zoo import make_zoo, preset; "
+              f"make_zoo(preset('tiny', root_steps=(10**6, 10**6)), {str(tmp_path / 'z')!r}, workers=2)")
+    build = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and build.poll() is None:
+            time.sleep(0.2)
+            workers = worker_pids(build.pid)
+        assert len(workers) == 2, "the build started no two workers"
+        time.sleep(8)  # the workers are past their initializer, training their root
+        build.send_signal(signal.SIGKILL)
+        build.wait()
+        deadline = time.monotonic() + 10
+        while any(running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(running(w) for w in workers)
+    finally:
+        for w in workers:  # without the fix: the orphaned workers this test started
+            if running(w):
+                os.kill(w, signal.SIGKILL)
+        if build.poll() is None:
+            build.kill()

@@ -182,8 +182,27 @@ def _init_worker() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the pool
+    _end_with_parent()
     torch.set_num_threads(1)
     keep_freed_memory()  # a worker only trains: keep activation blocks mapped between steps
+
+
+def _end_with_parent() -> None:
+    """Linux: have the kernel end this worker (SIGTERM) once the build's process dies. A build killed by SIGKILL
+    (no handler runs, so no pool.terminate) left its workers training on, writing their models into the zoo beside
+    a rerun's, then printing BrokenPipeError tracebacks when they handed them to the dead parent."""
+    import ctypes
+    import signal
+
+    parent = mp.parent_process()
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl to call: the workers outlive a killed build, as before
+        return
+    if os.getppid() != parent.pid:  # the parent died before the call
+        os._exit(1)
 
 
 def _inline(job: dict) -> dict:
