@@ -142,3 +142,27 @@ def test_a_process_killed_after_a_checkpoint_resumes_to_the_straight_runs_result
     ra, rb = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("straight", "killed"))
     assert {k for k in ra.keys() | rb.keys() if ra.get(k) != rb.get(k)} <= {"resumed", "wall_time_s"}
     assert rb["resumed"] is True and rb["devices"] == ["cpu"] and len(rb["losses"]) == 6
+
+
+def test_help_names_every_method_and_its_default_iterations(capsys):
+    """`atlas distill run --help` listed "random, herding, dc, dsa, dm, ..." and gave --iterations's default as
+    "the method's", `atlas distill poster --help` too (podd's: 200). Each method and its config's default are
+    named now, checked against the registry."""
+    import re
+
+    from modelatlas.distill import methods
+
+    for command in ("run", "poster"):
+        with pytest.raises(SystemExit):
+            main(["distill", command, "--help"])
+    run_help, poster_help = (" ".join(h.split()) for h in capsys.readouterr().out.split("usage: atlas distill poster"))
+    options = run_help.split("options:")[1]  # not the usage lines, which name the flags too
+    listed = options.split("--method METHOD")[1].split("--dataset")[0]
+    said = options.split("--iterations ITERATIONS")[1].split("the method's: ")[1].split(")")[0]
+    shown = {}
+    for group in said.split("; "):  # "dc, dsa 200", "random and herding take none"
+        names, steps = re.fullmatch(r"(.+?) (\d+|take none)", group).groups()
+        shown.update({n: 0 if steps == "take none" else int(steps) for n in re.split(r", | and ", names)})
+    assert shown == {m: methods.get(m).config_cls().iterations for m in methods.available()}
+    assert all(re.search(rf"\b{m}\b", listed) for m in methods.available())
+    assert "outer iterations (default 200)" in poster_help and methods.get("podd").config_cls().iterations == 200

@@ -17,6 +17,9 @@ from modelatlas.errors import ConfigError
 
 # Further ``atlas distill`` subcommands: modules under modelatlas.cli exposing ``register(distill_subparsers)``.
 EXTRA_SUBCOMMAND_MODULES = ["distill_poster"]
+# each method's default `iterations` (its config's; a test checks them: the registry imports torch, too slow here)
+ITERATIONS_HELP = ("outer iterations (default: the method's: dc, dsa, ratbptt, podd, teddy 200; dm 500; mtt 300; "
+                   "hello 100; random and herding take none)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,11 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _register_run(dsub) -> None:
     r = dsub.add_parser("run", help="distil a dataset, evaluate it and write a result folder")
-    r.add_argument("--method", required=True, help="random, herding, dc, dsa, dm, ... (see docs/distill.md)")
+    r.add_argument("--method", required=True, help="random, herding, dc, dsa, dm, mtt, ratbptt, podd, teddy or hello "
+                                                  "(docs/distill.md)")
     r.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
     r.add_argument("--ipc", type=positive_int, required=True, help="synthetic images per class")
     r.add_argument("--out", required=True, type=out_dir, help="result folder (checkpoints go to OUT/checkpoint)")
-    r.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
+    r.add_argument("--iterations", type=int, default=None, help=ITERATIONS_HELP)
     r.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     r.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (default: SGD protocol 300, 1000 with DSA; Adam protocol (ratbptt, podd) 300)")
     r.add_argument("--seed", type=seed, default=0, help="seed of the distillation and evaluation (default: 0)")

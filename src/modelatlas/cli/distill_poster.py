@@ -17,7 +17,7 @@ def register(dsub) -> None:
     p.add_argument("--dataset", required=True, help="registered dataset name (atlas data list)")
     p.add_argument("--ipc", type=float, required=True, help="images per class of the poster, e.g. 0.3, 0.5, 1")
     p.add_argument("--out", required=True, type=out_dir, help="result folder (checkpoints go to OUT/checkpoint)")
-    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's)")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default 200)")
     p.add_argument("--eval-nets", type=positive_int, default=5, help="fresh networks trained for the evaluation (default: 5)")
     p.add_argument("--eval-epochs", type=positive_int, default=None, help="epochs per evaluation net (Adam protocol, 300)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the distillation and evaluation (default: 0)")
