@@ -1,9 +1,12 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from modelatlas.data.registry import ArrayDataset
+from modelatlas.distill import run_distillation
 from modelatlas.distill.cache import cache_key, cache_root
+from modelatlas.errors import ConfigError
 
 
 def make_data(shift=0.0, name="d"):
@@ -52,3 +55,28 @@ def test_trained_on_reads_the_device_of_an_entry_and_none_where_it_records_none(
     got = [trained_on(tmp_path / n) for n in ("new.safetensors", "old.safetensors", "pool.json", "list.json",
                                               "bad.safetensors", "missing.safetensors")]
     assert got == ["cuda", None, "cpu", None, None, None]
+
+
+TRAINS = {"mtt": "modelatlas.distill.methods.mtt.buffer.train_expert",
+          "teddy": "modelatlas.distill.methods.teddy.pool.build_pool",
+          "hello": "modelatlas.distill.methods.hello.method.train_teacher"}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINS))
+def test_a_cache_folder_that_takes_no_file_is_refused_before_training(tmp_path, monkeypatch, tiny, method):
+    """`--set cache_dir=forest.json` (a file) trained MTT's experts, then failed at their save with "forest.json:
+    File exists" (a folder below /proc: "No such file or directory"), the training lost. Refused before it now,
+    naming the setting and the fix; $ATLAS_CACHE_DIR alike. --out stays as it was."""
+    monkeypatch.setattr(TRAINS[method], lambda *a, **k: pytest.fail("trained before the cache folder was checked"))
+    (tmp_path / "forest.json").write_text("{}")
+    cfg = {**tiny(method, tmp_path), "cache_dir": str(tmp_path / "forest.json")}
+    fix = r"; pass a folder with --set cache_dir=DIR \(cache_dir=\), or set \$ATLAS_CACHE_DIR$"
+    with pytest.raises(ConfigError, match=rf"^cache_dir {tmp_path / 'forest.json'}\S* (is a file|lies below the "
+                                          rf"file {tmp_path / 'forest.json'}), not a folder{fix}"):
+        run_distillation(method, "digits", 1, tmp_path / "out", config=cfg, eval_nets=1, eval_epochs=1)
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "forest.json"))
+    with pytest.raises(ConfigError, match=rf"^the cache folder {tmp_path / 'forest.json' / method}\S* \(\$ATLAS_CACHE"
+                                          rf"_DIR, else ~/\.cache\) lies below the file {tmp_path / 'forest.json'}"):
+        run_distillation(method, "digits", 1, tmp_path / "out", config={**cfg, "cache_dir": None}, eval_nets=1,
+                         eval_epochs=1)
+    assert not (tmp_path / "out").exists()

@@ -40,6 +40,16 @@ def cache_root(kind: str, cache_dir: str | Path | None = None) -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "modelatlas") / kind
 
 
+def check_cache_folder(folder: Path, cache_dir: str | Path | None) -> None:
+    """Refuse, before the training whose result it keeps, a cache ``folder`` no file can be made in (a file, a
+    folder below one, read-only): MTT's experts were trained, then lost at their save with "forest.json: File
+    exists" (``--set cache_dir=forest.json``) or "/proc/x: No such file or directory". O(1)."""
+    from modelatlas.atomic import check_out_folder
+
+    name = f"cache_dir {folder}" if cache_dir else f"the cache folder {folder} ($ATLAS_CACHE_DIR, else ~/.cache)"
+    check_out_folder(folder, name, "pass a folder with --set cache_dir=DIR (cache_dir=), or set $ATLAS_CACHE_DIR")
+
+
 def data_fingerprint(train: ArrayDataset) -> dict:
     """Name, shape, and a digest of the pixels and labels of ``train`` (:func:`~modelatlas.digests.data_digest`)."""
     return {"name": train.name, "shape": list(train.x.shape), "data": data_digest(train.x, train.y)}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from modelatlas.atomic import atomic_save_tensors, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
-from modelatlas.distill.cache import cache_key, cache_root, device_type, trained_on
+from modelatlas.distill.cache import cache_key, cache_root, check_cache_folder, device_type, trained_on
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.hello.config import HelloConfig
@@ -45,6 +45,7 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
     fields = {**spec, "steps": config.teacher_steps, "lr": config.lr_teacher, "batch": config.batch_real}
     path = cache_root("hello", config.cache_dir) / f"teacher-{cache_key(train, fields, seed)}.safetensors"
     if not path.is_file():
+        check_cache_folder(path.parent, config.cache_dir)
         net = train_teacher(train, config, seed, device)
         # made contiguous on the CPU there: an entry holds no device (cache.py)
         atomic_save_tensors(path, net.state_dict(), {"key": path.stem, "device": device_type(device)})

@@ -16,7 +16,7 @@ import torch
 from modelatlas.atomic import atomic_save_tensors, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
-from modelatlas.distill.cache import cache_key, cache_root, device_type
+from modelatlas.distill.cache import cache_key, cache_root, check_cache_folder, device_type
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.mtt.config import MTTConfig
 from modelatlas.distill.nets import make_net
@@ -62,6 +62,7 @@ def load_or_train(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: D
     path = cache_root("mtt", cfg.cache_dir) / f"buffer-{buffer_key(train, cfg, seed)}.safetensors"
     if path.is_file():
         return _cached(path, train, cfg), path
+    check_cache_folder(path.parent, cfg.cache_dir)
     experts = [train_expert(train, cfg, seed, e, device, dsa) for e in range(cfg.num_experts)]
     atomic_save_tensors(path, {f"expert{e}": t for e, t in enumerate(experts)},
                         {"key": path.stem, "device": device_type(device)})  # CPU tensors (cache.py: no device key)

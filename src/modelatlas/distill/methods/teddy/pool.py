@@ -19,7 +19,7 @@ import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
 from modelatlas.data.registry import ArrayDataset
-from modelatlas.distill.cache import cache_key, cache_root, device_type
+from modelatlas.distill.cache import cache_key, cache_root, check_cache_folder, device_type
 from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.loop import read_json
 from modelatlas.distill.methods.teddy.config import prior_count
@@ -115,6 +115,7 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
     if meta_path.is_file():
         net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"])
         return _cached_pool(folder, fields["pool_size"], net), folder, False
+    check_cache_folder(folder, cache_dir)
     pool = build_pool(train, fields, spec, seed, device)
     files = []
     for i, state in enumerate(pool):
