@@ -278,6 +278,28 @@ def test_a_model_in_a_zoo_folder_but_not_in_its_manifest_is_named(make_tiny_zoo,
     assert capsys.readouterr().err == ""  # the manifest itself given: its models only, as asked
 
 
+def test_a_model_a_zoo_or_an_atlas_lists_but_that_is_gone_is_skipped_saying_so(make_tiny_zoo, make_trained, tmp_path,
+                                                                                 capsys):
+    """A zoo model deleted since (`atlas probex predict tinyd` with tinyd/t0.1 gone) was read as a hub id: "not
+    routed (tinyd/t0.1: no such file or folder, and hub id 'tinyd/t0.1' is not in the local Hugging Face cache
+    ... `huggingface-cli download tinyd/t0.1`)". It is skipped, naming the manifest (or atlas) that lists it."""
+    import shutil
+
+    zoo = tmp_path / "mine"
+    shutil.copytree(make_tiny_zoo, zoo)
+    assert main(["index", "build", str(zoo), "--out", str(tmp_path / "atlas")]) == 0
+    (zoo / "t1-c0003.safetensors").unlink()
+    for given, fix in ((zoo, f"; `atlas zoo verify {zoo}` lists what is missing"),
+                       (tmp_path / "atlas", "; rebuild the atlas")):
+        capsys.readouterr()
+        assert main(["probex", "predict", str(given), "--experts", str(make_trained)]) == 0
+        captured = capsys.readouterr()
+        listed = zoo / "manifest.json" if given == zoo else given
+        assert "t1-c0003" not in captured.out and "Hugging Face" not in captured.out + captured.err
+        assert captured.err == (f"skipped: {zoo / 't1-c0003.safetensors'}: listed in {listed}, but not there (moved "
+                                f"or deleted{fix})\n")
+
+
 def test_a_folder_without_models_is_named(make_trained, tmp_path, capsys):
     """It said 'no models given' of the folder given (search reads the models as predict does)."""
     (tmp_path / "labels.txt").write_text("mine")

@@ -110,18 +110,29 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
         if (p.name == "manifest.json" or (p.is_dir() and is_zoo_manifest(p / "manifest.json"))
                 or (p.suffix == ".json" and p.is_file() and is_zoo_manifest(p))):  # labels.json: train took it
             m = load_manifest(p)
-            paths.extend(m.root / r.path for r in m.models)
+            paths.extend(_present([m.root / r.path for r in m.models], m.source or p,
+                                  f"; `atlas zoo verify {p}` lists what is missing"))
             if p.is_dir():
                 _note_unlisted(p, [m.root / r.path for r in m.models])
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
             from modelatlas.atlas import Atlas
 
             atlas = Atlas.load(p, embeddings=False)
-            paths.extend(Path(m.path) for m in atlas.models)
+            paths.extend(_present([Path(m.path) for m in atlas.models], p, "; rebuild the atlas", hub_ids=True))
             bases.update([atlas.adapter_base] if atlas.adapter_base else [])
         else:
             paths.extend(discover_or_skip(p, alone=len(items) == 1))
     return distinct_models(paths), bases
+
+
+def _present(listed: list[Path], source: Path, fix: str, hub_ids: bool = False) -> list[Path]:
+    """The models a zoo manifest or an atlas (``source``) lists that are there; each local one missing is noted on
+    stderr as skipped: it was read as a hub id, "not in the local Hugging Face cache ... `huggingface-cli
+    download tinyd/t0.1`". With ``hub_ids`` (an atlas's), relative paths are hub ids, kept to be read from the cache."""
+    gone = [p for p in listed if not p.exists() and (p.is_absolute() or not hub_ids)]
+    for p in gone:
+        note(f"skipped: {p}: listed in {source}, but not there (moved or deleted{fix})")
+    return [p for p in listed if p not in gone]
 
 
 def _note_unlisted(folder: Path, listed: list[Path]) -> None:
