@@ -183,10 +183,10 @@ def test_a_triple_that_fails_on_a_few_values_is_not_fitted_whole(monkeypatch):
     real = S.classify
     monkeypatch.setattr(S, "classify", lambda *args, **kw: sizes.append(len(args[0])) or real(*args, **kw))
     got = S._classified([m, p, a, b], np.full(20_000, 1e-9))
-    assert got is not None and got[1] < S.SPARSE_SHARE and sizes == [S.PRECHECK]
+    assert got is not None and got[1] < S.SPARSE_SHARE and sizes == [S.PRECHECKS[0]]  # the smallest stage says no
     dare = np.where(rng.random(20_000) < 0.5, 2 * (a - p), 0.0) + p  # a DARE-like merge: fitted whole
     sizes.clear()
-    assert S._classified([dare, p, a, b], np.full(20_000, 1e-9))[1] > S.SPARSE_SHARE and sizes == [S.PRECHECK, 20_000]
+    assert S._classified([dare, p, a, b], np.full(20_000, 1e-9))[1] > S.SPARSE_SHARE and sizes == [*S.PRECHECKS, 20_000]
 
 
 def test_the_value_checks_read_each_models_sampled_rows_once(monkeypatch):
