@@ -219,3 +219,24 @@ class SampledRows:
         if got is None:
             raise CheckpointError(f"{ck.name}: its sampled rows could not be read")
         return torch.from_numpy(got[self.starts[t.name]:self.ends[t.name]])  # (rows picked x row length,)
+
+
+class SampledValues:
+    """Models' values: :meth:`screen` a few hundred a model (those the pass kept, ``PairStats.samples``: no file
+    read again), :meth:`values` the 64 evenly spaced rows a layer of :mod:`.merge_values`, from ``rows`` (read
+    once a model and kept, shared with the weighted-sum check: :class:`SampledRows`)."""
+
+    def __init__(self, rows: SampledRows, formats: list[str], samples: np.ndarray):
+        self.rows, self.formats, self.samples = rows, formats, samples
+
+    def screen(self, i: int) -> np.ndarray | None:
+        """(S,) model i's kept values; None where a read failed (NaN: equal to nothing)."""
+        return None if np.isnan(self.samples[i]).all() else self.samples[i]
+
+    def values(self, i: int) -> np.ndarray | None:
+        return self.rows.values(i)
+
+    def half(self, i: int) -> np.ndarray:
+        """Rounding allowed on :meth:`values`: :data:`ULPS` units in the last place of its format."""
+        fmt = self.formats[i] or "float32"
+        return ULPS.get(fmt, 0.505) * np.ldexp(1.0, np.frexp(np.abs(self.values(i)))[1] - 1 - MANTISSA[fmt])
