@@ -3,7 +3,9 @@ folder on 127.0.0.1 with ``Range`` support, counting the body bytes it sends and
 headers. ``mode`` makes it misbehave: "ignore" (answers 200 with the whole file, as a server without ranges;
 "page": as a web page),
 "stall" (waits ``stall`` seconds before answering), "short" (sends half of a range's bytes, then closes),
-"redirect" (302 to ``target`` + ``/to`` + the same path; any server serves ``/to/x`` as ``x``), or an HTTP status code to answer every request with.
+"redirect" (302 to ``target`` + ``/to`` + the same path; any server serves ``/to/x`` as ``x``), an HTTP status code to answer every request with,
+or a callable ``mode(handler, data, first, last)`` that writes the raw answer to the file's bytes ``data`` (``first``,
+``last``: the range asked for, None without one) itself.
 It speaks HTTP/1.1 and keeps a connection open for the next request (``connections`` counts those it accepted);
 "drop" closes each connection after one answer without saying so (as a server whose keep-alive timed out)."""
 
@@ -41,6 +43,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer(404, {}, b"no such file")
         data = file.read_bytes()
         m = _RANGE.match(self.headers.get("Range", ""))
+        if callable(srv.mode):
+            self.close_connection = True  # (what it wrote may not end where its headers say)
+            return srv.mode(self, data, *((int(m[1]), int(m[2])) if m else (None, None)))
         if m is None or srv.mode in ("ignore", "page"):
             return self._answer(200, {"Content-Type": "text/html"} if srv.mode == "page" else {}, data)
         first, last = int(m[1]), min(int(m[2]), len(data) - 1)

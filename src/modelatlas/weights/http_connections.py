@@ -13,7 +13,10 @@ another, at most one per thread reading at once.
 
 Redirects (301, 302, 303, 307, 308; at most 10) are followed with the same headers, as urllib did, except
 ``Authorization``: the token is put on a hop only when the hop's URL is on ``token_origin`` (scheme, host and
-port), so a hub file's redirect to its CDN never carries it. Proxies come from the environment as urllib took
+port), so a hub file's redirect to its CDN never carries it; a redirect to a URL that is not http(s) (``file:``)
+or from https to plain http is refused (:func:`next_hop`). A body must come at :data:`PROGRESS` bytes at least
+per ``timeout`` seconds (:meth:`Answer.read`): the socket's timeout alone restarts at each byte received, and a
+server sending a byte at a time would hold a read for ever. Proxies come from the environment as urllib took
 them (:func:`urllib.request.getproxies`, ``no_proxy``): an https URL through a ``CONNECT`` tunnel, an http one
 sent to the proxy by its absolute URL. Time: one round trip a request (a redirect: one more).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import base64
 import http.client
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
@@ -31,11 +35,20 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10  # as urllib
 _MAX_IDLE = 8  # idle connections kept a host: the reading thread and the 4 prefetch threads use at most 5
 _DRAINED = 64 * 1024  # an unread body up to this size (an error page, a redirect's) is read off to keep its connection
+PROGRESS = 1 << 20  # bytes a body read must get in the timeout (60 s: 17 KiB/s at least)
+_SHOWN = 100  # characters of what a server says (a reason, a Location) shown in an error
 _DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
 class RedirectError(http.client.HTTPException):
-    """Too many redirects, or one to a URL that is not http(s)."""
+    """Too many redirects, or one to a URL that is not http(s), or from https to http."""
+
+
+def shown(text: str) -> str:
+    """What a server sent (a reason phrase, a URL), fit for a one-line error: printable ASCII only (no terminal
+    escape sequences), at most :data:`_SHOWN` characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
 @dataclass
@@ -126,12 +139,28 @@ class Answer:
     :meth:`read`. Closing it gives its connection back to the pool when the body was read to its end (or is
     short enough to read off), and closes the connection otherwise."""
 
-    def __init__(self, url: str, key: tuple[str, str], link: _Link, response: http.client.HTTPResponse):
+    def __init__(self, url: str, key: tuple[str, str], link: _Link, response: http.client.HTTPResponse,
+                 timeout: float, sock):
         self.url, self._key, self._link, self._response = url, key, link, response
         self.status, self.reason, self.headers = response.status, response.reason, response.headers
+        self._timeout, self._sock = timeout, sock
+        self._start, self._got = time.monotonic(), 0  # the bytes received since ``_start`` (:meth:`read`)
 
     def read(self, n: int) -> bytes:
-        return self._response.read(n)
+        """Up to ``n`` bytes of the body as they come (b"" at its end). Raises TimeoutError when fewer than
+        :data:`PROGRESS` bytes came in the timeout (counted from the answer, then from each PROGRESS bytes
+        received), whether the server stopped or sends a few bytes at a time. Time O(bytes)."""
+        now = time.monotonic()
+        if self._got >= PROGRESS:  # those bytes came in time: the next ones have the timeout again
+            self._start, self._got = now, 0
+        left = self._start + self._timeout - now
+        if left <= 0:
+            raise TimeoutError(f"under {PROGRESS} bytes in {self._timeout:g} s")
+        if self._sock is not None:
+            self._sock.settimeout(left)  # (the socket the response reads: its recv waits at most that)
+        part = self._response.read1(min(n, PROGRESS))
+        self._got += len(part)
+        return part
 
     def close(self) -> None:
         link, r, self._link = self._link, self._response, None
@@ -163,7 +192,8 @@ def _send(url: str, headers: dict[str, str], timeout: float) -> Answer:
         link, reused = _lease(key, timeout, fresh)
         try:
             link.conn.request("GET", link.target(url), headers={**link.headers, **headers})
-            return Answer(url, key, link, link.conn.getresponse())
+            sock = link.conn.sock  # (getresponse drops it from the connection of an answer that closes it)
+            return Answer(url, key, link, link.conn.getresponse(), timeout, sock)
         except _DROPPED:
             link.conn.close()
             if not reused:
@@ -172,6 +202,20 @@ def _send(url: str, headers: dict[str, str], timeout: float) -> Answer:
             link.conn.close()
             raise
     raise AssertionError("unreachable: the second try opens a new connection")
+
+
+def next_hop(url: str, location: str) -> str:
+    """Where a redirect from ``url`` to ``location`` (its Location header) goes; RedirectError when that is not
+    an http(s) URL (``file:``, which would read a local file) or is plain http after https (the bytes could then
+    be changed on their way, unseen)."""
+    to = urljoin(url, location.strip().replace(" ", "%20"))  # (urllib's leniency for a space)
+    scheme = urlsplit(to).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise RedirectError(f"redirected to {shown(to)}, which is not an http(s) URL")
+    if scheme == "http" and urlsplit(url).scheme.lower() == "https":
+        raise RedirectError(f"redirected from https to http ({shown(to)}): refused, the file would come unencrypted "
+                            "and could be altered on its way")
+    return to
 
 
 def get(url: str, headers: dict[str, str], timeout: float, token_origin: str = "", token: str | None = None
@@ -187,7 +231,5 @@ def get(url: str, headers: dict[str, str], timeout: float, token_origin: str = "
         if answer.status not in REDIRECTS or not location:
             return answer
         answer.close()
-        url = urljoin(url, location.strip().replace(" ", "%20"))  # (urllib's leniency for a space)
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
-            raise RedirectError(f"redirected to {url}, which is not an http(s) URL")
+        url = next_hop(url, location)
     raise RedirectError(f"over {MAX_REDIRECTS} redirects (a redirect loop)")

@@ -10,7 +10,9 @@ bytes asked for, of a file of the size the first answer gave (the file's size is
 that ignores ``Range`` answers ``200`` with the whole file, and is refused before the body is read (lineage of
 two 15 GB models reads a ninth of them: a server without ranges would download all 30 GB). Failures are one-line
 :class:`~modelatlas.errors.CheckpointError` naming the URL: the HTTP status (401/403 with the ``HF_TOKEN``
-hint), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default), a body cut short.
+hint; 429 with its wait), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default, also for a body that comes
+under 1 MiB in that time), a body cut short or of another length than its range, a body sent encoded (gzip:
+refused, never decoded).
 
 ``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` only to a URL on the hub (``huggingface.co`` or
 ``$HF_ENDPOINT``: :func:`hub_token`), and there to the scheme, host and port of the URL given only, also after a
@@ -28,7 +30,7 @@ from urllib.parse import urlsplit
 
 from modelatlas.errors import CheckpointError
 from modelatlas.weights.byte_ranges import ByteRanges
-from modelatlas.weights.http_connections import Answer, RedirectError, get, origin_key
+from modelatlas.weights.http_connections import PROGRESS, Answer, RedirectError, get, origin_key, shown
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _MAX_JSON = 64 * 1024 * 1024  # a shard index is ~100 KB for a 400B model; more is no index
@@ -150,13 +152,14 @@ class HttpRanges(ByteRanges):
                                                 "out; set ATLAS_HTTP_TIMEOUT to wait longer)") from None
             raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None
         if 200 <= answer.status < 300:
+            _check_encoding(self.url, answer, what)
             return answer
         answer.close()
         if answer.status == 416 and self.size is None:  # bytes 0-7 of a file of under 8 bytes
             raise CheckpointError(self.url, "truncated safetensors file (no header length): the server has no "
                                             f"bytes to give for {what} (HTTP 416)")
-        raise HttpError(self.url, f"cannot read {what}: {status_reason(answer.status, answer.reason, self._token)}",
-                        answer.status)
+        reason = status_reason(answer.status, answer.reason, self._token, answer.headers.get("Retry-After"))
+        raise HttpError(self.url, f"cannot read {what}: {reason}", answer.status)
 
     def _check_range(self, answer, offset: int, length: int, what: str) -> None:
         """An answer of exactly bytes ``offset..offset+length-1``, of a file of the size known (set if not yet)."""
@@ -170,15 +173,19 @@ class HttpRanges(ByteRanges):
         m = _CONTENT_RANGE.match(answer.headers.get("Content-Range", "").strip())
         if m is None or m[3] == "*":
             raise CheckpointError(self.url, f"the server answered {what} with Content-Range "
-                                            f"{answer.headers.get('Content-Range')!r}, not 'bytes A-B/SIZE'")
+                                            f"{shown(repr(answer.headers.get('Content-Range')))}, not 'bytes A-B/SIZE'")
         first, last, total = int(m[1]), int(m[2]), int(m[3])
         if self.size is not None and total != self.size:
             raise CheckpointError(self.url, f"the file changed while read: {total} bytes now, {self.size} when "
                                             "opened")
         self.size = total
-        if first != offset or (last != offset + length - 1 and last != total - 1):
+        if first != offset or (last != offset + length - 1 and last != total - 1) or last < first:
             raise CheckpointError(self.url, f"the server sent bytes {first}-{last} for {what}, not the bytes "
                                             f"{offset}-{offset + length - 1} asked for")
+        n = answer.headers.get("Content-Length")
+        if n is not None and n.strip() != str(last - first + 1):  # (a body that says two sizes: which is wrong?)
+            raise CheckpointError(self.url, f"the server answered {what} with Content-Length {shown(n)} for "
+                                            f"Content-Range bytes {first}-{last} ({last - first + 1} bytes)")
 
     def _body(self, answer, length: int, what: str) -> bytes:
         body = self._read(answer, length, what)
@@ -195,9 +202,9 @@ class HttpRanges(ByteRanges):
                 parts.append(part)
                 got += len(part)
         except TimeoutError:
-            raise CheckpointError(self.url, f"cannot read {what}: the server stopped sending for "
-                                            f"{http_timeout():g} s (timed out; set ATLAS_HTTP_TIMEOUT to wait "
-                                            "longer)") from None
+            raise CheckpointError(self.url, f"cannot read {what}: the server stopped sending, or sent under "
+                                            f"{PROGRESS >> 20} MiB in {http_timeout():g} s (timed out; set "
+                                            "ATLAS_HTTP_TIMEOUT to wait longer)") from None
         except (OSError, http.client.HTTPException) as e:  # IncompleteRead of a chunked body is no OSError
             raise CheckpointError(self.url, f"cannot read {what}: connection broken ({e!r})") from None
         return b"".join(parts)
@@ -238,8 +245,20 @@ def _length_of(answer) -> str:
     return f" of {length} bytes" if length else ""
 
 
-def status_reason(code: int, reason: str, token: str | None) -> str:
-    """An HTTP error status as a reason: 404 not found; 401/403 with what to do about ``HF_TOKEN``."""
+def _check_encoding(url: str, answer: Answer, what: str) -> None:
+    """Refuses a body sent encoded (``Content-Encoding: gzip``, though ``identity`` was asked for): its bytes are
+    not the file's, and decoding them could give any amount (a few KB of gzip make GBs): never decoded."""
+    encoding = answer.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        answer.close()
+        raise CheckpointError(url, f"cannot read {what}: the server sent it with Content-Encoding "
+                                   f"{shown(encoding)}, not decoded here (refused: modelatlas asks for the bytes as "
+                                   "they are, Accept-Encoding: identity)")
+
+
+def status_reason(code: int, reason: str, token: str | None, retry_after: str | None = None) -> str:
+    """An HTTP error status as a reason: 404 not found; 401/403 with what to do about ``HF_TOKEN``; 429 with the
+    wait the server asks for; another with the server's reason phrase (:func:`.http_connections.shown`)."""
     if code == 404:
         return "not found (HTTP 404): check the URL (a hub file's URL is .../resolve/REVISION/FILE)"
     if code in (401, 403):
@@ -247,4 +266,7 @@ def status_reason(code: int, reason: str, token: str | None) -> str:
                 "HF_TOKEN is sent to the hub only (huggingface.co, or the server HF_ENDPOINT names)"
                 if os.environ.get("HF_TOKEN") else "a private or gated model needs a token: set HF_TOKEN")
         return f"access denied (HTTP {code}): {hint}"
-    return f"HTTP {code} {reason}".rstrip()
+    if code == 429:
+        wait = f"wait {shown(retry_after.strip())} s" if retry_after and retry_after.strip().isdigit() else "wait"
+        return f"too many requests (HTTP 429): the server limits the rate of requests; {wait} and run again"
+    return f"HTTP {code} {shown(reason)}".rstrip()

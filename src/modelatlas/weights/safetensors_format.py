@@ -179,7 +179,11 @@ class SafetensorsCheckpoint(Checkpoint):
         map before session 31). Time O(bytes)."""
         meta = self._header[name]
         start, end = meta["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        try:
+            buf = torch.empty(end - start, dtype=torch.uint8)
+        except RuntimeError:  # (a header served over HTTP states the file's size too: it may claim any)
+            raise CheckpointError(self.path, f"tensor {name!r} is {end - start} bytes, more than this machine's "
+                                             "memory can hold") from None
         self._ranges.read_into(self._data_start + start, memoryview(buf.numpy()), f"tensor {name!r}")
         dtype = getattr(torch, _DTYPE_NAMES[meta["dtype"]])
         return buf.view(dtype).reshape(meta["shape"])  # little-endian, as safetensors stores it

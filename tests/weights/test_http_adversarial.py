@@ -1,0 +1,231 @@
+"""Servers that misbehave on purpose (modelatlas.weights.http_ranges, http_connections): each answer is written
+raw by a function of the test (tests/weights/http_server.py's callable mode), on 127.0.0.1 only. What must hold:
+a one-line CheckpointError naming the URL, soon, with bounded memory and bytes received; never a hang, a
+traceback or bytes other than the file's taken as the file's."""
+
+import gzip
+import json
+import struct
+import time
+
+import pytest
+import torch
+from tests.weights.http_server import make_server
+from tests.weights.test_remote import check_refused, make_file, make_tensors
+
+from modelatlas.errors import CheckpointError
+from modelatlas.weights import open_checkpoint
+from modelatlas.weights.http_connections import RedirectError, next_hop
+
+
+@pytest.fixture(autouse=True)
+def _no_token_nor_proxy(monkeypatch):
+    for name in ("HF_TOKEN", "HF_ENDPOINT", "ATLAS_HTTP_TIMEOUT", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def answer(handler, status: str, headers: dict, body: bytes = b"", keep=False) -> None:
+    """Write a raw HTTP/1.1 answer: ``headers`` as given (no Content-Length unless given), then ``body``."""
+    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    handler.close_connection = not keep
+    try:
+        handler.wfile.write(head.encode("latin-1") + body)
+        handler.wfile.flush()
+    except OSError:  # the client hung up, as it should on what it refused
+        pass
+
+
+def ranged(data: bytes, first: int, last: int, **changes) -> dict:
+    last = min(last, len(data) - 1)
+    return {"Content-Range": f"bytes {first}-{last}/{len(data)}", "Content-Length": str(last - first + 1), **changes}
+
+
+def endless(handler, chunk=b"\0" * 65536, limit=1 << 30) -> int:
+    """Send ``chunk`` until the client hangs up (or ``limit`` bytes): the bytes sent."""
+    sent = 0
+    try:
+        while sent < limit:
+            handler.wfile.write(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass
+    handler.server.served += sent
+    return sent
+
+
+# 1. a server that ignores Range: refused at its headers, its body never read (even one without an end)
+
+def test_a_whole_file_without_a_length_is_refused_at_once(tmp_path):
+    make_file(tmp_path)
+
+    def whole(handler, data, first, last):
+        answer(handler, "200 OK", {"Content-Type": "application/octet-stream"})  # no length: till the close
+        endless(handler)
+
+    with make_server(tmp_path, mode=whole) as srv:
+        start = time.monotonic()
+        check_refused(srv.url("a.safetensors"), "ignored the Range request", "HTTP 200")
+        assert time.monotonic() - start < 5 and srv.served < 64 << 20  # not a GiB read off
+
+
+# 2. a 206 of other bytes than those asked for, or a body that disagrees with its headers
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda d, a, b: ranged(d, a + 1, b + 1), "the server sent bytes 1-8"),
+    (lambda d, a, b: ranged(d, a, b, **{"Content-Range": f"bytes {a}-{b}/*"}), "not 'bytes A-B/SIZE'"),
+    (lambda d, a, b: ranged(d, a, b, **{"Content-Length": "4"}), "Content-Length 4"),
+    (lambda d, a, b: ranged(d, a, b, **{"Content-Length": "16"}), "Content-Length 16"),
+])
+def test_a_206_that_disagrees_with_the_range_is_refused(tmp_path, change, words):
+    make_file(tmp_path)
+
+    def lying(handler, data, first, last):
+        headers = change(data, first, last)
+        answer(handler, "206 Partial Content", headers, data[first:][: int(headers["Content-Length"])])
+
+    with make_server(tmp_path, mode=lying) as srv:
+        check_refused(srv.url("a.safetensors"), words)
+
+
+def test_a_body_shorter_than_its_length_is_refused(tmp_path):
+    make_file(tmp_path)
+
+    def cut(handler, data, first, last):
+        answer(handler, "206 Partial Content", ranged(data, first, last), data[first:last - 3])
+
+    with make_server(tmp_path, mode=cut) as srv:
+        check_refused(srv.url("a.safetensors"), "cannot read the header length: got 4 of its 8 bytes")
+
+
+def test_a_range_answered_with_the_rest_of_the_file_is_read_to_the_range_only(tmp_path):
+    make_file(tmp_path, tensors={"big": torch.zeros(1 << 20), "small": torch.ones(3)})  # 4 MiB, then 12 bytes
+
+    def rest(handler, data, first, last):  # bytes first-END/SIZE: a 206 that Range allows (RFC 9110 14.1.2)
+        answer(handler, "206 Partial Content", ranged(data, first, len(data) - 1), data[first:])
+
+    with make_server(tmp_path, mode=rest) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        assert torch.equal(ck.read("small"), torch.ones(3)) and torch.equal(ck.read("big"), torch.zeros(1 << 20))
+        assert ck.fetched == 8 + (ck.size_on_disk() - 12 - (4 << 20) - 8) + 12 + (4 << 20)  # the ranges, no more
+
+
+# 3. a header length past any header, or past the file
+
+@pytest.mark.parametrize("n", [2**60, 2**64 - 1, 101 * 1024 * 1024, 200])
+def test_an_absurd_header_length_is_refused_before_it_is_read(tmp_path, n):
+    (tmp_path / "a.safetensors").write_bytes(struct.pack("<Q", n) + b"{}" + b" " * 100)
+    with make_server(tmp_path) as srv:
+        check_refused(srv.url("a.safetensors"), "header length" if n == 200 else "corrupt safetensors header")
+        assert len(srv.seen) == 1  # the 8 bytes only
+
+
+def test_a_tensor_larger_than_memory_is_one_line(tmp_path):
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2**45], "data_offsets": [0, 2**47]}}).encode()
+    head = struct.pack("<Q", len(header)) + header
+    size = len(head) + 2**47  # a 128 TiB file, as the server says
+
+    def huge(handler, data, first, last):
+        body = head[first:last + 1]
+        answer(handler, "206 Partial Content", {"Content-Range": f"bytes {first}-{first + len(body) - 1}/{size}",
+                                                "Content-Length": str(len(body))}, body)
+
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    with make_server(tmp_path, mode=huge) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        with pytest.raises(CheckpointError, match="tensor 't'.*memory"):
+            ck.read("t")
+
+
+# 4. redirects: bounded (tests/weights/test_http_connections.py), to http(s) only, never from https to http
+
+@pytest.mark.parametrize(("url", "location", "words"), [
+    ("https://hub.example/a", "file:///etc/passwd", "not an http(s) URL"),
+    ("http://hub.example/a", "ftp://cdn.example/a", "not an http(s) URL"),
+    ("https://hub.example/a", "http://cdn.example/a", "from https to http"),
+    ("https://hub.example/a", "HTTP://hub.example/a", "from https to http"),
+])
+def test_a_redirect_to_another_scheme_is_refused(url, location, words):
+    with pytest.raises(RedirectError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        next_hop(url, location)
+    assert next_hop("http://hub.example/a/b", "https://cdn.example/x") == "https://cdn.example/x"
+    assert next_hop("https://hub.example/a/b", "c d") == "https://hub.example/a/c%20d"
+
+
+def test_a_redirect_to_a_file_url_is_one_line(tmp_path):
+    make_file(tmp_path)
+
+    def to_file(handler, data, first, last):
+        answer(handler, "302 Found", {"Location": f"file://{tmp_path}/a.safetensors", "Content-Length": "0"})
+
+    with make_server(tmp_path, mode=to_file) as srv:
+        check_refused(srv.url("a.safetensors"), "not an http(s) URL")
+
+
+# 5. a server that stops sending, or sends a byte at a time, in the middle of a body
+
+def test_a_body_that_stops_or_drips_times_out(tmp_path, monkeypatch):
+    make_file(tmp_path)
+    monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "0.5")
+
+    def drip(handler, data, first, last):
+        body = data[first:last + 1]
+        answer(handler, "206 Partial Content", ranged(data, first, last))
+        try:
+            for i in range(len(body)):
+                handler.wfile.write(body[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(0.1 if handler.server.target == "drip" else 3)
+        except OSError:
+            pass
+
+    with make_server(tmp_path, mode=drip, target="drip") as srv:
+        for how in ("drip", "stop"):
+            srv.target = how
+            start = time.monotonic()
+            check_refused(srv.url("a.safetensors"), "cannot read the header length", "ATLAS_HTTP_TIMEOUT")
+            assert time.monotonic() - start < 2, how  # 8 bytes at 0.1 s each: 0.8 s, over the 0.5 s allowed
+
+
+# 6. an encoded body (gzip: a decompression bomb, or bytes other than the file's) is refused, never decoded
+
+@pytest.mark.parametrize("where", ["range", "json"])
+def test_an_encoded_body_is_refused(tmp_path, where):
+    make_file(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"big": "a.safetensors"}}))
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 MiB in ~64 KB
+
+    def encoded(handler, data, first, last):
+        headers = {"Content-Encoding": "gzip", "Content-Length": str(len(bomb))}
+        if first is not None:
+            headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+        answer(handler, "206 Partial Content" if first is not None else "200 OK", headers, bomb)
+
+    with make_server(tmp_path, mode=encoded) as srv:
+        name = "a.safetensors" if where == "range" else "model.safetensors.index.json"
+        check_refused(srv.url(name), "Content-Encoding gzip", "not decoded")
+
+
+# 7. error statuses: one line saying which, for which URL; what the server says is shown tamed
+
+@pytest.mark.parametrize(("status", "headers", "words"), [
+    ("429 Too Many Requests", {"Retry-After": "30"}, ["HTTP 429", "rate", "30 s"]),
+    ("503 Service Unavailable", {}, ["HTTP 503 Service Unavailable"]),
+    ("500 \x1b[2J\x1b]0;pwned\x07" + "x" * 500, {}, ["HTTP 500"]),
+])
+def test_error_statuses_are_one_tame_line(tmp_path, status, headers, words):
+    make_file(tmp_path)
+
+    def refuse(handler, data, first, last):
+        answer(handler, status, {**headers, "Content-Length": "2"}, b"no")
+
+    with make_server(tmp_path, mode=refuse) as srv:
+        message = check_refused(srv.url("a.safetensors"), *words)
+        assert "\x1b" not in message and "\x07" not in message and len(message) < 300, message
+
+
+def test_a_good_server_still_reads(tmp_path):
+    make_file(tmp_path)
+
+    def good(handler, data, first, last):
+        answer(handler, "206 Partial Content", ranged(data, first, last), data[first:last + 1])
+
+    with make_server(tmp_path, mode=good) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        assert all(torch.equal(ck.read(n), t) for n, t in make_tensors().items())
