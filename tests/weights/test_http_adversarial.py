@@ -184,6 +184,26 @@ def test_a_body_that_stops_or_drips_times_out(tmp_path, monkeypatch):
             assert time.monotonic() - start < 2, how  # 8 bytes at 0.1 s each: 0.8 s, over the 0.5 s allowed
 
 
+def test_a_head_sent_a_byte_at_a_time_times_out(tmp_path, monkeypatch):
+    make_file(tmp_path)
+    monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "0.5")
+
+    def drip_head(handler, data, first, last):
+        handler.close_connection = True
+        try:
+            for c in b"HTTP/1.1 206 Partial Content\r\nX-Padding: " + b"x" * 1000:
+                handler.wfile.write(bytes([c]))
+                handler.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    with make_server(tmp_path, mode=drip_head) as srv:
+        start = time.monotonic()
+        check_refused(srv.url("a.safetensors"), "cannot read the header length", "timed out", "ATLAS_HTTP_TIMEOUT")
+        assert time.monotonic() - start < 2
+
+
 # 6. an encoded body (gzip: a decompression bomb, or bytes other than the file's) is refused, never decoded
 
 @pytest.mark.parametrize("where", ["range", "json"])

@@ -14,9 +14,9 @@ another, at most one per thread reading at once.
 Redirects (301, 302, 303, 307, 308; at most 10) are followed with the same headers, as urllib did, except
 ``Authorization``: the token is put on a hop only when the hop's URL is on ``token_origin`` (scheme, host and
 port), so a hub file's redirect to its CDN never carries it; a redirect to a URL that is not http(s) (``file:``)
-or from https to plain http is refused (:func:`next_hop`). A body must come at :data:`PROGRESS` bytes at least
-per ``timeout`` seconds (:meth:`Answer.read`): the socket's timeout alone restarts at each byte received, and a
-server sending a byte at a time would hold a read for ever. Proxies come from the environment as urllib took
+or from https to plain http is refused (:func:`next_hop`). An answer (its head, then its body) must come at
+:data:`PROGRESS` bytes at least per ``timeout`` seconds (:class:`_Paced`): the socket's timeout alone restarts at
+each byte received, and a server sending a byte at a time would hold a read for ever. Proxies come from the environment as urllib took
 them (:func:`urllib.request.getproxies`, ``no_proxy``): an https URL through a ``CONNECT`` tunnel, an http one
 sent to the proxy by its absolute URL. Time: one round trip a request (a redirect: one more).
 """
@@ -24,7 +24,9 @@ sent to the proxy by its absolute URL. Time: one round trip a request (a redirec
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
+import io
 import threading
 import time
 import urllib.request
@@ -35,7 +37,7 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10  # as urllib
 _MAX_IDLE = 8  # idle connections kept a host: the reading thread and the 4 prefetch threads use at most 5
 _DRAINED = 64 * 1024  # an unread body up to this size (an error page, a redirect's) is read off to keep its connection
-PROGRESS = 1 << 20  # bytes a body read must get in the timeout (60 s: 17 KiB/s at least)
+PROGRESS = 1 << 20  # bytes an answer must send in the timeout (60 s: 17 KiB/s at least)
 _SHOWN = 100  # characters of what a server says (a reason, a Location) shown in an error
 _DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -134,33 +136,58 @@ def close_idle() -> None:
         link.conn.close()
 
 
-class Answer:
-    """The server's answer to a GET: ``status``, ``reason``, ``headers``, ``url`` (where the redirects ended) and
-    :meth:`read`. Closing it gives its connection back to the pool when the body was read to its end (or is
-    short enough to read off), and closes the connection otherwise."""
+class _Paced(io.RawIOBase):
+    """A socket's bytes as an answer reads them (its status line, headers and body), :data:`PROGRESS` bytes at
+    least in each ``timeout`` seconds: each receive waits at most what is left of that time, and a TimeoutError
+    says when none is left (the socket's timeout alone restarts at each byte: a server sending a byte at a time
+    would hold a read for ever). Time O(1) a receive."""
 
-    def __init__(self, url: str, key: tuple[str, str], link: _Link, response: http.client.HTTPResponse,
-                 timeout: float, sock):
-        self.url, self._key, self._link, self._response = url, key, link, response
-        self.status, self.reason, self.headers = response.status, response.reason, response.headers
-        self._timeout, self._sock = timeout, sock
-        self._start, self._got = time.monotonic(), 0  # the bytes received since ``_start`` (:meth:`read`)
+    def __init__(self, sock, timeout: float):
+        self._sock, self._raw, self._timeout = sock, sock.makefile("rb", buffering=0), timeout
+        self._start, self._got = time.monotonic(), 0  # the bytes received since ``_start``
 
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes of the body as they come (b"" at its end). Raises TimeoutError when fewer than
-        :data:`PROGRESS` bytes came in the timeout (counted from the answer, then from each PROGRESS bytes
-        received), whether the server stopped or sends a few bytes at a time. Time O(bytes)."""
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int | None:
         now = time.monotonic()
         if self._got >= PROGRESS:  # those bytes came in time: the next ones have the timeout again
             self._start, self._got = now, 0
         left = self._start + self._timeout - now
         if left <= 0:
             raise TimeoutError(f"under {PROGRESS} bytes in {self._timeout:g} s")
-        if self._sock is not None:
-            self._sock.settimeout(left)  # (the socket the response reads: its recv waits at most that)
-        part = self._response.read1(min(n, PROGRESS))
-        self._got += len(part)
-        return part
+        self._sock.settimeout(left)
+        n = self._raw.readinto(b)
+        self._got += n or 0
+        return n
+
+    def close(self) -> None:
+        self._raw.close()  # (the socket is closed once the connection and this have let it go)
+        super().close()
+
+
+class _Response(http.client.HTTPResponse):
+    """An answer read through :class:`_Paced`."""
+
+    def __init__(self, sock, *args, timeout: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain reader HTTPResponse made
+        self.fp = io.BufferedReader(_Paced(sock, timeout))
+
+
+class Answer:
+    """The server's answer to a GET: ``status``, ``reason``, ``headers``, ``url`` (where the redirects ended) and
+    :meth:`read`. Closing it gives its connection back to the pool when the body was read to its end (or is
+    short enough to read off), and closes the connection otherwise."""
+
+    def __init__(self, url: str, key: tuple[str, str], link: _Link, response: http.client.HTTPResponse):
+        self.url, self._key, self._link, self._response = url, key, link, response
+        self.status, self.reason, self.headers = response.status, response.reason, response.headers
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the body (fewer only where it ends); TimeoutError when they come too slowly
+        (:class:`_Paced`)."""
+        return self._response.read(n)
 
     def close(self) -> None:
         link, r, self._link = self._link, self._response, None
@@ -191,9 +218,9 @@ def _send(url: str, headers: dict[str, str], timeout: float) -> Answer:
     for fresh in (False, True):
         link, reused = _lease(key, timeout, fresh)
         try:
+            link.conn.response_class = functools.partial(_Response, timeout=timeout)
             link.conn.request("GET", link.target(url), headers={**link.headers, **headers})
-            sock = link.conn.sock  # (getresponse drops it from the connection of an answer that closes it)
-            return Answer(url, key, link, link.conn.getresponse(), timeout, sock)
+            return Answer(url, key, link, link.conn.getresponse())
         except _DROPPED:
             link.conn.close()
             if not reused:
