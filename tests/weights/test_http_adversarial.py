@@ -73,6 +73,8 @@ def test_a_whole_file_without_a_length_is_refused_at_once(tmp_path):
 @pytest.mark.parametrize(("change", "words"), [
     (lambda d, a, b: ranged(d, a + 1, b + 1), "the server sent bytes 1-8"),
     (lambda d, a, b: ranged(d, a, b, **{"Content-Range": f"bytes {a}-{b}/*"}), "not 'bytes A-B/SIZE'"),
+    (lambda d, a, b: ranged(d, a, b, **{"Content-Range": f"bytes {a}-{b}/{'9' * 5000}"}), "not 'bytes A-B/SIZE'"),
+    (lambda d, a, b: ranged(d, a, b, **{"Content-Range": f"bytes {a}-{b}/5"}), "the server sent bytes 0-7"),
     (lambda d, a, b: ranged(d, a, b, **{"Content-Length": "4"}), "Content-Length 4"),
     (lambda d, a, b: ranged(d, a, b, **{"Content-Length": "16"}), "Content-Length 16"),
 ])
@@ -201,6 +203,19 @@ def test_a_head_sent_a_byte_at_a_time_times_out(tmp_path, monkeypatch):
     with make_server(tmp_path, mode=drip_head) as srv:
         start = time.monotonic()
         check_refused(srv.url("a.safetensors"), "cannot read the header length", "timed out", "ATLAS_HTTP_TIMEOUT")
+        assert time.monotonic() - start < 2
+
+
+def test_an_endless_stream_of_100_continue_times_out(tmp_path, monkeypatch):
+    make_file(tmp_path)
+    monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "0.5")
+
+    def go_on(handler, data, first, last):  # http.client skips each 100 and reads the next: for ever, at full speed
+        endless(handler, b"HTTP/1.1 100 Continue\r\n\r\n" * 100)
+
+    with make_server(tmp_path, mode=go_on) as srv:
+        start = time.monotonic()
+        check_refused(srv.url("a.safetensors"), "cannot read the header length", "timed out")
         assert time.monotonic() - start < 2
 
 

@@ -145,13 +145,14 @@ class _Paced(io.RawIOBase):
     def __init__(self, sock, timeout: float):
         self._sock, self._raw, self._timeout = sock, sock.makefile("rb", buffering=0), timeout
         self._start, self._got = time.monotonic(), 0  # the bytes received since ``_start``
+        self.head = False  # while the head is read: all of it in one timeout, however fast it comes
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int | None:
         now = time.monotonic()
-        if self._got >= PROGRESS:  # those bytes came in time: the next ones have the timeout again
+        if self._got >= PROGRESS and not self.head:  # those came in time: the next ones have the timeout again
             self._start, self._got = now, 0
         left = self._start + self._timeout - now
         if left <= 0:
@@ -167,12 +168,21 @@ class _Paced(io.RawIOBase):
 
 
 class _Response(http.client.HTTPResponse):
-    """An answer read through :class:`_Paced`."""
+    """An answer read through :class:`_Paced`, its head (status line and headers, after any number of ``100
+    Continue``: a server may send those without end) in one timeout."""
 
     def __init__(self, sock, *args, timeout: float, **kwargs):
         super().__init__(sock, *args, **kwargs)
         self.fp.close()  # the plain reader HTTPResponse made
-        self.fp = io.BufferedReader(_Paced(sock, timeout))
+        self._paced = _Paced(sock, timeout)
+        self.fp = io.BufferedReader(self._paced)
+
+    def begin(self) -> None:
+        self._paced.head = True
+        try:
+            super().begin()
+        finally:
+            self._paced.head = False
 
 
 class Answer:

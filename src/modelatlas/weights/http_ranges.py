@@ -32,7 +32,7 @@ from modelatlas.errors import CheckpointError
 from modelatlas.weights.byte_ranges import ByteRanges
 from modelatlas.weights.http_connections import PROGRESS, Answer, RedirectError, get, origin_key, shown
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)$")  # (int() of 5,000 digits raises)
 _MAX_JSON = 64 * 1024 * 1024  # a shard index is ~100 KB for a 400B model; more is no index
 # unwanted bytes read between two wanted rows rather than a second request: a round trip (~10 ms to a hub's CDN)
 # takes about as long as 1 MiB arriving at ~100 MB/s
@@ -179,7 +179,7 @@ class HttpRanges(ByteRanges):
             raise CheckpointError(self.url, f"the file changed while read: {total} bytes now, {self.size} when "
                                             "opened")
         self.size = total
-        if first != offset or (last != offset + length - 1 and last != total - 1) or last < first:
+        if first != offset or (last != offset + length - 1 and last != total - 1) or not first <= last < total:
             raise CheckpointError(self.url, f"the server sent bytes {first}-{last} for {what}, not the bytes "
                                             f"{offset}-{offset + length - 1} asked for")
         n = answer.headers.get("Content-Length")
