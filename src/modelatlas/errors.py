@@ -142,3 +142,8 @@ class AtlasWarning(UserWarning):
 class DeviceChangeWarning(AtlasWarning):
     """A run checkpointed on one device type resumes on another: it goes on, but is not bit-identical to a run
     kept on the first (the message names both devices)."""
+
+
+class InterruptWarning(AtlasWarning):
+    """Ctrl-C during a checkpointed distillation: the iteration in progress is finished and saved before the run
+    stops (:mod:`modelatlas.distill.interrupt`)."""

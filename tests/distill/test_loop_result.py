@@ -52,6 +52,51 @@ def test_resume_after_crash_gives_identical_tensors(tmp_path):
     assert torch.equal(opt_a.state_dict()["state"][0]["exp_avg"], opt_c.state_dict()["state"][0]["exp_avg"])
 
 
+def test_ctrl_c_finishes_the_iteration_saves_it_and_a_resume_loses_nothing(tmp_path):
+    # a Ctrl-C lost up to checkpoint_every - 1 iterations (49 by default): the day-one review, session 37
+    import os
+    import signal
+
+    from modelatlas.errors import InterruptWarning
+
+    syn_a, opt_a, step_a = make_problem()
+    losses_a = OuterLoop(12, seed=7).run(step_a, {"synthetic": syn_a, "optimizer": opt_a})
+    syn_b, opt_b, step_b = make_problem()
+
+    def interrupted(it, gen):
+        if it == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # in the middle of iteration 5 of 12
+        return step_b(it, gen)
+    with pytest.warns(InterruptWarning, match="finishing this iteration"), pytest.raises(KeyboardInterrupt):
+        OuterLoop(12, seed=7, checkpoint_dir=tmp_path, checkpoint_every=10).run(
+            interrupted, {"synthetic": syn_b, "optimizer": opt_b})
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 5  # not 0: nothing was lost
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    syn_c, opt_c, step_c = make_problem()
+    losses_c = OuterLoop(12, seed=7, checkpoint_dir=tmp_path, checkpoint_every=10, resume=True).run(
+        step_c, {"synthetic": syn_c, "optimizer": opt_c})
+    assert torch.equal(syn_a.images, syn_c.images) and losses_a == losses_c
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path):
+    import os
+    import signal
+
+    syn, opt, step = make_problem()
+    seen = []
+
+    def twice(it, gen):
+        if it == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # raises here, inside the step
+            seen.append("after")
+        return step(it, gen)
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        OuterLoop(12, seed=7, checkpoint_dir=tmp_path, checkpoint_every=2).run(twice, {"synthetic": syn, "optimizer": opt})
+    assert not seen and json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resume_with_other_seed_is_refused(tmp_path):
     syn, opt, step = make_problem()
     OuterLoop(2, seed=1, checkpoint_dir=tmp_path, checkpoint_every=1).run(step, {"synthetic": syn, "optimizer": opt})

@@ -10,6 +10,8 @@ its optimisers, any method state), each with ``state_dict()``/``load_state_dict(
   reseeding it made no resume more exact, and it reset the caller's stream (``fork_rng(devices=[])`` restores
   only the CPU's);
 - shows a progress bar with the current loss (``bar.set_postfix(loss=...)``);
+- on Ctrl-C (with a ``checkpoint_dir``) finishes the iteration in progress and checkpoints it before it stops
+  (:mod:`modelatlas.distill.interrupt`; a second Ctrl-C stops at once);
 - every ``checkpoint_every`` iterations (and at the end) writes ``checkpoint_dir/ckpt-<it>.safetensors``
   (every tensor of every state: synthetic set, optimiser, CPU RNG states) and then ``checkpoint.json``
   (iteration, loss history, non-tensor state, the device type it ran on), both atomically; ``checkpoint.json``
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
+from modelatlas.distill.interrupt import deferred_interrupt
 from modelatlas.errors import CheckpointError, DeviceChangeWarning, DivergedError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
@@ -159,7 +162,8 @@ class OuterLoop:
             self._load(states)
         bar = resolve(self.progress)(range(self.start, self.iterations), total=self.iterations - self.start,
                                      desc=self.desc)
-        with torch.random.fork_rng(devices=[]):  # the per-iteration seeding leaves the caller's CPU stream alone
+        # the per-iteration seeding leaves the caller's CPU stream alone; a Ctrl-C ends the iteration first
+        with torch.random.fork_rng(devices=[]), deferred_interrupt(self.checkpoint_dir is not None) as stopping:
             for it in bar:
                 # the CPU's generator only (torch.manual_seed's CPU part): see the module docstring
                 torch.random.default_generator.manual_seed(derive_seed(self.seed, "iteration", it))
@@ -167,9 +171,12 @@ class OuterLoop:
                 self._check_finite(loss, it)
                 self.losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4g}")
-                done = it + 1
-                if self.checkpoint_dir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
+                done, stop = it + 1, stopping()
+                if self.checkpoint_dir is not None and (done % self.checkpoint_every == 0 or done == self.iterations
+                                                        or stop):
                     self.save(states, done)
+                if stop:
+                    raise KeyboardInterrupt
         return self.losses
 
     def _check_finite(self, loss: float, it: int) -> None:
