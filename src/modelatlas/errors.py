@@ -59,8 +59,37 @@ def given_path(text: str | Path) -> Path:
 
 
 def shown_path(path: str | Path) -> str:
-    """``path`` as an error names it: a URL as a URL (:func:`as_url`), anything else as ``Path`` writes it."""
-    return as_url(path) or str(Path(path))
+    """``path`` as an error names it: a URL as a URL (:func:`as_url`) with its credentials hidden
+    (:func:`redacted`), anything else as ``Path`` writes it."""
+    url = as_url(path)
+    return redacted(url) if url else str(Path(path))
+
+
+# query parameters that carry a credential: tokens, presigned URLs' signatures (S3, Azure SAS, GCS)
+_SECRET_KEYS = ("token", "access_token", "api_key", "apikey", "key", "password", "sig", "signature",
+                "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential")
+
+
+def redacted(url: str) -> str:
+    """``url`` fit for an error line or a log: a password in its user info (``https://user:pass@host``) and the
+    values of credential query parameters (:data:`_SECRET_KEYS`) shown as ``***``; the rest as written. O(len)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    path, q, query = tail.partition("?")
+    if q:
+        query = "&".join(_hidden_value(pair) for pair in query.split("&"))
+    return f"{scheme}{sep}{netloc}{slash}{path}{q}{query}"
+
+
+def _hidden_value(pair: str) -> str:
+    """One ``key=value`` of a query, its value ``***`` where the key names a credential. O(len)."""
+    key, eq, value = pair.partition("=")
+    return f"{key}=***" if eq and value and key.lower() in _SECRET_KEYS else pair
 
 
 class AtlasError(Exception):
