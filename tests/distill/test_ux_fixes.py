@@ -446,3 +446,10 @@ def test_an_interrupted_attribution_is_not_taken_for_a_distillation(tmp_path, re
     with pytest.raises(ConfigError, match=f"--out {tmp_path} is a non-empty folder that is not a distillation result"):
         run_distillation("dm", "digits", 1, tmp_path, config=TINY_DM, resume=resume, **QUICK)
     assert state.read_bytes() == before and sorted(p.name for p in state.parent.iterdir()) == ["run.json"]
+
+
+def test_a_huge_poster_ipc_is_refused_in_a_short_line(tmp_path):
+    # `atlas distill poster --ipc 1e308` printed ceil(1e308), 309 digits, in its error (the day-one review)
+    with pytest.raises(ConfigError) as e:
+        run_poster(make_small(), 1e308, tmp_path / "out", eval_nets=1, eval_epochs=1, dataset_test=make_small())
+    assert "needs 1e+308 real examples per class" in str(e.value) and len(str(e.value)) < 300

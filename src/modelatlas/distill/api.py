@@ -319,7 +319,8 @@ def check_baseline_ipc(train: ArrayDataset, ipc: int, asked: str | None = None) 
     c = int(counts.argmin())
     if int(counts[c]) < ipc:
         what = asked or f"ipc {ipc}"
-        raise ConfigError(f"{what} needs {ipc} real examples per class for the random baseline, but class "
+        need = ipc if ipc < 10**6 else f"{ipc:.3g}"  # ceil(--ipc 1e308) printed 309 digits
+        raise ConfigError(f"{what} needs {need} real examples per class for the random baseline, but class "
                           f"{train.classes[c]!r} of {train.name!r} has only {int(counts[c])}; lower the ipc "
                           "or pass --no-baseline (baseline=False)")
 
