@@ -44,3 +44,15 @@ def test_a_name_that_is_not_utf8_is_drawn_as_escapes():
     fig, ax = new_figure((2, 1))
     label = ax.text(0.1, 0.5, "m\udce9")
     assert png_bytes(fig).startswith(b"\x89PNG") and label.get_text() == "m\\xe9"
+
+
+def test_a_learning_curve_without_iterations_says_why_it_is_empty(monkeypatch):
+    # `atlas distill run --method random` drew empty axes in loss.png, which read as a failed run (day-one review)
+    from modelatlas.distill import result
+
+    drawn = []
+    monkeypatch.setattr(result, "png_bytes", lambda fig: drawn.append(fig) or b"")
+    result.render_losses([], "random")
+    result.render_losses([2.0, 1.0], "dm")
+    said = [[t.get_text() for t in fig.axes[0].texts] for fig in drawn]
+    assert said == [["no outer iterations: the set was chosen, not optimised"], []]

@@ -205,6 +205,9 @@ def render_losses(losses: list[float], title: str = "") -> bytes:
     fig, ax = new_figure((5, 3))
     if losses:
         ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    else:  # random, herding: chosen, not optimised (an empty pair of axes read as a failed run)
+        ax.text(0.5, 0.5, "no outer iterations: the set was chosen, not optimised", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("outer iteration")
     ax.set_ylabel("matching loss")
     ax.set_title(title or "learning curve")
