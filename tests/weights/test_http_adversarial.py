@@ -7,6 +7,7 @@ import gzip
 import json
 import struct
 import time
+import warnings
 
 import pytest
 import torch
@@ -251,9 +252,30 @@ def test_error_statuses_are_one_tame_line(tmp_path, status, headers, words):
     def refuse(handler, data, first, last):
         answer(handler, status, {**headers, "Content-Length": "2"}, b"no")
 
-    with make_server(tmp_path, mode=refuse) as srv:
+    with make_server(tmp_path, mode=refuse) as srv, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         message = check_refused(srv.url("a.safetensors"), *words)
         assert "\x1b" not in message and "\x07" not in message and len(message) < 300, message
+    busy = status.startswith("503")  # asked again twice, 1 s apart (no Retry-After), saying so; 429's 30 s is too long
+    assert [str(w.message).endswith("asking again in 1 s") for w in said] == [True, True] * busy
+
+
+def test_a_busy_server_is_asked_again_after_the_wait_it_names(tmp_path):
+    # one 429 from a hub ended a lineage over hundreds of models: it is now asked again (at most twice, <= 10 s)
+    from modelatlas.errors import AtlasWarning
+
+    make_file(tmp_path)
+    calls = []
+
+    def busy_once(handler, data, first, last):
+        calls.append(first)
+        if len(calls) == 1:
+            return answer(handler, "429 Too Many Requests", {"Retry-After": "0", "Content-Length": "2"}, b"no")
+        answer(handler, "206 Partial Content", ranged(data, first, last), data[first:last + 1])
+
+    with make_server(tmp_path, mode=busy_once) as srv, pytest.warns(AtlasWarning, match="HTTP 429 .* asking again in 0 s"):
+        ck = open_checkpoint(srv.url("a.safetensors"))
+        assert [t.name for t in ck.tensors()] and len(calls) >= 2
 
 
 def test_a_good_server_still_reads(tmp_path):

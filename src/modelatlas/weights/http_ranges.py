@@ -10,7 +10,7 @@ bytes asked for, of a file of the size the first answer gave (the file's size is
 that ignores ``Range`` answers ``200`` with the whole file, and is refused before the body is read (lineage of
 two 15 GB models reads a ninth of them: a server without ranges would download all 30 GB). Failures are one-line
 :class:`~modelatlas.errors.CheckpointError` naming the URL: the HTTP status (401/403 with the ``HF_TOKEN``
-hint; 429 with its wait), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default, also for a body that comes
+hint; 429 with its wait, after a 429 or 503 was asked again twice: :data:`RETRIES`), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default, also for a body that comes
 under 1 MiB in that time), a body cut short or of another length than its range, a body sent encoded (gzip:
 refused, never decoded).
 
@@ -25,10 +25,12 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from modelatlas.errors import CheckpointError
+from modelatlas.errors import AtlasWarning, CheckpointError, shown_path
 from modelatlas.weights.byte_ranges import ByteRanges
 from modelatlas.weights.http_connections import PROGRESS, Answer, RedirectError, get, origin_key, shown
 
@@ -37,6 +39,8 @@ _MAX_JSON = 64 * 1024 * 1024  # a shard index is ~100 KB for a 400B model; more 
 # unwanted bytes read between two wanted rows rather than a second request: a round trip (~10 ms to a hub's CDN)
 # takes about as long as 1 MiB arriving at ~100 MB/s
 GAP_BYTES = 1 << 20
+RETRIES = 2  # a 429 / 503 answer (the server busy) is asked again this many times
+RETRY_WAIT = 10.0  # seconds: the longest Retry-After waited for; a longer one is the error (say when to run again)
 
 
 class HttpError(CheckpointError):
@@ -140,7 +144,30 @@ class HttpRanges(ByteRanges):
         return answer
 
     def _open(self, url: str, headers: dict[str, str], what: str) -> Answer:
-        """The server's answer to a GET of ``url`` (2xx), or a CheckpointError saying why not."""
+        """The server's answer to a GET of ``url`` (2xx), or a CheckpointError saying why not. A 429 or 503 is
+        asked again up to :data:`RETRIES` times after the wait it names (at most :data:`RETRY_WAIT` s; 1 s when it
+        names none), saying so (an :class:`~modelatlas.errors.AtlasWarning`): a hub limits the rate of requests,
+        and one answer of that kind ended a lineage over hundreds of them."""
+        for attempt in range(RETRIES + 1):
+            answer = self._request(url, headers, what)
+            if 200 <= answer.status < 300:
+                _check_encoding(self.url, answer, what)
+                return answer
+            answer.close()
+            wait = retry_wait(answer.status, answer.headers.get("Retry-After")) if attempt < RETRIES else None
+            if wait is None:
+                break
+            warnings.warn(f"{shown_path(self.url)}: HTTP {answer.status} for {what}; asking again in {wait:g} s",
+                          AtlasWarning, stacklevel=2)
+            time.sleep(wait)
+        if answer.status == 416 and self.size is None:  # bytes 0-7 of a file of under 8 bytes
+            raise CheckpointError(self.url, "truncated safetensors file (no header length): the server has no "
+                                            f"bytes to give for {what} (HTTP 416)")
+        reason = status_reason(answer.status, answer.reason, self._token, answer.headers.get("Retry-After"))
+        raise HttpError(self.url, f"cannot read {what}: {reason}", answer.status)
+
+    def _request(self, url: str, headers: dict[str, str], what: str) -> Answer:
+        """The server's answer to a GET of ``url``, whatever its status; a CheckpointError where none came."""
         try:
             answer = get(url, {"User-Agent": "modelatlas", **headers}, http_timeout(), origin_key(self.url),
                          self._token)
@@ -151,15 +178,7 @@ class HttpRanges(ByteRanges):
                 raise CheckpointError(self.url, f"cannot read {what}: no answer in {http_timeout():g} s (timed "
                                                 "out; set ATLAS_HTTP_TIMEOUT to wait longer)") from None
             raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None
-        if 200 <= answer.status < 300:
-            _check_encoding(self.url, answer, what)
-            return answer
-        answer.close()
-        if answer.status == 416 and self.size is None:  # bytes 0-7 of a file of under 8 bytes
-            raise CheckpointError(self.url, "truncated safetensors file (no header length): the server has no "
-                                            f"bytes to give for {what} (HTTP 416)")
-        reason = status_reason(answer.status, answer.reason, self._token, answer.headers.get("Retry-After"))
-        raise HttpError(self.url, f"cannot read {what}: {reason}", answer.status)
+        return answer
 
     def _check_range(self, answer, offset: int, length: int, what: str) -> None:
         """An answer of exactly bytes ``offset..offset+length-1``, of a file of the size known (set if not yet)."""
@@ -254,6 +273,17 @@ def _check_encoding(url: str, answer: Answer, what: str) -> None:
         raise CheckpointError(url, f"cannot read {what}: the server sent it with Content-Encoding "
                                    f"{shown(encoding)}, not decoded here (refused: modelatlas asks for the bytes as "
                                    "they are, Accept-Encoding: identity)")
+
+
+def retry_wait(code: int, retry_after: str | None) -> float | None:
+    """Seconds to wait before asking again after an answer ``code`` (429, 503: the server is busy), from its
+    ``Retry-After`` (seconds; 1 s when it gives none or a date); None for another status or a wait over
+    :data:`RETRY_WAIT`. O(1)."""
+    if code not in (429, 503):
+        return None
+    text = (retry_after or "").strip()
+    wait = float(text) if text.isdigit() and len(text) < 6 else 1.0
+    return wait if wait <= RETRY_WAIT else None
 
 
 def status_reason(code: int, reason: str, token: str | None, retry_after: str | None = None) -> str:
