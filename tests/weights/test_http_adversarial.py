@@ -152,6 +152,13 @@ def test_a_redirect_to_another_scheme_is_refused(url, location, words):
     assert next_hop("https://hub.example/a/b", "c d") == "https://hub.example/a/c%20d"
 
 
+def test_a_refused_redirects_signed_url_is_shown_without_its_signature():
+    # errors hid a given URL's credentials (errors.redacted) but printed a redirect's target as the server sent it
+    with pytest.raises(RedirectError) as e:
+        next_hop("https://hub.example/a", "http://cdn.example/a?X-Amz-Signature=s3cr3t&X-Amz-Expires=60")
+    assert "X-Amz-Signature=***&X-Amz-Expires=60" in str(e.value) and "s3cr3t" not in str(e.value)
+
+
 def test_a_redirect_to_a_file_url_is_one_line(tmp_path):
     make_file(tmp_path)
 

@@ -33,6 +33,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
+from modelatlas.errors import redacted
+
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10  # as urllib
 _MAX_IDLE = 8  # idle connections kept a host: the reading thread and the 4 prefetch threads use at most 5
@@ -47,9 +49,10 @@ class RedirectError(http.client.HTTPException):
 
 
 def shown(text: str) -> str:
-    """What a server sent (a reason phrase, a URL), fit for a one-line error: printable ASCII only (no terminal
-    escape sequences), at most :data:`_SHOWN` characters."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    """What a server sent (a reason phrase, a URL), fit for a one-line error: a URL's credentials hidden
+    (:func:`~modelatlas.errors.redacted`: a redirect to a presigned CDN link carries its signature), printable
+    ASCII only (no terminal escape sequences), at most :data:`_SHOWN` characters."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in redacted(text))
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
