@@ -85,12 +85,16 @@ def find_sparse_merges(sq: np.ndarray, pool: list[int], screen: Callable[[int], 
     them); ``half(i)``: the rounding allowed on each of ``values(i)``. Time: see the module."""
     fits: dict[int, list[SparseMerge]] = {}
     for m in pool:
-        for trip in screened(sq, m, pool[:pool.index(m)] + pool[pool.index(m) + 1:], screen):
+        hm = None  # half(m), once a model (an ldexp of its V values), where a triple of it is fitted
+        for trip in screened(sq, m, [i for i in pool if i != m], screen):
             rows = [values(i) for i in (m, *trip)]
-            got = None if any(r is None for r in rows) else _classified(rows, half(m))
+            if any(r is None for r in rows):
+                continue
+            hm = half(m) if hm is None else hm
+            got = _classified(rows, hm)
             if got is not None and got[1] >= SPARSE_SHARE:
                 kind = _kind(got[0])
-                kind = _dare_kind(*rows, half(m), got[0][:2]) if kind == "dare" else kind
+                kind = _dare_kind(*rows, hm, got[0][:2]) if kind == "dare" else kind
                 fits.setdefault(m, []).append(SparseMerge(m, trip, got[0], got[1], kind))
     return _disjoint({m: _order(f, sq) for m, f in fits.items()})
 
