@@ -21,7 +21,7 @@ from modelatlas.weights.http_connections import RedirectError, next_hop
 
 @pytest.fixture(autouse=True)
 def _no_token_nor_proxy(monkeypatch):
-    for name in ("HF_TOKEN", "HF_ENDPOINT", "ATLAS_HTTP_TIMEOUT", "http_proxy", "HTTP_PROXY"):
+    for name in ("HF_TOKEN", "HF_ENDPOINT", "ATLAS_HTTP_TIMEOUT", "ATLAS_HTTP_MIN_RATE", "http_proxy", "HTTP_PROXY"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -192,6 +192,33 @@ def test_a_body_that_stops_or_drips_times_out(tmp_path, monkeypatch):
             start = time.monotonic()
             check_refused(srv.url("a.safetensors"), "cannot read the header length", "ATLAS_HTTP_TIMEOUT")
             assert time.monotonic() - start < 2, how  # 8 bytes at 0.1 s each: 0.8 s, over the 0.5 s allowed
+
+
+@pytest.mark.parametrize("rate", [None, "4", "0"])
+def test_a_slow_link_reads_at_the_pace_atlas_http_min_rate_allows(tmp_path, monkeypatch, rate):
+    # the pace (1 MiB a timeout) could not be set for a slow link; ATLAS_HTTP_MIN_RATE is bytes a second (0: none)
+    make_file(tmp_path)
+    monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "0.5")
+    if rate is not None:
+        monkeypatch.setenv("ATLAS_HTTP_MIN_RATE", rate)  # 4: 2 bytes a 0.5 s at least
+
+    def slow(handler, data, first, last):  # the header length at 10 bytes a second, the rest at once
+        body = data[first:last + 1]
+        answer(handler, "206 Partial Content", ranged(data, first, last), body if first else b"")
+        try:
+            for i in range(len(body) if not first else 0):
+                handler.wfile.write(body[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    with make_server(tmp_path, mode=slow) as srv:
+        if rate is None:
+            check_refused(srv.url("a.safetensors"), "under 1 MiB in 0.5 s", "ATLAS_HTTP_MIN_RATE")
+            return
+        with open_checkpoint(srv.url("a.safetensors")) as ck:
+            assert all(torch.equal(ck.read(n), t) for n, t in make_tensors().items())
 
 
 def test_a_head_sent_a_byte_at_a_time_times_out(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from modelatlas.weights import open_checkpoint
 
 @pytest.fixture(autouse=True)
 def _no_token_nor_proxy(monkeypatch):
-    for name in ("HF_TOKEN", "ATLAS_HTTP_TIMEOUT", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+    for name in ("HF_TOKEN", "ATLAS_HTTP_TIMEOUT", "ATLAS_HTTP_MIN_RATE", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -18,6 +18,7 @@ from modelatlas.weights.remote import hub_base, url_name
 def _no_token(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("ATLAS_HTTP_TIMEOUT", raising=False)
+    monkeypatch.delenv("ATLAS_HTTP_MIN_RATE", raising=False)
 
 
 def make_tensors():
@@ -337,10 +338,27 @@ def test_failures_before_any_answer_are_one_line(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     check_refused(f"http://127.0.0.1:{port}/a.safetensors", "cannot connect")
     monkeypatch.setenv("ATLAS_HTTP_TIMEOUT", "soon")
-    with pytest.raises(CheckpointError, match="^ATLAS_HTTP_TIMEOUT: must be a number of seconds$"):
+    with pytest.raises(CheckpointError, match="^ATLAS_HTTP_TIMEOUT: must be a number of seconds over 0, not 'soon'$"):
         open_checkpoint(f"http://127.0.0.1:{port}/a.safetensors")
     monkeypatch.delenv("ATLAS_HTTP_TIMEOUT")
     make_file(tmp_path)
     with make_server(tmp_path) as srv, pytest.raises(CheckpointError) as e:
         open_checkpoint(srv.url("a.safetensors"), base="x")
     assert "option(s) base do not apply to a checkpoint read over HTTP" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("name", "value", "what"), [
+    ("ATLAS_HTTP_MIN_RATE", "fast", "a number of bytes a second, 0 or more"),
+    ("ATLAS_HTTP_MIN_RATE", "-1", "a number of bytes a second, 0 or more"),
+    ("ATLAS_HTTP_MIN_RATE", "nan", "a number of bytes a second, 0 or more"),
+    ("ATLAS_HTTP_MIN_RATE", "1e999", "a number of bytes a second, 0 or more"),
+    ("ATLAS_HTTP_TIMEOUT", "0", "a number of seconds over 0"),  # (was a non-blocking socket: 'cannot connect')
+    ("ATLAS_HTTP_TIMEOUT", "-5", "a number of seconds over 0"),
+])
+def test_a_bad_http_setting_is_one_line_naming_it_and_its_value(tmp_path, monkeypatch, name, value, what):
+    make_file(tmp_path)
+    monkeypatch.setenv(name, value)
+    with make_server(tmp_path) as srv, pytest.raises(CheckpointError) as e:
+        open_checkpoint(srv.url("a.safetensors"))
+    assert str(e.value) == f"{name}: must be {what}, not {value!r}"
+    assert not srv.seen  # refused before any request

@@ -15,8 +15,9 @@ Redirects (301, 302, 303, 307, 308; at most 10) are followed with the same heade
 ``Authorization``: the token is put on a hop only when the hop's URL is on ``token_origin`` (scheme, host and
 port), so a hub file's redirect to its CDN never carries it; a redirect to a URL that is not http(s) (``file:``)
 or from https to plain http is refused (:func:`next_hop`). An answer (its head, then its body) must come at
-:data:`PROGRESS` bytes at least per ``timeout`` seconds (:class:`_Paced`): the socket's timeout alone restarts at
-each byte received, and a server sending a byte at a time would hold a read for ever. Proxies come from the environment as urllib took
+``progress`` bytes at least per ``timeout`` seconds (:data:`PROGRESS` unless the caller says:
+``ATLAS_HTTP_MIN_RATE``; :class:`_Paced`): the socket's timeout alone restarts at each byte received, and a server
+sending a byte at a time would hold a read for ever. Proxies come from the environment as urllib took
 them (:func:`urllib.request.getproxies`, ``no_proxy``): an https URL through a ``CONNECT`` tunnel, an http one
 sent to the proxy by its absolute URL. Time: one round trip a request (a redirect: one more).
 """
@@ -39,7 +40,7 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10  # as urllib
 _MAX_IDLE = 8  # idle connections kept a host: the reading thread and the 4 prefetch threads use at most 5
 _DRAINED = 64 * 1024  # an unread body up to this size (an error page, a redirect's) is read off to keep its connection
-PROGRESS = 1 << 20  # bytes an answer must send in the timeout (60 s: 17 KiB/s at least)
+PROGRESS = 1 << 20  # bytes an answer must send in the timeout by default (60 s: 17 KiB/s at least)
 _SHOWN = 100  # characters of what a server says (a reason, a Location) shown in an error
 _DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -140,13 +141,15 @@ def close_idle() -> None:
 
 
 class _Paced(io.RawIOBase):
-    """A socket's bytes as an answer reads them (its status line, headers and body), :data:`PROGRESS` bytes at
-    least in each ``timeout`` seconds: each receive waits at most what is left of that time, and a TimeoutError
-    says when none is left (the socket's timeout alone restarts at each byte: a server sending a byte at a time
-    would hold a read for ever). Time O(1) a receive."""
+    """A socket's bytes as an answer reads them (its status line, headers and body), ``progress`` bytes at least
+    in each ``timeout`` seconds: each receive waits at most what is left of that time, and a TimeoutError says
+    when none is left (the socket's timeout alone restarts at each byte: a server sending a byte at a time would
+    hold a read for ever). ``progress`` 0: no pace, the socket's timeout alone (the head still in one timeout).
+    Time O(1) a receive."""
 
-    def __init__(self, sock, timeout: float):
+    def __init__(self, sock, timeout: float, progress: int = PROGRESS):
         self._sock, self._raw, self._timeout = sock, sock.makefile("rb", buffering=0), timeout
+        self._progress = progress
         self._start, self._got = time.monotonic(), 0  # the bytes received since ``_start``
         self.head = False  # while the head is read: all of it in one timeout, however fast it comes
 
@@ -155,11 +158,11 @@ class _Paced(io.RawIOBase):
 
     def readinto(self, b) -> int | None:
         now = time.monotonic()
-        if self._got >= PROGRESS and not self.head:  # those came in time: the next ones have the timeout again
+        if self._got >= self._progress and not self.head:  # those came in time: the next ones have the timeout again
             self._start, self._got = now, 0
         left = self._start + self._timeout - now
         if left <= 0:
-            raise TimeoutError(f"under {PROGRESS} bytes in {self._timeout:g} s")
+            raise TimeoutError(f"under {self._progress} bytes in {self._timeout:g} s")
         self._sock.settimeout(left)
         n = self._raw.readinto(b)
         self._got += n or 0
@@ -172,12 +175,12 @@ class _Paced(io.RawIOBase):
 
 class _Response(http.client.HTTPResponse):
     """An answer read through :class:`_Paced`, its head (status line and headers, after any number of ``100
-    Continue``: a server may send those without end) in one timeout."""
+    Continue``: a server may send those without end) in one timeout, its body ``progress`` bytes a timeout."""
 
-    def __init__(self, sock, *args, timeout: float, **kwargs):
+    def __init__(self, sock, *args, timeout: float, progress: int = PROGRESS, **kwargs):
         super().__init__(sock, *args, **kwargs)
         self.fp.close()  # the plain reader HTTPResponse made
-        self._paced = _Paced(sock, timeout)
+        self._paced = _Paced(sock, timeout, progress)
         self.fp = io.BufferedReader(self._paced)
 
     def begin(self) -> None:
@@ -224,14 +227,14 @@ class Answer:
         self.close()
 
 
-def _send(url: str, headers: dict[str, str], timeout: float) -> Answer:
+def _send(url: str, headers: dict[str, str], timeout: float, progress: int) -> Answer:
     """One GET of ``url`` on a kept connection, sent once more on a new one when the kept one was closed by the
     server (the new one's own failure is raised)."""
     key = origin_key(url)
     for fresh in (False, True):
         link, reused = _lease(key, timeout, fresh)
         try:
-            link.conn.response_class = functools.partial(_Response, timeout=timeout)
+            link.conn.response_class = functools.partial(_Response, timeout=timeout, progress=progress)
             link.conn.request("GET", link.target(url), headers={**link.headers, **headers})
             return Answer(url, key, link, link.conn.getresponse())
         except _DROPPED:
@@ -258,15 +261,15 @@ def next_hop(url: str, location: str) -> str:
     return to
 
 
-def get(url: str, headers: dict[str, str], timeout: float, token_origin: str = "", token: str | None = None
-        ) -> Answer:
+def get(url: str, headers: dict[str, str], timeout: float, token_origin: str = "", token: str | None = None,
+        progress: int = PROGRESS) -> Answer:
     """The answer to a GET of ``url`` after its redirects (an error status is the caller's to judge), with
     ``Authorization: Bearer token`` on each hop to ``token_origin`` (:func:`origin_key` of a URL) only. Raises
-    OSError (``TimeoutError`` after ``timeout`` seconds of silence), ``http.client.HTTPException``
-    (:class:`RedirectError`)."""
+    OSError (``TimeoutError`` after ``timeout`` seconds of silence, or under ``progress`` bytes in that time),
+    ``http.client.HTTPException`` (:class:`RedirectError`)."""
     for _ in range(MAX_REDIRECTS + 1):
         own = token is not None and origin_key(url) == token_origin
-        answer = _send(url, {**headers, **({"Authorization": f"Bearer {token}"} if own else {})}, timeout)
+        answer = _send(url, {**headers, **({"Authorization": f"Bearer {token}"} if own else {})}, timeout, progress)
         location = answer.headers.get("Location")
         if answer.status not in REDIRECTS or not location:
             return answer

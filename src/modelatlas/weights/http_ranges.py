@@ -11,7 +11,7 @@ that ignores ``Range`` answers ``200`` with the whole file, and is refused befor
 two 15 GB models reads a ninth of them: a server without ranges would download all 30 GB). Failures are one-line
 :class:`~modelatlas.errors.CheckpointError` naming the URL: the HTTP status (401/403 with the ``HF_TOKEN``
 hint; 429 with its wait, after a 429 or 503 was asked again twice: :data:`RETRIES`), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default, also for a body that comes
-under 1 MiB in that time), a body cut short or of another length than its range, a body sent encoded (gzip:
+under 1 MiB in that time, or under ``ATLAS_HTTP_MIN_RATE`` bytes a second times that when set: :func:`http_progress`), a body cut short or of another length than its range, a body sent encoded (gzip:
 refused, never decoded).
 
 ``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` only to a URL on the hub (``huggingface.co`` or
@@ -23,6 +23,7 @@ Time O(bytes) a read, one round trip a range.
 from __future__ import annotations
 
 import http.client
+import math
 import os
 import re
 import time
@@ -53,10 +54,31 @@ class HttpError(CheckpointError):
 
 def http_timeout() -> float:
     """Seconds one request may wait for the server: ``$ATLAS_HTTP_TIMEOUT``, 60 by default."""
+    return _setting("ATLAS_HTTP_TIMEOUT", "a number of seconds over 0", positive=True) or 60.0
+
+
+def http_progress(timeout: float) -> int:
+    """Bytes an answer must bring in each ``timeout`` seconds (:class:`.http_connections._Paced`):
+    ``$ATLAS_HTTP_MIN_RATE`` (bytes a second, for a slow link) times the timeout, rounded up; 0 for a rate of 0
+    (no pace: only ``timeout`` seconds of silence time out); :data:`PROGRESS` (1 MiB: 17 KiB/s at the default
+    timeout) when unset."""
+    rate = _setting("ATLAS_HTTP_MIN_RATE", "a number of bytes a second, 0 or more")
+    return PROGRESS if rate is None else math.ceil(rate * timeout)
+
+
+def _setting(name: str, what: str, positive: bool = False) -> float | None:
+    """The number environment variable ``name`` holds (None when unset or empty); a one-line CheckpointError
+    naming it and its value when that is not ``what`` (a finite number, 0 or more; over 0 if ``positive``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
     try:
-        return float(os.environ.get("ATLAS_HTTP_TIMEOUT") or 60)
+        value = float(text)
     except ValueError:
-        raise CheckpointError("ATLAS_HTTP_TIMEOUT", "must be a number of seconds") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise CheckpointError(name, f"must be {what}, not {shown(repr(text))}")
+    return value
 
 
 def hub_token(url: str) -> str | None:
@@ -169,8 +191,9 @@ class HttpRanges(ByteRanges):
     def _request(self, url: str, headers: dict[str, str], what: str) -> Answer:
         """The server's answer to a GET of ``url``, whatever its status; a CheckpointError where none came."""
         try:
-            answer = get(url, {"User-Agent": "modelatlas", **headers}, http_timeout(), origin_key(self.url),
-                         self._token)
+            timeout = http_timeout()
+            answer = get(url, {"User-Agent": "modelatlas", **headers}, timeout, origin_key(self.url), self._token,
+                         http_progress(timeout))
         except RedirectError as e:
             raise CheckpointError(self.url, f"cannot read {what}: {e}") from None
         except (OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
@@ -221,9 +244,7 @@ class HttpRanges(ByteRanges):
                 parts.append(part)
                 got += len(part)
         except TimeoutError:
-            raise CheckpointError(self.url, f"cannot read {what}: the server stopped sending, or sent under "
-                                            f"{PROGRESS >> 20} MiB in {http_timeout():g} s (timed out; set "
-                                            "ATLAS_HTTP_TIMEOUT to wait longer)") from None
+            raise CheckpointError(self.url, f"cannot read {what}: {_too_slow()}") from None
         except (OSError, http.client.HTTPException) as e:  # IncompleteRead of a chunked body is no OSError
             raise CheckpointError(self.url, f"cannot read {what}: connection broken ({e!r})") from None
         return b"".join(parts)
@@ -257,6 +278,18 @@ def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="atlas-http"))
     return _POOL[0]
+
+
+def _too_slow() -> str:
+    """Why a body timed out, and the settings that allow a slower server."""
+    timeout = http_timeout()
+    progress = http_progress(timeout)
+    if not progress:
+        return f"the server sent nothing for {timeout:g} s (timed out; set ATLAS_HTTP_TIMEOUT to wait longer)"
+    amount = "1 MiB" if progress == PROGRESS else f"{progress} bytes"
+    return (f"the server stopped sending, or sent under {amount} in {timeout:g} s (timed out; set "
+            "ATLAS_HTTP_TIMEOUT to wait longer, or ATLAS_HTTP_MIN_RATE to a lower number of bytes a second for a "
+            "slow link)")
 
 
 def _length_of(answer) -> str:
