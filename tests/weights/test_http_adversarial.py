@@ -137,6 +137,53 @@ def test_a_tensor_larger_than_memory_is_one_line(tmp_path):
             ck.read("t")
 
 
+MiB = 1 << 20
+
+
+def lying_sizes(where: str):
+    """A server that announces far more than it sends (100 bytes, then it closes): a shard index's Content-Length,
+    a header length in the first 8 bytes, or a tensor's size in the header (each within the file size it gives)."""
+    header = json.dumps({"t": {"dtype": "U8", "shape": [500 * MiB], "data_offsets": [0, 500 * MiB]}}).encode()
+    head = struct.pack("<Q", 90 * MiB if where == "header" else len(header)) + header
+    size = len(head) + 500 * MiB
+
+    def lying(handler, data, first, last):
+        if first is None:  # the index: a 60 MiB body announced
+            return answer(handler, "200 OK", {"Content-Length": str(60 * MiB)}, b" " * 100)
+        body = head[first:last + 1] if first < 8 or (where != "header" and first < len(head)) else b" " * 100
+        answer(handler, "206 Partial Content", {"Content-Range": f"bytes {first}-{last}/{size}",
+                                                "Content-Length": str(last - first + 1)}, body)
+    return lying
+
+
+@pytest.mark.parametrize(("where", "words"), [
+    ("index", "the server announced Content-Length 62914560 and sent 100 bytes"),
+    ("header", "cannot read the header: got 100 of its 94371840 bytes"),
+    ("tensor", "cannot read tensor 't': got 100 of its 524288000 bytes"),
+    ("rows", "cannot read tensor 't': got 100 of its 524288000 bytes"),
+])
+def test_memory_follows_the_bytes_received_not_the_sizes_announced(tmp_path, where, words):
+    # each size was reserved before a byte of it came: 60 MiB, 90 MiB, 500 MiB (twice: the body, then the tensor)
+    import tracemalloc
+
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors.index.json").write_bytes(b"")
+    with make_server(tmp_path, mode=lying_sizes(where)) as srv:
+        tracemalloc.start()
+        try:
+            if where == "index":
+                check_refused(srv.url("model.safetensors.index.json"), words)
+            elif where == "header":
+                check_refused(srv.url("a.safetensors"), words)
+            else:
+                with open_checkpoint(srv.url("a.safetensors")) as ck, pytest.raises(CheckpointError, match=words):
+                    ck.read("t") if where == "tensor" else ck.read_rows("t", torch.tensor([0]))  # one row: all of it
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 * MiB, peak
+
+
 # 4. redirects: bounded (tests/weights/test_http_connections.py), to http(s) only, never from https to http
 
 @pytest.mark.parametrize(("url", "location", "words"), [

@@ -61,15 +61,24 @@ class ByteRanges:
             raise CheckpointError(self.path, f"cannot read {what}: the file ends {buf.nbytes - got} bytes short of "
                                              "it (changed or truncated after it was opened)")
 
+    def read(self, offset: int, length: int, what: str) -> np.ndarray:
+        """The ``length`` bytes at ``offset`` as a uint8 array of their own; a one-line CheckpointError when
+        that is more than memory can hold (a header may state any size)."""
+        try:
+            buf = np.empty(length, dtype=np.uint8)
+        except MemoryError:
+            raise CheckpointError(self.path, f"{what} is {length} bytes, more than this machine's memory can "
+                                             "hold") from None
+        self.read_into(offset, memoryview(buf), what)
+        return buf
+
     def read_rows(self, offset: int, width: int, rows: np.ndarray, what: str) -> np.ndarray:
         """Rows ``rows`` (ascending, distinct indices) of the rows of ``width`` bytes stored one after another
         from ``offset``, as (r, width) uint8: each run of rows at most :attr:`gap_bytes` apart one read (local
         files: consecutive rows only, so only those rows come off the disk: 256 rows of a 2048-row layer are an
         eighth of it; the rows between are read and dropped). Time O(r width), O(span) with gaps."""
         out = np.empty((len(rows), width), dtype=np.uint8)
-        skip = self.gap_bytes // max(width, 1)  # rows between two wanted ones worth reading rather than a new read
-        cuts = np.flatnonzero(np.diff(rows) > skip + 1) + 1  # where a read's run of rows ends
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]) if len(rows) else ():
+        for a, b in self._runs(width, rows):
             first, last = int(rows[a]), int(rows[b - 1])
             if last - first + 1 == b - a:  # no gap: straight into out
                 self.read_into(offset + first * width, memoryview(out[a:b].reshape(-1)), what)
@@ -78,6 +87,12 @@ class ByteRanges:
             self.read_into(offset + first * width, memoryview(span.reshape(-1)), what)
             out[a:b] = span[rows[a:b] - first]
         return out
+
+    def _runs(self, width: int, rows: np.ndarray) -> list[tuple[int, int]]:
+        """(a, b) for each run ``rows[a:b]`` of rows read as one range: none more than :attr:`gap_bytes` apart."""
+        skip = self.gap_bytes // max(width, 1)  # rows between two wanted ones worth reading rather than a new read
+        cuts = np.flatnonzero(np.diff(rows) > skip + 1) + 1  # where a read's run of rows ends
+        return list(zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist())) if len(rows) else []
 
     def _read_at(self, f, view: memoryview, offset: int) -> int:
         """Bytes read into ``view`` from ``offset``: ``os.preadv``, which leaves the file position alone, so two

@@ -15,8 +15,8 @@ Redirects (301, 302, 303, 307, 308; at most 10) are followed with the same heade
 ``Authorization``: the token is put on a hop only when the hop's URL is on ``token_origin`` (scheme, host and
 port), so a hub file's redirect to its CDN never carries it; a redirect to a URL that is not http(s) (``file:``)
 or from https to plain http is refused (:func:`next_hop`). An answer (its head, then its body) must come at
-``progress`` bytes at least per ``timeout`` seconds (:data:`PROGRESS` unless the caller says:
-``ATLAS_HTTP_MIN_RATE``; :class:`_Paced`): the socket's timeout alone restarts at each byte received, and a server
+``progress`` bytes at least per ``timeout`` seconds (:class:`_Paced`; the settings: :func:`http_timeout`,
+``ATLAS_HTTP_TIMEOUT``, and :func:`http_progress`, ``ATLAS_HTTP_MIN_RATE``): the socket's timeout alone restarts at each byte received, and a server
 sending a byte at a time would hold a read for ever. Proxies come from the environment as urllib took
 them (:func:`urllib.request.getproxies`, ``no_proxy``): an https URL through a ``CONNECT`` tunnel, an http one
 sent to the proxy by its absolute URL. Time: one round trip a request (a redirect: one more).
@@ -28,13 +28,15 @@ import base64
 import functools
 import http.client
 import io
+import math
+import os
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
-from modelatlas.errors import redacted
+from modelatlas.errors import CheckpointError, redacted
 
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10  # as urllib
@@ -47,6 +49,35 @@ _DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetErro
 
 class RedirectError(http.client.HTTPException):
     """Too many redirects, or one to a URL that is not http(s), or from https to http."""
+
+
+def http_timeout() -> float:
+    """Seconds one request may wait for the server: ``$ATLAS_HTTP_TIMEOUT``, 60 by default."""
+    return _setting("ATLAS_HTTP_TIMEOUT", "a number of seconds over 0", positive=True) or 60.0
+
+
+def http_progress(timeout: float) -> int:
+    """Bytes an answer must bring in each ``timeout`` seconds (:class:`_Paced`):
+    ``$ATLAS_HTTP_MIN_RATE`` (bytes a second, for a slow link) times the timeout, rounded up; 0 for a rate of 0
+    (no pace: only ``timeout`` seconds of silence time out); :data:`PROGRESS` (1 MiB: 17 KiB/s at the default
+    timeout) when unset."""
+    rate = _setting("ATLAS_HTTP_MIN_RATE", "a number of bytes a second, 0 or more")
+    return PROGRESS if rate is None else math.ceil(rate * timeout)
+
+
+def _setting(name: str, what: str, positive: bool = False) -> float | None:
+    """The number environment variable ``name`` holds (None when unset or empty); a one-line CheckpointError
+    naming it and its value when that is not ``what`` (a finite number, 0 or more; over 0 if ``positive``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise CheckpointError(name, f"must be {what}, not {shown(repr(text))}")
+    return value
 
 
 def shown(text: str) -> str:
@@ -193,17 +224,17 @@ class _Response(http.client.HTTPResponse):
 
 class Answer:
     """The server's answer to a GET: ``status``, ``reason``, ``headers``, ``url`` (where the redirects ended) and
-    :meth:`read`. Closing it gives its connection back to the pool when the body was read to its end (or is
+    :meth:`readinto`. Closing it gives its connection back to the pool when the body was read to its end (or is
     short enough to read off), and closes the connection otherwise."""
 
     def __init__(self, url: str, key: tuple[str, str], link: _Link, response: http.client.HTTPResponse):
         self.url, self._key, self._link, self._response = url, key, link, response
         self.status, self.reason, self.headers = response.status, response.reason, response.headers
 
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes of the body (fewer only where it ends); TimeoutError when they come too slowly
-        (:class:`_Paced`)."""
-        return self._response.read(n)
+    def readinto(self, b) -> int:
+        """Bytes of the body read into buffer ``b`` (fewer only where it ends; 0 at its end), no buffer of the
+        server's making; TimeoutError when they come too slowly (:class:`_Paced`)."""
+        return self._response.readinto(b)
 
     def close(self) -> None:
         link, r, self._link = self._link, self._response, None

@@ -10,9 +10,11 @@ bytes asked for, of a file of the size the first answer gave (the file's size is
 that ignores ``Range`` answers ``200`` with the whole file, and is refused before the body is read (lineage of
 two 15 GB models reads a ninth of them: a server without ranges would download all 30 GB). Failures are one-line
 :class:`~modelatlas.errors.CheckpointError` naming the URL: the HTTP status (401/403 with the ``HF_TOKEN``
-hint; 429 with its wait, after a 429 or 503 was asked again twice: :data:`RETRIES`), a timeout (``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default, also for a body that comes
-under 1 MiB in that time, or under ``ATLAS_HTTP_MIN_RATE`` bytes a second times that when set: :func:`http_progress`), a body cut short or of another length than its range, a body sent encoded (gzip:
-refused, never decoded).
+hint; 429 with its wait, after a 429 or 503 was asked again twice: :data:`RETRIES`), a timeout
+(``ATLAS_HTTP_TIMEOUT`` seconds, 60 by default, also for a body that comes under 1 MiB in that time, or under
+``ATLAS_HTTP_MIN_RATE`` bytes a second times that when set: :func:`.http_connections.http_progress`), a body cut
+short or of another length than its range, a body sent encoded (gzip: refused, never decoded). A body's memory
+follows the bytes received, never a size the server stated before them (:meth:`HttpRanges._read`).
 
 ``HF_TOKEN``, when set, is sent as ``Authorization: Bearer`` only to a URL on the hub (``huggingface.co`` or
 ``$HF_ENDPOINT``: :func:`hub_token`), and there to the scheme, host and port of the URL given only, also after a
@@ -23,7 +25,6 @@ Time O(bytes) a read, one round trip a range.
 from __future__ import annotations
 
 import http.client
-import math
 import os
 import re
 import time
@@ -31,12 +32,24 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from modelatlas.errors import AtlasWarning, CheckpointError, shown_path
 from modelatlas.weights.byte_ranges import ByteRanges
-from modelatlas.weights.http_connections import PROGRESS, Answer, RedirectError, get, origin_key, shown
+from modelatlas.weights.http_connections import (
+    PROGRESS,
+    Answer,
+    RedirectError,
+    get,
+    http_progress,
+    http_timeout,
+    origin_key,
+    shown,
+)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)$")  # (int() of 5,000 digits raises)
 _MAX_JSON = 64 * 1024 * 1024  # a shard index is ~100 KB for a 400B model; more is no index
+_STEP = 64 * 1024  # a body's first piece: the next ones double with the bytes received
 # unwanted bytes read between two wanted rows rather than a second request: a round trip (~10 ms to a hub's CDN)
 # takes about as long as 1 MiB arriving at ~100 MB/s
 GAP_BYTES = 1 << 20
@@ -50,35 +63,6 @@ class HttpError(CheckpointError):
     def __init__(self, url: str, reason: str, code: int):
         super().__init__(url, reason)
         self.code = code
-
-
-def http_timeout() -> float:
-    """Seconds one request may wait for the server: ``$ATLAS_HTTP_TIMEOUT``, 60 by default."""
-    return _setting("ATLAS_HTTP_TIMEOUT", "a number of seconds over 0", positive=True) or 60.0
-
-
-def http_progress(timeout: float) -> int:
-    """Bytes an answer must bring in each ``timeout`` seconds (:class:`.http_connections._Paced`):
-    ``$ATLAS_HTTP_MIN_RATE`` (bytes a second, for a slow link) times the timeout, rounded up; 0 for a rate of 0
-    (no pace: only ``timeout`` seconds of silence time out); :data:`PROGRESS` (1 MiB: 17 KiB/s at the default
-    timeout) when unset."""
-    rate = _setting("ATLAS_HTTP_MIN_RATE", "a number of bytes a second, 0 or more")
-    return PROGRESS if rate is None else math.ceil(rate * timeout)
-
-
-def _setting(name: str, what: str, positive: bool = False) -> float | None:
-    """The number environment variable ``name`` holds (None when unset or empty); a one-line CheckpointError
-    naming it and its value when that is not ``what`` (a finite number, 0 or more; over 0 if ``positive``)."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise CheckpointError(name, f"must be {what}, not {shown(repr(text))}")
-    return value
 
 
 def hub_token(url: str) -> str | None:
@@ -113,10 +97,11 @@ class HttpRanges(ByteRanges):
         self._target = url  # where the last request's redirects ended
         self._pending: dict[tuple[int, int], Future] = {}  # (offset, length) -> its prefetch
 
-    def fetch(self, offset: int, length: int, what: str, exact: bool = True) -> bytes:
+    def fetch(self, offset: int, length: int, what: str, exact: bool = True) -> np.ndarray:
         """The ``length`` bytes at ``offset`` (length > 0), from one ``Range`` request; sets :attr:`size` at the
         first. A CheckpointError naming the URL and ``what`` for any answer but exactly those bytes (not
-        ``exact``: fewer where the file ends, for the caller to judge)."""
+        ``exact``: fewer where the file ends, for the caller to judge). Memory follows the bytes received
+        (:meth:`_read`), not ``length``: a header length or a tensor's size comes from the server too."""
         with self._open_range(offset, length, what) as answer:
             self._check_range(answer, offset, length, what)
             # not exact: the file may end first (its size is known now); a body cut shorter than that is an error
@@ -125,22 +110,43 @@ class HttpRanges(ByteRanges):
             self.fetched += len(body)
         return body
 
-    def read_into(self, offset: int, buf: memoryview, what: str) -> None:
-        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP: one request for the whole range, or the one
-        :meth:`prefetch` started for it (if that failed, the range is asked for again, so that the error
-        names it)."""
-        if not buf.nbytes:
-            return
+    def take(self, offset: int, length: int, what: str) -> np.ndarray:
+        """:meth:`fetch` of the range, or the one :meth:`prefetch` started for it (if that failed, the range is
+        asked for again, so that the error names it)."""
         with self._lock:
-            started = self._pending.pop((offset, buf.nbytes), None)
+            started = self._pending.pop((offset, length), None)
         try:
             body = None if started is None else started.result()
         except CheckpointError:
             body = None
-        buf[:] = body if body is not None else self.fetch(offset, buf.nbytes, what)
+        return body if body is not None else self.fetch(offset, length, what)
+
+    def read(self, offset: int, length: int, what: str) -> np.ndarray:
+        """:meth:`~.byte_ranges.ByteRanges.read` over HTTP: no buffer of ``length`` made before its bytes come
+        (:meth:`take`); over this machine's memory, the one-line error before any request."""
+        memory = _memory()
+        if memory is not None and length > memory:
+            raise CheckpointError(self.url, f"{what} is {length} bytes, more than this machine's memory can hold")
+        return self.take(offset, length, what) if length else np.empty(0, dtype=np.uint8)
+
+    def read_into(self, offset: int, buf: memoryview, what: str) -> None:
+        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP: one request for the whole range (:meth:`take`)."""
+        if buf.nbytes:
+            buf[:] = self.take(offset, buf.nbytes, what)
+
+    def read_rows(self, offset: int, width: int, rows: np.ndarray, what: str) -> np.ndarray:
+        """:meth:`~.byte_ranges.ByteRanges.read_rows` over HTTP, each run of rows received (:meth:`read`) before
+        the result is made: a header may state rows of any width. Time O(span) a run."""
+        parts = [np.empty((0, width), dtype=np.uint8)]
+        for a, b in self._runs(width, rows):
+            first, last = int(rows[a]), int(rows[b - 1])
+            span = self.read(offset + first * width, (last - first + 1) * width, what).reshape(-1, width)
+            parts.append(span if last - first + 1 == b - a else span[rows[a:b] - first])
+        return np.concatenate(parts)
 
     def get_json_bytes(self, what: str) -> bytes:
-        """The whole (small) file, by a plain GET: a shard index or a ``config.json``, read before any size is known."""
+        """The whole (small) file, by a plain GET: a shard index or a ``config.json``, read before any size is
+        known; a body of another length than its ``Content-Length`` is refused."""
         with self._open(self.url, {"Accept-Encoding": "identity"}, what) as answer:
             length = answer.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > _MAX_JSON:
@@ -148,7 +154,10 @@ class HttpRanges(ByteRanges):
             body = self._read(answer, _MAX_JSON + 1, what)
         if len(body) > _MAX_JSON:
             raise CheckpointError(self.url, f"{what} is over {_MAX_JSON} bytes, too large for a JSON index or config")
-        return body
+        if length is not None and length.strip() != str(len(body)):
+            raise CheckpointError(self.url, f"cannot read {what}: the server announced Content-Length "
+                                            f"{shown(length)} and sent {len(body)} bytes")
+        return body.tobytes()
 
     def _open_range(self, offset: int, length: int, what: str):
         """The answer to a ``Range`` request of those bytes, sent where the last one's redirects ended (a hub
@@ -229,25 +238,51 @@ class HttpRanges(ByteRanges):
             raise CheckpointError(self.url, f"the server answered {what} with Content-Length {shown(n)} for "
                                             f"Content-Range bytes {first}-{last} ({last - first + 1} bytes)")
 
-    def _body(self, answer, length: int, what: str) -> bytes:
+    def _body(self, answer, length: int, what: str) -> np.ndarray:
         body = self._read(answer, length, what)
         if len(body) != length:  # the file ends before the range (a header that lies), or the connection broke
             raise CheckpointError(self.url, f"cannot read {what}: got {len(body)} of its {length} bytes (the file "
                                             f"is {self.size} bytes: truncated, or the connection was cut)")
         return body
 
-    def _read(self, answer, limit: int, what: str) -> bytes:
-        """Up to ``limit`` bytes of the body, fewer only where it ends (a read may return part of what is asked)."""
-        parts, got = [], 0
+    def _read(self, answer, limit: int, what: str) -> np.ndarray:
+        """Up to ``limit`` bytes of the body (uint8), fewer only where it ends, memory following the bytes that
+        came, never a size the server stated before them (a Content-Length, a header length, a tensor's size: a
+        server that sent 100 bytes of the 90 MiB it announced had the reader hold 90 MiB): pieces doubling from
+        :data:`_STEP` until half the bytes came, only then one buffer of ``limit`` (held: 3 times the bytes
+        received at most). Time O(bytes); half of them copied once."""
+        parts, got, ended = [np.empty(0, dtype=np.uint8)], 0, False
+        while not ended and got < limit and 2 * got < limit:
+            piece = self._buffer(min(limit - got, max(_STEP, got)), what)
+            n = self._readinto(answer, memoryview(piece), what)
+            parts.append(piece if n == len(piece) else piece[:n])
+            got, ended = got + n, n < len(piece)
+        if ended or got == limit:
+            return parts[-1] if len(parts) == 2 else np.concatenate(parts)
+        out = self._buffer(limit, what)
+        np.concatenate(parts, out=out[:got])
+        parts = piece = None  # (freed before the rest comes)
+        return out[:got + self._readinto(answer, memoryview(out)[got:], what)]
+
+    def _buffer(self, n: int, what: str) -> np.ndarray:
         try:
-            while got < limit and (part := answer.read(limit - got)):
-                parts.append(part)
-                got += len(part)
+            return np.empty(n, dtype=np.uint8)
+        except MemoryError:
+            raise CheckpointError(self.url, f"cannot read {what}: {n} bytes are more than this machine's memory "
+                                            "can hold") from None
+
+    def _readinto(self, answer, view: memoryview, what: str) -> int:
+        """Bytes of the body read into ``view``: all of it, fewer only where the body ends."""
+        got = 0
+        try:
+            with view:
+                while got < view.nbytes and (n := answer.readinto(view[got:])):
+                    got += n
         except TimeoutError:
             raise CheckpointError(self.url, f"cannot read {what}: {_too_slow()}") from None
         except (OSError, http.client.HTTPException) as e:  # IncompleteRead of a chunked body is no OSError
             raise CheckpointError(self.url, f"cannot read {what}: connection broken ({e!r})") from None
-        return b"".join(parts)
+        return got
 
     def prefetch(self, offset: int, length: int) -> None:
         """Start fetching the range in one of a few threads shared by all remote files, so that its round trip
@@ -278,6 +313,14 @@ def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="atlas-http"))
     return _POOL[0]
+
+
+def _memory() -> int | None:
+    """This machine's memory in bytes, None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _too_slow() -> str:

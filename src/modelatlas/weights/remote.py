@@ -56,9 +56,9 @@ class RemoteSafetensorsCheckpoint(SafetensorsCheckpoint):
         Checkpoint.__init__(self, url, name if name is not None else url_name(url))
         self.url = url
         self._ranges = HttpRanges(url)
-        head = self._ranges.fetch(0, 8, "the header length", exact=False)  # a file under 8 bytes: what there is
-        n = header_length(url, head, self._ranges.size, lambda: _text_reason(head))
-        raw = self._ranges.fetch(8, n, "the header") if n else b""
+        head = self._ranges.fetch(0, 8, "the header length", exact=False).tobytes()  # a file under 8 bytes: what
+        n = header_length(url, head, self._ranges.size, lambda: _text_reason(head))  # there is
+        raw = self._ranges.fetch(8, n, "the header").tobytes() if n else b""
         self._header, self._data_start = parse_header(url, raw, self._ranges.size), 8 + n
         self._recent: dict[str, weakref.ref] = {}  # the last tensors read, while their reader holds them
         self._again: dict[str, torch.Tensor] = {}  # copies of some, for their next read (:meth:`prefetch`)

@@ -179,12 +179,9 @@ class SafetensorsCheckpoint(Checkpoint):
         map before session 31). Time O(bytes)."""
         meta = self._header[name]
         start, end = meta["data_offsets"]
-        try:
-            buf = torch.empty(end - start, dtype=torch.uint8)
-        except RuntimeError:  # (a header served over HTTP states the file's size too: it may claim any)
-            raise CheckpointError(self.path, f"tensor {name!r} is {end - start} bytes, more than this machine's "
-                                             "memory can hold") from None
-        self._ranges.read_into(self._data_start + start, memoryview(buf.numpy()), f"tensor {name!r}")
+        # (over HTTP the buffer grows with the bytes received: a header served states the file's size too)
+        raw = self._ranges.read(self._data_start + start, end - start, f"tensor {name!r}")
+        buf = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)  # (numpy's stride 0 for none)
         dtype = getattr(torch, _DTYPE_NAMES[meta["dtype"]])
         return buf.view(dtype).reshape(meta["shape"])  # little-endian, as safetensors stores it
 
