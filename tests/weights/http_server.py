@@ -7,9 +7,13 @@ headers. ``mode`` makes it misbehave: "ignore" (answers 200 with the whole file,
 or a callable ``mode(handler, data, first, last)`` that writes the raw answer to the file's bytes ``data`` (``first``,
 ``last``: the range asked for, None without one) itself.
 It speaks HTTP/1.1 and keeps a connection open for the next request (``connections`` counts those it accepted);
-"drop" closes each connection after one answer without saying so (as a server whose keep-alive timed out)."""
+"drop" closes each connection after one answer without saying so (as a server whose keep-alive timed out).
+``tls`` (a server context: :func:`make_tls`) serves https."""
 
 import re
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,8 +77,12 @@ class make_server(ThreadingHTTPServer):  # noqa: N801 - a test helper, named lik
 
     daemon_threads = True
 
-    def __init__(self, root: Path, mode="range", target: str = "", stall: float = 0.0):
+    def __init__(self, root: Path, mode="range", target: str = "", stall: float = 0.0,
+                 tls: ssl.SSLContext | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.scheme = "http" if tls is None else "https"
+        if tls is not None:  # each connection's TLS handshake at its accept()
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.root, self.mode, self.target, self.stall = Path(root), mode, target, stall
         self.served, self.seen, self.connections = 0, [], 0
         self._thread = threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True)  # quick to shut
@@ -82,7 +90,7 @@ class make_server(ThreadingHTTPServer):  # noqa: N801 - a test helper, named lik
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}"
+        return f"{self.scheme}://127.0.0.1:{self.server_port}"
 
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
@@ -98,3 +106,45 @@ class make_server(ThreadingHTTPServer):  # noqa: N801 - a test helper, named lik
         self.shutdown()
         self.server_close()
         close_idle()  # the client's kept connections to it (a later server on its port must not get them)
+
+
+def make_tls(folder: Path) -> tuple[ssl.SSLContext, Path] | None:
+    """(a server context, its certificate file) for 127.0.0.1, self-signed, made in ``folder`` with the ``openssl``
+    command, else the ``cryptography`` package; None when neither is here. A client trusts it through
+    ``SSL_CERT_FILE`` (OpenSSL's default verify paths, which http.client's default context reads)."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    if shutil.which("openssl"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    elif not _certificate_by_cryptography(key, cert):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx, cert
+
+
+def _certificate_by_cryptography(key: Path, cert: Path) -> bool:
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return False
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    made = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(private, hashes.SHA256()))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    cert.write_bytes(made.public_bytes(serialization.Encoding.PEM))
+    return True
