@@ -109,7 +109,7 @@ def note_zoo_adapters(models: list[Path], base: str | Path | None = None) -> Non
     an adapter whose parent is not that model: a zoo whose adapters all sit on it is compared as it is."""
     zoos: dict[Path, list[Path]] = {}
     for p in map(Path, models):
-        if (p / "adapter_config.json").is_file() and (p.parent / "manifest.json").is_file():
+        if _in_adapter_zoo(p):
             zoos.setdefault(p.parent, []).append(p)
     off = {zoo: _off_base(zoo, adapters, base) for zoo, adapters in sorted(zoos.items())}
     shown = [zoo for zoo, why in off.items() if why is not None]
@@ -117,6 +117,23 @@ def note_zoo_adapters(models: list[Path], base: str | Path | None = None) -> Non
         why = f", not all on --base: {off[shown[0]]}" if off[shown[0]] else ""
         note(f"note: {', '.join(map(str, shown[:3]))} stores models as LoRA adapters on their parents{why}; "
              f"`atlas zoo merge {shown[0]} --out DIR` writes their full weights to compare")
+
+
+def _in_adapter_zoo(path: Path) -> bool:
+    """Whether ``path`` is an adapter folder inside a zoo; False where it cannot be looked at (no read permission:
+    that ended the whole run in a PermissionError; opening the model skips it, saying why)."""
+    try:
+        return (path / "adapter_config.json").is_file() and (path.parent / "manifest.json").is_file()
+    except OSError:
+        return False
+
+
+def _maybe_adapter(path: Path, is_adapter_folder) -> bool:
+    """Whether ``path`` is or may be a PEFT adapter: not on disk (a hub id) or unreadable, it cannot be told here."""
+    try:
+        return not path.exists() or is_adapter_folder(path)
+    except OSError:
+        return True
 
 
 def _off_base(zoo: Path, adapters: list[Path], base: str | Path | None) -> str | None:
@@ -261,7 +278,7 @@ def warn_base_without_adapters(models: list[Path], base: str | None) -> bool:
     Time O(N) file checks."""
     from modelatlas.weights.peft_lora import is_adapter_folder
 
-    if base is None or any(not Path(m).exists() or is_adapter_folder(Path(m)) for m in models):
+    if base is None or any(_maybe_adapter(Path(m), is_adapter_folder) for m in models):
         return False
     _warn_base(base)
     return True

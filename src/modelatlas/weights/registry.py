@@ -255,15 +255,17 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             continue
         if not p.exists():
             raise missing_error(p)
-        if is_model(p):
-            found.append(p)
-        elif p.is_dir():
-            _refuse_tool_output(p)
-            models = _models_in(p)
-            # one model folder no reader opens: itself, reported when opened (and kept by a second expansion)
-            found.extend(models if models or not folder_problem(p) else [p])
-        else:
-            raise UnknownFormatError(p, "unknown checkpoint format" + _folder_hint(p))
+        try:
+            if is_model(p):
+                found.append(p)
+            elif p.is_dir():
+                _refuse_tool_output(p)
+                models = _models_in(p)  # a model folder no reader opens: itself, reported when opened
+                found.extend(models if models or not folder_problem(p) else [p])
+            else:
+                raise UnknownFormatError(p, "unknown checkpoint format" + _folder_hint(p))
+        except OSError as e:  # a folder without read permission: named as open_checkpoint names it (was an OSError)
+            raise CheckpointError(p, f"cannot read: {e.strerror or e}") from e
     return found
 
 
