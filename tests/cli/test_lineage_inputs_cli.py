@@ -1,5 +1,6 @@
 """`atlas lineage recover` on awkward inputs, as a user with an undocumented folder of checkpoints meets them."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -53,3 +54,20 @@ def test_an_unreadable_model_folder_given_alone_is_one_error_line(tmp_path, caps
     assert capsys.readouterr().err == f"error: {zoo / 'locked'}: cannot read: Permission denied\n"
     assert main(["lineage", "recover", str(zoo / "locked"), str(zoo), "--stage", "specialize"]) == 0
     assert f"skipped: {zoo / 'locked'}: cannot read: Permission denied" in capsys.readouterr().err
+
+
+def test_a_truncated_model_is_skipped_and_its_missed_edge_is_said(tmp_path, capsys):
+    # with --truth, the true edge of a model that could not be read counts as a miss: the score read 3/4 with
+    # every edge drawn marked right and no word of the fourth
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    make_tiny_zoo(zoo)
+    data = (zoo / "t1_1.safetensors").read_bytes()
+    (zoo / "t1_1.safetensors").write_bytes(data[:200])
+    out = tmp_path / "forest.json"
+    assert main(["lineage", "recover", str(zoo), "--truth", str(zoo), "--stage", "specialize", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped t1_1: " in captured.err and "truncated file" in captured.err
+    assert "(3/4)" in captured.out and "; 1 true edge missed: a model skipped (see above)" in captured.out
+    data = json.loads(out.read_text())
+    assert data["skipped"].keys() == {"t1_1"} and data["scores"]["true_edges_with_skipped_models"] == 1

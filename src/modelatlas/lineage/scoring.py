@@ -45,13 +45,15 @@ class LineageScore:
     n_merges: int = 0  # true merged models given with their weighty parents (a manifest's ``merge`` records)
     n_merges_found: int = 0  # of them, recovered as merges of exactly their true parents
     n_false_merges: int = 0  # models recovered as merges that the truth names and says are no merge
+    n_skipped: int = 0  # true edges scored with a model that was skipped (unreadable): misses
 
     def as_dict(self) -> dict:
         return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
                 "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors,
                 "true_edges_left_out": self.n_left_out, "edges_past_models_not_given": self.n_bridged,
                 "misplaced_edges": self.n_misplaced, "misplaced_runner_up_true": self.n_runner_up_right,
-                "merges": {"true": self.n_merges, "found": self.n_merges_found, "false": self.n_false_merges}}
+                "merges": {"true": self.n_merges, "found": self.n_merges_found, "false": self.n_false_merges},
+                "true_edges_with_skipped_models": self.n_skipped}
 
 
 def truth_parents(truth: Manifest | Mapping[str, str | None]) -> dict[str, str | None]:
@@ -186,13 +188,14 @@ def score_forest(forest: Forest, truth: Manifest | Mapping[str, str | None]) -> 
     kinds = edge_errors(forest, truth)
     errors = dict(sorted(Counter(kinds.values()).items()))
     left_out = sum(p not in given or c not in given for p, c in named)
+    skipped = given - set(forest.nodes)  # models that could not be read: their true edges are misses
     misplaced, runner_up = _runner_ups(forest, parents, kinds)
     # a merge is findable when it and its weighty parents were given (else it is no miss, as an edge left out)
     true_merges = {c: rec for c, rec in merges.items() if c in given and _weighty(rec) <= given}
     return LineageScore(edge_accuracy(pred, true), edge_accuracy(pred, true, directed=False), ari,
                         len(true), len(pred & true), errors, left_out, len(true - named), misplaced, runner_up,
                         len(true_merges), len(found_merges(forest, true_merges, truth)),
-                        _false_merges(forest, truth, parents, merges))
+                        _false_merges(forest, truth, parents, merges), sum(p in skipped or c in skipped for p, c in true))
 
 
 def _false_merges(forest: Forest, truth, parents: Mapping[str, str | None], merges: Mapping[str, dict]) -> int:
