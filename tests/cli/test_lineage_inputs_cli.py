@@ -71,3 +71,14 @@ def test_a_truncated_model_is_skipped_and_its_missed_edge_is_said(tmp_path, caps
     assert "(3/4)" in captured.out and "; 1 true edge missed: a model skipped (see above)" in captured.out
     data = json.loads(out.read_text())
     assert data["skipped"].keys() == {"t1_1"} and data["scores"]["true_edges_with_skipped_models"] == 1
+
+
+def test_no_merges_help_names_every_merge_it_turns_off(capsys):
+    # --no-merges also turns off SLERP, TIES / DARE and mergekit_config.yml merges; its help named only "linear
+    # merges, task arithmetic"
+    with pytest.raises(SystemExit):
+        main(["lineage", "recover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    help_text = text[text.index("--no-merges place"):]
+    for kind in ("linear", "task arithmetic", "SLERP", "TIES", "DARE", "mergekit_config.yml"):
+        assert kind in help_text

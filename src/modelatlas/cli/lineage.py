@@ -52,8 +52,9 @@ def add_recovery_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("atlas", "mother-paper"), default="atlas",
                    help="atlas (default) or the published recipe (needs --trees and --stage)")
     p.add_argument("--no-merges", dest="merges", action="store_false",
-                   help="place merged models (weighted sums of others given: linear merges, task arithmetic) "
-                        "in the trees as models (default: found, and drawn beside their parents)")
+                   help="place merged models of others given (linear, task arithmetic, SLERP, TIES, DARE, or "
+                        "declared by a mergekit_config.yml) in the trees as models (default: found, and drawn "
+                        "beside their parents)")
     add_field_flags(p, RECOVERY_FLAGS)
 
 

@@ -56,8 +56,10 @@ class LineageConfig:
         spread per squared distance); None: exact Gram for every layer.
     rank_rtol: singular values below ``rank_rtol`` x the largest one do not count towards the rank.
     tree_gap: a ratio of consecutive single-linkage merge heights at least this large separates trees.
-    merges: find models that are weighted sums of other models given (linear merges, task arithmetic:
-        :mod:`~modelatlas.lineage.merges`) and place them beside their parents, outside the trees.
+    merges: find models that are merges of other models given (weighted sums: linear, task arithmetic, SLERP,
+        :mod:`~modelatlas.lineage.merges`; TIES / DARE, :mod:`~modelatlas.lineage.sparse_merges`; declared by a
+        ``mergekit_config.yml``, :mod:`~modelatlas.lineage.declared`) and place them beside their parents,
+        outside the trees.
     seed: seed of the random sketches.
     """
 
