@@ -67,6 +67,16 @@ def test_layer_regex_and_skipped_models():
     assert "--" not in f.skipped["odd"]  # a library reason names the parameter, not the CLI's --layers
 
 
+def test_a_layer_regex_that_matches_nothing_names_the_matrices_to_match():
+    # "no tensor matches the layers pattern 'fc'" left a user with checkpoints of unknown layout to dump headers
+    weights = {"a": {"embed.weight": torch.randn(4, 8), "layers.0.weight": torch.randn(4, 4), "layers.0.bias":
+                     torch.zeros(4), "layers.1.weight": torch.randn(4, 4), "head.weight": torch.randn(2, 4)},
+               "b": {"fc.weight": torch.randn(4, 4)}}
+    f = recover_lineage(weights, layers="fc")
+    assert f.skipped["a"].endswith("no tensor matches the layers pattern 'fc' (its matrices: embed.weight, layers.0.weight, "
+                              "layers.1.weight, ...)")
+
+
 def test_layer_regex_that_matches_only_vectors_says_so():
     weights, _ = make_synthetic_forest(n_trees=1, children=1, depth=1, seed=2)
     weights = {name: {**w, "l0.bias": torch.zeros(4)} for name, w in weights.items()}

@@ -356,8 +356,10 @@ def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:
     if not named and parts:  # a quantized model's qweight, weight_packed, weight_scale: read as its layer
         return (f"the layers pattern '{pattern}' matches only {parts[0][0]}, a stored part of the quantized layer "
                 f"{parts[0][1]}, which is read dequantized under that name: match the layer's name")
-    if not named:
-        return f"no tensor matches the layers pattern '{pattern}'"
+    if not named:  # the names to match (a user with checkpoints of unknown layout had to dump the headers)
+        mats = [t.name for t in ckpt.tensors() if len(t.shape) >= 2]
+        some = f" (its matrices: {', '.join(mats[:3])}{', ...' if len(mats) > 3 else ''})" if mats else ""
+        return f"no tensor matches the layers pattern '{pattern}'{some}"
     return (f"the layers pattern '{pattern}' matches only {', '.join(named[:3])}{', ...' if len(named) > 3 else ''}, "
             "which are not float tensors of 2 or more dimensions (biases, scalars, empty tensors and integer "
             "buffers are not compared); match weight matrices instead")
