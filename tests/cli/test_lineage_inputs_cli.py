@@ -82,3 +82,33 @@ def test_no_merges_help_names_every_merge_it_turns_off(capsys):
     help_text = text[text.index("--no-merges place"):]
     for kind in ("linear", "task arithmetic", "SLERP", "TIES", "DARE", "mergekit_config.yml"):
         assert kind in help_text
+
+
+def _runs(tmp_path) -> Path:
+    """A folder of training runs, each a folder of checkpoints: runs/a/{t0,t0_0}.safetensors, runs/b/t0_1..."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    make_tiny_zoo(zoo)
+    runs = tmp_path / "runs"
+    for run, names in {"a": ("t0", "t0_0"), "b": ("t0_1",), ".hidden": ("t1",)}.items():
+        (runs / run).mkdir(parents=True)
+        for name in names:
+            shutil.copy(zoo / f"{name}.safetensors", runs / run)
+    return runs
+
+
+def test_models_one_folder_down_are_named_not_silently_missed(tmp_path, capsys):
+    # a folder of runs said "no models found in runs"; beside a model at its top, that model was compared alone
+    runs = _runs(tmp_path)
+    assert main(["lineage", "recover", str(runs)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: no models found in {runs}; {runs / 'a'}, {runs / 'b'} hold 3 models one folder down (a "
+                   f"folder's models are read only directly inside it): give those folders, e.g. {runs / '*'}\n")
+    shutil.copy(tmp_path / "zoo" / "t1.safetensors", runs)
+    assert main(["lineage", "recover", str(runs)]) == 0
+    captured = capsys.readouterr()
+    assert f"note: {runs / 'a'}, {runs / 'b'} hold 3 models one folder down" in captured.err
+    assert "1 model, 1 tree" in captured.out
+    assert main(["lineage", "recover", str(runs / "a"), str(runs / "b"), str(runs / "t1.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err and "4 models" in captured.out

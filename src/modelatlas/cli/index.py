@@ -49,7 +49,8 @@ MAX_WARNED = 20  # notes warned by `index build`; `index show` lists every one
 def _build(args: argparse.Namespace) -> int:
     from modelatlas.atlas import build_atlas
     from modelatlas.atlas.index import check_atlas_folder
-    from modelatlas.cli.lineage import config_from_args, expand_paths, open_base, warn_base_without_adapters
+    from modelatlas.cli.lineage import config_from_args, open_base, warn_base_without_adapters
+    from modelatlas.cli.lineage_paths import expand_paths
     from modelatlas.errors import ConfigError
 
     _check_out_name(args.out)

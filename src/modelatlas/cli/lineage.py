@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
 from modelatlas.cli.argtypes import positive_int
 from modelatlas.cli.flags import add_field_flags, dashed
 from modelatlas.cli.lineage_files import check_out_files, check_outputs_spare_inputs, out_file, write_outputs
+from modelatlas.cli.lineage_paths import expand_paths
 from modelatlas.cli.output import counted, echo, note, tqdm_progress, warn
-from modelatlas.errors import AtlasError, CheckpointError, ConfigError
+from modelatlas.errors import CheckpointError, ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,95 +71,12 @@ def config_from_args(args: argparse.Namespace):
                          merges=args.merges)
 
 
-def expand_paths(paths: list[str], base: str | Path | None = None) -> list[Path]:
-    """Model paths from the arguments; a path that is neither a model nor a folder of models is reported
-    on stderr and skipped. ``base``: the --base adapters are merged onto (for the note on adapter zoos)."""
-    from modelatlas.weights.registry import distinct_models
-
-    found: list[Path] = []
-    for p in paths:
-        found.extend(discover_or_skip(p, alone=len(paths) == 1))
-    # once more over all of them: a model reached from two arguments (`zoo/` and `zoo/a.safetensors`) is one
-    # model (each argument alone was kept apart, and the run refused "a" as a name given twice)
-    found = distinct_models(found)
-    note_zoo_adapters(found, base)
-    return found
-
-
-def discover_or_skip(path: str | Path, alone: bool) -> list[Path]:
-    """The models at ``path``. Among other arguments (not ``alone``), a path that is neither a model nor a folder
-    of models is reported on stderr as skipped and gives none; alone, its own error is the one line to print
-    (not "skipped" + "no models"), and finding no models is left to the caller's "no models found" error."""
-    from modelatlas.weights import discover_models
-
-    try:
-        models = discover_models([path])
-    except AtlasError as e:
-        if alone:
-            raise
-        note(f"skipped: {' '.join(str(e).split())}")
-        return []
-    if not models and not alone:
-        note(f"skipped: {path}: no models found there")
-    return models
-
-
-def note_zoo_adapters(models: list[Path], base: str | Path | None = None) -> None:
-    """On stderr, how to compare the models of a zoo stored as adapters: each holds only its update on its
-    parent, which may itself be an adapter (one --base cannot serve them). With ``base``, only for a zoo with
-    an adapter whose parent is not that model: a zoo whose adapters all sit on it is compared as it is."""
-    zoos: dict[Path, list[Path]] = {}
-    for p in map(Path, models):
-        if _in_adapter_zoo(p):
-            zoos.setdefault(p.parent, []).append(p)
-    off = {zoo: _off_base(zoo, adapters, base) for zoo, adapters in sorted(zoos.items())}
-    shown = [zoo for zoo, why in off.items() if why is not None]
-    if shown:
-        why = f", not all on --base: {off[shown[0]]}" if off[shown[0]] else ""
-        note(f"note: {', '.join(map(str, shown[:3]))} stores models as LoRA adapters on their parents{why}; "
-             f"`atlas zoo merge {shown[0]} --out DIR` writes their full weights to compare")
-
-
-def _in_adapter_zoo(path: Path) -> bool:
-    """Whether ``path`` is an adapter folder inside a zoo; False where it cannot be looked at (no read permission:
-    that ended the whole run in a PermissionError; opening the model skips it, saying why)."""
-    try:
-        return (path / "adapter_config.json").is_file() and (path.parent / "manifest.json").is_file()
-    except OSError:
-        return False
-
-
 def _maybe_adapter(path: Path, is_adapter_folder) -> bool:
     """Whether ``path`` is or may be a PEFT adapter: not on disk (a hub id) or unreadable, it cannot be told here."""
     try:
         return not path.exists() or is_adapter_folder(path)
     except OSError:
         return True
-
-
-def _off_base(zoo: Path, adapters: list[Path], base: str | Path | None) -> str | None:
-    """None when ``base`` is given and the zoo's manifest puts every one of ``adapters`` on it; else why the
-    note applies: "t0.0.0 is on t0.0" for the first adapter on another parent, "" without ``base`` or when
-    the manifest cannot say (unreadable, or the adapter or its parent not in it)."""
-    from modelatlas.weights.registry import distinct_models
-    from modelatlas.zoo.manifest import load_manifest
-
-    if base is None:
-        return ""
-    try:
-        manifest = load_manifest(zoo)
-    except AtlasError:
-        return ""
-    record = {os.path.realpath(manifest.root / m.path): m for m in manifest.models}
-    for path in adapters:
-        m = record.get(os.path.realpath(path))
-        try:
-            parent = manifest.root / manifest[m.parent].path
-        except (AttributeError, KeyError):  # not in the manifest, or its parent not (a root has none)
-            return ""
-        if len(distinct_models([Path(base), parent])) > 1:  # (zoo/t0 and zoo/t0/model.safetensors: one model)
-            return f"{m.name} is on {m.parent}"
-    return None
 
 
 def _recover(args: argparse.Namespace) -> int:

@@ -99,7 +99,7 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
     listed twice, taking two of the --top places. A path that is no model is skipped with a note, as
     `atlas index build` skips it, unless it is the only one. Also returns the --base the atlases given
     were built with (their ``adapter_base``)."""
-    from modelatlas.cli.lineage import discover_or_skip
+    from modelatlas.cli.lineage_paths import discover_or_skip
     from modelatlas.weights.registry import distinct_models
     from modelatlas.zoo.manifest import is_zoo_manifest, load_manifest
 
@@ -158,7 +158,7 @@ def _note_unlisted(folder: Path, listed: list[Path]) -> None:
 def _read(experts, args: argparse.Namespace):
     """``experts.read`` of the models given, each adapter merged onto ``--base``, or else the base the
     atlases given were built with. A zoo stored as adapters on their parents gets a note: `atlas zoo merge`."""
-    from modelatlas.cli.lineage import note_zoo_adapters
+    from modelatlas.cli.lineage_paths import note_zoo_adapters
     from modelatlas.errors import CheckpointError, ConfigError
     from modelatlas.weights.peft_lora import open_adapter_base
 
