@@ -68,7 +68,7 @@ def test_a_truncated_model_is_skipped_and_its_missed_edge_is_said(tmp_path, caps
     assert main(["lineage", "recover", str(zoo), "--truth", str(zoo), "--stage", "specialize", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "skipped t1_1: " in captured.err and "truncated file" in captured.err
-    assert "(3/4)" in captured.out and "; 1 true edge missed: a model skipped (see above)" in captured.out
+    assert "(3/4)" in captured.out and "; 1 true edge missed: its model was skipped (see above)" in captured.out
     data = json.loads(out.read_text())
     assert data["skipped"].keys() == {"t1_1"} and data["scores"]["true_edges_with_skipped_models"] == 1
 

@@ -293,7 +293,8 @@ def show_forest(forest, truth=None) -> None:
         if s.n_bridged:
             left += f", {s.n_bridged} scored to the nearest given ancestor"
         if s.n_skipped:  # 3/4 with every edge drawn marked right, and no word of the fourth
-            left += f"; {counted(s.n_skipped, 'true edge')} missed: a model skipped (see above)"
+            whose = "its model was" if s.n_skipped == 1 else "their models were"
+            left += f"; {counted(s.n_skipped, 'true edge')} missed: {whose} skipped (see above)"
         echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
              f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
              + left + (f"; the runner-up parent is the true one for {s.n_runner_up_right} of the {s.n_misplaced} "
