@@ -35,3 +35,16 @@ def test_a_demo_over_a_zoo_of_another_seed_does_not_say_it_reuses_it(tmp_path, c
     out, err = capsys.readouterr()
     assert out.startswith("building zoo 'tiny' (6 models") and "reusing" not in out
     assert "built from a different zoo config" in err
+
+
+def test_a_demo_that_retrains_a_damaged_model_says_so(tmp_path, capsys):
+    """make_zoo trains a model whose weights no longer match their digest again; the demo said 'reusing the zoo'
+    and 'reused (built before)' all the same."""
+    argv = ["demo", "--out", str(tmp_path / "zoo"), "--preset", "tiny", "--workers", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    weights = tmp_path / "zoo" / "t1.1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("building zoo 'tiny'") and "trained 1 model, reused 5 (built before) in " in out

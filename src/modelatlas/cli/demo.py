@@ -60,16 +60,21 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
 
 
 def _finished_before(zoo, out: Path) -> int:
-    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C): built from
-    this config (a model of another seed or preset, which make_zoo refuses, was announced as 'reusing the zoo')."""
-    from modelatlas.zoo.builder import fingerprint
+    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C), as make_zoo
+    reads them: built from this config (a model of another seed or preset, which make_zoo refuses, was announced
+    as 'reusing the zoo') and with their weights intact (a truncated one, which make_zoo trains again, was
+    counted as reused)."""
+    from modelatlas.errors import ConfigError
+    from modelatlas.zoo.builder import fingerprint, finished_model
     from modelatlas.zoo.plan import model_names
-    from modelatlas.zoo.store import read_record
 
     if not out.is_dir():
         return 0
     fp = fingerprint(zoo)
-    return sum((read_record(out / name) or {}).get("fingerprint") == fp for name in model_names(zoo))
+    try:
+        return sum(finished_model(out / name, fp) is not None for name in model_names(zoo))
+    except ConfigError:  # another config's models: make_zoo refuses them
+        return 0
 
 
 def _how_built(reused: int, n: int) -> str:

@@ -116,7 +116,7 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
         for level in sorted({n["level"] for n in nodes}):
             todo = []
             for node in (n for n in nodes if n["level"] == level):
-                done = _finished(out / node["name"], job["fingerprint"]) if resume else None
+                done = finished_model(out / node["name"], job["fingerprint"]) if resume else None
                 if done is not None:
                     records[node["name"]] = done
                     yield done
@@ -139,7 +139,9 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
             pool.join()
 
 
-def _finished(folder: Path, fp: str) -> dict | None:
+def finished_model(folder: Path, fp: str) -> dict | None:
+    """The record of the model finished in ``folder`` from the config of fingerprint ``fp``, or None where it has
+    none or its weights were damaged since (trained again); a ConfigError where another config built it."""
     data = read_record(folder)
     if data is None:
         return None
