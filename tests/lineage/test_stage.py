@@ -8,7 +8,9 @@ import pytest
 
 from modelatlas.lineage import recover_lineage
 from modelatlas.lineage.config import LineageConfig
-from modelatlas.lineage.known import Known, place_tree
+from modelatlas.lineage.known import Known, agreed, place_tree
+from modelatlas.lineage.orient import prim_mst, tree_evidence
+from modelatlas.lineage.root import stage_lean
 from modelatlas.lineage.scoring import score_forest
 from modelatlas.lineage.stage import SAME_STAGE_CAP, as_stored, decide_tree_stages, tree_stages
 from modelatlas.lineage.synthetic import make_synthetic_forest
@@ -181,3 +183,35 @@ def test_legacy_files_scaled_by_least_squares_are_left_out_of_the_stage(tmp_path
     forest = recover_lineage(sorted(tmp_path.glob("*.gguf")))
     assert forest.decisions["quantized_models"] == {"f2-ls": "q4_0", "f3-rtn": "q4_0"}
     assert gguf and seen == [frozenset({"f2-ls"})]
+
+
+def make_one_layer_swing_star() -> tuple:
+    """A star of 5 leaves whose 3 small layers rise by 0.1 along every edge ("generalize") while one layer
+    with large values falls by 10 on 4 edges: the summed kurtosis falls on 4 edges and rises on 1, so the
+    violation count reads "specialize" by 2 penalties; per layer, each scaled by its typical change, the
+    edges lean "generalize" (the demo seed-16 tree of session 37, made by hand)."""
+    d, _ = make_star(0.0, [0.0] * 5)
+    lk = np.zeros((6, 4))  # (n, L)
+    lk[0, 0] = 10.0
+    lk[5, 0] = 10.0  # the one leaf whose big layer does not fall
+    lk[1:, 1:] = 0.1
+    return [f"w{i}" for i in range(6)], d, lk.sum(1), lk
+
+
+def test_a_tree_whose_layers_disagree_with_its_violation_count_follows_the_others():
+    """Count +3 beside two generalize stars (-4 each): +3 - 1.5 read it "specialize" (hung from a leaf);
+    its layers' votes lean the other way, so its own evidence is 0 and it follows the others."""
+    swing = make_one_layer_swing_star()
+    _, d, k, lk = swing
+    assert tree_evidence([(d, k)], LineageConfig().lam)[0][0] == pytest.approx(3.0)
+    assert stage_lean(prim_mst(d), k, lk) < 0
+    trees = [swing, make_tree("g", *make_star(-1.0, [1, 2, 3, 4, 5])), make_tree("h", *make_star(-2.0, [1, 2, 3, 4, 5]))]
+    stages, info = decide_tree_stages(LineageConfig(), "mst", trees, Known())
+    assert stages == ["generalize"] * 3
+    assert info["stage_trees"][0]["own_evidence"] == 0.0 and info["stage_trees"][0]["evidence"] == pytest.approx(-1.5)
+
+
+def test_a_count_its_layers_agree_with_is_kept():
+    """The same star read by its summed kurtosis alone (no per-layer values): count and votes agree, kept."""
+    _, d, k, _ = make_one_layer_swing_star()
+    assert agreed(2.0, d, k, None) == 2.0 and agreed(-3.0, d, -k, None) == -3.0 and agreed(0.0, d, k, None) == 0.0

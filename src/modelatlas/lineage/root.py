@@ -143,6 +143,19 @@ def root_scores(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.n
     return votes - prior * branching(adj) * mean_hops
 
 
+def stage_lean(adj: list[list[int]], kurtosis: np.ndarray, layer_kurtosis: np.ndarray | None,
+               votes: str = "scaled") -> float:
+    """The tree's lean towards "specialize" read from its root scores: best score hung as "specialize" - best
+    as "generalize" (> 0: "specialize"; 0 for a single model). Each edge's vote is a mean over layers, each
+    layer scaled by its typical change, so a noise-sized change counts little (:func:`edge_votes`), where the
+    violation count of :func:`~modelatlas.lineage.orient.tree_evidence` counts each edge whole by the sign
+    of its summed kurtosis. Time O(n L)."""
+    if len(adj) < 2:
+        return 0.0
+    return float(root_scores(adj, kurtosis, layer_kurtosis, "specialize", votes=votes).max()
+                 - root_scores(adj, kurtosis, layer_kurtosis, "generalize", votes=votes).max())
+
+
 def side_confidence(adj: list[list[int]], parent: list[int], score: np.ndarray) -> np.ndarray:
     """(n,): for each edge parent[v] -> v, how sure the root scores are that the root lies on the parent's
     side: 2 P - 1 clipped to [0, 1], P = the share of softmax(score) on the parent's side once the edge is cut
