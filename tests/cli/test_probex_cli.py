@@ -103,6 +103,9 @@ def test_predict_skips_a_path_that_is_no_model_and_goes_on(make_tiny_zoo, make_t
     assert captured.err == f"skipped: {tmp_path / 'notes.txt'}: unknown checkpoint format\n"
     assert main(["probex", "predict", str(tmp_path / "notes.txt"), "--experts", str(make_trained)]) == 1  # alone
     assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: unknown checkpoint format\n"
+    assert main(["probex", "predict", str(tmp_path / "typo"), str(child), "--experts", str(make_trained)]) == 1
+    captured = capsys.readouterr()  # a path that does not exist is no "skipped:" line, among others too
+    assert captured.err == f"error: {tmp_path / 'typo'}: no such file or folder\n" and captured.out == ""
 
 
 def test_train_refuses_a_folder_that_holds_no_experts(make_tiny_zoo, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The models ``atlas lineage recover`` and ``atlas index build`` read: their PATH arguments expanded, paths that
-are no models reported and skipped, and notes on what was not read (models one folder down, a zoo stored as
-adapters). Not a command module: ``main`` does not register it."""
+are no models reported and skipped (a path that does not exist: an error), and notes on what was not read
+(models one folder down, a zoo stored as adapters). Not a command module: ``main`` does not register it."""
 
 from __future__ import annotations
 
@@ -48,13 +48,15 @@ def _note_below(below: dict[Path, int], found: bool, paths: list[str]) -> None:
 def discover_or_skip(path: str | Path, alone: bool) -> list[Path]:
     """The models at ``path``. Among other arguments (not ``alone``), a path that is neither a model nor a folder
     of models is reported on stderr as skipped and gives none; alone, its own error is the one line to print
-    (not "skipped" + "no models"), and finding no models is left to the caller's "no models found" error."""
+    (not "skipped" + "no models"), and finding no models is left to the caller's "no models found" error.
+    A path that does not exist (a typo, a dangling link) is that error among others too: it was a "skipped:"
+    line among the others' output, and the run compared the rest and exited 0."""
     from modelatlas.weights import discover_models
 
     try:
         models = discover_models([path])
     except AtlasError as e:
-        if alone:
+        if alone or not os.path.exists(path):  # (a hub id not on disk raises nothing here)
             raise
         note(f"skipped: {' '.join(str(e).split())}")
         return []
