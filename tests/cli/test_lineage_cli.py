@@ -428,6 +428,24 @@ def test_truth_of_another_zoo_with_the_same_names_says_the_weights_differ(tmp_pa
     assert "other weights" not in capsys.readouterr().err  # the zoo's own models
 
 
+def test_truth_of_models_saved_again_with_other_metadata_says_no_other_weights(tmp_path, capsys):
+    """The same tensors re-saved without (or with other) safetensors metadata were called "other weights than it
+    records (another zoo's manifest?)": the recorded digest covers the file's bytes, not its tensors."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    make_tiny_zoo(a, digests=True)
+    for r in load_manifest(a).models:
+        save_file(dict(reversed(load_file(a / r.path).items())), str(b / r.path), metadata={"format": "pt"})
+    assert main(["lineage", "recover", str(b), "--truth", str(a), "--stage", "specialize"]) == 0
+    assert "--truth:" not in capsys.readouterr().err
+    (a / "t0.safetensors").unlink()  # the zoo's own file gone: only the file's digest can be compared
+    assert main(["lineage", "recover", str(b), "--truth", str(a), "--stage", "specialize"]) == 0
+    assert ("--truth: t0: named in the manifest, but with another weights file than the digest it records (another "
+            "zoo's manifest, or the same model saved again? the zoo's own file is not there to compare tensors); "
+            "edges are scored by name") in capsys.readouterr().err
+
+
 def test_an_out_file_of_another_kind_is_not_replaced(tmp_path, capsys):
     """`--out runs/dm10/result.json` replaced a distillation's result with the forest, silently; a forest an
     earlier recovery wrote, or an empty file, is rewritten."""

@@ -140,10 +140,14 @@ def match_truth(truth, models: list):
     given = dict(zip(unique_names(models), models))
     found = match_models(truth, given)
     other = other_weights(truth, given)
-    if other:
-        more = f", ... ({len(other)} in all)" if len(other) > 3 else ""
-        note(f"--truth: {', '.join(other[:3])}{more}: named in the manifest, but with other weights than it records "
-             f"(another zoo's manifest?); edges are scored by name")
+    for compared in (True, False):
+        names = [n for n, c in other.items() if c == compared]
+        more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
+        what = ("with other weights than it records (another zoo's manifest?)" if compared else
+                "with another weights file than the digest it records (another zoo's manifest, or the same model "
+                "saved again? the zoo's own file is not there to compare tensors)")
+        if names:
+            note(f"--truth: {', '.join(names[:3])}{more}: named in the manifest, but {what}; edges are scored by name")
     if found:  # one name spelt NFD and NFC prints alike: say so
         pairs = [f"{new} = {old}" + (" (one name in two Unicode forms)" if same_form(new) == same_form(old) else "")
                  for old, new in sorted(found.items(), key=lambda kv: kv[1])]

@@ -91,13 +91,18 @@ def _by_digest(manifest: Manifest, free: list, left: dict[str, Path]) -> dict[st
     return out
 
 
-def other_weights(manifest: Manifest, given: Mapping[str, str | Path]) -> list[str]:
-    """The given models (name -> path) that the manifest names but whose weights file is not the one it
-    records: a manifest of another zoo whose model names overlap these would score them by name alone.
-    A model at the recorded path is the recorded one (``atlas zoo verify`` checks its bytes); one elsewhere
-    differs when its file size or, sizes equal, its digest does. Time O(N) stats plus a read of each model
-    kept elsewhere at the recorded size."""
-    out = []
+def other_weights(manifest: Manifest, given: Mapping[str, str | Path]) -> dict[str, bool]:
+    """The given models (name -> path) that the manifest names but whose weights are not the ones it records,
+    each with whether its tensors were compared (True: they differ from the zoo's own model's, names, dtypes,
+    shapes or values) or only its file (False: the zoo's model file is not there to compare, and the file's
+    size or SHA-256 differs from the recorded one, so the same tensors re-saved cannot be told from others).
+    A manifest of another zoo whose model names overlap these would score them by name alone. A model at the
+    recorded path is the recorded one (``atlas zoo verify`` checks its bytes); one elsewhere is the same when
+    its file size and digest are; when they are not, the tensors of both files are compared (a model re-saved
+    without its safetensors metadata is no other model). Time O(N) stats plus a read of each model kept
+    elsewhere at the recorded size, and of each differing model and its zoo copy up to their first differing
+    tensor."""
+    out = {}
     for m in manifest.models:
         if m.name not in given or not m.sha256:
             continue
@@ -105,9 +110,37 @@ def other_weights(manifest: Manifest, given: Mapping[str, str | Path]) -> list[s
         if os.path.realpath(path) == os.path.realpath(recorded):
             continue
         size, want = _size(path), _size(recorded)
-        if size is not None and (want is not None and size != want or weights_digest(path) != m.sha256):
-            out.append(m.name)
+        if size is None or (want is None or size == want) and weights_digest(path) == m.sha256:
+            continue
+        same = _same_tensors(Path(given[m.name]), manifest.root / m.path) if want is not None else None
+        if not same:
+            out[m.name] = same is not None
     return out
+
+
+def _same_tensors(path: Path, recorded: Path) -> bool | None:
+    """Whether two models hold the same tensors (names, dtypes, shapes and bytes), whatever else their files
+    hold (safetensors metadata, order); None when either cannot be read. Headers first, then tensor by
+    tensor, stopping at the first that differs (another zoo's model: its first tensor read, not its file)."""
+    from modelatlas.errors import AtlasError
+    from modelatlas.weights import open_checkpoint
+
+    try:
+        with open_checkpoint(path) as mine, open_checkpoint(recorded) as theirs:
+            infos = sorted((t.name, t.dtype, tuple(t.shape)) for t in mine.tensors())
+            if infos != sorted((t.name, t.dtype, tuple(t.shape)) for t in theirs.tensors()):
+                return False
+            return all(_same_bytes(mine.read(name), theirs.read(name)) for name, _, _ in infos)
+    except AtlasError:
+        return None
+
+
+def _same_bytes(a, b) -> bool:
+    """Whether two tensors of one dtype and shape hold the same bytes (NaNs and -0.0 as stored)."""
+    import torch
+
+    a, b = (t.detach().contiguous().reshape(-1) for t in (a, b))
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _weights_of(path: Path, storage: str | None = None) -> Path:
