@@ -213,6 +213,20 @@ def test_no_stage_warning_for_a_single_model(tmp_path, capsys):
     assert "1 model, 1 tree" in captured.out and "warning" not in captured.err
 
 
+def test_no_true_edge_to_score_says_so_and_no_accuracy(tmp_path, capsys):
+    """Two roots given, no true edge between them: the line read "100.0% (0/0)" and the JSON 1.0."""
+    make_tiny_zoo(tmp_path)
+    out = tmp_path / "f.json"
+    assert main(["lineage", "recover", str(tmp_path / "t0.safetensors"), "--truth", str(tmp_path),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "directed-edge accuracy: nothing to score (no true edge between the models given), tree ARI" in printed
+    assert "100.0%" not in printed and "(0/0)" not in printed
+    scores = json.loads(out.read_text())["scores"]
+    assert scores["directed_accuracy"] is None and scores["undirected_accuracy"] is None
+    assert scores["true_edges"] == 0
+
+
 def test_bad_output_paths_are_refused_before_recovery(tmp_path, capsys):
     make_tiny_zoo(tmp_path)
     (tmp_path / "sub").mkdir()

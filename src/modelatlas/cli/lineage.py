@@ -264,6 +264,13 @@ def _declared_notes(declared: dict) -> None:
                  f"{', '.join(rec['not_given'])}): placed as a model")
 
 
+def _accuracy_text(s) -> str:
+    """The edge accuracies of a LineageScore, or that there was no true edge to score (it read "100.0% (0/0)")."""
+    if not s.n_true_edges:
+        return "directed-edge accuracy: nothing to score (no true edge between the models given)"
+    return f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), undirected {s.undirected:.1%}"
+
+
 def show_forest(forest, truth=None) -> None:
     """Skipped models (stderr), the tree drawing, the decisions and, with ``truth``, the scores."""
     from modelatlas.lineage.export import to_text
@@ -299,8 +306,7 @@ def show_forest(forest, truth=None) -> None:
         if s.n_skipped:  # 3/4 with every edge drawn marked right, and no word of the fourth
             whose = "its model was" if s.n_skipped == 1 else "their models were"
             left += f"; {counted(s.n_skipped, 'true edge')} missed: {whose} skipped (see above)"
-        echo(f"directed-edge accuracy {s.directed:.1%} ({s.n_correct}/{s.n_true_edges}), "
-             f"undirected {s.undirected:.1%}, tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
+        echo(_accuracy_text(s) + f", tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
              + left + (f"; the runner-up parent is the true one for {s.n_runner_up_right} of the {s.n_misplaced} "
                        "misplaced" if s.n_misplaced else ""))
     if truth is not None and (s.n_merges or s.n_false_merges):

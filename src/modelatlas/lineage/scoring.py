@@ -48,7 +48,11 @@ class LineageScore:
     n_skipped: int = 0  # true edges scored with a model that was skipped (unreadable): misses
 
     def as_dict(self) -> dict:
-        return {"directed_accuracy": self.directed, "undirected_accuracy": self.undirected, "ari": self.ari,
+        """The scores as ``--out`` holds them; the accuracies are None where no true edge was left to score
+        (``directed`` then reads 1.0, or 0.0 with an edge joining two true trees: it is 0/0)."""
+        scored = self.n_true_edges > 0
+        return {"directed_accuracy": self.directed if scored else None,
+                "undirected_accuracy": self.undirected if scored else None, "ari": self.ari,
                 "true_edges": self.n_true_edges, "correct_edges": self.n_correct, "wrong_edges": self.errors,
                 "true_edges_left_out": self.n_left_out, "edges_past_models_not_given": self.n_bridged,
                 "misplaced_edges": self.n_misplaced, "misplaced_runner_up_true": self.n_runner_up_right,
