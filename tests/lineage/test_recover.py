@@ -39,6 +39,16 @@ def test_fitted_attributes_and_twin():
     assert [(e.parent, e.child) for e in twin.edges] == [(e.parent, e.child) for e in est.edges_]
 
 
+def test_a_one_model_tree_has_no_runner_up_root():
+    """A tree of one model gave itself as its runner-up root ("root_runner_up": ["t0"] in the JSON)."""
+    weights, _ = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=1)
+    weights = {n: w for n, w in weights.items() if n != "t1" and not n.startswith("t1_")} | {"t1": weights["t1"]}
+    forest = LineageRecovery(n_trees=2, stage="specialize").fit(weights).forest_
+    runner = dict(zip(forest.roots(), forest.decisions["root_runner_up"]))
+    assert runner["t1"] is None and runner["t0"] in {"t0_0", "t0_1"}
+    assert forest.to_dict()["decisions"]["root_runner_up"] == [runner[r] for r in forest.roots()]
+
+
 def test_architectures_are_separated_not_crashed_on():
     weights, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, dim=16, seed=2)
     other, _ = make_synthetic_forest(n_trees=1, children=2, depth=1, dim=8, seed=5)

@@ -169,7 +169,8 @@ def _root_note(decisions: dict, k: int) -> str:
     if k >= len(conf):
         return ""  # a joint placement, or a forest saved before root confidences
     note = f"; root confidence {conf[k]:.2f}"
-    return note + (f", next best root {runner[k]}" if conf[k] < ROOT_DOUBT and k < len(runner) else "")
+    shown = conf[k] < ROOT_DOUBT and k < len(runner) and runner[k] is not None
+    return note + (f", next best root {runner[k]}" if shown else "")
 
 
 MAX_INDENT = 24

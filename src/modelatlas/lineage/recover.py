@@ -196,7 +196,7 @@ def _place_trees(cfg: LineageConfig, placement: str, stages: list[str], trees: l
     """The edges of every tree ((members, distances, kurtosis, per-layer kurtosis) each, its stage in
     ``stages``) placed by
     :func:`~modelatlas.lineage.known.place_tree`, and the decisions they make: ``root_confidence`` and
-    ``root_runner_up`` (trees whose root kurtosis votes chose), ``adapter_base`` (the base, the models merged
+    ``root_runner_up`` (trees whose root kurtosis votes chose; None for a tree of one model), ``adapter_base`` (the base, the models merged
     onto it, the root the weights alone chose, merged models placed in another tree: ``apart``) and
     ``rooted_at_quantized_base``. Time that of the placements."""
     edges, conf, runner_up, given, rooted = [], [], [], {}, []
@@ -205,7 +205,7 @@ def _place_trees(cfg: LineageConfig, placement: str, stages: list[str], trees: l
         p = place_tree(cfg, placement, stage, (d, k, lk), root, known.pairs(members))
         if p.conf is not None:
             conf.append(p.conf)
-            runner_up.append(members[p.second])
+            runner_up.append(members[p.second] if len(members) > 1 else None)  # (one model: it was itself)
         if root is not None:
             given = {"base": known.base, "merged": list(known.merged), "root_by_weights": members[p.chosen],
                      "apart": [m for m in known.merged if m in flat and m not in members]}  # (copies: in no tree yet)
