@@ -17,6 +17,21 @@ def test_zoo_make_and_show(tmp_path, capsys):
     assert "t0  [root]" in shown and "  t0.1  [lora r=4 adapter]" in shown
 
 
+def test_zoo_make_says_how_many_models_it_trained_and_reused(tmp_path, capsys):
+    """A rerun over a zoo with a damaged model trained it again without a word (`atlas demo` said so)."""
+    out = tmp_path / "zoo"
+    argv = ["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "2", "--depth", "1", "--method", "lora",
+            "--storage", "adapter", "--seed", "4", "--workers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert f"in {out}; trained\n" in capsys.readouterr().out
+    adapter = out / "t0.0" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:500])
+    assert main(argv) == 0
+    assert f"in {out}; trained 1 model, reused 2 (built before)\n" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert f"in {out}; reused (built before)\n" in capsys.readouterr().out
+
+
 def test_zoo_verify_finds_changed_and_missing_weights(tmp_path, capsys):
     out = tmp_path / "zoo"
     assert main(["zoo", "make", "--preset", "tiny", "--trees", "1", "--children", "2", "--depth", "1", "--method", "lora",

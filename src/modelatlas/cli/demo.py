@@ -35,12 +35,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config, out: Path) -> int:
+    from modelatlas.cli.zoo import finished_before, how_built
     from modelatlas.lineage import LineageRecovery
     from modelatlas.zoo import make_zoo, preset
     from modelatlas.zoo.store import open_zoo_models
 
     t0, zoo = time.perf_counter(), preset(args.preset, seed=args.seed)
-    reused = _finished_before(zoo, out)  # finished models are reused, not trained
+    reused = finished_before(zoo, out)  # finished models are reused, not trained
     verb = "reusing the zoo" if reused >= zoo.n_models else "building zoo"  # all built before: nothing to train
     echo(f"{verb} '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
     manifest = make_zoo(zoo, out, workers=args.workers, progress=tqdm_progress)
@@ -52,37 +53,8 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
         for ck in models:
             ck.close()
     t2 = time.perf_counter()
-    echo(f"{_how_built(reused, len(manifest))} in {t1 - t0:.0f} s; recovered from the weights "
+    echo(f"{how_built(reused, len(manifest))} in {t1 - t0:.0f} s; recovered from the weights "
          f"alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")
     show_forest(with_truth(forest, manifest), manifest)
     return 0
-
-
-def _finished_before(zoo, out: Path) -> int:
-    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C), as make_zoo
-    reads them: built from this config (a model of another seed or preset, which make_zoo refuses, was announced
-    as 'reusing the zoo') and with their weights intact (a truncated one, which make_zoo trains again, was
-    counted as reused)."""
-    from modelatlas.errors import ConfigError
-    from modelatlas.zoo.builder import fingerprint, finished_model
-    from modelatlas.zoo.plan import model_names
-
-    if not out.is_dir():
-        return 0
-    fp = fingerprint(zoo)
-    try:
-        return sum(finished_model(out / name, fp) is not None for name in model_names(zoo))
-    except ConfigError:  # another config's models: make_zoo refuses them
-        return 0
-
-
-def _how_built(reused: int, n: int) -> str:
-    """'trained', 'reused (built before)' or 'trained 1 model, reused 5 (built before)'."""
-    from modelatlas.cli.output import counted
-
-    if reused == 0:
-        return "trained"
-    if reused >= n:
-        return "reused (built before)"
-    return f"trained {counted(n - reused, 'model')}, reused {reused} (built before)"

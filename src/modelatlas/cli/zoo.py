@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 from modelatlas.cli.argtypes import int_tuple, out_dir, positive_int, seed, str_tuple
 from modelatlas.cli.flags import add_field_flags, dashed
@@ -100,18 +101,47 @@ def _make(args: argparse.Namespace) -> int:
 
     config = _config(args)
     start = time.perf_counter()
+    reused = 0 if args.no_resume else finished_before(config, Path(args.out))  # (a damaged one is trained again)
     manifest = make_zoo(config, args.out, workers=args.workers, progress=tqdm_progress, resume=not args.no_resume)
     secs = time.perf_counter() - start
     accs = [m.train.get("test_acc", float("nan")) for m in manifest.models]
     methods = {k: sum(m.method == k for m in manifest.models) for k in ("root", "full", "lora", "merge")}
     merges = f", {counted(methods['merge'], 'merge')}" if methods["merge"] else ""
     echo(f"zoo: {counted(len(manifest), 'model')} ({counted(methods['root'], 'root')}, "
-         f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA{merges}) in {args.out}")
+         f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA{merges}) in {args.out}; "
+         f"{how_built(reused, len(manifest))}")
     per = sum(m.train.get("seconds", 0.0) for m in manifest.models) / max(1, len(manifest))
     echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall this run; "
          f"{per:.2f} s of training per model when it was built (a reused model is not retrained)")
     echo(f"manifest: {manifest.root / 'manifest.json'}")
     return 0
+
+
+def finished_before(zoo, out: Path) -> int:
+    """How many of the zoo's models are already finished in ``out`` (a rerun, or one after Ctrl-C), as make_zoo
+    reads them: built from this config (a model of another seed or preset, which make_zoo refuses, was announced
+    as 'reusing the zoo') and with their weights intact (a truncated one, which make_zoo trains again, was
+    counted as reused)."""
+    from modelatlas.errors import ConfigError
+    from modelatlas.zoo.builder import fingerprint, finished_model
+    from modelatlas.zoo.plan import model_names
+
+    if not out.is_dir():
+        return 0
+    fp = fingerprint(zoo)
+    try:
+        return sum(finished_model(out / name, fp) is not None for name in model_names(zoo))
+    except ConfigError:  # another config's models: make_zoo refuses them
+        return 0
+
+
+def how_built(reused: int, n: int) -> str:
+    """'trained', 'reused (built before)' or 'trained 1 model, reused 5 (built before)'."""
+    if reused == 0:
+        return "trained"
+    if reused >= n:
+        return "reused (built before)"
+    return f"trained {counted(n - reused, 'model')}, reused {reused} (built before)"
 
 
 def _json_dict(text: str) -> dict:
