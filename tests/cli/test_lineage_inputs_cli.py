@@ -112,3 +112,33 @@ def test_models_one_folder_down_are_named_not_silently_missed(tmp_path, capsys):
     assert main(["lineage", "recover", str(runs / "a"), str(runs / "b"), str(runs / "t1.safetensors")]) == 0
     captured = capsys.readouterr()
     assert "note:" not in captured.err and "4 models" in captured.out
+
+
+def test_a_dangling_link_in_a_run_folder_does_not_make_it_one_broken_model(tmp_path, capsys):
+    """runs/a holding a link whose target is gone counted as one broken model folder; recovery then read the models
+    inside it anyway: `recover runs` compared runs/a's models one level down, and not runs/b's."""
+    runs = _runs(tmp_path)
+    (runs / "a" / "latest.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    assert main(["lineage", "recover", str(runs)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: no models found in {runs}; {runs / 'a'}, {runs / 'b'} hold 3 "
+                                              "models one folder down")
+    assert main(["lineage", "recover", str(runs / "a"), str(runs / "b")]) == 0
+    captured = capsys.readouterr()  # given, the folder's link is skipped, naming it
+    assert (f"skipped latest: {runs / 'a' / 'latest.safetensors'}: a link to {tmp_path / 'gone.safetensors'}, which "
+            "does not exist\n") in captured.err
+    assert "3 models" in captured.out
+
+
+def test_a_folder_of_models_beside_a_dangling_model_safetensors_is_a_folder_of_models(tmp_path, capsys):
+    """A dangling model.safetensors (a pruned hub blob) made runs/a one broken model though models sit in it."""
+    runs = _runs(tmp_path)
+    (runs / "a" / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    (runs / "c").mkdir()  # alone, it is one model whose weights are gone: reported and skipped
+    (runs / "c" / "config.json").write_text("{}")
+    (runs / "c" / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    shutil.copy(tmp_path / "zoo" / "t1.safetensors", runs)
+    assert main(["lineage", "recover", str(runs)]) == 0
+    captured = capsys.readouterr()
+    assert f"note: {runs / 'a'}, {runs / 'b'} hold 3 models one folder down" in captured.err
+    assert f"skipped c: {runs / 'c' / 'model.safetensors'}: a link to {tmp_path / 'gone.safetensors'}" in captured.err
+    assert "1 model, 1 tree" in captured.out

@@ -17,8 +17,8 @@ from modelatlas.errors import AtlasError
 def models_below(folder: str | Path, found: Iterable[Path]) -> dict[Path, int]:
     """The sub-folders of ``folder`` that hold models directly inside them which are not among ``found`` (the
     models ``folder`` expanded to), each with how many; {} for a model, a path that is no folder or one that
-    cannot be listed. Hidden sub-folders are not looked into. Time O(entries of ``folder`` and of its
-    sub-folders)."""
+    cannot be listed. Hidden sub-folders are not looked into; links whose target is gone are not counted.
+    Time O(entries of ``folder`` and of its sub-folders)."""
     from modelatlas.weights.registry import discover_models, is_model
 
     folder = Path(folder)
@@ -34,9 +34,23 @@ def models_below(folder: str | Path, found: Iterable[Path]) -> dict[Path, int]:
         try:
             if child.is_symlink() or not child.is_dir() or os.path.realpath(child) in taken:
                 continue
-            n = sum(os.path.realpath(m) not in taken for m in discover_models([child]))
+            n = sum(os.path.realpath(m) not in taken and not _dangling(m) for m in discover_models([child]))
         except (AtlasError, OSError):  # an atlas, a folder that cannot be listed: not a folder of models to name
             continue
         if n:
             out[child] = n
     return out
+
+
+def _dangling(path: Path) -> bool:
+    """A link whose target is gone: no model to count (opening it reports it and skips it)."""
+    return path.is_symlink() and not path.exists()
+
+
+def holds_models(folder: Path) -> bool:
+    """Whether a model is directly inside ``folder`` (there, not a dangling link): a folder of models, whatever
+    else it holds (a dangling link made it one broken model, which recovery then read as a folder of models)."""
+    from modelatlas.weights.registry import _orphan_shard, is_model
+
+    return any(not c.name.startswith(".") and c.exists() and is_model(c) and not _orphan_shard(c)
+               for c in folder.iterdir())

@@ -106,8 +106,7 @@ def _broken_weights_link(path: Path) -> bool:
 
 
 def _variant_problem(path: Path) -> str | None:
-    """Why a folder of two variants is no model (:func:`~modelatlas.weights.hf_folder.find_layout` opens a
-    folder of one), else None."""
+    """Why a folder of two variants is no model (:func:`.hf_folder.find_layout` opens one), else None."""
     from modelatlas.weights.hf_folder import LAYOUTS, variant_files
 
     found = variant_files(path)
@@ -216,8 +215,7 @@ def discover_models(paths: Iterable[str | Path]) -> list[Path]:
     expanded to the models directly inside it (sorted by name). A missing path raises CheckpointError, except
     a hub id (``org/name[@rev]``), which is kept for :func:`open_checkpoint` to resolve from the local cache.
     A model reached twice (``models/`` and ``models/a.safetensors``, ``./a`` and ``a``, a symlink, a model
-    folder and its ``model.safetensors``) is kept once,
-    where it first appears: it is one model, not two of the same name."""
+    folder and its ``model.safetensors``) is kept once, where it first appears: one model, not two of one name."""
     return distinct_models(_expand(paths))
 
 
@@ -286,6 +284,8 @@ def _models_in(folder: Path) -> list[Path]:
 
 
 def _child_models(c: Path) -> list[Path]:
+    from modelatlas.weights.nested import holds_models
+
     if c.is_symlink() and not c.exists():  # a model file or folder whose target is gone: reported when opened
         return [c] if _file_stem(c.name) is not None or "." not in c.name else []  # (README.md: no model)
     if is_model(c) and not _orphan_shard(c):
@@ -293,7 +293,7 @@ def _child_models(c: Path) -> list[Path]:
     if c.is_dir():
         named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
         plain = [f for f in named if library_variant(f.name) is None]  # a variant (.fp16) beside it: its copy
-        return plain or named or ([c] if folder_problem(c) else [])
+        return plain or named or ([c] if folder_problem(c) and not holds_models(c) else [])
     return []
 
 
