@@ -298,17 +298,21 @@ def show_forest(forest, truth=None) -> None:
          f"distance: {d['distance']}")
     warn_stage_guess(forest)
     if truth is not None:
-        s = score_forest(forest, truth)
-        wrong = ", ".join(f"{n} {k}" for k, n in s.errors.items())
-        left = f"; {counted(s.n_left_out, 'true edge')} not scored (a model not given)" if s.n_left_out else ""
-        if s.n_bridged:
-            left += f", {s.n_bridged} scored to the nearest given ancestor"
-        if s.n_skipped:  # 3/4 with every edge drawn marked right, and no word of the fourth
-            whose = "its model was" if s.n_skipped == 1 else "their models were"
-            left += f"; {counted(s.n_skipped, 'true edge')} missed: {whose} skipped (see above)"
-        echo(_accuracy_text(s) + f", tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
-             + left + (f"; the runner-up parent is the true one for {s.n_runner_up_right} of the {s.n_misplaced} "
-                       "misplaced" if s.n_misplaced else ""))
-    if truth is not None and (s.n_merges or s.n_false_merges):
+        _show_scores(score_forest(forest, truth))
+
+
+def _show_scores(s) -> None:
+    """The score lines of a LineageScore (``--truth``)."""
+    wrong = ", ".join(f"{n} {k}" for k, n in s.errors.items())
+    left = f"; {counted(s.n_left_out, 'true edge')} not scored (a model not given)" if s.n_left_out else ""
+    if s.n_bridged:
+        left += f", {s.n_bridged} scored to the nearest given ancestor"
+    if s.n_skipped:  # 3/4 with every edge drawn marked right, and no word of the fourth
+        whose = "its model was" if s.n_skipped == 1 else "their models were"
+        left += f"; {counted(s.n_skipped, 'true edge')} missed: {whose} skipped (see above)"
+    echo(_accuracy_text(s) + f", tree ARI {s.ari:.3f}" + (f"; wrong edges: {wrong}" if wrong else "")
+         + left + (f"; the runner-up parent is the true one for {s.n_runner_up_right} of the {s.n_misplaced} "
+                   "misplaced" if s.n_misplaced else ""))
+    if s.n_merges or s.n_false_merges:
         echo(f"merges: {s.n_merges_found} of {s.n_merges} found with exactly their parents"
              + (f"; {counted(s.n_false_merges, 'model')} taken for a merge that the truth says is none" if s.n_false_merges else ""))
