@@ -142,3 +142,10 @@ def test_a_folder_of_models_beside_a_dangling_model_safetensors_is_a_folder_of_m
     assert f"note: {runs / 'a'}, {runs / 'b'} hold 3 models one folder down" in captured.err
     assert f"skipped c: {runs / 'c' / 'model.safetensors'}: a link to {tmp_path / 'gone.safetensors'}" in captured.err
     assert "1 model, 1 tree" in captured.out
+
+
+def test_the_current_folder_s_runs_are_suggested_as_dot_slash_star(tmp_path, capsys, monkeypatch):
+    """`atlas lineage recover .` over a folder of run folders suggested "e.g. *" (the folder "." has no name)."""
+    monkeypatch.chdir(_runs(tmp_path))
+    assert main(["lineage", "recover", "."]) == 1
+    assert capsys.readouterr().err.rstrip("\n").endswith("give those folders, e.g. ./*")

@@ -39,7 +39,7 @@ def _note_below(below: dict[Path, int], found: bool, paths: list[str]) -> None:
     where = ", ".join(map(str, list(below)[:3])) + (", ..." if len(below) > 3 else "")
     what = (f"{where} {'holds' if len(below) == 1 else 'hold'} {counted(sum(below.values()), 'model')} one folder "
             f"down (a folder's models are read only directly inside it)")
-    eg = f"e.g. {Path(next(iter(below))).parent / '*'}"
+    eg = f"e.g. {os.path.join(Path(next(iter(below))).parent, '*')}"  # "./*", not a bare "*", for the folder "."
     if not found:
         raise ConfigError(f"no models found in {' '.join(paths)}; {what}: give those folders, {eg}")
     note(f"note: {what}, not read; give those folders too to compare them, {eg}")
