@@ -7,9 +7,12 @@ a process-wide pool (or opens one), sends the GET, and the :class:`Answer` gives
 body has been read to the end (a body left unread, as a ``200`` refused before its body, closes it instead). A
 request sent on a kept connection that the server has closed meanwhile (its keep-alive timed out:
 ``RemoteDisconnected``, a broken pipe, a reset) is sent once more on a new connection: a GET of a range can be
-repeated. Threads (the prefetch threads of :mod:`.http_ranges` and the reading one) each take a connection of
-their own from the pool, which is shared under a lock: one connection to a host while reads run one after
-another, at most one per thread reading at once.
+repeated; one seen closed as it is taken (a receive that does not wait) is not sent on. Bytes past the end of
+an answer (more than its ``Content-Length``) are never read as the next answer: found received with the body
+(:attr:`Answer.surplus`), on the kept connection as it is taken, or in place of the next status line, they are a
+:class:`SurplusError`, the connection closed. Threads (the prefetch threads of :mod:`.http_ranges` and the
+reading one) each take a connection of their own from the pool, which is shared under a lock: one connection
+to a host while reads run one after another, at most one per thread reading at once.
 
 Redirects (301, 302, 303, 307, 308; at most 10) are followed with the same headers, as urllib did, except
 ``Authorization``: the token is put on a hop only when the hop's URL is on ``token_origin`` (scheme, host and
@@ -30,6 +33,7 @@ import http.client
 import io
 import math
 import os
+import ssl
 import threading
 import time
 import urllib.request
@@ -49,6 +53,10 @@ _DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetErro
 
 class RedirectError(http.client.HTTPException):
     """Too many redirects, or one to a URL that is not http(s), or from https to http."""
+
+
+class SurplusError(http.client.HTTPException):
+    """Bytes on a kept connection past the end of its last answer (the server sent more than it announced)."""
 
 
 def http_timeout() -> float:
@@ -95,6 +103,7 @@ class _Link:
     conn: http.client.HTTPConnection
     absolute: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # Proxy-Authorization for an http proxy
+    last: str = ""  # the URL of the last answer read on it (named if bytes past its end come)
 
     def target(self, url: str) -> str:
         parts = urlsplit(url)
@@ -183,11 +192,18 @@ class _Paced(io.RawIOBase):
         self._progress = progress
         self._start, self._got = time.monotonic(), 0  # the bytes received since ``_start``
         self.head = False  # while the head is read: all of it in one timeout, however fast it comes
+        self._looking = False  # (:meth:`waiting`: a receive that does not wait)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int | None:
+        if self._looking:  # None: nothing has come (the reader then has nothing more to give)
+            self._sock.settimeout(0)
+            try:
+                return self._raw.readinto(b)
+            except ssl.SSLWantReadError:  # (no whole TLS record yet)
+                return None
         now = time.monotonic()
         if self._got >= self._progress and not self.head:  # those came in time: the next ones have the timeout again
             self._start, self._got = now, 0
@@ -198,6 +214,18 @@ class _Paced(io.RawIOBase):
         n = self._raw.readinto(b)
         self._got += n or 0
         return n
+
+    def waiting(self, reader: io.BufferedReader) -> int:
+        """Bytes ``reader`` (reading this) holds, or the socket has received, that the answer has not read,
+        looked at without waiting: 0 when none (or the server closed the connection). Time O(1)."""
+        self._looking = True
+        try:
+            return len(reader.peek(1))
+        except OSError:  # (a reset: nothing more will come)
+            return 0
+        finally:
+            self._looking = False
+            self._sock.settimeout(self._timeout)
 
     def close(self) -> None:
         self._raw.close()  # (the socket is closed once the connection and this have let it go)
@@ -214,12 +242,22 @@ class _Response(http.client.HTTPResponse):
         self._paced = _Paced(sock, timeout, progress)
         self.fp = io.BufferedReader(self._paced)
 
+    surplus = 0  # bytes received past the body's end (:meth:`_close_conn`)
+
     def begin(self) -> None:
         self._paced.head = True
         try:
             super().begin()
         finally:
             self._paced.head = False
+
+    def _close_conn(self) -> None:
+        """(http.client's, once the body has ended, or is dropped) Where the body ended where it said and the
+        connection goes on, first the bytes already received past that end (:meth:`_Paced.waiting`, no wait:
+        the reader that holds them goes now, and the next answer would start with those in the socket)."""
+        if self.fp is not None and not self.will_close and not self.length:
+            self.surplus = self._paced.waiting(self.fp)
+        super()._close_conn()
 
 
 class Answer:
@@ -236,6 +274,12 @@ class Answer:
         server's making; TimeoutError when they come too slowly (:class:`_Paced`)."""
         return self._response.readinto(b)
 
+    @property
+    def surplus(self) -> int:
+        """Over 0 when bytes came past the body's end with it: the server sent more than it announced (which
+        bytes are the body's then?); the connection is closed, never read on."""
+        return self._response.surplus
+
     def close(self) -> None:
         link, r, self._link = self._link, self._response, None
         if link is None:
@@ -245,8 +289,10 @@ class Answer:
                 r.read()
         except (OSError, http.client.HTTPException):
             pass
-        # reused only when the whole body came (length 0: a short body read off leaves what is missing)
-        if r.isclosed() and not r.will_close and not r.length:
+        # reused only when the whole body came (length 0: a short body read off leaves what is missing), and
+        # nothing past it
+        if r.isclosed() and not r.will_close and not r.length and not r.surplus:
+            link.last = self.url
             _give_back(self._key, link)
         else:
             link.conn.close()
@@ -265,6 +311,8 @@ def _send(url: str, headers: dict[str, str], timeout: float, progress: int) -> A
     for fresh in (False, True):
         link, reused = _lease(key, timeout, fresh)
         try:
+            if reused and _stale(link):
+                continue  # (closed by the server: sent on a new one)
             link.conn.response_class = functools.partial(_Response, timeout=timeout, progress=progress)
             link.conn.request("GET", link.target(url), headers={**link.headers, **headers})
             return Answer(url, key, link, link.conn.getresponse())
@@ -272,10 +320,47 @@ def _send(url: str, headers: dict[str, str], timeout: float, progress: int) -> A
             link.conn.close()
             if not reused:
                 raise
+        except (http.client.BadStatusLine, http.client.LineTooLong) as e:  # (RemoteDisconnected is _DROPPED)
+            link.conn.close()
+            if reused and (isinstance(e, http.client.BadStatusLine) or str(e).endswith("status line")):
+                raise _garbled(e, link) from None
+            raise
         except BaseException:
             link.conn.close()
             raise
     raise AssertionError("unreachable: the second try opens a new connection")
+
+
+def _stale(link: _Link) -> bool:
+    """True (the connection closed) when the server closed the idle kept connection ``link``; SurplusError when
+    it sent bytes on it after its last answer (they would be read as the next answer's); False when neither. Looked
+    at without waiting (one receive of at most a byte). Time O(1)."""
+    sock = link.conn.sock
+    if sock is None:
+        return False
+    try:
+        sock.settimeout(0)
+        got = sock.recv(1)
+    except (BlockingIOError, ssl.SSLWantReadError):  # nothing came: the connection is as its last answer left it
+        return False
+    except OSError:  # (a reset)
+        got = b""
+    finally:
+        sock.settimeout(link.conn.timeout)
+    link.conn.close()
+    if got:
+        raise SurplusError(f"the server sent more bytes than it announced in its answer to {shown(link.last)} "
+                           "(they came after it on the connection): refused, not read as the next answer")
+    return True
+
+
+def _garbled(e: http.client.HTTPException, link: _Link) -> SurplusError:
+    """The error for a kept connection's answer that does not begin with a status line (``e``): the bytes there
+    came after the end of the answer before."""
+    line = e.args[0] if isinstance(e, http.client.BadStatusLine) else "64 KiB without a line end"
+    return SurplusError(f"the server's answer on a kept connection began with {shown(repr(line.strip()))}, not a "
+                        f"status line: it sent more bytes than it announced in its answer to {shown(link.last)} "
+                        "(refused, not read as the next answer)")
 
 
 def next_hop(url: str, location: str) -> str:

@@ -40,6 +40,7 @@ from modelatlas.weights.http_connections import (
     PROGRESS,
     Answer,
     RedirectError,
+    SurplusError,
     get,
     http_progress,
     http_timeout,
@@ -203,7 +204,7 @@ class HttpRanges(ByteRanges):
             timeout = http_timeout()
             answer = get(url, {"User-Agent": "modelatlas", **headers}, timeout, origin_key(self.url), self._token,
                          http_progress(timeout))
-        except RedirectError as e:
+        except (RedirectError, SurplusError) as e:
             raise CheckpointError(self.url, f"cannot read {what}: {e}") from None
         except (OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
             if isinstance(e, TimeoutError):
@@ -282,6 +283,12 @@ class HttpRanges(ByteRanges):
             raise CheckpointError(self.url, f"cannot read {what}: {_too_slow()}") from None
         except (OSError, http.client.HTTPException) as e:  # IncompleteRead of a chunked body is no OSError
             raise CheckpointError(self.url, f"cannot read {what}: connection broken ({e!r})") from None
+        if answer.surplus:  # (found as the body ended: http_connections.Answer.surplus)
+            length = answer.headers.get("Content-Length")
+            raise CheckpointError(self.url, f"cannot read {what}: the server sent more bytes than the "
+                                            f"{shown(length) if length else 'chunks'} its answer announced "
+                                            f"({'Content-Length' if length else 'chunked'}): refused, which are "
+                                            "the file's is not known")
         return got
 
     def prefetch(self, offset: int, length: int) -> None:
