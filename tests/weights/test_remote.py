@@ -362,3 +362,32 @@ def test_a_bad_http_setting_is_one_line_naming_it_and_its_value(tmp_path, monkey
         open_checkpoint(srv.url("a.safetensors"))
     assert str(e.value) == f"{name}: must be {what}, not {value!r}"
     assert not srv.seen  # refused before any request
+
+
+def test_read_into_receives_the_body_in_the_buffer_given(tmp_path):
+    # it received the body into a buffer of its own, then copied it into the one given (16 MiB: 24 MiB traced)
+    import tracemalloc
+
+    import numpy as np
+
+    from modelatlas.weights.http_ranges import HttpRanges
+
+    data = bytes(range(256)) * (1 << 16)  # 16 MiB, served from memory (the server's allocations are traced too)
+
+    def serve(handler, _, first, last):
+        head = f"Content-Range: bytes {first}-{last}/{len(data)}\r\nContent-Length: {last - first + 1}\r\n\r\n"
+        handler.wfile.write(f"HTTP/1.1 206 Partial Content\r\n{head}".encode())
+        handler.wfile.write(memoryview(data)[first:last + 1])
+
+    (tmp_path / "a.bin").write_bytes(b"")
+    buf = np.zeros(len(data) - 1, dtype=np.uint8)
+    with make_server(tmp_path, mode=serve) as srv:
+        ranges = HttpRanges(srv.url("a.bin"))
+        tracemalloc.start()
+        try:
+            ranges.read_into(1, memoryview(buf), "the bytes")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert buf.tobytes() == data[1:] and ranges.fetched == len(buf)
+    assert peak < 1 << 20, peak

@@ -98,29 +98,35 @@ class HttpRanges(ByteRanges):
         self._target = url  # where the last request's redirects ended
         self._pending: dict[tuple[int, int], Future] = {}  # (offset, length) -> its prefetch
 
-    def fetch(self, offset: int, length: int, what: str, exact: bool = True) -> np.ndarray:
+    def fetch(self, offset: int, length: int, what: str, exact: bool = True,
+              into: memoryview | None = None) -> np.ndarray:
         """The ``length`` bytes at ``offset`` (length > 0), from one ``Range`` request; sets :attr:`size` at the
         first. A CheckpointError naming the URL and ``what`` for any answer but exactly those bytes (not
         ``exact``: fewer where the file ends, for the caller to judge). Memory follows the bytes received
-        (:meth:`_read`), not ``length``: a header length or a tensor's size comes from the server too."""
+        (:meth:`_read`), not ``length``: a header length or a tensor's size comes from the server too; or the
+        body is received straight into ``into`` (bytes, ``length`` of them), and its bytes are returned."""
         with self._open_range(offset, length, what) as answer:
             self._check_range(answer, offset, length, what)
             # not exact: the file may end first (its size is known now); a body cut shorter than that is an error
-            body = self._body(answer, length if exact else min(length, self.size - offset), what)
+            body = self._body(answer, length if exact else min(length, self.size - offset), what, into)
         with self._lock:  # (a prefetch thread may count at the same time)
             self.fetched += len(body)
         return body
 
     def take(self, offset: int, length: int, what: str) -> np.ndarray:
-        """:meth:`fetch` of the range, or the one :meth:`prefetch` started for it (if that failed, the range is
-        asked for again, so that the error names it)."""
+        """:meth:`fetch` of the range, or the one :meth:`prefetch` started for it (:meth:`_prefetched`)."""
+        body = self._prefetched(offset, length)
+        return body if body is not None else self.fetch(offset, length, what)
+
+    def _prefetched(self, offset: int, length: int) -> np.ndarray | None:
+        """The bytes :meth:`prefetch` fetched for that range (waited for), None when none was started or it
+        failed (the range is asked for again, so that the error names it)."""
         with self._lock:
             started = self._pending.pop((offset, length), None)
         try:
-            body = None if started is None else started.result()
+            return None if started is None else started.result()
         except CheckpointError:
-            body = None
-        return body if body is not None else self.fetch(offset, length, what)
+            return None
 
     def read(self, offset: int, length: int, what: str) -> np.ndarray:
         """:meth:`~.byte_ranges.ByteRanges.read` over HTTP: no buffer of ``length`` made before its bytes come
@@ -131,9 +137,15 @@ class HttpRanges(ByteRanges):
         return self.take(offset, length, what) if length else np.empty(0, dtype=np.uint8)
 
     def read_into(self, offset: int, buf: memoryview, what: str) -> None:
-        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP: one request for the whole range (:meth:`take`)."""
-        if buf.nbytes:
-            buf[:] = self.take(offset, buf.nbytes, what)
+        """:meth:`~.byte_ranges.ByteRanges.read_into` over HTTP (``buf`` of bytes): one request whose body is
+        received in ``buf`` (no buffer of its own, no copy), or the range :meth:`prefetch` fetched, copied."""
+        if not buf.nbytes:
+            return
+        body = self._prefetched(offset, buf.nbytes)
+        if body is None:
+            self.fetch(offset, buf.nbytes, what, into=buf)
+        else:
+            buf[:] = body
 
     def read_rows(self, offset: int, width: int, rows: np.ndarray, what: str) -> np.ndarray:
         """:meth:`~.byte_ranges.ByteRanges.read_rows` over HTTP, each run of rows received (:meth:`read`) before
@@ -239,8 +251,10 @@ class HttpRanges(ByteRanges):
             raise CheckpointError(self.url, f"the server answered {what} with Content-Length {shown(n)} for "
                                             f"Content-Range bytes {first}-{last} ({last - first + 1} bytes)")
 
-    def _body(self, answer, length: int, what: str) -> np.ndarray:
-        body = self._read(answer, length, what)
+    def _body(self, answer, length: int, what: str, into: memoryview | None = None) -> np.ndarray:
+        """The body, ``length`` bytes exactly (:meth:`_read`, or received in ``into``: :meth:`_readinto`)."""
+        body = (self._read(answer, length, what) if into is None
+                else np.frombuffer(into, dtype=np.uint8)[:self._readinto(answer, into, what)])
         if len(body) != length:  # the file ends before the range (a header that lies), or the connection broke
             raise CheckpointError(self.url, f"cannot read {what}: got {len(body)} of its {length} bytes (the file "
                                             f"is {self.size} bytes: truncated, or the connection was cut)")
@@ -294,7 +308,7 @@ class HttpRanges(ByteRanges):
     def prefetch(self, offset: int, length: int) -> None:
         """Start fetching the range in one of a few threads shared by all remote files, so that its round trip
         overlaps the caller's work and other requests (lineage announces the next models' layer while it reduces
-        one); :meth:`read_into` of exactly that range takes it. At most :data:`_PENDING` ranges a file are held;
+        one); :meth:`take` (:meth:`read`) or :meth:`read_into` of exactly that range takes it. At most :data:`_PENDING` ranges a file are held;
         never raises."""
         if length <= 0:
             return
