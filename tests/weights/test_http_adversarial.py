@@ -137,6 +137,24 @@ def test_a_tensor_larger_than_memory_is_one_line(tmp_path):
             ck.read("t")
 
 
+@pytest.mark.parametrize("swap", [True, False])
+def test_a_tensor_over_memory_is_read_where_swap_can_hold_it(tmp_path, monkeypatch, swap):
+    # the limit was physical memory alone: a tensor that a local read (and the kernel) would take was refused
+    from modelatlas.weights import byte_ranges
+
+    make_file(tmp_path, tensors={"a": torch.ones(1 << 19), "b": torch.ones(1 << 21)})  # 2 MiB, 8 MiB
+    (tmp_path / "meminfo").write_text("MemTotal:        1024 kB\nMemFree:  512 kB\nSwapTotal:  3072 kB\n")
+    monkeypatch.setattr(byte_ranges, "_MEMINFO", tmp_path / ("meminfo" if swap else "none"), raising=False)
+    if not swap:  # no /proc/meminfo: this machine's memory alone (sysconf), as before
+        monkeypatch.setattr(byte_ranges.os, "sysconf", lambda name: 1024 if name == "SC_PAGE_SIZE" else 4096)
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        assert torch.equal(ck.read("a"), torch.ones(1 << 19))  # over 1 MiB of memory, under 4 MiB with swap
+        with pytest.raises(CheckpointError) as e:
+            ck.read("b")
+    assert str(e.value) == f"{srv.url('a.safetensors')}: tensor 'b' is 8388608 bytes, more than this machine's " \
+                           f"memory{' and swap' * swap} (4194304 bytes) can hold"
+
+
 MiB = 1 << 20
 
 

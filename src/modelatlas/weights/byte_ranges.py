@@ -121,6 +121,30 @@ class ByteRanges:
         self._handle = None
 
 
+_MEMINFO = Path("/proc/meminfo")
+
+
+def memory_limit() -> tuple[int, str] | None:
+    """(bytes, what they are): the most that one buffer can hold on this machine, its memory and swap
+    (``MemTotal`` + ``SwapTotal`` of /proc/meminfo), else its memory (``sysconf``, where there is no
+    /proc/meminfo: macOS); None where the system says neither. Swap counts: this bounds a size that could never
+    be held (a header served may state any), not what is free now. Linux's default overcommit refuses one
+    allocation over memory and swap only, so a local read (``np.empty``) takes a tensor under that, and the
+    same tensor over HTTP was refused on a machine with swap; what is free changes while a lineage runs (and
+    evicts the page cache), and the body's memory already follows the bytes received. Time O(1)."""
+    try:
+        with open(_MEMINFO) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        memory, swap = (int(fields[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+        return memory + swap, "memory and swap" if swap else "memory"
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def distinct_rows(rows, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct indices of ``rows`` ascending, where each of ``rows`` is among them): what
     :meth:`ByteRanges.read_rows` reads for rows given in any order, repeated or not, a negative one counted from

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from modelatlas.errors import AtlasWarning, CheckpointError, shown_path
-from modelatlas.weights.byte_ranges import ByteRanges
+from modelatlas.weights.byte_ranges import ByteRanges, memory_limit
 from modelatlas.weights.http_connections import (
     PROGRESS,
     Answer,
@@ -130,10 +130,12 @@ class HttpRanges(ByteRanges):
 
     def read(self, offset: int, length: int, what: str) -> np.ndarray:
         """:meth:`~.byte_ranges.ByteRanges.read` over HTTP: no buffer of ``length`` made before its bytes come
-        (:meth:`take`); over this machine's memory, the one-line error before any request."""
-        memory = _memory()
-        if memory is not None and length > memory:
-            raise CheckpointError(self.url, f"{what} is {length} bytes, more than this machine's memory can hold")
+        (:meth:`take`); over this machine's memory and swap (:func:`.byte_ranges.memory_limit`), the one-line
+        error before any request."""
+        limit = memory_limit()
+        if limit is not None and length > limit[0]:
+            raise CheckpointError(self.url, f"{what} is {length} bytes, more than this machine's {limit[1]} "
+                                            f"({limit[0]} bytes) can hold")
         return self.take(offset, length, what) if length else np.empty(0, dtype=np.uint8)
 
     def read_into(self, offset: int, buf: memoryview, what: str) -> None:
@@ -334,14 +336,6 @@ def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="atlas-http"))
     return _POOL[0]
-
-
-def _memory() -> int | None:
-    """This machine's memory in bytes, None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _too_slow() -> str:
