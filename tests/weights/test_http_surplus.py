@@ -70,17 +70,19 @@ def test_bytes_that_come_after_the_body_are_refused_at_the_next_request(tmp_path
         assert len(srv.seen) == 1  # not asked: the connection held the surplus
 
 
-def test_bytes_in_place_of_the_next_status_line_are_refused(tmp_path):
+@pytest.mark.parametrize(("extra", "start"), [
+    (b"EXTRA", "'EXTRAHTTP/1.1 206 Partial Content'"), (b"x" * 70000, "65536 bytes without a line end")])
+def test_bytes_in_place_of_the_next_status_line_are_refused(tmp_path, extra, start):
     # "cannot connect (BadStatusLine('EXTRAHTTP/1.1 206 Partial Content'))": bytes past the last answer's end
     # that came after the next request was sent
     make_file(tmp_path)
 
     def after(handler, data, first, last):  # the second answer comes after 5 bytes, as if the first's
-        handler.wfile.write(b"EXTRA" if first else b"")
+        handler.wfile.write(extra if first else b"")
         answer(handler, "206 Partial Content", ranged(data, first, last), data[first:last + 1], keep=True)
 
     with make_server(tmp_path, mode=after) as srv:
         message = check_refused(srv.url("a.safetensors"), "cannot read the header: the server's answer on a kept "
-                                "connection began with 'EXTRAHTTP/1.1 206 Partial Content', not a status line: it "
-                                "sent more bytes than it announced in its answer to")
+                                f"connection began with {start}, not a status line: it sent more bytes than it "
+                                "announced in its answer to")
         assert "cannot connect" not in message

@@ -252,9 +252,9 @@ class _Response(http.client.HTTPResponse):
             self._paced.head = False
 
     def _close_conn(self) -> None:
-        """(http.client's, once the body has ended, or is dropped) Where the body ended where it said and the
-        connection goes on, first the bytes already received past that end (:meth:`_Paced.waiting`, no wait:
-        the reader that holds them goes now, and the next answer would start with those in the socket)."""
+        """(http.client's, as the body ends or is dropped) Where the body ended where its head said and the
+        connection is to be used again, first :attr:`surplus`: the bytes already received past that end
+        (:meth:`_Paced.waiting`, no wait), which the reader dropped here holds or the socket has."""
         if self.fp is not None and not self.will_close and not self.length:
             self.surplus = self._paced.waiting(self.fp)
         super()._close_conn()
@@ -357,8 +357,9 @@ def _stale(link: _Link) -> bool:
 def _garbled(e: http.client.HTTPException, link: _Link) -> SurplusError:
     """The error for a kept connection's answer that does not begin with a status line (``e``): the bytes there
     came after the end of the answer before."""
-    line = e.args[0] if isinstance(e, http.client.BadStatusLine) else "64 KiB without a line end"
-    return SurplusError(f"the server's answer on a kept connection began with {shown(repr(line.strip()))}, not a "
+    start = (shown(repr(e.args[0].strip())) if isinstance(e, http.client.BadStatusLine) else
+             f"{http.client._MAXLINE} bytes without a line end")
+    return SurplusError(f"the server's answer on a kept connection began with {start}, not a "
                         f"status line: it sent more bytes than it announced in its answer to {shown(link.last)} "
                         "(refused, not read as the next answer)")
 

@@ -303,8 +303,8 @@ class HttpRanges(ByteRanges):
             length = answer.headers.get("Content-Length")
             raise CheckpointError(self.url, f"cannot read {what}: the server sent more bytes than the "
                                             f"{shown(length) if length else 'chunks'} its answer announced "
-                                            f"({'Content-Length' if length else 'chunked'}): refused, which are "
-                                            "the file's is not known")
+                                            f"({'Content-Length' if length else 'chunked'}): refused, as which "
+                                            "bytes are the file's cannot be told")
         return got
 
     def prefetch(self, offset: int, length: int) -> None:
