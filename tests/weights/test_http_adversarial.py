@@ -145,6 +145,7 @@ def test_a_tensor_over_memory_is_read_where_swap_can_hold_it(tmp_path, monkeypat
     make_file(tmp_path, tensors={"a": torch.ones(1 << 19), "b": torch.ones(1 << 21)})  # 2 MiB, 8 MiB
     (tmp_path / "meminfo").write_text("MemTotal:        1024 kB\nMemFree:  512 kB\nSwapTotal:  3072 kB\n")
     monkeypatch.setattr(byte_ranges, "_MEMINFO", tmp_path / ("meminfo" if swap else "none"), raising=False)
+    monkeypatch.setattr(byte_ranges, "_SELF_CGROUP", tmp_path / "none")  # not in a container with a lower limit
     if not swap:  # no /proc/meminfo: this machine's memory alone (sysconf), as before
         monkeypatch.setattr(byte_ranges.os, "sysconf", lambda name: 1024 if name == "SC_PAGE_SIZE" else 4096)
     with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
@@ -385,3 +386,47 @@ def test_a_good_server_still_reads(tmp_path):
 
     with make_server(tmp_path, mode=good) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
         assert all(torch.equal(ck.read(n), t) for n, t in make_tensors().items())
+
+
+def make_cgroup(tmp_path, files: dict[str, str], own: str) -> None:
+    """A fake /sys/fs/cgroup under tmp_path/cg holding ``files`` and a /proc/self/cgroup saying ``own``."""
+    for name, text in files.items():
+        (tmp_path / "cg" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cg" / name).write_text(text + "\n")
+    (tmp_path / "self").write_text(own)
+
+
+@pytest.mark.parametrize("files, own, want", [
+    ({"box/memory.max": "4096", "box/memory.swap.max": "1024"}, "0::/box\n", 4096 + 1024),  # v2
+    ({"box/memory.max": "4096", "box/memory.swap.max": "max"}, "0::/box\n", 4096 + 3072),  # swap: the machine's
+    ({"memory.max": "max"}, "0::/\n", None),  # v2 without a limit
+    ({"memory/box/memory.limit_in_bytes": "4096"}, "4:memory:/box\n0::/\n", 4096 + 3072),  # v1, no swap accounting
+    ({"memory/box/memory.limit_in_bytes": "4096", "memory/box/memory.memsw.limit_in_bytes": "6000"},
+     "4:memory:/box\n", 6000),  # v1: memory and swap together
+    ({"memory/box/memory.limit_in_bytes": "9223372036854771712"}, "4:memory:/box\n", None),  # v1's "no limit"
+    ({}, "0::/\n", None),  # no cgroup files
+])
+def test_container_limit_reads_the_process_cgroup(tmp_path, monkeypatch, files, own, want):
+    from modelatlas.weights import byte_ranges
+
+    make_cgroup(tmp_path, files, own)
+    monkeypatch.setattr(byte_ranges, "_CGROUP_ROOT", tmp_path / "cg")
+    monkeypatch.setattr(byte_ranges, "_SELF_CGROUP", tmp_path / "self")
+    assert byte_ranges.container_limit(3072) == want
+
+
+def test_a_tensor_over_the_container_limit_is_refused_naming_it(tmp_path, monkeypatch):
+    # /proc/meminfo shows the host's memory in a container: a tensor over the container's limit got the process
+    # killed (OOM), not the one-line error
+    from modelatlas.weights import byte_ranges
+
+    make_file(tmp_path, tensors={"a": torch.ones(1 << 10), "b": torch.ones(1 << 21)})  # 4 KiB, 8 MiB
+    make_cgroup(tmp_path, {"box/memory.max": str(1 << 20), "box/memory.swap.max": "0"}, "0::/box\n")
+    monkeypatch.setattr(byte_ranges, "_CGROUP_ROOT", tmp_path / "cg")
+    monkeypatch.setattr(byte_ranges, "_SELF_CGROUP", tmp_path / "self")
+    with make_server(tmp_path) as srv, open_checkpoint(srv.url("a.safetensors")) as ck:
+        assert torch.equal(ck.read("a"), torch.ones(1 << 10))
+        with pytest.raises(CheckpointError) as e:
+            ck.read("b")
+    assert str(e.value) == f"{srv.url('a.safetensors')}: tensor 'b' is 8388608 bytes, more than this container's " \
+                           f"memory limit (cgroup) ({1 << 20} bytes) can hold"

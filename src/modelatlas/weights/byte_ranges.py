@@ -122,27 +122,77 @@ class ByteRanges:
 
 
 _MEMINFO = Path("/proc/meminfo")
+_SELF_CGROUP = Path("/proc/self/cgroup")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 
 
 def memory_limit() -> tuple[int, str] | None:
-    """(bytes, what they are): the most that one buffer can hold on this machine, its memory and swap
+    """(bytes, what they are): the most that one buffer can hold here: this machine's memory and swap
     (``MemTotal`` + ``SwapTotal`` of /proc/meminfo), else its memory (``sysconf``, where there is no
-    /proc/meminfo: macOS); None where the system says neither. Swap counts: this bounds a size that could never
-    be held (a header served may state any), not what is free now. Linux's default overcommit refuses one
-    allocation over memory and swap only, so a local read (``np.empty``) takes a tensor under that, and the
-    same tensor over HTTP was refused on a machine with swap; what is free changes while a lineage runs (and
-    evicts the page cache), and the body's memory already follows the bytes received. Time O(1)."""
+    /proc/meminfo: macOS), or this process's container limit where that is lower (:func:`container_limit`);
+    None where the system says none of them. Swap counts: this bounds a size that could never be held (a header
+    served may state any), not what is free now. Linux's default overcommit refuses one allocation over memory
+    and swap only, so a local read (``np.empty``) takes a tensor under that, and the same tensor over HTTP was
+    refused on a machine with swap; what is free changes while a lineage runs (and evicts the page cache), and
+    the body's memory already follows the bytes received. Time O(1)."""
+    machine = _machine_limit()
+    swap = machine[2] if machine else 0
+    box = container_limit(swap)
+    if box is not None and (machine is None or box < machine[0]):
+        return box, "container's memory limit (cgroup)"
+    return None if machine is None else machine[:2]
+
+
+def _machine_limit() -> tuple[int, str, int] | None:
+    """(memory + swap, what they are, swap) of this machine (:func:`memory_limit`)."""
     try:
         with open(_MEMINFO) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         memory, swap = (int(fields[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
-        return memory + swap, "memory and swap" if swap else "memory"
+        return memory + swap, "machine's memory and swap" if swap else "machine's memory", swap
     except (OSError, KeyError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine's memory", 0
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def container_limit(swap: int) -> int | None:
+    """The memory this process's cgroup may use, swap included (at most ``swap``, the machine's), or None
+    without a limit. Why: in a container (Docker's ``--memory``, a Kubernetes pod's limit) /proc/meminfo shows the
+    host's memory, and a tensor over the container's limit gets the process killed, not an error. cgroup v2:
+    ``memory.max`` + ``memory.swap.max``; v1: ``memory.memsw.limit_in_bytes`` (memory and swap), else
+    ``memory.limit_in_bytes`` + ``swap``. The process's own cgroup only (/proc/self/cgroup), not its
+    ancestors'. Time O(1)."""
+    try:
+        lines = _SELF_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2, one hierarchy
+            where = _CGROUP_ROOT / path.lstrip("/")
+            memory, box_swap = _cgroup_value(where / "memory.max"), _cgroup_value(where / "memory.swap.max")
+            if memory is not None:
+                return memory + min(swap, swap if box_swap is None else box_swap)
+        elif "memory" in controllers.split(","):
+            where = _CGROUP_ROOT / "memory" / path.lstrip("/")
+            both, memory = (_cgroup_value(where / f"memory.{k}limit_in_bytes") for k in ("memsw.", ""))
+            if both is not None or memory is not None:
+                return both if both is not None else memory + swap
+    return None
+
+
+def _cgroup_value(path: Path) -> int | None:
+    """A cgroup limit file's bytes; None for no limit ("max", v1's ~2^63) or no such file."""
+    try:
+        text = path.read_text().strip()
+        value = None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+    return None if value is None or value >= _UNLIMITED else value
 
 
 def distinct_rows(rows, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -130,11 +130,11 @@ class HttpRanges(ByteRanges):
 
     def read(self, offset: int, length: int, what: str) -> np.ndarray:
         """:meth:`~.byte_ranges.ByteRanges.read` over HTTP: no buffer of ``length`` made before its bytes come
-        (:meth:`take`); over this machine's memory and swap (:func:`.byte_ranges.memory_limit`), the one-line
+        (:meth:`take`); over this machine's memory and swap, or its container's limit (:func:`.byte_ranges.memory_limit`), the one-line
         error before any request."""
         limit = memory_limit()
         if limit is not None and length > limit[0]:
-            raise CheckpointError(self.url, f"{what} is {length} bytes, more than this machine's {limit[1]} "
+            raise CheckpointError(self.url, f"{what} is {length} bytes, more than this {limit[1]} "
                                             f"({limit[0]} bytes) can hold")
         return self.take(offset, length, what) if length else np.empty(0, dtype=np.uint8)
 
