@@ -86,3 +86,29 @@ def test_bytes_in_place_of_the_next_status_line_are_refused(tmp_path, extra, sta
                                 f"connection began with {start}, not a status line: it sent more bytes than it "
                                 "announced in its answer to")
         assert "cannot connect" not in message
+
+
+@pytest.mark.parametrize("greeting, words", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", ("not HTTP", "'SSH-2.0-OpenSSH_9.6'", "scheme (http / https) or port")),
+    (b"x" * 70000, ("not HTTP", "65536 bytes without a line end")),
+    (b"", ("cannot connect",)),  # closed without a byte: no answer at all, as before
+])
+def test_another_protocol_on_the_port_is_named_not_cannot_connect(greeting, words):
+    """A server speaking another protocol (an SSH greeting on the port given) read as 'cannot connect
+    (BadStatusLine(...))', a message that also broke over two lines."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def greet():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(greeting)
+    thread = threading.Thread(target=greet, daemon=True)
+    thread.start()
+    try:
+        check_refused(f"http://127.0.0.1:{port}/a.safetensors", *words)
+    finally:
+        thread.join(5)
+        listener.close()

@@ -357,11 +357,23 @@ def _stale(link: _Link) -> bool:
 def _garbled(e: http.client.HTTPException, link: _Link) -> SurplusError:
     """The error for a kept connection's answer that does not begin with a status line (``e``): the bytes there
     came after the end of the answer before."""
-    start = (shown(repr(e.args[0].strip())) if isinstance(e, http.client.BadStatusLine) else
-             f"{http.client._MAXLINE} bytes without a line end")
-    return SurplusError(f"the server's answer on a kept connection began with {start}, not a "
+    return SurplusError(f"the server's answer on a kept connection began with {began_with(e)}, not a "
                         f"status line: it sent more bytes than it announced in its answer to {shown(link.last)} "
                         "(refused, not read as the next answer)")
+
+
+def began_with(e: http.client.HTTPException) -> str:
+    """What an answer that is no HTTP answer (``e``: BadStatusLine or LineTooLong) began with, shown tamely."""
+    if isinstance(e, http.client.BadStatusLine):
+        return shown(repr(e.args[0].strip()))
+    return f"{http.client._MAXLINE} bytes without a line end"
+
+
+def not_http(e: http.client.HTTPException) -> str:
+    """The reason for a new connection's answer that does not begin with a status line: another protocol on that
+    port (an SSH or SMTP greeting, TLS answering plain http), not a refused connection."""
+    return (f"the server's answer is not HTTP (it began with {began_with(e)}, not a status line): is the URL's "
+            "scheme (http / https) or port right?")
 
 
 def next_hop(url: str, location: str) -> str:

@@ -44,6 +44,7 @@ from modelatlas.weights.http_connections import (
     get,
     http_progress,
     http_timeout,
+    not_http,
     origin_key,
     shown,
 )
@@ -220,6 +221,10 @@ class HttpRanges(ByteRanges):
                          http_progress(timeout))
         except (RedirectError, SurplusError) as e:
             raise CheckpointError(self.url, f"cannot read {what}: {e}") from None
+        except (http.client.BadStatusLine, http.client.LineTooLong) as e:
+            if not isinstance(e, ConnectionError):  # (RemoteDisconnected is both: no answer at all)
+                raise CheckpointError(self.url, f"cannot read {what}: {not_http(e)}") from None
+            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None
         except (OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
             if isinstance(e, TimeoutError):
                 raise CheckpointError(self.url, f"cannot read {what}: no answer in {http_timeout():g} s (timed "
