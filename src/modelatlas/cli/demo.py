@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
     from modelatlas.zoo.store import open_zoo_models
 
     t0, zoo = time.perf_counter(), preset(args.preset, seed=args.seed)
-    reused = finished_before(zoo, out)  # finished models are reused, not trained
+    reused = finished_before(zoo, out)  # finished models are reused, not trained (told before the build starts)
     verb = "reusing the zoo" if reused >= zoo.n_models else "building zoo"  # all built before: nothing to train
     echo(f"{verb} '{args.preset}' ({zoo.n_models} models, {zoo.trees} trees, method {zoo.method}) in {out}")
     manifest = make_zoo(zoo, out, workers=args.workers, progress=tqdm_progress)
@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace, config, out: Path) -> int:
         for ck in models:
             ck.close()
     t2 = time.perf_counter()
-    echo(f"{how_built(reused, len(manifest))} in {t1 - t0:.0f} s; recovered from the weights "
+    echo(f"{how_built(len(manifest.reused), len(manifest))} in {t1 - t0:.0f} s; recovered from the weights "
          f"alone in {t2 - t1:.2f} s "
          f"(✓ = true edge, ✗ = wrong)\n")
     show_forest(with_truth(forest, manifest), manifest)

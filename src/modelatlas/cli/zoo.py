@@ -101,7 +101,6 @@ def _make(args: argparse.Namespace) -> int:
 
     config = _config(args)
     start = time.perf_counter()
-    reused = 0 if args.no_resume else finished_before(config, Path(args.out))  # (a damaged one is trained again)
     manifest = make_zoo(config, args.out, workers=args.workers, progress=tqdm_progress, resume=not args.no_resume)
     secs = time.perf_counter() - start
     accs = [m.train.get("test_acc", float("nan")) for m in manifest.models]
@@ -109,7 +108,7 @@ def _make(args: argparse.Namespace) -> int:
     merges = f", {counted(methods['merge'], 'merge')}" if methods["merge"] else ""
     echo(f"zoo: {counted(len(manifest), 'model')} ({counted(methods['root'], 'root')}, "
          f"{counted(methods['full'], 'full fine-tune')}, {methods['lora']} LoRA{merges}) in {args.out}; "
-         f"{how_built(reused, len(manifest))}")
+         f"{how_built(len(manifest.reused), len(manifest))}")
     per = sum(m.train.get("seconds", 0.0) for m in manifest.models) / max(1, len(manifest))
     echo(f"mean test accuracy {sum(accs) / max(1, len(accs)):.3f}; {secs:.1f} s wall this run; "
          f"{per:.2f} s of training per model when it was built (a reused model is not retrained)")

@@ -221,15 +221,13 @@ class HttpRanges(ByteRanges):
                          http_progress(timeout))
         except (RedirectError, SurplusError) as e:
             raise CheckpointError(self.url, f"cannot read {what}: {e}") from None
-        except (http.client.BadStatusLine, http.client.LineTooLong) as e:
-            if not isinstance(e, ConnectionError):  # (RemoteDisconnected is both: no answer at all)
-                raise CheckpointError(self.url, f"cannot read {what}: {not_http(e)}") from None
-            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None
         except (OSError, http.client.HTTPException) as e:  # TimeoutError is an OSError
             if isinstance(e, TimeoutError):
                 raise CheckpointError(self.url, f"cannot read {what}: no answer in {http_timeout():g} s (timed "
                                                 "out; set ATLAS_HTTP_TIMEOUT to wait longer)") from None
-            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None
+            if isinstance(e, (http.client.BadStatusLine, http.client.LineTooLong)) and not isinstance(e, OSError):
+                raise CheckpointError(self.url, f"cannot read {what}: {not_http(e)}") from None  # (RemoteDisconnected:
+            raise CheckpointError(self.url, f"cannot read {what}: cannot connect ({e})") from None  # no answer at all)
         return answer
 
     def _check_range(self, answer, offset: int, length: int, what: str) -> None:

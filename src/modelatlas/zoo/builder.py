@@ -84,9 +84,13 @@ def make_zoo(config: ZooConfig, out_dir: str | Path, workers: int = 2, progress:
     job = {"out": str(out), "arch": arch, "eval_samples": config.eval_samples, "fingerprint": fingerprint(config),
            "merge_dtype": config.merge_dtype}
     bar = resolve(progress)(_build(nodes, job, meta, workers, resume), total=len(nodes), desc="training zoo")
-    for rec in bar:
+    reused = []
+    for rec, found in bar:
         bar.set_postfix(model=rec["name"], acc=f"{rec['train'].get('test_acc', float('nan')):.2f}")
-    return load_manifest(out)
+        reused += [rec["name"]] * found
+    manifest = load_manifest(out)
+    manifest.reused = tuple(reused)  # (told here: a caller counting them beforehand hashed every model twice)
+    return manifest
 
 
 def _check_out(out: Path, names: set[str]) -> None:
@@ -107,8 +111,8 @@ def _check_out(out: Path, names: set[str]) -> None:
                           "zoo: choose a new or empty output folder (--out), or delete them")
 
 
-def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool) -> Iterator[dict]:
-    """Yield each model's record as it finishes (or is found finished), level by level."""
+def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool) -> Iterator[tuple[dict, bool]]:
+    """Yield each model's record as it finishes, or is found finished (then with True), level by level."""
     out = Path(job["out"])
     records: dict[str, dict] = {}
     pool = None
@@ -119,7 +123,7 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
                 done = finished_model(out / node["name"], job["fingerprint"]) if resume else None
                 if done is not None:
                     records[node["name"]] = done
-                    yield done
+                    yield done, True
                 else:
                     todo.append({**job, "node": node})
             if workers > 1 and len(todo) > 1 and pool is None:
@@ -127,7 +131,7 @@ def _build(nodes: list[dict], job: dict, meta: dict, workers: int, resume: bool)
             results = pool.imap_unordered(build_one, todo) if pool is not None and len(todo) > 1 else map(_inline, todo)
             for rec in results:
                 records[rec["name"]] = rec
-                yield rec
+                yield rec, False
             _write_manifest(out, nodes, records, meta)
     except (KeyboardInterrupt, GeneratorExit):
         if records:  # Ctrl-C: the models finished so far are listed (zoo show / verify say what is left)

@@ -50,12 +50,14 @@ class ModelRecord:
 @dataclass
 class Manifest:
     """A zoo's models; ``root`` is the folder that model paths are relative to; ``source`` the file it was
-    loaded from (None when built in memory), for error messages."""
+    loaded from (None when built in memory), for error messages; ``reused`` the models that the
+    :func:`~modelatlas.zoo.make_zoo` call returning it found finished, not trained (not saved)."""
 
     models: list[ModelRecord]
     config: dict = field(default_factory=dict)
     root: Path = field(default_factory=Path)
     source: Path | None = field(default=None, compare=False, repr=False)
+    reused: tuple[str, ...] = field(default=(), compare=False, repr=False)  # found finished by make_zoo (not saved)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
