@@ -405,6 +405,11 @@ def make_cgroup(tmp_path, files: dict[str, str], own: str) -> None:
      "4:memory:/box\n", 6000),  # v1: memory and swap together
     ({"memory/box/memory.limit_in_bytes": "9223372036854771712"}, "4:memory:/box\n", None),  # v1's "no limit"
     ({}, "0::/\n", None),  # no cgroup files
+    # the limit set on an ancestor (a pod's group), the process's own group saying "max": the lowest one counts
+    ({"pod/memory.max": "4096", "pod/box/memory.max": "max"}, "0::/pod/box\n", 4096 + 3072),
+    ({"memory.max": "2048", "pod/memory.max": "max", "pod/box/memory.max": "8192"}, "0::/pod/box\n", 2048 + 3072),
+    ({"memory/pod/memory.limit_in_bytes": "4096", "memory/pod/box/memory.limit_in_bytes": "9223372036854771712"},
+     "4:memory:/pod/box\n", 4096 + 3072),  # v1: the same
 ])
 def test_container_limit_reads_the_process_cgroup(tmp_path, monkeypatch, files, own, want):
     from modelatlas.weights import byte_ranges

@@ -164,25 +164,37 @@ def container_limit(swap: int) -> int | None:
     without a limit. Why: in a container (Docker's ``--memory``, a Kubernetes pod's limit) /proc/meminfo shows the
     host's memory, and a tensor over the container's limit gets the process killed, not an error. cgroup v2:
     ``memory.max`` + ``memory.swap.max``; v1: ``memory.memsw.limit_in_bytes`` (memory and swap), else
-    ``memory.limit_in_bytes`` + ``swap``. The process's own cgroup only (/proc/self/cgroup), not its
-    ancestors'. Time O(1)."""
+    ``memory.limit_in_bytes`` + ``swap``. The lowest limit of the process's cgroup (/proc/self/cgroup) and its
+    ancestors': a pod's limit is often set on the parent of the container's own group, whose file says "max".
+    Time O(depth)."""
     try:
         lines = _SELF_CGROUP.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":  # v2, one hierarchy
-            where = _CGROUP_ROOT / path.lstrip("/")
-            memory, box_swap = _cgroup_value(where / "memory.max"), _cgroup_value(where / "memory.swap.max")
-            if memory is not None:
-                return memory + min(swap, swap if box_swap is None else box_swap)
-        elif "memory" in controllers.split(","):
-            where = _CGROUP_ROOT / "memory" / path.lstrip("/")
-            both, memory = (_cgroup_value(where / f"memory.{k}limit_in_bytes") for k in ("memsw.", ""))
-            if both is not None or memory is not None:
-                return both if both is not None else memory + swap
+        if controllers == "" or "memory" in controllers.split(","):
+            root = _CGROUP_ROOT if controllers == "" else _CGROUP_ROOT / "memory"
+            found = [_level_limit(where, controllers == "", swap) for where in _levels(root, path)]
+            found = [v for v in found if v is not None]
+            if found:
+                return min(found)
     return None
+
+
+def _levels(root: Path, path: str) -> list[Path]:
+    """The cgroup folder of ``path`` under ``root`` and each of its ancestors up to ``root``. O(depth)."""
+    parts = [q for q in path.strip().split("/") if q]
+    return [root.joinpath(*parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _level_limit(where: Path, v2: bool, swap: int) -> int | None:
+    """One cgroup folder's limit, swap included (see :func:`container_limit`); None without one. O(1)."""
+    if v2:
+        memory, box_swap = _cgroup_value(where / "memory.max"), _cgroup_value(where / "memory.swap.max")
+        return None if memory is None else memory + min(swap, swap if box_swap is None else box_swap)
+    both, memory = (_cgroup_value(where / f"memory.{k}limit_in_bytes") for k in ("memsw.", ""))
+    return both if both is not None else None if memory is None else memory + swap
 
 
 def _cgroup_value(path: Path) -> int | None:
