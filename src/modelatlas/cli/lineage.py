@@ -224,7 +224,7 @@ def _warn_base(base: str, why: str = "no PEFT adapter among the models, so none 
 def _model_notes(forest) -> None:
     """One stderr line per skipped model, per model compared apart from the GGUF files, per quantized model
     whose source is not among the models, per AWQ model read unsmoothed, per merged QLoRA model, per model equal to another on the compared layers only (placed
-    beside it, direction unknown), and per adapter merged onto --base placed in another tree than the base."""
+    beside it, direction unknown), per model with layers the others lack, and per adapter merged onto --base placed in another tree than the base."""
     for name, why in forest.skipped.items():
         note(f"skipped {name}: {' '.join(why.split())}")
     for name, why in (forest.decisions.get("gguf_unmapped") or {}).items():
@@ -246,6 +246,10 @@ def _model_notes(forest) -> None:
         note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"
              f"{more}: placed below it with score 0 (which way it was trained cannot be told from the compared "
              "layers; a --layers pattern that takes in those tensors compares them)")
+    for name, o in (forest.decisions.get("shared_layers") or {}).items():
+        more = ", ..." if o["not_compared"] > len(o["examples"]) else ""
+        note(f"{name}: has {counted(o['not_compared'], 'layer')} the models it was compared with lack "
+             f"({', '.join(o['examples'])}{more}): compared on the {o['compared']} they share")
     _declared_notes(forest.decisions.get("declared_merges") or {})
     given = forest.decisions.get("adapter_base") or {}
     for name in given.get("apart", []):
@@ -286,6 +290,8 @@ def show_forest(forest, truth=None) -> None:
     if d.get("stage_mixed"):
         how = f"from the weights{voted}, each tree by its own evidence where it outweighs the others'"
     k_how = "given" if d.get("n_trees_given") else "found from the data"
+    if d.get("architectures", 1) > 1:  # trees apart by their layers, not by the data
+        k_how += f"; {d['architectures']} architectures, compared apart"
     dups, lowp = d.get("duplicates") or {}, d.get("precision_copies") or {}
     same = f", {len(dups) - len(lowp)} of them identical to another (marked 'identical weights')" if len(dups) > len(lowp) else ""
     same += f", {len(lowp)} a lower-precision copy of another ({', '.join(sorted(set(lowp.values())))})" if lowp else ""

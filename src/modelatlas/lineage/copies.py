@@ -19,6 +19,7 @@ import torch
 from modelatlas.errors import CheckpointError
 from modelatlas.lineage.quantized import compared, quant_type, quantized_copies
 from modelatlas.lineage.rounding import same_model_pairs
+from modelatlas.lineage.shared_layers import only_in
 from modelatlas.weights import Checkpoint, TensorInfo
 
 DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
@@ -71,7 +72,7 @@ def _coarser(a: str, b: str) -> str:
 
 def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: list[int],
                  duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict],
-                 made_from: dict[str, str] | None = None) -> list[int]:
+                 made_from: dict[str, str] | None = None, extra: dict | None = None) -> list[int]:
     """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
     (:func:`split_duplicates`, each checked outside the compared layers) and quantized ones
     (:func:`~modelatlas.lineage.quantized.quantized_copies`, whose unquantized 1-D tensors are checked the
@@ -81,7 +82,7 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
     rounds to the same codes, but sits on their levels) goes into ``made_from`` (model -> quantized one), the
     quantized one not being its copy. A model equal to a kept one on ``layers`` only goes into
     ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
-    "n_differing": their number}."""
+    "n_differing": their number}; so is one with layers not compared that the other lacks (``extra``)."""
     dtypes, given = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)], list(keep)
     rel = st.rel if st.stored_rel is None else st.stored_rel  # as read: a rounding is no identity
     keep, dups = split_duplicates(rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
@@ -89,7 +90,7 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
                                                                                      layers, dtypes[d])}
     keep = [i for i in given if i in keep or i in unrounded]  # a fine-tune within roundoff: a model of its own
     dups = [(d, r) for d, r in dups if d not in unrounded]
-    for d, r in _checked_outside(members, layers, dups, outside, dtypes):
+    for d, r in _checked_outside(members, layers, dups, outside, dtypes, extra or {}):
         duplicates[members[d].name] = members[r].name
         if rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
@@ -187,7 +188,7 @@ def _same_vectors(members: list[Checkpoint]):
 
 
 def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: list[tuple[int, int]],
-                     outside: dict[str, dict], formats: list[str]) -> list[tuple[int, int]]:
+                     outside: dict[str, dict], formats: list[str], extra: dict) -> list[tuple[int, int]]:
     """The (copy, model) pairs of ``dups`` that also agree outside ``layers``, also when both are rounded to
     the coarser of their value ``formats`` where those differ (a float32 file of float16 values: its head is
     rounded too). A model that does not is recorded in ``outside``; a later one may still be its copy."""
@@ -195,10 +196,11 @@ def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: 
     kept: list[tuple[int, int]] = []
     differing: dict[int, list[int]] = {}  # representative -> models equal to it on the layers only
     for d, r in dups:
-        first = differing_tensors(members[r], members[d], compared, _rounded(formats, d, r))
+        first = only_in(extra, members[d], members[r]) + differing_tensors(members[r], members[d], compared,
+                                                                           _rounded(formats, d, r))
         found = r if not first else next(  # a copy of an earlier model that differs from r the same way?
-            (c for c in differing.get(r, [])
-             if not differing_tensors(members[c], members[d], compared, _rounded(formats, d, c))), None)
+            (c for c in differing.get(r, []) if not only_in(extra, members[d], members[c])
+             and not differing_tensors(members[c], members[d], compared, _rounded(formats, d, c))), None)
         if found is not None:
             kept.append((d, found))
             continue

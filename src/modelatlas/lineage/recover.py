@@ -37,7 +37,14 @@ from modelatlas.lineage.qlora import mark_merges
 from modelatlas.lineage.quantized import least_squares_fitted, quant_type
 from modelatlas.lineage.rounding import least_squares_models
 from modelatlas.lineage.runner_up import runner_up_parents
-from modelatlas.lineage.sources import adapter_roles, as_checkpoints, gguf_aligned, group_by_architecture
+from modelatlas.lineage.shared_layers import described, extra_layers
+from modelatlas.lineage.sources import (
+    adapter_roles,
+    as_checkpoints,
+    gguf_aligned,
+    group_by_architecture,
+    own_layers,
+)
 from modelatlas.lineage.stage import decide_tree_stages, stage_trees
 from modelatlas.lineage.tree_distance import summarise, tree_distance, with_views
 from modelatlas.lineage.unsmoothed import unsmoothed
@@ -69,8 +76,7 @@ class LineageRecovery:
         ckpts, skipped = as_checkpoints(weights, adapter_base=adapter_base)
         base, merged = adapter_roles(ckpts, adapter_base)  # base first below: a copy of it is no parent
         ckpts, renamed, unmapped = gguf_aligned(ckpts if base is None else sorted(ckpts, key=lambda c: c.name != base), cfg.layers)
-        groups, rules, bad = group_by_architecture(ckpts, cfg.layers)
-        skipped.update(bad)
+        groups, rules, shared = _grouped(ckpts, cfg.layers, skipped)
         names, stats, duplicates, lowp, outside, quantized, made, same, merges, awq, fitted, mixed, declared = \
             [], [], {}, {}, {}, {}, {}, {}, [], {}, set(), {}, {}  # mixed: lineage.merges; merges: lineage.qlora
         for members, layers in groups:
@@ -78,7 +84,7 @@ class LineageRecovery:
             st = _pair_stats(cfg, members, layers, progress)
             keep = [i for i in range(len(members)) if i not in st.failed]
             skipped.update({members[i].name: r for i, r in st.failed.items()})
-            keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made)
+            keep = split_copies(members, layers, st, keep, duplicates, lowp, outside, made, shared)
             keep = split_same_model(members, layers, st, keep, duplicates, lowp, same)
             keep = split_all_merges(members, layers, st, keep, mixed, declared) if cfg.merges else keep
             _add_quantized(members, keep, layers, found, quantized, fitted)
@@ -90,14 +96,14 @@ class LineageRecovery:
                          set(awq) - set(duplicates), least_squares_models(quantized, frozenset(fitted)))  # (an AWQ copy of a given source is placed as it)
         if duplicates or outside or mixed:
             self._add_duplicates(duplicates, lowp, outside, mixed)
-        # nf4_merges: float models read as merged QLoRA models, their NF4 rounding taken out (lineage.qlora);
-        # quantized, but no model given is the one it was made from: placed as a model; same: roundings of one
-        # model not given (lineage.rounding.same_model_pairs); GGUF files compared under llama.cpp's names or
-        # (unmapped) under their own, apart; awq_unsmoothed: AWQ models placed with their rescaling undone
-        # against that relative (lineage.unsmoothed)
+        # nf4_merges: float models read as merged QLoRA models (lineage.qlora); quantized, but no model given is
+        # the one it was made from: placed as a model; same: roundings of one model not given (lineage.rounding);
+        # GGUF files compared under llama.cpp's names or (unmapped) their own; awq_unsmoothed: rescaling undone
+        # (lineage.unsmoothed); shared_layers: compared on fewer layers than their own (lineage.shared_layers)
         extra = {"made_from_quantized": made, "quantized_models": quantized, "same_model_roundings": same,
                  "gguf_names": renamed, "gguf_unmapped": unmapped, "nf4_merges": merges, "declared_merges": declared,
-                 "awq_unsmoothed": {n: r for n, r in awq.items() if n not in duplicates}}
+                 "awq_unsmoothed": {n: r for n, r in awq.items() if n not in duplicates},
+                 "shared_layers": described(shared)}
         self.forest_.decisions.update({k: v for k, v in extra.items() if v})
         return self
 
@@ -263,6 +269,17 @@ def _equal_to(node: str, like: dict[str, str], pos: dict[str, int]) -> str:
     while node not in pos:
         node = like[node]
     return node
+
+
+def _grouped(ckpts: list, pattern: str | None, skipped: dict) -> tuple[list, list, dict]:
+    """(:func:`~.sources.group_by_architecture`'s groups and rules, the models compared on fewer layers than their
+    own: :func:`~.shared_layers.extra_layers`); the models with no layer to compare go into ``skipped``."""
+    groups, rules, bad = group_by_architecture(ckpts, pattern)
+    skipped.update(bad)
+    shared = {}
+    for members, layers in groups:
+        shared.update(extra_layers(members, [own_layers(m, pattern) for m in members], layers))
+    return groups, rules, shared
 
 
 def _pair_stats(cfg: LineageConfig, members, layers, progress) -> PairStats:

@@ -6,7 +6,9 @@ itself. A model that cannot be opened or lists no usable layer is *skipped* with
 
 Models whose compared layers differ only by one more first name component in front of every name (a plain
 save of a wrapper module, ``model.0.weight``, beside a save of the network itself, ``0.weight``) are one
-architecture: the longer names are read under the shorter ones (:class:`PrefixedView`).
+architecture: the longer names are read under the shorter ones (:class:`PrefixedView`). Models whose layers
+hold another group's and more (a fine-tune that added layers) are compared with it on the shared ones
+(:mod:`.shared_layers`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import AtlasError, ConfigError, shown_path
+from modelatlas.lineage.shared_layers import wider_signatures
 from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_with_base, unique_names
 from modelatlas.weights.base import _stem, shared_first_component
 
@@ -319,12 +322,15 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
 
 def _joined(ckpts: list[Checkpoint], by_sig: dict[tuple, list[int]]) -> dict[tuple, list[Checkpoint]]:
     """Each group's signature -> its models, in the order of their first model; a signature that is another's
-    with first components in front (:func:`_aligned_signatures`) joins it, its models as PrefixedViews."""
+    with first components in front (:func:`_aligned_signatures`) joins it, its models as PrefixedViews; so does
+    one that holds another's layers and more (:func:`~.shared_layers.wider_signatures`), compared on those."""
     aligned = _aligned_signatures(set(by_sig))
+    wider = wider_signatures({aligned.get(sig, (sig, ""))[0] for sig in by_sig})  # models with more layers
     members: dict[tuple, list[tuple[int, str]]] = {}  # the group's signature -> (model index, prefix to drop)
     for sig, idx in by_sig.items():
         target, prefix = aligned.get(sig, (sig, ""))
-        members.setdefault(target, []).extend((i, prefix) for i in idx)
+        target, more = wider.get(target, (target, ""))
+        members.setdefault(target, []).extend((i, prefix + more) for i in idx)
     return {s: [PrefixedView(ckpts[i], p) if p else ckpts[i] for i, p in sorted(members[s])]
             for s in sorted(members, key=lambda s: min(members[s]))}
 
@@ -342,6 +348,12 @@ def _aligned_signatures(sigs: set[tuple]) -> dict[tuple, tuple[tuple, str]]:
             if cur in sigs:
                 out[sig] = (cur, prefix)
     return out
+
+
+def own_layers(ckpt: Checkpoint, pattern: str | None) -> list[TensorInfo]:
+    """The layers ``ckpt`` would be compared on alone (a PrefixedView: its whole model's, names in full), for
+    :func:`~.shared_layers.extra_layers`. Headers only."""
+    return select_layers(ckpt.inner if isinstance(ckpt, PrefixedView) else ckpt, pattern)[0]
 
 
 def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:

@@ -1,0 +1,89 @@
+"""Models that added layers to the model they were fine-tuned from: compared with it on the shared layers."""
+
+import pytest
+import torch
+
+from modelatlas.cli.main import main
+from modelatlas.lineage import recover_lineage
+from modelatlas.lineage.shared_layers import MIN_SHARE, contained_prefix, wider_signatures
+from modelatlas.lineage.sources import MemoryCheckpoint
+from modelatlas.lineage.synthetic import make_synthetic_forest
+
+S = (8, 8)
+
+
+def make_sig(*names, shape=S):
+    return tuple(sorted((n, shape) for n in names))
+
+
+@pytest.mark.parametrize("small, big, want", [
+    (make_sig("a", "b"), make_sig("a", "b", "v"), ""),  # one more layer
+    (make_sig("a", "b"), make_sig("lm.a", "lm.b", "vision.x"), "lm."),  # under a first component
+    (make_sig("x.w"), make_sig("enc.x.w", "dec.x.w"), None),  # two places it could be: a guess, not a match
+    (make_sig("a", "b"), make_sig("a", "v", "w"), None),  # b missing
+    (make_sig("a", "b"), make_sig("a", "b", shape=(8, 4)) + make_sig("v"), None),  # other shapes
+    (make_sig("a", "b"), make_sig("a", "b"), None),  # the same set: not wider (the prefix rule's case)
+    (make_sig("a", "b"), make_sig("xa", "xb", "v"), None),  # "x" is no first component
+])
+def test_contained_prefix_worked_examples(small, big, want):
+    assert contained_prefix(small, big) == want
+
+
+def test_a_signature_joins_the_widest_one_it_holds_transitively_and_in_any_order():
+    base, tower, more = make_sig("a", "b"), make_sig("a", "b", "v"), make_sig("m.a", "m.b", "m.v", "w")
+    want = {tower: (base, ""), more: (base, "m.")}  # more holds tower under "m.", which holds base
+    assert wider_signatures([base, tower, more]) == want
+    assert wider_signatures([more, tower, base]) == want
+    assert wider_signatures([tower]) == {}
+
+
+def test_a_small_shared_part_does_not_join():
+    # one 8 x 8 matrix shared by a model of 64 x 64 layers: under MIN_SHARE of its weights, not one architecture
+    small, big = make_sig("a"), make_sig("a") + make_sig("h1", "h2", shape=(64, 64))
+    assert 64 / (64 + 2 * 64 * 64) < MIN_SHARE
+    assert wider_signatures([small, big]) == {}
+
+
+def make_tower_family(frozen: bool = False):
+    """A 13-model tree (3 children x depth 2) whose t0_1 branch added a square layer "vision.proj" (inherited and
+    fine-tuned below it); ``frozen``: t0_1 trained the new layer only (its other layers are t0's)."""
+    weights, parents = make_synthetic_forest(1, 3, 2, 16, step=0.05, seed=3, layers=("a", "b", "c", "vision.proj"))
+    for name, tensors in weights.items():
+        if not name.startswith("t0_1"):
+            del tensors["vision.proj"]
+    if frozen:
+        weights["t0_1"].update({k: v for k, v in weights["t0"].items()})
+    return [MemoryCheckpoint(n, t) for n, t in weights.items()], parents
+
+
+def test_a_branch_that_added_a_layer_stays_in_its_tree():
+    """Grouped by their exact layer sets, the t0_1 branch was a second tree, "found from the data"."""
+    ckpts, parents = make_tower_family()
+    forest = recover_lineage(ckpts)
+    assert forest.decisions["architectures"] == 1 and forest.decisions["n_trees"] == 1
+    assert {(e.parent, e.child) for e in forest.edges} == {(p, c) for c, p in parents.items() if p}
+    assert forest.decisions["shared_layers"] == {
+        n: {"compared": 3, "not_compared": 1, "examples": ["vision.proj"]} for n in parents if n.startswith("t0_1")}
+
+
+def test_a_model_equal_on_the_shared_layers_but_with_more_is_no_copy():
+    """A projector trained on a frozen model: equal to it on every compared layer, and was called identical."""
+    ckpts, _ = make_tower_family(frozen=True)
+    forest = recover_lineage(ckpts)
+    assert "t0_1" not in forest.decisions.get("duplicates", {})
+    assert forest.decisions["outside_layers"]["t0_1"]["like"] == "t0"
+    assert forest.decisions["outside_layers"]["t0_1"]["differs_in"] == ["vision.proj (only in t0_1)"]
+
+
+def test_the_command_line_names_the_layers_not_compared_and_architectures_apart(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    ckpts, _ = make_tower_family()
+    for ck in ckpts:
+        save_file({k: ck.read(k).contiguous() for k in ck.keys()}, str(tmp_path / f"{ck.name}.safetensors"))
+    save_file({"z": torch.ones(4, 4)}, str(tmp_path / "other.safetensors"))  # another architecture
+    assert main(["lineage", "recover", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "t0_1_2: has 1 layer the models it was compared with lack (vision.proj): compared on the 3 they share" \
+        in err.splitlines()
+    assert "14 models, 2 trees (found from the data; 2 architectures, compared apart)" in out
