@@ -87,3 +87,21 @@ def test_the_command_line_names_the_layers_not_compared_and_architectures_apart(
     assert "t0_1_2: has 1 layer the models it was compared with lack (vision.proj): compared on the 3 they share" \
         in err.splitlines()
     assert "14 models, 2 trees (found from the data; 2 architectures, compared apart)" in out
+
+
+def test_a_multimodal_fine_tune_under_its_own_prefix_joins_its_language_model():
+    """LLaVA-style names: the chat model's layers under "language_model." beside a vision tower's."""
+    layers = ("model.layers.0.q", "model.layers.0.o", "model.layers.1.q", "vision_tower.0.q", "vision_tower.1.q")
+    weights, parents = make_synthetic_forest(1, 2, 2, 16, step=0.05, seed=5, layers=layers)
+    ckpts = []
+    for name, tensors in weights.items():
+        if name.startswith("t0_1"):  # the multimodal branch: every name under language_model. but the tower's
+            tensors = {(k if k.startswith("vision") else "language_model." + k): v for k, v in tensors.items()}
+        else:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("vision")}
+        ckpts.append(MemoryCheckpoint(name, tensors))
+    forest = recover_lineage(ckpts)
+    assert forest.decisions["architectures"] == 1
+    assert {(e.parent, e.child) for e in forest.edges} == {(p, c) for c, p in parents.items() if p}
+    assert forest.decisions["shared_layers"]["t0_1"] == {"compared": 3, "not_compared": 2,
+                                                         "examples": ["vision_tower.0.q", "vision_tower.1.q"]}
