@@ -45,12 +45,15 @@ def wider_signatures(sigs) -> dict[tuple, tuple[tuple, str]]:
     ``sigs`` that holds another with at least :data:`MIN_SHARE` of its weights: the one with the most weights,
     then transitively (a model holding a model that holds a third is compared on the third's layers; the
     prefixes add up). Ties go to the first in sorted order, so the result does not depend on the order of
-    ``sigs``. Time O(S^2 T) for S signatures of T layers."""
-    sigs = sorted(set(sigs))
+    ``sigs``. Time O(S^2) hash lookups for S signatures (a smaller one's first name must end a name of the wider
+    one: a folder of many unrelated architectures is not matched name by name), plus O(T) a candidate."""
+    sigs = [s for s in sorted(set(sigs)) if s]
+    sizes = [(numel(s), len(s), s[0][0]) for s in sigs]  # by position: a tuple's hash is O(T)
+    tails = [{n.split(".", k)[-1] for n, _ in s for k in range(n.count(".") + 1)} for s in sigs]  # dotted suffixes
     step = {}
-    for big in sigs:
-        held = [(numel(s), s, p) for s in sigs if (p := contained_prefix(s, big)) is not None]
-        held = [(n, s, p) for n, s, p in held if n >= MIN_SHARE * numel(big)]
+    for big, (n_big, t_big, _), tail in zip(sigs, sizes, tails):
+        held = [(n, s, p) for s, (n, t, first) in zip(sigs, sizes) if t < t_big and first in tail
+                and n >= MIN_SHARE * n_big and (p := contained_prefix(s, big)) is not None]
         if held:
             best = max(n for n, _, _ in held)
             _, s, p = next(h for h in held if h[0] == best)
