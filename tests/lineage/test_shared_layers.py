@@ -66,9 +66,13 @@ def test_a_branch_that_added_a_layer_stays_in_its_tree():
         n: {"compared": 3, "not_compared": 1, "examples": ["vision.proj"]} for n in parents if n.startswith("t0_1")}
 
 
-def test_a_model_equal_on_the_shared_layers_but_with_more_is_no_copy():
-    """A projector trained on a frozen model: equal to it on every compared layer, and was called identical."""
+@pytest.mark.parametrize("first", [False, True])
+def test_a_model_equal_on_the_shared_layers_but_with_more_is_no_copy(first):
+    """A projector trained on a frozen model: equal to it on every compared layer, and was called identical.
+    The one that added layers is placed below the other, given first or not."""
     ckpts, _ = make_tower_family(frozen=True)
+    if first:
+        ckpts.sort(key=lambda c: c.name != "t0_1")
     forest = recover_lineage(ckpts)
     assert "t0_1" not in forest.decisions.get("duplicates", {})
     assert forest.decisions["outside_layers"]["t0_1"]["like"] == "t0"

@@ -75,17 +75,18 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
                  made_from: dict[str, str] | None = None, extra: dict | None = None) -> list[int]:
     """``keep`` less the copies of other kept models: identical ones, lower-precision float ones
     (:func:`split_duplicates`, each checked outside the compared layers) and quantized ones
-    (:func:`~modelatlas.lineage.quantized.quantized_copies`, whose unquantized 1-D tensors are checked the
-    same way: a quantized fine-tune of the biases alone stays a model); each copy's name -> its model's goes into
-    ``duplicates``, and -> its format into ``lowp`` unless identical (an identical copy of a quantized copy is
-    the source's quantized copy too: no chains); a model made from a quantized one's dequantized values (it
-    rounds to the same codes, but sits on their levels) goes into ``made_from`` (model -> quantized one), the
-    quantized one not being its copy. A model equal to a kept one on ``layers`` only goes into
-    ``outside``: name -> {"like": that model, "differs_in": the first :data:`MAX_LISTED` differing tensors,
-    "n_differing": their number}; so is one with layers not compared that the other lacks (``extra``)."""
+    (:func:`~modelatlas.lineage.quantized.quantized_copies`, whose unquantized 1-D tensors are checked the same
+    way: a quantized fine-tune of the biases alone stays a model); each copy's name -> its model's goes into
+    ``duplicates``, and -> its format into ``lowp`` unless identical (an identical copy of a quantized copy is the
+    source's quantized copy too: no chains); a model made from a quantized one's dequantized values (it rounds to
+    the same codes, but sits on their levels) goes into ``made_from`` (model -> quantized one), the quantized one
+    not being its copy. A model equal to a kept one on ``layers`` only (or with layers not compared, ``extra``,
+    that the other lacks) goes into ``outside``: name -> {"like": that model, "differs_in": the first
+    :data:`MAX_LISTED` differing tensors, "n_differing": their number}."""
     dtypes, given = [_coarser(storage_dtype(c, layers), v) for c, v in zip(members, st.value_formats)], list(keep)
     rel = st.rel if st.stored_rel is None else st.stored_rel  # as read: a rounding is no identity
-    keep, dups = split_duplicates(rel, keep, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
+    narrow_first = sorted(keep, key=lambda i: members[i].name in (extra or {}))  # one that added layers: below
+    keep, dups = split_duplicates(rel, narrow_first, roundoff=[ROUNDOFF.get(d, 0.0) for d in dtypes])
     unrounded = {d for d, r in dups if rel[d, r] >= DUPLICATE_TOL and not _rounds_to(members[r], members[d],
                                                                                      layers, dtypes[d])}
     keep = [i for i in given if i in keep or i in unrounded]  # a fine-tune within roundoff: a model of its own
@@ -94,10 +95,21 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
         duplicates[members[d].name] = members[r].name
         if rel[d, r] >= DUPLICATE_TOL:
             lowp[members[d].name] = dtypes[d]
+    made = _split_quantized(members, layers, st.rel, keep, duplicates, lowp, outside)
+    if made_from is not None:  # models made from a quantized one's dequantized values (QLoRA merges)
+        made_from.update({members[m].name: members[q].name for m, q in made.items()})
+    return keep
+
+
+def _split_quantized(members: list[Checkpoint], layers: list[TensorInfo], rel: np.ndarray, keep: list[int],
+                     duplicates: dict[str, str], lowp: dict[str, str], outside: dict[str, dict]) -> dict[int, int]:
+    """:func:`split_copies`' quantized copies, taken out of ``keep`` (or ``outside``) into ``duplicates`` and
+    ``lowp``, with the identical copies of each; returns the models made from a quantized one's values (model ->
+    that one, by index)."""
     aside = [i for i, m in enumerate(members) if m.name in outside]  # may be quantized copies, or their sources
     by_name = {m.name: m for m in members}
     made: dict[int, int] = {}
-    for q, r, kind in quantized_copies(members, layers, st.rel, keep + aside, accept=_same_vectors(members),
+    for q, r, kind in quantized_copies(members, layers, rel, keep + aside, accept=_same_vectors(members),
                                        made_from=made):
         if q in keep:
             keep.remove(q)
@@ -107,9 +119,7 @@ def split_copies(members: list[Checkpoint], layers: list[TensorInfo], st, keep: 
             own = quant_type(by_name[d], layers)  # TQ2_0 equal to TQ1_0: tq2_0
             duplicates[d], lowp[d] = members[r].name, own or kind
         duplicates[members[q].name], lowp[members[q].name] = members[r].name, kind
-    if made_from is not None:  # models made from a quantized one's dequantized values (QLoRA merges)
-        made_from.update({members[m].name: members[q].name for m, q in made.items()})
-    return keep
+    return made
 
 
 def _rounds_to(source: Checkpoint, copy: Checkpoint, layers: list[TensorInfo], fmt: str) -> bool:
