@@ -109,3 +109,14 @@ def test_a_multimodal_fine_tune_under_its_own_prefix_joins_its_language_model():
     assert {(e.parent, e.child) for e in forest.edges} == {(p, c) for c, p in parents.items() if p}
     assert forest.decisions["shared_layers"]["t0_1"] == {"compared": 3, "not_compared": 2,
                                                          "examples": ["vision_tower.0.q", "vision_tower.1.q"]}
+
+
+def test_the_command_line_says_why_a_model_with_more_layers_is_placed_below(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    ckpts, _ = make_tower_family(frozen=True)
+    for ck in ckpts:
+        save_file({k: ck.read(k).contiguous() for k in ck.keys()}, str(tmp_path / f"{ck.name}.safetensors"))
+    assert main(["lineage", "recover", str(tmp_path)]) == 0
+    assert ("t0_1: equal to t0 on the compared layers, but differs in vision.proj (only in t0_1): placed below it "
+            "with score 0 (it has layers the other lacks: added in training, most likely)") in capsys.readouterr().err

@@ -243,9 +243,11 @@ def _model_notes(forest) -> None:
              "given): its NF4 rounding taken out of its distances and kurtosis, as for a quantized model")
     for name, o in (forest.decisions.get("outside_layers") or {}).items():
         more = f" and {o['n_differing'] - len(o['differs_in'])} more" if o["n_differing"] > len(o["differs_in"]) else ""
+        why = ("it has layers the other lacks: added in training, most likely" if f"(only in {name})" in
+               " ".join(o["differs_in"]) else "which way it was trained cannot be told from the compared layers; "
+               "a --layers pattern that takes in those tensors compares them")
         note(f"{name}: equal to {o['like']} on the compared layers, but differs in {', '.join(o['differs_in'])}"
-             f"{more}: placed below it with score 0 (which way it was trained cannot be told from the compared "
-             "layers; a --layers pattern that takes in those tensors compares them)")
+             f"{more}: placed below it with score 0 ({why})")
     for name, o in (forest.decisions.get("shared_layers") or {}).items():
         more = ", ..." if o["not_compared"] > len(o["examples"]) else ""
         note(f"{name}: has {counted(o['not_compared'], 'layer')} the models it was compared with lack "
