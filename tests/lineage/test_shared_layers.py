@@ -1,11 +1,11 @@
-"""Models that added layers to the model they were fine-tuned from: compared with it on the shared layers."""
+"""Models whose layers differ by a few blocks (a head, a tower): compared on the layers they share."""
 
 import pytest
 import torch
 
 from modelatlas.cli.main import main
 from modelatlas.lineage import recover_lineage
-from modelatlas.lineage.shared_layers import MIN_SHARE, contained_prefix, wider_signatures
+from modelatlas.lineage.shared_layers import MIN_SHARE, common_layers, joined_signatures
 from modelatlas.lineage.sources import MemoryCheckpoint
 from modelatlas.lineage.synthetic import make_synthetic_forest
 
@@ -16,32 +16,42 @@ def make_sig(*names, shape=S):
     return tuple(sorted((n, shape) for n in names))
 
 
-@pytest.mark.parametrize("small, big, want", [
-    (make_sig("a", "b"), make_sig("a", "b", "v"), ""),  # one more layer
-    (make_sig("a", "b"), make_sig("lm.a", "lm.b", "vision.x"), "lm."),  # under a first component
+@pytest.mark.parametrize("a, b, want", [
+    (make_sig("a", "b"), make_sig("a", "b", "v"), (make_sig("a", "b"), "", "")),  # one more layer
+    (make_sig("a", "b"), make_sig("lm.a", "lm.b", "vision.x"), (make_sig("a", "b"), "", "lm.")),  # under a prefix
+    (make_sig("m.a", "m.b", "m.c", "head"), make_sig("a", "b", "c", "cls"), (make_sig("a", "b", "c"), "m.", "")),
     (make_sig("x.w"), make_sig("enc.x.w", "dec.x.w"), None),  # two places it could be: a guess, not a match
-    (make_sig("a", "b"), make_sig("a", "v", "w"), None),  # b missing
+    (make_sig("a", "b"), make_sig("a", "v", "w"), (make_sig("a"), "", "")),  # a third of b's weights
+    (make_sig("a", "b"), make_sig("a", "u", "v", "w", "z"), None),  # a fifth of b's: under MIN_SHARE
     (make_sig("a", "b"), make_sig("a", "b", shape=(8, 4)) + make_sig("v"), None),  # other shapes
-    (make_sig("a", "b"), make_sig("a", "b"), None),  # the same set: not wider (the prefix rule's case)
     (make_sig("a", "b"), make_sig("xa", "xb", "v"), None),  # "x" is no first component
+    (make_sig("x.w"), make_sig("model.y.w"), None),  # "w" alone, the last component: no evidence
+    (make_sig("x.w", "v.w"), make_sig("m.x.w", "m.v.w", "u"), (make_sig("x.w", "v.w"), "", "m.")),
 ])
-def test_contained_prefix_worked_examples(small, big, want):
-    assert contained_prefix(small, big) == want
+def test_common_layers_worked_examples(a, b, want):
+    assert common_layers(a, b) == want
+    assert common_layers(b, a) == (None if want is None else (want[0], want[2], want[1]))
 
 
-def test_a_signature_joins_the_widest_one_it_holds_transitively_and_in_any_order():
+def test_groups_join_by_what_they_share_transitively_and_in_any_order():
     base, tower, more = make_sig("a", "b"), make_sig("a", "b", "v"), make_sig("m.a", "m.b", "m.v", "w")
-    want = {tower: (base, ""), more: (base, "m.")}  # more holds tower under "m.", which holds base
-    assert wider_signatures([base, tower, more]) == want
-    assert wider_signatures([more, tower, base]) == want
-    assert wider_signatures([tower]) == {}
+    got = joined_signatures([base, tower, more])
+    assert got == {base: (base, ""), tower: (base, ""), more: (base, "m.")}  # more holds tower, which holds base
+    assert joined_signatures([more, tower, base]) == got
+    assert joined_signatures([tower]) == {}
+    # a pretrained checkpoint with its masked-LM head, two fine-tunes with heads of their own: the encoder
+    mlm, cls = make_sig("enc.0", "enc.1", "lm_head.dense"), make_sig("enc.0", "enc.1", "classifier.dense")
+    qa = make_sig("model.enc.0", "model.enc.1", "model.pre_qa")
+    got = joined_signatures([mlm, cls, qa])
+    assert {s: got[s][1] for s in got} == {mlm: "", cls: "", qa: "model."}
+    assert {got[s][0] for s in got} == {make_sig("enc.0", "enc.1")}
 
 
 def test_a_small_shared_part_does_not_join():
     # one 8 x 8 matrix shared by a model of 64 x 64 layers: under MIN_SHARE of its weights, not one architecture
     small, big = make_sig("a"), make_sig("a") + make_sig("h1", "h2", shape=(64, 64))
     assert 64 / (64 + 2 * 64 * 64) < MIN_SHARE
-    assert wider_signatures([small, big]) == {}
+    assert joined_signatures([small, big]) == {}
 
 
 def make_tower_family(frozen: bool = False):
@@ -120,3 +130,28 @@ def test_the_command_line_says_why_a_model_with_more_layers_is_placed_below(tmp_
     assert main(["lineage", "recover", str(tmp_path)]) == 0
     assert ("t0_1: equal to t0 on the compared layers, but differs in vision.proj (only in t0_1): placed below it "
             "with score 0 (it has layers the other lacks: added in training, most likely)") in capsys.readouterr().err
+
+
+def test_a_pretrained_checkpoint_with_its_lm_head_roots_its_classifier_fine_tunes():
+    """roberta-base is saved with a square lm_head.dense, its sequence classifiers with classifier.dense: neither
+    holds the other, and the base was drawn apart, a tree of its own."""
+    layers = tuple(f"roberta.encoder.layer.{i}.attention.self.{m}.weight" for i in range(2) for m in "qkv")
+    weights, parents = make_synthetic_forest(1, 3, 1, 16, step=0.05, seed=1, layers=layers + ("head.dense.weight",))
+    ckpts = []
+    for name, tensors in weights.items():
+        head = "lm_head" if name == "t0" else "classifier"
+        ckpts.append(MemoryCheckpoint(name, {k.replace("head.", head + "."): v for k, v in tensors.items()}))
+    forest = recover_lineage(ckpts)
+    assert forest.decisions["architectures"] == 1
+    assert {(e.parent, e.child) for e in forest.edges} == {(p, c) for c, p in parents.items() if p}
+    assert forest.decisions["shared_layers"]["t0"] == {"compared": 6, "not_compared": 1,
+                                                       "examples": ["lm_head.dense.weight"]}
+
+
+def test_no_join_is_looked_for_among_more_layer_sets_than_the_cap(monkeypatch):
+    from modelatlas.lineage import shared_layers
+
+    sigs = [make_sig("a", "b"), make_sig("a", "b", "v"), make_sig("a", "b", "w")]
+    assert len(shared_layers.joined_signatures(sigs)) == 3
+    monkeypatch.setattr(shared_layers, "MAX_SIGNATURES", 2)
+    assert shared_layers.joined_signatures(sigs) == {}

@@ -1,71 +1,111 @@
-"""Models with more layers than their relatives: compared on the layers they share.
+"""Models whose layers differ by a few blocks: compared on the layers they share.
 
-A fine-tune may add layers to the model it started from: a vision tower and projector on a language model (a
-LLaVA-style model beside the chat model it was trained from), a new block, an extra head made of square
-matrices. Its compared layers (:func:`~modelatlas.lineage.sources.select_layers`) are then another
-architecture group's plus its own, and grouped by their exact set it was placed as the root of a tree of its
-own: "found from the data", though the data had not been compared. Here such a group joins the group whose
-layers it holds, under the same names and shapes (after a first-component prefix where it has one,
-``language_model.`` in front of each), and every model of the joined group is compared on the shared layers
-only; its own extra layers are named in ``decisions["shared_layers"]``.
+Fine-tunes add and drop layers. A classifier adds a square ``pre_classifier`` (DistilBERT) or
+``classifier.dense`` (RoBERTa) that the pretrained checkpoint, saved with its masked-LM head
+(``vocab_transform``, ``lm_head.dense``), lacks; a multimodal fine-tune adds a vision tower and projector to a
+chat model (LLaVA). Grouped by their exact sets of compared layers
+(:func:`~modelatlas.lineage.sources.select_layers`), such models were different architectures, and the base
+was drawn as a tree of its own apart from its fine-tunes: "found from the data", though the data had not
+been compared. Here two groups whose layers share a large part, under the same relative names and shapes
+(after a prefix on either side: ``language_model.`` in front of the chat model's names), become one group
+compared on the shared layers (:func:`joined_signatures`); each model's own layers not compared are named in
+``decisions["shared_layers"]``.
 
-The shared layers must carry at least :data:`MIN_SHARE` of the wider model's compared weights: two models that
-share one small matrix by chance (a 64 x 64 projection of a 7B model) are not one architecture. Unrelated
-models that pass anyway are compared and land in trees of their own by distance, as unrelated models of one
-architecture do (:func:`~modelatlas.lineage.clustering.detect_trees`).
+The shared layers must carry at least :data:`MIN_SHARE` of each side's compared weights: two models that share
+one small matrix by chance are not one architecture. A side that fits the other in two places (an encoder's
+and a decoder's copy of one block) is not joined: which copy it is like would be a guess. Unrelated models that
+pass anyway are compared and land in trees of their own by distance, as unrelated models of one architecture do
+(:func:`~modelatlas.lineage.clustering.detect_trees`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 from modelatlas.weights import Checkpoint, TensorInfo
 
-MIN_SHARE = 0.25  # of the wider model's compared weights (numel) that the shared layers must hold
+MIN_SHARE = 0.25  # of each side's compared weights (numel) that the shared layers must hold
+# architectures (distinct layer sets) up to which joins are looked for: every pair is compared, and each join
+# compares the joined group again with all others (64 layer sets of 150 names, all joinable: ~5 s); a folder
+# holding more is compared as before, each layer set apart (the summary's "N architectures, compared apart")
+MAX_SIGNATURES = 64
 
 
-def contained_prefix(small: tuple, big: tuple) -> str | None:
-    """The prefix ``p`` ("" or ending in ".") such that every ``(name, shape)`` of ``small`` is ``(p + name,
-    shape)`` in ``big``, with ``small`` smaller than ``big``; None when there is none, or more than one (an
-    encoder's and a decoder's copy of one block: which the smaller model is like is a guess). Signatures are
-    sorted tuples of (name, shape). Time O(|big| + c |small|) for c candidate prefixes (those under which
-    ``big`` has ``small``'s first name)."""
-    if not small or len(small) >= len(big):
-        return None
-    have = set(big)
-    first, shape = small[0]
-    found = [p for name, s in big if s == shape and name.endswith(first)
-             and ((p := name[: len(name) - len(first)]) == "" or p.endswith("."))
-             and all((p + n, sh) in have for n, sh in small)]
-    return found[0] if len(found) == 1 else None
+def common_layers(a: tuple, b: tuple) -> tuple[tuple, str, str] | None:
+    """(the shared layers as a signature of relative names, a's prefix, b's prefix): the layers ``(pa + n, s)``
+    of ``a`` and ``(pb + n, s)`` of ``b`` for the prefix pair (each "" or ending in ".") under which they share
+    the most weights, at least :data:`MIN_SHARE` of each side's; None when no pair does, or two share as much.
+    Signatures are sorted tuples of (name, shape). Candidate pairs come from each layer of ``a`` and the layers
+    of ``b`` that end in the same name (the longest dotted suffix they share: a vision tower's ``0.q`` also
+    ends a language model's ``model.layers.0.q``, a lighter pair); a name's last component alone is no
+    match (``x.weight`` and ``y.weight``) unless it is a whole name. Time O(T d) for T layers d deep."""
+    return _Layers(a).common(_Layers(b))
 
 
-def wider_signatures(sigs) -> dict[tuple, tuple[tuple, str]]:
-    """Signature -> (the signature it is compared under, the prefix its names carry over it), for each of
-    ``sigs`` that holds another with at least :data:`MIN_SHARE` of its weights: the one with the most weights,
-    then transitively (a model holding a model that holds a third is compared on the third's layers; the
-    prefixes add up). Ties go to the first in sorted order, so the result does not depend on the order of
-    ``sigs``. Time O(S^2) hash lookups for S signatures (a smaller one's first name must end a name of the wider
-    one: a folder of many unrelated architectures is not matched name by name), plus O(T) a candidate."""
-    sigs = [s for s in sorted(set(sigs)) if s]
-    sizes = [(numel(s), len(s), s[0][0]) for s in sigs]  # by position: a tuple's hash is O(T)
-    tails = [{n.split(".", k)[-1] for n, _ in s for k in range(n.count(".") + 1)} for s in sigs]  # dotted suffixes
-    step = {}
-    for big, (n_big, t_big, _), tail in zip(sigs, sizes, tails):
-        held = [(n, s, p) for s, (n, t, first) in zip(sigs, sizes) if t < t_big and first in tail
-                and n >= MIN_SHARE * n_big and (p := contained_prefix(s, big)) is not None]
-        if held:
-            best = max(n for n, _, _ in held)
-            _, s, p = next(h for h in held if h[0] == best)
-            step[big] = (s, p)
-    out = {}
-    for sig in step:
-        target, prefix = step[sig]
-        while target in step:  # strictly fewer layers each step: ends
-            nxt, p = step[target]
-            target, prefix = nxt, prefix + p
-        out[sig] = (target, prefix)
-    return out
+class _Layers:
+    """A signature with what :func:`common_layers` looks up in it, computed once: its weights, its weights per
+    shape, and its layers by each dotted suffix of their names. O(T d)."""
+
+    def __init__(self, sig: tuple):
+        self.sig, self.numel = sig, numel(sig)
+        self.per_shape = defaultdict(int)
+        self.ends = defaultdict(list)  # (dotted suffix, shape) -> the layers ending in it
+        for name, shape in sig:
+            self.per_shape[shape] += math.prod(shape)
+            for r in _suffixes(name):
+                self.ends[(r, shape)].append(name)
+
+    def common(self, other: _Layers) -> tuple[tuple, str, str] | None:
+        """:func:`common_layers` of ``self.sig`` and ``other.sig``. An upper bound first (the weights of the
+        shapes both hold): unrelated architectures of other widths cost O(shapes), not O(T d)."""
+        need = MIN_SHARE * max(self.numel, other.numel)
+        if sum(min(w, other.per_shape.get(s, 0)) for s, w in self.per_shape.items()) < need:
+            return None
+        weight = defaultdict(int)  # (pa, pb) -> shared weights
+        for name, shape in self.sig:
+            for r in _suffixes(name):  # a last component alone ("weight") matches only a whole name
+                theirs = [t for t in other.ends.get((r, shape), []) if "." in r or r in (name, t)]
+                if theirs:
+                    break
+            for t in theirs:
+                weight[(name[: len(name) - len(r)], t[: len(t) - len(r)])] += math.prod(shape)
+        ranked = sorted(((w, pair) for pair, w in weight.items() if w >= need), reverse=True)
+        if not ranked or (len(ranked) > 1 and ranked[1][0] == ranked[0][0]):  # none, or two as good: a guess
+            return None
+        pa, pb = ranked[0][1]
+        have = set(other.sig)
+        return tuple(sorted((n[len(pa):], s) for n, s in self.sig if n.startswith(pa) and (pb + n[len(pa):], s)
+                            in have)), pa, pb
+
+
+def _suffixes(name: str) -> list[str]:
+    """``a.b.c`` -> [``a.b.c``, ``b.c``, ``c``]: the names it can be under a prefix, longest first."""
+    parts = name.split(".")
+    return [".".join(parts[k:]) for k in range(len(parts))]
+
+
+def joined_signatures(sigs) -> dict[tuple, tuple[tuple, str]]:
+    """Signature -> (the layers its models are compared on, as a signature of relative names; the prefix their
+    names carry over those), for each of ``sigs`` that joins another: the two groups sharing the most weights
+    (:func:`common_layers`) become one, compared on the shared layers, again until no two groups qualify; the
+    prefixes add up. Ties go to the first in sorted order, so the result does not depend on the order of
+    ``sigs``. None is joined among more than :data:`MAX_SIGNATURES`. Time O(S^2) upper bounds for S
+    signatures, O(T d) a pair that passes one, O(S T d) a join."""
+    sigs = sorted(set(sigs))
+    if len(sigs) > MAX_SIGNATURES:
+        return {}
+    groups = {k: (_Layers(s), {s: ""}) for k, s in enumerate(sigs)}  # id -> (layers, {sig: prefix})
+    pairs = {(i, j): groups[i][0].common(groups[j][0]) for i in groups for j in groups if i < j}
+    while best := max(((numel(c[0]), -i, -j) for (i, j), c in pairs.items() if c), default=None):
+        i, j = -best[1], -best[2]
+        shared, pa, pb = pairs[(i, j)]
+        members = {s: p + pa for s, p in groups[i][1].items()} | {s: p + pb for s, p in groups.pop(j)[1].items()}
+        groups[i] = (_Layers(shared), members)  # a member's names: its prefix + the group's (pa + a shared name)
+        pairs = {k: c for k, c in pairs.items() if i not in k and j not in k}
+        pairs.update({(min(i, k), max(i, k)): groups[min(i, k)][0].common(groups[max(i, k)][0])
+                      for k in groups if k != i})
+    return {s: (layers.sig, p) for layers, members in groups.values() if len(members) > 1 for s, p in members.items()}
 
 
 def numel(sig: tuple) -> int:
@@ -96,7 +136,7 @@ def described(extra: dict) -> dict:
 def only_in(extra: dict, a: Checkpoint, b: Checkpoint) -> list[str]:
     """The layers not compared (:func:`extra_layers`) that one of ``a``, ``b`` holds and the other lacks, each
     named with the model holding it: two models equal on the shared layers are no copies when one has more
-    (a projector trained on a frozen language model). O(T)."""
+    (a projector trained on a frozen model). O(T)."""
     out = []
     for x, y in ((a, b), (b, a)):
         theirs = {t.name for t in y.tensors()}

@@ -6,9 +6,9 @@ itself. A model that cannot be opened or lists no usable layer is *skipped* with
 
 Models whose compared layers differ only by one more first name component in front of every name (a plain
 save of a wrapper module, ``model.0.weight``, beside a save of the network itself, ``0.weight``) are one
-architecture: the longer names are read under the shorter ones (:class:`PrefixedView`). Models whose layers
-hold another group's and more (a fine-tune that added layers) are compared with it on the shared ones
-(:mod:`.shared_layers`).
+architecture: the longer names are read under the shorter ones (:class:`PrefixedView`). Groups whose layers
+share most of their weights (a fine-tune that added or dropped a head or a tower) are compared on the shared
+ones (:mod:`.shared_layers`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.errors import AtlasError, ConfigError, shown_path
-from modelatlas.lineage.shared_layers import wider_signatures
+from modelatlas.lineage.shared_layers import joined_signatures
 from modelatlas.weights import Checkpoint, TensorInfo, discover_models, open_with_base, unique_names
 from modelatlas.weights.base import _stem, shared_first_component
 
@@ -291,7 +291,6 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
     other way stay apart. Time O(N T) for T tensors per model (headers only).
     """
     by_sig: dict[tuple, list[int]] = {}
-    infos: dict[tuple, list[TensorInfo]] = {}
     rules: dict[tuple, str] = {}
     skipped: dict[str, str] = {}
     for i, ck in enumerate(ckpts):
@@ -314,25 +313,34 @@ def group_by_architecture(ckpts: list[Checkpoint], pattern: str | None):
             continue
         sig = tuple(sorted((t.name, t.shape) for t in layers))
         by_sig.setdefault(sig, []).append(i)
-        infos[sig] = sorted(layers, key=lambda t: t.name)
         rules[sig] = rule
-    members = _joined(ckpts, by_sig)
-    return [(members[s], infos[s]) for s in members], [rules[s] for s in members], skipped
+    members, first = _joined(ckpts, by_sig)
+    return ([(m, _layer_infos(s, m[0])) for s, m in members.items()], [rules[first[s]] for s in members],
+            skipped)
 
 
-def _joined(ckpts: list[Checkpoint], by_sig: dict[tuple, list[int]]) -> dict[tuple, list[Checkpoint]]:
-    """Each group's signature -> its models, in the order of their first model; a signature that is another's
-    with first components in front (:func:`_aligned_signatures`) joins it, its models as PrefixedViews; so does
-    one that holds another's layers and more (:func:`~.shared_layers.wider_signatures`), compared on those."""
+def _joined(ckpts: list[Checkpoint], by_sig: dict[tuple, list[int]]) -> tuple[dict, dict]:
+    """(each group's signature -> its models, in the order of their first model; -> its first model's own
+    signature). A signature that is another's with first components in front (:func:`_aligned_signatures`)
+    joins it, its models as PrefixedViews; two that share most of their layers
+    (:func:`~.shared_layers.joined_signatures`) become one group, compared on the shared layers."""
     aligned = _aligned_signatures(set(by_sig))
-    wider = wider_signatures({aligned.get(sig, (sig, ""))[0] for sig in by_sig})  # models with more layers
-    members: dict[tuple, list[tuple[int, str]]] = {}  # the group's signature -> (model index, prefix to drop)
+    shared = joined_signatures({aligned.get(sig, (sig, ""))[0] for sig in by_sig})  # layers added or dropped
+    members: dict[tuple, list[tuple[int, str, tuple]]] = {}  # group signature -> (model, prefix to drop, own sig)
     for sig, idx in by_sig.items():
         target, prefix = aligned.get(sig, (sig, ""))
-        target, more = wider.get(target, (target, ""))
-        members.setdefault(target, []).extend((i, prefix + more) for i in idx)
-    return {s: [PrefixedView(ckpts[i], p) if p else ckpts[i] for i, p in sorted(members[s])]
-            for s in sorted(members, key=lambda s: min(members[s]))}
+        target, more = shared.get(target, (target, ""))
+        members.setdefault(target, []).extend((i, prefix + more, sig) for i in idx)
+    order = sorted(members, key=lambda s: min(members[s]))
+    return ({s: [PrefixedView(ckpts[i], p) if p else ckpts[i] for i, p, _ in sorted(members[s])] for s in order},
+            {s: min(members[s])[2] for s in order})
+
+
+def _layer_infos(sig: tuple, first: Checkpoint) -> list[TensorInfo]:
+    """The layers of group signature ``sig`` as its first model lists them (names under the group's, dtypes
+    its own), sorted by name."""
+    want = set(sig)
+    return sorted((t for t in first.tensors() if (t.name, t.shape) in want), key=lambda t: t.name)
 
 
 def _aligned_signatures(sigs: set[tuple]) -> dict[tuple, tuple[tuple, str]]:
