@@ -364,3 +364,20 @@ def test_a_search_query_starting_with_a_dash_is_told_to_follow_double_dash(capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'-v2' was read as an option: put -- before" in err
     assert "atlas probex search -- -v2 ..." in err
+
+
+def test_train_on_models_without_a_manifest_points_to_writing_one(make_tiny_zoo, tmp_path, capsys):
+    """A folder of one's own checkpoints (no manifest.json) was told 'no such manifest (...; build one with `atlas
+    zoo make`)', which trains a synthetic zoo: it names the models found and where writing a manifest is shown."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("t0.safetensors", "t1-c0003.safetensors"):
+        shutil.copy(make_tiny_zoo / name, mine / name)
+    assert main(["probex", "train", str(mine), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {mine}: 2 models but no manifest.json, which `atlas probex train` learns from (each "
+                   "model's parent, tree and training classes); write one by hand as docs/probex.md shows (\"Your "
+                   "own models and labels\"), or build a zoo with `atlas zoo make`\n")
+    assert not (tmp_path / "o").exists()

@@ -77,6 +77,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = ProbeXConfig(rank_u=args.rank, rank_v=args.rank, rank_t=args.rank, epochs=args.epochs, seed=args.seed,
                        lr=1e-3 if args.task == "classes" else 2e-3)
+    _check_labelled(Path(args.manifest))
     say_fresh_start(args.resume, args.out)
     report = train_tree_experts(args.manifest, args.out, args.task, args.layer, cfg, tqdm_progress, args.resume)
     for name, score in report.layer_scores.items():
@@ -89,6 +90,25 @@ def _train(args: argparse.Namespace) -> int:
         echo(f"tree {tree}: {counted(n, 'labelled model')}, fewer than {MIN_MODELS}: no expert")
     echo(f"experts saved to {args.out}")
     return 0
+
+
+def _check_labelled(given: Path) -> None:
+    """Refuse a folder of models with no manifest.json (one's own checkpoints), naming how to label them: it was
+    told 'no such manifest (...; build one with `atlas zoo make`)', which trains a synthetic zoo. A model folder
+    or a folder inside a zoo is left to the manifest's own errors. O(files in the folder)."""
+    from modelatlas.errors import AtlasError, ConfigError
+    from modelatlas.weights import discover_models
+
+    if not given.is_dir() or (given / "manifest.json").exists() or (given.parent / "manifest.json").exists():
+        return
+    try:
+        found = [p for p in discover_models([given]) if p != given]  # a model folder is itself, not a folder of models
+    except AtlasError:
+        return
+    if found:
+        raise ConfigError(f"{given}: {counted(len(found), 'model')} but no manifest.json, which `atlas probex train` "
+                          "learns from (each model's parent, tree and training classes); write one by hand as "
+                          "docs/probex.md shows (\"Your own models and labels\"), or build a zoo with `atlas zoo make`")
 
 
 def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
