@@ -381,3 +381,12 @@ def test_train_on_models_without_a_manifest_points_to_writing_one(make_tiny_zoo,
                    "model's parent, tree and training classes); write one by hand as docs/probex.md shows (\"Your "
                    "own models and labels\"), or build a zoo with `atlas zoo make`\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_base_with_no_adapter_among_the_models_is_warned(make_tiny_zoo, make_trained, capsys):
+    """--base merged nothing (no model was an adapter) and said nothing, as if it had been used; `atlas index
+    build --base` warns so. (`probex search` reads its models through the same code.)"""
+    child, base = make_tiny_zoo / "t1-c0003.safetensors", make_tiny_zoo / "t1.safetensors"
+    assert main(["probex", "predict", str(child), "--experts", str(make_trained), "--base", str(base)]) == 0
+    assert (f"warning: --base {base}: no PEFT adapter among the models, so none is merged onto it; the models are "
+            "read as they are\n") in capsys.readouterr().err

@@ -71,7 +71,7 @@ def config_from_args(args: argparse.Namespace):
                          merges=args.merges)
 
 
-def _maybe_adapter(path: Path, is_adapter_folder) -> bool:
+def maybe_adapter(path: Path, is_adapter_folder) -> bool:
     """Whether ``path`` is or may be a PEFT adapter: not on disk (a hub id) or unreadable, it cannot be told here."""
     try:
         return not path.exists() or is_adapter_folder(path)
@@ -200,7 +200,7 @@ def warn_base_without_adapters(models: list[Path], base: str | None) -> bool:
     Time O(N) file checks."""
     from modelatlas.weights.peft_lora import is_adapter_folder
 
-    if base is None or any(_maybe_adapter(Path(m), is_adapter_folder) for m in models):
+    if base is None or any(maybe_adapter(Path(m), is_adapter_folder) for m in models):
         return False
     _warn_base(base)
     return True

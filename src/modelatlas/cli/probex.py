@@ -186,6 +186,8 @@ def _read(experts, args: argparse.Namespace):
     if not paths:  # it said "no models given" of the folder given, as `atlas index build` does not
         raise ConfigError(f"no models found in {' '.join(args.models)} (give model files, folders holding them, a "
                           "zoo manifest or an atlas)")
+    if args.base is not None:
+        _warn_base_unused(paths, args.base)
     if args.base is None and len(recorded) > 1:
         raise ConfigError(f"the atlases given were built with different --base ({', '.join(sorted(recorded))}); "
                           "give them one at a time, or pass --base")
@@ -200,6 +202,17 @@ def _read(experts, args: argparse.Namespace):
     note_zoo_adapters(paths, where)  # after the base's own error, if any
     with base:
         return experts.read(paths, tqdm_progress, adapter_base=base)
+
+
+def _warn_base_unused(paths: list[Path], base: str) -> None:
+    """Warn (stderr) when --base was given and no model is a PEFT adapter: nothing is merged onto it, and it
+    said nothing, as if it had been used (`atlas index build --base` warns so). O(N) file checks."""
+    from modelatlas.cli.lineage import maybe_adapter
+    from modelatlas.weights.peft_lora import is_adapter_folder
+
+    if not any(maybe_adapter(p, is_adapter_folder) for p in paths):
+        warn(f"--base {base}: no PEFT adapter among the models, so none is merged onto it; the models are read as "
+             "they are")
 
 
 def _predict(args: argparse.Namespace) -> int:
