@@ -1,6 +1,7 @@
 """``atlas probex`` on tiny zoos (hidden width 16): train, resume, predict, out-of-tree, search."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,6 +148,12 @@ def test_text_train_and_search(tmp_path, capsys):
                  "--top", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].strip().startswith("1. ") and "log p(query)" in lines[-1]
+    # each hit says what its expert takes it for, as `atlas index search` does (it gave a name and a score only)
+    records = json.loads((zoo / "manifest.json").read_text())["models"]
+    prompts = {m["task"]["label"] for m in records if "label" in (m.get("task") or {})}
+    for line in lines[-3:]:
+        said = re.fullmatch(r'\s*\d\. \S+  log p\(query\) -?\d+\.\d{3}  "(.+)" \((\d\.\d\d)\)', line)
+        assert said and said[1] in prompts and 0 <= float(said[2]) <= 1
     assert main(["probex", "search", "seven", str(zoo), "--experts", str(tmp_path / "missing")]) == 1
     check_search_sources(zoo, out, tmp_path, capsys)
 

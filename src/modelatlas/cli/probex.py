@@ -248,6 +248,15 @@ def _unranked(routes, experts) -> str:
     return why + (f", the other {len(routes) - unread} in no {trees[2:]}" if unread < len(routes) else "")
 
 
+def _best_prompt(experts, x, routes, i: int) -> str:
+    """What model ``i``'s text expert takes it for: its best-matching seen prompt with the probability, as `atlas
+    index search` shows it (a hit gave a name and a score only). One expert forward pass."""
+    expert = experts.experts[routes[i].tree]
+    probs = expert.predict_proba(x[i:i + 1])[0]
+    k = int(probs.argmax())
+    return f'"{expert.classes_[k]}" ({probs[k]:.2f})'
+
+
 def _search(args: argparse.Namespace) -> int:
     from modelatlas.atlas.search import check_query
     from modelatlas.errors import ConfigError
@@ -268,5 +277,5 @@ def _search(args: argparse.Namespace) -> int:
                           "(see the warnings above)")
     order = [i for i in scores.argsort()[::-1] if routes[i].known][: args.top]
     for rank, i in enumerate(order, 1):
-        echo(f"{rank:3d}. {routes[i].name}  log p(query) {scores[i]:.3f}")
+        echo(f"{rank:3d}. {routes[i].name}  log p(query) {scores[i]:.3f}  {_best_prompt(experts, x, routes, i)}")
     return 0
