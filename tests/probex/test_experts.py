@@ -306,3 +306,22 @@ def test_an_interrupted_training_is_not_dropped_by_a_rerun_without_resume(tmp_pa
     assert state.read_bytes() == before
     assert train_tree_experts(tmp_path, out, layer="w", config=cfg, resume=True).layer == "w"
     train_tree_experts(tmp_path, out, layer="w", config=cfg)  # a finished run is trained again
+
+
+def test_progress_bars_name_the_layer_and_the_tree_they_train(tmp_path):
+    """Every expert's bar said "train" (and every tree's read "read w"), so a long --layer auto run showed neither
+    which layer or tree it was at nor how many were left."""
+    from modelatlas.progress import silent
+
+    seen = []
+
+    def progress(iterable, *, total=None, desc=""):
+        seen.append(desc)
+        return silent(iterable)
+
+    report = train_tree_experts(make_zoo(tmp_path), tmp_path / "e",
+                                config=ProbeXConfig(rank_u=2, rank_v=2, rank_t=2, epochs=1), progress=progress)
+    trained = [d for d in seen if d.startswith("train")]
+    assert [d.split(" (")[1] for d in trained[:2]] == ["1 of 2)", "2 of 2)"]
+    assert sorted(d.split()[2] for d in trained[:2]) == ["v", "w"] and trained[0].startswith("train layer ")
+    assert trained[2:] == ["train tree r (1 of 1)"] and f"read {report.layer} of tree r" in seen

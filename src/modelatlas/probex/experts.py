@@ -63,15 +63,24 @@ def _fit_one(task: str, x, target, cfg: ProbeXConfig, layer: str, classes, progr
     return ProbeXTextAligner(cfg, layer).fit(x, labels, encode_texts(prompts), prompts, progress, ckpt, resume)
 
 
+def _titled(progress: Progress | None, what: str) -> Progress:
+    """``progress`` whose bars end with ``what``: "train layer v (1 of 5)", "train tree t0 (2 of 3)", "read v of
+    tree t1". Every expert's bar said "train", so a long --layer auto run showed neither which layer or tree it was
+    training nor how many were left."""
+    inner = resolve(progress)
+    return lambda iterable, *, total=None, desc="": inner(iterable, total=total, desc=f"{desc} {what}".strip())
+
+
 def select_layer(paths, target, task: str, layers: list[str], cfg: ProbeXConfig, classes=None,
                  progress: Progress | None = None) -> dict[str, float]:
     """Train one expert per candidate layer; returns layer -> (best validation score, its validation loss).
     Pick the best with ``max(result, key=lambda k: (result[k][0], -result[k][1]))``."""
     xs = load_layers(paths, layers, progress)
     out = {}
-    for name in layers:
+    for n, name in enumerate(layers, 1):
         check_finite(paths, xs[name], name)
-        hist = _fit_one(task, xs[name], target, cfg, name, classes, progress, None, False).history_
+        shown = _titled(progress, f"layer {name} ({n} of {len(layers)})")
+        hist = _fit_one(task, xs[name], target, cfg, name, classes, shown, None, False).history_
         out[name] = (float(hist["best_score"]), float(hist["best_loss"]))
     return out
 
@@ -109,7 +118,7 @@ def _read_trees(paths_of: dict[str, list[Path]], layer: str, progress, source) -
     xs: dict[str, torch.Tensor] = {}
     for tree, paths in paths_of.items():
         try:
-            xs[tree] = x = load_layer(paths, layer, progress)
+            xs[tree] = x = load_layer(paths, layer, _titled(progress, f"of tree {tree}"))
         except TensorNotFoundError as e:  # 'no tensor named 'fc' (10 tensors)' named no layer to pass instead
             mats = candidate_layers(e.path)
             raise TensorNotFoundError(e.path, f"{e.reason}; its weight matrices: {', '.join(mats[:8]) or 'none'}"
@@ -187,8 +196,9 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     xs = _read_trees(paths_of, report.layer, progress, manifest_path)
     if not resume:  # else a tree's older state stays until its first new one, and --resume meets the old run
         _clear_states(out)
-    for tree, ms in by_tree.items():
-        expert = _fit_one(task, xs[tree], targets(ms, task, len(classes or [])), cfg, report.layer, classes, progress,
+    for n, (tree, ms) in enumerate(by_tree.items(), 1):
+        shown = _titled(progress, f"tree {tree} ({n} of {len(by_tree)})")
+        expert = _fit_one(task, xs[tree], targets(ms, task, len(classes or [])), cfg, report.layer, classes, shown,
                           out / "checkpoints" / tree, resume)
         (out / "index.json").unlink(missing_ok=True)  # an older run's index must not list this run's experts
         expert.save(out / "experts" / tree)
