@@ -340,3 +340,11 @@ def test_other_argument_errors_get_no_double_dash_hint(capsys, argv):
     with pytest.raises(SystemExit):
         main(["index", "search", *argv])
     assert "put -- before" not in capsys.readouterr().err
+
+
+def test_search_help_describes_the_command_and_atlas(capsys):
+    """`atlas index search --help` had no description and ATLAS no help (`show` says what it takes)."""
+    with pytest.raises(SystemExit):
+        main(["index", "search", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ATLAS atlas folder (or its atlas.json)" in out and "exit 1 when no model matches" in out

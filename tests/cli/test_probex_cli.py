@@ -397,3 +397,18 @@ def test_a_base_with_no_adapter_among_the_models_is_warned(make_tiny_zoo, make_t
     assert main(["probex", "predict", str(child), "--experts", str(make_trained), "--base", str(base)]) == 0
     assert (f"warning: --base {base}: no PEFT adapter among the models, so none is merged onto it; the models are "
             "read as they are\n") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, said", [
+    (["train"], "or a manifest written by hand for models of your own (docs/probex.md)"),
+    (["predict"], "the classes above probability 0.5, most likely first (text experts: the best-matching seen "
+                  "prompts). Exit 1 when no model got a prediction."),
+    (["predict"], "--top TOP most classes to show per model (default 10); class experts show only those above "
+                  "probability 0.5"),
+    (["search"], "best first, each with log p(query) and the seen prompt it matches best.")])
+def test_help_says_what_the_command_prints(capsys, command, said):
+    """predict and search had no description; --top said only classes above 0.5 are shown, which text experts'
+    prompts are not held to; train's ZOO_MANIFEST named no manifest of one's own models."""
+    with pytest.raises(SystemExit):
+        main(["probex", *command, "--help"])
+    assert said in " ".join(capsys.readouterr().out.split())

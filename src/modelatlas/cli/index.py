@@ -31,9 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = isub.add_parser("show", help="print an atlas's trees with each model's predicted classes")
     s.add_argument("atlas", type=Path, metavar="ATLAS", help="atlas folder (or its atlas.json)")
     s.set_defaults(func=_show)
-    q = isub.add_parser("search", help="rank an atlas's models by a free-text query or keywords")
-    q.add_argument("query", help="a query starting with '-' goes after --: atlas index search -- -v2 ATLAS")
-    q.add_argument("atlas", type=Path, metavar="ATLAS")
+    q = isub.add_parser("search", help="rank an atlas's models by a free-text query or keywords",
+                        description="Rank an atlas's models by a free-text query (an atlas built with --text-experts) "
+                                    "or by keywords; exit 1 when no model matches.")
+    q.add_argument("query", help="free text or keywords; a query starting with '-' goes after --: atlas index search "
+                                 "-- -v2 ATLAS")
+    q.add_argument("atlas", type=Path, metavar="ATLAS", help="atlas folder (or its atlas.json)")
     q.add_argument("--top", type=positive_int, default=10, help="models to list (default 10)")
     q.add_argument("--mode", choices=("auto", "text", "keywords"), default="auto",
                    help="text: through the stored text embeddings; keywords: whole words of names, paths, "

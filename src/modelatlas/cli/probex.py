@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Train one ProbeX expert per model tree of a zoo (trees with at least "
                                     f"{MIN_MODELS} labelled fine-tuned models; smaller trees are left out), "
                                     "and a router that sends a model to its tree's expert.")
-    t.add_argument("manifest", metavar="ZOO_MANIFEST", help="zoo folder or its manifest.json")
+    t.add_argument("manifest", metavar="ZOO_MANIFEST", help="zoo folder or its manifest.json, or a manifest written "
+                   "by hand for models of your own (docs/probex.md)")
     t.add_argument("--task", choices=["classes", "text"], default="classes",
                    help="classes (default): predict the training-class set; text: align weights with the class "
                         "prompts")
@@ -39,14 +40,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train, interrupt_hint=_train_interrupted)
     add_field_flags(t, {**dashed("epochs", "seed", "task", "layer"), "rank_u": "--rank", "rank_v": "--rank",
                         "rank_t": "--rank"})  # task, layer: settings a refused --resume names
-    pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert")
+    pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert",
+                         description="Predict each model's training classes with its tree's expert: one line per "
+                                     "model, the classes above probability 0.5, most likely first (text experts: the "
+                                     "best-matching seen prompts). Exit 1 when no model got a prediction.")
     pr.add_argument("models", nargs="+", metavar="MODEL",
                     help="model files, folders of models, a zoo manifest or an atlas folder")
     pr.add_argument("--experts", required=True, help="folder written by `atlas probex train`")
-    pr.add_argument("--top", type=positive_int, default=10, help="most classes to show per model; only those above probability 0.5 are shown (default 10)")
+    pr.add_argument("--top", type=positive_int, default=10, help="most classes to show per model (default 10); class experts "
+                    "show only those above probability 0.5")
     pr.add_argument("--base", metavar="MODEL", help=_BASE_HELP)
     pr.set_defaults(func=_predict)
-    s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)")
+    s = psub.add_parser("search", help="rank models by a free-text query (experts trained with --task text)",
+                        description="Rank models by a free-text query through their trees' text experts (`atlas "
+                                    "probex train --task text`): best first, each with log p(query) and the seen "
+                                    "prompt it matches best.")
     s.add_argument("query", help='e.g. "a handwritten seven, upside down"')
     s.add_argument("models", nargs="+", metavar="MODELS_OR_INDEX",
                    help="model files, folders of models, a zoo manifest or an atlas folder (its models are read)")
