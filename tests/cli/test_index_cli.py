@@ -51,6 +51,13 @@ def test_errors_are_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["index", "search", "zzz", str(tmp_path / "a")]) == 1
     assert "no model matches 'zzz'" in capsys.readouterr().out
+    # a free-text query on an atlas without text embeddings is looked up as keywords, and says so (it said only
+    # "no model matches"); --mode keywords asked for that
+    assert main(["index", "search", "a handwritten seven", str(tmp_path / "a")]) == 1
+    assert capsys.readouterr().out == ("no model matches 'a handwritten seven' (searched as keywords: this atlas was "
+                                       "built without --text-experts, which free-text search needs)\n")
+    assert main(["index", "search", "zzz", str(tmp_path / "a"), "--mode", "keywords"]) == 1
+    assert capsys.readouterr().out == "no model matches 'zzz'\n"
     assert main(["index", "search", "x", str(tmp_path / "a"), "--mode", "text"]) == 1
     assert "no text embeddings" in capsys.readouterr().err
 

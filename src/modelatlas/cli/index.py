@@ -152,7 +152,7 @@ def _search(args: argparse.Namespace) -> int:
     atlas = Atlas.load(args.atlas, embeddings=args.mode != "keywords")  # keywords with --text-experts: refused
     hits = search_atlas(atlas, args.query, args.top, args.mode, args.text_experts)
     if not hits:
-        echo(f"no model matches {shown_value(args.query)}")
+        echo(f"no model matches {shown_value(args.query)}{_as_keywords(atlas, args.mode)}")
         return 1
     for rank, h in enumerate(hits, 1):
         m = atlas.entry(h.name)
@@ -162,6 +162,16 @@ def _search(args: argparse.Namespace) -> int:
         said = f"  {_what(m)}" if _what(m) else ""
         echo(f"{rank:3d}. {h.name}  {what} {h.score:.3f}  ({where}){said}")
     return 0
+
+
+def _as_keywords(atlas, mode: str) -> str:
+    """Why a query searched in the default mode found nothing when the atlas has no text embeddings: it was looked
+    up as keywords, and a free-text query ("a handwritten seven, upside down") said only 'no model matches'."""
+    if mode != "auto" or atlas.embeddings:
+        return ""
+    if atlas.experts.get("text"):
+        return " (searched as keywords: none of this atlas's models is in a tree its text experts were trained on)"
+    return " (searched as keywords: this atlas was built without --text-experts, which free-text search needs)"
 
 
 def _check_order(query: str, atlas: Path) -> None:
