@@ -177,6 +177,16 @@ def check_search_sources(zoo, experts, tmp_path, capsys):
     # it could not be read at the experts' shape: it said "none in a tree", which pointed at the wrong cause
     assert captured.err.endswith("error: no model to rank: 1 model given, 1 not routed (unreadable, or no "
                                  "classifier.weight of the experts' shape) (see the warnings above)\n")
+    # one warning a skipped model, at most 20, then how many more (as `atlas index build`): 1,000 models of another
+    # architecture were 1,000 lines above the results
+    for i in range(24):
+        atomic_save_tensors(tmp_path / "other" / f"odd{i:02d}.safetensors", {"classifier.weight": torch.randn(3, 3)})
+    assert main(["probex", "search", "a seven", str(tmp_path / "other"), str(zoo / f"{names[0]}.safetensors"),
+                 "--experts", str(experts)]) == 0
+    warned = capsys.readouterr().err.splitlines()
+    assert len(warned) == 21 and all(w.startswith("warning: odd") for w in warned[:20])
+    assert warned[20] == ("warning: ... and 5 more models skipped (`atlas probex predict` with these models and "
+                          "experts names each)")
 
 
 def test_a_model_given_twice_is_predicted_once(make_tiny_zoo, make_trained, capsys):

@@ -14,6 +14,7 @@ from modelatlas.cli.parsers import DashHintParser
 _BASE_HELP = ("the base model PEFT adapters among the models were trained on: each is read merged onto it, as "
               "`atlas index build --base` reads them (default: the base an atlas given was built with, else an "
               "adapter's update B A alone)")
+MAX_WARNED = 20  # models skipped by `search` warned one a line, as `atlas index build` warns its notes
 MIN_MODELS = 10  # modelatlas.probex.experts.MIN_MODELS, not imported: that would load torch for `--help`
 
 
@@ -277,9 +278,12 @@ def _search(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.experts}: experts were trained with --task {experts.task}; search needs --task text")
     x, routes = _read(experts, args)
     scores = experts.search_scores(x, routes, encode_texts([args.query]))
-    for r in routes:
-        if not r.known:
-            warn(f"{r.message()}; skipped")
+    skipped = [r for r in routes if not r.known]
+    for r in skipped[:MAX_WARNED]:
+        warn(f"{r.message()}; skipped")
+    if len(skipped) > MAX_WARNED:  # 1,000 models of another architecture were 1,000 lines above the results
+        warn(f"... and {len(skipped) - MAX_WARNED} more models skipped (`atlas probex predict` with these models "
+             "and experts names each)")
     if not any(r.known for r in routes):
         raise ConfigError(f"no model to rank: {counted(len(routes), 'model')} given, {_unranked(routes, experts)} "
                           "(see the warnings above)")
