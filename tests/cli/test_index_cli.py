@@ -43,6 +43,10 @@ def test_build_show_search(tmp_path, capsys):
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["index", "show", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'atlas.json'}: no atlas here")
+    for command in (["show"], ["search", "t0"]):  # a mistyped folder said "nope/atlas.json: no atlas here"
+        assert main(["index", *command, str(tmp_path / "nope")]) == 1
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'nope'}: no such folder (build an atlas with `atlas "
+                                           "index build PATH... --out DIR`)\n")
     make_models(tmp_path / "m")
     assert main(["index", "build", str(tmp_path / "m"), "--out", str(tmp_path / "a"), "--experts",
                  str(tmp_path / "none")]) == 1

@@ -124,6 +124,9 @@ class Atlas:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
+            if not path.parent.exists():  # a mistyped folder: it said "nope/atlas.json: no atlas here"
+                raise AtlasError(f"{path.parent}: no such folder (build an atlas with `atlas index build PATH... "
+                                 "--out DIR`)") from e
             raise AtlasError(f"{path}: no atlas here (build one with `atlas index build PATH... --out DIR`)") from e
         except (OSError, ValueError) as e:
             raise AtlasError(f"{path}: cannot read the atlas ({e})") from e
