@@ -39,7 +39,7 @@ def test_train_resume_and_auto_layer(make_tiny_zoo, make_trained, tmp_path, caps
                  "--rank", "4", "--out", str(make_trained), "--resume"]) == 0
     assert main(["probex", "train", str(make_tiny_zoo), "--epochs", "1", "--rank", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "layer embed.weight: validation" in out and "layer: " in out
+    assert "layer embed.weight: validation per-label accuracy " in out and "layer: " in out  # the score named
 
 
 def test_resume_with_other_settings_is_refused(make_tiny_zoo, make_trained, capsys):
@@ -144,6 +144,7 @@ def test_text_train_and_search(tmp_path, capsys):
     out = tmp_path / "tx"
     assert main(["probex", "train", str(zoo), "--task", "text", "--layer", "classifier.weight", "--epochs", "2",
                  "--rank", "4", "--out", str(out)]) == 0
+    assert "tree root: 120 models, validation top-1 accuracy " in capsys.readouterr().out  # it said "validation 0.056"
     assert main(["probex", "search", "a handwritten seven, upside down", str(zoo), "--experts", str(out),
                  "--top", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -89,11 +89,12 @@ def _train(args: argparse.Namespace) -> int:
     _check_labelled(Path(args.manifest))
     say_fresh_start(args.resume, args.out)
     report = train_tree_experts(args.manifest, args.out, args.task, args.layer, cfg, tqdm_progress, args.resume)
+    metric = "per-label accuracy" if args.task == "classes" else "top-1 accuracy"  # it said "validation 0.967"
     for name, score in report.layer_scores.items():
-        echo(f"layer {name}: validation {score:.3f}")
+        echo(f"layer {name}: validation {metric} {score:.3f}")
     echo(f"layer: {report.layer}")
     for tree, info in report.trees.items():
-        echo(f"tree {tree}: {info['models']} models, validation {info['val_score']:.3f}, "
+        echo(f"tree {tree}: {info['models']} models, validation {metric} {info['val_score']:.3f}, "
              f"{info['parameters']:,} parameters")
     for tree, n in report.left_out.items():
         echo(f"tree {tree}: {counted(n, 'labelled model')}, fewer than {MIN_MODELS}: no expert")
