@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train, interrupt_hint=_train_interrupted)
     add_field_flags(t, {**dashed("epochs", "seed", "task", "layer"), "rank_u": "--rank", "rank_v": "--rank",
                         "rank_t": "--rank"})  # task, layer: settings a refused --resume names
+    _register_predict_search(psub)
+
+
+def _register_predict_search(psub: argparse._SubParsersAction) -> None:
     pr = psub.add_parser("predict", help="predict each model's training classes with its tree's expert",
                          description="Predict each model's training classes with its tree's expert: one line per "
                                      "model, the classes above probability 0.5, most likely first (text experts: the "

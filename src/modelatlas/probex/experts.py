@@ -197,9 +197,8 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
     if not resume:  # else a tree's older state stays until its first new one, and --resume meets the old run
         _clear_states(out)
     for n, (tree, ms) in enumerate(by_tree.items(), 1):
-        shown = _titled(progress, f"tree {tree} ({n} of {len(by_tree)})")
-        expert = _fit_one(task, xs[tree], targets(ms, task, len(classes or [])), cfg, report.layer, classes, shown,
-                          out / "checkpoints" / tree, resume)
+        expert = _fit_one(task, xs[tree], targets(ms, task, len(classes or [])), cfg, report.layer, classes,
+                          _titled(progress, f"tree {tree} ({n} of {len(by_tree)})"), out / "checkpoints" / tree, resume)
         (out / "index.json").unlink(missing_ok=True)  # an older run's index must not list this run's experts
         expert.save(out / "experts" / tree)
         report.trees[tree] = {"models": len(ms), "val_score": float(expert.history_["best_score"]),
