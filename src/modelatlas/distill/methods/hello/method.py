@@ -31,12 +31,14 @@ from modelatlas.distill.methods.hello.projector import LabelProjector, text_head
 from modelatlas.distill.nets import make_net
 from modelatlas.distill.synthetic import SyntheticSet
 from modelatlas.errors import CheckpointError
+from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 
 LABEL_GENERATOR = "modelatlas.distill.methods.hello.method:make_label_fn"
 
 
-def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device) -> tuple[torch.nn.Module, Path, bool]:
+def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device,
+                          progress: Progress | None = None) -> tuple[torch.nn.Module, Path, bool]:
     """Step (1) once per (data, teacher settings, seed): (teacher, its cache file, whether trained now).
 
     The teacher is cached like MTT's experts (:mod:`modelatlas.distill.cache`, kind "hello"), so a second
@@ -46,7 +48,7 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
     path = cache_root("hello", config.cache_dir) / f"teacher-{cache_key(train, fields, seed)}.safetensors"
     if not path.is_file():
         check_cache_folder(path.parent, config.cache_dir)
-        net = train_teacher(train, config, seed, device)
+        net = train_teacher(train, config, seed, device, progress)
         # made contiguous on the CPU there: an entry holds no device (cache.py)
         atomic_save_tensors(path, net.state_dict(), {"key": path.stem, "device": device_type(device)})
         return net, path, True
@@ -61,15 +63,18 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
     return net.to(device).eval().requires_grad_(False), path, False
 
 
-def train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device) -> torch.nn.Module:
-    """Step (1): a ConvNet trained on real data with DSA (SGD lr, momentum 0.9, wd 5e-4, random batches)."""
+def train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device,
+                  progress: Progress | None = None) -> torch.nn.Module:
+    """Step (1): a ConvNet trained on real data with DSA (SGD lr, momentum 0.9, wd 5e-4, random batches);
+    ``progress``: a bar over the steps, 'hello: train teacher'."""
     spec = config.net_spec(train.input_shape)
     net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"],
                    seed=derive_seed(seed, "hello-teacher"), device=device)
     opt = torch.optim.SGD(net.parameters(), lr=config.lr_teacher, momentum=0.9, weight_decay=5e-4)
     gen = torch_generator(derive_seed(seed, "hello-teacher-data"))
     dsa = DSA.for_dataset(train.input_shape) if len(train.input_shape) == 3 else None
-    for _ in range(config.teacher_steps):
+    bar = resolve(progress)(range(config.teacher_steps), total=config.teacher_steps, desc="hello: train teacher")
+    for _ in bar:
         idx = torch.randint(len(train), (min(config.batch_real, len(train)),), generator=gen)
         xb = train.x[idx].to(device)
         if dsa is not None:
@@ -78,6 +83,7 @@ def train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device) -
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
     return net.eval().requires_grad_(False)
 
 
@@ -113,12 +119,15 @@ def gap(teacher, projector, x: torch.Tensor, temperature: float) -> torch.Tensor
 
 def fit_projector(projector, teacher, syn: SyntheticSet, train: ArrayDataset, config: HelloConfig, seed: int,
                   progress=None) -> list[float]:
-    """Step (3): Adam on the projector's trainable tensors; returns the loss per step."""
+    """Step (3): Adam on the projector's trainable tensors; returns the loss per step (``progress``: a bar,
+    'hello: fit projector'; it was taken and not used)."""
     opt = torch.optim.Adam(projector.trainable(), lr=config.lr_projector)
     gen = torch_generator(derive_seed(seed, "hello-projector"))
     dsa = DSA.for_dataset(train.input_shape) if len(train.input_shape) == 3 else None
     x_syn, dev, losses = syn.images.detach(), syn.images.device, []
-    for _ in range(config.projector_steps):
+    bar = resolve(progress)(range(config.projector_steps), total=config.projector_steps,
+                            desc="hello: fit projector")
+    for _ in bar:
         idx = torch.randint(len(train), (min(config.batch_real, len(train)),), generator=gen)
         xb = torch.cat([x_syn, train.x[idx].to(dev)])  # (N + B, C, H, W)
         if dsa is not None:
@@ -128,14 +137,15 @@ def fit_projector(projector, teacher, syn: SyntheticSet, train: ArrayDataset, co
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
     return losses
 
 
 def run(train: ArrayDataset, ipc: int, config: HelloConfig, ctx: DistillContext) -> SyntheticSet:
-    teacher, teacher_path, trained = load_or_train_teacher(train, config, ctx.seed, ctx.device)
+    teacher, teacher_path, trained = load_or_train_teacher(train, config, ctx.seed, ctx.device, ctx.progress)
     syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     projector = make_projector(teacher, syn, config, ctx.seed)
-    fit_losses = fit_projector(projector, teacher, syn, train, config, ctx.seed)
+    fit_losses = fit_projector(projector, teacher, syn, train, config, ctx.seed, ctx.progress)
     img_opt = torch.optim.Adam([syn.images], lr=config.lr_img)
     dsa = DSA.for_dataset(train.input_shape) if len(train.input_shape) == 3 else None
 

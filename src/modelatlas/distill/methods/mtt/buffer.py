@@ -21,6 +21,7 @@ from modelatlas.distill.evaluate import soft_cross_entropy
 from modelatlas.distill.methods.mtt.config import MTTConfig
 from modelatlas.distill.nets import make_net
 from modelatlas.errors import CheckpointError
+from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 
 
@@ -35,8 +36,10 @@ def flatten(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])  # (P,)
 
 
-def train_expert(train: ArrayDataset, cfg: MTTConfig, seed: int, e: int, device, dsa: DSA | None) -> torch.Tensor:
-    """One expert's trajectory (expert_epochs + 1, P): SGD on the real data, a snapshot after every epoch."""
+def train_expert(train: ArrayDataset, cfg: MTTConfig, seed: int, e: int, device, dsa: DSA | None,
+                 progress: Progress | None = None) -> torch.Tensor:
+    """One expert's trajectory (expert_epochs + 1, P): SGD on the real data, a snapshot after every epoch
+    (``progress``: a bar over the epochs, 'mtt: train expert 1/3')."""
     spec = cfg.net_spec(train.input_shape)
     net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"],
                    seed=derive_seed(seed, "expert", e), device=device)
@@ -44,7 +47,9 @@ def train_expert(train: ArrayDataset, cfg: MTTConfig, seed: int, e: int, device,
     gen = torch_generator(derive_seed(seed, "expert-batches", e))
     x, y = train.x.to(device), train.y.to(device)
     snaps = [flatten(net.parameters()).cpu()]
-    for _ in range(cfg.expert_epochs):
+    bar = resolve(progress)(range(cfg.expert_epochs), total=cfg.expert_epochs,
+                            desc=f"mtt: train expert {e + 1}/{cfg.num_experts}")
+    for _ in bar:
         order = torch.randperm(len(x), generator=gen).to(device)
         for b in range(math.ceil(len(x) / cfg.batch_expert)):
             idx = order[b * cfg.batch_expert:(b + 1) * cfg.batch_expert]
@@ -54,16 +59,19 @@ def train_expert(train: ArrayDataset, cfg: MTTConfig, seed: int, e: int, device,
             loss.backward()
             opt.step()
         snaps.append(flatten(net.parameters()).cpu())
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
     return torch.stack(snaps)  # (epochs + 1, P)
 
 
-def load_or_train(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: DSA | None) -> tuple[torch.Tensor, Path]:
-    """The buffer (num_experts, epochs + 1, P) and its file; trains and caches it when absent."""
+def load_or_train(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: DSA | None,
+                  progress: Progress | None = None) -> tuple[torch.Tensor, Path]:
+    """The buffer (num_experts, epochs + 1, P) and its file; trains and caches it when absent, a ``progress``
+    bar per expert (the first run's long part: on Fashion-MNIST its epochs took hours with nothing shown)."""
     path = cache_root("mtt", cfg.cache_dir) / f"buffer-{buffer_key(train, cfg, seed)}.safetensors"
     if path.is_file():
         return _cached(path, train, cfg), path
     check_cache_folder(path.parent, cfg.cache_dir)
-    experts = [train_expert(train, cfg, seed, e, device, dsa) for e in range(cfg.num_experts)]
+    experts = [train_expert(train, cfg, seed, e, device, dsa, progress) for e in range(cfg.num_experts)]
     atomic_save_tensors(path, {f"expert{e}": t for e, t in enumerate(experts)},
                         {"key": path.stem, "device": device_type(device)})  # CPU tensors (cache.py: no device key)
     return torch.stack(experts), path

@@ -54,7 +54,7 @@ def trajectory_loss(net, shapes, start: torch.Tensor, target: torch.Tensor, syn:
 
 def run(train: ArrayDataset, ipc: int, config: MTTConfig, ctx: DistillContext) -> SyntheticSet:
     dsa = DSA.for_dataset(train.input_shape) if config.dsa and len(train.input_shape) == 3 else None
-    buffer, path = load_or_train(train, config, ctx.seed, ctx.device, dsa)
+    buffer, path = load_or_train(train, config, ctx.seed, ctx.device, dsa, ctx.progress)
     buffer = buffer.to(ctx.device)  # (E, epochs + 1, P)
     syn = init_synthetic(train, ipc, config.init, ctx)
     syn.lr = torch.tensor(float(config.lr_init or config.lr_teacher)).requires_grad_(True)

@@ -68,7 +68,7 @@ def real_step(net, opt, x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch
 def run(train: ArrayDataset, ipc: int, config: TeddyConfig, ctx: DistillContext) -> SyntheticSet:
     spec = config.net_spec(train.input_shape)
     pool, folder, built = load_or_build_pool(train, config.pool_fields(), spec, ctx.seed, ctx.device,
-                                             config.cache_dir)
+                                             config.cache_dir, ctx.progress)
     syn = init_synthetic(train, ipc, config.init, ctx).to(ctx.device)
     syn.meta.update({"pool": str(folder), "pool_built_now": built, "pool_size": len(pool),
                      "pool_device": trained_on(folder / POOL_JSON)})

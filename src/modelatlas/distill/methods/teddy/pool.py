@@ -25,15 +25,19 @@ from modelatlas.distill.loop import read_json
 from modelatlas.distill.methods.teddy.config import prior_count
 from modelatlas.distill.nets import make_net
 from modelatlas.errors import CheckpointError
+from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 
 POOL_JSON = "pool.json"
 
 
-def _sgd_steps(net, train: ArrayDataset, steps: int, lr: float, batch: int, gen, masks=None, on_step=None):
+def _sgd_steps(net, train: ArrayDataset, steps: int, lr: float, batch: int, gen, masks=None, on_step=None,
+               bar=None):
+    """``steps`` SGD steps on random real batches; ``bar``: (progress, description) of a bar over them."""
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     dev = next(net.parameters()).device
-    for s in range(steps):
+    progress, desc = bar if bar is not None else (None, "")
+    for s in resolve(progress)(range(steps), total=steps, desc=desc):
         idx = torch.randint(len(train), (min(batch, len(train)),), generator=gen)
         loss = soft_cross_entropy(net(train.x[idx].to(dev)), train.y[idx].to(dev))
         opt.zero_grad(set_to_none=True)
@@ -62,7 +66,7 @@ def magnitude_masks(net: torch.nn.Module, ratio: float) -> list[torch.Tensor | N
 
 
 def _prior_checkpoints(train: ArrayDataset, fields: dict, spec: dict, seed: int, device, base: int,
-                       count: int, pool: list, full: bool) -> torch.nn.Module:
+                       count: int, pool: list, full: bool, progress: Progress | None = None) -> torch.nn.Module:
     """Train base model ``base``; append ``count`` checkpoints evenly spaced over its first ``prior_fraction``
     of ``base_steps`` to ``pool``; return the net after all ``base_steps`` when ``full``, else stopped at the
     last checkpoint (its later steps would change nothing). Base 0 keeps the one-base pool's seeds."""
@@ -77,12 +81,15 @@ def _prior_checkpoints(train: ArrayDataset, fields: dict, spec: dict, seed: int,
             pool.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
 
     _sgd_steps(net, train, fields["base_steps"] if full else last, fields["lr_net"], fields["batch_real"],
-               torch_generator(derive_seed(seed, "teddy-base-data", *tag)), on_step=keep)
+               torch_generator(derive_seed(seed, "teddy-base-data", *tag)), on_step=keep,
+               bar=(progress, f"teddy: train pool base {base + 1}/{fields['pool_bases']}"))
     return net
 
 
-def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device) -> list[dict[str, torch.Tensor]]:
-    """Train the base model(s) and derive ``pool_size`` weak models (state dicts on the CPU).
+def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device,
+               progress: Progress | None = None) -> list[dict[str, torch.Tensor]]:
+    """Train the base model(s) and derive ``pool_size`` weak models (state dicts on the CPU); ``progress``: a
+    bar per base model and per fine-tuned one (the pool's training showed nothing).
 
     The prior checkpoints are split as evenly as possible over ``pool_bases`` base models (different seeds);
     the post models all come from base 0."""
@@ -90,9 +97,9 @@ def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device)
     n_post, bases = fields["pool_size"] - n_prior, fields["pool_bases"]
     per_base = [n_prior // bases + (b < n_prior % bases) for b in range(bases)]
     pool: list[dict[str, torch.Tensor]] = []
-    base = _prior_checkpoints(train, fields, spec, seed, device, 0, per_base[0], pool, n_post > 0)
+    base = _prior_checkpoints(train, fields, spec, seed, device, 0, per_base[0], pool, n_post > 0, progress)
     for b in range(1, bases):
-        _prior_checkpoints(train, fields, spec, seed, device, b, per_base[b], pool, False)
+        _prior_checkpoints(train, fields, spec, seed, device, b, per_base[b], pool, False, progress)
     trained = {k: v.detach().clone() for k, v in base.state_dict().items()}
     for i in range(n_post):
         base.load_state_dict(trained)
@@ -102,13 +109,15 @@ def build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device)
                 if m is not None:
                     p.mul_(m)
         _sgd_steps(base, train, fields["finetune_steps"], fields["lr_net"], fields["batch_real"],
-                   torch_generator(derive_seed(seed, "teddy-post", i)), masks=masks)
+                   torch_generator(derive_seed(seed, "teddy-post", i)), masks=masks,
+                   bar=(progress, f"teddy: fine-tune pruned model {i + 1}/{n_post}"))
         pool.append({k: v.detach().cpu().clone() for k, v in base.state_dict().items()})
     return pool
 
 
 def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int, device,
-                       cache_dir: str | Path | None = None) -> tuple[list[dict[str, torch.Tensor]], Path, bool]:
+                       cache_dir: str | Path | None = None,
+                       progress: Progress | None = None) -> tuple[list[dict[str, torch.Tensor]], Path, bool]:
     """(pool, its folder, built_now). Loads the cached pool when its ``pool.json`` exists."""
     folder = cache_root("teddy", cache_dir) / f"pool-{cache_key(train, {**fields, **spec}, seed)}"
     meta_path = folder / POOL_JSON
@@ -116,7 +125,7 @@ def load_or_build_pool(train: ArrayDataset, fields: dict, spec: dict, seed: int,
         net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"])
         return _cached_pool(folder, fields["pool_size"], net), folder, False
     check_cache_folder(folder, cache_dir)
-    pool = build_pool(train, fields, spec, seed, device)
+    pool = build_pool(train, fields, spec, seed, device, progress)
     files = []
     for i, state in enumerate(pool):
         files.append(f"model-{i}.safetensors")

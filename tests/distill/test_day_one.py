@@ -1,0 +1,52 @@
+"""Session 39's day-one review of `atlas distill` / `atlas attribute`: what a new user met first."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelatlas.data import load_dataset
+from modelatlas.distill import distill
+
+
+class _Recorder:
+    """A Progress that shows nothing and remembers every bar's description and length."""
+
+    def __init__(self):
+        self.bars: list[tuple[str, int | None]] = []
+
+    def __call__(self, iterable, *, total=None, desc=""):
+        self.bars.append((desc, total))
+        return _Bar(iterable)
+
+
+class _Bar:
+    def __init__(self, iterable):
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def set_postfix(self, **values):
+        pass
+
+
+@pytest.mark.parametrize(("method", "config", "bars"), [
+    ("mtt", {"iterations": 1, "num_experts": 2, "expert_epochs": 3, "max_start_epoch": 1, "syn_steps": 2,
+             "width": 8}, [("mtt: train expert 1/2", 3), ("mtt: train expert 2/2", 3)]),
+    ("hello", {"iterations": 1, "width": 8, "batch_real": 16, "teacher_steps": 4, "projector_steps": 3,
+               "head_init": "class_mean"}, [("hello: train teacher", 4), ("hello: fit projector", 3)]),
+    ("teddy", {"iterations": 1, "width": 8, "batch_real": 16, "base_steps": 6, "pool_size": 4,
+               "finetune_steps": 2, "traj_steps": 2, "pool_kind": "both"},
+     [("teddy: train pool base 1/1", 6), ("teddy: fine-tune pruned model 1/2", 2)]),
+])
+def test_the_long_first_run_work_shows_progress(method, config, bars, tmp_path):
+    """MTT's experts, HeLlO's teacher and projector and Teddy's pool were trained with no bar at all (on
+    Fashion-MNIST, MTT's 36 expert epochs are hours of a silent terminal before the first 'mtt' bar)."""
+    train = load_dataset("digits", "train").subset(list(range(200)))
+    seen = _Recorder()
+    distill(method, train, 1, {**config, "cache_dir": str(tmp_path / "cache")}, seed=0, progress=seen)
+    for bar in bars:
+        assert bar in seen.bars, seen.bars
+    seen.bars.clear()  # a second run loads the cache: no training, no such bar (HeLlO fits its projector again)
+    distill(method, train, 1, {**config, "cache_dir": str(tmp_path / "cache")}, seed=0, progress=seen)
+    assert [b for b in seen.bars if b in bars] == [b for b in bars if b[0] == "hello: fit projector"], seen.bars
