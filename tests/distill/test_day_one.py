@@ -50,3 +50,17 @@ def test_the_long_first_run_work_shows_progress(method, config, bars, tmp_path):
     seen.bars.clear()  # a second run loads the cache: no training, no such bar (HeLlO fits its projector again)
     distill(method, train, 1, {**config, "cache_dir": str(tmp_path / "cache")}, seed=0, progress=seen)
     assert [b for b in seen.bars if b in bars] == [b for b in bars if b[0] == "hello: fit projector"], seen.bars
+
+
+@pytest.mark.parametrize("flag", [["--iterations", "50"], ["--set", "iterations=50"]])
+def test_iterations_given_to_a_method_that_takes_none_is_said(flag, tmp_path, capsys):
+    """`--method random --iterations 50` ran as if the flag were not there, without a word."""
+    from modelatlas.cli.main import main
+
+    argv = ["distill", "run", "--method", "random", "--dataset", "digits", "--ipc", "1", "--eval-nets", "1",
+            "--eval-epochs", "1", "--no-baseline", *flag]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "warning: --method random takes no iterations (it picks real images); 50 is ignored" in capsys.readouterr().err
+    assert main(["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--eval-nets", "1",
+                 "--eval-epochs", "1", "--no-baseline", "--iterations", "1", "--out", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err

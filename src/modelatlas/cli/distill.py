@@ -12,7 +12,7 @@ import json
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
-from modelatlas.cli.output import counted, echo, say_fresh_start, tqdm_progress
+from modelatlas.cli.output import counted, echo, say_fresh_start, tqdm_progress, warn
 from modelatlas.errors import ConfigError
 
 # Further ``atlas distill`` subcommands: modules under modelatlas.cli exposing ``register(distill_subparsers)``.
@@ -107,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     say_fresh_start(args.resume, args.out, "checkpoint")
     config = parse_overrides(args.overrides)
     flag_into(config, "iterations", args.iterations, f"--iterations {args.iterations}")
+    _say_ignored_iterations(args.method, config)
     info = run_distillation(args.method, args.dataset, args.ipc, args.out, config=config, seed=args.seed,
                             eval_nets=args.eval_nets, eval_epochs=args.eval_epochs, transform=args.transform,
                             dataset_kwargs={"root": args.data_root} if args.data_root else None,
@@ -114,6 +115,15 @@ def _run(args: argparse.Namespace) -> int:
                             device=args.device, init_from=args.init_from)
     show_result(info, args.out, f"{args.method} ipc {args.ipc}")
     return 0
+
+
+def _say_ignored_iterations(method: str, config: dict) -> None:
+    """A warning when ``iterations`` is given to a method that has none (``random``, ``herding``: their
+    default is 0): the run went on as if the flag were not there, saying nothing."""
+    from modelatlas.distill import methods
+
+    if config.get("iterations") and getattr(methods.get(method).config_cls, "iterations", None) == 0:
+        warn(f"--method {method} takes no iterations (it picks real images); {config['iterations']} is ignored")
 
 
 def show_result(info: dict, out: str, label: str) -> None:
