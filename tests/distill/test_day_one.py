@@ -64,3 +64,23 @@ def test_iterations_given_to_a_method_that_takes_none_is_said(flag, tmp_path, ca
     assert main(["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--eval-nets", "1",
                  "--eval-epochs", "1", "--no-baseline", "--iterations", "1", "--out", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_attribute_on_large_images_names_the_way_out_once(tmp_path, capsys):
+    """The refusal of Newton's Hessian read 'use --unlearn 'ascent' (--unlearn ascent)': the library's own
+    flag hint, and the CLI's rewrite of unlearn='ascent' beside it."""
+    import numpy as np
+    from PIL import Image
+
+    from modelatlas.cli.main import main
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    argv = ["attribute", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"), "--clusters-per-class",
+            "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "use --unlearn 'ascent', " in err and err.count("ascent") == 1, err

@@ -273,7 +273,7 @@ def _check_hessian_fits(model: torch.nn.Module, cfg: DDMConfig) -> None:
     p = sum(t.numel() for t in model.parameters())
     if cfg.unlearn == "newton" and p > MAX_NEWTON_PARAMS:
         raise ConfigError(f"unlearn='newton' needs the exact {p:,} x {p:,} Hessian of the target model (more than "
-                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='ascent' (--unlearn ascent), a smaller "
+                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='ascent', a smaller "
                           "width, or smaller inputs")
 
 
