@@ -84,3 +84,17 @@ def test_attribute_on_large_images_names_the_way_out_once(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "use --unlearn 'ascent', " in err and err.count("ascent") == 1, err
+
+
+def test_distill_eval_says_where_its_numbers_went(tmp_path, capsys):
+    """`atlas distill eval` printed the accuracy and protocol, not that result.json now holds them (under
+    'reevaluation', beside the run's own 'evaluation'), so a user could not tell whether it had overwritten it."""
+    from modelatlas.cli.main import main
+
+    out = tmp_path / "dm"
+    assert main(["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "1",
+                 "--eval-nets", "1", "--eval-epochs", "1", "--no-baseline", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["distill", "eval", str(out), "--eval-epochs", "2"]) == 0
+    assert (f"stored in {out / 'result.json'} under 'reevaluation' (its 'evaluation' is kept)"
+            in capsys.readouterr().out)

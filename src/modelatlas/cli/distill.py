@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+from pathlib import Path
 
 from modelatlas.cli.argtypes import out_dir, positive_int, seed
 from modelatlas.cli.flags import add_field_flags, dashed
@@ -153,4 +154,5 @@ def _eval(args: argparse.Namespace) -> int:
                          dataset_kwargs={"root": args.data_root} if args.data_root else None)
     echo(_summary(args.dir, ev))
     echo(f"protocol: {ev['protocol']['description']}")
+    echo(f"stored in {Path(args.dir) / 'result.json'} under 'reevaluation' (its 'evaluation' is kept)")
     return 0
