@@ -98,3 +98,14 @@ def test_distill_eval_says_where_its_numbers_went(tmp_path, capsys):
     assert main(["distill", "eval", str(out), "--eval-epochs", "2"]) == 0
     assert (f"stored in {out / 'result.json'} under 'reevaluation' (its 'evaluation' is kept)"
             in capsys.readouterr().out)
+
+
+def test_the_baseline_evaluation_has_a_bar_of_its_own(tmp_path):
+    """The set's and the baseline's evaluation bars were both 'evaluate': the second looked like the first
+    starting over."""
+    from modelatlas.distill import run_distillation
+
+    seen = _Recorder()
+    run_distillation("dm", "digits", 1, tmp_path / "out", config={"iterations": 1}, eval_nets=2, eval_epochs=1,
+                     progress=seen)
+    assert [b for b in seen.bars if b[0].startswith("evaluate")] == [("evaluate", 2), ("evaluate: random baseline", 2)]

@@ -189,9 +189,9 @@ def accuracy(net: torch.nn.Module, test: ArrayDataset, device: torch.device, bat
 def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset, protocol: EvalProtocol,
                      seed: int = 0, progress: Progress | None = None, device: str | None = None,
                      learned_lr: float | None = None, label_fn: LabelFn | None = None,
-                     crop_seed: int | None = None) -> EvalResult:
+                     crop_seed: int | None = None, desc: str = "evaluate") -> EvalResult:
     """Train ``protocol.num_nets`` fresh nets on (x, targets) and test each on ``test`` (``label_fn``,
-    ``crop_seed``: see :func:`train_network`)."""
+    ``crop_seed``: see :func:`train_network`; ``desc`` labels the progress bar)."""
     if not is_seed(seed):  # 2**64 trained the nets of seed 0
         raise ConfigError(f"seed must be {SEED_RANGE}, got {seed!r}")
     dev = pick_device(device)
@@ -199,7 +199,7 @@ def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset,
     x, targets = x.detach().to(dev), targets.detach().to(dev)
     dsa = DSA.for_dataset(tuple(x.shape[1:])) if p.dsa else None
     accs = []
-    bar = resolve(progress)(range(p.num_nets), total=p.num_nets, desc="evaluate")
+    bar = resolve(progress)(range(p.num_nets), total=p.num_nets, desc=desc)
     for i in bar:
         net = make_net(p.net, tuple(x.shape[1:]), test.num_classes, p.width, p.depth,
                        seed=derive_seed(seed, "eval-net", i), device=dev)
@@ -243,7 +243,8 @@ def evaluate_random_baseline(train: ArrayDataset, test: ArrayDataset, ipc: int, 
                              seed: int = 0, progress: Progress | None = None, device: str | None = None) -> EvalResult:
     """The random-real-subset baseline: ``ipc`` random real images per class, scored under ``protocol``."""
     idx = sample_per_class(train.y, train.num_classes, ipc, torch_generator(derive_seed(seed, "random-subset")))
-    res = evaluate_tensors(train.x[idx], train.y[idx], test, protocol, seed, progress, device)
+    res = evaluate_tensors(train.x[idx], train.y[idx], test, protocol, seed, progress, device,
+                           desc="evaluate: random baseline")  # not a second 'evaluate' bar, as if starting over
     res.protocol["baseline"] = f"random real subset, {ipc} per class"
     return res
 
@@ -251,6 +252,6 @@ def evaluate_random_baseline(train: ArrayDataset, test: ArrayDataset, ipc: int, 
 def evaluate_full_data(train: ArrayDataset, test: ArrayDataset, protocol: EvalProtocol, seed: int = 0,
                        progress: Progress | None = None, device: str | None = None) -> EvalResult:
     """The full-training-set upper bound under ``protocol``."""
-    res = evaluate_tensors(train.x, train.y, test, protocol, seed, progress, device)
+    res = evaluate_tensors(train.x, train.y, test, protocol, seed, progress, device, desc="evaluate: full data")
     res.protocol["baseline"] = "full training set"
     return res
