@@ -109,3 +109,26 @@ def test_the_baseline_evaluation_has_a_bar_of_its_own(tmp_path):
     run_distillation("dm", "digits", 1, tmp_path / "out", config={"iterations": 1}, eval_nets=2, eval_epochs=1,
                      progress=seen)
     assert [b for b in seen.bars if b[0].startswith("evaluate")] == [("evaluate", 2), ("evaluate: random baseline", 2)]
+
+
+def test_attribution_plot_names_the_classes(tmp_path, monkeypatch):
+    """attribution.png titled each panel with the class index ('test 0 (y=1)', '+ c3 (1)'): on Fashion-MNIST
+    or an image folder a user had to look up which class 1 is."""
+    import numpy as np
+    from PIL import Image
+
+    from modelatlas.attribution import report
+    from modelatlas.cli.main import main
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    titles = []
+    monkeypatch.setattr(report, "_panel", lambda ax, img, title: titles.append(title))
+    assert main(["attribute", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"), "--unlearn", "ascent",
+                 "--clusters-per-class", "1", "--train-steps", "2", "--match-steps", "2", "--test-index", "0",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert titles[0].startswith("test 0 (y=cat)") or titles[0].startswith("test 0 (y=dog)"), titles
+    assert any("(cat)" in t for t in titles[1:]) and any("(dog)" in t for t in titles[1:]), titles

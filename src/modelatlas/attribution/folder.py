@@ -29,9 +29,9 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
                         dataset: str = "", validate: bool = False, test_index: list[int] | None = None,
                         resume: bool = False, progress: Progress | None = None,
                         every_s: float = 5.0, on_resume: Callable[[], None] | None = None,
-                        ) -> tuple[Attribution, dict, torch.Tensor | None]:
+                        class_names: list[str] | None = None) -> tuple[Attribution, dict, torch.Tensor | None]:
     """DDM attribution of ``data`` = (x, y, x_test, y_test) written to ``out`` (report.save_attribution; the
-    plot shows ``test_index``, default the first three), with ``validate`` the LOO truth and its scores too;
+    plot shows ``test_index``, default the first three, its classes named by ``class_names``), with ``validate`` the LOO truth and its scores too;
     returns (attribution, the ``attribution.json`` settings and ``validation``, LOO matrix or None).
 
     Progress is kept in ``out/checkpoint`` (DDM's offline units; with ``validate`` the LOO rows; saved as they
@@ -53,7 +53,8 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
         attr = _ddm(ckpt, data, num_classes, config, seed, progress)
         if validate:
             ckpt.save_ddm(attr)
-    png = render_top_clusters(attr, xtr, xte, yte, list(range(min(3, len(xte)))) if test_index is None else test_index)
+    png = render_top_clusters(attr, xtr, xte, yte, list(range(min(3, len(xte)))) if test_index is None else test_index,
+                              class_names=class_names)
     save_attribution(out, attr, {**info, "validation_pending": True} if validate else info, None, png)
     if not validate:
         ckpt.remove()

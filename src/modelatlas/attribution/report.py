@@ -76,17 +76,21 @@ def _sha256(path: Path) -> str:
 
 
 def render_top_clusters(attr: Attribution, x_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                        test_index: list[int], top: int = 3) -> bytes:
-    """PNG bytes: one row per test sample: the sample, its ``top`` most helpful and most harmful clusters."""
+                        test_index: list[int], top: int = 3, class_names: list[str] | None = None) -> bytes:
+    """PNG bytes: one row per test sample: the sample, its ``top`` most helpful and most harmful clusters,
+    classes named by ``class_names`` (their first 14 characters; None: their indices)."""
+    def named(c) -> str:
+        return str(int(c)) if class_names is None else str(class_names[int(c)])[:14]
+
     test_index = list(dict.fromkeys(test_index))  # a sample asked for twice is one row
     reps = cluster_means(x_train, attr.assign, len(attr.cluster_class))
     cols = 1 + 2 * top
     fig, axes = new_figure((cols * 1.2, len(test_index) * 1.4), len(test_index), cols)
     for r, j in enumerate(test_index):
         helpful, harmful = top_clusters(attr.matrix, j, top)
-        panels = [(x_test[j], f"test {j} (y={int(y_test[j])})")]
+        panels = [(x_test[j], f"test {j} (y={named(y_test[j])})")]
         for sign, ks in (("+", helpful), ("-", harmful)):  # a column stays empty when fewer clusters helped/harmed
-            panels += [(reps[k], f"{sign} c{k} ({int(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}")
+            panels += [(reps[k], f"{sign} c{k} ({named(attr.cluster_class[k])})\n{float(attr.matrix[k, j]):+.3f}")
                        for k in ks] + [(None, f"{sign} none")] * (top - len(ks))
         for c, (img, title) in enumerate(panels):
             _panel(axes[r][c], img, title)

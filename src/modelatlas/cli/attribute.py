@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         echo(f"nothing to resume in {where}: starting from the beginning")
     attr, info, true = attribute_to_folder(args.out, data, train.num_classes, cfg, args.seed, train.name,
                                            args.validate, args.test_index, args.resume, tqdm_progress,
-                                           on_resume=said)
+                                           on_resume=said, class_names=train.classes)
     k_total, n_test = attr.matrix.shape
     when = ("" if not kept else ", before the interruption" if kept["ddm"]  # DDM's timings: the interrupted run's
             else "; the total adds up the parts before and after the interruption")
