@@ -132,3 +132,16 @@ def test_attribution_plot_names_the_classes(tmp_path, monkeypatch):
                  "--out", str(tmp_path / "out")]) == 0
     assert titles[0].startswith("test 0 (y=cat)") or titles[0].startswith("test 0 (y=dog)"), titles
     assert any("(cat)" in t for t in titles[1:]) and any("(dog)" in t for t in titles[1:]), titles
+
+
+def test_a_resumed_run_says_so(tmp_path, capsys):
+    """A run continued with --resume printed the same lines as a straight one: with no terminal (no bar
+    starting at the checkpointed iteration) nothing said that the checkpoint had been taken up."""
+    from modelatlas.cli.main import main
+
+    argv = ["distill", "run", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--eval-nets", "1",
+            "--eval-epochs", "1", "--no-baseline", "--set", "checkpoint_every=1", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--iterations", "1"]) == 0
+    assert "(all parts" not in capsys.readouterr().out
+    assert main([*argv, "--iterations", "2", "--resume"]) == 0
+    assert "distillation wall time" in (out := capsys.readouterr().out) and "(all parts of the resumed run)" in out

@@ -138,7 +138,8 @@ def show_result(info: dict, out: str, label: str) -> None:
     if "baseline_random" in info:
         echo(_summary(baseline, info["baseline_random"]))
     echo(f"protocol: {info['evaluation']['protocol']['description']}")
-    echo(f"distillation wall time {info['wall_time_s']:.1f} s; {written(out, info, files)}")
+    parts = " (all parts of the resumed run)" if info.get("resumed") else ""  # else a resume read as a straight run
+    echo(f"distillation wall time {info['wall_time_s']:.1f} s{parts}; {written(out, info, files)}")
 
 
 def written(out: str, info: dict, files: str = "") -> str:
