@@ -9,18 +9,19 @@ import numpy as np
 import torch
 
 from modelatlas.errors import ConfigError
+from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed
 
 
 def cluster_per_class(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      seed: int = 0, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(assign (N,) int64 cluster ids, cluster_class (num_classes * per_class,)); cluster c*per_class + j is the
-    j-th cluster of class c."""
+    j-th cluster of class c. ``progress``: a bar over the classes ('k-means per class')."""
     from sklearn.cluster import KMeans
 
     flat = x.reshape(len(x), -1).numpy().astype(np.float64)  # (N, D)
     assign = torch.full((len(x),), -1, dtype=torch.long)
-    for c in range(num_classes):
+    for c in resolve(progress)(range(num_classes), total=num_classes, desc="k-means per class"):
         idx = torch.nonzero(y == c).flatten()
         if len(idx) < per_class:  # a class of none: no clusters_per_class >= 1 helps, so do not suggest it
             lower = "lower it or " if len(idx) else "give the class training examples, or "

@@ -108,14 +108,14 @@ class _Run:
         return len(self.cluster_class)
 
 
-def _clustered(x, y, num_classes: int, cfg: DDMConfig, seed: int,
-               store: U.UnitStore) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _clustered(x, y, num_classes: int, cfg: DDMConfig, seed: int, store: U.UnitStore,
+               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Step (1), or the ``clusters`` an interrupted run kept: (assign (N,), cluster_class (K_total,), seconds)."""
     shapes = {"assign": (len(x),), "cluster_class": (num_classes * cfg.clusters_per_class,), "seconds": ()}
     if (kept := store.load("clusters", shapes)) is not None:
         return kept["assign"], kept["cluster_class"], float(kept["seconds"])
     start = time.perf_counter()
-    assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed)
+    assign, cluster_class = cluster_per_class(x, y, num_classes, cfg.clusters_per_class, seed, progress)
     took = time.perf_counter() - start
     store.save("clusters", {"assign": assign, "cluster_class": cluster_class, "seconds": U.seconds(took)})
     return assign, cluster_class, took
@@ -133,7 +133,7 @@ def _trained(run: _Run) -> tuple[T.Params, list[T.Params], float]:
         return U.unpack_params("final", kept, names), ckpts, float(kept["seconds"])
     start = time.perf_counter()
     final, ckpts = T.train(run.model, init, run.x, run.y, cfg.train_steps, cfg.lr, checkpoints=cfg.checkpoints,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, progress=run.progress)
     took = time.perf_counter() - start
     packed = {**U.pack_params("final", final), "seconds": U.seconds(took)}
     for i, params in enumerate(ckpts):
@@ -223,7 +223,7 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
     _check_hessian_fits(model, cfg)
     setup_s = time.perf_counter() - start
     store = checkpoint if checkpoint is not None else U.NOWHERE
-    assign, cluster_class, cluster_s = _clustered(x, y, num_classes, cfg, seed, store)
+    assign, cluster_class, cluster_s = _clustered(x, y, num_classes, cfg, seed, store, progress)
     off = _offline(_Run(model, num_classes, x, y, assign, cluster_class, cfg, seed, progress, store))
     start = time.perf_counter()
     matrix, base = _online(model, off, len(x), x_test, y_test, cfg)

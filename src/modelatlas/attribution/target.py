@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from modelatlas.distill.nets import make_net
+from modelatlas.progress import Progress, resolve
 
 Params = dict[str, torch.Tensor]
 
@@ -34,14 +35,15 @@ def losses(model, params: Params, x: torch.Tensor, targets: torch.Tensor) -> tor
 
 def train(model, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
           weights: torch.Tensor | None = None, checkpoints: int = 0,
-          weight_decay: float = 0.0) -> tuple[Params, list[Params]]:
+          weight_decay: float = 0.0, progress: Progress | None = None) -> tuple[Params, list[Params]]:
     """Full-batch GD on the weighted mean loss + weight_decay / 2 x ||params||^2; returns (final params,
-    ``checkpoints`` evenly spaced checkpoints starting at the init). ``weights`` (N,) 0/1 removes examples."""
+    ``checkpoints`` evenly spaced checkpoints starting at the init). ``weights`` (N,) 0/1 removes examples.
+    ``progress``: a bar over the steps ('train target model')."""
     w = torch.ones(len(x)) if weights is None else weights.float()
     p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     keep = set(checkpoint_steps(steps, checkpoints))
     saved: list[Params] = []
-    for s in range(steps):
+    for s in resolve(progress)(range(steps), total=steps, desc="train target model"):
         if s in keep:
             saved.append({k: v.detach().clone() for k, v in p.items()})
         loss = (losses(model, p, x, y) * w).sum() / w.sum()
