@@ -140,8 +140,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def train_network(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, p: EvalProtocol,
                   generator: torch.Generator, dsa: DSA | None = None, label_fn: LabelFn | None = None,
-                  crop_seed: int | None = None) -> torch.nn.Module:
+                  crop_seed: int | None = None, progress: Progress | None = None,
+                  desc: str = "train") -> torch.nn.Module:
     """Train ``net`` on (x, targets) under resolved protocol ``p``; returns it. O(steps x batch) time.
+    ``progress``: a bar over the epochs, labelled ``desc``.
 
     ``label_fn(x_batch_augmented, idx, epoch) -> targets`` replaces ``targets[idx]`` (labels generated on the
     fly, e.g. HeLlO's projector, or a lookup in stored per-crop labels; ``idx`` is on the CPU, the targets may
@@ -151,7 +153,7 @@ def train_network(net: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, 
            if p.kind == "sgd" else torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay))
     n, per_epoch = len(x), math.ceil(len(x) / p.batch_size)
     net.train()
-    for epoch in range(p.epochs):
+    for epoch in resolve(progress)(range(p.epochs), total=p.epochs, desc=desc):
         if p.kind == "sgd" and epoch == p.epochs // 2 and p.epochs > 1:
             for g in opt.param_groups:
                 g["lr"] = p.lr * 0.1
@@ -204,7 +206,7 @@ def evaluate_tensors(x: torch.Tensor, targets: torch.Tensor, test: ArrayDataset,
         net = make_net(p.net, tuple(x.shape[1:]), test.num_classes, p.width, p.depth,
                        seed=derive_seed(seed, "eval-net", i), device=dev)
         train_network(net, x, targets, p, torch_generator(derive_seed(seed, "eval-batches", i)), dsa, label_fn,
-                      crop_seed)
+                      crop_seed, progress, f"{desc}: net {i + 1}/{p.num_nets}, epochs")  # a net takes minutes
         accs.append(accuracy(net, test, dev))
         bar.set_postfix(acc=f"{accs[-1]:.1f}")
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
