@@ -300,3 +300,16 @@ def test_a_file_named_by_bytes_that_are_not_utf8_is_read(tmp_path, non_utf8_name
     with open_checkpoint(p) as ck:
         assert ck.name == non_utf8_name
         check_reads_state_dict(ck)
+
+
+def test_a_view_claiming_far_more_than_its_storage_is_refused_before_a_read_allocates_it(tmp_path):
+    """A stride-0 view of 10^12 elements over one stored value (fuzz case: torch.save of ones(1).expand(10**12))
+    was listed, then each read's copy asked for 4 TB ("cannot read tensor 'w': ... can't allocate memory")."""
+    torch.save({"w": torch.ones(1).expand(10**12), "b": torch.ones(2)}, tmp_path / "lie.pt")
+    with pytest.raises(CheckpointError, match=r"lie\.pt: header lies about sizes: tensor 'w' of shape "
+                                              r"\(1000000000000,\) claims 4000000000000 bytes over 4 stored"):
+        open_checkpoint(tmp_path / "lie.pt")
+    ids = torch.arange(512).expand(1, -1)  # transformers' position_ids buffer: an expanded view, read as saved
+    torch.save({"position_ids": ids, "w": torch.ones(3).expand(4, 3)}, tmp_path / "ok.pt")
+    with open_checkpoint(tmp_path / "ok.pt") as ck:
+        assert torch.equal(ck.read("position_ids"), ids) and torch.equal(ck.read("w"), torch.ones(4, 3))

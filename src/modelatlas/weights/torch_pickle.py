@@ -66,6 +66,9 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compi
 _LIGHTNING_KEYS = ("global_step", "optimizer_states", "lr_schedulers", "callbacks", "loops")
 _MAX_DEPTH = 32  # containers in a state dict nest a few levels (Lightning: 3-4)
 _MAX_ITEMS = 2_000_000  # entries in all containers; a large model with optimizer state has ~100,000
+# Bytes a tensor may claim beyond its storage's: a view that repeats stored values (stride 0, as an expanded
+# buffer such as transformers' position_ids) reads as that many bytes; a pickle claiming 10^12 of them is a lie
+_MAX_REPEATED = 64 * 2**20
 
 
 def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -289,9 +292,19 @@ def _flatten(path: Path, obj: Mapping, prefix: str, out: dict[str, torch.Tensor]
         if isinstance(v, torch.Tensor):
             if name in out:  # {"a.b": x, "a": {"b": y}}: keeping either would drop the other without a word
                 raise CheckpointError(path, f"two tensors are named {name!r} once nested dicts are flattened")
+            _check_view(path, name, v)
             out[name] = v
         elif isinstance(v, Mapping):
             _flatten(path, v, name + ".", out)
+
+
+def _check_view(path: Path, name: str, t: torch.Tensor) -> None:
+    """Refuse tensor ``name`` when its shape claims far more bytes than its storage holds (a stride-0 view of
+    10^12 elements over one stored value): each read copies the tensor, so believing it would allocate them."""
+    claimed, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if claimed > stored + _MAX_REPEATED:
+        raise CheckpointError(path, f"header lies about sizes: tensor {name!r} of shape {tuple(t.shape)} claims "
+                                    f"{claimed} bytes over {stored} stored (strides {t.stride()}), refused")
 
 
 def tensor_info(name: str, t: torch.Tensor) -> TensorInfo:
