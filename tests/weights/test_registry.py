@@ -316,3 +316,19 @@ def test_a_file_of_another_format_than_its_extension_says_names_the_rename(tmp_p
         torch.save(sd, p, _use_new_zipfile_serialization=saved == "torch")
     with pytest.raises(CheckpointError, match=rf"^{p}: {said}"):
         open_checkpoint(p).tensors()
+
+
+def test_a_folder_named_like_a_weights_file_is_reported_not_left_out(tmp_path):
+    """zoo/b.safetensors/ (a folder where the file belongs) was left out of the folder's models without a word;
+    opened, it said only "unknown checkpoint format"."""
+    save_file({"w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "b.safetensors").mkdir()
+    (tmp_path / "b.safetensors" / "x").write_bytes(b"1")
+    assert discover_models([tmp_path]) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: a folder, not a \.safetensors file as its name says"):
+        open_checkpoint(tmp_path / "b.safetensors")
+    models = open_many(discover_models([tmp_path]))
+    assert [ck.name for ck in models] == ["a"] and [p.name for p, _ in models.skipped] == ["b.safetensors"]
+    (tmp_path / "runs.pt").mkdir()  # a folder of models named so is still one: its models are found in it
+    save_file({"w": torch.ones(2)}, str(tmp_path / "runs.pt" / "c.safetensors"))
+    assert discover_models([tmp_path / "runs.pt"]) == [tmp_path / "runs.pt" / "c.safetensors"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ from modelatlas.weights.base import (
     Checkpoint,
     _file_stem,
     _stem,
-    hub_repo_id,
     library_variant,
     named_by_folder,
 )
 from modelatlas.weights.dequantized import dequantized
+from modelatlas.weights.folder_problems import folder_problem
+from modelatlas.weights.folder_problems import orphan_shard as _orphan_shard
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
 
@@ -87,66 +87,6 @@ def _folder_hint(path: Path) -> str:
         return (f"; {path.name} is the index of {_TOOL_OUTPUTS[path.name]}, not a model: give the models' files "
                 "or folder")
     return ""
-
-
-_MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json")  # transformers, PEFT
-_SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")  # model-00001-of-00002.safetensors
-
-
-def _orphan_shard(path: Path) -> bool:
-    """A shard of a sharded model whose folder has no ``*.index.json`` (copied with ``*.safetensors``): read
-    alone, each shard was a model of its own, and one model became several trees."""
-    return bool(_SHARD.search(path.name)) and path.is_file() and not any(path.parent.glob("*.index*.json"))
-
-
-def _broken_weights_link(path: Path) -> bool:
-    """A link named like a weights file or shard index whose target does not exist."""
-    named = _file_stem(path.name) is not None or path.name.endswith(".index.json")
-    return named and path.is_symlink() and not path.exists()
-
-
-def _variant_problem(path: Path) -> str | None:
-    """Why a folder of two variants is no model (:func:`.hf_folder.find_layout` opens one), else None."""
-    from modelatlas.weights.hf_folder import LAYOUTS, variant_files
-
-    found = variant_files(path)
-    if not found:
-        return None
-    names = ", ".join(name for name, _, _ in found)
-    return f"holds the variants {names} and no {LAYOUTS[found[0][2]][0]}: give one of the files"
-
-
-def folder_problem(path: Path) -> str | None:
-    """Why folder ``path`` looks like one model that no reader opens (a download without its weights, a hub cache
-    entry, an export in another layout such as ``run/model.onnx`` opened as a folder), else None: the reason
-    :func:`open_checkpoint` gives for it. Inside a folder of models such a folder was left out without a word;
-    now it is reported and skipped. Time O(files in the folder)."""
-    if not path.is_dir():
-        return None
-    repo = hub_repo_id(path.name)
-    if repo is not None and (path / "snapshots").is_dir():  # huggingface_hub's cache layout
-        return (f"a Hugging Face cache entry, not a model folder; give its hub id {repo} (with HF_HUB_CACHE="
-                f"{path.parent} if that is not your cache) or one of its snapshots/<commit> folders")
-    broken = sorted(c for c in path.iterdir() if _broken_weights_link(c))
-    if broken:  # a hub cache snapshot whose blob was pruned: "no weights file" sent users looking for a typo
-        return (f"{broken[0].name} is a link to {os.readlink(broken[0])}, which does not exist (a blob deleted "
-                "from the Hugging Face cache, or a copy that kept the link): fetch the model again")
-    variants = _variant_problem(path)
-    if variants:
-        return variants
-    shards = sorted(c.name for c in path.iterdir() if _orphan_shard(c))
-    if shards:
-        return (f"holds the shards {', '.join(shards[:2])}{', ...' if len(shards) > 2 else ''} of one model but no "
-                "*.index.json that maps tensors to them (copy the index too); each shard alone is no model")
-    files = sorted(c.name for c in path.iterdir() if named_by_folder(c) and is_model(c))
-    if files:
-        return (f"a folder holding {files[0]}, but a folder is read as one model only in the Hugging Face or PEFT "
-                f"layout (model.safetensors, pytorch_model.bin, adapter_model.*); give the file {path / files[0]}")
-    marker = next((m for m in _MODEL_FOLDER_MARKERS if (path / m).is_file()), None)
-    if marker is None:
-        return None
-    return (f"has {marker} but no weights file (model.safetensors, pytorch_model.bin, their .index.json shard "
-            "index, or adapter_model.safetensors / .bin): an unfinished download or copy?")
 
 
 def _options_for(fmt: Format, path: Path, kwargs: dict) -> dict:
