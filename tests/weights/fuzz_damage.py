@@ -111,14 +111,25 @@ def make_onnx_model(folder: Path, external: bool = False) -> tuple[Path, dict]:
 
 def make_gguf_model(folder: Path) -> tuple[Path, dict]:
     """A GGUF file of a float32, a float16 and a Q8_0 tensor (the quantized type's blocks)."""
+    import gguf
     import numpy as np
 
-    from modelatlas.zoo.gguf import quantized, save_gguf
+    from modelatlas.zoo.gguf import quantized
 
     q = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
-    path = save_gguf(folder / "m.gguf", {"f32": np.arange(6, dtype=np.float32).reshape(2, 3),
-                                         "f16": np.linspace(-1, 1, 8, dtype=np.float16).reshape(2, 4),
-                                         "q8": quantized(q, "Q8_0")})
+    path = folder / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_custom_alignment(32)
+    w.add_array("tokenizer.ggml.tokens", ["a", "bc"])
+    w.add_array("x.scores", [1.0, 2.0])
+    w.add_tensor("f32", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.add_tensor("f16", np.linspace(-1, 1, 8, dtype=np.float16).reshape(2, 4))
+    q8, _ = quantized(q, "Q8_0")
+    w.add_tensor("q8", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path, {path: "gguf"}
 
 
@@ -210,10 +221,29 @@ def _damage_safetensors(rng: random.Random, path: Path, data: bytes) -> str:
         value = rng.choice([*HUGE_INTS, 0, 1, n - 1, n + 1, len(data)])
         path.write_bytes(struct.pack("<Q", value) + data[8:])
         return f"{path.name}: header length {n} -> {value}"
-    doc, what = make_json_damage(rng, header)
+    if rng.random() < 0.3:  # a consistent lie: another shape of as many values, a dtype of the same width
+        name = rng.choice(sorted(k for k in header if k != "__metadata__"))
+        meta, what = header[name], f"tensor {name!r} "
+        if rng.random() < 0.5:
+            n = 1
+            for d in meta["shape"]:
+                n *= d
+            meta["shape"] = rng.choice([meta["shape"][::-1], [n], [1, n], [n, 1, 1], []] if n == 1 else
+                                       [meta["shape"][::-1], [n], [1, n], [n, 1, 1]])
+            what += f"shape -> {meta['shape']}"
+        else:
+            meta["dtype"] = rng.choice(_SAME_WIDTH[meta["dtype"]])
+            what += f"dtype -> {meta['dtype']}"
+        doc = header
+    else:
+        doc, what = make_json_damage(rng, header)
     raw = json.dumps(doc).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + rest)
     return f"{path.name}: header {what}"
+
+
+_SAME_WIDTH = {"F32": ["I32", "U32", "F16"], "F16": ["BF16", "I16", "U16", "F32"], "BF16": ["F16", "I16", "U8"],
+               "I64": ["F64", "U64"]}
 
 
 def _damage_torch(rng: random.Random, path: Path, data: bytes) -> str:
@@ -291,7 +321,7 @@ def _damage_onnx(rng: random.Random, path: Path, data: bytes) -> str:
 
     model = onnx.load_model_from_string(data)
     init = rng.choice(list(model.graph.initializer))
-    op = rng.choice(["dims", "dims", "type", "raw", "external", "name"])
+    op = rng.choice(["dims", "dims", "type", "raw", "external", "name", "typed", "nodata"])
     if op == "dims":
         del init.dims[:]
         init.dims.extend(rng.choice([[10**15], [2**62, 4], [-1, 3], [], [0], [3, 2], [1, 1, 1, 1, 6]]))
@@ -300,12 +330,32 @@ def _damage_onnx(rng: random.Random, path: Path, data: bytes) -> str:
         init.data_type = what = rng.choice([0, 8, 999, 16, 17, 23, 11, -5 % 2**31])
     elif op == "raw":
         init.raw_data = what = init.raw_data[: rng.randrange(len(init.raw_data) + 1)] if init.raw_data else b"\1"
+    elif op in ("typed", "nodata"):  # values in the typed fields (float_data, int64_data), or nowhere
+        what = _onnx_typed(rng, init, op == "typed")
     elif op == "name":
         init.name = what = rng.choice(["", "W", "x" * 1000])
     else:
         what = _onnx_external(rng, init)
     path.write_bytes(model.SerializeToString())
     return f"{path.name}: initializer {op} -> {str(what)[:60]}"
+
+
+def _onnx_typed(rng: random.Random, init, typed: bool) -> str:
+    import numpy as np
+    from onnx import TensorProto
+
+    values = np.arange(int(np.prod(init.dims)), dtype=np.float32 if init.data_type == 1 else np.int64)
+    init.ClearField("raw_data")
+    del init.external_data[:]
+    init.data_location = TensorProto.DEFAULT
+    if typed:
+        count = rng.choice([len(values), 1, len(values) + 5])
+        field = init.float_data if values.dtype == np.float32 else init.int64_data
+        field.extend(np.resize(values, count).tolist())
+    if rng.random() < 0.5:
+        del init.dims[:]
+        init.dims.extend(rng.choice([[10**15], [2**31, 2**31], [0, 10**15]]))
+    return f"{'typed' if typed else 'no'} data, {list(init.dims)}"
 
 
 def _onnx_external(rng: random.Random, init) -> dict:
@@ -335,6 +385,8 @@ def _damage_gguf(rng: random.Random, path: Path, data: bytes) -> str:
         out[at:at + (4 if at == 4 else 8)] = struct.pack("<I" if at == 4 else "<Q", value)
         path.write_bytes(bytes(out))
         return f"{path.name}: header field at {at} -> {value}"
+    if rng.random() < 0.3:
+        return _damage_gguf_kv(rng, path, out)
     name = rng.choice([b"f32", b"f16", b"q8"])
     p = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
     (n_dims,) = struct.unpack_from("<I", data, p)
@@ -355,6 +407,25 @@ def _damage_gguf(rng: random.Random, path: Path, data: bytes) -> str:
     return f"{path.name}: tensor {name.decode()} {field} -> {value}"
 
 
+def _damage_gguf_kv(rng: random.Random, path: Path, out: bytearray) -> str:
+    """A metadata value's type, the alignment, or an array's item type or count set to a lie."""
+    key = rng.choice([b"general.alignment", b"general.architecture", b"tokenizer.ggml.tokens", b"x.scores"])
+    p = bytes(out).index(struct.pack("<Q", len(key)) + key) + 8 + len(key)  # the value's type, then the value
+    field = rng.choice(["type", "value", "value"])
+    if field == "type":
+        value = rng.choice([0, 4, 6, 8, 9, 12, 13, 99, 2**32 - 1])
+        struct.pack_into("<I", out, p, value)
+    elif key == b"general.alignment":
+        value = rng.choice([0, 3, 1, 2**31, 2**32 - 1, 64])
+        struct.pack_into("<I", out, p + 4, value)
+    else:  # a string's length, an array's item type then count
+        at, value = rng.choice([(p + 4, rng.choice(HUGE_INTS)), (p + 8, rng.choice(HUGE_INTS)),
+                                (p + 4, rng.choice([0, 8, 9, 99]))])
+        struct.pack_into("<I" if value < 100 else "<Q", out, at, value)
+    path.write_bytes(bytes(out))
+    return f"{path.name}: key {key.decode()} {field} -> {value}"
+
+
 _SPECIAL = {"safetensors": _damage_safetensors, "json": _damage_json_file, "torch": _damage_torch,
             "onnx": _damage_onnx, "gguf": _damage_gguf}
 
@@ -364,7 +435,7 @@ def _head_end(path: Path, kind: str, data: bytes) -> int:
     if kind == "safetensors" and len(data) >= 8:
         return 8 + struct.unpack("<Q", data[:8])[0]
     if kind == "gguf":
-        return len(data) - 160  # the data section: f32 24 + f16 16 (+8 padding) + q8 68, padded to 32
+        return len(data) - 160  # the data section: f32 24 (+8) + f16 16 (+16) + q8 68 (+28)
     return len(data) // 2
 
 
