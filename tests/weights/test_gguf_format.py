@@ -345,3 +345,16 @@ def test_grid_match_on_the_stored_levels(tmp_path):
         q8 = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), Q8), Q8))
         assert 0.95 < ck.grid_match("w", q8) < 1.0
         assert ck.grid_match("f", x) is None
+
+
+@pytest.mark.parametrize("dims", [(32, 0), (0, 2)])
+def test_a_quantized_tensor_of_no_values_has_no_rounding_to_test(tmp_path, dims):
+    """A Q8_0 tensor of shape (0, 32) or (2, 0) (fuzz case: a dimension of the header set to 0) read as empty,
+    then its rounding variance, grid and least-squares tests failed with numpy's or torch's reshape error."""
+    p = make_raw_gguf(tmp_path / "e.gguf", tensors=((b"q", dims, 8, 0),), data=b"")
+    with open_checkpoint(p) as ck:
+        x = ck.read("q")
+        assert x.shape == dims[::-1] and ck.quantization("q") == "Q8_0"
+        assert ck.rounding_variance("q", x) is None and ck.rounding_variance("q") is None
+        assert ck.least_squares("q") is None and ck.grid_position("q", x) is None
+        assert ck.grid_match("q", x) is None and ck.requantized_match("q", x) is None

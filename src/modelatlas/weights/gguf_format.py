@@ -140,7 +140,9 @@ class GGUFCheckpoint(Checkpoint):
                     data = data.view(">u2").astype("<u2").view(np.uint8)
                 block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
                 rows = data.reshape(*shape[:-1], shape[-1] // block * type_size) if shape else data
-                arr = dequantize(rows, t.ggml_type).astype(np.float32, copy=False).reshape(shape)
+                empty = not data.size  # (2, 0): rows of no blocks, which dequantize cannot reshape
+                arr = (np.zeros(shape, np.float32) if empty else dequantize(rows, t.ggml_type)).astype(
+                    np.float32, copy=False).reshape(shape)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CheckpointError(self.path, f"cannot read tensor {t.name!r} ({kind}): {error_line(e)}") from e
         out = torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), copy=True))  # never pins the map
@@ -194,7 +196,7 @@ class GGUFCheckpoint(Checkpoint):
         only those rows (:meth:`~.base.Checkpoint.requantized_match`). Time O(max_rows m) for rows of m values."""
         from gguf.quants import dequantize
 
-        if self.quantization(name) is None or not (t := self._tensors[name]).shape:  # an unknown name: read's error
+        if self.quantization(name) is None or not (t := self._tensors[name]).nbytes:  # unknown: read's error; no bytes
             return None
         if (compared := self._compared(t, x, max_rows, rows)) is None:
             return None
@@ -246,7 +248,7 @@ class GGUFCheckpoint(Checkpoint):
         from modelatlas.weights.grid_position import uniform_position
 
         t = self._tensors[name] if name in self._tensors else None
-        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape:
+        if t is None or t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.nbytes:
             return None
         if (compared := self._compared(t, x, max_rows, rows)) is None:
             return None
@@ -268,7 +270,7 @@ class GGUFCheckpoint(Checkpoint):
         from modelatlas.weights.gguf_grid import GRIDS, LEGACY, grid_test
 
         t = self._tensors[self.info(name).name]
-        if t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.shape or (got := self._compared(t, x, max_rows, rows)) is None:
+        if t.ggml_type.name not in {**GRIDS, **LEGACY} or not t.nbytes or (got := self._compared(t, x, max_rows, rows)) is None:
             return None
         sample, rows, size = got  # (r, m) values, (r, row bytes) stored
         return grid_test(t.ggml_type.name, t.ggml_type, rows, size, dequantize(rows, t.ggml_type), slack)(sample.numpy())
@@ -291,7 +293,7 @@ class GGUFCheckpoint(Checkpoint):
         from modelatlas.weights.gguf_grid import CODEBOOKS, GRIDS, LEGACY
 
         t = self._tensors[self.info(name).name]  # an unknown name raises naming the file, as read does
-        if t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS, **GROUP_IQ} or not t.shape:
+        if t.ggml_type.name not in {**GRIDS, **LEGACY, **CODEBOOKS, **GROUP_IQ} or not t.nbytes:  # no rows: no blocks
             return None
         block, type_size = self._gguf.GGML_QUANT_SIZES[t.ggml_type]
         rows = self._bytes(t).reshape(-1, t.shape[-1] // block * type_size)  # (R, row bytes)
@@ -342,7 +344,7 @@ class GGUFCheckpoint(Checkpoint):
 
         t = self._tensors[self.info(name).name]
         kind = t.ggml_type.name
-        if kind in GRIDS or kind not in SCALE_CODES or not t.shape:
+        if kind in GRIDS or kind not in SCALE_CODES or not t.nbytes:
             return True if kind in GRIDS else None
         rows = self._sampled_rows(t, self._pick(t, max_rows))  # (r, row bytes)
         return least_squares_blocks(kind, t.ggml_type, rows, self._gguf.GGML_QUANT_SIZES[t.ggml_type], SCALE_CODES[kind])
