@@ -478,8 +478,7 @@ def check_survives(path: Path, damaged: Path, seconds: float = 5.0) -> str:
         try:
             with open_checkpoint(path) as ck:
                 for info in ck.tensors():
-                    x = ck.read(info.name)
-                    assert tuple(x.shape) == info.shape, f"{info.name}: read {tuple(x.shape)}, listed {info.shape}"
+                    check_tensor(ck, info)
             return "read"
         except CheckpointError as e:
             message = str(e)
@@ -488,6 +487,20 @@ def check_survives(path: Path, damaged: Path, seconds: float = 5.0) -> str:
     named = damaged.name in message or str(path) in message
     assert named, f"does not name {damaged.name}: {message!r}"
     return message
+
+
+def check_tensor(ck, info) -> None:
+    """Read tensor ``info`` whole and by rows (first, last: what a copy test samples) and, quantized, its rounding
+    variance; the two reads agree and have the shape listed."""
+    x = ck.read(info.name)
+    assert tuple(x.shape) == info.shape, f"{info.name}: read {tuple(x.shape)}, listed {info.shape}"
+    if x.numel():
+        flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)  # (n, m)
+        rows = torch.tensor(sorted({0, flat.shape[0] - 1}))
+        got = ck.read_rows(info.name, rows)
+        assert torch.equal(got.view(torch.uint8), flat[rows].contiguous().view(torch.uint8)), f"{info.name}: rows"
+    if ck.quantization(info.name) is not None:
+        ck.rounding_variance(info.name, x)
 
 
 def make_fresh(folder: Path, make) -> tuple[Path, dict]:
