@@ -88,6 +88,29 @@ def make_peft_model(folder: Path, fmt: str = "safetensors") -> tuple[Path, dict]
     return model, {config: "json", weights: "safetensors" if fmt == "safetensors" else "torch"}
 
 
+def make_quantized_model(folder: Path, scheme: str) -> tuple[Path, dict]:
+    """A Hugging Face folder of one quantized layer (16, 64) stored as ``scheme`` and a plain norm, with the
+    config.json its reader takes."""
+    from tests.weights.conftest import NF4, make_bnb4, make_bnb8, make_gptq, make_mlx, make_pack_quantized
+
+    from modelatlas.zoo import awq
+    from modelatlas.zoo.awq import save_folder
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    scale = w.abs().amax(dim=1, keepdim=True) / 448  # (out, 1) a float8 scale per row
+    made = {"gptq": lambda: (make_gptq(w), {"quant_method": "gptq", "bits": 4}),
+            "pack-quantized": lambda: (make_pack_quantized(w), None),
+            "awq": lambda: (awq.awq_layer(w, group=awq.GROUP), awq.CONFIG),
+            "fp8": lambda: ({"layer.weight": (w / scale).to(torch.float8_e4m3fn), "layer.weight_scale": scale}, None),
+            "bnb4": lambda: (make_bnb4(w, nested=True, book=NF4), {"quant_method": "bitsandbytes"}),
+            "bnb8": lambda: (make_bnb8(w), {"quant_method": "bitsandbytes"}),
+            "mlx": lambda: (make_mlx(w, name="layer"), {"quant_method": "mlx", "group_size": 32, "bits": 4})}
+    tensors, config = made[scheme]()
+    model = save_folder(folder / scheme, {**tensors, "norm.weight": torch.ones(16)}, config)
+    files = {model / "model.safetensors": "safetensors"}
+    return model, files if config is None else {**files, model / "config.json": "json"}
+
+
 def make_onnx_model(folder: Path, external: bool = False) -> tuple[Path, dict]:
     """y = x @ W^T with a float initializer W and an int64 one; ``external``: W's bytes in weights.data."""
     import numpy as np
@@ -243,7 +266,8 @@ def _damage_safetensors(rng: random.Random, path: Path, data: bytes) -> str:
 
 
 _SAME_WIDTH = {"F32": ["I32", "U32", "F16"], "F16": ["BF16", "I16", "U16", "F32"], "BF16": ["F16", "I16", "U8"],
-               "I64": ["F64", "U64"]}
+               "I64": ["F64", "U64"], "I32": ["F32", "U32", "I64"], "U32": ["I32", "F32"], "U8": ["I8", "BOOL", "F8_E4M3"],
+               "I8": ["U8", "F8_E5M2"], "F8_E4M3": ["U8", "F8_E5M2", "I8"]}
 
 
 def _damage_torch(rng: random.Random, path: Path, data: bytes) -> str:
@@ -490,8 +514,8 @@ def check_survives(path: Path, damaged: Path, seconds: float = 5.0) -> str:
 
 
 def check_tensor(ck, info) -> None:
-    """Read tensor ``info`` whole and by rows (first, last: what a copy test samples) and, quantized, its rounding
-    variance; the two reads agree and have the shape listed."""
+    """Read tensor ``info`` whole and by rows (first, last: what a copy test samples) and ask for its rounding and
+    copy tests; the two reads agree and have the shape listed."""
     x = ck.read(info.name)
     assert tuple(x.shape) == info.shape, f"{info.name}: read {tuple(x.shape)}, listed {info.shape}"
     if x.numel():
@@ -499,8 +523,9 @@ def check_tensor(ck, info) -> None:
         rows = torch.tensor(sorted({0, flat.shape[0] - 1}))
         got = ck.read_rows(info.name, rows)
         assert torch.equal(got.view(torch.uint8), flat[rows].contiguous().view(torch.uint8)), f"{info.name}: rows"
-    if ck.quantization(info.name) is not None:
-        ck.rounding_variance(info.name, x)
+    if x.is_floating_point():  # the copy tests and rounding of quantized layers (None for plain ones)
+        ck.rounding_variance(info.name, x), ck.rounding_moments(info.name), ck.least_squares(info.name)
+        ck.requantized_match(info.name, x), ck.grid_match(info.name, x), ck.grid_position(info.name, x)
 
 
 def make_fresh(folder: Path, make) -> tuple[Path, dict]:

@@ -7,6 +7,7 @@ with its own seed (same seed, same damage), opens it, lists and reads every tens
 """
 
 import random
+from functools import partial
 
 import pytest
 from tests.weights.fuzz_damage import (
@@ -18,6 +19,7 @@ from tests.weights.fuzz_damage import (
     make_gguf_model,
     make_onnx_model,
     make_peft_model,
+    make_quantized_model,
     make_safetensors_model,
     make_sharded_model,
     make_torch_model,
@@ -34,7 +36,9 @@ def make_peft_bin(folder):
 
 FORMATS = {"safetensors": make_safetensors_model, "sharded": make_sharded_model, "torch": make_torch_model,
            "peft": make_peft_model, "peft-bin": make_peft_bin, "onnx": make_onnx_model,
-           "onnx-external": make_onnx_external, "gguf": make_gguf_model}
+           "onnx-external": make_onnx_external, "gguf": make_gguf_model,
+           **{scheme: partial(make_quantized_model, scheme=scheme)
+              for scheme in ("gptq", "awq", "pack-quantized", "fp8", "bnb4", "bnb8", "mlx")}}
 NEEDS = {"onnx": "onnx", "onnx-external": "onnx", "gguf": "gguf"}
 
 
@@ -60,11 +64,11 @@ def check_fuzzed(tmp_path, fmt: str, cases: range) -> dict:
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_damaged_models_read_or_are_refused_in_one_line(tmp_path, fmt):
-    outcomes = check_fuzzed(tmp_path, fmt, range(40))
+    outcomes = check_fuzzed(tmp_path, fmt, range(25))
     assert outcomes["refused"] > 0  # the damage reached the checks (not all of it lands in tensor values)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_many_damaged_models_read_or_are_refused_in_one_line(tmp_path, fmt):
-    check_fuzzed(tmp_path, fmt, range(40, 1040))
+    check_fuzzed(tmp_path, fmt, range(25, 1025))
