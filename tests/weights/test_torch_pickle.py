@@ -313,3 +313,41 @@ def test_a_view_claiming_far_more_than_its_storage_is_refused_before_a_read_allo
     torch.save({"position_ids": ids, "w": torch.ones(3).expand(4, 3)}, tmp_path / "ok.pt")
     with open_checkpoint(tmp_path / "ok.pt") as ck:
         assert torch.equal(ck.read("position_ids"), ids) and torch.equal(ck.read("w"), torch.ones(4, 3))
+
+
+def make_legacy_lie(src, dst, which: str, value: int):
+    """A copy of legacy (not zip) file ``src`` whose first tensor's storage element count (``which="count"``, in
+    its persistent id) or first dimension (``"size"``, in its rebuild's arguments) is ``value`` (an 8-byte LONG1)."""
+    import io
+    import pickletools
+
+    data = src.read_bytes()
+    f = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        list(pickletools.genops(f))
+    ops = list(pickletools.genops(f))
+    after = "cpu" if which == "count" else None  # the location, then the count; the persistent id, offset, size
+    first = next(i for i, (op, arg, _) in enumerate(ops) if (arg == after if after else op.name == "BINPERSID"))
+    at = [pos for op, _, pos in ops[first:] if op.name == "BININT1"][0 if which == "count" else 1]
+    dst.write_bytes(data[:at] + b"\x8a\x08" + value.to_bytes(8, "little") + data[at + 2:])
+    return dst
+
+
+@pytest.mark.parametrize(("which", "value", "message"), [
+    ("count", 10**9, r"a FloatStorage of 1000000000 elements needs 4000000000 bytes, more than the whole file's \d+"),
+    ("count", 10**12, r"a FloatStorage of 1000000000000 elements needs 4000000000000 bytes"),
+    ("size", 2**31 - 1, r"a tensor of shape \(2147483647, 3\), stride \(3, 1\) at offset 0 reaches element "
+                        r"6442450940 of a FloatStorage of 6")])
+def test_a_legacy_file_claiming_more_than_it_holds_is_refused_before_torch_allocates_it(tmp_path, which, value,
+                                                                                         message):
+    """torch's legacy loader allocates each storage at the count its pickle states, then compares the file's bytes,
+    and grows a storage to fit a tensor's size: 10^12 floats asked for 4 TB ("can't allocate memory"), 10^9
+    reserved 4 GB, a first dimension of 2^31 - 1 asked for 24 GB, before the file was found corrupt (fuzz cases:
+    a count or a size of the pickle made to lie)."""
+    src = tmp_path / "ok.pt"
+    torch.save(make_state_dict(), src, _use_new_zipfile_serialization=False)
+    with open_checkpoint(src) as ck:
+        check_reads_state_dict(ck)
+    lie = make_legacy_lie(src, tmp_path / "lie.pt", which, value)
+    with pytest.raises(CheckpointError, match=rf"lie\.pt: header lies about sizes: {message}"):
+        open_checkpoint(lie)

@@ -55,6 +55,7 @@ from modelatlas.weights.base import (
     utf8_path,
 )
 from modelatlas.weights.registry import register_format
+from modelatlas.weights.torch_legacy import legacy_storage_problem
 from modelatlas.weights.torch_refusals import LIGHTNING_VERSION, no_pickle, pickle_head, unpickling_error
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -85,10 +86,7 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     except zipfile.BadZipFile as e:  # is_zipfile passes on a zip64 record it refuses ("span multiple disks")
         raise CheckpointError(path, f"corrupt PyTorch zip file: {error_line(e)}") from e
-    records = zip_records(path) if is_zip else None  # checked before torch unpacks anything
-    lfs = None if is_zip else lfs_pointer_reason(path)
-    if lfs or (not is_zip and path.stat().st_size == 0):  # empty: the unpickler says only "EOFError"
-        raise CheckpointError(path, lfs or "corrupt or truncated PyTorch file: the file is empty (0 bytes)")
+    records = zip_records(path) if is_zip else _check_legacy(path)  # checked before torch unpacks anything
     try:
         with warnings.catch_warnings():  # torch warns about the file's pickle protocol: the error says what matters
             warnings.simplefilter("ignore", UserWarning)
@@ -157,6 +155,17 @@ class _SharedAdmission:
 
 
 _admission = _SharedAdmission()
+
+
+def _check_legacy(path: Path) -> None:
+    """Refuse a legacy (not zip) file that is empty (the unpickler says only "EOFError"), a Git LFS pointer or a
+    web page, or whose pickle claims a storage larger than the file (:mod:`.torch_legacy`): torch would allocate
+    it before finding the file corrupt."""
+    size = path.stat().st_size
+    problem = lfs_pointer_reason(path) or ("corrupt or truncated PyTorch file: the file is empty (0 bytes)"
+                                           if size == 0 else legacy_storage_problem(path, size))
+    if problem:
+        raise CheckpointError(path, problem)
 
 
 def zip_records(path: Path) -> dict[int, tuple[str, int]]:
