@@ -17,10 +17,12 @@ from tests.weights.fuzz_damage import (
     make_damage,
     make_fresh,
     make_gguf_model,
+    make_legacy_torch_model,
     make_onnx_model,
     make_peft_model,
     make_quantized_model,
     make_safetensors_model,
+    make_sharded_bin_model,
     make_sharded_model,
     make_torch_model,
 )
@@ -35,6 +37,7 @@ def make_peft_bin(folder):
 
 
 FORMATS = {"safetensors": make_safetensors_model, "sharded": make_sharded_model, "torch": make_torch_model,
+           "torch-legacy": make_legacy_torch_model, "sharded-bin": make_sharded_bin_model,
            "peft": make_peft_model, "peft-bin": make_peft_bin, "onnx": make_onnx_model,
            "onnx-external": make_onnx_external, "gguf": make_gguf_model,
            **{scheme: partial(make_quantized_model, scheme=scheme)
