@@ -119,6 +119,11 @@ def test_each_damaged_model_in_a_folder_is_one_line_and_skipped(tmp_path, capsys
     weights, _ = make_synthetic_forest(n_trees=2, children=2, depth=1, seed=7)
     for name, tensors in weights.items():
         save_file(tensors, str(zoo / f"{name}.safetensors"))
+    (zoo / "t1_1.safetensors").unlink()  # a model folder whose mergekit config is damaged: read, its note a problem
+    (zoo / "t1_1").mkdir()
+    save_file(weights["t1_1"], str(zoo / "t1_1" / "model.safetensors"))
+    (zoo / "t1_1" / "mergekit_config.yml").write_text("merge_method: ties\nmodels: [{model: a, parameters: "
+                                                       "{weight: 1" + "0" * 400 + "}}]\nslices: 5\n")
     bad = make_damaged_zoo(zoo, weights["t0"])
     code = main(["lineage", "recover", str(zoo), "--out", str(tmp_path / "forest.json")])
     captured = capsys.readouterr()
