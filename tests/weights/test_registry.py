@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,24 @@ def test_a_folder_named_like_a_weights_file_is_reported_not_left_out(tmp_path):
     (tmp_path / "runs.pt").mkdir()  # a folder of models named so is still one: its models are found in it
     save_file({"w": torch.ones(2)}, str(tmp_path / "runs.pt" / "c.safetensors"))
     assert discover_models([tmp_path / "runs.pt"]) == [tmp_path / "runs.pt" / "c.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "adapter_config.json", "adapter_model.bin",
+                                  "model.safetensors"])
+def test_a_folder_in_place_of_a_model_folders_file_is_named(tmp_path, name):
+    """A folder where a model folder's index, adapter config or weights belong said "unknown checkpoint format",
+    "no weights file" or "a folder holding adapter_model.safetensors, but ...": none named the file (fuzz cases)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    if name.startswith("adapter"):
+        (model / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+        save_file({"w": torch.ones(2)}, str(model / "adapter_model.safetensors"))
+        if name == "adapter_model.bin":
+            (model / "adapter_model.safetensors").unlink()
+    else:
+        save_file({"w": torch.ones(2)}, str(model / "model-00001-of-00001.safetensors"))
+    (model / name).unlink(missing_ok=True)
+    (model / name).mkdir()
+    with pytest.raises(CheckpointError, match=rf"m: {re.escape(name)} is a folder, not a file"):
+        open_checkpoint(model)
+    assert discover_models([tmp_path]) == [model]  # in a folder of models: listed, to be reported and skipped

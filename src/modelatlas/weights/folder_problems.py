@@ -13,13 +13,18 @@ from pathlib import Path
 from modelatlas.weights.base import _file_stem, hub_repo_id, named_by_folder
 
 _MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json")  # transformers, PEFT
+# the files a library's model folder holds (transformers, PEFT): one of them a folder is no layout of theirs
+_LIBRARY_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
+                  "adapter_model.bin", "config.json")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")  # model-00001-of-00002.safetensors
 
 
 def orphan_shard(path: Path) -> bool:
     """A shard of a sharded model whose folder has no ``*.index.json`` (copied with ``*.safetensors``): read
     alone, each shard was a model of its own, and one model became several trees."""
-    return bool(_SHARD.search(path.name)) and path.is_file() and not any(path.parent.glob("*.index*.json"))
+    return bool(_SHARD.search(path.name)) and path.is_file() and not any(
+        p.is_file() for p in path.parent.glob("*.index*.json"))  # (a folder so named is no index)
 
 
 def _broken_weights_link(path: Path) -> bool:
@@ -54,7 +59,15 @@ def folder_problem(path: Path) -> str | None:
     if broken:  # a hub cache snapshot whose blob was pruned: "no weights file" sent users looking for a typo
         return (f"{broken[0].name} is a link to {os.readlink(broken[0])}, which does not exist (a blob deleted "
                 "from the Hugging Face cache, or a copy that kept the link): fetch the model again")
-    return _variant_problem(path) or _layout_problem(path)
+    return folder_in_place(path) or _variant_problem(path) or _layout_problem(path)
+
+
+def folder_in_place(path: Path) -> str | None:
+    """Why model folder ``path`` is none: a folder where one of a library's files belongs (its index, config or
+    weights); else None. It said "unknown checkpoint format", "no weights file", or (a PEFT folder) its
+    ``adapter_model.safetensors`` was read as a model of its own: none named the file."""
+    placed = next((name for name in _LIBRARY_FILES if (path / name).is_dir()), None)
+    return None if placed is None else f"{placed} is a folder, not a file (a copy or an unpack gone wrong?)"
 
 
 def _layout_problem(path: Path) -> str | None:

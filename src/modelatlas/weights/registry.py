@@ -24,7 +24,7 @@ from modelatlas.weights.base import (
     named_by_folder,
 )
 from modelatlas.weights.dequantized import dequantized
-from modelatlas.weights.folder_problems import folder_problem
+from modelatlas.weights.folder_problems import folder_in_place, folder_problem
 from modelatlas.weights.folder_problems import orphan_shard as _orphan_shard
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
 
@@ -230,6 +230,8 @@ def _child_models(c: Path) -> list[Path]:
     if c.is_symlink() and not c.exists():  # a model file or folder whose target is gone: reported when opened
         return [c] if _file_stem(c.name) is not None or "." not in c.name else []  # (README.md: no model)
     if is_model(c) and not _orphan_shard(c):
+        return [c]
+    if c.is_dir() and folder_in_place(c):  # run/adapter_config.json/: run, reported, not its adapter_model alone
         return [c]
     if c.is_dir():
         named = sorted(f for f in c.iterdir() if named_by_folder(f) and is_model(f))
