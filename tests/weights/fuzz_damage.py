@@ -13,7 +13,6 @@ import io
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import struct
@@ -504,22 +503,24 @@ def _head_end(path: Path, kind: str, data: bytes) -> int:
 @contextmanager
 def check_limits(seconds: float, memory_bytes: int):
     """Raise Hang after ``seconds``; refuse allocations of more than ``memory_bytes`` beyond what the process
-    already maps (RLIMIT_AS, Linux): a header believed about 10^15 elements fails here, not in the machine."""
+    already maps (RLIMIT_AS): a header believed about 10^15 elements fails here, not in the machine. Linux only
+    (elsewhere no limit: the cases still run, and a refusal's message is still checked)."""
     def alarm(*_):
         raise Hang(f"ran past {seconds} s")
 
-    old_handler = signal.signal(signal.SIGALRM, alarm)
-    old_limit = resource.getrlimit(resource.RLIMIT_AS)
     limited = sys.platform.startswith("linux")
     if limited:
+        import resource
+
+        old_handler, old_limit = signal.signal(signal.SIGALRM, alarm), resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes, old_limit[1]))
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
         if limited:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
 
 
