@@ -83,6 +83,10 @@ def test_truncated_garbage_empty(tmp_path):
         assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match=r"empty\.bin: corrupt or truncated PyTorch file: the file is empty"):
         open_checkpoint(tmp_path / "empty.bin")  # was "...: EOFError"
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:700])  # no zip directory: torch's reason, not its advice
+    with pytest.raises(CheckpointError, match=r"cut\.pt: corrupt or truncated PyTorch file: PytorchStreamReader "
+                                              r"failed reading zip archive: failed finding central directory\.$"):
+        open_checkpoint(tmp_path / "cut.pt")  # (then ~300 characters: "This is an internal miniz error. If ...")
 
 
 def test_not_a_state_dict(tmp_path):

@@ -70,6 +70,7 @@ _MAX_ITEMS = 2_000_000  # entries in all containers; a large model with optimize
 # Bytes a tensor may claim beyond its storage's: a view that repeats stored values (stride 0, as an expanded
 # buffer such as transformers' position_ids) reads as that many bytes; a pickle claiming 10^12 of them is a lie
 _MAX_REPEATED = 64 * 2**20
+_MINIZ_ADVICE = " This is an internal miniz error."  # "... If you are seeing this error, there is a high ..."
 
 
 def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -97,7 +98,8 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     except OSError as e:
         raise CheckpointError(path, f"cannot read file: {e.strerror or e}") from e
     except Exception as e:  # on corrupt input the unpicklers raise RuntimeError, EOFError, IndexError, ...
-        raise CheckpointError(path, no_pickle(path, is_zip) or f"corrupt or truncated PyTorch file: {error_line(e)}") from e
+        reason = error_line(e).partition(_MINIZ_ADVICE)[0]  # torch's paragraph of advice after the reason
+        raise CheckpointError(path, no_pickle(path, is_zip) or f"corrupt or truncated PyTorch file: {reason}") from e
     _check_nesting(path, obj)
     if any(t.is_meta for t in _all_tensors(obj)):  # no bytes anywhere: read as "header lies about sizes"
         raise CheckpointError(path, "holds tensors on the meta device (shapes without values: a model saved before "
