@@ -512,6 +512,7 @@ def check_limits(seconds: float, memory_bytes: int):
     if limited:
         import resource
 
+        _warm_threads()
         old_handler, old_limit = signal.signal(signal.SIGALRM, alarm), resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (_mapped() + memory_bytes, old_limit[1]))
         signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -522,6 +523,13 @@ def check_limits(seconds: float, memory_bytes: int):
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_handler)
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
+
+
+def _warm_threads() -> None:
+    """Start torch's worker threads before a limit is set: each maps a stack and a malloc arena (64 MB of address
+    space), which on a machine of many cores would count against the limit of the first case that used them."""
+    (torch.ones(256, 256) @ torch.ones(256, 256)).sum()
+    torch.ones(1 << 20).add_(1).sum()
 
 
 def _mapped() -> int:
