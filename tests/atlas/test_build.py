@@ -254,3 +254,15 @@ def test_a_quantized_model_without_its_source_says_so(tmp_path):
     by = {m.name: m for m in build_atlas(tmp_path, lineage=LineageConfig(stage="specialize")).models}
     assert by["ft-gptq"].parent == "p"
     assert by["ft-gptq"].notes == ["quantized (gptq-int4); the model it was quantized from is not among these"]
+
+
+def test_a_model_with_a_layer_the_others_lack_says_what_was_not_compared(tmp_path):
+    """A classifier with a square head that its pretrained base lacks was a tree of its own, without a word."""
+    make_models(tmp_path / "zoo")
+    w = load_file(str(tmp_path / "zoo" / "t0_1.safetensors"))
+    head = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    save_file({**w, "classifier.dense": head}, str(tmp_path / "zoo" / "t0_1.safetensors"))
+    by = {m.name: m for m in build_atlas(tmp_path / "zoo", lineage=LineageConfig(stage="specialize")).models}
+    assert by["t0_1"].parent == "t0"
+    assert by["t0_1"].notes == ["compared on the 4 layers it shares with the others; 1 of its own not compared, "
+                                "e.g. classifier.dense"]

@@ -157,6 +157,10 @@ def _place(entries: list[ModelEntry], forest: Forest) -> None:
         if outside is not None:  # a head-only fine-tune, say: the lineage cannot tell which way it went
             entry.notes.append(f"equal to {outside['like']} on the compared layers; differs in "
                                f"{outside['n_differing']} other tensor(s), e.g. {outside['differs_in'][0]}")
+        shared = (forest.decisions.get("shared_layers") or {}).get(entry.name)
+        if shared is not None:  # a head or a tower the models it was compared with lack
+            entry.notes.append(f"compared on the {shared['compared']} layers it shares with the others; "
+                               f"{shared['not_compared']} of its own not compared, e.g. {shared['examples'][0]}")
 
 
 def _load_experts(folder, task: str):
