@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 
-UNLEARN = ("newton", "ascent")
+UNLEARN = ("auto", "newton", "ascent")
 
 
 @dataclass
@@ -23,11 +23,14 @@ class DDMConfig:
     ``match_final`` also matches at the final weights (where the online step acts). ``samples_per_cluster`` m
     synthetic samples per cluster (their mean gradient is matched; init: the cluster mean and m - 1 random
     members): one sample's gradient is rank-1 per layer, so m > 1 helps where cluster gradients are not.
-    Online, ``unlearn``: ``"newton"`` (default) removes cluster k with one Newton step on the distilled set,
+    Online, ``unlearn``: ``"newton"`` removes cluster k with one Newton step on the distilled set,
     theta + n_k / (N - n_k) x (H + d I)^{-1} grad CE(s_k), H the Hessian of the size-weighted distilled set at
     the final weights, d from ``damping`` (doubled until H + d I is positive definite), see
     :mod:`~modelatlas.attribution.newton`; ``"ascent"`` (the plain unlearning of the paper) takes
-    ``unlearn_steps`` gradient-ascent steps on the synthetic sample, step ``unlearn_lr`` x (cluster size / N).
+    ``unlearn_steps`` gradient-ascent steps on the synthetic sample, step ``unlearn_lr`` x (cluster size / N);
+    ``"auto"`` (default) is Newton where its exact Hessian fits (a target of at most
+    :data:`~modelatlas.attribution.ddm.MAX_NEWTON_PARAMS` parameters: digits') and ascent otherwise
+    (:func:`~modelatlas.attribution.ddm.unlearn_choice`).
     """
 
     clusters_per_class: int = 5
@@ -41,7 +44,7 @@ class DDMConfig:
     unlearn_steps: int = 1
     unlearn_lr: float = 0.5
     match_final: bool = True
-    unlearn: str = "newton"
+    unlearn: str = "auto"
     damping: float = 0.1
     weight_decay: float = 0.0
     samples_per_cluster: int = 1

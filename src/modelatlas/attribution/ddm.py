@@ -10,7 +10,8 @@ Offline (once per target model):
       min sum_t ||grad CE(s_k, l_k; theta_t) - g_k(theta_t)||^2 / ||g_k(theta_t)||^2 (all clusters and
       checkpoints at once, the MLP's gradients in closed form, :mod:`~.mlp_grads`); with
       ``samples_per_cluster`` m > 1, the mean gradient of the cluster's m samples is matched (:mod:`~.matching`);
-  (3b) ``unlearn="newton"``: Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
+  (3b) ``unlearn="newton"`` (``"auto"``, the default: where the target model has at most
+      ``MAX_NEWTON_PARAMS`` parameters, else ``"ascent"``, :func:`unlearn_choice`): Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
       damped and Cholesky-factorised (:mod:`~.newton`).
 Online (per query, no retraining, no training data):
   (4) remove cluster k: ``"newton"``: theta_F + n_k / (N - n_k) (H + d I)^{-1} grad CE(s_k, l_k; theta_F)
@@ -25,7 +26,7 @@ online O(K x P^2 + K x n_test x P) (ascent: O(K x (unlearn_steps + n_test) x P))
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.func import grad, vmap
@@ -213,14 +214,15 @@ def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_te
 
     ``checkpoint`` (a :class:`~.units.UnitStore`, e.g. :class:`~.checkpoint.RunCheckpoint`): keep there each
     finished unit of the offline phase (the clusters, the target model, the matching as it goes) and continue
-    from those it holds; the tensors are then those of an uninterrupted run, and the timings add up the parts."""
+    from those it holds; the tensors are then those of an uninterrupted run, and the timings add up the parts.
+    ``config.unlearn="auto"`` runs the step :func:`unlearn_choice` picks for this target model."""
     cfg = config or DDMConfig()
     x, y, x_test, y_test = _as_inputs(x, y, x_test, y_test, num_classes)
+    cfg = replace(cfg, unlearn=unlearn_choice(cfg, tuple(x.shape[1:]), num_classes)[0])  # "auto" resolved
     _check_sizes(cfg, num_classes, len(x))
     _preload_optimizer()
     start = time.perf_counter()  # before clustering: a refused model keeps no unit
     model = T.make_model(tuple(x.shape[1:]), num_classes, cfg.width, cfg.depth, derive_seed(seed, "ddm-init"))
-    _check_hessian_fits(model, cfg)
     setup_s = time.perf_counter() - start
     store = checkpoint if checkpoint is not None else U.NOWHERE
     assign, cluster_class, cluster_s = _clustered(x, y, num_classes, cfg, seed, store, progress)
@@ -267,14 +269,21 @@ def _preload_optimizer() -> None:
 MAX_NEWTON_PARAMS = 20_000  # the exact (P, P) float32 Hessian and its Cholesky factor: ~3.2 GB at this P
 
 
-def _check_hessian_fits(model: torch.nn.Module, cfg: DDMConfig) -> None:
-    """Newton's exact Hessian is O(P^2) memory and O(P^3) time: refuse a target too large for it up front,
-    rather than run out of memory after the offline training."""
-    p = sum(t.numel() for t in model.parameters())
+def unlearn_choice(cfg: DDMConfig, in_shape: tuple[int, ...], num_classes: int) -> tuple[str, str]:
+    """(the online step that runs, why): ``cfg.unlearn`` as given, or for ``"auto"`` Newton where its exact
+    Hessian fits (a target of at most :data:`MAX_NEWTON_PARAMS` parameters) and gradient ascent otherwise.
+    Newton's exact Hessian is O(P^2) memory and O(P^3) time: an explicit ``"newton"`` on a target too large for
+    it is refused here, up front, rather than running out of memory after the offline training. O(1)."""
+    p = T.n_params(tuple(in_shape), num_classes, cfg.width, cfg.depth)
     if cfg.unlearn == "newton" and p > MAX_NEWTON_PARAMS:
         raise ConfigError(f"unlearn='newton' needs the exact {p:,} x {p:,} Hessian of the target model (more than "
-                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='ascent', a smaller "
-                          "width, or smaller inputs")
+                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='ascent', or unlearn='auto' (the "
+                          "default), which takes it for such a model")
+    if cfg.unlearn != "auto":
+        return cfg.unlearn, "as given"
+    if p <= MAX_NEWTON_PARAMS:
+        return "newton", f"auto: the target model's {p:,} parameters fit Newton's exact Hessian, at most {MAX_NEWTON_PARAMS:,}"
+    return "ascent", f"auto: the target model's {p:,} parameters are over the {MAX_NEWTON_PARAMS:,} of Newton's exact Hessian"
 
 
 def _as_inputs(x, y, x_test, y_test, num_classes: int):

@@ -17,7 +17,7 @@ import torch
 
 from modelatlas.attribution.checkpoint import RunCheckpoint, check_start
 from modelatlas.attribution.config import DDMConfig
-from modelatlas.attribution.ddm import Attribution, ddm_attribution
+from modelatlas.attribution.ddm import Attribution, ddm_attribution, unlearn_choice
 from modelatlas.attribution.report import check_out, render_top_clusters, save_attribution
 from modelatlas.attribution.validate import loo_attribution, validation_scores
 from modelatlas.digests import data_digest
@@ -32,7 +32,8 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
                         class_names: list[str] | None = None) -> tuple[Attribution, dict, torch.Tensor | None]:
     """DDM attribution of ``data`` = (x, y, x_test, y_test) written to ``out`` (report.save_attribution; the
     plot shows ``test_index``, default the first three, its classes named by ``class_names``), with ``validate`` the LOO truth and its scores too;
-    returns (attribution, the ``attribution.json`` settings and ``validation``, LOO matrix or None).
+    returns (attribution, the ``attribution.json`` settings (``unlearn_used``: the online step that ran, and
+    ``unlearn_why``) and ``validation``, LOO matrix or None).
 
     Progress is kept in ``out/checkpoint`` (DDM's offline units; with ``validate`` the LOO rows; saved as they
     go every ``every_s`` seconds) and removed once the results are written; ``resume`` continues from it (none:
@@ -48,6 +49,8 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
         ckpt.check_settings()
         if on_resume is not None:
             on_resume()
+    method, why = unlearn_choice(config, tuple(xtr.shape[1:]), num_classes)  # explicit Newton too large: refused
+    info.update(unlearn_used=method, unlearn_why=why)  # what "auto" took; not a setting (it follows from them)
     attr = ckpt.load_ddm() if resume else None  # a state of a run with validation refused: 'validate was true'
     if attr is None:
         attr = _ddm(ckpt, data, num_classes, config, seed, progress)

@@ -7,6 +7,8 @@ then differs from the full model only by the removed data. Training costs O(trai
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -19,6 +21,12 @@ Params = dict[str, torch.Tensor]
 
 def make_model(in_shape: tuple[int, ...], num_classes: int, width: int, depth: int, seed: int) -> torch.nn.Module:
     return make_net("mlp", in_shape, num_classes, width, depth, seed=seed)
+
+
+def n_params(in_shape: tuple[int, ...], num_classes: int, width: int, depth: int) -> int:
+    """The parameter count of :func:`make_model`'s MLP, without building it."""
+    d_in = math.prod(in_shape)
+    return d_in * width + width + (depth - 1) * (width * width + width) + width * num_classes + num_classes
 
 
 def init_params(model: torch.nn.Module) -> Params:

@@ -35,9 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "split (--test-index counts among them; default: all)")
     p.add_argument("--train-steps", type=int, default=None, help="target-model GD steps (default 100)")
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
-    p.add_argument("--unlearn", choices=["newton", "ascent"], default=None,
-                   help="online removal step: Newton step on the distilled set (default) or gradient ascent")
-    p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1; --unlearn newton only)")
+    p.add_argument("--unlearn", choices=["auto", "newton", "ascent"], default=None,
+                   help="online removal step: a Newton step on the distilled set (exact Hessian: targets of at most "
+                        "20,000 parameters, e.g. digits') or gradient ascent; auto (default): Newton where it fits")
+    p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1; Newton only)")
     p.add_argument("--samples-per-cluster", type=positive_int, default=None,
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
@@ -60,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     check_start(args.out, args.resume)  # an interrupted run's state is not overwritten without --resume
     cfg = _config(args)
     train, data = _inputs(args)
+    _say_unlearn(args, cfg, train)
     kept = progress_of(args.out) if args.resume else None
     where = Path(args.out) / "checkpoint"
     said = (lambda: echo(f"resuming from {where}: {_kept(kept)} kept")) if kept else None  # once settings match
@@ -150,6 +152,24 @@ def _config(args: argparse.Namespace):
     if args.damping is not None and args.unlearn == "ascent":  # was silently ignored
         raise ConfigError(f"--damping {args.damping} applies to --unlearn newton only (ascent has no Hessian)")
     return DDMConfig(clusters_per_class=args.clusters_per_class, **{k: v for k, v in given if v is not None})
+
+
+def _say_unlearn(args: argparse.Namespace, cfg, train) -> None:
+    """For --unlearn auto (the default): say which step it takes and why, before any work; --damping where it
+    takes ascent is refused (it would be ignored). An explicit --unlearn newton too large is refused later, once a
+    --resume's settings are compared (its rule: the comparison comes first)."""
+    from modelatlas.attribution import ddm
+    from modelatlas.attribution.target import n_params
+
+    if cfg.unlearn != "auto":
+        return
+    method, why = ddm.unlearn_choice(cfg, train.input_shape, train.num_classes)
+    if args.damping is not None and method == "ascent":
+        p = n_params(tuple(train.input_shape), train.num_classes, cfg.width, cfg.depth)
+        raise ConfigError(f"--damping {args.damping} applies to Newton unlearning only, and --unlearn auto (the "
+                          f"default) takes ascent for this target model ({p:,} parameters, over Newton's "
+                          f"{ddm.MAX_NEWTON_PARAMS:,}); drop --damping")
+    echo(f"unlearning: {method} ({why})")
 
 
 def _shown(x: float | None, why: str = " (fewer than 3 clusters per class)") -> str:
