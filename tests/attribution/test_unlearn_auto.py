@@ -89,3 +89,9 @@ def test_unlearn_choice_counts_the_target_models_parameters():
     assert unlearn_choice(DDMConfig(unlearn="ascent"), (1, 8, 8), 10) == ("ascent", "as given")
     with pytest.raises(ConfigError, match=r"unlearn='newton' needs the exact 25,450 x 25,450 Hessian"):
         unlearn_choice(DDMConfig(unlearn="newton"), (1, 28, 28), 10)
+
+
+def test_the_help_states_the_limit_the_library_applies(capsys):
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    assert f"at most {ddm.MAX_NEWTON_PARAMS:,} parameters" in " ".join(capsys.readouterr().out.split())

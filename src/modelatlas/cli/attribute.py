@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attribute", help="which training-data clusters matter for which test samples (DDM)",
                        description="DDM data attribution: per-class k-means clusters, one synthetic sample per "
                                    "cluster by reverse gradient matching, removal by a Newton unlearning step on "
-                                   "the distilled set.")
+                                   "the distilled set (gradient ascent where the target is too large for its "
+                                   "exact Hessian).")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: fashion-mnist, cifar10, cifar100, image-folder)")
     p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class (default 5)")
