@@ -30,16 +30,14 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
                         resume: bool = False, progress: Progress | None = None,
                         every_s: float = 5.0, on_resume: Callable[[], None] | None = None,
                         class_names: list[str] | None = None) -> tuple[Attribution, dict, torch.Tensor | None]:
-    """DDM attribution of ``data`` = (x, y, x_test, y_test) written to ``out`` (report.save_attribution; the
-    plot shows ``test_index``, default the first three, its classes named by ``class_names``), with ``validate`` the LOO truth and its scores too;
-    returns (attribution, the ``attribution.json`` settings (``unlearn_used``: the online step that ran, and
-    ``unlearn_why``) and ``validation``, LOO matrix or None).
-
-    Progress is kept in ``out/checkpoint`` (DDM's offline units; with ``validate`` the LOO rows; saved as they
-    go every ``every_s`` seconds) and removed once the results are written; ``resume`` continues from it (none:
-    a fresh start) and refuses one of other settings (dataset, sizes, seed, validate, config, data). Without
-    ``resume`` a folder holding one is refused. ``on_resume`` is called once a resume's settings are found equal
-    (the CLI says then what is kept, not before a refusal)."""
+    """DDM attribution of ``data`` = (x, y, x_test, y_test) written to ``out`` (report.save_attribution; the plot
+    shows ``test_index``, default the first three, classes named by ``class_names``), with ``validate`` the LOO
+    truth and its scores; returns (attribution, the ``attribution.json`` settings with ``unlearn_used``, the
+    online step that ran, and ``unlearn_why``, the LOO matrix or None). Progress is kept in ``out/checkpoint``
+    (DDM's offline units; with ``validate`` the LOO rows, saved every ``every_s`` seconds) and removed once the
+    results are written; ``resume`` continues from it (none: a fresh start) and refuses one of other settings
+    (dataset, sizes, seed, validate, config, data); without ``resume`` a folder holding one is refused.
+    ``on_resume`` is called once a resume's settings are found equal (the CLI says what is kept then)."""
     out = check_out(out)
     check_start(out, resume)
     xtr, ytr, xte, yte = data
