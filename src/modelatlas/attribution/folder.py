@@ -47,8 +47,7 @@ def attribute_to_folder(out: str | Path, data: tuple, num_classes: int, config: 
         ckpt.check_settings()
         if on_resume is not None:
             on_resume()
-    method, why = unlearn_choice(config, tuple(xtr.shape[1:]), num_classes)  # explicit Newton too large: refused
-    info.update(unlearn_used=method, unlearn_why=why)  # what "auto" took; not a setting (it follows from them)
+    info["unlearn_used"], info["unlearn_why"] = unlearn_choice(config, tuple(xtr.shape[1:]), num_classes)  # not a setting
     attr = ckpt.load_ddm() if resume else None  # a state of a run with validation refused: 'validate was true'
     if attr is None:
         attr = _ddm(ckpt, data, num_classes, config, seed, progress)
