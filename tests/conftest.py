@@ -5,6 +5,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -17,6 +18,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["ATLAS_CACHE_DIR"] = tempfile.mkdtemp(prefix="atlas-test-cache-")
 atexit.register(shutil.rmtree, os.environ["ATLAS_CACHE_DIR"], True)
 torch.set_num_threads(1)
+# A shell's background job (`pytest &`, nohup) starts with SIGINT ignored, and Python keeps it so: the Ctrl-C tests
+# (tests/distill: a SIGINT sent to the process) saw nothing and failed ("DID NOT RAISE KeyboardInterrupt",
+# session 39). The tests run as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -53,10 +53,8 @@ def test_resume_after_crash_gives_identical_tensors(tmp_path):
 
 
 def ctrl_c() -> None:
-    """SIGINT to the main thread itself: sent to the process (os.kill), the kernel may hand it to another thread
-    (torch's), whose handler ran after the loop had finished all 12 iterations on a loaded machine (a full run
-    of session 39: 'DID NOT RAISE KeyboardInterrupt'); to the main thread, Python runs the handler before its
-    next bytecode."""
+    """SIGINT to the main thread itself (Python runs its handler there before the next bytecode), not to the
+    process, which the kernel may hand to another thread (torch's)."""
     import signal
     import threading
 
