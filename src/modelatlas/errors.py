@@ -173,6 +173,11 @@ class DeviceChangeWarning(AtlasWarning):
     kept on the first (the message names both devices)."""
 
 
+class CacheWarning(AtlasWarning):
+    """A kept unit of an unfinished pre-training (an MTT expert, a Teddy pool model) cannot be read or is not one
+    of this config: it is trained again (the message names the file)."""
+
+
 class InterruptWarning(AtlasWarning):
     """Ctrl-C during a checkpointed distillation: the iteration in progress is finished and saved before the run
     stops (:mod:`modelatlas.distill.interrupt`)."""

@@ -107,3 +107,97 @@ def test_a_run_diverged_by_its_learned_lr_names_lr_init():
                       syn_steps=1, expert_step=1, lr_init=1e30), "cache_dir": None}
     with pytest.raises(DivergedError, match=r"smaller learning rates \(--set lr_img=.*lr_init.*lr_lr"):
         distill("mtt", tr, 1, cfg)
+
+
+def ctrl_c():
+    """SIGINT to the main thread (os.kill may hand it to another one); Python runs the handler there next."""
+    import signal
+    import threading
+
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def counting(monkeypatch, trained, at=None, then=None):
+    """Patch train_expert to record the experts it trains; ``then`` runs inside expert ``at``."""
+    real = B.train_expert
+
+    def wrapped(train, cfg, seed, e, *a, **k):
+        trained.append(e)
+        if e == at:
+            then()
+        return real(train, cfg, seed, e, *a, **k)
+    monkeypatch.setattr(B, "train_expert", wrapped)
+
+
+@pytest.mark.parametrize("how", ["crash", "ctrl_c"])
+def test_an_interrupted_buffer_keeps_its_finished_experts(tmp_path, monkeypatch, how):
+    """A Ctrl-C or a crash while the experts trained lost them all (the buffer was written once complete): on
+    Fashion-MNIST, hours. Each expert is kept as it ends; a rerun trains only the missing ones, and the buffer
+    is bit-for-bit the one of an uninterrupted run."""
+    from modelatlas.errors import InterruptWarning
+
+    tr = load_dataset("digits", "train").subset(torch.arange(120))
+    cfg = get("mtt").make_config(make_cfg(tmp_path, num_experts=4, expert_epochs=2, max_start_epoch=0))
+    straight, _ = B.load_or_train(tr, get("mtt").make_config(make_cfg(tmp_path / "s", num_experts=4,
+                                                                     expert_epochs=2, max_start_epoch=0)), 0, "cpu", None)
+
+    def crash():
+        raise RuntimeError("boom")
+    trained: list[int] = []
+    counting(monkeypatch, trained, at=2, then=crash if how == "crash" else ctrl_c)
+    if how == "crash":
+        with pytest.raises(RuntimeError, match="boom"):
+            B.load_or_train(tr, cfg, 0, "cpu", None)
+        kept = [0, 1]
+    else:  # the first Ctrl-C finishes expert 2 and keeps it
+        with pytest.warns(InterruptWarning, match="finishing the expert"), pytest.raises(KeyboardInterrupt):
+            B.load_or_train(tr, cfg, 0, "cpu", None)
+        kept = [0, 1, 2]
+    path = tmp_path / "cache" / f"buffer-{B.buffer_key(tr, cfg, 0)}.safetensors"
+    assert not path.exists() and sorted(p.name for p in path.with_suffix(".partial").iterdir()) == [
+        f"expert{e}.safetensors" for e in kept]  # no temporary file left, nothing taken for the whole buffer
+    monkeypatch.undo()
+    trained.clear()
+    counting(monkeypatch, trained)
+    buf, _ = B.load_or_train(tr, cfg, 0, "cpu", None)
+    assert trained == [e for e in range(4) if e not in kept] and torch.equal(buf, straight)
+    assert path.is_file() and not path.with_suffix(".partial").exists()  # the units go once the whole is cached
+
+
+@pytest.mark.parametrize("damage", [b"not a file of tensors", "shape"])
+def test_a_damaged_kept_expert_is_trained_again_with_one_warning(tmp_path, monkeypatch, damage):
+    from safetensors.torch import save_file
+
+    from modelatlas.errors import CacheWarning
+
+    tr = load_dataset("digits", "train").subset(torch.arange(120))
+    cfg = get("mtt").make_config(make_cfg(tmp_path, num_experts=3, expert_epochs=2, max_start_epoch=0))
+    straight, _ = B.load_or_train(tr, get("mtt").make_config(make_cfg(tmp_path / "s", num_experts=3,
+                                                                     expert_epochs=2, max_start_epoch=0)), 0, "cpu", None)
+    partial = tmp_path / "cache" / f"buffer-{B.buffer_key(tr, cfg, 0)}.partial"
+    partial.mkdir(parents=True)
+    save_file({"trajectory": straight[1].contiguous()}, str(partial / "expert1.safetensors"))
+    if damage == "shape":
+        save_file({"trajectory": straight[0, :2].contiguous()}, str(partial / "expert0.safetensors"))
+    else:
+        (partial / "expert0.safetensors").write_bytes(damage)
+    trained: list[int] = []
+    counting(monkeypatch, trained)
+    with pytest.warns(CacheWarning, match=r"expert0\.safetensors.*training it again") as caught:
+        buf, _ = B.load_or_train(tr, cfg, 0, "cpu", None)
+    assert trained == [0, 2] and torch.equal(buf, straight)
+    assert all("\n" not in str(w.message) for w in caught)
+
+
+def test_an_interrupted_buffer_distils_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    tr = load_dataset("digits", "train").subset(torch.arange(120))
+    straight = distill("mtt", tr, 1, make_cfg(tmp_path / "s"), seed=1)
+
+    def crash():
+        raise RuntimeError("boom")
+    counting(monkeypatch, [], at=1, then=crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        distill("mtt", tr, 1, make_cfg(tmp_path), seed=1)
+    monkeypatch.undo()
+    again = distill("mtt", tr, 1, make_cfg(tmp_path), seed=1)
+    assert torch.equal(straight.images, again.images) and torch.equal(straight.lr, again.lr)

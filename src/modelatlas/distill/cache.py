@@ -83,3 +83,59 @@ def trained_on(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError, SafetensorError):  # (AttributeError: a JSON list)
         return None
     return value if isinstance(value, str) else None
+
+
+class UnitStore:
+    """The finished units of a pre-training not yet cached whole (MTT's experts, Teddy's pool models), one
+    safetensors file each in ``folder``, written atomically as each unit ends: a Ctrl-C or a crash loses only
+    the unit in progress, and a rerun trains the missing ones alone. A unit is determined by the key that names
+    ``folder`` and its own name (its seed is derived from both), so a kept one is the tensors a straight run
+    makes. ``folder`` is never the complete entry: that is written after the last unit (MTT: the buffer file
+    beside ``<stem>.partial``; Teddy: ``pool.json``). O(one unit) per call."""
+
+    def __init__(self, folder: Path, device: str | torch.device):
+        self.folder, self.device = folder, device_type(device)
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def get(self, name: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
+        """Unit ``name`` when kept with exactly these tensor ``shapes``; None when absent, and (with one
+        :class:`~modelatlas.errors.CacheWarning` line naming the file) when unreadable or of other shapes."""
+        import warnings
+
+        from modelatlas.atomic import read_tensors
+        from modelatlas.errors import CacheWarning, CheckpointError
+
+        path = self.path(name)
+        if not path.is_file():
+            return None
+        try:
+            tensors = read_tensors(path)
+        except CheckpointError as err:
+            warnings.warn(f"{err}; training it again", CacheWarning, stacklevel=2)
+            return None
+        if {k: tuple(v.shape) for k, v in tensors.items()} != shapes:
+            warnings.warn(f"{path}: not a unit of this config (other tensors or shapes); training it again",
+                          CacheWarning, stacklevel=2)
+            return None
+        return tensors
+
+    def put(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from modelatlas.atomic import atomic_save_tensors
+
+        atomic_save_tensors(self.path(name), tensors, {"unit": name, "device": self.device})
+
+    def devices(self, names: list[str]) -> str:
+        """The device types that trained the units ``names`` ("cpu", "cpu+cuda"); this run's for a unit that
+        records none (a Teddy pool model of before session 39)."""
+        return "+".join(sorted({trained_on(self.path(n)) or self.device for n in names}))
+
+    def remove(self, names: list[str]) -> None:
+        """Drop the units ``names`` (their whole is cached now) and ``folder`` when that leaves it empty."""
+        for n in names:
+            self.path(n).unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # not empty (a unit of another name, a temporary file), or already gone
+            pass

@@ -3,6 +3,8 @@
 Trained once and cached as safetensors (one (epochs + 1, P) tensor per expert, written atomically) in the
 cache (:mod:`modelatlas.distill.cache`) under a key hashing everything that determines the trajectories: a fingerprint of the training tensors, the network,
 the expert settings and the seed. A second run with the same key loads the file instead of training.
+Until it is complete, each finished expert is kept in ``buffer-<key>.partial/expert<e>.safetensors``
+(:class:`~modelatlas.distill.cache.UnitStore`): a Ctrl-C or a crash loses only the expert in progress.
 Training costs ``num_experts x expert_epochs`` epochs over the real data; memory O(num_experts x epochs x P).
 """
 
@@ -16,13 +18,17 @@ import torch
 from modelatlas.atomic import atomic_save_tensors, read_tensors
 from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
-from modelatlas.distill.cache import cache_key, cache_root, check_cache_folder, device_type
+from modelatlas.distill.cache import UnitStore, cache_key, cache_root, check_cache_folder
 from modelatlas.distill.evaluate import soft_cross_entropy
+from modelatlas.distill.interrupt import deferred_interrupt
 from modelatlas.distill.methods.mtt.config import MTTConfig
 from modelatlas.distill.nets import make_net
 from modelatlas.errors import CheckpointError
 from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
+
+STOP_MESSAGE = ("interrupted: finishing the expert in progress and keeping it, then stopping; a rerun trains only "
+                "the missing experts (Ctrl-C again to stop at once, losing that expert)")
 
 
 def buffer_key(train: ArrayDataset, cfg: MTTConfig, seed: int) -> str:
@@ -66,15 +72,43 @@ def train_expert(train: ArrayDataset, cfg: MTTConfig, seed: int, e: int, device,
 def load_or_train(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: DSA | None,
                   progress: Progress | None = None) -> tuple[torch.Tensor, Path]:
     """The buffer (num_experts, epochs + 1, P) and its file; trains and caches it when absent, a ``progress``
-    bar per expert (the first run's long part: on Fashion-MNIST its epochs took hours with nothing shown)."""
+    bar per expert (the first run's long part: on Fashion-MNIST its epochs took hours with nothing shown).
+    Each expert is kept as it ends (:func:`train_experts`): an interrupted first run loses one expert, not all."""
     path = cache_root("mtt", cfg.cache_dir) / f"buffer-{buffer_key(train, cfg, seed)}.safetensors"
     if path.is_file():
         return _cached(path, train, cfg), path
     check_cache_folder(path.parent, cfg.cache_dir)
-    experts = [train_expert(train, cfg, seed, e, device, dsa, progress) for e in range(cfg.num_experts)]
-    atomic_save_tensors(path, {f"expert{e}": t for e, t in enumerate(experts)},
-                        {"key": path.stem, "device": device_type(device)})  # CPU tensors (cache.py: no device key)
+    units = UnitStore(path.with_suffix(".partial"), device)
+    experts, stop = train_experts(train, cfg, seed, device, dsa, units, progress)
+    names = [f"expert{e}" for e in range(cfg.num_experts)]
+    atomic_save_tensors(path, dict(zip(names, experts)),
+                        {"key": path.stem, "device": units.devices(names)})  # CPU tensors (cache.py: no device key)
+    units.remove(names)
+    if stop:  # a Ctrl-C during the last expert: it is kept with the buffer, then the run stops
+        raise KeyboardInterrupt
     return torch.stack(experts), path
+
+
+def train_experts(train: ArrayDataset, cfg: MTTConfig, seed: int, device, dsa: DSA | None, units: UnitStore,
+                  progress: Progress | None = None) -> tuple[list[torch.Tensor], bool]:
+    """(the trajectories, whether a Ctrl-C asked to stop): the experts kept in ``units`` are read, the others
+    trained and kept one by one. Expert e depends on (key, e) alone, so the buffer is bit-for-bit the one of an
+    uninterrupted run. A first Ctrl-C finishes and keeps the expert in progress, then stops (KeyboardInterrupt);
+    a second stops at once."""
+    spec = cfg.net_spec(train.input_shape)
+    net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"])
+    shapes = {"trajectory": (cfg.expert_epochs + 1, sum(p.numel() for p in net.parameters()))}
+    experts: list[torch.Tensor] = []
+    with deferred_interrupt(message=STOP_MESSAGE) as stopping:
+        for e in range(cfg.num_experts):
+            kept = units.get(f"expert{e}", shapes)
+            if kept is None:
+                kept = {"trajectory": train_expert(train, cfg, seed, e, device, dsa, progress)}
+                units.put(f"expert{e}", kept)
+            experts.append(kept["trajectory"])
+            if stopping() and e < cfg.num_experts - 1:
+                raise KeyboardInterrupt
+        return experts, stopping()
 
 
 def _cached(path: Path, train: ArrayDataset, cfg: MTTConfig) -> torch.Tensor:
