@@ -160,3 +160,70 @@ def _set_files(folder, files):
     meta = json.loads((folder / "pool.json").read_text())
     meta.pop("files") if files is None else meta.__setitem__("files", files)
     (folder / "pool.json").write_text(json.dumps(meta))
+
+
+def _recording(monkeypatch, trained, at=None, then=None):
+    """Patch the pool's SGD loop to record the bars of the units it trains; ``then`` runs inside unit ``at``."""
+    from modelatlas.distill.methods.teddy import pool as P
+
+    real = P._sgd_steps
+
+    def wrapped(*a, bar=None, **k):
+        trained.append(bar[1])
+        if bar[1] == at:
+            then()
+        return real(*a, bar=bar, **k)
+    monkeypatch.setattr(P, "_sgd_steps", wrapped)
+
+
+def _crash():
+    raise RuntimeError("boom")
+
+
+def _ctrl_c():
+    import signal
+    import threading
+
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # not os.kill: another thread may take it
+
+
+@pytest.mark.parametrize("how", ["crash", "ctrl_c", "damaged"])
+def test_an_interrupted_pool_build_keeps_its_finished_models(tmp_path, monkeypatch, digits, how):
+    """A Ctrl-C or a crash while the pool trained lost it all (written once complete). Each unit (a base model's
+    checkpoints, a post model) is kept as it ends; a rerun trains only the missing ones, to the same pool. A
+    damaged kept model is trained again after one warning line."""
+    from modelatlas.errors import CacheWarning, InterruptWarning
+
+    kw = dict(pool_kind="both", pool_size=6, pool_bases=2)
+    cfg = methods.get("teddy").make_config(make_tiny(tmp_path, **kw))
+    spec, fields = cfg.net_spec(digits.input_shape), cfg.pool_fields()
+    straight, _, _ = load_or_build_pool(digits, fields, spec, 0, "cpu", str(tmp_path / "straight"))
+    post2 = "teddy: fine-tune pruned model 2/3"
+    trained: list[str] = []
+    _recording(monkeypatch, trained, at=post2, then=_crash if how != "ctrl_c" else _ctrl_c)
+    if how == "ctrl_c":  # the first Ctrl-C finishes post model 2 (model-4) and keeps it
+        with pytest.warns(InterruptWarning, match="finishing the pool model"), pytest.raises(KeyboardInterrupt):
+            load_or_build_pool(digits, fields, spec, 0, "cpu", cfg.cache_dir)
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            load_or_build_pool(digits, fields, spec, 0, "cpu", cfg.cache_dir)
+    folder = next((tmp_path / "cache").iterdir())
+    assert not (folder / "pool.json").exists()
+    want = ([post2] if how == "crash" else []) + ["teddy: fine-tune pruned model 3/3"]
+    if how == "damaged":  # base 0's trained state and model-3 unreadable: base 0 and post model 1 again
+        (folder / "base-trained.safetensors").write_bytes(b"not tensors")
+        (folder / "model-3.safetensors").write_bytes(b"not tensors")
+        want = ["teddy: train pool base 1/2", "teddy: fine-tune pruned model 1/3", post2, want[-1]]
+    monkeypatch.undo()
+    trained.clear()
+    _recording(monkeypatch, trained)
+    with pytest.warns(CacheWarning) if how == "damaged" else _no_warning():
+        pool, _, built = load_or_build_pool(digits, fields, spec, 0, "cpu", cfg.cache_dir)
+    assert trained == want and built and (folder / "pool.json").is_file()
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(pool, straight, strict=True) for k in a)
+    assert sorted(p.name for p in folder.iterdir()) == [f"model-{i}.safetensors" for i in range(6)] + ["pool.json"]
+
+
+def _no_warning():
+    import contextlib
+    return contextlib.nullcontext()
