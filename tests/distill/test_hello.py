@@ -185,3 +185,34 @@ def test_unedited_hello_result_loads(hello_set, tmp_path):
 
     write_result(tmp_path, hello_set, None, {"method": "hello", "dataset": "digits"}, losses=[])
     assert load_result(tmp_path)[0].meta["hello"]["rank"] == 4
+
+
+def test_a_ctrl_c_in_the_teacher_keeps_it_and_a_crash_after_it_keeps_it(digits, tmp_path, monkeypatch):
+    """The teacher is HeLlO's pre-training: a first Ctrl-C while it trains finishes and caches it, then stops; a
+    crash in the later stages leaves it cached. The rerun trains no teacher and gives an uninterrupted run's set."""
+    import signal
+    import threading
+
+    from modelatlas.distill.methods.hello import method as H
+    from modelatlas.errors import InterruptWarning
+
+    train, _ = digits
+    straight = distill("hello", train, 1, {**TINY, "cache_dir": str(tmp_path / "straight")}, seed=3)
+    cfg = {**TINY, "cache_dir": str(tmp_path / "cache")}
+    real, real_fit = H.train_teacher, H.fit_projector
+
+    def interrupted(*a, **k):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # not os.kill: another thread may take it
+        return real(*a, **k)
+    monkeypatch.setattr(H, "train_teacher", interrupted)
+    with pytest.warns(InterruptWarning, match="finishing the teacher"), pytest.raises(KeyboardInterrupt):
+        distill("hello", train, 1, cfg, seed=3)
+    monkeypatch.setattr(H, "train_teacher", lambda *a, **k: pytest.fail("the teacher was trained again"))
+    monkeypatch.setattr(H, "fit_projector", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        distill("hello", train, 1, cfg, seed=3)
+    monkeypatch.setattr(H, "fit_projector", real_fit)
+    again = distill("hello", train, 1, cfg, seed=3)
+    assert not again.meta["teacher_trained_now"] and torch.equal(again.images, straight.images)
+    assert all(torch.equal(again.extras[k], straight.extras[k]) for k in straight.extras)
+

@@ -25,6 +25,7 @@ from modelatlas.data.registry import ArrayDataset
 from modelatlas.distill.augment import DSA
 from modelatlas.distill.cache import cache_key, cache_root, check_cache_folder, device_type, trained_on
 from modelatlas.distill.evaluate import soft_cross_entropy
+from modelatlas.distill.interrupt import deferred_interrupt
 from modelatlas.distill.methods.base import DistillContext, init_synthetic
 from modelatlas.distill.methods.hello.config import HelloConfig
 from modelatlas.distill.methods.hello.projector import LabelProjector, text_head
@@ -35,6 +36,8 @@ from modelatlas.progress import Progress, resolve
 from modelatlas.seeding import derive_seed, torch_generator
 
 LABEL_GENERATOR = "modelatlas.distill.methods.hello.method:make_label_fn"
+STOP_MESSAGE = ("interrupted: finishing the teacher and caching it, then stopping; a rerun starts after it "
+                "(Ctrl-C again to stop at once, losing the teacher)")
 
 
 def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, device,
@@ -42,15 +45,19 @@ def load_or_train_teacher(train: ArrayDataset, config: HelloConfig, seed: int, d
     """Step (1) once per (data, teacher settings, seed): (teacher, its cache file, whether trained now).
 
     The teacher is cached like MTT's experts (:mod:`modelatlas.distill.cache`, kind "hello"), so a second
-    run (another ``init``, projector or image setting) skips the ``teacher_steps`` of training."""
+    run (another ``init``, projector or image setting), or one after a Ctrl-C or crash in steps (2)-(5), skips
+    the ``teacher_steps`` of training. A first Ctrl-C during them finishes and caches the teacher, then stops."""
     spec = config.net_spec(train.input_shape)
     fields = {**spec, "steps": config.teacher_steps, "lr": config.lr_teacher, "batch": config.batch_real}
     path = cache_root("hello", config.cache_dir) / f"teacher-{cache_key(train, fields, seed)}.safetensors"
     if not path.is_file():
         check_cache_folder(path.parent, config.cache_dir)
-        net = train_teacher(train, config, seed, device, progress)
-        # made contiguous on the CPU there: an entry holds no device (cache.py)
-        atomic_save_tensors(path, net.state_dict(), {"key": path.stem, "device": device_type(device)})
+        with deferred_interrupt(message=STOP_MESSAGE) as stopping:  # a first Ctrl-C: the teacher is finished
+            net = train_teacher(train, config, seed, device, progress)
+            # made contiguous on the CPU there: an entry holds no device (cache.py)
+            atomic_save_tensors(path, net.state_dict(), {"key": path.stem, "device": device_type(device)})
+            if stopping():
+                raise KeyboardInterrupt
         return net, path, True
     net = make_net(spec["net"], train.input_shape, train.num_classes, spec["width"], spec["depth"], seed=0,
                    device=device)
