@@ -227,3 +227,42 @@ def test_an_interrupted_pool_build_keeps_its_finished_models(tmp_path, monkeypat
 def _no_warning():
     import contextlib
     return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("how", ["crash", "ctrl_c", "damaged"])
+def test_an_interrupted_base_model_goes_on_from_its_last_kept_checkpoint(tmp_path, monkeypatch, digits, how):
+    """The default pool ("prior", one base model) is one training: each checkpoint is kept when reached with the
+    state to go on from it (net, SGD momentum, data generator), so a rerun resumes the base model there and
+    ends with the pool of an uninterrupted build; a damaged state to go on from restarts the base (one warning)."""
+    from modelatlas.distill.methods.teddy import pool as P
+    from modelatlas.errors import CacheWarning, InterruptWarning
+
+    cfg = methods.get("teddy").make_config(make_tiny(tmp_path, base_steps=40))  # marks at steps 3, 6, 9, 12
+    spec, fields = cfg.net_spec(digits.input_shape), cfg.pool_fields()
+    straight, _, _ = load_or_build_pool(digits, fields, spec, 0, "cpu", str(tmp_path / "straight"))
+    real, starts = P._sgd_steps, []
+
+    def wrapped(*a, on_step=None, start=0, **k):
+        starts.append(start)
+
+        def hook(step, net, opt):
+            if step == 8:
+                _ctrl_c() if how == "ctrl_c" else _crash()
+            on_step(step, net, opt)
+        return real(*a, on_step=hook, start=start, **k)
+    monkeypatch.setattr(P, "_sgd_steps", wrapped)
+    if how != "ctrl_c":  # after step 8: the checkpoints of steps 3 and 6 are kept
+        with pytest.raises(RuntimeError, match="boom"):
+            load_or_build_pool(digits, fields, spec, 0, "cpu", cfg.cache_dir)
+    else:  # the first Ctrl-C at step 8 ends the build at the next checkpoint, step 9's
+        with pytest.warns(InterruptWarning, match="finishing the pool model"), pytest.raises(KeyboardInterrupt):
+            load_or_build_pool(digits, fields, spec, 0, "cpu", cfg.cache_dir)
+    monkeypatch.setattr(P, "_sgd_steps", lambda *a, start=0, **k: (starts.append(start), real(*a, start=start, **k)))
+    folder = next((tmp_path / "cache").iterdir())
+    if how == "damaged":
+        (folder / "base-0-resume.safetensors").write_bytes(b"not tensors")
+    with pytest.warns(CacheWarning, match="base-0-resume") if how == "damaged" else _no_warning():
+        pool, _, _ = load_or_build_pool(digits, fields, spec, 0, "cpu", cfg.cache_dir)
+    assert starts == [0, {"crash": 6, "ctrl_c": 9, "damaged": 0}[how]]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(pool, straight, strict=True) for k in a)
+    assert sorted(p.name for p in folder.iterdir()) == [f"model-{i}.safetensors" for i in range(4)] + ["pool.json"]
