@@ -51,16 +51,20 @@ def make_safetensors_model(folder: Path) -> tuple[Path, dict]:
 
 def make_sharded_model(folder: Path) -> tuple[Path, dict]:
     """A Hugging Face folder of two safetensors shards and their index."""
-    model = folder / "hf"
+    return _sharded(folder / "hf", "model", "safetensors", lambda t, path: save_file(t, str(path)), "safetensors",
+                    {"total_size": 64})
+
+
+def _sharded(model: Path, stem: str, ext: str, save, kind: str, metadata: dict) -> tuple[Path, dict]:
+    """Folder ``model`` of two shards (``stem-0000k-of-00002.ext``, written by ``save``) and their index; the
+    damage kinds of its files (the index "json", the shards ``kind``)."""
     model.mkdir()
-    shards = {"model-00001-of-00002.safetensors": ["embed.weight"],
-              "model-00002-of-00002.safetensors": ["head.weight", "head.bias"]}
+    shards = {f"{stem}-00001-of-00002.{ext}": ["embed.weight"], f"{stem}-00002-of-00002.{ext}": ["head.weight", "head.bias"]}
     for shard, names in shards.items():
-        save_file({n: TENSORS[n] for n in names}, str(model / shard))
-    index = model / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": 64},
-                                 "weight_map": {n: s for s, names in shards.items() for n in names}}))
-    return model, {index: "json", **{model / s: "safetensors" for s in shards}}
+        save({n: TENSORS[n] for n in names}, model / shard)
+    index = model / f"{stem}.{ext}.index.json"
+    index.write_text(json.dumps({"metadata": metadata, "weight_map": {n: s for s, names in shards.items() for n in names}}))
+    return model, {index: "json", **{model / s: kind for s in shards}}
 
 
 def make_torch_model(folder: Path, name: str = "m.pt") -> tuple[Path, dict]:
@@ -79,15 +83,7 @@ def make_legacy_torch_model(folder: Path) -> tuple[Path, dict]:
 
 def make_sharded_bin_model(folder: Path) -> tuple[Path, dict]:
     """A Hugging Face folder of two torch.save shards and their index (pytorch_model.bin.index.json)."""
-    model = folder / "hf-bin"
-    model.mkdir()
-    shards = {"pytorch_model-00001-of-00002.bin": ["embed.weight"],
-              "pytorch_model-00002-of-00002.bin": ["head.weight", "head.bias"]}
-    for shard, names in shards.items():
-        torch.save({n: TENSORS[n] for n in names}, model / shard)
-    index = model / "pytorch_model.bin.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": {n: s for s, names in shards.items() for n in names}}))
-    return model, {index: "json", **{model / s: "torch" for s in shards}}
+    return _sharded(folder / "hf-bin", "pytorch_model", "bin", torch.save, "torch", {})
 
 
 def make_peft_model(folder: Path, fmt: str = "safetensors") -> tuple[Path, dict]:
