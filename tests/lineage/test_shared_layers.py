@@ -155,3 +155,21 @@ def test_no_join_is_looked_for_among_more_layer_sets_than_the_cap(monkeypatch):
     assert len(shared_layers.joined_signatures(sigs)) == 3
     monkeypatch.setattr(shared_layers, "MAX_SIGNATURES", 2)
     assert shared_layers.joined_signatures(sigs) == {}
+
+
+@pytest.mark.parametrize("same_tower", [False, True])
+def test_two_multimodal_models_equal_on_the_language_model_are_told_apart_by_their_towers(same_tower):
+    """A view under language_model. lists only the shared part: their towers were "only in" each, or unread."""
+    g = torch.Generator().manual_seed(0)
+    lm = {f"model.layers.{i}.q": torch.randn(16, 16, generator=g) for i in range(3)}
+    tuned = {k: v + 0.05 * torch.randn(16, 16, generator=g) for k, v in lm.items()}
+    tower = {f"vision_tower.{i}.q": torch.randn(16, 16, generator=g) for i in range(2)}
+    other = tower if same_tower else {k: v + 0.05 for k, v in tower.items()}
+    ckpts = [MemoryCheckpoint("llm", lm),
+             MemoryCheckpoint("mm-a", {**{"language_model." + k: v for k, v in tuned.items()}, **tower}),
+             MemoryCheckpoint("mm-b", {**{"language_model." + k: v for k, v in tuned.items()}, **other})]
+    forest = recover_lineage(ckpts, stage="specialize")
+    if same_tower:
+        assert forest.decisions["duplicates"] == {"mm-b": "mm-a"} and "outside_layers" not in forest.decisions
+    else:
+        assert forest.decisions["outside_layers"]["mm-b"]["differs_in"] == ["vision_tower.0.q", "vision_tower.1.q"]

@@ -19,7 +19,6 @@ import torch
 from modelatlas.errors import CheckpointError
 from modelatlas.lineage.quantized import compared, quant_type, quantized_copies
 from modelatlas.lineage.rounding import same_model_pairs
-from modelatlas.lineage.shared_layers import only_in
 from modelatlas.weights import Checkpoint, TensorInfo
 
 DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
@@ -206,10 +205,10 @@ def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: 
     kept: list[tuple[int, int]] = []
     differing: dict[int, list[int]] = {}  # representative -> models equal to it on the layers only
     for d, r in dups:
-        first = only_in(extra, members[d], members[r]) + differing_tensors(members[r], members[d], compared,
-                                                                           _rounded(formats, d, r))
+        first = _extra_differing(extra, members[d], members[r], _rounded(formats, d, r)) + differing_tensors(
+            members[r], members[d], compared, _rounded(formats, d, r))
         found = r if not first else next(  # a copy of an earlier model that differs from r the same way?
-            (c for c in differing.get(r, []) if not only_in(extra, members[d], members[c])
+            (c for c in differing.get(r, []) if not _extra_differing(extra, members[d], members[c], _rounded(formats, d, c))
              and not differing_tensors(members[c], members[d], compared, _rounded(formats, d, c))), None)
         if found is not None:
             kept.append((d, found))
@@ -218,6 +217,24 @@ def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: 
         outside[members[d].name] = {"like": members[r].name, "differs_in": first[:MAX_LISTED],
                                     "n_differing": len(first)}
     return kept
+
+
+def _extra_differing(extra: dict, a: Checkpoint, b: Checkpoint, rounded: str) -> list[str]:
+    """The layers not compared (``extra``: :func:`~.shared_layers.extra_layers`) of ``a`` or ``b`` that the other
+    lacks (named "(only in A)") or holds with other values: two models equal on the shared layers are no copies
+    when one has more (a projector trained on a frozen model), or both have a vision tower, unlike. Each read
+    whole (a view under a prefix lists only the shared part). Time O(sampled weights)."""
+    out: list[str] = []
+    for x, y in ((a, b), (b, a)):
+        mine = extra.get(x.name, (0, []))[1]
+        if not mine:
+            continue
+        xw, yw = (getattr(c, "inner", c) if getattr(c, "prefix", None) is not None else c for c in (x, y))
+        theirs = {t.name for t in yw.tensors()}
+        out += [f"{n} (only in {x.name})" for n in mine if n not in theirs]
+        skip = {t.name for t in xw.tensors()} - (set(mine) & theirs)
+        out += [n for n in differing_tensors(xw, yw, skip, rounded) if n not in out]
+    return out
 
 
 def _rounded(formats: list[str], i: int, j: int) -> str:

@@ -131,14 +131,3 @@ def described(extra: dict) -> dict:
     """:func:`extra_layers` as ``decisions["shared_layers"]``: model name -> ``{"compared": n, "not_compared":
     m, "examples": the first three names not compared}``."""
     return {name: {"compared": n, "not_compared": len(rest), "examples": rest[:3]} for name, (n, rest) in extra.items()}
-
-
-def only_in(extra: dict, a: Checkpoint, b: Checkpoint) -> list[str]:
-    """The layers not compared (:func:`extra_layers`) that one of ``a``, ``b`` holds and the other lacks, each
-    named with the model holding it: two models equal on the shared layers are no copies when one has more
-    (a projector trained on a frozen model). O(T)."""
-    out = []
-    for x, y in ((a, b), (b, a)):
-        theirs = {t.name for t in y.tensors()}
-        out += [f"{n} (only in {x.name})" for n in extra.get(x.name, (0, []))[1] if n not in theirs]
-    return out
