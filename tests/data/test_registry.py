@@ -167,3 +167,30 @@ def test_a_stratified_subset_keeps_every_class_share_seeded_and_in_order():
     assert data.stratified(30, seed=0) is data and data.stratified(99, seed=0) is data
     with pytest.raises(ConfigError, match="a positive number of examples, got 0"):
         data.stratified(0, seed=0)
+
+
+def test_each_dataset_says_whether_it_loads_here_without_reading_data(tmp_path, monkeypatch):
+    """`atlas data list` listed fashion-mnist as if present on a machine without the package; the first
+    command that used it failed."""
+    from modelatlas.data.registry import dataset_status, module_status
+
+    assert dataset_status("digits") == "ready"
+    assert dataset_status("cifar10") == dataset_status("image-folder") == "needs its folder: --data-root DIR (root= in Python)"
+    monkeypatch.setenv("ATLAS_FASHION_MNIST", str(tmp_path))
+    assert dataset_status("fashion-mnist") == (f"missing in {tmp_path}: sudo apt-get install dataset-fashion-mnist, "
+                                               "or --data-root DIR (root=)")
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / (stem + ".gz")).write_bytes(b"")
+    assert dataset_status("fashion-mnist") == "ready"
+    assert module_status("json") == "ready"
+    assert module_status("no_such_module_here") == "missing: pip install modelatlas[data]"
+    assert dataset_status("no-such-dataset") == "unknown"
+
+
+def test_data_list_prints_each_status(capsys):
+    from modelatlas.cli.main import main
+
+    assert main(["data", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("digits ")))
+    assert lines[at + 1].split() == ["here:", "ready"]

@@ -15,8 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    """Each dataset, whether it loads on this machine (a new user asked why fashion-mnist failed) and what it is."""
     from modelatlas.data import available_datasets  # imports torch: not at registration (`atlas --help`)
+    from modelatlas.data.registry import dataset_status
 
     for name, desc in sorted(available_datasets().items()):
-        echo(f"{name:16s} {desc}")
+        echo(f"{name:16s} {desc}\n{'':16s} here: {dataset_status(name)}")
     return 0

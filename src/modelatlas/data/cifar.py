@@ -370,5 +370,7 @@ def _load_cifar100(split: str, root: str | Path | None = None) -> ArrayDataset:
     return load_cifar(split, root, num_classes=100)
 
 
-register_dataset("cifar10", _load_cifar10, "CIFAR-10 python-format batches (root=, restricted unpickler)")
-register_dataset("cifar100", _load_cifar100, "CIFAR-100 python-format batches, fine labels (root=, restricted unpickler)")
+register_dataset("cifar10", _load_cifar10, "CIFAR-10 python-format batches (root=, restricted unpickler)",
+                 lambda: "needs its folder: --data-root DIR (root= in Python)")
+register_dataset("cifar100", _load_cifar100, "CIFAR-100 python-format batches, fine labels (root=, restricted unpickler)",
+                 lambda: "needs its folder: --data-root DIR (root= in Python)")

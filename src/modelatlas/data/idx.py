@@ -126,5 +126,14 @@ def _load_fashion(split: str, root: str | Path | None = None) -> ArrayDataset:
     return load_idx_pair(img, lab, "fashion-mnist", FASHION_CLASSES)
 
 
+def _fashion_status() -> str:
+    """"ready" when the default folder ($ATLAS_FASHION_MNIST or the Debian package's) holds all four files."""
+    folder = Path(os.environ.get("ATLAS_FASHION_MNIST") or DEFAULT_FASHION_ROOT).expanduser()
+    if all(_find(folder, stem) is not None for pair in _FILES.values() for stem in pair):
+        return "ready"
+    return f"missing in {folder}: sudo apt-get install dataset-fashion-mnist, or --data-root DIR (root=)"
+
+
 register_dataset("fashion-mnist", _load_fashion,
-                 "Fashion-MNIST 28x28 grayscale, 10 classes, 60k/10k (IDX files; apt-get install dataset-fashion-mnist)")
+                 "Fashion-MNIST 28x28 grayscale, 10 classes, 60k/10k (IDX files; apt-get install dataset-fashion-mnist)",
+                 _fashion_status)

@@ -144,7 +144,8 @@ def load_image_folder(split: str, root: str | Path | None = None, size: int = 32
                         classes, {"source": str(root)})
 
 
-register_dataset("image-folder", load_image_folder, "class-per-subfolder PNG/JPEG/PGM images (root=, size=, channels=)")
+register_dataset("image-folder", load_image_folder, "class-per-subfolder PNG/JPEG/PGM images (root=, size=, channels=)",
+                 lambda: "needs its folder: --data-root DIR (root= in Python)")
 
 
 def check_out_outside_images(out: str | Path, dataset, root: str | Path | None, flag: str = "--out") -> None:

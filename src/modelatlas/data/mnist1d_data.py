@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-from modelatlas.data.registry import ArrayDataset, register_dataset
+from modelatlas.data.registry import ArrayDataset, module_status, register_dataset
 from modelatlas.errors import DatasetNotFoundError
 
 _CACHE: dict = {}
@@ -45,4 +45,5 @@ def _without_global_side_effects(fn, *args):
         np.random.set_state(np_state)
 
 
-register_dataset("mnist1d", _load_mnist1d, "MNIST-1D signals (N, 1, 40), 10 classes, 4k/1k, generated locally")
+register_dataset("mnist1d", _load_mnist1d, "MNIST-1D signals (N, 1, 40), 10 classes, 4k/1k, generated locally",
+                 lambda: module_status("mnist1d"))

