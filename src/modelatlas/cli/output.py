@@ -83,7 +83,21 @@ def warnings_as_lines(category: type[Warning]) -> Iterator[None]:
 def say_fresh_start(resume: bool, out: str | Path, kept_in: str = "") -> None:
     """With --resume on a new or empty --out (a mistyped folder, or a run stopped before its first checkpoint
     left nothing), say that the run starts from the beginning, as `atlas attribute` does; it said nothing.
-    ``kept_in``: the sub-folder the command keeps its state in (distill: ``checkpoint``)."""
+    ``kept_in``: the sub-folder the command keeps its state in (distill: ``checkpoint``); where it holds a
+    checkpoint.json, say which iteration the run goes on from (a resume printed nothing until its last line)."""
     out = Path(out)
     if resume and (not out.is_dir() or not any(out.iterdir())):
         echo(f"nothing to resume in {out / kept_in}: starting from the beginning")
+    elif resume and kept_in and (done := _iterations_done(out / kept_in / "checkpoint.json")) is not None:
+        echo(f"resuming from {out / kept_in}: {counted(done, 'iteration')} done")
+
+
+def _iterations_done(path: Path) -> int | None:
+    """The ``iteration`` a checkpoint.json records; None when it cannot be read (the run itself says why)."""
+    import json
+
+    try:
+        done = json.loads(path.read_text())["iteration"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return done if isinstance(done, int) and not isinstance(done, bool) else None
