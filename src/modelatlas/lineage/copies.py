@@ -19,6 +19,7 @@ import torch
 from modelatlas.errors import CheckpointError
 from modelatlas.lineage.quantized import compared, quant_type, quantized_copies
 from modelatlas.lineage.rounding import same_model_pairs
+from modelatlas.lineage.sources import whole
 from modelatlas.weights import Checkpoint, TensorInfo
 
 DUPLICATE_TOL = 1e-6  # relative distance below which two models count as identical (float32 rounding is ~1e-7)
@@ -204,12 +205,15 @@ def _checked_outside(members: list[Checkpoint], layers: list[TensorInfo], dups: 
     compared = {t.name for t in layers}
     kept: list[tuple[int, int]] = []
     differing: dict[int, list[int]] = {}  # representative -> models equal to it on the layers only
+    def differs(d: int, c: int) -> list[str]:  # d's tensors that differ from c's outside ``layers``
+        rounded = _rounded(formats, d, c)
+        return (_extra_differing(extra, members[d], members[c], rounded)
+                + differing_tensors(members[c], members[d], compared, rounded))
+
     for d, r in dups:
-        first = _extra_differing(extra, members[d], members[r], _rounded(formats, d, r)) + differing_tensors(
-            members[r], members[d], compared, _rounded(formats, d, r))
-        found = r if not first else next(  # a copy of an earlier model that differs from r the same way?
-            (c for c in differing.get(r, []) if not _extra_differing(extra, members[d], members[c], _rounded(formats, d, c))
-             and not differing_tensors(members[c], members[d], compared, _rounded(formats, d, c))), None)
+        first = differs(d, r)
+        # a copy of an earlier model that differs from r the same way?
+        found = r if not first else next((c for c in differing.get(r, []) if not differs(d, c)), None)
         if found is not None:
             kept.append((d, found))
             continue
@@ -229,7 +233,7 @@ def _extra_differing(extra: dict, a: Checkpoint, b: Checkpoint, rounded: str) ->
         mine = extra.get(x.name, (0, []))[1]
         if not mine:
             continue
-        xw, yw = (getattr(c, "inner", c) if getattr(c, "prefix", None) is not None else c for c in (x, y))
+        xw, yw = whole(x), whole(y)
         theirs = {t.name for t in yw.tensors()}
         out += [f"{n} (only in {x.name})" for n in mine if n not in theirs]
         skip = {t.name for t in xw.tensors()} - (set(mine) & theirs)

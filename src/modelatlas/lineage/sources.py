@@ -358,10 +358,15 @@ def _aligned_signatures(sigs: set[tuple]) -> dict[tuple, tuple[tuple, str]]:
     return out
 
 
+def whole(ckpt: Checkpoint) -> Checkpoint:
+    """The model itself: a PrefixedView's whole checkpoint (it lists only the part under its prefix)."""
+    return ckpt.inner if isinstance(ckpt, PrefixedView) else ckpt
+
+
 def own_layers(ckpt: Checkpoint, pattern: str | None) -> list[TensorInfo]:
     """The layers ``ckpt`` would be compared on alone (a PrefixedView: its whole model's, names in full), for
     :func:`~.shared_layers.extra_layers`. Headers only."""
-    return select_layers(ckpt.inner if isinstance(ckpt, PrefixedView) else ckpt, pattern)[0]
+    return select_layers(whole(ckpt), pattern)[0]
 
 
 def _no_layer_reason(ckpt: Checkpoint, pattern: str | None) -> str:
