@@ -141,7 +141,7 @@ def _stream_layer(ckpts: list[Checkpoint], info: TensorInfo, failed: dict[int, s
     y = None
     shift = None
     noise = torch.zeros(n, _rounding.SUMS, dtype=torch.float64)
-    pw = torch.empty(4, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
+    pw = torch.empty(3, 1, info.numel, dtype=torch.float32)  # workspaces reused by every model
     bw = torch.zeros(1, info.numel + (-info.numel) % k, dtype=torch.float32)
     work = _rounding.RoundingWork(info.numel)
     for i, x in _rows(ckpts, info, failed, fits):  # x: (1, P) float32
@@ -327,22 +327,25 @@ def _add_layer(st: PairStats, mom: torch.Tensor, gram: torch.Tensor, shift: floa
 
 def _power_sums(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 4) float64 sums of e, e^2, e^3, e^4 per row (e = x - shift), in blocks of rows of ~1M entries so
-    the float32 powers stay in cache. The powers are written into one (4, R, B) workspace (``work``, reused
-    across calls when given) and summed in one reduction: no fresh allocation per power (fresh pages cost a
-    page fault each; this was ~8x slower on a 1 MB row). Time O(N B), memory O(min(N B, 4M))."""
+    the float32 powers stay in cache. e and e^2 are written into a (3, R, B) workspace (``work``, reused
+    across calls when given: a fresh page costs a page fault each, ~8x slower on a 1 MB row) and each sum is
+    taken as soon as its power is written, e^3 and e^4 in turn in the third plane: the same float32 cascade
+    sums as four written powers, bit for bit, with three passes over memory fewer (1.5 -> 0.9-1.1 ms a
+    1M-entry row, session 40). Time O(N B), memory O(min(N B, 3M))."""
     n, b = x.shape
     rows = max(1, (1 << 20) // max(b, 1))
-    if work is None or work.shape[1] < min(rows, n) or work.shape[2] != b:
-        work = torch.empty(4, min(rows, n), b, dtype=torch.float32)  # (4, R, B)
+    if work is None or work.shape[0] < 3 or work.shape[1] < min(rows, n) or work.shape[2] != b:
+        work = torch.empty(3, min(rows, n), b, dtype=torch.float32)  # (3, R, B)
     out = torch.empty(n, 4, dtype=torch.float64)
     for r in range(0, n, rows):
         xr = x[r:r + rows]  # (R, B)
-        e, e2, e3, e4 = work[:, :len(xr)].unbind(0)  # each (R, B)
+        e, e2, ek = work[:3, :len(xr)].unbind(0)  # each (R, B)
         torch.sub(xr, shift, out=e)
         torch.mul(e, e, out=e2)
-        torch.mul(e2, e, out=e3)
-        torch.mul(e2, e2, out=e4)
-        out[r:r + rows] = work[:, :len(xr)].sum(2).T.double()  # (4, R) -> (R, 4); float32 cascade sums
+        s1, s2 = e.sum(1), e2.sum(1)  # float32 cascade sums
+        s3 = torch.mul(e2, e, out=ek).sum(1)
+        s4 = torch.mul(e2, e2, out=ek).sum(1)  # e^4 over e^3: its sum is taken
+        out[r:r + rows] = torch.stack([s1, s2, s3, s4], 1).double()  # (R, 4)
     return out
 
 
