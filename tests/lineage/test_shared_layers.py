@@ -173,3 +173,39 @@ def test_two_multimodal_models_equal_on_the_language_model_are_told_apart_by_the
         assert forest.decisions["duplicates"] == {"mm-b": "mm-a"} and "outside_layers" not in forest.decisions
     else:
         assert forest.decisions["outside_layers"]["mm-b"]["differs_in"] == ["vision_tower.0.q", "vision_tower.1.q"]
+
+
+def test_shape_families_link_layer_sets_through_shapes_they_hold_in_common():
+    from modelatlas.lineage.shared_layers import shape_families
+
+    a, b = make_sig("a", "b"), make_sig("x", shape=(4, 4)) + make_sig("y")  # b holds an 8 x 8 layer too
+    c, d = make_sig("z", shape=(4, 4)), make_sig("u", shape=(2, 2))
+    assert shape_families([a, b, c, d]) == [[a, b, c], [d]]  # a-b by (8, 8), b-c by (4, 4)
+    assert shape_families([]) == []
+
+
+def test_the_cap_counts_the_layer_sets_of_one_shape_family_not_of_the_folder(monkeypatch):
+    from modelatlas.lineage import shared_layers
+
+    narrow = [make_sig("a", "b"), make_sig("a", "b", "v")]
+    wide = [make_sig("a", "b", shape=(16, 16)), make_sig("a", "b", "head", shape=(16, 16))]
+    monkeypatch.setattr(shared_layers, "MAX_SIGNATURES", 2)
+    got = shared_layers.joined_signatures(narrow + wide)  # 4 layer sets, two families of 2: each joined
+    assert got == {narrow[0]: (narrow[0], ""), narrow[1]: (narrow[0], ""), wide[0]: (wide[0], ""),
+                   wide[1]: (wide[0], "")}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_joins_per_family_equal_joins_over_all_layer_sets(seed):
+    from modelatlas.lineage.shared_layers import _join, shape_families
+
+    g = torch.Generator().manual_seed(seed)
+    shapes, names = [(8, 8), (16, 16), (4, 4), (8, 4)], ["a", "b", "c", "m.a", "m.b", "head", "x.w", "y.w"]
+    sigs = set()
+    for _ in range(12):  # random layer sets, each of one width but a few layers: families, prefixes, ties
+        k, width = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(0, 4, (1,), generator=g))
+        pick = torch.randperm(len(names), generator=g)[:k].tolist()
+        odd = (torch.rand(k, generator=g) < 0.05).tolist()  # a layer of another width now and then: links families
+        sigs.add(tuple(sorted((names[i], shapes[(width + o) % 4]) for i, o in zip(pick, odd))))
+    assert len(shape_families(sorted(sigs))) >= 2  # the case the families are for
+    assert joined_signatures(list(sigs)) == _join(sorted(sigs))  # the brute-force oracle: one family of all

@@ -26,9 +26,10 @@ from collections import defaultdict
 from modelatlas.weights import Checkpoint, TensorInfo
 
 MIN_SHARE = 0.25  # of each side's compared weights (numel) that the shared layers must hold
-# architectures (distinct layer sets) up to which joins are looked for: every pair is compared, and each join
-# compares the joined group again with all others (64 layer sets of 150 names, all joinable: ~5 s); a folder
-# holding more is compared as before, each layer set apart (the summary's "N architectures, compared apart")
+# layer sets that hold a layer shape in common (the only ones that can join, :func:`shape_families`) up to which
+# joins are looked for among them: every pair is compared, and each join compares the joined group again with
+# all others (64 layer sets of 150 names, all joinable: ~5 s); a family of more is compared as before, each
+# layer set apart (the summary's "N architectures, compared apart")
 MAX_SIGNATURES = 64
 
 
@@ -90,11 +91,45 @@ def joined_signatures(sigs) -> dict[tuple, tuple[tuple, str]]:
     names carry over those), for each of ``sigs`` that joins another: the two groups sharing the most weights
     (:func:`common_layers`) become one, compared on the shared layers, again until no two groups qualify; the
     prefixes add up. Ties go to the first in sorted order, so the result does not depend on the order of
-    ``sigs``. None is joined among more than :data:`MAX_SIGNATURES`. Time O(S^2) upper bounds for S
-    signatures, O(T d) a pair that passes one, O(S T d) a join."""
-    sigs = sorted(set(sigs))
-    if len(sigs) > MAX_SIGNATURES:
-        return {}
+    ``sigs``. Joins are looked for within each family of layer sets that hold a shape in common
+    (:func:`shape_families`; no other can join), none within a family of more than :data:`MAX_SIGNATURES`.
+    Time O(S T) families, then per family of F: O(F^2) upper bounds, O(T d) a pair that passes one, O(F T d)
+    a join."""
+    out = {}
+    for family in shape_families(sorted(set(sigs))):
+        if 1 < len(family) <= MAX_SIGNATURES:
+            out |= _join(family)
+    return out
+
+
+def shape_families(sigs: list[tuple]) -> list[list[tuple]]:
+    """``sigs`` split into families: two signatures are in one when a chain of signatures, each holding a layer
+    shape the next holds too, links them. Shared layers have the same shapes on both sides, so a join (of two
+    signatures, or later of their groups, whose layers are a subset of each member's) never crosses families:
+    the joins found per family are those found over all. Each family keeps the order of ``sigs``. Time O(S T)
+    (union-find over shapes)."""
+    root = list(range(len(sigs)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]  # path halving
+            i = root[i]
+        return i
+
+    first = {}  # shape -> the first signature holding it
+    for i, sig in enumerate(sigs):
+        for _, shape in sig:
+            j = first.setdefault(shape, i)
+            root[find(i)] = find(j)
+    families = defaultdict(list)
+    for i, sig in enumerate(sigs):
+        families[find(i)].append(sig)
+    return list(families.values())
+
+
+def _join(sigs: list[tuple]) -> dict[tuple, tuple[tuple, str]]:
+    """:func:`joined_signatures` within one family (sorted signatures). Time O(F^2) upper bounds, O(F T d) a
+    join."""
     groups = {k: (_Layers(s), {s: ""}) for k, s in enumerate(sigs)}  # id -> (layers, {sig: prefix})
     pairs = {(i, j): groups[i][0].common(groups[j][0]) for i in groups for j in groups if i < j}
     while best := max(((numel(c[0]), -i, -j) for (i, j), c in pairs.items() if c), default=None):
