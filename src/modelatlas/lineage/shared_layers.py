@@ -20,6 +20,7 @@ pass anyway are compared and land in trees of their own by distance, as unrelate
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -80,10 +81,12 @@ class _Layers:
                             in have)), pa, pb
 
 
-def _suffixes(name: str) -> list[str]:
-    """``a.b.c`` -> [``a.b.c``, ``b.c``, ``c``]: the names it can be under a prefix, longest first."""
+@functools.lru_cache(maxsize=1 << 16)
+def _suffixes(name: str) -> tuple[str, ...]:
+    """``a.b.c`` -> (``a.b.c``, ``b.c``, ``c``): the names it can be under a prefix, longest first. Cached: a
+    family's names are looked up once per pair compared."""
     parts = name.split(".")
-    return [".".join(parts[k:]) for k in range(len(parts))]
+    return tuple(".".join(parts[k:]) for k in range(len(parts)))
 
 
 def joined_signatures(sigs) -> dict[tuple, tuple[tuple, str]]:
@@ -131,16 +134,24 @@ def _join(sigs: list[tuple]) -> dict[tuple, tuple[tuple, str]]:
     """:func:`joined_signatures` within one family (sorted signatures). Time O(F^2) upper bounds, O(F T d) a
     join."""
     groups = {k: (_Layers(s), {s: ""}) for k, s in enumerate(sigs)}  # id -> (layers, {sig: prefix})
-    pairs = {(i, j): groups[i][0].common(groups[j][0]) for i in groups for j in groups if i < j}
-    while best := max(((numel(c[0]), -i, -j) for (i, j), c in pairs.items() if c), default=None):
+    pairs = {}  # (i, j) -> (the shared layers' weights, common_layers) of the pairs that can join
+    _compare(groups, pairs, [(i, j) for i in groups for j in groups if i < j])
+    while best := max(((w, -i, -j) for (i, j), (w, _) in pairs.items()), default=None):
         i, j = -best[1], -best[2]
-        shared, pa, pb = pairs[(i, j)]
+        shared, pa, pb = pairs[(i, j)][1]
         members = {s: p + pa for s, p in groups[i][1].items()} | {s: p + pb for s, p in groups.pop(j)[1].items()}
         groups[i] = (_Layers(shared), members)  # a member's names: its prefix + the group's (pa + a shared name)
         pairs = {k: c for k, c in pairs.items() if i not in k and j not in k}
-        pairs.update({(min(i, k), max(i, k)): groups[min(i, k)][0].common(groups[max(i, k)][0])
-                      for k in groups if k != i})
+        _compare(groups, pairs, [(min(i, k), max(i, k)) for k in groups if k != i])
     return {s: (layers.sig, p) for layers, members in groups.values() if len(members) > 1 for s, p in members.items()}
+
+
+def _compare(groups: dict, pairs: dict, todo: list[tuple[int, int]]) -> None:
+    """Add to ``pairs`` each pair of ``todo`` whose groups can join: (their shared weights, :func:`common_layers`).
+    O(T d) a pair."""
+    for i, j in todo:
+        if c := groups[i][0].common(groups[j][0]):
+            pairs[(i, j)] = (numel(c[0]), c)
 
 
 def numel(sig: tuple) -> int:
