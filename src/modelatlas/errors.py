@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 # A URL as ``Path`` keeps it: "https://host/a" becomes "https:/host/a" (see modelatlas.weights.remote)
@@ -90,6 +91,20 @@ def _hidden_value(pair: str) -> str:
     """One ``key=value`` of a query, its value ``***`` where the key names a credential. O(len)."""
     key, eq, value = pair.partition("=")
     return f"{key}=***" if eq and value and key.lower() in _SECRET_KEYS else pair
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line for a CheckpointError reason: its first non-empty line, else its type."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def same_form(name: str) -> str:
+    """``name`` in Unicode NFC form, the form model names are compared in (not shown in: names stay as the file
+    system gives them). macOS writes file names decomposed (NFD: e + U+0301, also in its zips), typed text and
+    most Linux tools composed: the two spell one name. (Here, not in modelatlas.weights, which imports torch:
+    reading an atlas or a forest JSON needs neither.)"""
+    return unicodedata.normalize("NFC", name)
 
 
 class AtlasError(Exception):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads with the first generator: checking a seed (a config) needs none
+    import torch
 
 SEED_RANGE = "an integer from -2**63 to 2**63 - 1"
 
@@ -18,6 +21,8 @@ def is_seed(value: object) -> bool:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (for code we do not control)."""
+    import torch
+
     random.seed(seed)
     np.random.seed(torch_seed(seed))  # NumPy's legacy seed is 32 bits too
     torch.manual_seed(torch_seed(seed))
@@ -25,6 +30,8 @@ def seed_everything(seed: int) -> None:
 
 def torch_generator(seed: int) -> torch.Generator:
     """A CPU torch generator seeded with ``seed`` (pass it explicitly instead of touching global state)."""
+    import torch
+
     g = torch.Generator()
     g.manual_seed(torch_seed(seed))
     return g

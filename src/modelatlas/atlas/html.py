@@ -16,8 +16,8 @@ from html import escape
 
 from modelatlas.atlas.index import NO_CLASS, Atlas, ModelEntry
 from modelatlas.atlas.search import below, shared_folder
+from modelatlas.errors import same_form
 from modelatlas.lineage.export import MAX_INDENT, copy_formats, copy_text, runner_up_note, tree_heading
-from modelatlas.weights.base import same_form
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}

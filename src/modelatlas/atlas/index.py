@@ -20,8 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from modelatlas.atomic import (
     atomic_save_tensors,
@@ -33,6 +32,9 @@ from modelatlas.atomic import (
 )
 from modelatlas.errors import AtlasError
 from modelatlas.lineage.forest import Forest
+
+if TYPE_CHECKING:  # torch loads with the embeddings (read_tensors): `atlas index show` needs none
+    import torch
 
 FORMAT = "modelatlas-atlas/1"
 FORMAT_FAMILY = "modelatlas-atlas/"  # any version's atlas.json: `index build` may replace it (the fix for its load error)
@@ -207,7 +209,7 @@ def _check_embeddings(path: Path, tree: str, e: torch.Tensor) -> None:
     if e.ndim != 2:
         raise AtlasError(f"{path}: embeddings of tree {tree!r} must be (models, dimensions); got shape "
                          f"{tuple(e.shape)}; rebuild the atlas")
-    if not e.is_floating_point() or not bool(torch.isfinite(e).all()):
+    if not e.is_floating_point() or not bool(e.isfinite().all()):
         raise AtlasError(f"{path}: embeddings of tree {tree!r} holds NaN or inf values (or is not floating point); "
                          "rebuild the atlas")
 

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from modelatlas.atlas.index import Atlas, ModelEntry, shown_value
-from modelatlas.errors import AtlasError
-from modelatlas.weights.base import same_form
+from modelatlas.errors import AtlasError, same_form
 
 MODES = ("auto", "text", "keywords")
 EXACT_NAME = 2.0  # bonus when the whole query is a model's name

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelatlas.atomic import atomic_write_json
-from modelatlas.errors import AtlasError
-from modelatlas.weights.base import error_line
+from modelatlas.errors import AtlasError, error_line
 
 COPY_KINDS = ("duplicate", "precision")  # edge kinds that join two copies of one model, not a training step
 

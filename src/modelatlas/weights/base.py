@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from modelatlas.errors import CheckpointError, TensorNotFoundError
+from modelatlas.errors import CheckpointError, TensorNotFoundError, error_line, same_form  # noqa: F401 (importable from here too)
 
 
 @dataclass(frozen=True)
@@ -290,12 +289,6 @@ def utf8_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def error_line(e: BaseException) -> str:
-    """An exception as one line for a CheckpointError reason: its first non-empty line, else its type."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def folder_name(path: Path) -> str:
     """The last name in ``path``; for ``.`` and ``..`` (no name of their own) that of the folder they stand for;
     for a hub cache snapshot (``models--org--name/snapshots/<commit>``), ``org/name@<commit[:7]>``: the commit
@@ -381,13 +374,6 @@ def _stem(path: Path) -> str:
     name = folder_name(path)
     stem = _file_stem(name)
     return name if stem is None else stem
-
-
-def same_form(name: str) -> str:
-    """``name`` in Unicode NFC form, the form model names are compared in (not shown in: names stay as the file
-    system gives them). macOS writes file names decomposed (NFD: e + U+0301, also in its zips), typed text and
-    most Linux tools composed: the two spell one name."""
-    return unicodedata.normalize("NFC", name)
 
 
 def _count_and_close(name: str, names) -> str:
