@@ -101,9 +101,10 @@ def test_predict_skips_a_path_that_is_no_model_and_goes_on(make_tiny_zoo, make_t
     assert main(["probex", "predict", str(tmp_path / "notes.txt"), str(child), "--experts", str(make_trained)]) == 0
     captured = capsys.readouterr()
     assert "t1-c0003 [tree t1]:" in captured.out
-    assert captured.err == f"skipped: {tmp_path / 'notes.txt'}: unknown checkpoint format\n"
+    known = " (known: safetensors, torch, hf-folder, peft-lora, onnx, gguf)"  # it said no more than the format
+    assert captured.err == f"skipped: {tmp_path / 'notes.txt'}: unknown checkpoint format{known}\n"
     assert main(["probex", "predict", str(tmp_path / "notes.txt"), "--experts", str(make_trained)]) == 1  # alone
-    assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: unknown checkpoint format\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: unknown checkpoint format{known}\n"
     assert main(["probex", "predict", str(tmp_path / "typo"), str(child), "--experts", str(make_trained)]) == 1
     captured = capsys.readouterr()  # a path that does not exist is no "skipped:" line, among others too
     assert captured.err == f"error: {tmp_path / 'typo'}: no such file or folder\n" and captured.out == ""
@@ -423,3 +424,39 @@ def test_help_says_what_the_command_prints(capsys, command, said):
     with pytest.raises(SystemExit):
         main(["probex", *command, "--help"])
     assert said in " ".join(capsys.readouterr().out.split())
+
+
+def make_small_atlas(zoo, folder, experts):
+    """An atlas of one zoo model built with class experts ``experts``, holding text embeddings (as
+    `atlas index build --text-experts` writes them: embeddings.safetensors beside atlas.json and atlas.html)."""
+    from modelatlas.atlas import Atlas, ModelEntry
+    from modelatlas.lineage.forest import Forest
+
+    entry = ModelEntry("t1-c0003", str(zoo / "t1-c0003.safetensors"), tree=1)
+    Atlas([entry], Forest(["t1-c0003"], []), {"classes": {"folder": str(experts), "layer": "layers.1.weight"}},
+          {"t1": (["t1-c0003"], torch.ones(1, 4))}).save(folder)
+    return folder
+
+
+def test_an_atlas_file_given_as_a_model_names_the_atlas_folder(make_tiny_zoo, make_trained, tmp_path, capsys):
+    """`atlas probex predict my-atlas/atlas.html` said 'unknown checkpoint format'; its embeddings.safetensors
+    was read as a model ('not routed ... no tensor named'). The atlas folder itself is read (its models)."""
+    atlas = make_small_atlas(make_tiny_zoo, tmp_path / "atl", make_trained)
+    for name in ("atlas.html", "embeddings.safetensors"):
+        assert main(["probex", "predict", str(atlas / name), "--experts", str(make_trained)]) == 1
+        assert capsys.readouterr().err == (f"error: {atlas / name}: a file of the atlas {atlas}, not a model; give the "
+                                           f"atlas folder {atlas} (the models it lists are read)\n")
+    assert main(["probex", "predict", str(atlas), "--experts", str(make_trained)]) == 0
+    assert capsys.readouterr().out.startswith("t1-c0003 [tree t1]: ")
+
+
+@pytest.mark.parametrize("command", [["predict"], ["search", "digits"]])
+def test_an_atlas_given_as_experts_names_the_experts_it_was_built_with(make_tiny_zoo, make_trained, tmp_path, capsys,
+                                                                     command):
+    """`--experts my-atlas` said 'not an experts folder (no index.json; train one with `atlas probex train`)',
+    as of any folder, though the atlas records the experts it used."""
+    atlas = make_small_atlas(make_tiny_zoo, tmp_path / "atl", make_trained)
+    assert main(["probex", *command, str(make_tiny_zoo), "--experts", str(atlas)]) == 1
+    assert capsys.readouterr().err == (f"error: {atlas}: an atlas (`atlas index build`), not an experts folder; pass "
+                                       f"the folder `atlas probex train --out` wrote: this atlas used {make_trained} "
+                                       "(classes)\n")

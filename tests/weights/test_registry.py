@@ -354,3 +354,45 @@ def test_a_folder_in_place_of_a_model_folders_file_is_named(tmp_path, name):
     with pytest.raises(CheckpointError, match=rf"m: {re.escape(name)} is a folder, not a file"):
         open_checkpoint(model)
     assert discover_models([tmp_path]) == [model]  # in a folder of models: listed, to be reported and skipped
+
+
+def make_tool_outputs(root):
+    """An atlas folder (its page and embeddings), an experts folder's index, a forest JSON and a notes file, as
+    `atlas index build`, `atlas probex train` and `atlas lineage recover --out` write them (contents shortened)."""
+    atlas, experts = root / "atl", root / "exp"
+    (experts / "experts").mkdir(parents=True)
+    atlas.mkdir()
+    (atlas / "atlas.json").write_text('{"format": "modelatlas-atlas/1", "models": []}')
+    (atlas / "atlas.html").write_text("<!doctype html><title>atlas</title>")
+    save_file({"tree/t0": torch.zeros(2, 3)}, str(atlas / "embeddings.safetensors"))
+    (experts / "index.json").write_text('{"format": "modelatlas-probex-experts/1"}')
+    (root / "forest.json").write_text('{"nodes": ["a", "b"], "edges": [], "decisions": {}, "trees": []}')
+    (root / "notes.txt").write_text("mine")
+    return atlas, experts
+
+
+def test_a_file_modelatlas_wrote_given_as_a_model_says_what_it_is_and_what_to_give(tmp_path):
+    """An atlas's page, an experts index or a forest JSON said only 'unknown checkpoint format'; the atlas's
+    embeddings.safetensors was read as a model of one tensor ('no tensor named ...' later)."""
+    atlas, experts = make_tool_outputs(tmp_path)
+    give = "not a model: give the models' files or folder"
+    for path, said in [(atlas / "atlas.html", f"unknown checkpoint format; atlas.html is part of an atlas (`atlas "
+                                              f"index build`) {atlas}, {give}"),
+                       (experts / "index.json", f"index.json is part of ProbeX experts (`atlas probex train`) "
+                                                f"{experts}, {give}"),
+                       (tmp_path / "forest.json", "forest.json is a lineage forest (`atlas lineage recover --out`), "
+                                                  "which names models but not their files: give the models'"),
+                       (tmp_path / "notes.txt", f"unknown checkpoint format (known: {', '.join(formats())})"),
+                       (atlas / "embeddings.safetensors", f"part of an atlas (`atlas index build`) {atlas}, not a "
+                                                          "model; give the models' files or folder")]:
+        said_of = str(discover_error(path))
+        assert said_of.startswith(f"{path}: ") and said in said_of
+    for path in (atlas / "atlas.html", tmp_path / "forest.json", tmp_path / "notes.txt"):  # opened: the same words
+        with pytest.raises(CheckpointError, match=re.escape(str(discover_error(path)))):
+            open_checkpoint(path)
+
+
+def discover_error(path):
+    with pytest.raises(CheckpointError) as e:
+        discover_models([path])
+    return e.value

@@ -131,9 +131,11 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
     or file) stands for the models it lists. A model reached twice (a zoo and one of its models, a model folder
     and its model.safetensors) is kept once, where it first appears, as `atlas index build` keeps it: it was
     listed twice, taking two of the --top places. A path that is no model is skipped with a note, as
-    `atlas index build` skips it, unless it is the only one. Also returns the --base the atlases given
+    `atlas index build` skips it, unless it is the only one; a file of an atlas (atlas.html) is refused, naming
+    the atlas folder to give. Also returns the --base the atlases given
     were built with (their ``adapter_base``)."""
     from modelatlas.cli.lineage_paths import discover_or_skip
+    from modelatlas.errors import ConfigError
     from modelatlas.weights.registry import distinct_models
     from modelatlas.zoo.manifest import is_zoo_manifest, load_manifest
 
@@ -148,6 +150,9 @@ def _model_paths(items: list[str]) -> tuple[list[Path], set[str]]:
                                   f"; `atlas zoo verify {p}` lists what is missing"))
             if p.is_dir():
                 _note_unlisted(p, [m.root / r.path for r in m.models])
+        elif p.is_file() and p.name != "atlas.json" and (p.parent / "atlas.json").is_file():
+            raise ConfigError(f"{p}: a file of the atlas {p.parent}, not a model; give the atlas folder {p.parent} "
+                              "(the models it lists are read)")  # atlas.html: it said "unknown checkpoint format"
         elif p.name == "atlas.json" or (p.is_dir() and (p / "atlas.json").exists()):
             from modelatlas.atlas import Atlas
 

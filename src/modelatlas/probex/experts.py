@@ -222,6 +222,8 @@ def _read_index(folder: Path) -> dict:
     if not path.exists() and (folder / "checkpoints").is_dir():
         raise CheckpointError(folder, "training did not finish (no index.json); rerun the same `atlas probex "
                                       "train` command with --resume to complete it")
+    if not path.exists():
+        _refuse_atlas(folder)
     index = read_json_object(path, "not an experts folder (no index.json; train one with `atlas probex train`)",
                              "an experts index")
     if index.get("format") != INDEX_FORMAT:
@@ -236,6 +238,20 @@ def _read_index(folder: Path) -> dict:
     if not trees:
         raise CheckpointError(path, "trees must name at least one tree's expert; got none")
     return index
+
+
+def _refuse_atlas(folder: Path) -> None:
+    """An atlas folder given as experts (it records the experts it was built with): named as an atlas, with
+    those experts' folders. It said 'not an experts folder (no index.json; train one ...)'."""
+    from modelatlas.atomic import peek_json_object
+
+    data = peek_json_object(folder / "atlas.json")
+    if data is None:
+        return
+    used = data.get("experts") if isinstance(data.get("experts"), dict) else {}
+    built = [f"{e['folder']} ({task})" for task, e in used.items() if isinstance(e, dict) and isinstance(e.get("folder"), str)]
+    raise CheckpointError(folder, "an atlas (`atlas index build`), not an experts folder; pass the folder `atlas "
+                                  "probex train --out` wrote" + (f": this atlas used {', '.join(built)}" if built else ""))
 
 
 @dataclass

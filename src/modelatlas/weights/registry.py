@@ -27,6 +27,7 @@ from modelatlas.weights.dequantized import dequantized
 from modelatlas.weights.folder_problems import folder_in_place, folder_problem
 from modelatlas.weights.folder_problems import orphan_shard as _orphan_shard
 from modelatlas.weights.safetensors_format import SafetensorsCheckpoint, is_safetensors
+from modelatlas.weights.tool_outputs import refuse_tool_file, refuse_tool_output, tool_file_hint
 
 
 @dataclass(frozen=True)
@@ -67,26 +68,35 @@ def open_checkpoint(path: str | Path, **kwargs) -> Checkpoint:
         return _resolve_missing(path, text, **kwargs)
     try:
         fmt = next((f for f in _FORMATS if f.detect(path)), None)
-        problem = None if fmt is not None else folder_problem(path)
+        unknown = None if fmt is not None else _unknown(path)
     except OSError as e:  # a folder or file that cannot be listed or read (permissions): named, as any bad model
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
-    if fmt is not None:
-        return dequantized(fmt.open(path, **_options_for(fmt, path, kwargs)))
-    known = ", ".join(f.name for f in _FORMATS)
-    raise UnknownFormatError(path, problem or f"unknown checkpoint format (known: {known})" + _folder_hint(path))
+    if unknown is not None:
+        raise unknown
+    return dequantized(fmt.open(path, **_options_for(fmt, path, kwargs)))
+
+
+def _unknown(path: Path) -> UnknownFormatError:
+    """No reader opens the file or folder ``path``: why (a folder's problem), else what it is instead (a file of a
+    model folder, a zoo manifest, one of modelatlas's own outputs), else the formats known."""
+    problem = folder_problem(path)
+    if problem:
+        return UnknownFormatError(path, problem)
+    hint = _folder_hint(path)
+    return UnknownFormatError(path, "unknown checkpoint format" + (hint or f" (known: {', '.join(formats())})"))
 
 
 def _folder_hint(path: Path) -> str:
     """For a file of a model folder that is no model itself (``model.safetensors.index.json``, ``config.json``,
-    ``adapter_config.json``): that the folder is the model to give."""
-    if path.is_file() and path.parent.name and is_model(path.parent):
+    ``adapter_config.json``): that the folder is the model to give; for a zoo's manifest, the zoo; for a file
+    modelatlas wrote (an atlas's page, a forest JSON), what it is (:func:`tool_file_hint`)."""
+    if not path.is_file():
+        return ""
+    if path.parent.name and is_model(path.parent):
         return f"; {path.name} is part of the model folder {path.parent}: give the folder"
-    if path.is_file() and path.name == "manifest.json":
+    if path.name == "manifest.json":
         return f"; {path.name} is a zoo's manifest, not a model: give the zoo folder {path.parent}"
-    if path.is_file() and path.name in _TOOL_OUTPUTS:
-        return (f"; {path.name} is the index of {_TOOL_OUTPUTS[path.name]}, not a model: give the models' files "
-                "or folder")
-    return ""
+    return tool_file_hint(path)
 
 
 def _options_for(fmt: Format, path: Path, kwargs: dict) -> dict:
@@ -196,13 +206,15 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             raise missing_error(p)
         try:
             if is_model(p):
+                if p.is_file():
+                    refuse_tool_file(p)  # an atlas's embeddings.safetensors: no model of its own
                 found.append(p)
             elif p.is_dir():
-                _refuse_tool_output(p)
+                refuse_tool_output(p)
                 models = _models_in(p)  # a model folder no reader opens: itself, reported when opened
                 found.extend(models if models or not folder_problem(p) else [p])
             else:
-                raise UnknownFormatError(p, "unknown checkpoint format" + _folder_hint(p))
+                raise _unknown(p)
         except OSError as e:  # a folder without read permission: named as open_checkpoint names it (was an OSError)
             raise CheckpointError(p, f"cannot read: {e.strerror or e}") from e
     return found
@@ -238,21 +250,6 @@ def _child_models(c: Path) -> list[Path]:
         plain = [f for f in named if library_variant(f.name) is None]  # a variant (.fp16) beside it: its copy
         return plain or named or ([c] if folder_problem(c) and not holds_models(c) else [])
     return []
-
-
-# Folders modelatlas writes that hold safetensors files which are not models: marker file -> what the folder is
-_TOOL_OUTPUTS = {"atlas.json": "an atlas (`atlas index build`)", "synthetic.json": "a distilled set (`atlas distill`)"}
-
-
-def _refuse_tool_output(folder: Path) -> None:
-    """A CheckpointError when ``folder`` is an output of modelatlas (an atlas, experts, a distilled set):
-    its embeddings / synthetic images are safetensors files, but not models."""
-    what = next((w for marker, w in _TOOL_OUTPUTS.items() if (folder / marker).is_file()), None)
-    if what is None and (folder / "index.json").is_file() and (folder / "experts").is_dir():
-        what = "ProbeX experts (`atlas probex train`)"
-    if what is not None:
-        raise CheckpointError(folder, f"this folder is {what}, not a folder of models; give the models' "
-                                      "files or folder (an atlas lists its models' paths in atlas.json)")
 
 
 class OpenMany:
