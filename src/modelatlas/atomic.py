@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    tmp_path = _temp_path(path)
     try:
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never reuse a file
     except OSError as e:
@@ -47,6 +48,63 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _temp_path(path: Path) -> Path:
+    """Where :func:`atomic_write` writes ``path`` first: a hidden file beside it that names its writer (a hash of
+    this machine's name and the process id), so that :func:`remove_stale_temp_files` tells a killed writer's
+    file from one still being written."""
+    return path.parent / f".{path.name}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _host() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+# a temporary file of atomic_write: ".<name>.<host>-<pid>-<hex>.tmp" (before session 40: ".<name>.<hex>.tmp")
+_TEMP = re.compile(r"^\..+\.(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]+\.tmp$")
+STALE_AFTER_S = (60, 3600)  # untouched this long: of a gone process of this machine; of any other writer
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` when its process was killed (SIGTERM,
+    as a scheduler's time limit or ``timeout`` sends, SIGKILL, a crash: no clean-up ran), and return them: those
+    of a process of this machine that is gone, untouched for a minute, and any other untouched for an hour.
+    Another run's write in progress is kept (its file changes as it is written and is renamed at once).
+    O(files in the folder)."""
+    import time
+
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no folder yet
+        return removed
+    for p in entries:
+        m = _TEMP.match(p.name)
+        try:
+            same = m is not None and m["host"] == _host() and os.name != "nt"  # (Windows: os.kill(pid, 0) is Ctrl-C)
+            if m is None or same and _alive(int(m["pid"])):
+                continue
+            if time.time() - p.stat().st_mtime > STALE_AFTER_S[0 if same else 1]:
+                p.unlink()
+                removed.append(p)
+        except OSError:  # gone meanwhile, or not ours to delete
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists (another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists
+        return True
+    return True
 
 
 def _raise_about(e: OSError, path: Path, tmp_path: Path) -> NoReturn:

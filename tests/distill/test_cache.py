@@ -80,3 +80,80 @@ def test_a_cache_folder_that_takes_no_file_is_refused_before_training(tmp_path, 
         run_distillation(method, "digits", 1, tmp_path / "out", config={**cfg, "cache_dir": None}, eval_nets=1,
                          eval_epochs=1)
     assert not (tmp_path / "out").exists()
+
+
+def check_killed_while_writing(folder, name):
+    """Run a UnitStore.put of unit ``name`` in a fresh interpreter that receives SIGTERM (a scheduler's time limit,
+    `timeout`) once the unit's temporary file is written: no clean-up runs. Returns the files left in ``folder``."""
+    import os
+    import subprocess
+    import sys
+
+    import modelatlas
+
+    code = ("import os, signal, sys\nfrom pathlib import Path\nimport safetensors.torch as st, torch\n"
+            "from modelatlas.distill.cache import UnitStore\nsave = st.save_file\n"
+            "def dying(tensors, filename, metadata=None):\n    save(tensors, filename, metadata=metadata)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\nst.save_file = dying\n"
+            f"UnitStore(Path({str(folder)!r}), 'cpu').put({name!r}, {{'trajectory': torch.zeros(3, 4)}})\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(modelatlas.__file__).parents[1])}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode != 0
+    return sorted(folder.iterdir())
+
+
+def test_a_unit_whose_run_was_killed_while_writing_it_leaves_no_temporary_file(tmp_path):
+    """SIGTERM while a unit was written left its temporary file (as large as the unit: an MTT expert's
+    trajectory) for good: never read, and it kept the folder from being removed once the whole entry was cached."""
+    import os
+    import time
+
+    from modelatlas.distill.cache import UnitStore
+
+    folder = tmp_path / "buffer-k.partial"
+    left = check_killed_while_writing(folder, "expert0")
+    assert len(left) == 1 and left[0].name.startswith(".expert0.safetensors.") and left[0].name.endswith(".tmp")
+    assert UnitStore(folder, "cpu").get("expert0", {"trajectory": (3, 4)}) is None  # never read as the unit
+    assert left[0].exists()  # written a moment ago: kept a minute (a process of the same id elsewhere)
+    os.utime(left[0], (time.time() - 61, time.time() - 61))
+    store = UnitStore(folder, "cpu")  # the rerun
+    assert list(folder.iterdir()) == []
+    store.put("expert0", {"trajectory": torch.ones(3, 4)})
+    assert store.get("expert0", {"trajectory": (3, 4)})["trajectory"].sum() == 12
+    store.remove(["expert0"])
+    assert not folder.exists()
+
+
+def test_a_temporary_file_of_a_write_in_progress_is_kept(tmp_path):
+    """Two runs of one config at once (an MTT buffer shared by runs of several --ipc) write the same units: one
+    must not delete the other's file mid-write. Kept: this live process's, another machine's younger than an hour;
+    removed: another machine's untouched for an hour, and one named as before session 40 (no writer) as old."""
+    import os
+    import time
+
+    from modelatlas.atomic import _temp_path, remove_stale_temp_files
+
+    mine = _temp_path(tmp_path / "expert0.safetensors")
+    other = tmp_path / ".expert1.safetensors.0123abcd-77-00ff00ff.tmp"  # another machine's hash, process 77
+    gone, unnamed = tmp_path / ".expert2.safetensors.0123abcd-78-00ff00ff.tmp", tmp_path / ".expert3.safetensors.a1b2c3.tmp"
+    for p in (mine, other, gone, unnamed, tmp_path / "expert4.safetensors"):
+        p.write_bytes(b"x")
+    hour_ago = time.time() - 3601
+    for p in (mine, gone, unnamed):
+        os.utime(p, (hour_ago, hour_ago))
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted([gone, unnamed])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name, "expert4.safetensors"])
+
+
+def test_the_cache_folder_check_removes_an_entry_a_killed_run_was_writing(tmp_path):
+    """An MTT buffer (or HeLlO teacher) stopped by SIGTERM while it was written left a temporary file as large as
+    the whole entry in the cache folder; the next run that trains there removes it."""
+    import os
+    import time
+
+    from modelatlas.distill.cache import check_cache_folder
+
+    left = tmp_path / ".buffer-0123.safetensors.a1b2c3d4e5f6.tmp"  # named as before session 40: no writer named
+    left.write_bytes(b"x")
+    os.utime(left, (time.time() - 3601, time.time() - 3601))
+    check_cache_folder(tmp_path, tmp_path)
+    assert list(tmp_path.iterdir()) == []

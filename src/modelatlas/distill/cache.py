@@ -43,11 +43,14 @@ def cache_root(kind: str, cache_dir: str | Path | None = None) -> Path:
 def check_cache_folder(folder: Path, cache_dir: str | Path | None) -> None:
     """Refuse, before the training whose result it keeps, a cache ``folder`` no file can be made in (a file, a
     folder below one, read-only): MTT's experts were trained, then lost at their save with "forest.json: File
-    exists" (``--set cache_dir=forest.json``) or "/proc/x: No such file or directory". O(1)."""
-    from modelatlas.atomic import check_out_folder
+    exists" (``--set cache_dir=forest.json``) or "/proc/x: No such file or directory". Then removes the
+    temporary files a killed run left there (:func:`~modelatlas.atomic.remove_stale_temp_files`: an MTT buffer or
+    HeLlO teacher stopped by SIGTERM while it was written, as large as the entry). O(files in the folder)."""
+    from modelatlas.atomic import check_out_folder, remove_stale_temp_files
 
     name = f"cache_dir {folder}" if cache_dir else f"the cache folder {folder} ($ATLAS_CACHE_DIR, else ~/.cache)"
     check_out_folder(folder, name, "pass a folder with --set cache_dir=DIR (cache_dir=), or set $ATLAS_CACHE_DIR")
+    remove_stale_temp_files(folder)
 
 
 def data_fingerprint(train: ArrayDataset) -> dict:
@@ -91,10 +94,16 @@ class UnitStore:
     the unit in progress, and a rerun trains the missing ones alone. A unit is determined by the key that names
     ``folder`` and its own name (its seed is derived from both), so a kept one is the tensors a straight run
     makes. ``folder`` is never the complete entry: that is written after the last unit (MTT: the buffer file
-    beside ``<stem>.partial``; Teddy: ``pool.json``). O(one unit) per call."""
+    beside ``<stem>.partial``; Teddy: ``pool.json``). O(one unit) per call. A unit is only ever read under its
+    own name, which exists once its file is whole (renamed into place); the temporary file of a unit whose run
+    was killed while writing it (SIGTERM, SIGKILL: no clean-up ran) is removed by the next store of ``folder``
+    and by :meth:`remove` (:func:`~modelatlas.atomic.remove_stale_temp_files`; another run's write is kept)."""
 
     def __init__(self, folder: Path, device: str | torch.device):
+        from modelatlas.atomic import remove_stale_temp_files
+
         self.folder, self.device = folder, device_type(device)
+        remove_stale_temp_files(folder)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
@@ -133,9 +142,12 @@ class UnitStore:
 
     def remove(self, names: list[str]) -> None:
         """Drop the units ``names`` (their whole is cached now) and ``folder`` when that leaves it empty."""
+        from modelatlas.atomic import remove_stale_temp_files
+
         for n in names:
             self.path(n).unlink(missing_ok=True)
+        remove_stale_temp_files(self.folder)  # a killed run's: the folder stayed, holding only it
         try:
             self.folder.rmdir()
-        except OSError:  # not empty (a unit of another name, a temporary file), or already gone
+        except OSError:  # not empty (a unit of another name, another run's write in progress), or already gone
             pass
