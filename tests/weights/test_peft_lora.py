@@ -267,6 +267,18 @@ def test_factors_of_the_wrong_rank_are_refused(tmp_path, a, b):
         open_checkpoint(folder)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("a, b", [(A, B[:0]), (A[:, :0], B)])
+def test_factors_with_a_zero_dimension_are_refused_naming_the_adapter_file(tmp_path, fmt, a, b):
+    """The fuzzer's case 2435: a lying size in adapter_model.bin made lora_B (0, 2); the update's reshape then
+    failed, named after the folder, not the damaged file."""
+    folder = make_adapter(tmp_path / "ad", {"layers.0.q_proj.lora_A.weight": a, "layers.0.q_proj.lora_B.weight": b},
+                          fmt)
+    with pytest.raises(CheckpointError, match=rf"ad/adapter_model\.{fmt}: module 'layers.0.q_proj': lora_A .* / "
+                                              r"lora_B .* have a dimension of size 0"):
+        open_checkpoint(folder)
+
+
 def test_an_update_too_large_for_memory_is_named(tmp_path, monkeypatch):
     import modelatlas.weights.peft_lora as peft_lora
 

@@ -120,6 +120,9 @@ class LoraAdapterCheckpoint(Checkpoint):
         if len(a) < 2 or len(b) < 2 or any(d != 1 for d in b[2:]) or (transposed and (len(a), len(b)) != (2, 2)):
             raise CheckpointError(self.adapter.path, f"module {module!r}: lora_A {a} / lora_B {b} are not LoRA "
                                                      "factors (expected (r, in, ...) and (out, r, 1, ...))")
+        if 0 in a or 0 in b:  # no LoRA update has an empty side (a lying size in a damaged file)
+            raise CheckpointError(self.adapter.path, f"module {module!r}: lora_A {a} / lora_B {b} have a dimension of "
+                                                     "size 0")
         if a[0] != r or b[1] != r:
             raise CheckpointError(self.adapter.path, f"module {module!r}: rank {r} from {CONFIG} does not match "
                                                      f"lora_A {a} / lora_B {b}")
