@@ -155,7 +155,7 @@ def test_cli_data_root_reaches_the_loader(tmp_path, capsys):
 
 def test_newton_on_a_target_too_large_for_its_hessian_is_refused_up_front():
     x, y = torch.randn(20, 1, 30, 30), torch.arange(20) % 2  # 900 inputs x width 32: 28,898 parameters
-    with pytest.raises(ConfigError, match=r"exact 28,898 x 28,898 Hessian .* use unlearn='ascent', or unlearn='auto'"):
+    with pytest.raises(ConfigError, match=r"exact 28,898 x 28,898 Hessian .* use unlearn='cg' .*, or unlearn='auto'"):
         ddm_attribution(x, y, x[:4], y[:4], 2, DDMConfig(clusters_per_class=2, unlearn="newton"))
 
 

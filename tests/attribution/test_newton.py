@@ -111,7 +111,7 @@ def test_several_samples_per_cluster(planted):
 
 
 def test_unlearn_config_errors():
-    with pytest.raises(ConfigError, match="unlearn must be one of auto, newton, ascent"):
+    with pytest.raises(ConfigError, match="unlearn must be one of auto, newton, cg, ascent"):
         DDMConfig(unlearn="retrain")
     with pytest.raises(ConfigError, match="damping must be > 0"):
         DDMConfig(damping=0)

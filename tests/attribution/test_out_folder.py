@@ -64,7 +64,7 @@ def test_a_test_sample_given_twice_is_one_row():
 
 def test_damping_with_gradient_ascent_is_refused(tmp_path, capsys):
     assert main([*TINY, "--unlearn", "ascent", "--damping", "5", "--out", str(tmp_path / "o")]) == 1
-    assert "error: --damping 5.0 applies to --unlearn newton only" in capsys.readouterr().err
+    assert "error: --damping 5.0 applies to --unlearn newton and cg only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from modelatlas.config_types import fits
 from modelatlas.errors import ConfigError
 
-UNLEARN = ("auto", "newton", "ascent")
+UNLEARN = ("auto", "newton", "cg", "ascent")
 
 
 @dataclass
@@ -28,8 +28,11 @@ class DDMConfig:
     the final weights, d from ``damping`` (doubled until H + d I is positive definite), see
     :mod:`~modelatlas.attribution.newton`; ``"ascent"`` (the plain unlearning of the paper) takes
     ``unlearn_steps`` gradient-ascent steps on the synthetic sample, step ``unlearn_lr`` x (cluster size / N);
-    ``"auto"`` (default) is Newton where its exact Hessian fits (a target of at most
-    :data:`~modelatlas.attribution.ddm.MAX_NEWTON_PARAMS` parameters: digits') and ascent otherwise
+    ``"cg"`` takes the same Newton step without forming H: conjugate gradients on Hessian-vector products
+    (:mod:`~modelatlas.attribution.cg`), at most ``cg_iterations`` iterations, stopping at a relative residual
+    ``cg_tolerance``, d from ``damping`` by the same doubling rule (on a Lanczos estimate of H's smallest
+    eigenvalue); ``"auto"`` (default) is Newton where its exact Hessian fits (a target of at most
+    :data:`~modelatlas.attribution.ddm.MAX_NEWTON_PARAMS` parameters: digits') and CG otherwise
     (:func:`~modelatlas.attribution.ddm.unlearn_choice`).
     """
 
@@ -48,14 +51,16 @@ class DDMConfig:
     damping: float = 0.1
     weight_decay: float = 0.0
     samples_per_cluster: int = 1
+    cg_iterations: int = 500
+    cg_tolerance: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("clusters_per_class", "width", "depth", "train_steps", "checkpoints", "unlearn_steps",
-                     "samples_per_cluster", "match_steps"):
+                     "samples_per_cluster", "match_steps", "cg_iterations"):
             value, low = getattr(self, name), 0 if name == "match_steps" else 1
             if not fits(value, int) or value < low:  # True is an int, but not here
                 raise ConfigError(f"{name} must be >= {low} (an integer), got {value!r}")
-        for name in ("train_steps", "match_steps", "unlearn_steps"):  # 10^11 steps ran silently for hours
+        for name in ("train_steps", "match_steps", "unlearn_steps", "cg_iterations"):  # 10^11 steps ran silently for hours
             if getattr(self, name) > MAX_STEPS:
                 raise ConfigError(f"{name} must be at most {MAX_STEPS:,}, got {getattr(self, name):,}")
         if self.unlearn not in UNLEARN:
@@ -67,6 +72,9 @@ class DDMConfig:
                 raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
         if self.damping > MAX_DAMPING:  # float32 Hessians overflow past ~3e38, and the damping may double 40 times
             raise ConfigError(f"damping must be at most {MAX_DAMPING:g}, got {self.damping!r}")
+        if not _finite(self.cg_tolerance) or not 0 < self.cg_tolerance < 1:  # 0: CG would run every iteration
+            raise ConfigError(f"cg_tolerance must be > 0 and < 1 (the relative residual at which conjugate gradients "
+                              f"stop, e.g. 1e-5), got {self.cg_tolerance!r}")
         if not isinstance(self.match_final, bool):
             raise ConfigError(f"match_final must be true or false, got {self.match_final!r}")
 

@@ -11,16 +11,21 @@ Offline (once per target model):
       checkpoints at once, the MLP's gradients in closed form, :mod:`~.mlp_grads`); with
       ``samples_per_cluster`` m > 1, the mean gradient of the cluster's m samples is matched (:mod:`~.matching`);
   (3b) ``unlearn="newton"`` (``"auto"``, the default: where the target model has at most
-      ``MAX_NEWTON_PARAMS`` parameters, else ``"ascent"``, :func:`unlearn_choice`): Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
-      damped and Cholesky-factorised (:mod:`~.newton`).
+      ``MAX_NEWTON_PARAMS`` parameters, else ``"cg"``, :func:`unlearn_choice`): Hessian H of the distilled set (samples weighted by cluster size) at theta_F,
+      damped and Cholesky-factorised (:mod:`~.newton`); ``"cg"``: H is not formed, only the graph of the
+      distilled set's gradient for Hessian-vector products and a Lanczos estimate of H's smallest eigenvalue
+      for the damping (:mod:`~.cg`).
 Online (per query, no retraining, no training data):
   (4) remove cluster k: ``"newton"``: theta_F + n_k / (N - n_k) (H + d I)^{-1} grad CE(s_k, l_k; theta_F)
       (the influence-function / Newton-removal step, an improvement over the paper's plain unlearning);
+      ``"cg"``: the same step, solved by batched conjugate gradients on Hessian-vector products;
       ``"ascent"``: ``unlearn_steps`` gradient-ascent steps on (s_k, l_k), step ``unlearn_lr`` x n_k / N;
   (5) A[k, j] = loss_j(unlearned_k) - loss_j(final): positive = cluster k helped test sample j.
 Steps (1), (2) and (3) are the units an interrupted run keeps and a resume continues from (:mod:`~.units`).
 Time: offline O(match_steps x T x K x P + T x N x P) (+ O(K x P^2 + P^3) for Newton), P = #params;
-online O(K x P^2 + K x n_test x P) (ascent: O(K x (unlearn_steps + n_test) x P)). Memory O(P^2 + N x P).
+online O(K x P^2 + K x n_test x P) (ascent: O(K x (unlearn_steps + n_test) x P); cg: offline O(L x n_syn x P),
+online O(I x K x n_syn x P + K x n_test x P) for L Lanczos steps and I CG iterations, n_syn synthetic samples).
+Memory O(P^2 + N x P) (ascent and cg: O(N x P + K x P)).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.func import grad, vmap
 
+from modelatlas.attribution import cg as CG
 from modelatlas.attribution import mlp_grads as G
 from modelatlas.attribution import newton as N
 from modelatlas.attribution import target as T
@@ -175,6 +181,20 @@ def _hessian_factor(run: _Run, final: T.Params, xs: torch.Tensor, soft: torch.Te
     return N.damped_cholesky(hess, run.cfg.damping)
 
 
+def _curvature(run: _Run, final: T.Params, xs: torch.Tensor, soft: torch.Tensor, counts: torch.Tensor) -> dict:
+    """Step (3b): {"factor": Cholesky factor} (``"newton"``) or {"hvp": V -> V (H + weight_decay I)} (``"cg"``),
+    with the damping ({"damping": None} for ascent)."""
+    cfg, m = run.cfg, run.cfg.samples_per_cluster
+    if cfg.unlearn == "newton":
+        factor, damping = _hessian_factor(run, final, xs, soft, counts)
+        return {"factor": factor, "damping": damping}
+    if cfg.unlearn == "cg":
+        hvp, damping = CG.prepare(run.model, final, xs.flatten(0, 1), soft.flatten(0, 1), counts.repeat_interleave(m),
+                                  cfg.weight_decay, cfg.damping, derive_seed(run.seed, "cg-lanczos"))
+        return {"hvp": hvp, "damping": damping}
+    return {"damping": None}
+
+
 def _offline(run: _Run) -> dict:
     """Steps (2)-(3) (+ the distilled-set Hessian factor for Newton unlearning); returns a dict of results."""
     final, ckpts, train_s = _trained(run)
@@ -188,23 +208,33 @@ def _offline(run: _Run) -> dict:
     soft = torch.softmax(logits, dim=-1)
     counts = torch.bincount(run.assign, minlength=run.k_total).float()
     start = time.perf_counter()
-    factor, damping = _hessian_factor(run, final, xs, soft, counts) if run.cfg.unlearn == "newton" else (None, None)
+    curvature = _curvature(run, final, xs, soft, counts)
     times = {"train_target_s": train_s, "offline_match_s": match_s, "offline_hessian_s": time.perf_counter() - start}
-    return {"final": final, "xs": xs, "soft": soft, "hist": hist, "counts": counts, "factor": factor,
-            "damping": damping, "times": times}
+    return {"final": final, "xs": xs, "soft": soft, "hist": hist, "counts": counts, "times": times, **curvature}
 
 
 def _online(model, off: dict, n_train: int, x_test, y_test, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps (4)-(5): (A (K_total, n_test), base test losses (n_test,))."""
     final, xs, soft, counts = off["final"], off["xs"], off["soft"], off["counts"]
     with torch.no_grad():
-        if cfg.unlearn == "newton":
+        if cfg.unlearn in ("newton", "cg"):
             grads = synthetic_gradients(model, final, xs, soft) + cfg.weight_decay * N.flatten(final)  # (K_total, P)
-            stacked = N.stacked_params(final, N.newton_steps(off["factor"], grads, counts / (n_train - counts)))
+            stacked = N.stacked_params(final, _newton_steps(off, grads, counts / (n_train - counts), cfg))
         else:
             stacked = unlearn(model, final, xs, soft, counts / n_train, cfg.unlearn_steps, cfg.unlearn_lr)
         base = T.losses(model, final, x_test, y_test)
         return test_losses_of(model, stacked, x_test, y_test) - base, base  # (K_total, n_test)
+
+
+def _newton_steps(off: dict, grads: torch.Tensor, shares: torch.Tensor, cfg: DDMConfig) -> torch.Tensor:
+    """(K_total, P) Newton removal steps: two triangular solves each (``"newton"``), or one batched CG (``"cg"``),
+    whose damping (doubled if CG met negative curvature) and convergence go into ``off`` for the timings."""
+    if "factor" in off:
+        return N.newton_steps(off["factor"], grads, shares)
+    s = CG.solve(off["hvp"], grads * shares[:, None], off["damping"], cfg.cg_iterations, cfg.cg_tolerance)
+    off["damping"] = s.damping
+    off["cg"] = {"cg_iterations": s.iterations, "cg_relative_residual": s.residual, "cg_converged": s.converged}
+    return s.x
 
 
 def ddm_attribution(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -242,7 +272,7 @@ def _timings(cluster_s: float, setup_s: float, off: dict, online_s: float) -> di
     timings = {k: round(v, 4) for k, v in clock.items()}
     if off["damping"] is not None:
         timings["damping_used"] = off["damping"]
-    return timings
+    return {**timings, **off.get("cg", {})}
 
 
 def _check_sizes(cfg: DDMConfig, num_classes: int, n_train: int) -> None:
@@ -253,7 +283,7 @@ def _check_sizes(cfg: DDMConfig, num_classes: int, n_train: int) -> None:
                           f"clusters = {n_synthetic:,} synthetic samples, more than the {n_train:,} training examples "
                           "they distil; lower clusters_per_class or samples_per_cluster (--clusters-per-class, "
                           "--samples-per-cluster), or use more training examples (--max-train)")
-    if num_classes * cfg.clusters_per_class == 1 and cfg.unlearn == "newton":  # n_k / (N - n_k) = 1 / 0: all NaN
+    if num_classes * cfg.clusters_per_class == 1 and cfg.unlearn in ("newton", "cg"):  # n_k / (N - n_k) = 1 / 0: all NaN
         raise ConfigError("clusters_per_class: one class with 1 cluster puts all the training data in one cluster, "
                           "whose removal leaves nothing to train on; use clusters_per_class >= 2")
 
@@ -271,19 +301,22 @@ MAX_NEWTON_PARAMS = 20_000  # the exact (P, P) float32 Hessian and its Cholesky 
 
 def unlearn_choice(cfg: DDMConfig, in_shape: tuple[int, ...], num_classes: int) -> tuple[str, str]:
     """(the online step that runs, why): ``cfg.unlearn`` as given, or for ``"auto"`` Newton where its exact
-    Hessian fits (a target of at most :data:`MAX_NEWTON_PARAMS` parameters) and gradient ascent otherwise.
+    Hessian fits (a target of at most :data:`MAX_NEWTON_PARAMS` parameters) and otherwise the same Newton step
+    by conjugate gradients on Hessian-vector products (``"cg"``, no P x P matrix).
     Newton's exact Hessian is O(P^2) memory and O(P^3) time: an explicit ``"newton"`` on a target too large for
     it is refused here, up front, rather than running out of memory after the offline training. O(1)."""
     p = T.n_params(tuple(in_shape), num_classes, cfg.width, cfg.depth)
     if cfg.unlearn == "newton" and p > MAX_NEWTON_PARAMS:
         raise ConfigError(f"unlearn='newton' needs the exact {p:,} x {p:,} Hessian of the target model (more than "
-                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='ascent', or unlearn='auto' (the "
-                          "default), which takes it for such a model")
+                          f"{MAX_NEWTON_PARAMS:,} parameters); use unlearn='cg' (the same step by conjugate "
+                          "gradients, without the Hessian), or unlearn='auto' (the default), which takes it for such "
+                          "a model")
     if cfg.unlearn != "auto":
         return cfg.unlearn, "as given"
     if p <= MAX_NEWTON_PARAMS:
         return "newton", f"auto: the target model's {p:,} parameters fit Newton's exact Hessian, at most {MAX_NEWTON_PARAMS:,}"
-    return "ascent", f"auto: the target model's {p:,} parameters are over the {MAX_NEWTON_PARAMS:,} of Newton's exact Hessian"
+    return "cg", (f"auto: the target model's {p:,} parameters are over the {MAX_NEWTON_PARAMS:,} of Newton's exact "
+                  "Hessian: the Newton step by conjugate gradients on Hessian-vector products")
 
 
 def _as_inputs(x, y, x_test, y_test, num_classes: int):

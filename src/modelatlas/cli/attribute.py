@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attribute", help="which training-data clusters matter for which test samples (DDM)",
                        description="DDM data attribution: per-class k-means clusters, one synthetic sample per "
                                    "cluster by reverse gradient matching, removal by a Newton unlearning step on "
-                                   "the distilled set (gradient ascent where the target is too large for its "
-                                   "exact Hessian).")
+                                   "the distilled set (solved by conjugate gradients where the target is too "
+                                   "large for its exact Hessian).")
     p.add_argument("--dataset", default="digits", help="registered image dataset (default digits)")
     p.add_argument("--data-root", default=None, help="dataset folder (root= of the loader: fashion-mnist, cifar10, cifar100, image-folder)")
     p.add_argument("--clusters-per-class", type=positive_int, default=5, help="k-means clusters per class (default 5)")
@@ -36,10 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "split (--test-index counts among them; default: all)")
     p.add_argument("--train-steps", type=int, default=None, help="target-model GD steps (default 100)")
     p.add_argument("--match-steps", type=int, default=None, help="reverse gradient matching steps (default 30)")
-    p.add_argument("--unlearn", choices=["auto", "newton", "ascent"], default=None,
+    p.add_argument("--unlearn", choices=["auto", "newton", "cg", "ascent"], default=None,
                    help="online removal step: a Newton step on the distilled set (exact Hessian: targets of at most "
-                        "20,000 parameters, e.g. digits') or gradient ascent; auto (default): Newton where it fits")
-    p.add_argument("--damping", type=float, default=None, help="Hessian damping of the Newton step (default 0.1; Newton only)")
+                        "20,000 parameters, e.g. digits'), the same step by conjugate gradients on Hessian-vector "
+                        "products (cg: any size), or gradient ascent; auto (default): Newton where it fits, else cg")
+    p.add_argument("--damping", type=float, default=None,
+                   help="Hessian damping of the Newton step (default 0.1, doubled until positive definite; newton and cg)")
+    p.add_argument("--cg-iterations", type=int, default=None,
+                   help="most conjugate-gradient iterations of --unlearn cg (default 500)")
+    p.add_argument("--cg-tolerance", type=float, default=None,
+                   help="relative residual at which --unlearn cg stops (default 1e-5)")
     p.add_argument("--samples-per-cluster", type=positive_int, default=None,
                    help="synthetic samples per cluster (default 1; ~8 for targets trained to convergence)")
     p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty of the target model (default 0)")
@@ -48,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue an interrupted run from OUT/checkpoint (same settings)")
     p.set_defaults(func=_run, interrupt_hint=_interrupted)
     add_field_flags(p, dashed("clusters_per_class", "train_steps", "match_steps", "unlearn", "damping",
-                              "samples_per_cluster", "weight_decay"))  # DDMConfig's fields (_config)
+                              "samples_per_cluster", "weight_decay", "cg_iterations", "cg_tolerance"))  # DDMConfig's fields (_config)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -76,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
             else "; the total adds up the parts before and after the interruption")
     echo(f"attribution matrix {k_total} clusters x {n_test} test samples in {attr.timings['total_s']:.1f} s "
          f"(online {attr.timings['online_s']:.3f} s{when}); wrote {args.out}")
+    if "cg_iterations" in attr.timings:
+        echo(_cg_line(attr.timings))
     if true is not None:
         v = info["validation"]
         echo(f"vs leave-one-cluster-out retraining ({v['loo_wall_s']:.1f} s): Spearman flattened "
@@ -149,28 +157,44 @@ def _config(args: argparse.Namespace):
 
     given = (("train_steps", args.train_steps), ("match_steps", args.match_steps), ("unlearn", args.unlearn),
              ("damping", args.damping), ("samples_per_cluster", args.samples_per_cluster),
-             ("weight_decay", args.weight_decay))
+             ("weight_decay", args.weight_decay), ("cg_iterations", args.cg_iterations),
+             ("cg_tolerance", args.cg_tolerance))
     if args.damping is not None and args.unlearn == "ascent":  # was silently ignored
-        raise ConfigError(f"--damping {args.damping} applies to --unlearn newton only (ascent has no Hessian)")
+        raise ConfigError(f"--damping {args.damping} applies to --unlearn newton and cg only (ascent has no Hessian)")
+    cg_flag = _cg_flag(args)
+    if cg_flag and args.unlearn in ("newton", "ascent"):  # would be silently ignored
+        raise ConfigError(f"{cg_flag} applies to --unlearn cg only (and auto where it takes cg), not {args.unlearn}")
     return DDMConfig(clusters_per_class=args.clusters_per_class, **{k: v for k, v in given if v is not None})
 
 
 def _say_unlearn(args: argparse.Namespace, cfg, train) -> None:
-    """For --unlearn auto (the default): say which step it takes and why, before any work; --damping where it
-    takes ascent is refused (it would be ignored). An explicit --unlearn newton too large is refused later, once a
+    """For --unlearn auto (the default): say which step it takes and why, before any work; a --cg-* flag where it
+    takes Newton is refused (it would be ignored). An explicit --unlearn newton too large is refused later, once a
     --resume's settings are compared (its rule: the comparison comes first)."""
     from modelatlas.attribution import ddm
-    from modelatlas.attribution.target import n_params
 
     if cfg.unlearn != "auto":
         return
     method, why = ddm.unlearn_choice(cfg, train.input_shape, train.num_classes)
-    if args.damping is not None and method == "ascent":
-        p = n_params(tuple(train.input_shape), train.num_classes, cfg.width, cfg.depth)
-        raise ConfigError(f"--damping {args.damping} applies to Newton unlearning only, and --unlearn auto (the "
-                          f"default) takes ascent for this target model ({p:,} parameters, over Newton's "
-                          f"{ddm.MAX_NEWTON_PARAMS:,}); drop --damping")
+    if (flag := _cg_flag(args)) and method != "cg":
+        raise ConfigError(f"{flag} applies to conjugate-gradient unlearning only, and --unlearn auto (the default) "
+                          f"takes {method} for this target model; drop {flag}, or add --unlearn cg")
     echo(f"unlearning: {method} ({why})")
+
+
+def _cg_flag(args: argparse.Namespace) -> str | None:
+    """The first --cg-* flag given, or None."""
+    given = [f for f, v in (("--cg-iterations", args.cg_iterations), ("--cg-tolerance", args.cg_tolerance)) if v is not None]
+    return given[0] if given else None
+
+
+def _cg_line(t: dict) -> str:
+    """How the conjugate-gradient solve went (``timings``' cg_* keys), with the fix when it did not converge."""
+    line = (f"conjugate gradients: {t['cg_iterations']} iterations, relative residual {t['cg_relative_residual']:.1e}, "
+            f"damping {t['damping_used']:g}")
+    if not t["cg_converged"]:
+        line += "; not converged: raise --cg-iterations or --cg-tolerance"
+    return line
 
 
 def _shown(x: float | None, why: str = " (fewer than 3 clusters per class)") -> str:
