@@ -1,4 +1,4 @@
-"""DDM attribution vs leave-one-cluster-out (LOO) retraining on digits: Spearman, speed-up, truth stability.
+"""DDM attribution vs leave-one-cluster-out (LOO) retraining (digits by default): Spearman, speed-up, truth stability.
 
 For every ``--clusters-per-class``: one LOO ground truth (one retraining per cluster), then every DDM variant
 (``--unlearn`` x ``--damping``) and the trivial same-class baseline (A = cluster size x [cluster class = query
@@ -11,6 +11,10 @@ another init seed, and scores those against the truth (how well-posed the target
     python bench/attribution.py --split val --clusters-per-class 5 --damping 0.01 0.03 0.1 --unlearn newton ascent
     python bench/attribution.py --split test --clusters-per-class 5 10 20 --truth-check
     python bench/attribution.py --split test --weight-decay 1e-3 --lr 0.5 --train-steps 1000   # converged target
+    python bench/attribution.py --split test --dataset fashion-mnist --unlearn cg ascent --repeats 1
+
+``--dataset`` another image dataset (``--max-train`` / ``--max-test``: seeded stratified subsets, as the CLI's).
+``--unlearn cg`` is the Newton step by conjugate gradients (any model size; ``--damping`` applies to it too).
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ from modelatlas.data import load_dataset
 from modelatlas.seeding import derive_seed, torch_generator
 
 
-def splits(split: str, seed: int):
-    """(x, y, x_query, y_query): train/val carved from the training split, or train/test."""
-    tr = load_dataset("digits", "train")
+def splits(split: str, seed: int, dataset: str = "digits", max_train: int | None = None,
+           max_test: int | None = None):
+    """(x, y, x_query, y_query): train/val carved from the training split, or train/test; ``max_*``: stratified
+    subsets seeded as ``atlas attribute --max-train/--max-test`` (applied before the val carve-out)."""
+    tr = load_dataset(dataset, "train")
+    tr = tr if max_train is None else tr.stratified(max_train, derive_seed(seed, "max-train"))
     if split == "test":
-        te = load_dataset("digits", "test")
+        te = load_dataset(dataset, "test")
+        te = te if max_test is None else te.stratified(max_test, derive_seed(seed, "max-test"))
         return tr.x, tr.y, te.x, te.y
     perm = torch.randperm(len(tr.x), generator=torch_generator(derive_seed(seed, "attr-val")))
     n_val = len(tr.x) // 5
@@ -56,7 +64,7 @@ def score(pred, true, cluster_class=None, yq=None) -> dict:
 
 def variants(args, kpc: int):
     for unlearn in args.unlearn:
-        for damping in (args.damping if unlearn == "newton" else [None]):
+        for damping in (args.damping if unlearn in ("newton", "cg") else [None]):
             for steps in args.match_steps:
                 for m in args.samples_per_cluster:
                     extra = {"damping": damping} if damping is not None else {}
@@ -105,7 +113,7 @@ def run_k(args, data, kpc: int) -> list[dict]:
         t = attr.timings
         # the damping that ran: DDM doubles the requested one until H + d I is positive definite
         rows.append({**head, "unlearn": cfg.unlearn, "damping": t.get("damping_used"),
-                     "damping_requested": cfg.damping if cfg.unlearn == "newton" else None,
+                     "damping_requested": cfg.damping if cfg.unlearn in ("newton", "cg") else None,
                      "match_steps": cfg.match_steps, "samples_per_cluster": cfg.samples_per_cluster,
                      **score(attr.matrix, true, attr.cluster_class, yq), "ddm_timings": t,
                      "speedup_total": round(loo_s / t["total_after_clustering_s"], 1),
@@ -118,6 +126,9 @@ def run_k(args, data, kpc: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["val", "test"], default="val")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--max-test", type=int, default=None)
     ap.add_argument("--clusters-per-class", type=int, nargs="+", default=[5])
     ap.add_argument("--unlearn", nargs="+", default=["newton", "ascent"])
     ap.add_argument("--damping", type=float, nargs="+", default=[0.03],
@@ -137,7 +148,7 @@ def main() -> None:
     keep_freed_memory()  # large blocks stay mapped between steps (modelatlas.allocator)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    data = splits(args.split, args.seed)
+    data = splits(args.split, args.seed, args.dataset, args.max_train, args.max_test)
     warm_up(data)
     rows = [r for kpc in args.clusters_per_class for r in run_k(args, data, kpc)]
     print(json.dumps({"split": args.split, "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
