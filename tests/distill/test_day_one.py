@@ -69,7 +69,8 @@ def test_iterations_given_to_a_method_that_takes_none_is_said(flag, tmp_path, ca
 def test_attribute_on_large_images_names_the_way_out_once(tmp_path, capsys):
     """The refusal of Newton's Hessian read 'use --unlearn 'ascent' (--unlearn ascent)': the library's own
     flag hint, and the CLI's rewrite of unlearn='ascent' beside it. Since session 39 the default (--unlearn auto)
-    takes ascent for such a model, and only an explicit --unlearn newton is refused."""
+    takes another step for such a model (ascent; since session 40 the Newton step by conjugate gradients), and
+    only an explicit --unlearn newton is refused."""
     import numpy as np
     from PIL import Image
 
@@ -83,10 +84,10 @@ def test_attribute_on_large_images_names_the_way_out_once(tmp_path, capsys):
     argv = ["attribute", "--dataset", "image-folder", "--data-root", str(tmp_path / "imgs"), "--clusters-per-class",
             "1", "--train-steps", "2", "--match-steps", "1", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
-    assert "unlearning: ascent (auto: the target model's 98,402 parameters are over" in capsys.readouterr().out
+    assert "unlearning: cg (auto: the target model's 98,402 parameters are over" in capsys.readouterr().out
     assert main([*argv[:-1], str(tmp_path / "newton"), "--unlearn", "newton"]) == 1
     err = capsys.readouterr().err
-    assert "use --unlearn 'ascent', " in err and err.count("ascent") == 1, err
+    assert "use --unlearn 'cg' (" in err and err.count("'cg'") == 1 and "--unlearn cg" not in err, err
 
 
 def test_distill_eval_says_where_its_numbers_went(tmp_path, capsys):
