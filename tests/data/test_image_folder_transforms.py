@@ -176,3 +176,23 @@ def test_a_corrupt_image_is_named_not_a_traceback(tmp_path, name, write):
     write(tmp_path / "cat" / name)
     with pytest.raises(CheckpointError, match=f"cat/{name}: not a readable image"):
         load_dataset("image-folder", "train", root=tmp_path, test_fraction=0)
+
+
+def test_a_png_chunk_length_past_the_file_end_allocates_nothing(tmp_path, make_two_class_images):
+    """Fuzzer case 109 of image-folder: a 16-bit PNG whose IDAT length says 2**32 - 1 made Pillow read (and
+    allocate) 4 GiB from the file at load_end: a MemoryError traceback under a memory limit."""
+    import struct
+
+    from PIL import Image
+    from tests.weights.fuzz_damage import check_limits
+
+    root = make_two_class_images(tmp_path)
+    path = root / "cat" / "w.png"
+    Image.fromarray(np.full((6, 5), 1000, np.uint16)).save(path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">I", data, 33, 2**32 - 1)  # the chunk after IHDR (8 + 25 bytes)
+    path.write_bytes(bytes(data))
+    with check_limits(5.0, 1 << 30):  # Pillow reads the pixels it has (from memory, which stops at its end)
+        ds = load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)
+    assert ds.x.shape == (9, 3, 4, 4)  # and the damaged image's pixels are its own (the others are 8-bit grays)
+    assert int(torch.isclose(ds.x.flatten(1), torch.tensor(1000 / 65535)).all(dim=1).sum()) == 1

@@ -32,10 +32,14 @@ _WIDE_GRAY_MODES = {"I", "I;16", "I;16B", "I;16L"}
 
 
 def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """The image at ``path``, read whole first: a chunk length past the file's end made Pillow read (allocate) what
+    it claims from a file (4 GiB for a PNG of 2 KB), and reads from memory stop at its end."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path.read_bytes())) as im:
             if im.mode in _WIDE_GRAY_MODES:
                 return _read_wide_gray(im, size, channels)
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
