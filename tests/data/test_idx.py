@@ -154,3 +154,25 @@ def test_a_header_of_zero_dimensions_says_so(tmp_path):
     with pytest.raises(IDXError, match=r"zero-dims-idx1-ubyte: the header declares 0 dimensions \(an IDX array has "
                                        r"at least 1\)"):
         read_idx(path)
+
+
+def test_images_that_do_not_match_the_labels_in_number_name_both_files(tmp_path):
+    """Fuzzer case 64 of idx: an images header saying (1, 1, 4704) (as many values as (6, 28, 28)) was reported
+    as '<labels>: expected 1 labels, got shape (6,)', naming only the labels file, which was right."""
+    root = make_fashion_folder(tmp_path, gz=False)
+    make_idx(root / "train-images-idx3-ubyte", np.zeros((1, 1, 4704)))
+    with pytest.raises(IDXError, match=r"train-labels-idx1-ubyte: expected 1 labels \(as many as the images in "
+                                       rf"{root / 'train-images-idx3-ubyte'}\), got shape \(6,\)"):
+        load_dataset("fashion-mnist", "train", root=root)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_a_folder_in_place_of_an_idx_file_says_so(tmp_path, gz):
+    """Fuzzer case 1 of idx-gz: a folder named train-labels-idx1-ubyte.gz was reported as '...-ubyte[.gz] not
+    found; install it with apt-get', although the name was there."""
+    root = make_fashion_folder(tmp_path, gz=gz)
+    labels = root / ("train-labels-idx1-ubyte" + (".gz" if gz else ""))
+    labels.unlink()
+    labels.mkdir()
+    with pytest.raises(IDXError, match=f"{labels}: is a folder, not an IDX file"):
+        load_dataset("fashion-mnist", "train", root=root)

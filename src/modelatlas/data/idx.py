@@ -90,6 +90,13 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
+def _check_not_folder(root: Path, stem: str) -> None:
+    """Refuse a folder under one of ``stem``'s names: it was reported as '<stem>[.gz] not found; install it'."""
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (root / name).is_dir():
+            raise IDXError(root / name, "is a folder, not an IDX file; put the file itself there")
+
+
 def load_idx_pair(images: str | Path, labels: str | Path, name: str, classes: list[str]) -> ArrayDataset:
     """An :class:`ArrayDataset` from an IDX image file (N, H, W) uint8 and a label file (N,)."""
     x = read_idx(images)
@@ -99,7 +106,7 @@ def load_idx_pair(images: str | Path, labels: str | Path, name: str, classes: li
     if x.dtype != np.uint8:  # pixels are scaled by 1/255: other types would leave [0, 1] silently
         raise IDXError(images, f"expected uint8 pixels (IDX type code 0x08), got {x.dtype}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise IDXError(labels, f"expected {x.shape[0]} labels, got shape {y.shape}")
+        raise IDXError(labels, f"expected {x.shape[0]} labels (as many as the images in {images}), got shape {y.shape}")
     if y.dtype.kind not in "iu":  # float labels would be truncated to classes silently
         raise IDXError(labels, f"expected integer labels, got {y.dtype}")
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes):
@@ -118,6 +125,7 @@ def _load_fashion(split: str, root: str | Path | None = None) -> ArrayDataset:
     img, lab = _find(folder, img_stem), _find(folder, lab_stem)
     if img is None or lab is None:
         missing = img_stem if img is None else lab_stem
+        _check_not_folder(folder, missing)
         named = " (the folder $ATLAS_FASHION_MNIST names)" if not root and os.environ.get("ATLAS_FASHION_MNIST") else ""
         raise DatasetNotFoundError(
             f"fashion-mnist: {folder / missing}[.gz] not found{named}; install it with "
