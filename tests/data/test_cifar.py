@@ -243,3 +243,14 @@ def test_sizes_the_file_cannot_hold_are_refused_before_allocating(tmp_path, raw,
     path.write_bytes(raw)
     with pytest.raises(CheckpointError, match="data_batch_1: " + message):
         safe_unpickle(path)
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "batches.meta"])
+def test_a_folder_in_place_of_a_batch_says_so(tmp_path, name):
+    """A folder named data_batch_3 was reported as 'data_batch_3 not found', one named batches.meta gave the
+    classes "0".."9" silently (the damage 'a folder in place of the file' of the loaders' fuzzer)."""
+    path = make_cifar10(tmp_path) / "cifar-10-batches-py" / name
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(CheckpointError, match=f"{path}: is a folder, not a file of CIFAR batches"):
+        load_dataset("cifar10", "train", root=tmp_path)

@@ -326,6 +326,9 @@ def load_cifar(split: str, root: str | Path | None = None, num_classes: int = 10
     else:
         folder = _resolve(root, env, "cifar-100-python", "cifar100")
         files, meta_file, label_key, names_key = [split], "meta", "fine_labels", "fine_label_names"
+    for f in [*files, meta_file]:  # a folder was "not found" (a batch) or gave classes "0".."K-1" (the meta file)
+        if (folder / f).is_dir():
+            raise CheckpointError(folder / f, "is a folder, not a file of CIFAR batches")
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise _not_found(folder, files, missing, num_classes, "" if root else f" (the folder ${env} names)")
