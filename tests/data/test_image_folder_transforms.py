@@ -196,3 +196,28 @@ def test_a_png_chunk_length_past_the_file_end_allocates_nothing(tmp_path, make_t
         ds = load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)
     assert ds.x.shape == (9, 3, 4, 4)  # and the damaged image's pixels are its own (the others are 8-bit grays)
     assert int(torch.isclose(ds.x.flatten(1), torch.tensor(1000 / 65535)).all(dim=1).sum()) == 1
+
+
+def test_an_eps_named_png_is_refused_without_running_ghostscript(tmp_path, make_two_class_images, monkeypatch):
+    """Pillow opens a file by its content: an EPS file named cat/0.png was read as EPS, whose load runs
+    Ghostscript (a PostScript interpreter) on the file where it is installed. Only raster formats are read; a
+    GIF named .png (a mislabelled download) still is."""
+    import io
+
+    from PIL import EpsImagePlugin, Image
+
+    from modelatlas.errors import CheckpointError
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    root = make_two_class_images(tmp_path)
+    Image.fromarray(np.full((6, 5), 90, np.uint8)).save(root / "dog" / "0.png", "GIF")
+    eps = io.BytesIO()
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(eps, "EPS")
+    (root / "cat" / "0.png").write_bytes(eps.getvalue())
+    refused = f"{root / 'cat' / '0.png'}: not a readable image: its content is none of PNG, JPEG, PPM, BMP, GIF"
+    with pytest.raises(CheckpointError, match=refused):
+        load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)
+    assert not ran
+    (root / "cat" / "0.png").unlink()
+    assert len(load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)) == 7

@@ -1,7 +1,7 @@
 """``image-folder``: a class-per-subfolder tree of PNG/JPEG/PGM images, read with Pillow.
 
-``root/<class>/*.png``; classes are the sorted subfolder names, in Unicode NFC form: a name macOS wrote
-decomposed (NFD, ``cafe`` + combining accent) is the same class as one typed composed, so ``train/café`` and
+``root/<class>/*.png``; an image's content is read as one of :data:`READ_FORMATS` (never EPS), from memory.
+Classes are the sorted subfolder names, in Unicode NFC form: a name macOS wrote decomposed (NFD, ``cafe`` + combining accent) is the same class as one typed composed, so ``train/café`` and
 ``test/café`` are one class however each was written. Two subfolders of one folder whose names differ only
 in that form are refused, naming both: merging them silently could hide two sources mixed by mistake. If
 ``root/train`` and ``root/test`` exist they are the splits, otherwise one seeded permutation splits the images
@@ -24,6 +24,10 @@ from modelatlas.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from modelatlas.seeding import torch_generator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp"}
+# The formats an image's content is read as (Pillow opens a file by its content, not its name): the suffixes'
+# formats and the raster formats a mislabelled download often is (GIF, WebP, TIFF). Never EPS: Pillow renders it by
+# running Ghostscript on the file; nor the many other formats Pillow has plugins for.
+READ_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "GIF", "WEBP", "TIFF")
 
 
 # Pillow's 16-bit grayscale modes: a PGM with maxval > 255 opens as "I" with samples already rescaled from
@@ -38,14 +42,17 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
 
     from PIL import Image, UnidentifiedImageError
 
+    Image.init()  # every plugin registered: Image.OPEN lists the formats this Pillow reads
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as im:
+        with Image.open(io.BytesIO(path.read_bytes()), formats=[f for f in READ_FORMATS if f in Image.OPEN]) as im:
             if im.mode in _WIDE_GRAY_MODES:
                 return _read_wide_gray(im, size, channels)
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow: SyntaxError for a broken
-        raise CheckpointError(path, f"not a readable image ({e})") from None  # PNG chunk, ValueError a PGM header
+    except UnidentifiedImageError:  # its message names the in-memory copy (<_io.BytesIO object at 0x...>)
+        raise CheckpointError(path, f"not a readable image: its content is none of {', '.join(READ_FORMATS)}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow: SyntaxError for a broken PNG chunk, ValueError a PGM
+        raise CheckpointError(path, f"not a readable image ({e})") from None  # header
     except Image.DecompressionBombError as e:  # Pillow refuses huge images before decoding (not an OSError)
         raise CheckpointError(path, f"too large to read safely ({e}); shrink it or move it out of the folder") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
