@@ -221,3 +221,28 @@ def test_an_eps_named_png_is_refused_without_running_ghostscript(tmp_path, make_
     assert not ran
     (root / "cat" / "0.png").unlink()
     assert len(load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)) == 7
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # 168M pixels: over its warning limit
+def test_a_png_claiming_more_pixels_than_its_bytes_can_hold_is_refused_before_decoding(tmp_path, make_two_class_images):
+    """Fuzzer case 7744 of image-folder: a 164-byte RGB PNG whose IHDR height said 33,554,438 (one bit flipped,
+    the CRC right) is within Pillow's limit (5 x 33,554,438 pixels): it was decoded into 1.3 GB (a MemoryError
+    under a 1 GiB limit; else 2 s and an image of zeros). Deflate inflates a byte to at most 1032."""
+    import struct
+    import zlib
+
+    from PIL import Image
+    from tests.weights.fuzz_damage import check_limits
+
+    from modelatlas.errors import CheckpointError
+
+    root = make_two_class_images(tmp_path)
+    path = root / "cat" / "0.png"
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">I", data, 20, 33554438)  # IHDR height; then the chunk's CRC made right
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    claims = f"{path}: its header claims 5 x 33554438 pixels, more than its {len(data)} bytes can hold"
+    with check_limits(5.0, 1 << 30), pytest.raises(CheckpointError, match=claims):
+        load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)

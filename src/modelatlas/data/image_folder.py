@@ -44,7 +44,9 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
 
     Image.init()  # every plugin registered: Image.OPEN lists the formats this Pillow reads
     try:
-        with Image.open(io.BytesIO(path.read_bytes()), formats=[f for f in READ_FORMATS if f in Image.OPEN]) as im:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data), formats=[f for f in READ_FORMATS if f in Image.OPEN]) as im:
+            _check_png_size(im, len(data), path)
             if im.mode in _WIDE_GRAY_MODES:
                 return _read_wide_gray(im, size, channels)
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
@@ -56,6 +58,16 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
     except Image.DecompressionBombError as e:  # Pillow refuses huge images before decoding (not an OSError)
         raise CheckpointError(path, f"too large to read safely ({e}); shrink it or move it out of the folder") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _check_png_size(im, nbytes: int, path: Path) -> None:
+    """Refuse a PNG whose header claims more pixel rows than its ``nbytes`` can inflate to: deflate turns a byte
+    into at most 1032 (a 258-byte match costs 2 bits at least), and a row holds a filter byte and a bit per pixel
+    at least. A 164-byte PNG claiming 5 x 33,554,438 pixels (within Pillow's limit) was decoded into 1.3 GB."""
+    width, height = im.size
+    if im.format == "PNG" and height * (1 + (width + 7) // 8) > 1032 * nbytes:
+        raise CheckpointError(path, f"its header claims {width} x {height} pixels, more than its {nbytes} bytes can "
+                                    "hold (a damaged PNG)")
 
 
 def _read_wide_gray(im, size: int, channels: int) -> np.ndarray:
