@@ -1,12 +1,13 @@
 """``image-folder``: a class-per-subfolder tree of PNG/JPEG/PGM images, read with Pillow.
 
 ``root/<class>/*.png``; an image's content is read as one of :data:`READ_FORMATS` (never EPS), from memory.
-Classes are the sorted subfolder names, in Unicode NFC form: a name macOS wrote decomposed (NFD, ``cafe`` + combining accent) is the same class as one typed composed, so ``train/café`` and
-``test/café`` are one class however each was written. Two subfolders of one folder whose names differ only
-in that form are refused, naming both: merging them silently could hide two sources mixed by mistake. If
-``root/train`` and ``root/test`` exist they are the splits, otherwise one seeded permutation splits the images
-(``test_fraction``). Hidden files and folders, and subfolders without images, are skipped. Images are converted to grayscale (``channels=1``)
-or RGB (3) and resized to ``size`` x ``size`` (bilinear).
+Classes are the sorted subfolder names, in Unicode NFC form: a name macOS wrote decomposed (NFD, ``cafe`` +
+combining accent) is the same class as one typed composed, so ``train/café`` and ``test/café`` are one class
+however each was written. Two subfolders of one folder whose names differ only in that form are refused,
+naming both: merging them silently could hide two sources mixed by mistake. If ``root/train`` and
+``root/test`` exist they are the splits, otherwise one seeded permutation splits the images
+(``test_fraction``). Hidden files and folders, and subfolders without images, are skipped. Images are
+converted to grayscale (``channels=1``) or RGB (3) and resized to ``size`` x ``size`` (bilinear).
 O(N * size^2) time and memory.
 """
 
