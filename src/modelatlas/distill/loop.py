@@ -29,6 +29,7 @@ Checkpoint cost: O(size of the states) per save.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -66,8 +67,66 @@ def read_checkpoint(checkpoint_dir: str | Path) -> dict | None:
     """The ``checkpoint.json`` of ``checkpoint_dir`` (a corrupt one raises :class:`CheckpointError`), None
     without one: read once per run and passed down (to :func:`saved_wall_time`, the loop, a resume's
     checks)."""
-    path = Path(checkpoint_dir) / CHECKPOINT_JSON
-    return read_json(path) if path.is_file() else None
+    path = Path(checkpoint_dir) / CHECKPOINT_JSON  # a folder there is named, not taken for no checkpoint
+    return read_json(path) if path.exists() else None
+
+
+RESTART = "delete the checkpoint folder to restart"
+DIGESTED = ("iteration", "iterations", "seed", "tensors", "losses", "states")  # what a resume continues from
+
+
+def _plain(obj: Any) -> Any:
+    """JSON fallback of a checkpoint's non-tensor state: NumPy scalars and arrays as lists, anything else as text."""
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
+
+
+def checkpoint_digests(tensor_path: Path, meta: Mapping[str, Any]) -> dict[str, str]:
+    """SHA-256 of the tensor file's bytes and of the JSON fields a resume continues from (:data:`DIGESTED`),
+    recorded in checkpoint.json: a checkpoint damaged on disk or edited since is refused, never continued
+    silently from other values (a flipped bit of the images, an RNG state edited). O(checkpoint bytes)."""
+    return {"tensors_sha256": _file_sha256(tensor_path), "states_sha256": _fields_sha256(meta)}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fields_sha256(meta: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([meta.get(k) for k in DIGESTED], sort_keys=True).encode()).hexdigest()
+
+
+def check_meta(meta: Mapping[str, Any], meta_path: Path) -> None:
+    """Refuse a checkpoint.json whose keys are missing or of another type, or whose iteration and losses differ."""
+    kinds = {"iteration": (int, "an integer"), "tensors": (str, "a file name"), "states": (dict, "an object"),
+             "losses": (list, "a list")}
+    bad = next((k for k, (kind, _) in kinds.items() if not isinstance(meta.get(k), kind)), None)
+    if bad is not None:  # a hand-edited or foreign file: not a KeyError traceback
+        raise CheckpointError(meta_path, f"key {bad!r} is missing or not {kinds[bad][1]}; {RESTART}")
+    it, losses = meta["iteration"], meta["losses"]
+    if it < 0 or len(losses) != it or not all(isinstance(v, (int, float)) for v in losses):  # hand edits
+        raise CheckpointError(meta_path, f"iteration {it} does not match its {len(losses)} losses (numbers); {RESTART}")
+
+
+def check_states_digest(meta: Mapping[str, Any], meta_path: Path) -> None:
+    """Refuse a checkpoint.json whose resumed fields differ from those it was saved with (its ``states_sha256``;
+    a checkpoint of before session 40 has none: not checked)."""
+    if "states_sha256" in meta and meta["states_sha256"] != _fields_sha256(meta):
+        raise CheckpointError(meta_path, "its saved state differs from the one it was written with (damaged or "
+                                         f"edited since: its states_sha256 does not match); {RESTART}")
+
+
+def check_tensors_digest(meta: Mapping[str, Any], path: Path) -> Path:
+    """``path`` (the checkpoint's tensor file), refused when it is not the file checkpoint.json was saved with
+    (its ``tensors_sha256``; none in a checkpoint of before session 40: not checked)."""
+    if "tensors_sha256" in meta and path.is_file():  # (a missing one: read_tensors names it)
+        if _file_sha256(path) != meta["tensors_sha256"]:
+            raise CheckpointError(path, f"is not the file {CHECKPOINT_JSON} was saved with (damaged since: its "
+                                        f"SHA-256 differs from tensors_sha256); {RESTART}")
+    return path
 
 
 def saved_wall_time(checkpoint: Mapping[str, Any] | None) -> float:
@@ -197,10 +256,12 @@ class OuterLoop:
         flat = {name: flatten_state(s.state_dict(), name, tensors) for name, s in states.items()}
         tensor_file = f"ckpt-{done}.safetensors"
         atomic_save_tensors(self.checkpoint_dir / tensor_file, tensors)
-        atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
-            "iteration": done, "iterations": self.iterations, "seed": self.seed, "tensors": tensor_file,
-            "losses": self.losses, "states": flat, "wall_time_s": None if self.clock is None else self.clock(),
-            "device": self.device, "devices": self.devices})
+        meta = {"iteration": done, "iterations": self.iterations, "seed": self.seed, "tensors": tensor_file,
+                "losses": self.losses, "states": flat, "wall_time_s": None if self.clock is None else self.clock(),
+                "device": self.device, "devices": self.devices}
+        meta = json.loads(json.dumps(meta, default=_plain))  # as a resume reads it back, for its digest
+        atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON,
+                          {**meta, **checkpoint_digests(self.checkpoint_dir / tensor_file, meta)})
         for old in self.checkpoint_dir.glob("ckpt-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink(missing_ok=True)
@@ -213,16 +274,7 @@ class OuterLoop:
         meta = self.checkpoint if self.checkpoint is not None else read_checkpoint(self.checkpoint_dir)
         if meta is None:
             return  # nothing saved yet: start from scratch
-        kinds = {"iteration": (int, "an integer"), "tensors": (str, "a file name"), "states": (dict, "an object"),
-                 "losses": (list, "a list")}
-        bad = next((k for k, (kind, _) in kinds.items() if not isinstance(meta.get(k), kind)), None)
-        if bad is not None:  # a hand-edited or foreign file: not a KeyError traceback
-            raise CheckpointError(meta_path, f"key {bad!r} is missing or not {kinds[bad][1]}; delete the "
-                                             "checkpoint folder to restart")
-        it, losses = meta["iteration"], meta["losses"]
-        if it < 0 or len(losses) != it or not all(isinstance(v, (int, float)) for v in losses):  # hand edits
-            raise CheckpointError(meta_path, f"iteration {it} does not match its {len(losses)} losses (numbers); "
-                                             "delete the checkpoint folder to restart")
+        check_meta(meta, meta_path)
         if meta.get("seed") != self.seed:
             raise CheckpointError(meta_path, f"was written with seed {meta.get('seed')}, not {self.seed}; "
                                              "use the same --seed or a new output folder")
@@ -230,13 +282,14 @@ class OuterLoop:
             raise CheckpointError(meta_path, f"has {meta['iteration']} iterations done, more than "
                                              f"iterations={self.iterations}; resume with iterations >= "
                                              f"{meta['iteration']} or use a new output folder")
-        tensors = read_tensors(self.checkpoint_dir / meta["tensors"], "delete the checkpoint folder to restart")
+        check_states_digest(meta, meta_path)
+        tensors = read_tensors(check_tensors_digest(meta, self.checkpoint_dir / meta["tensors"]), RESTART)
         for name, s in states.items():
             if name not in meta["states"]:
                 raise CheckpointError(meta_path, f"has no state {name!r}; it was written by another method")
             try:
                 s.load_state_dict(unflatten_state(meta["states"][name], tensors))
-            except (RuntimeError, ValueError, KeyError, IndexError) as e:  # e.g. images of another --ipc
+            except (RuntimeError, ValueError, KeyError, IndexError, TypeError, OverflowError) as e:  # another --ipc
                 raise CheckpointError(meta_path, f"state {name!r} does not fit this run ({error_line(e)}); it was written "
                                                  "with other settings (ipc, config): resume with those, or use a "
                                                  "new output folder") from e
