@@ -325,3 +325,53 @@ def test_progress_bars_name_the_layer_and_the_tree_they_train(tmp_path):
     assert [d.split(" (")[1] for d in trained[:2]] == ["1 of 2)", "2 of 2)"]
     assert sorted(d.split()[2] for d in trained[:2]) == ["v", "w"] and trained[0].startswith("train layer ")
     assert trained[2:] == ["train tree r (1 of 1)"] and f"read {report.layer} of tree r" in seen
+
+
+@pytest.mark.parametrize("text", ["", '{"slack": 1.5, "trees": ["r"]', "\x8b{}"])
+def test_a_router_json_that_is_not_json_is_named(tmp_path, text):
+    """An empty, cut or non-UTF-8 router.json was named as the router folder (fuzzed, session 40)."""
+    out = make_experts(tmp_path)
+    (out / "router" / "router.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=r"router[/\\]router\.json: cannot read the tree router"):
+        TreeExperts.load(out)
+
+
+@pytest.mark.parametrize("shape", [[-1, 3], [4, 4], [12], [0, 0]])
+def test_a_router_shape_of_another_weight_count_is_named_in_router_json(tmp_path, shape):
+    """A shape that no layer of the centroids' weights has was blamed on index.json ('the experts and the router
+    expect layers of different shapes'), as if the index were damaged (fuzzed, session 40)."""
+    out = make_experts(tmp_path)
+    meta = json.loads((out / "router" / "router.json").read_text())
+    (out / "router" / "router.json").write_text(json.dumps({**meta, "shape": shape}))
+    with pytest.raises(CheckpointError, match=r"router\.json: shape must be the layer's two sizes, of 12 weights"):
+        TreeExperts.load(out)
+
+
+def test_an_expert_json_of_another_layer_is_named(tmp_path):
+    """An expert.json edited to another layer was named by index.json alone, the file left as it was (fuzzed)."""
+    out = make_experts(tmp_path)
+    meta = json.loads((out / "experts" / "r" / "expert.json").read_text())
+    (out / "experts" / "r" / "expert.json").write_text(json.dumps({**meta, "layer": "v"}))
+    with pytest.raises(CheckpointError, match=r"index\.json: layer is 'w', but the expert of tree 'r' was trained on "
+                                              r"'v' \(.*expert\.json\)"):
+        TreeExperts.load(out)
+
+
+@pytest.mark.parametrize("trees", [[2**64], ["r", "r"], [None]])
+def test_router_trees_that_are_not_distinct_names_are_named_in_router_json(tmp_path, trees):
+    """A number among the router's trees ended in a TypeError traceback (sorted with the index's names for the
+    message); a repeated name or another name than the index's was blamed on index.json alone (fuzzed)."""
+    out = make_experts(tmp_path)
+    meta = json.loads((out / "router" / "router.json").read_text())
+    (out / "router" / "router.json").write_text(json.dumps({**meta, "trees": trees}))
+    with pytest.raises(CheckpointError, match=r"router\.json: trees must list one tree per centroid \(1\), each once"):
+        TreeExperts.load(out)
+
+
+def test_router_trees_of_other_names_than_the_index_name_router_json(tmp_path):
+    out = make_experts(tmp_path)
+    meta = json.loads((out / "router" / "router.json").read_text())
+    (out / "router" / "router.json").write_text(json.dumps({**meta, "trees": ["x"]}))
+    with pytest.raises(CheckpointError, match=r"index\.json: the router \(.*router\.json\) knows trees \['x'\], the "
+                                              r"index \['r'\]"):
+        TreeExperts.load(out)

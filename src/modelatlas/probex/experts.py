@@ -294,15 +294,17 @@ class TreeExperts:
         where = self.folder / "index.json"
         shapes = {tuple(e.mean_.shape) for e in self.experts.values()}
         for tree, expert in self.experts.items():
-            if expert.layer and expert.layer != self.layer:
+            if expert.layer and expert.layer != self.layer:  # either file may be the edited one: both named
                 raise CheckpointError(where, f"layer is {self.layer!r}, but the expert of tree {tree!r} was trained "
-                                             f"on {expert.layer!r}; train the experts again")
+                                             f"on {expert.layer!r} ({self.tree_dirs[tree] / 'expert.json'}); train "
+                                             "the experts again")
         router_shape = getattr(self.router, "shape_", None)
         if len(shapes) > 1 or (router_shape is not None and {tuple(router_shape)} != shapes):
             raise CheckpointError(where, f"the experts and the router expect layers of different shapes "
                                          f"({sorted(shapes)}, router {router_shape}); train the experts again")
         if set(self.router.trees_) != set(self.experts):
-            raise CheckpointError(where, f"the router knows trees {sorted(self.router.trees_)}, the index "
+            raise CheckpointError(where, f"the router ({self.folder / 'router' / 'router.json'}) knows trees "
+                                         f"{sorted(self.router.trees_)}, the index "
                                          f"{sorted(self.experts)}; train the experts again")
 
     def read(self, paths, progress: Progress | None = None, adapter_base: Checkpoint | None = None):

@@ -195,7 +195,7 @@ class TreeRouter:
         try:
             meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise CheckpointError(folder, f"cannot read the tree router: {e}") from e
+            raise CheckpointError(folder / "router.json", f"cannot read the tree router: {e}") from e
         tensors = read_tensors(folder / "router.safetensors")
         _check_saved(folder / "router.safetensors", tensors)
         try:
@@ -204,11 +204,25 @@ class TreeRouter:
             if "shape" in meta:  # older routers did not record it; they check the weight count only
                 router.shape_ = tuple(int(n) for n in meta["shape"])
         except KeyError as e:
-            raise CheckpointError(folder, f"tree router files lack {e}; train the experts again") from e
+            raise CheckpointError(folder / "router.json", f"tree router files lack {e}; train the experts again") from e
         except (TypeError, ValueError) as e:  # a JSON list, or a value of the wrong type
             raise CheckpointError(folder / "router.json", f"not a tree router's settings ({' '.join(str(e).split())});"
                                                           " train the experts again") from e
-        if not isinstance(router.trees_, list) or len(router.trees_) != len(router.centroids_):
+        trees = router.trees_  # else a number among them failed as a TypeError when sorted for a message
+        if not isinstance(trees, list) or len(trees) != len(router.centroids_) or len(set(map(str, trees))) != len(
+                trees) or not all(isinstance(t, str) for t in trees):
             raise CheckpointError(folder / "router.json", f"trees must list one tree per centroid "
-                                                          f"({len(router.centroids_)}); got {router.trees_!r:.60}")
+                                                          f"({len(router.centroids_)}), each once by its name; got "
+                                                          f"{router.trees_!r:.60}")
+        _check_shape(folder / "router.json", getattr(router, "shape_", None), router.centroids_)
         return router
+
+
+def _check_shape(path: Path, shape: tuple | None, centroids: torch.Tensor) -> None:
+    """Refuse a recorded layer shape that is not two positive sizes of as many weights as a centroid holds (an
+    edited router.json was blamed on index.json: 'the experts and the router expect different shapes')."""
+    if shape is None:
+        return
+    if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] != centroids.shape[-1]:
+        raise CheckpointError(path, f"shape must be the layer's two sizes, of {centroids.shape[-1]} weights (a "
+                                    f"centroid's); got {list(shape)}; train the experts again")
