@@ -334,7 +334,8 @@ def test_eval_on_data_of_other_class_names_is_refused(tmp_path, monkeypatch, cap
     monkeypatch.delenv("ATLAS_DEBUG", raising=False)
     assert main(["distill", "eval", str(tmp_path / "out"), "--eval-epochs", "1", "--data-root",
                  str(tmp_path / "other")]) == 1
-    assert "the test set's class 1 is 'emu', the synthetic set's 'dog'" in capsys.readouterr().err
+    assert "the test set's class 1 is 'emu', the synthetic set's 'dog' (its synthetic.json's class_names: " in \
+        capsys.readouterr().err  # the file that names 'dog' (fuzzed, session 40: it named the folder alone)
     with pytest.raises(ConfigError, match="this run's class 1 is 'emu', the synthetic set's 'dog'"):  # --init-from
         run_distillation("dm", "image-folder", 1, tmp_path / "dm", config={"width": 8, "iterations": 1},
                          dataset_kwargs={**kw, "root": str(tmp_path / "other")}, init_from=tmp_path / "out", **QUICK)

@@ -79,5 +79,5 @@ def check_class_names(folder, syn: SyntheticSet, classes: list[str], whose: str,
     k = next((i for i, (a, b) in enumerate(zip(syn.class_names, classes)) if a != b), min(len(classes), syn.num_classes))
     ours = classes[k] if k < len(classes) else None
     theirs = syn.class_names[k] if k < syn.num_classes else None
-    raise ConfigError(f"{folder}: {whose} class {k} is {ours!r}, the synthetic set's {theirs!r} (other data, or "
-                      f"classes renamed); {fix}")
+    raise ConfigError(f"{folder}: {whose} class {k} is {ours!r}, the synthetic set's {theirs!r} (its synthetic.json's "
+                      f"class_names: other data, or classes renamed); {fix}")
