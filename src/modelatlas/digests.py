@@ -18,3 +18,39 @@ def data_digest(*tensors: torch.Tensor) -> str:
         h.update(repr(tuple(t.shape)).encode())
         h.update(t.numpy().data)  # the same bytes as tobytes()
     return h.hexdigest()[:16]
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks. O(file bytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_sha256(folder, names) -> dict[str, str]:
+    """{name: SHA-256} of the files ``names`` (paths relative to ``folder``, written with "/"): recorded in a
+    folder's index so that a file damaged or edited since is refused by :func:`check_files_sha256`."""
+    from pathlib import Path
+
+    return {name: file_sha256(Path(folder) / name) for name in names}
+
+
+def check_files_sha256(folder, recorded, index_path, fix: str) -> None:
+    """Refuse (CheckpointError naming the file) a file of ``folder`` whose bytes are not those ``recorded``
+    ({name: SHA-256}, from :func:`files_sha256`; None: an index written before digests, not checked). A
+    recorded value that is not such an object names ``index_path``. A missing file is left to its reader."""
+    from pathlib import Path
+
+    from modelatlas.errors import CheckpointError
+
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise CheckpointError(index_path, f"files_sha256 must be an object of file -> SHA-256; got {recorded!r:.60}; {fix}")
+    for name, digest in recorded.items():
+        path = Path(folder) / name
+        if path.is_file() and file_sha256(path) != digest:
+            raise CheckpointError(path, f"is not the file {Path(index_path).name} records (damaged or edited since "
+                                        f"it was written: its SHA-256 differs); {fix}")

@@ -375,3 +375,36 @@ def test_router_trees_of_other_names_than_the_index_name_router_json(tmp_path):
     with pytest.raises(CheckpointError, match=r"index\.json: the router \(.*router\.json\) knows trees \['x'\], the "
                                               r"index \['r'\]"):
         TreeExperts.load(out)
+
+
+@pytest.mark.parametrize("name", ["router/router.safetensors", "experts/r/expert.safetensors"])
+def test_a_flipped_bit_of_a_weights_file_is_refused_naming_it(tmp_path, name):
+    """A radius or centroid with a bit flipped routed the zoo's own models to no tree (exit 1, not a word on
+    stderr); an expert's weights predicted other classes. index.json records each file's SHA-256 (fuzzed)."""
+    out = make_experts(tmp_path)
+    data = bytearray((out / name).read_bytes())
+    data[-2] ^= 0x04  # the last value's bits, not the header
+    (out / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{name.split('/')[-1]}: is not the file index\.json records "
+                                              r"\(damaged or edited since it was written: its SHA-256 differs\)"):
+        TreeExperts.load(out)
+
+
+def test_an_index_of_older_experts_without_digests_still_loads(tmp_path):
+    out = make_experts(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index.pop("files_sha256")) == ["experts/r/expert.json", "experts/r/expert.safetensors",
+                                                  "router/router.json", "router/router.safetensors"]
+    (out / "index.json").write_text(json.dumps(index))
+    assert TreeExperts.load(out).layer == "w"
+
+
+@pytest.mark.parametrize("rel", ["../x", "router", "experts/nope"])
+def test_an_index_naming_no_expert_folder_names_index_json(tmp_path, rel):
+    """'../x' was named as that folder ('experts/../x: not a ProbeX expert folder'), not as the index (fuzzed)."""
+    out = make_experts(tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, "trees": {"r": rel}}))
+    with pytest.raises(CheckpointError, match=rf"index\.json: trees\['r'\] is '{rel}', not a folder of this experts "
+                                              "folder holding an expert.json"):
+        TreeExperts.load(out)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
+from modelatlas.digests import file_sha256
 from modelatlas.distill.interrupt import deferred_interrupt
 from modelatlas.errors import CheckpointError, DeviceChangeWarning, DivergedError
 from modelatlas.progress import Progress, resolve
@@ -84,15 +85,7 @@ def checkpoint_digests(tensor_path: Path, meta: Mapping[str, Any]) -> dict[str, 
     """SHA-256 of the tensor file's bytes and of the JSON fields a resume continues from (:data:`DIGESTED`),
     recorded in checkpoint.json: a checkpoint damaged on disk or edited since is refused, never continued
     silently from other values (a flipped bit of the images, an RNG state edited). O(checkpoint bytes)."""
-    return {"tensors_sha256": _file_sha256(tensor_path), "states_sha256": _fields_sha256(meta)}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return {"tensors_sha256": file_sha256(tensor_path), "states_sha256": _fields_sha256(meta)}
 
 
 def _fields_sha256(meta: Mapping[str, Any]) -> str:
@@ -123,7 +116,7 @@ def check_tensors_digest(meta: Mapping[str, Any], path: Path) -> Path:
     """``path`` (the checkpoint's tensor file), refused when it is not the file checkpoint.json was saved with
     (its ``tensors_sha256``; none in a checkpoint of before session 40: not checked)."""
     if "tensors_sha256" in meta and path.is_file():  # (a missing one: read_tensors names it)
-        if _file_sha256(path) != meta["tensors_sha256"]:
+        if file_sha256(path) != meta["tensors_sha256"]:
             raise CheckpointError(path, f"is not the file {CHECKPOINT_JSON} was saved with (damaged since: its "
                                         f"SHA-256 differs from tensors_sha256); {RESTART}")
     return path

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_write_json, check_out_folder, read_json_object
+from modelatlas.digests import check_files_sha256, files_sha256
 from modelatlas.errors import AtlasError, CheckpointError, ConfigError, ManifestError, TensorNotFoundError
 from modelatlas.probex.config import ProbeXConfig
 from modelatlas.probex.estimator import ProbeXClassifier, WeightExpert, load_expert
@@ -204,10 +205,19 @@ def train_tree_experts(manifest_path: str | Path, out: str | Path, task: str = "
         report.trees[tree] = {"models": len(ms), "val_score": float(expert.history_["best_score"]),
                               "parameters": expert.n_parameters_}
     TreeRouter().fit(torch.cat(list(xs.values())), [t for t, x in xs.items() for _ in range(len(x))]).save(out / "router")
+    _write_index(out, task, report)
+    return report
+
+
+def _write_index(out: Path, task: str, report: TrainReport) -> None:
+    """``index.json``, last: what was trained, and the SHA-256 of every file it loads (a file damaged or edited
+    since is refused by :meth:`TreeExperts.load`, not read into other predictions)."""
+    files = ["router/router.json", "router/router.safetensors",
+             *(f"experts/{t}/expert.{ext}" for t in report.trees for ext in ("json", "safetensors"))]
     atomic_write_json(out / "index.json", {"format": INDEX_FORMAT, "task": task, "layer": report.layer,
                                            "layer_scores": report.layer_scores, "report": report.trees,
-                                           "trees": {t: f"experts/{t}" for t in by_tree}})
-    return report
+                                           "trees": {t: f"experts/{t}" for t in report.trees},
+                                           "files_sha256": files_sha256(out, files)})
 
 
 def _read_index(folder: Path) -> dict:
@@ -237,6 +247,10 @@ def _read_index(folder: Path) -> dict:
         raise CheckpointError(path, f"trees must be an object of tree -> expert folder; got {trees!r:.60}")
     if not trees:
         raise CheckpointError(path, "trees must name at least one tree's expert; got none")
+    for tree, rel in trees.items():  # '../x' or a folder of no expert was named as that folder, not the index
+        if not (folder / rel / "expert.json").is_file() or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(path, f"trees[{tree!r}] is {rel!r}, not a folder of this experts folder holding an "
+                                        "expert.json; train the experts again")
     return index
 
 
@@ -272,7 +286,8 @@ class TreeExperts:
         experts = {t: load_expert(folder / rel) for t, rel in index["trees"].items()}
         loaded = cls(folder, index["task"], index["layer"], TreeRouter.load(folder / "router"), experts,
                      {t: folder / rel for t, rel in index["trees"].items()})
-        loaded._check_consistent()
+        loaded._check_consistent()  # (first: a file edited by hand is named with what is wrong in it)
+        check_files_sha256(folder, index.get("files_sha256"), folder / "index.json", "train the experts again")
         return loaded
 
     def weights_digest(self) -> str:
