@@ -1,7 +1,8 @@
 """A distillation checkpoint damaged on disk or edited since it was saved is refused with one CheckpointError
 naming the file, never continued silently from other values, never a traceback (fuzzed in session 40:
 tests/cli/test_fuzz_outputs.py). checkpoint.json records SHA-256 digests of its tensor file and of the fields a
-resume continues from; an older checkpoint, without them, still resumes."""
+resume continues from; an older checkpoint, without them, still resumes. A saved set or result.json of values of
+another type is named too."""
 
 import json
 
@@ -102,3 +103,27 @@ def test_a_folder_in_place_of_checkpoint_json_is_refused_before_anything_is_writ
         make_resumed(tmp_path)
     assert e.value.filename == str(tmp_path / "checkpoint.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_saved_classes_of_an_unsigned_wide_dtype_are_refused_naming_the_file(tmp_path):
+    """uint64 classes (a dtype lie in the header, fuzzed) ended `atlas distill eval` in a NotImplementedError
+    traceback ("min_all" not implemented for 'UInt64')."""
+    from safetensors.torch import load_file, save_file
+
+    from modelatlas.distill.synthetic import SyntheticSet
+
+    SyntheticSet.from_noise((1, 4, 4), 2, 1, torch.Generator().manual_seed(0)).save(tmp_path)
+    tensors = load_file(str(tmp_path / "synthetic.safetensors"))
+    save_file({**tensors, "classes": tensors["classes"].to(torch.uint64)}, str(tmp_path / "synthetic.safetensors"))
+    with pytest.raises(CheckpointError, match=r"synthetic\.safetensors: classes must be 2 integers \(one per image\), "
+                                              r"got shape \(2,\) of torch\.uint64"):
+        SyntheticSet.load(tmp_path)
+
+
+def test_a_protocol_momentum_of_null_is_named():
+    """A result.json whose evaluation.protocol.momentum is null ended `atlas distill eval` in a TypeError."""
+    from modelatlas.distill import EvalProtocol
+    from modelatlas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval momentum must be a number, got None"):
+        EvalProtocol(momentum=None)

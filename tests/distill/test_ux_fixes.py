@@ -319,7 +319,7 @@ def test_eval_on_data_of_another_class_count_is_a_one_line_error(tmp_path, monke
     assert main(["distill", "eval", str(tmp_path / "out"), "--eval-epochs", "1", "--data-root",
                  str(tmp_path / "three")]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "the test set has 3 classes" in err and "the synthetic set 2" in err
+    assert "Traceback" not in err and "the test set has 3 classes" in err and "the synthetic set (synthetic.safetensors) 2" in err
 
 
 def test_eval_on_data_of_other_class_names_is_refused(tmp_path, monkeypatch, capsys, make_two_class_images):

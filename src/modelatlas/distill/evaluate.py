@@ -90,6 +90,8 @@ class EvalProtocol:
             raise ConfigError(f"eval {bad.key} must be {kind}, got {bad.value!r}")
         if self.net not in NET_NAMES:
             raise ConfigError(f"eval net must be one of {', '.join(NET_NAMES)}, got {self.net!r}")
+        if type(self.momentum) not in (int, float):  # None (a result.json's null) failed as a TypeError
+            raise ConfigError(f"eval momentum must be a number, got {self.momentum!r}")
 
     def resolved(self, learned_lr: float | None = None) -> EvalProtocol:
         """A copy with every default filled in."""

@@ -64,8 +64,8 @@ def check_fits(folder: str | Path, syn: SyntheticSet, test: ArrayDataset) -> Non
     shape, test_shape = tuple(syn.images.shape[1:]), tuple(test.input_shape)
     if test.num_classes != syn.num_classes or test_shape != shape:
         raise ConfigError(f"{folder}: the test set has {test.num_classes} classes of inputs {test_shape}, the "
-                          f"synthetic set {syn.num_classes} of {shape}; point --data-root (root=) at the data "
-                          "the result was distilled from")
+                          f"synthetic set (synthetic.safetensors) {syn.num_classes} of {shape}; point --data-root "
+                          "(root=) at the data the result was distilled from")
     check_class_names(folder, syn, test.classes, "the test set's", "point --data-root (root=) at the data the "
                        "result was distilled from")
 

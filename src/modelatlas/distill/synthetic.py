@@ -167,13 +167,16 @@ def _check_saved(folder: Path, state: dict, info: dict) -> None:
     _check_tensors(folder / TENSORS_FILE, state, k)
 
 
+_CLASS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_tensors(path: Path, state: dict, k: int) -> None:
     """Tensors that fit together: a hand-edited file must fail here, naming itself, not deep in training."""
     images, classes = state["images"], state["classes"]
     if images.dim() < 2:
         raise CheckpointError(path, f"images must be (N, C, H, W) or (N, C, L), got shape {tuple(images.shape)}")
     n = images.shape[0]
-    if classes.shape != (n,) or classes.dtype.is_floating_point or classes.dtype == torch.bool:
+    if classes.shape != (n,) or classes.dtype not in _CLASS_DTYPES:  # (uint64: min() failed, a traceback)
         raise CheckpointError(path, f"classes must be {n} integers (one per image), got shape "
                                     f"{tuple(classes.shape)} of {classes.dtype}")
     if n and not 0 <= int(classes.min()) <= int(classes.max()) < k:
