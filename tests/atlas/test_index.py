@@ -98,6 +98,13 @@ def make_edit(keys, value):
     (make_edit(["forest", "edges", 0, "score"], "x"), "forest.edges[0].score", "'x'"),
     (make_edit(["forest", "trees"], 5), "forest.trees", "5"),
     (make_edit(["forest", "decisions"], [1]), "forest.decisions", "[1]"),
+    # fuzzed (session 40): `show` formatted these with :.2f or indexed them, a ValueError traceback
+    (make_edit(["forest", "decisions"], {"root_confidence": ["high"]}), "forest.decisions.root_confidence",
+     "['high']"),
+    (make_edit(["forest", "decisions"], {"root_runner_up": [3]}), "forest.decisions.root_runner_up[0]", "3"),
+    (make_edit(["forest", "decisions"], {"stage_trees": [{"stage": "specialize"}]}),
+     "forest.decisions.stage_trees[0].confidence", "missing"),
+    (make_edit(["forest", "decisions"], {"model_merges": ["m"]}), "forest.decisions.model_merges", "['m']"),
     (make_edit(["experts"], [1]), "experts", "[1]"),
     (make_edit(["experts"], {"text": "dir"}), "experts.text", "'dir'"),
     (make_edit(["embedded"], [1]), "embedded", "[1]"),

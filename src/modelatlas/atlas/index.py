@@ -222,6 +222,7 @@ _KINDS = {
     "list": (lambda v: isinstance(v, list), "a list"),
     "object": (lambda v: isinstance(v, dict), "an object"),
     "strings": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "numbers": (lambda v: isinstance(v, list) and all(_KINDS["number"][0](x) for x in v), "a list of numbers"),
     "pairs": (lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
                                                     and _KINDS["number"][0](p[1]) for p in v),
               "a list of [name, probability] pairs"),
@@ -235,6 +236,8 @@ _FOREST = {"nodes": "strings", "edges": "list", "trees": "list", "decisions": "o
 _EDGE = {"parent": "str", "child": "str", "score": "number", "distance": "number", "kind": "str", "runner_up": "str?",
          "runner_up_ratio": "number"}
 _EXPERTS = {"folder": "str", "layer": "str", "digest": "str"}
+_DECISIONS = {"root_confidence": "numbers?", "root_runner_up": "list?", "stage_trees": "list?", "stage": "str?",
+              "precision_copies": "object?", "same_model_roundings": "object?", "model_merges": "object?"}
 _MISSING = object()
 
 
@@ -255,6 +258,7 @@ def check_atlas_dict(data: dict, path: Path) -> None:
                 raise AtlasError(f"{path}: forest.edges[{i}].{end} {shown_value(e[end])} is not one of forest.nodes")
     for i, tree in enumerate(forest.get("trees", [])):
         _check(path, f"forest.trees[{i}]", tree, "strings")
+    _check_decisions(path, forest.get("decisions", {}))
     for name, used in data.get("experts", {}).items():
         _check_keys(path, f"experts.{name}", used, _EXPERTS)
     known = {m["name"] for m in data["models"]}
@@ -263,6 +267,16 @@ def check_atlas_dict(data: dict, path: Path) -> None:
         stray = next((i for i, n in enumerate(names) if n not in known), None)
         if stray is not None:  # found only after scoring, as "no model named ... in the atlas"
             raise AtlasError(f"{path}: embedded.{tree}[{stray}] {shown_value(names[stray])} is not one of the models")
+
+
+def _check_decisions(path: Path, decisions: dict) -> None:
+    """The forest's decisions that `show` and the viewer format (a root confidence of text was a ValueError)."""
+    _check_keys(path, "forest.decisions", decisions, _DECISIONS)
+    for i, tree in enumerate(decisions.get("stage_trees") or []):
+        _check_keys(path, f"forest.decisions.stage_trees[{i}]", tree, {"stage": "str", "confidence": "number"},
+                    required=("stage", "confidence"))
+    for i, name in enumerate(decisions.get("root_runner_up") or []):
+        _check(path, f"forest.decisions.root_runner_up[{i}]", name, "str?")
 
 
 def _check_keys(path: Path, where: str, obj, kinds: dict, required: tuple = ()) -> None:
