@@ -408,3 +408,14 @@ def test_an_index_naming_no_expert_folder_names_index_json(tmp_path, rel):
     with pytest.raises(CheckpointError, match=rf"index\.json: trees\['r'\] is '{rel}', not a folder of this experts "
                                               "folder holding an expert.json"):
         TreeExperts.load(out)
+
+
+def test_a_router_safetensors_without_radii_is_named(tmp_path):
+    """It was named as router.json lacking 'radii' (fuzzed: a tensor renamed in the header)."""
+    from safetensors.torch import load_file
+
+    out = make_experts(tmp_path)
+    tensors = load_file(str(out / "router" / "router.safetensors"))
+    save_file({"centroids": tensors["centroids"], "r": tensors["radii"]}, str(out / "router" / "router.safetensors"))
+    with pytest.raises(CheckpointError, match=r"router\.safetensors: has no tensor 'radii'"):
+        TreeExperts.load(out)

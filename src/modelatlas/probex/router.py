@@ -89,9 +89,10 @@ def _single_member_radii(radii: torch.Tensor, sizes: torch.Tensor, centroids: to
 def _check_saved(path: Path, tensors: dict) -> None:
     """Centroids (K, D) and radii (K,), finite, radii >= 0: one radius for two trees was an IndexError when
     routing, and NaN centroids sent every model to no tree 'at distance nan'. CheckpointError naming ``path``."""
-    centroids, radii = tensors.get("centroids"), tensors.get("radii")
-    if centroids is None or radii is None:
-        return  # the loader names the missing key
+    missing = next((key for key in ("centroids", "radii") if key not in tensors), None)
+    if missing is not None:  # (it was named as router.json lacking it)
+        raise CheckpointError(path, f"has no tensor {missing!r}; train the experts again")
+    centroids, radii = tensors["centroids"], tensors["radii"]
     for key, value in (("centroids", centroids), ("radii", radii)):
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise CheckpointError(path, f"tensor {key!r} holds NaN or inf values (or is not floating point); "
