@@ -2,7 +2,7 @@
 
 Each ``make_*(folder)`` writes one small valid artifact with the commands themselves, at the smallest settings
 the other tests use: a ProbeX experts folder, an atlas, a distillation result folder with its checkpoint, a zoo
-manifest and a forest JSON (``--truth``). :data:`ARTIFACTS` gives, per artifact, its damageable files (and their
+manifest and a forest JSON (``--truth``), an interrupted attribution (``--resume``). :data:`ARTIFACTS` gives, per artifact, its damageable files (and their
 kind for :func:`~tests.weights.fuzz_damage.make_damage`) and the commands that read it back.
 :func:`check_reads_back` runs one such command through ``atlas``'s entry point on a damaged copy and accepts
 only a sane success or exit code 1 with one error line naming the damaged file, within a time and memory
@@ -25,24 +25,70 @@ DISTILL = ["distill", "run", "--method", "dm", "--ipc", "1", "--dataset", "digit
 RESUMED = 3  # a resume's --iterations: one more than the run saved (2), so that it trains on from the checkpoint
 
 
-def make_built(root: Path) -> Path:
-    """Every artifact under ``root`` (a zoo of 2 trees, hidden width 16; ~8 s): zoo/, experts/, atlas/,
-    distill/ (2 iterations, a checkpoint after each), forest.json, and straight/ (3 iterations never stopped:
-    what a resume to 3 must give)."""
+ATTRIBUTE = ["attribute", "--clusters-per-class", "2", "--max-train", "200", "--max-test", "20", "--train-steps", "2",
+             "--match-steps", "1", "--validate"]
+# what each artifact's cases need built, in order, each once (the experts need the zoo, the atlas the experts)
+NEEDS = {"experts": ("zoo", "experts"), "atlas": ("zoo", "experts", "atlas"), "distill": ("distill",),
+         "resume": ("distill",), "manifest": ("zoo",), "forest": ("zoo", "forest"), "attribution": ("attribution",)}
+
+
+def make_built(root: Path, artifact: str) -> Path:
+    """What ``artifact``'s cases read, under ``root``, each piece built once (all: ~8 s): zoo/ (2 trees of 10,
+    hidden width 16), experts/, atlas/, forest.json, distill/ (2 iterations, a checkpoint after each) with
+    straight/ (3 iterations never stopped: what a resume to 3 must give), attribution/ (interrupted after 3 of
+    its 20 leave-one-cluster-out retrainings) with attribution-straight/."""
+    torch.set_num_threads(1)
+    for piece in NEEDS[artifact]:
+        if not (root / piece).exists() and not (root / f"{piece}.json").exists():
+            _BUILD[piece](root)
+    return root
+
+
+def _make_zoo(root: Path) -> None:
     from modelatlas.probex.families import make_class_subset_zoo
 
-    torch.set_num_threads(1)
-    zoo = root / "zoo"
-    make_class_subset_zoo(zoo, children=(24, 12), hidden=16, ft_steps=(10, 20), batch_models=24)
-    for argv in (["probex", "train", str(zoo), "--layer", "layers.1.weight", "--epochs", "3", "--rank", "4",
-                  "--out", str(root / "experts")],
-                 ["index", "build", str(zoo), "--out", str(root / "atlas"), "--experts", str(root / "experts")],
-                 [*DISTILL, "--iterations", "2", "--out", str(root / "distill")],
-                 [*DISTILL, "--iterations", str(RESUMED), "--out", str(root / "straight")],
-                 ["lineage", "recover", str(zoo), "--stage", "specialize", "--out", str(root / "forest.json")]):
-        code, _, err = run_quiet(argv)
-        assert code == 0, f"{argv[:2]}: {err}"
-    return root
+    make_class_subset_zoo(root / "zoo", children=(10, 10), hidden=16, ft_steps=(5, 5), batch_models=10)
+
+
+def _run(*argvs: list[str], code: int = 0) -> None:
+    for argv in argvs:
+        got, _, err = run_quiet(argv)
+        assert got == code, f"{argv[:2]}: {err}"
+
+
+def _make_attribution(root: Path) -> None:
+    """An attribution interrupted (Ctrl-C) after 3 retrainings, and the run never stopped."""
+    from modelatlas.attribution import target
+
+    real, calls = target.train, []
+
+    def train(*args, **kwargs):
+        if kwargs.get("weights") is not None:  # a leave-one-cluster-out retraining
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    _run([*ATTRIBUTE, "--out", str(root / "attribution-straight")])
+    target.train = train
+    try:
+        _run([*ATTRIBUTE, "--out", str(root / "attribution")], code=130)
+    finally:
+        target.train = real
+
+
+_BUILD = {
+    "zoo": _make_zoo,
+    "experts": lambda root: _run(["probex", "train", str(root / "zoo"), "--layer", "layers.1.weight", "--epochs",
+                                  "3", "--rank", "4", "--out", str(root / "experts")]),
+    "atlas": lambda root: _run(["index", "build", str(root / "zoo"), "--out", str(root / "atlas"), "--experts",
+                                str(root / "experts")]),
+    "forest": lambda root: _run(["lineage", "recover", str(root / "zoo"), "--stage", "specialize", "--out",
+                                 str(root / "forest.json")]),
+    "distill": lambda root: _run([*DISTILL, "--iterations", "2", "--out", str(root / "distill")],
+                                 [*DISTILL, "--iterations", str(RESUMED), "--out", str(root / "straight")]),
+    "attribution": _make_attribution,
+}
 
 
 def run_quiet(argv: list[str]) -> tuple[int, str, str]:
@@ -64,6 +110,9 @@ ARTIFACTS = {
                            "checkpoint/ckpt-2.safetensors": "safetensors"}),
     "manifest": ("zoo/manifest.json", {".": "json"}),
     "forest": ("forest.json", {".": "json"}),
+    "attribution": ("attribution", {"checkpoint/run.json": "json", "checkpoint/loo.json": "json",
+                                    "checkpoint/ddm.safetensors": "safetensors",
+                                    "checkpoint/loo-3.safetensors": "safetensors", "attribution.json": "json"}),
 }
 
 
@@ -79,6 +128,7 @@ def make_readers(artifact: str, built: Path, copy: Path) -> list[list[str]]:
         "resume": [[*DISTILL, "--iterations", str(RESUMED), "--out", str(copy), "--resume"]],
         "manifest": [["lineage", "recover", str(zoo), "--truth", str(copy), "--stage", "specialize"]],
         "forest": [["lineage", "recover", str(zoo), "--truth", str(copy), "--stage", "specialize"]],
+        "attribution": [[*ATTRIBUTE, "--out", str(copy), "--resume"]],
     }[artifact]
 
 
@@ -100,17 +150,20 @@ def snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def check_resumed(copy: Path, built: Path) -> None:
-    """A resume that succeeded gave the synthetic set and losses of the run never stopped (a damaged checkpoint
+def check_resumed(artifact: str, copy: Path, built: Path) -> None:
+    """A resume that succeeded gave the tensors (and the losses) of the run never stopped (a damaged checkpoint
     continued silently would give others)."""
     import json
 
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(d / "synthetic.safetensors")) for d in (copy, built / "straight"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed to another synthetic set"
-    losses = [json.loads((d / "result.json").read_text())["losses"] for d in (copy, built / "straight")]
-    assert losses[0] == losses[1], f"resumed to other losses: {losses}"
+    name, straight = (("synthetic.safetensors", "straight") if artifact == "resume" else
+                      ("attribution.safetensors", "attribution-straight"))
+    a, b = (load_file(str(d / name)) for d in (copy, built / straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"resumed to another {name}"
+    if artifact == "resume":
+        losses = [json.loads((d / "result.json").read_text())["losses"] for d in (copy, built / straight)]
+        assert losses[0] == losses[1], f"resumed to other losses: {losses}"
 
 
 def check_reads_back(argv: list[str], copy: Path, damaged: Path) -> str:
