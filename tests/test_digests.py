@@ -45,3 +45,6 @@ def test_files_sha256_refuses_a_changed_file_and_a_record_of_another_type(tmp_pa
         check_files_sha256(tmp_path, recorded, tmp_path / "index.json", "fix")
     with pytest.raises(CheckpointError, match=r"index\.json: files_sha256 must be an object of file -> SHA-256"):
         check_files_sha256(tmp_path, ["a.bin"], tmp_path / "index.json", "fix")
+    for name in ("x" * 300, "../a.bin", "b.bin"):  # a name too long was an OSError naming it, not the index
+        with pytest.raises(CheckpointError, match=r"index\.json: files_sha256 names '.*no file of "):
+            check_files_sha256(tmp_path, {name: "0" * 64}, tmp_path / "index.json", "fix")

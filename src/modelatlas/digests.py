@@ -40,7 +40,8 @@ def files_sha256(folder, names) -> dict[str, str]:
 def check_files_sha256(folder, recorded, index_path, fix: str) -> None:
     """Refuse (CheckpointError naming the file) a file of ``folder`` whose bytes are not those ``recorded``
     ({name: SHA-256}, from :func:`files_sha256`; None: an index written before digests, not checked). A
-    recorded value that is not such an object names ``index_path``. A missing file is left to its reader."""
+    recorded value that is not such an object, or a name that is no file of ``folder`` (the files were read
+    before: a name edited), names ``index_path``."""
     from pathlib import Path
 
     from modelatlas.errors import CheckpointError
@@ -51,6 +52,15 @@ def check_files_sha256(folder, recorded, index_path, fix: str) -> None:
         raise CheckpointError(index_path, f"files_sha256 must be an object of file -> SHA-256; got {recorded!r:.60}; {fix}")
     for name, digest in recorded.items():
         path = Path(folder) / name
-        if path.is_file() and file_sha256(path) != digest:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not _is_file(path):  # (a name too long: OSError)
+            raise CheckpointError(index_path, f"files_sha256 names {name!r:.60}, no file of {folder}; {fix}")
+        if file_sha256(path) != digest:
             raise CheckpointError(path, f"is not the file {Path(index_path).name} records (damaged or edited since "
                                         f"it was written: its SHA-256 differs); {fix}")
+
+
+def _is_file(path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name longer than the file system takes
+        return False

@@ -2,7 +2,8 @@
 
 Each ``make_*(folder)`` writes one small valid artifact with the commands themselves, at the smallest settings
 the other tests use: a ProbeX experts folder, an atlas, a distillation result folder with its checkpoint, a zoo
-manifest and a forest JSON (``--truth``), an interrupted attribution (``--resume``). :data:`ARTIFACTS` gives, per artifact, its damageable files (and their
+manifest and a parents map (``--truth``), a forest JSON (refused as ``--truth``; replaced by a rerun's ``--out``),
+an interrupted attribution (``--resume``). :data:`ARTIFACTS` gives, per artifact, its damageable files (and their
 kind for :func:`~tests.weights.fuzz_damage.make_damage`) and the commands that read it back.
 :func:`check_reads_back` runs one such command through ``atlas``'s entry point on a damaged copy and accepts
 only a sane success or exit code 1 with one error line naming the damaged file, within a time and memory
@@ -12,6 +13,7 @@ limit, the folder left as it was on a refusal.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modelatlas.cli.main import main
+from modelatlas.zoo.manifest import load_manifest
 
 DISTILL = ["distill", "run", "--method", "dm", "--ipc", "1", "--dataset", "digits", "--set", "checkpoint_every=1",
            "--set", "width=8", "--set", "batch_real=16", "--eval-nets", "1", "--eval-epochs", "1"]
@@ -29,7 +32,8 @@ ATTRIBUTE = ["attribute", "--clusters-per-class", "2", "--max-train", "200", "--
              "--match-steps", "1", "--validate"]
 # what each artifact's cases need built, in order, each once (the experts need the zoo, the atlas the experts)
 NEEDS = {"experts": ("zoo", "experts"), "atlas": ("zoo", "experts", "atlas"), "distill": ("distill",),
-         "resume": ("distill",), "manifest": ("zoo",), "forest": ("zoo", "forest"), "attribution": ("attribution",)}
+         "resume": ("distill",), "manifest": ("zoo",), "forest": ("zoo", "forest"), "parents": ("zoo", "parents"),
+         "attribution": ("attribution",)}
 
 
 def make_built(root: Path, artifact: str) -> Path:
@@ -87,6 +91,8 @@ _BUILD = {
                                  str(root / "forest.json")]),
     "distill": lambda root: _run([*DISTILL, "--iterations", "2", "--out", str(root / "distill")],
                                  [*DISTILL, "--iterations", str(RESUMED), "--out", str(root / "straight")]),
+    "parents": lambda root: (root / "parents.json").write_text(json.dumps(  # {"model": "its parent" or null}
+        {r.name: r.parent for r in load_manifest(root / "zoo").models})),
     "attribution": _make_attribution,
 }
 
@@ -110,6 +116,7 @@ ARTIFACTS = {
                            "checkpoint/ckpt-2.safetensors": "safetensors"}),
     "manifest": ("zoo/manifest.json", {".": "json"}),
     "forest": ("forest.json", {".": "json"}),
+    "parents": ("parents.json", {".": "json"}),
     "attribution": ("attribution", {"checkpoint/run.json": "json", "checkpoint/loo.json": "json",
                                     "checkpoint/ddm.safetensors": "safetensors",
                                     "checkpoint/loo-3.safetensors": "safetensors", "attribution.json": "json"}),
@@ -127,7 +134,9 @@ def make_readers(artifact: str, built: Path, copy: Path) -> list[list[str]]:
         "distill": [["distill", "eval", str(copy), "--eval-nets", "1", "--eval-epochs", "1"]],
         "resume": [[*DISTILL, "--iterations", str(RESUMED), "--out", str(copy), "--resume"]],
         "manifest": [["lineage", "recover", str(zoo), "--truth", str(copy), "--stage", "specialize"]],
-        "forest": [["lineage", "recover", str(zoo), "--truth", str(copy), "--stage", "specialize"]],
+        "forest": [["lineage", "recover", str(zoo), "--truth", str(copy), "--stage", "specialize"],  # refused
+                   ["lineage", "recover", str(zoo), "--stage", "specialize", "--out", str(copy)]],  # a rerun's
+        "parents": [["lineage", "recover", str(zoo), "--truth", str(copy), "--stage", "specialize"]],
         "attribution": [[*ATTRIBUTE, "--out", str(copy), "--resume"]],
     }[artifact]
 
@@ -153,8 +162,6 @@ def snapshot(folder: Path) -> dict:
 def check_resumed(artifact: str, copy: Path, built: Path) -> None:
     """A resume that succeeded gave the tensors (and the losses) of the run never stopped (a damaged checkpoint
     continued silently would give others)."""
-    import json
-
     from safetensors.torch import load_file
 
     name, straight = (("synthetic.safetensors", "straight") if artifact == "resume" else
