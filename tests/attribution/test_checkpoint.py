@@ -134,3 +134,42 @@ def test_loo_alone_refuses_the_rows_of_a_run_of_other_settings(tmp_path, planted
     with pytest.raises(CheckpointError, match="loo.json: cannot resume: train_steps was 5 in the interrupted run, "
                                               "now 7"):
         loo_attribution(x, y, xt, yt, 2, assign, other, checkpoint=RunCheckpoint(tmp_path, {"train_steps": 7}))
+
+
+def _flip_last_value(path):
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x04  # a value's bits, not the header
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, saved_in", [("loo-1.safetensors", "loo.json"), ("ddm.safetensors", "run.json")])
+def test_a_flipped_bit_of_a_kept_tensor_file_is_refused_naming_it(tmp_path, planted, monkeypatch, name, saved_in):
+    """A kept LOO row or the kept DDM state with a bit flipped resumed silently into another attribution
+    (fuzzed, session 40): run.json and loo.json record their tensor file's SHA-256, and the state is kept."""
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    _flip_last_value(tmp_path / FOLDER / name)
+    kept = sorted(p.name for p in (tmp_path / FOLDER).iterdir())
+    with pytest.raises(CheckpointError, match=rf"{name}: is not the file {saved_in} was saved with \(damaged since: "
+                                              r"its SHA-256 differs\); delete .* to start over"):
+        _run(tmp_path, planted, resume=True)
+    assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == kept
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("name", ["run.json", "loo.json"])
+def test_a_folder_in_place_of_a_state_file_is_refused_before_any_work(tmp_path, planted, monkeypatch, name, resume):
+    """run.json as a folder was taken for no state: the run started over and dropped the kept LOO rows, then
+    failed to write run.json; loo.json as one: every cluster was retrained, then its write failed (fuzzed)."""
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    (tmp_path / FOLDER / name).unlink()
+    (tmp_path / FOLDER / name).mkdir()
+    kept = sorted(p.name for p in (tmp_path / FOLDER).iterdir())
+    with pytest.raises(CheckpointError, match=rf"{name}: is not a file \(a folder\?\); delete .* to start over"):
+        _run(tmp_path, planted, resume=resume)
+    assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == kept

@@ -128,6 +128,11 @@ def test_a_damaged_unit_is_one_error(tmp_path, planted):
     units = json.loads(path.read_text())["units"]
     (tmp_path / FOLDER / units["target"]["tensors"]).write_bytes(
         (tmp_path / FOLDER / units["clusters"]["tensors"]).read_bytes())  # the target unit holds the clusters
+    with pytest.raises(CheckpointError, match=rf"{units['target']['tensors']}: is not the file offline\.json was "
+                                              r"saved with \(damaged since: its SHA-256 differs\)"):
+        attribute_to_folder(tmp_path, planted, 2, CFG, 0, "planted", resume=True)
+    del units["target"]["sha256"]  # a state of before session 40: no digest, its shapes checked
+    path.write_text(json.dumps({**json.loads(path.read_text()), "units": units}))
     with pytest.raises(CheckpointError, match=r"cannot resume: the target unit lacks 'final/") as e:
         attribute_to_folder(tmp_path, planted, 2, CFG, 0, "planted", resume=True)
     assert "\n" not in str(e.value) and OFFLINE_JSON in str(e.value)

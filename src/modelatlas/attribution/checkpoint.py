@@ -31,6 +31,7 @@ from modelatlas.atomic import (
     read_tensors,
 )
 from modelatlas.attribution.ddm import Attribution
+from modelatlas.digests import file_sha256
 from modelatlas.errors import CheckpointError, ConfigError, SettingsMismatchError
 
 FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safetensors", "loo.json"
@@ -56,6 +57,10 @@ def _a_distillation(path: Path) -> bool:
 
 def check_start(out: str | Path, resume: bool) -> None:
     """Refuse, before any work, a run without ``resume`` into a folder holding an interrupted run's state."""
+    for name in (RUN_JSON, OFFLINE_JSON, LOO_JSON, DDM_TENSORS):  # a folder there was taken for no state: a run
+        odd = Path(out) / FOLDER / name  # started over, dropped the kept rows, then failed to write it
+        if odd.exists() and not odd.is_file():
+            raise CheckpointError(odd, f"is not a file (a folder?); delete {odd.parent} to start over")
     path = kept_state(out)
     if path is not None and not resume:
         raise ConfigError(f"{path} exists: {out} holds an interrupted attribution; pass --resume (resume=True) to "
@@ -118,7 +123,7 @@ class RunCheckpoint:
             return None
         meta = read_json_object(path, "no run", "an attribution run")
         self._check_settings(path, meta.get("settings"))
-        t = read_tensors(self.folder / DDM_TENSORS, self.restart)
+        t = self._tensors(path, DDM_TENSORS, meta.get("tensors_sha256"))
         if any(k not in t for k in _DDM) or not isinstance(meta.get("match_losses"), list):
             raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {self.restart}")
         return Attribution(**{k: t[k] for k in _DDM}, timings=dict(meta.get("timings") or {}),
@@ -131,19 +136,21 @@ class RunCheckpoint:
         atomic_save_tensors(self.folder / DDM_TENSORS, {k: getattr(attr, k) for k in _DDM})
         atomic_write_json(self.folder / RUN_JSON, {"settings": self.settings, "timings": attr.timings,
                                                    "match_losses": attr.match_losses,
-                                                   "cluster_class": attr.cluster_class.tolist()})
+                                                   "cluster_class": attr.cluster_class.tolist(),
+                                                   "tensors_sha256": file_sha256(self.folder / DDM_TENSORS)})
         self._drop_offline()  # the attribution replaces them
 
     def load(self, unit: str, shapes: dict) -> dict[str, torch.Tensor] | None:
         """The kept tensors of DDM's offline ``unit`` (:class:`~.units.UnitStore`), or None; a state of other
         settings, or one missing a tensor of ``shapes`` (or of another shape), is refused."""
-        name = self._read_units().get(unit, {}).get("tensors")
+        kept = self._read_units().get(unit, {})
+        name = kept.get("tensors")
         if name is None:
             return None
         path = self.folder / OFFLINE_JSON
         if not isinstance(name, str):
             raise CheckpointError(path, f"cannot resume: the {unit} unit names no tensor file; {self.restart}")
-        t = read_tensors(self.folder / Path(name).name, self.restart)
+        t = self._tensors(path, name, kept.get("sha256"))
         for key, shape in shapes.items():
             if key not in t or (shape is not None and tuple(t[key].shape) != tuple(shape)):
                 raise CheckpointError(path, f"cannot resume: the {unit} unit lacks {key!r} or holds it in another "
@@ -155,7 +162,8 @@ class RunCheckpoint:
         units = self._read_units()
         name = f"offline-{unit}{'' if progress is None else f'-{progress[0]}'}.safetensors"
         atomic_save_tensors(self.folder / name, tensors)
-        units[unit] = {"tensors": name, **({} if progress is None else {"progress": list(progress)})}
+        units[unit] = {"tensors": name, "sha256": file_sha256(self.folder / name),
+                       **({} if progress is None else {"progress": list(progress)})}
         atomic_write_json(self.folder / OFFLINE_JSON, {"settings": self.settings, "units": units})
         for old in self.folder.glob(f"offline-{unit}*.safetensors"):
             if old.name != name:
@@ -186,6 +194,16 @@ class RunCheckpoint:
             old.unlink(missing_ok=True)
         self._units = {}
 
+    def _tensors(self, json_path: Path, name: str, recorded) -> dict[str, torch.Tensor]:
+        """The tensor file ``name`` that ``json_path`` names, refused when its bytes are not those it was saved
+        with (``recorded``: its SHA-256; None in a state of before session 40, not checked): a flipped bit of the
+        kept rows or the synthetic set resumed silently into another attribution."""
+        path = self.folder / Path(name).name
+        if recorded is not None and path.is_file() and file_sha256(path) != recorded:
+            raise CheckpointError(path, f"is not the file {json_path.name} was saved with (damaged since: its SHA-256 "
+                                        f"differs); {self.restart}")
+        return read_tensors(path, self.restart)
+
     def _check_settings(self, path: Path, saved) -> None:
         """Refuse a state of other settings, naming the first key that differs (one line)."""
         if not isinstance(saved, dict):
@@ -207,7 +225,7 @@ class RunCheckpoint:
         if not (isinstance(done, int) and 0 <= done <= k_total and isinstance(name, str)
                 and isinstance(wall, (int, float))):
             raise CheckpointError(path, f"cannot resume: 'done', 'tensors' or 'wall_s' is missing or wrong; {self.restart}")
-        t = read_tensors(self.folder / Path(name).name, self.restart)
+        t = self._tensors(path, name, meta.get("tensors_sha256"))
         rows, base = t.get("rows"), t.get("base")
         if rows is None or base is None or tuple(rows.shape) != (done, n_test) or tuple(base.shape) != (n_test,):
             raise CheckpointError(path, f"cannot resume: its tensors do not fit {done} rows of {n_test} test "
@@ -223,7 +241,8 @@ class RunCheckpoint:
         stacked = torch.stack(rows) if rows else torch.zeros(0, n_test)
         atomic_save_tensors(self.folder / name, {"rows": stacked, "base": base})
         atomic_write_json(self.folder / LOO_JSON, {"done": done, "tensors": name, "wall_s": wall_s,
-                                                   "settings": self.settings})
+                                                   "settings": self.settings,
+                                                   "tensors_sha256": file_sha256(self.folder / name)})
         for old in self.folder.glob("loo-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
