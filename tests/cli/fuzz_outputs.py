@@ -141,6 +141,9 @@ def make_readers(artifact: str, built: Path, copy: Path) -> list[list[str]]:
     }[artifact]
 
 
+NOTES = "user-notes.txt"
+
+
 def make_case(built: Path, case: Path, artifact: str) -> tuple[Path, dict]:
     """A fresh copy of ``artifact`` under ``case``; (the copy, {its damageable files: kind})."""
     if case.exists():
@@ -149,6 +152,8 @@ def make_case(built: Path, case: Path, artifact: str) -> tuple[Path, dict]:
     rel, files = ARTIFACTS[artifact]
     src, copy = built / rel, case / Path(rel).name
     (shutil.copytree if src.is_dir() else shutil.copy)(src, copy)
+    if copy.is_dir():  # a file of the user's beside ours: no command may touch it (check_reads_back)
+        (copy / NOTES).write_text("the user's own notes\n")
     return copy, {(copy / f if f != "." else copy): kind for f, kind in files.items()}
 
 
@@ -184,6 +189,8 @@ def check_reads_back(argv: list[str], copy: Path, damaged: Path) -> str:
         code, out, err = run_quiet(argv)
     lines = err.splitlines()
     errors = [ln for ln in lines if ln.startswith("error: ") or "Traceback" in ln]
+    notes = copy / NOTES
+    assert not before.get(notes) or notes.read_bytes() == before[notes], f"{notes} changed or was removed"
     if code == 0:  # (notes and warnings may come: a --truth that names a model's weights otherwise)
         assert not errors, f"exit 0 with stderr {err[:300]!r}"
         return "ok"
