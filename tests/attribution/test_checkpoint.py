@@ -173,3 +173,16 @@ def test_a_folder_in_place_of_a_state_file_is_refused_before_any_work(tmp_path, 
     with pytest.raises(CheckpointError, match=rf"{name}: is not a file \(a folder\?\); delete .* to start over"):
         _run(tmp_path, planted, resume=resume)
     assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == kept
+
+
+@pytest.mark.parametrize("key, value", [("timings", {"total_s": [1, 2]}), ("timings", [1]), ("match_losses", ["x"])])
+def test_timings_and_losses_of_another_type_in_run_json_are_named(tmp_path, planted, monkeypatch, key, value):
+    """A timing of another type ended the resume in a TypeError traceback when the report added them (fuzzed)."""
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    path = tmp_path / FOLDER / "run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(CheckpointError, match=r"run\.json: cannot resume: its timings and match_losses must be numbers"):
+        _run(tmp_path, planted, resume=True)

@@ -40,6 +40,10 @@ UNITS = ("clusters", "target", "match")  # DDM's offline units, in the order the
 _DDM = ("matrix", "assign", "cluster_class", "synthetic", "synthetic_labels", "base_losses")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def kept_state(out: str | Path) -> Path | None:
     """The file that marks a resumable state in ``out`` (``run.json``, else ``offline.json``), or None. A
     distillation's ``OUT/checkpoint/run.json`` is none: it was taken for an interrupted attribution, whose
@@ -126,6 +130,10 @@ class RunCheckpoint:
         t = self._tensors(path, DDM_TENSORS, meta.get("tensors_sha256"))
         if any(k not in t for k in _DDM) or not isinstance(meta.get("match_losses"), list):
             raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {self.restart}")
+        timings, losses = meta.get("timings") or {}, meta["match_losses"]
+        if not isinstance(timings, dict) or not all(_number(v) for v in [*timings.values(), *losses]):
+            raise CheckpointError(path, "cannot resume: its timings and match_losses must be numbers (a timing of "
+                                        f"another type was a TypeError in the report); {self.restart}")
         return Attribution(**{k: t[k] for k in _DDM}, timings=dict(meta.get("timings") or {}),
                            match_losses=list(meta["match_losses"]))
 
