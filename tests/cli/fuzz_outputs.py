@@ -1,7 +1,7 @@
 """Seeded damage for the files modelatlas writes and reads back (tests/cli/test_fuzz_outputs.py).
 
-Each ``make_*(folder)`` writes one small valid artifact with the commands themselves, at the smallest settings
-the other tests use: a ProbeX experts folder, an atlas, a distillation result folder with its checkpoint, a zoo
+:func:`make_built` writes small valid artifacts with the commands themselves, at the smallest settings the
+other tests use: a ProbeX experts folder, an atlas, a distillation result folder with its checkpoint, a zoo
 manifest and a parents map (``--truth``), a forest JSON (refused as ``--truth``; replaced by a rerun's ``--out``),
 an interrupted attribution (``--resume``). :data:`ARTIFACTS` gives, per artifact, its damageable files (and their
 kind for :func:`~tests.weights.fuzz_damage.make_damage`) and the commands that read it back.
