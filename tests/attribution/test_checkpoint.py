@@ -175,7 +175,9 @@ def test_a_folder_in_place_of_a_state_file_is_refused_before_any_work(tmp_path, 
     assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == kept
 
 
-@pytest.mark.parametrize("key, value", [("timings", {"total_s": [1, 2]}), ("timings", [1]), ("match_losses", ["x"])])
+@pytest.mark.parametrize("key, value", [("timings", {"total_s": [1, 2], "online_s": 1}), ("timings", [1]),
+                                        ("match_losses", ["x"]), ("timings", {"online_s": 1}), ("x", None),
+                                        ("timings", {"total_s": 0, "online_s": 1})])
 def test_timings_and_losses_of_another_type_in_run_json_are_named(tmp_path, planted, monkeypatch, key, value):
     """A timing of another type ended the resume in a TypeError traceback when the report added them (fuzzed)."""
     with monkeypatch.context() as m:
@@ -183,6 +185,22 @@ def test_timings_and_losses_of_another_type_in_run_json_are_named(tmp_path, plan
         with pytest.raises(KeyboardInterrupt):
             _run(tmp_path, planted)
     path = tmp_path / FOLDER / "run.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
-    with pytest.raises(CheckpointError, match=r"run\.json: cannot resume: its timings and match_losses must be numbers"):
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, key: value} if key != "x" else {k: v for k, v in meta.items() if k != "timings"}))
+    with pytest.raises(CheckpointError, match=r"run\.json: cannot resume: its timings \(total_s > 0, online_s >= 0\) "
+                                              "and match_losses must be numbers"):
+        _run(tmp_path, planted, resume=True)
+
+
+@pytest.mark.parametrize("name", ["I4", "loo%3.safetensors", "../loo-1.safetensors.gone"])
+def test_a_loo_json_naming_a_missing_tensor_file_is_named(tmp_path, planted, monkeypatch, name):
+    """It named the missing file ('checkpoint/I4: missing'), not loo.json, the file edited (fuzzed)."""
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, planted)
+    path = tmp_path / FOLDER / LOO_JSON
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tensors": name}))
+    with pytest.raises(CheckpointError, match=r"loo\.json: cannot resume: the tensor file it names, '.*', is "
+                                              "missing; delete "):
         _run(tmp_path, planted, resume=True)

@@ -130,10 +130,11 @@ class RunCheckpoint:
         t = self._tensors(path, DDM_TENSORS, meta.get("tensors_sha256"))
         if any(k not in t for k in _DDM) or not isinstance(meta.get("match_losses"), list):
             raise CheckpointError(path, f"cannot resume: the DDM state is incomplete; {self.restart}")
-        timings, losses = meta.get("timings") or {}, meta["match_losses"]
-        if not isinstance(timings, dict) or not all(_number(v) for v in [*timings.values(), *losses]):
-            raise CheckpointError(path, "cannot resume: its timings and match_losses must be numbers (a timing of "
-                                        f"another type was a TypeError in the report); {self.restart}")
+        timings, losses = meta.get("timings"), meta["match_losses"]
+        if not isinstance(timings, dict) or not all(_number(v) for v in [*timings.values(), *losses]) or not (
+                timings.get("total_s", 0) > 0 and timings.get("online_s", -1) >= 0):  # the report divides by them
+            raise CheckpointError(path, "cannot resume: its timings (total_s > 0, online_s >= 0) and match_losses "
+                                        f"must be numbers (another type was a TypeError in the report); {self.restart}")
         return Attribution(**{k: t[k] for k in _DDM}, timings=dict(meta.get("timings") or {}),
                            match_losses=list(meta["match_losses"]))
 
@@ -207,6 +208,9 @@ class RunCheckpoint:
         with (``recorded``: its SHA-256; None in a state of before session 40, not checked): a flipped bit of the
         kept rows or the synthetic set resumed silently into another attribution."""
         path = self.folder / Path(name).name
+        if not path.exists():  # deleted, or the name edited: 'checkpoint/I4: missing' named no file of the run
+            raise CheckpointError(json_path, f"cannot resume: the tensor file it names, {name!r:.60}, is missing; "
+                                             f"{self.restart}")
         if recorded is not None and path.is_file() and file_sha256(path) != recorded:
             raise CheckpointError(path, f"is not the file {json_path.name} was saved with (damaged since: its SHA-256 "
                                         f"differs); {self.restart}")
