@@ -192,7 +192,7 @@ def test_timings_and_losses_of_another_type_in_run_json_are_named(tmp_path, plan
         _run(tmp_path, planted, resume=True)
 
 
-@pytest.mark.parametrize("name", ["I4", "loo%3.safetensors", "../loo-1.safetensors.gone"])
+@pytest.mark.parametrize("name", ["I4", "loo%3.safetensors", "../loo-1.safetensors.gone", ".", ""])
 def test_a_loo_json_naming_a_missing_tensor_file_is_named(tmp_path, planted, monkeypatch, name):
     """It named the missing file ('checkpoint/I4: missing'), not loo.json, the file edited (fuzzed)."""
     with monkeypatch.context() as m:

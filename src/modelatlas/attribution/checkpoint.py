@@ -208,7 +208,7 @@ class RunCheckpoint:
         with (``recorded``: its SHA-256; None in a state of before session 40, not checked): a flipped bit of the
         kept rows or the synthetic set resumed silently into another attribution."""
         path = self.folder / Path(name).name
-        if not path.exists():  # deleted, or the name edited: 'checkpoint/I4: missing' named no file of the run
+        if not Path(name).name or not path.exists():  # deleted, or the name edited ('.' named the folder): 'checkpoint/I4: missing' named no file of the run
             raise CheckpointError(json_path, f"cannot resume: the tensor file it names, {name!r:.60}, is missing; "
                                              f"{self.restart}")
         if recorded is not None and path.is_file() and file_sha256(path) != recorded:
