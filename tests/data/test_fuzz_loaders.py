@@ -21,7 +21,7 @@ from tests.data.fuzz_loaders_damage import (
     make_idx_data,
     make_image_data,
 )
-from tests.weights.fuzz_damage import Hang, make_case_seed
+from tests.weights.fuzz_damage import check_cases, make_case_seed
 
 FORMATS = {"idx": make_idx_data, "idx-gz": partial(make_idx_data, gz=True), "cifar10": make_cifar10_data,
            "cifar100": make_cifar100_data, "image-folder": make_image_data,
@@ -30,8 +30,7 @@ FORMATS = {"idx": make_idx_data, "idx-gz": partial(make_idx_data, gz=True), "cif
 
 def check_fuzzed(tmp_path, fmt: str, cases: range) -> dict:
     """Run ``cases`` seeded damages of ``fmt``'s dataset; every failure listed at once (seed, damage, what broke)."""
-    failures, outcomes = [], {"loaded": 0, "refused": 0}
-    for i in cases:
+    def run_case(i: int):
         rng = random.Random(make_case_seed(fmt, i))
         folder = tmp_path / "case"
         shutil.rmtree(folder, ignore_errors=True)
@@ -39,16 +38,16 @@ def check_fuzzed(tmp_path, fmt: str, cases: range) -> dict:
         made = FORMATS[fmt](folder)
         damaged = rng.choice(sorted(made.files))
         what = make_damage(rng, damaged, made.files[damaged])
-        try:
-            outcome = check_loads(made, damaged)
-            if " global " in what:  # a call NumPy's pickles never make: refused as unsafe, whatever it names
-                assert "refused" in outcome, f"a global that is not NumPy's was not refused: {outcome!r}"
-        except (Exception, Hang) as e:  # noqa: BLE001 - every other outcome is the finding
-            failures.append(f"case {i} ({what}): {type(e).__name__}: {str(e)[:300]}")
-            continue
-        outcomes["loaded" if outcome == "loaded" else "refused"] += 1
-    assert not failures, f"{len(failures)} of {len(cases)} {fmt} cases broke:\n" + "\n".join(failures)
-    return outcomes
+        return what, lambda: check_unsafe_refused(check_loads(made, damaged), what)
+    return check_cases(fmt, cases, run_case, "loaded")
+
+
+def check_unsafe_refused(outcome: str, what: str) -> str:
+    """``outcome``, asserting that a pickle calling a global NumPy's pickles never call was refused as unsafe,
+    whatever the global names."""
+    if " global " in what:
+        assert "refused" in outcome, f"a global that is not NumPy's was not refused: {outcome!r}"
+    return outcome
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))

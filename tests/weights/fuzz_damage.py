@@ -577,5 +577,23 @@ def make_fresh(folder: Path, make) -> tuple[Path, dict]:
     return make(folder)
 
 
+def check_cases(name: str, cases: range, run_case, ok: str) -> dict:
+    """Run every case of ``cases``: ``run_case(i)`` damages case i and returns (what it did, a function that
+    reads the damaged input back and returns ``ok`` or the refusal); any other outcome of that function
+    (another exception, a hang) is a finding. Every failure is listed at once (case, damage, what broke);
+    returns the counts of ``ok`` and "refused"."""
+    failures, outcomes = [], {ok: 0, "refused": 0}
+    for i in cases:
+        what, read_back = run_case(i)
+        try:
+            outcome = read_back()
+        except (Exception, Hang) as e:  # noqa: BLE001 - every other outcome is the finding
+            failures.append(f"case {i} ({what}): {type(e).__name__}: {str(e)[:300]}")
+            continue
+        outcomes[ok if outcome == ok else "refused"] += 1
+    assert not failures, f"{len(failures)} of {len(cases)} {name} cases broke:\n" + "\n".join(failures)
+    return outcomes
+
+
 def make_case_seed(fmt: str, i: int) -> int:
     return int.from_bytes(os.fsencode(fmt)[:6], "little") * 1000 + i

@@ -11,7 +11,7 @@ from functools import partial
 
 import pytest
 from tests.weights.fuzz_damage import (
-    Hang,
+    check_cases,
     check_survives,
     make_case_seed,
     make_damage,
@@ -50,20 +50,14 @@ def check_fuzzed(tmp_path, fmt: str, cases: range) -> dict:
     """Run ``cases`` seeded damages of ``fmt``'s model; every failure listed at once (seed, damage, what broke)."""
     if fmt in NEEDS:
         pytest.importorskip(NEEDS[fmt])
-    failures, outcomes = [], {"read": 0, "refused": 0}
-    for i in cases:
+
+    def run_case(i: int):
         rng = random.Random(make_case_seed(fmt, i))
         model, files = make_fresh(tmp_path / "case", FORMATS[fmt])
         damaged = rng.choice(sorted(files))
         what = make_damage(rng, damaged, files[damaged])
-        try:
-            outcome = check_survives(model, damaged, names_file=fmt not in QUANTIZED)
-        except (Exception, Hang) as e:  # noqa: BLE001 - every other outcome is the finding
-            failures.append(f"case {i} ({what}): {type(e).__name__}: {str(e)[:300]}")
-            continue
-        outcomes["read" if outcome == "read" else "refused"] += 1
-    assert not failures, f"{len(failures)} of {len(cases)} {fmt} cases broke:\n" + "\n".join(failures)
-    return outcomes
+        return what, lambda: check_survives(model, damaged, names_file=fmt not in QUANTIZED)
+    return check_cases(fmt, cases, run_case, "read")
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
