@@ -246,3 +246,25 @@ def test_a_png_claiming_more_pixels_than_its_bytes_can_hold_is_refused_before_de
     claims = f"{path}: its header claims 5 x 33554438 pixels, more than its {len(data)} bytes can hold"
     with check_limits(5.0, 1 << 30), pytest.raises(CheckpointError, match=claims):
         load_dataset("image-folder", "train", root=root, size=4, test_fraction=0.0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_palette_pngs_with_transparency_load_without_a_warning_in_their_colours(tmp_path, channels):
+    """Pillow warned on every palette PNG with transparency bytes ("should be converted to RGBA images")."""
+    import warnings
+
+    from PIL import Image
+
+    palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756  # black, red, green, blue
+    idx = np.array([[0, 1], [2, 3]], np.uint8)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        im = Image.fromarray(idx, "P")
+        im.putpalette(palette)
+        im.save(tmp_path / c / "x.png", transparency=b"\x00\x80\xff\xff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_dataset("image-folder", "train", root=tmp_path, size=2, channels=channels, test_fraction=0.0)
+    rgb = torch.tensor([[[0, 255], [0, 0]], [[0, 0], [255, 0]], [[0, 0], [0, 255]]], dtype=torch.float32) / 255
+    want = rgb if channels == 3 else (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None]  # (C, 2, 2)
+    assert torch.allclose(ds.x[0], want, atol=1 / 255)

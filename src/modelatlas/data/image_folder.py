@@ -50,6 +50,8 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
             _check_png_size(im, len(data), path)
             if im.mode in _WIDE_GRAY_MODES:
                 return _read_wide_gray(im, size, channels)
+            if im.mode == "P" and "transparency" in im.info:  # through RGBA, as Pillow asks (it warned on every
+                im = im.convert("RGBA")  # such image); the same colours, the alpha dropped below as before
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:  # its message names the in-memory copy (<_io.BytesIO object at 0x...>)
