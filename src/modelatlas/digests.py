@@ -29,6 +29,19 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def check_file_sha256(path, recorded, saved_in: str, fix: str) -> None:
+    """Refuse (CheckpointError naming ``path``) a file whose bytes are not those ``saved_in`` (the state file that
+    names it) recorded: ``recorded`` its SHA-256, None in a state written before digests (not checked). A missing
+    ``path`` passes: its reader names it. O(file bytes)."""
+    from pathlib import Path
+
+    from modelatlas.errors import CheckpointError
+
+    if recorded is not None and Path(path).is_file() and file_sha256(path) != recorded:
+        raise CheckpointError(path, f"is not the file {saved_in} was saved with (damaged since: its SHA-256 differs); "
+                                    f"{fix}")
+
+
 def files_sha256(folder, names) -> dict[str, str]:
     """{name: SHA-256} of the files ``names`` (paths relative to ``folder``, written with "/"): recorded in a
     folder's index so that a file damaged or edited since is refused by :func:`check_files_sha256`."""

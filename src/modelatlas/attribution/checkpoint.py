@@ -31,7 +31,7 @@ from modelatlas.atomic import (
     read_tensors,
 )
 from modelatlas.attribution.ddm import Attribution
-from modelatlas.digests import file_sha256
+from modelatlas.digests import check_file_sha256, file_sha256
 from modelatlas.errors import CheckpointError, ConfigError, SettingsMismatchError
 
 FOLDER, RUN_JSON, DDM_TENSORS, LOO_JSON = "checkpoint", "run.json", "ddm.safetensors", "loo.json"
@@ -211,9 +211,7 @@ class RunCheckpoint:
         if not Path(name).name or not path.exists():  # deleted, or the name edited ('.' named the folder): 'checkpoint/I4: missing' named no file of the run
             raise CheckpointError(json_path, f"cannot resume: the tensor file it names, {name!r:.60}, is missing; "
                                              f"{self.restart}")
-        if recorded is not None and path.is_file() and file_sha256(path) != recorded:
-            raise CheckpointError(path, f"is not the file {json_path.name} was saved with (damaged since: its SHA-256 "
-                                        f"differs); {self.restart}")
+        check_file_sha256(path, recorded, json_path.name, self.restart)
         return read_tensors(path, self.restart)
 
     def _check_settings(self, path: Path, saved) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from modelatlas.atomic import atomic_save_tensors, atomic_write_json, read_tensors
-from modelatlas.digests import file_sha256
+from modelatlas.digests import check_file_sha256, file_sha256
 from modelatlas.distill.interrupt import deferred_interrupt
 from modelatlas.errors import CheckpointError, DeviceChangeWarning, DivergedError
 from modelatlas.progress import Progress, resolve
@@ -115,10 +115,7 @@ def check_states_digest(meta: Mapping[str, Any], meta_path: Path) -> None:
 def check_tensors_digest(meta: Mapping[str, Any], path: Path) -> Path:
     """``path`` (the checkpoint's tensor file), refused when it is not the file checkpoint.json was saved with
     (its ``tensors_sha256``; none in a checkpoint of before session 40: not checked)."""
-    if "tensors_sha256" in meta and path.is_file():  # (a missing one: read_tensors names it)
-        if file_sha256(path) != meta["tensors_sha256"]:
-            raise CheckpointError(path, f"is not the file {CHECKPOINT_JSON} was saved with (damaged since: its "
-                                        f"SHA-256 differs from tensors_sha256); {RESTART}")
+    check_file_sha256(path, meta.get("tensors_sha256"), CHECKPOINT_JSON, RESTART)  # (missing: read_tensors names it)
     return path
 
 
